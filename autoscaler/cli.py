@@ -1,0 +1,97 @@
+"""argv → subcommand. Each subcommand's work lives in its own module; this file only parses.
+
+Every subcommand is registered in ``_COMMANDS`` with a function that adds its arguments and
+a function that runs it (imported lazily, so ``autoscaler --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from autoscaler import __version__
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log level shown (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: JSON lines unless stdout is a terminal (default: auto)",
+    )
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML config file (default: $AUTOSCALER_CONFIG, else config/autoscaler.yaml)",
+    )
+
+
+# --- check-config -----------------------------------------------------------------------
+
+
+def _check_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", metavar="PATH", help="file to check (as --config)")
+    _add_config(parser)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from autoscaler.check import check_config
+
+    return check_config(args.path or args.config)
+
+
+_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
+    (
+        "check-config",
+        "validate a config file and print a summary (exit 2 on problems)",
+        _check_config_args,
+        _check_config,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoscaler",
+        description="Scale Fly.io apps to zero and back: a waking reverse proxy and a "
+        "policy loop over the Fly Machines API.",
+    )
+    parser.add_argument("--version", action="version", version=f"autoscaler {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, summary, add_arguments, run in _COMMANDS:
+        command = sub.add_parser(name, help=summary, description=summary)
+        _add_logging(command)
+        add_arguments(command)
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from autoscaler import logs
+
+    logs.configure(level=args.log_level, fmt=args.log_format)
+    run: Runner = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

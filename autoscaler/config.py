@@ -1,0 +1,581 @@
+"""Settings: one YAML file plus environment overrides, validated once before the loop starts.
+
+This is the only module that reads environment variables or configuration files. Precedence,
+highest first: ``AUTOSCALER_*`` variables (``__`` nests: ``AUTOSCALER_PROXY__LISTEN``), then
+``FLY_API_TOKEN`` for ``fly.token``, then the YAML file, then the defaults below.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored knob.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("config/autoscaler.yaml")
+CONFIG_ENV = "AUTOSCALER_CONFIG"
+TOKEN_ENV = "FLY_API_TOKEN"
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> object:
+    """Seconds from a number or a string like "90s", "5m", "1m30s", "250ms"."""
+    if isinstance(value, bool):
+        return value  # let pydantic reject it with its own message
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        pos, total = 0, 0.0
+        for match in _DURATION_RE.finditer(text):
+            if match.start() != pos:
+                break
+            total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            pos = match.end()
+        if text and pos == len(text):
+            return total
+        raise ValueError(f'expected seconds or a duration like "90s", "5m", "1h", got {value!r}')
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: str) -> HostPort:
+    """"127.0.0.1:8080", "[::1]:8080" or "localhost:80" → HostPort."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {value!r}')
+    return HostPort(host, int(port))
+
+
+def _check_listen(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+Listen = Annotated[str, BeforeValidator(lambda v: _check_listen(v) if isinstance(v, str) else v)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FlySettings(_Model):
+    api_url: str | None = Field(
+        default=None,
+        description="Machines API base URL; unset runs the embedded emulator "
+        "(public: https://api.machines.dev, inside Fly: http://_api.internal:4280)",
+    )
+    token: SecretStr | None = Field(
+        default=None, description="API token; FLY_API_TOKEN in the environment overrides it"
+    )
+    org_slug: str = Field(default="personal", description="organization slug for app listings")
+    timeout_s: Seconds = Field(default=30.0, description="timeout of one API request")
+    rate_limit: bool = Field(
+        default=True, description="client-side token buckets at Fly's documented limits"
+    )
+    max_retries: int = Field(default=5, ge=0, description="retries of a safe API call")
+    retry_deadline_s: Seconds = Field(
+        default=60.0, description="total time a call may spend retrying"
+    )
+
+
+class ProxySettings(_Model):
+    listen: Listen = Field(default="0.0.0.0:8080", description="address of the data path")  # noqa: S104 - a proxy listens publicly by design
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="IPs or CIDRs whose X-Forwarded-* headers are kept (others are replaced)",
+    )
+    default_app: str | None = Field(default=None, description="app for hosts that match no app")
+    wake_header: bool = Field(
+        default=True, description="add `fly-autoscaler-wake: none|resume|start` to responses"
+    )
+    access_log: bool = Field(default=True, description="one log line per request")
+    max_header_bytes: int = Field(
+        default=8190, ge=1024, description="largest request line or header field (431 above)"
+    )
+    client_timeout_s: Seconds = Field(
+        default=60.0, description="a client that sends nothing for this long is disconnected"
+    )
+    connect_timeout_s: Seconds = Field(default=5.0, description="connecting to a machine")
+    upstream_timeout_s: Seconds = Field(
+        default=60.0, description="waiting for a machine's response headers (504 after)"
+    )
+    pool_size: int = Field(
+        default=256, ge=1, description="upstream keep-alive connections per machine"
+    )
+    max_connections: int = Field(
+        default=10000, ge=1, description="client connections accepted at once; more are refused"
+    )
+    unhealthy_backoff_s: Seconds = Field(
+        default=2.0, description="how long a machine that refused a connection is skipped"
+    )
+    shutdown_timeout_s: Seconds = Field(
+        default=30.0, description="on SIGTERM, how long requests in flight may finish"
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"expected an IP address or CIDR, got {item!r}") from None
+        return value
+
+
+class AdminSettings(_Model):
+    listen: Listen = Field(
+        default="127.0.0.1:9091", description="address of /metrics, /healthz, /readyz, /status"
+    )
+    token: SecretStr | None = Field(
+        default=None, description="bearer token required by /status and mutating endpoints"
+    )
+    protect_metrics: bool = Field(
+        default=False, description="require the admin token for /metrics and health too"
+    )
+
+
+class ControlSettings(_Model):
+    tick_s: Seconds = Field(default=1.0, gt=0, description="how often each app's loop runs")
+    api_backoff_max_s: Seconds = Field(
+        default=30.0, description="longest pause of an app's loop after API errors"
+    )
+
+
+class AppConfig(_Model):
+    """One Fly app behind the proxy, and the policy that scales it."""
+
+    name: str = Field(min_length=1, description="Fly app name")
+    hosts: list[str] = Field(
+        default_factory=list, description='Host names that route here ("*.example.com" allowed)'
+    )
+    paths: list[str] = Field(
+        default_factory=list, description="path prefixes that route here (empty: every path)"
+    )
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="upstream port (default: the internal_port)"
+    )
+    backends: list[str] = Field(
+        default_factory=list,
+        description='static mode: fixed "host:port" upstreams; the app is not scaled',
+    )
+    min_machines: int = Field(default=0, ge=0, description="never fewer started machines")
+    max_machines: int = Field(default=10, ge=1, description="never more started machines")
+    target_concurrency: float = Field(
+        default=10, gt=0, description="requests in flight per machine the policy aims for"
+    )
+    target_utilization: float = Field(
+        default=0.7, gt=0, le=1, description="fraction of target_concurrency to plan for"
+    )
+    hard_limit: int = Field(
+        default=25, ge=1, description="requests in flight per machine; more wait in the queue"
+    )
+    stable_window_s: Seconds = Field(
+        default=60.0, gt=0, description="averaging window of normal mode"
+    )
+    panic_window_s: Seconds = Field(default=6.0, gt=0, description="averaging window of panic mode")
+    panic_threshold: float = Field(
+        default=2.0, gt=1, description="panic when demand reaches this × current capacity"
+    )
+    scale_down_delay_s: Seconds = Field(
+        default=30.0, description="how long lower demand must last before a machine goes"
+    )
+    scale_down_step: int = Field(
+        default=1, ge=1, description="most machines removed in one tick"
+    )
+    idle_to_zero_s: Seconds = Field(
+        default=300.0, description="no request for this long: the last machines go"
+    )
+    scale_down_action: Literal["suspend", "stop"] = Field(
+        default="suspend", description="how a machine is put to sleep"
+    )
+    stop_suspended_after_s: Seconds | None = Field(
+        default=None, description="stop a machine suspended this long (drops its snapshot)"
+    )
+    min_lifetime_s: Seconds = Field(
+        default=30.0, description="never remove a machine started less than this ago"
+    )
+    drain_timeout_s: Seconds = Field(
+        default=30.0, description="longest wait for requests in flight before a removal"
+    )
+    wake_timeout_s: Seconds = Field(
+        default=30.0, description="held requests get 504 after this long"
+    )
+    max_queue: int = Field(
+        default=1000, ge=0, description="held requests per app; more get 503"
+    )
+    max_body_bytes: int | None = Field(
+        default=None, ge=0, description="largest request body (413 above); unset: no limit"
+    )
+
+    @field_validator("max_machines")
+    @classmethod
+    def _max_at_least_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_machines")
+        if isinstance(low, int) and value < low:
+            raise ValueError(f"must be >= min_machines ({low}), got {value}")
+        return value
+
+    @field_validator("panic_window_s")
+    @classmethod
+    def _panic_shorter(cls, value: float, info: ValidationInfo) -> float:
+        stable = info.data.get("stable_window_s")
+        if isinstance(stable, float) and value > stable:
+            raise ValueError(f"must be <= stable_window_s ({stable:g}), got {value:g}")
+        return value
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_port(item)
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            bare = host.removeprefix("*.")
+            if not bare or "*" in bare or "/" in bare or " " in bare:
+                raise ValueError(f'expected a host name or "*.domain", got {host!r}')
+        return [h.lower() for h in value]
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f'expected a path prefix starting with "/", got {path!r}')
+        return value
+
+    @property
+    def static(self) -> bool:
+        """Static mode: fixed upstreams, nothing to scale."""
+        return bool(self.backends)
+
+
+class FaultSettings(_Model):
+    latency_s: Seconds = Field(default=0.0, description="extra latency of every API call")
+    error_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 500")
+    rate_limit_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 429")
+    boot_failure_rate: float = Field(
+        default=0.0, ge=0, le=1, description="fraction of starts that end in `failed`"
+    )
+    crash_after_s: Seconds | None = Field(
+        default=None, description="kill each machine's process this long after it starts"
+    )
+
+
+class EmulatorApp(_Model):
+    name: str = Field(min_length=1, description="app created at start-up")
+    machines: int = Field(default=0, ge=0, description="stopped machines created with it")
+    image: str = Field(default="autoscaler/demo-app", description="image of those machines")
+    internal_port: int = Field(default=8080, ge=1, le=65535, description="their service port")
+    env: dict[str, str] = Field(default_factory=dict, description="their environment")
+
+
+class EmulatorSettings(_Model):
+    listen: Listen = Field(default="127.0.0.1:4280", description="address of the emulated API")
+    token: SecretStr | None = Field(
+        default=None, description="API token it accepts (EMULATOR_TOKEN; a default is printed)"
+    )
+    state_file: Path | None = Field(default=None, description="apps and machines kept here")
+    org_slug: str = Field(default="personal", description="its one organization")
+    rate_limits: bool = Field(default=True, description="answer 429 past Fly's documented limits")
+    images: dict[str, str] = Field(
+        default_factory=dict,
+        description="image → command template with {host} and {port} (demo-app is built in)",
+    )
+    boot_timeout_s: Seconds = Field(
+        default=30.0, description="a machine whose port does not open by then is failed"
+    )
+    demo_boot_delay_s: Seconds = Field(
+        default=0.5, description="cold boot time of the built-in demo app"
+    )
+    resume_delay_s: Seconds = Field(default=0.05, description="added to every resume")
+    faults: FaultSettings = Field(default_factory=FaultSettings)
+    apps: list[EmulatorApp] = Field(default_factory=list, description="apps made at start-up")
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one autoscaler process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOSCALER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    fly: FlySettings = Field(default_factory=FlySettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    apps: list[AppConfig] = Field(default_factory=list)
+    emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
+
+    @model_validator(mode="after")
+    def _apps_consistent(self) -> Settings:
+        seen_names: set[str] = set()
+        seen_routes: dict[tuple[str, str], str] = {}
+        for i, app in enumerate(self.apps):
+            if app.name in seen_names:
+                raise _KeyError(f"apps[{i}].name", f"duplicate app name {app.name!r}")
+            seen_names.add(app.name)
+            for host in app.hosts:
+                for path in app.paths or ["/"]:
+                    other = seen_routes.setdefault((host, path), app.name)
+                    if other != app.name:
+                        raise _KeyError(
+                            f"apps[{i}].hosts",
+                            f"host {host!r} path {path!r} is already routed to app {other!r}",
+                        )
+        if self.proxy.default_app is not None and self.proxy.default_app not in seen_names:
+            raise _KeyError(
+                "proxy.default_app",
+                f"must name an app in apps, got {self.proxy.default_app!r}",
+            )
+        return self
+
+    def app(self, name: str) -> AppConfig:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        raise KeyError(name)
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log redactor."""
+        found = [s.get_secret_value() for s in (self.fly.token, self.admin.token, self.emulator.token) if s]
+        return [s for s in found if s]
+
+
+class _KeyError(ValueError):
+    """A cross-field problem that belongs to one key path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` holds one line per mistake."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Layer(PydanticBaseSettingsSource):
+    """A fixed mapping as a settings source (the YAML file, or FLY_API_TOKEN)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = dict(data)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_path(cli_path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
+    """``--config`` wins, then ``AUTOSCALER_CONFIG``, then ``config/autoscaler.yaml``."""
+    if cli_path:
+        return Path(cli_path)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping; a syntax error names its line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}{where}: YAML syntax error: {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: YAML error: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{path}: expected a mapping of sections at the top, got {type(data).__name__}"]
+        )
+    return data
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    require_file: bool = False,
+) -> tuple[Settings, Path]:
+    """Load and validate the settings; raise ConfigError with one line per problem.
+
+    A missing default file is fine (defaults apply) unless ``require_file`` is set or the
+    path was given explicitly. ``overrides`` (from CLI flags) beat everything else.
+    """
+    environ = os.environ if env is None else env
+    explicit = path is not None or bool(environ.get(CONFIG_ENV))
+    file = config_path(path, environ)
+    data: dict[str, Any] = {}
+    if file.exists() or explicit or require_file:
+        data = read_yaml(file)
+    token_layer: dict[str, Any] = {}
+    if environ.get(TOKEN_ENV):
+        token_layer = {"fly": {"token": environ[TOKEN_ENV]}}
+    base = _deep_merge(data, token_layer)
+    env_vars = {k: v for k, v in environ.items() if k.upper().startswith("AUTOSCALER_")}
+    env_vars.pop(CONFIG_ENV, None)
+
+    class _Bound(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            from pydantic_settings import EnvSettingsSource
+
+            env_source = EnvSettingsSource(
+                settings_cls,
+                env_prefix="AUTOSCALER_",
+                env_nested_delimiter="__",
+                case_sensitive=False,
+            )
+            env_source.env_vars = {k.lower(): v for k, v in env_vars.items()}
+            return (init_settings, env_source, _Layer(settings_cls, base))
+
+    try:
+        settings = _Bound(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError([f"{file}: {line}" for line in format_errors(exc)]) from None
+    except _KeyError as exc:  # raised outside pydantic's wrapping (defensive)
+        raise ConfigError([f"{file}: {exc.path}: {exc.message}"]) from None
+    # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
+    return Settings.model_construct(**{k: getattr(settings, k) for k in Settings.model_fields}), file
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top)"
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per problem: ``key.path: what was expected, got what was found``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = _key_path(loc)
+        ctx_error = err.get("ctx", {}).get("error")
+        if isinstance(ctx_error, _KeyError):
+            lines.append(f"{ctx_error.path}: {ctx_error.message}")
+            continue
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            close = difflib.get_close_matches(key, _known_keys(loc), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{path}: unknown key{hint}")
+            continue
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if kind == "value_error" or "got " in msg:
+            lines.append(f"{path}: {msg}")
+            continue
+        if kind == "missing":
+            lines.append(f"{path}: required key is missing")
+            continue
+        secret = any(isinstance(p, str) and "token" in p for p in loc)
+        found = "<redacted>" if secret else repr(err.get("input"))
+        lines.append(f"{path}: {msg[:1].lower() + msg[1:]}, got {found}")
+    return lines
