@@ -26,8 +26,8 @@ def summary(settings: Settings) -> list[str]:
             continue
         lines.append(
             f"  {app.name:<20} {hosts}  machines {app.min_machines}..{app.max_machines}"
-            f"  target {app.target_concurrency:g}×{app.target_utilization:g}"
-            f"  hard limit {app.hard_limit}  idle→0 {app.idle_to_zero_s:g}s"
+            f"  target {app.target_concurrency:g}x{app.target_utilization:g}"
+            f"  hard limit {app.hard_limit}  idle-to-zero {app.idle_to_zero_s:g}s"
             f"  sleep: {app.scale_down_action}"
         )
     if settings.proxy.default_app:

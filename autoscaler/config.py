@@ -35,7 +35,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 DEFAULT_CONFIG_PATH = Path("config/autoscaler.yaml")
 CONFIG_ENV = "AUTOSCALER_CONFIG"
-TOKEN_ENV = "FLY_API_TOKEN"
+TOKEN_ENV = "FLY_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -78,7 +78,7 @@ class HostPort:
 
 
 def parse_host_port(value: str) -> HostPort:
-    """"127.0.0.1:8080", "[::1]:8080" or "localhost:80" → HostPort."""
+    """Parse "127.0.0.1:8080", "[::1]:8080" or "localhost:80"."""
     text = value.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
@@ -122,7 +122,7 @@ class FlySettings(_Model):
 
 
 class ProxySettings(_Model):
-    listen: Listen = Field(default="0.0.0.0:8080", description="address of the data path")  # noqa: S104 - a proxy listens publicly by design
+    listen: Listen = Field(default="0.0.0.0:8080", description="address of the data path")
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="IPs or CIDRs whose X-Forwarded-* headers are kept (others are replaced)",
@@ -218,14 +218,12 @@ class AppConfig(_Model):
     )
     panic_window_s: Seconds = Field(default=6.0, gt=0, description="averaging window of panic mode")
     panic_threshold: float = Field(
-        default=2.0, gt=1, description="panic when demand reaches this × current capacity"
+        default=2.0, gt=1, description="panic when demand reaches this times current capacity"
     )
     scale_down_delay_s: Seconds = Field(
         default=30.0, description="how long lower demand must last before a machine goes"
     )
-    scale_down_step: int = Field(
-        default=1, ge=1, description="most machines removed in one tick"
-    )
+    scale_down_step: int = Field(default=1, ge=1, description="most machines removed in one tick")
     idle_to_zero_s: Seconds = Field(
         default=300.0, description="no request for this long: the last machines go"
     )
@@ -244,9 +242,7 @@ class AppConfig(_Model):
     wake_timeout_s: Seconds = Field(
         default=30.0, description="held requests get 504 after this long"
     )
-    max_queue: int = Field(
-        default=1000, ge=0, description="held requests per app; more get 503"
-    )
+    max_queue: int = Field(default=1000, ge=0, description="held requests per app; more get 503")
     max_body_bytes: int | None = Field(
         default=None, ge=0, description="largest request body (413 above); unset: no limit"
     )
@@ -389,7 +385,11 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log redactor."""
-        found = [s.get_secret_value() for s in (self.fly.token, self.admin.token, self.emulator.token) if s]
+        found = [
+            s.get_secret_value()
+            for s in (self.fly.token, self.admin.token, self.emulator.token)
+            if s
+        ]
         return [s for s in found if s]
 
 
@@ -521,7 +521,9 @@ def load_settings(
     except _KeyError as exc:  # raised outside pydantic's wrapping (defensive)
         raise ConfigError([f"{file}: {exc.path}: {exc.message}"]) from None
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
-    return Settings.model_construct(**{k: getattr(settings, k) for k in Settings.model_fields}), file
+    return Settings.model_construct(
+        **{k: getattr(settings, k) for k in Settings.model_fields}
+    ), file
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -545,7 +547,9 @@ def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
         annotation = field.annotation
         args = getattr(annotation, "__args__", ())
         candidates = [annotation, *args]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -120,6 +120,6 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return logger
 
 
-def bind(**values: Any) -> MutableMapping[str, Any]:
+def bind(**values: Any) -> None:
     """Bind values to every log line of the current task (request id, app)."""
-    return structlog.contextvars.bind_contextvars(**values)
+    structlog.contextvars.bind_contextvars(**values)

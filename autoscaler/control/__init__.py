@@ -1,0 +1,1 @@
+"""The control path: reconcile loops over the Machines API, and wakes for the proxy."""

@@ -1,0 +1,231 @@
+"""The live fleet view: where the data path and the control path meet.
+
+The controller writes what the Machines API says (states, cordons, addresses); the proxy
+writes load (requests in flight per machine, held requests, last use) and reads which
+machines it may route to. Both run on one event loop, so plain attributes suffice; changes
+that could let a held request go (a machine became routable, a slot freed up) wake the
+waiters through :meth:`AppView.changed`.
+
+The proxy never calls the Machines API: it asks for a wake through :meth:`FleetView.wake`,
+which runs the controller's waker once per app however many requests wait, shielded from
+the cancellation of any one of them (a client that disconnects must not cancel a wake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoscaler.scaling.fleet import STARTED
+from autoscaler.scaling.window import ConcurrencyMeter
+
+Clock = Callable[[], float]
+# The controller's wake: brings one machine of the app to routable and says how
+# ("resume", "start", or "none" when one was routable already).
+Waker = Callable[[str], Coroutine[Any, Any, str]]
+
+
+@dataclass(eq=False, slots=True)
+class Upstream:
+    """One machine as the proxy sees it."""
+
+    id: str
+    host: str
+    port: int
+    state: str = STARTED
+    cordoned: bool = False
+    in_flight: int = 0
+    last_used: float | None = None
+    started_at: float | None = None
+    unhealthy_until: float = 0.0
+    authority: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.authority = _authority(self.host, self.port)
+
+    def set_address(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.authority = _authority(host, port)
+
+    def routable(self, now: float) -> bool:
+        return self.state == STARTED and not self.cordoned and now >= self.unhealthy_until
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class MachineInfo:
+    """What the controller learnt of one machine from the API."""
+
+    id: str
+    host: str
+    port: int
+    state: str
+    cordoned: bool
+
+
+class AppView:
+    """One app's machines and load."""
+
+    def __init__(self, name: str, clock: Clock = time.monotonic) -> None:
+        self.name = name
+        self.clock = clock
+        self.upstreams: dict[str, Upstream] = {}
+        self.meter = ConcurrencyMeter(clock())
+        """Demand: requests in flight plus requests held. The controller samples it."""
+        self.in_flight = 0
+        self.queued = 0
+        self.last_request_at: float | None = None
+        self._changed = asyncio.Event()
+
+    # --- written by the controller --------------------------------------------------
+
+    def set_machines(self, machines: Iterable[MachineInfo]) -> None:
+        """Replace the machine list, keeping the load counters of machines that remain."""
+        now = self.clock()
+        fresh: dict[str, Upstream] = {}
+        for info in machines:
+            up = self.upstreams.get(info.id)
+            if up is None:
+                up = Upstream(info.id, info.host, info.port)
+                up.state = ""  # so the started_at bookkeeping below sees a change
+            elif (up.host, up.port) != (info.host, info.port):
+                up.set_address(info.host, info.port)
+            self._apply_state(up, info.state, now)
+            up.cordoned = info.cordoned
+            fresh[info.id] = up
+        self.upstreams = fresh
+        self.notify()
+
+    def set_state(self, machine_id: str, state: str) -> None:
+        up = self.upstreams.get(machine_id)
+        if up is not None:
+            self._apply_state(up, state, self.clock())
+            self.notify()
+
+    def set_cordoned(self, machine_id: str, cordoned: bool) -> None:
+        """Take a machine out of routing (or back) at once, before the API agrees."""
+        up = self.upstreams.get(machine_id)
+        if up is not None and up.cordoned != cordoned:
+            up.cordoned = cordoned
+            self.notify()
+
+    @staticmethod
+    def _apply_state(up: Upstream, state: str, now: float) -> None:
+        if state == STARTED and up.state != STARTED:
+            up.started_at = now
+            up.unhealthy_until = 0.0
+        elif state != STARTED:
+            up.started_at = None
+        up.state = state
+
+    # --- written by the proxy -------------------------------------------------------
+
+    def routable(self) -> list[Upstream]:
+        now = self.clock()
+        return [up for up in self.upstreams.values() if up.routable(now)]
+
+    def mark_unhealthy(self, up: Upstream, backoff_s: float) -> None:
+        up.unhealthy_until = self.clock() + backoff_s
+
+    def begin(self, up: Upstream) -> None:
+        """A request went to ``up``."""
+        now = self.clock()
+        up.in_flight += 1
+        up.last_used = now
+        self.in_flight += 1
+        self.last_request_at = now
+        self.meter.add(1, now)
+
+    def end(self, up: Upstream) -> None:
+        """A request on ``up`` finished; its slot may let a held request go."""
+        now = self.clock()
+        up.in_flight -= 1
+        up.last_used = now
+        self.in_flight -= 1
+        self.meter.add(-1, now)
+        self.notify()
+
+    def hold(self) -> None:
+        """A request began to wait (for a wake or for a free slot)."""
+        now = self.clock()
+        self.queued += 1
+        self.last_request_at = now
+        self.meter.add(1, now)
+
+    def release(self) -> None:
+        """A held request stopped waiting (sent on, timed out or gone)."""
+        self.queued -= 1
+        self.meter.add(-1, self.clock())
+
+    # --- change notification --------------------------------------------------------
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Return at the next change of machines or load."""
+        await self._changed.wait()
+
+
+class FleetView:
+    """Every app's view, and the single-flight door to the controller's wake."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self.apps: dict[str, AppView] = {}
+        self._waker: Waker | None = None
+        self._wakes: dict[str, asyncio.Task[str]] = {}
+
+    def app(self, name: str) -> AppView:
+        view = self.apps.get(name)
+        if view is None:
+            view = self.apps[name] = AppView(name, self.clock)
+        return view
+
+    def remove_app(self, name: str) -> None:
+        self.apps.pop(name, None)
+        task = self._wakes.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def set_waker(self, waker: Waker | None) -> None:
+        self._waker = waker
+
+    @property
+    def can_wake(self) -> bool:
+        return self._waker is not None
+
+    def wake(self, app: str) -> asyncio.Task[str]:
+        """Start (or join) the wake of ``app``; await the task through ``asyncio.shield``."""
+        task = self._wakes.get(app)
+        if task is not None and not task.done():
+            return task
+        if self._waker is None:
+            raise RuntimeError("no waker: static mode cannot wake machines")
+        task = asyncio.get_running_loop().create_task(self._waker(app), name=f"wake:{app}")
+        self._wakes[app] = task
+        task.add_done_callback(lambda t: self._wake_done(app, t))
+        return task
+
+    def _wake_done(self, app: str, task: asyncio.Task[str]) -> None:
+        if self._wakes.get(app) is task:
+            del self._wakes[app]
+        if not task.cancelled():
+            task.exception()  # retrieved here so a failed wake is never "never retrieved"
+        view = self.apps.get(app)
+        if view is not None:
+            view.notify()
+
+    async def close(self) -> None:
+        tasks = list(self._wakes.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._wakes.clear()

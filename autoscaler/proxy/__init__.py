@@ -1,0 +1,1 @@
+"""The data path: an aiohttp reverse proxy that routes, balances and holds requests."""

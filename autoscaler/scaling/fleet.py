@@ -1,0 +1,105 @@
+"""A frozen snapshot of one app's machines, as the policy sees them.
+
+Pure: no I/O, no clock. Times are plain floats on whatever clock the caller uses (monotonic
+seconds live, virtual seconds in the simulator), always the same clock as ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+# Machine states, as the real Machines API reports them (see FLY_API_NOTES.md).
+STARTED = "started"
+STOPPED = "stopped"
+SUSPENDED = "suspended"
+CREATED = "created"
+FAILED = "failed"
+STARTING = "starting"
+STOPPING = "stopping"
+SUSPENDING = "suspending"
+DESTROYING = "destroying"
+DESTROYED = "destroyed"
+
+RESTING_STATES = frozenset({CREATED, STARTED, STOPPED, SUSPENDED, FAILED})
+MOVING_STATES = frozenset(
+    {
+        "creating",
+        STARTING,
+        STOPPING,
+        "restarting",
+        SUSPENDING,
+        DESTROYING,
+        "updating",
+        "replacing",
+        "launch_failed",
+    }
+)
+FINAL_STATES = frozenset({DESTROYED, "replaced", "migrated"})
+# States the autoscaler may wake a machine from.
+WAKEABLE_STATES = frozenset({SUSPENDED, STOPPED})
+
+# Metadata key that marks a cordon as ours, so we never undo someone else's.
+CORDON_METADATA_KEY = "fly_autoscaler_cordon"
+
+
+@dataclass(frozen=True, slots=True)
+class MachineSnapshot:
+    """One machine at one instant."""
+
+    id: str
+    state: str
+    cordoned: bool = False
+    """Cordoned in the API (by anybody)."""
+    cordoned_by_us: bool = False
+    """The cordon carries our metadata key: we may lift it."""
+    draining: bool = False
+    """We are draining it now (cordoned by us, waiting for requests in flight)."""
+    busy: bool = False
+    """An action of ours on it is under way; the policy leaves it alone this tick."""
+    in_flight: int = 0
+    last_used: float | None = None
+    """When its last request ended (or began, if one is in flight)."""
+    started_at: float | None = None
+    """When it last became started; None if not started."""
+    state_since: float | None = None
+    """When it entered its current state, where known."""
+
+    @property
+    def routable(self) -> bool:
+        return self.state == STARTED and not self.cordoned
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """All machines of one app (destroyed ones already left out)."""
+
+    app: str
+    machines: tuple[MachineSnapshot, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, app: str, machines: Iterable[MachineSnapshot]) -> Fleet:
+        return cls(app, tuple(m for m in machines if m.state not in FINAL_STATES))
+
+    def __iter__(self) -> Iterator[MachineSnapshot]:
+        return iter(self.machines)
+
+    def __len__(self) -> int:
+        return len(self.machines)
+
+    def in_state(self, *states: str) -> list[MachineSnapshot]:
+        return [m for m in self.machines if m.state in states]
+
+    @property
+    def routable(self) -> list[MachineSnapshot]:
+        return [m for m in self.machines if m.routable]
+
+    @property
+    def in_flight(self) -> int:
+        return sum(m.in_flight for m in self.machines)
+
+    def count_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for m in self.machines:
+            counts[m.state] = counts.get(m.state, 0) + 1
+        return counts

@@ -1,0 +1,1 @@
+"""The policy lab: replay traffic traces through the real scaling policy."""
