@@ -1,0 +1,117 @@
+"""Client-side token buckets at Fly's documented Machines API limits.
+
+Fly limits each action per machine (or per app, for app-level actions): 1 request/s with
+bursts of 3; Get Machine 5/s with bursts of 10; app deletion 100 per minute. A bucket per
+(action, machine or app id) keeps the autoscaler under those limits, so that it causes no
+429s in normal operation. A caller over the limit waits (through the injected ``sleep``)
+rather than failing.
+
+Each ``acquire`` reserves its token at once, possibly driving the bucket negative, and then
+sleeps for the deficit. Concurrent callers therefore queue in arrival order without a lock,
+and the sleep can be faked in tests with a clock that only moves when told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    rate_per_s: float
+    burst: float
+
+    def __post_init__(self) -> None:
+        if self.rate_per_s <= 0 or self.burst < 1:
+            raise ValueError(f"expected rate_per_s > 0 and burst >= 1, got {self}")
+
+
+DEFAULT_LIMIT = Limit(rate_per_s=1.0, burst=3.0)
+DEFAULT_LIMITS: Mapping[str, Limit] = {
+    "get_machine": Limit(rate_per_s=5.0, burst=10.0),
+    "delete_app": Limit(rate_per_s=100.0 / 60.0, burst=100.0),
+}
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate_per_s``; ``reserve`` returns how long to wait."""
+
+    __slots__ = ("limit", "tokens", "updated")
+
+    def __init__(self, limit: Limit, now: float) -> None:
+        self.limit = limit
+        self.tokens = limit.burst
+        self.updated = now
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(self.limit.burst, self.tokens + elapsed * self.limit.rate_per_s)
+        self.updated = max(self.updated, now)
+
+    def reserve(self, now: float) -> float:
+        """Take one token (going into debt if needed); seconds until it is really ours."""
+        self._refill(now)
+        self.tokens -= 1.0
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.limit.rate_per_s
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.limit.burst
+
+
+class RateLimiter:
+    """Buckets keyed by (action, machine or app id), made on first use."""
+
+    def __init__(
+        self,
+        limits: Mapping[str, Limit] | None = None,
+        *,
+        default: Limit = DEFAULT_LIMIT,
+        enabled: bool = True,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.monotonic,
+        max_buckets: int = 10_000,
+    ) -> None:
+        self.limits = dict(DEFAULT_LIMITS if limits is None else limits)
+        self.default = default
+        self.enabled = enabled
+        self._sleep = sleep
+        self._clock = clock
+        self._max_buckets = max_buckets
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+
+    def limit_for(self, action: str) -> Limit:
+        return self.limits.get(action, self.default)
+
+    def reserve(self, action: str, key: str) -> float:
+        """Take a token for (action, key) now; seconds the caller must wait before sending."""
+        if not self.enabled:
+            return 0.0
+        now = self._clock()
+        bucket = self._buckets.get((action, key))
+        if bucket is None:
+            if len(self._buckets) >= self._max_buckets:
+                self._prune(now)
+            bucket = self._buckets[(action, key)] = TokenBucket(self.limit_for(action), now)
+        return bucket.reserve(now)
+
+    async def acquire(self, action: str, key: str) -> float:
+        """Wait until a request for (action, key) is within the limit; the seconds waited."""
+        delay = self.reserve(action, key)
+        if delay > 0:
+            await self._sleep(delay)
+        return delay
+
+    def _prune(self, now: float) -> None:
+        # A full bucket is indistinguishable from a new one, so dropping it changes nothing.
+        for key in [k for k, b in self._buckets.items() if b.full(now)]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

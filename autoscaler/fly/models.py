@@ -1,0 +1,311 @@
+"""Pydantic models of the seed's schemas, lenient to what the real API sends.
+
+Every model keeps unknown fields (``extra="allow"``): the real API returns far more than the
+seed describes (events, checks, image_ref, autostop, ...), and a config read from a machine
+must survive a round trip through ``update_machine`` unchanged. Seed enums (state, cpu_kind,
+protocol, restart policy, ...) are plain strings, because the real API has more values than
+the seed lists; ``MachineState`` names the states this project knows and classifies them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The request body: JSON types, unset fields left out, extra fields kept."""
+        return self.model_dump(mode="json", exclude_none=True, by_alias=True)
+
+
+def _lenient_datetime(value: object) -> object:
+    # An unparsable timestamp must not make a whole machine list unreadable.
+    if value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
+Timestamp = Annotated[datetime | None, BeforeValidator(_lenient_datetime)]
+
+
+class MachineState(StrEnum):
+    """Every state the real API reports (the seed lists five of them)."""
+
+    CREATED = "created"
+    STARTED = "started"
+    STOPPED = "stopped"
+    SUSPENDED = "suspended"
+    FAILED = "failed"
+    CREATING = "creating"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    RESTARTING = "restarting"
+    SUSPENDING = "suspending"
+    DESTROYING = "destroying"
+    UPDATING = "updating"
+    REPLACING = "replacing"
+    LAUNCH_FAILED = "launch_failed"
+    DESTROYED = "destroyed"
+    REPLACED = "replaced"
+    MIGRATED = "migrated"
+
+    @classmethod
+    def parse(cls, value: str | None) -> MachineState | None:
+        """The known state, or None for a state this code has never heard of."""
+        try:
+            return cls(value) if value is not None else None
+        except ValueError:
+            return None
+
+
+RESTING_STATES = frozenset(
+    {
+        MachineState.CREATED,
+        MachineState.STARTED,
+        MachineState.STOPPED,
+        MachineState.SUSPENDED,
+        MachineState.FAILED,
+    }
+)
+FINAL_STATES = frozenset({MachineState.DESTROYED, MachineState.REPLACED, MachineState.MIGRATED})
+MOVING_STATES = frozenset(MachineState) - RESTING_STATES - FINAL_STATES
+
+
+class Organization(_Lenient):
+    name: str | None = None
+    slug: str | None = None
+
+
+class App(_Lenient):
+    id: str | None = None
+    name: str | None = None
+    status: str | None = None
+    machine_count: int | None = None
+    volume_count: int | None = None
+    network: str | None = None
+    organization: Organization | None = None
+
+
+class AppList(_Lenient):
+    total_apps: int | None = None
+    apps: list[App] = Field(default_factory=list)
+
+
+class CreateAppRequest(_Lenient):
+    """Sent with both ``app_name`` (seed) and ``name`` (newer real API); see the client."""
+
+    app_name: str
+    org_slug: str
+    enable_subdomains: bool | None = None
+    network: str | None = None
+
+
+class MachineGuest(_Lenient):
+    cpus: int | None = None
+    memory_mb: int | None = None
+    cpu_kind: str | None = None  # shared | performance (real adds more)
+
+
+class MachinePort(_Lenient):
+    port: int | None = None
+    handlers: list[str] | None = None
+    force_https: bool | None = None
+
+
+class MachineServiceConcurrency(_Lenient):
+    type: str | None = None  # connections | requests
+    soft_limit: int | None = None
+    hard_limit: int | None = None
+
+
+class MachineService(_Lenient):
+    protocol: str | None = None
+    internal_port: int | None = None
+    ports: list[MachinePort] | None = None
+    concurrency: MachineServiceConcurrency | None = None
+    # Real API only; absent from the seed. autostop: "off"/"stop"/"suspend" or a bool.
+    autostart: bool | None = None
+    autostop: bool | str | None = None
+    min_machines_running: int | None = None
+
+
+class MachineCheck(_Lenient):
+    type: str | None = None
+    port: int | None = None
+    interval: str | None = None
+    timeout: str | None = None
+    grace_period: str | None = None
+    path: str | None = None
+    method: str | None = None
+
+
+class MachineMount(_Lenient):
+    volume: str | None = None
+    path: str | None = None
+    size_gb: int | None = None
+
+
+class MachineInit(_Lenient):
+    exec: list[str] | None = None
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    tty: bool | None = None
+
+
+def _restart_policy(value: object) -> object:
+    # YAML 1.1 turns a bare `no` into False; a config written that way still means "no".
+    return "no" if value is False else value
+
+
+class MachineRestart(_Lenient):
+    policy: Annotated[str | None, BeforeValidator(_restart_policy)] = None
+
+
+class MachineConfig(_Lenient):
+    image: str
+    guest: MachineGuest | None = None
+    env: dict[str, str] | None = None
+    services: list[MachineService] | None = None
+    checks: dict[str, MachineCheck] | None = None
+    mounts: list[MachineMount] | None = None
+    init: MachineInit | None = None
+    restart: MachineRestart | None = None
+    schedule: str | None = None
+    auto_destroy: bool | None = None
+    metadata: dict[str, str] | None = None
+
+
+class Machine(_Lenient):
+    id: str
+    name: str | None = None
+    state: str = "unknown"  # plain str: a state this code does not know must still parse
+    region: str | None = None
+    instance_id: str | None = None
+    private_ip: str | None = None
+    created_at: Timestamp = None
+    updated_at: Timestamp = None
+    config: MachineConfig | None = None
+    cordoned: bool | None = None  # emulator/extension field; the real API may leave it out
+
+    @property
+    def known_state(self) -> MachineState | None:
+        return MachineState.parse(self.state)
+
+    @property
+    def resting(self) -> bool:
+        """In a state that stays until someone acts (started, stopped, suspended, ...)."""
+        return self.known_state in RESTING_STATES
+
+    @property
+    def moving(self) -> bool:
+        """Between states (starting, suspending, ...) or in a state this code does not know."""
+        state = self.known_state
+        return state is None or state in MOVING_STATES
+
+    @property
+    def gone(self) -> bool:
+        return self.known_state in FINAL_STATES
+
+    @property
+    def internal_port(self) -> int | None:
+        """The first service's internal port (what the proxy connects to)."""
+        if self.config and self.config.services:
+            return self.config.services[0].internal_port
+        return None
+
+
+class CreateMachineRequest(_Lenient):
+    """Body of create and update (the seed uses one schema for both)."""
+
+    config: MachineConfig
+    name: str | None = None
+    region: str | None = None
+    skip_service_registration: bool | None = None
+
+
+class StopRequest(_Lenient):
+    signal: str | None = None
+    timeout: str | None = None  # a duration string, "30s": what the real API parses
+
+
+class StartResult(_Lenient):
+    """The real API answers a start with ``{"previous_state": ...}``; the seed with nothing."""
+
+    previous_state: str | None = None
+
+
+class WaitResult(_Lenient):
+    """The real API's wait body ``{ok, state, version, event_id}``; filled in for the seed."""
+
+    ok: bool = True
+    state: str | None = None
+    version: str | None = None
+    event_id: str | None = None
+
+
+class Volume(_Lenient):
+    id: str
+    name: str | None = None
+    state: str | None = None
+    size_gb: int | None = None
+    region: str | None = None
+    zone: str | None = None
+    encrypted: bool | None = None
+    attached_machine_id: str | None = None
+    attached_alloc_id: str | None = None
+    filesystem_type: str | None = None
+    snapshot_retention: int | None = None
+    created_at: Timestamp = None
+
+
+class CreateVolumeRequest(_Lenient):
+    name: str
+    size_gb: int = Field(ge=1)
+    region: str
+    encrypted: bool | None = None
+    unique_zones_only: bool | None = None
+    snapshot_id: str | None = None
+    snapshot_retention: int | None = Field(default=None, ge=1, le=60)
+
+
+class UpdateVolumeRequest(_Lenient):
+    snapshot_retention: int | None = Field(default=None, ge=1, le=60)
+
+
+class ExtendVolumeRequest(_Lenient):
+    size_gb: int = Field(ge=1)
+
+
+class VolumeSnapshot(_Lenient):
+    id: str | None = None
+    size: int | None = None
+    digest: str | None = None
+    created_at: Timestamp = None
+    status: str | None = None
+
+
+class OidcTokenRequest(_Lenient):
+    aud: str | None = None
+
+
+class ErrorResponse(_Lenient):
+    """``status`` is an int in the seed and a string code on the real API; either parses."""
+
+    error: str | None = None
+    message: str | None = None
+    status: int | str | None = None
+
+    @property
+    def text(self) -> str | None:
+        return self.error or self.message
