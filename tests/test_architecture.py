@@ -1,0 +1,142 @@
+"""The dependency direction of DESIGN.md, read from the imports themselves (ast).
+
+Layers, lowest first; a module may import its own package, anything in a lower layer, and
+the side modules (``logs``, ``metrics``), never a higher layer. ``scaling`` is pure.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "autoscaler"
+
+# (prefix, layer). The longest matching prefix wins.
+LAYERS: list[tuple[str, int]] = [
+    ("autoscaler.config", 0),
+    ("autoscaler.fly.errors", 0),
+    ("autoscaler.fly.models", 1),
+    ("autoscaler.scaling", 2),
+    ("autoscaler.fly", 3),
+    ("autoscaler.control", 4),
+    ("autoscaler.proxy", 5),
+    ("autoscaler.admin", 6),
+    ("autoscaler.status", 6),
+    ("autoscaler.service", 7),
+    ("autoscaler.demo", 7),
+    ("autoscaler.check", 7),
+    ("autoscaler.cli", 8),
+    ("autoscaler.__main__", 9),
+]
+SIDE = {"autoscaler", "autoscaler.logs", "autoscaler.metrics"}
+# Wings that could ship as tools of their own: what they may import of the package.
+WINGS = {
+    "autoscaler.emulator": ("autoscaler.config", "autoscaler.fly.models", "autoscaler.scaling"),
+    "autoscaler.sim": ("autoscaler.config", "autoscaler.fly.models", "autoscaler.scaling"),
+}
+PURE_FORBIDDEN = (
+    "asyncio", "aiohttp", "httpx", "structlog", "prometheus_client", "time", "random",
+    "socket", "subprocess", "threading", "autoscaler.logs", "autoscaler.metrics",
+)  # fmt: skip
+ONLY_IMPORTER = {"httpx": "autoscaler.fly.client"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+            found += [f"{node.module}.{alias.name}" for alias in node.names]
+    return found
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def layer(name: str) -> int | None:
+    best: tuple[int, int] | None = None
+    for prefix, level in LAYERS:
+        if within(name, prefix) and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), level)
+    return None if best is None else best[1]
+
+
+def package_of(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2])
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_imports_follow_the_layers(path: Path) -> None:
+    me = module_name(path)
+    wing = next((w for w in WINGS if within(me, w)), None)
+    problems = []
+    if me not in SIDE and wing is None and layer(me) is None:
+        problems.append(f"{me} is in no layer: add it to LAYERS in {Path(__file__).name}")
+    for target in imports(path):
+        if not within(target, "autoscaler") or target in SIDE:
+            continue
+        if within(target, package_of(me)) and package_of(me) != "autoscaler":
+            continue  # inside its own package
+        if within(target, "autoscaler.cli") and me != "autoscaler.__main__":
+            problems.append(f"{me} imports {target}: nothing imports cli")
+        elif me in SIDE and me != "autoscaler":
+            problems.append(f"side module {me} imports the domain ({target})")
+        elif wing is not None:
+            if not any(within(target, allowed) for allowed in WINGS[wing]):
+                problems.append(f"{me} imports {target}: {wing} may import only {WINGS[wing]}")
+        else:
+            mine, theirs = layer(me), layer(target)
+            if theirs is not None and mine is not None and theirs >= mine:
+                problems.append(f"{me} (layer {mine}) imports {target} (layer {theirs})")
+            if any(within(target, w) for w in WINGS) and me not in (
+                "autoscaler.service", "autoscaler.demo", "autoscaler.cli",
+            ):  # fmt: skip
+                problems.append(f"{me} imports the wing {target}")
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in MODULES if within(module_name(p), "autoscaler.scaling")],
+    ids=lambda p: module_name(p),
+)
+def test_scaling_is_pure(path: Path) -> None:
+    bad = [t for t in imports(path) if any(within(t, f) for f in PURE_FORBIDDEN)]
+    assert bad == [], f"{module_name(path)} must stay pure"
+
+
+def test_httpx_has_one_importer() -> None:
+    for lib, owner in ONLY_IMPORTER.items():
+        users = {module_name(p) for p in MODULES if any(within(t, lib) for t in imports(p))}
+        assert users <= {owner}, f"only {owner} may import {lib}: {sorted(users)}"
+
+
+def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
+    """The test above can fail: a layer-breaking import is detected."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import asyncio\nfrom autoscaler.proxy import server\n")
+    targets = imports(bad)
+    assert "asyncio" in targets
+    assert "autoscaler.proxy.server" in targets
+    assert layer("autoscaler.proxy.server") == 5
+    assert layer("autoscaler.scaling.policy") == 2
+    assert layer("autoscaler.fly.client") == 3
+    assert layer("autoscaler.fly.models") == 1

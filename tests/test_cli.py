@@ -1,0 +1,62 @@
+"""The command line: `python -m autoscaler`, help, and exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoscaler.cli import _COMMANDS, build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "autoscaler", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_module_entry_point_help_lists_every_command() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for name, *_ in _COMMANDS:
+        assert name in result.stdout
+
+
+def test_check_config_on_the_default_file() -> None:
+    result = run("check-config", "config/autoscaler.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "config/autoscaler.yaml: OK" in result.stdout
+
+
+def test_check_config_with_several_mistakes_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "prod.yaml"
+    bad.write_text("apps:\n  - {name: a, min_machines: 3, max_machines: 2, hard_limt: 1}\n")
+    result = run("check-config", str(bad))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert f"{bad}: apps[0].max_machines: must be >= min_machines (3), got 2" in lines
+    assert f"{bad}: apps[0].hard_limt: unknown key (did you mean 'hard_limit'?)" in lines
+
+
+@pytest.mark.parametrize(("name", "summary", "add", "runner"), _COMMANDS, ids=[c[0] for c in _COMMANDS])
+def test_every_command_parses_its_help(name: str, summary: str, add: object, runner: object) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([name, "--help"])
+    assert info.value.code == 0
+    assert callable(runner)
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

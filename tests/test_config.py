@@ -1,0 +1,177 @@
+"""Settings: file discovery, env overrides, durations, and one clear line per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autoscaler.check import check_config
+from autoscaler.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_duration,
+    parse_host_port,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [(90, 90.0), (1.5, 1.5), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), ("1m30s", 90.0),
+     ("250ms", 0.25), ("12", 12.0), (" 2m ", 120.0)],
+)  # fmt: skip
+def test_durations_accept_numbers_and_units(given: object, seconds: float) -> None:
+    assert parse_duration(given) == seconds
+
+
+@pytest.mark.parametrize("given", ["5x", "m5", "1m 30s", "", "s"])
+def test_bad_durations_say_what_was_expected(given: str) -> None:
+    with pytest.raises(ValueError, match="expected seconds or a duration"):
+        parse_duration(given)
+
+
+def test_host_port_forms() -> None:
+    assert str(parse_host_port("127.0.0.1:8080")) == "127.0.0.1:8080"
+    hp = parse_host_port("[::1]:9")
+    assert (hp.host, hp.port, str(hp)) == ("::1", 9, "[::1]:9")
+    for bad in ["8080", "host:", "host:99999", ":80"]:
+        with pytest.raises(ValueError, match="host:port"):
+            parse_host_port(bad)
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no config/autoscaler.yaml here
+    settings, path = load_settings(env={})
+    assert path == Path("config/autoscaler.yaml")
+    assert settings.proxy.listen == "0.0.0.0:8080"
+    assert settings.admin.listen == "127.0.0.1:9091"
+    assert settings.fly.api_url is None
+    assert settings.apps == []
+
+
+def test_file_found_by_flag_then_env(tmp_path: Path) -> None:
+    a = write(tmp_path, "proxy: {listen: 127.0.0.1:1111}", "a.yaml")
+    b = write(tmp_path, "proxy: {listen: 127.0.0.1:2222}", "b.yaml")
+    env = {"AUTOSCALER_CONFIG": str(b)}
+    assert load_settings(a, env=env)[0].proxy.listen == "127.0.0.1:1111"
+    assert load_settings(None, env=env)[0].proxy.listen == "127.0.0.1:2222"
+
+
+def test_env_overrides_nested_keys_and_token(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "fly: {token: from-file-token}\nproxy: {listen: 127.0.0.1:1}\n"
+        "apps: [{name: web, hosts: [web.example.com]}]\n",
+    )
+    env = {
+        "AUTOSCALER_PROXY__LISTEN": "0.0.0.0:8081",
+        "AUTOSCALER_ADMIN__TOKEN": "admin-secret",
+        "FLY_API_TOKEN": "env-fly-token",
+    }
+    settings, _ = load_settings(path, env=env)
+    assert settings.proxy.listen == "0.0.0.0:8081"
+    assert settings.fly.token is not None
+    assert settings.fly.token.get_secret_value() == "env-fly-token"
+    assert settings.admin.token is not None
+    assert "env-fly-token" not in repr(settings)
+    assert "admin-secret" not in repr(settings)
+    assert sorted(settings.secrets()) == ["admin-secret", "env-fly-token"]
+    # the file's token is used when the environment has none
+    settings, _ = load_settings(path, env={})
+    assert settings.fly.token is not None
+    assert settings.fly.token.get_secret_value() == "from-file-token"
+
+
+def test_every_mistake_is_one_line_with_its_key_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+fly:
+  tokn: abc
+proxy:
+  listen: nohost
+apps:
+  - name: a
+    hosts: [a.example.com]
+    min_machines: 3
+    max_machines: 2
+  - name: b
+    hosts: [b.example.com]
+    idle_to_zero_s: 5x
+    target_concurency: 3
+    scale_down_action: sleep
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    problems = info.value.problems
+    assert f"{path}: apps[0].max_machines: must be >= min_machines (3), got 2" in problems
+    assert f"{path}: fly.tokn: unknown key (did you mean 'token'?)" in problems
+    assert any(p.startswith(f"{path}: proxy.listen: expected \"host:port\"") for p in problems)
+    assert any("apps[1].idle_to_zero_s: expected seconds" in p and "'5x'" in p for p in problems)
+    assert any("apps[1].scale_down_action:" in p and "'sleep'" in p for p in problems)
+    assert any("apps[1].target_concurency: unknown key" in p for p in problems)
+    assert len(problems) == 6
+
+
+def test_cross_field_problems_name_their_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "proxy: {default_app: nope}\n"
+        "apps:\n  - {name: a, hosts: [x.dev]}\n  - {name: b, hosts: [x.dev]}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == [
+        f"{path}: apps[1].hosts: host 'x.dev' path '/' is already routed to app 'a'"
+    ]
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "apps:\n  - name: a\n    hosts: [a\n  bad: : :\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}:4:")
+    assert "YAML syntax error" in line
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_secret_values_never_echoed_in_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, "admin: {token: [not, a, string-s3cr3t]}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert "s3cr3t" not in str(info.value)
+    assert "admin.token" in str(info.value)
+
+
+def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, "apps: [{name: web, hosts: ['*.web.dev'], max_machines: 3}]\n")
+    assert check_config(str(good)) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out
+    assert "web" in out
+    assert "*.web.dev" in out
+    bad = write(tmp_path, "apps: [{name: web, min_machines: 5, max_machines: 1}]\n", "bad.yaml")
+    assert check_config(str(bad)) == 2
+    err = capsys.readouterr().err
+    assert "apps[0].max_machines: must be >= min_machines (5), got 1" in err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes(path: Path) -> None:
+    settings, _ = load_settings(path, env={})
+    assert isinstance(settings, Settings)

@@ -1,0 +1,66 @@
+"""Logging: JSON lines off a terminal, and secrets redacted wherever they would appear."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from autoscaler import logs
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    out = io.StringIO()
+    logs.configure(level="debug", fmt="auto", secrets=["tok-abcdef123456"], stream=out)
+    return out
+
+
+def lines(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+
+
+def test_json_lines_when_not_a_terminal(stream: io.StringIO) -> None:
+    logs.get_logger("t").info("decision", app="web", desired=3)
+    (entry,) = lines(stream)
+    assert entry["event"] == "decision"
+    assert entry["app"] == "web"
+    assert entry["desired"] == 3
+    assert entry["level"] == "info"
+    assert "timestamp" in entry
+
+
+def test_token_redacted_everywhere(stream: io.StringIO) -> None:
+    log = logs.get_logger("t")
+    log.info("api", url="https://x/?t=tok-abcdef123456", headers={"Authorization": "Bearer x"})
+    log.warning("failed: Bearer tok-abcdef123456 rejected", nested=["a", ("tok-abcdef123456",)])
+    logging.getLogger("aiohttp.client").error("stdlib says tok-abcdef123456")
+    try:
+        raise RuntimeError("boom tok-abcdef123456")
+    except RuntimeError:
+        log.exception("crash")
+    text = stream.getvalue()
+    assert "tok-abcdef123456" not in text
+    assert text.count(logs.REDACTED) >= 5
+    assert len(lines(stream)) == 4
+
+
+def test_secret_keys_redacted_even_when_unknown(stream: io.StringIO) -> None:
+    logs.get_logger("t").info("login", token="never-registered", password="pw")
+    (entry,) = lines(stream)
+    assert entry["token"] == logs.REDACTED
+    assert entry["password"] == logs.REDACTED
+
+
+def test_level_filters(stream: io.StringIO) -> None:
+    logs.configure(level="warning", fmt="json", stream=stream)
+    logs.get_logger("t").info("hidden")
+    logs.get_logger("t").warning("shown")
+    assert [e["event"] for e in lines(stream)] == ["shown"]
+
+
+def test_unknown_level_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown log level"):
+        logs.configure(level="loud", stream=io.StringIO())
