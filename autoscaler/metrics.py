@@ -110,6 +110,11 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.control_last_tick = Gauge(
+            "autoscaler_control_last_tick_timestamp_seconds",
+            "Unix time of the control loop's last tick (0 before the first; NaN without one).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "autoscaler_build_info",
             "Always 1; the version label says which build runs.",

@@ -1,0 +1,286 @@
+"""The admin server: ``/metrics``, ``/healthz``, ``/readyz`` and ``/status``.
+
+It reads the controller through two narrow Protocols (``StatusProvider`` and the shapes of
+what it returns) so that this module never depends on the controller's concrete class; a
+fake beside the tests satisfies them too.
+
+Access: with ``admin.token`` set, ``/status`` and every non-GET request need
+``Authorization: Bearer <token>``; ``/metrics`` and the health endpoints stay open unless
+``admin.protect_metrics`` is set. The token is compared in constant time and never echoed.
+
+Times: the controller stamps events on its own clock (monotonic by default). ``/status``
+reports ages in seconds (``*_age_s``) computed on the same injected clock, so a caller never
+has to know which clock that was; the last-tick metric is converted to Unix time because
+alert rules compare it with PromQL's ``time()``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from autoscaler import __version__
+from autoscaler.config import AdminSettings, parse_host_port
+from autoscaler.logs import Redactor, get_logger
+from autoscaler.metrics import Metrics
+from autoscaler.scaling.fleet import STARTED
+
+Clock = Callable[[], float]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Paths anyone may read unless ``protect_metrics`` is set.
+OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+REALM = 'Bearer realm="autoscaler-admin"'
+
+log = get_logger("autoscaler.admin")
+
+
+# --- what the admin server needs of the controller ---------------------------------------
+
+
+class MachineStatusLike(Protocol):
+    """One machine as ``/status`` shows it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def cordoned(self) -> bool: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def last_used(self) -> float | None: ...
+
+
+class AppStatusLike(Protocol):
+    """One app's control state (the controller's ``AppStatus``)."""
+
+    @property
+    def app(self) -> str: ...
+    @property
+    def desired(self) -> int: ...
+    @property
+    def panic(self) -> bool: ...
+    @property
+    def last_reason(self) -> str: ...
+    @property
+    def last_decision_at(self) -> float | None: ...
+    @property
+    def last_tick_at(self) -> float | None: ...
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def machines(self) -> Sequence[MachineStatusLike]: ...
+
+
+class StatusProvider(Protocol):
+    """What ``/status``, ``/readyz`` and the last-tick metric read (the ``Controller``)."""
+
+    def status(self) -> Sequence[AppStatusLike]: ...
+    @property
+    def last_tick_at(self) -> float | None: ...
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+class AdminServer:
+    """The admin HTTP server. ``provider`` is None when no control loop runs (static apps)."""
+
+    def __init__(
+        self,
+        settings: AdminSettings,
+        metrics: Metrics,
+        provider: StatusProvider | None = None,
+        *,
+        tick_s: float = 1.0,
+        max_tick_age_s: float | None = None,
+        secrets: Iterable[str] = (),
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.provider = provider
+        # A loop that misses several ticks in a row is stuck, not slow: readiness fails.
+        self.max_tick_age_s = max_tick_age_s if max_tick_age_s is not None else max(5.0, 5 * tick_s)
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.draining = False
+        token = settings.token.get_secret_value() if settings.token else ""
+        self._token = token.encode() if token else None
+        # Defence in depth: nothing the controller reports may carry a secret out.
+        self._redactor = Redactor([*secrets, token])
+        self._runner: web.AppRunner | None = None
+        self.metrics.control_last_tick.set_function(self._last_tick_unix)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard])
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
+        return app
+
+    async def start(self, host: str | None = None, port: int | None = None) -> None:
+        """Listen on ``admin.listen`` (``host``/``port`` override it; port 0 picks one)."""
+        listen = parse_host_port(self.settings.listen)
+        self._runner = web.AppRunner(self.build_app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            host if host is not None else listen.host,
+            port if port is not None else listen.port,
+        )
+        await site.start()
+        log.info("admin_listening", address=self.address)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound; after ``start``."""
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("admin server is not running")
+        addr = self._runner.addresses[0]
+        return str(addr[0]), int(addr[1])
+
+    def set_draining(self) -> None:
+        """Shutting down: ``/readyz`` fails so load balancers stop sending traffic."""
+        self.draining = True
+
+    # --- access --------------------------------------------------------------------------
+
+    def _needs_token(self, request: web.Request) -> bool:
+        if self._token is None:
+            return False
+        if self.settings.protect_metrics:
+            return True
+        return request.method not in SAFE_METHODS or request.path not in OPEN_PATHS
+
+    def _authorized(self, request: web.Request) -> bool:
+        assert self._token is not None  # _needs_token said a token is configured
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._needs_token(request) and not self._authorized(request):
+            return web.json_response(
+                {"error": "unauthorized: send Authorization: Bearer <admin.token>"},
+                status=401,
+                headers={"WWW-Authenticate": REALM},
+            )
+        return await handler(request)
+
+    # --- endpoints -----------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        problems = self.readiness_problems()
+        if problems:
+            return web.json_response({"status": "not ready", "problems": problems}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        text = json.dumps(self._redactor.scrub(self.status_document()))
+        return web.Response(text=text, content_type="application/json")
+
+    # --- what the endpoints say ----------------------------------------------------------
+
+    def readiness_problems(self) -> list[str]:
+        """Empty when ready. Config is loaded by construction (settings were validated)."""
+        if self.draining:
+            return ["shutting down"]
+        if self.provider is None:
+            return []
+        problems = []
+        last = self.provider.last_tick_at
+        if last is None:
+            problems.append("control loop has not ticked yet")
+        else:
+            age = self.clock() - last
+            if age > self.max_tick_age_s:
+                problems.append(
+                    f"control loop last ticked {age:.1f}s ago (limit {self.max_tick_age_s:g}s)"
+                )
+        apps = self.provider.status()
+        failing = [a for a in apps if a.last_error]
+        # One app's error may be its own (a bad app name); every app failing means the
+        # Machines API itself is out of reach.
+        if apps and len(failing) == len(apps):
+            problems.append(f"Machines API unreachable: {failing[0].last_error}")
+        return problems
+
+    def status_document(self) -> dict[str, Any]:
+        now = self.clock()
+        apps = self.provider.status() if self.provider is not None else []
+        last_tick = self.provider.last_tick_at if self.provider is not None else None
+        return {
+            "version": __version__,
+            "ready": not self.readiness_problems(),
+            "control_loop": self.provider is not None,
+            "last_tick_age_s": _age(now, last_tick),
+            "apps": [_app_document(a, now) for a in apps],
+        }
+
+    def _last_tick_unix(self) -> float:
+        # NaN when no control loop runs: "stale" comparisons are then false, so the
+        # not-ticking alert stays quiet for static-only deployments. 0 before the first
+        # tick: a loop that never ticks looks infinitely stale.
+        if self.provider is None:
+            return math.nan
+        last = self.provider.last_tick_at
+        if last is None:
+            return 0.0
+        return self.wall_clock() - (self.clock() - last)
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 3)
+
+
+def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
+    machines = [
+        {
+            "id": m.id,
+            "state": m.state,
+            "cordoned": m.cordoned,
+            "in_flight": m.in_flight,
+            "last_used_age_s": _age(now, m.last_used),
+        }
+        for m in status.machines
+    ]
+    return {
+        "app": status.app,
+        "desired": status.desired,
+        "started": sum(1 for m in status.machines if m.state == STARTED),
+        "panic": status.panic,
+        "last_reason": status.last_reason,
+        "last_decision_age_s": _age(now, status.last_decision_at),
+        "last_tick_age_s": _age(now, status.last_tick_at),
+        "last_error": status.last_error,
+        "machines": machines,
+    }

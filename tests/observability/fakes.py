@@ -1,0 +1,44 @@
+"""A fake status provider: what the admin server reads of the controller, set by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FakeMachine:
+    id: str
+    state: str
+    cordoned: bool = False
+    in_flight: int = 0
+    last_used: float | None = None
+
+
+@dataclass(frozen=True)
+class FakeAppStatus:
+    app: str
+    desired: int = 0
+    panic: bool = False
+    last_reason: str = ""
+    last_decision_at: float | None = None
+    last_tick_at: float | None = None
+    last_error: str | None = None
+    machines: Sequence[FakeMachine] = ()
+
+
+@dataclass
+class FakeController:
+    apps: list[FakeAppStatus] = field(default_factory=list)
+    last_tick_at: float | None = None
+
+    def status(self) -> list[FakeAppStatus]:
+        return list(self.apps)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -1,0 +1,273 @@
+"""The admin server against a fake controller: endpoints, readiness, the token guard."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from autoscaler.admin import AdminServer, StatusProvider
+from autoscaler.config import AdminSettings
+from autoscaler.metrics import Metrics
+
+from .fakes import FakeAppStatus, FakeClock, FakeController, FakeMachine
+
+TOKEN = "admin-secret-token-1234"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+# The fake must satisfy the Protocol the real controller is held to (checked by mypy).
+_static_check: StatusProvider = FakeController()
+
+
+def make_server(
+    provider: FakeController | None,
+    clock: FakeClock,
+    *,
+    token: str | None = None,
+    protect_metrics: bool = False,
+) -> AdminServer:
+    settings = AdminSettings(
+        listen="127.0.0.1:9091",
+        token=SecretStr(token) if token else None,
+        protect_metrics=protect_metrics,
+    )
+    metrics = Metrics(CollectorRegistry(), version="1.2.3")
+    return AdminServer(
+        settings, metrics, provider, tick_s=1.0, clock=clock, wall_clock=lambda: 50_000.0
+    )
+
+
+def demo_controller(clock: FakeClock) -> FakeController:
+    apps = [
+        FakeAppStatus(
+            app="demo",
+            desired=2,
+            panic=True,
+            last_reason="demand 25.0 > 2x capacity: panic",
+            last_decision_at=clock.now - 0.5,
+            last_tick_at=clock.now - 0.25,
+            machines=[
+                FakeMachine("m1", "started", in_flight=3, last_used=clock.now - 1.0),
+                FakeMachine("m2", "suspended", cordoned=True),
+            ],
+        )
+    ]
+    return FakeController(apps=apps, last_tick_at=clock.now - 0.25)
+
+
+async def test_metrics_are_open_and_in_text_format(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    server = make_server(demo_controller(clock), clock, token=TOKEN)
+    server.metrics.requests.labels(app="demo", code="200", wake="none").inc()
+    client = await aiohttp_client(server.build_app())
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    body = await resp.text()
+    assert 'autoscaler_requests_total{app="demo",code="200",wake="none"} 1.0' in body
+    assert 'autoscaler_build_info{version="1.2.3"} 1.0' in body
+    assert TOKEN not in body
+
+
+async def test_health_is_open_with_a_token(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    client = await aiohttp_client(
+        make_server(demo_controller(clock), clock, token=TOKEN).build_app()
+    )
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_protect_metrics_guards_metrics_and_health(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    server = make_server(demo_controller(clock), clock, token=TOKEN, protect_metrics=True)
+    client = await aiohttp_client(server.build_app())
+    for path in ("/metrics", "/healthz", "/readyz"):
+        resp = await client.get(path)
+        assert resp.status == 401, path
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await client.get(path, headers=AUTH)).status == 200, path
+
+
+async def test_status_needs_the_token(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    client = await aiohttp_client(
+        make_server(demo_controller(clock), clock, token=TOKEN).build_app()
+    )
+    assert (await client.get("/status")).status == 401
+    wrong = {"Authorization": "Bearer not-the-token"}
+    assert (await client.get("/status", headers=wrong)).status == 401
+    basic = {"Authorization": f"Basic {TOKEN}"}
+    assert (await client.get("/status", headers=basic)).status == 401
+    resp = await client.get("/status", headers=AUTH)
+    assert resp.status == 200
+    assert TOKEN not in await resp.text()
+
+
+async def test_mutating_requests_need_the_token(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    client = await aiohttp_client(
+        make_server(demo_controller(clock), clock, token=TOKEN).build_app()
+    )
+    # Even on an open path, a write is refused before routing says there is no such method.
+    assert (await client.post("/metrics")).status == 401
+    assert (await client.post("/metrics", headers=AUTH)).status == 405
+
+
+async def test_no_token_leaves_status_open(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    client = await aiohttp_client(make_server(demo_controller(clock), clock).build_app())
+    assert (await client.get("/status")).status == 200
+
+
+async def test_status_document(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    client = await aiohttp_client(make_server(demo_controller(clock), clock).build_app())
+    doc = await (await client.get("/status")).json()
+    assert doc["ready"] is True
+    assert doc["control_loop"] is True
+    assert doc["last_tick_age_s"] == 0.25
+    (app,) = doc["apps"]
+    assert app == {
+        "app": "demo",
+        "desired": 2,
+        "started": 1,
+        "panic": True,
+        "last_reason": "demand 25.0 > 2x capacity: panic",
+        "last_decision_age_s": 0.5,
+        "last_tick_age_s": 0.25,
+        "last_error": None,
+        "machines": [
+            {
+                "id": "m1",
+                "state": "started",
+                "cordoned": False,
+                "in_flight": 3,
+                "last_used_age_s": 1.0,
+            },
+            {
+                "id": "m2",
+                "state": "suspended",
+                "cordoned": True,
+                "in_flight": 0,
+                "last_used_age_s": None,
+            },
+        ],
+    }
+
+
+async def test_status_never_carries_a_secret(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    fly_token = "fly-api-token-abcdef"
+    provider = FakeController(
+        apps=[FakeAppStatus(app="demo", last_error=f"401 with token {fly_token} and {TOKEN}")],
+        last_tick_at=clock.now,
+    )
+    settings = AdminSettings(token=SecretStr(TOKEN))
+    server = AdminServer(settings, Metrics(), provider, secrets=[fly_token], clock=clock)
+    client = await aiohttp_client(server.build_app())
+    text = await (await client.get("/status", headers=AUTH)).text()
+    assert "401 with token" in text
+    assert fly_token not in text
+    assert TOKEN not in text
+
+
+@pytest.mark.parametrize(
+    ("last_tick_ago", "errors", "problem"),
+    [
+        (None, [None], "has not ticked yet"),
+        (0.5, [None], None),
+        (4.9, [None], None),
+        (5.1, [None], "last ticked 5.1s ago"),
+        (0.5, ["connect failed", None], None),
+        (0.5, ["connect failed", "timeout"], "Machines API unreachable: connect failed"),
+    ],
+)
+async def test_readiness(
+    aiohttp_client: MakeClient,
+    last_tick_ago: float | None,
+    errors: list[str | None],
+    problem: str | None,
+) -> None:
+    clock = FakeClock()
+    provider = FakeController(
+        apps=[FakeAppStatus(app=f"a{i}", last_error=e) for i, e in enumerate(errors)],
+        last_tick_at=None if last_tick_ago is None else clock.now - last_tick_ago,
+    )
+    client = await aiohttp_client(make_server(provider, clock).build_app())
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    if problem is None:
+        assert resp.status == 200
+        assert body == {"status": "ready"}
+    else:
+        assert resp.status == 503
+        assert any(problem in p for p in body["problems"]), body
+
+
+async def test_draining_is_not_ready(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    server = make_server(demo_controller(clock), clock)
+    client = await aiohttp_client(server.build_app())
+    assert (await client.get("/readyz")).status == 200
+    server.set_draining()
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["problems"] == ["shutting down"]
+    assert (await client.get("/healthz")).status == 200  # alive, just not taking traffic
+
+
+async def test_without_control_loop(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    server = make_server(None, clock)
+    client = await aiohttp_client(server.build_app())
+    assert (await client.get("/readyz")).status == 200
+    doc = await (await client.get("/status")).json()
+    assert doc["apps"] == []
+    assert doc["control_loop"] is False
+    value = server.metrics.registry.get_sample_value(
+        "autoscaler_control_last_tick_timestamp_seconds"
+    )
+    assert value is not None
+    assert math.isnan(value)
+
+
+def test_last_tick_metric_is_unix_time() -> None:
+    clock = FakeClock(1000.0)
+    provider = FakeController(last_tick_at=None)
+    server = make_server(provider, clock)
+
+    def sample() -> float | None:
+        return server.metrics.registry.get_sample_value(
+            "autoscaler_control_last_tick_timestamp_seconds"
+        )
+
+    assert sample() == 0.0  # never ticked: infinitely stale
+    provider.last_tick_at = 997.0  # 3 s ago on the controller's clock
+    assert sample() == 50_000.0 - 3.0
+
+
+async def test_start_and_stop_on_loopback() -> None:
+    clock = FakeClock()
+    server = make_server(demo_controller(clock), clock)
+    await server.start(port=0)
+    try:
+        host, port = server.address
+        assert host == "127.0.0.1"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/healthz") as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        await server.stop()
+    with pytest.raises(RuntimeError):
+        _ = server.address
