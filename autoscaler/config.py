@@ -129,7 +129,7 @@ class ProxySettings(_Model):
     )
     default_app: str | None = Field(default=None, description="app for hosts that match no app")
     wake_header: bool = Field(
-        default=True, description="add `fly-autoscaler-wake: none|resume|start` to responses"
+        default=True, description="add the header fly-autoscaler-wake (none, resume or start) to responses"
     )
     access_log: bool = Field(default=True, description="one log line per request")
     max_header_bytes: int = Field(

@@ -47,8 +47,12 @@ def test_check_config_with_several_mistakes_exits_2(tmp_path: Path) -> None:
     assert f"{bad}: apps[0].hard_limt: unknown key (did you mean 'hard_limit'?)" in lines
 
 
-@pytest.mark.parametrize(("name", "summary", "add", "runner"), _COMMANDS, ids=[c[0] for c in _COMMANDS])
-def test_every_command_parses_its_help(name: str, summary: str, add: object, runner: object) -> None:
+@pytest.mark.parametrize(
+    ("name", "summary", "add", "runner"), _COMMANDS, ids=[c[0] for c in _COMMANDS]
+)
+def test_every_command_parses_its_help(
+    name: str, summary: str, add: object, runner: object
+) -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([name, "--help"])
     assert info.value.code == 0

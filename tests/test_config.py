@@ -116,7 +116,7 @@ apps:
     problems = info.value.problems
     assert f"{path}: apps[0].max_machines: must be >= min_machines (3), got 2" in problems
     assert f"{path}: fly.tokn: unknown key (did you mean 'token'?)" in problems
-    assert any(p.startswith(f"{path}: proxy.listen: expected \"host:port\"") for p in problems)
+    assert any(p.startswith(f'{path}: proxy.listen: expected "host:port"') for p in problems)
     assert any("apps[1].idle_to_zero_s: expected seconds" in p and "'5x'" in p for p in problems)
     assert any("apps[1].scale_down_action:" in p and "'sleep'" in p for p in problems)
     assert any("apps[1].target_concurency: unknown key" in p for p in problems)

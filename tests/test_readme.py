@@ -1,0 +1,147 @@
+"""README's tables and quick start stay true to the code.
+
+Run ``python tests/test_readme.py`` to print the config and metrics tables from the code.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, get_args
+
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+sys.path.insert(0, str(REPO))
+
+from autoscaler.cli import _COMMANDS  # noqa: E402
+from autoscaler.config import Settings  # noqa: E402
+from autoscaler.metrics import Metrics  # noqa: E402
+
+
+def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the BaseModel inside an annotation, whether it is a list of them)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    for arg in get_args(annotation):
+        model, _ = _model_in(arg)
+        if model is not None:
+            is_list = getattr(annotation, "__origin__", None) is list
+            return model, is_list
+    return None, False
+
+
+def _default(field: Any) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | dict) and not value:
+        return "[]" if isinstance(value, list) else "{}"
+    return str(value)
+
+
+def config_rows(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str]]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub, is_list = _model_in(field.annotation)
+        if sub is not None:
+            rows += config_rows(sub, f"{key}[]." if is_list else f"{key}.")
+            continue
+        rows.append((key, _default(field), field.description or ""))
+    return rows
+
+
+def metric_rows() -> list[tuple[str, str, str, str]]:
+    rows = []
+    for metric in vars(Metrics()).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        kind = metric._type
+        name = metric._name + ("_total" if kind == "counter" else "")
+        labels = ", ".join(metric._labelnames) or "(none)"
+        rows.append((name, kind, labels, metric._documentation))
+    return rows
+
+
+def table_after(heading: str) -> list[list[str]]:
+    text = README.read_text()
+    start = text.index(heading)
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|") and not re.match(r"^\|[\s:|-]+\|$", line):
+            rows.append([c.strip().strip("`") for c in line.strip("|").split("|")])
+    return rows[1:]  # without the header row
+
+
+def test_config_table_matches_the_settings() -> None:
+    rows = table_after("## Configuration reference")
+    assert [(r[0], r[1]) for r in rows] == [(k, d) for k, d, _ in config_rows()]
+    assert all(r[2] for r in rows), "every key needs a meaning"
+
+
+def test_metrics_table_matches_the_registry() -> None:
+    rows = table_after("## Metrics")
+    documented = {r[0]: r[1] for r in rows}
+    declared = {name: kind for name, kind, _, _ in metric_rows()}
+    assert documented == declared
+
+
+def test_cli_table_lists_every_command() -> None:
+    rows = table_after("## Command line")
+    documented = {r[0].split()[1] for r in rows}
+    assert documented == {name for name, *_ in _COMMANDS}
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
+    text = README.read_text()
+    block = text.split("## Quick start", 1)[1].split("```", 2)[1]
+    commands = [
+        line for line in block.splitlines()[1:] if line.strip() and not line.startswith("#")
+    ]
+    assert len(commands) == 2
+    assert "autoscaler demo" in commands[0]
+    assert commands[1] in (REPO / ".ci" / "run").read_text()
+
+
+def config_table() -> str:
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in config_rows()]
+    return "\n".join(lines)
+
+
+def metrics_table() -> str:
+    lines = ["| metric | type | labels | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{n}` | {k} | {lab} | {doc} |" for n, k, lab, doc in metric_rows()]
+    return "\n".join(lines)
+
+
+def rewrite(text: str, heading: str, table: str) -> str:
+    """Replace the first table after ``heading`` with ``table``."""
+    start = text.index(heading)
+    lines = text[start:].split("\n")
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    last = first
+    while last < len(lines) and lines[last].startswith("|"):
+        last += 1
+    return text[:start] + "\n".join([*lines[:first], table, *lines[last:]])
+
+
+if __name__ == "__main__":
+    # python tests/test_readme.py: regenerate README's config and metrics tables.
+    text = README.read_text()
+    text = rewrite(text, "## Configuration reference", config_table())
+    text = rewrite(text, "## Metrics", metrics_table())
+    README.write_text(text)
