@@ -55,12 +55,37 @@ def _check_config(args: argparse.Namespace) -> int:
     return check_config(args.path or args.config)
 
 
+# --- status -----------------------------------------------------------------------------
+
+
+def _status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin",
+        metavar="URL",
+        help="admin server, as http://host:port or host:port (default: admin.listen)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    _add_config(parser)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from autoscaler.status import run_status
+
+    return run_status(args.admin, args.config, as_json=args.json)
+
+
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
     (
         "check-config",
         "validate a config file and print a summary (exit 2 on problems)",
         _check_config_args,
         _check_config,
+    ),
+    (
+        "status",
+        "print the admin server's /status as a table: apps, machines, decisions",
+        _status_args,
+        _status,
     ),
 ]
 

@@ -1,0 +1,199 @@
+"""`autoscaler status`: the table, the address, the token, against a real admin server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from autoscaler.admin import AdminServer
+from autoscaler.cli import main
+from autoscaler.config import AdminSettings
+from autoscaler.metrics import Metrics
+from autoscaler.status import admin_url, ago, render, run_status
+
+from .fakes import FakeAppStatus, FakeClock, FakeController, FakeMachine
+
+TOKEN = "status-admin-token-987"
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("127.0.0.1:9091", "http://127.0.0.1:9091"),
+        ("0.0.0.0:9091", "http://127.0.0.1:9091"),
+        ("[::]:9091", "http://[::1]:9091"),
+        ("[::1]:9000", "http://[::1]:9000"),
+        ("http://localhost:9091/", "http://localhost:9091"),
+    ],
+)
+def test_admin_url(listen: str, url: str) -> None:
+    assert admin_url(listen) == url
+
+
+@pytest.mark.parametrize(
+    ("age", "text"),
+    [
+        (None, "never"),
+        (0.25, "0.2s ago"),
+        (59.9, "59.9s ago"),
+        (61, "1m01s ago"),
+        (7322, "2h02m ago"),
+    ],
+)
+def test_ago(age: float | None, text: str) -> None:
+    assert ago(age) == text
+
+
+def test_render_a_table() -> None:
+    doc = {
+        "version": "1.0",
+        "ready": False,
+        "control_loop": True,
+        "last_tick_age_s": 0.4,
+        "apps": [
+            {
+                "app": "demo",
+                "desired": 2,
+                "started": 1,
+                "panic": True,
+                "last_reason": "panic: demand 30 over 2x capacity",
+                "last_decision_age_s": 1.5,
+                "last_tick_age_s": 0.4,
+                "last_error": "API 503",
+                "machines": [
+                    {"id": "m-long-id-1", "state": "started", "cordoned": False,
+                     "in_flight": 12, "last_used_age_s": 0.1},
+                    {"id": "m2", "state": "suspended", "cordoned": True,
+                     "in_flight": 0, "last_used_age_s": None},
+                ],
+            },
+            {"app": "idle", "desired": 0, "started": 0, "panic": False, "last_reason": "",
+             "last_decision_age_s": None, "last_tick_age_s": None, "last_error": None,
+             "machines": []},
+        ],
+    }  # fmt: skip
+    assert render(doc) == [
+        "autoscaler 1.0: NOT READY, control loop ticked 0.4s ago",
+        "",
+        "demo: desired 2, started 1, panic yes, decided 1.5s ago",
+        "  why: panic: demand 30 over 2x capacity",
+        "  last error: API 503",
+        "  MACHINE      STATE      CORDONED  IN FLIGHT  LAST USED",
+        "  m-long-id-1  started    no        12         0.1s ago",
+        "  m2           suspended  yes       0          never",
+        "",
+        "idle: desired 0, started 0, panic no, decided never",
+        "  (no machines)",
+    ]
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[str]:
+    clock = FakeClock()
+    provider = FakeController(
+        apps=[
+            FakeAppStatus(
+                app="demo",
+                desired=1,
+                last_reason="demand 3.0 needs 1 machine",
+                last_decision_at=clock.now - 2,
+                last_tick_at=clock.now,
+                machines=[FakeMachine("m1", "started", in_flight=1, last_used=clock.now)],
+            )
+        ],
+        last_tick_at=clock.now,
+    )
+    settings = AdminSettings(token=SecretStr(TOKEN))
+    server = AdminServer(settings, Metrics(CollectorRegistry()), provider, clock=clock)
+    await server.start(host="127.0.0.1", port=0)
+    try:
+        yield f"http://127.0.0.1:{server.address[1]}"
+    finally:
+        await server.stop()
+
+
+def write_config(tmp_path: Path, token: str | None) -> str:
+    path = tmp_path / "autoscaler.yaml"
+    admin = f"admin:\n  token: {token}\n" if token else ""
+    path.write_text(admin)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AUTOSCALER_ADMIN__TOKEN", "AUTOSCALER_ADMIN__LISTEN", "AUTOSCALER_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def test_status_prints_the_table(admin: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path, TOKEN)
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(run_status, admin, config, out=out, err=err)
+    assert code == 0, err.getvalue()
+    text = out.getvalue()
+    assert "demo: desired 1, started 1, panic no, decided 2.0s ago" in text
+    assert "  why: demand 3.0 needs 1 machine" in text
+    assert "  m1       started  no        1          0.0s ago" in text
+    assert TOKEN not in text
+
+
+async def test_status_json(admin: str, tmp_path: Path) -> None:
+    out = io.StringIO()
+    config = write_config(tmp_path, TOKEN)
+    code = await asyncio.to_thread(run_status, admin, config, as_json=True, out=out)
+    assert code == 0
+    assert json.loads(out.getvalue())["apps"][0]["app"] == "demo"
+
+
+async def test_token_from_the_environment(
+    admin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOSCALER_ADMIN__TOKEN", TOKEN)
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(
+        run_status, admin, write_config(tmp_path, None), out=out, err=err
+    )
+    assert code == 0, err.getvalue()
+
+
+async def test_missing_token_is_a_clear_error(admin: str, tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(
+        run_status, admin, write_config(tmp_path, None), out=out, err=err
+    )
+    assert code == 1
+    assert "HTTP 401 (set admin.token or AUTOSCALER_ADMIN__TOKEN)" in err.getvalue()
+    assert out.getvalue() == ""
+
+
+async def test_unreachable_admin(tmp_path: Path) -> None:
+    server = AdminServer(AdminSettings(), Metrics(CollectorRegistry()))
+    await server.start(host="127.0.0.1", port=0)
+    url = f"http://127.0.0.1:{server.address[1]}"
+    await server.stop()  # nothing listens there now
+    err = io.StringIO()
+    code = await asyncio.to_thread(run_status, url, write_config(tmp_path, None), err=err)
+    assert code == 1
+    assert "cannot connect" in err.getvalue()
+
+
+def test_config_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("admin:\n  tokn: x\n")
+    assert main(["status", "--config", str(path)]) == 2
+    assert "admin.tokn: unknown key (did you mean 'token'?)" in capsys.readouterr().err
+
+
+async def test_cli_entry(admin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, TOKEN)
+    argv = ["status", "--admin", admin.removeprefix("http://"), "--config", config]
+    code = await asyncio.to_thread(main, argv)
+    assert code == 0
+    assert "demo: desired 1" in capsys.readouterr().out
