@@ -20,6 +20,7 @@ STOPPING = "stopping"
 SUSPENDING = "suspending"
 DESTROYING = "destroying"
 DESTROYED = "destroyed"
+RESTARTING = "restarting"
 
 RESTING_STATES = frozenset({CREATED, STARTED, STOPPED, SUSPENDED, FAILED})
 MOVING_STATES = frozenset(
@@ -27,7 +28,7 @@ MOVING_STATES = frozenset(
         "creating",
         STARTING,
         STOPPING,
-        "restarting",
+        RESTARTING,
         SUSPENDING,
         DESTROYING,
         "updating",
@@ -38,6 +39,11 @@ MOVING_STATES = frozenset(
 FINAL_STATES = frozenset({DESTROYED, "replaced", "migrated"})
 # States the autoscaler may wake a machine from.
 WAKEABLE_STATES = frozenset({SUSPENDED, STOPPED})
+# Moving states that end in "started": such a machine counts as capacity already, so the
+# policy does not start a second one for the same demand.
+COMING_UP_STATES = frozenset({STARTING, RESTARTING})
+# Moving states that end in "stopped" or "suspended".
+GOING_DOWN_STATES = frozenset({STOPPING, SUSPENDING})
 
 # Metadata key that marks a cordon as ours, so we never undo someone else's.
 CORDON_METADATA_KEY = "fly_autoscaler_cordon"
@@ -64,10 +70,21 @@ class MachineSnapshot:
     """When it last became started; None if not started."""
     state_since: float | None = None
     """When it entered its current state, where known."""
+    pending: str | None = None
+    """The kind of our action in flight on it (an ``Action.kind``), if any.
+
+    Lets the policy count a machine being started or resumed as capacity before the API
+    says so (and one being drained as going), so it never starts two for one need.
+    """
+
+    @property
+    def cordoned_by_others(self) -> bool:
+        """Cordoned, and not by us: never routed to, never uncordoned, never removed by us."""
+        return self.cordoned and not (self.cordoned_by_us or self.draining)
 
     @property
     def routable(self) -> bool:
-        return self.state == STARTED and not self.cordoned
+        return self.state == STARTED and not self.cordoned and not self.draining
 
 
 @dataclass(frozen=True, slots=True)

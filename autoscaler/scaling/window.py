@@ -3,12 +3,16 @@
 The proxy moves a :class:`ConcurrencyMeter` up and down as requests start and end (queued
 requests count as demand too); the controller (or the simulator) ``take``s a sample per
 tick. A sample is the exact average concurrency since the previous one, so a burst shorter
-than a tick is not lost, and its peak.
+than a tick is not lost, and its peak. :class:`LoadWindows` keeps recent samples and
+averages them over the policy's stable and panic windows.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+
+from autoscaler.config import AppConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +62,65 @@ class ConcurrencyMeter:
         self._since = now
         self._peak = self.level
         return sample
+
+
+class LoadWindows:
+    """Recent samples, averaged over the stable and the panic window.
+
+    Pure and mutable: the caller ``add``s each sample it takes from the meter and asks for
+    averages at ``now``. An average is time-weighted over the part of the window that
+    samples cover: a window that is only partly covered (just after start-up) averages what
+    is known rather than counting the unknown past as idle, and a window with no samples
+    at all reads 0.
+    """
+
+    __slots__ = ("_horizon", "_samples", "last_active", "panic_window_s", "stable_window_s")
+
+    def __init__(self, stable_window_s: float, panic_window_s: float) -> None:
+        if stable_window_s <= 0 or panic_window_s <= 0:
+            raise ValueError("windows must be longer than 0 seconds")
+        self.stable_window_s = stable_window_s
+        self.panic_window_s = panic_window_s
+        self._horizon = max(stable_window_s, panic_window_s)
+        self._samples: deque[Sample] = deque()
+        self.last_active: float | None = None
+        """End of the latest sample during which any request was in flight or held.
+
+        A request that is still running is activity even though it arrived long ago, so
+        idle-to-zero must not count from its arrival alone.
+        """
+
+    @classmethod
+    def for_app(cls, app: AppConfig) -> LoadWindows:
+        return cls(app.stable_window_s, app.panic_window_s)
+
+    def add(self, sample: Sample) -> None:
+        busy = sample.peak > 0 or sample.average > 0
+        if busy and (self.last_active is None or sample.end > self.last_active):
+            self.last_active = sample.end
+        if sample.end <= sample.start:
+            return  # an empty span carries no load; its peak is recorded above
+        self._samples.append(sample)
+        cutoff = sample.end - self._horizon
+        while self._samples and self._samples[0].end <= cutoff:
+            self._samples.popleft()
+
+    def average(self, window_s: float, now: float) -> float:
+        """Time-weighted average concurrency over ``[now - window_s, now]``."""
+        lo = now - window_s
+        area = covered = 0.0
+        for s in self._samples:
+            overlap = min(s.end, now) - max(s.start, lo)
+            if overlap > 0:
+                area += s.average * overlap
+                covered += overlap
+        return area / covered if covered > 0 else 0.0
+
+    def stable(self, now: float) -> float:
+        return self.average(self.stable_window_s, now)
+
+    def panic(self, now: float) -> float:
+        return self.average(self.panic_window_s, now)
+
+    def __len__(self) -> int:
+        return len(self._samples)

@@ -1,0 +1,382 @@
+"""The scaling policy: how many machines an app should have started, and which ones.
+
+Pure: ``decide`` is a function of (fleet snapshot, load windows, knobs, now, previous
+state). It reads no clock and does no I/O, so the controller, the table tests and the trace
+simulator all run the very same code. docs/policy.md explains every knob.
+
+Definitions used throughout (Knative's KPA, adapted to machines):
+
+- unit = target_concurrency * target_utilization: the load one machine is planned for.
+- up: machines counted as capacity: started, uncordoned and not being drained, plus
+  machines on their way to started (``starting``/``restarting``, or one of our start,
+  resume or uncordon actions in flight). Counting those stops a second start for one need.
+- ready: up machines that serve now (started and routable). capacity = max(1, ready) * unit.
+- panic is entered when the panic-window average reaches panic_threshold * capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from autoscaler.config import AppConfig
+from autoscaler.scaling.fleet import (
+    COMING_UP_STATES,
+    GOING_DOWN_STATES,
+    STARTED,
+    STOPPED,
+    SUSPENDED,
+    Fleet,
+    MachineSnapshot,
+)
+from autoscaler.scaling.window import LoadWindows
+
+ActionKind = Literal["resume", "start", "uncordon", "drain", "stop"]
+
+_UP_PENDING = frozenset({"start", "resume", "uncordon"})
+_DOWN_PENDING = frozenset({"drain", "stop"})
+# ceil() of a float that is an integer plus rounding noise must not add a machine.
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One thing for the controller to do to one machine.
+
+    drain = cordon (API + view) -> wait for in-flight 0 or drain_timeout_s ->
+    policy.scale_down_action (suspend|stop) -> uncordon in the API. uncordon = take back a
+    machine we are draining (or lift a cordon of ours left on a stopped or suspended
+    machine). stop = a suspended machine past stop_suspended_after_s.
+    """
+
+    kind: ActionKind
+    machine_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """What one ``decide`` hands to the next; ``PolicyState()`` is the initial state."""
+
+    born: float | None = None
+    """``now`` of the first decision: idleness is never counted from before it."""
+    panic_since: float | None = None
+    last_trigger: float | None = None
+    """Last time the panic condition held (panic ends a stable window after it)."""
+    panic_desired: int = 0
+    """Highest desired count of this panic: panic never scales down."""
+    lower_since: float | None = None
+    """Since when demand has wanted fewer machines than are up (None: it does not)."""
+    lower_history: tuple[tuple[float, int], ...] = ()
+    """(time, wanted) during the current lower streak, within scale_down_delay_s: a scale
+    down goes only to the highest count wanted during the delay."""
+
+    @property
+    def panic(self) -> bool:
+        return self.panic_since is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    desired: int
+    """Started machines wanted (within [min_machines, max_machines])."""
+    panic: bool
+    actions: tuple[Action, ...]
+    reason: str
+    """One human line: why. Logged per decision and shown on /status."""
+    shortfall: int
+    """Machines the app lacks to reach ``desired`` (creating machines is out of scope)."""
+    state: PolicyState
+    current: int = 0
+    """Machines counted as up (see the module docstring)."""
+    stable_load: float = 0.0
+    panic_load: float = 0.0
+
+
+@dataclass(slots=True)
+class _Groups:
+    """The fleet sorted into what the policy may do with each machine."""
+
+    serving: list[MachineSnapshot] = field(default_factory=list)
+    coming: list[MachineSnapshot] = field(default_factory=list)
+    draining: list[MachineSnapshot] = field(default_factory=list)
+    """Started and cordoned by us: being drained, or a drain left behind by a restart."""
+    suspended: list[MachineSnapshot] = field(default_factory=list)
+    stopped: list[MachineSnapshot] = field(default_factory=list)
+    going: list[MachineSnapshot] = field(default_factory=list)
+    foreign: list[MachineSnapshot] = field(default_factory=list)
+    other: list[MachineSnapshot] = field(default_factory=list)
+    """States we do not drive (failed, created, updating, replacing, destroying, ...)."""
+
+    @classmethod
+    def of(cls, machines: Iterable[MachineSnapshot]) -> _Groups:
+        g = cls()
+        for m in machines:
+            if m.cordoned_by_others:
+                g.foreign.append(m)
+            elif m.pending in _UP_PENDING:
+                g.coming.append(m)
+            elif m.pending in _DOWN_PENDING or m.state in GOING_DOWN_STATES:
+                g.going.append(m)
+            elif m.state == STARTED:
+                (g.draining if m.cordoned or m.draining else g.serving).append(m)
+            elif m.state in COMING_UP_STATES:
+                g.coming.append(m)
+            elif m.state == SUSPENDED:
+                g.suspended.append(m)
+            elif m.state == STOPPED:
+                g.stopped.append(m)
+            else:
+                g.other.append(m)
+        return g
+
+    @property
+    def up(self) -> int:
+        return len(self.serving) + len(self.coming)
+
+    @property
+    def pool(self) -> int:
+        """Machines that serve, or could serve once we (or time) act on them."""
+        return (self.up + len(self.draining) + len(self.suspended) + len(self.stopped)) + len(
+            self.going
+        )
+
+
+def _recency(m: MachineSnapshot) -> tuple[float, float, str]:
+    """Sort key: most recently used first (never used last), then most recent state."""
+    used = m.last_used if m.last_used is not None else -math.inf
+    since = m.state_since if m.state_since is not None else -math.inf
+    return (-used, -since, m.id)
+
+
+def _wake_candidates(g: _Groups) -> list[tuple[ActionKind, MachineSnapshot]]:
+    """Rule 2, in order: take back a drain, then resume, then start; freshest first.
+
+    Busy machines are left alone; a stopped or suspended machine still carrying a cordon
+    of ours is skipped (it gets its cordon lifted first, or it would start unroutable).
+    """
+    out: list[tuple[ActionKind, MachineSnapshot]] = []
+    tiers: tuple[tuple[ActionKind, list[MachineSnapshot]], ...] = (
+        ("uncordon", g.draining),
+        ("resume", g.suspended),
+        ("start", g.stopped),
+    )
+    for kind, machines in tiers:
+        ok = [m for m in machines if not m.busy and (kind == "uncordon" or not m.cordoned)]
+        out.extend((kind, m) for m in sorted(ok, key=_recency))
+    return out
+
+
+def choose_wake(fleet: Fleet) -> Action | None:
+    """The machine a wake should use (rule 2), or None if none can be woken now.
+
+    It does not look at routable or starting machines: the caller decides whether a wake
+    is needed at all.
+    """
+    candidates = _wake_candidates(_Groups.of(fleet))
+    if not candidates:
+        return None
+    kind, m = candidates[0]
+    return Action(kind, m.id, f"wake: {_WAKE_WHY[kind]}")
+
+
+_WAKE_WHY: dict[str, str] = {
+    "uncordon": "take back a machine being drained",
+    "resume": "resume a suspended machine",
+    "start": "start a stopped machine",
+}
+
+
+def _removal_key(m: MachineSnapshot) -> tuple[int, float, str]:
+    # Fewest requests in flight, then longest idle (never used counts as idlest).
+    used = m.last_used if m.last_used is not None else -math.inf
+    return (m.in_flight, used, m.id)
+
+
+def _want(load: float, unit: float) -> int:
+    return max(0, math.ceil(load / unit - _EPSILON))
+
+
+def _clamp(n: int, low: int, high: int) -> int:
+    return max(low, min(high, n))
+
+
+def decide(
+    fleet: Fleet,
+    load: LoadWindows,
+    policy: AppConfig,
+    now: float,
+    state: PolicyState,
+    last_request_at: float | None,
+) -> Decision:
+    """One tick of the policy; see docs/policy.md for each rule and knob."""
+    born = state.born if state.born is not None else now
+    g = _Groups.of(fleet)
+    up, ready = g.up, len(g.serving)
+    unit = policy.target_concurrency * policy.target_utilization
+    stable = load.average(policy.stable_window_s, now)
+    burst = load.average(policy.panic_window_s, now)
+    capacity = max(1, ready) * unit
+    high = policy.max_machines
+
+    # Idle: no request arrived, none was in flight during the latest sample, none is in
+    # flight now, and we have watched for at least idle_to_zero_s.
+    active = [t for t in (last_request_at, load.last_active, born) if t is not None]
+    if fleet.in_flight > 0:
+        active.append(now)
+    idle_for = now - max(active)
+    idle = idle_for >= policy.idle_to_zero_s
+    low = min(high, policy.min_machines if idle else max(policy.min_machines, 1))
+
+    # Panic bookkeeping.
+    triggered = burst >= policy.panic_threshold * capacity
+    panic_since, last_trigger, panic_desired = state.panic_since, state.last_trigger, 0
+    why: list[str] = []
+    if triggered:
+        if panic_since is None:
+            panic_since = now
+            why.append(
+                f"enter panic ({policy.panic_window_s:g}s avg {burst:.1f} >= "
+                f"{policy.panic_threshold:g} x capacity {capacity:.1f})"
+            )
+        last_trigger = now
+    elif panic_since is not None and (
+        last_trigger is None or now - last_trigger >= policy.stable_window_s
+    ):
+        why.append(f"leave panic (no trigger for {policy.stable_window_s:g}s)")
+        panic_since = last_trigger = None
+    in_panic = panic_since is not None
+
+    lower_since: float | None = None
+    history: tuple[tuple[float, int], ...] = ()
+    remove = 0
+    if in_panic:
+        # Scale on the panic window, and never below what this panic has had or wanted.
+        prior = state.panic_desired if state.panic else 0
+        desired = _clamp(max(_want(burst, unit), prior, up), low, high)
+        panic_desired = desired
+        if desired > up:
+            why.append(f"scale up {up}->{desired} on {policy.panic_window_s:g}s avg {burst:.1f}")
+        else:
+            why.append(f"panic: hold {up} ({policy.panic_window_s:g}s avg {burst:.1f})")
+    else:
+        wanted = _clamp(_want(stable, unit), low, high)
+        if wanted >= up:
+            desired = wanted
+            if wanted > up:
+                why.append(
+                    f"scale up {up}->{wanted} on {policy.stable_window_s:g}s avg {stable:.1f}"
+                )
+            else:
+                why.append(f"steady at {up} ({policy.stable_window_s:g}s avg {stable:.1f})")
+        else:
+            lower_since = state.lower_since if state.lower_since is not None else now
+            cutoff = now - policy.scale_down_delay_s
+            history = (*(h for h in state.lower_history if h[0] > cutoff), (now, wanted))
+            lasted = now - lower_since
+            if idle:
+                desired = wanted
+                why.append(
+                    f"idle {idle_for:.0f}s >= {policy.idle_to_zero_s:g}s: scale down {up}->{wanted}"
+                )
+            elif (
+                lasted >= policy.scale_down_delay_s
+                and (target := min(up, max(h[1] for h in history))) < up
+            ):
+                # Only to the most that demand wanted during the delay.
+                desired = target
+                why.append(
+                    f"scale down {up}->{desired} (lower demand for {lasted:.0f}s, "
+                    f"{policy.stable_window_s:g}s avg {stable:.1f})"
+                )
+            else:
+                desired = _clamp(up, low, high)
+                why.append(
+                    f"hold {up}: demand wants {wanted} for {lasted:.0f}s of "
+                    f"{policy.scale_down_delay_s:g}s ({policy.stable_window_s:g}s avg {stable:.1f})"
+                )
+            if desired < up:
+                remove = min(policy.scale_down_step, up - desired)
+
+    actions: list[Action] = []
+    touched: set[str] = set()
+
+    def act(kind: ActionKind, m: MachineSnapshot, reason: str) -> None:
+        actions.append(Action(kind, m.id, reason))
+        touched.add(m.id)
+
+    # Scale up: take back, resume, start (rule 2).
+    need = max(0, desired - up)
+    for kind, m in _wake_candidates(g)[:need]:
+        act(kind, m, f"scale up to {desired}: {_WAKE_WHY[kind]}")
+    shortfall = max(0, desired - g.pool)
+
+    # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s.
+    if remove:
+
+        def old_enough(m: MachineSnapshot) -> bool:
+            return m.started_at is None or now - m.started_at >= policy.min_lifetime_s
+
+        eligible = sorted((m for m in g.serving if not m.busy and old_enough(m)), key=_removal_key)
+        for m in eligible[:remove]:
+            act("drain", m, f"scale down to {desired}: {m.in_flight} in flight")
+        if len(eligible) < remove:
+            why.append(f"{remove - len(eligible)} removal(s) wait (busy or under min_lifetime)")
+
+    # Housekeeping of our own cordons, and the stop tier. None of it in panic: a drain
+    # left behind waits (it may be taken back), and suspended machines stay a fast reserve.
+    if not in_panic:
+        for m in g.draining:
+            if m.id not in touched and not m.busy and not m.draining:
+                act("drain", m, "finish a drain left behind")
+        for m in (*g.suspended, *g.stopped):
+            if m.id not in touched and not m.busy and m.cordoned:
+                act("uncordon", m, f"lift our cordon left on a {m.state} machine")
+        limit = policy.stop_suspended_after_s
+        if limit is not None:
+            for m in g.suspended:
+                if (
+                    m.id not in touched
+                    and not m.busy
+                    and m.state_since is not None
+                    and now - m.state_since >= limit
+                ):
+                    act("stop", m, f"suspended {now - m.state_since:.0f}s >= {limit:g}s")
+
+    if shortfall:
+        why.append(f"short of {shortfall} machine(s)")
+    if actions:
+        why.append(_summary(actions))
+    reason = f"{'panic' if in_panic else 'normal'}: " + "; ".join(why)
+    new_state = PolicyState(
+        born=born,
+        panic_since=panic_since,
+        last_trigger=last_trigger,
+        panic_desired=panic_desired,
+        lower_since=lower_since,
+        lower_history=history,
+    )
+    return Decision(
+        desired=desired,
+        panic=in_panic,
+        actions=tuple(actions),
+        reason=reason,
+        shortfall=shortfall,
+        state=new_state,
+        current=up,
+        stable_load=stable,
+        panic_load=burst,
+    )
+
+
+def _summary(actions: Iterable[Action]) -> str:
+    by_kind: dict[str, list[str]] = {}
+    for a in actions:
+        by_kind.setdefault(a.kind, []).append(a.machine_id)
+    return ", ".join(f"{kind} {' '.join(ids)}" for kind, ids in by_kind.items())
+
+
+# Kept callable-typed for the simulator's baselines, which swap in other deciders.
+Decider = Callable[[Fleet, LoadWindows, AppConfig, float, PolicyState, float | None], Decision]
