@@ -536,6 +536,10 @@ class MachinesClient:
                 payload = await self._send(call)
             except WaitTimeout as exc:
                 now = self._clock()
+                if now < deadline and now - t0 < per_call / 2:
+                    # A 408 that came back early must not turn this loop into a busy spin.
+                    await self._sleep(min(1.0, deadline - now))
+                    now = self._clock()
                 if now >= deadline:
                     raise WaitTimeout(
                         408,
@@ -544,9 +548,6 @@ class MachinesClient:
                         exc.request_id,
                         operation="wait_for_machine_state",
                     ) from None
-                if now - t0 < per_call / 2:
-                    # A 408 that came back early must not turn this loop into a busy spin.
-                    await self._sleep(min(1.0, deadline - now))
                 continue
             except NotFound:
                 if "destroyed" in states.split(","):

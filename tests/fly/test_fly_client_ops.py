@@ -1,0 +1,507 @@
+"""Every one of the 27 operations against httpx.MockTransport: the request it sends
+(method, path, query, body) and how it reads the answer, in both the seed's and the real
+API's shapes where they differ."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from flyfakes import TOKEN, FakeTime, Script, make_client
+
+from autoscaler.fly import models as m
+from autoscaler.fly.client import MachinesClient
+
+MACHINE = {
+    "id": "m1",
+    "name": "web-1",
+    "state": "started",
+    "region": "iad",
+    "instance_id": "01H",
+    "private_ip": "fdaa::3",
+    "created_at": "2024-05-01T10:00:00Z",
+    "config": {"image": "nginx", "services": [{"internal_port": 8080, "autostop": "suspend"}]},
+    "events": [{"type": "start"}],
+}
+VOLUME = {"id": "vol_1", "name": "data", "size_gb": 3, "region": "iad", "state": "created"}
+APP = {"id": "a1", "name": "web", "organization": {"slug": "personal"}}
+
+
+@dataclass
+class Case:
+    name: str
+    call: Callable[[MachinesClient], Awaitable[Any]]
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    reply: httpx.Response
+    check: Callable[[Any], bool]
+
+
+def ok(body: Any = None, status: int = 200) -> httpx.Response:
+    if body is None:
+        return httpx.Response(status)
+    return httpx.Response(status, json=body)
+
+
+CASES = [
+    Case(
+        "list_apps",
+        lambda c: c.list_apps(),
+        "GET",
+        "/v1/apps",
+        {"org_slug": "personal"},
+        None,
+        ok({"total_apps": 1, "apps": [APP]}),
+        lambda r: r.total_apps == 1 and r.apps[0].name == "web",
+    ),
+    Case(
+        "create_app",
+        lambda c: c.create_app("web", "acme", network="n1"),
+        "POST",
+        "/v1/apps",
+        {},
+        {"app_name": "web", "name": "web", "org_slug": "acme", "network": "n1"},
+        ok(APP, 201),
+        lambda r: isinstance(r, m.App) and r.id == "a1",
+    ),
+    Case(
+        "get_app",
+        lambda c: c.get_app("web"),
+        "GET",
+        "/v1/apps/web",
+        {},
+        None,
+        ok(APP),
+        lambda r: r.organization.slug == "personal",
+    ),
+    Case(
+        "delete_app",
+        lambda c: c.delete_app("web", force=True),
+        "DELETE",
+        "/v1/apps/web",
+        {"force": "true"},
+        None,
+        ok(None, 202),
+        lambda r: r is None,
+    ),
+    Case(
+        "list_machines",
+        lambda c: c.list_machines("web"),
+        "GET",
+        "/v1/apps/web/machines",
+        {},
+        None,
+        ok([MACHINE, {**MACHINE, "id": "m2", "state": "launch_failed"}]),
+        lambda r: [x.id for x in r] == ["m1", "m2"] and r[1].state == "launch_failed",
+    ),
+    Case(
+        "create_machine",
+        lambda c: c.create_machine(
+            "web", {"image": "nginx", "guest": {"cpus": 1}}, name="w", region="iad"
+        ),
+        "POST",
+        "/v1/apps/web/machines",
+        {},
+        {"config": {"image": "nginx", "guest": {"cpus": 1}}, "name": "w", "region": "iad"},
+        ok(MACHINE),
+        lambda r: r.id == "m1" and r.internal_port == 8080,
+    ),
+    Case(
+        "get_machine",
+        lambda c: c.get_machine("web", "m1"),
+        "GET",
+        "/v1/apps/web/machines/m1",
+        {},
+        None,
+        ok(MACHINE),
+        lambda r: r.state == "started" and r.model_extra["events"] == [{"type": "start"}],
+    ),
+    Case(
+        "update_machine",
+        lambda c: c.update_machine(
+            "web", "m1", m.MachineConfig(image="nginx:2", env={"A": "1"}), skip_launch=True
+        ),
+        "POST",
+        "/v1/apps/web/machines/m1",
+        {},
+        {"config": {"image": "nginx:2", "env": {"A": "1"}}, "skip_launch": True},
+        ok({**MACHINE, "instance_id": "01J"}),
+        lambda r: r.instance_id == "01J",
+    ),
+    Case(
+        "delete_machine",
+        lambda c: c.delete_machine("web", "m1", force=True),
+        "DELETE",
+        "/v1/apps/web/machines/m1",
+        {"force": "true"},
+        None,
+        ok(),
+        lambda r: r is None,
+    ),
+    Case(
+        "start_machine",
+        lambda c: c.start_machine("web", "m1"),
+        "POST",
+        "/v1/apps/web/machines/m1/start",
+        {},
+        None,
+        ok({"previous_state": "suspended"}),
+        lambda r: r.previous_state == "suspended",
+    ),
+    Case(
+        "stop_machine",
+        lambda c: c.stop_machine("web", "m1", signal="SIGTERM", timeout_s=30),
+        "POST",
+        "/v1/apps/web/machines/m1/stop",
+        {},
+        {"signal": "SIGTERM", "timeout": "30s"},
+        ok({"ok": True}),
+        lambda r: r is None,
+    ),
+    Case(
+        "suspend_machine",
+        lambda c: c.suspend_machine("web", "m1"),
+        "POST",
+        "/v1/apps/web/machines/m1/suspend",
+        {},
+        None,
+        ok(),
+        lambda r: r is None,
+    ),
+    Case(
+        "wait_for_machine_state",
+        lambda c: c.wait_for_machine_state("web", "m1", "suspended", 20, instance_id="01H"),
+        "GET",
+        "/v1/apps/web/machines/m1/wait",
+        {"state": "suspended", "timeout": "20", "instance_id": "01H"},
+        None,
+        ok({"ok": True, "state": "suspended", "version": "01H", "event_id": "e1"}),
+        lambda r: r.ok and r.state == "suspended" and r.event_id == "e1",
+    ),
+    Case(
+        "cordon_machine",
+        lambda c: c.cordon_machine("web", "m1"),
+        "POST",
+        "/v1/apps/web/machines/m1/cordon",
+        {},
+        None,
+        ok(),
+        lambda r: r is None,
+    ),
+    Case(
+        "uncordon_machine",
+        lambda c: c.uncordon_machine("web", "m1"),
+        "POST",
+        "/v1/apps/web/machines/m1/uncordon",
+        {},
+        None,
+        ok(),
+        lambda r: r is None,
+    ),
+    Case(
+        "get_machine_metadata",
+        lambda c: c.get_machine_metadata("web", "m1", "role"),
+        "GET",
+        "/v1/apps/web/machines/m1/metadata/role",
+        {},
+        None,
+        ok("primary"),
+        lambda r: r == "primary",
+    ),
+    Case(
+        "set_machine_metadata",
+        lambda c: c.set_machine_metadata("web", "m1", "role", "primary"),
+        "POST",
+        "/v1/apps/web/machines/m1/metadata/role",
+        {},
+        {"value": "primary"},
+        ok(None, 204),
+        lambda r: r is None,
+    ),
+    Case(
+        "delete_machine_metadata",
+        lambda c: c.delete_machine_metadata("web", "m1", "role"),
+        "DELETE",
+        "/v1/apps/web/machines/m1/metadata/role",
+        {},
+        None,
+        ok(None, 204),
+        lambda r: r is None,
+    ),
+    Case(
+        "list_volumes",
+        lambda c: c.list_volumes("web"),
+        "GET",
+        "/v1/apps/web/volumes",
+        {},
+        None,
+        ok([VOLUME]),
+        lambda r: r[0].id == "vol_1" and r[0].size_gb == 3,
+    ),
+    Case(
+        "create_volume",
+        lambda c: c.create_volume("web", "data", 3, "iad", encrypted=True, snapshot_retention=7),
+        "POST",
+        "/v1/apps/web/volumes",
+        {},
+        {"name": "data", "size_gb": 3, "region": "iad", "encrypted": True, "snapshot_retention": 7},
+        ok(VOLUME),
+        lambda r: r.name == "data",
+    ),
+    Case(
+        "get_volume",
+        lambda c: c.get_volume("web", "vol_1"),
+        "GET",
+        "/v1/apps/web/volumes/vol_1",
+        {},
+        None,
+        ok(VOLUME),
+        lambda r: r.region == "iad",
+    ),
+    Case(
+        "update_volume",
+        lambda c: c.update_volume("web", "vol_1", snapshot_retention=10),
+        "PUT",
+        "/v1/apps/web/volumes/vol_1",
+        {},
+        {"snapshot_retention": 10},
+        ok({**VOLUME, "snapshot_retention": 10}),
+        lambda r: r.snapshot_retention == 10,
+    ),
+    Case(
+        "delete_volume",
+        lambda c: c.delete_volume("web", "vol_1"),
+        "DELETE",
+        "/v1/apps/web/volumes/vol_1",
+        {},
+        None,
+        ok({**VOLUME, "state": "destroyed"}),
+        lambda r: r.state == "destroyed",
+    ),
+    Case(
+        "extend_volume",
+        lambda c: c.extend_volume("web", "vol_1", 5),
+        "PUT",
+        "/v1/apps/web/volumes/vol_1/extend",
+        {},
+        {"size_gb": 5},
+        ok({**VOLUME, "size_gb": 5}),
+        lambda r: r.size_gb == 5,
+    ),
+    Case(
+        "list_volume_snapshots",
+        lambda c: c.list_volume_snapshots("web", "vol_1"),
+        "GET",
+        "/v1/apps/web/volumes/vol_1/snapshots",
+        {},
+        None,
+        ok([{"id": "s1", "size": 1024, "status": "created", "retention_days": 5}]),
+        lambda r: r[0].size == 1024 and r[0].model_extra["retention_days"] == 5,
+    ),
+    Case(
+        "create_volume_snapshot",
+        lambda c: c.create_volume_snapshot("web", "vol_1"),
+        "POST",
+        "/v1/apps/web/volumes/vol_1/snapshots",
+        {},
+        None,
+        ok(),
+        lambda r: r is None,
+    ),
+    Case(
+        "get_oidc_token",
+        lambda c: c.get_oidc_token(aud="https://fly.io/acme"),
+        "POST",
+        "/v1/tokens/oidc",
+        {},
+        {"aud": "https://fly.io/acme"},
+        ok("eyJhbGciOi.jwt.sig"),
+        lambda r: r == "eyJhbGciOi.jwt.sig",
+    ),
+]
+
+
+def test_the_table_covers_all_27_operations() -> None:
+    assert len({c.name for c in CASES}) == 27
+    for case in CASES:
+        assert callable(getattr(MachinesClient, case.name)), case.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+async def test_operation_request_and_response(case: Case) -> None:
+    script = Script([case.reply])
+    async with make_client(script) as api:
+        result = await case.call(api)
+    assert len(script.requests) == 1
+    req = script.last
+    assert req.method == case.method
+    assert req.url.path == case.path
+    assert dict(req.url.params) == case.query
+    assert script.body() == case.body
+    assert req.headers["authorization"] == f"Bearer {TOKEN}"
+    assert case.check(result), result
+
+
+# -- the real API's shapes, where they differ from the seed -------------------------------
+
+
+async def test_create_app_without_a_body_in_the_answer() -> None:
+    script = Script([ok(None, 201)])
+    async with make_client(script, org_slug="acme") as api:
+        app = await api.create_app("web")
+    assert app.name == "web"
+    assert app.organization
+    assert app.organization.slug == "acme"
+    assert script.body()["org_slug"] == "acme"
+
+
+async def test_metadata_reads_the_real_value_object() -> None:
+    script = Script([ok({"value": "primary"})])
+    async with make_client(script) as api:
+        assert await api.get_machine_metadata("web", "m1", "role") == "primary"
+
+
+async def test_extend_volume_reads_the_real_wrapped_answer() -> None:
+    script = Script([ok({"needs_restart": True, "volume": {**VOLUME, "size_gb": 9}})])
+    async with make_client(script) as api:
+        volume = await api.extend_volume("web", "vol_1", 9)
+    assert volume.size_gb == 9
+    assert volume.model_extra
+    assert volume.model_extra["needs_restart"] is True
+
+
+async def test_oidc_token_as_plain_text() -> None:
+    script = Script([httpx.Response(200, text="eyJ.a.b\n")])
+    async with make_client(script) as api:
+        assert await api.get_oidc_token() == "eyJ.a.b"
+    assert script.body() == {}
+
+
+async def test_start_without_a_body_and_stop_without_options() -> None:
+    script = Script([ok(), ok()])
+    async with make_client(script) as api:
+        result = await api.start_machine("web", "m1")
+        await api.stop_machine("web", "m1")
+    assert result.previous_state is None
+    assert script.requests[1].content == b""
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(30, "30s"), (0, "0s"), (1.5, "1500ms")])
+async def test_stop_timeout_is_a_duration_string(seconds: float, text: str) -> None:
+    script = Script([ok()])
+    async with make_client(script) as api:
+        await api.stop_machine("web", "m1", timeout_s=seconds)
+    assert script.body() == {"timeout": text}
+
+
+async def test_delete_without_force_sends_no_query() -> None:
+    script = Script([ok(), ok(None, 202)])
+    async with make_client(script) as api:
+        await api.delete_machine("web", "m1")
+        await api.delete_app("web")
+    assert [dict(r.url.params) for r in script.requests] == [{}, {}]
+
+
+async def test_path_segments_are_escaped() -> None:
+    script = Script([ok("v")])
+    async with make_client(script) as api:
+        await api.get_machine_metadata("web", "m1", "a/b c")
+    assert script.last.url.raw_path == b"/v1/apps/web/machines/m1/metadata/a%2Fb%20c"
+
+
+@pytest.mark.parametrize(
+    "base", ["http://127.0.0.1:4280", "http://127.0.0.1:4280/", "http://127.0.0.1:4280/v1"]
+)
+async def test_base_url_with_or_without_v1(base: str) -> None:
+    script = Script([ok([])])
+    async with MachinesClient(base, TOKEN, transport=httpx.MockTransport(script)) as api:
+        await api.list_machines("web")
+    assert str(script.last.url) == "http://127.0.0.1:4280/v1/apps/web/machines"
+
+
+async def test_flyv1_macaroon_goes_as_it_is_and_no_token_sends_no_header() -> None:
+    script = Script([ok([])])
+    async with make_client(script, token="FlyV1 fm2_abc") as api:
+        await api.list_machines("web")
+    assert script.last.headers["authorization"] == "FlyV1 fm2_abc"
+    async with make_client(script, token=None) as api:
+        await api.list_machines("web")
+    assert "authorization" not in script.last.headers
+
+
+async def test_extra_fields_round_trip_through_update() -> None:
+    """A config read from a machine goes back unchanged, real-only fields included."""
+    real_config = {
+        "image": "nginx",
+        "services": [{"internal_port": 8080, "autostop": "suspend", "min_machines_running": 0}],
+        "stop_config": {"timeout": "10s"},
+        "restart": {"policy": "no"},
+    }
+    script = Script([ok({**MACHINE, "config": real_config}), ok(MACHINE)])
+    async with make_client(script) as api:
+        machine = await api.get_machine("web", "m1")
+        assert machine.config is not None
+        await api.update_machine("web", "m1", machine.config)
+    assert script.body()["config"] == real_config
+
+
+async def test_wait_defaults_and_several_states() -> None:
+    script = Script([ok(), ok()])
+    async with make_client(script) as api:
+        first = await api.wait("web", "m1")
+        second = await api.wait_for_machine_state("web", "m1", ["stopped", "suspended"], 5)
+    assert dict(script.requests[0].url.params) == {"state": "started", "timeout": "60"}
+    assert dict(script.requests[1].url.params) == {"state": "stopped,suspended", "timeout": "5"}
+    assert first.state == "started"
+    assert second.state == "stopped"
+
+
+async def test_from_settings_uses_the_fly_section() -> None:
+    from autoscaler.config import FlySettings
+
+    fly = FlySettings(api_url="http://127.0.0.1:9/v1", token=TOKEN, org_slug="acme")
+    script = Script([ok({"apps": []})])
+    api = MachinesClient.from_settings(fly, transport=httpx.MockTransport(script))
+    async with api:
+        await api.list_apps()
+    assert script.last.url.params["org_slug"] == "acme"
+    assert str(script.last.url).startswith("http://127.0.0.1:9/v1/apps")
+    with pytest.raises(ValueError, match="api_url"):
+        MachinesClient.from_settings(FlySettings())
+
+
+async def test_observer_sees_every_attempt() -> None:
+    seen: list[tuple[str, int | None, float]] = []
+    fake = FakeTime()
+    script = Script([ok(None, 503), ok([])])
+    async with make_client(script, fake, observer=lambda *a: seen.append(a)) as api:
+        await api.list_machines("web")
+    assert [(op, status) for op, status, _ in seen] == [
+        ("list_machines", 503),
+        ("list_machines", 200),
+    ]
+
+
+async def test_a_failing_observer_does_not_break_the_call() -> None:
+    def boom(op: str, status: int | None, duration: float) -> None:
+        raise RuntimeError("metrics bug")
+
+    script = Script([ok([])])
+    async with make_client(script, observer=boom) as api:
+        assert await api.list_machines("web") == []
+
+
+async def test_unexpected_body_is_a_fly_error() -> None:
+    from autoscaler.fly.errors import FlyError
+
+    script = Script([ok({"not": "a list"}), ok({"name": "no id"})])
+    async with make_client(script) as api:
+        with pytest.raises(FlyError, match="expected a JSON array"):
+            await api.list_machines("web")
+        with pytest.raises(FlyError, match="unexpected response body: id"):
+            await api.get_machine("web", "m1")

@@ -1,0 +1,94 @@
+"""The token never appears in a log line, a repr, a str or an exception text."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import httpx
+import pytest
+import structlog
+from flyfakes import TOKEN, FakeTime, Script, make_client
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from autoscaler import logs
+from autoscaler.fly.client import MachinesClient
+from autoscaler.fly.errors import FlyError
+
+
+def echo_everything(request: httpx.Request) -> httpx.Response:
+    """A hostile server that puts the Authorization header in its error body and headers."""
+    auth = request.headers.get("authorization", "")
+    return httpx.Response(
+        401,
+        json={"error": f"bad credentials: {auth}", "status": "unauthorized"},
+        headers={"fly-request-id": "req-1", "x-echo": auth},
+    )
+
+
+async def exercise(api: MachinesClient) -> list[str]:
+    """Call a few operations that fail in different ways; return every text they produced."""
+    texts: list[str] = [repr(api), str(api)]
+    for call in (
+        lambda: api.get_machine("web", "m1"),
+        lambda: api.start_machine("web", "m1"),
+        lambda: api.create_machine("web", {"image": "x"}),
+        lambda: api.list_apps(),
+        lambda: api.wait("web", "m1", timeout_s=3),
+    ):
+        with pytest.raises(FlyError) as info:
+            await call()
+        err = info.value
+        texts += [str(err), repr(err), err.message, str(err.args), repr(err.__cause__)]
+    return texts
+
+
+@pytest.mark.parametrize("token", [TOKEN, SecretStr(TOKEN)], ids=["str", "SecretStr"])
+async def test_token_absent_from_errors_and_captured_logs(token: str | SecretStr) -> None:
+    fake = FakeTime()
+    # Four calls answered 401 with the token echoed, then a wait that cannot connect.
+    script = Script([echo_everything] * 4 + [httpx.ConnectError(f"refused {TOKEN}")])
+    with capture_logs() as captured:
+        async with MachinesClient(
+            "http://127.0.0.1:4280",
+            token,
+            transport=httpx.MockTransport(script),
+            sleep=fake.sleep,
+            clock=fake.clock,
+            max_retries=1,
+        ) as api:
+            texts = await exercise(api)
+    assert script.requests[0].headers["authorization"] == f"Bearer {TOKEN}"  # it was sent
+    assert captured, "the client logged nothing: the search below would prove nothing"
+    assert any(e.get("event") == "fly_api" and e.get("status") == 401 for e in captured)
+    everything = "\n".join(texts) + "\n" + repr(captured)
+    assert TOKEN not in everything
+    assert "[REDACTED]" in everything  # the echoed token was found and scrubbed
+
+
+async def test_token_absent_from_rendered_output() -> None:
+    """Through the real structlog pipeline (JSON renderer) and at debug level."""
+    stream = io.StringIO()
+    logs.configure(level="debug", fmt="json", stream=stream)
+    try:
+        script = Script([httpx.Response(200, json=[]), echo_everything])
+        async with make_client(script, FakeTime(), max_retries=0) as api:
+            await api.list_machines("web")
+            with pytest.raises(FlyError):
+                await api.get_machine("web", "m1")
+            logging.getLogger("httpx").debug("probe %s", "line")  # stdlib loggers too
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    output = stream.getvalue()
+    assert '"fly_api"' in output
+    assert '"list_machines"' in output
+    assert TOKEN not in output
+
+
+def test_client_repr_has_no_token() -> None:
+    api = MachinesClient("http://127.0.0.1:4280", TOKEN)
+    assert TOKEN not in repr(api)
+    assert TOKEN not in str(api)
+    assert TOKEN not in repr(api._http)

@@ -1,0 +1,211 @@
+"""Retries with a fake sleep: backoff with full jitter, Retry-After, attempt and deadline
+bounds, which operations retry what; and the wait loop over 60 s calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+from flyfakes import FakeTime, Script, make_client
+
+from autoscaler.fly.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    RateLimited,
+    ServerError,
+    TransportError,
+    Unauthorized,
+    WaitTimeout,
+)
+
+MACHINE = {"id": "m1", "state": "started"}
+
+
+def status(code: int, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(code, json={"error": f"status {code}"}, headers=headers)
+
+
+async def test_backoff_is_exponential_with_full_jitter() -> None:
+    fake = FakeTime()
+    script = Script([status(503)] * 4 + [httpx.Response(200, json=MACHINE)])
+    rolls = iter([1.0, 0.5, 0.25, 0.0])
+    async with make_client(script, fake, rng=lambda: next(rolls)) as api:
+        machine = await api.get_machine("web", "m1")
+    assert machine.id == "m1"
+    # caps 0.25, 0.5, 1, 2 s, each scaled by the random roll
+    assert fake.sleeps == [0.25, 0.25, 0.25, 0.0]
+
+
+async def test_backoff_is_capped() -> None:
+    fake = FakeTime()
+    script = Script([status(500)] * 8 + [httpx.Response(200, json=[])])
+    async with make_client(
+        script, fake, rng=lambda: 1.0, max_retries=10, retry_deadline_s=1000
+    ) as api:
+        await api.list_machines("web")
+    assert fake.sleeps == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+async def test_retry_after_is_honoured() -> None:
+    fake = FakeTime()
+    script = Script([status(429, {"Retry-After": "3"}), httpx.Response(200)])
+    async with make_client(script, fake) as api:
+        await api.start_machine("web", "m1")
+    assert fake.sleeps == [3.0]
+    assert len(script.requests) == 2
+
+
+async def test_gives_up_after_max_retries() -> None:
+    fake = FakeTime()
+    script = Script([status(502)])
+    async with make_client(script, fake, max_retries=2) as api:
+        with pytest.raises(ServerError) as info:
+            await api.stop_machine("web", "m1")
+    assert len(script.requests) == 3
+    assert info.value.status == 502
+
+
+async def test_gives_up_at_the_deadline_rather_than_sleeping_past_it() -> None:
+    fake = FakeTime()
+    script = Script([status(429, {"Retry-After": "45"})])
+    async with make_client(script, fake, retry_deadline_s=60) as api:
+        with pytest.raises(RateLimited) as info:
+            await api.suspend_machine("web", "m1")
+    assert fake.sleeps == [45.0]  # a second 45 s pause would end past the deadline
+    assert info.value.retry_after == 45.0
+
+
+async def test_transport_errors_are_retried_for_safe_calls() -> None:
+    fake = FakeTime()
+    script = Script(
+        [httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("eof"), httpx.Response(200)]
+    )
+    async with make_client(script, fake) as api:
+        await api.cordon_machine("web", "m1")
+    assert len(script.requests) == 3
+
+
+async def test_transport_error_surfaces_as_transport_error() -> None:
+    seen: list[int | None] = []
+    script = Script([httpx.ConnectError("refused")])
+    async with make_client(script, max_retries=1, observer=lambda o, s, d: seen.append(s)) as api:
+        with pytest.raises(TransportError) as info:
+            await api.list_machines("web")
+    assert info.value.status is None
+    assert info.value.sent is False
+    assert "ConnectError" in str(info.value)
+    assert seen == [None, None]
+
+
+@pytest.mark.parametrize(
+    "reply", [status(503), status(429), httpx.ReadError("reset")], ids=["503", "429", "read"]
+)
+async def test_create_is_not_retried_once_sent(reply: httpx.Response | Exception) -> None:
+    script = Script([reply, httpx.Response(200, json=MACHINE)])
+    async with make_client(script) as api:
+        with pytest.raises((ServerError, RateLimited, TransportError)):
+            await api.create_machine("web", {"image": "nginx"})
+    assert len(script.requests) == 1
+
+
+async def test_create_is_retried_when_never_sent() -> None:
+    script = Script([httpx.ConnectError("refused"), httpx.Response(200, json=MACHINE)])
+    async with make_client(script) as api:
+        machine = await api.create_machine("web", {"image": "nginx"})
+    assert machine.id == "m1"
+    assert len(script.requests) == 2
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 409, 412, 422])
+async def test_client_errors_are_not_retried(code: int) -> None:
+    script = Script([status(code), httpx.Response(200)])
+    async with make_client(script) as api:
+        with pytest.raises((BadRequest, Unauthorized, NotFound, Conflict)) as info:
+            await api.start_machine("web", "m1")
+    assert info.value.status == code
+    assert len(script.requests) == 1
+
+
+async def test_unsupported_protocol_is_not_retried() -> None:
+    script = Script([httpx.UnsupportedProtocol("ftp"), httpx.Response(200)])
+    async with make_client(script) as api:
+        with pytest.raises(TransportError):
+            await api.get_machine("web", "m1")
+    assert len(script.requests) == 1
+
+
+# -- wait ----------------------------------------------------------------------------------
+
+
+def timed_408(fake: FakeTime) -> Callable[[httpx.Request], httpx.Response]:
+    """A 408 that, like the real server, arrives after the requested timeout."""
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        fake.now += float(request.url.params["timeout"])
+        return httpx.Response(
+            408, json={"error": "machine failed to reach desired state, started, currently stopped"}
+        )
+
+    return reply
+
+
+async def test_long_wait_loops_in_calls_of_at_most_60_seconds() -> None:
+    fake = FakeTime()
+    script = Script([timed_408(fake), timed_408(fake), httpx.Response(200, json={"ok": True})])
+    async with make_client(script, fake) as api:
+        result = await api.wait_for_machine_state("web", "m1", "started", timeout_s=150)
+    assert [r.url.params["timeout"] for r in script.requests] == ["60", "60", "30"]
+    assert result.ok
+    assert result.state == "started"
+    assert fake.sleeps == []
+
+
+async def test_wait_raises_wait_timeout_at_its_own_deadline() -> None:
+    fake = FakeTime()
+    script = Script([timed_408(fake)])
+    async with make_client(script, fake) as api:
+        with pytest.raises(WaitTimeout) as info:
+            await api.wait("web", "m1", "suspended", timeout_s=90)
+    assert [r.url.params["timeout"] for r in script.requests] == ["60", "30"]
+    assert info.value.status == 408
+    assert "within 90s" in str(info.value)
+
+
+async def test_early_408_does_not_spin() -> None:
+    fake = FakeTime()
+    script = Script([status(408)])
+    async with make_client(script, fake) as api:
+        with pytest.raises(WaitTimeout):
+            await api.wait("web", "m1", timeout_s=5)
+    assert len(script.requests) == 5  # one call per second of pause, not thousands
+    assert all(s == pytest.approx(1.0) for s in fake.sleeps)
+
+
+async def test_wait_for_destroyed_treats_404_as_success() -> None:
+    script = Script([status(404)])
+    async with make_client(script) as api:
+        result = await api.wait("web", "m1", "destroyed", timeout_s=10)
+        assert result.state == "destroyed"
+        with pytest.raises(NotFound):
+            await api.wait("web", "m1", "started", timeout_s=10)
+
+
+async def test_wait_retries_server_errors_and_passes_conflicts() -> None:
+    fake = FakeTime()
+    script = Script([status(500), httpx.Response(200)])
+    async with make_client(script, fake) as api:
+        await api.wait("web", "m1")
+    assert len(script.requests) == 2
+    script = Script([status(412)])
+    async with make_client(script, fake) as api:
+        with pytest.raises(Conflict):
+            await api.wait("web", "m1")
+
+
+async def test_wait_request_timeout_covers_the_server_hold() -> None:
+    script = Script([httpx.Response(200)])
+    async with make_client(script, timeout_s=10) as api:
+        await api.wait("web", "m1", timeout_s=45)
+    assert script.last.extensions["timeout"]["read"] == 55
