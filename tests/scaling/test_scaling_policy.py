@@ -1,0 +1,544 @@
+"""The scaling policy, rule by rule, with explicit times (no clock, no sleeps).
+
+Defaults unless a test says otherwise: target_concurrency 10 x target_utilization 0.7, so
+one machine is planned for 7 requests in flight (the "unit"); panic at 2 x capacity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from autoscaler.config import AppConfig
+from autoscaler.scaling.fleet import Fleet, MachineSnapshot
+from autoscaler.scaling.policy import Action, Decision, PolicyState, choose_wake, decide
+from autoscaler.scaling.window import LoadWindows, Sample
+
+CALM = 100.0  # a panic_threshold that never triggers, to test normal mode alone
+
+
+def cfg(**knobs: Any) -> AppConfig:
+    return AppConfig(name="app", **knobs)
+
+
+def m(mid: str, state: str = "started", **kw: Any) -> MachineSnapshot:
+    if state == "started":
+        kw.setdefault("started_at", 0.0)
+    return MachineSnapshot(mid, state, **kw)
+
+
+def fleet(*machines: MachineSnapshot) -> Fleet:
+    return Fleet.of("app", machines)
+
+
+def load(
+    level: float, until: float, *, since: float | None = None, app: AppConfig | None = None
+) -> LoadWindows:
+    """A constant ``level`` over the stable window ending at ``until`` (one sample a second)."""
+    app = app or cfg()
+    w = LoadWindows.for_app(app)
+    start = since if since is not None else until - app.stable_window_s
+    t = start
+    while t < until:
+        w.add(Sample(t, t + 1, level, int(level + 0.999)))
+        t += 1
+    return w
+
+
+def run(
+    app: AppConfig,
+    machines: Fleet,
+    windows: LoadWindows,
+    now: float,
+    state: PolicyState | None = None,
+    last_request_at: float | None = None,
+) -> Decision:
+    """``decide`` with a recent request by default, checking invariants every call makes."""
+    if last_request_at is None:
+        last_request_at = now
+    d = decide(machines, windows, app, now, state or PolicyState(born=0.0), last_request_at)
+    assert app.min_machines <= d.desired <= app.max_machines
+    assert "\n" not in d.reason
+    assert d.reason
+    ids = [a.machine_id for a in d.actions]
+    assert len(ids) == len(set(ids)), "at most one action per machine per tick"
+    by_id = {x.id: x for x in machines}
+    for a in d.actions:
+        assert not by_id[a.machine_id].busy, "busy machines are left alone"
+        assert not by_id[a.machine_id].cordoned_by_others, "others' cordons are left alone"
+    if d.panic:
+        assert all(a.kind not in ("drain", "stop") for a in d.actions)
+    return d
+
+
+def acts(d: Decision) -> list[tuple[str, str]]:
+    return [(a.kind, a.machine_id) for a in d.actions]
+
+
+def serving(n: int, **kw: Any) -> list[MachineSnapshot]:
+    return [m(f"s{i}", **kw) for i in range(n)]
+
+
+# --- rule 1: how many ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("up", "level", "knobs", "desired"),
+    [
+        (1, 0.0, {}, 1),  # min 0, but a request was recent: at least 1
+        (1, 7.0, {}, 1),  # exactly one unit
+        (1, 7.01, {}, 2),
+        (2, 13.9, {}, 2),
+        (2, 14.0, {}, 2),
+        (3, 14.1, {}, 3),
+        (2, 20.0, {"target_concurrency": 5, "target_utilization": 1.0}, 4),
+        (3, 0.0, {"min_machines": 3}, 3),
+        (3, 500.0, {"max_machines": 4}, 4),
+        (0, 0.0, {"min_machines": 2}, 2),
+    ],
+)
+def test_desired_is_demand_over_unit_clamped(
+    up: int, level: float, knobs: dict[str, Any], desired: int
+) -> None:
+    app = cfg(panic_threshold=CALM, **knobs)
+    spare = [m(f"z{i}", "suspended") for i in range(6)]
+    d = run(app, fleet(*serving(up), *spare), load(level, 100, app=app), 100)
+    assert d.desired == desired
+    assert not d.panic
+    assert d.current == up
+    resumes = [a for a in d.actions if a.kind == "resume"]
+    assert len(resumes) == max(0, desired - up)  # scale up at once
+
+
+def test_float_noise_does_not_add_a_machine() -> None:
+    app = cfg(target_concurrency=10, target_utilization=0.7, panic_threshold=CALM)
+    d = run(app, fleet(*serving(3)), load(21.000000000000004, 100, app=app), 100)
+    assert d.desired == 3
+
+
+def test_scale_up_from_zero_on_a_recent_request_with_no_load_recorded_yet() -> None:
+    app = cfg()
+    d = run(app, fleet(m("a", "suspended")), LoadWindows.for_app(app), 10)
+    assert (d.desired, acts(d)) == (1, [("resume", "a")])
+
+
+def test_held_requests_are_demand() -> None:
+    app = cfg()
+    w = LoadWindows.for_app(app)
+    w.add(Sample(0, 1, 20.0, 20))  # 20 requests held for a wake, none in flight
+    d = run(app, fleet(*[m(f"z{i}", "stopped") for i in range(5)]), w, 1)
+    assert d.desired == 3
+    assert d.panic  # 20 >= 2 x 7 with nothing ready
+
+
+# --- idle to zero ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("last_request", "in_flight", "now", "desired", "actions"),
+    [
+        (0.0, 0, 299.0, 1, []),
+        (0.0, 0, 300.0, 0, [("drain", "s0")]),
+        (100.0, 0, 300.0, 1, []),
+        (0.0, 1, 400.0, 1, []),  # a long request in flight is not idleness
+    ],
+)
+def test_idle_to_zero(
+    last_request: float, in_flight: int, now: float, desired: int, actions: list[tuple[str, str]]
+) -> None:
+    app = cfg()
+    machines = fleet(m("s0", in_flight=in_flight, last_used=last_request))
+    d = run(app, machines, load(0.0, now, app=app), now, last_request_at=last_request)
+    assert d.desired == desired
+    assert acts(d) == actions
+
+
+def test_idle_counts_from_the_first_decision_when_nothing_is_known() -> None:
+    """After a restart with no request seen yet, machines are not stopped at once."""
+    app = cfg()
+    machines = fleet(m("s0"))
+    w = load(0.0, 1000, app=app)
+    first = decide(machines, w, app, 1000, PolicyState(), None)
+    assert first.desired == 1
+    assert first.actions == ()
+    assert first.state.born == 1000
+    later = decide(machines, w, app, 1300, first.state, None)
+    assert later.desired == 0
+    assert acts(later) == [("drain", "s0")]
+
+
+def test_idle_counts_from_the_latest_busy_sample() -> None:
+    app = cfg()
+    w = load(0.0, 400, app=app)
+    w.add(Sample(400, 401, 0.5, 1))  # a request came and went within this tick
+    d = run(app, fleet(m("s0")), w, 401, last_request_at=0.0)
+    assert d.desired == 1
+
+
+def test_min_machines_survive_idleness() -> None:
+    app = cfg(min_machines=1)
+    d = run(app, fleet(*serving(2)), load(0.0, 1000, app=app), 1000, last_request_at=0.0)
+    assert d.desired == 1
+    assert acts(d) == [("drain", "s0")]
+
+
+# --- scale-down delay and step ------------------------------------------------------------
+
+
+def test_scale_down_waits_for_the_delay() -> None:
+    app = cfg(panic_threshold=CALM)  # scale_down_delay_s 30
+    machines = fleet(*serving(3))
+    state = PolicyState(born=0.0)
+    for now in (100.0, 110.0, 129.0):
+        d = run(app, machines, load(0.0, now, app=app), now, state)
+        assert (d.desired, d.actions) == (3, ()), now
+        assert "hold 3" in d.reason
+        state = d.state
+    assert state.lower_since == 100.0
+    d = run(app, machines, load(0.0, 130, app=app), 130, state)
+    assert d.desired == 1
+    assert acts(d) == [("drain", "s0")]  # one per tick (scale_down_step 1)
+
+
+def test_demand_back_up_resets_the_delay() -> None:
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(*serving(2))
+    d = run(app, machines, load(0.0, 100, app=app), 100)
+    assert d.state.lower_since == 100.0
+    d = run(app, machines, load(14.0, 120, app=app), 120, d.state)
+    assert d.state.lower_since is None
+    d = run(app, machines, load(0.0, 140, app=app), 140, d.state)
+    assert d.state.lower_since == 140.0
+    assert d.actions == ()
+
+
+def test_scale_down_goes_only_to_the_most_wanted_during_the_delay() -> None:
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(*serving(4))
+    state = PolicyState(born=0.0, lower_since=90.0, lower_history=((85.0, 1), (110.0, 2)))
+    d = run(app, machines, load(0.0, 130, app=app), 130, state)
+    assert d.desired == 2  # (85, 1) fell out of the 30 s delay; (110, 2) did not
+    assert len(d.actions) == 1
+
+
+@pytest.mark.parametrize(("step", "drains"), [(1, 1), (2, 2), (5, 4)])
+def test_at_most_scale_down_step_machines_per_tick(step: int, drains: int) -> None:
+    app = cfg(panic_threshold=CALM, scale_down_step=step)
+    machines = fleet(*serving(5))
+    state = PolicyState(born=0.0, lower_since=0.0)
+    d = run(app, machines, load(0.0, 100, app=app), 100, state)
+    assert d.desired == 1
+    assert [k for k, _ in acts(d)] == ["drain"] * drains
+
+
+def test_min_lifetime_protects_young_machines() -> None:
+    app = cfg(panic_threshold=CALM)  # min_lifetime_s 30
+    machines = fleet(m("young", started_at=71.0), m("old", started_at=70.0, in_flight=3))
+    state = PolicyState(born=0.0, lower_since=0.0)
+    d = run(app, machines, load(0.0, 100, app=app), 100, state)
+    assert acts(d) == [("drain", "old")]  # old goes despite its requests: young may not
+    alone = fleet(m("young", started_at=371.0))
+    d = run(app, alone, load(0.0, 400, app=app), 400, state, last_request_at=0.0)
+    assert d.desired == 0
+    assert d.actions == ()
+    assert "min_lifetime" in d.reason
+
+
+def test_removal_order_fewest_in_flight_then_longest_idle() -> None:
+    app = cfg(panic_threshold=CALM, scale_down_step=3, min_machines=1)
+    machines = fleet(
+        m("busy2", in_flight=2, last_used=99.0),
+        m("quiet-recent", last_used=95.0),
+        m("quiet-old", last_used=10.0),
+        m("never-used"),
+        m("one", in_flight=1, last_used=99.0),
+    )
+    state = PolicyState(born=0.0, lower_since=0.0)
+    d = run(app, machines, load(0.0, 100, app=app), 100, state, last_request_at=0.0)
+    assert acts(d) == [("drain", "never-used"), ("drain", "quiet-old"), ("drain", "quiet-recent")]
+
+
+# --- panic ---------------------------------------------------------------------------------
+
+
+def test_panic_enters_at_threshold_times_capacity() -> None:
+    app = cfg()
+    spare = [m(f"z{i}", "suspended") for i in range(9)]
+    one = fleet(m("s0"), *spare)
+    below = run(app, one, load(13.9, 100, since=94, app=app), 100)
+    assert not below.panic
+    at = run(app, one, load(14.0, 100, since=94, app=app), 100)
+    assert at.panic
+    assert at.state.panic_since == 100
+    assert at.state.last_trigger == 100
+    assert at.desired == 2  # scaled on the panic window
+    assert "enter panic" in at.reason
+
+
+def test_capacity_counts_ready_machines_only_at_least_one() -> None:
+    app = cfg()
+    # Two ready machines: capacity 14, panic at 28. A starting machine adds no capacity.
+    two = fleet(m("a"), m("b"), m("c", "starting"), *[m(f"z{i}", "stopped") for i in range(5)])
+    assert not run(app, two, load(27.9, 100, since=94, app=app), 100).panic
+    assert run(app, two, load(28.0, 100, since=94, app=app), 100).panic
+    # No machine at all: capacity is one machine's worth.
+    none = fleet(*[m(f"z{i}", "stopped") for i in range(5)])
+    assert run(app, none, load(14.0, 100, since=94, app=app), 100).panic
+
+
+def test_panic_scales_on_the_panic_window_and_never_down() -> None:
+    app = cfg()
+    spare = [m(f"z{i}", "suspended") for i in range(9)]
+    w = load(0.0, 94, app=app)
+    for t in range(94, 100):
+        w.add(Sample(t, t + 1, 50.0, 50))
+    d = run(app, fleet(*serving(1), *spare), w, 100)
+    assert d.panic
+    assert d.desired == 8
+    assert len(d.actions) == 7
+    assert d.state.panic_desired == 8
+    # The burst ends; within a stable window of the last trigger panic holds everything.
+    state = d.state
+    big = fleet(*serving(8), *spare[7:])
+    for now in (101.0, 130.0, 159.0):
+        d = run(app, big, load(0.0, now, app=app), now, state)
+        assert d.panic, now
+        assert (d.desired, d.actions) == (8, ()), now
+        state = d.state
+
+
+def test_panic_desired_never_drops_while_panicking() -> None:
+    app = cfg()
+    spare = [m(f"z{i}", "stopped") for i in range(9)]
+    machines = fleet(*serving(1), *spare)
+    state = PolicyState(born=0.0, panic_since=90.0, last_trigger=99.0, panic_desired=6)
+    d = run(app, machines, load(20.0, 100, since=94, app=app), 100, state)
+    assert d.panic
+    assert d.desired == 6
+
+
+def test_panic_leaves_after_a_stable_window_without_trigger() -> None:
+    app = cfg()  # stable_window_s 60
+    machines = fleet(*serving(4))
+    state = PolicyState(born=0.0, panic_since=10.0, last_trigger=40.0, panic_desired=4)
+    still = run(app, machines, load(0.0, 99.9, app=app), 99.9, state)
+    assert still.panic
+    assert still.state.panic_since == 10.0
+    left = run(app, machines, load(0.0, 100, app=app), 100, state)
+    assert not left.panic
+    assert "leave panic" in left.reason
+    assert left.state.panic_since is None
+    assert left.state.panic_desired == 0
+    # Leaving panic starts the scale-down delay; nothing is removed yet.
+    assert left.desired == 4
+    assert left.actions == ()
+    assert left.state.lower_since == 100.0
+
+
+def test_a_new_trigger_extends_panic() -> None:
+    app = cfg()
+    machines = fleet(*serving(1), *[m(f"z{i}", "stopped") for i in range(9)])
+    state = PolicyState(born=0.0, panic_since=10.0, last_trigger=40.0, panic_desired=2)
+    d = run(app, machines, load(15.0, 100, since=94, app=app), 100, state)
+    assert d.panic
+    assert d.state.last_trigger == 100
+    assert d.state.panic_since == 10.0
+
+
+# --- rule 2: which to add ------------------------------------------------------------------
+
+
+def test_scale_up_takes_back_drains_then_resumes_then_starts_most_recent_first() -> None:
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(
+        m("stopped-old", "stopped", last_used=1.0),
+        m("stopped-new", "stopped", last_used=50.0),
+        m("susp-old", "suspended", last_used=2.0),
+        m("susp-new", "suspended", last_used=60.0),
+        m("susp-never", "suspended"),
+        m("draining", cordoned=True, cordoned_by_us=True, draining=True, last_used=3.0),
+    )
+    d = run(app, machines, load(42.0, 100, app=app), 100)  # wants 6, none up
+    assert d.desired == 6
+    assert d.shortfall == 0
+    assert acts(d) == [
+        ("uncordon", "draining"),
+        ("resume", "susp-new"),
+        ("resume", "susp-old"),
+        ("resume", "susp-never"),
+        ("start", "stopped-new"),
+        ("start", "stopped-old"),
+    ]
+    assert all(a.reason for a in d.actions)
+
+
+@pytest.mark.parametrize(
+    ("machines", "expected"),
+    [
+        ([], None),
+        ([m("a", "stopped"), m("b", "suspended")], ("resume", "b")),
+        (
+            [m("a", "suspended"), m("d", cordoned=True, cordoned_by_us=True, draining=True)],
+            ("uncordon", "d"),
+        ),
+        ([m("a", "stopped", last_used=1.0), m("b", "stopped", last_used=2.0)], ("start", "b")),
+        ([m("a", "suspended", busy=True), m("b", "stopped")], ("start", "b")),
+        ([m("a", "suspended", cordoned=True), m("b", "stopped")], ("start", "b")),
+        ([m("a", "failed"), m("b", "created"), m("c", "replacing")], None),
+    ],
+)
+def test_choose_wake(machines: list[MachineSnapshot], expected: tuple[str, str] | None) -> None:
+    action = choose_wake(fleet(*machines))
+    if expected is None:
+        assert action is None
+    else:
+        assert isinstance(action, Action)
+        assert (action.kind, action.machine_id) == expected
+        assert action.reason.startswith("wake: ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "shortfall"),
+    [
+        ([], 3),
+        ([m("x", "stopping")], 2),  # it will be back; it is not missing
+        ([m("x", "failed")], 3),  # a failed machine is not one we can use
+        ([m("x", "stopped", cordoned=True)], 3),  # nor one cordoned by someone else
+        ([m("x", "suspended", busy=True)], 2),
+    ],
+)
+def test_shortfall_counts_machines_the_app_lacks(
+    extra: list[MachineSnapshot], shortfall: int
+) -> None:
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(m("s0"), m("z", "suspended"), *extra)
+    d = run(app, machines, load(35.0, 100, app=app), 100)  # wants 5
+    assert d.desired == 5
+    assert d.shortfall == shortfall
+    assert ("resume", "z") in acts(d)
+    assert f"short of {shortfall}" in d.reason if shortfall else "short" not in d.reason
+
+
+# --- rule 3 and 4: machines we leave alone ------------------------------------------------
+
+
+def test_a_machine_cordoned_by_someone_else_is_not_capacity_and_never_touched() -> None:
+    app = cfg(panic_threshold=CALM)
+    theirs = m("theirs", cordoned=True, last_used=99.0)
+    machines = fleet(theirs, m("z", "suspended"))
+    d = run(app, machines, load(5.0, 100, app=app), 100)
+    assert d.current == 0
+    assert acts(d) == [("resume", "z")]  # never "uncordon theirs"
+    # Idle: theirs is not ours to remove either.
+    d = run(app, fleet(theirs), load(0.0, 1000, app=app), 1000, last_request_at=0.0)
+    assert d.desired == 0
+    assert d.actions == ()
+
+
+@pytest.mark.parametrize("state", ["starting", "restarting"])
+def test_machines_coming_up_count_so_nothing_starts_twice(state: str) -> None:
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(m("c", state), m("z", "stopped"))
+    d = run(app, machines, load(5.0, 100, app=app), 100)
+    assert d.current == 1
+    assert d.desired == 1
+    assert d.actions == ()
+
+
+@pytest.mark.parametrize("pending", ["start", "resume", "uncordon"])
+def test_our_action_in_flight_counts_as_coming_up(pending: str) -> None:
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(m("c", "stopped", busy=True, pending=pending), m("z", "stopped"))
+    d = run(app, machines, load(5.0, 100, app=app), 100)
+    assert d.current == 1
+    assert d.actions == ()
+
+
+@pytest.mark.parametrize(
+    "state", ["failed", "created", "updating", "replacing", "destroying", "launch_failed"]
+)
+def test_states_we_do_not_drive_are_left_alone_and_not_counted(state: str) -> None:
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(m("x", state), m("z", "suspended"))
+    d = run(app, machines, load(5.0, 100, app=app), 100)
+    assert d.current == 0
+    assert acts(d) == [("resume", "z")]
+
+
+@pytest.mark.parametrize("state", ["stopping", "suspending"])
+def test_machines_going_down_are_not_capacity_nor_acted_on(state: str) -> None:
+    app = cfg(panic_threshold=CALM)
+    d = run(app, fleet(m("x", state)), load(5.0, 100, app=app), 100)
+    assert d.current == 0
+    assert d.actions == ()
+    assert d.shortfall == 0
+
+
+def test_busy_machines_are_left_alone_this_tick() -> None:
+    app = cfg(panic_threshold=CALM)
+    up = fleet(m("a", busy=True), m("b"))
+    state = PolicyState(born=0.0, lower_since=0.0)
+    d = run(app, up, load(0.0, 100, app=app), 100, state)
+    assert d.current == 2
+    assert acts(d) == [("drain", "b")]
+    down = fleet(m("a", "suspended", busy=True))
+    d = run(app, down, load(5.0, 100, app=app), 100)
+    assert d.actions == ()
+    assert d.shortfall == 0
+
+
+def test_a_draining_machine_is_not_capacity_and_not_drained_again() -> None:
+    app = cfg(panic_threshold=CALM)
+    draining = m("d", cordoned=True, cordoned_by_us=True, draining=True, in_flight=2)
+    d = run(app, fleet(draining, m("s")), load(5.0, 100, app=app), 100)
+    assert d.current == 1
+    assert d.actions == ()
+
+
+def test_cordons_we_left_behind_are_finished_or_lifted() -> None:
+    app = cfg(panic_threshold=CALM)
+    left = m("left", cordoned=True, cordoned_by_us=True)  # started, cordoned, no drain running
+    asleep = m("asleep", "suspended", cordoned=True, cordoned_by_us=True)
+    d = run(app, fleet(m("s"), left, asleep), load(5.0, 100, app=app), 100)
+    assert acts(d) == [("drain", "left"), ("uncordon", "asleep")]
+    # When the machine is needed, it is taken back instead.
+    d = run(app, fleet(left, asleep), load(5.0, 100, app=app), 100)
+    assert acts(d) == [("uncordon", "left"), ("uncordon", "asleep")]
+
+
+# --- the stop tier ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "since", "expected"),
+    [
+        (None, 0.0, []),
+        (600.0, 0.0, [("stop", "z")]),
+        (600.0, 1.0, []),
+        (600.0, None, []),  # unknown since when: never guessed
+    ],
+)
+def test_stop_suspended_after(
+    limit: float | None, since: float | None, expected: list[tuple[str, str]]
+) -> None:
+    app = cfg(panic_threshold=CALM, stop_suspended_after_s=limit)
+    machines = fleet(m("s"), m("z", "suspended", state_since=since))
+    d = run(app, machines, load(5.0, 600, app=app), 600)
+    assert acts(d) == expected
+
+
+def test_a_long_suspended_machine_that_is_needed_is_resumed_not_stopped() -> None:
+    app = cfg(panic_threshold=CALM, stop_suspended_after_s=10)
+    machines = fleet(m("z", "suspended", state_since=0.0), m("y", "suspended", state_since=0.0))
+    d = run(app, machines, load(5.0, 600, app=app), 600)
+    assert sorted(acts(d)) == [("resume", "y"), ("stop", "z")]
+
+
+def test_panic_stops_nothing() -> None:
+    app = cfg(stop_suspended_after_s=10)
+    state = PolicyState(born=0.0, panic_since=590.0, last_trigger=595.0, panic_desired=1)
+    machines = fleet(m("s"), m("z", "suspended", state_since=0.0))
+    d = run(app, machines, load(0.0, 600, app=app), 600, state)
+    assert d.panic
+    assert d.actions == ()
