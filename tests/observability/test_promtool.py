@@ -1,0 +1,55 @@
+"""promtool on the shipped Prometheus files: syntax, and unit tests of every alert."""
+
+from __future__ import annotations
+
+import subprocess
+
+import yaml
+
+from .conftest import ALERT_TESTS, ALERTS, PROMETHEUS_CONFIG, require_binary
+
+REQUIRED_ALERTS = {
+    "AutoscalerHigh5xxRatio",
+    "AutoscalerWakeSlow",
+    "AutoscalerQueueRejections",
+    "AutoscalerApiErrors",
+    "AutoscalerMachinesStuckMoving",
+    "AutoscalerControlLoopStalled",
+}
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_binary("promtool"), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_check_config() -> None:
+    result = promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+
+
+def test_check_rules() -> None:
+    result = promtool("check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_unit_tests() -> None:
+    result = promtool("test", "rules", str(ALERT_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_required_alert_is_shipped_and_unit_tested() -> None:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    shipped = {rule["alert"] for group in groups for rule in group["rules"]}
+    assert shipped >= REQUIRED_ALERTS
+    cases = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    fired = {
+        case["alertname"]
+        for test in cases
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    assert fired == shipped
