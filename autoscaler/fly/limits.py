@@ -6,6 +6,14 @@ bursts of 3; Get Machine 5/s with bursts of 10; app deletion 100 per minute. A b
 429s in normal operation. A caller over the limit waits (through the injected ``sleep``)
 rather than failing.
 
+The client refills its buckets a little slower than Fly does (``headroom``, 0.9 by default):
+a request reaches the server some milliseconds after its token was taken here, and with
+exact rates a request that left late followed by one that left early would look, to the
+server, like two requests less than a second apart.
+
+Fly documents no limit for the list and app/volume reads; they get Get Machine's, as the
+emulator gives them.
+
 Each ``acquire`` reserves its token at once, possibly driving the bucket negative, and then
 sleeps for the deficit. Concurrent callers therefore queue in arrival order without a lock,
 and the sleep can be faked in tests with a clock that only moves when told.
@@ -33,10 +41,17 @@ class Limit:
 
 
 DEFAULT_LIMIT = Limit(rate_per_s=1.0, burst=3.0)
+_READ = Limit(rate_per_s=5.0, burst=10.0)
 DEFAULT_LIMITS: Mapping[str, Limit] = {
-    "get_machine": Limit(rate_per_s=5.0, burst=10.0),
+    "get_machine": _READ,
+    "list_machines": _READ,
+    "list_apps": _READ,
+    "get_app": _READ,
+    "list_volumes": _READ,
+    "get_volume": _READ,
     "delete_app": Limit(rate_per_s=100.0 / 60.0, burst=100.0),
 }
+DEFAULT_HEADROOM = 0.9
 
 
 class TokenBucket:
@@ -74,6 +89,7 @@ class RateLimiter:
         *,
         default: Limit = DEFAULT_LIMIT,
         enabled: bool = True,
+        headroom: float = DEFAULT_HEADROOM,
         sleep: Sleep = asyncio.sleep,
         clock: Clock = time.monotonic,
         max_buckets: int = 10_000,
@@ -81,13 +97,18 @@ class RateLimiter:
         self.limits = dict(DEFAULT_LIMITS if limits is None else limits)
         self.default = default
         self.enabled = enabled
+        if not 0 < headroom <= 1:
+            raise ValueError(f"expected 0 < headroom <= 1, got {headroom}")
+        self.headroom = headroom
         self._sleep = sleep
         self._clock = clock
         self._max_buckets = max_buckets
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
     def limit_for(self, action: str) -> Limit:
-        return self.limits.get(action, self.default)
+        """The limit a bucket of ``action`` runs at (the documented one, times headroom)."""
+        limit = self.limits.get(action, self.default)
+        return Limit(limit.rate_per_s * self.headroom, limit.burst)
 
     def reserve(self, action: str, key: str) -> float:
         """Take a token for (action, key) now; seconds the caller must wait before sending."""

@@ -22,7 +22,7 @@ def test_bucket_bursts_then_refills() -> None:
 
 async def test_default_limits_one_per_second_burst_three() -> None:
     fake = FakeTime()
-    limiter = RateLimiter(sleep=fake.sleep, clock=fake.clock)
+    limiter = RateLimiter(headroom=1.0, sleep=fake.sleep, clock=fake.clock)
     waits = [await limiter.acquire("start_machine", "web/m1") for _ in range(5)]
     assert waits == [0.0, 0.0, 0.0, pytest.approx(1.0), pytest.approx(1.0)]
     assert fake.sleeps == [pytest.approx(1.0), pytest.approx(1.0)]
@@ -30,7 +30,7 @@ async def test_default_limits_one_per_second_burst_three() -> None:
 
 async def test_get_machine_five_per_second_burst_ten() -> None:
     fake = FakeTime()
-    limiter = RateLimiter(sleep=fake.sleep, clock=fake.clock)
+    limiter = RateLimiter(headroom=1.0, sleep=fake.sleep, clock=fake.clock)
     for _ in range(10):
         assert await limiter.acquire("get_machine", "web/m1") == 0.0
     assert await limiter.acquire("get_machine", "web/m1") == pytest.approx(0.2)
@@ -38,7 +38,7 @@ async def test_get_machine_five_per_second_burst_ten() -> None:
 
 async def test_keys_are_independent() -> None:
     fake = FakeTime()
-    limiter = RateLimiter(sleep=fake.sleep, clock=fake.clock)
+    limiter = RateLimiter(headroom=1.0, sleep=fake.sleep, clock=fake.clock)
     for _ in range(3):
         await limiter.acquire("stop_machine", "web/m1")
     assert await limiter.acquire("stop_machine", "web/m2") == 0.0
@@ -48,7 +48,9 @@ async def test_keys_are_independent() -> None:
 
 async def test_concurrent_callers_queue_in_order() -> None:
     fake = FakeTime()
-    limiter = RateLimiter(limits={}, default=Limit(2.0, 1), sleep=fake.sleep, clock=fake.clock)
+    limiter = RateLimiter(
+        limits={}, default=Limit(2.0, 1), headroom=1.0, sleep=fake.sleep, clock=fake.clock
+    )
     delays = [limiter.reserve("a", "k") for _ in range(4)]
     assert delays == [0.0, pytest.approx(0.5), pytest.approx(1.0), pytest.approx(1.5)]
 
@@ -63,11 +65,22 @@ async def test_disabled_never_waits() -> None:
 
 
 def test_configurable_limits_and_validation() -> None:
-    limiter = RateLimiter({"start_machine": Limit(10, 20)})
+    limiter = RateLimiter({"start_machine": Limit(10, 20)}, headroom=1.0)
     assert limiter.limit_for("start_machine") == Limit(10, 20)
     assert limiter.limit_for("stop_machine") == DEFAULT_LIMIT
     with pytest.raises(ValueError, match="rate_per_s"):
         Limit(0, 1)
+    with pytest.raises(ValueError, match="headroom"):
+        RateLimiter(headroom=1.5)
+
+
+async def test_headroom_refills_a_little_slower_than_fly() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(sleep=fake.sleep, clock=fake.clock)  # default headroom 0.9
+    assert limiter.limit_for("stop_machine") == Limit(0.9, 3)
+    for _ in range(3):
+        await limiter.acquire("stop_machine", "web/m1")
+    assert await limiter.acquire("stop_machine", "web/m1") == pytest.approx(1 / 0.9)
 
 
 def test_full_buckets_are_pruned_when_the_map_is_full() -> None:
@@ -87,7 +100,7 @@ async def test_client_waits_instead_of_failing() -> None:
     async with make_client(script, fake, rate_limit=True) as api:
         await asyncio.gather(*(api.cordon_machine("web", "m1") for _ in range(5)))
         assert len(script.requests) == 5
-        # The burst of 3 goes at once; the 4th and 5th each wait for a refill.
-        assert fake.sleeps == [pytest.approx(1.0), pytest.approx(1.0)]
+        # The burst of 3 goes at once; the 4th and 5th each wait for a refill (at 0.9/s).
+        assert fake.sleeps == [pytest.approx(1 / 0.9), pytest.approx(1 / 0.9)]
         await api.cordon_machine("web", "m2")  # another machine: no wait
     assert len(fake.sleeps) == 2
