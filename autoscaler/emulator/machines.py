@@ -1,0 +1,364 @@
+"""The machine lifecycle: state transitions backed by real processes.
+
+An API call checks the current state and switches to the moving state synchronously (so a
+second call sees ``starting`` and gets 412), then the slow part (spawn, boot probe, signal,
+wait) runs in a background task that ends in a resting state. Every change wakes the
+machine's waiters. Processes that exit on their own are noticed by a watcher task per
+process and handled per the restart policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shlex
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from autoscaler.config import EmulatorSettings, FaultSettings
+from autoscaler.emulator.model import MAX_EVENTS, Event, Ids, Machine, now_rfc3339
+from autoscaler.emulator.procs import (
+    AddressPool,
+    MachineProcess,
+    Reaper,
+    address_free,
+    spawn,
+    wait_listening,
+)
+
+DEMO_IMAGE = "autoscaler/demo-app"
+DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {port}"
+DEFAULT_MAX_RETRIES = 10  # Fly's default for on-failure
+# Never handed to a machine: a real Fly machine does not see your API token either.
+_ENV_DENY_PREFIXES = ("FLY_", "AUTOSCALER_", "EMULATOR_")
+
+
+class Conflict(Exception):
+    """The operation makes no sense in the machine's current state (HTTP 412)."""
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        settings: EmulatorSettings,
+        *,
+        ids: Ids,
+        rng: random.Random,
+        pool: AddressPool,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.faults: FaultSettings = settings.faults
+        self._ids = ids
+        self._rng = rng
+        self._pool = pool
+        self._on_change = on_change
+        self.reaper = Reaper()
+        self.procs: dict[str, MachineProcess] = {}
+        self.outputs: dict[str, deque[str]] = {}  # last output of each machine's process
+        self._ops: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        images = {DEMO_IMAGE: DEMO_COMMAND}
+        images.update(settings.images)
+        self.images = images
+
+    # --- images and environment ----------------------------------------------------
+
+    def resolve_image(self, image: str) -> str | None:
+        """The command template for an image, also matching without its ``:tag``."""
+        if image in self.images:
+            return self.images[image]
+        base, sep, tag = image.rpartition(":")
+        if sep and "/" not in tag and base in self.images:
+            return self.images[base]
+        return None
+
+    def command(self, m: Machine) -> list[str]:
+        template = self.resolve_image(str(m.config.get("image", "")))
+        if template is None:
+            raise Conflict(f"image {m.config.get('image')!r} is not in the emulator's image table")
+        fill = {"{host}": m.private_ip, "{port}": str(m.internal_port), "{python}": sys.executable}
+        argv = []
+        for arg in shlex.split(template):
+            for key, value in fill.items():
+                arg = arg.replace(key, value)
+            argv.append(arg)
+        return argv
+
+    def environment(self, m: Machine) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DENY_PREFIXES)}
+        env.update({str(k): str(v) for k, v in (m.config.get("env") or {}).items()})
+        env.update(
+            {
+                "PORT": str(m.internal_port),
+                "FLY_APP_NAME": m.app,
+                "FLY_MACHINE_ID": m.id,
+                "FLY_ALLOC_ID": m.id,
+                "FLY_REGION": m.region,
+                "FLY_PRIVATE_IP": m.private_ip,
+                "FLY_IMAGE_REF": str(m.config.get("image", "")),
+                "FLY_MACHINE_VERSION": m.instance_id,
+                "DEMO_BOOT_DELAY_S": str(self.settings.demo_boot_delay_s),
+                # Lets a test session find leftovers of this emulator by their environment.
+                "AUTOSCALER_EMULATOR_PARENT": str(os.getpid()),
+            }
+        )
+        return env
+
+    # --- state changes ---------------------------------------------------------------
+
+    def record(
+        self,
+        m: Machine,
+        state: str,
+        kind: str | None = None,
+        *,
+        source: str = "user",
+        request: dict[str, Any] | None = None,
+    ) -> None:
+        m.state = state
+        m.updated_at = now_rfc3339()
+        if kind is not None:
+            m.events.append(
+                Event(
+                    id=self._ids.event(),
+                    type=kind,
+                    status=state,
+                    source=source,
+                    timestamp=int(time.time() * 1000),
+                    request=request or {},
+                )
+            )
+            del m.events[:-MAX_EVENTS]
+        m.touch()
+        self._on_change()
+
+    def _run(self, m: Machine, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the slow half of an operation; one per machine at a time."""
+        task = asyncio.ensure_future(coro)
+        self._ops[m.id] = task
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if self._ops.get(m.id) is t:
+                del self._ops[m.id]
+
+        task.add_done_callback(done)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- operations (called by the API; raise Conflict for 412) -----------------------
+
+    def start(self, m: Machine) -> str:
+        previous = m.state
+        if previous not in ("stopped", "suspended", "created", "failed"):
+            raise Conflict(f"unable to start machine from current state: '{previous}'")
+        self.resolve_or_conflict(m)
+        m.restarts = 0
+        self.record(m, "starting", "start")
+        self._run(m, self._start(m, resume=previous == "suspended"))
+        return previous
+
+    def resolve_or_conflict(self, m: Machine) -> None:
+        self.command(m)  # raises Conflict when the image vanished from the table
+
+    def stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+        if m.state not in ("started", "suspended", "failed"):
+            raise Conflict(f"unable to stop machine from current state: '{m.state}'")
+        self.record(m, "stopping", "stop", request={"signal": signal.Signals(sig).name})
+        self._run(m, self._stop(m, sig, timeout_s))
+
+    def suspend(self, m: Machine) -> None:
+        if m.state != "started":
+            raise Conflict(f"unable to suspend machine from current state: '{m.state}'")
+        mp = self.procs.get(m.id)
+        self.record(m, "suspending", "suspend")
+        if mp is not None:
+            mp.signal(signal.SIGSTOP)  # memory kept, like Fly's snapshot
+        self.record(m, "suspended")
+
+    def update(self, m: Machine, config: dict[str, Any], name: str | None) -> None:
+        if m.state not in ("started", "stopped", "suspended", "created", "failed"):
+            raise Conflict(f"unable to update machine from current state: '{m.state}'")
+        previous = m.state
+        m.config = config
+        if name:
+            m.name = name
+        m.versions.append(m.instance_id)
+        m.instance_id = self._ids.instance()
+        self.record(m, "updating", "update")
+        self._run(m, self._update(m, previous))
+
+    def destroy(self, m: Machine, force: bool, on_gone: Callable[[Machine], None]) -> None:
+        if m.state in ("destroying", "destroyed"):
+            raise Conflict(f"machine is already {m.state}")
+        if not force and m.state not in ("stopped", "suspended", "created", "failed"):
+            raise Conflict(
+                f"unable to destroy machine from current state: '{m.state}' "
+                "(stop it first, or pass force=true)"
+            )
+        current = self._ops.pop(m.id, None)
+        if current is not None:
+            current.cancel()
+        self.record(m, "destroying", "destroy")
+        self._run(m, self._destroy(m, on_gone))
+
+    def kill_process(self, m: Machine, sig: int = signal.SIGKILL) -> bool:
+        """Simulate a crash: the process dies without the emulator asking it to stop."""
+        mp = self.procs.get(m.id)
+        if mp is None:
+            return False
+        return mp.signal(sig)
+
+    # --- the slow halves -----------------------------------------------------------
+
+    async def _start(self, m: Machine, resume: bool) -> None:
+        mp = self.procs.get(m.id)
+        if resume and mp is not None and mp.returncode is None:
+            mp.signal(signal.SIGCONT)
+            if self.settings.resume_delay_s:
+                await asyncio.sleep(self.settings.resume_delay_s)
+            self.record(m, "started", source="flyd")
+            return
+        await self._boot(m)
+
+    async def _boot(self, m: Machine) -> None:
+        port = m.internal_port
+        if not address_free(m.private_ip, port):
+            self.record(
+                m,
+                "failed",
+                "launch",
+                source="flyd",
+                request={"error": f"{m.private_ip}:{port} is in use"},
+            )
+            return
+        if self.faults.boot_failure_rate and self._rng.random() < self.faults.boot_failure_rate:
+            self.record(
+                m, "failed", "launch", source="flyd", request={"error": "injected boot failure"}
+            )
+            return
+        mp = await self._spawn(m)
+        ok = await wait_listening(mp, m.private_ip, port, self.settings.boot_timeout_s)
+        if not ok:
+            code = mp.returncode
+            await mp.terminate(signal.SIGKILL, 0)
+            why = f"exited with code {code}" if code is not None else "boot timeout"
+            self.record(m, "failed", "launch", source="flyd", request={"error": why})
+            return
+        self.record(m, "started", source="flyd")
+        if self.faults.crash_after_s is not None:
+            self._background(self._crash_later(m, mp, self.faults.crash_after_s))
+
+    async def _spawn(self, m: Machine) -> MachineProcess:
+        # Shielded: a cancelled boot must still own (and kill) the child it forked.
+        fut = asyncio.ensure_future(spawn(self.command(m), self.environment(m), self.reaper))
+        try:
+            mp = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_kill_spawned)
+            raise
+        self.procs[m.id] = mp
+        self.outputs[m.id] = mp.output
+        self._background(self._watch(m, mp))
+        return mp
+
+    async def _crash_later(self, m: Machine, mp: MachineProcess, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.procs.get(m.id) is mp:
+            mp.signal(signal.SIGKILL)
+
+    async def _watch(self, m: Machine, mp: MachineProcess) -> None:
+        code = await mp.wait()
+        if self.procs.get(m.id) is mp:
+            del self.procs[m.id]
+        if mp.expected_exit or self._closing or m.state not in ("started", "suspended"):
+            return  # stopped on purpose, or a boot that _boot reports itself
+        sig = -code if code < 0 else None
+        self.record(
+            m,
+            "stopped",
+            "exit",
+            source="flyd",
+            request={
+                "exit_event": {
+                    "exit_code": code if code >= 0 else 137,
+                    "signal": sig,
+                    "requested_stop": False,
+                }
+            },
+        )
+        restart = m.config.get("restart") or {}
+        policy = restart.get("policy") or "no"
+        retries = restart.get("max_retries", DEFAULT_MAX_RETRIES)
+        if policy == "always" or (policy == "on-failure" and code != 0 and m.restarts < retries):
+            m.restarts += 1
+            self.record(m, "starting", "restart", source="flyd")
+            self._run(m, self._boot(m))
+
+    async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+        mp = self.procs.pop(m.id, None)
+        if mp is not None:
+            await mp.terminate(sig, timeout_s)
+        self.record(m, "stopped", source="flyd")
+
+    async def _update(self, m: Machine, previous: str) -> None:
+        mp = self.procs.pop(m.id, None)
+        if mp is not None:
+            await mp.terminate(signal.SIGINT, 5.0)
+        if previous == "started":
+            self.record(m, "starting", source="flyd")
+            await self._boot(m)
+        else:
+            # A suspended machine's snapshot cannot survive a new config.
+            self.record(m, "stopped" if previous == "suspended" else previous, source="flyd")
+
+    async def _destroy(self, m: Machine, on_gone: Callable[[Machine], None]) -> None:
+        mp = self.procs.pop(m.id, None)
+        if mp is not None:
+            await mp.terminate(signal.SIGKILL, 0)
+        self.record(m, "destroyed", source="flyd")
+        self._pool.release(m.private_ip)
+        on_gone(m)
+
+    # --- runtime control -------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Cancel every transition and kill every process; nothing survives this."""
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        procs = list(self.procs.values())
+        self.procs.clear()
+        for mp in procs:
+            mp.expected_exit = True
+            mp.signal(signal.SIGKILL)
+        for mp in procs:
+            with contextlib.suppress(Exception):
+                await mp.wait()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        self.reaper.close()
+
+
+def _kill_spawned(fut: asyncio.Future[MachineProcess]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        mp = fut.result()
+        mp.expected_exit = True
+        mp.signal(signal.SIGKILL)
+        _REAPING.add(reaping := asyncio.ensure_future(mp.wait()))
+        reaping.add_done_callback(_REAPING.discard)
+
+
+_REAPING: set[asyncio.Future[int]] = set()  # keeps those reaping tasks from being collected

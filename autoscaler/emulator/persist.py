@@ -1,0 +1,95 @@
+"""``--state-file``: apps, machines and volumes survive a restart of the emulator.
+
+Writes are atomic (a temporary file in the same directory, fsync, rename), so a crash
+mid-write leaves the previous state intact. Saves are coalesced: a burst of changes is one
+write. Processes cannot survive the emulator, so every machine comes back stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from autoscaler.emulator.model import App
+
+FORMAT_VERSION = 1
+_COALESCE_S = 0.05
+
+
+def dump(apps: dict[str, App]) -> dict[str, Any]:
+    return {"version": FORMAT_VERSION, "apps": [a.to_state() for a in apps.values()]}
+
+
+def write_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class StateFileError(Exception):
+    pass
+
+
+def load(path: Path) -> dict[str, App]:
+    """The saved apps, every machine stopped; an absent file is an empty world."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise StateFileError(f"{path}: cannot read the emulator state: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION:
+        raise StateFileError(f"{path}: not an emulator state file (version {FORMAT_VERSION})")
+    apps: dict[str, App] = {}
+    try:
+        for item in raw.get("apps", []):
+            app = App.from_state(item)
+            for m in app.machines.values():
+                # No process survives the emulator; created and failed stay what they were.
+                if m.state not in ("created", "failed"):
+                    m.state = "stopped"
+            apps[app.name] = app
+    except (KeyError, TypeError) as exc:
+        raise StateFileError(f"{path}: damaged emulator state: missing {exc}") from None
+    return apps
+
+
+class Saver:
+    """Coalesces change notifications into atomic writes."""
+
+    def __init__(self, path: Path, apps: dict[str, App]) -> None:
+        self.path = path
+        self._apps = apps
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._save_soon())
+
+    async def _save_soon(self) -> None:
+        await asyncio.sleep(_COALESCE_S)
+        self.save_now()
+
+    def save_now(self) -> None:
+        write_atomic(self.path, dump(self._apps))
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.save_now()

@@ -1,0 +1,248 @@
+"""Machine processes: spawning, signalling, port probing and loopback address allocation.
+
+No orphans is the rule this module exists for. Every child runs in its own session (so a
+Ctrl-C in the terminal reaches only the emulator, which then stops children in order), and
+asks the kernel to SIGKILL it when the emulator's thread dies (PR_SET_PDEATHSIG), so even a
+SIGKILLed emulator leaves nothing behind. ``Reaper`` keeps every live process group and an
+``atexit`` hook kills what is left if the event loop never got to clean up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import random
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+PR_SET_PDEATHSIG = 1
+OUTPUT_LINES = 200  # tail of a machine's output kept for diagnostics
+
+_libc: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _child_setup(parent_pid: int) -> Callable[[], None]:
+    """The preexec hook: die with the parent, and close the race where it died already."""
+
+    def setup() -> None:
+        if _libc is not None:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return setup
+
+
+class Reaper:
+    """Every process group this emulator started and has not yet seen exit."""
+
+    def __init__(self) -> None:
+        self._groups: set[int] = set()
+        atexit.register(self.kill_all)
+
+    def add(self, pgid: int) -> None:
+        self._groups.add(pgid)
+
+    def discard(self, pgid: int) -> None:
+        self._groups.discard(pgid)
+
+    def kill_all(self) -> None:
+        for pgid in list(self._groups):
+            kill_group(pgid, signal.SIGKILL)
+        self._groups.clear()
+
+    def close(self) -> None:
+        self.kill_all()
+        atexit.unregister(self.kill_all)
+
+
+def kill_group(pgid: int, sig: int) -> bool:
+    """Signal a whole process group; False when it is gone already."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a recycled id that is no longer ours
+        return False
+    return True
+
+
+class MachineProcess:
+    """One running machine: the child, its process group and the tail of its output."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, reaper: Reaper) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
+        self.expected_exit = False  # set before the emulator stops it on purpose
+        self._reaper = reaper
+        reaper.add(self.pid)  # start_new_session: the pid is the group id
+        self._reader = asyncio.ensure_future(self._read_output())
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def _read_output(self) -> None:
+        stream = self.proc.stdout
+        if stream is None:
+            return
+        while line := await stream.readline():
+            self.output.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+    def signal(self, sig: int) -> bool:
+        return kill_group(self.pid, sig)
+
+    async def wait(self) -> int:
+        code = await self.proc.wait()
+        # The leader is reaped; make sure nothing it forked lingers in the group.
+        kill_group(self.pid, signal.SIGKILL)
+        self._reaper.discard(self.pid)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self._reader, 1.0)
+        return code
+
+    async def terminate(self, sig: int, grace_s: float) -> int:
+        """Send ``sig``, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
+        self.expected_exit = True
+        if self.proc.returncode is None:
+            self.signal(sig)
+            self.signal(signal.SIGCONT)  # a stopped (suspended) process cannot handle sig
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.wait()), grace_s)
+            except TimeoutError:
+                pass
+        self.signal(signal.SIGKILL)
+        return await self.wait()
+
+
+async def spawn(argv: Sequence[str], env: Mapping[str, str], reaper: Reaper) -> MachineProcess:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(env),
+        start_new_session=True,
+        preexec_fn=_child_setup(os.getpid()),  # only prctl and getppid
+    )
+    return MachineProcess(proc, reaper)
+
+
+async def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def wait_listening(
+    mp: MachineProcess, host: str, port: int, timeout_s: float, interval_s: float = 0.02
+) -> bool:
+    """True once ``host:port`` accepts a connection; False if the process exits or time runs out.
+
+    A connect probe is the only readiness signal that works for any user image, so this is
+    a loop; it ends with the boot and never runs for a machine that is already started.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if mp.returncode is not None:
+            return False
+        if await port_open(host, port, min(0.5, max(deadline - loop.time(), 0.01))):
+            return True
+        await asyncio.sleep(interval_s)
+    return False
+
+
+def address_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As servers do: connections in TIME_WAIT from the last boot must not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+class AddressPool:
+    """Loopback addresses for machines: random in 127.2.0.1 to 127.254.255.254.
+
+    Sixteen million addresses drawn at random make a clash between parallel emulators
+    (several pytest processes, a demo beside the tests) unlikely; the bind probe makes it
+    impossible at assignment time. 127.0.x and 127.1.x stay free for ordinary services.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._taken: set[str] = set()
+
+    def reserve(self, ip: str) -> None:
+        self._taken.add(ip)
+
+    def release(self, ip: str) -> None:
+        self._taken.discard(ip)
+
+    def allocate(self, port: int) -> str:
+        for _ in range(1000):
+            rng = self._rng
+            ip = f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+            if ip not in self._taken and address_free(ip, port):
+                self._taken.add(ip)
+                return ip
+        raise RuntimeError("no free loopback address found")
+
+
+def leftovers(parent_pid: int) -> list[tuple[int, str]]:
+    """Live processes that are children of ``parent_pid`` or carry its emulator marker.
+
+    Reads /proc (Linux); zombies are skipped because they hold no resources and their
+    parent reaps them. Returns (pid, command line) pairs.
+    """
+    found: list[tuple[int, str]] = []
+    marker = f"AUTOSCALER_EMULATOR_PARENT={parent_pid}".encode()
+    proc = "/proc"
+    if not os.path.isdir(proc):
+        return found
+    for entry in os.listdir(proc):
+        if not entry.isdigit() or int(entry) == parent_pid:
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            state, ppid = fields[0], int(fields[1])
+            if state == b"Z":
+                continue
+            mine = ppid == parent_pid
+            if not mine:
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"{proc}/{entry}/environ", "rb") as fh,
+                ):
+                    mine = marker in fh.read().split(b"\0")
+            if mine:
+                with open(f"{proc}/{entry}/cmdline", "rb") as fh:
+                    cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                found.append((int(entry), cmd))
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+    return found

@@ -1,0 +1,165 @@
+"""``Emulator``: the in-process handle the demo, the tests and the CLI share.
+
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu:
+        emu.url, emu.token
+
+Leaving the block stops the API, kills every machine process and saves the state file.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import signal
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from autoscaler.config import EmulatorSettings, FaultSettings, parse_host_port
+from autoscaler.emulator.api import Context, build_app
+from autoscaler.emulator.model import Machine
+from autoscaler.emulator.persist import Saver, load
+from autoscaler.emulator.procs import MachineProcess
+from autoscaler.emulator.world import World
+
+log = logging.getLogger(__name__)
+
+
+class Emulator:
+    def __init__(
+        self,
+        settings: EmulatorSettings | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings or EmulatorSettings()
+        listen = parse_host_port(self.settings.listen)
+        self.host = host if host is not None else listen.host
+        self.port = port if port is not None else listen.port
+        secret = self.settings.token
+        self.token: str = secret.get_secret_value() if secret else secrets.token_urlsafe(24)
+        self._rng = rng or random.Random()  # noqa: S311 - ids and faults, not secrets
+        self._saver: Saver | None = None
+        self._runner: web.AppRunner | None = None
+        self._world: World | None = None
+        self._ctx: Context | None = None
+        self._bound_port = 0
+
+    def __repr__(self) -> str:  # the token stays out of reprs and logs
+        return f"Emulator(url={self.url!r})" if self._runner else "Emulator(stopped)"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._bound_port or self.port}"
+
+    @property
+    def world(self) -> World:
+        if self._world is None:
+            raise RuntimeError("the emulator is not started")
+        return self._world
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        state_file = self.settings.state_file
+        world = World(self.settings, rng=self._rng, on_change=self._changed)
+        self._world = world
+        if state_file is not None:
+            world.apps.update(load(state_file))
+            for app in world.apps.values():
+                for m in app.machines.values():
+                    world.pool.reserve(m.private_ip)
+            self._saver = Saver(state_file, world.apps)
+        for spec in self.settings.apps:
+            world.seed_app(spec)
+        self._ctx = Context(
+            world=world,
+            token=self.token,
+            rng=self._rng,
+            faults=self.settings.faults,
+            rate_limits=self.settings.rate_limits,
+            oidc_key=secrets.token_bytes(32),
+        )
+        self._runner = web.AppRunner(build_app(self._ctx), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await self.close()
+            raise
+        sockets = [s for s in self._runner.addresses if isinstance(s, tuple)]
+        self._bound_port = int(sockets[0][1]) if sockets else self.port
+        log.info("emulator listening on %s", self.url)
+
+    async def close(self) -> None:
+        """Stop answering, kill every machine process, save the state. Idempotent."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._world is not None:
+            await self._world.lifecycle.close()
+        if self._saver is not None:
+            await self._saver.close()
+            self._saver = None
+
+    async def __aenter__(self) -> Emulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _changed(self) -> None:
+        if self._saver is not None:
+            self._saver.changed()
+
+    # --- helpers for tests and the demo ----------------------------------------------
+
+    def machine(self, app: str, machine_id: str) -> Machine:
+        """The live machine record (read it, do not mutate it)."""
+        return self.world.machine(app, machine_id)
+
+    def machines(self, app: str) -> list[Machine]:
+        return list(self.world.app(app).machines.values())
+
+    def process(self, app: str, machine_id: str) -> MachineProcess | None:
+        """The machine's running process, if any."""
+        self.world.machine(app, machine_id)
+        return self.world.lifecycle.procs.get(machine_id)
+
+    def pids(self) -> list[int]:
+        """Every machine process this emulator has running now."""
+        return [mp.pid for mp in self.world.lifecycle.procs.values()]
+
+    def kill_machine_process(self, app: str, machine_id: str, sig: int = signal.SIGKILL) -> bool:
+        """Simulate a crash; the machine then stops (or restarts, per its policy)."""
+        return self.world.lifecycle.kill_process(self.world.machine(app, machine_id), sig)
+
+    def set_faults(self, faults: FaultSettings) -> None:
+        """Change fault injection at runtime; takes effect with the next call or boot."""
+        self.world.lifecycle.faults = faults
+        if self._ctx is not None:
+            self._ctx.faults = faults
+
+    def set_rate_limits(self, enabled: bool) -> None:
+        if self._ctx is not None:
+            self._ctx.rate_limits = enabled
+
+    def output(self, app: str, machine_id: str) -> list[str]:
+        """The last lines a machine's process printed (for diagnosing a failed boot)."""
+        self.world.machine(app, machine_id)
+        return list(self.world.lifecycle.outputs.get(machine_id, ()))
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.url, "apps": sorted(self.world.apps)}

@@ -1,0 +1,308 @@
+"""Strict checks of request bodies and parameters; each failure is one clear sentence (400).
+
+Written by hand rather than with the client's models: the emulator must not trust the code
+it is there to test, and its messages should read like an API's, naming the field, what
+was expected and what came. Unknown fields are kept, as the real API has many more.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from typing import Any
+
+from autoscaler.config import parse_duration
+
+APP_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
+RESTART_POLICIES = ("no", "on-failure", "always")
+SCHEDULES = ("hourly", "daily", "weekly", "monthly")
+HANDLERS = ("http", "tls", "tcp", "proxy_proto")
+
+
+class BadRequest(Exception):
+    """An invalid body, parameter or name (HTTP 400)."""
+
+
+def _type_name(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str) -> None:
+    ok = isinstance(value, kind) and not (
+        isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    )
+    if not ok:
+        raise BadRequest(f"{where}: expected {what}, got {_type_name(value)}")
+
+
+def _int(value: object, where: str, low: int | None = None, high: int | None = None) -> int:
+    _expect(value, int, where, "an integer")
+    assert isinstance(value, int)
+    if low is not None and value < low:
+        raise BadRequest(f"{where}: must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise BadRequest(f"{where}: must be at most {high}, got {value}")
+    return value
+
+
+def _enum(value: object, choices: tuple[str, ...], where: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise BadRequest(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _str_map(value: object, where: str) -> dict[str, str]:
+    _expect(value, dict, where, "an object of strings")
+    assert isinstance(value, dict)
+    for key, item in value.items():
+        _expect(item, str, f"{where}.{key}", "a string")
+    return value
+
+
+def _str_list(value: object, where: str) -> list[str]:
+    _expect(value, list, where, "an array of strings")
+    assert isinstance(value, list)
+    for i, item in enumerate(value):
+        _expect(item, str, f"{where}[{i}]", "a string")
+    return value
+
+
+def app_name(name: object, where: str = "app_name") -> str:
+    if not isinstance(name, str) or not APP_NAME_RE.match(name):
+        raise BadRequest(
+            f"{where}: expected 1-63 lowercase letters, digits and dashes "
+            f"(not starting or ending with a dash), got {name!r}"
+        )
+    return name
+
+
+def create_app(body: object) -> tuple[str, str, str | None]:
+    """(name, org_slug, network); the real API's ``name`` is accepted for ``app_name``."""
+    _expect(body, dict, "body", "a JSON object")
+    assert isinstance(body, dict)
+    name = body.get("app_name", body.get("name"))
+    if name is None:
+        raise BadRequest("app_name: required")
+    org = body.get("org_slug")
+    if org is None:
+        raise BadRequest("org_slug: required")
+    _expect(org, str, "org_slug", "a string")
+    if "enable_subdomains" in body:
+        _expect(body["enable_subdomains"], bool, "enable_subdomains", "a boolean")
+    network = body.get("network")
+    if network is not None:
+        _expect(network, str, "network", "a string")
+    return app_name(name), org, network
+
+
+def _service(svc: object, where: str) -> None:
+    _expect(svc, dict, where, "an object")
+    assert isinstance(svc, dict)
+    if "protocol" in svc:
+        _enum(svc["protocol"], ("tcp", "udp"), f"{where}.protocol")
+    if "internal_port" in svc:
+        _int(svc["internal_port"], f"{where}.internal_port", 1, 65535)
+    for i, port in enumerate(svc.get("ports") or []):
+        pw = f"{where}.ports[{i}]"
+        _expect(port, dict, pw, "an object")
+        if "port" in port:
+            _int(port["port"], f"{pw}.port", 1, 65535)
+        for j, handler in enumerate(port.get("handlers") or []):
+            _enum(handler, HANDLERS, f"{pw}.handlers[{j}]")
+        if "force_https" in port:
+            _expect(port["force_https"], bool, f"{pw}.force_https", "a boolean")
+    conc = svc.get("concurrency")
+    if conc is not None:
+        _expect(conc, dict, f"{where}.concurrency", "an object")
+        if "type" in conc:
+            _enum(conc["type"], ("connections", "requests"), f"{where}.concurrency.type")
+        for key in ("soft_limit", "hard_limit"):
+            if key in conc:
+                _int(conc[key], f"{where}.concurrency.{key}", 0)
+
+
+def machine_config(config: object, where: str = "config") -> dict[str, Any]:
+    _expect(config, dict, where, "an object")
+    assert isinstance(config, dict)
+    image = config.get("image")
+    if image is None:
+        raise BadRequest(f"{where}.image: required")
+    _expect(image, str, f"{where}.image", "a string")
+    if not image.strip():
+        raise BadRequest(f"{where}.image: must not be empty")
+    if "env" in config:
+        _str_map(config["env"], f"{where}.env")
+    if "metadata" in config:
+        _str_map(config["metadata"], f"{where}.metadata")
+    guest = config.get("guest")
+    if guest is not None:
+        _expect(guest, dict, f"{where}.guest", "an object")
+        if "cpus" in guest:
+            _int(guest["cpus"], f"{where}.guest.cpus", 1, 64)
+        if "memory_mb" in guest:
+            mem = _int(guest["memory_mb"], f"{where}.guest.memory_mb", 256)
+            if mem % 256:
+                raise BadRequest(f"{where}.guest.memory_mb: must be a multiple of 256, got {mem}")
+        if "cpu_kind" in guest:
+            _enum(guest["cpu_kind"], ("shared", "performance"), f"{where}.guest.cpu_kind")
+    services = config.get("services")
+    if services is not None:
+        _expect(services, list, f"{where}.services", "an array")
+        for i, svc in enumerate(services):
+            _service(svc, f"{where}.services[{i}]")
+    checks = config.get("checks")
+    if checks is not None:
+        _expect(checks, dict, f"{where}.checks", "an object")
+        for name, check in checks.items():
+            _expect(check, dict, f"{where}.checks.{name}", "an object")
+            if "type" in check:
+                _enum(check["type"], ("tcp", "http"), f"{where}.checks.{name}.type")
+    mounts = config.get("mounts")
+    if mounts is not None:
+        _expect(mounts, list, f"{where}.mounts", "an array")
+        for i, mount in enumerate(mounts):
+            _expect(mount, dict, f"{where}.mounts[{i}]", "an object")
+            if "volume" in mount:
+                _expect(mount["volume"], str, f"{where}.mounts[{i}].volume", "a string")
+    init = config.get("init")
+    if init is not None:
+        _expect(init, dict, f"{where}.init", "an object")
+        for key in ("exec", "entrypoint", "cmd"):
+            if key in init and init[key] is not None:
+                _str_list(init[key], f"{where}.init.{key}")
+    restart = config.get("restart")
+    if restart is not None:
+        _expect(restart, dict, f"{where}.restart", "an object")
+        if "policy" in restart:
+            _enum(restart["policy"], RESTART_POLICIES, f"{where}.restart.policy")
+        if "max_retries" in restart:
+            _int(restart["max_retries"], f"{where}.restart.max_retries", 0)
+    if "schedule" in config:
+        _enum(config["schedule"], SCHEDULES, f"{where}.schedule")
+    if "auto_destroy" in config:
+        _expect(config["auto_destroy"], bool, f"{where}.auto_destroy", "a boolean")
+    return config
+
+
+def machine_request(body: object) -> tuple[dict[str, Any], str | None, str | None, bool]:
+    """(config, name, region, skip_launch) of a create or update request."""
+    _expect(body, dict, "body", "a JSON object")
+    assert isinstance(body, dict)
+    if "config" not in body:
+        raise BadRequest("config: required")
+    config = machine_config(body["config"])
+    name = body.get("name")
+    if name is not None:
+        _expect(name, str, "name", "a string")
+    region = body.get("region")
+    if region is not None:
+        _expect(region, str, "region", "a string")
+    for key in ("skip_launch", "skip_service_registration"):
+        if key in body:
+            _expect(body[key], bool, key, "a boolean")
+    return config, name or None, region or None, bool(body.get("skip_launch", False))
+
+
+def seconds(value: object, where: str, low: float, high: float) -> float:
+    """An integer of seconds or a duration string ("30s"), within [low, high]."""
+    try:
+        parsed = parse_duration(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, float):
+        raise BadRequest(f'{where}: expected seconds or a duration like "30s", got {value!r}')
+    if not low <= parsed <= high:
+        raise BadRequest(f"{where}: must be between {low:g} and {high:g} seconds, got {value!r}")
+    return parsed
+
+
+def stop_body(body: object) -> tuple[int, float]:
+    """(signal number, timeout seconds); SIGINT and 30 s (not the real 5 min) by default."""
+    if body is None:
+        return signal.SIGINT, 30.0
+    _expect(body, dict, "body", "a JSON object")
+    assert isinstance(body, dict)
+    sig = signal.SIGINT
+    if body.get("signal") is not None:
+        name = body["signal"]
+        _expect(name, str, "signal", "a signal name like SIGTERM")
+        upper = name.upper()
+        upper = upper if upper.startswith("SIG") else "SIG" + upper
+        if upper not in signal.Signals.__members__ or upper in ("SIGSTOP", "SIGCONT"):
+            raise BadRequest(f"signal: expected a signal name like SIGTERM, got {name!r}")
+        sig = signal.Signals[upper]
+    timeout = 30.0
+    if body.get("timeout") is not None:
+        timeout = seconds(body["timeout"], "timeout", 0, 3600)
+    return sig, timeout
+
+
+def metadata_key(key: str) -> str:
+    if not METADATA_KEY_RE.match(key):
+        raise BadRequest(f"key: expected 1-128 letters, digits, or ._-/, got {key!r}")
+    return key
+
+
+def metadata_value(body: object) -> str:
+    """The seed sends a bare JSON string; the real API sends ``{"value": "..."}``."""
+    if isinstance(body, dict) and set(body) == {"value"}:
+        body = body["value"]
+    _expect(body, str, "body", 'a JSON string or {"value": "..."}')
+    assert isinstance(body, str)
+    return body
+
+
+def create_volume(body: object) -> dict[str, Any]:
+    _expect(body, dict, "body", "a JSON object")
+    assert isinstance(body, dict)
+    for key in ("name", "size_gb", "region"):
+        if key not in body:
+            raise BadRequest(f"{key}: required")
+    _expect(body["name"], str, "name", "a string")
+    if not re.match(r"^[a-z0-9_]{1,30}$", body["name"]):
+        raise BadRequest(
+            f"name: expected 1-30 lowercase letters, digits and underscores, got {body['name']!r}"
+        )
+    _int(body["size_gb"], "size_gb", 1, 500)
+    _expect(body["region"], str, "region", "a string")
+    for key in ("encrypted", "unique_zones_only"):
+        if key in body:
+            _expect(body[key], bool, key, "a boolean")
+    if "snapshot_id" in body and body["snapshot_id"] is not None:
+        _expect(body["snapshot_id"], str, "snapshot_id", "a string")
+    if "snapshot_retention" in body:
+        _int(body["snapshot_retention"], "snapshot_retention", 1, 60)
+    return body
+
+
+def update_volume(body: object) -> int | None:
+    _expect(body, dict, "body", "a JSON object")
+    assert isinstance(body, dict)
+    if body.get("snapshot_retention") is None:
+        return None
+    return _int(body["snapshot_retention"], "snapshot_retention", 1, 60)
+
+
+def extend_volume(body: object, current: int) -> int:
+    _expect(body, dict, "body", "a JSON object")
+    assert isinstance(body, dict)
+    if "size_gb" not in body:
+        raise BadRequest("size_gb: required")
+    size = _int(body["size_gb"], "size_gb", 1, 500)
+    if size <= current:
+        raise BadRequest(f"size_gb: must be larger than the current {current} GB, got {size}")
+    return size
+
+
+def oidc(body: object) -> str | None:
+    if body is None:
+        return None
+    _expect(body, dict, "body", "a JSON object")
+    assert isinstance(body, dict)
+    aud = body.get("aud")
+    if aud is not None:
+        _expect(aud, str, "aud", "a string")
+    return aud

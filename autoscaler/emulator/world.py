@@ -1,0 +1,249 @@
+"""The emulator's store: apps, machines and volumes, with lookups and the rules between them.
+
+HTTP-free, so the API handlers stay thin and tests can drive the world directly. Errors are
+exceptions the API maps to statuses: NotFound 404, BadRequest 400, Conflict 412, NameTaken
+422.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.emulator.machines import Conflict, Lifecycle
+from autoscaler.emulator.model import App, Ids, Machine, Volume, now_rfc3339
+from autoscaler.emulator.procs import AddressPool
+from autoscaler.emulator.validate import BadRequest
+
+DEFAULT_REGION = "iad"
+_TOMBSTONES = 10_000  # destroyed machine ids remembered, so /wait?state=destroyed succeeds
+
+
+class NotFound(Exception):
+    """An unknown app, machine, volume or metadata key (HTTP 404)."""
+
+
+class NameTaken(Exception):
+    """An app name already in use (HTTP 422, as on the real API)."""
+
+
+class World:
+    def __init__(
+        self,
+        settings: EmulatorSettings,
+        *,
+        rng: random.Random,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.ids = Ids(rng)
+        self.pool = AddressPool(rng)
+        self.apps: dict[str, App] = {}
+        self._gone: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._on_change = on_change
+        self.lifecycle = Lifecycle(
+            settings, ids=self.ids, rng=rng, pool=self.pool, on_change=on_change
+        )
+
+    # --- lookups -------------------------------------------------------------------
+
+    def app(self, name: str) -> App:
+        try:
+            return self.apps[name]
+        except KeyError:
+            raise NotFound(f"app not found: {name}") from None
+
+    def machine(self, app_name: str, machine_id: str) -> Machine:
+        app = self.app(app_name)
+        try:
+            return app.machines[machine_id]
+        except KeyError:
+            raise NotFound(f"machine not found: {machine_id}") from None
+
+    def volume(self, app_name: str, volume_id: str) -> Volume:
+        app = self.app(app_name)
+        try:
+            return app.volumes[volume_id]
+        except KeyError:
+            raise NotFound(f"volume not found: {volume_id}") from None
+
+    def was_destroyed(self, app_name: str, machine_id: str) -> bool:
+        return (app_name, machine_id) in self._gone
+
+    # --- apps ------------------------------------------------------------------------
+
+    def create_app(self, name: str, org_slug: str, network: str | None = None) -> App:
+        if org_slug != self.settings.org_slug:
+            raise BadRequest(
+                f"org_slug: unknown organization {org_slug!r} "
+                f"(this emulator has one: {self.settings.org_slug!r})"
+            )
+        if name in self.apps:
+            raise NameTaken(f"app name {name!r} is already taken")
+        app = App(
+            id=self.ids.hex(16),
+            name=name,
+            org_slug=org_slug,
+            network=network or "default",
+            created_at=now_rfc3339(),
+        )
+        self.apps[name] = app
+        self._on_change()
+        return app
+
+    def delete_app(self, name: str, force: bool) -> None:
+        app = self.app(name)
+        busy = [
+            m.id
+            for m in app.machines.values()
+            if m.state not in ("stopped", "created", "failed", "destroyed", "suspended")
+        ]
+        if busy and not force:
+            raise Conflict(
+                f"app {name!r} has machines that are not stopped ({', '.join(busy)}); "
+                "stop them first or pass force=true"
+            )
+        for m in list(app.machines.values()):
+            if m.state not in ("destroying", "destroyed"):
+                self.lifecycle.destroy(m, force=True, on_gone=self._forget)
+        del self.apps[name]
+        self._on_change()
+
+    def seed_app(self, spec: EmulatorApp) -> None:
+        """A start-up app from the config; an app already loaded from the state file stays."""
+        app = self.apps.get(spec.name) or self.create_app(spec.name, self.settings.org_slug)
+        missing = spec.machines - len(app.machines)
+        config: dict[str, Any] = {
+            "image": spec.image,
+            "env": dict(spec.env),
+            "services": [
+                {
+                    "protocol": "tcp",
+                    "internal_port": spec.internal_port,
+                    "ports": [{"port": 80, "handlers": ["http"]}],
+                }
+            ],
+            # No restart policy: a crashed machine stops, which is what scaling tests need.
+        }
+        for _ in range(max(0, missing)):
+            m = self.create_machine(app, dict(config), None, None)
+            self.lifecycle.record(m, "stopped")  # they wait, stopped, for the first request
+
+    # --- machines --------------------------------------------------------------------
+
+    def create_machine(
+        self, app: App, config: dict[str, Any], name: str | None, region: str | None
+    ) -> Machine:
+        if self.lifecycle.resolve_image(str(config["image"])) is None:
+            known = ", ".join(sorted(self.lifecycle.images))
+            raise BadRequest(
+                f"config.image: {config['image']!r} is not in the emulator's image table "
+                f"(known: {known})"
+            )
+        mid = self.ids.machine()
+        self._attach(app, mid, config)
+        stamp = now_rfc3339()
+        probe = Machine(
+            id=mid, app=app.name, name="", region="", config=config, instance_id="",
+            private_ip="", created_at=stamp, updated_at=stamp,
+        )  # fmt: skip
+        m = Machine(
+            id=mid,
+            app=app.name,
+            name=name or f"{app.name}-{mid[:6]}",
+            region=region or DEFAULT_REGION,
+            config=config,
+            instance_id=self.ids.instance(),
+            private_ip=self.pool.allocate(probe.internal_port),
+            created_at=stamp,
+            updated_at=stamp,
+        )
+        app.machines[mid] = m
+        self.lifecycle.record(m, "created", "launch")
+        return m
+
+    def update_machine(
+        self, m: Machine, config: dict[str, Any], name: str | None, region: str | None
+    ) -> None:
+        if self.lifecycle.resolve_image(str(config["image"])) is None:
+            raise BadRequest(f"config.image: {config['image']!r} is not in the image table")
+        if region and region != m.region:
+            raise BadRequest(f"region: a machine cannot move regions ({m.region} to {region})")
+        app = self.app(m.app)
+        self._detach(app, m.id)
+        try:
+            self._attach(app, m.id, config)
+        except BadRequest:
+            self._attach(app, m.id, m.config)
+            raise
+        self.lifecycle.update(m, config, name)
+
+    def destroy_machine(self, m: Machine, force: bool) -> None:
+        self.lifecycle.destroy(m, force, on_gone=self._forget)
+
+    def _forget(self, m: Machine) -> None:
+        app = self.apps.get(m.app)
+        if app is not None and app.machines.get(m.id) is m:
+            del app.machines[m.id]
+            self._detach(app, m.id)
+        self._gone[(m.app, m.id)] = None
+        while len(self._gone) > _TOMBSTONES:
+            self._gone.popitem(last=False)
+        self._on_change()
+
+    # --- volumes ---------------------------------------------------------------------
+
+    def _attach(self, app: App, machine_id: str, config: dict[str, Any]) -> None:
+        wanted = [m.get("volume") for m in config.get("mounts") or [] if m.get("volume")]
+        for vid in wanted:
+            vol = app.volumes.get(vid)
+            if vol is None:
+                raise BadRequest(f"config.mounts: volume {vid!r} not found in app {app.name!r}")
+            if vol.attached_machine_id not in (None, machine_id):
+                raise BadRequest(
+                    f"config.mounts: volume {vid!r} is attached to {vol.attached_machine_id}"
+                )
+        for vid in wanted:
+            app.volumes[vid].attached_machine_id = machine_id
+
+    def _detach(self, app: App, machine_id: str) -> None:
+        for vol in app.volumes.values():
+            if vol.attached_machine_id == machine_id:
+                vol.attached_machine_id = None
+
+    def create_volume(self, app: App, body: dict[str, Any]) -> Volume:
+        vol = Volume(
+            id=self.ids.volume(),
+            name=body["name"],
+            size_gb=body["size_gb"],
+            region=body["region"],
+            zone=self.ids.hex(4),
+            encrypted=body.get("encrypted", True),
+            snapshot_retention=body.get("snapshot_retention", 5),
+            created_at=now_rfc3339(),
+        )
+        app.volumes[vol.id] = vol
+        self._on_change()
+        return vol
+
+    def delete_volume(self, app: App, vol: Volume) -> None:
+        if vol.attached_machine_id:
+            raise Conflict(f"volume {vol.id} is attached to machine {vol.attached_machine_id}")
+        vol.state = "destroyed"
+        del app.volumes[vol.id]
+        self._on_change()
+
+    def snapshot_volume(self, vol: Volume) -> dict[str, Any]:
+        snap = {
+            "id": "vs_" + self.ids.hex(16),
+            "size": vol.size_gb * 1024**3 // 10,
+            "digest": self.ids.hex(64),
+            "created_at": now_rfc3339(),
+            "status": "created",
+        }
+        vol.snapshots.append(snap)
+        self._on_change()
+        return snap

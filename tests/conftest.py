@@ -1,0 +1,50 @@
+"""Shared fixtures: a live emulator, and a session-wide check that no process is left.
+
+Override ``emulator_settings`` in a test module to change what ``emulator`` starts with
+(faults, rate limits, start-up apps); the defaults are fast and have rate limits off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from autoscaler.config import EmulatorSettings
+from autoscaler.emulator import Emulator
+from autoscaler.emulator.procs import leftovers
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    return EmulatorSettings(
+        listen="127.0.0.1:4280",  # ignored: the fixture binds an ephemeral port
+        demo_boot_delay_s=0.05,
+        resume_delay_s=0.0,
+        boot_timeout_s=20.0,
+        rate_limits=False,  # a test that wants Fly's limits turns them on
+    )
+
+
+@pytest.fixture
+async def emulator(emulator_settings: EmulatorSettings) -> AsyncIterator[Emulator]:
+    """A started emulator on 127.0.0.1 and an ephemeral port; every child reaped after."""
+    async with Emulator(emulator_settings, host="127.0.0.1", port=0) as emu:
+        yield emu
+    assert not emu.world.lifecycle.procs, "the emulator still tracks machine processes"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_left() -> Iterator[None]:
+    """Fail the session if any child process (or emulator machine) outlives the tests."""
+    yield
+    left = leftovers(os.getpid())
+    for pid, _ in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        listing = "; ".join(f"{pid}: {cmd}" for pid, cmd in left)
+        pytest.fail(f"processes left after the test session: {listing}", pytrace=False)

@@ -1,0 +1,81 @@
+"""Small helpers for the emulator tests: an authenticated session and common calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from autoscaler.emulator import Emulator
+
+DEMO = "autoscaler/demo-app"
+
+
+def session(emu: Emulator, token: str | None = None) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        base_url=emu.url,
+        headers={"Authorization": f"Bearer {token or emu.token}"},
+        timeout=aiohttp.ClientTimeout(total=30),
+    )
+
+
+async def create_app(s: aiohttp.ClientSession, name: str = "demo") -> None:
+    r = await s.post("/v1/apps", json={"app_name": name, "org_slug": "personal"})
+    assert r.status == 201, await r.text()
+
+
+async def create_machine(
+    s: aiohttp.ClientSession,
+    app: str = "demo",
+    *,
+    start: bool = True,
+    port: int = 8080,
+    **config: Any,
+) -> dict[str, Any]:
+    body = {
+        "config": {
+            "image": DEMO,
+            "services": [{"protocol": "tcp", "internal_port": port}],
+            **config,
+        },
+        "skip_launch": not start,
+    }
+    r = await s.post(f"/v1/apps/{app}/machines", json=body)
+    assert r.status == 200, await r.text()
+    machine: dict[str, Any] = await r.json()
+    return machine
+
+
+async def wait(
+    s: aiohttp.ClientSession, app: str, mid: str, state: str = "started", seconds: int = 20
+) -> aiohttp.ClientResponse:
+    r = await s.get(
+        f"/v1/apps/{app}/machines/{mid}/wait", params={"state": state, "timeout": seconds}
+    )
+    await r.read()
+    return r
+
+
+async def wait_ok(s: aiohttp.ClientSession, app: str, mid: str, state: str = "started") -> None:
+    r = await wait(s, app, mid, state)
+    assert r.status == 200, f"wait {state}: {r.status} {await r.text()}"
+
+
+async def hit(ip: str, port: int = 8080, path: str = "/") -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as c,
+        c.get(f"http://{ip}:{port}{path}") as r,
+    ):
+        assert r.status == 200
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(b")") + 2 :].split()[0] == b"Z"

@@ -1,0 +1,207 @@
+"""Machines as real processes: start, serve, suspend, resume, stop, crash, destroy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from emu_helpers import create_app, create_machine, hit, pid_gone, session, wait, wait_ok
+
+from autoscaler.config import EmulatorSettings
+from autoscaler.emulator import Emulator
+
+
+async def test_started_machine_serves_http_on_its_private_ip(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        assert m["private_ip"].startswith("127.")
+        assert m["private_ip"] != "127.0.0.1"
+        await wait_ok(s, "demo", m["id"])
+        body = await hit(m["private_ip"])
+        assert body["machine_id"] == m["id"]
+        assert body["count"] == 1
+        assert (await hit(m["private_ip"]))["count"] == 2
+        got = await (await s.get(f"/v1/apps/demo/machines/{m['id']}")).json()
+        assert got["state"] == "started"
+
+
+async def test_suspend_freezes_and_resume_keeps_memory(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        mid, ip = m["id"], m["private_ip"]
+        await wait_ok(s, "demo", mid)
+        assert (await hit(ip))["count"] == 1
+        r = await s.post(f"/v1/apps/demo/machines/{mid}/suspend")
+        assert r.status == 200
+        await wait_ok(s, "demo", mid, "suspended")
+        # A frozen process accepts the connection (the kernel does) but never answers.
+        frozen = asyncio.ensure_future(hit(ip))
+        done, _ = await asyncio.wait({frozen}, timeout=0.5)
+        assert not done, "a suspended machine answered"
+        r = await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        assert (await r.json())["previous_state"] == "suspended"
+        await wait_ok(s, "demo", mid)
+        assert (await frozen)["count"] == 2  # the held request completes after the resume
+        assert (await hit(ip))["count"] == 3  # memory kept: the counter continues
+
+
+async def test_stop_then_start_is_a_cold_boot(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        mid, ip = m["id"], m["private_ip"]
+        await wait_ok(s, "demo", mid)
+        await hit(ip)
+        first = await hit(ip)
+        assert first["count"] == 2
+        r = await s.post(
+            f"/v1/apps/demo/machines/{mid}/stop", json={"signal": "SIGTERM", "timeout": "5s"}
+        )
+        assert r.status == 200
+        await wait_ok(s, "demo", mid, "stopped")
+        assert pid_gone(first["pid"])
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await hit(ip)
+        await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        await wait_ok(s, "demo", mid)
+        again = await hit(ip)
+        assert again["count"] == 1  # a new process: the counter starts over
+        assert again["pid"] != first["pid"]
+
+
+async def test_crash_stops_the_machine_with_an_exit_event(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        mid = m["id"]
+        await wait_ok(s, "demo", mid)
+        assert emulator.kill_machine_process("demo", mid)
+        await wait_ok(s, "demo", mid, "stopped")
+        got = await (await s.get(f"/v1/apps/demo/machines/{mid}")).json()
+        assert got["state"] == "stopped"
+        exit_event = got["events"][0]
+        assert exit_event["type"] == "exit"
+        assert exit_event["request"]["exit_event"]["signal"] == 9
+
+
+async def test_restart_policy_always_brings_a_crashed_machine_back(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, restart={"policy": "always"})
+        mid = m["id"]
+        await wait_ok(s, "demo", mid)
+        pid = (await hit(m["private_ip"]))["pid"]
+        machine = emulator.machine("demo", mid)
+        emulator.kill_machine_process("demo", mid)
+
+        async def restarted() -> None:
+            while not (machine.state == "started" and machine.events[-1].type == "restart"):
+                await machine.changed.wait()
+
+        await asyncio.wait_for(restarted(), 20)
+        assert (await hit(m["private_ip"]))["pid"] != pid
+        kinds = [e["type"] for e in emulator.machine("demo", mid).to_json()["events"]]
+        assert kinds[:2] == ["restart", "exit"]
+
+
+async def test_wait_times_out_with_408_and_an_error(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False)
+        r = await wait(s, "demo", m["id"], "started", seconds=1)
+        assert r.status == 408
+        body = await r.json()
+        assert "currently created" in body["error"]
+        assert body["status"] == 408
+
+
+async def test_wait_honours_instance_id(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        mid, old = m["id"], m["instance_id"]
+        await wait_ok(s, "demo", mid)
+        r = await s.post(
+            f"/v1/apps/demo/machines/{mid}",
+            json={"config": {**m["config"], "env": {"X": "1"}}},
+        )
+        assert r.status == 200
+        new = (await r.json())["instance_id"]
+        assert new != old
+        url = f"/v1/apps/demo/machines/{mid}/wait"
+        r = await s.get(url, params={"state": "started", "instance_id": new, "timeout": "20"})
+        assert r.status == 200
+        assert (await r.json())["version"] == new
+        # The old version has stopped for good.
+        r = await s.get(url, params={"state": "stopped", "instance_id": old, "timeout": "1"})
+        assert r.status == 200
+        r = await s.get(url, params={"state": "started", "instance_id": "nope", "timeout": "1"})
+        assert r.status == 400
+
+
+async def test_wrong_state_is_412_and_force_destroys(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        mid = m["id"]
+        await wait_ok(s, "demo", mid)
+        pid = emulator.pids()[0]
+        base = f"/v1/apps/demo/machines/{mid}"
+        for call in (s.post(base + "/start"), s.delete(base)):
+            r = await call
+            assert r.status == 412
+            assert "started" in (await r.json())["error"]
+        r = await s.delete(base, params={"force": "true"})
+        assert r.status == 200
+        await wait_ok(s, "demo", mid, "destroyed")
+        assert pid_gone(pid)
+        r = await s.get(base)
+        assert r.status == 404
+        r = await s.post(base + "/suspend")
+        assert r.status == 404
+
+
+async def test_boot_failure_fault_leaves_the_machine_failed(emulator: Emulator) -> None:
+    from autoscaler.config import FaultSettings
+
+    emulator.set_faults(FaultSettings(boot_failure_rate=1.0))
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        r = await s.get(
+            f"/v1/apps/demo/machines/{m['id']}/wait", params={"state": "failed", "timeout": 20}
+        )
+        assert r.status == 200
+        emulator.set_faults(FaultSettings())
+        await s.post(f"/v1/apps/demo/machines/{m['id']}/start")
+        await wait_ok(s, "demo", m["id"])
+
+
+async def test_crash_after_fault_kills_started_machines(emulator: Emulator) -> None:
+    from autoscaler.config import FaultSettings
+
+    emulator.set_faults(FaultSettings(crash_after_s=0.2))
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        await wait_ok(s, "demo", m["id"], "stopped")
+        assert emulator.machine("demo", m["id"]).events[-1].type == "exit"
+
+
+async def test_closing_the_emulator_kills_every_machine() -> None:
+    settings = EmulatorSettings(demo_boot_delay_s=0.0, rate_limits=False)
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        await create_app(s)
+        a = await create_machine(s)
+        b = await create_machine(s)
+        await wait_ok(s, "demo", a["id"])
+        await wait_ok(s, "demo", b["id"])
+        await s.post(f"/v1/apps/demo/machines/{b['id']}/suspend")
+        await wait_ok(s, "demo", b["id"], "suspended")
+        pids = emu.pids()
+        assert len(pids) == 2
+    for pid in pids:
+        assert pid_gone(pid)
