@@ -1,0 +1,281 @@
+"""The control loop: one task per scaled app, ticking every ``control.tick_s``.
+
+A tick reads the fleet from the API (one list call, within the client's rate limits),
+merges it with the live load from the proxy's view, asks the pure policy what to do, and
+hands the actions to the :class:`~autoscaler.control.actions.Actuator` (one task per
+machine at most). API errors back off, doubling up to ``control.api_backoff_max_s``
+(longer if the API asked with Retry-After); the next tick reads the truth again, so
+nothing is remembered from a failed one.
+
+A new process knows nothing but the API: its first tick rebuilds the view from the list,
+counts machines that are already started or starting (so it starts nothing twice), and the
+policy finishes the drains our metadata key marks (or lifts our cordon from machines that
+are asleep already); ``Actuator.cleanup`` drops a key left without its cordon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from autoscaler.config import AppConfig, Settings
+from autoscaler.control.actions import Actuator, Probe, Sleep, tcp_probe
+from autoscaler.control.runtime import AppRuntime
+from autoscaler.control.view import Clock, FleetView
+from autoscaler.control.wake import WakeError, Waker
+from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.errors import FlyError, RateLimited
+from autoscaler.logs import get_logger
+from autoscaler.metrics import Metrics
+from autoscaler.scaling.fleet import STARTED, SUSPENDED
+from autoscaler.scaling.policy import Decision, decide
+
+__all__ = ["AppStatus", "Controller", "MachineStatus", "WakeError"]
+
+_log = get_logger("autoscaler.control")
+_BILLED_STATES = (STARTED, SUSPENDED)  # machine_seconds: what the fleet costs
+
+
+@dataclass(frozen=True, slots=True)
+class MachineStatus:
+    id: str
+    state: str
+    cordoned: bool
+    in_flight: int
+    last_used: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatus:
+    """One app as ``/status`` shows it; times on the controller's clock."""
+
+    app: str
+    desired: int
+    panic: bool
+    last_reason: str
+    last_decision_at: float | None
+    last_tick_at: float | None
+    last_error: str | None
+    machines: tuple[MachineStatus, ...]
+
+
+class Controller:
+    """Every scaled app's loop, the wake path, and the status the admin server reads."""
+
+    def __init__(
+        self,
+        api: MachinesAPI,
+        view: FleetView,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        probe: Probe = tcp_probe,
+    ) -> None:
+        self.api = api
+        self.view = view
+        self.metrics = metrics
+        self.clock = clock
+        self.sleep = sleep
+        self.settings = settings
+        self.actuator = Actuator(api, view, metrics, clock=clock, sleep=sleep, probe=probe)
+        self.waker = Waker(api, self.actuator, metrics)
+        self.apps: dict[str, AppRuntime] = {}
+        self.last_tick_at: float | None = None
+        self._running = False
+        self._gauged: dict[str, set[str]] = {}
+        self._sync_apps(settings.apps)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def _sync_apps(self, configs: list[AppConfig]) -> list[str]:
+        """Make the runtimes match the config; the names of apps that went away."""
+        wanted = {c.name: c for c in configs if not c.static}
+        gone = [name for name in self.apps if name not in wanted]
+        for name, config in wanted.items():
+            rt = self.apps.get(name)
+            if rt is None:
+                self.apps[name] = AppRuntime.of(config)
+                self.view.app(name)
+            else:
+                rt.reconfigure(config)
+        return gone
+
+    async def start(self) -> None:
+        """Start every app's loop and offer the wake path to the proxy."""
+        self._running = True
+        self.view.set_waker(self.wake)
+        for rt in self.apps.values():
+            self._start_loop(rt)
+
+    def _start_loop(self, rt: AppRuntime) -> None:
+        if rt.loop is None or rt.loop.done():
+            rt.loop = asyncio.get_running_loop().create_task(self._run(rt), name=f"loop:{rt.name}")
+
+    async def stop(self) -> None:
+        """Stop the loops and cancel actions under way. A drain cut short leaves a cordon
+        with our key; the next process (or the next start) finishes or undoes it."""
+        self._running = False
+        self.view.set_waker(None)
+        await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
+
+    async def _stop_app(self, rt: AppRuntime) -> None:
+        tasks: list[asyncio.Future[Any]] = [run.task for run in rt.running.values()]
+        if rt.loop is not None:
+            tasks.append(rt.loop)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        rt.loop = None
+
+    async def update_settings(self, settings: Settings) -> None:
+        """Apply a reloaded configuration: new knobs, new apps, removed apps."""
+        self.settings = settings
+        for name in self._sync_apps(settings.apps):
+            rt = self.apps.pop(name)
+            await self._stop_app(rt)
+            self.view.remove_app(name)
+            self._gauged.pop(name, None)
+        if self._running:
+            for rt in self.apps.values():
+                self._start_loop(rt)
+
+    async def idle(self) -> None:
+        """Wait until no action is under way (tests; a graceful stop could use it too)."""
+        while True:
+            tasks = [run.task for rt in self.apps.values() for run in rt.running.values()]
+            if not tasks:
+                return
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def _run(self, rt: AppRuntime) -> None:
+        while True:
+            tick_s = self.settings.control.tick_s
+            try:
+                await self.tick(rt.name)
+                rt.backoff_s = 0.0
+                delay = tick_s
+            except Exception as exc:
+                # FlyError is the expected case; anything else is a bug, but one bad tick
+                # must not end the app's loop for good.
+                rt.last_error = str(exc)
+                cap = self.settings.control.api_backoff_max_s
+                rt.backoff_s = min(cap, max(2 * tick_s, 2 * rt.backoff_s))
+                delay = rt.backoff_s
+                if isinstance(exc, RateLimited) and exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)
+                if isinstance(exc, FlyError):
+                    _log.warning("tick_failed", app=rt.name, error=str(exc), retry_in_s=delay)
+                else:
+                    _log.exception("tick_crashed", app=rt.name, retry_in_s=delay)
+            await self.sleep(delay)
+
+    async def tick(self, app: str) -> Decision:
+        """One reconcile of ``app``: read, merge, decide, act. Raises FlyError on a failed read."""
+        rt = self.apps[app]
+        view = self.view.app(app)
+        listed_at = self.clock()
+        machines = await self.api.list_machines(app)
+        now = self.clock()
+        rt.merge(machines, listed_at, now)
+        rt.windows.add(view.meter.take(now))
+        self._account(rt, now)
+        self.actuator.cleanup(rt)
+        decision = decide(
+            rt.fleet(view), rt.windows, rt.config, now, rt.policy_state, view.last_request_at
+        )
+        self._log_decision(rt, decision)
+        rt.note_decision(decision, now)
+        for action in decision.actions:
+            self.actuator.launch(rt, action)
+        self.actuator.publish(rt)
+        self._gauge(rt, decision)
+        rt.last_error = None
+        rt.last_tick_at = self.last_tick_at = now
+        return decision
+
+    def _log_decision(self, rt: AppRuntime, decision: Decision) -> None:
+        changed = decision.actions or decision.desired != rt.desired or decision.panic != rt.panic
+        (_log.info if changed else _log.debug)(
+            "decision",
+            app=rt.name,
+            desired=decision.desired,
+            panic=decision.panic,
+            actions=[f"{a.kind}:{a.machine_id}" for a in decision.actions],
+            reason=decision.reason,
+            shortfall=decision.shortfall,
+        )
+
+    def _account(self, rt: AppRuntime, now: float) -> None:
+        """Machine-seconds since the last tick, by the state each machine is in now."""
+        since, rt.accounted_at = rt.accounted_at, now
+        if since is None or now <= since:
+            return
+        for machine in rt.machines.values():
+            if machine.state in _BILLED_STATES:
+                self.metrics.machine_seconds.labels(app=rt.name, state=machine.state).inc(
+                    now - since
+                )
+
+    def _gauge(self, rt: AppRuntime, decision: Decision) -> None:
+        counts: dict[str, int] = {}
+        for machine in rt.machines.values():
+            counts[machine.state] = counts.get(machine.state, 0) + 1
+        counts["cordoned"] = sum(1 for m in rt.machines.values() if rt.cordoned(m))
+        seen = self._gauged.setdefault(rt.name, set())
+        for state in seen - counts.keys():
+            self.metrics.machines.labels(app=rt.name, state=state).set(0)
+        for state, n in counts.items():
+            self.metrics.machines.labels(app=rt.name, state=state).set(n)
+        seen |= counts.keys()
+        self.metrics.desired_machines.labels(app=rt.name).set(decision.desired)
+        self.metrics.panic_mode.labels(app=rt.name).set(1 if decision.panic else 0)
+
+    # --- the wake path ------------------------------------------------------------------
+
+    async def wake(self, app: str) -> str:
+        """Bring one machine of ``app`` to routable; "resume", "start" or "none".
+
+        Raises WakeError when no machine can be woken (or FlyError when the API fails).
+        """
+        rt = self.apps.get(app)
+        if rt is None:
+            raise WakeError(f"app {app} is not scaled by this controller")
+        return await self.waker.wake(rt)
+
+    # --- status -------------------------------------------------------------------------
+
+    def status(self) -> list[AppStatus]:
+        out = []
+        for rt in self.apps.values():
+            view = self.view.app(rt.name)
+            machines = []
+            for machine in rt.machines.values():
+                up = view.upstreams.get(machine.id)
+                machines.append(
+                    MachineStatus(
+                        id=machine.id,
+                        state=machine.state,
+                        cordoned=rt.cordoned(machine),
+                        in_flight=up.in_flight if up else 0,
+                        last_used=up.last_used if up else None,
+                    )
+                )
+            out.append(
+                AppStatus(
+                    app=rt.name,
+                    desired=rt.desired or 0,
+                    panic=rt.panic,
+                    last_reason=rt.last_reason,
+                    last_decision_at=rt.last_decision_at,
+                    last_tick_at=rt.last_tick_at,
+                    last_error=rt.last_error,
+                    machines=tuple(machines),
+                )
+            )
+        return out

@@ -1,0 +1,215 @@
+"""One app's control state: what the API said last, what we are doing about it, and why.
+
+The controller keeps an :class:`AppRuntime` per scaled app. It merges each machine list
+from the API with its own bookkeeping (actions in flight, drains, local changes newer than
+the list) and turns the result into the two shapes others read: the pure
+:class:`~autoscaler.scaling.fleet.Fleet` for the policy and the
+:class:`~autoscaler.control.view.MachineInfo` list for the proxy's view.
+
+A list can be older than what we know: a list request that left before our start call
+returned may still say "suspended". A machine we changed after the list was requested,
+or one with an action of ours under way, keeps our local record until the next list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from autoscaler.config import AppConfig
+from autoscaler.control.view import AppView, MachineInfo
+from autoscaler.fly.models import Machine
+from autoscaler.scaling.fleet import (
+    CORDON_METADATA_KEY,
+    FINAL_STATES,
+    STARTED,
+    Fleet,
+    MachineSnapshot,
+)
+from autoscaler.scaling.policy import Decision, PolicyState
+from autoscaler.scaling.window import LoadWindows
+
+# What an action task of ours is doing to a machine; "drain" covers the whole sequence.
+TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "cleanup"]
+DEFAULT_PORT = 8080
+
+
+def ours(machine: Machine) -> bool:
+    """The machine carries our cordon metadata key."""
+    meta = machine.config.metadata if machine.config else None
+    return bool(meta) and CORDON_METADATA_KEY in (meta or {})
+
+
+@dataclass(slots=True)
+class Running:
+    """One action task on one machine (at most one per machine)."""
+
+    kind: TaskKind
+    task: asyncio.Task[bool]
+    """True when the action reached its goal; False when it failed (logged already)."""
+    waiting: bool = False
+    """A drain still waiting for requests in flight: it may be taken back (cancelled)."""
+
+
+@dataclass(slots=True)
+class AppRuntime:
+    config: AppConfig
+    windows: LoadWindows
+    policy_state: PolicyState = field(default_factory=PolicyState)
+    machines: dict[str, Machine] = field(default_factory=dict)
+    touched: dict[str, float] = field(default_factory=dict)
+    running: dict[str, Running] = field(default_factory=dict)
+    cordon_held: set[str] = field(default_factory=set)
+    """Machines we took out of routing in the view (drains), before the API agrees."""
+    state_since: dict[str, float] = field(default_factory=dict)
+    read_once: bool = False
+    desired: int | None = None
+    panic: bool = False
+    last_reason: str = ""
+    last_decision_at: float | None = None
+    last_tick_at: float | None = None
+    last_error: str | None = None
+    backoff_s: float = 0.0
+    accounted_at: float | None = None
+    wake_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loop: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @classmethod
+    def of(cls, config: AppConfig) -> AppRuntime:
+        return cls(config, LoadWindows(config.stable_window_s, config.panic_window_s))
+
+    def reconfigure(self, config: AppConfig) -> None:
+        """New knobs; the load windows are rebuilt only when their lengths change."""
+        old = self.config
+        self.config = config
+        if (old.stable_window_s, old.panic_window_s) != (
+            config.stable_window_s,
+            config.panic_window_s,
+        ):
+            self.windows = LoadWindows(config.stable_window_s, config.panic_window_s)
+
+    # --- the machine list ------------------------------------------------------------
+
+    def merge(self, listed: Iterable[Machine], listed_at: float, now: float) -> None:
+        """Take a fresh list, keeping our record of machines changed since it was asked."""
+        fresh: dict[str, Machine] = {}
+        for machine in listed:
+            if machine.state in FINAL_STATES:
+                continue
+            mine = self.machines.get(machine.id)
+            keep = mine is not None and (
+                machine.id in self.running or self.touched.get(machine.id, -1.0) > listed_at
+            )
+            chosen = mine if keep and mine is not None else machine
+            if mine is None or mine.state != chosen.state:
+                self.state_since[machine.id] = now
+            fresh[machine.id] = chosen
+        # A machine that vanished from the list is gone (destroyed by someone else),
+        # unless we are acting on it right now.
+        for mid, machine in self.machines.items():
+            if mid not in fresh and mid in self.running:
+                fresh[mid] = machine
+        for mid in list(self.state_since):
+            if mid not in fresh:
+                del self.state_since[mid]
+        self.touched = {k: v for k, v in self.touched.items() if k in fresh}
+        self.machines = fresh
+        self.read_once = True
+
+    def record(
+        self,
+        machine_id: str,
+        now: float,
+        *,
+        state: str | None = None,
+        cordoned: bool | None = None,
+        marked: bool | None = None,
+    ) -> None:
+        """Note a change we made (state, cordon, our metadata key) ahead of the next list."""
+        machine = self.machines.get(machine_id)
+        if machine is None:
+            return
+        update: dict[str, object] = {}
+        if state is not None and state != machine.state:
+            update["state"] = state
+            self.state_since[machine_id] = now
+        if cordoned is not None:
+            update["cordoned"] = cordoned
+        if marked is not None and machine.config is not None:
+            meta = dict(machine.config.metadata or {})
+            if marked:
+                meta[CORDON_METADATA_KEY] = "drain"
+            else:
+                meta.pop(CORDON_METADATA_KEY, None)
+            update["config"] = machine.config.model_copy(update={"metadata": meta})
+        if update:
+            self.machines[machine_id] = machine.model_copy(update=update)
+        self.touched[machine_id] = now
+
+    # --- what others read ------------------------------------------------------------
+
+    def address(self, machine: Machine) -> tuple[str, int]:
+        port = self.config.port or machine.internal_port or DEFAULT_PORT
+        return machine.private_ip or "", port
+
+    def cordoned(self, machine: Machine) -> bool:
+        """Cordoned in the API, or by us ahead of it. An API that leaves the flag out
+        (the real one may) is read from our key: a cordon of ours always carries it."""
+        if machine.id in self.cordon_held:
+            return True
+        return machine.cordoned if machine.cordoned is not None else ours(machine)
+
+    def infos(self) -> list[MachineInfo]:
+        """The proxy's view: routable only if the API says started and nobody cordoned it."""
+        out = []
+        for machine in self.machines.values():
+            host, port = self.address(machine)
+            if not host:
+                continue  # no address yet (being created): nothing the proxy could reach
+            out.append(MachineInfo(machine.id, host, port, machine.state, self.cordoned(machine)))
+        return out
+
+    def fleet(self, view: AppView) -> Fleet:
+        """The policy's snapshot: API state, our bookkeeping, and live load from the proxy."""
+        snaps = []
+        for machine in self.machines.values():
+            up = view.upstreams.get(machine.id)
+            run = self.running.get(machine.id)
+            # A drain still waiting is "draining" (the policy may take it back), not busy;
+            # past that point it is a pending "drain" like any other action of ours.
+            draining = run is not None and run.kind == "drain" and run.waiting
+            pending: str | None = None
+            if run is not None and not draining:
+                pending = run.kind
+                if run.kind == "cleanup" or (run.kind == "uncordon" and machine.state != STARTED):
+                    pending = None  # lifting a cordon off a sleeping machine adds no capacity
+            cordoned = self.cordoned(machine)
+            snaps.append(
+                MachineSnapshot(
+                    id=machine.id,
+                    state=machine.state,
+                    cordoned=cordoned,
+                    cordoned_by_us=cordoned and (ours(machine) or machine.id in self.cordon_held),
+                    draining=draining,
+                    busy=run is not None and not draining,
+                    in_flight=up.in_flight if up else 0,
+                    last_used=up.last_used if up else None,
+                    started_at=up.started_at if up and machine.state == STARTED else None,
+                    state_since=self.state_since.get(machine.id),
+                    pending=pending,
+                )
+            )
+        return Fleet.of(self.name, snaps)
+
+    def note_decision(self, decision: Decision, now: float) -> None:
+        self.policy_state = decision.state
+        self.desired = decision.desired
+        self.panic = decision.panic
+        self.last_reason = decision.reason
+        self.last_decision_at = now

@@ -1,0 +1,98 @@
+"""The wake path: bring one machine of an app to routable for the proxy's held requests.
+
+It bypasses the tick: a held request should wait for a boot, not for a boot plus up to a
+tick. It is single-flight per app twice over: ``FleetView.wake`` joins concurrent callers to
+one task, and the app's wake lock makes a direct caller (tests, a second view) queue behind
+a wake already running, then find the machine routable and return "none".
+
+The choice of machine is the policy's (``choose_wake``, rule 2): take back a machine we are
+draining (it is warm), else resume a suspended one, else start a stopped one. A machine
+that fails to come up is dropped from consideration and the next one is tried, until the
+app's ``wake_timeout_s``.
+"""
+
+from __future__ import annotations
+
+from autoscaler.control.actions import Actuator
+from autoscaler.control.runtime import AppRuntime
+from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.errors import FlyError
+from autoscaler.logs import get_logger
+from autoscaler.metrics import Metrics
+from autoscaler.scaling.fleet import MOVING_STATES, Fleet
+from autoscaler.scaling.policy import choose_wake
+
+_log = get_logger("autoscaler.control")
+RECHECK_S = 0.25  # how often a wake looks again while another party's start is under way
+
+
+class WakeError(Exception):
+    """No machine of the app could be made routable (none exists, or all failed)."""
+
+
+class Waker:
+    def __init__(self, api: MachinesAPI, actuator: Actuator, metrics: Metrics) -> None:
+        self.api = api
+        self.actuator = actuator
+        self.metrics = metrics
+
+    async def refresh(self, rt: AppRuntime) -> None:
+        clock = self.actuator.clock
+        listed_at = clock()
+        machines = await self.api.list_machines(rt.name)
+        rt.merge(machines, listed_at, clock())
+        self.actuator.publish(rt)
+
+    async def wake(self, rt: AppRuntime) -> str:
+        """ "resume", "start" or "none" (a machine was routable, or was taken back)."""
+        act = self.actuator
+        view = act.view.app(rt.name)
+        async with rt.wake_lock:
+            t0 = act.clock()
+            deadline = t0 + rt.config.wake_timeout_s
+            failed: set[str] = set()
+            if not rt.read_once:
+                await self.refresh(rt)
+            while True:
+                if view.routable():
+                    return "none"
+                # Our own start under way (a scale-up of the tick): join it.
+                for running in list(rt.running.values()):
+                    joined = running.kind in ("resume", "start") and await running.task
+                    if joined and view.routable():
+                        return running.kind
+                fleet = rt.fleet(view)
+                action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
+                if action is None:
+                    moving = [m for m in fleet if m.state in MOVING_STATES]
+                    if not moving or act.clock() >= deadline:
+                        raise WakeError(f"app {rt.name}: no machine that can be woken")
+                    await act.sleep(RECHECK_S)  # someone else's start or stop: look again
+                    await self._refresh_quietly(rt)
+                    continue
+                mid = action.machine_id
+                if action.kind == "uncordon":
+                    act.take_back(rt, mid)
+                    _log.info("wake", app=rt.name, machine=mid, how="uncordon")
+                    return "none"
+                busy = rt.running.get(mid)
+                if busy is not None:
+                    await busy.task  # its own action first (a suspend under way), then again
+                    await self._refresh_quietly(rt)
+                    continue
+                run = act.launch(rt, action)
+                if run is not None and await run.task:
+                    took = act.clock() - t0
+                    self.metrics.wake_duration.labels(app=rt.name, kind=action.kind).observe(took)
+                    _log.info("wake", app=rt.name, machine=mid, how=action.kind, took_s=took)
+                    return action.kind
+                failed.add(mid)
+                if act.clock() >= deadline:
+                    raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
+                await self._refresh_quietly(rt)
+
+    async def _refresh_quietly(self, rt: AppRuntime) -> None:
+        try:
+            await self.refresh(rt)
+        except FlyError as exc:
+            _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))

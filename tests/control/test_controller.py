@@ -1,0 +1,362 @@
+"""The controller against a fake API and a fake clock: ticks, actions, drains, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from autoscaler.config import AppConfig, ControlSettings, Settings
+from autoscaler.control.controller import Controller
+from autoscaler.control.view import FleetView
+from autoscaler.fly.errors import ServerError
+from autoscaler.metrics import Metrics
+from autoscaler.scaling.fleet import CORDON_METADATA_KEY
+
+from .fakes import FakeClock, FakeMachinesAPI, settle
+
+APP = "web"
+KNOBS: dict[str, Any] = {
+    "min_lifetime_s": 0,
+    "scale_down_delay_s": 0,
+    "idle_to_zero_s": 30,
+    "drain_timeout_s": 10,
+    "stable_window_s": 10,
+    "panic_window_s": 2,
+}
+
+
+class Rig:
+    def __init__(self, api: FakeMachinesAPI, clock: FakeClock, **knobs: Any) -> None:
+        self.api = api
+        self.clock = clock
+        self.probed: list[tuple[str, int]] = []
+        self.port_open = True
+        settings = Settings(
+            apps=[AppConfig(name=APP, **{**KNOBS, **knobs})],
+            control=ControlSettings(tick_s=1.0, api_backoff_max_s=8.0),
+        )
+        self.view = FleetView(clock)
+        self.metrics = Metrics(CollectorRegistry())
+        self.ctl = Controller(
+            api, self.view, settings, self.metrics, clock=clock, sleep=clock.sleep, probe=self.probe
+        )
+
+    async def probe(self, host: str, port: int) -> bool:
+        self.probed.append((host, port))
+        return self.port_open
+
+    @property
+    def app(self) -> Any:
+        return self.view.app(APP)
+
+    def routable(self) -> set[str]:
+        return {up.id for up in self.app.routable()}
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, {"app": APP, **labels})
+        return 0.0 if value is None else value
+
+    async def tick(self) -> Any:
+        decision = await self.ctl.tick(APP)
+        await settle()
+        return decision
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def api() -> FakeMachinesAPI:
+    return FakeMachinesAPI()
+
+
+def state(api: FakeMachinesAPI, mid: str) -> str:
+    return api.get(APP, mid).state
+
+
+def meta(api: FakeMachinesAPI, mid: str) -> dict[str, str]:
+    config = api.get(APP, mid).config
+    assert config is not None
+    return dict(config.metadata or {})
+
+
+async def test_first_tick_rebuilds_the_view_and_starts_nothing_twice(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    up = api.add(APP, "started")
+    coming = api.add(APP, "starting")
+    asleep = api.add(APP, "suspended")
+    rig = Rig(api, clock, scale_down_delay_s=30)
+    decision = await rig.tick()
+    assert decision.actions == ()
+    assert api.ops("start_machine") == []
+    assert rig.routable() == {up}
+    assert {u.id: u.state for u in rig.app.upstreams.values()} == {
+        up: "started",
+        coming: "starting",
+        asleep: "suspended",
+    }
+    assert rig.metric("autoscaler_machines", state="started") == 1
+    assert rig.metric("autoscaler_machines", state="suspended") == 1
+    [status] = rig.ctl.status()
+    assert status.app == APP
+    assert status.last_tick_at == clock.now
+    assert status.last_error is None
+    assert {m.id for m in status.machines} == {up, coming, asleep}
+
+
+async def test_load_resumes_suspended_machines_before_starting_stopped_ones(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    suspended = {api.add(APP, "suspended") for _ in range(2)}
+    stopped = {api.add(APP, "stopped") for _ in range(3)}
+    rig = Rig(api, clock)
+    for _ in range(21):  # 21 held requests / (10 x 0.7) per machine = 3 machines
+        rig.app.hold()
+    await clock.advance(1)
+    decision = await rig.tick()
+    await rig.ctl.idle()
+    assert decision.desired == 3
+    kinds = sorted(a.kind for a in decision.actions)
+    assert kinds == ["resume", "resume", "start"]
+    started = {mid for mid in api.ops("start_machine") if mid}
+    assert suspended <= started
+    assert len(started & stopped) == 1
+    assert rig.routable() == started
+    assert len(rig.probed) == 3  # each became routable only once its port answered
+    assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="ok") == 2
+    assert rig.metric("autoscaler_desired_machines") == 3
+
+
+async def test_one_action_in_flight_per_machine(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    api.gates["start_machine"] = gate = asyncio.Event()
+    rig.app.hold()
+    await clock.advance(1)
+    await rig.tick()
+    await clock.advance(1)
+    await rig.tick()  # the start still hangs: no second one
+    assert api.ops("start_machine") == [mid]
+    assert rig.routable() == set()
+    gate.set()
+    await rig.ctl.idle()
+    assert rig.routable() == {mid}
+    assert api.ops("start_machine") == [mid]
+
+
+async def test_drain_cordons_at_once_waits_for_in_flight_then_suspends_and_uncordons(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    a, b = api.add(APP, "started"), api.add(APP, "started")
+    rig = Rig(api, clock, scale_down_delay_s=3)
+    await rig.tick()
+    ups = rig.app.upstreams
+    rig.app.begin(ups[a])
+    rig.app.begin(ups[b])
+    await clock.advance(5)
+    decision = await rig.tick()  # 2 in flight want 1 machine
+    [action] = decision.actions
+    assert action.kind == "drain"
+    victim = action.machine_id
+    other = b if victim == a else a
+    assert rig.routable() == {other}  # out of routing at once
+    assert api.get(APP, victim).cordoned is True
+    assert CORDON_METADATA_KEY in meta(api, victim)
+    assert api.ops("suspend_machine") == []  # its request is still in flight
+    rig.app.end(ups[victim])
+    await settle()
+    await rig.ctl.idle()
+    assert state(api, victim) == "suspended"
+    assert api.get(APP, victim).cordoned is False
+    assert CORDON_METADATA_KEY not in meta(api, victim)
+    names = [c.op for c in api.calls if c.machine_id == victim]
+    assert names.index("cordon_machine") < names.index("suspend_machine")
+    assert names.index("suspend_machine") < names.index("uncordon_machine")
+    assert rig.metric("autoscaler_scaling_actions_total", action="suspend", result="ok") == 1
+    assert rig.app.upstreams[victim].state == "suspended"
+
+
+async def test_drain_gives_up_waiting_after_drain_timeout(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.add(APP, "started")
+    api.add(APP, "started")
+    rig = Rig(api, clock, scale_down_action="stop", scale_down_delay_s=3)
+    await rig.tick()
+    for up in rig.app.upstreams.values():
+        rig.app.begin(up)
+    await clock.advance(5)
+    [action] = (await rig.tick()).actions
+    await clock.advance(9)
+    assert api.ops("stop_machine") == []
+    await clock.advance(1)  # drain_timeout_s = 10
+    await rig.ctl.idle()
+    assert api.ops("stop_machine") == [action.machine_id]
+    assert state(api, action.machine_id) == "stopped"
+
+
+async def test_wake_takes_back_a_draining_machine(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    api.gates["cordon_machine"] = gate = asyncio.Event()
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    assert rig.routable() == set()
+    assert await rig.ctl.wake(APP) == "none"
+    assert rig.routable() == {mid}  # routable again at once, before the API agrees
+    gate.set()
+    await rig.ctl.idle()
+    assert api.ops("suspend_machine") == []
+    assert api.get(APP, mid).cordoned is False
+    assert CORDON_METADATA_KEY not in meta(api, mid)
+    assert rig.routable() == {mid}
+
+
+async def test_wake_from_zero_resumes_once_for_many_callers(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    suspended = api.add(APP, "suspended")
+    api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    rig.ctl.view.set_waker(rig.ctl.wake)
+    tasks = [rig.view.wake(APP) for _ in range(5)]
+    assert len({id(t) for t in tasks}) == 1  # single flight
+    direct = asyncio.ensure_future(rig.ctl.wake(APP))
+    assert await tasks[0] == "resume"
+    assert await direct == "none"
+    assert api.ops("start_machine") == [suspended]
+    assert rig.routable() == {suspended}
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 1
+
+
+async def test_wake_returns_only_once_the_port_answers(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    rig.port_open = False
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    assert state(api, mid) == "started"
+    assert not task.done()
+    assert rig.routable() == set()
+    await clock.advance(0.2)
+    assert not task.done()
+    assert rig.routable() == set()
+    rig.port_open = True
+    await clock.advance(0.1)
+    assert await task == "start"
+    assert rig.routable() == {mid}
+
+
+async def test_api_errors_back_off_and_the_next_tick_reads_again(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.add(APP, "started")
+    api.fail["list_machines"] = [ServerError(503, "down"), ServerError(503, "down")]
+    rig = Rig(api, clock)
+    await rig.ctl.start()
+    try:
+        await settle()
+        assert len(api.ops("list_machines")) == 1
+        [status] = rig.ctl.status()
+        assert status.last_error is not None
+        assert "down" in status.last_error
+        await clock.advance(1.5)  # backoff is 2 ticks, not 1
+        assert len(api.ops("list_machines")) == 1
+        await clock.advance(0.5)
+        assert len(api.ops("list_machines")) == 2  # failed again: now 4 s
+        await clock.advance(3.9)
+        assert len(api.ops("list_machines")) == 2
+        await clock.advance(0.1)
+        assert len(api.ops("list_machines")) == 3
+        [status] = rig.ctl.status()
+        assert status.last_error is None
+        assert rig.ctl.last_tick_at == clock.now
+        await clock.advance(1)  # healthy again: back to one tick
+        assert len(api.ops("list_machines")) == 4
+    finally:
+        await rig.ctl.stop()
+    assert rig.view.can_wake is False
+
+
+async def test_restart_finishes_our_cordons_and_leaves_others_alone(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    ours = {CORDON_METADATA_KEY: "drain"}
+    serving = api.add(APP, "started")
+    left_draining = api.add(APP, "started", cordoned=True, metadata=ours)
+    left_asleep = api.add(APP, "suspended", cordoned=True, metadata=ours)
+    stale_key = api.add(APP, "stopped", metadata=ours)
+    foreign = api.add(APP, "started", cordoned=True)
+    rig = Rig(api, clock)
+    await rig.tick()
+    await rig.ctl.idle()
+    assert rig.routable() == {serving}
+    # The drain left behind is finished: suspended, then uncordoned, key gone.
+    assert state(api, left_draining) == "suspended"
+    for mid in (left_draining, left_asleep, stale_key):
+        assert api.get(APP, mid).cordoned is False, mid
+        assert CORDON_METADATA_KEY not in meta(api, mid), mid
+    assert state(api, left_asleep) == "suspended"
+    # Someone else's cordon: never lifted, never routed to, never drained.
+    assert foreign not in api.ops("uncordon_machine")
+    assert foreign not in api.ops("suspend_machine")
+    assert api.get(APP, foreign).cordoned is True
+    assert api.ops("start_machine") == []
+
+
+async def test_cordon_without_the_api_flag_is_read_from_our_key(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.report_cordon = False  # as the real API may: no `cordoned` field at all
+    serving = api.add(APP, "started")
+    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    rig = Rig(api, clock)
+    await rig.tick()
+    assert rig.routable() == {serving}
+    await rig.ctl.idle()
+    assert state(api, left) == "suspended"
+
+
+async def test_changes_by_others_are_picked_up(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    a = api.add(APP, "started")
+    rig = Rig(api, clock)
+    await rig.tick()
+    b = api.add(APP, "started")
+    api.machines[APP].pop(a)
+    await clock.advance(1)
+    await rig.tick()
+    assert set(rig.app.upstreams) == {b}
+    assert rig.routable() == {b}
+
+
+async def test_update_settings_adds_and_removes_apps(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    rig = Rig(api, clock)
+    await rig.ctl.start()
+    try:
+        await settle()
+        new = Settings(
+            apps=[
+                AppConfig(name="api", **KNOBS),
+                AppConfig(name="static", backends=["127.0.0.1:9"]),
+            ],
+            control=ControlSettings(tick_s=1.0),
+        )
+        await rig.ctl.update_settings(new)
+        await settle()
+        assert [s.app for s in rig.ctl.status()] == ["api"]
+        assert APP not in rig.view.apps
+        assert "static" not in rig.view.apps  # static apps have no loop
+    finally:
+        await rig.ctl.stop()
