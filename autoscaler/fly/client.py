@@ -12,103 +12,48 @@ metadata) retry on 429, 5xx and transport errors. Everything else (create, updat
 snapshot, OIDC) retries only when the request surely never left (connect failure), because
 a lost response to a create may still have created something.
 
-What the client does about the differences between the seed and the real API is in
+The 27 operations themselves are in ``operations.py`` (no httpx there); what the client
+does about the differences between the seed and the real API is in
 docs/fly-client.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import httpx
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import SecretStr
 
 from autoscaler.config import FlySettings
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import (
     FlyError,
-    NotFound,
     RateLimited,
     TransportError,
-    WaitTimeout,
     error_from_response,
     scrub,
 )
 from autoscaler.fly.limits import Clock, Limit, RateLimiter, Sleep
+from autoscaler.fly.operations import (
+    MAX_WAIT_CALL_S,
+    NO_BODY,
+    SAFE_OPERATIONS,
+    Call,
+    Operations,
+    duration_string,
+)
 from autoscaler.logs import get_logger, redactor
 
-__all__ = ["MAX_WAIT_CALL_S", "MachinesAPI", "MachinesClient", "Observer"]
+__all__ = ["MAX_WAIT_CALL_S", "MachinesAPI", "MachinesClient", "Observer", "duration_string"]
 
 Observer = Callable[[str, int | None, float], None]
-_M = TypeVar("_M", bound=BaseModel)
-
-MAX_WAIT_CALL_S = 60  # the real API answers 400 to a longer /wait; longer waits loop
-# Repeating these cannot do harm: they read, or drive a machine towards a state it may
-# already be in. Everything else is retried only when the request never left.
-SAFE_OPERATIONS = frozenset(
-    {
-        "list_apps",
-        "get_app",
-        "list_machines",
-        "get_machine",
-        "start_machine",
-        "stop_machine",
-        "suspend_machine",
-        "wait_for_machine_state",
-        "cordon_machine",
-        "uncordon_machine",
-        "get_machine_metadata",
-        "set_machine_metadata",
-        "delete_machine_metadata",
-        "list_volumes",
-        "get_volume",
-        "list_volume_snapshots",
-    }
-)
-_NO_BODY = object()
 
 
-@dataclass(slots=True)
-class _Call:
-    operation: str
-    method: str
-    path: str
-    app: str | None = None
-    machine: str | None = None
-    params: dict[str, str | int] = field(default_factory=dict)
-    body: Any = _NO_BODY
-    timeout_s: float | None = None
-
-    @property
-    def limit_key(self) -> str:
-        return f"{self.app}/{self.machine}" if self.machine else (self.app or "-")
-
-
-def _seg(value: str) -> str:
-    return quote(value, safe="")
-
-
-def duration_string(seconds: float) -> str:
-    """Seconds as a Go duration string ("30s", "1500ms"): what the real API's stop parses."""
-    if seconds < 0:
-        raise ValueError(f"expected a timeout >= 0 seconds, got {seconds}")
-    if float(seconds).is_integer():
-        return f"{int(seconds)}s"
-    return f"{round(seconds * 1000)}ms"
-
-
-def _body_or_dict(model: type[_M], value: _M | Mapping[str, Any]) -> _M:
-    return value if isinstance(value, model) else model.model_validate(value)
-
-
-class MachinesClient:
+class MachinesClient(Operations):
     """Async client for every operation of the seed spec; use ``async with`` or ``aclose()``."""
 
     def __init__(
@@ -196,7 +141,7 @@ class MachinesClient:
 
     # -- the one path every request takes ---------------------------------------------------
 
-    async def _send(self, call: _Call) -> Any:
+    async def _send(self, call: Call) -> Any:
         """Send with rate limit and retries; the decoded 2xx body (JSON, text or None)."""
         started = self._clock()
         deadline = started + self._retry_deadline_s
@@ -211,7 +156,7 @@ class MachinesClient:
                     call.method,
                     call.path,
                     params=call.params or None,
-                    json=None if call.body is _NO_BODY else call.body,
+                    json=None if call.body is NO_BODY else call.body,
                     timeout=call.timeout_s if call.timeout_s is not None else self._timeout_s,
                 )
             except httpx.HTTPError as exc:
@@ -284,7 +229,7 @@ class MachinesClient:
             self._log.warning("fly_api_observer_failed", error=repr(exc))
 
     def _log_result(
-        self, call: _Call, status: int | None, started: float, attempt: int, error: FlyError | None
+        self, call: Call, status: int | None, started: float, attempt: int, error: FlyError | None
     ) -> None:
         fields: dict[str, Any] = {
             "operation": call.operation,
@@ -303,476 +248,6 @@ class MachinesClient:
             if error.request_id:
                 fields["request_id"] = error.request_id
             self._log.warning("fly_api", **fields)
-
-    def _parse(self, model: type[_M], payload: Any, operation: str) -> _M:
-        try:
-            return model.model_validate(payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top)"
-            text = f"unexpected response body: {where}: {first['msg']}"
-            raise FlyError(200, text, operation=operation) from None
-
-    def _parse_list(self, model: type[_M], payload: Any, operation: str) -> list[_M]:
-        if not isinstance(payload, list):
-            raise FlyError(
-                200, f"expected a JSON array, got {type(payload).__name__}", operation=operation
-            )
-        return [self._parse(model, item, operation) for item in payload]
-
-    # -- apps -------------------------------------------------------------------------------
-
-    async def list_apps(self, org_slug: str | None = None) -> m.AppList:
-        org = org_slug or self.org_slug
-        payload = await self._send(
-            _Call("list_apps", "GET", "/v1/apps", app=org, params={"org_slug": org})
-        )
-        return self._parse(m.AppList, payload, "list_apps")
-
-    async def create_app(
-        self,
-        app_name: str,
-        org_slug: str | None = None,
-        *,
-        network: str | None = None,
-        enable_subdomains: bool | None = None,
-    ) -> m.App:
-        """Create an app. Sends ``app_name`` (seed) and ``name`` (real API) both."""
-        org = org_slug or self.org_slug
-        request = m.CreateAppRequest(
-            app_name=app_name, org_slug=org, network=network, enable_subdomains=enable_subdomains
-        )
-        body = {**request.to_json(), "name": app_name}
-        payload = await self._send(_Call("create_app", "POST", "/v1/apps", app=org, body=body))
-        if isinstance(payload, dict):
-            return self._parse(m.App, payload, "create_app")
-        # The real API answers 201 with no body.
-        return m.App(name=app_name, organization=m.Organization(slug=org))
-
-    async def get_app(self, app: str) -> m.App:
-        payload = await self._send(_Call("get_app", "GET", f"/v1/apps/{_seg(app)}", app=app))
-        return self._parse(m.App, payload, "get_app")
-
-    async def delete_app(self, app: str, *, force: bool = False) -> None:
-        params: dict[str, str | int] = {"force": "true"} if force else {}
-        await self._send(
-            _Call("delete_app", "DELETE", f"/v1/apps/{_seg(app)}", app=app, params=params)
-        )
-
-    # -- machines ---------------------------------------------------------------------------
-
-    def _machine_path(self, app: str, machine_id: str, suffix: str = "") -> str:
-        return f"/v1/apps/{_seg(app)}/machines/{_seg(machine_id)}{suffix}"
-
-    async def list_machines(self, app: str) -> list[m.Machine]:
-        payload = await self._send(
-            _Call("list_machines", "GET", f"/v1/apps/{_seg(app)}/machines", app=app)
-        )
-        return self._parse_list(m.Machine, payload, "list_machines")
-
-    async def create_machine(
-        self,
-        app: str,
-        config: m.MachineConfig | Mapping[str, Any],
-        *,
-        name: str | None = None,
-        region: str | None = None,
-        skip_service_registration: bool | None = None,
-        **extra: Any,
-    ) -> m.Machine:
-        """Create a machine; ``extra`` goes into the body as is (real-API fields)."""
-        request = m.CreateMachineRequest(
-            config=_body_or_dict(m.MachineConfig, config),
-            name=name,
-            region=region,
-            skip_service_registration=skip_service_registration,
-            **extra,
-        )
-        payload = await self._send(
-            _Call(
-                "create_machine",
-                "POST",
-                f"/v1/apps/{_seg(app)}/machines",
-                app=app,
-                body=request.to_json(),
-            )
-        )
-        return self._parse(m.Machine, payload, "create_machine")
-
-    async def get_machine(self, app: str, machine_id: str) -> m.Machine:
-        payload = await self._send(
-            _Call("get_machine", "GET", self._machine_path(app, machine_id), app, machine_id)
-        )
-        return self._parse(m.Machine, payload, "get_machine")
-
-    async def update_machine(
-        self,
-        app: str,
-        machine_id: str,
-        config: m.MachineConfig | Mapping[str, Any],
-        *,
-        name: str | None = None,
-        region: str | None = None,
-        skip_service_registration: bool | None = None,
-        **extra: Any,
-    ) -> m.Machine:
-        request = m.CreateMachineRequest(
-            config=_body_or_dict(m.MachineConfig, config),
-            name=name,
-            region=region,
-            skip_service_registration=skip_service_registration,
-            **extra,
-        )
-        payload = await self._send(
-            _Call(
-                "update_machine",
-                "POST",
-                self._machine_path(app, machine_id),
-                app,
-                machine_id,
-                body=request.to_json(),
-            )
-        )
-        return self._parse(m.Machine, payload, "update_machine")
-
-    async def delete_machine(self, app: str, machine_id: str, *, force: bool = False) -> None:
-        """Destroy a machine; ``force`` (``?force=true``) kills a running one first."""
-        params: dict[str, str | int] = {"force": "true"} if force else {}
-        await self._send(
-            _Call(
-                "delete_machine",
-                "DELETE",
-                self._machine_path(app, machine_id),
-                app,
-                machine_id,
-                params=params,
-            )
-        )
-
-    async def start_machine(self, app: str, machine_id: str) -> m.StartResult:
-        payload = await self._send(
-            _Call(
-                "start_machine",
-                "POST",
-                self._machine_path(app, machine_id, "/start"),
-                app,
-                machine_id,
-            )
-        )
-        # The seed answers with no body, the real API with {"previous_state": ...}.
-        return self._parse(
-            m.StartResult, payload if isinstance(payload, dict) else {}, "start_machine"
-        )
-
-    async def stop_machine(
-        self,
-        app: str,
-        machine_id: str,
-        *,
-        signal: str | None = None,
-        timeout_s: float | None = None,
-    ) -> None:
-        """Stop; the timeout goes as a duration string ("30s"), which both APIs accept."""
-        request = m.StopRequest(
-            signal=signal, timeout=duration_string(timeout_s) if timeout_s is not None else None
-        )
-        body = request.to_json()
-        await self._send(
-            _Call(
-                "stop_machine",
-                "POST",
-                self._machine_path(app, machine_id, "/stop"),
-                app,
-                machine_id,
-                body=body if body else _NO_BODY,
-            )
-        )
-
-    async def suspend_machine(self, app: str, machine_id: str) -> None:
-        await self._send(
-            _Call(
-                "suspend_machine",
-                "POST",
-                self._machine_path(app, machine_id, "/suspend"),
-                app,
-                machine_id,
-            )
-        )
-
-    async def wait_for_machine_state(
-        self,
-        app: str,
-        machine_id: str,
-        state: str | Sequence[str] = "started",
-        timeout_s: float = 60,
-        instance_id: str | None = None,
-    ) -> m.WaitResult:
-        """Wait up to ``timeout_s`` (any length) for the machine to reach ``state``.
-
-        The real API accepts at most 60 s per call, so a longer wait is several calls, each
-        answered 408 while the machine is not there yet. 404 counts as reaching "destroyed".
-        Raises WaitTimeout when our own deadline passes.
-        """
-        states = state if isinstance(state, str) else ",".join(state)
-        deadline = self._clock() + timeout_s
-        path = self._machine_path(app, machine_id, "/wait")
-        while True:
-            remaining = deadline - self._clock()
-            per_call = max(1, min(MAX_WAIT_CALL_S, math.ceil(remaining)))
-            params: dict[str, str | int] = {"state": states, "timeout": per_call}
-            if instance_id:
-                params["instance_id"] = instance_id
-            call = _Call(
-                "wait_for_machine_state",
-                "GET",
-                path,
-                app,
-                machine_id,
-                params=params,
-                timeout_s=self._timeout_s + per_call,  # the server holds the request that long
-            )
-            t0 = self._clock()
-            try:
-                payload = await self._send(call)
-            except WaitTimeout as exc:
-                now = self._clock()
-                if now < deadline and now - t0 < per_call / 2:
-                    # A 408 that came back early must not turn this loop into a busy spin.
-                    await self._sleep(min(1.0, deadline - now))
-                    now = self._clock()
-                if now >= deadline:
-                    raise WaitTimeout(
-                        408,
-                        f"machine {machine_id} did not reach {states} within {timeout_s:g}s "
-                        f"({exc.message})",
-                        exc.request_id,
-                        operation="wait_for_machine_state",
-                    ) from None
-                continue
-            except NotFound:
-                if "destroyed" in states.split(","):
-                    return m.WaitResult(ok=True, state="destroyed")
-                raise
-            if isinstance(payload, dict):
-                result = self._parse(m.WaitResult, payload, "wait_for_machine_state")
-                if result.state is None:
-                    result.state = states.split(",")[0]
-                return result
-            return m.WaitResult(ok=True, state=states.split(",")[0])
-
-    wait = wait_for_machine_state
-
-    async def cordon_machine(self, app: str, machine_id: str) -> None:
-        await self._send(
-            _Call(
-                "cordon_machine",
-                "POST",
-                self._machine_path(app, machine_id, "/cordon"),
-                app,
-                machine_id,
-            )
-        )
-
-    async def uncordon_machine(self, app: str, machine_id: str) -> None:
-        await self._send(
-            _Call(
-                "uncordon_machine",
-                "POST",
-                self._machine_path(app, machine_id, "/uncordon"),
-                app,
-                machine_id,
-            )
-        )
-
-    # -- metadata ---------------------------------------------------------------------------
-
-    def _metadata_path(self, app: str, machine_id: str, key: str) -> str:
-        return self._machine_path(app, machine_id, f"/metadata/{_seg(key)}")
-
-    async def get_machine_metadata(self, app: str, machine_id: str, key: str) -> str:
-        """One metadata value; reads the seed's bare string and the real ``{"value": ...}``."""
-        payload = await self._send(
-            _Call(
-                "get_machine_metadata",
-                "GET",
-                self._metadata_path(app, machine_id, key),
-                app,
-                machine_id,
-            )
-        )
-        if isinstance(payload, dict) and isinstance(payload.get("value"), str):
-            return str(payload["value"])
-        if isinstance(payload, str):
-            return payload
-        raise FlyError(
-            200,
-            f"unexpected metadata body of type {type(payload).__name__}",
-            operation="get_machine_metadata",
-        )
-
-    async def set_machine_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
-        # The real API needs {"value": ...}; the emulator accepts that as well as the seed's
-        # bare string.
-        await self._send(
-            _Call(
-                "set_machine_metadata",
-                "POST",
-                self._metadata_path(app, machine_id, key),
-                app,
-                machine_id,
-                body={"value": value},
-            )
-        )
-
-    async def delete_machine_metadata(self, app: str, machine_id: str, key: str) -> None:
-        await self._send(
-            _Call(
-                "delete_machine_metadata",
-                "DELETE",
-                self._metadata_path(app, machine_id, key),
-                app,
-                machine_id,
-            )
-        )
-
-    # -- volumes ----------------------------------------------------------------------------
-
-    def _volume_path(self, app: str, volume_id: str, suffix: str = "") -> str:
-        return f"/v1/apps/{_seg(app)}/volumes/{_seg(volume_id)}{suffix}"
-
-    async def list_volumes(self, app: str) -> list[m.Volume]:
-        payload = await self._send(
-            _Call("list_volumes", "GET", f"/v1/apps/{_seg(app)}/volumes", app=app)
-        )
-        return self._parse_list(m.Volume, payload, "list_volumes")
-
-    async def create_volume(
-        self,
-        app: str,
-        name: str,
-        size_gb: int,
-        region: str,
-        *,
-        encrypted: bool | None = None,
-        unique_zones_only: bool | None = None,
-        snapshot_id: str | None = None,
-        snapshot_retention: int | None = None,
-        **extra: Any,
-    ) -> m.Volume:
-        request = m.CreateVolumeRequest(
-            name=name,
-            size_gb=size_gb,
-            region=region,
-            encrypted=encrypted,
-            unique_zones_only=unique_zones_only,
-            snapshot_id=snapshot_id,
-            snapshot_retention=snapshot_retention,
-            **extra,
-        )
-        payload = await self._send(
-            _Call(
-                "create_volume",
-                "POST",
-                f"/v1/apps/{_seg(app)}/volumes",
-                app=app,
-                body=request.to_json(),
-            )
-        )
-        return self._parse(m.Volume, payload, "create_volume")
-
-    async def get_volume(self, app: str, volume_id: str) -> m.Volume:
-        payload = await self._send(
-            _Call("get_volume", "GET", self._volume_path(app, volume_id), app, volume_id)
-        )
-        return self._parse(m.Volume, payload, "get_volume")
-
-    async def update_volume(
-        self, app: str, volume_id: str, *, snapshot_retention: int | None = None, **extra: Any
-    ) -> m.Volume:
-        request = m.UpdateVolumeRequest(snapshot_retention=snapshot_retention, **extra)
-        payload = await self._send(
-            _Call(
-                "update_volume",
-                "PUT",
-                self._volume_path(app, volume_id),
-                app,
-                volume_id,
-                body=request.to_json(),
-            )
-        )
-        return self._parse(m.Volume, payload, "update_volume")
-
-    async def delete_volume(self, app: str, volume_id: str) -> m.Volume | None:
-        payload = await self._send(
-            _Call("delete_volume", "DELETE", self._volume_path(app, volume_id), app, volume_id)
-        )
-        return (
-            self._parse(m.Volume, payload, "delete_volume") if isinstance(payload, dict) else None
-        )
-
-    async def extend_volume(self, app: str, volume_id: str, size_gb: int) -> m.Volume:
-        """Grow a volume. The seed answers with the Volume, the real API with
-        ``{"volume": ..., "needs_restart": ...}``; both come back as the Volume."""
-        body = m.ExtendVolumeRequest(size_gb=size_gb).to_json()
-        payload = await self._send(
-            _Call(
-                "extend_volume",
-                "PUT",
-                self._volume_path(app, volume_id, "/extend"),
-                app,
-                volume_id,
-                body=body,
-            )
-        )
-        if isinstance(payload, dict) and isinstance(payload.get("volume"), dict):
-            volume = self._parse(m.Volume, payload["volume"], "extend_volume")
-            if "needs_restart" in payload:
-                setattr(volume, "needs_restart", payload["needs_restart"])  # noqa: B010 - an extra field
-            return volume
-        return self._parse(m.Volume, payload, "extend_volume")
-
-    async def list_volume_snapshots(self, app: str, volume_id: str) -> list[m.VolumeSnapshot]:
-        payload = await self._send(
-            _Call(
-                "list_volume_snapshots",
-                "GET",
-                self._volume_path(app, volume_id, "/snapshots"),
-                app,
-                volume_id,
-            )
-        )
-        return self._parse_list(m.VolumeSnapshot, payload, "list_volume_snapshots")
-
-    async def create_volume_snapshot(self, app: str, volume_id: str) -> m.VolumeSnapshot | None:
-        """Start a snapshot. Both APIs answer 200 with no body; a body, if any, is parsed."""
-        payload = await self._send(
-            _Call(
-                "create_volume_snapshot",
-                "POST",
-                self._volume_path(app, volume_id, "/snapshots"),
-                app,
-                volume_id,
-            )
-        )
-        if isinstance(payload, dict):
-            return self._parse(m.VolumeSnapshot, payload, "create_volume_snapshot")
-        return None
-
-    # -- tokens -----------------------------------------------------------------------------
-
-    async def get_oidc_token(self, aud: str | None = None) -> str:
-        """An OIDC token (a JWT). It is a secret too: it is returned, never logged."""
-        body = m.OidcTokenRequest(aud=aud).to_json()
-        payload = await self._send(_Call("get_oidc_token", "POST", "/v1/tokens/oidc", body=body))
-        if isinstance(payload, str):
-            return payload.strip()
-        if isinstance(payload, dict) and isinstance(payload.get("token"), str):
-            return str(payload["token"])
-        raise FlyError(
-            200,
-            f"unexpected OIDC body of type {type(payload).__name__}",
-            operation="get_oidc_token",
-        )
 
 
 def _decode(response: httpx.Response) -> Any:

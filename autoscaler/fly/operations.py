@@ -1,0 +1,416 @@
+"""The 27 operations of the seed spec, as methods over one abstract ``_send``.
+
+Each method builds a ``Call`` (what to send, and which app and machine it concerns, for
+rate limits and logs) and reads the answer into the models, in whichever of the seed's and
+the real API's shapes it comes. Sending, retrying and mapping errors belong to
+``client.MachinesClient``, the only place httpx is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from pydantic import BaseModel, ValidationError
+
+from autoscaler.fly import models as m
+from autoscaler.fly.errors import FlyError, NotFound, WaitTimeout
+from autoscaler.fly.limits import Clock, Sleep
+
+_M = TypeVar("_M", bound=BaseModel)
+
+MAX_WAIT_CALL_S = 60  # the real API answers 400 to a longer /wait; longer waits loop
+# Repeating these cannot do harm: they read, or drive a machine towards a state it may
+# already be in. Everything else is retried only when the request never left.
+SAFE_OPERATIONS = frozenset(
+    {
+        "list_apps",
+        "get_app",
+        "list_machines",
+        "get_machine",
+        "start_machine",
+        "stop_machine",
+        "suspend_machine",
+        "wait_for_machine_state",
+        "cordon_machine",
+        "uncordon_machine",
+        "get_machine_metadata",
+        "set_machine_metadata",
+        "delete_machine_metadata",
+        "list_volumes",
+        "get_volume",
+        "list_volume_snapshots",
+    }
+)
+NO_BODY: Any = object()
+
+
+@dataclass(slots=True)
+class Call:
+    operation: str
+    method: str
+    path: str
+    app: str | None = None
+    machine: str | None = None  # or volume id
+    params: dict[str, str | int] = field(default_factory=dict)
+    body: Any = NO_BODY
+    timeout_s: float | None = None
+
+    @property
+    def limit_key(self) -> str:
+        return f"{self.app}/{self.machine}" if self.machine else (self.app or "-")
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def duration_string(seconds: float) -> str:
+    """Seconds as a Go duration string ("30s", "1500ms"): what the real API's stop parses."""
+    if seconds < 0:
+        raise ValueError(f"expected a timeout >= 0 seconds, got {seconds}")
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+def _model(model: type[_M], value: _M | Mapping[str, Any]) -> _M:
+    return value if isinstance(value, model) else model.model_validate(value)
+
+
+def parse(model: type[_M], payload: Any, operation: str) -> _M:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top)"
+        text = f"unexpected response body: {where}: {first['msg']}"
+        raise FlyError(200, text, operation=operation) from None
+
+
+def parse_list(model: type[_M], payload: Any, operation: str) -> list[_M]:
+    if not isinstance(payload, list):
+        text = f"expected a JSON array, got {type(payload).__name__}"
+        raise FlyError(200, text, operation=operation)
+    return [parse(model, item, operation) for item in payload]
+
+
+def _unexpected(what: str, payload: Any, operation: str) -> FlyError:
+    return FlyError(200, f"unexpected {what} of type {type(payload).__name__}", operation=operation)
+
+
+class Operations:
+    """Every operation; a subclass provides ``_send`` and the attributes declared here."""
+
+    org_slug: str
+    _timeout_s: float
+    _clock: Clock
+    _sleep: Sleep
+
+    async def _send(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    async def _machine(
+        self, op: str, method: str, app: str, machine_id: str, suffix: str = "", **kw: Any
+    ) -> Any:
+        path = f"/v1/apps/{_seg(app)}/machines/{_seg(machine_id)}{suffix}"
+        return await self._send(Call(op, method, path, app, machine_id, **kw))
+
+    async def _volume(
+        self, op: str, method: str, app: str, volume_id: str, suffix: str = "", **kw: Any
+    ) -> Any:
+        path = f"/v1/apps/{_seg(app)}/volumes/{_seg(volume_id)}{suffix}"
+        return await self._send(Call(op, method, path, app, volume_id, **kw))
+
+    # -- apps -------------------------------------------------------------------------------
+
+    async def list_apps(self, org_slug: str | None = None) -> m.AppList:
+        org = org_slug or self.org_slug
+        call = Call("list_apps", "GET", "/v1/apps", org, params={"org_slug": org})
+        return parse(m.AppList, await self._send(call), "list_apps")
+
+    async def create_app(
+        self,
+        app_name: str,
+        org_slug: str | None = None,
+        *,
+        network: str | None = None,
+        enable_subdomains: bool | None = None,
+    ) -> m.App:
+        """Create an app. Sends ``app_name`` (seed) and ``name`` (real API) both."""
+        org = org_slug or self.org_slug
+        request = m.CreateAppRequest(
+            app_name=app_name, org_slug=org, network=network, enable_subdomains=enable_subdomains
+        )
+        body = {**request.to_json(), "name": app_name}
+        payload = await self._send(Call("create_app", "POST", "/v1/apps", org, body=body))
+        if isinstance(payload, dict):
+            return parse(m.App, payload, "create_app")
+        # The real API answers 201 with no body.
+        return m.App(name=app_name, organization=m.Organization(slug=org))
+
+    async def get_app(self, app: str) -> m.App:
+        payload = await self._send(Call("get_app", "GET", f"/v1/apps/{_seg(app)}", app))
+        return parse(m.App, payload, "get_app")
+
+    async def delete_app(self, app: str, *, force: bool = False) -> None:
+        params: dict[str, str | int] = {"force": "true"} if force else {}
+        await self._send(Call("delete_app", "DELETE", f"/v1/apps/{_seg(app)}", app, params=params))
+
+    # -- machines ---------------------------------------------------------------------------
+
+    async def list_machines(self, app: str) -> list[m.Machine]:
+        call = Call("list_machines", "GET", f"/v1/apps/{_seg(app)}/machines", app)
+        return parse_list(m.Machine, await self._send(call), "list_machines")
+
+    async def create_machine(
+        self,
+        app: str,
+        config: m.MachineConfig | Mapping[str, Any],
+        *,
+        name: str | None = None,
+        region: str | None = None,
+        skip_service_registration: bool | None = None,
+        **extra: Any,
+    ) -> m.Machine:
+        """Create a machine; ``extra`` goes into the body as is (real-API fields)."""
+        request = m.CreateMachineRequest(
+            config=_model(m.MachineConfig, config),
+            name=name,
+            region=region,
+            skip_service_registration=skip_service_registration,
+            **extra,
+        )
+        path = f"/v1/apps/{_seg(app)}/machines"
+        call = Call("create_machine", "POST", path, app, body=request.to_json())
+        return parse(m.Machine, await self._send(call), "create_machine")
+
+    async def get_machine(self, app: str, machine_id: str) -> m.Machine:
+        payload = await self._machine("get_machine", "GET", app, machine_id)
+        return parse(m.Machine, payload, "get_machine")
+
+    async def update_machine(
+        self,
+        app: str,
+        machine_id: str,
+        config: m.MachineConfig | Mapping[str, Any],
+        *,
+        name: str | None = None,
+        region: str | None = None,
+        skip_service_registration: bool | None = None,
+        **extra: Any,
+    ) -> m.Machine:
+        request = m.CreateMachineRequest(
+            config=_model(m.MachineConfig, config),
+            name=name,
+            region=region,
+            skip_service_registration=skip_service_registration,
+            **extra,
+        )
+        payload = await self._machine(
+            "update_machine", "POST", app, machine_id, body=request.to_json()
+        )
+        return parse(m.Machine, payload, "update_machine")
+
+    async def delete_machine(self, app: str, machine_id: str, *, force: bool = False) -> None:
+        """Destroy a machine; ``force`` (``?force=true``) kills a running one first."""
+        params: dict[str, str | int] = {"force": "true"} if force else {}
+        await self._machine("delete_machine", "DELETE", app, machine_id, params=params)
+
+    async def start_machine(self, app: str, machine_id: str) -> m.StartResult:
+        payload = await self._machine("start_machine", "POST", app, machine_id, "/start")
+        # The seed answers with no body, the real API with {"previous_state": ...}.
+        body = payload if isinstance(payload, dict) else {}
+        return parse(m.StartResult, body, "start_machine")
+
+    async def stop_machine(
+        self,
+        app: str,
+        machine_id: str,
+        *,
+        signal: str | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Stop; the timeout goes as a duration string ("30s"), which both APIs accept."""
+        timeout = duration_string(timeout_s) if timeout_s is not None else None
+        body = m.StopRequest(signal=signal, timeout=timeout).to_json()
+        await self._machine(
+            "stop_machine", "POST", app, machine_id, "/stop", body=body if body else NO_BODY
+        )
+
+    async def suspend_machine(self, app: str, machine_id: str) -> None:
+        await self._machine("suspend_machine", "POST", app, machine_id, "/suspend")
+
+    async def wait_for_machine_state(
+        self,
+        app: str,
+        machine_id: str,
+        state: str | Sequence[str] = "started",
+        timeout_s: float = 60,
+        instance_id: str | None = None,
+    ) -> m.WaitResult:
+        """Wait up to ``timeout_s`` (any length) for the machine to reach ``state``.
+
+        The real API accepts at most 60 s per call, so a longer wait is several calls, each
+        answered 408 while the machine is not there yet. 404 counts as reaching "destroyed".
+        Raises WaitTimeout when our own deadline passes.
+        """
+        states = state if isinstance(state, str) else ",".join(state)
+        first = states.split(",")[0]
+        deadline = self._clock() + timeout_s
+        while True:
+            per_call = max(1, min(MAX_WAIT_CALL_S, math.ceil(deadline - self._clock())))
+            params: dict[str, str | int] = {"state": states, "timeout": per_call}
+            if instance_id:
+                params["instance_id"] = instance_id
+            t0 = self._clock()
+            try:
+                payload = await self._machine(
+                    "wait_for_machine_state",
+                    "GET",
+                    app,
+                    machine_id,
+                    "/wait",
+                    params=params,
+                    timeout_s=self._timeout_s + per_call,  # the server holds it that long
+                )
+            except WaitTimeout as exc:
+                now = self._clock()
+                if now < deadline and now - t0 < per_call / 2:
+                    # A 408 that came back early must not turn this loop into a busy spin.
+                    await self._sleep(min(1.0, deadline - now))
+                    now = self._clock()
+                if now >= deadline:
+                    raise WaitTimeout(
+                        408,
+                        f"machine {machine_id} did not reach {states} within {timeout_s:g}s "
+                        f"({exc.message})",
+                        exc.request_id,
+                        operation="wait_for_machine_state",
+                    ) from None
+                continue
+            except NotFound:
+                if "destroyed" in states.split(","):
+                    return m.WaitResult(ok=True, state="destroyed")
+                raise
+            if not isinstance(payload, dict):
+                return m.WaitResult(ok=True, state=first)
+            result = parse(m.WaitResult, payload, "wait_for_machine_state")
+            if result.state is None:
+                result.state = first
+            return result
+
+    wait = wait_for_machine_state
+
+    async def cordon_machine(self, app: str, machine_id: str) -> None:
+        await self._machine("cordon_machine", "POST", app, machine_id, "/cordon")
+
+    async def uncordon_machine(self, app: str, machine_id: str) -> None:
+        await self._machine("uncordon_machine", "POST", app, machine_id, "/uncordon")
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    async def get_machine_metadata(self, app: str, machine_id: str, key: str) -> str:
+        """One metadata value; reads the seed's bare string and the real ``{"value": ...}``."""
+        op = "get_machine_metadata"
+        payload = await self._machine(op, "GET", app, machine_id, f"/metadata/{_seg(key)}")
+        if isinstance(payload, dict) and isinstance(payload.get("value"), str):
+            return str(payload["value"])
+        if isinstance(payload, str):
+            return payload
+        raise _unexpected("metadata body", payload, op)
+
+    async def set_machine_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
+        # The real API needs {"value": ...}; the emulator accepts that and the seed's bare
+        # string alike.
+        suffix = f"/metadata/{_seg(key)}"
+        body = {"value": value}
+        await self._machine("set_machine_metadata", "POST", app, machine_id, suffix, body=body)
+
+    async def delete_machine_metadata(self, app: str, machine_id: str, key: str) -> None:
+        suffix = f"/metadata/{_seg(key)}"
+        await self._machine("delete_machine_metadata", "DELETE", app, machine_id, suffix)
+
+    # -- volumes ----------------------------------------------------------------------------
+
+    async def list_volumes(self, app: str) -> list[m.Volume]:
+        call = Call("list_volumes", "GET", f"/v1/apps/{_seg(app)}/volumes", app)
+        return parse_list(m.Volume, await self._send(call), "list_volumes")
+
+    async def create_volume(
+        self,
+        app: str,
+        name: str,
+        size_gb: int,
+        region: str,
+        *,
+        encrypted: bool | None = None,
+        unique_zones_only: bool | None = None,
+        snapshot_id: str | None = None,
+        snapshot_retention: int | None = None,
+        **extra: Any,
+    ) -> m.Volume:
+        request = m.CreateVolumeRequest(
+            name=name,
+            size_gb=size_gb,
+            region=region,
+            encrypted=encrypted,
+            unique_zones_only=unique_zones_only,
+            snapshot_id=snapshot_id,
+            snapshot_retention=snapshot_retention,
+            **extra,
+        )
+        path = f"/v1/apps/{_seg(app)}/volumes"
+        call = Call("create_volume", "POST", path, app, body=request.to_json())
+        return parse(m.Volume, await self._send(call), "create_volume")
+
+    async def get_volume(self, app: str, volume_id: str) -> m.Volume:
+        payload = await self._volume("get_volume", "GET", app, volume_id)
+        return parse(m.Volume, payload, "get_volume")
+
+    async def update_volume(
+        self, app: str, volume_id: str, *, snapshot_retention: int | None = None, **extra: Any
+    ) -> m.Volume:
+        body = m.UpdateVolumeRequest(snapshot_retention=snapshot_retention, **extra).to_json()
+        payload = await self._volume("update_volume", "PUT", app, volume_id, body=body)
+        return parse(m.Volume, payload, "update_volume")
+
+    async def delete_volume(self, app: str, volume_id: str) -> m.Volume | None:
+        payload = await self._volume("delete_volume", "DELETE", app, volume_id)
+        return parse(m.Volume, payload, "delete_volume") if isinstance(payload, dict) else None
+
+    async def extend_volume(self, app: str, volume_id: str, size_gb: int) -> m.Volume:
+        """Grow a volume. The seed answers with the Volume, the real API with
+        ``{"volume": ..., "needs_restart": ...}``; both come back as the Volume."""
+        body = m.ExtendVolumeRequest(size_gb=size_gb).to_json()
+        payload = await self._volume("extend_volume", "PUT", app, volume_id, "/extend", body=body)
+        if isinstance(payload, dict) and isinstance(payload.get("volume"), dict):
+            wrapped = {**payload["volume"], "needs_restart": payload.get("needs_restart")}
+            return parse(m.Volume, wrapped, "extend_volume")
+        return parse(m.Volume, payload, "extend_volume")
+
+    async def list_volume_snapshots(self, app: str, volume_id: str) -> list[m.VolumeSnapshot]:
+        op = "list_volume_snapshots"
+        payload = await self._volume(op, "GET", app, volume_id, "/snapshots")
+        return parse_list(m.VolumeSnapshot, payload, op)
+
+    async def create_volume_snapshot(self, app: str, volume_id: str) -> m.VolumeSnapshot | None:
+        """Start a snapshot. Both APIs answer 200 with no body; a body, if any, is parsed."""
+        op = "create_volume_snapshot"
+        payload = await self._volume(op, "POST", app, volume_id, "/snapshots")
+        return parse(m.VolumeSnapshot, payload, op) if isinstance(payload, dict) else None
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    async def get_oidc_token(self, aud: str | None = None) -> str:
+        """An OIDC token (a JWT). It is a secret too: it is returned, never logged."""
+        body = m.OidcTokenRequest(aud=aud).to_json()
+        payload = await self._send(Call("get_oidc_token", "POST", "/v1/tokens/oidc", body=body))
+        if isinstance(payload, str):
+            return payload.strip()
+        if isinstance(payload, dict) and isinstance(payload.get("token"), str):
+            return str(payload["token"])
+        raise _unexpected("OIDC body", payload, "get_oidc_token")
