@@ -222,12 +222,11 @@ def decide(
     high = policy.max_machines
 
     # Idle: no request arrived, none was in flight during the latest sample, none is in
-    # flight now, and we have watched for at least idle_to_zero_s.
+    # flight now, and we have watched for at least idle_to_zero_s. A request arriving this
+    # very instant is not idleness either, even with idle_to_zero_s 0.
     active = [t for t in (last_request_at, load.last_active, born) if t is not None]
-    if fleet.in_flight > 0:
-        active.append(now)
     idle_for = now - max(active)
-    idle = idle_for >= policy.idle_to_zero_s
+    idle = fleet.in_flight == 0 and idle_for > 0 and idle_for >= policy.idle_to_zero_s
     low = min(high, policy.min_machines if idle else max(policy.min_machines, 1))
 
     # Panic bookkeeping.
@@ -291,8 +290,13 @@ def decide(
                     f"scale down {up}->{desired} (lower demand for {lasted:.0f}s, "
                     f"{policy.stable_window_s:g}s avg {stable:.1f})"
                 )
+            elif up > high:
+                # More than max_machines are up (someone else started them): the cap holds
+                # without waiting for the delay, still one step at a time.
+                desired = high
+                why.append(f"above max_machines: scale down {up}->{high}")
             else:
-                desired = _clamp(up, low, high)
+                desired = up
                 why.append(
                     f"hold {up}: demand wants {wanted} for {lasted:.0f}s of "
                     f"{policy.scale_down_delay_s:g}s ({policy.stable_window_s:g}s avg {stable:.1f})"

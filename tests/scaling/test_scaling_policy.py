@@ -154,6 +154,14 @@ def test_idle_to_zero(
     assert acts(d) == actions
 
 
+def test_a_request_in_flight_is_never_idle_even_with_zero_idle_time() -> None:
+    app = cfg(idle_to_zero_s=0)
+    w = load(0.0, 100, app=app)
+    assert run(app, fleet(m("s0", in_flight=1)), w, 100, last_request_at=0.0).desired == 1
+    assert run(app, fleet(m("s0")), w, 100, last_request_at=100.0).desired == 1
+    assert run(app, fleet(m("s0")), w, 100, last_request_at=99.0).desired == 0
+
+
 def test_idle_counts_from_the_first_decision_when_nothing_is_known() -> None:
     """After a restart with no request seen yet, machines are not stopped at once."""
     app = cfg()
@@ -230,6 +238,14 @@ def test_at_most_scale_down_step_machines_per_tick(step: int, drains: int) -> No
     d = run(app, machines, load(0.0, 100, app=app), 100, state)
     assert d.desired == 1
     assert [k for k, _ in acts(d)] == ["drain"] * drains
+
+
+def test_above_max_machines_scales_down_without_the_delay_one_step_at_a_time() -> None:
+    app = cfg(panic_threshold=CALM, max_machines=2)
+    d = run(app, fleet(*serving(4)), load(14.0, 100, app=app), 100)
+    assert d.desired == 2
+    assert len(d.actions) == 1
+    assert "above max_machines" in d.reason
 
 
 def test_min_lifetime_protects_young_machines() -> None:
