@@ -1,0 +1,186 @@
+"""All 27 operations of the client against the real emulator (loopback, real processes).
+
+These are integration tests: the shared ``emulator`` fixture (tests/conftest.py) runs it
+in-process on 127.0.0.1 with an ephemeral port, and its machines are real local processes
+of the built-in demo app. Here the emulator enforces Fly's documented rate limits, so the
+client's own buckets are tested too: no call may be answered 429.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from structlog.testing import capture_logs
+
+from autoscaler.config import EmulatorSettings
+from autoscaler.emulator import Emulator
+from autoscaler.fly.client import MachinesClient
+from autoscaler.fly.errors import BadRequest, NotFound, RateLimited, Unauthorized
+
+IMAGE = "autoscaler/demo-app"
+ORG = "personal"
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    return EmulatorSettings(
+        demo_boot_delay_s=0.05, resume_delay_s=0.0, boot_timeout_s=20.0, rate_limits=True
+    )
+
+
+@pytest.fixture
+def emu(emulator: Emulator) -> Emulator:
+    return emulator
+
+
+# Which operations each test must have called successfully; together, all 27.
+COVERS = {
+    "test_apps": {"list_apps", "create_app", "get_app", "delete_app"},
+    "test_machine_lifecycle": {
+        "create_machine", "wait_for_machine_state", "get_machine", "list_machines",
+        "cordon_machine", "uncordon_machine", "set_machine_metadata", "get_machine_metadata",
+        "delete_machine_metadata", "suspend_machine", "start_machine", "stop_machine",
+        "update_machine", "delete_machine",
+    },
+    "test_volumes": {
+        "create_volume", "list_volumes", "get_volume", "update_volume", "extend_volume",
+        "list_volume_snapshots", "create_volume_snapshot", "delete_volume",
+    },
+    "test_oidc_token": {"get_oidc_token"},
+}  # fmt: skip
+
+
+def test_the_emulator_tests_cover_all_27_operations() -> None:
+    from test_fly_client_ops import CASES
+
+    assert set().union(*COVERS.values()) == {c.name for c in CASES}
+
+
+@pytest.fixture
+async def api(emu: Emulator, request: pytest.FixtureRequest) -> AsyncIterator[MachinesClient]:
+    seen: list[tuple[str, int | None]] = []
+    async with MachinesClient(
+        emu.url, emu.token, observer=lambda op, status, _d: seen.append((op, status))
+    ) as client:
+        yield client
+    # The client-side buckets keep every test here under the emulator's rate limits.
+    assert [s for s in seen if s[1] == 429] == []
+    succeeded = {op for op, status in seen if status is not None and status < 300}
+    missing = COVERS.get(request.node.name, set()) - succeeded
+    assert not missing, f"never called successfully: {sorted(missing)}"
+
+
+async def test_apps(api: MachinesClient) -> None:
+    created = await api.create_app("web", ORG)
+    assert created.name == "web"
+    listed = await api.list_apps(ORG)
+    assert [a.name for a in listed.apps] == ["web"]
+    assert listed.total_apps == 1
+    got = await api.get_app("web")
+    assert got.organization is not None
+    assert got.organization.slug == ORG
+    await api.delete_app("web", force=True)
+    with pytest.raises(NotFound):
+        await api.get_app("web")
+
+
+async def test_machine_lifecycle(api: MachinesClient, emu: Emulator) -> None:
+    await api.create_app("web", ORG)
+    config = {"image": IMAGE, "services": [{"protocol": "tcp", "internal_port": 8080}]}
+    machine = await api.create_machine("web", config, name="web-1", region="iad")
+    assert machine.name == "web-1"
+    await api.wait("web", machine.id, "started", timeout_s=30)
+
+    got = await api.get_machine("web", machine.id)
+    assert got.state == "started"
+    assert got.private_ip
+    assert [m.id for m in await api.list_machines("web")] == [machine.id]
+
+    await api.cordon_machine("web", machine.id)
+    assert (await api.get_machine("web", machine.id)).cordoned is True
+    await api.uncordon_machine("web", machine.id)
+    assert (await api.get_machine("web", machine.id)).cordoned is False
+
+    await api.set_machine_metadata("web", machine.id, "role", "primary")
+    assert await api.get_machine_metadata("web", machine.id, "role") == "primary"
+    await api.delete_machine_metadata("web", machine.id, "role")
+    with pytest.raises(NotFound):
+        await api.get_machine_metadata("web", machine.id, "role")
+
+    await api.suspend_machine("web", machine.id)
+    suspended = await api.wait("web", machine.id, "suspended", timeout_s=30)
+    assert suspended.state == "suspended"
+    resumed = await api.start_machine("web", machine.id)
+    assert resumed.previous_state == "suspended"
+    await api.wait_for_machine_state("web", machine.id, "started", timeout_s=30)
+
+    await api.stop_machine("web", machine.id, signal="SIGTERM", timeout_s=5)
+    stopped = await api.wait("web", machine.id, "stopped", timeout_s=30)
+    assert stopped.state == "stopped"
+    assert emu.process("web", machine.id) is None
+
+    updated = await api.update_machine(
+        "web", machine.id, {**config, "env": {"GREETING": "hi"}}, skip_launch=True
+    )
+    assert updated.instance_id != machine.instance_id
+    assert updated.config is not None
+    assert updated.config.env == {"GREETING": "hi"}
+
+    await api.delete_machine("web", machine.id, force=True)
+    gone = await api.wait("web", machine.id, "destroyed", timeout_s=30)
+    assert gone.state == "destroyed"
+    assert await api.list_machines("web") == []
+
+
+async def test_volumes(api: MachinesClient) -> None:
+    await api.create_app("data", ORG)
+    volume = await api.create_volume("data", "pg_data", 1, "iad", snapshot_retention=5)
+    assert volume.size_gb == 1
+    assert [v.id for v in await api.list_volumes("data")] == [volume.id]
+    assert (await api.get_volume("data", volume.id)).name == "pg_data"
+    assert (
+        await api.update_volume("data", volume.id, snapshot_retention=9)
+    ).snapshot_retention == 9
+    assert (await api.extend_volume("data", volume.id, 3)).size_gb == 3
+    with pytest.raises(BadRequest, match="larger"):
+        await api.extend_volume("data", volume.id, 2)
+    before = await api.list_volume_snapshots("data", volume.id)
+    await api.create_volume_snapshot("data", volume.id)
+    after = await api.list_volume_snapshots("data", volume.id)
+    assert len(after) == len(before) + 1
+    await api.delete_volume("data", volume.id)
+    with pytest.raises(NotFound):
+        await api.get_volume("data", volume.id)
+
+
+async def test_oidc_token(api: MachinesClient) -> None:
+    token = await api.get_oidc_token(aud="https://fly.io/acme")
+    assert token.count(".") == 2  # header.claims.signature
+    assert await api.get_oidc_token()
+
+
+async def test_wrong_token_is_unauthorized_and_never_printed(emu: Emulator) -> None:
+    bad = "wrong-" + emu.token
+    with capture_logs() as captured:
+        async with MachinesClient(emu.url, bad) as api:
+            with pytest.raises(Unauthorized) as info:
+                await api.list_machines("web")
+    for text in (str(info.value), repr(info.value), repr(captured)):
+        assert bad not in text
+        assert emu.token not in text
+
+
+async def test_emulator_429_maps_to_rate_limited(emu: Emulator) -> None:
+    """With our buckets off and no retries, the emulator's own limit shows as RateLimited."""
+    async with MachinesClient(emu.url, emu.token, rate_limit=False, max_retries=0) as api:
+        await api.create_app("web", ORG)
+
+        async def hammer() -> None:
+            for _ in range(20):  # getApp's burst on the emulator is 10
+                await api.get_app("web")
+
+        with pytest.raises(RateLimited) as info:
+            await hammer()
+    assert info.value.retry_after is not None
+    assert info.value.retry_after >= 1
