@@ -1,0 +1,251 @@
+"""One app's admission: a machine slot now, or a place in a bounded FIFO until one frees up.
+
+A request takes a slot at once when nobody is waiting and some routable machine is under
+its ``hard_limit``. Otherwise it waits in the app's FIFO: for a slot on a busy machine, or
+for a machine at all, in which case the gate asks the control path for a wake
+(:meth:`FleetView.wake`, single-flight per app). One pump task per app hands slots to the
+head of the queue whenever the view changes (a request ended, a machine became routable, a
+wake finished), so waiting requests leave in arrival order.
+
+Slots move from "held" to "in flight" inside the pump (``release()`` then ``begin()``), so
+the controller's demand meter never sees a request twice or not at all. A waiter that gives
+up (deadline, client gone) leaves the queue; if the pump had just handed it a slot, the
+slot is returned. Neither ever cancels the wake: only the gate's own bookkeeping is torn
+down, and the wake task is awaited through ``asyncio.shield``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from autoscaler.config import AppConfig
+from autoscaler.control.view import AppView, FleetView, Upstream
+from autoscaler.logs import get_logger
+from autoscaler.metrics import Metrics
+from autoscaler.proxy.balancer import pick
+from autoscaler.scaling.fleet import STARTED
+
+_log = get_logger("autoscaler.proxy")
+
+# After a wake that failed, or succeeded without leaving a machine routable (it refused
+# connections, say), ask again after this long rather than in a tight loop.
+WAKE_RETRY_S = 1.0
+
+NO_WAKE = "none"
+
+
+class QueueFull(Exception):
+    """The app's queue holds ``max_queue`` requests already."""
+
+
+class HoldTimeout(Exception):
+    """No slot within the deadline."""
+
+    def __init__(self, waking: bool) -> None:
+        super().__init__("waking" if waking else "busy")
+        self.waking = waking
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    future: asyncio.Future[Upstream]
+    wake: asyncio.Task[str] | None = None
+
+
+class Gate:
+    """Admission for one app; ``config`` is replaced on reload, the queue carries over."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        fleet: FleetView,
+        metrics: Metrics,
+        rng: random.Random,
+    ) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.view: AppView = fleet.app(config.name)
+        self.rng = rng
+        self._queued_gauge = metrics.queued.labels(app=config.name)
+        self._queue: deque[_Waiter] = deque()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Task[str] | None = None
+        self._wake_failed_at: float | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def can_wake(self) -> bool:
+        return not self.config.static and self.fleet.can_wake
+
+    # --- taking and giving back slots ----------------------------------------------
+
+    def try_acquire(
+        self, exclude: tuple[Upstream, ...] = (), *, jump: bool = False
+    ) -> Upstream | None:
+        """A slot now, or None. Only ``jump`` (a retry already admitted) passes waiters."""
+        if self._queue and not jump:
+            return None
+        up = pick(self.view.routable(), self.config.hard_limit, self.rng, exclude)
+        if up is not None:
+            self.view.begin(up)
+        return up
+
+    def done(self, up: Upstream) -> None:
+        """Give back the slot of a finished request."""
+        self.view.end(up)
+
+    async def acquire(self, wait_s: float) -> tuple[Upstream, str]:
+        """Wait in the FIFO for a slot; the wake kind tells whether this request waited
+        for a wake ("resume", "start") or only for a busy machine ("none")."""
+        if len(self._queue) >= self.config.max_queue:
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future())
+        self._queue.append(waiter)
+        self.view.hold()
+        self._queued_gauge.inc()
+        if not self.view.routable():
+            self._ask_wake()
+        if self._wake is not None and not self._wake.done():
+            waiter.wake = self._wake
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = loop.create_task(self._pump(), name=f"gate:{self.config.name}")
+        deadline = loop.time() + wait_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                up = await waiter.future
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            fut = waiter.future
+            if fut.done() and not fut.cancelled():
+                up = fut.result()  # handed a slot just as we gave up
+                if isinstance(exc, asyncio.CancelledError):
+                    self.view.end(up)
+                    raise
+            else:
+                fut.cancel()
+                self._leave(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise HoldTimeout(waiter.wake is not None or not self.view.routable()) from None
+                raise
+        kind = await self._wake_kind(waiter.wake, deadline)
+        return up, kind
+
+    async def _wake_kind(self, wake: asyncio.Task[str] | None, deadline: float) -> str:
+        if wake is None:
+            return NO_WAKE
+        if not wake.done():
+            # The machine became routable a moment before the waker returned; its answer
+            # (resume or start) names this request's cold start. Never cancel it.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(wake)
+            except TimeoutError:
+                return NO_WAKE
+            except Exception:  # noqa: S110 - the failure is the controller's to log
+                pass
+        if wake.cancelled() or wake.exception() is not None:
+            return NO_WAKE
+        return wake.result()
+
+    def _leave(self, waiter: _Waiter) -> None:
+        try:
+            self._queue.remove(waiter)
+        except ValueError:
+            return
+        self.view.release()
+        self._queued_gauge.dec()
+        if not self._queue and self._pump_task is not None:
+            self._pump_task.cancel()
+            self._pump_task = None
+
+    # --- waking and handing out slots ----------------------------------------------
+
+    def _ask_wake(self) -> None:
+        if not self.can_wake or (self._wake is not None and not self._wake.done()):
+            return
+        now = asyncio.get_running_loop().time()
+        if self._wake_failed_at is not None and now - self._wake_failed_at < WAKE_RETRY_S:
+            return
+        self._wake_failed_at = None
+        wake = self.fleet.wake(self.config.name)
+        self._wake = wake
+        for waiter in self._queue:
+            if waiter.wake is None or waiter.wake.done():
+                waiter.wake = wake
+
+    def _dispatch(self) -> None:
+        queue = self._queue
+        if not queue:
+            return
+        routable = self.view.routable()
+        limit = self.config.hard_limit
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():  # its request gave up a moment ago
+                queue.popleft()
+                self.view.release()
+                self._queued_gauge.dec()
+                continue
+            up = pick(routable, limit, self.rng)
+            if up is None:
+                return
+            queue.popleft()
+            self.view.release()
+            self._queued_gauge.dec()
+            self.view.begin(up)
+            waiter.future.set_result(up)
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            self._dispatch()
+            if not self._queue:
+                break
+            delay: float | None = None
+            if not self.view.routable():
+                wake = self._wake
+                if wake is not None and wake.done():
+                    # The wake is over and still nothing is routable: ask again shortly.
+                    self._wake_failed_at = loop.time()
+                    self._wake = None
+                self._ask_wake()
+                if self.can_wake and self._wake is None:
+                    delay = WAKE_RETRY_S
+                delay = _min(delay, self._next_healthy())
+            changed = self.view.changed()
+            try:
+                async with asyncio.timeout(delay):
+                    await changed
+            except TimeoutError:
+                pass
+
+    def _next_healthy(self) -> float | None:
+        """Seconds until a machine skipped for failing comes back into rotation."""
+        now = self.view.clock()
+        soonest: float | None = None
+        for up in self.view.upstreams.values():
+            if up.unhealthy_until > now and up.state == STARTED and not up.cordoned:
+                wait = up.unhealthy_until - now
+                soonest = wait if soonest is None else min(soonest, wait)
+        return soonest
+
+    async def close(self) -> None:
+        """Stop the pump (on shutdown or when the app leaves the configuration)."""
+        task, self._pump_task = self._pump_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

@@ -1,0 +1,590 @@
+"""The data path: an aiohttp server that routes, admits, forwards and accounts each request.
+
+One request's life: route by Host (404 when no app), take a slot through the app's
+:class:`Gate` (at once, or after waiting in its FIFO while machines wake or free up; 503 when
+the queue is full, 504 after ``wake_timeout_s``), forward to the machine with streamed
+bodies (retrying elsewhere only when that cannot repeat a side effect), relay the response,
+give the slot back, then one metric update and one log line.
+
+aiohttp's low-level server is used rather than ``web.Application``: there is one handler
+and no routing table to consult, and its protocol class is subclassed so that errors found
+while parsing (a header over the limit, conflicting Content-Length and Transfer-Encoding)
+get the same short bodies, request ids and log lines as the proxy's own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import (
+    ClientConnectionError,
+    ClientError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    ClientWSTimeout,
+    DummyCookieJar,
+    TCPConnector,
+    WSServerHandshakeError,
+    web,
+)
+from aiohttp.client_exceptions import ClientConnectorError, ConnectionTimeoutError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from yarl import URL
+
+from autoscaler.config import AppConfig, Settings, parse_host_port
+from autoscaler.control.view import FleetView, MachineInfo, Upstream
+from autoscaler.logs import get_logger
+from autoscaler.metrics import Metrics
+from autoscaler.proxy import forward
+from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull
+from autoscaler.proxy.routing import Router
+from autoscaler.scaling.fleet import STARTED
+
+_log = get_logger("autoscaler.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+MAX_ATTEMPTS = 3
+_EMPTY_STATUS = frozenset({204, 304})
+# aiohttp's client would otherwise add these to requests that lack them (and Accept-
+# Encoding: gzip would make machines compress what the client never asked compressed).
+_SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class _Failure(Exception):
+    """A request that ends in an error response from the proxy itself."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+class ProxyServer:
+    """The reverse proxy. ``start()``, ``stop()``, and ``update_settings()`` on reload."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        view: FleetView,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.view = view
+        self.metrics = metrics
+        self.rng = rng if rng is not None else random.Random()  # noqa: S311 - not crypto
+        self.port = 0
+        self._settings = settings
+        self._router = Router(())
+        self._trust = forward.Trust(())
+        self._gates: dict[str, Gate] = {}
+        self._session: ClientSession | None = None
+        self._runner: web.ServerRunner | None = None
+        self._websockets: set[web.WebSocketResponse] = set()
+        self._closing = False
+        self.update_settings(settings)
+
+    # --- configuration ------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def update_settings(self, settings: Settings) -> None:
+        """Apply a reloaded configuration; requests in flight and held ones carry on.
+
+        Knobs of ``proxy`` that size the upstream pool or the listener (``listen``,
+        ``pool_size``, ``max_connections``, header limits) take effect on restart.
+        """
+        old = {app.name: app for app in self._settings.apps} if self._gates else {}
+        self._settings = settings
+        self._router = Router(settings.apps, settings.proxy.default_app)
+        self._trust = forward.Trust(settings.proxy.trusted_proxies)
+        names = set()
+        for app in settings.apps:
+            names.add(app.name)
+            gate = self._gates.get(app.name)
+            if gate is None:
+                self._gates[app.name] = Gate(app, self.view, self.metrics, self.rng)
+            else:
+                gate.config = app
+            if app.static:
+                self.view.app(app.name).set_machines(_static_machines(app))
+            elif app.name in old and old[app.name].static:
+                self.view.app(app.name).set_machines(())  # the controller takes over
+        for name in list(self._gates):
+            if name not in names:
+                gate = self._gates.pop(name)
+                if gate.config.static:
+                    self.view.remove_app(name)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def start(self, host: str | None = None, port: int | None = None) -> None:
+        """Listen on ``proxy.listen`` (or ``host``/``port``; port 0 picks a free one)."""
+        proxy = self._settings.proxy
+        listen = parse_host_port(proxy.listen)
+        host = listen.host if host is None else host
+        port = listen.port if port is None else port
+        self._session = ClientSession(
+            connector=TCPConnector(
+                limit=0,
+                limit_per_host=proxy.pool_size,
+                use_dns_cache=True,
+                keepalive_timeout=30.0,
+            ),
+            cookie_jar=DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO,
+            trust_env=False,
+            requote_redirect_url=False,
+        )
+        server = _Server(
+            self.handle,
+            self,
+            max_connections=proxy.max_connections,
+            handler_cancellation=True,  # a client that goes away cancels its handler
+            access_log=None,
+            max_line_size=proxy.max_header_bytes,
+            max_field_size=proxy.max_header_bytes,
+            keepalive_timeout=proxy.client_timeout_s,
+            auto_decompress=False,
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=proxy.shutdown_timeout_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        _log.info("proxy_listening", host=host, port=self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests finish until ``shutdown_timeout_s``, then close."""
+        self._closing = True
+        for ws in list(self._websockets):
+            # Open WebSockets last indefinitely: tell them to reconnect elsewhere.
+            await ws.close(code=1001, message=b"proxy shutting down")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for gate in self._gates.values():
+            await gate.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- one request --------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        ctx = _Ctx(loop.time(), _request_id(request.headers.get("X-Request-Id")))
+        app = self._router.route(request.host, request.raw_path)
+        try:
+            if app is None:
+                raise _Failure(404, "no app is configured for this host")
+            ctx.app = app.name
+            response = await self._serve(request, app, ctx)
+            ctx.status = response.status
+            return response
+        except _Failure as failure:
+            ctx.status = failure.status
+            _log.warning(
+                "proxy_error",
+                request_id=ctx.request_id,
+                app=ctx.app,
+                status=failure.status,
+                reason=failure.message,
+            )
+            return self._error_response(failure, ctx)
+        except asyncio.CancelledError:
+            ctx.status = 499  # the client went away (nginx's convention; log only)
+            raise
+        finally:
+            self._account(request, ctx, loop.time())
+
+    async def _serve(
+        self, request: web.BaseRequest, app: AppConfig, ctx: _Ctx
+    ) -> web.StreamResponse:
+        if self._closing:
+            raise _Failure(503, "proxy is shutting down", {"Retry-After": "1"})
+        limit = app.max_body_bytes
+        length = request.content_length
+        if limit is not None and length is not None and length > limit:
+            raise _Failure(413, f"request body over {limit} bytes")
+        gate = self._gates[app.name]
+        ctx.deadline = ctx.arrived + app.wake_timeout_s
+        up = gate.try_acquire()
+        if up is None:
+            up, ctx.wake = await self._wait(gate, app, ctx)
+        ctx.up = up
+        inflight = self.metrics.inflight.labels(app=app.name)
+        inflight.inc()
+        try:
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                return await self._websocket(request, app, gate, ctx)
+            return await self._http(request, app, gate, ctx)
+        finally:
+            inflight.dec()
+            if ctx.up is not None:
+                gate.done(ctx.up)
+
+    async def _wait(self, gate: Gate, app: AppConfig, ctx: _Ctx) -> tuple[Upstream, str]:
+        rejections = self.metrics.queue_rejections
+        try:
+            return await gate.acquire(_remaining(ctx.deadline))
+        except QueueFull:
+            rejections.labels(app=app.name, reason="queue_full").inc()
+            raise _Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
+        except HoldTimeout as exc:
+            rejections.labels(app=app.name, reason="wake_timeout").inc()
+            what = "for a machine to wake" if exc.waking else "for a free machine"
+            raise _Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
+
+    async def _next_attempt(
+        self, ctx: _Ctx, gate: Gate, app: AppConfig, tried: list[Upstream]
+    ) -> Upstream:
+        """Another machine for a request that failed where a replay is safe."""
+        up = ctx.up
+        assert up is not None
+        tried.append(up)
+        ctx.up = None
+        gate.done(up)
+        if len(tried) >= MAX_ATTEMPTS:
+            raise _Failure(502, "no machine of this app is reachable")
+        up = gate.try_acquire(tuple(tried), jump=True)
+        if up is None:
+            if app.static or _remaining(ctx.deadline) <= 0:
+                raise _Failure(502, "no machine of this app is reachable")
+            try:  # a machine still booting refused us: wait for it (or a wake) as others do
+                up, _ = await gate.acquire(_remaining(ctx.deadline))
+            except (QueueFull, HoldTimeout):
+                raise _Failure(502, "no machine of this app is reachable") from None
+        ctx.up = up
+        return up
+
+    def _url(self, app: AppConfig, up: Upstream, raw_path: str) -> URL:
+        authority = up.authority
+        if app.port is not None and not app.static and up.port != app.port:
+            host = up.host
+            authority = f"[{host}]:{app.port}" if ":" in host else f"{host}:{app.port}"
+        return URL(f"http://{authority}{raw_path}", encoded=True)
+
+    def _failed_connect(self, app: AppConfig, up: Upstream) -> bool:
+        """Nothing was sent: skip this machine for a while; the retry is always safe."""
+        view = self.view.app(app.name)
+        view.mark_unhealthy(up, self._settings.proxy.unhealthy_backoff_s)
+        view.notify()
+        _log.info("machine_unreachable", app=app.name, machine=up.id)
+        return True
+
+    async def _http(
+        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: _Ctx
+    ) -> web.StreamResponse:
+        proxy = self._settings.proxy
+        session = self._session
+        if session is None:
+            raise _Failure(503, "proxy is not running")
+        headers = forward.request_headers(request, ctx.request_id, self._trust)
+        method = request.method
+        has_body = request.body_exists
+        expect = (
+            has_body
+            and request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        )
+        body: forward.BodyStream | None = None
+        timeout = ClientTimeout(total=None, connect=proxy.connect_timeout_s)
+        tried: list[Upstream] = []
+        up = ctx.up
+        while True:
+            assert up is not None
+            data = None
+            if has_body:
+                body = forward.BodyStream(
+                    request,
+                    app.max_body_bytes,
+                    proxy.client_timeout_s,
+                    expect,
+                    upstream_timeout=proxy.upstream_timeout_s,
+                )
+                data = body.chunks()
+            try:
+                # Headers are due upstream_timeout_s after the body's end (a slow upload is
+                # the client's time, bounded by client_timeout_s per read).
+                async with asyncio.timeout(None if has_body else proxy.upstream_timeout_s) as tm:
+                    if body is not None:
+                        body.on_done = tm
+                    upstream = await session.request(
+                        method,
+                        self._url(app, up, request.raw_path),
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
+                        timeout=timeout,
+                    )
+            except ConnectionTimeoutError:
+                retry = self._failed_connect(app, up)
+            except TimeoutError:
+                raise _Failure(504, "the machine did not answer in time") from None
+            except ClientError as exc:
+                if body is not None and body.too_large:
+                    raise _Failure(413, f"request body over {app.max_body_bytes} bytes") from None
+                if body is not None and body.timed_out:
+                    raise _Failure(408, "the client sent its body too slowly") from None
+                if isinstance(exc, ClientConnectorError):
+                    retry = self._failed_connect(app, up)
+                elif isinstance(exc, ClientConnectionError):
+                    # Reset or closed before any response byte: a replay is safe only if
+                    # the method is idempotent and no body byte was consumed.
+                    retry = method in IDEMPOTENT and (body is None or not body.started)
+                else:
+                    retry = False
+                if not retry:
+                    raise _Failure(502, "the machine failed to answer") from None
+            else:
+                return await self._relay(request, upstream, app, ctx)
+            if body is not None and body.started:
+                raise _Failure(502, "no machine of this app is reachable")
+            up = await self._next_attempt(ctx, gate, app, tried)
+
+    async def _relay(
+        self, request: web.BaseRequest, upstream: ClientResponse, app: AppConfig, ctx: _Ctx
+    ) -> web.StreamResponse:
+        proxy = self._settings.proxy
+        try:
+            v = upstream.version
+            headers = forward.response_headers(
+                upstream.raw_headers,
+                ctx.request_id,
+                ctx.wake if proxy.wake_header else None,
+                f"{v.major}.{v.minor}" if v else "1.1",
+            )
+            resp = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
+            await resp.prepare(request)
+            ctx.headers_at = asyncio.get_running_loop().time()
+            if request.method != "HEAD" and upstream.status not in _EMPTY_STATUS:
+                content = upstream.content
+                try:
+                    while True:
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        await resp.write(chunk)
+                except ClientError:
+                    # The machine broke off mid-body: the client must not take the
+                    # truncated body for a whole one, so its connection is dropped.
+                    _log.warning("upstream_body_error", request_id=ctx.request_id, app=app.name)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
+            await resp.write_eof()
+            return resp
+        finally:
+            upstream.release()
+
+    async def _websocket(
+        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: _Ctx
+    ) -> web.StreamResponse:
+        session = self._session
+        if session is None:
+            raise _Failure(503, "proxy is not running")
+        proxy = self._settings.proxy
+        headers = forward.request_headers(request, ctx.request_id, self._trust, websocket=True)
+        offered = [
+            p.strip()
+            for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in v.split(",")
+            if p.strip()
+        ]
+        tried: list[Upstream] = []
+        up = ctx.up
+        while True:
+            assert up is not None
+            try:
+                async with asyncio.timeout(proxy.upstream_timeout_s):
+                    upstream_ws = await session.ws_connect(
+                        self._url(app, up, request.raw_path),
+                        headers=headers,
+                        protocols=offered,
+                        autoclose=False,
+                        autoping=True,
+                        max_msg_size=forward.WS_MAX_MESSAGE,
+                        timeout=ClientWSTimeout(ws_close=10.0),
+                        compress=0,
+                    )
+                break
+            except WSServerHandshakeError as exc:
+                raise _Failure(502, f"the machine refused the WebSocket ({exc.status})") from None
+            except ConnectionTimeoutError:
+                self._failed_connect(app, up)
+            except TimeoutError:
+                raise _Failure(504, "the machine did not answer in time") from None
+            except ClientConnectorError:
+                self._failed_connect(app, up)
+            except ClientConnectionError:
+                pass  # a handshake has no body: replaying it is safe
+            except ClientError:
+                raise _Failure(502, "the machine failed to answer") from None
+            up = await self._next_attempt(ctx, gate, app, tried)
+        client_ws = web.WebSocketResponse(
+            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+            autoclose=False,
+            autoping=True,
+            max_msg_size=forward.WS_MAX_MESSAGE,
+            compress=False,
+        )
+        if proxy.wake_header:
+            client_ws.headers["Fly-Autoscaler-Wake"] = ctx.wake
+        client_ws.headers["X-Request-Id"] = ctx.request_id
+        try:
+            await client_ws.prepare(request)
+        except BaseException:
+            await upstream_ws.close()
+            raise
+        ctx.headers_at = asyncio.get_running_loop().time()
+        self._websockets.add(client_ws)
+        try:
+            await forward.relay_websocket(client_ws, upstream_ws)
+        finally:
+            self._websockets.discard(client_ws)
+        return client_ws
+
+    # --- errors and accounting ----------------------------------------------------
+
+    def _error_response(self, failure: _Failure, ctx: _Ctx) -> web.Response:
+        resp = web.Response(status=failure.status, text=failure.message + "\n")
+        resp.headers["X-Request-Id"] = ctx.request_id
+        if failure.headers:
+            resp.headers.update(failure.headers)
+        if self._settings.proxy.wake_header and ctx.app:
+            resp.headers["Fly-Autoscaler-Wake"] = ctx.wake
+        return resp
+
+    def _account(self, request: web.BaseRequest, ctx: _Ctx, now: float) -> None:
+        metrics = self.metrics
+        metrics.requests.labels(app=ctx.app, code=str(ctx.status), wake=ctx.wake).inc()
+        until = ctx.headers_at if ctx.headers_at is not None else now
+        metrics.request_duration.labels(app=ctx.app).observe(until - ctx.arrived)
+        if self._settings.proxy.access_log:
+            raw = request.raw_path
+            query = raw.find("?")
+            _log.info(
+                "request",
+                request_id=ctx.request_id,
+                app=ctx.app,
+                method=request.method,
+                path=raw if query == -1 else raw[:query],  # queries may carry secrets
+                status=ctx.status,
+                duration_ms=round((now - ctx.arrived) * 1000, 3),
+                machine=ctx.up.id if ctx.up is not None else None,
+                wake=ctx.wake,
+            )
+
+    def protocol_error(
+        self, request: web.BaseRequest, status: int, exc: BaseException | None
+    ) -> web.Response:
+        """A request aiohttp could not parse, or a bug in the handler (500)."""
+        request_id = uuid.uuid4().hex
+        if isinstance(exc, LineTooLong) or (
+            isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message)
+        ):
+            status, message = 431, "request header fields too large"
+        elif status == 400:
+            message = "bad request"
+            if isinstance(exc, HttpProcessingError) and exc.message:
+                message = f"bad request: {str(exc.message)[:120]}"
+        elif status == 500:
+            message = "internal proxy error"
+        else:
+            message = "error"
+        if status >= 500:
+            _log.error(
+                "proxy_error", request_id=request_id, status=status, reason=message, exc_info=exc
+            )
+        else:
+            _log.warning("proxy_error", request_id=request_id, status=status, reason=message)
+        self.metrics.requests.labels(app="", code=str(status), wake=NO_WAKE).inc()
+        resp = web.Response(status=status, text=message + "\n")
+        resp.headers["X-Request-Id"] = request_id
+        resp.force_close()
+        return resp
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """What one request's accounting needs, filled in as it goes."""
+
+    arrived: float
+    request_id: str
+    app: str = ""
+    status: int = 0
+    wake: str = NO_WAKE
+    up: Upstream | None = None
+    deadline: float = 0.0
+    headers_at: float | None = None
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def _static_machines(app: AppConfig) -> list[MachineInfo]:
+    out = []
+    for backend in app.backends:
+        hp = parse_host_port(backend)
+        out.append(
+            MachineInfo(id=backend, host=hp.host, port=hp.port, state=STARTED, cordoned=False)
+        )
+    return out
+
+
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is sane, else a fresh one."""
+    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
+class _Protocol(RequestHandler):
+    """aiohttp's connection handler, with the proxy's own error responses."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        server = self._manager
+        assert isinstance(server, _Server)
+        return server.proxy.protocol_error(request, status, exc)
+
+
+class _Server(web.Server):
+    """Low-level server: our protocol class, and a cap on client connections."""
+
+    def __init__(
+        self, handler: Any, proxy: ProxyServer, *, max_connections: int, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.proxy = proxy
+        self.max_connections = max_connections
+
+    def __call__(self) -> RequestHandler:
+        return _Protocol(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: Any) -> None:
+        if len(self._connections) >= self.max_connections:
+            transport.close()  # over the cap: refuse rather than queue unbounded sockets
+            return
+        super().connection_made(handler, transport)

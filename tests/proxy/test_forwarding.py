@@ -1,0 +1,271 @@
+"""HTTP forwarding against real upstream servers on loopback: what goes up, what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from autoscaler.metrics import Metrics
+
+from .conftest import Backend, StartProxy, url
+
+
+def echo_app(seen: list[web.Request] | None = None) -> web.Application:
+    """Answers with what it received: method, raw path, headers, body length."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if seen is not None:
+            seen.append(request)
+        body = await request.read()
+        resp = web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": [[k, v] for k, v in request.headers.items()],
+                "body_len": len(body),
+                "chunked": request.headers.get("Transfer-Encoding") == "chunked",
+            }
+        )
+        resp.headers.add("Set-Cookie", "a=1; Path=/")
+        resp.headers.add("Set-Cookie", "b=2; Path=/")
+        resp.headers["Keep-Alive"] = "timeout=5"
+        resp.headers["Connection"] = "X-Secret-Hop"
+        resp.headers["X-Secret-Hop"] = "drop me"
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+async def raw(port: int, data: bytes) -> bytes:
+    """Send bytes as-is and read until the proxy closes (requests say Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await reader.read(-1)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def headers_of(payload: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, value in payload["headers"]:
+        out.setdefault(key.lower(), []).append(value)
+    return out
+
+
+async def test_raw_path_and_query_pass_byte_for_byte(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    path = b"/x/%2F/../y//z;p=1?q=%20a+b&q=%2f&empty=&=#"
+    reply = await raw(
+        proxy.port, b"GET " + path[:-1] + b" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert b'"raw_path": "/x/%2F/../y//z;p=1?q=%20a+b&q=%2f&empty=&="' in reply
+    # aiohttp's client must not add headers the client never sent.
+    for added in (b'"Accept-Encoding"', b'"User-Agent"', b'"Accept"', b'"Content-Type"'):
+        assert added not in reply.split(b"\r\n\r\n", 1)[1], added
+
+
+async def test_set_cookie_hop_by_hop_and_forwarding_headers(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    async with session.get(
+        url(proxy, "/h"),
+        headers={
+            "Host": "a.test",
+            "Connection": "keep-alive, X-Private",
+            "X-Private": "hop",
+            "Keep-Alive": "timeout=1",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic c2VjcmV0",
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Host": "evil.test",
+            "X-Forwarded-Proto": "https",
+            "Forwarded": "for=6.6.6.6",
+            "Via": "1.0 earlier",
+            "X-Request-Id": "req-123",
+            "X-Keep": "yes",
+        },
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        assert "Keep-Alive" not in resp.headers
+        assert "X-Secret-Hop" not in resp.headers
+        assert resp.headers["X-Request-Id"] == "req-123"
+        assert resp.headers["Fly-Autoscaler-Wake"] == "none"
+        assert resp.headers["Via"].endswith("1.1 autoscaler")
+        got = headers_of(await resp.json())
+    for hop in ("x-private", "keep-alive", "te", "proxy-authorization", "forwarded"):
+        assert hop not in got, hop
+    assert got["x-keep"] == ["yes"]
+    assert got["host"] == ["a.test"]
+    # Untrusted peer: forwarding headers are replaced, not appended to.
+    assert got["x-forwarded-for"] == ["127.0.0.1"]
+    assert got["x-forwarded-host"] == ["a.test"]
+    assert got["x-forwarded-proto"] == ["http"]
+    assert got["via"] == ["1.0 earlier, 1.1 autoscaler"]
+    assert got["x-request-id"] == ["req-123"]
+
+
+async def test_trusted_proxy_forwarding_headers_are_kept(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}],
+        trusted_proxies=["127.0.0.0/8"],
+    )
+    async with session.get(
+        url(proxy),
+        headers={
+            "Host": "a.test",
+            "X-Forwarded-For": "203.0.113.9",
+            "X-Forwarded-Host": "public.test",
+            "X-Forwarded-Proto": "https",
+        },
+    ) as resp:
+        got = headers_of(await resp.json())
+        request_id = resp.headers["X-Request-Id"]
+    assert got["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+    assert got["x-forwarded-host"] == ["public.test"]
+    assert got["x-forwarded-proto"] == ["https"]
+    assert len(request_id) == 32
+    assert got["x-request-id"] == [request_id]
+
+
+async def test_head_and_bodies_both_ways(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    host = {"Host": "a.test"}
+    async with session.head(url(proxy), headers=host) as resp:
+        assert resp.status == 200
+        assert int(resp.headers["Content-Length"]) > 0
+        assert await resp.read() == b""
+
+    async def gen() -> Any:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    async with session.post(url(proxy), data=gen(), headers=host) as resp:
+        body = await resp.json()
+    assert body["body_len"] == 10_000
+    assert body["chunked"]
+    async with session.put(url(proxy), data=b"y" * 5000, headers=host) as resp:
+        body = await resp.json()
+    assert body["body_len"] == 5000
+    assert not body["chunked"]
+    assert headers_of(body)["content-length"] == ["5000"]
+
+
+async def test_chunked_response_and_sse_flush_each_event(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    step = asyncio.Event()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: one\n\n")
+        await step.wait()  # the client must get "one" before "two" exists
+        await resp.write(b"data: two\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/events", events)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}]
+    )
+    async with session.get(url(proxy, "/events"), headers={"Host": "a.test"}) as resp:
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        assert first == b"data: one\n\n"
+        step.set()
+        assert await resp.content.read() == b"data: two\n\n"
+
+
+async def test_expect_100_continue(backend: Backend, start_proxy: StartProxy) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        await writer.drain()
+        reply = await reader.read(-1)
+    finally:
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert b'"body_len": 5' in reply
+    assert b"expect" not in reply.lower().split(b"\r\n\r\n", 1)[1]
+
+
+async def test_unknown_host_gets_404(start_proxy: StartProxy, metrics: Metrics) -> None:
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": ["127.0.0.1:9"]}])
+    reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 404")
+    assert reply.endswith(b"no app is configured for this host\n")
+    assert b"X-Request-Id: " in reply
+    assert isinstance(metrics.registry, CollectorRegistry)
+    assert (
+        metrics.registry.get_sample_value(
+            "autoscaler_requests_total", {"app": "", "code": "404", "wake": "none"}
+        )
+        == 1
+    )
+
+
+async def test_parse_errors_431_400_and_413(backend: Backend, start_proxy: StartProxy) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr], "max_body_bytes": 100}],
+        max_header_bytes=1024,
+    )
+    big = b"X-Big: " + b"a" * 2000 + b"\r\n"
+    reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\n" + big + b"\r\n")
+    assert reply.split(b" ", 2)[1] == b"431", reply[:60]
+    assert b"request header fields too large" in reply
+
+    reply = await raw(
+        proxy.port,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    assert reply.split(b" ", 2)[1] == b"400", reply[:60]
+    assert len(reply.split(b"\r\n\r\n", 1)[1]) < 200
+
+    reply = await raw(
+        proxy.port,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 101\r\nConnection: close\r\n\r\n"
+        + b"z" * 101,
+    )
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:60]
+    # Without a length the limit is enforced while streaming.
+    chunk = b"64\r\n" + b"z" * 100 + b"\r\n"
+    reply = await raw(
+        proxy.port,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" + chunk * 3 + b"0\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:60]
