@@ -303,6 +303,8 @@ def decide(
                 )
             if desired < up:
                 remove = min(policy.scale_down_step, up - desired)
+                if remove < up - desired:
+                    why.append(f"{remove} this tick (scale_down_step)")
 
     actions: list[Action] = []
     touched: set[str] = set()
