@@ -16,7 +16,14 @@ from structlog.testing import capture_logs
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import BadRequest, NotFound, RateLimited, Unauthorized
+from autoscaler.fly.errors import (
+    BadRequest,
+    NotFound,
+    RateLimited,
+    TransportError,
+    Unauthorized,
+    WaitTimeout,
+)
 
 IMAGE = "autoscaler/demo-app"
 ORG = "personal"
@@ -119,6 +126,8 @@ async def test_machine_lifecycle(api: MachinesClient, emu: Emulator) -> None:
     stopped = await api.wait("web", machine.id, "stopped", timeout_s=30)
     assert stopped.state == "stopped"
     assert emu.process("web", machine.id) is None
+    with pytest.raises(WaitTimeout, match="did not reach suspended within 1s"):
+        await api.wait("web", machine.id, "suspended", timeout_s=1)  # the emulator's 408
 
     updated = await api.update_machine(
         "web", machine.id, {**config, "env": {"GREETING": "hi"}}, skip_launch=True
@@ -184,3 +193,40 @@ async def test_emulator_429_maps_to_rate_limited(emu: Emulator) -> None:
             await hammer()
     assert info.value.retry_after is not None
     assert info.value.retry_after >= 1
+
+
+async def test_metrics_observer_counts_calls(emu: Emulator) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from autoscaler.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    async with MachinesClient(emu.url, emu.token, observer=metrics.observe_api) as api:
+        await api.create_app("web", ORG)
+        with pytest.raises(NotFound):
+            await api.get_machine("web", "nope")
+    sample = metrics.registry.get_sample_value
+    assert sample("autoscaler_api_requests_total", {"operation": "create_app", "code": "201"}) == 1
+    assert sample("autoscaler_api_requests_total", {"operation": "get_machine", "code": "404"}) == 1
+
+
+async def test_connection_refused_is_a_transport_error() -> None:
+    """A closed loopback port: nothing was sent, so even a create is retried, then fails."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nothing listens
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async with MachinesClient(
+        f"http://127.0.0.1:{port}", "t0ken-abc", max_retries=2, sleep=fake_sleep
+    ) as api:
+        with pytest.raises(TransportError) as info:
+            await api.create_app("web", ORG)
+    assert info.value.sent is False
+    assert len(sleeps) == 2
+    assert "t0ken-abc" not in str(info.value)
