@@ -273,7 +273,12 @@ def decide(
         else:
             lower_since = state.lower_since if state.lower_since is not None else now
             cutoff = now - policy.scale_down_delay_s
-            history = (*(h for h in state.lower_history if h[0] > cutoff), (now, wanted))
+            # Keep only entries that can still be the window's maximum: later entries that
+            # want at least as much make an earlier one irrelevant, so this stays short.
+            kept = [h for h in state.lower_history if h[0] > cutoff]
+            while kept and kept[-1][1] <= wanted:
+                kept.pop()
+            history = (*kept, (now, wanted))
             lasted = now - lower_since
             if idle:
                 desired = wanted
@@ -331,15 +336,17 @@ def decide(
         if len(eligible) < remove:
             why.append(f"{remove - len(eligible)} removal(s) wait (busy or under min_lifetime)")
 
-    # Housekeeping of our own cordons, and the stop tier. None of it in panic: a drain
-    # left behind waits (it may be taken back), and suspended machines stay a fast reserve.
+    # Housekeeping of our own cordons: a sleeping machine with our cordon could only start
+    # unroutable, so the cordon goes (in panic too: that adds capacity for later ticks).
+    for m in (*g.suspended, *g.stopped):
+        if m.id not in touched and not m.busy and m.cordoned:
+            act("uncordon", m, f"lift our cordon left on a {m.state} machine")
+    # Finishing a drain left behind, and the stop tier. Not in panic: the drain may yet be
+    # taken back, and suspended machines stay a fast reserve.
     if not in_panic:
         for m in g.draining:
             if m.id not in touched and not m.busy and not m.draining:
                 act("drain", m, "finish a drain left behind")
-        for m in (*g.suspended, *g.stopped):
-            if m.id not in touched and not m.busy and m.cordoned:
-                act("uncordon", m, f"lift our cordon left on a {m.state} machine")
         limit = policy.stop_suspended_after_s
         if limit is not None:
             for m in g.suspended:

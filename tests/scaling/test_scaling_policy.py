@@ -517,7 +517,7 @@ def test_cordons_we_left_behind_are_finished_or_lifted() -> None:
     left = m("left", cordoned=True, cordoned_by_us=True)  # started, cordoned, no drain running
     asleep = m("asleep", "suspended", cordoned=True, cordoned_by_us=True)
     d = run(app, fleet(m("s"), left, asleep), load(5.0, 100, app=app), 100)
-    assert acts(d) == [("drain", "left"), ("uncordon", "asleep")]
+    assert sorted(acts(d)) == [("drain", "left"), ("uncordon", "asleep")]
     # When the machine is needed, it is taken back instead.
     d = run(app, fleet(left, asleep), load(5.0, 100, app=app), 100)
     assert acts(d) == [("uncordon", "left"), ("uncordon", "asleep")]
@@ -549,6 +549,28 @@ def test_a_long_suspended_machine_that_is_needed_is_resumed_not_stopped() -> Non
     machines = fleet(m("z", "suspended", state_since=0.0), m("y", "suspended", state_since=0.0))
     d = run(app, machines, load(5.0, 600, app=app), 600)
     assert sorted(acts(d)) == [("resume", "y"), ("stop", "z")]
+
+
+def test_the_delay_history_stays_short() -> None:
+    app = cfg(panic_threshold=CALM, scale_down_delay_s=3600, max_machines=10)
+    machines = fleet(*serving(10))
+    state = PolicyState(born=0.0)
+    for now in range(100, 400):
+        level = 7.0 * (1 + now % 5)  # wants 1..5, over and over
+        d = run(app, machines, load(level, now, since=now - 1, app=app), now, state)
+        state = d.state
+    assert d.desired == 10
+    assert len(state.lower_history) <= 5
+    assert max(h[1] for h in state.lower_history) == 5
+
+
+def test_panic_still_lifts_our_cordon_from_a_sleeping_machine() -> None:
+    app = cfg()
+    state = PolicyState(born=0.0, panic_since=590.0, last_trigger=595.0, panic_desired=1)
+    asleep = m("z", "suspended", cordoned=True, cordoned_by_us=True)
+    d = run(app, fleet(m("s"), asleep), load(0.0, 600, app=app), 600, state)
+    assert d.panic
+    assert acts(d) == [("uncordon", "z")]
 
 
 def test_panic_stops_nothing() -> None:
