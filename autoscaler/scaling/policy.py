@@ -17,7 +17,7 @@ Definitions used throughout (Knative's KPA, adapted to machines):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -203,6 +203,81 @@ def _clamp(n: int, low: int, high: int) -> int:
     return max(low, min(high, n))
 
 
+@dataclass(frozen=True, slots=True)
+class _Count:
+    """How many machines, and why (the first half of a decision)."""
+
+    desired: int
+    remove: int
+    why: tuple[str, ...]
+    lower_since: float | None = None
+    history: tuple[tuple[float, int], ...] = ()
+
+
+def _panic_count(
+    up: int, burst: float, unit: float, low: int, high: int, prior: int, window: float
+) -> _Count:
+    # Scale on the panic window, and never below what this panic has had or wanted.
+    desired = _clamp(max(_want(burst, unit), prior, up), low, high)
+    if desired > up:
+        return _Count(desired, 0, (f"scale up {up}->{desired} on {window:g}s avg {burst:.1f}",))
+    return _Count(desired, 0, (f"hold {up} ({window:g}s avg {burst:.1f})",))
+
+
+def _normal_count(
+    up: int,
+    stable: float,
+    unit: float,
+    low: int,
+    policy: AppConfig,
+    now: float,
+    state: PolicyState,
+    idle_for: float | None,
+) -> _Count:
+    high = policy.max_machines
+    wanted = _clamp(_want(stable, unit), low, high)
+    avg = f"{policy.stable_window_s:g}s avg {stable:.1f}"
+    if wanted > up:
+        return _Count(wanted, 0, (f"scale up {up}->{wanted} on {avg}",))
+    if wanted == up:
+        return _Count(wanted, 0, (f"steady at {up} ({avg})",))
+
+    # Demand wants fewer machines than are up.
+    lower_since = state.lower_since if state.lower_since is not None else now
+    lasted = now - lower_since
+    # Keep only entries that can still be the delay window's maximum: a later entry that
+    # wants at least as much makes an earlier one irrelevant, so this stays short.
+    kept = [h for h in state.lower_history if h[0] > now - policy.scale_down_delay_s]
+    while kept and kept[-1][1] <= wanted:
+        kept.pop()
+    history = (*kept, (now, wanted))
+    most = min(up, max(h[1] for h in history))
+    if idle_for is not None:
+        # The idle time is the delay: no request for idle_to_zero_s.
+        desired = wanted
+        why = f"idle {idle_for:.0f}s >= {policy.idle_to_zero_s:g}s: scale down {up}->{wanted}"
+    elif lasted >= policy.scale_down_delay_s and most < up:
+        # Only to the most that demand wanted during the delay.
+        desired = most
+        why = f"scale down {up}->{desired} (lower demand for {lasted:.0f}s, {avg})"
+    elif up > high:
+        # More than max_machines are up (someone else started them): the cap holds
+        # without waiting for the delay, still one step at a time.
+        desired = high
+        why = f"above max_machines: scale down {up}->{high}"
+    else:
+        desired = up
+        why = (
+            f"hold {up}: demand wants {wanted} for {lasted:.0f}s of "
+            f"{policy.scale_down_delay_s:g}s ({avg})"
+        )
+    whys = [why]
+    remove = min(policy.scale_down_step, up - desired) if desired < up else 0
+    if 0 < remove < up - desired:
+        whys.append(f"{remove} this tick (scale_down_step)")
+    return _Count(desired, remove, tuple(whys), lower_since, history)
+
+
 def decide(
     fleet: Fleet,
     load: LoadWindows,
@@ -229,11 +304,11 @@ def decide(
     idle = fleet.in_flight == 0 and idle_for > 0 and idle_for >= policy.idle_to_zero_s
     low = min(high, policy.min_machines if idle else max(policy.min_machines, 1))
 
-    # Panic bookkeeping.
-    triggered = burst >= policy.panic_threshold * capacity
-    panic_since, last_trigger, panic_desired = state.panic_since, state.last_trigger, 0
+    # Panic: enter when the panic average reaches panic_threshold x capacity; every
+    # trigger extends it; leave a stable window after the last trigger.
     why: list[str] = []
-    if triggered:
+    panic_since, last_trigger = state.panic_since, state.last_trigger
+    if burst >= policy.panic_threshold * capacity:
         if panic_since is None:
             panic_since = now
             why.append(
@@ -248,69 +323,43 @@ def decide(
         panic_since = last_trigger = None
     in_panic = panic_since is not None
 
-    lower_since: float | None = None
-    history: tuple[tuple[float, int], ...] = ()
-    remove = 0
     if in_panic:
-        # Scale on the panic window, and never below what this panic has had or wanted.
         prior = state.panic_desired if state.panic else 0
-        desired = _clamp(max(_want(burst, unit), prior, up), low, high)
-        panic_desired = desired
-        if desired > up:
-            why.append(f"scale up {up}->{desired} on {policy.panic_window_s:g}s avg {burst:.1f}")
-        else:
-            why.append(f"panic: hold {up} ({policy.panic_window_s:g}s avg {burst:.1f})")
+        count = _panic_count(up, burst, unit, low, high, prior, policy.panic_window_s)
     else:
-        wanted = _clamp(_want(stable, unit), low, high)
-        if wanted >= up:
-            desired = wanted
-            if wanted > up:
-                why.append(
-                    f"scale up {up}->{wanted} on {policy.stable_window_s:g}s avg {stable:.1f}"
-                )
-            else:
-                why.append(f"steady at {up} ({policy.stable_window_s:g}s avg {stable:.1f})")
-        else:
-            lower_since = state.lower_since if state.lower_since is not None else now
-            cutoff = now - policy.scale_down_delay_s
-            # Keep only entries that can still be the window's maximum: later entries that
-            # want at least as much make an earlier one irrelevant, so this stays short.
-            kept = [h for h in state.lower_history if h[0] > cutoff]
-            while kept and kept[-1][1] <= wanted:
-                kept.pop()
-            history = (*kept, (now, wanted))
-            lasted = now - lower_since
-            if idle:
-                desired = wanted
-                why.append(
-                    f"idle {idle_for:.0f}s >= {policy.idle_to_zero_s:g}s: scale down {up}->{wanted}"
-                )
-            elif (
-                lasted >= policy.scale_down_delay_s
-                and (target := min(up, max(h[1] for h in history))) < up
-            ):
-                # Only to the most that demand wanted during the delay.
-                desired = target
-                why.append(
-                    f"scale down {up}->{desired} (lower demand for {lasted:.0f}s, "
-                    f"{policy.stable_window_s:g}s avg {stable:.1f})"
-                )
-            elif up > high:
-                # More than max_machines are up (someone else started them): the cap holds
-                # without waiting for the delay, still one step at a time.
-                desired = high
-                why.append(f"above max_machines: scale down {up}->{high}")
-            else:
-                desired = up
-                why.append(
-                    f"hold {up}: demand wants {wanted} for {lasted:.0f}s of "
-                    f"{policy.scale_down_delay_s:g}s ({policy.stable_window_s:g}s avg {stable:.1f})"
-                )
-            if desired < up:
-                remove = min(policy.scale_down_step, up - desired)
-                if remove < up - desired:
-                    why.append(f"{remove} this tick (scale_down_step)")
+        count = _normal_count(up, stable, unit, low, policy, now, state, idle_for if idle else None)
+    why.extend(count.why)
+    desired = count.desired
+    actions = _plan(g, count, policy, now, in_panic, why)
+    shortfall = max(0, desired - g.pool)
+    if shortfall:
+        why.append(f"short of {shortfall} machine(s)")
+    if actions:
+        why.append(_summary(actions))
+    return Decision(
+        desired=desired,
+        panic=in_panic,
+        actions=tuple(actions),
+        reason=f"{'panic' if in_panic else 'normal'}: " + "; ".join(why),
+        shortfall=shortfall,
+        state=PolicyState(
+            born=born,
+            panic_since=panic_since,
+            last_trigger=last_trigger,
+            panic_desired=desired if in_panic else 0,
+            lower_since=count.lower_since,
+            lower_history=count.history,
+        ),
+        current=up,
+        stable_load=stable,
+        panic_load=burst,
+    )
 
+
+def _plan(
+    g: _Groups, count: _Count, policy: AppConfig, now: float, in_panic: bool, why: list[str]
+) -> list[Action]:
+    """Which machines: the actions for ``count`` plus housekeeping; at most one each."""
     actions: list[Action] = []
     touched: set[str] = set()
 
@@ -319,69 +368,51 @@ def decide(
         touched.add(m.id)
 
     # Scale up: take back, resume, start (rule 2).
-    need = max(0, desired - up)
-    for kind, m in _wake_candidates(g)[:need]:
-        act(kind, m, f"scale up to {desired}: {_WAKE_WHY[kind]}")
-    shortfall = max(0, desired - g.pool)
+    for kind, m in _wake_candidates(g)[: max(0, count.desired - g.up)]:
+        act(kind, m, f"scale up to {count.desired}: {_WAKE_WHY[kind]}")
 
-    # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s.
-    if remove:
+    # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s
+    # (an unknown start time counts as old).
+    if count.remove:
+        eligible = sorted(
+            (
+                m
+                for m in g.serving
+                if not m.busy
+                and (m.started_at is None or now - m.started_at >= policy.min_lifetime_s)
+            ),
+            key=_removal_key,
+        )
+        for m in eligible[: count.remove]:
+            act("drain", m, f"scale down to {count.desired}: {m.in_flight} in flight")
+        if len(eligible) < count.remove:
+            why.append(
+                f"{count.remove - len(eligible)} removal(s) wait (busy or under min_lifetime)"
+            )
 
-        def old_enough(m: MachineSnapshot) -> bool:
-            return m.started_at is None or now - m.started_at >= policy.min_lifetime_s
-
-        eligible = sorted((m for m in g.serving if not m.busy and old_enough(m)), key=_removal_key)
-        for m in eligible[:remove]:
-            act("drain", m, f"scale down to {desired}: {m.in_flight} in flight")
-        if len(eligible) < remove:
-            why.append(f"{remove - len(eligible)} removal(s) wait (busy or under min_lifetime)")
-
-    # Housekeeping of our own cordons: a sleeping machine with our cordon could only start
-    # unroutable, so the cordon goes (in panic too: that adds capacity for later ticks).
+    # Our cordon on a sleeping machine would only let it start unroutable: lift it (in
+    # panic too: that adds capacity for later ticks).
     for m in (*g.suspended, *g.stopped):
         if m.id not in touched and not m.busy and m.cordoned:
             act("uncordon", m, f"lift our cordon left on a {m.state} machine")
     # Finishing a drain left behind, and the stop tier. Not in panic: the drain may yet be
     # taken back, and suspended machines stay a fast reserve.
-    if not in_panic:
-        for m in g.draining:
-            if m.id not in touched and not m.busy and not m.draining:
-                act("drain", m, "finish a drain left behind")
-        limit = policy.stop_suspended_after_s
-        if limit is not None:
-            for m in g.suspended:
-                if (
-                    m.id not in touched
-                    and not m.busy
-                    and m.state_since is not None
-                    and now - m.state_since >= limit
-                ):
-                    act("stop", m, f"suspended {now - m.state_since:.0f}s >= {limit:g}s")
-
-    if shortfall:
-        why.append(f"short of {shortfall} machine(s)")
-    if actions:
-        why.append(_summary(actions))
-    reason = f"{'panic' if in_panic else 'normal'}: " + "; ".join(why)
-    new_state = PolicyState(
-        born=born,
-        panic_since=panic_since,
-        last_trigger=last_trigger,
-        panic_desired=panic_desired,
-        lower_since=lower_since,
-        lower_history=history,
-    )
-    return Decision(
-        desired=desired,
-        panic=in_panic,
-        actions=tuple(actions),
-        reason=reason,
-        shortfall=shortfall,
-        state=new_state,
-        current=up,
-        stable_load=stable,
-        panic_load=burst,
-    )
+    if in_panic:
+        return actions
+    for m in g.draining:
+        if m.id not in touched and not m.busy and not m.draining:
+            act("drain", m, "finish a drain left behind")
+    limit = policy.stop_suspended_after_s
+    if limit is not None:
+        for m in g.suspended:
+            if (
+                m.id not in touched
+                and not m.busy
+                and m.state_since is not None
+                and now - m.state_since >= limit
+            ):
+                act("stop", m, f"suspended {now - m.state_since:.0f}s >= {limit:g}s")
+    return actions
 
 
 def _summary(actions: Iterable[Action]) -> str:
@@ -389,7 +420,3 @@ def _summary(actions: Iterable[Action]) -> str:
     for a in actions:
         by_kind.setdefault(a.kind, []).append(a.machine_id)
     return ", ".join(f"{kind} {' '.join(ids)}" for kind, ids in by_kind.items())
-
-
-# Kept callable-typed for the simulator's baselines, which swap in other deciders.
-Decider = Callable[[Fleet, LoadWindows, AppConfig, float, PolicyState, float | None], Decision]
