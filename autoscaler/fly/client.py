@@ -34,6 +34,7 @@ from autoscaler.fly.errors import (
     FlyError,
     RateLimited,
     TransportError,
+    Unauthorized,
     error_from_response,
     scrub,
 )
@@ -146,9 +147,10 @@ class MachinesClient(Operations):
         started = self._clock()
         deadline = started + self._retry_deadline_s
         attempt = 0
+        throttled = 0.0
         while True:
             attempt += 1
-            await self.limiter.acquire(call.operation, call.limit_key)
+            throttled += await self.limiter.acquire(call.operation, call.limit_key)
             t0 = self._clock()
             status: int | None = None
             try:
@@ -165,7 +167,7 @@ class MachinesClient(Operations):
                 status = response.status_code
                 if status < 300:
                     self._observe(call.operation, status, self._clock() - t0)
-                    self._log_result(call, status, started, attempt, None)
+                    self._log_result(call, status, started, attempt, throttled, None)
                     return _decode(response)
                 error = error_from_response(
                     status,
@@ -177,7 +179,7 @@ class MachinesClient(Operations):
             self._observe(call.operation, status, self._clock() - t0)
             delay = self._retry_delay(call.operation, error, attempt, deadline)
             if delay is None:
-                self._log_result(call, status, started, attempt, error)
+                self._log_result(call, status, started, attempt, throttled, error)
                 raise error
             self._log.info(
                 "fly_api_retry",
@@ -229,7 +231,13 @@ class MachinesClient(Operations):
             self._log.warning("fly_api_observer_failed", error=repr(exc))
 
     def _log_result(
-        self, call: Call, status: int | None, started: float, attempt: int, error: FlyError | None
+        self,
+        call: Call,
+        status: int | None,
+        started: float,
+        attempt: int,
+        throttled: float,
+        error: FlyError | None,
     ) -> None:
         fields: dict[str, Any] = {
             "operation": call.operation,
@@ -239,15 +247,20 @@ class MachinesClient(Operations):
             "duration_ms": round((self._clock() - started) * 1000, 1),
             "attempt": attempt,
         }
+        if throttled > 0:
+            fields["throttled_ms"] = round(throttled * 1000, 1)
         if error is None:
             # Reads run every controller tick: keep them out of the info log.
             log = self._log.debug if call.method == "GET" else self._log.info
             log("fly_api", **fields)
-        else:
-            fields.update(error=error.message, error_type=type(error).__name__)
-            if error.request_id:
-                fields["request_id"] = error.request_id
-            self._log.warning("fly_api", **fields)
+            return
+        fields.update(error=error.message, error_type=type(error).__name__)
+        if error.request_id:
+            fields["request_id"] = error.request_id
+        # A 404 or a 408 inside a wait loop is an answer, not trouble; auth, rate limits,
+        # server and transport failures are.
+        trouble = error.transient or isinstance(error, Unauthorized)
+        (self._log.warning if trouble else self._log.info)("fly_api", **fields)
 
 
 def _decode(response: httpx.Response) -> Any:

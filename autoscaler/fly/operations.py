@@ -58,9 +58,12 @@ class Call:
     params: dict[str, str | int] = field(default_factory=dict)
     body: Any = NO_BODY
     timeout_s: float | None = None
+    limit: str | None = None  # the rate-limit key when it is not the app (an org's apps)
 
     @property
     def limit_key(self) -> str:
+        if self.limit is not None:
+            return self.limit
         return f"{self.app}/{self.machine}" if self.machine else (self.app or "-")
 
 
@@ -129,7 +132,7 @@ class Operations:
 
     async def list_apps(self, org_slug: str | None = None) -> m.AppList:
         org = org_slug or self.org_slug
-        call = Call("list_apps", "GET", "/v1/apps", org, params={"org_slug": org})
+        call = Call("list_apps", "GET", "/v1/apps", params={"org_slug": org}, limit=org)
         return parse(m.AppList, await self._send(call), "list_apps")
 
     async def create_app(
@@ -146,7 +149,8 @@ class Operations:
             app_name=app_name, org_slug=org, network=network, enable_subdomains=enable_subdomains
         )
         body = {**request.to_json(), "name": app_name}
-        payload = await self._send(Call("create_app", "POST", "/v1/apps", org, body=body))
+        call = Call("create_app", "POST", "/v1/apps", app_name, body=body, limit=org)
+        payload = await self._send(call)
         if isinstance(payload, dict):
             return parse(m.App, payload, "create_app")
         # The real API answers 201 with no body.
@@ -256,10 +260,20 @@ class Operations:
 
         The real API accepts at most 60 s per call, so a longer wait is several calls, each
         answered 408 while the machine is not there yet. 404 counts as reaching "destroyed".
-        Raises WaitTimeout when our own deadline passes.
+        The real API insists on a version when waiting for "stopped"; without
+        ``instance_id`` the machine's current one is read first. Raises WaitTimeout when our
+        own deadline passes.
         """
         states = state if isinstance(state, str) else ",".join(state)
-        first = states.split(",")[0]
+        wanted = states.split(",")
+        first = wanted[0]
+        if instance_id is None and "stopped" in wanted:
+            try:
+                instance_id = (await self.get_machine(app, machine_id)).instance_id
+            except NotFound:
+                if "destroyed" in wanted:
+                    return m.WaitResult(ok=True, state="destroyed")
+                raise
         deadline = self._clock() + timeout_s
         while True:
             per_call = max(1, min(MAX_WAIT_CALL_S, math.ceil(deadline - self._clock())))
@@ -293,7 +307,7 @@ class Operations:
                     ) from None
                 continue
             except NotFound:
-                if "destroyed" in states.split(","):
+                if "destroyed" in wanted:
                     return m.WaitResult(ok=True, state="destroyed")
                 raise
             if not isinstance(payload, dict):

@@ -14,6 +14,7 @@ from flyfakes import TOKEN, FakeTime, Script, make_client
 
 from autoscaler.fly import models as m
 from autoscaler.fly.client import MachinesClient
+from autoscaler.fly.errors import NotFound, ServerError
 
 MACHINE = {
     "id": "m1",
@@ -454,11 +455,32 @@ async def test_wait_defaults_and_several_states() -> None:
     script = Script([ok(), ok()])
     async with make_client(script) as api:
         first = await api.wait("web", "m1")
-        second = await api.wait_for_machine_state("web", "m1", ["stopped", "suspended"], 5)
+        second = await api.wait_for_machine_state("web", "m1", ["suspended", "failed"], 5)
     assert dict(script.requests[0].url.params) == {"state": "started", "timeout": "60"}
-    assert dict(script.requests[1].url.params) == {"state": "stopped,suspended", "timeout": "5"}
+    assert dict(script.requests[1].url.params) == {"state": "suspended,failed", "timeout": "5"}
     assert first.state == "started"
-    assert second.state == "stopped"
+    assert second.state == "suspended"
+
+
+async def test_wait_for_stopped_reads_the_version_first() -> None:
+    """The real API wants a version with state=stopped; the client fills in the current one."""
+    script = Script([ok(MACHINE), ok({"ok": True, "state": "stopped"})])
+    async with make_client(script) as api:
+        result = await api.wait("web", "m1", "stopped", timeout_s=10)
+    assert [r.url.path for r in script.requests] == [
+        "/v1/apps/web/machines/m1",
+        "/v1/apps/web/machines/m1/wait",
+    ]
+    assert script.last.url.params["instance_id"] == "01H"
+    assert result.state == "stopped"
+
+
+async def test_wait_for_stopped_or_destroyed_of_a_gone_machine() -> None:
+    script = Script([httpx.Response(404, json={"error": "machine not found"})])
+    async with make_client(script) as api:
+        result = await api.wait("web", "m1", "stopped,destroyed", timeout_s=10)
+    assert result.state == "destroyed"
+    assert len(script.requests) == 1
 
 
 async def test_from_settings_uses_the_fly_section() -> None:
@@ -505,3 +527,60 @@ async def test_unexpected_body_is_a_fly_error() -> None:
             await api.list_machines("web")
         with pytest.raises(FlyError, match="unexpected response body: id"):
             await api.get_machine("web", "m1")
+
+
+async def test_one_log_line_per_action_with_its_fields() -> None:
+    from structlog.testing import capture_logs
+
+    fake = FakeTime()
+    script = Script([ok(None, 503), ok(), httpx.Response(404, json={"error": "gone"})])
+    with capture_logs() as logs:
+        async with make_client(script, fake, rate_limit=True) as api:
+            await api.start_machine("web", "m1")  # one retry, then success
+            with pytest.raises(NotFound):
+                await api.get_machine("web", "m2")
+    lines = [e for e in logs if e["event"] == "fly_api"]
+    assert len(lines) == 2
+    assert {**lines[0], "duration_ms": 0} == {
+        "event": "fly_api",
+        "log_level": "info",
+        "operation": "start_machine",
+        "app": "web",
+        "machine": "m1",
+        "status": 200,
+        "duration_ms": 0,
+        "attempt": 2,
+    }
+    assert lines[1]["log_level"] == "info"  # a 404 is an answer, not trouble
+    assert lines[1]["error_type"] == "NotFound"
+    retries = [e for e in logs if e["event"] == "fly_api_retry"]
+    assert len(retries) == 1
+    assert retries[0]["log_level"] == "info"
+    assert retries[0]["status"] == 503
+
+
+async def test_throttling_shows_in_the_log_line() -> None:
+    from structlog.testing import capture_logs
+
+    fake = FakeTime()
+    script = Script([ok()])
+    with capture_logs() as logs:
+        async with make_client(script, fake, rate_limit=True) as api:
+            for _ in range(4):
+                await api.suspend_machine("web", "m1")
+    throttled = [e.get("throttled_ms") for e in logs if e["event"] == "fly_api"]
+    assert throttled[:3] == [None, None, None]
+    assert throttled[3] == pytest.approx(1000 / 0.9, abs=0.1)
+
+
+async def test_server_errors_log_a_warning() -> None:
+    from structlog.testing import capture_logs
+
+    script = Script([ok(None, 500)])
+    with capture_logs() as logs:
+        async with make_client(script, max_retries=0) as api:
+            with pytest.raises(ServerError):
+                await api.list_machines("web")
+    (line,) = [e for e in logs if e["event"] == "fly_api"]
+    assert line["log_level"] == "warning"
+    assert line["status"] == 500
