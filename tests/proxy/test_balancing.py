@@ -1,0 +1,210 @@
+"""Balancing, hard limits and the FIFO, passive health and the retry rules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from autoscaler.control.view import FleetView
+from autoscaler.metrics import Metrics
+
+from .conftest import Backend, StartProxy, url
+from .helpers import free_port, until
+
+
+class Blocking:
+    """An upstream whose requests wait until released; records arrival order."""
+
+    def __init__(self, name: str = "m") -> None:
+        self.name = name
+        self.order: list[str] = []
+        self.release = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def handler(request: web.Request) -> web.Response:
+            self.order.append(request.query.get("id", ""))
+            await self.release.wait()
+            return web.Response(text=self.name)
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        return app
+
+
+async def test_hard_limit_queues_in_order_and_overflow_gets_503(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    up = Blocking()
+    proxy = await start_proxy(
+        [
+            {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [await backend(up.app())],
+                "hard_limit": 1,
+                "max_queue": 2,
+            }
+        ]
+    )
+    view = fleet.app("a")
+
+    async def get(i: str) -> tuple[int, str, dict[str, str]]:
+        async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "a.test"}) as r:
+            return r.status, await r.text(), dict(r.headers)
+
+    first = asyncio.create_task(get("A"))
+    await until(lambda: view.in_flight == 1)
+    second = asyncio.create_task(get("B"))
+    await until(lambda: view.queued == 1)
+    third = asyncio.create_task(get("C"))
+    await until(lambda: view.queued == 2)
+    assert metrics.registry.get_sample_value("autoscaler_queued_requests", {"app": "a"}) == 2
+
+    status, body, headers = await get("D")  # the queue is full
+    assert status == 503
+    assert headers["Retry-After"] == "1"
+    assert body == "too many requests waiting\n"
+    assert (
+        metrics.registry.get_sample_value(
+            "autoscaler_queue_rejections_total", {"app": "a", "reason": "queue_full"}
+        )
+        == 1
+    )
+    assert up.order == ["A"]  # nothing passed the limit
+    up.release.set()
+    results = await asyncio.gather(first, second, third)
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert up.order == ["A", "B", "C"]
+    assert view.queued == 0
+    assert view.in_flight == 0
+
+
+async def test_least_outstanding_spreads_concurrent_requests(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    one, two = Blocking("one"), Blocking("two")
+    proxy = await start_proxy(
+        [
+            {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [await backend(one.app()), await backend(two.app())],
+            }
+        ]
+    )
+
+    async def get() -> str:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            return await r.text()
+
+    tasks = [asyncio.create_task(get()) for _ in range(4)]
+    await until(lambda: len(one.order) + len(two.order) == 4)
+    # With two machines both are always compared, so the less loaded one wins each time.
+    assert (len(one.order), len(two.order)) == (2, 2)
+    one.release.set()
+    two.release.set()
+    assert sorted(await asyncio.gather(*tasks)) == ["one", "one", "two", "two"]
+
+
+def counting_app(hits: list[str], name: str, *, reset: bool) -> web.Application:
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        hits.append(name)
+        if reset and request.transport is not None:
+            request.transport.abort()  # gone after the request was sent: no response byte
+        return web.Response(text=name)
+
+    app = web.Application()
+    app.router.add_route("*", "/", handler)
+    return app
+
+
+async def test_refused_connection_is_retried_elsewhere_and_machine_skipped(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    hits: list[str] = []
+    dead = f"127.0.0.1:{free_port()}"
+    alive = await backend(counting_app(hits, "alive", reset=False))
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [dead, alive]}], unhealthy_backoff_s=60
+    )
+    for i in range(8):
+        method = "POST" if i % 2 else "GET"  # nothing was sent: any method may be retried
+        async with session.request(
+            method,
+            url(proxy),
+            data=b"body" if method == "POST" else None,
+            headers={"Host": "a.test"},
+        ) as r:
+            assert r.status == 200
+            assert await r.text() == "alive"
+    assert hits == ["alive"] * 8
+    routable = [u.id for u in fleet.app("a").routable()]
+    assert routable == [alive]  # the dead one is skipped for the backoff
+
+
+async def test_all_machines_unreachable_is_502(
+    start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        [
+            {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"],
+            }
+        ]
+    )
+    async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+        assert r.status == 502
+        assert await r.text() == "no machine of this app is reachable\n"
+        assert len(r.headers["X-Request-Id"]) == 32
+
+
+async def test_reset_after_sending_retries_only_idempotent_requests(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    hits: list[str] = []
+    proxy = await start_proxy(
+        [
+            {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [
+                    await backend(counting_app(hits, "x", reset=True)),
+                    await backend(counting_app(hits, "y", reset=True)),
+                ],
+            }
+        ]
+    )
+    async with session.post(url(proxy), data=b"charge me once", headers={"Host": "a.test"}) as r:
+        assert r.status == 502
+    assert len(hits) == 1  # a POST the machine may have acted on is never replayed
+    hits.clear()
+    async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+        assert r.status == 502
+    # A GET is replayed on the other machine (aiohttp's pool also replays an idempotent
+    # request once on a fresh connection to the same machine), and never without bound.
+    assert set(hits) == {"x", "y"}
+    assert len(hits) <= 4
+
+
+async def test_upstream_timeout_is_504(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    slow = Blocking()
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(slow.app())]}],
+        upstream_timeout_s=0.2,
+    )
+    async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+        assert r.status == 504
+        assert await r.text() == "the machine did not answer in time\n"
+    assert fleet.app("a").in_flight == 0
+    slow.release.set()

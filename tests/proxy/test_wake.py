@@ -1,0 +1,176 @@
+"""Holding requests while the control path wakes a machine (a fake waker stands in for it)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from autoscaler.control.view import FleetView, MachineInfo
+from autoscaler.metrics import Metrics
+
+from .conftest import Backend, StartProxy, url
+from .helpers import free_port, until
+
+
+class FakeWaker:
+    """Flips the app's machine to started when released; counts calls and cancellations."""
+
+    def __init__(self, fleet: FleetView, kind: str = "start") -> None:
+        self.fleet = fleet
+        self.kind = kind
+        self.calls = 0
+        self.cancelled = False
+        self.release = asyncio.Event()
+
+    async def __call__(self, app: str) -> str:
+        self.calls += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        self.fleet.app(app).set_state("m1", "started")
+        return self.kind
+
+
+def hello_app() -> web.Application:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="awake")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    return app
+
+
+async def sleeping_app(fleet: FleetView, backend: Backend, state: str = "suspended") -> None:
+    host, _, port = (await backend(hello_app())).partition(":")
+    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), state, False)])
+
+
+async def test_requests_wait_for_one_wake_and_say_how_they_were_served(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    await sleeping_app(fleet, backend)
+    waker = FakeWaker(fleet, "resume")
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    view = fleet.app("w")
+
+    async def get() -> tuple[int, str, str]:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            return r.status, await r.text(), r.headers["Fly-Autoscaler-Wake"]
+
+    tasks = [asyncio.create_task(get()) for _ in range(5)]
+    await until(lambda: view.queued == 5)
+    assert waker.calls == 1  # one wake however many wait
+    assert metrics.registry.get_sample_value("autoscaler_queued_requests", {"app": "w"}) == 5
+    waker.release.set()
+    assert await asyncio.gather(*tasks) == [(200, "awake", "resume")] * 5
+    assert view.queued == 0
+    assert (
+        metrics.registry.get_sample_value(
+            "autoscaler_requests_total", {"app": "w", "code": "200", "wake": "resume"}
+        )
+        == 5
+    )
+    # Once awake, requests pass straight through.
+    assert await get() == (200, "awake", "none")
+    assert waker.calls == 1
+
+
+async def test_wake_timeout_gives_504_and_leaves_the_wake_running(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    await sleeping_app(fleet, backend, "stopped")
+    waker = FakeWaker(fleet)
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 0.3}])
+    async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+        assert r.status == 504
+        assert await r.text() == "timed out after 0.3s waiting for a machine to wake\n"
+    assert fleet.app("w").queued == 0
+    assert (
+        metrics.registry.get_sample_value(
+            "autoscaler_queue_rejections_total", {"app": "w", "reason": "wake_timeout"}
+        )
+        == 1
+    )
+    assert waker.calls == 1
+    assert not waker.cancelled
+    waker.release.set()
+    await until(lambda: bool(fleet.app("w").routable()))
+
+
+async def test_client_disconnecting_while_held_leaves_queue_not_the_wake(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    await sleeping_app(fleet, backend)
+    waker = FakeWaker(fleet, "start")
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    view = fleet.app("w")
+
+    async def get() -> int:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            return r.status
+
+    gone = asyncio.create_task(get())
+    stays = None
+    await until(lambda: view.queued == 1)
+    stays = asyncio.create_task(get())
+    await until(lambda: view.queued == 2)
+    gone.cancel()  # closes that client's connection
+    await until(lambda: view.queued == 1)
+    assert metrics.registry.get_sample_value("autoscaler_queued_requests", {"app": "w"}) == 1
+    assert not waker.cancelled
+    waker.release.set()
+    assert await stays == 200
+    assert view.queued == 0
+    assert view.in_flight == 0
+    assert waker.calls == 1
+
+
+async def test_machine_refusing_after_wake_is_retried_once_routable_again(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+) -> None:
+    """A started machine whose server is not up yet: the request waits, then gets through."""
+    port = free_port()
+    fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
+    proxy = await start_proxy(
+        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 20}], unhealthy_backoff_s=0.5
+    )
+    waker = FakeWaker(fleet, "none")
+    waker.release.set()
+    fleet.set_waker(waker)
+
+    async def get() -> int:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            return r.status
+
+    task = asyncio.create_task(get())
+    await until(lambda: fleet.app("w").queued == 1)  # refused, now waiting for the machine
+    runner = web.AppRunner(hello_app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        assert await task == 200
+    finally:
+        await runner.cleanup()
