@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from autoscaler.fly import models as m
 
@@ -107,3 +111,68 @@ def test_internal_port_helper() -> None:
     )
     assert machine.internal_port == 9000
     assert m.Machine(id="n").internal_port is None
+
+
+# -- every schema of the seed has a model with every one of its properties -----------------
+
+SEED = Path(__file__).resolve().parents[2] / "spec" / "fly-machines-seed.yml"
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "ErrorResponse": m.ErrorResponse,
+    "App": m.App,
+    "Organization": m.Organization,
+    "CreateAppRequest": m.CreateAppRequest,
+    "Machine": m.Machine,
+    "MachineConfig": m.MachineConfig,
+    "MachineGuest": m.MachineGuest,
+    "MachineService": m.MachineService,
+    "MachinePort": m.MachinePort,
+    "MachineServiceConcurrency": m.MachineServiceConcurrency,
+    "MachineCheck": m.MachineCheck,
+    "MachineMount": m.MachineMount,
+    "MachineInit": m.MachineInit,
+    "MachineRestart": m.MachineRestart,
+    "CreateMachineRequest": m.CreateMachineRequest,
+    "Volume": m.Volume,
+    "CreateVolumeRequest": m.CreateVolumeRequest,
+    "VolumeSnapshot": m.VolumeSnapshot,
+}
+# Inline request and response bodies: (path, method, where) → model.
+INLINE_MODELS: dict[tuple[str, str, str], type[BaseModel]] = {
+    ("/v1/apps", "get", "response"): m.AppList,
+    ("/v1/apps/{app_name}/machines/{machine_id}/stop", "post", "request"): m.StopRequest,
+    ("/v1/apps/{app_name}/volumes/{volume_id}", "put", "request"): m.UpdateVolumeRequest,
+    ("/v1/apps/{app_name}/volumes/{volume_id}/extend", "put", "request"): m.ExtendVolumeRequest,
+    ("/v1/tokens/oidc", "post", "request"): m.OidcTokenRequest,
+}
+
+
+def _seed() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(SEED.read_text())
+    return data
+
+
+def test_every_seed_schema_has_a_model() -> None:
+    schemas = _seed()["components"]["schemas"]
+    assert set(schemas) == set(SCHEMA_MODELS)
+    for name, schema in schemas.items():
+        fields = set(SCHEMA_MODELS[name].model_fields)
+        assert set(schema.get("properties", {})) <= fields, name
+
+
+def test_every_inline_body_has_a_model() -> None:
+    paths = _seed()["paths"]
+    for (path, method, where), model in INLINE_MODELS.items():
+        op = paths[path][method]
+        if where == "request":
+            schema = op["requestBody"]["content"]["application/json"]["schema"]
+        else:
+            schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert set(schema["properties"]) <= set(model.model_fields), (path, method)
+
+
+def test_seed_examples_of_required_fields_are_required() -> None:
+    """What the seed requires, the request models require too."""
+    schemas = _seed()["components"]["schemas"]
+    for name in ("CreateAppRequest", "CreateMachineRequest", "CreateVolumeRequest"):
+        required = {k for k, f in SCHEMA_MODELS[name].model_fields.items() if f.is_required()}
+        assert required == set(schemas[name]["required"]), name
