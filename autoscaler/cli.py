@@ -74,7 +74,39 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.admin, args.config, as_json=args.json)
 
 
+# --- run --------------------------------------------------------------------------------
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    _add_config(parser)
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="address of the proxy (overrides proxy.listen)"
+    )
+    parser.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="address of /metrics, /healthz, /readyz, /status (overrides admin.listen)",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from autoscaler.service import run
+
+    overrides: dict[str, dict[str, str]] = {}
+    if args.listen:
+        overrides["proxy"] = {"listen": args.listen}
+    if args.admin_listen:
+        overrides["admin"] = {"listen": args.admin_listen}
+    return run(args.config, overrides)
+
+
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
+    (
+        "run",
+        "run the proxy, the controller and the admin server (SIGHUP reloads the config)",
+        _run_args,
+        _run,
+    ),
     (
         "check-config",
         "validate a config file and print a summary (exit 2 on problems)",

@@ -1,0 +1,240 @@
+"""The composition root of ``autoscaler run``: builds every part, starts and stops them in order.
+
+Start, inside out: the embedded emulator (only when ``fly.api_url`` is unset), the Machines
+API client, the fleet view, the controller (its loops and the wake path), the proxy, and
+the admin server. Stop, outside in, so that no request meets a half-stopped service:
+readiness fails first (load balancers stop sending), the proxy stops accepting and lets
+requests in flight finish (``proxy.shutdown_timeout_s``), then the controller's loops and
+actions stop, and the client and the emulator close last.
+
+Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once); SIGHUP reloads
+the configuration file. A reload that does not validate is rejected whole (the running
+configuration stays, the problems are logged, ``autoscaler_config_reloads{result="error"}``
+counts it); a valid one reaches the controller and the proxy. Addresses, the ``fly`` and
+``emulator`` sections take effect only on restart, and a reload says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from autoscaler import __version__
+from autoscaler.admin import AdminServer
+from autoscaler.config import ConfigError, Settings, load_settings, parse_host_port
+from autoscaler.control.controller import Controller
+from autoscaler.control.view import Clock, FleetView
+from autoscaler.emulator import Emulator
+from autoscaler.fly.client import MachinesClient
+from autoscaler.logs import get_logger, redactor
+from autoscaler.metrics import Metrics
+from autoscaler.proxy.server import ProxyServer
+
+_log = get_logger("autoscaler.service")
+# Sections a running process cannot change: they are bound to sockets or to the client.
+_RESTART_ONLY = ("fly", "emulator")
+
+
+class Service:
+    """Everything ``autoscaler run`` runs, in one object.
+
+    ``overrides`` are the CLI's settings (they win over the file on every reload);
+    ``proxy_port`` / ``admin_port`` bind other ports than the configured ones (0 picks a
+    free one: tests).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: str | Path | None = None,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        metrics: Metrics | None = None,
+        clock: Clock = time.monotonic,
+        proxy_port: int | None = None,
+        admin_port: int | None = None,
+        emulator_port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.metrics = metrics or Metrics(version=__version__)
+        self.clock = clock
+        self._ports = {"proxy": proxy_port, "admin": admin_port, "emulator": emulator_port}
+        self.emulator: Emulator | None = None
+        self.client: MachinesClient | None = None
+        self.view = FleetView(clock)
+        self.controller: Controller | None = None
+        self.proxy: ProxyServer | None = None
+        self.admin: AdminServer | None = None
+        self._stopped = asyncio.Event()
+        self._reloading: asyncio.Task[bool] | None = None
+        for secret in settings.secrets():
+            redactor().add(secret)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every part; on a failure, stop what had started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        if s.fly.api_url:
+            self.client = MachinesClient.from_settings(s.fly, observer=self.metrics.observe_api)
+        else:
+            listen = parse_host_port(s.emulator.listen)
+            port = self._ports["emulator"]
+            self.emulator = Emulator(s.emulator, listen.host, listen.port if port is None else port)
+            await self.emulator.start()
+            redactor().add(self.emulator.token)
+            _log.info("embedded_emulator", url=self.emulator.url)
+            self.client = MachinesClient.from_settings(
+                s.fly,
+                base_url=self.emulator.url,
+                token=self.emulator.token,
+                observer=self.metrics.observe_api,
+            )
+        self.controller = Controller(self.client, self.view, s, self.metrics, clock=self.clock)
+        self.admin = AdminServer(
+            s.admin,
+            self.metrics,
+            self.controller,
+            tick_s=s.control.tick_s,
+            secrets=s.secrets(),
+            clock=self.clock,
+        )
+        await self.admin.start(port=self._ports["admin"])
+        # The controller before the proxy: the first request may need a wake.
+        await self.controller.start()
+        self.proxy = ProxyServer(s, self.view, self.metrics)
+        await self.proxy.start(port=self._ports["proxy"])
+        _log.info(
+            "started",
+            version=__version__,
+            proxy_port=self.proxy.port,
+            admin=self.admin.address,
+            apps=[a.name for a in s.apps],
+        )
+
+    async def stop(self) -> None:
+        """Stop in order (see the module docstring). Idempotent."""
+        if self.admin is not None:
+            self.admin.set_draining()
+        if self._reloading is not None:
+            self._reloading.cancel()
+            await asyncio.gather(self._reloading, return_exceptions=True)
+        if self.proxy is not None:
+            await self.proxy.stop()
+            self.proxy = None
+        if self.controller is not None:
+            await self.controller.stop()
+        await self.view.close()
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+        if self.emulator is not None:
+            await self.emulator.close()
+            self.emulator = None
+        self._stopped.set()
+
+    # --- reload -------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Load the file again and apply it; False (and nothing changes) if it is invalid."""
+        try:
+            new, path = load_settings(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels(result="error").inc()
+            _log.error("config_reload_rejected", problems=exc.problems)
+            return False
+        old = self.settings
+        fixed = [k for k in _RESTART_ONLY if getattr(old, k) != getattr(new, k)]
+        if old.proxy.listen != new.proxy.listen:
+            fixed.append("proxy.listen")
+        if old.admin.listen != new.admin.listen:
+            fixed.append("admin.listen")
+        if fixed:
+            _log.warning("config_reload_needs_restart", sections=fixed)
+        for secret in new.secrets():
+            redactor().add(secret)
+        self.settings = new
+        if self.controller is not None:
+            await self.controller.update_settings(new)
+        if self.proxy is not None:
+            self.proxy.update_settings(new)
+        self.metrics.config_reloads.labels(result="success").inc()
+        _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
+        return True
+
+    def request_reload(self) -> None:
+        """SIGHUP: one reload at a time; a signal during a reload is folded into it."""
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self.reload())
+
+    # --- the whole run ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, stop gracefully. SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set}
+        signals[signal.SIGHUP] = self.request_reload
+        for sig, handler in signals.items():
+            loop.add_signal_handler(sig, handler)
+        try:
+            await self.start()
+            await stop.wait()
+            _log.info("stopping")
+            # A second SIGTERM/SIGINT during the graceful stop ends it at once.
+            stopping = asyncio.ensure_future(self.stop())
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stopping.cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
+            if stopping.cancelled():
+                _log.warning("stopped_at_once")
+                await self._force_close()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        _log.info("stopped")
+
+    async def _force_close(self) -> None:
+        """After an interrupted graceful stop: close what is left without waiting."""
+        if self.emulator is not None:
+            await self.emulator.close()
+            self.emulator = None
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def run(config: str | None, overrides: Mapping[str, Any] | None = None) -> int:
+    """``autoscaler run``: 0 after a clean stop, 2 when the configuration is invalid."""
+    try:
+        settings, path = load_settings(config, overrides=overrides)
+    except ConfigError as exc:
+        for line in exc.problems:
+            _log.error("config_invalid", problem=line)
+        return 2
+    service = Service(settings, config, overrides=overrides)
+    _log.info("config_loaded", path=str(path))
+    try:
+        asyncio.run(service.run())
+    except OSError as exc:
+        _log.error("start_failed", error=str(exc))
+        return 1
+    return 0

@@ -1,0 +1,189 @@
+"""The composition root: `autoscaler run` in-process and as a real process with signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from autoscaler.config import load_settings
+from autoscaler.emulator.procs import leftovers
+from autoscaler.metrics import Metrics
+from autoscaler.service import Service
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(emulator_port: int, **app: Any) -> dict[str, Any]:
+    return {
+        "proxy": {"listen": "127.0.0.1:8080", "shutdown_timeout_s": 2},
+        "admin": {"listen": "127.0.0.1:9091"},
+        "control": {"tick_s": 0.2},
+        "emulator": {
+            "listen": f"127.0.0.1:{emulator_port}",
+            "rate_limits": False,
+            "demo_boot_delay_s": 0.05,
+            "apps": [{"name": "web", "machines": 1}],
+        },
+        "apps": [{"name": "web", "hosts": ["web.test"], "idle_to_zero_s": 60, **app}],
+    }
+
+
+def write(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
+    file = write(tmp_path / "autoscaler.yaml", config(free_port()))
+    settings, _ = load_settings(file, env={})
+    svc = Service(
+        settings,
+        file,
+        metrics=Metrics(CollectorRegistry()),
+        proxy_port=0,
+        admin_port=0,
+    )
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+    assert leftovers(os.getpid()) == []
+
+
+async def test_run_serves_through_the_embedded_emulator_and_reloads(
+    service: Service, tmp_path: Path
+) -> None:
+    assert service.emulator is not None  # fly.api_url unset: the embedded emulator
+    assert service.proxy is not None
+    assert service.admin is not None
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{service.proxy.port}/"
+        async with http.get(url, headers={"Host": "web.test"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["fly-autoscaler-wake"] in ("start", "none")
+        host, port = service.admin.address
+        async with http.get(f"http://{host}:{port}/status") as resp:
+            doc = await resp.json()
+        assert [a["app"] for a in doc["apps"]] == ["web"]
+
+    assert service.controller is not None
+    file = Path(str(service.config_path))
+    # An invalid file is rejected whole: the running configuration stays.
+    edit(file, "idle_to_zero_s: 60", "idle_to_zero_s: soon")
+    assert await service.reload() is False
+    assert service.controller.apps["web"].config.idle_to_zero_s == 60
+    # A valid one reaches the controller and the proxy.
+    edit(file, "idle_to_zero_s: soon", "idle_to_zero_s: 90")
+    assert await service.reload() is True
+    assert service.controller.apps["web"].config.idle_to_zero_s == 90
+    assert service.proxy.settings.app("web").idle_to_zero_s == 90
+    reg = service.metrics.registry
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "error"}) == 1
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 1
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
+    """Poll /readyz: a separate process offers nothing to await."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "autoscaler run exited early"
+        try:
+            if _get(url)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready within {timeout_s}s")
+
+
+def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proxy_port, admin_port = free_port(), free_port()
+    file = write(tmp_path / "autoscaler.yaml", config(free_port()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSCALER_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoscaler",
+            "run",
+            "--config",
+            str(file),
+            "--listen",
+            f"127.0.0.1:{proxy_port}",
+            "--admin-listen",
+            f"127.0.0.1:{admin_port}",
+            "--log-format",
+            "json",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        admin = f"http://127.0.0.1:{admin_port}"
+        _wait_ready(f"{admin}/readyz", proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{proxy_port}/", headers={"Host": "web.test"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+            assert resp.status == 200
+        file.write_text("apps: [{name: web, max_machines: -1}]\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        metrics = b""
+        while b'autoscaler_config_reloads_total{result="error"} 1.0' not in metrics:
+            assert time.monotonic() < deadline, "the invalid reload was not counted"
+            time.sleep(0.1)
+            metrics = _get(f"{admin}/metrics")[1]
+        assert _get(f"{admin}/readyz")[0] == 200  # still serving the old configuration
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
+    assert "config_reload_rejected" in events
+    assert "stopped" in events
+    assert leftovers(proc.pid) == []  # its machines went with it
+    assert leftovers(os.getpid()) == []
