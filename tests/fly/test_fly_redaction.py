@@ -70,6 +70,8 @@ async def test_token_absent_from_errors_and_captured_logs(token: str | SecretStr
 async def test_token_absent_from_rendered_output() -> None:
     """Through the real structlog pipeline (JSON renderer) and at debug level."""
     stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (structlog.get_config(), root.handlers[:], root.level)
     logs.configure(level="debug", fmt="json", stream=stream)
     try:
         script = Script([httpx.Response(200, json=[]), echo_everything])
@@ -79,8 +81,9 @@ async def test_token_absent_from_rendered_output() -> None:
                 await api.get_machine("web", "m1")
             logging.getLogger("httpx").debug("probe %s", "line")  # stdlib loggers too
     finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers.clear()
+        structlog.configure(**saved[0])
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[2])
     output = stream.getvalue()
     assert '"fly_api"' in output
     assert '"list_machines"' in output
