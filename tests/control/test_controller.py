@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
-from autoscaler.control.controller import Controller
+from autoscaler.control.controller import Controller, WakeError
 from autoscaler.control.view import FleetView
 from autoscaler.fly.errors import ServerError
 from autoscaler.metrics import Metrics
@@ -360,3 +361,89 @@ async def test_update_settings_adds_and_removes_apps(
         assert "static" not in rig.view.apps  # static apps have no loop
     finally:
         await rig.ctl.stop()
+
+
+async def test_a_machine_suspended_too_long_is_stopped(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    serving = api.add(APP, "started")
+    asleep = api.add(APP, "suspended")
+    rig = Rig(api, clock, stop_suspended_after_s=60, scale_down_delay_s=30, idle_to_zero_s=1000)
+    await rig.tick()
+    await clock.advance(59)
+    assert (await rig.tick()).actions == ()
+    await clock.advance(1)
+    [action] = (await rig.tick()).actions
+    assert (action.kind, action.machine_id) == ("stop", asleep)
+    await rig.ctl.idle()
+    assert state(api, asleep) == "stopped"
+    assert state(api, serving) == "started"
+    assert rig.metric("autoscaler_scaling_actions_total", action="stop", result="ok") == 1
+
+
+async def test_a_failed_drain_is_finished_by_a_later_tick(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    api.fail["suspend_machine"] = [ServerError(500, "boom")]
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    await rig.ctl.idle()
+    assert state(api, mid) == "started"
+    assert api.get(APP, mid).cordoned is True  # left cordoned with our key...
+    assert rig.routable() == set()  # ...and out of routing
+    assert rig.metric("autoscaler_scaling_actions_total", action="suspend", result="error") == 1
+    [status] = rig.ctl.status()
+    assert status.last_error is not None
+    await clock.advance(1)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"  # the policy finishes the drain left behind
+    await rig.ctl.idle()
+    assert state(api, mid) == "suspended"
+    assert api.get(APP, mid).cordoned is False
+    assert CORDON_METADATA_KEY not in meta(api, mid)
+
+
+async def test_wake_tries_the_next_machine_when_one_fails_to_start(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    first = api.add(APP, "suspended")
+    second = api.add(APP, "stopped")
+    api.fail["start_machine"] = [ServerError(500, "no capacity")]
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "start"
+    assert api.ops("start_machine") == [first, second]
+    assert rig.routable() == {second}
+    assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
+
+
+async def test_wake_without_any_machine_raises(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    api.add(APP, "failed")
+    rig = Rig(api, clock)
+    with pytest.raises(WakeError):
+        await rig.ctl.wake(APP)
+    with pytest.raises(WakeError):
+        await rig.ctl.wake("unknown")
+
+
+async def test_one_log_line_per_decision_and_machine_seconds(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.add(APP, "started")
+    api.add(APP, "suspended")
+    rig = Rig(api, clock, scale_down_delay_s=30)
+    with capture_logs() as logs:
+        await rig.tick()
+        await clock.advance(2)
+        await rig.tick()
+    decisions = [e for e in logs if e["event"] == "decision"]
+    assert len(decisions) == 2
+    for key in ("app", "desired", "panic", "actions", "reason"):
+        assert key in decisions[0]
+    assert decisions[0]["reason"]
+    assert rig.metric("autoscaler_machine_seconds_total", state="started") == 2
+    assert rig.metric("autoscaler_machine_seconds_total", state="suspended") == 2
+    assert rig.metric("autoscaler_panic_mode") == 0
