@@ -297,12 +297,19 @@ def decide(
     high = policy.max_machines
 
     # Idle: no request arrived, none was in flight during the latest sample, none is in
-    # flight now, and we have watched for at least idle_to_zero_s. A request arriving this
-    # very instant is not idleness either, even with idle_to_zero_s 0.
-    active = [t for t in (last_request_at, load.last_active, born) if t is not None]
-    idle_for = now - max(active)
-    idle = fleet.in_flight == 0 and idle_for > 0 and idle_for >= policy.idle_to_zero_s
-    low = min(high, policy.min_machines if idle else max(policy.min_machines, 1))
+    # flight now, and we have watched for at least idle_to_zero_s (so a restarted
+    # autoscaler does not put machines to sleep at once). A request arriving this very
+    # instant is not idleness either, even with idle_to_zero_s 0.
+    def quiet_since(t: float) -> bool:
+        return fleet.in_flight == 0 and now - t > 0 and now - t >= policy.idle_to_zero_s
+
+    seen = [t for t in (last_request_at, load.last_active) if t is not None]
+    idle_for = now - max((*seen, born))
+    idle = quiet_since(max((*seen, born)))
+    # Nothing up and no recent demand: stay at zero (the first decision must not wake a
+    # machine for traffic that never came).
+    asleep = up == 0 and (quiet_since(max(seen)) if seen else fleet.in_flight == 0)
+    low = min(high, policy.min_machines if idle or asleep else max(policy.min_machines, 1))
 
     # Panic: enter when the panic average reaches panic_threshold x capacity; every
     # trigger extends it; leave a stable window after the last trigger.

@@ -176,6 +176,21 @@ def test_idle_counts_from_the_first_decision_when_nothing_is_known() -> None:
     assert acts(later) == [("drain", "s0")]
 
 
+@pytest.mark.parametrize(
+    ("last_request", "expected"),
+    [(None, 0), (800.0, 1), (700.0, 0), (1000.0, 1)],
+)
+def test_nothing_up_and_no_recent_request_stays_at_zero(
+    last_request: float | None, expected: int
+) -> None:
+    """A fresh autoscaler wakes nothing for traffic that never came (or came long ago)."""
+    app = cfg()
+    machines = fleet(m("z", "suspended"))
+    d = decide(machines, load(0.0, 1000, app=app), app, 1000, PolicyState(), last_request)
+    assert d.desired == expected
+    assert len(d.actions) == expected
+
+
 def test_idle_counts_from_the_latest_busy_sample() -> None:
     app = cfg()
     w = load(0.0, 400, app=app)

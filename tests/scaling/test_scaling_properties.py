@@ -95,10 +95,12 @@ def apply(fleet: Fleet, d: Decision, now: float) -> Fleet:
     return Fleet.of(fleet.app, out)
 
 
-def check_one(fleet: Fleet, d: Decision, app: AppConfig, now: float, idle: bool) -> None:
+def check_one(fleet: Fleet, d: Decision, app: AppConfig, now: float, recent: bool) -> None:
     assert app.min_machines <= d.desired <= app.max_machines
-    if not idle:
-        assert d.desired >= 1
+    if recent:
+        assert d.desired >= 1, "a recent request keeps at least one machine"
+    elif d.current == 0:
+        assert d.desired == app.min_machines, "nothing is woken for traffic that never came"
     assert d.shortfall >= 0
     by_id = {m.id: m for m in fleet}
     seen: set[str] = set()
@@ -149,12 +151,52 @@ def test_policy_invariants_over_a_run(
             last_request = now
         windows.add(Sample(now - 1, now, level, int(level + 0.999)))
         d = decide(fleet, windows, app, now, state, last_request)
-        in_flight = fleet.in_flight > 0
-        last = max(t for t in (last_request, windows.last_active, 100.0) if t is not None)
-        idle = not in_flight and now - last > 0 and now - last >= app.idle_to_zero_s
-        check_one(fleet, d, app, now, idle)
+        seen = [t for t in (last_request, windows.last_active) if t is not None]
+        recent = fleet.in_flight > 0 or any(now == t or now - t < app.idle_to_zero_s for t in seen)
+        check_one(fleet, d, app, now, recent)
         if previous is not None and previous.panic and d.panic:
             assert d.desired >= previous.desired, "panic never scales down"
         previous, state = d, d.state
         fleet = apply(fleet, d, now)
         now += 1.0
+
+
+def test_a_burst_from_zero_and_back_to_sleep() -> None:
+    """One burst, told tick by tick with a perfect controller: up at once, down slowly."""
+    app = AppConfig(name="app")
+    fleet = Fleet.of("app", [MachineSnapshot(f"m{i}", "suspended") for i in range(10)])
+    windows = LoadWindows.for_app(app)
+    state = PolicyState()
+    last_request: float | None = None
+    log: list[tuple[float, Decision]] = []
+    for tick in range(1, 500):
+        now = float(tick)
+        level = 50.0 if 10 < now <= 40 else 0.0  # 50 concurrent clients for 30 s
+        if level:
+            last_request = now
+        windows.add(Sample(now - 1, now, level, int(level)))
+        d = decide(fleet, windows, app, now, state, last_request)
+        log.append((now, d))
+        state = d.state
+        fleet = apply(fleet, d, now)
+
+    def at(t: float) -> Decision:
+        return next(d for now, d in log if now == t)
+
+    resumes = [now for now, d in log for a in d.actions if a.kind == "resume"]
+    drains = [now for now, d in log for a in d.actions if a.kind == "drain"]
+    panic_ticks = [now for now, d in log if d.panic]
+    assert at(10).desired == 0  # nothing woken before the first request
+    assert at(11).desired == 1  # the first request wakes one at once
+    assert panic_ticks[0] == 12  # the 6 s average reached 2 x 7 (one machine's worth)
+    assert panic_ticks == [float(t) for t in range(12, 12 + len(panic_ticks))]
+    assert len(panic_ticks) >= app.stable_window_s
+    assert max(d.desired for _, d in log) == 8  # ceil(50 / 7)
+    assert len(resumes) == 8
+    assert max(resumes) <= 16, "no flapping: nothing woken after the burst's first seconds"
+    assert min(drains) >= panic_ticks[-1] + app.scale_down_delay_s
+    assert len(set(drains)) == len(drains)  # one a tick (scale_down_step 1)
+    assert len(drains) == 8
+    assert max(drains) == 40 + app.idle_to_zero_s  # the last one goes when idle
+    assert at(300).desired == 1
+    assert [m.state for m in fleet] == ["suspended"] * 10
