@@ -7,6 +7,8 @@ import asyncio
 import httpx
 import pytest
 from flyfakes import FakeTime, Script, make_client
+from hypothesis import given
+from hypothesis import strategies as st
 
 from autoscaler.fly.limits import DEFAULT_LIMIT, Limit, RateLimiter, TokenBucket
 
@@ -104,3 +106,22 @@ async def test_client_waits_instead_of_failing() -> None:
         assert fake.sleeps == [pytest.approx(1 / 0.9), pytest.approx(1 / 0.9)]
         await api.cordon_machine("web", "m2")  # another machine: no wait
     assert len(fake.sleeps) == 2
+
+
+@given(
+    rate=st.floats(0.1, 20),
+    burst=st.integers(1, 12),
+    gaps=st.lists(st.floats(0, 3), min_size=1, max_size=60),
+)
+def test_sends_never_exceed_the_limit(rate: float, burst: int, gaps: list[float]) -> None:
+    """Whatever the arrival pattern, the send times the bucket hands out stay within
+    ``burst + rate * window`` in every window, and keep arrival order."""
+    bucket = TokenBucket(Limit(rate, burst), now=0.0)
+    now, sends = 0.0, []
+    for gap in gaps:
+        now += gap
+        sends.append(now + bucket.reserve(now))
+    assert sends == sorted(sends)
+    for i in range(len(sends)):
+        for j in range(i, len(sends)):
+            assert j - i + 1 <= burst + rate * (sends[j] - sends[i]) + 1e-6
