@@ -10,8 +10,9 @@ actions stop, and the client and the emulator close last.
 Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once); SIGHUP reloads
 the configuration file. A reload that does not validate is rejected whole (the running
 configuration stays, the problems are logged, ``autoscaler_config_reloads{result="error"}``
-counts it); a valid one reaches the controller and the proxy. Addresses, the ``fly`` and
-``emulator`` sections take effect only on restart, and a reload says so.
+counts it); a valid one reaches the controller and the proxy. ``proxy.listen`` and the
+``fly``, ``emulator`` and ``admin`` sections take effect only on restart; a reload that
+changes them says so in a warning.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import ProxyServer
 
 _log = get_logger("autoscaler.service")
-# Sections a running process cannot change: they are bound to sockets or to the client.
-_RESTART_ONLY = ("fly", "emulator")
+# Sections a running process cannot change: bound to sockets, the client or the emulator.
+_RESTART_ONLY = ("fly", "emulator", "admin")
 
 
 class Service:
@@ -164,8 +165,6 @@ class Service:
         fixed = [k for k in _RESTART_ONLY if getattr(old, k) != getattr(new, k)]
         if old.proxy.listen != new.proxy.listen:
             fixed.append("proxy.listen")
-        if old.admin.listen != new.admin.listen:
-            fixed.append("admin.listen")
         if fixed:
             _log.warning("config_reload_needs_restart", sections=fixed)
         for secret in new.secrets():
