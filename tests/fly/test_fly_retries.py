@@ -3,11 +3,14 @@ bounds, which operations retry what; and the wait loop over 60 s calls."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import httpx
 import pytest
 from flyfakes import FakeTime, Script, make_client
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoscaler.fly.errors import (
     BadRequest,
@@ -209,3 +212,40 @@ async def test_wait_request_timeout_covers_the_server_hold() -> None:
     async with make_client(script, timeout_s=10) as api:
         await api.wait("web", "m1", timeout_s=45)
     assert script.last.extensions["timeout"]["read"] == 55
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    codes=st.lists(st.sampled_from([429, 500, 502, 503, 504]), min_size=1, max_size=12),
+    retry_after=st.one_of(st.none(), st.integers(0, 30)),
+    max_retries=st.integers(0, 8),
+    deadline_s=st.floats(0, 120),
+    roll=st.floats(0, 1),
+)
+def test_retries_stay_within_attempts_and_deadline(
+    codes: list[int], retry_after: int | None, max_retries: int, deadline_s: float, roll: float
+) -> None:
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    replies = [status(c, headers) for c in codes] + [httpx.Response(200)]
+    fake = FakeTime()
+    script = Script(replies)
+
+    async def run() -> bool:
+        async with make_client(
+            script, fake, max_retries=max_retries, retry_deadline_s=deadline_s, rng=lambda: roll
+        ) as api:
+            try:
+                await api.cordon_machine("web", "m1")
+            except (ServerError, RateLimited):
+                return False
+            return True
+
+    succeeded = asyncio.run(run())
+    assert len(script.requests) <= max_retries + 1
+    assert sum(fake.sleeps) <= deadline_s + 1e-9
+    assert succeeded == (len(script.requests) == len(codes) + 1)
+    if not succeeded:  # it gave up only for a reason: attempts, or the deadline
+        n = len(script.requests)
+        backoff = roll * min(10.0, 0.25 * 2.0 ** (n - 1))
+        next_delay = float(retry_after) if retry_after is not None else backoff
+        assert n == max_retries + 1 or sum(fake.sleeps) + next_delay > deadline_s
