@@ -1,0 +1,124 @@
+"""`autoscaler emulator`: run the emulator on its own until Ctrl-C or SIGTERM.
+
+It prints the URL and the token it accepts, so other tools can be pointed at it:
+
+    FLY_API_TOKEN=<token> AUTOSCALER_FLY__API_URL=http://127.0.0.1:4280 autoscaler run
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from autoscaler.config import ConfigError, EmulatorSettings, load_settings
+from autoscaler.emulator.persist import StateFileError
+from autoscaler.emulator.server import Emulator
+
+TOKEN_ENV = "EMULATOR_TOKEN"  # noqa: S105 - the variable name, not a token
+
+
+def settings_from(
+    config: str | None,
+    *,
+    environ: Mapping[str, str],
+    listen: str | None = None,
+    token: str | None = None,
+    state_file: str | None = None,
+    rate_limits: bool | None = None,
+    apps: list[str] | None = None,
+    faults: Mapping[str, float | None] | None = None,
+) -> EmulatorSettings:
+    """The file's ``emulator`` section with flags (and EMULATOR_TOKEN) on top."""
+    section: dict[str, Any] = {}
+    if listen:
+        section["listen"] = listen
+    token = token or environ.get(TOKEN_ENV)
+    if token:
+        section["token"] = token
+    if state_file:
+        section["state_file"] = state_file
+    if rate_limits is not None:
+        section["rate_limits"] = rate_limits
+    set_faults = {k: v for k, v in (faults or {}).items() if v is not None}
+    if set_faults:
+        section["faults"] = set_faults
+    if apps:
+        section["apps"] = [_app_flag(a) for a in apps]
+    settings, _ = load_settings(config, env=environ, overrides={"emulator": section})
+    return settings.emulator
+
+
+def _app_flag(text: str) -> dict[str, Any]:
+    """``--app demo=2`` or ``--app demo=2:autoscaler/demo-app``."""
+    name, _, rest = text.partition("=")
+    count, _, image = rest.partition(":")
+    out: dict[str, Any] = {"name": name, "machines": int(count) if count.isdigit() else 1}
+    if image:
+        out["image"] = image
+    return out
+
+
+async def serve(settings: EmulatorSettings, out: TextIO) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Emulator(settings) as emu:
+            print(f"Fly Machines API emulator listening on {emu.url}", file=out)
+            print(f"token: {emu.token}", file=out)
+            print(f"apps: {', '.join(sorted(emu.world.apps)) or '(none)'}", file=out)
+            print(
+                f"point tools at it: AUTOSCALER_FLY__API_URL={emu.url} FLY_API_TOKEN=<token>",
+                file=out,
+            )
+            out.flush()
+            await stop.wait()
+            print("shutting down: stopping every machine", file=out, flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(settings: EmulatorSettings, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        asyncio.run(serve(settings, out))
+    except StateFileError as exc:
+        print(str(exc), file=err)
+        return 2
+    except OSError as exc:
+        print(f"emulator: cannot listen on {settings.listen}: {exc.strerror}", file=err)
+        return 1
+    return 0
+
+
+def main(args: Any, environ: Mapping[str, str]) -> int:
+    """Entry point of the CLI subcommand (``args`` from ``cli._emulator_args``)."""
+    try:
+        settings = settings_from(
+            args.config,
+            environ=environ,
+            listen=args.listen,
+            token=args.token,
+            state_file=str(Path(args.state_file)) if args.state_file else None,
+            rate_limits=False if args.no_rate_limits else None,
+            apps=args.app,
+            faults={
+                "latency_s": args.latency,
+                "error_rate": args.error_rate,
+                "rate_limit_rate": args.rate_limit_rate,
+                "boot_failure_rate": args.boot_failure_rate,
+                "crash_after_s": args.crash_after,
+            },
+        )
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    return run(settings)
