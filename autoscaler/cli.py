@@ -100,6 +100,47 @@ def _run(args: argparse.Namespace) -> int:
     return run(args.config, overrides)
 
 
+# --- emulator ---------------------------------------------------------------------------
+
+
+def _emulator_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="API address (default 127.0.0.1:4280)"
+    )
+    parser.add_argument(
+        "--token", help="accepted API token (default: $EMULATOR_TOKEN, else a random one)"
+    )
+    parser.add_argument("--state-file", metavar="PATH", help="keep apps and machines here")
+    parser.add_argument(
+        "--app",
+        action="append",
+        metavar="NAME=N[:IMAGE]",
+        help="create app NAME with N stopped machines at start (repeatable)",
+    )
+    parser.add_argument(
+        "--no-rate-limits", action="store_true", help="never answer 429 for Fly's limits"
+    )
+    faults = parser.add_argument_group("fault injection (off by default)")
+    faults.add_argument("--latency", type=float, metavar="S", help="extra seconds per call")
+    faults.add_argument("--error-rate", type=float, metavar="F", help="fraction answered 500")
+    faults.add_argument("--rate-limit-rate", type=float, metavar="F", help="fraction answered 429")
+    faults.add_argument(
+        "--boot-failure-rate", type=float, metavar="F", help="fraction of boots that fail"
+    )
+    faults.add_argument(
+        "--crash-after", type=float, metavar="S", help="kill each machine S seconds after start"
+    )
+    _add_config(parser)
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    import os
+
+    from autoscaler.emulator.main import main as emulator_main
+
+    return emulator_main(args, os.environ)
+
+
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
     (
         "run",
@@ -118,6 +159,12 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runne
         "print the admin server's /status as a table: apps, machines, decisions",
         _status_args,
         _status,
+    ),
+    (
+        "emulator",
+        "run the Fly Machines API emulator (machines are local processes)",
+        _emulator_args,
+        _emulator,
     ),
 ]
 
