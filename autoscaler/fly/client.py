@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import httpx
 from pydantic import SecretStr
 
+from autoscaler import __version__
 from autoscaler.config import FlySettings
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import (
@@ -81,7 +82,7 @@ class MachinesClient(Operations):
         self._secrets = (secret,) if secret else ()
         for s in self._secrets:
             redactor().add(s)  # belt and braces: the token is never logged anyway
-        headers = {"user-agent": "autoscaler-fly-client", "accept": "application/json"}
+        headers = {"user-agent": f"autoscaler/{__version__}", "accept": "application/json"}
         if secret:
             # Fly macaroons come as "FlyV1 ..." and go as they are; anything else is Bearer.
             headers["authorization"] = secret if secret.startswith("FlyV1 ") else f"Bearer {secret}"
