@@ -1,0 +1,89 @@
+"""Restart against the real emulator: a new controller rebuilds from the API alone, starts
+nothing twice, and finishes the drain a previous process left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
+from autoscaler.control.controller import Controller
+from autoscaler.control.view import FleetView
+from autoscaler.emulator import Emulator
+from autoscaler.fly.client import MachinesClient
+from autoscaler.metrics import Metrics
+from autoscaler.scaling.fleet import CORDON_METADATA_KEY
+
+APP = "web"
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    return EmulatorSettings(
+        listen="127.0.0.1:4280",
+        demo_boot_delay_s=0.05,
+        resume_delay_s=0.0,
+        boot_timeout_s=20.0,
+        rate_limits=False,
+        apps=[EmulatorApp(name=APP, machines=3)],
+    )
+
+
+def controller(client: MachinesClient, min_machines: int) -> Controller:
+    app = AppConfig(name=APP, min_machines=min_machines, idle_to_zero_s=600, scale_down_delay_s=600)
+    settings = Settings(apps=[app], control=ControlSettings(tick_s=0.1))
+    return Controller(client, FleetView(), settings, Metrics(CollectorRegistry()))
+
+
+async def until(ctl: Controller, check: Callable[[], bool], timeout_s: float = 30) -> None:
+    view = ctl.view.app(APP)
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(view.changed(), 0.1)
+
+
+async def test_a_new_process_starts_nothing_twice_and_finishes_our_drain(
+    emulator: Emulator,
+) -> None:
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        first = controller(client, min_machines=2)
+        await first.start()
+        try:
+            await until(first, lambda: len(first.view.app(APP).routable()) == 2)
+        finally:
+            await first.stop()
+        started = sorted(m.id for m in emulator.machines(APP) if m.state == "started")
+        assert len(started) == 2
+        # What a process that died in the middle of a drain leaves behind.
+        left = started[0]
+        await client.set_machine_metadata(APP, left, CORDON_METADATA_KEY, "drain")
+        await client.cordon_machine(APP, left)
+
+        second = controller(client, min_machines=1)
+        await second.start()
+        try:
+            await until(
+                second,
+                lambda: (
+                    emulator.machine(APP, left).state == "suspended"
+                    and not second.apps[APP].running
+                ),
+            )
+            routable = {u.id for u in second.view.app(APP).routable()}
+        finally:
+            await second.stop()
+    assert routable == {started[1]}
+    states = sorted(m.state for m in emulator.machines(APP))
+    assert states == ["started", "stopped", "suspended"]  # nothing started twice, or more
+    machine = emulator.machine(APP, left)
+    assert machine.cordoned is False
+    assert CORDON_METADATA_KEY not in (machine.config.get("metadata") or {})
+    starts = second.metrics.registry.get_sample_value(
+        "autoscaler_scaling_actions_total", {"app": APP, "action": "start", "result": "ok"}
+    )
+    assert starts is None
