@@ -139,9 +139,8 @@ class _Groups:
     @property
     def pool(self) -> int:
         """Machines that serve, or could serve once we (or time) act on them."""
-        return (self.up + len(self.draining) + len(self.suspended) + len(self.stopped)) + len(
-            self.going
-        )
+        asleep = len(self.suspended) + len(self.stopped)
+        return self.up + len(self.draining) + asleep + len(self.going)
 
 
 def _recency(m: MachineSnapshot) -> tuple[float, float, str]:
