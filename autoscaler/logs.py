@@ -111,8 +111,10 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    # aiohttp's own access log is replaced by the proxy's structured request line.
+    # aiohttp's access log is replaced by the proxy's structured request line, and httpx's
+    # per-request line by the Fly client's own `fly_api` line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
