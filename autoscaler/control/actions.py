@@ -166,7 +166,7 @@ class Actuator:
         app = rt.name
         machine = rt.machines[mid]
         deadline = self.clock() + max(rt.config.wake_timeout_s, BOOT_WAIT_MIN_S)
-        if ours(machine) or (machine.cordoned and mid in rt.cordon_held):
+        if ours(machine):
             # A cordon we left behind would keep the woken machine out of Fly's routing.
             await self.release(rt, mid)
         try:
@@ -187,6 +187,12 @@ class Actuator:
                 app, mid, STARTED, timeout_s=max(1.0, deadline - self.clock())
             )
             host, port = rt.address(machine)
+            if not host:  # no address until it was placed: ask for it now
+                fresh = await self.api.get_machine(app, mid)
+                rt.machines[mid] = fresh.model_copy(update={"state": rt.machines[mid].state})
+                host, port = rt.address(fresh)
+            if not host:
+                raise ActionError(f"machine {mid} has no private_ip to reach it on")
             while not await self.probe(host, port):
                 if self.clock() >= deadline:
                     raise ActionError(f"port {port} of machine {mid} did not open in time")

@@ -72,9 +72,16 @@ class Waker:
                     continue
                 mid = action.machine_id
                 if action.kind == "uncordon":
-                    act.take_back(rt, mid)
-                    _log.info("wake", app=rt.name, machine=mid, how="uncordon")
-                    return "none"
+                    # A drain still waiting is taken back at once; a cordon of ours left
+                    # without a task routes again once the API has lifted it.
+                    run = act.launch(rt, action)
+                    if run is not None and not view.routable():
+                        await run.task
+                    if view.routable():
+                        _log.info("wake", app=rt.name, machine=mid, how="uncordon")
+                        return "none"
+                    failed.add(mid)
+                    continue
                 busy = rt.running.get(mid)
                 if busy is not None:
                     await busy.task  # its own action first (a suspend under way), then again

@@ -447,3 +447,36 @@ async def test_one_log_line_per_decision_and_machine_seconds(
     assert rig.metric("autoscaler_machine_seconds_total", state="started") == 2
     assert rig.metric("autoscaler_machine_seconds_total", state="suspended") == 2
     assert rig.metric("autoscaler_panic_mode") == 0
+
+
+async def test_wake_lifts_a_cordon_of_ours_left_on_a_started_machine(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "none"  # the warm machine, not a resume
+    assert rig.routable() == {left}
+    assert api.ops("start_machine") == []
+    assert api.get(APP, left).cordoned is False
+    assert CORDON_METADATA_KEY not in meta(api, left)
+
+
+async def test_a_machine_without_an_address_is_asked_for_one(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "stopped")
+    ip = api.get(APP, mid).private_ip
+    api.set(APP, mid, private_ip=None)
+    original = api.start_machine
+
+    async def start_and_place(app: str, machine_id: str) -> Any:
+        result = await original(app, machine_id)
+        api.set(app, machine_id, private_ip=ip)  # placed on start, as on Fly
+        return result
+
+    api.start_machine = start_and_place  # type: ignore[method-assign]
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "start"
+    assert rig.probed == [(ip, 8080)]
+    assert rig.routable() == {mid}
