@@ -1,0 +1,123 @@
+"""`autoscaler simulate`: replay a trace, or write a synthetic one (``--generate``).
+
+cli.py parses the arguments; this runs them. Exit 0 on success, 2 on a bad trace, config
+or flag (with one line saying what was expected and what was found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from pydantic import ValidationError
+
+from autoscaler.config import AppConfig, ConfigError, format_errors, load_settings
+from autoscaler.sim.generate import SHAPES, generate
+from autoscaler.sim.model import Timings
+from autoscaler.sim.report import render
+from autoscaler.sim.run import STRATEGIES, config_resolver, simulate
+from autoscaler.sim.trace import TraceError, read_trace, write_csv
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values read as YAML scalars ("5m" stays a duration)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        if key not in AppConfig.model_fields or key == "name":
+            raise ValueError(f"--set: {key!r} is not a policy knob of apps[]")
+        out[key] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _strategies(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for name in names:
+        if name not in STRATEGIES and not name.startswith("fixed-keepalive"):
+            raise ValueError(
+                f"--strategies: unknown {name!r} (expected some of {', '.join(STRATEGIES)})"
+            )
+    if not names:
+        raise ValueError("--strategies: expected at least one name")
+    return names
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        if args.generate:
+            return _generate(args, out)
+        return _replay(args, out)
+    except (TraceError, ValueError) as exc:
+        print(f"simulate: {exc}", file=err)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=err)
+        return EXIT_USAGE
+
+
+def _generate(args: argparse.Namespace, out: TextIO) -> int:
+    if args.generate not in SHAPES:
+        raise ValueError(f"--generate: expected one of {', '.join(SHAPES)}, got {args.generate!r}")
+    if not args.out:
+        raise ValueError("--generate needs --out FILE")
+    rows = generate(args.generate, seed=args.seed, hours=args.hours)
+    count = write_csv(Path(args.out), rows)
+    print(f"wrote {count} requests ({args.generate}, seed {args.seed}) to {args.out}", file=out)
+    return EXIT_OK
+
+
+def _replay(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.trace:
+        raise ValueError("expected --trace FILE (or --generate SHAPE --out FILE)")
+    configured: dict[str, AppConfig] = {}
+    tick_s = 1.0
+    if args.config:
+        settings, _ = load_settings(args.config, require_file=True)
+        configured = {app.name: app for app in settings.apps}
+        tick_s = settings.control.tick_s
+    overrides = parse_overrides(args.set or [])
+    timings = Timings(
+        tick_s=args.tick_s if args.tick_s is not None else tick_s,
+        api_latency_s=args.api_latency_s,
+        resume_s=args.resume_s,
+        start_s=args.start_s,
+        suspend_s=args.suspend_s,
+        stop_s=args.stop_s,
+        autostop_interval_s=args.autostop_interval_s,
+        keepalive_s=args.keepalive_s,
+    )
+    trace = read_trace(Path(args.trace), args.trace_format, args.duration_ms / 1000.0)
+    if args.app:
+        trace = trace.only(args.app)
+    if args.max_apps is not None:
+        trace = trace.busiest(args.max_apps)
+    if not trace.apps:
+        raise TraceError(f"{args.trace}: no requests")
+    resolve = config_resolver(configured, overrides)
+    try:
+        for app in trace.apps:
+            resolve(app)
+    except ValidationError as exc:
+        raise ValueError("--set: " + "; ".join(format_errors(exc))) from None
+    report = simulate(
+        trace,
+        resolve,
+        timings,
+        _strategies(args.strategies),
+        horizon=args.horizon_s,
+        skip_idle=not args.every_tick,
+    )
+    out.write(render(report, args.format, per_app=not args.totals_only))
+    return EXIT_OK

@@ -1,0 +1,450 @@
+"""The event-driven replay of one app's requests on a virtual clock.
+
+A heap of events (request ends, timers, the steps of machine actions) merged with the
+sorted list of arrivals; nothing happens between events, so a quiet day costs nothing.
+The engine plays the proxy (routing to the least-loaded routable machine under the hard
+limit, holding requests while no machine can take them, 504 after ``wake_timeout_s``,
+503 past ``max_queue``) and the Machines API (each action takes the API latency, then its
+modelled duration). A :class:`Strategy` decides when machines start and go to sleep: our
+policy (``autoscaler.sim.ours``) or a baseline (``autoscaler.sim.baselines``).
+
+At equal times, events in the heap go before arrivals (a request ending at ``t`` frees its
+slot for one arriving at ``t``), and heap events in the order they were scheduled.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from autoscaler.config import AppConfig
+from autoscaler.scaling.fleet import (
+    STARTED,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    SUSPENDED,
+    SUSPENDING,
+)
+from autoscaler.scaling.window import ConcurrencyMeter
+from autoscaler.sim.model import Machine, Stats, Timings
+from autoscaler.sim.trace import Request
+
+_END = 0
+_CALL = 1
+_INF = float("inf")
+# Action kinds during which a started machine takes no new requests.
+_LEAVING = frozenset({"drain", "suspend", "stop"})
+
+Then = Callable[[float, Machine], None]
+
+
+class Strategy(Protocol):
+    """Who starts machines and puts them to sleep. Every hook runs at virtual ``now``."""
+
+    name: str
+
+    def begin(self, sim: AppSim) -> None:
+        """Before the first request (schedule ticks, start an always-on machine)."""
+
+    def on_arrival(self, sim: AppSim, now: float) -> bool:
+        """A request arrives (not yet counted); True holds it for a machine being started."""
+
+    def wake(self, sim: AppSim, now: float) -> None:
+        """Requests wait and no machine is routable. Must be idempotent (single-flight)."""
+
+    def on_full(self, sim: AppSim, now: float) -> None:
+        """A request waits because every routable machine is at its hard limit."""
+
+    def on_idle(self, sim: AppSim, machine: Machine, now: float) -> None:
+        """The last request in flight on ``machine`` ended."""
+
+
+class AppSim:
+    """One app, one strategy, one run. ``run()`` returns the app's :class:`Stats`."""
+
+    def __init__(
+        self,
+        app: str,
+        requests: list[Request],
+        config: AppConfig,
+        timings: Timings,
+        strategy: Strategy,
+        horizon: float,
+    ) -> None:
+        self.app = app
+        self.requests = requests
+        self.config = config
+        self.timings = timings
+        self.strategy = strategy
+        self.horizon = horizon
+        self.stats = Stats(app, strategy.name)
+        self.machines = [Machine(i, f"{app}-m{i}") for i in range(config.max_machines)]
+        self.routable: list[Machine] = []
+        self.meter = ConcurrencyMeter(0.0)
+        self.now = 0.0
+        self.in_flight = 0
+        self.queued = 0
+        self.last_request_at: float | None = None
+        """The proxy view's: the latest time a request was held or sent to a machine."""
+        self.idle_since = 0.0
+        """Since when no request has been in flight or held (meaningful when both are 0)."""
+        self.up_count = 0
+        self._heap: list[tuple[float, int, int, Any, Any]] = []
+        self._seq = itertools.count()
+        self._held: deque[int] = deque()
+        self._held_info: dict[int, tuple[float, float]] = {}
+        self._rid = itertools.count()
+        self._next = 0  # index of the next arrival in ``requests``
+
+    # --- the loop -------------------------------------------------------------------
+
+    def call(self, at: float, fn: Callable[[float, Any], None], arg: Any = None) -> None:
+        """Run ``fn(at, arg)`` at virtual time ``at``."""
+        heapq.heappush(self._heap, (at, next(self._seq), _CALL, fn, arg))
+
+    def run(self) -> Stats:
+        heap, reqs, horizon = self._heap, self.requests, self.horizon
+        pop, n, i = heapq.heappop, len(reqs), 0
+        end, arrive = self._end, self._arrive
+        self.strategy.begin(self)
+        while True:
+            ta = reqs[i][0] if i < n else _INF
+            if heap and heap[0][0] <= ta:
+                t, _, kind, x, y = pop(heap)
+                if t > horizon:
+                    break
+                self.now = t
+                if kind == _END:
+                    end(x, y, t)
+                else:
+                    x(t, y)
+            elif ta <= horizon:
+                t, d = reqs[i]
+                i += 1
+                self._next = i
+                self.now = t
+                arrive(t, d)
+            else:
+                break
+        self._close(horizon)
+        return self.stats
+
+    def next_arrival(self) -> float:
+        """When the next request arrives (infinity after the last)."""
+        reqs = self.requests
+        return reqs[self._next][0] if self._next < len(reqs) else _INF
+
+    def _close(self, horizon: float) -> None:
+        self.now = horizon
+        for m in self.machines:
+            self._account(m, horizon)
+
+    # --- the proxy's part -----------------------------------------------------------
+
+    def _pick(self) -> Machine | None:
+        best: Machine | None = None
+        limit = self.config.hard_limit
+        for m in self.routable:
+            if m.in_flight < limit and (best is None or m.in_flight < best.in_flight):
+                best = m
+        return best
+
+    def _arrive(self, t: float, duration: float) -> None:
+        st = self.stats
+        st.requests += 1
+        hold_for_start = self.strategy.on_arrival(self, t)
+        if not hold_for_start and not self.queued:
+            m = self._pick()
+            if m is not None:
+                self.meter.add(1, t)
+                self._begin(m, t, duration)
+                st.served += 1
+                return
+        if self.queued >= self.config.max_queue:
+            st.errors += 1  # 503: never counted as demand, like the proxy's refusal
+            return
+        self.meter.add(1, t)
+        self.last_request_at = t
+        rid = next(self._rid)
+        self._held.append(rid)
+        self._held_info[rid] = (t, duration)
+        self.queued += 1
+        self.call(t + self.config.wake_timeout_s, self._timeout, rid)
+        if hold_for_start or not self.routable:
+            st.wake_waits += 1
+        if not self.routable:
+            self.strategy.wake(self, t)
+        elif not hold_for_start:
+            self.strategy.on_full(self, t)
+
+    def _begin(self, m: Machine, t: float, duration: float) -> None:
+        m.in_flight += 1
+        m.last_used = t
+        self.in_flight += 1
+        self.last_request_at = t
+        heapq.heappush(self._heap, (t + duration, next(self._seq), _END, m, m.gen))
+
+    def _end(self, m: Machine, gen: int, t: float) -> None:
+        if gen != m.gen:
+            return  # cut short when its machine was stopped; counted then
+        m.in_flight -= 1
+        m.last_used = t
+        self.in_flight -= 1
+        self.meter.add(-1, t)
+        if not self.in_flight and not self.queued:
+            self.idle_since = t
+        if not m.in_flight:
+            if m.waiting:
+                self._drain_done(m, t)
+            else:
+                self.strategy.on_idle(self, m, t)
+        if self.queued:
+            self._dispatch(t)
+
+    def _timeout(self, now: float, rid: int) -> None:
+        if self._held_info.pop(rid, None) is None:
+            return
+        self.queued -= 1
+        self.stats.errors += 1  # 504
+        self.meter.add(-1, now)
+        if not self.in_flight and not self.queued:
+            self.idle_since = now
+
+    def _dispatch(self, now: float) -> None:
+        held, info, st = self._held, self._held_info, self.stats
+        while held:
+            rid = held[0]
+            if rid not in info:
+                held.popleft()  # timed out earlier
+                continue
+            m = self._pick()
+            if m is None:
+                return
+            held.popleft()
+            arrival, duration = info.pop(rid)
+            self.queued -= 1
+            self._begin(m, now, duration)
+            st.served += 1
+            if now > arrival:
+                st.waits.append(now - arrival)
+
+    # --- machine states and their cost ----------------------------------------------
+
+    def _account(self, m: Machine, now: float) -> None:
+        span = now - m.acc_since
+        if span > 0:
+            if m.up:
+                self.stats.up_s += span
+            elif m.state == SUSPENDED:
+                self.stats.suspended_s += span
+        m.acc_since = now
+
+    def set_state(self, m: Machine, state: str, now: float) -> None:
+        was_up = m.up
+        self._account(m, now)
+        m.state = state
+        m.state_since = now
+        m.started_at = now if state == STARTED else None
+        if m.up != was_up:
+            self.up_count += 1 if m.up else -1
+            self.stats.changes.append((now, 1 if m.up else -1))
+            if self.up_count > self.stats.peak_machines:
+                self.stats.peak_machines = self.up_count
+        self._update_routable(m)
+
+    def _update_routable(self, m: Machine) -> None:
+        routable = (
+            m.state == STARTED and not m.cordoned and not m.draining and m.busy not in _LEAVING
+        )
+        if routable != m.routable:
+            m.routable = routable
+            if routable:
+                self.routable.append(m)
+                self.routable.sort(key=lambda x: x.idx)
+            else:
+                self.routable.remove(m)
+
+    def _settled(self, now: float) -> None:
+        """An action finished: serve held requests, or ask for a wake again."""
+        if self.queued:
+            if self.routable:
+                self._dispatch(now)
+            else:
+                self.strategy.wake(self, now)
+
+    def _cut(self, m: Machine, now: float) -> None:
+        """Requests still running on a machine that is being stopped fail."""
+        if m.in_flight:
+            self.stats.errors += m.in_flight
+            self.meter.add(-m.in_flight, now)
+            self.in_flight -= m.in_flight
+            m.in_flight = 0
+            m.gen += 1
+            if not self.in_flight and not self.queued:
+                self.idle_since = now
+
+    # --- actions, as the Machines API carries them out ------------------------------
+
+    def start(self, m: Machine, now: float, kind: str = "start") -> bool:
+        """Start (or resume) a stopped or suspended machine; False if it cannot be."""
+        if not m.wakeable:
+            self.stats.refused += 1
+            return False
+        m.busy = kind
+        m.op += 1
+        self.stats.api_actions += 1
+        duration = self.timings.resume_s if m.state == SUSPENDED else self.timings.start_s
+        self.call(now + self.timings.api_latency_s, self._starting, (m, m.op, duration))
+        return True
+
+    def _starting(self, now: float, arg: tuple[Machine, int, float]) -> None:
+        m, op, duration = arg
+        if m.op == op:
+            self.set_state(m, STARTING, now)
+            self.call(now + duration, self._started, (m, op))
+
+    def _started(self, now: float, arg: tuple[Machine, int]) -> None:
+        m, op = arg
+        if m.op == op:
+            m.busy = None
+            self.set_state(m, STARTED, now)
+            self._settled(now)
+            if not m.in_flight and m.routable:
+                self.strategy.on_idle(self, m, now)
+
+    def sleep(self, m: Machine, now: float, how: str, then: Then | None = None) -> bool:
+        """Suspend or stop a started machine; requests still on it are cut."""
+        if m.state != STARTED:
+            self.stats.refused += 1
+            return False
+        m.busy = m.busy if then is not None else how
+        m.op += 1
+        self.stats.api_actions += 1
+        self._update_routable(m)
+        self._cut(m, now)
+        self.call(now + self.timings.api_latency_s, self._sleeping, (m, m.op, how, then))
+        return True
+
+    def _sleeping(self, now: float, arg: tuple[Machine, int, str, Then | None]) -> None:
+        m, op, how, _ = arg
+        if m.op != op:
+            return
+        suspend = how == "suspend"
+        self.set_state(m, SUSPENDING if suspend else STOPPING, now)
+        duration = self.timings.suspend_s if suspend else self.timings.stop_s
+        self.call(now + duration, self._slept, arg)
+
+    def _slept(self, now: float, arg: tuple[Machine, int, str, Then | None]) -> None:
+        m, op, how, then = arg
+        if m.op != op:
+            return
+        self.set_state(m, SUSPENDED if how == "suspend" else STOPPED, now)
+        if then is not None:
+            then(now, m)
+        else:
+            m.busy = None
+            self._settled(now)
+
+    def stop_suspended(self, m: Machine, now: float) -> bool:
+        """Stop a suspended machine (drops its snapshot)."""
+        if m.state != SUSPENDED or m.busy is not None:
+            self.stats.refused += 1
+            return False
+        m.busy = "stop"
+        m.op += 1
+        self.stats.api_actions += 1
+        at = now + self.timings.api_latency_s + self.timings.stop_s
+        self.call(at, self._stopped_from_suspended, (m, m.op))
+        return True
+
+    def _stopped_from_suspended(self, now: float, arg: tuple[Machine, int]) -> None:
+        m, op = arg
+        if m.op == op:
+            m.busy = None
+            self.set_state(m, STOPPED, now)
+            self._settled(now)
+
+    # --- our drain sequence, as the controller's actuator runs it ------------------
+    # set our metadata key + cordon (2 calls; out of routing in the view at once) -> wait
+    # for requests in flight or drain_timeout_s -> suspend or stop (1 call) -> uncordon +
+    # delete the key (2 calls). Until the wait ends the drain may be taken back.
+
+    def drain(self, m: Machine, now: float) -> bool:
+        if m.state != STARTED or m.busy is not None:
+            self.stats.refused += 1
+            return False
+        m.busy = "drain"
+        m.op += 1
+        m.draining = True
+        m.cordoned = m.ours = True
+        self.stats.api_actions += 2
+        self._update_routable(m)
+        self.call(now + 2 * self.timings.api_latency_s, self._drain_wait, (m, m.op))
+        return True
+
+    def _drain_wait(self, now: float, arg: tuple[Machine, int]) -> None:
+        m, op = arg
+        if m.op != op:
+            return
+        m.waiting = True
+        if not m.in_flight:
+            self._drain_done(m, now)
+        else:
+            self.call(now + self.config.drain_timeout_s, self._drain_timeout, arg)
+
+    def _drain_timeout(self, now: float, arg: tuple[Machine, int]) -> None:
+        m, op = arg
+        if m.op == op and m.waiting:
+            self._drain_done(m, now)
+
+    def _drain_done(self, m: Machine, now: float) -> None:
+        m.draining = m.waiting = False
+        self.sleep(m, now, self.config.scale_down_action, then=self._release_after_sleep)
+
+    def _release_after_sleep(self, now: float, m: Machine) -> None:
+        self.stats.api_actions += 2
+        self.call(now + 2 * self.timings.api_latency_s, self._released, (m, m.op))
+
+    def take_back(self, m: Machine, now: float) -> bool:
+        """Cancel a drain that still waits: the machine serves again at once."""
+        if not m.draining:
+            self.stats.refused += 1
+            return False
+        m.op += 1  # cancels the drain's timer
+        m.draining = m.waiting = False
+        m.cordoned = False
+        m.busy = "uncordon"
+        self.stats.api_actions += 2
+        self._update_routable(m)
+        self.call(now + 2 * self.timings.api_latency_s, self._released, (m, m.op))
+        self._settled(now)
+        return True
+
+    def _released(self, now: float, arg: tuple[Machine, int]) -> None:
+        m, op = arg
+        if m.op == op:
+            m.cordoned = m.ours = False
+            m.busy = None
+            self._update_routable(m)
+            self._settled(now)
+
+    # --- helpers for strategies -----------------------------------------------------
+
+    def coming_up(self) -> bool:
+        """A machine is being started or resumed."""
+        return any(m.busy in ("start", "resume") for m in self.machines)
+
+    def wake_candidate(self) -> Machine | None:
+        """Suspended before stopped, most recently used first (the baselines' choice)."""
+        best: Machine | None = None
+        for m in self.machines:
+            if not m.wakeable:
+                continue
+            key = (m.state == SUSPENDED, m.last_used or -1.0, -m.idx)
+            if best is None or key > (best.state == SUSPENDED, best.last_used or -1.0, -best.idx):
+                best = m
+        return best

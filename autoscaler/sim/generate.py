@@ -1,0 +1,130 @@
+"""Synthetic traces with named shapes, reproducible from a seed.
+
+Arrivals are Poisson processes (a time-varying rate is drawn by thinning), request lengths
+log-normal around a per-app median. The shapes are meant for tests and demos, each showing
+one thing a scaling policy has to get right:
+
+- ``steady``: constant 5 req/s; after the first wake nothing should sleep.
+- ``diurnal``: a day-night cycle from near silence to 1 req/s in the afternoon.
+- ``bursty``: near silence broken every hour or two by a two-minute burst of 40 req/s.
+- ``sparse``: one request every ten minutes on average; the scale-to-zero case.
+- ``mixed-100-apps``: a hundred apps whose daily request counts follow the Azure
+  Functions 2019 trace (most apps called a few times an hour or less, a few very busy),
+  each with one of the shapes above.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+Row = tuple[float, str, float]
+RateFn = Callable[[float], float]
+
+SHAPES = ("steady", "diurnal", "bursty", "sparse", "mixed-100-apps")
+DAY_S = 86400.0
+
+
+def _poisson(rng: random.Random, rate: float, start: float, end: float) -> list[float]:
+    """Arrival times of a Poisson process of constant ``rate`` on ``[start, end)``."""
+    out: list[float] = []
+    if rate <= 0:
+        return out
+    t = start + rng.expovariate(rate)
+    while t < end:
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def _thinned(rng: random.Random, rate: RateFn, peak: float, end: float) -> list[float]:
+    """Arrivals of a Poisson process whose rate varies as ``rate(t) <= peak``."""
+    return [t for t in _poisson(rng, peak, 0.0, end) if rng.random() * peak < rate(t)]
+
+
+def _diurnal_rate(low: float, high: float, phase_s: float) -> RateFn:
+    def rate(t: float) -> float:
+        # Lowest at 03:00 + phase, highest twelve hours later.
+        x = (t - 3 * 3600.0 - phase_s) / DAY_S
+        return low + (high - low) * (1 - math.cos(2 * math.pi * x)) / 2
+
+    return rate
+
+
+def _bursts(
+    rng: random.Random,
+    end: float,
+    background: float,
+    burst_rate: float,
+    burst_s: float,
+    gap_s: float,
+) -> list[float]:
+    times = _poisson(rng, background, 0.0, end)
+    t = rng.expovariate(1 / gap_s)
+    while t < end:
+        length = burst_s * rng.uniform(0.5, 1.5)
+        times.extend(_poisson(rng, burst_rate, t, min(end, t + length)))
+        t += length + rng.expovariate(1 / gap_s)
+    times.sort()
+    return times
+
+
+def _app_rows(
+    rng: random.Random, app: str, times: list[float], median_s: float, sigma: float = 0.6
+) -> list[Row]:
+    mu = math.log(median_s)
+    # Capped so one freak draw cannot hold a machine for an hour.
+    return [(t, app, min(60.0, rng.lognormvariate(mu, sigma))) for t in times]
+
+
+def _shape_times(rng: random.Random, shape: str, end: float, scale: float = 1.0) -> list[float]:
+    if shape == "steady":
+        return _poisson(rng, 5.0 * scale, 0.0, end)
+    if shape == "diurnal":
+        high = 1.0 * scale
+        rate = _diurnal_rate(high / 200, high, rng.uniform(-3600.0, 3600.0))
+        return _thinned(rng, rate, high, end)
+    if shape == "bursty":
+        return _bursts(
+            rng, end, background=scale / 600, burst_rate=40.0 * scale, burst_s=120.0, gap_s=5400.0
+        )
+    if shape == "sparse":
+        return _poisson(rng, scale / 600, 0.0, end)
+    raise ValueError(f"unknown shape {shape!r} (expected one of {', '.join(SHAPES)})")
+
+
+# Azure Functions 2019 (Shahrad et al., "Serverless in the Wild", 2020): 45% of apps are
+# invoked at most once an hour, 81% at most once a minute. A log-normal of the daily count
+# through both points: median 40 a day, 1.77 decades of spread.
+_AZURE_MEDIAN_PER_DAY = 40.0
+_AZURE_SIGMA_DECADES = 1.77
+_MAX_RATE = 2.0  # req/s; keeps the few giant apps from being nearly the whole trace
+
+
+def _mixed(rng: random.Random, end: float, apps: int) -> list[Row]:
+    rows: list[Row] = []
+    unit_mean = {"steady": 5.0, "diurnal": 0.5025, "bursty": 40 * 120 / 5520, "sparse": 1 / 600}
+    for i in range(apps):
+        name = f"app-{i:03d}"
+        per_day = _AZURE_MEDIAN_PER_DAY * 10 ** rng.gauss(0.0, _AZURE_SIGMA_DECADES)
+        mean = min(_MAX_RATE, per_day / DAY_S)
+        shape = rng.choices(["steady", "diurnal", "bursty", "sparse"], [2, 4, 2, 2])[0]
+        # Scale the shape so that its mean rate is ``mean``.
+        times = _shape_times(rng, shape, end, mean / unit_mean[shape])
+        rows.extend(_app_rows(rng, name, times, median_s=rng.uniform(0.05, 0.5)))
+    return rows
+
+
+def generate(shape: str, seed: int = 1, hours: float = 24.0) -> list[Row]:
+    """The rows of a synthetic trace, sorted by time."""
+    if hours <= 0:
+        raise ValueError(f"hours: expected a number > 0, got {hours:g}")
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
+    end = hours * 3600.0
+    if shape == "mixed-100-apps":
+        rows = _mixed(rng, end, 100)
+    else:
+        rows = _app_rows(rng, shape, _shape_times(rng, shape, end), median_s=0.2)
+    rows.sort(key=lambda r: r[0])
+    return rows

@@ -1,0 +1,139 @@
+"""What the simulator models: timings, machines and the figures it counts.
+
+Times are virtual seconds from the start of the trace. Nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from autoscaler.scaling.fleet import STARTED, STOPPED, SUSPENDED
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Modelled durations (defaults from FLY_API_NOTES.md where it gives them)."""
+
+    tick_s: float = 1.0
+    """The controller's tick (``control.tick_s``)."""
+    api_latency_s: float = 0.1
+    """Each Machines API call, before its effect starts."""
+    resume_s: float = 0.3
+    """Suspended to started."""
+    start_s: float = 2.0
+    """Stopped to started (a cold boot)."""
+    suspend_s: float = 1.0
+    """Started to suspended (longer for machines with much memory)."""
+    stop_s: float = 1.0
+    """Started (or suspended) to stopped."""
+    autostop_interval_s: float = 300.0
+    """How often the ``fly-autostop`` baseline looks for excess capacity."""
+    keepalive_s: float = 600.0
+    """How long the ``fixed-keepalive-10m`` baseline keeps an idle machine."""
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
+        if self.tick_s <= 0 or self.autostop_interval_s <= 0:
+            raise ValueError("tick_s and autostop_interval_s must be > 0")
+
+
+class Machine:
+    """One machine of the simulated pool, mutable; the engine owns every write."""
+
+    __slots__ = (
+        "acc_since",
+        "busy",
+        "cordoned",
+        "draining",
+        "gen",
+        "id",
+        "idx",
+        "in_flight",
+        "last_used",
+        "op",
+        "ours",
+        "routable",
+        "started_at",
+        "state",
+        "state_since",
+        "waiting",
+    )
+
+    def __init__(self, idx: int, machine_id: str, state: str = STOPPED) -> None:
+        self.idx = idx
+        self.state = state
+        self.state_since: float | None = 0.0
+        self.acc_since = 0.0
+        self.cordoned = False
+        self.ours = False  # the cordon is ours (carries our metadata key)
+        self.draining = False  # a drain that may still be taken back
+        self.waiting = False  # ... and is past its cordon calls, waiting for requests
+        self.busy: str | None = None  # kind of the action of ours under way
+        self.op = 0  # bumped by every new action: stale timers compare and give up
+        self.gen = 0  # bumped when requests on it are cut: their end events give up
+        self.in_flight = 0
+        self.last_used: float | None = None
+        self.started_at: float | None = None
+        self.routable = False
+        self.id = machine_id
+
+    @property
+    def up(self) -> bool:
+        """Billed as running: anything but resting stopped or suspended."""
+        return self.state not in (STOPPED, SUSPENDED)
+
+    @property
+    def wakeable(self) -> bool:
+        return self.state in (STOPPED, SUSPENDED) and self.busy is None
+
+    @property
+    def started(self) -> bool:
+        return self.state == STARTED
+
+
+@dataclass(slots=True)
+class Stats:
+    """One app under one strategy."""
+
+    app: str
+    strategy: str
+    requests: int = 0
+    served: int = 0
+    wake_waits: int = 0
+    """Requests that arrived when no machine was routable and waited for one to wake."""
+    errors: int = 0
+    """Requests that timed out waiting, found the queue full, or were cut by a stop."""
+    waits: list[float] = field(default_factory=list)
+    """Added wait of each served request that waited at all (the rest waited 0)."""
+    up_s: float = 0.0
+    suspended_s: float = 0.0
+    peak_machines: int = 0
+    api_actions: int = 0
+    refused: int = 0
+    """Actions the machine's state did not allow (the API would answer 412)."""
+    decisions: int = 0
+    """Times the policy was asked (live ticks; skipped idle ticks are not counted)."""
+    changes: list[tuple[float, int]] = field(default_factory=list)
+    """(time, +1 or -1) whenever a machine comes up or goes to rest: for the total's peak."""
+
+    def wait_quantile(self, q: float) -> float:
+        return quantile(self.waits, self.served, q)
+
+    @property
+    def max_wait(self) -> float:
+        return max(self.waits, default=0.0)
+
+
+def quantile(waits: list[float], total: int, q: float) -> float:
+    """Nearest-rank quantile over ``total`` values: ``waits`` (unsorted) and zeros."""
+    if total <= 0:
+        return 0.0
+    rank = max(1, math.ceil(q * total))
+    zeros = total - len(waits)
+    if rank <= zeros:
+        return 0.0
+    return sorted(waits)[rank - zeros - 1]

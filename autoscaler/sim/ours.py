@@ -1,0 +1,255 @@
+"""Our policy in the simulator: the controller's tick and wake, on the virtual clock.
+
+Each tick does what ``Controller.tick`` does live: take a sample from the app's
+ConcurrencyMeter into its LoadWindows, build the Fleet snapshot the way
+``AppRuntime.fleet`` builds it, call ``autoscaler.scaling.policy.decide`` and carry out the
+actions. A wake (requests held, nothing routable) does what ``Waker.wake`` does: join a
+start of ours under way, else take the machine ``choose_wake`` names.
+
+Skipping idle ticks, so that a quiet day costs little: when nothing is in flight or held,
+no action of ours is under way, the load windows hold only zeros and the last decision
+changed nothing, every later tick sees the same inputs except ``now``. The policy's
+timers (idle_to_zero_s, scale_down_delay_s, stop_suspended_after_s, leaving panic) only
+ever fire once enough time has passed, so the first tick whose decision differs is found
+by probing ``decide`` at doubling distances and bisecting; the ticks before it are not
+run. Their samples are still fed to the windows before the next real decision, so the
+windows are exactly what they would have been. ``skip_idle=False`` runs every tick (the
+tests compare both).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from autoscaler.config import AppConfig
+from autoscaler.scaling import policy
+from autoscaler.scaling.fleet import STARTED, SUSPENDED, Fleet, MachineSnapshot
+from autoscaler.scaling.policy import Action, Decision, PolicyState
+from autoscaler.scaling.window import LoadWindows
+from autoscaler.sim.engine import AppSim
+from autoscaler.sim.model import Machine
+
+Decider = Callable[[Fleet, LoadWindows, AppConfig, float, PolicyState, float | None], Decision]
+WakeChooser = Callable[[Fleet], Action | None]
+
+
+def snapshot(app: str, machines: list[Machine], cache: dict[int, Any] | None = None) -> Fleet:
+    """The Fleet the policy sees, field by field as ``AppRuntime.fleet`` fills it.
+
+    ``cache`` keeps each machine's last snapshot: a busy app's stopped machines do not
+    change from tick to tick, and building a frozen dataclass is the costly part.
+    """
+    snaps = []
+    for m in machines:
+        key = (
+            m.state, m.cordoned, m.ours, m.draining, m.busy, m.in_flight, m.last_used,
+            m.started_at, m.state_since,
+        )  # fmt: skip
+        if cache is not None:
+            hit = cache.get(m.idx)
+            if hit is not None and hit[0] == key:
+                snaps.append(hit[1])
+                continue
+        busy = m.busy is not None and not m.draining
+        pending = m.busy if busy else None
+        if pending == "uncordon" and m.state != STARTED:
+            pending = None  # lifting a cordon off a sleeping machine adds no capacity
+        snap = MachineSnapshot(
+            id=m.id,
+            state=m.state,
+            cordoned=m.cordoned,
+            cordoned_by_us=m.cordoned and m.ours,
+            draining=m.draining,
+            busy=busy,
+            in_flight=m.in_flight,
+            last_used=m.last_used,
+            started_at=m.started_at if m.state == STARTED else None,
+            state_since=m.state_since,
+            pending=pending,
+        )
+        if cache is not None:
+            cache[m.idx] = (key, snap)
+        snaps.append(snap)
+    return Fleet.of(app, snaps)
+
+
+class PolicyStrategy:
+    """The strategy named ``autoscaler``: our policy, through the live code."""
+
+    name = "autoscaler"
+
+    def __init__(
+        self,
+        decider: Decider | None = None,
+        chooser: WakeChooser | None = None,
+        *,
+        skip_idle: bool = True,
+    ) -> None:
+        # Looked up at call time by default, so a test that patches the policy module
+        # sees the simulator's calls too.
+        self._decider = decider
+        self._chooser = chooser
+        self.skip_idle = skip_idle
+        self.state = PolicyState()
+        self._sim: AppSim | None = None
+        self._windows: LoadWindows | None = None
+        self._by_id: dict[str, Machine] = {}
+        self._sampled = -1  # index of the last tick whose sample the windows have
+        self._asleep = False  # ticks skipped until the next arrival
+        self._keep = 0  # ticks of samples that can still matter to the windows
+        self._snaps: dict[int, Any] = {}
+
+    @property
+    def sim(self) -> AppSim:
+        assert self._sim is not None, "begin() first"
+        return self._sim
+
+    def decide(
+        self,
+        fleet: Fleet,
+        windows: LoadWindows,
+        config: AppConfig,
+        now: float,
+        state: PolicyState,
+        last_request_at: float | None,
+    ) -> Decision:
+        fn = self._decider or policy.decide
+        return fn(fleet, windows, config, now, state, last_request_at)
+
+    # --- Strategy hooks ---------------------------------------------------------------
+
+    def begin(self, sim: AppSim) -> None:
+        self._sim = sim
+        cfg = sim.config
+        self._windows = LoadWindows(cfg.stable_window_s, cfg.panic_window_s)
+        self._by_id = {m.id: m for m in sim.machines}
+        horizon = max(cfg.stable_window_s, cfg.panic_window_s)
+        self._keep = math.ceil(horizon / sim.timings.tick_s) + 2
+        sim.call(0.0, self._tick, 0)
+
+    def on_arrival(self, sim: AppSim, now: float) -> bool:
+        if self._asleep:
+            # The skipped ticks up to now changed nothing (the probe showed it); feed
+            # their samples, then tick again from the next one.
+            self._asleep = False
+            last = int(now // sim.timings.tick_s)
+            if (last + 1) * sim.timings.tick_s <= now:
+                last += 1
+            self._catch_up(last)
+            sim.call((last + 1) * sim.timings.tick_s, self._tick, last + 1)
+        return False
+
+    def wake(self, sim: AppSim, now: float) -> None:
+        if sim.routable or sim.coming_up():
+            return  # a start of ours is under way: the held requests join it
+        chooser = self._chooser or policy.choose_wake
+        action = chooser(snapshot(sim.app, sim.machines, self._snaps))
+        if action is not None:
+            self._act(action, now)
+
+    def on_full(self, sim: AppSim, now: float) -> None:
+        """Queued demand shows in the meter; the next tick scales up."""
+
+    def on_idle(self, sim: AppSim, machine: Machine, now: float) -> None:
+        """Idleness is the policy's to judge, at its tick."""
+
+    # --- the tick ---------------------------------------------------------------------
+
+    def _catch_up(self, upto: int) -> None:
+        """Feed the windows the samples of ticks ``_sampled+1 .. upto`` (none decided)."""
+        sim, windows, tick = self.sim, self._windows, self.sim.timings.tick_s
+        assert windows is not None
+        first = self._sampled + 1
+        if first > upto:
+            return
+        # Samples older than the windows fall out of them anyway: one long one will do.
+        exact_from = max(first, upto - self._keep)
+        if exact_from > first:
+            windows.add(sim.meter.take((exact_from - 1) * tick))
+        for k in range(exact_from, upto + 1):
+            windows.add(sim.meter.take(k * tick))
+        self._sampled = upto
+
+    def _tick(self, now: float, i: int) -> None:
+        sim, cfg = self.sim, self.sim.config
+        windows = self._windows
+        assert windows is not None
+        self._catch_up(i - 1)
+        windows.add(sim.meter.take(now))
+        self._sampled = i
+        fleet = snapshot(sim.app, sim.machines, self._snaps)
+        decision = self.decide(fleet, windows, cfg, now, self.state, sim.last_request_at)
+        sim.stats.decisions += 1
+        self.state = decision.state
+        for action in decision.actions:
+            self._act(action, now)
+        following: int | None = i + 1
+        if self.skip_idle and not decision.actions and self._quiet(now):
+            following = self._probe(i, fleet)
+        if following is None:
+            self._asleep = True
+        else:
+            sim.call(following * sim.timings.tick_s, self._tick, following)
+
+    def _quiet(self, now: float) -> bool:
+        sim = self.sim
+        if sim.in_flight or sim.queued:
+            return False
+        if now - sim.idle_since < self._keep * sim.timings.tick_s:
+            return False  # the windows may still hold load
+        return all(m.busy is None and not m.draining for m in sim.machines)
+
+    def _probe(self, i: int, fleet: Fleet) -> int | None:
+        """The next tick whose decision may differ; None: none before the next arrival."""
+        sim, cfg, windows, tick = self.sim, self.sim.config, self._windows, self.sim.timings.tick_s
+        assert windows is not None
+        state, last = self.state, sim.last_request_at
+        limit = min(sim.next_arrival(), sim.horizon)
+        top = int(limit // tick) - i  # the furthest tick at or before the limit
+        if top < 1:
+            return i + 1
+
+        def same(k: int) -> bool:
+            d = self.decide(fleet, windows, cfg, (i + k) * tick, state, last)
+            return not d.actions and d.state == state
+
+        lo, hi = 0, None
+        k = 1
+        while True:
+            if same(k):
+                lo = k
+                if k == top:
+                    break
+                k = min(2 * k, top)
+            else:
+                hi = k
+                break
+        if hi is None:
+            return None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if same(mid):
+                lo = mid
+            else:
+                hi = mid
+        return i + hi
+
+    def _act(self, action: Action, now: float) -> None:
+        sim = self.sim
+        m = self._by_id.get(action.machine_id)
+        if m is None:
+            sim.stats.refused += 1
+            return
+        kind = action.kind
+        if kind in ("resume", "start"):
+            sim.start(m, now, "resume" if m.state == SUSPENDED else "start")
+        elif kind == "drain":
+            sim.drain(m, now)
+        elif kind == "uncordon":
+            sim.take_back(m, now)
+        elif kind == "stop":
+            sim.stop_suspended(m, now)
+        else:
+            sim.stats.refused += 1

@@ -1,0 +1,228 @@
+"""Request traces: read CSV and Azure Functions 2019 files, write CSV.
+
+A trace is, per app, the requests in arrival order as ``(t, duration)`` pairs of seconds
+from the start of the trace. Plain tuples rather than objects: a day of a hundred apps is
+millions of requests, and the replay loop reads them one by one.
+
+Two formats are read:
+
+- CSV with a header naming ``t``, ``app`` and ``duration`` (any order, more columns
+  ignored); a file whose first row is numeric is read as ``t,app,duration`` without a
+  header. ``.gz`` files are read through gzip.
+- The per-minute invocation counts of the public Azure Functions 2019 trace
+  (``invocations_per_function_md.anon.dNN.csv``: ``HashOwner, HashApp, HashFunction,
+  Trigger, 1 .. 1440``). The functions of one app are summed; each minute's count is
+  spread evenly over that minute; every request lasts ``duration_s``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TextIO
+
+Request = tuple[float, float]
+"""``(t, duration)``: arrival in seconds from the start of the trace, and length."""
+
+AZURE_KEY_COLUMNS = ("HashOwner", "HashApp", "HashFunction", "Trigger")
+AZURE_APP_NAME_LEN = 12  # a prefix of the 64-hex-digit hash is unique enough to read
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read; the message names the file and the line."""
+
+
+@dataclass(slots=True)
+class Trace:
+    """Requests per app, each list sorted by arrival time."""
+
+    apps: dict[str, list[Request]] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return sum(len(r) for r in self.apps.values())
+
+    @property
+    def end(self) -> float:
+        """When the last request ends (0 for an empty trace)."""
+        return max((t + d for reqs in self.apps.values() for t, d in reqs[-1:]), default=0.0)
+
+    def only(self, names: Iterable[str]) -> Trace:
+        """The apps named (an app matches its full name or a unique prefix of it)."""
+        picked: dict[str, list[Request]] = {}
+        for name in names:
+            if name in self.apps:
+                picked[name] = self.apps[name]
+                continue
+            matches = [a for a in self.apps if a.startswith(name)]
+            if len(matches) != 1:
+                what = "no app" if not matches else f"{len(matches)} apps"
+                raise TraceError(f"--app {name!r}: {what} in the trace match")
+            picked[matches[0]] = self.apps[matches[0]]
+        return Trace(picked)
+
+    def busiest(self, count: int) -> Trace:
+        """The ``count`` apps with the most requests (ties by name, for reproducibility)."""
+        ranked = sorted(self.apps, key=lambda a: (-len(self.apps[a]), a))[:count]
+        return Trace({a: self.apps[a] for a in sorted(ranked)})
+
+
+def _open_text(path: Path) -> TextIO:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open(encoding="utf-8", newline="")
+
+
+def _number(text: str, path: Path, line: int, column: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TraceError(f"{path}:{line}: {column}: expected a number, got {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise TraceError(f"{path}:{line}: {column}: expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _finish(apps: dict[str, list[Request]]) -> Trace:
+    for reqs in apps.values():
+        # Most files are written in order; sort only when one is not (sort is stable).
+        if any(reqs[i][0] > reqs[i + 1][0] for i in range(len(reqs) - 1)):
+            reqs.sort(key=lambda r: r[0])
+    return Trace(dict(sorted(apps.items())))
+
+
+def read_csv(path: Path) -> Trace:
+    """A CSV trace: one request per row (``t``, ``app``, ``duration``)."""
+    apps: dict[str, list[Request]] = {}
+    with _open_text(path) as fh:
+        rows = csv.reader(fh)
+        first = next(rows, None)
+        if first is None:
+            return Trace()
+        header = [c.strip().lower() for c in first]
+        if {"t", "app", "duration"} <= set(header):
+            it, ia, id_ = header.index("t"), header.index("app"), header.index("duration")
+            body: Iterator[list[str]] = rows
+            line = 1
+        else:
+            try:
+                float(first[0])
+            except (ValueError, IndexError):
+                raise TraceError(
+                    f"{path}:1: expected a header with columns t, app, duration, got {first!r}"
+                ) from None
+            it, ia, id_ = 0, 1, 2
+            body = _chain([first], rows)
+            line = 0
+        width = max(it, ia, id_) + 1
+        for row in body:
+            line += 1
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) < width:
+                raise TraceError(f"{path}:{line}: expected {width} columns, got {len(row)}")
+            app = row[ia].strip()
+            if not app:
+                raise TraceError(f"{path}:{line}: app: expected a name, got an empty field")
+            t = _number(row[it], path, line, "t")
+            duration = _number(row[id_], path, line, "duration")
+            reqs = apps.get(app)
+            if reqs is None:
+                reqs = apps[app] = []
+            reqs.append((t, duration))
+    return _finish(apps)
+
+
+def _chain(head: list[list[str]], rest: Iterator[list[str]]) -> Iterator[list[str]]:
+    yield from head
+    yield from rest
+
+
+def read_azure(path: Path, duration_s: float) -> Trace:
+    """An Azure Functions 2019 invocation-count file, functions summed per app."""
+    counts: dict[str, list[int]] = {}
+    with _open_text(path) as fh:
+        rows = csv.reader(fh)
+        header = next(rows, None)
+        if header is None or tuple(header[:4]) != AZURE_KEY_COLUMNS:
+            raise TraceError(
+                f"{path}:1: expected the Azure header {', '.join(AZURE_KEY_COLUMNS)}, 1..1440"
+            )
+        minutes = len(header) - 4
+        for line, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise TraceError(f"{path}:{line}: expected {len(header)} columns, got {len(row)}")
+            app = row[1][:AZURE_APP_NAME_LEN]
+            per_minute = counts.get(app)
+            if per_minute is None:
+                per_minute = counts[app] = [0] * minutes
+            for m, text in enumerate(row[4:]):
+                if text and text != "0":
+                    try:
+                        per_minute[m] += int(text)
+                    except ValueError:
+                        raise TraceError(
+                            f"{path}:{line}: minute {m + 1}: expected a count, got {text!r}"
+                        ) from None
+    apps: dict[str, list[Request]] = {}
+    for app, per_minute in counts.items():
+        reqs: list[Request] = []
+        for m, n in enumerate(per_minute):
+            # Evenly spread, each in the middle of its slot: deterministic, no bunching
+            # at the minute boundary that a "all at :00" reading would invent.
+            step = 60.0 / n if n else 0.0
+            reqs.extend((m * 60.0 + (i + 0.5) * step, duration_s) for i in range(n))
+        if reqs:
+            apps[app] = reqs
+    return Trace(dict(sorted(apps.items())))
+
+
+def sniff(path: Path) -> str:
+    """``"azure"`` or ``"csv"``, from the first line of the file."""
+    with _open_text(path) as fh:
+        first = fh.readline()
+    return "azure" if first.startswith("HashOwner,") else "csv"
+
+
+def read_trace(path: Path, fmt: str = "auto", duration_s: float = 0.1) -> Trace:
+    """Read a trace in the named format (``auto`` looks at the first line)."""
+    try:
+        kind = sniff(path) if fmt == "auto" else fmt
+        if kind == "azure":
+            return read_azure(path, duration_s)
+        if kind == "csv":
+            return read_csv(path)
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file") from None
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise TraceError(f"{path}: cannot read: {exc}") from None
+    raise TraceError(f"unknown trace format {fmt!r} (expected auto, csv or azure)")
+
+
+def write_csv(path: Path, rows: Iterable[tuple[float, str, float]]) -> int:
+    """Write ``(t, app, duration)`` rows with a header; gzip if the name ends in .gz."""
+    with path.open("wb") as raw:
+        if path.suffix == ".gz":
+            # mtime=0 and no name: the same seed gives the same bytes.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
+                return _write_rows(packed, rows)
+        return _write_rows(raw, rows)
+
+
+def _write_rows(raw: IO[bytes] | gzip.GzipFile, rows: Iterable[tuple[float, str, float]]) -> int:
+    count = 0
+    fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    out = csv.writer(fh, lineterminator="\n")
+    out.writerow(["t", "app", "duration"])
+    for t, app, duration in rows:
+        out.writerow([f"{t:.3f}", app, f"{duration:.3f}"])
+        count += 1
+    fh.flush()
+    fh.detach()  # leave the binary file to its owner
+    return count
