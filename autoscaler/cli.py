@@ -141,6 +141,86 @@ def _emulator(args: argparse.Namespace) -> int:
     return emulator_main(args, os.environ)
 
 
+# --- simulate ---------------------------------------------------------------------------
+
+
+def _simulate_args(parser: argparse.ArgumentParser) -> None:
+    # Defaults of the timings repeat autoscaler.sim.model.Timings (a test keeps them equal);
+    # importing the simulator here would slow down every command's start.
+    src = parser.add_argument_group("trace")
+    src.add_argument("--trace", metavar="FILE", help="request trace to replay (.csv, .csv.gz)")
+    src.add_argument(
+        "--trace-format",
+        choices=["auto", "csv", "azure"],
+        default="auto",
+        help="csv: t,app,duration per request; azure: Azure Functions 2019 per-minute "
+        "invocation counts (default: auto, from the header)",
+    )
+    src.add_argument(
+        "--duration-ms",
+        type=float,
+        default=100.0,
+        metavar="MS",
+        help="length of each request of an azure trace (default: 100)",
+    )
+    src.add_argument(
+        "--app", action="append", metavar="NAME", help="only this app (repeatable; a prefix works)"
+    )
+    src.add_argument("--max-apps", type=int, metavar="N", help="only the N busiest apps")
+    src.add_argument(
+        "--horizon-s", type=float, metavar="S", help="replay this long (default: the trace's end)"
+    )
+    pol = parser.add_argument_group("policy")
+    pol.add_argument("--config", metavar="PATH", help="YAML config: apps[] by name, control.tick_s")
+    pol.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="policy knob for every app, over the config (repeatable), e.g. idle_to_zero_s=60",
+    )
+    pol.add_argument(
+        "--strategies",
+        default="autoscaler,fly-autostop,fixed-keepalive,always-on",
+        help="comma-separated (default: autoscaler,fly-autostop,fixed-keepalive,always-on)",
+    )
+    pol.add_argument(
+        "--every-tick",
+        action="store_true",
+        help="ask the policy on every tick, idle ones too (slower, same result)",
+    )
+    tim = parser.add_argument_group("modelled timings, seconds")
+    for flag, default, what in (
+        ("--tick-s", None, "controller tick (default: control.tick_s, else 1)"),
+        ("--api-latency-s", 0.1, "each Machines API call"),
+        ("--resume-s", 0.3, "suspended to started"),
+        ("--start-s", 2.0, "stopped to started (cold boot)"),
+        ("--suspend-s", 1.0, "started to suspended"),
+        ("--stop-s", 1.0, "started to stopped"),
+        ("--autostop-interval-s", 300.0, "fly-autostop's excess-capacity check"),
+        ("--keepalive-s", 600.0, "fixed-keepalive's idle time before sleep"),
+    ):
+        shown = "" if default is None else f" (default: {default:g})"
+        tim.add_argument(flag, type=float, default=default, metavar="S", help=what + shown)
+    out = parser.add_argument_group("output")
+    out.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    out.add_argument("--totals-only", action="store_true", help="leave out the per-app rows")
+    gen = parser.add_argument_group("synthetic traces")
+    gen.add_argument(
+        "--generate",
+        metavar="SHAPE",
+        help="write a trace instead: steady, diurnal, bursty, sparse, mixed-100-apps",
+    )
+    gen.add_argument("--out", metavar="FILE", help="where --generate writes (.gz compresses)")
+    gen.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    gen.add_argument("--hours", type=float, default=24.0, help="trace length (default: 24)")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from autoscaler.sim.command import run
+
+    return run(args)
+
+
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
     (
         "run",
@@ -165,6 +245,12 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runne
         "run the Fly Machines API emulator (machines are local processes)",
         _emulator_args,
         _emulator,
+    ),
+    (
+        "simulate",
+        "replay a request trace through the policy and compare it with baselines",
+        _simulate_args,
+        _simulate,
     ),
 ]
 
