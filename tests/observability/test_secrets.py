@@ -9,9 +9,11 @@ still handed to a logger, and that is a leak waiting for a new log path.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,8 +21,9 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from autoscaler import logs
+from autoscaler.status import run_status
 
-from .stack import ADMIN_TOKEN, FLY_TOKEN, live_stack
+from .stack import ADMIN_TOKEN, APP, FLY_TOKEN, live_stack
 from .test_prometheus import exercise
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,9 +68,13 @@ def captured() -> Iterator[tuple[io.StringIO, list[str]]]:
 
 
 async def test_no_token_in_metrics_status_or_logs(
-    captured: tuple[io.StringIO, list[str]],
+    captured: tuple[io.StringIO, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     out, raw = captured
+    config = tmp_path / "empty.yaml"
+    config.write_text("")
+    monkeypatch.setenv("AUTOSCALER_ADMIN__TOKEN", ADMIN_TOKEN)  # for `autoscaler status`
+    table = io.StringIO()
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with live_stack() as stack, aiohttp.ClientSession() as http:
         await exercise(stack, http)
@@ -80,16 +87,27 @@ async def test_no_token_in_metrics_status_or_logs(
             status = await resp.text()
         async with http.get(f"{admin}/readyz", headers=auth) as resp:
             readyz = await resp.text()
+        code = await asyncio.to_thread(
+            run_status, admin, str(config), out=table, err=table, as_json=False
+        )
+        assert code == 0, table.getvalue()
+        machine_ids = [m.id for m in stack.emulator.machines(APP)]
+    # Label values stay bounded: no machine ids, paths or client addresses in /metrics.
+    assert machine_ids
+    for unbounded in [*machine_ids, "/work", "127.0.0.1"]:
+        assert unbounded not in metrics, unbounded
     # The capture saw the traffic (so an empty capture cannot pass).
     rendered = out.getvalue()
     assert '"event": "request"' in rendered
     assert '"event": "decision"' in rendered
     assert "autoscaler_requests_total" in metrics
     assert '"apps": [{"app": "demo"' in status
+    assert f"{APP}: desired " in table.getvalue()
     for token in TOKENS:
         assert token not in metrics
         assert token not in status
         assert token not in readyz
+        assert token not in table.getvalue()
         assert token not in rendered
         leaks = [line for line in raw if token in line]
         assert not leaks, f"token handed to a logger (redacted only by luck): {leaks[:3]}"
