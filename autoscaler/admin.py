@@ -216,6 +216,9 @@ class AdminServer:
             return ["shutting down"]
         if self.provider is None:
             return []
+        apps = self.provider.status()
+        if not apps:
+            return []  # only static apps: no loop runs, so none has to tick
         problems = []
         last = self.provider.last_tick_at
         if last is None:
@@ -226,7 +229,6 @@ class AdminServer:
                 problems.append(
                     f"control loop last ticked {age:.1f}s ago (limit {self.max_tick_age_s:g}s)"
                 )
-        apps = self.provider.status()
         failing = [a for a in apps if a.last_error]
         # One app's error may be its own (a bad app name); every app failing means the
         # Machines API itself is out of reach.
@@ -247,10 +249,10 @@ class AdminServer:
         }
 
     def _last_tick_unix(self) -> float:
-        # NaN when no control loop runs: "stale" comparisons are then false, so the
-        # not-ticking alert stays quiet for static-only deployments. 0 before the first
-        # tick: a loop that never ticks looks infinitely stale.
-        if self.provider is None:
+        # NaN when no control loop runs (or it has no app to scale): "stale" comparisons
+        # are then false, so the not-ticking alert stays quiet for static-only deployments.
+        # 0 before the first tick: a loop that never ticks looks infinitely stale.
+        if self.provider is None or not self.provider.status():
             return math.nan
         last = self.provider.last_tick_at
         if last is None:

@@ -240,9 +240,21 @@ async def test_without_control_loop(aiohttp_client: MakeClient) -> None:
     assert math.isnan(value)
 
 
+async def test_controller_without_apps(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    server = make_server(FakeController(apps=[], last_tick_at=None), clock)
+    client = await aiohttp_client(server.build_app())
+    assert (await client.get("/readyz")).status == 200  # only static apps: nothing ticks
+    value = server.metrics.registry.get_sample_value(
+        "autoscaler_control_last_tick_timestamp_seconds"
+    )
+    assert value is not None
+    assert math.isnan(value)
+
+
 def test_last_tick_metric_is_unix_time() -> None:
     clock = FakeClock(1000.0)
-    provider = FakeController(last_tick_at=None)
+    provider = FakeController(apps=[FakeAppStatus(app="demo")], last_tick_at=None)
     server = make_server(provider, clock)
 
     def sample() -> float | None:
