@@ -314,7 +314,13 @@ def decide(
     # trigger extends it; leave a stable window after the last trigger.
     why: list[str] = []
     panic_since, last_trigger = state.panic_since, state.last_trigger
-    if burst >= policy.panic_threshold * capacity:
+    if idle or asleep:
+        # No request for idle_to_zero_s is no burst, whatever the windows still remember
+        # (only reachable with idle_to_zero_s shorter than the windows).
+        if panic_since is not None:
+            why.append("leave panic (idle)")
+        panic_since = last_trigger = None
+    elif burst >= policy.panic_threshold * capacity:
         if panic_since is None:
             panic_since = now
             why.append(
@@ -333,7 +339,10 @@ def decide(
         prior = state.panic_desired if state.panic else 0
         count = _panic_count(up, burst, unit, low, high, prior, policy.panic_window_s)
     else:
-        count = _normal_count(up, stable, unit, low, policy, now, state, idle_for if idle else None)
+        # Idle or asleep, demand is nil whatever the windows still remember (they can, when
+        # idle_to_zero_s is shorter than the stable window): min_machines is the answer.
+        demand = 0.0 if idle or asleep else stable
+        count = _normal_count(up, demand, unit, low, policy, now, state, idle_for if idle else None)
     why.extend(count.why)
     desired = count.desired
     actions = _plan(g, count, policy, now, in_panic, why)

@@ -367,6 +367,18 @@ def test_panic_leaves_after_a_stable_window_without_trigger() -> None:
     assert left.state.lower_since == 100.0
 
 
+def test_idleness_ends_panic() -> None:
+    app = cfg(idle_to_zero_s=2)  # shorter than the windows: only then can the two meet
+    state = PolicyState(born=0.0, panic_since=95.0, last_trigger=97.0, panic_desired=3)
+    w = load(0.0, 100, app=app)
+    w.add(Sample(96, 97, 30.0, 30))
+    d = run(app, fleet(*serving(3)), w, 100, state, last_request_at=97.0)
+    assert not d.panic
+    assert d.desired == 0
+    assert "leave panic (idle)" in d.reason
+    assert acts(d) == [("drain", "s0")]
+
+
 def test_a_new_trigger_extends_panic() -> None:
     app = cfg()
     machines = fleet(*serving(1), *[m(f"z{i}", "stopped") for i in range(9)])

@@ -27,13 +27,16 @@ def machines(draw: st.DrawFn, index: int) -> MachineSnapshot:
     state = draw(st.sampled_from(STATES))
     cordoned = draw(st.booleans())
     ours = cordoned and draw(st.booleans())
+    busy = draw(st.integers(0, 4)) == 0
+    kinds = st.sampled_from(["start", "resume", "uncordon", "drain", "stop"])
     return MachineSnapshot(
         id=f"m{index}",
         state=state,
         cordoned=cordoned,
         cordoned_by_us=ours,
         draining=ours and state == "started" and draw(st.booleans()),
-        busy=draw(st.integers(0, 4)) == 0,
+        busy=busy,
+        pending=draw(st.none() | kinds) if busy else None,
         in_flight=draw(st.integers(0, 30)) if state == "started" else 0,
         last_used=draw(st.none() | st.floats(0, 100)),
         started_at=draw(st.floats(0, 100)) if state == "started" else None,
