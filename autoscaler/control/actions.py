@@ -76,8 +76,10 @@ class Actuator:
         clock: Clock,
         sleep: Sleep,
         probe: Probe,
+        backoff_max_s: float = 30.0,
     ) -> None:
         self.api = api
+        self.backoff_max_s = backoff_max_s
         self.view = view
         self.metrics = metrics
         self.clock = clock
@@ -134,13 +136,17 @@ class Actuator:
     async def _guard(
         self, rt: AppRuntime, mid: str, kind: TaskKind, coro: Coroutine[Any, Any, bool]
     ) -> bool:
-        """Turn an action's failure into a log line and False; the next tick decides again."""
+        """Turn an action's failure into a log line, a backoff and False; the next tick
+        reads the truth and decides again (about another machine while this one cools)."""
         try:
-            return await coro
+            done = await coro
         except (FlyError, ActionError) as exc:
             rt.last_error = f"{kind} {mid}: {exc}"
+            rt.failed(mid, self.clock(), self.backoff_max_s)
             _log.warning("action_failed", app=rt.name, machine=mid, action=kind, error=str(exc))
             return False
+        rt.cooldown.pop(mid, None)
+        return done
 
     def take_back(self, rt: AppRuntime, mid: str) -> Running | None:
         """Cancel a drain that still waits for requests and return the machine to routing.

@@ -81,7 +81,15 @@ class Controller:
         self.clock = clock
         self.sleep = sleep
         self.settings = settings
-        self.actuator = Actuator(api, view, metrics, clock=clock, sleep=sleep, probe=probe)
+        self.actuator = Actuator(
+            api,
+            view,
+            metrics,
+            clock=clock,
+            sleep=sleep,
+            probe=probe,
+            backoff_max_s=settings.control.api_backoff_max_s,
+        )
         self.waker = Waker(api, self.actuator, metrics)
         self.apps: dict[str, AppRuntime] = {}
         self.last_tick_at: float | None = None
@@ -134,6 +142,7 @@ class Controller:
     async def update_settings(self, settings: Settings) -> None:
         """Apply a reloaded configuration: new knobs, new apps, removed apps."""
         self.settings = settings
+        self.actuator.backoff_max_s = settings.control.api_backoff_max_s
         for name in self._sync_apps(settings.apps):
             rt = self.apps.pop(name)
             await self._stop_app(rt)
@@ -187,7 +196,7 @@ class Controller:
         self._account(rt, now)
         self.actuator.cleanup(rt)
         decision = decide(
-            rt.fleet(view), rt.windows, rt.config, now, rt.policy_state, view.last_request_at
+            rt.fleet(view, now), rt.windows, rt.config, now, rt.policy_state, view.last_request_at
         )
         self._log_decision(rt, decision)
         rt.note_decision(decision, now)

@@ -64,6 +64,8 @@ class AppRuntime:
     cordon_held: set[str] = field(default_factory=set)
     """Machines we took out of routing in the view (drains), before the API agrees."""
     state_since: dict[str, float] = field(default_factory=dict)
+    cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     read_once: bool = False
     desired: int | None = None
     panic: bool = False
@@ -175,8 +177,12 @@ class AppRuntime:
             out.append(MachineInfo(machine.id, host, port, machine.state, self.cordoned(machine)))
         return out
 
-    def fleet(self, view: AppView) -> Fleet:
-        """The policy's snapshot: API state, our bookkeeping, and live load from the proxy."""
+    def fleet(self, view: AppView, now: float | None = None) -> Fleet:
+        """The policy's snapshot: API state, our bookkeeping, and live load from the proxy.
+
+        With ``now``, a machine whose last action failed less than its backoff ago counts
+        as busy, so the policy picks another one (the wake passes no ``now``: it is urgent).
+        """
         snaps = []
         for machine in self.machines.values():
             up = view.upstreams.get(machine.id)
@@ -197,7 +203,7 @@ class AppRuntime:
                     cordoned=cordoned,
                     cordoned_by_us=cordoned and (ours(machine) or machine.id in self.cordon_held),
                     draining=draining,
-                    busy=run is not None and not draining,
+                    busy=(run is not None and not draining) or self.cooling(machine.id, now),
                     in_flight=up.in_flight if up else 0,
                     last_used=up.last_used if up else None,
                     started_at=up.started_at if up and machine.state == STARTED else None,
@@ -206,6 +212,16 @@ class AppRuntime:
                 )
             )
         return Fleet.of(self.name, snaps)
+
+    def cooling(self, machine_id: str, now: float | None) -> bool:
+        entry = self.cooldown.get(machine_id)
+        return now is not None and entry is not None and now < entry[0]
+
+    def failed(self, machine_id: str, now: float, max_s: float) -> None:
+        """An action on the machine failed: back off, doubling from 1 s up to ``max_s``."""
+        _, last = self.cooldown.get(machine_id, (0.0, 0.0))
+        delay = min(max_s, max(1.0, 2 * last))
+        self.cooldown[machine_id] = (now + delay, delay)
 
     def note_decision(self, decision: Decision, now: float) -> None:
         self.policy_state = decision.state

@@ -480,3 +480,22 @@ async def test_a_machine_without_an_address_is_asked_for_one(
     assert await rig.ctl.wake(APP) == "start"
     assert rig.probed == [(ip, 8080)]
     assert rig.routable() == {mid}
+
+
+async def test_a_machine_whose_action_failed_cools_down_and_another_is_used(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    first, second = api.add(APP, "suspended"), api.add(APP, "suspended")
+    api.fail["start_machine"] = [ServerError(500, "boom")]
+    rig = Rig(api, clock)
+    rig.app.hold()  # one request waits: one machine wanted
+    await clock.advance(1)
+    [action] = (await rig.tick()).actions
+    assert action.machine_id == first
+    await rig.ctl.idle()
+    await clock.advance(0.5)
+    [action] = (await rig.tick()).actions
+    assert action.machine_id == second  # the first still cools down (1 s)
+    await rig.ctl.idle()
+    assert api.ops("start_machine") == [first, second]
+    assert rig.routable() == {second}
