@@ -1,42 +1,66 @@
-"""A live stack on loopback for the observability tests: emulator, proxy, controller, admin.
+"""A live stack on loopback for the observability tests, built by the real composition root.
 
-Built from the real parts (no fakes): the embedded emulator plays Fly with real machine
-processes, the Fly client reports every call through ``Metrics.observe_api``, and the
-admin server reads the real ``Controller``.
+``autoscaler.service.Service`` starts everything from a YAML file, as ``autoscaler run``
+does: the embedded emulator (real machine processes), the Fly client reporting every call
+through ``Metrics.observe_api``, the controller, the proxy and the admin server. Only the
+ports differ: all ephemeral, all on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
-
-from autoscaler import __version__
 from autoscaler.admin import AdminServer, StatusProvider
-from autoscaler.config import (
-    AdminSettings,
-    AppConfig,
-    ControlSettings,
-    EmulatorApp,
-    EmulatorSettings,
-    FlySettings,
-    ProxySettings,
-    Settings,
-)
+from autoscaler.config import load_settings
 from autoscaler.control.controller import Controller
-from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
-from autoscaler.fly.client import MachinesClient
 from autoscaler.metrics import Metrics
-from autoscaler.proxy.server import ProxyServer
+from autoscaler.service import Service
 
 FLY_TOKEN = "fly-token-0bs3rv4b1l1ty-s3cr3t"
 ADMIN_TOKEN = "admin-token-5up3r-s3cr3t-v4lu3"
 APP = "demo"
+
+CONFIG = f"""
+fly:
+  rate_limit: false
+proxy:
+  listen: 127.0.0.1:8080
+  access_log: true
+admin:
+  listen: 127.0.0.1:9091
+  token: {ADMIN_TOKEN}
+  protect_metrics: true
+control:
+  tick_s: 0.2
+  api_backoff_max_s: 0.5
+apps:
+  - name: {APP}
+    hosts: [{APP}]
+    min_machines: 0
+    max_machines: 3
+    target_concurrency: 2
+    hard_limit: 4
+    max_queue: 3          # a cold burst bigger than this is turned away: queue_full, 503
+    wake_timeout_s: 20s
+    idle_to_zero_s: 5m
+    min_lifetime_s: 0
+emulator:
+  listen: 127.0.0.1:4280
+  token: {FLY_TOKEN}      # the "Fly API token" the client sends
+  demo_boot_delay_s: 0.05
+  resume_delay_s: 0
+  boot_timeout_s: 20s
+  rate_limits: false
+  apps:
+    - name: {APP}
+      machines: 3
+"""
 
 
 def _controller_is_a_status_provider(controller: Controller) -> StatusProvider:
@@ -45,88 +69,45 @@ def _controller_is_a_status_provider(controller: Controller) -> StatusProvider:
 
 @dataclass
 class Stack:
-    settings: Settings
-    emulator: Emulator
-    metrics: Metrics
-    client: MachinesClient
-    controller: Controller
-    proxy: ProxyServer
-    admin: AdminServer
+    service: Service
+
+    @property
+    def emulator(self) -> Emulator:
+        assert self.service.emulator is not None
+        return self.service.emulator
+
+    @property
+    def admin(self) -> AdminServer:
+        assert self.service.admin is not None
+        return self.service.admin
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.service.metrics
 
     @property
     def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy.port}"
+        assert self.service.proxy is not None
+        return f"http://127.0.0.1:{self.service.proxy.port}"
 
     @property
     def admin_address(self) -> str:
         return f"127.0.0.1:{self.admin.address[1]}"
 
 
-def stack_settings(emulator_url: str, emulator: EmulatorSettings) -> Settings:
-    return Settings(
-        fly=FlySettings(api_url=emulator_url, token=SecretStr(FLY_TOKEN), rate_limit=False),
-        proxy=ProxySettings(listen="127.0.0.1:8080", access_log=True),
-        admin=AdminSettings(
-            listen="127.0.0.1:9091", token=SecretStr(ADMIN_TOKEN), protect_metrics=True
-        ),
-        control=ControlSettings(tick_s=0.2, api_backoff_max_s=0.5),
-        apps=[
-            AppConfig(
-                name=APP,
-                hosts=[APP],
-                min_machines=0,
-                max_machines=3,
-                target_concurrency=2,
-                hard_limit=4,
-                # A cold burst bigger than this is turned away: queue_full, a 503.
-                max_queue=3,
-                wake_timeout_s=20,
-                idle_to_zero_s=300,
-                min_lifetime_s=0,
-            )
-        ],
-        emulator=emulator,
-    )
-
-
 @asynccontextmanager
 async def live_stack() -> AsyncIterator[Stack]:
-    """Every part started on 127.0.0.1 with ephemeral ports; all stopped (and reaped) after."""
-    emulator_settings = EmulatorSettings(
-        token=SecretStr(FLY_TOKEN),
-        demo_boot_delay_s=0.05,
-        resume_delay_s=0.0,
-        boot_timeout_s=20.0,
-        rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=3)],
-    )
-    async with Emulator(emulator_settings, host="127.0.0.1", port=0) as emulator:
-        settings = stack_settings(emulator.url, emulator_settings)
-        metrics = Metrics(CollectorRegistry(), version=__version__)
-        client = MachinesClient.from_settings(settings.fly, observer=metrics.observe_api)
-        view = FleetView()
-        controller = Controller(client, view, settings, metrics)
-        proxy = ProxyServer(settings, view, metrics)
-        admin = AdminServer(
-            settings.admin,
-            metrics,
-            controller,
-            tick_s=settings.control.tick_s,
-            secrets=settings.secrets(),
-        )
-        stack = Stack(settings, emulator, metrics, client, controller, proxy, admin)
+    """The service started with ephemeral ports; stopped (machines reaped) after."""
+    with tempfile.TemporaryDirectory(prefix="autoscaler-obs-") as tmp:
+        path = Path(tmp) / "autoscaler.yaml"
+        path.write_text(CONFIG)
+        settings, _ = load_settings(path, env={})
+        service = Service(settings, path, proxy_port=0, admin_port=0, emulator_port=0)
         try:
-            await controller.start()
-            await proxy.start(host="127.0.0.1", port=0)
-            await admin.start(host="127.0.0.1", port=0)
-            yield stack
+            await service.start()
+            yield Stack(service)
         finally:
-            admin.set_draining()
-            await proxy.stop()
-            await controller.stop()
-            await admin.stop()
-            await client.aclose()
-            await view.close()
+            await service.stop()
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:

@@ -170,6 +170,8 @@ async def exercise(stack: Stack, http: aiohttp.ClientSession) -> None:
     statuses = await asyncio.gather(*(get(http, stack, "/work?ms=1500") for _ in range(20)))
     assert 200 in statuses, statuses
     assert 503 in statuses, statuses
+    # A configuration reload (SIGHUP's path), for the reloads panel.
+    assert await stack.service.reload()
     # A moment of Machines API failures, for the API error panels; then back to normal.
     stack.emulator.set_faults(FaultSettings(error_rate=0.5))
     try:
