@@ -88,6 +88,7 @@ class ProxyServer:
         self._session: ClientSession | None = None
         self._runner: web.ServerRunner | None = None
         self._websockets: set[web.WebSocketResponse] = set()
+        self._children = _MetricChildren(metrics)
         self._closing = False
         self.update_settings(settings)
 
@@ -223,7 +224,7 @@ class ProxyServer:
         if up is None:
             up, ctx.wake = await self._wait(gate, app, ctx)
         ctx.up = up
-        inflight = self.metrics.inflight.labels(app=app.name)
+        inflight = self._children.inflight(app.name)
         inflight.inc()
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -469,10 +470,10 @@ class ProxyServer:
         return resp
 
     def _account(self, request: web.BaseRequest, ctx: _Ctx, now: float) -> None:
-        metrics = self.metrics
-        metrics.requests.labels(app=ctx.app, code=str(ctx.status), wake=ctx.wake).inc()
+        children = self._children
+        children.requests(ctx.app, ctx.status, ctx.wake).inc()
         until = ctx.headers_at if ctx.headers_at is not None else now
-        metrics.request_duration.labels(app=ctx.app).observe(until - ctx.arrived)
+        children.duration(ctx.app).observe(until - ctx.arrived)
         if self._settings.proxy.access_log:
             raw = request.raw_path
             query = raw.find("?")
@@ -516,6 +517,36 @@ class ProxyServer:
         resp.headers["X-Request-Id"] = request_id
         resp.force_close()
         return resp
+
+
+class _MetricChildren:
+    """Labelled metric children, looked up once: ``labels()`` is costly on the hot path."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._requests: dict[tuple[str, int, str], Any] = {}
+        self._duration: dict[str, Any] = {}
+        self._inflight: dict[str, Any] = {}
+
+    def requests(self, app: str, code: int, wake: str) -> Any:
+        key = (app, code, wake)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._metrics.requests.labels(app=app, code=str(code), wake=wake)
+            self._requests[key] = child
+        return child
+
+    def duration(self, app: str) -> Any:
+        child = self._duration.get(app)
+        if child is None:
+            child = self._duration[app] = self._metrics.request_duration.labels(app=app)
+        return child
+
+    def inflight(self, app: str) -> Any:
+        child = self._inflight.get(app)
+        if child is None:
+            child = self._inflight[app] = self._metrics.inflight.labels(app=app)
+        return child
 
 
 @dataclass(slots=True)

@@ -1,0 +1,327 @@
+"""Proxy overhead: the same load straight to a backend and through the proxy, in one run.
+
+    .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--connections 50]
+                                                  [--rate 500] [--no-uvloop] [--no-wrk]
+
+Starts a small aiohttp backend and the autoscaler proxy (static mode, one backend) as two
+processes on 127.0.0.1, then measures each target twice:
+
+1. throughput: closed loop at ``--connections`` concurrent connections (wrk when it is
+   installed, else a built-in aiohttp load generator), giving req/s, p50 and p99;
+2. latency at a fixed rate (``--rate`` req/s, open loop, built-in generator), giving p50 and
+   p99, so the proxy's added latency is read at a load well under saturation.
+
+It prints both tables and the ratios proxied/direct. Loopback only; every phase is bounded
+by ``--duration``; the child processes are stopped at the end, on error too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+HOST = "127.0.0.1"
+BODY = b"x" * 512  # a small JSON-sized response
+
+
+# --- the two servers (each runs in its own process) -----------------------------------
+
+
+def _loop_policy(use_uvloop: bool) -> None:
+    if use_uvloop:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _until_sigterm() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
+def serve_backend(port: int) -> None:
+    from aiohttp import web
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        await request.read()
+        return web.Response(body=BODY, content_type="text/plain")
+
+    async def main() -> None:
+        server = web.Server(handler, access_log=None)
+        runner = web.ServerRunner(server)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        print("ready", flush=True)
+        await _until_sigterm()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def serve_proxy(port: int, backend_port: int) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from autoscaler import logs
+    from autoscaler.config import AppConfig, ProxySettings, Settings
+    from autoscaler.control.view import FleetView
+    from autoscaler.metrics import Metrics
+    from autoscaler.proxy.server import ProxyServer
+
+    with open(os.devnull, "w") as devnull:  # the access log is on, as in production
+        logs.configure(fmt="json", stream=devnull)
+        settings = Settings(
+            proxy=ProxySettings(listen=f"{HOST}:{port}"),
+            apps=[
+                AppConfig(
+                    name="bench",
+                    hosts=[HOST],
+                    backends=[f"{HOST}:{backend_port}"],
+                    hard_limit=10_000,
+                )
+            ],
+        )
+
+        async def main() -> None:
+            proxy = ProxyServer(settings, FleetView(), Metrics(CollectorRegistry()))
+            await proxy.start()
+            print("ready", flush=True)
+            await _until_sigterm()
+            await proxy.stop()  # graceful: what a SIGTERM does in production
+
+        asyncio.run(main())
+
+
+# --- load generators --------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def run_wrk(port: int, duration: float, connections: int) -> Result:
+    out = subprocess.run(
+        [
+            "wrk",
+            "--latency",
+            "-t2",
+            f"-c{connections}",
+            f"-d{max(1, int(duration))}s",
+            f"http://{HOST}:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 30,
+    ).stdout
+
+    def latency(pct: str) -> float:
+        match = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(match.group(1)) * _UNIT_MS[match.group(2)] if match else float("nan")
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors:.*", out)
+    return Result(
+        rps=float(rps.group(1)) if rps else 0.0,
+        p50_ms=latency("50"),
+        p99_ms=latency("99"),
+        errors=(int(errors.group(1)) if errors else 0) + (1 if socket_errors else 0),
+    )
+
+
+async def closed_loop(port: int, duration: float, connections: int) -> Result:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + duration
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                async with session.get(f"http://{HOST}:{port}/") as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return Result(
+        len(latencies) / elapsed,
+        _percentile(latencies, 0.5),
+        _percentile(latencies, 0.99),
+        errors,
+    )
+
+
+async def open_loop(port: int, duration: float, rate: float) -> Result:
+    """``rate`` requests a second on a fixed schedule, whatever the answers' speed."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    total = int(duration * rate)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one() -> None:
+            nonlocal errors
+            start = time.perf_counter()
+            try:
+                async with session.get(f"http://{HOST}:{port}/") as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+            except aiohttp.ClientError:
+                errors += 1
+                return
+            latencies.append((time.perf_counter() - start) * 1000)
+
+        # Warm the pool so connection set-up is not measured.
+        await asyncio.gather(*(one() for _ in range(20)))
+        latencies.clear()
+        tasks = []
+        begin = time.perf_counter()
+        for i in range(total):
+            delay = begin + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - begin
+    return Result(
+        len(latencies) / elapsed,
+        _percentile(latencies, 0.5),
+        _percentile(latencies, 0.99),
+        errors,
+    )
+
+
+# --- orchestration -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _child(args: list[str]) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"child {args} failed to start")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _row(name: str, r: Result) -> str:
+    return f"{name:<10} {r.rps:>10.0f} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {r.errors:>7}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--connections", type=int, default=50, help="closed-loop connections")
+    parser.add_argument("--rate", type=float, default=500.0, help="open-loop requests/second")
+    parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loops")
+    parser.add_argument("--no-wrk", action="store_true", help="built-in generator only")
+    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    _loop_policy(not args.no_uvloop)
+    if args.serve:
+        if args.serve[0] == "backend":
+            serve_backend(int(args.serve[1]))
+        else:
+            serve_proxy(int(args.serve[1]), int(args.serve[2]))
+        return 0
+
+    backend_port, proxy_port = _free_port(), _free_port()
+    use_wrk = shutil.which("wrk") is not None and not args.no_wrk
+    loop_kind = "asyncio" if args.no_uvloop else "uvloop"
+    with (
+        _child(["--serve", "backend", str(backend_port)] + (["--no-uvloop"] * args.no_uvloop)),
+        _child(
+            ["--serve", "proxy", str(proxy_port), str(backend_port)]
+            + (["--no-uvloop"] * args.no_uvloop)
+        ),
+    ):
+        tool = "wrk -t2" if use_wrk else "built-in aiohttp generator"
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(
+            f"servers: aiohttp backend and proxy on {HOST}, {loop_kind} loops, "
+            f"{os.cpu_count()} CPUs, load average {load}; {args.duration:g}s per phase"
+        )
+        print(f"\nthroughput: closed loop, {args.connections} connections ({tool})")
+        print(f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+        closed: dict[str, Result] = {}
+        for name, port in (("direct", backend_port), ("proxied", proxy_port)):
+            if use_wrk:
+                closed[name] = run_wrk(port, args.duration, args.connections)
+            else:
+                closed[name] = asyncio.run(closed_loop(port, args.duration, args.connections))
+            print(_row(name, closed[name]), flush=True)
+        print(f"\nlatency: open loop at {args.rate:g} req/s (built-in generator)")
+        print(f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+        fixed: dict[str, Result] = {}
+        for name, port in (("direct", backend_port), ("proxied", proxy_port)):
+            fixed[name] = asyncio.run(open_loop(port, args.duration, args.rate))
+            print(_row(name, fixed[name]), flush=True)
+
+    ratio = closed["proxied"].rps / closed["direct"].rps if closed["direct"].rps else 0.0
+    added_p50 = fixed["proxied"].p50_ms - fixed["direct"].p50_ms
+    added_p99 = fixed["proxied"].p99_ms - fixed["direct"].p99_ms
+    print("\nratios")
+    print(f"throughput proxied/direct: {ratio:.2f} (goal >= 0.50)")
+    print(
+        f"p50 latency proxied/direct at {args.rate:g} req/s: "
+        f"{fixed['proxied'].p50_ms / fixed['direct'].p50_ms:.2f}, "
+        f"added {added_p50:+.2f} ms (goal <= 1 ms); p99 added {added_p99:+.2f} ms"
+    )
+    errors = sum(r.errors for r in (*closed.values(), *fixed.values()))
+    print(f"errors: {errors}")
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Graceful shutdown, configuration reload, and the access log line."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from autoscaler.config import AppConfig, ProxySettings, Settings
+from autoscaler.control.view import FleetView
+
+from .conftest import Backend, StartProxy, url
+from .helpers import until
+from .test_balancing import Blocking
+
+
+async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    up = Blocking("done")
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(up.app())]}]
+    )
+    port = proxy.port
+
+    async def get() -> tuple[int, str]:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            return r.status, await r.text()
+
+    in_flight = asyncio.create_task(get())
+    await until(lambda: fleet.app("a").in_flight == 1)
+    stopping = asyncio.create_task(proxy.stop())
+    await until(lambda: proxy._runner is None or not proxy._runner.sites)
+    with pytest.raises(ConnectionRefusedError):  # no longer accepting
+        await asyncio.open_connection("127.0.0.1", port)
+    assert not stopping.done()  # still waiting for the request in flight
+    up.release.set()
+    assert await in_flight == (200, "done")
+    await stopping
+
+
+async def test_stop_cuts_requests_past_the_shutdown_deadline(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    up = Blocking()
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(up.app())]}],
+        shutdown_timeout_s=0.2,
+    )
+
+    async def get() -> int:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            await r.read()
+            return r.status
+
+    in_flight = asyncio.create_task(get())
+    await until(lambda: fleet.app("a").in_flight == 1)
+    await proxy.stop()
+    with pytest.raises(aiohttp.ClientError):
+        await in_flight
+    assert fleet.app("a").in_flight == 0  # the slot was given back when cut
+    up.release.set()
+
+
+async def test_update_settings_adds_and_removes_apps_without_dropping_requests(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    slow = Blocking("old")
+    old_addr = await backend(slow.app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [old_addr]}])
+
+    async def get(host: str) -> tuple[int, str]:
+        async with session.get(url(proxy), headers={"Host": host}) as r:
+            return r.status, await r.text()
+
+    in_flight = asyncio.create_task(get("a.test"))
+    await until(lambda: fleet.app("a").in_flight == 1)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="b here")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    new_addr = await backend(app)
+    proxy.update_settings(
+        Settings(
+            proxy=ProxySettings(listen="127.0.0.1:8080"),
+            apps=[AppConfig(name="b", hosts=["b.test"], backends=[new_addr])],
+        )
+    )
+    assert await get("b.test") == (200, "b here")
+    assert (await get("a.test"))[0] == 404  # removed from routing at once
+    slow.release.set()
+    assert await in_flight == (200, "old")  # the request already admitted finished
+
+
+async def test_access_log_line_has_the_request_fields_and_no_secrets(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/p", hello)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}]
+    )
+    with capture_logs() as logs:
+        async with session.get(
+            url(proxy, "/p?token=s3cr3t-query"),
+            headers={
+                "Host": "a.test",
+                "Authorization": "Bearer s3cr3t-header",
+                "X-Request-Id": "r1",
+            },
+        ) as r:
+            assert r.status == 200
+    lines = [e for e in logs if e["event"] == "request"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "r1"
+    assert line["app"] == "a"
+    assert line["method"] == "GET"
+    assert line["path"] == "/p"
+    assert line["status"] == 200
+    assert line["wake"] == "none"
+    assert line["machine"]
+    assert isinstance(line["duration_ms"], float)
+    assert "s3cr3t" not in repr(logs)
+
+
+async def test_access_log_can_be_switched_off(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}],
+        access_log=False,
+        wake_header=False,
+    )
+    with capture_logs() as logs:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert r.status == 200
+            assert "Fly-Autoscaler-Wake" not in r.headers
+    assert [e for e in logs if e["event"] == "request"] == []
