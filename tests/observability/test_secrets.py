@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,10 +97,16 @@ async def test_no_token_in_metrics_status_or_logs(
     assert machine_ids
     for unbounded in [*machine_ids, "/work", "127.0.0.1"]:
         assert unbounded not in metrics, unbounded
-    # The capture saw the traffic (so an empty capture cannot pass).
+    # The capture saw the traffic (so an empty capture cannot pass), in the lines issue 8
+    # asks for: one per request with these fields, one per decision, one per API call.
     rendered = out.getvalue()
-    assert '"event": "request"' in rendered
-    assert '"event": "decision"' in rendered
+    events = [json.loads(line) for line in rendered.splitlines() if line.startswith("{")]
+    requests = [e for e in events if e["event"] == "request"]
+    assert requests
+    fields = {"request_id", "app", "method", "path", "status", "duration_ms", "machine", "wake"}
+    assert all(fields <= e.keys() for e in requests), requests[0]
+    assert any(e["event"] == "decision" for e in events)
+    assert any(e["event"] == "fly_api" for e in events)
     assert "autoscaler_requests_total" in metrics
     assert '"apps": [{"app": "demo"' in status
     assert f"{APP}: desired " in table.getvalue()
