@@ -15,7 +15,7 @@ import pytest
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
-from autoscaler.emulator.procs import leftovers
+from autoscaler.emulator.procs import SESSION_ENV, leftovers
 
 
 @pytest.fixture
@@ -40,6 +40,8 @@ async def emulator(emulator_settings: EmulatorSettings) -> AsyncIterator[Emulato
 @pytest.fixture(scope="session", autouse=True)
 def _no_process_left() -> Iterator[None]:
     """Fail the session if any child process (or emulator machine) outlives the tests."""
+    # Inherited by CLI subprocesses and passed on to their machines, so those are found too.
+    os.environ[SESSION_ENV] = str(os.getpid())
     yield
     left = leftovers(os.getpid())
     for pid, _ in left:

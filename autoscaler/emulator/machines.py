@@ -24,6 +24,8 @@ from typing import Any
 from autoscaler.config import EmulatorSettings, FaultSettings
 from autoscaler.emulator.model import MAX_EVENTS, Event, Ids, Machine, now_rfc3339
 from autoscaler.emulator.procs import (
+    PARENT_ENV,
+    SESSION_ENV,
     AddressPool,
     MachineProcess,
     Reaper,
@@ -94,6 +96,8 @@ class Lifecycle:
 
     def environment(self, m: Machine) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DENY_PREFIXES)}
+        if SESSION_ENV in os.environ:  # a test session's mark, kept so it finds leftovers
+            env[SESSION_ENV] = os.environ[SESSION_ENV]
         env.update({str(k): str(v) for k, v in (m.config.get("env") or {}).items()})
         env.update(
             {
@@ -107,7 +111,7 @@ class Lifecycle:
                 "FLY_MACHINE_VERSION": m.instance_id,
                 "DEMO_BOOT_DELAY_S": str(self.settings.demo_boot_delay_s),
                 # Lets a test session find leftovers of this emulator by their environment.
-                "AUTOSCALER_EMULATOR_PARENT": str(os.getpid()),
+                PARENT_ENV: str(os.getpid()),
             }
         )
         return env

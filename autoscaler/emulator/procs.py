@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 PR_SET_PDEATHSIG = 1
+PARENT_ENV = "AUTOSCALER_EMULATOR_PARENT"  # set on every machine: the emulator's pid
+SESSION_ENV = "AUTOSCALER_EMULATOR_SESSION"  # passed through to machines when set
 OUTPUT_LINES = 200  # tail of a machine's output kept for diagnostics
 
 _libc: ctypes.CDLL | None = None
@@ -212,13 +214,17 @@ class AddressPool:
 
 
 def leftovers(parent_pid: int) -> list[tuple[int, str]]:
-    """Live processes that are children of ``parent_pid`` or carry its emulator marker.
+    """Live processes that are children of ``parent_pid`` or carry its pid as a mark.
+
+    The marks are PARENT_ENV (machines of an emulator running in ``parent_pid``) and
+    SESSION_ENV (machines of any emulator started below a process that set it, such as a
+    test session running the CLI as a subprocess).
 
     Reads /proc (Linux); zombies are skipped because they hold no resources and their
     parent reaps them. Returns (pid, command line) pairs.
     """
     found: list[tuple[int, str]] = []
-    marker = f"AUTOSCALER_EMULATOR_PARENT={parent_pid}".encode()
+    markers = {f"{PARENT_ENV}={parent_pid}".encode(), f"{SESSION_ENV}={parent_pid}".encode()}
     proc = "/proc"
     if not os.path.isdir(proc):
         return found
@@ -238,7 +244,7 @@ def leftovers(parent_pid: int) -> list[tuple[int, str]]:
                     contextlib.suppress(OSError),
                     open(f"{proc}/{entry}/environ", "rb") as fh,
                 ):
-                    mine = marker in fh.read().split(b"\0")
+                    mine = not markers.isdisjoint(fh.read().split(b"\0"))
             if mine:
                 with open(f"{proc}/{entry}/cmdline", "rb") as fh:
                     cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()

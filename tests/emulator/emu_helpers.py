@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 import aiohttp
 
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.model import Machine
 
 DEMO = "autoscaler/demo-app"
 
@@ -79,3 +82,34 @@ def pid_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat[stat.rindex(b")") + 2 :].split()[0] == b"Z"
+
+
+async def until_state(m: Machine, state: str, seconds: float = 20) -> None:
+    """Wait, on the machine's change events, until it is in ``state``."""
+
+    async def reached() -> None:
+        while m.state != state:
+            await m.changed.wait()
+
+    await asyncio.wait_for(reached(), seconds)
+
+
+async def pid_exit(pid: int, seconds: float = 20) -> None:
+    """Wait for any process (not only a child) to end, on its pidfd: no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait_for(ended, seconds)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)

@@ -1,0 +1,254 @@
+"""The API surface: auth, validation, variants real clients send, metadata, volumes, limits."""
+
+from __future__ import annotations
+
+import pytest
+from emu_helpers import (
+    DEMO,
+    create_app,
+    create_machine,
+    pid_gone,
+    session,
+    until_state,
+    wait_ok,
+)
+
+from autoscaler.config import EmulatorSettings, FaultSettings
+from autoscaler.emulator import Emulator
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer wrong", "Basic abc", "Bearer"],
+)
+async def test_missing_or_wrong_token_is_401(emulator: Emulator, header: str | None) -> None:
+    async with session(emulator) as s:
+        headers = {"Authorization": header} if header else {"Authorization": ""}
+        r = await s.get("/v1/apps", params={"org_slug": "personal"}, headers=headers)
+        assert r.status == 401
+        body = await r.json()
+        assert body["status"] == 401
+        assert "token" in body["error"]
+        assert emulator.token not in await r.text()
+
+
+async def test_flyv1_scheme_and_request_id(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        r = await s.get(
+            "/v1/apps",
+            params={"org_slug": "personal"},
+            headers={"Authorization": f"FlyV1 {emulator.token}"},
+        )
+        assert r.status == 200
+        assert r.headers["fly-request-id"]
+        assert await r.json() == {"total_apps": 0, "apps": []}
+
+
+async def test_app_create_accepts_name_or_app_name_and_rejects_bad_input(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        r = await s.post("/v1/apps", json={"name": "newer", "org_slug": "personal"})
+        assert r.status == 201
+        r = await s.post("/v1/apps", json={"app_name": "newer", "org_slug": "personal"})
+        assert r.status == 422
+        cases = [
+            ({"app_name": "Bad_Name", "org_slug": "personal"}, "app_name"),
+            ({"app_name": "ok"}, "org_slug: required"),
+            ({"app_name": "ok", "org_slug": "other"}, "unknown organization"),
+            ([], "expected a JSON object"),
+        ]
+        for body, text in cases:
+            r = await s.post("/v1/apps", json=body)
+            assert r.status == 400, body
+            assert text in (await r.json())["error"]
+        r = await s.post(
+            "/v1/apps", data=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert r.status == 400
+        assert "invalid JSON" in (await r.json())["error"]
+        r = await s.get("/v1/apps/nope")
+        assert r.status == 404
+        assert (await r.json()) == {"error": "app not found: nope", "status": 404}
+
+
+async def test_machine_config_is_validated(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        bad = [
+            ({}, "config: required"),
+            ({"config": {}}, "config.image: required"),
+            ({"config": {"image": "nope/unknown"}}, "image table"),
+            ({"config": {"image": DEMO, "guest": {"memory_mb": 300}}}, "multiple of 256"),
+            ({"config": {"image": DEMO, "env": {"A": 1}}}, "config.env.A: expected a string"),
+            ({"config": {"image": DEMO, "restart": {"policy": "sometimes"}}}, "restart.policy"),
+            ({"config": {"image": DEMO, "services": [{"internal_port": 0}]}}, "internal_port"),
+        ]
+        for body, text in bad:
+            r = await s.post("/v1/apps/demo/machines", json=body)
+            assert r.status == 400, body
+            assert text in (await r.json())["error"], body
+        r = await s.post("/v1/apps/ghost/machines", json={"config": {"image": DEMO}})
+        assert r.status == 404
+
+
+async def test_create_with_skip_launch_then_list_and_app_counts(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False, metadata={"role": "web"})
+        assert m["state"] == "created"
+        assert m["config"]["metadata"] == {"role": "web"}
+        listed = await (await s.get("/v1/apps/demo/machines")).json()
+        assert [x["id"] for x in listed] == [m["id"]]
+        app = await (await s.get("/v1/apps/demo")).json()
+        assert app["machine_count"] == 1
+        assert emulator.pids() == []  # skip_launch spawns nothing
+
+
+async def test_cordon_shows_on_the_machine(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False)
+        base = f"/v1/apps/demo/machines/{m['id']}"
+        assert (await s.post(base + "/cordon")).status == 200
+        assert (await (await s.get(base)).json())["cordoned"] is True
+        assert (await s.post(base + "/uncordon")).status == 200
+        assert (await (await s.get(base)).json())["cordoned"] is False
+
+
+async def test_metadata_both_forms_and_404(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False)
+        base = f"/v1/apps/demo/machines/{m['id']}/metadata"
+        assert (await s.post(base + "/role", json="web")).status == 204
+        assert (await s.post(base + "/zone", json={"value": "a"})).status == 204
+        r = await s.get(base + "/role")
+        assert await r.json() == "web"
+        assert await (await s.get(base)).json() == {"role": "web", "zone": "a"}
+        got = await (await s.get(f"/v1/apps/demo/machines/{m['id']}")).json()
+        assert got["config"]["metadata"] == {"role": "web", "zone": "a"}
+        assert (await s.delete(base + "/role")).status == 204
+        assert (await s.get(base + "/role")).status == 404
+        assert (await s.delete(base + "/role")).status == 404
+        r = await s.post(base + "/x", json=5)
+        assert r.status == 400
+
+
+async def test_stop_accepts_duration_and_integer_timeouts(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        base = f"/v1/apps/demo/machines/{m['id']}"
+        await wait_ok(s, "demo", m["id"])
+        r = await s.post(base + "/stop", json={"signal": "SIGBOGUS"})
+        assert r.status == 400
+        r = await s.post(base + "/stop", json={"timeout": 5})
+        assert r.status == 200
+        await wait_ok(s, "demo", m["id"], "stopped")
+        r = await s.post(base + "/stop")
+        assert r.status == 412  # already stopped
+        r = await s.post(base + "/suspend")
+        assert r.status == 412
+
+
+async def test_wait_accepts_several_states_and_rejects_bad_ones(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False)
+        url = f"/v1/apps/demo/machines/{m['id']}/wait"
+        r = await s.get(url, params={"state": "started,settled", "timeout": "2s"})
+        assert r.status == 200  # created is a resting state
+        r = await s.get(url, params={"state": "sleeping"})
+        assert r.status == 400
+        r = await s.get(url, params={"timeout": "301"})
+        assert r.status == 400
+
+
+async def test_delete_app_needs_force_while_machines_run(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        await wait_ok(s, "demo", m["id"])
+        pid = emulator.pids()[0]
+        record = emulator.machine("demo", m["id"])
+        r = await s.delete("/v1/apps/demo")
+        assert r.status == 412
+        r = await s.delete("/v1/apps/demo", params={"force": "true"})
+        assert r.status == 202
+        assert (await s.get("/v1/apps/demo")).status == 404
+        await until_state(record, "destroyed")
+        assert pid_gone(pid)
+
+
+async def test_volumes_lifecycle(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        r = await s.post(
+            "/v1/apps/demo/volumes", json={"name": "data", "size_gb": 1, "region": "iad"}
+        )
+        assert r.status == 200
+        vol = await r.json()
+        vid = vol["id"]
+        assert vol["encrypted"] is True
+        assert "attached_machine_id" not in vol
+        r = await s.put(f"/v1/apps/demo/volumes/{vid}", json={"snapshot_retention": 10})
+        assert (await r.json())["snapshot_retention"] == 10
+        r = await s.put(f"/v1/apps/demo/volumes/{vid}/extend", json={"size_gb": 1})
+        assert r.status == 400  # only larger
+        r = await s.put(f"/v1/apps/demo/volumes/{vid}/extend", json={"size_gb": 3})
+        assert (await r.json())["size_gb"] == 3
+        assert (await s.post(f"/v1/apps/demo/volumes/{vid}/snapshots")).status == 200
+        snaps = await (await s.get(f"/v1/apps/demo/volumes/{vid}/snapshots")).json()
+        assert len(snaps) == 1
+        m = await create_machine(s, start=False, mounts=[{"volume": vid, "path": "/data"}])
+        got = await (await s.get(f"/v1/apps/demo/volumes/{vid}")).json()
+        assert got["attached_machine_id"] == m["id"]
+        r = await s.delete(f"/v1/apps/demo/volumes/{vid}")
+        assert r.status == 412  # attached
+        await s.delete(f"/v1/apps/demo/machines/{m['id']}")
+        await wait_ok(s, "demo", m["id"], "destroyed")
+        r = await s.delete(f"/v1/apps/demo/volumes/{vid}")
+        assert r.status == 200
+        assert (await s.get(f"/v1/apps/demo/volumes/{vid}")).status == 404
+        listed = await (await s.get("/v1/apps/demo/volumes")).json()
+        assert listed == []
+
+
+async def test_oidc_token_is_a_jwt_string(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        r = await s.post("/v1/tokens/oidc", json={"aud": "https://example.com"})
+        assert r.status == 200
+        token = await r.json()
+        assert isinstance(token, str)
+        assert token.count(".") == 2
+
+
+async def test_rate_limits_answer_429_with_retry_after() -> None:
+    settings = EmulatorSettings(rate_limits=True)
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False)
+        url = f"/v1/apps/demo/machines/{m['id']}/cordon"
+        statuses = [(await s.post(url)).status for _ in range(4)]
+        assert statuses[:3] == [200, 200, 200]  # a burst of 3 per action per machine
+        assert statuses[3] == 429
+        r = await s.post(url)
+        assert r.headers["Retry-After"] == "1"
+        assert "rate limit" in (await r.json())["error"]
+        # Another action on the same machine has its own bucket.
+        assert (await s.post(url.replace("cordon", "uncordon"))).status == 200
+
+
+async def test_injected_500_and_429(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        emulator.set_faults(FaultSettings(error_rate=1.0))
+        r = await s.get("/v1/apps", params={"org_slug": "personal"})
+        assert r.status == 500
+        emulator.set_faults(FaultSettings(rate_limit_rate=1.0))
+        r = await s.get("/v1/apps", params={"org_slug": "personal"})
+        assert r.status == 429
+        assert r.headers["Retry-After"]
+        emulator.set_faults(FaultSettings())
+        r = await s.get("/v1/apps", params={"org_slug": "personal"})
+        assert r.status == 200

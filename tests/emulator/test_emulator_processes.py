@@ -1,0 +1,164 @@
+"""No orphans, the standalone runner, and the state file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from emu_helpers import create_app, create_machine, hit, pid_exit, session, wait_ok
+
+from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.emulator import Emulator
+from autoscaler.emulator.main import settings_from
+from autoscaler.emulator.persist import StateFileError
+from autoscaler.emulator.procs import leftovers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_leftovers_finds_a_live_child() -> None:
+    proc = await asyncio.create_subprocess_exec("sleep", "30")
+    try:
+        assert proc.pid in [pid for pid, _ in leftovers(os.getpid())]
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert proc.pid not in [pid for pid, _ in leftovers(os.getpid())]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+async def test_standalone_emulator_leaves_no_machine_behind(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM and Ctrl-C stop machines in order; even SIGKILL leaves none (PDEATHSIG)."""
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autoscaler",
+        "emulator",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token",
+        "test-token-1234",
+        "--app",
+        "demo=1",
+        "--log-level",
+        "warning",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        banner: list[str] = []
+        while not any(line.startswith("token:") for line in banner):
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, f"emulator exited early: {banner}"
+            banner.append(line.decode().strip())
+        assert f"listening on http://127.0.0.1:{port}" in banner[-2]
+        assert banner[-1] == "token: test-token-1234"
+
+        class Remote:
+            url = f"http://127.0.0.1:{port}"
+            token = "test-token-1234"
+
+        async with session(Remote()) as s:  # type: ignore[arg-type]
+            machines = await (await s.get("/v1/apps/demo/machines")).json()
+            assert [m["state"] for m in machines] == ["stopped"]
+            mid, ip = machines[0]["id"], machines[0]["private_ip"]
+            assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+            await wait_ok(s, "demo", mid)
+            machine_pid = (await hit(ip))["pid"]
+        proc.send_signal(sig)
+        code = await asyncio.wait_for(proc.wait(), 30)
+        assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
+        await pid_exit(machine_pid, 10)  # raises TimeoutError if the machine outlived it
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_state_file_survives_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "emulator.json"
+    settings = EmulatorSettings(state_file=state, demo_boot_delay_s=0.0, rate_limits=False)
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        await create_app(s)
+        m = await create_machine(s, metadata={"role": "web"})
+        await wait_ok(s, "demo", m["id"])
+        r = await s.post(
+            "/v1/apps/demo/volumes", json={"name": "data", "size_gb": 2, "region": "iad"}
+        )
+        vid = (await r.json())["id"]
+    assert state.exists()
+    assert [p.name for p in state.parent.iterdir()] == ["emulator.json"]  # no temp file left
+    json.loads(state.read_text())  # complete JSON, written atomically
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        got = await (await s.get(f"/v1/apps/demo/machines/{m['id']}")).json()
+        assert got["state"] == "stopped"  # processes do not survive; machines come back stopped
+        assert got["private_ip"] == m["private_ip"]
+        assert got["config"]["metadata"] == {"role": "web"}
+        assert (await s.get(f"/v1/apps/demo/volumes/{vid}")).status == 200
+        await s.post(f"/v1/apps/demo/machines/{m['id']}/start")
+        await wait_ok(s, "demo", m["id"])
+        assert (await hit(m["private_ip"]))["count"] == 1
+
+
+async def test_damaged_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    state = tmp_path / "emulator.json"
+    state.write_text("{not json")
+    with pytest.raises(StateFileError, match="cannot read the emulator state"):
+        async with Emulator(EmulatorSettings(state_file=state), port=0):
+            pass
+
+
+async def test_startup_apps_have_stopped_machines_and_survive_with_the_state(
+    tmp_path: Path,
+) -> None:
+    settings = EmulatorSettings(
+        state_file=tmp_path / "s.json",
+        apps=[EmulatorApp(name="web", machines=2, internal_port=9000, env={"A": "b"})],
+    )
+    async with Emulator(settings, port=0) as emu:
+        machines = emu.machines("web")
+        assert [m.state for m in machines] == ["stopped", "stopped"]
+        assert machines[0].internal_port == 9000
+        ids = sorted(m.id for m in machines)
+    async with Emulator(settings, port=0) as emu:
+        assert sorted(m.id for m in emu.machines("web")) == ids  # not seeded twice
+
+
+def test_settings_from_flags_and_environment(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("emulator:\n  resume_delay_s: 0.2\n  faults:\n    latency_s: 1\n")
+    settings = settings_from(
+        str(config),
+        environ={"EMULATOR_TOKEN": "from-env"},
+        listen="127.0.0.1:4999",
+        rate_limits=False,
+        apps=["demo=3", "other=1:my/image"],
+        faults={"error_rate": 0.5, "crash_after_s": None},
+    )
+    assert settings.listen == "127.0.0.1:4999"
+    assert settings.token is not None
+    assert settings.token.get_secret_value() == "from-env"
+    assert settings.resume_delay_s == 0.2
+    assert settings.faults.latency_s == 1.0
+    assert settings.faults.error_rate == 0.5
+    assert settings.rate_limits is False
+    assert [(a.name, a.machines, a.image) for a in settings.apps] == [
+        ("demo", 3, "autoscaler/demo-app"),
+        ("other", 1, "my/image"),
+    ]
