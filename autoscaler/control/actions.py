@@ -28,7 +28,7 @@ from typing import Any
 from autoscaler.control.runtime import AppRuntime, Running, TaskKind, ours
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.fly.client import MachinesAPI
-from autoscaler.fly.errors import BadRequest, Conflict, FlyError
+from autoscaler.fly.errors import BadRequest, Conflict, FlyError, NotFound
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import (
@@ -311,7 +311,8 @@ class Actuator:
                 await self.api.uncordon_machine(app, mid)
             rt.record(mid, self.clock(), cordoned=False)
             if force or machine is None or ours(machine):
-                await self.api.delete_machine_metadata(app, mid, CORDON_METADATA_KEY)
+                with contextlib.suppress(NotFound):  # never set (a drain cut short): fine
+                    await self.api.delete_machine_metadata(app, mid, CORDON_METADATA_KEY)
             rt.record(mid, self.clock(), marked=False)
         except FlyError:
             self.count(rt, "uncordon", False)

@@ -214,6 +214,9 @@ class FakeMachinesAPI:
 
     async def delete_machine_metadata(self, app: str, machine_id: str, key: str) -> None:
         await self._enter("delete_machine_metadata", machine_id, key)
+        config = self.get(app, machine_id).config
+        if key not in ((config.metadata if config else None) or {}):
+            raise NotFound(404, f"metadata key not found: {key}")
         self._meta(app, machine_id, key, None)
 
     def _meta(self, app: str, mid: str, key: str, value: str | None) -> None:

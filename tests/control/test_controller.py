@@ -499,3 +499,20 @@ async def test_a_machine_whose_action_failed_cools_down_and_another_is_used(
     await rig.ctl.idle()
     assert api.ops("start_machine") == [first, second]
     assert rig.routable() == {second}
+
+
+async def test_taking_back_a_drain_cut_before_its_key_was_set(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    api.gates["set_machine_metadata"] = asyncio.Event()  # the drain never gets further
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    assert await rig.ctl.wake(APP) == "none"
+    await rig.ctl.idle()
+    assert api.ops("delete_machine_metadata") == [mid]  # 404: the key was never set
+    assert rig.metric("autoscaler_scaling_actions_total", action="uncordon", result="ok") == 1
+    assert rig.routable() == {mid}
