@@ -74,32 +74,6 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.admin, args.config, as_json=args.json)
 
 
-# --- run --------------------------------------------------------------------------------
-
-
-def _run_args(parser: argparse.ArgumentParser) -> None:
-    _add_config(parser)
-    parser.add_argument(
-        "--listen", metavar="HOST:PORT", help="address of the proxy (overrides proxy.listen)"
-    )
-    parser.add_argument(
-        "--admin-listen",
-        metavar="HOST:PORT",
-        help="address of /metrics, /healthz, /readyz, /status (overrides admin.listen)",
-    )
-
-
-def _run(args: argparse.Namespace) -> int:
-    from autoscaler.service import run
-
-    overrides: dict[str, dict[str, str]] = {}
-    if args.listen:
-        overrides["proxy"] = {"listen": args.listen}
-    if args.admin_listen:
-        overrides["admin"] = {"listen": args.admin_listen}
-    return run(args.config, overrides)
-
-
 # --- emulator ---------------------------------------------------------------------------
 
 
@@ -139,6 +113,61 @@ def _emulator(args: argparse.Namespace) -> int:
     from autoscaler.emulator.main import main as emulator_main
 
     return emulator_main(args, os.environ)
+
+
+# --- run --------------------------------------------------------------------------------
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    _add_config(parser)
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="address of the proxy (overrides proxy.listen)"
+    )
+    parser.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="address of /metrics, /healthz, /readyz, /status (overrides admin.listen)",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from autoscaler.service import run
+
+    overrides: dict[str, dict[str, str]] = {}
+    if args.listen:
+        overrides["proxy"] = {"listen": args.listen}
+    if args.admin_listen:
+        overrides["admin"] = {"listen": args.admin_listen}
+    return run(args.config, overrides)
+
+
+# --- demo -------------------------------------------------------------------------------
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="demo config (default: the built-in one; needs an app 'demo' on the emulator)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=90.0, metavar="S", help="length of the story (90)"
+    )
+    parser.add_argument("--machines", type=int, metavar="N", help="machines of the app (5)")
+    parser.add_argument(
+        "--no-traffic",
+        action="store_true",
+        help="start everything, send nothing, run until Ctrl-C (try curl -H 'Host: demo')",
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from autoscaler.demo import main as demo_main
+
+    if args.duration <= 0 or (args.machines is not None and args.machines < 1):
+        print("autoscaler demo: --duration and --machines must be positive", file=sys.stderr)
+        return 2
+    return demo_main(args.config, args.duration, args.machines, not args.no_traffic, sys.stdout)
 
 
 # --- simulate ---------------------------------------------------------------------------
@@ -222,6 +251,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
+    (
+        "demo",
+        "the whole system on the embedded emulator under ~90 s of built-in traffic",
+        _demo_args,
+        _demo,
+    ),
     (
         "run",
         "run the proxy, the controller and the admin server (SIGHUP reloads the config)",

@@ -25,10 +25,10 @@ LAYERS: list[tuple[str, int]] = [
     ("autoscaler.admin", 6),
     ("autoscaler.status", 6),
     ("autoscaler.service", 7),
-    ("autoscaler.demo", 7),
-    ("autoscaler.check", 7),
-    ("autoscaler.cli", 8),
-    ("autoscaler.__main__", 9),
+    ("autoscaler.demo", 8),  # the demo drives a Service
+    ("autoscaler.check", 8),
+    ("autoscaler.cli", 9),
+    ("autoscaler.__main__", 10),
 ]
 SIDE = {"autoscaler", "autoscaler.logs", "autoscaler.metrics"}
 # Wings that could ship as tools of their own: what they may import of the package.
