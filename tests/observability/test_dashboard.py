@@ -83,7 +83,7 @@ def test_variables() -> None:
     app = variables["app"]
     assert app["type"] == "query"
     assert app["datasource"] == DS
-    assert app["query"]["query"].startswith("label_values(")
+    assert app["query"].startswith("label_values(")
     assert app["includeAll"] is True
     assert app["allValue"] == ".*"
 

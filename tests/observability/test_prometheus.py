@@ -60,7 +60,7 @@ def app_variable_selector() -> str:
     """The series selector of the dashboard's ``label_values(<selector>, app)``."""
     dashboard = json.loads(DASHBOARD.read_text())
     (app,) = [v for v in dashboard["templating"]["list"] if v["name"] == "app"]
-    query: str = app["query"]["query"]
+    query: str = app["query"]
     inner = query.removeprefix("label_values(").removesuffix(")")
     selector, _, label = inner.rpartition(",")
     assert label.strip() == "app", query
