@@ -20,7 +20,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from autoscaler.config import load_settings
+from autoscaler.config import EmulatorApp, Settings, load_settings
+from autoscaler.emulator import Emulator
 from autoscaler.emulator.procs import leftovers
 from autoscaler.metrics import Metrics
 from autoscaler.service import Service
@@ -187,3 +188,27 @@ def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
     assert "stopped" in events
     assert leftovers(proc.pid) == []  # its machines went with it
     assert leftovers(os.getpid()) == []
+
+
+async def test_run_uses_the_configured_api_instead_of_an_embedded_emulator(
+    emulator: Emulator,
+) -> None:
+    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
+    data = config(free_port())
+    data["fly"] = {"api_url": emulator.url, "token": emulator.token}
+    settings = Settings.model_validate(data)
+    svc = Service(settings, metrics=Metrics(CollectorRegistry()), proxy_port=0, admin_port=0)
+    await svc.start()
+    try:
+        assert svc.emulator is None
+        assert svc.proxy is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{svc.proxy.port}/"
+            async with http.get(url, headers={"Host": "web.test"}) as resp:
+                assert resp.status == 200
+    finally:
+        await svc.stop()
+    ops = svc.metrics.registry.get_sample_value(
+        "autoscaler_api_requests_total", {"operation": "start_machine", "code": "200"}
+    )
+    assert ops == 1
