@@ -1,0 +1,122 @@
+"""Fixtures of the reliability suite: soak length, figures, a log capture scanned for secrets.
+
+``AUTOSCALER_SOAK=1`` (or ``--soak``) runs the long versions (item 1 for its full two
+minutes, more rounds elsewhere). Every test records what it did in ``figures``; at the end
+of the session they are written as JSON to ``$AUTOSCALER_RELIABILITY_FIGURES`` (default:
+``reliability-figures.json`` in pytest's base temp directory) and printed in the summary.
+
+Every test of this directory runs with logging configured as the service does it (JSON
+lines, debug level) into a buffer, plus a copy of each event before the redactor ran; after
+the test, no known secret may appear in either.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from pydantic import SecretStr
+from structlog.typing import EventDict, WrappedLogger
+
+from autoscaler import logs
+from autoscaler.config import EmulatorSettings
+
+from .harness import ADMIN_TOKEN, FLY_TOKEN, Figures, LogCapture
+
+FIGURES_ENV = "AUTOSCALER_RELIABILITY_FIGURES"
+_FIGURES = pytest.StashKey[Figures]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the reliability tests at soak length (same as AUTOSCALER_SOAK=1)",
+    )
+
+
+def _soak(config: pytest.Config) -> bool:
+    return bool(config.getoption("--soak")) or os.environ.get("AUTOSCALER_SOAK") == "1"
+
+
+@pytest.fixture(scope="session")
+def soak(request: pytest.FixtureRequest) -> bool:
+    return _soak(request.config)
+
+
+@pytest.fixture(scope="session")
+def figures(request: pytest.FixtureRequest) -> Figures:
+    stash = request.config.stash
+    if _FIGURES not in stash:
+        stash[_FIGURES] = Figures(soak=_soak(request.config))
+    return stash[_FIGURES]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    found = config.stash.get(_FIGURES, None)
+    if found is None or not found.sections:
+        return
+    default = Path(str(config._tmp_path_factory.getbasetemp())) / "reliability-figures.json"  # type: ignore[attr-defined]
+    path = Path(os.environ.get(FIGURES_ENV) or default)
+    text = json.dumps(found.document(), indent=2, sort_keys=True)
+    path.write_text(text + "\n", encoding="utf-8")
+    terminalreporter.section("reliability figures")
+    terminalreporter.write_line(f"written to {path}")
+    terminalreporter.write_line(text)
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    """The shared ``emulator`` fixture, with a known token so the scans can look for it."""
+    return EmulatorSettings(
+        listen="127.0.0.1:4280",
+        token=SecretStr(FLY_TOKEN),
+        demo_boot_delay_s=0.05,
+        resume_delay_s=0.0,
+        boot_timeout_s=20.0,
+        rate_limits=False,
+    )
+
+
+class _Raw(logging.Handler):
+    """Standard-library records as the code wrote them (before any formatting)."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(f"{record.msg!r} {record.args!r} {record.exc_text or ''}")
+
+
+@pytest.fixture(autouse=True)
+def log_capture() -> Iterator[LogCapture]:
+    """Every log line of the test, rendered and raw; fails the test if a secret shows."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    out = io.StringIO()
+    capture = LogCapture(out)
+    logs.configure(level="debug", fmt="json", stream=out)
+
+    def record(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+        capture.raw.append(repr(event))
+        return event
+
+    processors = structlog.get_config()["processors"]
+    structlog.configure(processors=[processors[0], record, *processors[1:]])
+    root.addHandler(_Raw(capture.raw))
+    try:
+        yield capture
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    capture.assert_no_secret()
