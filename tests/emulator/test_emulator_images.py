@@ -1,0 +1,63 @@
+"""User images from the image table: command templates, env, boot failures and timeouts."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from emu_helpers import create_app, create_machine, session, wait, wait_ok
+
+from autoscaler.config import EmulatorSettings
+from autoscaler.emulator import Emulator
+
+# A tiny HTTP server that answers the value of $GREETING: proves {host}, {port} and env.
+GREETER = (
+    '{python} -c "import os, sys, http.server as h; '
+    "B = type('B', (h.BaseHTTPRequestHandler,), {'do_GET': lambda s: "
+    "(s.send_response(200), s.end_headers(), s.wfile.write(os.environ['GREETING'].encode())), "
+    "'log_message': lambda *a: None}); "
+    'h.HTTPServer((sys.argv[1], int(sys.argv[2])), B).serve_forever()" {host} {port}'
+)
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    return EmulatorSettings(
+        rate_limits=False,
+        boot_timeout_s=1.0,
+        images={
+            "me/greeter": GREETER,
+            "me/sleeper": '{python} -c "import time; time.sleep(60)"',
+            "me/quitter": '{python} -c "raise SystemExit(3)"',
+        },
+    )
+
+
+async def test_user_image_gets_host_port_and_env(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, image="me/greeter:v2", port=9001, env={"GREETING": "hi"})
+        await wait_ok(s, "demo", m["id"])
+        async with (
+            aiohttp.ClientSession() as c,
+            c.get(f"http://{m['private_ip']}:9001/") as r,
+        ):
+            assert await r.text() == "hi"
+
+
+@pytest.mark.parametrize(
+    ("image", "why"), [("me/sleeper", "boot timeout"), ("me/quitter", "exited with code 3")]
+)
+async def test_a_machine_that_does_not_listen_fails(
+    emulator: Emulator, image: str, why: str
+) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, image=image)
+        r = await wait(s, "demo", m["id"], "failed")
+        assert r.status == 200
+        record = emulator.machine("demo", m["id"])
+        assert record.events[-1].type == "launch"
+        assert record.events[-1].request["error"] == why
+        assert emulator.pids() == []  # the process that never listened is gone
+        r = await wait(s, "demo", m["id"], "started", seconds=1)
+        assert r.status == 408
