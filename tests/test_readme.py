@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 sys.path.insert(0, str(REPO))
 
-from autoscaler.cli import _COMMANDS  # noqa: E402
+import argparse  # noqa: E402
+
+from autoscaler.cli import _COMMANDS, build_parser  # noqa: E402
 from autoscaler.config import Settings  # noqa: E402
 from autoscaler.metrics import Metrics  # noqa: E402
 
@@ -99,10 +101,33 @@ def test_metrics_table_matches_the_registry() -> None:
     assert documented == declared
 
 
-def test_cli_table_lists_every_command() -> None:
+_COMMON = {"-h", "--help", "--log-level", "--log-format"}
+
+
+def cli_rows() -> list[tuple[str, str, str]]:
+    """(command, its options, summary) for every subcommand, from the parser itself."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    rows = []
+    for name, summary, *_ in _COMMANDS:
+        parser = sub.choices[name]
+        options = []
+        for action in parser._actions:
+            flags = [f for f in action.option_strings if f not in _COMMON]
+            if flags:
+                options.append(
+                    flags[-1]
+                    if action.nargs == 0
+                    else f"{flags[-1]} {action.metavar or action.dest.upper()}"
+                )
+            elif not action.option_strings:
+                options.append(f"[{action.metavar}]")
+        rows.append((f"autoscaler {name}", " ".join(options), summary))
+    return rows
+
+
+def test_cli_table_matches_the_parser() -> None:
     rows = table_after("## Command line")
-    documented = {r[0].split()[1] for r in rows}
-    assert documented == {name for name, *_ in _COMMANDS}
+    assert [tuple(r) for r in rows] == [(c, o.replace("|", "\\|"), s) for c, o, s in cli_rows()]
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
@@ -113,7 +138,15 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
     ]
     assert len(commands) == 2
     assert "autoscaler demo" in commands[0]
-    assert commands[1] in (REPO / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert commands[0] in ci
+    assert commands[1] in ci
+
+
+def cli_table() -> str:
+    lines = ["| command | options | what it does |", "| --- | --- | --- |"]
+    lines += [f"| `{c}` | {o} | {s} |" for c, o, s in cli_rows()]
+    return "\n".join(lines)
 
 
 def config_table() -> str:
@@ -142,6 +175,7 @@ def rewrite(text: str, heading: str, table: str) -> str:
 if __name__ == "__main__":
     # python tests/test_readme.py: regenerate README's config and metrics tables.
     text = README.read_text()
+    text = rewrite(text, "## Command line", cli_table())
     text = rewrite(text, "## Configuration reference", config_table())
     text = rewrite(text, "## Metrics", metrics_table())
     README.write_text(text)
