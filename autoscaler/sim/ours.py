@@ -86,12 +86,15 @@ class PolicyStrategy:
         chooser: WakeChooser | None = None,
         *,
         skip_idle: bool = True,
+        record: bool = False,
     ) -> None:
         # Looked up at call time by default, so a test that patches the policy module
         # sees the simulator's calls too.
         self._decider = decider
         self._chooser = chooser
         self.skip_idle = skip_idle
+        self.history: list[tuple[float, Decision]] | None = [] if record else None
+        """With ``record``: every decision acted on (probes of idle ticks are not)."""
         self.state = PolicyState()
         self._sim: AppSim | None = None
         self._windows: LoadWindows | None = None
@@ -182,6 +185,8 @@ class PolicyStrategy:
         fleet = snapshot(sim.app, sim.machines, self._snaps)
         decision = self.decide(fleet, windows, cfg, now, self.state, sim.last_request_at)
         sim.stats.decisions += 1
+        if self.history is not None:
+            self.history.append((now, decision))
         self.state = decision.state
         for action in decision.actions:
             self._act(action, now)

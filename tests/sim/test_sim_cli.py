@@ -1,0 +1,116 @@
+"""`autoscaler simulate` end to end: bundled traces, formats, --generate, bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from autoscaler.cli import build_parser, main
+from autoscaler.sim.command import parse_overrides
+from autoscaler.sim.model import Timings
+
+BUNDLED = ("steady-2h", "diurnal-24h", "bursty-24h", "sparse-24h")
+
+
+def bundled(name: str) -> Path:
+    path = Path(str(resources.files("autoscaler") / "data" / "traces" / f"{name}.csv.gz"))
+    assert path.is_file(), f"{name} ships with the package"
+    return path
+
+
+def test_bundled_traces_ship_with_the_package() -> None:
+    for name in BUNDLED:
+        assert bundled(name).stat().st_size < 400_000
+
+
+def test_json_has_every_strategy_per_app_and_in_total(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["simulate", "--trace", str(bundled("sparse-24h")), "--format", "json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    names = ["autoscaler", "fly-autostop", "fixed-keepalive-10m", "always-on"]
+    assert doc["strategies"] == names
+    assert list(doc["apps"]) == ["sparse"]
+    assert doc["total"] == doc["apps"]["sparse"]
+    ours, always = doc["total"]["autoscaler"], doc["total"]["always-on"]
+    assert ours["requests"] == always["requests"] > 100
+    assert always["woken"] == 0
+    assert ours["woken"] > 0
+    assert ours["machine_s_started"] < always["machine_s_started"]
+    assert set(ours) >= {
+        "woken_pct", "wait_p50_s", "wait_p99_s", "wait_max_s", "machine_s_suspended",
+        "peak_machines", "api_actions",
+    }  # fmt: skip
+
+
+def test_csv_and_table_with_knobs_and_a_subset(capsys: pytest.CaptureFixture[str]) -> None:
+    trace = str(bundled("sparse-24h"))
+    args = ["simulate", "--trace", trace, "--strategies", "autoscaler,always-on"]
+    assert main([*args, "--format", "csv", "--set", "idle_to_zero_s=60"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["app"], r["strategy"]) for r in rows] == [
+        ("sparse", "autoscaler"),
+        ("sparse", "always-on"),
+        ("TOTAL", "autoscaler"),
+        ("TOTAL", "always-on"),
+    ]
+    # Idle for 60 s instead of 300 s: most of the requests (Poisson, ten minutes apart on
+    # average) find the app asleep; with the default, about 60% do.
+    assert 120 < int(rows[0]["woken"]) < int(rows[0]["requests"])
+    assert main([*args, "--totals-only"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:3] == ["app", "strategy", "requests"]
+    assert "TOTAL" in table
+    assert "sparse " not in table
+
+
+def test_generate_then_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bursty.csv"
+    assert main(["simulate", "--generate", "bursty", "--hours", "1", "--seed", "3",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "requests (bursty, seed 3)" in capsys.readouterr().out
+    assert out.read_text().startswith("t,app,duration\n")
+    assert main(["simulate", "--trace", str(out), "--strategies", "always-on"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "idle_to_zero=5"], "not a policy knob"),
+        (["--set", "hard_limit=0"], "hard_limit"),
+        (["--strategies", "magic"], "unknown 'magic'"),
+        (["--app", "nope"], "no app in the trace"),
+        (["--generate", "sawtooth", "--out", "x.csv"], "expected one of"),
+        (["--generate", "steady"], "needs --out"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["simulate", "--trace", str(bundled("sparse-24h")), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate"]) == 2
+    assert "expected --trace FILE" in capsys.readouterr().err
+
+
+def test_cli_timing_defaults_are_the_models() -> None:
+    args = build_parser().parse_args(["simulate"])
+    model = Timings()
+    for field in Timings.__dataclass_fields__:
+        if field != "tick_s":
+            assert getattr(args, field) == getattr(model, field), field
+
+
+def test_overrides_read_yaml_scalars() -> None:
+    assert parse_overrides(["idle_to_zero_s=5m", "min_machines=1", "scale_down_action=stop"]) == {
+        "idle_to_zero_s": "5m",
+        "min_machines": 1,
+        "scale_down_action": "stop",
+    }

@@ -1,0 +1,140 @@
+"""Hand-made traces whose answers are known, for our policy and each baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from autoscaler.sim.model import Timings, quantile
+from autoscaler.sim.ours import PolicyStrategy
+
+from .conftest import replay
+
+T = Timings()  # api 0.1 s, resume 0.3 s, cold start 2 s, suspend 1 s, stop 1 s
+COLD = T.api_latency_s + T.start_s  # 2.1 s from request to routable machine
+RESUME = T.api_latency_s + T.resume_s  # 0.4 s
+
+
+def test_a_request_every_ten_minutes_with_idle_to_zero_60s_always_waits_for_a_wake() -> None:
+    requests = [(600.0 * i, 0.2) for i in range(12)]
+    stats = replay(
+        requests, horizon=7200.0, idle_to_zero_s=60, scale_down_delay_s=0, min_lifetime_s=0
+    )
+    assert stats.requests == stats.served == 12
+    assert stats.wake_waits == 12
+    # The first boots cold; every later one resumes the machine suspended in between.
+    assert sorted(stats.waits) == pytest.approx([RESUME] * 11 + [COLD])
+    assert stats.errors == 0
+    assert stats.peak_machines == 1
+    # 1 start + 11 resumes, and 12 drains of 5 calls each (key, cordon, suspend, uncordon,
+    # key).
+    assert stats.api_actions == 12 + 12 * 5
+    # Each time: routable 0.4 s after the request, 60 s idle, then a drain (0.2 s of
+    # cordon calls, 0.1 s suspend call, 1 s suspending): about 62 machine-seconds a wake.
+    assert 11 * 62 < stats.up_s < 12 * 64
+
+
+def test_steady_load_waits_only_for_the_first_wake() -> None:
+    requests = [(0.5 * i, 0.1) for i in range(7200)]  # 2 req/s for an hour
+    stats = replay(requests)
+    # Requests at 0, 0.5, 1.0, 1.5 and 2.0 s arrive before the cold start ends at 2.1 s.
+    assert stats.wake_waits == 5
+    assert sorted(stats.waits, reverse=True) == pytest.approx([2.1, 1.6, 1.1, 0.6, 0.1])
+    assert stats.served == 7200
+    assert stats.errors == 0
+    assert stats.api_actions == 1  # one start, nothing else all hour
+    assert stats.peak_machines == 1
+    assert stats.up_s == pytest.approx(stats_end(requests) - T.api_latency_s)
+
+
+def stats_end(requests: list[tuple[float, float]]) -> float:
+    return max(t + d for t, d in requests)
+
+
+def test_idle_to_zero_suspends_after_the_last_request_and_counts_suspended_time() -> None:
+    stats = replay([(0.0, 1.0)], horizon=1000.0, idle_to_zero_s=100, min_lifetime_s=0)
+    # Routable at 2.1, request ends at 3.1, idle for 100 s -> drain at the tick at 104 s
+    # (ticks are whole seconds): cordon calls end 104.2, suspend call 104.3, suspended 105.3.
+    assert stats.up_s == pytest.approx(105.3 - 0.1)
+    assert stats.suspended_s == pytest.approx(1000.0 - 105.3)
+
+
+def test_load_above_one_machine_scales_out_and_back() -> None:
+    # 30 requests in flight for ten minutes, target 10 x 0.7 -> 5 machines.
+    requests = [(i * 0.1, 3.0) for i in range(6000)]
+    stats = replay(requests, horizon=2000.0, scale_down_delay_s=30, idle_to_zero_s=120)
+    # ceil(30 / 7) = 5; the requests held during the first cold start can push the panic
+    # window to one more.
+    assert stats.peak_machines in (5, 6)
+    assert sum(delta for _, delta in stats.changes) == 0  # all asleep again by the end
+    assert stats.errors == 0
+    assert stats.served == 6000
+
+
+def test_hard_limit_queues_without_a_wake() -> None:
+    stats = replay([(0.0, 1.0), (0.0, 1.0)], "always-on", hard_limit=1)
+    assert stats.wake_waits == 0
+    assert stats.waits == [1.0]  # the second waits for the first's slot
+
+
+def test_wake_timeout_and_full_queue_are_errors() -> None:
+    slow = Timings(start_s=100.0)
+    stats = replay([(0.0, 1.0)] * 3, horizon=200.0, timings=slow, wake_timeout_s=30, max_queue=2)
+    assert stats.errors == 3  # one 503 (queue of 2 full), two 504 after 30 s
+    assert stats.served == 0
+
+
+def test_always_on_is_up_for_the_whole_horizon_without_api_calls() -> None:
+    stats = replay([(5.0, 1.0)], "always-on", horizon=3600.0)
+    assert stats.up_s == 3600.0
+    assert stats.wake_waits == 0
+    assert stats.api_actions == 0
+    assert stats.waits == []
+
+
+def test_fixed_keepalive_sleeps_ten_minutes_after_the_last_request() -> None:
+    stats = replay([(0.0, 1.0)], "fixed-keepalive", horizon=3600.0)
+    # starting at 0.1, routable 2.1, idle from 3.1, asleep from 603.1 + 0.1 + 1 s suspend.
+    assert stats.up_s == pytest.approx(604.2 - 0.1)
+    assert stats.api_actions == 2
+    assert stats.wake_waits == 1
+
+
+def test_fly_autostop_stops_a_lone_machine_only_after_an_interval_without_traffic() -> None:
+    stats = replay([(0.0, 1.0)], "fly-autostop", horizon=3600.0)
+    # The check at 300 s saw traffic since the previous one; the one at 600 s stops it.
+    assert stats.up_s == pytest.approx(601.1 - 0.1)
+    assert stats.api_actions == 2
+
+
+def test_fly_autostop_starts_a_machine_when_all_are_over_the_soft_limit() -> None:
+    # 3 long requests with soft limit 2: the third finds the only machine at its soft
+    # limit, Fly starts a second machine and sends the request there.
+    requests = [(0.0, 100.0), (10.0, 100.0), (20.0, 100.0)]
+    stats = replay(requests, "fly-autostop", target_concurrency=2, hard_limit=5)
+    assert stats.peak_machines == 2
+    assert stats.wake_waits == 2  # the very first request, and the third
+    assert stats.max_wait == pytest.approx(COLD)
+
+
+def test_skipping_idle_ticks_changes_nothing() -> None:
+    requests = [(t, 0.5) for t in (0.0, 30.0, 400.0, 405.0, 2000.0, 2001.0, 2002.0, 5000.0)]
+    knobs: dict[str, Any] = {
+        "idle_to_zero_s": 120,
+        "stop_suspended_after_s": 900,
+        "min_lifetime_s": 10,
+    }
+    fast = replay(requests, PolicyStrategy(skip_idle=True), horizon=7000.0, **knobs)
+    exact = replay(requests, PolicyStrategy(skip_idle=False), horizon=7000.0, **knobs)
+    assert fast.decisions < exact.decisions / 5
+    for field in ("wake_waits", "waits", "up_s", "suspended_s", "api_actions", "changes"):
+        assert getattr(fast, field) == getattr(exact, field), field
+
+
+def test_quantile_counts_requests_that_did_not_wait() -> None:
+    assert quantile([2.0], 100, 0.5) == 0.0
+    assert quantile([2.0], 100, 0.99) == 0.0
+    assert quantile([2.0], 100, 1.0) == 2.0
+    assert quantile([1.0, 3.0, 2.0], 3, 0.5) == 2.0
+    assert quantile([], 0, 0.5) == 0.0

@@ -1,0 +1,132 @@
+"""Trace readers and writers: CSV (with and without header, gzip) and Azure Functions 2019."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from autoscaler.sim.generate import SHAPES, generate
+from autoscaler.sim.trace import Trace, TraceError, read_azure, read_csv, read_trace, write_csv
+
+
+def test_csv_with_header_in_any_order_and_unsorted(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("duration,app,t,extra\n0.5,a,10,x\n0.25,b,1,y\n1,a,2,z\n")
+    trace = read_csv(path)
+    assert trace.apps == {"a": [(2.0, 1.0), (10.0, 0.5)], "b": [(1.0, 0.25)]}
+    assert trace.requests == 3
+    assert trace.end == 10.5
+
+
+def test_csv_without_header(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("0,web,0.1\n1.5,web,0.2\n")
+    assert read_csv(path).apps == {"web": [(0.0, 0.1), (1.5, 0.2)]}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("t,app,duration\n1,a,x\n", "t.csv:2: duration: expected a number"),
+        ("t,app,duration\n1,a\n", "t.csv:2: expected 3 columns, got 2"),
+        ("t,app,duration\n-1,a,1\n", "t.csv:2: t: expected a finite number >= 0"),
+        ("when,who\n1,a\n", "t.csv:1: expected a header with columns t, app, duration"),
+        ("t,app,duration\n1,,1\n", "t.csv:2: app: expected a name"),
+    ],
+)
+def test_csv_errors_name_file_line_and_column(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError, match=expected):
+        read_csv(path)
+
+
+def test_gzip_round_trip_is_byte_stable(tmp_path: Path) -> None:
+    rows = [(0.0, "a", 0.1), (1.25, "b", 2.0), (3.5, "a", 0.3)]
+    first, second = tmp_path / "1.csv.gz", tmp_path / "2.csv.gz"
+    assert write_csv(first, rows) == 3
+    write_csv(second, rows)
+    assert first.read_bytes() == second.read_bytes()  # no timestamp in the gzip header
+    assert read_trace(first).apps == {"a": [(0.0, 0.1), (3.5, 0.3)], "b": [(1.25, 2.0)]}
+
+
+def _azure(tmp_path: Path, rows: list[list[str]], minutes: int = 3) -> Path:
+    header = ["HashOwner", "HashApp", "HashFunction", "Trigger"] + [
+        str(i + 1) for i in range(minutes)
+    ]
+    path = tmp_path / "invocations_per_function_md.anon.d01.csv"
+    path.write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
+    return path
+
+
+def test_azure_counts_are_summed_per_app_and_spread_over_each_minute(tmp_path: Path) -> None:
+    app = "f" * 64
+    path = _azure(
+        tmp_path,
+        [
+            ["o1", app, "fn1", "http", "0", "2", "0"],
+            ["o1", app, "fn2", "timer", "0", "1", "1"],
+            ["o2", "e" * 64, "fn3", "queue", "0", "0", "0"],  # never called: not in the trace
+        ],
+    )
+    trace = read_trace(path, duration_s=0.25)
+    name = app[:12]
+    assert list(trace.apps) == [name]
+    # Minute 2 (t 60..120) has 3 requests, evenly spread; minute 3 has one, in its middle.
+    assert trace.apps[name] == [(70.0, 0.25), (90.0, 0.25), (110.0, 0.25), (150.0, 0.25)]
+
+
+def test_azure_bad_rows(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="minute 2: expected a count"):
+        read_azure(_azure(tmp_path, [["o", "a", "f", "http", "0", "x", "0"]]), 0.1)
+    with pytest.raises(TraceError, match="expected 7 columns"):
+        read_azure(_azure(tmp_path, [["o", "a", "f", "http", "0"]]), 0.1)
+
+
+def test_only_and_busiest() -> None:
+    trace = Trace({"alpha": [(0.0, 1.0)], "beta": [(0.0, 1.0), (1.0, 1.0)], "bravo": []})
+    assert list(trace.only(["al"]).apps) == ["alpha"]
+    assert list(trace.busiest(1).apps) == ["beta"]
+    with pytest.raises(TraceError, match="2 apps in the trace match"):
+        trace.only(["b"])
+    with pytest.raises(TraceError, match="no app"):
+        trace.only(["zulu"])
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="no such file"):
+        read_trace(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "mixed-100-apps"])
+def test_generated_shapes_are_sorted_reproducible_and_seeded(shape: str) -> None:
+    rows = generate(shape, seed=7, hours=2)
+    assert rows == generate(shape, seed=7, hours=2)
+    assert rows != generate(shape, seed=8, hours=2)
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(rows))
+    assert all(0 <= t < 7200 and 0 < d <= 60 for t, _, d in rows)
+    assert {app for _, app, _ in rows} == {shape}
+
+
+def test_generated_rates() -> None:
+    steady = generate("steady", seed=1, hours=1)
+    assert 0.9 * 5 * 3600 < len(steady) < 1.1 * 5 * 3600
+    sparse = generate("sparse", seed=1, hours=24)
+    assert 100 < len(sparse) < 200  # one request every ten minutes on average
+
+
+def test_mixed_100_apps_is_heavy_tailed() -> None:
+    rows = generate("mixed-100-apps", seed=1, hours=1)
+    per_app: dict[str, int] = {}
+    for _, app, _ in rows:
+        per_app[app] = per_app.get(app, 0) + 1
+    assert all(name.startswith("app-") for name in per_app)
+    counts = sorted(per_app.values())
+    assert counts[-1] > 50 * counts[len(counts) // 2]  # a few busy apps, most rarely called
+
+
+def test_generate_rejects_unknown_shape() -> None:
+    with pytest.raises(ValueError, match="unknown shape"):
+        generate("sawtooth")
