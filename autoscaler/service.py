@@ -111,7 +111,7 @@ class Service:
             self.metrics,
             self.controller,
             tick_s=s.control.tick_s,
-            secrets=s.secrets(),
+            secrets=[*s.secrets(), *([self.emulator.token] if self.emulator else [])],
             clock=self.clock,
         )
         await self.admin.start(port=self._ports["admin"])

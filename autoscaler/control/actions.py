@@ -33,6 +33,7 @@ from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import (
     CORDON_METADATA_KEY,
+    FAILED,
     STARTED,
     STOPPED,
     SUSPENDED,
@@ -189,9 +190,13 @@ class Actuator:
         rt.record(mid, self.clock(), state="starting")
         self.publish(rt)
         try:
-            await self.api.wait_for_machine_state(
-                app, mid, STARTED, timeout_s=max(1.0, deadline - self.clock())
+            # "failed" too, so a machine that cannot boot costs its boot, not the whole wait.
+            reached = await self.api.wait_for_machine_state(
+                app, mid, [STARTED, FAILED], timeout_s=max(1.0, deadline - self.clock())
             )
+            if reached.state == FAILED:
+                rt.record(mid, self.clock(), state=FAILED)
+                raise ActionError(f"machine {mid} failed to boot")
             host, port = rt.address(machine)
             if not host:  # no address until it was placed: ask for it now
                 fresh = await self.api.get_machine(app, mid)

@@ -60,6 +60,10 @@ class Waker:
                 for running in list(rt.running.values()):
                     joined = running.kind in ("resume", "start") and await running.task
                     if joined and view.routable():
+                        took = act.clock() - t0
+                        self.metrics.wake_duration.labels(app=rt.name, kind=running.kind).observe(
+                            took
+                        )
                         return running.kind
                 fleet = rt.fleet(view)
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))

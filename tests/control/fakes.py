@@ -76,6 +76,8 @@ class FakeMachinesAPI:
     calls: list[Call] = field(default_factory=list)
     fail: dict[str, list[FlyError]] = field(default_factory=dict)
     """Operation name -> errors to raise on its next calls, one per call."""
+    boot_fails: set[str] = field(default_factory=set)
+    """Machine ids whose next start ends in the state "failed" (a boot that crashed)."""
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     """Operation name -> an event the operation waits for before it acts."""
     report_cordon: bool = True
@@ -151,7 +153,9 @@ class FakeMachinesAPI:
         machine = self.get(app, machine_id)
         if machine.state not in ("stopped", "suspended", "created"):
             raise Conflict(412, f"cannot start a {machine.state} machine")
-        self.set(app, machine_id, state="started")
+        failed = machine_id in self.boot_fails
+        self.boot_fails.discard(machine_id)
+        self.set(app, machine_id, state="failed" if failed else "started")
         return m.StartResult(previous_state=machine.state)
 
     async def stop_machine(

@@ -420,6 +420,21 @@ async def test_wake_tries_the_next_machine_when_one_fails_to_start(
     assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
 
 
+async def test_a_machine_that_fails_to_boot_is_given_up_at_once(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    first = api.add(APP, "suspended")
+    second = api.add(APP, "stopped")
+    api.boot_fails.add(first)
+    rig = Rig(api, clock)
+    t0 = clock()
+    assert await asyncio.wait_for(rig.ctl.wake(APP), timeout=2) == "start"
+    assert api.ops("start_machine") == [first, second]
+    assert rig.routable() == {second}
+    assert clock() - t0 < 1, "the failed boot did not cost a whole wake timeout"
+    assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
+
+
 async def test_wake_without_any_machine_raises(api: FakeMachinesAPI, clock: FakeClock) -> None:
     api.add(APP, "failed")
     rig = Rig(api, clock)
