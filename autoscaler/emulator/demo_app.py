@@ -59,8 +59,11 @@ async def work(request: web.Request) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    chunks = min(int(request.query.get("n", "5") or 5), 10_000)
-    delay = min(int(request.query.get("ms", "50") or 50), 10_000) / 1000
+    n, ms = request.query.get("n", "5"), request.query.get("ms", "50")
+    if not (n.isdigit() and ms.isdigit()):
+        return web.json_response({"error": "n and ms: expected integers"}, status=400)
+    chunks = min(int(n), 10_000)
+    delay = min(int(ms), 10_000) / 1000
     response = web.StreamResponse(headers={"Content-Type": "text/plain"})
     response.enable_chunked_encoding()
     await response.prepare(request)

@@ -66,6 +66,8 @@ class Lifecycle:
         self.outputs: dict[str, deque[str]] = {}  # last output of each machine's process
         self._ops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spawning: set[asyncio.Future[MachineProcess]] = set()
+        self._orphans: list[MachineProcess] = []  # children of cancelled boots, killed
         self._closing = False
         images = {DEMO_IMAGE: DEMO_COMMAND}
         images.update(settings.images)
@@ -268,15 +270,24 @@ class Lifecycle:
     async def _spawn(self, m: Machine) -> MachineProcess:
         # Shielded: a cancelled boot must still own (and kill) the child it forked.
         fut = asyncio.ensure_future(spawn(self.command(m), self.environment(m), self.reaper))
+        self._spawning.add(fut)
+        fut.add_done_callback(self._spawning.discard)
         try:
             mp = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            fut.add_done_callback(_kill_spawned)
+            fut.add_done_callback(self._kill_spawned)
             raise
         self.procs[m.id] = mp
         self.outputs[m.id] = mp.output
         self._background(self._watch(m, mp))
         return mp
+
+    def _kill_spawned(self, fut: asyncio.Future[MachineProcess]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            mp = fut.result()
+            mp.expected_exit = True
+            mp.signal(signal.SIGKILL)
+            self._orphans.append(mp)  # reaped by close(), or by asyncio's child watcher
 
     async def _crash_later(self, m: Machine, mp: MachineProcess, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -353,16 +364,11 @@ class Lifecycle:
                 await mp.wait()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+        # A boot cancelled mid-fork still gets its child: wait for the fork, then kill it.
+        if self._spawning:
+            await asyncio.wait(list(self._spawning), timeout=5)
+        for mp in self._orphans:
+            with contextlib.suppress(Exception):
+                await mp.wait()
+        self._orphans.clear()
         self.reaper.close()
-
-
-def _kill_spawned(fut: asyncio.Future[MachineProcess]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        mp = fut.result()
-        mp.expected_exit = True
-        mp.signal(signal.SIGKILL)
-        _REAPING.add(reaping := asyncio.ensure_future(mp.wait()))
-        reaping.add_done_callback(_REAPING.discard)
-
-
-_REAPING: set[asyncio.Future[int]] = set()  # keeps those reaping tasks from being collected

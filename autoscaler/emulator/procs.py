@@ -111,8 +111,10 @@ class MachineProcess:
         # The leader is reaped; make sure nothing it forked lingers in the group.
         kill_group(self.pid, signal.SIGKILL)
         self._reaper.discard(self.pid)
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(self._reader, 1.0)
+        # The output reader ends at EOF; give it a moment, never an unbounded wait.
+        await asyncio.wait({self._reader}, timeout=1.0)
+        if not self._reader.done():
+            self._reader.cancel()
         return code
 
     async def terminate(self, sig: int, grace_s: float) -> int:
