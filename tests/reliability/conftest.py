@@ -113,9 +113,14 @@ def log_capture() -> Iterator[LogCapture]:
     processors = structlog.get_config()["processors"]
     structlog.configure(processors=[processors[0], record, *processors[1:]])
     root.addHandler(_Raw(capture.raw))
+    # httpcore's per-byte trace lines drown a failure's report and say nothing of ours.
+    wire = logging.getLogger("httpcore")
+    wire_level = wire.level
+    wire.setLevel(logging.INFO)
     try:
         yield capture
     finally:
+        wire.setLevel(wire_level)
         structlog.reset_defaults()
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])

@@ -1,0 +1,146 @@
+"""Item 2: a machine's process is killed mid-request.
+
+The app keeps two machines started (``min_machines: 2``, a third stopped in reserve). A
+request held by one machine is interrupted by SIGKILL of that machine's process. Claims:
+
+- that request fails at most once: the client gets either the answer (the proxy replayed
+  the idempotent GET on the other machine, before any response byte) or one 502; a
+  response whose body was under way is cut off visibly (never a truncated 200 that looks
+  whole);
+- the requests that follow all succeed: they go to the machines still alive;
+- the controller sees the machine stopped (from the API) and brings the started count
+  back to two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+
+from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.emulator import Emulator
+from autoscaler.service import Service
+
+from .harness import (
+    APP,
+    FLY_TOKEN,
+    HOST,
+    Figures,
+    Load,
+    live_service,
+    metric,
+    service_config,
+    started,
+    until,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    return EmulatorSettings(
+        token=SecretStr(FLY_TOKEN),
+        demo_boot_delay_s=0.05,
+        resume_delay_s=0.0,
+        boot_timeout_s=20.0,
+        rate_limits=False,
+        apps=[EmulatorApp(name=APP, machines=3)],
+    )
+
+
+async def _busy_machine(svc: Service) -> str:
+    """The machine that holds the one request in flight."""
+    view = svc.view.app(APP)
+    found: list[str] = []
+
+    def holding() -> bool:
+        found[:] = [u.id for u in view.upstreams.values() if u.in_flight > 0]
+        return len(found) == 1
+
+    await until(holding, timeout_s=10, what="the request to reach a machine")
+    return found[0]
+
+
+def _restarted_after_exit(emulator: Emulator, machine_id: str) -> bool:
+    """The API shows the crash (an exit by flyd) followed by a start asked by a user (us)."""
+    kinds = [(e.type, e.source) for e in emulator.machine(APP, machine_id).events]
+    exits = [i for i, k in enumerate(kinds) if k == ("exit", "flyd")]
+    return bool(exits) and ("start", "user") in kinds[exits[-1] :]
+
+
+async def _two_started(svc: Service, emulator: Emulator) -> None:
+    view = svc.view.app(APP)
+    await until(
+        lambda: len(started(emulator, APP)) == 2 and len(view.routable()) == 2,
+        timeout_s=30,
+        what="two machines started and routable",
+    )
+
+
+async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
+    emulator: Emulator, tmp_path: Path, figures: Figures
+) -> None:
+    config = service_config(
+        emulator, min_machines=2, max_machines=3, target_concurrency=20, idle_to_zero_s=300
+    )
+    file = write_config(tmp_path / "autoscaler.yaml", config)
+    outcomes: dict[str, str] = {}
+    async with live_service(file) as svc, Load(f"http://127.0.0.1:{svc.proxy.port}") as load:  # type: ignore[union-attr]
+        assert svc.controller is not None
+        rt = svc.controller.apps[APP]
+        await _two_started(svc, emulator)
+
+        # 1. A request waiting for its response headers: replayed elsewhere, or one 502.
+        pending = asyncio.create_task(load.once("/work?ms=3000"))
+        victim = await _busy_machine(svc)
+        assert emulator.kill_machine_process(APP, victim)
+        # The very next requests must not land on the dead machine.
+        after = [await load.once("/work?ms=5") for _ in range(20)]
+        outcomes["headers_pending"] = await pending
+        assert outcomes["headers_pending"] in ("200", "502"), load.details
+        assert after == ["200"] * 20, load.details
+
+        # 2. The controller sees it stopped (the API's exit event) and starts a machine
+        #    again (the same one or the reserve): two started, both routable.
+        await until(
+            lambda: _restarted_after_exit(emulator, victim) or len(started(emulator, APP)) == 3,
+            timeout_s=20,
+            what="the controller to start a machine after the crash",
+        )
+        await _two_started(svc, emulator)
+
+        # 3. A response cut off mid-body: the client must see the break.
+        url = f"http://127.0.0.1:{svc.proxy.port}/stream?n=40&ms=50"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, headers={"Host": HOST}) as resp:
+                assert resp.status == 200
+                first = await resp.content.readline()
+                assert first.startswith(b"chunk 0")
+                streaming = await _busy_machine(svc)
+                assert emulator.kill_machine_process(APP, streaming)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+        outcomes["body_under_way"] = "ClientPayloadError"
+        after = [await load.once("/work?ms=5") for _ in range(20)]
+        assert after == ["200"] * 20, load.details
+        await until(
+            lambda: _restarted_after_exit(emulator, streaming) or len(started(emulator, APP)) == 3,
+            timeout_s=20,
+            what="the controller to start a machine after the second crash",
+        )
+        await _two_started(svc, emulator)
+        starts = metric(svc, "autoscaler_scaling_actions_total", app=APP, action="start", result="ok")
+        figures.record(
+            "machine_faults",
+            machines_killed=2,
+            starts_by_controller=starts,
+            killed_request_outcomes=outcomes,
+            requests_sent=load.sent + 1,
+            outcomes=dict(load.outcomes),
+        )
