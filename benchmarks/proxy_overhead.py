@@ -71,7 +71,7 @@ def serve_backend(port: int) -> None:
     asyncio.run(main())
 
 
-def serve_proxy(port: int, backend_port: int) -> None:
+def serve_proxy(port: int, backend_port: int, access_log: bool) -> None:
     from prometheus_client import CollectorRegistry
 
     from autoscaler import logs
@@ -80,10 +80,10 @@ def serve_proxy(port: int, backend_port: int) -> None:
     from autoscaler.metrics import Metrics
     from autoscaler.proxy.server import ProxyServer
 
-    with open(os.devnull, "w") as devnull:  # the access log is on, as in production
+    with open(os.devnull, "w") as devnull:  # JSON lines, as in production, to nowhere
         logs.configure(fmt="json", stream=devnull)
         settings = Settings(
-            proxy=ProxySettings(listen=f"{HOST}:{port}"),
+            proxy=ProxySettings(listen=f"{HOST}:{port}", access_log=access_log),
             apps=[
                 AppConfig(
                     name="bench",
@@ -266,6 +266,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="open-loop requests/second")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loops")
     parser.add_argument("--no-wrk", action="store_true", help="built-in generator only")
+    parser.add_argument(
+        "--no-access-log", action="store_true", help="proxy.access_log off (on by default)"
+    )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _loop_policy(not args.no_uvloop)
@@ -273,7 +276,7 @@ def main() -> int:
         if args.serve[0] == "backend":
             serve_backend(int(args.serve[1]))
         else:
-            serve_proxy(int(args.serve[1]), int(args.serve[2]))
+            serve_proxy(int(args.serve[1]), int(args.serve[2]), args.serve[3] == "log")
         return 0
 
     backend_port, proxy_port = _free_port(), _free_port()
@@ -283,6 +286,7 @@ def main() -> int:
         _child(["--serve", "backend", str(backend_port)] + (["--no-uvloop"] * args.no_uvloop)),
         _child(
             ["--serve", "proxy", str(proxy_port), str(backend_port)]
+            + (["nolog"] if args.no_access_log else ["log"])
             + (["--no-uvloop"] * args.no_uvloop)
         ),
     ):
@@ -290,7 +294,8 @@ def main() -> int:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(
             f"servers: aiohttp backend and proxy on {HOST}, {loop_kind} loops, "
-            f"{os.cpu_count()} CPUs, load average {load}; {args.duration:g}s per phase"
+            f"{os.cpu_count()} CPUs, load average {load}; {args.duration:g}s per phase; "
+            f"access log {'off' if args.no_access_log else 'on'}"
         )
         print(f"\nthroughput: closed loop, {args.connections} connections ({tool})")
         print(f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +88,7 @@ class ProxyServer:
         self._runner: web.ServerRunner | None = None
         self._websockets: set[web.WebSocketResponse] = set()
         self._children = _MetricChildren(metrics)
+        self._ids = random.Random()  # noqa: S311 - request ids need uniqueness, not secrecy
         self._closing = False
         self.update_settings(settings)
 
@@ -156,6 +156,10 @@ class ProxyServer:
             max_line_size=proxy.max_header_bytes,
             max_field_size=proxy.max_header_bytes,
             keepalive_timeout=proxy.client_timeout_s,
+            # After an early answer (408, 413) aiohttp reads the rest of the body for up to
+            # lingering_time (10 s) however slowly it comes: a client silent that long must
+            # not outlive client_timeout_s (a slow-body slowloris holds the socket).
+            lingering_time=min(10.0, proxy.client_timeout_s),
             auto_decompress=False,
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=proxy.shutdown_timeout_s)
@@ -184,7 +188,7 @@ class ProxyServer:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        ctx = _Ctx(loop.time(), _request_id(request.headers.get("X-Request-Id")))
+        ctx = _Ctx(loop.time(), self._request_id(request.headers.get("X-Request-Id")))
         app = self._router.route(request.host, request.raw_path)
         try:
             if app is None:
@@ -460,6 +464,16 @@ class ProxyServer:
 
     # --- errors and accounting ----------------------------------------------------
 
+    def _request_id(self, given: str | None) -> str:
+        """The client's X-Request-Id when it is sane, else a fresh random one.
+
+        Ids need to be unique, not unguessable: 128 bits from a PRNG cost a microsecond
+        where uuid4 reads the kernel's entropy pool on every request.
+        """
+        if given and len(given) <= 128 and given.isascii() and given.isprintable():
+            return given
+        return f"{self._ids.getrandbits(128):032x}"
+
     def _error_response(self, failure: _Failure, ctx: _Ctx) -> web.Response:
         resp = web.Response(status=failure.status, text=failure.message + "\n")
         resp.headers["X-Request-Id"] = ctx.request_id
@@ -467,6 +481,8 @@ class ProxyServer:
             resp.headers.update(failure.headers)
         if self._settings.proxy.wake_header and ctx.app:
             resp.headers["Fly-Autoscaler-Wake"] = ctx.wake
+        if failure.status in (408, 413):
+            resp.force_close()  # the rest of the body is not worth waiting for
         return resp
 
     def _account(self, request: web.BaseRequest, ctx: _Ctx, now: float) -> None:
@@ -493,7 +509,7 @@ class ProxyServer:
         self, request: web.BaseRequest, status: int, exc: BaseException | None
     ) -> web.Response:
         """A request aiohttp could not parse, or a bug in the handler (500)."""
-        request_id = uuid.uuid4().hex
+        request_id = self._request_id(None)
         if isinstance(exc, LineTooLong) or (
             isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message)
         ):
@@ -575,13 +591,6 @@ def _static_machines(app: AppConfig) -> list[MachineInfo]:
             MachineInfo(id=backend, host=hp.host, port=hp.port, state=STARTED, cordoned=False)
         )
     return out
-
-
-def _request_id(given: str | None) -> str:
-    """The client's X-Request-Id when it is sane, else a fresh one."""
-    if given and len(given) <= 128 and given.isprintable() and given.isascii():
-        return given
-    return uuid.uuid4().hex
 
 
 class _Protocol(RequestHandler):

@@ -269,3 +269,26 @@ async def test_parse_errors_431_400_and_413(backend: Backend, start_proxy: Start
         b"Connection: close\r\n\r\n" + chunk * 3 + b"0\r\n\r\n",
     )
     assert reply.startswith(b"HTTP/1.1 413"), reply[:60]
+
+
+async def test_slow_clients_time_out(backend: Backend, start_proxy: StartProxy) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], client_timeout_s=0.3
+    )
+    # Headers that never finish: the connection is closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: ")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        assert await reader.read(-1) == b""
+    writer.close()
+    # A body that stops coming: 408 with a short body.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nab")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        reply = await reader.readuntil(b"slowly\n")
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:60]
+    assert reply.endswith(b"the client sent its body too slowly\n")
