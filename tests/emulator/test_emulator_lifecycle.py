@@ -205,3 +205,37 @@ async def test_closing_the_emulator_kills_every_machine() -> None:
         assert len(pids) == 2
     for pid in pids:
         assert pid_gone(pid)
+
+
+async def test_stopping_a_suspended_machine_drops_its_process(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        mid = m["id"]
+        await wait_ok(s, "demo", mid)
+        pid = emulator.pids()[0]
+        await s.post(f"/v1/apps/demo/machines/{mid}/suspend")
+        await wait_ok(s, "demo", mid, "suspended")
+        # SIGINT to a stopped process would wait forever; the emulator resumes it to deliver.
+        r = await s.post(f"/v1/apps/demo/machines/{mid}/stop", json={"timeout": 10})
+        assert r.status == 200
+        await wait_ok(s, "demo", mid, "stopped")
+        assert pid_gone(pid)
+        await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        await wait_ok(s, "demo", mid)
+        assert (await hit(m["private_ip"]))["count"] == 1  # a cold boot, not a resume
+
+
+async def test_update_keeps_a_stopped_machine_stopped(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False)
+        config = {**m["config"], "env": {"A": "1"}}
+        r = await s.post(f"/v1/apps/demo/machines/{m['id']}", json={"config": config})
+        assert r.status == 200
+        await wait_ok(s, "demo", m["id"], "settled")
+        record = emulator.machine("demo", m["id"])
+        assert record.state == "created"
+        assert record.config["env"] == {"A": "1"}
+        assert record.versions == [m["instance_id"]]
+        assert emulator.pids() == []

@@ -162,3 +162,10 @@ def test_settings_from_flags_and_environment(tmp_path: Path) -> None:
         ("demo", 3, "autoscaler/demo-app"),
         ("other", 1, "my/image"),
     ]
+
+
+def test_cli_reports_a_bad_listen_address(capsys: pytest.CaptureFixture[str]) -> None:
+    from autoscaler.cli import main
+
+    assert main(["emulator", "--listen", "nowhere", "--log-level", "error"]) == 2
+    assert "listen" in capsys.readouterr().err
