@@ -160,10 +160,6 @@ class ProxyServer:
             # lingering_time (10 s) however slowly it comes: a client silent that long must
             # not outlive client_timeout_s (a slow-body slowloris holds the socket).
             lingering_time=min(10.0, proxy.client_timeout_s),
-            # After an early answer (408, 413) aiohttp reads the rest of the body for up to
-            # lingering_time (10 s) however slowly it comes: a client silent that long must
-            # not outlive client_timeout_s (a slow-body slowloris holds the socket).
-            lingering_time=min(10.0, proxy.client_timeout_s),
             auto_decompress=False,
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=proxy.shutdown_timeout_s)
