@@ -12,147 +12,30 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
-import random
 import time
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from autoscaler.config import FaultSettings
 from autoscaler.emulator import validate
-from autoscaler.emulator.limits import RateLimiter, retry_after
-from autoscaler.emulator.machines import Conflict
+from autoscaler.emulator.middleware import (
+    CTX,
+    Context,
+    Handler,
+    auth_mw,
+    error,
+    errors_mw,
+    limits_mw,
+    machine_of,
+    ok_body,
+    query_flag,
+    read_body,
+    world_of,
+)
 from autoscaler.emulator.model import RESTING, WAITABLE, Machine
-from autoscaler.emulator.world import NameTaken, NotFound, World
+from autoscaler.emulator.world import NotFound
 
-log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Context:
-    world: World
-    token: str
-    rng: random.Random
-    faults: FaultSettings
-    rate_limits: bool
-    limiter: RateLimiter = field(default_factory=RateLimiter)
-    oidc_key: bytes = b""
-
-
-CTX = web.AppKey("ctx", Context)
-
-
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status, headers=headers)
-
-
-# --- middlewares ---------------------------------------------------------------------
-
-
-@web.middleware
-async def errors_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = uuid.uuid4().hex
-    try:
-        response = await handler(request)
-    except NotFound as exc:
-        response = error(404, str(exc))
-    except validate.BadRequest as exc:
-        response = error(400, str(exc))
-    except Conflict as exc:
-        response = error(412, str(exc))
-    except NameTaken as exc:
-        response = error(422, str(exc))
-    except web.HTTPException as exc:
-        response = error(exc.status, exc.reason)
-    except Exception:
-        log.exception("emulator handler failed")
-        response = error(500, "internal error in the emulator")
-    response.headers["fly-request-id"] = request_id
-    return response
-
-
-@web.middleware
-async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ctx = request.app[CTX]
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    ok = scheme.lower() in ("bearer", "flyv1") and hmac.compare_digest(
-        given.strip().encode(), ctx.token.encode()
-    )
-    if not ok:
-        # Never echo what was sent: it may be a real token pasted by mistake.
-        return error(401, "missing or invalid API token", {"WWW-Authenticate": "Bearer"})
-    return await handler(request)
-
-
-@web.middleware
-async def limits_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ctx = request.app[CTX]
-    faults = ctx.faults
-    if faults.latency_s:
-        await asyncio.sleep(faults.latency_s)
-    if faults.error_rate and ctx.rng.random() < faults.error_rate:
-        return error(500, "injected fault: internal server error")
-    if faults.rate_limit_rate and ctx.rng.random() < faults.rate_limit_rate:
-        return error(429, "injected fault: rate limited", {"Retry-After": "1"})
-    action = request.match_info.route.name
-    if ctx.rate_limits and action:
-        info = request.match_info
-        key = info.get("machine_id") or info.get("volume_id") or info.get("app_name") or "-"
-        wait = ctx.limiter.take(action, key)
-        if wait:
-            return error(
-                429,
-                f"rate limit exceeded for {action} on {key}; retry in {wait:.2f}s",
-                {"Retry-After": retry_after(wait)},
-            )
-    return await handler(request)
-
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def _world(request: web.Request) -> World:
-    return request.app[CTX].world
-
-
-def _machine(request: web.Request) -> Machine:
-    info = request.match_info
-    return _world(request).machine(info["app_name"], info["machine_id"])
-
-
-async def _body(request: web.Request, required: bool = True) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        if required:
-            raise validate.BadRequest("body: required (a JSON document)")
-        return None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise validate.BadRequest(f"body: invalid JSON: {exc}") from None
-
-
-def _flag(request: web.Request, *names: str) -> bool:
-    for name in names:
-        value = request.query.get(name)
-        if value is None:
-            continue
-        if value.lower() in ("true", "1", "yes", ""):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            continue
-        raise validate.BadRequest(f"{name}: expected true or false, got {value!r}")
-    return False
-
-
-def _ok(**extra: Any) -> web.Response:
-    return web.json_response({"ok": True, **extra})
+__all__ = ["CTX", "ROUTES", "Context", "build_app"]
 
 
 # --- apps ------------------------------------------------------------------------------
@@ -162,25 +45,25 @@ async def list_apps(request: web.Request) -> web.Response:
     org = request.query.get("org_slug")
     if org is None:
         raise validate.BadRequest("org_slug: required query parameter")
-    apps = [a.to_json() for a in _world(request).apps.values() if a.org_slug == org]
+    apps = [a.to_json() for a in world_of(request).apps.values() if a.org_slug == org]
     return web.json_response({"total_apps": len(apps), "apps": apps})
 
 
 async def create_app(request: web.Request) -> web.Response:
-    name, org, network = validate.create_app(await _body(request))
-    app = _world(request).create_app(name, org, network)
+    name, org, network = validate.create_app(await read_body(request))
+    app = world_of(request).create_app(name, org, network)
     return web.json_response(app.to_json(), status=201)
 
 
 async def get_app(request: web.Request) -> web.Response:
-    return web.json_response(_world(request).app(request.match_info["app_name"]).to_json())
+    return web.json_response(world_of(request).app(request.match_info["app_name"]).to_json())
 
 
 async def delete_app(request: web.Request) -> web.Response:
-    world = _world(request)
+    world = world_of(request)
     name = request.match_info["app_name"]
     world.app(name)
-    world.delete_app(name, _flag(request, "force"))
+    world.delete_app(name, query_flag(request, "force"))
     return web.Response(status=202)
 
 
@@ -188,7 +71,7 @@ async def delete_app(request: web.Request) -> web.Response:
 
 
 async def list_machines(request: web.Request) -> web.Response:
-    app = _world(request).app(request.match_info["app_name"])
+    app = world_of(request).app(request.match_info["app_name"])
     wanted = {s for s in request.query.get("state", "").split(",") if s}
     machines = [
         m.to_json()
@@ -199,9 +82,9 @@ async def list_machines(request: web.Request) -> web.Response:
 
 
 async def create_machine(request: web.Request) -> web.Response:
-    world = _world(request)
+    world = world_of(request)
     app = world.app(request.match_info["app_name"])
-    config, name, region, skip_launch = validate.machine_request(await _body(request))
+    config, name, region, skip_launch = validate.machine_request(await read_body(request))
     m = world.create_machine(app, config, name, region)
     if not skip_launch:
         world.lifecycle.start(m)
@@ -209,39 +92,39 @@ async def create_machine(request: web.Request) -> web.Response:
 
 
 async def get_machine(request: web.Request) -> web.Response:
-    return web.json_response(_machine(request).to_json())
+    return web.json_response(machine_of(request).to_json())
 
 
 async def update_machine(request: web.Request) -> web.Response:
-    m = _machine(request)
-    config, name, region, _ = validate.machine_request(await _body(request))
-    _world(request).update_machine(m, config, name, region)
+    m = machine_of(request)
+    config, name, region, _ = validate.machine_request(await read_body(request))
+    world_of(request).update_machine(m, config, name, region)
     return web.json_response(m.to_json())
 
 
 async def delete_machine(request: web.Request) -> web.Response:
-    m = _machine(request)
-    _world(request).destroy_machine(m, _flag(request, "force", "kill"))
-    return _ok()
+    m = machine_of(request)
+    world_of(request).destroy_machine(m, query_flag(request, "force", "kill"))
+    return ok_body()
 
 
 async def start_machine(request: web.Request) -> web.Response:
-    m = _machine(request)
-    previous = _world(request).lifecycle.start(m)
+    m = machine_of(request)
+    previous = world_of(request).lifecycle.start(m)
     return web.json_response({"previous_state": previous, "migrated": False, "new_host": ""})
 
 
 async def stop_machine(request: web.Request) -> web.Response:
-    m = _machine(request)
-    sig, timeout = validate.stop_body(await _body(request, required=False))
-    _world(request).lifecycle.stop(m, sig, timeout)
-    return _ok()
+    m = machine_of(request)
+    sig, timeout = validate.stop_body(await read_body(request, required=False))
+    world_of(request).lifecycle.stop(m, sig, timeout)
+    return ok_body()
 
 
 async def suspend_machine(request: web.Request) -> web.Response:
-    m = _machine(request)
-    _world(request).lifecycle.suspend(m)
-    return _ok()
+    m = machine_of(request)
+    world_of(request).lifecycle.suspend(m)
+    return ok_body()
 
 
 def _wait_states(request: web.Request) -> set[str]:
@@ -263,17 +146,17 @@ def _reached(m: Machine, states: set[str], instance_id: str | None) -> bool:
 
 
 async def wait_machine(request: web.Request) -> web.Response:
-    world = _world(request)
+    world = world_of(request)
     info = request.match_info
     try:
-        m: Machine | None = _machine(request)
+        m: Machine | None = machine_of(request)
     except NotFound:
         m = None
     states = _wait_states(request)
     if m is None:
         if "destroyed" in states and world.was_destroyed(info["app_name"], info["machine_id"]):
-            return _ok(state="destroyed")
-        _machine(request)  # raises the 404 again, with its message
+            return ok_body(state="destroyed")
+        machine_of(request)  # raises the 404 again, with its message
     assert m is not None
     raw_timeout = request.query.get("timeout")
     timeout = 60.0 if raw_timeout is None else validate.seconds(raw_timeout, "timeout", 1, 300)
@@ -293,18 +176,18 @@ async def wait_machine(request: web.Request) -> web.Response:
                 408, f"machine failed to reach desired state, {wanted}, currently {m.state}"
             )
     event_id = m.events[-1].id if m.events else ""
-    return _ok(state=m.state, version=m.instance_id, event_id=event_id)
+    return ok_body(state=m.state, version=m.instance_id, event_id=event_id)
 
 
 async def cordon(request: web.Request) -> web.Response:
-    m = _machine(request)
+    m = machine_of(request)
     m.cordoned = request.match_info.route.name == "cordonMachine"
-    _world(request).lifecycle.record(m, m.state)
-    return _ok()
+    world_of(request).lifecycle.record(m, m.state)
+    return ok_body()
 
 
 async def list_events(request: web.Request) -> web.Response:
-    return web.json_response([e.to_json() for e in reversed(_machine(request).events)])
+    return web.json_response([e.to_json() for e in reversed(machine_of(request).events)])
 
 
 # --- metadata --------------------------------------------------------------------------
@@ -316,11 +199,11 @@ def _metadata(m: Machine) -> dict[str, str]:
 
 
 async def get_metadata_all(request: web.Request) -> web.Response:
-    return web.json_response(_metadata(_machine(request)))
+    return web.json_response(_metadata(machine_of(request)))
 
 
 async def get_metadata(request: web.Request) -> web.Response:
-    m = _machine(request)
+    m = machine_of(request)
     key = request.match_info["key"]
     meta = _metadata(m)
     if key not in meta:
@@ -329,21 +212,21 @@ async def get_metadata(request: web.Request) -> web.Response:
 
 
 async def set_metadata(request: web.Request) -> web.Response:
-    m = _machine(request)
+    m = machine_of(request)
     key = validate.metadata_key(request.match_info["key"])
-    _metadata(m)[key] = validate.metadata_value(await _body(request))
-    _world(request).lifecycle.record(m, m.state)
+    _metadata(m)[key] = validate.metadata_value(await read_body(request))
+    world_of(request).lifecycle.record(m, m.state)
     return web.Response(status=204)
 
 
 async def delete_metadata(request: web.Request) -> web.Response:
-    m = _machine(request)
+    m = machine_of(request)
     key = request.match_info["key"]
     meta = _metadata(m)
     if key not in meta:
         raise NotFound(f"metadata key not found: {key}")
     del meta[key]
-    _world(request).lifecycle.record(m, m.state)
+    world_of(request).lifecycle.record(m, m.state)
     return web.Response(status=204)
 
 
@@ -351,20 +234,20 @@ async def delete_metadata(request: web.Request) -> web.Response:
 
 
 async def list_volumes(request: web.Request) -> web.Response:
-    app = _world(request).app(request.match_info["app_name"])
+    app = world_of(request).app(request.match_info["app_name"])
     return web.json_response([v.to_json() for v in app.volumes.values()])
 
 
 async def create_volume(request: web.Request) -> web.Response:
-    world = _world(request)
+    world = world_of(request)
     app = world.app(request.match_info["app_name"])
-    body = validate.create_volume(await _body(request))
+    body = validate.create_volume(await read_body(request))
     return web.json_response(world.create_volume(app, body).to_json())
 
 
 def _volume_of(request: web.Request) -> Any:
     info = request.match_info
-    return _world(request).volume(info["app_name"], info["volume_id"])
+    return world_of(request).volume(info["app_name"], info["volume_id"])
 
 
 async def get_volume(request: web.Request) -> web.Response:
@@ -373,14 +256,14 @@ async def get_volume(request: web.Request) -> web.Response:
 
 async def update_volume(request: web.Request) -> web.Response:
     vol = _volume_of(request)
-    retention = validate.update_volume(await _body(request))
+    retention = validate.update_volume(await read_body(request))
     if retention is not None:
         vol.snapshot_retention = retention
     return web.json_response(vol.to_json())
 
 
 async def delete_volume(request: web.Request) -> web.Response:
-    world = _world(request)
+    world = world_of(request)
     vol = _volume_of(request)
     world.delete_volume(world.app(request.match_info["app_name"]), vol)
     return web.json_response(vol.to_json())
@@ -388,7 +271,7 @@ async def delete_volume(request: web.Request) -> web.Response:
 
 async def extend_volume(request: web.Request) -> web.Response:
     vol = _volume_of(request)
-    vol.size_gb = validate.extend_volume(await _body(request), vol.size_gb)
+    vol.size_gb = validate.extend_volume(await read_body(request), vol.size_gb)
     return web.json_response(vol.to_json())
 
 
@@ -397,7 +280,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
 
 
 async def create_snapshot(request: web.Request) -> web.Response:
-    return web.json_response(_world(request).snapshot_volume(_volume_of(request)))
+    return web.json_response(world_of(request).snapshot_volume(_volume_of(request)))
 
 
 # --- tokens ----------------------------------------------------------------------------
@@ -409,7 +292,7 @@ def _b64(data: bytes) -> str:
 
 async def oidc_token(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    aud = validate.oidc(await _body(request, required=False))
+    aud = validate.oidc(await read_body(request, required=False))
     org = ctx.world.settings.org_slug
     now = int(time.time())
     header = {"alg": "HS256", "typ": "JWT"}

@@ -1,0 +1,152 @@
+"""The HTTP plumbing of the emulated API: context, middlewares and request helpers.
+
+Middlewares run outermost first: errors (maps the world's exceptions to the seed's
+ErrorResponse and adds ``fly-request-id``), auth (Bearer or FlyV1), then faults and rate
+limits. Handlers live in ``api.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from autoscaler.config import FaultSettings
+from autoscaler.emulator import validate
+from autoscaler.emulator.limits import RateLimiter, retry_after
+from autoscaler.emulator.machines import Conflict
+from autoscaler.emulator.model import Machine
+from autoscaler.emulator.world import NameTaken, NotFound, World
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Context:
+    world: World
+    token: str
+    rng: random.Random
+    faults: FaultSettings
+    rate_limits: bool
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    oidc_key: bytes = b""
+
+
+CTX = web.AppKey("ctx", Context)
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status, headers=headers)
+
+
+# --- middlewares ---------------------------------------------------------------------
+
+
+@web.middleware
+async def errors_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = uuid.uuid4().hex
+    try:
+        response = await handler(request)
+    except NotFound as exc:
+        response = error(404, str(exc))
+    except validate.BadRequest as exc:
+        response = error(400, str(exc))
+    except Conflict as exc:
+        response = error(412, str(exc))
+    except NameTaken as exc:
+        response = error(422, str(exc))
+    except web.HTTPException as exc:
+        response = error(exc.status, exc.reason)
+    except Exception:
+        log.exception("emulator handler failed")
+        response = error(500, "internal error in the emulator")
+    response.headers["fly-request-id"] = request_id
+    return response
+
+
+@web.middleware
+async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    ok = scheme.lower() in ("bearer", "flyv1") and hmac.compare_digest(
+        given.strip().encode(), ctx.token.encode()
+    )
+    if not ok:
+        # Never echo what was sent: it may be a real token pasted by mistake.
+        return error(401, "missing or invalid API token", {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+@web.middleware
+async def limits_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    faults = ctx.faults
+    if faults.latency_s:
+        await asyncio.sleep(faults.latency_s)
+    if faults.error_rate and ctx.rng.random() < faults.error_rate:
+        return error(500, "injected fault: internal server error")
+    if faults.rate_limit_rate and ctx.rng.random() < faults.rate_limit_rate:
+        return error(429, "injected fault: rate limited", {"Retry-After": "1"})
+    action = request.match_info.route.name
+    if ctx.rate_limits and action:
+        info = request.match_info
+        key = info.get("machine_id") or info.get("volume_id") or info.get("app_name") or "-"
+        wait = ctx.limiter.take(action, key)
+        if wait:
+            return error(
+                429,
+                f"rate limit exceeded for {action} on {key}; retry in {wait:.2f}s",
+                {"Retry-After": retry_after(wait)},
+            )
+    return await handler(request)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def world_of(request: web.Request) -> World:
+    return request.app[CTX].world
+
+
+def machine_of(request: web.Request) -> Machine:
+    info = request.match_info
+    return world_of(request).machine(info["app_name"], info["machine_id"])
+
+
+async def read_body(request: web.Request, required: bool = True) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise validate.BadRequest("body: required (a JSON document)")
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise validate.BadRequest(f"body: invalid JSON: {exc}") from None
+
+
+def query_flag(request: web.Request, *names: str) -> bool:
+    for name in names:
+        value = request.query.get(name)
+        if value is None:
+            continue
+        if value.lower() in ("true", "1", "yes", ""):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            continue
+        raise validate.BadRequest(f"{name}: expected true or false, got {value!r}")
+    return False
+
+
+def ok_body(**extra: Any) -> web.Response:
+    return web.json_response({"ok": True, **extra})
