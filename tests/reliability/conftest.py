@@ -26,9 +26,9 @@ from pydantic import SecretStr
 from structlog.typing import EventDict, WrappedLogger
 
 from autoscaler import logs
-from autoscaler.config import EmulatorSettings
+from autoscaler.config import EmulatorApp, EmulatorSettings
 
-from .harness import ADMIN_TOKEN, FLY_TOKEN, Figures, LogCapture
+from .harness import APP, FLY_TOKEN, Figures, LogCapture
 
 FIGURES_ENV = "AUTOSCALER_RELIABILITY_FIGURES"
 _FIGURES = pytest.StashKey[Figures]()
@@ -75,7 +75,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 @pytest.fixture
 def emulator_settings() -> EmulatorSettings:
-    """The shared ``emulator`` fixture, with a known token so the scans can look for it."""
+    """The shared ``emulator`` fixture: a known token (the scans look for it), app ``web``."""
     return EmulatorSettings(
         listen="127.0.0.1:4280",
         token=SecretStr(FLY_TOKEN),
@@ -83,6 +83,7 @@ def emulator_settings() -> EmulatorSettings:
         resume_delay_s=0.0,
         boot_timeout_s=20.0,
         rate_limits=False,
+        apps=[EmulatorApp(name=APP, machines=2)],
     )
 
 
