@@ -54,8 +54,10 @@ class Lifecycle:
         rng: random.Random,
         pool: AddressPool,
         on_change: Callable[[], None],
+        on_gone: Callable[[Machine], None],
     ) -> None:
         self.settings = settings
+        self._on_gone = on_gone  # the world forgets a destroyed machine
         self.faults: FaultSettings = settings.faults
         self._ids = ids
         self._rng = rng
@@ -206,7 +208,7 @@ class Lifecycle:
         self.record(m, "updating", "update")
         self._run(m, self._update(m, previous))
 
-    def destroy(self, m: Machine, force: bool, on_gone: Callable[[Machine], None]) -> None:
+    def destroy(self, m: Machine, force: bool) -> None:
         if m.state in ("destroying", "destroyed"):
             raise Conflict(f"machine is already {m.state}")
         if not force and m.state not in ("stopped", "suspended", "created", "failed"):
@@ -215,10 +217,10 @@ class Lifecycle:
                 "(stop it first, or pass force=true)"
             )
         current = self._ops.pop(m.id, None)
-        if current is not None:
-            current.cancel()
+        if current is not None and current is not asyncio.current_task():
+            current.cancel()  # e.g. a boot in progress; its process is killed below
         self.record(m, "destroying", "destroy")
-        self._run(m, self._destroy(m, on_gone))
+        self._run(m, self._destroy(m))
 
     def kill_process(self, m: Machine, sig: int = signal.SIGKILL) -> bool:
         """Simulate a crash: the process dies without the emulator asking it to stop."""
@@ -321,12 +323,16 @@ class Lifecycle:
             m.restarts += 1
             self.record(m, "starting", "restart", source="flyd")
             self._run(m, self._boot(m))
+        elif m.config.get("auto_destroy") is True:
+            self.destroy(m, force=True)
 
     async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
         mp = self.procs.pop(m.id, None)
         if mp is not None:
             await mp.terminate(sig, timeout_s)
         self.record(m, "stopped", source="flyd")
+        if m.config.get("auto_destroy") is True:
+            self.destroy(m, force=True)
 
     async def _update(self, m: Machine, previous: str) -> None:
         mp = self.procs.pop(m.id, None)
@@ -339,13 +345,13 @@ class Lifecycle:
             # A suspended machine's snapshot cannot survive a new config.
             self.record(m, "stopped" if previous == "suspended" else previous, source="flyd")
 
-    async def _destroy(self, m: Machine, on_gone: Callable[[Machine], None]) -> None:
+    async def _destroy(self, m: Machine) -> None:
         mp = self.procs.pop(m.id, None)
         if mp is not None:
             await mp.terminate(signal.SIGKILL, 0)
         self.record(m, "destroyed", source="flyd")
         self._pool.release(m.private_ip)
-        on_gone(m)
+        self._on_gone(m)
 
     # --- runtime control -------------------------------------------------------------
 

@@ -45,7 +45,12 @@ class World:
         self._gone: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._on_change = on_change
         self.lifecycle = Lifecycle(
-            settings, ids=self.ids, rng=rng, pool=self.pool, on_change=on_change
+            settings,
+            ids=self.ids,
+            rng=rng,
+            pool=self.pool,
+            on_change=on_change,
+            on_gone=self._forget,
         )
 
     # --- lookups -------------------------------------------------------------------
@@ -108,7 +113,7 @@ class World:
             )
         for m in list(app.machines.values()):
             if m.state not in ("destroying", "destroyed"):
-                self.lifecycle.destroy(m, force=True, on_gone=self._forget)
+                self.lifecycle.destroy(m, force=True)
         del self.apps[name]
         self._on_change()
 
@@ -182,7 +187,7 @@ class World:
         self.lifecycle.update(m, config, name)
 
     def destroy_machine(self, m: Machine, force: bool) -> None:
-        self.lifecycle.destroy(m, force, on_gone=self._forget)
+        self.lifecycle.destroy(m, force)
 
     def _forget(self, m: Machine) -> None:
         app = self.apps.get(m.app)

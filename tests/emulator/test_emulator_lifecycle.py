@@ -239,3 +239,18 @@ async def test_update_keeps_a_stopped_machine_stopped(emulator: Emulator) -> Non
         assert record.config["env"] == {"A": "1"}
         assert record.versions == [m["instance_id"]]
         assert emulator.pids() == []
+
+
+@pytest.mark.parametrize("how", ["crash", "stop"])
+async def test_auto_destroy_removes_a_machine_that_exits(emulator: Emulator, how: str) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, auto_destroy=True)
+        mid = m["id"]
+        await wait_ok(s, "demo", mid)
+        if how == "crash":
+            emulator.kill_machine_process("demo", mid)
+        else:
+            await s.post(f"/v1/apps/demo/machines/{mid}/stop")
+        await wait_ok(s, "demo", mid, "destroyed")
+        assert (await s.get(f"/v1/apps/demo/machines/{mid}")).status == 404
