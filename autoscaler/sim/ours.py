@@ -6,20 +6,23 @@ ConcurrencyMeter into its LoadWindows, build the Fleet snapshot the way
 actions. A wake (requests held, nothing routable) does what ``Waker.wake`` does: join a
 start of ours under way, else take the machine ``choose_wake`` names.
 
-Skipping idle ticks, so that a quiet day costs little: when nothing is in flight or held,
-no action of ours is under way, the load windows hold only zeros and the last decision
-changed nothing, every later tick sees the same inputs except ``now``. The policy's
-timers (idle_to_zero_s, scale_down_delay_s, stop_suspended_after_s, leaving panic) only
-ever fire once enough time has passed, so the first tick whose decision differs is found
-by probing ``decide`` at doubling distances and bisecting; the ticks before it are not
-run. Their samples are still fed to the windows before the next real decision, so the
-windows are exactly what they would have been. ``skip_idle=False`` runs every tick (the
-tests compare both).
+Skipping ticks that cannot decide anything, so that quiet hours cost little: when no
+request is in flight or held and no action of ours is under way, nothing changes before
+the next arrival except the clock, and the load windows receive only zero samples. The
+policy's timers (idle_to_zero_s, scale_down_delay_s, min_lifetime_s, leaving panic,
+stop_suspended_after_s) are one-way, and demand only decays meanwhile, so once a decision
+differs from "nothing to do, same state" every later one does too. The tick just before
+the next arrival is asked first (with the windows as they will be then, rebuilt from the
+latest samples and the zeros to come); if it would change something, the first such tick
+is bisected. Ticks before it are not run; their samples are still fed to the windows
+before the next real decision, so the windows are exactly what they would have been.
+``skip_idle=False`` runs every tick; the tests compare both.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +30,7 @@ from autoscaler.config import AppConfig
 from autoscaler.scaling import policy
 from autoscaler.scaling.fleet import STARTED, SUSPENDED, Fleet, MachineSnapshot
 from autoscaler.scaling.policy import Action, Decision, PolicyState
-from autoscaler.scaling.window import LoadWindows
+from autoscaler.scaling.window import ConcurrencyMeter, LoadWindows, Sample
 from autoscaler.sim.engine import AppSim
 from autoscaler.sim.model import Machine
 
@@ -102,6 +105,8 @@ class PolicyStrategy:
         self._sampled = -1  # index of the last tick whose sample the windows have
         self._asleep = False  # ticks skipped until the next arrival
         self._keep = 0  # ticks of samples that can still matter to the windows
+        self._mirror: deque[Sample] = deque()
+        """The latest samples fed to the windows: enough to rebuild them for a probe."""
         self._snaps: dict[int, Any] = {}
 
     @property
@@ -130,6 +135,7 @@ class PolicyStrategy:
         self._by_id = {m.id: m for m in sim.machines}
         horizon = max(cfg.stable_window_s, cfg.panic_window_s)
         self._keep = math.ceil(horizon / sim.timings.tick_s) + 2
+        self._mirror = deque(maxlen=self._keep + 2)
         sim.call(0.0, self._tick, 0)
 
     def on_arrival(self, sim: AppSim, now: float) -> bool:
@@ -160,28 +166,39 @@ class PolicyStrategy:
 
     # --- the tick ---------------------------------------------------------------------
 
-    def _catch_up(self, upto: int) -> None:
-        """Feed the windows the samples of ticks ``_sampled+1 .. upto`` (none decided)."""
-        sim, windows, tick = self.sim, self._windows, self.sim.timings.tick_s
-        assert windows is not None
-        first = self._sampled + 1
+    def _feed(
+        self,
+        windows: LoadWindows,
+        meter: ConcurrencyMeter,
+        first: int,
+        upto: int,
+        mirror: deque[Sample] | None = None,
+    ) -> None:
+        """Feed ``windows`` the samples of ticks ``first .. upto`` taken from ``meter``."""
+        tick = self.sim.timings.tick_s
         if first > upto:
             return
         # Samples older than the windows fall out of them anyway: one long one will do.
         exact_from = max(first, upto - self._keep)
-        if exact_from > first:
-            windows.add(sim.meter.take((exact_from - 1) * tick))
-        for k in range(exact_from, upto + 1):
-            windows.add(sim.meter.take(k * tick))
-        self._sampled = upto
+        takes = [(exact_from - 1) * tick] if exact_from > first else []
+        takes.extend(k * tick for k in range(exact_from, upto + 1))
+        for at in takes:
+            sample = meter.take(at)
+            windows.add(sample)
+            if mirror is not None:
+                mirror.append(sample)
+
+    def _catch_up(self, upto: int) -> None:
+        """Feed the real windows up to tick ``upto`` (the skipped ticks decided nothing)."""
+        assert self._windows is not None
+        self._feed(self._windows, self.sim.meter, self._sampled + 1, upto, self._mirror)
+        self._sampled = max(self._sampled, upto)
 
     def _tick(self, now: float, i: int) -> None:
         sim, cfg = self.sim, self.sim.config
         windows = self._windows
         assert windows is not None
-        self._catch_up(i - 1)
-        windows.add(sim.meter.take(now))
-        self._sampled = i
+        self._catch_up(i)
         fleet = snapshot(sim.app, sim.machines, self._snaps)
         decision = self.decide(fleet, windows, cfg, now, self.state, sim.last_request_at)
         sim.stats.decisions += 1
@@ -191,25 +208,44 @@ class PolicyStrategy:
         for action in decision.actions:
             self._act(action, now)
         following: int | None = i + 1
-        if self.skip_idle and not decision.actions and self._quiet(now):
+        if self.skip_idle and not decision.actions and self._quiet():
             following = self._probe(i, fleet)
         if following is None:
             self._asleep = True
         else:
             sim.call(following * sim.timings.tick_s, self._tick, following)
 
-    def _quiet(self, now: float) -> bool:
+    def _quiet(self) -> bool:
+        """Nothing will change before the next arrival but the clock (and the windows,
+        which only receive zeros until then)."""
         sim = self.sim
         if sim.in_flight or sim.queued:
             return False
-        if now - sim.idle_since < self._keep * sim.timings.tick_s:
-            return False  # the windows may still hold load
         return all(m.busy is None and not m.draining for m in sim.machines)
 
+    def _windows_at(self, j: int) -> LoadWindows:
+        """The windows as tick ``j`` will see them if no request arrives before it."""
+        cfg, real = self.sim.config, self._windows
+        assert real is not None
+        fresh = LoadWindows(cfg.stable_window_s, cfg.panic_window_s)
+        fresh.last_active = real.last_active
+        if j - self._sampled <= self._keep:
+            # Further on, the zeros to come push every one of these out anyway.
+            for sample in self._mirror:
+                fresh.add(sample)
+        # Same code, same numbers: a meter that nobody uses gives the zero samples.
+        idle = ConcurrencyMeter(self._sampled * self.sim.timings.tick_s)
+        self._feed(fresh, idle, self._sampled + 1, j)
+        return fresh
+
     def _probe(self, i: int, fleet: Fleet) -> int | None:
-        """The next tick whose decision may differ; None: none before the next arrival."""
-        sim, cfg, windows, tick = self.sim, self.sim.config, self._windows, self.sim.timings.tick_s
-        assert windows is not None
+        """The next tick whose decision may differ; None: none before the next arrival.
+
+        Relies on the policy's timers being one-way (once a decision differs from "nothing
+        to do, same state", every later one does too, while nothing arrives): so the
+        furthest tick is asked first, and a change is bisected.
+        """
+        sim, cfg, tick = self.sim, self.sim.config, self.sim.timings.tick_s
         state, last = self.state, sim.last_request_at
         limit = min(sim.next_arrival(), sim.horizon)
         top = int(limit // tick) - i  # the furthest tick at or before the limit
@@ -217,22 +253,13 @@ class PolicyStrategy:
             return i + 1
 
         def same(k: int) -> bool:
-            d = self.decide(fleet, windows, cfg, (i + k) * tick, state, last)
+            j = i + k
+            d = self.decide(fleet, self._windows_at(j), cfg, j * tick, state, last)
             return not d.actions and d.state == state
 
-        lo, hi = 0, None
-        k = 1
-        while True:
-            if same(k):
-                lo = k
-                if k == top:
-                    break
-                k = min(2 * k, top)
-            else:
-                hi = k
-                break
-        if hi is None:
+        if same(top):
             return None
+        lo, hi = 0, top
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if same(mid):
