@@ -121,6 +121,23 @@ async def stop_machine(request: web.Request) -> web.Response:
     return ok_body()
 
 
+async def restart_machine(request: web.Request) -> web.Response:
+    m = machine_of(request)
+    sig, timeout = validate.stop_body(await read_body(request, required=False))
+    world_of(request).lifecycle.restart(m, sig, timeout)
+    return ok_body()
+
+
+async def signal_machine(request: web.Request) -> web.Response:
+    m = machine_of(request)
+    body = await read_body(request)
+    if not isinstance(body, dict) or "signal" not in body:
+        raise validate.BadRequest("signal: required")
+    sig, _ = validate.stop_body({"signal": body["signal"]})
+    world_of(request).lifecycle.send_signal(m, sig)
+    return ok_body()
+
+
 async def suspend_machine(request: web.Request) -> web.Response:
     m = machine_of(request)
     world_of(request).lifecycle.suspend(m)
@@ -326,6 +343,8 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("POST", _M + "/start", start_machine, "startMachine"),
     ("POST", _M + "/stop", stop_machine, "stopMachine"),
     ("POST", _M + "/suspend", suspend_machine, "suspendMachine"),
+    ("POST", _M + "/restart", restart_machine, "restartMachine"),
+    ("POST", _M + "/signal", signal_machine, "signalMachine"),
     ("GET", _M + "/wait", wait_machine, "waitForMachineState"),
     ("POST", _M + "/cordon", cordon, "cordonMachine"),
     ("POST", _M + "/uncordon", cordon, "uncordonMachine"),

@@ -187,6 +187,18 @@ class Lifecycle:
         self.record(m, "stopping", "stop", request={"signal": signal.Signals(sig).name})
         self._run(m, self._stop(m, sig, timeout_s))
 
+    def restart(self, m: Machine, sig: int, timeout_s: float) -> None:
+        if m.state != "started":
+            raise Conflict(f"unable to restart machine from current state: '{m.state}'")
+        self.record(m, "restarting", "restart", request={"signal": signal.Signals(sig).name})
+        self._run(m, self._restart(m, sig, timeout_s))
+
+    def send_signal(self, m: Machine, sig: int) -> None:
+        mp = self.procs.get(m.id)
+        if m.state != "started" or mp is None:
+            raise Conflict(f"unable to signal machine in current state: '{m.state}'")
+        mp.signal(sig)  # an exit it causes is handled like any other exit
+
     def suspend(self, m: Machine) -> None:
         if m.state != "started":
             raise Conflict(f"unable to suspend machine from current state: '{m.state}'")
@@ -333,6 +345,13 @@ class Lifecycle:
         self.record(m, "stopped", source="flyd")
         if m.config.get("auto_destroy") is True:
             self.destroy(m, force=True)
+
+    async def _restart(self, m: Machine, sig: int, timeout_s: float) -> None:
+        mp = self.procs.pop(m.id, None)
+        if mp is not None:
+            await mp.terminate(sig, timeout_s)
+        self.record(m, "starting", source="flyd")
+        await self._boot(m)
 
     async def _update(self, m: Machine, previous: str) -> None:
         mp = self.procs.pop(m.id, None)

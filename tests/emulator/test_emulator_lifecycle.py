@@ -6,7 +6,16 @@ import asyncio
 
 import aiohttp
 import pytest
-from emu_helpers import create_app, create_machine, hit, pid_gone, session, wait, wait_ok
+from emu_helpers import (
+    create_app,
+    create_machine,
+    hit,
+    pid_gone,
+    session,
+    until_state,
+    wait,
+    wait_ok,
+)
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -254,3 +263,28 @@ async def test_auto_destroy_removes_a_machine_that_exits(emulator: Emulator, how
             await s.post(f"/v1/apps/demo/machines/{mid}/stop")
         await wait_ok(s, "demo", mid, "destroyed")
         assert (await s.get(f"/v1/apps/demo/machines/{mid}")).status == 404
+
+
+async def test_restart_and_signal_extras(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        mid, ip = m["id"], m["private_ip"]
+        base = f"/v1/apps/demo/machines/{mid}"
+        await wait_ok(s, "demo", mid)
+        before = await hit(ip)
+        record = emulator.machine("demo", mid)
+        r = await s.post(base + "/restart", json={"signal": "SIGTERM"})
+        assert r.status == 200
+        assert record.state == "restarting"
+        await until_state(record, "started")
+        after = await hit(ip)
+        assert after["pid"] != before["pid"]
+        assert after["count"] == 1
+        assert (await s.post(base + "/signal", json={})).status == 400
+        r = await s.post(base + "/signal", json={"signal": "SIGTERM"})
+        assert r.status == 200
+        await wait_ok(s, "demo", mid, "stopped")
+        assert record.events[-1].type == "exit"
+        assert record.events[-1].request["exit_event"]["exit_code"] == 0
+        assert (await s.post(base + "/signal", json={"signal": "SIGTERM"})).status == 412
