@@ -239,7 +239,11 @@ class Load:
 
     async def _client(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.once()
+            if not (await self.once()).isdigit():
+                # No HTTP answer (nothing listens during a restart): back off a little, as a
+                # real client would, instead of counting refusals in a tight loop.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.05)
 
     async def resize(self, n: int) -> None:
         """Run ``n`` clients; the ones let go finish their request first."""
