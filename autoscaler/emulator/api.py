@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from autoscaler.emulator import validate
+from autoscaler.emulator.leases import MAX_TTL_S, NONCE_HEADER
 from autoscaler.emulator.middleware import (
     CTX,
     Context,
@@ -25,6 +26,7 @@ from autoscaler.emulator.middleware import (
     auth_mw,
     error,
     errors_mw,
+    leased_machine,
     limits_mw,
     machine_of,
     ok_body,
@@ -96,40 +98,40 @@ async def get_machine(request: web.Request) -> web.Response:
 
 
 async def update_machine(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     config, name, region, _ = validate.machine_request(await read_body(request))
     world_of(request).update_machine(m, config, name, region)
     return web.json_response(m.to_json())
 
 
 async def delete_machine(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     world_of(request).destroy_machine(m, query_flag(request, "force", "kill"))
     return ok_body()
 
 
 async def start_machine(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     previous = world_of(request).lifecycle.start(m)
     return web.json_response({"previous_state": previous, "migrated": False, "new_host": ""})
 
 
 async def stop_machine(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     sig, timeout = validate.stop_body(await read_body(request, required=False))
     world_of(request).lifecycle.stop(m, sig, timeout)
     return ok_body()
 
 
 async def restart_machine(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     sig, timeout = validate.stop_body(await read_body(request, required=False))
     world_of(request).lifecycle.restart(m, sig, timeout)
     return ok_body()
 
 
 async def signal_machine(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     body = await read_body(request)
     if not isinstance(body, dict) or "signal" not in body:
         raise validate.BadRequest("signal: required")
@@ -139,7 +141,7 @@ async def signal_machine(request: web.Request) -> web.Response:
 
 
 async def suspend_machine(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     world_of(request).lifecycle.suspend(m)
     return ok_body()
 
@@ -197,10 +199,40 @@ async def wait_machine(request: web.Request) -> web.Response:
 
 
 async def cordon(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     m.cordoned = request.match_info.route.name == "cordonMachine"
     world_of(request).lifecycle.record(m, m.state)
     return ok_body()
+
+
+async def get_lease(request: web.Request) -> web.Response:
+    m = machine_of(request)
+    lease = request.app[CTX].leases.current(m.id)
+    if lease is None:
+        raise NotFound(f"no lease on machine {m.id}")
+    return web.json_response(lease.to_json())
+
+
+async def create_lease(request: web.Request) -> web.Response:
+    m = machine_of(request)
+    body = await read_body(request, required=False) or {}
+    if not isinstance(body, dict):
+        raise validate.BadRequest("body: expected a JSON object")
+    ttl = validate.seconds(body.get("ttl", 30), "ttl", 1, MAX_TTL_S)
+    description = body.get("description") or ""
+    if not isinstance(description, str):
+        raise validate.BadRequest("description: expected a string")
+    lease = request.app[CTX].leases.acquire(
+        m.id, m.instance_id, int(ttl), description, request.headers.get(NONCE_HEADER)
+    )
+    return web.json_response(lease.to_json(), status=201)
+
+
+async def release_lease(request: web.Request) -> web.Response:
+    m = machine_of(request)
+    if not request.app[CTX].leases.release(m.id, request.headers.get(NONCE_HEADER)):
+        raise NotFound(f"no lease on machine {m.id}")
+    return web.json_response({})
 
 
 async def list_events(request: web.Request) -> web.Response:
@@ -229,7 +261,7 @@ async def get_metadata(request: web.Request) -> web.Response:
 
 
 async def set_metadata(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     key = validate.metadata_key(request.match_info["key"])
     _metadata(m)[key] = validate.metadata_value(await read_body(request))
     world_of(request).lifecycle.record(m, m.state)
@@ -237,7 +269,7 @@ async def set_metadata(request: web.Request) -> web.Response:
 
 
 async def delete_metadata(request: web.Request) -> web.Response:
-    m = machine_of(request)
+    m = leased_machine(request)
     key = request.match_info["key"]
     meta = _metadata(m)
     if key not in meta:
@@ -349,6 +381,9 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("POST", _M + "/cordon", cordon, "cordonMachine"),
     ("POST", _M + "/uncordon", cordon, "uncordonMachine"),
     ("GET", _M + "/events", list_events, "listMachineEvents"),
+    ("GET", _M + "/lease", get_lease, "getMachineLease"),
+    ("POST", _M + "/lease", create_lease, "createMachineLease"),
+    ("DELETE", _M + "/lease", release_lease, "releaseMachineLease"),
     ("GET", _M + "/metadata", get_metadata_all, "getMachineMetadataAll"),
     ("GET", _M + "/metadata/{key}", get_metadata, "getMachineMetadata"),
     ("POST", _M + "/metadata/{key}", set_metadata, "setMachineMetadata"),

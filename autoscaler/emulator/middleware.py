@@ -21,6 +21,7 @@ from aiohttp import web
 
 from autoscaler.config import FaultSettings
 from autoscaler.emulator import validate
+from autoscaler.emulator.leases import NONCE_HEADER, LeaseHeld, Leases
 from autoscaler.emulator.limits import RateLimiter, retry_after
 from autoscaler.emulator.machines import Conflict
 from autoscaler.emulator.model import Machine
@@ -38,6 +39,7 @@ class Context:
     rng: random.Random
     faults: FaultSettings
     rate_limits: bool
+    leases: Leases = field(default_factory=Leases)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     oidc_key: bytes = b""
 
@@ -65,6 +67,8 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         response = error(412, str(exc))
     except NameTaken as exc:
         response = error(422, str(exc))
+    except LeaseHeld as exc:
+        response = error(409, str(exc))
     except web.HTTPException as exc:
         response = error(exc.status, exc.reason)
     except Exception:
@@ -121,6 +125,13 @@ def world_of(request: web.Request) -> World:
 def machine_of(request: web.Request) -> Machine:
     info = request.match_info
     return world_of(request).machine(info["app_name"], info["machine_id"])
+
+
+def leased_machine(request: web.Request) -> Machine:
+    """The machine a changing call targets; 409 when someone else holds its lease."""
+    m = machine_of(request)
+    request.app[CTX].leases.check(m.id, request.headers.get(NONCE_HEADER))
+    return m
 
 
 async def read_body(request: web.Request, required: bool = True) -> Any:

@@ -252,3 +252,25 @@ async def test_injected_500_and_429(emulator: Emulator) -> None:
         emulator.set_faults(FaultSettings())
         r = await s.get("/v1/apps", params={"org_slug": "personal"})
         assert r.status == 200
+
+
+async def test_leases_lock_changes_to_their_holder(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, start=False)
+        base = f"/v1/apps/demo/machines/{m['id']}"
+        assert (await s.get(base + "/lease")).status == 404
+        r = await s.post(base + "/lease", json={"ttl": 60, "description": "deploy"})
+        assert r.status == 201
+        lease = await r.json()
+        nonce = {"fly-machine-lease-nonce": lease["nonce"]}
+        assert (await (await s.get(base + "/lease")).json())["description"] == "deploy"
+        r = await s.post(base + "/cordon")
+        assert r.status == 409
+        assert "leased" in (await r.json())["error"]
+        assert (await s.post(base + "/lease", json={"ttl": 5})).status == 409
+        assert (await s.post(base + "/cordon", headers=nonce)).status == 200
+        assert (await s.get(base)).status == 200  # reads need no nonce
+        assert (await s.delete(base + "/lease")).status == 409  # wrong (no) nonce
+        assert (await s.delete(base + "/lease", headers=nonce)).status == 200
+        assert (await s.post(base + "/uncordon")).status == 200
