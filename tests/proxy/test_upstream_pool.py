@@ -1,0 +1,84 @@
+"""The upstream hop: keep-alive reuse, idle connections the machine closed, early answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .conftest import Backend, StartProxy, url
+
+
+async def test_sequential_requests_reuse_one_upstream_connection(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    transports: set[int] = set()
+
+    async def handler(request: web.Request) -> web.Response:
+        transports.add(id(request.transport))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}]
+    )
+    for _ in range(20):
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert await r.text() == "ok"
+    assert len(transports) == 1
+
+
+async def test_connection_closed_by_the_machine_while_idle_is_not_an_error(
+    start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    """A machine that closes every connection right after answering (short keep-alive)."""
+    served = 0
+
+    async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readuntil(b"\r\n\r\n")
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # no "Connection: close": the proxy pooled it and learns by EOF
+
+    server = await asyncio.start_server(one_shot, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy(
+            [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}]
+        )
+        for _ in range(10):
+            async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+                assert r.status == 200
+                assert await r.text() == "ok"
+        assert served == 10
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_early_answer_before_the_body_is_relayed(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    async def reject(request: web.Request) -> web.Response:
+        return web.Response(status=401, text="no")  # without reading the body
+
+    app = web.Application()
+    app.router.add_post("/", reject)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}]
+    )
+
+    async def small_body() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+
+    async with session.post(url(proxy), data=small_body(), headers={"Host": "a.test"}) as r:
+        assert r.status == 401
+        assert await r.text() == "no"
+    # The proxy still works (the half-used connection was not pooled).
+    async with session.post(url(proxy), data=b"y", headers={"Host": "a.test"}) as r:
+        assert r.status == 401
