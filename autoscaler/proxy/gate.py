@@ -52,6 +52,7 @@ class HoldTimeout(Exception):
 @dataclass(eq=False, slots=True)
 class _Waiter:
     future: asyncio.Future[Upstream]
+    view: AppView  # where it was counted as held, released on the same one
     wake: asyncio.Task[str] | None = None
 
 
@@ -67,13 +68,18 @@ class Gate:
     ) -> None:
         self.config = config
         self.fleet = fleet
-        self.view: AppView = fleet.app(config.name)
         self.rng = rng
         self._queued_gauge = metrics.queued.labels(app=config.name)
         self._queue: deque[_Waiter] = deque()
         self._pump_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Task[str] | None = None
         self._wake_failed_at: float | None = None
+
+    @property
+    def view(self) -> AppView:
+        # Looked up each time: the controller may replace an app's view (remove_app on a
+        # reload), and a gate holding the old one would never see its machines again.
+        return self.fleet.app(self.config.name)
 
     @property
     def queued(self) -> int:
@@ -106,11 +112,12 @@ class Gate:
         if len(self._queue) >= self.config.max_queue:
             raise QueueFull
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future())
+        view = self.view
+        waiter = _Waiter(loop.create_future(), view)
         self._queue.append(waiter)
-        self.view.hold()
+        view.hold()
         self._queued_gauge.inc()
-        if not self.view.routable():
+        if not view.routable():
             self._ask_wake()
         if self._wake is not None and not self._wake.done():
             waiter.wake = self._wake
@@ -158,7 +165,7 @@ class Gate:
             self._queue.remove(waiter)
         except ValueError:
             return
-        self.view.release()
+        waiter.view.release()
         self._queued_gauge.dec()
         if not self._queue and self._pump_task is not None:
             self._pump_task.cancel()
@@ -183,22 +190,23 @@ class Gate:
         queue = self._queue
         if not queue:
             return
-        routable = self.view.routable()
+        view = self.view
+        routable = view.routable()
         limit = self.config.hard_limit
         while queue:
             waiter = queue[0]
             if waiter.future.done():  # its request gave up a moment ago
                 queue.popleft()
-                self.view.release()
+                waiter.view.release()
                 self._queued_gauge.dec()
                 continue
             up = pick(routable, limit, self.rng)
             if up is None:
                 return
             queue.popleft()
-            self.view.release()
+            waiter.view.release()
             self._queued_gauge.dec()
-            self.view.begin(up)
+            view.begin(up)
             waiter.future.set_result(up)
 
     async def _pump(self) -> None:
