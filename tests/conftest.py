@@ -15,7 +15,7 @@ import pytest
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
-from autoscaler.emulator.procs import SESSION_ENV, leftovers
+from autoscaler.emulator.procs import SESSION_ENV, leftovers, pid_alive
 
 
 @pytest.fixture
@@ -34,7 +34,8 @@ async def emulator(emulator_settings: EmulatorSettings) -> AsyncIterator[Emulato
     """A started emulator on 127.0.0.1 and an ephemeral port; every child reaped after."""
     async with Emulator(emulator_settings, host="127.0.0.1", port=0) as emu:
         yield emu
-    assert not emu.world.lifecycle.procs, "the emulator still tracks machine processes"
+    alive = [pid for pid in emu.spawned_pids() if pid_alive(pid)]
+    assert not alive, f"machine processes outlived the emulator: {alive}"
 
 
 @pytest.fixture(scope="session", autouse=True)

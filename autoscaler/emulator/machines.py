@@ -65,6 +65,7 @@ class Lifecycle:
         self._on_change = on_change
         self.reaper = Reaper()
         self.procs: dict[str, MachineProcess] = {}
+        self.spawned: list[int] = []  # every pid ever started, for leak checks
         self.outputs: dict[str, deque[str]] = {}  # last output of each machine's process
         self._ops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -292,6 +293,7 @@ class Lifecycle:
             fut.add_done_callback(self._kill_spawned)
             raise
         self.procs[m.id] = mp
+        self.spawned.append(mp.pid)
         self.outputs[m.id] = mp.output
         self._background(self._watch(m, mp))
         return mp

@@ -215,6 +215,24 @@ class AddressPool:
         raise RuntimeError("no free loopback address found")
 
 
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not count). Linux /proc; elsewhere kill(0)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
 def leftovers(parent_pid: int) -> list[tuple[int, str]]:
     """Live processes that are children of ``parent_pid`` or carry its pid as a mark.
 

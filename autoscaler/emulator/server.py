@@ -142,6 +142,10 @@ class Emulator:
         """Every machine process this emulator has running now."""
         return [mp.pid for mp in self.world.lifecycle.procs.values()]
 
+    def spawned_pids(self) -> list[int]:
+        """Every machine process this emulator ever started (running or not)."""
+        return list(self.world.lifecycle.spawned)
+
     def kill_machine_process(self, app: str, machine_id: str, sig: int = signal.SIGKILL) -> bool:
         """Simulate a crash; the machine then stops (or restarts, per its policy)."""
         return self.world.lifecycle.kill_process(self.world.machine(app, machine_id), sig)

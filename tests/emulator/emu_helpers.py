@@ -10,6 +10,7 @@ import aiohttp
 
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.model import Machine
+from autoscaler.emulator.procs import pid_alive
 
 DEMO = "autoscaler/demo-app"
 
@@ -76,12 +77,7 @@ async def hit(ip: str, port: int = 8080, path: str = "/") -> dict[str, Any]:
 
 def pid_gone(pid: int) -> bool:
     """True when ``pid`` no longer runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rindex(b")") + 2 :].split()[0] == b"Z"
+    return not pid_alive(pid)
 
 
 async def until_state(m: Machine, state: str, seconds: float = 20) -> None:
