@@ -114,3 +114,34 @@ def test_overrides_read_yaml_scalars() -> None:
         "min_machines": 1,
         "scale_down_action": "stop",
     }
+
+
+def test_config_apps_by_name_equal_the_same_knobs_set_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "autoscaler.yaml"
+    config.write_text("control:\n  tick_s: 2\napps:\n  - name: sparse\n    idle_to_zero_s: 1m\n")
+    base = ["simulate", "--trace", str(bundled("sparse-24h")), "--strategies", "autoscaler"]
+    assert main([*base, "--format", "json", "--config", str(config)]) == 0
+    from_config = json.loads(capsys.readouterr().out)
+    assert from_config["timings"]["tick_s"] == 2.0
+    flags = ["--format", "json", "--set", "idle_to_zero_s=60", "--tick-s", "2"]
+    assert main([*base, *flags]) == 0
+    assert json.loads(capsys.readouterr().out) == from_config
+    assert main([*base, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] != from_config["total"]
+
+
+def test_azure_trace_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "invocations_per_function_md.anon.d01.csv"
+    minutes = ",".join(str(i) for i in range(1, 1441))
+    counts = ",".join("2" if i % 60 == 0 else "0" for i in range(1440))  # twice an hour
+    path.write_text(f"HashOwner,HashApp,HashFunction,Trigger,{minutes}\no,{'a' * 64},f,http,"
+                    f"{counts}\n")  # fmt: skip
+    argv = ["simulate", "--trace", str(path), "--duration-ms", "250", "--format", "json"]
+    assert main([*argv, "--strategies", "always-on"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["total"]["always-on"]["requests"] == 48
+    assert doc["horizon_s"] == pytest.approx(23 * 3600 + 45 + 0.25)  # last: 23:00:45
