@@ -206,6 +206,7 @@ async def _send(
         else:
             writer.send_headers()
             exchange._body_task = loop.create_task(_send_body(writer, body, proto))
+            exchange._body_task.add_done_callback(_retrieved)
         while True:
             message, payload = await _read(proto, exchange._body_task)
             # 1xx interim responses (100 Continue, 103 Early Hints) are the hop's own.
@@ -241,6 +242,13 @@ async def _read(
             if failure is not None:
                 raise ServerDisconnectedError() from failure
         raise
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark a body failure as seen: it reaches the client through the response path (408,
+    413, 502), and an unread one would be logged as "Task exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _send_body(

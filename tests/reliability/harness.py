@@ -30,8 +30,8 @@ from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.service import Service
 
-FLY_TOKEN = "fly-token-r3l14b1l1ty-n0t-f0r-upstr34m"  # noqa: S105 - a test token
-ADMIN_TOKEN = "admin-token-r3l14b1l1ty-k33p-0ut"  # noqa: S105 - a test token
+FLY_TOKEN = "fly-token-r3l14b1l1ty-n0t-f0r-upstr34m"
+ADMIN_TOKEN = "admin-token-r3l14b1l1ty-k33p-0ut"
 HOST = "web.test"
 APP = "web"
 
@@ -93,9 +93,7 @@ def live_tasks() -> int:
     return len([t for t in asyncio.all_tasks() if not t.done()])
 
 
-async def settle(
-    measure: Callable[[], int], baseline: int, timeout_s: float = 10.0
-) -> int:
+async def settle(measure: Callable[[], int], baseline: int, timeout_s: float = 10.0) -> int:
     """Wait for ``measure()`` to come back to ``baseline`` (sockets close asynchronously);
     returns the last value, so the caller's assert shows what was left."""
     loop = asyncio.get_running_loop()

@@ -40,9 +40,7 @@ from .harness import (
 )
 
 MACHINES = 10
-FAULTS = FaultSettings(
-    latency_s=0.2, error_rate=0.10, rate_limit_rate=0.05, boot_failure_rate=0.05
-)
+FAULTS = FaultSettings(latency_s=0.2, error_rate=0.10, rate_limit_rate=0.05, boot_failure_rate=0.05)
 # Clients per phase: warm, above target, burst, low, idle (sleep, then a wake), steady.
 PHASES = (4, 16, 30, 6, 0, 12)
 STEADY = 12
@@ -121,9 +119,7 @@ async def test_api_faults_lose_no_request(
         assert our_cordons(emulator, APP) == []
 
         outcomes = dict(load.outcomes)
-        queue_full = metric(
-            svc, "autoscaler_queue_rejections_total", app=APP, reason="queue_full"
-        )
+        queue_full = metric(svc, "autoscaler_queue_rejections_total", app=APP, reason="queue_full")
         wake_timeout = metric(
             svc, "autoscaler_queue_rejections_total", app=APP, reason="wake_timeout"
         )

@@ -46,10 +46,18 @@ def emulator_url() -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOSCALER_", "FLY_"))}
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "autoscaler", "emulator",
-            "--listen", f"127.0.0.1:{port}", "--token", FLY_TOKEN,
-            "--no-rate-limits", "--app", f"{APP}=1",
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "autoscaler",
+            "emulator",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token",
+            FLY_TOKEN,
+            "--no-rate-limits",
+            "--app",
+            f"{APP}=1",
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -120,7 +128,7 @@ def test_schemathesis_negative_data_gets_no_5xx(
         "--no-color",
     ]  # fmt: skip
     try:
-        done = subprocess.run(  # noqa: S603 - our own venv's schemathesis
+        done = subprocess.run(
             args,
             cwd=tmp_path,
             capture_output=True,
@@ -137,11 +145,14 @@ def test_schemathesis_negative_data_gets_no_5xx(
     figures.record("emulator_schemathesis", mode="negative", summary=summary[-3:])
 
 
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
-)  # fmt: skip
+)
 # Keys the emulator's handlers look at, so the fuzz reaches past "not an object".
 KNOWN = st.fixed_dictionaries(
     {},

@@ -195,7 +195,9 @@ CASES: dict[str, tuple[bytes, ...]] = {
         b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nContent-Length: 100\r\n\r\nshort",
     ),
     "body over max_body_bytes": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: "
+        + HOST.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
         + (b"100000\r\n" + b"x" * 0x100000 + b"\r\n") * 2
         + b"0\r\n\r\n",
     ),
@@ -316,7 +318,8 @@ async def test_hostile_clients_get_4xx_or_a_closed_connection(
         if s.name.endswith("_total") and s.labels.get("code", "").startswith("5")
     ]
     assert fives == [], fives
-    assert '"level": "error"' not in log_capture.text()
+    errors = [line for line in log_capture.text().splitlines() if '"level": "error"' in line]
+    assert errors == [], errors[:3]
     figures.record(
         "hostile_clients",
         cases=len(results),

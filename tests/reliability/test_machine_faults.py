@@ -92,8 +92,7 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
     file = write_config(tmp_path / "autoscaler.yaml", config)
     outcomes: dict[str, str] = {}
     async with live_service(file) as svc, Load(f"http://127.0.0.1:{svc.proxy.port}") as load:  # type: ignore[union-attr]
-        assert svc.controller is not None
-        rt = svc.controller.apps[APP]
+        assert svc.proxy is not None
         await _two_started(svc, emulator)
 
         # 1. A request waiting for its response headers: replayed elsewhere, or one 502.
@@ -117,15 +116,17 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
 
         # 3. A response cut off mid-body: the client must see the break.
         url = f"http://127.0.0.1:{svc.proxy.port}/stream?n=40&ms=50"
-        async with aiohttp.ClientSession() as http:
-            async with http.get(url, headers={"Host": HOST}) as resp:
-                assert resp.status == 200
-                first = await resp.content.readline()
-                assert first.startswith(b"chunk 0")
-                streaming = await _busy_machine(svc)
-                assert emulator.kill_machine_process(APP, streaming)
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await resp.read()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(url, headers={"Host": HOST}) as resp,
+        ):
+            assert resp.status == 200
+            first = await resp.content.readline()
+            assert first.startswith(b"chunk 0")
+            streaming = await _busy_machine(svc)
+            assert emulator.kill_machine_process(APP, streaming)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
         outcomes["body_under_way"] = "ClientPayloadError"
         after = [await load.once("/work?ms=5") for _ in range(20)]
         assert after == ["200"] * 20, load.details
@@ -135,7 +136,9 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
             what="the controller to start a machine after the second crash",
         )
         await _two_started(svc, emulator)
-        starts = metric(svc, "autoscaler_scaling_actions_total", app=APP, action="start", result="ok")
+        starts = metric(
+            svc, "autoscaler_scaling_actions_total", app=APP, action="start", result="ok"
+        )
         figures.record(
             "machine_faults",
             machines_killed=2,

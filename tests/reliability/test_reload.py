@@ -93,7 +93,8 @@ async def test_sighup_reload_under_load(
     running = asyncio.create_task(svc.run())
     try:
         await until(lambda: svc.admin is not None and svc.proxy is not None, 30, "the start")
-        assert svc.proxy is not None and svc.controller is not None
+        assert svc.proxy is not None
+        assert svc.controller is not None
         proxy = f"http://127.0.0.1:{svc.proxy.port}"
         async with aiohttp.ClientSession() as http, Load(proxy, path="/work?ms=20") as load:
             assert await _status(http, f"{proxy}/", "old.test") == 200
@@ -112,14 +113,13 @@ async def test_sighup_reload_under_load(
             await _reload(svc, "success", 0)
             assert svc.controller.apps[APP].config.max_machines == 2
             assert svc.proxy.settings.app(APP).idle_to_zero_s == 120
-            assert "old" not in svc.controller.apps and "web2" in svc.controller.apps
+            assert "old" not in svc.controller.apps
+            assert "web2" in svc.controller.apps
             assert await _status(http, f"{proxy}/", "api.test") == 200
             assert await _status(http, f"{proxy}/", "web2.test") == 200  # woken via the API
             assert await _status(http, f"{proxy}/", "old.test") == 404
             served_after_valid = load.outcomes["200"]
-            await until(
-                lambda: load.outcomes["200"] > served_after_valid + 50, 30, "more load"
-            )
+            await until(lambda: load.outcomes["200"] > served_after_valid + 50, 30, "more load")
 
             # 2. An invalid file: rejected, logged, counted; the running config stays.
             (tmp_path / "autoscaler.yaml").write_text(
@@ -128,15 +128,14 @@ async def test_sighup_reload_under_load(
             await _reload(svc, "error", 0)
             assert metric(svc, "autoscaler_config_reloads_total", result="success") == 1
             rejected = log_capture.events("config_reload_rejected")
-            assert rejected and '"level": "error"' in rejected[0]
+            assert rejected
+            assert '"level": "error"' in rejected[0]
             assert "max_machines" in rejected[0]
             assert svc.controller.apps[APP].config.max_machines == 2
             assert await _status(http, f"{proxy}/", "api.test") == 200
             assert await _status(http, f"{proxy}/", HOST) == 200
             served_after_invalid = load.outcomes["200"]
-            await until(
-                lambda: load.outcomes["200"] > served_after_invalid + 50, 30, "more load"
-            )
+            await until(lambda: load.outcomes["200"] > served_after_invalid + 50, 30, "more load")
             await load.resize(0)
             outcomes = dict(load.outcomes)
             details = load.details[:10]

@@ -103,7 +103,8 @@ class Autoscaler:
             await asyncio.sleep(0.1)
 
     async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         while chunk := await self.proc.stdout.read(65536):
             self.output += chunk
 
