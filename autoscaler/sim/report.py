@@ -74,6 +74,10 @@ def as_table(report: Report, per_app: bool = True) -> str:
         f"resume {t.resume_s:g}s, cold start {t.start_s:g}s, suspend {t.suspend_s:g}s, "
         f"stop {t.stop_s:g}s"
     )
+    out.append(
+        "woken: arrived with no machine routable and waited for one; waits: over all "
+        "requests served; m·s: machine-seconds"
+    )
     return "\n".join(out) + "\n"
 
 

@@ -132,6 +132,33 @@ def test_skipping_idle_ticks_changes_nothing() -> None:
         assert getattr(fast, field) == getattr(exact, field), field
 
 
+@pytest.mark.parametrize(
+    ("tick_s", "knobs"),
+    [
+        (1.0, {"scale_down_delay_s": 20, "idle_to_zero_s": 90}),
+        (0.5, {"scale_down_delay_s": 5, "min_machines": 1, "stop_suspended_after_s": 300}),
+        (0.7, {"panic_threshold": 1.5, "scale_down_action": "stop", "min_lifetime_s": 0}),
+    ],
+)
+def test_skipping_is_exact_through_bursts_panics_and_scale_downs(
+    tick_s: float, knobs: dict[str, Any]
+) -> None:
+    # Two bursts that need several machines (and panic), with quiet between and after.
+    requests = [(50.0 + i * 0.02, 1.5) for i in range(1500)]
+    requests += [(400.0 + i * 0.5, 0.3) for i in range(40)]
+    requests += [(900.0 + i * 0.03, 2.0) for i in range(1000)]
+    timings = Timings(tick_s=tick_s)
+    runs = [
+        replay(requests, PolicyStrategy(skip_idle=skip), horizon=2400.0, timings=timings, **knobs)
+        for skip in (True, False)
+    ]
+    fast, exact = runs
+    assert exact.peak_machines >= 3
+    assert fast.decisions < exact.decisions
+    for field in ("wake_waits", "waits", "up_s", "suspended_s", "api_actions", "changes"):
+        assert getattr(fast, field) == getattr(exact, field), field
+
+
 def test_quantile_counts_requests_that_did_not_wait() -> None:
     assert quantile([2.0], 100, 0.5) == 0.0
     assert quantile([2.0], 100, 0.99) == 0.0
