@@ -122,11 +122,11 @@ async def test_emulator_conforms_to_the_seed(emulator: Emulator, tmp_path: Path)
         "--phases",
         "coverage,fuzzing,stateful",
         "--max-examples",
-        "25",
+        "15",
         "--seed",
         "4280",
-        "--workers",
-        "2",
+        "--workers",  # one: CPython 3.11.7's ast is not thread-safe (gh-106905), and
+        "1",  # Hypothesis parses lambdas with it while drawing
         "--no-color",
     ]
     code, out = await _schemathesis(
