@@ -98,11 +98,17 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         autostop_interval_s=args.autostop_interval_s,
         keepalive_s=args.keepalive_s,
     )
-    trace = read_trace(Path(args.trace), args.trace_format, args.duration_ms / 1000.0)
-    if args.app:
-        trace = trace.only(args.app)
-    if args.max_apps is not None:
-        trace = trace.busiest(args.max_apps)
+    if args.max_apps is not None and args.max_apps < 1:
+        raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")
+    if args.duration_ms <= 0:
+        raise ValueError(f"--duration-ms: expected a number > 0, got {args.duration_ms:g}")
+    trace = read_trace(
+        Path(args.trace),
+        args.trace_format,
+        args.duration_ms / 1000.0,
+        only=args.app,
+        busiest=args.max_apps,
+    )
     if not trace.apps:
         raise TraceError(f"{args.trace}: no requests")
     resolve = config_resolver(configured, overrides)

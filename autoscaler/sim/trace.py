@@ -53,22 +53,38 @@ class Trace:
 
     def only(self, names: Iterable[str]) -> Trace:
         """The apps named (an app matches its full name or a unique prefix of it)."""
-        picked: dict[str, list[Request]] = {}
-        for name in names:
-            if name in self.apps:
-                picked[name] = self.apps[name]
-                continue
-            matches = [a for a in self.apps if a.startswith(name)]
-            if len(matches) != 1:
-                what = "no app" if not matches else f"{len(matches)} apps"
-                raise TraceError(f"--app {name!r}: {what} in the trace match")
-            picked[matches[0]] = self.apps[matches[0]]
-        return Trace(picked)
+        return Trace({a: self.apps[a] for a in select(self.apps, names)})
 
     def busiest(self, count: int) -> Trace:
         """The ``count`` apps with the most requests (ties by name, for reproducibility)."""
-        ranked = sorted(self.apps, key=lambda a: (-len(self.apps[a]), a))[:count]
-        return Trace({a: self.apps[a] for a in sorted(ranked)})
+        sizes = {a: len(r) for a, r in self.apps.items()}
+        return Trace({a: self.apps[a] for a in select(sizes, busiest=count)})
+
+
+def select(
+    apps: Iterable[str] | dict[str, int],
+    names: Iterable[str] | None = None,
+    busiest: int | None = None,
+) -> list[str]:
+    """App names picked by ``--app`` (full name or unique prefix) and then ``--max-apps``
+    (the most requests first; ``apps`` must then map names to request counts)."""
+    known = list(apps)
+    picked = known
+    if names is not None:
+        picked = []
+        for name in names:
+            matches = [name] if name in known else [a for a in known if a.startswith(name)]
+            if len(matches) != 1:
+                what = "no app" if not matches else f"{len(matches)} apps"
+                raise TraceError(f"--app {name!r}: {what} in the trace match")
+            if matches[0] not in picked:
+                picked.append(matches[0])
+    if busiest is not None:
+        if not isinstance(apps, dict):
+            raise TypeError("busiest needs request counts")
+        counts = apps
+        picked = sorted(picked, key=lambda a: (-counts[a], a))[:busiest]
+    return sorted(picked)
 
 
 def _open_text(path: Path) -> TextIO:
@@ -142,8 +158,17 @@ def _chain(head: list[list[str]], rest: Iterator[list[str]]) -> Iterator[list[st
     yield from rest
 
 
-def read_azure(path: Path, duration_s: float) -> Trace:
-    """An Azure Functions 2019 invocation-count file, functions summed per app."""
+def read_azure(
+    path: Path,
+    duration_s: float,
+    only: Iterable[str] | None = None,
+    busiest: int | None = None,
+) -> Trace:
+    """An Azure Functions 2019 invocation-count file, functions summed per app.
+
+    A day's file holds tens of thousands of apps and far more requests than one replay
+    wants: ``only`` and ``busiest`` pick apps from the counts, before any request is made.
+    """
     counts: dict[str, list[int]] = {}
     with _open_text(path) as fh:
         rows = csv.reader(fh)
@@ -170,17 +195,19 @@ def read_azure(path: Path, duration_s: float) -> Trace:
                         raise TraceError(
                             f"{path}:{line}: minute {m + 1}: expected a count, got {text!r}"
                         ) from None
+    totals = {app: sum(per_minute) for app, per_minute in counts.items()}
+    totals = {app: n for app, n in totals.items() if n}
     apps: dict[str, list[Request]] = {}
-    for app, per_minute in counts.items():
+    for app in select(totals, only, busiest):
+        per_minute = counts[app]
         reqs: list[Request] = []
         for m, n in enumerate(per_minute):
             # Evenly spread, each in the middle of its slot: deterministic, no bunching
             # at the minute boundary that a "all at :00" reading would invent.
             step = 60.0 / n if n else 0.0
             reqs.extend((m * 60.0 + (i + 0.5) * step, duration_s) for i in range(n))
-        if reqs:
-            apps[app] = reqs
-    return Trace(dict(sorted(apps.items())))
+        apps[app] = reqs
+    return Trace(apps)
 
 
 def sniff(path: Path) -> str:
@@ -190,14 +217,24 @@ def sniff(path: Path) -> str:
     return "azure" if first.startswith("HashOwner,") else "csv"
 
 
-def read_trace(path: Path, fmt: str = "auto", duration_s: float = 0.1) -> Trace:
-    """Read a trace in the named format (``auto`` looks at the first line)."""
+def read_trace(
+    path: Path,
+    fmt: str = "auto",
+    duration_s: float = 0.1,
+    only: Iterable[str] | None = None,
+    busiest: int | None = None,
+) -> Trace:
+    """Read a trace in the named format (``auto`` looks at the first line), keeping the
+    apps named in ``only`` (full names or unique prefixes), then the ``busiest`` of them."""
     try:
         kind = sniff(path) if fmt == "auto" else fmt
         if kind == "azure":
-            return read_azure(path, duration_s)
+            return read_azure(path, duration_s, only, busiest)
         if kind == "csv":
-            return read_csv(path)
+            trace = read_csv(path)
+            if only is not None:
+                trace = trace.only(only)
+            return trace if busiest is None else trace.busiest(busiest)
     except FileNotFoundError:
         raise TraceError(f"{path}: no such file") from None
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:

@@ -130,3 +130,26 @@ def test_mixed_100_apps_is_heavy_tailed() -> None:
 def test_generate_rejects_unknown_shape() -> None:
     with pytest.raises(ValueError, match="unknown shape"):
         generate("sawtooth")
+
+
+def test_azure_apps_are_picked_from_the_counts(tmp_path: Path) -> None:
+    path = _azure(
+        tmp_path,
+        [
+            ["o", "a" * 64, "f1", "http", "1", "0", "0"],
+            ["o", "b" * 64, "f2", "http", "5", "5", "0"],
+            ["o", "c" * 64, "f3", "http", "0", "0", "3"],
+        ],
+    )
+    assert list(read_trace(path, busiest=2).apps) == ["b" * 12, "c" * 12]
+    assert list(read_trace(path, only=["a", "ccc"], busiest=1).apps) == ["c" * 12]
+    assert read_trace(path, only=["b"]).requests == 10
+    with pytest.raises(TraceError, match="no app"):
+        read_trace(path, only=["d"])
+
+
+def test_csv_apps_are_picked_the_same_way(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("t,app,duration\n0,web,1\n1,web,1\n2,api,1\n")
+    assert list(read_trace(path, busiest=1).apps) == ["web"]
+    assert list(read_trace(path, only=["a"]).apps) == ["api"]
