@@ -7,7 +7,8 @@ of the session they are written as JSON to ``$AUTOSCALER_RELIABILITY_FIGURES`` (
 
 Every test of this directory runs with logging configured as the service does it (JSON
 lines, debug level) into a buffer, plus a copy of each event before the redactor ran; after
-the test, no known secret may appear in either.
+the test, no known secret may appear in either, and no line that only a crash writes
+(an unretrieved task exception, a crashed control loop, a handler that raised).
 """
 
 from __future__ import annotations
@@ -126,3 +127,4 @@ def log_capture() -> Iterator[LogCapture]:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     capture.assert_no_secret()
+    capture.assert_no_crash()

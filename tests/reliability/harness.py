@@ -68,6 +68,21 @@ class LogCapture:
     def events(self, name: str) -> list[str]:
         return [line for line in self.text().splitlines() if f'"event": "{name}"' in line]
 
+    def assert_no_crash(self) -> None:
+        """No line that only a bug writes: an unretrieved task error, a crashed loop, an
+        unclosed session, aiohttp's "Error handling request" (a handler that raised)."""
+        signs = (
+            "Task exception was never retrieved",
+            "Task was destroyed but it is pending",
+            "tick_crashed",
+            "Error handling request",
+            "Unclosed client session",
+            "Unclosed connector",
+            "internal proxy error",
+        )
+        found = [line for line in self.text().splitlines() if any(s in line for s in signs)]
+        assert not found, f"signs of a crash in the log: {found[:3]}"
+
     def assert_no_secret(self) -> None:
         rendered = self.text()
         for secret in self.secrets:
