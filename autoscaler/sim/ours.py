@@ -143,11 +143,14 @@ class PolicyStrategy:
             # The skipped ticks up to now changed nothing (the probe showed it); feed
             # their samples, then tick again from the next one.
             self._asleep = False
-            last = int(now // sim.timings.tick_s)
-            if (last + 1) * sim.timings.tick_s <= now:
+            tick = sim.timings.tick_s
+            last = int(now // tick)  # the last tick at or before now, despite rounding:
+            while last * tick > now:
+                last -= 1
+            while (last + 1) * tick <= now:
                 last += 1
             self._catch_up(last)
-            sim.call((last + 1) * sim.timings.tick_s, self._tick, last + 1)
+            sim.call((last + 1) * tick, self._tick, last + 1)
         return False
 
     def wake(self, sim: AppSim, now: float) -> None:
