@@ -42,6 +42,15 @@ def now_rfc3339(clock: float | None = None) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def internal_port_of(config: dict[str, Any]) -> int:
+    """The port a machine's process must listen on: the first service's internal_port."""
+    for service in config.get("services") or []:
+        port = service.get("internal_port")
+        if isinstance(port, int):
+            return port
+    return 8080
+
+
 class Ids:
     """Identifier factory; the random source is injectable so tests can be reproducible."""
 
@@ -117,12 +126,7 @@ class Machine:
 
     @property
     def internal_port(self) -> int:
-        """The port the process must listen on: the first service's internal_port."""
-        for service in self.config.get("services") or []:
-            port = service.get("internal_port")
-            if isinstance(port, int):
-                return port
-        return 8080
+        return internal_port_of(self.config)
 
     def to_json(self) -> dict[str, Any]:
         return {

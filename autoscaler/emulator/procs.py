@@ -206,13 +206,22 @@ class AddressPool:
         self._taken.discard(ip)
 
     def allocate(self, port: int) -> str:
-        for _ in range(1000):
+        """A free address for ``port``; NoAddress when none is (a wildcard listener on the
+        port, 0.0.0.0 or [::], blocks every loopback address on Linux)."""
+        for _ in range(64):
             rng = self._rng
             ip = f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
             if ip not in self._taken and address_free(ip, port):
                 self._taken.add(ip)
                 return ip
-        raise RuntimeError("no free loopback address found")
+        raise NoAddress(
+            f"insufficient capacity: port {port} is taken on every loopback address tried "
+            f"(is something listening on 0.0.0.0:{port} or [::]:{port}?)"
+        )
+
+
+class NoAddress(Exception):
+    """No loopback address is free for a machine's port."""
 
 
 def pid_alive(pid: int) -> bool:

@@ -14,8 +14,8 @@ from typing import Any
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator.machines import Conflict, Lifecycle
-from autoscaler.emulator.model import App, Ids, Machine, Volume, now_rfc3339
-from autoscaler.emulator.procs import AddressPool
+from autoscaler.emulator.model import App, Ids, Machine, Volume, internal_port_of, now_rfc3339
+from autoscaler.emulator.procs import AddressPool, NoAddress
 from autoscaler.emulator.validate import BadRequest
 
 DEFAULT_REGION = "iad"
@@ -148,13 +148,14 @@ class World:
                 f"config.image: {config['image']!r} is not in the emulator's image table "
                 f"(known: {known})"
             )
+        private_ip = self._address(internal_port_of(config))  # before anything is attached
         mid = self.ids.machine()
-        self._attach(app, mid, config)
+        try:
+            self._attach(app, mid, config)
+        except BadRequest:
+            self.pool.release(private_ip)
+            raise
         stamp = now_rfc3339()
-        probe = Machine(
-            id=mid, app=app.name, name="", region="", config=config, instance_id="",
-            private_ip="", created_at=stamp, updated_at=stamp,
-        )  # fmt: skip
         m = Machine(
             id=mid,
             app=app.name,
@@ -162,13 +163,19 @@ class World:
             region=region or DEFAULT_REGION,
             config=config,
             instance_id=self.ids.instance(),
-            private_ip=self.pool.allocate(probe.internal_port),
+            private_ip=private_ip,
             created_at=stamp,
             updated_at=stamp,
         )
         app.machines[mid] = m
         self.lifecycle.record(m, "created", "launch")
         return m
+
+    def _address(self, port: int) -> str:
+        try:
+            return self.pool.allocate(port)
+        except NoAddress as exc:
+            raise Conflict(str(exc)) from None
 
     def update_machine(
         self, m: Machine, config: dict[str, Any], name: str | None, region: str | None

@@ -274,3 +274,19 @@ async def test_leases_lock_changes_to_their_holder(emulator: Emulator) -> None:
         assert (await s.delete(base + "/lease")).status == 409  # wrong (no) nonce
         assert (await s.delete(base + "/lease", headers=nonce)).status == 200
         assert (await s.post(base + "/uncordon")).status == 200
+
+
+async def test_no_free_address_is_a_clear_412(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As when something listens on 0.0.0.0:PORT: no loopback address can take the port.
+    monkeypatch.setattr("autoscaler.emulator.procs.address_free", lambda host, port: False)
+    async with session(emulator) as s:
+        await create_app(s)
+        r = await s.post(
+            "/v1/apps/demo/machines",
+            json={"config": {"image": DEMO, "services": [{"internal_port": 8123}]}},
+        )
+        assert r.status == 412
+        assert "0.0.0.0:8123" in (await r.json())["error"]
+        assert emulator.machines("demo") == []
