@@ -299,6 +299,8 @@ class ProxyServer:
         if pool is None:
             raise _Failure(503, "proxy is not running")
         headers = forward.request_headers(request, ctx.request_id, self._trust)
+        if "Host" not in headers:  # an HTTP/1.0 client; HTTP/1.1 upstream needs one
+            headers["Host"] = up_host_header(app, ctx.up)
         method = request.method
         has_body = request.body_exists
         expect = (
@@ -629,6 +631,14 @@ def _access_line(
         machine=machine,
         wake=wake,
     )
+
+
+def up_host_header(app: AppConfig, up: Upstream | None) -> str:
+    """Host for a request that came without one: the app's first host name, else the
+    machine's address."""
+    if app.hosts and not app.hosts[0].startswith("*."):
+        return app.hosts[0]
+    return up.authority if up is not None else app.name
 
 
 def _authority(host: str, port: int) -> str:

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import ClientConnectionError
+from aiohttp import ClientConnectionError, ClientError
 from aiohttp.client_exceptions import (
     ClientConnectorError,
     ClientOSError,
@@ -38,6 +38,10 @@ from multidict import CIMultiDict
 # drop idle keep-alive connections after 5-60 s, and reusing one they just dropped costs a
 # failed attempt.
 IDLE_S = 4.0
+
+
+class UnexpectedUpgrade(ClientError):
+    """The machine switched protocols on a request that did not ask to (no Upgrade sent)."""
 
 
 @dataclass(slots=True)
@@ -92,6 +96,7 @@ class Pool:
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[str, list[_Idle]] = {}
         self._closed = False
+        self._puts = 0
 
     def put(self, authority: str, proto: ResponseHandler) -> None:
         idle = self._idle.setdefault(authority, [])
@@ -99,6 +104,24 @@ class Pool:
             proto.close()
             return
         idle.append(_Idle(proto, time.monotonic()))
+        self._puts += 1
+        if self._puts % 1024 == 0:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget machines gone quiet (suspended, removed): their sockets and dict keys."""
+        now = time.monotonic()
+        for authority in list(self._idle):
+            keep = []
+            for entry in self._idle[authority]:
+                if now - entry.since < IDLE_S and entry.proto.is_connected():
+                    keep.append(entry)
+                else:
+                    entry.proto.close()
+            if keep:
+                self._idle[authority] = keep
+            else:
+                del self._idle[authority]
 
     async def connect(
         self, host: str, port: int, authority: str, *, fresh: bool = False
@@ -209,6 +232,8 @@ async def _send(
             exchange._body_task.add_done_callback(_retrieved)
         while True:
             message, payload = await _read(proto, exchange._body_task)
+            if message.code == 101:
+                raise UnexpectedUpgrade("the machine switched protocols unasked")
             # 1xx interim responses (100 Continue, 103 Early Hints) are the hop's own.
             if not 100 <= message.code < 200:
                 break

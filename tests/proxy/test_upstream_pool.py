@@ -82,3 +82,54 @@ async def test_early_answer_before_the_body_is_relayed(
     # The proxy still works (the half-used connection was not pooled).
     async with session.post(url(proxy), data=b"y", headers={"Host": "a.test"}) as r:
         assert r.status == 401
+
+
+async def test_http10_client_without_host_reaches_the_default_app(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Host", ""))
+        return web.Response(text="default")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}],
+        default_app="a",
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.0\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        reply = await reader.read(-1)  # HTTP/1.0 without keep-alive: closed after
+    writer.close()
+    assert reply.startswith(b"HTTP/1.0 200")
+    assert reply.endswith(b"default")
+    assert seen == ["a.test"]
+
+
+async def test_unasked_protocol_switch_is_502(
+    start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    async def switcher(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
+        await writer.drain()
+        await reader.read(-1)
+        writer.close()
+
+    server = await asyncio.start_server(switcher, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy(
+            [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}]
+        )
+        async with session.get(
+            url(proxy), headers={"Host": "a.test", "Connection": "Upgrade", "Upgrade": "h2c"}
+        ) as r:
+            assert r.status == 502
+    finally:
+        server.close()
+        await server.wait_closed()
