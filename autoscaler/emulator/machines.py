@@ -70,7 +70,6 @@ class Lifecycle:
         self._ops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
-        self._orphans: list[MachineProcess] = []  # children of cancelled boots, killed
         self._closing = False
         images = {DEMO_IMAGE: DEMO_COMMAND}
         images.update(settings.images)
@@ -302,8 +301,7 @@ class Lifecycle:
         if not fut.cancelled() and fut.exception() is None:
             mp = fut.result()
             mp.expected_exit = True
-            mp.signal(signal.SIGKILL)
-            self._orphans.append(mp)  # reaped by close(), or by asyncio's child watcher
+            mp.signal(signal.SIGKILL)  # reaped by close(), or by asyncio's child watcher
 
     async def _crash_later(self, m: Machine, mp: MachineProcess, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -381,21 +379,18 @@ class Lifecycle:
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
-        procs = list(self.procs.values())
-        self.procs.clear()
-        for mp in procs:
-            mp.expected_exit = True
-            mp.signal(signal.SIGKILL)
-        for mp in procs:
-            with contextlib.suppress(Exception):
-                await mp.wait()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        # A boot cancelled mid-fork still gets its child: wait for the fork, then kill it.
+        # A boot cancelled mid-fork still gets its child: let the forks finish first.
         if self._spawning:
             await asyncio.wait(list(self._spawning), timeout=5)
-        for mp in self._orphans:
+        # Every live process, including those a cancelled stop or update had popped.
+        live = self.reaper.live()
+        for mp in live:
+            mp.expected_exit = True
+            mp.signal(signal.SIGKILL)
+        for mp in live:
             with contextlib.suppress(Exception):
-                await mp.wait()
-        self._orphans.clear()
+                await asyncio.wait_for(mp.wait(), 5)
+        self.procs.clear()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
         self.reaper.close()

@@ -47,22 +47,25 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
 
 
 class Reaper:
-    """Every process group this emulator started and has not yet seen exit."""
+    """Every machine process this emulator started and has not yet seen exit."""
 
     def __init__(self) -> None:
-        self._groups: set[int] = set()
+        self._live: set[MachineProcess] = set()
         atexit.register(self.kill_all)
 
-    def add(self, pgid: int) -> None:
-        self._groups.add(pgid)
+    def add(self, mp: MachineProcess) -> None:
+        self._live.add(mp)
 
-    def discard(self, pgid: int) -> None:
-        self._groups.discard(pgid)
+    def discard(self, mp: MachineProcess) -> None:
+        self._live.discard(mp)
+
+    def live(self) -> list[MachineProcess]:
+        return list(self._live)
 
     def kill_all(self) -> None:
-        for pgid in list(self._groups):
-            kill_group(pgid, signal.SIGKILL)
-        self._groups.clear()
+        for mp in list(self._live):
+            kill_group(mp.pid, signal.SIGKILL)  # start_new_session: the pid is the group id
+        self._live.clear()
 
     def close(self) -> None:
         self.kill_all()
@@ -89,7 +92,7 @@ class MachineProcess:
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self.expected_exit = False  # set before the emulator stops it on purpose
         self._reaper = reaper
-        reaper.add(self.pid)  # start_new_session: the pid is the group id
+        reaper.add(self)
         self._reader = asyncio.ensure_future(self._read_output())
 
     @property
@@ -110,7 +113,7 @@ class MachineProcess:
         code = await self.proc.wait()
         # The leader is reaped; make sure nothing it forked lingers in the group.
         kill_group(self.pid, signal.SIGKILL)
-        self._reaper.discard(self.pid)
+        self._reaper.discard(self)
         # The output reader ends at EOF; give it a moment, never an unbounded wait.
         await asyncio.wait({self._reader}, timeout=1.0)
         if not self._reader.done():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from emu_helpers import create_app, create_machine, session, wait, wait_ok
+from emu_helpers import create_app, create_machine, pid_gone, session, wait, wait_ok
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -19,6 +19,13 @@ GREETER = (
 )
 
 
+# Listens, and ignores SIGINT: a stop must fall back to SIGKILL after its timeout.
+STUBBORN = (
+    '{python} -c "import signal, socket, time; signal.signal(signal.SIGINT, signal.SIG_IGN); '
+    "s = socket.create_server(('{host}', {port})); time.sleep(600)\""
+)
+
+
 @pytest.fixture
 def emulator_settings() -> EmulatorSettings:
     return EmulatorSettings(
@@ -28,6 +35,7 @@ def emulator_settings() -> EmulatorSettings:
             "me/greeter": GREETER,
             "me/sleeper": '{python} -c "import time; time.sleep(60)"',
             "me/quitter": '{python} -c "raise SystemExit(3)"',
+            "me/stubborn": STUBBORN,
         },
     )
 
@@ -61,3 +69,27 @@ async def test_a_machine_that_does_not_listen_fails(
         assert emulator.pids() == []  # the process that never listened is gone
         r = await wait(s, "demo", m["id"], "started", seconds=1)
         assert r.status == 408
+
+
+async def test_stop_timeout_falls_back_to_sigkill(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, image="me/stubborn")
+        await wait_ok(s, "demo", m["id"])
+        pid = emulator.pids()[0]
+        r = await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 1})
+        assert r.status == 200
+        await wait_ok(s, "demo", m["id"], "stopped")
+        assert pid_gone(pid)
+
+
+async def test_closing_mid_stop_still_kills_the_process() -> None:
+    settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        await create_app(s)
+        m = await create_machine(s, image="me/stubborn")
+        await wait_ok(s, "demo", m["id"])
+        pid = emu.pids()[0]
+        await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 300})
+        assert emu.machine("demo", m["id"]).state == "stopping"
+    assert pid_gone(pid)
