@@ -7,6 +7,7 @@ exceptions the API maps to statuses: NotFound 404, BadRequest 400, Conflict 412,
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import OrderedDict
 from collections.abc import Callable
@@ -134,7 +135,7 @@ class World:
             # No restart policy: a crashed machine stops, which is what scaling tests need.
         }
         for _ in range(max(0, missing)):
-            m = self.create_machine(app, dict(config), None, None)
+            m = self.create_machine(app, copy.deepcopy(config), None, None)
             self.lifecycle.record(m, "stopped")  # they wait, stopped, for the first request
 
     # --- machines --------------------------------------------------------------------
