@@ -48,8 +48,8 @@ _log = get_logger("autoscaler.proxy")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_ATTEMPTS = 3
 _EMPTY_STATUS = frozenset({204, 304})
-# aiohttp's client would otherwise add these to requests that lack them (and Accept-
-# Encoding: gzip would make machines compress what the client never asked compressed).
+# aiohttp's client (used for the WebSocket handshake) would otherwise add these to requests
+# that lack them; Accept-Encoding: gzip would even change what the machine sends back.
 _SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 

@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 from aiohttp import web
+
+from autoscaler.control.view import FleetView, MachineInfo
 
 from .conftest import Backend, StartProxy, url
 
@@ -133,3 +136,34 @@ async def test_unasked_protocol_switch_is_502(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_machine_address_ipv6_and_app_port_override(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """private_ip is IPv6 on Fly: the address goes in brackets; apps[].port beats the
+    service's internal_port."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="v6")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "::1", 0)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        pytest.skip("no IPv6 loopback here")
+    port = runner.addresses[0][1]
+    try:
+        # The controller reports internal_port 1 (wrong on purpose); the app's port wins.
+        fleet.app("v6").set_machines([MachineInfo("m1", "::1", 1, "started", False)])
+        proxy = await start_proxy([{"name": "v6", "hosts": ["v6.test"], "port": port}])
+        async with session.get(url(proxy), headers={"Host": "v6.test"}) as r:
+            assert r.status == 200
+            assert await r.text() == "v6"
+    finally:
+        await runner.cleanup()
