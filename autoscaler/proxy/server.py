@@ -255,19 +255,23 @@ class ProxyServer:
             raise _Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
 
     async def _next_attempt(
-        self, ctx: _Ctx, gate: Gate, app: AppConfig, tried: list[Upstream]
+        self, ctx: _Ctx, gate: Gate, app: AppConfig, tried: list[Upstream], nothing_sent: bool
     ) -> Upstream:
-        """Another machine for a request that failed where a replay is safe."""
+        """Another machine for a request that failed where a replay is safe.
+
+        Up to MAX_ATTEMPTS machines are tried at once. Past that, a request that never got
+        through to a machine (connection refused) of an app the controller manages waits
+        in the queue like any other, until its deadline: a machine the API calls started
+        may still be booting its server, and will answer once it listens.
+        """
         up = ctx.up
         assert up is not None
         tried.append(up)
         ctx.up = None
         gate.done(up)
-        if len(tried) >= MAX_ATTEMPTS:
-            raise _Failure(502, "no machine of this app is reachable")
-        up = gate.try_acquire(tuple(tried), jump=True)
+        up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
-            if app.static or _remaining(ctx.deadline) <= 0:
+            if not nothing_sent or app.static or _remaining(ctx.deadline) <= 0:
                 raise _Failure(502, "no machine of this app is reachable")
             try:  # a machine still booting refused us: wait for it (or a wake) as others do
                 up, _ = await gate.acquire(_remaining(ctx.deadline))
@@ -343,16 +347,17 @@ class ProxyServer:
                         max_field_size=max(8190, proxy.max_header_bytes),
                     )
             except ConnectionTimeoutError:
-                retry = self._failed_connect(app, up)
+                retry = nothing_sent = self._failed_connect(app, up)
             except TimeoutError:
                 raise _Failure(504, "the machine did not answer in time") from None
             except ClientError as exc:
+                nothing_sent = False
                 if body is not None and body.too_large:
                     raise _Failure(413, f"request body over {app.max_body_bytes} bytes") from None
                 if body is not None and body.timed_out:
                     raise _Failure(408, "the client sent its body too slowly") from None
                 if isinstance(exc, ClientConnectorError):
-                    retry = self._failed_connect(app, up)
+                    retry = nothing_sent = self._failed_connect(app, up)
                 elif isinstance(exc, ClientConnectionError):
                     # Reset or closed before any response byte: a replay is safe only if
                     # the method is idempotent and no body byte was consumed.
@@ -365,7 +370,7 @@ class ProxyServer:
                 return await self._relay(request, exchange, app, ctx)
             if body is not None and body.started:
                 raise _Failure(502, "no machine of this app is reachable")
-            up = await self._next_attempt(ctx, gate, app, tried)
+            up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
 
     async def _relay(
         self,
@@ -453,16 +458,16 @@ class ProxyServer:
             except WSServerHandshakeError as exc:
                 raise _Failure(502, f"the machine refused the WebSocket ({exc.status})") from None
             except ConnectionTimeoutError:
-                self._failed_connect(app, up)
+                nothing_sent = self._failed_connect(app, up)
             except TimeoutError:
                 raise _Failure(504, "the machine did not answer in time") from None
             except ClientConnectorError:
-                self._failed_connect(app, up)
+                nothing_sent = self._failed_connect(app, up)
             except ClientConnectionError:
-                pass  # a handshake has no body: replaying it is safe
+                nothing_sent = False  # a handshake has no body: replaying it is safe
             except ClientError:
                 raise _Failure(502, "the machine failed to answer") from None
-            up = await self._next_attempt(ctx, gate, app, tried)
+            up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
         client_ws = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
             autoclose=False,

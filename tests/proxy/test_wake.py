@@ -6,9 +6,11 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.metrics import Metrics
+from autoscaler.proxy.server import MAX_ATTEMPTS
 
 from .conftest import Backend, StartProxy, url
 from .helpers import free_port, until
@@ -150,11 +152,12 @@ async def test_machine_refusing_after_wake_is_retried_once_routable_again(
     session: aiohttp.ClientSession,
     fleet: FleetView,
 ) -> None:
-    """A started machine whose server is not up yet: the request waits, then gets through."""
+    """A machine the API calls started whose server is not listening yet (booting): the
+    request waits, retried past MAX_ATTEMPTS refusals, and gets through once it listens."""
     port = free_port()
     fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
     proxy = await start_proxy(
-        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 20}], unhealthy_backoff_s=0.5
+        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}], unhealthy_backoff_s=0.05
     )
     waker = FakeWaker(fleet, "none")
     waker.release.set()
@@ -164,8 +167,10 @@ async def test_machine_refusing_after_wake_is_retried_once_routable_again(
         async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
             return r.status
 
-    task = asyncio.create_task(get())
-    await until(lambda: fleet.app("w").queued == 1)  # refused, now waiting for the machine
+    with capture_logs() as logs:
+        task = asyncio.create_task(get())
+        await until(lambda: sum(e["event"] == "machine_unreachable" for e in logs) > MAX_ATTEMPTS)
+    assert not task.done()  # still held, not failed
     runner = web.AppRunner(hello_app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
@@ -174,3 +179,13 @@ async def test_machine_refusing_after_wake_is_retried_once_routable_again(
         assert await task == 200
     finally:
         await runner.cleanup()
+
+
+async def test_static_app_with_every_backend_down_fails_fast(
+    start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        [{"name": "s", "hosts": ["s.test"], "backends": [f"127.0.0.1:{free_port()}"]}]
+    )
+    async with session.get(url(proxy), headers={"Host": "s.test"}) as r:
+        assert r.status == 502  # static mode has nothing to wait for
