@@ -123,6 +123,7 @@ class Gate:
             waiter.wake = self._wake
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = loop.create_task(self._pump(), name=f"gate:{self.config.name}")
+            self._pump_task.add_done_callback(self._pump_done)
         deadline = loop.time() + wait_s
         try:
             async with asyncio.timeout_at(deadline):
@@ -232,6 +233,13 @@ class Gate:
                     await changed
             except TimeoutError:
                 pass
+
+    def _pump_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # a bug: held requests would wait for nothing until 504
+            _log.error("gate_pump_failed", app=self.config.name, exc_info=exc)
 
     def _next_healthy(self) -> float | None:
         """Seconds until a machine skipped for failing comes back into rotation."""

@@ -150,3 +150,28 @@ async def test_access_log_can_be_switched_off(
             assert r.status == 200
             assert "Fly-Autoscaler-Wake" not in r.headers
     assert [e for e in logs if e["event"] == "request"] == []
+
+
+async def test_connections_over_max_connections_are_refused(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}],
+        max_connections=1,
+    )
+    first_reader, first = await asyncio.open_connection("127.0.0.1", proxy.port)
+    first.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    await first.drain()
+    assert (await first_reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    # The first connection is still open (keep-alive): a second one is closed at once.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    async with asyncio.timeout(10):
+        assert await reader.read(-1) == b""
+    writer.close()
+    first.close()
