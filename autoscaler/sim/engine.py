@@ -273,6 +273,8 @@ class AppSim:
         if self.queued:
             if self.routable:
                 self._dispatch(now)
+                if self.queued:
+                    self.strategy.on_full(self, now)  # still more than the machines take
             else:
                 self.strategy.wake(self, now)
 

@@ -101,6 +101,16 @@ def test_fixed_keepalive_sleeps_ten_minutes_after_the_last_request() -> None:
     assert stats.wake_waits == 1
 
 
+def test_fixed_keepalive_starts_another_machine_when_all_are_full() -> None:
+    stats = replay([(0.0, 100.0), (0.0, 100.0)], "fixed-keepalive", hard_limit=1)
+    assert stats.peak_machines == 2
+    # Both wait for the first cold start; the second then finds that machine full, and a
+    # second machine is started for it.
+    assert stats.wake_waits == 2
+    assert sorted(stats.waits) == pytest.approx([COLD, 2 * COLD])
+    assert stats.errors == 0
+
+
 def test_fly_autostop_stops_a_lone_machine_only_after_an_interval_without_traffic() -> None:
     stats = replay([(0.0, 1.0)], "fly-autostop", horizon=3600.0)
     # The check at 300 s saw traffic since the previous one; the one at 600 s stops it.
