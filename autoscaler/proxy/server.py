@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import (
     ClientConnectionError,
@@ -31,7 +29,6 @@ from aiohttp import (
 )
 from aiohttp.client_exceptions import ClientConnectorError, ConnectionTimeoutError
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from autoscaler.config import AppConfig, Settings, parse_host_port
@@ -39,7 +36,15 @@ from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.proxy import forward, upstream
+from autoscaler.proxy.accounting import (
+    Failure,
+    MetricChildren,
+    RequestContext,
+    access_line,
+    remaining,
+)
 from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull
+from autoscaler.proxy.listener import Listener
 from autoscaler.proxy.routing import Router
 from autoscaler.scaling.fleet import STARTED
 
@@ -51,16 +56,6 @@ _EMPTY_STATUS = frozenset({204, 304})
 # aiohttp's client (used for the WebSocket handshake) would otherwise add these to requests
 # that lack them; Accept-Encoding: gzip would even change what the machine sends back.
 _SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-class _Failure(Exception):
-    """A request that ends in an error response from the proxy itself."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 class ProxyServer:
@@ -86,7 +81,7 @@ class ProxyServer:
         self._pool: upstream.Pool | None = None
         self._runner: web.ServerRunner | None = None
         self._websockets: set[web.WebSocketResponse] = set()
-        self._children = _MetricChildren(metrics)
+        self._children = MetricChildren(metrics)
         self._ids = random.Random()  # noqa: S311 - request ids need uniqueness, not secrecy
         self._closing = False
         self.update_settings(settings)
@@ -147,9 +142,9 @@ class ProxyServer:
             requote_redirect_url=False,
         )
         self._pool = upstream.Pool(proxy.pool_size, proxy.connect_timeout_s)
-        server = _Server(
+        server = Listener(
             self.handle,
-            self,
+            self.protocol_error,
             max_connections=proxy.max_connections,
             handler_cancellation=True,  # a client that goes away cancels its handler
             access_log=None,
@@ -191,16 +186,16 @@ class ProxyServer:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        ctx = _Ctx(loop.time(), self._request_id(request.headers.get("X-Request-Id")))
+        ctx = RequestContext(loop.time(), self._request_id(request.headers.get("X-Request-Id")))
         app = self._router.route(request.host, request.raw_path)
         try:
             if app is None:
-                raise _Failure(404, "no app is configured for this host")
+                raise Failure(404, "no app is configured for this host")
             ctx.app = app.name
             response = await self._serve(request, app, ctx)
             ctx.status = response.status
             return response
-        except _Failure as failure:
+        except Failure as failure:
             ctx.status = failure.status
             _log.warning(
                 "proxy_error",
@@ -217,14 +212,14 @@ class ProxyServer:
             self._account(request, ctx, loop.time())
 
     async def _serve(
-        self, request: web.BaseRequest, app: AppConfig, ctx: _Ctx
+        self, request: web.BaseRequest, app: AppConfig, ctx: RequestContext
     ) -> web.StreamResponse:
         if self._closing:
-            raise _Failure(503, "proxy is shutting down", {"Retry-After": "1"})
+            raise Failure(503, "proxy is shutting down", {"Retry-After": "1"})
         limit = app.max_body_bytes
         length = request.content_length
         if limit is not None and length is not None and length > limit:
-            raise _Failure(413, f"request body over {limit} bytes")
+            raise Failure(413, f"request body over {limit} bytes")
         gate = self._gates[app.name]
         ctx.deadline = ctx.arrived + app.wake_timeout_s
         up = gate.try_acquire()
@@ -242,20 +237,25 @@ class ProxyServer:
             if ctx.up is not None:
                 gate.done(ctx.up)
 
-    async def _wait(self, gate: Gate, app: AppConfig, ctx: _Ctx) -> tuple[Upstream, str]:
+    async def _wait(self, gate: Gate, app: AppConfig, ctx: RequestContext) -> tuple[Upstream, str]:
         rejections = self.metrics.queue_rejections
         try:
-            return await gate.acquire(_remaining(ctx.deadline))
+            return await gate.acquire(remaining(ctx.deadline))
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
-            raise _Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
+            raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
         except HoldTimeout as exc:
             rejections.labels(app=app.name, reason="wake_timeout").inc()
             what = "for a machine to wake" if exc.waking else "for a free machine"
-            raise _Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
+            raise Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
 
     async def _next_attempt(
-        self, ctx: _Ctx, gate: Gate, app: AppConfig, tried: list[Upstream], nothing_sent: bool
+        self,
+        ctx: RequestContext,
+        gate: Gate,
+        app: AppConfig,
+        tried: list[Upstream],
+        nothing_sent: bool,
     ) -> Upstream:
         """Another machine for a request that failed where a replay is safe.
 
@@ -271,12 +271,12 @@ class ProxyServer:
         gate.done(up)
         up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
-            if not nothing_sent or app.static or _remaining(ctx.deadline) <= 0:
-                raise _Failure(502, "no machine of this app is reachable")
+            if not nothing_sent or app.static or remaining(ctx.deadline) <= 0:
+                raise Failure(502, "no machine of this app is reachable")
             try:  # a machine still booting refused us: wait for it (or a wake) as others do
-                up, _ = await gate.acquire(_remaining(ctx.deadline))
+                up, _ = await gate.acquire(remaining(ctx.deadline))
             except (QueueFull, HoldTimeout):
-                raise _Failure(502, "no machine of this app is reachable") from None
+                raise Failure(502, "no machine of this app is reachable") from None
         ctx.up = up
         return up
 
@@ -296,12 +296,12 @@ class ProxyServer:
         return True
 
     async def _http(
-        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: _Ctx
+        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: RequestContext
     ) -> web.StreamResponse:
         proxy = self._settings.proxy
         pool = self._pool
         if pool is None:
-            raise _Failure(503, "proxy is not running")
+            raise Failure(503, "proxy is not running")
         headers = forward.request_headers(request, ctx.request_id, self._trust)
         if "Host" not in headers:  # an HTTP/1.0 client; HTTP/1.1 upstream needs one
             headers["Host"] = up_host_header(app, ctx.up)
@@ -349,13 +349,13 @@ class ProxyServer:
             except ConnectionTimeoutError:
                 retry = nothing_sent = self._failed_connect(app, up)
             except TimeoutError:
-                raise _Failure(504, "the machine did not answer in time") from None
+                raise Failure(504, "the machine did not answer in time") from None
             except ClientError as exc:
                 nothing_sent = False
                 if body is not None and body.too_large:
-                    raise _Failure(413, f"request body over {app.max_body_bytes} bytes") from None
+                    raise Failure(413, f"request body over {app.max_body_bytes} bytes") from None
                 if body is not None and body.timed_out:
-                    raise _Failure(408, "the client sent its body too slowly") from None
+                    raise Failure(408, "the client sent its body too slowly") from None
                 if isinstance(exc, ClientConnectorError):
                     retry = nothing_sent = self._failed_connect(app, up)
                 elif isinstance(exc, ClientConnectionError):
@@ -365,11 +365,11 @@ class ProxyServer:
                 else:
                     retry = False
                 if not retry:
-                    raise _Failure(502, "the machine failed to answer") from None
+                    raise Failure(502, "the machine failed to answer") from None
             else:
                 return await self._relay(request, exchange, app, ctx)
             if body is not None and body.started:
-                raise _Failure(502, "no machine of this app is reachable")
+                raise Failure(502, "no machine of this app is reachable")
             up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
 
     async def _relay(
@@ -377,7 +377,7 @@ class ProxyServer:
         request: web.BaseRequest,
         exchange: upstream.Exchange,
         app: AppConfig,
-        ctx: _Ctx,
+        ctx: RequestContext,
     ) -> web.StreamResponse:
         proxy = self._settings.proxy
         message, content = exchange.message, exchange.payload
@@ -425,11 +425,11 @@ class ProxyServer:
             exchange.release()
 
     async def _websocket(
-        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: _Ctx
+        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: RequestContext
     ) -> web.StreamResponse:
         session = self._session
         if session is None:
-            raise _Failure(503, "proxy is not running")
+            raise Failure(503, "proxy is not running")
         proxy = self._settings.proxy
         headers = forward.request_headers(request, ctx.request_id, self._trust, websocket=True)
         offered = [
@@ -456,17 +456,17 @@ class ProxyServer:
                     )
                 break
             except WSServerHandshakeError as exc:
-                raise _Failure(502, f"the machine refused the WebSocket ({exc.status})") from None
+                raise Failure(502, f"the machine refused the WebSocket ({exc.status})") from None
             except ConnectionTimeoutError:
                 nothing_sent = self._failed_connect(app, up)
             except TimeoutError:
-                raise _Failure(504, "the machine did not answer in time") from None
+                raise Failure(504, "the machine did not answer in time") from None
             except ClientConnectorError:
                 nothing_sent = self._failed_connect(app, up)
             except ClientConnectionError:
                 nothing_sent = False  # a handshake has no body: replaying it is safe
             except ClientError:
-                raise _Failure(502, "the machine failed to answer") from None
+                raise Failure(502, "the machine failed to answer") from None
             up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
         client_ws = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
@@ -503,7 +503,7 @@ class ProxyServer:
             return given
         return f"{self._ids.getrandbits(128):032x}"
 
-    def _error_response(self, failure: _Failure, ctx: _Ctx) -> web.Response:
+    def _error_response(self, failure: Failure, ctx: RequestContext) -> web.Response:
         resp = web.Response(status=failure.status, text=failure.message + "\n")
         resp.headers["X-Request-Id"] = ctx.request_id
         if failure.headers:
@@ -514,7 +514,7 @@ class ProxyServer:
             resp.force_close()  # the rest of the body is not worth waiting for
         return resp
 
-    def _account(self, request: web.BaseRequest, ctx: _Ctx, now: float) -> None:
+    def _account(self, request: web.BaseRequest, ctx: RequestContext, now: float) -> None:
         children = self._children
         children.requests(ctx.app, ctx.status, ctx.wake).inc()
         until = ctx.headers_at if ctx.headers_at is not None else now
@@ -526,7 +526,7 @@ class ProxyServer:
             # response is written only after this handler returns, so the line is emitted
             # on the loop's next turn: after the response, off the request's latency.
             asyncio.get_running_loop().call_soon(
-                _access_line,
+                access_line,
                 ctx.request_id,
                 ctx.app,
                 request.method,
@@ -567,77 +567,6 @@ class ProxyServer:
         return resp
 
 
-class _MetricChildren:
-    """Labelled metric children, looked up once: ``labels()`` is costly on the hot path."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._requests: dict[tuple[str, int, str], Any] = {}
-        self._duration: dict[str, Any] = {}
-        self._inflight: dict[str, Any] = {}
-
-    def requests(self, app: str, code: int, wake: str) -> Any:
-        key = (app, code, wake)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._metrics.requests.labels(app=app, code=str(code), wake=wake)
-            self._requests[key] = child
-        return child
-
-    def duration(self, app: str) -> Any:
-        child = self._duration.get(app)
-        if child is None:
-            child = self._duration[app] = self._metrics.request_duration.labels(app=app)
-        return child
-
-    def inflight(self, app: str) -> Any:
-        child = self._inflight.get(app)
-        if child is None:
-            child = self._inflight[app] = self._metrics.inflight.labels(app=app)
-        return child
-
-
-@dataclass(slots=True)
-class _Ctx:
-    """What one request's accounting needs, filled in as it goes."""
-
-    arrived: float
-    request_id: str
-    app: str = ""
-    status: int = 0
-    wake: str = NO_WAKE
-    up: Upstream | None = None
-    deadline: float = 0.0
-    headers_at: float | None = None
-
-
-def _remaining(deadline: float) -> float:
-    return max(0.0, deadline - asyncio.get_running_loop().time())
-
-
-def _access_line(
-    request_id: str,
-    app: str,
-    method: str,
-    path: str,
-    status: int,
-    duration_ms: float,
-    machine: str | None,
-    wake: str,
-) -> None:
-    _log.info(
-        "request",
-        request_id=request_id,
-        app=app,
-        method=method,
-        path=path,
-        status=status,
-        duration_ms=duration_ms,
-        machine=machine,
-        wake=wake,
-    )
-
-
 def up_host_header(app: AppConfig, up: Upstream | None) -> str:
     """Host for a request that came without one: the app's first host name, else the
     machine's address."""
@@ -658,40 +587,3 @@ def _static_machines(app: AppConfig) -> list[MachineInfo]:
             MachineInfo(id=backend, host=hp.host, port=hp.port, state=STARTED, cordoned=False)
         )
     return out
-
-
-class _Protocol(RequestHandler):
-    """aiohttp's connection handler, with the proxy's own error responses."""
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        server = self._manager
-        assert isinstance(server, _Server)
-        return server.proxy.protocol_error(request, status, exc)
-
-
-class _Server(web.Server):
-    """Low-level server: our protocol class, and a cap on client connections."""
-
-    def __init__(
-        self, handler: Any, proxy: ProxyServer, *, max_connections: int, **kwargs: Any
-    ) -> None:
-        super().__init__(handler, **kwargs)
-        self.proxy = proxy
-        self.max_connections = max_connections
-
-    def __call__(self) -> RequestHandler:
-        return _Protocol(self, loop=self._loop, **self._kwargs)
-
-    def connection_made(self, handler: RequestHandler, transport: Any) -> None:
-        if len(self._connections) >= self.max_connections:
-            transport.close()  # over the cap: refuse rather than queue unbounded sockets
-            return
-        super().connection_made(handler, transport)

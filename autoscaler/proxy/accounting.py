@@ -1,0 +1,95 @@
+"""Per-request bookkeeping of the proxy: context, error outcome, metrics and the log line."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from autoscaler.control.view import Upstream
+from autoscaler.logs import get_logger
+from autoscaler.metrics import Metrics
+from autoscaler.proxy.gate import NO_WAKE
+
+_log = get_logger("autoscaler.proxy")
+
+
+class Failure(Exception):
+    """A request that ends in an error response from the proxy itself."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+class MetricChildren:
+    """Labelled metric children, looked up once: ``labels()`` is costly on the hot path."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._requests: dict[tuple[str, int, str], Any] = {}
+        self._duration: dict[str, Any] = {}
+        self._inflight: dict[str, Any] = {}
+
+    def requests(self, app: str, code: int, wake: str) -> Any:
+        key = (app, code, wake)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._metrics.requests.labels(app=app, code=str(code), wake=wake)
+            self._requests[key] = child
+        return child
+
+    def duration(self, app: str) -> Any:
+        child = self._duration.get(app)
+        if child is None:
+            child = self._duration[app] = self._metrics.request_duration.labels(app=app)
+        return child
+
+    def inflight(self, app: str) -> Any:
+        child = self._inflight.get(app)
+        if child is None:
+            child = self._inflight[app] = self._metrics.inflight.labels(app=app)
+        return child
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What one request's accounting needs, filled in as it goes."""
+
+    arrived: float
+    request_id: str
+    app: str = ""
+    status: int = 0
+    wake: str = NO_WAKE
+    up: Upstream | None = None
+    deadline: float = 0.0
+    headers_at: float | None = None
+
+
+def remaining(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def access_line(
+    request_id: str,
+    app: str,
+    method: str,
+    path: str,
+    status: int,
+    duration_ms: float,
+    machine: str | None,
+    wake: str,
+) -> None:
+    _log.info(
+        "request",
+        request_id=request_id,
+        app=app,
+        method=method,
+        path=path,
+        status=status,
+        duration_ms=duration_ms,
+        machine=machine,
+        wake=wake,
+    )
