@@ -2,7 +2,8 @@
 
 This is the only module that reads environment variables or configuration files. Precedence,
 highest first: ``AUTOSCALER_*`` variables (``__`` nests: ``AUTOSCALER_PROXY__LISTEN``), then
-``FLY_API_TOKEN`` for ``fly.token``, then the YAML file, then the defaults below.
+``FLY_API_TOKEN`` for ``fly.token`` and ``EMULATOR_TOKEN`` for ``emulator.token``, then the
+YAML file, then the defaults below.
 
 Every model forbids unknown keys, so a typo is an error rather than a silently ignored knob.
 """
@@ -36,6 +37,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 DEFAULT_CONFIG_PATH = Path("config/autoscaler.yaml")
 CONFIG_ENV = "AUTOSCALER_CONFIG"
 TOKEN_ENV = "FLY_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
+EMULATOR_TOKEN_ENV = "EMULATOR_TOKEN"  # noqa: S105 - likewise
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -129,7 +131,8 @@ class ProxySettings(_Model):
     )
     default_app: str | None = Field(default=None, description="app for hosts that match no app")
     wake_header: bool = Field(
-        default=True, description="add the header fly-autoscaler-wake (none, resume or start) to responses"
+        default=True,
+        description="add the header fly-autoscaler-wake (none, resume or start) to responses",
     )
     access_log: bool = Field(default=True, description="one log line per request")
     max_header_bytes: int = Field(
@@ -488,7 +491,9 @@ def load_settings(
         data = read_yaml(file)
     token_layer: dict[str, Any] = {}
     if environ.get(TOKEN_ENV):
-        token_layer = {"fly": {"token": environ[TOKEN_ENV]}}
+        token_layer["fly"] = {"token": environ[TOKEN_ENV]}
+    if environ.get(EMULATOR_TOKEN_ENV):
+        token_layer["emulator"] = {"token": environ[EMULATOR_TOKEN_ENV]}
     base = _deep_merge(data, token_layer)
     env_vars = {k: v for k, v in environ.items() if k.upper().startswith("AUTOSCALER_")}
     env_vars.pop(CONFIG_ENV, None)

@@ -175,3 +175,11 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_every_shipped_config_passes(path: Path) -> None:
     settings, _ = load_settings(path, env={})
     assert isinstance(settings, Settings)
+
+
+def test_emulator_token_from_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "emulator: {token: file-emu-token}\n")
+    settings, _ = load_settings(path, env={"EMULATOR_TOKEN": "env-emu-token"})
+    assert settings.emulator.token is not None
+    assert settings.emulator.token.get_secret_value() == "env-emu-token"
+    assert "env-emu-token" in settings.secrets()

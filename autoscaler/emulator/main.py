@@ -18,8 +18,6 @@ from autoscaler.config import ConfigError, EmulatorSettings, load_settings
 from autoscaler.emulator.persist import StateFileError
 from autoscaler.emulator.server import Emulator
 
-TOKEN_ENV = "EMULATOR_TOKEN"  # noqa: S105 - the variable name, not a token
-
 
 def settings_from(
     config: str | None,
@@ -32,11 +30,10 @@ def settings_from(
     apps: list[str] | None = None,
     faults: Mapping[str, float | None] | None = None,
 ) -> EmulatorSettings:
-    """The file's ``emulator`` section with flags (and EMULATOR_TOKEN) on top."""
+    """The file's ``emulator`` section (EMULATOR_TOKEN included, see config.py), flags on top."""
     section: dict[str, Any] = {}
     if listen:
         section["listen"] = listen
-    token = token or environ.get(TOKEN_ENV)
     if token:
         section["token"] = token
     if state_file:
