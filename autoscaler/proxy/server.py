@@ -110,6 +110,7 @@ class ProxyServer:
                 self._gates[app.name] = Gate(app, self.view, self.metrics, self.rng)
             else:
                 gate.config = app
+                gate.view.notify()  # a raised hard_limit may let held requests go now
             if app.static:
                 self.view.app(app.name).set_machines(_static_machines(app))
             elif app.name in old and old[app.name].static:
