@@ -29,6 +29,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 # Set by this proxy from what it saw itself (or kept from a trusted proxy in front).
 _FORWARDING = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-request-id"}
@@ -126,16 +127,19 @@ def response_headers(
 ) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones; every Set-Cookie kept as sent."""
     out: CIMultiDict[str] = CIMultiDict()
-    pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-    named: set[str] = set()
-    for key, value in pairs:
-        if key.lower() == "connection":
-            named.update(t.strip().lower() for t in value.split(","))
-    for key, value in pairs:
+    named: list[str] = []
+    # One pass over the raw bytes (this runs for every response): names compared as bytes,
+    # only kept headers decoded.
+    for key, value in raw:
         low = key.lower()
-        if low in HOP_BY_HOP or low in named or low.startswith("proxy-"):
+        if low in _HOP_BY_HOP_BYTES or low.startswith(b"proxy-"):
+            if low == b"connection":
+                named.extend(t.strip().lower() for t in value.decode("latin-1").split(","))
             continue
-        out.add(key, value)
+        out.add(key.decode("latin-1"), value.decode("latin-1"))
+    for name in named:  # headers the machine declared hop-by-hop through Connection
+        if name:
+            out.popall(name, None)
     via = f"{version} {VIA}"
     earlier = out.get("Via")
     out["Via"] = f"{earlier}, {via}" if earlier else via
