@@ -141,7 +141,11 @@ class Gate:
                 if isinstance(exc, TimeoutError):
                     raise HoldTimeout(waiter.wake is not None or not self.view.routable()) from None
                 raise
-        kind = await self._wake_kind(waiter.wake, deadline)
+        try:
+            kind = await self._wake_kind(waiter.wake, deadline)
+        except BaseException:  # the client left while the waker was finishing
+            self.view.end(up)
+            raise
         return up, kind
 
     async def _wake_kind(self, wake: asyncio.Task[str] | None, deadline: float) -> str:

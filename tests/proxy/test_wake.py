@@ -189,3 +189,66 @@ async def test_static_app_with_every_backend_down_fails_fast(
     )
     async with session.get(url(proxy), headers={"Host": "s.test"}) as r:
         assert r.status == 502  # static mode has nothing to wait for
+
+
+class SlowReturnWaker(FakeWaker):
+    """Makes the machine routable, then takes a while to return its answer."""
+
+    def __init__(self, fleet: FleetView, kind: str) -> None:
+        super().__init__(fleet, kind)
+        self.routable = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def __call__(self, app: str) -> str:
+        self.calls += 1
+        await self.release.wait()
+        self.fleet.app(app).set_state("m1", "started")
+        self.routable.set()
+        await self.answer.wait()
+        return self.kind
+
+
+async def test_wake_kind_is_the_wakers_answer_even_if_routable_first(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    await sleeping_app(fleet, backend)
+    waker = SlowReturnWaker(fleet, "start")
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    view = fleet.app("w")
+
+    async def get() -> tuple[int, str]:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            return r.status, r.headers["Fly-Autoscaler-Wake"]
+
+    waiting = asyncio.create_task(get())
+    await until(lambda: view.queued == 1)
+    waker.release.set()
+    await waker.routable.wait()
+    await until(lambda: view.queued == 0)  # handed the machine, waiting for the answer
+    waker.answer.set()
+    assert await waiting == (200, "start")
+
+
+async def test_client_leaving_while_the_waker_answers_gives_its_slot_back(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    await sleeping_app(fleet, backend)
+    waker = SlowReturnWaker(fleet, "resume")
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    view = fleet.app("w")
+
+    async def get() -> int:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            return r.status
+
+    leaving = asyncio.create_task(get())
+    await until(lambda: view.queued == 1)
+    waker.release.set()
+    await waker.routable.wait()
+    await until(lambda: view.queued == 0 and view.in_flight == 1)
+    leaving.cancel()
+    await until(lambda: view.in_flight == 0)
+    waker.answer.set()
+    assert not waker.cancelled
