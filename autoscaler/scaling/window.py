@@ -107,10 +107,16 @@ class LoadWindows:
 
     def average(self, window_s: float, now: float) -> float:
         """Time-weighted average concurrency over ``[now - window_s, now]``."""
+        # Newest first, stopping at the window's start: this runs on every decision of every
+        # app (and of every simulated tick), so it avoids the samples it cannot use.
         lo = now - window_s
         area = covered = 0.0
-        for s in self._samples:
-            overlap = min(s.end, now) - max(s.start, lo)
+        for s in reversed(self._samples):
+            if s.end <= lo:
+                break
+            end = now if s.end > now else s.end
+            start = lo if s.start < lo else s.start
+            overlap = end - start
             if overlap > 0:
                 area += s.average * overlap
                 covered += overlap
