@@ -1,14 +1,16 @@
 """Item 1: the Machines API misbehaves under varying load, and no request is lost.
 
 The emulator answers 10% of calls with 500 and 5% with 429, adds 200 ms to every call and
-fails 5% of boots, while the load swings between idle (the app sleeps, the next request
-wakes it through the faulty API) and more than the fleet's target. Claims:
+fails 10% of boots (machines are stopped when idle, so wakes boot), while the load swings
+between idle (the app sleeps, the next request wakes it through the faulty API) and more
+than the fleet's target. Claims:
 
 - every request gets an HTTP response (no reset, no client timeout);
 - the only non-200 statuses are 503 and 504, and each is explained by a configured limit:
   the proxy counted exactly as many ``queue_full`` (503) and ``wake_timeout`` (504)
   rejections as the clients received;
-- once the faults stop, under steady load, the started machines match the controller's
+- after the last phase, a full API outage (every call 500) while the load rises, so the
+  fleet falls behind; once the faults stop, the started machines match the controller's
   desired count within 10 ticks;
 - once the load stops and the app is back to sleep, no machine carries a cordon of ours.
 
@@ -40,10 +42,12 @@ from .harness import (
 )
 
 MACHINES = 10
-FAULTS = FaultSettings(latency_s=0.2, error_rate=0.10, rate_limit_rate=0.05, boot_failure_rate=0.05)
-# Clients per phase: warm, above target, burst, low, idle (sleep, then a wake), steady.
-PHASES = (4, 16, 30, 6, 0, 12)
-STEADY = 12
+FAULTS = FaultSettings(latency_s=0.2, error_rate=0.10, rate_limit_rate=0.05, boot_failure_rate=0.1)
+# Clients per phase: warm, above target, burst, idle (the app sleeps), low (a wake), then
+# a full API outage while the load rises (the fleet falls behind), then no faults.
+PHASES = (4, 16, 30, 0, 2)
+OUTAGE = FaultSettings(latency_s=0.2, error_rate=1.0)
+STEADY = 30
 TICKS_TO_CONVERGE = 10
 
 pytestmark = pytest.mark.timeout(400)
@@ -76,8 +80,15 @@ async def test_api_faults_lose_no_request(
     emulator: Emulator, tmp_path: Path, soak: bool, figures: Figures
 ) -> None:
     total_s = 120.0 if soak else 36.0
-    phase_s = total_s / len(PHASES)
-    file = write_config(tmp_path / "autoscaler.yaml", service_config(emulator))
+    phase_s = total_s / (len(PHASES) + 1)
+    # Machines are stopped, not suspended, when the load falls: every wake is a cold boot,
+    # so the injected boot failures get their chance.
+    config = service_config(emulator, scale_down_action="stop")
+    # A machine here is a real process: a cold boot takes ~1-1.5 s on a busy 2-core VM, 7
+    # ticks of the suite's usual 0.2 s. Half-second ticks keep "within 10 ticks" about
+    # the controller's reaction rather than the boot (the default tick is 1 s).
+    config["control"]["tick_s"] = 0.5
+    file = write_config(tmp_path / "autoscaler.yaml", config)
     emulator.set_faults(FAULTS)
     async with live_service(file) as svc, Load(f"http://127.0.0.1:{svc.proxy.port}") as load:  # type: ignore[union-attr]
         assert svc.controller is not None
@@ -86,18 +97,26 @@ async def test_api_faults_lose_no_request(
             await load.resize(clients)
             await asyncio.sleep(phase_s)  # the load's duration is the point: nothing to await
         assert load.sent > 0
+        # The outage: every call fails, so the controller cannot follow the load.
+        emulator.set_faults(OUTAGE)
+        await load.resize(STEADY)
+        await asyncio.sleep(phase_s)
+        behind = (len(started(emulator, APP)), rt.desired)
 
         # The faults stop under steady load: within 10 ticks the fleet matches desired.
         emulator.set_faults(FaultSettings())
-        await load.resize(STEADY)
+        # Only ticks that began after the faults stopped count (one that began earlier may
+        # still finish, with a stale view).
+        stopped_at = svc.clock()
         ticks: list[float] = []
         converged_after: int | None = None
         async with asyncio.timeout(60):
             while converged_after is None:
-                await asyncio.sleep(0.02)
-                if rt.last_tick_at is None or (ticks and ticks[-1] == rt.last_tick_at):
+                await asyncio.sleep(0.02)  # ticks are not announced; a cheap poll
+                last = rt.last_tick_at
+                if last is None or last <= stopped_at or (ticks and ticks[-1] == last):
                     continue
-                ticks.append(rt.last_tick_at)
+                ticks.append(last)
                 up = [m for m in started(emulator, APP) if m not in our_cordons(emulator, APP)]
                 if rt.desired is not None and len(up) == rt.desired and not rt.running:
                     converged_after = len(ticks)
@@ -136,7 +155,8 @@ async def test_api_faults_lose_no_request(
         figures.record(
             "api_faults",
             duration_s=total_s,
-            phases_clients=list(PHASES),
+            phases_clients=[*PHASES, f"{STEADY} during a full API outage"],
+            started_and_desired_at_outage_end=list(behind),
             requests_sent=load.sent,
             outcomes=outcomes,
             rejections={"queue_full": queue_full, "wake_timeout": wake_timeout},
