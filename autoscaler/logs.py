@@ -7,6 +7,8 @@ processors, so their lines are redacted and formatted alike.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import sys
 from collections.abc import Iterable
@@ -21,10 +23,13 @@ _SECRET_KEYS = frozenset({"token", "authorization", "api_token", "fly_api_token"
 
 
 class Redactor:
-    """A processor that removes every known secret from an event, wherever it appears.
+    """Removes every known secret from log lines (and documents), wherever it appears.
 
     Secrets are registered at start-up (``add``); values under secret-looking keys are
-    redacted even when the secret itself was never registered.
+    redacted even when the secret itself was never registered. For log lines it works in
+    two steps: before rendering, values under secret-looking keys (``redact_keys``); after
+    rendering, every registered secret in the finished line (``redact_rendered``), which
+    is one scan of one string per secret instead of a walk over every value.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
@@ -35,29 +40,60 @@ class Redactor:
     def add(self, secret: str | None) -> None:
         if secret and len(secret) >= 4:  # a tiny "secret" would redact ordinary words
             self._secrets.add(secret)
+            escaped = json.dumps(secret)[1:-1]  # as it stands inside a rendered JSON line
+            if escaped != secret:
+                self._secrets.add(escaped)
+
+    def scrub_text(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
 
     def scrub(self, value: Any) -> Any:
+        """A copy of a document with every secret value and secret-looking key redacted."""
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            return self.scrub_text(value)
         if isinstance(value, dict):
             return {k: REDACTED if _secret_key(k) else self.scrub(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return type(value)(self.scrub(v) for v in value)
         if isinstance(value, int | float | bool) or value is None:
             return value
-        return self.scrub(str(value)) if self._secrets else value
+        return self.scrub_text(str(value)) if self._secrets else value
 
-    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
-        for key, value in list(event.items()):
-            event[key] = REDACTED if _secret_key(key) else self.scrub(value)
+    def redact_keys(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+        for key, value in event.items():
+            if _secret_name(key):
+                event[key] = REDACTED
+            elif type(value) in _CONTAINERS:
+                event[key] = _redact_nested_keys(value)
         return event
+
+    def redact_rendered(self, logger: WrappedLogger, name: str, line: Any) -> Any:
+        """After the renderer: ``line`` is the finished text of the log line."""
+        return self.scrub_text(line) if isinstance(line, str) else line
+
+
+def _redact_nested_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_key(k) else _redact_nested_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_nested_keys(v) for v in value)
+    return value
 
 
 def _secret_key(key: object) -> bool:
-    return isinstance(key, str) and key.lower() in _SECRET_KEYS
+    return isinstance(key, str) and _secret_name(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_name(key: str) -> bool:
+    # Cached: the keys of log events are few and repeat on every line.
+    return key.lower() in _SECRET_KEYS
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 _redactor = Redactor()
@@ -81,11 +117,11 @@ def configure(
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
+        _rename_logger_key,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        _redactor,
+        _redactor.redact_keys,
     ]
     renderer: Processor = (
         structlog.processors.JSONRenderer()
@@ -95,17 +131,26 @@ def configure(
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
+    # Our own events are written straight to the stream: the standard library's bridge
+    # (a LogRecord, a handler lock and a formatter per line) cost half of every request's
+    # log line. Not cached on first use, so that a later configure() or capture_logs()
+    # reaches loggers made at import time.
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, renderer, _redactor.redact_rendered],
+        logger_factory=lambda *args: _LineWriter(out),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=False,
     )
+    # Other libraries' standard-library records get the same processors and renderer.
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+                _redactor.redact_rendered,
+            ],
         )
     )
     root = logging.getLogger()
@@ -117,9 +162,39 @@ def configure(
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
-    return logger
+class _LineWriter:
+    """Writes finished lines to a stream; like logging's handlers, a failed write (a closed
+    or broken stream) never raises into the code that logged."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        try:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # nowhere left to report it
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger whose lines carry ``logger=name``."""
+    # Initial values, not bind(): binding would build the logger now, from the
+    # configuration of import time. ("logger" itself is a parameter name of get_logger.)
+    return structlog.get_logger(**{_NAME_KEY: name})
+
+
+def _rename_logger_key(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+    if _NAME_KEY in event:
+        event["logger"] = event.pop(_NAME_KEY)
+    return event
+
+
+_NAME_KEY = "logger_name"
 
 
 def bind(**values: Any) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from autoscaler import logs
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.procs import SESSION_ENV, leftovers, pid_alive
@@ -36,6 +38,13 @@ async def emulator(emulator_settings: EmulatorSettings) -> AsyncIterator[Emulato
         yield emu
     alive = [pid for pid in emu.spawned_pids() if pid_alive(pid)]
     assert not alive, f"machine processes outlived the emulator: {alive}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> None:
+    """Each test starts with logging as configured at start-up (debug, so that
+    ``capture_logs`` sees every level), not as an earlier test left it."""
+    logs.configure(level="debug", fmt="json", stream=sys.stderr)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -64,3 +64,11 @@ def test_level_filters(stream: io.StringIO) -> None:
 def test_unknown_level_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         logs.configure(level="loud", stream=io.StringIO())
+
+
+def test_a_closed_stream_never_raises_into_the_caller() -> None:
+    out = io.StringIO()
+    logs.configure(level="info", fmt="json", stream=out)
+    out.close()
+    logs.get_logger("t").info("after close")  # must not raise
+    logging.getLogger("lib").warning("stdlib too")

@@ -16,7 +16,14 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
+from autoscaler.config import (
+    AppConfig,
+    ControlSettings,
+    EmulatorApp,
+    EmulatorSettings,
+    FaultSettings,
+    Settings,
+)
 from autoscaler.control.controller import Controller
 from autoscaler.control.view import AppView, FleetView
 from autoscaler.emulator import Emulator
@@ -158,6 +165,9 @@ async def test_burst_scales_out_then_everything_suspends_without_a_failed_reques
             during_drain += draining()
             await stack.get("/work?ms=20")
 
+    # API calls that take a little time, as on Fly: each drain then stays open (cordoned,
+    # still started) for several trickle requests, instead of a few milliseconds.
+    stack.emulator.set_faults(FaultSettings(latency_s=0.05))
     trickler = asyncio.create_task(trickle())
     try:
         await stack.until(
@@ -167,6 +177,7 @@ async def test_burst_scales_out_then_everything_suspends_without_a_failed_reques
     finally:
         stop_trickle.set()
         await trickler
+        stack.emulator.set_faults(FaultSettings())
     assert during_drain > 0
     assert stack.failures == []
 

@@ -544,6 +544,7 @@ async def test_one_log_line_per_action_with_its_fields() -> None:
     assert {**lines[0], "duration_ms": 0} == {
         "event": "fly_api",
         "log_level": "info",
+        "logger_name": "autoscaler.fly",  # rendered as "logger"
         "operation": "start_machine",
         "app": "web",
         "machine": "m1",
