@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,8 +25,9 @@ from autoscaler.emulator.limits import RateLimiter, retry_after
 from autoscaler.emulator.machines import Conflict
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.world import NameTaken, NotFound, World
+from autoscaler.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -72,7 +72,7 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
     except web.HTTPException as exc:
         response = error(exc.status, exc.reason)
     except Exception:
-        log.exception("emulator handler failed")
+        log.exception("emulator_handler_failed", path=request.path)
         response = error(500, "internal error in the emulator")
     response.headers["fly-request-id"] = request_id
     return response

@@ -8,7 +8,6 @@ Leaving the block stops the API, kills every machine process and saves the state
 
 from __future__ import annotations
 
-import logging
 import random
 import secrets
 import signal
@@ -23,8 +22,9 @@ from autoscaler.emulator.model import Machine
 from autoscaler.emulator.persist import Saver, load
 from autoscaler.emulator.procs import MachineProcess
 from autoscaler.emulator.world import World
+from autoscaler.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class Emulator:
@@ -95,7 +95,7 @@ class Emulator:
             raise
         sockets = [s for s in self._runner.addresses if isinstance(s, tuple)]
         self._bound_port = int(sockets[0][1]) if sockets else self.port
-        log.info("emulator listening on %s", self.url)
+        log.info("emulator_listening", url=self.url)
 
     async def close(self) -> None:
         """Stop answering, kill every machine process, save the state. Idempotent."""
