@@ -1,9 +1,10 @@
 """Item 1: the Machines API misbehaves under varying load, and no request is lost.
 
 The emulator answers 10% of calls with 500 and 5% with 429, adds 200 ms to every call and
-fails 10% of boots (machines are stopped when idle, so wakes boot), while the load swings
-between idle (the app sleeps, the next request wakes it through the faulty API) and more
-than the fleet's target. Claims:
+fails 10% of boots (machines are stopped when idle, so wakes boot; the wake after the
+idle phase meets a failed boot for sure), while the load swings between idle (the app
+sleeps, the next request wakes it through the faulty API) and more than the fleet's
+target. Claims:
 
 - every request gets an HTTP response (no reset, no client timeout);
 - the only non-200 statuses are 503 and 504, and each is explained by a configured limit:
@@ -46,6 +47,7 @@ FAULTS = FaultSettings(latency_s=0.2, error_rate=0.10, rate_limit_rate=0.05, boo
 # Clients per phase: warm, above target, burst, idle (the app sleeps), low (a wake), then
 # a full API outage while the load rises (the fleet falls behind), then no faults.
 PHASES = (4, 16, 30, 0, 2)
+WAKE_CLIENTS = 2
 OUTAGE = FaultSettings(latency_s=0.2, error_rate=1.0)
 STEADY = 30
 TICKS_TO_CONVERGE = 10
@@ -94,9 +96,17 @@ async def test_api_faults_lose_no_request(
         assert svc.controller is not None
         rt = svc.controller.apps[APP]
         for clients in PHASES:
+            if clients == WAKE_CLIENTS:
+                # The app sleeps: the wake's first boot fails for sure (then 10% again),
+                # so every run has held requests ride through a failed boot.
+                emulator.set_faults(FAULTS.model_copy(update={"boot_failure_rate": 1.0}))
+                await load.resize(clients)
+                await until(lambda: _boot_failures(emulator) > 0, 30, "a failed boot")
+                emulator.set_faults(FAULTS)
             await load.resize(clients)
             await asyncio.sleep(phase_s)  # the load's duration is the point: nothing to await
         assert load.sent > 0
+        assert started(emulator, APP)  # the wake found a machine that boots
         # The outage: every call fails, so the controller cannot follow the load.
         emulator.set_faults(OUTAGE)
         await load.resize(STEADY)
