@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from .harness import FLY_TOKEN, Figures, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-SEED = REPO.parent / "shared" / "spec" / "fly-machines-seed.yml"
+SEED = REPO / "spec" / "fly-machines-seed.yml"
 SCHEMATHESIS_TIMEOUT_S = 90
 APP = "fuzz"
 
@@ -66,8 +66,11 @@ def emulator_url() -> Iterator[str]:
     )
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline()  # blocks until it listens (or dies)
-        assert "listening on" in first, first + proc.stdout.read()
+        seen: list[str] = []
+        while not any("listening on" in line for line in seen):
+            line = proc.stdout.readline()  # blocks until it says more (or dies: "")
+            assert line, "the emulator exited before it listened: " + "".join(seen)
+            seen.append(line)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
