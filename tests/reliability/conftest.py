@@ -45,7 +45,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _soak(config: pytest.Config) -> bool:
-    return bool(config.getoption("--soak")) or os.environ.get("AUTOSCALER_SOAK") == "1"
+    # pytest registers a sub-directory's options only when that directory is named on the
+    # command line; from the repository root the environment variable is the way.
+    return bool(config.getoption("--soak", False)) or os.environ.get("AUTOSCALER_SOAK") == "1"
 
 
 @pytest.fixture(scope="session")
