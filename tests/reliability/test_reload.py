@@ -92,7 +92,8 @@ async def test_sighup_reload_under_load(
     svc = Service(settings, file, metrics=Metrics(CollectorRegistry()), proxy_port=0, admin_port=0)
     running = asyncio.create_task(svc.run())
     try:
-        await until(lambda: svc.admin is not None and svc.proxy is not None, 30, "the start")
+        # run() offers no start event; its "started" log line comes after every part.
+        await until(lambda: bool(log_capture.events("started")), 30, "the start")
         assert svc.proxy is not None
         assert svc.controller is not None
         proxy = f"http://127.0.0.1:{svc.proxy.port}"
