@@ -97,8 +97,9 @@ async def test_api_faults_lose_no_request(
         rt = svc.controller.apps[APP]
         for clients in PHASES:
             if clients == WAKE_CLIENTS:
-                # The app sleeps: the wake's first boot fails for sure (then 10% again),
-                # so every run has held requests ride through a failed boot.
+                # Once the app sleeps, the wake's first boot fails for sure (then 10%
+                # again), so every run has held requests ride through a failed boot.
+                await until(lambda: not started(emulator, APP), 30, "the app to sleep")
                 emulator.set_faults(FAULTS.model_copy(update={"boot_failure_rate": 1.0}))
                 await load.resize(clients)
                 await until(lambda: _boot_failures(emulator) > 0, 30, "a failed boot")
