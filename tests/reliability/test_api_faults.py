@@ -2,7 +2,8 @@
 
 The emulator answers 10% of calls with 500 and 5% with 429, adds 200 ms to every call and
 fails 10% of boots (machines are stopped when idle, so wakes boot; the wake after the
-idle phase meets a failed boot for sure), while the load swings between idle (the app
+idle phase meets a failed boot for sure, and the run's first calls get 429 until one is
+seen), while the load swings between idle (the app
 sleeps, the next request wakes it through the faulty API) and more than the fleet's
 target. Claims:
 
@@ -27,6 +28,7 @@ import pytest
 
 from autoscaler.config import EmulatorApp, EmulatorSettings, FaultSettings
 from autoscaler.emulator import Emulator
+from autoscaler.service import Service
 
 from .harness import (
     APP,
@@ -69,6 +71,17 @@ def emulator_settings() -> EmulatorSettings:
     )
 
 
+def _api_calls(svc: Service, code: str | None = None) -> float:
+    """API calls the client made (all, or those answered ``code``)."""
+    return sum(
+        s.value
+        for fam in svc.metrics.registry.collect()
+        if fam.name == "autoscaler_api_requests"
+        for s in fam.samples
+        if s.name.endswith("_total") and (code is None or s.labels.get("code") == code)
+    )
+
+
 def _boot_failures(emulator: Emulator) -> int:
     return sum(
         1
@@ -95,6 +108,12 @@ async def test_api_faults_lose_no_request(
     async with live_service(file) as svc, Load(f"http://127.0.0.1:{svc.proxy.port}") as load:  # type: ignore[union-attr]
         assert svc.controller is not None
         rt = svc.controller.apps[APP]
+        # A 5% rate over ~100 calls may draw no 429 at all: the first calls of the run are
+        # all 429s until one is seen, so every run exercises the client's rate-limit path.
+        emulator.set_faults(FAULTS.model_copy(update={"rate_limit_rate": 1.0}))
+        await load.resize(PHASES[0])
+        await until(lambda: _api_calls(svc, "429") > 0, 30, "an API 429")
+        emulator.set_faults(FAULTS)
         for clients in PHASES:
             if clients == WAKE_CLIENTS:
                 # Once the app sleeps, the wake's first boot fails for sure (then 10%
@@ -153,16 +172,7 @@ async def test_api_faults_lose_no_request(
         wake_timeout = metric(
             svc, "autoscaler_queue_rejections_total", app=APP, reason="wake_timeout"
         )
-        api = {
-            code: sum(
-                s.value
-                for fam in svc.metrics.registry.collect()
-                if fam.name == "autoscaler_api_requests"
-                for s in fam.samples
-                if s.name.endswith("_total") and s.labels.get("code") == code
-            )
-            for code in ("500", "429")
-        }
+        api = {code: _api_calls(svc, code) for code in ("500", "429")}
         figures.record(
             "api_faults",
             duration_s=total_s,
@@ -177,13 +187,7 @@ async def test_api_faults_lose_no_request(
                 "boot_failures": _boot_failures(emulator),
                 "latency_s": FAULTS.latency_s,
             },
-            api_calls=sum(
-                s.value
-                for fam in svc.metrics.registry.collect()
-                if fam.name == "autoscaler_api_requests"
-                for s in fam.samples
-                if s.name.endswith("_total")
-            ),
+            api_calls=_api_calls(svc),
             ticks_to_desired_after_faults=converged_after,
             desired_at_steady_load=desired,
         )
