@@ -280,3 +280,54 @@ async def test_restart_under_load_loses_nothing(
         cordons_left_by_old_process=len(left_by_old),
         double_starts=len(_double_starts(emulator)),
     )
+
+
+async def test_drain_cut_short_by_sigterm_leaves_no_cordon(
+    emulator: Emulator, tmp_path: Path, figures: Figures
+) -> None:
+    """SIGTERM while a drain waits for a long request: the next process lifts our cordon.
+
+    Two machines each hold one long request while demand wants one: the policy drains one
+    of them, and the drain waits (cordoned) for its request. SIGTERM with a short
+    ``shutdown_timeout_s`` cuts the requests and the drain short, which may leave our
+    cordon on a machine; the new process must not leave it there.
+    """
+    config: dict[str, Any] = service_config(
+        emulator,
+        max_machines=2,
+        target_concurrency=4,
+        scale_down_delay_s=0.5,
+        drain_timeout_s=60,
+        idle_to_zero_s=300,
+        min_lifetime_s=0,
+    )
+    config["proxy"]["shutdown_timeout_s"] = 1
+    file = write_config(tmp_path / "autoscaler.yaml", config)
+    proxy_port, admin_port = free_port(), free_port()
+    procs = [Autoscaler(file, proxy_port, admin_port) for _ in range(2)]
+    url = f"http://127.0.0.1:{proxy_port}"
+    async with reaped(procs), aiohttp.ClientSession() as http, Load(url) as burst:
+        old, new = procs
+        await old.start(http)
+        await burst.resize(12)  # panic: both machines start
+        await until(lambda: len(started(emulator, APP)) == 2, 30, "two machines started")
+        await burst.resize(0)
+        # One long request per machine (least outstanding spreads them), then low demand.
+        long = Load(url, path="/work?ms=30000")
+        async with long:
+            held = [asyncio.create_task(long.once()) for _ in range(2)]
+            await until(
+                lambda: any(m in started(emulator, APP) for m in our_cordons(emulator, APP)),
+                30,
+                "a drain waiting on a busy machine",
+            )
+            assert await old.stop() == 0
+            await asyncio.gather(*held)  # cut by the short shutdown timeout
+        left = our_cordons(emulator, APP)
+        await new.start(http)
+        await until(lambda: not our_cordons(emulator, APP), 20, "our cordon to go")
+        async with http.get(f"{url}/", headers={"Host": HOST}) as resp:
+            assert resp.status == 200
+        assert await new.stop() == 0
+    assert _double_starts(emulator) == []
+    figures.record("restart_mid_drain", cordons_left_by_old_process=len(left), lifted_by_new=True)
