@@ -80,6 +80,24 @@ def duration_string(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+def _machine_body(
+    config: m.MachineConfig | Mapping[str, Any],
+    name: str | None,
+    region: str | None,
+    skip_service_registration: bool | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The body of create and update: one CreateMachineRequest, as JSON."""
+    request = m.CreateMachineRequest(
+        config=_model(m.MachineConfig, config),
+        name=name,
+        region=region,
+        skip_service_registration=skip_service_registration,
+        **extra,
+    )
+    return request.to_json()
+
+
 def _model(model: type[_M], value: _M | Mapping[str, Any]) -> _M:
     return value if isinstance(value, model) else model.model_validate(value)
 
@@ -181,15 +199,9 @@ class Operations:
         **extra: Any,
     ) -> m.Machine:
         """Create a machine; ``extra`` goes into the body as is (real-API fields)."""
-        request = m.CreateMachineRequest(
-            config=_model(m.MachineConfig, config),
-            name=name,
-            region=region,
-            skip_service_registration=skip_service_registration,
-            **extra,
-        )
+        body = _machine_body(config, name, region, skip_service_registration, extra)
         path = f"/v1/apps/{_seg(app)}/machines"
-        call = Call("create_machine", "POST", path, app, body=request.to_json())
+        call = Call("create_machine", "POST", path, app, body=body)
         return parse(m.Machine, await self._send(call), "create_machine")
 
     async def get_machine(self, app: str, machine_id: str) -> m.Machine:
@@ -207,16 +219,8 @@ class Operations:
         skip_service_registration: bool | None = None,
         **extra: Any,
     ) -> m.Machine:
-        request = m.CreateMachineRequest(
-            config=_model(m.MachineConfig, config),
-            name=name,
-            region=region,
-            skip_service_registration=skip_service_registration,
-            **extra,
-        )
-        payload = await self._machine(
-            "update_machine", "POST", app, machine_id, body=request.to_json()
-        )
+        body = _machine_body(config, name, region, skip_service_registration, extra)
+        payload = await self._machine("update_machine", "POST", app, machine_id, body=body)
         return parse(m.Machine, payload, "update_machine")
 
     async def delete_machine(self, app: str, machine_id: str, *, force: bool = False) -> None:
