@@ -6,6 +6,8 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+import aiohttp
+
 
 async def until(cond: Callable[[], bool]) -> None:
     """Wait (bounded) for a state another task is reaching, such as a request being queued.
@@ -23,3 +25,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def status_of(session: aiohttp.ClientSession, target: str, host: str) -> int:
+    """The status of one GET of ``target`` with ``Host: host`` (the body is not read)."""
+    async with session.get(target, headers={"Host": host}) as resp:
+        return resp.status

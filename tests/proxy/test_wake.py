@@ -13,7 +13,7 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import MAX_ATTEMPTS
 
 from .conftest import Backend, StartProxy, url
-from .helpers import free_port, until
+from .helpers import free_port, status_of, until
 
 
 class FakeWaker:
@@ -126,14 +126,10 @@ async def test_client_disconnecting_while_held_leaves_queue_not_the_wake(
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
     view = fleet.app("w")
 
-    async def get() -> int:
-        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
-            return r.status
-
-    gone = asyncio.create_task(get())
+    gone = asyncio.create_task(status_of(session, url(proxy), "w.test"))
     stays = None
     await until(lambda: view.queued == 1)
-    stays = asyncio.create_task(get())
+    stays = asyncio.create_task(status_of(session, url(proxy), "w.test"))
     await until(lambda: view.queued == 2)
     gone.cancel()  # closes that client's connection
     await until(lambda: view.queued == 1)
@@ -163,12 +159,8 @@ async def test_machine_refusing_after_wake_is_retried_once_routable_again(
     waker.release.set()
     fleet.set_waker(waker)
 
-    async def get() -> int:
-        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
-            return r.status
-
     with capture_logs() as logs:
-        task = asyncio.create_task(get())
+        task = asyncio.create_task(status_of(session, url(proxy), "w.test"))
         await until(lambda: sum(e["event"] == "machine_unreachable" for e in logs) > MAX_ATTEMPTS)
     assert not task.done()  # still held, not failed
     runner = web.AppRunner(hello_app())
@@ -239,11 +231,7 @@ async def test_client_leaving_while_the_waker_answers_gives_its_slot_back(
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
     view = fleet.app("w")
 
-    async def get() -> int:
-        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
-            return r.status
-
-    leaving = asyncio.create_task(get())
+    leaving = asyncio.create_task(status_of(session, url(proxy), "w.test"))
     await until(lambda: view.queued == 1)
     waker.release.set()
     await waker.routable.wait()
