@@ -12,9 +12,6 @@ from collections.abc import Callable, Sequence
 
 from autoscaler import __version__
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-
 Runner = Callable[[argparse.Namespace], int]
 
 

@@ -523,8 +523,6 @@ def load_settings(
         settings = _Bound(**dict(overrides or {}))
     except ValidationError as exc:
         raise ConfigError([f"{file}: {line}" for line in format_errors(exc)]) from None
-    except _KeyError as exc:  # raised outside pydantic's wrapping (defensive)
-        raise ConfigError([f"{file}: {exc.path}: {exc.message}"]) from None
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
     return Settings.model_construct(
         **{k: getattr(settings, k) for k in Settings.model_fields}

@@ -195,8 +195,3 @@ def _rename_logger_key(logger: WrappedLogger, name: str, event: EventDict) -> Ev
 
 
 _NAME_KEY = "logger_name"
-
-
-def bind(**values: Any) -> None:
-    """Bind values to every log line of the current task (request id, app)."""
-    structlog.contextvars.bind_contextvars(**values)

@@ -108,13 +108,6 @@ class AppView:
             self._apply_state(up, state, self.clock())
             self.notify()
 
-    def set_cordoned(self, machine_id: str, cordoned: bool) -> None:
-        """Take a machine out of routing (or back) at once, before the API agrees."""
-        up = self.upstreams.get(machine_id)
-        if up is not None and up.cordoned != cordoned:
-            up.cordoned = cordoned
-            self.notify()
-
     @staticmethod
     def _apply_state(up: Upstream, state: str, now: float) -> None:
         if state == STARTED and up.state != STARTED:

@@ -37,8 +37,6 @@ MOVING_STATES = frozenset(
     }
 )
 FINAL_STATES = frozenset({DESTROYED, "replaced", "migrated"})
-# States the autoscaler may wake a machine from.
-WAKEABLE_STATES = frozenset({SUSPENDED, STOPPED})
 # Moving states that end in "started": such a machine counts as capacity already, so the
 # policy does not start a second one for the same demand.
 COMING_UP_STATES = frozenset({STARTING, RESTARTING})
@@ -104,9 +102,6 @@ class Fleet:
     def __len__(self) -> int:
         return len(self.machines)
 
-    def in_state(self, *states: str) -> list[MachineSnapshot]:
-        return [m for m in self.machines if m.state in states]
-
     @property
     def routable(self) -> list[MachineSnapshot]:
         return [m for m in self.machines if m.routable]
@@ -114,9 +109,3 @@ class Fleet:
     @property
     def in_flight(self) -> int:
         return sum(m.in_flight for m in self.machines)
-
-    def count_by_state(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for m in self.machines:
-            counts[m.state] = counts.get(m.state, 0) + 1
-        return counts
