@@ -7,10 +7,12 @@ processors, so their lines are redacted and formatted alike.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any, Literal, TextIO
 
@@ -64,10 +66,10 @@ class Redactor:
 
     def redact_keys(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
         for key, value in event.items():
-            if _secret_name(key):
-                event[key] = REDACTED
-            elif type(value) in _CONTAINERS:
+            if type(value) in _CONTAINERS:
                 event[key] = _redact_nested_keys(value)
+            elif _secret_name(key):
+                event[key] = REDACTED
         return event
 
     def redact_rendered(self, logger: WrappedLogger, name: str, line: Any) -> Any:
@@ -119,14 +121,12 @@ def configure(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _rename_logger_key,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
         structlog.processors.format_exc_info,
         _redactor.redact_keys,
     ]
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        _render_json if use_json else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -135,9 +135,10 @@ def configure(
     # (a LogRecord, a handler lock and a formatter per line) cost half of every request's
     # log line. Not cached on first use, so that a later configure() or capture_logs()
     # reaches loggers made at import time.
+    writer = _LineWriter(out)
     structlog.configure(
         processors=[*shared, renderer, _redactor.redact_rendered],
-        logger_factory=lambda *args: _LineWriter(out),
+        logger_factory=lambda *args: writer,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=False,
     )
@@ -164,19 +165,40 @@ def configure(
 
 class _LineWriter:
     """Writes finished lines to a stream; like logging's handlers, a failed write (a closed
-    or broken stream) never raises into the code that logged."""
+    or broken stream) never raises into the code that logged.
 
-    __slots__ = ("_stream",)
+    Inside a running event loop the stream is flushed once per loop iteration rather than
+    once per line: a busy proxy logs a line per request, and one write system call then
+    carries every line of the iteration. Outside a loop each line is flushed at once.
+    """
+
+    __slots__ = ("_flush_pending", "_stream")
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._flush_pending = False
 
     def msg(self, message: str) -> None:
         try:
             self._stream.write(message + "\n")
+        except (OSError, ValueError):
+            return  # nowhere left to report it
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        try:
             self._stream.flush()
         except (OSError, ValueError):
-            pass  # nowhere left to report it
+            pass
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
@@ -186,6 +208,37 @@ def get_logger(name: str) -> Any:
     # Initial values, not bind(): binding would build the logger now, from the
     # configuration of import time. ("logger" itself is a parameter name of get_logger.)
     return structlog.get_logger(**{_NAME_KEY: name})
+
+
+def _timestamp(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+    """ISO 8601 in UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True)
+    writes it, with the date and time formatted once per second rather than per line."""
+    now = time.time()
+    second = int(now)
+    global _stamp_second, _stamp_prefix
+    if second != _stamp_second:
+        _stamp_second = second
+        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    event["timestamp"] = f"{_stamp_prefix}.{int((now - second) * 1e6):06d}Z"
+    return event
+
+
+_stamp_second = -1
+_stamp_prefix = ""
+
+
+def _json_fallback(obj: Any) -> Any:
+    """What structlog's JSONRenderer does with values JSON has no type for."""
+    structlog_hook = getattr(obj, "__structlog__", None)
+    return structlog_hook() if structlog_hook is not None else repr(obj)
+
+
+# One encoder for every line: json.dumps(..., default=...) would build one per call.
+_ENCODER = json.JSONEncoder(default=_json_fallback)
+
+
+def _render_json(logger: WrappedLogger, name: str, event: EventDict) -> str:
+    return _ENCODER.encode(event)
 
 
 def _rename_logger_key(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
