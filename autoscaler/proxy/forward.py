@@ -1,8 +1,12 @@
-"""Headers, streamed bodies and the WebSocket relay between a client and one machine.
+"""The heads a request and its response carry across the proxy, and the streamed body.
 
-Nothing here buffers a whole body: request bodies go upstream chunk by chunk as the client
-sends them (an async generator handed to aiohttp's client, which waits for the socket to
-drain), and responses come back the same way, so memory stays flat for any body size.
+Heads are built as bytes from the raw header pairs, in one pass each: hop-by-hop headers
+dropped (RFC 9110 §7.6.1: Connection and the headers it names, Keep-Alive, TE, Trailer,
+Transfer-Encoding, Upgrade, and ``Proxy-*``), forwarding headers set, every other header
+kept with its name's case and its value's bytes, repeated ones (Set-Cookie) included.
+
+Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
+client sends it (:class:`BodyStream`), so memory stays flat for any size.
 """
 
 from __future__ import annotations
@@ -12,41 +16,30 @@ import ipaddress
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
-from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from autoscaler.proxy.accounting import Failure
+from autoscaler.proxy.h1 import ParseError, Request
 
-VIA = "autoscaler"
+VIA = b"autoscaler"
 
-# RFC 9110 §7.6.1, plus the non-standard Proxy-Connection; Proxy-* are the proxy's own.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
-_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 # Set by this proxy from what it saw itself (or kept from a trusted proxy in front).
 _FORWARDING = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-request-id"}
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
 )
-# The WebSocket handshake is made anew on the upstream hop.
-_WS_HANDSHAKE = frozenset(
-    {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-    }
-)
-# Expect is answered by this proxy when the body is first read (see BodyStream).
-_REQUEST_DROP = HOP_BY_HOP | _FORWARDING | {"expect"}
-
-WS_MAX_MESSAGE = 16 * 1024 * 1024
+# Expect is answered by this proxy when the body is first read (see BodyStream); Via is
+# rewritten with this hop appended.
+_REQUEST_DROP = HOP_BY_HOP | _FORWARDING | {b"expect", b"via"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"via"}
 
 
 class Trust:
@@ -76,78 +69,161 @@ class Trust:
         return known
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    values = headers.getall("Connection", ())
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+def _named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names a Connection header declares hop-by-hop."""
+    names: set[bytes] = set()
+    for key, value in headers:
+        if key.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b","))
+    names.discard(b"")
+    return names
 
 
-def request_headers(
-    request: web.BaseRequest,
+def _join(values: list[bytes], last: bytes) -> bytes:
+    return b", ".join([*values, last]) if values else last
+
+
+def request_head(
+    request: Request,
     request_id: str,
     trust: Trust,
+    default_host: str,
     *,
     websocket: bool = False,
-) -> CIMultiDict[str]:
-    """The headers sent upstream: hop-by-hop gone, forwarding headers set, Host kept."""
-    src = request.headers
-    named = _connection_tokens(src)
-    drop = _REQUEST_DROP | _WS_HANDSHAKE if websocket else _REQUEST_DROP
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in src.items():
+) -> bytes:
+    """The head sent upstream: request line, kept headers, forwarding headers, framing."""
+    headers = request.headers
+    named = _named(headers)
+    out = [f"{request.method} {request.target} HTTP/1.1\r\n".encode("latin-1")]
+    forwarded_for: list[bytes] = []
+    forwarded: list[bytes] = []
+    proto = fwd_host = host = None
+    via: list[bytes] = []
+    for key, value in headers:
         low = key.lower()
-        if low in drop or low in named or low.startswith("proxy-"):
+        if low in _REQUEST_DROP or low.startswith(b"proxy-") or low in named:
+            if low == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif low == b"x-forwarded-proto":
+                proto = proto or value
+            elif low == b"x-forwarded-host":
+                fwd_host = fwd_host or value
+            elif low == b"forwarded":
+                forwarded.append(value)
+            elif low == b"via":
+                via.append(value)
             continue
-        out.add(key, value)
-    peer = request.remote or ""
-    if trust.trusted(peer):
-        chain = src.getall("X-Forwarded-For", ())
-        out["X-Forwarded-For"] = ", ".join([*chain, peer]) if chain else peer
-        out["X-Forwarded-Proto"] = src.get("X-Forwarded-Proto") or _scheme(request)
-        out["X-Forwarded-Host"] = src.get("X-Forwarded-Host") or src.get("Host") or ""
-        for forwarded in src.getall("Forwarded", ()):
-            out.add("Forwarded", forwarded)
+        if low == b"host":
+            host = value
+        out.append(b"%b: %b\r\n" % (key, value))
+    peer = request.peer.encode("latin-1")
+    if trust and trust.trusted(request.peer):
+        out.append(b"X-Forwarded-For: %b\r\n" % _join(forwarded_for, peer))
+        out.append(b"X-Forwarded-Proto: %b\r\n" % (proto or b"http"))
+        out.append(b"X-Forwarded-Host: %b\r\n" % (fwd_host or host or b""))
+        out.extend(b"Forwarded: %b\r\n" % value for value in forwarded)
     else:
-        out["X-Forwarded-For"] = peer
-        out["X-Forwarded-Proto"] = _scheme(request)
-        out["X-Forwarded-Host"] = src.get("Host", "")
-    version = request.version
-    via = f"{version.major}.{version.minor} {VIA}"
-    earlier = src.get("Via")
-    out["Via"] = f"{earlier}, {via}" if earlier else via
-    out["X-Request-Id"] = request_id
-    return out
+        out.append(b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n" % peer)
+        out.append(b"X-Forwarded-Host: %b\r\n" % (host or b""))
+    if host is None:  # an HTTP/1.0 client; an HTTP/1.1 request needs one
+        out.append(b"Host: %b\r\n" % default_host.encode("latin-1"))
+    out.append(b"Via: %b\r\n" % _join(via, request.version.encode() + b" " + VIA))
+    out.append(b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"))
+    if websocket:
+        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    elif request.body is not None and request.content_length is None:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
-def _scheme(request: web.BaseRequest) -> str:
-    return "https" if request.transport is not None and request.secure else "http"
+@dataclass(slots=True)
+class ResponseHead:
+    """The head sent to the client, and how its body is framed."""
+
+    data: bytes
+    chunked: bool  # the body is re-framed in chunks (its length is unknown)
+    close: bool  # the connection closes after this response
 
 
-def response_headers(
-    raw: Iterable[tuple[bytes, bytes]], request_id: str, wake: str | None, version: str
-) -> CIMultiDict[str]:
-    """Upstream response headers minus hop-by-hop ones; every Set-Cookie kept as sent."""
-    out: CIMultiDict[str] = CIMultiDict()
-    named: list[str] = []
-    # One pass over the raw bytes (this runs for every response): names compared as bytes,
-    # only kept headers decoded.
+def response_head(
+    status: int,
+    reason: str,
+    raw: Iterable[tuple[bytes, bytes]],
+    *,
+    upstream_version: str,
+    request_id: str,
+    wake: str | None,
+    client_version: str,
+    keep_alive: bool,
+    with_body: bool,
+    websocket: bool = False,
+) -> ResponseHead:
+    """The machine's response head for the client: hop-by-hop headers dropped, every
+    Set-Cookie kept as sent, Via appended, and framing for this client's connection."""
+    raw = list(raw)
+    named = _named(raw)
+    out = [f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")]
+    length = False
+    via: list[bytes] = []
+    has_id = False
     for key, value in raw:
         low = key.lower()
-        if low in _HOP_BY_HOP_BYTES or low.startswith(b"proxy-"):
-            if low == b"connection":
-                named.extend(t.strip().lower() for t in value.decode("latin-1").split(","))
+        if low in _RESPONSE_DROP or low.startswith(b"proxy-") or low in named:
+            if low == b"via":
+                via.append(value)
             continue
-        out.add(key.decode("latin-1"), value.decode("latin-1"))
-    for name in named:  # headers the machine declared hop-by-hop through Connection
-        if name:
-            out.popall(name, None)
-    via = f"{version} {VIA}"
-    earlier = out.get("Via")
-    out["Via"] = f"{earlier}, {via}" if earlier else via
-    if "X-Request-Id" not in out:
-        out["X-Request-Id"] = request_id
+        if low == b"content-length":
+            length = True
+        elif low == b"x-request-id":
+            has_id = True
+        out.append(b"%b: %b\r\n" % (key, value))
+    out.append(b"Via: %b\r\n" % _join(via, upstream_version.encode() + b" " + VIA))
+    if not has_id:
+        out.append(b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"))
     if wake is not None:
-        out["Fly-Autoscaler-Wake"] = wake
-    return out
+        out.append(b"Fly-Autoscaler-Wake: %b\r\n" % wake.encode())
+    chunked = False
+    if websocket:
+        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    else:
+        if with_body and not length:
+            if client_version == "1.1":
+                chunked = True
+                out.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                keep_alive = False  # an HTTP/1.0 client reads until the connection closes
+        if not keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif client_version == "1.0":
+            out.append(b"Connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    return ResponseHead(b"".join(out), chunked, not keep_alive)
+
+
+def error_response(
+    status: int,
+    reason: str,
+    message: str,
+    headers: dict[str, str],
+    *,
+    close: bool,
+    version: str = "1.1",
+) -> bytes:
+    """A short plain-text answer of the proxy's own."""
+    body = (message + "\n").encode()
+    out = [
+        f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1"),
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+    ]
+    out.extend(f"{key}: {value}\r\n".encode("latin-1") for key, value in headers.items())
+    if close:
+        out.append(b"Connection: close\r\n")
+    elif version == "1.0":
+        out.append(b"Connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    out.append(body)
+    return b"".join(out)
 
 
 class BodyTooLarge(Exception):
@@ -162,12 +238,11 @@ class ClientTimeout(Exception):
 class BodyStream:
     """The client's request body as an async iterator, read only as upstream takes it.
 
-    Records what happened, because aiohttp's client wraps exceptions raised by a body:
-    the proxy reads these flags to tell a 413 or a slow client from a machine failure,
-    and ``started`` to know whether a retry could replay the request.
+    Records what happened: the proxy reads these flags to tell a 413 or a slow client from
+    a machine failure, and ``started`` to know whether a retry could replay the request.
     """
 
-    request: web.BaseRequest
+    request: Request
     limit: int | None
     timeout: float
     expect_continue: bool
@@ -176,24 +251,38 @@ class BodyStream:
     started: bool = False
     too_large: bool = False
     timed_out: bool = False
+    refused: ParseError | None = None  # the body broke HTTP's rules (bad chunking)
     received: int = field(default=0)
+
+    def raise_for_client(self) -> None:
+        """When the body failed on the client's side, raise the answer that deserves."""
+        if self.too_large:
+            raise Failure(413, f"request body over {self.limit} bytes")
+        if self.timed_out:
+            raise Failure(408, "the client sent its body too slowly")
+        if self.refused is not None:
+            raise Failure(self.refused.status, self.refused.message)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
         request = self.request
+        body = request.body
+        assert body is not None
         if self.expect_continue:
             # The client waits for this before sending; it goes out only once a machine
             # was chosen and wants the body.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        content = request.content
+            request.conn.write_interim(b"HTTP/1.1 100 Continue\r\n\r\n")
         limit = self.limit
         while True:
             try:
                 async with asyncio.timeout(self.timeout):
-                    chunk = await content.readany()
+                    chunk = await body.read()
             except TimeoutError:
                 self.timed_out = True
                 raise ClientTimeout from None
+            except ParseError as exc:
+                self.refused = exc
+                raise
             if not chunk:
                 break
             self.received += len(chunk)
@@ -204,68 +293,3 @@ class BodyStream:
         if self.on_done is not None:
             loop = asyncio.get_running_loop()
             self.on_done.reschedule(loop.time() + self.upstream_timeout)
-
-
-# --- WebSockets -----------------------------------------------------------------------
-
-# Codes that may not travel in a close frame (RFC 6455 §7.4.1), and what is sent instead.
-_UNSENDABLE = {0, 1004, 1005, 1006, 1015}
-
-
-def _close_code(code: int | None, fallback: int) -> int:
-    if code is None or code in _UNSENDABLE or not 1000 <= code <= 4999:
-        return fallback
-    return code
-
-
-async def relay_websocket(client: web.WebSocketResponse, upstream: ClientWebSocketResponse) -> None:
-    """Relay messages both ways until either side closes; pass the close code on.
-
-    The side whose peer closes first runs the closing handshake on both hops; aiohttp then
-    hands the other direction's pending ``receive()`` a CLOSING message, which must not
-    start a second close with another code, hence ``closer``.
-    """
-    closer: list[str] = []
-
-    async def pump(
-        src: web.WebSocketResponse | ClientWebSocketResponse,
-        dst: web.WebSocketResponse | ClientWebSocketResponse,
-        name: str,
-        abnormal: int,
-    ) -> None:
-        while True:
-            msg = await src.receive()
-            kind = msg.type
-            if kind is WSMsgType.TEXT:
-                await dst.send_str(msg.data)
-            elif kind is WSMsgType.BINARY:
-                await dst.send_bytes(msg.data)
-            elif kind is WSMsgType.CLOSE:
-                if closer:
-                    return
-                closer.append(name)
-                code = _close_code(msg.data, WSCloseCode.OK)
-                await dst.close(code=code, message=(msg.extra or "").encode())
-                await src.close(code=code)
-                return
-            elif kind in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                if not closer:  # this peer vanished without a close frame
-                    closer.append(name)
-                    await dst.close(code=abnormal)
-                return
-
-    tasks = [
-        asyncio.ensure_future(pump(client, upstream, "client", WSCloseCode.GOING_AWAY)),
-        asyncio.ensure_future(pump(upstream, client, "upstream", WSCloseCode.INTERNAL_ERROR)),
-    ]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        await asyncio.wait(tasks)  # the closing handshake ends the other direction too
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if not upstream.closed:
-            await upstream.close(code=WSCloseCode.GOING_AWAY)
-        if not client.closed:
-            await client.close(code=WSCloseCode.GOING_AWAY)

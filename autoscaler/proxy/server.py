@@ -1,4 +1,4 @@
-"""The data path: an aiohttp server that routes, admits, forwards and accounts each request.
+"""The data path: routes, admits, forwards and accounts each request.
 
 One request's life: route by Host (404 when no app), take a slot through the app's
 :class:`Gate` (at once, or after waiting in its FIFO while machines wake or free up; 503 when
@@ -6,36 +6,23 @@ the queue is full, 504 after ``wake_timeout_s``), forward to the machine with st
 bodies (retrying elsewhere only when that cannot repeat a side effect), relay the response,
 give the slot back, then one metric update and one log line.
 
-aiohttp's low-level server is used rather than ``web.Application``: there is one handler
-and no routing table to consult, and its protocol class is subclassed so that errors found
-while parsing (a header over the limit, conflicting Content-Length and Transfer-Encoding)
-get the same short bodies, request ids and log lines as the proxy's own errors.
+The client side is :mod:`autoscaler.proxy.h1` (HTTP/1.1 on llhttp), the machine side
+:mod:`autoscaler.proxy.upstream` (a keep-alive pool per machine) and, for WebSockets,
+:mod:`autoscaler.proxy.tunnel`. Heads cross as bytes (:mod:`autoscaler.proxy.forward`):
+no request or response objects are built on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-
-from aiohttp import (
-    ClientConnectionError,
-    ClientError,
-    ClientSession,
-    ClientWSTimeout,
-    DummyCookieJar,
-    TCPConnector,
-    WSServerHandshakeError,
-    web,
-)
-from aiohttp.client_exceptions import ClientConnectorError, ConnectionTimeoutError
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from yarl import URL
+from http import HTTPStatus
 
 from autoscaler.config import AppConfig, Settings, parse_host_port
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.proxy import forward, upstream
+from autoscaler.proxy import forward, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
     MetricChildren,
@@ -44,7 +31,7 @@ from autoscaler.proxy.accounting import (
     remaining,
 )
 from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull
-from autoscaler.proxy.listener import Listener
+from autoscaler.proxy.h1 import H1Server, Request
 from autoscaler.proxy.routing import Router
 from autoscaler.scaling.fleet import STARTED
 
@@ -53,9 +40,6 @@ _log = get_logger("autoscaler.proxy")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_ATTEMPTS = 3
 _EMPTY_STATUS = frozenset({204, 304})
-# aiohttp's client (used for the WebSocket handshake) would otherwise add these to requests
-# that lack them; Accept-Encoding: gzip would even change what the machine sends back.
-_SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 class ProxyServer:
@@ -77,10 +61,9 @@ class ProxyServer:
         self._router = Router(())
         self._trust = forward.Trust(())
         self._gates: dict[str, Gate] = {}
-        self._session: ClientSession | None = None  # WebSockets only
         self._pool: upstream.Pool | None = None
-        self._runner: web.ServerRunner | None = None
-        self._websockets: set[web.WebSocketResponse] = set()
+        self._server: H1Server | None = None
+        self._tunnels: set[tunnel.Tunnel] = set()
         self._children = MetricChildren(metrics)
         self._ids = random.Random()  # noqa: S311 - request ids need uniqueness, not secrecy
         self._closing = False
@@ -129,73 +112,49 @@ class ProxyServer:
         listen = parse_host_port(proxy.listen)
         host = listen.host if host is None else host
         port = listen.port if port is None else port
-        self._session = ClientSession(
-            connector=TCPConnector(
-                limit=0,
-                limit_per_host=proxy.pool_size,
-                use_dns_cache=True,
-                keepalive_timeout=30.0,
-            ),
-            cookie_jar=DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO,
-            trust_env=False,
-            requote_redirect_url=False,
-        )
         self._pool = upstream.Pool(proxy.pool_size, proxy.connect_timeout_s)
-        server = Listener(
+        self._server = H1Server(
             self.handle,
-            self.protocol_error,
+            self.error_page,
             max_connections=proxy.max_connections,
-            handler_cancellation=True,  # a client that goes away cancels its handler
-            access_log=None,
-            max_line_size=proxy.max_header_bytes,
-            max_field_size=proxy.max_header_bytes,
-            keepalive_timeout=proxy.client_timeout_s,
-            # After an early answer (408, 413) aiohttp reads the rest of the body for up to
-            # lingering_time (10 s) however slowly it comes: a client silent that long must
-            # not outlive client_timeout_s (a slow-body slowloris holds the socket).
-            lingering_time=min(10.0, proxy.client_timeout_s),
-            auto_decompress=False,
+            max_header_bytes=proxy.max_header_bytes,
+            client_timeout_s=proxy.client_timeout_s,
         )
-        self._runner = web.ServerRunner(server, shutdown_timeout=proxy.shutdown_timeout_s)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self.port = await self._server.start(host, port)
         _log.info("proxy_listening", host=host, port=self.port)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new client connections are accepted (false once stopping)."""
+        return self._server is not None and self._server.accepting
 
     async def stop(self) -> None:
         """Stop accepting, let requests finish until ``shutdown_timeout_s``, then close."""
         self._closing = True
-        for ws in list(self._websockets):
+        for open_tunnel in list(self._tunnels):
             # Open WebSockets last indefinitely: tell them to reconnect elsewhere.
-            await ws.close(code=1001, message=b"proxy shutting down")
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+            open_tunnel.going_away()
+        if self._server is not None:
+            await self._server.stop(self._settings.proxy.shutdown_timeout_s)
+            self._server = None
         for gate in self._gates.values():
             await gate.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
 
     # --- one request --------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> None:
+        """Answer one request; the connection calls this for each, in order."""
         loop = asyncio.get_running_loop()
-        ctx = RequestContext(loop.time(), self._request_id(request.headers.get("X-Request-Id")))
-        app = self._router.route(request.host, request.raw_path)
+        ctx = RequestContext(loop.time(), self._request_id(request.request_id))
+        app = self._router.route(request.host, request.target)
         try:
             if app is None:
                 raise Failure(404, "no app is configured for this host")
             ctx.app = app.name
-            response = await self._serve(request, app, ctx)
-            ctx.status = response.status
-            return response
+            await self._serve(request, app, ctx)
         except Failure as failure:
             ctx.status = failure.status
             _log.warning(
@@ -205,16 +164,14 @@ class ProxyServer:
                 status=failure.status,
                 reason=failure.message,
             )
-            return self._error_response(failure, ctx)
+            self._write_error(request, failure, ctx)
         except asyncio.CancelledError:
             ctx.status = 499  # the client went away (nginx's convention; log only)
             raise
         finally:
             self._account(request, ctx, loop.time())
 
-    async def _serve(
-        self, request: web.BaseRequest, app: AppConfig, ctx: RequestContext
-    ) -> web.StreamResponse:
+    async def _serve(self, request: Request, app: AppConfig, ctx: RequestContext) -> None:
         if self._closing:
             raise Failure(503, "proxy is shutting down", {"Retry-After": "1"})
         limit = app.max_body_bytes
@@ -230,9 +187,10 @@ class ProxyServer:
         inflight = self._children.inflight(app.name)
         inflight.inc()
         try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
-                return await self._websocket(request, app, gate, ctx)
-            return await self._http(request, app, gate, ctx)
+            if request.upgrade == "websocket":
+                await self._websocket(request, app, gate, ctx)
+            else:
+                await self._http(request, app, gate, ctx)
         finally:
             inflight.dec()
             if ctx.up is not None:
@@ -281,12 +239,11 @@ class ProxyServer:
         ctx.up = up
         return up
 
-    def _url(self, app: AppConfig, up: Upstream, raw_path: str) -> URL:
-        authority = up.authority
-        if app.port is not None and not app.static and up.port != app.port:
-            host = up.host
-            authority = f"[{host}]:{app.port}" if ":" in host else f"{host}:{app.port}"
-        return URL(f"http://{authority}{raw_path}", encoded=True)
+    def _address(self, app: AppConfig, up: Upstream) -> tuple[int, str]:
+        """The machine's port for this app (``apps[].port`` overrides), and its authority."""
+        if app.port is None or app.static or up.port == app.port:
+            return up.port, up.authority
+        return app.port, _authority(up.host, app.port)
 
     def _failed_connect(self, app: AppConfig, up: Upstream) -> bool:
         """Nothing was sent: skip this machine for a while; the retry is always safe."""
@@ -297,28 +254,24 @@ class ProxyServer:
         return True
 
     async def _http(
-        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: RequestContext
-    ) -> web.StreamResponse:
+        self, request: Request, app: AppConfig, gate: Gate, ctx: RequestContext
+    ) -> None:
         proxy = self._settings.proxy
         pool = self._pool
         if pool is None:
             raise Failure(503, "proxy is not running")
-        headers = forward.request_headers(request, ctx.request_id, self._trust)
-        if "Host" not in headers:  # an HTTP/1.0 client; HTTP/1.1 upstream needs one
-            headers["Host"] = up_host_header(app, ctx.up)
-        method = request.method
-        has_body = request.body_exists
-        expect = (
-            has_body
-            and request.version >= (1, 1)
-            and request.headers.get("Expect", "").lower() == "100-continue"
+        head = forward.request_head(
+            request, ctx.request_id, self._trust, up_host_header(app, ctx.up)
         )
+        method = request.method
+        has_body = request.body is not None
+        expect = has_body and request.version != "1.0" and request.expect_continue
         body: forward.BodyStream | None = None
         tried: list[Upstream] = []
         up = ctx.up
+        field_size = max(8190, proxy.max_header_bytes)
         while True:
             assert up is not None
-            data = None
             if has_body:
                 body = forward.BodyStream(
                     request,
@@ -327,170 +280,165 @@ class ProxyServer:
                     expect,
                     upstream_timeout=proxy.upstream_timeout_s,
                 )
-                data = body.chunks()
+            port, authority = self._address(app, up)
             try:
-                # Headers are due upstream_timeout_s after the body's end (a slow upload is
-                # the client's time, bounded by client_timeout_s per read).
-                async with asyncio.timeout(None if has_body else proxy.upstream_timeout_s) as tm:
-                    if body is not None:
-                        body.on_done = tm
-                    port = up.port if app.port is None or app.static else app.port
+                if body is None:
                     exchange = await upstream.send(
                         pool,
                         up.host,
                         port,
-                        up.authority if port == up.port else _authority(up.host, port),
+                        authority,
                         method,
-                        request.raw_path,
-                        headers,
-                        data,
-                        replayable=method in IDEMPOTENT and not has_body,
-                        max_field_size=max(8190, proxy.max_header_bytes),
+                        head,
+                        None,
+                        replayable=method in IDEMPOTENT,
+                        max_field_size=field_size,
+                        head_timeout=proxy.upstream_timeout_s,
                     )
-            except ConnectionTimeoutError:
+                else:
+                    # The answer is due upstream_timeout_s after the body's end (a slow
+                    # upload is the client's time, bounded by client_timeout_s per read).
+                    async with asyncio.timeout(None) as body.on_done:
+                        exchange = await upstream.send(
+                            pool,
+                            up.host,
+                            port,
+                            authority,
+                            method,
+                            head,
+                            body.chunks(),
+                            chunked=request.content_length is None,
+                            max_field_size=field_size,
+                        )
+            except upstream.ConnectFailed:
                 retry = nothing_sent = self._failed_connect(app, up)
             except TimeoutError:
                 raise Failure(504, "the machine did not answer in time") from None
-            except ClientError as exc:
+            except upstream.UpstreamError as exc:
                 nothing_sent = False
-                if body is not None and body.too_large:
-                    raise Failure(413, f"request body over {app.max_body_bytes} bytes") from None
-                if body is not None and body.timed_out:
-                    raise Failure(408, "the client sent its body too slowly") from None
-                if isinstance(exc, ClientConnectorError):
-                    retry = nothing_sent = self._failed_connect(app, up)
-                elif isinstance(exc, ClientConnectionError):
-                    # Reset or closed before any response byte: a replay is safe only if
-                    # the method is idempotent and no body byte was consumed.
-                    retry = method in IDEMPOTENT and (body is None or not body.started)
-                else:
-                    retry = False
+                if body is not None:
+                    body.raise_for_client()
+                # Closed before any answer byte: a replay is safe only if the method is
+                # idempotent and no body byte was consumed.
+                retry = (
+                    isinstance(exc, upstream.ConnectionLost)
+                    and method in IDEMPOTENT
+                    and (body is None or not body.started)
+                )
                 if not retry:
                     raise Failure(502, "the machine failed to answer") from None
             else:
-                return await self._relay(request, exchange, app, ctx)
+                await self._relay(request, exchange, app, ctx)
+                return
             if body is not None and body.started:
                 raise Failure(502, "no machine of this app is reachable")
             up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
         exchange: upstream.Exchange,
         app: AppConfig,
         ctx: RequestContext,
-    ) -> web.StreamResponse:
-        proxy = self._settings.proxy
-        message, content = exchange.message, exchange.payload
-        assert message is not None
-        assert content is not None
+    ) -> None:
+        conn = request.conn
+        content = exchange.body
         try:
-            v = message.version
-            headers = forward.response_headers(
-                message.raw_headers,
-                ctx.request_id,
-                ctx.wake if proxy.wake_header else None,
-                f"{v.major}.{v.minor}",
+            with_body = not exchange.head_only and exchange.status not in _EMPTY_STATUS
+            head = forward.response_head(
+                exchange.status,
+                exchange.reason,
+                exchange.headers,
+                upstream_version=exchange.version,
+                request_id=ctx.request_id,
+                wake=ctx.wake if self._settings.proxy.wake_header else None,
+                client_version=request.version,
+                keep_alive=conn.keeps_alive(request),
+                with_body=with_body,
             )
-            with_body = request.method != "HEAD" and message.code not in _EMPTY_STATUS
-            if with_body and content.is_eof():
-                # The whole body came with the head (a small response): aiohttp then sends
-                # head and body in one write, a system call saved per request.
+            ctx.status = exchange.status
+            if content.done:
+                # A small answer came whole: head and body in one write.
                 ctx.headers_at = asyncio.get_running_loop().time()
-                return web.Response(
-                    status=message.code,
-                    reason=message.reason,
-                    headers=headers,
-                    body=content.read_nowait(),
-                )
-            resp = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
-            await resp.prepare(request)
-            ctx.headers_at = asyncio.get_running_loop().time()
-            if with_body:
+                data = content.take()
+                if head.chunked:
+                    data = _chunk(data) + b"0\r\n\r\n" if data else b"0\r\n\r\n"
+                conn.write(head.data + data)
+            else:
+                conn.write(head.data)
+                ctx.headers_at = asyncio.get_running_loop().time()
                 try:
-                    while True:
-                        chunk = await content.readany()
-                        if not chunk:
-                            break
-                        await resp.write(chunk)
-                except ClientError:
+                    while chunk := await content.read():
+                        conn.write(_chunk(chunk) if head.chunked else chunk)
+                        await conn.drain()
+                except upstream.UpstreamError:
                     # The machine broke off mid-body: the client must not take the
                     # truncated body for a whole one, so its connection is dropped.
                     _log.warning("upstream_body_error", request_id=ctx.request_id, app=app.name)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return resp
-            await resp.write_eof()
-            return resp
+                    conn.abort()
+                    return
+                if head.chunked:
+                    conn.write(b"0\r\n\r\n")
+            await conn.drain()
         finally:
             exchange.release()
 
     async def _websocket(
-        self, request: web.BaseRequest, app: AppConfig, gate: Gate, ctx: RequestContext
-    ) -> web.StreamResponse:
-        session = self._session
-        if session is None:
-            raise Failure(503, "proxy is not running")
+        self, request: Request, app: AppConfig, gate: Gate, ctx: RequestContext
+    ) -> None:
         proxy = self._settings.proxy
-        headers = forward.request_headers(request, ctx.request_id, self._trust, websocket=True)
-        offered = [
-            p.strip()
-            for v in request.headers.getall("Sec-WebSocket-Protocol", ())
-            for p in v.split(",")
-            if p.strip()
-        ]
+        head = forward.request_head(
+            request, ctx.request_id, self._trust, up_host_header(app, ctx.up), websocket=True
+        )
         tried: list[Upstream] = []
         up = ctx.up
         while True:
             assert up is not None
+            port, _ = self._address(app, up)
             try:
                 async with asyncio.timeout(proxy.upstream_timeout_s):
-                    upstream_ws = await session.ws_connect(
-                        self._url(app, up, request.raw_path),
-                        headers=headers,
-                        protocols=offered,
-                        autoclose=False,
-                        autoping=True,
-                        max_msg_size=forward.WS_MAX_MESSAGE,
-                        timeout=ClientWSTimeout(ws_close=10.0),
-                        compress=0,
+                    machine = await tunnel.handshake(
+                        up.host,
+                        port,
+                        head,
+                        proxy.connect_timeout_s,
+                        max(8190, proxy.max_header_bytes),
                     )
                 break
-            except WSServerHandshakeError as exc:
-                raise Failure(502, f"the machine refused the WebSocket ({exc.status})") from None
-            except ConnectionTimeoutError:
+            except tunnel.HandshakeError:
+                raise Failure(502, "the machine failed to answer") from None
+            except tunnel.ConnectFailed:
                 nothing_sent = self._failed_connect(app, up)
             except TimeoutError:
                 raise Failure(504, "the machine did not answer in time") from None
-            except ClientConnectorError:
-                nothing_sent = self._failed_connect(app, up)
-            except ClientConnectionError:
-                nothing_sent = False  # a handshake has no body: replaying it is safe
-            except ClientError:
-                raise Failure(502, "the machine failed to answer") from None
+            except OSError:
+                nothing_sent = False  # lost before the answer; a handshake is safe to replay
             up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
-        client_ws = web.WebSocketResponse(
-            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
-            autoclose=False,
-            autoping=True,
-            max_msg_size=forward.WS_MAX_MESSAGE,
-            compress=False,
+        if machine.status != 101:
+            assert machine.transport is not None
+            machine.transport.close()
+            raise Failure(502, f"the machine refused the WebSocket ({machine.status})")
+        response = forward.response_head(
+            101,
+            machine.reason.decode("latin-1") or "Switching Protocols",
+            machine.headers,
+            upstream_version="1.1",
+            request_id=ctx.request_id,
+            wake=ctx.wake if proxy.wake_header else None,
+            client_version=request.version,
+            keep_alive=False,
+            with_body=False,
+            websocket=True,
         )
-        if proxy.wake_header:
-            client_ws.headers["Fly-Autoscaler-Wake"] = ctx.wake
-        client_ws.headers["X-Request-Id"] = ctx.request_id
-        try:
-            await client_ws.prepare(request)
-        except BaseException:
-            await upstream_ws.close()
-            raise
+        request.conn.write(response.data)
+        ctx.status = 101
         ctx.headers_at = asyncio.get_running_loop().time()
-        self._websockets.add(client_ws)
+        relay = tunnel.Tunnel(request.conn, machine)
+        self._tunnels.add(relay)
         try:
-            await forward.relay_websocket(client_ws, upstream_ws)
+            await relay.run()
         finally:
-            self._websockets.discard(client_ws)
-        return client_ws
+            self._tunnels.discard(relay)
 
     # --- errors and accounting ----------------------------------------------------
 
@@ -504,28 +452,37 @@ class ProxyServer:
             return given
         return f"{self._ids.getrandbits(128):032x}"
 
-    def _error_response(self, failure: Failure, ctx: RequestContext) -> web.Response:
-        resp = web.Response(status=failure.status, text=failure.message + "\n")
-        resp.headers["X-Request-Id"] = ctx.request_id
+    def _write_error(self, request: Request, failure: Failure, ctx: RequestContext) -> None:
+        conn = request.conn
+        if conn.response_started:
+            conn.abort()  # mid-response: the client must not take a cut body for whole
+            return
+        headers = {"X-Request-Id": ctx.request_id}
         if failure.headers:
-            resp.headers.update(failure.headers)
+            headers.update(failure.headers)
         if self._settings.proxy.wake_header and ctx.app:
-            resp.headers["Fly-Autoscaler-Wake"] = ctx.wake
-        if failure.status in (408, 413):
-            resp.force_close()  # the rest of the body is not worth waiting for
-        return resp
+            headers["Fly-Autoscaler-Wake"] = ctx.wake
+        conn.write(
+            forward.error_response(
+                failure.status,
+                _reason(failure.status),
+                failure.message,
+                headers,
+                close=not conn.keeps_alive(request),
+                version=request.version,
+            )
+        )
 
-    def _account(self, request: web.BaseRequest, ctx: RequestContext, now: float) -> None:
+    def _account(self, request: Request, ctx: RequestContext, now: float) -> None:
         children = self._children
         children.requests(ctx.app, ctx.status, ctx.wake).inc()
         until = ctx.headers_at if ctx.headers_at is not None else now
         children.duration(ctx.app).observe(until - ctx.arrived)
         if self._settings.proxy.access_log:
-            raw = request.raw_path
+            raw = request.target
             query = raw.find("?")
-            # Rendering a log line costs as much as proxying a small request. A small
-            # response is written only after this handler returns, so the line is emitted
-            # on the loop's next turn: after the response, off the request's latency.
+            # Rendering a log line costs as much as proxying a small request: it is
+            # emitted on the loop's next turn, after the response, off its latency.
             asyncio.get_running_loop().call_soon(
                 access_line,
                 ctx.request_id,
@@ -538,34 +495,29 @@ class ProxyServer:
                 ctx.wake,
             )
 
-    def protocol_error(
-        self, request: web.BaseRequest, status: int, exc: BaseException | None
-    ) -> web.Response:
-        """A request aiohttp could not parse, or a bug in the handler (500)."""
+    def error_page(self, status: int, message: str) -> bytes:
+        """The answer to a request refused before it was parsed whole (400, 414, 431...),
+        or to a bug in the handler (500); the connection closes after it."""
         request_id = self._request_id(None)
-        if isinstance(exc, LineTooLong) or (
-            isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message)
-        ):
-            status, message = 431, "request header fields too large"
-        elif status == 400:
-            message = "bad request"
-            if isinstance(exc, HttpProcessingError) and exc.message:
-                message = f"bad request: {str(exc.message)[:120]}"
-        elif status == 500:
-            message = "internal proxy error"
-        else:
-            message = "error"
         if status >= 500:
-            _log.error(
-                "proxy_error", request_id=request_id, status=status, reason=message, exc_info=exc
-            )
+            _log.error("proxy_error", request_id=request_id, status=status, reason=message)
         else:
             _log.warning("proxy_error", request_id=request_id, status=status, reason=message)
-        self.metrics.requests.labels(app="", code=str(status), wake=NO_WAKE).inc()
-        resp = web.Response(status=status, text=message + "\n")
-        resp.headers["X-Request-Id"] = request_id
-        resp.force_close()
-        return resp
+        self._children.requests("", status, NO_WAKE).inc()
+        return forward.error_response(
+            status, _reason(status), message, {"X-Request-Id": request_id}, close=True
+        )
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 def up_host_header(app: AppConfig, up: Upstream | None) -> str:

@@ -1,15 +1,19 @@
-"""A lean HTTP/1.1 client for the hop to the machines, with keep-alive pools per machine.
+"""The hop to the machines: HTTP/1.1 over keep-alive connections pooled per machine.
 
-aiohttp's ``ClientSession.request`` spends ~160 µs of CPU per request on things a proxy
-does not use (URL handling, cookies, redirects, tracing, auto headers, timers); the same
-exchange over a raw keep-alive connection costs ~25 µs. This module keeps aiohttp's
-protocol pieces, the C response parser (``ResponseHandler``) and the request writer
-(``StreamWriter``), and drops the rest: a request is a head written on a pooled connection,
-a body streamed by a task, and the response read off the parser.
+A request is a head written on a pooled connection (its body, if any, streamed after it by
+a task); the answer is parsed by llhttp (``httptools``) as it arrives, into a status, the
+raw header pairs and a :class:`Body`. There are no request or response objects and no
+header multidicts: the proxy relays the raw pairs. A small answer is usually whole by the
+time the proxy looks at it, and goes back to the client in one write.
 
-Errors keep aiohttp's exception classes so callers classify them one way:
-``ClientConnectorError`` / ``ConnectionTimeoutError`` (nothing was sent), and
-``ClientConnectionError`` subclasses for a connection lost before the response.
+Errors, by what the caller may do about them:
+
+- :class:`ConnectFailed`: no connection (refused, unreachable, timed out). Nothing was
+  sent, so another machine may be tried.
+- :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
+  replay is safe only for an idempotent request whose body was not consumed.
+- :class:`BadResponse`: what came back is not HTTP, or is too large.
+- ``TimeoutError``: no answer within ``head_timeout``.
 """
 
 from __future__ import annotations
@@ -18,74 +22,288 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import cast
 
-from aiohttp import ClientConnectionError, ClientError
-from aiohttp.client_exceptions import (
-    ClientConnectorError,
-    ClientOSError,
-    ConnectionTimeoutError,
-    ServerDisconnectedError,
-)
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ConnectionKey
-from aiohttp.http_parser import RawResponseMessage
-from aiohttp.http_writer import StreamWriter
-from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
+import httptools
+
+from autoscaler.proxy.body import Body
 
 # A pooled connection idle longer than this is closed rather than reused: servers commonly
 # drop idle keep-alive connections after 5-60 s, and reusing one they just dropped costs a
 # failed attempt.
 IDLE_S = 4.0
+MAX_HEADERS = 256
+_NO_BODY_STATUS = frozenset({204, 304})
 
 
-class UnexpectedUpgrade(ClientError):
+class UpstreamError(Exception):
+    """The exchange with the machine failed."""
+
+
+class ConnectFailed(UpstreamError):
+    """No connection to the machine: nothing was sent."""
+
+
+class ConnectionLost(UpstreamError):
+    """The connection closed before the answer (or its body) was whole."""
+
+
+class BadResponse(UpstreamError):
+    """The machine's answer is not HTTP this proxy accepts."""
+
+
+class UnexpectedUpgrade(BadResponse):
     """The machine switched protocols on a request that did not ask to (no Upgrade sent)."""
 
 
-@dataclass(slots=True)
-class _Idle:
-    proto: ResponseHandler
-    since: float
-
-
 class Exchange:
-    """One request on one connection: the response, its body, and the connection's fate."""
+    """One request on one connection: the answer's head, its body, the connection's fate."""
 
-    __slots__ = ("_body_task", "_pool", "_proto", "authority", "message", "payload", "reused")
+    __slots__ = (
+        "_body_task",
+        "_conn",
+        "_head",
+        "_pool",
+        "body",
+        "complete",
+        "head_only",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "until_eof",
+        "version",
+    )
 
-    def __init__(self, pool: Pool, authority: str, proto: ResponseHandler, reused: bool) -> None:
+    def __init__(self, pool: Pool, conn: Connection, head_only: bool) -> None:
         self._pool = pool
-        self._proto: ResponseHandler | None = proto
+        self._conn: Connection | None = conn
+        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._body_task: asyncio.Task[None] | None = None
-        self.authority = authority
-        self.reused = reused
-        self.message: RawResponseMessage | None = None
-        self.payload: StreamReader | None = None
+        self.head_only = head_only  # a HEAD request: the answer has no body
+        self.status = 0
+        self.reason = ""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.until_eof = False  # no length and not chunked: the body ends with the connection
+        self.body = Body(conn)
+        self.complete = False
 
     def release(self) -> None:
         """Back to the pool if the exchange finished cleanly, else closed."""
-        proto, self._proto = self._proto, None
-        if proto is None:
+        conn, self._conn = self._conn, None
+        if conn is None:
             return
+        conn.exchange = None
         task = self._body_task
-        clean = (
-            self.message is not None
-            and not self.message.should_close
-            and self.payload is not None
-            and self.payload.is_eof()
-            and (
-                task is None or (task.done() and not task.cancelled() and task.exception() is None)
-            )
-            and not proto.should_close
-        )
         if task is not None and not task.done():
             task.cancel()
+            conn.close()
+            return
+        clean = (
+            self.complete
+            and self.keep_alive
+            and (task is None or (not task.cancelled() and task.exception() is None))
+        )
         if clean:
-            self._pool.put(self.authority, proto)
+            self._pool.put(conn)
         else:
-            proto.close()
+            conn.close()
+
+    # called by the connection ------------------------------------------------------
+
+    def got_head(self) -> None:
+        if not self._head.done():
+            self._head.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._head.done():
+            self._head.set_exception(exc)
+        else:
+            self.body.fail(exc)
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to a machine, carrying one exchange at a time."""
+
+    def __init__(self, authority: str, max_field_size: int) -> None:
+        self.authority = authority
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.idle_since = 0.0
+        self.closed = False
+        self._max_field_size = max_field_size
+        self._parser = httptools.HttpResponseParser(self)
+        self._error: UpstreamError | None = None
+        self._interim = False
+        self._size = 0
+        self._paused_by: set[object] = set()
+        self._writing_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        ex = self.exchange
+        if ex is not None:
+            if ex.until_eof and not ex.complete and exc is None and ex._head.done():
+                ex.complete = True  # the body was delimited by the connection's end
+                ex.body.feed_eof()
+            elif not ex.complete:
+                ex.fail(ConnectionLost("the machine closed the connection"))
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionLost("the machine closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None or ex.complete:
+            self.close()  # bytes nobody asked for: this connection cannot be trusted
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            assert self._error is not None
+            ex.fail(self._error)
+            self.close()
+        except httptools.HttpParserUpgrade:
+            ex.fail(UnexpectedUpgrade("the machine switched protocols unasked"))
+            self.close()
+        except httptools.HttpParserError as exc:
+            ex.fail(BadResponse(f"bad answer from the machine: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close; connection_lost tells the exchange
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # httptools callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        ex.reason = ""
+        ex.headers = []
+        self._size = 0
+
+    def on_status(self, status: bytes) -> None:
+        ex = self.exchange
+        assert ex is not None
+        ex.reason += status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if len(name) + len(value) > self._max_field_size or len(ex.headers) >= MAX_HEADERS:
+            self._error = BadResponse("the machine's answer has too large a head")
+            raise self._error
+        ex.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                self._error = UnexpectedUpgrade("the machine switched protocols unasked")
+                raise self._error
+            self._interim = True  # 100 Continue, 103 Early Hints: the hop's own
+            return
+        ex.status = status
+        ex.version = parser.get_http_version()
+        ex.keep_alive = parser.should_keep_alive()
+        if ex.head_only or status in _NO_BODY_STATUS:
+            ex.complete = True
+            ex.body.feed_eof()
+            if ex.head_only:
+                # llhttp cannot be told that the answer to HEAD has no body (httptools
+                # has no way to), so it would wait for Content-Length bytes: parse the
+                # next answer with a fresh parser.
+                self._parser = httptools.HttpResponseParser(self)
+        else:
+            ex.until_eof = not _framed(ex.headers)
+            if ex.until_eof:
+                ex.keep_alive = False
+        ex.got_head()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None and not ex.complete:
+            ex.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        ex = self.exchange
+        if ex is not None and not ex.complete:
+            ex.complete = True
+            ex.body.feed_eof()
+
+    # flow control --------------------------------------------------------------------
+
+    def pause_reading(self, by: object) -> None:
+        if not self._paused_by and self.transport is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self.transport.pause_reading()
+        self._paused_by.add(by)
+
+    def resume_reading(self, by: object) -> None:
+        if by in self._paused_by:
+            self._paused_by.discard(by)
+            if not self._paused_by and self.transport is not None:
+                with contextlib.suppress(RuntimeError, NotImplementedError):
+                    self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionLost("the machine closed the connection")
+        if self._writing_paused:
+            if self._drain is None:
+                self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def reusable(self) -> bool:
+        transport = self.transport
+        return not self.closed and transport is not None and not transport.is_closing()
+
+
+def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the body's end is marked (a length, or chunks) rather than the close."""
+    for key, _ in headers:
+        low = key.lower()
+        if low == b"content-length" or low == b"transfer-encoding":
+            return True
+    return False
 
 
 class Pool:
@@ -94,67 +312,73 @@ class Pool:
     def __init__(self, size: int, connect_timeout_s: float) -> None:
         self.size = size
         self.connect_timeout_s = connect_timeout_s
-        self._idle: dict[str, list[_Idle]] = {}
+        self._idle: dict[str, list[Connection]] = {}
         self._closed = False
         self._puts = 0
 
-    def put(self, authority: str, proto: ResponseHandler) -> None:
-        idle = self._idle.setdefault(authority, [])
-        if self._closed or len(idle) >= self.size or not proto.is_connected():
-            proto.close()
+    def take(self, authority: str) -> Connection | None:
+        """The newest idle connection to the machine that is still fit, if any."""
+        idle = self._idle.get(authority)
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()  # newest first: the least likely to have been dropped
+            if now - conn.idle_since < IDLE_S and conn.reusable:
+                if idle and now - idle[0].idle_since >= IDLE_S:
+                    self._expire(idle, now)  # older ones would expire first anyway
+                return conn
+            conn.close()
+        return None
+
+    def put(self, conn: Connection) -> None:
+        idle = self._idle.setdefault(conn.authority, [])
+        if self._closed or len(idle) >= self.size or not conn.reusable:
+            conn.close()
             return
-        idle.append(_Idle(proto, time.monotonic()))
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
         self._puts += 1
         if self._puts % 1024 == 0:
             self._sweep()
+
+    @staticmethod
+    def _expire(idle: list[Connection], now: float) -> None:
+        keep = []
+        for conn in idle:
+            if now - conn.idle_since < IDLE_S and conn.reusable:
+                keep.append(conn)
+            else:
+                conn.close()
+        idle[:] = keep
 
     def _sweep(self) -> None:
         """Forget machines gone quiet (suspended, removed): their sockets and dict keys."""
         now = time.monotonic()
         for authority in list(self._idle):
-            keep = []
-            for entry in self._idle[authority]:
-                if now - entry.since < IDLE_S and entry.proto.is_connected():
-                    keep.append(entry)
-                else:
-                    entry.proto.close()
-            if keep:
-                self._idle[authority] = keep
-            else:
+            idle = self._idle[authority]
+            self._expire(idle, now)
+            if not idle:
                 del self._idle[authority]
 
-    async def connect(
-        self, host: str, port: int, authority: str, *, fresh: bool = False
-    ) -> tuple[ResponseHandler, bool]:
-        """A connection to the machine: the newest idle one, else a new one."""
-        idle = self._idle.get(authority)
-        if idle and not fresh:
-            now = time.monotonic()
-            while idle:
-                entry = idle.pop()  # newest first: the least likely to have been dropped
-                if now - entry.since < IDLE_S and entry.proto.is_connected():
-                    for stale in idle:  # older ones would expire first anyway
-                        if now - stale.since >= IDLE_S:
-                            stale.proto.close()
-                    idle[:] = [s for s in idle if now - s.since < IDLE_S]
-                    return entry.proto, True
-                entry.proto.close()
+    async def open(self, host: str, port: int, authority: str, max_field_size: int) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, proto = await loop.create_connection(lambda: ResponseHandler(loop), host, port)
+                _, conn = await loop.create_connection(
+                    lambda: Connection(authority, max_field_size), host, port
+                )
         except TimeoutError:
-            raise ConnectionTimeoutError(f"connecting to {authority} timed out") from None
+            raise ConnectFailed(f"connecting to {authority} timed out") from None
         except OSError as exc:
-            key = ConnectionKey(host, port, False, True, None, None, None)
-            raise ClientConnectorError(key, exc) from exc
-        return proto, False
+            raise ConnectFailed(f"connecting to {authority}: {exc.strerror or exc}") from None
+        return conn
 
     async def close(self) -> None:
         self._closed = True
         for idle in self._idle.values():
-            for entry in idle:
-                entry.proto.close()
+            for conn in idle:
+                conn.close()
         self._idle.clear()
 
 
@@ -164,109 +388,67 @@ async def send(
     port: int,
     authority: str,
     method: str,
-    target: str,
-    headers: CIMultiDict[str],
+    head: bytes,
     body: AsyncIterator[bytes] | None,
     *,
+    chunked: bool = False,
     replayable: bool = False,
     max_field_size: int = 8190,
+    head_timeout: float | None = None,
 ) -> Exchange:
-    """Send the request head (and start streaming the body); return once the response's
-    head arrived. The caller reads ``exchange.payload`` and must call ``release()``.
+    """Send the request ``head`` (whole, as bytes) and start streaming the body, in chunks
+    when ``chunked`` (the head says so); return once the answer's head arrived. The caller
+    reads ``exchange.body`` and must call ``release()``.
 
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
     machine, as browsers and aiohttp do.
     """
-    try:
-        return await _send(
-            pool, host, port, authority, method, target, headers, body, False, max_field_size
-        )
-    except _StaleConnection as stale:
-        if not replayable:
-            raise stale.error from None
-    return await _send(
-        pool, host, port, authority, method, target, headers, body, True, max_field_size
-    )
+    conn = pool.take(authority)
+    if conn is not None:
+        try:
+            return await _exchange(pool, conn, method, head, body, chunked, head_timeout)
+        except ConnectionLost:
+            if not replayable:
+                raise
+    conn = await pool.open(host, port, authority, max_field_size)
+    return await _exchange(pool, conn, method, head, body, chunked, head_timeout)
 
 
-class _StaleConnection(Exception):
-    def __init__(self, error: ClientConnectionError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-async def _send(
+async def _exchange(
     pool: Pool,
-    host: str,
-    port: int,
-    authority: str,
+    conn: Connection,
     method: str,
-    target: str,
-    headers: CIMultiDict[str],
+    head: bytes,
     body: AsyncIterator[bytes] | None,
-    fresh: bool,
-    max_field_size: int,
+    chunked: bool,
+    head_timeout: float | None,
 ) -> Exchange:
-    proto, reused = await pool.connect(host, port, authority, fresh=fresh)
-    exchange = Exchange(pool, authority, proto, reused)
+    ex = Exchange(pool, conn, head_only=method == "HEAD")
+    conn.exchange = ex
+    loop = asyncio.get_running_loop()
+    timer = None
     try:
-        proto.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,
-            max_line_size=max_field_size,
-            max_field_size=max_field_size,
-        )
-        loop = asyncio.get_running_loop()
-        writer = StreamWriter(proto, loop)
-        if body is not None and "Content-Length" not in headers:
-            headers["Transfer-Encoding"] = "chunked"
-            writer.enable_chunking()
-        await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
-        if body is None:
-            await writer.write_eof()
-        else:
-            writer.send_headers()
-            exchange._body_task = loop.create_task(_send_body(writer, body, proto))
-            exchange._body_task.add_done_callback(_retrieved)
-        while True:
-            message, payload = await _read(proto, exchange._body_task)
-            if message.code == 101:
-                raise UnexpectedUpgrade("the machine switched protocols unasked")
-            # 1xx interim responses (100 Continue, 103 Early Hints) are the hop's own.
-            if not 100 <= message.code < 200:
-                break
-        exchange.message, exchange.payload = message, payload
-        return exchange
-    except ClientConnectionError as exc:
-        exchange.release()
-        if reused and body is None:
-            raise _StaleConnection(exc) from exc
-        raise
+        if not conn.reusable:
+            raise ConnectionLost("the machine closed the connection")
+        conn.write(head)
+        if body is not None:
+            ex._body_task = loop.create_task(_send_body(conn, body, chunked))
+            ex._body_task.add_done_callback(_retrieved)
+        if head_timeout is not None:
+            timer = loop.call_later(head_timeout, _time_out, ex)
+        await ex._head
+        return ex
     except BaseException:
-        exchange.release()
+        ex.release()
         raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
-async def _read(
-    proto: ResponseHandler, body_task: asyncio.Task[None] | None
-) -> tuple[RawResponseMessage, StreamReader]:
-    try:
-        return await proto.read()
-    except ClientConnectionError:
-        raise
-    except OSError as exc:
-        raise ClientOSError(*exc.args) from exc
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        # A body failure closed the connection; let the caller see why (413, 408, ...).
-        if body_task is not None and body_task.done() and not body_task.cancelled():
-            failure = body_task.exception()
-            if failure is not None:
-                raise ServerDisconnectedError() from failure
-        raise
+def _time_out(ex: Exchange) -> None:
+    ex.fail(TimeoutError())
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
@@ -276,19 +458,24 @@ def _retrieved(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _send_body(
-    writer: StreamWriter, body: AsyncIterator[bytes], proto: ResponseHandler
-) -> None:
+async def _send_body(conn: Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
     try:
         async for chunk in body:
-            await writer.write(chunk)
-        await writer.write_eof()
+            if chunked:
+                conn.write(b"%x\r\n" % len(chunk))
+                conn.write(chunk)
+                conn.write(b"\r\n")
+            else:
+                conn.write(chunk)
+            await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
     except asyncio.CancelledError:
         raise
     except BaseException:
         # The client's body failed (too large, too slow, gone) or the machine stopped
         # reading: the request is incomplete, so this connection can never be reused.
-        proto.abort()
+        conn.abort()
         raise
     finally:
         with contextlib.suppress(Exception):

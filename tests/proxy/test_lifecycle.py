@@ -33,7 +33,7 @@ async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
     in_flight = asyncio.create_task(get())
     await until(lambda: fleet.app("a").in_flight == 1)
     stopping = asyncio.create_task(proxy.stop())
-    await until(lambda: proxy._runner is None or not proxy._runner.sites)
+    await until(lambda: not proxy.accepting)
     with pytest.raises(ConnectionRefusedError):  # no longer accepting
         await asyncio.open_connection("127.0.0.1", port)
     assert not stopping.done()  # still waiting for the request in flight

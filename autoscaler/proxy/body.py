@@ -1,0 +1,92 @@
+"""Message bodies in flight through the proxy, with flow control towards their source."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Protocol
+
+# A consumer reading slower than the peer sends: above this much buffered, reading from
+# the socket pauses until the consumer caught up to half of it.
+BODY_HIGH_WATER = 256 * 1024
+
+
+class FlowControl(Protocol):
+    """A connection whose reading can be paused on behalf of several holders."""
+
+    def pause_reading(self, by: object) -> None: ...
+
+    def resume_reading(self, by: object) -> None: ...
+
+
+class Body:
+    """A message body as the peer sends it: fed by a parser, read by one consumer.
+
+    ``source`` is the connection it comes from: reading from its socket is paused while
+    more than ``BODY_HIGH_WATER`` bytes wait here, and resumed once half of that was read,
+    so a slow consumer holds a bounded amount of memory for any body size.
+    """
+
+    __slots__ = ("_chunks", "_eof", "_error", "_size", "_source", "_waiter", "received")
+
+    def __init__(self, source: FlowControl) -> None:
+        self._source = source
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.received = 0
+
+    @property
+    def done(self) -> bool:
+        """Every byte of the body has been received (whether or not it was read)."""
+        return self._eof
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self.received += len(data)
+        if self._size > BODY_HIGH_WATER:
+            self._source.pause_reading(self)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._eof:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next chunk as it came off the socket; ``b""`` at the end of the body."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._size <= BODY_HIGH_WATER // 2:
+            self._source.resume_reading(self)
+        return chunk
+
+    def take(self) -> bytes:
+        """Everything buffered so far, at once (a small body that came whole)."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        self._source.resume_reading(self)
+        return data

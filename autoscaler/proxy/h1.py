@@ -1,0 +1,551 @@
+"""The client-facing HTTP/1.1 server of the proxy: connections, requests and request bodies.
+
+A request through the proxy costs one parse of the client's head, one write of a head to
+the machine, one parse of its answer and one write back; a general web framework adds
+request and response objects, header multidicts and a task per message around each of
+those. Here the head is parsed by llhttp (through ``httptools``, the parser uvicorn uses)
+straight into a list of raw header pairs; the proxy builds the upstream head from those
+bytes and writes its answers to the transport itself.
+
+One :class:`Connection` per client socket, and one task per connection that serves its
+requests in order (pipelined requests wait their turn). Request bodies are streamed: the
+parser feeds a :class:`Body`, which pauses reading from the socket when the handler falls
+behind. What this module guards:
+
+- limits: the request line over ``max_header_bytes`` gets 414, a header field over it or
+  more than ``MAX_HEADERS`` fields get 431, anything llhttp rejects (conflicting
+  Content-Length and Transfer-Encoding, bad chunking, bad characters) gets 400;
+- slow clients: a head not complete within ``client_timeout_s`` of the connection going
+  idle closes the connection (a body too slow is the handler's business, it answers 408);
+- a client that goes away cancels its request's handler;
+- shutdown: stop accepting, close idle connections, let busy ones finish their request
+  (answered with ``Connection: close``) until the deadline, then cut them.
+
+After a handler answered early (an error before the body was read), the connection sends
+its answer, shuts its write side and reads what the client still sends for a short while
+before closing, so a kernel reset does not destroy the answer before the client reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import httptools
+
+from autoscaler.logs import get_logger
+from autoscaler.proxy.body import Body
+
+_log = get_logger("autoscaler.proxy")
+
+MAX_HEADERS = 128
+# Pipelined requests parsed ahead of the one being served, before reading pauses.
+MAX_PIPELINED = 16
+# How long a connection answered early keeps reading (and dropping) the client's bytes.
+LINGER_S = 2.0
+
+
+class ParseError(Exception):
+    """A request the parser or the limits refused: answered with ``status``, then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Request:
+    """One request head as the client sent it: bytes, not decoded unless asked."""
+
+    __slots__ = (
+        "body",
+        "conn",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "request_id",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self, conn: Connection, method: str, target: str, version: str) -> None:
+        self.conn = conn
+        self.method = method
+        self.target = target  # path and query, exactly as sent
+        self.version = version  # "1.1" or "1.0"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: str | None = None
+        self.request_id: str | None = None
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.keep_alive = True
+        self.upgrade: str | None = None  # "websocket", lowercased, when asked
+        self.body: Body | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (``name`` in lower case), else None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def peer(self) -> str:
+        return self.conn.peer
+
+
+Handler = Callable[[Request], Awaitable[None]]
+# (status, message) -> a whole response, for requests refused before any handler ran.
+ErrorPage = Callable[[int, str], bytes]
+
+
+class Connection(asyncio.Protocol):
+    """One client socket: parses requests, hands them to the handler one at a time."""
+
+    def __init__(self, server: H1Server) -> None:
+        self._server = server
+        self._loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[Request | ParseError] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._current: Request | None = None  # being parsed
+        self._serving: Request | None = None  # being answered
+        self._url: list[bytes] = []
+        self._head_size = 0
+        self._error: ParseError | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._paused_by: set[object] = set()
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self._lost = False
+        self._discarding = False  # answered and closing: bytes from the client are dropped
+        self._tunnel: Callable[[bytes], None] | None = None
+        self._tunnel_closed: Callable[[], None] | None = None
+        self._pending: list[bytes] = []  # bytes after a WebSocket handshake, before the tunnel
+        self.on_writable: Callable[[bool], None] | None = None  # a tunnel's flow control
+        self.response_started = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        server = self._server
+        if len(server.connections) >= server.max_connections or server.closing:
+            self._lost = True
+            transport.close()  # over the cap: refuse rather than queue unbounded sockets
+            return
+        server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self._arm_idle()
+        self._task = self._loop.create_task(self._run())
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._server.connections.discard(self)
+        self._disarm_idle()
+        if self._tunnel_closed is not None:
+            self._tunnel_closed()
+        gone = ConnectionResetError("the client closed the connection")
+        for request in (self._current, self._serving):
+            if request is not None and request.body is not None:
+                request.body.fail(gone)
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_exception(gone)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._serving is not None and self._task is not None and self._tunnel_closed is None:
+            self._task.cancel()  # nobody is left to answer: stop the work for it
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel(data)
+            return
+        if self._discarding or self._error is not None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError:
+            assert self._error is not None
+            self._refuse(self._error)
+        except httptools.HttpParserError as exc:
+            self._refuse(ParseError(400, f"bad request: {str(exc)[:120]}"))
+
+    def eof_received(self) -> bool | None:
+        if self._tunnel is not None:
+            return True  # the tunnel decides (a half-closed WebSocket stream is over)
+        if self._current is not None and self._current.body is not None:
+            self._current.body.fail(ConnectionResetError("the client closed mid-body"))
+        return None  # close: nothing more will come
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self.on_writable is not None:
+            self.on_writable(False)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.on_writable is not None:
+            self.on_writable(True)
+        waiter = self._write_waiter
+        if waiter is not None:
+            self._write_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- parser callbacks (httptools) -------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        if self._head_size > self._server.max_header_bytes:
+            self._error = ParseError(414, "request target too long")
+            raise self._error
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._current
+        if request is None:
+            target = b"".join(self._url).decode("latin-1")
+            method = self._parser.get_method().decode("ascii", "replace")
+            request = self._current = Request(self, method, target, "1.1")
+        if len(name) + len(value) > self._server.max_header_bytes:
+            self._error = ParseError(431, "request header fields too large")
+            raise self._error
+        headers = request.headers
+        headers.append((name, value))
+        if len(headers) > MAX_HEADERS:
+            self._error = ParseError(431, "request header fields too large")
+            raise self._error
+        low = name.lower()
+        if low == b"host":
+            request.host = value.decode("latin-1")
+        elif low == b"content-length":
+            try:
+                request.content_length = int(value)
+            except ValueError:
+                self._error = ParseError(400, "bad request: invalid Content-Length")
+                raise self._error from None
+        elif low == b"x-request-id":
+            request.request_id = value.decode("latin-1")
+        elif low == b"expect":
+            request.expect_continue = value.lower() == b"100-continue"
+        elif low == b"upgrade":
+            request.upgrade = value.decode("latin-1").strip().lower()
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        request = self._current
+        if request is None:  # no header at all (an HTTP/1.0 request may have none)
+            target = b"".join(self._url).decode("latin-1")
+            method = parser.get_method().decode("ascii", "replace")
+            request = self._current = Request(self, method, target, "1.1")
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        if not parser.should_upgrade():
+            request.upgrade = None
+        if request.content_length or (request.content_length is None and _chunked(request.headers)):
+            request.body = Body(self)
+        else:
+            request.expect_continue = False
+        if request.method == "CONNECT":
+            self._error = ParseError(405, "CONNECT is not supported")
+            raise self._error
+        self._disarm_idle()
+        self._push(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._current
+        if request is not None and request.body is not None:
+            request.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        request = self._current
+        self._current = None
+        if request is not None and request.body is not None:
+            request.body.feed_eof()
+
+    # --- the request loop -------------------------------------------------------------
+
+    def _push(self, item: Request | ParseError) -> None:
+        self._queue.append(item)
+        if len(self._queue) > MAX_PIPELINED:
+            self.pause_reading("pipeline")
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _refuse(self, error: ParseError) -> None:
+        """The parser refused the input: answer once the requests before it are served."""
+        self._error = error
+        if self._current is not None and self._current.body is not None:
+            self._current.body.fail(error)  # its handler answers with the error
+        self._current = None
+        self._disarm_idle()
+        self._push(error)
+
+    def _upgraded(self, tail: bytes) -> None:
+        """llhttp stops at a request asking to switch protocols (the head was queued)."""
+        request = self._queue[-1] if self._queue else None
+        if isinstance(request, Request) and request.upgrade == "websocket":
+            # Until the handler opens the tunnel (or refuses), bytes wait here.
+            if tail:
+                self._pending.append(tail)
+            self._tunnel = self._pending.append
+            self.pause_reading("upgrade")
+            return
+        if isinstance(request, Request) and request.body is None:
+            # Another protocol (h2c, ...): served as a plain request, Upgrade dropped.
+            request.upgrade = None
+            self._parser = httptools.HttpRequestParser(self)
+            if tail:
+                self.data_received(tail)
+            return
+        self._refuse(ParseError(400, "protocol upgrade with a body is not supported"))
+
+    async def _next(self) -> Request | ParseError | None:
+        while not self._queue:
+            if self._lost:
+                return None
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        item = self._queue.popleft()
+        if len(self._queue) <= MAX_PIPELINED // 2:
+            self.resume_reading("pipeline")
+        return item
+
+    async def _run(self) -> None:
+        server = self._server
+        try:
+            while True:
+                item = await self._next()
+                if item is None or self._lost:
+                    return
+                if isinstance(item, ParseError):
+                    self.write(server.error_page(item.status, item.message))
+                    self._linger()
+                    return
+                self._serving = item
+                self.response_started = False
+                try:
+                    await server.handler(item)
+                except asyncio.CancelledError:
+                    if self._lost:
+                        return
+                    raise
+                except Exception as exc:  # a bug in the handler: the client still gets an answer
+                    _log.error("proxy_handler_failed", exc_info=exc)
+                    if not self.response_started:
+                        self.write(server.error_page(500, "internal proxy error"))
+                    self.close()
+                    return
+                finally:
+                    self._serving = None
+                if self.transport is None or self.transport.is_closing():
+                    return
+                if not self.keeps_alive(item):
+                    self._linger()
+                    return
+                if not self._queue:
+                    self._arm_idle()
+        finally:
+            self._disarm_idle()
+
+    def keeps_alive(self, request: Request) -> bool:
+        """Whether the connection stays open after this request's response."""
+        return (
+            request.keep_alive
+            and not self._server.closing
+            and self._tunnel is None
+            and self._error is None
+            and (request.body is None or request.body.done)
+        )
+
+    def _linger(self) -> None:
+        """Close after the answer went out, reading (and dropping) what still comes."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._discarding = True
+        self._paused_by.clear()
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER_S, transport.close)
+
+    # --- timers and flow control ------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self._disarm_idle()
+        self._idle = self._loop.call_later(self._server.client_timeout_s, self._idle_expired)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self._serving is None and not self._queue and self.transport is not None:
+            self.transport.close()  # idle keep-alive, or a head that never finished
+
+    def pause_reading(self, by: object) -> None:
+        if not self._paused_by and self.transport is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self.transport.pause_reading()
+        self._paused_by.add(by)
+
+    def resume_reading(self, by: object) -> None:
+        if by in self._paused_by:
+            self._paused_by.discard(by)
+            if not self._paused_by and self.transport is not None:
+                with contextlib.suppress(RuntimeError, NotImplementedError):
+                    self.transport.resume_reading()
+
+    # --- writing ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self.response_started = True
+            transport.write(data)
+
+    def write_interim(self, data: bytes) -> None:
+        """A 1xx response: the final one is still to come."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the client took what was written (flow control)."""
+        if self._lost:
+            raise ConnectionResetError("the client closed the connection")
+        if self._writing_paused:
+            waiter = self._write_waiter
+            if waiter is None:
+                waiter = self._write_waiter = self._loop.create_future()
+            await waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def idle(self) -> bool:
+        return self._serving is None and not self._queue
+
+    # --- tunnels (WebSockets) ---------------------------------------------------------
+
+    def start_tunnel(
+        self, on_data: Callable[[bytes], None], on_closed: Callable[[], None]
+    ) -> list[bytes]:
+        """Hand the socket's bytes to ``on_data`` from now on; returns what came early."""
+        pending, self._pending = self._pending, []
+        self._tunnel = on_data
+        self._tunnel_closed = on_closed
+        self._paused_by.clear()
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self.transport.resume_reading()
+        return pending
+
+    def pause_tunnel(self) -> None:
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self.transport.pause_reading()
+
+    def resume_tunnel(self) -> None:
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self.transport.resume_reading()
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._writing_paused
+
+
+def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    for key, value in headers:
+        if key.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            return True
+    return False
+
+
+class H1Server:
+    """Listens, accepts within ``max_connections``, and stops gracefully."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        error_page: ErrorPage,
+        *,
+        max_connections: int,
+        max_header_bytes: int,
+        client_timeout_s: float,
+    ) -> None:
+        self.handler = handler
+        self.error_page = error_page
+        self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
+        self.client_timeout_s = client_timeout_s
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self.loop = asyncio.get_event_loop()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), host, port, reuse_address=True, backlog=1024
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def accepting(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def stop(self, deadline_s: float) -> None:
+        """Stop accepting; finish requests in flight within ``deadline_s``; close the rest."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+        tasks = [c._task for c in self.connections if c._task is not None and not c._task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=deadline_s)
+        for conn in list(self.connections):
+            if conn._task is not None and not conn._task.done():
+                conn._task.cancel()  # past the deadline: cut
+                conn.abort()
+            else:
+                conn.close()  # answered: let the last bytes go out
+        tasks = [c._task for c in self.connections if c._task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
