@@ -8,6 +8,7 @@ processors, so their lines are redacted and formatted alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -195,10 +196,8 @@ class _LineWriter:
 
     def _flush(self) -> None:
         self._flush_pending = False
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._stream.flush()
-        except (OSError, ValueError):
-            pass
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
