@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -255,6 +256,21 @@ def _child(args: list[str]) -> Iterator[subprocess.Popen[str]]:
             proc.wait()
 
 
+def _median_run(results: list[Result]) -> Result:
+    """The run with the median throughput (its latencies come with it)."""
+    return sorted(results, key=lambda r: r.rps)[len(results) // 2]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _row(name: str, r: Result) -> str:
     return f"{name:<10} {r.rps:>10.0f} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {r.errors:>7}"
 
@@ -262,6 +278,7 @@ def _row(name: str, r: Result) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per target")
     parser.add_argument("--connections", type=int, default=50, help="closed-loop connections")
     parser.add_argument("--rate", type=float, default=500.0, help="open-loop requests/second")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loops")
@@ -283,13 +300,16 @@ def main() -> int:
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     loop_kind = "asyncio" if args.no_uvloop else "uvloop"
     with (
-        _child(["--serve", "backend", str(backend_port)] + (["--no-uvloop"] * args.no_uvloop)),
+        _child(
+            ["--serve", "backend", str(backend_port)] + (["--no-uvloop"] * args.no_uvloop)
+        ) as backend_proc,
         _child(
             ["--serve", "proxy", str(proxy_port), str(backend_port)]
             + (["nolog"] if args.no_access_log else ["log"])
             + (["--no-uvloop"] * args.no_uvloop)
-        ),
+        ) as proxy_proc,
     ):
+        backend_pid = backend_proc.pid
         tool = "wrk -t2" if use_wrk else "built-in aiohttp generator"
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(
@@ -297,33 +317,68 @@ def main() -> int:
             f"{os.cpu_count()} CPUs, load average {load}; {args.duration:g}s per phase; "
             f"access log {'off' if args.no_access_log else 'on'}"
         )
-        print(f"\nthroughput: closed loop, {args.connections} connections ({tool})")
-        print(f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
-        closed: dict[str, Result] = {}
-        for name, port in (("direct", backend_port), ("proxied", proxy_port)):
-            if use_wrk:
-                closed[name] = run_wrk(port, args.duration, args.connections)
-            else:
-                closed[name] = asyncio.run(closed_loop(port, args.duration, args.connections))
-            print(_row(name, closed[name]), flush=True)
+        print(
+            f"\nthroughput: closed loop, {args.connections} connections ({tool}), "
+            f"{args.rounds} rounds alternating the order"
+        )
+        print(
+            f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}"
+            f" {'CPU us/req':>11}"
+        )
+        runs: dict[str, list[Result]] = {"direct": [], "proxied": []}
+        cpu_per_request: dict[str, list[float]] = {"direct": [], "proxied": []}
+        targets = [("direct", backend_port), ("proxied", proxy_port)]
+        for round_ in range(args.rounds):
+            for name, port in targets if round_ % 2 == 0 else targets[::-1]:
+                # CPU per request of the process under test: the backend when direct,
+                # the proxy when proxied (the backend's share is the same in both).
+                pid = backend_pid if name == "direct" else proxy_proc.pid
+                cpu_before = _cpu_seconds(pid)
+                if use_wrk:
+                    result = run_wrk(port, args.duration, args.connections)
+                else:
+                    result = asyncio.run(closed_loop(port, args.duration, args.connections))
+                runs[name].append(result)
+                cost = ""
+                if result.rps > 0:
+                    used = _cpu_seconds(pid) - cpu_before
+                    cpu_per_request[name].append(used / (result.rps * args.duration) * 1e6)
+                    cost = f"{cpu_per_request[name][-1]:>11.0f}"
+                print(_row(name, result) + f" {cost}", flush=True)
+        closed = {name: _median_run(results) for name, results in runs.items()}
         print(f"\nlatency: open loop at {args.rate:g} req/s (built-in generator)")
         print(f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
         fixed: dict[str, Result] = {}
-        for name, port in (("direct", backend_port), ("proxied", proxy_port)):
+        for name, port in targets:
             fixed[name] = asyncio.run(open_loop(port, args.duration, args.rate))
             print(_row(name, fixed[name]), flush=True)
 
     ratio = closed["proxied"].rps / closed["direct"].rps if closed["direct"].rps else 0.0
+    per_round = [
+        p.rps / d.rps if d.rps else 0.0
+        for d, p in zip(runs["direct"], runs["proxied"], strict=True)
+    ]
     added_p50 = fixed["proxied"].p50_ms - fixed["direct"].p50_ms
     added_p99 = fixed["proxied"].p99_ms - fixed["direct"].p99_ms
     print("\nratios")
-    print(f"throughput proxied/direct: {ratio:.2f} (goal >= 0.50)")
+    print(
+        f"throughput proxied/direct: {ratio:.2f} (goal >= 0.50), medians of "
+        f"{args.rounds} rounds; per round: {', '.join(f'{r:.2f}' for r in per_round)}"
+    )
+    if cpu_per_request["direct"] and cpu_per_request["proxied"]:
+        backend_us = statistics.median(cpu_per_request["direct"])
+        proxy_us = statistics.median(cpu_per_request["proxied"])
+        print(
+            f"CPU per request (medians): backend {backend_us:.0f} us, proxy {proxy_us:.0f} us"
+            f" ({proxy_us / backend_us:.2f}x the backend)"
+        )
     print(
         f"p50 latency proxied/direct at {args.rate:g} req/s: "
         f"{fixed['proxied'].p50_ms / fixed['direct'].p50_ms:.2f}, "
         f"added {added_p50:+.2f} ms (goal <= 1 ms); p99 added {added_p99:+.2f} ms"
     )
-    errors = sum(r.errors for r in (*closed.values(), *fixed.values()))
+    errors = sum(r.errors for results in runs.values() for r in results)
+    errors += sum(r.errors for r in fixed.values())
     print(f"errors: {errors}")
     return 0 if errors == 0 else 1
 

@@ -14,6 +14,7 @@ the cancellation of any one of them (a client that disconnects must not cancel a
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -81,7 +82,9 @@ class AppView:
         self.in_flight = 0
         self.queued = 0
         self.last_request_at: float | None = None
-        self._changed = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._routable: list[Upstream] | None = None
+        self._routable_until = 0.0
 
     # --- written by the controller --------------------------------------------------
 
@@ -100,12 +103,14 @@ class AppView:
             up.cordoned = info.cordoned
             fresh[info.id] = up
         self.upstreams = fresh
+        self._routable = None
         self.notify()
 
     def set_state(self, machine_id: str, state: str) -> None:
         up = self.upstreams.get(machine_id)
         if up is not None:
             self._apply_state(up, state, self.clock())
+            self._routable = None
             self.notify()
 
     @staticmethod
@@ -120,11 +125,25 @@ class AppView:
     # --- written by the proxy -------------------------------------------------------
 
     def routable(self) -> list[Upstream]:
+        """Machines a request may go to now (read-only: the list is cached, and kept until
+        the machines change or a machine's unhealthy backoff ends)."""
         now = self.clock()
-        return [up for up in self.upstreams.values() if up.routable(now)]
+        if self._routable is not None and now < self._routable_until:
+            return self._routable
+        routable = []
+        until = math.inf
+        for up in self.upstreams.values():
+            if up.state == STARTED and not up.cordoned:
+                if now >= up.unhealthy_until:
+                    routable.append(up)
+                else:
+                    until = min(until, up.unhealthy_until)
+        self._routable, self._routable_until = routable, until
+        return routable
 
     def mark_unhealthy(self, up: Upstream, backoff_s: float) -> None:
         up.unhealthy_until = self.clock() + backoff_s
+        self._routable = None
 
     def begin(self, up: Upstream) -> None:
         """A request went to ``up``."""
@@ -159,12 +178,19 @@ class AppView:
     # --- change notification --------------------------------------------------------
 
     def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # Called at the end of every request: free when nobody waits (the usual case).
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def changed(self) -> None:
         """Return at the next change of machines or load."""
-        await self._changed.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
 
 class FleetView:

@@ -69,14 +69,20 @@ class Trust:
         return known
 
 
-def _named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """Header names a Connection header declares hop-by-hop."""
-    names: set[bytes] = set()
-    for key, value in headers:
-        if key.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b","))
-    names.discard(b"")
-    return names
+def _tokens(value: bytes | None) -> set[bytes]:
+    """Header names a Connection header's value declares hop-by-hop."""
+    if not value:
+        return set()
+    return {t.strip().lower() for t in value.split(b",")} - {b""}
+
+
+def _without(parts: list[bytes], named: set[bytes]) -> list[bytes]:
+    """``parts`` (a line, then name, ": ", value, CRLF per header) minus ``named`` headers."""
+    out = parts[:1]
+    for i in range(1, len(parts), 4):
+        if parts[i].lower() not in named:
+            out += parts[i : i + 4]
+    return out
 
 
 def _join(values: list[bytes], last: bytes) -> bytes:
@@ -91,18 +97,22 @@ def request_head(
     *,
     websocket: bool = False,
 ) -> bytes:
-    """The head sent upstream: request line, kept headers, forwarding headers, framing."""
-    headers = request.headers
-    named = _named(headers)
-    out = [f"{request.method} {request.target} HTTP/1.1\r\n".encode("latin-1")]
+    """The head sent upstream: request line, kept headers, forwarding headers, framing.
+
+    One pass over the headers, kept ones appended as they come; the headers a Connection
+    header names (rare) are taken out afterwards.
+    """
+    parts = [f"{request.method} {request.target} HTTP/1.1\r\n".encode("latin-1")]
     forwarded_for: list[bytes] = []
     forwarded: list[bytes] = []
-    proto = fwd_host = host = None
     via: list[bytes] = []
-    for key, value in headers:
+    connection = proto = fwd_host = host = None
+    for key, value in request.headers:
         low = key.lower()
-        if low in _REQUEST_DROP or low.startswith(b"proxy-") or low in named:
-            if low == b"x-forwarded-for":
+        if low in _REQUEST_DROP or low[:6] == b"proxy-":
+            if low == b"connection":
+                connection = value if connection is None else connection + b"," + value
+            elif low == b"x-forwarded-for":
                 forwarded_for.append(value)
             elif low == b"x-forwarded-proto":
                 proto = proto or value
@@ -115,26 +125,46 @@ def request_head(
             continue
         if low == b"host":
             host = value
-        out.append(b"%b: %b\r\n" % (key, value))
-    peer = request.peer.encode("latin-1")
+        parts += (key, b": ", value, b"\r\n")
+    named = _tokens(connection) - _KEEP_NAMED
+    if named:
+        parts = _without(parts, named)
+    peer = request.conn.peer_bytes
     if trust and trust.trusted(request.peer):
-        out.append(b"X-Forwarded-For: %b\r\n" % _join(forwarded_for, peer))
-        out.append(b"X-Forwarded-Proto: %b\r\n" % (proto or b"http"))
-        out.append(b"X-Forwarded-Host: %b\r\n" % (fwd_host or host or b""))
-        out.extend(b"Forwarded: %b\r\n" % value for value in forwarded)
+        parts.append(b"X-Forwarded-For: %b\r\n" % _join(forwarded_for, peer))
+        parts.append(b"X-Forwarded-Proto: %b\r\n" % (proto or b"http"))
+        parts.append(b"X-Forwarded-Host: %b\r\n" % (fwd_host or host or b""))
+        parts.extend(b"Forwarded: %b\r\n" % value for value in forwarded)
     else:
-        out.append(b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n" % peer)
-        out.append(b"X-Forwarded-Host: %b\r\n" % (host or b""))
+        parts += (b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: http\r\n")
+        parts += (b"X-Forwarded-Host: ", host or b"", b"\r\n")
     if host is None:  # an HTTP/1.0 client; an HTTP/1.1 request needs one
-        out.append(b"Host: %b\r\n" % default_host.encode("latin-1"))
-    out.append(b"Via: %b\r\n" % _join(via, request.version.encode() + b" " + VIA))
-    out.append(b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"))
+        parts.append(b"Host: %b\r\n" % default_host.encode("latin-1"))
+    if via:
+        parts.append(b"Via: %b\r\n" % _join(via, _VIA[request.version]))
+    else:
+        parts += (b"Via: ", _VIA[request.version], b"\r\n")
+    parts += (b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n")
     if websocket:
-        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     elif request.body is not None and request.content_length is None:
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+        parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _Via(dict[str, bytes]):
+    """``"1.1"`` -> ``b"1.1 autoscaler"``, made once per protocol version seen."""
+
+    def __missing__(self, version: str) -> bytes:
+        value = self[version] = version.encode("latin-1") + b" " + VIA
+        return value
+
+
+_VIA = _Via()
+# Connection: keep-alive / close / upgrade name no header to drop beyond the usual ones.
+_KEEP_NAMED = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
 @dataclass(slots=True)
@@ -161,44 +191,50 @@ def response_head(
 ) -> ResponseHead:
     """The machine's response head for the client: hop-by-hop headers dropped, every
     Set-Cookie kept as sent, Via appended, and framing for this client's connection."""
-    raw = list(raw)
-    named = _named(raw)
-    out = [f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")]
-    length = False
+    parts = [f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")]
+    length = has_id = False
     via: list[bytes] = []
-    has_id = False
+    connection = None
     for key, value in raw:
         low = key.lower()
-        if low in _RESPONSE_DROP or low.startswith(b"proxy-") or low in named:
-            if low == b"via":
+        if low in _RESPONSE_DROP or low[:6] == b"proxy-":
+            if low == b"connection":
+                connection = value if connection is None else connection + b"," + value
+            elif low == b"via":
                 via.append(value)
             continue
         if low == b"content-length":
             length = True
         elif low == b"x-request-id":
             has_id = True
-        out.append(b"%b: %b\r\n" % (key, value))
-    out.append(b"Via: %b\r\n" % _join(via, upstream_version.encode() + b" " + VIA))
+        parts += (key, b": ", value, b"\r\n")
+    named = _tokens(connection) - _KEEP_NAMED
+    if named:
+        parts = _without(parts, named)
+    if via:
+        parts.append(b"Via: %b\r\n" % _join(via, _VIA[upstream_version]))
+    else:
+        parts += (b"Via: ", _VIA[upstream_version], b"\r\n")
     if not has_id:
-        out.append(b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"))
+        parts += (b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n")
     if wake is not None:
-        out.append(b"Fly-Autoscaler-Wake: %b\r\n" % wake.encode())
+        parts += (b"Fly-Autoscaler-Wake: ", wake.encode("latin-1"), b"\r\n")
     chunked = False
     if websocket:
-        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     else:
         if with_body and not length:
             if client_version == "1.1":
                 chunked = True
-                out.append(b"Transfer-Encoding: chunked\r\n")
+                parts.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 keep_alive = False  # an HTTP/1.0 client reads until the connection closes
         if not keep_alive:
-            out.append(b"Connection: close\r\n")
+            parts.append(b"Connection: close\r\n")
         elif client_version == "1.0":
-            out.append(b"Connection: keep-alive\r\n")
-    out.append(b"\r\n")
-    return ResponseHead(b"".join(out), chunked, not keep_alive)
+            parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return ResponseHead(b"".join(parts), chunked, not keep_alive)
 
 
 def error_response(

@@ -114,6 +114,7 @@ class Connection(asyncio.Protocol):
         self._loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.peer_bytes = b""
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request | ParseError] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -123,7 +124,7 @@ class Connection(asyncio.Protocol):
         self._head_size = 0
         self._error: ParseError | None = None
         self._task: asyncio.Task[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
+        self.idle_deadline = 0.0  # waiting for a request head until then (0: not waiting)
         self._paused_by: set[object] = set()
         self._write_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
@@ -147,6 +148,7 @@ class Connection(asyncio.Protocol):
         server.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.peer_bytes = self.peer.encode("latin-1")
         self._arm_idle()
         self._task = self._loop.create_task(self._run())
 
@@ -394,16 +396,15 @@ class Connection(asyncio.Protocol):
     # --- timers and flow control ------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self._idle = self._loop.call_later(self._server.client_timeout_s, self._idle_expired)
+        # A deadline the server's sweep reads, rather than a timer per request: arming and
+        # cancelling a loop timer twice per request costs more than the sweep.
+        self.idle_deadline = self._loop.time() + self._server.client_timeout_s
 
     def _disarm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self.idle_deadline = 0.0
 
-    def _idle_expired(self) -> None:
-        self._idle = None
+    def idle_expired(self) -> None:
+        self.idle_deadline = 0.0
         if self._serving is None and not self._queue and self.transport is not None:
             self.transport.close()  # idle keep-alive, or a head that never finished
 
@@ -514,13 +515,26 @@ class H1Server:
         self.closing = False
         self.loop = asyncio.get_event_loop()
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
         self.loop = asyncio.get_running_loop()
         self._server = await self.loop.create_server(
             lambda: Connection(self), host, port, reuse_address=True, backlog=1024
         )
+        self._sweeper = self.loop.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        """Close connections that waited too long for a request head (idle keep-alive, or a
+        head sent too slowly), a few times per ``client_timeout_s``."""
+        tick = min(1.0, max(0.02, self.client_timeout_s / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = self.loop.time()
+            for conn in list(self.connections):
+                if 0.0 < conn.idle_deadline <= now:
+                    conn.idle_expired()
 
     @property
     def accepting(self) -> bool:
@@ -531,6 +545,11 @@ class H1Server:
         self.closing = True
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         for conn in list(self.connections):
             if conn.idle:
                 conn.close()

@@ -33,6 +33,7 @@ from autoscaler.proxy.body import Body
 # failed attempt.
 IDLE_S = 4.0
 MAX_HEADERS = 256
+HEAD_TICK_S = 0.05
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -315,6 +316,30 @@ class Pool:
         self._idle: dict[str, list[Connection]] = {}
         self._closed = False
         self._puts = 0
+        # Exchanges waiting for an answer's head, and until when. One sweep every
+        # HEAD_TICK_S times them out, rather than a loop timer armed and cancelled per
+        # request; a 504 may come up to HEAD_TICK_S late.
+        self._waiting: dict[Exchange, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def wait_head(self, ex: Exchange, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting[ex] = loop.time() + timeout
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._time_out_heads())
+
+    def got_head(self, ex: Exchange) -> None:
+        self._waiting.pop(ex, None)
+
+    async def _time_out_heads(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(HEAD_TICK_S)
+            now = loop.time()
+            late = [ex for ex, deadline in self._waiting.items() if deadline <= now]
+            for ex in late:
+                del self._waiting[ex]
+                ex.fail(TimeoutError())
 
     def take(self, authority: str) -> Connection | None:
         """The newest idle connection to the machine that is still fit, if any."""
@@ -376,6 +401,11 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
@@ -426,29 +456,26 @@ async def _exchange(
 ) -> Exchange:
     ex = Exchange(pool, conn, head_only=method == "HEAD")
     conn.exchange = ex
-    loop = asyncio.get_running_loop()
-    timer = None
     try:
         if not conn.reusable:
             raise ConnectionLost("the machine closed the connection")
         conn.write(head)
         if body is not None:
+            loop = asyncio.get_running_loop()
             ex._body_task = loop.create_task(_send_body(conn, body, chunked))
             ex._body_task.add_done_callback(_retrieved)
-        if head_timeout is not None:
-            timer = loop.call_later(head_timeout, _time_out, ex)
-        await ex._head
+        if head_timeout is None:
+            await ex._head
+        else:
+            pool.wait_head(ex, head_timeout)
+            try:
+                await ex._head
+            finally:
+                pool.got_head(ex)
         return ex
     except BaseException:
         ex.release()
         raise
-    finally:
-        if timer is not None:
-            timer.cancel()
-
-
-def _time_out(ex: Exchange) -> None:
-    ex.fail(TimeoutError())
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
