@@ -136,7 +136,9 @@ class ProxySettings(_Model):
     )
     access_log: bool = Field(default=True, description="one log line per request")
     max_header_bytes: int = Field(
-        default=8190, ge=1024, description="largest request line or header field (431 above)"
+        default=8190,
+        ge=1024,
+        description="largest request target (414 above) or header field (431 above)",
     )
     client_timeout_s: Seconds = Field(
         default=60.0, description="a client that sends nothing for this long is disconnected"
