@@ -391,7 +391,7 @@ class Connection(asyncio.Protocol):
             transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        self._loop.call_later(LINGER_S, transport.close)
+        self._loop.call_later(min(LINGER_S, self._server.client_timeout_s), transport.close)
 
     # --- timers and flow control ------------------------------------------------------
 
