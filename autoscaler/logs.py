@@ -66,11 +66,17 @@ class Redactor:
         return self.scrub_text(str(value)) if self._secrets else value
 
     def redact_keys(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+        # Fast path, two C-level set operations: every key was seen before and found
+        # harmless, and no value is a container to look into (a request's log line).
+        if _SAFE_KEYS.issuperset(event) and _CONTAINERS_SET.isdisjoint(map(type, event.values())):
+            return event
         for key, value in event.items():
             if type(value) in _CONTAINERS:
                 event[key] = _redact_nested_keys(value)
             elif _secret_name(key):
                 event[key] = REDACTED
+            elif len(_SAFE_KEYS) < 4096:
+                _SAFE_KEYS.add(key)
         return event
 
     def redact_rendered(self, logger: WrappedLogger, name: str, line: Any) -> Any:
@@ -97,6 +103,9 @@ def _secret_name(key: str) -> bool:
 
 
 _CONTAINERS = (dict, list, tuple)
+_CONTAINERS_SET = frozenset(_CONTAINERS)
+# Event keys found not to name a secret (keys are few and repeat on every line).
+_SAFE_KEYS: set[str] = set()
 
 
 _redactor = Redactor()
