@@ -7,12 +7,14 @@ loopback port and stops it after the test; ``backend(app)`` serves an aiohttp ap
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
@@ -78,3 +80,19 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 def url(proxy: ProxyServer, path: str = "/") -> str:
     return f"http://127.0.0.1:{proxy.port}{path}"
+
+
+# --- every async proxy test on both event loops ---------------------------------------
+#
+# The data path is asyncio Protocols and transports, and production may run on uvloop (the
+# ``fast`` extra), whose transports and timers differ from asyncio's in details (uvloop's
+# clock has millisecond resolution, so timers may fire before time.monotonic() reaches the
+# deadline). pytest-asyncio >= 1.4 parametrizes async tests over the loop factories this
+# hook returns (overriding ``event_loop_policy`` is deprecated there); in this conftest it
+# applies to tests/proxy only. Synchronous tests use no loop and run once.
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
