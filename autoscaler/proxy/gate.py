@@ -220,8 +220,12 @@ class Gate:
             self._dispatch()
             if not self._queue:
                 break
-            delay: float | None = None
-            if not self.view.routable():
+            # A machine whose backoff ends later brings the queue back to life by itself.
+            delay = self._next_healthy()
+            routable = self.view.routable()
+            if routable and pick(routable, self.config.hard_limit, self.rng) is not None:
+                continue  # room appeared since _dispatch looked (a backoff just ended)
+            if not routable:
                 wake = self._wake
                 if wake is not None and wake.done():
                     # The wake is over and still nothing is routable: ask again shortly.
@@ -229,8 +233,7 @@ class Gate:
                     self._wake = None
                 self._ask_wake()
                 if self.can_wake and self._wake is None:
-                    delay = WAKE_RETRY_S
-                delay = _min(delay, self._next_healthy())
+                    delay = _min(delay, WAKE_RETRY_S)
             changed = self.view.changed()
             try:
                 async with asyncio.timeout(delay):

@@ -259,9 +259,16 @@ class Connection(asyncio.Protocol):
             request = self._current = Request(self, method, target, "1.1")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
+        has_body = bool(request.content_length) or (
+            request.content_length is None and _chunked(request.headers)
+        )
         if not parser.should_upgrade():
             request.upgrade = None
-        if request.content_length or (request.content_length is None and _chunked(request.headers)):
+        elif has_body:
+            # llhttp ends an upgrade request at its head: its body would be lost.
+            self._error = ParseError(400, "protocol upgrade with a body is not supported")
+            raise self._error
+        if has_body:
             request.body = Body(self)
         else:
             request.expect_continue = False
@@ -313,14 +320,13 @@ class Connection(asyncio.Protocol):
             self._tunnel = self._pending.append
             self.pause_reading("upgrade")
             return
-        if isinstance(request, Request) and request.body is None:
-            # Another protocol (h2c, ...): served as a plain request, Upgrade dropped.
+        # Another protocol (h2c, ...): served as a plain request, Upgrade dropped. (One
+        # with a body was refused when its head was complete.)
+        if isinstance(request, Request):
             request.upgrade = None
-            self._parser = httptools.HttpRequestParser(self)
-            if tail:
-                self.data_received(tail)
-            return
-        self._refuse(ParseError(400, "protocol upgrade with a body is not supported"))
+        self._parser = httptools.HttpRequestParser(self)
+        if tail:
+            self.data_received(tail)
 
     async def _next(self) -> Request | ParseError | None:
         while not self._queue:
@@ -376,7 +382,6 @@ class Connection(asyncio.Protocol):
             request.keep_alive
             and not self._server.closing
             and self._tunnel is None
-            and self._error is None
             and (request.body is None or request.body.done)
         )
 

@@ -357,6 +357,8 @@ class ProxyServer:
                 with_body=with_body,
             )
             ctx.status = exchange.status
+            if head.close:
+                request.keep_alive = False  # e.g. an HTTP/1.0 client reading to the end
             if content.done:
                 # A small answer came whole: head and body in one write.
                 ctx.headers_at = asyncio.get_running_loop().time()
