@@ -1,13 +1,18 @@
 """Proxy overhead: the same load straight to a backend and through the proxy, in one run.
 
-    .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--connections 50]
-                                                  [--rate 500] [--no-uvloop] [--no-wrk]
+    .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--rounds 3]
+                                                  [--connections 50] [--rate 500]
+                                                  [--no-access-log] [--no-uvloop] [--no-wrk]
 
 Starts a small aiohttp backend and the autoscaler proxy (static mode, one backend) as two
-processes on 127.0.0.1, then measures each target twice:
+processes on 127.0.0.1, then measures:
 
 1. throughput: closed loop at ``--connections`` concurrent connections (wrk when it is
-   installed, else a built-in aiohttp load generator), giving req/s, p50 and p99;
+   installed, else a built-in aiohttp load generator), giving req/s, p50 and p99, for
+   ``--rounds`` rounds that alternate the order of the two targets (so a machine whose
+   speed drifts during the run penalises neither); the medians are compared, and the CPU
+   time per request of the process under test (backend when direct, proxy when proxied) is
+   read from /proc;
 2. latency at a fixed rate (``--rate`` req/s, open loop, built-in generator), giving p50 and
    p99, so the proxy's added latency is read at a load well under saturation.
 
