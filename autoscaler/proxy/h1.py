@@ -391,6 +391,9 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self._discarding = True
+        if self._tunnel_closed is None:  # a refused WebSocket: its early bytes are dropped
+            self._tunnel = None
+            self._pending.clear()
         self._paused_by.clear()
         with contextlib.suppress(RuntimeError, NotImplementedError):
             transport.resume_reading()
