@@ -29,7 +29,7 @@ import aiohttp
 
 from autoscaler.config import ConfigError, Settings, load_settings
 from autoscaler.scaling.fleet import STARTED, STOPPED, SUSPENDED
-from autoscaler.service import Service
+from autoscaler.service import Service, run_event_loop
 
 DEMO_APP = "demo"
 DEFAULT_DURATION_S = 90.0
@@ -362,7 +362,8 @@ def main(
             print(line, file=sys.stderr)
         return 2
     try:
-        summary = asyncio.run(run_demo(settings, duration_s=duration_s, traffic=traffic, out=out))
+        demo = run_demo(settings, duration_s=duration_s, traffic=traffic, out=out)
+        summary = run_event_loop(demo)
     except OSError as exc:
         print(f"autoscaler demo: cannot start: {exc}", file=sys.stderr)
         return 1
