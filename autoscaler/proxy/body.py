@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import Protocol
 
@@ -17,6 +18,27 @@ class FlowControl(Protocol):
     def pause_reading(self, by: object) -> None: ...
 
     def resume_reading(self, by: object) -> None: ...
+
+
+class PausableReading:
+    """Reading from ``transport`` paused while at least one holder (a full body, a full
+    pipeline queue...) wants it paused: a mixin for the proxy's protocols."""
+
+    transport: asyncio.Transport | None
+    _paused_by: set[object]
+
+    def pause_reading(self, by: object) -> None:
+        if not self._paused_by and self.transport is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self.transport.pause_reading()
+        self._paused_by.add(by)
+
+    def resume_reading(self, by: object) -> None:
+        if by in self._paused_by:
+            self._paused_by.discard(by)
+            if not self._paused_by and self.transport is not None:
+                with contextlib.suppress(RuntimeError, NotImplementedError):
+                    self.transport.resume_reading()
 
 
 class Body:

@@ -85,6 +85,20 @@ def _without(parts: list[bytes], named: set[bytes]) -> list[bytes]:
     return out
 
 
+def _drop_named(parts: list[bytes], connection: bytes | None) -> list[bytes]:
+    """``parts`` without the headers the Connection header(s) named (rare)."""
+    named = _tokens(connection) - _KEEP_NAMED
+    return _without(parts, named) if named else parts
+
+
+def _add_via(parts: list[bytes], earlier: list[bytes], version: str) -> None:
+    """Via with this hop appended to the ones before it."""
+    if earlier:
+        parts.append(b"Via: %b\r\n" % _join(earlier, _VIA[version]))
+    else:
+        parts += (b"Via: ", _VIA[version], b"\r\n")
+
+
 def _join(values: list[bytes], last: bytes) -> bytes:
     return b", ".join([*values, last]) if values else last
 
@@ -126,9 +140,7 @@ def request_head(
         if low == b"host":
             host = value
         parts += (key, b": ", value, b"\r\n")
-    named = _tokens(connection) - _KEEP_NAMED
-    if named:
-        parts = _without(parts, named)
+    parts = _drop_named(parts, connection)
     peer = request.conn.peer_bytes
     if trust and trust.trusted(request.peer):
         parts.append(b"X-Forwarded-For: %b\r\n" % _join(forwarded_for, peer))
@@ -140,10 +152,7 @@ def request_head(
         parts += (b"X-Forwarded-Host: ", host or b"", b"\r\n")
     if host is None:  # an HTTP/1.0 client; an HTTP/1.1 request needs one
         parts.append(b"Host: %b\r\n" % default_host.encode("latin-1"))
-    if via:
-        parts.append(b"Via: %b\r\n" % _join(via, _VIA[request.version]))
-    else:
-        parts += (b"Via: ", _VIA[request.version], b"\r\n")
+    _add_via(parts, via, request.version)
     parts += (b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n")
     if websocket:
         parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
@@ -208,13 +217,8 @@ def response_head(
         elif low == b"x-request-id":
             has_id = True
         parts += (key, b": ", value, b"\r\n")
-    named = _tokens(connection) - _KEEP_NAMED
-    if named:
-        parts = _without(parts, named)
-    if via:
-        parts.append(b"Via: %b\r\n" % _join(via, _VIA[upstream_version]))
-    else:
-        parts += (b"Via: ", _VIA[upstream_version], b"\r\n")
+    parts = _drop_named(parts, connection)
+    _add_via(parts, via, upstream_version)
     if not has_id:
         parts += (b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n")
     if wake is not None:

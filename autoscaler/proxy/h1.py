@@ -37,7 +37,7 @@ from typing import cast
 import httptools
 
 from autoscaler.logs import get_logger
-from autoscaler.proxy.body import Body
+from autoscaler.proxy.body import Body, PausableReading
 
 _log = get_logger("autoscaler.proxy")
 
@@ -106,7 +106,7 @@ Handler = Callable[[Request], Awaitable[None]]
 ErrorPage = Callable[[int, str], bytes]
 
 
-class Connection(asyncio.Protocol):
+class Connection(PausableReading, asyncio.Protocol):
     """One client socket: parses requests, hands them to the handler one at a time."""
 
     def __init__(self, server: H1Server) -> None:
@@ -415,19 +415,6 @@ class Connection(asyncio.Protocol):
         self.idle_deadline = 0.0
         if self._serving is None and not self._queue and self.transport is not None:
             self.transport.close()  # idle keep-alive, or a head that never finished
-
-    def pause_reading(self, by: object) -> None:
-        if not self._paused_by and self.transport is not None:
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                self.transport.pause_reading()
-        self._paused_by.add(by)
-
-    def resume_reading(self, by: object) -> None:
-        if by in self._paused_by:
-            self._paused_by.discard(by)
-            if not self._paused_by and self.transport is not None:
-                with contextlib.suppress(RuntimeError, NotImplementedError):
-                    self.transport.resume_reading()
 
     # --- writing ----------------------------------------------------------------------
 

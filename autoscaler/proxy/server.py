@@ -15,6 +15,7 @@ no request or response objects are built on the way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from http import HTTPStatus
 
@@ -281,35 +282,22 @@ class ProxyServer:
                     upstream_timeout=proxy.upstream_timeout_s,
                 )
             port, authority = self._address(app, up)
+            send = functools.partial(
+                upstream.send, pool, up.host, port, authority, method, head,
+                max_field_size=field_size,
+            )  # fmt: skip
             try:
                 if body is None:
-                    exchange = await upstream.send(
-                        pool,
-                        up.host,
-                        port,
-                        authority,
-                        method,
-                        head,
+                    exchange = await send(
                         None,
                         replayable=method in IDEMPOTENT,
-                        max_field_size=field_size,
                         head_timeout=proxy.upstream_timeout_s,
                     )
                 else:
                     # The answer is due upstream_timeout_s after the body's end (a slow
                     # upload is the client's time, bounded by client_timeout_s per read).
                     async with asyncio.timeout(None) as body.on_done:
-                        exchange = await upstream.send(
-                            pool,
-                            up.host,
-                            port,
-                            authority,
-                            method,
-                            head,
-                            body.chunks(),
-                            chunked=request.content_length is None,
-                            max_field_size=field_size,
-                        )
+                        exchange = await send(body.chunks(), chunked=request.content_length is None)
             except upstream.ConnectFailed:
                 retry = nothing_sent = self._failed_connect(app, up)
             except TimeoutError:

@@ -26,7 +26,7 @@ from typing import cast
 
 import httptools
 
-from autoscaler.proxy.body import Body
+from autoscaler.proxy.body import Body, PausableReading
 
 # A pooled connection idle longer than this is closed rather than reused: servers commonly
 # drop idle keep-alive connections after 5-60 s, and reusing one they just dropped costs a
@@ -125,7 +125,7 @@ class Exchange:
             self.body.fail(exc)
 
 
-class Connection(asyncio.Protocol):
+class Connection(PausableReading, asyncio.Protocol):
     """One keep-alive connection to a machine, carrying one exchange at a time."""
 
     def __init__(self, authority: str, max_field_size: int) -> None:
@@ -256,19 +256,6 @@ class Connection(asyncio.Protocol):
             ex.body.feed_eof()
 
     # flow control --------------------------------------------------------------------
-
-    def pause_reading(self, by: object) -> None:
-        if not self._paused_by and self.transport is not None:
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                self.transport.pause_reading()
-        self._paused_by.add(by)
-
-    def resume_reading(self, by: object) -> None:
-        if by in self._paused_by:
-            self._paused_by.discard(by)
-            if not self._paused_by and self.transport is not None:
-                with contextlib.suppress(RuntimeError, NotImplementedError):
-                    self.transport.resume_reading()
 
     async def drain(self) -> None:
         if self.closed:
