@@ -12,9 +12,13 @@ requests in order (pipelined requests wait their turn). Request bodies are strea
 parser feeds a :class:`Body`, which pauses reading from the socket when the handler falls
 behind. What this module guards:
 
-- limits: the request line over ``max_header_bytes`` gets 414, a header field over it or
+- limits: a request target over ``max_header_bytes`` gets 414, a header field over it or
   more than ``MAX_HEADERS`` fields get 431, anything llhttp rejects (conflicting
-  Content-Length and Transfer-Encoding, bad chunking, bad characters) gets 400;
+  Content-Length and Transfer-Encoding, bad chunking, bad characters) gets 400, and so
+  does an upgrade request with a body; CONNECT gets 405;
+- upgrades: a WebSocket handshake stops the parsing, and once the handler has the
+  machine's 101 the socket's bytes go to the tunnel (:mod:`autoscaler.proxy.tunnel`);
+  other upgrades (h2c) are served as plain HTTP/1.1 requests;
 - slow clients: a head not complete within ``client_timeout_s`` of the connection going
   idle closes the connection (a body too slow is the handler's business, it answers 408);
 - a client that goes away cancels its request's handler;
