@@ -40,6 +40,13 @@ class PausableReading:
                 with contextlib.suppress(RuntimeError, NotImplementedError):
                     self.transport.resume_reading()
 
+    def resume_all_reading(self) -> None:
+        """Read again whoever held it (the connection changes hands or is closing)."""
+        self._paused_by.clear()
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self.transport.resume_reading()
+
 
 class Body:
     """A message body as the peer sends it: fed by a parser, read by one consumer.

@@ -286,8 +286,6 @@ class BodyStream:
     limit: int | None
     timeout: float
     expect_continue: bool
-    on_done: asyncio.Timeout | None = None  # the upstream timeout starts when the body ends
-    upstream_timeout: float = 0.0
     started: bool = False
     too_large: bool = False
     timed_out: bool = False
@@ -330,6 +328,3 @@ class BodyStream:
                 self.too_large = True
                 raise BodyTooLarge
             yield chunk
-        if self.on_done is not None:
-            loop = asyncio.get_running_loop()
-            self.on_done.reschedule(loop.time() + self.upstream_timeout)

@@ -93,13 +93,6 @@ class Request:
         self.upgrade: str | None = None  # "websocket", lowercased, when asked
         self.body: Body | None = None
 
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of a header (``name`` in lower case), else None."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
     @property
     def peer(self) -> str:
         return self.conn.peer
@@ -224,12 +217,18 @@ class Connection(PausableReading, asyncio.Protocol):
             raise self._error
         self._url.append(url)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def _request(self) -> Request:
+        """The request being parsed, made at its first header (or at the end of a head
+        with none: an HTTP/1.0 request may have no header at all)."""
         request = self._current
         if request is None:
             target = b"".join(self._url).decode("latin-1")
             method = self._parser.get_method().decode("ascii", "replace")
             request = self._current = Request(self, method, target, "1.1")
+        return request
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._request()
         if len(name) + len(value) > self._server.max_header_bytes:
             self._error = ParseError(431, "request header fields too large")
             raise self._error
@@ -256,11 +255,7 @@ class Connection(PausableReading, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        request = self._current
-        if request is None:  # no header at all (an HTTP/1.0 request may have none)
-            target = b"".join(self._url).decode("latin-1")
-            method = parser.get_method().decode("ascii", "replace")
-            request = self._current = Request(self, method, target, "1.1")
+        request = self._request()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
         has_body = bool(request.content_length) or (
@@ -398,9 +393,7 @@ class Connection(PausableReading, asyncio.Protocol):
         if self._tunnel_closed is None:  # a refused WebSocket: its early bytes are dropped
             self._tunnel = None
             self._pending.clear()
-        self._paused_by.clear()
-        with contextlib.suppress(RuntimeError, NotImplementedError):
-            transport.resume_reading()
+        self.resume_all_reading()
         if transport.can_write_eof():
             transport.write_eof()
         self._loop.call_later(min(LINGER_S, self._server.client_timeout_s), transport.close)
@@ -465,25 +458,8 @@ class Connection(PausableReading, asyncio.Protocol):
         pending, self._pending = self._pending, []
         self._tunnel = on_data
         self._tunnel_closed = on_closed
-        self._paused_by.clear()
-        if self.transport is not None:
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                self.transport.resume_reading()
+        self.resume_all_reading()
         return pending
-
-    def pause_tunnel(self) -> None:
-        if self.transport is not None:
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                self.transport.pause_reading()
-
-    def resume_tunnel(self) -> None:
-        if self.transport is not None:
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                self.transport.resume_reading()
-
-    @property
-    def writing_paused(self) -> bool:
-        return self._writing_paused
 
 
 def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -495,6 +471,8 @@ def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
 
 class H1Server:
     """Listens, accepts within ``max_connections``, and stops gracefully."""
+
+    loop: asyncio.AbstractEventLoop  # set by start(), before any connection exists
 
     def __init__(
         self,
@@ -512,7 +490,6 @@ class H1Server:
         self.client_timeout_s = client_timeout_s
         self.connections: set[Connection] = set()
         self.closing = False
-        self.loop = asyncio.get_event_loop()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 

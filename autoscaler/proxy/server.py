@@ -15,7 +15,6 @@ no request or response objects are built on the way.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 from http import HTTPStatus
 
@@ -188,10 +187,7 @@ class ProxyServer:
         inflight = self._children.inflight(app.name)
         inflight.inc()
         try:
-            if request.upgrade == "websocket":
-                await self._websocket(request, app, gate, ctx)
-            else:
-                await self._http(request, app, gate, ctx)
+            await self._forward(request, app, gate, ctx)
         finally:
             inflight.dec()
             if ctx.up is not None:
@@ -246,60 +242,56 @@ class ProxyServer:
             return up.port, up.authority
         return app.port, _authority(up.host, app.port)
 
-    def _failed_connect(self, app: AppConfig, up: Upstream) -> bool:
+    def _failed_connect(self, app: AppConfig, up: Upstream) -> None:
         """Nothing was sent: skip this machine for a while; the retry is always safe."""
         view = self.view.app(app.name)
         view.mark_unhealthy(up, self._settings.proxy.unhealthy_backoff_s)
         view.notify()
         _log.info("machine_unreachable", app=app.name, machine=up.id)
-        return True
 
-    async def _http(
+    async def _forward(
         self, request: Request, app: AppConfig, gate: Gate, ctx: RequestContext
     ) -> None:
+        """Send the request to the machine (another one when a replay is safe), then relay
+        the answer, or open the tunnel after a WebSocket handshake's 101."""
         proxy = self._settings.proxy
         pool = self._pool
         if pool is None:
             raise Failure(503, "proxy is not running")
+        websocket = request.upgrade == "websocket"
         head = forward.request_head(
-            request, ctx.request_id, self._trust, up_host_header(app, ctx.up)
+            request, ctx.request_id, self._trust, up_host_header(app, ctx.up), websocket=websocket
         )
         method = request.method
-        has_body = request.body is not None
-        expect = has_body and request.version != "1.0" and request.expect_continue
+        expect = request.version != "1.0" and request.expect_continue
         body: forward.BodyStream | None = None
         tried: list[Upstream] = []
         up = ctx.up
-        field_size = max(8190, proxy.max_header_bytes)
         while True:
             assert up is not None
-            if has_body:
+            if request.body is not None:
                 body = forward.BodyStream(
-                    request,
-                    app.max_body_bytes,
-                    proxy.client_timeout_s,
-                    expect,
-                    upstream_timeout=proxy.upstream_timeout_s,
+                    request, app.max_body_bytes, proxy.client_timeout_s, expect
                 )
             port, authority = self._address(app, up)
-            send = functools.partial(
-                upstream.send, pool, up.host, port, authority, method, head,
-                max_field_size=field_size,
-            )  # fmt: skip
             try:
-                if body is None:
-                    exchange = await send(
-                        None,
-                        replayable=method in IDEMPOTENT,
-                        head_timeout=proxy.upstream_timeout_s,
-                    )
-                else:
-                    # The answer is due upstream_timeout_s after the body's end (a slow
-                    # upload is the client's time, bounded by client_timeout_s per read).
-                    async with asyncio.timeout(None) as body.on_done:
-                        exchange = await send(body.chunks(), chunked=request.content_length is None)
+                exchange = await upstream.send(
+                    pool,
+                    up.host,
+                    port,
+                    authority,
+                    method,
+                    head,
+                    None if body is None else body.chunks(),
+                    chunked=body is not None and request.content_length is None,
+                    replayable=method in IDEMPOTENT and body is None,
+                    max_field_size=max(8190, proxy.max_header_bytes),
+                    head_timeout=proxy.upstream_timeout_s,
+                    upgrade=websocket,
+                )
             except upstream.ConnectFailed:
-                retry = nothing_sent = self._failed_connect(app, up)
+                self._failed_connect(app, up)
+                nothing_sent = True
             except TimeoutError:
                 raise Failure(504, "the machine did not answer in time") from None
             except upstream.UpstreamError as exc:
@@ -308,15 +300,18 @@ class ProxyServer:
                     body.raise_for_client()
                 # Closed before any answer byte: a replay is safe only if the method is
                 # idempotent and no body byte was consumed.
-                retry = (
+                replay = (
                     isinstance(exc, upstream.ConnectionLost)
                     and method in IDEMPOTENT
                     and (body is None or not body.started)
                 )
-                if not retry:
+                if not replay:
                     raise Failure(502, "the machine failed to answer") from None
             else:
-                await self._relay(request, exchange, app, ctx)
+                if websocket:
+                    await self._tunnel(request, exchange, ctx)
+                else:
+                    await self._relay(request, exchange, app, ctx)
                 return
             if body is not None and body.started:
                 raise Failure(502, "no machine of this app is reachable")
@@ -373,48 +368,20 @@ class ProxyServer:
         finally:
             exchange.release()
 
-    async def _websocket(
-        self, request: Request, app: AppConfig, gate: Gate, ctx: RequestContext
+    async def _tunnel(
+        self, request: Request, exchange: upstream.Exchange, ctx: RequestContext
     ) -> None:
-        proxy = self._settings.proxy
-        head = forward.request_head(
-            request, ctx.request_id, self._trust, up_host_header(app, ctx.up), websocket=True
-        )
-        tried: list[Upstream] = []
-        up = ctx.up
-        while True:
-            assert up is not None
-            port, _ = self._address(app, up)
-            try:
-                async with asyncio.timeout(proxy.upstream_timeout_s):
-                    machine = await tunnel.handshake(
-                        up.host,
-                        port,
-                        head,
-                        proxy.connect_timeout_s,
-                        max(8190, proxy.max_header_bytes),
-                    )
-                break
-            except tunnel.HandshakeError:
-                raise Failure(502, "the machine failed to answer") from None
-            except tunnel.ConnectFailed:
-                nothing_sent = self._failed_connect(app, up)
-            except TimeoutError:
-                raise Failure(504, "the machine did not answer in time") from None
-            except OSError:
-                nothing_sent = False  # lost before the answer; a handshake is safe to replay
-            up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
-        if machine.status != 101:
-            assert machine.transport is not None
-            machine.transport.close()
-            raise Failure(502, f"the machine refused the WebSocket ({machine.status})")
+        if exchange.status != 101:
+            exchange.release()
+            raise Failure(502, f"the machine refused the WebSocket ({exchange.status})")
+        machine = exchange.detach()
         response = forward.response_head(
             101,
-            machine.reason.decode("latin-1") or "Switching Protocols",
-            machine.headers,
-            upstream_version="1.1",
+            exchange.reason or "Switching Protocols",
+            exchange.headers,
+            upstream_version=exchange.version,
             request_id=ctx.request_id,
-            wake=ctx.wake if proxy.wake_header else None,
+            wake=ctx.wake if self._settings.proxy.wake_header else None,
             client_version=request.version,
             keep_alive=False,
             with_body=False,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import httptools
@@ -73,15 +73,17 @@ class Exchange:
         "reason",
         "status",
         "until_eof",
+        "upgrade",
         "version",
     )
 
-    def __init__(self, pool: Pool, conn: Connection, head_only: bool) -> None:
+    def __init__(self, pool: Pool, conn: Connection, head_only: bool, upgrade: bool) -> None:
         self._pool = pool
         self._conn: Connection | None = conn
         self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._body_task: asyncio.Task[None] | None = None
         self.head_only = head_only  # a HEAD request: the answer has no body
+        self.upgrade = upgrade  # a WebSocket handshake: a 101 hands the connection over
         self.status = 0
         self.reason = ""
         self.version = "1.1"
@@ -90,6 +92,15 @@ class Exchange:
         self.until_eof = False  # no length and not chunked: the body ends with the connection
         self.body = Body(conn)
         self.complete = False
+
+    def detach(self) -> Connection:
+        """After a 101: the connection, now the caller's (bytes that followed the answer's
+        head wait in ``connection.early``)."""
+        conn, self._conn = self._conn, None
+        assert conn is not None
+        assert self.status == 101
+        conn.exchange = None
+        return conn
 
     def release(self) -> None:
         """Back to the pool if the exchange finished cleanly, else closed."""
@@ -138,10 +149,15 @@ class Connection(PausableReading, asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._error: UpstreamError | None = None
         self._interim = False
-        self._size = 0
         self._paused_by: set[object] = set()
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
+        # After a 101 (a WebSocket), bytes go to ``on_data``; until someone takes over,
+        # they wait in ``early``.
+        self.early: list[bytes] = []
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_closed: Callable[[], None] | None = None
+        self.on_writable: Callable[[bool], None] | None = None
 
     # asyncio.Protocol ----------------------------------------------------------------
 
@@ -150,6 +166,8 @@ class Connection(PausableReading, asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        if self.on_closed is not None:
+            self.on_closed()
         ex = self.exchange
         if ex is not None:
             if ex.until_eof and not ex.complete and exc is None and ex._head.done():
@@ -162,6 +180,9 @@ class Connection(PausableReading, asyncio.Protocol):
             drain.set_exception(ConnectionLost("the machine closed the connection"))
 
     def data_received(self, data: bytes) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
+            return
         ex = self.exchange
         if ex is None or ex.complete:
             self.close()  # bytes nobody asked for: this connection cannot be trusted
@@ -172,9 +193,11 @@ class Connection(PausableReading, asyncio.Protocol):
             assert self._error is not None
             ex.fail(self._error)
             self.close()
-        except httptools.HttpParserUpgrade:
-            ex.fail(UnexpectedUpgrade("the machine switched protocols unasked"))
-            self.close()
+        except httptools.HttpParserUpgrade as upgrade:
+            # Only a 101 to a handshake gets here (see on_headers_complete).
+            tail = data[upgrade.args[0] :]
+            self.early = [tail] if tail else []
+            self.on_data = self.early.append
         except httptools.HttpParserError as exc:
             ex.fail(BadResponse(f"bad answer from the machine: {exc}"))
             self.close()
@@ -184,9 +207,13 @@ class Connection(PausableReading, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self.on_writable is not None:
+            self.on_writable(False)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self.on_writable is not None:
+            self.on_writable(True)
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -198,7 +225,6 @@ class Connection(PausableReading, asyncio.Protocol):
         assert ex is not None
         ex.reason = ""
         ex.headers = []
-        self._size = 0
 
     def on_status(self, status: bytes) -> None:
         ex = self.exchange
@@ -218,16 +244,16 @@ class Connection(PausableReading, asyncio.Protocol):
         assert ex is not None
         parser = self._parser
         status = parser.get_status_code()
-        if 100 <= status < 200:
-            if status == 101:
-                self._error = UnexpectedUpgrade("the machine switched protocols unasked")
-                raise self._error
+        if status == 101 and not ex.upgrade:
+            self._error = UnexpectedUpgrade("the machine switched protocols unasked")
+            raise self._error
+        if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue, 103 Early Hints: the hop's own
             return
         ex.status = status
         ex.version = parser.get_http_version()
-        ex.keep_alive = parser.should_keep_alive()
-        if ex.head_only or status in _NO_BODY_STATUS:
+        ex.keep_alive = parser.should_keep_alive() and status != 101
+        if ex.head_only or status in _NO_BODY_STATUS or status == 101:
             ex.complete = True
             ex.body.feed_eof()
             if ex.head_only:
@@ -412,24 +438,31 @@ async def send(
     replayable: bool = False,
     max_field_size: int = 8190,
     head_timeout: float | None = None,
+    upgrade: bool = False,
 ) -> Exchange:
     """Send the request ``head`` (whole, as bytes) and start streaming the body, in chunks
     when ``chunked`` (the head says so); return once the answer's head arrived. The caller
     reads ``exchange.body`` and must call ``release()``.
 
+    ``head_timeout`` runs from the end of the request: a slow upload is the client's
+    time (each of its reads is bounded by the proxy's client timeout), not the machine's.
+    With ``upgrade`` (a WebSocket handshake), a 101 answer leaves the connection to the
+    caller: ``exchange.detach()``.
+
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
     machine, as browsers and aiohttp do.
     """
+    args = (method, head, body, chunked, head_timeout, upgrade)
     conn = pool.take(authority)
     if conn is not None:
         try:
-            return await _exchange(pool, conn, method, head, body, chunked, head_timeout)
+            return await _exchange(pool, conn, *args)
         except ConnectionLost:
             if not replayable:
                 raise
     conn = await pool.open(host, port, authority, max_field_size)
-    return await _exchange(pool, conn, method, head, body, chunked, head_timeout)
+    return await _exchange(pool, conn, *args)
 
 
 async def _exchange(
@@ -440,8 +473,9 @@ async def _exchange(
     body: AsyncIterator[bytes] | None,
     chunked: bool,
     head_timeout: float | None,
+    upgrade: bool,
 ) -> Exchange:
-    ex = Exchange(pool, conn, head_only=method == "HEAD")
+    ex = Exchange(pool, conn, head_only=method == "HEAD", upgrade=upgrade)
     conn.exchange = ex
     try:
         if not conn.reusable:
@@ -449,16 +483,14 @@ async def _exchange(
         conn.write(head)
         if body is not None:
             loop = asyncio.get_running_loop()
-            ex._body_task = loop.create_task(_send_body(conn, body, chunked))
+            ex._body_task = loop.create_task(_send_body(pool, ex, body, chunked, head_timeout))
             ex._body_task.add_done_callback(_retrieved)
-        if head_timeout is None:
-            await ex._head
-        else:
+        elif head_timeout is not None:
             pool.wait_head(ex, head_timeout)
-            try:
-                await ex._head
-            finally:
-                pool.got_head(ex)
+        try:
+            await ex._head
+        finally:
+            pool.got_head(ex)
         return ex
     except BaseException:
         ex.release()
@@ -472,7 +504,15 @@ def _retrieved(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _send_body(conn: Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
+async def _send_body(
+    pool: Pool,
+    ex: Exchange,
+    body: AsyncIterator[bytes],
+    chunked: bool,
+    head_timeout: float | None,
+) -> None:
+    conn = ex._conn
+    assert conn is not None
     try:
         async for chunk in body:
             if chunked:
@@ -484,6 +524,8 @@ async def _send_body(conn: Connection, body: AsyncIterator[bytes], chunked: bool
             await conn.drain()
         if chunked:
             conn.write(b"0\r\n\r\n")
+        if head_timeout is not None and not ex._head.done():
+            pool.wait_head(ex, head_timeout)  # the request is whole: the machine's turn
     except asyncio.CancelledError:
         raise
     except BaseException:
