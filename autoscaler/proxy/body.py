@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 # A consumer reading slower than the peer sends: above this much buffered, reading from
@@ -20,12 +21,23 @@ class FlowControl(Protocol):
     def resume_reading(self, by: object) -> None: ...
 
 
-class PausableReading:
-    """Reading from ``transport`` paused while at least one holder (a full body, a full
-    pipeline queue...) wants it paused: a mixin for the proxy's protocols."""
+class FlowControlled:
+    """Flow control of a protocol, both ways: a mixin for the proxy's protocols.
+
+    Reading from ``transport`` is paused while at least one holder (a full body, a full
+    pipeline queue, a tunnel's other side) wants it paused. Writing: ``drain()`` waits
+    while the transport's buffer is over its high-water mark, and ``on_writable`` (a
+    tunnel) hears when that changes. Subclasses call ``_init_flow()`` and, when the
+    connection is lost, ``_writer_gone(exc)``.
+    """
 
     transport: asyncio.Transport | None
-    _paused_by: set[object]
+
+    def _init_flow(self) -> None:
+        self._paused_by: set[object] = set()
+        self._writing_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self.on_writable: Callable[[bool], None] | None = None
 
     def pause_reading(self, by: object) -> None:
         if not self._paused_by and self.transport is not None:
@@ -46,6 +58,30 @@ class PausableReading:
         if self.transport is not None:
             with contextlib.suppress(RuntimeError, NotImplementedError):
                 self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self.on_writable is not None:
+            self.on_writable(False)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.on_writable is not None:
+            self.on_writable(True)
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    async def _wait_writable(self) -> None:
+        if self._writing_paused:
+            if self._drain is None:
+                self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def _writer_gone(self, exc: BaseException) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(exc)
 
 
 class Body:

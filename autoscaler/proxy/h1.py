@@ -41,7 +41,7 @@ from typing import cast
 import httptools
 
 from autoscaler.logs import get_logger
-from autoscaler.proxy.body import Body, PausableReading
+from autoscaler.proxy.body import Body, FlowControlled
 
 _log = get_logger("autoscaler.proxy")
 
@@ -103,7 +103,7 @@ Handler = Callable[[Request], Awaitable[None]]
 ErrorPage = Callable[[int, str], bytes]
 
 
-class Connection(PausableReading, asyncio.Protocol):
+class Connection(FlowControlled, asyncio.Protocol):
     """One client socket: parses requests, hands them to the handler one at a time."""
 
     def __init__(self, server: H1Server) -> None:
@@ -122,15 +122,12 @@ class Connection(PausableReading, asyncio.Protocol):
         self._error: ParseError | None = None
         self._task: asyncio.Task[None] | None = None
         self.idle_deadline = 0.0  # waiting for a request head until then (0: not waiting)
-        self._paused_by: set[object] = set()
-        self._write_waiter: asyncio.Future[None] | None = None
-        self._writing_paused = False
+        self._init_flow()
         self._lost = False
         self._discarding = False  # answered and closing: bytes from the client are dropped
         self._tunnel: Callable[[bytes], None] | None = None
         self._tunnel_closed: Callable[[], None] | None = None
         self._pending: list[bytes] = []  # bytes after a WebSocket handshake, before the tunnel
-        self.on_writable: Callable[[bool], None] | None = None  # a tunnel's flow control
         self.response_started = False
 
     # --- asyncio.Protocol -----------------------------------------------------------
@@ -159,8 +156,7 @@ class Connection(PausableReading, asyncio.Protocol):
         for request in (self._current, self._serving):
             if request is not None and request.body is not None:
                 request.body.fail(gone)
-        if self._write_waiter is not None and not self._write_waiter.done():
-            self._write_waiter.set_exception(gone)
+        self._writer_gone(gone)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         if self._serving is not None and self._task is not None and self._tunnel_closed is None:
@@ -188,21 +184,6 @@ class Connection(PausableReading, asyncio.Protocol):
         if self._current is not None and self._current.body is not None:
             self._current.body.fail(ConnectionResetError("the client closed mid-body"))
         return None  # close: nothing more will come
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-        if self.on_writable is not None:
-            self.on_writable(False)
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self.on_writable is not None:
-            self.on_writable(True)
-        waiter = self._write_waiter
-        if waiter is not None:
-            self._write_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     # --- parser callbacks (httptools) -------------------------------------------------
 
@@ -431,11 +412,7 @@ class Connection(PausableReading, asyncio.Protocol):
         """Wait until the client took what was written (flow control)."""
         if self._lost:
             raise ConnectionResetError("the client closed the connection")
-        if self._writing_paused:
-            waiter = self._write_waiter
-            if waiter is None:
-                waiter = self._write_waiter = self._loop.create_future()
-            await waiter
+        await self._wait_writable()
 
     def close(self) -> None:
         if self.transport is not None:

@@ -26,7 +26,7 @@ from typing import cast
 
 import httptools
 
-from autoscaler.proxy.body import Body, PausableReading
+from autoscaler.proxy.body import Body, FlowControlled
 
 # A pooled connection idle longer than this is closed rather than reused: servers commonly
 # drop idle keep-alive connections after 5-60 s, and reusing one they just dropped costs a
@@ -136,7 +136,7 @@ class Exchange:
             self.body.fail(exc)
 
 
-class Connection(PausableReading, asyncio.Protocol):
+class Connection(FlowControlled, asyncio.Protocol):
     """One keep-alive connection to a machine, carrying one exchange at a time."""
 
     def __init__(self, authority: str, max_field_size: int) -> None:
@@ -149,15 +149,12 @@ class Connection(PausableReading, asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._error: UpstreamError | None = None
         self._interim = False
-        self._paused_by: set[object] = set()
-        self._writing_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        self._init_flow()
         # After a 101 (a WebSocket), bytes go to ``on_data``; until someone takes over,
         # they wait in ``early``.
         self.early: list[bytes] = []
         self.on_data: Callable[[bytes], None] | None = None
         self.on_closed: Callable[[], None] | None = None
-        self.on_writable: Callable[[bool], None] | None = None
 
     # asyncio.Protocol ----------------------------------------------------------------
 
@@ -175,9 +172,7 @@ class Connection(PausableReading, asyncio.Protocol):
                 ex.body.feed_eof()
             elif not ex.complete:
                 ex.fail(ConnectionLost("the machine closed the connection"))
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_exception(ConnectionLost("the machine closed the connection"))
+        self._writer_gone(ConnectionLost("the machine closed the connection"))
 
     def data_received(self, data: bytes) -> None:
         if self.on_data is not None:
@@ -204,19 +199,6 @@ class Connection(PausableReading, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost tells the exchange
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-        if self.on_writable is not None:
-            self.on_writable(False)
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self.on_writable is not None:
-            self.on_writable(True)
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
 
     # httptools callbacks -----------------------------------------------------------
 
@@ -286,10 +268,7 @@ class Connection(PausableReading, asyncio.Protocol):
     async def drain(self) -> None:
         if self.closed:
             raise ConnectionLost("the machine closed the connection")
-        if self._writing_paused:
-            if self._drain is None:
-                self._drain = asyncio.get_running_loop().create_future()
-            await self._drain
+        await self._wait_writable()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
