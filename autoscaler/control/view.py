@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoscaler.config import authority
 from autoscaler.scaling.fleet import STARTED
 from autoscaler.scaling.window import ConcurrencyMeter
 
@@ -45,18 +46,14 @@ class Upstream:
     authority: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.authority = _authority(self.host, self.port)
+        self.authority = authority(self.host, self.port)
 
     def set_address(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.authority = _authority(host, port)
+        self.authority = authority(host, port)
 
     def routable(self, now: float) -> bool:
         return self.state == STARTED and not self.cordoned and now >= self.unhealthy_until
-
-
-def _authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import asyncio
 import random
 from http import HTTPStatus
 
-from autoscaler.config import AppConfig, Settings, parse_host_port
+from autoscaler.config import AppConfig, Settings, authority, parse_host_port
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
@@ -240,7 +240,7 @@ class ProxyServer:
         """The machine's port for this app (``apps[].port`` overrides), and its authority."""
         if app.port is None or app.static or up.port == app.port:
             return up.port, up.authority
-        return app.port, _authority(up.host, app.port)
+        return app.port, authority(up.host, app.port)
 
     def _failed_connect(self, app: AppConfig, up: Upstream) -> None:
         """Nothing was sent: skip this machine for a while; the retry is always safe."""
@@ -483,10 +483,6 @@ def up_host_header(app: AppConfig, up: Upstream | None) -> str:
     if app.hosts and not app.hosts[0].startswith("*."):
         return app.hosts[0]
     return up.authority if up is not None else app.name
-
-
-def _authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _static_machines(app: AppConfig) -> list[MachineInfo]:
