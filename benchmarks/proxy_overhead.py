@@ -120,6 +120,15 @@ class Result:
     p99_ms: float
     errors: int
 
+    @classmethod
+    def of(cls, latencies_ms: list[float], elapsed_s: float, errors: int) -> Result:
+        return cls(
+            len(latencies_ms) / elapsed_s,
+            _percentile(latencies_ms, 0.5),
+            _percentile(latencies_ms, 0.99),
+            errors,
+        )
+
 
 def _percentile(values: list[float], q: float) -> float:
     if not values:
@@ -184,12 +193,7 @@ async def closed_loop(port: int, duration: float, connections: int) -> Result:
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - started
-    return Result(
-        len(latencies) / elapsed,
-        _percentile(latencies, 0.5),
-        _percentile(latencies, 0.99),
-        errors,
-    )
+    return Result.of(latencies, elapsed, errors)
 
 
 async def open_loop(port: int, duration: float, rate: float) -> Result:
@@ -226,12 +230,7 @@ async def open_loop(port: int, duration: float, rate: float) -> Result:
             tasks.append(asyncio.create_task(one()))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
-    return Result(
-        len(latencies) / elapsed,
-        _percentile(latencies, 0.5),
-        _percentile(latencies, 0.99),
-        errors,
-    )
+    return Result.of(latencies, elapsed, errors)
 
 
 # --- orchestration -------------------------------------------------------------------------
