@@ -54,11 +54,12 @@ class FlyError(Exception):
         self.operation = operation
 
     def __str__(self) -> str:
-        parts = [self.message]
-        if self.status is not None:
-            parts.insert(0, f"HTTP {self.status}:")
+        parts: list[str] = []
         if self.operation:
-            parts.insert(0, f"{self.operation}:")
+            parts.append(f"{self.operation}:")
+        if self.status is not None:
+            parts.append(f"HTTP {self.status}:")
+        parts.append(self.message)
         if self.code:
             parts.append(f"(code {self.code})")
         if self.request_id:
@@ -142,6 +143,19 @@ class TransportError(FlyError):
         return self._retryable
 
 
+# 429 (RateLimited, with its Retry-After) and 5xx (ServerError) are handled apart.
+_CLASS_BY_STATUS: Mapping[int, type[FlyError]] = {
+    400: BadRequest,
+    422: BadRequest,
+    401: Unauthorized,
+    403: Unauthorized,
+    404: NotFound,
+    408: WaitTimeout,
+    409: Conflict,
+    412: Conflict,
+}
+
+
 def scrub(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret and secret in text:
@@ -164,29 +178,28 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if math.isnan(seconds) or math.isinf(seconds):
+    if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
 
 
-def _body_fields(body: bytes) -> tuple[str | None, int | None, str | None]:
-    """(message, integer status, string code) from any of the known error body shapes."""
+def _body_fields(body: bytes) -> tuple[str | None, str | None]:
+    """(message, string code) from any of the known error body shapes."""
     try:
         data = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
         data = None
     if isinstance(data, str):
-        return data, None, None
+        return data, None
     if not isinstance(data, dict):
         text = body.decode("utf-8", "replace").strip() if body else ""
-        return text or None, None, None
+        return text or None, None
     message = data.get("error") or data.get("message")
+    # The seed's status repeats the HTTP status (an int, or digits); only the real API's
+    # string status ("insufficient_capacity") says more, and is kept as the code.
     status = data.get("status")
-    int_status = status if isinstance(status, int) and not isinstance(status, bool) else None
-    code = status if isinstance(status, str) and status else None
-    if code is not None and code.isdigit():
-        int_status, code = int(code), None
-    return (str(message) if message is not None else None), int_status, code
+    code = status if isinstance(status, str) and status and not status.isdigit() else None
+    return (str(message) if message is not None else None), code
 
 
 def error_from_response(
@@ -202,26 +215,12 @@ def error_from_response(
 
     ``headers`` must be case-insensitive (httpx.Headers is) or use lower-case keys.
     """
-    message, _, code = _body_fields(body)
+    message, code = _body_fields(body)
     message = scrub(message or f"HTTP {status}", secrets)[:_MAX_MESSAGE]
     request_id = headers.get(REQUEST_ID_HEADER) or headers.get("x-request-id")
     kw: dict[str, str | None] = {"code": code, "operation": operation}
     if status == 429:
         retry_after = parse_retry_after(headers.get("retry-after"), now)
         return RateLimited(status, message, request_id, retry_after=retry_after, **kw)
-    cls: type[FlyError]
-    if status in (400, 422):
-        cls = BadRequest
-    elif status in (401, 403):
-        cls = Unauthorized
-    elif status == 404:
-        cls = NotFound
-    elif status in (409, 412):
-        cls = Conflict
-    elif status == 408:
-        cls = WaitTimeout
-    elif status >= 500:
-        cls = ServerError
-    else:
-        cls = FlyError
+    cls = _CLASS_BY_STATUS.get(status) or (ServerError if status >= 500 else FlyError)
     return cls(status, message, request_id, **kw)
