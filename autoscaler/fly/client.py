@@ -154,6 +154,7 @@ class MachinesClient(Operations):
             throttled += await self.limiter.acquire(call.operation, call.limit_key)
             t0 = self._clock()
             status: int | None = None
+            error: FlyError | None = None
             try:
                 response = await self._http.request(
                     call.method,
@@ -163,21 +164,21 @@ class MachinesClient(Operations):
                     timeout=call.timeout_s if call.timeout_s is not None else self._timeout_s,
                 )
             except httpx.HTTPError as exc:
-                error: FlyError = self._transport_error(exc, call.operation)
+                error = self._transport_error(exc, call.operation)
             else:
                 status = response.status_code
-                if status < 300:
-                    self._observe(call.operation, status, self._clock() - t0)
-                    self._log_result(call, status, started, attempt, throttled, None)
-                    return _decode(response)
-                error = error_from_response(
-                    status,
-                    response.content,
-                    response.headers,
-                    operation=call.operation,
-                    secrets=self._secrets,
-                )
+                if status >= 300:
+                    error = error_from_response(
+                        status,
+                        response.content,
+                        response.headers,
+                        operation=call.operation,
+                        secrets=self._secrets,
+                    )
             self._observe(call.operation, status, self._clock() - t0)
+            if error is None:
+                self._log_result(call, status, started, attempt, throttled, None)
+                return _decode(response)
             delay = self._retry_delay(call.operation, error, attempt, deadline)
             if delay is None:
                 self._log_result(call, status, started, attempt, throttled, error)
