@@ -71,6 +71,15 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+def _metadata_suffix(key: str) -> str:
+    return f"/metadata/{_seg(key)}"
+
+
+def _force_query(force: bool) -> dict[str, str | int]:
+    """``?force=true`` for the deletes, and no query at all without it."""
+    return {"force": "true"} if force else {}
+
+
 def duration_string(seconds: float) -> str:
     """Seconds as a Go duration string ("30s", "1500ms"): what the real API's stop parses."""
     if seconds < 0:
@@ -179,8 +188,8 @@ class Operations:
         return parse(m.App, payload, "get_app")
 
     async def delete_app(self, app: str, *, force: bool = False) -> None:
-        params: dict[str, str | int] = {"force": "true"} if force else {}
-        await self._send(Call("delete_app", "DELETE", f"/v1/apps/{_seg(app)}", app, params=params))
+        path = f"/v1/apps/{_seg(app)}"
+        await self._send(Call("delete_app", "DELETE", path, app, params=_force_query(force)))
 
     # -- machines ---------------------------------------------------------------------------
 
@@ -225,8 +234,7 @@ class Operations:
 
     async def delete_machine(self, app: str, machine_id: str, *, force: bool = False) -> None:
         """Destroy a machine; ``force`` (``?force=true``) kills a running one first."""
-        params: dict[str, str | int] = {"force": "true"} if force else {}
-        await self._machine("delete_machine", "DELETE", app, machine_id, params=params)
+        await self._machine("delete_machine", "DELETE", app, machine_id, params=_force_query(force))
 
     async def start_machine(self, app: str, machine_id: str) -> m.StartResult:
         payload = await self._machine("start_machine", "POST", app, machine_id, "/start")
@@ -270,14 +278,27 @@ class Operations:
         """
         states = state if isinstance(state, str) else ",".join(state)
         wanted = states.split(",")
-        first = wanted[0]
-        if instance_id is None and "stopped" in wanted:
-            try:
+        try:
+            if instance_id is None and "stopped" in wanted:
                 instance_id = (await self.get_machine(app, machine_id)).instance_id
-            except NotFound:
-                if "destroyed" in wanted:
-                    return m.WaitResult(ok=True, state="destroyed")
-                raise
+            payload = await self._wait_calls(app, machine_id, states, timeout_s, instance_id)
+        except NotFound:
+            if "destroyed" in wanted:
+                return m.WaitResult(ok=True, state="destroyed")
+            raise
+        # The seed answers with no body; the real API's body may leave out the state.
+        body = payload if isinstance(payload, dict) else {}
+        result = parse(m.WaitResult, body, "wait_for_machine_state")
+        if result.state is None:
+            result.state = wanted[0]
+        return result
+
+    wait = wait_for_machine_state
+
+    async def _wait_calls(
+        self, app: str, machine_id: str, states: str, timeout_s: float, instance_id: str | None
+    ) -> Any:
+        """/wait calls of at most MAX_WAIT_CALL_S until one succeeds; its decoded body."""
         deadline = self._clock() + timeout_s
         while True:
             per_call = max(1, min(MAX_WAIT_CALL_S, math.ceil(deadline - self._clock())))
@@ -286,7 +307,7 @@ class Operations:
                 params["instance_id"] = instance_id
             t0 = self._clock()
             try:
-                payload = await self._machine(
+                return await self._machine(
                     "wait_for_machine_state",
                     "GET",
                     app,
@@ -309,19 +330,6 @@ class Operations:
                         exc.request_id,
                         operation="wait_for_machine_state",
                     ) from None
-                continue
-            except NotFound:
-                if "destroyed" in wanted:
-                    return m.WaitResult(ok=True, state="destroyed")
-                raise
-            if not isinstance(payload, dict):
-                return m.WaitResult(ok=True, state=first)
-            result = parse(m.WaitResult, payload, "wait_for_machine_state")
-            if result.state is None:
-                result.state = first
-            return result
-
-    wait = wait_for_machine_state
 
     async def cordon_machine(self, app: str, machine_id: str) -> None:
         await self._machine("cordon_machine", "POST", app, machine_id, "/cordon")
@@ -334,7 +342,7 @@ class Operations:
     async def get_machine_metadata(self, app: str, machine_id: str, key: str) -> str:
         """One metadata value; reads the seed's bare string and the real ``{"value": ...}``."""
         op = "get_machine_metadata"
-        payload = await self._machine(op, "GET", app, machine_id, f"/metadata/{_seg(key)}")
+        payload = await self._machine(op, "GET", app, machine_id, _metadata_suffix(key))
         if isinstance(payload, dict) and isinstance(payload.get("value"), str):
             return str(payload["value"])
         if isinstance(payload, str):
@@ -344,12 +352,12 @@ class Operations:
     async def set_machine_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
         # The real API needs {"value": ...}; the emulator accepts that and the seed's bare
         # string alike.
-        suffix = f"/metadata/{_seg(key)}"
+        suffix = _metadata_suffix(key)
         body = {"value": value}
         await self._machine("set_machine_metadata", "POST", app, machine_id, suffix, body=body)
 
     async def delete_machine_metadata(self, app: str, machine_id: str, key: str) -> None:
-        suffix = f"/metadata/{_seg(key)}"
+        suffix = _metadata_suffix(key)
         await self._machine("delete_machine_metadata", "DELETE", app, machine_id, suffix)
 
     # -- volumes ----------------------------------------------------------------------------
