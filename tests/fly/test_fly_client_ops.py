@@ -4,6 +4,7 @@ API's shapes where they differ."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from flyfakes import TOKEN, FakeTime, Script, make_client
 from autoscaler.fly import models as m
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import NotFound, ServerError
+from autoscaler.fly.operations import Operations
 
 MACHINE = {
     "id": "m1",
@@ -331,6 +333,14 @@ def test_the_table_covers_all_27_operations() -> None:
     assert len({c.name for c in CASES}) == 27
     for case in CASES:
         assert callable(getattr(MachinesClient, case.name)), case.name
+    # Every public coroutine of Operations, aliases (``wait``) counted once: a new
+    # operation without a row here fails this test.
+    operations = {
+        f.__name__
+        for name, f in inspect.getmembers(Operations, inspect.iscoroutinefunction)
+        if not name.startswith("_")
+    }
+    assert {c.name for c in CASES} == operations
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
