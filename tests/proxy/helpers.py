@@ -7,6 +7,7 @@ import socket
 from collections.abc import Callable
 
 import aiohttp
+from aiohttp import web
 
 
 async def until(cond: Callable[[], bool]) -> None:
@@ -31,3 +32,14 @@ async def status_of(session: aiohttp.ClientSession, target: str, host: str) -> i
     """The status of one GET of ``target`` with ``Host: host`` (the body is not read)."""
     async with session.get(target, headers={"Host": host}) as resp:
         return resp.status
+
+
+def text_app(text: str) -> web.Application:
+    """A machine that answers GET / with ``text``."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=text)
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    return app

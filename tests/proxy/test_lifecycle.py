@@ -13,7 +13,7 @@ from autoscaler.config import AppConfig, ProxySettings, Settings
 from autoscaler.control.view import FleetView
 
 from .conftest import Backend, StartProxy, url
-from .helpers import until
+from .helpers import text_app, until
 from .test_balancing import Blocking
 
 
@@ -79,11 +79,7 @@ async def test_update_settings_adds_and_removes_apps_without_dropping_requests(
     in_flight = asyncio.create_task(get("a.test"))
     await until(lambda: fleet.app("a").in_flight == 1)
 
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="b here")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
+    app = text_app("b here")
     new_addr = await backend(app)
     proxy.update_settings(
         Settings(
@@ -135,11 +131,7 @@ async def test_access_log_line_has_the_request_fields_and_no_secrets(
 async def test_access_log_can_be_switched_off(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="hi")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
+    app = text_app("hi")
     proxy = await start_proxy(
         [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}],
         access_log=False,
@@ -155,11 +147,7 @@ async def test_access_log_can_be_switched_off(
 async def test_connections_over_max_connections_are_refused(
     backend: Backend, start_proxy: StartProxy
 ) -> None:
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="hi")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
+    app = text_app("hi")
     proxy = await start_proxy(
         [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}],
         max_connections=1,

@@ -12,6 +12,7 @@ from aiohttp import web
 from autoscaler.control.view import FleetView, MachineInfo
 
 from .conftest import Backend, StartProxy, url
+from .helpers import text_app
 
 
 async def test_sequential_requests_reuse_one_upstream_connection(
@@ -145,11 +146,7 @@ async def test_machine_address_ipv6_and_app_port_override(
     """private_ip is IPv6 on Fly: the address goes in brackets; apps[].port beats the
     service's internal_port."""
 
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="v6")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
+    app = text_app("v6")
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "::1", 0)

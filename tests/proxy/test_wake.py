@@ -13,7 +13,7 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import MAX_ATTEMPTS
 
 from .conftest import Backend, StartProxy, url
-from .helpers import free_port, status_of, until
+from .helpers import free_port, status_of, text_app, until
 
 
 class FakeWaker:
@@ -37,18 +37,13 @@ class FakeWaker:
         return self.kind
 
 
-def hello_app() -> web.Application:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(text="awake")
-
-    app = web.Application()
-    app.router.add_get("/", handler)
-    return app
-
-
-async def sleeping_app(fleet: FleetView, backend: Backend, state: str = "suspended") -> None:
-    host, _, port = (await backend(hello_app())).partition(":")
+async def sleeping_app(
+    fleet: FleetView, backend: Backend, waker: FakeWaker, state: str = "suspended"
+) -> None:
+    """App "w": one machine in ``state`` whose server answers "awake", woken by ``waker``."""
+    host, _, port = (await backend(text_app("awake"))).partition(":")
     fleet.app("w").set_machines([MachineInfo("m1", host, int(port), state, False)])
+    fleet.set_waker(waker)
 
 
 async def test_requests_wait_for_one_wake_and_say_how_they_were_served(
@@ -58,9 +53,8 @@ async def test_requests_wait_for_one_wake_and_say_how_they_were_served(
     fleet: FleetView,
     metrics: Metrics,
 ) -> None:
-    await sleeping_app(fleet, backend)
     waker = FakeWaker(fleet, "resume")
-    fleet.set_waker(waker)
+    await sleeping_app(fleet, backend, waker)
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
     view = fleet.app("w")
 
@@ -93,9 +87,8 @@ async def test_wake_timeout_gives_504_and_leaves_the_wake_running(
     fleet: FleetView,
     metrics: Metrics,
 ) -> None:
-    await sleeping_app(fleet, backend, "stopped")
     waker = FakeWaker(fleet)
-    fleet.set_waker(waker)
+    await sleeping_app(fleet, backend, waker, "stopped")
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 0.3}])
     async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
         assert r.status == 504
@@ -120,9 +113,8 @@ async def test_client_disconnecting_while_held_leaves_queue_not_the_wake(
     fleet: FleetView,
     metrics: Metrics,
 ) -> None:
-    await sleeping_app(fleet, backend)
     waker = FakeWaker(fleet, "start")
-    fleet.set_waker(waker)
+    await sleeping_app(fleet, backend, waker)
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
     view = fleet.app("w")
 
@@ -163,7 +155,7 @@ async def test_machine_refusing_after_wake_is_retried_once_routable_again(
         task = asyncio.create_task(status_of(session, url(proxy), "w.test"))
         await until(lambda: sum(e["event"] == "machine_unreachable" for e in logs) > MAX_ATTEMPTS)
     assert not task.done()  # still held, not failed
-    runner = web.AppRunner(hello_app())
+    runner = web.AppRunner(text_app("awake"))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -203,9 +195,8 @@ class SlowReturnWaker(FakeWaker):
 async def test_wake_kind_is_the_wakers_answer_even_if_routable_first(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
-    await sleeping_app(fleet, backend)
     waker = SlowReturnWaker(fleet, "start")
-    fleet.set_waker(waker)
+    await sleeping_app(fleet, backend, waker)
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
     view = fleet.app("w")
 
@@ -225,9 +216,8 @@ async def test_wake_kind_is_the_wakers_answer_even_if_routable_first(
 async def test_client_leaving_while_the_waker_answers_gives_its_slot_back(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
-    await sleeping_app(fleet, backend)
     waker = SlowReturnWaker(fleet, "resume")
-    fleet.set_waker(waker)
+    await sleeping_app(fleet, backend, waker)
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
     view = fleet.app("w")
 
