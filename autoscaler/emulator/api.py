@@ -165,18 +165,16 @@ def _reached(m: Machine, states: set[str], instance_id: str | None) -> bool:
 
 
 async def wait_machine(request: web.Request) -> web.Response:
-    world = world_of(request)
     info = request.match_info
     try:
-        m: Machine | None = machine_of(request)
+        m = machine_of(request)
     except NotFound:
-        m = None
-    states = _wait_states(request)
-    if m is None:
-        if "destroyed" in states and world.was_destroyed(info["app_name"], info["machine_id"]):
+        # A destroyed machine is remembered for a while. (A bad state is a 400 here too.)
+        gone = world_of(request).was_destroyed(info["app_name"], info["machine_id"])
+        if "destroyed" in _wait_states(request) and gone:
             return ok_body(state="destroyed")
-        machine_of(request)  # raises the 404 again, with its message
-    assert m is not None
+        raise
+    states = _wait_states(request)
     raw_timeout = request.query.get("timeout")
     timeout = 60.0 if raw_timeout is None else validate.seconds(raw_timeout, "timeout", 1, 300)
     instance_id = request.query.get("instance_id") or request.query.get("version")

@@ -85,6 +85,3 @@ class Leases:
                 f"machine {machine_id} is leased by {lease.owner} until "
                 f"{int(lease.expires_at)}; send its nonce in {NONCE_HEADER}"
             )
-
-    def forget(self, machine_id: str) -> None:
-        self._held.pop(machine_id, None)

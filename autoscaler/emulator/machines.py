@@ -71,9 +71,7 @@ class Lifecycle:
         self._tasks: set[asyncio.Task[None]] = set()
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
-        images = {DEMO_IMAGE: DEMO_COMMAND}
-        images.update(settings.images)
-        self.images = images
+        self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
 
     # --- images and environment ----------------------------------------------------
 
@@ -172,14 +170,11 @@ class Lifecycle:
         previous = m.state
         if previous not in ("stopped", "suspended", "created", "failed"):
             raise Conflict(f"unable to start machine from current state: '{previous}'")
-        self.resolve_or_conflict(m)
+        self.command(m)  # raises Conflict when the image vanished from the table
         m.restarts = 0
         self.record(m, "starting", "start")
         self._run(m, self._start(m, resume=previous == "suspended"))
         return previous
-
-    def resolve_or_conflict(self, m: Machine) -> None:
-        self.command(m)  # raises Conflict when the image vanished from the table
 
     def stop(self, m: Machine, sig: int, timeout_s: float) -> None:
         if m.state not in ("started", "suspended", "failed"):
@@ -338,25 +333,25 @@ class Lifecycle:
         elif m.config.get("auto_destroy") is True:
             self.destroy(m, force=True)
 
-    async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+    async def _end_process(self, m: Machine, sig: int, timeout_s: float) -> None:
+        """Stop the machine's process, if it has one: ``sig``, then SIGKILL after the wait."""
         mp = self.procs.pop(m.id, None)
         if mp is not None:
             await mp.terminate(sig, timeout_s)
+
+    async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+        await self._end_process(m, sig, timeout_s)
         self.record(m, "stopped", source="flyd")
         if m.config.get("auto_destroy") is True:
             self.destroy(m, force=True)
 
     async def _restart(self, m: Machine, sig: int, timeout_s: float) -> None:
-        mp = self.procs.pop(m.id, None)
-        if mp is not None:
-            await mp.terminate(sig, timeout_s)
+        await self._end_process(m, sig, timeout_s)
         self.record(m, "starting", source="flyd")
         await self._boot(m)
 
     async def _update(self, m: Machine, previous: str) -> None:
-        mp = self.procs.pop(m.id, None)
-        if mp is not None:
-            await mp.terminate(signal.SIGINT, 5.0)
+        await self._end_process(m, signal.SIGINT, 5.0)
         if previous == "started":
             self.record(m, "starting", source="flyd")
             await self._boot(m)
@@ -365,9 +360,7 @@ class Lifecycle:
             self.record(m, "stopped" if previous == "suspended" else previous, source="flyd")
 
     async def _destroy(self, m: Machine) -> None:
-        mp = self.procs.pop(m.id, None)
-        if mp is not None:
-            await mp.terminate(signal.SIGKILL, 0)
+        await self._end_process(m, signal.SIGKILL, 0)
         self.record(m, "destroyed", source="flyd")
         self._pool.release(m.private_ip)
         self._on_gone(m)

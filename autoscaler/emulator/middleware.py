@@ -18,7 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-from autoscaler.config import FaultSettings
 from autoscaler.emulator import validate
 from autoscaler.emulator.leases import NONCE_HEADER, LeaseHeld, Leases
 from autoscaler.emulator.limits import RateLimiter, retry_after
@@ -37,7 +36,6 @@ class Context:
     world: World
     token: str
     rng: random.Random
-    faults: FaultSettings
     rate_limits: bool
     leases: Leases = field(default_factory=Leases)
     limiter: RateLimiter = field(default_factory=RateLimiter)
@@ -94,7 +92,7 @@ async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def limits_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = request.app[CTX]
-    faults = ctx.faults
+    faults = ctx.world.lifecycle.faults  # one copy: Emulator.set_faults changes it
     if faults.latency_s:
         await asyncio.sleep(faults.latency_s)
     if faults.error_rate and ctx.rng.random() < faults.error_rate:

@@ -81,7 +81,6 @@ class Emulator:
             world=world,
             token=self.token,
             rng=self._rng,
-            faults=self.settings.faults,
             rate_limits=self.settings.rate_limits,
             oidc_key=secrets.token_bytes(32),
         )
@@ -153,8 +152,6 @@ class Emulator:
     def set_faults(self, faults: FaultSettings) -> None:
         """Change fault injection at runtime; takes effect with the next call or boot."""
         self.world.lifecycle.faults = faults
-        if self._ctx is not None:
-            self._ctx.faults = faults
 
     def set_rate_limits(self, enabled: bool) -> None:
         if self._ctx is not None:

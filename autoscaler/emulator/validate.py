@@ -38,6 +38,25 @@ def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str)
         raise BadRequest(f"{where}: expected {what}, got {_type_name(value)}")
 
 
+def _object(value: object, where: str, what: str = "an object") -> dict[str, Any]:
+    _expect(value, dict, where, what)
+    assert isinstance(value, dict)
+    return value
+
+
+def _body(body: object) -> dict[str, Any]:
+    return _object(body, "body", "a JSON object")
+
+
+def _section(parent: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """``parent[key]`` checked to be an object (``dict``) or an array (``list``); None when
+    absent or null."""
+    value = parent.get(key)
+    if value is not None:
+        _expect(value, kind, f"{where}.{key}", "an object" if kind is dict else "an array")
+    return value
+
+
 def _int(value: object, where: str, low: int | None = None, high: int | None = None) -> int:
     _expect(value, int, where, "an integer")
     assert isinstance(value, int)
@@ -55,8 +74,7 @@ def _enum(value: object, choices: tuple[str, ...], where: str) -> str:
 
 
 def _str_map(value: object, where: str) -> dict[str, str]:
-    _expect(value, dict, where, "an object of strings")
-    assert isinstance(value, dict)
+    value = _object(value, where, "an object of strings")
     for key, item in value.items():
         _expect(item, str, f"{where}.{key}", "a string")
     return value
@@ -81,8 +99,7 @@ def app_name(name: object, where: str = "app_name") -> str:
 
 def create_app(body: object) -> tuple[str, str, str | None]:
     """(name, org_slug, network); the real API's ``name`` is accepted for ``app_name``."""
-    _expect(body, dict, "body", "a JSON object")
-    assert isinstance(body, dict)
+    body = _body(body)
     name = body.get("app_name", body.get("name"))
     if name is None:
         raise BadRequest("app_name: required")
@@ -99,8 +116,7 @@ def create_app(body: object) -> tuple[str, str, str | None]:
 
 
 def _service(svc: object, where: str) -> None:
-    _expect(svc, dict, where, "an object")
-    assert isinstance(svc, dict)
+    svc = _object(svc, where)
     if "protocol" in svc:
         _enum(svc["protocol"], ("tcp", "udp"), f"{where}.protocol")
     if "internal_port" in svc:
@@ -114,9 +130,8 @@ def _service(svc: object, where: str) -> None:
             _enum(handler, HANDLERS, f"{pw}.handlers[{j}]")
         if "force_https" in port:
             _expect(port["force_https"], bool, f"{pw}.force_https", "a boolean")
-    conc = svc.get("concurrency")
+    conc = _section(svc, "concurrency", dict, where)
     if conc is not None:
-        _expect(conc, dict, f"{where}.concurrency", "an object")
         if "type" in conc:
             _enum(conc["type"], ("connections", "requests"), f"{where}.concurrency.type")
         for key in ("soft_limit", "hard_limit"):
@@ -125,8 +140,7 @@ def _service(svc: object, where: str) -> None:
 
 
 def machine_config(config: object, where: str = "config") -> dict[str, Any]:
-    _expect(config, dict, where, "an object")
-    assert isinstance(config, dict)
+    config = _object(config, where)
     image = config.get("image")
     if image is None:
         raise BadRequest(f"{where}.image: required")
@@ -137,9 +151,8 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
         _str_map(config["env"], f"{where}.env")
     if "metadata" in config:
         _str_map(config["metadata"], f"{where}.metadata")
-    guest = config.get("guest")
+    guest = _section(config, "guest", dict, where)
     if guest is not None:
-        _expect(guest, dict, f"{where}.guest", "an object")
         if "cpus" in guest:
             _int(guest["cpus"], f"{where}.guest.cpus", 1, 64)
         if "memory_mb" in guest:
@@ -148,34 +161,23 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
                 raise BadRequest(f"{where}.guest.memory_mb: must be a multiple of 256, got {mem}")
         if "cpu_kind" in guest:
             _enum(guest["cpu_kind"], ("shared", "performance"), f"{where}.guest.cpu_kind")
-    services = config.get("services")
-    if services is not None:
-        _expect(services, list, f"{where}.services", "an array")
-        for i, svc in enumerate(services):
-            _service(svc, f"{where}.services[{i}]")
-    checks = config.get("checks")
-    if checks is not None:
-        _expect(checks, dict, f"{where}.checks", "an object")
-        for name, check in checks.items():
-            _expect(check, dict, f"{where}.checks.{name}", "an object")
-            if "type" in check:
-                _enum(check["type"], ("tcp", "http"), f"{where}.checks.{name}.type")
-    mounts = config.get("mounts")
-    if mounts is not None:
-        _expect(mounts, list, f"{where}.mounts", "an array")
-        for i, mount in enumerate(mounts):
-            _expect(mount, dict, f"{where}.mounts[{i}]", "an object")
-            if "volume" in mount:
-                _expect(mount["volume"], str, f"{where}.mounts[{i}].volume", "a string")
-    init = config.get("init")
+    for i, svc in enumerate(_section(config, "services", list, where) or []):
+        _service(svc, f"{where}.services[{i}]")
+    for name, check in (_section(config, "checks", dict, where) or {}).items():
+        check = _object(check, f"{where}.checks.{name}")
+        if "type" in check:
+            _enum(check["type"], ("tcp", "http"), f"{where}.checks.{name}.type")
+    for i, mount in enumerate(_section(config, "mounts", list, where) or []):
+        mount = _object(mount, f"{where}.mounts[{i}]")
+        if "volume" in mount:
+            _expect(mount["volume"], str, f"{where}.mounts[{i}].volume", "a string")
+    init = _section(config, "init", dict, where)
     if init is not None:
-        _expect(init, dict, f"{where}.init", "an object")
         for key in ("exec", "entrypoint", "cmd"):
-            if key in init and init[key] is not None:
+            if init.get(key) is not None:
                 _str_list(init[key], f"{where}.init.{key}")
-    restart = config.get("restart")
+    restart = _section(config, "restart", dict, where)
     if restart is not None:
-        _expect(restart, dict, f"{where}.restart", "an object")
         if "policy" in restart:
             _enum(restart["policy"], RESTART_POLICIES, f"{where}.restart.policy")
         if "max_retries" in restart:
@@ -189,8 +191,7 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
 
 def machine_request(body: object) -> tuple[dict[str, Any], str | None, str | None, bool]:
     """(config, name, region, skip_launch) of a create or update request."""
-    _expect(body, dict, "body", "a JSON object")
-    assert isinstance(body, dict)
+    body = _body(body)
     if "config" not in body:
         raise BadRequest("config: required")
     config = machine_config(body["config"])
@@ -223,8 +224,7 @@ def stop_body(body: object) -> tuple[int, float]:
     """(signal number, timeout seconds); SIGINT and 30 s (not the real 5 min) by default."""
     if body is None:
         return signal.SIGINT, 30.0
-    _expect(body, dict, "body", "a JSON object")
-    assert isinstance(body, dict)
+    body = _body(body)
     sig = signal.SIGINT
     if body.get("signal") is not None:
         name = body["signal"]
@@ -256,8 +256,7 @@ def metadata_value(body: object) -> str:
 
 
 def create_volume(body: object) -> dict[str, Any]:
-    _expect(body, dict, "body", "a JSON object")
-    assert isinstance(body, dict)
+    body = _body(body)
     for key in ("name", "size_gb", "region"):
         if key not in body:
             raise BadRequest(f"{key}: required")
@@ -279,16 +278,14 @@ def create_volume(body: object) -> dict[str, Any]:
 
 
 def update_volume(body: object) -> int | None:
-    _expect(body, dict, "body", "a JSON object")
-    assert isinstance(body, dict)
+    body = _body(body)
     if body.get("snapshot_retention") is None:
         return None
     return _int(body["snapshot_retention"], "snapshot_retention", 1, 60)
 
 
 def extend_volume(body: object, current: int) -> int:
-    _expect(body, dict, "body", "a JSON object")
-    assert isinstance(body, dict)
+    body = _body(body)
     if "size_gb" not in body:
         raise BadRequest("size_gb: required")
     size = _int(body["size_gb"], "size_gb", 1, 500)
@@ -300,8 +297,7 @@ def extend_volume(body: object, current: int) -> int:
 def oidc(body: object) -> str | None:
     if body is None:
         return None
-    _expect(body, dict, "body", "a JSON object")
-    assert isinstance(body, dict)
+    body = _body(body)
     aud = body.get("aud")
     if aud is not None:
         _expect(aud, str, "aud", "a string")

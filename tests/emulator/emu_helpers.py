@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -50,6 +51,17 @@ async def create_machine(
     return machine
 
 
+async def new_machine(
+    s: aiohttp.ClientSession, *, start: bool = True, **config: Any
+) -> dict[str, Any]:
+    """App ``demo`` with one machine in it, started (and waited for) unless ``start=False``."""
+    await create_app(s)
+    machine = await create_machine(s, start=start, **config)
+    if start:
+        await wait_ok(s, "demo", machine["id"])
+    return machine
+
+
 async def wait(
     s: aiohttp.ClientSession, app: str, mid: str, state: str = "started", seconds: int = 20
 ) -> aiohttp.ClientResponse:
@@ -80,14 +92,19 @@ def pid_gone(pid: int) -> bool:
     return not pid_alive(pid)
 
 
-async def until_state(m: Machine, state: str, seconds: float = 20) -> None:
-    """Wait, on the machine's change events, until it is in ``state``."""
+async def until(m: Machine, done: Callable[[Machine], bool], seconds: float = 20) -> None:
+    """Wait, on the machine's change events, until ``done(m)``."""
 
     async def reached() -> None:
-        while m.state != state:
+        while not done(m):
             await m.changed.wait()
 
     await asyncio.wait_for(reached(), seconds)
+
+
+async def until_state(m: Machine, state: str, seconds: float = 20) -> None:
+    """Wait, on the machine's change events, until it is in ``state``."""
+    await until(m, lambda x: x.state == state, seconds)
 
 
 async def pid_exit(pid: int, seconds: float = 20) -> None:

@@ -7,6 +7,7 @@ from emu_helpers import (
     DEMO,
     create_app,
     create_machine,
+    new_machine,
     pid_gone,
     session,
     until_state,
@@ -94,8 +95,7 @@ async def test_machine_config_is_validated(emulator: Emulator) -> None:
 
 async def test_create_with_skip_launch_then_list_and_app_counts(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False, metadata={"role": "web"})
+        m = await new_machine(s, start=False, metadata={"role": "web"})
         assert m["state"] == "created"
         assert m["config"]["metadata"] == {"role": "web"}
         listed = await (await s.get("/v1/apps/demo/machines")).json()
@@ -107,8 +107,7 @@ async def test_create_with_skip_launch_then_list_and_app_counts(emulator: Emulat
 
 async def test_cordon_shows_on_the_machine(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False)
+        m = await new_machine(s, start=False)
         base = f"/v1/apps/demo/machines/{m['id']}"
         assert (await s.post(base + "/cordon")).status == 200
         assert (await (await s.get(base)).json())["cordoned"] is True
@@ -118,8 +117,7 @@ async def test_cordon_shows_on_the_machine(emulator: Emulator) -> None:
 
 async def test_metadata_both_forms_and_404(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False)
+        m = await new_machine(s, start=False)
         base = f"/v1/apps/demo/machines/{m['id']}/metadata"
         assert (await s.post(base + "/role", json="web")).status == 204
         assert (await s.post(base + "/zone", json={"value": "a"})).status == 204
@@ -137,10 +135,8 @@ async def test_metadata_both_forms_and_404(emulator: Emulator) -> None:
 
 async def test_stop_accepts_duration_and_integer_timeouts(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         base = f"/v1/apps/demo/machines/{m['id']}"
-        await wait_ok(s, "demo", m["id"])
         r = await s.post(base + "/stop", json={"signal": "SIGBOGUS"})
         assert r.status == 400
         r = await s.post(base + "/stop", json={"timeout": 5})
@@ -154,8 +150,7 @@ async def test_stop_accepts_duration_and_integer_timeouts(emulator: Emulator) ->
 
 async def test_wait_accepts_several_states_and_rejects_bad_ones(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False)
+        m = await new_machine(s, start=False)
         url = f"/v1/apps/demo/machines/{m['id']}/wait"
         r = await s.get(url, params={"state": "started,settled", "timeout": "2s"})
         assert r.status == 200  # created is a resting state
@@ -167,9 +162,7 @@ async def test_wait_accepts_several_states_and_rejects_bad_ones(emulator: Emulat
 
 async def test_delete_app_needs_force_while_machines_run(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
-        await wait_ok(s, "demo", m["id"])
+        m = await new_machine(s)
         pid = emulator.pids()[0]
         record = emulator.machine("demo", m["id"])
         r = await s.delete("/v1/apps/demo")
@@ -227,8 +220,7 @@ async def test_oidc_token_is_a_jwt_string(emulator: Emulator) -> None:
 async def test_rate_limits_answer_429_with_retry_after() -> None:
     settings = EmulatorSettings(rate_limits=True)
     async with Emulator(settings, port=0) as emu, session(emu) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False)
+        m = await new_machine(s, start=False)
         url = f"/v1/apps/demo/machines/{m['id']}/cordon"
         statuses = [(await s.post(url)).status for _ in range(4)]
         assert statuses[:3] == [200, 200, 200]  # a burst of 3 per action per machine
@@ -256,8 +248,7 @@ async def test_injected_500_and_429(emulator: Emulator) -> None:
 
 async def test_leases_lock_changes_to_their_holder(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False)
+        m = await new_machine(s, start=False)
         base = f"/v1/apps/demo/machines/{m['id']}"
         assert (await s.get(base + "/lease")).status == 404
         r = await s.post(base + "/lease", json={"ttl": 60, "description": "deploy"})

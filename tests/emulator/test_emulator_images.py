@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from emu_helpers import create_app, create_machine, pid_gone, session, wait, wait_ok
+from emu_helpers import (
+    create_app,
+    create_machine,
+    new_machine,
+    pid_gone,
+    session,
+    wait,
+    wait_ok,
+)
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -42,9 +50,7 @@ def emulator_settings() -> EmulatorSettings:
 
 async def test_user_image_gets_host_port_and_env(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, image="me/greeter:v2", port=9001, env={"GREETING": "hi"})
-        await wait_ok(s, "demo", m["id"])
+        m = await new_machine(s, image="me/greeter:v2", port=9001, env={"GREETING": "hi"})
         async with (
             aiohttp.ClientSession() as c,
             c.get(f"http://{m['private_ip']}:9001/") as r,
@@ -73,9 +79,7 @@ async def test_a_machine_that_does_not_listen_fails(
 
 async def test_stop_timeout_falls_back_to_sigkill(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, image="me/stubborn")
-        await wait_ok(s, "demo", m["id"])
+        m = await new_machine(s, image="me/stubborn")
         pid = emulator.pids()[0]
         r = await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 1})
         assert r.status == 200
@@ -86,9 +90,7 @@ async def test_stop_timeout_falls_back_to_sigkill(emulator: Emulator) -> None:
 async def test_closing_mid_stop_still_kills_the_process() -> None:
     settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
     async with Emulator(settings, port=0) as emu, session(emu) as s:
-        await create_app(s)
-        m = await create_machine(s, image="me/stubborn")
-        await wait_ok(s, "demo", m["id"])
+        m = await new_machine(s, image="me/stubborn")
         pid = emu.pids()[0]
         await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 300})
         assert emu.machine("demo", m["id"]).state == "stopping"

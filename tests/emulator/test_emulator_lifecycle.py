@@ -10,24 +10,24 @@ from emu_helpers import (
     create_app,
     create_machine,
     hit,
+    new_machine,
     pid_gone,
     session,
+    until,
     until_state,
     wait,
     wait_ok,
 )
 
-from autoscaler.config import EmulatorSettings
+from autoscaler.config import EmulatorSettings, FaultSettings
 from autoscaler.emulator import Emulator
 
 
 async def test_started_machine_serves_http_on_its_private_ip(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         assert m["private_ip"].startswith("127.")
         assert m["private_ip"] != "127.0.0.1"
-        await wait_ok(s, "demo", m["id"])
         body = await hit(m["private_ip"])
         assert body["machine_id"] == m["id"]
         assert body["count"] == 1
@@ -38,10 +38,8 @@ async def test_started_machine_serves_http_on_its_private_ip(emulator: Emulator)
 
 async def test_suspend_freezes_and_resume_keeps_memory(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         mid, ip = m["id"], m["private_ip"]
-        await wait_ok(s, "demo", mid)
         assert (await hit(ip))["count"] == 1
         r = await s.post(f"/v1/apps/demo/machines/{mid}/suspend")
         assert r.status == 200
@@ -59,10 +57,8 @@ async def test_suspend_freezes_and_resume_keeps_memory(emulator: Emulator) -> No
 
 async def test_stop_then_start_is_a_cold_boot(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         mid, ip = m["id"], m["private_ip"]
-        await wait_ok(s, "demo", mid)
         await hit(ip)
         first = await hit(ip)
         assert first["count"] == 2
@@ -83,10 +79,8 @@ async def test_stop_then_start_is_a_cold_boot(emulator: Emulator) -> None:
 
 async def test_crash_stops_the_machine_with_an_exit_event(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         mid = m["id"]
-        await wait_ok(s, "demo", mid)
         assert emulator.kill_machine_process("demo", mid)
         await wait_ok(s, "demo", mid, "stopped")
         got = await (await s.get(f"/v1/apps/demo/machines/{mid}")).json()
@@ -98,19 +92,12 @@ async def test_crash_stops_the_machine_with_an_exit_event(emulator: Emulator) ->
 
 async def test_restart_policy_always_brings_a_crashed_machine_back(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, restart={"policy": "always"})
+        m = await new_machine(s, restart={"policy": "always"})
         mid = m["id"]
-        await wait_ok(s, "demo", mid)
         pid = (await hit(m["private_ip"]))["pid"]
         machine = emulator.machine("demo", mid)
         emulator.kill_machine_process("demo", mid)
-
-        async def restarted() -> None:
-            while not (machine.state == "started" and machine.events[-1].type == "restart"):
-                await machine.changed.wait()
-
-        await asyncio.wait_for(restarted(), 20)
+        await until(machine, lambda x: x.state == "started" and x.events[-1].type == "restart")
         assert (await hit(m["private_ip"]))["pid"] != pid
         kinds = [e["type"] for e in emulator.machine("demo", mid).to_json()["events"]]
         assert kinds[:2] == ["restart", "exit"]
@@ -118,8 +105,7 @@ async def test_restart_policy_always_brings_a_crashed_machine_back(emulator: Emu
 
 async def test_wait_times_out_with_408_and_an_error(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False)
+        m = await new_machine(s, start=False)
         r = await wait(s, "demo", m["id"], "started", seconds=1)
         assert r.status == 408
         body = await r.json()
@@ -129,10 +115,8 @@ async def test_wait_times_out_with_408_and_an_error(emulator: Emulator) -> None:
 
 async def test_wait_honours_instance_id(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         mid, old = m["id"], m["instance_id"]
-        await wait_ok(s, "demo", mid)
         r = await s.post(
             f"/v1/apps/demo/machines/{mid}",
             json={"config": {**m["config"], "env": {"X": "1"}}},
@@ -153,10 +137,8 @@ async def test_wait_honours_instance_id(emulator: Emulator) -> None:
 
 async def test_wrong_state_is_412_and_force_destroys(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         mid = m["id"]
-        await wait_ok(s, "demo", mid)
         pid = emulator.pids()[0]
         base = f"/v1/apps/demo/machines/{mid}"
         for call in (s.post(base + "/start"), s.delete(base)):
@@ -174,24 +156,17 @@ async def test_wrong_state_is_412_and_force_destroys(emulator: Emulator) -> None
 
 
 async def test_boot_failure_fault_leaves_the_machine_failed(emulator: Emulator) -> None:
-    from autoscaler.config import FaultSettings
-
     emulator.set_faults(FaultSettings(boot_failure_rate=1.0))
     async with session(emulator) as s:
         await create_app(s)
         m = await create_machine(s)
-        r = await s.get(
-            f"/v1/apps/demo/machines/{m['id']}/wait", params={"state": "failed", "timeout": 20}
-        )
-        assert r.status == 200
+        await wait_ok(s, "demo", m["id"], "failed")
         emulator.set_faults(FaultSettings())
         await s.post(f"/v1/apps/demo/machines/{m['id']}/start")
         await wait_ok(s, "demo", m["id"])
 
 
 async def test_crash_after_fault_kills_started_machines(emulator: Emulator) -> None:
-    from autoscaler.config import FaultSettings
-
     emulator.set_faults(FaultSettings(crash_after_s=0.2))
     async with session(emulator) as s:
         await create_app(s)
@@ -218,10 +193,8 @@ async def test_closing_the_emulator_kills_every_machine() -> None:
 
 async def test_stopping_a_suspended_machine_drops_its_process(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         mid = m["id"]
-        await wait_ok(s, "demo", mid)
         pid = emulator.pids()[0]
         await s.post(f"/v1/apps/demo/machines/{mid}/suspend")
         await wait_ok(s, "demo", mid, "suspended")
@@ -237,8 +210,7 @@ async def test_stopping_a_suspended_machine_drops_its_process(emulator: Emulator
 
 async def test_update_keeps_a_stopped_machine_stopped(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, start=False)
+        m = await new_machine(s, start=False)
         config = {**m["config"], "env": {"A": "1"}}
         r = await s.post(f"/v1/apps/demo/machines/{m['id']}", json={"config": config})
         assert r.status == 200
@@ -253,10 +225,8 @@ async def test_update_keeps_a_stopped_machine_stopped(emulator: Emulator) -> Non
 @pytest.mark.parametrize("how", ["crash", "stop"])
 async def test_auto_destroy_removes_a_machine_that_exits(emulator: Emulator, how: str) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s, auto_destroy=True)
+        m = await new_machine(s, auto_destroy=True)
         mid = m["id"]
-        await wait_ok(s, "demo", mid)
         if how == "crash":
             emulator.kill_machine_process("demo", mid)
         else:
@@ -267,11 +237,9 @@ async def test_auto_destroy_removes_a_machine_that_exits(emulator: Emulator, how
 
 async def test_restart_and_signal_extras(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        await create_app(s)
-        m = await create_machine(s)
+        m = await new_machine(s)
         mid, ip = m["id"], m["private_ip"]
         base = f"/v1/apps/demo/machines/{mid}"
-        await wait_ok(s, "demo", mid)
         before = await hit(ip)
         record = emulator.machine("demo", mid)
         r = await s.post(base + "/restart", json={"signal": "SIGTERM"})

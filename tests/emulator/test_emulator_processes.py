@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from emu_helpers import create_app, create_machine, hit, pid_exit, session, wait_ok
+from emu_helpers import hit, new_machine, pid_exit, session, wait_ok
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -95,9 +95,7 @@ async def test_state_file_survives_a_restart(tmp_path: Path) -> None:
     state = tmp_path / "state" / "emulator.json"
     settings = EmulatorSettings(state_file=state, demo_boot_delay_s=0.0, rate_limits=False)
     async with Emulator(settings, port=0) as emu, session(emu) as s:
-        await create_app(s)
-        m = await create_machine(s, metadata={"role": "web"})
-        await wait_ok(s, "demo", m["id"])
+        m = await new_machine(s, metadata={"role": "web"})
         r = await s.post(
             "/v1/apps/demo/volumes", json={"name": "data", "size_gb": 2, "region": "iad"}
         )
