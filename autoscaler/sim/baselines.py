@@ -21,7 +21,7 @@ Each start, resume, stop or suspend counts as one API action.
 
 from __future__ import annotations
 
-from autoscaler.scaling.fleet import STARTED, SUSPENDED
+from autoscaler.scaling.fleet import STARTED
 from autoscaler.sim.engine import AppSim
 from autoscaler.sim.model import Machine
 
@@ -31,7 +31,7 @@ def _wake_one(sim: AppSim, now: float) -> None:
         return  # one start at a time per app; held requests take whichever is first
     m = sim.wake_candidate()
     if m is not None:
-        sim.start(m, now, "resume" if m.state == SUSPENDED else "start")
+        sim.start(m, now)
 
 
 class AlwaysOn:
@@ -107,7 +107,7 @@ class FlyAutostop:
         if all(m.in_flight >= soft for m in running) and not sim.coming_up():
             m = sim.wake_candidate()
             if m is not None:
-                sim.start(m, now, "resume" if m.state == SUSPENDED else "start")
+                sim.start(m, now)
                 return True  # Fly routes this request to the machine it starts
         return False
 

@@ -291,15 +291,16 @@ class AppSim:
 
     # --- actions, as the Machines API carries them out ------------------------------
 
-    def start(self, m: Machine, now: float, kind: str = "start") -> bool:
-        """Start (or resume) a stopped or suspended machine; False if it cannot be."""
+    def start(self, m: Machine, now: float) -> bool:
+        """Start a stopped machine or resume a suspended one; False if it cannot be."""
         if not m.wakeable:
             self.stats.refused += 1
             return False
-        m.busy = kind
+        resume = m.state == SUSPENDED
+        m.busy = "resume" if resume else "start"
         m.op += 1
         self.stats.api_actions += 1
-        duration = self.timings.resume_s if m.state == SUSPENDED else self.timings.start_s
+        duration = self.timings.resume_s if resume else self.timings.start_s
         self.call(now + self.timings.api_latency_s, self._starting, (m, m.op, duration))
         return True
 
@@ -442,11 +443,8 @@ class AppSim:
 
     def wake_candidate(self) -> Machine | None:
         """Suspended before stopped, most recently used first (the baselines' choice)."""
-        best: Machine | None = None
-        for m in self.machines:
-            if not m.wakeable:
-                continue
-            key = (m.state == SUSPENDED, m.last_used or -1.0, -m.idx)
-            if best is None or key > (best.state == SUSPENDED, best.last_used or -1.0, -best.idx):
-                best = m
-        return best
+        return max(
+            (m for m in self.machines if m.wakeable),
+            key=lambda m: (m.state == SUSPENDED, m.last_used or -1.0, -m.idx),
+            default=None,
+        )

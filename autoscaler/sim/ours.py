@@ -28,7 +28,7 @@ from typing import Any
 
 from autoscaler.config import AppConfig
 from autoscaler.scaling import policy
-from autoscaler.scaling.fleet import STARTED, SUSPENDED, Fleet, MachineSnapshot
+from autoscaler.scaling.fleet import STARTED, Fleet, MachineSnapshot
 from autoscaler.scaling.policy import Action, Decision, PolicyState
 from autoscaler.scaling.window import ConcurrencyMeter, LoadWindows, Sample
 from autoscaler.sim.engine import AppSim
@@ -279,7 +279,7 @@ class PolicyStrategy:
             return
         kind = action.kind
         if kind in ("resume", "start"):
-            sim.start(m, now, "resume" if m.state == SUSPENDED else "start")
+            sim.start(m, now)  # resume or start: the machine's state says which
         elif kind == "drain":
             sim.drain(m, now)
         elif kind == "uncordon":

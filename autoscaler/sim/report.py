@@ -44,9 +44,10 @@ def _rows(report: Report, per_app: bool) -> list[tuple[str, str, dict[str, Any]]
 
 def as_table(report: Report, per_app: bool = True) -> str:
     head = ["app", "strategy", *(label for _, label, _ in COLUMNS)]
+    rows = _rows(report, per_app)
     body: list[list[str]] = []
     last_app = None
-    for app, name, fig in _rows(report, per_app):
+    for app, name, fig in rows:
         first = app != last_app
         last_app = app
         body.append(
@@ -61,7 +62,7 @@ def as_table(report: Report, per_app: bool = True) -> str:
 
     out = [line(head), line(["-" * w for w in widths])]
     last_app = None
-    for cells, (app, _, _) in zip(body, _rows(report, per_app), strict=True):
+    for cells, (app, _, _) in zip(body, rows, strict=True):
         if last_app is not None and app != last_app:
             out.append("")
         last_app = app

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ def read_csv(path: Path) -> Trace:
                     f"{path}:1: expected a header with columns t, app, duration, got {first!r}"
                 ) from None
             it, ia, id_ = 0, 1, 2
-            body = _chain([first], rows)
+            body = itertools.chain([first], rows)
             line = 0
         width = max(it, ia, id_) + 1
         for row in body:
@@ -151,11 +152,6 @@ def read_csv(path: Path) -> Trace:
                 reqs = apps[app] = []
             reqs.append((t, duration))
     return _finish(apps)
-
-
-def _chain(head: list[list[str]], rest: Iterator[list[str]]) -> Iterator[list[str]]:
-    yield from head
-    yield from rest
 
 
 def read_azure(

@@ -57,10 +57,10 @@ def test_simulator_acts_on_exactly_what_decide_and_choose_wake_return(
     for method, kind in (("start", None), ("drain", "drain"), ("take_back", "uncordon")):
         original = getattr(AppSim, method)
 
-        def spy(self: AppSim, m: Machine, now: float, *rest: Any, _o: Any = original,
-                _k: Any = kind) -> bool:  # fmt: skip
-            done.append((_k or (rest[0] if rest else "start"), m.id))
-            return bool(_o(self, m, now, *rest))
+        def spy(self: AppSim, m: Machine, now: float, _o: Any = original, _k: Any = kind) -> bool:
+            # AppSim.start resumes a suspended machine and starts a stopped one.
+            done.append((_k or ("resume" if m.state == SUSPENDED else "start"), m.id))
+            return bool(_o(self, m, now))
 
         monkeypatch.setattr(AppSim, method, spy)
     monkeypatch.setattr(policy, "decide", recording_decide)
