@@ -38,15 +38,8 @@ CLIENTS = 50
 
 
 @pytest.fixture
-def emulator_settings() -> EmulatorSettings:
-    return EmulatorSettings(
-        listen="127.0.0.1:4280",
-        demo_boot_delay_s=0.05,
-        resume_delay_s=0.0,
-        boot_timeout_s=20.0,
-        rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=MACHINES)],
-    )
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=MACHINES)]})
 
 
 @dataclass

@@ -22,15 +22,8 @@ APP = "web"
 
 
 @pytest.fixture
-def emulator_settings() -> EmulatorSettings:
-    return EmulatorSettings(
-        listen="127.0.0.1:4280",
-        demo_boot_delay_s=0.05,
-        resume_delay_s=0.0,
-        boot_timeout_s=20.0,
-        rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=3)],
-    )
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=3)]})
 
 
 def controller(client: MachinesClient, min_machines: int) -> Controller:

@@ -77,16 +77,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 @pytest.fixture
-def emulator_settings() -> EmulatorSettings:
-    """The shared ``emulator`` fixture: a known token (the scans look for it), app ``web``."""
-    return EmulatorSettings(
-        listen="127.0.0.1:4280",
-        token=SecretStr(FLY_TOKEN),
-        demo_boot_delay_s=0.05,
-        resume_delay_s=0.0,
-        boot_timeout_s=20.0,
-        rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=2)],
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    """The shared ``emulator`` fixture's fast defaults, plus a known token (the scans look
+    for it) and app ``web``. A module that wants other apps overrides this in turn."""
+    return emulator_settings.model_copy(
+        update={"token": SecretStr(FLY_TOKEN), "apps": [EmulatorApp(name=APP, machines=2)]}
     )
 
 

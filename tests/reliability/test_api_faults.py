@@ -32,7 +32,6 @@ from autoscaler.service import Service
 
 from .harness import (
     APP,
-    FLY_TOKEN,
     Figures,
     Load,
     live_service,
@@ -58,17 +57,8 @@ pytestmark = pytest.mark.timeout(400)
 
 
 @pytest.fixture
-def emulator_settings() -> EmulatorSettings:
-    from pydantic import SecretStr
-
-    return EmulatorSettings(
-        token=SecretStr(FLY_TOKEN),
-        demo_boot_delay_s=0.05,
-        resume_delay_s=0.0,
-        boot_timeout_s=20.0,
-        rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=MACHINES)],
-    )
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=MACHINES)]})
 
 
 def _api_calls(svc: Service, code: str | None = None) -> float:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from pydantic import SecretStr
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -27,7 +26,6 @@ from autoscaler.service import Service
 
 from .harness import (
     APP,
-    FLY_TOKEN,
     HOST,
     Figures,
     Load,
@@ -43,15 +41,8 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def emulator_settings() -> EmulatorSettings:
-    return EmulatorSettings(
-        token=SecretStr(FLY_TOKEN),
-        demo_boot_delay_s=0.05,
-        resume_delay_s=0.0,
-        boot_timeout_s=20.0,
-        rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=3)],
-    )
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=3)]})
 
 
 async def _busy_machine(svc: Service) -> str:
@@ -83,6 +74,17 @@ async def _two_started(svc: Service, emulator: Emulator) -> None:
     )
 
 
+async def _replaced(svc: Service, emulator: Emulator, victim: str, crash: str) -> None:
+    """The controller sees ``victim`` stopped (the API's exit event) and starts a machine
+    again (the same one or the reserve): two started, both routable."""
+    await until(
+        lambda: _restarted_after_exit(emulator, victim) or len(started(emulator, APP)) == 3,
+        timeout_s=20,
+        what=f"the controller to start a machine after {crash}",
+    )
+    await _two_started(svc, emulator)
+
+
 async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
     emulator: Emulator, tmp_path: Path, figures: Figures
 ) -> None:
@@ -105,14 +107,8 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
         assert outcomes["headers_pending"] in ("200", "502"), load.details
         assert after == ["200"] * 20, load.details
 
-        # 2. The controller sees it stopped (the API's exit event) and starts a machine
-        #    again (the same one or the reserve): two started, both routable.
-        await until(
-            lambda: _restarted_after_exit(emulator, victim) or len(started(emulator, APP)) == 3,
-            timeout_s=20,
-            what="the controller to start a machine after the crash",
-        )
-        await _two_started(svc, emulator)
+        # 2. The controller replaces it: two started, both routable.
+        await _replaced(svc, emulator, victim, crash="the crash")
 
         # 3. A response cut off mid-body: the client must see the break.
         url = f"http://127.0.0.1:{svc.proxy.port}/stream?n=40&ms=50"
@@ -130,12 +126,7 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
         outcomes["body_under_way"] = "ClientPayloadError"
         after = [await load.once("/work?ms=5") for _ in range(20)]
         assert after == ["200"] * 20, load.details
-        await until(
-            lambda: _restarted_after_exit(emulator, streaming) or len(started(emulator, APP)) == 3,
-            timeout_s=20,
-            what="the controller to start a machine after the second crash",
-        )
-        await _two_started(svc, emulator)
+        await _replaced(svc, emulator, streaming, crash="the second crash")
         starts = metric(
             svc, "autoscaler_scaling_actions_total", app=APP, action="start", result="ok"
         )

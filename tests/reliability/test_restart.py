@@ -29,7 +29,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from pydantic import SecretStr
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -58,15 +57,9 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def emulator_settings() -> EmulatorSettings:
-    return EmulatorSettings(
-        token=SecretStr(FLY_TOKEN),
-        demo_boot_delay_s=0.05,
-        resume_delay_s=0.0,
-        boot_timeout_s=20.0,
-        rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=4), EmulatorApp(name=SLOW, machines=2)],
-    )
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    apps = [EmulatorApp(name=APP, machines=4), EmulatorApp(name=SLOW, machines=2)]
+    return emulator_settings.model_copy(update={"apps": apps})
 
 
 class Autoscaler:
