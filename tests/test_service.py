@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,21 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
+from reliability.harness import (  # tests/reliability/harness.py: tests/ is on sys.path
+    child_env,
+    free_port,
+    live_service,
+    write_config,
+)
 
-from autoscaler.config import EmulatorApp, Settings, load_settings
+from autoscaler.config import EmulatorApp, Settings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.procs import leftovers
 from autoscaler.metrics import Metrics
 from autoscaler.service import Service
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(emulator_port: int, **app: Any) -> dict[str, Any]:
@@ -50,11 +48,6 @@ def config(emulator_port: int, **app: Any) -> dict[str, Any]:
     }
 
 
-def write(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text
@@ -63,20 +56,9 @@ def edit(path: Path, old: str, new: str) -> None:
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    file = write(tmp_path / "autoscaler.yaml", config(free_port()))
-    settings, _ = load_settings(file, env={})
-    svc = Service(
-        settings,
-        file,
-        metrics=Metrics(CollectorRegistry()),
-        proxy_port=0,
-        admin_port=0,
-    )
-    await svc.start()
-    try:
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    async with live_service(file) as svc:
         yield svc
-    finally:
-        await svc.stop()
     assert leftovers(os.getpid()) == []
 
 
@@ -136,8 +118,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) 
 
 def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
     proxy_port, admin_port = free_port(), free_port()
-    file = write(tmp_path / "autoscaler.yaml", config(free_port()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSCALER_")}
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -154,7 +135,7 @@ def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
             "json",
         ],
         cwd=REPO,
-        env=env,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from autoscaler.config import load_settings
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.procs import SESSION_ENV
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.service import Service
@@ -98,6 +99,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child ``autoscaler`` process: none of this shell's
+    ``AUTOSCALER_*`` or ``FLY_*`` settings, but the test session's mark, so that the
+    session-end check also finds machines of an emulator the child runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOSCALER_", "FLY_"))}
+    if SESSION_ENV in os.environ:
+        env[SESSION_ENV] = os.environ[SESSION_ENV]
+    return env
 
 
 def open_fds() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .harness import FLY_TOKEN, Figures, free_port
+from .harness import FLY_TOKEN, Figures, child_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "spec" / "fly-machines-seed.yml"
@@ -43,7 +42,6 @@ pytestmark = pytest.mark.timeout(180)
 def emulator_url() -> Iterator[str]:
     """An emulator process with app ``fuzz`` (one machine); stopped and reaped after."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOSCALER_", "FLY_"))}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -59,7 +57,7 @@ def emulator_url() -> Iterator[str]:
             f"{APP}=1",
         ],
         cwd=REPO,
-        env=env,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

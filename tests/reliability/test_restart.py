@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from .harness import (
     HOST,
     Figures,
     Load,
+    child_env,
     free_port,
     our_cordons,
     service_config,
@@ -78,11 +78,10 @@ class Autoscaler:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self, http: aiohttp.ClientSession) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOSCALER_", "FLY_"))}
         self.proc = await asyncio.create_subprocess_exec(
             *self.args,
             cwd=REPO,
-            env=env,
+            env=child_env(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
