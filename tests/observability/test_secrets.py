@@ -34,12 +34,12 @@ TOKENS = (FLY_TOKEN, ADMIN_TOKEN)
 class _Raw(logging.Handler):
     """Standard-library records as the code wrote them (message and arguments)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink: list[str]) -> None:
         super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
+        self.sink = sink
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.msg!r} {record.args!r}")
+        self.sink.append(f"{record.msg!r} {record.args!r}")
 
 
 @pytest.fixture
@@ -57,12 +57,11 @@ def captured() -> Iterator[tuple[io.StringIO, list[str]]]:
 
     processors = structlog.get_config()["processors"]
     structlog.configure(processors=[processors[0], record, *processors[1:]])
-    handler = _Raw()
-    root.addHandler(handler)
+    # Into ``raw`` as they come: the test reads it before this fixture's teardown.
+    root.addHandler(_Raw(raw))
     try:
         yield out, raw
     finally:
-        raw.extend(handler.lines)
         structlog.reset_defaults()
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
