@@ -38,10 +38,6 @@ class FakeClock:
         heapq.heappush(self._sleepers, (self.now + delay, next(self._seq), fut))
         await fut
 
-    @property
-    def sleepers(self) -> int:
-        return sum(1 for _, _, f in self._sleepers if not f.done())
-
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking each sleeper at its own deadline, in order."""
         target = self.now + seconds

@@ -86,6 +86,12 @@ def meta(api: FakeMachinesAPI, mid: str) -> dict[str, str]:
     return dict(config.metadata or {})
 
 
+def assert_uncordoned(api: FakeMachinesAPI, mid: str) -> None:
+    """Neither the API's cordon flag nor our metadata key is left on ``mid``."""
+    assert api.get(APP, mid).cordoned is False, mid
+    assert CORDON_METADATA_KEY not in meta(api, mid), mid
+
+
 async def test_first_tick_rebuilds_the_view_and_starts_nothing_twice(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
@@ -174,8 +180,7 @@ async def test_drain_cordons_at_once_waits_for_in_flight_then_suspends_and_uncor
     await settle()
     await rig.ctl.idle()
     assert state(api, victim) == "suspended"
-    assert api.get(APP, victim).cordoned is False
-    assert CORDON_METADATA_KEY not in meta(api, victim)
+    assert_uncordoned(api, victim)
     names = [c.op for c in api.calls if c.machine_id == victim]
     assert names.index("cordon_machine") < names.index("suspend_machine")
     assert names.index("suspend_machine") < names.index("uncordon_machine")
@@ -216,8 +221,7 @@ async def test_wake_takes_back_a_draining_machine(api: FakeMachinesAPI, clock: F
     gate.set()
     await rig.ctl.idle()
     assert api.ops("suspend_machine") == []
-    assert api.get(APP, mid).cordoned is False
-    assert CORDON_METADATA_KEY not in meta(api, mid)
+    assert_uncordoned(api, mid)
     assert rig.routable() == {mid}
 
 
@@ -305,8 +309,7 @@ async def test_restart_finishes_our_cordons_and_leaves_others_alone(
     # The drain left behind is finished: suspended, then uncordoned, key gone.
     assert state(api, left_draining) == "suspended"
     for mid in (left_draining, left_asleep, stale_key):
-        assert api.get(APP, mid).cordoned is False, mid
-        assert CORDON_METADATA_KEY not in meta(api, mid), mid
+        assert_uncordoned(api, mid)
     assert state(api, left_asleep) == "suspended"
     # Someone else's cordon: never lifted, never routed to, never drained.
     assert foreign not in api.ops("uncordon_machine")
@@ -403,8 +406,7 @@ async def test_a_failed_drain_is_finished_by_a_later_tick(
     assert action.kind == "drain"  # the policy finishes the drain left behind
     await rig.ctl.idle()
     assert state(api, mid) == "suspended"
-    assert api.get(APP, mid).cordoned is False
-    assert CORDON_METADATA_KEY not in meta(api, mid)
+    assert_uncordoned(api, mid)
 
 
 async def test_wake_tries_the_next_machine_when_one_fails_to_start(
@@ -473,8 +475,7 @@ async def test_wake_lifts_a_cordon_of_ours_left_on_a_started_machine(
     assert await rig.ctl.wake(APP) == "none"  # the warm machine, not a resume
     assert rig.routable() == {left}
     assert api.ops("start_machine") == []
-    assert api.get(APP, left).cordoned is False
-    assert CORDON_METADATA_KEY not in meta(api, left)
+    assert_uncordoned(api, left)
 
 
 async def test_a_machine_without_an_address_is_asked_for_one(

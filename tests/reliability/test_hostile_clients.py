@@ -147,6 +147,14 @@ def _get(extra: bytes = b"") -> bytes:
     return b"GET / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\n" + extra + b"\r\n"
 
 
+def _post(headers: bytes, body: bytes = b"") -> bytes:
+    """A POST with ``headers`` (each line ending in CRLF) after the Host line, then ``body``."""
+    return b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\n" + headers + b"\r\n" + body
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
 async def _served_again(port: int, timeout_s: float = 5.0) -> None:
     """A normal request is answered again within ``timeout_s``."""
     loop = asyncio.get_running_loop()
@@ -169,37 +177,20 @@ CASES: dict[str, tuple[bytes, ...]] = {
     "too many headers": (_get(b"".join(b"X-%d: v\r\n" % i for i in range(5000))),),
     "header without colon": (_get(b"NoColonHere\r\n"),),
     "Content-Length and Transfer-Encoding": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nContent-Length: 5\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        _post(b"Content-Length: 5\r\n" + CHUNKED, b"0\r\n\r\n"),
     ),
     "two different Content-Lengths": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nContent-Length: 5\r\n"
-        b"Content-Length: 7\r\n\r\nhello",
+        _post(b"Content-Length: 5\r\nContent-Length: 7\r\n", b"hello"),
     ),
-    "negative Content-Length": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nContent-Length: -1\r\n\r\n",
-    ),
-    "bad chunk size": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"zz\r\nhello\r\n0\r\n\r\n",
-    ),
-    "chunk size overflow": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"ffffffffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
-    ),
-    "chunk longer than its size": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"2\r\nhello\r\n0\r\n\r\n",
-    ),
+    "negative Content-Length": (_post(b"Content-Length: -1\r\n"),),
+    "bad chunk size": (_post(CHUNKED, b"zz\r\nhello\r\n0\r\n\r\n"),),
+    "chunk size overflow": (_post(CHUNKED, b"ffffffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),),
+    "chunk longer than its size": (_post(CHUNKED, b"2\r\nhello\r\n0\r\n\r\n"),),
     "body shorter than Content-Length, then silence": (
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nContent-Length: 100\r\n\r\nshort",
+        _post(b"Content-Length: 100\r\n", b"short"),
     ),
     "body over max_body_bytes": (
-        b"POST / HTTP/1.1\r\nHost: "
-        + HOST.encode()
-        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + (b"100000\r\n" + b"x" * 0x100000 + b"\r\n") * 2
-        + b"0\r\n\r\n",
+        _post(CHUNKED, (b"100000\r\n" + b"x" * 0x100000 + b"\r\n") * 2 + b"0\r\n\r\n"),
     ),
     "valid request, then garbage pipelined": (_get() + b"\x16\x03\x01 not http\r\n\r\n",),
 }
@@ -239,11 +230,7 @@ async def test_hostile_clients_get_4xx_or_a_closed_connection(
     results["slowloris headers"] = f"closed after {held_s:.1f}s"
 
     # Slow body: the headers, part of the body, then nothing.
-    data, closed = await _exchange(
-        target.port,
-        b"POST / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nContent-Length: 1000\r\n\r\n",
-        b"x" * 10,
-    )
+    data, closed = await _exchange(target.port, _post(b"Content-Length: 1000\r\n"), b"x" * 10)
     assert _status(data) in (None, 408), data[:200]
     assert closed
     results["slowloris body"] = str(_status(data) or "closed")

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -185,7 +184,6 @@ async def test_no_credential_upstream_none_in_metrics_status_or_errors(
         emulator.set_faults(FaultSettings())
         async with http.get(f"{admin}/metrics", headers=bearer) as resp:
             bodies["metrics at the end"] = await resp.text()
-        await asyncio.sleep(0)
 
     # The proxy forwarded nothing of its own credentials, and no surface showed a token.
     assert recorder.seen, "the echo upstream saw no request"
