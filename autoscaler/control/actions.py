@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from autoscaler.control.runtime import AppRuntime, Running, TaskKind, ours
@@ -95,6 +95,15 @@ class Actuator:
     def count(self, rt: AppRuntime, action: str, ok: bool) -> None:
         result = "ok" if ok else "error"
         self.metrics.scaling_actions.labels(app=rt.name, action=action, result=result).inc()
+
+    @contextlib.contextmanager
+    def counting_failure(self, rt: AppRuntime, action: str) -> Iterator[None]:
+        """Count ``action`` as failed when the block raises FlyError or ActionError."""
+        try:
+            yield
+        except (FlyError, ActionError):
+            self.count(rt, action, False)
+            raise
 
     def launch(self, rt: AppRuntime, action: Action) -> Running | None:
         """Start ``action`` as the machine's task; None if the machine is busy or unknown."""
@@ -189,7 +198,7 @@ class Actuator:
             raise
         rt.record(mid, self.clock(), state="starting")
         self.publish(rt)
-        try:
+        with self.counting_failure(rt, kind):
             # "failed" too, so a machine that cannot boot costs its boot, not the whole wait.
             reached = await self.api.wait_for_machine_state(
                 app, mid, [STARTED, FAILED], timeout_s=max(1.0, deadline - self.clock())
@@ -208,9 +217,6 @@ class Actuator:
                 if self.clock() >= deadline:
                     raise ActionError(f"port {port} of machine {mid} did not open in time")
                 await self.sleep(PROBE_INTERVAL_S)
-        except (FlyError, ActionError):
-            self.count(rt, kind, False)
-            raise
         self.count(rt, kind, True)
         rt.record(mid, self.clock(), state=STARTED)
         self.publish(rt)
@@ -222,13 +228,10 @@ class Actuator:
         rt.cordon_held.add(mid)
         self.publish(rt)
         try:
-            try:
+            with self.counting_failure(rt, "cordon"):
                 await self.api.set_machine_metadata(app, mid, CORDON_METADATA_KEY, "drain")
                 rt.record(mid, self.clock(), marked=True)
                 await self.api.cordon_machine(app, mid)
-            except FlyError:
-                self.count(rt, "cordon", False)
-                raise
             self.count(rt, "cordon", True)
             rt.record(mid, self.clock(), cordoned=True)
             idle = await self._wait_idle(rt, mid, rt.config.drain_timeout_s)
@@ -279,21 +282,15 @@ class Actuator:
                 self.count(rt, "suspend", False)
                 raise
         if how == "stop":
-            try:
+            with self.counting_failure(rt, "stop"):
                 await self.api.stop_machine(app, mid)
-            except FlyError:
-                self.count(rt, "stop", False)
-                raise
         target = SUSPENDED if how == "suspend" else STOPPED
         rt.record(mid, self.clock(), state="suspending" if how == "suspend" else "stopping")
         self.publish(rt)
-        try:
+        with self.counting_failure(rt, how):
             await self.api.wait_for_machine_state(
                 app, mid, target, timeout_s=STATE_WAIT_S, instance_id=machine.instance_id
             )
-        except FlyError:
-            self.count(rt, how, False)
-            raise
         self.count(rt, how, True)
         rt.record(mid, self.clock(), state=target)
         self.publish(rt)
@@ -311,7 +308,7 @@ class Actuator:
         """
         app = rt.name
         machine = rt.machines.get(mid)
-        try:
+        with self.counting_failure(rt, "uncordon"):
             if force or machine is None or machine.cordoned is not False:
                 await self.api.uncordon_machine(app, mid)
             rt.record(mid, self.clock(), cordoned=False)
@@ -319,9 +316,6 @@ class Actuator:
                 with contextlib.suppress(NotFound):  # never set (a drain cut short): fine
                     await self.api.delete_machine_metadata(app, mid, CORDON_METADATA_KEY)
             rt.record(mid, self.clock(), marked=False)
-        except FlyError:
-            self.count(rt, "uncordon", False)
-            raise
         self.count(rt, "uncordon", True)
         self.publish(rt)
         return True

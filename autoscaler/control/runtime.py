@@ -39,7 +39,7 @@ DEFAULT_PORT = 8080
 def ours(machine: Machine) -> bool:
     """The machine carries our cordon metadata key."""
     meta = machine.config.metadata if machine.config else None
-    return bool(meta) and CORDON_METADATA_KEY in (meta or {})
+    return meta is not None and CORDON_METADATA_KEY in meta
 
 
 @dataclass(slots=True)

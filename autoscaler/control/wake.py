@@ -60,10 +60,7 @@ class Waker:
                 for running in list(rt.running.values()):
                     joined = running.kind in ("resume", "start") and await running.task
                     if joined and view.routable():
-                        took = act.clock() - t0
-                        self.metrics.wake_duration.labels(app=rt.name, kind=running.kind).observe(
-                            took
-                        )
+                        self._observe(rt, running.kind, t0)
                         return running.kind
                 fleet = rt.fleet(view)
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
@@ -93,14 +90,19 @@ class Waker:
                     continue
                 run = act.launch(rt, action)
                 if run is not None and await run.task:
-                    took = act.clock() - t0
-                    self.metrics.wake_duration.labels(app=rt.name, kind=action.kind).observe(took)
+                    took = self._observe(rt, action.kind, t0)
                     _log.info("wake", app=rt.name, machine=mid, how=action.kind, took_s=took)
                     return action.kind
                 failed.add(mid)
                 if act.clock() >= deadline:
                     raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
                 await self._refresh_quietly(rt)
+
+    def _observe(self, rt: AppRuntime, kind: str, t0: float) -> float:
+        """Record a wake that took since ``t0``; the seconds it took."""
+        took = self.actuator.clock() - t0
+        self.metrics.wake_duration.labels(app=rt.name, kind=kind).observe(took)
+        return took
 
     async def _refresh_quietly(self, rt: AppRuntime) -> None:
         try:
