@@ -67,6 +67,15 @@ def _int(value: object, where: str, low: int | None = None, high: int | None = N
     return value
 
 
+def _list(value: object, where: str) -> list[Any]:
+    """An optional array: its items, none when absent."""
+    if value is None:
+        return []
+    _expect(value, list, where, "an array")
+    assert isinstance(value, list)
+    return value
+
+
 def _enum(value: object, choices: tuple[str, ...], where: str) -> str:
     if not isinstance(value, str) or value not in choices:
         raise BadRequest(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
@@ -121,12 +130,12 @@ def _service(svc: object, where: str) -> None:
         _enum(svc["protocol"], ("tcp", "udp"), f"{where}.protocol")
     if "internal_port" in svc:
         _int(svc["internal_port"], f"{where}.internal_port", 1, 65535)
-    for i, port in enumerate(svc.get("ports") or []):
+    for i, port in enumerate(_list(svc.get("ports"), f"{where}.ports")):
         pw = f"{where}.ports[{i}]"
         _expect(port, dict, pw, "an object")
         if "port" in port:
             _int(port["port"], f"{pw}.port", 1, 65535)
-        for j, handler in enumerate(port.get("handlers") or []):
+        for j, handler in enumerate(_list(port.get("handlers"), f"{pw}.handlers")):
             _enum(handler, HANDLERS, f"{pw}.handlers[{j}]")
         if "force_https" in port:
             _expect(port["force_https"], bool, f"{pw}.force_https", "a boolean")

@@ -84,6 +84,11 @@ async def test_machine_config_is_validated(emulator: Emulator) -> None:
             ({"config": {"image": DEMO, "env": {"A": 1}}}, "config.env.A: expected a string"),
             ({"config": {"image": DEMO, "restart": {"policy": "sometimes"}}}, "restart.policy"),
             ({"config": {"image": DEMO, "services": [{"internal_port": 0}]}}, "internal_port"),
+            ({"config": {"image": DEMO, "services": [{"ports": 5}]}}, "ports: expected an array"),
+            (
+                {"config": {"image": DEMO, "services": [{"ports": [{"handlers": "http"}]}]}},
+                "handlers: expected an array",
+            ),
         ]
         for body, text in bad:
             r = await s.post("/v1/apps/demo/machines", json=body)
