@@ -50,7 +50,7 @@ class Trace:
     @property
     def end(self) -> float:
         """When the last request ends (0 for an empty trace)."""
-        return max((t + d for reqs in self.apps.values() for t, d in reqs[-1:]), default=0.0)
+        return max((t + d for reqs in self.apps.values() for t, d in reqs), default=0.0)
 
     def only(self, names: Iterable[str]) -> Trace:
         """The apps named (an app matches its full name or a unique prefix of it)."""

@@ -20,6 +20,13 @@ def test_csv_with_header_in_any_order_and_unsorted(tmp_path: Path) -> None:
     assert trace.end == 10.5
 
 
+def test_end_is_when_the_longest_running_request_ends() -> None:
+    # A long request that started first outlasts the short one that arrived last.
+    trace = Trace({"a": [(0.0, 100.0), (1.0, 0.1)], "b": [(5.0, 1.0)]})
+    assert trace.end == 100.0
+    assert Trace({}).end == 0.0
+
+
 def test_csv_without_header(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("0,web,0.1\n1.5,web,0.2\n")
