@@ -334,10 +334,16 @@ class Lifecycle:
             self.destroy(m, force=True)
 
     async def _end_process(self, m: Machine, sig: int, timeout_s: float) -> None:
-        """Stop the machine's process, if it has one: ``sig``, then SIGKILL after the wait."""
-        mp = self.procs.pop(m.id, None)
+        """Stop the machine's process, if it has one: ``sig``, then SIGKILL after the wait.
+
+        The process stays in ``procs`` until it is gone: a stop cut short by a forced
+        destroy leaves it there, killed (see ``terminate``), for the destroy to await.
+        """
+        mp = self.procs.get(m.id)
         if mp is not None:
             await mp.terminate(sig, timeout_s)
+            if self.procs.get(m.id) is mp:
+                del self.procs[m.id]
 
     async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
         await self._end_process(m, sig, timeout_s)

@@ -130,6 +130,11 @@ class MachineProcess:
                 return await asyncio.wait_for(asyncio.shield(self.wait()), grace_s)
             except TimeoutError:
                 pass
+            except asyncio.CancelledError:
+                # Cut short (a forced destroy during a stop): the process must end anyway,
+                # or it would outlive its machine with the address and port.
+                self.signal(signal.SIGKILL)
+                raise
         self.signal(signal.SIGKILL)
         return await self.wait()
 

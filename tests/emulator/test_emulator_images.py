@@ -87,6 +87,19 @@ async def test_stop_timeout_falls_back_to_sigkill(emulator: Emulator) -> None:
         assert pid_gone(pid)
 
 
+async def test_forced_destroy_mid_stop_kills_the_process() -> None:
+    settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        m = await new_machine(s, image="me/stubborn")
+        pid = emu.pids()[0]
+        await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 300})
+        assert emu.machine("demo", m["id"]).state == "stopping"
+        r = await s.delete(f"/v1/apps/demo/machines/{m['id']}?force=true")
+        assert r.status == 200
+        await wait_ok(s, "demo", m["id"], "destroyed")
+        assert pid_gone(pid)  # before the emulator closes, not because it did
+
+
 async def test_closing_mid_stop_still_kills_the_process() -> None:
     settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
     async with Emulator(settings, port=0) as emu, session(emu) as s:
