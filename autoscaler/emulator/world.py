@@ -189,10 +189,11 @@ class World:
         self._detach(app, m.id)
         try:
             self._attach(app, m.id, config)
-        except BadRequest:
+            self.lifecycle.update(m, config, name)  # refuses (409/412) in a moving state
+        except Exception:
+            self._detach(app, m.id)  # a refused update leaves the volumes as they were
             self._attach(app, m.id, m.config)
             raise
-        self.lifecycle.update(m, config, name)
 
     def destroy_machine(self, m: Machine, force: bool) -> None:
         self.lifecycle.destroy(m, force)

@@ -100,6 +100,27 @@ async def test_forced_destroy_mid_stop_kills_the_process() -> None:
         assert pid_gone(pid)  # before the emulator closes, not because it did
 
 
+async def test_refused_update_leaves_the_volumes_as_they_were() -> None:
+    settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        await create_app(s)
+        vols = []
+        for name in ("a", "b"):
+            body = {"name": name, "size_gb": 1, "region": "iad"}
+            vols.append((await (await s.post("/v1/apps/demo/volumes", json=body)).json())["id"])
+        mounts = [{"volume": vols[0], "path": "/data"}]
+        m = await create_machine(s, image="me/stubborn", mounts=mounts)
+        await wait_ok(s, "demo", m["id"])
+        await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 300})
+        assert emu.machine("demo", m["id"]).state == "stopping"
+        config = {"image": "me/stubborn", "mounts": [{"volume": vols[1], "path": "/data"}]}
+        r = await s.post(f"/v1/apps/demo/machines/{m['id']}", json={"config": config})
+        assert r.status in (409, 412), await r.text()
+        a, b = [await (await s.get(f"/v1/apps/demo/volumes/{v}")).json() for v in vols]
+        assert a["attached_machine_id"] == m["id"]
+        assert "attached_machine_id" not in b
+
+
 async def test_closing_mid_stop_still_kills_the_process() -> None:
     settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
     async with Emulator(settings, port=0) as emu, session(emu) as s:
