@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import pytest
+from structlog.testing import capture_logs
 
 from autoscaler import logs
 
@@ -72,3 +74,45 @@ def test_a_closed_stream_never_raises_into_the_caller() -> None:
     out.close()
     logs.get_logger("t").info("after close")  # must not raise
     logging.getLogger("lib").warning("stdlib too")
+
+
+_STAMP = re.compile(r'"timestamp": "[0-9T:.-]+Z"')
+_KEYS = ("request_id", "app", "status", "duration_ms", "machine", "ok", "extra")
+_VALUES = [
+    ("abc", "web", 200, 1.25, None, True, 7),
+    ('q"uote\\back\nline', "ünï€😀", -1, 0.0, "m-1", False, float("nan")),
+    ("x", "y", 10**30, float("inf"), "m", None, "sk/tok-abcdef123456/z"),
+]
+
+
+@pytest.mark.parametrize("values", _VALUES)
+def test_event_line_writes_what_structlog_would(stream: io.StringIO, values: tuple) -> None:
+    line = logs.EventLine("autoscaler.test", "request", _KEYS)
+    line(*values)
+    logs.get_logger("autoscaler.test").info("request", **dict(zip(_KEYS, values, strict=True)))
+    fast, slow = (_STAMP.sub("T", text) for text in stream.getvalue().splitlines())
+    assert fast == slow
+    assert "tok-abcdef123456" not in fast
+
+
+def test_event_line_goes_through_structlog_when_its_chain_is_not_in_force(
+    stream: io.StringIO,
+) -> None:
+    line = logs.EventLine("autoscaler.test", "request", ("app", "detail"))
+    with capture_logs() as captured:
+        line("web", "plain")
+    (event,) = captured
+    assert event["app"] == "web"
+    assert event["event"] == "request"
+    assert event["log_level"] == "info"
+    line("web", {"token": "never-registered"})  # a container: redacted by the chain
+    (entry,) = lines(stream)
+    assert entry["detail"] == {"token": logs.REDACTED}
+    logs.configure(level="warning", fmt="json", stream=stream)
+    line("web", "below the level")
+    assert len(lines(stream)) == 1
+
+
+def test_event_line_refuses_a_secret_key() -> None:
+    with pytest.raises(ValueError, match="secret"):
+        logs.EventLine("autoscaler.test", "request", ("app", "token"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoscaler.control.view import Upstream
-from autoscaler.logs import get_logger
+from autoscaler.logs import EventLine, get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.gate import NO_WAKE
 
@@ -72,24 +72,9 @@ def remaining(deadline: float) -> float:
     return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
-def access_line(
-    request_id: str,
-    app: str,
-    method: str,
-    path: str,
-    status: int,
-    duration_ms: float,
-    machine: str | None,
-    wake: str,
-) -> None:
-    _log.info(
-        "request",
-        request_id=request_id,
-        app=app,
-        method=method,
-        path=path,
-        status=status,
-        duration_ms=duration_ms,
-        machine=machine,
-        wake=wake,
-    )
+# One line per request, written without structlog's processor chain (see EventLine).
+access_line = EventLine(
+    "autoscaler.proxy",
+    "request",
+    ("request_id", "app", "method", "path", "status", "duration_ms", "machine", "wake"),
+)
