@@ -112,6 +112,9 @@ class ProxyServer:
         listen = parse_host_port(proxy.listen)
         host = listen.host if host is None else host
         port = listen.port if port is None else port
+        # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a
+        # getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._pool = upstream.Pool(proxy.pool_size, proxy.connect_timeout_s)
         self._server = H1Server(
             self.handle,
@@ -147,7 +150,7 @@ class ProxyServer:
 
     async def handle(self, request: Request) -> None:
         """Answer one request; the connection calls this for each, in order."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         ctx = RequestContext(loop.time(), self._request_id(request.request_id))
         app = self._router.route(request.host, request.target)
         try:
@@ -344,14 +347,14 @@ class ProxyServer:
                 request.keep_alive = False  # e.g. an HTTP/1.0 client reading to the end
             if content.done:
                 # A small answer came whole: head and body in one write.
-                ctx.headers_at = asyncio.get_running_loop().time()
+                ctx.headers_at = self._loop.time()
                 data = content.take()
                 if head.chunked:
                     data = _chunk(data) + b"0\r\n\r\n" if data else b"0\r\n\r\n"
                 conn.write(head.data + data)
             else:
                 conn.write(head.data)
-                ctx.headers_at = asyncio.get_running_loop().time()
+                ctx.headers_at = self._loop.time()
                 try:
                     while chunk := await content.read():
                         conn.write(_chunk(chunk) if head.chunked else chunk)
@@ -389,7 +392,7 @@ class ProxyServer:
         )
         request.conn.write(response.data)
         ctx.status = 101
-        ctx.headers_at = asyncio.get_running_loop().time()
+        ctx.headers_at = self._loop.time()
         relay = tunnel.Tunnel(request.conn, machine)
         self._tunnels.add(relay)
         try:
@@ -440,7 +443,7 @@ class ProxyServer:
             query = raw.find("?")
             # Rendering a log line costs as much as proxying a small request: it is
             # emitted on the loop's next turn, after the response, off its latency.
-            asyncio.get_running_loop().call_soon(
+            self._loop.call_soon(
                 access_line,
                 ctx.request_id,
                 ctx.app,

@@ -80,7 +80,7 @@ class Exchange:
     def __init__(self, pool: Pool, conn: Connection, head_only: bool, upgrade: bool) -> None:
         self._pool = pool
         self._conn: Connection | None = conn
-        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head: asyncio.Future[None] = pool.loop.create_future()
         self._body_task: asyncio.Task[None] | None = None
         self.head_only = head_only  # a HEAD request: the answer has no body
         self.upgrade = upgrade  # a WebSocket handshake: a 101 hands the connection over
@@ -300,9 +300,15 @@ def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class Pool:
-    """Keep-alive connections per machine (``host:port``), at most ``size`` idle each."""
+    """Keep-alive connections per machine (``host:port``), at most ``size`` idle each.
+
+    Made inside the running loop, which it keeps: on Python 3.11 every
+    ``asyncio.get_running_loop()`` is a ``getpid()`` system call, and the hot path would
+    make several per request.
+    """
 
     def __init__(self, size: int, connect_timeout_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
         self.size = size
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[str, list[Connection]] = {}
@@ -315,7 +321,7 @@ class Pool:
         self._sweeper: asyncio.Task[None] | None = None
 
     def wait_head(self, ex: Exchange, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._waiting[ex] = loop.time() + timeout
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._time_out_heads())
@@ -324,7 +330,7 @@ class Pool:
         self._waiting.pop(ex, None)
 
     async def _time_out_heads(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while not self._closed:
             await asyncio.sleep(HEAD_TICK_S)
             now = loop.time()
@@ -379,7 +385,7 @@ class Pool:
                 del self._idle[authority]
 
     async def open(self, host: str, port: int, authority: str, max_field_size: int) -> Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
@@ -461,8 +467,7 @@ async def _exchange(
             raise ConnectionLost("the machine closed the connection")
         conn.write(head)
         if body is not None:
-            loop = asyncio.get_running_loop()
-            ex._body_task = loop.create_task(_send_body(pool, ex, body, chunked, head_timeout))
+            ex._body_task = pool.loop.create_task(_send_body(pool, ex, body, chunked, head_timeout))
             ex._body_task.add_done_callback(_retrieved)
         elif head_timeout is not None:
             pool.wait_head(ex, head_timeout)
