@@ -22,7 +22,7 @@ import argparse  # noqa: E402
 
 from autoscaler.cli import _COMMANDS, build_parser  # noqa: E402
 from autoscaler.config import Settings  # noqa: E402
-from autoscaler.metrics import Metrics  # noqa: E402
+from autoscaler.metrics import Metrics, RequestMetrics  # noqa: E402
 
 
 def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
@@ -67,6 +67,8 @@ def config_rows(model: type[BaseModel] = Settings, prefix: str = "") -> list[tup
 def metric_rows() -> list[tuple[str, str, str, str]]:
     rows = []
     for metric in vars(Metrics()).values():
+        if isinstance(metric, RequestMetrics):
+            rows += [(m.name, m.kind, ", ".join(m.labels), m.help) for m in metric.SPECS]
         if not isinstance(metric, MetricWrapperBase):
             continue
         kind = metric._type

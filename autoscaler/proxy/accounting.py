@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
 from autoscaler.control.view import Upstream
 from autoscaler.logs import EventLine, get_logger
-from autoscaler.metrics import Metrics
 from autoscaler.proxy.gate import NO_WAKE
 
 _log = get_logger("autoscaler.proxy")
@@ -22,36 +20,6 @@ class Failure(Exception):
         self.status = status
         self.message = message
         self.headers = headers
-
-
-class MetricChildren:
-    """Labelled metric children, looked up once: ``labels()`` is costly on the hot path."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._requests: dict[tuple[str, int, str], Any] = {}
-        self._duration: dict[str, Any] = {}
-        self._inflight: dict[str, Any] = {}
-
-    def requests(self, app: str, code: int, wake: str) -> Any:
-        key = (app, code, wake)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._metrics.requests.labels(app=app, code=str(code), wake=wake)
-            self._requests[key] = child
-        return child
-
-    def duration(self, app: str) -> Any:
-        child = self._duration.get(app)
-        if child is None:
-            child = self._duration[app] = self._metrics.request_duration.labels(app=app)
-        return child
-
-    def inflight(self, app: str) -> Any:
-        child = self._inflight.get(app)
-        if child is None:
-            child = self._inflight[app] = self._metrics.inflight.labels(app=app)
-        return child
 
 
 @dataclass(slots=True)

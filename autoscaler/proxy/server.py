@@ -25,7 +25,6 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy import forward, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
-    MetricChildren,
     RequestContext,
     access_line,
     remaining,
@@ -187,12 +186,13 @@ class ProxyServer:
         if up is None:
             up, ctx.wake = await self._wait(gate, app, ctx)
         ctx.up = up
-        inflight = self._children.inflight(app.name)
-        inflight.inc()
+        inflight = self._stats.inflight
+        name = app.name
+        inflight[name] = inflight.get(name, 0) + 1
         try:
             await self._forward(request, app, gate, ctx)
         finally:
-            inflight.dec()
+            inflight[name] -= 1
             if ctx.up is not None:
                 gate.done(ctx.up)
 
@@ -434,10 +434,8 @@ class ProxyServer:
         )
 
     def _account(self, request: Request, ctx: RequestContext, now: float) -> None:
-        children = self._children
-        children.requests(ctx.app, ctx.status, ctx.wake).inc()
         until = ctx.headers_at if ctx.headers_at is not None else now
-        children.duration(ctx.app).observe(until - ctx.arrived)
+        self._stats.answered(ctx.app, ctx.status, ctx.wake, until - ctx.arrived)
         if self._settings.proxy.access_log:
             raw = request.target
             query = raw.find("?")
@@ -463,7 +461,7 @@ class ProxyServer:
             _log.error("proxy_error", request_id=request_id, status=status, reason=message)
         else:
             _log.warning("proxy_error", request_id=request_id, status=status, reason=message)
-        self._children.requests("", status, NO_WAKE).inc()
+        self._stats.answered("", status, NO_WAKE)
         return forward.error_response(
             status, _reason(status), message, {"X-Request-Id": request_id}, close=True
         )

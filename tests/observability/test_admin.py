@@ -66,7 +66,7 @@ def demo_controller(clock: FakeClock) -> FakeController:
 async def test_metrics_are_open_and_in_text_format(aiohttp_client: MakeClient) -> None:
     clock = FakeClock()
     server = make_server(demo_controller(clock), clock, token=TOKEN)
-    server.metrics.requests.labels(app="demo", code="200", wake="none").inc()
+    server.metrics.proxy.answered("demo", 200, "none", 0.01)
     client = await aiohttp_client(server.build_app())
     resp = await client.get("/metrics")
     assert resp.status == 200

@@ -1,0 +1,67 @@
+"""The proxy's per-request metrics: the same exposition prometheus_client's own objects
+would give for the same requests."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from autoscaler.metrics import REQUEST_BUCKETS, RequestMetrics
+
+ANSWERS = [
+    ("web", 200, "none", 0.0004),
+    ("web", 200, "none", 0.001),  # on a bucket's bound: counted in that bucket
+    ("web", 200, "resume", 0.3),
+    ("web", 502, "none", 61.0),  # past the last bound: only +Inf
+    ("api", 404, "start", 2.5),
+    ("", 404, "none", 0.0),
+]
+
+
+def exposition(registry: CollectorRegistry) -> list[str]:
+    text = generate_latest(registry).decode()
+    return [line for line in text.splitlines() if "_created" not in line]
+
+
+def test_exposition_matches_prometheus_clients_own_metrics() -> None:
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = RequestMetrics(ours_registry)
+    spec_requests, spec_duration, spec_inflight = RequestMetrics.SPECS
+    counter = Counter(
+        spec_requests.name, spec_requests.help, spec_requests.labels, registry=theirs_registry
+    )
+    histogram = Histogram(
+        spec_duration.name,
+        spec_duration.help,
+        spec_duration.labels,
+        buckets=REQUEST_BUCKETS,
+        registry=theirs_registry,
+    )
+    gauge = Gauge(
+        spec_inflight.name, spec_inflight.help, spec_inflight.labels, registry=theirs_registry
+    )
+    for app, code, wake, seconds in ANSWERS:
+        ours.answered(app, code, wake, seconds)
+        counter.labels(app=app, code=str(code), wake=wake).inc()
+        histogram.labels(app=app).observe(seconds)
+    ours.answered("", 400, "none")  # refused before routing: counted, not timed
+    counter.labels(app="", code="400", wake="none").inc()
+    ours.inflight["web"] = 2
+    gauge.labels(app="web").set(2)
+    ours.inflight["api"] = 0
+    gauge.labels(app="api").set(0)
+
+    assert exposition(ours_registry) == exposition(theirs_registry)
+    assert (
+        ours_registry.get_sample_value(
+            "autoscaler_request_duration_seconds_bucket", {"app": "web", "le": "0.001"}
+        )
+        == 2
+    )
+
+
+def test_an_empty_collector_still_describes_its_metrics() -> None:
+    registry = CollectorRegistry()
+    RequestMetrics(registry)
+    text = generate_latest(registry).decode()
+    for spec in RequestMetrics.SPECS:
+        assert f"# HELP {spec.name} {spec.help}" in text
