@@ -15,6 +15,7 @@ no request or response objects are built on the way.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from http import HTTPStatus
 
@@ -63,8 +64,10 @@ class ProxyServer:
         self._pool: upstream.Pool | None = None
         self._server: H1Server | None = None
         self._tunnels: set[tunnel.Tunnel] = set()
-        self._children = MetricChildren(metrics)
-        self._ids = random.Random()  # noqa: S311 - request ids need uniqueness, not secrecy
+        self._stats = metrics.proxy
+        # Request ids: 64 random bits per proxy, then a count (32 hex digits in all).
+        self._id_prefix = f"{random.SystemRandom().getrandbits(64):016x}"
+        self._ids = itertools.count()
         self._closing = False
         self.update_settings(settings)
 
@@ -405,12 +408,12 @@ class ProxyServer:
     def _request_id(self, given: str | None) -> str:
         """The client's X-Request-Id when it is sane, else a fresh random one.
 
-        Ids need to be unique, not unguessable: 128 bits from a PRNG cost a microsecond
-        where uuid4 reads the kernel's entropy pool on every request.
+        Ids need to be unique, not unguessable: a random prefix per proxy and a count
+        cost a fraction of uuid4, which reads the kernel's entropy pool on every request.
         """
         if given and len(given) <= 128 and given.isascii() and given.isprintable():
             return given
-        return f"{self._ids.getrandbits(128):032x}"
+        return f"{self._id_prefix}{next(self._ids):016x}"
 
     def _write_error(self, request: Request, failure: Failure, ctx: RequestContext) -> None:
         conn = request.conn

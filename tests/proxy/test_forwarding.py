@@ -146,6 +146,23 @@ async def test_trusted_proxy_forwarding_headers_are_kept(
     assert got["x-request-id"] == [request_id]
 
 
+async def test_request_ids_are_generated_unique_and_kept_when_sane(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    addr = await backend(echo_app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    ids = []
+    for given in (None, None, "client-id-1", "x" * 129, "id-\u00e9"):
+        headers = {"Host": "a.test"} | ({"X-Request-Id": given} if given else {})
+        async with session.get(url(proxy), headers=headers) as resp:
+            ids.append(resp.headers["X-Request-Id"])
+            assert headers_of(await resp.json())["x-request-id"] == [ids[-1]]
+    assert ids[2] == "client-id-1"
+    generated = [ids[0], ids[1], ids[3], ids[4]]
+    assert len(set(generated)) == 4
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in generated)
+
+
 async def test_head_and_bodies_both_ways(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
