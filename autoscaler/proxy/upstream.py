@@ -107,6 +107,7 @@ class Exchange:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._pool.unwatch(self)  # no longer waiting for a head, if it still was
         conn.exchange = None
         task = self._body_task
         if task is not None and not task.done():
@@ -127,10 +128,12 @@ class Exchange:
 
     def got_head(self) -> None:
         if not self._head.done():
+            self._pool.unwatch(self)
             self._head.set_result(None)
 
     def fail(self, exc: BaseException) -> None:
         if not self._head.done():
+            self._pool.unwatch(self)
             self._head.set_exception(exc)
         else:
             self.body.fail(exc)
@@ -326,7 +329,7 @@ class Pool:
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._time_out_heads())
 
-    def got_head(self, ex: Exchange) -> None:
+    def unwatch(self, ex: Exchange) -> None:
         self._waiting.pop(ex, None)
 
     async def _time_out_heads(self) -> None:
@@ -441,16 +444,28 @@ async def send(
     args = (method, head, body, chunked, head_timeout, upgrade)
     conn = pool.take(authority)
     if conn is not None:
+        ex = _start(pool, conn, *args)
         try:
-            return await _exchange(pool, conn, *args)
+            await ex._head
+            return ex
         except ConnectionLost:
+            ex.release()
             if not replayable:
                 raise
+        except BaseException:
+            ex.release()
+            raise
     conn = await pool.open(host, port, authority, max_field_size)
-    return await _exchange(pool, conn, *args)
+    ex = _start(pool, conn, *args)
+    try:
+        await ex._head
+    except BaseException:
+        ex.release()
+        raise
+    return ex
 
 
-async def _exchange(
+def _start(
     pool: Pool,
     conn: Connection,
     method: str,
@@ -460,25 +475,20 @@ async def _exchange(
     head_timeout: float | None,
     upgrade: bool,
 ) -> Exchange:
+    """Send the head and start the body; the caller awaits ``ex._head`` (and releases
+    the exchange if that fails)."""
     ex = Exchange(pool, conn, head_only=method == "HEAD", upgrade=upgrade)
     conn.exchange = ex
-    try:
-        if not conn.reusable:
-            raise ConnectionLost("the machine closed the connection")
-        conn.write(head)
-        if body is not None:
-            ex._body_task = pool.loop.create_task(_send_body(pool, ex, body, chunked, head_timeout))
-            ex._body_task.add_done_callback(_retrieved)
-        elif head_timeout is not None:
-            pool.wait_head(ex, head_timeout)
-        try:
-            await ex._head
-        finally:
-            pool.got_head(ex)
+    if not conn.reusable:
+        ex.fail(ConnectionLost("the machine closed the connection"))
         return ex
-    except BaseException:
-        ex.release()
-        raise
+    conn.write(head)
+    if body is not None:
+        ex._body_task = pool.loop.create_task(_send_body(pool, ex, body, chunked, head_timeout))
+        ex._body_task.add_done_callback(_retrieved)
+    elif head_timeout is not None:
+        pool.wait_head(ex, head_timeout)
+    return ex
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
