@@ -72,6 +72,11 @@ class FlowControlled:
         if drain is not None and not drain.done():
             drain.set_result(None)
 
+    @property
+    def writing_paused(self) -> bool:
+        """The peer is behind: ``drain()`` would wait."""
+        return self._writing_paused
+
     async def _wait_writable(self) -> None:
         if self._writing_paused:
             if self._drain is None:

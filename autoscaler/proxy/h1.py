@@ -308,23 +308,20 @@ class Connection(FlowControlled, asyncio.Protocol):
         if tail:
             self.data_received(tail)
 
-    async def _next(self) -> Request | ParseError | None:
-        while not self._queue:
-            if self._lost:
-                return None
-            self._waiter = self._loop.create_future()
-            await self._waiter
-        item = self._queue.popleft()
-        if len(self._queue) <= MAX_PIPELINED // 2:
-            self.resume_reading("pipeline")
-        return item
-
     async def _run(self) -> None:
         server = self._server
+        queue = self._queue
         try:
             while True:
-                item = await self._next()
-                if item is None or self._lost:
+                while not queue:  # (inlined: this runs once per request)
+                    if self._lost:
+                        return
+                    self._waiter = self._loop.create_future()
+                    await self._waiter
+                item = queue.popleft()
+                if len(queue) <= MAX_PIPELINED // 2:
+                    self.resume_reading("pipeline")
+                if self._lost:
                     return
                 if isinstance(item, ParseError):
                     self.write(server.error_page(item.status, item.message))

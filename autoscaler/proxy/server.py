@@ -370,7 +370,8 @@ class ProxyServer:
                     return
                 if head.chunked:
                     conn.write(b"0\r\n\r\n")
-            await conn.drain()
+            if conn.writing_paused:  # the next request waits until the client took this
+                await conn.drain()
         finally:
             exchange.release()
 
@@ -442,10 +443,8 @@ class ProxyServer:
         if self._settings.proxy.access_log:
             raw = request.target
             query = raw.find("?")
-            # Rendering a log line costs as much as proxying a small request: it is
-            # emitted on the loop's next turn, after the response, off its latency.
-            self._loop.call_soon(
-                access_line,
+            # After the response went out (this runs once the handler is done).
+            access_line(
                 ctx.request_id,
                 ctx.app,
                 request.method,
