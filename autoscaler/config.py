@@ -141,7 +141,7 @@ class ProxySettings(_Model):
     )
     access_log: bool = Field(
         default=True,
-        description="one log line per request (about a fifth of the proxy's CPU per small request)",
+        description="one log line per request (about a tenth of the proxy's CPU per small request)",
     )
     max_header_bytes: int = Field(
         default=8190,
