@@ -96,7 +96,7 @@ def _add_via(parts: list[bytes], earlier: list[bytes], version: str) -> None:
     if earlier:
         parts.append(b"Via: %b\r\n" % _join(earlier, _VIA[version]))
     else:
-        parts += (b"Via: ", _VIA[version], b"\r\n")
+        parts.append(_VIA_LINE[version])
 
 
 def _join(values: list[bytes], last: bytes) -> bytes:
@@ -140,7 +140,8 @@ def request_head(
         if low == b"host":
             host = value
         parts += (key, b": ", value, b"\r\n")
-    parts = _drop_named(parts, connection)
+    if connection is not None:
+        parts = _drop_named(parts, connection)
     peer = request.conn.peer_bytes
     if trust and trust.trusted(request.peer):
         parts.append(b"X-Forwarded-For: %b\r\n" % _join(forwarded_for, peer))
@@ -148,8 +149,8 @@ def request_head(
         parts.append(b"X-Forwarded-Host: %b\r\n" % (fwd_host or host or b""))
         parts.extend(b"Forwarded: %b\r\n" % value for value in forwarded)
     else:
-        parts += (b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: http\r\n")
-        parts += (b"X-Forwarded-Host: ", host or b"", b"\r\n")
+        parts += (b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
+        parts += (host or b"", b"\r\n")
     if host is None:  # an HTTP/1.0 client; an HTTP/1.1 request needs one
         parts.append(b"Host: %b\r\n" % default_host.encode("latin-1"))
     _add_via(parts, via, request.version)
@@ -172,6 +173,17 @@ class _Via(dict[str, bytes]):
 
 
 _VIA = _Via()
+
+
+class _ViaLine(dict[str, bytes]):
+    """``"1.1"`` -> ``b"Via: 1.1 autoscaler\\r\\n"``: the whole line when no hop came before."""
+
+    def __missing__(self, version: str) -> bytes:
+        value = self[version] = b"Via: " + _VIA[version] + b"\r\n"
+        return value
+
+
+_VIA_LINE = _ViaLine()
 # Connection: keep-alive / close / upgrade name no header to drop beyond the usual ones.
 _KEEP_NAMED = frozenset({b"keep-alive", b"close", b"upgrade"})
 
@@ -200,7 +212,7 @@ def response_head(
 ) -> ResponseHead:
     """The machine's response head for the client: hop-by-hop headers dropped, every
     Set-Cookie kept as sent, Via appended, and framing for this client's connection."""
-    parts = [f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")]
+    parts = [_status_line(status, reason)]
     length = has_id = False
     via: list[bytes] = []
     connection = None
@@ -217,12 +229,13 @@ def response_head(
         elif low == b"x-request-id":
             has_id = True
         parts += (key, b": ", value, b"\r\n")
-    parts = _drop_named(parts, connection)
+    if connection is not None:
+        parts = _drop_named(parts, connection)
     _add_via(parts, via, upstream_version)
     if not has_id:
         parts += (b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n")
     if wake is not None:
-        parts += (b"Fly-Autoscaler-Wake: ", wake.encode("latin-1"), b"\r\n")
+        parts.append(_WAKE_LINE[wake])
     chunked = False
     if websocket:
         parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
@@ -239,6 +252,29 @@ def response_head(
             parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
     return ResponseHead(b"".join(parts), chunked, not keep_alive)
+
+
+def _status_line(status: int, reason: str) -> bytes:
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+        if len(_STATUS_LINES) < 1024:  # reasons come from machines: keep the cache small
+            _STATUS_LINES[(status, reason)] = line
+    return line
+
+
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+
+
+class _WakeLine(dict[str, bytes]):
+    """``"none"`` -> ``b"Fly-Autoscaler-Wake: none\\r\\n"`` (three values)."""
+
+    def __missing__(self, wake: str) -> bytes:
+        value = self[wake] = b"Fly-Autoscaler-Wake: %b\r\n" % wake.encode("latin-1")
+        return value
+
+
+_WAKE_LINE = _WakeLine()
 
 
 def error_response(
