@@ -318,17 +318,15 @@ class EventLine:
         if fast is not None and fast.in_force():
             if not fast.info_enabled:
                 return
-            parts = []
+            parts: list[str] = []
             for prefix, value in zip(self._prefixes, values, strict=True):
-                text = _scalar_json(value)
+                # Strings first: most values are.
+                text = encode_basestring_ascii(value) if type(value) is str else _scalar_json(value)
                 if text is None:
                     break
-                parts.append(prefix)
-                parts.append(text)
+                parts += (prefix, text)
             else:
-                parts.append(self._suffix)
-                parts.append(_now_iso())
-                parts.append('"}')
+                parts += (self._suffix, _now_iso(), '"}')
                 fast.writer.msg(_redactor.scrub_text("".join(parts)))
                 return
         self._log.info(self._event, **dict(zip(self._keys, values, strict=True)))

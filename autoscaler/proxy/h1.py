@@ -209,7 +209,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         return request
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        request = self._request()
+        request = self._current or self._request()
         if len(name) + len(value) > self._server.max_header_bytes:
             self._error = ParseError(431, "request header fields too large")
             raise self._error
