@@ -285,6 +285,8 @@ class _FastJson:
 
 
 _fast: _FastJson | None = None
+# Written by the chain after the event's own keys.
+_RESERVED_KEYS = frozenset({"event", "level", "logger", "timestamp"})
 
 
 class EventLine:
@@ -303,6 +305,8 @@ class EventLine:
     def __init__(self, logger: str, event: str, keys: Sequence[str]) -> None:
         if any(_secret_name(key) for key in keys):
             raise ValueError("an EventLine key names a secret; log it through structlog")
+        if not keys or _RESERVED_KEYS.intersection(keys):
+            raise ValueError(f"an EventLine needs keys, none of {sorted(_RESERVED_KEYS)}")
         self._log = get_logger(logger)
         self._event = event
         self._keys = tuple(keys)

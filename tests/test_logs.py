@@ -113,6 +113,9 @@ def test_event_line_goes_through_structlog_when_its_chain_is_not_in_force(
     assert len(lines(stream)) == 1
 
 
-def test_event_line_refuses_a_secret_key() -> None:
+def test_event_line_refuses_keys_it_could_not_write_as_the_chain_does() -> None:
     with pytest.raises(ValueError, match="secret"):
         logs.EventLine("autoscaler.test", "request", ("app", "token"))
+    for keys in [(), ("app", "level"), ("timestamp",)]:
+        with pytest.raises(ValueError, match="needs keys"):
+            logs.EventLine("autoscaler.test", "request", keys)
