@@ -8,7 +8,7 @@ machine ids, paths or client addresses.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -148,10 +148,12 @@ class MetricSpec:
 class RequestMetrics(Collector):
     """The proxy's per-request metrics, kept in plain numbers and read out when scraped.
 
-    prometheus_client's metric objects take a lock per update, and a request makes five
+    prometheus_client's metric objects take a lock per update, and a request made five
     (in flight up and down, the counter, the histogram's bucket and sum): about 5% of the
-    proxy's CPU. The proxy updates these from the event loop's thread only; ``collect``
-    reads copies, so a scrape from any thread sees consistent numbers.
+    proxy's CPU. Here a request costs two dict updates, and requests in flight are not
+    counted again: they are read from the proxy's fleet view when scraped. The proxy
+    updates these from the event loop's thread only; ``collect`` reads copies, so a
+    scrape from any thread sees consistent numbers.
     """
 
     SPECS = (
@@ -178,7 +180,9 @@ class RequestMetrics(Collector):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._counts: dict[tuple[str, int, str], int] = {}
         self._durations: dict[str, _Durations] = {}
-        self.inflight: dict[str, int] = {}  # per app, += 1 and -= 1 by the proxy
+        # (app, requests in flight) pairs, read when scraped: the proxy points this at its
+        # fleet view, which counts them already.
+        self.in_flight: Callable[[], Iterable[tuple[str, int]]] = tuple
         if registry is not None:
             registry.register(self)
 
@@ -197,8 +201,7 @@ class RequestMetrics(Collector):
         durations.sum += seconds
 
     def describe(self) -> Iterator[Metric]:
-        requests, duration, inflight = self._families()
-        return iter((requests, duration, inflight))
+        return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
         requests, duration, inflight = self._families()
@@ -210,7 +213,7 @@ class RequestMetrics(Collector):
                 cumulative += count
                 buckets.append((bound, cumulative))
             duration.add_metric([app], buckets, durations.sum)
-        for app, count in list(self.inflight.items()):
+        for app, count in list(self.in_flight()):
             inflight.add_metric([app], count)
         yield requests
         yield duration

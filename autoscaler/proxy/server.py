@@ -65,6 +65,7 @@ class ProxyServer:
         self._server: H1Server | None = None
         self._tunnels: set[tunnel.Tunnel] = set()
         self._stats = metrics.proxy
+        metrics.proxy.in_flight = self._in_flight
         # Request ids: 64 random bits per proxy, then a count (32 hex digits in all).
         self._id_prefix = f"{random.SystemRandom().getrandbits(64):016x}"
         self._ids = itertools.count()
@@ -189,13 +190,9 @@ class ProxyServer:
         if up is None:
             up, ctx.wake = await self._wait(gate, app, ctx)
         ctx.up = up
-        inflight = self._stats.inflight
-        name = app.name
-        inflight[name] = inflight.get(name, 0) + 1
         try:
             await self._forward(request, app, gate, ctx)
         finally:
-            inflight[name] -= 1
             if ctx.up is not None:
                 gate.done(ctx.up)
 
@@ -454,6 +451,10 @@ class ProxyServer:
                 ctx.up.id if ctx.up is not None else None,
                 ctx.wake,
             )
+
+    def _in_flight(self) -> list[tuple[str, int]]:
+        """Requests in flight per app, for the metric (the fleet view counts them)."""
+        return [(name, view.in_flight) for name, view in self.view.apps.items()]
 
     def error_page(self, status: int, message: str) -> bytes:
         """The answer to a request refused before it was parsed whole (400, 414, 431...),

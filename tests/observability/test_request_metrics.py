@@ -45,9 +45,8 @@ def test_exposition_matches_prometheus_clients_own_metrics() -> None:
         histogram.labels(app=app).observe(seconds)
     ours.answered("", 400, "none")  # refused before routing: counted, not timed
     counter.labels(app="", code="400", wake="none").inc()
-    ours.inflight["web"] = 2
+    ours.in_flight = lambda: [("web", 2), ("api", 0)]
     gauge.labels(app="web").set(2)
-    ours.inflight["api"] = 0
     gauge.labels(app="api").set(0)
 
     assert exposition(ours_registry) == exposition(theirs_registry)
