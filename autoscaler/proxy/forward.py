@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from autoscaler.proxy.accounting import Failure
@@ -164,26 +164,20 @@ def request_head(
     return b"".join(parts)
 
 
-class _Via(dict[str, bytes]):
-    """``"1.1"`` -> ``b"1.1 autoscaler"``, made once per protocol version seen."""
+class _Memo(dict[str, bytes]):
+    """Bytes made once per key (a protocol version, a wake kind: a handful of values)."""
 
-    def __missing__(self, version: str) -> bytes:
-        value = self[version] = version.encode("latin-1") + b" " + VIA
+    def __init__(self, make: Callable[[str], bytes]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: str) -> bytes:
+        value = self[key] = self._make(key)
         return value
 
 
-_VIA = _Via()
-
-
-class _ViaLine(dict[str, bytes]):
-    """``"1.1"`` -> ``b"Via: 1.1 autoscaler\\r\\n"``: the whole line when no hop came before."""
-
-    def __missing__(self, version: str) -> bytes:
-        value = self[version] = b"Via: " + _VIA[version] + b"\r\n"
-        return value
-
-
-_VIA_LINE = _ViaLine()
+_VIA = _Memo(lambda version: version.encode("latin-1") + b" " + VIA)  # "1.1 autoscaler"
+_VIA_LINE = _Memo(lambda version: b"Via: %b\r\n" % _VIA[version])  # when no hop came before
 # Connection: keep-alive / close / upgrade name no header to drop beyond the usual ones.
 _KEEP_NAMED = frozenset({b"keep-alive", b"close", b"upgrade"})
 
@@ -266,15 +260,7 @@ def _status_line(status: int, reason: str) -> bytes:
 _STATUS_LINES: dict[tuple[int, str], bytes] = {}
 
 
-class _WakeLine(dict[str, bytes]):
-    """``"none"`` -> ``b"Fly-Autoscaler-Wake: none\\r\\n"`` (three values)."""
-
-    def __missing__(self, wake: str) -> bytes:
-        value = self[wake] = b"Fly-Autoscaler-Wake: %b\r\n" % wake.encode("latin-1")
-        return value
-
-
-_WAKE_LINE = _WakeLine()
+_WAKE_LINE = _Memo(lambda wake: b"Fly-Autoscaler-Wake: %b\r\n" % wake.encode("latin-1"))
 
 
 def error_response(
