@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+from collections.abc import Callable
 
 from autoscaler.proxy import upstream
 from autoscaler.proxy.h1 import Connection
@@ -120,28 +121,30 @@ class Tunnel:
             client.close()
 
     def from_client(self, data: bytes) -> None:
-        if self._machine_told or not self.machine.reusable:
-            return
-        if self._going_away:
-            cut = self._to_machine.advance(data, stop_at_boundary=True)
-            self.machine.write(data[:cut])
-            if self._to_machine.at_boundary:
-                self._tell_machine()
-            return
-        self._to_machine.advance(data)
-        self.machine.write(data)
+        if not self._machine_told and self.machine.reusable:
+            self._pass(data, self._to_machine, self.machine.write, self._tell_machine)
 
     def from_machine(self, data: bytes) -> None:
-        if self._client_told:
-            return
+        if not self._client_told:
+            self._pass(data, self._to_client, self.client.write, self._tell_client)
+
+    def _pass(
+        self,
+        data: bytes,
+        cursor: FrameCursor,
+        write: Callable[[bytes], None],
+        tell: Callable[[], None],
+    ) -> None:
+        """Relay ``data`` one way; shutting down, only up to the end of the frame under way,
+        then the close frame (``tell``)."""
         if self._going_away:
-            cut = self._to_client.advance(data, stop_at_boundary=True)
-            self.client.write(data[:cut])
-            if self._to_client.at_boundary:
-                self._tell_client()
+            cut = cursor.advance(data, stop_at_boundary=True)
+            write(data[:cut])
+            if cursor.at_boundary:
+                tell()
             return
-        self._to_client.advance(data)
-        self.client.write(data)
+        cursor.advance(data)
+        write(data)
 
     # Flow control: a side that cannot take more stops reading from the other.
 
