@@ -337,10 +337,9 @@ class EventLine:
 
 
 def _scalar_json(value: Any) -> str | None:
-    """A scalar as the JSON encoder writes it; None for what needs the whole chain."""
+    """A value other than a str as the JSON encoder writes it; None for what needs the
+    whole chain."""
     kind = type(value)
-    if kind is str:
-        return encode_basestring_ascii(value)
     if value is None:
         return "null"
     if kind is int:
