@@ -87,13 +87,21 @@ async def test_stop_timeout_falls_back_to_sigkill(emulator: Emulator) -> None:
         assert pid_gone(pid)
 
 
+def stubborn_emulator() -> Emulator:
+    return Emulator(EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN}), port=0)
+
+
+async def stuck_stopping(emu: Emulator, s: aiohttp.ClientSession, machine_id: str) -> None:
+    """Ask a STUBBORN machine to stop: it ignores SIGTERM, so it stays "stopping"."""
+    await s.post(f"/v1/apps/demo/machines/{machine_id}/stop", json={"timeout": 300})
+    assert emu.machine("demo", machine_id).state == "stopping"
+
+
 async def test_forced_destroy_mid_stop_kills_the_process() -> None:
-    settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
-    async with Emulator(settings, port=0) as emu, session(emu) as s:
+    async with stubborn_emulator() as emu, session(emu) as s:
         m = await new_machine(s, image="me/stubborn")
         pid = emu.pids()[0]
-        await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 300})
-        assert emu.machine("demo", m["id"]).state == "stopping"
+        await stuck_stopping(emu, s, m["id"])
         r = await s.delete(f"/v1/apps/demo/machines/{m['id']}?force=true")
         assert r.status == 200
         await wait_ok(s, "demo", m["id"], "destroyed")
@@ -101,8 +109,7 @@ async def test_forced_destroy_mid_stop_kills_the_process() -> None:
 
 
 async def test_refused_update_leaves_the_volumes_as_they_were() -> None:
-    settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
-    async with Emulator(settings, port=0) as emu, session(emu) as s:
+    async with stubborn_emulator() as emu, session(emu) as s:
         await create_app(s)
         vols = []
         for name in ("a", "b"):
@@ -111,8 +118,7 @@ async def test_refused_update_leaves_the_volumes_as_they_were() -> None:
         mounts = [{"volume": vols[0], "path": "/data"}]
         m = await create_machine(s, image="me/stubborn", mounts=mounts)
         await wait_ok(s, "demo", m["id"])
-        await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 300})
-        assert emu.machine("demo", m["id"]).state == "stopping"
+        await stuck_stopping(emu, s, m["id"])
         config = {"image": "me/stubborn", "mounts": [{"volume": vols[1], "path": "/data"}]}
         r = await s.post(f"/v1/apps/demo/machines/{m['id']}", json={"config": config})
         assert r.status in (409, 412), await r.text()
@@ -122,10 +128,8 @@ async def test_refused_update_leaves_the_volumes_as_they_were() -> None:
 
 
 async def test_closing_mid_stop_still_kills_the_process() -> None:
-    settings = EmulatorSettings(rate_limits=False, images={"me/stubborn": STUBBORN})
-    async with Emulator(settings, port=0) as emu, session(emu) as s:
+    async with stubborn_emulator() as emu, session(emu) as s:
         m = await new_machine(s, image="me/stubborn")
         pid = emu.pids()[0]
-        await s.post(f"/v1/apps/demo/machines/{m['id']}/stop", json={"timeout": 300})
-        assert emu.machine("demo", m["id"]).state == "stopping"
+        await stuck_stopping(emu, s, m["id"])
     assert pid_gone(pid)

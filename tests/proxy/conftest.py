@@ -2,7 +2,8 @@
 
 ``start_proxy(apps=..., **proxy_knobs)`` builds Settings, starts the proxy on an ephemeral
 loopback port and stops it after the test; ``backend(app)`` serves an aiohttp app on
-127.0.0.1 and returns its "host:port" for ``backends`` (static mode).
+127.0.0.1 and returns its "host:port" for ``backends`` (static mode), ``raw_backend(handler)``
+the same for an asyncio stream handler.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from autoscaler.proxy.server import ProxyServer
 
 StartProxy = Callable[..., Awaitable[ProxyServer]]
 Backend = Callable[[web.Application], Awaitable[str]]
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+RawBackend = Callable[[StreamHandler], Awaitable[str]]
 
 
 @pytest.fixture
@@ -51,6 +54,30 @@ async def backend() -> AsyncIterator[Backend]:
     yield make
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[RawBackend]:
+    """A machine written against the socket (for answers aiohttp would not send)."""
+    servers: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def make(handler: StreamHandler) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            await handler(reader, writer)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield make
+    for server in servers:
+        server.close()
+    for writer in writers:  # the proxy may still hold connections (it stops after this)
+        writer.close()
+    for server in servers:
+        await server.wait_closed()
 
 
 @pytest.fixture

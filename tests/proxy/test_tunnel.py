@@ -14,7 +14,7 @@ from aiohttp import WSMsgType, web
 
 from autoscaler.proxy.tunnel import GOING_AWAY, FrameCursor, close_frame
 
-from .conftest import Backend, StartProxy, url
+from .conftest import Backend, RawBackend, StartProxy, url
 
 BOUND_S = 5  # an upper bound on any single exchange, never an expectation of speed
 
@@ -277,14 +277,14 @@ async def test_a_frame_sent_with_the_handshake_is_relayed(
 
 
 async def test_going_away_waits_for_the_frame_in_flight_to_end(
-    start_proxy: StartProxy,
+    start_proxy: StartProxy, raw_backend: RawBackend
 ) -> None:
     """On shutdown, a frame the machine is halfway through reaches the client whole, and
     the close 1001 comes right after it, not inside it; the machine, whose side is at a
     boundary, gets its masked close 1001 at once."""
     told: list[bytes] = []
     after: list[bytes] = []
-    half_sent = asyncio.Event()
+    half_sent, machine_done = asyncio.Event(), asyncio.Event()
     data = frame(payload(5000), masked=False)
 
     async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -302,35 +302,30 @@ async def test_going_away_waits_for_the_frame_in_flight_to_end(
             after.append(await reader.read(-1))
         finally:
             writer.close()
+            machine_done.set()
 
-    server = await asyncio.start_server(machine, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    addr = await raw_backend(machine)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        proxy = await start_proxy(
-            [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}]
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
         )
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        try:
-            writer.write(
-                b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n"
-            )
-            await writer.drain()
-            async with asyncio.timeout(BOUND_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 101"), head
-                await half_sent.wait()
-                assert await reader.readexactly(1000) == data[:1000]
-                stopping = asyncio.create_task(proxy.stop())
-                rest = await reader.read(-1)
-                await stopping
-        finally:
-            writer.close()
-            await writer.wait_closed()
+        await writer.drain()
+        async with asyncio.timeout(BOUND_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            await half_sent.wait()
+            assert await reader.readexactly(1000) == data[:1000]
+            stopping = asyncio.create_task(proxy.stop())
+            rest = await reader.read(-1)
+            await stopping
+            await machine_done.wait()
     finally:
-        server.close()
-        await server.wait_closed()
+        writer.close()
+        await writer.wait_closed()
     assert rest == data[1000:] + b"\x88\x02\x03\xe9"
     # To the machine: one masked close 1001, then the end of the connection.
     (close,) = told

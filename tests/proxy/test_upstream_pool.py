@@ -11,7 +11,7 @@ from aiohttp import web
 
 from autoscaler.control.view import FleetView, MachineInfo
 
-from .conftest import Backend, StartProxy, url
+from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import text_app
 
 
@@ -36,7 +36,7 @@ async def test_sequential_requests_reuse_one_upstream_connection(
 
 
 async def test_connection_closed_by_the_machine_while_idle_is_not_an_error(
-    start_proxy: StartProxy, session: aiohttp.ClientSession
+    start_proxy: StartProxy, raw_backend: RawBackend, session: aiohttp.ClientSession
 ) -> None:
     """A machine that closes every connection right after answering (short keep-alive)."""
     served = 0
@@ -49,20 +49,13 @@ async def test_connection_closed_by_the_machine_while_idle_is_not_an_error(
         await writer.drain()
         writer.close()  # no "Connection: close": the proxy pooled it and learns by EOF
 
-    server = await asyncio.start_server(one_shot, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        proxy = await start_proxy(
-            [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}]
-        )
-        for _ in range(10):
-            async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
-                assert r.status == 200
-                assert await r.text() == "ok"
-        assert served == 10
-    finally:
-        server.close()
-        await server.wait_closed()
+    addr = await raw_backend(one_shot)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    for _ in range(10):
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert r.status == 200
+            assert await r.text() == "ok"
+    assert served == 10
 
 
 async def test_early_answer_before_the_body_is_relayed(
@@ -116,7 +109,7 @@ async def test_http10_client_without_host_reaches_the_default_app(
 
 
 async def test_unasked_protocol_switch_is_502(
-    start_proxy: StartProxy, session: aiohttp.ClientSession
+    start_proxy: StartProxy, raw_backend: RawBackend, session: aiohttp.ClientSession
 ) -> None:
     async def switcher(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -125,19 +118,12 @@ async def test_unasked_protocol_switch_is_502(
         await reader.read(-1)
         writer.close()
 
-    server = await asyncio.start_server(switcher, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        proxy = await start_proxy(
-            [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}]
-        )
-        async with session.get(
-            url(proxy), headers={"Host": "a.test", "Connection": "Upgrade", "Upgrade": "h2c"}
-        ) as r:
-            assert r.status == 502
-    finally:
-        server.close()
-        await server.wait_closed()
+    addr = await raw_backend(switcher)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    async with session.get(
+        url(proxy), headers={"Host": "a.test", "Connection": "Upgrade", "Upgrade": "h2c"}
+    ) as r:
+        assert r.status == 502
 
 
 async def test_machine_address_ipv6_and_app_port_override(
