@@ -323,30 +323,50 @@ class BodyStream:
         if self.refused is not None:
             raise Failure(self.refused.status, self.refused.message)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
-        request = self.request
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks; the first read sends the 100 Continue the client awaits."""
+        return _Chunks(self)
+
+
+class _Chunks:
+    """``BodyStream.chunks()``: an async iterator written out as a class (compiled
+    modules cannot hold async generators)."""
+
+    def __init__(self, stream: BodyStream) -> None:
+        self._stream = stream
+        self._begun = False
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        stream = self._stream
+        request = stream.request
         body = request.body
         assert body is not None
-        if self.expect_continue:
-            # The client waits for this before sending; it goes out only once a machine
-            # was chosen and wants the body.
-            request.conn.write_interim(b"HTTP/1.1 100 Continue\r\n\r\n")
-        limit = self.limit
-        while True:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    chunk = await body.read()
-            except TimeoutError:
-                self.timed_out = True
-                raise ClientTimeout from None
-            except ParseError as exc:
-                self.refused = exc
-                raise
-            if not chunk:
-                break
-            self.received += len(chunk)
-            if limit is not None and self.received > limit:
-                self.too_large = True
-                raise BodyTooLarge
-            yield chunk
+        if not self._begun:
+            self._begun = stream.started = True
+            if stream.expect_continue:
+                # The client waits for this before sending; it goes out only once a
+                # machine was chosen and wants the body.
+                request.conn.write_interim(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            async with asyncio.timeout(stream.timeout):
+                chunk = await body.read()
+        except TimeoutError:
+            stream.timed_out = True
+            raise ClientTimeout from None
+        except ParseError as exc:
+            stream.refused = exc
+            raise
+        if not chunk:
+            raise StopAsyncIteration
+        stream.received += len(chunk)
+        limit = stream.limit
+        if limit is not None and stream.received > limit:
+            stream.too_large = True
+            raise BodyTooLarge
+        return chunk
+
+    async def aclose(self) -> None:
+        """Nothing to release: the body is the connection's."""

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -173,10 +173,15 @@ class Connection(FlowControlled, asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError:
-            assert self._error is not None
-            self._refuse(self._error)
+            self._refuse_raised()
         except httptools.HttpParserError as exc:
             self._refuse(ParseError(400, f"bad request: {str(exc)[:120]}"))
+
+    def _refuse_raised(self) -> None:
+        # A callback set ``_error`` and raised it. (Read here, not in data_received: there
+        # the type checker, and so the compiled code, takes ``_error`` for None still.)
+        assert self._error is not None
+        self._refuse(self._error)
 
     def eof_received(self) -> bool | None:
         if self._tunnel is not None:
@@ -473,7 +478,9 @@ class H1Server:
             lambda: Connection(self), host, port, reuse_address=True, backlog=1024
         )
         self._sweeper = self.loop.create_task(self._sweep())
-        return int(self._server.sockets[0].getsockname()[1])
+        server: Any = self._server  # uvloop lists its sockets (typeshed says tuple)
+        sock = server.sockets[0]
+        return int(sock.getsockname()[1])
 
     async def _sweep(self) -> None:
         """Close connections that waited too long for a request head (idle keep-alive, or a
