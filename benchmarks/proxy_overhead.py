@@ -242,6 +242,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _compiled() -> bool:
+    """Whether the proxy's data path was built with AUTOSCALER_COMPILE=1 (see setup.py)."""
+    from autoscaler.proxy import server
+
+    return not (server.__file__ or "").endswith(".py")
+
+
 @contextlib.contextmanager
 def _child(args: list[str]) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
@@ -303,6 +310,7 @@ def main() -> int:
     backend_port, proxy_port = _free_port(), _free_port()
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     loop_kind = "asyncio" if args.no_uvloop else "uvloop"
+    data_path = "compiled (mypyc)" if _compiled() else "pure Python"
     with (
         _child(
             ["--serve", "backend", str(backend_port)] + (["--no-uvloop"] * args.no_uvloop)
@@ -318,6 +326,7 @@ def main() -> int:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(
             f"servers: aiohttp backend and proxy on {HOST}, {loop_kind} loops, "
+            f"proxy data path {data_path}, "
             f"{os.cpu_count()} CPUs, load average {load}; {args.duration:g}s per phase; "
             f"access log {'off' if args.no_access_log else 'on'}"
         )
