@@ -300,7 +300,7 @@ class EventLine:
     line goes through structlog as any other.
     """
 
-    __slots__ = ("_event", "_keys", "_log", "_prefixes", "_suffix")
+    __slots__ = ("_event", "_keys", "_log", "_template")
 
     def __init__(self, logger: str, event: str, keys: Sequence[str]) -> None:
         if any(_secret_name(key) for key in keys):
@@ -310,30 +310,35 @@ class EventLine:
         self._log = get_logger(logger)
         self._event = event
         self._keys = tuple(keys)
-        self._prefixes = tuple(
-            ("{" if i == 0 else ", ") + encode_basestring_ascii(key) + ": "
-            for i, key in enumerate(self._keys)
-        )
+        # The whole line as one %-template: a slot per value, then the chain's own keys up
+        # to the timestamp, which is the last slot. (A key's "%" is escaped.)
+        head = ", ".join(_escape(encode_basestring_ascii(key)) + ": %s" for key in self._keys)
         tail = {"event": event, "level": "info", "logger": logger, "timestamp": ""}
-        self._suffix = ", " + _ENCODER.encode(tail)[1:-2]  # up to the timestamp's opening quote
+        suffix = _ENCODER.encode(tail)[1:-2]  # up to the timestamp's opening quote
+        self._template = "{" + head + ", " + _escape(suffix) + '%s"}'
 
     def __call__(self, *values: Any) -> None:
         fast = _fast
         if fast is not None and fast.in_force():
             if not fast.info_enabled:
                 return
-            parts: list[str] = []
-            for prefix, value in zip(self._prefixes, values, strict=True):
-                # Strings first: most values are.
-                text = encode_basestring_ascii(value) if type(value) is str else _scalar_json(value)
-                if text is None:
-                    break
-                parts += (prefix, text)
-            else:
-                parts += (self._suffix, _now_iso(), '"}')
-                fast.writer.msg(_redactor.scrub_text("".join(parts)))
+            if len(values) != len(self._keys):
+                raise ValueError(f"{len(self._keys)} values expected, got {len(values)}")
+            # Strings first: most values are.
+            texts = [
+                encode_basestring_ascii(value) if type(value) is str else _scalar_json(value)
+                for value in values
+            ]
+            if None not in texts:
+                line = self._template % (*texts, _now_iso())
+                fast.writer.msg(_redactor.scrub_text(line))
                 return
         self._log.info(self._event, **dict(zip(self._keys, values, strict=True)))
+
+
+def _escape(text: str) -> str:
+    """``text`` as literal text of a %-template."""
+    return text.replace("%", "%%")
 
 
 def _scalar_json(value: Any) -> str | None:

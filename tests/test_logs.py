@@ -95,6 +95,19 @@ def test_event_line_writes_what_structlog_would(stream: io.StringIO, values: tup
     assert "tok-abcdef123456" not in fast
 
 
+def test_event_line_takes_percent_signs_anywhere(stream: io.StringIO) -> None:
+    # The line is a %-template: what it holds as text must stay text.
+    keys = ("100%", "a%sb", "%(x)s")
+    values = ("%s", "50%", "%(y)d")
+    line = logs.EventLine("autoscaler.te%st", "req%uest", keys)
+    line(*values)
+    logs.get_logger("autoscaler.te%st").info("req%uest", **dict(zip(keys, values, strict=True)))
+    raw, _ = stream.getvalue().splitlines()
+    fast, slow = (_STAMP.sub("T", text) for text in stream.getvalue().splitlines())
+    assert fast == slow
+    assert json.loads(raw)["a%sb"] == "50%"
+
+
 def test_event_line_goes_through_structlog_when_its_chain_is_not_in_force(
     stream: io.StringIO,
 ) -> None:
