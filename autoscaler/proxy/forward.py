@@ -334,7 +334,6 @@ class _Chunks:
 
     def __init__(self, stream: BodyStream) -> None:
         self._stream = stream
-        self._begun = False
 
     def __aiter__(self) -> _Chunks:
         return self
@@ -344,8 +343,8 @@ class _Chunks:
         request = stream.request
         body = request.body
         assert body is not None
-        if not self._begun:
-            self._begun = stream.started = True
+        if not stream.started:
+            stream.started = True
             if stream.expect_continue:
                 # The client waits for this before sending; it goes out only once a
                 # machine was chosen and wants the body.
