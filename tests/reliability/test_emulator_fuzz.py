@@ -223,8 +223,10 @@ def test_fuzzed_wait_queries_get_no_5xx(
     assert resp.status_code < 500, f"{params}: {resp.status_code} {resp.text[:300]}"
 
 
-def test_fuzz_figures(figures: Figures) -> None:
-    """Runs last in this module: the fuzz outcomes go to the figures."""
-    assert COUNTS, "the fuzz tests did not run"
-    assert not any(code.startswith("5") for code in COUNTS)
-    figures.record("emulator_fuzz", requests=sum(COUNTS.values()), statuses=dict(COUNTS))
+@pytest.fixture(scope="module", autouse=True)
+def _fuzz_figures(figures: Figures) -> Iterator[None]:
+    """After this module's tests, whichever of them ran: the fuzz outcomes go to the
+    figures. (Each fuzzed request already asserted it got no 5xx.)"""
+    yield
+    if COUNTS:
+        figures.record("emulator_fuzz", requests=sum(COUNTS.values()), statuses=dict(COUNTS))
