@@ -443,26 +443,20 @@ async def send(
     """
     args = (method, head, body, chunked, head_timeout, upgrade)
     conn = pool.take(authority)
-    if conn is not None:
+    pooled = conn is not None
+    while True:
+        if conn is None:
+            conn = await pool.open(host, port, authority, max_field_size)
         ex = _start(pool, conn, *args)
         try:
             await ex._head
-            return ex
-        except ConnectionLost:
+        except BaseException as exc:
             ex.release()
-            if not replayable:
+            if not (pooled and replayable and isinstance(exc, ConnectionLost)):
                 raise
-        except BaseException:
-            ex.release()
-            raise
-    conn = await pool.open(host, port, authority, max_field_size)
-    ex = _start(pool, conn, *args)
-    try:
-        await ex._head
-    except BaseException:
-        ex.release()
-        raise
-    return ex
+            pooled, conn = False, None  # once more, on a new connection
+            continue
+        return ex
 
 
 def _start(

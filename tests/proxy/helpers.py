@@ -43,3 +43,22 @@ def text_app(text: str) -> web.Application:
     app = web.Application()
     app.router.add_get("/", handler)
     return app
+
+
+class Blocking:
+    """An upstream whose requests wait until released; records arrival order."""
+
+    def __init__(self, name: str = "m") -> None:
+        self.name = name
+        self.order: list[str] = []
+        self.release = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def handler(request: web.Request) -> web.Response:
+            self.order.append(request.query.get("id", ""))
+            await self.release.wait()
+            return web.Response(text=self.name)
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        return app

@@ -11,26 +11,7 @@ from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, StartProxy, url
-from .helpers import free_port, until
-
-
-class Blocking:
-    """An upstream whose requests wait until released; records arrival order."""
-
-    def __init__(self, name: str = "m") -> None:
-        self.name = name
-        self.order: list[str] = []
-        self.release = asyncio.Event()
-
-    def app(self) -> web.Application:
-        async def handler(request: web.Request) -> web.Response:
-            self.order.append(request.query.get("id", ""))
-            await self.release.wait()
-            return web.Response(text=self.name)
-
-        app = web.Application()
-        app.router.add_get("/", handler)
-        return app
+from .helpers import Blocking, free_port, until
 
 
 async def test_hard_limit_queues_in_order_and_overflow_gets_503(

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, StartProxy, url
+from .helpers import Blocking, until
 
 
 def echo_app(seen: list[web.Request] | None = None) -> web.Application:
@@ -256,25 +257,17 @@ async def test_unknown_host_gets_404(start_proxy: StartProxy, metrics: Metrics) 
 async def test_in_flight_gauge_counts_requests_at_a_machine(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, metrics: Metrics
 ) -> None:
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        arrived.set()
-        await release.wait()
-        return web.Response(text="done")
-
-    app = web.Application()
-    app.router.add_get("/", slow)
-    addr = await backend(app)
+    up = Blocking("done")
+    addr = await backend(up.app())
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
 
     def in_flight() -> float | None:
         return metrics.registry.get_sample_value("autoscaler_inflight_requests", {"app": "a"})
 
     request = asyncio.create_task(session.get(url(proxy), headers={"Host": "a.test"}))
-    await arrived.wait()
+    await until(lambda: len(up.order) == 1)  # at the machine
     assert in_flight() == 1
-    release.set()
+    up.release.set()
     async with await request as resp:
         assert await resp.text() == "done"
     assert in_flight() == 0

@@ -13,8 +13,7 @@ from autoscaler.config import AppConfig, ProxySettings, Settings
 from autoscaler.control.view import FleetView
 
 from .conftest import Backend, StartProxy, url
-from .helpers import text_app, until
-from .test_balancing import Blocking
+from .helpers import Blocking, text_app, until
 
 
 async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
