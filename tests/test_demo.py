@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from testkit import free_port
 
 from autoscaler.config import ConfigError
 from autoscaler.demo import demo_settings, print_summary, run_demo
@@ -40,13 +40,6 @@ async def test_short_demo_wakes_both_ways_and_ends_asleep() -> None:
         assert f"--- {phase}" in text
     assert "errors            none" in text
     assert "\x1b[" not in text, "no terminal escapes when the output is not a terminal"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> None:

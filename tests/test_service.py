@@ -17,12 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from reliability.harness import (  # tests/reliability/harness.py: tests/ is on sys.path
-    child_env,
-    free_port,
-    live_service,
-    write_config,
-)
+from reliability.harness import child_env, live_service, write_config  # tests/ is on sys.path
+from testkit import free_port
 
 from autoscaler.config import EmulatorApp, Settings
 from autoscaler.emulator import Emulator

@@ -8,9 +8,8 @@ ports differ: all ephemeral, all on 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +107,3 @@ async def live_stack() -> AsyncIterator[Stack]:
             yield Stack(service)
         finally:
             await service.stop()
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
-    """Poll ``condition()`` (a cheap in-process check) until true; fail after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.05)

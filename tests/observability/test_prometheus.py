@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,13 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from testkit import free_port, until
 
 from autoscaler.config import FaultSettings
 from autoscaler.metrics import Metrics
 
 from .conftest import ALERTS, DASHBOARD, require_binary
-from .stack import ADMIN_TOKEN, APP, Stack, live_stack, until
+from .stack import ADMIN_TOKEN, APP, Stack, live_stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,13 +65,6 @@ def app_variable_selector() -> str:
     selector, _, label = inner.rpartition(",")
     assert label.strip() == "app", query
     return selector.strip()
-
-
-def free_port() -> int:
-    # Prometheus cannot report an ephemeral port, so pick one; the race is loopback-only.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

@@ -3,29 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
-
-
-async def until(cond: Callable[[], bool]) -> None:
-    """Wait (bounded) for a state another task is reaching, such as a request being queued.
-
-    The view's counters (queued, in flight) fire no event when they move, so this polls at
-    a short interval; it asserts a state, never a duration.
-    """
-    async with asyncio.timeout(10):
-        while not cond():  # noqa: ASYNC110 - no event exists for these counters
-            await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (connections to it are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def status_of(session: aiohttp.ClientSession, target: str, host: str) -> int:

@@ -6,12 +6,13 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
+from testkit import free_port, until
 
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, StartProxy, url
-from .helpers import Blocking, free_port, until
+from .helpers import Blocking
 
 
 async def test_hard_limit_queues_in_order_and_overflow_gets_503(

@@ -8,11 +8,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from testkit import until
 
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, StartProxy, url
-from .helpers import Blocking, until
+from .helpers import Blocking
 
 
 def echo_app(seen: list[web.Request] | None = None) -> web.Application:

@@ -8,12 +8,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
+from testkit import until
 
 from autoscaler.config import AppConfig, ProxySettings, Settings
 from autoscaler.control.view import FleetView
 
 from .conftest import Backend, StartProxy, url
-from .helpers import Blocking, text_app, until
+from .helpers import Blocking, text_app
 
 
 async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(

@@ -7,13 +7,14 @@ import asyncio
 import aiohttp
 from aiohttp import web
 from structlog.testing import capture_logs
+from testkit import free_port, until
 
 from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import MAX_ATTEMPTS
 
 from .conftest import Backend, StartProxy, url
-from .helpers import free_port, status_of, text_app, until
+from .helpers import status_of, text_app
 
 
 class FakeWaker:

@@ -7,11 +7,11 @@ import asyncio
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from testkit import until
 
 from autoscaler.control.view import FleetView
 
 from .conftest import Backend, StartProxy, url
-from .helpers import until
 
 
 def ws_app(seen_close: list[int | None]) -> web.Application:

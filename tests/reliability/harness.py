@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import io
 import os
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -95,12 +94,6 @@ class LogCapture:
 # --- processes and counts ----------------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def child_env() -> dict[str, str]:
     """The environment for a child ``autoscaler`` process: none of this shell's
     ``AUTOSCALER_*`` or ``FLY_*`` settings, but the test session's mark, so that the
@@ -129,16 +122,6 @@ async def settle(measure: Callable[[], int], baseline: int, timeout_s: float = 1
         await asyncio.sleep(0.05)  # nothing to await: the kernel closes fds on its own time
         value = measure()
     return value
-
-
-async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll a cheap in-process condition; fail with ``what`` after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def our_cordons(emulator: Emulator, app: str) -> list[str]:

@@ -25,6 +25,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from testkit import until
 
 from autoscaler.config import EmulatorApp, EmulatorSettings, FaultSettings
 from autoscaler.emulator import Emulator
@@ -39,7 +40,6 @@ from .harness import (
     our_cordons,
     service_config,
     started,
-    until,
     write_config,
 )
 

@@ -27,8 +27,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testkit import free_port
 
-from .harness import FLY_TOKEN, Figures, child_env, free_port
+from .harness import FLY_TOKEN, Figures, child_env
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "spec" / "fly-machines-seed.yml"

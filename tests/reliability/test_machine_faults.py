@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from testkit import until
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -33,7 +34,6 @@ from .harness import (
     metric,
     service_config,
     started,
-    until,
     write_config,
 )
 

@@ -26,23 +26,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
+from testkit import until
 
 from autoscaler.config import EmulatorApp, load_settings
 from autoscaler.emulator import Emulator
 from autoscaler.metrics import Metrics
 from autoscaler.service import Service
 
-from .harness import (
-    APP,
-    HOST,
-    Figures,
-    Load,
-    LogCapture,
-    metric,
-    service_config,
-    until,
-    write_config,
-)
+from .harness import APP, HOST, Figures, Load, LogCapture, metric, service_config, write_config
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from testkit import free_port, until
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -40,11 +41,9 @@ from .harness import (
     Figures,
     Load,
     child_env,
-    free_port,
     our_cordons,
     service_config,
     started,
-    until,
     write_config,
 )
 

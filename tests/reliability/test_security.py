@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from testkit import until
 
 from autoscaler.config import FaultSettings
 from autoscaler.emulator import Emulator
@@ -37,7 +38,6 @@ from .harness import (
     LogCapture,
     live_service,
     service_config,
-    until,
     write_config,
 )
 

@@ -1,0 +1,32 @@
+"""Helpers every test directory shares (``tests/`` is on ``sys.path``: ``from testkit import``)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
+    """Poll ``condition()``, a cheap in-process check, until it holds; fail after ``timeout_s``.
+
+    For states that fire no event when they move (a counter of the view, a record of the
+    emulator). It asserts a state, never a duration.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what or condition}")
+        await asyncio.sleep(0.01)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A loopback port nobody listens on now (connections to it are refused).
+
+    For programs that cannot report the port they bound (Prometheus, a child process); the
+    race with another binder is on loopback only.
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
