@@ -185,17 +185,14 @@ class Actuator:
         if ours(machine):
             # A cordon we left behind would keep the woken machine out of Fly's routing.
             await self.release(rt, mid)
-        try:
-            await self.api.start_machine(app, mid)
-        except Conflict:
-            # 412: not startable from where it is; fine if it is starting or started already.
-            got = await self.api.get_machine(app, mid)
-            if got.state not in (STARTED, "starting"):
-                self.count(rt, kind, False)
-                raise
-        except FlyError:
-            self.count(rt, kind, False)
-            raise
+        with self.counting_failure(rt, kind):
+            try:
+                await self.api.start_machine(app, mid)
+            except Conflict:
+                # 412: not startable from where it is; fine if it is starting or started.
+                got = await self.api.get_machine(app, mid)
+                if got.state not in (STARTED, "starting"):
+                    raise
         rt.record(mid, self.clock(), state="starting")
         self.publish(rt)
         with self.counting_failure(rt, kind):

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import Controller, WakeError
 from autoscaler.control.view import FleetView
-from autoscaler.fly.errors import ServerError
+from autoscaler.fly.errors import Conflict, ServerError
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 
@@ -420,6 +420,20 @@ async def test_wake_tries_the_next_machine_when_one_fails_to_start(
     assert api.ops("start_machine") == [first, second]
     assert rig.routable() == {second}
     assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
+
+
+async def test_a_failed_read_after_a_refused_start_counts_as_a_failed_action(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    first = api.add(APP, "suspended")
+    second = api.add(APP, "stopped")
+    api.fail["start_machine"] = [Conflict(412, "not startable")]
+    api.fail["get_machine"] = [ServerError(503, "unavailable")]
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "start"
+    assert api.ops("start_machine") == [first, second]
+    assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
+    assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
 
 
 async def test_a_machine_that_fails_to_boot_is_given_up_at_once(
