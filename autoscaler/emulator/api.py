@@ -169,9 +169,10 @@ async def wait_machine(request: web.Request) -> web.Response:
     try:
         m = machine_of(request)
     except NotFound:
-        # A destroyed machine is remembered for a while. (A bad state is a 400 here too.)
+        # An unknown app or machine is a 404 whatever the query says, so the states are
+        # read only for a destroyed machine, remembered for a while (a bad state: 400).
         gone = world_of(request).was_destroyed(info["app_name"], info["machine_id"])
-        if "destroyed" in _wait_states(request) and gone:
+        if gone and "destroyed" in _wait_states(request):
             return ok_body(state="destroyed")
         raise
     states = _wait_states(request)

@@ -165,6 +165,54 @@ async def test_wait_accepts_several_states_and_rejects_bad_ones(emulator: Emulat
         assert r.status == 400
 
 
+async def test_wait_on_an_unknown_machine_is_404_before_its_query_is_checked(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s, start=False)
+        bad = {"state": "sleeping", "timeout": "301"}
+        for url in (
+            "/v1/apps/demo/machines/nope/wait",
+            f"/v1/apps/ghost/machines/{m['id']}/wait",
+        ):
+            r = await s.get(url, params=bad)
+            assert r.status == 404, await r.text()
+            assert "not found" in (await r.json())["error"]
+        # A destroyed machine is remembered for a while: its query is checked.
+        url = f"/v1/apps/demo/machines/{m['id']}/wait"
+        assert (await s.delete(f"/v1/apps/demo/machines/{m['id']}")).status == 200
+        await wait_ok(s, "demo", m["id"], "destroyed")
+        assert (await s.get(url, params={"state": "sleeping"})).status == 400
+        assert (await s.get(url, params={"state": "started"})).status == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "body"),
+    [
+        ("POST", "", None, {"config": 5}),
+        ("DELETE", "", {"force": "maybe"}, None),
+        ("POST", "/stop", None, {"signal": "SIGBOGUS"}),
+        ("POST", "/restart", None, {"timeout": "soon"}),
+        ("POST", "/signal", None, {}),
+        ("POST", "/lease", None, {"ttl": "forever"}),
+        ("POST", "/metadata/bad key!", None, 5),
+        ("GET", "/wait", {"state": "sleeping", "timeout": "0"}, None),
+    ],
+)
+async def test_unknown_machine_is_404_whatever_the_request_says(
+    emulator: Emulator,
+    method: str,
+    path: str,
+    params: dict[str, str] | None,
+    body: object,
+) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        r = await s.request(method, "/v1/apps/demo/machines/nope" + path, params=params, json=body)
+        assert r.status == 404, await r.text()
+        assert (await r.json())["error"] == "machine not found: nope"
+
+
 async def test_delete_app_needs_force_while_machines_run(emulator: Emulator) -> None:
     async with session(emulator) as s:
         m = await new_machine(s)
