@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -81,7 +82,8 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """Buckets keyed by (action, machine or app id), made on first use."""
+    """Buckets keyed by (action, machine or app id), made on first use; at most
+    ``max_buckets`` of them."""
 
     def __init__(
         self,
@@ -100,10 +102,13 @@ class RateLimiter:
         if not 0 < headroom <= 1:
             raise ValueError(f"expected 0 < headroom <= 1, got {headroom}")
         self.headroom = headroom
+        if max_buckets < 1:
+            raise ValueError(f"expected max_buckets >= 1, got {max_buckets}")
         self._sleep = sleep
         self._clock = clock
         self._max_buckets = max_buckets
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        # Least recently used first.
+        self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
 
     def limit_for(self, action: str) -> Limit:
         """The limit a bucket of ``action`` runs at (the documented one, times headroom)."""
@@ -118,8 +123,10 @@ class RateLimiter:
         bucket = self._buckets.get((action, key))
         if bucket is None:
             if len(self._buckets) >= self._max_buckets:
-                self._prune(now)
+                self._evict(now)
             bucket = self._buckets[(action, key)] = TokenBucket(self.limit_for(action), now)
+        else:
+            self._buckets.move_to_end((action, key))
         return bucket.reserve(now)
 
     async def acquire(self, action: str, key: str) -> float:
@@ -129,10 +136,16 @@ class RateLimiter:
             await self._sleep(delay)
         return delay
 
-    def _prune(self, now: float) -> None:
+    def _evict(self, now: float) -> None:
+        """Make room for one more bucket: drop the full ones, else the least recently used."""
         # A full bucket is indistinguishable from a new one, so dropping it changes nothing.
         for key in [k for k, b in self._buckets.items() if b.full(now)]:
             del self._buckets[key]
+        # None full: dropping one forgets the tokens it lacks (and the debt of callers still
+        # queued on it), which its key may then spend early. The least recently used bucket
+        # has had the longest to refill, so it is the one likely to lack the least.
+        while len(self._buckets) >= self._max_buckets:
+            self._buckets.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._buckets)

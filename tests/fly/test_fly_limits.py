@@ -74,6 +74,8 @@ def test_configurable_limits_and_validation() -> None:
         Limit(0, 1)
     with pytest.raises(ValueError, match="headroom"):
         RateLimiter(headroom=1.5)
+    with pytest.raises(ValueError, match="max_buckets"):
+        RateLimiter(max_buckets=0)
 
 
 async def test_headroom_refills_a_little_slower_than_fly() -> None:
@@ -93,6 +95,54 @@ def test_full_buckets_are_pruned_when_the_map_is_full() -> None:
     fake.now += 100  # all refilled
     limiter.reserve("get_app", "app3")
     assert len(limiter) == 1
+
+
+def test_the_cap_is_hard_and_the_least_recently_used_bucket_goes() -> None:
+    """No bucket is full, yet a new key still finds room: the one used longest ago goes,
+    and the others keep what they owe."""
+    fake = FakeTime()
+    limiter = RateLimiter(
+        limits={}, default=Limit(1.0, 1), headroom=1.0, clock=fake.clock, max_buckets=3
+    )
+    for key in ("a", "b", "c"):
+        assert limiter.reserve("stop_machine", key) == 0.0
+    fake.now += 0.5
+    assert limiter.reserve("stop_machine", "a") == pytest.approx(0.5)  # a: used again
+    assert limiter.reserve("stop_machine", "d") == 0.0  # the map is full: b goes
+    assert len(limiter) == 3
+    assert limiter.reserve("stop_machine", "a") == pytest.approx(1.5)  # still queued
+    assert limiter.reserve("stop_machine", "c") == pytest.approx(0.5)  # still half empty
+    assert len(limiter) == 3
+    assert limiter.reserve("stop_machine", "b") == 0.0  # forgotten: a new bucket
+    assert len(limiter) == 3
+
+
+def test_full_buckets_go_before_the_least_recently_used() -> None:
+    fake = FakeTime()
+    limits = {"slow": Limit(0.01, 1), "fast": Limit(100.0, 1)}
+    limiter = RateLimiter(limits, headroom=1.0, clock=fake.clock, max_buckets=3)
+    limiter.reserve("slow", "a")  # the least recently used, but far from full
+    limiter.reserve("fast", "b")
+    limiter.reserve("slow", "c")
+    fake.now += 1  # b is full again; a and c are not
+    limiter.reserve("slow", "d")
+    assert len(limiter) == 3
+    assert limiter.reserve("slow", "a") > 0  # a was kept: its wait is remembered
+
+
+@given(
+    max_buckets=st.integers(1, 5),
+    steps=st.lists(st.tuples(st.integers(0, 9), st.floats(0, 2)), max_size=80),
+)
+def test_the_map_never_exceeds_max_buckets(
+    max_buckets: int, steps: list[tuple[int, float]]
+) -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(clock=fake.clock, max_buckets=max_buckets)
+    for key, gap in steps:
+        fake.now += gap
+        limiter.reserve("stop_machine", f"web/m{key}")
+        assert len(limiter) <= max_buckets
 
 
 async def test_client_waits_instead_of_failing() -> None:
