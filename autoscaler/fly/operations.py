@@ -273,15 +273,18 @@ class Operations:
         The real API accepts at most 60 s per call, so a longer wait is several calls, each
         answered 408 while the machine is not there yet. 404 counts as reaching "destroyed".
         The real API insists on a version when waiting for "stopped"; without
-        ``instance_id`` the machine's current one is read first. Raises WaitTimeout when our
-        own deadline passes.
+        ``instance_id`` the machine's current one is read first, inside ``timeout_s``.
+        Raises WaitTimeout when our own deadline passes.
         """
+        deadline = self._clock() + timeout_s  # before any request: the read counts too
         states = state if isinstance(state, str) else ",".join(state)
         wanted = states.split(",")
         try:
             if instance_id is None and "stopped" in wanted:
                 instance_id = (await self.get_machine(app, machine_id)).instance_id
-            payload = await self._wait_calls(app, machine_id, states, timeout_s, instance_id)
+            payload = await self._wait_calls(
+                app, machine_id, states, timeout_s, deadline, instance_id
+            )
         except NotFound:
             if "destroyed" in wanted:
                 return m.WaitResult(ok=True, state="destroyed")
@@ -296,10 +299,16 @@ class Operations:
     wait = wait_for_machine_state
 
     async def _wait_calls(
-        self, app: str, machine_id: str, states: str, timeout_s: float, instance_id: str | None
+        self,
+        app: str,
+        machine_id: str,
+        states: str,
+        timeout_s: float,
+        deadline: float,
+        instance_id: str | None,
     ) -> Any:
-        """/wait calls of at most MAX_WAIT_CALL_S until one succeeds; its decoded body."""
-        deadline = self._clock() + timeout_s
+        """/wait calls of at most MAX_WAIT_CALL_S until one succeeds or ``deadline`` passes
+        (``timeout_s`` is for the message); the decoded body."""
         while True:
             per_call = max(1, min(MAX_WAIT_CALL_S, math.ceil(deadline - self._clock())))
             params: dict[str, str | int] = {"state": states, "timeout": per_call}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 from flyfakes import FakeTime, Script, make_client
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from autoscaler.fly.errors import (
@@ -176,6 +176,31 @@ async def test_wait_raises_wait_timeout_at_its_own_deadline() -> None:
     assert "within 90s" in str(info.value)
 
 
+async def test_wait_for_stopped_counts_the_version_read_against_its_timeout() -> None:
+    """The read of the current version is part of the wait: it takes 25 s of the 100, so
+    the /wait calls get the 75 s left, and the whole wait ends at 100 s, not 125 s."""
+    fake = FakeTime()
+    started = fake.now
+
+    def slow_read(request: httpx.Request) -> httpx.Response:
+        fake.now += 25
+        return httpx.Response(200, json={**MACHINE, "instance_id": "01H"})
+
+    script = Script([slow_read, timed_408(fake)])
+    async with make_client(script, fake) as api:
+        with pytest.raises(WaitTimeout) as info:
+            await api.wait("web", "m1", "stopped", timeout_s=100)
+    assert [r.url.path for r in script.requests] == [
+        "/v1/apps/web/machines/m1",
+        "/v1/apps/web/machines/m1/wait",
+        "/v1/apps/web/machines/m1/wait",
+    ]
+    assert [r.url.params["timeout"] for r in script.requests[1:]] == ["60", "15"]
+    assert all(r.url.params["instance_id"] == "01H" for r in script.requests[1:])
+    assert fake.now - started == pytest.approx(100)
+    assert "within 100s" in str(info.value)
+
+
 async def test_early_408_does_not_spin() -> None:
     fake = FakeTime()
     script = Script([status(408)])
@@ -222,6 +247,8 @@ async def test_wait_request_timeout_covers_the_server_hold() -> None:
     deadline_s=st.floats(0, 120),
     roll=st.floats(0, 1),
 )
+# Retry-After on a 5xx is not honoured (only a 429's is): the backoff decides.
+@example(codes=[500], retry_after=0, max_retries=1, deadline_s=0.0, roll=0.5)
 def test_retries_stay_within_attempts_and_deadline(
     codes: list[int], retry_after: int | None, max_retries: int, deadline_s: float, roll: float
 ) -> None:
@@ -247,5 +274,6 @@ def test_retries_stay_within_attempts_and_deadline(
     if not succeeded:  # it gave up only for a reason: attempts, or the deadline
         n = len(script.requests)
         backoff = roll * min(10.0, 0.25 * 2.0 ** (n - 1))
-        next_delay = float(retry_after) if retry_after is not None else backoff
+        honoured = retry_after is not None and codes[n - 1] == 429
+        next_delay = float(retry_after) if honoured else backoff
         assert n == max_retries + 1 or sum(fake.sleeps) + next_delay > deadline_s
