@@ -13,11 +13,21 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from autoscaler import logs
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.procs import SESSION_ENV, leftovers, pid_alive
+
+# No timing asserts: Hypothesis's per-example deadline and its "too slow" check measure
+# this machine's load, not our code. In CI (.ci/run sets CI) Hypothesis loads its own "ci"
+# profile, which turns both off too and draws the same examples on every run.
+if settings.get_current_profile_name() != "ci":
+    settings.register_profile(
+        "autoscaler", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.load_profile("autoscaler")
 
 
 @pytest.fixture
