@@ -223,11 +223,11 @@ def get_logger(name: str) -> Any:
 
 
 def _timestamp(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
-    event["timestamp"] = _now_iso()
+    event["timestamp"] = now_iso()
     return event
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     """ISO 8601 in UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True)
     writes it, with the date and time formatted once per second rather than per line."""
     now = time.time()
@@ -236,7 +236,8 @@ def _now_iso() -> str:
     if second != _stamp_second:
         _stamp_second = second
         _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_stamp_prefix}.{int((now - second) * 1e6):06d}Z"
+    # str(10**6 + µs)[1:] is the six digits of "%06d", without the format machinery.
+    return f"{_stamp_prefix}.{str(1_000_000 + int((now - second) * 1e6))[1:]}Z"
 
 
 _stamp_second = -1
@@ -269,19 +270,39 @@ _NAME_KEY = "logger_name"
 class _FastJson:
     """What an EventLine needs to write a JSON line by itself, as configure() set it up."""
 
-    __slots__ = ("info_enabled", "processors", "snapshot", "writer")
+    __slots__ = ("info_enabled", "last", "length", "processors", "writer")
 
     def __init__(self, processors: list[Processor], writer: _LineWriter, info_enabled: bool):
         self.processors = processors  # the list structlog holds (capture_logs edits it)
-        self.snapshot = list(processors)
+        self.length = len(processors)
+        self.last = processors[-1]
         self.writer = writer
         self.info_enabled = info_enabled
 
     def in_force(self) -> bool:
         """Whether structlog still runs configure()'s chain: a test's capture_logs() or
-        an added processor must see every line, so they switch the fast path off."""
+        an added processor must see every line, so they switch the fast path off.
+
+        capture_logs() and an appended processor edit the list in place, so its length
+        and last item tell (comparing the whole list costs more than rendering a line);
+        another configure() gives structlog another list.
+        """
         current = structlog.get_config()["processors"]
-        return current is self.processors and current == self.snapshot
+        return (
+            current is self.processors
+            and len(current) == self.length
+            and (current[-1] is self.last)
+        )
+
+
+def json_writer() -> _LineWriter | None:
+    """Where an :class:`EventLine` renders its line itself: configure()'s writer, when its
+    JSON chain is in force and info lines are on; None when the line must go through
+    structlog (``EventLine.__call__`` does that, or drops it below the level)."""
+    fast = _fast
+    if fast is not None and fast.info_enabled and fast.in_force():
+        return fast.writer
+    return None
 
 
 _fast: _FastJson | None = None
@@ -300,7 +321,7 @@ class EventLine:
     line goes through structlog as any other.
     """
 
-    __slots__ = ("_event", "_keys", "_log", "_template")
+    __slots__ = ("_event", "_keys", "_log", "_template", "parts")
 
     def __init__(self, logger: str, event: str, keys: Sequence[str]) -> None:
         if any(_secret_name(key) for key in keys):
@@ -310,12 +331,20 @@ class EventLine:
         self._log = get_logger(logger)
         self._event = event
         self._keys = tuple(keys)
-        # The whole line as one %-template: a slot per value, then the chain's own keys up
-        # to the timestamp, which is the last slot. (A key's "%" is escaped.)
-        head = ", ".join(_escape(encode_basestring_ascii(key)) + ": %s" for key in self._keys)
+        # The text around the values: parts[i] comes before value i, parts[-2] before the
+        # timestamp (after the chain's own keys), parts[-1] after it.
         tail = {"event": event, "level": "info", "logger": logger, "timestamp": ""}
         suffix = _ENCODER.encode(tail)[1:-2]  # up to the timestamp's opening quote
-        self._template = "{" + head + ", " + _escape(suffix) + '%s"}'
+        self.parts = (
+            *(
+                ("{" if i == 0 else ", ") + encode_basestring_ascii(key) + ": "
+                for i, key in enumerate(self._keys)
+            ),
+            ", " + suffix,
+            '"}',
+        )
+        # The whole line as one %-template, a slot per value and one for the timestamp.
+        self._template = "%s".join(_escape(part) for part in self.parts)
 
     def __call__(self, *values: Any) -> None:
         fast = _fast
@@ -330,7 +359,7 @@ class EventLine:
                 for value in values
             ]
             if None not in texts:
-                line = self._template % (*texts, _now_iso())
+                line = self._template % (*texts, now_iso())
                 fast.writer.msg(_redactor.scrub_text(line))
                 return
         self._log.info(self._event, **dict(zip(self._keys, values, strict=True)))

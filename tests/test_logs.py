@@ -11,6 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from autoscaler import logs
+from autoscaler.proxy.accounting import log_access
 
 
 @pytest.fixture
@@ -132,3 +133,48 @@ def test_event_line_refuses_keys_it_could_not_write_as_the_chain_does() -> None:
     for keys in [(), ("app", "level"), ("timestamp",)]:
         with pytest.raises(ValueError, match="needs keys"):
             logs.EventLine("autoscaler.test", "request", keys)
+
+
+_ACCESS_VALUES = [
+    ("0123abcd", "web", "GET", "/", 200, 0.412, None, "none"),
+    ('q"uote\\', "ünï€😀", "PATCH", "/p/ünï?x/tok-abcdef123456", 599, 1234.5, "m-1", "start"),
+    ("", "", "", "", 0, 0.0, "", "resume"),
+    ("id", "web", "GET", "/", 502, float("nan"), "m", "none"),  # the generic path's case
+]
+
+
+@pytest.mark.parametrize("values", _ACCESS_VALUES)
+def test_the_access_line_writes_what_structlog_would(stream: io.StringIO, values: tuple) -> None:
+    log_access(*values)  # compiled in the compiled build: each build is tested
+    keys = ("request_id", "app", "method", "path", "status", "duration_ms", "machine", "wake")
+    logs.get_logger("autoscaler.proxy").info("request", **dict(zip(keys, values, strict=True)))
+    fast, slow = (_STAMP.sub("T", text) for text in stream.getvalue().splitlines())
+    assert fast == slow
+    assert "tok-abcdef123456" not in fast
+
+
+def test_the_access_line_goes_through_structlog_when_its_chain_is_not_in_force(
+    stream: io.StringIO,
+) -> None:
+    with capture_logs() as captured:
+        log_access("id", "web", "GET", "/", 200, 1.5, None, "none")
+    (event,) = captured
+    assert event["event"] == "request"
+    assert event["duration_ms"] == 1.5
+    seen: list[object] = []
+
+    def spy(logger: object, name: str, event: dict[str, object]) -> dict[str, object]:
+        seen.append(event["event"])
+        return event
+
+    chain = logs.structlog.get_config()["processors"]
+    chain.insert(0, spy)  # edited in place, as capture_logs() does
+    try:
+        log_access("id", "web", "GET", "/", 200, 1.5, None, "none")
+    finally:
+        chain.remove(spy)
+    assert seen == ["request"]
+    assert len(lines(stream)) == 1  # the chain wrote it, once
+    logs.configure(level="warning", fmt="json", stream=stream)
+    log_access("id", "web", "GET", "/", 200, 1.5, None, "none")
+    assert len(lines(stream)) == 1  # below the level: nothing

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 
 from autoscaler.control.view import Upstream
-from autoscaler.logs import EventLine, get_logger
+from autoscaler.logs import EventLine, get_logger, json_writer, now_iso, redactor
 from autoscaler.proxy.gate import NO_WAKE
 
 _log = get_logger("autoscaler.proxy")
+_REDACTOR = redactor()
 
 
 class Failure(Exception):
@@ -46,3 +49,53 @@ access_line = EventLine(
     "request",
     ("request_id", "app", "method", "path", "status", "duration_ms", "machine", "wake"),
 )
+_PARTS = access_line.parts
+# JSON strings of the values that repeat (app, method, machine, wake), as
+# encode_basestring_ascii writes them; bounded, and only ever a cache.
+_QUOTED: dict[str, str] = {}
+_QUOTED_MAX = 4096
+
+
+def _quoted(text: str) -> str:
+    got = _QUOTED.get(text)
+    if got is None:
+        got = encode_basestring_ascii(text)
+        if len(_QUOTED) < _QUOTED_MAX:
+            _QUOTED[text] = got
+    return got
+
+
+def log_access(
+    request_id: str,
+    app: str,
+    method: str,
+    path: str,
+    status: int,
+    duration_ms: float,
+    machine: str | None,
+    wake: str,
+) -> None:
+    """Write the request's line: ``access_line`` with its values' types known, so that
+    the compiled build renders it without the interpreter (about a quarter of a small
+    request's cost otherwise). The same text, byte for byte (tests compare them)."""
+    writer = json_writer()
+    if writer is None or not math.isfinite(duration_ms):
+        access_line(request_id, app, method, path, status, duration_ms, machine, wake)
+        return
+    p = _PARTS
+    # One join: mypyc turns an f-string this long into a str.format() call.
+    line = "".join(
+        (
+            p[0], encode_basestring_ascii(request_id),
+            p[1], _quoted(app),
+            p[2], _quoted(method),
+            p[3], encode_basestring_ascii(path),
+            p[4], str(status),
+            p[5], repr(duration_ms),
+            p[6], "null" if machine is None else _quoted(machine),
+            p[7], _quoted(wake),
+            p[8], now_iso(),
+            p[9],
+        )
+    )  # fmt: skip
+    writer.msg(_REDACTOR.scrub_text(line))

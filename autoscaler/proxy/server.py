@@ -27,7 +27,7 @@ from autoscaler.proxy import forward, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
     RequestContext,
-    access_line,
+    log_access,
     remaining,
 )
 from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull
@@ -441,7 +441,7 @@ class ProxyServer:
             raw = request.target
             query = raw.find("?")
             # After the response went out (this runs once the handler is done).
-            access_line(
+            log_access(
                 ctx.request_id,
                 ctx.app,
                 request.method,
