@@ -15,7 +15,6 @@ no request or response objects are built on the way.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 from http import HTTPStatus
 
@@ -68,7 +67,7 @@ class ProxyServer:
         metrics.proxy.in_flight = self._in_flight
         # Request ids: 64 random bits per proxy, then a count (32 hex digits in all).
         self._id_prefix = f"{random.SystemRandom().getrandbits(64):016x}"
-        self._ids = itertools.count()
+        self._ids = 0
         self._closing = False
         self.update_settings(settings)
 
@@ -411,7 +410,9 @@ class ProxyServer:
         """
         if given and len(given) <= 128 and given.isascii() and given.isprintable():
             return given
-        return f"{self._id_prefix}{next(self._ids):016x}"
+        self._ids += 1
+        # Not an f-string: mypyc compiles {:016x} to two str.format() calls.
+        return self._id_prefix + "%016x" % self._ids  # noqa: UP031
 
     def _write_error(self, request: Request, failure: Failure, ctx: RequestContext) -> None:
         conn = request.conn
