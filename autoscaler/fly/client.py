@@ -32,6 +32,7 @@ from autoscaler import __version__
 from autoscaler.config import FlySettings
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import (
+    BadRequest,
     FlyError,
     RateLimited,
     TransportError,
@@ -259,9 +260,10 @@ class MachinesClient(Operations):
         fields.update(error=error.message, error_type=type(error).__name__)
         if error.request_id:
             fields["request_id"] = error.request_id
-        # A 404 or a 408 inside a wait loop is an answer, not trouble; auth, rate limits,
-        # server and transport failures are.
-        trouble = error.transient or isinstance(error, Unauthorized)
+        # A 404, a 409/412 conflict or a 408 inside a wait loop is an answer, not trouble;
+        # a request Fly refused (400), auth, rate limits, server and transport failures
+        # (a retryable one or not) are.
+        trouble = error.transient or isinstance(error, (BadRequest, TransportError, Unauthorized))
         (self._log.warning if trouble else self._log.info)("fly_api", **fields)
 
 

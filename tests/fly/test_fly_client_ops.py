@@ -15,7 +15,7 @@ from flyfakes import TOKEN, FakeTime, Script, make_client
 
 from autoscaler.fly import models as m
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import NotFound, ServerError
+from autoscaler.fly.errors import FlyError, NotFound, ServerError
 from autoscaler.fly.operations import Operations
 
 MACHINE = {
@@ -595,3 +595,29 @@ async def test_server_errors_log_a_warning() -> None:
     (line,) = [e for e in logs if e["event"] == "fly_api"]
     assert line["log_level"] == "warning"
     assert line["status"] == 500
+
+
+def _unsupported(request: httpx.Request) -> httpx.Response:
+    raise httpx.UnsupportedProtocol("no such scheme", request=request)
+
+
+@pytest.mark.parametrize(
+    ("answer", "level"),
+    [
+        (ok(None, 400), "warning"),  # Fly refused what we sent: ours to fix
+        (_unsupported, "warning"),  # a transport failure that no retry would fix
+        (ok(None, 409), "info"),  # conflicts are answers the controller acts on
+        (ok(None, 412), "info"),
+    ],
+)
+async def test_failures_that_are_not_retried_log_at_the_level_of_their_kind(
+    answer: Any, level: str
+) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        async with make_client(Script([answer]), max_retries=0) as api:
+            with pytest.raises(FlyError):
+                await api.start_machine("web", "m1")
+    (line,) = [e for e in logs if e["event"] == "fly_api"]
+    assert line["log_level"] == level
