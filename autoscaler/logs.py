@@ -289,9 +289,7 @@ class _FastJson:
         """
         current = structlog.get_config()["processors"]
         return (
-            current is self.processors
-            and len(current) == self.length
-            and (current[-1] is self.last)
+            current is self.processors and len(current) == self.length and current[-1] is self.last
         )
 
 
@@ -347,10 +345,8 @@ class EventLine:
         self._template = "%s".join(_escape(part) for part in self.parts)
 
     def __call__(self, *values: Any) -> None:
-        fast = _fast
-        if fast is not None and fast.in_force():
-            if not fast.info_enabled:
-                return
+        writer = json_writer()  # None: structlog writes it, or drops it below info
+        if writer is not None:
             if len(values) != len(self._keys):
                 raise ValueError(f"{len(self._keys)} values expected, got {len(values)}")
             # Strings first: most values are.
@@ -360,7 +356,7 @@ class EventLine:
             ]
             if None not in texts:
                 line = self._template % (*texts, now_iso())
-                fast.writer.msg(_redactor.scrub_text(line))
+                writer.msg(_redactor.scrub_text(line))
                 return
         self._log.info(self._event, **dict(zip(self._keys, values, strict=True)))
 

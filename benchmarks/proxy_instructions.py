@@ -19,22 +19,17 @@ valgrind (Debian package ``valgrind``). About a minute per server.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 # The sibling script (its folder is sys.path[0] when this one runs).
-from proxy_overhead import HOST, _compiled, _free_port
+from proxy_overhead import HOST, _child, _compiled, _free_port
 
-SCRIPT = str(Path(__file__).resolve().parent / "proxy_overhead.py")
 REQUEST = f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
 
@@ -84,41 +79,6 @@ def _recv(sock: socket.socket) -> bytes:
     return chunk
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listened on {HOST}:{port} after {seconds:g}s")
-
-
-@contextlib.contextmanager
-def _server(args: list[str], port: int, callgrind_out: str | None) -> Iterator[int]:
-    """A server of proxy_overhead.py on ``port``, under callgrind when ``callgrind_out``."""
-    command = [sys.executable, SCRIPT, "--serve", *args]
-    if callgrind_out is not None:
-        command = [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={callgrind_out}",
-            *command,
-        ]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(port, proc)
-        yield proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _callgrind(pid: int, *options: str) -> None:
     subprocess.run(
         ["callgrind_control", *options, str(pid)],
@@ -142,21 +102,25 @@ def count(measured: str, access_log: bool, requests: int, connections: int) -> f
     backend_port, proxy_port = _free_port(), _free_port()
     log = "log" if access_log else "nolog"
     with tempfile.TemporaryDirectory() as directory:
-        out = os.path.join(directory, "out.cg")
+        callgrind = [
+            "valgrind",
+            "--quiet",
+            "--tool=callgrind",
+            f"--callgrind-out-file={directory}/out.cg",
+        ]
         with (
-            _server(
-                ["backend", str(backend_port)],
-                backend_port,
-                out if measured == "backend" else None,
-            ) as backend_pid,
-            _server(
-                ["proxy", str(proxy_port), str(backend_port), log],
-                proxy_port,
-                out if measured == "proxy" else None,
-            ) as proxy_pid,
+            _child(
+                ["--serve", "backend", str(backend_port)],
+                callgrind if measured == "backend" else (),
+            ) as backend,
+            _child(
+                ["--serve", "proxy", str(proxy_port), str(backend_port), log],
+                callgrind if measured == "proxy" else (),
+            ) as proxy,
         ):
-            pid = backend_pid if measured == "backend" else proxy_pid
-            port = backend_port if measured == "backend" else proxy_port
+            pid, port = (
+                (backend.pid, backend_port) if measured == "backend" else (proxy.pid, proxy_port)
+            )
             send(port, max(200, requests // 10), connections)  # warm-up: caches, pools
             _callgrind(pid, "--zero")
             send(port, requests, connections)

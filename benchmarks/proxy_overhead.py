@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 HOST = "127.0.0.1"
@@ -250,8 +250,11 @@ def _compiled() -> bool:
 
 
 @contextlib.contextmanager
-def _child(args: list[str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+def _child(args: list[str], wrapper: Sequence[str] = ()) -> Iterator[subprocess.Popen[str]]:
+    """This script as a server (``--serve ...``), run under ``wrapper`` (such as valgrind)
+    when given; yielded once it says "ready", stopped with SIGTERM at the end."""
+    command = [*wrapper, sys.executable, __file__, *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
