@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import Controller, WakeError
 from autoscaler.control.view import FleetView
-from autoscaler.fly.errors import Conflict, ServerError
+from autoscaler.fly.errors import Conflict, FlyError, ServerError
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 
@@ -409,29 +409,28 @@ async def test_a_failed_drain_is_finished_by_a_later_tick(
     assert_uncordoned(api, mid)
 
 
+@pytest.mark.parametrize(
+    "failures",
+    [
+        {"start_machine": [ServerError(500, "no capacity")]},
+        # A refused start whose machine cannot then be read fails (and counts) the same.
+        {
+            "start_machine": [Conflict(412, "not startable")],
+            "get_machine": [ServerError(503, "unavailable")],
+        },
+    ],
+    ids=["start-fails", "read-after-412-fails"],
+)
 async def test_wake_tries_the_next_machine_when_one_fails_to_start(
-    api: FakeMachinesAPI, clock: FakeClock
+    api: FakeMachinesAPI, clock: FakeClock, failures: dict[str, list[FlyError]]
 ) -> None:
     first = api.add(APP, "suspended")
     second = api.add(APP, "stopped")
-    api.fail["start_machine"] = [ServerError(500, "no capacity")]
+    api.fail.update(failures)
     rig = Rig(api, clock)
     assert await rig.ctl.wake(APP) == "start"
     assert api.ops("start_machine") == [first, second]
     assert rig.routable() == {second}
-    assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
-
-
-async def test_a_failed_read_after_a_refused_start_counts_as_a_failed_action(
-    api: FakeMachinesAPI, clock: FakeClock
-) -> None:
-    first = api.add(APP, "suspended")
-    second = api.add(APP, "stopped")
-    api.fail["start_machine"] = [Conflict(412, "not startable")]
-    api.fail["get_machine"] = [ServerError(503, "unavailable")]
-    rig = Rig(api, clock)
-    assert await rig.ctl.wake(APP) == "start"
-    assert api.ops("start_machine") == [first, second]
     assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
     assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
 
