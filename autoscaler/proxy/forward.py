@@ -366,6 +366,3 @@ class _Chunks:
             stream.too_large = True
             raise BodyTooLarge
         return chunk
-
-    async def aclose(self) -> None:
-        """Nothing to release: the body is the connection's."""

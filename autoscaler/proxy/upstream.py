@@ -521,6 +521,3 @@ async def _send_body(
         # reading: the request is incomplete, so this connection can never be reused.
         conn.abort()
         raise
-    finally:
-        with contextlib.suppress(Exception):
-            await body.aclose()  # type: ignore[attr-defined]
