@@ -17,7 +17,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from autoscaler.config import authority
@@ -30,23 +30,37 @@ Clock = Callable[[], float]
 Waker = Callable[[str], Coroutine[Any, Any, str]]
 
 
-@dataclass(eq=False, slots=True)
 class Upstream:
-    """One machine as the proxy sees it."""
+    """One machine as the proxy sees it (a plain class, not a dataclass: the compiled
+    build makes its constructor native, where a dataclass's is generated at run time)."""
 
-    id: str
-    host: str
-    port: int
-    state: str = STARTED
-    cordoned: bool = False
-    in_flight: int = 0
-    last_used: float | None = None
-    started_at: float | None = None
-    unhealthy_until: float = 0.0
-    authority: str = field(init=False)
+    __slots__ = (
+        "authority",
+        "cordoned",
+        "host",
+        "id",
+        "in_flight",
+        "last_used",
+        "port",
+        "started_at",
+        "state",
+        "unhealthy_until",
+    )
 
-    def __post_init__(self) -> None:
-        self.authority = authority(self.host, self.port)
+    def __init__(self, id: str, host: str, port: int, state: str = STARTED) -> None:
+        self.id = id
+        self.host = host
+        self.port = port
+        self.state = state
+        self.cordoned = False
+        self.in_flight = 0
+        self.last_used: float | None = None
+        self.started_at: float | None = None
+        self.unhealthy_until = 0.0
+        self.authority = authority(host, port)
+
+    def __repr__(self) -> str:
+        return f"Upstream(id={self.id!r}, authority={self.authority!r}, state={self.state!r})"
 
     def set_address(self, host: str, port: int) -> None:
         self.host, self.port = host, port

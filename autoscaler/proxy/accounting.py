@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 
 from autoscaler.control.view import Upstream
@@ -25,18 +24,24 @@ class Failure(Exception):
         self.headers = headers
 
 
-@dataclass(slots=True)
 class RequestContext:
-    """What one request's accounting needs, filled in as it goes."""
+    """What one request's accounting needs, filled in as it goes.
 
-    arrived: float
-    request_id: str
-    app: str = ""
-    status: int = 0
-    wake: str = NO_WAKE
-    up: Upstream | None = None
-    deadline: float = 0.0
-    headers_at: float | None = None
+    A plain class: the compiled build makes its constructor native, where a dataclass's
+    ``__init__`` is generated (and interpreted) at run time.
+    """
+
+    __slots__ = ("app", "arrived", "deadline", "headers_at", "request_id", "status", "up", "wake")
+
+    def __init__(self, arrived: float, request_id: str) -> None:
+        self.arrived = arrived
+        self.request_id = request_id
+        self.app = ""
+        self.status = 0
+        self.wake = NO_WAKE
+        self.up: Upstream | None = None
+        self.deadline = 0.0
+        self.headers_at: float | None = None
 
 
 def remaining(deadline: float) -> float:

@@ -182,13 +182,16 @@ _VIA_LINE = _Memo(lambda version: b"Via: %b\r\n" % _VIA[version])  # when no hop
 _KEEP_NAMED = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
-@dataclass(slots=True)
 class ResponseHead:
-    """The head sent to the client, and how its body is framed."""
+    """The head sent to the client, and how its body is framed (a plain class, for a
+    native constructor in the compiled build)."""
 
-    data: bytes
-    chunked: bool  # the body is re-framed in chunks (its length is unknown)
-    close: bool  # the connection closes after this response
+    __slots__ = ("chunked", "close", "data")
+
+    def __init__(self, data: bytes, chunked: bool, close: bool) -> None:
+        self.data = data
+        self.chunked = chunked  # the body is re-framed in chunks (its length is unknown)
+        self.close = close  # the connection closes after this response
 
 
 def response_head(
