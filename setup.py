@@ -13,9 +13,14 @@ import os
 
 from setuptools import setup
 
-# The data path: what each request runs through, and nothing that is only configuration,
-# control or tooling.
+# The data path: what each request runs through (the proxy, the fleet view and load meter
+# it updates, its log line and metrics), and nothing that is only configuration, control or
+# tooling. Each call from compiled code into an interpreted function costs one to three
+# thousand instructions (docs/benchmarks.md), so what a request calls is compiled with it.
 COMPILED = [
+    "autoscaler/control/view.py",
+    "autoscaler/logs.py",
+    "autoscaler/metrics.py",
     "autoscaler/proxy/accounting.py",
     "autoscaler/proxy/balancer.py",
     "autoscaler/proxy/body.py",
@@ -25,6 +30,7 @@ COMPILED = [
     "autoscaler/proxy/routing.py",
     "autoscaler/proxy/server.py",
     "autoscaler/proxy/upstream.py",
+    "autoscaler/scaling/window.py",
 ]
 
 

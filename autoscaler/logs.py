@@ -212,7 +212,21 @@ class _LineWriter:
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()
 
-    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+    # structlog calls the method named after the line's level.
+    def debug(self, message: str) -> None:
+        self.msg(message)
+
+    def info(self, message: str) -> None:
+        self.msg(message)
+
+    def warning(self, message: str) -> None:
+        self.msg(message)
+
+    def error(self, message: str) -> None:
+        self.msg(message)
+
+    def critical(self, message: str) -> None:
+        self.msg(message)
 
 
 def get_logger(name: str) -> Any:

@@ -66,7 +66,9 @@ def config_rows(model: type[BaseModel] = Settings, prefix: str = "") -> list[tup
 
 def metric_rows() -> list[tuple[str, str, str, str]]:
     rows = []
-    for metric in vars(Metrics()).values():
+    metrics = Metrics()
+    # dir(), not vars(): the compiled build's Metrics has slots, not a __dict__.
+    for metric in (getattr(metrics, name) for name in dir(metrics) if not name.startswith("_")):
         if isinstance(metric, RequestMetrics):
             rows += [(m.name, m.kind, ", ".join(m.labels), m.help) for m in metric.SPECS]
         if not isinstance(metric, MetricWrapperBase):

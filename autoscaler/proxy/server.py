@@ -192,8 +192,7 @@ class ProxyServer:
         try:
             await self._forward(request, app, gate, ctx)
         finally:
-            if ctx.up is not None:
-                gate.done(ctx.up)
+            _give_back(gate, ctx)
 
     async def _wait(self, gate: Gate, app: AppConfig, ctx: RequestContext) -> tuple[Upstream, str]:
         rejections = self.metrics.queue_rejections
@@ -480,6 +479,14 @@ def _reason(status: int) -> str:
 
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _give_back(gate: Gate, ctx: RequestContext) -> None:
+    """Return the request's slot. ``_next_attempt`` may have moved it to another machine,
+    or to none, so ``ctx.up`` is read here: in ``_serve`` the type checker still takes it
+    for the machine assigned there, and the compiled build would check that at run time."""
+    if ctx.up is not None:
+        gate.done(ctx.up)
 
 
 def up_host_header(app: AppConfig, up: Upstream | None) -> str:

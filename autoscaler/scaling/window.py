@@ -122,6 +122,14 @@ class LoadWindows:
                 covered += overlap
         return area / covered if covered > 0 else 0.0
 
+    def __deepcopy__(self, memo: dict[int, object]) -> LoadWindows:
+        # Written out: in the compiled build (setup.py) copy's default, which makes the
+        # object without calling __init__, is not available. Samples are immutable.
+        twin = LoadWindows(self.stable_window_s, self.panic_window_s)
+        twin._samples = deque(self._samples)
+        twin.last_active = self.last_active
+        return twin
+
     def stable(self, now: float) -> float:
         return self.average(self.stable_window_s, now)
 

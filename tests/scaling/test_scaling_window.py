@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from autoscaler.config import AppConfig
@@ -76,3 +78,14 @@ def test_held_requests_from_the_meter_are_load() -> None:
     w.add(meter.take(4.0))
     assert w.stable(4.0) == pytest.approx((4 + 3 * 2) / 4)
     assert w.last_active == 4.0
+
+
+def test_a_deep_copy_reads_the_same_and_moves_on_its_own() -> None:
+    # The simulator's purity test replays decide() on deep copies of its inputs.
+    original = filled((0, 5, 2.0), (5, 10, 4.0), stable=60, panic=6)
+    twin = copy.deepcopy(original)
+    assert (twin.stable(10), twin.panic(10), len(twin)) == (3.0, 22 / 6, 2)
+    assert (twin.stable_window_s, twin.panic_window_s, twin.last_active) == (60, 6, 10)
+    twin.add(Sample(10, 20, 8.0, 8))
+    assert (len(original), original.last_active) == (2, 10)
+    assert (len(twin), twin.last_active) == (3, 20)
