@@ -66,6 +66,7 @@ class Gate:
         metrics: Metrics,
         rng: random.Random,
     ) -> None:
+        self.name = config.name  # gates are per app name: it never changes
         self.config = config
         self.fleet = fleet
         self.rng = rng
@@ -76,10 +77,20 @@ class Gate:
         self._wake_failed_at: float | None = None
 
     @property
+    def config(self) -> AppConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: AppConfig) -> None:
+        self._config = config
+        # Read per request, kept as plain attributes (pydantic's cost several times more).
+        self._hard_limit = config.hard_limit
+
+    @property
     def view(self) -> AppView:
         # Looked up each time: the controller may replace an app's view (remove_app on a
         # reload), and a gate holding the old one would never see its machines again.
-        return self.fleet.app(self.config.name)
+        return self.fleet.app(self.name)
 
     @property
     def queued(self) -> int:
@@ -97,9 +108,10 @@ class Gate:
         """A slot now, or None. Only ``jump`` (a retry already admitted) passes waiters."""
         if self._queue and not jump:
             return None
-        up = pick(self.view.routable(), self.config.hard_limit, self.rng, exclude)
+        view = self.view
+        up = pick(view.routable(), self._hard_limit, self.rng, exclude)
         if up is not None:
-            self.view.begin(up)
+            view.begin(up)
         return up
 
     def done(self, up: Upstream) -> None:
@@ -122,7 +134,7 @@ class Gate:
         if self._wake is not None and not self._wake.done():
             waiter.wake = self._wake
         if self._pump_task is None or self._pump_task.done():
-            self._pump_task = loop.create_task(self._pump(), name=f"gate:{self.config.name}")
+            self._pump_task = loop.create_task(self._pump(), name=f"gate:{self.name}")
             self._pump_task.add_done_callback(self._pump_done)
         deadline = loop.time() + wait_s
         try:
@@ -185,7 +197,7 @@ class Gate:
         if self._wake_failed_at is not None and now - self._wake_failed_at < WAKE_RETRY_S:
             return
         self._wake_failed_at = None
-        wake = self.fleet.wake(self.config.name)
+        wake = self.fleet.wake(self.name)
         self._wake = wake
         for waiter in self._queue:
             if waiter.wake is None or waiter.wake.done():
@@ -197,7 +209,7 @@ class Gate:
             return
         view = self.view
         routable = view.routable()
-        limit = self.config.hard_limit
+        limit = self._hard_limit
         while queue:
             waiter = queue[0]
             if waiter.future.done():  # its request gave up a moment ago
@@ -223,7 +235,7 @@ class Gate:
             # A machine whose backoff ends later brings the queue back to life by itself.
             delay = self._next_healthy()
             routable = self.view.routable()
-            if routable and pick(routable, self.config.hard_limit, self.rng) is not None:
+            if routable and pick(routable, self._hard_limit, self.rng) is not None:
                 continue  # room appeared since _dispatch looked (a backoff just ended)
             if not routable:
                 wake = self._wake
@@ -246,7 +258,7 @@ class Gate:
             return
         exc = task.exception()
         if exc is not None:  # a bug: held requests would wait for nothing until 504
-            _log.error("gate_pump_failed", app=self.config.name, exc_info=exc)
+            _log.error("gate_pump_failed", app=self.name, exc_info=exc)
 
     def _next_healthy(self) -> float | None:
         """Seconds until a machine skipped for failing comes back into rotation."""
