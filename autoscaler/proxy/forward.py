@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 from autoscaler.proxy.accounting import Failure
 from autoscaler.proxy.h1 import ParseError, Request
@@ -40,6 +41,58 @@ _FORWARDING = frozenset(
 # rewritten with this hop appended.
 _REQUEST_DROP = HOP_BY_HOP | _FORWARDING | {b"expect", b"via"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"via"}
+
+# What a head does with a header, by its name as written: classified once per name, then
+# memoized (names are few and repeat on every request; the tables are bounded). Kinds
+# below _KEEP leave the head; the others stay in it.
+_DROP: Final = 0
+_CONNECTION: Final = 1
+_VIA_NAME: Final = 2
+_FORWARDED_FOR: Final = 3
+_FORWARDED_PROTO: Final = 4
+_FORWARDED_HOST: Final = 5
+_FORWARDED: Final = 6
+_KEEP: Final = 7
+_HOST: Final = 8
+_LENGTH: Final = 9
+_REQUEST_ID: Final = 10
+# The dropped request headers whose values the proxy still reads.
+_READ_WHEN_DROPPED = {
+    b"connection": _CONNECTION,
+    b"via": _VIA_NAME,
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"x-forwarded-proto": _FORWARDED_PROTO,
+    b"x-forwarded-host": _FORWARDED_HOST,
+    b"forwarded": _FORWARDED,
+}
+_MAX_NAMES = 4096
+
+
+def _request_class(low: bytes) -> int:
+    if low in _REQUEST_DROP or low[:6] == b"proxy-":
+        return _READ_WHEN_DROPPED.get(low, _DROP)
+    return _HOST if low == b"host" else _KEEP
+
+
+def _response_class(low: bytes) -> int:
+    if low in _RESPONSE_DROP or low[:6] == b"proxy-":
+        return _CONNECTION if low == b"connection" else _VIA_NAME if low == b"via" else _DROP
+    if low == b"content-length":
+        return _LENGTH
+    return _REQUEST_ID if low == b"x-request-id" else _KEEP
+
+
+def _kind(table: dict[bytes, int], name: bytes, classify: Callable[[bytes], int]) -> int:
+    kind = table.get(name)
+    if kind is None:
+        kind = classify(name.lower())
+        if len(table) < _MAX_NAMES:
+            table[name] = kind
+    return kind
+
+
+_REQUEST_KINDS: dict[bytes, int] = {}
+_RESPONSE_KINDS: dict[bytes, int] = {}
 
 
 class Trust:
@@ -122,22 +175,22 @@ def request_head(
     via: list[bytes] = []
     connection = proto = fwd_host = host = None
     for key, value in request.headers:
-        low = key.lower()
-        if low in _REQUEST_DROP or low[:6] == b"proxy-":
-            if low == b"connection":
+        kind = _kind(_REQUEST_KINDS, key, _request_class)
+        if kind < _KEEP:
+            if kind == _CONNECTION:
                 connection = value if connection is None else connection + b"," + value
-            elif low == b"x-forwarded-for":
+            elif kind == _FORWARDED_FOR:
                 forwarded_for.append(value)
-            elif low == b"x-forwarded-proto":
+            elif kind == _FORWARDED_PROTO:
                 proto = proto or value
-            elif low == b"x-forwarded-host":
+            elif kind == _FORWARDED_HOST:
                 fwd_host = fwd_host or value
-            elif low == b"forwarded":
+            elif kind == _FORWARDED:
                 forwarded.append(value)
-            elif low == b"via":
+            elif kind == _VIA_NAME:
                 via.append(value)
             continue
-        if low == b"host":
+        if kind == _HOST:
             host = value
         parts += (key, b": ", value, b"\r\n")
     if connection is not None:
@@ -214,16 +267,16 @@ def response_head(
     via: list[bytes] = []
     connection = None
     for key, value in raw:
-        low = key.lower()
-        if low in _RESPONSE_DROP or low[:6] == b"proxy-":
-            if low == b"connection":
+        kind = _kind(_RESPONSE_KINDS, key, _response_class)
+        if kind < _KEEP:
+            if kind == _CONNECTION:
                 connection = value if connection is None else connection + b"," + value
-            elif low == b"via":
+            elif kind == _VIA_NAME:
                 via.append(value)
             continue
-        if low == b"content-length":
+        if kind == _LENGTH:
             length = True
-        elif low == b"x-request-id":
+        elif kind == _REQUEST_ID:
             has_id = True
         parts += (key, b": ", value, b"\r\n")
     if connection is not None:

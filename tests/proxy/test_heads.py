@@ -51,3 +51,28 @@ def test_headers_named_by_connection_are_dropped_only_when_named() -> None:
     named = head(200, "OK", [*raw, (b"Connection", b"x-hop")])
     assert b"X-Hop" not in named
     assert b"X-Kept: 2" in named
+
+
+def test_header_names_are_matched_in_any_case_and_each_spelling_is_classified_once() -> None:
+    # The heads remember what each spelling of a name is (keep, drop, read): a spelling
+    # seen before must get the same treatment, and case must never matter.
+    for _ in range(2):
+        for spelling in (b"Keep-Alive", b"KEEP-ALIVE", b"keep-alive"):
+            assert b"timeout=5" not in head(200, "OK", [(spelling, b"timeout=5")])
+        answer = head(
+            200,
+            "OK",
+            [
+                (b"CONTENT-LENGTH", b"0"),  # known length: no chunked framing added
+                (b"x-request-id", b"upstream-id"),  # the machine's id is kept, not replaced
+                (b"Proxy-Authenticate", b"Basic"),
+                (b"X-Forwarded-For", b"10.0.0.1"),  # a response header like any other
+                (b"VIA", b"1.0 cdn"),
+            ],
+        )
+        assert b"Transfer-Encoding" not in answer
+        assert b"\r\nx-request-id: upstream-id\r\n" in answer
+        assert b"rid" not in answer
+        assert b"Proxy-Authenticate" not in answer
+        assert b"\r\nX-Forwarded-For: 10.0.0.1\r\n" in answer
+        assert b"\r\nVia: 1.0 cdn, 1.1 autoscaler\r\n" in answer
