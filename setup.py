@@ -2,7 +2,7 @@
 
 ``AUTOSCALER_COMPILE=1 pip install .`` compiles the modules every proxied request runs
 through into C extensions (mypyc, the compiler mypy and black ship with); the proxy then
-spends 12-23% less CPU per request (docs/benchmarks.md). Without it the package is
+runs about half the instructions per request (docs/benchmarks.md). Without it the package is
 pure Python; the code is the same either way, and so is the behaviour (CI runs the whole
 suite on both builds). Compiling needs a C compiler and the Python headers.
 """
