@@ -44,6 +44,35 @@ class RequestContext:
         self.headers_at: float | None = None
 
 
+class RequestIds:
+    """Fresh request ids: 64 random bits per proxy, then a count, in 32 hex digits.
+
+    Ids need to be unique, not unguessable: a random prefix and a count cost a fraction of
+    uuid4, which reads the kernel's entropy pool on every request. The count's last three
+    digits come from a table, the rest is formatted once per 4096 ids: formatting every id
+    cost about 2k instructions (and an f-string with ``:016x`` more: mypyc makes it a
+    ``str.format()`` call).
+    """
+
+    __slots__ = ("_block", "_count", "_prefix")
+
+    def __init__(self, prefix: int) -> None:
+        self._prefix = "%016x" % prefix  # noqa: UP031
+        self._count = 0
+        self._block = self._prefix + "0" * 13  # the ids up to 4095
+
+    def next(self) -> str:
+        self._count += 1
+        count = self._count
+        low = count & 0xFFF
+        if low == 0:
+            self._block = self._prefix + "%013x" % (count >> 12)
+        return self._block + _LAST_DIGITS[low]
+
+
+_LAST_DIGITS = tuple("%03x" % n for n in range(4096))  # noqa: UP031
+
+
 def remaining(deadline: float) -> float:
     return max(0.0, deadline - asyncio.get_running_loop().time())
 

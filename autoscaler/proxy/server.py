@@ -26,6 +26,7 @@ from autoscaler.proxy import forward, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
     RequestContext,
+    RequestIds,
     log_access,
     remaining,
 )
@@ -65,9 +66,7 @@ class ProxyServer:
         self._tunnels: set[tunnel.Tunnel] = set()
         self._stats = metrics.proxy
         metrics.proxy.in_flight = self._in_flight
-        # Request ids: 64 random bits per proxy, then a count (32 hex digits in all).
-        self._id_prefix = f"{random.SystemRandom().getrandbits(64):016x}"
-        self._ids = 0
+        self._ids = RequestIds(random.SystemRandom().getrandbits(64))
         self._closing = False
         self.update_settings(settings)
 
@@ -403,16 +402,10 @@ class ProxyServer:
     # --- errors and accounting ----------------------------------------------------
 
     def _request_id(self, given: str | None) -> str:
-        """The client's X-Request-Id when it is sane, else a fresh random one.
-
-        Ids need to be unique, not unguessable: a random prefix per proxy and a count
-        cost a fraction of uuid4, which reads the kernel's entropy pool on every request.
-        """
+        """The client's X-Request-Id when it is sane, else a fresh one."""
         if given and len(given) <= 128 and given.isascii() and given.isprintable():
             return given
-        self._ids += 1
-        # Not an f-string: mypyc compiles {:016x} to two str.format() calls.
-        return self._id_prefix + "%016x" % self._ids  # noqa: UP031
+        return self._ids.next()
 
     def _write_error(self, request: Request, failure: Failure, ctx: RequestContext) -> None:
         conn = request.conn

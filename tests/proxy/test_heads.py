@@ -1,8 +1,9 @@
 """The response head the client gets: built from the machine's, with cached pieces that
-must not leak from one answer into another."""
+must not leak from one answer into another; and the request ids the heads carry."""
 
 from __future__ import annotations
 
+from autoscaler.proxy.accounting import RequestIds
 from autoscaler.proxy.forward import response_head
 
 
@@ -76,3 +77,9 @@ def test_header_names_are_matched_in_any_case_and_each_spelling_is_classified_on
         assert b"Proxy-Authenticate" not in answer
         assert b"\r\nX-Forwarded-For: 10.0.0.1\r\n" in answer
         assert b"\r\nVia: 1.0 cdn, 1.1 autoscaler\r\n" in answer
+
+
+def test_request_ids_count_in_32_hex_digits_across_the_table_s_blocks() -> None:
+    ids = RequestIds(0xABC)
+    made = [ids.next() for _ in range(3 * 4096 + 5)]
+    assert made == [f"{0xABC:016x}{n:016x}" for n in range(1, 3 * 4096 + 6)]
