@@ -44,6 +44,10 @@ class RequestContext:
         self.headers_at: float | None = None
 
 
+# The last three hex digits of a request id's count.
+_LAST_DIGITS = tuple("%03x" % n for n in range(4096))  # noqa: UP031
+
+
 class RequestIds:
     """Fresh request ids: 64 random bits per proxy, then a count, in 32 hex digits.
 
@@ -68,9 +72,6 @@ class RequestIds:
         if low == 0:
             self._block = self._prefix + "%013x" % (count >> 12)
         return self._block + _LAST_DIGITS[low]
-
-
-_LAST_DIGITS = tuple("%03x" % n for n in range(4096))  # noqa: UP031
 
 
 def remaining(deadline: float) -> float:

@@ -477,8 +477,9 @@ def _chunk(data: bytes) -> bytes:
 
 
 class _Knobs:
-    """The ``proxy`` settings each request reads, as plain attributes: every read of a
-    pydantic model's attribute passes its ``__getattr__`` hook, a few hundred instructions."""
+    """The ``proxy`` settings the data path reads (most on every request), as plain
+    attributes: every read of a pydantic model's attribute passes its ``__getattr__`` hook,
+    a few hundred instructions. Rebuilt by ``update_settings``."""
 
     __slots__ = (
         "access_log",
