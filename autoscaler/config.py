@@ -146,7 +146,10 @@ class ProxySettings(_Model):
     max_header_bytes: int = Field(
         default=8190,
         ge=1024,
-        description="largest request target (414 above) or header field (431 above)",
+        description=(
+            "largest request target (414 above) or header field (431 above); a whole head,"
+            " or trailer section, over 8 times this gets 431"
+        ),
     )
     client_timeout_s: Seconds = Field(
         default=60.0, description="a client that sends nothing for this long is disconnected"

@@ -1,4 +1,5 @@
-"""Message bodies in flight through the proxy, with flow control towards their source."""
+"""Message bodies in flight through the proxy, with flow control towards their source, and
+the bound on what a parser holds between them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Protocol
 # A consumer reading slower than the peer sends: above this much buffered, reading from
 # the socket pauses until the consumer caught up to half of it.
 BODY_HIGH_WATER = 256 * 1024
+# A whole head (or trailer section) may hold this many times the limit of one header
+# field: 64 KiB with the default 8 KiB fields, near Envoy's 60 KiB, above nginx's 32 KiB.
+HEAD_FACTOR = 8
 
 
 class FlowControl(Protocol):
@@ -87,6 +91,37 @@ class FlowControlled:
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_exception(exc)
+
+
+class HeadBudget:
+    """A bound on the bytes a parser holds outside bodies: a head, a trailer section, a
+    chunk-size line.
+
+    httptools hands a header field over only once it is whole and keeps its bytes until
+    then, and llhttp sets no limit of its own, so a peer that never ends a field would grow
+    that buffer without end. A protocol calls :meth:`mark` where a stretch of such bytes
+    starts (a message begins, its head is complete, body bytes came) and :meth:`over` after
+    each read. A read in which a mark fell is not counted: the count falls short of the
+    bytes held by less than one read, and never exceeds them.
+    """
+
+    __slots__ = ("marks", "spent")
+
+    def __init__(self) -> None:
+        self.marks = 0
+        self.spent = 0
+
+    def mark(self) -> None:
+        self.marks += 1
+        self.spent = 0
+
+    def over(self, marks: int, size: int, limit: int) -> bool:
+        """After a read of ``size`` bytes (``marks`` as it was before): whether the stretch
+        under way now holds more than ``limit`` bytes."""
+        if marks != self.marks:
+            return False
+        self.spent += size
+        return self.spent > limit
 
 
 class Body:

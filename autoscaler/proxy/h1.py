@@ -12,10 +12,13 @@ requests in order (pipelined requests wait their turn). Request bodies are strea
 parser feeds a :class:`Body`, which pauses reading from the socket when the handler falls
 behind. What this module guards:
 
-- limits: a request target over ``max_header_bytes`` gets 414, a header field over it or
-  more than ``MAX_HEADERS`` fields get 431, anything llhttp rejects (conflicting
-  Content-Length and Transfer-Encoding, bad chunking, bad characters) gets 400, and so
-  does an upgrade request with a body; CONNECT gets 405;
+- limits: a request target over ``max_header_bytes`` gets 414; a header field over it,
+  more than ``MAX_HEADERS`` fields, or a head (or a trailer section) over
+  ``HEAD_FACTOR`` times it gets 431; anything llhttp rejects (conflicting Content-Length
+  and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does an upgrade
+  request with a body; CONNECT gets 405;
+- trailer fields after a chunked request body are dropped (a proxy may, RFC 9110 6.5.1);
+  they never reach the head the machine gets, nor the routing;
 - upgrades: a WebSocket handshake stops the parsing, and once the handler has the
   machine's 101 the socket's bytes go to the tunnel (:mod:`autoscaler.proxy.tunnel`);
   other upgrades (h2c) are served as plain HTTP/1.1 requests;
@@ -41,7 +44,7 @@ from typing import Any, cast
 import httptools
 
 from autoscaler.logs import get_logger
-from autoscaler.proxy.body import Body, FlowControlled
+from autoscaler.proxy.body import HEAD_FACTOR, Body, FlowControlled, HeadBudget
 
 _log = get_logger("autoscaler.proxy")
 
@@ -119,6 +122,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._serving: Request | None = None  # being answered
         self._url: list[bytes] = []
         self._head_size = 0
+        self._head_open = False  # between a message's start and the end of its head
+        self._budget = HeadBudget()
         self._error: ParseError | None = None
         self._task: asyncio.Task[None] | None = None
         self.idle_deadline = 0.0  # waiting for a request head until then (0: not waiting)
@@ -168,6 +173,8 @@ class Connection(FlowControlled, asyncio.Protocol):
             return
         if self._discarding or self._error is not None:
             return
+        budget = self._budget
+        marks = budget.marks
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -176,6 +183,9 @@ class Connection(FlowControlled, asyncio.Protocol):
             self._refuse_raised()
         except httptools.HttpParserError as exc:
             self._refuse(ParseError(400, f"bad request: {str(exc)[:120]}"))
+        else:
+            if budget.over(marks, len(data), self._server.max_head_bytes):
+                self._refuse(ParseError(431, "request header fields too large"))
 
     def _refuse_raised(self) -> None:
         # A callback set ``_error`` and raised it. (Read here, not in data_received: there
@@ -195,6 +205,8 @@ class Connection(FlowControlled, asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url.clear()
         self._head_size = 0
+        self._head_open = True
+        self._budget.mark()
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
@@ -214,6 +226,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         return request
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_open:
+            return  # a trailer field, after a chunked body: dropped
         request = self._current or self._request()
         if len(name) + len(value) > self._server.max_header_bytes:
             self._error = ParseError(431, "request header fields too large")
@@ -240,6 +254,8 @@ class Connection(FlowControlled, asyncio.Protocol):
             request.upgrade = value.decode("latin-1").strip().lower()
 
     def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._budget.mark()
         parser = self._parser
         request = self._request()
         request.version = parser.get_http_version()
@@ -264,6 +280,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._push(request)
 
     def on_body(self, body: bytes) -> None:
+        self._budget.mark()
         request = self._current
         if request is not None and request.body is not None:
             request.body.feed(body)
@@ -466,6 +483,7 @@ class H1Server:
         self.error_page = error_page
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
+        self.max_head_bytes = HEAD_FACTOR * max_header_bytes
         self.client_timeout_s = client_timeout_s
         self.connections: set[Connection] = set()
         self.closing = False

@@ -12,7 +12,11 @@ Errors, by what the caller may do about them:
   sent, so another machine may be tried.
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
-- :class:`BadResponse`: what came back is not HTTP, or is too large.
+- :class:`BadResponse`: what came back is not HTTP, or its head is too large (a field over
+  ``max_field_size``, more than ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times
+  ``max_field_size`` in all).
+
+Trailer fields after a chunked answer are dropped.
 - ``TimeoutError``: no answer within ``head_timeout``.
 """
 
@@ -26,7 +30,7 @@ from typing import cast
 
 import httptools
 
-from autoscaler.proxy.body import Body, FlowControlled
+from autoscaler.proxy.body import HEAD_FACTOR, Body, FlowControlled, HeadBudget
 
 # A pooled connection idle longer than this is closed rather than reused: servers commonly
 # drop idle keep-alive connections after 5-60 s, and reusing one they just dropped costs a
@@ -149,6 +153,9 @@ class Connection(FlowControlled, asyncio.Protocol):
         self.idle_since = 0.0
         self.closed = False
         self._max_field_size = max_field_size
+        self._max_head = HEAD_FACTOR * max_field_size
+        self._budget = HeadBudget()
+        self._head_open = False
         self._parser = httptools.HttpResponseParser(self)
         self._error: UpstreamError | None = None
         self._interim = False
@@ -185,6 +192,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         if ex is None or ex.complete:
             self.close()  # bytes nobody asked for: this connection cannot be trusted
             return
+        budget = self._budget
+        marks = budget.marks
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -199,6 +208,10 @@ class Connection(FlowControlled, asyncio.Protocol):
         except httptools.HttpParserError as exc:
             ex.fail(BadResponse(f"bad answer from the machine: {exc}"))
             self.close()
+        else:
+            if budget.over(marks, len(data), self._max_head):
+                ex.fail(BadResponse("the machine's answer has too large a head"))
+                self.close()
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost tells the exchange
@@ -210,6 +223,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         assert ex is not None
         ex.reason = ""
         ex.headers = []
+        self._head_open = True
+        self._budget.mark()
 
     def on_status(self, status: bytes) -> None:
         ex = self.exchange
@@ -217,6 +232,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         ex.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_open:
+            return  # a trailer field, after a chunked body: dropped
         ex = self.exchange
         assert ex is not None
         if len(name) + len(value) > self._max_field_size or len(ex.headers) >= MAX_HEADERS:
@@ -225,6 +242,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         ex.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._budget.mark()
         ex = self.exchange
         assert ex is not None
         parser = self._parser
@@ -253,6 +272,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         ex.got_head()
 
     def on_body(self, body: bytes) -> None:
+        self._budget.mark()
         ex = self.exchange
         if ex is not None and not ex.complete:
             ex.body.feed(body)

@@ -1,6 +1,7 @@
 """The client-facing HTTP/1.1 server (h1.py) through a started proxy, on raw sockets.
 
-Limits (414, 431, 405, 400), pipelining, HTTP/1.0 keep-alive and close-delimited bodies,
+Limits (414, 431, 405, 400), heads and trailers that never end, trailers dropped,
+pipelining, HTTP/1.0 keep-alive and close-delimited bodies,
 non-WebSocket upgrades served as plain requests, and idle keep-alive connections closed by
 the sweep. Every exchange is bounded by ``asyncio.timeout``; nothing sleeps to assert.
 """
@@ -140,6 +141,63 @@ async def test_more_than_max_headers_fields_gets_431(
     assert status_of(reply) == 200, reply[:80]
     got = dict(map(tuple, seen[0]["headers"]))
     assert got["x-f99"] == "v"
+
+
+async def test_a_head_that_never_ends_gets_431_at_its_bound(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """A header field that never ends: httptools would hold it all, so the proxy counts
+    the head's bytes and refuses past HEAD_FACTOR times max_header_bytes."""
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen), max_header_bytes=1024)
+    async with connect(port) as (reader, writer):
+        writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: ")
+        for _ in range(64):  # 1 MiB, far past the 8 KiB bound; the proxy reads and drops
+            writer.write(b"a" * 16384)
+            await writer.drain()
+        reply = await at_eof(reader)
+    assert status_of(reply) == 431, reply[:80]
+    assert reply.endswith(b"request header fields too large\n")
+    assert seen == []
+
+
+async def test_a_trailer_section_that_never_ends_gets_431(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    port = await proxy_for(backend, start_proxy, seen_app(), max_header_bytes=1024)
+    async with connect(port) as (reader, writer):
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Trailer: "
+        )
+        for _ in range(64):
+            writer.write(b"a" * 16384)
+            await writer.drain()
+        reply = await at_eof(reader)
+    assert status_of(reply) == 431, reply[:80]
+
+
+async def test_trailer_fields_are_dropped_and_never_route_or_reach_the_machine(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """Trailers that come with the head in one read must not join it: a Host among them
+    would re-route the request (here to no app: 404), an Upgrade turn it into a tunnel."""
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen))
+    reply = await raw(
+        port,
+        b"POST /t HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n"
+        b"Host: b.test\r\nX-Trailer: 1\r\nUpgrade: websocket\r\nX-Request-Id: t1\r\n\r\n",
+    )
+    assert status_of(reply) == 200, reply[:80]
+    [record] = seen
+    assert record["body"] == "hello"
+    got = dict(map(tuple, record["headers"]))
+    assert got["host"] == "a.test"
+    assert "x-trailer" not in got
+    assert "upgrade" not in got
+    assert got["x-request-id"] != "t1"
 
 
 async def test_connect_gets_405(backend: Backend, start_proxy: StartProxy) -> None:

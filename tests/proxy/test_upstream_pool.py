@@ -1,4 +1,5 @@
-"""The upstream hop: keep-alive reuse, idle connections the machine closed, early answers."""
+"""The upstream hop: keep-alive reuse, idle connections the machine closed, early answers,
+answers whose head never ends, trailers."""
 
 from __future__ import annotations
 
@@ -56,6 +57,65 @@ async def test_connection_closed_by_the_machine_while_idle_is_not_an_error(
             assert r.status == 200
             assert await r.text() == "ok"
     assert served == 10
+
+
+async def test_an_answer_whose_head_never_ends_gets_502_at_its_bound(
+    start_proxy: StartProxy, raw_backend: RawBackend, session: aiohttp.ClientSession
+) -> None:
+    """httptools holds a header field until it ends: the proxy gives up on the machine's
+    head past HEAD_FACTOR times the field limit (64 KiB here) instead of holding more."""
+    sent = 0
+    gave_up = asyncio.Event()
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        try:
+            while sent < 64 << 20:  # 64 MiB: only a proxy without a bound reads it all
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                sent += 65536
+        except ConnectionError:
+            gave_up.set()
+
+    addr = await raw_backend(endless)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+        assert r.status == 502
+        assert await r.text() == "the machine failed to answer\n"
+    async with asyncio.timeout(10):
+        await gave_up.wait()  # the proxy closed the connection
+    assert sent < 8 << 20
+
+
+async def test_trailer_fields_of_a_chunked_answer_are_dropped(
+    start_proxy: StartProxy, raw_backend: RawBackend
+) -> None:
+    """Trailers that arrive with the head must not join the head the client gets."""
+
+    async def with_trailers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+            b"2\r\nok\r\n0\r\nX-Sum: 1\r\nSet-Cookie: t=1\r\n\r\n"
+        )
+        await writer.drain()
+
+    addr = await raw_backend(with_trailers)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            reply = await reader.read(-1)
+    finally:
+        writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"X-Sum" not in head
+    assert b"Set-Cookie" not in head
+    assert body == b"2\r\nok\r\n0\r\n\r\n"
 
 
 async def test_early_answer_before_the_body_is_relayed(
