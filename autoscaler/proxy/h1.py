@@ -17,6 +17,10 @@ behind. What this module guards:
   ``HEAD_FACTOR`` times it gets 431; anything llhttp rejects (conflicting Content-Length
   and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does an upgrade
   request with a body; CONNECT gets 405;
+- request targets in absolute form (``GET http://host/path``): as RFC 9112 asks, the
+  target's authority replaces the Host header, for routing and upstream, and the machine
+  gets the origin form (``/path``); a scheme other than http(s), user info or an empty
+  authority gets 400;
 - trailer fields after a chunked request body are dropped (a proxy may, RFC 9110 6.5.1);
   they never reach the head the machine gets, nor the routing;
 - upgrades: a WebSocket handshake stops the parsing, and once the handler has the
@@ -68,6 +72,7 @@ class Request:
     """One request head as the client sent it: bytes, not decoded unless asked."""
 
     __slots__ = (
+        "authority",
         "body",
         "conn",
         "content_length",
@@ -85,8 +90,9 @@ class Request:
     def __init__(self, conn: Connection, method: str, target: str, version: str) -> None:
         self.conn = conn
         self.method = method
-        self.target = target  # path and query, exactly as sent
+        self.target = target  # path and query, exactly as sent (origin form)
         self.version = version  # "1.1" or "1.0"
+        self.authority: str | None = None  # from a target in absolute form
         self.headers: list[tuple[bytes, bytes]] = []
         self.host: str | None = None
         self.request_id: str | None = None
@@ -222,7 +228,15 @@ class Connection(FlowControlled, asyncio.Protocol):
         if request is None:
             target = b"".join(self._url).decode("latin-1")
             method = self._parser.get_method().decode("ascii", "replace")
+            authority = None
+            if target[:1] != "/" and target != "*" and method != "CONNECT":  # (405 later)
+                split = _absolute_form(target)
+                if split is None:
+                    self._error = ParseError(400, "bad request: invalid request target")
+                    raise self._error
+                authority, target = split
             request = self._current = Request(self, method, target, "1.1")
+            request.authority = authority
         return request
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -258,6 +272,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._budget.mark()
         parser = self._parser
         request = self._request()
+        if request.authority is not None:
+            _take_authority(request, request.authority)
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
         has_body = bool(request.content_length) or (
@@ -456,6 +472,31 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._tunnel_closed = on_closed
         self.resume_all_reading()
         return pending
+
+
+def _absolute_form(target: str) -> tuple[str, str] | None:
+    """``http://host:port/path?query`` as (authority, origin form), or None when it is not
+    an http(s) URI with a plain authority. (llhttp checked the characters.)"""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    end = len(rest)
+    for stop in ("/", "?"):
+        at = rest.find(stop)
+        if at != -1 and at < end:
+            end = at
+    authority, path = rest[:end], rest[end:]
+    if not authority or "@" in authority:
+        return None  # user info has no place in a request (RFC 9110 4.2.4)
+    return authority, path if path.startswith("/") else "/" + path
+
+
+def _take_authority(request: Request, authority: str) -> None:
+    """A target in absolute form: its authority is the request's Host (RFC 9112 3.2.2)."""
+    request.host = authority
+    headers = [(b"Host", authority.encode("latin-1"))]
+    headers += [(k, v) for k, v in request.headers if k.lower() != b"host"]
+    request.headers = headers
 
 
 def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -1,7 +1,7 @@
 """The client-facing HTTP/1.1 server (h1.py) through a started proxy, on raw sockets.
 
-Limits (414, 431, 405, 400), heads and trailers that never end, trailers dropped,
-pipelining, HTTP/1.0 keep-alive and close-delimited bodies,
+Limits (414, 431, 405, 400), heads and trailers that never end, trailers dropped, targets
+in absolute form, pipelining, HTTP/1.0 keep-alive and close-delimited bodies,
 non-WebSocket upgrades served as plain requests, and idle keep-alive connections closed by
 the sweep. Every exchange is bounded by ``asyncio.timeout``; nothing sleeps to assert.
 """
@@ -198,6 +198,39 @@ async def test_trailer_fields_are_dropped_and_never_route_or_reach_the_machine(
     assert "x-trailer" not in got
     assert "upgrade" not in got
     assert got["x-request-id"] != "t1"
+
+
+async def test_absolute_form_target_routes_by_its_authority_and_goes_on_in_origin_form(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen))
+    # RFC 9112 3.2.2: the target's authority wins over the Host header.
+    reply = await raw(
+        port,
+        b"GET http://a.test/p/%2F?q=1 HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+    )
+    assert status_of(reply) == 200, reply[:80]
+    # No path (and any case of scheme), no Host header at all.
+    reply = await raw(port, b"GET HTTP://A.test?x=2 HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 200, reply[:80]
+    assert [r["path"] for r in seen] == ["/p/%2F?q=1", "/?x=2"]
+    for record, host in zip(seen, ["a.test", "A.test"], strict=True):
+        hosts = [v for k, v in record["headers"] if k == "host"]
+        assert hosts == [host]
+        assert dict(map(tuple, record["headers"]))["x-forwarded-host"] == host
+
+
+@pytest.mark.parametrize("target", [b"ftp://a.test/", b"http://user@a.test/", b"http:///p"])
+async def test_absolute_form_targets_without_a_plain_http_authority_get_400(
+    backend: Backend, start_proxy: StartProxy, target: bytes
+) -> None:
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen))
+    reply = await raw(port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert status_of(reply) == 400, reply[:80]
+    assert reply.endswith(b"invalid request target\n")
+    assert seen == []
 
 
 async def test_connect_gets_405(backend: Backend, start_proxy: StartProxy) -> None:
