@@ -175,6 +175,12 @@ CASES: dict[str, tuple[bytes, ...]] = {
     "request line over the limit": (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",),
     "header over the limit": (_get(b"X-Big: " + b"b" * 20000 + b"\r\n"),),
     "too many headers": (_get(b"".join(b"X-%d: v\r\n" % i for i in range(5000))),),
+    "header line that never ends (1 MiB)": (
+        b"GET / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nX-Endless: " + b"e" * (1 << 20),
+    ),
+    "trailer section that never ends (1 MiB)": (
+        _post(CHUNKED, b"5\r\nhello\r\n0\r\nX-Endless: " + b"e" * (1 << 20)),
+    ),
     "header without colon": (_get(b"NoColonHere\r\n"),),
     "Content-Length and Transfer-Encoding": (
         _post(b"Content-Length: 5\r\n" + CHUNKED, b"0\r\n\r\n"),
