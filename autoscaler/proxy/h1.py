@@ -17,6 +17,8 @@ behind. What this module guards:
   ``HEAD_FACTOR`` times it gets 431; anything llhttp rejects (conflicting Content-Length
   and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does an upgrade
   request with a body; CONNECT gets 405;
+- Host: more than one Host header, or none in an HTTP/1.1 request, gets 400 (RFC 9112
+  3.2); HTTP/1.0 requests without one go to the default app;
 - request targets in absolute form (``GET http://host/path``): as RFC 9112 asks, the
   target's authority replaces the Host header, for routing and upstream, and the machine
   gets the origin form (``/path``); a scheme other than http(s), user info or an empty
@@ -253,6 +255,9 @@ class Connection(FlowControlled, asyncio.Protocol):
             raise self._error
         low = name.lower()
         if low == b"host":
+            if request.host is not None:  # which one would the machine take? (RFC 9112 3.2)
+                self._error = ParseError(400, "bad request: more than one Host header")
+                raise self._error
             request.host = value.decode("latin-1")
         elif low == b"content-length":
             try:
@@ -275,6 +280,9 @@ class Connection(FlowControlled, asyncio.Protocol):
         if request.authority is not None:
             _take_authority(request, request.authority)
         request.version = parser.get_http_version()
+        if request.host is None and request.version == "1.1":
+            self._error = ParseError(400, "bad request: an HTTP/1.1 request needs a Host header")
+            raise self._error
         request.keep_alive = parser.should_keep_alive()
         has_body = bool(request.content_length) or (
             request.content_length is None and _chunked(request.headers)

@@ -1,9 +1,10 @@
 """The client-facing HTTP/1.1 server (h1.py) through a started proxy, on raw sockets.
 
-Limits (414, 431, 405, 400), heads and trailers that never end, trailers dropped, targets
-in absolute form, pipelining, HTTP/1.0 keep-alive and close-delimited bodies,
-non-WebSocket upgrades served as plain requests, and idle keep-alive connections closed by
-the sweep. Every exchange is bounded by ``asyncio.timeout``; nothing sleeps to assert.
+Limits (414, 431, 405, 400), heads and trailers that never end, trailers dropped, two Host
+headers or none, targets in absolute form, pipelining, HTTP/1.0 keep-alive and
+close-delimited bodies, non-WebSocket upgrades served as plain requests, and idle keep-alive
+connections closed by the sweep. Every exchange is bounded by ``asyncio.timeout``; nothing
+sleeps to assert.
 """
 
 from __future__ import annotations
@@ -221,13 +222,42 @@ async def test_absolute_form_target_routes_by_its_authority_and_goes_on_in_origi
         assert dict(map(tuple, record["headers"]))["x-forwarded-host"] == host
 
 
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"Host: a.test\r\nHost: b.test\r\n", b"more than one Host header"),
+        (b"Host: a.test\r\nhost: a.test\r\n", b"more than one Host header"),
+        (b"", b"an HTTP/1.1 request needs a Host header"),
+    ],
+)
+async def test_two_host_headers_or_none_in_http11_get_400(
+    backend: Backend, start_proxy: StartProxy, head: bytes, reason: bytes
+) -> None:
+    """RFC 9112 3.2: the proxy would route by one Host and the machine might read another."""
+    seen: list[dict[str, Any]] = []
+    addr = await backend(seen_app(seen))
+    proxy = await start_proxy(
+        [
+            {"name": "a", "hosts": ["a.test"], "backends": [addr]},
+            {"name": "b", "hosts": ["b.test"], "backends": [addr]},
+        ],
+        default_app="a",
+    )
+    reply = await raw(proxy.port, b"GET / HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
+    assert status_of(reply) == 400, reply[:80]
+    assert reply.endswith(reason + b"\n")
+    assert seen == []
+
+
 @pytest.mark.parametrize("target", [b"ftp://a.test/", b"http://user@a.test/", b"http:///p"])
 async def test_absolute_form_targets_without_a_plain_http_authority_get_400(
     backend: Backend, start_proxy: StartProxy, target: bytes
 ) -> None:
     seen: list[dict[str, Any]] = []
     port = await proxy_for(backend, start_proxy, seen_app(seen))
-    reply = await raw(port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    reply = await raw(
+        port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    )
     assert status_of(reply) == 400, reply[:80]
     assert reply.endswith(b"invalid request target\n")
     assert seen == []
