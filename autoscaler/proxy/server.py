@@ -309,9 +309,9 @@ class ProxyServer:
                 if not replay:
                     raise Failure(502, "the machine failed to answer") from None
             else:
-                if websocket:
+                if websocket and exchange.status == 101:
                     await self._tunnel(request, exchange, ctx)
-                else:
+                else:  # a refused handshake too: its answer (401, 426...) is the client's
                     await self._relay(request, exchange, app, ctx)
                 return
             if body is not None and body.started:
@@ -373,9 +373,6 @@ class ProxyServer:
     async def _tunnel(
         self, request: Request, exchange: upstream.Exchange, ctx: RequestContext
     ) -> None:
-        if exchange.status != 101:
-            exchange.release()
-            raise Failure(502, f"the machine refused the WebSocket ({exchange.status})")
         machine = exchange.detach()
         response = forward.response_head(
             101,

@@ -12,6 +12,7 @@ from testkit import until
 from autoscaler.control.view import FleetView
 
 from .conftest import Backend, StartProxy, url
+from .test_forwarding import raw
 
 
 def ws_app(seen_close: list[int | None]) -> web.Application:
@@ -71,20 +72,36 @@ async def test_websocket_relay_both_ways_and_close_codes(
     await until(lambda: view.in_flight == 0)
 
 
-async def test_websocket_to_a_plain_http_route_is_502(
+async def test_a_refused_handshake_gets_the_machines_own_answer(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    async def plain(request: web.Request) -> web.Response:
-        return web.Response(text="not a websocket")
+    """A machine that answers a handshake with something else than 101 (401 to ask for
+    credentials, 426, a plain page) is heard as it answered, as nginx relays it."""
+
+    async def login_first(request: web.Request) -> web.Response:
+        return web.Response(status=401, text="log in first", headers={"WWW-Authenticate": "Bearer"})
 
     app = web.Application()
-    app.router.add_get("/ws", plain)
+    app.router.add_get("/ws", login_first)
     proxy = await start_proxy(
         [{"name": "a", "hosts": ["a.test"], "backends": [await backend(app)]}]
     )
     with pytest.raises(aiohttp.WSServerHandshakeError) as failed:
         await session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"})
-    assert failed.value.status == 502
+    assert failed.value.status == 401
+    assert failed.value.headers is not None
+    assert failed.value.headers["WWW-Authenticate"] == "Bearer"
+    # On the wire: the machine's body, and the connection closed after it (the client's
+    # bytes after a handshake are not HTTP the proxy could read on).
+    reply = await raw(
+        proxy.port,
+        b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b"\r\nConnection: close" in head
+    assert body == b"log in first"
 
 
 async def test_shutdown_closes_open_websockets_with_going_away(
