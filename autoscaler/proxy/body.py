@@ -1,5 +1,5 @@
-"""Message bodies in flight through the proxy, with flow control towards their source, and
-the bound on what a parser holds between them."""
+"""Message bodies in flight through the proxy, with flow control towards their source; the
+bound on what a parser holds between them; which transfer codings the proxy relays."""
 
 from __future__ import annotations
 
@@ -91,6 +91,22 @@ class FlowControlled:
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_exception(exc)
+
+
+def transfer_coding_problem(codings: bytes) -> str | None:
+    """What keeps the proxy from relaying a message's Transfer-Encoding (its headers'
+    values, comma-joined), or None when it is exactly ``chunked``.
+
+    llhttp decodes chunked and nothing else; the body would go on re-framed without the
+    other codings, so changed. A request whose final coding is not chunked has no length
+    (RFC 9112 6.3: 400); one with other codings before it gets 501, as nginx answers.
+    """
+    names = [name for name in (c.strip().lower() for c in codings.split(b",")) if name]
+    if not names or names[-1] != b"chunked":
+        return "chunked is not the final transfer coding"
+    if len(names) > 1:
+        return "transfer codings other than chunked are not supported"
+    return None
 
 
 class HeadBudget:

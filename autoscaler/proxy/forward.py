@@ -231,8 +231,14 @@ class _Memo(dict[str, bytes]):
 
 _VIA = _Memo(lambda version: version.encode("latin-1") + b" " + VIA)  # "1.1 autoscaler"
 _VIA_LINE = _Memo(lambda version: b"Via: %b\r\n" % _VIA[version])  # when no hop came before
-# Connection: keep-alive / close / upgrade name no header to drop beyond the usual ones.
-_KEEP_NAMED = frozenset({b"keep-alive", b"close", b"upgrade"})
+# Connection tokens that drop nothing. keep-alive, close and upgrade name no header beyond
+# the usual ones. The rest name headers the message's framing, routing or tracing rest on:
+# a peer could otherwise strip a request's Content-Length and have its body read upstream
+# as a second request (smuggling), or a response's and leave the client unable to tell
+# where it ends.
+_KEEP_NAMED = frozenset(
+    {b"keep-alive", b"close", b"upgrade", b"content-length", b"host", b"x-request-id"}
+)
 
 
 class ResponseHead:

@@ -16,7 +16,9 @@ behind. What this module guards:
   more than ``MAX_HEADERS`` fields, or a head (or a trailer section) over
   ``HEAD_FACTOR`` times it gets 431; anything llhttp rejects (conflicting Content-Length
   and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does an upgrade
-  request with a body; CONNECT gets 405;
+  request with a body; CONNECT gets 405, an HTTP version other than 1.0 and 1.1 505;
+- transfer codings: only ``chunked`` (what llhttp decodes); one before it gets 501, a
+  Transfer-Encoding that does not end in chunked 400 (RFC 9112 6.3);
 - Host: more than one Host header, or none in an HTTP/1.1 request, gets 400 (RFC 9112
   3.2); HTTP/1.0 requests without one go to the default app;
 - request targets in absolute form (``GET http://host/path``): as RFC 9112 asks, the
@@ -50,7 +52,13 @@ from typing import Any, cast
 import httptools
 
 from autoscaler.logs import get_logger
-from autoscaler.proxy.body import HEAD_FACTOR, Body, FlowControlled, HeadBudget
+from autoscaler.proxy.body import (
+    HEAD_FACTOR,
+    Body,
+    FlowControlled,
+    HeadBudget,
+    transfer_coding_problem,
+)
 
 _log = get_logger("autoscaler.proxy")
 
@@ -85,6 +93,7 @@ class Request:
         "method",
         "request_id",
         "target",
+        "transfer_encoding",
         "upgrade",
         "version",
     )
@@ -99,6 +108,7 @@ class Request:
         self.host: str | None = None
         self.request_id: str | None = None
         self.content_length: int | None = None
+        self.transfer_encoding: bytes | None = None  # every value, comma-joined
         self.expect_continue = False
         self.keep_alive = True
         self.upgrade: str | None = None  # "websocket", lowercased, when asked
@@ -265,6 +275,9 @@ class Connection(FlowControlled, asyncio.Protocol):
             except ValueError:
                 self._error = ParseError(400, "bad request: invalid Content-Length")
                 raise self._error from None
+        elif low == b"transfer-encoding":
+            te = request.transfer_encoding
+            request.transfer_encoding = value if te is None else te + b"," + value
         elif low == b"x-request-id":
             request.request_id = value.decode("latin-1")
         elif low == b"expect":
@@ -279,13 +292,23 @@ class Connection(FlowControlled, asyncio.Protocol):
         request = self._request()
         if request.authority is not None:
             _take_authority(request, request.authority)
-        request.version = parser.get_http_version()
-        if request.host is None and request.version == "1.1":
+        version = request.version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._error = ParseError(505, f"HTTP/{version} is not supported")
+            raise self._error
+        if request.host is None and version == "1.1":
             self._error = ParseError(400, "bad request: an HTTP/1.1 request needs a Host header")
             raise self._error
+        te = request.transfer_encoding
+        if te is not None:
+            problem = transfer_coding_problem(te)
+            if problem is not None:
+                status = 400 if problem.startswith("chunked") else 501
+                self._error = ParseError(status, problem)
+                raise self._error
         request.keep_alive = parser.should_keep_alive()
         has_body = bool(request.content_length) or (
-            request.content_length is None and _chunked(request.headers)
+            request.content_length is None and te is not None
         )
         if not parser.should_upgrade():
             request.upgrade = None
@@ -505,13 +528,6 @@ def _take_authority(request: Request, authority: str) -> None:
     headers = [(b"Host", authority.encode("latin-1"))]
     headers += [(k, v) for k, v in request.headers if k.lower() != b"host"]
     request.headers = headers
-
-
-def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    for key, value in headers:
-        if key.lower() == b"transfer-encoding" and b"chunked" in value.lower():
-            return True
-    return False
 
 
 class H1Server:

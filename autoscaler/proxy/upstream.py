@@ -16,7 +16,9 @@ Errors, by what the caller may do about them:
   ``max_field_size``, more than ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times
   ``max_field_size`` in all).
 
-Trailer fields after a chunked answer are dropped.
+Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
+than chunked is a :class:`BadResponse` (the proxy could not relay it unchanged), and so are
+bytes after a whole answer: the answer stands as it came, the connection is closed.
 - ``TimeoutError``: no answer within ``head_timeout``.
 """
 
@@ -30,7 +32,13 @@ from typing import cast
 
 import httptools
 
-from autoscaler.proxy.body import HEAD_FACTOR, Body, FlowControlled, HeadBudget
+from autoscaler.proxy.body import (
+    HEAD_FACTOR,
+    Body,
+    FlowControlled,
+    HeadBudget,
+    transfer_coding_problem,
+)
 
 # A pooled connection idle longer than this is closed rather than reused: servers commonly
 # drop idle keep-alive connections after 5-60 s, and reusing one they just dropped costs a
@@ -221,6 +229,12 @@ class Connection(FlowControlled, asyncio.Protocol):
     def on_message_begin(self) -> None:
         ex = self.exchange
         assert ex is not None
+        if ex.complete or ex._head.done():
+            # Bytes after the whole answer (a second response, a 204's body): never
+            # relayed, and the head already taken stays as it was.
+            ex.keep_alive = False
+            self._error = BadResponse("the machine sent more than its answer")
+            raise self._error
         ex.reason = ""
         ex.headers = []
         self._head_open = True
@@ -266,7 +280,12 @@ class Connection(FlowControlled, asyncio.Protocol):
                 # next answer with a fresh parser.
                 self._parser = httptools.HttpResponseParser(self)
         else:
-            ex.until_eof = not _framed(ex.headers)
+            framed, te = _framing(ex.headers)
+            problem = None if te is None else transfer_coding_problem(te)
+            if problem is not None:
+                self._error = BadResponse(f"the machine's answer: {problem}")
+                raise self._error
+            ex.until_eof = not framed
             if ex.until_eof:
                 ex.keep_alive = False
         ex.got_head()
@@ -313,13 +332,19 @@ class Connection(FlowControlled, asyncio.Protocol):
         return not self.closed and transport is not None and not transport.is_closing()
 
 
-def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether the body's end is marked (a length, or chunks) rather than the close."""
-    for key, _ in headers:
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bytes | None]:
+    """Whether the body's end is marked (a length, or chunks) rather than the close, and
+    the Transfer-Encoding values, comma-joined (None without one)."""
+    framed = False
+    te: bytes | None = None
+    for key, value in headers:
         low = key.lower()
-        if low == b"content-length" or low == b"transfer-encoding":
-            return True
-    return False
+        if low == b"content-length":
+            framed = True
+        elif low == b"transfer-encoding":
+            framed = True
+            te = value if te is None else te + b"," + value
+    return framed, te
 
 
 class Pool:
