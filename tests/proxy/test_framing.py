@@ -60,7 +60,8 @@ async def test_connection_naming_content_length_host_or_request_id_drops_none_of
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
     reply = await raw(
         proxy.port,
-        b"POST /p HTTP/1.1\r\nHost: a.test\r\nConnection: close, content-length, host, x-request-id\r\n"
+        b"POST /p HTTP/1.1\r\nHost: a.test\r\n"
+        b"Connection: close, content-length, host, x-request-id\r\n"
         b"X-Request-Id: r-1\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled,
     )
     assert status_of(reply) == 200, reply[:200]
