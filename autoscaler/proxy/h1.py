@@ -150,6 +150,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._discarding = False  # answered and closing: bytes from the client are dropped
         self._tunnel: Callable[[bytes], None] | None = None
         self._tunnel_closed: Callable[[], None] | None = None
+        self._tunnel_eof: Callable[[], None] | None = None
+        self._eof = False  # the client sent FIN
         self._pending: list[bytes] = []  # bytes after a WebSocket handshake, before the tunnel
         self.response_started = False
 
@@ -212,8 +214,13 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._refuse(self._error)
 
     def eof_received(self) -> bool | None:
+        self._eof = True
         if self._tunnel is not None:
-            return True  # the tunnel decides (a half-closed WebSocket stream is over)
+            # The tunnel decides (it passes the half-close on to the machine); a handshake
+            # still under way hears of it when its tunnel opens.
+            if self._tunnel_eof is not None:
+                self._tunnel_eof()
+            return True
         if self._current is not None and self._current.body is not None:
             self._current.body.fail(ConnectionResetError("the client closed mid-body"))
         return None  # close: nothing more will come
@@ -495,13 +502,20 @@ class Connection(FlowControlled, asyncio.Protocol):
     # --- tunnels (WebSockets) ---------------------------------------------------------
 
     def start_tunnel(
-        self, on_data: Callable[[bytes], None], on_closed: Callable[[], None]
+        self,
+        on_data: Callable[[bytes], None],
+        on_closed: Callable[[], None],
+        on_eof: Callable[[], None],
     ) -> list[bytes]:
-        """Hand the socket's bytes to ``on_data`` from now on; returns what came early."""
+        """Hand the socket's bytes to ``on_data`` from now on, its end to ``on_eof`` (the
+        client sent FIN) and ``on_closed``; returns what came early."""
         pending, self._pending = self._pending, []
         self._tunnel = on_data
         self._tunnel_closed = on_closed
+        self._tunnel_eof = on_eof
         self.resume_all_reading()
+        if self._eof:
+            on_eof()
         return pending
 
 

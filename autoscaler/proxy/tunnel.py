@@ -23,6 +23,8 @@ from autoscaler.proxy import upstream
 from autoscaler.proxy.h1 import Connection
 
 GOING_AWAY = 1001
+# How long a tunnel stays open for the machine's last bytes once the client sent FIN.
+EOF_LINGER_S = 2.0
 
 
 class FrameCursor:
@@ -101,7 +103,7 @@ class Tunnel:
     async def run(self) -> None:
         """Relay until one side closes, then close the other; returns when both are."""
         machine, client = self.machine, self.client
-        early_from_client = client.start_tunnel(self.from_client, self.closed)
+        early_from_client = client.start_tunnel(self.from_client, self.closed, self.client_eof)
         early_from_machine, machine.early = machine.early, []
         machine.on_data = self.from_machine
         machine.on_closed = self.closed
@@ -159,6 +161,16 @@ class Tunnel:
             self.client.resume_reading(self)
         else:
             self.client.pause_reading(self)
+
+    def client_eof(self) -> None:
+        """The client sent FIN, after a close frame or (a process gone) without one: the
+        machine hears it as EOF, and the tunnel ends once the machine closes, or
+        ``EOF_LINGER_S`` later. Left half-open, an idle WebSocket would hold its slot and
+        both sockets for good."""
+        transport = self.machine.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(EOF_LINGER_S, self.closed)
 
     def closed(self) -> None:
         """One side's socket closed: the tunnel is over."""

@@ -72,6 +72,52 @@ async def test_websocket_relay_both_ways_and_close_codes(
     await until(lambda: view.in_flight == 0)
 
 
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+
+
+async def test_a_client_gone_without_a_close_frame_ends_the_tunnel(
+    backend: Backend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """A killed process or a crashed tab sends FIN and no close frame: the machine must hear
+    of it, and the slot must come back, though the machine would wait silently for ever."""
+    machine_done = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        try:
+            await ws.send_str("hi")
+            async for _ in ws:  # says nothing more: only the end of the stream ends this
+                pass
+        finally:  # (cancelled or not)
+            machine_done.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", silent)
+    addr = await backend(app)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    view = fleet.app("a")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(HANDSHAKE)
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert await reader.readexactly(4) == b"\x81\x02hi"
+        assert view.in_flight == 1
+        writer.write_eof()  # FIN, no close frame
+        async with asyncio.timeout(10):
+            await machine_done.wait()
+            await reader.read()  # the proxy closed the client's side too
+        await until(lambda: view.in_flight == 0)
+    finally:
+        writer.close()
+
+
 async def test_a_refused_handshake_gets_the_machines_own_answer(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
@@ -93,11 +139,7 @@ async def test_a_refused_handshake_gets_the_machines_own_answer(
     assert failed.value.headers["WWW-Authenticate"] == "Bearer"
     # On the wire: the machine's body, and the connection closed after it (the client's
     # bytes after a handshake are not HTTP the proxy could read on).
-    reply = await raw(
-        proxy.port,
-        b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
+    reply = await raw(proxy.port, HANDSHAKE)
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
     assert b"\r\nConnection: close" in head
