@@ -78,6 +78,10 @@ class ParseError(Exception):
         self.message = message
 
 
+class ClientGone(ConnectionResetError):
+    """The client closed its connection, or took nothing for ``client_timeout_s``."""
+
+
 class Request:
     """One request head as the client sent it: bytes, not decoded unless asked."""
 
@@ -177,7 +181,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._disarm_idle()
         if self._tunnel_closed is not None:
             self._tunnel_closed()
-        gone = ConnectionResetError("the client closed the connection")
+        gone = ClientGone("the client closed the connection")
         for request in (self._current, self._serving):
             if request is not None and request.body is not None:
                 request.body.fail(gone)
@@ -411,6 +415,8 @@ class Connection(FlowControlled, asyncio.Protocol):
                     if self._lost:
                         return
                     raise
+                except ClientGone:
+                    return  # (aborted: nobody to answer)
                 except Exception as exc:  # a bug in the handler: the client still gets an answer
                     _log.error("proxy_handler_failed", exc_info=exc)
                     if not self.response_started:
@@ -464,8 +470,14 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def idle_expired(self) -> None:
         self.idle_deadline = 0.0
-        if self._serving is None and not self._queue and self.transport is not None:
-            self.transport.close()  # idle keep-alive, or a head that never finished
+        transport = self.transport
+        if self._serving is None and not self._queue and transport is not None:
+            # Idle keep-alive, or a head that never finished. The end of an answer the
+            # client never read would keep a plain close() waiting: cut it.
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     # --- writing ----------------------------------------------------------------------
 
@@ -482,10 +494,20 @@ class Connection(FlowControlled, asyncio.Protocol):
             transport.write(data)
 
     async def drain(self) -> None:
-        """Wait until the client took what was written (flow control)."""
+        """Wait until the client took what was written (flow control). A client that takes
+        nothing for ``client_timeout_s`` is cut off, as one that sends nothing: otherwise
+        it would hold its request's machine slot for as long as it liked."""
         if self._lost:
-            raise ConnectionResetError("the client closed the connection")
-        await self._wait_writable()
+            raise ClientGone("the client closed the connection")
+        if not self.writing_paused:
+            return
+        timeout = self._server.client_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wait_writable()
+        except TimeoutError:
+            self.abort()
+            raise ClientGone(f"the client took nothing for {timeout:g}s") from None
 
     def close(self) -> None:
         if self.transport is not None:

@@ -31,7 +31,7 @@ from autoscaler.proxy.accounting import (
     remaining,
 )
 from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull
-from autoscaler.proxy.h1 import H1Server, Request
+from autoscaler.proxy.h1 import ClientGone, H1Server, Request
 from autoscaler.proxy.routing import Router
 from autoscaler.scaling.fleet import STARTED
 
@@ -170,7 +170,7 @@ class ProxyServer:
                 reason=failure.message,
             )
             self._write_error(request, failure, ctx)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClientGone):
             ctx.status = 499  # the client went away (nginx's convention; log only)
             raise
         finally:

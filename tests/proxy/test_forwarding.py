@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 import aiohttp
@@ -10,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from testkit import until
 
+from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, StartProxy, url
@@ -330,3 +333,44 @@ async def test_slow_clients_time_out(backend: Backend, start_proxy: StartProxy) 
     writer.close()
     assert reply.startswith(b"HTTP/1.1 408"), reply[:60]
     assert reply.endswith(b"the client sent its body too slowly\n")
+
+
+def big_app(chunks: int, size: int = 65536) -> web.Application:
+    """GET /big: ``chunks`` x ``size`` bytes, streamed."""
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(chunks):
+            await response.write(b"x" * size)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+    return app
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(
+    backend: Backend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """Without a bound, a client that never reads its answer would hold the machine's slot
+    (and the upstream connection) for good: a few of them starve an app."""
+    addr = await backend(big_app(chunks=400))  # 25 MiB, far more than the socket buffers
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], client_timeout_s=0.5
+    )
+    view = fleet.app("a")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await until(lambda: view.in_flight == 1)
+        await until(lambda: view.in_flight == 0, timeout_s=10)  # without reading a byte
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while await reader.read(65536):  # what was sent, then the cut
+                    pass
+    finally:
+        writer.close()
