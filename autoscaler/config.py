@@ -152,11 +152,16 @@ class ProxySettings(_Model):
         ),
     )
     client_timeout_s: Seconds = Field(
-        default=60.0, description="a client that sends nothing for this long is disconnected"
+        default=60.0,
+        description="a client that sends nothing, or takes nothing, for this long is disconnected",
     )
     connect_timeout_s: Seconds = Field(default=5.0, description="connecting to a machine")
     upstream_timeout_s: Seconds = Field(
-        default=60.0, description="waiting for a machine's response headers (504 after)"
+        default=60.0,
+        description=(
+            "waiting for a machine's response headers (504 after), or for it to take or"
+            " send more of a body"
+        ),
     )
     pool_size: int = Field(
         default=256, ge=1, description="upstream keep-alive connections per machine"

@@ -353,14 +353,25 @@ class ProxyServer:
             else:
                 conn.write(head.data)
                 ctx.headers_at = self._loop.time()
+                stall = self._knobs.upstream_timeout_s
                 try:
-                    while chunk := await content.read():
+                    while True:
+                        async with asyncio.timeout(stall):
+                            chunk = await content.read()
+                        if not chunk:
+                            break
                         conn.write(_chunk(chunk) if head.chunked else chunk)
                         await conn.drain()
-                except upstream.UpstreamError:
-                    # The machine broke off mid-body: the client must not take the
-                    # truncated body for a whole one, so its connection is dropped.
-                    _log.warning("upstream_body_error", request_id=ctx.request_id, app=app.name)
+                except (upstream.UpstreamError, TimeoutError) as exc:
+                    # The machine broke off mid-body, or sent nothing more for
+                    # upstream_timeout_s: the client must not take the truncated body for
+                    # a whole one, so its connection is dropped.
+                    _log.warning(
+                        "upstream_body_error",
+                        request_id=ctx.request_id,
+                        app=app.name,
+                        reason="stalled" if isinstance(exc, TimeoutError) else "broken",
+                    )
                     conn.abort()
                     return
                 if head.chunked:

@@ -479,6 +479,7 @@ async def send(
 
     ``head_timeout`` runs from the end of the request: a slow upload is the client's
     time (each of its reads is bounded by the proxy's client timeout), not the machine's.
+    A machine that takes nothing of the body for ``head_timeout`` times out as well.
     With ``upgrade`` (a WebSocket handshake), a 101 answer leaves the connection to the
     caller: ``exchange.detach()``.
 
@@ -554,7 +555,15 @@ async def _send_body(
                 conn.write(b"\r\n")
             else:
                 conn.write(chunk)
-            await conn.drain()
+            if conn.writing_paused:  # the machine is behind: head_timeout to take more
+                try:
+                    async with asyncio.timeout(head_timeout):
+                        await conn.drain()
+                except TimeoutError:
+                    ex.fail(TimeoutError())  # 504 if no answer came yet
+                    raise
+            else:
+                await conn.drain()
         if chunked:
             conn.write(b"0\r\n\r\n")
         if head_timeout is not None and not ex._head.done():

@@ -4,11 +4,13 @@ answers whose head never ends, trailers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
+from testkit import until
 
 from autoscaler.control.view import FleetView, MachineInfo
 
@@ -87,6 +89,73 @@ async def test_an_answer_whose_head_never_ends_gets_502_at_its_bound(
     async with asyncio.timeout(10):
         await gave_up.wait()  # the proxy closed the connection
     assert sent < 8 << 20
+
+
+async def test_a_machine_that_stops_reading_an_upload_times_out_with_504(
+    start_proxy: StartProxy, raw_backend: RawBackend, fleet: FleetView
+) -> None:
+    """upstream_timeout_s ran from the end of the request only: a machine that never read
+    the body held the client, the slot and the connection for good."""
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.Event().wait()  # reads no more, answers nothing (cancelled at teardown)
+
+    addr = await raw_backend(deaf)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], upstream_timeout_s=0.5
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+
+    async def upload() -> None:
+        writer.write(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1024):  # 64 MiB, far more than the buffers between
+                writer.write(b"u" * 65536)
+                await writer.drain()
+
+    uploading = asyncio.create_task(upload())
+    try:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 504 "), head
+        await until(lambda: fleet.app("a").in_flight == 0)
+    finally:
+        uploading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await uploading
+        writer.close()
+
+
+async def test_a_machine_that_stalls_mid_body_is_cut_after_upstream_timeout(
+    start_proxy: StartProxy, raw_backend: RawBackend, fleet: FleetView
+) -> None:
+    """The client must not wait for good, nor take the 3 bytes for a whole answer."""
+
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        await writer.drain()
+        await asyncio.Event().wait()
+
+    addr = await raw_backend(stalls)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], upstream_timeout_s=0.5
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        got = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(65536):
+                    got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert body == b"abc"  # and then the connection was cut, 97 bytes short
+        await until(lambda: fleet.app("a").in_flight == 0)
+    finally:
+        writer.close()
 
 
 async def test_trailer_fields_of_a_chunked_answer_are_dropped(
