@@ -402,6 +402,8 @@ class ProxyServer:
         ctx.headers_at = self._loop.time()
         relay = tunnel.Tunnel(request.conn, machine)
         self._tunnels.add(relay)
+        if self._closing:  # a handshake under way when stop() began: 1001 at once
+            relay.going_away()
         try:
             await relay.run()
         finally:

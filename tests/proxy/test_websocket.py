@@ -13,7 +13,7 @@ from testkit import until
 
 from autoscaler.control.view import FleetView
 
-from .conftest import Backend, StartProxy, url
+from .conftest import Backend, RawBackend, StartProxy, url
 from .test_forwarding import raw
 
 
@@ -157,6 +157,44 @@ async def test_stop_cuts_a_websocket_client_that_takes_nothing(
         async with asyncio.timeout(10):
             await proxy.stop()
         await until(lambda: not clients, timeout_s=5)  # the client read nothing meanwhile
+    finally:
+        writer.close()
+
+
+async def test_a_handshake_under_way_when_stop_begins_gets_going_away_too(
+    start_proxy: StartProxy, raw_backend: RawBackend, fleet: FleetView
+) -> None:
+    """stop() tells the open WebSockets 1001; one whose 101 comes later must hear it too,
+    not be cut without a close frame at the deadline."""
+    answer = asyncio.Event()
+
+    async def late_101(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await answer.wait()
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # until the proxy closes
+
+    addr = await raw_backend(late_101)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], shutdown_timeout_s=5.0
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(HANDSHAKE)
+        await writer.drain()
+        await until(lambda: fleet.app("a").in_flight == 1)
+        stopping = asyncio.create_task(proxy.stop())
+        await until(lambda: not proxy.accepting)
+        answer.set()
+        async with asyncio.timeout(4):  # well before the 5 s deadline would cut it
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert await reader.readexactly(4) == b"\x88\x02\x03\xe9"  # close, 1001
+            await stopping
     finally:
         writer.close()
 
