@@ -41,6 +41,10 @@ class QueueFull(Exception):
     """The app's queue holds ``max_queue`` requests already."""
 
 
+class ShuttingDown(QueueFull):
+    """The proxy is stopping: a held request leaves the queue, never sent anywhere."""
+
+
 class HoldTimeout(Exception):
     """No slot within the deadline."""
 
@@ -269,6 +273,13 @@ class Gate:
                 wait = up.unhealthy_until - now
                 soonest = wait if soonest is None else min(soonest, wait)
         return soonest
+
+    def shed(self) -> None:
+        """Send every held request away with :class:`ShuttingDown` (the proxy stops)."""
+        for waiter in list(self._queue):
+            if not waiter.future.done():
+                waiter.future.set_exception(ShuttingDown())
+            self._leave(waiter)
 
     async def close(self) -> None:
         """Stop the pump (on shutdown or when the app leaves the configuration)."""

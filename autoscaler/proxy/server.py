@@ -30,7 +30,7 @@ from autoscaler.proxy.accounting import (
     log_access,
     remaining,
 )
-from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull
+from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull, ShuttingDown
 from autoscaler.proxy.h1 import ClientGone, H1Server, Request
 from autoscaler.proxy.routing import Router
 from autoscaler.scaling.fleet import STARTED
@@ -39,6 +39,8 @@ _log = get_logger("autoscaler.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_ATTEMPTS = 3
+# On stop(), held requests are answered 503 this long before the deadline cuts the rest.
+SHED_BEFORE_S = 0.5
 _EMPTY_STATUS = frozenset({204, 304})
 
 
@@ -140,13 +142,24 @@ class ProxyServer:
             # Open WebSockets last indefinitely: tell them to reconnect elsewhere.
             open_tunnel.going_away()
         if self._server is not None:
-            await self._server.stop(self._settings.proxy.shutdown_timeout_s)
+            # Held requests were never sent anywhere: just before the deadline cuts the
+            # connections still busy, they get a 503 that says to retry, not a cut.
+            deadline_s = self._settings.proxy.shutdown_timeout_s
+            shed = self._loop.call_later(max(0.0, deadline_s - SHED_BEFORE_S), self._shed)
+            try:
+                await self._server.stop(deadline_s)
+            finally:
+                shed.cancel()
             self._server = None
         for gate in self._gates.values():
             await gate.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    def _shed(self) -> None:
+        for gate in self._gates.values():
+            gate.shed()
 
     # --- one request --------------------------------------------------------------
 
@@ -198,6 +211,8 @@ class ProxyServer:
         rejections = self.metrics.queue_rejections
         try:
             return await gate.acquire(remaining(ctx.deadline))
+        except ShuttingDown:
+            raise Failure(503, "proxy is shutting down", {"Retry-After": "1"}) from None
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
             raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None

@@ -65,6 +65,43 @@ async def test_stop_cuts_requests_past_the_shutdown_deadline(
     up.release.set()
 
 
+async def test_held_requests_get_503_before_the_deadline_cuts_the_rest(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """A held request was never sent anywhere: a 503 with Retry-After tells its client to
+    retry (elsewhere, or once restarted), where a cut connection would leave it unsure."""
+    up = Blocking()
+    proxy = await start_proxy(
+        [
+            {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [await backend(up.app())],
+                "hard_limit": 1,
+            }
+        ],
+        shutdown_timeout_s=1.0,
+    )
+    view = fleet.app("a")
+
+    async def get() -> tuple[int, str, str | None]:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            return r.status, await r.text(), r.headers.get("Retry-After")
+
+    in_flight = asyncio.create_task(get())
+    await until(lambda: view.in_flight == 1)
+    held = [asyncio.create_task(get()) for _ in range(2)]
+    await until(lambda: view.queued == 2)
+    await proxy.stop()
+    for task in held:
+        assert await task == (503, "proxy is shutting down\n", "1")
+    with pytest.raises(aiohttp.ClientError):
+        await in_flight  # still at the machine at the deadline: cut
+    assert view.queued == 0
+    assert view.in_flight == 0
+    up.release.set()
+
+
 async def test_update_settings_adds_and_removes_apps_without_dropping_requests(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
