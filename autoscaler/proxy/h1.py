@@ -78,7 +78,7 @@ class ParseError(Exception):
         self.message = message
 
 
-class ClientGone(ConnectionResetError):
+class ClientGone(Exception):
     """The client closed its connection, or took nothing for ``client_timeout_s``."""
 
 
