@@ -144,38 +144,33 @@ async def test_more_than_max_headers_fields_gets_431(
     assert got["x-f99"] == "v"
 
 
-async def test_a_head_that_never_ends_gets_431_at_its_bound(
-    backend: Backend, start_proxy: StartProxy
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: ", id="header"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Trailer: ",
+            id="trailer",
+        ),
+    ],
+)
+async def test_a_field_that_never_ends_gets_431_at_its_bound(
+    backend: Backend, start_proxy: StartProxy, start: bytes
 ) -> None:
-    """A header field that never ends: httptools would hold it all, so the proxy counts
-    the head's bytes and refuses past HEAD_FACTOR times max_header_bytes."""
+    """A header (or trailer) field that never ends: httptools would hold it all, so the
+    proxy counts the bytes and refuses past HEAD_FACTOR times max_header_bytes."""
     seen: list[dict[str, Any]] = []
     port = await proxy_for(backend, start_proxy, seen_app(seen), max_header_bytes=1024)
     async with connect(port) as (reader, writer):
-        writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: ")
+        writer.write(start)
         for _ in range(64):  # 1 MiB, far past the 8 KiB bound; the proxy reads and drops
             writer.write(b"a" * 16384)
             await writer.drain()
         reply = await at_eof(reader)
     assert status_of(reply) == 431, reply[:80]
     assert reply.endswith(b"request header fields too large\n")
-    assert seen == []
-
-
-async def test_a_trailer_section_that_never_ends_gets_431(
-    backend: Backend, start_proxy: StartProxy
-) -> None:
-    port = await proxy_for(backend, start_proxy, seen_app(), max_header_bytes=1024)
-    async with connect(port) as (reader, writer):
-        writer.write(
-            b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5\r\nhello\r\n0\r\nX-Trailer: "
-        )
-        for _ in range(64):
-            writer.write(b"a" * 16384)
-            await writer.drain()
-        reply = await at_eof(reader)
-    assert status_of(reply) == 431, reply[:80]
+    assert seen == []  # (a body that never ends never reached the machine's handler whole)
 
 
 async def test_trailer_fields_are_dropped_and_never_route_or_reach_the_machine(
