@@ -281,6 +281,8 @@ def response_head(
                 via.append(value)
             continue
         if kind == _LENGTH:
+            if status == 204:
+                continue  # a 204 never has one (RFC 9110 8.6), though a machine sent it
             length = True
         elif kind == _REQUEST_ID:
             has_id = True
