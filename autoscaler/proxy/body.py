@@ -93,9 +93,10 @@ class FlowControlled:
             drain.set_exception(exc)
 
 
-def transfer_coding_problem(codings: bytes) -> str | None:
+def transfer_coding_problem(codings: bytes) -> tuple[int, str] | None:
     """What keeps the proxy from relaying a message's Transfer-Encoding (its headers'
-    values, comma-joined), or None when it is exactly ``chunked``.
+    values, comma-joined), as the status a request gets and why; None when it is exactly
+    ``chunked``.
 
     llhttp decodes chunked and nothing else; the body would go on re-framed without the
     other codings, so changed. A request whose final coding is not chunked has no length
@@ -103,9 +104,9 @@ def transfer_coding_problem(codings: bytes) -> str | None:
     """
     names = [name for name in (c.strip().lower() for c in codings.split(b",")) if name]
     if not names or names[-1] != b"chunked":
-        return "chunked is not the final transfer coding"
+        return 400, "chunked is not the final transfer coding"
     if len(names) > 1:
-        return "transfer codings other than chunked are not supported"
+        return 501, "transfer codings other than chunked are not supported"
     return None
 
 
@@ -115,17 +116,27 @@ class HeadBudget:
 
     httptools hands a header field over only once it is whole and keeps its bytes until
     then, and llhttp sets no limit of its own, so a peer that never ends a field would grow
-    that buffer without end. A protocol calls :meth:`mark` where a stretch of such bytes
-    starts (a message begins, its head is complete, body bytes came) and :meth:`over` after
-    each read. A read in which a mark fell is not counted: the count falls short of the
-    bytes held by less than one read, and never exceeds them.
+    that buffer without end. A protocol tells where a stretch of such bytes starts (a
+    message begins: :meth:`begin`, its head is complete: :meth:`head_done`, body bytes
+    came: :meth:`mark`) and calls :meth:`over` after each read. A read in which a stretch
+    started is not counted: the count falls short of the bytes held by less than one read,
+    and never exceeds them. ``in_head`` tells a head's fields from trailer fields.
     """
 
-    __slots__ = ("marks", "spent")
+    __slots__ = ("in_head", "marks", "spent")
 
     def __init__(self) -> None:
         self.marks = 0
         self.spent = 0
+        self.in_head = False  # between a message's start and the end of its head
+
+    def begin(self) -> None:
+        self.in_head = True
+        self.mark()
+
+    def head_done(self) -> None:
+        self.in_head = False
+        self.mark()
 
     def mark(self) -> None:
         self.marks += 1

@@ -144,7 +144,6 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._serving: Request | None = None  # being answered
         self._url: list[bytes] = []
         self._head_size = 0
-        self._head_open = False  # between a message's start and the end of its head
         self._budget = HeadBudget()
         self._error: ParseError | None = None
         self._task: asyncio.Task[None] | None = None
@@ -237,8 +236,7 @@ class Connection(FlowControlled, asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url.clear()
         self._head_size = 0
-        self._head_open = True
-        self._budget.mark()
+        self._budget.begin()
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
@@ -266,7 +264,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         return request
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_open:
+        if not self._budget.in_head:
             return  # a trailer field, after a chunked body: dropped
         request = self._current or self._request()
         if len(name) + len(value) > self._server.max_header_bytes:
@@ -300,8 +298,7 @@ class Connection(FlowControlled, asyncio.Protocol):
             request.upgrade = value.decode("latin-1").strip().lower()
 
     def on_headers_complete(self) -> None:
-        self._head_open = False
-        self._budget.mark()
+        self._budget.head_done()
         parser = self._parser
         request = self._request()
         if request.authority is not None:
@@ -317,8 +314,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         if te is not None:
             problem = transfer_coding_problem(te)
             if problem is not None:
-                status = 400 if problem.startswith("chunked") else 501
-                self._error = ParseError(status, problem)
+                self._error = ParseError(*problem)
                 raise self._error
         request.keep_alive = parser.should_keep_alive()
         has_body = bool(request.content_length) or (

@@ -15,11 +15,11 @@ Errors, by what the caller may do about them:
 - :class:`BadResponse`: what came back is not HTTP, or its head is too large (a field over
   ``max_field_size``, more than ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times
   ``max_field_size`` in all).
+- ``TimeoutError``: no answer within ``head_timeout``.
 
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
 than chunked is a :class:`BadResponse` (the proxy could not relay it unchanged), and so are
 bytes after a whole answer: the answer stands as it came, the connection is closed.
-- ``TimeoutError``: no answer within ``head_timeout``.
 """
 
 from __future__ import annotations
@@ -163,7 +163,6 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._max_field_size = max_field_size
         self._max_head = HEAD_FACTOR * max_field_size
         self._budget = HeadBudget()
-        self._head_open = False
         self._parser = httptools.HttpResponseParser(self)
         self._error: UpstreamError | None = None
         self._interim = False
@@ -237,8 +236,7 @@ class Connection(FlowControlled, asyncio.Protocol):
             raise self._error
         ex.reason = ""
         ex.headers = []
-        self._head_open = True
-        self._budget.mark()
+        self._budget.begin()
 
     def on_status(self, status: bytes) -> None:
         ex = self.exchange
@@ -246,7 +244,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         ex.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_open:
+        if not self._budget.in_head:
             return  # a trailer field, after a chunked body: dropped
         ex = self.exchange
         assert ex is not None
@@ -256,8 +254,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         ex.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._head_open = False
-        self._budget.mark()
+        self._budget.head_done()
         ex = self.exchange
         assert ex is not None
         parser = self._parser
@@ -283,7 +280,7 @@ class Connection(FlowControlled, asyncio.Protocol):
             framed, te = _framing(ex.headers)
             problem = None if te is None else transfer_coding_problem(te)
             if problem is not None:
-                self._error = BadResponse(f"the machine's answer: {problem}")
+                self._error = BadResponse(f"the machine's answer: {problem[1]}")
                 raise self._error
             ex.until_eof = not framed
             if ex.until_eof:
