@@ -3,21 +3,25 @@
     .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--rounds 3]
                                                   [--connections 50] [--rate 500]
                                                   [--no-access-log] [--no-uvloop] [--no-wrk]
+                                                  [--no-nginx]
 
 Starts a small aiohttp backend and the autoscaler proxy (static mode, one backend) as two
-processes on 127.0.0.1, then measures:
+processes on 127.0.0.1, and, when nginx is installed, nginx as a reference proxy in front of
+the same backend (one process, access log on, as the proxy runs). Then it measures:
 
 1. throughput: closed loop at ``--connections`` concurrent connections (wrk when it is
    installed, else a built-in aiohttp load generator), giving req/s, p50 and p99, for
-   ``--rounds`` rounds that alternate the order of the two targets (so a machine whose
-   speed drifts during the run penalises neither); the medians are compared, and the CPU
-   time per request of the process under test (backend when direct, proxy when proxied) is
-   read from /proc;
+   ``--rounds`` rounds that alternate the order of the targets (so a machine whose speed
+   drifts during the run penalises none); the medians are compared, and the CPU time per
+   request of the process under test (the backend when direct, the proxy when proxied,
+   nginx for nginx) is read from /proc;
 2. latency at a fixed rate (``--rate`` req/s, open loop, built-in generator), giving p50 and
    p99, so the proxy's added latency is read at a load well under saturation.
 
-It prints both tables and the ratios proxied/direct. Loopback only; every phase is bounded
-by ``--duration``; the child processes are stopped at the end, on error too.
+It prints both tables and the ratios proxied/direct (and nginx/direct: what a proxy written
+in C reaches on the same machine, where the load generator, the proxy and the backend share
+its cores). Loopback only; every phase is bounded by ``--duration``; the child processes
+are stopped at the end, on error too.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -270,6 +275,72 @@ def _child(args: list[str], wrapper: Sequence[str] = ()) -> Iterator[subprocess.
             proc.wait()
 
 
+_NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    access_log /dev/null combined buffer=32k flush=1s;
+    upstream backend {{
+        server {host}:{backend_port};
+        keepalive 64;
+    }}
+    server {{
+        listen {host}:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def _nginx(port: int, backend_port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx as one process in front of the backend (the reference proxy), yielded once it
+    accepts connections, stopped with SIGTERM at the end."""
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
+        conf = os.path.join(tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(_NGINX_CONF.format(dir=tmp, host=HOST, port=port, backend_port=backend_port))
+        errors = os.path.join(tmp, "error.log")
+        with open(errors, "w") as err:
+            proc = subprocess.Popen(["nginx", "-p", tmp, "-e", "stderr", "-c", conf], stderr=err)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                if proc.poll() is not None:
+                    with open(errors) as err:
+                        raise RuntimeError(f"nginx failed to start: {err.read().strip()}")
+                with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nginx did not accept connections within 10 s")
+                time.sleep(0.05)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def _median_run(results: list[Result]) -> Result:
     """The run with the median throughput (its latencies come with it)."""
     return sorted(results, key=lambda r: r.rps)[len(results) // 2]
@@ -298,6 +369,9 @@ def main() -> int:
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loops")
     parser.add_argument("--no-wrk", action="store_true", help="built-in generator only")
     parser.add_argument(
+        "--no-nginx", action="store_true", help="no nginx reference (used when installed)"
+    )
+    parser.add_argument(
         "--no-access-log", action="store_true", help="proxy.access_log off (on by default)"
     )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
@@ -310,8 +384,9 @@ def main() -> int:
             serve_proxy(int(args.serve[1]), int(args.serve[2]), args.serve[3] == "log")
         return 0
 
-    backend_port, proxy_port = _free_port(), _free_port()
+    backend_port, proxy_port, nginx_port = _free_port(), _free_port(), _free_port()
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
+    use_nginx = shutil.which("nginx") is not None and not args.no_nginx
     loop_kind = "asyncio" if args.no_uvloop else "uvloop"
     data_path = "compiled (mypyc)" if _compiled() else "pure Python"
     with (
@@ -323,8 +398,14 @@ def main() -> int:
             + (["nolog"] if args.no_access_log else ["log"])
             + (["--no-uvloop"] * args.no_uvloop)
         ) as proxy_proc,
+        _nginx(nginx_port, backend_port) if use_nginx else contextlib.nullcontext() as nginx_proc,
     ):
-        backend_pid = backend_proc.pid
+        # CPU per request of the process under test: the backend when direct, the proxy
+        # when proxied (the backend's share is the same in both), nginx for nginx.
+        targets = [("direct", backend_port, backend_proc.pid)]
+        targets.append(("proxied", proxy_port, proxy_proc.pid))
+        if nginx_proc is not None:
+            targets.append(("nginx", nginx_port, nginx_proc.pid))
         tool = "wrk -t2" if use_wrk else "built-in aiohttp generator"
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(
@@ -332,6 +413,7 @@ def main() -> int:
             f"proxy data path {data_path}, "
             f"{os.cpu_count()} CPUs, load average {load}; {args.duration:g}s per phase; "
             f"access log {'off' if args.no_access_log else 'on'}"
+            + ("; nginx (1 process, access log on) as a reference" if use_nginx else "")
         )
         print(
             f"\nthroughput: closed loop, {args.connections} connections ({tool}), "
@@ -341,14 +423,10 @@ def main() -> int:
             f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}"
             f" {'CPU us/req':>11}"
         )
-        runs: dict[str, list[Result]] = {"direct": [], "proxied": []}
-        cpu_per_request: dict[str, list[float]] = {"direct": [], "proxied": []}
-        targets = [("direct", backend_port), ("proxied", proxy_port)]
+        runs: dict[str, list[Result]] = {name: [] for name, _, _ in targets}
+        cpu_per_request: dict[str, list[float]] = {name: [] for name, _, _ in targets}
         for round_ in range(args.rounds):
-            for name, port in targets if round_ % 2 == 0 else targets[::-1]:
-                # CPU per request of the process under test: the backend when direct,
-                # the proxy when proxied (the backend's share is the same in both).
-                pid = backend_pid if name == "direct" else proxy_proc.pid
+            for name, port, pid in targets if round_ % 2 == 0 else targets[::-1]:
                 cpu_before = _cpu_seconds(pid)
                 if use_wrk:
                     result = run_wrk(port, args.duration, args.connections)
@@ -365,34 +443,37 @@ def main() -> int:
         print(f"\nlatency: open loop at {args.rate:g} req/s (built-in generator)")
         print(f"{'target':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
         fixed: dict[str, Result] = {}
-        for name, port in targets:
+        for name, port, _ in targets:
             fixed[name] = asyncio.run(open_loop(port, args.duration, args.rate))
             print(_row(name, fixed[name]), flush=True)
 
-    ratio = closed["proxied"].rps / closed["direct"].rps if closed["direct"].rps else 0.0
-    per_round = [
-        p.rps / d.rps if d.rps else 0.0
-        for d, p in zip(runs["direct"], runs["proxied"], strict=True)
-    ]
-    added_p50 = fixed["proxied"].p50_ms - fixed["direct"].p50_ms
-    added_p99 = fixed["proxied"].p99_ms - fixed["direct"].p99_ms
     print("\nratios")
-    print(
-        f"throughput proxied/direct: {ratio:.2f} (goal >= 0.50), medians of "
-        f"{args.rounds} rounds; per round: {', '.join(f'{r:.2f}' for r in per_round)}"
-    )
-    if cpu_per_request["direct"] and cpu_per_request["proxied"]:
-        backend_us = statistics.median(cpu_per_request["direct"])
-        proxy_us = statistics.median(cpu_per_request["proxied"])
+    for name, _, _ in targets[1:]:
+        ratio = closed[name].rps / closed["direct"].rps if closed["direct"].rps else 0.0
+        per_round = [
+            p.rps / d.rps if d.rps else 0.0 for d, p in zip(runs["direct"], runs[name], strict=True)
+        ]
+        goal = " (goal >= 0.50)" if name == "proxied" else " (reference)"
         print(
-            f"CPU per request (medians): backend {backend_us:.0f} us, proxy {proxy_us:.0f} us"
-            f" ({proxy_us / backend_us:.2f}x the backend)"
+            f"throughput {name}/direct: {ratio:.2f}{goal}, medians of {args.rounds} rounds;"
+            f" per round: {', '.join(f'{r:.2f}' for r in per_round)}"
         )
-    print(
-        f"p50 latency proxied/direct at {args.rate:g} req/s: "
-        f"{fixed['proxied'].p50_ms / fixed['direct'].p50_ms:.2f}, "
-        f"added {added_p50:+.2f} ms (goal <= 1 ms); p99 added {added_p99:+.2f} ms"
-    )
+    if all(cpu_per_request.values()):
+        backend_us = statistics.median(cpu_per_request["direct"])
+        costs = ", ".join(
+            f"{name if name == 'nginx' else 'proxy'} {us:.0f} us ({us / backend_us:.2f}x)"
+            for name, us in ((n, statistics.median(cpu_per_request[n])) for n, _, _ in targets[1:])
+        )
+        print(f"CPU per request (medians): backend {backend_us:.0f} us, {costs}")
+    for name, _, _ in targets[1:]:
+        added_p50 = fixed[name].p50_ms - fixed["direct"].p50_ms
+        added_p99 = fixed[name].p99_ms - fixed["direct"].p99_ms
+        goal = " (goal <= 1 ms)" if name == "proxied" else ""
+        print(
+            f"p50 latency {name}/direct at {args.rate:g} req/s: "
+            f"{fixed[name].p50_ms / fixed['direct'].p50_ms:.2f}, "
+            f"added {added_p50:+.2f} ms{goal}; p99 added {added_p99:+.2f} ms"
+        )
     errors = sum(r.errors for results in runs.values() for r in results)
     errors += sum(r.errors for r in fixed.values())
     print(f"errors: {errors}")
