@@ -374,3 +374,48 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(
                     pass
     finally:
         writer.close()
+
+
+async def test_an_answer_left_unread_on_an_idle_connection_is_cut_by_the_idle_sweep(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """An answer under the write buffer's high-water mark does not make the handler wait
+    for the client, so a client that never reads it leaves the connection idle with bytes
+    still to send. When its keep-alive wait ends, a plain close() would wait for those bytes
+    for ever (and keep the socket); the sweep must cut the connection instead."""
+    body = b"x" * 60_000  # under the transport's 64 KiB high-water mark
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/page", page)
+    addr = await backend(app)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], client_timeout_s=0.5
+    )
+    clients = proxy._server.connections  # the listener's open client connections
+    loop = asyncio.get_running_loop()
+    # A raw socket: an asyncio stream would read the answer into its own buffer.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await until(lambda: len(clients) == 1)
+        # Small kernel buffers on the proxy's side too (loopback autotunes them to
+        # megabytes): most of the answer then waits in the transport, as it does on a
+        # slow network.
+        (conn,) = clients
+        assert conn.transport is not None
+        proxy_side = conn.transport.get_extra_info("socket")
+        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await loop.sock_sendall(sock, b"GET /page HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        # The answer is done, part of it still unsent: the case meant here.
+        await until(lambda: conn.idle and conn.transport.get_write_buffer_size() > 0)
+        await until(lambda: not clients, timeout_s=10)  # cut, without reading a byte
+        received = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while chunk := await loop.sock_recv(sock, 65536):
+                    received += chunk
+        assert len(received) < len(body)  # the rest was dropped with the connection
