@@ -581,15 +581,22 @@ class H1Server:
     ) -> None:
         self.handler = handler
         self.error_page = error_page
-        self.max_connections = max_connections
-        self.max_header_bytes = max_header_bytes
-        self.max_head_bytes = HEAD_FACTOR * max_header_bytes
-        self.client_timeout_s = client_timeout_s
+        self.configure(max_connections, max_header_bytes, client_timeout_s)
         self.connections: set[Connection] = set()
         self.closing = False
         self.all_closed = asyncio.Event()  # set once closing and the last connection is gone
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def configure(
+        self, max_connections: int, max_header_bytes: int, client_timeout_s: float
+    ) -> None:
+        """Set the limits; a reload's take effect at once (each is read where it applies:
+        a new connection, a head being read, a wait for the client)."""
+        self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
+        self.max_head_bytes = HEAD_FACTOR * max_header_bytes
+        self.client_timeout_s = client_timeout_s
 
     async def start(self, host: str, port: int) -> int:
         self.loop = asyncio.get_running_loop()
@@ -604,9 +611,8 @@ class H1Server:
     async def _sweep(self) -> None:
         """Close connections that waited too long for a request head (idle keep-alive, or a
         head sent too slowly), a few times per ``client_timeout_s``."""
-        tick = min(1.0, max(0.02, self.client_timeout_s / 4))
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(min(1.0, max(0.02, self.client_timeout_s / 4)))
             now = self.loop.time()
             for conn in list(self.connections):
                 if 0.0 < conn.idle_deadline <= now:

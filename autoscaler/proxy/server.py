@@ -81,12 +81,22 @@ class ProxyServer:
     def update_settings(self, settings: Settings) -> None:
         """Apply a reloaded configuration; requests in flight and held ones carry on.
 
-        Knobs of ``proxy`` that size the upstream pool or the listener (``listen``,
-        ``pool_size``, ``max_connections``, header limits) take effect on restart.
+        Every knob of ``proxy`` but ``listen`` takes effect at once. Limits apply to what
+        comes next (a new connection, the next head, the next wait), not to what was
+        admitted under the old ones; a smaller ``pool_size`` keeps fewer idle upstream
+        connections from then on.
         """
         old = {app.name: app for app in self._settings.apps} if self._gates else {}
         self._settings = settings
-        self._knobs = _Knobs(settings.proxy)
+        proxy = settings.proxy
+        self._knobs = _Knobs(proxy)
+        if self._server is not None:
+            self._server.configure(
+                proxy.max_connections, proxy.max_header_bytes, proxy.client_timeout_s
+            )
+        if self._pool is not None:
+            self._pool.size = proxy.pool_size
+            self._pool.connect_timeout_s = proxy.connect_timeout_s
         self._router = Router(settings.apps, settings.proxy.default_app)
         self._trust = forward.Trust(settings.proxy.trusted_proxies)
         names = set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import pytest
@@ -13,7 +14,7 @@ from testkit import until
 from autoscaler.config import AppConfig, ProxySettings, Settings
 from autoscaler.control.view import FleetView
 
-from .conftest import Backend, StartProxy, url
+from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import Blocking, text_app
 
 
@@ -128,6 +129,78 @@ async def test_update_settings_adds_and_removes_apps_without_dropping_requests(
     assert (await get("a.test"))[0] == 404  # removed from routing at once
     slow.release.set()
     assert await in_flight == (200, "old")  # the request already admitted finished
+
+
+async def test_a_reload_applies_the_listener_and_pool_limits_at_once(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """Header limits, client_timeout_s, max_connections and pool_size change on reload
+    too, not only at the next restart (a reload that changed them used to say nothing)."""
+    machine_conns = 0
+
+    async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal machine_conns
+        machine_conns += 1
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            machine_conns -= 1
+            writer.close()
+
+    apps = [{"name": "a", "hosts": ["a.test"], "backends": [await raw_backend(machine)]}]
+    proxy = await start_proxy(apps)
+    long_header = b"X-Long: " + b"v" * 2000 + b"\r\n"
+
+    async def exchange(extra: bytes = b"") -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n" + extra + b"\r\n")
+            return await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
+
+    assert (await exchange(long_header)).startswith(b"HTTP/1.1 200")
+    # Two at once: with the default pool both machine connections stay open for reuse.
+    await asyncio.gather(exchange(), exchange())
+    await until(lambda: machine_conns == 2)
+
+    def reload(**knobs: Any) -> None:
+        proxy.update_settings(
+            Settings(
+                proxy=ProxySettings(listen="127.0.0.1:8080", **knobs),
+                apps=[AppConfig(**app) for app in apps],
+            )
+        )
+
+    reload(max_header_bytes=1024, pool_size=1)
+    assert (await exchange(long_header)).startswith(b"HTTP/1.1 431")
+    # pool_size 1: of the connections that come back, one at most is kept.
+    await asyncio.gather(exchange(), exchange())
+    await until(lambda: machine_conns == 1)
+
+    reload(client_timeout_s=0.2, max_connections=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        # max_connections 1: while that one is open, another is turned away.
+        other_reader, other_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        assert await _closed_without_a_byte(other_reader)
+        other_writer.close()
+        # client_timeout_s 0.2: the idle one is closed.
+        assert await _closed_without_a_byte(reader)
+    finally:
+        writer.close()
+
+
+async def _closed_without_a_byte(reader: asyncio.StreamReader) -> bool:
+    try:
+        async with asyncio.timeout(10):
+            return await reader.read() == b""
+    except ConnectionResetError:
+        return True
 
 
 async def test_access_log_line_has_the_request_fields_and_no_secrets(
