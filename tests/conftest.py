@@ -42,6 +42,17 @@ def emulator_settings() -> EmulatorSettings:
     )
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/reliability: pytest registers a sub-directory's options only when
+    # that directory is named on the command line.
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the reliability tests at soak length (same as AUTOSCALER_SOAK=1)",
+    )
+
+
 @pytest.fixture
 async def emulator(emulator_settings: EmulatorSettings) -> AsyncIterator[Emulator]:
     """A started emulator on 127.0.0.1 and an ephemeral port; every child reaped after."""

@@ -35,19 +35,10 @@ FIGURES_ENV = "AUTOSCALER_RELIABILITY_FIGURES"
 _FIGURES = pytest.StashKey[Figures]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--soak",
-        action="store_true",
-        default=False,
-        help="run the reliability tests at soak length (same as AUTOSCALER_SOAK=1)",
-    )
-
-
 def _soak(config: pytest.Config) -> bool:
-    # pytest registers a sub-directory's options only when that directory is named on the
-    # command line; from the repository root the environment variable is the way.
-    return bool(config.getoption("--soak", False)) or os.environ.get("AUTOSCALER_SOAK") == "1"
+    # --soak is registered by tests/conftest.py: pytest reads a sub-directory's options
+    # only when that directory is named on the command line.
+    return bool(config.getoption("--soak")) or os.environ.get("AUTOSCALER_SOAK") == "1"
 
 
 @pytest.fixture(scope="session")
