@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 HOST = "127.0.0.1"
 BODY = b"x" * 512  # a small JSON-sized response
@@ -267,12 +268,17 @@ def _child(args: list[str], wrapper: Sequence[str] = ()) -> Iterator[subprocess.
             raise RuntimeError(f"child {args} failed to start")
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL after 10 s; reaped either way."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 _NGINX_CONF = """\
@@ -333,12 +339,7 @@ def _nginx(port: int, backend_port: int) -> Iterator[subprocess.Popen[bytes]]:
                 time.sleep(0.05)
             yield proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
 
 
 def _median_run(results: list[Result]) -> Result:
