@@ -96,6 +96,10 @@ class AppView:
         self._waiters: list[asyncio.Future[None]] = []
         self._routable: list[Upstream] | None = None
         self._routable_until = 0.0
+        self.waking: str | None = None
+        """How the wake under way brings a machine up ("resume" or "start"), once the
+        waker has chosen; None otherwise. A held request served before the wake returns
+        (by that machine, or another that came up meanwhile) reads its kind here."""
 
     # --- written by the controller --------------------------------------------------
 
@@ -251,6 +255,7 @@ class FleetView:
             task.exception()  # retrieved here so a failed wake is never "never retrieved"
         view = self.apps.get(app)
         if view is not None:
+            view.waking = None
             view.notify()
 
     async def close(self) -> None:

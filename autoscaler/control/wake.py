@@ -58,7 +58,10 @@ class Waker:
                     return "none"
                 # Our own start under way (a scale-up of the tick): join it.
                 for running in list(rt.running.values()):
-                    joined = running.kind in ("resume", "start") and await running.task
+                    if running.kind not in ("resume", "start"):
+                        continue
+                    view.waking = running.kind
+                    joined = await running.task
                     if joined and view.routable():
                         self._observe(rt, running.kind, t0)
                         return running.kind
@@ -75,6 +78,7 @@ class Waker:
                 if action.kind == "uncordon":
                     # A drain still waiting is taken back at once; a cordon of ours left
                     # without a task routes again once the API has lifted it.
+                    view.waking = None  # no boot: the machine is up
                     run = act.launch(rt, action)
                     if run is not None and not view.routable():
                         await run.task
@@ -89,6 +93,7 @@ class Waker:
                     await self._refresh_quietly(rt)
                     continue
                 run = act.launch(rt, action)
+                view.waking = action.kind
                 if run is not None and await run.task:
                     took = self._observe(rt, action.kind, t0)
                     _log.info("wake", app=rt.name, machine=mid, how=action.kind, took_s=took)

@@ -168,8 +168,11 @@ class Gate:
         if wake is None:
             return NO_WAKE
         if not wake.done():
-            # The machine became routable a moment before the waker returned; its answer
-            # (resume or start) names this request's cold start. Never cancel it.
+            # A machine became routable before the waker returned: the one it brings up,
+            # or another. The kind of the boot under way names this request's cold start;
+            # until the waker has chosen one, its answer does. Never cancel it.
+            if self.view.waking is not None:
+                return self.view.waking
             try:
                 async with asyncio.timeout_at(deadline):
                     await asyncio.shield(wake)

@@ -242,6 +242,29 @@ async def test_wake_from_zero_resumes_once_for_many_callers(
     assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 1
 
 
+async def test_a_wake_under_way_says_how_it_brings_a_machine_up(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The proxy serves a held request as soon as a machine is routable, which may be
+    before the waker returns, or another machine than the one it boots: the request's
+    wake kind is then read from the view (view.waking), without waiting for the return."""
+    api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    rig.port_open = False
+    rig.ctl.view.set_waker(rig.ctl.wake)
+    view = rig.view.app(APP)
+    assert view.waking is None
+    task = rig.view.wake(APP)
+    await settle()
+    assert not task.done()
+    assert view.waking == "resume"
+    rig.port_open = True
+    await clock.advance(0.1)
+    assert await task == "resume"
+    await settle()
+    assert view.waking is None  # the wake is over
+
+
 async def test_wake_returns_only_once_the_port_answers(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

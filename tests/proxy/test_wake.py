@@ -214,6 +214,36 @@ async def test_wake_kind_is_the_wakers_answer_even_if_routable_first(
     assert await waiting == (200, "start")
 
 
+async def test_a_request_served_before_the_waker_returns_takes_the_kind_under_way(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """Once the waker has said how it brings a machine up (view.waking), a request handed
+    a routable machine goes at once, with that kind, however long the waker takes to return
+    (the machine it boots may still be booting while another one serves)."""
+
+    class AnnouncingWaker(SlowReturnWaker):
+        async def __call__(self, app: str) -> str:
+            fleet.app(app).waking = self.kind
+            return await super().__call__(app)
+
+    waker = AnnouncingWaker(fleet, "resume")
+    await sleeping_app(fleet, backend, waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    view = fleet.app("w")
+
+    async def get() -> tuple[int, str]:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            return r.status, r.headers["Fly-Autoscaler-Wake"]
+
+    waiting = asyncio.create_task(get())
+    await until(lambda: view.queued == 1)
+    waker.release.set()
+    assert await waiting == (200, "resume")  # the waker has not answered yet
+    assert not waker.answer.is_set()
+    waker.answer.set()
+    await until(lambda: view.waking is None)  # cleared when the wake ends
+
+
 async def test_client_leaving_while_the_waker_answers_gives_its_slot_back(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
