@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 from testkit import free_port, until
@@ -177,15 +178,20 @@ async def test_static_app_with_every_backend_down_fails_fast(
 
 
 class SlowReturnWaker(FakeWaker):
-    """Makes the machine routable, then takes a while to return its answer."""
+    """Makes the machine routable, then takes a while to return its answer; with
+    ``announce``, says at once how it brings the machine up (``view.waking``), as the
+    controller's waker does once it has chosen."""
 
-    def __init__(self, fleet: FleetView, kind: str) -> None:
+    def __init__(self, fleet: FleetView, kind: str, announce: bool = False) -> None:
         super().__init__(fleet, kind)
+        self.announce = announce
         self.routable = asyncio.Event()
         self.answer = asyncio.Event()
 
     async def __call__(self, app: str) -> str:
         self.calls += 1
+        if self.announce:
+            self.fleet.app(app).waking = self.kind
         await self.release.wait()
         self.fleet.app(app).set_state("m1", "started")
         self.routable.set()
@@ -193,10 +199,19 @@ class SlowReturnWaker(FakeWaker):
         return self.kind
 
 
-async def test_wake_kind_is_the_wakers_answer_even_if_routable_first(
-    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+@pytest.mark.parametrize("announced", [False, True], ids=["not-announced", "announced"])
+async def test_a_request_handed_a_machine_before_the_waker_returns(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    announced: bool,
 ) -> None:
-    waker = SlowReturnWaker(fleet, "start")
+    """Once the waker has said how it brings a machine up, a request handed a routable
+    machine goes at once, with that kind, however long the waker takes to return (the
+    machine it boots may still be booting while another one serves). Until then the
+    request waits for the waker's answer, which names its cold start."""
+    waker = SlowReturnWaker(fleet, "start", announce=announced)
     await sleeping_app(fleet, backend, waker)
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
     view = fleet.app("w")
@@ -208,40 +223,16 @@ async def test_wake_kind_is_the_wakers_answer_even_if_routable_first(
     waiting = asyncio.create_task(get())
     await until(lambda: view.queued == 1)
     waker.release.set()
-    await waker.routable.wait()
-    await until(lambda: view.queued == 0)  # handed the machine, waiting for the answer
-    waker.answer.set()
-    assert await waiting == (200, "start")
-
-
-async def test_a_request_served_before_the_waker_returns_takes_the_kind_under_way(
-    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
-) -> None:
-    """Once the waker has said how it brings a machine up (view.waking), a request handed
-    a routable machine goes at once, with that kind, however long the waker takes to return
-    (the machine it boots may still be booting while another one serves)."""
-
-    class AnnouncingWaker(SlowReturnWaker):
-        async def __call__(self, app: str) -> str:
-            fleet.app(app).waking = self.kind
-            return await super().__call__(app)
-
-    waker = AnnouncingWaker(fleet, "resume")
-    await sleeping_app(fleet, backend, waker)
-    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
-    view = fleet.app("w")
-
-    async def get() -> tuple[int, str]:
-        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
-            return r.status, r.headers["Fly-Autoscaler-Wake"]
-
-    waiting = asyncio.create_task(get())
-    await until(lambda: view.queued == 1)
-    waker.release.set()
-    assert await waiting == (200, "resume")  # the waker has not answered yet
-    assert not waker.answer.is_set()
-    waker.answer.set()
-    await until(lambda: view.waking is None)  # cleared when the wake ends
+    if announced:
+        assert await waiting == (200, "start")  # the waker has not answered yet
+        waker.answer.set()
+        await until(lambda: view.waking is None)  # cleared when the wake ends
+    else:
+        await waker.routable.wait()
+        await until(lambda: view.queued == 0)  # handed the machine, waiting for the answer
+        assert not waiting.done()
+        waker.answer.set()
+        assert await waiting == (200, "start")
 
 
 async def test_client_leaving_while_the_waker_answers_gives_its_slot_back(
