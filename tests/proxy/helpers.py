@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from .conftest import Backend, StartProxy
 
 
 async def status_of(session: aiohttp.ClientSession, target: str, host: str) -> int:
@@ -23,6 +26,52 @@ def text_app(text: str) -> web.Application:
     app = web.Application()
     app.router.add_get("/", handler)
     return app
+
+
+async def raw(port: int, data: bytes) -> bytes:
+    """Send bytes as-is and read until the proxy closes (requests say Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await reader.read(-1)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def seen_app(seen: list[dict[str, Any]] | None = None) -> web.Application:
+    """Answers with a JSON of what it received (method, path, version, headers, body)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        record = {
+            "method": request.method,
+            "path": request.raw_path,
+            "version": f"{request.version.major}.{request.version.minor}",
+            "headers": [[k.lower(), v] for k, v in request.headers.items()],
+            "body": body.decode("latin-1"),
+        }
+        if seen is not None:
+            seen.append(record)
+        return web.json_response(record)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+async def proxy_for(
+    backend: Backend, start_proxy: StartProxy, app: web.Application, **knobs: Any
+) -> int:
+    addr = await backend(app)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}], **knobs)
+    return proxy.port
+
+
+def reply_status(reply: bytes) -> int:
+    """The status code of a raw reply's status line."""
+    return int(reply.split(b" ", 2)[1])
 
 
 class Blocking:

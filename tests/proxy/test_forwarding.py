@@ -16,7 +16,7 @@ from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, StartProxy, url
-from .helpers import Blocking
+from .helpers import Blocking, raw
 
 
 def echo_app(seen: list[web.Request] | None = None) -> web.Application:
@@ -45,18 +45,6 @@ def echo_app(seen: list[web.Request] | None = None) -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     return app
-
-
-async def raw(port: int, data: bytes) -> bytes:
-    """Send bytes as-is and read until the proxy closes (requests say Connection: close)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await reader.read(-1)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 def headers_of(payload: dict[str, Any]) -> dict[str, list[str]]:

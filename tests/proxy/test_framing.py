@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from .conftest import Backend, RawBackend, StartProxy
-from .test_forwarding import raw
-from .test_h1 import proxy_for, seen_app, status_of
+from .helpers import proxy_for, raw, reply_status, seen_app
 
 BOUND_S = 5  # an upper bound on any single exchange, never an expectation of speed
 
@@ -64,7 +63,7 @@ async def test_connection_naming_content_length_host_or_request_id_drops_none_of
         b"Connection: close, content-length, host, x-request-id\r\n"
         b"X-Request-Id: r-1\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled,
     )
-    assert status_of(reply) == 200, reply[:200]
+    assert reply_status(reply) == 200, reply[:200]
     head, body = got
     lines = head.lower().split(b"\r\n")
     assert b"content-length: %d" % len(smuggled) in lines
@@ -151,7 +150,7 @@ async def test_request_transfer_codings_other_than_chunked_are_refused_before_th
     reply = await raw(
         port, b"POST / HTTP/1.1\r\nHost: a.test\r\n" + codings + b"\r\n5\r\nhello\r\n0\r\n\r\n"
     )
-    assert status_of(reply) == status, reply[:200]
+    assert reply_status(reply) == status, reply[:200]
     assert reply.count(b"HTTP/1.1 ") == 1  # nothing answered before the refusal
     assert seen == []
 
@@ -171,7 +170,7 @@ async def test_answers_with_transfer_codings_other_than_chunked_get_502(
     addr = await machine_with(raw_backend, answer, heads)
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
     reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
-    assert status_of(reply) == 502, reply[:200]
+    assert reply_status(reply) == 502, reply[:200]
     assert reply.endswith(b"the machine failed to answer\n")
 
 
@@ -181,6 +180,6 @@ async def test_an_http_version_other_than_1_0_and_1_1_gets_505(
     seen: list[dict[str, Any]] = []
     port = await proxy_for(backend, start_proxy, seen_app(seen))
     reply = await raw(port, b"GET / HTTP/2.0\r\nHost: a.test\r\n\r\n")
-    assert status_of(reply) == 505, reply[:200]
+    assert reply_status(reply) == 505, reply[:200]
     assert reply.endswith(b"HTTP/2.0 is not supported\n")
     assert seen == []

@@ -21,40 +21,11 @@ from aiohttp import web
 from autoscaler.proxy.h1 import MAX_HEADERS
 
 from .conftest import Backend, StartProxy
-from .test_forwarding import raw
+from .helpers import proxy_for, raw, reply_status, seen_app
 
 BOUND_S = 5  # an upper bound on any single exchange, never an expectation of speed
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-def seen_app(seen: list[dict[str, Any]] | None = None) -> web.Application:
-    """Answers with a JSON of what it received (method, path, version, headers, body)."""
-
-    async def handler(request: web.Request) -> web.Response:
-        body = await request.read()
-        record = {
-            "method": request.method,
-            "path": request.raw_path,
-            "version": f"{request.version.major}.{request.version.minor}",
-            "headers": [[k.lower(), v] for k, v in request.headers.items()],
-            "body": body.decode("latin-1"),
-        }
-        if seen is not None:
-            seen.append(record)
-        return web.json_response(record)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    return app
-
-
-async def proxy_for(
-    backend: Backend, start_proxy: StartProxy, app: web.Application, **knobs: Any
-) -> int:
-    addr = await backend(app)
-    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}], **knobs)
-    return proxy.port
 
 
 @asynccontextmanager
@@ -94,10 +65,6 @@ async def at_eof(reader: asyncio.StreamReader) -> bytes:
         return await reader.read(-1)
 
 
-def status_of(reply: bytes) -> int:
-    return int(reply.split(b" ", 2)[1])
-
-
 # --- limits -------------------------------------------------------------------------
 
 
@@ -108,7 +75,7 @@ async def test_request_target_over_max_header_bytes_gets_414(
     port = await proxy_for(backend, start_proxy, seen_app(seen), max_header_bytes=1024)
     target = b"/" + b"a" * 2000
     reply = await raw(port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
-    assert status_of(reply) == 414, reply[:80]
+    assert reply_status(reply) == 414, reply[:80]
     _, headers = parse_head(reply.split(b"\r\n\r\n", 1)[0] + b"\r\n")
     assert headers["connection"] == ["close"]
     assert reply.endswith(b"request target too long\n")
@@ -119,7 +86,7 @@ async def test_request_target_over_max_header_bytes_gets_414(
     reply = await raw(
         port, b"GET " + ok + b" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
     )
-    assert status_of(reply) == 200, reply[:80]
+    assert reply_status(reply) == 200, reply[:80]
     assert seen[0]["path"] == ok.decode()
 
 
@@ -130,7 +97,7 @@ async def test_more_than_max_headers_fields_gets_431(
     port = await proxy_for(backend, start_proxy, seen_app(seen))
     fields = b"".join(b"X-F%d: v\r\n" % i for i in range(MAX_HEADERS))  # + Host: one too many
     reply = await raw(port, b"GET / HTTP/1.1\r\nHost: a.test\r\n" + fields + b"\r\n")
-    assert status_of(reply) == 431, reply[:80]
+    assert reply_status(reply) == 431, reply[:80]
     assert reply.endswith(b"request header fields too large\n")
     assert seen == []
 
@@ -139,7 +106,7 @@ async def test_more_than_max_headers_fields_gets_431(
     reply = await raw(
         port, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n" + fields + b"\r\n"
     )
-    assert status_of(reply) == 200, reply[:80]
+    assert reply_status(reply) == 200, reply[:80]
     got = dict(map(tuple, seen[0]["headers"]))
     assert got["x-f99"] == "v"
 
@@ -168,7 +135,7 @@ async def test_a_field_that_never_ends_gets_431_at_its_bound(
             writer.write(b"a" * 16384)
             await writer.drain()
         reply = await at_eof(reader)
-    assert status_of(reply) == 431, reply[:80]
+    assert reply_status(reply) == 431, reply[:80]
     assert reply.endswith(b"request header fields too large\n")
     assert seen == []  # (a body that never ends never reached the machine's handler whole)
 
@@ -186,7 +153,7 @@ async def test_trailer_fields_are_dropped_and_never_route_or_reach_the_machine(
         b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n"
         b"Host: b.test\r\nX-Trailer: 1\r\nUpgrade: websocket\r\nX-Request-Id: t1\r\n\r\n",
     )
-    assert status_of(reply) == 200, reply[:80]
+    assert reply_status(reply) == 200, reply[:80]
     [record] = seen
     assert record["body"] == "hello"
     got = dict(map(tuple, record["headers"]))
@@ -206,10 +173,10 @@ async def test_absolute_form_target_routes_by_its_authority_and_goes_on_in_origi
         port,
         b"GET http://a.test/p/%2F?q=1 HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
     )
-    assert status_of(reply) == 200, reply[:80]
+    assert reply_status(reply) == 200, reply[:80]
     # No path (and any case of scheme), no Host header at all.
     reply = await raw(port, b"GET HTTP://A.test?x=2 HTTP/1.1\r\nConnection: close\r\n\r\n")
-    assert status_of(reply) == 200, reply[:80]
+    assert reply_status(reply) == 200, reply[:80]
     assert [r["path"] for r in seen] == ["/p/%2F?q=1", "/?x=2"]
     for record, host in zip(seen, ["a.test", "A.test"], strict=True):
         hosts = [v for k, v in record["headers"] if k == "host"]
@@ -239,7 +206,7 @@ async def test_two_host_headers_or_none_in_http11_get_400(
         default_app="a",
     )
     reply = await raw(proxy.port, b"GET / HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
-    assert status_of(reply) == 400, reply[:80]
+    assert reply_status(reply) == 400, reply[:80]
     assert reply.endswith(reason + b"\n")
     assert seen == []
 
@@ -253,7 +220,7 @@ async def test_absolute_form_targets_without_a_plain_http_authority_get_400(
     reply = await raw(
         port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
     )
-    assert status_of(reply) == 400, reply[:80]
+    assert reply_status(reply) == 400, reply[:80]
     assert reply.endswith(b"invalid request target\n")
     assert seen == []
 
@@ -262,7 +229,7 @@ async def test_connect_gets_405(backend: Backend, start_proxy: StartProxy) -> No
     seen: list[dict[str, Any]] = []
     port = await proxy_for(backend, start_proxy, seen_app(seen))
     reply = await raw(port, b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
-    assert status_of(reply) == 405, reply[:80]
+    assert reply_status(reply) == 405, reply[:80]
     assert reply.endswith(b"CONNECT is not supported\n")
     assert seen == []
 
@@ -276,7 +243,7 @@ async def test_bad_chunk_size_in_the_request_body_gets_400(
         b"POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"zz\r\nabc\r\n0\r\n\r\n",
     )
-    assert status_of(reply) == 400, reply[:80]
+    assert reply_status(reply) == 400, reply[:80]
     assert b"Connection: close\r\n" in reply
 
 
@@ -305,7 +272,7 @@ async def test_bad_chunk_size_after_the_body_started_upstream_gets_400(
         writer.write(b"zz\r\nabc\r\n0\r\n\r\n")
         await writer.drain()
         reply = await at_eof(reader)
-    assert status_of(reply) == 400, reply[:80]
+    assert reply_status(reply) == 400, reply[:80]
 
 
 # --- connections ----------------------------------------------------------------------
@@ -351,7 +318,7 @@ async def test_pipelined_malformed_request_gets_400_and_nothing_after_it_is_serv
     # connection ends there: nothing after the bad bytes reaches a machine.
     assert status == 200
     assert json.loads(body)["path"] == "/first"
-    assert status_of(rest) == 400, rest[:80]
+    assert reply_status(rest) == 400, rest[:80]
     assert b"\r\nConnection: close\r\n" in rest
     assert [s["path"] for s in seen] == ["/first"]
 
@@ -512,7 +479,7 @@ async def test_upgrade_request_with_a_body_gets_400(
         port,
         b"POST /h2c HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n" + framing,
     )
-    assert status_of(reply) == 400, reply[:80]
+    assert reply_status(reply) == 400, reply[:80]
     assert reply.endswith(b"protocol upgrade with a body is not supported\n")
     assert called == []
 

@@ -14,7 +14,7 @@ from testkit import until
 from autoscaler.control.view import FleetView
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .test_forwarding import raw
+from .helpers import raw
 
 
 def ws_app(seen_close: list[int | None]) -> web.Application:
