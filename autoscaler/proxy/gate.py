@@ -42,7 +42,8 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(QueueFull):
-    """The proxy is stopping: a held request leaves the queue, never sent anywhere."""
+    """The proxy is stopping: a held request leaves the queue, never sent anywhere. A
+    QueueFull, so that a waiter that handles no room in the queue handles this too."""
 
 
 class HoldTimeout(Exception):
