@@ -403,8 +403,10 @@ def main() -> int:
     ):
         # CPU per request of the process under test: the backend when direct, the proxy
         # when proxied (the backend's share is the same in both), nginx for nginx.
-        targets = [("direct", backend_port, backend_proc.pid)]
-        targets.append(("proxied", proxy_port, proxy_proc.pid))
+        targets = [
+            ("direct", backend_port, backend_proc.pid),
+            ("proxied", proxy_port, proxy_proc.pid),
+        ]
         if nginx_proc is not None:
             targets.append(("nginx", nginx_port, nginx_proc.pid))
         tool = "wrk -t2" if use_wrk else "built-in aiohttp generator"
@@ -461,11 +463,12 @@ def main() -> int:
         )
     if all(cpu_per_request.values()):
         backend_us = statistics.median(cpu_per_request["direct"])
-        costs = ", ".join(
-            f"{name if name == 'nginx' else 'proxy'} {us:.0f} us ({us / backend_us:.2f}x)"
-            for name, us in ((n, statistics.median(cpu_per_request[n])) for n, _, _ in targets[1:])
-        )
-        print(f"CPU per request (medians): backend {backend_us:.0f} us, {costs}")
+        costs = []
+        for name, _, _ in targets[1:]:
+            us = statistics.median(cpu_per_request[name])
+            label = "proxy" if name == "proxied" else name
+            costs.append(f"{label} {us:.0f} us ({us / backend_us:.2f}x)")
+        print(f"CPU per request (medians): backend {backend_us:.0f} us, {', '.join(costs)}")
     for name, _, _ in targets[1:]:
         added_p50 = fixed[name].p50_ms - fixed["direct"].p50_ms
         added_p99 = fixed[name].p99_ms - fixed["direct"].p99_ms
