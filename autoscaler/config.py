@@ -202,7 +202,12 @@ class AdminSettings(_Model):
 class ControlSettings(_Model):
     tick_s: Seconds = Field(default=1.0, gt=0, description="how often each app's loop runs")
     api_backoff_max_s: Seconds = Field(
-        default=30.0, description="longest pause of an app's loop after API errors"
+        default=5.0, description="longest pause of an app's loop after API errors"
+    )
+    api_timeout_s: Seconds = Field(
+        default=5.0,
+        gt=0,
+        description="timeout of one API call of a tick (one attempt: the next tick retries)",
     )
 
 
@@ -266,6 +271,20 @@ class AppConfig(_Model):
     max_queue: int = Field(default=1000, ge=0, description="held requests per app; more get 503")
     max_body_bytes: int | None = Field(
         default=None, ge=0, description="largest request body (413 above); unset: no limit"
+    )
+    restart_failed: bool = Field(
+        default=True, description="start a failed machine again when the app needs one"
+    )
+    max_restart_attempts: int = Field(
+        default=5,
+        ge=0,
+        description="failed starts in a row after which a machine is left alone (and reported)",
+    )
+    connection_idle_s: Seconds = Field(
+        default=300.0,
+        gt=0,
+        description="a WebSocket or stream with no bytes either way this long no longer "
+        "keeps the app awake",
     )
 
     @field_validator("max_machines")

@@ -112,6 +112,12 @@ class Metrics:
             "Unix time of the control loop's last tick (0 before the first; NaN without one).",
             registry=r,
         )
+        self.control_healthy = Gauge(
+            "autoscaler_control_healthy",
+            "1 while the control loop ticks and the Machines API answers; 0 when its "
+            "decisions are stale (the data path keeps routing either way).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "autoscaler_build_info",
             "Always 1; the version label says which build runs.",

@@ -25,7 +25,7 @@ from autoscaler.control.actions import Actuator, Probe, Sleep, tcp_probe
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.control.wake import WakeError, Waker
-from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
@@ -185,7 +185,16 @@ class Controller:
             await self.sleep(delay)
 
     async def tick(self, app: str) -> Decision:
-        """One reconcile of ``app``: read, merge, decide, act. Raises FlyError on a failed read."""
+        """One reconcile of ``app``: read, merge, decide, act. Raises FlyError on a failed read.
+
+        Every API call of the tick, and of the actions it launches, is tried once within
+        ``control.api_timeout_s``: the next tick is the retry, so an outage costs a tick
+        a timeout at most, never a retry loop.
+        """
+        with one_attempt(self.settings.control.api_timeout_s):
+            return await self._tick(app)
+
+    async def _tick(self, app: str) -> Decision:
         rt = self.apps[app]
         view = self.view.app(app)
         listed_at = self.clock()

@@ -191,26 +191,49 @@ async def test_status_never_carries_a_secret(aiohttp_client: MakeClient) -> None
         (0.5, ["connect failed", "timeout"], "Machines API unreachable: connect failed"),
     ],
 )
-async def test_readiness(
+async def test_control_health(
     aiohttp_client: MakeClient,
     last_tick_ago: float | None,
     errors: list[str | None],
     problem: str | None,
 ) -> None:
+    """``/readyz?control=1`` and the gauge say when decisions are stale; plain ``/readyz``
+    (the data path) stays ready through all of it once the machines are known."""
     clock = FakeClock()
+    known = (FakeMachine("m1", "started"),)
     provider = FakeController(
-        apps=[FakeAppStatus(app=f"a{i}", last_error=e) for i, e in enumerate(errors)],
+        apps=[
+            FakeAppStatus(app=f"a{i}", last_error=e, machines=known) for i, e in enumerate(errors)
+        ],
         last_tick_at=None if last_tick_ago is None else clock.now - last_tick_ago,
     )
-    client = await aiohttp_client(make_server(provider, clock).build_app())
-    resp = await client.get("/readyz")
+    server = make_server(provider, clock)
+    client = await aiohttp_client(server.build_app())
+    assert (await client.get("/readyz")).status == 200
+    resp = await client.get("/readyz?control=1")
     body = await resp.json()
+    healthy = server.metrics.registry.get_sample_value("autoscaler_control_healthy")
     if problem is None:
         assert resp.status == 200
         assert body == {"status": "ready"}
+        assert healthy == 1.0
     else:
         assert resp.status == 503
         assert any(problem in p for p in body["problems"]), body
+        assert healthy == 0.0
+
+
+async def test_not_ready_before_any_machine_is_known(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    provider = FakeController(
+        apps=[FakeAppStatus(app="a", last_error="connect failed")], last_tick_at=None
+    )
+    client = await aiohttp_client(make_server(provider, clock).build_app())
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert "known" in (await resp.json())["problems"][0]
+    provider.apps = [FakeAppStatus(app="a", last_tick_at=clock.now)]  # read, no machines
+    assert (await client.get("/readyz")).status == 200
 
 
 async def test_draining_is_not_ready(aiohttp_client: MakeClient) -> None:
