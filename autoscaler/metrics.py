@@ -112,6 +112,13 @@ class Metrics:
             "Unix time of the control loop's last tick (0 before the first; NaN without one).",
             registry=r,
         )
+        self.machine_restarts = Counter(
+            "autoscaler_machine_restarts",
+            "Starts of failed machines (result: ok, failed; exhausted: its restart budget "
+            "is spent and it is left alone).",
+            ["app", "result"],
+            registry=r,
+        )
         self.control_healthy = Gauge(
             "autoscaler_control_healthy",
             "1 while the control loop ticks and the Machines API answers; 0 when its "

@@ -74,6 +74,8 @@ class FakeMachinesAPI:
     """Operation name -> errors to raise on its next calls, one per call."""
     boot_fails: set[str] = field(default_factory=set)
     """Machine ids whose next start ends in the state "failed" (a boot that crashed)."""
+    broken: set[str] = field(default_factory=set)
+    """Machine ids whose every start ends in "failed"."""
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     """Operation name -> an event the operation waits for before it acts."""
     report_cordon: bool = True
@@ -147,9 +149,10 @@ class FakeMachinesAPI:
     async def start_machine(self, app: str, machine_id: str) -> m.StartResult:
         await self._enter("start_machine", machine_id)
         machine = self.get(app, machine_id)
-        if machine.state not in ("stopped", "suspended", "created"):
+        # Fly starts a failed machine again, and takes back a suspend under way.
+        if machine.state not in ("stopped", "suspended", "created", "failed", "suspending"):
             raise Conflict(412, f"cannot start a {machine.state} machine")
-        failed = machine_id in self.boot_fails
+        failed = machine_id in self.boot_fails or machine_id in self.broken
         self.boot_fails.discard(machine_id)
         self.set(app, machine_id, state="failed" if failed else "started")
         return m.StartResult(previous_state=machine.state)
