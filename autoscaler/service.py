@@ -172,10 +172,12 @@ class Service:
         for secret in new.secrets():
             redactor().add(secret)
         self.settings = new
-        if self.controller is not None:
-            await self.controller.update_settings(new)
+        # The proxy first: requests held for an app that left are answered at once, before
+        # the controller drops the app's view (a gate asking for it then would recreate it).
         if self.proxy is not None:
             self.proxy.update_settings(new)
+        if self.controller is not None:
+            await self.controller.update_settings(new)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
         return True

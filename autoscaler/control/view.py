@@ -41,6 +41,7 @@ class Upstream:
         "id",
         "in_flight",
         "last_used",
+        "owner",
         "port",
         "started_at",
         "state",
@@ -58,6 +59,9 @@ class Upstream:
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
         self.authority = authority(host, port)
+        self.owner: AppView | None = None
+        """The view that counts its load: a request gives its slot back there, even after
+        the app left the configuration (a re-added app gets a new view, at zero)."""
 
     def __repr__(self) -> str:
         return f"Upstream(id={self.id!r}, authority={self.authority!r}, state={self.state!r})"
@@ -111,6 +115,7 @@ class AppView:
             up = self.upstreams.get(info.id)
             if up is None:
                 up = Upstream(info.id, info.host, info.port)
+                up.owner = self
                 up.state = ""  # so the started_at bookkeeping below sees a change
             elif (up.host, up.port) != (info.host, info.port):
                 up.set_address(info.host, info.port)

@@ -30,7 +30,14 @@ from autoscaler.proxy.accounting import (
     log_access,
     remaining,
 )
-from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull, ShuttingDown
+from autoscaler.proxy.gate import (
+    NO_WAKE,
+    AppRemoved,
+    Gate,
+    HoldTimeout,
+    QueueFull,
+    ShuttingDown,
+)
 from autoscaler.proxy.h1 import ClientGone, H1Server, Request
 from autoscaler.proxy.routing import Router
 from autoscaler.scaling.fleet import STARTED
@@ -114,7 +121,10 @@ class ProxyServer:
                 self.view.app(app.name).set_machines(())  # the controller takes over
         for name in list(self._gates):
             if name not in names:
+                # Held requests get a 503 at once; those in flight finish and give their
+                # slots back to the view they took them from (Upstream.owner).
                 gate = self._gates.pop(name)
+                gate.shed(AppRemoved)  # its pump ends with its queue
                 if gate.config.static:
                     self.view.remove_app(name)
 
@@ -223,6 +233,10 @@ class ProxyServer:
             return await gate.acquire(remaining(ctx.deadline))
         except ShuttingDown:
             raise Failure(503, "proxy is shutting down", {"Retry-After": "1"}) from None
+        except AppRemoved:
+            raise Failure(
+                503, "the app was removed from the configuration", {"Retry-After": "1"}
+            ) from None
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
             raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
