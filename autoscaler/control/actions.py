@@ -8,8 +8,9 @@ The drain sequence, and why each step is where it is:
 
 1. our metadata key, then cordon, in the API; out of the proxy's routing at once (the view),
    before the API calls, so no new request lands on a machine about to sleep;
-2. wait until nothing is in flight there, or ``drain_timeout_s``; until here the drain can
-   be taken back (a wake cancels it and uncordons: the machine is still warm);
+2. end its WebSockets (close frame 1001) and streamed responses (at a chunk boundary) in
+   the proxy, then wait until nothing is in flight there, or ``drain_timeout_s``; until here
+   the drain can be taken back (a wake cancels it and uncordons: the machine is still warm);
 3. suspend or stop, and wait for the state;
 4. uncordon in the API and drop our key, so that a later start serves traffic at once.
 
@@ -284,6 +285,10 @@ class Actuator:
                 await self.api.cordon_machine(app, mid)
             self.count(rt, "cordon", True)
             rt.record(mid, self.clock(), cordoned=True)
+            # WebSockets and streams would never end by themselves, and a suspend would
+            # freeze them: they are told to go now (1001 / end of stream), clients reconnect
+            # to machines that stay.
+            self.view.end_long_lived(app, mid)
             idle = await self._wait_idle(rt, mid, rt.config.drain_timeout_s)
             run = rt.running.get(mid)
             if run is not None and run.kind == "drain":
