@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from autoscaler.config import EmulatorSettings, FaultSettings
+from autoscaler.config import EmulatorSettings, FaultSettings, Timing
 from autoscaler.emulator.model import MAX_EVENTS, Event, Ids, Machine, now_rfc3339
 from autoscaler.emulator.procs import (
     PARENT_ENV,
@@ -72,6 +72,20 @@ class Lifecycle:
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
         self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
+        self.timing: Timing = settings.effective_timing()
+
+    def draw(self, span: float | tuple[float, float]) -> float:
+        """One duration from a timing knob: fixed, or uniform in [lo, hi] (the injected rng)."""
+        if isinstance(span, tuple):
+            lo, hi = span
+            return lo if hi <= lo else self._rng.uniform(lo, hi)
+        return span
+
+    async def _pad(self, since: float, duration: float) -> None:
+        """Sleep until ``duration`` seconds have passed since ``since`` (loop time)."""
+        left = since + duration - asyncio.get_running_loop().time()
+        if left > 0:
+            await asyncio.sleep(left)
 
     # --- images and environment ----------------------------------------------------
 
@@ -96,7 +110,7 @@ class Lifecycle:
             argv.append(arg)
         return argv
 
-    def environment(self, m: Machine) -> dict[str, str]:
+    def environment(self, m: Machine, boot_s: float = 0.0) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DENY_PREFIXES)}
         if SESSION_ENV in os.environ:  # a test session's mark, kept so it finds leftovers
             env[SESSION_ENV] = os.environ[SESSION_ENV]
@@ -111,7 +125,7 @@ class Lifecycle:
                 "FLY_PRIVATE_IP": m.private_ip,
                 "FLY_IMAGE_REF": str(m.config.get("image", "")),
                 "FLY_MACHINE_VERSION": m.instance_id,
-                "DEMO_BOOT_DELAY_S": str(self.settings.demo_boot_delay_s),
+                "DEMO_BOOT_DELAY_S": str(boot_s),  # this boot's start_s
                 # Lets a test session find leftovers of this emulator by their environment.
                 PARENT_ENV: str(os.getpid()),
             }
@@ -200,8 +214,20 @@ class Lifecycle:
         mp = self.procs.get(m.id)
         self.record(m, "suspending", "suspend")
         if mp is not None:
-            mp.signal(signal.SIGSTOP)  # memory kept, like Fly's snapshot
-        self.record(m, "suspended")
+            # Frozen at once, as Fly pauses the VM while it copies the memory out.
+            mp.signal(signal.SIGSTOP)
+        duration = self.draw(self.timing.suspend_s)
+        if duration > 0:
+            self._run(m, self._suspend(m, duration))
+        else:
+            self._suspended(m)
+
+    async def _suspend(self, m: Machine, duration: float) -> None:
+        await asyncio.sleep(duration)
+        self._suspended(m)
+
+    def _suspended(self, m: Machine) -> None:
+        self.record(m, "suspended", source="flyd")
 
     def update(self, m: Machine, config: dict[str, Any], name: str | None) -> None:
         if m.state not in ("started", "stopped", "suspended", "created", "failed"):
@@ -229,6 +255,9 @@ class Lifecycle:
         self.record(m, "destroying", "destroy")
         self._run(m, self._destroy(m))
 
+    def set_faults(self, faults: FaultSettings) -> None:
+        self.faults = faults
+
     def kill_process(self, m: Machine, sig: int = signal.SIGKILL) -> bool:
         """Simulate a crash: the process dies without the emulator asking it to stop."""
         mp = self.procs.get(m.id)
@@ -241,14 +270,17 @@ class Lifecycle:
     async def _start(self, m: Machine, resume: bool) -> None:
         mp = self.procs.get(m.id)
         if resume and mp is not None and mp.returncode is None:
+            duration = self.draw(self.timing.resume_s)
+            if duration > 0:
+                await asyncio.sleep(duration)
             mp.signal(signal.SIGCONT)
-            if self.settings.resume_delay_s:
-                await asyncio.sleep(self.settings.resume_delay_s)
             self.record(m, "started", source="flyd")
             return
         await self._boot(m)
 
     async def _boot(self, m: Machine) -> None:
+        began = asyncio.get_running_loop().time()
+        boot_s = self.draw(self.timing.start_s)
         port = m.internal_port
         if not address_free(m.private_ip, port):
             self.record(
@@ -264,21 +296,25 @@ class Lifecycle:
                 m, "failed", "launch", source="flyd", request={"error": "injected boot failure"}
             )
             return
-        mp = await self._spawn(m)
-        ok = await wait_listening(mp, m.private_ip, port, self.settings.boot_timeout_s)
+        mp = await self._spawn(m, boot_s)
+        ok = await wait_listening(mp, m.private_ip, port, self.settings.boot_timeout_s + boot_s)
         if not ok:
             code = mp.returncode
             await mp.terminate(signal.SIGKILL, 0)
             why = f"exited with code {code}" if code is not None else "boot timeout"
             self.record(m, "failed", "launch", source="flyd", request={"error": why})
             return
+        # The demo app delays its own listening by boot_s; other images are padded here,
+        # so that every cold boot spends at least start_s in `starting`.
+        await self._pad(began, boot_s)
         self.record(m, "started", source="flyd")
         if self.faults.crash_after_s is not None:
             self._background(self._crash_later(m, mp, self.faults.crash_after_s))
 
-    async def _spawn(self, m: Machine) -> MachineProcess:
+    async def _spawn(self, m: Machine, boot_s: float) -> MachineProcess:
         # Shielded: a cancelled boot must still own (and kill) the child it forked.
-        fut = asyncio.ensure_future(spawn(self.command(m), self.environment(m), self.reaper))
+        env = self.environment(m, boot_s)
+        fut = asyncio.ensure_future(spawn(self.command(m), env, self.reaper))
         self._spawning.add(fut)
         fut.add_done_callback(self._spawning.discard)
         try:
@@ -346,7 +382,9 @@ class Lifecycle:
                 del self.procs[m.id]
 
     async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+        began = asyncio.get_running_loop().time()
         await self._end_process(m, sig, timeout_s)
+        await self._pad(began, self.draw(self.timing.stop_s))  # the VM shutting down
         self.record(m, "stopped", source="flyd")
         if m.config.get("auto_destroy") is True:
             self.destroy(m, force=True)

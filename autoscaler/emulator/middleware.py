@@ -29,6 +29,7 @@ from autoscaler.logs import get_logger
 log = get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CONTROL_PREFIX = "/_emulator/"  # the emulator's own routes (faults.py)
 
 
 @dataclass
@@ -91,6 +92,8 @@ async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def limits_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(CONTROL_PREFIX):
+        return await handler(request)  # the switches for faults are never faulty themselves
     ctx = request.app[CTX]
     faults = ctx.world.lifecycle.faults  # one copy: Emulator.set_faults changes it
     if faults.latency_s:
