@@ -68,6 +68,7 @@ class Lifecycle:
         self.spawned: list[int] = []  # every pid ever started, for leak checks
         self.outputs: dict[str, deque[str]] = {}  # last output of each machine's process
         self._ops: dict[str, asyncio.Task[None]] = {}
+        self._snapshots: dict[str, float] = {}  # machine id → loop time of its suspend
         self._tasks: set[asyncio.Task[None]] = set()
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
@@ -181,14 +182,52 @@ class Lifecycle:
     # --- operations (called by the API; raise Conflict for 412) -----------------------
 
     def start(self, m: Machine) -> str:
+        """Start (or resume) a machine; the previous state, as the real API answers.
+
+        From ``suspending``, as on Fly since interruptible suspend: the suspend is
+        abandoned and the frozen process resumed, through ``starting``. From
+        ``suspended``: a resume from the snapshot, unless it is gone, older than
+        ``timing.snapshot_ttl_s`` or lost to ``faults.resume_cold_rate``, when it is a
+        cold boot. The flyd event that ends the start says which: ``start`` with
+        ``{"resume": true}``, or ``launch`` with ``{"resume": false, "reason": ...}``.
+        """
         previous = m.state
-        if previous not in ("stopped", "suspended", "created", "failed"):
+        if previous not in ("stopped", "suspended", "suspending", "created", "failed"):
             raise Conflict(f"unable to start machine from current state: '{previous}'")
         self.command(m)  # raises Conflict when the image vanished from the table
         m.restarts = 0
-        self.record(m, "starting", "start")
-        self._run(m, self._start(m, resume=previous == "suspended"))
+        if previous == "suspending":
+            current = self._ops.pop(m.id, None)
+            if current is not None:
+                current.cancel()  # the memory copy is abandoned, the snapshot never made
+            self.record(m, "starting", "start")
+            self._run(m, self._unfreeze(m, {"resume": True, "interrupted": "suspend"}))
+        elif previous == "suspended":
+            reason = self._cold_reason(m)
+            self.record(m, "starting", "start")
+            if reason is None:
+                self._run(m, self._resume(m))
+            else:
+                self._run(m, self._cold_start(m, reason))
+        else:
+            self.record(m, "starting", "start")
+            self._run(m, self._boot(m))
         return previous
+
+    def _cold_reason(self, m: Machine) -> str | None:
+        """Why a start from ``suspended`` cannot resume; None when it can."""
+        mp = self.procs.get(m.id)
+        taken = self._snapshots.get(m.id)
+        if mp is None or mp.returncode is not None or taken is None:
+            return "no snapshot"
+        ttl = self.timing.snapshot_ttl_s
+        age = asyncio.get_running_loop().time() - taken
+        if ttl is not None and age > ttl:
+            return f"snapshot expired ({age:.1f}s old, timing.snapshot_ttl_s is {ttl:g}s)"
+        rate = self.faults.resume_cold_rate
+        if rate and self._rng.random() < rate:
+            return "snapshot unusable (faults.resume_cold_rate)"
+        return None
 
     def stop(self, m: Machine, sig: int, timeout_s: float) -> None:
         if m.state not in ("started", "suspended", "failed"):
@@ -227,6 +266,7 @@ class Lifecycle:
         self._suspended(m)
 
     def _suspended(self, m: Machine) -> None:
+        self._snapshots[m.id] = asyncio.get_running_loop().time()
         self.record(m, "suspended", source="flyd")
 
     def update(self, m: Machine, config: dict[str, Any], name: str | None) -> None:
@@ -267,18 +307,29 @@ class Lifecycle:
 
     # --- the slow halves -----------------------------------------------------------
 
-    async def _start(self, m: Machine, resume: bool) -> None:
-        mp = self.procs.get(m.id)
-        if resume and mp is not None and mp.returncode is None:
-            duration = self.draw(self.timing.resume_s)
-            if duration > 0:
-                await asyncio.sleep(duration)
-            mp.signal(signal.SIGCONT)
-            self.record(m, "started", source="flyd")
-            return
-        await self._boot(m)
+    async def _resume(self, m: Machine) -> None:
+        duration = self.draw(self.timing.resume_s)
+        if duration > 0:
+            await asyncio.sleep(duration)  # the snapshot loading; the process stays frozen
+        await self._unfreeze(m, {"resume": True})
 
-    async def _boot(self, m: Machine) -> None:
+    async def _unfreeze(self, m: Machine, request: dict[str, Any]) -> None:
+        mp = self.procs.get(m.id)
+        if mp is None or mp.returncode is not None:
+            # It died while frozen (killed from outside): nothing to resume.
+            await self._boot(m, {"resume": False, "reason": "no snapshot"})
+            return
+        self._snapshots.pop(m.id, None)
+        mp.signal(signal.SIGCONT)
+        self.record(m, "started", "start", source="flyd", request=request)
+
+    async def _cold_start(self, m: Machine, reason: str) -> None:
+        self._snapshots.pop(m.id, None)
+        await self._end_process(m, signal.SIGKILL, 0)  # the frozen process goes with it
+        await self._boot(m, {"resume": False, "reason": reason})
+
+    async def _boot(self, m: Machine, fallback: dict[str, Any] | None = None) -> None:
+        """A cold boot; ``fallback`` (a start that could not resume) is told by its event."""
         began = asyncio.get_running_loop().time()
         boot_s = self.draw(self.timing.start_s)
         port = m.internal_port
@@ -307,7 +358,10 @@ class Lifecycle:
         # The demo app delays its own listening by boot_s; other images are padded here,
         # so that every cold boot spends at least start_s in `starting`.
         await self._pad(began, boot_s)
-        self.record(m, "started", source="flyd")
+        if fallback is None:
+            self.record(m, "started", source="flyd")
+        else:
+            self.record(m, "started", "launch", source="flyd", request=fallback)
         if self.faults.crash_after_s is not None:
             self._background(self._crash_later(m, mp, self.faults.crash_after_s))
 
