@@ -45,6 +45,10 @@ class Conflict(Exception):
     """The operation makes no sense in the machine's current state (HTTP 412)."""
 
 
+class HostUnreachable(Exception):
+    """The machine's host cannot be reached (``faults.host_unreachable``; HTTP 503)."""
+
+
 class Lifecycle:
     def __init__(
         self,
@@ -55,9 +59,12 @@ class Lifecycle:
         pool: AddressPool,
         on_change: Callable[[], None],
         on_gone: Callable[[Machine], None],
+        find: Callable[[str], Machine | None] = lambda _: None,
     ) -> None:
         self.settings = settings
         self._on_gone = on_gone  # the world forgets a destroyed machine
+        self._find = find  # a machine by id, for faults named by id
+        self._faults_changed = asyncio.Event()  # replaced and set on every change
         self.faults: FaultSettings = settings.faults
         self._ids = ids
         self._rng = rng
@@ -191,6 +198,7 @@ class Lifecycle:
         cold boot. The flyd event that ends the start says which: ``start`` with
         ``{"resume": true}``, or ``launch`` with ``{"resume": false, "reason": ...}``.
         """
+        self._reachable(m)
         previous = m.state
         if previous not in ("stopped", "suspended", "suspending", "created", "failed"):
             raise Conflict(f"unable to start machine from current state: '{previous}'")
@@ -230,24 +238,28 @@ class Lifecycle:
         return None
 
     def stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+        self._reachable(m)
         if m.state not in ("started", "suspended", "failed"):
             raise Conflict(f"unable to stop machine from current state: '{m.state}'")
         self.record(m, "stopping", "stop", request={"signal": signal.Signals(sig).name})
         self._run(m, self._stop(m, sig, timeout_s))
 
     def restart(self, m: Machine, sig: int, timeout_s: float) -> None:
+        self._reachable(m)
         if m.state != "started":
             raise Conflict(f"unable to restart machine from current state: '{m.state}'")
         self.record(m, "restarting", "restart", request={"signal": signal.Signals(sig).name})
         self._run(m, self._restart(m, sig, timeout_s))
 
     def send_signal(self, m: Machine, sig: int) -> None:
+        self._reachable(m)
         mp = self.procs.get(m.id)
         if m.state != "started" or mp is None:
             raise Conflict(f"unable to signal machine in current state: '{m.state}'")
         mp.signal(sig)  # an exit it causes is handled like any other exit
 
     def suspend(self, m: Machine) -> None:
+        self._reachable(m)
         if m.state != "started":
             raise Conflict(f"unable to suspend machine from current state: '{m.state}'")
         mp = self.procs.get(m.id)
@@ -270,6 +282,7 @@ class Lifecycle:
         self.record(m, "suspended", source="flyd")
 
     def update(self, m: Machine, config: dict[str, Any], name: str | None) -> None:
+        self._reachable(m)
         if m.state not in ("started", "stopped", "suspended", "created", "failed"):
             raise Conflict(f"unable to update machine from current state: '{m.state}'")
         previous = m.state
@@ -293,10 +306,71 @@ class Lifecycle:
         if current is not None and current is not asyncio.current_task():
             current.cancel()  # e.g. a boot in progress; its process is killed below
         self.record(m, "destroying", "destroy")
-        self._run(m, self._destroy(m))
+        if m.id in self.faults.host_unreachable:
+            # As Fly does for a dead host: flagged `destroying`, destroyed once it is back.
+            self._run(m, self._destroy_when_reachable(m))
+        else:
+            self._run(m, self._destroy(m))
+
+    def _reachable(self, m: Machine) -> None:
+        if m.id in self.faults.host_unreachable:
+            raise HostUnreachable(
+                f"machine {m.id}: its host is unreachable (host_status: unreachable); "
+                "the action cannot reach it, try again later or use another machine"
+            )
+
+    # --- faults ----------------------------------------------------------------------
 
     def set_faults(self, faults: FaultSettings) -> None:
-        self.faults = faults
+        """Replace the faults; a machine named in (or dropped from) ``hung`` or
+        ``host_unreachable`` changes at once."""
+        old, self.faults = self.faults, faults
+        for mid in set(old.hung) - set(faults.hung):
+            self._thaw(mid)
+        for mid in set(faults.hung) - set(old.hung):
+            self._hang(mid)
+        for mid in set(old.host_unreachable) ^ set(faults.host_unreachable):
+            m = self._find(mid)
+            if m is not None:
+                m.host_status = "unreachable" if mid in faults.host_unreachable else "ok"
+                self.record(m, m.state)
+        fired, self._faults_changed = self._faults_changed, asyncio.Event()
+        fired.set()
+
+    def _hang(self, mid: str) -> None:
+        """SIGSTOP a started machine's process: the kernel still completes TCP handshakes
+        into the listening socket's backlog, but nothing is ever read or answered."""
+        m, mp = self._find(mid), self.procs.get(mid)
+        if m is not None and mp is not None and m.state == "started":
+            mp.signal(signal.SIGSTOP)
+
+    def _thaw(self, mid: str) -> None:
+        m, mp = self._find(mid), self.procs.get(mid)
+        if m is not None and mp is not None and m.state == "started":
+            mp.signal(signal.SIGCONT)  # a suspending or suspended one stays frozen
+
+    def _now_started(self, m: Machine) -> None:
+        """After every start: the hang and lost-host rates, and a hang named in advance."""
+        f = self.faults
+        hung = f.hang_rate > 0 and self._rng.random() < f.hang_rate and m.id not in f.hung
+        lost = (
+            f.host_unreachable_rate > 0
+            and self._rng.random() < f.host_unreachable_rate
+            and m.id not in f.host_unreachable
+        )
+        if hung or lost:
+            self.set_faults(
+                f.model_copy(
+                    update={
+                        "hung": [*f.hung, m.id] if hung else f.hung,
+                        "host_unreachable": [*f.host_unreachable, m.id]
+                        if lost
+                        else f.host_unreachable,
+                    }
+                )
+            )
+        elif m.id in f.hung:
+            self._hang(m.id)
 
     def kill_process(self, m: Machine, sig: int = signal.SIGKILL) -> bool:
         """Simulate a crash: the process dies without the emulator asking it to stop."""
@@ -320,8 +394,10 @@ class Lifecycle:
             await self._boot(m, {"resume": False, "reason": "no snapshot"})
             return
         self._snapshots.pop(m.id, None)
-        mp.signal(signal.SIGCONT)
+        if m.id not in self.faults.hung:
+            mp.signal(signal.SIGCONT)
         self.record(m, "started", "start", source="flyd", request=request)
+        self._now_started(m)
 
     async def _cold_start(self, m: Machine, reason: str) -> None:
         self._snapshots.pop(m.id, None)
@@ -362,6 +438,7 @@ class Lifecycle:
             self.record(m, "started", source="flyd")
         else:
             self.record(m, "started", "launch", source="flyd", request=fallback)
+        self._now_started(m)
         if self.faults.crash_after_s is not None:
             self._background(self._crash_later(m, mp, self.faults.crash_after_s))
 
@@ -456,6 +533,11 @@ class Lifecycle:
         else:
             # A suspended machine's snapshot cannot survive a new config.
             self.record(m, "stopped" if previous == "suspended" else previous, source="flyd")
+
+    async def _destroy_when_reachable(self, m: Machine) -> None:
+        while m.id in self.faults.host_unreachable:
+            await self._faults_changed.wait()
+        await self._destroy(m)
 
     async def _destroy(self, m: Machine) -> None:
         await self._end_process(m, signal.SIGKILL, 0)

@@ -21,7 +21,7 @@ from aiohttp import web
 from autoscaler.emulator import validate
 from autoscaler.emulator.leases import NONCE_HEADER, LeaseHeld, Leases
 from autoscaler.emulator.limits import RateLimiter, retry_after
-from autoscaler.emulator.machines import Conflict
+from autoscaler.emulator.machines import Conflict, HostUnreachable
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.world import NameTaken, NotFound, World
 from autoscaler.logs import get_logger
@@ -68,6 +68,8 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         response = error(422, str(exc))
     except LeaseHeld as exc:
         response = error(409, str(exc))
+    except HostUnreachable as exc:
+        response = error(503, str(exc))
     except web.HTTPException as exc:
         response = error(exc.status, exc.reason)
     except Exception:

@@ -52,6 +52,7 @@ class World:
             pool=self.pool,
             on_change=on_change,
             on_gone=self._forget,
+            find=self._by_id,
         )
 
     # --- lookups -------------------------------------------------------------------
@@ -75,6 +76,13 @@ class World:
             return app.volumes[volume_id]
         except KeyError:
             raise NotFound(f"volume not found: {volume_id}") from None
+
+    def _by_id(self, machine_id: str) -> Machine | None:
+        for app in self.apps.values():
+            m = app.machines.get(machine_id)
+            if m is not None:
+                return m
+        return None
 
     def was_destroyed(self, app_name: str, machine_id: str) -> bool:
         return (app_name, machine_id) in self._gone
