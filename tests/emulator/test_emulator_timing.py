@@ -11,6 +11,7 @@ from emu_helpers import new_machine, session, wait, wait_ok
 from autoscaler.config import ConfigError, EmulatorSettings, load_settings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.machines import Lifecycle
+from autoscaler.emulator.main import settings_from
 
 
 @pytest.fixture
@@ -34,6 +35,15 @@ def test_the_fly_profile_has_fly_s_documented_times() -> None:
     assert fly.suspend_s[1] > 15.0  # "can spend over 15 seconds in the suspending state"
     fast = EmulatorSettings().effective_timing()
     assert (fast.suspend_s, fast.stop_s, fast.start_s) == (0.0, 0.0, 0.5)
+
+
+def test_the_profile_and_fault_flags_reach_the_settings() -> None:
+    settings = settings_from(
+        None, environ={}, profile="fly", faults={"resume_cold_rate": 0.5, "hang_rate": None}
+    )
+    assert settings.profile == "fly"
+    assert settings.faults.resume_cold_rate == 0.5
+    assert settings.effective_timing().suspend_s == (2.0, 18.0)
 
 
 def test_timing_overrides_win_over_the_profile_and_the_old_knobs(tmp_path: Path) -> None:
