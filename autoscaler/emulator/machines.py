@@ -33,12 +33,15 @@ from autoscaler.emulator.procs import (
     spawn,
     wait_listening,
 )
+from autoscaler.logs import get_logger
 
 DEMO_IMAGE = "autoscaler/demo-app"
 DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {port}"
 DEFAULT_MAX_RETRIES = 10  # Fly's default for on-failure
 # Never handed to a machine: a real Fly machine does not see your API token either.
 _ENV_DENY_PREFIXES = ("FLY_", "AUTOSCALER_", "EMULATOR_")
+
+log = get_logger(__name__)
 
 
 class Conflict(Exception):
@@ -72,17 +75,28 @@ class Lifecycle:
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
         self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
+        self._stand_ins: set[str] = set()  # unknown images already logged
 
     # --- images and environment ----------------------------------------------------
 
     def resolve_image(self, image: str) -> str | None:
-        """The command template for an image, also matching without its ``:tag``."""
+        """The command template for an image, also matching without its ``:tag``.
+
+        An image not in the table runs the built-in demo app under its own name (logged
+        once per image), so tools that create machines from real image names work; None
+        only with ``strict_images``.
+        """
         if image in self.images:
             return self.images[image]
         base, sep, tag = image.rpartition(":")
         if sep and "/" not in tag and base in self.images:
             return self.images[base]
-        return None
+        if self.settings.strict_images:
+            return None
+        if image not in self._stand_ins:
+            self._stand_ins.add(image)
+            log.info("emulator_image_stand_in", image=image, runs=DEMO_IMAGE)
+        return DEMO_COMMAND
 
     def command(self, m: Machine) -> list[str]:
         template = self.resolve_image(str(m.config.get("image", "")))

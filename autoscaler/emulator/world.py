@@ -143,12 +143,7 @@ class World:
     def create_machine(
         self, app: App, config: dict[str, Any], name: str | None, region: str | None
     ) -> Machine:
-        if self.lifecycle.resolve_image(str(config["image"])) is None:
-            known = ", ".join(sorted(self.lifecycle.images))
-            raise BadRequest(
-                f"config.image: {config['image']!r} is not in the emulator's image table "
-                f"(known: {known})"
-            )
+        self._check_image(config)
         private_ip = self._address(internal_port_of(config))  # before anything is attached
         mid = self.ids.machine()
         try:
@@ -172,6 +167,14 @@ class World:
         self.lifecycle.record(m, "created", "launch")
         return m
 
+    def _check_image(self, config: dict[str, Any]) -> None:
+        if self.lifecycle.resolve_image(str(config["image"])) is None:
+            known = ", ".join(sorted(self.lifecycle.images))
+            raise BadRequest(
+                f"config.image: {config['image']!r} is not in the emulator's image table "
+                f"(known: {known}; emulator.strict_images is on)"
+            )
+
     def _address(self, port: int) -> str:
         try:
             return self.pool.allocate(port)
@@ -181,8 +184,7 @@ class World:
     def update_machine(
         self, m: Machine, config: dict[str, Any], name: str | None, region: str | None
     ) -> None:
-        if self.lifecycle.resolve_image(str(config["image"])) is None:
-            raise BadRequest(f"config.image: {config['image']!r} is not in the image table")
+        self._check_image(config)
         if region and region != m.region:
             raise BadRequest(f"region: a machine cannot move regions ({m.region} to {region})")
         app = self.app(m.app)
