@@ -34,6 +34,7 @@ ALL_STATES = RESTING | MOVING | FINAL
 WAITABLE = frozenset({"started", "stopped", "suspended", "destroyed", "failed", "settled"})
 
 MAX_EVENTS = 30  # per machine; the real API also returns only the recent ones
+MAX_PAST_CONFIGS = 10  # earlier configs kept per machine for GET .../versions
 
 
 def now_rfc3339(clock: float | None = None) -> str:
@@ -114,6 +115,8 @@ class Machine:
     cordoned: bool = False
     events: list[Event] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # earlier instance ids, oldest first
+    # The configs of the latest earlier versions, by instance id (GET .../versions).
+    past_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: int = 0  # automatic restarts since the last start by a user
     # Runtime only, never persisted: replaced and set on every change, so /wait can block
     # on the current one without polling and without holding a lock.
@@ -147,6 +150,7 @@ class Machine:
         out = self.to_json()
         out["app"] = self.app
         out["versions"] = list(self.versions)
+        out["past_configs"] = dict(self.past_configs)
         return out
 
     @classmethod
@@ -176,6 +180,7 @@ class Machine:
             cordoned=data.get("cordoned", False),
             events=events,
             versions=list(data.get("versions", [])),
+            past_configs=dict(data.get("past_configs", {})),
         )
 
 

@@ -216,6 +216,14 @@ def machine_request(body: object) -> tuple[dict[str, Any], str | None, str | Non
     return config, name or None, region or None, bool(body.get("skip_launch", False))
 
 
+def lease_ttl(body: object, longest: int) -> int | None:
+    """``lease_ttl`` of a create request: whole seconds, or None when absent."""
+    value = _body(body).get("lease_ttl")
+    if value is None:
+        return None
+    return _int(value, "lease_ttl", 1, longest)
+
+
 def seconds(value: object, where: str, low: float, high: float) -> float:
     """An integer of seconds or a duration string ("30s"), within [low, high]."""
     try:

@@ -15,7 +15,15 @@ from typing import Any
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator.machines import Conflict, Lifecycle
-from autoscaler.emulator.model import App, Ids, Machine, Volume, internal_port_of, now_rfc3339
+from autoscaler.emulator.model import (
+    MAX_PAST_CONFIGS,
+    App,
+    Ids,
+    Machine,
+    Volume,
+    internal_port_of,
+    now_rfc3339,
+)
 from autoscaler.emulator.procs import AddressPool, NoAddress
 from autoscaler.emulator.validate import BadRequest
 
@@ -188,6 +196,7 @@ class World:
         if region and region != m.region:
             raise BadRequest(f"region: a machine cannot move regions ({m.region} to {region})")
         app = self.app(m.app)
+        old_version, old_config = m.instance_id, m.config
         self._detach(app, m.id)
         try:
             self._attach(app, m.id, config)
@@ -196,6 +205,9 @@ class World:
             self._detach(app, m.id)  # a refused update leaves the volumes as they were
             self._attach(app, m.id, m.config)
             raise
+        m.past_configs[old_version] = old_config
+        for version in list(m.past_configs)[:-MAX_PAST_CONFIGS]:
+            del m.past_configs[version]
 
     def destroy_machine(self, m: Machine, force: bool) -> None:
         self.lifecycle.destroy(m, force)
