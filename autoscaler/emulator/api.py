@@ -76,14 +76,39 @@ async def delete_app(request: web.Request) -> web.Response:
 # --- machines --------------------------------------------------------------------------
 
 
+# What ``summary=true`` leaves out of each machine, as the real spec says.
+_NOT_IN_SUMMARY = ("config", "checks", "events", "host_status", "nonce")
+
+
 async def list_machines(request: web.Request) -> web.Response:
+    """The app's machines, filtered by ``state`` (comma-separated), ``region`` and
+    ``metadata.{key}=value`` (as clients ask for ``metadata.fly_process_group=web``);
+    ``include_deleted`` adds the machines destroyed lately; ``summary`` leaves out the
+    config, checks and events."""
     app = world_of(request).app(request.match_info["app_name"])
     wanted = {s for s in request.query.get("state", "").split(",") if s}
-    machines = [
-        m.to_json()
-        for m in app.machines.values()
-        if m.state != "destroyed" and (not wanted or m.state in wanted)
-    ]
+    region = request.query.get("region")
+    meta = {k[len("metadata.") :]: v for k, v in request.query.items() if k.startswith("metadata.")}
+    candidates = list(app.machines.values())
+    if query_flag(request, "include_deleted"):
+        candidates = app.deleted + candidates
+    summary = query_flag(request, "summary")
+    machines = []
+    for m in candidates:
+        if m.state == "destroyed" and m.id in app.machines:
+            continue  # being forgotten; listed with include_deleted once it is gone
+        if wanted and m.state not in wanted:
+            continue
+        if region and m.region != region:
+            continue
+        have = m.config.get("metadata") or {}
+        if any(have.get(k) != v for k, v in meta.items()):
+            continue
+        out = m.to_json()
+        if summary:
+            for key in _NOT_IN_SUMMARY:
+                out.pop(key, None)
+        machines.append(out)
     return web.json_response(machines)
 
 

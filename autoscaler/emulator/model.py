@@ -34,6 +34,7 @@ ALL_STATES = RESTING | MOVING | FINAL
 WAITABLE = frozenset({"started", "stopped", "suspended", "destroyed", "failed", "settled"})
 
 MAX_EVENTS = 30  # per machine; the real API also returns only the recent ones
+MAX_DELETED = 50  # destroyed machines an app lists with include_deleted
 MAX_PAST_CONFIGS = 10  # earlier configs kept per machine for GET .../versions
 
 
@@ -239,6 +240,8 @@ class App:
     created_at: str
     machines: dict[str, Machine] = field(default_factory=dict)
     volumes: dict[str, Volume] = field(default_factory=dict)
+    # Runtime only: the latest destroyed machines, oldest first (list ?include_deleted).
+    deleted: list[Machine] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         live = [m for m in self.machines.values() if m.state != "destroyed"]

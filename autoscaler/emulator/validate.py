@@ -14,6 +14,7 @@ from typing import Any
 from autoscaler.config import parse_duration
 
 APP_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+REGION_RE = re.compile(r"^[a-z]{3}$")  # Fly's region codes
 METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 RESTART_POLICIES = ("no", "on-failure", "always")
 SCHEDULES = ("hourly", "daily", "weekly", "monthly")
@@ -210,6 +211,8 @@ def machine_request(body: object) -> tuple[dict[str, Any], str | None, str | Non
     region = body.get("region")
     if region is not None:
         _expect(region, str, "region", "a string")
+        if region and not REGION_RE.match(region):
+            raise BadRequest(f"region: expected a region code like iad or cdg, got {region!r}")
     for key in ("skip_launch", "skip_service_registration"):
         if key in body:
             _expect(body[key], bool, key, "a boolean")

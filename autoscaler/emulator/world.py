@@ -16,6 +16,7 @@ from typing import Any
 from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator.machines import Conflict, Lifecycle
 from autoscaler.emulator.model import (
+    MAX_DELETED,
     MAX_PAST_CONFIGS,
     App,
     Ids,
@@ -142,8 +143,10 @@ class World:
             ],
             # No restart policy: a crashed machine stops, which is what scaling tests need.
         }
-        for _ in range(max(0, missing)):
-            m = self.create_machine(app, copy.deepcopy(config), None, None)
+        regions = spec.regions or [DEFAULT_REGION]
+        for i in range(len(app.machines), len(app.machines) + max(0, missing)):
+            region = regions[i % len(regions)]  # round-robin, as Fly spreads a count
+            m = self.create_machine(app, copy.deepcopy(config), None, region)
             self.lifecycle.record(m, "stopped")  # they wait, stopped, for the first request
 
     # --- machines --------------------------------------------------------------------
@@ -217,6 +220,8 @@ class World:
         if app is not None and app.machines.get(m.id) is m:
             del app.machines[m.id]
             self._detach(app, m.id)
+            app.deleted.append(m)
+            del app.deleted[:-MAX_DELETED]
         self._gone[(m.app, m.id)] = None
         while len(self._gone) > _TOMBSTONES:
             self._gone.popitem(last=False)
