@@ -35,7 +35,7 @@ from autoscaler.emulator.middleware import (
     read_body,
     world_of,
 )
-from autoscaler.emulator.model import RESTING, WAITABLE, Machine
+from autoscaler.emulator.model import EVENTS_DEFAULT, MAX_EVENTS, RESTING, WAITABLE, Machine
 from autoscaler.emulator.world import NotFound
 
 __all__ = ["CTX", "ROUTES", "Context", "build_app"]
@@ -125,6 +125,10 @@ async def create_machine(request: web.Request) -> web.Response:
         nonce = request.app[CTX].leases.acquire(m.id, m.instance_id, lease_ttl, "", None).nonce
     if not skip_launch:
         world.lifecycle.start(m)
+        # On Fly a launch is one user event ("launch", created); the boot then ends in the
+        # platform's "start" (started), with no user "start" between them.
+        if m.events and (m.events[-1].type, m.events[-1].status) == ("start", "starting"):
+            m.events.pop()
     out = m.to_json()
     if nonce is not None:
         out["nonce"] = nonce
@@ -322,7 +326,16 @@ async def release_lease(request: web.Request) -> web.Response:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    return web.json_response([e.to_json() for e in reversed(machine_of(request).events)])
+    """The machine's events, newest first: ``limit`` of them (default 20; more than 50
+    gives 50, the most the real API returns)."""
+    m = machine_of(request)
+    raw = request.query.get("limit")
+    limit = EVENTS_DEFAULT
+    if raw is not None:
+        if not raw.isdigit() or int(raw) < 1:
+            raise validate.BadRequest(f"limit: expected a positive integer, got {raw!r}")
+        limit = min(int(raw), MAX_EVENTS)
+    return web.json_response([e.to_json() for e in reversed(m.events[-limit:])])
 
 
 # --- metadata --------------------------------------------------------------------------

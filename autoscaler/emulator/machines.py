@@ -22,7 +22,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from autoscaler.config import EmulatorSettings, FaultSettings
-from autoscaler.emulator.model import MAX_EVENTS, Event, Ids, Machine, now_rfc3339
+from autoscaler.emulator.model import (
+    MAX_EVENTS,
+    Event,
+    Ids,
+    Machine,
+    now_rfc3339,
+    settled_event,
+)
 from autoscaler.emulator.procs import (
     PARENT_ENV,
     SESSION_ENV,
@@ -143,8 +150,10 @@ class Lifecycle:
         source: str = "user",
         request: dict[str, Any] | None = None,
     ) -> None:
-        m.state = state
+        previous, m.state = m.state, state
         m.updated_at = now_rfc3339()
+        if kind is None and previous != state:
+            kind, source, request = settled_event(m, previous, state, source, request)
         if kind is not None:
             m.events.append(
                 Event(

@@ -33,7 +33,8 @@ FINAL = frozenset({"destroyed", "replaced", "migrated"})
 ALL_STATES = RESTING | MOVING | FINAL
 WAITABLE = frozenset({"started", "stopped", "suspended", "destroyed", "failed", "settled"})
 
-MAX_EVENTS = 30  # per machine; the real API also returns only the recent ones
+MAX_EVENTS = 50  # per machine: the most the real API's events endpoint returns
+EVENTS_DEFAULT = 20  # what it returns without ?limit
 MAX_DELETED = 50  # destroyed machines an app lists with include_deleted
 MAX_PAST_CONFIGS = 10  # earlier configs kept per machine for GET .../versions
 
@@ -99,6 +100,39 @@ class Event:
         if self.request:
             out["request"] = self.request
         return out
+
+
+# The event that ends a transition, by the type of the event that began it: a stop ends in
+# "exit" (status stopped), a restart or a launch in "start" (started), the others in their
+# own type, as Fly's machines show them (docs/emulator.md, "Events").
+_ENDED_BY = {
+    "launch": "start",
+    "start": "start",
+    "restart": "start",
+    "stop": "exit",
+    "suspend": "suspend",
+    "update": "update",
+    "destroy": "destroy",
+}
+
+
+def settled_event(
+    m: Machine, previous: str, state: str, source: str, request: dict[str, Any] | None
+) -> tuple[str | None, str, dict[str, Any] | None]:
+    """(type, source, request) of the event a change from ``previous`` to ``state`` records
+    when its caller named none: an event only when a transition ends (a moving state gives
+    way to a resting or final one), by the platform ("flyd")."""
+    if previous not in MOVING or state not in RESTING | FINAL or not m.events:
+        return None, source, request
+    began = m.events[-1].type
+    kind = _ENDED_BY.get(began)
+    if kind is None:
+        return None, source, request
+    if kind == "update" and state == "started":
+        kind = "start"  # the new version booted
+    if kind == "exit" and not request:
+        request = {"exit_event": {"requested_stop": True}}
+    return kind, "flyd", request
 
 
 @dataclass
