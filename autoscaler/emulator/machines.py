@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from autoscaler.config import EmulatorSettings, FaultSettings
+from autoscaler.emulator.checks import HealthChecks
 from autoscaler.emulator.model import (
     MAX_EVENTS,
     Event,
@@ -82,6 +83,7 @@ class Lifecycle:
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
         self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
+        self.checks = HealthChecks(self.runs_demo_image, on_change)
         self._stand_ins: set[str] = set()  # unknown images already logged
 
     # --- images and environment ----------------------------------------------------
@@ -104,6 +106,11 @@ class Lifecycle:
             self._stand_ins.add(image)
             log.info("emulator_image_stand_in", image=image, runs=DEMO_IMAGE)
         return DEMO_COMMAND
+
+    def runs_demo_image(self, m: Machine) -> bool:
+        """The machine's image is the built-in demo app's (with or without a tag)."""
+        image = str(m.config.get("image", ""))
+        return DEMO_IMAGE in (image, image.rpartition(":")[0])
 
     def command(self, m: Machine) -> list[str]:
         template = self.resolve_image(str(m.config.get("image", "")))
@@ -166,6 +173,7 @@ class Lifecycle:
                 )
             )
             del m.events[:-MAX_EVENTS]
+        self.checks.sync(m)  # health checks run while the machine is started
         m.touch()
         self._on_change()
 
@@ -399,6 +407,7 @@ class Lifecycle:
     async def close(self) -> None:
         """Cancel every transition and kill every process; nothing survives this."""
         self._closing = True
+        await self.checks.close()
         for task in list(self._tasks):
             task.cancel()
         # A boot cancelled mid-fork still gets its child: let the forks finish first.

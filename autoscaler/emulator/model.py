@@ -136,6 +136,24 @@ def settled_event(
 
 
 @dataclass
+class CheckResult:
+    """One health check's latest result, as the real API's CheckStatus."""
+
+    name: str
+    status: str  # passing, warning or critical
+    output: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "output": self.output,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass
 class Machine:
     id: str
     app: str
@@ -156,6 +174,8 @@ class Machine:
     # Runtime only, never persisted: replaced and set on every change, so /wait can block
     # on the current one without polling and without holding a lock.
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Runtime only: the health checks' latest results, by check name (checks.py).
+    checks: dict[str, CheckResult] = field(default_factory=dict, repr=False)
 
     def touch(self) -> None:
         """Wake everyone waiting on this machine."""
@@ -179,6 +199,7 @@ class Machine:
             "config": self.config,
             "cordoned": self.cordoned,
             "events": [e.to_json() for e in reversed(self.events)],
+            **({"checks": [c.to_json() for c in self.checks.values()]} if self.checks else {}),
         }
 
     def to_state(self) -> dict[str, Any]:
