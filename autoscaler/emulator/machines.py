@@ -144,6 +144,9 @@ class Lifecycle:
                 PARENT_ENV: str(os.getpid()),
             }
         )
+        group = (m.config.get("metadata") or {}).get("fly_process_group")
+        if group:  # as Fly sets it for a machine of a process group
+            env["FLY_PROCESS_GROUP"] = str(group)
         return env
 
     # --- state changes ---------------------------------------------------------------

@@ -85,3 +85,16 @@ async def test_start_up_apps_spread_their_machines_over_the_regions() -> None:
     async with Emulator(settings, port=0) as emu:
         regions = Counter(m.region for m in emu.machines("web"))
         assert regions == {"iad": 3, "cdg": 2}
+
+
+async def test_the_process_sees_its_region_and_process_group(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        body = {
+            "config": {"image": DEMO, "metadata": {"fly_process_group": "worker"}},
+            "region": "cdg",
+            "skip_launch": True,
+        }
+        m = await (await s.post("/v1/apps/demo/machines", json=body)).json()
+        env = emulator.world.lifecycle.environment(emulator.machine("demo", m["id"]))
+        assert (env["FLY_REGION"], env["FLY_PROCESS_GROUP"]) == ("cdg", "worker")
