@@ -207,6 +207,7 @@ class Machine:
         out["app"] = self.app
         out["versions"] = list(self.versions)
         out["past_configs"] = dict(self.past_configs)
+        out.pop("checks", None)  # results of a process that does not survive a restart
         return out
 
     @classmethod

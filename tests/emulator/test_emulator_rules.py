@@ -3,6 +3,8 @@ and a clear 501 for the endpoints of Fly's spec that the emulator does not play.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from emu_helpers import create_app, create_machine, new_machine, session, wait_ok
 
@@ -80,6 +82,19 @@ async def test_versions_lists_the_configs_newest_first(emulator: Emulator) -> No
         versions = await (await s.get(f"/v1/apps/demo/machines/{m['id']}/versions")).json()
         assert [v["version"] for v in versions] == [updated["instance_id"], m["instance_id"]]
         assert [v["user_config"]["env"] for v in versions] == [{"V": "2"}, {"V": "1"}]
+
+
+async def test_versions_survive_a_restart_with_a_state_file(tmp_path: Path) -> None:
+    settings = EmulatorSettings(state_file=tmp_path / "state.json", rate_limits=False)
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        m = await new_machine(s, start=False, env={"V": "1"})
+        config = {**m["config"], "env": {"V": "2"}}
+        assert (await s.post(f"/v1/apps/demo/machines/{m['id']}", json={"config": config})).ok
+        url = f"/v1/apps/demo/machines/{m['id']}/versions"
+        before = await (await s.get(url)).json()
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        assert await (await s.get(url)).json() == before
+        assert len(before) == 2
 
 
 async def test_ps_lists_the_machines_processes(emulator: Emulator) -> None:
