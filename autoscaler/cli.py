@@ -85,8 +85,9 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app",
         action="append",
-        metavar="NAME=N[:IMAGE]",
-        help="create app NAME with N stopped machines at start (repeatable)",
+        metavar="NAME=N[:IMAGE][@REGION,...]",
+        help="create app NAME with N stopped machines at start, spread over the regions "
+        "(repeatable)",
     )
     parser.add_argument(
         "--no-rate-limits", action="store_true", help="never answer 429 for Fly's limits"

@@ -435,12 +435,19 @@ class Timing:
     snapshot_ttl_s: float | None
 
 
+# Fly's region codes: three lowercase letters (iad, ord, cdg, ...).
+Region = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
+
+
 class EmulatorApp(_Model):
     name: str = Field(min_length=1, description="app created at start-up")
     machines: int = Field(default=0, ge=0, description="stopped machines created with it")
     image: str = Field(default="autoscaler/demo-app", description="image of those machines")
     internal_port: int = Field(default=8080, ge=1, le=65535, description="their service port")
     env: dict[str, str] = Field(default_factory=dict, description="their environment")
+    regions: list[Region] = Field(
+        default_factory=list, description="regions its machines are spread over, round-robin"
+    )
 
 
 class EmulatorSettings(_Model):
@@ -470,6 +477,12 @@ class EmulatorSettings(_Model):
     )
     faults: FaultSettings = Field(default_factory=FaultSettings)
     apps: list[EmulatorApp] = Field(default_factory=list, description="apps made at start-up")
+    strict_images: bool = Field(
+        default=False, description="refuse images not in `images` (else they run the demo app)"
+    )
+    seed_wait_limits: bool = Field(
+        default=False, description="/wait as the seed has it: timeout up to 300 s, no version"
+    )
 
     def effective_timing(self) -> Timing:
         """Precedence: ``timing.*``, then the older knobs, then the profile."""

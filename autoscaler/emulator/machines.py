@@ -22,7 +22,15 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from autoscaler.config import EmulatorSettings, FaultSettings, Timing
-from autoscaler.emulator.model import MAX_EVENTS, Event, Ids, Machine, now_rfc3339
+from autoscaler.emulator.checks import HealthChecks
+from autoscaler.emulator.model import (
+    MAX_EVENTS,
+    Event,
+    Ids,
+    Machine,
+    now_rfc3339,
+    settled_event,
+)
 from autoscaler.emulator.procs import (
     PARENT_ENV,
     SESSION_ENV,
@@ -33,12 +41,15 @@ from autoscaler.emulator.procs import (
     spawn,
     wait_listening,
 )
+from autoscaler.logs import get_logger
 
 DEMO_IMAGE = "autoscaler/demo-app"
 DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {port}"
 DEFAULT_MAX_RETRIES = 10  # Fly's default for on-failure
 # Never handed to a machine: a real Fly machine does not see your API token either.
 _ENV_DENY_PREFIXES = ("FLY_", "AUTOSCALER_", "EMULATOR_")
+
+log = get_logger(__name__)
 
 
 class Conflict(Exception):
@@ -80,6 +91,8 @@ class Lifecycle:
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
         self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
+        self.checks = HealthChecks(self.runs_demo_image, on_change)
+        self._stand_ins: set[str] = set()  # unknown images already logged
         self.timing: Timing = settings.effective_timing()
 
     def draw(self, span: float | tuple[float, float]) -> float:
@@ -98,13 +111,28 @@ class Lifecycle:
     # --- images and environment ----------------------------------------------------
 
     def resolve_image(self, image: str) -> str | None:
-        """The command template for an image, also matching without its ``:tag``."""
+        """The command template for an image, also matching without its ``:tag``.
+
+        An image not in the table runs the built-in demo app under its own name (logged
+        once per image), so tools that create machines from real image names work; None
+        only with ``strict_images``.
+        """
         if image in self.images:
             return self.images[image]
         base, sep, tag = image.rpartition(":")
         if sep and "/" not in tag and base in self.images:
             return self.images[base]
-        return None
+        if self.settings.strict_images:
+            return None
+        if image not in self._stand_ins:
+            self._stand_ins.add(image)
+            log.info("emulator_image_stand_in", image=image, runs=DEMO_IMAGE)
+        return DEMO_COMMAND
+
+    def runs_demo_image(self, m: Machine) -> bool:
+        """The machine's image is the built-in demo app's (with or without a tag)."""
+        image = str(m.config.get("image", ""))
+        return DEMO_IMAGE in (image, image.rpartition(":")[0])
 
     def command(self, m: Machine) -> list[str]:
         template = self.resolve_image(str(m.config.get("image", "")))
@@ -138,6 +166,9 @@ class Lifecycle:
                 PARENT_ENV: str(os.getpid()),
             }
         )
+        group = (m.config.get("metadata") or {}).get("fly_process_group")
+        if group:  # as Fly sets it for a machine of a process group
+            env["FLY_PROCESS_GROUP"] = str(group)
         return env
 
     # --- state changes ---------------------------------------------------------------
@@ -151,8 +182,10 @@ class Lifecycle:
         source: str = "user",
         request: dict[str, Any] | None = None,
     ) -> None:
-        m.state = state
+        previous, m.state = m.state, state
         m.updated_at = now_rfc3339()
+        if kind is None and previous != state:
+            kind, source, request = settled_event(m, previous, state, source, request)
         if kind is not None:
             m.events.append(
                 Event(
@@ -165,6 +198,7 @@ class Lifecycle:
                 )
             )
             del m.events[:-MAX_EVENTS]
+        self.checks.sync(m)  # health checks run while the machine is started
         m.touch()
         self._on_change()
 
@@ -550,6 +584,7 @@ class Lifecycle:
     async def close(self) -> None:
         """Cancel every transition and kill every process; nothing survives this."""
         self._closing = True
+        await self.checks.close()
         for task in list(self._tasks):
             task.cancel()
         # A boot cancelled mid-fork still gets its child: let the forks finish first.

@@ -8,6 +8,7 @@ It prints the URL and the token it accepts, so other tools can be pointed at it:
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 from collections.abc import Mapping
@@ -52,13 +53,23 @@ def settings_from(
     return settings.emulator
 
 
+_REGIONS_RE = re.compile(r"^[a-z]{3}(,[a-z]{3})*$")
+
+
 def _app_flag(text: str) -> dict[str, Any]:
-    """``--app demo=2`` or ``--app demo=2:autoscaler/demo-app``."""
+    """``--app demo=2``, ``--app demo=2:autoscaler/demo-app`` or ``--app demo=4@iad,cdg``
+    (machines spread over the regions round-robin; the image may carry a tag)."""
     name, _, rest = text.partition("=")
+    head, at, tail = rest.rpartition("@")
+    regions: list[str] = []
+    if at and _REGIONS_RE.match(tail):  # else the "@" belongs to an image digest
+        rest, regions = head, tail.split(",")
     count, _, image = rest.partition(":")
     out: dict[str, Any] = {"name": name, "machines": int(count) if count.isdigit() else 1}
     if image:
         out["image"] = image
+    if regions:
+        out["regions"] = regions
     return out
 
 
