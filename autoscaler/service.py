@@ -79,6 +79,7 @@ class Service:
         self._reloading: asyncio.Task[bool] | None = None
         for secret in settings.secrets():
             redactor().add(secret)
+        self._declare_apps(settings)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class Service:
         for secret in new.secrets():
             redactor().add(secret)
         self.settings = new
+        self._declare_apps(new)
         if self.controller is not None:
             await self.controller.update_settings(new)
         if self.proxy is not None:
@@ -179,6 +181,11 @@ class Service:
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
         return True
+
+    def _declare_apps(self, settings: Settings) -> None:
+        """Every app's series with known label values, at 0 (apps a reload adds too)."""
+        for app in settings.apps:
+            self.metrics.declare_app(app.name, scaled=not app.static)
 
     def request_reload(self) -> None:
         """SIGHUP: one reload at a time; a signal during a reload is folded into it."""
