@@ -125,6 +125,12 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="address of /metrics, /healthz, /readyz, /status (overrides admin.listen)",
     )
+    parser.add_argument(
+        "--emulator",
+        action="store_true",
+        help="play the Machines API with the embedded emulator (overrides fly.api_url, "
+        "as fly.api_url: embedded does); with no fly.api_url, run refuses to start without it",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -135,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides["proxy"] = {"listen": args.listen}
     if args.admin_listen:
         overrides["admin"] = {"listen": args.admin_listen}
-    return run(args.config, overrides)
+    return run(args.config, overrides, emulator=args.emulator)
 
 
 # --- demo -------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def demo_settings(config: str | None, machines: int | None) -> Settings:
             settings, _ = load_settings(Path(path), env={})
     else:
         settings, _ = load_settings(config)
-    if settings.fly.api_url:
+    if not settings.fly.embedded:
         raise ConfigError(
             [f"{config}: fly.api_url: the demo runs only on the embedded emulator; unset it"]
         )
