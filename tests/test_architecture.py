@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, int]] = [
     ("autoscaler.admin", 6),
     ("autoscaler.status", 6),
     ("autoscaler.service", 7),
+    ("autoscaler.demo_view", 7),  # what the demo shows; reads the service through callables
     ("autoscaler.demo", 8),  # the demo drives a Service
     ("autoscaler.check", 8),
     ("autoscaler.cli", 9),
