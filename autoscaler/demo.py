@@ -360,7 +360,11 @@ def replay_baselines(
     log: list[tuple[float, float]], settings: Settings, horizon_s: float
 ) -> list[Replayed]:
     """The run's own requests under Fly's autostop and under one machine always on, in the
-    simulator (same app config, the emulator's timings); nothing is run for real."""
+    simulator (same app config, the emulator's timings); nothing is run for real.
+
+    The log is replayed as it arrived (open loop): where a baseline serves slower than
+    this run did, requests pile up in its queue, and past ``max_queue`` or
+    ``wake_timeout_s`` they count as turned away or timed out."""
     app = settings.app(DEMO_APP)
     emulator = settings.emulator
     timings = Timings(
@@ -383,8 +387,8 @@ def replay_baselines(
 
 BASELINES = ("fly-autostop", "always-on")
 BASELINE_NAMES = {
-    "fly-autostop": "Fly's autostop",
-    "always-on": "one machine always on",
+    "fly-autostop": "Fly's autostop, same requests",
+    "always-on": "one machine always on, same requests",
 }
 
 
@@ -443,14 +447,12 @@ def summary_lines(summary: Summary, autostop_interval_s: float = AUTOSTOP_INTERV
     ]
     for replayed in summary.baselines:
         name = BASELINE_NAMES.get(replayed.name, replayed.name)
-        note = f"{replayed.waited} waited for a wake"
+        note = f"{replayed.waited} waited"
         if replayed.errors:
-            note += f", {replayed.errors} failed"
+            note += f", {replayed.errors} turned away or timed out"
         if replayed.name == "fly-autostop":
-            note += f"; it looks for idle machines every {autostop_interval_s:g} s"
-        lines.append(
-            f"                    {replayed.machine_seconds:6.0f}  {name}, replayed ({note})"
-        )
+            note += f"; idle check every {autostop_interval_s:g} s"
+        lines.append(f"                    {replayed.machine_seconds:6.0f}  {name} ({note})")
     lines += [
         f"  machines at end   {states}",
         f"  elapsed           {summary.elapsed_s:.0f}s",
@@ -491,6 +493,8 @@ def main(
                 stream = stack.enter_context(path.open("w", encoding="utf-8"))
                 fmt: LogFormat = "json" if log_format == "auto" else log_format
                 logs.configure(level=log_level, fmt=fmt, stream=stream)
+                # Before the file closes: anything logged later is an error worth seeing.
+                stack.callback(logs.configure, level="error", fmt=fmt, stream=sys.stderr)
             terminal = out.isatty() and not verbose
             demo = run_demo(
                 settings,

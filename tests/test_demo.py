@@ -60,8 +60,8 @@ async def test_short_demo_wakes_both_ways_and_ends_asleep() -> None:
     for phase in ("burst", "steady", "visitor"):
         assert f"--- {phase}" in text
     assert f"answers           2xx {summary.requests}, 4xx 0, 5xx 0, transport errors 0" in text
-    assert "Fly's autostop, replayed" in text
-    assert "one machine always on, replayed (0 waited for a wake)" in text
+    assert "Fly's autostop, same requests (" in text
+    assert "one machine always on, same requests (0 waited" in text
     assert "\x1b[" not in text, "no terminal escapes when the output is not a terminal"
 
 
@@ -211,10 +211,10 @@ def test_the_summary_says_what_failed_and_what_the_baselines_spent() -> None:
     assert "  requests waited   3 (start 3)" in lines
     assert "  machine-seconds       30  this run (3 requests waited for a wake)" in lines
     assert (
-        "                        55  Fly's autostop, replayed (3 waited for a wake; it looks"
-        " for idle machines every 300 s)"
+        "                        55  Fly's autostop, same requests (3 waited; idle check every"
+        " 300 s)"
     ) in lines
     assert (
-        "                        60  one machine always on, replayed (0 waited for a wake,"
-        " 2 failed)"
+        "                        60  one machine always on, same requests (0 waited, 2 turned"
+        " away or timed out)"
     ) in lines
