@@ -4,8 +4,14 @@ It starts the embedded emulator with an app of N stopped machines, the controlle
 and the admin server (through the same :class:`~autoscaler.service.Service` as
 ``autoscaler run``), then plays a traffic pattern: quiet, a burst of 40 concurrent clients,
 a steady trickle of 5, quiet until the app sleeps, one late visitor (a resume), and quiet
-until every machine sleeps again. A live view shows what happens; a summary says what it
-cost. Nothing is simulated: the requests are real HTTP through the proxy to real processes.
+until every machine sleeps again. Nothing is simulated: the requests are real HTTP through
+the proxy to real processes.
+
+A live view shows what happens (:mod:`autoscaler.demo_view`); the logs go to a file. The
+summary counts every answer by class and says what the run cost in machine-seconds, beside
+what Fly's autostop and one machine always on would have spent on the very same requests:
+the run's request log replayed through the simulator's baselines (the one thing here that
+is simulated, and the summary says so).
 
 With ``--no-traffic`` it only starts everything and waits for Ctrl-C, so that one can
 ``curl -H 'Host: demo' http://127.0.0.1:8080/`` and watch.
