@@ -221,7 +221,9 @@ class AdminSettings(_Model):
         default="127.0.0.1:9091", description="address of /metrics, /healthz, /readyz, /status"
     )
     token: SecretStr | None = Field(
-        default=None, description="bearer token required by /status and mutating endpoints"
+        default=None,
+        description="bearer token required by /status and mutating endpoints; needed when "
+        "admin.listen is not a loopback address (start-up refuses otherwise)",
     )
     protect_metrics: bool = Field(
         default=False, description="require the admin token for /metrics and health too"
