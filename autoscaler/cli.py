@@ -97,6 +97,11 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-rate-limits", action="store_true", help="never answer 429 for Fly's limits"
     )
+    parser.add_argument(
+        "--profile",
+        choices=("fast", "fly"),
+        help="transition times: fast (default, for tests) or fly (Fly's documented times)",
+    )
     faults = parser.add_argument_group("fault injection (off by default)")
     faults.add_argument("--latency", type=float, metavar="S", help="extra seconds per call")
     faults.add_argument("--error-rate", type=float, metavar="F", help="fraction answered 500")
@@ -106,6 +111,18 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
     )
     faults.add_argument(
         "--crash-after", type=float, metavar="S", help="kill each machine S seconds after start"
+    )
+    faults.add_argument(
+        "--resume-cold-rate",
+        type=float,
+        metavar="F",
+        help="fraction of resumes that lose the snapshot (a cold boot instead)",
+    )
+    faults.add_argument(
+        "--hang-rate",
+        type=float,
+        metavar="F",
+        help="fraction of starts after which the process hangs (accepts, never answers)",
     )
     _add_config(parser)
 

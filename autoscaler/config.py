@@ -233,7 +233,12 @@ class AdminSettings(_Model):
 class ControlSettings(_Model):
     tick_s: Seconds = Field(default=1.0, gt=0, description="how often each app's loop runs")
     api_backoff_max_s: Seconds = Field(
-        default=30.0, description="longest pause of an app's loop after API errors"
+        default=5.0, description="longest pause of an app's loop after API errors"
+    )
+    api_timeout_s: Seconds = Field(
+        default=5.0,
+        gt=0,
+        description="timeout of one API call of a tick (one attempt: the next tick retries)",
     )
 
 
@@ -298,6 +303,20 @@ class AppConfig(_Model):
     max_body_bytes: int | None = Field(
         default=None, ge=0, description="largest request body (413 above); unset: no limit"
     )
+    restart_failed: bool = Field(
+        default=True, description="start a failed machine again when the app needs one"
+    )
+    max_restart_attempts: int = Field(
+        default=5,
+        ge=0,
+        description="failed starts in a row after which a machine is left alone (and reported)",
+    )
+    connection_idle_s: Seconds = Field(
+        default=300.0,
+        gt=0,
+        description="a WebSocket or stream with no bytes either way this long no longer "
+        "keeps the app awake",
+    )
 
     @field_validator("max_machines")
     @classmethod
@@ -350,11 +369,101 @@ class FaultSettings(_Model):
     error_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 500")
     rate_limit_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 429")
     boot_failure_rate: float = Field(
-        default=0.0, ge=0, le=1, description="fraction of starts that end in `failed`"
+        default=0.0, ge=0, le=1, description="fraction of boots (any cold boot) that end `failed`"
     )
     crash_after_s: Seconds | None = Field(
         default=None, description="kill each machine's process this long after it starts"
     )
+    resume_cold_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of resumes whose snapshot is lost: a cold boot instead",
+    )
+    hang_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of starts after which the process hangs (its id joins `hung`)",
+    )
+    hung: list[str] = Field(
+        default_factory=list,
+        description="machine ids whose process accepts TCP but never answers (state unchanged)",
+    )
+    host_unreachable_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of starts after which the host is lost (id joins `host_unreachable`)",
+    )
+    host_unreachable: list[str] = Field(
+        default_factory=list,
+        description="machine ids whose host_status is `unreachable`; their actions answer 503",
+    )
+
+
+def _parse_span(value: object) -> object:
+    """Seconds, or ``[lo, hi]``: a range drawn anew for every action."""
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise ValueError(f"expected seconds or a range [lo, hi], got {list(value)!r}")
+        lo, hi = (parse_duration(v) for v in value)
+        if not isinstance(lo, float) or not isinstance(hi, float):
+            raise ValueError(f"expected numbers in the range [lo, hi], got {list(value)!r}")
+        if lo < 0 or hi < lo:
+            raise ValueError(f"expected a range [lo, hi] with 0 <= lo <= hi, got {list(value)!r}")
+        return (lo, hi)
+    value = parse_duration(value)
+    if isinstance(value, float) and value < 0:
+        raise ValueError(f"expected seconds >= 0, got {value!r}")
+    return value
+
+
+# A fixed number of seconds, or a (lo, hi) range drawn uniformly per action.
+Span = Annotated[float | tuple[float, float], BeforeValidator(_parse_span)]
+
+# Named timing profiles. `fast` is the emulator's historical speed (for unit tests); `fly`
+# follows Fly's documentation (docs/emulator.md, "Fly vs this emulator", has the sources):
+# resume a few hundred ms, cold start about 2 s, suspend up to over 15 s.
+PROFILES: dict[str, dict[str, float | tuple[float, float]]] = {
+    "fast": {"stop_s": 0.0, "suspend_s": 0.0, "start_s": 0.5, "resume_s": 0.05},
+    "fly": {
+        "stop_s": (0.5, 2.0),
+        "suspend_s": (2.0, 18.0),
+        "start_s": (1.5, 3.0),
+        "resume_s": (0.2, 0.5),
+    },
+}
+
+
+class TimingSettings(_Model):
+    stop_s: Span | None = Field(
+        default=None,
+        description="time in `stopping` after the process exits (s or [lo, hi]; unset: profile)",
+    )
+    suspend_s: Span | None = Field(
+        default=None, description="time in `suspending` (s or [lo, hi]; unset: the profile's)"
+    )
+    start_s: Span | None = Field(
+        default=None, description="cold boot time (s or [lo, hi]; unset: the profile's)"
+    )
+    resume_s: Span | None = Field(
+        default=None, description="resume time from a snapshot (s or [lo, hi]; unset: profile)"
+    )
+    snapshot_ttl_s: Seconds | None = Field(
+        default=None, description="a snapshot older than this is not resumed: a cold boot instead"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The emulator's transition times, resolved from profile, old knobs and overrides."""
+
+    stop_s: float | tuple[float, float]
+    suspend_s: float | tuple[float, float]
+    start_s: float | tuple[float, float]
+    resume_s: float | tuple[float, float]
+    snapshot_ttl_s: float | None
 
 
 class EmulatorApp(_Model):
@@ -380,12 +489,38 @@ class EmulatorSettings(_Model):
     boot_timeout_s: Seconds = Field(
         default=30.0, description="a machine whose port does not open by then is failed"
     )
-    demo_boot_delay_s: Seconds = Field(
-        default=0.5, description="cold boot time of the built-in demo app"
+    profile: Literal["fast", "fly"] = Field(
+        default="fast", description="transition times: fast (tests) or fly (Fly's documented)"
     )
-    resume_delay_s: Seconds = Field(default=0.05, description="added to every resume")
+    timing: TimingSettings = Field(default_factory=TimingSettings)
+    demo_boot_delay_s: Seconds | None = Field(
+        default=None, description="older name of timing.start_s (which wins when both are set)"
+    )
+    resume_delay_s: Seconds | None = Field(
+        default=None, description="older name of timing.resume_s (which wins when both are set)"
+    )
     faults: FaultSettings = Field(default_factory=FaultSettings)
     apps: list[EmulatorApp] = Field(default_factory=list, description="apps made at start-up")
+
+    def effective_timing(self) -> Timing:
+        """Precedence: ``timing.*``, then the older knobs, then the profile."""
+        base = dict(PROFILES[self.profile])
+        if self.demo_boot_delay_s is not None:
+            base["start_s"] = self.demo_boot_delay_s
+        if self.resume_delay_s is not None:
+            base["resume_s"] = self.resume_delay_s
+        t = self.timing
+        for name in ("stop_s", "suspend_s", "start_s", "resume_s"):
+            value = getattr(t, name)
+            if value is not None:
+                base[name] = value
+        return Timing(
+            stop_s=base["stop_s"],
+            suspend_s=base["suspend_s"],
+            start_s=base["start_s"],
+            resume_s=base["resume_s"],
+            snapshot_ttl_s=t.snapshot_ttl_s,
+        )
 
 
 class Settings(BaseSettings):

@@ -372,14 +372,14 @@ def replay_baselines(
     this run did, requests pile up in its queue, and past ``max_queue`` or
     ``wake_timeout_s`` they count as turned away or timed out."""
     app = settings.app(DEMO_APP)
-    emulator = settings.emulator
+    timing = settings.emulator.effective_timing()
     timings = Timings(
         tick_s=settings.control.tick_s,
         api_latency_s=0.01,  # loopback
-        resume_s=emulator.resume_delay_s,
-        start_s=emulator.demo_boot_delay_s,
-        suspend_s=0.1,
-        stop_s=0.1,
+        resume_s=_mean(timing.resume_s),
+        start_s=_mean(timing.start_s),
+        suspend_s=_mean(timing.suspend_s),
+        stop_s=_mean(timing.stop_s),
     )
     trace = Trace({DEMO_APP: sorted(log)})
     horizon = max(horizon_s, trace.end)
@@ -389,6 +389,11 @@ def replay_baselines(
         for name in report.strategies
         for stats in report.stats[name].values()
     ]
+
+
+def _mean(span: float | tuple[float, float]) -> float:
+    """An emulator time: fixed, or drawn from [lo, hi] (then its mean)."""
+    return (span[0] + span[1]) / 2 if isinstance(span, tuple) else span
 
 
 BASELINES = ("fly-autostop", "always-on")

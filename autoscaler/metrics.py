@@ -39,6 +39,7 @@ SCALING_ACTIONS = ("start", "resume", "cordon", "uncordon", "suspend", "stop")
 ACTION_RESULTS = ("ok", "error")
 WAKE_KINDS = ("resume", "start")
 BILLED_STATES = ("started", "suspended")
+RESTART_RESULTS = ("ok", "failed", "exhausted")
 
 
 class Metrics:
@@ -121,6 +122,19 @@ class Metrics:
             "Unix time of the control loop's last tick (0 before the first; NaN without one).",
             registry=r,
         )
+        self.machine_restarts = Counter(
+            "autoscaler_machine_restarts",
+            "Starts of failed machines (result: ok, failed; exhausted: its restart budget "
+            "is spent and it is left alone).",
+            ["app", "result"],
+            registry=r,
+        )
+        self.control_healthy = Gauge(
+            "autoscaler_control_healthy",
+            "1 while the control loop ticks and the Machines API answers; 0 when its "
+            "decisions are stale (the data path keeps routing either way).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "autoscaler_build_info",
             "Always 1; the version label says which build runs.",
@@ -151,6 +165,8 @@ class Metrics:
             self.wake_duration.labels(app=app, kind=kind)
         for state in BILLED_STATES:
             self.machine_seconds.labels(app=app, state=state)
+        for result in RESTART_RESULTS:
+            self.machine_restarts.labels(app=app, result=result)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""

@@ -186,10 +186,12 @@ class Service:
             redactor().add(secret)
         self.settings = new
         self._declare_apps(new)
-        if self.controller is not None:
-            await self.controller.update_settings(new)
+        # The proxy first: requests held for an app that left are answered at once, before
+        # the controller drops the app's view (a gate asking for it then would recreate it).
         if self.proxy is not None:
             self.proxy.update_settings(new)
+        if self.controller is not None:
+            await self.controller.update_settings(new)
         self._check_fly_autoscaling(new)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])

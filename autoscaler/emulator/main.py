@@ -27,6 +27,7 @@ def settings_from(
     token: str | None = None,
     state_file: str | None = None,
     rate_limits: bool | None = None,
+    profile: str | None = None,
     apps: list[str] | None = None,
     faults: Mapping[str, float | None] | None = None,
 ) -> EmulatorSettings:
@@ -40,6 +41,8 @@ def settings_from(
         section["state_file"] = state_file
     if rate_limits is not None:
         section["rate_limits"] = rate_limits
+    if profile:
+        section["profile"] = profile
     set_faults = {k: v for k, v in (faults or {}).items() if v is not None}
     if set_faults:
         section["faults"] = set_faults
@@ -69,6 +72,7 @@ async def serve(settings: EmulatorSettings, out: TextIO) -> None:
             print(f"Fly Machines API emulator listening on {emu.url}", file=out)
             print(f"token: {emu.token}", file=out)
             print(f"apps: {', '.join(sorted(emu.world.apps)) or '(none)'}", file=out)
+            print(f"timing: {settings.profile}; faults: {emu.url}/_emulator/faults", file=out)
             print(
                 f"point tools at it: AUTOSCALER_FLY__API_URL={emu.url} FLY_API_TOKEN=<token>",
                 file=out,
@@ -105,6 +109,7 @@ def main(args: Any, environ: Mapping[str, str]) -> int:
             token=args.token,
             state_file=str(Path(args.state_file)) if args.state_file else None,
             rate_limits=False if args.no_rate_limits else None,
+            profile=args.profile,
             apps=args.app,
             faults={
                 "latency_s": args.latency,
@@ -112,6 +117,8 @@ def main(args: Any, environ: Mapping[str, str]) -> int:
                 "rate_limit_rate": args.rate_limit_rate,
                 "boot_failure_rate": args.boot_failure_rate,
                 "crash_after_s": args.crash_after,
+                "resume_cold_rate": args.resume_cold_rate,
+                "hang_rate": args.hang_rate,
             },
         )
     except ConfigError as exc:

@@ -115,6 +115,7 @@ class Machine:
     events: list[Event] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # earlier instance ids, oldest first
     restarts: int = 0  # automatic restarts since the last start by a user
+    host_status: str = "ok"  # ok or unreachable (faults.host_unreachable), as the real API
     # Runtime only, never persisted: replaced and set on every change, so /wait can block
     # on the current one without polling and without holding a lock.
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -141,6 +142,7 @@ class Machine:
             "config": self.config,
             "cordoned": self.cordoned,
             "events": [e.to_json() for e in reversed(self.events)],
+            "host_status": self.host_status,
         }
 
     def to_state(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.config import EmulatorApp, EmulatorSettings, FaultSettings
 from autoscaler.emulator.machines import Conflict, Lifecycle
 from autoscaler.emulator.model import App, Ids, Machine, Volume, internal_port_of, now_rfc3339
 from autoscaler.emulator.procs import AddressPool, NoAddress
@@ -52,6 +52,7 @@ class World:
             pool=self.pool,
             on_change=on_change,
             on_gone=self._forget,
+            find=self._by_id,
         )
 
     # --- lookups -------------------------------------------------------------------
@@ -76,8 +77,21 @@ class World:
         except KeyError:
             raise NotFound(f"volume not found: {volume_id}") from None
 
+    def _by_id(self, machine_id: str) -> Machine | None:
+        for app in self.apps.values():
+            m = app.machines.get(machine_id)
+            if m is not None:
+                return m
+        return None
+
     def was_destroyed(self, app_name: str, machine_id: str) -> bool:
         return (app_name, machine_id) in self._gone
+
+    # --- faults ----------------------------------------------------------------------
+
+    def set_faults(self, faults: FaultSettings) -> None:
+        """Replace the faults in force; per-machine ones take effect at once."""
+        self.lifecycle.set_faults(faults)
 
     # --- apps ------------------------------------------------------------------------
 

@@ -48,6 +48,8 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
         assert value(metrics, "autoscaler_wake_duration_seconds_count", app="web", kind=kind) == 0
     for state in ("started", "suspended"):
         assert value(metrics, "autoscaler_machine_seconds_total", app="web", state=state) == 0
+    for result in ("ok", "failed", "exhausted"):
+        assert value(metrics, "autoscaler_machine_restarts_total", app="web", result=result) == 0
     # A static app is never scaled or woken: no such series for it.
     labels = {"app": "fixed", "action": "start", "result": "ok"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
