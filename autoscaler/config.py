@@ -39,6 +39,8 @@ CONFIG_ENV = "AUTOSCALER_CONFIG"
 TOKEN_ENV = "FLY_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 EMULATOR_TOKEN_ENV = "EMULATOR_TOKEN"  # noqa: S105 - likewise
 
+EMBEDDED = "embedded"  # fly.api_url: the embedded emulator, asked for explicitly
+
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -96,6 +98,16 @@ def parse_host_port(value: str) -> HostPort:
     return HostPort(host, int(port))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable only from this machine (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
 def _check_listen(value: str) -> str:
     parse_host_port(value)
     return value
@@ -111,8 +123,9 @@ class _Model(BaseModel):
 class FlySettings(_Model):
     api_url: str | None = Field(
         default=None,
-        description="Machines API base URL; unset runs the embedded emulator "
-        "(public: https://api.machines.dev, inside Fly: http://_api.internal:4280)",
+        description="Machines API base URL (public: https://api.machines.dev, inside Fly: "
+        "http://_api.internal:4280), or `embedded` for the embedded emulator; "
+        "`autoscaler run` refuses to start without it unless given --emulator",
     )
     token: SecretStr | None = Field(
         default=None, description="API token; FLY_API_TOKEN in the environment overrides it"
@@ -126,6 +139,22 @@ class FlySettings(_Model):
     retry_deadline_s: Seconds = Field(
         default=60.0, description="total time a call may spend retrying"
     )
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        if value is None or value == EMBEDDED or value.startswith(("http://", "https://")):
+            return value
+        raise ValueError(
+            f'expected an http:// or https:// URL, or "{EMBEDDED}" for the embedded'
+            f" emulator, got {value!r}"
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the embedded emulator plays the Machines API (``api_url`` unset or
+        ``embedded``; ``autoscaler run`` asks for the second, or --emulator)."""
+        return self.api_url is None or self.api_url == EMBEDDED
 
 
 class ProxySettings(_Model):
@@ -192,7 +221,9 @@ class AdminSettings(_Model):
         default="127.0.0.1:9091", description="address of /metrics, /healthz, /readyz, /status"
     )
     token: SecretStr | None = Field(
-        default=None, description="bearer token required by /status and mutating endpoints"
+        default=None,
+        description="bearer token required by /status and mutating endpoints; needed when "
+        "admin.listen is not a loopback address (start-up refuses otherwise)",
     )
     protect_metrics: bool = Field(
         default=False, description="require the admin token for /metrics and health too"
@@ -539,6 +570,15 @@ class Settings(BaseSettings):
                             f"apps[{i}].hosts",
                             f"host {host!r} path {path!r} is already routed to app {other!r}",
                         )
+        admin = parse_host_port(self.admin.listen)
+        if self.admin.token is None and not is_loopback(admin.host):
+            raise _KeyError(
+                "admin.token",
+                f"required when admin.listen is not a loopback address (got"
+                f" {self.admin.listen}): /status and the admin actions would be open to"
+                " the network; set admin.token or AUTOSCALER_ADMIN__TOKEN, or listen on"
+                " 127.0.0.1",
+            )
         if self.proxy.default_app is not None and self.proxy.default_app not in seen_names:
             raise _KeyError(
                 "proxy.default_app",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-# States, as FLY_API_NOTES.md lists them. The seed only knows five; clients see all.
+# States, as docs/fly-api-notes.md lists them. The seed only knows five; clients see all.
 RESTING = frozenset({"created", "started", "stopped", "suspended", "failed"})
 MOVING = frozenset(
     {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-# Machine states, as the real Machines API reports them (see FLY_API_NOTES.md).
+# Machine states, as the real Machines API reports them (see docs/fly-api-notes.md).
 STARTED = "started"
 STOPPED = "stopped"
 SUSPENDED = "suspended"
