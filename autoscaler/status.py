@@ -130,7 +130,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         if not machines:
             lines.append("  (no machines)")
             continue
-        rows = [["MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED"]]
+        rows = [["MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED", "NOTE"]]
         for m in machines:
             rows.append(
                 [
@@ -139,6 +139,7 @@ def render(doc: dict[str, Any]) -> list[str]:
                     _yes(m["cordoned"]),
                     str(m["in_flight"]),
                     ago(m.get("last_used_age_s")),
+                    tui.machine_note(m),
                 ]
             )
         lines += _table(rows, indent="  ")

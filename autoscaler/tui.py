@@ -140,6 +140,18 @@ class History:
         return [(ta, a, tb, b) for (ta, a), (tb, b) in itertools.pairwise(points) if tb > ta]
 
 
+def machine_note(m: Mapping[str, Any]) -> str:
+    """What ``/status`` says of a machine's failed starts, in a few words."""
+    failures = int(m.get("failures") or 0)
+    if m.get("left_alone"):
+        return f"left alone after {failures} failed starts"
+    retry = m.get("next_retry_in_s")
+    if retry is not None:
+        tried = f"{failures} failed start(s), " if failures else ""
+        return f"{tried}restart in {float(retry):.0f}s"
+    return ""
+
+
 def ago(age_s: float | None) -> str:
     if age_s is None:
         return "never"
@@ -202,7 +214,7 @@ def app_panel(app: Mapping[str, Any], history: History) -> Panel:
     if app.get("last_error"):
         lines.append(Text(f"last error: {app['last_error']}", style="red"))
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for column in ("MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED"):
+    for column in ("MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED", "NOTE"):
         table.add_column(column)
     for m in app.get("machines") or []:
         table.add_row(
@@ -211,6 +223,7 @@ def app_panel(app: Mapping[str, Any], history: History) -> Panel:
             "yes" if m.get("cordoned") else "no",
             str(m.get("in_flight", 0)),
             ago(m.get("last_used_age_s")),
+            machine_note(m),
         )
     lines.append(table)
     title = (
