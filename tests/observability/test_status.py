@@ -92,8 +92,10 @@ def test_render_a_table() -> None:
         "  MACHINE      STATE      CORDONED  IN FLIGHT  LAST USED  NOTE",
         "  m-long-id-1  started    no        12         0.1s ago",
         "  m2           suspended  yes       0          never",
-        "  m3           failed     no        0          never      2 failed start(s), restart in 4s",
-        "  m4           failed     no        0          never      left alone after 5 failed starts",
+        "  m3           failed     no        0          never      "
+        "2 failed start(s), restart in 4s",
+        "  m4           failed     no        0          never      "
+        "left alone after 5 failed starts",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",
