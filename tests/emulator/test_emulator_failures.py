@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import testkit
 from emu_helpers import create_machine, hit, new_machine, session, until, wait_ok
 
 from autoscaler.config import EmulatorSettings
@@ -82,7 +83,9 @@ async def test_hang_rate_hangs_new_starts_and_names_them(emulator: Emulator) -> 
         await wait_ok(s, "demo", mid, "suspended")
         assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
         await wait_ok(s, "demo", mid)
-        assert _proc_state(emulator.pids()[0]) == "T"
+        # A SIGSTOP takes effect when the kernel next runs the process: wait for "T".
+        pid = emulator.pids()[0]
+        await testkit.until(lambda: _proc_state(pid) == "T", 5, "the process stopped")
 
 
 async def test_an_unreachable_host_refuses_actions_and_defers_destroy(
