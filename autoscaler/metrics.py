@@ -82,6 +82,13 @@ class Metrics:
             ["app", "action", "result"],
             registry=r,
         )
+        self.lease_conflicts = Counter(
+            "autoscaler_lease_conflicts",
+            "Actions skipped because another holder (a fly deploy, another tool) had the "
+            "machine's lease.",
+            ["app"],
+            registry=r,
+        )
         self.machine_seconds = Counter(
             "autoscaler_machine_seconds",
             "Machine-seconds spent started or suspended: what the fleet costs.",

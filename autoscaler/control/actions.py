@@ -16,6 +16,13 @@ The drain sequence, and why each step is where it is:
 A failure anywhere ends the task with the machine as it is; the next tick reads the truth,
 and the policy finishes a drain left behind (a started machine cordoned with our key) or
 lifts our cordon from a machine that is already asleep.
+
+Every task holds a Fly machine lease on its machine for its whole run and sends the nonce
+with each change (``leases.py``). A machine leased by someone else (a ``fly deploy``) is
+skipped: the task ends at once, the machine counts as busy until the next tick has passed
+(the policy picks another one meanwhile), the skip is counted in
+``autoscaler_lease_conflicts_total`` and shown in ``/status``, and a later tick tries again.
+A drain taken back hands its lease to the uncordon task that follows it.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
+from autoscaler.control.leases import Held, Leases
 from autoscaler.control.runtime import AppRuntime, Running, TaskKind, ours
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.fly.client import MachinesAPI
-from autoscaler.fly.errors import BadRequest, Conflict, FlyError, NotFound
+from autoscaler.fly.errors import BadRequest, Conflict, FlyError, LeaseHeld, NotFound
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import (
@@ -78,9 +86,16 @@ class Actuator:
         sleep: Sleep,
         probe: Probe,
         backoff_max_s: float = 30.0,
+        lease_skip_s: float = 1.0,
+        leases: Leases | None = None,
     ) -> None:
         self.api = api
         self.backoff_max_s = backoff_max_s
+        self.lease_skip_s = lease_skip_s
+        """How long a machine leased by another counts as busy: one tick."""
+        self.leases = leases or Leases(api, sleep=sleep)
+        self.held: dict[tuple[str, str], Held] = {}
+        """(app, machine) -> our lease, while a task of ours works on the machine."""
         self.view = view
         self.metrics = metrics
         self.clock = clock
@@ -146,17 +161,69 @@ class Actuator:
     async def _guard(
         self, rt: AppRuntime, mid: str, kind: TaskKind, coro: Coroutine[Any, Any, bool]
     ) -> bool:
-        """Turn an action's failure into a log line, a backoff and False; the next tick
-        reads the truth and decides again (about another machine while this one cools)."""
+        """Run ``coro`` inside our lease on the machine. Turn a failure into a log line, a
+        backoff and False, and a lease held by another into a skip; the next tick reads the
+        truth and decides again (about another machine while this one cools)."""
+        key = (rt.name, mid)
+        if key not in self.held:  # else handed over by a drain taken back
+            try:
+                self.held[key] = await self.leases.take(rt.name, mid, kind)
+            except LeaseHeld as exc:
+                coro.close()
+                self._skip_leased(rt, mid, kind, exc)
+                return False
+            except FlyError as exc:
+                coro.close()
+                self._failed(rt, mid, kind, exc)
+                return False
+            except asyncio.CancelledError:
+                coro.close()
+                raise
+        rt.leased_by_others.pop(mid, None)
         try:
             done = await coro
-        except (FlyError, ActionError) as exc:
-            rt.last_error = f"{kind} {mid}: {exc}"
-            rt.failed(mid, self.clock(), self.backoff_max_s)
-            _log.warning("action_failed", app=rt.name, machine=mid, action=kind, error=str(exc))
+        except asyncio.CancelledError:
+            self._let_go(rt, mid)
+            raise
+        except LeaseHeld as exc:
+            # Our lease lapsed and another holder took the machine mid-sequence.
+            self._let_go(rt, mid)
+            self._skip_leased(rt, mid, kind, exc)
             return False
+        except (FlyError, ActionError) as exc:
+            self._let_go(rt, mid)
+            self._failed(rt, mid, kind, exc)
+            return False
+        self._let_go(rt, mid)
         rt.cooldown.pop(mid, None)
         return done
+
+    def _failed(self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception) -> None:
+        rt.last_error = f"{kind} {mid}: {exc}"
+        rt.failed(mid, self.clock(), self.backoff_max_s)
+        _log.warning("action_failed", app=rt.name, machine=mid, action=kind, error=str(exc))
+
+    def _skip_leased(self, rt: AppRuntime, mid: str, kind: TaskKind, exc: LeaseHeld) -> None:
+        """Another holder has the machine: no backoff, no error; busy for one tick."""
+        now = self.clock()
+        rt.leased_by_others[mid] = (now, now + self.lease_skip_s)
+        self.metrics.lease_conflicts.labels(app=rt.name).inc()
+        _log.info("machine_leased_by_other", app=rt.name, machine=mid, action=kind, error=str(exc))
+
+    def nonce(self, rt: AppRuntime, mid: str) -> str | None:
+        """The nonce our changes of the machine carry (None: no lease of ours on it)."""
+        held = self.held.get((rt.name, mid))
+        return held.nonce if held is not None else None
+
+    def _let_go(self, rt: AppRuntime, mid: str) -> None:
+        """The ending task's lease: to the task that took over the machine, if any (a
+        drain taken back), else released (in the background: see ``leases.py``)."""
+        run = rt.running.get(mid)
+        if run is not None and run.task is not asyncio.current_task():
+            return
+        held = self.held.pop((rt.name, mid), None)
+        if held is not None:
+            self.leases.release_soon(held)
 
     def take_back(self, rt: AppRuntime, mid: str) -> Running | None:
         """Cancel a drain that still waits for requests and return the machine to routing.
@@ -187,7 +254,9 @@ class Actuator:
             await self.release(rt, mid)
         with self.counting_failure(rt, kind):
             try:
-                await self.api.start_machine(app, mid)
+                await self.api.start_machine(app, mid, lease_nonce=self.nonce(rt, mid))
+            except LeaseHeld:
+                raise
             except Conflict:
                 # 412: not startable from where it is; fine if it is starting or started.
                 got = await self.api.get_machine(app, mid)
@@ -226,9 +295,12 @@ class Actuator:
         self.publish(rt)
         try:
             with self.counting_failure(rt, "cordon"):
-                await self.api.set_machine_metadata(app, mid, CORDON_METADATA_KEY, "drain")
+                nonce = self.nonce(rt, mid)
+                await self.api.set_machine_metadata(
+                    app, mid, CORDON_METADATA_KEY, "drain", lease_nonce=nonce
+                )
                 rt.record(mid, self.clock(), marked=True)
-                await self.api.cordon_machine(app, mid)
+                await self.api.cordon_machine(app, mid, lease_nonce=nonce)
             self.count(rt, "cordon", True)
             rt.record(mid, self.clock(), cordoned=True)
             idle = await self._wait_idle(rt, mid, rt.config.drain_timeout_s)
@@ -269,7 +341,10 @@ class Actuator:
         machine = rt.machines[mid]
         if how == "suspend":
             try:
-                await self.api.suspend_machine(app, mid)
+                await self.api.suspend_machine(app, mid, lease_nonce=self.nonce(rt, mid))
+            except LeaseHeld:
+                self.count(rt, "suspend", False)
+                raise
             except (BadRequest, Conflict) as exc:
                 # Suspend is refused for some machines (large memory, volumes): stop then.
                 self.count(rt, "suspend", False)
@@ -280,7 +355,7 @@ class Actuator:
                 raise
         if how == "stop":
             with self.counting_failure(rt, "stop"):
-                await self.api.stop_machine(app, mid)
+                await self.api.stop_machine(app, mid, lease_nonce=self.nonce(rt, mid))
         target = SUSPENDED if how == "suspend" else STOPPED
         rt.record(mid, self.clock(), state="suspending" if how == "suspend" else "stopping")
         self.publish(rt)
@@ -305,13 +380,16 @@ class Actuator:
         """
         app = rt.name
         machine = rt.machines.get(mid)
+        nonce = self.nonce(rt, mid)
         with self.counting_failure(rt, "uncordon"):
             if force or machine is None or machine.cordoned is not False:
-                await self.api.uncordon_machine(app, mid)
+                await self.api.uncordon_machine(app, mid, lease_nonce=nonce)
             rt.record(mid, self.clock(), cordoned=False)
             if force or machine is None or ours(machine):
                 with contextlib.suppress(NotFound):  # never set (a drain cut short): fine
-                    await self.api.delete_machine_metadata(app, mid, CORDON_METADATA_KEY)
+                    await self.api.delete_machine_metadata(
+                        app, mid, CORDON_METADATA_KEY, lease_nonce=nonce
+                    )
             rt.record(mid, self.clock(), marked=False)
         self.count(rt, "uncordon", True)
         self.publish(rt)

@@ -292,6 +292,13 @@ class FakeMachinesAPI:
             raise LeaseHeld(409, f"lease currently held by {held.owner}")
         return self.take_lease(app, machine_id, description or "", ttl_s)
 
+    async def get_machine_lease(self, app: str, machine_id: str) -> m.Lease:
+        await self._enter("get_machine_lease", machine_id)
+        held = self.lease(app, machine_id)
+        if held is None:
+            raise NotFound(404, "no lease")
+        return held
+
     async def refresh_machine_lease(
         self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
     ) -> m.Lease:

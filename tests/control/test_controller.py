@@ -522,8 +522,8 @@ async def test_a_machine_without_an_address_is_asked_for_one(
     api.set(APP, mid, private_ip=None)
     original = api.start_machine
 
-    async def start_and_place(app: str, machine_id: str) -> Any:
-        result = await original(app, machine_id)
+    async def start_and_place(app: str, machine_id: str, **kw: Any) -> Any:
+        result = await original(app, machine_id, **kw)
         api.set(app, machine_id, private_ip=ip)  # placed on start, as on Fly
         return result
 

@@ -58,6 +58,7 @@ def demo_controller(clock: FakeClock) -> FakeController:
                 FakeMachine("m1", "started", in_flight=3, last_used=clock.now - 1.0),
                 FakeMachine("m2", "suspended", cordoned=True),
             ],
+            leased_by_others=["m2"],
         )
     ]
     return FakeController(apps=apps, last_tick_at=clock.now - 0.25)
@@ -145,6 +146,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
         "last_decision_age_s": 0.5,
         "last_tick_age_s": 0.25,
         "last_error": None,
+        "leased_by_others": ["m2"],
         "machines": [
             {
                 "id": "m1",

@@ -1,0 +1,159 @@
+"""Fly machine leases around our action sequences: we never fight another holder.
+
+Every task that changes a machine (a wake's start or resume, a drain's cordon → suspend or
+stop → uncordon, lifting a cordon, stopping a suspended machine) runs inside a lease on that
+machine, and each of its changing calls sends the lease's nonce. Another holder (a ``fly
+deploy`` updating the machine, another tool, another autoscaler) makes the acquire answer
+409: the action is skipped, never forced.
+
+- **TTL.** ``ttl_s`` (30 s) bounds how long a lease outlives a process that died holding it;
+  a keeper task refreshes it every third of that while the sequence runs, so a drain that
+  waits out ``drain_timeout_s`` or a 15 s suspend keeps it.
+- **Release.** At the end of the sequence, whatever its outcome (cancelled too), from a
+  task of its own: the action's result is not held up by one more round trip, and a
+  cancelled task never ``await``s on its way out. The next ``take`` of the same machine
+  waits for that release first; ``aclose`` waits for all of them.
+- **A lost answer.** An acquire whose answer never came back (a timeout, a cancelled task)
+  may still have made a lease whose nonce we never saw. Our description carries ``owner``
+  (this host), so a 409 whose holder is ``owner`` is read back and adopted, here or by the
+  next process on the same host, instead of waiting out the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.errors import FlyError, LeaseHeld, NotFound
+from autoscaler.logs import get_logger
+
+Sleep = Callable[[float], Awaitable[None]]
+
+LEASE_TTL_S = 30
+_log = get_logger("autoscaler.control")
+
+
+def default_owner() -> str:
+    return f"autoscaler@{socket.gethostname()}"
+
+
+@dataclass(slots=True)
+class Held:
+    """A lease of ours on one machine, kept alive by ``keeper`` until released."""
+
+    app: str
+    machine_id: str
+    nonce: str
+    keeper: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Leases:
+    """Takes, keeps and gives back machine leases for the actuator."""
+
+    def __init__(
+        self,
+        api: MachinesAPI,
+        *,
+        sleep: Sleep,
+        ttl_s: int = LEASE_TTL_S,
+        owner: str | None = None,
+    ) -> None:
+        self.api = api
+        self.sleep = sleep
+        self.ttl_s = ttl_s
+        self.owner = owner or default_owner()
+        self._releasing: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def description(self, what: str) -> str:
+        return f"{self.owner}: {what}"
+
+    async def take(self, app: str, machine_id: str, what: str) -> Held:
+        """Our lease on the machine; LeaseHeld when another holder has it."""
+        pending = self._releasing.get((app, machine_id))
+        if pending is not None:
+            await asyncio.wait({pending})  # our previous lease on it goes first
+        try:
+            lease = await self.api.acquire_machine_lease(
+                app, machine_id, ttl_s=self.ttl_s, description=self.description(what)
+            )
+        except LeaseHeld:
+            adopted = await self._ours_already(app, machine_id)
+            if adopted is None:
+                raise
+            nonce = adopted
+        else:
+            nonce = lease.nonce
+        held = Held(app, machine_id, nonce)
+        held.keeper = asyncio.get_running_loop().create_task(
+            self._keep(held), name=f"lease:{app}:{machine_id}"
+        )
+        return held
+
+    async def _ours_already(self, app: str, machine_id: str) -> str | None:
+        """The nonce of a lease this owner took but never heard back about, if that is
+        what holds the machine (and the API shows nonces); None otherwise."""
+        try:
+            lease = await self.api.get_machine_lease(app, machine_id)
+        except FlyError:
+            return None
+        mine = (lease.description or "").startswith(f"{self.owner}: ")
+        if not mine or not lease.nonce:
+            return None
+        _log.info("lease_adopted", app=app, machine=machine_id, description=lease.description)
+        return lease.nonce
+
+    async def _keep(self, held: Held) -> None:
+        """Refresh every third of the TTL: two refreshes may fail before the lease lapses."""
+        while True:
+            await self.sleep(self.ttl_s / 3)
+            try:
+                await self.api.refresh_machine_lease(
+                    held.app, held.machine_id, held.nonce, ttl_s=self.ttl_s
+                )
+            except (LeaseHeld, NotFound) as exc:
+                # Lapsed (and maybe taken by another): our next change is refused with
+                # 409, which ends the sequence; nothing to keep alive any more.
+                _log.warning("lease_lost", app=held.app, machine=held.machine_id, error=str(exc))
+                return
+            except FlyError as exc:
+                _log.warning(
+                    "lease_refresh_failed", app=held.app, machine=held.machine_id, error=str(exc)
+                )
+
+    async def release(self, held: Held) -> None:
+        """Give the lease back. A failure only logs: the lease lapses after its TTL."""
+        if held.keeper is not None:
+            held.keeper.cancel()
+        try:
+            await self.api.release_machine_lease(held.app, held.machine_id, held.nonce)
+        except NotFound:
+            pass  # lapsed already
+        except FlyError as exc:
+            _log.warning(
+                "lease_release_failed", app=held.app, machine=held.machine_id, error=str(exc)
+            )
+
+    def release_soon(self, held: Held) -> None:
+        """Release from a task of its own; no ``await`` here, so a task being cancelled
+        can call it on its way out."""
+        if held.keeper is not None:
+            held.keeper.cancel()
+        key = (held.app, held.machine_id)
+        task = asyncio.get_running_loop().create_task(
+            self.release(held), name=f"lease-release:{held.app}:{held.machine_id}"
+        )
+        self._releasing[key] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._releasing.get(key) is t:
+                del self._releasing[key]
+
+        task.add_done_callback(done)
+
+    async def aclose(self) -> None:
+        """Wait for the releases under way."""
+        while self._releasing:
+            await asyncio.wait(set(self._releasing.values()))
