@@ -133,7 +133,7 @@ class Controller:
         self._running = False
         self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
-        await self.actuator.leases.aclose()  # the leases of the actions cancelled just now
+        await self.actuator.aclose()  # what the actions cancelled just now leave running
 
     async def _stop_app(self, rt: AppRuntime) -> None:
         tasks: list[asyncio.Future[Any]] = [run.task for run in rt.running.values()]
@@ -163,7 +163,7 @@ class Controller:
         while True:
             tasks = [run.task for rt in self.apps.values() for run in rt.running.values()]
             if not tasks:
-                await self.actuator.leases.aclose()
+                await self.actuator.settled()
                 return
             await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -66,15 +66,43 @@ class Leases:
         self.ttl_s = ttl_s
         self.owner = owner or default_owner()
         self._releasing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._acquiring: dict[tuple[str, str], asyncio.Task[str]] = {}
 
     def description(self, what: str) -> str:
         return f"{self.owner}: {what}"
 
     async def take(self, app: str, machine_id: str, what: str) -> Held:
-        """Our lease on the machine; LeaseHeld when another holder has it."""
-        pending = self._releasing.get((app, machine_id))
-        if pending is not None:
-            await asyncio.wait({pending})  # our previous lease on it goes first
+        """Our lease on the machine; LeaseHeld when another holder has it.
+
+        The acquire runs in a task of its own: when the caller is cancelled (a drain taken
+        back, a shutdown) it is not cut off in flight, and the lease it may bring back is
+        released as soon as it answers, instead of lasting its TTL with a nonce nobody
+        knows. The next ``take`` of the machine waits for that first.
+        """
+        key = (app, machine_id)
+        acquiring = self._acquiring.get(key)
+        if acquiring is not None:
+            await asyncio.wait({acquiring})  # answered, and its lease given back (below)
+        releasing = self._releasing.get(key)
+        if releasing is not None:
+            await asyncio.wait({releasing})  # our previous lease on it goes first
+        task = asyncio.get_running_loop().create_task(
+            self._acquire(app, machine_id, what), name=f"lease-take:{app}:{machine_id}"
+        )
+        self._acquiring[key] = task
+        task.add_done_callback(lambda t: self._acquired(key, t))
+        try:
+            nonce = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._orphan(key, t))
+            raise
+        held = Held(app, machine_id, nonce)
+        held.keeper = asyncio.get_running_loop().create_task(
+            self._keep(held), name=f"lease:{app}:{machine_id}"
+        )
+        return held
+
+    async def _acquire(self, app: str, machine_id: str, what: str) -> str:
         try:
             lease = await self.api.acquire_machine_lease(
                 app, machine_id, ttl_s=self.ttl_s, description=self.description(what)
@@ -83,14 +111,18 @@ class Leases:
             adopted = await self._ours_already(app, machine_id)
             if adopted is None:
                 raise
-            nonce = adopted
-        else:
-            nonce = lease.nonce
-        held = Held(app, machine_id, nonce)
-        held.keeper = asyncio.get_running_loop().create_task(
-            self._keep(held), name=f"lease:{app}:{machine_id}"
-        )
-        return held
+            return adopted
+        return lease.nonce
+
+    def _acquired(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+        if self._acquiring.get(key) is task:
+            del self._acquiring[key]
+
+    def _orphan(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+        """The answer to the acquire of a cancelled caller: give that lease straight back."""
+        if task.cancelled() or task.exception() is not None:
+            return  # no lease came of it (or one whose nonce we never saw: its TTL ends it)
+        self.release_soon(Held(key[0], key[1], task.result()))
 
     async def _ours_already(self, app: str, machine_id: str) -> str | None:
         """The nonce of a lease this owner took but never heard back about, if that is
@@ -153,7 +185,14 @@ class Leases:
 
         task.add_done_callback(done)
 
+    async def settled(self) -> None:
+        """Wait for the acquires of cancelled callers and the releases under way."""
+        while self._acquiring or self._releasing:
+            await asyncio.wait({*self._acquiring.values(), *self._releasing.values()})
+
     async def aclose(self) -> None:
-        """Wait for the releases under way."""
-        while self._releasing:
-            await asyncio.wait(set(self._releasing.values()))
+        """On shutdown: cut the acquires still in flight (a lease they bring lapses after
+        its TTL, or the next process on this host adopts it), finish the releases."""
+        for task in self._acquiring.values():
+            task.cancel()
+        await self.settled()

@@ -559,12 +559,19 @@ async def test_taking_back_a_drain_cut_before_its_key_was_set(
     mid = api.add(APP, "started")
     rig = Rig(api, clock, idle_to_zero_s=5)
     await rig.tick()
-    api.gates["set_machine_metadata"] = asyncio.Event()  # the drain never gets further
+    api.gates["set_machine_metadata"] = gate = asyncio.Event()  # the key's request hangs
+    api.fail["set_machine_metadata"] = [ServerError(503, "unavailable")]  # and then fails
     await clock.advance(6)
     [action] = (await rig.tick()).actions
     assert action.kind == "drain"
     assert await rig.ctl.wake(APP) == "none"
+    assert rig.routable() == {mid}  # at once, before the key's answer
+    await settle()
+    assert api.ops("uncordon_machine") == []  # the uncordon waits for that answer
+    gate.set()
     await rig.ctl.idle()
+    assert api.ops("cordon_machine") == []  # taken back before the cordon was asked for
     assert api.ops("delete_machine_metadata") == [mid]  # 404: the key was never set
     assert rig.metric("autoscaler_scaling_actions_total", action="uncordon", result="ok") == 1
     assert rig.routable() == {mid}
+    assert_uncordoned(api, mid)
