@@ -10,6 +10,7 @@ request or lets it land, as a server that got it would, whatever became of the c
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import pytest
@@ -41,7 +42,7 @@ class Wire:
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self.api, name)
-        if name == "list_machines" or not asyncio.iscoroutinefunction(target):
+        if name == "list_machines" or not inspect.iscoroutinefunction(target):
             return target
 
         async def call(*args: Any, **kwargs: Any) -> Any:

@@ -15,7 +15,7 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import LeaseHeld, ServerError
+from autoscaler.fly.errors import LeaseHeld, NotFound, ServerError
 from autoscaler.metrics import Metrics
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
@@ -297,6 +297,6 @@ async def test_the_controller_skips_a_machine_a_deploy_holds_then_acts_once_rele
             await ctl.stop()
     assert emulator.machine(APP, machine.id).state == "started"
     assert sent.count("start_machine") == 1
-    with pytest.raises(Exception, match="no lease"):
+    with pytest.raises(NotFound):
         async with MachinesClient(emulator.url, emulator.token) as check:
             await check.get_machine_lease(APP, machine.id)  # ours was given back
