@@ -69,8 +69,10 @@ class Waker:
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
                 if action is None:
                     moving = [m for m in fleet if m.state in MOVING_STATES]
-                    if not moving or act.clock() >= deadline:
+                    leased = {mid for mid in failed if mid in rt.leased_by_others}
+                    if not (moving or leased) or act.clock() >= deadline:
                         raise WakeError(f"app {rt.name}: no machine that can be woken")
+                    failed -= leased  # a deploy's lease ends soon: try those again
                     await act.sleep(RECHECK_S)  # someone else's start or stop: look again
                     await self._refresh_quietly(rt)
                     continue

@@ -164,6 +164,22 @@ async def test_a_wake_passes_over_a_leased_machine(api: FakeMachinesAPI, clock: 
     assert rig.routable() == {second}
 
 
+async def test_a_wake_waits_for_a_lease_when_every_machine_is_leased(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "suspended")
+    deploy = api.take_lease(APP, mid, owner="fly deploy")
+    rig = Rig(api, clock)
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    await clock.advance(1)
+    assert not wake.done()  # held, not refused: the deploy lets go soon
+    assert api.ops("start_machine") == []
+    await api.release_machine_lease(APP, mid, deploy.nonce)
+    await clock.advance(0.5)
+    assert await wake == "resume"
+    assert rig.routable() == {mid}
+
+
 async def test_a_drain_taken_back_hands_its_lease_to_the_uncordon(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
