@@ -1,5 +1,10 @@
 """The admin server: ``/metrics``, ``/healthz``, ``/readyz`` and ``/status``.
 
+``/readyz`` is the data path's readiness (what a load balancer asks): it fails only while
+shutting down or before the proxy knows any machine. ``/readyz?control=1`` adds the control
+plane's health (the loop ticks, the Machines API answers), which the gauge
+``autoscaler_control_healthy`` also shows; an API outage fails only that one.
+
 It reads the controller through two narrow Protocols (``StatusProvider`` and the shapes of
 what it returns) so that this module never depends on the controller's concrete class; a
 fake beside the tests satisfies them too.
@@ -59,6 +64,12 @@ class MachineStatusLike(Protocol):
     def in_flight(self) -> int: ...
     @property
     def last_used(self) -> float | None: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def next_retry_at(self) -> float | None: ...
+    @property
+    def left_alone(self) -> bool: ...
 
 
 class AppStatusLike(Protocol):
@@ -124,6 +135,7 @@ class AdminServer:
         self._redactor = Redactor([*secrets, token])
         self._runner: web.AppRunner | None = None
         self.metrics.control_last_tick.set_function(self._last_tick_unix)
+        self.metrics.control_healthy.set_function(lambda: 0.0 if self.control_problems() else 1.0)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -202,6 +214,8 @@ class AdminServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         problems = self.readiness_problems()
+        if request.query.get("control", "") not in ("", "0", "false"):
+            problems = problems + self.control_problems()
         if problems:
             return web.json_response({"status": "not ready", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})
@@ -213,9 +227,22 @@ class AdminServer:
     # --- what the endpoints say ----------------------------------------------------------
 
     def readiness_problems(self) -> list[str]:
-        """Empty when ready. Config is loaded by construction (settings were validated)."""
+        """Empty when the data path is ready: not shutting down, and the proxy knows where
+        to route. The control plane's health is not part of it (``control_problems``): an
+        API outage must not take the proxy out of a load balancer while started machines
+        serve. Config is loaded by construction (settings were validated)."""
         if self.draining:
             return ["shutting down"]
+        apps = self.provider.status() if self.provider is not None else []
+        # Before any app's machines were read (a start with the API out of reach) the proxy
+        # can only hold requests; once read, it routes on what it knows through outages.
+        if apps and not any(a.last_tick_at is not None or a.machines for a in apps):
+            return ["no app's machines are known yet (the Machines API has not answered)"]
+        return []
+
+    def control_problems(self) -> list[str]:
+        """Empty while the control plane decides on fresh data (``/readyz?control=1`` and
+        ``autoscaler_control_healthy``): the loop ticks, and the Machines API answers."""
         if self.provider is None:
             return []
         apps = self.provider.status()
@@ -234,7 +261,7 @@ class AdminServer:
         failing = [a for a in apps if a.last_error]
         # One app's error may be its own (a bad app name); every app failing means the
         # Machines API itself is out of reach.
-        if apps and len(failing) == len(apps):
+        if len(failing) == len(apps):
             problems.append(f"Machines API unreachable: {failing[0].last_error}")
         return problems
 
@@ -245,6 +272,7 @@ class AdminServer:
         return {
             "version": __version__,
             "ready": not self.readiness_problems(),
+            "control_healthy": not self.control_problems(),
             "control_loop": self.provider is not None,
             "last_tick_age_s": _age(now, last_tick),
             "apps": [_app_document(a, now) for a in apps],
@@ -274,6 +302,11 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
             "cordoned": m.cordoned,
             "in_flight": m.in_flight,
             "last_used_age_s": _age(now, m.last_used),
+            "failures": m.failures,
+            "next_retry_in_s": (
+                None if m.next_retry_at is None else round(max(0.0, m.next_retry_at - now), 3)
+            ),
+            "left_alone": m.left_alone,
         }
         for m in status.machines
     ]

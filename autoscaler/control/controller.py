@@ -25,7 +25,7 @@ from autoscaler.control.actions import Actuator, Probe, Sleep, tcp_probe
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.control.wake import WakeError, Waker
-from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
@@ -46,6 +46,12 @@ class MachineStatus:
     cordoned: bool
     in_flight: int
     last_used: float | None
+    failures: int = 0
+    """Our starts of it that failed in a row."""
+    next_retry_at: float | None = None
+    """When a failed machine may be started again (None: not failed, or left alone)."""
+    left_alone: bool = False
+    """Failed past ``max_restart_attempts``: not started again until its state changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +198,16 @@ class Controller:
             await self.sleep(delay)
 
     async def tick(self, app: str) -> Decision:
-        """One reconcile of ``app``: read, merge, decide, act. Raises FlyError on a failed read."""
+        """One reconcile of ``app``: read, merge, decide, act. Raises FlyError on a failed read.
+
+        Every API call of the tick, and of the actions it launches, is tried once within
+        ``control.api_timeout_s``: the next tick is the retry, so an outage costs a tick
+        a timeout at most, never a retry loop.
+        """
+        with one_attempt(self.settings.control.api_timeout_s):
+            return await self._tick(app)
+
+    async def _tick(self, app: str) -> Decision:
         rt = self.apps[app]
         view = self.view.app(app)
         listed_at = self.clock()
@@ -273,6 +288,7 @@ class Controller:
             machines = []
             for machine in rt.machines.values():
                 up = view.upstreams.get(machine.id)
+                restarts = rt.restarts.get(machine.id)
                 machines.append(
                     MachineStatus(
                         id=machine.id,
@@ -280,6 +296,11 @@ class Controller:
                         cordoned=rt.cordoned(machine),
                         in_flight=up.in_flight if up else 0,
                         last_used=up.last_used if up else None,
+                        failures=restarts.failures if restarts else 0,
+                        next_retry_at=(
+                            restarts.retry_at if restarts and not restarts.exhausted else None
+                        ),
+                        left_alone=restarts.exhausted if restarts else False,
                     )
                 )
             out.append(

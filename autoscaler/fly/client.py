@@ -21,9 +21,11 @@ API is in docs/fly-client.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import httpx
@@ -52,9 +54,34 @@ from autoscaler.fly.operations import (
 )
 from autoscaler.logs import get_logger, redactor
 
-__all__ = ["MAX_WAIT_CALL_S", "MachinesAPI", "MachinesClient", "Observer", "duration_string"]
+__all__ = [
+    "MAX_WAIT_CALL_S",
+    "MachinesAPI",
+    "MachinesClient",
+    "Observer",
+    "duration_string",
+    "one_attempt",
+]
 
 Observer = Callable[[str, int | None, float], None]
+
+# Set by one_attempt(): the timeout of every call made in this context (tasks started in
+# it inherit it), each call then tried once.
+_one_attempt: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "autoscaler_fly_one_attempt", default=None
+)
+
+
+@contextlib.contextmanager
+def one_attempt(timeout_s: float) -> Iterator[None]:
+    """Calls made inside (and by tasks started inside) are tried once, each within
+    ``timeout_s`` (a long-poll ``/wait`` keeps its own timeout): the control loop's rule,
+    where the next tick is the retry and no tick may hang in a retry loop."""
+    token = _one_attempt.set(timeout_s)
+    try:
+        yield
+    finally:
+        _one_attempt.reset(token)
 
 
 class MachinesClient(Operations):
@@ -149,6 +176,10 @@ class MachinesClient(Operations):
         """Send with rate limit and retries; the decoded 2xx body (JSON, text or None)."""
         started = self._clock()
         deadline = started + self._retry_deadline_s
+        bound = _one_attempt.get()
+        timeout_s = call.timeout_s if call.timeout_s is not None else self._timeout_s
+        if bound is not None and call.timeout_s is None:
+            timeout_s = min(timeout_s, bound)
         attempt = 0
         throttled = 0.0
         while True:
@@ -164,7 +195,7 @@ class MachinesClient(Operations):
                     params=call.params or None,
                     json=None if call.body is NO_BODY else call.body,
                     headers=call.headers or None,
-                    timeout=call.timeout_s if call.timeout_s is not None else self._timeout_s,
+                    timeout=timeout_s,
                 )
             except httpx.HTTPError as exc:
                 error = self._transport_error(exc, call.operation)
@@ -182,7 +213,11 @@ class MachinesClient(Operations):
             if error is None:
                 self._log_result(call, status, started, attempt, throttled, None)
                 return _decode(response)
-            delay = self._retry_delay(call.operation, error, attempt, deadline)
+            delay = (
+                None
+                if bound is not None
+                else self._retry_delay(call.operation, error, attempt, deadline)
+            )
             if delay is None:
                 self._log_result(call, status, started, attempt, throttled, error)
                 raise error

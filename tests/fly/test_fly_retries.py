@@ -12,6 +12,7 @@ from flyfakes import FakeTime, Script, make_client
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from autoscaler.fly.client import one_attempt
 from autoscaler.fly.errors import (
     BadRequest,
     Conflict,
@@ -277,3 +278,31 @@ def test_retries_stay_within_attempts_and_deadline(
         honoured = retry_after is not None and codes[n - 1] == 429
         next_delay = float(retry_after) if honoured else backoff
         assert n == max_retries + 1 or sum(fake.sleeps) + next_delay > deadline_s
+
+
+async def test_one_attempt_tries_once_with_its_timeout_also_in_tasks_started_inside() -> None:
+    """The control loop's rule: no retry loop inside a tick (the next tick is the retry),
+    each call bounded by the tick's timeout; a long-poll wait keeps its own."""
+    fake = FakeTime()
+    timeouts: list[object] = []
+
+    def failing(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"]["read"])
+        return status(503)
+
+    script = Script([failing])
+    async with make_client(script, fake, timeout_s=30) as api:
+        with one_attempt(2.0):
+            with pytest.raises(ServerError):
+                await api.list_machines("web")
+            task = asyncio.ensure_future(api.start_machine("web", "m1"))
+        with pytest.raises(ServerError):
+            await task
+        assert fake.sleeps == []
+        assert len(script.requests) == 2
+        assert timeouts == [2.0, 2.0]
+        # Outside it, the same client retries as configured.
+        with pytest.raises(ServerError):
+            await api.list_machines("web")
+    assert len(script.requests) > 3
+    assert fake.sleeps

@@ -57,6 +57,7 @@ def demo_controller(clock: FakeClock) -> FakeController:
             machines=[
                 FakeMachine("m1", "started", in_flight=3, last_used=clock.now - 1.0),
                 FakeMachine("m2", "suspended", cordoned=True),
+                FakeMachine("m3", "failed", failures=2, next_retry_at=clock.now + 4.0),
             ],
             leased_by_others=["m2"],
         )
@@ -135,6 +136,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
     doc = await (await client.get("/status")).json()
     assert doc["ready"] is True
     assert doc["control_loop"] is True
+    assert doc["control_healthy"] is True
     assert doc["last_tick_age_s"] == 0.25
     (app,) = doc["apps"]
     assert app == {
@@ -154,6 +156,9 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "cordoned": False,
                 "in_flight": 3,
                 "last_used_age_s": 1.0,
+                "failures": 0,
+                "next_retry_in_s": None,
+                "left_alone": False,
             },
             {
                 "id": "m2",
@@ -161,6 +166,19 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "cordoned": True,
                 "in_flight": 0,
                 "last_used_age_s": None,
+                "failures": 0,
+                "next_retry_in_s": None,
+                "left_alone": False,
+            },
+            {
+                "id": "m3",
+                "state": "failed",
+                "cordoned": False,
+                "in_flight": 0,
+                "last_used_age_s": None,
+                "failures": 2,
+                "next_retry_in_s": 4.0,
+                "left_alone": False,
             },
         ],
     }
@@ -193,26 +211,49 @@ async def test_status_never_carries_a_secret(aiohttp_client: MakeClient) -> None
         (0.5, ["connect failed", "timeout"], "Machines API unreachable: connect failed"),
     ],
 )
-async def test_readiness(
+async def test_control_health(
     aiohttp_client: MakeClient,
     last_tick_ago: float | None,
     errors: list[str | None],
     problem: str | None,
 ) -> None:
+    """``/readyz?control=1`` and the gauge say when decisions are stale; plain ``/readyz``
+    (the data path) stays ready through all of it once the machines are known."""
     clock = FakeClock()
+    known = (FakeMachine("m1", "started"),)
     provider = FakeController(
-        apps=[FakeAppStatus(app=f"a{i}", last_error=e) for i, e in enumerate(errors)],
+        apps=[
+            FakeAppStatus(app=f"a{i}", last_error=e, machines=known) for i, e in enumerate(errors)
+        ],
         last_tick_at=None if last_tick_ago is None else clock.now - last_tick_ago,
     )
-    client = await aiohttp_client(make_server(provider, clock).build_app())
-    resp = await client.get("/readyz")
+    server = make_server(provider, clock)
+    client = await aiohttp_client(server.build_app())
+    assert (await client.get("/readyz")).status == 200
+    resp = await client.get("/readyz?control=1")
     body = await resp.json()
+    healthy = server.metrics.registry.get_sample_value("autoscaler_control_healthy")
     if problem is None:
         assert resp.status == 200
         assert body == {"status": "ready"}
+        assert healthy == 1.0
     else:
         assert resp.status == 503
         assert any(problem in p for p in body["problems"]), body
+        assert healthy == 0.0
+
+
+async def test_not_ready_before_any_machine_is_known(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    provider = FakeController(
+        apps=[FakeAppStatus(app="a", last_error="connect failed")], last_tick_at=None
+    )
+    client = await aiohttp_client(make_server(provider, clock).build_app())
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert "known" in (await resp.json())["problems"][0]
+    provider.apps = [FakeAppStatus(app="a", last_tick_at=clock.now)]  # read, no machines
+    assert (await client.get("/readyz")).status == 200
 
 
 async def test_draining_is_not_ready(aiohttp_client: MakeClient) -> None:
