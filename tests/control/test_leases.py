@@ -208,6 +208,26 @@ async def test_a_drain_taken_back_hands_its_lease_to_the_uncordon(
     assert lease_ops(api, mid) == ["acquire_machine_lease", "release_machine_lease"]
 
 
+async def test_a_suspend_taken_back_hands_its_lease_to_the_resume(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.slow_transitions = True  # the suspend stays "suspending" until taken back
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    assert state(api, mid) == "suspending"
+    assert await asyncio.wait_for(rig.ctl.wake(APP), 5) == "resume"
+    await rig.ctl.idle()
+    assert state(api, mid) == "started"
+    nonces = {n for _, n in changes(api, mid)}
+    assert len(nonces) == 1
+    assert None not in nonces
+    assert lease_ops(api, mid) == ["acquire_machine_lease", "release_machine_lease"]
+
+
 async def test_a_lease_whose_answer_was_lost_is_adopted(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
