@@ -174,6 +174,7 @@ class Metrics:
             self.machine_seconds.labels(app=app, state=state)
         for result in RESTART_RESULTS:
             self.machine_restarts.labels(app=app, result=result)
+        self.lease_conflicts.labels(app=app)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""
