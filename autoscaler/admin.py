@@ -91,6 +91,8 @@ class AppStatusLike(Protocol):
     def last_error(self) -> str | None: ...
     @property
     def machines(self) -> Sequence[MachineStatusLike]: ...
+    @property
+    def leased_by_others(self) -> Sequence[str]: ...
 
 
 class StatusProvider(Protocol):
@@ -317,5 +319,6 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
         "last_decision_age_s": _age(now, status.last_decision_at),
         "last_tick_age_s": _age(now, status.last_tick_at),
         "last_error": status.last_error,
+        "leased_by_others": list(status.leased_by_others),
         "machines": machines,
     }

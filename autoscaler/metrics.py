@@ -92,6 +92,13 @@ class Metrics:
             ["app", "action", "result"],
             registry=r,
         )
+        self.lease_conflicts = Counter(
+            "autoscaler_lease_conflicts",
+            "Actions skipped because another holder (a fly deploy, another tool) had the "
+            "machine's lease.",
+            ["app"],
+            registry=r,
+        )
         self.machine_seconds = Counter(
             "autoscaler_machine_seconds",
             "Machine-seconds spent started or suspended: what the fleet costs.",
@@ -167,6 +174,7 @@ class Metrics:
             self.machine_seconds.labels(app=app, state=state)
         for result in RESTART_RESULTS:
             self.machine_restarts.labels(app=app, result=result)
+        self.lease_conflicts.labels(app=app)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""

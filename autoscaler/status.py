@@ -126,6 +126,9 @@ def render(doc: dict[str, Any]) -> list[str]:
             lines.append(f"  why: {app['last_reason']}")
         if app.get("last_error"):
             lines.append(f"  last error: {app['last_error']}")
+        if app.get("leased_by_others"):
+            leased = ", ".join(app["leased_by_others"])
+            lines.append(f"  skipped, leased by another holder: {leased}")
         machines = app.get("machines") or []
         if not machines:
             lines.append("  (no machines)")

@@ -17,6 +17,24 @@ The drain sequence, and why each step is where it is:
 A failure anywhere ends the task with the machine as it is; the next tick reads the truth,
 and the policy finishes a drain left behind (a started machine cordoned with our key) or
 lifts our cordon from a machine that is already asleep.
+
+Every task holds a Fly machine lease on its machine for its whole run and sends the nonce
+with each change (``leases.py``). A machine leased by someone else (a ``fly deploy``) is
+skipped: the task ends at once, the machine counts as busy until the next tick has passed
+(the policy picks another one meanwhile), the skip is counted in
+``autoscaler_lease_conflicts_total`` and shown in ``/status``, and a later tick tries again.
+A drain taken back hands its lease to the uncordon task that follows it.
+
+Cordons are always ours to find: our key is set before the cordon is asked for, and taken
+off only once no cordon request of ours can still land. A drain cancelled while its cordon
+request is in flight (taken back by a wake, or the process stopping) does not cancel that
+request: it runs on in a task of its own (``cordoning``), and the uncordon that follows
+waits for its answer first, so the cordon cannot land after the uncordon and outlive our
+key. A cordon request whose fate is unknown (a transport error after it was sent, or cut
+off at shutdown) keeps our key on the machine for ``CORDON_UNSURE_S``; after that
+``cleanup`` drops the key once a fresh list shows the machine uncordoned. Every other
+cancellation point leaves either our key with or without a cordon, which the next tick (of
+this process or the next) finishes or undoes, or nothing at all.
 """
 
 from __future__ import annotations
@@ -26,10 +44,18 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
+from autoscaler.control.leases import Held, Leases
 from autoscaler.control.runtime import AppRuntime, Running, TaskKind, ours
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.fly.client import MachinesAPI
-from autoscaler.fly.errors import BadRequest, Conflict, FlyError, NotFound
+from autoscaler.fly.errors import (
+    BadRequest,
+    Conflict,
+    FlyError,
+    LeaseHeld,
+    NotFound,
+    TransportError,
+)
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import (
@@ -48,6 +74,7 @@ Probe = Callable[[str, int], Awaitable[bool]]
 STATE_WAIT_S = 120.0  # suspending a large machine can take well over 15 s
 BOOT_WAIT_MIN_S = 60.0  # a cold boot may outlast the wake timeout; the machine still counts
 PROBE_INTERVAL_S = 0.05
+CORDON_UNSURE_S = 60.0  # a request that timed out (30 s) has surely landed or died by then
 _log = get_logger("autoscaler.control")
 
 
@@ -80,9 +107,20 @@ class Actuator:
         sleep: Sleep,
         probe: Probe,
         backoff_max_s: float = 30.0,
+        lease_skip_s: float = 1.0,
+        leases: Leases | None = None,
     ) -> None:
         self.api = api
         self.backoff_max_s = backoff_max_s
+        self.lease_skip_s = lease_skip_s
+        """How long a machine leased by another counts as busy: one tick."""
+        self.leases = leases or Leases(api, sleep=sleep)
+        self.held: dict[tuple[str, str], Held] = {}
+        """(app, machine) -> our lease, while a task of ours works on the machine."""
+        self.cordoning: dict[tuple[str, str], asyncio.Task[None]] = {}
+        """(app, machine) -> our key-then-cordon requests, while they are under way."""
+        self.cordon_unsure: dict[tuple[str, str], float] = {}
+        """(app, machine) -> until when a cordon request of ours may still land."""
         self.view = view
         self.metrics = metrics
         self.clock = clock
@@ -128,6 +166,9 @@ class Actuator:
         if kind == "resume" or kind == "start":
             coro = self.bring_up(rt, mid, kind)
         elif kind == "drain":
+            # Out of the proxy's routing at once, before the lease and the API calls.
+            rt.cordon_held.add(mid)
+            self.publish(rt)
             coro = self.drain(rt, mid)
         elif kind == "stop":
             coro = self.stop_suspended(rt, mid)
@@ -154,17 +195,77 @@ class Actuator:
     async def _guard(
         self, rt: AppRuntime, mid: str, kind: TaskKind, coro: Coroutine[Any, Any, bool]
     ) -> bool:
-        """Turn an action's failure into a log line, a backoff and False; the next tick
-        reads the truth and decides again (about another machine while this one cools)."""
+        """Run ``coro`` inside our lease on the machine. Turn a failure into a log line, a
+        backoff and False, and a lease held by another into a skip; the next tick reads the
+        truth and decides again (about another machine while this one cools)."""
+        key = (rt.name, mid)
+        if key not in self.held:  # else handed over by a drain taken back
+            try:
+                self.held[key] = await self.leases.take(rt.name, mid, kind)
+            except LeaseHeld as exc:
+                self._not_begun(rt, mid, coro)
+                self._skip_leased(rt, mid, kind, exc)
+                return False
+            except FlyError as exc:
+                self._not_begun(rt, mid, coro)
+                self._failed(rt, mid, kind, exc)
+                return False
+            except asyncio.CancelledError:
+                self._not_begun(rt, mid, coro)
+                raise
+        rt.leased_by_others.pop(mid, None)
         try:
             done = await coro
-        except (FlyError, ActionError) as exc:
-            rt.last_error = f"{kind} {mid}: {exc}"
-            rt.failed(mid, self.clock(), self.backoff_max_s)
-            _log.warning("action_failed", app=rt.name, machine=mid, action=kind, error=str(exc))
+        except asyncio.CancelledError:
+            self._let_go(rt, mid)
+            raise
+        except LeaseHeld as exc:
+            # Our lease lapsed and another holder took the machine mid-sequence.
+            self._let_go(rt, mid)
+            self._skip_leased(rt, mid, kind, exc)
             return False
+        except (FlyError, ActionError) as exc:
+            self._let_go(rt, mid)
+            self._failed(rt, mid, kind, exc)
+            return False
+        self._let_go(rt, mid)
         rt.cooldown.pop(mid, None)
         return done
+
+    def _not_begun(self, rt: AppRuntime, mid: str, coro: Coroutine[Any, Any, bool]) -> None:
+        """The action never began (no lease): undo what ``launch`` did ahead of it."""
+        coro.close()
+        run = rt.running.get(mid)
+        if run is not None and run.kind == "drain" and run.task is asyncio.current_task():
+            rt.cordon_held.discard(mid)
+            self.publish(rt)
+
+    def _failed(self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception) -> None:
+        rt.last_error = f"{kind} {mid}: {exc}"
+        rt.failed(mid, self.clock(), self.backoff_max_s)
+        _log.warning("action_failed", app=rt.name, machine=mid, action=kind, error=str(exc))
+
+    def _skip_leased(self, rt: AppRuntime, mid: str, kind: TaskKind, exc: LeaseHeld) -> None:
+        """Another holder has the machine: no backoff, no error; busy for one tick."""
+        now = self.clock()
+        rt.leased_by_others[mid] = (now, now + self.lease_skip_s)
+        self.metrics.lease_conflicts.labels(app=rt.name).inc()
+        _log.info("machine_leased_by_other", app=rt.name, machine=mid, action=kind, error=str(exc))
+
+    def nonce(self, rt: AppRuntime, mid: str) -> str | None:
+        """The nonce our changes of the machine carry (None: no lease of ours on it)."""
+        held = self.held.get((rt.name, mid))
+        return held.nonce if held is not None else None
+
+    def _let_go(self, rt: AppRuntime, mid: str) -> None:
+        """The ending task's lease: to the task that took over the machine, if any (a
+        drain taken back), else released (in the background: see ``leases.py``)."""
+        run = rt.running.get(mid)
+        if run is not None and run.task is not asyncio.current_task():
+            return
+        held = self.held.pop((rt.name, mid), None)
+        if held is not None:
+            self.leases.release_soon(held)
 
     def take_back(self, rt: AppRuntime, mid: str) -> Running | None:
         """Cancel a drain that still waits for requests and return the machine to routing.
@@ -182,6 +283,23 @@ class Actuator:
         self.publish(rt)
         _log.info("drain_taken_back", app=rt.name, machine=mid)
         return self._spawn(rt, mid, "uncordon", self.release(rt, mid, force=True))
+
+    async def settled(self) -> None:
+        """Wait for what outlives an action task: cordon requests of drains taken back,
+        and lease releases."""
+        while self.cordoning:
+            await asyncio.wait(set(self.cordoning.values()))
+        await self.leases.settled()
+
+    async def aclose(self) -> None:
+        """On shutdown, after the action tasks were cancelled: cut the cordon requests
+        still under way (our key is on those machines already: the next process finds
+        them) and wait for the lease releases."""
+        for task in self.cordoning.values():
+            task.cancel()
+        while self.cordoning:
+            await asyncio.wait(set(self.cordoning.values()))
+        await self.leases.aclose()
 
     def interrupt(self, rt: AppRuntime, mid: str) -> Running:
         """Take back a drain in its suspend step: cancel it and start the machine, which
@@ -241,7 +359,9 @@ class Actuator:
         machine = rt.machines[mid]
         with self.counting_failure(rt, kind):
             try:
-                await self.api.start_machine(app, mid)
+                await self.api.start_machine(app, mid, lease_nonce=self.nonce(rt, mid))
+            except LeaseHeld:
+                raise
             except Conflict:
                 # 412: not startable from where it is; fine if it is starting or started.
                 got = await self.api.get_machine(app, mid)
@@ -276,13 +396,19 @@ class Actuator:
 
     async def drain(self, rt: AppRuntime, mid: str) -> bool:
         app = rt.name
-        rt.cordon_held.add(mid)
+        rt.cordon_held.add(mid)  # launch did it already; a drain called directly needs it
         self.publish(rt)
         try:
             with self.counting_failure(rt, "cordon"):
-                await self.api.set_machine_metadata(app, mid, CORDON_METADATA_KEY, "drain")
-                rt.record(mid, self.clock(), marked=True)
-                await self.api.cordon_machine(app, mid)
+                key = (app, mid)
+                task = asyncio.get_running_loop().create_task(
+                    self._mark_and_cordon(rt, mid), name=f"cordon:{app}:{mid}"
+                )
+                self.cordoning[key] = task
+                task.add_done_callback(lambda t: self._cordon_done(key, t))
+                # Shielded: cancelling the drain must not cut the cordon request off in
+                # flight (it could land after the take-back's uncordon, without our key).
+                await asyncio.shield(task)
             self.count(rt, "cordon", True)
             rt.record(mid, self.clock(), cordoned=True)
             # WebSockets and streams would never end by themselves, and a suspend would
@@ -301,6 +427,40 @@ class Actuator:
             rt.cordon_held.discard(mid)
             self.publish(rt)
         return True
+
+    async def _mark_and_cordon(self, rt: AppRuntime, mid: str) -> None:
+        """Our key first, then the cordon: a cordon of ours never exists without the key."""
+        nonce = self.nonce(rt, mid)
+        await self.api.set_machine_metadata(
+            rt.name, mid, CORDON_METADATA_KEY, "drain", lease_nonce=nonce
+        )
+        rt.record(mid, self.clock(), marked=True)
+        if mid not in rt.cordon_held:
+            return  # the drain was taken back (or cut short) meanwhile: no cordon now
+        await self.api.cordon_machine(rt.name, mid, lease_nonce=nonce)
+
+    def _cordon_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        if self.cordoning.get(key) is task:
+            del self.cordoning[key]
+        # A request that may have reached Fly without our hearing back may yet land.
+        unsure = task.cancelled()
+        if not unsure:
+            exc = task.exception()  # retrieved here: the drain may be gone already
+            unsure = isinstance(exc, TransportError) and exc.sent
+        if unsure:
+            self.cordon_unsure[key] = self.clock() + CORDON_UNSURE_S
+        else:
+            self.cordon_unsure.pop(key, None)
+
+    def _cordon_may_land(self, rt: AppRuntime, mid: str) -> bool:
+        key = (rt.name, mid)
+        if key in self.cordoning:
+            return True
+        until = self.cordon_unsure.get(key)
+        if until is not None and self.clock() >= until:
+            del self.cordon_unsure[key]
+            return False
+        return until is not None
 
     async def _wait_idle(self, rt: AppRuntime, mid: str, timeout_s: float) -> bool:
         """Until the machine has no request in flight (True) or the timeout passed (False)."""
@@ -327,7 +487,10 @@ class Actuator:
         machine = rt.machines[mid]
         if how == "suspend":
             try:
-                await self.api.suspend_machine(app, mid)
+                await self.api.suspend_machine(app, mid, lease_nonce=self.nonce(rt, mid))
+            except LeaseHeld:
+                self.count(rt, "suspend", False)
+                raise
             except (BadRequest, Conflict) as exc:
                 # Suspend is refused for some machines (large memory, volumes): stop then.
                 self.count(rt, "suspend", False)
@@ -338,7 +501,7 @@ class Actuator:
                 raise
         if how == "stop":
             with self.counting_failure(rt, "stop"):
-                await self.api.stop_machine(app, mid)
+                await self.api.stop_machine(app, mid, lease_nonce=self.nonce(rt, mid))
         target = SUSPENDED if how == "suspend" else STOPPED
         rt.record(mid, self.clock(), state="suspending" if how == "suspend" else "stopping")
         self.publish(rt)
@@ -362,15 +525,26 @@ class Actuator:
         without our hearing of it).
         """
         app = rt.name
+        pending = self.cordoning.get((app, mid))
+        if pending is not None:
+            # A drain taken back while its cordon was on the way: that answer first, so the
+            # cordon cannot land after this uncordon.
+            await asyncio.wait({pending})
         machine = rt.machines.get(mid)
+        nonce = self.nonce(rt, mid)
         with self.counting_failure(rt, "uncordon"):
             if force or machine is None or machine.cordoned is not False:
-                await self.api.uncordon_machine(app, mid)
+                await self.api.uncordon_machine(app, mid, lease_nonce=nonce)
             rt.record(mid, self.clock(), cordoned=False)
-            if force or machine is None or ours(machine):
+            if self._cordon_may_land(rt, mid):
+                # Our key stays until that cordon surely came or went; cleanup drops it.
+                _log.info("cordon_key_kept", app=app, machine=mid)
+            elif force or machine is None or ours(machine):
                 with contextlib.suppress(NotFound):  # never set (a drain cut short): fine
-                    await self.api.delete_machine_metadata(app, mid, CORDON_METADATA_KEY)
-            rt.record(mid, self.clock(), marked=False)
+                    await self.api.delete_machine_metadata(
+                        app, mid, CORDON_METADATA_KEY, lease_nonce=nonce
+                    )
+                rt.record(mid, self.clock(), marked=False)
         self.count(rt, "uncordon", True)
         self.publish(rt)
         return True
@@ -383,5 +557,7 @@ class Actuator:
         for mid, machine in list(rt.machines.items()):
             if mid in rt.running or not ours(machine) or machine.cordoned is not False:
                 continue
+            if self._cordon_may_land(rt, mid):
+                continue  # a cordon of ours may still come: it must find our key
             _log.info("stale_cordon_key", app=rt.name, machine=mid, state=machine.state)
             self._spawn(rt, mid, "cleanup", self.release(rt, mid))

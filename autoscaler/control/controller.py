@@ -36,6 +36,7 @@ __all__ = ["AppStatus", "Controller", "MachineStatus", "WakeError"]
 
 _log = get_logger("autoscaler.control")
 _BILLED_STATES = (STARTED, SUSPENDED)  # machine_seconds: what the fleet costs
+LEASE_REPORT_S = 60.0  # /status names a machine leased by another this long after a skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class AppStatus:
     last_tick_at: float | None
     last_error: str | None
     machines: tuple[MachineStatus, ...]
+    leased_by_others: tuple[str, ...] = ()
+    """Machines skipped in the last minute because another holder had their lease."""
 
 
 class Controller:
@@ -95,6 +98,7 @@ class Controller:
             sleep=sleep,
             probe=probe,
             backoff_max_s=settings.control.api_backoff_max_s,
+            lease_skip_s=settings.control.tick_s,
         )
         self.waker = Waker(api, self.actuator, metrics)
         self.apps: dict[str, AppRuntime] = {}
@@ -135,6 +139,7 @@ class Controller:
         self._running = False
         self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
+        await self.actuator.aclose()  # what the actions cancelled just now leave running
 
     async def _stop_app(self, rt: AppRuntime) -> None:
         tasks: list[asyncio.Future[Any]] = [run.task for run in rt.running.values()]
@@ -149,6 +154,7 @@ class Controller:
         """Apply a reloaded configuration: new knobs, new apps, removed apps."""
         self.settings = settings
         self.actuator.backoff_max_s = settings.control.api_backoff_max_s
+        self.actuator.lease_skip_s = settings.control.tick_s
         for name in self._sync_apps(settings.apps):
             rt = self.apps.pop(name)
             await self._stop_app(rt)
@@ -163,6 +169,7 @@ class Controller:
         while True:
             tasks = [run.task for rt in self.apps.values() for run in rt.running.values()]
             if not tasks:
+                await self.actuator.settled()
                 return
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -306,6 +313,13 @@ class Controller:
                     last_tick_at=rt.last_tick_at,
                     last_error=rt.last_error,
                     machines=tuple(machines),
+                    leased_by_others=tuple(
+                        sorted(
+                            mid
+                            for mid, (seen, _) in rt.leased_by_others.items()
+                            if self.clock() - seen < LEASE_REPORT_S
+                        )
+                    ),
                 )
             )
         return out

@@ -80,6 +80,8 @@ class AppRuntime:
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     restarts: dict[str, Restarts] = field(default_factory=dict)
+    leased_by_others: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Machine -> (seen, busy until): an action found it leased by another holder."""
     read_once: bool = False
     desired: int | None = None
     panic: bool = False
@@ -146,6 +148,7 @@ class AppRuntime:
             if k in fresh and (fresh[k].state == FAILED or k in self.running)
         }
         self.touched = {k: v for k, v in self.touched.items() if k in fresh}
+        self.leased_by_others = {k: v for k, v in self.leased_by_others.items() if k in fresh}
         self.machines = fresh
         self.read_once = True
 
@@ -230,7 +233,8 @@ class AppRuntime:
                     cordoned_by_us=cordoned and (ours(machine) or machine.id in self.cordon_held),
                     draining=draining,
                     busy=(run is not None and not draining)
-                    or (not urgent and self.cooling(machine.id, now)),
+                    or (not urgent and self.cooling(machine.id, now))
+                    or self.leased(machine.id, now),
                     in_flight=up.in_flight if up else 0,
                     last_used=up.last_used if up else None,
                     started_at=up.started_at if up and machine.state == STARTED else None,
@@ -267,6 +271,11 @@ class AppRuntime:
     def cooling(self, machine_id: str, now: float | None) -> bool:
         entry = self.cooldown.get(machine_id)
         return now is not None and entry is not None and now < entry[0]
+
+    def leased(self, machine_id: str, now: float | None) -> bool:
+        """Skipped for a tick: another holder had its lease when we last tried."""
+        entry = self.leased_by_others.get(machine_id)
+        return now is not None and entry is not None and now < entry[1]
 
     def failed(self, machine_id: str, now: float, max_s: float) -> None:
         """An action on the machine failed: back off, doubling from 1 s up to ``max_s``."""

@@ -73,14 +73,20 @@ class Waker:
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
                 if action is None:
                     # Machines in transition (or with an action of ours under way) end
-                    # somewhere a wake can use; a failed machine can be tried again later.
+                    # somewhere a wake can use; a failed machine can be tried again later;
+                    # a machine skipped for another holder's lease (a deploy) is free soon.
                     moving = any(m.state in MOVING_STATES or m.pending for m in fleet)
+                    leased = {
+                        mid for mid in rt.leased_by_others if mid in failed or rt.leased(mid, now)
+                    }
+                    failed -= leased  # try those again once their skip is over
                     retry_at = rt.next_restart_at()
                     if now >= deadline or (
-                        not moving and (retry_at is None or retry_at >= deadline)
+                        not (moving or leased) and (retry_at is None or retry_at >= deadline)
                     ):
                         raise WakeError(f"app {rt.name}: no machine that can be woken")
-                    pause = RECHECK_S if moving or retry_at is None else retry_at - now
+                    soon = moving or leased or retry_at is None
+                    pause = RECHECK_S if soon or retry_at is None else retry_at - now
                     await act.sleep(max(0.0, min(pause, deadline - now)))
                     await self._refresh_quietly(rt)
                     continue

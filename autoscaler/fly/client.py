@@ -8,13 +8,14 @@ by ``max_retries`` and ``retry_deadline_s``. Time (``sleep``, ``clock``) and ran
 (``rng``) are injectable so that tests never wait.
 
 Operations that are safe to repeat (reads, wait, start, stop, suspend, cordon, uncordon,
-metadata) retry on 429, 5xx and transport errors. Everything else (create, update, delete,
-snapshot, OIDC) retries only when the request surely never left (connect failure), because
-a lost response to a create may still have created something.
+metadata, lease reads, refreshes and releases) retry on 429, 5xx and transport errors.
+Everything else (create, update, delete, snapshot, OIDC, taking a lease) retries only when
+the request surely never left (connect failure), because a lost response to a create may
+still have created something.
 
-The 27 operations themselves are in ``operations.py`` (no httpx there); what the client
-does about the differences between the seed and the real API is in
-docs/fly-client.md.
+The 27 operations of the seed and the real API's machine leases are in ``operations.py``
+(no httpx there); what the client does about the differences between the seed and the real
+API is in docs/fly-client.md.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class MachinesClient(Operations):
         throttled = 0.0
         while True:
             attempt += 1
-            throttled += await self.limiter.acquire(call.operation, call.limit_key)
+            throttled += await self.limiter.acquire(call.limit_action, call.limit_key)
             t0 = self._clock()
             status: int | None = None
             error: FlyError | None = None
@@ -193,6 +194,7 @@ class MachinesClient(Operations):
                     call.path,
                     params=call.params or None,
                     json=None if call.body is NO_BODY else call.body,
+                    headers=call.headers or None,
                     timeout=timeout_s,
                 )
             except httpx.HTTPError as exc:
@@ -312,13 +314,19 @@ def _decode(response: httpx.Response) -> Any:
 
 
 class MachinesAPI(Protocol):
-    """The part of the API the controller uses; tests put a fake in front of it."""
+    """The part of the API the controller uses; tests put a fake in front of it.
+
+    ``lease_nonce``: the nonce of a lease we hold on the machine (see ``acquire_machine_lease``);
+    without it a machine leased by someone else answers a change with LeaseHeld (409).
+    """
 
     async def list_machines(self, app: str) -> list[m.Machine]: ...
 
     async def get_machine(self, app: str, machine_id: str) -> m.Machine: ...
 
-    async def start_machine(self, app: str, machine_id: str) -> m.StartResult: ...
+    async def start_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> m.StartResult: ...
 
     async def stop_machine(
         self,
@@ -327,9 +335,12 @@ class MachinesAPI(Protocol):
         *,
         signal: str | None = None,
         timeout_s: float | None = None,
+        lease_nonce: str | None = None,
     ) -> None: ...
 
-    async def suspend_machine(self, app: str, machine_id: str) -> None: ...
+    async def suspend_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None: ...
 
     async def wait_for_machine_state(
         self,
@@ -340,17 +351,35 @@ class MachinesAPI(Protocol):
         instance_id: str | None = None,
     ) -> m.WaitResult: ...
 
-    async def cordon_machine(self, app: str, machine_id: str) -> None: ...
+    async def cordon_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None: ...
 
-    async def uncordon_machine(self, app: str, machine_id: str) -> None: ...
+    async def uncordon_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None: ...
 
     async def get_machine_metadata(self, app: str, machine_id: str, key: str) -> str: ...
 
     async def set_machine_metadata(
-        self, app: str, machine_id: str, key: str, value: str
+        self, app: str, machine_id: str, key: str, value: str, *, lease_nonce: str | None = None
     ) -> None: ...
 
-    async def delete_machine_metadata(self, app: str, machine_id: str, key: str) -> None: ...
+    async def delete_machine_metadata(
+        self, app: str, machine_id: str, key: str, *, lease_nonce: str | None = None
+    ) -> None: ...
+
+    async def acquire_machine_lease(
+        self, app: str, machine_id: str, *, ttl_s: int = 30, description: str | None = None
+    ) -> m.Lease: ...
+
+    async def refresh_machine_lease(
+        self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
+    ) -> m.Lease: ...
+
+    async def get_machine_lease(self, app: str, machine_id: str) -> m.Lease: ...
+
+    async def release_machine_lease(self, app: str, machine_id: str, nonce: str) -> None: ...
 
 
 if TYPE_CHECKING:

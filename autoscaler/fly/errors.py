@@ -7,6 +7,7 @@
     ├── Unauthorized        401, 403             token missing, wrong or without permission
     ├── NotFound            404                  no such app, machine, volume or metadata key
     ├── Conflict            409, 412             lease held by another / machine in the wrong state
+    │   └── LeaseHeld       409                  the machine's lease is held by another holder
     ├── RateLimited         429                  .retry_after: seconds from Retry-After, or None
     ├── ServerError         5xx                  Fly's side failed; transient
     ├── WaitTimeout         408, own deadline    the machine did not reach the state in time
@@ -94,6 +95,12 @@ class Conflict(FlyError):
     pass
 
 
+class LeaseHeld(Conflict):
+    """409: someone else (a ``fly deploy``, another tool) holds the machine's lease, so
+    the call needs that holder's nonce. A Conflict, so code that treats every conflict
+    alike still does; code that must not fight a lease holder catches this first."""
+
+
 class RateLimited(FlyError):
     def __init__(
         self,
@@ -151,7 +158,7 @@ _CLASS_BY_STATUS: Mapping[int, type[FlyError]] = {
     403: Unauthorized,
     404: NotFound,
     408: WaitTimeout,
-    409: Conflict,
+    409: LeaseHeld,
     412: Conflict,
 }
 

@@ -254,6 +254,26 @@ class WaitResult(_Lenient):
     event_id: str | None = None
 
 
+class CreateLeaseRequest(_Lenient):
+    """Body of ``POST .../lease`` (real API only): ``ttl`` in seconds, and why."""
+
+    ttl: int | None = Field(default=None, ge=1)
+    description: str | None = None
+
+
+class Lease(_Lenient):
+    """A machine lease (real API only). ``nonce`` goes in ``fly-machine-lease-nonce`` on
+    every call that changes the machine while the lease lives; ``expires_at`` is a Unix time
+    in seconds. The real API wraps it as ``{"status": "success", "data": {...}}``; the
+    client unwraps that."""
+
+    nonce: str
+    expires_at: int | None = None
+    owner: str | None = None
+    description: str | None = None
+    version: str | None = None
+
+
 class Volume(_Lenient):
     id: str
     name: str | None = None

@@ -1,8 +1,11 @@
-"""The 27 operations of the seed spec, as methods over one abstract ``_send``.
+"""The 27 operations of the seed spec and the real API's machine leases, as methods over
+one abstract ``_send``.
 
 Each method builds a ``Call`` (what to send, and which app and machine it concerns, for
 rate limits and logs) and reads the answer into the models, in whichever of the seed's and
-the real API's shapes it comes. Sending, retrying and mapping errors belong to
+the real API's shapes it comes. Every call that changes a machine takes ``lease_nonce``:
+the nonce of a lease we hold on it, sent in ``fly-machine-lease-nonce`` (a machine leased
+by someone else answers such calls 409 without it). Sending, retrying and mapping errors belong to
 ``client.MachinesClient``, the only place httpx is imported.
 """
 
@@ -22,6 +25,7 @@ from autoscaler.fly.limits import Clock, Sleep
 
 _M = TypeVar("_M", bound=BaseModel)
 
+NONCE_HEADER = "fly-machine-lease-nonce"
 MAX_WAIT_CALL_S = 60  # the real API answers 400 to a longer /wait; longer waits loop
 # Repeating these cannot do harm: they read, or drive a machine towards a state it may
 # already be in. Everything else is retried only when the request never left.
@@ -40,6 +44,9 @@ SAFE_OPERATIONS = frozenset(
         "get_machine_metadata",
         "set_machine_metadata",
         "delete_machine_metadata",
+        "get_machine_lease",
+        "refresh_machine_lease",  # extends our own lease again: harmless
+        "release_machine_lease",  # a second one answers 404, which the caller reads as done
         "list_volumes",
         "get_volume",
         "list_volume_snapshots",
@@ -59,6 +66,12 @@ class Call:
     body: Any = NO_BODY
     timeout_s: float | None = None
     limit: str | None = None  # the rate-limit key when it is not the app (an org's apps)
+    headers: dict[str, str] = field(default_factory=dict)
+    action: str | None = None  # the rate-limited API action, when not ``operation``
+
+    @property
+    def limit_action(self) -> str:
+        return self.action or self.operation
 
     @property
     def limit_key(self) -> str:
@@ -78,6 +91,17 @@ def _metadata_suffix(key: str) -> str:
 def _force_query(force: bool) -> dict[str, str | int]:
     """``?force=true`` for the deletes, and no query at all without it."""
     return {"force": "true"} if force else {}
+
+
+def _nonce(lease_nonce: str | None) -> dict[str, str]:
+    return {NONCE_HEADER: lease_nonce} if lease_nonce else {}
+
+
+def _lease(payload: Any, operation: str) -> m.Lease:
+    """The real API's ``{"status": "success", "data": {...}}`` or a bare Lease."""
+    if isinstance(payload, dict) and isinstance(payload.get("data"), dict):
+        payload = payload["data"]
+    return parse(m.Lease, payload, operation)
 
 
 def duration_string(seconds: float) -> str:
@@ -226,18 +250,34 @@ class Operations:
         name: str | None = None,
         region: str | None = None,
         skip_service_registration: bool | None = None,
+        lease_nonce: str | None = None,
         **extra: Any,
     ) -> m.Machine:
         body = _machine_body(config, name, region, skip_service_registration, extra)
-        payload = await self._machine("update_machine", "POST", app, machine_id, body=body)
+        payload = await self._machine(
+            "update_machine", "POST", app, machine_id, body=body, headers=_nonce(lease_nonce)
+        )
         return parse(m.Machine, payload, "update_machine")
 
-    async def delete_machine(self, app: str, machine_id: str, *, force: bool = False) -> None:
+    async def delete_machine(
+        self, app: str, machine_id: str, *, force: bool = False, lease_nonce: str | None = None
+    ) -> None:
         """Destroy a machine; ``force`` (``?force=true``) kills a running one first."""
-        await self._machine("delete_machine", "DELETE", app, machine_id, params=_force_query(force))
+        await self._machine(
+            "delete_machine",
+            "DELETE",
+            app,
+            machine_id,
+            params=_force_query(force),
+            headers=_nonce(lease_nonce),
+        )
 
-    async def start_machine(self, app: str, machine_id: str) -> m.StartResult:
-        payload = await self._machine("start_machine", "POST", app, machine_id, "/start")
+    async def start_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> m.StartResult:
+        payload = await self._machine(
+            "start_machine", "POST", app, machine_id, "/start", headers=_nonce(lease_nonce)
+        )
         # The seed answers with no body, the real API with {"previous_state": ...}.
         body = payload if isinstance(payload, dict) else {}
         return parse(m.StartResult, body, "start_machine")
@@ -249,16 +289,27 @@ class Operations:
         *,
         signal: str | None = None,
         timeout_s: float | None = None,
+        lease_nonce: str | None = None,
     ) -> None:
         """Stop; the timeout goes as a duration string ("30s"), which both APIs accept."""
         timeout = duration_string(timeout_s) if timeout_s is not None else None
         body = m.StopRequest(signal=signal, timeout=timeout).to_json()
         await self._machine(
-            "stop_machine", "POST", app, machine_id, "/stop", body=body if body else NO_BODY
+            "stop_machine",
+            "POST",
+            app,
+            machine_id,
+            "/stop",
+            body=body if body else NO_BODY,
+            headers=_nonce(lease_nonce),
         )
 
-    async def suspend_machine(self, app: str, machine_id: str) -> None:
-        await self._machine("suspend_machine", "POST", app, machine_id, "/suspend")
+    async def suspend_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._machine(
+            "suspend_machine", "POST", app, machine_id, "/suspend", headers=_nonce(lease_nonce)
+        )
 
     async def wait_for_machine_state(
         self,
@@ -340,11 +391,60 @@ class Operations:
                         operation="wait_for_machine_state",
                     ) from None
 
-    async def cordon_machine(self, app: str, machine_id: str) -> None:
-        await self._machine("cordon_machine", "POST", app, machine_id, "/cordon")
+    async def cordon_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._machine(
+            "cordon_machine", "POST", app, machine_id, "/cordon", headers=_nonce(lease_nonce)
+        )
 
-    async def uncordon_machine(self, app: str, machine_id: str) -> None:
-        await self._machine("uncordon_machine", "POST", app, machine_id, "/uncordon")
+    async def uncordon_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._machine(
+            "uncordon_machine", "POST", app, machine_id, "/uncordon", headers=_nonce(lease_nonce)
+        )
+
+    # -- leases (real API; not in the seed) -------------------------------------------------
+
+    async def get_machine_lease(self, app: str, machine_id: str) -> m.Lease:
+        """The machine's current lease; NotFound when nobody holds one."""
+        payload = await self._machine("get_machine_lease", "GET", app, machine_id, "/lease")
+        return _lease(payload, "get_machine_lease")
+
+    async def acquire_machine_lease(
+        self, app: str, machine_id: str, *, ttl_s: int = 30, description: str | None = None
+    ) -> m.Lease:
+        """Take the machine's lease for ``ttl_s`` seconds; LeaseHeld (409) when another
+        holder has it. Keep the nonce: every change of the machine must carry it."""
+        body = m.CreateLeaseRequest(ttl=ttl_s, description=description).to_json()
+        op = "acquire_machine_lease"
+        payload = await self._machine(op, "POST", app, machine_id, "/lease", body=body)
+        return _lease(payload, op)
+
+    async def refresh_machine_lease(
+        self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
+    ) -> m.Lease:
+        """Extend our own lease (``nonce``) to ``ttl_s`` seconds from now."""
+        body = m.CreateLeaseRequest(ttl=ttl_s).to_json()
+        op = "refresh_machine_lease"
+        payload = await self._machine(
+            op,
+            "POST",
+            app,
+            machine_id,
+            "/lease",
+            body=body,
+            headers=_nonce(nonce),
+            action="acquire_machine_lease",  # one API action: Fly limits them together
+        )
+        return _lease(payload, op)
+
+    async def release_machine_lease(self, app: str, machine_id: str, nonce: str) -> None:
+        """Give our lease back; NotFound when there is none (it expired, or was released)."""
+        await self._machine(
+            "release_machine_lease", "DELETE", app, machine_id, "/lease", headers=_nonce(nonce)
+        )
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -358,16 +458,35 @@ class Operations:
             return payload
         raise _unexpected("metadata body", payload, op)
 
-    async def set_machine_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
+    async def set_machine_metadata(
+        self, app: str, machine_id: str, key: str, value: str, *, lease_nonce: str | None = None
+    ) -> None:
         # The real API needs {"value": ...}; the emulator accepts that and the seed's bare
         # string alike.
         suffix = _metadata_suffix(key)
         body = {"value": value}
-        await self._machine("set_machine_metadata", "POST", app, machine_id, suffix, body=body)
+        await self._machine(
+            "set_machine_metadata",
+            "POST",
+            app,
+            machine_id,
+            suffix,
+            body=body,
+            headers=_nonce(lease_nonce),
+        )
 
-    async def delete_machine_metadata(self, app: str, machine_id: str, key: str) -> None:
+    async def delete_machine_metadata(
+        self, app: str, machine_id: str, key: str, *, lease_nonce: str | None = None
+    ) -> None:
         suffix = _metadata_suffix(key)
-        await self._machine("delete_machine_metadata", "DELETE", app, machine_id, suffix)
+        await self._machine(
+            "delete_machine_metadata",
+            "DELETE",
+            app,
+            machine_id,
+            suffix,
+            headers=_nonce(lease_nonce),
+        )
 
     # -- volumes ----------------------------------------------------------------------------
 

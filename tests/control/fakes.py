@@ -3,7 +3,8 @@
 ``FakeClock.sleep`` parks the caller until a test moves time past its deadline with
 ``advance``. ``FakeMachinesAPI`` keeps machines in memory and applies actions at once (a
 ``gate`` per operation can hold an action open, ``fail`` makes the next calls raise), and
-records every call so tests can assert what the controller did.
+records every call so tests can assert what the controller did. Machine leases work as on
+the real API: while one is held, a change without its nonce raises LeaseHeld (409).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from autoscaler.fly import models as m
 from autoscaler.fly.client import MachinesAPI
-from autoscaler.fly.errors import Conflict, FlyError, NotFound, WaitTimeout
+from autoscaler.fly.errors import Conflict, FlyError, LeaseHeld, NotFound, WaitTimeout
 
 
 class FakeClock:
@@ -62,6 +63,7 @@ class Call:
     op: str
     machine_id: str | None = None
     arg: str | None = None
+    nonce: str | None = None
 
 
 @dataclass
@@ -82,8 +84,13 @@ class FakeMachinesAPI:
     """True: suspend and stop leave the machine suspending/stopping until ``finish``."""
     report_cordon: bool = True
     """False: list and get leave ``cordoned`` out, as the real API may."""
+    leases: dict[tuple[str, str], m.Lease] = field(default_factory=dict)
+    """(app, machine) -> the lease held on it; ``expires_at`` on ``clock``."""
+    clock: Callable[[], float] | None = None
+    """What leases expire by; None: they never expire on their own."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def add(
         self,
@@ -126,14 +133,37 @@ class FakeMachinesAPI:
     def ops(self, op: str) -> list[str | None]:
         return [c.machine_id for c in self.calls if c.op == op]
 
-    async def _enter(self, op: str, mid: str | None = None, arg: str | None = None) -> None:
-        self.calls.append(Call(op, mid, arg))
+    async def _enter(
+        self,
+        op: str,
+        mid: str | None = None,
+        arg: str | None = None,
+        *,
+        nonce: str | None = None,
+        app: str | None = None,
+    ) -> None:
+        """Record the call, wait at its gate, raise an injected error; a change (``app``
+        given) of a machine leased by another is refused when it lands, as on Fly."""
+        self.calls.append(Call(op, mid, arg, nonce))
         gate = self.gates.get(op)
         if gate is not None:
             await gate.wait()
         errors = self.fail.get(op)
         if errors:
             raise errors.pop(0)
+        if app is not None and mid is not None:
+            lease = self.lease(app, mid)
+            if lease is not None and lease.nonce != nonce:
+                raise LeaseHeld(409, f"machine {mid} is leased by {lease.owner}")
+
+    def lease(self, app: str, mid: str) -> m.Lease | None:
+        """The live lease on the machine, if any."""
+        lease = self.leases.get((app, mid))
+        now = self.clock() if self.clock else None
+        if lease is not None and now is not None and (lease.expires_at or 0) <= now:
+            del self.leases[(app, mid)]
+            return None
+        return lease
 
     def _out(self, machine: m.Machine) -> m.Machine:
         return machine if self.report_cordon else machine.model_copy(update={"cordoned": None})
@@ -148,8 +178,10 @@ class FakeMachinesAPI:
         await self._enter("get_machine", machine_id)
         return self._out(self.get(app, machine_id))
 
-    async def start_machine(self, app: str, machine_id: str) -> m.StartResult:
-        await self._enter("start_machine", machine_id)
+    async def start_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> m.StartResult:
+        await self._enter("start_machine", machine_id, nonce=lease_nonce, app=app)
         machine = self.get(app, machine_id)
         # Fly starts a failed machine again, and takes back a suspend under way.
         if machine.state not in ("stopped", "suspended", "created", "failed", "suspending"):
@@ -166,15 +198,18 @@ class FakeMachinesAPI:
         *,
         signal: str | None = None,
         timeout_s: float | None = None,
+        lease_nonce: str | None = None,
     ) -> None:
-        await self._enter("stop_machine", machine_id)
+        await self._enter("stop_machine", machine_id, nonce=lease_nonce, app=app)
         machine = self.get(app, machine_id)
         if machine.state not in ("started", "suspended"):
             raise Conflict(412, f"cannot stop a {machine.state} machine")
         self.set(app, machine_id, state="stopping" if self.slow_transitions else "stopped")
 
-    async def suspend_machine(self, app: str, machine_id: str) -> None:
-        await self._enter("suspend_machine", machine_id)
+    async def suspend_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._enter("suspend_machine", machine_id, nonce=lease_nonce, app=app)
         if self.get(app, machine_id).state != "started":
             raise Conflict(412, "only a started machine can be suspended")
         self.set(app, machine_id, state="suspending" if self.slow_transitions else "suspended")
@@ -202,12 +237,16 @@ class FakeMachinesAPI:
                 raise WaitTimeout(408, "fake: state not reached") from None
         return m.WaitResult(ok=True, state=self.get(app, machine_id).state)
 
-    async def cordon_machine(self, app: str, machine_id: str) -> None:
-        await self._enter("cordon_machine", machine_id)
+    async def cordon_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._enter("cordon_machine", machine_id, nonce=lease_nonce, app=app)
         self.set(app, machine_id, cordoned=True)
 
-    async def uncordon_machine(self, app: str, machine_id: str) -> None:
-        await self._enter("uncordon_machine", machine_id)
+    async def uncordon_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._enter("uncordon_machine", machine_id, nonce=lease_nonce, app=app)
         self.set(app, machine_id, cordoned=False)
 
     async def get_machine_metadata(self, app: str, machine_id: str, key: str) -> str:
@@ -218,12 +257,16 @@ class FakeMachinesAPI:
             raise NotFound(404, f"no metadata key {key}")
         return meta[key]
 
-    async def set_machine_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
-        await self._enter("set_machine_metadata", machine_id, key)
+    async def set_machine_metadata(
+        self, app: str, machine_id: str, key: str, value: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._enter("set_machine_metadata", machine_id, key, nonce=lease_nonce, app=app)
         self._meta(app, machine_id, key, value)
 
-    async def delete_machine_metadata(self, app: str, machine_id: str, key: str) -> None:
-        await self._enter("delete_machine_metadata", machine_id, key)
+    async def delete_machine_metadata(
+        self, app: str, machine_id: str, key: str, *, lease_nonce: str | None = None
+    ) -> None:
+        await self._enter("delete_machine_metadata", machine_id, key, nonce=lease_nonce, app=app)
         config = self.get(app, machine_id).config
         if key not in ((config.metadata if config else None) or {}):
             raise NotFound(404, f"metadata key not found: {key}")
@@ -238,6 +281,55 @@ class FakeMachinesAPI:
         else:
             meta[key] = value
         self.set(app, mid, config=machine.config.model_copy(update={"metadata": meta}))
+
+    # --- leases ---------------------------------------------------------------------------
+
+    def take_lease(self, app: str, mid: str, owner: str, ttl_s: float = 3600) -> m.Lease:
+        """Someone else (a ``fly deploy``) takes the machine's lease, bypassing the calls."""
+        now = self.clock() if self.clock else 0.0
+        nonce = f"nonce-{next(self._nonces)}"
+        lease = m.Lease(nonce=nonce, expires_at=int(now + ttl_s), owner=owner, description=owner)
+        self.leases[(app, mid)] = lease
+        return lease
+
+    async def acquire_machine_lease(
+        self, app: str, machine_id: str, *, ttl_s: int = 30, description: str | None = None
+    ) -> m.Lease:
+        await self._enter("acquire_machine_lease", machine_id, description)
+        self.get(app, machine_id)
+        held = self.lease(app, machine_id)
+        if held is not None:
+            raise LeaseHeld(409, f"lease currently held by {held.owner}")
+        return self.take_lease(app, machine_id, description or "", ttl_s)
+
+    async def get_machine_lease(self, app: str, machine_id: str) -> m.Lease:
+        await self._enter("get_machine_lease", machine_id)
+        held = self.lease(app, machine_id)
+        if held is None:
+            raise NotFound(404, "no lease")
+        return held
+
+    async def refresh_machine_lease(
+        self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
+    ) -> m.Lease:
+        await self._enter("refresh_machine_lease", machine_id, nonce=nonce)
+        held = self.lease(app, machine_id)
+        if held is None:
+            raise NotFound(404, "no lease")
+        if held.nonce != nonce:
+            raise LeaseHeld(409, f"lease currently held by {held.owner}")
+        now = self.clock() if self.clock else 0.0
+        held.expires_at = int(now + ttl_s)
+        return held
+
+    async def release_machine_lease(self, app: str, machine_id: str, nonce: str) -> None:
+        await self._enter("release_machine_lease", machine_id, nonce=nonce)
+        held = self.lease(app, machine_id)
+        if held is None:
+            raise NotFound(404, "no lease")
+        if held.nonce != nonce:
+            raise LeaseHeld(409, "the lease nonce does not match the current lease")
+        del self.leases[(app, machine_id)]
 
 
 def _satisfies(api: FakeMachinesAPI) -> MachinesAPI:

@@ -501,9 +501,9 @@ async def test_failed_restarts_back_off_exponentially_until_the_budget_is_spent(
     starts: list[float] = []
     original = api.start_machine
 
-    async def timed_start(app: str, machine_id: str) -> Any:
+    async def timed_start(app: str, machine_id: str, **kw: Any) -> Any:
         starts.append(clock() - t0)
-        return await original(app, machine_id)
+        return await original(app, machine_id, **kw)
 
     api.start_machine = timed_start  # type: ignore[method-assign]
     wake = asyncio.ensure_future(rig.ctl.wake(APP))
@@ -592,8 +592,8 @@ async def test_a_machine_without_an_address_is_asked_for_one(
     api.set(APP, mid, private_ip=None)
     original = api.start_machine
 
-    async def start_and_place(app: str, machine_id: str) -> Any:
-        result = await original(app, machine_id)
+    async def start_and_place(app: str, machine_id: str, **kw: Any) -> Any:
+        result = await original(app, machine_id, **kw)
         api.set(app, machine_id, private_ip=ip)  # placed on start, as on Fly
         return result
 
@@ -629,12 +629,19 @@ async def test_taking_back_a_drain_cut_before_its_key_was_set(
     mid = api.add(APP, "started")
     rig = Rig(api, clock, idle_to_zero_s=5)
     await rig.tick()
-    api.gates["set_machine_metadata"] = asyncio.Event()  # the drain never gets further
+    api.gates["set_machine_metadata"] = gate = asyncio.Event()  # the key's request hangs
+    api.fail["set_machine_metadata"] = [ServerError(503, "unavailable")]  # and then fails
     await clock.advance(6)
     [action] = (await rig.tick()).actions
     assert action.kind == "drain"
     assert await rig.ctl.wake(APP) == "none"
+    assert rig.routable() == {mid}  # at once, before the key's answer
+    await settle()
+    assert api.ops("uncordon_machine") == []  # the uncordon waits for that answer
+    gate.set()
     await rig.ctl.idle()
+    assert api.ops("cordon_machine") == []  # taken back before the cordon was asked for
     assert api.ops("delete_machine_metadata") == [mid]  # 404: the key was never set
     assert rig.metric("autoscaler_scaling_actions_total", action="uncordon", result="ok") == 1
     assert rig.routable() == {mid}
+    assert_uncordoned(api, mid)

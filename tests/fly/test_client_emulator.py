@@ -1,4 +1,5 @@
-"""All 27 operations of the client against the real emulator (loopback, real processes).
+"""All 31 operations of the client (the seed's 27 and the real API's 4 lease operations)
+against the real emulator (loopback, real processes).
 
 These are integration tests: the shared ``emulator`` fixture (tests/conftest.py) runs it
 in-process on 127.0.0.1 with an ephemeral port, and its machines are real local processes
@@ -18,6 +19,7 @@ from autoscaler.emulator import Emulator
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import (
     BadRequest,
+    LeaseHeld,
     NotFound,
     RateLimited,
     TransportError,
@@ -41,7 +43,7 @@ def emu(emulator: Emulator) -> Emulator:
     return emulator
 
 
-# Which operations each test must have called successfully; together, all 27.
+# Which operations each test must have called successfully; together, all 31.
 COVERS = {
     "test_apps": {"list_apps", "create_app", "get_app", "delete_app"},
     "test_machine_lifecycle": {
@@ -55,10 +57,16 @@ COVERS = {
         "list_volume_snapshots", "create_volume_snapshot", "delete_volume",
     },
     "test_oidc_token": {"get_oidc_token"},
+    "test_leases": {
+        "acquire_machine_lease", "get_machine_lease", "refresh_machine_lease",
+        "release_machine_lease", "cordon_machine", "uncordon_machine", "set_machine_metadata",
+        "delete_machine_metadata", "suspend_machine", "start_machine", "stop_machine",
+        "create_app", "create_machine", "wait_for_machine_state",
+    },
 }  # fmt: skip
 
 
-def test_the_emulator_tests_cover_all_27_operations() -> None:
+def test_the_emulator_tests_cover_all_31_operations() -> None:
     from test_fly_client_ops import CASES
 
     assert set().union(*COVERS.values()) == {c.name for c in CASES}
@@ -140,6 +148,54 @@ async def test_machine_lifecycle(api: MachinesClient, emu: Emulator) -> None:
     gone = await api.wait("web", machine.id, "destroyed", timeout_s=30)
     assert gone.state == "destroyed"
     assert await api.list_machines("web") == []
+
+
+async def test_leases(api: MachinesClient) -> None:
+    """A lease held by one holder locks the machine against every other; its nonce opens it."""
+    await api.create_app("web", ORG)
+    config = {"image": IMAGE, "services": [{"protocol": "tcp", "internal_port": 8080}]}
+    machine = await api.create_machine("web", config)
+    mid = machine.id
+    await api.wait("web", mid, "started", timeout_s=30)
+
+    deploy = await api.acquire_machine_lease("web", mid, ttl_s=30, description="fly deploy")
+    assert deploy.nonce
+    seen = await api.get_machine_lease("web", mid)
+    assert (seen.nonce, seen.description) == (deploy.nonce, "fly deploy")
+    assert seen.expires_at is not None
+    with pytest.raises(LeaseHeld):
+        await api.acquire_machine_lease("web", mid, description="autoscaler")
+    for change in (
+        api.cordon_machine("web", mid),
+        api.suspend_machine("web", mid),
+        api.set_machine_metadata("web", mid, "k", "v"),
+    ):
+        with pytest.raises(LeaseHeld):
+            await change
+    # The holder's nonce opens every change.
+    nonce = deploy.nonce
+    await api.set_machine_metadata("web", mid, "k", "v", lease_nonce=nonce)
+    await api.cordon_machine("web", mid, lease_nonce=nonce)
+    await api.uncordon_machine("web", mid, lease_nonce=nonce)
+    await api.delete_machine_metadata("web", mid, "k", lease_nonce=nonce)
+    await api.suspend_machine("web", mid, lease_nonce=nonce)
+    await api.wait("web", mid, "suspended", timeout_s=30)
+    await api.start_machine("web", mid, lease_nonce=nonce)
+    await api.wait("web", mid, "started", timeout_s=30)
+    refreshed = await api.refresh_machine_lease("web", mid, nonce, ttl_s=60)
+    assert refreshed.nonce == nonce
+    assert (refreshed.expires_at or 0) > (seen.expires_at or 0)
+    await api.release_machine_lease("web", mid, nonce)
+    with pytest.raises(NotFound):
+        await api.get_machine_lease("web", mid)
+    with pytest.raises(NotFound):
+        await api.release_machine_lease("web", mid, nonce)  # released already
+    # Free again: another holder may take it, and changes without a nonce pass.
+    ours = await api.acquire_machine_lease("web", mid, description="autoscaler")
+    assert ours.nonce != nonce
+    await api.release_machine_lease("web", mid, ours.nonce)
+    await api.stop_machine("web", mid)
+    await api.wait("web", mid, "stopped", timeout_s=30)
 
 
 async def test_volumes(api: MachinesClient) -> None:

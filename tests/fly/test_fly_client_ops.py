@@ -1,6 +1,7 @@
-"""Every one of the 27 operations against httpx.MockTransport: the request it sends
-(method, path, query, body) and how it reads the answer, in both the seed's and the real
-API's shapes where they differ."""
+"""Every one of the 27 operations of the seed and the 4 lease operations of the real API
+against httpx.MockTransport: the request it sends (method, path, query, body, the lease
+nonce header) and how it reads the answer, in both the seed's and the real API's shapes
+where they differ."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from flyfakes import TOKEN, FakeTime, Script, make_client
 
 from autoscaler.fly import models as m
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import FlyError, NotFound, ServerError
-from autoscaler.fly.operations import Operations
+from autoscaler.fly.errors import Conflict, FlyError, LeaseHeld, NotFound, ServerError
+from autoscaler.fly.operations import NONCE_HEADER, Operations
 
 MACHINE = {
     "id": "m1",
@@ -31,6 +32,13 @@ MACHINE = {
 }
 VOLUME = {"id": "vol_1", "name": "data", "size_gb": 3, "region": "iad", "state": "created"}
 APP = {"id": "a1", "name": "web", "organization": {"slug": "personal"}}
+LEASE = {
+    "nonce": "n0nce",
+    "expires_at": 1767000030,
+    "owner": "me@example.com",
+    "description": "autoscaler drain",
+    "version": "01H",
+}
 
 
 @dataclass
@@ -237,6 +245,46 @@ CASES = [
         lambda r: r is None,
     ),
     Case(
+        "get_machine_lease",
+        lambda c: c.get_machine_lease("web", "m1"),
+        "GET",
+        "/v1/apps/web/machines/m1/lease",
+        {},
+        None,
+        ok({"status": "success", "data": LEASE}),
+        lambda r: r.nonce == "n0nce" and r.owner == "me@example.com",
+    ),
+    Case(
+        "acquire_machine_lease",
+        lambda c: c.acquire_machine_lease("web", "m1", ttl_s=60, description="autoscaler drain"),
+        "POST",
+        "/v1/apps/web/machines/m1/lease",
+        {},
+        {"ttl": 60, "description": "autoscaler drain"},
+        ok({"status": "success", "data": LEASE}, 201),
+        lambda r: r.nonce == "n0nce" and r.expires_at == 1767000030,
+    ),
+    Case(
+        "refresh_machine_lease",
+        lambda c: c.refresh_machine_lease("web", "m1", "n0nce", ttl_s=45),
+        "POST",
+        "/v1/apps/web/machines/m1/lease",
+        {},
+        {"ttl": 45},
+        ok(LEASE, 201),  # the emulator's bare Lease
+        lambda r: r.nonce == "n0nce",
+    ),
+    Case(
+        "release_machine_lease",
+        lambda c: c.release_machine_lease("web", "m1", "n0nce"),
+        "DELETE",
+        "/v1/apps/web/machines/m1/lease",
+        {},
+        None,
+        ok({"status": "success"}),
+        lambda r: r is None,
+    ),
+    Case(
         "list_volumes",
         lambda c: c.list_volumes("web"),
         "GET",
@@ -329,8 +377,8 @@ CASES = [
 ]
 
 
-def test_the_table_covers_all_27_operations() -> None:
-    assert len({c.name for c in CASES}) == 27
+def test_the_table_covers_all_31_operations() -> None:
+    assert len({c.name for c in CASES}) == 31
     for case in CASES:
         assert callable(getattr(MachinesClient, case.name)), case.name
     # Every public coroutine of Operations, aliases (``wait``) counted once: a new
@@ -356,6 +404,66 @@ async def test_operation_request_and_response(case: Case) -> None:
     assert script.body() == case.body
     assert req.headers["authorization"] == f"Bearer {TOKEN}"
     assert case.check(result), result
+
+
+# -- leases --------------------------------------------------------------------------------
+
+# Every call that changes a machine, with the nonce of our lease on it.
+CHANGES: list[tuple[str, Callable[[MachinesClient], Awaitable[Any]]]] = [
+    ("start", lambda c: c.start_machine("web", "m1", lease_nonce="n0nce")),
+    ("stop", lambda c: c.stop_machine("web", "m1", timeout_s=5, lease_nonce="n0nce")),
+    ("suspend", lambda c: c.suspend_machine("web", "m1", lease_nonce="n0nce")),
+    ("cordon", lambda c: c.cordon_machine("web", "m1", lease_nonce="n0nce")),
+    ("uncordon", lambda c: c.uncordon_machine("web", "m1", lease_nonce="n0nce")),
+    ("set_meta", lambda c: c.set_machine_metadata("web", "m1", "k", "v", lease_nonce="n0nce")),
+    ("delete_meta", lambda c: c.delete_machine_metadata("web", "m1", "k", lease_nonce="n0nce")),
+    ("update", lambda c: c.update_machine("web", "m1", {"image": "x"}, lease_nonce="n0nce")),
+    ("delete", lambda c: c.delete_machine("web", "m1", force=True, lease_nonce="n0nce")),
+    ("refresh", lambda c: c.refresh_machine_lease("web", "m1", "n0nce")),
+    ("release", lambda c: c.release_machine_lease("web", "m1", "n0nce")),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), CHANGES, ids=[n for n, _ in CHANGES])
+async def test_changes_send_the_lease_nonce(
+    name: str, call: Callable[[MachinesClient], Awaitable[Any]]
+) -> None:
+    script = Script([ok(MACHINE if name == "update" else LEASE)])
+    async with make_client(script) as api:
+        await call(api)
+    assert script.last.headers[NONCE_HEADER] == "n0nce"
+    assert "lease_nonce" not in script.last.content.decode()  # a header, never in the body
+
+
+async def test_without_a_lease_no_nonce_header_is_sent() -> None:
+    script = Script([ok(), ok({"status": "success", "data": LEASE}, 201)])
+    async with make_client(script) as api:
+        await api.cordon_machine("web", "m1")
+        await api.acquire_machine_lease("web", "m1")
+    assert [NONCE_HEADER in r.headers for r in script.requests] == [False, False]
+    assert script.body() == {"ttl": 30}
+
+
+async def test_a_lease_held_by_another_is_lease_held_and_never_retried() -> None:
+    held = httpx.Response(
+        409,
+        json={"status": "error", "message": "lease currently held by deploy@fly.io"},
+    )
+    script = Script([held])
+    async with make_client(script) as api:
+        with pytest.raises(LeaseHeld, match="held by deploy@fly") as info:
+            await api.acquire_machine_lease("web", "m1", ttl_s=30)
+        with pytest.raises(LeaseHeld):
+            await api.suspend_machine("web", "m1")
+    assert isinstance(info.value, Conflict)  # code that treats all conflicts alike still does
+    assert len(script.requests) == 2
+
+
+async def test_a_lease_answer_without_a_nonce_is_an_error() -> None:
+    script = Script([ok({"status": "success", "data": {"owner": "x"}}, 201)])
+    async with make_client(script) as api:
+        with pytest.raises(FlyError, match="nonce"):
+            await api.acquire_machine_lease("web", "m1")
 
 
 # -- the real API's shapes, where they differ from the seed -------------------------------

@@ -28,6 +28,7 @@ class FakeAppStatus:
     last_tick_at: float | None = None
     last_error: str | None = None
     machines: Sequence[FakeMachine] = ()
+    leased_by_others: Sequence[str] = ()
 
 
 @dataclass

@@ -59,6 +59,7 @@ def demo_controller(clock: FakeClock) -> FakeController:
                 FakeMachine("m2", "suspended", cordoned=True),
                 FakeMachine("m3", "failed", failures=2, next_retry_at=clock.now + 4.0),
             ],
+            leased_by_others=["m2"],
         )
     ]
     return FakeController(apps=apps, last_tick_at=clock.now - 0.25)
@@ -147,6 +148,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
         "last_decision_age_s": 0.5,
         "last_tick_age_s": 0.25,
         "last_error": None,
+        "leased_by_others": ["m2"],
         "machines": [
             {
                 "id": "m1",

@@ -50,6 +50,7 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
         assert value(metrics, "autoscaler_machine_seconds_total", app="web", state=state) == 0
     for result in ("ok", "failed", "exhausted"):
         assert value(metrics, "autoscaler_machine_restarts_total", app="web", result=result) == 0
+    assert value(metrics, "autoscaler_lease_conflicts_total", app="web") == 0
     # A static app is never scaled or woken: no such series for it.
     labels = {"app": "fixed", "action": "start", "result": "ok"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None

@@ -67,6 +67,7 @@ def test_render_a_table() -> None:
                 "last_decision_age_s": 1.5,
                 "last_tick_age_s": 0.4,
                 "last_error": "API 503",
+                "leased_by_others": ["m2"],
                 "machines": [
                     {"id": "m-long-id-1", "state": "started", "cordoned": False,
                      "in_flight": 12, "last_used_age_s": 0.1},
@@ -89,6 +90,7 @@ def test_render_a_table() -> None:
         "demo: desired 2, started 1, panic yes, decided 1.5s ago",
         "  why: panic: demand 30 over 2x capacity",
         "  last error: API 503",
+        "  skipped, leased by another holder: m2",
         "  MACHINE      STATE      CORDONED  IN FLIGHT  LAST USED  NOTE",
         "  m-long-id-1  started    no        12         0.1s ago",
         "  m2           suspended  yes       0          never",

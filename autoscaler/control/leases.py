@@ -1,0 +1,198 @@
+"""Fly machine leases around our action sequences: we never fight another holder.
+
+Every task that changes a machine (a wake's start or resume, a drain's cordon → suspend or
+stop → uncordon, lifting a cordon, stopping a suspended machine) runs inside a lease on that
+machine, and each of its changing calls sends the lease's nonce. Another holder (a ``fly
+deploy`` updating the machine, another tool, another autoscaler) makes the acquire answer
+409: the action is skipped, never forced.
+
+- **TTL.** ``ttl_s`` (30 s) bounds how long a lease outlives a process that died holding it;
+  a keeper task refreshes it every third of that while the sequence runs, so a drain that
+  waits out ``drain_timeout_s`` or a 15 s suspend keeps it.
+- **Release.** At the end of the sequence, whatever its outcome (cancelled too), from a
+  task of its own: the action's result is not held up by one more round trip, and a
+  cancelled task never ``await``s on its way out. The next ``take`` of the same machine
+  waits for that release first; ``aclose`` waits for all of them.
+- **A lost answer.** An acquire whose answer never came back (a timeout, a cancelled task)
+  may still have made a lease whose nonce we never saw. Our description carries ``owner``
+  (this host), so a 409 whose holder is ``owner`` is read back and adopted, here or by the
+  next process on the same host, instead of waiting out the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.errors import FlyError, LeaseHeld, NotFound
+from autoscaler.logs import get_logger
+
+Sleep = Callable[[float], Awaitable[None]]
+
+LEASE_TTL_S = 30
+_log = get_logger("autoscaler.control")
+
+
+def default_owner() -> str:
+    return f"autoscaler@{socket.gethostname()}"
+
+
+@dataclass(slots=True)
+class Held:
+    """A lease of ours on one machine, kept alive by ``keeper`` until released."""
+
+    app: str
+    machine_id: str
+    nonce: str
+    keeper: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Leases:
+    """Takes, keeps and gives back machine leases for the actuator."""
+
+    def __init__(
+        self,
+        api: MachinesAPI,
+        *,
+        sleep: Sleep,
+        ttl_s: int = LEASE_TTL_S,
+        owner: str | None = None,
+    ) -> None:
+        self.api = api
+        self.sleep = sleep
+        self.ttl_s = ttl_s
+        self.owner = owner or default_owner()
+        self._releasing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._acquiring: dict[tuple[str, str], asyncio.Task[str]] = {}
+
+    def description(self, what: str) -> str:
+        return f"{self.owner}: {what}"
+
+    async def take(self, app: str, machine_id: str, what: str) -> Held:
+        """Our lease on the machine; LeaseHeld when another holder has it.
+
+        The acquire runs in a task of its own: when the caller is cancelled (a drain taken
+        back, a shutdown) it is not cut off in flight, and the lease it may bring back is
+        released as soon as it answers, instead of lasting its TTL with a nonce nobody
+        knows. The next ``take`` of the machine waits for that first.
+        """
+        key = (app, machine_id)
+        acquiring = self._acquiring.get(key)
+        if acquiring is not None:
+            await asyncio.wait({acquiring})  # answered, and its lease given back (below)
+        releasing = self._releasing.get(key)
+        if releasing is not None:
+            await asyncio.wait({releasing})  # our previous lease on it goes first
+        task = asyncio.get_running_loop().create_task(
+            self._acquire(app, machine_id, what), name=f"lease-take:{app}:{machine_id}"
+        )
+        self._acquiring[key] = task
+        task.add_done_callback(lambda t: self._acquired(key, t))
+        try:
+            nonce = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._orphan(key, t))
+            raise
+        held = Held(app, machine_id, nonce)
+        held.keeper = asyncio.get_running_loop().create_task(
+            self._keep(held), name=f"lease:{app}:{machine_id}"
+        )
+        return held
+
+    async def _acquire(self, app: str, machine_id: str, what: str) -> str:
+        try:
+            lease = await self.api.acquire_machine_lease(
+                app, machine_id, ttl_s=self.ttl_s, description=self.description(what)
+            )
+        except LeaseHeld:
+            adopted = await self._ours_already(app, machine_id)
+            if adopted is None:
+                raise
+            return adopted
+        return lease.nonce
+
+    def _acquired(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+        if self._acquiring.get(key) is task:
+            del self._acquiring[key]
+
+    def _orphan(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+        """The answer to the acquire of a cancelled caller: give that lease straight back."""
+        if task.cancelled() or task.exception() is not None:
+            return  # no lease came of it (or one whose nonce we never saw: its TTL ends it)
+        self.release_soon(Held(key[0], key[1], task.result()))
+
+    async def _ours_already(self, app: str, machine_id: str) -> str | None:
+        """The nonce of a lease this owner took but never heard back about, if that is
+        what holds the machine (and the API shows nonces); None otherwise."""
+        try:
+            lease = await self.api.get_machine_lease(app, machine_id)
+        except FlyError:
+            return None
+        mine = (lease.description or "").startswith(f"{self.owner}: ")
+        if not mine or not lease.nonce:
+            return None
+        _log.info("lease_adopted", app=app, machine=machine_id, description=lease.description)
+        return lease.nonce
+
+    async def _keep(self, held: Held) -> None:
+        """Refresh every third of the TTL: two refreshes may fail before the lease lapses."""
+        while True:
+            await self.sleep(self.ttl_s / 3)
+            try:
+                await self.api.refresh_machine_lease(
+                    held.app, held.machine_id, held.nonce, ttl_s=self.ttl_s
+                )
+            except (LeaseHeld, NotFound) as exc:
+                # Lapsed (and maybe taken by another): our next change is refused with
+                # 409, which ends the sequence; nothing to keep alive any more.
+                _log.warning("lease_lost", app=held.app, machine=held.machine_id, error=str(exc))
+                return
+            except FlyError as exc:
+                _log.warning(
+                    "lease_refresh_failed", app=held.app, machine=held.machine_id, error=str(exc)
+                )
+
+    async def release(self, held: Held) -> None:
+        """Give the lease back. A failure only logs: the lease lapses after its TTL."""
+        if held.keeper is not None:
+            held.keeper.cancel()
+        try:
+            await self.api.release_machine_lease(held.app, held.machine_id, held.nonce)
+        except NotFound:
+            pass  # lapsed already
+        except FlyError as exc:
+            _log.warning(
+                "lease_release_failed", app=held.app, machine=held.machine_id, error=str(exc)
+            )
+
+    def release_soon(self, held: Held) -> None:
+        """Release from a task of its own; no ``await`` here, so a task being cancelled
+        can call it on its way out."""
+        if held.keeper is not None:
+            held.keeper.cancel()
+        key = (held.app, held.machine_id)
+        task = asyncio.get_running_loop().create_task(
+            self.release(held), name=f"lease-release:{held.app}:{held.machine_id}"
+        )
+        self._releasing[key] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._releasing.get(key) is t:
+                del self._releasing[key]
+
+        task.add_done_callback(done)
+
+    async def settled(self) -> None:
+        """Wait for the acquires of cancelled callers and the releases under way."""
+        while self._acquiring or self._releasing:
+            await asyncio.wait({*self._acquiring.values(), *self._releasing.values()})
+
+    async def aclose(self) -> None:
+        """On shutdown: cut the acquires still in flight (a lease they bring lapses after
+        its TTL, or the next process on this host adopts it), finish the releases."""
+        for task in self._acquiring.values():
+            task.cancel()
+        await self.settled()

@@ -1,0 +1,341 @@
+"""Machine leases around every action: our nonce on every change, released at the end, kept
+alive through a long sequence, and a machine leased by someone else skipped, never fought."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
+from autoscaler.control.controller import Controller
+from autoscaler.control.view import FleetView
+from autoscaler.emulator import Emulator
+from autoscaler.fly.client import MachinesClient
+from autoscaler.fly.errors import LeaseHeld, NotFound, ServerError
+from autoscaler.metrics import Metrics
+
+from .fakes import FakeClock, FakeMachinesAPI, settle
+from .test_controller import APP, Rig, assert_uncordoned, state
+
+CHANGES = {
+    "start_machine",
+    "stop_machine",
+    "suspend_machine",
+    "cordon_machine",
+    "uncordon_machine",
+    "set_machine_metadata",
+    "delete_machine_metadata",
+}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def api(clock: FakeClock) -> FakeMachinesAPI:
+    return FakeMachinesAPI(clock=clock)
+
+
+def changes(api: FakeMachinesAPI, mid: str) -> list[tuple[str, str | None]]:
+    return [(c.op, c.nonce) for c in api.calls if c.op in CHANGES and c.machine_id == mid]
+
+
+def lease_ops(api: FakeMachinesAPI, mid: str) -> list[str]:
+    return [c.op for c in api.calls if c.op.endswith("_lease") and c.machine_id == mid]
+
+
+async def test_a_drain_runs_inside_one_lease_and_every_change_carries_its_nonce(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    await rig.ctl.idle()
+    assert state(api, mid) == "suspended"
+    assert_uncordoned(api, mid)
+    done = changes(api, mid)
+    assert [op for op, _ in done] == [
+        "set_machine_metadata",
+        "cordon_machine",
+        "suspend_machine",
+        "uncordon_machine",
+        "delete_machine_metadata",
+    ]
+    [nonce] = {n for _, n in done}
+    assert nonce is not None
+    assert lease_ops(api, mid) == ["acquire_machine_lease", "release_machine_lease"]
+    assert api.lease(APP, mid) is None
+    [acquire] = [c for c in api.calls if c.op == "acquire_machine_lease"]
+    assert acquire.arg is not None
+    assert acquire.arg.startswith("autoscaler@")  # who holds it, for `fly machine leases`
+
+
+async def test_a_wake_holds_a_lease_around_its_start(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "resume"
+    await rig.ctl.idle()
+    [(op, nonce)] = changes(api, mid)
+    assert op == "start_machine"
+    assert nonce is not None
+    assert lease_ops(api, mid) == ["acquire_machine_lease", "release_machine_lease"]
+    assert api.lease(APP, mid) is None
+
+
+async def test_a_long_suspend_keeps_its_lease_alive(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    api.gates["suspend_machine"] = gate = asyncio.Event()  # a suspend that takes its time
+    await clock.advance(6)
+    await rig.tick()
+    await settle()
+    lease = api.lease(APP, mid)
+    assert lease is not None
+    first_expiry = lease.expires_at
+    await clock.advance(25)  # close to the 30 s TTL: refreshed twice meanwhile
+    assert lease_ops(api, mid).count("refresh_machine_lease") == 2
+    assert api.lease(APP, mid) is lease
+    assert (lease.expires_at or 0) >= (first_expiry or 0) + 20
+    await clock.advance(20)  # past the first TTL: still ours
+    assert api.lease(APP, mid) is lease
+    gate.set()
+    await rig.ctl.idle()
+    assert state(api, mid) == "suspended"
+    assert api.lease(APP, mid) is None
+
+
+async def test_a_machine_leased_by_another_is_skipped_counted_and_retried_later(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    first, second = api.add(APP, "suspended"), api.add(APP, "suspended")
+    deploy = api.take_lease(APP, first, owner="fly deploy", ttl_s=600)
+    rig = Rig(api, clock)
+    for _ in range(7):  # one machine's worth of held requests
+        rig.app.hold()
+    await clock.advance(1)
+    [action] = (await rig.tick()).actions
+    assert action.machine_id == first
+    await rig.ctl.idle()
+    assert changes(api, first) == []  # skipped: nothing sent without the holder's nonce
+    assert state(api, first) == "suspended"
+    assert rig.metric("autoscaler_lease_conflicts_total") == 1
+    [status] = rig.ctl.status()
+    assert status.leased_by_others == (first,)
+    assert status.last_error is None  # a lease held by another is no failure of ours
+    # The next tick leaves it alone and wakes the other machine instead.
+    await clock.advance(0.5)
+    [action] = (await rig.tick()).actions
+    assert action.machine_id == second
+    await rig.ctl.idle()
+    assert state(api, second) == "started"
+    # Once the deploy lets go, a later action on it goes through.
+    await api.release_machine_lease(APP, first, deploy.nonce)
+    assert await rig.ctl.wake(APP) == "none"  # the second serves already
+    for _ in range(14):
+        rig.app.hold()
+    await clock.advance(2)
+    actions = (await rig.tick()).actions
+    assert [(a.kind, a.machine_id) for a in actions] == [("resume", first)]
+    await rig.ctl.idle()
+    assert state(api, first) == "started"
+    [status] = rig.ctl.status()
+    assert status.leased_by_others == ()
+    assert rig.metric("autoscaler_lease_conflicts_total") == 1
+
+
+async def test_a_wake_passes_over_a_leased_machine(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    first, second = api.add(APP, "suspended"), api.add(APP, "stopped")
+    api.take_lease(APP, first, owner="fly deploy")
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "start"
+    assert api.ops("start_machine") == [second]
+    assert rig.routable() == {second}
+
+
+async def test_a_wake_waits_for_a_lease_when_every_machine_is_leased(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "suspended")
+    deploy = api.take_lease(APP, mid, owner="fly deploy")
+    rig = Rig(api, clock)
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    await clock.advance(1)
+    assert not wake.done()  # held, not refused: the deploy lets go soon
+    assert api.ops("start_machine") == []
+    await api.release_machine_lease(APP, mid, deploy.nonce)
+    for _ in range(8):  # tried again once its one-tick skip is over
+        if wake.done():
+            break
+        await clock.advance(0.5)
+    assert await wake == "resume"
+    assert rig.routable() == {mid}
+
+
+async def test_a_drain_taken_back_hands_its_lease_to_the_uncordon(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.add(APP, "started")
+    api.add(APP, "started")
+    rig = Rig(api, clock, scale_down_delay_s=3)
+    await rig.tick()
+    for up in rig.app.upstreams.values():
+        rig.app.begin(up)  # 2 in flight want 1 machine; the drain waits for its request
+    await clock.advance(5)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    mid = action.machine_id
+    assert api.get(APP, mid).cordoned is True
+    rt = rig.ctl.apps[APP]
+    assert rt.running[mid].waiting
+    assert rig.ctl.actuator.take_back(rt, mid) is not None  # as a wake or the policy does
+    await rig.ctl.idle()
+    assert_uncordoned(api, mid)
+    nonces = {n for _, n in changes(api, mid)}
+    assert len(nonces) == 1
+    assert None not in nonces
+    assert lease_ops(api, mid) == ["acquire_machine_lease", "release_machine_lease"]
+
+
+async def test_a_suspend_taken_back_hands_its_lease_to_the_resume(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.slow_transitions = True  # the suspend stays "suspending" until taken back
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    assert state(api, mid) == "suspending"
+    assert await asyncio.wait_for(rig.ctl.wake(APP), 5) == "resume"
+    await rig.ctl.idle()
+    assert state(api, mid) == "started"
+    nonces = {n for _, n in changes(api, mid)}
+    assert len(nonces) == 1
+    assert None not in nonces
+    assert lease_ops(api, mid) == ["acquire_machine_lease", "release_machine_lease"]
+
+
+async def test_a_lease_whose_answer_was_lost_is_adopted(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """An acquire that reached Fly but whose answer never came back left a lease of ours;
+    our owner in its description lets us (or the next process on this host) adopt it."""
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    owner = rig.ctl.actuator.leases.description("resume")
+    lost = api.take_lease(APP, mid, owner=owner, ttl_s=30)
+    assert await rig.ctl.wake(APP) == "resume"
+    await rig.ctl.idle()
+    assert changes(api, mid) == [("start_machine", lost.nonce)]
+    assert api.lease(APP, mid) is None  # and given back at the end
+
+
+async def test_a_failed_acquire_is_an_action_failure_that_cools_down(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    first, second = api.add(APP, "suspended"), api.add(APP, "suspended")
+    api.fail["acquire_machine_lease"] = [ServerError(503, "lease service down")]
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "resume"
+    assert api.ops("start_machine") == [second]
+    assert first in rig.ctl.apps[APP].cooldown
+    assert rig.metric("autoscaler_lease_conflicts_total") == 0
+
+
+async def test_a_lease_taken_mid_sequence_ends_it_as_a_skip(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Our lease lapsed (a long outage) and a deploy took the machine: the next change is
+    refused with 409, the drain ends there, and the suspend is not forced as a stop."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    api.fail["suspend_machine"] = [LeaseHeld(409, "leased by fly deploy")]
+    await clock.advance(6)
+    await rig.tick()
+    await rig.ctl.idle()
+    assert api.ops("stop_machine") == []
+    assert rig.metric("autoscaler_lease_conflicts_total") == 1
+    assert mid in rig.ctl.apps[APP].leased_by_others
+
+
+async def test_stopping_the_controller_mid_action_gives_the_lease_back(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    api.gates["suspend_machine"] = asyncio.Event()
+    await clock.advance(6)
+    await rig.tick()
+    await settle()
+    assert api.lease(APP, mid) is not None
+    await rig.ctl.stop()
+    assert api.lease(APP, mid) is None
+
+
+# -- end to end, against the emulator's leases -----------------------------------------------
+
+
+@pytest.fixture
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=1)]})
+
+
+async def test_the_controller_skips_a_machine_a_deploy_holds_then_acts_once_released(
+    emulator: Emulator,
+) -> None:
+    sent: list[str] = []
+    async with MachinesClient(
+        emulator.url, emulator.token, rate_limit=False, observer=lambda op, _s, _d: sent.append(op)
+    ) as client:
+        [machine] = await client.list_machines(APP)
+        assert machine.state == "stopped"
+        deploy = await client.acquire_machine_lease(
+            APP, machine.id, ttl_s=60, description="fly deploy"
+        )
+        app = AppConfig(name=APP, min_machines=1, idle_to_zero_s=600, scale_down_delay_s=600)
+        settings = Settings(apps=[app], control=ControlSettings(tick_s=0.05))
+        ctl = Controller(client, FleetView(), settings, Metrics(CollectorRegistry()))
+
+        def conflicts() -> float:
+            value = ctl.metrics.registry.get_sample_value(
+                "autoscaler_lease_conflicts_total", {"app": APP}
+            )
+            return value or 0.0
+
+        async def until(check: Callable[[], bool]) -> None:
+            async with asyncio.timeout(20):
+                while not check():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ctl.view.app(APP).changed(), 0.05)
+
+        await ctl.start()
+        try:
+            await until(lambda: conflicts() >= 2)  # tried, skipped, and tried again later
+            [status] = ctl.status()
+            assert status.leased_by_others == (machine.id,)
+            assert "start_machine" not in sent
+            assert emulator.machine(APP, machine.id).state == "stopped"
+            await client.release_machine_lease(APP, machine.id, deploy.nonce)
+            await until(lambda: len(ctl.view.app(APP).routable()) == 1)
+        finally:
+            await ctl.stop()
+    assert emulator.machine(APP, machine.id).state == "started"
+    assert sent.count("start_machine") == 1
+    with pytest.raises(NotFound):
+        async with MachinesClient(emulator.url, emulator.token) as check:
+            await check.get_machine_lease(APP, machine.id)  # ours was given back
