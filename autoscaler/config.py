@@ -122,6 +122,15 @@ class FlySettings(_Model):
     rate_limit: bool = Field(
         default=True, description="client-side token buckets at Fly's documented limits"
     )
+    org_rate_limit_per_s: float = Field(
+        default=150.0,
+        gt=0,
+        description="API calls per second of all apps together (a budget of ours: "
+        "Fly documents none per organization)",
+    )
+    org_burst: int = Field(
+        default=300, ge=1, description="calls the org budget lets through at once"
+    )
     max_retries: int = Field(default=5, ge=0, description="retries of a safe API call")
     retry_deadline_s: Seconds = Field(
         default=60.0, description="total time a call may spend retrying"

@@ -42,7 +42,7 @@ from autoscaler.fly.errors import (
     error_from_response,
     scrub,
 )
-from autoscaler.fly.limits import Clock, Limit, RateLimiter, Sleep
+from autoscaler.fly.limits import DEFAULT_ORG_LIMIT, Clock, Limit, RateLimiter, Sleep
 from autoscaler.fly.operations import (
     MAX_WAIT_CALL_S,
     NO_BODY,
@@ -105,6 +105,7 @@ class MachinesClient(Operations):
         clock: Clock = time.monotonic,
         rng: Callable[[], float] = random.random,
         max_connections: int = 50,
+        org_limit: Limit | None = DEFAULT_ORG_LIMIT,
     ) -> None:
         secret = token.get_secret_value() if isinstance(token, SecretStr) else token
         self._secrets = (secret,) if secret else ()
@@ -125,7 +126,9 @@ class MachinesClient(Operations):
         self._sleep = sleep
         self._clock = clock
         self._rng = rng
-        self.limiter = RateLimiter(limits, enabled=rate_limit, sleep=sleep, clock=clock)
+        self.limiter = RateLimiter(
+            limits, enabled=rate_limit, sleep=sleep, clock=clock, org=org_limit
+        )
         self._log = get_logger("autoscaler.fly")
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -152,6 +155,7 @@ class MachinesClient(Operations):
             "rate_limit": fly.rate_limit,
             "max_retries": fly.max_retries,
             "retry_deadline_s": fly.retry_deadline_s,
+            "org_limit": Limit(fly.org_rate_limit_per_s, fly.org_burst),
         }
         options.update(kw)
         token = options.pop("token", fly.token)

@@ -175,3 +175,24 @@ def test_sends_never_exceed_the_limit(rate: float, burst: int, gaps: list[float]
     for i in range(len(sends)):
         for j in range(i, len(sends)):
             assert j - i + 1 <= burst + rate * (sends[j] - sends[i]) + 1e-6
+
+
+async def test_the_org_budget_caps_calls_across_machines_and_apps() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(headroom=1.0, sleep=fake.sleep, clock=fake.clock, org=Limit(2.0, 4))
+    # Every call is on a bucket of its own, so only the org budget can make one wait.
+    waits = [limiter.reserve("start_machine", f"app{i}/m{i}") for i in range(8)]
+    assert waits == [0.0] * 4 + [pytest.approx(x) for x in (0.5, 1.0, 1.5, 2.0)]
+
+
+def test_calls_that_can_wait_go_only_while_the_org_budget_is_half_full() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(headroom=1.0, sleep=fake.sleep, clock=fake.clock, org=Limit(1.0, 10))
+    spared = []
+    for i in range(8):
+        spared.append(limiter.spare())
+        limiter.reserve("list_machines", f"app{i}")
+    # 10 tokens: a spare call leaves at least 5 behind it.
+    assert spared == [True] * 5 + [False] * 3
+    assert RateLimiter(sleep=fake.sleep, clock=fake.clock).spare()  # no org budget
+    assert RateLimiter(enabled=False, org=Limit(1.0, 1)).spare()
