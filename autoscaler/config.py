@@ -129,7 +129,7 @@ class FlySettings(_Model):
         "Fly documents none per organization)",
     )
     org_burst: int = Field(
-        default=300, ge=1, description="calls the org budget lets through at once"
+        default=100, ge=1, description="calls the org budget lets through at once"
     )
     max_retries: int = Field(default=5, ge=0, description="retries of a safe API call")
     retry_deadline_s: Seconds = Field(

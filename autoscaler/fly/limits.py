@@ -62,7 +62,7 @@ DEFAULT_LIMITS: Mapping[str, Limit] = {
 }
 DEFAULT_HEADROOM = 0.9
 # The org-wide budget of MachinesClient (config: fly.org_rate_limit_per_s, fly.org_burst).
-DEFAULT_ORG_LIMIT = Limit(rate_per_s=150.0, burst=300.0)
+DEFAULT_ORG_LIMIT = Limit(rate_per_s=150.0, burst=100.0)
 SPARE_FRACTION = 0.5
 """Calls that can wait go only while the org bucket holds more than this share of its burst."""
 

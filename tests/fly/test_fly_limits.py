@@ -10,6 +10,8 @@ from flyfakes import FakeTime, Script, make_client
 from hypothesis import given
 from hypothesis import strategies as st
 
+from autoscaler.fly.client import MachinesClient, one_attempt
+from autoscaler.fly.errors import TransportError
 from autoscaler.fly.limits import DEFAULT_LIMIT, Limit, RateLimiter, TokenBucket
 
 
@@ -196,3 +198,31 @@ def test_calls_that_can_wait_go_only_while_the_org_budget_is_half_full() -> None
     assert spared == [True] * 5 + [False] * 3
     assert RateLimiter(sleep=fake.sleep, clock=fake.clock).spare()  # no org budget
     assert RateLimiter(enabled=False, org=Limit(1.0, 1)).spare()
+
+
+async def test_calls_beyond_max_connections_wait_for_a_free_one() -> None:
+    in_flight = peak = 0
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        in_flight -= 1
+        return httpx.Response(200, json=[])
+
+    transport = httpx.MockTransport(handler)
+    async with MachinesClient(
+        "http://127.0.0.1:4280", "t", transport=transport, rate_limit=False, max_connections=2
+    ) as api:
+        calls = [asyncio.create_task(api.list_machines(f"app{i}")) for i in range(5)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert peak == 2  # the other three wait in the client, not in httpx's pool
+        with one_attempt(0.01), pytest.raises(TransportError) as caught:
+            await api.list_machines("late")  # no slot frees up within its timeout
+        assert not caught.value.sent
+        release.set()
+        assert await asyncio.gather(*calls) == [[]] * 5
+    assert peak == 2
