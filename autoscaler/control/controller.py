@@ -210,6 +210,8 @@ class Controller:
                 delay = rt.backoff_s
                 if isinstance(exc, RateLimited) and exc.retry_after is not None:
                     delay = max(delay, exc.retry_after)
+                # Apps that failed together (an outage) must not retry together.
+                delay = pacer.period(delay, control.tick_jitter)
                 if isinstance(exc, FlyError):
                     _log.warning("tick_failed", app=rt.name, error=str(exc), retry_in_s=delay)
                 else:
