@@ -1,7 +1,13 @@
 # autoscaler: the proxy, the controller and the admin server in one process.
 #   docker build -t autoscaler .
-#   docker run -p 8080:8080 -p 9091:9091 -e FLY_API_TOKEN=... \
+#   docker run -p 8080:8080 -p 9091:9091 -e FLY_API_TOKEN=... -e AUTOSCALER_ADMIN__TOKEN=... \
 #     -v $PWD/config/scale-to-zero.yaml:/etc/autoscaler/autoscaler.yaml:ro autoscaler
+# The admin server listens on 0.0.0.0:9091, where the published port reaches it, so it
+# requires AUTOSCALER_ADMIN__TOKEN (without it the autoscaler refuses to start; /healthz and
+# /metrics stay open unless admin.protect_metrics). The baked-in config/autoscaler.yaml names
+# no Machines API, so `run` refuses to start until you mount your own config (or set
+# AUTOSCALER_FLY__API_URL); `docker run ... autoscaler run --emulator` tries it on the
+# embedded emulator instead, with no Fly account.
 FROM python:3.12-slim AS build
 # A C compiler: the proxy's data path is compiled with mypyc (setup.py, AUTOSCALER_COMPILE).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -20,9 +26,11 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels "autoscaler[fast]
 COPY config/autoscaler.yaml /etc/autoscaler/autoscaler.yaml
 ENV AUTOSCALER_CONFIG=/etc/autoscaler/autoscaler.yaml \
     AUTOSCALER_PROXY__LISTEN=[::]:8080 \
+    AUTOSCALER_ADMIN__LISTEN=0.0.0.0:9091 \
     PYTHONUNBUFFERED=1
 USER autoscaler
-# 8080: the proxy (client traffic). 9091: admin (/metrics, /healthz, /readyz, /status).
+# 8080: the proxy (client traffic, every address, IPv6 and IPv4). 9091: admin (/metrics,
+# /healthz, /readyz, /status), on every IPv4 address; the health check asks it on loopback.
 EXPOSE 8080 9091
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9091/healthz', timeout=2).status != 200)"]

@@ -64,6 +64,12 @@ class MachineStatusLike(Protocol):
     def in_flight(self) -> int: ...
     @property
     def last_used(self) -> float | None: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def next_retry_at(self) -> float | None: ...
+    @property
+    def left_alone(self) -> bool: ...
 
 
 class AppStatusLike(Protocol):
@@ -294,6 +300,11 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
             "cordoned": m.cordoned,
             "in_flight": m.in_flight,
             "last_used_age_s": _age(now, m.last_used),
+            "failures": m.failures,
+            "next_retry_in_s": (
+                None if m.next_retry_at is None else round(max(0.0, m.next_retry_at - now), 3)
+            ),
+            "left_alone": m.left_alone,
         }
         for m in status.machines
     ]

@@ -1,15 +1,34 @@
-"""`autoscaler check-config`: validate a file and print a one-screen summary."""
+"""`autoscaler check-config`: validate a file and print a one-screen summary.
+
+When the configured Machines API answers, it also reads each scaled app's machines and warns
+about Fly's own autostop/autostart on them (they would fight the autoscaler); when it cannot
+ask, it says so. Warnings do not change the exit status.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import TextIO
 
 from autoscaler.config import ConfigError, Settings, load_settings
+from autoscaler.fly.autostop import fight_warning
+from autoscaler.fly.client import MachinesClient
+from autoscaler.fly.errors import FlyError
+
+API_TIMEOUT_S = 5.0
 
 
 def summary(settings: Settings) -> list[str]:
-    api = settings.fly.api_url or f"embedded emulator on {settings.emulator.listen}"
+    if settings.fly.api_url is None:
+        api = (
+            f"not set: `autoscaler run` needs --emulator to run the embedded emulator"
+            f" on {settings.emulator.listen}"
+        )
+    elif settings.fly.embedded:
+        api = f"embedded emulator on {settings.emulator.listen}"
+    else:
+        api = settings.fly.api_url
     token = "set" if settings.fly.token else "not set"
     lines = [
         f"Machines API: {api} (token {token}, org {settings.fly.org_slug})",
@@ -35,6 +54,36 @@ def summary(settings: Settings) -> list[str]:
     return lines
 
 
+async def fleet_warnings(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> list[str]:
+    """Warnings about the scaled apps' machines, read once from the Machines API."""
+    scaled = [app.name for app in settings.apps if not app.static]
+    if not scaled:
+        return []
+    if settings.fly.embedded:
+        return [
+            "Fly's autostop/autostart: not checked (the embedded emulator's machines exist"
+            " only once it runs)"
+        ]
+    client = MachinesClient.from_settings(
+        settings.fly, timeout_s=timeout_s, max_retries=0, retry_deadline_s=timeout_s
+    )
+    warnings: list[str] = []
+    async with client:
+        for app in scaled:
+            try:
+                machines = await client.list_machines(app)
+            except FlyError as exc:
+                warnings.append(
+                    f"app {app}: could not check Fly's autostop/autostart on its machines"
+                    f" ({type(exc).__name__}: {exc})"
+                )
+                continue
+            warning = fight_warning(app, machines)
+            if warning:
+                warnings.append(warning)
+    return warnings
+
+
 def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -47,4 +96,6 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     print(f"{file}: OK", file=out)
     for line in summary(settings):
         print(line, file=out)
+    for line in asyncio.run(fleet_warnings(settings)):
+        print(f"warning: {line}", file=err)
     return 0

@@ -62,13 +62,19 @@ def _status_args(parser: argparse.ArgumentParser) -> None:
         help="admin server, as http://host:port or host:port (default: admin.listen)",
     )
     parser.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="ask every second until Ctrl-C: a live view on a terminal (machines, request "
+        "rate and latency), else the table (or a JSON line) each second",
+    )
     _add_config(parser)
 
 
 def _status(args: argparse.Namespace) -> int:
     from autoscaler.status import run_status
 
-    return run_status(args.admin, args.config, as_json=args.json)
+    return run_status(args.admin, args.config, as_json=args.json, watch=args.watch)
 
 
 # --- emulator ---------------------------------------------------------------------------
@@ -85,11 +91,17 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app",
         action="append",
-        metavar="NAME=N[:IMAGE]",
-        help="create app NAME with N stopped machines at start (repeatable)",
+        metavar="NAME=N[:IMAGE][@REGION,...]",
+        help="create app NAME with N stopped machines at start, spread over the regions "
+        "(repeatable)",
     )
     parser.add_argument(
         "--no-rate-limits", action="store_true", help="never answer 429 for Fly's limits"
+    )
+    parser.add_argument(
+        "--profile",
+        choices=("fast", "fly"),
+        help="transition times: fast (default, for tests) or fly (Fly's documented times)",
     )
     faults = parser.add_argument_group("fault injection (off by default)")
     faults.add_argument("--latency", type=float, metavar="S", help="extra seconds per call")
@@ -100,6 +112,18 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
     )
     faults.add_argument(
         "--crash-after", type=float, metavar="S", help="kill each machine S seconds after start"
+    )
+    faults.add_argument(
+        "--resume-cold-rate",
+        type=float,
+        metavar="F",
+        help="fraction of resumes that lose the snapshot (a cold boot instead)",
+    )
+    faults.add_argument(
+        "--hang-rate",
+        type=float,
+        metavar="F",
+        help="fraction of starts after which the process hangs (accepts, never answers)",
     )
     _add_config(parser)
 
@@ -125,6 +149,12 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="address of /metrics, /healthz, /readyz, /status (overrides admin.listen)",
     )
+    parser.add_argument(
+        "--emulator",
+        action="store_true",
+        help="play the Machines API with the embedded emulator (overrides fly.api_url, "
+        "as fly.api_url: embedded does); with no fly.api_url, run refuses to start without it",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -135,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides["proxy"] = {"listen": args.listen}
     if args.admin_listen:
         overrides["admin"] = {"listen": args.admin_listen}
-    return run(args.config, overrides)
+    return run(args.config, overrides, emulator=args.emulator)
 
 
 # --- demo -------------------------------------------------------------------------------
@@ -156,6 +186,17 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start everything, send nothing, run until Ctrl-C (try curl -H 'Host: demo')",
     )
+    parser.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="where the logs go (default: autoscaler-demo.log in the system's temporary "
+        "directory); the view shows the path",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="logs on the screen instead of a file (then plain progress lines, no live view)",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -164,7 +205,17 @@ def _demo(args: argparse.Namespace) -> int:
     if args.duration <= 0 or (args.machines is not None and args.machines < 1):
         print("autoscaler demo: --duration and --machines must be positive", file=sys.stderr)
         return 2
-    return demo_main(args.config, args.duration, args.machines, not args.no_traffic, sys.stdout)
+    return demo_main(
+        args.config,
+        args.duration,
+        args.machines,
+        not args.no_traffic,
+        sys.stdout,
+        log_file=args.log_file,
+        verbose=args.verbose,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
 
 
 # --- simulate ---------------------------------------------------------------------------

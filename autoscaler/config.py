@@ -39,6 +39,8 @@ CONFIG_ENV = "AUTOSCALER_CONFIG"
 TOKEN_ENV = "FLY_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 EMULATOR_TOKEN_ENV = "EMULATOR_TOKEN"  # noqa: S105 - likewise
 
+EMBEDDED = "embedded"  # fly.api_url: the embedded emulator, asked for explicitly
+
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -96,6 +98,16 @@ def parse_host_port(value: str) -> HostPort:
     return HostPort(host, int(port))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable only from this machine (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
 def _check_listen(value: str) -> str:
     parse_host_port(value)
     return value
@@ -111,8 +123,9 @@ class _Model(BaseModel):
 class FlySettings(_Model):
     api_url: str | None = Field(
         default=None,
-        description="Machines API base URL; unset runs the embedded emulator "
-        "(public: https://api.machines.dev, inside Fly: http://_api.internal:4280)",
+        description="Machines API base URL (public: https://api.machines.dev, inside Fly: "
+        "http://_api.internal:4280), or `embedded` for the embedded emulator; "
+        "`autoscaler run` refuses to start without it unless given --emulator",
     )
     token: SecretStr | None = Field(
         default=None, description="API token; FLY_API_TOKEN in the environment overrides it"
@@ -135,6 +148,22 @@ class FlySettings(_Model):
     retry_deadline_s: Seconds = Field(
         default=60.0, description="total time a call may spend retrying"
     )
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        if value is None or value == EMBEDDED or value.startswith(("http://", "https://")):
+            return value
+        raise ValueError(
+            f'expected an http:// or https:// URL, or "{EMBEDDED}" for the embedded'
+            f" emulator, got {value!r}"
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the embedded emulator plays the Machines API (``api_url`` unset or
+        ``embedded``; ``autoscaler run`` asks for the second, or --emulator)."""
+        return self.api_url is None or self.api_url == EMBEDDED
 
 
 class ProxySettings(_Model):
@@ -201,7 +230,9 @@ class AdminSettings(_Model):
         default="127.0.0.1:9091", description="address of /metrics, /healthz, /readyz, /status"
     )
     token: SecretStr | None = Field(
-        default=None, description="bearer token required by /status and mutating endpoints"
+        default=None,
+        description="bearer token required by /status and mutating endpoints; needed when "
+        "admin.listen is not a loopback address (start-up refuses otherwise)",
     )
     protect_metrics: bool = Field(
         default=False, description="require the admin token for /metrics and health too"
@@ -366,11 +397,105 @@ class FaultSettings(_Model):
     error_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 500")
     rate_limit_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 429")
     boot_failure_rate: float = Field(
-        default=0.0, ge=0, le=1, description="fraction of starts that end in `failed`"
+        default=0.0, ge=0, le=1, description="fraction of boots (any cold boot) that end `failed`"
     )
     crash_after_s: Seconds | None = Field(
         default=None, description="kill each machine's process this long after it starts"
     )
+    resume_cold_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of resumes whose snapshot is lost: a cold boot instead",
+    )
+    hang_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of starts after which the process hangs (its id joins `hung`)",
+    )
+    hung: list[str] = Field(
+        default_factory=list,
+        description="machine ids whose process accepts TCP but never answers (state unchanged)",
+    )
+    host_unreachable_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of starts after which the host is lost (id joins `host_unreachable`)",
+    )
+    host_unreachable: list[str] = Field(
+        default_factory=list,
+        description="machine ids whose host_status is `unreachable`; their actions answer 503",
+    )
+
+
+def _parse_span(value: object) -> object:
+    """Seconds, or ``[lo, hi]``: a range drawn anew for every action."""
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise ValueError(f"expected seconds or a range [lo, hi], got {list(value)!r}")
+        lo, hi = (parse_duration(v) for v in value)
+        if not isinstance(lo, float) or not isinstance(hi, float):
+            raise ValueError(f"expected numbers in the range [lo, hi], got {list(value)!r}")
+        if lo < 0 or hi < lo:
+            raise ValueError(f"expected a range [lo, hi] with 0 <= lo <= hi, got {list(value)!r}")
+        return (lo, hi)
+    value = parse_duration(value)
+    if isinstance(value, float) and value < 0:
+        raise ValueError(f"expected seconds >= 0, got {value!r}")
+    return value
+
+
+# A fixed number of seconds, or a (lo, hi) range drawn uniformly per action.
+Span = Annotated[float | tuple[float, float], BeforeValidator(_parse_span)]
+
+# Named timing profiles. `fast` is the emulator's historical speed (for unit tests); `fly`
+# follows Fly's documentation (docs/emulator.md, "Fly vs this emulator", has the sources):
+# resume a few hundred ms, cold start about 2 s, suspend up to over 15 s.
+PROFILES: dict[str, dict[str, float | tuple[float, float]]] = {
+    "fast": {"stop_s": 0.0, "suspend_s": 0.0, "start_s": 0.5, "resume_s": 0.05},
+    "fly": {
+        "stop_s": (0.5, 2.0),
+        "suspend_s": (2.0, 18.0),
+        "start_s": (1.5, 3.0),
+        "resume_s": (0.2, 0.5),
+    },
+}
+
+
+class TimingSettings(_Model):
+    stop_s: Span | None = Field(
+        default=None,
+        description="time in `stopping` after the process exits (s or [lo, hi]; unset: profile)",
+    )
+    suspend_s: Span | None = Field(
+        default=None, description="time in `suspending` (s or [lo, hi]; unset: the profile's)"
+    )
+    start_s: Span | None = Field(
+        default=None, description="cold boot time (s or [lo, hi]; unset: the profile's)"
+    )
+    resume_s: Span | None = Field(
+        default=None, description="resume time from a snapshot (s or [lo, hi]; unset: profile)"
+    )
+    snapshot_ttl_s: Seconds | None = Field(
+        default=None, description="a snapshot older than this is not resumed: a cold boot instead"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The emulator's transition times, resolved from profile, old knobs and overrides."""
+
+    stop_s: float | tuple[float, float]
+    suspend_s: float | tuple[float, float]
+    start_s: float | tuple[float, float]
+    resume_s: float | tuple[float, float]
+    snapshot_ttl_s: float | None
+
+
+# Fly's region codes: three lowercase letters (iad, ord, cdg, ...).
+Region = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
 
 
 class EmulatorApp(_Model):
@@ -379,6 +504,9 @@ class EmulatorApp(_Model):
     image: str = Field(default="autoscaler/demo-app", description="image of those machines")
     internal_port: int = Field(default=8080, ge=1, le=65535, description="their service port")
     env: dict[str, str] = Field(default_factory=dict, description="their environment")
+    regions: list[Region] = Field(
+        default_factory=list, description="regions its machines are spread over, round-robin"
+    )
 
 
 class EmulatorSettings(_Model):
@@ -396,12 +524,44 @@ class EmulatorSettings(_Model):
     boot_timeout_s: Seconds = Field(
         default=30.0, description="a machine whose port does not open by then is failed"
     )
-    demo_boot_delay_s: Seconds = Field(
-        default=0.5, description="cold boot time of the built-in demo app"
+    profile: Literal["fast", "fly"] = Field(
+        default="fast", description="transition times: fast (tests) or fly (Fly's documented)"
     )
-    resume_delay_s: Seconds = Field(default=0.05, description="added to every resume")
+    timing: TimingSettings = Field(default_factory=TimingSettings)
+    demo_boot_delay_s: Seconds | None = Field(
+        default=None, description="older name of timing.start_s (which wins when both are set)"
+    )
+    resume_delay_s: Seconds | None = Field(
+        default=None, description="older name of timing.resume_s (which wins when both are set)"
+    )
     faults: FaultSettings = Field(default_factory=FaultSettings)
     apps: list[EmulatorApp] = Field(default_factory=list, description="apps made at start-up")
+    strict_images: bool = Field(
+        default=False, description="refuse images not in `images` (else they run the demo app)"
+    )
+    seed_wait_limits: bool = Field(
+        default=False, description="/wait as the seed has it: timeout up to 300 s, no version"
+    )
+
+    def effective_timing(self) -> Timing:
+        """Precedence: ``timing.*``, then the older knobs, then the profile."""
+        base = dict(PROFILES[self.profile])
+        if self.demo_boot_delay_s is not None:
+            base["start_s"] = self.demo_boot_delay_s
+        if self.resume_delay_s is not None:
+            base["resume_s"] = self.resume_delay_s
+        t = self.timing
+        for name in ("stop_s", "suspend_s", "start_s", "resume_s"):
+            value = getattr(t, name)
+            if value is not None:
+                base[name] = value
+        return Timing(
+            stop_s=base["stop_s"],
+            suspend_s=base["suspend_s"],
+            start_s=base["start_s"],
+            resume_s=base["resume_s"],
+            snapshot_ttl_s=t.snapshot_ttl_s,
+        )
 
 
 class Settings(BaseSettings):
@@ -438,6 +598,15 @@ class Settings(BaseSettings):
                             f"apps[{i}].hosts",
                             f"host {host!r} path {path!r} is already routed to app {other!r}",
                         )
+        admin = parse_host_port(self.admin.listen)
+        if self.admin.token is None and not is_loopback(admin.host):
+            raise _KeyError(
+                "admin.token",
+                f"required when admin.listen is not a loopback address (got"
+                f" {self.admin.listen}): /status and the admin actions would be open to"
+                " the network; set admin.token or AUTOSCALER_ADMIN__TOKEN, or listen on"
+                " 127.0.0.1",
+            )
         if self.proxy.default_app is not None and self.proxy.default_app not in seen_names:
             raise _KeyError(
                 "proxy.default_app",

@@ -4,8 +4,14 @@ It starts the embedded emulator with an app of N stopped machines, the controlle
 and the admin server (through the same :class:`~autoscaler.service.Service` as
 ``autoscaler run``), then plays a traffic pattern: quiet, a burst of 40 concurrent clients,
 a steady trickle of 5, quiet until the app sleeps, one late visitor (a resume), and quiet
-until every machine sleeps again. A live view shows what happens; a summary says what it
-cost. Nothing is simulated: the requests are real HTTP through the proxy to real processes.
+until every machine sleeps again. Nothing is simulated: the requests are real HTTP through
+the proxy to real processes.
+
+A live view shows what happens (:mod:`autoscaler.demo_view`); the logs go to a file. The
+summary counts every answer by class and says what the run cost in machine-seconds, beside
+what Fly's autostop and one machine always on would have spent on the very same requests:
+the run's request log replayed through the simulator's baselines (the one thing here that
+is simulated, and the summary says so).
 
 With ``--no-traffic`` it only starts everything and waits for Ctrl-C, so that one can
 ``curl -H 'Host: demo' http://127.0.0.1:8080/`` and watch.
@@ -18,6 +24,7 @@ import contextlib
 import math
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,13 +34,22 @@ from typing import TextIO
 
 import aiohttp
 
+from autoscaler import logs
 from autoscaler.config import ConfigError, Settings, load_settings
+from autoscaler.control.view import AppView
+from autoscaler.demo_view import DemoView
+from autoscaler.logs import LogFormat
 from autoscaler.scaling.fleet import STARTED, STOPPED, SUSPENDED
 from autoscaler.service import Service, run_event_loop
+from autoscaler.sim.model import Timings
+from autoscaler.sim.run import simulate
+from autoscaler.sim.trace import Trace
 
 DEMO_APP = "demo"
 DEFAULT_DURATION_S = 90.0
 SETTLE_TIMEOUT_S = 60.0  # after the story: how long the machines may take to fall asleep
+LOG_NAME = "autoscaler-demo.log"
+AUTOSTOP_INTERVAL_S = Timings().autostop_interval_s  # the simulator's fly-autostop check
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,43 +74,89 @@ STORY: tuple[Phase, ...] = (
 )
 
 
+ANSWER_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+TRANSPORT = "transport errors"
+
+
+def answer_class(status: int | None) -> str:
+    """``2xx``... for an HTTP status; transport errors (no answer at all) apart."""
+    return TRANSPORT if status is None else f"{status // 100}xx"
+
+
 @dataclass
 class Stats:
-    """What the clients saw."""
+    """What the clients saw, and the request log the baselines replay."""
 
     requests: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
+    answers: Counter[str] = field(default_factory=Counter)
+    """Every answer by class (2xx, 4xx, 5xx...), and transport errors."""
     wakes_seen: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     in_flight: int = 0
+    log: list[tuple[float, float]] = field(default_factory=list)
+    """(arrival, duration) of every request, seconds from the start of the run."""
 
-    def record(self, status: int | None, wake: str | None, latency: float, error: str = "") -> None:
+    def record(
+        self,
+        status: int | None,
+        wake: str | None,
+        latency: float,
+        *,
+        arrival: float = 0.0,
+        work_s: float = 0.0,
+    ) -> None:
         self.requests += 1
         self.latencies.append(latency)
-        if status is None or status >= 500:
-            self.errors[error or str(status)] += 1
-        if wake and wake != "none":
+        self.answers[answer_class(status)] += 1
+        waited = bool(wake and wake != "none")
+        if waited and wake:
             self.wakes_seen[wake] += 1
+        # The replay models wake waits itself: a request that waited for one is logged
+        # with the work it asked for, any other with the time it took.
+        self.log.append((arrival, work_s if waited or status is None else latency))
+
+    @property
+    def failed(self) -> int:
+        """Answers other than 2xx and 3xx, and transport errors."""
+        return sum(n for k, n in self.answers.items() if k not in ("2xx", "3xx"))
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """One baseline on the run's own requests."""
+
+    name: str
+    machine_seconds: float
+    waited: int
+    """Requests that waited for a wake."""
+    errors: int
 
 
 @dataclass(frozen=True, slots=True)
 class Summary:
     requests: int
-    errors: dict[str, int]
+    answers: dict[str, int]
     wakes: dict[str, int]
-    """Machines woken by the controller, by kind (resume, start)."""
+    """Wakes for held requests, by kind (resume, start), as the controller timed them."""
+    wake_mean_s: dict[str, float]
+    actions: dict[str, int]
+    """The controller's successful actions on machines (start, resume, suspend, stop)."""
     requests_waited: dict[str, int]
     """Requests that waited for a wake, by kind (from the fly-autoscaler-wake header)."""
     p50_ms: float
     p99_ms: float
     machine_seconds: float
-    always_on_seconds: float
+    baselines: list[Replayed]
     final_states: dict[str, int]
     elapsed_s: float
 
     @property
+    def failed(self) -> int:
+        return sum(n for k, n in self.answers.items() if k not in ("2xx", "3xx"))
+
+    @property
     def ok(self) -> bool:
-        return not self.errors
+        return self.failed == 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,79 +167,29 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _client(
-    session: aiohttp.ClientSession, url: str, phase: Phase, stop: float, stats: Stats
+    session: aiohttp.ClientSession, url: str, phase: Phase, stop: float, stats: Stats, t0: float
 ) -> None:
     target = f"{url}/work?ms={phase.work_ms}"
+    work_s = phase.work_ms / 1000
     while time.monotonic() < stop:
-        t0 = time.monotonic()
+        start = time.monotonic()
         stats.in_flight += 1
         try:
             async with session.get(target, headers={"Host": DEMO_APP}) as resp:
                 await resp.read()
-                stats.record(resp.status, resp.headers.get("fly-autoscaler-wake"), _since(t0))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            stats.record(None, None, _since(t0), type(exc).__name__)
+                wake = resp.headers.get("fly-autoscaler-wake")
+                status: int | None = resp.status
+        except (aiohttp.ClientError, TimeoutError):
+            wake, status = None, None
         finally:
             stats.in_flight -= 1
+        stats.record(status, wake, _since(start), arrival=start - t0, work_s=work_s)
         if phase.think_s:
             await asyncio.sleep(phase.think_s)
 
 
 def _since(t0: float) -> float:
     return time.monotonic() - t0
-
-
-class LiveView:
-    """One status line a second: redrawn in place on a terminal, plain lines elsewhere."""
-
-    def __init__(self, service: Service, stats: Stats, out: TextIO) -> None:
-        self.service = service
-        self.stats = stats
-        self.out = out
-        self.tty = out.isatty()
-        self.phase = "starting"
-        self._t0 = time.monotonic()
-        self._last_requests = 0
-        self._last_t = self._t0
-
-    def states(self) -> Counter[str]:
-        view = self.service.view.apps.get(DEMO_APP)
-        return Counter(up.state for up in view.upstreams.values()) if view else Counter()
-
-    def line(self) -> str:
-        now = time.monotonic()
-        rate = (self.stats.requests - self._last_requests) / max(now - self._last_t, 1e-9)
-        self._last_requests, self._last_t = self.stats.requests, now
-        view = self.service.view.apps.get(DEMO_APP)
-        queued = view.queued if view else 0
-        states = self.states()
-        woke = _wakes(self.service)
-        return (
-            f"{now - self._t0:6.1f}s  {self.phase:<8} {rate:7.0f} req/s  "
-            f"in flight {self.stats.in_flight:3d}  queued {queued:3d}  "
-            f"machines started {states[STARTED]} suspended {states[SUSPENDED]} "
-            f"stopped {states[STOPPED]}  wakes start {woke['start']} resume {woke['resume']}  "
-            f"errors {sum(self.stats.errors.values())}"
-        )
-
-    def show(self) -> None:
-        text = self.line()
-        if self.tty:
-            self.out.write("\r\x1b[2K" + text)
-        else:
-            self.out.write(text + "\n")
-        self.out.flush()
-
-    def announce(self, message: str) -> None:
-        if self.tty:
-            self.out.write("\r\x1b[2K")
-        self.out.write(message + "\n")
-        self.out.flush()
-
-    async def run(self, every_s: float) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            self.show()
 
 
 def demo_settings(config: str | None, machines: int | None) -> Settings:
@@ -187,7 +199,7 @@ def demo_settings(config: str | None, machines: int | None) -> Settings:
             settings, _ = load_settings(Path(path), env={})
     else:
         settings, _ = load_settings(config)
-    if settings.fly.api_url:
+    if not settings.fly.embedded:
         raise ConfigError(
             [f"{config}: fly.api_url: the demo runs only on the embedded emulator; unset it"]
         )
@@ -217,8 +229,14 @@ async def run_demo(
     traffic: bool = True,
     out: TextIO = sys.stdout,
     ports: dict[str, int] | None = None,
+    terminal: bool | None = None,
+    log_file: str | None = None,
 ) -> Summary | None:
-    """Run the demo; the summary, or None when ``traffic`` is off (ended by a signal)."""
+    """Run the demo; the summary, or None when ``traffic`` is off (ended by a signal).
+
+    ``terminal`` (default: whether ``out`` is one) draws the full-screen live view;
+    otherwise plain lines. ``log_file`` is only shown: the caller sends the logs there.
+    """
     ports = ports or {}
     service = Service(
         settings,
@@ -227,47 +245,81 @@ async def run_demo(
         emulator_port=ports.get("emulator"),
     )
     stats = Stats()
-    live = LiveView(service, stats, out)
+    live = DemoView(
+        out,
+        DEMO_APP,
+        status=lambda: service.admin.status_document() if service.admin else None,
+        families=service.metrics.registry.collect,
+        clients=lambda: (stats.requests, stats.in_flight, stats.answers),
+        terminal=out.isatty() if terminal is None else terminal,
+        log_file=log_file,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     t0 = time.monotonic()
     try:
-        await service.start()
-        if service.proxy is None or service.admin is None:
-            raise RuntimeError("the service started without its proxy or admin server")
-        proxy_url = f"http://127.0.0.1:{service.proxy.port}"
-        host, port = service.admin.address
-        seeded = next(a.machines for a in settings.emulator.apps if a.name == DEMO_APP)
-        live.announce(
-            f"autoscaler demo: proxy {proxy_url}  admin http://{host}:{port}/status  "
-            f"app {DEMO_APP!r} with {seeded} machines, all stopped"
-        )
-        if not traffic:
-            live.announce(f"try:  curl -H 'Host: {DEMO_APP}' {proxy_url}/   (Ctrl-C to stop)")
-            ticker = asyncio.create_task(live.run(2.0))
-            await stop.wait()
-            ticker.cancel()
-            return None
-        ticker = asyncio.create_task(live.run(1.0))
-        story = asyncio.create_task(_play(proxy_url, duration_s, stats, live))
-        waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait({story, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        interrupted = not story.done()
-        for task in (story, waiter, ticker):
-            task.cancel()
-        await asyncio.gather(story, waiter, ticker, return_exceptions=True)
-        if interrupted:
-            live.announce("interrupted: stopping")
-        return _summarize(service, stats, live.states(), time.monotonic() - t0)
+        with live:
+            try:
+                return await _run(service, settings, stats, live, stop, duration_s, traffic, t0)
+            finally:
+                live.phase = "stopping"
+                live.announce("stopping: every machine process goes with the emulator")
+                await service.stop()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await service.stop()
 
 
-async def _play(url: str, duration_s: float, stats: Stats, live: LiveView) -> None:
+async def _run(
+    service: Service,
+    settings: Settings,
+    stats: Stats,
+    live: DemoView,
+    stop: asyncio.Event,
+    duration_s: float,
+    traffic: bool,
+    t0: float,
+) -> Summary | None:
+    await service.start()
+    if service.proxy is None or service.admin is None:
+        raise RuntimeError("the service started without its proxy or admin server")
+    proxy_url = f"http://127.0.0.1:{service.proxy.port}"
+    host, port = service.admin.address
+    seeded = next(a.machines for a in settings.emulator.apps if a.name == DEMO_APP)
+    live.announce(
+        f"autoscaler demo: proxy {proxy_url}  admin http://{host}:{port}/status  "
+        f"app {DEMO_APP!r} with {seeded} machines, all stopped"
+    )
+    if live.log_file and not live.terminal:
+        live.announce(f"logs: {live.log_file}")
+    ticker = asyncio.create_task(live.run())
+    if not traffic:
+        live.phase = "idle"
+        live.announce(f"try:  curl -H 'Host: {DEMO_APP}' {proxy_url}/   (Ctrl-C to stop)")
+        await stop.wait()
+        ticker.cancel()
+        await asyncio.gather(ticker, return_exceptions=True)
+        return None
+    view = service.view.app(DEMO_APP)
+    story = asyncio.create_task(_play(proxy_url, duration_s, stats, live, t0, view))
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({story, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    interrupted = not story.done()
+    for task in (story, waiter, ticker):
+        task.cancel()
+    results = await asyncio.gather(story, waiter, ticker, return_exceptions=True)
+    if isinstance(results[0], Exception):
+        raise results[0]
+    if interrupted:
+        live.announce("interrupted")
+    return _summarize(service, settings, stats, live.states(), time.monotonic() - t0)
+
+
+async def _play(
+    url: str, duration_s: float, stats: Stats, live: DemoView, t0: float, view: AppView
+) -> None:
     timeout = aiohttp.ClientTimeout(total=60)
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -280,11 +332,10 @@ async def _play(url: str, duration_s: float, stats: Stats, live: LiveView) -> No
                 else f"--- {phase.name} for {seconds:.0f}s"
             )
             end = time.monotonic() + seconds
-            clients = [_client(session, url, phase, end, stats) for _ in range(phase.clients)]
+            clients = [_client(session, url, phase, end, stats, t0) for _ in range(phase.clients)]
             await asyncio.gather(*clients, asyncio.sleep(seconds))
     live.phase = "settle"
     live.announce("--- waiting for every machine to fall asleep")
-    view = live.service.view.app(DEMO_APP)
 
     def asleep() -> bool:
         states = live.states()
@@ -301,69 +352,170 @@ def _sample(service: Service, name: str, labels: dict[str, str]) -> float:
     return service.metrics.registry.get_sample_value(name, {"app": DEMO_APP, **labels}) or 0.0
 
 
-def _wakes(service: Service) -> dict[str, int]:
-    """Machines the controller woke, by kind."""
+def _actions(service: Service) -> dict[str, int]:
+    """The controller's successful actions on machines, by kind."""
     return {
         kind: int(
             _sample(service, "autoscaler_scaling_actions_total", {"action": kind, "result": "ok"})
         )
-        for kind in ("start", "resume")
+        for kind in ("start", "resume", "suspend", "stop")
     }
 
 
-def _summarize(service: Service, stats: Stats, states: Counter[str], elapsed: float) -> Summary:
+def replay_baselines(
+    log: list[tuple[float, float]], settings: Settings, horizon_s: float
+) -> list[Replayed]:
+    """The run's own requests under Fly's autostop and under one machine always on, in the
+    simulator (same app config, the emulator's timings); nothing is run for real.
+
+    The log is replayed as it arrived (open loop): where a baseline serves slower than
+    this run did, requests pile up in its queue, and past ``max_queue`` or
+    ``wake_timeout_s`` they count as turned away or timed out."""
+    app = settings.app(DEMO_APP)
+    timing = settings.emulator.effective_timing()
+    timings = Timings(
+        tick_s=settings.control.tick_s,
+        api_latency_s=0.01,  # loopback
+        resume_s=_mean(timing.resume_s),
+        start_s=_mean(timing.start_s),
+        suspend_s=_mean(timing.suspend_s),
+        stop_s=_mean(timing.stop_s),
+    )
+    trace = Trace({DEMO_APP: sorted(log)})
+    horizon = max(horizon_s, trace.end)
+    report = simulate(trace, lambda _: app, timings, BASELINES, horizon=horizon)
+    return [
+        Replayed(name, stats.up_s, stats.wake_waits, stats.errors)
+        for name in report.strategies
+        for stats in report.stats[name].values()
+    ]
+
+
+def _mean(span: float | tuple[float, float]) -> float:
+    """An emulator time: fixed, or drawn from [lo, hi] (then its mean)."""
+    return (span[0] + span[1]) / 2 if isinstance(span, tuple) else span
+
+
+BASELINES = ("fly-autostop", "always-on")
+BASELINE_NAMES = {
+    "fly-autostop": "Fly's autostop, same requests",
+    "always-on": "one machine always on, same requests",
+}
+
+
+def _summarize(
+    service: Service, settings: Settings, stats: Stats, states: Counter[str], elapsed: float
+) -> Summary:
     started_s = _sample(service, "autoscaler_machine_seconds_total", {"state": STARTED})
+    timed = {
+        kind: (
+            _sample(service, "autoscaler_wake_duration_seconds_sum", {"kind": kind}),
+            _sample(service, "autoscaler_wake_duration_seconds_count", {"kind": kind}),
+        )
+        for kind in ("start", "resume")
+    }
     return Summary(
         requests=stats.requests,
-        errors=dict(stats.errors),
-        wakes=_wakes(service),
+        answers=dict(stats.answers),
+        wakes={k: int(n) for k, (_, n) in timed.items()},
+        wake_mean_s={k: total / n for k, (total, n) in timed.items() if n},
+        actions=_actions(service),
         requests_waited=dict(stats.wakes_seen),
         p50_ms=percentile(stats.latencies, 0.50) * 1000,
         p99_ms=percentile(stats.latencies, 0.99) * 1000,
         machine_seconds=started_s,
-        always_on_seconds=sum(states.values()) * elapsed,
+        baselines=replay_baselines(stats.log, settings, elapsed),
         final_states=dict(states),
         elapsed_s=elapsed,
     )
 
 
-def print_summary(summary: Summary, out: TextIO) -> None:
-    saved = (
-        1 - summary.machine_seconds / summary.always_on_seconds if summary.always_on_seconds else 0
+def summary_lines(summary: Summary, autostop_interval_s: float = AUTOSTOP_INTERVAL_S) -> list[str]:
+    answers = ", ".join(
+        f"{k} {summary.answers.get(k, 0)}"
+        for k in (*ANSWER_CLASSES, TRANSPORT)
+        if k in ("2xx", "4xx", "5xx", TRANSPORT) or summary.answers.get(k)
     )
-    errors = ", ".join(f"{k} {v}" for k, v in sorted(summary.errors.items())) or "none"
-    waited = ", ".join(f"{k} {v}" for k, v in sorted(summary.requests_waited.items())) or "none"
+    wakes = ", ".join(
+        f"{kind} {n}" + (f" (mean {summary.wake_mean_s[kind]:.2f} s)" if n else "")
+        for kind, n in summary.wakes.items()
+    )
+    actions = ", ".join(f"{kind} {n}" for kind, n in summary.actions.items())
+    waited = sum(summary.requests_waited.values())
+    by_kind = ", ".join(f"{k} {v}" for k, v in sorted(summary.requests_waited.items()))
     states = ", ".join(f"{k} {v}" for k, v in sorted(summary.final_states.items()))
     lines = [
         "",
         "summary",
         f"  requests          {summary.requests}",
-        f"  errors            {errors}",
-        f"  wakes             start {summary.wakes['start']}, resume {summary.wakes['resume']}",
-        f"  requests waited   {waited}",
+        f"  answers           {answers}",
+        f"  wakes             {wakes}",
+        f"  machine actions   {actions}",
+        f"  requests waited   {waited}" + (f" ({by_kind})" if by_kind else ""),
         f"  latency           p50 {summary.p50_ms:.1f} ms, p99 {summary.p99_ms:.1f} ms",
-        f"  machine-seconds   {summary.machine_seconds:.0f} started, against "
-        f"{summary.always_on_seconds:.0f} always-on ({saved:.0%} saved)",
+        f"  machine-seconds   {summary.machine_seconds:6.0f}  this run"
+        f" ({waited} requests waited for a wake)",
+    ]
+    for replayed in summary.baselines:
+        name = BASELINE_NAMES.get(replayed.name, replayed.name)
+        note = f"{replayed.waited} waited"
+        if replayed.errors:
+            note += f", {replayed.errors} turned away or timed out"
+        if replayed.name == "fly-autostop":
+            note += f"; idle check every {autostop_interval_s:g} s"
+        lines.append(f"                    {replayed.machine_seconds:6.0f}  {name} ({note})")
+    lines += [
         f"  machines at end   {states}",
         f"  elapsed           {summary.elapsed_s:.0f}s",
     ]
-    out.write("\n".join(lines) + "\n")
+    return lines
+
+
+def print_summary(summary: Summary, out: TextIO) -> None:
+    out.write("\n".join(summary_lines(summary)) + "\n")
     out.flush()
 
 
 def main(
-    config: str | None, duration_s: float, machines: int | None, traffic: bool, out: TextIO
+    config: str | None,
+    duration_s: float,
+    machines: int | None,
+    traffic: bool,
+    out: TextIO,
+    *,
+    log_file: str | None = None,
+    verbose: bool = False,
+    log_level: str = "info",
+    log_format: LogFormat = "auto",
 ) -> int:
-    """``autoscaler demo``: 0 when every request was served, 1 otherwise, 2 on bad config."""
+    """``autoscaler demo``: 0 when every request was answered 2xx or 3xx, 1 otherwise, 2 on
+    bad config. Logs go to ``log_file`` (default: autoscaler-demo.log in the system's
+    temporary directory), or stay on the screen with ``verbose``."""
     try:
         settings = demo_settings(config, machines)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 2
+    path = None if verbose else Path(log_file or Path(tempfile.gettempdir()) / LOG_NAME)
     try:
-        demo = run_demo(settings, duration_s=duration_s, traffic=traffic, out=out)
-        summary = run_event_loop(demo)
+        with contextlib.ExitStack() as stack:
+            if path is not None:
+                stream = stack.enter_context(path.open("w", encoding="utf-8"))
+                fmt: LogFormat = "json" if log_format == "auto" else log_format
+                logs.configure(level=log_level, fmt=fmt, stream=stream)
+                # Before the file closes: anything logged later is an error worth seeing.
+                stack.callback(logs.configure, level="error", fmt=fmt, stream=sys.stderr)
+            terminal = out.isatty() and not verbose
+            demo = run_demo(
+                settings,
+                duration_s=duration_s,
+                traffic=traffic,
+                out=out,
+                terminal=terminal,
+                log_file=str(path) if path else None,
+            )
+            summary = run_event_loop(demo)
     except OSError as exc:
         print(f"autoscaler demo: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -31,6 +31,16 @@ REQUEST_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+# Label values known in advance: their series are exported at 0 from the start, so that a
+# dashboard's rate of rejections or failures shows 0 in a healthy run, not "No data".
+RELOAD_RESULTS = ("success", "error")
+QUEUE_REJECTION_REASONS = ("queue_full", "wake_timeout")
+SCALING_ACTIONS = ("start", "resume", "cordon", "uncordon", "suspend", "stop")
+ACTION_RESULTS = ("ok", "error")
+WAKE_KINDS = ("resume", "start")
+BILLED_STATES = ("started", "suspended")
+RESTART_RESULTS = ("ok", "failed", "exhausted")
+
 
 class Metrics:
     """The metric objects, registered on ``registry`` (a fresh one per test)."""
@@ -112,6 +122,13 @@ class Metrics:
             "Unix time of the control loop's last tick (0 before the first; NaN without one).",
             registry=r,
         )
+        self.machine_restarts = Counter(
+            "autoscaler_machine_restarts",
+            "Starts of failed machines (result: ok, failed; exhausted: its restart budget "
+            "is spent and it is left alone).",
+            ["app", "result"],
+            registry=r,
+        )
         self.control_healthy = Gauge(
             "autoscaler_control_healthy",
             "1 while the control loop ticks and the Machines API answers; 0 when its "
@@ -126,6 +143,30 @@ class Metrics:
         )
         if version:
             self.build_info.labels(version=version).set(1)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result=result)
+
+    def declare_app(self, app: str, *, scaled: bool = True) -> None:
+        """Export the app's series whose label values are known in advance, at 0.
+
+        Called for every app at start-up and for apps a reload adds; idempotent (a child
+        that exists keeps its value). A static app (fixed backends) is never scaled or
+        woken, so it gets only the proxy's series.
+        """
+        self.queued.labels(app=app)
+        for reason in QUEUE_REJECTION_REASONS:
+            self.queue_rejections.labels(app=app, reason=reason)
+        if not scaled:
+            return
+        for action in SCALING_ACTIONS:
+            for result in ACTION_RESULTS:
+                self.scaling_actions.labels(app=app, action=action, result=result)
+        for kind in WAKE_KINDS:
+            self.wake_duration.labels(app=app, kind=kind)
+        for state in BILLED_STATES:
+            self.machine_seconds.labels(app=app, state=state)
+        for result in RESTART_RESULTS:
+            self.machine_restarts.labels(app=app, result=result)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""

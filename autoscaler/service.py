@@ -1,6 +1,7 @@
 """The composition root of ``autoscaler run``: builds every part, starts and stops them in order.
 
-Start, inside out: the embedded emulator (only when ``fly.api_url`` is unset), the Machines
+Start, inside out: the embedded emulator (only when ``fly.api_url`` is ``embedded``, or unset:
+``autoscaler run`` refuses that unless given --emulator; the demo and tests), the Machines
 API client, the fleet view, the controller (its loops and the wake path), the proxy, and
 the admin server. Stop, outside in, so that no request meets a half-stopped service:
 readiness fails first (load balancers stop sending), the proxy stops accepting and lets
@@ -27,11 +28,13 @@ from typing import Any, TypeVar
 
 from autoscaler import __version__
 from autoscaler.admin import AdminServer
-from autoscaler.config import ConfigError, Settings, load_settings, parse_host_port
+from autoscaler.config import EMBEDDED, ConfigError, Settings, load_settings, parse_host_port
 from autoscaler.control.controller import Controller
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.emulator import Emulator
+from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
+from autoscaler.fly.errors import FlyError
 from autoscaler.logs import get_logger, redactor
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import ProxyServer
@@ -41,6 +44,11 @@ T = TypeVar("T")
 _log = get_logger("autoscaler.service")
 # Sections a running process cannot change: bound to sockets, the client or the emulator.
 _RESTART_ONLY = ("fly", "emulator", "admin")
+NO_API_URL = (
+    "{path}: fly.api_url is not set: set it to the Machines API (https://api.machines.dev,"
+    " or http://_api.internal:4280 inside Fly), or ask for the embedded emulator with"
+    " --emulator or fly.api_url: embedded"
+)
 
 
 class Service:
@@ -77,8 +85,11 @@ class Service:
         self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
+        self._autostop_checked: set[str] = set()
+        self._autostop_check: asyncio.Task[None] | None = None
         for secret in settings.secrets():
             redactor().add(secret)
+        self._declare_apps(settings)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -92,7 +103,7 @@ class Service:
 
     async def _start(self) -> None:
         s = self.settings
-        if s.fly.api_url:
+        if not s.fly.embedded:
             self.client = MachinesClient.from_settings(s.fly, observer=self.metrics.observe_api)
         else:
             listen = parse_host_port(s.emulator.listen)
@@ -127,6 +138,7 @@ class Service:
         await self.controller.start()
         self.proxy = ProxyServer(s, self.view, self.metrics)
         await self.proxy.start(port=self._ports["proxy"])
+        self._check_fly_autoscaling(s)
         _log.info(
             "started",
             version=__version__,
@@ -139,9 +151,10 @@ class Service:
         """Stop in order (see the module docstring). Idempotent."""
         if self.admin is not None:
             self.admin.set_draining()
-        if self._reloading is not None:
-            self._reloading.cancel()
-            await asyncio.gather(self._reloading, return_exceptions=True)
+        for task in (self._reloading, self._autostop_check):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.proxy is not None:
             await self.proxy.stop()
             self.proxy = None
@@ -178,13 +191,47 @@ class Service:
         for secret in new.secrets():
             redactor().add(secret)
         self.settings = new
-        if self.controller is not None:
-            await self.controller.update_settings(new)
+        self._declare_apps(new)
+        # The proxy first: requests held for an app that left are answered at once, before
+        # the controller drops the app's view (a gate asking for it then would recreate it).
         if self.proxy is not None:
             self.proxy.update_settings(new)
+        if self.controller is not None:
+            await self.controller.update_settings(new)
+        self._check_fly_autoscaling(new)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
         return True
+
+    def _check_fly_autoscaling(self, settings: Settings) -> None:
+        """Warn, once per app, when its machines have Fly's own autostop/autostart on."""
+        apps = [
+            a.name for a in settings.apps if not a.static and a.name not in self._autostop_checked
+        ]
+        if not apps or self.client is None:
+            return
+        if self._autostop_check is not None and not self._autostop_check.done():
+            return  # the next reload looks at what this one missed
+        self._autostop_checked.update(apps)
+        client = self.client
+
+        async def check() -> None:
+            for app in apps:
+                try:
+                    machines = await client.list_machines(app)
+                except FlyError as exc:
+                    _log.info("fly_autoscaling_not_checked", app=app, error=str(exc))
+                    continue
+                warning = fight_warning(app, machines)
+                if warning:
+                    _log.warning("fly_autoscaling_on", app=app, problem=warning)
+
+        self._autostop_check = asyncio.get_running_loop().create_task(check())
+
+    def _declare_apps(self, settings: Settings) -> None:
+        """Every app's series with known label values, at 0 (apps a reload adds too)."""
+        for app in settings.apps:
+            self.metrics.declare_app(app.name, scaled=not app.static)
 
     def request_reload(self) -> None:
         """SIGHUP: one reload at a time; a signal during a reload is folded into it."""
@@ -229,13 +276,25 @@ class Service:
         await self._stopped.wait()
 
 
-def run(config: str | None, overrides: Mapping[str, Any] | None = None) -> int:
-    """``autoscaler run``: 0 after a clean stop, 2 when the configuration is invalid."""
+def run(
+    config: str | None, overrides: Mapping[str, Any] | None = None, *, emulator: bool = False
+) -> int:
+    """``autoscaler run``: 0 after a clean stop, 2 when the configuration is invalid.
+
+    The embedded emulator plays the Machines API only when asked for (``emulator``, the
+    --emulator flag, or ``fly.api_url: embedded``): a production config that forgot
+    ``fly.api_url`` must not quietly scale fake machines.
+    """
+    if emulator:
+        overrides = {**(overrides or {}), "fly": {"api_url": EMBEDDED}}
     try:
         settings, path = load_settings(config, overrides=overrides)
     except ConfigError as exc:
         for line in exc.problems:
             _log.error("config_invalid", problem=line)
+        return 2
+    if settings.fly.api_url is None:
+        _log.error("config_invalid", problem=NO_API_URL.format(path=path))
         return 2
     service = Service(settings, config, overrides=overrides)
     _log.info("config_loaded", path=str(path))

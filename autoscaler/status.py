@@ -3,17 +3,31 @@
 The admin address and token come from the settings (file, then ``AUTOSCALER_ADMIN__*``
 variables), so the command reads the same configuration as the server it asks; ``--admin``
 overrides the address. The token is only ever sent in the Authorization header.
+
+``--watch`` asks again every second. On a terminal it draws the demo's live view
+(:mod:`autoscaler.tui`: machines as rows, request rate and latency as sparklines from
+``/metrics``) redrawn in place until Ctrl-C; elsewhere it prints the table (or, with
+``--json``, one JSON document per line) every second.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any, TextIO
 
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from autoscaler import tui
 from autoscaler.config import ConfigError, load_settings, parse_host_port
+from autoscaler.tui import ago
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
@@ -37,22 +51,28 @@ def admin_url(listen: str) -> str:
     return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
 
 
-def fetch_status(base_url: str, token: str | None, timeout_s: float = 5.0) -> dict[str, Any]:
-    url = base_url.rstrip("/") + "/status"
+def _get(base_url: str, path: str, token: str | None, timeout_s: float, accept: str) -> bytes:
+    url = base_url.rstrip("/") + path
     if not url.startswith(("http://", "https://")):
         raise StatusError(f"expected an http:// or https:// admin URL, got {base_url!r}")
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - scheme checked above
+    request = urllib.request.Request(url, headers={"Accept": accept})  # noqa: S310 - scheme checked above
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # noqa: S310 - scheme checked above
-            body = resp.read()
+            body: bytes = resp.read()
     except urllib.error.HTTPError as exc:
         hint = " (set admin.token or AUTOSCALER_ADMIN__TOKEN)" if exc.code == 401 else ""
         raise StatusError(f"{url}: HTTP {exc.code}{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StatusError(f"{url}: cannot connect: {reason}") from None
+    return body
+
+
+def fetch_status(base_url: str, token: str | None, timeout_s: float = 5.0) -> dict[str, Any]:
+    url = base_url.rstrip("/") + "/status"
+    body = _get(base_url, "/status", token, timeout_s, "application/json")
     try:
         doc = json.loads(body)
     except ValueError:
@@ -62,16 +82,15 @@ def fetch_status(base_url: str, token: str | None, timeout_s: float = 5.0) -> di
     return doc
 
 
-def ago(age_s: float | None) -> str:
-    if age_s is None:
-        return "never"
-    if age_s < 60:
-        return f"{age_s:.1f}s ago"
-    minutes, seconds = divmod(int(age_s), 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s ago"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m ago"
+def fetch_traffic(
+    base_url: str, token: str | None, timeout_s: float = 5.0
+) -> dict[str, tui.Traffic]:
+    """Per app, the figures of ``/metrics`` the live view shows."""
+    body = _get(base_url, "/metrics", token, timeout_s, "text/plain")
+    try:
+        return tui.traffic_by_app(text_string_to_metric_families(body.decode("utf-8")))
+    except ValueError as exc:
+        raise StatusError(f"{base_url}/metrics: not the Prometheus text format: {exc}") from None
 
 
 def _yes(value: object) -> str:
@@ -111,7 +130,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         if not machines:
             lines.append("  (no machines)")
             continue
-        rows = [["MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED"]]
+        rows = [["MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED", "NOTE"]]
         for m in machines:
             rows.append(
                 [
@@ -120,6 +139,7 @@ def render(doc: dict[str, Any]) -> list[str]:
                     _yes(m["cordoned"]),
                     str(m["in_flight"]),
                     ago(m.get("last_used_age_s")),
+                    tui.machine_note(m),
                 ]
             )
         lines += _table(rows, indent="  ")
@@ -131,6 +151,7 @@ def run_status(
     config: str | None,
     *,
     as_json: bool = False,
+    watch: bool = False,
     timeout_s: float = 5.0,
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -150,9 +171,71 @@ def run_status(
     except (StatusError, ValueError) as exc:
         print(f"autoscaler status: {exc}", file=err)
         return EXIT_UNREACHABLE
+    if watch:
+        return watch_status(url, token, doc, as_json=as_json, timeout_s=timeout_s, out=out)
     if as_json:
         print(json.dumps(doc, indent=2), file=out)
     else:
         for line in render(doc):
             print(line, file=out)
     return EXIT_OK
+
+
+def watch_status(
+    url: str,
+    token: str | None,
+    first: dict[str, Any],
+    *,
+    as_json: bool = False,
+    timeout_s: float = 5.0,
+    out: TextIO,
+    interval_s: float = 1.0,
+    frames: int | None = None,
+    terminal: bool | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Ask every ``interval_s`` and redraw until Ctrl-C (or ``frames`` draws: tests).
+
+    An admin server that stops answering does not end the watch: the last status stays on
+    screen with the error under it, and the next answer replaces both.
+    """
+    live_view = (out.isatty() if terminal is None else terminal) and not as_json
+    history = tui.History()
+    doc: dict[str, Any] | None = first
+    drawn = 0
+    live: Live | None = None
+    if live_view:
+        console = Console(file=out, force_terminal=True) if terminal else Console(file=out)
+        live = Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False)
+        live.start()
+    try:
+        while True:
+            problem = ""
+            if drawn:
+                try:
+                    doc = fetch_status(url, token, timeout_s)
+                except StatusError as exc:
+                    problem = str(exc)
+            if live is not None:
+                try:
+                    history.add(time.monotonic(), fetch_traffic(url, token, timeout_s))
+                except StatusError as exc:
+                    problem = problem or str(exc)
+                footer = [Text(problem, style="red")] if problem else []
+                footer.append(Text(f"{url}  every {interval_s:g} s  Ctrl-C to stop", style="dim"))
+                live.update(tui.view(doc, history, footer=footer), refresh=True)
+            elif problem:
+                print(f"autoscaler status: {problem}", file=out, flush=True)
+            elif as_json:
+                print(json.dumps(doc), file=out, flush=True)
+            elif doc is not None:
+                print("\n".join(render(doc)) + "\n", file=out, flush=True)
+            drawn += 1
+            if frames is not None and drawn >= frames:
+                return EXIT_OK
+            sleep(interval_s)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if live is not None:
+            live.stop()

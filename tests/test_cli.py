@@ -64,3 +64,48 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["frobnicate"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_run_without_a_machines_api_exits_2_and_says_why(tmp_path: Path) -> None:
+    config = tmp_path / "prod.yaml"
+    config.write_text("apps: [{name: web, hosts: [web.test]}]\n")
+    result = run("run", "--config", str(config), "--log-format", "json")
+    assert result.returncode == 2
+    assert "fly.api_url is not set" in result.stdout
+    assert "--emulator" in result.stdout
+
+
+def test_new_flags_reach_their_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--emulator, status --watch and the demo's log flags are passed on as given."""
+    import autoscaler.demo
+    import autoscaler.service
+    import autoscaler.status
+
+    seen: dict[str, object] = {}
+
+    def fake_run(config: object, overrides: object, *, emulator: bool) -> int:
+        seen["run"] = (config, overrides, emulator)
+        return 0
+
+    def fake_status(admin: object, config: object, *, as_json: bool, watch: bool) -> int:
+        seen["status"] = (as_json, watch)
+        return 0
+
+    def fake_demo(*args: object, **kwargs: object) -> int:
+        seen["demo"] = kwargs
+        return 0
+
+    monkeypatch.setattr(autoscaler.service, "run", fake_run)
+    monkeypatch.setattr(autoscaler.status, "run_status", fake_status)
+    monkeypatch.setattr(autoscaler.demo, "main", fake_demo)
+    assert main(["run", "--emulator", "--listen", "127.0.0.1:1"]) == 0
+    assert seen["run"] == (None, {"proxy": {"listen": "127.0.0.1:1"}}, True)
+    assert main(["status", "--watch", "--json"]) == 0
+    assert seen["status"] == (True, True)
+    assert main(["demo", "--verbose", "--log-file", "x.log", "--log-level", "debug"]) == 0
+    assert seen["demo"] == {
+        "log_file": "x.log",
+        "verbose": True,
+        "log_level": "debug",
+        "log_format": "auto",
+    }

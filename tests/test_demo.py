@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 from testkit import free_port
 
 from autoscaler.config import ConfigError
-from autoscaler.demo import demo_settings, print_summary, run_demo
+from autoscaler.demo import (
+    Replayed,
+    Stats,
+    Summary,
+    demo_settings,
+    print_summary,
+    replay_baselines,
+    run_demo,
+    summary_lines,
+)
 from autoscaler.emulator.procs import leftovers
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,33 +39,49 @@ async def test_short_demo_wakes_both_ways_and_ends_asleep() -> None:
         settings, duration_s=30, out=out, ports={"proxy": 0, "admin": 0, "emulator": 0}
     )
     assert summary is not None
-    assert summary.errors == {}
+    assert summary.answers == {"2xx": summary.requests}
+    assert summary.ok
     assert summary.requests > 100
     assert summary.wakes["start"] >= 1
     assert summary.wakes["resume"] >= 1
+    assert summary.actions["start"] >= summary.wakes["start"]
     assert summary.requests_waited.get("start", 0) >= 1
     assert summary.requests_waited.get("resume", 0) >= 1
     assert summary.final_states == {"suspended": 5}
-    assert 0 < summary.machine_seconds < summary.always_on_seconds
+    assert summary.machine_seconds > 0
+    # The same requests replayed under the baselines, over the same time.
+    autostop, always_on = summary.baselines
+    assert (autostop.name, always_on.name) == ("fly-autostop", "always-on")
+    assert always_on.machine_seconds == pytest.approx(summary.elapsed_s, rel=0.01)
+    assert always_on.waited == 0
+    assert autostop.waited >= 1  # its first request found no machine started
     print_summary(summary, out)
     text = out.getvalue()
     for phase in ("burst", "steady", "visitor"):
         assert f"--- {phase}" in text
-    assert "errors            none" in text
+    assert f"answers           2xx {summary.requests}, 4xx 0, 5xx 0, transport errors 0" in text
+    assert "Fly's autostop, same requests (" in text
+    assert "one machine always on, same requests (0 waited" in text
     assert "\x1b[" not in text, "no terminal escapes when the output is not a terminal"
 
 
-def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> None:
+def demo_config(tmp_path: Path) -> Path:
+    """The built-in demo config on free ports."""
     config = tmp_path / "demo.yaml"
-    builtin = (Path(__file__).parents[1] / "autoscaler" / "data" / "demo.yaml").read_text()
+    builtin = (REPO / "autoscaler" / "data" / "demo.yaml").read_text()
     config.write_text(
         builtin.replace("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
         .replace("127.0.0.1:9091", f"127.0.0.1:{free_port()}")
         .replace("127.0.0.1:4280", f"127.0.0.1:{free_port()}")
     )
+    return config
+
+
+def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> None:
+    config = demo_config(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "autoscaler", "demo", "--no-traffic", "--config", str(config),
-         "--log-level", "warning"],
+         "--log-file", str(tmp_path / "demo.log")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -82,3 +111,110 @@ def test_demo_refuses_a_real_api(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="only on the embedded emulator"):
         demo_settings(str(config), None)
+
+
+# A machine row's state cell: the state, in its colour (the panel title says "started 0"
+# without one).
+STATE_CELL = r"\x1b\[[\d;]*m{}"
+
+
+def test_the_terminal_view_redraws_in_place_and_ctrl_c_ends_with_the_summary(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "demo.log"
+    screen = io.StringIO()
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "autoscaler", "demo", "--duration", "20", "--machines", "2",
+         "--config", str(demo_config(tmp_path)), "--log-file", str(log)],
+        cwd=str(REPO),
+        env={**os.environ, "TERM": "xterm-256color"},
+        dimensions=(50, 150),
+        encoding="utf-8",
+        timeout=60,
+    )  # fmt: skip
+    child.logfile_read = screen
+    try:
+        child.expect_exact("\x1b[?1049h")  # the alternate screen: a full-screen view
+        child.expect(STATE_CELL.format("stopped"))  # the machines' rows, before any traffic
+        child.expect(STATE_CELL.format("started"))  # ... and as the burst wakes them
+        child.expect_exact("req/s")
+        child.sendintr()  # Ctrl-C in the middle of the story
+        child.expect_exact("\x1b[?1049l")  # the screen given back
+        child.expect_exact("summary")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, screen.getvalue()[-2000:]
+    shown = screen.getvalue()
+    assert f"logs: {log}" in shown
+    assert "machine-seconds" in shown.rsplit("summary", 1)[1]
+    # Every log line went to the file; none reached the screen.
+    logged = log.read_text()
+    assert '"event": "started"' in logged
+    assert '"event"' not in shown
+    assert not re.search(r"\[(info|warning|debug) *\]", shown)
+    assert leftovers(os.getpid()) == []
+
+
+def test_the_baselines_replay_a_known_request_log() -> None:
+    settings = demo_settings(None, machines=2)
+    # Two requests a second apart, then one 28 s later; 40 s in all.
+    log = [(1.0, 0.05), (2.0, 0.05), (30.0, 0.05)]
+    autostop, always_on = replay_baselines(log, settings, 40.0)
+    # One machine, up from the first second to the end of the run: nobody waits.
+    assert always_on == Replayed("always-on", 40.0, waited=0, errors=0)
+    # Fly's autostop starts a machine for the first request (it waits), routes the others
+    # to it, and never looks for idle machines within 40 s (every 300 s): up from the
+    # start call (1 s + the 0.01 s modelled API latency) to the end.
+    assert autostop.name == "fly-autostop"
+    assert autostop.waited == 1
+    assert autostop.errors == 0
+    assert autostop.machine_seconds == pytest.approx(40.0 - 1.01)
+
+
+def test_every_answer_is_counted_by_class() -> None:
+    stats = Stats()
+    stats.record(200, "start", 1.2, arrival=1.0, work_s=0.1)
+    stats.record(200, "none", 0.1, arrival=2.0, work_s=0.1)
+    stats.record(404, "none", 0.01, arrival=3.0, work_s=0.1)
+    stats.record(503, None, 0.01, arrival=4.0, work_s=0.1)
+    stats.record(None, None, 0.5, arrival=5.0, work_s=0.1)
+    assert stats.answers == {"2xx": 2, "4xx": 1, "5xx": 1, "transport errors": 1}
+    assert stats.failed == 3
+    assert stats.wakes_seen == {"start": 1}
+    # A request that waited for a wake is replayed with the work it asked for (the
+    # simulator adds its own wait); the others with the time they took.
+    assert stats.log == [(1.0, 0.1), (2.0, 0.1), (3.0, 0.01), (4.0, 0.01), (5.0, 0.1)]
+
+
+def test_the_summary_says_what_failed_and_what_the_baselines_spent() -> None:
+    summary = Summary(
+        requests=14,
+        answers={"2xx": 10, "4xx": 2, "5xx": 1, "transport errors": 1},
+        wakes={"start": 1, "resume": 0},
+        wake_mean_s={"start": 0.9},
+        actions={"start": 2, "resume": 0, "suspend": 2, "stop": 0},
+        requests_waited={"start": 3},
+        p50_ms=50.0,
+        p99_ms=900.0,
+        machine_seconds=30.4,
+        baselines=[Replayed("fly-autostop", 55.0, 3, 0), Replayed("always-on", 60.0, 0, 2)],
+        final_states={"suspended": 2},
+        elapsed_s=60.0,
+    )
+    assert not summary.ok
+    lines = summary_lines(summary)
+    assert "  answers           2xx 10, 4xx 2, 5xx 1, transport errors 1" in lines
+    assert "  wakes             start 1 (mean 0.90 s), resume 0" in lines
+    assert "  machine actions   start 2, resume 0, suspend 2, stop 0" in lines
+    assert "  requests waited   3 (start 3)" in lines
+    assert "  machine-seconds       30  this run (3 requests waited for a wake)" in lines
+    assert (
+        "                        55  Fly's autostop, same requests (3 waited; idle check every"
+        " 300 s)"
+    ) in lines
+    assert (
+        "                        60  one machine always on, same requests (0 waited, 2 turned"
+        " away or timed out)"
+    ) in lines

@@ -121,6 +121,7 @@ def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
             "-m",
             "autoscaler",
             "run",
+            "--emulator",  # the config names no Machines API: the embedded emulator, asked for
             "--config",
             str(file),
             "--listen",

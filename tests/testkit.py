@@ -6,6 +6,8 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+from autoscaler.config import EmulatorSettings
+
 
 async def until(condition: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
     """Poll ``condition()``, a cheap in-process check, until it holds; fail after ``timeout_s``.
@@ -30,3 +32,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def fly_like(settings: EmulatorSettings) -> EmulatorSettings:
+    """``settings`` with the emulator's ``fly`` timing profile: resumes of a few hundred ms,
+    cold starts of about 2 s, suspends of up to 18 s (docs/emulator.md)."""
+    return settings.model_copy(
+        update={"profile": "fly", "demo_boot_delay_s": None, "resume_delay_s": None}
+    )

@@ -8,8 +8,9 @@ The drain sequence, and why each step is where it is:
 
 1. our metadata key, then cordon, in the API; out of the proxy's routing at once (the view),
    before the API calls, so no new request lands on a machine about to sleep;
-2. wait until nothing is in flight there, or ``drain_timeout_s``; until here the drain can
-   be taken back (a wake cancels it and uncordons: the machine is still warm);
+2. end its WebSockets (close frame 1001) and streamed responses (at a chunk boundary) in
+   the proxy, then wait until nothing is in flight there, or ``drain_timeout_s``; until here
+   the drain can be taken back (a wake cancels it and uncordons: the machine is still warm);
 3. suspend or stop, and wait for the state;
 4. uncordon in the API and drop our key, so that a later start serves traffic at once.
 
@@ -37,6 +38,7 @@ from autoscaler.scaling.fleet import (
     STARTED,
     STOPPED,
     SUSPENDED,
+    SUSPENDING,
 )
 from autoscaler.scaling.policy import Action
 
@@ -115,6 +117,12 @@ class Actuator:
             if action.kind == "uncordon" and current.kind == "drain" and current.waiting:
                 self.take_back(rt, mid)
                 return rt.running.get(mid)
+            if (
+                action.kind == "resume"
+                and current.kind == "drain"
+                and rt.machines[mid].state == SUSPENDING
+            ):
+                return self.interrupt(rt, mid)
             return None
         kind: TaskKind = action.kind
         if kind == "resume" or kind == "start":
@@ -175,16 +183,62 @@ class Actuator:
         _log.info("drain_taken_back", app=rt.name, machine=mid)
         return self._spawn(rt, mid, "uncordon", self.release(rt, mid, force=True))
 
+    def interrupt(self, rt: AppRuntime, mid: str) -> Running:
+        """Take back a drain in its suspend step: cancel it and start the machine, which
+        Fly allows while it is suspending (faster than waking any other machine)."""
+        current = rt.running.pop(mid)
+        current.task.cancel()
+        rt.cordon_held.discard(mid)
+        _log.info("suspend_taken_back", app=rt.name, machine=mid)
+        return self._spawn(rt, mid, "resume", self.bring_up(rt, mid, "resume"))
+
     # --- the actions --------------------------------------------------------------------
 
     async def bring_up(self, rt: AppRuntime, mid: str, kind: TaskKind) -> bool:
-        """Start (or resume) a machine; True once the API says started and its port answers."""
+        """Start (or resume) a machine; True once the API says started and its port answers.
+
+        A cordon of ours on it (a drain taken back, or left behind) is lifted in our view
+        at once and in the API once the machine is up, so the wake waits for no more than
+        the boot. A failed machine's start counts against its restart budget.
+        """
         app = rt.name
         machine = rt.machines[mid]
         deadline = self.clock() + max(rt.config.wake_timeout_s, BOOT_WAIT_MIN_S)
-        if ours(machine):
+        restart = machine.state == FAILED
+        cordon_ours = ours(machine)
+        if cordon_ours:
+            rt.record(mid, self.clock(), cordoned=False)
+        try:
+            up = await self._boot(rt, mid, kind, deadline)
+        except (FlyError, ActionError):
+            if rt.machines.get(mid) is not None and rt.machines[mid].state == FAILED:
+                self._restart_failed(rt, mid, restart)
+            raise
+        if restart:
+            self.metrics.machine_restarts.labels(app=app, result="ok").inc()
+        rt.restarts.pop(mid, None)
+        if cordon_ours:
             # A cordon we left behind would keep the woken machine out of Fly's routing.
-            await self.release(rt, mid)
+            await self.release(rt, mid, force=True)
+        return up
+
+    def _restart_failed(self, rt: AppRuntime, mid: str, restart: bool) -> None:
+        rec = rt.boot_failed(mid, self.clock())
+        if restart:
+            self.metrics.machine_restarts.labels(app=rt.name, result="failed").inc()
+        if rec.exhausted:
+            self.metrics.machine_restarts.labels(app=rt.name, result="exhausted").inc()
+            _log.warning(
+                "restart_budget_spent",
+                app=rt.name,
+                machine=mid,
+                failures=rec.failures,
+                hint="left alone until its state changes; see fly machine status",
+            )
+
+    async def _boot(self, rt: AppRuntime, mid: str, kind: TaskKind, deadline: float) -> bool:
+        app = rt.name
+        machine = rt.machines[mid]
         with self.counting_failure(rt, kind):
             try:
                 await self.api.start_machine(app, mid)
@@ -231,6 +285,10 @@ class Actuator:
                 await self.api.cordon_machine(app, mid)
             self.count(rt, "cordon", True)
             rt.record(mid, self.clock(), cordoned=True)
+            # WebSockets and streams would never end by themselves, and a suspend would
+            # freeze them: they are told to go now (1001 / end of stream), clients reconnect
+            # to machines that stay.
+            self.view.end_long_lived(app, mid)
             idle = await self._wait_idle(rt, mid, rt.config.drain_timeout_s)
             run = rt.running.get(mid)
             if run is not None and run.kind == "drain":

@@ -48,6 +48,12 @@ class MachineStatus:
     cordoned: bool
     in_flight: int
     last_used: float | None
+    failures: int = 0
+    """Our starts of it that failed in a row."""
+    next_retry_at: float | None = None
+    """When a failed machine may be started again (None: not failed, or left alone)."""
+    left_alone: bool = False
+    """Failed past ``max_restart_attempts``: not started again until its state changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +318,7 @@ class Controller:
             machines = []
             for machine in rt.machines.values():
                 up = view.upstreams.get(machine.id)
+                restarts = rt.restarts.get(machine.id)
                 machines.append(
                     MachineStatus(
                         id=machine.id,
@@ -319,6 +326,11 @@ class Controller:
                         cordoned=rt.cordoned(machine),
                         in_flight=up.in_flight if up else 0,
                         last_used=up.last_used if up else None,
+                        failures=restarts.failures if restarts else 0,
+                        next_retry_at=(
+                            restarts.retry_at if restarts and not restarts.exhausted else None
+                        ),
+                        left_alone=restarts.exhausted if restarts else False,
                     )
                 )
             out.append(

@@ -23,6 +23,7 @@ from autoscaler.control.view import AppView, MachineInfo
 from autoscaler.fly.models import Machine
 from autoscaler.scaling.fleet import (
     CORDON_METADATA_KEY,
+    FAILED,
     FINAL_STATES,
     STARTED,
     Fleet,
@@ -34,6 +35,18 @@ from autoscaler.scaling.window import LoadWindows
 # What an action task of ours is doing to a machine; "drain" covers the whole sequence.
 TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "cleanup"]
 DEFAULT_PORT = 8080
+RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
+RESTART_MAX_S = 300.0
+
+
+@dataclass(slots=True)
+class Restarts:
+    """A failed machine: how many of our starts failed in a row, and when to try again."""
+
+    failures: int
+    retry_at: float
+    exhausted: bool = False
+    """``max_restart_attempts`` failures in a row: left alone until its state changes."""
 
 
 def ours(machine: Machine) -> bool:
@@ -66,6 +79,7 @@ class AppRuntime:
     state_since: dict[str, float] = field(default_factory=dict)
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
+    restarts: dict[str, Restarts] = field(default_factory=dict)
     read_once: bool = False
     desired: int | None = None
     panic: bool = False
@@ -120,6 +134,17 @@ class AppRuntime:
         for mid in list(self.state_since):
             if mid not in fresh:
                 del self.state_since[mid]
+        for mid, machine in fresh.items():
+            if machine.state == FAILED and mid not in self.restarts:
+                # Failed before we knew it (its boot by someone else, or by a process of
+                # ours that died): no attempt of ours spent yet, the first one at once.
+                self.restarts[mid] = Restarts(0, now, self.config.max_restart_attempts <= 0)
+        # A machine that left the failed state (started by us, fixed by someone) is clean.
+        self.restarts = {
+            k: v
+            for k, v in self.restarts.items()
+            if k in fresh and (fresh[k].state == FAILED or k in self.running)
+        }
         self.touched = {k: v for k, v in self.touched.items() if k in fresh}
         self.machines = fresh
         self.read_once = True
@@ -177,11 +202,12 @@ class AppRuntime:
             out.append(MachineInfo(machine.id, host, port, machine.state, self.cordoned(machine)))
         return out
 
-    def fleet(self, view: AppView, now: float | None = None) -> Fleet:
+    def fleet(self, view: AppView, now: float | None = None, *, urgent: bool = False) -> Fleet:
         """The policy's snapshot: API state, our bookkeeping, and live load from the proxy.
 
         With ``now``, a machine whose last action failed less than its backoff ago counts
-        as busy, so the policy picks another one (the wake passes no ``now``: it is urgent).
+        as busy, so the policy picks another one; ``urgent`` (a wake) ignores that cooldown,
+        but not the backoff of a failed machine's restarts.
         """
         snaps = []
         for machine in self.machines.values():
@@ -203,15 +229,40 @@ class AppRuntime:
                     cordoned=cordoned,
                     cordoned_by_us=cordoned and (ours(machine) or machine.id in self.cordon_held),
                     draining=draining,
-                    busy=(run is not None and not draining) or self.cooling(machine.id, now),
+                    busy=(run is not None and not draining)
+                    or (not urgent and self.cooling(machine.id, now)),
                     in_flight=up.in_flight if up else 0,
                     last_used=up.last_used if up else None,
                     started_at=up.started_at if up and machine.state == STARTED else None,
                     state_since=self.state_since.get(machine.id),
+                    restartable=self.restartable(machine.id, now),
                     pending=pending,
                 )
             )
         return Fleet.of(self.name, snaps)
+
+    def restartable(self, machine_id: str, now: float | None) -> bool:
+        """A failed machine we may start again now (see ``Restarts``)."""
+        rec = self.restarts.get(machine_id)
+        if not self.config.restart_failed or rec is None or rec.exhausted:
+            return False
+        return now is None or now >= rec.retry_at
+
+    def next_restart_at(self) -> float | None:
+        """When the earliest failed machine with budget left may be started again."""
+        if not self.config.restart_failed:
+            return None
+        times = [r.retry_at for r in self.restarts.values() if not r.exhausted]
+        return min(times, default=None)
+
+    def boot_failed(self, machine_id: str, now: float) -> Restarts:
+        """A start of ours ended in ``failed``: count it, and back off exponentially."""
+        rec = self.restarts.get(machine_id)
+        failures = 1 if rec is None else rec.failures + 1
+        delay = min(RESTART_MAX_S, RESTART_BASE_S * 2.0 ** (failures - 1))
+        rec = Restarts(failures, now + delay, failures >= self.config.max_restart_attempts)
+        self.restarts[machine_id] = rec
+        return rec
 
     def cooling(self, machine_id: str, now: float | None) -> bool:
         entry = self.cooldown.get(machine_id)

@@ -28,6 +28,8 @@ Clock = Callable[[], float]
 # The controller's wake: brings one machine of the app to routable and says how
 # ("resume", "start", or "none" when one was routable already).
 Waker = Callable[[str], Coroutine[Any, Any, str]]
+# The proxy's: ends the WebSockets and streams it carries to (app, machine); how many.
+Closer = Callable[[str, str], int]
 
 
 class Upstream:
@@ -41,6 +43,7 @@ class Upstream:
         "id",
         "in_flight",
         "last_used",
+        "owner",
         "port",
         "started_at",
         "state",
@@ -58,6 +61,9 @@ class Upstream:
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
         self.authority = authority(host, port)
+        self.owner: AppView | None = None
+        """The view that counts its load: a request gives its slot back there, even after
+        the app left the configuration (a re-added app gets a new view, at zero)."""
 
     def __repr__(self) -> str:
         return f"Upstream(id={self.id!r}, authority={self.authority!r}, state={self.state!r})"
@@ -111,6 +117,7 @@ class AppView:
             up = self.upstreams.get(info.id)
             if up is None:
                 up = Upstream(info.id, info.host, info.port)
+                up.owner = self
                 up.state = ""  # so the started_at bookkeeping below sees a change
             elif (up.host, up.port) != (info.host, info.port):
                 up.set_address(info.host, info.port)
@@ -215,6 +222,7 @@ class FleetView:
         self.clock = clock
         self.apps: dict[str, AppView] = {}
         self._waker: Waker | None = None
+        self._closer: Closer | None = None
         self._wakes: dict[str, asyncio.Task[str]] = {}
 
     def app(self, name: str) -> AppView:
@@ -231,6 +239,14 @@ class FleetView:
 
     def set_waker(self, waker: Waker | None) -> None:
         self._waker = waker
+
+    def set_closer(self, closer: Closer | None) -> None:
+        self._closer = closer
+
+    def end_long_lived(self, app: str, machine_id: str) -> int:
+        """Before a machine is suspended or stopped: the proxy ends what it still carries
+        to it (WebSockets get 1001, streams end at a chunk boundary)."""
+        return self._closer(app, machine_id) if self._closer is not None else 0
 
     @property
     def can_wake(self) -> bool:

@@ -6,9 +6,12 @@ one task, and the app's wake lock makes a direct caller (tests, a second view) q
 a wake already running, then find the machine routable and return "none".
 
 The choice of machine is the policy's (``choose_wake``, rule 2): take back a machine we are
-draining (it is warm), else resume a suspended one, else start a stopped one. A machine
-that fails to come up is dropped from consideration and the next one is tried, until the
-app's ``wake_timeout_s``.
+draining (it is warm), else take back one being suspended (Fly lets a start interrupt a
+suspend), else resume a suspended one, else start a stopped one, else start a failed one
+again (within its restart backoff and budget). A machine that fails to come up is dropped
+from consideration and the next one is tried; with none left, the wake waits for machines
+in transition (a stop under way ends in a startable state) or a failed machine's next
+restart, until the app's ``wake_timeout_s``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from autoscaler.fly.client import MachinesAPI
 from autoscaler.fly.errors import FlyError
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.scaling.fleet import MOVING_STATES, Fleet
+from autoscaler.scaling.fleet import FAILED, MOVING_STATES, Fleet
 from autoscaler.scaling.policy import choose_wake
 
 _log = get_logger("autoscaler.control")
@@ -65,13 +68,20 @@ class Waker:
                     if joined and view.routable():
                         self._observe(rt, running.kind, t0)
                         return running.kind
-                fleet = rt.fleet(view)
+                now = act.clock()
+                fleet = rt.fleet(view, now, urgent=True)
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
                 if action is None:
-                    moving = [m for m in fleet if m.state in MOVING_STATES]
-                    if not moving or act.clock() >= deadline:
+                    # Machines in transition (or with an action of ours under way) end
+                    # somewhere a wake can use; a failed machine can be tried again later.
+                    moving = any(m.state in MOVING_STATES or m.pending for m in fleet)
+                    retry_at = rt.next_restart_at()
+                    if now >= deadline or (
+                        not moving and (retry_at is None or retry_at >= deadline)
+                    ):
                         raise WakeError(f"app {rt.name}: no machine that can be woken")
-                    await act.sleep(RECHECK_S)  # someone else's start or stop: look again
+                    pause = RECHECK_S if moving or retry_at is None else retry_at - now
+                    await act.sleep(max(0.0, min(pause, deadline - now)))
                     await self._refresh_quietly(rt)
                     continue
                 mid = action.machine_id
@@ -88,7 +98,7 @@ class Waker:
                     failed.add(mid)
                     continue
                 busy = rt.running.get(mid)
-                if busy is not None:
+                if busy is not None and not (action.kind == "resume" and busy.kind == "drain"):
                     await busy.task  # its own action first (a suspend under way), then again
                     await self._refresh_quietly(rt)
                     continue
@@ -98,7 +108,9 @@ class Waker:
                     took = self._observe(rt, action.kind, t0)
                     _log.info("wake", app=rt.name, machine=mid, how=action.kind, took_s=took)
                     return action.kind
-                failed.add(mid)
+                machine = rt.machines.get(mid)
+                if machine is None or machine.state != FAILED:
+                    failed.add(mid)  # a failed boot is retried after its restart backoff
                 if act.clock() >= deadline:
                     raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
                 await self._refresh_quietly(rt)

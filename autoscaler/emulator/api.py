@@ -17,8 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from autoscaler.emulator import validate
+from autoscaler.emulator import ps, validate
 from autoscaler.emulator.leases import MAX_TTL_S, NONCE_HEADER
+from autoscaler.emulator.machines import Conflict
 from autoscaler.emulator.middleware import (
     CTX,
     Context,
@@ -34,10 +35,13 @@ from autoscaler.emulator.middleware import (
     read_body,
     world_of,
 )
-from autoscaler.emulator.model import RESTING, WAITABLE, Machine
+from autoscaler.emulator.model import EVENTS_DEFAULT, MAX_EVENTS, RESTING, WAITABLE, Machine
 from autoscaler.emulator.world import NotFound
 
 __all__ = ["CTX", "ROUTES", "Context", "build_app"]
+
+WAIT_MAX_S = 60  # the real API answers 400 to a longer /wait (FLY_API_NOTES in docs/)
+SEED_WAIT_MAX_S = 300  # the seed's limit, behind emulator.seed_wait_limits
 
 
 # --- apps ------------------------------------------------------------------------------
@@ -72,25 +76,63 @@ async def delete_app(request: web.Request) -> web.Response:
 # --- machines --------------------------------------------------------------------------
 
 
+# What ``summary=true`` leaves out of each machine, as the real spec says.
+_NOT_IN_SUMMARY = ("config", "checks", "events", "host_status", "nonce")
+
+
 async def list_machines(request: web.Request) -> web.Response:
+    """The app's machines, filtered by ``state`` (comma-separated), ``region`` and
+    ``metadata.{key}=value`` (as clients ask for ``metadata.fly_process_group=web``);
+    ``include_deleted`` adds the machines destroyed lately; ``summary`` leaves out the
+    config, checks and events."""
     app = world_of(request).app(request.match_info["app_name"])
     wanted = {s for s in request.query.get("state", "").split(",") if s}
-    machines = [
-        m.to_json()
-        for m in app.machines.values()
-        if m.state != "destroyed" and (not wanted or m.state in wanted)
-    ]
+    region = request.query.get("region")
+    meta = {k[len("metadata.") :]: v for k, v in request.query.items() if k.startswith("metadata.")}
+    candidates = list(app.machines.values())
+    if query_flag(request, "include_deleted"):
+        candidates = app.deleted + candidates
+    summary = query_flag(request, "summary")
+    machines = []
+    for m in candidates:
+        if m.state == "destroyed" and m.id in app.machines:
+            continue  # being forgotten; listed with include_deleted once it is gone
+        if wanted and m.state not in wanted:
+            continue
+        if region and m.region != region:
+            continue
+        have = m.config.get("metadata") or {}
+        if any(have.get(k) != v for k, v in meta.items()):
+            continue
+        out = m.to_json()
+        if summary:
+            for key in _NOT_IN_SUMMARY:
+                out.pop(key, None)
+        machines.append(out)
     return web.json_response(machines)
 
 
 async def create_machine(request: web.Request) -> web.Response:
     world = world_of(request)
     app = world.app(request.match_info["app_name"])
-    config, name, region, skip_launch = validate.machine_request(await read_body(request))
+    body = await read_body(request)
+    config, name, region, skip_launch = validate.machine_request(body)
+    lease_ttl = validate.lease_ttl(body, MAX_TTL_S)
     m = world.create_machine(app, config, name, region)
+    nonce = None
+    if lease_ttl is not None:
+        # As on Fly: the new machine is leased to its creator, the nonce only in this body.
+        nonce = request.app[CTX].leases.acquire(m.id, m.instance_id, lease_ttl, "", None).nonce
     if not skip_launch:
         world.lifecycle.start(m)
-    return web.json_response(m.to_json())
+        # On Fly a launch is one user event ("launch", created); the boot then ends in the
+        # platform's "start" (started), with no user "start" between them.
+        if m.events and (m.events[-1].type, m.events[-1].status) == ("start", "starting"):
+            m.events.pop()
+    out = m.to_json()
+    if nonce is not None:
+        out["nonce"] = nonce
+    return web.json_response(out)
 
 
 async def get_machine(request: web.Request) -> web.Response:
@@ -176,9 +218,16 @@ async def wait_machine(request: web.Request) -> web.Response:
             return ok_body(state="destroyed")
         raise
     states = _wait_states(request)
+    seed_rules = world_of(request).settings.seed_wait_limits
     raw_timeout = request.query.get("timeout")
-    timeout = 60.0 if raw_timeout is None else validate.seconds(raw_timeout, "timeout", 1, 300)
+    longest = SEED_WAIT_MAX_S if seed_rules else WAIT_MAX_S
+    timeout = 60.0 if raw_timeout is None else validate.seconds(raw_timeout, "timeout", 1, longest)
     instance_id = request.query.get("instance_id") or request.query.get("version")
+    if "stopped" in states and not instance_id and not seed_rules:
+        raise validate.BadRequest(
+            "version: required when waiting for state stopped (pass the machine's "
+            "instance_id as version or instance_id, as the real API requires)"
+        )
     if instance_id and instance_id != m.instance_id and instance_id not in m.versions:
         raise validate.BadRequest(f"instance_id: {instance_id!r} is no version of machine {m.id}")
     loop = asyncio.get_running_loop()
@@ -195,6 +244,48 @@ async def wait_machine(request: web.Request) -> web.Response:
             )
     event_id = m.events[-1].id if m.events else ""
     return ok_body(state=m.state, version=m.instance_id, event_id=event_id)
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    """The machine's configurations, newest first: the current one and those it kept."""
+    m = machine_of(request)
+    out = [{"version": m.instance_id, "user_config": m.config}]
+    out += [
+        {"version": v, "user_config": m.past_configs[v]}
+        for v in reversed(m.versions)
+        if v in m.past_configs
+    ]
+    return web.json_response(out)
+
+
+_PS_KEYS = ("pid", "cpu", "rss", "rtime", "stime", "command")
+
+
+async def list_processes(request: web.Request) -> web.Response:
+    m = machine_of(request)
+    sort_by = request.query.get("sort_by", "pid")
+    if sort_by not in _PS_KEYS:
+        raise validate.BadRequest(
+            f"sort_by: expected one of {', '.join(_PS_KEYS)}, got {sort_by!r}"
+        )
+    order = request.query.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise validate.BadRequest(f"order: expected asc or desc, got {order!r}")
+    mp = world_of(request).lifecycle.procs.get(m.id)
+    if m.state != "started" or mp is None:
+        raise Conflict(f"unable to list processes of machine in current state: '{m.state}'")
+    stats = ps.processes(mp.pid)
+    stats.sort(key=lambda p: p[sort_by], reverse=order == "desc")
+    return web.json_response(stats)
+
+
+def not_emulated(method: str, path: str) -> Handler:
+    """A real-API endpoint the emulator does not play: 501 naming it (after auth)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return error(501, f"not implemented in the emulator: {method} {path}")
+
+    return handler
 
 
 async def cordon(request: web.Request) -> web.Response:
@@ -235,7 +326,16 @@ async def release_lease(request: web.Request) -> web.Response:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    return web.json_response([e.to_json() for e in reversed(machine_of(request).events)])
+    """The machine's events, newest first: ``limit`` of them (default 20; more than 50
+    gives 50, the most the real API returns)."""
+    m = machine_of(request)
+    raw = request.query.get("limit")
+    limit = EVENTS_DEFAULT
+    if raw is not None:
+        if not raw.isdigit() or int(raw) < 1:
+            raise validate.BadRequest(f"limit: expected a positive integer, got {raw!r}")
+        limit = min(int(raw), MAX_EVENTS)
+    return web.json_response([e.to_json() for e in reversed(m.events[-limit:])])
 
 
 # --- metadata --------------------------------------------------------------------------
@@ -380,6 +480,8 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("POST", _M + "/cordon", cordon, "cordonMachine"),
     ("POST", _M + "/uncordon", cordon, "uncordonMachine"),
     ("GET", _M + "/events", list_events, "listMachineEvents"),
+    ("GET", _M + "/versions", list_versions, "listMachineVersions"),
+    ("GET", _M + "/ps", list_processes, "listMachineProcesses"),
     ("GET", _M + "/lease", get_lease, "getMachineLease"),
     ("POST", _M + "/lease", create_lease, "createMachineLease"),
     ("DELETE", _M + "/lease", release_lease, "releaseMachineLease"),
@@ -399,9 +501,57 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
 ]
 
 
+# Every other endpoint of Fly's published spec (paths below /v1): a clear 501, so a client
+# learns which call the emulator lacks instead of meeting a bare 404.
+NOT_EMULATED: list[tuple[str, str]] = [
+    ("GET", "/apps/{app_name}/certificates"),
+    ("POST", "/apps/{app_name}/certificates/acme"),
+    ("POST", "/apps/{app_name}/certificates/custom"),
+    ("GET", "/apps/{app_name}/certificates/{hostname}"),
+    ("DELETE", "/apps/{app_name}/certificates/{hostname}"),
+    ("DELETE", "/apps/{app_name}/certificates/{hostname}/acme"),
+    ("POST", "/apps/{app_name}/certificates/{hostname}/check"),
+    ("DELETE", "/apps/{app_name}/certificates/{hostname}/custom"),
+    ("POST", "/apps/{app_name}/deploy_token"),
+    ("GET", "/apps/{app_name}/ip_assignments"),
+    ("POST", "/apps/{app_name}/ip_assignments"),
+    ("DELETE", "/apps/{app_name}/ip_assignments/{ip}"),
+    ("POST", "/apps/{app_name}/machines/{machine_id}/exec"),
+    ("GET", "/apps/{app_name}/machines/{machine_id}/memory"),
+    ("PUT", "/apps/{app_name}/machines/{machine_id}/memory"),
+    ("POST", "/apps/{app_name}/machines/{machine_id}/memory/reclaim"),
+    ("PUT", "/apps/{app_name}/machines/{machine_id}/metadata"),
+    ("PATCH", "/apps/{app_name}/machines/{machine_id}/metadata"),
+    ("GET", "/apps/{app_name}/secretkeys"),
+    ("GET", "/apps/{app_name}/secretkeys/{secret_name}"),
+    ("POST", "/apps/{app_name}/secretkeys/{secret_name}"),
+    ("DELETE", "/apps/{app_name}/secretkeys/{secret_name}"),
+    ("POST", "/apps/{app_name}/secretkeys/{secret_name}/decrypt"),
+    ("POST", "/apps/{app_name}/secretkeys/{secret_name}/encrypt"),
+    ("POST", "/apps/{app_name}/secretkeys/{secret_name}/generate"),
+    ("POST", "/apps/{app_name}/secretkeys/{secret_name}/sign"),
+    ("POST", "/apps/{app_name}/secretkeys/{secret_name}/verify"),
+    ("GET", "/apps/{app_name}/secrets"),
+    ("POST", "/apps/{app_name}/secrets"),
+    ("GET", "/apps/{app_name}/secrets/{secret_name}"),
+    ("POST", "/apps/{app_name}/secrets/{secret_name}"),
+    ("DELETE", "/apps/{app_name}/secrets/{secret_name}"),
+    ("GET", "/orgs/{org_slug}/machines"),
+    ("GET", "/orgs/{org_slug}/volumes"),
+    ("POST", "/platform/placements"),
+    ("GET", "/platform/regions"),
+    ("POST", "/tokens/authenticate"),
+    ("POST", "/tokens/authorize"),
+    ("GET", "/tokens/current"),
+    ("POST", "/tokens/kms"),
+]
+
+
 def build_app(ctx: Context) -> web.Application:
     app = web.Application(middlewares=[errors_mw, auth_mw, limits_mw])
     app[CTX] = ctx
     for method, path, handler, name in ROUTES:
         app.router.add_route(method, path, handler, name=name)
+    for method, path in NOT_EMULATED:
+        app.router.add_route(method, "/v1" + path, not_emulated(method, "/v1" + path))
     return app

@@ -21,8 +21,16 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from autoscaler.config import EmulatorSettings, FaultSettings
-from autoscaler.emulator.model import MAX_EVENTS, Event, Ids, Machine, now_rfc3339
+from autoscaler.config import EmulatorSettings, FaultSettings, Timing
+from autoscaler.emulator.checks import HealthChecks
+from autoscaler.emulator.model import (
+    MAX_EVENTS,
+    Event,
+    Ids,
+    Machine,
+    now_rfc3339,
+    settled_event,
+)
 from autoscaler.emulator.procs import (
     PARENT_ENV,
     SESSION_ENV,
@@ -33,6 +41,7 @@ from autoscaler.emulator.procs import (
     spawn,
     wait_listening,
 )
+from autoscaler.logs import get_logger
 
 DEMO_IMAGE = "autoscaler/demo-app"
 DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {port}"
@@ -40,9 +49,15 @@ DEFAULT_MAX_RETRIES = 10  # Fly's default for on-failure
 # Never handed to a machine: a real Fly machine does not see your API token either.
 _ENV_DENY_PREFIXES = ("FLY_", "AUTOSCALER_", "EMULATOR_")
 
+log = get_logger(__name__)
+
 
 class Conflict(Exception):
     """The operation makes no sense in the machine's current state (HTTP 412)."""
+
+
+class HostUnreachable(Exception):
+    """The machine's host cannot be reached (``faults.host_unreachable``; HTTP 503)."""
 
 
 class Lifecycle:
@@ -55,9 +70,12 @@ class Lifecycle:
         pool: AddressPool,
         on_change: Callable[[], None],
         on_gone: Callable[[Machine], None],
+        find: Callable[[str], Machine | None] = lambda _: None,
     ) -> None:
         self.settings = settings
         self._on_gone = on_gone  # the world forgets a destroyed machine
+        self._find = find  # a machine by id, for faults named by id
+        self._faults_changed = asyncio.Event()  # replaced and set on every change
         self.faults: FaultSettings = settings.faults
         self._ids = ids
         self._rng = rng
@@ -68,21 +86,53 @@ class Lifecycle:
         self.spawned: list[int] = []  # every pid ever started, for leak checks
         self.outputs: dict[str, deque[str]] = {}  # last output of each machine's process
         self._ops: dict[str, asyncio.Task[None]] = {}
+        self._snapshots: dict[str, float] = {}  # machine id → loop time of its suspend
         self._tasks: set[asyncio.Task[None]] = set()
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
         self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
+        self.checks = HealthChecks(self.runs_demo_image, on_change)
+        self._stand_ins: set[str] = set()  # unknown images already logged
+        self.timing: Timing = settings.effective_timing()
+
+    def draw(self, span: float | tuple[float, float]) -> float:
+        """One duration from a timing knob: fixed, or uniform in [lo, hi] (the injected rng)."""
+        if isinstance(span, tuple):
+            lo, hi = span
+            return lo if hi <= lo else self._rng.uniform(lo, hi)
+        return span
+
+    async def _pad(self, since: float, duration: float) -> None:
+        """Sleep until ``duration`` seconds have passed since ``since`` (loop time)."""
+        left = since + duration - asyncio.get_running_loop().time()
+        if left > 0:
+            await asyncio.sleep(left)
 
     # --- images and environment ----------------------------------------------------
 
     def resolve_image(self, image: str) -> str | None:
-        """The command template for an image, also matching without its ``:tag``."""
+        """The command template for an image, also matching without its ``:tag``.
+
+        An image not in the table runs the built-in demo app under its own name (logged
+        once per image), so tools that create machines from real image names work; None
+        only with ``strict_images``.
+        """
         if image in self.images:
             return self.images[image]
         base, sep, tag = image.rpartition(":")
         if sep and "/" not in tag and base in self.images:
             return self.images[base]
-        return None
+        if self.settings.strict_images:
+            return None
+        if image not in self._stand_ins:
+            self._stand_ins.add(image)
+            log.info("emulator_image_stand_in", image=image, runs=DEMO_IMAGE)
+        return DEMO_COMMAND
+
+    def runs_demo_image(self, m: Machine) -> bool:
+        """The machine's image is the built-in demo app's (with or without a tag)."""
+        image = str(m.config.get("image", ""))
+        return DEMO_IMAGE in (image, image.rpartition(":")[0])
 
     def command(self, m: Machine) -> list[str]:
         template = self.resolve_image(str(m.config.get("image", "")))
@@ -96,7 +146,7 @@ class Lifecycle:
             argv.append(arg)
         return argv
 
-    def environment(self, m: Machine) -> dict[str, str]:
+    def environment(self, m: Machine, boot_s: float = 0.0) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DENY_PREFIXES)}
         if SESSION_ENV in os.environ:  # a test session's mark, kept so it finds leftovers
             env[SESSION_ENV] = os.environ[SESSION_ENV]
@@ -111,11 +161,14 @@ class Lifecycle:
                 "FLY_PRIVATE_IP": m.private_ip,
                 "FLY_IMAGE_REF": str(m.config.get("image", "")),
                 "FLY_MACHINE_VERSION": m.instance_id,
-                "DEMO_BOOT_DELAY_S": str(self.settings.demo_boot_delay_s),
+                "DEMO_BOOT_DELAY_S": str(boot_s),  # this boot's start_s
                 # Lets a test session find leftovers of this emulator by their environment.
                 PARENT_ENV: str(os.getpid()),
             }
         )
+        group = (m.config.get("metadata") or {}).get("fly_process_group")
+        if group:  # as Fly sets it for a machine of a process group
+            env["FLY_PROCESS_GROUP"] = str(group)
         return env
 
     # --- state changes ---------------------------------------------------------------
@@ -129,8 +182,10 @@ class Lifecycle:
         source: str = "user",
         request: dict[str, Any] | None = None,
     ) -> None:
-        m.state = state
+        previous, m.state = m.state, state
         m.updated_at = now_rfc3339()
+        if kind is None and previous != state:
+            kind, source, request = settled_event(m, previous, state, source, request)
         if kind is not None:
             m.events.append(
                 Event(
@@ -143,6 +198,7 @@ class Lifecycle:
                 )
             )
             del m.events[:-MAX_EVENTS]
+        self.checks.sync(m)  # health checks run while the machine is started
         m.touch()
         self._on_change()
 
@@ -167,43 +223,100 @@ class Lifecycle:
     # --- operations (called by the API; raise Conflict for 412) -----------------------
 
     def start(self, m: Machine) -> str:
+        """Start (or resume) a machine; the previous state, as the real API answers.
+
+        From ``suspending``, as on Fly since interruptible suspend: the suspend is
+        abandoned and the frozen process resumed, through ``starting``. From
+        ``suspended``: a resume from the snapshot, unless it is gone, older than
+        ``timing.snapshot_ttl_s`` or lost to ``faults.resume_cold_rate``, when it is a
+        cold boot. The flyd event that ends the start says which: ``start`` with
+        ``{"resume": true}``, or ``launch`` with ``{"resume": false, "reason": ...}``.
+        """
+        self._reachable(m)
         previous = m.state
-        if previous not in ("stopped", "suspended", "created", "failed"):
+        if previous not in ("stopped", "suspended", "suspending", "created", "failed"):
             raise Conflict(f"unable to start machine from current state: '{previous}'")
         self.command(m)  # raises Conflict when the image vanished from the table
         m.restarts = 0
-        self.record(m, "starting", "start")
-        self._run(m, self._start(m, resume=previous == "suspended"))
+        if previous == "suspending":
+            current = self._ops.pop(m.id, None)
+            if current is not None:
+                current.cancel()  # the memory copy is abandoned, the snapshot never made
+            self.record(m, "starting", "start")
+            self._run(m, self._unfreeze(m, {"resume": True, "interrupted": "suspend"}))
+        elif previous == "suspended":
+            reason = self._cold_reason(m)
+            self.record(m, "starting", "start")
+            if reason is None:
+                self._run(m, self._resume(m))
+            else:
+                self._run(m, self._cold_start(m, reason))
+        else:
+            self.record(m, "starting", "start")
+            self._run(m, self._boot(m))
         return previous
 
+    def _cold_reason(self, m: Machine) -> str | None:
+        """Why a start from ``suspended`` cannot resume; None when it can."""
+        mp = self.procs.get(m.id)
+        taken = self._snapshots.get(m.id)
+        if mp is None or mp.returncode is not None or taken is None:
+            return "no snapshot"
+        ttl = self.timing.snapshot_ttl_s
+        age = asyncio.get_running_loop().time() - taken
+        if ttl is not None and age > ttl:
+            return f"snapshot expired ({age:.1f}s old, timing.snapshot_ttl_s is {ttl:g}s)"
+        rate = self.faults.resume_cold_rate
+        if rate and self._rng.random() < rate:
+            return "snapshot unusable (faults.resume_cold_rate)"
+        return None
+
     def stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+        self._reachable(m)
         if m.state not in ("started", "suspended", "failed"):
             raise Conflict(f"unable to stop machine from current state: '{m.state}'")
         self.record(m, "stopping", "stop", request={"signal": signal.Signals(sig).name})
         self._run(m, self._stop(m, sig, timeout_s))
 
     def restart(self, m: Machine, sig: int, timeout_s: float) -> None:
+        self._reachable(m)
         if m.state != "started":
             raise Conflict(f"unable to restart machine from current state: '{m.state}'")
         self.record(m, "restarting", "restart", request={"signal": signal.Signals(sig).name})
         self._run(m, self._restart(m, sig, timeout_s))
 
     def send_signal(self, m: Machine, sig: int) -> None:
+        self._reachable(m)
         mp = self.procs.get(m.id)
         if m.state != "started" or mp is None:
             raise Conflict(f"unable to signal machine in current state: '{m.state}'")
         mp.signal(sig)  # an exit it causes is handled like any other exit
 
     def suspend(self, m: Machine) -> None:
+        self._reachable(m)
         if m.state != "started":
             raise Conflict(f"unable to suspend machine from current state: '{m.state}'")
         mp = self.procs.get(m.id)
         self.record(m, "suspending", "suspend")
         if mp is not None:
-            mp.signal(signal.SIGSTOP)  # memory kept, like Fly's snapshot
-        self.record(m, "suspended")
+            # Frozen at once, as Fly pauses the VM while it copies the memory out.
+            mp.signal(signal.SIGSTOP)
+        duration = self.draw(self.timing.suspend_s)
+        if duration > 0:
+            self._run(m, self._suspend(m, duration))
+        else:
+            self._suspended(m)
+
+    async def _suspend(self, m: Machine, duration: float) -> None:
+        await asyncio.sleep(duration)
+        self._suspended(m)
+
+    def _suspended(self, m: Machine) -> None:
+        self._snapshots[m.id] = asyncio.get_running_loop().time()
+        self.record(m, "suspended", source="flyd")
 
     def update(self, m: Machine, config: dict[str, Any], name: str | None) -> None:
+        self._reachable(m)
         if m.state not in ("started", "stopped", "suspended", "created", "failed"):
             raise Conflict(f"unable to update machine from current state: '{m.state}'")
         previous = m.state
@@ -227,7 +340,71 @@ class Lifecycle:
         if current is not None and current is not asyncio.current_task():
             current.cancel()  # e.g. a boot in progress; its process is killed below
         self.record(m, "destroying", "destroy")
-        self._run(m, self._destroy(m))
+        if m.id in self.faults.host_unreachable:
+            # As Fly does for a dead host: flagged `destroying`, destroyed once it is back.
+            self._run(m, self._destroy_when_reachable(m))
+        else:
+            self._run(m, self._destroy(m))
+
+    def _reachable(self, m: Machine) -> None:
+        if m.id in self.faults.host_unreachable:
+            raise HostUnreachable(
+                f"machine {m.id}: its host is unreachable (host_status: unreachable); "
+                "the action cannot reach it, try again later or use another machine"
+            )
+
+    # --- faults ----------------------------------------------------------------------
+
+    def set_faults(self, faults: FaultSettings) -> None:
+        """Replace the faults; a machine named in (or dropped from) ``hung`` or
+        ``host_unreachable`` changes at once."""
+        old, self.faults = self.faults, faults
+        for mid in set(old.hung) - set(faults.hung):
+            self._thaw(mid)
+        for mid in set(faults.hung) - set(old.hung):
+            self._hang(mid)
+        for mid in set(old.host_unreachable) ^ set(faults.host_unreachable):
+            m = self._find(mid)
+            if m is not None:
+                m.host_status = "unreachable" if mid in faults.host_unreachable else "ok"
+                self.record(m, m.state)
+        fired, self._faults_changed = self._faults_changed, asyncio.Event()
+        fired.set()
+
+    def _hang(self, mid: str) -> None:
+        """SIGSTOP a started machine's process: the kernel still completes TCP handshakes
+        into the listening socket's backlog, but nothing is ever read or answered."""
+        m, mp = self._find(mid), self.procs.get(mid)
+        if m is not None and mp is not None and m.state == "started":
+            mp.signal(signal.SIGSTOP)
+
+    def _thaw(self, mid: str) -> None:
+        m, mp = self._find(mid), self.procs.get(mid)
+        if m is not None and mp is not None and m.state == "started":
+            mp.signal(signal.SIGCONT)  # a suspending or suspended one stays frozen
+
+    def _now_started(self, m: Machine) -> None:
+        """After every start: the hang and lost-host rates, and a hang named in advance."""
+        f = self.faults
+        hung = f.hang_rate > 0 and self._rng.random() < f.hang_rate and m.id not in f.hung
+        lost = (
+            f.host_unreachable_rate > 0
+            and self._rng.random() < f.host_unreachable_rate
+            and m.id not in f.host_unreachable
+        )
+        if hung or lost:
+            self.set_faults(
+                f.model_copy(
+                    update={
+                        "hung": [*f.hung, m.id] if hung else f.hung,
+                        "host_unreachable": [*f.host_unreachable, m.id]
+                        if lost
+                        else f.host_unreachable,
+                    }
+                )
+            )
+        elif m.id in f.hung:
+            self._hang(m.id)
 
     def kill_process(self, m: Machine, sig: int = signal.SIGKILL) -> bool:
         """Simulate a crash: the process dies without the emulator asking it to stop."""
@@ -238,17 +415,33 @@ class Lifecycle:
 
     # --- the slow halves -----------------------------------------------------------
 
-    async def _start(self, m: Machine, resume: bool) -> None:
-        mp = self.procs.get(m.id)
-        if resume and mp is not None and mp.returncode is None:
-            mp.signal(signal.SIGCONT)
-            if self.settings.resume_delay_s:
-                await asyncio.sleep(self.settings.resume_delay_s)
-            self.record(m, "started", source="flyd")
-            return
-        await self._boot(m)
+    async def _resume(self, m: Machine) -> None:
+        duration = self.draw(self.timing.resume_s)
+        if duration > 0:
+            await asyncio.sleep(duration)  # the snapshot loading; the process stays frozen
+        await self._unfreeze(m, {"resume": True})
 
-    async def _boot(self, m: Machine) -> None:
+    async def _unfreeze(self, m: Machine, request: dict[str, Any]) -> None:
+        mp = self.procs.get(m.id)
+        if mp is None or mp.returncode is not None:
+            # It died while frozen (killed from outside): nothing to resume.
+            await self._boot(m, {"resume": False, "reason": "no snapshot"})
+            return
+        self._snapshots.pop(m.id, None)
+        if m.id not in self.faults.hung:
+            mp.signal(signal.SIGCONT)
+        self.record(m, "started", "start", source="flyd", request=request)
+        self._now_started(m)
+
+    async def _cold_start(self, m: Machine, reason: str) -> None:
+        self._snapshots.pop(m.id, None)
+        await self._end_process(m, signal.SIGKILL, 0)  # the frozen process goes with it
+        await self._boot(m, {"resume": False, "reason": reason})
+
+    async def _boot(self, m: Machine, fallback: dict[str, Any] | None = None) -> None:
+        """A cold boot; ``fallback`` (a start that could not resume) is told by its event."""
+        began = asyncio.get_running_loop().time()
+        boot_s = self.draw(self.timing.start_s)
         port = m.internal_port
         if not address_free(m.private_ip, port):
             self.record(
@@ -264,21 +457,29 @@ class Lifecycle:
                 m, "failed", "launch", source="flyd", request={"error": "injected boot failure"}
             )
             return
-        mp = await self._spawn(m)
-        ok = await wait_listening(mp, m.private_ip, port, self.settings.boot_timeout_s)
+        mp = await self._spawn(m, boot_s)
+        ok = await wait_listening(mp, m.private_ip, port, self.settings.boot_timeout_s + boot_s)
         if not ok:
             code = mp.returncode
             await mp.terminate(signal.SIGKILL, 0)
             why = f"exited with code {code}" if code is not None else "boot timeout"
             self.record(m, "failed", "launch", source="flyd", request={"error": why})
             return
-        self.record(m, "started", source="flyd")
+        # The demo app delays its own listening by boot_s; other images are padded here,
+        # so that every cold boot spends at least start_s in `starting`.
+        await self._pad(began, boot_s)
+        if fallback is None:
+            self.record(m, "started", source="flyd")
+        else:
+            self.record(m, "started", "launch", source="flyd", request=fallback)
+        self._now_started(m)
         if self.faults.crash_after_s is not None:
             self._background(self._crash_later(m, mp, self.faults.crash_after_s))
 
-    async def _spawn(self, m: Machine) -> MachineProcess:
+    async def _spawn(self, m: Machine, boot_s: float) -> MachineProcess:
         # Shielded: a cancelled boot must still own (and kill) the child it forked.
-        fut = asyncio.ensure_future(spawn(self.command(m), self.environment(m), self.reaper))
+        env = self.environment(m, boot_s)
+        fut = asyncio.ensure_future(spawn(self.command(m), env, self.reaper))
         self._spawning.add(fut)
         fut.add_done_callback(self._spawning.discard)
         try:
@@ -346,7 +547,9 @@ class Lifecycle:
                 del self.procs[m.id]
 
     async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+        began = asyncio.get_running_loop().time()
         await self._end_process(m, sig, timeout_s)
+        await self._pad(began, self.draw(self.timing.stop_s))  # the VM shutting down
         self.record(m, "stopped", source="flyd")
         if m.config.get("auto_destroy") is True:
             self.destroy(m, force=True)
@@ -365,6 +568,11 @@ class Lifecycle:
             # A suspended machine's snapshot cannot survive a new config.
             self.record(m, "stopped" if previous == "suspended" else previous, source="flyd")
 
+    async def _destroy_when_reachable(self, m: Machine) -> None:
+        while m.id in self.faults.host_unreachable:
+            await self._faults_changed.wait()
+        await self._destroy(m)
+
     async def _destroy(self, m: Machine) -> None:
         await self._end_process(m, signal.SIGKILL, 0)
         self.record(m, "destroyed", source="flyd")
@@ -376,6 +584,7 @@ class Lifecycle:
     async def close(self) -> None:
         """Cancel every transition and kill every process; nothing survives this."""
         self._closing = True
+        await self.checks.close()
         for task in list(self._tasks):
             task.cancel()
         # A boot cancelled mid-fork still gets its child: let the forks finish first.

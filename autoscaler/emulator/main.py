@@ -8,6 +8,7 @@ It prints the URL and the token it accepts, so other tools can be pointed at it:
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ def settings_from(
     token: str | None = None,
     state_file: str | None = None,
     rate_limits: bool | None = None,
+    profile: str | None = None,
     apps: list[str] | None = None,
     faults: Mapping[str, float | None] | None = None,
 ) -> EmulatorSettings:
@@ -40,6 +42,8 @@ def settings_from(
         section["state_file"] = state_file
     if rate_limits is not None:
         section["rate_limits"] = rate_limits
+    if profile:
+        section["profile"] = profile
     set_faults = {k: v for k, v in (faults or {}).items() if v is not None}
     if set_faults:
         section["faults"] = set_faults
@@ -49,13 +53,23 @@ def settings_from(
     return settings.emulator
 
 
+_REGIONS_RE = re.compile(r"^[a-z]{3}(,[a-z]{3})*$")
+
+
 def _app_flag(text: str) -> dict[str, Any]:
-    """``--app demo=2`` or ``--app demo=2:autoscaler/demo-app``."""
+    """``--app demo=2``, ``--app demo=2:autoscaler/demo-app`` or ``--app demo=4@iad,cdg``
+    (machines spread over the regions round-robin; the image may carry a tag)."""
     name, _, rest = text.partition("=")
+    head, at, tail = rest.rpartition("@")
+    regions: list[str] = []
+    if at and _REGIONS_RE.match(tail):  # else the "@" belongs to an image digest
+        rest, regions = head, tail.split(",")
     count, _, image = rest.partition(":")
     out: dict[str, Any] = {"name": name, "machines": int(count) if count.isdigit() else 1}
     if image:
         out["image"] = image
+    if regions:
+        out["regions"] = regions
     return out
 
 
@@ -69,6 +83,7 @@ async def serve(settings: EmulatorSettings, out: TextIO) -> None:
             print(f"Fly Machines API emulator listening on {emu.url}", file=out)
             print(f"token: {emu.token}", file=out)
             print(f"apps: {', '.join(sorted(emu.world.apps)) or '(none)'}", file=out)
+            print(f"timing: {settings.profile}; faults: {emu.url}/_emulator/faults", file=out)
             print(
                 f"point tools at it: AUTOSCALER_FLY__API_URL={emu.url} FLY_API_TOKEN=<token>",
                 file=out,
@@ -105,6 +120,7 @@ def main(args: Any, environ: Mapping[str, str]) -> int:
             token=args.token,
             state_file=str(Path(args.state_file)) if args.state_file else None,
             rate_limits=False if args.no_rate_limits else None,
+            profile=args.profile,
             apps=args.app,
             faults={
                 "latency_s": args.latency,
@@ -112,6 +128,8 @@ def main(args: Any, environ: Mapping[str, str]) -> int:
                 "rate_limit_rate": args.rate_limit_rate,
                 "boot_failure_rate": args.boot_failure_rate,
                 "crash_after_s": args.crash_after,
+                "resume_cold_rate": args.resume_cold_rate,
+                "hang_rate": args.hang_rate,
             },
         )
     except ConfigError as exc:

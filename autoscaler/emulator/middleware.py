@@ -21,7 +21,7 @@ from aiohttp import web
 from autoscaler.emulator import validate
 from autoscaler.emulator.leases import NONCE_HEADER, LeaseHeld, Leases
 from autoscaler.emulator.limits import RateLimiter, retry_after
-from autoscaler.emulator.machines import Conflict
+from autoscaler.emulator.machines import Conflict, HostUnreachable
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.world import NameTaken, NotFound, World
 from autoscaler.logs import get_logger
@@ -29,6 +29,7 @@ from autoscaler.logs import get_logger
 log = get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CONTROL_PREFIX = "/_emulator/"  # the emulator's own routes (faults.py)
 
 
 @dataclass
@@ -67,6 +68,8 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         response = error(422, str(exc))
     except LeaseHeld as exc:
         response = error(409, str(exc))
+    except HostUnreachable as exc:
+        response = error(503, str(exc))
     except web.HTTPException as exc:
         response = error(exc.status, exc.reason)
     except Exception:
@@ -91,6 +94,8 @@ async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def limits_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(CONTROL_PREFIX):
+        return await handler(request)  # the switches for faults are never faulty themselves
     ctx = request.app[CTX]
     faults = ctx.world.lifecycle.faults  # one copy: Emulator.set_faults changes it
     if faults.latency_s:

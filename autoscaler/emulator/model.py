@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-# States, as FLY_API_NOTES.md lists them. The seed only knows five; clients see all.
+# States, as docs/fly-api-notes.md lists them. The seed only knows five; clients see all.
 RESTING = frozenset({"created", "started", "stopped", "suspended", "failed"})
 MOVING = frozenset(
     {
@@ -33,7 +33,10 @@ FINAL = frozenset({"destroyed", "replaced", "migrated"})
 ALL_STATES = RESTING | MOVING | FINAL
 WAITABLE = frozenset({"started", "stopped", "suspended", "destroyed", "failed", "settled"})
 
-MAX_EVENTS = 30  # per machine; the real API also returns only the recent ones
+MAX_EVENTS = 50  # per machine: the most the real API's events endpoint returns
+EVENTS_DEFAULT = 20  # what it returns without ?limit
+MAX_DELETED = 50  # destroyed machines an app lists with include_deleted
+MAX_PAST_CONFIGS = 10  # earlier configs kept per machine for GET .../versions
 
 
 def now_rfc3339(clock: float | None = None) -> str:
@@ -99,6 +102,57 @@ class Event:
         return out
 
 
+# The event that ends a transition, by the type of the event that began it: a stop ends in
+# "exit" (status stopped), a restart or a launch in "start" (started), the others in their
+# own type, as Fly's machines show them (docs/emulator.md, "Events").
+_ENDED_BY = {
+    "launch": "start",
+    "start": "start",
+    "restart": "start",
+    "stop": "exit",
+    "suspend": "suspend",
+    "update": "update",
+    "destroy": "destroy",
+}
+
+
+def settled_event(
+    m: Machine, previous: str, state: str, source: str, request: dict[str, Any] | None
+) -> tuple[str | None, str, dict[str, Any] | None]:
+    """(type, source, request) of the event a change from ``previous`` to ``state`` records
+    when its caller named none: an event only when a transition ends (a moving state gives
+    way to a resting or final one), by the platform ("flyd")."""
+    if previous not in MOVING or state not in RESTING | FINAL or not m.events:
+        return None, source, request
+    began = m.events[-1].type
+    kind = _ENDED_BY.get(began)
+    if kind is None:
+        return None, source, request
+    if kind == "update" and state == "started":
+        kind = "start"  # the new version booted
+    if kind == "exit" and not request:
+        request = {"exit_event": {"requested_stop": True}}
+    return kind, "flyd", request
+
+
+@dataclass
+class CheckResult:
+    """One health check's latest result, as the real API's CheckStatus."""
+
+    name: str
+    status: str  # passing, warning or critical
+    output: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "output": self.output,
+            "updated_at": self.updated_at,
+        }
+
+
 @dataclass
 class Machine:
     id: str
@@ -114,10 +168,15 @@ class Machine:
     cordoned: bool = False
     events: list[Event] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # earlier instance ids, oldest first
+    # The configs of the latest earlier versions, by instance id (GET .../versions).
+    past_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: int = 0  # automatic restarts since the last start by a user
+    host_status: str = "ok"  # ok or unreachable (faults.host_unreachable), as the real API
     # Runtime only, never persisted: replaced and set on every change, so /wait can block
     # on the current one without polling and without holding a lock.
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Runtime only: the health checks' latest results, by check name (checks.py).
+    checks: dict[str, CheckResult] = field(default_factory=dict, repr=False)
 
     def touch(self) -> None:
         """Wake everyone waiting on this machine."""
@@ -141,12 +200,16 @@ class Machine:
             "config": self.config,
             "cordoned": self.cordoned,
             "events": [e.to_json() for e in reversed(self.events)],
+            "host_status": self.host_status,
+            **({"checks": [c.to_json() for c in self.checks.values()]} if self.checks else {}),
         }
 
     def to_state(self) -> dict[str, Any]:
         out = self.to_json()
         out["app"] = self.app
         out["versions"] = list(self.versions)
+        out["past_configs"] = dict(self.past_configs)
+        out.pop("checks", None)  # results of a process that does not survive a restart
         return out
 
     @classmethod
@@ -176,6 +239,7 @@ class Machine:
             cordoned=data.get("cordoned", False),
             events=events,
             versions=list(data.get("versions", [])),
+            past_configs=dict(data.get("past_configs", {})),
         )
 
 
@@ -234,6 +298,8 @@ class App:
     created_at: str
     machines: dict[str, Machine] = field(default_factory=dict)
     volumes: dict[str, Volume] = field(default_factory=dict)
+    # Runtime only: the latest destroyed machines, oldest first (list ?include_deleted).
+    deleted: list[Machine] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         live = [m for m in self.machines.values() if m.state != "destroyed"]

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from autoscaler.config import EmulatorSettings, FaultSettings, parse_host_port
+from autoscaler.emulator import faults as fault_routes
 from autoscaler.emulator.api import Context, build_app
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.persist import Saver, load
@@ -84,7 +85,9 @@ class Emulator:
             rate_limits=self.settings.rate_limits,
             oidc_key=secrets.token_bytes(32),
         )
-        self._runner = web.AppRunner(build_app(self._ctx), access_log=None)
+        api = build_app(self._ctx)
+        fault_routes.add_routes(api)
+        self._runner = web.AppRunner(api, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         try:
@@ -149,9 +152,20 @@ class Emulator:
         """Simulate a crash; the machine then stops (or restarts, per its policy)."""
         return self.world.lifecycle.kill_process(self.world.machine(app, machine_id), sig)
 
-    def set_faults(self, faults: FaultSettings) -> None:
-        """Change fault injection at runtime; takes effect with the next call or boot."""
-        self.world.lifecycle.faults = faults
+    @property
+    def faults(self) -> FaultSettings:
+        """The faults in force now."""
+        return self.world.lifecycle.faults
+
+    def set_faults(self, faults: FaultSettings | None = None, /, **changes: Any) -> FaultSettings:
+        """Change fault injection at run time, at once (as ``POST /_emulator/faults``).
+
+        ``set_faults(FaultSettings(...))`` replaces every fault; ``set_faults(error_rate=1.0)``
+        changes only the named ones (``None`` turns one off). Returns the faults in force.
+        """
+        base = faults if faults is not None else self.world.lifecycle.faults
+        self.world.set_faults(fault_routes.changed(base, changes) if changes else base)
+        return self.world.lifecycle.faults
 
     def set_rate_limits(self, enabled: bool) -> None:
         if self._ctx is not None:

@@ -14,10 +14,12 @@ from typing import Any
 from autoscaler.config import parse_duration
 
 APP_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+REGION_RE = re.compile(r"^[a-z]{3}$")  # Fly's region codes
 METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 RESTART_POLICIES = ("no", "on-failure", "always")
 SCHEDULES = ("hourly", "daily", "weekly", "monthly")
 HANDLERS = ("http", "tls", "tcp", "proxy_proto")
+CHECK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class BadRequest(Exception):
@@ -148,6 +150,46 @@ def _service(svc: object, where: str) -> None:
                 _int(conc[key], f"{where}.concurrency.{key}", 0)
 
 
+def _duration(value: object, where: str) -> None:
+    """A duration string as the real spec has them ("15s", "500ms"); a bare number is
+    read as seconds."""
+    try:
+        parsed = parse_duration(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, float) or parsed < 0:
+        raise BadRequest(f'{where}: expected a duration like "15s", got {value!r}')
+
+
+def _check(check: object, where: str) -> None:
+    """A machine check (fly.MachineCheck): type, port, path, method, the durations."""
+    check = _object(check, where)
+    if check.get("type") is not None:
+        _enum(check["type"], ("tcp", "http"), f"{where}.type")
+    if check.get("port") is not None:
+        _int(check["port"], f"{where}.port", 1, 65535)
+    if check.get("path") is not None:
+        _expect(check["path"], str, f"{where}.path", "a string")
+        if not check["path"].startswith("/"):
+            raise BadRequest(
+                f"{where}.path: expected a path starting with /, got {check['path']!r}"
+            )
+    if check.get("method") is not None:
+        _enum(str(check["method"]).upper(), CHECK_METHODS, f"{where}.method")
+    if check.get("protocol") is not None:
+        _enum(check["protocol"], ("http", "https"), f"{where}.protocol")
+    for key in ("interval", "timeout", "grace_period"):
+        if check.get(key) is not None:
+            _duration(check[key], f"{where}.{key}")
+    if check.get("interval") is not None and parse_duration(check["interval"]) == 0:
+        raise BadRequest(f"{where}.interval: must be more than 0, got {check['interval']!r}")
+    for i, header in enumerate(_list(check.get("headers"), f"{where}.headers")):
+        header = _object(header, f"{where}.headers[{i}]")
+        _expect(header.get("name"), str, f"{where}.headers[{i}].name", "a string")
+        if header.get("values") is not None:
+            _str_list(header["values"], f"{where}.headers[{i}].values")
+
+
 def machine_config(config: object, where: str = "config") -> dict[str, Any]:
     config = _object(config, where)
     image = config.get("image")
@@ -173,9 +215,7 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
     for i, svc in enumerate(_section(config, "services", list, where) or []):
         _service(svc, f"{where}.services[{i}]")
     for name, check in (_section(config, "checks", dict, where) or {}).items():
-        check = _object(check, f"{where}.checks.{name}")
-        if "type" in check:
-            _enum(check["type"], ("tcp", "http"), f"{where}.checks.{name}.type")
+        _check(check, f"{where}.checks.{name}")
     for i, mount in enumerate(_section(config, "mounts", list, where) or []):
         mount = _object(mount, f"{where}.mounts[{i}]")
         if "volume" in mount:
@@ -210,10 +250,20 @@ def machine_request(body: object) -> tuple[dict[str, Any], str | None, str | Non
     region = body.get("region")
     if region is not None:
         _expect(region, str, "region", "a string")
+        if region and not REGION_RE.match(region):
+            raise BadRequest(f"region: expected a region code like iad or cdg, got {region!r}")
     for key in ("skip_launch", "skip_service_registration"):
         if key in body:
             _expect(body[key], bool, key, "a boolean")
     return config, name or None, region or None, bool(body.get("skip_launch", False))
+
+
+def lease_ttl(body: object, longest: int) -> int | None:
+    """``lease_ttl`` of a create request: whole seconds, or None when absent."""
+    value = _body(body).get("lease_ttl")
+    if value is None:
+        return None
+    return _int(value, "lease_ttl", 1, longest)
 
 
 def seconds(value: object, where: str, low: float, high: float) -> float:

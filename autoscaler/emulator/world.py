@@ -13,9 +13,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.config import EmulatorApp, EmulatorSettings, FaultSettings
 from autoscaler.emulator.machines import Conflict, Lifecycle
-from autoscaler.emulator.model import App, Ids, Machine, Volume, internal_port_of, now_rfc3339
+from autoscaler.emulator.model import (
+    MAX_DELETED,
+    MAX_PAST_CONFIGS,
+    App,
+    Ids,
+    Machine,
+    Volume,
+    internal_port_of,
+    now_rfc3339,
+)
 from autoscaler.emulator.procs import AddressPool, NoAddress
 from autoscaler.emulator.validate import BadRequest
 
@@ -52,6 +61,7 @@ class World:
             pool=self.pool,
             on_change=on_change,
             on_gone=self._forget,
+            find=self._by_id,
         )
 
     # --- lookups -------------------------------------------------------------------
@@ -76,8 +86,21 @@ class World:
         except KeyError:
             raise NotFound(f"volume not found: {volume_id}") from None
 
+    def _by_id(self, machine_id: str) -> Machine | None:
+        for app in self.apps.values():
+            m = app.machines.get(machine_id)
+            if m is not None:
+                return m
+        return None
+
     def was_destroyed(self, app_name: str, machine_id: str) -> bool:
         return (app_name, machine_id) in self._gone
+
+    # --- faults ----------------------------------------------------------------------
+
+    def set_faults(self, faults: FaultSettings) -> None:
+        """Replace the faults in force; per-machine ones take effect at once."""
+        self.lifecycle.set_faults(faults)
 
     # --- apps ------------------------------------------------------------------------
 
@@ -134,8 +157,10 @@ class World:
             ],
             # No restart policy: a crashed machine stops, which is what scaling tests need.
         }
-        for _ in range(max(0, missing)):
-            m = self.create_machine(app, copy.deepcopy(config), None, None)
+        regions = spec.regions or [DEFAULT_REGION]
+        for i in range(len(app.machines), len(app.machines) + max(0, missing)):
+            region = regions[i % len(regions)]  # round-robin, as Fly spreads a count
+            m = self.create_machine(app, copy.deepcopy(config), None, region)
             self.lifecycle.record(m, "stopped")  # they wait, stopped, for the first request
 
     # --- machines --------------------------------------------------------------------
@@ -143,12 +168,7 @@ class World:
     def create_machine(
         self, app: App, config: dict[str, Any], name: str | None, region: str | None
     ) -> Machine:
-        if self.lifecycle.resolve_image(str(config["image"])) is None:
-            known = ", ".join(sorted(self.lifecycle.images))
-            raise BadRequest(
-                f"config.image: {config['image']!r} is not in the emulator's image table "
-                f"(known: {known})"
-            )
+        self._check_image(config)
         private_ip = self._address(internal_port_of(config))  # before anything is attached
         mid = self.ids.machine()
         try:
@@ -172,6 +192,14 @@ class World:
         self.lifecycle.record(m, "created", "launch")
         return m
 
+    def _check_image(self, config: dict[str, Any]) -> None:
+        if self.lifecycle.resolve_image(str(config["image"])) is None:
+            known = ", ".join(sorted(self.lifecycle.images))
+            raise BadRequest(
+                f"config.image: {config['image']!r} is not in the emulator's image table "
+                f"(known: {known}; emulator.strict_images is on)"
+            )
+
     def _address(self, port: int) -> str:
         try:
             return self.pool.allocate(port)
@@ -181,11 +209,11 @@ class World:
     def update_machine(
         self, m: Machine, config: dict[str, Any], name: str | None, region: str | None
     ) -> None:
-        if self.lifecycle.resolve_image(str(config["image"])) is None:
-            raise BadRequest(f"config.image: {config['image']!r} is not in the image table")
+        self._check_image(config)
         if region and region != m.region:
             raise BadRequest(f"region: a machine cannot move regions ({m.region} to {region})")
         app = self.app(m.app)
+        old_version, old_config = m.instance_id, m.config
         self._detach(app, m.id)
         try:
             self._attach(app, m.id, config)
@@ -194,6 +222,9 @@ class World:
             self._detach(app, m.id)  # a refused update leaves the volumes as they were
             self._attach(app, m.id, m.config)
             raise
+        m.past_configs[old_version] = old_config
+        for version in list(m.past_configs)[:-MAX_PAST_CONFIGS]:
+            del m.past_configs[version]
 
     def destroy_machine(self, m: Machine, force: bool) -> None:
         self.lifecycle.destroy(m, force)
@@ -203,6 +234,8 @@ class World:
         if app is not None and app.machines.get(m.id) is m:
             del app.machines[m.id]
             self._detach(app, m.id)
+            app.deleted.append(m)
+            del app.deleted[:-MAX_DELETED]
         self._gone[(m.app, m.id)] = None
         while len(self._gone) > _TOMBSTONES:
             self._gone.popitem(last=False)

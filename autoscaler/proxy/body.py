@@ -159,7 +159,7 @@ class Body:
     so a slow consumer holds a bounded amount of memory for any body size.
     """
 
-    __slots__ = ("_chunks", "_eof", "_error", "_size", "_source", "_waiter", "received")
+    __slots__ = ("_chunks", "_eof", "_error", "_size", "_source", "_waiter", "cut", "received")
 
     def __init__(self, source: FlowControl) -> None:
         self._source = source
@@ -169,6 +169,8 @@ class Body:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.received = 0
+        self.cut = False
+        """Ended early on purpose (its machine is drained): reads return ``b""``."""
 
     @property
     def done(self) -> bool:
@@ -199,8 +201,18 @@ class Body:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def end_early(self) -> None:
+        """End the body for its reader now, between two chunks (the bytes not read yet
+        are dropped): a stream from a machine about to sleep ends cleanly."""
+        self.cut = True
+        self._chunks.clear()
+        self._size = 0
+        self._wake()
+
     async def read(self) -> bytes:
         """The next chunk as it came off the socket; ``b""`` at the end of the body."""
+        if self.cut:
+            return b""
         while not self._chunks:
             if self._eof:
                 return b""
@@ -208,6 +220,8 @@ class Body:
                 raise self._error
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+            if self.cut:
+                return b""
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
         if self._size <= BODY_HIGH_WATER // 2:

@@ -46,6 +46,10 @@ class ShuttingDown(QueueFull):
     QueueFull, so that a waiter that handles no room in the queue handles this too."""
 
 
+class AppRemoved(QueueFull):
+    """The app left the configuration while the request was held (a 503 to retry)."""
+
+
 class HoldTimeout(Exception):
     """No slot within the deadline."""
 
@@ -120,8 +124,8 @@ class Gate:
         return up
 
     def done(self, up: Upstream) -> None:
-        """Give back the slot of a finished request."""
-        self.view.end(up)
+        """Give back the slot of a finished request, to the view that lent it."""
+        (up.owner or self.view).end(up)
 
     async def acquire(self, wait_s: float) -> tuple[Upstream, str]:
         """Wait in the FIFO for a slot; the wake kind tells whether this request waited
@@ -278,11 +282,12 @@ class Gate:
                 soonest = wait if soonest is None else min(soonest, wait)
         return soonest
 
-    def shed(self) -> None:
-        """Send every held request away with :class:`ShuttingDown` (the proxy stops)."""
+    def shed(self, why: type[QueueFull] = ShuttingDown) -> None:
+        """Send every held request away with ``why`` (the proxy stops, or the app left the
+        configuration): they were sent nowhere yet, so a 503 that says to retry is right."""
         for waiter in list(self._queue):
             if not waiter.future.done():
-                waiter.future.set_exception(ShuttingDown())
+                waiter.future.set_exception(why())
             self._leave(waiter)
 
     async def close(self) -> None:

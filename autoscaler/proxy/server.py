@@ -30,7 +30,15 @@ from autoscaler.proxy.accounting import (
     log_access,
     remaining,
 )
-from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull, ShuttingDown
+from autoscaler.proxy.body import Body
+from autoscaler.proxy.gate import (
+    NO_WAKE,
+    AppRemoved,
+    Gate,
+    HoldTimeout,
+    QueueFull,
+    ShuttingDown,
+)
 from autoscaler.proxy.h1 import ClientGone, H1Server, Request
 from autoscaler.proxy.routing import Router
 from autoscaler.scaling.fleet import STARTED
@@ -42,6 +50,7 @@ MAX_ATTEMPTS = 3
 # On stop(), held requests are answered 503 this long before the deadline cuts the rest.
 SHED_BEFORE_S = 0.5
 _EMPTY_STATUS = frozenset({204, 304})
+TUNNEL_SWEEP_S = 1.0  # how often idle WebSockets are looked for (connection_idle_s)
 
 
 class ProxyServer:
@@ -66,6 +75,9 @@ class ProxyServer:
         self._pool: upstream.Pool | None = None
         self._server: H1Server | None = None
         self._tunnels: set[tunnel.Tunnel] = set()
+        # Chunked responses being relayed, by machine: a drain ends them (end_long_lived).
+        self._streams: dict[str, set[Body]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._stats = metrics.proxy
         metrics.proxy.in_flight = self._in_flight
         self._ids = RequestIds(random.SystemRandom().getrandbits(64))
@@ -114,7 +126,10 @@ class ProxyServer:
                 self.view.app(app.name).set_machines(())  # the controller takes over
         for name in list(self._gates):
             if name not in names:
+                # Held requests get a 503 at once; those in flight finish and give their
+                # slots back to the view they took them from (Upstream.owner).
                 gate = self._gates.pop(name)
+                gate.shed(AppRemoved)  # its pump ends with its queue
                 if gate.config.static:
                     self.view.remove_app(name)
 
@@ -138,6 +153,8 @@ class ProxyServer:
             client_timeout_s=proxy.client_timeout_s,
         )
         self.port = await self._server.start(host, port)
+        self.view.set_closer(self.end_long_lived)
+        self._sweeper = self._loop.create_task(self._sweep_tunnels(), name="proxy:tunnels")
         _log.info("proxy_listening", host=host, port=self.port)
 
     @property
@@ -148,6 +165,10 @@ class ProxyServer:
     async def stop(self) -> None:
         """Stop accepting, let requests finish until ``shutdown_timeout_s``, then close."""
         self._closing = True
+        self.view.set_closer(None)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for open_tunnel in list(self._tunnels):
             # Open WebSockets last indefinitely: tell them to reconnect elsewhere.
             open_tunnel.going_away()
@@ -223,6 +244,10 @@ class ProxyServer:
             return await gate.acquire(remaining(ctx.deadline))
         except ShuttingDown:
             raise Failure(503, "proxy is shutting down", {"Retry-After": "1"}) from None
+        except AppRemoved:
+            raise Failure(
+                503, "the app was removed from the configuration", {"Retry-After": "1"}
+            ) from None
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
             raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
@@ -335,7 +360,7 @@ class ProxyServer:
                     raise Failure(502, "the machine failed to answer") from None
             else:
                 if websocket and exchange.status == 101:
-                    await self._tunnel(request, exchange, ctx)
+                    await self._tunnel(request, exchange, gate, ctx)
                 else:  # a refused handshake too: its answer (401, 426...) is the client's
                     await self._relay(request, exchange, app, ctx)
                 return
@@ -352,6 +377,7 @@ class ProxyServer:
     ) -> None:
         conn = request.conn
         content = exchange.body
+        streams: set[Body] | None = None
         try:
             with_body = not exchange.head_only and exchange.status not in _EMPTY_STATUS
             head = forward.response_head(
@@ -368,6 +394,10 @@ class ProxyServer:
             ctx.status = exchange.status
             if head.close:
                 request.keep_alive = False  # e.g. an HTTP/1.0 client reading to the end
+            if head.chunked and not content.done and ctx.up is not None:
+                # A stream, perhaps long-lived: a drain of its machine may end it.
+                streams = self._streams.setdefault(ctx.up.id, set())
+                streams.add(content)
             if content.done:
                 # A small answer came whole: head and body in one write.
                 ctx.headers_at = self._loop.time()
@@ -404,11 +434,17 @@ class ProxyServer:
             if conn.writing_paused:  # the next request waits until the client took this
                 await conn.drain()
         finally:
+            if streams is not None:
+                streams.discard(content)
+                if not streams and ctx.up is not None:
+                    self._streams.pop(ctx.up.id, None)
             exchange.release()
 
     async def _tunnel(
-        self, request: Request, exchange: upstream.Exchange, ctx: RequestContext
+        self, request: Request, exchange: upstream.Exchange, gate: Gate, ctx: RequestContext
     ) -> None:
+        up = ctx.up
+        assert up is not None
         machine = exchange.detach()
         response = forward.response_head(
             101,
@@ -425,7 +461,23 @@ class ProxyServer:
         request.conn.write(response.data)
         ctx.status = 101
         ctx.headers_at = self._loop.time()
-        relay = tunnel.Tunnel(request.conn, machine)
+        relay = tunnel.Tunnel(request.conn, machine, up.id)
+        relay.app = gate.name
+
+        def dormant() -> None:
+            # Idle for connection_idle_s: its slot no longer counts as load.
+            if ctx.up is not None:
+                gate.done(ctx.up)
+                ctx.up = None
+
+        def active() -> None:
+            # Frames again after an idle spell: the app is in use, the slot is taken back
+            # (past hard_limit if need be: the connection is open already).
+            (up.owner or gate.view).begin(up)
+            ctx.up = up
+
+        relay.on_dormant = dormant
+        relay.on_active = active
         self._tunnels.add(relay)
         if self._closing:  # a handshake under way when stop() began: 1001 at once
             relay.going_away()
@@ -433,6 +485,37 @@ class ProxyServer:
             await relay.run()
         finally:
             self._tunnels.discard(relay)
+
+    async def _sweep_tunnels(self) -> None:
+        """WebSockets with no frame either way for ``connection_idle_s`` give their slot
+        back, so an app whose only load is idle WebSockets can go to sleep (its drain then
+        closes them with 1001); their next frame takes the slot again."""
+        while True:
+            await asyncio.sleep(TUNNEL_SWEEP_S)
+            now = self._loop.time()
+            for relay in list(self._tunnels):
+                gate = self._gates.get(relay.app)
+                if relay.dormant or gate is None or relay.on_dormant is None:
+                    continue
+                if now - relay.last_active >= gate.config.connection_idle_s:
+                    relay.dormant = True
+                    relay.on_dormant()
+
+    def end_long_lived(self, app: str, machine_id: str) -> int:
+        """A drain of ``machine_id`` is about to suspend or stop it: WebSockets to it get a
+        close frame 1001 (going away) at a frame boundary, chunked streams from it end at a
+        chunk boundary. Their slots come back as they end. The number ended."""
+        ended = 0
+        for relay in list(self._tunnels):
+            if relay.machine_id == machine_id and relay.app == app:
+                relay.going_away()
+                ended += 1
+        for body in list(self._streams.get(machine_id, ())):
+            body.end_early()
+            ended += 1
+        if ended:
+            _log.info("long_lived_ended", app=app, machine=machine_id, connections=ended)
+        return ended
 
     # --- errors and accounting ----------------------------------------------------
 

@@ -90,10 +90,22 @@ def close_frame(code: int, masked: bool) -> bytes:
 class Tunnel:
     """Bytes both ways between a client connection and a machine, until either closes."""
 
-    def __init__(self, client: Connection, machine: upstream.Connection) -> None:
+    def __init__(
+        self, client: Connection, machine: upstream.Connection, machine_id: str = ""
+    ) -> None:
         self.client = client
         self.machine = machine
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.machine_id = machine_id
+        self.app = ""
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self.last_active = self._loop.time()
+        """When a byte last went either way (an idle WebSocket stops counting as load)."""
+        self.dormant = False
+        self.on_dormant: Callable[[], None] | None = None
+        """Called when the proxy finds it idle for ``connection_idle_s``."""
+        self.on_active: Callable[[], None] | None = None
+        """Called when bytes flow again on a dormant tunnel."""
         self._to_client = FrameCursor()  # frames from the machine
         self._to_machine = FrameCursor()  # frames from the client
         self._going_away = False
@@ -123,12 +135,21 @@ class Tunnel:
             client.close()
 
     def from_client(self, data: bytes) -> None:
+        self._touch()
         if not self._machine_told and self.machine.reusable:
             self._pass(data, self._to_machine, self.machine.write, self._tell_machine)
 
     def from_machine(self, data: bytes) -> None:
+        self._touch()
         if not self._client_told:
             self._pass(data, self._to_client, self.client.write, self._tell_client)
+
+    def _touch(self) -> None:
+        self.last_active = self._loop.time()
+        if self.dormant:
+            self.dormant = False
+            if self.on_active is not None:
+                self.on_active()
 
     def _pass(
         self,

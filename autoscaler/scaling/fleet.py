@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-# Machine states, as the real Machines API reports them (see FLY_API_NOTES.md).
+# Machine states, as the real Machines API reports them (see docs/fly-api-notes.md).
 STARTED = "started"
 STOPPED = "stopped"
 SUSPENDED = "suspended"
@@ -68,6 +68,9 @@ class MachineSnapshot:
     """When it last became started; None if not started."""
     state_since: float | None = None
     """When it entered its current state, where known."""
+    restartable: bool = False
+    """A ``failed`` machine that may be started again now (restarts are on, its budget is
+    not spent and its backoff is over); a failed machine without it is left alone."""
     pending: str | None = None
     """The kind of our action in flight on it (an ``Action.kind``), if any.
 

@@ -24,10 +24,12 @@ from typing import Literal
 from autoscaler.config import AppConfig
 from autoscaler.scaling.fleet import (
     COMING_UP_STATES,
+    FAILED,
     GOING_DOWN_STATES,
     STARTED,
     STOPPED,
     SUSPENDED,
+    SUSPENDING,
     Fleet,
     MachineSnapshot,
 )
@@ -106,9 +108,12 @@ class _Groups:
     suspended: list[MachineSnapshot] = field(default_factory=list)
     stopped: list[MachineSnapshot] = field(default_factory=list)
     going: list[MachineSnapshot] = field(default_factory=list)
+    failed: list[MachineSnapshot] = field(default_factory=list)
+    """Failed, and ours to start again now (``MachineSnapshot.restartable``)."""
     foreign: list[MachineSnapshot] = field(default_factory=list)
     other: list[MachineSnapshot] = field(default_factory=list)
-    """States we do not drive (failed, created, updating, replacing, destroying, ...)."""
+    """States we do not drive (created, updating, replacing, destroying, ...), and failed
+    machines waiting out their restart backoff or past their restart budget."""
 
     @classmethod
     def of(cls, machines: Iterable[MachineSnapshot]) -> _Groups:
@@ -128,6 +133,8 @@ class _Groups:
                 g.suspended.append(m)
             elif m.state == STOPPED:
                 g.stopped.append(m)
+            elif m.state == FAILED and m.restartable:
+                g.failed.append(m)
             else:
                 g.other.append(m)
         return g
@@ -139,7 +146,7 @@ class _Groups:
     @property
     def pool(self) -> int:
         """Machines that serve, or could serve once we (or time) act on them."""
-        asleep = len(self.suspended) + len(self.stopped)
+        asleep = len(self.suspended) + len(self.stopped) + len(self.failed)
         return self.up + len(self.draining) + asleep + len(self.going)
 
 
@@ -150,22 +157,35 @@ def _recency(m: MachineSnapshot) -> tuple[float, float, str]:
     return (-used, -since, m.id)
 
 
+def _interruptible(m: MachineSnapshot) -> bool:
+    """Suspending, and not by someone else's hand: starting it takes the suspend back (Fly
+    allows it), which is faster than any other wake. Our own drain in its suspend step
+    counts, although busy: taking it back is the point."""
+    return (
+        m.state == SUSPENDING and not m.cordoned_by_others and (not m.busy or m.pending == "drain")
+    )
+
+
 def _wake_candidates(g: _Groups) -> list[tuple[ActionKind, MachineSnapshot]]:
-    """Rule 2, in order: take back a drain, then resume, then start; freshest first.
+    """Rule 2, in order: take back a drain, take back a suspend under way, resume, start
+    a stopped machine, start a failed one again; freshest first.
 
     Busy machines are left alone; a stopped or suspended machine still carrying a cordon
     of ours is skipped (it gets its cordon lifted first, or it would start unroutable).
     """
     out: list[tuple[ActionKind, MachineSnapshot]] = []
+    interrupt = [m for m in g.going if _interruptible(m)]
+    out.extend(("resume", m) for m in sorted(interrupt, key=_recency))
     tiers: tuple[tuple[ActionKind, list[MachineSnapshot]], ...] = (
-        ("uncordon", g.draining),
         ("resume", g.suspended),
         ("start", g.stopped),
+        ("start", g.failed),
     )
     for kind, machines in tiers:
-        ok = [m for m in machines if not m.busy and (kind == "uncordon" or not m.cordoned)]
+        ok = [m for m in machines if not m.busy and not m.cordoned]
         out.extend((kind, m) for m in sorted(ok, key=_recency))
-    return out
+    draining = [m for m in g.draining if not m.busy]
+    return [*(("uncordon", m) for m in sorted(draining, key=_recency)), *out]
 
 
 def choose_wake(fleet: Fleet) -> Action | None:
@@ -178,7 +198,15 @@ def choose_wake(fleet: Fleet) -> Action | None:
     if not candidates:
         return None
     kind, m = candidates[0]
-    return Action(kind, m.id, f"wake: {_WAKE_WHY[kind]}")
+    return Action(kind, m.id, f"wake: {_wake_why(kind, m)}")
+
+
+def _wake_why(kind: ActionKind, m: MachineSnapshot) -> str:
+    if m.state == SUSPENDING:
+        return "take back a machine being suspended"
+    if m.state == FAILED:
+        return "start a failed machine again"
+    return _WAKE_WHY[kind]
 
 
 _WAKE_WHY: dict[str, str] = {
@@ -349,6 +377,9 @@ def decide(
     shortfall = max(0, desired - g.pool)
     if shortfall:
         why.append(f"short of {shortfall} machine(s)")
+        waiting = sum(1 for m in g.other if m.state == FAILED)
+        if waiting:
+            why.append(f"{waiting} failed machine(s) in restart backoff or past their budget")
     if actions:
         why.append(_summary(actions))
     return Decision(
@@ -384,7 +415,7 @@ def _plan(
 
     # Scale up: take back, resume, start (rule 2).
     for kind, m in _wake_candidates(g)[: max(0, count.desired - g.up)]:
-        act(kind, m, f"scale up to {count.desired}: {_WAKE_WHY[kind]}")
+        act(kind, m, f"scale up to {count.desired}: {_wake_why(kind, m)}")
 
     # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s
     # (an unknown start time counts as old).

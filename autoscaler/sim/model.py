@@ -13,7 +13,7 @@ from autoscaler.scaling.fleet import STARTED, STOPPED, SUSPENDED
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Modelled durations (defaults from FLY_API_NOTES.md where it gives them)."""
+    """Modelled durations (defaults from docs/fly-api-notes.md where it gives them)."""
 
     tick_s: float = 1.0
     """The controller's tick (``control.tick_s``)."""

@@ -74,8 +74,12 @@ class FakeMachinesAPI:
     """Operation name -> errors to raise on its next calls, one per call."""
     boot_fails: set[str] = field(default_factory=set)
     """Machine ids whose next start ends in the state "failed" (a boot that crashed)."""
+    broken: set[str] = field(default_factory=set)
+    """Machine ids whose every start ends in "failed"."""
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     """Operation name -> an event the operation waits for before it acts."""
+    slow_transitions: bool = False
+    """True: suspend and stop leave the machine suspending/stopping until ``finish``."""
     report_cordon: bool = True
     """False: list and get leave ``cordoned`` out, as the real API may."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -147,9 +151,10 @@ class FakeMachinesAPI:
     async def start_machine(self, app: str, machine_id: str) -> m.StartResult:
         await self._enter("start_machine", machine_id)
         machine = self.get(app, machine_id)
-        if machine.state not in ("stopped", "suspended", "created"):
+        # Fly starts a failed machine again, and takes back a suspend under way.
+        if machine.state not in ("stopped", "suspended", "created", "failed", "suspending"):
             raise Conflict(412, f"cannot start a {machine.state} machine")
-        failed = machine_id in self.boot_fails
+        failed = machine_id in self.boot_fails or machine_id in self.broken
         self.boot_fails.discard(machine_id)
         self.set(app, machine_id, state="failed" if failed else "started")
         return m.StartResult(previous_state=machine.state)
@@ -166,13 +171,18 @@ class FakeMachinesAPI:
         machine = self.get(app, machine_id)
         if machine.state not in ("started", "suspended"):
             raise Conflict(412, f"cannot stop a {machine.state} machine")
-        self.set(app, machine_id, state="stopped")
+        self.set(app, machine_id, state="stopping" if self.slow_transitions else "stopped")
 
     async def suspend_machine(self, app: str, machine_id: str) -> None:
         await self._enter("suspend_machine", machine_id)
         if self.get(app, machine_id).state != "started":
             raise Conflict(412, "only a started machine can be suspended")
-        self.set(app, machine_id, state="suspended")
+        self.set(app, machine_id, state="suspending" if self.slow_transitions else "suspended")
+
+    def finish(self, app: str, machine_id: str) -> None:
+        """End a slow suspend or stop."""
+        done = {"suspending": "suspended", "stopping": "stopped"}
+        self.set(app, machine_id, state=done[self.get(app, machine_id).state])
 
     async def wait_for_machine_state(
         self,

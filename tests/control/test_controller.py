@@ -480,13 +480,83 @@ async def test_a_machine_that_fails_to_boot_is_given_up_at_once(
     assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
 
 
+async def test_wake_starts_a_failed_machine_again(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    """One transient boot failure must not leave an app dark: Fly starts a failed machine."""
+    mid = api.add(APP, "failed")
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "start"
+    assert rig.routable() == {mid}
+    assert rig.metric("autoscaler_machine_restarts_total", result="ok") == 1
+    assert rig.ctl.status()[0].machines[0].failures == 0
+
+
 async def test_wake_without_any_machine_raises(api: FakeMachinesAPI, clock: FakeClock) -> None:
-    api.add(APP, "failed")
     rig = Rig(api, clock)
     with pytest.raises(WakeError):
         await rig.ctl.wake(APP)
     with pytest.raises(WakeError):
         await rig.ctl.wake("unknown")
+
+
+async def test_failed_restarts_back_off_exponentially_until_the_budget_is_spent(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "failed")
+    api.broken.add(mid)
+    rig = Rig(api, clock, max_restart_attempts=3, wake_timeout_s=60)
+    t0 = clock()
+    starts: list[float] = []
+    original = api.start_machine
+
+    async def timed_start(app: str, machine_id: str) -> Any:
+        starts.append(clock() - t0)
+        return await original(app, machine_id)
+
+    api.start_machine = timed_start  # type: ignore[method-assign]
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    status = rig.ctl.status()[0].machines[0]
+    assert (status.failures, status.next_retry_at) == (1, t0 + 2)
+    for _ in range(30):
+        if wake.done():
+            break
+        await clock.advance(0.5)
+    with pytest.raises(WakeError):
+        await wake
+    assert starts == [0, 2, 6]  # at once, then after 2 s, then after 4 s more
+    assert rig.metric("autoscaler_machine_restarts_total", result="failed") == 3
+    assert rig.metric("autoscaler_machine_restarts_total", result="exhausted") == 1
+    status = rig.ctl.status()[0].machines[0]
+    assert (status.failures, status.left_alone) == (3, True)
+    # Past its budget, ticks leave it alone too (min_machines wants one).
+    rig.ctl.apps[APP].config = rig.ctl.apps[APP].config.model_copy(update={"min_machines": 1})
+    decision = await rig.tick()
+    assert decision.actions == ()
+    assert "past their budget" in decision.reason
+    # Fixed by someone else (it left the failed state): a clean slate.
+    api.set(APP, mid, state="stopped")
+    api.broken.discard(mid)
+    await clock.advance(10)  # past the cooldown of its last failed action
+    await rig.tick()
+    await rig.ctl.idle()
+    assert state(api, mid) == "started"
+
+
+async def test_a_tick_restarts_a_failed_machine_the_app_needs(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "failed")
+    rig = Rig(api, clock, min_machines=1)
+    decision = await rig.tick()
+    assert [(a.kind, a.machine_id) for a in decision.actions] == [("start", mid)]
+    assert "start a failed machine again" in decision.actions[0].reason
+    await rig.ctl.idle()
+    assert rig.routable() == {mid}
+    # Without restart_failed it stays as it is.
+    other = FakeMachinesAPI()
+    other.add(APP, "failed")
+    decision = await Rig(other, clock, min_machines=1, restart_failed=False).tick()
+    assert decision.actions == ()
 
 
 async def test_one_log_line_per_decision_and_machine_seconds(

@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from testkit import fly_like
 
 from autoscaler.config import (
     AppConfig,
@@ -37,9 +39,13 @@ MACHINES = 5
 CLIENTS = 50
 
 
-@pytest.fixture
-def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
-    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=MACHINES)]})
+@pytest.fixture(params=["fast", pytest.param("fly", marks=pytest.mark.fly_profile)])
+def emulator_settings(
+    emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
+) -> EmulatorSettings:
+    """Fast timings, and Fly's: suspends that take seconds, cold starts of about 2 s."""
+    base = emulator_settings if request.param == "fast" else fly_like(emulator_settings)
+    return base.model_copy(update={"apps": [EmulatorApp(name=APP, machines=MACHINES)]})
 
 
 @dataclass
@@ -82,22 +88,25 @@ class Stack:
                     await asyncio.wait_for(self.app.changed(), 0.1)
 
 
-@pytest.fixture
-async def stack(emulator: Emulator) -> AsyncIterator[Stack]:
-    app = AppConfig(
-        name=APP,
-        hosts=[HOST],
-        max_machines=MACHINES,
-        target_concurrency=5,
-        target_utilization=0.5,
-        stable_window_s=2,
-        panic_window_s=1,
-        scale_down_delay_s=1,
-        idle_to_zero_s=2,
-        min_lifetime_s=0.5,
-        drain_timeout_s=5,
-        wake_timeout_s=20,
-    )
+KNOBS: dict[str, Any] = {
+    "hosts": [HOST],
+    "max_machines": MACHINES,
+    "target_concurrency": 5,
+    "target_utilization": 0.5,
+    "stable_window_s": 2,
+    "panic_window_s": 1,
+    "scale_down_delay_s": 1,
+    "idle_to_zero_s": 2,
+    "min_lifetime_s": 0.5,
+    "drain_timeout_s": 5,
+    "wake_timeout_s": 20,
+}
+
+
+@contextlib.asynccontextmanager
+async def running_stack(emulator: Emulator, **knobs: Any) -> AsyncIterator[Stack]:
+    """The controller and the proxy in front of ``emulator``; ``knobs`` change the app's."""
+    app = AppConfig(name=APP, **{**KNOBS, **knobs})
     settings = Settings(apps=[app], control=ControlSettings(tick_s=0.2, api_backoff_max_s=1))
     metrics = Metrics(CollectorRegistry())
     view = FleetView()
@@ -117,6 +126,12 @@ async def stack(emulator: Emulator) -> AsyncIterator[Stack]:
         await controller.stop()
         await view.close()
         await client.aclose()
+
+
+@pytest.fixture
+async def stack(emulator: Emulator) -> AsyncIterator[Stack]:
+    async with running_stack(emulator) as built:
+        yield built
 
 
 async def test_burst_scales_out_then_everything_suspends_without_a_failed_request(

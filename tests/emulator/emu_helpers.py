@@ -65,9 +65,13 @@ async def new_machine(
 async def wait(
     s: aiohttp.ClientSession, app: str, mid: str, state: str = "started", seconds: int = 20
 ) -> aiohttp.ClientResponse:
-    r = await s.get(
-        f"/v1/apps/{app}/machines/{mid}/wait", params={"state": state, "timeout": seconds}
-    )
+    params: dict[str, str | int] = {"state": state, "timeout": seconds}
+    if "stopped" in state.split(","):
+        # As the real API wants (and the client does): the version that is to stop.
+        got = await s.get(f"/v1/apps/{app}/machines/{mid}")
+        if got.status == 200:
+            params["version"] = (await got.json())["instance_id"]
+    r = await s.get(f"/v1/apps/{app}/machines/{mid}/wait", params=params)
     await r.read()
     return r
 

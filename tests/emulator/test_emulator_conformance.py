@@ -75,7 +75,13 @@ def test_patch_fixes_the_yaml_no_and_widens_only_state() -> None:
 
 @pytest.fixture
 def emulator_settings() -> EmulatorSettings:
-    return EmulatorSettings(demo_boot_delay_s=0.0, rate_limits=False)
+    # The seed's /wait rules (timeout up to 300 s, no version needed for "stopped"), and
+    # random image names refused as before: otherwise every generated image boots a real
+    # process, and the stateful phase goes on to stop them with timeouts the seed allows
+    # (negative ones) but the emulator refuses with a 400 the seed does not list.
+    return EmulatorSettings(
+        demo_boot_delay_s=0.0, rate_limits=False, seed_wait_limits=True, strict_images=True
+    )
 
 
 async def _schemathesis(args: list[str], cwd: Path, limit_s: float) -> tuple[int, str]:

@@ -1,4 +1,5 @@
-"""User images from the image table: command templates, env, boot failures and timeouts."""
+"""User images from the image table: command templates, env, boot failures and timeouts;
+images not in the table (the demo app stands in, or a refusal with ``strict_images``)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import pytest
 from emu_helpers import (
     create_app,
     create_machine,
+    hit,
     new_machine,
     pid_gone,
     session,
     wait,
     wait_ok,
 )
+from structlog.testing import capture_logs
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -133,3 +136,29 @@ async def test_closing_mid_stop_still_kills_the_process() -> None:
         pid = emu.pids()[0]
         await stuck_stopping(emu, s, m["id"])
     assert pid_gone(pid)
+
+
+async def test_an_unknown_image_runs_the_demo_app_under_its_name() -> None:
+    settings = EmulatorSettings(rate_limits=False, demo_boot_delay_s=0.05)
+    with capture_logs() as logs:
+        async with Emulator(settings, port=0) as emu, session(emu) as s:
+            m = await new_machine(s, image="nginx:1.27")
+            assert m["config"]["image"] == "nginx:1.27"
+            body = await hit(m["private_ip"])
+            assert body["machine_id"] == m["id"]  # the demo app answers
+            second = await create_machine(s, image="nginx:1.27")
+            await wait_ok(s, "demo", second["id"])
+    stand_ins = [e for e in logs if e["event"] == "emulator_image_stand_in"]
+    assert [e["image"] for e in stand_ins] == ["nginx:1.27"]  # once, naming the image
+
+
+async def test_strict_images_refuses_an_unknown_image() -> None:
+    settings = EmulatorSettings(rate_limits=False, strict_images=True)
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        await create_app(s)
+        r = await s.post("/v1/apps/demo/machines", json={"config": {"image": "nope/unknown"}})
+        assert r.status == 400
+        error = (await r.json())["error"]
+        assert "'nope/unknown' is not in the emulator's image table" in error
+        assert "strict_images" in error
+        assert emu.machines("demo") == []

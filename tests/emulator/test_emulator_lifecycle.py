@@ -97,10 +97,14 @@ async def test_restart_policy_always_brings_a_crashed_machine_back(emulator: Emu
         pid = (await hit(m["private_ip"]))["pid"]
         machine = emulator.machine("demo", mid)
         emulator.kill_machine_process("demo", mid)
-        await until(machine, lambda x: x.state == "started" and x.events[-1].type == "restart")
+        await until(machine, lambda x: x.state == "started" and x.events[-2].type == "restart")
         assert (await hit(m["private_ip"]))["pid"] != pid
-        kinds = [e["type"] for e in emulator.machine("demo", mid).to_json()["events"]]
-        assert kinds[:2] == ["restart", "exit"]
+        events = emulator.machine("demo", mid).to_json()["events"]
+        assert [(e["type"], e["status"]) for e in events[:3]] == [
+            ("start", "started"),
+            ("restart", "starting"),
+            ("exit", "stopped"),
+        ]
 
 
 async def test_wait_times_out_with_408_and_an_error(emulator: Emulator) -> None:

@@ -13,6 +13,9 @@ class FakeMachine:
     cordoned: bool = False
     in_flight: int = 0
     last_used: float | None = None
+    failures: int = 0
+    next_retry_at: float | None = None
+    left_alone: bool = False
 
 
 @dataclass(frozen=True)

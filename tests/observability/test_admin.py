@@ -57,6 +57,7 @@ def demo_controller(clock: FakeClock) -> FakeController:
             machines=[
                 FakeMachine("m1", "started", in_flight=3, last_used=clock.now - 1.0),
                 FakeMachine("m2", "suspended", cordoned=True),
+                FakeMachine("m3", "failed", failures=2, next_retry_at=clock.now + 4.0),
             ],
         )
     ]
@@ -134,6 +135,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
     doc = await (await client.get("/status")).json()
     assert doc["ready"] is True
     assert doc["control_loop"] is True
+    assert doc["control_healthy"] is True
     assert doc["last_tick_age_s"] == 0.25
     (app,) = doc["apps"]
     assert app == {
@@ -152,6 +154,9 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "cordoned": False,
                 "in_flight": 3,
                 "last_used_age_s": 1.0,
+                "failures": 0,
+                "next_retry_in_s": None,
+                "left_alone": False,
             },
             {
                 "id": "m2",
@@ -159,6 +164,19 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "cordoned": True,
                 "in_flight": 0,
                 "last_used_age_s": None,
+                "failures": 0,
+                "next_retry_in_s": None,
+                "left_alone": False,
+            },
+            {
+                "id": "m3",
+                "state": "failed",
+                "cordoned": False,
+                "in_flight": 0,
+                "last_used_age_s": None,
+                "failures": 2,
+                "next_retry_in_s": 4.0,
+                "left_alone": False,
             },
         ],
     }

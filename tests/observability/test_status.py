@@ -16,7 +16,7 @@ from autoscaler.admin import AdminServer
 from autoscaler.cli import main
 from autoscaler.config import AdminSettings
 from autoscaler.metrics import Metrics
-from autoscaler.status import admin_url, ago, render, run_status
+from autoscaler.status import admin_url, ago, fetch_status, render, run_status, watch_status
 
 from .fakes import FakeAppStatus, FakeClock, FakeController, FakeMachine
 
@@ -72,6 +72,10 @@ def test_render_a_table() -> None:
                      "in_flight": 12, "last_used_age_s": 0.1},
                     {"id": "m2", "state": "suspended", "cordoned": True,
                      "in_flight": 0, "last_used_age_s": None},
+                    {"id": "m3", "state": "failed", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": None, "failures": 2, "next_retry_in_s": 3.6},
+                    {"id": "m4", "state": "failed", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": None, "failures": 5, "left_alone": True},
                 ],
             },
             {"app": "idle", "desired": 0, "started": 0, "panic": False, "last_reason": "",
@@ -85,9 +89,13 @@ def test_render_a_table() -> None:
         "demo: desired 2, started 1, panic yes, decided 1.5s ago",
         "  why: panic: demand 30 over 2x capacity",
         "  last error: API 503",
-        "  MACHINE      STATE      CORDONED  IN FLIGHT  LAST USED",
+        "  MACHINE      STATE      CORDONED  IN FLIGHT  LAST USED  NOTE",
         "  m-long-id-1  started    no        12         0.1s ago",
         "  m2           suspended  yes       0          never",
+        "  m3           failed     no        0          never      "
+        "2 failed start(s), restart in 4s",
+        "  m4           failed     no        0          never      "
+        "left alone after 5 failed starts",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",
@@ -197,3 +205,63 @@ async def test_cli_entry(admin: str, tmp_path: Path, capsys: pytest.CaptureFixtu
     code = await asyncio.to_thread(main, argv)
     assert code == 0
     assert "demo: desired 1" in capsys.readouterr().out
+
+
+async def test_watch_redraws_the_table_every_interval(admin: str) -> None:
+    out = io.StringIO()
+    naps: list[float] = []
+    first = {"version": "x", "ready": True, "apps": []}
+    code = await asyncio.to_thread(
+        watch_status, admin, TOKEN, first, out=out, frames=3, terminal=False, sleep=naps.append
+    )
+    assert code == 0
+    assert naps == [1.0, 1.0]
+    text = out.getvalue()
+    assert text.count("autoscaler x: ready") == 1  # the first draw is the status given
+    assert text.count("demo: desired 1, started 1") == 2  # then fetched again each time
+    assert "\x1b[" not in text
+
+
+async def test_watch_json_prints_one_document_per_line(admin: str) -> None:
+    out = io.StringIO()
+    first = {"apps": []}
+    code = await asyncio.to_thread(
+        watch_status, admin, TOKEN, first, as_json=True, out=out, frames=2, sleep=lambda _: None
+    )
+    assert code == 0
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert docs[0] == first
+    assert docs[1]["apps"][0]["app"] == "demo"
+
+
+async def test_watch_on_a_terminal_draws_the_live_view(admin: str) -> None:
+    out = io.StringIO()
+    first = await asyncio.to_thread(fetch_status, admin, TOKEN)
+    code = await asyncio.to_thread(
+        watch_status, admin, TOKEN, first, out=out, frames=2, terminal=True, sleep=lambda _: None
+    )
+    assert code == 0
+    screen = out.getvalue()
+    assert "\x1b[?1049h" in screen  # the alternate screen, left again at the end
+    assert "\x1b[?1049l" in screen
+    assert "demo" in screen
+    assert "req/s" in screen
+    assert "m1" in screen
+    assert "started" in screen
+    assert "demand 3.0 needs 1 machine" in screen
+    assert TOKEN not in screen
+
+
+async def test_watch_keeps_going_when_the_admin_server_goes_away(tmp_path: Path) -> None:
+    server = AdminServer(AdminSettings(), Metrics(CollectorRegistry()))
+    await server.start(host="127.0.0.1", port=0)
+    url = f"http://127.0.0.1:{server.address[1]}"
+    await server.stop()
+    out = io.StringIO()
+    code = await asyncio.to_thread(
+        watch_status, url, None, {"apps": []}, out=out, frames=2, terminal=False,
+        sleep=lambda _: None,
+    )  # fmt: skip
+    assert code == 0
+    assert "autoscaler status: " in out.getvalue()
+    assert "cannot connect" in out.getvalue()

@@ -33,7 +33,17 @@ from autoscaler.emulator import Emulator
 from autoscaler.metrics import Metrics
 from autoscaler.service import Service
 
-from .harness import APP, HOST, Figures, Load, LogCapture, metric, service_config, write_config
+from .harness import (
+    APP,
+    HOST,
+    Figures,
+    Load,
+    LogCapture,
+    live_service,
+    metric,
+    service_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,3 +154,45 @@ async def test_sighup_reload_under_load(
         outcomes=outcomes,
         reloads={"valid": 1, "invalid": 1},
     )
+
+
+async def test_removing_an_app_with_requests_in_flight_and_held(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Held requests get 503 at once, the one in flight finishes, no counter goes below
+    zero, and the app added back starts from a clean view."""
+    base: dict[str, Any] = service_config(emulator, min_machines=1, hard_limit=1)
+    path = write_config(tmp_path / "autoscaler.yaml", base)
+    async with live_service(path) as svc, aiohttp.ClientSession() as http:
+        assert svc.proxy is not None
+        url = f"http://127.0.0.1:{svc.proxy.port}"
+        assert await _status(http, f"{url}/", HOST) == 200  # a machine is up
+
+        async def get(path: str) -> tuple[int, str]:
+            async with http.get(f"{url}{path}", headers={"Host": HOST}) as resp:
+                return resp.status, await resp.text()
+
+        view = svc.view.app(APP)
+        in_flight = asyncio.ensure_future(get("/work?ms=1500"))
+        await until(lambda: view.in_flight == 1, 10, "a request in flight")
+        held = [asyncio.ensure_future(get("/")) for _ in range(3)]
+        await until(lambda: view.queued == 3, 10, "three requests held (hard_limit 1)")
+
+        write_config(path, {**base, "apps": []})
+        assert await svc.reload()
+        for status, text in await asyncio.gather(*held):
+            assert status == 503
+            assert "removed from the configuration" in text
+        assert not in_flight.done()
+        assert (await in_flight)[0] == 200
+        assert (view.in_flight, view.queued) == (0, 0)
+        assert APP not in svc.view.apps
+        assert await _status(http, f"{url}/", HOST) == 404
+
+        write_config(path, base)
+        assert await svc.reload()
+        fresh = svc.view.app(APP)
+        assert fresh is not view
+        assert (fresh.in_flight, fresh.queued) == (0, 0)
+        assert await _status(http, f"{url}/", HOST) == 200
+        assert (fresh.in_flight, fresh.queued) == (0, 0)

@@ -117,6 +117,8 @@ async def test_fly_token_is_not_carried_to_a_redirect_target(log_capture: LogCap
     assert FLY_TOKEN not in elsewhere.text()
 
 
+# Secrets have nothing to do with transition timing: the fast profile only.
+@pytest.mark.parametrize("emulator_settings", ["fast"], indirect=True)
 async def test_no_credential_upstream_none_in_metrics_status_or_errors(
     emulator: Emulator,
     echo: tuple[Recorder, str],

@@ -65,7 +65,9 @@ def run(
     assert len(ids) == len(set(ids)), "at most one action per machine per tick"
     by_id = {x.id: x for x in machines}
     for a in d.actions:
-        assert not by_id[a.machine_id].busy, "busy machines are left alone"
+        target = by_id[a.machine_id]
+        takes_back = a.kind == "resume" and target.state == "suspending"
+        assert not target.busy or takes_back, "busy machines are left alone (but our suspend)"
         assert not by_id[a.machine_id].cordoned_by_others, "others' cordons are left alone"
     if d.panic:
         assert all(a.kind not in ("drain", "stop") for a in d.actions)
@@ -429,6 +431,14 @@ def test_scale_up_takes_back_drains_then_resumes_then_starts_most_recent_first()
         ([m("a", "suspended", busy=True), m("b", "stopped")], ("start", "b")),
         ([m("a", "suspended", cordoned=True), m("b", "stopped")], ("start", "b")),
         ([m("a", "failed"), m("b", "created"), m("c", "replacing")], None),
+        ([m("a", "failed", restartable=True), m("b", "stopped", busy=True)], ("start", "a")),
+        ([m("a", "failed", restartable=True), m("b", "stopped")], ("start", "b")),
+        (
+            [m("a", "suspended"), m("s", "suspending", busy=True, pending="drain")],
+            ("resume", "s"),
+        ),
+        ([m("a", "suspended"), m("s", "suspending", cordoned=True)], ("resume", "a")),
+        ([m("s", "stopping", busy=True, pending="drain")], None),
     ],
 )
 def test_choose_wake(machines: list[MachineSnapshot], expected: tuple[str, str] | None) -> None:
@@ -509,13 +519,22 @@ def test_states_we_do_not_drive_are_left_alone_and_not_counted(state: str) -> No
     assert acts(d) == [("resume", "z")]
 
 
-@pytest.mark.parametrize("state", ["stopping", "suspending"])
-def test_machines_going_down_are_not_capacity_nor_acted_on(state: str) -> None:
+def test_machines_stopping_are_not_capacity_nor_acted_on() -> None:
     app = cfg(panic_threshold=CALM)
-    d = run(app, fleet(m("x", state)), load(5.0, 100, app=app), 100)
+    d = run(app, fleet(m("x", "stopping")), load(5.0, 100, app=app), 100)
     assert d.current == 0
     assert d.actions == ()
     assert d.shortfall == 0
+
+
+def test_a_suspend_under_way_is_taken_back_when_demand_comes() -> None:
+    """Fly lets a start interrupt a suspend: the warm machine beats any other wake."""
+    app = cfg(panic_threshold=CALM)
+    machines = fleet(m("x", "suspending", busy=True, pending="drain"), m("z", "suspended"))
+    d = run(app, machines, load(5.0, 100, app=app), 100)
+    assert d.current == 0
+    assert acts(d) == [("resume", "x")]
+    assert "take back a machine being suspended" in d.actions[0].reason
 
 
 def test_busy_machines_are_left_alone_this_tick() -> None:

@@ -19,7 +19,16 @@ from autoscaler.scaling.fleet import Fleet, MachineSnapshot
 from autoscaler.scaling.policy import Decision, PolicyState, decide
 from autoscaler.scaling.window import LoadWindows, Sample
 
-STATES = ["started", "stopped", "suspended", "starting", "stopping", "failed", "created"]
+STATES = [
+    "started",
+    "stopped",
+    "suspended",
+    "starting",
+    "stopping",
+    "suspending",
+    "failed",
+    "created",
+]
 
 
 @st.composite
@@ -41,6 +50,7 @@ def machines(draw: st.DrawFn, index: int) -> MachineSnapshot:
         last_used=draw(st.none() | st.floats(0, 100)),
         started_at=draw(st.floats(0, 100)) if state == "started" else None,
         state_since=draw(st.none() | st.floats(0, 100)),
+        restartable=state == "failed" and draw(st.booleans()),
     )
 
 
@@ -112,12 +122,15 @@ def check_one(fleet: Fleet, d: Decision, app: AppConfig, now: float, recent: boo
         m = by_id[a.machine_id]
         assert a.machine_id not in seen
         seen.add(a.machine_id)
-        assert not m.busy
+        # Busy machines are left alone, but for our own drain taken back in its suspend.
+        assert not m.busy or (a.kind == "resume" and m.state == "suspending")
         assert not m.cordoned_by_others
-        if a.kind == "resume" or a.kind == "stop":
+        if a.kind == "resume":
+            assert m.state in ("suspended", "suspending")
+        elif a.kind == "stop":
             assert m.state == "suspended"
         elif a.kind == "start":
-            assert m.state == "stopped"
+            assert m.state == "stopped" or (m.state == "failed" and m.restartable)
         elif a.kind == "drain":
             assert m.state == "started"
             if not m.cordoned:

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from autoscaler.config import AppConfig
+from autoscaler.control import controller, runtime, wake
+from autoscaler.control import view as view_mod
 from autoscaler.fly import models as fm
 from autoscaler.scaling import policy, window
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY, STARTED, STOPPED, SUSPENDED
@@ -27,9 +29,6 @@ from .conftest import replay
 
 
 def test_controller_and_simulator_import_the_same_policy_functions() -> None:
-    controller = pytest.importorskip("autoscaler.control.controller")
-    wake = pytest.importorskip("autoscaler.control.wake")
-    runtime = pytest.importorskip("autoscaler.control.runtime")
     assert controller.decide is policy.decide
     assert wake.choose_wake is policy.choose_wake
     assert runtime.LoadWindows is window.LoadWindows
@@ -89,8 +88,6 @@ def test_simulator_acts_on_exactly_what_decide_and_choose_wake_return(
 
 
 async def test_snapshot_matches_the_controllers_for_the_same_machines_and_load() -> None:
-    runtime = pytest.importorskip("autoscaler.control.runtime")
-    view_mod = pytest.importorskip("autoscaler.control.view")
     cfg = AppConfig(name="app", max_machines=4)
     now = [10.0]
     view = view_mod.AppView("app", clock=lambda: now[0])

@@ -1,0 +1,463 @@
+"""Build grafana/dashboards/*.json with Grafana's dashboards-as-code library.
+
+    pip install -e '.[dev]'            # grafana-foundation-sdk is a development dependency
+    python grafana/build_dashboards.py # rewrites grafana/dashboards/autoscaler-overview.json
+
+The JSON files are generated: edit this file, run it, commit both. A test regenerates them
+and compares (tests/observability/test_dashboard.py), and another runs every panel's query
+against a real Prometheus (tests/observability/test_prometheus.py). The library's typed
+builders write what Grafana's own schema says, so a misspelt option fails here, not in
+Grafana. Nothing here imports the autoscaler: metric names are the public interface.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as cb
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dm
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+APP = 'app=~"$app"'
+RATE = "[$__rate_interval]"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One panel: what it shows, how wide, and its queries as (expr, legend) pairs."""
+
+    title: str
+    description: str
+    targets: list[tuple[str, str]]
+    unit: str = "short"
+    width: int = 8
+    kind: str = "timeseries"  # or "stat"
+    stacked: bool = False
+    steps: bool = False  # a 0/1 signal: drawn as steps, 0..1
+    options: dict[str, object] = field(default_factory=dict)
+
+
+def by(labels: str, metric: str, selector: str = APP) -> str:
+    """``sum by (labels) (rate(metric{selector}[$__rate_interval]))``."""
+    inner = f"{metric}{{{selector}}}" if selector else metric
+    return f"sum by ({labels}) (rate({inner}{RATE}))"
+
+
+def quantile(q: float, labels: str, metric: str, selector: str = APP) -> str:
+    inner = f"{metric}{{{selector}}}" if selector else metric
+    return f"histogram_quantile({q:g}, sum by ({labels}) (rate({inner}{RATE})))"
+
+
+ROWS: list[tuple[str, list[Spec]]] = [
+    (
+        "Traffic",
+        [
+            Spec(
+                "Requests per second by status",
+                "Requests answered by the proxy, by HTTP status.",
+                [(by("code", "autoscaler_requests_total"), "{{code}}")],
+                unit="reqps",
+                stacked=True,
+            ),
+            Spec(
+                "5xx ratio",
+                "Share of answers that were 5xx (proxy errors, queue full, wake timeouts,"
+                " upstream 5xx); 0 when there were none.",
+                [
+                    (
+                        f'(sum(rate(autoscaler_requests_total{{{APP},code=~"5.."}}{RATE}))'
+                        " or vector(0))"
+                        f" / sum(rate(autoscaler_requests_total{{{APP}}}{RATE}))",
+                        "5xx",
+                    )
+                ],
+                unit="percentunit",
+            ),
+            Spec(
+                "Request latency",
+                "Arrival to end of response headers, wakes included.",
+                [
+                    (quantile(q, "le", "autoscaler_request_duration_seconds_bucket"), name)
+                    for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"))
+                ],
+                unit="s",
+            ),
+            Spec(
+                "In flight and queued",
+                "Queued: held for a wake or for a machine under its hard limit.",
+                [
+                    (f"sum(autoscaler_inflight_requests{{{APP}}})", "in flight"),
+                    (f"sum(autoscaler_queued_requests{{{APP}}})", "queued"),
+                ],
+            ),
+            Spec(
+                "Queue rejections",
+                "Held requests turned away: queue_full (503), wake_timeout (504).",
+                [(by("reason", "autoscaler_queue_rejections_total"), "{{reason}}")],
+                unit="reqps",
+            ),
+            Spec(
+                "Requests by wake",
+                "none: a machine was running; resume/start: the request waited for a wake.",
+                [(by("wake", "autoscaler_requests_total"), "{{wake}}")],
+                unit="reqps",
+                stacked=True,
+            ),
+        ],
+    ),
+    (
+        "Wakes",
+        [
+            Spec(
+                "Wakes per second",
+                "Machines woken for held requests, by kind (resume from suspend, start from stop).",
+                [(by("kind", "autoscaler_wake_duration_seconds_count"), "{{kind}}")],
+                unit="ops",
+            ),
+            Spec(
+                "Wake latency",
+                "From a wake request until a machine was routable. Gaps: no wake in the window.",
+                [
+                    (
+                        quantile(0.5, "kind, le", "autoscaler_wake_duration_seconds_bucket"),
+                        "{{kind}} p50",
+                    ),
+                    (
+                        quantile(0.99, "kind, le", "autoscaler_wake_duration_seconds_bucket"),
+                        "{{kind}} p99",
+                    ),
+                ],
+                unit="s",
+            ),
+            Spec(
+                "Pre-warms",
+                "Machines started ahead of demand, by result.",
+                [(by("result", "autoscaler_prewarms_total"), "{{result}}")],
+                unit="ops",
+            ),
+        ],
+    ),
+    (
+        "Machines",
+        [
+            Spec(
+                "Machines by state",
+                "As last read from the Machines API.",
+                [
+                    (
+                        f'sum by (state) (autoscaler_machines{{{APP},state!="cordoned"}})',
+                        "{{state}}",
+                    )
+                ],
+                stacked=True,
+            ),
+            Spec(
+                "Desired against actual",
+                "Desired: started machines the policy wants. Cordoned: draining before a"
+                " scale-down.",
+                [
+                    (f"sum(autoscaler_desired_machines{{{APP}}})", "desired"),
+                    (f'sum(autoscaler_machines{{{APP},state="started"}})', "started"),
+                    (f'sum(autoscaler_machines{{{APP},state="cordoned"}})', "cordoned"),
+                ],
+            ),
+            Spec(
+                "Panic mode",
+                "1 while an app's policy is in panic mode (demand far above capacity).",
+                [(f"max by (app) (autoscaler_panic_mode{{{APP}}})", "{{app}}")],
+                steps=True,
+            ),
+            Spec(
+                "Scaling actions",
+                "Start, resume, cordon, uncordon, suspend, stop; by result.",
+                [
+                    (
+                        by("action, result", "autoscaler_scaling_actions_total"),
+                        "{{action}} {{result}}",
+                    )
+                ],
+                unit="ops",
+            ),
+            Spec(
+                "Machine restarts",
+                "Machines restarted after their process died or stopped answering, by result.",
+                [(by("result", "autoscaler_machine_restarts_total"), "{{result}}")],
+                unit="ops",
+            ),
+            Spec(
+                "Machine ejections",
+                "Machines the proxy stopped sending to, by reason.",
+                [(by("reason", "autoscaler_machine_ejections_total"), "{{reason}}")],
+                unit="ops",
+            ),
+        ],
+    ),
+    (
+        "Control loop",
+        [
+            Spec(
+                "Control loop: seconds since last tick",
+                "Grows without bound when the control loop is stuck (alert:"
+                " AutoscalerControlLoopStalled).",
+                [
+                    (
+                        "time() - max(autoscaler_control_last_tick_timestamp_seconds)",
+                        "since last tick",
+                    )
+                ],
+                unit="s",
+            ),
+            Spec(
+                "Control loop healthy",
+                "1 while the control loop reaches the Machines API and keeps its schedule.",
+                [("min(autoscaler_control_healthy)", "healthy")],
+                width=4,
+                kind="stat",
+                options={"textMode": common.BigValueTextMode.VALUE},
+            ),
+            Spec(
+                "Config reloads in range",
+                "SIGHUP reloads: success, or error (the running configuration stays).",
+                [
+                    (
+                        "sum by (result) (increase(autoscaler_config_reloads_total[$__range]))",
+                        "{{result}}",
+                    )
+                ],
+                width=4,
+                kind="stat",
+            ),
+            Spec(
+                "Version",
+                "Autoscaler processes by version.",
+                [("count by (version) (autoscaler_build_info)", "{{version}}")],
+                width=4,
+                kind="stat",
+                options={"textMode": common.BigValueTextMode.NAME},
+            ),
+            Spec(
+                "Cluster",
+                "Replicas seen, and how many of them lead (1 in a healthy cluster).",
+                [
+                    ("max(autoscaler_cluster_replicas)", "replicas"),
+                    ("sum(autoscaler_cluster_leader)", "leaders"),
+                ],
+                width=4,
+                kind="stat",
+            ),
+        ],
+    ),
+    (
+        "Cost",
+        [
+            Spec(
+                "Machines billed (machine-seconds per second)",
+                "Average machines started and suspended: what the fleet costs, moment by moment.",
+                [(by("state", "autoscaler_machine_seconds_total"), "{{state}}")],
+                width=16,
+                stacked=True,
+            ),
+            Spec(
+                "Machine-hours in range",
+                "Machine-hours started and suspended over the dashboard's time range.",
+                [
+                    (
+                        "sum by (state) (increase(autoscaler_machine_seconds_total"
+                        f"{{{APP}}}[$__range])) / 3600",
+                        "{{state}}",
+                    )
+                ],
+                unit="h",
+                kind="stat",
+            ),
+        ],
+    ),
+    (
+        "Machines API",
+        [
+            Spec(
+                "API calls by operation",
+                "Every Machines API call, retries included.",
+                [(by("operation", "autoscaler_api_requests_total", ""), "{{operation}}")],
+                unit="reqps",
+                stacked=True,
+            ),
+            Spec(
+                "API errors",
+                "Non-2xx answers and transport errors (code=error); 0 per operation when"
+                " there were none.",
+                [
+                    (
+                        by("operation, code", "autoscaler_api_requests_total", 'code!~"2.."')
+                        + " or "
+                        + by("operation", "autoscaler_api_requests_total", "")
+                        + " * 0",
+                        "{{operation}} {{code}}",
+                    )
+                ],
+                unit="reqps",
+            ),
+            Spec(
+                "API latency p99",
+                "Per operation. Waits (/wait) are long by design.",
+                [
+                    (
+                        quantile(
+                            0.99,
+                            "operation, le",
+                            "autoscaler_api_request_duration_seconds_bucket",
+                            "",
+                        ),
+                        "{{operation}}",
+                    )
+                ],
+                unit="s",
+            ),
+        ],
+    ),
+]
+
+
+def _targets(spec: Spec) -> list[prometheus.Dataquery]:
+    return [
+        prometheus.Dataquery()
+        .ref_id(chr(ord("A") + i))
+        .datasource(DS)
+        .expr(expr)
+        .legend_format(legend)
+        .range()
+        for i, (expr, legend) in enumerate(spec.targets)
+    ]
+
+
+def _timeseries(spec: Spec, panel_id: int) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .id(panel_id)
+        .title(spec.title)
+        .description(spec.description)
+        .datasource(DS)
+        .height(8)
+        .span(spec.width)
+        .unit(spec.unit)
+        .min(0)
+        .draw_style(common.GraphDrawStyle.LINE)
+        .line_width(1)
+        .fill_opacity(40 if spec.stacked else 10)
+        .show_points(common.VisibilityMode.NEVER)
+        .span_nulls(False)
+        .stacking(
+            cb.StackingConfig()
+            .mode(common.StackingMode.NORMAL if spec.stacked else common.StackingMode.NONE)
+            .group("A")
+        )
+        .legend(
+            cb.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+        .tooltip(
+            cb.VizTooltipOptions()
+            .mode(common.TooltipDisplayMode.MULTI)
+            .sort(common.SortOrder.DESCENDING)
+        )
+    )
+    if spec.steps:
+        panel = panel.max(1).line_interpolation(common.LineInterpolation.STEP_AFTER)
+    for target in _targets(spec):
+        panel = panel.with_target(target)
+    return panel
+
+
+def _stat(spec: Spec, panel_id: int) -> stat.Panel:
+    text_mode = spec.options.get("textMode", common.BigValueTextMode.VALUE_AND_NAME)
+    assert isinstance(text_mode, common.BigValueTextMode)
+    panel = (
+        stat.Panel()
+        .id(panel_id)
+        .title(spec.title)
+        .description(spec.description)
+        .datasource(DS)
+        .height(8)
+        .span(spec.width)
+        .unit(spec.unit)
+        .min(0)
+        .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .color_mode(common.BigValueColorMode.NONE)
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .text_mode(text_mode)
+        .orientation(common.VizOrientation.HORIZONTAL)
+    )
+    for target in _targets(spec):
+        panel = panel.with_target(target)
+    return panel
+
+
+def overview() -> db.Dashboard:
+    dashboard = (
+        db.Dashboard("Autoscaler overview")
+        .uid("autoscaler-overview")
+        .description(
+            "Traffic, wakes, machines, cost and Machines API calls of the Fly.io autoscaler."
+        )
+        .tags(["autoscaler", "fly.io"])
+        .editable()
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .refresh("10s")
+        .time("now-1h", "now")
+        .timezone("")
+        .with_variable(db.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(
+            db.QueryVariable("app")
+            .label("App")
+            .datasource(DS)
+            .query(
+                'label_values({__name__=~"autoscaler_requests_total|autoscaler_desired_machines"}'
+                ", app)"
+            )
+            .include_all(True)
+            .all_value(".*")
+            .multi(True)
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        )
+    )
+    panel_id = 0
+    for title, specs in ROWS:
+        panel_id += 1
+        dashboard = dashboard.with_row(db.Row(title).id(panel_id))
+        for spec in specs:
+            panel_id += 1
+            build = _stat if spec.kind == "stat" else _timeseries
+            dashboard = dashboard.with_panel(build(spec, panel_id))
+    return dashboard
+
+
+DASHBOARDS = {"autoscaler-overview.json": overview}
+
+
+def render(name: str) -> str:
+    """The JSON text of one dashboard, as committed."""
+    model = DASHBOARDS[name]().build()
+    return json.dumps(model, cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[1]) if len(argv) > 1 else OUT
+    for name in DASHBOARDS:
+        (out / name).write_text(render(name), encoding="utf-8")
+        print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,176 @@
+"""No app goes dark, end to end against the emulator's Fly-like timings and faults.
+
+- A one-machine app whose boot fails comes back: the failed machine is started again
+  after its backoff, and the held request is served.
+- A request that arrives while the app's machine spends 15 s suspending is served by
+  taking the suspend back, in about a resume, not after the suspend.
+- An idle WebSocket lets the app sleep: its drain closes it with 1001, then suspends.
+- An API outage under steady load loses no request to a started machine; ``/readyz``
+  stays ready while ``/readyz?control=1`` and ``autoscaler_control_healthy`` say the
+  decisions are stale. 10 s by default, the issue's 60 s with ``--soak``.
+
+All but the outage run with the emulator's ``fly`` timing profile (the 15 s suspend sets
+its own suspend time); the whole module is marked ``fly_profile``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from aiohttp import WSMsgType
+from testkit import fly_like, until
+
+from autoscaler.admin import AdminServer
+from autoscaler.config import AdminSettings, EmulatorApp, EmulatorSettings, TimingSettings
+from autoscaler.emulator import Emulator
+from autoscaler.emulator.procs import pid_alive
+
+from .test_e2e import APP, HOST, running_stack
+
+SUSPEND_S = 15.0
+pytestmark = pytest.mark.fly_profile
+
+
+@pytest.fixture
+def emulator_settings(
+    emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
+) -> EmulatorSettings:
+    """Fly's timings unless a test asks for the fast ones (indirect parametrization)."""
+    fast = getattr(request, "param", "fly") == "fast"
+    base = emulator_settings if fast else fly_like(emulator_settings)
+    return base.model_copy(update={"apps": [EmulatorApp(name=APP, machines=1)]})
+
+
+async def test_a_one_machine_app_whose_boot_failed_comes_back(emulator: Emulator) -> None:
+    emulator.set_faults(boot_failure_rate=1.0)
+    async with running_stack(emulator, wake_timeout_s=30) as stack:
+        request = asyncio.ensure_future(stack.get("/"))
+        await until(
+            lambda: [m.state for m in emulator.machines(APP)] == ["failed"], what="a failed boot"
+        )
+        emulator.set_faults(boot_failure_rate=None)  # the trouble passes
+        await request
+        assert stack.failures == []
+        assert stack.served == 1
+        restarts = stack.metrics.registry.get_sample_value(
+            "autoscaler_machine_restarts_total", {"app": APP, "result": "ok"}
+        )
+        assert restarts == 1
+        assert [m.state for m in emulator.machines(APP)] == ["started"]
+
+
+async def test_a_request_during_a_15s_suspend_waits_a_resume_not_the_suspend() -> None:
+    settings = EmulatorSettings(
+        profile="fly",
+        timing=TimingSettings(suspend_s=SUSPEND_S),
+        rate_limits=False,
+        apps=[EmulatorApp(name=APP, machines=1)],
+    )
+    async with (
+        Emulator(settings, host="127.0.0.1", port=0) as emulator,
+        running_stack(emulator) as stack,
+    ):
+        await stack.get("/")  # a cold start; then the app idles and is drained
+        await until(
+            lambda: [m.state for m in emulator.machines(APP)] == ["suspending"],
+            timeout_s=30,
+            what="the idle machine to start suspending",
+        )
+        t0 = time.monotonic()
+        url = f"http://127.0.0.1:{stack.proxy.port}/"
+        async with stack.session.get(url, headers={"Host": HOST}) as resp:
+            await resp.read()
+            waited = time.monotonic() - t0
+            assert resp.status == 200
+            # Served by taking the suspend back: the machine never reached "suspended".
+            assert resp.headers["fly-autoscaler-wake"] == "resume"
+        [machine] = emulator.machines(APP)
+        assert machine.state == "started"
+        assert not any(e.status == "suspended" for e in machine.events)
+        # The bound the issue sets (a resume plus a tick) with room for a loaded
+        # machine; the point is that it is nowhere near the suspend's 15 s.
+        assert waited < SUSPEND_S / 3, f"waited {waited:.2f}s"
+        print(f"held request during a {SUSPEND_S:g}s suspend waited {waited:.3f}s")
+    assert not [pid for pid in emulator.spawned_pids() if pid_alive(pid)]
+
+
+async def test_an_idle_websocket_lets_the_app_sleep_and_its_drain_closes_it(
+    emulator: Emulator,
+) -> None:
+    async with running_stack(emulator, connection_idle_s=1, idle_to_zero_s=2) as stack:
+        url = f"http://127.0.0.1:{stack.proxy.port}/ws"
+        async with stack.session.ws_connect(url, headers={"Host": HOST}) as ws:
+            await ws.send_str("hello")
+            assert await ws.receive_str() == "hello"
+            assert stack.app.in_flight == 1
+            msg = await asyncio.wait_for(ws.receive(), timeout=60)
+            assert msg.type is WSMsgType.CLOSE
+            assert msg.data == 1001  # going away: reconnect (and wake the app)
+        await until(
+            lambda: [m.state for m in emulator.machines(APP)] == ["suspended"],
+            timeout_s=60,
+            what="the app asleep",
+        )
+        assert stack.app.in_flight == 0
+
+
+@pytest.mark.parametrize("emulator_settings", ["fast"], indirect=True)  # timing plays no part
+async def test_an_api_outage_loses_no_request_to_a_started_machine(
+    emulator: Emulator, request: pytest.FixtureRequest
+) -> None:
+    soak = request.config.getoption("--soak") or os.environ.get("AUTOSCALER_SOAK") == "1"
+    outage_s = 60.0 if soak else 10.0
+    async with running_stack(emulator, min_machines=1) as stack:
+        admin = AdminServer(
+            AdminSettings(), stack.metrics, stack.controller, tick_s=0.2, max_tick_age_s=2
+        )
+        await admin.start("127.0.0.1", 0)
+        host, port = admin.address
+        base = f"http://{host}:{port}"
+        try:
+            await until(lambda: len(stack.app.routable()) == 1, 30, "a started machine")
+
+            async def ready(control: bool) -> int:
+                path = "/readyz?control=1" if control else "/readyz"
+                async with stack.session.get(base + path) as resp:
+                    return resp.status
+
+            stop = asyncio.Event()
+
+            async def steady() -> None:
+                while not stop.is_set():
+                    await stack.get("/work?ms=20")
+
+            clients = [asyncio.create_task(steady()) for _ in range(4)]
+            emulator.set_faults(error_rate=1.0)
+            readiness: list[int] = []
+            loop = asyncio.get_running_loop()
+            end = loop.time() + outage_s
+            while loop.time() < end:
+                readiness.append(await ready(control=False))
+                await asyncio.sleep(0.5)
+            stale = await ready(control=True)
+            healthy = stack.metrics.registry.get_sample_value("autoscaler_control_healthy")
+            emulator.set_faults(error_rate=None)
+            await until(lambda: stack.controller.status()[0].last_error is None, 30, "recovery")
+            stop.set()
+            await asyncio.gather(*clients)
+            assert stack.failures == []
+            assert stack.served > 10
+            assert set(readiness) == {200}
+            assert stale == 503
+            assert healthy == 0.0
+            await until(
+                lambda: (
+                    stack.metrics.registry.get_sample_value("autoscaler_control_healthy") == 1.0
+                ),
+                10,
+                "control healthy again",
+            )
+            assert await ready(control=True) == 200
+            print(f"{outage_s:g}s API outage: {stack.served} requests served, none lost")
+        finally:
+            await admin.stop()

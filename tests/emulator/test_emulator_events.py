@@ -1,0 +1,65 @@
+"""Machine events as Fly shows them: a user event when a transition begins, the platform's
+("flyd") when it ends, newest first, timestamps in milliseconds."""
+
+from __future__ import annotations
+
+from emu_helpers import new_machine, session, until_state, wait_ok
+
+from autoscaler.emulator import Emulator
+
+
+async def test_every_transition_records_the_real_event_pairs(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        base = f"/v1/apps/demo/machines/{m['id']}"
+        record = emulator.machine("demo", m["id"])
+        assert (await s.post(base + "/suspend")).status == 200
+        await wait_ok(s, "demo", m["id"], "suspended")
+        assert (await s.post(base + "/start")).status == 200
+        await wait_ok(s, "demo", m["id"])
+        assert (await s.post(base + "/stop")).status == 200
+        await wait_ok(s, "demo", m["id"], "stopped")
+        config = {**m["config"], "env": {"V": "2"}}
+        assert (await s.post(base, json={"config": config})).status == 200
+        await until_state(record, "stopped")
+        assert (await s.delete(base)).status == 200
+        await until_state(record, "destroyed")
+
+    seen = [(e.type, e.status, e.source) for e in record.events]
+    assert seen == [
+        ("launch", "created", "user"),
+        ("start", "started", "flyd"),  # a launch at create: no user "start" between
+        ("suspend", "suspending", "user"),
+        ("suspend", "suspended", "flyd"),
+        ("start", "starting", "user"),
+        ("start", "started", "flyd"),
+        ("stop", "stopping", "user"),
+        ("exit", "stopped", "flyd"),
+        ("update", "updating", "user"),
+        ("update", "stopped", "flyd"),
+        ("destroy", "destroying", "user"),
+        ("destroy", "destroyed", "flyd"),
+    ]
+    exit_event = next(e for e in record.events if e.type == "exit")
+    assert exit_event.request == {"exit_event": {"requested_stop": True}}
+    stamps = [e.timestamp for e in record.events]
+    assert stamps == sorted(stamps)
+    assert all(t > 10**12 for t in stamps)  # milliseconds since the epoch
+
+
+async def test_the_events_endpoint_is_newest_first_with_a_limit(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        url = f"/v1/apps/demo/machines/{m['id']}/events"
+        events = await (await s.get(url)).json()
+        assert [(e["type"], e["status"]) for e in events] == [
+            ("start", "started"),
+            ("launch", "created"),
+        ]
+        assert events == (await (await s.get(f"/v1/apps/demo/machines/{m['id']}")).json())["events"]
+        newest = await (await s.get(url, params={"limit": "1"})).json()
+        assert newest == events[:1]
+        assert await (await s.get(url, params={"limit": "500"})).json() == events
+        r = await s.get(url, params={"limit": "many"})
+        assert r.status == 400
+        assert "limit: expected a positive integer" in (await r.json())["error"]

@@ -1,0 +1,129 @@
+"""Failures that recover: failed boots of any kind, hung processes, unreachable hosts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import testkit
+from emu_helpers import create_machine, hit, new_machine, session, until, wait_ok
+
+from autoscaler.config import EmulatorSettings
+from autoscaler.emulator import Emulator
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    return EmulatorSettings(
+        rate_limits=False, timing={"start_s": 0.05, "suspend_s": 0, "resume_s": 0}
+    )
+
+
+async def test_any_boot_can_fail_and_a_failed_machine_starts_again(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid = m["id"]
+        machine = emulator.machine("demo", mid)
+        emulator.set_faults(boot_failure_rate=1.0)
+        # A restart's boot fails ...
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/restart")).status == 200
+        await wait_ok(s, "demo", mid, "failed")
+        assert machine.events[-1].request == {"error": "injected boot failure"}
+        # ... and a failed machine can be started (Fly allows it), here into another failure.
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+        await wait_ok(s, "demo", mid, "failed")
+        emulator.set_faults(boot_failure_rate=None)
+        r = await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        assert (await r.json())["previous_state"] == "failed"
+        await wait_ok(s, "demo", mid)
+        # A resume that falls back to a cold boot can fail too.
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/suspend")).status == 200
+        await wait_ok(s, "demo", mid, "suspended")
+        emulator.set_faults(boot_failure_rate=1.0, resume_cold_rate=1.0)
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+        await wait_ok(s, "demo", mid, "failed")
+        assert [e.type for e in machine.events[-2:]] == ["start", "launch"]
+        assert emulator.pids() == []  # the snapshot's process went with the fallback
+
+
+async def test_a_hung_machine_accepts_but_never_answers_until_released(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid, ip = m["id"], m["private_ip"]
+        assert (await hit(ip))["count"] == 1
+        r = await s.post("/_emulator/faults", json={"hung": [mid]})
+        assert (await r.json())["hung"] == [mid]
+        pid = emulator.pids()[0]
+        # The kernel completes the handshake into the stopped process's backlog ...
+        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, 8080), 10)
+        writer.close()
+        # ... but the request is never answered, and the machine still says started.
+        held = asyncio.ensure_future(hit(ip))
+        done, _ = await asyncio.wait({held}, timeout=0.5)
+        assert not done, "a hung machine answered"
+        assert _proc_state(pid) == "T"
+        got = await (await s.get(f"/v1/apps/demo/machines/{mid}")).json()
+        assert got["state"] == "started"
+        # Released through the same endpoint: the held request completes.
+        await s.post("/_emulator/faults", json={"hung": None})
+        assert (await held)["count"] == 2
+
+
+async def test_hang_rate_hangs_new_starts_and_names_them(emulator: Emulator) -> None:
+    emulator.set_faults(hang_rate=1.0)
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        assert emulator.faults.hung == [m["id"]]
+        # A hung machine that is suspended and resumed stays hung.
+        mid = m["id"]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/suspend")).status == 200
+        await wait_ok(s, "demo", mid, "suspended")
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+        await wait_ok(s, "demo", mid)
+        # A SIGSTOP takes effect when the kernel next runs the process: wait for "T".
+        pid = emulator.pids()[0]
+        await testkit.until(lambda: _proc_state(pid) == "T", 5, "the process stopped")
+
+
+async def test_an_unreachable_host_refuses_actions_and_defers_destroy(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid = m["id"]
+        machine = emulator.machine("demo", mid)
+        r = await s.post("/_emulator/faults", json={"host_unreachable": [mid]})
+        assert r.status == 200
+        got = await (await s.get(f"/v1/apps/demo/machines/{mid}")).json()
+        assert got["host_status"] == "unreachable"
+        for action in ("stop", "suspend", "restart", "start"):
+            r = await s.post(f"/v1/apps/demo/machines/{mid}/{action}")
+            assert r.status == 503, action
+            assert "host is unreachable" in (await r.json())["error"]
+        assert machine.state == "started"
+        # A destroy is accepted and waits, `destroying`, for the host to come back.
+        r = await s.delete(f"/v1/apps/demo/machines/{mid}", params={"force": "true"})
+        assert r.status == 200
+        assert machine.state == "destroying"
+        emulator.set_faults(host_unreachable=None)
+        await until(machine, lambda x: x.state == "destroyed")
+        assert machine.host_status == "ok"
+
+
+async def test_host_unreachable_rate_loses_hosts_of_new_starts(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s, start=False)
+        emulator.set_faults(host_unreachable_rate=1.0)
+        assert (await s.post(f"/v1/apps/demo/machines/{m['id']}/start")).status == 200
+        await wait_ok(s, "demo", m["id"])
+        assert emulator.faults.host_unreachable == [m["id"]]
+        other = await create_machine(s, start=False, port=8081)
+        assert other["host_status"] == "ok"
+
+
+def _proc_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]

@@ -1,0 +1,140 @@
+"""Time in transitions: `stopping`, `suspending` and cold boots last as the profile says."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from emu_helpers import new_machine, session, wait, wait_ok
+
+from autoscaler.config import ConfigError, EmulatorSettings, load_settings
+from autoscaler.emulator import Emulator
+from autoscaler.emulator.machines import Lifecycle
+from autoscaler.emulator.main import settings_from
+
+
+@pytest.fixture
+def emulator_settings() -> EmulatorSettings:
+    # Transitions longer than the shortest /wait (1 s), so "not yet" is certain.
+    return EmulatorSettings(
+        rate_limits=False,
+        boot_timeout_s=20.0,
+        timing={"start_s": 0.05, "suspend_s": 2.0, "stop_s": 2.0, "resume_s": 0.0},
+    )
+
+
+def test_the_fly_profile_has_fly_s_documented_times() -> None:
+    fly = EmulatorSettings(profile="fly").effective_timing()
+    assert isinstance(fly.resume_s, tuple)
+    assert fly.resume_s[0] >= 0.1  # "a few hundred ms"
+    assert fly.resume_s[1] < 1.0
+    assert isinstance(fly.start_s, tuple)
+    assert fly.start_s[0] <= 2.0 <= fly.start_s[1]  # "~2+ seconds"
+    assert isinstance(fly.suspend_s, tuple)
+    assert fly.suspend_s[1] > 15.0  # "can spend over 15 seconds in the suspending state"
+    fast = EmulatorSettings().effective_timing()
+    assert (fast.suspend_s, fast.stop_s, fast.start_s) == (0.0, 0.0, 0.5)
+
+
+def test_the_profile_and_fault_flags_reach_the_settings() -> None:
+    settings = settings_from(
+        None, environ={}, profile="fly", faults={"resume_cold_rate": 0.5, "hang_rate": None}
+    )
+    assert settings.profile == "fly"
+    assert settings.faults.resume_cold_rate == 0.5
+    assert settings.effective_timing().suspend_s == (2.0, 18.0)
+
+
+def test_timing_overrides_win_over_the_profile_and_the_old_knobs(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "emulator:\n  profile: fly\n  demo_boot_delay_s: 0.1\n  resume_delay_s: 0.3\n"
+        "  timing:\n    resume_s: [0.2, 400ms]\n    snapshot_ttl_s: 5m\n"
+    )
+    settings, _ = load_settings(str(config), env={})
+    t = settings.emulator.effective_timing()
+    assert t.start_s == 0.1  # the old knob beats the profile
+    assert t.resume_s == (0.2, 0.4)  # timing.* beats the old knob
+    assert t.suspend_s == (2.0, 18.0)  # the profile's
+    assert t.snapshot_ttl_s == 300.0
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("[3, 1]", "0 <= lo <= hi"),
+        ("[1, 2, 3]", "a range [lo, hi]"),
+        ("soon", "a duration"),
+        ("-1", ">= 0"),
+    ],
+)
+def test_a_bad_timing_is_a_clear_error(tmp_path: Path, value: str, says: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"emulator:\n  timing:\n    suspend_s: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(config), env={})
+    assert any("emulator.timing.suspend_s" in p and says in p for p in err.value.problems)
+
+
+def test_a_range_is_drawn_per_action_with_the_injected_rng() -> None:
+    def draws(seed: int) -> list[float]:
+        rng = random.Random(seed)  # noqa: S311 - durations, not secrets
+        settings = EmulatorSettings(timing={"suspend_s": [1.0, 3.0]})
+        life = Lifecycle(
+            settings, ids=None, rng=rng, pool=None, on_change=lambda: None, on_gone=print
+        )  # type: ignore[arg-type]
+        got = [life.draw(life.timing.suspend_s) for _ in range(20)]
+        life.reaper.close()
+        return got
+
+    first = draws(7)
+    assert all(1.0 <= d <= 3.0 for d in first)
+    assert len(set(first)) > 1  # anew per action
+    assert draws(7) == first  # reproducible with a seeded rng
+
+
+async def test_suspend_and_stop_take_their_time_and_wait_tells_the_truth(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid = m["id"]
+        pid = emulator.pids()[0]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/suspend")).status == 200
+        got = await (await s.get(f"/v1/apps/demo/machines/{mid}")).json()
+        assert got["state"] == "suspending"
+        # A waiter for `suspended` is not let go while the machine is still suspending.
+        r = await wait(s, "demo", mid, "suspended", seconds=1)
+        assert r.status == 408
+        assert "currently suspending" in (await r.json())["error"]
+        assert _proc_state(pid) == "T"  # frozen meanwhile, as Fly pauses the VM
+        await wait_ok(s, "demo", mid, "suspended")
+
+        r = await s.post(f"/v1/apps/demo/machines/{mid}/stop")
+        assert r.status == 200
+        r = await wait(s, "demo", mid, "stopped", seconds=1)
+        assert r.status == 408
+        assert "currently stopping" in (await r.json())["error"]
+        # Starting a machine that is stopping is refused, as on Fly.
+        r = await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        assert r.status == 412
+        assert "stopping" in (await r.json())["error"]
+        await wait_ok(s, "demo", mid, "stopped")
+
+
+async def test_a_cold_boot_lasts_start_s() -> None:
+    settings = EmulatorSettings(rate_limits=False, timing={"start_s": [2.0, 2.5]})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, start=False)
+        mid = m["id"]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+        r = await wait(s, "demo", mid, "started", seconds=1)
+        assert r.status == 408
+        assert "currently starting" in (await r.json())["error"]
+        await wait_ok(s, "demo", mid)
+
+
+def _proc_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]

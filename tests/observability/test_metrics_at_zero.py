@@ -1,0 +1,70 @@
+"""Series whose label values are known in advance exist at 0 before anything happens, so a
+dashboard shows 0 (not "No data") for rejections and failures in a healthy run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from autoscaler.config import load_settings
+from autoscaler.metrics import (
+    ACTION_RESULTS,
+    QUEUE_REJECTION_REASONS,
+    SCALING_ACTIONS,
+    WAKE_KINDS,
+    Metrics,
+)
+from autoscaler.service import Service
+
+CONFIG = """
+apps:
+  - {name: web, hosts: [web.test]}
+  - {name: fixed, hosts: [fixed.test], backends: ["127.0.0.1:9"]}
+"""
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(CONFIG)
+    settings, _ = load_settings(path, env={})
+    metrics = Metrics(CollectorRegistry())
+    Service(settings, path, metrics=metrics)  # built, not started: nothing has happened
+    for result in ("success", "error"):
+        assert value(metrics, "autoscaler_config_reloads_total", result=result) == 0
+    for app in ("web", "fixed"):
+        assert value(metrics, "autoscaler_queued_requests", app=app) == 0
+        for reason in QUEUE_REJECTION_REASONS:
+            assert value(metrics, "autoscaler_queue_rejections_total", app=app, reason=reason) == 0
+    for action in SCALING_ACTIONS:
+        for result in ACTION_RESULTS:
+            labels = {"app": "web", "action": action, "result": result}
+            assert value(metrics, "autoscaler_scaling_actions_total", **labels) == 0
+    for kind in WAKE_KINDS:
+        assert value(metrics, "autoscaler_wake_duration_seconds_count", app="web", kind=kind) == 0
+    for state in ("started", "suspended"):
+        assert value(metrics, "autoscaler_machine_seconds_total", app="web", state=state) == 0
+    for result in ("ok", "failed", "exhausted"):
+        assert value(metrics, "autoscaler_machine_restarts_total", app="web", result=result) == 0
+    # A static app is never scaled or woken: no such series for it.
+    labels = {"app": "fixed", "action": "start", "result": "ok"}
+    assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
+
+
+async def test_an_app_added_by_a_reload_gets_its_series_at_zero(tmp_path: Path) -> None:
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(CONFIG)
+    settings, _ = load_settings(path, env={})
+    metrics = Metrics(CollectorRegistry())
+    service = Service(settings, path, metrics=metrics)
+    path.write_text(CONFIG + "  - {name: late, hosts: [late.test]}\n")
+    assert await service.reload()
+    labels = {"app": "late", "reason": "wake_timeout"}
+    assert value(metrics, "autoscaler_queue_rejections_total", **labels) == 0
+    labels = {"app": "late", "action": "resume", "result": "error"}
+    assert value(metrics, "autoscaler_scaling_actions_total", **labels) == 0
+    assert value(metrics, "autoscaler_config_reloads_total", result="success") == 1

@@ -1,0 +1,85 @@
+"""Long-lived connections and drains: a machine about to sleep has its WebSockets closed
+with 1001 and its streams ended at a chunk boundary; an idle WebSocket stops counting as
+load after ``connection_idle_s`` and counts again with its next frame."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from testkit import until
+
+from autoscaler.control.view import FleetView
+
+from .conftest import Backend, StartProxy, url
+
+
+def long_lived_app() -> web.Application:
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type is WSMsgType.TEXT:
+                await sock.send_str(msg.data.upper())
+        return sock
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for n in range(10_000):  # a feed that never ends by itself
+            await resp.write(f"data: {n}\n\n".encode())
+            await asyncio.sleep(0.02)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/stream", stream)
+    return app
+
+
+async def test_a_drain_ends_websockets_with_1001_and_streams_at_a_chunk_boundary(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    addr = await backend(long_lived_app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    view = fleet.app("a")
+    [machine] = view.upstreams
+
+    async with session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"}) as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "HI"
+        async with session.get(url(proxy, "/stream"), headers={"Host": "a.test"}) as resp:
+            assert resp.headers["Transfer-Encoding"] == "chunked"
+            first = await resp.content.readuntil(b"\n\n")
+            assert first.startswith(b"data: ")
+            assert view.in_flight == 2
+            assert fleet.end_long_lived("a", "no-such-machine") == 0
+            assert fleet.end_long_lived("a", machine) == 2
+            # The stream ends as a whole chunked body (a cut one would raise here).
+            rest = await resp.read()
+            assert rest.count(b"data: ") < 10_000
+        msg = await ws.receive()
+        assert msg.type is WSMsgType.CLOSE
+        assert msg.data == 1001
+    await until(lambda: view.in_flight == 0, what="both slots given back")
+
+
+async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    addr = await backend(long_lived_app())
+    app = {"name": "a", "hosts": ["a.test"], "backends": [addr], "connection_idle_s": 0.2}
+    proxy = await start_proxy([app])
+    view = fleet.app("a")
+    async with session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"}) as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "HI"
+        assert view.in_flight == 1
+        await until(lambda: view.in_flight == 0, what="the idle WebSocket to give its slot back")
+        await ws.send_str("again")
+        assert await ws.receive_str() == "AGAIN"
+        assert view.in_flight == 1  # in use again
+        await ws.close()
+    await until(lambda: view.in_flight == 0, what="the slot given back once")
+    assert view.in_flight == 0
