@@ -135,6 +135,15 @@ class FlySettings(_Model):
     rate_limit: bool = Field(
         default=True, description="client-side token buckets at Fly's documented limits"
     )
+    org_rate_limit_per_s: float = Field(
+        default=150.0,
+        gt=0,
+        description="API calls per second of all apps together (a budget of ours: "
+        "Fly documents none per organization)",
+    )
+    org_burst: int = Field(
+        default=100, ge=1, description="calls the org budget lets through at once"
+    )
     max_retries: int = Field(default=5, ge=0, description="retries of a safe API call")
     retry_deadline_s: Seconds = Field(
         default=60.0, description="total time a call may spend retrying"
@@ -240,6 +249,25 @@ class ControlSettings(_Model):
         gt=0,
         description="timeout of one API call of a tick (one attempt: the next tick retries)",
     )
+    idle_poll_s: Seconds = Field(
+        default=60.0,
+        gt=0,
+        description="how often a sleeping app's machines are listed (a request wakes it at once)",
+    )
+    tick_jitter: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="each pause of an app's loop is up to this fraction longer, at random",
+    )
+
+    @model_validator(mode="after")
+    def _idle_poll_not_faster(self) -> ControlSettings:
+        if self.idle_poll_s < self.tick_s:
+            raise ValueError(
+                f"idle_poll_s: expected at least tick_s ({self.tick_s:g}), got {self.idle_poll_s:g}"
+            )
+        return self
 
 
 class AppConfig(_Model):

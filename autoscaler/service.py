@@ -118,12 +118,18 @@ class Service:
                 token=self.emulator.token,
                 observer=self.metrics.observe_api,
             )
-        self.controller = Controller(self.client, self.view, s, self.metrics, clock=self.clock)
+        self.controller = Controller(
+            self.client, self.view, s, self.metrics, clock=self.clock, budget=self.client.limiter
+        )
         self.admin = AdminServer(
             s.admin,
             self.metrics,
             self.controller,
             tick_s=s.control.tick_s,
+            # When every app sleeps, the loop lists each one every idle_poll_s (plus jitter).
+            max_tick_age_s=max(
+                5.0, 5 * s.control.tick_s, s.control.idle_poll_s * (1 + s.control.tick_jitter) + 5
+            ),
             secrets=[*s.secrets(), *([self.emulator.token] if self.emulator else [])],
             clock=self.clock,
         )

@@ -16,13 +16,16 @@ are asleep already); ``Actuator.cleanup`` drops a key left without its cordon.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from autoscaler.config import AppConfig, Settings
 from autoscaler.control.actions import Actuator, Probe, Sleep, tcp_probe
 from autoscaler.control.runtime import AppRuntime
+from autoscaler.control.schedule import Budget, Pacer, Unlimited, asleep, overdue
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.control.wake import WakeError, Waker
 from autoscaler.fly.client import MachinesAPI, one_attempt
@@ -83,6 +86,8 @@ class Controller:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         probe: Probe = tcp_probe,
+        budget: Budget | None = None,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self.api = api
         self.view = view
@@ -105,6 +110,11 @@ class Controller:
         self.last_tick_at: float | None = None
         self._running = False
         self._gauged: dict[str, set[str]] = {}
+        # The loops' timing (control/schedule.py): the org budget that sleeping apps' polls
+        # leave to busy apps, and each loop's pacer.
+        self.budget: Budget = budget if budget is not None else Unlimited()
+        self._rng = rng
+        self._pacers: dict[str, Pacer] = {}
         self._sync_apps(settings.apps)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -131,6 +141,7 @@ class Controller:
 
     def _start_loop(self, rt: AppRuntime) -> None:
         if rt.loop is None or rt.loop.done():
+            self._pacers[rt.name] = Pacer(self._rng, self.sleep)
             rt.loop = asyncio.get_running_loop().create_task(self._run(rt), name=f"loop:{rt.name}")
 
     async def stop(self) -> None:
@@ -157,6 +168,7 @@ class Controller:
         self.actuator.lease_skip_s = settings.control.tick_s
         for name in self._sync_apps(settings.apps):
             rt = self.apps.pop(name)
+            self._pacers.pop(name, None)
             await self._stop_app(rt)
             self.view.remove_app(name)
             self._gauged.pop(name, None)
@@ -176,12 +188,32 @@ class Controller:
     # --- the loop -----------------------------------------------------------------------
 
     async def _run(self, rt: AppRuntime) -> None:
+        """Tick ``rt`` for as long as it is scaled: every ``control.tick_s`` while it is in
+        use, every ``control.idle_poll_s`` while it sleeps, starting at a random offset and
+        with jittered pauses (control/schedule.py)."""
+        pacer = self._pacers[rt.name]
+        await self.sleep(pacer.offset(self.settings.control.tick_s))
         while True:
-            tick_s = self.settings.control.tick_s
+            control = self.settings.control
+            tick_s = control.tick_s
+            pacer.settle()
+            now = self.clock()
+            view = self.view.app(rt.name)
+            if (
+                asleep(rt, view, now, control.idle_poll_s)
+                and not self.budget.spare()
+                and not overdue(rt, now, control.idle_poll_s)
+            ):
+                # The org budget runs short: apps in use and wakes go first. A request for
+                # this app nudges the pause (the wake itself does not wait for the loop).
+                await pacer.pause(pacer.period(tick_s, control.tick_jitter), nudgeable=False)
+                continue
+            slow = False
             try:
                 await self.tick(rt.name)
                 rt.backoff_s = 0.0
-                delay = tick_s
+                slow = asleep(rt, view, self.clock(), control.idle_poll_s)
+                delay = pacer.period(control.idle_poll_s if slow else tick_s, control.tick_jitter)
             except Exception as exc:
                 # FlyError is the expected case; anything else is a bug, but one bad tick
                 # must not end the app's loop for good.
@@ -191,11 +223,13 @@ class Controller:
                 delay = rt.backoff_s
                 if isinstance(exc, RateLimited) and exc.retry_after is not None:
                     delay = max(delay, exc.retry_after)
+                # Apps that failed together (an outage) must not retry together.
+                delay = pacer.period(delay, control.tick_jitter)
                 if isinstance(exc, FlyError):
                     _log.warning("tick_failed", app=rt.name, error=str(exc), retry_in_s=delay)
                 else:
                     _log.exception("tick_crashed", app=rt.name, retry_in_s=delay)
-            await self.sleep(delay)
+            await pacer.pause(delay, nudgeable=slow)
 
     async def tick(self, app: str) -> Decision:
         """One reconcile of ``app``: read, merge, decide, act. Raises FlyError on a failed read.
@@ -277,6 +311,9 @@ class Controller:
         rt = self.apps.get(app)
         if rt is None:
             raise WakeError(f"app {app} is not scaled by this controller")
+        pacer = self._pacers.get(app)
+        if pacer is not None:
+            pacer.nudge()  # a sleeping app's loop ticks again every tick_s from now on
         return await self.waker.wake(rt)
 
     # --- status -------------------------------------------------------------------------

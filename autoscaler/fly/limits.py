@@ -17,6 +17,14 @@ emulator gives them.
 Each ``acquire`` reserves its token at once, possibly driving the bucket negative, and then
 sleeps for the deficit. Concurrent callers therefore queue in arrival order without a lock,
 and the sleep can be faked in tests with a clock that only moves when told.
+
+Besides the buckets per (action, id), every call may also take a token from one bucket
+shared by all calls of the client: the organization's budget (``org``). Fly documents no
+such limit (only the per-action, per-machine ones above); it is ours, so that a thousand
+apps ticking at once, or a burst of wakes, reach the API as a bounded stream. Calls that can
+wait (the slow polls of sleeping apps) ask :meth:`RateLimiter.spare` first and go only while
+the budget is more than half full: when it runs short, the ticks of apps with traffic and
+the wakes of held requests get what is left (docs/benchmarks.md, "Many apps").
 """
 
 from __future__ import annotations
@@ -53,6 +61,10 @@ DEFAULT_LIMITS: Mapping[str, Limit] = {
     "delete_app": Limit(rate_per_s=100.0 / 60.0, burst=100.0),
 }
 DEFAULT_HEADROOM = 0.9
+# The org-wide budget of MachinesClient (config: fly.org_rate_limit_per_s, fly.org_burst).
+DEFAULT_ORG_LIMIT = Limit(rate_per_s=150.0, burst=100.0)
+SPARE_FRACTION = 0.5
+"""Calls that can wait go only while the org bucket holds more than this share of its burst."""
 
 
 class TokenBucket:
@@ -80,6 +92,11 @@ class TokenBucket:
         self._refill(now)
         return self.tokens >= self.limit.burst
 
+    def available(self, now: float) -> float:
+        """Tokens in the bucket now (negative while callers wait for theirs)."""
+        self._refill(now)
+        return self.tokens
+
 
 class RateLimiter:
     """Buckets keyed by (action, machine or app id), made on first use; at most
@@ -95,6 +112,7 @@ class RateLimiter:
         sleep: Sleep = asyncio.sleep,
         clock: Clock = time.monotonic,
         max_buckets: int = 10_000,
+        org: Limit | None = None,
     ) -> None:
         self.limits = dict(DEFAULT_LIMITS if limits is None else limits)
         self.default = default
@@ -109,6 +127,9 @@ class RateLimiter:
         self._max_buckets = max_buckets
         # Least recently used first.
         self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
+        self.org: TokenBucket | None = None
+        if org is not None:
+            self.org = TokenBucket(Limit(org.rate_per_s * headroom, org.burst), clock())
 
     def limit_for(self, action: str) -> Limit:
         """The limit a bucket of ``action`` runs at (the documented one, times headroom)."""
@@ -116,10 +137,12 @@ class RateLimiter:
         return Limit(limit.rate_per_s * self.headroom, limit.burst)
 
     def reserve(self, action: str, key: str) -> float:
-        """Take a token for (action, key) now; seconds the caller must wait before sending."""
+        """Take a token for (action, key), and one of the org budget, now; seconds the caller
+        must wait before sending (the later of the two)."""
         if not self.enabled:
             return 0.0
         now = self._clock()
+        org_wait = 0.0 if self.org is None else self.org.reserve(now)
         bucket = self._buckets.get((action, key))
         if bucket is None:
             if len(self._buckets) >= self._max_buckets:
@@ -127,7 +150,14 @@ class RateLimiter:
             bucket = self._buckets[(action, key)] = TokenBucket(self.limit_for(action), now)
         else:
             self._buckets.move_to_end((action, key))
-        return bucket.reserve(now)
+        return max(org_wait, bucket.reserve(now))
+
+    def spare(self) -> bool:
+        """Whether a call that can wait should go now: the org budget is more than
+        ``SPARE_FRACTION`` full (always, without an org budget or with limits off)."""
+        if not self.enabled or self.org is None:
+            return True
+        return self.org.available(self._clock()) - 1.0 >= SPARE_FRACTION * self.org.limit.burst
 
     async def acquire(self, action: str, key: str) -> float:
         """Wait until a request for (action, key) is within the limit; the seconds waited."""

@@ -42,7 +42,14 @@ class Rig:
         self.view = FleetView(clock)
         self.metrics = Metrics(CollectorRegistry())
         self.ctl = Controller(
-            api, self.view, settings, self.metrics, clock=clock, sleep=clock.sleep, probe=self.probe
+            api,
+            self.view,
+            settings,
+            self.metrics,
+            clock=clock,
+            sleep=clock.sleep,
+            probe=self.probe,
+            rng=lambda: 0.0,  # no start offset, no jitter: ticks fall on whole seconds
         )
 
     async def probe(self, host: str, port: int) -> bool:

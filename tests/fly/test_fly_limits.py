@@ -10,6 +10,8 @@ from flyfakes import FakeTime, Script, make_client
 from hypothesis import given
 from hypothesis import strategies as st
 
+from autoscaler.fly.client import MachinesClient, one_attempt
+from autoscaler.fly.errors import TransportError
 from autoscaler.fly.limits import DEFAULT_LIMIT, Limit, RateLimiter, TokenBucket
 
 
@@ -175,3 +177,52 @@ def test_sends_never_exceed_the_limit(rate: float, burst: int, gaps: list[float]
     for i in range(len(sends)):
         for j in range(i, len(sends)):
             assert j - i + 1 <= burst + rate * (sends[j] - sends[i]) + 1e-6
+
+
+async def test_the_org_budget_caps_calls_across_machines_and_apps() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(headroom=1.0, sleep=fake.sleep, clock=fake.clock, org=Limit(2.0, 4))
+    # Every call is on a bucket of its own, so only the org budget can make one wait.
+    waits = [limiter.reserve("start_machine", f"app{i}/m{i}") for i in range(8)]
+    assert waits == [0.0] * 4 + [pytest.approx(x) for x in (0.5, 1.0, 1.5, 2.0)]
+
+
+def test_calls_that_can_wait_go_only_while_the_org_budget_is_half_full() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(headroom=1.0, sleep=fake.sleep, clock=fake.clock, org=Limit(1.0, 10))
+    spared = []
+    for i in range(8):
+        spared.append(limiter.spare())
+        limiter.reserve("list_machines", f"app{i}")
+    # 10 tokens: a spare call leaves at least 5 behind it.
+    assert spared == [True] * 5 + [False] * 3
+    assert RateLimiter(sleep=fake.sleep, clock=fake.clock).spare()  # no org budget
+    assert RateLimiter(enabled=False, org=Limit(1.0, 1)).spare()
+
+
+async def test_calls_beyond_max_connections_wait_for_a_free_one() -> None:
+    in_flight = peak = 0
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        in_flight -= 1
+        return httpx.Response(200, json=[])
+
+    transport = httpx.MockTransport(handler)
+    async with MachinesClient(
+        "http://127.0.0.1:4280", "t", transport=transport, rate_limit=False, max_connections=2
+    ) as api:
+        calls = [asyncio.create_task(api.list_machines(f"app{i}")) for i in range(5)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert peak == 2  # the other three wait in the client, not in httpx's pool
+        with one_attempt(0.01), pytest.raises(TransportError) as caught:
+            await api.list_machines("late")  # no slot frees up within its timeout
+        assert not caught.value.sent
+        release.set()
+        assert await asyncio.gather(*calls) == [[]] * 5
+    assert peak == 2
