@@ -172,6 +172,22 @@ class ProxySettings(_Model):
     unhealthy_backoff_s: Seconds = Field(
         default=2.0, description="how long a machine that refused a connection is skipped"
     )
+    eject_after: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "consecutive failures (connect, reset, timeout, 5xx) that take a machine out of"
+            " rotation"
+        ),
+    )
+    eject_base_s: Seconds = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "first ejection's length; it doubles while the machine keeps failing (at most"
+            " 300 s or this)"
+        ),
+    )
     shutdown_timeout_s: Seconds = Field(
         default=30.0, description="on SIGTERM, how long requests in flight may finish"
     )

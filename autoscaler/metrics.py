@@ -51,6 +51,13 @@ class Metrics:
             ["app", "reason"],
             registry=r,
         )
+        self.machine_ejections = Counter(
+            "autoscaler_machine_ejections",
+            "Machines taken out of rotation by the proxy (reason: connect, reset, timeout,"
+            " bad_response, 5xx, checks).",
+            ["app", "reason"],
+            registry=r,
+        )
         self.wake_duration = Histogram(
             "autoscaler_wake_duration_seconds",
             "Time from a wake request until a machine was routable (kind: resume, start).",

@@ -121,6 +121,7 @@ class Service:
         await self.controller.start()
         self.proxy = ProxyServer(s, self.view, self.metrics)
         await self.proxy.start(port=self._ports["proxy"])
+        self.admin.ejected = self.proxy.health.report
         _log.info(
             "started",
             version=__version__,

@@ -36,6 +36,7 @@ class Upstream:
 
     __slots__ = (
         "authority",
+        "checks_critical",
         "cordoned",
         "host",
         "id",
@@ -57,6 +58,7 @@ class Upstream:
         self.last_used: float | None = None
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
+        self.checks_critical = False  # its Fly health checks fail (the proxy ejects it)
         self.authority = authority(host, port)
 
     def __repr__(self) -> str:
@@ -79,6 +81,7 @@ class MachineInfo:
     port: int
     state: str
     cordoned: bool
+    checks_critical: bool = False  # a Fly health check of the machine is critical
 
 
 class AppView:
@@ -116,6 +119,7 @@ class AppView:
                 up.set_address(info.host, info.port)
             self._apply_state(up, info.state, now)
             up.cordoned = info.cordoned
+            up.checks_critical = info.checks_critical
             fresh[info.id] = up
         self.upstreams = fresh
         self._routable = None

@@ -159,7 +159,7 @@ class Body:
     so a slow consumer holds a bounded amount of memory for any body size.
     """
 
-    __slots__ = ("_chunks", "_eof", "_error", "_size", "_source", "_waiter", "received")
+    __slots__ = ("_chunks", "_eof", "_error", "_size", "_source", "_waiter", "on_eof", "received")
 
     def __init__(self, source: FlowControl) -> None:
         self._source = source
@@ -169,6 +169,8 @@ class Body:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.received = 0
+        # Called once the peer sent the whole body (it may still be unread here).
+        self.on_eof: Callable[[], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -186,6 +188,10 @@ class Body:
     def feed_eof(self) -> None:
         self._eof = True
         self._wake()
+        on_eof = self.on_eof
+        if on_eof is not None:
+            self.on_eof = None
+            on_eof()
 
     def fail(self, exc: BaseException) -> None:
         if not self._eof:

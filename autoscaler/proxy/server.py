@@ -22,7 +22,7 @@ from autoscaler.config import AppConfig, ProxySettings, Settings, authority, par
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.proxy import forward, tunnel, upstream
+from autoscaler.proxy import forward, health, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
     RequestContext,
@@ -38,7 +38,11 @@ from autoscaler.scaling.fleet import STARTED
 _log = get_logger("autoscaler.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-MAX_ATTEMPTS = 3
+# A request that never reached its machine goes to one other machine at once (the first
+# attempt and one retry); see _next_attempt for what happens after that.
+MAX_ATTEMPTS = 2
+# How often the Fly checks the fleet view reports are read (see health.Health.sweep).
+HEALTH_SWEEP_S = 1.0
 # On stop(), held requests are answered 503 this long before the deadline cuts the rest.
 SHED_BEFORE_S = 0.5
 _EMPTY_STATUS = frozenset({204, 304})
@@ -70,6 +74,10 @@ class ProxyServer:
         metrics.proxy.in_flight = self._in_flight
         self._ids = RequestIds(random.SystemRandom().getrandbits(64))
         self._closing = False
+        self.health = health.Health(
+            view, metrics, settings.proxy.eject_after, settings.proxy.eject_base_s
+        )
+        self._sweeper: asyncio.Task[None] | None = None
         self.update_settings(settings)
 
     # --- configuration ------------------------------------------------------------
@@ -90,6 +98,7 @@ class ProxyServer:
         self._settings = settings
         proxy = settings.proxy
         self._knobs = _Knobs(proxy)
+        self.health.configure(proxy.eject_after, proxy.eject_base_s)
         if self._server is not None:
             self._server.configure(
                 proxy.max_connections, proxy.max_header_bytes, proxy.client_timeout_s
@@ -138,7 +147,13 @@ class ProxyServer:
             client_timeout_s=proxy.client_timeout_s,
         )
         self.port = await self._server.start(host, port)
+        self._sweeper = self._loop.create_task(self._sweep_health())
         _log.info("proxy_listening", host=host, port=self.port)
+
+    async def _sweep_health(self) -> None:
+        while True:
+            self.health.sweep()
+            await asyncio.sleep(HEALTH_SWEEP_S)
 
     @property
     def accepting(self) -> bool:
@@ -148,6 +163,9 @@ class ProxyServer:
     async def stop(self) -> None:
         """Stop accepting, let requests finish until ``shutdown_timeout_s``, then close."""
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for open_tunnel in list(self._tunnels):
             # Open WebSockets last indefinitely: tell them to reconnect elsewhere.
             open_tunnel.going_away()
@@ -212,10 +230,13 @@ class ProxyServer:
         if up is None:
             up, ctx.wake = await self._wait(gate, app, ctx)
         ctx.up = up
+        ctx.slot = True
+        if self.health.records:
+            ctx.probe = self.health.took(app.name, up)
         try:
             await self._forward(request, app, gate, ctx)
         finally:
-            _give_back(gate, ctx)
+            _give_back(gate, ctx, self.health)
 
     async def _wait(self, gate: Gate, app: AppConfig, ctx: RequestContext) -> tuple[Upstream, str]:
         rejections = self.metrics.queue_rejections
@@ -232,34 +253,34 @@ class ProxyServer:
             raise Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
 
     async def _next_attempt(
-        self,
-        ctx: RequestContext,
-        gate: Gate,
-        app: AppConfig,
-        tried: list[Upstream],
-        nothing_sent: bool,
+        self, ctx: RequestContext, gate: Gate, app: AppConfig, tried: list[Upstream]
     ) -> Upstream:
-        """Another machine for a request that failed where a replay is safe.
+        """Another machine for a request that never reached the one it was given (no
+        connection, or one closed before a byte of the request was written): safe to send
+        again whatever the method. Nothing else is ever sent twice.
 
-        Up to MAX_ATTEMPTS machines are tried at once. Past that, a request that never got
-        through to a machine (connection refused) of an app the controller manages waits
+        The retry goes to another machine at once. When there is none, or it failed too,
+        a static app's request gets 502; a request of an app the controller manages waits
         in the queue like any other, until its deadline: a machine the API calls started
         may still be booting its server, and will answer once it listens.
         """
         up = ctx.up
         assert up is not None
         tried.append(up)
+        _give_back(gate, ctx, self.health)
         ctx.up = None
-        gate.done(up)
         up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
-            if not nothing_sent or app.static or remaining(ctx.deadline) <= 0:
+            if app.static or remaining(ctx.deadline) <= 0:
                 raise Failure(502, "no machine of this app is reachable")
             try:  # a machine still booting refused us: wait for it (or a wake) as others do
                 up, _ = await gate.acquire(remaining(ctx.deadline))
             except (QueueFull, HoldTimeout):
                 raise Failure(502, "no machine of this app is reachable") from None
         ctx.up = up
+        ctx.slot = True
+        if self.health.records:
+            ctx.probe = self.health.took(app.name, up)
         return up
 
     def _address(self, app: AppConfig, up: Upstream) -> tuple[int, str]:
@@ -269,11 +290,18 @@ class ProxyServer:
         return app.port, authority(up.host, app.port)
 
     def _failed_connect(self, app: AppConfig, up: Upstream) -> None:
-        """Nothing was sent: skip this machine for a while; the retry is always safe."""
+        """Nothing was sent: skip this machine for a while; the retry is always safe.
+
+        The refusals count towards its ejection, unless the controller started it within
+        the app's ``wake_timeout_s``: a machine still booting refuses until its server
+        listens, and held requests wait for it (the short skip applies all the same)."""
         view = self.view.app(app.name)
         view.mark_unhealthy(up, self._knobs.unhealthy_backoff_s)
         view.notify()
         _log.info("machine_unreachable", app=app.name, machine=up.id)
+        started = up.started_at
+        if app.static or started is None or view.clock() - started >= app.wake_timeout_s:
+            self.health.failed(app.name, up, health.CONNECT)
 
     async def _forward(
         self, request: Request, app: AppConfig, gate: Gate, ctx: RequestContext
@@ -293,6 +321,7 @@ class ProxyServer:
         body: forward.BodyStream | None = None
         tried: list[Upstream] = []
         up = ctx.up
+        verdicts = self.health
         while True:
             assert up is not None
             if request.body is not None:
@@ -316,42 +345,50 @@ class ProxyServer:
                     upgrade=websocket,
                 )
             except upstream.ConnectFailed:
+                # Nothing reached the machine (no body byte was read either: the body is
+                # read only once connected), so any method may go elsewhere.
                 self._failed_connect(app, up)
-                nothing_sent = True
+                up = await self._next_attempt(ctx, gate, app, tried)
+                continue
             except TimeoutError:
+                if body is None or not body.timed_out:
+                    verdicts.failed(app.name, up, health.TIMEOUT)
                 raise Failure(504, "the machine did not answer in time") from None
             except upstream.UpstreamError as exc:
-                nothing_sent = False
                 if body is not None:
                     body.raise_for_client()
-                # Closed before any answer byte: a replay is safe only if the method is
-                # idempotent and no body byte was consumed.
-                replay = (
-                    isinstance(exc, upstream.ConnectionLost)
-                    and method in IDEMPOTENT
-                    and (body is None or not body.started)
-                )
-                if not replay:
-                    raise Failure(502, "the machine failed to answer") from None
-            else:
-                if websocket and exchange.status == 101:
-                    await self._tunnel(request, exchange, ctx)
-                else:  # a refused handshake too: its answer (401, 426...) is the client's
-                    await self._relay(request, exchange, app, ctx)
-                return
-            if body is not None and body.started:
-                raise Failure(502, "no machine of this app is reachable")
-            up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
+                # Some of the request was written: the machine may have acted on it.
+                lost = isinstance(exc, upstream.ConnectionLost)
+                verdicts.failed(app.name, up, health.RESET if lost else health.BAD_RESPONSE)
+                raise Failure(502, "the machine failed to answer") from None
+            if websocket and exchange.status == 101:
+                if verdicts.records:
+                    verdicts.succeeded(app.name, up)
+                await self._tunnel(request, exchange, ctx)
+            else:  # a refused handshake too: its answer (401, 426...) is the client's
+                await self._relay(request, exchange, app, gate, ctx)
+            return
 
     async def _relay(
         self,
         request: Request,
         exchange: upstream.Exchange,
         app: AppConfig,
+        gate: Gate,
         ctx: RequestContext,
     ) -> None:
+        """Relay the machine's answer. The slot is given back as soon as the machine has
+        sent all of it (in our buffers or the client's socket): a slow reader is no work
+        for the machine."""
         conn = request.conn
         content = exchange.body
+        verdicts = self.health
+        up = ctx.up
+        assert up is not None
+        if exchange.status >= 500:
+            verdicts.failed(app.name, up, health.SERVER_ERROR)
+        elif verdicts.records:
+            verdicts.succeeded(app.name, up)
         try:
             with_body = not exchange.head_only and exchange.status not in _EMPTY_STATUS
             head = forward.response_head(
@@ -370,6 +407,7 @@ class ProxyServer:
                 request.keep_alive = False  # e.g. an HTTP/1.0 client reading to the end
             if content.done:
                 # A small answer came whole: head and body in one write.
+                _give_back(gate, ctx, verdicts)
                 ctx.headers_at = self._loop.time()
                 data = content.take()
                 if head.chunked:
@@ -378,6 +416,9 @@ class ProxyServer:
             else:
                 conn.write(head.data)
                 ctx.headers_at = self._loop.time()
+                # The slot goes back when the machine's last byte arrives, even while
+                # this waits for the client to take what came before it.
+                content.on_eof = lambda: _give_back(gate, ctx, verdicts)
                 stall = self._knobs.upstream_timeout_s
                 try:
                     while True:
@@ -391,14 +432,17 @@ class ProxyServer:
                     # The machine broke off mid-body, or sent nothing more for
                     # upstream_timeout_s: the client must not take the truncated body for
                     # a whole one, so its connection is dropped.
+                    stalled = isinstance(exc, TimeoutError)
                     _log.warning(
                         "upstream_body_error",
                         request_id=ctx.request_id,
                         app=app.name,
-                        reason="stalled" if isinstance(exc, TimeoutError) else "broken",
+                        reason="stalled" if stalled else "broken",
                     )
+                    verdicts.failed(app.name, up, health.TIMEOUT if stalled else health.RESET)
                     conn.abort()
                     return
+                _give_back(gate, ctx, verdicts)
                 if head.chunked:
                     conn.write(b"0\r\n\r\n")
             if conn.writing_paused:  # the next request waits until the client took this
@@ -535,12 +579,19 @@ class _Knobs:
         self.max_field_size = max(8190, proxy.max_header_bytes)
 
 
-def _give_back(gate: Gate, ctx: RequestContext) -> None:
-    """Return the request's slot. ``_next_attempt`` may have moved it to another machine,
-    or to none, so ``ctx.up`` is read here: in ``_serve`` the type checker still takes it
-    for the machine assigned there, and the compiled build would check that at run time."""
-    if ctx.up is not None:
-        gate.done(ctx.up)
+def _give_back(gate: Gate, ctx: RequestContext, verdicts: health.Health) -> None:
+    """Return the request's slot, once (the machine sent its whole answer, or the request
+    ended). ``_next_attempt`` may have moved it to another machine, or to none, so
+    ``ctx.up`` is read here: in ``_serve`` the type checker still takes it for the machine
+    assigned there, and the compiled build would check that at run time. A probe that
+    ends without a verdict lets the next request probe."""
+    up = ctx.up
+    if up is not None and ctx.slot:
+        ctx.slot = False
+        gate.done(up)
+        if ctx.probe:
+            ctx.probe = False
+            verdicts.abandoned(gate.name, up)
 
 
 def up_host_header(app: AppConfig, up: Upstream | None) -> str:

@@ -8,8 +8,8 @@ time the proxy looks at it, and goes back to the client in one write.
 
 Errors, by what the caller may do about them:
 
-- :class:`ConnectFailed`: no connection (refused, unreachable, timed out). Nothing was
-  sent, so another machine may be tried.
+- :class:`ConnectFailed`: no connection (refused, unreachable, timed out, or closed before
+  a byte of the request was written). Nothing was sent, so another machine may be tried.
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
 - :class:`BadResponse`: what came back is not HTTP, or its head is too large (a field over
@@ -495,9 +495,14 @@ async def send(
             await ex._head
         except BaseException as exc:
             ex.release()
-            if not (pooled and replayable and isinstance(exc, ConnectionLost)):
+            # A pooled connection the machine had closed: nothing was sent (ConnectFailed),
+            # or the head went out as the close crossed it (ConnectionLost: replayed only if
+            # idempotent, RFC 9110 9.2.2). Once more, on a new connection.
+            if not pooled or not (
+                isinstance(exc, ConnectFailed) or (replayable and isinstance(exc, ConnectionLost))
+            ):
                 raise
-            pooled, conn = False, None  # once more, on a new connection
+            pooled, conn = False, None
             continue
         return ex
 
@@ -517,7 +522,7 @@ def _start(
     ex = Exchange(pool, conn, head_only=method == "HEAD", upgrade=upgrade)
     conn.exchange = ex
     if not conn.reusable:
-        ex.fail(ConnectionLost("the machine closed the connection"))
+        ex.fail(ConnectFailed("the machine closed the connection before the request"))
         return ex
     conn.write(head)
     if body is not None:
