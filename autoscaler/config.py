@@ -69,6 +69,11 @@ def parse_duration(value: object) -> object:
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
+# What one client connection is reckoned to cost when ``proxy.max_connections`` is left to
+# its default: an idle one measured about 5 KiB of the proxy's memory (docs/benchmarks.md,
+# "Proxy memory"), and a head under way holds some more.
+CONNECTION_BYTES = 8 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class HostPort:
@@ -166,8 +171,21 @@ class ProxySettings(_Model):
     pool_size: int = Field(
         default=256, ge=1, description="upstream keep-alive connections per machine"
     )
-    max_connections: int = Field(
-        default=10000, ge=1, description="client connections accepted at once; more are refused"
+    max_buffer_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description=(
+            "request and response body bytes held at once, all connections together; a"
+            " client that would go over it is slowed down, not dropped"
+        ),
+    )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "client connections accepted at once; more are refused (default:"
+            " max_buffer_bytes / 8 KiB)"
+        ),
     )
     unhealthy_backoff_s: Seconds = Field(
         default=2.0, description="how long a machine that refused a connection is skipped"
@@ -201,6 +219,13 @@ class ProxySettings(_Model):
             except ValueError:
                 raise ValueError(f"expected an IP address or CIDR, got {item!r}") from None
         return value
+
+    @property
+    def connection_limit(self) -> int:
+        """``max_connections``, or what the buffer budget carries at CONNECTION_BYTES each."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return max(1, self.max_buffer_bytes // CONNECTION_BYTES)
 
 
 class AdminSettings(_Model):

@@ -30,6 +30,7 @@ from autoscaler.proxy.accounting import (
     log_access,
     remaining,
 )
+from autoscaler.proxy.body import BufferBudget
 from autoscaler.proxy.gate import NO_WAKE, Gate, HoldTimeout, QueueFull, ShuttingDown
 from autoscaler.proxy.h1 import ClientGone, H1Server, Request
 from autoscaler.proxy.routing import Router
@@ -78,6 +79,8 @@ class ProxyServer:
             view, metrics, settings.proxy.eject_after, settings.proxy.eject_base_s
         )
         self._sweeper: asyncio.Task[None] | None = None
+        # Every body byte held, request and response, against proxy.max_buffer_bytes.
+        self._budget = BufferBudget(settings.proxy.max_buffer_bytes)
         self.update_settings(settings)
 
     # --- configuration ------------------------------------------------------------
@@ -101,8 +104,9 @@ class ProxyServer:
         self.health.configure(proxy.eject_after, proxy.eject_base_s)
         if self._server is not None:
             self._server.configure(
-                proxy.max_connections, proxy.max_header_bytes, proxy.client_timeout_s
+                proxy.connection_limit, proxy.max_header_bytes, proxy.client_timeout_s
             )
+        self._budget.limit = proxy.max_buffer_bytes
         if self._pool is not None:
             self._pool.size = proxy.pool_size
             self._pool.connect_timeout_s = proxy.connect_timeout_s
@@ -138,14 +142,15 @@ class ProxyServer:
         # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a
         # getpid() system call.
         self._loop = asyncio.get_running_loop()
-        self._pool = upstream.Pool(proxy.pool_size, proxy.connect_timeout_s)
+        self._pool = upstream.Pool(proxy.pool_size, proxy.connect_timeout_s, self._budget)
         self._server = H1Server(
             self.handle,
             self.error_page,
-            max_connections=proxy.max_connections,
+            max_connections=proxy.connection_limit,
             max_header_bytes=proxy.max_header_bytes,
             client_timeout_s=proxy.client_timeout_s,
         )
+        self._server.budget = self._budget
         self.port = await self._server.start(host, port)
         self._sweeper = self._loop.create_task(self._sweep_health())
         _log.info("proxy_listening", host=host, port=self.port)

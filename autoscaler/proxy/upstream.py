@@ -35,6 +35,7 @@ import httptools
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
     Body,
+    BufferBudget,
     FlowControlled,
     HeadBudget,
     transfer_coding_problem,
@@ -102,7 +103,7 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.until_eof = False  # no length and not chunked: the body ends with the connection
-        self.body = Body(conn)
+        self.body = Body(conn, pool.budget)
         self.complete = False
 
     def detach(self) -> Connection:
@@ -119,6 +120,7 @@ class Exchange:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self.body.drop()
         self._pool.unwatch(self)  # no longer waiting for a head, if it still was
         conn.exchange = None
         task = self._body_task
@@ -352,8 +354,11 @@ class Pool:
     make several per request.
     """
 
-    def __init__(self, size: int, connect_timeout_s: float) -> None:
+    def __init__(
+        self, size: int, connect_timeout_s: float, budget: BufferBudget | None = None
+    ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.budget = budget  # response bytes held, with the proxy's others
         self.size = size
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[str, list[Connection]] = {}
