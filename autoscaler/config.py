@@ -69,10 +69,10 @@ def parse_duration(value: object) -> object:
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
-# What one client connection is reckoned to cost when ``proxy.max_connections`` is left to
-# its default: an idle one measured about 5 KiB of the proxy's memory (docs/benchmarks.md,
-# "Proxy memory"), and a head under way holds some more.
-CONNECTION_BYTES = 8 * 1024
+# The share of the buffer budget a client connection is reckoned at when
+# ``proxy.max_connections`` is left to its default. (An idle connection costs about 6 KiB
+# of the proxy's memory besides: docs/benchmarks.md, "Proxy memory".)
+CONNECTION_BYTES = 4 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +172,7 @@ class ProxySettings(_Model):
         default=256, ge=1, description="upstream keep-alive connections per machine"
     )
     max_buffer_bytes: int = Field(
-        default=64 * 1024 * 1024,
+        default=32 * 1024 * 1024,
         ge=1024 * 1024,
         description=(
             "request and response body bytes held at once, all connections together; a"
@@ -184,7 +184,7 @@ class ProxySettings(_Model):
         ge=1,
         description=(
             "client connections accepted at once; more are refused (default:"
-            " max_buffer_bytes / 8 KiB)"
+            " max_buffer_bytes / 4 KiB)"
         ),
     )
     unhealthy_backoff_s: Seconds = Field(

@@ -13,6 +13,14 @@ from typing import Protocol
 # the socket pauses until the consumer caught up to half of it. Low, so that thousands of
 # slow peers hold little (see docs/benchmarks.md, "Proxy memory").
 BODY_HIGH_WATER = 64 * 1024
+# A connection's transport buffers at most about this much before its writer waits
+# (asyncio's default is 64 KiB): what a peer slow to take its bytes holds in the proxy
+# beyond the bodies' own buffers.
+WRITE_HIGH_WATER = 16 * 1024
+# A read larger than this is parsed in slices of it: a body's chunks stay small, so each
+# write of one to a slow peer adds little to what its transport holds; and on the client
+# side, parsing stops soon after a pipelined head.
+PARSE_SLICE = 16 * 1024
 # A whole head (or trailer section) may hold this many times the limit of one header
 # field: 64 KiB with the default 8 KiB fields, near Envoy's 60 KiB, above nginx's 32 KiB.
 HEAD_FACTOR = 8

@@ -57,6 +57,8 @@ import httptools
 from autoscaler.logs import get_logger
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
+    PARSE_SLICE,
+    WRITE_HIGH_WATER,
     Body,
     BufferBudget,
     FlowControlled,
@@ -67,9 +69,6 @@ from autoscaler.proxy.body import (
 _log = get_logger("autoscaler.proxy")
 
 MAX_HEADERS = 128
-# A read larger than this is parsed in slices of it, so that parsing stops soon after a
-# pipelined head (what follows is kept unparsed until that request's turn).
-PARSE_SLICE = 16 * 1024
 # How long a connection answered early keeps reading (and dropping) the client's bytes.
 LINGER_S = 2.0
 
@@ -169,6 +168,7 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         server = self._server
         if len(server.connections) >= server.max_connections or server.closing:
             self._lost = True

@@ -34,6 +34,8 @@ import httptools
 
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
+    PARSE_SLICE,
+    WRITE_HIGH_WATER,
     Body,
     BufferBudget,
     FlowControlled,
@@ -179,6 +181,7 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -201,6 +204,16 @@ class Connection(FlowControlled, asyncio.Protocol):
         if ex is None or ex.complete:
             self.close()  # bytes nobody asked for: this connection cannot be trusted
             return
+        if len(data) > PARSE_SLICE and not ex.upgrade:
+            view = memoryview(data)
+            for start in range(0, len(data), PARSE_SLICE):
+                if self.closed:
+                    return
+                self._parse(ex, bytes(view[start : start + PARSE_SLICE]))
+            return
+        self._parse(ex, data)
+
+    def _parse(self, ex: Exchange, data: bytes) -> None:
         budget = self._budget
         marks = budget.marks
         try:

@@ -115,6 +115,6 @@ async def test_a_request_body_over_the_budget_slows_its_client_and_still_arrives
 
 
 def test_max_connections_defaults_to_what_the_buffer_budget_carries() -> None:
-    assert ProxySettings().connection_limit == 64 * 1024 * 1024 // 8192
-    assert ProxySettings(max_buffer_bytes=16 * 1024 * 1024).connection_limit == 2048
+    assert ProxySettings().connection_limit == 32 * 1024 * 1024 // 4096
+    assert ProxySettings(max_buffer_bytes=16 * 1024 * 1024).connection_limit == 4096
     assert ProxySettings(max_connections=5).connection_limit == 5
