@@ -327,6 +327,7 @@ class ProxyServer:
         tried: list[Upstream] = []
         up = ctx.up
         verdicts = self.health
+        exchange: upstream.Exchange | None
         while True:
             assert up is not None
             if request.body is not None:
@@ -351,10 +352,10 @@ class ProxyServer:
                 )
             except upstream.ConnectFailed:
                 # Nothing reached the machine (no body byte was read either: the body is
-                # read only once connected), so any method may go elsewhere.
+                # read only once connected), so any method may go elsewhere. (Awaited
+                # after the handler: the compiled build must not await inside one.)
                 self._failed_connect(app, up)
-                up = await self._next_attempt(ctx, gate, app, tried)
-                continue
+                exchange = None
             except TimeoutError:
                 if body is None or not body.timed_out:
                     verdicts.failed(app.name, up, health.TIMEOUT)
@@ -366,6 +367,9 @@ class ProxyServer:
                 lost = isinstance(exc, upstream.ConnectionLost)
                 verdicts.failed(app.name, up, health.RESET if lost else health.BAD_RESPONSE)
                 raise Failure(502, "the machine failed to answer") from None
+            if exchange is None:
+                up = await self._next_attempt(ctx, gate, app, tried)
+                continue
             if websocket and exchange.status == 101:
                 if verdicts.records:
                     verdicts.succeeded(app.name, up)
