@@ -136,6 +136,8 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self.metrics.control_last_tick.set_function(self._last_tick_unix)
         self.metrics.control_healthy.set_function(lambda: 0.0 if self.control_problems() else 1.0)
+        # The machines the proxy took out of rotation (``ProxyServer.health.report``).
+        self.ejected: Callable[[], list[dict[str, object]]] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -276,6 +278,7 @@ class AdminServer:
             "control_loop": self.provider is not None,
             "last_tick_age_s": _age(now, last_tick),
             "apps": [_app_document(a, now) for a in apps],
+            "ejected": self.ejected() if self.ejected is not None else [],
         }
 
     def _last_tick_unix(self) -> float:

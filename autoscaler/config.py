@@ -71,6 +71,11 @@ def parse_duration(value: object) -> object:
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
+# The share of the buffer budget a client connection is reckoned at when
+# ``proxy.max_connections`` is left to its default. (An idle connection costs about 6 KiB
+# of the proxy's memory besides: docs/benchmarks.md, "Proxy memory".)
+CONNECTION_BYTES = 4 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class HostPort:
@@ -204,11 +209,40 @@ class ProxySettings(_Model):
     pool_size: int = Field(
         default=256, ge=1, description="upstream keep-alive connections per machine"
     )
-    max_connections: int = Field(
-        default=10000, ge=1, description="client connections accepted at once; more are refused"
+    max_buffer_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024 * 1024,
+        description=(
+            "request and response body bytes held at once, all connections together; a"
+            " client that would go over it is slowed down, not dropped"
+        ),
+    )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "client connections accepted at once; more are refused (default:"
+            " max_buffer_bytes / 4 KiB)"
+        ),
     )
     unhealthy_backoff_s: Seconds = Field(
         default=2.0, description="how long a machine that refused a connection is skipped"
+    )
+    eject_after: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "consecutive failures (connect, reset, timeout, 5xx) that take a machine out of"
+            " rotation"
+        ),
+    )
+    eject_base_s: Seconds = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "first ejection's length; it doubles while the machine keeps failing (at most"
+            " 300 s or this)"
+        ),
     )
     shutdown_timeout_s: Seconds = Field(
         default=30.0, description="on SIGTERM, how long requests in flight may finish"
@@ -223,6 +257,13 @@ class ProxySettings(_Model):
             except ValueError:
                 raise ValueError(f"expected an IP address or CIDR, got {item!r}") from None
         return value
+
+    @property
+    def connection_limit(self) -> int:
+        """``max_connections``, or what the buffer budget carries at CONNECTION_BYTES each."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return max(1, self.max_buffer_bytes // CONNECTION_BYTES)
 
 
 class AdminSettings(_Model):

@@ -40,6 +40,8 @@ ACTION_RESULTS = ("ok", "error")
 WAKE_KINDS = ("resume", "start")
 BILLED_STATES = ("started", "suspended")
 RESTART_RESULTS = ("ok", "failed", "exhausted")
+# Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
+EJECTION_REASONS = ("connect", "reset", "timeout", "bad_response", "5xx", "checks")
 
 
 class Metrics:
@@ -58,6 +60,13 @@ class Metrics:
         self.queue_rejections = Counter(
             "autoscaler_queue_rejections",
             "Held requests turned away (reason: queue_full, wake_timeout).",
+            ["app", "reason"],
+            registry=r,
+        )
+        self.machine_ejections = Counter(
+            "autoscaler_machine_ejections",
+            "Machines taken out of rotation by the proxy (reason: connect, reset, timeout,"
+            " bad_response, 5xx, checks).",
             ["app", "reason"],
             registry=r,
         )
@@ -163,6 +172,8 @@ class Metrics:
         self.queued.labels(app=app)
         for reason in QUEUE_REJECTION_REASONS:
             self.queue_rejections.labels(app=app, reason=reason)
+        for reason in EJECTION_REASONS:
+            self.machine_ejections.labels(app=app, reason=reason)
         if not scaled:
             return
         for action in SCALING_ACTIONS:

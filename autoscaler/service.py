@@ -138,6 +138,7 @@ class Service:
         await self.controller.start()
         self.proxy = ProxyServer(s, self.view, self.metrics)
         await self.proxy.start(port=self._ports["proxy"])
+        self.admin.ejected = self.proxy.health.report
         self._check_fly_autoscaling(s)
         _log.info(
             "started",

@@ -146,6 +146,23 @@ def render(doc: dict[str, Any]) -> list[str]:
                 ]
             )
         lines += _table(rows, indent="  ")
+    ejected = doc.get("ejected") or []
+    if ejected:
+        lines.append("")
+        lines.append("machines out of rotation (the proxy's passive health):")
+        rows = [["APP", "MACHINE", "REASON", "EJECTIONS", "BACK IN"]]
+        for e in ejected:
+            left = e.get("remaining_s")
+            if e.get("probing"):
+                back = "probing"
+            elif left is None:
+                back = "when its checks pass"
+            else:
+                back = f"{left:g}s"
+            rows.append(
+                [str(e["app"]), str(e["machine"]), str(e["reason"]), str(e["ejections"]), back]
+            )
+        lines += _table(rows, indent="  ")
     return lines
 
 

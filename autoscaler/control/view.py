@@ -38,6 +38,7 @@ class Upstream:
 
     __slots__ = (
         "authority",
+        "checks_critical",
         "cordoned",
         "host",
         "id",
@@ -60,6 +61,7 @@ class Upstream:
         self.last_used: float | None = None
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
+        self.checks_critical = False  # its Fly health checks fail (the proxy ejects it)
         self.authority = authority(host, port)
         self.owner: AppView | None = None
         """The view that counts its load: a request gives its slot back there, even after
@@ -85,6 +87,7 @@ class MachineInfo:
     port: int
     state: str
     cordoned: bool
+    checks_critical: bool = False  # a Fly health check of the machine is critical
 
 
 class AppView:
@@ -123,6 +126,7 @@ class AppView:
                 up.set_address(info.host, info.port)
             self._apply_state(up, info.state, now)
             up.cordoned = info.cordoned
+            up.checks_critical = info.checks_critical
             fresh[info.id] = up
         self.upstreams = fresh
         self._routable = None

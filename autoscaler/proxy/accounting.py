@@ -31,7 +31,18 @@ class RequestContext:
     ``__init__`` is generated (and interpreted) at run time.
     """
 
-    __slots__ = ("app", "arrived", "deadline", "headers_at", "request_id", "status", "up", "wake")
+    __slots__ = (
+        "app",
+        "arrived",
+        "deadline",
+        "headers_at",
+        "probe",
+        "request_id",
+        "slot",
+        "status",
+        "up",
+        "wake",
+    )
 
     def __init__(self, arrived: float, request_id: str) -> None:
         self.arrived = arrived
@@ -40,6 +51,8 @@ class RequestContext:
         self.status = 0
         self.wake = NO_WAKE
         self.up: Upstream | None = None
+        self.slot = False  # holds a slot on ``up`` (until the machine sent its whole answer)
+        self.probe = False  # the first request to ``up`` after an ejection (see health)
         self.deadline = 0.0
         self.headers_at: float | None = None
 

@@ -10,8 +10,17 @@ from collections.abc import Callable
 from typing import Protocol
 
 # A consumer reading slower than the peer sends: above this much buffered, reading from
-# the socket pauses until the consumer caught up to half of it.
-BODY_HIGH_WATER = 256 * 1024
+# the socket pauses until the consumer caught up to half of it. Low, so that thousands of
+# slow peers hold little (see docs/benchmarks.md, "Proxy memory").
+BODY_HIGH_WATER = 64 * 1024
+# A connection's transport buffers at most about this much before its writer waits
+# (asyncio's default is 64 KiB): what a peer slow to take its bytes holds in the proxy
+# beyond the bodies' own buffers.
+WRITE_HIGH_WATER = 16 * 1024
+# A read larger than this is parsed in slices of it: a body's chunks stay small, so each
+# write of one to a slow peer adds little to what its transport holds; and on the client
+# side, parsing stops soon after a pipelined head.
+PARSE_SLICE = 16 * 1024
 # A whole head (or trailer section) may hold this many times the limit of one header
 # field: 64 KiB with the default 8 KiB fields, near Envoy's 60 KiB, above nginx's 32 KiB.
 HEAD_FACTOR = 8
@@ -151,18 +160,66 @@ class HeadBudget:
         return self.spent > limit
 
 
+class BufferBudget:
+    """All the bytes of request and response bodies the proxy holds at once, against one
+    limit (``proxy.max_buffer_bytes``).
+
+    Over the limit, the connection whose bytes went over is paused (backpressure: its peer
+    waits, nobody is dropped) until the total is back under three quarters of it; bodies
+    are read by their consumers meanwhile, so the total falls.
+    """
+
+    __slots__ = ("_paused", "held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._paused: set[FlowControl] = set()
+
+    def add(self, size: int, source: FlowControl) -> None:
+        self.held += size
+        if self.held > self.limit:
+            source.pause_reading(self)
+            self._paused.add(source)
+
+    def sub(self, size: int) -> None:
+        self.held -= size
+        if self._paused and self.held <= self.limit - self.limit // 4:
+            paused, self._paused = self._paused, set()
+            for source in paused:
+                source.resume_reading(self)
+
+    @property
+    def paused(self) -> int:
+        """Connections held back for the budget now."""
+        return len(self._paused)
+
+
 class Body:
     """A message body as the peer sends it: fed by a parser, read by one consumer.
 
     ``source`` is the connection it comes from: reading from its socket is paused while
     more than ``BODY_HIGH_WATER`` bytes wait here, and resumed once half of that was read,
-    so a slow consumer holds a bounded amount of memory for any body size.
+    so a slow consumer holds a bounded amount of memory for any body size. The bytes held
+    count in ``budget``; whoever owns the body calls :meth:`drop` when done with it.
     """
 
-    __slots__ = ("_chunks", "_eof", "_error", "_size", "_source", "_waiter", "cut", "received")
+    __slots__ = (
+        "_budget",
+        "_chunks",
+        "_eof",
+        "_error",
+        "_size",
+        "_source",
+        "_waiter",
+        "cut",
+        "on_eof",
+        "received",
+    )
 
-    def __init__(self, source: FlowControl) -> None:
+    def __init__(self, source: FlowControl, budget: BufferBudget | None = None) -> None:
         self._source = source
+        self._budget = budget
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._eof = False
@@ -171,6 +228,8 @@ class Body:
         self.received = 0
         self.cut = False
         """Ended early on purpose (its machine is drained): reads return ``b""``."""
+        # Called once the peer sent the whole body (it may still be unread here).
+        self.on_eof: Callable[[], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -178,16 +237,24 @@ class Body:
         return self._eof
 
     def feed(self, data: bytes) -> None:
+        size = len(data)
         self._chunks.append(data)
-        self._size += len(data)
-        self.received += len(data)
+        self._size += size
+        self.received += size
         if self._size > BODY_HIGH_WATER:
             self._source.pause_reading(self)
+        budget = self._budget
+        if budget is not None:
+            budget.add(size, self._source)
         self._wake()
 
     def feed_eof(self) -> None:
         self._eof = True
         self._wake()
+        on_eof = self.on_eof
+        if on_eof is not None:
+            self.on_eof = None
+            on_eof()
 
     def fail(self, exc: BaseException) -> None:
         if not self._eof:
@@ -224,6 +291,8 @@ class Body:
                 return b""
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
+        if self._budget is not None:
+            self._budget.sub(len(chunk))
         if self._size <= BODY_HIGH_WATER // 2:
             self._source.resume_reading(self)
         return chunk
@@ -233,6 +302,16 @@ class Body:
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
+        if self._budget is not None:
+            self._budget.sub(self._size)
         self._size = 0
         self._source.resume_reading(self)
         return data
+
+    def drop(self) -> None:
+        """Let go of what was never read (the exchange or the request is over)."""
+        if self._size:
+            self._chunks.clear()
+            if self._budget is not None:
+                self._budget.sub(self._size)
+            self._size = 0

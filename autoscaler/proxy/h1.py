@@ -8,9 +8,12 @@ straight into a list of raw header pairs; the proxy builds the upstream head fro
 bytes and writes its answers to the transport itself.
 
 One :class:`Connection` per client socket, and one task per connection that serves its
-requests in order (pipelined requests wait their turn). Request bodies are streamed: the
-parser feeds a :class:`Body`, which pauses reading from the socket when the handler falls
-behind. What this module guards:
+requests in order. A pipelined request waits its turn unread, as in uvicorn and nginx:
+once its head is parsed, reading pauses and the bytes after it stay as they came
+(``_stash``) until the requests before it are answered, so no body is read ahead of a
+request being served. Request bodies are streamed: the parser feeds a :class:`Body`, which
+pauses reading from the socket when the handler falls behind, and counts in the proxy's
+:class:`BufferBudget`. What this module guards:
 
 - limits: a request target over ``max_header_bytes`` gets 414; a header field over it,
   more than ``MAX_HEADERS`` fields, or a head (or a trailer section) over
@@ -54,7 +57,10 @@ import httptools
 from autoscaler.logs import get_logger
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
+    PARSE_SLICE,
+    WRITE_HIGH_WATER,
     Body,
+    BufferBudget,
     FlowControlled,
     HeadBudget,
     transfer_coding_problem,
@@ -63,8 +69,6 @@ from autoscaler.proxy.body import (
 _log = get_logger("autoscaler.proxy")
 
 MAX_HEADERS = 128
-# Pipelined requests parsed ahead of the one being served, before reading pauses.
-MAX_PIPELINED = 16
 # How long a connection answered early keeps reading (and dropping) the client's bytes.
 LINGER_S = 2.0
 
@@ -157,11 +161,14 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._eof = False  # the client sent FIN
         self._pending: list[bytes] = []  # bytes after a WebSocket handshake, before the tunnel
         self.response_started = False
+        self._held = False  # a pipelined head waits: what follows stays unparsed
+        self._stash: list[bytes] = []
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         server = self._server
         if len(server.connections) >= server.max_connections or server.closing:
             self._lost = True
@@ -187,6 +194,10 @@ class Connection(FlowControlled, asyncio.Protocol):
         for request in (self._current, self._serving):
             if request is not None and request.body is not None:
                 request.body.fail(gone)
+        for item in self._queue:
+            if isinstance(item, Request) and item.body is not None:
+                item.body.drop()
+        self._unstash()
         self._writer_gone(gone)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -199,6 +210,46 @@ class Connection(FlowControlled, asyncio.Protocol):
             return
         if self._discarding or self._error is not None:
             return
+        if self._held:
+            self._keep(data)
+        elif len(data) > PARSE_SLICE:
+            self._feed_slices(data)
+        else:
+            self._feed(data)
+
+    def _feed_slices(self, data: bytes) -> None:
+        view = memoryview(data)
+        size = len(data)
+        for start in range(0, size, PARSE_SLICE):
+            end = start + PARSE_SLICE
+            self._feed(bytes(view[start:end]))
+            if end >= size:
+                return
+            if self._tunnel is not None:
+                self._tunnel(bytes(view[end:]))
+                return
+            if self._discarding or self._error is not None:
+                return
+            if self._held:
+                self._keep(bytes(view[end:]))
+                return
+
+    def _keep(self, data: bytes) -> None:
+        """Bytes after a pipelined head, kept unparsed until its turn."""
+        self._stash.append(data)
+        budget = self._server.budget
+        if budget is not None:
+            budget.add(len(data), self)
+
+    def _unstash(self) -> bytes:
+        stash = b"".join(self._stash)
+        self._stash.clear()
+        budget = self._server.budget
+        if stash and budget is not None:
+            budget.sub(len(stash))
+        return stash
+
+    def _feed(self, data: bytes) -> None:
         budget = self._budget
         marks = budget.marks
         try:
@@ -327,7 +378,7 @@ class Connection(FlowControlled, asyncio.Protocol):
             self._error = ParseError(400, "protocol upgrade with a body is not supported")
             raise self._error
         if has_body:
-            request.body = Body(self)
+            request.body = Body(self, self._server.budget)
         else:
             request.expect_continue = False
         if request.method == "CONNECT":
@@ -351,9 +402,11 @@ class Connection(FlowControlled, asyncio.Protocol):
     # --- the request loop -------------------------------------------------------------
 
     def _push(self, item: Request | ParseError) -> None:
-        self._queue.append(item)
-        if len(self._queue) > MAX_PIPELINED:
+        if (self._serving is not None or self._queue) and not self._held:
+            # Pipelined: it waits its turn, and nothing after it is read until then.
+            self._held = True
             self.pause_reading("pipeline")
+        self._queue.append(item)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -398,8 +451,6 @@ class Connection(FlowControlled, asyncio.Protocol):
                     self._waiter = self._loop.create_future()
                     await self._waiter
                 item = queue.popleft()
-                if len(queue) <= MAX_PIPELINED // 2:
-                    self.resume_reading("pipeline")
                 if self._lost:
                     return
                 if isinstance(item, ParseError):
@@ -408,6 +459,13 @@ class Connection(FlowControlled, asyncio.Protocol):
                     return
                 self._serving = item
                 self.response_started = False
+                if self._held and not queue:
+                    # Its turn: read on (its body, and what the client sent after it).
+                    self._held = False
+                    self.resume_reading("pipeline")
+                    stash = self._unstash()
+                    if stash:
+                        self.data_received(stash)
                 try:
                     await server.handler(item)
                 except asyncio.CancelledError:
@@ -424,6 +482,8 @@ class Connection(FlowControlled, asyncio.Protocol):
                     return
                 finally:
                     self._serving = None
+                    if item.body is not None:
+                        item.body.drop()
                 if self.transport is None or self.transport.is_closing():
                     return
                 if not self.keeps_alive(item):
@@ -581,6 +641,7 @@ class H1Server:
     ) -> None:
         self.handler = handler
         self.error_page = error_page
+        self.budget: BufferBudget | None = None  # request bytes held, with the proxy's others
         self.configure(max_connections, max_header_bytes, client_timeout_s)
         self.connections: set[Connection] = set()
         self.closing = False

@@ -22,7 +22,7 @@ from autoscaler.config import AppConfig, ProxySettings, Settings, authority, par
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.proxy import forward, tunnel, upstream
+from autoscaler.proxy import forward, health, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
     RequestContext,
@@ -30,7 +30,7 @@ from autoscaler.proxy.accounting import (
     log_access,
     remaining,
 )
-from autoscaler.proxy.body import Body
+from autoscaler.proxy.body import Body, BufferBudget
 from autoscaler.proxy.gate import (
     NO_WAKE,
     AppRemoved,
@@ -46,11 +46,15 @@ from autoscaler.scaling.fleet import STARTED
 _log = get_logger("autoscaler.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-MAX_ATTEMPTS = 3
+# A request that never reached its machine goes to one other machine at once (the first
+# attempt and one retry); see _next_attempt for what happens after that.
+MAX_ATTEMPTS = 2
+# How often the Fly checks of the fleet view are read (health.Health.sweep) and idle
+# WebSockets looked for (connection_idle_s).
+SWEEP_S = 1.0
 # On stop(), held requests are answered 503 this long before the deadline cuts the rest.
 SHED_BEFORE_S = 0.5
 _EMPTY_STATUS = frozenset({204, 304})
-TUNNEL_SWEEP_S = 1.0  # how often idle WebSockets are looked for (connection_idle_s)
 
 
 class ProxyServer:
@@ -77,11 +81,16 @@ class ProxyServer:
         self._tunnels: set[tunnel.Tunnel] = set()
         # Chunked responses being relayed, by machine: a drain ends them (end_long_lived).
         self._streams: dict[str, set[Body]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
         self._stats = metrics.proxy
         metrics.proxy.in_flight = self._in_flight
         self._ids = RequestIds(random.SystemRandom().getrandbits(64))
         self._closing = False
+        self.health = health.Health(
+            view, metrics, settings.proxy.eject_after, settings.proxy.eject_base_s
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+        # Every body byte held, request and response, against proxy.max_buffer_bytes.
+        self._budget = BufferBudget(settings.proxy.max_buffer_bytes)
         self.update_settings(settings)
 
     # --- configuration ------------------------------------------------------------
@@ -102,10 +111,12 @@ class ProxyServer:
         self._settings = settings
         proxy = settings.proxy
         self._knobs = _Knobs(proxy)
+        self.health.configure(proxy.eject_after, proxy.eject_base_s)
         if self._server is not None:
             self._server.configure(
-                proxy.max_connections, proxy.max_header_bytes, proxy.client_timeout_s
+                proxy.connection_limit, proxy.max_header_bytes, proxy.client_timeout_s
             )
+        self._budget.limit = proxy.max_buffer_bytes
         if self._pool is not None:
             self._pool.size = proxy.pool_size
             self._pool.connect_timeout_s = proxy.connect_timeout_s
@@ -144,18 +155,27 @@ class ProxyServer:
         # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a
         # getpid() system call.
         self._loop = asyncio.get_running_loop()
-        self._pool = upstream.Pool(proxy.pool_size, proxy.connect_timeout_s)
+        self._pool = upstream.Pool(proxy.pool_size, proxy.connect_timeout_s, self._budget)
         self._server = H1Server(
             self.handle,
             self.error_page,
-            max_connections=proxy.max_connections,
+            max_connections=proxy.connection_limit,
             max_header_bytes=proxy.max_header_bytes,
             client_timeout_s=proxy.client_timeout_s,
         )
+        self._server.budget = self._budget
         self.port = await self._server.start(host, port)
         self.view.set_closer(self.end_long_lived)
-        self._sweeper = self._loop.create_task(self._sweep_tunnels(), name="proxy:tunnels")
+        self._sweeper = self._loop.create_task(self._sweep(), name="proxy:sweep")
         _log.info("proxy_listening", host=host, port=self.port)
+
+    async def _sweep(self) -> None:
+        """Once a second: machines whose Fly checks changed (``health``), and WebSockets
+        gone idle (``_idle_tunnels``)."""
+        while True:
+            self.health.sweep()
+            self._idle_tunnels()
+            await asyncio.sleep(SWEEP_S)
 
     @property
     def accepting(self) -> bool:
@@ -233,10 +253,13 @@ class ProxyServer:
         if up is None:
             up, ctx.wake = await self._wait(gate, app, ctx)
         ctx.up = up
+        ctx.slot = True
+        if self.health.records:
+            ctx.probe = self.health.took(app.name, up)
         try:
             await self._forward(request, app, gate, ctx)
         finally:
-            _give_back(gate, ctx)
+            _give_back(gate, ctx, self.health)
 
     async def _wait(self, gate: Gate, app: AppConfig, ctx: RequestContext) -> tuple[Upstream, str]:
         rejections = self.metrics.queue_rejections
@@ -257,34 +280,34 @@ class ProxyServer:
             raise Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
 
     async def _next_attempt(
-        self,
-        ctx: RequestContext,
-        gate: Gate,
-        app: AppConfig,
-        tried: list[Upstream],
-        nothing_sent: bool,
+        self, ctx: RequestContext, gate: Gate, app: AppConfig, tried: list[Upstream]
     ) -> Upstream:
-        """Another machine for a request that failed where a replay is safe.
+        """Another machine for a request that never reached the one it was given (no
+        connection, or one closed before a byte of the request was written): safe to send
+        again whatever the method. Nothing else is ever sent twice.
 
-        Up to MAX_ATTEMPTS machines are tried at once. Past that, a request that never got
-        through to a machine (connection refused) of an app the controller manages waits
+        The retry goes to another machine at once. When there is none, or it failed too,
+        a static app's request gets 502; a request of an app the controller manages waits
         in the queue like any other, until its deadline: a machine the API calls started
         may still be booting its server, and will answer once it listens.
         """
         up = ctx.up
         assert up is not None
         tried.append(up)
+        _give_back(gate, ctx, self.health)
         ctx.up = None
-        gate.done(up)
         up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
-            if not nothing_sent or app.static or remaining(ctx.deadline) <= 0:
+            if app.static or remaining(ctx.deadline) <= 0:
                 raise Failure(502, "no machine of this app is reachable")
             try:  # a machine still booting refused us: wait for it (or a wake) as others do
                 up, _ = await gate.acquire(remaining(ctx.deadline))
             except (QueueFull, HoldTimeout):
                 raise Failure(502, "no machine of this app is reachable") from None
         ctx.up = up
+        ctx.slot = True
+        if self.health.records:
+            ctx.probe = self.health.took(app.name, up)
         return up
 
     def _address(self, app: AppConfig, up: Upstream) -> tuple[int, str]:
@@ -294,11 +317,18 @@ class ProxyServer:
         return app.port, authority(up.host, app.port)
 
     def _failed_connect(self, app: AppConfig, up: Upstream) -> None:
-        """Nothing was sent: skip this machine for a while; the retry is always safe."""
+        """Nothing was sent: skip this machine for a while; the retry is always safe.
+
+        The refusals count towards its ejection, unless the controller started it within
+        the app's ``wake_timeout_s``: a machine still booting refuses until its server
+        listens, and held requests wait for it (the short skip applies all the same)."""
         view = self.view.app(app.name)
         view.mark_unhealthy(up, self._knobs.unhealthy_backoff_s)
         view.notify()
         _log.info("machine_unreachable", app=app.name, machine=up.id)
+        started = up.started_at
+        if app.static or started is None or view.clock() - started >= app.wake_timeout_s:
+            self.health.failed(app.name, up, health.CONNECT)
 
     async def _forward(
         self, request: Request, app: AppConfig, gate: Gate, ctx: RequestContext
@@ -318,6 +348,8 @@ class ProxyServer:
         body: forward.BodyStream | None = None
         tried: list[Upstream] = []
         up = ctx.up
+        verdicts = self.health
+        exchange: upstream.Exchange | None
         while True:
             assert up is not None
             if request.body is not None:
@@ -341,43 +373,54 @@ class ProxyServer:
                     upgrade=websocket,
                 )
             except upstream.ConnectFailed:
+                # Nothing reached the machine (no body byte was read either: the body is
+                # read only once connected), so any method may go elsewhere. (Awaited
+                # after the handler: the compiled build must not await inside one.)
                 self._failed_connect(app, up)
-                nothing_sent = True
+                exchange = None
             except TimeoutError:
+                if body is None or not body.timed_out:
+                    verdicts.failed(app.name, up, health.TIMEOUT)
                 raise Failure(504, "the machine did not answer in time") from None
             except upstream.UpstreamError as exc:
-                nothing_sent = False
                 if body is not None:
                     body.raise_for_client()
-                # Closed before any answer byte: a replay is safe only if the method is
-                # idempotent and no body byte was consumed.
-                replay = (
-                    isinstance(exc, upstream.ConnectionLost)
-                    and method in IDEMPOTENT
-                    and (body is None or not body.started)
-                )
-                if not replay:
-                    raise Failure(502, "the machine failed to answer") from None
-            else:
-                if websocket and exchange.status == 101:
-                    await self._tunnel(request, exchange, gate, ctx)
-                else:  # a refused handshake too: its answer (401, 426...) is the client's
-                    await self._relay(request, exchange, app, ctx)
-                return
-            if body is not None and body.started:
-                raise Failure(502, "no machine of this app is reachable")
-            up = await self._next_attempt(ctx, gate, app, tried, nothing_sent)
+                # Some of the request was written: the machine may have acted on it.
+                lost = isinstance(exc, upstream.ConnectionLost)
+                verdicts.failed(app.name, up, health.RESET if lost else health.BAD_RESPONSE)
+                raise Failure(502, "the machine failed to answer") from None
+            if exchange is None:
+                up = await self._next_attempt(ctx, gate, app, tried)
+                continue
+            if websocket and exchange.status == 101:
+                if verdicts.records:
+                    verdicts.succeeded(app.name, up)
+                await self._tunnel(request, exchange, gate, ctx)
+            else:  # a refused handshake too: its answer (401, 426...) is the client's
+                await self._relay(request, exchange, app, gate, ctx)
+            return
 
     async def _relay(
         self,
         request: Request,
         exchange: upstream.Exchange,
         app: AppConfig,
+        gate: Gate,
         ctx: RequestContext,
     ) -> None:
+        """Relay the machine's answer. The slot is given back as soon as the machine has
+        sent all of it (in our buffers or the client's socket): a slow reader is no work
+        for the machine."""
         conn = request.conn
         content = exchange.body
         streams: set[Body] | None = None
+        verdicts = self.health
+        up = ctx.up
+        assert up is not None
+        if exchange.status >= 500:
+            verdicts.failed(app.name, up, health.SERVER_ERROR)
+        elif verdicts.records:
+            verdicts.succeeded(app.name, up)
         try:
             with_body = not exchange.head_only and exchange.status not in _EMPTY_STATUS
             head = forward.response_head(
@@ -394,12 +437,13 @@ class ProxyServer:
             ctx.status = exchange.status
             if head.close:
                 request.keep_alive = False  # e.g. an HTTP/1.0 client reading to the end
-            if head.chunked and not content.done and ctx.up is not None:
+            if head.chunked and not content.done:
                 # A stream, perhaps long-lived: a drain of its machine may end it.
-                streams = self._streams.setdefault(ctx.up.id, set())
+                streams = self._streams.setdefault(up.id, set())
                 streams.add(content)
             if content.done:
                 # A small answer came whole: head and body in one write.
+                _give_back(gate, ctx, verdicts)
                 ctx.headers_at = self._loop.time()
                 data = content.take()
                 if head.chunked:
@@ -408,6 +452,9 @@ class ProxyServer:
             else:
                 conn.write(head.data)
                 ctx.headers_at = self._loop.time()
+                # The slot goes back when the machine's last byte arrives, even while
+                # this waits for the client to take what came before it.
+                content.on_eof = lambda: _give_back(gate, ctx, verdicts)
                 stall = self._knobs.upstream_timeout_s
                 try:
                     while True:
@@ -421,14 +468,17 @@ class ProxyServer:
                     # The machine broke off mid-body, or sent nothing more for
                     # upstream_timeout_s: the client must not take the truncated body for
                     # a whole one, so its connection is dropped.
+                    stalled = isinstance(exc, TimeoutError)
                     _log.warning(
                         "upstream_body_error",
                         request_id=ctx.request_id,
                         app=app.name,
-                        reason="stalled" if isinstance(exc, TimeoutError) else "broken",
+                        reason="stalled" if stalled else "broken",
                     )
+                    verdicts.failed(app.name, up, health.TIMEOUT if stalled else health.RESET)
                     conn.abort()
                     return
+                _give_back(gate, ctx, verdicts)
                 if head.chunked:
                     conn.write(b"0\r\n\r\n")
             if conn.writing_paused:  # the next request waits until the client took this
@@ -436,8 +486,8 @@ class ProxyServer:
         finally:
             if streams is not None:
                 streams.discard(content)
-                if not streams and ctx.up is not None:
-                    self._streams.pop(ctx.up.id, None)
+                if not streams:
+                    self._streams.pop(up.id, None)
             exchange.release()
 
     async def _tunnel(
@@ -466,15 +516,16 @@ class ProxyServer:
 
         def dormant() -> None:
             # Idle for connection_idle_s: its slot no longer counts as load.
-            if ctx.up is not None:
-                gate.done(ctx.up)
-                ctx.up = None
+            if ctx.slot:
+                ctx.slot = False
+                gate.done(up)
 
         def active() -> None:
             # Frames again after an idle spell: the app is in use, the slot is taken back
             # (past hard_limit if need be: the connection is open already).
-            (up.owner or gate.view).begin(up)
-            ctx.up = up
+            if not ctx.slot:
+                (up.owner or gate.view).begin(up)
+                ctx.slot = True
 
         relay.on_dormant = dormant
         relay.on_active = active
@@ -486,20 +537,18 @@ class ProxyServer:
         finally:
             self._tunnels.discard(relay)
 
-    async def _sweep_tunnels(self) -> None:
+    def _idle_tunnels(self) -> None:
         """WebSockets with no frame either way for ``connection_idle_s`` give their slot
         back, so an app whose only load is idle WebSockets can go to sleep (its drain then
         closes them with 1001); their next frame takes the slot again."""
-        while True:
-            await asyncio.sleep(TUNNEL_SWEEP_S)
-            now = self._loop.time()
-            for relay in list(self._tunnels):
-                gate = self._gates.get(relay.app)
-                if relay.dormant or gate is None or relay.on_dormant is None:
-                    continue
-                if now - relay.last_active >= gate.config.connection_idle_s:
-                    relay.dormant = True
-                    relay.on_dormant()
+        now = self._loop.time()
+        for relay in list(self._tunnels):
+            gate = self._gates.get(relay.app)
+            if relay.dormant or gate is None or relay.on_dormant is None:
+                continue
+            if now - relay.last_active >= gate.config.connection_idle_s:
+                relay.dormant = True
+                relay.on_dormant()
 
     def end_long_lived(self, app: str, machine_id: str) -> int:
         """A drain of ``machine_id`` is about to suspend or stop it: WebSockets to it get a
@@ -618,12 +667,19 @@ class _Knobs:
         self.max_field_size = max(8190, proxy.max_header_bytes)
 
 
-def _give_back(gate: Gate, ctx: RequestContext) -> None:
-    """Return the request's slot. ``_next_attempt`` may have moved it to another machine,
-    or to none, so ``ctx.up`` is read here: in ``_serve`` the type checker still takes it
-    for the machine assigned there, and the compiled build would check that at run time."""
-    if ctx.up is not None:
-        gate.done(ctx.up)
+def _give_back(gate: Gate, ctx: RequestContext, verdicts: health.Health) -> None:
+    """Return the request's slot, once (the machine sent its whole answer, or the request
+    ended). ``_next_attempt`` may have moved it to another machine, or to none, so
+    ``ctx.up`` is read here: in ``_serve`` the type checker still takes it for the machine
+    assigned there, and the compiled build would check that at run time. A probe that
+    ends without a verdict lets the next request probe."""
+    up = ctx.up
+    if up is not None and ctx.slot:
+        ctx.slot = False
+        gate.done(up)
+        if ctx.probe:
+            ctx.probe = False
+            verdicts.abandoned(gate.name, up)
 
 
 def up_host_header(app: AppConfig, up: Upstream | None) -> str:

@@ -8,8 +8,8 @@ time the proxy looks at it, and goes back to the client in one write.
 
 Errors, by what the caller may do about them:
 
-- :class:`ConnectFailed`: no connection (refused, unreachable, timed out). Nothing was
-  sent, so another machine may be tried.
+- :class:`ConnectFailed`: no connection (refused, unreachable, timed out, or closed before
+  a byte of the request was written). Nothing was sent, so another machine may be tried.
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
 - :class:`BadResponse`: what came back is not HTTP, or its head is too large (a field over
@@ -34,7 +34,10 @@ import httptools
 
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
+    PARSE_SLICE,
+    WRITE_HIGH_WATER,
     Body,
+    BufferBudget,
     FlowControlled,
     HeadBudget,
     transfer_coding_problem,
@@ -102,7 +105,7 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.until_eof = False  # no length and not chunked: the body ends with the connection
-        self.body = Body(conn)
+        self.body = Body(conn, pool.budget)
         self.complete = False
 
     def detach(self) -> Connection:
@@ -119,6 +122,7 @@ class Exchange:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self.body.drop()
         self._pool.unwatch(self)  # no longer waiting for a head, if it still was
         conn.exchange = None
         task = self._body_task
@@ -177,6 +181,7 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -199,6 +204,16 @@ class Connection(FlowControlled, asyncio.Protocol):
         if ex is None or ex.complete:
             self.close()  # bytes nobody asked for: this connection cannot be trusted
             return
+        if len(data) > PARSE_SLICE and not ex.upgrade:
+            view = memoryview(data)
+            for start in range(0, len(data), PARSE_SLICE):
+                if self.closed:
+                    return
+                self._parse(ex, bytes(view[start : start + PARSE_SLICE]))
+            return
+        self._parse(ex, data)
+
+    def _parse(self, ex: Exchange, data: bytes) -> None:
         budget = self._budget
         marks = budget.marks
         try:
@@ -352,8 +367,11 @@ class Pool:
     make several per request.
     """
 
-    def __init__(self, size: int, connect_timeout_s: float) -> None:
+    def __init__(
+        self, size: int, connect_timeout_s: float, budget: BufferBudget | None = None
+    ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.budget = budget  # response bytes held, with the proxy's others
         self.size = size
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[str, list[Connection]] = {}
@@ -495,9 +513,14 @@ async def send(
             await ex._head
         except BaseException as exc:
             ex.release()
-            if not (pooled and replayable and isinstance(exc, ConnectionLost)):
+            # A pooled connection the machine had closed: nothing was sent (ConnectFailed),
+            # or the head went out as the close crossed it (ConnectionLost: replayed only if
+            # idempotent, RFC 9110 9.2.2). Once more, on a new connection.
+            if not pooled or not (
+                isinstance(exc, ConnectFailed) or (replayable and isinstance(exc, ConnectionLost))
+            ):
                 raise
-            pooled, conn = False, None  # once more, on a new connection
+            pooled, conn = False, None
             continue
         return ex
 
@@ -517,7 +540,7 @@ def _start(
     ex = Exchange(pool, conn, head_only=method == "HEAD", upgrade=upgrade)
     conn.exchange = ex
     if not conn.reusable:
-        ex.fail(ConnectionLost("the machine closed the connection"))
+        ex.fail(ConnectFailed("the machine closed the connection before the request"))
         return ex
     conn.write(head)
     if body is not None:

@@ -64,3 +64,12 @@ def test_an_empty_collector_still_describes_its_metrics() -> None:
     text = generate_latest(registry).decode()
     for spec in RequestMetrics.SPECS:
         assert f"# HELP {spec.name} {spec.help}" in text
+
+
+def test_every_ejection_reason_is_exported_at_zero() -> None:
+    """The reasons declared at zero are exactly those the proxy's health can give."""
+    from autoscaler.metrics import EJECTION_REASONS
+    from autoscaler.proxy import health
+
+    given = {health.CONNECT, health.RESET, health.TIMEOUT, health.BAD_RESPONSE}
+    assert set(EJECTION_REASONS) == given | {health.SERVER_ERROR, health.CHECKS}

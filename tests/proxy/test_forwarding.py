@@ -14,6 +14,7 @@ from testkit import until
 
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
+from autoscaler.proxy.body import WRITE_HIGH_WATER
 
 from .conftest import Backend, StartProxy, url
 from .helpers import Blocking, raw
@@ -371,7 +372,7 @@ async def test_an_answer_left_unread_on_an_idle_connection_is_cut_by_the_idle_sw
     for the client, so a client that never reads it leaves the connection idle with bytes
     still to send. When its keep-alive wait ends, a plain close() would wait for those bytes
     for ever (and keep the socket); the sweep must cut the connection instead."""
-    body = b"x" * 60_000  # under the transport's 64 KiB high-water mark
+    body = b"x" * (WRITE_HIGH_WATER - 512)  # under the transport's high-water mark
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=body)

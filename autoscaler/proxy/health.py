@@ -1,0 +1,198 @@
+"""Passive health: machines that keep failing are taken out of rotation (outlier ejection).
+
+The proxy sees every exchange with a machine. ``eject_after`` failures in a row (no
+connection, a reset, no answer within ``upstream_timeout_s``, an answer that is not HTTP,
+a 5xx) eject the machine for ``eject_base_s``; while it keeps failing each ejection lasts
+twice the one before, up to ``MAX_EJECTION_S`` (or ``eject_base_s`` when that is longer).
+When an ejection ends, the machine is routable again but on probation: the first request
+that goes to it is its probe, and no other follows until the probe's answer is in. A good
+answer puts the machine back in full rotation and forgets its failures; a failure ejects it
+again, for longer.
+
+A machine whose Fly health checks are critical (the fleet view's ``checks_critical``, read
+by :meth:`Health.sweep`) is ejected until they pass.
+
+An app's last routable machine is never ejected for its 5xx answers, nor for critical
+checks: the app may simply be broken, and its own answers say more to the client than a
+proxy's 503 would. Connect failures, resets and timeouts eject it all the same (a wake may
+bring another machine; nothing better than a 502 or 504 could come from this one).
+
+Ejection rides on the view's ``unhealthy_until``: an ejected machine is one the balancer
+skips until then; a probe under way sets it far ahead (``_PROBING_S``) and its outcome
+resets it.
+"""
+
+from __future__ import annotations
+
+from autoscaler.control.view import AppView, FleetView, Upstream
+from autoscaler.logs import get_logger
+from autoscaler.metrics import Metrics
+
+_log = get_logger("autoscaler.proxy")
+
+MAX_EJECTION_S = 300.0
+# A probe under way keeps its machine out of rotation "for ever" (a finite year, so the
+# gate's timers stay finite); the probe's outcome ends it.
+_PROBING_S = 365 * 86400.0
+
+CONNECT = "connect"
+RESET = "reset"
+TIMEOUT = "timeout"
+BAD_RESPONSE = "bad_response"
+SERVER_ERROR = "5xx"
+CHECKS = "checks"
+# Reasons that spare an app's last routable machine (see the module docstring).
+_SPARE_LAST = frozenset({SERVER_ERROR, CHECKS})
+
+
+class _Record:
+    """What the proxy remembers of a machine that failed lately."""
+
+    __slots__ = ("app", "ejected", "ejections", "failures", "probing", "reason", "until")
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        self.failures = 0  # in a row
+        self.ejections = 0  # in a row: the next ejection lasts base * 2**ejections
+        self.ejected = False  # out of rotation, or on probation after it
+        self.probing = False  # a probe request is under way
+        self.reason = ""
+        self.until = 0.0  # the ejection's end (view clock)
+
+
+class Health:
+    """The proxy's verdicts on machines. ``records`` holds only machines that failed
+    lately, so the path of a request to a healthy fleet checks one empty dict."""
+
+    def __init__(self, fleet: FleetView, metrics: Metrics, eject_after: int, base_s: float) -> None:
+        self.fleet = fleet
+        self.records: dict[Upstream, _Record] = {}
+        self._ejections = metrics.machine_ejections
+        self.configure(eject_after, base_s)
+
+    def configure(self, eject_after: int, base_s: float) -> None:
+        self.eject_after = eject_after
+        self.base_s = base_s
+
+    # --- what the proxy saw --------------------------------------------------------
+
+    def took(self, app: str, up: Upstream) -> bool:
+        """A request was given ``up``; True when it is the machine's probe (then its outcome
+        must be reported, or :meth:`abandoned` called)."""
+        record = self.records.get(up)
+        if record is None or not record.ejected or record.probing or record.reason == CHECKS:
+            return False
+        view = self.fleet.app(app)
+        if view.clock() < up.unhealthy_until:
+            return False  # handed out before the ejection (a held request): not a probe
+        record.probing = True
+        view.mark_unhealthy(up, _PROBING_S)  # no second request until the probe's answer
+        return True
+
+    def succeeded(self, app: str, up: Upstream) -> None:
+        """An exchange went well: the machine's failures are forgotten."""
+        record = self.records.get(up)
+        if record is None or (record.ejected and record.reason == CHECKS):
+            return  # only its checks passing bring it back
+        del self.records[up]
+        if record.ejected:
+            _restore(self.fleet.app(app), up)
+            _log.info("machine_restored", app=app, machine=up.id)
+
+    def failed(self, app: str, up: Upstream, reason: str) -> None:
+        """An exchange failed for ``reason``; the machine is ejected after ``eject_after``
+        failures in a row, and at once when its probe fails."""
+        record = self.records.get(up)
+        if record is None:
+            record = self.records[up] = _Record(app)
+        if record.ejected and not record.probing:
+            return  # out already: a request sent before the ejection failed too
+        record.failures += 1
+        if record.probing or record.failures >= self.eject_after:
+            self._eject(app, up, record, reason)
+
+    def abandoned(self, app: str, up: Upstream) -> None:
+        """A probe ended without a verdict (the client left): let another request probe."""
+        record = self.records.get(up)
+        if record is not None and record.probing:
+            record.probing = False
+            _restore(self.fleet.app(app), up)
+
+    def _eject(self, app: str, up: Upstream, record: _Record, reason: str) -> None:
+        view = self.fleet.app(app)
+        record.probing = False
+        if reason in _SPARE_LAST and not any(u is not up for u in view.routable()):
+            # The last one standing: its answers go to the clients as they are.
+            if record.ejected:
+                _restore(view, up)  # (a failed probe of it)
+            record.ejected = False  # (its failures still count: a timeout ejects it)
+            return
+        if reason == CHECKS:
+            backoff = _PROBING_S
+        else:
+            backoff = min(self.base_s * 2**record.ejections, max(MAX_EJECTION_S, self.base_s))
+            record.ejections += 1
+        record.ejected = True
+        record.failures = 0
+        record.reason = reason
+        record.until = view.clock() + backoff
+        view.mark_unhealthy(up, backoff)
+        view.notify()
+        self._ejections.labels(app=app, reason=reason).inc()
+        _log.warning(
+            "machine_ejected",
+            app=app,
+            machine=up.id,
+            reason=reason,
+            seconds=round(backoff, 3) if reason != CHECKS else None,
+        )
+
+    # --- what the fleet view says ----------------------------------------------------
+
+    def sweep(self) -> None:
+        """Eject machines whose Fly checks are critical, restore those whose checks pass
+        again, and forget machines that left the view."""
+        fleet = self.fleet
+        seen: set[Upstream] = set()
+        for name, view in list(fleet.apps.items()):
+            for up in view.upstreams.values():
+                seen.add(up)
+                record = self.records.get(up)
+                if up.checks_critical:
+                    if record is None or record.reason != CHECKS or not record.ejected:
+                        if record is None:
+                            record = self.records[up] = _Record(name)
+                        self._eject(name, up, record, CHECKS)
+                elif record is not None and record.reason == CHECKS and record.ejected:
+                    del self.records[up]
+                    _restore(view, up)
+                    _log.info("machine_restored", app=name, machine=up.id)
+        for up in [u for u in self.records if u not in seen]:
+            del self.records[up]
+
+    def report(self) -> list[dict[str, object]]:
+        """The machines out of rotation or on probation, for ``/status``."""
+        out: list[dict[str, object]] = []
+        for up, record in self.records.items():
+            if not record.ejected:
+                continue
+            view = self.fleet.apps.get(record.app)
+            now = view.clock() if view is not None else 0.0
+            out.append(
+                {
+                    "app": record.app,
+                    "machine": up.id,
+                    "reason": record.reason,
+                    "ejections": record.ejections,
+                    "probing": record.probing or (record.reason != CHECKS and now >= record.until),
+                    "remaining_s": None
+                    if record.reason == CHECKS
+                    else round(max(0.0, record.until - now), 3),
+                }
+            )
+        return out
+
+
+def _restore(view: AppView, up: Upstream) -> None:
+    view.mark_unhealthy(up, 0.0)
+    view.notify()

@@ -1,0 +1,328 @@
+"""Passive health (outlier ejection), safe retries, and slots that measure the machine's work.
+
+The ejection rules are tested on :class:`Health` with a view on a hand-stepped clock; the
+data path's use of them with real machines on loopback (one that answers 503, one that
+hangs, one whose Fly checks are critical).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+from testkit import free_port, until
+
+from autoscaler.admin import AdminServer
+from autoscaler.config import AdminSettings
+from autoscaler.control.view import FleetView, MachineInfo
+from autoscaler.metrics import Metrics
+from autoscaler.proxy import health
+from autoscaler.proxy.health import Health
+from autoscaler.status import render
+
+from .conftest import Backend, RawBackend, StartProxy, url
+from .helpers import Blocking, seen_app
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fleet(*ids: str, critical: frozenset[str] = frozenset()) -> tuple[FleetView, Clock]:
+    clock = Clock()
+    fleet = FleetView(clock)
+    fleet.app("a").set_machines(
+        [
+            MachineInfo(i, "127.0.0.1", 1000 + n, "started", False, i in critical)
+            for n, i in enumerate(ids)
+        ]
+    )
+    return fleet, clock
+
+
+def _ejections(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "autoscaler_machine_ejections_total", {"app": "a", "reason": reason}
+    )
+    return value or 0.0
+
+
+def _routable(fleet: FleetView) -> list[str]:
+    return sorted(u.id for u in fleet.app("a").routable())
+
+
+def test_consecutive_failures_eject_and_the_backoff_doubles_until_a_probe_succeeds() -> None:
+    fleet, clock = _fleet("m1", "m2")
+    metrics = Metrics(CollectorRegistry())
+    h = Health(fleet, metrics, eject_after=3, base_s=10.0)
+    m1 = fleet.app("a").upstreams["m1"]
+    h.failed("a", m1, health.RESET)
+    h.failed("a", m1, health.RESET)
+    h.succeeded("a", m1)  # a good answer breaks the run
+    h.failed("a", m1, health.TIMEOUT)
+    h.failed("a", m1, health.RESET)
+    assert _routable(fleet) == ["m1", "m2"]
+    h.failed("a", m1, health.SERVER_ERROR)
+    assert _routable(fleet) == ["m2"]
+    assert _ejections(metrics, "5xx") == 1
+    assert [e["machine"] for e in h.report()] == ["m1"]
+
+    clock.now += 10.0  # the ejection is over: on probation
+    assert _routable(fleet) == ["m1", "m2"]
+    assert h.took("a", m1) is True  # the first request to it probes
+    assert _routable(fleet) == ["m2"]  # and none other follows until its answer
+    h.failed("a", m1, health.TIMEOUT)  # a failed probe ejects at once, for twice as long
+    assert _ejections(metrics, "timeout") == 1
+    clock.now += 10.0
+    assert _routable(fleet) == ["m2"]
+    clock.now += 10.0
+    assert _routable(fleet) == ["m1", "m2"]
+    assert h.took("a", m1) is True
+    h.succeeded("a", m1)
+    assert _routable(fleet) == ["m1", "m2"]
+    assert h.records == {}
+    assert h.report() == []
+
+
+def test_a_probe_that_ends_without_an_answer_lets_the_next_request_probe() -> None:
+    fleet, clock = _fleet("m1", "m2")
+    h = Health(fleet, Metrics(CollectorRegistry()), eject_after=1, base_s=1.0)
+    m1 = fleet.app("a").upstreams["m1"]
+    h.failed("a", m1, health.CONNECT)
+    clock.now += 1.0
+    assert h.took("a", m1) is True
+    assert h.took("a", m1) is False  # (a request handed it meanwhile is no second probe)
+    h.abandoned("a", m1)
+    assert _routable(fleet) == ["m1", "m2"]
+    assert h.took("a", m1) is True
+
+
+def test_the_last_routable_machine_is_kept_for_5xx_and_checks_but_not_for_timeouts() -> None:
+    fleet, _ = _fleet("m1")
+    metrics = Metrics(CollectorRegistry())
+    h = Health(fleet, metrics, eject_after=2, base_s=5.0)
+    m1 = fleet.app("a").upstreams["m1"]
+    for _ in range(10):
+        h.failed("a", m1, health.SERVER_ERROR)
+    m1.checks_critical = True
+    h.sweep()
+    assert _routable(fleet) == ["m1"]  # the app may be broken: its answers go through
+    assert _ejections(metrics, "5xx") == _ejections(metrics, "checks") == 0
+    h.failed("a", m1, health.TIMEOUT)
+    assert _routable(fleet) == []
+    assert _ejections(metrics, "timeout") == 1
+
+
+def test_critical_checks_eject_until_they_pass_and_gone_machines_are_forgotten() -> None:
+    fleet, clock = _fleet("m1", "m2", critical=frozenset({"m1"}))
+    metrics = Metrics(CollectorRegistry())
+    h = Health(fleet, metrics, eject_after=5, base_s=1.0)
+    m1 = fleet.app("a").upstreams["m1"]
+    h.sweep()
+    assert _routable(fleet) == ["m2"]
+    assert _ejections(metrics, "checks") == 1
+    clock.now += 1000.0
+    h.succeeded("a", m1)  # (an answer from before) does not bring it back: its checks do
+    h.sweep()
+    assert _routable(fleet) == ["m2"]
+    assert _ejections(metrics, "checks") == 1  # counted once, not per sweep
+    assert h.report()[0]["reason"] == "checks"
+    fleet.app("a").set_machines(
+        [
+            MachineInfo(i, "127.0.0.1", 1000 + n, "started", False)
+            for n, i in enumerate(["m1", "m2"])
+        ]
+    )
+    h.sweep()
+    assert _routable(fleet) == ["m1", "m2"]
+    h.failed("a", m1, health.RESET)
+    fleet.app("a").set_machines([])
+    h.sweep()
+    assert h.records == {}
+
+
+# --- on the data path ----------------------------------------------------------------
+
+
+def _status_app(status: int, name: str) -> web.Application:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=name)
+
+    app = web.Application()
+    app.router.add_route("*", "/", handler)
+    return app
+
+
+async def test_a_machine_answering_503_is_ejected_and_shown_in_status(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+) -> None:
+    bad = await backend(_status_app(503, "bad"))
+    good = await backend(_status_app(200, "good"))
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [bad, good]}], eject_after=3
+    )
+    seen: list[str] = []
+    while _ejections(metrics, "5xx") == 0:
+        assert len(seen) < 500
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            seen.append(await r.text())
+    assert seen.count("bad") == 3  # its answers went to the clients until then
+    for _ in range(20):
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert r.status == 200
+    admin = AdminServer(AdminSettings(), metrics)
+    admin.ejected = proxy.health.report
+    [ejected] = admin.status_document()["ejected"]
+    assert (ejected["app"], ejected["machine"], ejected["reason"]) == ("a", bad, "5xx")
+    text = "\n".join(render(admin.status_document()))
+    assert f"a    {bad}  5xx" in text
+
+
+async def test_a_hung_machine_is_ejected_and_new_requests_go_elsewhere(
+    raw_backend: RawBackend,
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+) -> None:
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # takes the request, never answers
+
+    hung = await raw_backend(hang)
+    good = await backend(_status_app(200, "good"))
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [hung, good]}],
+        eject_after=2,
+        upstream_timeout_s=0.2,
+    )
+    statuses: list[int] = []
+    while _ejections(metrics, "timeout") == 0:
+        assert len(statuses) < 200
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            statuses.append(r.status)
+    assert statuses.count(504) == 2  # each cost upstream_timeout_s
+    for _ in range(20):
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert r.status == 200
+
+
+async def test_critical_checks_in_the_fleet_view_take_a_machine_out_at_once(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    hung = Blocking("hung")
+    sick = await backend(hung.app())
+    good = await backend(_status_app(200, "good"))
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [sick, good]}])
+    fleet.app("a").upstreams[sick].checks_critical = True
+    proxy.health.sweep()
+    assert _ejections(metrics, "checks") == 1
+    for _ in range(20):
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert await r.text() == "good"
+    assert hung.order == []
+
+
+# --- retries -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_request_that_reached_no_machine_is_retried_once(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, method: str
+) -> None:
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": dead}])
+    with capture_logs() as logs:
+        async with session.request(
+            method, url(proxy), data=b"x" if method == "POST" else None, headers={"Host": "a.test"}
+        ) as r:
+            assert r.status == 502
+    tried = [e["machine"] for e in logs if e["event"] == "machine_unreachable"]
+    assert len(tried) == 2
+    assert len(set(tried)) == 2  # on another machine
+
+
+# --- slots ---------------------------------------------------------------------------
+
+
+def _big_app(size: int) -> web.Application:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"z" * size)
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    return app
+
+
+async def test_the_slot_comes_back_when_the_machine_is_done_not_the_slow_reader(
+    backend: Backend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    size = 48 * 1024  # more than the small socket buffers below, less than the proxy's
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(_big_app(size))]}]
+    )
+    view = fleet.app("a")
+    loop = asyncio.get_running_loop()
+    # A plain socket (a stream reader would read ahead), and one that takes little.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        server = proxy._server
+        assert server is not None
+        await until(lambda: len(server.connections) == 1)
+        [conn] = server.connections
+        assert conn.transport is not None
+        conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await until(lambda: conn.writing_paused)  # the client is behind
+        # It has not read the answer, and the slot is free: the machine is done with it.
+        await until(lambda: view.in_flight == 0 and view.meter.level == 0)
+        assert conn.writing_paused
+        got = b""
+        while got.count(b"z") < size:
+            data = await loop.sock_recv(sock, 65536)
+            assert data
+            got += data
+        assert got.endswith(b"\r\n\r\n" + b"z" * size)
+    finally:
+        sock.close()
+
+
+async def test_a_slow_upload_holds_a_slot_and_an_unfinished_head_none(
+    backend: Backend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(seen_app())]}]
+    )
+    view = fleet.app("a")
+    _, head_only = await asyncio.open_connection("127.0.0.1", proxy.port)
+    _, uploading = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        head_only.write(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Len")
+        uploading.write(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nabc")
+        await until(lambda: view.in_flight == 1)  # the machine waits for the rest: work
+        assert view.queued == 0
+    finally:
+        for writer in (head_only, uploading):
+            writer.close()
+            await writer.wait_closed()
+    await until(lambda: view.in_flight == 0)
