@@ -202,7 +202,16 @@ class AppRuntime:
             host, port = self.address(machine)
             if not host:
                 continue  # no address yet (being created): nothing the proxy could reach
-            out.append(MachineInfo(machine.id, host, port, machine.state, self.cordoned(machine)))
+            out.append(
+                MachineInfo(
+                    machine.id,
+                    host,
+                    port,
+                    machine.state,
+                    self.cordoned(machine),
+                    machine.checks_critical,
+                )
+            )
         return out
 
     def fleet(self, view: AppView, now: float | None = None, *, urgent: bool = False) -> Fleet:

@@ -186,6 +186,15 @@ class MachineConfig(_Lenient):
     metadata: dict[str, str] | None = None
 
 
+class CheckStatus(_Lenient):
+    """One health check's last result, as a machine reports it (real API: CheckStatus)."""
+
+    name: str | None = None
+    status: str | None = None  # passing, warning, critical
+    output: str | None = None
+    updated_at: Timestamp = None
+
+
 class Machine(_Lenient):
     id: str
     name: str | None = None
@@ -197,6 +206,12 @@ class Machine(_Lenient):
     updated_at: Timestamp = None
     config: MachineConfig | None = None
     cordoned: bool | None = None  # emulator/extension field; the real API may leave it out
+    checks: list[CheckStatus] | None = None
+
+    @property
+    def checks_critical(self) -> bool:
+        """A Fly health check of the machine says critical."""
+        return any(c.status == "critical" for c in self.checks or ())
 
     @property
     def known_state(self) -> MachineState | None:

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import Controller, WakeError
 from autoscaler.control.view import FleetView
+from autoscaler.fly import models as m
 from autoscaler.fly.errors import Conflict, FlyError, ServerError
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
@@ -652,3 +653,16 @@ async def test_taking_back_a_drain_cut_before_its_key_was_set(
     assert rig.metric("autoscaler_scaling_actions_total", action="uncordon", result="ok") == 1
     assert rig.routable() == {mid}
     assert_uncordoned(api, mid)
+
+
+async def test_a_machine_whose_fly_checks_are_critical_is_marked_so_in_the_view(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The proxy's health reads it and takes the machine out of rotation (issue 21)."""
+    sick, well = api.add(APP, "started"), api.add(APP, "started")
+    api.set(APP, sick, checks=[m.CheckStatus(name="healthz", status="critical")])
+    api.set(APP, well, checks=[m.CheckStatus(name="healthz", status="passing")])
+    rig = Rig(api, clock, min_machines=2)
+    await rig.tick()
+    assert rig.app.upstreams[sick].checks_critical is True
+    assert rig.app.upstreams[well].checks_critical is False
