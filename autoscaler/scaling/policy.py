@@ -383,7 +383,8 @@ def _plan(
         touched.add(m.id)
 
     # Scale up: take back, resume, start (rule 2).
-    for kind, m in _wake_candidates(g)[: max(0, count.desired - g.up)]:
+    missing = count.desired - g.up
+    for kind, m in _wake_candidates(g)[:missing] if missing > 0 else ():
         act(kind, m, f"scale up to {count.desired}: {_WAKE_WHY[kind]}")
 
     # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s

@@ -12,8 +12,8 @@ the next arrival except the clock, and the load windows receive only zero sample
 policy's timers (idle_to_zero_s, scale_down_delay_s, min_lifetime_s, leaving panic,
 stop_suspended_after_s) are one-way, and demand only decays meanwhile, so once a decision
 differs from "nothing to do, same state" every later one does too. The tick just before
-the next arrival is asked first (with the windows as they will be then, rebuilt from the
-latest samples and the zeros to come); if it would change something, the first such tick
+the next arrival is asked first (with the windows as they will be then: the
+zeros to come add time covered and no load); if it would change something, the first such tick
 is bisected. Ticks before it are not run; their samples are still fed to the windows
 before the next real decision, so the windows are exactly what they would have been.
 ``skip_idle=False`` runs every tick; the tests compare both.
@@ -21,8 +21,6 @@ before the next real decision, so the windows are exactly what they would have b
 
 from __future__ import annotations
 
-import math
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +28,7 @@ from autoscaler.config import AppConfig
 from autoscaler.scaling import policy
 from autoscaler.scaling.fleet import STARTED, Fleet, MachineSnapshot
 from autoscaler.scaling.policy import Action, Decision, PolicyState
-from autoscaler.scaling.window import ConcurrencyMeter, LoadWindows, Sample
+from autoscaler.scaling.window import LoadWindows
 from autoscaler.sim.engine import AppSim
 from autoscaler.sim.model import Machine
 
@@ -104,9 +102,6 @@ class PolicyStrategy:
         self._by_id: dict[str, Machine] = {}
         self._sampled = -1  # index of the last tick whose sample the windows have
         self._asleep = False  # ticks skipped until the next arrival
-        self._keep = 0  # ticks of samples that can still matter to the windows
-        self._mirror: deque[Sample] = deque()
-        """The latest samples fed to the windows: enough to rebuild them for a probe."""
         self._snaps: dict[int, Any] = {}
 
     @property
@@ -133,9 +128,6 @@ class PolicyStrategy:
         cfg = sim.config
         self._windows = LoadWindows(cfg.stable_window_s, cfg.panic_window_s)
         self._by_id = {m.id: m for m in sim.machines}
-        horizon = max(cfg.stable_window_s, cfg.panic_window_s)
-        self._keep = math.ceil(horizon / sim.timings.tick_s) + 2
-        self._mirror = deque(maxlen=self._keep + 2)
         sim.call(0.0, self._tick, 0)
 
     def on_arrival(self, sim: AppSim, now: float) -> bool:
@@ -169,33 +161,19 @@ class PolicyStrategy:
 
     # --- the tick ---------------------------------------------------------------------
 
-    def _feed(
-        self,
-        windows: LoadWindows,
-        meter: ConcurrencyMeter,
-        first: int,
-        upto: int,
-        mirror: deque[Sample] | None = None,
-    ) -> None:
-        """Feed ``windows`` the samples of ticks ``first .. upto`` taken from ``meter``."""
-        tick = self.sim.timings.tick_s
+    def _catch_up(self, upto: int) -> None:
+        """Feed the real windows the samples of the ticks up to ``upto``.
+
+        The ticks skipped while the app was quiet saw nothing in flight and nothing held:
+        their samples are all zero, so one zero sample across them reads the same (it
+        covers the same time and adds no load).
+        """
+        assert self._windows is not None
+        first = self._sampled + 1
         if first > upto:
             return
-        # Samples older than the windows fall out of them anyway: one long one will do.
-        exact_from = max(first, upto - self._keep)
-        takes = [(exact_from - 1) * tick] if exact_from > first else []
-        takes.extend(k * tick for k in range(exact_from, upto + 1))
-        for at in takes:
-            sample = meter.take(at)
-            windows.add(sample)
-            if mirror is not None:
-                mirror.append(sample)
-
-    def _catch_up(self, upto: int) -> None:
-        """Feed the real windows up to tick ``upto`` (the skipped ticks decided nothing)."""
-        assert self._windows is not None
-        self._feed(self._windows, self.sim.meter, self._sampled + 1, upto, self._mirror)
-        self._sampled = max(self._sampled, upto)
+        self._windows.add(self.sim.meter.take(upto * self.sim.timings.tick_s))
+        self._sampled = upto
 
     def _tick(self, now: float, i: int) -> None:
         sim, cfg = self.sim, self.sim.config
@@ -227,19 +205,10 @@ class PolicyStrategy:
         return all(m.busy is None and not m.draining for m in sim.machines)
 
     def _windows_at(self, j: int) -> LoadWindows:
-        """The windows as tick ``j`` will see them if no request arrives before it."""
-        cfg, real = self.sim.config, self._windows
-        assert real is not None
-        fresh = LoadWindows(cfg.stable_window_s, cfg.panic_window_s)
-        fresh.last_active = real.last_active
-        if j - self._sampled <= self._keep:
-            # Further on, the zeros to come push every one of these out anyway.
-            for sample in self._mirror:
-                fresh.add(sample)
-        # Same code, same numbers: a meter that nobody uses gives the zero samples.
-        idle = ConcurrencyMeter(self._sampled * self.sim.timings.tick_s)
-        self._feed(fresh, idle, self._sampled + 1, j)
-        return fresh
+        """The windows as tick ``j`` will see them if no request arrives before it: only
+        zero samples come until then, which add time covered and no load."""
+        assert self._windows is not None
+        return self._windows.assuming_idle_until(j * self.sim.timings.tick_s)
 
     def _probe(self, i: int, fleet: Fleet) -> int | None:
         """The next tick whose decision may differ; None: none before the next arrival.
