@@ -18,7 +18,7 @@ from autoscaler.config import AppConfig, ConfigError, format_errors, load_settin
 from autoscaler.sim.generate import SHAPES, generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.report import render
-from autoscaler.sim.run import STRATEGIES, config_resolver, simulate
+from autoscaler.sim.run import STRATEGIES, config_resolver, known_strategy, simulate
 from autoscaler.sim.trace import TraceError, read_trace, write_csv
 
 EXIT_OK = 0
@@ -42,7 +42,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def _strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     for name in names:
-        if name not in STRATEGIES and not name.startswith("fixed-keepalive"):
+        if not known_strategy(name):
             raise ValueError(
                 f"--strategies: unknown {name!r} (expected some of {', '.join(STRATEGIES)})"
             )

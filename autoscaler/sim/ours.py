@@ -21,6 +21,7 @@ before the next real decision, so the windows are exactly what they would have b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -77,9 +78,8 @@ def snapshot(app: str, machines: list[Machine], cache: dict[int, Any] | None = N
 
 
 class PolicyStrategy:
-    """The strategy named ``autoscaler``: our policy, through the live code."""
-
-    name = "autoscaler"
+    """The strategy named ``autoscaler``: our policy, through the live code (also
+    ``adaptive`` and ``knative``: the same policy with some knobs set)."""
 
     def __init__(
         self,
@@ -88,12 +88,17 @@ class PolicyStrategy:
         *,
         skip_idle: bool = True,
         record: bool = False,
+        name: str = "autoscaler",
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         # Looked up at call time by default, so a test that patches the policy module
         # sees the simulator's calls too.
         self._decider = decider
         self._chooser = chooser
         self.skip_idle = skip_idle
+        self.name = name
+        self.overrides = dict(overrides or {})
+        """Knobs set on every app's config for this strategy (``adaptive``, ``knative``)."""
         self.history: list[tuple[float, Decision]] | None = [] if record else None
         """With ``record``: every decision acted on (probes of idle ticks are not)."""
         self.state = PolicyState()
@@ -125,6 +130,8 @@ class PolicyStrategy:
 
     def begin(self, sim: AppSim) -> None:
         self._sim = sim
+        if self.overrides:
+            sim.config = sim.config.model_copy(update=self.overrides)
         cfg = sim.config
         self._windows = LoadWindows(cfg.stable_window_s, cfg.panic_window_s)
         self._by_id = {m.id: m for m in sim.machines}
@@ -190,7 +197,7 @@ class PolicyStrategy:
             self._act(action, now)
         following: int | None = i + 1
         if self.skip_idle and not decision.actions and self._quiet():
-            following = self._probe(i, fleet)
+            following = self._probe(i, fleet, decision.next_check)
         if following is None:
             self._asleep = True
         else:
@@ -210,17 +217,26 @@ class PolicyStrategy:
         assert self._windows is not None
         return self._windows.assuming_idle_until(j * self.sim.timings.tick_s)
 
-    def _probe(self, i: int, fleet: Fleet) -> int | None:
+    def _probe(self, i: int, fleet: Fleet, next_check: float | None) -> int | None:
         """The next tick whose decision may differ; None: none before the next arrival.
 
         Relies on the policy's timers being one-way (once a decision differs from "nothing
-        to do, same state", every later one does too, while nothing arrives): so the
+        to do, same state", every later one does too, while nothing arrives) up to the
+        decision's ``next_check`` (where a pre-warm window opens or closes): so the
         furthest tick is asked first, and a change is bisected.
         """
         sim, cfg, tick = self.sim, self.sim.config, self.sim.timings.tick_s
         state, last = self.state, sim.last_request_at
         limit = min(sim.next_arrival(), sim.horizon)
         top = int(limit // tick) - i  # the furthest tick at or before the limit
+        checked = False
+        if next_check is not None:
+            # The first tick at or after next_check is run whatever the probe says.
+            at = math.ceil(next_check / tick) - i
+            while (i + at - 1) * tick >= next_check:
+                at -= 1
+            if at <= top:
+                top, checked = max(1, at), True
         if top < 1:
             return i + 1
 
@@ -230,7 +246,7 @@ class PolicyStrategy:
             return not d.actions and d.state == state
 
         if same(top):
-            return None
+            return i + top if checked else None
         lo, hi = 0, top
         while hi - lo > 1:
             mid = (lo + hi) // 2
