@@ -206,8 +206,28 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
     )
     pol.add_argument(
         "--strategies",
-        default="autoscaler,fly-autostop,fixed-keepalive,always-on",
-        help="comma-separated (default: autoscaler,fly-autostop,fixed-keepalive,always-on)",
+        default=None,
+        help="comma-separated (default: autoscaler,fly-autostop,fixed-keepalive,always-on; "
+        "with --frontier every strategy with a knob); also adaptive, knative, "
+        "knative-<grace>s, fly-autostop-<interval>s, fixed-keepalive-<idle>s",
+    )
+    pol.add_argument(
+        "--frontier",
+        action="store_true",
+        help="sweep each strategy's main knob: machine-seconds against waits, and each "
+        "at fly-autostop's waits",
+    )
+    pol.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="with --frontier: draw it to FILE (.png or .svg; needs the plot extra)",
+    )
+    pol.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --frontier: replay N knob values at once in worker processes",
     )
     pol.add_argument(
         "--every-tick",
@@ -234,7 +254,8 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--generate",
         metavar="SHAPE",
-        help="write a trace instead: steady, diurnal, bursty, sparse, mixed-100-apps",
+        help="write a trace instead: steady, diurnal, bursty, sparse, mixed-100-apps, "
+        "timers, sessions, azure-like",
     )
     gen.add_argument("--out", metavar="FILE", help="where --generate writes (.gz compresses)")
     gen.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")

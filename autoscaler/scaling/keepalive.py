@@ -21,6 +21,7 @@ Pure: no clock, no I/O. Every value here is frozen and carried in ``PolicyState`
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Literal
@@ -44,13 +45,21 @@ PREWARM_LEAD_S = 2.0
 MIN_PREWARM_S = 30.0
 """No pre-warm sooner than this after the app went idle (a suspend and a resume take
 seconds; keeping is cheaper below that). It also bounds pre-warms to 3600/30 an hour."""
+SPREAD = 0.1
+"""Share of each gap counted in each neighbouring bin when planning."""
+MIN_SLEEP_S = 30.0
+"""A machine put to sleep before a pre-warm sleeps at least this long."""
 CYCLE_S = 2.0
 """Machine-seconds one sleep and wake cost beyond the idle time (suspend, API calls)."""
 PLAN_EVERY = 4
 """The plan is made again after this many new gaps (it moves slowly; making it costs)."""
+WINDOW_SHARE = 0.2
+"""A pre-warm window must hold at least this share of the gaps (and 3 of them): fewer is
+noise (a hole between two rare long gaps), not a pattern."""
+"""The plan is made again after this many new gaps (it moves slowly; making it costs)."""
 
 _RATIO = (MAX_GAP_S / MIN_GAP_S) ** (1.0 / BINS)
-EDGES: tuple[float, ...] = tuple(MIN_GAP_S * _RATIO**i for i in range(BINS + 1))
+EDGES: tuple[float, ...] = (*(MIN_GAP_S * _RATIO**i for i in range(BINS)), MAX_GAP_S)
 """Bin b holds gaps in [EDGES[b], EDGES[b + 1])."""
 _MIDS: tuple[float, ...] = tuple(math.sqrt(EDGES[i] * EDGES[i + 1]) for i in range(BINS))
 _LOG_RATIO = math.log(_RATIO)
@@ -156,9 +165,17 @@ class GapHistogram:
             return None
         c = wake_cost_s
         n = self.count
-        cum_c = [0.0, *accumulate(self.weights)]
-        cum_g = [0.0, *accumulate(w * m for w, m in zip(self.weights, _MIDS, strict=True))]
-        later = [n - x for x in cum_c]
+        # Each gap spread a little over the bins next to its own (SPREAD each side), so
+        # that a hole between two rare gaps does not look like a place to sleep in.
+        raw, keep_share = self.weights, 1.0 - 2 * SPREAD
+        smooth = [
+            keep_share * raw[b] + SPREAD * (raw[b - 1] if b > 0 else raw[b])
+            + SPREAD * (raw[b + 1] if b < BINS - 1 else raw[b])
+            for b in range(BINS)
+        ]  # fmt: skip
+        cum_c = [0.0, *accumulate(smooth)]
+        cum_g = [0.0, *accumulate(w * m for w, m in zip(smooth, _MIDS, strict=True))]
+        later = [n - x if n > x else 0.0 for x in cum_c]
         edges = EDGES
         # keep(K): keep until edge K, then sleep (and wake for the next request).
         keeps = [g + (e + c + CYCLE_S) * r for g, e, r in zip(cum_g, edges, later, strict=True)]
@@ -180,14 +197,24 @@ class GapHistogram:
         for k in range(BINS - 1, -1, -1):
             nxt = suffix[k + 1]
             suffix[k] = k if keeps[k] <= keeps[nxt] else nxt
-        s_best, s_cost = 0, sleeps[0]
-        for w in range(1, BINS):
-            s_val = sleeps[w - 1]
-            if s_val < s_cost:
-                s_best, s_cost = w - 1, s_val
-            if w < _FIRST_PREWARM:
+        support = max(3.0, WINDOW_SHARE * n)
+        # Best S at or before each edge (a running minimum).
+        s_best_at: list[int] = [0] * (BINS + 1)
+        for j in range(1, BINS + 1):
+            prev = s_best_at[j - 1]
+            s_best_at[j] = j if sleeps[j] < sleeps[prev] else prev
+        for w in range(_FIRST_PREWARM, BINS):
+            # Asleep for at least MIN_SLEEP_S: a shorter sleep saves less than it costs.
+            last_s = bisect_right(edges, edges[w] - MIN_SLEEP_S) - 1
+            if last_s < 0:
                 continue
-            k = suffix[w + 1]  # a window of at least one bin
+            s_best = s_best_at[last_s]
+            s_cost = sleeps[s_best]
+            # A window of at least one bin that holds enough of the gaps.
+            k_min = bisect_left(cum_c, cum_c[w] + support, w + 1)
+            if k_min > BINS:
+                continue
+            k = suffix[k_min]
             cost = s_cost + wakes[w] + keeps[k]
             if cost < best_cost - 1e-9:
                 best_cost, best = cost, (s_best, w, k)

@@ -15,6 +15,8 @@ import yaml
 from pydantic import ValidationError
 
 from autoscaler.config import AppConfig, ConfigError, format_errors, load_settings
+from autoscaler.sim.frontier import SWEEPS, plot, sweep
+from autoscaler.sim.frontier import render as render_frontier
 from autoscaler.sim.generate import SHAPES, generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.report import render
@@ -23,6 +25,7 @@ from autoscaler.sim.trace import TraceError, read_trace, write_csv
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+DEFAULT_STRATEGIES = "autoscaler,fly-autostop,fixed-keepalive,always-on"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -117,11 +120,24 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
             resolve(app)
     except ValidationError as exc:
         raise ValueError("--set: " + "; ".join(format_errors(exc))) from None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: expected a number >= 1, got {args.jobs}")
+    if args.frontier:
+        names = _strategies(args.strategies) if args.strategies else list(SWEEPS)
+        if args.format == "csv":
+            raise ValueError("--frontier: expected --format table or json")
+        found = sweep(trace, resolve, timings, names, jobs=args.jobs)
+        if args.plot:
+            plot(found, args.plot)
+        out.write(render_frontier(found, args.format))
+        return EXIT_OK
+    if args.plot:
+        raise ValueError("--plot draws the frontier: add --frontier")
     report = simulate(
         trace,
         resolve,
         timings,
-        _strategies(args.strategies),
+        _strategies(args.strategies or DEFAULT_STRATEGIES),
         horizon=args.horizon_s,
         skip_idle=not args.every_tick,
     )

@@ -151,6 +151,7 @@ def simulate(
     horizon: float | None = None,
     skip_idle: bool = True,
     progress: Callable[[str, str], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Report:
     """Replay ``trace`` under each strategy; ``horizon`` defaults to the trace's end."""
     end = trace.end if horizon is None else horizon
@@ -159,7 +160,7 @@ def simulate(
         per_app: dict[str, Stats] = {}
         label = name
         for app, requests in trace.apps.items():
-            strategy = make_strategy(name, timings, skip_idle=skip_idle)
+            strategy = make_strategy(name, timings, skip_idle=skip_idle, overrides=overrides)
             label = strategy.name
             if progress is not None:
                 progress(label, app)
