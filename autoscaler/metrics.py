@@ -82,6 +82,12 @@ class Metrics:
             ["app", "action", "result"],
             registry=r,
         )
+        self.prewarms = Counter(
+            "autoscaler_prewarms",
+            "Pre-warms of the adaptive keep-alive, judged: a request came (hit) or none (miss).",
+            ["app", "result"],
+            registry=r,
+        )
         self.machine_seconds = Counter(
             "autoscaler_machine_seconds",
             "Machine-seconds spent started or suspended: what the fleet costs.",
