@@ -100,6 +100,11 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         stop_s=args.stop_s,
         autostop_interval_s=args.autostop_interval_s,
         keepalive_s=args.keepalive_s,
+        resume_cold_rate=args.resume_cold_rate,
+        snapshot_max_age_s=args.snapshot_max_age_s,
+        action_failure_rate=args.action_failure_rate,
+        two_choices=args.balance == "two-choices",
+        seed=args.seed,
     )
     if args.max_apps is not None and args.max_apps < 1:
         raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")

@@ -20,6 +20,8 @@ one thing a scaling policy has to get right:
   55% HTTP (``sessions`` here), 16% timer (``timers``, one period per app) and 29% queue,
   event, orchestration and others (Poisson arrivals); daily counts as in
   ``mixed-100-apps``.
+- ``memoryless``: sixty apps with those daily counts, every one a Poisson process: the
+  time to the next request never depends on the time since the last one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ SHAPES = (
     "timers",
     "sessions",
     "azure-like",
+    "memoryless",
 )
 DAY_S = 86400.0
 
@@ -175,10 +178,12 @@ def _sessions(
 _AZURE_KINDS = (("sessions", 55.0), ("timers", 16.0), ("poisson", 29.0))
 
 
-def _azure_like(rng: random.Random, end: float, apps: int) -> list[Row]:
+def _azure_like(
+    rng: random.Random, end: float, apps: int, mix: tuple[tuple[str, float], ...] = _AZURE_KINDS
+) -> list[Row]:
     rows: list[Row] = []
-    kinds = [k for k, _ in _AZURE_KINDS]
-    weights = [w for _, w in _AZURE_KINDS]
+    kinds = [k for k, _ in mix]
+    weights = [w for _, w in mix]
     for i in range(apps):
         name = f"app-{i:03d}"
         per_day = _AZURE_MEDIAN_PER_DAY * 10 ** rng.gauss(0.0, _AZURE_SIGMA_DECADES)
@@ -207,6 +212,8 @@ def generate(shape: str, seed: int = 1, hours: float = 24.0) -> list[Row]:
         rows = _mixed(rng, end, 100)
     elif shape == "azure-like":
         rows = _azure_like(rng, end, 60)
+    elif shape == "memoryless":
+        rows = _azure_like(rng, end, 60, (("poisson", 1.0),))
     elif shape == "timers":
         times = sorted(_timer(rng, 300.0, end) + _timer(rng, 3600.0, end))
         rows = _app_rows(rng, shape, times, median_s=0.5)

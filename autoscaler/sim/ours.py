@@ -229,16 +229,19 @@ class PolicyStrategy:
         state, last = self.state, sim.last_request_at
         limit = min(sim.next_arrival(), sim.horizon)
         top = int(limit // tick) - i  # the furthest tick at or before the limit
-        checked = False
+        due: int | None = None
         if next_check is not None:
-            # The first tick at or after next_check is run whatever the probe says.
+            # The first tick at or after next_check is run whatever happens before it;
+            # the ticks before it are probed as usual (one-way up to there).
             at = math.ceil(next_check / tick) - i
-            while (i + at - 1) * tick >= next_check:
+            while at > 1 and (i + at - 1) * tick >= next_check:
                 at -= 1
+            while (i + at) * tick < next_check:
+                at += 1
             if at <= top:
-                top, checked = max(1, at), True
+                due, top = i + max(1, at), at - 1
         if top < 1:
-            return i + 1
+            return due if due is not None else i + 1
 
         def same(k: int) -> bool:
             j = i + k
@@ -246,7 +249,7 @@ class PolicyStrategy:
             return not d.actions and d.state == state
 
         if same(top):
-            return i + top if checked else None
+            return due
         lo, hi = 0, top
         while hi - lo > 1:
             mid = (lo + hi) // 2

@@ -128,6 +128,8 @@ class Report:
             out.suspended_s += s.suspended_s
             out.api_actions += s.api_actions
             out.refused += s.refused
+            out.cold_resumes += s.cold_resumes
+            out.failed_actions += s.failed_actions
             out.decisions += s.decisions
         out.peak_machines = _peak(s.changes for s in per_app)
         return out
@@ -186,6 +188,8 @@ def summary(stats: Stats) -> dict[str, Any]:
         "peak_machines": stats.peak_machines,
         "api_actions": stats.api_actions,
         "errors": stats.errors,
+        "cold_resumes": stats.cold_resumes,
+        "failed_actions": stats.failed_actions,
     }
 
 
