@@ -131,6 +131,8 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         names = _strategies(args.strategies) if args.strategies else list(SWEEPS)
         if args.format == "csv":
             raise ValueError("--frontier: expected --format table or json")
+        if args.plot and not args.plot.endswith((".png", ".svg")):
+            raise ValueError(f"--plot: expected a .png or .svg file name, got {args.plot!r}")
         found = sweep(trace, resolve, timings, names, jobs=args.jobs)
         if args.plot:
             plot(found, args.plot)
