@@ -255,7 +255,7 @@ class Phase:
     outcome: Outcome | None
     """A pre-warm was judged at this decision: a request came (hit) or none did (miss)."""
     next_check: float | None
-    """When the answer changes next if nothing arrives (a pre-warm starts or ends)."""
+    """When the answer changes next if nothing arrives (the sleep, a pre-warm window)."""
     why: str
 
 
@@ -300,9 +300,11 @@ def step(
         prewarmed = True
     if prewarmed and not in_window and idle_for >= k:
         outcome, prewarmed = "miss", False
-    # Only the opening of a pre-warm window wakes a quiet app; every other change
-    # (sleep, the end of a window) comes later than the last one, never back.
-    next_check = idle_from + starts if starts is not None and idle_for < starts else None
+    # The times the answer changes (the sleep, a pre-warm window opening and closing).
+    # Only the opening wakes a quiet app back; the others are given too, so that a caller
+    # that skips quiet ticks finds them without searching.
+    marks = [m for m in (s, starts, k) if m is not None and m > idle_for]
+    next_check = idle_from + min(marks) if marks else None
     if in_window:
         why = f"adaptive: pre-warm, idle {idle_for:.0f}s ({plan.text})"
     else:

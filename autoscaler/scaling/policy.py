@@ -100,8 +100,9 @@ class Decision:
     prewarm: Outcome | None = None
     """A pre-warm judged at this decision (adaptive keep-alive): "hit" or "miss"."""
     next_check: float | None = None
-    """Adaptive keep-alive: when the decision changes next if nothing arrives (a pre-warm
-    window opens or closes). A caller that skips quiet ticks must decide again by then."""
+    """Adaptive keep-alive: when the decision changes next if nothing arrives (the sleep,
+    a pre-warm window opening or closing). A caller that skips quiet ticks must decide
+    again by then."""
 
 
 @dataclass(slots=True)
