@@ -34,8 +34,8 @@ MAX_GAP_S = 4 * 3600.0
 """The histogram's range (the paper's 4 hours); longer gaps count as out of range."""
 BINS = 96
 """Log-spaced bins between MIN_GAP_S and MAX_GAP_S: about 7% wide each."""
-DECAY = 0.98
-"""Each new gap multiplies the weight of the older ones by this: half-life about 34 gaps."""
+DECAY = 0.99
+"""Each new gap multiplies the weight of the older ones by this: half-life about 69 gaps."""
 MIN_GAPS = 8.0
 """Decayed count of gaps below which the histogram is not representative."""
 MAX_OUT_OF_RANGE = 0.5
