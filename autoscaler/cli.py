@@ -257,8 +257,28 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
     )
     pol.add_argument(
         "--strategies",
-        default="autoscaler,fly-autostop,fixed-keepalive,always-on",
-        help="comma-separated (default: autoscaler,fly-autostop,fixed-keepalive,always-on)",
+        default=None,
+        help="comma-separated (default: autoscaler,fly-autostop,fixed-keepalive,always-on; "
+        "with --frontier every strategy with a knob); also adaptive, knative, "
+        "knative-<grace>s, fly-autostop-<interval>s, fixed-keepalive-<idle>s",
+    )
+    pol.add_argument(
+        "--frontier",
+        action="store_true",
+        help="sweep each strategy's main knob: machine-seconds against waits, and each "
+        "at fly-autostop's waits",
+    )
+    pol.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="with --frontier: draw it to FILE (.png or .svg; needs the plot extra)",
+    )
+    pol.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --frontier: replay N knob values at once in worker processes",
     )
     pol.add_argument(
         "--every-tick",
@@ -278,6 +298,34 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
     ):
         shown = "" if default is None else f" (default: {default:g})"
         tim.add_argument(flag, type=float, default=default, metavar="S", help=what + shown)
+    mod = parser.add_argument_group("modelled faults and routing (off by default)")
+    mod.add_argument(
+        "--resume-cold-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of resumes that fall back to a cold start",
+    )
+    mod.add_argument(
+        "--snapshot-max-age-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="a machine suspended longer than this boots cold (0: never)",
+    )
+    mod.add_argument(
+        "--action-failure-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of start and resume calls the API fails",
+    )
+    mod.add_argument(
+        "--balance",
+        choices=["least-loaded", "two-choices"],
+        default="least-loaded",
+        help="routing: the least loaded machine, or the proxy's two random choices",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--format", choices=["table", "json", "csv"], default="table")
     out.add_argument("--totals-only", action="store_true", help="leave out the per-app rows")
@@ -285,7 +333,8 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--generate",
         metavar="SHAPE",
-        help="write a trace instead: steady, diurnal, bursty, sparse, mixed-100-apps",
+        help="write a trace instead: steady, diurnal, bursty, sparse, mixed-100-apps, "
+        "timers, sessions, azure-like, memoryless",
     )
     gen.add_argument("--out", metavar="FILE", help="where --generate writes (.gz compresses)")
     gen.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")

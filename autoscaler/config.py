@@ -356,6 +356,15 @@ class AppConfig(_Model):
     scale_down_action: Literal["suspend", "stop"] = Field(
         default="suspend", description="how a machine is put to sleep"
     )
+    keep_alive: Literal["fixed", "adaptive"] = Field(
+        default="fixed",
+        description="fixed: idle_to_zero_s; adaptive: learn the app's idle gaps and pre-warm",
+    )
+    wake_cost_s: Seconds = Field(
+        default=300.0,
+        gt=0,
+        description="adaptive: machine-seconds one request that waits for a wake is worth",
+    )
     stop_suspended_after_s: Seconds | None = Field(
         default=None, description="stop a machine suspended this long (drops its snapshot)"
     )

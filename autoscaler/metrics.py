@@ -40,6 +40,7 @@ ACTION_RESULTS = ("ok", "error")
 WAKE_KINDS = ("resume", "start")
 BILLED_STATES = ("started", "suspended")
 RESTART_RESULTS = ("ok", "failed", "exhausted")
+PREWARM_RESULTS = ("hit", "miss")
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
 EJECTION_REASONS = ("connect", "reset", "timeout", "bad_response", "5xx", "checks")
 
@@ -106,6 +107,12 @@ class Metrics:
             "Actions skipped because another holder (a fly deploy, another tool) had the "
             "machine's lease.",
             ["app"],
+            registry=r,
+        )
+        self.prewarms = Counter(
+            "autoscaler_prewarms",
+            "Pre-warms of the adaptive keep-alive, judged: a request came (hit) or none (miss).",
+            ["app", "result"],
             registry=r,
         )
         self.machine_seconds = Counter(
@@ -186,6 +193,8 @@ class Metrics:
         for result in RESTART_RESULTS:
             self.machine_restarts.labels(app=app, result=result)
         self.lease_conflicts.labels(app=app)
+        for result in PREWARM_RESULTS:
+            self.prewarms.labels(app=app, result=result)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""

@@ -256,6 +256,8 @@ class Controller:
         )
         self._log_decision(rt, decision)
         rt.note_decision(decision, now)
+        if decision.prewarm is not None:
+            self.metrics.prewarms.labels(app=rt.name, result=decision.prewarm).inc()
         for action in decision.actions:
             self.actuator.launch(rt, action)
         self.actuator.publish(rt)

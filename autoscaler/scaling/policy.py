@@ -33,6 +33,8 @@ from autoscaler.scaling.fleet import (
     Fleet,
     MachineSnapshot,
 )
+from autoscaler.scaling.keepalive import KeepAliveState, Outcome
+from autoscaler.scaling.keepalive import step as keepalive_step
 from autoscaler.scaling.window import LoadWindows
 
 ActionKind = Literal["resume", "start", "uncordon", "drain", "stop"]
@@ -74,6 +76,8 @@ class PolicyState:
     lower_history: tuple[tuple[float, int], ...] = ()
     """(time, wanted) during the current lower streak, within scale_down_delay_s: a scale
     down goes only to the highest count wanted during the delay."""
+    keepalive: KeepAliveState = field(default_factory=KeepAliveState)
+    """The adaptive keep-alive's learned idle gaps and plan (keepalive.py)."""
 
     @property
     def panic(self) -> bool:
@@ -95,6 +99,12 @@ class Decision:
     """Machines counted as up (see the module docstring)."""
     stable_load: float = 0.0
     panic_load: float = 0.0
+    prewarm: Outcome | None = None
+    """A pre-warm judged at this decision (adaptive keep-alive): "hit" or "miss"."""
+    next_check: float | None = None
+    """Adaptive keep-alive: when the decision changes next if nothing arrives (the sleep,
+    a pre-warm window opening or closing). A caller that skips quiet ticks must decide
+    again by then."""
 
 
 @dataclass(slots=True)
@@ -260,6 +270,7 @@ def _normal_count(
     now: float,
     state: PolicyState,
     idle_for: float | None,
+    keep_s: float,
 ) -> _Count:
     high = policy.max_machines
     wanted = _clamp(_want(stable, unit), low, high)
@@ -282,7 +293,7 @@ def _normal_count(
     if idle_for is not None:
         # The idle time is the delay: no request for idle_to_zero_s.
         desired = wanted
-        why = f"idle {idle_for:.0f}s >= {policy.idle_to_zero_s:g}s: scale down {up}->{wanted}"
+        why = f"idle {idle_for:.0f}s >= {keep_s:g}s: scale down {up}->{wanted}"
     elif lasted >= policy.scale_down_delay_s and most < up:
         # Only to the most that demand wanted during the delay.
         desired = most
@@ -327,8 +338,14 @@ def decide(
     # flight now, and we have watched for at least idle_to_zero_s (so a restarted
     # autoscaler does not put machines to sleep at once). A request arriving this very
     # instant is not idleness either, even with idle_to_zero_s 0.
+    # The idle time is idle_to_zero_s, or what the adaptive keep-alive says for now.
+    keepalive, phase = keepalive_step(
+        state.keepalive, policy, now, last_request_at, load.last_active, up
+    )
+    keep_s = phase.keep_s
+
     def quiet_since(t: float) -> bool:
-        return fleet.in_flight == 0 and now - t > 0 and now - t >= policy.idle_to_zero_s
+        return fleet.in_flight == 0 and now - t > 0 and now - t >= keep_s
 
     seen = [t for t in (last_request_at, load.last_active) if t is not None]
     idle_for = now - max((*seen, born))
@@ -336,6 +353,8 @@ def decide(
     # Nothing up and no recent demand: stay at zero (the first decision must not wake a
     # machine for traffic that never came).
     asleep = up == 0 and (quiet_since(max(seen)) if seen else fleet.in_flight == 0)
+    if phase.prewarm:
+        idle = asleep = False  # a pre-warm window: one machine up before the next request
     low = min(high, policy.min_machines if idle or asleep else max(policy.min_machines, 1))
 
     # Panic: enter when the panic average reaches panic_threshold x capacity; every
@@ -370,10 +389,24 @@ def decide(
         # Idle or asleep, demand is nil whatever the windows still remember (they can, when
         # idle_to_zero_s is shorter than the stable window): min_machines is the answer.
         demand = 0.0 if idle or asleep else stable
-        count = _normal_count(up, demand, unit, low, policy, now, state, idle_for if idle else None)
+        count = _normal_count(
+            up, demand, unit, low, policy, now, state, idle_for if idle else None, keep_s
+        )
     why.extend(count.why)
+    if phase.why:
+        why.append(phase.why)
+    if phase.outcome is not None:
+        why.append(f"pre-warm {phase.outcome}")
     desired = count.desired
     actions = _plan(g, count, policy, now, in_panic, why)
+    if phase.prewarm:
+        # The controller carries a pre-warm out as any wake; the reason says what it is.
+        actions = [
+            Action(a.kind, a.machine_id, f"pre-warm: {a.reason}")
+            if a.reason.startswith("scale up")
+            else a
+            for a in actions
+        ]
     shortfall = max(0, desired - g.pool)
     if shortfall:
         why.append(f"short of {shortfall} machine(s)")
@@ -395,10 +428,13 @@ def decide(
             panic_desired=desired if in_panic else 0,
             lower_since=count.lower_since,
             lower_history=count.history,
+            keepalive=keepalive,
         ),
         current=up,
         stable_load=stable,
         panic_load=burst,
+        prewarm=phase.outcome,
+        next_check=phase.next_check,
     )
 
 
@@ -414,7 +450,8 @@ def _plan(
         touched.add(m.id)
 
     # Scale up: take back, resume, start (rule 2).
-    for kind, m in _wake_candidates(g)[: max(0, count.desired - g.up)]:
+    missing = count.desired - g.up
+    for kind, m in _wake_candidates(g)[:missing] if missing > 0 else ():
         act(kind, m, f"scale up to {count.desired}: {_wake_why(kind, m)}")
 
     # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s

@@ -88,9 +88,8 @@ class FixedKeepalive:
 
 
 class FlyAutostop:
-    name = "fly-autostop"
-
     def __init__(self, interval_s: float) -> None:
+        self.name = "fly-autostop"
         self.interval_s = interval_s
         self._sim: AppSim | None = None
         self._last_check = 0.0

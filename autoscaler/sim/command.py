@@ -15,14 +15,17 @@ import yaml
 from pydantic import ValidationError
 
 from autoscaler.config import AppConfig, ConfigError, format_errors, load_settings
+from autoscaler.sim.frontier import SWEEPS, plot, sweep
+from autoscaler.sim.frontier import render as render_frontier
 from autoscaler.sim.generate import SHAPES, generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.report import render
-from autoscaler.sim.run import STRATEGIES, config_resolver, simulate
+from autoscaler.sim.run import STRATEGIES, config_resolver, known_strategy, simulate
 from autoscaler.sim.trace import TraceError, read_trace, write_csv
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+DEFAULT_STRATEGIES = "autoscaler,fly-autostop,fixed-keepalive,always-on"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -42,7 +45,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def _strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     for name in names:
-        if name not in STRATEGIES and not name.startswith("fixed-keepalive"):
+        if not known_strategy(name):
             raise ValueError(
                 f"--strategies: unknown {name!r} (expected some of {', '.join(STRATEGIES)})"
             )
@@ -97,6 +100,11 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         stop_s=args.stop_s,
         autostop_interval_s=args.autostop_interval_s,
         keepalive_s=args.keepalive_s,
+        resume_cold_rate=args.resume_cold_rate,
+        snapshot_max_age_s=args.snapshot_max_age_s,
+        action_failure_rate=args.action_failure_rate,
+        two_choices=args.balance == "two-choices",
+        seed=args.seed,
     )
     if args.max_apps is not None and args.max_apps < 1:
         raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")
@@ -117,11 +125,26 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
             resolve(app)
     except ValidationError as exc:
         raise ValueError("--set: " + "; ".join(format_errors(exc))) from None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: expected a number >= 1, got {args.jobs}")
+    if args.frontier:
+        names = _strategies(args.strategies) if args.strategies else list(SWEEPS)
+        if args.format == "csv":
+            raise ValueError("--frontier: expected --format table or json")
+        if args.plot and not args.plot.endswith((".png", ".svg")):
+            raise ValueError(f"--plot: expected a .png or .svg file name, got {args.plot!r}")
+        found = sweep(trace, resolve, timings, names, jobs=args.jobs)
+        if args.plot:
+            plot(found, args.plot)
+        out.write(render_frontier(found, args.format))
+        return EXIT_OK
+    if args.plot:
+        raise ValueError("--plot draws the frontier: add --frontier")
     report = simulate(
         trace,
         resolve,
         timings,
-        _strategies(args.strategies),
+        _strategies(args.strategies or DEFAULT_STRATEGIES),
         horizon=args.horizon_s,
         skip_idle=not args.every_tick,
     )

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
+import zlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -99,6 +101,8 @@ class AppSim:
         self._held_info: dict[int, tuple[float, float]] = {}
         self._rid = itertools.count()
         self._next = 0  # index of the next arrival in ``requests``
+        # Each app its own stream: the same app draws the same under every strategy.
+        self.rng = random.Random(zlib.crc32(app.encode()) ^ timings.seed)  # noqa: S311
 
     # --- the loop -------------------------------------------------------------------
 
@@ -146,8 +150,18 @@ class AppSim:
     # --- the proxy's part -----------------------------------------------------------
 
     def _pick(self) -> Machine | None:
-        best: Machine | None = None
         limit = self.config.hard_limit
+        if self.timings.two_choices and len(self.routable) > 1:
+            # The proxy's balancer: two distinct routable machines at random, the one with
+            # fewer requests in flight (the first on a tie); the other if one is full.
+            a, b = self.rng.sample(self.routable, 2)
+            if b.in_flight < a.in_flight:
+                a, b = b, a
+            if a.in_flight < limit:
+                return a
+            if b.in_flight < limit:
+                return b
+        best: Machine | None = None
         for m in self.routable:
             if m.in_flight < limit and (best is None or m.in_flight < best.in_flight):
                 best = m
@@ -300,9 +314,34 @@ class AppSim:
         m.busy = "resume" if resume else "start"
         m.op += 1
         self.stats.api_actions += 1
-        duration = self.timings.resume_s if resume else self.timings.start_s
-        self.call(now + self.timings.api_latency_s, self._starting, (m, m.op, duration))
+        timings = self.timings
+        if timings.action_failure_rate and self.rng.random() < timings.action_failure_rate:
+            self.stats.failed_actions += 1
+            self.call(now + timings.api_latency_s, self._start_failed, (m, m.op))
+            return True
+        duration = timings.resume_s if resume else timings.start_s
+        if resume and self._boots_cold(m, now):
+            self.stats.cold_resumes += 1
+            duration = timings.start_s
+        self.call(now + timings.api_latency_s, self._starting, (m, m.op, duration))
         return True
+
+    def _boots_cold(self, m: Machine, now: float) -> bool:
+        """A resume that falls back to a cold start: at the modelled rate, or always when
+        the snapshot is older than ``snapshot_max_age_s``."""
+        t = self.timings
+        since = m.state_since if m.state_since is not None else now
+        if t.snapshot_max_age_s and now - since > t.snapshot_max_age_s:
+            return True
+        return bool(t.resume_cold_rate) and self.rng.random() < t.resume_cold_rate
+
+    def _start_failed(self, now: float, arg: tuple[Machine, int]) -> None:
+        """The API answered the start or resume with an error: the machine is unchanged,
+        and held requests ask for a wake again."""
+        m, op = arg
+        if m.op == op:
+            m.busy = None
+            self._settled(now)
 
     def _starting(self, now: float, arg: tuple[Machine, int, float]) -> None:
         m, op, duration = arg

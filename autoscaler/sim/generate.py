@@ -11,6 +11,17 @@ one thing a scaling policy has to get right:
 - ``mixed-100-apps``: a hundred apps whose daily request counts follow the Azure
   Functions 2019 trace (most apps called a few times an hour or less, a few very busy),
   each with one of the shapes above.
+- ``timers``: timer-triggered jobs, every 5 minutes and every hour, a few seconds late
+  at random: idle gaps that repeat.
+- ``sessions``: human visits, a few an hour following the day, each a burst of requests
+  a few seconds of think time apart, then nothing until the next visit.
+- ``azure-like``: sixty apps in the proportions of the Azure Functions 2019
+  characterisation (Shahrad et al., "Serverless in the Wild", USENIX ATC'20): by trigger,
+  55% HTTP (``sessions`` here), 16% timer (``timers``, one period per app) and 29% queue,
+  event, orchestration and others (Poisson arrivals); daily counts as in
+  ``mixed-100-apps``.
+- ``memoryless``: sixty apps with those daily counts, every one a Poisson process: the
+  time to the next request never depends on the time since the last one.
 """
 
 from __future__ import annotations
@@ -22,7 +33,17 @@ from collections.abc import Callable
 Row = tuple[float, str, float]
 RateFn = Callable[[float], float]
 
-SHAPES = ("steady", "diurnal", "bursty", "sparse", "mixed-100-apps")
+SHAPES = (
+    "steady",
+    "diurnal",
+    "bursty",
+    "sparse",
+    "mixed-100-apps",
+    "timers",
+    "sessions",
+    "azure-like",
+    "memoryless",
+)
 DAY_S = 86400.0
 
 
@@ -116,6 +137,71 @@ def _mixed(rng: random.Random, end: float, apps: int) -> list[Row]:
     return rows
 
 
+def _timer(rng: random.Random, period_s: float, end: float, late_s: float = 5.0) -> list[float]:
+    """A timer every ``period_s`` from a random phase, each run up to ``late_s`` late."""
+    out: list[float] = []
+    t = rng.uniform(0.0, period_s)
+    while t < end:
+        at = t + rng.uniform(0.0, late_s)
+        if at < end:
+            out.append(at)
+        t += period_s
+    return out
+
+
+def _sessions(
+    rng: random.Random,
+    visits_per_hour: float,
+    end: float,
+    clicks: float = 8.0,
+    think_s: float = 8.0,
+) -> list[float]:
+    """Visits arriving as a Poisson process following the day (lowest at 03:00), each a
+    geometric number of requests (mean ``clicks``) with log-normal think times."""
+    peak = visits_per_hour / 3600.0 * 2.0
+    rate = _diurnal_rate(peak / 20, peak, rng.uniform(-3600.0, 3600.0))
+    out: list[float] = []
+    mu = math.log(think_s)
+    for start in _thinned(rng, rate, peak, end):
+        t = start
+        while t < end:
+            out.append(t)
+            if rng.random() < 1.0 / clicks:
+                break
+            t += rng.lognormvariate(mu, 0.8)
+    out.sort()
+    return out
+
+
+# Azure Functions 2019 trigger shares (Shahrad et al. 2020, share of functions): HTTP 55%,
+# timer 16%, and queue 15% + event 2% + orchestration 7% + others 5% = 29%.
+_AZURE_KINDS = (("sessions", 55.0), ("timers", 16.0), ("poisson", 29.0))
+
+
+def _azure_like(
+    rng: random.Random, end: float, apps: int, mix: tuple[tuple[str, float], ...] = _AZURE_KINDS
+) -> list[Row]:
+    rows: list[Row] = []
+    kinds = [k for k, _ in mix]
+    weights = [w for _, w in mix]
+    for i in range(apps):
+        name = f"app-{i:03d}"
+        per_day = _AZURE_MEDIAN_PER_DAY * 10 ** rng.gauss(0.0, _AZURE_SIGMA_DECADES)
+        mean = min(_MAX_RATE, per_day / DAY_S)  # req/s
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "timers":
+            period = min(4 * 3600.0, max(60.0, 1.0 / mean))
+            # Timers are set in round numbers of minutes.
+            period = max(60.0, round(period / 60.0) * 60.0)
+            times = _timer(rng, period, end)
+        elif kind == "sessions":
+            times = _sessions(rng, mean * 3600.0 / 8.0, end)
+        else:
+            times = _poisson(rng, mean, 0.0, end)
+        rows.extend(_app_rows(rng, name, times, median_s=rng.uniform(0.05, 0.5)))
+    return rows
+
+
 def generate(shape: str, seed: int = 1, hours: float = 24.0) -> list[Row]:
     """The rows of a synthetic trace, sorted by time."""
     if hours <= 0:
@@ -124,6 +210,15 @@ def generate(shape: str, seed: int = 1, hours: float = 24.0) -> list[Row]:
     end = hours * 3600.0
     if shape == "mixed-100-apps":
         rows = _mixed(rng, end, 100)
+    elif shape == "azure-like":
+        rows = _azure_like(rng, end, 60)
+    elif shape == "memoryless":
+        rows = _azure_like(rng, end, 60, (("poisson", 1.0),))
+    elif shape == "timers":
+        times = sorted(_timer(rng, 300.0, end) + _timer(rng, 3600.0, end))
+        rows = _app_rows(rng, shape, times, median_s=0.5)
+    elif shape == "sessions":
+        rows = _app_rows(rng, shape, _sessions(rng, 4.0, end), median_s=0.2)
     else:
         rows = _app_rows(rng, shape, _shape_times(rng, shape, end), median_s=0.2)
     rows.sort(key=lambda r: r[0])

@@ -31,6 +31,17 @@ class Timings:
     """How often the ``fly-autostop`` baseline looks for excess capacity."""
     keepalive_s: float = 600.0
     """How long the ``fixed-keepalive-10m`` baseline keeps an idle machine."""
+    resume_cold_rate: float = 0.0
+    """Share of resumes that fall back to a cold start (the snapshot could not be used)."""
+    snapshot_max_age_s: float = 0.0
+    """A machine suspended longer than this boots cold when resumed (0: never)."""
+    action_failure_rate: float = 0.0
+    """Share of start and resume calls the API fails (the machine stays as it was)."""
+    two_choices: bool = False
+    """Route as the proxy does: the less loaded of two routable machines picked at random
+    (False: the least loaded of all, the ideal the proxy approximates)."""
+    seed: int = 0
+    """Seed of the random draws above (each app has its own stream)."""
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -39,6 +50,9 @@ class Timings:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
         if self.tick_s <= 0 or self.autostop_interval_s <= 0:
             raise ValueError("tick_s and autostop_interval_s must be > 0")
+        for name in ("resume_cold_rate", "action_failure_rate"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name}: expected a share between 0 and 1")
 
 
 class Machine:
@@ -115,6 +129,10 @@ class Stats:
     api_actions: int = 0
     refused: int = 0
     """Actions the machine's state did not allow (the API would answer 412)."""
+    cold_resumes: int = 0
+    """Resumes that fell back to a cold start (``resume_cold_rate``, ``snapshot_max_age_s``)."""
+    failed_actions: int = 0
+    """Start and resume calls the API failed (``action_failure_rate``)."""
     decisions: int = 0
     """Times the policy was asked (live ticks; skipped idle ticks are not counted)."""
     changes: list[tuple[float, int]] = field(default_factory=list)

@@ -12,8 +12,8 @@ the next arrival except the clock, and the load windows receive only zero sample
 policy's timers (idle_to_zero_s, scale_down_delay_s, min_lifetime_s, leaving panic,
 stop_suspended_after_s) are one-way, and demand only decays meanwhile, so once a decision
 differs from "nothing to do, same state" every later one does too. The tick just before
-the next arrival is asked first (with the windows as they will be then, rebuilt from the
-latest samples and the zeros to come); if it would change something, the first such tick
+the next arrival is asked first (with the windows as they will be then: the
+zeros to come add time covered and no load); if it would change something, the first such tick
 is bisected. Ticks before it are not run; their samples are still fed to the windows
 before the next real decision, so the windows are exactly what they would have been.
 ``skip_idle=False`` runs every tick; the tests compare both.
@@ -22,7 +22,6 @@ before the next real decision, so the windows are exactly what they would have b
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,7 @@ from autoscaler.config import AppConfig
 from autoscaler.scaling import policy
 from autoscaler.scaling.fleet import STARTED, Fleet, MachineSnapshot
 from autoscaler.scaling.policy import Action, Decision, PolicyState
-from autoscaler.scaling.window import ConcurrencyMeter, LoadWindows, Sample
+from autoscaler.scaling.window import LoadWindows
 from autoscaler.sim.engine import AppSim
 from autoscaler.sim.model import Machine
 
@@ -79,9 +78,8 @@ def snapshot(app: str, machines: list[Machine], cache: dict[int, Any] | None = N
 
 
 class PolicyStrategy:
-    """The strategy named ``autoscaler``: our policy, through the live code."""
-
-    name = "autoscaler"
+    """The strategy named ``autoscaler``: our policy, through the live code (also
+    ``adaptive`` and ``knative``: the same policy with some knobs set)."""
 
     def __init__(
         self,
@@ -90,12 +88,17 @@ class PolicyStrategy:
         *,
         skip_idle: bool = True,
         record: bool = False,
+        name: str = "autoscaler",
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         # Looked up at call time by default, so a test that patches the policy module
         # sees the simulator's calls too.
         self._decider = decider
         self._chooser = chooser
         self.skip_idle = skip_idle
+        self.name = name
+        self.overrides = dict(overrides or {})
+        """Knobs set on every app's config for this strategy (``adaptive``, ``knative``)."""
         self.history: list[tuple[float, Decision]] | None = [] if record else None
         """With ``record``: every decision acted on (probes of idle ticks are not)."""
         self.state = PolicyState()
@@ -104,9 +107,6 @@ class PolicyStrategy:
         self._by_id: dict[str, Machine] = {}
         self._sampled = -1  # index of the last tick whose sample the windows have
         self._asleep = False  # ticks skipped until the next arrival
-        self._keep = 0  # ticks of samples that can still matter to the windows
-        self._mirror: deque[Sample] = deque()
-        """The latest samples fed to the windows: enough to rebuild them for a probe."""
         self._snaps: dict[int, Any] = {}
 
     @property
@@ -130,12 +130,11 @@ class PolicyStrategy:
 
     def begin(self, sim: AppSim) -> None:
         self._sim = sim
+        if self.overrides:
+            sim.config = sim.config.model_copy(update=self.overrides)
         cfg = sim.config
         self._windows = LoadWindows(cfg.stable_window_s, cfg.panic_window_s)
         self._by_id = {m.id: m for m in sim.machines}
-        horizon = max(cfg.stable_window_s, cfg.panic_window_s)
-        self._keep = math.ceil(horizon / sim.timings.tick_s) + 2
-        self._mirror = deque(maxlen=self._keep + 2)
         sim.call(0.0, self._tick, 0)
 
     def on_arrival(self, sim: AppSim, now: float) -> bool:
@@ -169,33 +168,19 @@ class PolicyStrategy:
 
     # --- the tick ---------------------------------------------------------------------
 
-    def _feed(
-        self,
-        windows: LoadWindows,
-        meter: ConcurrencyMeter,
-        first: int,
-        upto: int,
-        mirror: deque[Sample] | None = None,
-    ) -> None:
-        """Feed ``windows`` the samples of ticks ``first .. upto`` taken from ``meter``."""
-        tick = self.sim.timings.tick_s
+    def _catch_up(self, upto: int) -> None:
+        """Feed the real windows the samples of the ticks up to ``upto``.
+
+        The ticks skipped while the app was quiet saw nothing in flight and nothing held:
+        their samples are all zero, so one zero sample across them reads the same (it
+        covers the same time and adds no load).
+        """
+        assert self._windows is not None
+        first = self._sampled + 1
         if first > upto:
             return
-        # Samples older than the windows fall out of them anyway: one long one will do.
-        exact_from = max(first, upto - self._keep)
-        takes = [(exact_from - 1) * tick] if exact_from > first else []
-        takes.extend(k * tick for k in range(exact_from, upto + 1))
-        for at in takes:
-            sample = meter.take(at)
-            windows.add(sample)
-            if mirror is not None:
-                mirror.append(sample)
-
-    def _catch_up(self, upto: int) -> None:
-        """Feed the real windows up to tick ``upto`` (the skipped ticks decided nothing)."""
-        assert self._windows is not None
-        self._feed(self._windows, self.sim.meter, self._sampled + 1, upto, self._mirror)
-        self._sampled = max(self._sampled, upto)
+        self._windows.add(self.sim.meter.take(upto * self.sim.timings.tick_s))
+        self._sampled = upto
 
     def _tick(self, now: float, i: int) -> None:
         sim, cfg = self.sim, self.sim.config
@@ -212,7 +197,7 @@ class PolicyStrategy:
             self._act(action, now)
         following: int | None = i + 1
         if self.skip_idle and not decision.actions and self._quiet():
-            following = self._probe(i, fleet)
+            following = self._probe(i, fleet, decision.next_check)
         if following is None:
             self._asleep = True
         else:
@@ -227,33 +212,36 @@ class PolicyStrategy:
         return all(m.busy is None and not m.draining for m in sim.machines)
 
     def _windows_at(self, j: int) -> LoadWindows:
-        """The windows as tick ``j`` will see them if no request arrives before it."""
-        cfg, real = self.sim.config, self._windows
-        assert real is not None
-        fresh = LoadWindows(cfg.stable_window_s, cfg.panic_window_s)
-        fresh.last_active = real.last_active
-        if j - self._sampled <= self._keep:
-            # Further on, the zeros to come push every one of these out anyway.
-            for sample in self._mirror:
-                fresh.add(sample)
-        # Same code, same numbers: a meter that nobody uses gives the zero samples.
-        idle = ConcurrencyMeter(self._sampled * self.sim.timings.tick_s)
-        self._feed(fresh, idle, self._sampled + 1, j)
-        return fresh
+        """The windows as tick ``j`` will see them if no request arrives before it: only
+        zero samples come until then, which add time covered and no load."""
+        assert self._windows is not None
+        return self._windows.assuming_idle_until(j * self.sim.timings.tick_s)
 
-    def _probe(self, i: int, fleet: Fleet) -> int | None:
+    def _probe(self, i: int, fleet: Fleet, next_check: float | None) -> int | None:
         """The next tick whose decision may differ; None: none before the next arrival.
 
         Relies on the policy's timers being one-way (once a decision differs from "nothing
-        to do, same state", every later one does too, while nothing arrives): so the
+        to do, same state", every later one does too, while nothing arrives) up to the
+        decision's ``next_check`` (where a pre-warm window opens or closes): so the
         furthest tick is asked first, and a change is bisected.
         """
         sim, cfg, tick = self.sim, self.sim.config, self.sim.timings.tick_s
         state, last = self.state, sim.last_request_at
         limit = min(sim.next_arrival(), sim.horizon)
         top = int(limit // tick) - i  # the furthest tick at or before the limit
+        due: int | None = None
+        if next_check is not None:
+            # The first tick at or after next_check is run whatever happens before it;
+            # the ticks before it are probed as usual (one-way up to there).
+            at = math.ceil(next_check / tick) - i
+            while at > 1 and (i + at - 1) * tick >= next_check:
+                at -= 1
+            while (i + at) * tick < next_check:
+                at += 1
+            if at <= top:
+                due, top = i + max(1, at), at - 1
         if top < 1:
-            return i + 1
+            return due if due is not None else i + 1
 
         def same(k: int) -> bool:
             j = i + k
@@ -261,7 +249,7 @@ class PolicyStrategy:
             return not d.actions and d.state == state
 
         if same(top):
-            return None
+            return due
         lo, hi = 0, top
         while hi - lo > 1:
             mid = (lo + hi) // 2

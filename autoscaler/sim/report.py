@@ -28,6 +28,8 @@ COLUMNS = (
     ("peak_machines", "peak", "{:d}"),
     ("api_actions", "API actions", "{:d}"),
     ("errors", "errors", "{:d}"),
+    ("cold_resumes", "cold resumes", "{:d}"),
+    ("failed_actions", "failed calls", "{:d}"),
 )
 
 

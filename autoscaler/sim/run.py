@@ -19,17 +19,86 @@ from autoscaler.sim.ours import PolicyStrategy
 from autoscaler.sim.trace import Trace
 
 OURS = "autoscaler"
-BASELINES = ("fly-autostop", "fixed-keepalive", "always-on")
-STRATEGIES = (OURS, *BASELINES)
+ADAPTIVE = "adaptive"
+BASELINES = ("fly-autostop", "fixed-keepalive", "always-on", "knative")
+STRATEGIES = (OURS, ADAPTIVE, *BASELINES)
+"""Names ``fly-autostop-180s`` and ``knative-120s`` pick a check interval or a grace."""
+
+KNATIVE_STABLE_WINDOW_S = 60.0
+KNATIVE_GRACE_S = 30.0
 
 
-def make_strategy(name: str, timings: Timings, *, skip_idle: bool = True) -> Strategy:
+def knative_overrides(grace_s: float = KNATIVE_GRACE_S) -> dict[str, Any]:
+    """Knative's pod autoscaler (KPA) with its defaults, as knobs of our policy (which is
+    KPA adapted to machines): 60 s stable and 6 s panic windows, panic at 200%, 70%
+    target utilisation, no scale-down delay, scale to zero when the stable window has seen
+    no request and then ``scale-to-zero-grace-period`` (30 s) has passed. A pod that goes
+    is deleted, so the next one is a cold start: here, a stop."""
+    return {
+        "keep_alive": "fixed",
+        "stable_window_s": KNATIVE_STABLE_WINDOW_S,
+        "panic_window_s": 6.0,
+        "panic_threshold": 2.0,
+        "target_utilization": 0.7,
+        "scale_down_delay_s": 0.0,
+        "idle_to_zero_s": KNATIVE_STABLE_WINDOW_S + grace_s,
+        "scale_down_action": "stop",
+    }
+
+
+def _suffix_seconds(name: str, prefix: str) -> float | None:
+    """``fly-autostop-180s`` -> 180.0 (None without a suffix); ValueError if malformed."""
+    if name == prefix:
+        return None
+    rest = name[len(prefix) + 1 :] if name.startswith(prefix + "-") else ""
+    if rest.endswith("m") and rest[:-1].replace(".", "", 1).isdigit():
+        return float(rest[:-1]) * 60
+    if rest.endswith("s") and rest[:-1].replace(".", "", 1).isdigit():
+        return float(rest[:-1])
+    raise ValueError(f"strategy {name!r}: expected {prefix} or {prefix}-<seconds>s")
+
+
+def known_strategy(name: str) -> bool:
+    if name in (OURS, ADAPTIVE, "always-on"):
+        return True
+    for prefix in ("fly-autostop", "fixed-keepalive", "knative"):
+        if name == prefix or name.startswith(prefix + "-"):
+            try:
+                _suffix_seconds(name, prefix)
+            except ValueError:
+                return prefix == "fixed-keepalive" and name == "fixed-keepalive-10m"
+            return True
+    return False
+
+
+def make_strategy(
+    name: str,
+    timings: Timings,
+    *,
+    skip_idle: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> Strategy:
+    """The strategy named ``name``; ``overrides`` are knobs for the policy strategies."""
+    extra = dict(overrides or {})
     if name == OURS:
-        return PolicyStrategy(skip_idle=skip_idle)
-    if name == "fly-autostop":
-        return FlyAutostop(timings.autostop_interval_s)
+        return PolicyStrategy(skip_idle=skip_idle, overrides=extra)
+    if name == ADAPTIVE:
+        return PolicyStrategy(
+            skip_idle=skip_idle, name=ADAPTIVE, overrides={"keep_alive": "adaptive", **extra}
+        )
+    if name == "knative" or name.startswith("knative-"):
+        grace = _suffix_seconds(name, "knative")
+        knobs = knative_overrides(KNATIVE_GRACE_S if grace is None else grace)
+        return PolicyStrategy(skip_idle=skip_idle, name=name, overrides={**knobs, **extra})
+    if name == "fly-autostop" or name.startswith("fly-autostop-"):
+        interval = _suffix_seconds(name, "fly-autostop")
+        strategy = FlyAutostop(timings.autostop_interval_s if interval is None else interval)
+        if interval is not None:
+            strategy.name = name
+        return strategy
     if name.startswith("fixed-keepalive"):
-        return FixedKeepalive(timings.keepalive_s)
+        keep = None if name == "fixed-keepalive-10m" else _suffix_seconds(name, "fixed-keepalive")
+        return FixedKeepalive(timings.keepalive_s if keep is None else keep)
     if name == "always-on":
         return AlwaysOn()
     raise ValueError(f"unknown strategy {name!r} (expected one of {', '.join(STRATEGIES)})")
@@ -59,6 +128,8 @@ class Report:
             out.suspended_s += s.suspended_s
             out.api_actions += s.api_actions
             out.refused += s.refused
+            out.cold_resumes += s.cold_resumes
+            out.failed_actions += s.failed_actions
             out.decisions += s.decisions
         out.peak_machines = _peak(s.changes for s in per_app)
         return out
@@ -82,6 +153,7 @@ def simulate(
     horizon: float | None = None,
     skip_idle: bool = True,
     progress: Callable[[str, str], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Report:
     """Replay ``trace`` under each strategy; ``horizon`` defaults to the trace's end."""
     end = trace.end if horizon is None else horizon
@@ -90,7 +162,7 @@ def simulate(
         per_app: dict[str, Stats] = {}
         label = name
         for app, requests in trace.apps.items():
-            strategy = make_strategy(name, timings, skip_idle=skip_idle)
+            strategy = make_strategy(name, timings, skip_idle=skip_idle, overrides=overrides)
             label = strategy.name
             if progress is not None:
                 progress(label, app)
@@ -116,6 +188,8 @@ def summary(stats: Stats) -> dict[str, Any]:
         "peak_machines": stats.peak_machines,
         "api_actions": stats.api_actions,
         "errors": stats.errors,
+        "cold_resumes": stats.cold_resumes,
+        "failed_actions": stats.failed_actions,
     }
 
 

@@ -104,7 +104,11 @@ def test_cli_timing_defaults_are_the_models() -> None:
     args = build_parser().parse_args(["simulate"])
     model = Timings()
     for field in Timings.__dataclass_fields__:
-        if field != "tick_s":
+        if field == "two_choices":
+            assert (args.balance == "two-choices") == model.two_choices
+        elif field == "seed":
+            assert model.seed == 0  # the replay's draws take --seed (1 by default)
+        elif field != "tick_s":
             assert getattr(args, field) == getattr(model, field), field
 
 

@@ -6,6 +6,10 @@ from typing import Any
 
 import pytest
 
+from autoscaler.config import AppConfig
+from autoscaler.scaling.fleet import STARTED
+from autoscaler.sim.baselines import AlwaysOn
+from autoscaler.sim.engine import AppSim
 from autoscaler.sim.model import Timings, quantile
 from autoscaler.sim.ours import PolicyStrategy
 
@@ -175,3 +179,73 @@ def test_quantile_counts_requests_that_did_not_wait() -> None:
     assert quantile([2.0], 100, 1.0) == 2.0
     assert quantile([1.0, 3.0, 2.0], 3, 0.5) == 2.0
     assert quantile([], 0, 0.5) == 0.0
+
+
+def test_skipping_is_exact_with_the_adaptive_keep_alive_and_its_prewarms() -> None:
+    # A timer every 700 s: once learned, the machine sleeps at once and is pre-warmed
+    # before each run; the skipped ticks must not hide the sleep nor the pre-warm.
+    requests = [(100.0 + 700.0 * k + (k % 3), 0.5) for k in range(30)]
+    knobs: dict[str, Any] = {"keep_alive": "adaptive", "min_lifetime_s": 10}
+    fast = replay(requests, PolicyStrategy(skip_idle=True), horizon=22000.0, **knobs)
+    exact = replay(requests, PolicyStrategy(skip_idle=False), horizon=22000.0, **knobs)
+    assert fast.decisions < exact.decisions / 5
+    for field in ("wake_waits", "waits", "up_s", "suspended_s", "api_actions", "changes"):
+        assert getattr(fast, field) == getattr(exact, field), field
+    # Learned after 8 gaps: from then on every run finds its machine pre-warmed.
+    assert fast.wake_waits <= 10
+    assert fast.up_s < 30 * 120
+
+
+def test_a_snapshot_older_than_its_limit_resumes_cold_and_a_rate_makes_some_cold() -> None:
+    requests = [(600.0 * i, 0.2) for i in range(12)]
+    knobs: dict[str, Any] = {"idle_to_zero_s": 60, "scale_down_delay_s": 0, "min_lifetime_s": 0}
+    # Suspended about 540 s between requests: a 500 s limit makes every resume cold.
+    aged = replay(requests, horizon=7200.0, timings=Timings(snapshot_max_age_s=500), **knobs)
+    assert aged.cold_resumes == 11
+    assert sorted(aged.waits) == pytest.approx([COLD] * 12)
+    fresh = replay(requests, horizon=7200.0, timings=Timings(snapshot_max_age_s=600), **knobs)
+    assert fresh.cold_resumes == 0
+    always = replay(requests, horizon=7200.0, timings=Timings(resume_cold_rate=1.0), **knobs)
+    assert always.cold_resumes == 11
+    many = [(600.0 * i, 0.2) for i in range(200)]
+    half = replay(many, horizon=200 * 600.0, timings=Timings(resume_cold_rate=0.5), **knobs)
+    assert 70 <= half.cold_resumes <= 130  # 199 resumes, each cold with probability 1/2
+
+
+def test_failed_start_calls_are_retried_and_cost_their_latency() -> None:
+    requests = [(600.0 * i, 0.2) for i in range(100)]
+    knobs: dict[str, Any] = {"idle_to_zero_s": 60, "scale_down_delay_s": 0, "min_lifetime_s": 0}
+    stats = replay(requests, horizon=100 * 600.0, timings=Timings(action_failure_rate=0.5), **knobs)
+    assert stats.served == 100
+    assert stats.errors == 0
+    assert 50 <= stats.failed_actions <= 200  # about one failure per successful wake
+    # A wait is a whole number of failed calls (0.1 s each) before the resume that works.
+    for wait in stats.waits:
+        extra = (wait - RESUME) / T.api_latency_s if wait < COLD else 0.0
+        assert extra == pytest.approx(round(extra), abs=1e-6)
+    assert max(stats.waits) > RESUME
+
+
+def test_two_random_choices_take_the_less_loaded_of_two_at_random() -> None:
+    # Three routable machines with 0, 5 and 9 requests in flight: the pairs are (0, 5),
+    # (0, 9) and (5, 9), so the idlest is picked 2/3 of the time, the middle one 1/3, the
+    # busiest never. Least-loaded always picks the idlest.
+    def picks(two: bool) -> dict[int, int]:
+        sim = AppSim(
+            "app", [], AppConfig(name="app", max_machines=3), Timings(two_choices=two),
+            AlwaysOn(), 0.0,
+        )  # fmt: skip
+        for m, load in zip(sim.machines, (0, 5, 9), strict=True):
+            sim.set_state(m, STARTED, 0.0)
+            m.in_flight = load
+        got = {0: 0, 5: 0, 9: 0}
+        for _ in range(3000):
+            chosen = sim._pick()
+            assert chosen is not None
+            got[chosen.in_flight] += 1
+        return got
+
+    assert picks(False) == {0: 3000, 5: 0, 9: 0}
+    two = picks(True)
+    assert two[9] == 0
+    assert 1850 <= two[0] <= 2150

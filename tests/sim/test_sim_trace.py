@@ -114,7 +114,36 @@ def test_generated_shapes_are_sorted_reproducible_and_seeded(shape: str) -> None
     assert rows != generate(shape, seed=8, hours=2)
     assert all(a[0] <= b[0] for a, b in itertools.pairwise(rows))
     assert all(0 <= t < 7200 and 0 < d <= 60 for t, _, d in rows)
-    assert {app for _, app, _ in rows} == {shape}
+    if shape in ("azure-like", "memoryless"):
+        assert all(app.startswith("app-") for _, app, _ in rows)
+    else:
+        assert {app for _, app, _ in rows} == {shape}
+
+
+def test_timers_repeat_and_sessions_are_bursts_between_long_gaps() -> None:
+    timers = [t for t, _, _ in generate("timers", seed=3, hours=24)]
+    assert 300 < len(timers) < 320  # 288 five-minute runs and 24 hourly ones
+    gaps = [b - a for a, b in itertools.pairwise(timers)]
+    assert max(gaps) <= 305  # never more than a period and the lateness apart
+    sessions = [t for t, _, _ in generate("sessions", seed=3, hours=24)]
+    gaps = sorted(b - a for a, b in itertools.pairwise(sessions))
+    assert gaps[len(gaps) // 2] < 30  # most gaps are think times within a visit
+    long = sum(1 for g in gaps if g > 300)  # the time between visits
+    assert 0.05 * len(gaps) < long < 0.3 * len(gaps)
+
+
+def test_azure_like_has_the_trigger_mix() -> None:
+    rows = generate("azure-like", seed=2, hours=24)
+    per_app: dict[str, list[float]] = {}
+    for t, app, _ in rows:
+        per_app.setdefault(app, []).append(t)
+    assert 30 < len(per_app) <= 60
+    periodic = 0
+    for times in per_app.values():
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        if len(gaps) > 5 and max(gaps) - min(gaps) < 10:
+            periodic += 1  # a timer: every gap the same, give or take its lateness
+    assert 3 <= periodic <= 20  # 16% of 60 apps, those with requests that day
 
 
 def test_generated_rates() -> None:

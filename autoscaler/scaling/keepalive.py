@@ -1,0 +1,313 @@
+"""Adaptive keep-alive: learn each app's idle gaps, then decide how long to keep its last
+machine and when to pre-warm it.
+
+After "Serverless in the Wild" (Shahrad et al., USENIX ATC'20): per app, a histogram of
+idle times (from the end of the last activity to the next request), kept online with
+bounded memory; its shape says how long to keep the machine after the app goes idle and
+whether to put it to sleep at once and wake it (pre-warm) shortly before the next request
+is likely. The paper takes a pre-warm window and a keep-alive window from fixed
+percentiles (5th and 99th); here the three times are chosen to minimise the expected cost
+of one idle gap under the histogram,
+
+    machine-seconds kept up + wake_cost_s x P(the next request waits for a wake),
+
+which is the same rule with the percentiles picked by the cost knob (docs/policy.md). When
+the histogram is not representative yet (fewer than ``MIN_GAPS`` gaps), or most gaps fall
+beyond its range, the fixed timer (``idle_to_zero_s``) decides instead.
+
+Pure: no clock, no I/O. Every value here is frozen and carried in ``PolicyState``.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Literal
+
+from autoscaler.config import AppConfig
+
+MIN_GAP_S = 2.0
+"""Shorter gaps are not idleness (the app is busy): not learned, and never slept through."""
+MAX_GAP_S = 4 * 3600.0
+"""The histogram's range (the paper's 4 hours); longer gaps count as out of range."""
+BINS = 96
+"""Log-spaced bins between MIN_GAP_S and MAX_GAP_S: about 7% wide each."""
+DECAY = 0.99
+"""Each new gap multiplies the weight of the older ones by this: half-life about 69 gaps."""
+MIN_GAPS = 8.0
+"""Decayed count of gaps below which the histogram is not representative."""
+MAX_OUT_OF_RANGE = 0.5
+"""Share of gaps beyond MAX_GAP_S above which the histogram is not representative."""
+PREWARM_LEAD_S = 2.0
+"""A pre-warm begins this long before its window, so the resume is done when it opens."""
+MIN_PREWARM_S = 30.0
+"""No pre-warm sooner than this after the app went idle (a suspend and a resume take
+seconds; keeping is cheaper below that). It also bounds pre-warms to 3600/30 an hour."""
+SPREAD = 0.1
+"""Share of each gap counted in each neighbouring bin when planning."""
+MIN_SLEEP_S = 30.0
+"""A machine put to sleep before a pre-warm sleeps at least this long."""
+CYCLE_S = 2.0
+"""Machine-seconds one sleep and wake cost beyond the idle time (suspend, API calls)."""
+PLAN_EVERY = 4
+"""The plan is made again after this many new gaps (it moves slowly; making it costs)."""
+WINDOW_SHARE = 0.2
+"""A pre-warm window must hold at least this share of the gaps (and 3 of them): fewer is
+noise (a hole between two rare long gaps), not a pattern."""
+"""The plan is made again after this many new gaps (it moves slowly; making it costs)."""
+
+_RATIO = (MAX_GAP_S / MIN_GAP_S) ** (1.0 / BINS)
+EDGES: tuple[float, ...] = (*(MIN_GAP_S * _RATIO**i for i in range(BINS)), MAX_GAP_S)
+"""Bin b holds gaps in [EDGES[b], EDGES[b + 1])."""
+_MIDS: tuple[float, ...] = tuple(math.sqrt(EDGES[i] * EDGES[i + 1]) for i in range(BINS))
+_LOG_RATIO = math.log(_RATIO)
+_FIRST_PREWARM = next(i for i, e in enumerate(EDGES) if e >= MIN_PREWARM_S)
+
+Outcome = Literal["hit", "miss"]
+
+
+def _bin(gap: float) -> int:
+    """The bin of a gap in [MIN_GAP_S, MAX_GAP_S)."""
+    b = int(math.log(gap / MIN_GAP_S) / _LOG_RATIO)
+    # Rounding at an edge: the bin is the one whose edges hold the gap.
+    if b > 0 and gap < EDGES[b]:
+        b -= 1
+    elif b < BINS - 1 and gap >= EDGES[b + 1]:
+        b += 1
+    return max(0, min(BINS - 1, b))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do with one idle gap, in seconds from the start of the idle period."""
+
+    sleep_after_s: float
+    """Put the last machine to sleep once the app has been idle this long."""
+    prewarm_at_s: float | None
+    """Resume it when the app has been idle this long (minus PREWARM_LEAD_S); None: never."""
+    keep_until_s: float
+    """Put it back to sleep (a pre-warm that missed) once idle this long."""
+    gaps: float
+    """Decayed count of gaps the plan was learned from."""
+    p5_s: float
+    p99_s: float
+    text: str = ""
+    """``describe()``, made once."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", self.describe())
+
+    def describe(self) -> str:
+        learned = f"{self.gaps:.0f} gaps, p5 {self.p5_s:.0f}s, p99 {self.p99_s:.0f}s"
+        if self.prewarm_at_s is None:
+            return f"keep {self.sleep_after_s:.0f}s ({learned})"
+        return (
+            f"sleep after {self.sleep_after_s:.0f}s, pre-warm at {self.prewarm_at_s:.0f}s, "
+            f"keep until {self.keep_until_s:.0f}s ({learned})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GapHistogram:
+    """Decayed counts of idle gaps per log-spaced bin, plus those beyond the range."""
+
+    weights: tuple[float, ...] = (0.0,) * BINS
+    beyond: float = 0.0
+
+    @property
+    def count(self) -> float:
+        return sum(self.weights) + self.beyond
+
+    def add(self, gap: float) -> GapHistogram:
+        """The histogram with one more gap (the older ones decayed)."""
+        weights = [w * DECAY for w in self.weights]
+        beyond = self.beyond * DECAY
+        if gap >= MAX_GAP_S:
+            beyond += 1.0
+        elif gap >= MIN_GAP_S:
+            weights[_bin(gap)] += 1.0
+        return GapHistogram(tuple(weights), beyond)
+
+    def quantile(self, q: float) -> float:
+        """The gap below which a share ``q`` of the gaps fall (bin upper edges)."""
+        total = self.count
+        if total <= 0:
+            return 0.0
+        need = q * total
+        run = 0.0
+        for b, w in enumerate(self.weights):
+            run += w
+            if run >= need and w > 0:
+                return EDGES[b + 1]
+        return MAX_GAP_S
+
+    def representative(self) -> bool:
+        total = self.count
+        return total >= MIN_GAPS and self.beyond <= MAX_OUT_OF_RANGE * total
+
+    def plan(self, wake_cost_s: float) -> Plan | None:
+        """The cheapest (sleep, pre-warm, keep-until) for the next gap; None if the
+        histogram is not representative.
+
+        Costs per gap, with gaps at their bin's middle, S <= W <= K on the bin edges and
+        N gaps of which C(j) fall below edge j and G(j) is their sum:
+
+        - up: E[min(g, S)] + E[(min(g, K) - W)+]; waits: c (P(S < g < W) + P(g > K));
+        - E[min(g, X_j)] = G(j) + X_j (N - C(j)).
+
+        With W > S the total splits into f(S) + h(W) + k(K), minimised in one pass with
+        a running minimum over S < W and one over K >= W. Keeping without a sleep (S = W)
+        costs k(K) alone.
+        """
+        if not self.representative():
+            return None
+        c = wake_cost_s
+        n = self.count
+        # Each gap spread a little over the bins next to its own (SPREAD each side), so
+        # that a hole between two rare gaps does not look like a place to sleep in.
+        raw, keep_share = self.weights, 1.0 - 2 * SPREAD
+        smooth = [
+            keep_share * raw[b] + SPREAD * (raw[b - 1] if b > 0 else raw[b])
+            + SPREAD * (raw[b + 1] if b < BINS - 1 else raw[b])
+            for b in range(BINS)
+        ]  # fmt: skip
+        cum_c = [0.0, *accumulate(smooth)]
+        cum_g = [0.0, *accumulate(w * m for w, m in zip(smooth, _MIDS, strict=True))]
+        later = [n - x if n > x else 0.0 for x in cum_c]
+        edges = EDGES
+        # keep(K): keep until edge K, then sleep (and wake for the next request).
+        keeps = [g + (e + c + CYCLE_S) * r for g, e, r in zip(cum_g, edges, later, strict=True)]
+        # sleep(S): asleep after edge S, its part of the machine time and the waits.
+        sleeps = [
+            g + (e + CYCLE_S) * r - c * x
+            for g, e, r, x in zip(cum_g, edges, later, cum_c, strict=True)
+        ]
+        # wake(W): pre-warm at edge W, PREWARM_LEAD_S early.
+        wakes = [
+            c * x - g - (e - PREWARM_LEAD_S) * r
+            for g, e, r, x in zip(cum_g, edges, later, cum_c, strict=True)
+        ]
+        best_k = min(range(BINS + 1), key=keeps.__getitem__)
+        best_cost = keeps[best_k]
+        best: tuple[int, int | None, int] = (best_k, None, best_k)
+        # Suffix minimum of keep(K) for K > W.
+        suffix: list[int] = [BINS] * (BINS + 1)
+        for k in range(BINS - 1, -1, -1):
+            nxt = suffix[k + 1]
+            suffix[k] = k if keeps[k] <= keeps[nxt] else nxt
+        support = max(3.0, WINDOW_SHARE * n)
+        # Best S at or before each edge (a running minimum).
+        s_best_at: list[int] = [0] * (BINS + 1)
+        for j in range(1, BINS + 1):
+            prev = s_best_at[j - 1]
+            s_best_at[j] = j if sleeps[j] < sleeps[prev] else prev
+        for w in range(_FIRST_PREWARM, BINS):
+            # Asleep for at least MIN_SLEEP_S: a shorter sleep saves less than it costs.
+            last_s = bisect_right(edges, edges[w] - MIN_SLEEP_S) - 1
+            if last_s < 0:
+                continue
+            s_best = s_best_at[last_s]
+            s_cost = sleeps[s_best]
+            # A window of at least one bin that holds enough of the gaps.
+            k_min = bisect_left(cum_c, cum_c[w] + support, w + 1)
+            if k_min > BINS:
+                continue
+            k = suffix[k_min]
+            cost = s_cost + wakes[w] + keeps[k]
+            if cost < best_cost - 1e-9:
+                best_cost, best = cost, (s_best, w, k)
+        s, w_opt, k = best
+        return Plan(
+            sleep_after_s=edges[s],
+            prewarm_at_s=None if w_opt is None else edges[w_opt],
+            keep_until_s=edges[k],
+            gaps=n,
+            p5_s=self.quantile(0.05),
+            p99_s=self.quantile(0.99),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAliveState:
+    """What the adaptive keep-alive carries from one decision to the next."""
+
+    gaps: GapHistogram = field(default_factory=GapHistogram)
+    plan: Plan | None = None
+    idle_from: float | None = None
+    """Latest activity seen (request arrival, or a sample with load in it)."""
+    last_arrival: float | None = None
+    prewarmed: bool = False
+    """A pre-warm was made in the current idle period, and not yet judged hit or miss."""
+    unplanned: int = 0
+    """Gaps learned since the plan was made."""
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """What the keep-alive says at ``now``."""
+
+    keep_s: float
+    """Idle this long (from the latest activity) and the last machines go."""
+    prewarm: bool
+    """In a pre-warm window: one machine should be up although nothing arrives."""
+    outcome: Outcome | None
+    """A pre-warm was judged at this decision: a request came (hit) or none did (miss)."""
+    next_check: float | None
+    """When the answer changes next if nothing arrives (the sleep, a pre-warm window)."""
+    why: str
+
+
+def step(
+    state: KeepAliveState,
+    app: AppConfig,
+    now: float,
+    last_request_at: float | None,
+    last_active: float | None,
+    up: int,
+) -> tuple[KeepAliveState, Phase]:
+    """Learn from what arrived since the previous decision, then say what to keep now."""
+    fixed = app.idle_to_zero_s
+    if app.keep_alive != "adaptive":
+        return state, Phase(fixed, False, None, None, "")
+    gaps, plan, prewarmed, unplanned = state.gaps, state.plan, state.prewarmed, state.unplanned
+    outcome: Outcome | None = None
+    if last_request_at is not None and (
+        state.last_arrival is None or last_request_at > state.last_arrival
+    ):
+        # A new request: the gap since the activity before it is one more sample.
+        if state.idle_from is not None:
+            gap = last_request_at - state.idle_from
+            if gap >= MIN_GAP_S:
+                gaps = gaps.add(gap)
+                unplanned += 1
+                if plan is None or unplanned >= PLAN_EVERY:
+                    plan, unplanned = gaps.plan(app.wake_cost_s), 0
+        if prewarmed:
+            outcome, prewarmed = "hit", False
+    seen = [t for t in (last_request_at, last_active, state.idle_from) if t is not None]
+    idle_from = max(seen) if seen else None
+    new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
+    if plan is None or idle_from is None:
+        why = f"adaptive: {gaps.count:.0f} gaps learned, not representative: fixed timer"
+        return new, Phase(fixed, False, outcome, None, why)
+    idle_for = now - idle_from
+    s, w, k = plan.sleep_after_s, plan.prewarm_at_s, plan.keep_until_s
+    starts = None if w is None else max(s, w - PREWARM_LEAD_S)
+    in_window = starts is not None and starts <= idle_for < k
+    if in_window and up == 0 and not prewarmed:
+        prewarmed = True
+    if prewarmed and not in_window and idle_for >= k:
+        outcome, prewarmed = "miss", False
+    # The times the answer changes (the sleep, a pre-warm window opening and closing).
+    # Only the opening wakes a quiet app back; the others are given too, so that a caller
+    # that skips quiet ticks finds them without searching.
+    marks = [m for m in (s, starts, k) if m is not None and m > idle_for]
+    next_check = idle_from + min(marks) if marks else None
+    if in_window:
+        why = f"adaptive: pre-warm, idle {idle_for:.0f}s ({plan.text})"
+    else:
+        why = f"adaptive: {plan.text}"
+    new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
+    return new, Phase(k if in_window else s, in_window, outcome, next_check, why)

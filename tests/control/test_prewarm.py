@@ -1,0 +1,123 @@
+"""The live controller with the adaptive keep-alive, against the emulator: after a request
+the machine is put to sleep, then resumed (pre-warmed) before the next request arrives,
+and the request that comes counts as a hit.
+
+The plan is given (a learned one needs dozens of real gaps of 30 s or more); everything
+else is the real controller, proxy and emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
+from autoscaler.control.controller import Controller
+from autoscaler.control.view import FleetView
+from autoscaler.emulator import Emulator
+from autoscaler.fly.client import MachinesClient
+from autoscaler.metrics import Metrics
+from autoscaler.proxy.server import ProxyServer
+from autoscaler.scaling.keepalive import GapHistogram, KeepAliveState, Plan
+from autoscaler.scaling.policy import PolicyState
+
+APP = "web"
+HOST = "web.test"
+
+
+@pytest.fixture
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=1)]})
+
+
+async def test_a_machine_is_resumed_before_the_request_its_plan_predicts(
+    emulator: Emulator,
+) -> None:
+    app = AppConfig(
+        name=APP,
+        hosts=[HOST],
+        max_machines=1,
+        keep_alive="adaptive",
+        idle_to_zero_s=600,  # the fixed timer would keep it up all through the test
+        min_lifetime_s=0,
+        scale_down_delay_s=0,
+        drain_timeout_s=2,
+        stable_window_s=1,
+        panic_window_s=0.5,
+    )
+    settings = Settings(apps=[app], control=ControlSettings(tick_s=0.1, api_backoff_max_s=1))
+    metrics = Metrics(CollectorRegistry())
+    view = FleetView()
+    client = MachinesClient(emulator.url, emulator.token, rate_limit=False)
+    controller = Controller(client, view, settings, metrics)
+    proxy = ProxyServer(settings, view, metrics)
+    plan = Plan(sleep_after_s=1.0, prewarm_at_s=6.0, keep_until_s=30.0, gaps=20, p5_s=6, p99_s=7)
+    gaps = GapHistogram().add(6.0).add(6.0)  # what it learned does not matter: the plan does
+    events: list[str] = []
+
+    def state() -> str:
+        (machine,) = emulator.machines(APP)
+        return machine.state
+
+    async def until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not check():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(view.app(APP).changed(), 0.05)
+
+    async def get() -> int:
+        url = f"http://127.0.0.1:{proxy.port}/"
+        async with session.get(url, headers={"Host": HOST}) as resp:
+            await resp.read()
+            return resp.status
+
+    def hits(result: str) -> float:
+        got = metrics.registry.get_sample_value(
+            "autoscaler_prewarms_total", {"app": APP, "result": result}
+        )
+        return got or 0.0
+
+    def wakes() -> float:
+        return sum(
+            metrics.registry.get_sample_value(
+                "autoscaler_wake_duration_seconds_count", {"app": APP, "kind": kind}
+            )
+            or 0.0
+            for kind in ("resume", "start", "join")
+        )
+
+    await controller.start()
+    await proxy.start("127.0.0.1", 0)
+    session = aiohttp.ClientSession()
+    try:
+        rt = controller.apps[APP]
+        rt.policy_state = PolicyState(keepalive=KeepAliveState(gaps=gaps, plan=plan))
+        assert await get() == 200  # wakes the machine (a cold start from stopped)
+        await until(lambda: state() == "suspended")
+        events.append("suspended")
+        await until(lambda: state() == "started")  # no request was sent: a pre-warm
+        await until(lambda: len(view.app(APP).routable()) == 1)  # and the proxy knows
+        events.append("pre-warmed")
+        assert "pre-warm" in rt.last_reason
+        woken_before = wakes()
+        assert await get() == 200
+        await until(lambda: hits("hit") == 1)
+        assert hits("miss") == 0
+        # The request found the machine up: it did not wait for a wake.
+        assert wakes() == woken_before
+        resumes = metrics.registry.get_sample_value(
+            "autoscaler_scaling_actions_total", {"app": APP, "action": "resume", "result": "ok"}
+        )
+        assert resumes == 1
+    finally:
+        await session.close()
+        await proxy.stop()
+        await controller.stop()
+        await view.close()
+        await client.aclose()
+    assert events == ["suspended", "pre-warmed"]

@@ -1,0 +1,184 @@
+"""Adaptive keep-alive: what it learns from constructed gap sequences, and its bounds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoscaler.config import AppConfig
+from autoscaler.scaling import keepalive
+from autoscaler.scaling.fleet import STARTED, SUSPENDED, Fleet, MachineSnapshot
+from autoscaler.scaling.keepalive import (
+    MAX_GAP_S,
+    MIN_PREWARM_S,
+    PREWARM_LEAD_S,
+    GapHistogram,
+    KeepAliveState,
+    Plan,
+)
+from autoscaler.scaling.policy import PolicyState, decide
+from autoscaler.scaling.window import LoadWindows
+
+HOURS = 1.5
+ADAPTIVE = AppConfig(name="a", keep_alive="adaptive", wake_cost_s=300)
+
+
+def learned(gaps: list[float]) -> GapHistogram:
+    h = GapHistogram()
+    for g in gaps:
+        h = h.add(g)
+    return h
+
+
+def plan_of(gaps: list[float], cost: float = 300.0) -> Plan:
+    plan = learned(gaps).plan(cost)
+    assert plan is not None
+    return plan
+
+
+def _rng(seed: int) -> random.Random:
+    return random.Random(seed)  # noqa: S311 - test data
+
+
+def test_periodic_with_jitter_sleeps_at_once_and_prewarms_before_the_period() -> None:
+    rng = _rng(1)
+    plan = plan_of([600 + rng.uniform(-5, 5) for _ in range(40)])
+    assert plan.sleep_after_s < 10
+    assert plan.prewarm_at_s is not None
+    assert 540 <= plan.prewarm_at_s <= 595
+    assert 605 <= plan.keep_until_s <= 700
+
+
+def test_sessions_keep_through_think_times_and_sleep_after() -> None:
+    rng = _rng(2)
+    gaps: list[float] = []
+    for _ in range(12):
+        gaps += [rng.lognormvariate(2.0, 0.5) for _ in range(8)]  # think times, about 7 s
+        gaps.append(rng.expovariate(1 / 7200))  # the next visit, hours later
+    plan = plan_of(gaps)
+    assert plan.prewarm_at_s is None
+    assert 15 <= plan.sleep_after_s == plan.keep_until_s <= 120
+
+
+@pytest.mark.parametrize(
+    ("cost", "keeps_long"),
+    [(60.0, False), (3000.0, True)],
+)
+def test_memoryless_gaps_keep_iff_a_wait_costs_more_than_the_mean_gap(
+    cost: float, keeps_long: bool
+) -> None:
+    # With exponential gaps the time to the next request does not depend on the time
+    # already waited: keeping pays off for every second or for none (cost vs the mean).
+    rng = _rng(3)
+    plan = plan_of([rng.expovariate(1 / 600) for _ in range(200)], cost)
+    assert plan.prewarm_at_s is None
+    if keeps_long:
+        assert plan.keep_until_s >= 1800
+    else:
+        assert plan.keep_until_s <= 30
+
+
+def test_a_change_of_pattern_mid_day_is_followed() -> None:
+    rng = _rng(4)
+    before = [1800 + rng.uniform(-5, 5) for _ in range(40)]
+    first = plan_of(before)
+    assert first.prewarm_at_s is not None
+    assert first.prewarm_at_s > 1500
+    after = before + [120 + rng.uniform(-3, 3) for _ in range(60)]
+    second = plan_of(after)
+    assert second.keep_until_s < 400  # the half-hour gaps are forgotten
+    assert second.keep_until_s >= 120 or (second.prewarm_at_s or 0) <= 120
+
+
+def test_too_few_gaps_or_most_out_of_range_fall_back_to_the_fixed_timer() -> None:
+    assert learned([600.0] * 3).plan(300) is None
+    assert learned([5 * 3600.0] * 30 + [60.0] * 10).plan(300) is None
+    state, phase = keepalive.step(KeepAliveState(), ADAPTIVE, 100.0, 50.0, 50.0, 1)
+    assert phase.keep_s == ADAPTIVE.idle_to_zero_s
+    assert not phase.prewarm
+    assert "fixed timer" in phase.why
+    fixed = AppConfig(name="a")
+    assert keepalive.step(state, fixed, 100.0, 50.0, 50.0, 1)[1].keep_s == 300
+
+
+def _decide(now: float, state: PolicyState, machine: MachineSnapshot) -> tuple[str, ...]:
+    d = decide(Fleet.of("a", [machine]), LoadWindows(60, 6), ADAPTIVE, now, state, 0.0)
+    return tuple(f"{a.kind}:{a.reason}" for a in d.actions)
+
+
+def test_decide_sleeps_prewarms_and_judges_the_prewarm() -> None:
+    plan = plan_of([600.0] * 20)
+    assert plan.prewarm_at_s is not None
+    ka = KeepAliveState(gaps=learned([600.0] * 20), plan=plan, idle_from=0.0, last_arrival=0.0)
+    state = PolicyState(born=-100.0, keepalive=ka)
+    up = MachineSnapshot("m1", STARTED, last_used=0.0, started_at=-100.0)
+    asleep = MachineSnapshot("m1", SUSPENDED, state_since=20.0)
+    # Idle past the plan's sleep: drain. Asleep before the window: nothing.
+    assert _decide(plan.sleep_after_s + 1, state, up)[0].startswith("drain:")
+    assert _decide(100.0, state, asleep) == ()
+    # In the window: a resume with the reason; its next_check said when.
+    d0 = decide(Fleet.of("a", [asleep]), LoadWindows(60, 6), ADAPTIVE, 100.0, state, 0.0)
+    assert d0.next_check == pytest.approx(plan.prewarm_at_s - PREWARM_LEAD_S)
+    at = plan.prewarm_at_s - PREWARM_LEAD_S + 0.5
+    d = decide(Fleet.of("a", [asleep]), LoadWindows(60, 6), ADAPTIVE, at, state, 0.0)
+    assert [(a.kind, a.reason.split(":")[0]) for a in d.actions] == [("resume", "pre-warm")]
+    assert "adaptive: pre-warm" in d.reason
+    # A request during the window: hit. None until the window closes: miss, and a drain.
+    hit = decide(Fleet.of("a", [up]), LoadWindows(60, 6), ADAPTIVE, at + 5, d.state, at + 3)
+    assert hit.prewarm == "hit"
+    end = plan.keep_until_s + 1
+    miss = decide(Fleet.of("a", [up]), LoadWindows(60, 6), ADAPTIVE, end, d.state, 0.0)
+    assert miss.prewarm == "miss"
+    assert [a.kind for a in miss.actions] == ["drain"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gaps=st.lists(st.floats(0.0, 30000.0), min_size=0, max_size=60),
+    cost=st.floats(1.0, 10000.0),
+)
+def test_a_plan_is_always_within_its_bounds(gaps: list[float], cost: float) -> None:
+    plan = learned(gaps).plan(cost)
+    if plan is None:
+        return
+    assert 0 < plan.sleep_after_s <= plan.keep_until_s <= MAX_GAP_S
+    if plan.prewarm_at_s is not None:
+        assert MIN_PREWARM_S <= plan.prewarm_at_s < plan.keep_until_s
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    arrivals=st.lists(st.floats(1.0, HOURS * 3600), min_size=1, max_size=150),
+    period=st.sampled_from([40.0, 90.0, 600.0]),
+)
+def test_never_keeps_longer_than_the_bound_nor_prewarms_more_than_the_bound_an_hour(
+    arrivals: list[float], period: float
+) -> None:
+    # Taught a period, then driven tick by tick through arbitrary arrivals, machine down.
+    rng = _rng(5)
+    gaps = [period + rng.uniform(-2, 2) for _ in range(30)]
+    state = KeepAliveState(gaps=learned(gaps), plan=learned(gaps).plan(ADAPTIVE.wake_cost_s))
+    times = sorted(arrivals)
+    bound = max(ADAPTIVE.idle_to_zero_s, MAX_GAP_S)
+    prewarms: list[float] = []
+    last: float | None = None
+    k = 0
+    for tick in range(0, int(HOURS * 3600) + 1, 2):
+        now = float(tick)
+        while k < len(times) and times[k] <= now:
+            last = times[k]
+            k += 1
+        before = state.prewarmed
+        state, phase = keepalive.step(state, ADAPTIVE, now, last, last, 0)
+        if state.prewarmed and not before:
+            prewarms.append(now)
+        assert phase.keep_s <= bound
+        if phase.prewarm:
+            assert state.idle_from is not None
+            assert now - state.idle_from < MAX_GAP_S
+    per_hour = 3600 / (MIN_PREWARM_S - PREWARM_LEAD_S) + 1
+    for start in range(0, int(HOURS * 3600), 600):
+        assert sum(1 for t in prewarms if start <= t < start + 3600) <= per_hour
