@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from autoscaler import __version__
 from autoscaler.admin import AdminServer
@@ -38,6 +38,9 @@ from autoscaler.fly.errors import FlyError
 from autoscaler.logs import get_logger, redactor
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import ProxyServer
+
+if TYPE_CHECKING:  # imported at run time only in cluster mode (it brings in redis)
+    from autoscaler.control.replica import Replica
 
 T = TypeVar("T")
 
@@ -81,6 +84,7 @@ class Service:
         self.client: MachinesClient | None = None
         self.view = FleetView(clock)
         self.controller: Controller | None = None
+        self.replica: Replica | None = None
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
@@ -118,7 +122,15 @@ class Service:
                 token=self.emulator.token,
                 observer=self.metrics.observe_api,
             )
-        self.controller = Controller(self.client, self.view, s, self.metrics, clock=self.clock)
+        if s.cluster.redis_url is not None:
+            from autoscaler.control.replica import Replica
+
+            self.replica = Replica(s, self.client, self.view, self.metrics, clock=self.clock)
+            self.controller = self.replica.controller
+        else:
+            self.controller = Controller(self.client, self.view, s, self.metrics, clock=self.clock)
+            self.metrics.cluster_leader.set(1)
+            self.metrics.cluster_replicas.set(1)
         self.admin = AdminServer(
             s.admin,
             self.metrics,
@@ -127,9 +139,11 @@ class Service:
             secrets=[*s.secrets(), *([self.emulator.token] if self.emulator else [])],
             clock=self.clock,
         )
+        self.admin.cluster = self.replica
         await self.admin.start(port=self._ports["admin"])
-        # The controller before the proxy: the first request may need a wake.
-        await self.controller.start()
+        # The controller before the proxy: the first request may need a wake. In cluster
+        # mode the replica starts it when (and while) this process leads.
+        await (self.replica.start() if self.replica is not None else self.controller.start())
         self.proxy = ProxyServer(s, self.view, self.metrics)
         await self.proxy.start(port=self._ports["proxy"])
         self._check_fly_autoscaling(s)
@@ -152,7 +166,10 @@ class Service:
         if self.proxy is not None:
             await self.proxy.stop()
             self.proxy = None
-        if self.controller is not None:
+        if self.replica is not None:
+            await self.replica.stop()
+            self.replica = None
+        elif self.controller is not None:
             await self.controller.stop()
         await self.view.close()
         if self.admin is not None:

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, int]] = [
     ("autoscaler.fly.models", 1),
     ("autoscaler.scaling", 2),
     ("autoscaler.fly", 3),
+    ("autoscaler.state", 3),  # cluster mode's shared state (Redis): below control and proxy
     ("autoscaler.control", 4),
     ("autoscaler.proxy", 5),
     ("autoscaler.admin", 6),
