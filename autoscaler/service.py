@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import signal
 import time
 from collections.abc import Coroutine, Mapping
@@ -51,6 +52,11 @@ NO_API_URL = (
     "{path}: fly.api_url is not set: set it to the Machines API (https://api.machines.dev,"
     " or http://_api.internal:4280 inside Fly), or ask for the embedded emulator with"
     " --emulator or fly.api_url: embedded"
+)
+
+NO_REDIS = (
+    "{path}: cluster.redis_url is set but the Redis client is not installed: install the"
+    " cluster extra (pip install 'autoscaler[cluster]')"
 )
 
 
@@ -306,6 +312,9 @@ def run(
         return 2
     if settings.fly.api_url is None:
         _log.error("config_invalid", problem=NO_API_URL.format(path=path))
+        return 2
+    if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
+        _log.error("config_invalid", problem=NO_REDIS.format(path=path))
         return 2
     service = Service(settings, config, overrides=overrides)
     _log.info("config_loaded", path=str(path))

@@ -222,3 +222,36 @@ async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> No
     assert admin.readiness_problems() == []
     assert admin.control_problems() == []
     assert admin.status_document()["cluster"]["leader"] == leader.cluster.replica_id
+
+
+def test_autoscaler_status_prints_the_cluster() -> None:
+    from autoscaler.status import render
+
+    doc = {
+        "version": "x",
+        "ready": True,
+        "control_loop": True,
+        "apps": [],
+        "cluster": {
+            "replica": "b",
+            "leader": "a",
+            "leading": False,
+            "replicas": [
+                {"id": "b", "leader": False, "report_age_s": 0.1, "apps": {APP: {"held": 2}}},
+                {
+                    "id": "a",
+                    "leader": True,
+                    "report_age_s": 0.3,
+                    "apps": {APP: {"in_flight": 4, "held": 0}},
+                },
+            ],
+        },
+    }
+    text = "\n".join(render(doc))
+    assert "a follower (the cluster's leader decides)" in text
+    assert "cluster: this replica b is the follower; leader a" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("  ")]
+    assert rows[1][:2] == ["b", "no"]
+    assert rows[1][-2:] == ["0", "2"]
+    assert rows[2][:2] == ["a", "yes"]
+    assert rows[2][-2:] == ["4", "0"]
