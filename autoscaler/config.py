@@ -204,6 +204,11 @@ class ProxySettings(_Model):
     shutdown_timeout_s: Seconds = Field(
         default=30.0, description="on SIGTERM, how long requests in flight may finish"
     )
+    reuse_port: bool = Field(
+        default=False,
+        description="bind the proxy with SO_REUSEPORT, so that several processes share its"
+        " port (run --workers sets it)",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, int]] = [
     ("autoscaler.demo_view", 7),  # what the demo shows; reads the service through callables
     ("autoscaler.demo", 8),  # the demo drives a Service
     ("autoscaler.check", 8),
+    ("autoscaler.workers", 8),  # run --workers: supervises `autoscaler run` processes
     ("autoscaler.cli", 9),
     ("autoscaler.__main__", 10),
 ]

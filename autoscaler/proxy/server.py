@@ -152,7 +152,7 @@ class ProxyServer:
             max_header_bytes=proxy.max_header_bytes,
             client_timeout_s=proxy.client_timeout_s,
         )
-        self.port = await self._server.start(host, port)
+        self.port = await self._server.start(host, port, reuse_port=proxy.reuse_port)
         self.view.set_closer(self.end_long_lived)
         self._sweeper = self._loop.create_task(self._sweep_tunnels(), name="proxy:tunnels")
         _log.info("proxy_listening", host=host, port=self.port)
