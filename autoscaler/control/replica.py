@@ -139,6 +139,8 @@ class Replica:
         self.metrics.cluster_leader.set(1)
         _log.info("cluster_leader", replica=self.cluster.replica_id, fence=self.cluster.lease.token)
         await self.controller.start()
+        for view in self.view.apps.values():
+            view.notify()  # a follower's wake still waiting now goes through our own path
 
     async def _step_down(self) -> None:
         self.leading = False
@@ -207,11 +209,15 @@ class Replica:
         deadline = self.clock() + rt.config.wake_timeout_s
         ttl = self.settings.cluster.lease_ttl_s
         while True:
+            if self.leading:
+                # We took the lease while waiting: our own wake path serves it now (the
+                # request we queued would only join this very wake).
+                return await self.controller.wake(app)
             # Asked again every lease TTL: a request the old leader popped and never served
             # (it died) reaches the next one.
             await self.cluster.request_wake(app)
             asked_at = self.clock()
-            while self.clock() - asked_at < ttl:
+            while self.clock() - asked_at < ttl and not self.leading:
                 routable = view.routable()
                 if routable:
                     was = before.get(routable[0].id)

@@ -373,7 +373,7 @@ class Cluster:
             "replica": self.replica_id,
             "leader": self.leader_id,
             "leading": self.lease.held(),
-            "token": self.lease.token,
+            "fence_token": self.lease.token,
             "replicas": replicas,
         }
 

@@ -193,6 +193,22 @@ async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica
     assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
 
 
+async def test_a_wake_asked_of_a_lost_leader_is_served_by_the_next(
+    cluster: list[Replica],
+) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    await leader.controller.tick(APP)
+    rest = [r for r in cluster if r is not leader]
+    await rounds(cluster, lambda: all(r.view.app(APP).upstreams for r in rest), 2 * TTL)
+    await leader.cluster.redis.aclose()  # the leader dies before serving any wake
+    wakes = [r.view.wake(APP) for r in rest]
+    await rounds(rest, lambda: all(w.done() for w in wakes), 4 * TTL)
+    assert sorted(w.result() for w in wakes) in (["none", "start"], ["start", "start"])
+    api = next(r for r in rest if r.leading).api.api
+    assert api.ops("start_machine") == [next(iter(rest[0].view.app(APP).upstreams))]  # type: ignore[attr-defined]
+
+
 async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:
     await rounds(
         cluster,
