@@ -9,8 +9,10 @@ Every ``REPORT_S`` (250 ms) the replica:
   token) stops it at once, so a leader that cannot renew stops deciding within the TTL;
 - publishes its own load per app, and, as leader, the fleet view it routes with;
 - reads the other replicas' reports. The leader's ticks decide on the sum (the controller's
-  ``load`` hook, :meth:`Replica.load`). A follower routes with the fleet view the leader
-  published (it never calls the Machines API), and asks the leader for wakes through Redis.
+  ``load`` hook, :meth:`Replica.load`), and its drains and policy count the requests other
+  replicas have in flight per machine (``Upstream.remote_in_flight``, as last reported).
+  A follower routes with the fleet view the leader published (it never calls the Machines
+  API), and asks the leader for wakes through Redis.
 
 Every action the leader's controller sends goes through :class:`FencedAPI`: no valid
 lease, no action.
@@ -116,6 +118,8 @@ class Replica:
             await self.cluster.publish(self._loads(), self._fleet() if leading else None)
             await self.cluster.read()
             if leading:
+                for name in self.controller.apps:
+                    self.view.app(name).set_remote_in_flight(self.cluster.remote_in_flight(name))
                 for app in await self.cluster.pop_wakes():
                     if app in self.controller.apps:
                         self.view.wake(app)
@@ -148,6 +152,8 @@ class Replica:
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
         await self.controller.stop()
         self.view.set_waker(self.remote_wake)
+        for view in self.view.apps.values():
+            view.set_remote_in_flight({})
 
     # --- load ---------------------------------------------------------------------------
 
@@ -169,6 +175,7 @@ class Replica:
                 held=view.queued,
                 peak=peak,
                 idle_s=idle_s(view.last_request_at, now),
+                machines={u.id: u.in_flight for u in view.upstreams.values() if u.in_flight},
             )
         return loads
 

@@ -51,6 +51,8 @@ class AppLoad:
     held: int = 0
     peak: int = 0
     idle_s: float | None = None
+    machines: Mapping[str, int] = field(default_factory=dict)
+    """Requests in flight per machine (machines with none left out)."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -61,6 +63,7 @@ class AppLoad:
                 "held": self.held,
                 "peak": self.peak,
                 "idle_s": self.idle_s,
+                "machines": dict(self.machines),
             }
         )
 
@@ -75,6 +78,7 @@ class AppLoad:
             held=int(d.get("held", 0)),
             peak=int(d.get("peak", 0)),
             idle_s=None if idle is None else float(idle),
+            machines={str(k): int(v) for k, v in (d.get("machines") or {}).items()},
         )
 
 
@@ -300,6 +304,16 @@ class Cluster:
         peak = self.local.pop_peak(app)
         key = f"{self.replica_id}#{self.boot}"
         return self.load.sample(app, now, (key, area, meter.level, peak), self.others)
+
+    def remote_in_flight(self, app: str) -> dict[str, int]:
+        """The other replicas' requests in flight per machine of ``app``, summed."""
+        counts: dict[str, int] = {}
+        for report in self.others.values():
+            load = report.loads.get(app)
+            if load is not None:
+                for mid, n in load.machines.items():
+                    counts[mid] = counts.get(mid, 0) + n
+        return counts
 
     def last_request_at(self, app: str, local: float | None, now: float) -> float | None:
         """The latest request of any replica on ``app``, on our clock."""

@@ -209,6 +209,28 @@ async def test_a_wake_asked_of_a_lost_leader_is_served_by_the_next(
     assert api.ops("start_machine") == [next(iter(rest[0].view.app(APP).upstreams))]  # type: ignore[attr-defined]
 
 
+async def test_the_leader_counts_other_replicas_requests_per_machine(
+    cluster: list[Replica],
+) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    await leader.controller.tick(APP)
+    rest = [r for r in cluster if r is not leader]
+    await rounds(cluster, lambda: all(r.view.app(APP).upstreams for r in rest), 2 * TTL)
+    mid = next(iter(leader.view.app(APP).upstreams))
+    for r in rest:  # a request on the machine through each follower
+        r.view.app(APP).begin(r.view.app(APP).upstreams[mid])
+    up = leader.view.app(APP).upstreams[mid]
+    await rounds(cluster, lambda: up.remote_in_flight == 2, 2 * TTL)
+    rt = leader.controller.apps[APP]
+    (snap,) = rt.fleet(leader.view.app(APP)).machines
+    assert snap.in_flight == 2  # what the policy and the drains see
+    assert up.in_flight == 0  # the leader's own count (its proxy's slots) is untouched
+    for r in rest:
+        r.view.app(APP).end(r.view.app(APP).upstreams[mid])
+    await rounds(cluster, lambda: up.remote_in_flight == 0, 2 * TTL)
+
+
 async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:
     await rounds(
         cluster,
