@@ -30,35 +30,74 @@ def _ping(port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[str]:
-    """The URL of a running redis-server; fails (not skips) under CI when it is missing."""
+def redis_binary() -> str:
+    """redis-server's path; fails (not skips) under CI when it is missing."""
     binary = shutil.which("redis-server")
     if binary is None:
         reason = "redis-server not found (Debian package `redis-server`; .ci/run installs it)"
         if os.environ.get("CI"):
             pytest.fail(f"{reason}, and CI is set: the CI image must provide it")
         pytest.skip(reason)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    return binary
+
+
+NO_DISK = ("--save", "", "--appendonly", "no")
+
+
+class RedisServer:
+    """One redis-server on a fixed loopback port that a test may stop and start again."""
+
+    def __init__(self, binary: str, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = port or _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"), *NO_DISK],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
-        while not _ping(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not answer on port {port}")
+        while not _ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"redis-server did not answer on port {self.port}")
             time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
         proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """The URL of a running redis-server shared by the session's tests."""
+    server = RedisServer(redis_binary())
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may stop and start (outages)."""
+    server = RedisServer(redis_binary())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

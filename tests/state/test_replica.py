@@ -293,3 +293,36 @@ def test_autoscaler_status_prints_the_cluster() -> None:
     assert rows[1][-2:] == ["0", "2"]
     assert rows[2][:2] == ["a", "yes"]
     assert rows[2][-2:] == ["4", "0"]
+
+
+async def test_a_redis_outage_stops_deciding_keeps_routing_and_heals(
+    own_redis: Any, key_prefix: str
+) -> None:
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    replicas = [make(own_redis.url, key_prefix, f"r{i}", api) for i in range(2)]
+    for r in replicas:
+        await r.start(rounds=False)
+    try:
+        await rounds(replicas, lambda: len(leaders(replicas)) == 1, 2 * TTL)
+        (leader,) = leaders(replicas)
+        (follower,) = [r for r in replicas if r is not leader]
+        await leader.controller.tick(APP)
+        await rounds(replicas, lambda: bool(follower.view.app(APP).routable()), 2 * TTL)
+        own_redis.stop()
+        # The leader stops deciding by its lease deadline; both keep routing to the
+        # started machine they know.
+        await rounds(replicas, lambda: not leaders(replicas), 2 * TTL)
+        assert leader.controller.apps[APP].loop is None
+        for r in replicas:
+            assert [u.id for u in r.view.app(APP).routable()] == [mid]
+            assert r.status_document()["redis_ok"] is False
+        own_redis.start()  # Redis returns (empty: it kept nothing on disk)
+        await rounds(replicas, lambda: len(leaders(replicas)) == 1, 4 * TTL)
+        (new,) = leaders(replicas)
+        await new.controller.tick(APP)
+        assert api.ops("start_machine") == []  # nothing started twice: it was started
+        assert all(r.status_document()["redis_ok"] for r in replicas)
+    finally:
+        for r in replicas:
+            await r.stop()
