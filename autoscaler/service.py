@@ -12,7 +12,7 @@ Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once); SIGHUP
 the configuration file. A reload that does not validate is rejected whole (the running
 configuration stays, the problems are logged, ``autoscaler_config_reloads{result="error"}``
 counts it); a valid one reaches the controller and the proxy. ``proxy.listen`` and the
-``fly``, ``emulator`` and ``admin`` sections take effect only on restart; a reload that
+``fly``, ``emulator``, ``admin`` and ``cluster`` sections take effect only on restart; a reload that
 changes them says so in a warning.
 """
 
@@ -47,7 +47,7 @@ T = TypeVar("T")
 
 _log = get_logger("autoscaler.service")
 # Sections a running process cannot change: bound to sockets, the client or the emulator.
-_RESTART_ONLY = ("fly", "emulator", "admin")
+_RESTART_ONLY = ("fly", "emulator", "admin", "cluster")
 NO_API_URL = (
     "{path}: fly.api_url is not set: set it to the Machines API (https://api.machines.dev,"
     " or http://_api.internal:4280 inside Fly), or ask for the embedded emulator with"
