@@ -9,8 +9,9 @@ Every ``REPORT_S`` (250 ms) the replica:
   token) stops it at once, so a leader that cannot renew stops deciding within the TTL;
 - publishes its own load per app, and, as leader, the fleet view it routes with;
 - reads the other replicas' reports. The leader's ticks decide on the sum (the controller's
-  ``load`` hook, :meth:`Replica.load`), and its drains and policy count the requests other
-  replicas have in flight per machine (``Upstream.remote_in_flight``, as last reported).
+  ``load`` hook, :meth:`Replica.load`). Every replica writes the others' requests in flight
+  per machine into ``Upstream.remote_in_flight`` (as last reported): the balancer's
+  ``hard_limit`` counts them everywhere, the leader's policy and drains too.
   A follower routes with the fleet view the leader published (it never calls the Machines
   API), and asks the leader for wakes through Redis.
 
@@ -117,14 +118,14 @@ class Replica:
         try:
             await self.cluster.publish(self._loads(), self._fleet() if leading else None)
             await self.cluster.read()
+            if not leading:
+                self._apply_fleet()
+            for name in self.controller.apps:
+                self.view.app(name).set_remote_in_flight(self.cluster.remote_in_flight(name))
             if leading:
-                for name in self.controller.apps:
-                    self.view.app(name).set_remote_in_flight(self.cluster.remote_in_flight(name))
                 for app in await self.cluster.pop_wakes():
                     if app in self.controller.apps:
                         self.view.wake(app)
-            else:
-                self._apply_fleet()
         except Exception as exc:
             self._redis_trouble(exc)
         else:
@@ -152,8 +153,6 @@ class Replica:
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
         await self.controller.stop()
         self.view.set_waker(self.remote_wake)
-        for view in self.view.apps.values():
-            view.set_remote_in_flight({})
 
     # --- load ---------------------------------------------------------------------------
 

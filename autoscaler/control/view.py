@@ -59,8 +59,9 @@ class Upstream:
         self.cordoned = False
         self.in_flight = 0
         self.remote_in_flight = 0
-        """Cluster mode, on the leader: requests in flight to it through the other replicas,
-        as they last reported (the drains and the policy count them; routing does not)."""
+        """Cluster mode: requests in flight to it through the other replicas, as they last
+        reported (the balancer's hard limit, and on the leader the policy and the drains,
+        count them; this replica's own slots are ``in_flight``)."""
         self.last_used: float | None = None
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
@@ -133,7 +134,7 @@ class AppView:
         self.notify()
 
     def set_remote_in_flight(self, counts: dict[str, int]) -> None:
-        """Cluster mode: the other replicas' requests in flight per machine (the leader)."""
+        """Cluster mode: the other replicas' requests in flight per machine."""
         changed = False
         for mid, up in self.upstreams.items():
             n = counts.get(mid, 0)

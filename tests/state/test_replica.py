@@ -5,6 +5,7 @@ and what /status and the metrics say."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.replica import Replica
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
+from autoscaler.proxy.balancer import pick
 from autoscaler.scaling.window import ConcurrencyMeter
 
 APP = "web"
@@ -226,9 +228,23 @@ async def test_the_leader_counts_other_replicas_requests_per_machine(
     (snap,) = rt.fleet(leader.view.app(APP)).machines
     assert snap.in_flight == 2  # what the policy and the drains see
     assert up.in_flight == 0  # the leader's own count (its proxy's slots) is untouched
+    # hard_limit holds across replicas: with 2 in flight elsewhere, a limit of 2 is full
+    # here, and each follower counts the other's request.
+    rng = random.Random(1)  # noqa: S311 - the balancer's choice, not a secret
+    # (the machine is stopped in this fixture: the balancer gets it as if it were routable)
+    assert pick([up], 2, rng) is None
+    assert pick([up], 3, rng) is up
+
+    def each_sees_the_other() -> bool:
+        return all(r.view.app(APP).upstreams[mid].remote_in_flight == 1 for r in rest)
+
+    await rounds(cluster, each_sees_the_other, 2 * TTL)
+    for r in rest:
+        assert pick([r.view.app(APP).upstreams[mid]], 2, rng) is None  # 1 own + 1 other
     for r in rest:
         r.view.app(APP).end(r.view.app(APP).upstreams[mid])
     await rounds(cluster, lambda: up.remote_in_flight == 0, 2 * TTL)
+    assert pick([up], 1, rng) is up
 
 
 async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:
