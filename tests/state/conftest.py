@@ -1,4 +1,4 @@
-"""A real redis-server for the cluster tests: one per session, on a free loopback port,
+"""A real redis-server for the cluster tests: one for the package, on a free loopback port,
 nothing written to disk, reaped at the end. Each test keeps to its own key prefix."""
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ class RedisServer:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def redis_server() -> Iterator[str]:
-    """The URL of a running redis-server shared by the session's tests."""
+    """The URL of a running redis-server shared by this package's tests (gone before other
+    packages run: some check that the test process has no child left)."""
     server = RedisServer(redis_binary())
     try:
         server.start()
