@@ -16,12 +16,12 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY build_support ./build_support
 COPY autoscaler ./autoscaler
-RUN AUTOSCALER_COMPILE=1 pip wheel --no-cache-dir --wheel-dir /wheels ".[fast]"
+RUN AUTOSCALER_COMPILE=1 pip wheel --no-cache-dir --wheel-dir /wheels ".[fast,cluster]"
 
 FROM python:3.12-slim
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin autoscaler
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels "autoscaler[fast]" \
+RUN pip install --no-cache-dir --no-index --find-links /wheels "autoscaler[fast,cluster]" \
     && rm -rf /wheels
 COPY config/autoscaler.yaml /etc/autoscaler/autoscaler.yaml
 ENV AUTOSCALER_CONFIG=/etc/autoscaler/autoscaler.yaml \

@@ -95,6 +95,16 @@ class AppStatusLike(Protocol):
     def leased_by_others(self) -> Sequence[str]: ...
 
 
+class ClusterStatus(Protocol):
+    """This replica in cluster mode (``autoscaler.control.replica.Replica``)."""
+
+    @property
+    def leading(self) -> bool: ...
+    @property
+    def view_known(self) -> bool: ...
+    def status_document(self) -> dict[str, Any]: ...
+
+
 class StatusProvider(Protocol):
     """What ``/status``, ``/readyz`` and the last-tick metric read (the ``Controller``)."""
 
@@ -134,6 +144,8 @@ class AdminServer:
         # Defence in depth: nothing the controller reports may carry a secret out.
         self._redactor = Redactor([*secrets, token])
         self._runner: web.AppRunner | None = None
+        self.cluster: ClusterStatus | None = None
+        """Set in cluster mode: a follower's control loop does not run, by design."""
         self.metrics.control_last_tick.set_function(self._last_tick_unix)
         self.metrics.control_healthy.set_function(lambda: 0.0 if self.control_problems() else 1.0)
         # The machines the proxy took out of rotation (``ProxyServer.health.report``).
@@ -235,6 +247,10 @@ class AdminServer:
         serve. Config is loaded by construction (settings were validated)."""
         if self.draining:
             return ["shutting down"]
+        if self.cluster is not None and not self.cluster.leading:
+            if self.cluster.view_known:
+                return []
+            return ["no fleet view from the cluster's leader yet"]
         apps = self.provider.status() if self.provider is not None else []
         # Before any app's machines were read (a start with the API out of reach) the proxy
         # can only hold requests; once read, it routes on what it knows through outages.
@@ -245,8 +261,8 @@ class AdminServer:
     def control_problems(self) -> list[str]:
         """Empty while the control plane decides on fresh data (``/readyz?control=1`` and
         ``autoscaler_control_healthy``): the loop ticks, and the Machines API answers."""
-        if self.provider is None:
-            return []
+        if self.provider is None or (self.cluster is not None and not self.cluster.leading):
+            return []  # a follower decides nothing: the leader's loop is the one that ticks
         apps = self.provider.status()
         if not apps:
             return []  # only static apps: no loop runs, so none has to tick
@@ -279,6 +295,7 @@ class AdminServer:
             "last_tick_age_s": _age(now, last_tick),
             "apps": [_app_document(a, now) for a in apps],
             "ejected": self.ejected() if self.ejected is not None else [],
+            **({"cluster": self.cluster.status_document()} if self.cluster is not None else {}),
         }
 
     def _last_tick_unix(self) -> float:
@@ -287,6 +304,8 @@ class AdminServer:
         # 0 before the first tick: a loop that never ticks looks infinitely stale.
         if self.provider is None or not self.provider.status():
             return math.nan
+        if self.cluster is not None and not self.cluster.leading:
+            return math.nan  # a follower's loop does not run: not "stale", absent
         last = self.provider.last_tick_at
         if last is None:
             return 0.0

@@ -155,6 +155,24 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
         help="play the Machines API with the embedded emulator (overrides fly.api_url, "
         "as fly.api_url: embedded does); with no fly.api_url, run refuses to start without it",
     )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="N processes serving one port (SO_REUSEPORT), coordinated through Redis: needs "
+        "cluster.redis_url; worker i serves admin on the admin port plus i",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -165,6 +183,10 @@ def _run(args: argparse.Namespace) -> int:
         overrides["proxy"] = {"listen": args.listen}
     if args.admin_listen:
         overrides["admin"] = {"listen": args.admin_listen}
+    if args.workers > 1:
+        from autoscaler.workers import supervise
+
+        return supervise(args.config, overrides, args.workers, emulator=args.emulator)
     return run(args.config, overrides, emulator=args.emulator)
 
 

@@ -247,6 +247,11 @@ class ProxySettings(_Model):
     shutdown_timeout_s: Seconds = Field(
         default=30.0, description="on SIGTERM, how long requests in flight may finish"
     )
+    reuse_port: bool = Field(
+        default=False,
+        description="bind the proxy with SO_REUSEPORT, so that several processes share its"
+        " port (run --workers sets it)",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -309,6 +314,50 @@ class ControlSettings(_Model):
                 f"idle_poll_s: expected at least tick_s ({self.tick_s:g}), got {self.idle_poll_s:g}"
             )
         return self
+
+
+class ClusterSettings(_Model):
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis (or Valkey) shared by the replicas, redis://host:port/db; unset:"
+        " one process, no Redis",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="this replica's name in the cluster (default: FLY_MACHINE_ID and"
+        " FLY_REGION when set, else hostname and pid)",
+    )
+    lease_ttl_s: Seconds = Field(
+        default=5.0,
+        gt=0,
+        description="the leader's lease; a lost leader is replaced within twice this",
+    )
+    key_prefix: str = Field(
+        default="autoscaler",
+        min_length=1,
+        description="prefix of every Redis key (one per cluster sharing a Redis)",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return v
+
+
+def default_replica_id(env: Mapping[str, str] | None = None) -> str:
+    """``FLY_MACHINE_ID@FLY_REGION`` on Fly, else ``hostname:pid``."""
+    env = os.environ if env is None else env
+    machine, region = env.get("FLY_MACHINE_ID"), env.get("FLY_REGION")
+    if machine:
+        return f"{machine}@{region}" if region else machine
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class AppConfig(_Model):
@@ -629,6 +678,7 @@ class Settings(BaseSettings):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     apps: list[AppConfig] = Field(default_factory=list)
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
 
@@ -674,7 +724,7 @@ class Settings(BaseSettings):
         """Every secret value, for the log redactor."""
         found = [
             s.get_secret_value()
-            for s in (self.fly.token, self.admin.token, self.emulator.token)
+            for s in (self.fly.token, self.admin.token, self.emulator.token, self.cluster.redis_url)
             if s
         ]
         return [s for s in found if s]

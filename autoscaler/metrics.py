@@ -158,6 +158,17 @@ class Metrics:
             "decisions are stale (the data path keeps routing either way).",
             registry=r,
         )
+        self.cluster_leader = Gauge(
+            "autoscaler_cluster_leader",
+            "1 while this process decides (the cluster's leader, or a single process); 0 on "
+            "a follower.",
+            registry=r,
+        )
+        self.cluster_replicas = Gauge(
+            "autoscaler_cluster_replicas",
+            "Replicas whose load report is live in Redis, this one included (1 when single).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "autoscaler_build_info",
             "Always 1; the version label says which build runs.",

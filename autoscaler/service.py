@@ -12,7 +12,7 @@ Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once); SIGHUP
 the configuration file. A reload that does not validate is rejected whole (the running
 configuration stays, the problems are logged, ``autoscaler_config_reloads{result="error"}``
 counts it); a valid one reaches the controller and the proxy. ``proxy.listen`` and the
-``fly``, ``emulator`` and ``admin`` sections take effect only on restart; a reload that
+``fly``, ``emulator``, ``admin`` and ``cluster`` sections take effect only on restart; a reload that
 changes them says so in a warning.
 """
 
@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import signal
 import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from autoscaler import __version__
 from autoscaler.admin import AdminServer
@@ -39,15 +40,23 @@ from autoscaler.logs import get_logger, redactor
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import ProxyServer
 
+if TYPE_CHECKING:  # imported at run time only in cluster mode (it brings in redis)
+    from autoscaler.control.replica import Replica
+
 T = TypeVar("T")
 
 _log = get_logger("autoscaler.service")
 # Sections a running process cannot change: bound to sockets, the client or the emulator.
-_RESTART_ONLY = ("fly", "emulator", "admin")
+_RESTART_ONLY = ("fly", "emulator", "admin", "cluster")
 NO_API_URL = (
     "{path}: fly.api_url is not set: set it to the Machines API (https://api.machines.dev,"
     " or http://_api.internal:4280 inside Fly), or ask for the embedded emulator with"
     " --emulator or fly.api_url: embedded"
+)
+
+NO_REDIS = (
+    "{path}: cluster.redis_url is set but the Redis client is not installed: install the"
+    " cluster extra (pip install 'autoscaler[cluster]')"
 )
 
 
@@ -81,6 +90,7 @@ class Service:
         self.client: MachinesClient | None = None
         self.view = FleetView(clock)
         self.controller: Controller | None = None
+        self.replica: Replica | None = None
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
@@ -118,9 +128,29 @@ class Service:
                 token=self.emulator.token,
                 observer=self.metrics.observe_api,
             )
-        self.controller = Controller(
-            self.client, self.view, s, self.metrics, clock=self.clock, budget=self.client.limiter
-        )
+        if s.cluster.redis_url is not None:
+            from autoscaler.control.replica import Replica
+
+            self.replica = Replica(
+                s,
+                self.client,
+                self.view,
+                self.metrics,
+                clock=self.clock,
+                budget=self.client.limiter,
+            )
+            self.controller = self.replica.controller
+        else:
+            self.controller = Controller(
+                self.client,
+                self.view,
+                s,
+                self.metrics,
+                clock=self.clock,
+                budget=self.client.limiter,
+            )
+            self.metrics.cluster_leader.set(1)
+            self.metrics.cluster_replicas.set(1)
         self.admin = AdminServer(
             s.admin,
             self.metrics,
@@ -133,9 +163,11 @@ class Service:
             secrets=[*s.secrets(), *([self.emulator.token] if self.emulator else [])],
             clock=self.clock,
         )
+        self.admin.cluster = self.replica
         await self.admin.start(port=self._ports["admin"])
-        # The controller before the proxy: the first request may need a wake.
-        await self.controller.start()
+        # The controller before the proxy: the first request may need a wake. In cluster
+        # mode the replica starts it when (and while) this process leads.
+        await (self.replica.start() if self.replica is not None else self.controller.start())
         self.proxy = ProxyServer(s, self.view, self.metrics)
         await self.proxy.start(port=self._ports["proxy"])
         self.admin.ejected = self.proxy.health.report
@@ -159,7 +191,10 @@ class Service:
         if self.proxy is not None:
             await self.proxy.stop()
             self.proxy = None
-        if self.controller is not None:
+        if self.replica is not None:
+            await self.replica.stop()
+            self.replica = None
+        elif self.controller is not None:
             await self.controller.stop()
         await self.view.close()
         if self.admin is not None:
@@ -296,6 +331,9 @@ def run(
         return 2
     if settings.fly.api_url is None:
         _log.error("config_invalid", problem=NO_API_URL.format(path=path))
+        return 2
+    if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
+        _log.error("config_invalid", problem=NO_REDIS.format(path=path))
         return 2
     service = Service(settings, config, overrides=overrides)
     _log.info("config_loaded", path=str(path))

@@ -105,14 +105,41 @@ def _table(rows: list[list[str]], indent: str = "") -> list[str]:
     ]
 
 
+def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
+    """Cluster mode: who leads, and each replica's load and the age of its last report."""
+    role = "leader" if cluster.get("leading") else "follower"
+    lines = [
+        "",
+        f"cluster: this replica {cluster.get('replica')} is the {role};"
+        f" leader {cluster.get('leader') or 'none'}",
+    ]
+    rows = [["REPLICA", "LEADER", "REPORTED", "IN FLIGHT", "HELD"]]
+    for r in cluster.get("replicas") or []:
+        apps = (r.get("apps") or {}).values()
+        rows.append(
+            [
+                str(r["id"]),
+                _yes(bool(r.get("leader"))),
+                ago(r.get("report_age_s")),
+                str(sum(a.get("in_flight", 0) for a in apps)),
+                str(sum(a.get("held", 0) for a in apps)),
+            ]
+        )
+    return lines + _table(rows, indent="  ")
+
+
 def render(doc: dict[str, Any]) -> list[str]:
     """The status document as lines of text: one block per app, one row per machine."""
     ready = "ready" if doc.get("ready") else "NOT READY"
-    if doc.get("control_loop"):
+    if doc.get("cluster") and not doc["cluster"].get("leading"):
+        loop = "a follower (the cluster's leader decides)"
+    elif doc.get("control_loop"):
         loop = f"control loop ticked {ago(doc.get('last_tick_age_s'))}"
     else:
         loop = "no control loop (static apps only)"
     lines = [f"autoscaler {doc.get('version', '?')}: {ready}, {loop}"]
+    if doc.get("cluster"):
+        lines += _cluster_lines(doc["cluster"])
     apps = doc.get("apps") or []
     if not apps:
         lines.append("no scaled apps")

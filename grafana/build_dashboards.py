@@ -323,6 +323,26 @@ ROWS: list[tuple[str, list[Spec]]] = [
             ),
         ],
     ),
+    (
+        "Cluster",
+        [
+            Spec(
+                "Deciders",
+                "Processes that decide: 1 in a healthy cluster (or a single process); 0 while"
+                " no replica holds the lease (nothing scales or wakes).",
+                [("sum(autoscaler_cluster_leader)", "deciders")],
+                width=4,
+                kind="stat",
+            ),
+            Spec(
+                "Replicas",
+                "Replicas whose load report is live in Redis, as each replica counts them.",
+                [("max(autoscaler_cluster_replicas)", "replicas")],
+                width=4,
+                kind="stat",
+            ),
+        ],
+    ),
 ]
 
 

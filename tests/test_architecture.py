@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, int]] = [
     ("autoscaler.fly.models", 1),
     ("autoscaler.scaling", 2),
     ("autoscaler.fly", 3),
+    ("autoscaler.state", 3),  # cluster mode's shared state (Redis): below control and proxy
     ("autoscaler.control", 4),
     ("autoscaler.proxy", 5),
     ("autoscaler.admin", 6),
@@ -29,6 +30,7 @@ LAYERS: list[tuple[str, int]] = [
     ("autoscaler.demo_view", 7),  # what the demo shows; reads the service through callables
     ("autoscaler.demo", 8),  # the demo drives a Service
     ("autoscaler.check", 8),
+    ("autoscaler.workers", 8),  # run --workers: supervises `autoscaler run` processes
     ("autoscaler.cli", 9),
     ("autoscaler.__main__", 10),
 ]

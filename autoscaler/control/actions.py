@@ -468,7 +468,7 @@ class Actuator:
         deadline = self.clock() + timeout_s
         while True:
             up = view.upstreams.get(mid)
-            if up is None or up.in_flight <= 0:
+            if up is None or up.in_flight + up.remote_in_flight <= 0:
                 return True
             remaining = deadline - self.clock()
             if remaining <= 0:

@@ -34,12 +34,16 @@ from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import STARTED, SUSPENDED
 from autoscaler.scaling.policy import Decision, decide
+from autoscaler.scaling.window import Sample
 
 __all__ = ["AppStatus", "Controller", "MachineStatus", "WakeError"]
 
 _log = get_logger("autoscaler.control")
 _BILLED_STATES = (STARTED, SUSPENDED)  # machine_seconds: what the fleet costs
 LEASE_REPORT_S = 60.0  # /status names a machine leased by another this long after a skip
+# Cluster mode: the whole cluster's load sample and last request time for (app, now), in
+# place of this process's own meter (autoscaler/state/cluster.py).
+LoadSource = Callable[[str, float], tuple[Sample, float | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +92,10 @@ class Controller:
         probe: Probe = tcp_probe,
         budget: Budget | None = None,
         rng: Callable[[], float] = random.random,
+        load: LoadSource | None = None,
     ) -> None:
         self.api = api
+        self.load = load
         self.view = view
         self.metrics = metrics
         self.clock = clock
@@ -248,11 +254,15 @@ class Controller:
         machines = await self.api.list_machines(app)
         now = self.clock()
         rt.merge(machines, listed_at, now)
-        rt.windows.add(view.meter.take(now))
+        if self.load is None:
+            sample, last_request_at = view.meter.take(now), view.last_request_at
+        else:
+            sample, last_request_at = self.load(app, now)
+        rt.windows.add(sample)
         self._account(rt, now)
         self.actuator.cleanup(rt)
         decision = decide(
-            rt.fleet(view, now), rt.windows, rt.config, now, rt.policy_state, view.last_request_at
+            rt.fleet(view, now), rt.windows, rt.config, now, rt.policy_state, last_request_at
         )
         self._log_decision(rt, decision)
         rt.note_decision(decision, now)

@@ -244,7 +244,7 @@ class AppRuntime:
                     busy=(run is not None and not draining)
                     or (not urgent and self.cooling(machine.id, now))
                     or self.leased(machine.id, now),
-                    in_flight=up.in_flight if up else 0,
+                    in_flight=up.in_flight + up.remote_in_flight if up else 0,
                     last_used=up.last_used if up else None,
                     started_at=up.started_at if up and machine.state == STARTED else None,
                     state_since=self.state_since.get(machine.id),

@@ -46,6 +46,7 @@ class Upstream:
         "last_used",
         "owner",
         "port",
+        "remote_in_flight",
         "started_at",
         "state",
         "unhealthy_until",
@@ -58,6 +59,10 @@ class Upstream:
         self.state = state
         self.cordoned = False
         self.in_flight = 0
+        self.remote_in_flight = 0
+        """Cluster mode: requests in flight to it through the other replicas, as they last
+        reported (the balancer's hard limit, and on the leader the policy and the drains,
+        count them; this replica's own slots are ``in_flight``)."""
         self.last_used: float | None = None
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
@@ -131,6 +136,17 @@ class AppView:
         self.upstreams = fresh
         self._routable = None
         self.notify()
+
+    def set_remote_in_flight(self, counts: dict[str, int]) -> None:
+        """Cluster mode: the other replicas' requests in flight per machine."""
+        changed = False
+        for mid, up in self.upstreams.items():
+            n = counts.get(mid, 0)
+            if up.remote_in_flight != n:
+                up.remote_in_flight = n
+                changed = True
+        if changed:
+            self.notify()  # a drain waiting for the machine to go idle looks again
 
     def set_state(self, machine_id: str, state: str) -> None:
         up = self.upstreams.get(machine_id)

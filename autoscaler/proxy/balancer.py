@@ -22,12 +22,18 @@ def pick(
     """A routable machine under ``hard_limit`` requests in flight, or None if all are full.
 
     ``upstreams`` are the routable machines (started, not cordoned, healthy); ``exclude``
-    holds machines this request already failed on.
+    holds machines this request already failed on. In cluster mode a machine's requests in
+    flight through the other replicas (``remote_in_flight``, as they last reported) count
+    too, so the limit holds across replicas up to what they admitted since their reports.
     """
     if exclude:
-        free = [u for u in upstreams if u.in_flight < hard_limit and u not in exclude]
+        free = [
+            u
+            for u in upstreams
+            if u.in_flight + u.remote_in_flight < hard_limit and u not in exclude
+        ]
     else:
-        free = [u for u in upstreams if u.in_flight < hard_limit]
+        free = [u for u in upstreams if u.in_flight + u.remote_in_flight < hard_limit]
     n = len(free)
     if n == 0:
         return None
@@ -38,4 +44,4 @@ def pick(
     if j >= i:
         j += 1  # two distinct machines
     a, b = free[i], free[j]
-    return a if a.in_flight <= b.in_flight else b
+    return a if a.in_flight + a.remote_in_flight <= b.in_flight + b.remote_in_flight else b

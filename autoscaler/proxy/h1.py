@@ -659,10 +659,17 @@ class H1Server:
         self.max_head_bytes = HEAD_FACTOR * max_header_bytes
         self.client_timeout_s = client_timeout_s
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen; ``reuse_port`` shares the port with other processes (SO_REUSEPORT: the
+        kernel spreads new connections over them; ``run --workers``)."""
         self.loop = asyncio.get_running_loop()
         self._server = await self.loop.create_server(
-            lambda: Connection(self), host, port, reuse_address=True, backlog=1024
+            lambda: Connection(self),
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            backlog=1024,
         )
         self._sweeper = self.loop.create_task(self._sweep())
         server: Any = self._server  # uvloop lists its sockets (typeshed says tuple)

@@ -164,7 +164,7 @@ class ProxyServer:
             client_timeout_s=proxy.client_timeout_s,
         )
         self._server.budget = self._budget
-        self.port = await self._server.start(host, port)
+        self.port = await self._server.start(host, port, reuse_port=proxy.reuse_port)
         self.view.set_closer(self.end_long_lived)
         self._sweeper = self._loop.create_task(self._sweep(), name="proxy:sweep")
         _log.info("proxy_listening", host=host, port=self.port)

@@ -1,0 +1,409 @@
+"""What replicas share through Redis: their load, the leader's fleet view, wake requests.
+
+Every replica writes one hash, ``{prefix}:replica:{id}``, every ``REPORT_S`` with a TTL of
+``REPORT_TTL_S`` (so a dead replica's load disappears by itself), and keeps its id in the
+set ``{prefix}:replicas``. The hash holds, per app, the replica's load as a JSON object:
+``area`` (cumulative concurrency-seconds: the integral of in flight + held since the replica
+started, read from the proxy's :class:`~autoscaler.scaling.window.ConcurrencyMeter`),
+``level`` (in flight + held now), ``in_flight``, ``held``, ``peak`` (since its previous
+report) and ``idle_s`` (seconds since its last request). The leader adds its fleet view per
+app (``fleet:{app}``: the machines it routes to, with state and cordon) so followers route
+without reading the Machines API themselves.
+
+The leader's tick turns everyone's ``area`` into one sample (:class:`ClusterLoad`): the
+difference of each replica's area since the previous tick, extrapolated from its report
+to now with its ``level``; the sum over replicas divided by the span is the cluster's
+average concurrency, which the policy reads exactly as it reads one process's meter.
+Ages come from the hash's remaining TTL (``PTTL``), so no two hosts' clocks are compared.
+
+Wake requests from followers go through the list ``{prefix}:wakes`` (the leader pops them
+and wakes through its single-flight path).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoscaler.config import ClusterSettings, default_replica_id
+from autoscaler.scaling.window import ConcurrencyMeter, Sample
+from autoscaler.state.lease import Lease
+
+Clock = Callable[[], float]
+
+REPORT_S = 0.25
+"""How often each replica publishes its load (and reads everyone else's)."""
+REPORT_TTL_S = 2.0
+"""How long a report outlives its replica's last write."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppLoad:
+    """One replica's load on one app, as it reports it."""
+
+    area: float
+    level: int
+    in_flight: int = 0
+    held: int = 0
+    peak: int = 0
+    idle_s: float | None = None
+    machines: Mapping[str, int] = field(default_factory=dict)
+    """Requests in flight per machine (machines with none left out)."""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "area": self.area,
+                "level": self.level,
+                "in_flight": self.in_flight,
+                "held": self.held,
+                "peak": self.peak,
+                "idle_s": self.idle_s,
+                "machines": dict(self.machines),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> AppLoad:
+        d = json.loads(text)
+        idle = d.get("idle_s")
+        return cls(
+            area=float(d["area"]),
+            level=int(d["level"]),
+            in_flight=int(d.get("in_flight", 0)),
+            held=int(d.get("held", 0)),
+            peak=int(d.get("peak", 0)),
+            idle_s=None if idle is None else float(idle),
+            machines={str(k): int(v) for k, v in (d.get("machines") or {}).items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One replica's last report, as read by another (``age_s`` at ``read_at``)."""
+
+    replica: str
+    boot: str
+    leader: bool
+    age_s: float
+    read_at: float
+    loads: Mapping[str, AppLoad]
+    fleet: Mapping[str, list[list[Any]]] = field(default_factory=dict)
+
+
+class LocalLoad:
+    """This replica's cumulative load per app, integrated from the proxy's meters."""
+
+    def __init__(self) -> None:
+        self.area: dict[str, float] = {}
+        self._peaks: dict[str, int] = {}
+
+    def take(self, app: str, meter: ConcurrencyMeter, now: float) -> tuple[float, int]:
+        """Fold the meter's load since its previous take in; (cumulative area, the peak
+        since the previous take). Reports and the leader's samples both take: the area is
+        cumulative, so neither steals from the other."""
+        s = meter.take(now)
+        area = self.area.get(app, 0.0) + s.average * max(0.0, s.end - s.start)
+        self.area[app] = area
+        self._peaks[app] = max(self._peaks.get(app, 0), s.peak)
+        return area, s.peak
+
+    def pop_peak(self, app: str) -> int:
+        """The peak since the previous ``pop_peak`` (the leader's previous sample)."""
+        return self._peaks.pop(app, 0)
+
+
+class ClusterLoad:
+    """The leader's view of the whole cluster's demand, one :class:`Sample` per tick."""
+
+    def __init__(self) -> None:
+        self._prev: dict[str, tuple[float, dict[str, float]]] = {}
+        self._peaks: dict[str, dict[str, int]] = {}
+
+    def note_peaks(self, reports: Mapping[str, Report]) -> None:
+        """Remember each report's peak until the next sample (reports come every 250 ms,
+        ticks less often: a burst between two ticks must not be lost)."""
+        for report in reports.values():
+            for app, load in report.loads.items():
+                key = f"{report.replica}#{report.boot}"
+                peaks = self._peaks.setdefault(app, {})
+                peaks[key] = max(peaks.get(key, 0), load.peak)
+
+    def sample(
+        self,
+        app: str,
+        now: float,
+        local: tuple[str, float, int, int],
+        reports: Mapping[str, Report],
+    ) -> Sample:
+        """The cluster's load on ``app`` since the previous sample.
+
+        ``local`` is this replica's (key, cumulative area, level now, peak); ``reports`` the
+        others' latest. A replica seen for the first time counts its level over the whole
+        span; one that vanished (its report expired) counts nothing.
+        """
+        key, area, level, peak = local
+        areas = {key: area}
+        levels = {key: level}
+        peaks = self._peaks.pop(app, {})
+        peaks[key] = max(peaks.get(key, 0), peak)
+        for report in reports.values():
+            load = report.loads.get(app)
+            if load is None:
+                continue
+            rkey = f"{report.replica}#{report.boot}"
+            behind = max(0.0, report.age_s + (now - report.read_at))
+            areas[rkey] = load.area + load.level * behind
+            levels[rkey] = load.level
+            peaks[rkey] = max(peaks.get(rkey, 0), load.peak, load.level)
+        prev = self._prev.get(app)
+        self._prev[app] = (now, areas)
+        total_peak = sum(peaks.get(k, 0) for k in areas)
+        if prev is None or now <= prev[0]:
+            return Sample(now, now, float(sum(levels.values())), total_peak)
+        since, before = prev
+        span = now - since
+        used = 0.0
+        for k, a in areas.items():
+            if k in before and a >= before[k]:
+                used += a - before[k]
+            else:
+                used += levels[k] * span  # new (or restarted) replica: its level throughout
+        return Sample(since, now, used / span, total_peak)
+
+
+def connect(url: str, ttl_s: float) -> Any:
+    """A redis-py asyncio client (imported here: only cluster mode needs redis)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    # Every command answers within a third of the lease, or fails: a hung Redis must not
+    # hold the lease loop past the lease's own deadline. No retries with backoff inside
+    # the client: the replica's next round (250 ms later) is the retry.
+    timeout = max(0.05, ttl_s / 3)
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class Cluster:
+    """This replica's membership: its lease, its reports, and what it read of the others."""
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        *,
+        redis: Any = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if settings.redis_url is None and redis is None:
+            raise ValueError("cluster mode needs cluster.redis_url")
+        self.settings = settings
+        self.clock = clock
+        self.replica_id = settings.replica_id or default_replica_id()
+        self.prefix = settings.key_prefix
+        self.redis = (
+            redis
+            if redis is not None
+            else connect(settings.redis_url.get_secret_value(), settings.lease_ttl_s)  # type: ignore[union-attr]
+        )
+        self.boot = uuid.uuid4().hex[:12]
+        self.lease = Lease(
+            self.redis, self.prefix, self.replica_id, settings.lease_ttl_s, clock=clock
+        )
+        self.local = LocalLoad()
+        self.load = ClusterLoad()
+        self.others: dict[str, Report] = {}
+        """The other replicas' latest reports (ours excluded)."""
+        self.leader_id: str | None = None
+        self.last_read_at: float | None = None
+        self.last_report_at: float | None = None
+
+    @property
+    def replicas_key(self) -> str:
+        return f"{self.prefix}:replicas"
+
+    def report_key(self, replica: str) -> str:
+        return f"{self.prefix}:replica:{replica}"
+
+    @property
+    def wakes_key(self) -> str:
+        return f"{self.prefix}:wakes"
+
+    async def publish(
+        self, loads: Mapping[str, AppLoad], fleet: Mapping[str, list[list[Any]]] | None
+    ) -> None:
+        """Write this replica's report (and, from the leader, its fleet view)."""
+        key = self.report_key(self.replica_id)
+        mapping: dict[str, str] = {
+            "boot": self.boot,
+            "leader": "1" if self.lease.held() else "0",
+        }
+        for app, load in loads.items():
+            mapping[f"load:{app}"] = load.to_json()
+        for app, machines in (fleet or {}).items():
+            mapping[f"fleet:{app}"] = json.dumps(machines)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=mapping)
+            pipe.pexpire(key, round(REPORT_TTL_S * 1000))
+            pipe.sadd(self.replicas_key, self.replica_id)
+            await pipe.execute()
+        self.last_report_at = self.clock()
+
+    async def read(self) -> dict[str, Report]:
+        """Every other replica's report; forgets (and unlists) replicas whose report expired."""
+        ids = sorted(await self.redis.smembers(self.replicas_key))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for rid in ids:
+                pipe.hgetall(self.report_key(rid))
+                pipe.pttl(self.report_key(rid))
+            pipe.get(self.lease.key)
+            results = await pipe.execute()
+        now = self.clock()
+        self.leader_id = results[-1]
+        others: dict[str, Report] = {}
+        gone = []
+        for i, rid in enumerate(ids):
+            data, pttl = results[2 * i], results[2 * i + 1]
+            if not data or pttl is None or pttl < 0:
+                gone.append(rid)
+                continue
+            if rid == self.replica_id:
+                continue
+            loads = {k[5:]: AppLoad.from_json(v) for k, v in data.items() if k.startswith("load:")}
+            fleet = {k[6:]: json.loads(v) for k, v in data.items() if k.startswith("fleet:")}
+            others[rid] = Report(
+                replica=rid,
+                boot=data.get("boot", ""),
+                leader=data.get("leader") == "1",
+                age_s=max(0.0, REPORT_TTL_S - pttl / 1000),
+                read_at=now,
+                loads=loads,
+                fleet=fleet,
+            )
+        if gone:
+            await self.redis.srem(self.replicas_key, *gone)
+        self.others = others
+        self.last_read_at = now
+        self.load.note_peaks(others)
+        return others
+
+    def sample(self, app: str, meter: ConcurrencyMeter, now: float) -> Sample:
+        """The whole cluster's load on ``app`` since the previous call (the leader's tick)."""
+        area, _ = self.local.take(app, meter, now)
+        peak = self.local.pop_peak(app)
+        key = f"{self.replica_id}#{self.boot}"
+        return self.load.sample(app, now, (key, area, meter.level, peak), self.others)
+
+    def remote_in_flight(self, app: str) -> dict[str, int]:
+        """The other replicas' requests in flight per machine of ``app``, summed."""
+        counts: dict[str, int] = {}
+        for report in self.others.values():
+            load = report.loads.get(app)
+            if load is not None:
+                for mid, n in load.machines.items():
+                    counts[mid] = counts.get(mid, 0) + n
+        return counts
+
+    def last_request_at(self, app: str, local: float | None, now: float) -> float | None:
+        """The latest request of any replica on ``app``, on our clock."""
+        latest = local
+        for report in self.others.values():
+            load = report.loads.get(app)
+            if load is None or load.idle_s is None:
+                continue
+            at = now - (now - report.read_at) - report.age_s - load.idle_s
+            latest = at if latest is None else max(latest, at)
+        return latest
+
+    def leader_fleet(self) -> Mapping[str, list[list[Any]]] | None:
+        """The fleet view the leader published last (None when no leader's report is read)."""
+        for report in self.others.values():
+            if report.leader and report.replica == self.leader_id:
+                return report.fleet
+        return None
+
+    async def request_wake(self, app: str) -> None:
+        await self.redis.rpush(self.wakes_key, app)
+        # Requests nobody serves (no leader for a while) must not pile up for ever.
+        await self.redis.pexpire(self.wakes_key, round(4 * self.settings.lease_ttl_s * 1000))
+
+    async def pop_wakes(self) -> list[str]:
+        """Every wake requested since the previous call, deduplicated (the leader)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(self.wakes_key, 0, -1)
+            pipe.delete(self.wakes_key)
+            apps, _ = await pipe.execute()
+        return list(dict.fromkeys(apps))
+
+    async def close(self) -> None:
+        await self.lease.release()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.report_key(self.replica_id))
+                pipe.srem(self.replicas_key, self.replica_id)
+                await pipe.execute()
+        except Exception:  # noqa: S110 - the report expires by its TTL anyway
+            pass
+        await self.redis.aclose()
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The ``cluster`` section of ``/status``."""
+        me = {
+            "id": self.replica_id,
+            "leader": self.lease.held(),
+            "report_age_s": None
+            if self.last_report_at is None
+            else round(max(0.0, now - self.last_report_at), 3),
+        }
+        replicas = [me]
+        for report in self.others.values():
+            replicas.append(
+                {
+                    "id": report.replica,
+                    "leader": report.leader,
+                    "report_age_s": round(report.age_s + (now - report.read_at), 3),
+                    "apps": {
+                        app: {
+                            "in_flight": load.in_flight,
+                            "held": load.held,
+                            "idle_s": None if load.idle_s is None else round(load.idle_s, 3),
+                        }
+                        for app, load in report.loads.items()
+                    },
+                }
+            )
+        return {
+            "replica": self.replica_id,
+            "leader": self.leader_id,
+            "leading": self.lease.held(),
+            "fence_token": self.lease.token,
+            "replicas": replicas,
+        }
+
+
+def idle_s(last_request_at: float | None, now: float) -> float | None:
+    return None if last_request_at is None else max(0.0, now - last_request_at)
+
+
+__all__ = [
+    "REPORT_S",
+    "REPORT_TTL_S",
+    "AppLoad",
+    "Cluster",
+    "ClusterLoad",
+    "LocalLoad",
+    "Report",
+    "connect",
+    "idle_s",
+]

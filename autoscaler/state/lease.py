@@ -1,0 +1,146 @@
+"""Leader election on Redis primitives, with a fencing token.
+
+The lease is one key, ``{prefix}:leader``, holding the leader's replica id with a TTL of
+``cluster.lease_ttl_s``. Acquiring is ``SET key id NX PX ttl``; in the same Lua script the
+leader takes a fencing token from ``INCR {prefix}:fence``, so every acquisition gets a
+larger token than any before it. Renewing is a compare-and-``PEXPIRE`` (a Lua script):
+it succeeds only while the key still holds our id and the fence still holds our token.
+
+Locally the lease is valid until ``sent + ttl * (1 - DRIFT)``, counted from when the last
+successful acquire or renew was *sent* (Redis set the TTL after that moment, so the key
+outlives our local deadline). A leader that cannot renew (Redis down, hung, a partition)
+stops being leader at that deadline at the latest, before any other replica can acquire.
+
+:meth:`Lease.check` is the fencing rule the actions obey: the local deadline has not
+passed *and* Redis still names us with our token (one round trip). An action whose check
+fails is not sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from autoscaler.logs import get_logger
+
+Clock = Callable[[], float]
+
+_log = get_logger("autoscaler.state.lease")
+DRIFT = 0.1  # the share of the TTL kept back for clock-rate differences and latency
+
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[3] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_CHECK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Lease:
+    """One replica's side of the leader lease. Not a loop: :meth:`step` is one attempt
+    (renew if we lead, acquire otherwise); the cluster calls it every ``ttl / 3``."""
+
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str,
+        replica_id: str,
+        ttl_s: float,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.replica_id = replica_id
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.key = f"{prefix}:leader"
+        self.fence_key = f"{prefix}:fence"
+        self.token: int | None = None
+        self.valid_until = 0.0
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, round(self.ttl_s * 1000))
+
+    def held(self) -> bool:
+        """We lead, as far as the local deadline knows (no I/O)."""
+        return self.token is not None and self.clock() < self.valid_until
+
+    async def step(self) -> bool:
+        """Renew (leader) or try to acquire (follower); whether we lead afterwards.
+
+        A Redis error counts as a failed renewal: the lease stays valid until its local
+        deadline, then lapses. The error propagates to the caller (which logs it)."""
+        sent = self.clock()
+        try:
+            if self.token is not None:
+                ok = await self.redis.eval(
+                    _RENEW, 2, self.key, self.fence_key, self.replica_id, self.ttl_ms, self.token
+                )
+                if ok:
+                    self.valid_until = sent + self.ttl_s * (1 - DRIFT)
+                else:
+                    _log.warning("lease_lost", replica=self.replica_id, fence=self.token)
+                    self.token = None
+            else:
+                token = int(
+                    await self.redis.eval(
+                        _ACQUIRE, 2, self.key, self.fence_key, self.replica_id, self.ttl_ms
+                    )
+                )
+                if token:
+                    self.token = token
+                    self.valid_until = sent + self.ttl_s * (1 - DRIFT)
+                    _log.info("lease_acquired", replica=self.replica_id, fence=token)
+        finally:
+            if self.token is not None and not self.held():
+                _log.warning("lease_expired", replica=self.replica_id, fence=self.token)
+                self.token = None
+        return self.held()
+
+    async def check(self) -> bool:
+        """The fencing rule: may an action be sent now? False on any doubt (Redis errors
+        included: a leader that cannot prove it leads does not act)."""
+        token = self.token
+        if token is None or not self.held():
+            return False
+        try:
+            ok = await self.redis.eval(_CHECK, 2, self.key, self.fence_key, self.replica_id, token)
+        except Exception as exc:  # redis' errors (connection, timeout): no proof, no action
+            _log.warning("fence_unchecked", error=str(exc))
+            return False
+        return bool(ok) and self.held() and self.token == token
+
+    async def release(self) -> None:
+        """Give the lease up at once (a clean stop), so a follower need not wait the TTL."""
+        token, self.token = self.token, None
+        if token is None:
+            return
+        try:
+            await self.redis.eval(_RELEASE, 2, self.key, self.fence_key, self.replica_id, token)
+        except Exception as exc:  # the lease then lapses by its TTL
+            _log.warning("lease_not_released", error=str(exc))
+
+    async def leader(self) -> str | None:
+        """Who holds the lease now, as Redis says."""
+        value = await self.redis.get(self.key)
+        return None if value is None else str(value)

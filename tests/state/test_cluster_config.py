@@ -1,0 +1,57 @@
+"""cluster.* settings, and a single process without Redis: redis is not even imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from autoscaler.config import ConfigError, Settings, default_replica_id, load_settings
+
+
+def test_defaults_are_a_single_process() -> None:
+    s = Settings()
+    assert s.cluster.redis_url is None
+    assert s.cluster.lease_ttl_s == 5.0
+
+
+def test_replica_id_default_prefers_the_fly_machine() -> None:
+    assert default_replica_id({"FLY_MACHINE_ID": "e2865", "FLY_REGION": "ams"}) == "e2865@ams"
+    assert default_replica_id({"FLY_MACHINE_ID": "e2865"}) == "e2865"
+    host, pid = default_replica_id({}).rsplit(":", 1)
+    assert host
+    assert int(pid) > 0
+
+
+def test_the_redis_url_is_a_secret_and_checked(tmp_path: pytest.TempPathFactory) -> None:
+    s = Settings.model_validate({"cluster": {"redis_url": "redis://:hunter2@127.0.0.1:6379/0"}})
+    assert "hunter2" not in repr(s)
+    assert "redis://:hunter2@127.0.0.1:6379/0" in s.secrets()
+    path = tmp_path / "bad.yaml"  # type: ignore[operator]
+    path.write_text("cluster:\n  redis_url: http://127.0.0.1:6379\n  lease_ttl_s: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = "\n".join(info.value.problems)
+    assert "cluster.redis_url" in text
+    assert "redis://" in text
+    assert "cluster.lease_ttl_s" in text
+
+
+def test_a_single_process_never_imports_redis() -> None:
+    code = (
+        "import sys, asyncio\n"
+        "from autoscaler.config import Settings\n"
+        "from autoscaler.service import Service\n"
+        "import autoscaler.cli\n"
+        "s = Settings.model_validate({'fly': {'api_url': 'embedded'},"
+        " 'proxy': {'listen': '127.0.0.1:9'}, 'admin': {'listen': '127.0.0.1:9'},"
+        " 'emulator': {'listen': '127.0.0.1:9'}})\n"
+        "async def main():\n"
+        "    svc = Service(s, proxy_port=0, admin_port=0, emulator_port=0)\n"
+        "    await svc.start(); await svc.stop()\n"
+        "asyncio.run(main())\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+        "assert 'autoscaler.state.cluster' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,344 @@
+"""Replicas against a real redis-server and a fake Machines API: one decider, failover,
+the whole cluster's load, followers routing with the leader's view and waking through it,
+and what /status and the metrics say."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from control.fakes import FakeMachinesAPI
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from autoscaler.admin import AdminServer
+from autoscaler.config import AdminSettings, AppConfig, ClusterSettings, ControlSettings, Settings
+from autoscaler.control.controller import Controller
+from autoscaler.control.replica import Replica
+from autoscaler.control.view import FleetView
+from autoscaler.metrics import Metrics
+from autoscaler.proxy.balancer import pick
+from autoscaler.scaling.window import ConcurrencyMeter
+
+APP = "web"
+TTL = 0.6
+
+
+async def probe(host: str, port: int) -> bool:
+    return True
+
+
+def make(url: str, prefix: str, rid: str, api: FakeMachinesAPI) -> Replica:
+    settings = Settings(
+        apps=[
+            AppConfig(
+                name=APP,
+                target_concurrency=2,
+                target_utilization=1.0,
+                min_lifetime_s=0,
+                scale_down_delay_s=0,
+            )
+        ],
+        control=ControlSettings(tick_s=60),  # ticks by hand; the loop's first tick only
+        cluster=ClusterSettings(
+            redis_url=SecretStr(url), replica_id=rid, lease_ttl_s=TTL, key_prefix=prefix
+        ),
+    )
+    return Replica(settings, api, FleetView(), Metrics(CollectorRegistry()), probe=probe)
+
+
+@pytest.fixture
+async def cluster(redis_server: str, key_prefix: str) -> AsyncIterator[list[Replica]]:
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    replicas = [make(redis_server, key_prefix, f"r{i}", api) for i in range(3)]
+    for r in replicas:
+        await r.start(rounds=False)
+    yield replicas
+    for r in replicas:
+        await r.stop()
+
+
+async def rounds(replicas: list[Replica], until: Callable[[], bool], limit_s: float) -> None:
+    """Run every replica's round every TTL/10 until ``until()`` (fails after ``limit_s``)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not until():
+        assert loop.time() - start < limit_s, "condition not reached in time"
+        for r in replicas:
+            await r.round()
+        await asyncio.sleep(TTL / 10)
+
+
+def leaders(replicas: list[Replica]) -> list[Replica]:
+    return [r for r in replicas if r.leading]
+
+
+async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    assert leader.controller.apps[APP].loop is not None  # only the leader's loops run
+    for r in cluster:
+        if r is not leader:
+            assert r.controller.apps[APP].loop is None
+            assert r.view.can_wake  # the follower's wake goes through the leader
+    # The leader dies: no more rounds, its Redis connection closed.
+    await leader.cluster.redis.aclose()
+    rest = [r for r in cluster if r is not leader]
+    await rounds(rest, lambda: len(leaders(rest)) == 1, 2 * TTL)
+    (new,) = leaders(rest)
+    assert new.cluster.lease.token is not None
+    assert new.controller.apps[APP].loop is not None
+    # The old one, alive again but cut off from Redis, steps down by its lease deadline
+    # and its controller stops.
+    await rounds([leader], lambda: not leader.leading, 2 * TTL)
+    assert leader.controller.apps[APP].loop is None
+    assert leader.metrics.registry.get_sample_value("autoscaler_cluster_leader") == 0
+
+
+def test_summed_load_is_one_processs_load() -> None:
+    """A burst split across three replicas gives the leader the samples one replica would
+    have seen with all of it (explicit times; reports read the moment they are written)."""
+    from autoscaler.state.cluster import AppLoad, ClusterLoad, LocalLoad, Report
+
+    one = ConcurrencyMeter(0.0)
+    parts = [ConcurrencyMeter(0.0) for _ in range(3)]
+    locals_ = [LocalLoad() for _ in range(3)]
+    cluster = ClusterLoad()
+    # (time, replica, +/-) of a burst: 9 requests spread over the replicas, unevenly.
+    events = [(0.1, 0, 1), (0.2, 1, 1), (0.3, 2, 1), (0.35, 0, 1), (0.5, 1, 1), (0.6, 2, 1)]
+    events += [(0.7, 0, 1), (0.8, 0, 1), (0.9, 2, 1), (1.2, 1, -1), (1.3, 0, -1), (1.4, 0, -1)]
+    events += [(1.9, 2, -1), (2.1, 1, -1), (2.5, 0, -1)]
+    ticks = [1.0, 2.0, 3.0]
+    sums, singles = [], []
+    for tick in ticks:
+        for t, i, d in [e for e in events if tick - 1 <= e[0] < tick]:
+            parts[i].add(d, t)
+            one.add(d, t)
+        reports = {}
+        for i in (1, 2):
+            area, peak = locals_[i].take(APP, parts[i], tick)
+            load = AppLoad(area=area, level=parts[i].level, peak=peak)
+            reports[f"r{i}"] = Report(f"r{i}", "b", False, 0.0, tick, {APP: load})
+        area, _ = locals_[0].take(APP, parts[0], tick)
+        local = ("r0#b", area, parts[0].level, locals_[0].pop_peak(APP))
+        cluster.note_peaks(reports)
+        sums.append(cluster.sample(APP, tick, local, reports))
+        singles.append(one.take(tick))
+    # The first is the baseline (no span); after it, the same averages as one process.
+    assert [round(s.average, 9) for s in sums[1:]] == [round(s.average, 9) for s in singles[1:]]
+    assert all(c.peak >= s.peak for c, s in zip(sums[1:], singles[1:], strict=True))
+
+
+async def test_the_leader_decides_on_everyones_load(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    # 10 requests held across the three replicas (3, 3, 4), constant from here on.
+    for r, n in zip(cluster, (3, 3, 4), strict=True):
+        for _ in range(n):
+            r.view.app(APP).hold()
+    # Two rounds: every replica has published the burst, and the leader has read it. (A
+    # report read later only moves load into the next sample: the area is cumulative.)
+    for _ in range(2):
+        for r in cluster:
+            await r.round()
+    clock = leader.clock
+    leader.load(APP, clock())  # the baseline, after the burst began
+    for _ in range(3):
+        for r in cluster:
+            await r.round()
+        await asyncio.sleep(0.05)
+    sample, last = leader.load(APP, clock())
+    assert sample.average == pytest.approx(10.0, rel=0.05)  # ages are whole ms (PTTL)
+    assert last is not None
+    # The policy, ticking on the leader, wants what one process with all 10 requests wants:
+    # 10 / target_concurrency 2 = 5 machines.
+    decision = await leader.controller.tick(APP)
+    single_api = FakeMachinesAPI()
+    single_api.add(APP, "stopped")
+    one_view = FleetView()
+    single = Controller(
+        single_api,
+        one_view,
+        leader.settings.model_copy(update={"cluster": ClusterSettings()}),
+        Metrics(CollectorRegistry()),
+        probe=probe,
+    )
+    for _ in range(10):
+        one_view.app(APP).hold()
+    await asyncio.sleep(0.05)
+    alone = await single.tick(APP)
+    assert decision.desired == alone.desired == 5
+    assert decision.panic == alone.panic
+    await single.stop()
+    await one_view.close()
+
+
+async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    follower = next(r for r in cluster if r is not leader)
+    await leader.controller.tick(APP)
+    await rounds(cluster, lambda: bool(follower.view.app(APP).upstreams), 2 * TTL)
+    (up,) = follower.view.app(APP).upstreams.values()
+    assert up.state == "stopped"
+    assert follower.view_known
+    api = leader.controller.api
+    wake = follower.view.wake(APP)
+    await rounds(cluster, wake.done, 4 * TTL)
+    assert wake.result() == "start"
+    assert [u.id for u in follower.view.app(APP).routable()] == [up.id]
+    # One start for the need, by the leader, fenced.
+    assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
+
+
+async def test_a_wake_asked_of_a_lost_leader_is_served_by_the_next(
+    cluster: list[Replica],
+) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    await leader.controller.tick(APP)
+    rest = [r for r in cluster if r is not leader]
+    await rounds(cluster, lambda: all(r.view.app(APP).upstreams for r in rest), 2 * TTL)
+    await leader.cluster.redis.aclose()  # the leader dies before serving any wake
+    wakes = [r.view.wake(APP) for r in rest]
+    await rounds(rest, lambda: all(w.done() for w in wakes), 4 * TTL)
+    assert sorted(w.result() for w in wakes) in (["none", "start"], ["start", "start"])
+    api = next(r for r in rest if r.leading).api.api
+    assert api.ops("start_machine") == [next(iter(rest[0].view.app(APP).upstreams))]  # type: ignore[attr-defined]
+
+
+async def test_the_leader_counts_other_replicas_requests_per_machine(
+    cluster: list[Replica],
+) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    await leader.controller.tick(APP)
+    rest = [r for r in cluster if r is not leader]
+    await rounds(cluster, lambda: all(r.view.app(APP).upstreams for r in rest), 2 * TTL)
+    mid = next(iter(leader.view.app(APP).upstreams))
+    for r in rest:  # a request on the machine through each follower
+        r.view.app(APP).begin(r.view.app(APP).upstreams[mid])
+    up = leader.view.app(APP).upstreams[mid]
+    await rounds(cluster, lambda: up.remote_in_flight == 2, 2 * TTL)
+    rt = leader.controller.apps[APP]
+    (snap,) = rt.fleet(leader.view.app(APP)).machines
+    assert snap.in_flight == 2  # what the policy and the drains see
+    assert up.in_flight == 0  # the leader's own count (its proxy's slots) is untouched
+    # hard_limit holds across replicas: with 2 in flight elsewhere, a limit of 2 is full
+    # here, and each follower counts the other's request.
+    rng = random.Random(1)  # noqa: S311 - the balancer's choice, not a secret
+    # (the machine is stopped in this fixture: the balancer gets it as if it were routable)
+    assert pick([up], 2, rng) is None
+    assert pick([up], 3, rng) is up
+
+    def each_sees_the_other() -> bool:
+        return all(r.view.app(APP).upstreams[mid].remote_in_flight == 1 for r in rest)
+
+    await rounds(cluster, each_sees_the_other, 2 * TTL)
+    for r in rest:
+        assert pick([r.view.app(APP).upstreams[mid]], 2, rng) is None  # 1 own + 1 other
+    for r in rest:
+        r.view.app(APP).end(r.view.app(APP).upstreams[mid])
+    await rounds(cluster, lambda: up.remote_in_flight == 0, 2 * TTL)
+    assert pick([up], 1, rng) is up
+
+
+async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:
+    await rounds(
+        cluster,
+        lambda: len(leaders(cluster)) == 1 and all(len(r.cluster.others) == 2 for r in cluster),
+        2 * TTL,
+    )
+    (leader,) = leaders(cluster)
+    follower = next(r for r in cluster if r is not leader)
+    follower.view.app(APP).hold()
+    for _ in range(2):  # the follower publishes, then the leader reads it
+        for r in cluster:
+            await r.round()
+    doc: dict[str, Any] = leader.status_document()
+    assert doc["leader"] == leader.cluster.replica_id
+    assert doc["leading"] is True
+    assert sorted(r["id"] for r in doc["replicas"]) == ["r0", "r1", "r2"]
+    theirs = next(r for r in doc["replicas"] if r["id"] == follower.cluster.replica_id)
+    assert theirs["apps"][APP]["held"] == 1
+    assert 0 <= theirs["report_age_s"] < 2.0
+    g = leader.metrics.registry.get_sample_value
+    assert g("autoscaler_cluster_leader") == 1
+    assert g("autoscaler_cluster_replicas") == 3
+    assert follower.metrics.registry.get_sample_value("autoscaler_cluster_leader") == 0
+    # A follower is ready once it has the leader's view, and its idle loop is no problem.
+    admin = AdminServer(AdminSettings(), follower.metrics, follower.controller)
+    admin.cluster = follower
+    assert admin.readiness_problems() == []
+    assert admin.control_problems() == []
+    assert admin.status_document()["cluster"]["leader"] == leader.cluster.replica_id
+
+
+def test_autoscaler_status_prints_the_cluster() -> None:
+    from autoscaler.status import render
+
+    doc = {
+        "version": "x",
+        "ready": True,
+        "control_loop": True,
+        "apps": [],
+        "cluster": {
+            "replica": "b",
+            "leader": "a",
+            "leading": False,
+            "replicas": [
+                {"id": "b", "leader": False, "report_age_s": 0.1, "apps": {APP: {"held": 2}}},
+                {
+                    "id": "a",
+                    "leader": True,
+                    "report_age_s": 0.3,
+                    "apps": {APP: {"in_flight": 4, "held": 0}},
+                },
+            ],
+        },
+    }
+    text = "\n".join(render(doc))
+    assert "a follower (the cluster's leader decides)" in text
+    assert "cluster: this replica b is the follower; leader a" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("  ")]
+    assert rows[1][:2] == ["b", "no"]
+    assert rows[1][-2:] == ["0", "2"]
+    assert rows[2][:2] == ["a", "yes"]
+    assert rows[2][-2:] == ["4", "0"]
+
+
+async def test_a_redis_outage_stops_deciding_keeps_routing_and_heals(
+    own_redis: Any, key_prefix: str
+) -> None:
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    replicas = [make(own_redis.url, key_prefix, f"r{i}", api) for i in range(2)]
+    for r in replicas:
+        await r.start(rounds=False)
+    try:
+        await rounds(replicas, lambda: len(leaders(replicas)) == 1, 2 * TTL)
+        (leader,) = leaders(replicas)
+        (follower,) = [r for r in replicas if r is not leader]
+        await leader.controller.tick(APP)
+        await rounds(replicas, lambda: bool(follower.view.app(APP).routable()), 2 * TTL)
+        own_redis.stop()
+        # The leader stops deciding by its lease deadline; both keep routing to the
+        # started machine they know.
+        await rounds(replicas, lambda: not leaders(replicas), 2 * TTL)
+        assert leader.controller.apps[APP].loop is None
+        for r in replicas:
+            assert [u.id for u in r.view.app(APP).routable()] == [mid]
+            assert r.status_document()["redis_ok"] is False
+        own_redis.start()  # Redis returns (empty: it kept nothing on disk)
+        await rounds(replicas, lambda: len(leaders(replicas)) == 1, 4 * TTL)
+        (new,) = leaders(replicas)
+        await new.controller.tick(APP)
+        assert api.ops("start_machine") == []  # nothing started twice: it was started
+        assert all(r.status_document()["redis_ok"] for r in replicas)
+    finally:
+        for r in replicas:
+            await r.stop()
