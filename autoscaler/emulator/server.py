@@ -87,7 +87,11 @@ class Emulator:
         )
         api = build_app(self._ctx)
         fault_routes.add_routes(api)
-        self._runner = web.AppRunner(api, access_log=None)
+        # A client that hangs up cancels its call (a /wait blocks for up to 60 s), and
+        # closing gives the calls still under way 2 s, not aiohttp's default minute.
+        self._runner = web.AppRunner(
+            api, access_log=None, handler_cancellation=True, shutdown_timeout=2.0
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         try:
