@@ -12,14 +12,15 @@ Errors, by what the caller may do about them:
   a byte of the request was written). Nothing was sent, so another machine may be tried.
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
-- :class:`BadResponse`: what came back is not HTTP, or its head is too large (a field over
-  ``max_field_size``, more than ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times
-  ``max_field_size`` in all).
+- :class:`BadResponse`: what came back is not HTTP (a control character in the reason
+  phrase included), or its head is too large (a field over ``max_field_size``, more than
+  ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times ``max_field_size`` in all).
 - ``TimeoutError``: no answer within ``head_timeout``.
 
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
 than chunked is a :class:`BadResponse` (the proxy could not relay it unchanged), and so are
-bytes after a whole answer: the answer stands as it came, the connection is closed.
+bytes after a whole answer (a body after the answer to HEAD, a 204 or a 304 included): the
+answer stands as it came, the connection is closed.
 """
 
 from __future__ import annotations
@@ -252,9 +253,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         if ex.complete or ex._head.done():
             # Bytes after the whole answer (a second response, a 204's body): never
             # relayed, and the head already taken stays as it was.
-            ex.keep_alive = False
-            self._error = BadResponse("the machine sent more than its answer")
-            raise self._error
+            self._more_than_the_answer()
         ex.reason = ""
         ex.headers = []
         self._budget.begin()
