@@ -12,20 +12,22 @@ Errors, by what the caller may do about them:
   a byte of the request was written). Nothing was sent, so another machine may be tried.
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
-- :class:`BadResponse`: what came back is not HTTP, or its head is too large (a field over
-  ``max_field_size``, more than ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times
-  ``max_field_size`` in all).
+- :class:`BadResponse`: what came back is not HTTP (a control character in the reason
+  phrase included), or its head is too large (a field over ``max_field_size``, more than
+  ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times ``max_field_size`` in all).
 - ``TimeoutError``: no answer within ``head_timeout``.
 
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
 than chunked is a :class:`BadResponse` (the proxy could not relay it unchanged), and so are
-bytes after a whole answer: the answer stands as it came, the connection is closed.
+bytes after a whole answer (a body after the answer to HEAD, a 204 or a 304 included): the
+answer stands as it came, the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import cast
@@ -50,6 +52,7 @@ IDLE_S = 4.0
 MAX_HEADERS = 256
 HEAD_TICK_S = 0.05
 _NO_BODY_STATUS = frozenset({204, 304})
+_BAD_REASON = re.compile("[^\t\x20-\x7e\x80-\xff]")
 
 
 class UpstreamError(Exception):
@@ -170,6 +173,9 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._error: UpstreamError | None = None
         self._interim = False
+        # The answer to HEAD came whole inside the read being parsed: the rest of that read
+        # still goes to the old parser, which takes it for the body the head announced.
+        self._head_tail = False
         self._init_flow()
         # After a 101 (a WebSocket), bytes go to ``on_data``; until someone takes over,
         # they wait in ``early``.
@@ -218,6 +224,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         marks = budget.marks
         try:
             self._parser.feed_data(data)
+            self._head_tail = False
         except httptools.HttpParserCallbackError:
             assert self._error is not None
             ex.fail(self._error)
@@ -246,9 +253,7 @@ class Connection(FlowControlled, asyncio.Protocol):
         if ex.complete or ex._head.done():
             # Bytes after the whole answer (a second response, a 204's body): never
             # relayed, and the head already taken stays as it was.
-            ex.keep_alive = False
-            self._error = BadResponse("the machine sent more than its answer")
-            raise self._error
+            self._more_than_the_answer()
         ex.reason = ""
         ex.headers = []
         self._budget.begin()
@@ -272,6 +277,11 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._budget.head_done()
         ex = self.exchange
         assert ex is not None
+        if _BAD_REASON.search(ex.reason) is not None:
+            # Relayed as it came, a control character would make the client's status line
+            # one a strict client refuses (RFC 9112 4: HTAB, SP, VCHAR, obs-text only).
+            self._error = BadResponse("the machine's answer has a bad reason phrase")
+            raise self._error
         parser = self._parser
         status = parser.get_status_code()
         if status == 101 and not ex.upgrade:
@@ -289,8 +299,10 @@ class Connection(FlowControlled, asyncio.Protocol):
             if ex.head_only:
                 # llhttp cannot be told that the answer to HEAD has no body (httptools
                 # has no way to), so it would wait for Content-Length bytes: parse the
-                # next answer with a fresh parser.
+                # next answer with a fresh parser. The old one parses the rest of this read:
+                # any byte of it is more than the answer (see on_body).
                 self._parser = httptools.HttpResponseParser(self)
+                self._head_tail = True
         else:
             framed, te = _framing(ex.headers)
             problem = None if te is None else transfer_coding_problem(te)
@@ -302,13 +314,30 @@ class Connection(FlowControlled, asyncio.Protocol):
                 ex.keep_alive = False
         ex.got_head()
 
+    def _more_than_the_answer(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        ex.keep_alive = False
+        self._error = BadResponse("the machine sent more than its answer")
+        raise self._error
+
     def on_body(self, body: bytes) -> None:
+        if self._head_tail:
+            self._more_than_the_answer()  # a body after the answer to HEAD
         self._budget.mark()
         ex = self.exchange
         if ex is not None and not ex.complete:
             ex.body.feed(body)
 
     def on_message_complete(self) -> None:
+        if self._head_tail:
+            ex = self.exchange
+            assert ex is not None
+            if _framing(ex.headers)[1] is not None:
+                # The old parser read the end of a chunked body (a last chunk with no
+                # data before it): bytes after the answer to HEAD all the same.
+                self._more_than_the_answer()
+            return
         if self._interim:
             self._interim = False
             return

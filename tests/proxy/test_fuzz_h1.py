@@ -12,7 +12,9 @@ boundaries, and parses the same bytes with h11 as a server would. What must hold
 - a stream built valid is served whole by both;
 - where the stream is split changes nothing.
 
-CI runs a fixed budget; ``AUTOSCALER_FUZZ=1`` runs it long.
+The other direction, the machine's answers to upstream.py's parser, is fuzzed the same
+way in test_fuzz_h1_responses.py. CI runs a fixed budget; ``AUTOSCALER_FUZZ=1`` runs it
+long.
 """
 
 from __future__ import annotations
