@@ -312,6 +312,18 @@ class Service:
         await self._stopped.wait()
 
 
+def load_or_report(
+    config: str | None, overrides: Mapping[str, Any] | None
+) -> tuple[Settings, Path] | None:
+    """The settings and the file they came from, or None once every problem is logged."""
+    try:
+        return load_settings(config, overrides=overrides)
+    except ConfigError as exc:
+        for line in exc.problems:
+            _log.error("config_invalid", problem=line)
+        return None
+
+
 def run(
     config: str | None, overrides: Mapping[str, Any] | None = None, *, emulator: bool = False
 ) -> int:
@@ -323,12 +335,10 @@ def run(
     """
     if emulator:
         overrides = {**(overrides or {}), "fly": {"api_url": EMBEDDED}}
-    try:
-        settings, path = load_settings(config, overrides=overrides)
-    except ConfigError as exc:
-        for line in exc.problems:
-            _log.error("config_invalid", problem=line)
+    loaded = load_or_report(config, overrides)
+    if loaded is None:
         return 2
+    settings, path = loaded
     if settings.fly.api_url is None:
         _log.error("config_invalid", problem=NO_API_URL.format(path=path))
         return 2

@@ -29,15 +29,9 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
-from autoscaler.config import (
-    EMBEDDED,
-    ConfigError,
-    authority,
-    default_replica_id,
-    load_settings,
-    parse_host_port,
-)
+from autoscaler.config import EMBEDDED, authority, default_replica_id, parse_host_port
 from autoscaler.logs import get_logger
+from autoscaler.service import load_or_report
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0
@@ -69,12 +63,10 @@ def supervise(
     if emulator:
         _log.error("config_invalid", problem="--workers cannot share an embedded emulator")
         return 2
-    try:
-        settings, path = load_settings(config, overrides=overrides)
-    except ConfigError as exc:
-        for line in exc.problems:
-            _log.error("config_invalid", problem=line)
+    loaded = load_or_report(config, overrides)
+    if loaded is None:
         return 2
+    settings, path = loaded
     if settings.cluster.redis_url is None:
         _log.error(
             "config_invalid",

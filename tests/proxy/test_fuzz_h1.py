@@ -27,6 +27,10 @@ import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from autoscaler.proxy import forward
+
+from . import fuzzing
+from .fuzzing import chunk_frames
 from .inproc import Harness
 
 LONG = os.environ.get("AUTOSCALER_FUZZ") == "1"
@@ -39,14 +43,7 @@ FUZZ = settings(
 )
 
 # Headers the proxy removes or sets itself: left out of the comparison.
-_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
+_HOP = forward.HOP_BY_HOP | {
     b"expect",
     b"via",
     b"x-forwarded-for",
@@ -138,8 +135,8 @@ def _same(ours: Served, theirs: Served) -> bool:
 
 # --- the generator ------------------------------------------------------------------------
 
-_token = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=8).map(str.encode)
-_value = st.text("abcdefghijklmnopqrstuvwxyz0123456789 ;=,/", max_size=12).map(str.encode)
+_token = fuzzing.token
+_value = fuzzing.value
 _path = st.text("abcdefghijklmnopqrstuvwxyz0123456789/._~%?=&", max_size=16).map(
     lambda s: b"/" + s.encode()
 )
@@ -149,18 +146,7 @@ _path = st.text("abcdefghijklmnopqrstuvwxyz0123456789/._~%?=&", max_size=16).map
 def chunked(draw: st.DrawFn, body: bytes) -> tuple[bytes, bool]:
     """A chunked encoding of ``body`` (extensions, trailers, upper-case hex), and whether
     it was left valid."""
-    out = []
-    valid = True
-    rest = body
-    while rest:
-        n = draw(st.integers(1, len(rest)))
-        size = b"%x" % n
-        if draw(st.booleans()):
-            size = size.upper()
-        ext = draw(st.sampled_from([b"", b";a=b", b';x="q"', b" ;bad"]))
-        valid = valid and ext != b" ;bad"
-        out.append(size + ext + b"\r\n" + rest[:n] + b"\r\n")
-        rest = rest[n:]
+    out, valid = chunk_frames(draw, body)
     last = draw(st.sampled_from([b"0\r\n", b"000\r\n", b"0;e=1\r\n"]))
     trailers = draw(st.sampled_from([b"", b"X-T: 1\r\n", b"Host: evil\r\n"]))
     out.append(last + trailers + b"\r\n")

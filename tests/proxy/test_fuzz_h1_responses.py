@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 
 from autoscaler.proxy import forward, upstream
 
+from . import fuzzing
+from .fuzzing import chunk_frames
 from .inproc import FakeTransport, _settle
 
 LONG = os.environ.get("AUTOSCALER_FUZZ") == "1"
@@ -203,8 +205,8 @@ def relayed(method: bytes, ours: Verdict) -> Verdict:
 
 # --- the generator ------------------------------------------------------------------------
 
-_token = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=8).map(str.encode)
-_value = st.text("abcdefghijklmnopqrstuvwxyz0123456789 ;=,/", max_size=12).map(str.encode)
+_token = fuzzing.token
+_value = fuzzing.value
 _HOP_NAMES = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade"}
 _token = _token.filter(lambda t: t.lower() not in _HOP_NAMES and not t.startswith(b"proxy-"))
 
@@ -213,18 +215,7 @@ _token = _token.filter(lambda t: t.lower() not in _HOP_NAMES and not t.startswit
 def chunked(draw: st.DrawFn, body: bytes) -> tuple[bytes, bool]:
     """A chunked encoding of ``body`` (extensions, trailers, upper-case hex), and whether
     it was left valid."""
-    out = []
-    valid = True
-    rest = body
-    while rest:
-        n = draw(st.integers(1, len(rest)))
-        size = b"%x" % n
-        if draw(st.booleans()):
-            size = size.upper()
-        ext = draw(st.sampled_from([b"", b";a=b", b';x="q"', b" ;bad"]))
-        valid = valid and ext != b" ;bad"
-        out.append(size + ext + b"\r\n" + rest[:n] + b"\r\n")
-        rest = rest[n:]
+    out, valid = chunk_frames(draw, body)
     last = draw(st.sampled_from([b"0\r\n", b"000\r\n", b"0;e=1\r\n"]))
     trailers = draw(st.sampled_from([b"", b"X-T: 1\r\n", b"Content-Length: 99\r\n"]))
     out.append(last + trailers + b"\r\n")
