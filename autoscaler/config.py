@@ -226,7 +226,8 @@ class ProxySettings(_Model):
         ),
     )
     unhealthy_backoff_s: Seconds = Field(
-        default=2.0, description="how long a machine that refused a connection is skipped"
+        default=2.0,
+        description="how long a machine that refused or dropped a connection is skipped",
     )
     eject_after: int = Field(
         default=5,

@@ -187,6 +187,14 @@ class AppView:
         up.unhealthy_until = self.clock() + backoff_s
         self._routable = None
 
+    def skip(self, up: Upstream, backoff_s: float) -> None:
+        """Route no request to ``up`` for ``backoff_s``, unless a longer skip (an
+        ejection) already holds it out."""
+        until = self.clock() + backoff_s
+        if until > up.unhealthy_until:
+            up.unhealthy_until = until
+            self._routable = None
+
     def begin(self, up: Upstream) -> None:
         """A request went to ``up``."""
         now = self.clock()

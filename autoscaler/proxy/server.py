@@ -323,12 +323,28 @@ class ProxyServer:
         the app's ``wake_timeout_s``: a machine still booting refuses until its server
         listens, and held requests wait for it (the short skip applies all the same)."""
         view = self.view.app(app.name)
-        view.mark_unhealthy(up, self._knobs.unhealthy_backoff_s)
+        view.skip(up, self._knobs.unhealthy_backoff_s)
         view.notify()
         _log.info("machine_unreachable", app=app.name, machine=up.id)
         started = up.started_at
         if app.static or started is None or view.clock() - started >= app.wake_timeout_s:
             self.health.failed(app.name, up, health.CONNECT)
+
+    def _lost_connection(self, app: AppConfig, up: Upstream) -> None:
+        """The machine closed or reset a connection before its answer was whole. Its
+        process may have died, and then a request sent to it before the kernel closes its
+        listening socket would be lost too, with no safe retry: the machine's idle
+        connections are dropped and, while the app has another routable machine, it gets
+        no request for ``unhealthy_backoff_s`` (nginx's default marks a server down for
+        10 s after one such failure). The last routable machine keeps its traffic: a
+        live one that dropped a connection must not hold every request of its app."""
+        pool = self._pool
+        if pool is not None:
+            pool.forget(self._address(app, up)[1])
+        view = self.view.app(app.name)
+        if any(u is not up for u in view.routable()):
+            view.skip(up, self._knobs.unhealthy_backoff_s)
+            view.notify()
 
     async def _forward(
         self, request: Request, app: AppConfig, gate: Gate, ctx: RequestContext
@@ -387,6 +403,8 @@ class ProxyServer:
                     body.raise_for_client()
                 # Some of the request was written: the machine may have acted on it.
                 lost = isinstance(exc, upstream.ConnectionLost)
+                if lost:
+                    self._lost_connection(app, up)
                 verdicts.failed(app.name, up, health.RESET if lost else health.BAD_RESPONSE)
                 raise Failure(502, "the machine failed to answer") from None
             if exchange is None:
@@ -475,6 +493,8 @@ class ProxyServer:
                         app=app.name,
                         reason="stalled" if stalled else "broken",
                     )
+                    if isinstance(exc, upstream.ConnectionLost):
+                        self._lost_connection(app, up)
                     verdicts.failed(app.name, up, health.TIMEOUT if stalled else health.RESET)
                     conn.abort()
                     return

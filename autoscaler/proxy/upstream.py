@@ -457,6 +457,13 @@ class Pool:
         if self._puts % 1024 == 0:
             self._sweep()
 
+    def forget(self, authority: str) -> None:
+        """Close the idle connections to a machine that just broke one: when its process
+        died, they are dead too, and a request written on one before its reset arrives
+        could not go elsewhere."""
+        for conn in self._idle.pop(authority, ()):
+            conn.close()
+
     @staticmethod
     def _expire(idle: list[Connection], now: float) -> None:
         keep = []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
+import pytest
 from aiohttp import web
 from testkit import free_port, until
 
@@ -175,6 +177,81 @@ async def test_a_request_the_machine_got_is_never_sent_again(
     async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
         assert r.status == 502
     assert len(hits) == 1  # not even a GET
+
+
+def breaks_once(hits: list[str], name: str, *, mid_body: bool) -> web.Application:
+    """A machine that drops its first connection (before the head, or mid-body), then
+    answers as usual: the drop looks like a crash, the machine is alive."""
+
+    calls = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        hits.append(name)
+        if calls == 1 and request.transport is not None:
+            if mid_body:
+                resp = web.StreamResponse()
+                resp.enable_chunked_encoding()
+                await resp.prepare(request)
+                await resp.write(b"part of it")
+            request.transport.abort()
+            return web.Response()
+        return web.Response(text=name)
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    return app
+
+
+@pytest.mark.parametrize("mid_body", [False, True], ids=["before_head", "mid_body"])
+async def test_a_machine_that_drops_a_connection_is_skipped_while_another_serves(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    mid_body: bool,
+) -> None:
+    """A machine whose process dies resets its connections a moment before the kernel
+    closes its listening socket: a request sent in that moment is lost, and may not be
+    replayed. So a machine that dropped a connection gets no request for the backoff
+    while the app has another one (its idle pooled connections are closed too)."""
+    hits: list[str] = []
+    broken = await backend(breaks_once(hits, "broken", mid_body=mid_body))
+    other = await backend(counting_app(hits, "other", reset=False))
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [broken, other]}],
+        unhealthy_backoff_s=60,
+    )
+    while "broken" not in hits:  # until the balancer tried the broken one
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+                await r.read()
+    hits.clear()
+    for _ in range(10):
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert r.status == 200
+            assert await r.text() == "other"
+    assert hits == ["other"] * 10
+    assert [u.id for u in fleet.app("a").routable()] == [other]
+
+
+async def test_the_last_machine_keeps_its_traffic_after_dropping_a_connection(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    """Alone in its app, a machine that dropped one connection is not skipped: the next
+    request goes to it at once (skipping it would hold every request of the app)."""
+    hits: list[str] = []
+    only = await backend(breaks_once(hits, "only", mid_body=False))
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [only]}], unhealthy_backoff_s=60
+    )
+    async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+        assert r.status == 502
+    async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+        assert r.status == 200
+        assert await r.text() == "only"
+    assert hits == ["only", "only"]
 
 
 async def test_upstream_timeout_is_504(
