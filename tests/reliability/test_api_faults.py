@@ -22,7 +22,6 @@ Default length ~35 s; ``AUTOSCALER_SOAK=1`` runs the issue's full 2 minutes.
 from __future__ import annotations
 
 import asyncio
-import math
 from pathlib import Path
 
 import pytest
@@ -53,6 +52,7 @@ WAKE_CLIENTS = 2
 OUTAGE = FaultSettings(latency_s=0.2, error_rate=1.0)
 STEADY = 30
 TICKS_TO_CONVERGE = 10
+TRANSITIONS = frozenset({"starting", "stopping", "suspending", "created"})
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -126,16 +126,16 @@ async def test_api_faults_lose_no_request(
         await asyncio.sleep(phase_s)
         behind = (len(started(emulator, APP)), rt.desired)
 
-        # The faults stop under steady load: within 10 ticks the fleet matches desired,
-        # plus the ticks a cold boot of the emulator's profile may take (Fly's: up to 3 s).
-        start_s = emulator.settings.effective_timing().start_s
-        boot_s = max(start_s) if isinstance(start_s, tuple) else start_s
-        allowed = TICKS_TO_CONVERGE + math.ceil(boot_s / config["control"]["tick_s"])
+        # The faults stop under steady load: within 10 ticks the fleet matches desired, not
+        # counting the ticks that end while a machine is in a transition (a cold boot is a
+        # real process starting: up to 3 s on Fly's profile, and seconds on a busy VM);
+        # that is the machine's time, not the controller's.
         emulator.set_faults(FaultSettings())
         # Only ticks that began after the faults stopped count (one that began earlier may
         # still finish, with a stale view).
         stopped_at = svc.clock()
         ticks: list[float] = []
+        in_transition = 0
         converged_after: int | None = None
         async with asyncio.timeout(60):
             while converged_after is None:
@@ -144,16 +144,20 @@ async def test_api_faults_lose_no_request(
                 if last is None or last <= stopped_at or (ticks and ticks[-1] == last):
                     continue
                 ticks.append(last)
+                if any(m.state in TRANSITIONS for m in emulator.machines(APP)):
+                    in_transition += 1
                 up = [m for m in started(emulator, APP) if m not in our_cordons(emulator, APP)]
                 if rt.desired is not None and len(up) == rt.desired and not rt.running:
                     converged_after = len(ticks)
-                elif len(ticks) > allowed:
+                elif len(ticks) - in_transition > TICKS_TO_CONVERGE:
                     break
         desired = rt.desired
         await load.resize(0)
+        states = {m.id: m.state for m in emulator.machines(APP)}
         assert converged_after is not None, (
-            f"not at desired ({desired}) after {allowed} ticks without faults: "
-            f"started={started(emulator, APP)} cordoned={our_cordons(emulator, APP)}"
+            f"not at desired ({desired}) after {len(ticks)} ticks without faults, "
+            f"{in_transition} of them with a machine in a transition: machines={states} "
+            f"cordoned={our_cordons(emulator, APP)}"
         )
 
         # Idle: the app goes back to sleep, and no cordon of ours stays behind.
