@@ -31,7 +31,9 @@ async def probe(host: str, port: int) -> bool:
     return True
 
 
-def make(url: str, prefix: str, rid: str, api: FakeMachinesAPI) -> Replica:
+def make(
+    url: str, prefix: str, rid: str, api: FakeMachinesAPI, *, self_wake_after_s: float = 2.0
+) -> Replica:
     settings = Settings(
         apps=[
             AppConfig(
@@ -44,7 +46,11 @@ def make(url: str, prefix: str, rid: str, api: FakeMachinesAPI) -> Replica:
         ],
         control=ControlSettings(tick_s=60),  # ticks by hand; the loop's first tick only
         cluster=ClusterSettings(
-            redis_url=SecretStr(url), replica_id=rid, lease_ttl_s=TTL, key_prefix=prefix
+            redis_url=SecretStr(url),
+            replica_id=rid,
+            lease_ttl_s=TTL,
+            key_prefix=prefix,
+            self_wake_after_s=self_wake_after_s,
         ),
     )
     return Replica(settings, api, FleetView(), Metrics(CollectorRegistry()), probe=probe)
@@ -193,6 +199,59 @@ async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica
     assert [u.id for u in follower.view.app(APP).routable()] == [up.id]
     # One start for the need, by the leader, fenced.
     assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
+
+
+async def routable_in(replica: Replica, limit_s: float = 10.0) -> None:
+    """Await (no rounds) until ``replica`` sees a routable machine of the app."""
+    view = replica.view.app(APP)
+
+    async def wait() -> None:
+        while not view.routable():
+            await view.changed()
+
+    await asyncio.wait_for(wait(), limit_s)
+
+
+async def test_followers_learn_of_a_start_through_the_push(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    followers = [r for r in cluster if r is not leader]
+    await leader.controller.tick(APP)
+    await rounds(cluster, lambda: all(r.view.app(APP).upstreams for r in followers), 2 * TTL)
+    for r in followers:
+        await asyncio.wait_for(r.subscribed.wait(), 5)
+        assert not r.view.app(APP).routable()
+    # From here no round runs (no poll, ever): only the leader's push can tell the
+    # followers that the machine came up.
+    assert await leader.view.wake(APP) == "start"
+    for r in followers:
+        await routable_in(r)
+        assert r.pushes_applied >= 1
+    # A follower's round now reads the leader's report written before the start: older
+    # than the push (same fencing token, lower sequence), so it does not undo it.
+    for r in followers:
+        await r.round()
+        assert [u.state for u in r.view.app(APP).upstreams.values()] == ["started"]
+
+
+async def test_a_lost_push_is_repaired_by_the_next_read(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    follower = next(r for r in cluster if r is not leader)
+    await leader.controller.tick(APP)
+    await rounds(cluster, lambda: bool(follower.view.app(APP).upstreams), 2 * TTL)
+    # The follower stops listening (as if its subscription had dropped): the push of the
+    # start never reaches it.
+    assert follower._watcher is not None
+    pushed = follower.pushes_applied
+    follower._watcher.cancel()
+    await asyncio.gather(follower._watcher, return_exceptions=True)
+    assert await leader.view.wake(APP) == "start"
+    assert not follower.view.app(APP).routable()
+    await leader.round()  # the leader's report now says started
+    await follower.round()  # one read
+    assert follower.view.app(APP).routable()
+    assert follower.pushes_applied == pushed
 
 
 async def test_a_wake_asked_of_a_lost_leader_is_served_by_the_next(

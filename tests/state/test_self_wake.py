@@ -1,0 +1,75 @@
+"""Wake claims against a real redis-server: one wake per app across replicas, with a
+fencing token; followers that no leader serves wake by themselves, once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from control.fakes import FakeMachinesAPI
+
+from autoscaler.state.claim import WakeClaims
+from state.test_replica import APP, make
+
+
+async def test_one_claim_per_app_with_a_growing_token(redis_server: str, key_prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    try:
+        a = WakeClaims(client, key_prefix, "a", 5.0)
+        b = WakeClaims(client, key_prefix, "b", 5.0)
+        first = await a.take(APP)
+        assert first is not None
+        assert first.previous == ""
+        assert await b.take(APP) is None  # taken: b waits for a's machine
+        assert await b.take("other") is not None  # per app
+        assert await first.check()
+        assert await a.holder_of(APP) == "a"
+        await first.release()
+        assert not await first.check()
+        second = await b.take(APP)
+        assert second is not None
+        assert second.token > first.token
+        assert second.previous == "a"  # b knows someone else woke the app last
+        await client.delete(second.key)  # the claim expired (or was stolen)
+        assert not await second.check()  # its actions are not sent
+        assert not await second.renew()
+    finally:
+        await client.aclose()
+
+
+async def test_followers_without_a_leader_wake_once(redis_server: str, key_prefix: str) -> None:
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    api.add(APP, "stopped")
+    # Two followers and no leader (no round ever runs, so none is elected): each holds a
+    # request for the sleeping app.
+    followers = [
+        make(redis_server, key_prefix, f"f{i}", api, self_wake_after_s=0.05) for i in range(2)
+    ]
+    for r in followers:
+        await r.start(rounds=False)
+    try:
+        # The first start waits until the other follower has found the claim taken: both
+        # are then past the point where, without the claim, each would start a machine.
+        api.gates["start_machine"] = gate = asyncio.Event()
+        wakes = [r.view.wake(APP) for r in followers]
+
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while not (api.ops("start_machine") and any(r.claim_waits for r in followers)):
+            assert loop.time() - since < 10, "the claim was never contended"
+            await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*wakes), 10)
+        # One replica won the claim and started a machine; the other waited for the
+        # claim, read the API under it and found that machine up.
+        assert sorted(results) == ["none", "start"]
+        (started,) = api.ops("start_machine")
+        assert started in api.machines[APP]
+        for r in followers:
+            assert [u.id for u in r.view.app(APP).routable()] == [started]
+        assert sum(r.self_wakes for r in followers) == 2
+        assert all(r.status_document()["self_wakes"] == 1 for r in followers)
+    finally:
+        for r in followers:
+            await r.stop()
