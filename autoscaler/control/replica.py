@@ -74,6 +74,7 @@ class Replica:
         self.metrics = metrics
         self.clock = clock
         self.cluster = cluster if cluster is not None else Cluster(settings.cluster, clock=clock)
+        metrics.set_replica(self.cluster.replica_id)
         self.api = FencedAPI(api, self.cluster.lease.check)
         self.controller = Controller(
             self.api,
@@ -197,6 +198,7 @@ class Replica:
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
         await self.controller.stop()
+        self.metrics.forget_decisions()
         self.view.set_waker(self.remote_wake)
 
     # --- load ---------------------------------------------------------------------------

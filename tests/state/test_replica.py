@@ -87,6 +87,9 @@ async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
     await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
     (leader,) = leaders(cluster)
     assert leader.controller.apps[APP].loop is not None  # only the leader's loops run
+    await leader.controller.tick(APP)
+    desired = {"app": APP}
+    assert leader.metrics.registry.get_sample_value("autoscaler_desired_machines", desired) == 0
     for r in cluster:
         if r is not leader:
             assert r.controller.apps[APP].loop is None
@@ -103,6 +106,8 @@ async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
     await rounds([leader], lambda: not leader.leading, 2 * TTL)
     assert leader.controller.apps[APP].loop is None
     assert leader.metrics.registry.get_sample_value("autoscaler_cluster_leader") == 0
+    # It no longer exports the decider's gauges: summed over replicas, only the leader's count.
+    assert leader.metrics.registry.get_sample_value("autoscaler_desired_machines", desired) is None
 
 
 def test_summed_load_is_one_processs_load() -> None:
@@ -401,3 +406,27 @@ async def test_a_redis_outage_stops_deciding_keeps_routing_and_heals(
     finally:
         for r in replicas:
             await r.stop()
+
+
+def test_the_replica_label_is_there_in_cluster_mode_only() -> None:
+    from prometheus_client import generate_latest
+
+    metrics = Metrics(CollectorRegistry(), version="1.2.3")
+    metrics.declare_app(APP)
+    metrics.cluster_replicas.set(1)
+    # A single process exports exactly what its registry holds: no replica label at all.
+    assert generate_latest(metrics.exported) == generate_latest(metrics.registry)
+    assert b"replica=" not in generate_latest(metrics.exported)
+    metrics.set_replica("r7")
+    samples = [
+        line
+        for line in generate_latest(metrics.exported).decode().splitlines()
+        if line and not line.startswith("#")
+    ]
+    cluster_wide = ("autoscaler_build_info", "autoscaler_cluster_replicas")
+    for line in samples:
+        assert ('replica="r7"' in line) != line.startswith(cluster_wide), line
+    assert 'autoscaler_queued_requests{app="web",replica="r7"} 0.0' in samples
+    assert "autoscaler_cluster_replicas 1.0" in samples
+    # The registry itself (what the code and tests read) is unchanged.
+    assert metrics.registry.get_sample_value("autoscaler_queued_requests", {"app": APP}) == 0

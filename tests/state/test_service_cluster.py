@@ -90,6 +90,15 @@ async def test_two_replicas_one_wake_and_a_handover(
                 doc: dict[str, Any] = await resp.json()
             async with http.get(f"http://{host}:{port}/readyz") as resp:
                 assert resp.status == 200
+            async with http.get(f"http://{host}:{port}/metrics") as resp:
+                exported = await resp.text()
+        # Per-replica series carry the replica's id; the cluster-wide count does not.
+        lines = exported.splitlines()
+        requests = [line for line in lines if line.startswith("autoscaler_requests_total{")]
+        assert requests
+        assert all('replica="b"' in line for line in requests)
+        assert any(line.startswith('autoscaler_cluster_leader{replica="b"} 0') for line in lines)
+        assert any(line.startswith("autoscaler_cluster_replicas 2") for line in lines)
         # One start, by the leader. The follower read the API once, at start-up (the check
         # for Fly's own autostop), and never since: it routes with the leader's view.
         assert starts(leader) == 1
