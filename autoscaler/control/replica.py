@@ -100,6 +100,8 @@ class Replica:
         """Wakes this replica made as a follower under a wake claim (status, tests)."""
         self.claim_waits = 0
         """Times a wake of ours found the app's claim held by another replica."""
+        self.claim_errors = 0
+        """Times a wake of ours could not reach Redis to take the app's claim."""
         self._applied: dict[str, tuple[int, int]] = {}
         """Per app, the (fencing token, sequence) of the leader's view applied last."""
         self._seq = 0
@@ -334,6 +336,7 @@ class Replica:
         try:
             claim = await self.cluster.claims.take(app)
         except Exception as exc:
+            self.claim_errors += 1
             self._redis_trouble(exc)
             return None
         if claim is None:

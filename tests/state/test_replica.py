@@ -32,7 +32,13 @@ async def probe(host: str, port: int) -> bool:
 
 
 def make(
-    url: str, prefix: str, rid: str, api: FakeMachinesAPI, *, self_wake_after_s: float = 2.0
+    url: str,
+    prefix: str,
+    rid: str,
+    api: FakeMachinesAPI,
+    *,
+    self_wake_after_s: float = 2.0,
+    wake_timeout_s: float = 30.0,
 ) -> Replica:
     settings = Settings(
         apps=[
@@ -42,6 +48,7 @@ def make(
                 target_utilization=1.0,
                 min_lifetime_s=0,
                 scale_down_delay_s=0,
+                wake_timeout_s=wake_timeout_s,
             )
         ],
         control=ControlSettings(tick_s=60),  # ticks by hand; the loop's first tick only

@@ -4,10 +4,13 @@ fencing token; followers that no leader serves wake by themselves, once."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from control.fakes import FakeMachinesAPI
 
+from autoscaler.control.wake import WakeError
 from autoscaler.state.claim import WakeClaims
 from state.test_replica import APP, make
 
@@ -73,3 +76,35 @@ async def test_followers_without_a_leader_wake_once(redis_server: str, key_prefi
     finally:
         for r in followers:
             await r.stop()
+
+
+async def test_without_redis_a_follower_refuses_to_wake(own_redis: Any, key_prefix: str) -> None:
+    """Redis down: nothing can prove a wake is the only one, so none is sent; the held
+    request fails after its wake timeout. Redis back within it: the wake goes, once."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    replica = make(own_redis.url, key_prefix, "f", api, self_wake_after_s=0.05, wake_timeout_s=1)
+    await replica.start(rounds=False)
+    try:
+        own_redis.stop()
+        with pytest.raises(WakeError):
+            await asyncio.wait_for(replica.view.wake(APP), 10)
+        assert replica.claim_errors >= 1
+        assert api.ops("start_machine") == []
+        assert replica.status_document()["redis_ok"] is False
+        # A wake under way when Redis returns takes the claim and wakes (this one may wait
+        # for as long as Redis takes to come back).
+        rt = replica.controller.apps[APP]
+        rt.reconfigure(rt.config.model_copy(update={"wake_timeout_s": 30.0}))
+        wake = replica.view.wake(APP)
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        tried = replica.claim_errors
+        while replica.claim_errors == tried:  # it tried (and failed) once more
+            assert loop.time() - since < 10, "no claim was tried"
+            await asyncio.sleep(0.01)
+        own_redis.start()
+        assert await asyncio.wait_for(wake, 10) == "start"
+        assert len(api.ops("start_machine")) == 1
+    finally:
+        await replica.stop()
