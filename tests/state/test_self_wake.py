@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from control.fakes import FakeMachinesAPI
 
+from autoscaler.control.fencing import WAKE_FENCE, Fenced, FencedAPI
 from autoscaler.control.wake import WakeError
 from autoscaler.state.claim import WakeClaims
 from state.test_replica import APP, make
@@ -36,8 +37,45 @@ async def test_one_claim_per_app_with_a_growing_token(redis_server: str, key_pre
         await client.delete(second.key)  # the claim expired (or was stolen)
         assert not await second.check()  # its actions are not sent
         assert not await second.renew()
+        # A claimant that hung past its local deadline acts no more, even though Redis
+        # still names it (the key outlives the local deadline).
+        now = [0.0]
+        hung = WakeClaims(client, key_prefix, "h", 5.0, clock=lambda: now[0])
+        third = await hung.take("third")
+        assert third is not None
+        assert await third.check()
+        now[0] = 4.6  # past 0.9 x 5 s
+        assert await hung.holder_of("third") == "h"
+        assert not await third.check()
     finally:
         await client.aclose()
+
+
+async def test_a_wake_is_fenced_by_its_claim_not_by_the_lease() -> None:
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+
+    async def no() -> bool:
+        return False
+
+    async def yes() -> bool:
+        return True
+
+    fenced = FencedAPI(api, no)  # a follower: no lease
+    with pytest.raises(Fenced):
+        await fenced.start_machine(APP, mid)
+    token = WAKE_FENCE.set(yes)  # ... but the app's wake claim
+    try:
+        await fenced.start_machine(APP, mid)
+        # Tasks the wake starts copy its context: their calls are fenced by the claim too.
+        await asyncio.get_running_loop().create_task(fenced.stop_machine(APP, mid))
+    finally:
+        WAKE_FENCE.reset(token)
+    assert api.ops("start_machine") == [mid]
+    assert api.ops("stop_machine") == [mid]
+    with pytest.raises(Fenced):  # outside the wake: the lease again
+        await fenced.start_machine(APP, mid)
+    assert fenced.refused == 2
 
 
 async def test_followers_without_a_leader_wake_once(redis_server: str, key_prefix: str) -> None:
