@@ -7,9 +7,9 @@ set ``{prefix}:replicas``. The hash holds, per app, the replica's load as a JSON
 started, read from the proxy's :class:`~autoscaler.scaling.window.ConcurrencyMeter`),
 ``level`` (in flight + held now), ``in_flight``, ``held``, ``peak`` (since its previous
 report) and ``idle_s`` (seconds since its last request). The leader adds its fleet view per
-app (``fleet:{app}``: the machines it routes to, with state and cordon, and the view's
-sequence number) and its fencing token (``fence``), so followers route without reading the
-Machines API themselves.
+app (``fleet:{app}``: the machines it routes to, with state and cordon; ``seq:{app}``: the
+view's sequence number) and its fencing token (``fence``), so followers route without
+reading the Machines API themselves.
 
 The leader also *pushes* every change of its view at once, on the pub/sub channel
 ``{prefix}:view`` (:class:`ViewPush`: its id, its fencing token and the changed apps with
@@ -318,7 +318,10 @@ class Cluster:
         for app, load in loads.items():
             mapping[f"load:{app}"] = load.to_json()
         for app, view in (fleet or {}).items():
-            mapping[f"fleet:{app}"] = json.dumps(view.to_json())
+            # The machines as before, their sequence apart: a replica of the previous
+            # release (a rolling upgrade) still reads the view.
+            mapping[f"fleet:{app}"] = json.dumps(view.machines)
+            mapping[f"seq:{app}"] = str(view.seq)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             pipe.hset(key, mapping=mapping)
@@ -349,7 +352,7 @@ class Cluster:
                 continue
             loads = {k[5:]: AppLoad.from_json(v) for k, v in data.items() if k.startswith("load:")}
             fleet = {
-                k[6:]: AppFleet.from_json(json.loads(v))
+                k[6:]: AppFleet(int(data.get(f"seq:{k[6:]}") or 0), json.loads(v))
                 for k, v in data.items()
                 if k.startswith("fleet:")
             }
