@@ -138,6 +138,8 @@ class Replica:
         self.subscribed.clear()
         if self.leading:
             await self._step_down()
+        else:
+            await self.controller.stop()  # what a wake of ours (a self-wake) left running
         self.view.set_waker(None)
         self.view.set_machines_listener(None)
         await self.cluster.close()
