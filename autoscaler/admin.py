@@ -220,7 +220,7 @@ class AdminServer:
     # --- endpoints -----------------------------------------------------------------------
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        body = generate_latest(self.metrics.exported)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -339,6 +339,12 @@ class ClusterSettings(_Model):
         min_length=1,
         description="prefix of every Redis key (one per cluster sharing a Redis)",
     )
+    self_wake_after_s: Seconds = Field(
+        default=2.0,
+        gt=0,
+        description="a follower whose held requests see no machine come up within this wakes"
+        " the app itself, under the app's wake claim",
+    )
 
     @field_validator("redis_url")
     @classmethod

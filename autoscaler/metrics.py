@@ -3,6 +3,12 @@
 Names and labels are a public interface (dashboards, alert rules and README's metrics table
 rely on them). Label values stay bounded: apps, states, actions and status codes, never
 machine ids, paths or client addresses.
+
+In cluster mode every series that ``/metrics`` exports carries one more label, ``replica``
+(this replica's id), except those in :data:`CLUSTER_WIDE`; a single process exports none
+(Prometheus reads a missing label as the empty one, so ``sum by (app)`` and the like read
+both the same). The label is added when scraped (:class:`ReplicaLabel` over the registry),
+so the metric objects, their call sites and ``Metrics.registry`` are the same in both modes.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ RESTART_RESULTS = ("ok", "failed", "exhausted")
 PREWARM_RESULTS = ("hit", "miss")
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
 EJECTION_REASONS = ("connect", "reset", "timeout", "bad_response", "5xx", "checks")
+# Families whose value is the same on every replica: no ``replica`` label in cluster mode.
+CLUSTER_WIDE = frozenset({"autoscaler_build_info", "autoscaler_cluster_replicas"})
 
 
 class Metrics:
@@ -51,6 +59,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, version: str = "") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._labelled = ReplicaLabel(r)
+        self.exported = CollectorRegistry(auto_describe=False)
+        """What ``/metrics`` serves: the registry's metrics, with the ``replica`` label in
+        cluster mode."""
+        self.exported.register(self._labelled)
         self.proxy = RequestMetrics(r)
         self.queued = Gauge(
             "autoscaler_queued_requests",
@@ -180,6 +193,17 @@ class Metrics:
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result=result)
 
+    def set_replica(self, replica: str | None) -> None:
+        """Cluster mode: label the exported series with this replica's id (None: not)."""
+        self._labelled.replica = replica
+
+    def forget_decisions(self) -> None:
+        """A replica that stops deciding drops the gauges only the decider keeps up to date
+        (machines by state, desired machines, panic mode), so that summing over replicas
+        counts the leader's alone."""
+        for gauge in (self.machines, self.desired_machines, self.panic_mode):
+            gauge.clear()
+
     def declare_app(self, app: str, *, scaled: bool = True) -> None:
         """Export the app's series whose label values are known in advance, at 0.
 
@@ -212,6 +236,24 @@ class Metrics:
         code = str(status) if status is not None else "error"
         self.api_requests.labels(operation=operation, code=code).inc()
         self.api_request_duration.labels(operation=operation).observe(duration_s)
+
+
+class ReplicaLabel(Collector):
+    """A registry's metrics, read when scraped, with ``replica`` added to every sample of
+    every family not in :data:`CLUSTER_WIDE` while :attr:`replica` is set."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+        self.replica: str | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        replica = self.replica
+        for family in self.source.collect():
+            if replica is not None and family.name not in CLUSTER_WIDE:
+                family.samples = [
+                    s._replace(labels={**s.labels, "replica": replica}) for s in family.samples
+                ]
+            yield family
 
 
 # The "le" labels, written as prometheus_client writes them.

@@ -105,6 +105,17 @@ def test_metrics_table_matches_the_registry() -> None:
     assert documented == declared
 
 
+def test_the_metrics_note_names_the_series_without_a_replica_label() -> None:
+    from autoscaler.metrics import CLUSTER_WIDE
+
+    text = README.read_text()
+    start = text.index("## Metrics")
+    note = text[start : text.index("| metric |", start)]
+    assert set(re.findall(r"`(autoscaler_\w+)`", note.split("except", 1)[1].split(".")[0])) == (
+        CLUSTER_WIDE
+    )
+
+
 _COMMON = {"-h", "--help", "--log-level", "--log-format"}
 
 

@@ -8,6 +8,11 @@ still holds our fencing token). When it says no, the call is not sent: :class:`F
 is raised instead, a :class:`FlyError` without a status, which the actuator handles as it
 handles any failed action (the next tick, if we still lead, reads the truth again).
 
+A wake runs under a wake claim instead (:mod:`autoscaler.state.claim`: one wake per app
+across the cluster, which a follower may take when no leader serves it): while
+:data:`WAKE_FENCE` holds the claim's check, the wake's calls, and those of the actions it
+launches (their tasks copy the context), are fenced by the claim, not by the lease.
+
 A method added to :class:`~autoscaler.fly.client.MachinesAPI` must be added here too
 (mypy says so: ``_satisfies`` below); a mutating one goes through :meth:`_fence`.
 """
@@ -15,6 +20,7 @@ A method added to :class:`~autoscaler.fly.client.MachinesAPI` must be added here
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from autoscaler.fly import models as m
@@ -24,14 +30,19 @@ from autoscaler.logs import get_logger
 
 Fence = Callable[[], Awaitable[bool]]
 _log = get_logger("autoscaler.control.fencing")
+WAKE_FENCE: ContextVar[Fence | None] = ContextVar("autoscaler_wake_fence", default=None)
+"""The fence of the wake claim this task (and what it launched) runs under, if any."""
 
 
 class Fenced(FlyError):
-    """An action not sent: this replica could not prove it still leads."""
+    """An action not sent: this replica could not prove it still leads (or, in a wake,
+    that it still holds the app's wake claim)."""
 
     def __init__(self, operation: str) -> None:
         super().__init__(
-            None, "not sent: this replica's leader lease is stale", operation=operation
+            None,
+            "not sent: this replica's leader lease (or wake claim) is stale",
+            operation=operation,
         )
 
 
@@ -45,7 +56,8 @@ class FencedAPI:
         """Actions not sent because the fence said no (status, tests)."""
 
     async def _fence(self, operation: str, app: str, machine_id: str) -> None:
-        if not await self.fence():
+        fence = WAKE_FENCE.get() or self.fence
+        if not await fence():
             self.refused += 1
             _log.warning("action_fenced", operation=operation, app=app, machine=machine_id)
             raise Fenced(operation)

@@ -15,8 +15,18 @@ Every ``REPORT_S`` (250 ms) the replica:
   A follower routes with the fleet view the leader published (it never calls the Machines
   API), and asks the leader for wakes through Redis.
 
+Besides the rounds, the leader pushes every change of its view at once (pub/sub), and
+every replica listens: a follower applies a push as it arrives; the rounds' reads are the
+fallback that repairs a lost push within one round.
+
+Every wake, the leader's or a follower's, runs under the app's wake claim
+(:mod:`autoscaler.state.claim`): one wake per app at a time across the cluster. A follower
+whose held requests see no routable machine within ``cluster.self_wake_after_s`` (no leader
+served its request: none is elected, or it died, or it hangs) takes the claim itself and
+wakes through the API; one that finds the claim taken waits for the claimant's machine.
+
 Every action the leader's controller sends goes through :class:`FencedAPI`: no valid
-lease, no action.
+lease (or, in a wake, no valid wake claim), no action.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from typing import Any
 from autoscaler.config import Settings
 from autoscaler.control.actions import Probe, tcp_probe
 from autoscaler.control.controller import Controller
-from autoscaler.control.fencing import FencedAPI
+from autoscaler.control.fencing import WAKE_FENCE, FencedAPI
 from autoscaler.control.schedule import Budget
 from autoscaler.control.view import Clock, FleetView, MachineInfo
 from autoscaler.control.wake import WakeError
@@ -38,7 +48,8 @@ from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import STARTED, SUSPENDED
 from autoscaler.scaling.window import Sample
-from autoscaler.state.cluster import REPORT_S, AppLoad, Cluster, idle_s
+from autoscaler.state.claim import Claim
+from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush, idle_s
 
 _log = get_logger("autoscaler.control.replica")
 
@@ -63,6 +74,7 @@ class Replica:
         self.metrics = metrics
         self.clock = clock
         self.cluster = cluster if cluster is not None else Cluster(settings.cluster, clock=clock)
+        metrics.set_replica(self.cluster.replica_id)
         self.api = FencedAPI(api, self.cluster.lease.check)
         self.controller = Controller(
             self.api,
@@ -78,7 +90,24 @@ class Replica:
         self.view_known = False
         """A follower has applied a fleet view from the leader (readiness)."""
         self._task: asyncio.Task[None] | None = None
-        self._applied: dict[str, list[list[Any]]] = {}
+        self._pusher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+        """Set while this replica listens to the leader's pushed view changes."""
+        self.pushes_applied = 0
+        """Pushed view changes applied (status, tests)."""
+        self.self_wakes = 0
+        """Wakes this replica made as a follower under a wake claim (status, tests)."""
+        self.claim_waits = 0
+        """Times a wake of ours found the app's claim held by another replica."""
+        self.claim_errors = 0
+        """Times a wake of ours could not reach Redis to take the app's claim."""
+        self._applied: dict[str, tuple[int, int]] = {}
+        """Per app, the (fencing token, sequence) of the leader's view applied last."""
+        self._seq = 0
+        self._app_seq: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._push_wanted = asyncio.Event()
         self._redis_ok = True
         self._next_lease_step = 0.0
 
@@ -88,20 +117,31 @@ class Replica:
         """Join the cluster as a follower; the first round may make us leader.
         ``rounds=False`` (tests): the caller runs :meth:`round` by hand."""
         self.view.set_waker(self.remote_wake)
+        self.view.set_machines_listener(self._machines_changed)
         self.metrics.cluster_leader.set(0)
+        loop = asyncio.get_running_loop()
+        self._pusher = loop.create_task(self._push_changes(), name="cluster-push")
+        self._watcher = loop.create_task(
+            self.cluster.watch_views(self._on_push, self._on_subscribed), name="cluster-watch"
+        )
         if rounds:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster")
+            self._task = loop.create_task(self._run(), name="cluster")
 
     async def stop(self) -> None:
         """Stop deciding, give the lease up (a follower takes over without waiting for the
         TTL), take our report out."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        tasks = [t for t in (self._task, self._pusher, self._watcher) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = self._pusher = self._watcher = None
+        self.subscribed.clear()
         if self.leading:
             await self._step_down()
+        else:
+            await self.controller.stop()  # what a wake of ours (a self-wake) left running
         self.view.set_waker(None)
+        self.view.set_machines_listener(None)
         await self.cluster.close()
 
     async def _run(self) -> None:
@@ -153,6 +193,7 @@ class Replica:
         self.metrics.cluster_leader.set(1)
         _log.info("cluster_leader", replica=self.cluster.replica_id, fence=self.cluster.lease.token)
         await self.controller.start()
+        self.view.set_waker(self.leader_wake)  # the controller's wake, under the wake claim
         for view in self.view.apps.values():
             view.notify()  # a follower's wake still waiting now goes through our own path
 
@@ -161,6 +202,7 @@ class Replica:
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
         await self.controller.stop()
+        self.metrics.forget_decisions()
         self.view.set_waker(self.remote_wake)
 
     # --- load ---------------------------------------------------------------------------
@@ -189,31 +231,160 @@ class Replica:
 
     # --- the fleet view -----------------------------------------------------------------
 
-    def _fleet(self) -> dict[str, list[list[Any]]]:
+    def _fleet(self) -> dict[str, AppFleet]:
         return {
-            name: [[u.id, u.host, u.port, u.state, u.cordoned] for u in view.upstreams.values()]
-            for name, view in self.view.apps.items()
+            name: AppFleet(self._app_seq.get(name, 0), self._machines_of(name))
+            for name in self.view.apps
             if name in self.controller.apps
         }
 
-    def _apply_fleet(self) -> None:
-        fleet = self.cluster.leader_fleet()
-        if fleet is None:
-            return
-        for app, machines in fleet.items():
-            if app not in self.controller.apps or self._applied.get(app) == machines:
+    def _machines_of(self, app: str) -> list[list[Any]]:
+        return [
+            [u.id, u.host, u.port, u.state, u.cordoned]
+            for u in self.view.app(app).upstreams.values()
+        ]
+
+    def _machines_changed(self, app: str) -> None:
+        """The view's listener: number the change, and (leader) push it."""
+        self._seq += 1
+        self._app_seq[app] = self._seq
+        if self.leading:
+            self._dirty.add(app)
+            self._push_wanted.set()
+
+    async def _push_changes(self) -> None:
+        """The leader's pusher: every change of its view, at once (changes made together,
+        in one pass of the event loop, go in one message)."""
+        while True:
+            await self._push_wanted.wait()
+            self._push_wanted.clear()
+            dirty, self._dirty = self._dirty, set()
+            token = self.cluster.lease.token
+            if not self.leading or token is None or not self.cluster.lease.held():
                 continue
-            self.view.app(app).set_machines(
-                MachineInfo(id=str(i), host=str(h), port=int(p), state=str(s), cordoned=bool(c))
-                for i, h, p, s, c in machines
-            )
-            self._applied[app] = machines
+            apps = {
+                app: AppFleet(self._app_seq.get(app, 0), self._machines_of(app))
+                for app in dirty
+                if app in self.controller.apps and app in self.view.apps
+            }
+            if not apps:
+                continue
+            try:
+                await self.cluster.push_view(ViewPush(self.cluster.replica_id, token, apps))
+            except Exception as exc:  # the followers' next read has it
+                self._redis_trouble(exc)
+
+    async def _on_subscribed(self) -> None:
+        self.subscribed.set()
+
+    def _on_push(self, push: ViewPush) -> None:
+        if self.leading:
+            return
+        for app, fleet in push.apps.items():
+            if self._apply(app, push.fence, fleet):
+                self.pushes_applied += 1
+
+    def _apply(self, app: str, fence: int, fleet: AppFleet) -> bool:
+        """Apply the leader's view of ``app`` if it is newer than what we applied last."""
+        if app not in self.controller.apps:
+            return False
+        version = (fence, fleet.seq)
+        applied = self._applied.get(app)
+        if applied is not None and version <= applied:
+            return False
+        self.view.app(app).set_machines(
+            MachineInfo(id=str(i), host=str(h), port=int(p), state=str(s), cordoned=bool(c))
+            for i, h, p, s, c in fleet.machines
+        )
+        self._applied[app] = version
+        return True
+
+    def _apply_fleet(self) -> None:
+        published = self.cluster.leader_fleet()
+        if published is None:
+            return
+        fence, fleet = published
+        for app, machines in fleet.items():
+            self._apply(app, fence, machines)
         self.view_known = True
+
+    # --- wakes --------------------------------------------------------------------------
+
+    async def leader_wake(self, app: str) -> str:
+        """The leader's wake: the controller's, under the app's wake claim. While a
+        follower holds the claim (it woke by itself, thinking us lost), wait for it."""
+        view = self.view.app(app)
+        if view.routable():
+            return "none"
+        rt = self.controller.apps.get(app)
+        if rt is None:
+            raise WakeError(f"app {app} is not scaled by this replica")
+        deadline = self.clock() + rt.config.wake_timeout_s
+        while True:
+            result = await self._claimed_wake(app)
+            if result is not None:
+                return result
+            if view.routable():
+                return "none"
+            left = deadline - self.clock()
+            if left <= 0:
+                raise WakeError(f"app {app}: the wake claim was not free within the wake timeout")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(view.changed(), timeout=min(REPORT_S, left))
+
+    async def _claimed_wake(self, app: str) -> str | None:
+        """Take the app's wake claim and wake under it; None if another replica holds the
+        claim or Redis cannot be reached (no claim, no wake: nothing proves it is ours)."""
+        try:
+            claim = await self.cluster.claims.take(app)
+        except Exception as exc:
+            self.claim_errors += 1
+            self._redis_trouble(exc)
+            return None
+        if claim is None:
+            self.claim_waits += 1
+            return None
+        rt = self.controller.apps.get(app)
+        if rt is None:
+            await claim.release()
+            raise WakeError(f"app {app} is not scaled by this replica")
+        fence = WAKE_FENCE.set(claim.check)
+        keeper = asyncio.get_running_loop().create_task(self._keep(claim), name=f"claim:{app}")
+        try:
+            # What the API says now, unless we lead and nobody else woke the app since our
+            # last wake (then our ticks' view is as fresh as it gets).
+            if (
+                not self.leading
+                or claim.previous not in ("", self.cluster.replica_id)
+                or not rt.read_once
+            ):
+                await self.controller.waker.refresh(rt)
+            result = await self.controller.wake(app)
+            if not self.leading:
+                self.self_wakes += 1
+                _log.info("cluster_self_wake", app=app, how=result, fence=claim.token)
+            return result
+        finally:
+            WAKE_FENCE.reset(fence)
+            keeper.cancel()
+            await claim.release()
+
+    async def _keep(self, claim: Claim) -> None:
+        """Renew a wake claim every TTL/3 while its wake runs."""
+        while True:
+            await asyncio.sleep(self.settings.cluster.lease_ttl_s / 3)
+            try:
+                if not await claim.renew():
+                    return
+            except Exception as exc:  # the claim lapses by its local deadline
+                self._redis_trouble(exc)
 
     async def remote_wake(self, app: str) -> str:
         """A follower's wake: ask the leader through Redis, then wait until the fleet view
-        it publishes shows a routable machine. "resume" or "start" by the state the machine
-        was in before; "none" if one was routable already."""
+        it publishes shows a routable machine. After ``cluster.self_wake_after_s`` without
+        one, wake by itself under the app's wake claim (unless another replica holds it:
+        then keep waiting). "resume" or "start" by the state the machine was in before (or
+        as our own wake says); "none" if one was routable already."""
         view = self.view.app(app)
         if view.routable():
             return "none"
@@ -221,31 +392,46 @@ class Replica:
         if rt is None:
             raise WakeError(f"app {app} is not scaled by this replica")
         before = {u.id: u.state for u in view.upstreams.values()}
-        deadline = self.clock() + rt.config.wake_timeout_s
+        now = self.clock()
+        deadline = now + rt.config.wake_timeout_s
+        self_wake_at = now + self.settings.cluster.self_wake_after_s
         ttl = self.settings.cluster.lease_ttl_s
+        ask_at = now
         while True:
             if self.leading:
                 # We took the lease while waiting: our own wake path serves it now (the
                 # request we queued would only join this very wake).
-                return await self.controller.wake(app)
-            # Asked again every lease TTL: a request the old leader popped and never served
-            # (it died) reaches the next one.
-            await self.cluster.request_wake(app)
-            asked_at = self.clock()
-            while self.clock() - asked_at < ttl and not self.leading:
-                routable = view.routable()
-                if routable:
-                    was = before.get(routable[0].id)
-                    if was == SUSPENDED:
-                        return "resume"
-                    return "none" if was == STARTED else "start"
-                left = min(ttl - (self.clock() - asked_at), deadline - self.clock())
-                if left <= 0:
-                    break
+                return await self.leader_wake(app)
+            routable = view.routable()
+            if routable:
+                was = before.get(routable[0].id)
+                if was == SUSPENDED:
+                    return "resume"
+                return "none" if was == STARTED else "start"
+            now = self.clock()
+            if now >= ask_at:
+                # Asked again every lease TTL: a request the old leader popped and never
+                # served (it died) reaches the next one.
+                ask_at = now + ttl
+                try:
+                    await self.cluster.request_wake(app)
+                except Exception as exc:  # Redis down: no leader hears us, nor any claim
+                    self._redis_trouble(exc)
+            elif now >= self_wake_at:
+                result = await self._claimed_wake(app)
+                if result is not None:
+                    return result
+                self_wake_at = self.clock() + REPORT_S  # taken: look again (and at the view)
+            now = self.clock()
+            if now >= deadline:
+                raise WakeError(
+                    f"no machine of {app} came up within the wake timeout (no leader woke"
+                    " it, and its wake claim could not be taken)"
+                )
+            left = min(ask_at, self_wake_at, deadline) - now
+            if left > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(view.changed(), timeout=left)
-            if self.clock() >= deadline:
-                raise WakeError(f"no leader woke a machine of {app} within the wake timeout")
 
     # --- status -------------------------------------------------------------------------
 
@@ -255,6 +441,8 @@ class Replica:
         doc = self.cluster.status(now)
         doc["redis_ok"] = self._redis_ok
         doc["actions_fenced"] = self.api.refused
+        doc["view_pushes_applied"] = self.pushes_applied
+        doc["self_wakes"] = self.self_wakes
         mine = doc["replicas"][0]
         mine["apps"] = {
             name: {

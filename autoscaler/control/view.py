@@ -110,6 +110,9 @@ class AppView:
         self._waiters: list[asyncio.Future[None]] = []
         self._routable: list[Upstream] | None = None
         self._routable_until = 0.0
+        self.on_machines: Callable[[str], None] | None = None
+        """Called with the app's name whenever its machines change (cluster mode: the
+        leader pushes its view to the followers)."""
         self.waking: str | None = None
         """How the wake under way brings a machine up ("resume" or "start"), once the
         waker has chosen; None otherwise. A held request served before the wake returns
@@ -136,6 +139,8 @@ class AppView:
         self.upstreams = fresh
         self._routable = None
         self.notify()
+        if self.on_machines is not None:
+            self.on_machines(self.name)
 
     def set_remote_in_flight(self, counts: dict[str, int]) -> None:
         """Cluster mode: the other replicas' requests in flight per machine."""
@@ -154,6 +159,8 @@ class AppView:
             self._apply_state(up, state, self.clock())
             self._routable = None
             self.notify()
+            if self.on_machines is not None:
+                self.on_machines(self.name)
 
     @staticmethod
     def _apply_state(up: Upstream, state: str, now: float) -> None:
@@ -252,12 +259,20 @@ class FleetView:
         self._waker: Waker | None = None
         self._closer: Closer | None = None
         self._wakes: dict[str, asyncio.Task[str]] = {}
+        self._on_machines: Callable[[str], None] | None = None
 
     def app(self, name: str) -> AppView:
         view = self.apps.get(name)
         if view is None:
             view = self.apps[name] = AppView(name, self.clock)
+            view.on_machines = self._on_machines
         return view
+
+    def set_machines_listener(self, listener: Callable[[str], None] | None) -> None:
+        """Be told (with the app's name) of every change of any app's machines."""
+        self._on_machines = listener
+        for view in self.apps.values():
+            view.on_machines = listener
 
     def remove_app(self, name: str) -> None:
         self.apps.pop(name, None)

@@ -7,8 +7,17 @@ set ``{prefix}:replicas``. The hash holds, per app, the replica's load as a JSON
 started, read from the proxy's :class:`~autoscaler.scaling.window.ConcurrencyMeter`),
 ``level`` (in flight + held now), ``in_flight``, ``held``, ``peak`` (since its previous
 report) and ``idle_s`` (seconds since its last request). The leader adds its fleet view per
-app (``fleet:{app}``: the machines it routes to, with state and cordon) so followers route
-without reading the Machines API themselves.
+app (``fleet:{app}``: the machines it routes to, with state and cordon; ``seq:{app}``: the
+view's sequence number) and its fencing token (``fence``), so followers route without
+reading the Machines API themselves.
+
+The leader also *pushes* every change of its view at once, on the pub/sub channel
+``{prefix}:view`` (:class:`ViewPush`: its id, its fencing token and the changed apps with
+their sequence numbers); followers apply a push as it arrives and still read the report
+every round, which is the fallback: a push lost (pub/sub delivers at most once, and not
+to a replica that was disconnected) is repaired by the next read. A follower applies an
+app's view only if its (fencing token, sequence) is newer than the one it applied last, so
+a report written before a push never undoes it.
 
 The leader's tick turns everyone's ``area`` into one sample (:class:`ClusterLoad`): the
 difference of each replica's area since the previous tick, extrapolated from its report
@@ -22,18 +31,23 @@ and wakes through its single-flight path).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from autoscaler.config import ClusterSettings, default_replica_id
+from autoscaler.logs import get_logger
 from autoscaler.scaling.window import ConcurrencyMeter, Sample
+from autoscaler.state.claim import WakeClaims
 from autoscaler.state.lease import Lease
 
 Clock = Callable[[], float]
+_log = get_logger("autoscaler.state.cluster")
 
 REPORT_S = 0.25
 """How often each replica publishes its load (and reads everyone else's)."""
@@ -83,6 +97,49 @@ class AppLoad:
 
 
 @dataclass(frozen=True, slots=True)
+class AppFleet:
+    """The leader's view of one app's machines, as it publishes it: ``machines`` are
+    ``[id, host, port, state, cordoned]`` lists; ``seq`` orders the leader's versions."""
+
+    seq: int
+    machines: list[list[Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "machines": self.machines}
+
+    @classmethod
+    def from_json(cls, d: Any) -> AppFleet:
+        return cls(seq=int(d["seq"]), machines=[list(m) for m in d["machines"]])
+
+
+@dataclass(frozen=True, slots=True)
+class ViewPush:
+    """One pushed change of the leader's view."""
+
+    leader: str
+    fence: int
+    apps: Mapping[str, AppFleet]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "leader": self.leader,
+                "fence": self.fence,
+                "apps": {app: f.to_json() for app, f in self.apps.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ViewPush:
+        d = json.loads(text)
+        return cls(
+            leader=str(d["leader"]),
+            fence=int(d["fence"]),
+            apps={str(a): AppFleet.from_json(f) for a, f in d["apps"].items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """One replica's last report, as read by another (``age_s`` at ``read_at``)."""
 
@@ -92,7 +149,8 @@ class Report:
     age_s: float
     read_at: float
     loads: Mapping[str, AppLoad]
-    fleet: Mapping[str, list[list[Any]]] = field(default_factory=dict)
+    fleet: Mapping[str, AppFleet] = field(default_factory=dict)
+    fence: int = 0
 
 
 class LocalLoad:
@@ -220,6 +278,9 @@ class Cluster:
         self.lease = Lease(
             self.redis, self.prefix, self.replica_id, settings.lease_ttl_s, clock=clock
         )
+        self.claims = WakeClaims(
+            self.redis, self.prefix, self.replica_id, settings.lease_ttl_s, clock=clock
+        )
         self.local = LocalLoad()
         self.load = ClusterLoad()
         self.others: dict[str, Report] = {}
@@ -239,19 +300,28 @@ class Cluster:
     def wakes_key(self) -> str:
         return f"{self.prefix}:wakes"
 
+    @property
+    def view_channel(self) -> str:
+        return f"{self.prefix}:view"
+
     async def publish(
-        self, loads: Mapping[str, AppLoad], fleet: Mapping[str, list[list[Any]]] | None
+        self, loads: Mapping[str, AppLoad], fleet: Mapping[str, AppFleet] | None
     ) -> None:
         """Write this replica's report (and, from the leader, its fleet view)."""
         key = self.report_key(self.replica_id)
+        leading = self.lease.held()
         mapping: dict[str, str] = {
             "boot": self.boot,
-            "leader": "1" if self.lease.held() else "0",
+            "leader": "1" if leading else "0",
+            "fence": str(self.lease.token or 0) if leading else "0",
         }
         for app, load in loads.items():
             mapping[f"load:{app}"] = load.to_json()
-        for app, machines in (fleet or {}).items():
-            mapping[f"fleet:{app}"] = json.dumps(machines)
+        for app, view in (fleet or {}).items():
+            # The machines as before, their sequence apart: a replica of the previous
+            # release (a rolling upgrade) still reads the view.
+            mapping[f"fleet:{app}"] = json.dumps(view.machines)
+            mapping[f"seq:{app}"] = str(view.seq)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             pipe.hset(key, mapping=mapping)
@@ -281,7 +351,11 @@ class Cluster:
             if rid == self.replica_id:
                 continue
             loads = {k[5:]: AppLoad.from_json(v) for k, v in data.items() if k.startswith("load:")}
-            fleet = {k[6:]: json.loads(v) for k, v in data.items() if k.startswith("fleet:")}
+            fleet = {
+                k[6:]: AppFleet(int(data.get(f"seq:{k[6:]}") or 0), json.loads(v))
+                for k, v in data.items()
+                if k.startswith("fleet:")
+            }
             others[rid] = Report(
                 replica=rid,
                 boot=data.get("boot", ""),
@@ -290,6 +364,7 @@ class Cluster:
                 read_at=now,
                 loads=loads,
                 fleet=fleet,
+                fence=int(data.get("fence") or 0),
             )
         if gone:
             await self.redis.srem(self.replicas_key, *gone)
@@ -326,12 +401,58 @@ class Cluster:
             latest = at if latest is None else max(latest, at)
         return latest
 
-    def leader_fleet(self) -> Mapping[str, list[list[Any]]] | None:
-        """The fleet view the leader published last (None when no leader's report is read)."""
+    def leader_fleet(self) -> tuple[int, Mapping[str, AppFleet]] | None:
+        """The fleet view the leader published last, with its fencing token (None when no
+        leader's report is read)."""
         for report in self.others.values():
             if report.leader and report.replica == self.leader_id:
-                return report.fleet
+                return report.fence, report.fleet
         return None
+
+    async def push_view(self, push: ViewPush) -> None:
+        """Publish a change of the leader's view to every follower listening now."""
+        await self.redis.publish(self.view_channel, push.to_json())
+
+    async def watch_views(
+        self,
+        on_push: Callable[[ViewPush], None],
+        on_subscribed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Deliver every pushed view change to ``on_push``, for ever (cancel to stop).
+
+        On a Redis error it subscribes again after ``REPORT_S``; what was pushed meanwhile
+        is lost to this replica, and the report it reads every round repairs its view.
+        ``on_subscribed`` runs each time the subscription is in place."""
+        failing = False
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.view_channel)
+                if failing:
+                    _log.info("cluster_view_push_back", replica=self.replica_id)
+                failing = False
+                if on_subscribed is not None:
+                    await on_subscribed()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    try:
+                        push = ViewPush.from_json(message["data"])
+                    except (ValueError, KeyError, TypeError) as exc:
+                        _log.warning("cluster_bad_view_push", error=str(exc))
+                        continue
+                    if push.leader != self.replica_id:
+                        on_push(push)
+            except asyncio.CancelledError:
+                await _close_quietly(pubsub)
+                raise
+            except Exception as exc:  # redis' errors: the rounds' reads keep the view right
+                if not failing:
+                    _log.warning("cluster_view_push_lost", error=str(exc))
+                failing = True
+                await _close_quietly(pubsub)
+                await asyncio.sleep(REPORT_S)
 
     async def request_wake(self, app: str) -> None:
         await self.redis.rpush(self.wakes_key, app)
@@ -392,6 +513,11 @@ class Cluster:
         }
 
 
+async def _close_quietly(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):
+        await pubsub.aclose()
+
+
 def idle_s(last_request_at: float | None, now: float) -> float | None:
     return None if last_request_at is None else max(0.0, now - last_request_at)
 
@@ -399,11 +525,13 @@ def idle_s(last_request_at: float | None, now: float) -> float | None:
 __all__ = [
     "REPORT_S",
     "REPORT_TTL_S",
+    "AppFleet",
     "AppLoad",
     "Cluster",
     "ClusterLoad",
     "LocalLoad",
     "Report",
+    "ViewPush",
     "connect",
     "idle_s",
 ]

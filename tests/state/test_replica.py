@@ -31,7 +31,15 @@ async def probe(host: str, port: int) -> bool:
     return True
 
 
-def make(url: str, prefix: str, rid: str, api: FakeMachinesAPI) -> Replica:
+def make(
+    url: str,
+    prefix: str,
+    rid: str,
+    api: FakeMachinesAPI,
+    *,
+    self_wake_after_s: float = 2.0,
+    wake_timeout_s: float = 30.0,
+) -> Replica:
     settings = Settings(
         apps=[
             AppConfig(
@@ -40,11 +48,16 @@ def make(url: str, prefix: str, rid: str, api: FakeMachinesAPI) -> Replica:
                 target_utilization=1.0,
                 min_lifetime_s=0,
                 scale_down_delay_s=0,
+                wake_timeout_s=wake_timeout_s,
             )
         ],
         control=ControlSettings(tick_s=60),  # ticks by hand; the loop's first tick only
         cluster=ClusterSettings(
-            redis_url=SecretStr(url), replica_id=rid, lease_ttl_s=TTL, key_prefix=prefix
+            redis_url=SecretStr(url),
+            replica_id=rid,
+            lease_ttl_s=TTL,
+            key_prefix=prefix,
+            self_wake_after_s=self_wake_after_s,
         ),
     )
     return Replica(settings, api, FleetView(), Metrics(CollectorRegistry()), probe=probe)
@@ -81,6 +94,9 @@ async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
     await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
     (leader,) = leaders(cluster)
     assert leader.controller.apps[APP].loop is not None  # only the leader's loops run
+    await leader.controller.tick(APP)
+    desired = {"app": APP}
+    assert leader.metrics.registry.get_sample_value("autoscaler_desired_machines", desired) == 0
     for r in cluster:
         if r is not leader:
             assert r.controller.apps[APP].loop is None
@@ -97,6 +113,8 @@ async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
     await rounds([leader], lambda: not leader.leading, 2 * TTL)
     assert leader.controller.apps[APP].loop is None
     assert leader.metrics.registry.get_sample_value("autoscaler_cluster_leader") == 0
+    # It no longer exports the decider's gauges: summed over replicas, only the leader's count.
+    assert leader.metrics.registry.get_sample_value("autoscaler_desired_machines", desired) is None
 
 
 def test_summed_load_is_one_processs_load() -> None:
@@ -193,6 +211,59 @@ async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica
     assert [u.id for u in follower.view.app(APP).routable()] == [up.id]
     # One start for the need, by the leader, fenced.
     assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
+
+
+async def routable_in(replica: Replica, limit_s: float = 10.0) -> None:
+    """Await (no rounds) until ``replica`` sees a routable machine of the app."""
+    view = replica.view.app(APP)
+
+    async def wait() -> None:
+        while not view.routable():
+            await view.changed()
+
+    await asyncio.wait_for(wait(), limit_s)
+
+
+async def test_followers_learn_of_a_start_through_the_push(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    followers = [r for r in cluster if r is not leader]
+    await leader.controller.tick(APP)
+    await rounds(cluster, lambda: all(r.view.app(APP).upstreams for r in followers), 2 * TTL)
+    for r in followers:
+        await asyncio.wait_for(r.subscribed.wait(), 5)
+        assert not r.view.app(APP).routable()
+    # From here no round runs (no poll, ever): only the leader's push can tell the
+    # followers that the machine came up.
+    assert await leader.view.wake(APP) == "start"
+    for r in followers:
+        await routable_in(r)
+        assert r.pushes_applied >= 1
+    # A follower's round now reads the leader's report written before the start: older
+    # than the push (same fencing token, lower sequence), so it does not undo it.
+    for r in followers:
+        await r.round()
+        assert [u.state for u in r.view.app(APP).upstreams.values()] == ["started"]
+
+
+async def test_a_lost_push_is_repaired_by_the_next_read(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    follower = next(r for r in cluster if r is not leader)
+    await leader.controller.tick(APP)
+    await rounds(cluster, lambda: bool(follower.view.app(APP).upstreams), 2 * TTL)
+    # The follower stops listening (as if its subscription had dropped): the push of the
+    # start never reaches it.
+    assert follower._watcher is not None
+    pushed = follower.pushes_applied
+    follower._watcher.cancel()
+    await asyncio.gather(follower._watcher, return_exceptions=True)
+    assert await leader.view.wake(APP) == "start"
+    assert not follower.view.app(APP).routable()
+    await leader.round()  # the leader's report now says started
+    await follower.round()  # one read
+    assert follower.view.app(APP).routable()
+    assert follower.pushes_applied == pushed
 
 
 async def test_a_wake_asked_of_a_lost_leader_is_served_by_the_next(
@@ -342,3 +413,27 @@ async def test_a_redis_outage_stops_deciding_keeps_routing_and_heals(
     finally:
         for r in replicas:
             await r.stop()
+
+
+def test_the_replica_label_is_there_in_cluster_mode_only() -> None:
+    from prometheus_client import generate_latest
+
+    metrics = Metrics(CollectorRegistry(), version="1.2.3")
+    metrics.declare_app(APP)
+    metrics.cluster_replicas.set(1)
+    # A single process exports exactly what its registry holds: no replica label at all.
+    assert generate_latest(metrics.exported) == generate_latest(metrics.registry)
+    assert b"replica=" not in generate_latest(metrics.exported)
+    metrics.set_replica("r7")
+    samples = [
+        line
+        for line in generate_latest(metrics.exported).decode().splitlines()
+        if line and not line.startswith("#")
+    ]
+    cluster_wide = ("autoscaler_build_info", "autoscaler_cluster_replicas")
+    for line in samples:
+        assert ('replica="r7"' in line) != line.startswith(cluster_wide), line
+    assert 'autoscaler_queued_requests{app="web",replica="r7"} 0.0' in samples
+    assert "autoscaler_cluster_replicas 1.0" in samples
+    # The registry itself (what the code and tests read) is unchanged.
+    assert metrics.registry.get_sample_value("autoscaler_queued_requests", {"app": APP}) == 0

@@ -19,7 +19,7 @@ from autoscaler.service import Service
 TTL = 0.6
 
 
-def settings(emulator: Emulator, url: str, prefix: str, rid: str) -> Settings:
+def settings(emulator: Emulator, url: str, prefix: str, rid: str, **cluster: float) -> Settings:
     return Settings.model_validate(
         {
             "fly": {"api_url": emulator.url, "token": emulator.token},
@@ -31,6 +31,7 @@ def settings(emulator: Emulator, url: str, prefix: str, rid: str) -> Settings:
                 "replica_id": rid,
                 "lease_ttl_s": TTL,
                 "key_prefix": prefix,
+                **cluster,
             },
             "apps": [{"name": "web", "hosts": ["web.test"], "idle_to_zero_s": 60}],
         }
@@ -89,6 +90,15 @@ async def test_two_replicas_one_wake_and_a_handover(
                 doc: dict[str, Any] = await resp.json()
             async with http.get(f"http://{host}:{port}/readyz") as resp:
                 assert resp.status == 200
+            async with http.get(f"http://{host}:{port}/metrics") as resp:
+                exported = await resp.text()
+        # Per-replica series carry the replica's id; the cluster-wide count does not.
+        lines = exported.splitlines()
+        requests = [line for line in lines if line.startswith("autoscaler_requests_total{")]
+        assert requests
+        assert all('replica="b"' in line for line in requests)
+        assert any(line.startswith('autoscaler_cluster_leader{replica="b"} 0') for line in lines)
+        assert any(line.startswith("autoscaler_cluster_replicas 2") for line in lines)
         # One start, by the leader. The follower read the API once, at start-up (the check
         # for Fly's own autostop), and never since: it routes with the leader's view.
         assert starts(leader) == 1
@@ -111,6 +121,73 @@ async def test_two_replicas_one_wake_and_a_handover(
         # A clean stop gives the lease up: the other takes over within two TTLs.
         await leader.stop()
         await until(lambda: follower.replica is not None and follower.replica.leading, 2 * TTL)
+    finally:
+        for svc in services:
+            await svc.stop()
+
+
+async def test_followers_of_a_crashed_leader_wake_once(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    """The leader dies while its lease is still valid in Redis (a long TTL: nobody takes
+    over during the test); two followers each hold a request for the sleeping app. One
+    takes the app's wake claim and starts a machine, the other waits for it: both requests
+    get 200, and the emulator saw exactly one start."""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=2))
+    services = [
+        Service(
+            settings(
+                emulator, redis_server, key_prefix, rid, lease_ttl_s=30, self_wake_after_s=0.3
+            ),
+            metrics=Metrics(CollectorRegistry()),
+            proxy_port=0,
+            admin_port=free_port(),
+        )
+        for rid in ("a", "b", "c")
+    ]
+    try:
+        for svc in services:
+            await svc.start()
+
+        def leading() -> list[Service]:
+            return [s for s in services if s.replica is not None and s.replica.leading]
+
+        await until(lambda: len(leading()) == 1, 5)
+        (leader,) = leading()
+        followers = [s for s in services if s is not leader]
+        await until(lambda: all(s.replica and s.replica.view_known for s in followers), 5)
+        # The leader crashes: its rounds, its pushes and its loops end; its lease stays.
+        crashed = leader.replica
+        assert crashed is not None
+        for task in (crashed._task, crashed._pusher, crashed._watcher):
+            assert task is not None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await crashed.controller.stop()
+        assert await crashed.cluster.lease.leader() == crashed.cluster.replica_id
+
+        async with aiohttp.ClientSession() as http:
+
+            async def get(svc: Service) -> tuple[int, str]:
+                assert svc.proxy is not None
+                url = f"http://127.0.0.1:{svc.proxy.port}/"
+                async with http.get(url, headers={"Host": "web.test"}) as resp:
+                    await resp.read()
+                    return resp.status, resp.headers.get("fly-autoscaler-wake", "")
+
+            answers = await asyncio.gather(*(get(s) for s in followers))
+        assert [status for status, _ in answers] == [200, 200]
+        assert "start" in [how for _, how in answers]
+        app = emulator.world.apps["web"]
+        user_starts = [
+            m.id
+            for m in app.machines.values()
+            for e in m.events
+            if e.type == "start" and e.source == "user"
+        ]
+        assert len(user_starts) == 1
+        assert all(s.replica and s.replica.self_wakes == 1 for s in followers)
+        assert not any(s.replica and s.replica.leading for s in followers)
     finally:
         for svc in services:
             await svc.stop()

@@ -1,0 +1,180 @@
+"""Wake claims: one wake per app at a time across the whole cluster, with a fencing token.
+
+Whoever wakes an app (the leader for a follower's request, or a follower that waited
+``cluster.self_wake_after_s`` without seeing a routable machine) first takes the app's
+claim, ``{prefix}:wake:{app}``: in one Lua script ``SET key holder NX PX ttl``, a fencing
+token from ``INCR {prefix}:wake-fence`` (larger at every claim; not the lease's counter,
+whose value the leader's renewals compare) written into the key, and the previous
+claimant's name
+(``{prefix}:woke:{app}``) swapped for ours. A replica that finds the key taken does not
+wake: it waits for the machine the claimant brings up.
+
+While the wake runs the claimant renews the key every ``ttl / 3`` (compare-and-``PEXPIRE``)
+and every Machines API call the wake sends first checks the claim, as the leader's calls
+check the lease: locally valid (until ``sent + 0.9 x ttl`` after the last renewal was
+sent) *and* Redis still holding our value (:meth:`Claim.check`). A claimant that hangs or
+loses Redis thus stops acting before anyone else can take the claim.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from autoscaler.logs import get_logger
+from autoscaler.state.lease import DRIFT
+
+Clock = Callable[[], float]
+_log = get_logger("autoscaler.state.claim")
+
+_TAKE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. '#' .. token, 'PX', ARGV[2])
+  local previous = redis.call('GET', KEYS[3])
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
+  return {token, previous or ''}
+end
+return {0, ''}
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_CHECK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+REMEMBER_MS = 24 * 3600 * 1000
+"""How long Redis remembers who took an app's last claim."""
+
+
+class Claim:
+    """One app's wake claim, held by this replica."""
+
+    def __init__(
+        self,
+        claims: WakeClaims,
+        app: str,
+        token: int,
+        previous: str,
+        sent: float,
+    ) -> None:
+        self.claims = claims
+        self.app = app
+        self.token = token
+        self.previous = previous
+        """Who took the app's claim before us ("" if nobody Redis remembers)."""
+        self.value = f"{claims.holder}#{token}"
+        self.valid_until = sent + claims.ttl_s * (1 - DRIFT)
+        self.released = False
+
+    @property
+    def key(self) -> str:
+        return self.claims.key(self.app)
+
+    def held(self) -> bool:
+        """Still ours, as far as the local deadline knows (no I/O)."""
+        return not self.released and self.claims.clock() < self.valid_until
+
+    async def renew(self) -> bool:
+        """Extend the claim; False once it is lost (Redis errors propagate)."""
+        if not self.held():
+            return False
+        sent = self.claims.clock()
+        ok = await self.claims.redis.eval(_RENEW, 1, self.key, self.value, self.claims.ttl_ms)
+        if ok:
+            self.valid_until = sent + self.claims.ttl_s * (1 - DRIFT)
+            return True
+        _log.warning("wake_claim_lost", app=self.app, fence=self.token)
+        self.valid_until = 0.0
+        return False
+
+    async def check(self) -> bool:
+        """The fencing rule of a wake: may an action be sent now? False on any doubt."""
+        if not self.held():
+            return False
+        try:
+            ok = await self.claims.redis.eval(_CHECK, 1, self.key, self.value)
+        except Exception as exc:  # redis' errors: no proof, no action
+            _log.warning("wake_claim_unchecked", app=self.app, error=str(exc))
+            return False
+        return bool(ok) and self.held()
+
+    async def release(self) -> None:
+        """Let the next wake of the app go at once (else the key expires by its TTL)."""
+        if self.released:
+            return
+        self.released = True
+        try:
+            await self.claims.redis.eval(_RELEASE, 1, self.key, self.value)
+        except Exception as exc:
+            _log.warning("wake_claim_not_released", app=self.app, error=str(exc))
+
+
+class WakeClaims:
+    """This replica's side of the per-app wake claims."""
+
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str,
+        holder: str,
+        ttl_s: float,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.fence_key = f"{prefix}:wake-fence"
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, round(self.ttl_s * 1000))
+
+    def key(self, app: str) -> str:
+        return f"{self.prefix}:wake:{app}"
+
+    def woke_key(self, app: str) -> str:
+        return f"{self.prefix}:woke:{app}"
+
+    async def take(self, app: str) -> Claim | None:
+        """The app's claim, or None while another replica holds it (Redis errors
+        propagate: without Redis nobody can prove a wake is theirs alone)."""
+        sent = self.clock()
+        token, previous = await self.redis.eval(
+            _TAKE,
+            3,
+            self.key(app),
+            self.fence_key,
+            self.woke_key(app),
+            self.holder,
+            self.ttl_ms,
+            REMEMBER_MS,
+        )
+        if not int(token):
+            return None
+        _log.info("wake_claimed", app=app, holder=self.holder, fence=int(token))
+        return Claim(self, app, int(token), str(previous), sent)
+
+    async def holder_of(self, app: str) -> str | None:
+        """Who holds the app's claim now (tests, status)."""
+        value = await self.redis.get(self.key(app))
+        return None if value is None else str(value).rsplit("#", 1)[0]
+
+
+__all__ = ["Claim", "WakeClaims"]

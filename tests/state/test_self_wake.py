@@ -1,0 +1,148 @@
+"""Wake claims against a real redis-server: one wake per app across replicas, with a
+fencing token; followers that no leader serves wake by themselves, once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from control.fakes import FakeMachinesAPI
+
+from autoscaler.control.fencing import WAKE_FENCE, Fenced, FencedAPI
+from autoscaler.control.wake import WakeError
+from autoscaler.state.claim import WakeClaims
+from state.test_replica import APP, make
+
+
+async def test_one_claim_per_app_with_a_growing_token(redis_server: str, key_prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    try:
+        a = WakeClaims(client, key_prefix, "a", 5.0)
+        b = WakeClaims(client, key_prefix, "b", 5.0)
+        first = await a.take(APP)
+        assert first is not None
+        assert first.previous == ""
+        assert await b.take(APP) is None  # taken: b waits for a's machine
+        assert await b.take("other") is not None  # per app
+        assert await first.check()
+        assert await a.holder_of(APP) == "a"
+        await first.release()
+        assert not await first.check()
+        second = await b.take(APP)
+        assert second is not None
+        assert second.token > first.token
+        assert second.previous == "a"  # b knows someone else woke the app last
+        await client.delete(second.key)  # the claim expired (or was stolen)
+        assert not await second.check()  # its actions are not sent
+        assert not await second.renew()
+        # A claimant that hung past its local deadline acts no more, even though Redis
+        # still names it (the key outlives the local deadline).
+        now = [0.0]
+        hung = WakeClaims(client, key_prefix, "h", 5.0, clock=lambda: now[0])
+        third = await hung.take("third")
+        assert third is not None
+        assert await third.check()
+        now[0] = 4.6  # past 0.9 x 5 s
+        assert await hung.holder_of("third") == "h"
+        assert not await third.check()
+    finally:
+        await client.aclose()
+
+
+async def test_a_wake_is_fenced_by_its_claim_not_by_the_lease() -> None:
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+
+    async def no() -> bool:
+        return False
+
+    async def yes() -> bool:
+        return True
+
+    fenced = FencedAPI(api, no)  # a follower: no lease
+    with pytest.raises(Fenced):
+        await fenced.start_machine(APP, mid)
+    token = WAKE_FENCE.set(yes)  # ... but the app's wake claim
+    try:
+        await fenced.start_machine(APP, mid)
+        # Tasks the wake starts copy its context: their calls are fenced by the claim too.
+        await asyncio.get_running_loop().create_task(fenced.stop_machine(APP, mid))
+    finally:
+        WAKE_FENCE.reset(token)
+    assert api.ops("start_machine") == [mid]
+    assert api.ops("stop_machine") == [mid]
+    with pytest.raises(Fenced):  # outside the wake: the lease again
+        await fenced.start_machine(APP, mid)
+    assert fenced.refused == 2
+
+
+async def test_followers_without_a_leader_wake_once(redis_server: str, key_prefix: str) -> None:
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    api.add(APP, "stopped")
+    # Two followers and no leader (no round ever runs, so none is elected): each holds a
+    # request for the sleeping app.
+    followers = [
+        make(redis_server, key_prefix, f"f{i}", api, self_wake_after_s=0.05) for i in range(2)
+    ]
+    for r in followers:
+        await r.start(rounds=False)
+    try:
+        # The first start waits until the other follower has found the claim taken: both
+        # are then past the point where, without the claim, each would start a machine.
+        api.gates["start_machine"] = gate = asyncio.Event()
+        wakes = [r.view.wake(APP) for r in followers]
+
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while not (api.ops("start_machine") and any(r.claim_waits for r in followers)):
+            assert loop.time() - since < 10, "the claim was never contended"
+            await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*wakes), 10)
+        # One replica won the claim and started a machine; the other waited for the
+        # claim, read the API under it and found that machine up.
+        assert sorted(results) == ["none", "start"]
+        (started,) = api.ops("start_machine")
+        assert started in api.machines[APP]
+        for r in followers:
+            assert [u.id for u in r.view.app(APP).routable()] == [started]
+        assert sum(r.self_wakes for r in followers) == 2
+        assert all(r.status_document()["self_wakes"] == 1 for r in followers)
+    finally:
+        for r in followers:
+            await r.stop()
+
+
+async def test_without_redis_a_follower_refuses_to_wake(own_redis: Any, key_prefix: str) -> None:
+    """Redis down: nothing can prove a wake is the only one, so none is sent; the held
+    request fails after its wake timeout. Redis back within it: the wake goes, once."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    replica = make(own_redis.url, key_prefix, "f", api, self_wake_after_s=0.05, wake_timeout_s=1)
+    await replica.start(rounds=False)
+    try:
+        own_redis.stop()
+        with pytest.raises(WakeError):
+            await asyncio.wait_for(replica.view.wake(APP), 10)
+        assert replica.claim_errors >= 1
+        assert api.ops("start_machine") == []
+        assert replica.status_document()["redis_ok"] is False
+        # A wake under way when Redis returns takes the claim and wakes (this one may wait
+        # for as long as Redis takes to come back).
+        rt = replica.controller.apps[APP]
+        rt.reconfigure(rt.config.model_copy(update={"wake_timeout_s": 30.0}))
+        wake = replica.view.wake(APP)
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        tried = replica.claim_errors
+        while replica.claim_errors == tried:  # it tried (and failed) once more
+            assert loop.time() - since < 10, "no claim was tried"
+            await asyncio.sleep(0.01)
+        own_redis.start()
+        assert await asyncio.wait_for(wake, 10) == "start"
+        assert len(api.ops("start_machine")) == 1
+    finally:
+        await replica.stop()
