@@ -182,7 +182,10 @@ def supervise(
                 procs[i] = spawn(i)
             time.sleep(0.1)
     finally:
-        _stop_all([p for p, _ in procs], grace_s)
+        # A worker draining for a rolling restart has had its SIGTERM: a second one would
+        # cut its drain short.
+        draining = {procs[roll.stopping][0].pid} if roll and roll.stopping is not None else set()
+        _stop_all([p for p, _ in procs], grace_s, draining)
         for sig, handler in old.items():
             signal.signal(sig, handler)
     _log.info("workers_stopped", code=code)
@@ -301,10 +304,13 @@ def _listens(pid: int, port: int) -> bool:
     return False
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
-    """SIGTERM each once, wait up to ``grace_s`` in all, SIGKILL the rest; reap every one."""
+def _stop_all(
+    procs: list[subprocess.Popen[bytes]], grace_s: float, signalled: set[int] | None = None
+) -> None:
+    """SIGTERM each once (not the pids in ``signalled``: they had theirs), wait up to
+    ``grace_s`` in all, SIGKILL the rest; reap every one."""
     for proc in procs:
-        if proc.poll() is None:
+        if proc.poll() is None and proc.pid not in (signalled or set()):
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for proc in procs:
