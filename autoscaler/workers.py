@@ -20,8 +20,10 @@ each worker SIGTERM once (a graceful stop), waits up to ``proxy.shutdown_timeout
 in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them
 once, gracefully) and get SIGTERM from the kernel if the supervisor dies
 (PR_SET_PDEATHSIG). A worker that exits after running a while is started again; one that
-exits within ``MIN_UPTIME_S`` of its start (a port in use, a bad config) stops them all, a
-replacement in a rolling restart included.
+exits within ``MIN_UPTIME_S`` of its start (a port in use, a bad config) stops them all,
+except a replacement in a rolling restart: that one ends the rolling restart and leaves its
+slot empty (the workers not yet replaced keep serving) until the next SIGUSR2, which fills
+it first; the group stops when no worker is left.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def supervise(
     }
     procs: list[tuple[subprocess.Popen[bytes], float]] = []
     roll: _Roll | None = None
+    vacant: set[int] = set()  # a replacement failed at start: no worker in that slot
     grace_s = settings.proxy.shutdown_timeout_s + 10
     code = 0
     try:
@@ -163,16 +166,22 @@ def supervise(
             if usr2:
                 usr2.clear()
                 if roll is None:
-                    roll = _Roll(pending=list(range(workers)))
+                    # Empty slots first: they bring the group back to strength.
+                    slots = sorted(vacant) + [i for i in range(workers) if i not in vacant]
+                    roll = _Roll(pending=slots)
                     _log.info("rolling_restart_started", workers=workers)
                 else:
                     _log.warning("rolling_restart_ignored", reason="one is under way")
             if roll is not None:
-                roll = _step(roll, procs, spawn, ready, grace_s)
+                roll = _step(roll, procs, spawn, ready, grace_s, vacant)
+                if len(vacant) == workers:
+                    _log.error("workers_failed", problem="no worker left running")
+                    code = 1
+                    break
             for i, (proc, started) in enumerate(procs):
                 rc = proc.poll()
-                if rc is None or (roll is not None and roll.stopping == i):
-                    continue
+                if rc is None or i in vacant or (roll and i in (roll.stopping, roll.starting)):
+                    continue  # a roll's own worker: the roll's step sees to it
                 _log.warning("worker_exited", worker=i, pid=proc.pid, code=rc)
                 if time.monotonic() - started < MIN_UPTIME_S:
                     _log.error("worker_failed_at_start", worker=i, code=rc)
@@ -209,9 +218,12 @@ def _step(
     spawn: Callable[[int], tuple[subprocess.Popen[bytes], float]],
     ready: Callable[[int, subprocess.Popen[bytes]], bool],
     grace_s: float,
+    vacant: set[int],
 ) -> _Roll | None:
     """One step of a rolling restart (never blocks for long, so SIGTERM is seen at once);
-    the roll, or None once it is over."""
+    the roll, or None once it is over. A replacement that exits before it is ready leaves
+    its slot in ``vacant`` and ends the roll: the workers not yet replaced keep serving
+    (a bad new version or config takes one worker down, not the group)."""
     now = time.monotonic()
     if roll.stopping is not None:
         i = roll.stopping
@@ -223,6 +235,7 @@ def _step(
                 proc.wait()
             return roll
         procs[i] = spawn(i)
+        vacant.discard(i)
         roll.stopping, roll.starting = None, i
         roll.deadline = now + READY_TIMEOUT_S
         return roll
@@ -230,8 +243,14 @@ def _step(
         i = roll.starting
         proc = procs[i][0]
         if proc.poll() is not None:
-            # Failed at start: the supervisor's loop stops the group (a bad new version).
-            _log.error("rolling_restart_failed", worker=i, code=proc.returncode)
+            _log.error(
+                "rolling_restart_failed",
+                worker=i,
+                code=proc.returncode,
+                problem="the new worker exited before it was ready; the others keep their"
+                " old process, this slot stays empty until the next SIGUSR2",
+            )
+            vacant.add(i)
             return None
         if not ready(i, proc):
             if now > roll.deadline:

@@ -116,24 +116,38 @@ async def _requests_served(http: aiohttp.ClientSession, admin: str) -> float:
     )
 
 
-async def test_rolling_restart_of_two_workers_fails_no_request(
-    emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
-) -> None:
+def _config(emulator: Emulator, redis_url: str, key_prefix: str) -> tuple[int, int, dict[str, Any]]:
+    """Ports of the proxy and of worker 0's admin server, and a config using them."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=2))
     proxy, admin = free_port(), pair_of_free_ports()
     while proxy in (admin, admin + 1):
         admin = pair_of_free_ports()
-    file = write_config(
-        tmp_path / "c.yaml",
+    return (
+        proxy,
+        admin,
         {
             "fly": {"api_url": emulator.url, "token": emulator.token},
             "proxy": {"listen": f"127.0.0.1:{proxy}", "shutdown_timeout_s": 5},
             "admin": {"listen": f"127.0.0.1:{admin}"},
             "control": {"tick_s": 0.2},
-            "cluster": {"redis_url": redis_server, "lease_ttl_s": 1, "key_prefix": key_prefix},
+            "cluster": {"redis_url": redis_url, "lease_ttl_s": 1, "key_prefix": key_prefix},
             "apps": [{"name": "web", "hosts": ["web.test"], "idle_to_zero_s": 300}],
         },
     )
+
+
+async def _fresh_requests(http: aiohttp.ClientSession, url: str, n: int = 20) -> None:
+    """``n`` requests, each on a new connection (spread by the kernel over the workers)."""
+    for _ in range(n):
+        async with http.get(f"{url}/", headers={"Host": "web.test", "Connection": "close"}) as resp:
+            assert resp.status == 200
+
+
+async def test_rolling_restart_of_two_workers_fails_no_request(
+    emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
+) -> None:
+    proxy, admin, config = _config(emulator, redis_server, key_prefix)
+    file = write_config(tmp_path / "c.yaml", config)
     supervisor = Supervisor(file, 2)
     url = f"http://127.0.0.1:{proxy}"
     admins = [f"http://127.0.0.1:{admin + i}" for i in (0, 1)]
@@ -159,11 +173,7 @@ async def test_rolling_restart_of_two_workers_fails_no_request(
             await load.resize(0)
             # Kept-alive clients stay with the worker they reached; new connections are
             # spread by the kernel over both new workers.
-            for _ in range(20):
-                async with http.get(
-                    f"{url}/", headers={"Host": "web.test", "Connection": "close"}
-                ) as resp:
-                    assert resp.status == 200
+            await _fresh_requests(http, url)
             served = [await _requests_served(http, base) for base in admins]
         assert dict(load.outcomes) == {"200": load.sent}, (load.outcomes, load.details[:10])
         assert during > 0  # the load ran through the restart
@@ -195,6 +205,43 @@ async def until_ready(http: aiohttp.ClientSession, url: str, limit_s: float = 60
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.1)  # a separate process offers nothing to await
+
+
+async def test_a_replacement_that_fails_at_start_leaves_the_others_serving(
+    emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A bad new config (or version): the first new worker exits at once; the roll stops
+    there, the other worker keeps serving, and the next SIGUSR2 fills the empty slot."""
+    proxy, admin, config = _config(emulator, redis_server, key_prefix)
+    file = write_config(tmp_path / "c.yaml", config)
+    supervisor = Supervisor(file, 2)
+    url = f"http://127.0.0.1:{proxy}"
+    try:
+        await supervisor.start()
+        assert supervisor.proc is not None
+        async with aiohttp.ClientSession() as http:
+            for i in (0, 1):
+                await until_ready(http, f"http://127.0.0.1:{admin + i}/readyz")
+            write_config(file, {**config, "control": {"tick_s": -1}})
+            supervisor.proc.send_signal(signal.SIGUSR2)
+            failed = await supervisor.wait_for("rolling_restart_failed", 60)
+            assert failed["worker"] == 0
+            assert failed["code"] == 2
+            assert supervisor.proc.returncode is None
+            await _fresh_requests(http, url)  # worker 1, never touched, serves them all
+            assert len(supervisor.named("worker_started")) == 3
+
+            write_config(file, config)
+            supervisor.proc.send_signal(signal.SIGUSR2)
+            done = await supervisor.wait_for("rolling_restart_done", 120)
+            assert done["workers"] == [0, 1]  # the empty slot first
+            await _fresh_requests(http, url)
+    finally:
+        code = await supervisor.stop()
+    assert code == 0, supervisor.tail()
+    for pid in [e["pid"] for e in supervisor.named("worker_started")]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
