@@ -161,7 +161,8 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="N processes serving one port (SO_REUSEPORT), coordinated through Redis: needs "
-        "cluster.redis_url; worker i serves admin on the admin port plus i",
+        "cluster.redis_url; worker i serves admin on the admin port plus i; SIGUSR2 to this "
+        "process restarts the workers one at a time",
     )
 
 
@@ -378,7 +379,8 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runne
     ),
     (
         "run",
-        "run the proxy, the controller and the admin server (SIGHUP reloads the config)",
+        "run the proxy, the controller and the admin server (SIGHUP reloads the config;"
+        " with --workers, SIGUSR2 restarts the workers one at a time)",
         _run_args,
         _run,
     ),

@@ -7,17 +7,28 @@ configured admin port plus ``i`` (each has its own ``/metrics`` and ``/status``;
 answers the configured port, which health checks use). The workers coordinate through
 ``cluster.redis_url`` exactly as replicas on several hosts do, so it is required.
 
-The supervisor forwards SIGHUP (reload) to every worker and, on SIGTERM or SIGINT, sends
+The supervisor forwards SIGHUP (reload) to every worker. SIGUSR2 restarts the workers one at
+a time (a rolling restart, to run new code or take a restart-only setting): worker ``i`` gets
+SIGTERM and drains (it stops accepting at once: the kernel sends new connections to the other
+workers), a new worker ``i`` is started once it has exited (its admin port is free then), and
+the next one goes only when the new one is ready (its ``/readyz`` answers 200 and it listens
+on the proxy's port). With one worker there is a gap while it restarts; with two or more no
+request meets a closed port. A SIGUSR2 during a rolling restart is ignored (logged).
+On SIGTERM or SIGINT it sends
 each worker SIGTERM once (a graceful stop), waits up to ``proxy.shutdown_timeout_s`` plus
 10 s and SIGKILLs what is left; every worker is reaped before it returns. The workers run
 in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them
 once, gracefully) and get SIGTERM from the kernel if the supervisor dies
 (PR_SET_PDEATHSIG). A worker that exits after running a while is started again; one that
-exits within ``MIN_UPTIME_S`` of its start (a port in use, a bad config) stops them all.
+exits within ``MIN_UPTIME_S`` of its start (a port in use, a bad config) stops them all,
+except a replacement in a rolling restart: that one ends the rolling restart and leaves its
+slot empty (the workers not yet replaced keep serving) until the next SIGUSR2, which fills
+it first; the group stops when no worker is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -25,7 +36,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -35,6 +49,9 @@ from autoscaler.service import load_or_report
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0
+# How long a rolling restart waits for a new worker to be ready before it gives up (the
+# worker keeps running; the workers not yet replaced keep their old process).
+READY_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -103,8 +120,18 @@ def supervise(
         _log.info("worker_started", worker=i, pid=proc.pid, admin=argv[7])
         return proc, time.monotonic()
 
+    proxy_port = parse_host_port(settings.proxy.listen).port
+    # /readyz is open unless admin.protect_metrics: send the token only then (loopback).
+    token = None
+    if settings.admin.token is not None and settings.admin.protect_metrics:
+        token = settings.admin.token.get_secret_value()
+
+    def ready(i: int, proc: subprocess.Popen[bytes]) -> bool:
+        return _listens(proc.pid, proxy_port) and _ready(admin.host, admin.port + i, token)
+
     stop: list[int] = []
     hup: list[int] = []
+    usr2: list[int] = []
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         stop.append(signum)
@@ -112,15 +139,22 @@ def supervise(
     def on_hup(signum: int, frame: FrameType | None) -> None:
         hup.append(signum)
 
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        usr2.append(signum)
+
     old = {
         sig: signal.signal(sig, handler)
         for sig, handler in (
             (signal.SIGTERM, on_stop),
             (signal.SIGINT, on_stop),
             (signal.SIGHUP, on_hup),
+            (signal.SIGUSR2, on_usr2),
         )
     }
     procs: list[tuple[subprocess.Popen[bytes], float]] = []
+    roll: _Roll | None = None
+    vacant: set[int] = set()  # a replacement failed at start: no worker in that slot
+    grace_s = settings.proxy.shutdown_timeout_s + 10
     code = 0
     try:
         procs = [spawn(i) for i in range(workers)]
@@ -129,10 +163,25 @@ def supervise(
                 hup.clear()
                 for proc, _ in procs:
                     proc.send_signal(signal.SIGHUP)
+            if usr2:
+                usr2.clear()
+                if roll is None:
+                    # Empty slots first: they bring the group back to strength.
+                    slots = sorted(vacant) + [i for i in range(workers) if i not in vacant]
+                    roll = _Roll(pending=slots)
+                    _log.info("rolling_restart_started", workers=workers)
+                else:
+                    _log.warning("rolling_restart_ignored", reason="one is under way")
+            if roll is not None:
+                roll = _step(roll, procs, spawn, ready, grace_s, vacant)
+                if len(vacant) == workers:
+                    _log.error("workers_failed", problem="no worker left running")
+                    code = 1
+                    break
             for i, (proc, started) in enumerate(procs):
                 rc = proc.poll()
-                if rc is None:
-                    continue
+                if rc is None or i in vacant or (roll and i in (roll.stopping, roll.starting)):
+                    continue  # a roll's own worker: the roll's step sees to it
                 _log.warning("worker_exited", worker=i, pid=proc.pid, code=rc)
                 if time.monotonic() - started < MIN_UPTIME_S:
                     _log.error("worker_failed_at_start", worker=i, code=rc)
@@ -142,17 +191,145 @@ def supervise(
                 procs[i] = spawn(i)
             time.sleep(0.1)
     finally:
-        _stop_all([p for p, _ in procs], settings.proxy.shutdown_timeout_s + 10)
+        # A worker draining for a rolling restart has had its SIGTERM: a second one would
+        # cut its drain short.
+        draining = {procs[roll.stopping][0].pid} if roll and roll.stopping is not None else set()
+        _stop_all([p for p, _ in procs], grace_s, draining)
         for sig, handler in old.items():
             signal.signal(sig, handler)
     _log.info("workers_stopped", code=code)
     return code
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
-    """SIGTERM each once, wait up to ``grace_s`` in all, SIGKILL the rest; reap every one."""
-    for proc in procs:
+@dataclass
+class _Roll:
+    """A rolling restart under way: the workers still to replace, and the one in hand."""
+
+    pending: list[int]
+    stopping: int | None = None  # SIGTERM sent, waiting for it to exit
+    starting: int | None = None  # replacement started, waiting for it to be ready
+    deadline: float = 0.0
+    replaced: list[int] = field(default_factory=list)
+
+
+def _step(
+    roll: _Roll,
+    procs: list[tuple[subprocess.Popen[bytes], float]],
+    spawn: Callable[[int], tuple[subprocess.Popen[bytes], float]],
+    ready: Callable[[int, subprocess.Popen[bytes]], bool],
+    grace_s: float,
+    vacant: set[int],
+) -> _Roll | None:
+    """One step of a rolling restart (never blocks for long, so SIGTERM is seen at once);
+    the roll, or None once it is over. A replacement that exits before it is ready leaves
+    its slot in ``vacant`` and ends the roll: the workers not yet replaced keep serving
+    (a bad new version or config takes one worker down, not the group)."""
+    now = time.monotonic()
+    if roll.stopping is not None:
+        i = roll.stopping
+        proc = procs[i][0]
         if proc.poll() is None:
+            if now > roll.deadline:
+                _log.warning("worker_killed", worker=i, pid=proc.pid)
+                proc.kill()
+                proc.wait()
+            return roll
+        procs[i] = spawn(i)
+        vacant.discard(i)
+        roll.stopping, roll.starting = None, i
+        roll.deadline = now + READY_TIMEOUT_S
+        return roll
+    if roll.starting is not None:
+        i = roll.starting
+        proc = procs[i][0]
+        if proc.poll() is not None:
+            _log.error(
+                "rolling_restart_failed",
+                worker=i,
+                code=proc.returncode,
+                problem="the new worker exited before it was ready; the others keep their"
+                " old process, this slot stays empty until the next SIGUSR2",
+            )
+            vacant.add(i)
+            return None
+        if not ready(i, proc):
+            if now > roll.deadline:
+                _log.error(
+                    "rolling_restart_failed",
+                    worker=i,
+                    problem=f"not ready within {READY_TIMEOUT_S:g} s; the rest keep their"
+                    " old process",
+                )
+                return None
+            return roll
+        _log.info("worker_replaced", worker=i, pid=proc.pid)
+        roll.replaced.append(i)
+        roll.starting = None
+    if not roll.pending:
+        _log.info("rolling_restart_done", workers=roll.replaced)
+        return None
+    i = roll.pending.pop(0)
+    proc = procs[i][0]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    roll.stopping = i
+    roll.deadline = now + grace_s
+    return roll
+
+
+def _ready(host: str, port: int, token: str | None) -> bool:
+    """Whether the worker's admin server says it is ready (``/readyz`` answers 200)."""
+    if host in ("0.0.0.0", ""):  # noqa: S104 - a wildcard bind, reached on loopback
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    request = urllib.request.Request(f"http://{authority(host, port)}/readyz")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=1.0) as resp:  # noqa: S310 - http only
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a listening TCP socket on ``port`` (Linux: /proc; the
+    admin server answers before the proxy binds, and the port is shared, so only the
+    process's own sockets tell). True where /proc cannot say."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return not sys.platform.startswith("linux")
+    inodes = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                # local_address is HEXIP:HEXPORT; state 0A is LISTEN; column 9 the inode.
+                if (
+                    len(cols) > 9
+                    and cols[3] == "0A"
+                    and int(cols[1].rsplit(":", 1)[1], 16) == port
+                    and cols[9] in inodes
+                ):
+                    return True
+    return False
+
+
+def _stop_all(
+    procs: list[subprocess.Popen[bytes]], grace_s: float, signalled: set[int] | None = None
+) -> None:
+    """SIGTERM each once (not the pids in ``signalled``: they had theirs), wait up to
+    ``grace_s`` in all, SIGKILL the rest; reap every one."""
+    for proc in procs:
+        if proc.poll() is None and proc.pid not in (signalled or set()):
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for proc in procs:

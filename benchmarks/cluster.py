@@ -1,14 +1,31 @@
-"""Cluster mode: leader failover time over repeated kills, against a real redis-server.
+"""Cluster mode against a real redis-server: throughput of 1 and 2 workers against nginx
+with 1 and 2 workers, the added p50 of cluster mode, and leader failover time.
 
-    .venv/bin/python benchmarks/cluster.py [--kills 10] [--ttl 1.0] [--replicas 3]
+    .venv/bin/python benchmarks/cluster.py [--duration 5] [--rounds 3] [--connections 50]
+                                           [--rate 300] [--kills 10] [--ttl 1.0]
+                                           [--replicas 3] [--no-throughput] [--no-failover]
 
-Starts redis-server on a free loopback port (no persistence), runs ``--replicas`` lease
-holders the way replicas do (autoscaler/control/replica.py: a round every 250 ms, a lease
-step every ttl / 3), and ``--kills`` times kills the leader (its rounds stop, its Redis
-connection closes, as a SIGKILLed process's would) and measures the time until another
-replica leads. Prints each failover and min / median / max against the bound of
-2 x ttl. (Throughput with 1 and 2 workers and the added p50 of cluster mode are not
-measured yet.) Loopback only; redis-server is reaped at the end.
+Starts redis-server on a free loopback port (no persistence), then:
+
+1. throughput and latency (skipped with ``--no-throughput``): a small aiohttp backend
+   (benchmarks/proxy_overhead.py's), an emulator process as the Machines API, and, all in
+   front of that backend at once: ``autoscaler run`` as one process without Redis
+   (``single``), ``autoscaler run --workers 1`` and ``--workers 2`` with
+   ``cluster.redis_url`` (``cluster-1w``, ``cluster-2w``), and nginx with 1 and 2 worker
+   processes (``nginx-1w``, ``nginx-2w``; proxy_overhead.py's helper). Closed loop at
+   ``--connections`` connections (wrk when installed, else a built-in generator) for
+   ``--rounds`` rounds alternating the order, medians reported, the backend alone
+   (``direct``) as the ceiling; then an open loop at ``--rate`` req/s against ``single``
+   and ``cluster-1w``: the added p50 of cluster mode under the same load. The load
+   generator, the backend and the proxies share this machine's cores.
+2. leader failover (skipped with ``--no-failover``): ``--replicas`` lease holders the way
+   replicas do (autoscaler/control/replica.py: a round every 250 ms, a lease step every
+   ttl / 3), and ``--kills`` times kills the leader (its rounds stop, its Redis connection
+   closes, as a SIGKILLed process's would) and measures the time until another replica
+   leads; min / median / max against the bound of 2 x ttl.
+
+Loopback only; every child process (redis-server, backend, emulator, supervisors and their
+workers, nginx) is stopped and reaped at the end, on error and Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -16,16 +33,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proxy_overhead import (
+    HOST,
+    Result,
+    _child,
+    _compiled,
+    _median_run,
+    _row,
+    closed_loop,
+    nginx,
+    open_loop,
+    run_wrk,
+)
 
 from autoscaler.state.cluster import REPORT_S, connect
 from autoscaler.state.lease import Lease
@@ -91,11 +131,212 @@ async def measure(url: str, kills: int, ttl: float, replicas: int) -> list[float
     return times
 
 
+# --- throughput: autoscaler run (single, --workers 1, --workers 2) against nginx -------
+
+
+def _child_env() -> dict[str, str]:
+    """This environment without the shell's AUTOSCALER_* / FLY_* settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AUTOSCALER_", "FLY_"))}
+
+
+def _reap(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM (a supervisor stops its workers gracefully), SIGKILL after ``grace_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_until(check: Any, what: str, proc: subprocess.Popen[Any], limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while not check():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {limit_s:g} s")
+        time.sleep(0.1)
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
+        return True
+    return False
+
+
+def _ready(admin_port: int) -> bool:
+    try:
+        url = f"http://{HOST}:{admin_port}/readyz"
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _free_range(n: int) -> int:
+    """A port P with P .. P + n - 1 all free (worker i serves admin on P + i)."""
+    while True:
+        first = _free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((HOST, first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
+@contextlib.contextmanager
+def _emulator(tmp: str) -> Iterator[tuple[str, str]]:
+    """An emulator process as the Machines API (no app: the benchmark's app is static)."""
+    port, token = _free_port(), secrets.token_urlsafe(16)
+    log = open(os.path.join(tmp, "emulator.log"), "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "autoscaler", "emulator", "--listen", f"{HOST}:{port}"),
+            *("--token", token, "--no-rate-limits"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_child_env(),
+    )
+    try:
+        _wait_until(lambda: _answers(port), "the emulator", proc)
+        yield f"http://{HOST}:{port}", token
+    finally:
+        _reap(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def _autoscaler(
+    tmp: str, name: str, backend_port: int, api: tuple[str, str], redis_url: str | None,
+    workers: int | None,
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:  # fmt: skip
+    """``autoscaler run`` (``workers`` None: one process, no supervisor) in front of the
+    backend, static mode, access log on as in production; yields its proxy port once every
+    worker's /readyz answers."""
+    port, admin = _free_port(), _free_range(workers or 1)
+    config: dict[str, Any] = {
+        "fly": {"api_url": api[0], "token": api[1], "rate_limit": False},
+        "proxy": {"listen": f"{HOST}:{port}", "shutdown_timeout_s": 2},
+        "admin": {"listen": f"{HOST}:{admin}"},
+        "apps": [
+            {
+                "name": "bench",
+                "hosts": [HOST],
+                "backends": [f"{HOST}:{backend_port}"],
+                "hard_limit": 10_000,
+            }
+        ],
+    }
+    if redis_url is not None:
+        config["cluster"] = {"redis_url": redis_url, "key_prefix": f"bench-{name}"}
+    file = os.path.join(tmp, f"{name}.yaml")
+    with open(file, "w") as f:
+        yaml.safe_dump(config, f)
+    argv = [sys.executable, "-m", "autoscaler", "run", "--config", file, "--log-format", "json"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    log = open(os.path.join(tmp, f"{name}.log"), "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+    try:
+        for i in range(workers or 1):
+            _wait_until(lambda i=i: _ready(admin + i), f"{name} worker {i}", proc)
+        yield port, proc
+    finally:
+        _reap(proc)
+        log.close()
+
+
+def throughput(args: argparse.Namespace, redis_url: str) -> int:
+    use_wrk = shutil.which("wrk") is not None
+    use_nginx = shutil.which("nginx") is not None
+    backend_port = _free_port()
+    errors = 0
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp,
+        _child(["--serve", "backend", str(backend_port)]),
+        _emulator(tmp) as api,
+        _autoscaler(tmp, "single", backend_port, api, None, None) as (single, _),
+        _autoscaler(tmp, "cluster-1w", backend_port, api, redis_url, 1) as (w1, _),
+        _autoscaler(tmp, "cluster-2w", backend_port, api, redis_url, 2) as (w2, _),
+        contextlib.ExitStack() as stack,
+    ):
+        targets = [("direct", backend_port), ("single", single)]
+        targets += [("cluster-1w", w1), ("cluster-2w", w2)]
+        if use_nginx:
+            for n in (1, 2):
+                port = _free_port()
+                stack.enter_context(nginx(port, [backend_port], workers=n))
+                targets.append((f"nginx-{n}w", port))
+        tool = f"wrk -t2 -c{args.connections}" if use_wrk else "built-in aiohttp generator"
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        build = "compiled (mypyc)" if _compiled() else "pure Python"
+        print(
+            f"proxy data path {build}; {os.cpu_count()} CPUs (shared with other work: the"
+            f" load generator, the backend and every proxy run on them); load average {load}"
+            + ("" if use_nginx else "; nginx not installed: no reference")
+        )
+        print(
+            f"\nthroughput: closed loop, {args.connections} connections ({tool}),"
+            f" {args.duration:g} s, {args.rounds} rounds alternating the order"
+        )
+        print(f"{'target':<11}{'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+        runs: dict[str, list[Result]] = {name: [] for name, _ in targets}
+        for round_ in range(args.rounds):
+            for name, port in targets if round_ % 2 == 0 else targets[::-1]:
+                if use_wrk:
+                    result = run_wrk(port, args.duration, args.connections)
+                else:
+                    result = asyncio.run(closed_loop(port, args.duration, args.connections))
+                runs[name].append(result)
+                errors += result.errors
+                print(" " + _row(name, result), flush=True)
+        print("\nmedians")
+        medians = {name: _median_run(results) for name, results in runs.items()}
+        for name, _ in targets:
+            print(" " + _row(name, medians[name]), flush=True)
+        print(f"\nlatency: open loop at {args.rate:g} req/s (built-in generator)")
+        fixed: dict[str, Result] = {}
+        for name, port in targets[1:3]:
+            fixed[name] = asyncio.run(open_loop(port, args.duration, args.rate))
+            errors += fixed[name].errors
+            print(" " + _row(name, fixed[name]), flush=True)
+    print()
+    ratio = medians["cluster-2w"].rps / medians["cluster-1w"].rps
+    print(f"cluster-2w/cluster-1w throughput: {ratio:.2f}")
+    if use_nginx:
+        ratio = medians["nginx-2w"].rps / medians["nginx-1w"].rps
+        print(f"nginx-2w/nginx-1w throughput: {ratio:.2f}")
+    added = fixed["cluster-1w"].p50_ms - fixed["single"].p50_ms
+    added99 = fixed["cluster-1w"].p99_ms - fixed["single"].p99_ms
+    print(
+        f"added p50 of cluster mode (cluster-1w vs single at {args.rate:g} req/s):"
+        f" {added:+.2f} ms; p99 {added99:+.2f} ms"
+    )
+    print(f"errors: {errors}")
+    return errors
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--ttl", type=float, default=1.0, help="cluster.lease_ttl_s")
     parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per target")
+    parser.add_argument("--connections", type=int, default=50, help="closed-loop connections")
+    parser.add_argument("--rate", type=float, default=300.0, help="open-loop requests/second")
+    parser.add_argument("--no-throughput", action="store_true", help="failover only")
+    parser.add_argument("--no-failover", action="store_true", help="throughput only")
     args = parser.parse_args()
     binary = shutil.which("redis-server")
     if binary is None:
@@ -106,20 +347,23 @@ def main() -> int:
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
+    url = f"redis://127.0.0.1:{port}/0"
+    errors = 0
     try:
-        time.sleep(0.3)
-        times = asyncio.run(
-            measure(f"redis://127.0.0.1:{port}/0", args.kills, args.ttl, args.replicas)
-        )
+        _wait_until(lambda: _answers(port), "redis-server", proc, 10)
+        if not args.no_throughput:
+            errors = throughput(args, url)
+        if not args.no_failover:
+            print()
+            times = asyncio.run(measure(url, args.kills, args.ttl, args.replicas))
+            print(
+                f"lease_ttl_s {args.ttl:g}, {args.replicas} replicas, {len(times)} kills:"
+                f" failover min {min(times):.3f} s, median {statistics.median(times):.3f} s,"
+                f" max {max(times):.3f} s (bound {2 * args.ttl:g} s)"
+            )
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    print(
-        f"lease_ttl_s {args.ttl:g}, {args.replicas} replicas, {len(times)} kills: failover"
-        f" min {min(times):.3f} s, median {statistics.median(times):.3f} s,"
-        f" max {max(times):.3f} s (bound {2 * args.ttl:g} s)"
-    )
-    return 0
+        _reap(proc, 10)
+    return 0 if errors == 0 else 1
 
 
 if __name__ == "__main__":

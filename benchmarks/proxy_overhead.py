@@ -283,8 +283,8 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
 
 _NGINX_CONF = """\
 daemon off;
-master_process off;
-worker_processes 1;
+master_process {master};
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log stderr error;
 events {{ worker_connections 4096; }}
@@ -296,9 +296,7 @@ http {{
     scgi_temp_path {dir}/scgi;
     access_log /dev/null combined buffer=32k flush=1s;
     upstream backend {{
-        server {host}:{backend_port};
-        keepalive 64;
-    }}
+{servers}{keepalive}    }}
     server {{
         listen {host}:{port};
         location / {{
@@ -309,20 +307,54 @@ http {{
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Forwarded-Host $host;
+            proxy_next_upstream {next_upstream};
         }}
     }}
 }}
 """
 
 
+def nginx_config(
+    prefix: str,
+    port: int,
+    upstreams: Sequence[int],
+    *,
+    workers: int = 1,
+    keepalive: int = 64,
+    next_upstream: str = "error timeout",
+) -> str:
+    """nginx.conf for a reverse proxy on ``HOST:port`` in front of ``HOST:upstreams``
+    (round robin), everything it writes under ``prefix``. ``workers`` 1 runs one process
+    (no master); more runs a master and that many workers. ``keepalive`` 0 opens a new
+    upstream connection per request. ``next_upstream`` is ``proxy_next_upstream`` (nginx's
+    default; "error" retries on an upstream error: a refused connection for any request, one
+    that failed after it was sent only when the method is idempotent)."""
+    servers = "".join(f"        server {HOST}:{p};\n" for p in upstreams)
+    return _NGINX_CONF.format(
+        dir=prefix,
+        host=HOST,
+        port=port,
+        master="on" if workers > 1 else "off",
+        workers=workers,
+        servers=servers,
+        keepalive=f"        keepalive {keepalive};\n" if keepalive else "",
+        next_upstream=next_upstream,
+    )
+
+
 @contextlib.contextmanager
-def _nginx(port: int, backend_port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """nginx as one process in front of the backend (the reference proxy), yielded once it
-    accepts connections, stopped with SIGTERM at the end."""
+def nginx(
+    port: int,
+    upstreams: Sequence[int],
+    **options: Any,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx (``nginx_config``'s options) with a temporary prefix, yielded once it accepts
+    connections on ``HOST:port``, stopped with SIGTERM at the end (its master reaps its
+    workers) and reaped, on error too."""
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(_NGINX_CONF.format(dir=tmp, host=HOST, port=port, backend_port=backend_port))
+            f.write(nginx_config(tmp, port, upstreams, **options))
         errors = os.path.join(tmp, "error.log")
         with open(errors, "w") as err:
             proc = subprocess.Popen(["nginx", "-p", tmp, "-e", "stderr", "-c", conf], stderr=err)
@@ -399,7 +431,7 @@ def main() -> int:
             + (["nolog"] if args.no_access_log else ["log"])
             + (["--no-uvloop"] * args.no_uvloop)
         ) as proxy_proc,
-        _nginx(nginx_port, backend_port) if use_nginx else contextlib.nullcontext() as nginx_proc,
+        nginx(nginx_port, [backend_port]) if use_nginx else contextlib.nullcontext() as nginx_proc,
     ):
         # CPU per request of the process under test: the backend when direct, the proxy
         # when proxied (the backend's share is the same in both), nginx for nginx.
