@@ -32,6 +32,7 @@ from types import ModuleType
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from reliability.harness import Load, write_config
 from reliability.test_restart import Autoscaler
 from testkit import free_port, until
@@ -91,9 +92,10 @@ async def backend() -> AsyncIterator[int]:
 async def _inflight(http: aiohttp.ClientSession, admin: str, app: str) -> float:
     async with http.get(f"{admin}/metrics") as resp:
         text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith(f'autoscaler_inflight_requests{{app="{app}"}}'):
-            return float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        if family.name == "autoscaler_inflight_requests":
+            # (cluster mode adds a replica label)
+            return sum(s.value for s in family.samples if s.labels.get("app") == app)
     return 0.0
 
 
