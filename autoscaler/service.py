@@ -9,7 +9,8 @@ requests in flight finish (``proxy.shutdown_timeout_s``), then the controller's 
 actions stop, and the client and the emulator close last.
 
 Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once); SIGHUP reloads
-the configuration file. A reload that does not validate is rejected whole (the running
+the configuration file; SIGUSR2 (the rolling restart of ``run --workers``, sent to one
+process) is logged and ignored. A reload that does not validate is rejected whole (the running
 configuration stays, the problems are logged, ``autoscaler_config_reloads{result="error"}``
 counts it); a valid one reaches the controller and the proxy. ``proxy.listen`` and the
 ``fly``, ``emulator``, ``admin`` and ``cluster`` sections take effect only on restart; a reload that
@@ -282,6 +283,7 @@ class Service:
         stop = asyncio.Event()
         signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set}
         signals[signal.SIGHUP] = self.request_reload
+        signals[signal.SIGUSR2] = _no_rolling_restart
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
         try:
@@ -310,6 +312,15 @@ class Service:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _no_rolling_restart() -> None:
+    """SIGUSR2 restarts the workers of ``run --workers`` (its supervisor's signal); sent to
+    one process instead, its default action would kill it."""
+    _log.warning(
+        "rolling_restart_ignored",
+        why="SIGUSR2 restarts workers one at a time: send it to the run --workers supervisor",
+    )
 
 
 def load_or_report(

@@ -112,7 +112,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) 
     raise AssertionError(f"{url} not ready within {timeout_s}s")
 
 
-def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_path: Path) -> None:
     proxy_port, admin_port = free_port(), free_port()
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
     proc = subprocess.Popen(
@@ -145,6 +145,7 @@ def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
         )
         with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
             assert resp.status == 200
+        proc.send_signal(signal.SIGUSR2)  # the supervisor's rolling restart: ignored here
         file.write_text("apps: [{name: web, max_machines: -1}]\n")
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 30
@@ -163,6 +164,7 @@ def test_run_process_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
     assert proc.returncode == 0, out
     events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
     assert "config_reload_rejected" in events
+    assert "rolling_restart_ignored" in events
     assert "stopped" in events
     assert leftovers(proc.pid) == []  # its machines went with it
     assert leftovers(os.getpid()) == []
