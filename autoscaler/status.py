@@ -112,6 +112,10 @@ def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
         "",
         f"cluster: this replica {cluster.get('replica')} is the {role};"
         f" leader {cluster.get('leader') or 'none'}",
+        f"redis {'ok' if cluster.get('redis_ok', True) else 'UNREACHABLE'};"
+        f" view pushes applied {cluster.get('view_pushes_applied', 0)};"
+        f" self-wakes {cluster.get('self_wakes', 0)};"
+        f" actions fenced {cluster.get('actions_fenced', 0)}",
     ]
     rows = [["REPLICA", "LEADER", "REPORTED", "IN FLIGHT", "HELD"]]
     for r in cluster.get("replicas") or []:

@@ -361,6 +361,10 @@ def test_autoscaler_status_prints_the_cluster() -> None:
             "replica": "b",
             "leader": "a",
             "leading": False,
+            "redis_ok": False,
+            "view_pushes_applied": 7,
+            "self_wakes": 1,
+            "actions_fenced": 0,
             "replicas": [
                 {"id": "b", "leader": False, "report_age_s": 0.1, "apps": {APP: {"held": 2}}},
                 {
@@ -375,6 +379,7 @@ def test_autoscaler_status_prints_the_cluster() -> None:
     text = "\n".join(render(doc))
     assert "a follower (the cluster's leader decides)" in text
     assert "cluster: this replica b is the follower; leader a" in text
+    assert "redis UNREACHABLE; view pushes applied 7; self-wakes 1; actions fenced 0" in text
     rows = [line.split() for line in text.splitlines() if line.startswith("  ")]
     assert rows[1][:2] == ["b", "no"]
     assert rows[1][-2:] == ["0", "2"]
