@@ -341,6 +341,25 @@ ROWS: list[tuple[str, list[Spec]]] = [
                 width=4,
                 kind="stat",
             ),
+            Spec(
+                "Requests per second by replica",
+                "How the front balancer spreads traffic over the replicas (one series, with"
+                " an empty replica label, for a single process).",
+                [(by("replica", "autoscaler_requests_total"), "{{replica}}")],
+                unit="reqps",
+                stacked=True,
+            ),
+            Spec(
+                "In flight by replica",
+                "Requests each replica has at its machines now; the leader decides on the sum.",
+                [
+                    (
+                        f"sum by (replica) (autoscaler_inflight_requests{{{APP}}})",
+                        "{{replica}}",
+                    )
+                ],
+                width=8,
+            ),
         ],
     ),
 ]
