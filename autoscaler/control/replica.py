@@ -169,8 +169,10 @@ class Replica:
             await self.cluster.read()
             if not leading:
                 self._apply_fleet()
-            for name in self.controller.apps:
-                self.view.app(name).set_remote_in_flight(self.cluster.remote_in_flight(name))
+            # Every app, static ones too: their machines are the same "host:port" on every
+            # replica, and their hard_limit is as cluster-wide as a scaled app's.
+            for name, app_view in self.view.apps.items():
+                app_view.set_remote_in_flight(self.cluster.remote_in_flight(name))
             if leading:
                 for app in await self.cluster.pop_wakes():
                     if app in self.controller.apps:
