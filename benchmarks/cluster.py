@@ -4,6 +4,8 @@ with 1 and 2 workers, the added p50 of cluster mode, and leader failover time.
     .venv/bin/python benchmarks/cluster.py [--duration 5] [--rounds 3] [--connections 50]
                                            [--rate 300] [--kills 10] [--ttl 1.0]
                                            [--replicas 3] [--no-throughput] [--no-failover]
+                                           [--no-skew] [--skew-limit 8] [--skew-clients 40]
+                                           [--skew-splits 90/10,50/50] [--skew-delay-ms 20]
 
 Starts redis-server on a free loopback port (no persistence), then:
 
@@ -23,6 +25,14 @@ Starts redis-server on a free loopback port (no persistence), then:
    ttl / 3), and ``--kills`` times kills the leader (its rounds stop, its Redis connection
    closes, as a SIGKILLed process's would) and measures the time until another replica
    leads; min / median / max against the bound of 2 x ttl.
+3. ``hard_limit`` under skew (skipped with ``--no-skew``): two ``autoscaler run`` replicas
+   (one process each, ``cluster.redis_url``) in front of ONE machine, a backend process
+   that holds each request ``--skew-delay-ms`` and counts the requests it serves at once,
+   ``hard_limit`` ``--skew-limit``. ``--skew-clients`` closed-loop clients split 90/10 and
+   50/50 over the replicas (``--skew-splits``) for ``--duration`` s each, after a warm-up
+   (both replicas' reports read). Reported: the most requests the machine served at once,
+   the share of requests that arrived to find it above the limit, the share of time it
+   spent above it, and each replica's requests and errors.
 
 Loopback only; every child process (redis-server, backend, emulator, supervisors and their
 workers, nginx) is stopped and reaped at the end, on error and Ctrl-C too.
@@ -33,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -218,7 +229,7 @@ def _emulator(tmp: str) -> Iterator[tuple[str, str]]:
 @contextlib.contextmanager
 def _autoscaler(
     tmp: str, name: str, backend_port: int, api: tuple[str, str], redis_url: str | None,
-    workers: int | None,
+    workers: int | None, hard_limit: int = 10_000, prefix: str | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:  # fmt: skip
     """``autoscaler run`` (``workers`` None: one process, no supervisor) in front of the
     backend, static mode, access log on as in production; yields its proxy port once every
@@ -233,12 +244,12 @@ def _autoscaler(
                 "name": "bench",
                 "hosts": [HOST],
                 "backends": [f"{HOST}:{backend_port}"],
-                "hard_limit": 10_000,
+                "hard_limit": hard_limit,
             }
         ],
     }
     if redis_url is not None:
-        config["cluster"] = {"redis_url": redis_url, "key_prefix": f"bench-{name}"}
+        config["cluster"] = {"redis_url": redis_url, "key_prefix": prefix or f"bench-{name}"}
     file = os.path.join(tmp, f"{name}.yaml")
     with open(file, "w") as f:
         yaml.safe_dump(config, f)
@@ -326,7 +337,149 @@ def throughput(args: argparse.Namespace, redis_url: str) -> int:
     return errors
 
 
+# --- hard_limit across two replicas under skewed traffic ------------------------------
+
+
+def serve_counter(port: int, delay_ms: float) -> None:
+    """The skew part's machine: holds each request ``delay_ms``; counts the requests it
+    serves at once. ``GET /__stats`` (asked directly, not through a proxy) answers the
+    figures since the previous ask and starts over."""
+    from aiohttp import web
+
+    state = {"now": 0, "most": 0, "arrivals": 0, "over": 0}
+    level_since = [time.monotonic()]
+    time_at: dict[int, float] = {}
+
+    def level_changes() -> None:
+        now = time.monotonic()
+        time_at[state["now"]] = time_at.get(state["now"], 0.0) + now - level_since[0]
+        level_since[0] = now
+
+    limit = [0]
+
+    async def handle(request: web.Request) -> web.Response:
+        level_changes()
+        state["now"] += 1
+        state["arrivals"] += 1
+        state["most"] = max(state["most"], state["now"])
+        if limit[0] and state["now"] > limit[0]:
+            state["over"] += 1
+        try:
+            await asyncio.sleep(delay_ms / 1000)
+        finally:
+            level_changes()
+            state["now"] -= 1
+        return web.Response(text="ok")
+
+    async def stats(request: web.Request) -> web.Response:
+        level_changes()
+        limit[0] = int(request.query.get("limit", "0"))
+        doc = {**state, "time_at": {str(k): v for k, v in sorted(time_at.items())}}
+        state.update(most=state["now"], arrivals=0, over=0)
+        time_at.clear()
+        return web.json_response(doc)
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_get("/__stats", stats)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        print("ready", flush=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(serve())
+
+
+@contextlib.contextmanager
+def _counter(port: int, delay_ms: float) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-counter", str(port), str(delay_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the counting backend failed to start")
+        yield
+    finally:
+        _reap(proc, 10)
+
+
+def _counter_stats(port: int, limit: int) -> dict[str, Any]:
+    url = f"http://{HOST}:{port}/__stats?limit={limit}"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+    return doc
+
+
+def skew(args: argparse.Namespace, redis_url: str) -> int:
+    """Two replicas, one machine, hard_limit ``--skew-limit``; clients split unevenly."""
+    limit, total = args.skew_limit, args.skew_clients
+    backend_port = _free_port()
+    prefix = f"bench-skew-{uuid.uuid4().hex[:8]}"
+    errors = 0
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-skew-") as tmp,
+        _counter(backend_port, args.skew_delay_ms),
+        _emulator(tmp) as api,
+        _autoscaler(tmp, "skew-a", backend_port, api, redis_url, None, limit, prefix) as (pa, _),
+        _autoscaler(tmp, "skew-b", backend_port, api, redis_url, None, limit, prefix) as (pb, _),
+    ):
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        build = "compiled (mypyc)" if _compiled() else "pure Python"
+        print(
+            f"hard_limit {limit} on one machine (a backend holding each request"
+            f" {args.skew_delay_ms:g} ms) behind 2 replicas; {total} closed-loop clients,"
+            f" {args.duration:g} s per split; {build}; load average {load}"
+        )
+        print(
+            f"{'split A/B':<10}{'clients':>9}{'req/s A':>9}{'req/s B':>9}{'max':>5}{'bound':>6}"
+            f"{'arrivals>limit':>16}{'time>limit':>12}{'errors':>7}"
+        )
+        for split in args.skew_splits.split(","):
+            share_a = float(split.split("/")[0]) / 100
+            ca = max(1, min(total - 1, round(total * share_a)))
+            cb = total - ca
+
+            async def both(duration: float, ca: int = ca, cb: int = cb) -> tuple[Result, Result]:
+                ra, rb = await asyncio.gather(
+                    closed_loop(pa, duration, ca), closed_loop(pb, duration, cb)
+                )
+                return ra, rb
+
+            # Warm-up: connections open, each replica has read the other's reports.
+            asyncio.run(both(max(1.0, 4 * REPORT_S)))
+            _counter_stats(backend_port, limit)  # starts the figures over
+            ra, rb = asyncio.run(both(args.duration))
+            doc = _counter_stats(backend_port, limit)
+            errors += ra.errors + rb.errors
+            time_at = {int(k): v for k, v in doc["time_at"].items()}
+            spent = sum(time_at.values()) or 1.0
+            over_time = sum(v for k, v in time_at.items() if k > limit) / spent
+            over_arrivals = doc["over"] / max(1, doc["arrivals"])
+            bound = limit + min(ca, cb, limit)
+            print(
+                f"{split:<10}{f'{ca}/{cb}':>9}{ra.rps:>9.0f}{rb.rps:>9.0f}{doc['most']:>5}"
+                f"{bound:>6}{over_arrivals:>15.2%} {over_time:>11.2%}"
+                f"{ra.errors + rb.errors:>7}",
+                flush=True,
+            )
+            levels = ", ".join(f"{k}: {v / spent:.1%}" for k, v in sorted(time_at.items()))
+            print(f"  time at each concurrency: {levels}", flush=True)
+    return errors
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--serve-counter"]:
+        serve_counter(int(sys.argv[2]), float(sys.argv[3]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--ttl", type=float, default=1.0, help="cluster.lease_ttl_s")
@@ -337,6 +490,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300.0, help="open-loop requests/second")
     parser.add_argument("--no-throughput", action="store_true", help="failover only")
     parser.add_argument("--no-failover", action="store_true", help="throughput only")
+    parser.add_argument("--no-skew", action="store_true", help="no hard_limit skew part")
+    parser.add_argument("--skew-limit", type=int, default=8, help="the machine's hard_limit")
+    parser.add_argument("--skew-clients", type=int, default=40, help="clients of both replicas")
+    parser.add_argument("--skew-splits", default="90/10,50/50", help="client shares A/B")
+    parser.add_argument("--skew-delay-ms", type=float, default=20.0, help="backend hold")
     args = parser.parse_args()
     binary = shutil.which("redis-server")
     if binary is None:
@@ -361,6 +519,9 @@ def main() -> int:
                 f" failover min {min(times):.3f} s, median {statistics.median(times):.3f} s,"
                 f" max {max(times):.3f} s (bound {2 * args.ttl:g} s)"
             )
+        if not args.no_skew:
+            print()
+            errors += skew(args, url)
     finally:
         _reap(proc, 10)
     return 0 if errors == 0 else 1
