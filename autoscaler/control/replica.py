@@ -41,7 +41,7 @@ from autoscaler.control.actions import Probe, tcp_probe
 from autoscaler.control.controller import Controller
 from autoscaler.control.fencing import WAKE_FENCE, FencedAPI
 from autoscaler.control.schedule import Budget
-from autoscaler.control.view import Clock, FleetView, MachineInfo
+from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo
 from autoscaler.control.wake import WakeError
 from autoscaler.fly.client import MachinesAPI
 from autoscaler.logs import get_logger
@@ -172,7 +172,9 @@ class Replica:
             # Every app, static ones too: their machines are the same "host:port" on every
             # replica, and their hard_limit is as cluster-wide as a scaled app's.
             for name, app_view in self.view.apps.items():
-                app_view.set_remote_in_flight(self.cluster.remote_in_flight(name))
+                app_view.set_remote_in_flight(
+                    self.cluster.remote_in_flight(name), self._share(name, app_view)
+                )
             if leading:
                 for app in await self.cluster.pop_wakes():
                     if app in self.controller.apps:
@@ -214,6 +216,16 @@ class Replica:
         view = self.view.app(app)
         sample = self.cluster.sample(app, view.meter, now)
         return sample, self.cluster.last_request_at(app, view.last_request_at, now)
+
+    def _share(self, app: str, view: AppView) -> float:
+        """Our share of each machine's hard limit on ``app``: our demand (in flight plus
+        held, now) over the whole cluster's (the others' as last reported), so the shares
+        follow where the traffic is and add up to one. Nobody else busy: all of it."""
+        others = self.cluster.remote_demand(app)
+        if others == 0:
+            return 1.0
+        mine = view.in_flight + view.queued
+        return mine / (mine + others)
 
     def _loads(self) -> dict[str, AppLoad]:
         now = self.clock()

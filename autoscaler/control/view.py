@@ -47,6 +47,7 @@ class Upstream:
         "owner",
         "port",
         "remote_in_flight",
+        "share",
         "started_at",
         "state",
         "unhealthy_until",
@@ -63,6 +64,10 @@ class Upstream:
         """Cluster mode: requests in flight to it through the other replicas, as they last
         reported (the balancer's hard limit, and on the leader the policy and the drains,
         count them; this replica's own slots are ``in_flight``)."""
+        self.share = 1.0
+        """Cluster mode: this replica's share of the machine's hard limit (its demand on
+        the app over the whole cluster's, as last reported): it keeps at most
+        ``max(1, floor(hard_limit x share))`` requests in flight there. 1.0 alone."""
         self.last_used: float | None = None
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
@@ -142,13 +147,15 @@ class AppView:
         if self.on_machines is not None:
             self.on_machines(self.name)
 
-    def set_remote_in_flight(self, counts: dict[str, int]) -> None:
-        """Cluster mode: the other replicas' requests in flight per machine."""
+    def set_remote_in_flight(self, counts: dict[str, int], share: float = 1.0) -> None:
+        """Cluster mode: the other replicas' requests in flight per machine, and this
+        replica's share of each machine's hard limit."""
         changed = False
         for mid, up in self.upstreams.items():
             n = counts.get(mid, 0)
-            if up.remote_in_flight != n:
+            if up.remote_in_flight != n or up.share != share:
                 up.remote_in_flight = n
+                up.share = share
                 changed = True
         if changed:
             self.notify()  # a drain waiting for the machine to go idle looks again

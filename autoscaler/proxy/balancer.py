@@ -24,16 +24,14 @@ def pick(
     ``upstreams`` are the routable machines (started, not cordoned, healthy); ``exclude``
     holds machines this request already failed on. In cluster mode a machine's requests in
     flight through the other replicas (``remote_in_flight``, as they last reported) count
-    too, so the limit holds across replicas up to what they admitted since their reports.
+    too, and this replica keeps to its ``share`` of the limit (at least one request): the
+    shares of all replicas add up to the limit, so it holds across replicas however short
+    the requests are next to the reports' interval.
     """
     if exclude:
-        free = [
-            u
-            for u in upstreams
-            if u.in_flight + u.remote_in_flight < hard_limit and u not in exclude
-        ]
+        free = [u for u in upstreams if _free(u, hard_limit) and u not in exclude]
     else:
-        free = [u for u in upstreams if u.in_flight + u.remote_in_flight < hard_limit]
+        free = [u for u in upstreams if _free(u, hard_limit)]
     n = len(free)
     if n == 0:
         return None
@@ -45,3 +43,11 @@ def pick(
         j += 1  # two distinct machines
     a, b = free[i], free[j]
     return a if a.in_flight + a.remote_in_flight <= b.in_flight + b.remote_in_flight else b
+
+
+def _free(u: Upstream, hard_limit: int) -> bool:
+    n = u.in_flight
+    if n + u.remote_in_flight >= hard_limit:
+        return False
+    # Under max(1, floor(hard_limit x share)); 1e-9: a share of 1/3 times 3 is not < 1.
+    return n == 0 or n + 1 <= hard_limit * u.share + 1e-9

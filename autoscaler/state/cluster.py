@@ -390,6 +390,14 @@ class Cluster:
                     counts[mid] = counts.get(mid, 0) + n
         return counts
 
+    def remote_demand(self, app: str) -> int:
+        """The other replicas' requests on ``app`` in flight or held, summed."""
+        return sum(
+            load.in_flight + load.held
+            for report in self.others.values()
+            if (load := report.loads.get(app)) is not None
+        )
+
     def last_request_at(self, app: str, local: float | None, now: float) -> float | None:
         """The latest request of any replica on ``app``, on our clock."""
         latest = local

@@ -8,6 +8,7 @@ clients, at most ``hard_limit + k``."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -17,8 +18,10 @@ from prometheus_client import CollectorRegistry
 from testkit import free_port
 
 from autoscaler.config import Settings
+from autoscaler.control.view import Upstream
 from autoscaler.emulator import Emulator
 from autoscaler.metrics import Metrics
+from autoscaler.proxy.balancer import pick
 from autoscaler.service import Service
 from autoscaler.state.cluster import REPORT_S
 
@@ -87,6 +90,32 @@ def settings(emulator: Emulator, url: str, prefix: str, rid: str, port: int) -> 
     )
 
 
+def test_a_replica_keeps_to_its_share_of_the_limit() -> None:
+    """Its share: max(1, floor(hard_limit x share)) requests in flight, whatever the
+    others reported in flight (short requests come and go between two reports)."""
+    rng = random.Random(1)  # noqa: S311 - no secret
+    up = Upstream("m", "127.0.0.1", 1)
+    up.share = 0.9  # 36 of 40 clients: 7 of 8 slots
+    up.in_flight = 6
+    assert pick([up], 8, rng) is up
+    up.in_flight = 7
+    assert pick([up], 8, rng) is None
+    up.share = 0.1  # 4 of 40: floor(0.8) = 0, but one request always may go
+    up.in_flight = 0
+    assert pick([up], 8, rng) is up
+    up.in_flight = 1
+    assert pick([up], 8, rng) is None
+    up.share = 0.5
+    up.in_flight = 3
+    assert pick([up], 8, rng) is up
+    up.remote_in_flight = 5  # and the others' reported requests still count
+    assert pick([up], 8, rng) is None
+    up.remote_in_flight = 0
+    up.share = 29 / 100  # x 100 = 28.999999999999996 in floating point: still 29 slots
+    up.in_flight = 28
+    assert pick([up], 100, rng) is up
+
+
 async def until(condition: Callable[[], bool], limit_s: float) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -127,13 +156,15 @@ async def test_hard_limit_holds_across_two_replicas_under_skew(
 
             # 1. The minority replica's request sits on the machine; once B has reported
             # it, A admits only hard_limit - 1 of a burst and holds the rest (exactly: no
-            # report is in flight on either side any more).
+            # report is in flight on either side any more). A's share of the machine
+            # follows its demand: 12 of the 13 requests, floor(4 x 12/13) = 3 slots.
             held_b = asyncio.ensure_future(get(b, "/hold"))
             await until(lambda: up_a.remote_in_flight == 1, 5)
             burst = [asyncio.ensure_future(get(a, "/hold")) for _ in range(3 * LIMIT)]
             view_a = a.view.app("web")
-            # Settled: every request of the burst is in flight or held, and the machine
-            # serves every request the two replicas count in flight.
+            # Settled: A's round has seen the burst, every request of it is in flight or
+            # held, and the machine serves every request the replicas count in flight.
+            await until(lambda: up_a.share > 0.5, 5)
             await until(lambda: up_a.in_flight + view_a.queued == 3 * LIMIT, 5)
             await until(lambda: machine.now == up_a.in_flight + up_b.in_flight, 5)
             assert up_a.in_flight == LIMIT - 1
