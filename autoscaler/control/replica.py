@@ -11,7 +11,9 @@ Every ``REPORT_S`` (250 ms) the replica:
 - reads the other replicas' reports. The leader's ticks decide on the sum (the controller's
   ``load`` hook, :meth:`Replica.load`). Every replica writes the others' requests in flight
   per machine into ``Upstream.remote_in_flight`` (as last reported): the balancer's
-  ``hard_limit`` counts them everywhere, the leader's policy and drains too.
+  ``hard_limit`` counts them everywhere, the leader's policy and drains too. It also
+  writes its share of each machine's ``hard_limit`` (``Upstream.share``: its demand on the
+  app over the cluster's), which its balancer keeps to.
   A follower routes with the fleet view the leader published (it never calls the Machines
   API), and asks the leader for wakes through Redis.
 
