@@ -13,7 +13,11 @@ a thousand API calls a second, nearly all to learn that sleeping apps still slee
   ``control.tick_s`` from then on.
 - **Ticks are spread in time.** Each loop starts at a random offset within its first period,
   and every pause is up to ``control.tick_jitter`` longer, at random, so loops started
-  together drift apart instead of ticking in phase.
+  together drift apart instead of ticking in phase. An app that falls asleep waits between
+  one and two idle periods, drawn uniformly, before its first slow poll: apps that all fell
+  asleep at once (the first reads at start-up, which the org budget spreads over a few
+  seconds only) then poll spread over a whole period, not all within those seconds, and no
+  gap between two polls is ever shorter than the period.
 - **Apps in use are listed only when something may have changed.** An app whose machines
   all rest (none starting, suspending, ...), with no action of ours under way and no wake,
   ticks every ``control.tick_s`` all the same (the load changes every second), but decides
@@ -111,6 +115,7 @@ class Pacer:
         self._rng = rng
         self._sleep = sleep
         self._nudged = asyncio.Event()
+        self._slow = False
 
     def offset(self, period_s: float) -> float:
         """Where in its first period the loop starts: uniformly at random."""
@@ -120,6 +125,14 @@ class Pacer:
         """A pause of ``period_s`` lengthened by up to ``jitter`` of it, at random: never
         shorter, so an app is never polled more often than its period says."""
         return period_s * (1.0 + jitter * self._rng())
+
+    def next_pause(self, slow: bool, tick_s: float, idle_poll_s: float, jitter: float) -> float:
+        """The pause after a tick: ``tick_s`` in use; ``idle_poll_s`` asleep, the first
+        of them lengthened by up to a whole period (see the module docstring)."""
+        first, self._slow = slow and not self._slow, slow
+        if first:
+            return idle_poll_s * (1.0 + self._rng())
+        return self.period(idle_poll_s if slow else tick_s, jitter)
 
     def nudge(self) -> None:
         """End the slow pause under way (or the next one) at once: the app is wanted."""

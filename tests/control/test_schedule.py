@@ -333,3 +333,55 @@ async def test_a_failed_read_is_retried_by_the_next_tick_whatever_the_period() -
         assert ctl.status()[0].last_error is None
     finally:
         await ctl.stop()
+
+
+async def test_the_heap_is_frozen_once_when_every_app_has_been_read() -> None:
+    clock = FakeClock()
+    api = ListingAPI(clock)
+    api.add("a", "started")
+    api.add("b", "stopped")
+    frozen: list[float] = []
+    settings = Settings(apps=[AppConfig(name="a", min_machines=1), AppConfig(name="b")])
+    ctl = Controller(
+        api,
+        FleetView(clock),
+        settings,
+        Metrics(CollectorRegistry()),
+        clock=clock,
+        sleep=clock.sleep,
+        freeze_heap=lambda: frozen.append(clock.now),
+    )
+    await ctl.tick("a")
+    assert frozen == []  # b not read yet: its machines are not in the heap
+    await clock.advance(1)
+    await ctl.tick("b")
+    assert frozen == [clock.now]
+    await ctl.tick("a")
+    await ctl.tick("b")
+    assert len(frozen) == 1
+
+
+async def test_apps_that_fall_asleep_together_poll_spread_over_a_whole_period() -> None:
+    clock = FakeClock()
+    api = ListingAPI(clock)
+    names = [f"app{i:02d}" for i in range(20)]
+    for name in names:
+        api.add(name, "stopped")
+    rng = random.Random(3).random  # noqa: S311 - jitter, not secrets
+    ctl = controller(api, clock, [AppConfig(name=n, **KNOBS) for n in names], rng=rng)
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        await run_for(clock, 100, step=0.5)
+        # All read within the first second; the second polls spread over 30-60 s later
+        # (idle_poll_s 30), not bunched the way the first reads were.
+        seconds = sorted(api.lists(n)[1] - t0 for n in names)
+        assert seconds[0] >= 30
+        assert seconds[-1] <= 62
+        assert seconds[-1] - seconds[0] > 15
+        for name in names:
+            times = api.lists(name)
+            assert all(b - a >= 30 for a, b in itertools.pairwise(times))
+    finally:
+        await ctl.stop()
