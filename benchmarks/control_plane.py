@@ -190,6 +190,17 @@ def _autoscaler(config: dict[str, Any], tmp: Path, name: str) -> Iterator[subpro
     finally:
         _stop(proc)
         log.close()
+        _report_failed_ticks(tmp / f"{name}.log", name)
+
+
+def _report_failed_ticks(path: Path, name: str) -> None:
+    """How many ticks failed in the run, and the first one: a failed tick is read again at
+    the next, so failures show in the API calls of sleeping apps."""
+    lines = path.read_text(errors="replace").splitlines()
+    failed = [line for line in lines if "tick_failed" in line or "tick_crashed" in line]
+    print(
+        f"failed ticks ({name}): {len(failed)}" + (f"; first: {failed[0][:300]}" if failed else "")
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
