@@ -301,6 +301,12 @@ class ControlSettings(_Model):
         gt=0,
         description="how often a sleeping app's machines are listed (a request wakes it at once)",
     )
+    steady_list_s: Seconds = Field(
+        default=5.0,
+        ge=0,
+        description="how often an app in use whose machines all hold still is listed (its"
+        " ticks decide from the last list in between; 0: every tick)",
+    )
     tick_jitter: float = Field(
         default=0.1,
         ge=0,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from autoscaler import __version__
 from autoscaler.admin import AdminServer
 from autoscaler.config import EMBEDDED, ConfigError, Settings, load_settings, parse_host_port
-from autoscaler.control.controller import Controller
+from autoscaler.control.controller import Controller, freeze_heap
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.emulator import Emulator
 from autoscaler.fly.autostop import fight_warning
@@ -98,6 +98,9 @@ class Service:
         self._reloading: asyncio.Task[bool] | None = None
         self._autostop_checked: set[str] = set()
         self._autostop_check: asyncio.Task[None] | None = None
+        self.freeze_heap = False
+        """The process is this service's alone (``autoscaler run``): once every app was
+        read, the controller freezes the heap for the garbage collector (``gc.freeze``)."""
         for secret in settings.secrets():
             redactor().add(secret)
         self._declare_apps(settings)
@@ -149,6 +152,7 @@ class Service:
                 self.metrics,
                 clock=self.clock,
                 budget=self.client.limiter,
+                freeze_heap=freeze_heap if self.freeze_heap else None,
             )
             self.metrics.cluster_leader.set(1)
             self.metrics.cluster_replicas.set(1)
@@ -357,6 +361,7 @@ def run(
         _log.error("config_invalid", problem=NO_REDIS.format(path=path))
         return 2
     service = Service(settings, config, overrides=overrides)
+    service.freeze_heap = True
     _log.info("config_loaded", path=str(path))
     try:
         run_event_loop(service.run())

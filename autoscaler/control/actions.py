@@ -42,10 +42,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import replace
 from typing import Any
 
 from autoscaler.control.leases import Held, Leases
-from autoscaler.control.runtime import AppRuntime, Running, TaskKind, ours
+from autoscaler.control.runtime import AppRuntime, MachineRecord, Running, TaskKind, ours
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.fly.client import MachinesAPI
 from autoscaler.fly.errors import (
@@ -188,6 +189,7 @@ class Actuator:
         def done(t: asyncio.Task[bool]) -> None:
             if rt.running.get(mid) is run:
                 del rt.running[mid]
+            rt.changed_at = self.clock()  # the next tick reads what the action left
 
         task.add_done_callback(done)
         return run
@@ -379,8 +381,11 @@ class Actuator:
                 raise ActionError(f"machine {mid} failed to boot")
             host, port = rt.address(machine)
             if not host:  # no address until it was placed: ask for it now
-                fresh = await self.api.get_machine(app, mid)
-                rt.machines[mid] = fresh.model_copy(update={"state": rt.machines[mid].state})
+                fresh = replace(
+                    MachineRecord.of(await self.api.get_machine(app, mid)),
+                    state=rt.machines[mid].state,
+                )
+                rt.machines[mid] = fresh
                 host, port = rt.address(fresh)
             if not host:
                 raise ActionError(f"machine {mid} has no private_ip to reach it on")

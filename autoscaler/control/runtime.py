@@ -6,6 +6,12 @@ the list) and turns the result into the two shapes others read: the pure
 :class:`~autoscaler.scaling.fleet.Fleet` for the policy and the
 :class:`~autoscaler.control.view.MachineInfo` list for the proxy's view.
 
+What is kept of each machine is a :class:`MachineRecord`: the few fields the controller
+and the proxy read, one object per machine. The API's pydantic model of a machine is some
+16 objects the garbage collector tracks; a process scaling 1,000 apps of 10 machines
+kept 160,000 of them, and every full collection walked them all while the data path
+waited (docs/benchmarks.md, "Many apps").
+
 A list can be older than what we know: a list request that left before our start call
 returned may still say "suspended". A machine we changed after the list was requested,
 or one with an action of ours under way, keeps our local record until the next list.
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from autoscaler.config import AppConfig
@@ -49,10 +55,40 @@ class Restarts:
     """``max_restart_attempts`` failures in a row: left alone until its state changes."""
 
 
-def ours(machine: Machine) -> bool:
+@dataclass(frozen=True, slots=True)
+class MachineRecord:
+    """What the controller keeps of one machine: the fields it acts on, nothing more."""
+
+    id: str
+    state: str
+    private_ip: str | None = None
+    instance_id: str | None = None
+    internal_port: int | None = None
+    cordoned: bool | None = None
+    """As the API says; None where it leaves the flag out (see :meth:`AppRuntime.cordoned`)."""
+    marked: bool = False
     """The machine carries our cordon metadata key."""
-    meta = machine.config.metadata if machine.config else None
-    return meta is not None and CORDON_METADATA_KEY in meta
+    checks_critical: bool = False
+
+    @classmethod
+    def of(cls, machine: Machine) -> MachineRecord:
+        config = machine.config
+        meta = config.metadata if config is not None else None
+        return cls(
+            machine.id,
+            machine.state,
+            machine.private_ip,
+            machine.instance_id,
+            machine.internal_port,
+            machine.cordoned,
+            meta is not None and CORDON_METADATA_KEY in meta,
+            machine.checks_critical,
+        )
+
+
+def ours(machine: MachineRecord) -> bool:
+    """The machine carries our cordon metadata key."""
+    return machine.marked
 
 
 @dataclass(slots=True)
@@ -71,7 +107,7 @@ class AppRuntime:
     config: AppConfig
     windows: LoadWindows
     policy_state: PolicyState = field(default_factory=PolicyState)
-    machines: dict[str, Machine] = field(default_factory=dict)
+    machines: dict[str, MachineRecord] = field(default_factory=dict)
     touched: dict[str, float] = field(default_factory=dict)
     running: dict[str, Running] = field(default_factory=dict)
     cordon_held: set[str] = field(default_factory=set)
@@ -83,6 +119,13 @@ class AppRuntime:
     leased_by_others: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (seen, busy until): an action found it leased by another holder."""
     read_once: bool = False
+    listed_at: float | None = None
+    """When the last list that was merged was asked for."""
+    changed_at: float = float("-inf")
+    """When something last happened that a list should show (an action of ours ended, a
+    tick failed): a list asked for before then is not enough (control/schedule.py)."""
+    unreachable: dict[str, float] = field(default_factory=dict)
+    """Machine -> until when the proxy held it out of routing, as of the last list."""
     desired: int | None = None
     panic: bool = False
     last_reason: str = ""
@@ -116,10 +159,11 @@ class AppRuntime:
 
     def merge(self, listed: Iterable[Machine], listed_at: float, now: float) -> None:
         """Take a fresh list, keeping our record of machines changed since it was asked."""
-        fresh: dict[str, Machine] = {}
-        for machine in listed:
-            if machine.state in FINAL_STATES:
+        fresh: dict[str, MachineRecord] = {}
+        for listed_machine in listed:
+            if listed_machine.state in FINAL_STATES:
                 continue
+            machine = MachineRecord.of(listed_machine)
             mine = self.machines.get(machine.id)
             keep = mine is not None and (
                 machine.id in self.running or self.touched.get(machine.id, -1.0) > listed_at
@@ -151,6 +195,7 @@ class AppRuntime:
         self.leased_by_others = {k: v for k, v in self.leased_by_others.items() if k in fresh}
         self.machines = fresh
         self.read_once = True
+        self.listed_at = listed_at
 
     def record(
         self,
@@ -171,24 +216,19 @@ class AppRuntime:
             self.state_since[machine_id] = now
         if cordoned is not None:
             update["cordoned"] = cordoned
-        if marked is not None and machine.config is not None:
-            meta = dict(machine.config.metadata or {})
-            if marked:
-                meta[CORDON_METADATA_KEY] = "drain"
-            else:
-                meta.pop(CORDON_METADATA_KEY, None)
-            update["config"] = machine.config.model_copy(update={"metadata": meta})
+        if marked is not None:
+            update["marked"] = marked
         if update:
-            self.machines[machine_id] = machine.model_copy(update=update)
+            self.machines[machine_id] = replace(machine, **update)  # type: ignore[arg-type]
         self.touched[machine_id] = now
 
     # --- what others read ------------------------------------------------------------
 
-    def address(self, machine: Machine) -> tuple[str, int]:
+    def address(self, machine: MachineRecord) -> tuple[str, int]:
         port = self.config.port or machine.internal_port or DEFAULT_PORT
         return machine.private_ip or "", port
 
-    def cordoned(self, machine: Machine) -> bool:
+    def cordoned(self, machine: MachineRecord) -> bool:
         """Cordoned in the API, or by us ahead of it. An API that leaves the flag out
         (the real one may) is read from our key: a cordon of ours always carries it."""
         if machine.id in self.cordon_held:

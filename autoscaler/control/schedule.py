@@ -13,7 +13,21 @@ a thousand API calls a second, nearly all to learn that sleeping apps still slee
   ``control.tick_s`` from then on.
 - **Ticks are spread in time.** Each loop starts at a random offset within its first period,
   and every pause is up to ``control.tick_jitter`` longer, at random, so loops started
-  together drift apart instead of ticking in phase.
+  together drift apart instead of ticking in phase. An app that falls asleep waits between
+  one and two idle periods, drawn uniformly, before its first slow poll: apps that all fell
+  asleep at once (the first reads at start-up, which the org budget spreads over a few
+  seconds only) then poll spread over a whole period, not all within those seconds, and no
+  gap between two polls is ever shorter than the period.
+- **Apps in use are listed only when something may have changed.** An app whose machines
+  all rest (none starting, suspending, ...), with no action of ours under way and no wake,
+  ticks every ``control.tick_s`` all the same (the load changes every second), but decides
+  from the list it read last, and lists again every ``control.steady_list_s`` (5 s) to
+  learn what others did (a ``fly deploy``, a crash). It lists at the next tick after any
+  action of ours ended, after a failed tick, and once the proxy held one of its machines
+  out of routing (a connection it could not make); and before it acts: a tick whose
+  decision from the last list has actions reads and decides again (:func:`must_list`).
+  Between lists its machines change only through our own actions, which write what they
+  did into the runtime and the view as they go.
 - **Busy apps come first when the API budget is short.** A sleeping app's poll goes only
   while the client's org-wide budget has tokens to spare (:meth:`Budget.spare`); otherwise it
   is put off by a tick, and the ticks of apps in use and the wakes get the budget. A poll put
@@ -61,6 +75,33 @@ def asleep(rt: AppRuntime, view: AppView, now: float, quiet_s: float) -> bool:
     return all(m.state in ASLEEP_STATES for m in rt.machines.values())
 
 
+def steady(rt: AppRuntime, view: AppView) -> bool:
+    """Whether a list of ``rt`` would only say what we know: nothing of ours under way,
+    no machine between states, and the proxy found every machine where the list said."""
+    if rt.running or view.waking is not None or rt.wake_lock.locked():
+        return False
+    seen = rt.unreachable
+    for mid, up in view.upstreams.items():
+        if up.unhealthy_until > seen.get(mid, 0.0):
+            return False  # held out of routing since the last list: the proxy knows more
+    return all(m.state in RESTING_STATES for m in rt.machines.values())
+
+
+def must_list(rt: AppRuntime, view: AppView, now: float, every_s: float) -> bool:
+    """Whether this tick of ``rt`` reads its machines from the API first."""
+    listed_at = rt.listed_at
+    if listed_at is None or rt.changed_at >= listed_at or now - listed_at >= every_s:
+        return True
+    return not steady(rt, view)
+
+
+def note_listed(rt: AppRuntime, view: AppView) -> None:
+    """After a list: the proxy's marks known so far are answered by it."""
+    rt.unreachable = {
+        mid: up.unhealthy_until for mid, up in view.upstreams.items() if up.unhealthy_until
+    }
+
+
 def overdue(rt: AppRuntime, now: float, idle_poll_s: float) -> bool:
     """A sleeping app's poll was put off so long that it goes whatever the budget says."""
     return rt.last_tick_at is None or now - rt.last_tick_at >= OVERDUE_POLLS * idle_poll_s
@@ -74,6 +115,7 @@ class Pacer:
         self._rng = rng
         self._sleep = sleep
         self._nudged = asyncio.Event()
+        self._slow = False
 
     def offset(self, period_s: float) -> float:
         """Where in its first period the loop starts: uniformly at random."""
@@ -83,6 +125,14 @@ class Pacer:
         """A pause of ``period_s`` lengthened by up to ``jitter`` of it, at random: never
         shorter, so an app is never polled more often than its period says."""
         return period_s * (1.0 + jitter * self._rng())
+
+    def next_pause(self, slow: bool, tick_s: float, idle_poll_s: float, jitter: float) -> float:
+        """The pause after a tick: ``tick_s`` in use; ``idle_poll_s`` asleep, the first
+        of them lengthened by up to a whole period (see the module docstring)."""
+        first, self._slow = slow and not self._slow, slow
+        if first:
+            return idle_poll_s * (1.0 + self._rng())
+        return self.period(idle_poll_s if slow else tick_s, jitter)
 
     def nudge(self) -> None:
         """End the slow pause under way (or the next one) at once: the app is wanted."""

@@ -317,7 +317,10 @@ async def test_api_errors_back_off_and_the_next_tick_reads_again(
         [status] = rig.ctl.status()
         assert status.last_error is None
         assert rig.ctl.last_tick_at == clock.now
-        await clock.advance(1)  # healthy again: back to one tick
+        await clock.advance(1)  # healthy again: back to one tick, deciding from that list
+        assert rig.ctl.last_tick_at == clock.now
+        assert len(api.ops("list_machines")) == 3
+        await clock.advance(4)  # steady: read again after control.steady_list_s (5 s)
         assert len(api.ops("list_machines")) == 4
     finally:
         await rig.ctl.stop()

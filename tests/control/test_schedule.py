@@ -1,4 +1,5 @@
-"""Many apps on one controller: sleeping apps polled slowly, ticks spread, one API budget.
+"""Many apps on one controller: sleeping apps polled slowly, apps in use listed only when
+something may have changed, ticks spread, one API budget.
 
 All on the fake clock, with the controller's randomness injected.
 """
@@ -17,6 +18,7 @@ from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import Controller
 from autoscaler.control.view import FleetView
 from autoscaler.fly import models as m
+from autoscaler.fly.errors import ServerError
 from autoscaler.fly.limits import Limit, RateLimiter
 from autoscaler.metrics import Metrics
 
@@ -51,10 +53,12 @@ def controller(
     *,
     rng: Callable[[], float] = lambda: 0.0,
     limiter: RateLimiter | None = None,
+    steady_list_s: float = 5.0,
 ) -> Controller:
-    settings = Settings(
-        apps=apps, control=ControlSettings(tick_s=1.0, idle_poll_s=30.0, tick_jitter=0.1)
+    control = ControlSettings(
+        tick_s=1.0, idle_poll_s=30.0, tick_jitter=0.1, steady_list_s=steady_list_s
     )
+    settings = Settings(apps=apps, control=control)
 
     async def probe(host: str, port: int) -> bool:
         return True
@@ -77,7 +81,7 @@ async def run_for(clock: FakeClock, seconds: float, step: float = 0.25) -> None:
         await clock.advance(step)
 
 
-async def test_sleeping_apps_are_listed_at_the_slow_period_and_busy_ones_every_tick() -> None:
+async def test_sleeping_apps_are_listed_at_the_slow_period_and_busy_ones_every_5_s() -> None:
     clock = FakeClock()
     api = ListingAPI(clock)
     api.add("busy", "started")
@@ -94,7 +98,9 @@ async def test_sleeping_apps_are_listed_at_the_slow_period_and_busy_ones_every_t
         await run_for(clock, 90)
         # rng 0: no offset, no jitter; the first tick reads, then the app is seen asleep.
         assert api.lists("asleep") == [t0, t0 + 30, t0 + 60, t0 + 90]
-        assert len(api.lists("busy")) == 91
+        # In use, but its machine holds still: it ticks every second and reads every 5 s.
+        assert api.lists("busy") == [t0 + 5 * i for i in range(19)]
+        assert ctl.apps["busy"].last_tick_at == t0 + 90
         assert api.ops("start_machine") == []
     finally:
         await ctl.stop()
@@ -104,7 +110,8 @@ async def test_a_request_for_a_sleeping_app_wakes_it_at_once_then_it_ticks_every
     clock = FakeClock()
     api = ListingAPI(clock)
     mid = api.add("web", "suspended")
-    ctl = controller(api, clock, [AppConfig(name="web", **KNOBS)])
+    # steady_list_s 0: every tick lists, so the lists show when the loop ticks.
+    ctl = controller(api, clock, [AppConfig(name="web", **KNOBS)], steady_list_s=0)
     t0 = clock.now
     await ctl.start()
     await settle()
@@ -131,7 +138,8 @@ async def test_ticks_are_spread_over_the_period_and_stay_apart() -> None:
     for name in names:
         api.add(name, "started")
     apps = [AppConfig(name=n, min_machines=1, **KNOBS) for n in names]
-    ctl = controller(api, clock, apps, rng=random.Random(20).random)  # noqa: S311 - jitter, not secrets
+    rng = random.Random(20).random  # noqa: S311 - jitter, not secrets
+    ctl = controller(api, clock, apps, rng=rng, steady_list_s=0)  # lists show the ticks
     t0 = clock.now
     await ctl.start()
     await settle()
@@ -171,7 +179,9 @@ async def test_the_org_budget_caps_calls_and_serves_busy_apps_first() -> None:
         api.add(name, "stopped")
     apps = [AppConfig(name=n, min_machines=1, **KNOBS) for n in busy]
     apps += [AppConfig(name=n, **KNOBS) for n in sleeping]
-    ctl = controller(api, clock, apps, rng=random.Random(6).random, limiter=limiter)  # noqa: S311
+    rng = random.Random(6).random  # noqa: S311 - jitter, not secrets
+    # steady_list_s 0: busy apps list every tick, 5 calls/s for the budget to share out.
+    ctl = controller(api, clock, apps, rng=rng, limiter=limiter, steady_list_s=0)
     await ctl.start()
     await settle()
     try:
@@ -190,5 +200,188 @@ async def test_the_org_budget_caps_calls_and_serves_busy_apps_first() -> None:
         polls = [len(api.lists(name, since=start)) for name in sleeping]
         assert sum(polls) < 4 * len(sleeping)
         assert min(polls) >= 2
+    finally:
+        await ctl.stop()
+
+
+# --- apps in use whose machines hold still ---------------------------------------------
+
+
+def in_use(clock: FakeClock, **knobs: Any) -> tuple[ListingAPI, Controller, str]:
+    """One app with one started machine, kept (min_machines 1), room for a second."""
+    api = ListingAPI(clock)
+    mid = api.add("web", "started")
+    api.add("web", "stopped")
+    config = AppConfig(name="web", min_machines=1, max_machines=2, **{**KNOBS, **knobs})
+    return api, controller(api, clock, [config]), mid
+
+
+async def test_a_steady_app_ticks_every_second_and_lists_every_steady_list_s() -> None:
+    clock = FakeClock()
+    api, ctl, mid = in_use(clock)
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        ticks = []
+        for _ in range(12):
+            await clock.advance(1)
+            ticks.append(ctl.apps["web"].last_tick_at)
+        assert ticks == [t0 + i for i in range(1, 13)]
+        assert api.lists("web") == [t0, t0 + 5, t0 + 10]
+        # What someone else did (a deploy stopped the machine) shows at the next list,
+        # and the policy answers it then (min_machines 1: a machine is started again).
+        api.set("web", mid, state="stopped")
+        await run_for(clock, 2)  # t0 + 14: the last list still says started
+        assert api.ops("start_machine") == []
+        await run_for(clock, 1)  # t0 + 15: listed, seen, acted on
+        assert api.lists("web", since=t0 + 11) == [t0 + 15]
+        assert len(api.ops("start_machine")) == 1
+    finally:
+        await ctl.stop()
+
+
+async def test_an_action_of_ours_is_decided_on_a_fresh_list_and_followed_by_one() -> None:
+    clock = FakeClock()
+    api, ctl, mid = in_use(clock, target_concurrency=1, panic_threshold=2.0)
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        await run_for(clock, 2)
+        assert api.lists("web") == [t0]
+        # Load for two machines: the tick at t0 + 3 decides, from the list of t0, to start
+        # the second one; it reads first and decides again, now from what the API says.
+        view = ctl.view.app("web")
+        for _ in range(4):
+            view.begin(view.upstreams[mid])
+        await run_for(clock, 1)
+        assert api.lists("web") == [t0, t0 + 3]
+        assert len(api.ops("start_machine")) == 1
+        await ctl.idle()
+        # The start ended: the next tick lists to see what it left, then steady again.
+        await run_for(clock, 1)
+        assert api.lists("web", since=t0 + 4) == [t0 + 4]
+        await run_for(clock, 5)
+        assert api.lists("web", since=t0 + 5) == [t0 + 9]
+    finally:
+        await ctl.stop()
+
+
+async def test_a_decision_to_act_on_an_old_list_is_dropped_when_the_fresh_one_disagrees() -> None:
+    clock = FakeClock()
+    api, ctl, mid = in_use(clock, target_concurrency=1, panic_threshold=2.0)
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        await run_for(clock, 2)
+        # Someone else started the second machine since the list of t0: our tick would
+        # start it from that list, but reads first and finds two started.
+        other = next(k for k in api.machines["web"] if k != mid)
+        api.set("web", other, state="started")
+        view = ctl.view.app("web")
+        for _ in range(4):
+            view.begin(view.upstreams[mid])
+        await run_for(clock, 1)
+        assert api.lists("web") == [t0, t0 + 3]
+        assert api.ops("start_machine") == []
+        assert {m.state for m in ctl.apps["web"].machines.values()} == {"started"}
+    finally:
+        await ctl.stop()
+
+
+async def test_a_machine_the_proxy_could_not_reach_makes_the_next_tick_list() -> None:
+    clock = FakeClock()
+    api, ctl, mid = in_use(clock)
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        await run_for(clock, 2)
+        view = ctl.view.app("web")
+        view.mark_unhealthy(view.upstreams[mid], 30.0)  # a connection the proxy could not make
+        await run_for(clock, 1)
+        assert api.lists("web") == [t0, t0 + 3]
+        await run_for(clock, 3)  # answered by that list: steady again until t0 + 8
+        assert api.lists("web") == [t0, t0 + 3]
+        await run_for(clock, 2)
+        assert api.lists("web") == [t0, t0 + 3, t0 + 8]
+    finally:
+        await ctl.stop()
+
+
+async def test_a_failed_read_is_retried_by_the_next_tick_whatever_the_period() -> None:
+    clock = FakeClock()
+    api, ctl, _ = in_use(clock)
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        await run_for(clock, 5)
+        assert api.lists("web") == [t0, t0 + 5]
+        api.fail["list_machines"] = [ServerError(503, "down")]
+        await run_for(clock, 5)
+        assert api.lists("web") == [t0, t0 + 5, t0 + 10]  # the one at t0 + 10 failed
+        assert ctl.status()[0].last_error is not None
+        # Backoff of two ticks, then a read at once (not 5 s after the last good list) ...
+        await run_for(clock, 2)
+        assert api.lists("web") == [t0, t0 + 5, t0 + 10, t0 + 12]
+        # ... and steady from that good one on.
+        await run_for(clock, 5)
+        assert api.lists("web") == [t0, t0 + 5, t0 + 10, t0 + 12, t0 + 17]
+        assert ctl.status()[0].last_error is None
+    finally:
+        await ctl.stop()
+
+
+async def test_the_heap_is_frozen_once_when_every_app_has_been_read() -> None:
+    clock = FakeClock()
+    api = ListingAPI(clock)
+    api.add("a", "started")
+    api.add("b", "stopped")
+    frozen: list[float] = []
+    settings = Settings(apps=[AppConfig(name="a", min_machines=1), AppConfig(name="b")])
+    ctl = Controller(
+        api,
+        FleetView(clock),
+        settings,
+        Metrics(CollectorRegistry()),
+        clock=clock,
+        sleep=clock.sleep,
+        freeze_heap=lambda: frozen.append(clock.now),
+    )
+    await ctl.tick("a")
+    assert frozen == []  # b not read yet: its machines are not in the heap
+    await clock.advance(1)
+    await ctl.tick("b")
+    assert frozen == [clock.now]
+    await ctl.tick("a")
+    await ctl.tick("b")
+    assert len(frozen) == 1
+
+
+async def test_apps_that_fall_asleep_together_poll_spread_over_a_whole_period() -> None:
+    clock = FakeClock()
+    api = ListingAPI(clock)
+    names = [f"app{i:02d}" for i in range(20)]
+    for name in names:
+        api.add(name, "stopped")
+    rng = random.Random(3).random  # noqa: S311 - jitter, not secrets
+    ctl = controller(api, clock, [AppConfig(name=n, **KNOBS) for n in names], rng=rng)
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        await run_for(clock, 100, step=0.5)
+        # All read within the first second; the second polls spread over 30-60 s later
+        # (idle_poll_s 30), not bunched the way the first reads were.
+        seconds = sorted(api.lists(n)[1] - t0 for n in names)
+        assert seconds[0] >= 30
+        assert seconds[-1] <= 62
+        assert seconds[-1] - seconds[0] > 15
+        for name in names:
+            times = api.lists(name)
+            assert all(b - a >= 30 for a, b in itertools.pairwise(times))
     finally:
         await ctl.stop()
