@@ -102,9 +102,10 @@ class Decision:
     prewarm: Outcome | None = None
     """A pre-warm judged at this decision (adaptive keep-alive): "hit" or "miss"."""
     next_check: float | None = None
-    """Adaptive keep-alive: when the decision changes next if nothing arrives (the sleep,
-    a pre-warm window opening or closing). A caller that skips quiet ticks must decide
-    again by then."""
+    """When the decision may change next if nothing arrives: the idle timer (or the
+    adaptive keep-alive's sleep, pre-warm window opening or closing) running out, a
+    removal held back by ``min_lifetime_s`` becoming possible. A caller that skips quiet
+    ticks must decide again by then (None: no such time is known)."""
 
 
 @dataclass(slots=True)
@@ -288,8 +289,13 @@ def _normal_count(
     kept = [h for h in state.lower_history if h[0] > now - policy.scale_down_delay_s]
     while kept and kept[-1][1] <= wanted:
         kept.pop()
-    history = (*kept, (now, wanted))
-    most = min(up, max(h[1] for h in history))
+    most = min(up, max((wanted, *(h[1] for h in kept))))
+    # An entry at the floor (min_machines) is dropped by the next tick whatever its time
+    # (the next one wants at least as much): stamped with the streak's start, it leaves
+    # the state unchanged from tick to tick while demand stays there, so a caller that
+    # skips ticks which change nothing can skip those.
+    floor = min(policy.min_machines, high)
+    history = (*kept, (now if wanted > floor else lower_since, wanted))
     if idle_for is not None:
         # The idle time is the delay: no request for idle_to_zero_s.
         desired = wanted
@@ -407,6 +413,22 @@ def decide(
             else a
             for a in actions
         ]
+    # When the answer changes next if nothing arrives: the keep-alive's own times, the
+    # idle timer running out, a removal held back by min_lifetime_s becoming possible.
+    checks = [phase.next_check] if phase.next_check is not None else []
+    if not idle and not asleep and not phase.prewarm and up and keep_s > 0:
+        checks.append(max((*seen, born)) + keep_s)
+    if count.remove and not in_panic:
+        young = [
+            m.started_at + policy.min_lifetime_s
+            for m in g.serving
+            if not m.busy
+            and m.started_at is not None
+            and now - m.started_at < policy.min_lifetime_s
+        ]
+        if young:
+            checks.append(min(young))
+    next_check = min(checks) if checks else None
     shortfall = max(0, desired - g.pool)
     if shortfall:
         why.append(f"short of {shortfall} machine(s)")
@@ -434,7 +456,7 @@ def decide(
         stable_load=stable,
         panic_load=burst,
         prewarm=phase.outcome,
-        next_check=phase.next_check,
+        next_check=next_check,
     )
 
 
