@@ -13,7 +13,8 @@ of one idle gap under the histogram,
 
 which is the same rule with the percentiles picked by the cost knob (docs/policy.md). When
 the histogram is not representative yet (fewer than ``MIN_GAPS`` gaps), or most gaps fall
-beyond its range, the fixed timer (``idle_to_zero_s``) decides instead.
+beyond its range, the fixed timer decides instead: ``idle_to_zero_s``, or ``wake_cost_s``
+if shorter (the break-even rule: keep for as long as one wake is worth).
 
 Pure: no clock, no I/O. Every value here is frozen and carried in ``PolicyState``.
 """
@@ -290,8 +291,12 @@ def step(
     idle_from = max(seen) if seen else None
     new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
     if plan is None or idle_from is None:
-        why = f"adaptive: {gaps.count:.0f} gaps learned, not representative: fixed timer"
-        return new, Phase(fixed, False, outcome, None, why)
+        # The fixed timer, but never longer than one wake is worth: with nothing learned,
+        # keeping for wake_cost_s (the break-even rule of ski rental) costs at most twice
+        # what the best choice in hindsight would have, whatever the gaps.
+        keep = min(fixed, app.wake_cost_s)
+        why = f"adaptive: {gaps.count:.0f} gaps learned, not representative: fixed timer {keep:g}s"
+        return new, Phase(keep, False, outcome, None, why)
     idle_for = now - idle_from
     s, w, k = plan.sleep_after_s, plan.prewarm_at_s, plan.keep_until_s
     starts = None if w is None else max(s, w - PREWARM_LEAD_S)

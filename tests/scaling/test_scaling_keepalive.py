@@ -102,6 +102,11 @@ def test_too_few_gaps_or_most_out_of_range_fall_back_to_the_fixed_timer() -> Non
     assert "fixed timer" in phase.why
     fixed = AppConfig(name="a")
     assert keepalive.step(state, fixed, 100.0, 50.0, 50.0, 1)[1].keep_s == 300
+    # Never longer than one wake is worth (the break-even rule), nor than idle_to_zero_s.
+    cheap = ADAPTIVE.model_copy(update={"wake_cost_s": 20.0})
+    assert keepalive.step(KeepAliveState(), cheap, 100.0, 50.0, 50.0, 1)[1].keep_s == 20
+    dear = ADAPTIVE.model_copy(update={"wake_cost_s": 3600.0})
+    assert keepalive.step(KeepAliveState(), dear, 100.0, 50.0, 50.0, 1)[1].keep_s == 300
 
 
 def _decide(now: float, state: PolicyState, machine: MachineSnapshot) -> tuple[str, ...]:
