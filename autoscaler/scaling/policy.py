@@ -416,7 +416,7 @@ def decide(
     # When the answer changes next if nothing arrives: the keep-alive's own times, the
     # idle timer running out, a removal held back by min_lifetime_s becoming possible.
     checks = [phase.next_check] if phase.next_check is not None else []
-    if not idle and not asleep and not phase.prewarm and up and keep_s > 0:
+    if not idle and not asleep and not phase.prewarm and up and not fleet.in_flight:
         checks.append(max((*seen, born)) + keep_s)
     if count.remove and not in_panic:
         young = [
