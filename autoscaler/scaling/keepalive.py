@@ -116,20 +116,25 @@ class GapHistogram:
 
     weights: tuple[float, ...] = (0.0,) * BINS
     beyond: float = 0.0
+    total: float = 0.0
+    """sum(weights) + beyond, kept by add() (the policy reads it every tick)."""
 
     @property
     def count(self) -> float:
-        return sum(self.weights) + self.beyond
+        return self.total
 
     def add(self, gap: float) -> GapHistogram:
         """The histogram with one more gap (the older ones decayed)."""
         weights = [w * DECAY for w in self.weights]
         beyond = self.beyond * DECAY
+        total = self.total * DECAY
         if gap >= MAX_GAP_S:
             beyond += 1.0
+            total += 1.0
         elif gap >= MIN_GAP_S:
             weights[_bin(gap)] += 1.0
-        return GapHistogram(tuple(weights), beyond)
+            total += 1.0
+        return GapHistogram(tuple(weights), beyond, total)
 
     def quantile(self, q: float) -> float:
         """The gap below which a share ``q`` of the gaps fall (bin upper edges)."""
@@ -287,10 +292,12 @@ def step(
                     plan, unplanned = gaps.plan(app.wake_cost_s), 0
         if prewarmed:
             outcome, prewarmed = "hit", False
-    seen = [t for t in (last_request_at, last_active, state.idle_from) if t is not None]
-    idle_from = max(seen) if seen else None
-    new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
+    idle_from = state.idle_from
+    for t in (last_request_at, last_active):
+        if t is not None and (idle_from is None or t > idle_from):
+            idle_from = t
     if plan is None or idle_from is None:
+        new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
         # The fixed timer, but never longer than one wake is worth: with nothing learned,
         # keeping for wake_cost_s (the break-even rule of ski rental) costs at most twice
         # what the best choice in hindsight would have, whatever the gaps.
@@ -308,8 +315,12 @@ def step(
     # The times the answer changes (the sleep, a pre-warm window opening and closing).
     # Only the opening wakes a quiet app back; the others are given too, so that a caller
     # that skips quiet ticks finds them without searching.
-    marks = [m for m in (s, starts, k) if m is not None and m > idle_for]
-    next_check = idle_from + min(marks) if marks else None
+    mark = k if k > idle_for else None
+    if starts is not None and idle_for < starts < k:
+        mark = starts
+    if idle_for < s < (mark if mark is not None else math.inf):
+        mark = s
+    next_check = None if mark is None else idle_from + mark
     if in_window:
         why = f"adaptive: pre-warm, idle {idle_for:.0f}s ({plan.text})"
     else:
