@@ -404,7 +404,13 @@ def decide(
     if phase.outcome is not None:
         why.append(f"pre-warm {phase.outcome}")
     desired = count.desired
-    actions = _plan(g, count, policy, now, in_panic, why)
+    # min_lifetime_s keeps a machine from flapping with demand. A sleep that the adaptive
+    # keep-alive planned, with a pre-warm before the next request, is no flap: the plan
+    # priced the cycle, and holding every pre-warmed machine up for min_lifetime_s would
+    # keep a timer app that runs every minute up half the time.
+    planned = idle and keepalive.plan is not None and keepalive.plan.prewarm_at_s is not None
+    lifetime = 0.0 if planned and policy.keep_alive == "adaptive" else policy.min_lifetime_s
+    actions = _plan(g, count, policy, now, in_panic, why, lifetime)
     if phase.prewarm:
         # The controller carries a pre-warm out as any wake; the reason says what it is.
         actions = [
@@ -420,11 +426,9 @@ def decide(
         checks.append(max((*seen, born)) + keep_s)
     if count.remove and not in_panic:
         young = [
-            m.started_at + policy.min_lifetime_s
+            m.started_at + lifetime
             for m in g.serving
-            if not m.busy
-            and m.started_at is not None
-            and now - m.started_at < policy.min_lifetime_s
+            if not m.busy and m.started_at is not None and now - m.started_at < lifetime
         ]
         if young:
             checks.append(min(young))
@@ -461,7 +465,13 @@ def decide(
 
 
 def _plan(
-    g: _Groups, count: _Count, policy: AppConfig, now: float, in_panic: bool, why: list[str]
+    g: _Groups,
+    count: _Count,
+    policy: AppConfig,
+    now: float,
+    in_panic: bool,
+    why: list[str],
+    lifetime: float,
 ) -> list[Action]:
     """Which machines: the actions for ``count`` plus housekeeping; at most one each."""
     actions: list[Action] = []
@@ -483,8 +493,7 @@ def _plan(
             (
                 m
                 for m in g.serving
-                if not m.busy
-                and (m.started_at is None or now - m.started_at >= policy.min_lifetime_s)
+                if not m.busy and (m.started_at is None or now - m.started_at >= lifetime)
             ),
             key=_removal_key,
         )
