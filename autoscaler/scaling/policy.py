@@ -350,15 +350,17 @@ def decide(
     )
     keep_s = phase.keep_s
 
+    in_flight = fleet.in_flight
+
     def quiet_since(t: float) -> bool:
-        return fleet.in_flight == 0 and now - t > 0 and now - t >= keep_s
+        return in_flight == 0 and now - t > 0 and now - t >= keep_s
 
     seen = [t for t in (last_request_at, load.last_active) if t is not None]
     idle_for = now - max((*seen, born))
     idle = quiet_since(max((*seen, born)))
     # Nothing up and no recent demand: stay at zero (the first decision must not wake a
     # machine for traffic that never came).
-    asleep = up == 0 and (quiet_since(max(seen)) if seen else fleet.in_flight == 0)
+    asleep = up == 0 and (quiet_since(max(seen)) if seen else in_flight == 0)
     if phase.prewarm:
         idle = asleep = False  # a pre-warm window: one machine up before the next request
     low = min(high, policy.min_machines if idle or asleep else max(policy.min_machines, 1))
@@ -422,7 +424,7 @@ def decide(
     # When the answer changes next if nothing arrives: the keep-alive's own times, the
     # idle timer running out, a removal held back by min_lifetime_s becoming possible.
     checks = [phase.next_check] if phase.next_check is not None else []
-    if not idle and not asleep and not phase.prewarm and up and not fleet.in_flight:
+    if not idle and not asleep and not phase.prewarm and up and not in_flight:
         checks.append(max((*seen, born)) + keep_s)
     if count.remove and not in_panic:
         young = [
