@@ -13,7 +13,8 @@ of one idle gap under the histogram,
 
 which is the same rule with the percentiles picked by the cost knob (docs/policy.md). When
 the histogram is not representative yet (fewer than ``MIN_GAPS`` gaps), or most gaps fall
-beyond its range, the fixed timer (``idle_to_zero_s``) decides instead.
+beyond its range, the fixed timer decides instead: ``idle_to_zero_s``, or ``wake_cost_s``
+if shorter (the break-even rule: keep for as long as one wake is worth).
 
 Pure: no clock, no I/O. Every value here is frozen and carried in ``PolicyState``.
 """
@@ -115,20 +116,25 @@ class GapHistogram:
 
     weights: tuple[float, ...] = (0.0,) * BINS
     beyond: float = 0.0
+    total: float = 0.0
+    """sum(weights) + beyond, kept by add() (the policy reads it every tick)."""
 
     @property
     def count(self) -> float:
-        return sum(self.weights) + self.beyond
+        return self.total
 
     def add(self, gap: float) -> GapHistogram:
         """The histogram with one more gap (the older ones decayed)."""
         weights = [w * DECAY for w in self.weights]
         beyond = self.beyond * DECAY
+        total = self.total * DECAY
         if gap >= MAX_GAP_S:
             beyond += 1.0
+            total += 1.0
         elif gap >= MIN_GAP_S:
             weights[_bin(gap)] += 1.0
-        return GapHistogram(tuple(weights), beyond)
+            total += 1.0
+        return GapHistogram(tuple(weights), beyond, total)
 
     def quantile(self, q: float) -> float:
         """The gap below which a share ``q`` of the gaps fall (bin upper edges)."""
@@ -286,12 +292,18 @@ def step(
                     plan, unplanned = gaps.plan(app.wake_cost_s), 0
         if prewarmed:
             outcome, prewarmed = "hit", False
-    seen = [t for t in (last_request_at, last_active, state.idle_from) if t is not None]
-    idle_from = max(seen) if seen else None
-    new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
+    idle_from = state.idle_from
+    for t in (last_request_at, last_active):
+        if t is not None and (idle_from is None or t > idle_from):
+            idle_from = t
     if plan is None or idle_from is None:
-        why = f"adaptive: {gaps.count:.0f} gaps learned, not representative: fixed timer"
-        return new, Phase(fixed, False, outcome, None, why)
+        new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
+        # The fixed timer, but never longer than one wake is worth: with nothing learned,
+        # keeping for wake_cost_s (the break-even rule of ski rental) costs at most twice
+        # what the best choice in hindsight would have, whatever the gaps.
+        keep = min(fixed, app.wake_cost_s)
+        why = f"adaptive: {gaps.count:.0f} gaps learned, not representative: fixed timer {keep:g}s"
+        return new, Phase(keep, False, outcome, None, why)
     idle_for = now - idle_from
     s, w, k = plan.sleep_after_s, plan.prewarm_at_s, plan.keep_until_s
     starts = None if w is None else max(s, w - PREWARM_LEAD_S)
@@ -303,8 +315,12 @@ def step(
     # The times the answer changes (the sleep, a pre-warm window opening and closing).
     # Only the opening wakes a quiet app back; the others are given too, so that a caller
     # that skips quiet ticks finds them without searching.
-    marks = [m for m in (s, starts, k) if m is not None and m > idle_for]
-    next_check = idle_from + min(marks) if marks else None
+    mark = k if k > idle_for else None
+    if starts is not None and idle_for < starts < k:
+        mark = starts
+    if idle_for < s < (mark if mark is not None else math.inf):
+        mark = s
+    next_check = None if mark is None else idle_from + mark
     if in_window:
         why = f"adaptive: pre-warm, idle {idle_for:.0f}s ({plan.text})"
     else:

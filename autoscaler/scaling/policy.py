@@ -102,9 +102,10 @@ class Decision:
     prewarm: Outcome | None = None
     """A pre-warm judged at this decision (adaptive keep-alive): "hit" or "miss"."""
     next_check: float | None = None
-    """Adaptive keep-alive: when the decision changes next if nothing arrives (the sleep,
-    a pre-warm window opening or closing). A caller that skips quiet ticks must decide
-    again by then."""
+    """When the decision may change next if nothing arrives: the idle timer (or the
+    adaptive keep-alive's sleep, pre-warm window opening or closing) running out, a
+    removal held back by ``min_lifetime_s`` becoming possible. A caller that skips quiet
+    ticks must decide again by then (None: no such time is known)."""
 
 
 @dataclass(slots=True)
@@ -288,8 +289,13 @@ def _normal_count(
     kept = [h for h in state.lower_history if h[0] > now - policy.scale_down_delay_s]
     while kept and kept[-1][1] <= wanted:
         kept.pop()
-    history = (*kept, (now, wanted))
-    most = min(up, max(h[1] for h in history))
+    most = min(up, max((wanted, *(h[1] for h in kept))))
+    # An entry at the floor (min_machines) is dropped by the next tick whatever its time
+    # (the next one wants at least as much): stamped with the streak's start, it leaves
+    # the state unchanged from tick to tick while demand stays there, so a caller that
+    # skips ticks which change nothing can skip those.
+    floor = min(policy.min_machines, high)
+    history = (*kept, (now if wanted > floor else lower_since, wanted))
     if idle_for is not None:
         # The idle time is the delay: no request for idle_to_zero_s.
         desired = wanted
@@ -344,15 +350,17 @@ def decide(
     )
     keep_s = phase.keep_s
 
+    in_flight = fleet.in_flight
+
     def quiet_since(t: float) -> bool:
-        return fleet.in_flight == 0 and now - t > 0 and now - t >= keep_s
+        return in_flight == 0 and now - t > 0 and now - t >= keep_s
 
     seen = [t for t in (last_request_at, load.last_active) if t is not None]
     idle_for = now - max((*seen, born))
     idle = quiet_since(max((*seen, born)))
     # Nothing up and no recent demand: stay at zero (the first decision must not wake a
     # machine for traffic that never came).
-    asleep = up == 0 and (quiet_since(max(seen)) if seen else fleet.in_flight == 0)
+    asleep = up == 0 and (quiet_since(max(seen)) if seen else in_flight == 0)
     if phase.prewarm:
         idle = asleep = False  # a pre-warm window: one machine up before the next request
     low = min(high, policy.min_machines if idle or asleep else max(policy.min_machines, 1))
@@ -398,7 +406,13 @@ def decide(
     if phase.outcome is not None:
         why.append(f"pre-warm {phase.outcome}")
     desired = count.desired
-    actions = _plan(g, count, policy, now, in_panic, why)
+    # min_lifetime_s keeps a machine from flapping with demand. A sleep that the adaptive
+    # keep-alive planned, with a pre-warm before the next request, is no flap: the plan
+    # priced the cycle, and holding every pre-warmed machine up for min_lifetime_s would
+    # keep a timer app that runs every minute up half the time.
+    planned = idle and keepalive.plan is not None and keepalive.plan.prewarm_at_s is not None
+    lifetime = 0.0 if planned and policy.keep_alive == "adaptive" else policy.min_lifetime_s
+    actions = _plan(g, count, policy, now, in_panic, why, lifetime)
     if phase.prewarm:
         # The controller carries a pre-warm out as any wake; the reason says what it is.
         actions = [
@@ -407,6 +421,20 @@ def decide(
             else a
             for a in actions
         ]
+    # When the answer changes next if nothing arrives: the keep-alive's own times, the
+    # idle timer running out, a removal held back by min_lifetime_s becoming possible.
+    checks = [phase.next_check] if phase.next_check is not None else []
+    if not idle and not asleep and not phase.prewarm and up and not in_flight:
+        checks.append(max((*seen, born)) + keep_s)
+    if count.remove and not in_panic:
+        young = [
+            m.started_at + lifetime
+            for m in g.serving
+            if not m.busy and m.started_at is not None and now - m.started_at < lifetime
+        ]
+        if young:
+            checks.append(min(young))
+    next_check = min(checks) if checks else None
     shortfall = max(0, desired - g.pool)
     if shortfall:
         why.append(f"short of {shortfall} machine(s)")
@@ -434,12 +462,18 @@ def decide(
         stable_load=stable,
         panic_load=burst,
         prewarm=phase.outcome,
-        next_check=phase.next_check,
+        next_check=next_check,
     )
 
 
 def _plan(
-    g: _Groups, count: _Count, policy: AppConfig, now: float, in_panic: bool, why: list[str]
+    g: _Groups,
+    count: _Count,
+    policy: AppConfig,
+    now: float,
+    in_panic: bool,
+    why: list[str],
+    lifetime: float,
 ) -> list[Action]:
     """Which machines: the actions for ``count`` plus housekeeping; at most one each."""
     actions: list[Action] = []
@@ -461,8 +495,7 @@ def _plan(
             (
                 m
                 for m in g.serving
-                if not m.busy
-                and (m.started_at is None or now - m.started_at >= policy.min_lifetime_s)
+                if not m.busy and (m.started_at is None or now - m.started_at >= lifetime)
             ),
             key=_removal_key,
         )

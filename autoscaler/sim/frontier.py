@@ -26,12 +26,19 @@ from autoscaler.sim.model import Stats, Timings
 from autoscaler.sim.run import simulate
 from autoscaler.sim.trace import Trace
 
+_ADAPTIVE_COSTS = (
+    10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 450.0, 600.0, 900.0, 1200.0,
+    1800.0, 3600.0,
+)  # fmt: skip
 SWEEPS: dict[str, tuple[str, tuple[float, ...], float]] = {
     # strategy: (knob, values swept, default value)
     "autoscaler": ("idle_to_zero_s", (15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0), 300.0),
     "adaptive": (
         "wake_cost_s",
-        (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0),
+        # Denser than the timers' sweeps: a plan changes shape (keep through think times,
+        # keep through the gaps between visits) between two values, and the envelope
+        # between two far-apart points is a chord above the curve.
+        _ADAPTIVE_COSTS,
         300.0,
     ),
     "knative": ("grace_s", (0.0, 30.0, 120.0, 300.0, 600.0), 30.0),

@@ -250,7 +250,9 @@ class PolicyStrategy:
 
         if same(top):
             return due
-        lo, hi = 0, top
+        if top == 1 or not same(1):
+            return i + 1  # the very next tick differs (a streak of ticks that each do)
+        lo, hi = 1, top
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if same(mid):

@@ -102,6 +102,11 @@ def test_too_few_gaps_or_most_out_of_range_fall_back_to_the_fixed_timer() -> Non
     assert "fixed timer" in phase.why
     fixed = AppConfig(name="a")
     assert keepalive.step(state, fixed, 100.0, 50.0, 50.0, 1)[1].keep_s == 300
+    # Never longer than one wake is worth (the break-even rule), nor than idle_to_zero_s.
+    cheap = ADAPTIVE.model_copy(update={"wake_cost_s": 20.0})
+    assert keepalive.step(KeepAliveState(), cheap, 100.0, 50.0, 50.0, 1)[1].keep_s == 20
+    dear = ADAPTIVE.model_copy(update={"wake_cost_s": 3600.0})
+    assert keepalive.step(KeepAliveState(), dear, 100.0, 50.0, 50.0, 1)[1].keep_s == 300
 
 
 def _decide(now: float, state: PolicyState, machine: MachineSnapshot) -> tuple[str, ...]:
@@ -133,6 +138,28 @@ def test_decide_sleeps_prewarms_and_judges_the_prewarm() -> None:
     miss = decide(Fleet.of("a", [up]), LoadWindows(60, 6), ADAPTIVE, end, d.state, 0.0)
     assert miss.prewarm == "miss"
     assert [a.kind for a in miss.actions] == ["drain"]
+
+
+@pytest.mark.parametrize(
+    ("gaps", "drains"),
+    [
+        ([60.0] * 30, True),  # a timer: the plan sleeps, then pre-warms before the next run
+        ([5.0] * 30, False),  # always kept: no planned sleep, min_lifetime_s holds
+    ],
+)
+def test_a_planned_sleep_is_not_held_by_min_lifetime(gaps: list[float], drains: bool) -> None:
+    plan = plan_of(gaps)
+    assert (plan.prewarm_at_s is not None) is drains
+    ka = KeepAliveState(gaps=learned(gaps), plan=plan, idle_from=0.0, last_arrival=0.0)
+    state = PolicyState(born=-100.0, keepalive=ka)
+    # Resumed 5 s ago by a pre-warm (min_lifetime_s is 30), idle past the plan's sleep.
+    young = MachineSnapshot("m1", STARTED, last_used=0.0, started_at=plan.sleep_after_s - 4)
+    now = plan.sleep_after_s + 1
+    assert bool(_decide(now, state, young)) is drains
+    # The fixed timer keeps min_lifetime_s whatever it learned.
+    fixed = ADAPTIVE.model_copy(update={"keep_alive": "fixed", "idle_to_zero_s": 1.0})
+    d = decide(Fleet.of("a", [young]), LoadWindows(60, 6), fixed, now, state, 0.0)
+    assert d.actions == ()
 
 
 @settings(max_examples=60, deadline=None)

@@ -626,3 +626,40 @@ def test_panic_stops_nothing() -> None:
     d = run(app, machines, load(0.0, 600, app=app), 600, state)
     assert d.panic
     assert d.actions == ()
+
+
+def test_next_check_is_when_the_idle_timer_runs_out() -> None:
+    app = cfg(panic_threshold=CALM, idle_to_zero_s=300)
+    windows = load(0.0, 100, app=app)
+    d = run(app, fleet(m("a")), windows, 100, last_request_at=40.0)
+    assert d.actions == ()
+    assert d.next_check == 340.0  # the last request plus idle_to_zero_s
+    d = run(app, fleet(m("a")), windows, 340, d.state, last_request_at=40.0)
+    assert acts(d) == [("drain", "a")]
+
+
+def test_next_check_is_when_a_young_machine_may_go() -> None:
+    app = cfg(panic_threshold=CALM)  # min_lifetime_s 30
+    state = PolicyState(born=0.0)
+    alone = fleet(m("young", started_at=371.0))
+    d = run(app, alone, load(0.0, 400, app=app), 400, state, last_request_at=0.0)
+    assert d.actions == ()
+    assert d.next_check == 401.0  # started at 371, min_lifetime_s 30
+    # Waiting for it changes nothing from tick to tick: a caller may skip those ticks.
+    again = run(app, alone, load(0.0, 400, app=app), 400.5, d.state, last_request_at=0.0)
+    assert again.state == d.state
+    assert again.actions == ()
+
+
+@pytest.mark.parametrize("in_flight", [0, 2])
+def test_no_next_check_without_a_timer_running(in_flight: int) -> None:
+    app = cfg(panic_threshold=CALM)
+    # Asleep with nothing asked: nothing is due until a request comes.
+    d = run(app, fleet(m("z", "suspended")), load(0.0, 900, app=app), 900, last_request_at=0.0)
+    assert d.actions == ()
+    assert d.next_check is None
+    # Busy: requests in flight hold the timer, which starts again when they end.
+    busy = fleet(m("a", in_flight=in_flight))
+    d = run(app, busy, load(float(in_flight), 900, app=app), 900, last_request_at=0.0)
+    if in_flight:
+        assert d.next_check is None

@@ -1,0 +1,102 @@
+"""What no policy can beat on a generated trace: the bounds quoted next to issue 23's goals.
+
+    .venv/bin/python benchmarks/sim_bounds.py --shape memoryless --seed 41
+    .venv/bin/python benchmarks/sim_bounds.py --shape azure-like --seed 41
+
+Replays the trace under ``fly-autostop`` (its check every 180 s and every 300 s) and
+prints, at fly-autostop's number of waiting requests:
+
+- the **memoryless bound**: with Poisson arrivals, the best keep-alive for an app is all or
+  nothing (keep the machine through every idle gap, or put it to sleep at once), and
+  keeping app i through its gaps costs its idle seconds G_i to save its n_i waits. The
+  cheapest way to make at most W waits is to let the apps with the longest mean gap
+  G_i / n_i sleep first (a fractional knapsack: one app may be split). Each sleep costs
+  ``--cycle-s`` machine-seconds (a suspend and a resume), gaps under 2 s are never slept
+  through, and requests are served by one machine per app, so the bound is below what
+  any policy reaches: on a trace of Poisson apps, no policy that cannot see the future
+  does better.
+- the **busy floor**: the share of fly-autostop's machine-seconds spent on apps that keep
+  a machine up at least 90% of the day and average a request every 20 s or more often.
+  Putting such an app to sleep for a second costs about as many waits as its rate (with
+  memoryless gaps), so at fly-autostop's few thousand waits a day no policy can save more
+  than a few thousand machine-seconds on them: their share is a floor under any ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from autoscaler.sim.generate import generate
+from autoscaler.sim.model import Timings
+from autoscaler.sim.run import config_resolver, simulate
+from autoscaler.sim.trace import Trace
+
+MIN_GAP_S = 2.0
+
+
+def memoryless_bound(trace: Trace, waits: int, cycle_s: float) -> float:
+    """Machine-seconds of the best per-app all-or-nothing keep-alive at ``waits`` waits."""
+    busy = 0.0
+    items: list[tuple[float, int]] = []
+    for requests in trace.apps.values():
+        spans = sorted((t, t + d) for t, d in requests)
+        start, end = spans[0]
+        gaps: list[float] = []
+        for a, z in spans[1:]:
+            if a > end:
+                busy += end - start
+                gaps.append(a - end)
+                start, end = a, z
+            else:
+                end = max(end, z)
+        busy += end - start
+        busy += sum(g for g in gaps if g < MIN_GAP_S)
+        long = [g for g in gaps if g >= MIN_GAP_S]
+        items.append((sum(long), len(long)))
+    # The first request of each app wakes a machine whatever the policy.
+    cost, made = busy, len(trace.apps)
+    for idle, n in sorted(items, key=lambda x: -(x[0] / x[1]) if x[1] else 0.0):
+        if made + n <= waits:
+            cost += n * cycle_s
+            made += n
+        elif made < waits:
+            share = (waits - made) / n
+            cost += share * n * cycle_s + (1 - share) * idle
+            made = waits
+        else:
+            cost += idle
+    return cost
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="memoryless")
+    parser.add_argument("--seed", type=int, default=41)
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--cycle-s", type=float, default=2.5)
+    args = parser.parse_args()
+    trace = Trace()
+    for t, app, duration in generate(args.shape, seed=args.seed, hours=args.hours):
+        trace.apps.setdefault(app, []).append((t, duration))
+    resolve = config_resolver({}, {})
+    horizon = args.hours * 3600
+    print(f"{args.shape}, seed {args.seed}, {args.hours:g} h, {trace.requests} requests")
+    for interval in (180, 300):
+        name = f"fly-autostop-{interval}s"
+        report = simulate(trace, resolve, Timings(), [name])
+        label = report.strategies[0]
+        total = report.total(label)
+        bound = memoryless_bound(trace, total.wake_waits, args.cycle_s)
+        busy = sum(
+            st.up_s
+            for app, st in report.stats[label].items()
+            if st.up_s >= 0.9 * horizon and len(trace.apps[app]) >= horizon / 20
+        )
+        line = f"  {name}: {total.wake_waits} woken, {total.up_s:.0f} m·s; "
+        if args.shape == "memoryless":  # a bound only where every app is Poisson
+            line += f"memoryless bound {bound:.0f} m·s ({bound / total.up_s:.2f}x); "
+        print(line + f"busy floor {busy:.0f} m·s ({busy / total.up_s:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
