@@ -431,7 +431,11 @@ class AppConfig(_Model):
         default=None, description="stop a machine suspended this long (drops its snapshot)"
     )
     min_lifetime_s: Seconds = Field(
-        default=30.0, description="never remove a machine started less than this ago"
+        default=30.0,
+        description=(
+            "never remove a machine started less than this ago (except a sleep the"
+            " adaptive keep-alive plans before a pre-warm)"
+        ),
     )
     drain_timeout_s: Seconds = Field(
         default=30.0, description="longest wait for requests in flight before a removal"
