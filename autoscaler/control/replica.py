@@ -42,6 +42,7 @@ from autoscaler.config import Settings
 from autoscaler.control.actions import Probe, tcp_probe
 from autoscaler.control.controller import Controller
 from autoscaler.control.fencing import WAKE_FENCE, FencedAPI
+from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import Budget
 from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo
 from autoscaler.control.wake import WakeError
@@ -326,15 +327,19 @@ class Replica:
 
     # --- wakes --------------------------------------------------------------------------
 
+    def _scaled(self, app: str) -> AppRuntime:
+        rt = self.controller.apps.get(app)
+        if rt is None:
+            raise WakeError(f"app {app} is not scaled by this replica")
+        return rt
+
     async def leader_wake(self, app: str) -> str:
         """The leader's wake: the controller's, under the app's wake claim. While a
         follower holds the claim (it woke by itself, thinking us lost), wait for it."""
         view = self.view.app(app)
         if view.routable():
             return "none"
-        rt = self.controller.apps.get(app)
-        if rt is None:
-            raise WakeError(f"app {app} is not scaled by this replica")
+        rt = self._scaled(app)
         deadline = self.clock() + rt.config.wake_timeout_s
         while True:
             result = await self._claimed_wake(app)
@@ -404,9 +409,7 @@ class Replica:
         view = self.view.app(app)
         if view.routable():
             return "none"
-        rt = self.controller.apps.get(app)
-        if rt is None:
-            raise WakeError(f"app {app} is not scaled by this replica")
+        rt = self._scaled(app)
         before = {u.id: u.state for u in view.upstreams.values()}
         now = self.clock()
         deadline = now + rt.config.wake_timeout_s
