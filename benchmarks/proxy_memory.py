@@ -37,7 +37,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-HOST = "127.0.0.1"
+from proxy_overhead import HOST, _loop_policy, _until_sigterm
+
 KINDS = ("idle", "slowloris", "uploads", "slow readers")
 
 
@@ -50,19 +51,6 @@ def _raise_nofile(want: int) -> int:
     if got < want:
         raise SystemExit(f"need {want} open files, the hard limit allows {got}")
     return got
-
-
-def _uvloop() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-async def _until_sigterm() -> None:
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
 
 
 # --- the two servers ----------------------------------------------------------------------
@@ -102,7 +90,7 @@ def serve_machine(port: int, response_kib: int) -> None:
         await _until_sigterm()
         await runner.cleanup()
 
-    _uvloop()
+    _loop_policy(True)
     asyncio.run(main())
 
 
@@ -142,7 +130,7 @@ def serve_proxy(port: int, machine_port: int, max_connections: int) -> None:
             await _until_sigterm()
             await proxy.stop()
 
-        _uvloop()
+        _loop_policy(True)
         asyncio.run(main())
 
 
@@ -346,7 +334,7 @@ def main() -> int:
             ["--serve", "proxy", str(proxy_port), str(machine_port), str(args.connections + 1000)]
         ) as proxy,
     ):
-        _uvloop()
+        _loop_policy(True)
         asyncio.run(measure(args, proxy_port, proxy.pid))
     return 0
 
