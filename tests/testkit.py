@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 from autoscaler.config import EmulatorSettings
 
@@ -32,6 +35,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+# Parameters of an ``emulator_settings`` fixture whose tests run on both timing profiles;
+# the fly variants are marked (CI's compiled run leaves them out).
+PROFILES = ["fast", pytest.param("fly", marks=pytest.mark.fly_profile)]
+
+
+def on_profile(settings: EmulatorSettings, profile: str, **update: Any) -> EmulatorSettings:
+    """``settings`` on the named timing profile ("fast" or "fly"), with ``update``."""
+    base = settings if profile == "fast" else fly_like(settings)
+    return base.model_copy(update=update)
 
 
 def fly_like(settings: EmulatorSettings) -> EmulatorSettings:

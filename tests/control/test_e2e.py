@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from testkit import fly_like
+from testkit import PROFILES, on_profile
 
 from autoscaler.config import (
     AppConfig,
@@ -39,13 +39,14 @@ MACHINES = 5
 CLIENTS = 50
 
 
-@pytest.fixture(params=["fast", pytest.param("fly", marks=pytest.mark.fly_profile)])
+@pytest.fixture(params=PROFILES)
 def emulator_settings(
     emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
 ) -> EmulatorSettings:
     """Fast timings, and Fly's: suspends that take seconds, cold starts of about 2 s."""
-    base = emulator_settings if request.param == "fast" else fly_like(emulator_settings)
-    return base.model_copy(update={"apps": [EmulatorApp(name=APP, machines=MACHINES)]})
+    return on_profile(
+        emulator_settings, request.param, apps=[EmulatorApp(name=APP, machines=MACHINES)]
+    )
 
 
 @dataclass

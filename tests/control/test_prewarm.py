@@ -15,7 +15,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from testkit import fly_like
+from testkit import PROFILES, on_profile
 
 from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
 from autoscaler.control.controller import Controller
@@ -31,13 +31,12 @@ APP = "web"
 HOST = "web.test"
 
 
-@pytest.fixture(params=["fast", pytest.param("fly", marks=pytest.mark.fly_profile)])
+@pytest.fixture(params=PROFILES)
 def emulator_settings(
     emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
 ) -> EmulatorSettings:
     """Fast timings, and Fly's: suspends that take seconds, cold starts of about 2 s."""
-    base = emulator_settings if request.param == "fast" else fly_like(emulator_settings)
-    return base.model_copy(update={"apps": [EmulatorApp(name=APP, machines=1)]})
+    return on_profile(emulator_settings, request.param, apps=[EmulatorApp(name=APP, machines=1)])
 
 
 async def test_a_machine_is_resumed_before_the_request_its_plan_predicts(

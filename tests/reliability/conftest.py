@@ -25,7 +25,7 @@ import pytest
 import structlog
 from pydantic import SecretStr
 from structlog.typing import EventDict, WrappedLogger
-from testkit import fly_like
+from testkit import PROFILES, on_profile
 
 from autoscaler import logs
 from autoscaler.config import EmulatorApp, EmulatorSettings
@@ -68,7 +68,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_line(text)
 
 
-@pytest.fixture(params=["fast", pytest.param("fly", marks=pytest.mark.fly_profile)])
+@pytest.fixture(params=PROFILES)
 def emulator_settings(
     emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
 ) -> EmulatorSettings:
@@ -76,9 +76,11 @@ def emulator_settings(
     it) and app ``web``; every test runs with the fast timings and with Fly's (suspends of
     seconds, cold starts of about 2 s), where the races production meets are open. A
     module that wants other apps overrides this in turn."""
-    base = emulator_settings if request.param == "fast" else fly_like(emulator_settings)
-    return base.model_copy(
-        update={"token": SecretStr(FLY_TOKEN), "apps": [EmulatorApp(name=APP, machines=2)]}
+    return on_profile(
+        emulator_settings,
+        request.param,
+        token=SecretStr(FLY_TOKEN),
+        apps=[EmulatorApp(name=APP, machines=2)],
     )
 
 
