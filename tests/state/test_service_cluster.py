@@ -94,10 +94,12 @@ async def test_two_replicas_one_wake_and_a_handover(
                 exported = await resp.text()
         # Per-replica series carry the replica's id; the cluster-wide count does not.
         lines = exported.splitlines()
+        me = follower.replica.cluster.replica_id
         requests = [line for line in lines if line.startswith("autoscaler_requests_total{")]
         assert requests
-        assert all('replica="b"' in line for line in requests)
-        assert any(line.startswith('autoscaler_cluster_leader{replica="b"} 0') for line in lines)
+        assert all(f'replica="{me}"' in line for line in requests)
+        not_leading = f'autoscaler_cluster_leader{{replica="{me}"}} 0'
+        assert any(line.startswith(not_leading) for line in lines)
         assert any(line.startswith("autoscaler_cluster_replicas 2") for line in lines)
         # One start, by the leader. The follower read the API once, at start-up (the check
         # for Fly's own autostop), and never since: it routes with the leader's view.
