@@ -14,6 +14,7 @@ the cancellation of any one of them (a client that disconnects must not cancel a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -100,6 +101,12 @@ class MachineInfo:
     checks_critical: bool = False  # a Fly health check of the machine is critical
 
 
+# Every change of any app's machines gets a number never used before (``AppView.version``):
+# a reader remembers the number it saw, and a view made again for the same name (an app
+# removed and added back) never matches what it remembered of the old one.
+_versions = itertools.count(1)
+
+
 class AppView:
     """One app's machines and load."""
 
@@ -115,6 +122,9 @@ class AppView:
         self._waiters: list[asyncio.Future[None]] = []
         self._routable: list[Upstream] | None = None
         self._routable_until = 0.0
+        self.version = next(_versions)
+        """Changes with every change of the machines (their list, states, cordons, checks):
+        the proxy's health sweep looks again only at apps whose version moved."""
         self.on_machines: Callable[[str], None] | None = None
         """Called with the app's name whenever its machines change (cluster mode: the
         leader pushes its view to the followers)."""
@@ -143,6 +153,7 @@ class AppView:
             fresh[info.id] = up
         self.upstreams = fresh
         self._routable = None
+        self.version = next(_versions)
         self.notify()
         if self.on_machines is not None:
             self.on_machines(self.name)
@@ -165,6 +176,7 @@ class AppView:
         if up is not None:
             self._apply_state(up, state, self.clock())
             self._routable = None
+            self.version = next(_versions)
             self.notify()
             if self.on_machines is not None:
                 self.on_machines(self.name)

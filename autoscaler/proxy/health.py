@@ -67,6 +67,8 @@ class Health:
     def __init__(self, fleet: FleetView, metrics: Metrics, eject_after: int, base_s: float) -> None:
         self.fleet = fleet
         self.records: dict[Upstream, _Record] = {}
+        self._swept: dict[str, int] = {}  # app -> its view's version when last swept
+        self._spared: set[str] = set()  # apps whose critical machine is their last one
         self._ejections = metrics.machine_ejections
         self.configure(eject_after, base_s)
 
@@ -151,24 +153,42 @@ class Health:
 
     def sweep(self) -> None:
         """Eject machines whose Fly checks are critical, restore those whose checks pass
-        again, and forget machines that left the view."""
+        again, and forget machines that left the view.
+
+        Runs once a second over every app, so it looks only at apps whose machines changed
+        since it last did (``AppView.version``), and at apps whose critical machine was
+        spared as their last routable one (another machine may be routable by now). With
+        1,000 apps of 10 machines, walking every machine held the event loop for 3-5 ms a
+        second, a stall that the proxy's p99 showed (docs/benchmarks.md, "Many apps")."""
         fleet = self.fleet
-        seen: set[Upstream] = set()
-        for name, view in list(fleet.apps.items()):
+        swept = self._swept
+        for name, view in fleet.apps.items():
+            if swept.get(name) == view.version and name not in self._spared:
+                continue
+            swept[name] = view.version
+            self._spared.discard(name)
             for up in view.upstreams.values():
-                seen.add(up)
                 record = self.records.get(up)
                 if up.checks_critical:
                     if record is None or record.reason != CHECKS or not record.ejected:
                         if record is None:
                             record = self.records[up] = _Record(name)
                         self._eject(name, up, record, CHECKS)
+                        if not record.ejected:
+                            self._spared.add(name)
                 elif record is not None and record.reason == CHECKS and record.ejected:
                     del self.records[up]
                     _restore(view, up)
                     _log.info("machine_restored", app=name, machine=up.id)
-        for up in [u for u in self.records if u not in seen]:
-            del self.records[up]
+        # Few records (machines that failed lately): check each is still in its app's view.
+        for up, record in list(self.records.items()):
+            owner = fleet.apps.get(record.app)
+            if owner is None or owner.upstreams.get(up.id) is not up:
+                del self.records[up]
+        if len(swept) > len(fleet.apps):
+            for name in [n for n in swept if n not in fleet.apps]:
+                del swept[name]
+                self._spared.discard(name)
 
     def report(self) -> list[dict[str, object]]:
         """The machines out of rotation or on probation, for ``/status``."""

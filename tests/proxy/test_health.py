@@ -150,6 +150,38 @@ def test_critical_checks_eject_until_they_pass_and_gone_machines_are_forgotten()
     assert h.records == {}
 
 
+def test_a_spared_critical_machine_is_ejected_once_another_is_routable_again() -> None:
+    """The sweep looks again at an app whose machines did not change when its critical
+    machine was spared as the last routable one: another machine's skip may have ended."""
+    fleet, clock = _fleet("m1", "m2", critical=frozenset({"m1"}))
+    metrics = Metrics(CollectorRegistry())
+    h = Health(fleet, metrics, eject_after=5, base_s=1.0)
+    view = fleet.app("a")
+    view.skip(view.upstreams["m2"], 5.0)  # it dropped a connection: out for 5 s
+    h.sweep()
+    assert _routable(fleet) == ["m1"]  # the last one standing is kept
+    assert _ejections(metrics, "checks") == 0
+    clock.now += 6.0
+    h.sweep()
+    assert _routable(fleet) == ["m2"]
+    assert _ejections(metrics, "checks") == 1
+
+
+def test_an_app_removed_and_added_back_is_swept_afresh() -> None:
+    fleet, _ = _fleet("m1", "m2")
+    h = Health(fleet, Metrics(CollectorRegistry()), eject_after=5, base_s=1.0)
+    h.sweep()
+    fleet.remove_app("a")
+    fleet.app("a").set_machines(
+        [
+            MachineInfo(i, "127.0.0.1", 1000 + n, "started", False, i == "m1")
+            for n, i in enumerate(["m1", "m2"])
+        ]
+    )
+    h.sweep()
+    assert _routable(fleet) == ["m2"]
+
+
 # --- on the data path ----------------------------------------------------------------
 
 
