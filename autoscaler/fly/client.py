@@ -84,6 +84,14 @@ def one_attempt(timeout_s: float) -> Iterator[None]:
         _one_attempt.reset(token)
 
 
+# Idle connections kept open to the API. httpcore looks at every idle connection of its
+# pool on each request (is its socket still usable?), some 30 us apiece: one call cost
+# 1.25-1.5 ms of CPU with 20 kept, 0.95-1.13 ms with 8 (benchmarks/api_keepalive.py, in
+# docs/benchmarks.md). Eight cover the calls a controller of 1,000 apps has under way at
+# once in steady state; a burst beyond them opens connections and closes them after.
+KEEPALIVE_CONNECTIONS = 8
+
+
 class MachinesClient(Operations):
     """Async client for every operation of the seed spec; use ``async with`` or ``aclose()``."""
 
@@ -106,6 +114,7 @@ class MachinesClient(Operations):
         clock: Clock = time.monotonic,
         rng: Callable[[], float] = random.random,
         max_connections: int = 50,
+        keepalive_connections: int = KEEPALIVE_CONNECTIONS,
         org_limit: Limit | None = DEFAULT_ORG_LIMIT,
     ) -> None:
         secret = token.get_secret_value() if isinstance(token, SecretStr) else token
@@ -137,7 +146,9 @@ class MachinesClient(Operations):
             headers=headers,
             timeout=timeout_s,
             transport=transport,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=keepalive_connections
+            ),
             follow_redirects=False,
         )
 
