@@ -139,6 +139,9 @@ class AdminServer:
         self.clock = clock
         self.wall_clock = wall_clock
         self.draining = False
+        self.proxy_listening: bool | None = None
+        """False from the start until the proxy's port is bound (``autoscaler run`` starts
+        the admin server first); None when no proxy is part of the process (tests)."""
         token = settings.token.get_secret_value() if settings.token else ""
         self._token = token.encode() if token else None
         # Defence in depth: nothing the controller reports may carry a secret out.
@@ -241,12 +244,15 @@ class AdminServer:
     # --- what the endpoints say ----------------------------------------------------------
 
     def readiness_problems(self) -> list[str]:
-        """Empty when the data path is ready: not shutting down, and the proxy knows where
-        to route. The control plane's health is not part of it (``control_problems``): an
-        API outage must not take the proxy out of a load balancer while started machines
-        serve. Config is loaded by construction (settings were validated)."""
+        """Empty when the data path is ready: not shutting down, the proxy's port is bound,
+        and the proxy knows where to route. The control plane's health is not part of it
+        (``control_problems``): an API outage must not take the proxy out of a load balancer
+        while started machines serve. Config is loaded by construction (settings were
+        validated)."""
         if self.draining:
             return ["shutting down"]
+        if self.proxy_listening is False:
+            return ["the proxy is not listening yet"]
         if self.cluster is not None and not self.cluster.leading:
             if self.cluster.view_known:
                 return []

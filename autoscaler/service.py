@@ -169,12 +169,14 @@ class Service:
             clock=self.clock,
         )
         self.admin.cluster = self.replica
+        self.admin.proxy_listening = False  # the admin port opens first: not ready until then
         await self.admin.start(port=self._ports["admin"])
         # The controller before the proxy: the first request may need a wake. In cluster
         # mode the replica starts it when (and while) this process leads.
         await (self.replica.start() if self.replica is not None else self.controller.start())
         self.proxy = ProxyServer(s, self.view, self.metrics)
         await self.proxy.start(port=self._ports["proxy"])
+        self.admin.proxy_listening = True
         self.admin.ejected = self.proxy.health.report
         self._check_fly_autoscaling(s)
         _log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,9 +19,9 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 from reliability.harness import child_env, live_service, write_config  # tests/ is on sys.path
-from testkit import free_port
+from testkit import free_port, until
 
-from autoscaler.config import EmulatorApp, Settings
+from autoscaler.config import EmulatorApp, Settings, load_settings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.procs import leftovers
 from autoscaler.metrics import Metrics
@@ -55,6 +56,48 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
     async with live_service(file) as svc:
         yield svc
+    assert leftovers(os.getpid()) == []
+
+
+async def test_not_ready_until_the_proxy_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin server opens first; a load balancer that asks /readyz in between must not
+    send traffic to a port nobody listens on yet."""
+    from autoscaler.proxy.server import ProxyServer
+
+    bind = asyncio.Event()
+    started = asyncio.Event()
+    start = ProxyServer.start
+
+    async def held_start(self: ProxyServer, *args: Any, **kw: Any) -> None:
+        started.set()
+        await bind.wait()
+        await start(self, *args, **kw)
+
+    monkeypatch.setattr(ProxyServer, "start", held_start)
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    settings, _ = load_settings(file, env={})
+    svc = Service(settings, file, metrics=Metrics(CollectorRegistry()), proxy_port=0, admin_port=0)
+    starting = asyncio.create_task(svc.start())
+    try:
+        await started.wait()
+        assert svc.admin is not None
+        host, port = svc.admin.address
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{host}:{port}/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["problems"] == ["the proxy is not listening yet"]
+            bind.set()
+            await starting
+            admin = svc.admin
+            await until(lambda: not admin.readiness_problems(), what="the first read")
+            async with http.get(f"http://{host}:{port}/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        bind.set()
+        await asyncio.gather(starting, return_exceptions=True)
+        await svc.stop()
     assert leftovers(os.getpid()) == []
 
 
