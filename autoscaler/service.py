@@ -36,7 +36,7 @@ from autoscaler.control.view import Clock, FleetView
 from autoscaler.emulator import Emulator
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import FlyError
+from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger, redactor
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import ProxyServer
@@ -97,7 +97,6 @@ class Service:
         self._stopped = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
         self._autostop_checked: set[str] = set()
-        self._autostop_check: asyncio.Task[None] | None = None
         self.freeze_heap = False
         """The process is this service's alone (``autoscaler run``): once every app was
         read, the controller freezes the heap for the garbage collector (``gc.freeze``)."""
@@ -156,6 +155,7 @@ class Service:
             )
             self.metrics.cluster_leader.set(1)
             self.metrics.cluster_replicas.set(1)
+        self.controller.on_first_list = self._warn_fly_autoscaling
         self.admin = AdminServer(
             s.admin,
             self.metrics,
@@ -178,7 +178,6 @@ class Service:
         await self.proxy.start(port=self._ports["proxy"])
         self.admin.proxy_listening = True
         self.admin.ejected = self.proxy.health.report
-        self._check_fly_autoscaling(s)
         _log.info(
             "started",
             version=__version__,
@@ -191,10 +190,9 @@ class Service:
         """Stop in order (see the module docstring). Idempotent."""
         if self.admin is not None:
             self.admin.set_draining()
-        for task in (self._reloading, self._autostop_check):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._reloading is not None:
+            self._reloading.cancel()
+            await asyncio.gather(self._reloading, return_exceptions=True)
         if self.proxy is not None:
             await self.proxy.stop()
             self.proxy = None
@@ -241,35 +239,19 @@ class Service:
             self.proxy.update_settings(new)
         if self.controller is not None:
             await self.controller.update_settings(new)
-        self._check_fly_autoscaling(new)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
         return True
 
-    def _check_fly_autoscaling(self, settings: Settings) -> None:
-        """Warn, once per app, when its machines have Fly's own autostop/autostart on."""
-        apps = [
-            a.name for a in settings.apps if not a.static and a.name not in self._autostop_checked
-        ]
-        if not apps or self.client is None:
+    def _warn_fly_autoscaling(self, app: str, machines: list[Machine]) -> None:
+        """Warn, once per app, when its machines have Fly's own autostop/autostart on (from
+        the control loop's first list of the app: no call of its own)."""
+        if app in self._autostop_checked:
             return
-        if self._autostop_check is not None and not self._autostop_check.done():
-            return  # the next reload looks at what this one missed
-        self._autostop_checked.update(apps)
-        client = self.client
-
-        async def check() -> None:
-            for app in apps:
-                try:
-                    machines = await client.list_machines(app)
-                except FlyError as exc:
-                    _log.info("fly_autoscaling_not_checked", app=app, error=str(exc))
-                    continue
-                warning = fight_warning(app, machines)
-                if warning:
-                    _log.warning("fly_autoscaling_on", app=app, problem=warning)
-
-        self._autostop_check = asyncio.get_running_loop().create_task(check())
+        self._autostop_checked.add(app)
+        warning = fight_warning(app, machines)
+        if warning:
+            _log.warning("fly_autoscaling_on", app=app, problem=warning)
 
     def _declare_apps(self, settings: Settings) -> None:
         """Every app's series with known label values, at 0 (apps a reload adds too)."""

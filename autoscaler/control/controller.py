@@ -42,6 +42,7 @@ from autoscaler.control.view import Clock, FleetView
 from autoscaler.control.wake import WakeError, Waker
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
+from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import STARTED, SUSPENDED
@@ -148,6 +149,8 @@ class Controller:
         )
         self.waker = Waker(api, self.actuator, metrics)
         self.apps: dict[str, AppRuntime] = {}
+        self.on_first_list: Callable[[str, list[Machine]], None] | None = None
+        """Called with each app's first list, whichever read it (a tick or a wake)."""
         self.last_tick_at: float | None = None
         self._running = False
         self._gauged: dict[str, set[str]] = {}
@@ -171,11 +174,16 @@ class Controller:
         for name, config in wanted.items():
             rt = self.apps.get(name)
             if rt is None:
-                self.apps[name] = AppRuntime.of(config)
+                rt = self.apps[name] = AppRuntime.of(config)
+                rt.on_first_list = self._first_list
                 self.view.app(name)
             else:
                 rt.reconfigure(config)
         return gone
+
+    def _first_list(self, app: str, machines: list[Machine]) -> None:
+        if self.on_first_list is not None:
+            self.on_first_list(app, machines)
 
     async def start(self) -> None:
         """Start every app's loop and offer the wake path to the proxy."""

@@ -20,7 +20,7 @@ or one with an action of ours under way, keeps our local record until the next l
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -119,6 +119,9 @@ class AppRuntime:
     leased_by_others: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (seen, busy until): an action found it leased by another holder."""
     read_once: bool = False
+    on_first_list: Callable[[str, list[Machine]], None] | None = None
+    """Called with the app's name and its first list as the API gave it (the service
+    looks there for Fly's own autostop, instead of listing every app once more)."""
     listed_at: float | None = None
     """When the last list that was merged was asked for."""
     changed_at: float = float("-inf")
@@ -159,6 +162,9 @@ class AppRuntime:
 
     def merge(self, listed: Iterable[Machine], listed_at: float, now: float) -> None:
         """Take a fresh list, keeping our record of machines changed since it was asked."""
+        if not self.read_once and self.on_first_list is not None:
+            listed = list(listed)
+            self.on_first_list(self.name, listed)
         fresh: dict[str, MachineRecord] = {}
         for listed_machine in listed:
             if listed_machine.state in FINAL_STATES:
