@@ -159,7 +159,7 @@ class Health:
         since it last did (``AppView.version``), and at apps whose critical machine was
         spared as their last routable one (another machine may be routable by now). With
         1,000 apps of 10 machines, walking every machine held the event loop for 3-5 ms a
-        second, a stall that the proxy's p99 showed (docs/benchmarks.md, "Many apps")."""
+        second (docs/benchmarks.md, "Many apps", second round)."""
         fleet = self.fleet
         swept = self._swept
         for name, view in fleet.apps.items():
