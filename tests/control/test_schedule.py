@@ -6,10 +6,11 @@ All on the fake clock, with the controller's randomness injected.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -54,6 +55,7 @@ def controller(
     rng: Callable[[], float] = lambda: 0.0,
     limiter: RateLimiter | None = None,
     steady_list_s: float = 5.0,
+    freeze_heap: Callable[[], None] | None = None,
 ) -> Controller:
     control = ControlSettings(
         tick_s=1.0, idle_poll_s=30.0, tick_jitter=0.1, steady_list_s=steady_list_s
@@ -73,7 +75,29 @@ def controller(
         probe=probe,
         budget=limiter,
         rng=rng,
+        freeze_heap=freeze_heap,
     )
+
+
+def twenty_apps(api: ListingAPI, state: str) -> list[str]:
+    """Apps app00 to app19, each with one machine in ``state``; their names."""
+    names = [f"app{i:02d}" for i in range(20)]
+    for name in names:
+        api.add(name, state)
+    return names
+
+
+@contextlib.asynccontextmanager
+async def running(ctl: Controller, clock: FakeClock) -> AsyncIterator[float]:
+    """``ctl`` started (its loops have taken their first step) and stopped after; yields
+    the time it started."""
+    t0 = clock.now
+    await ctl.start()
+    await settle()
+    try:
+        yield t0
+    finally:
+        await ctl.stop()
 
 
 async def run_for(clock: FakeClock, seconds: float, step: float = 0.25) -> None:
@@ -91,10 +115,7 @@ async def test_sleeping_apps_are_listed_at_the_slow_period_and_busy_ones_every_5
     ctl = controller(
         api, clock, [AppConfig(name="busy", min_machines=1, **KNOBS), AppConfig(name="asleep")]
     )
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with running(ctl, clock) as t0:
         await run_for(clock, 90)
         # rng 0: no offset, no jitter; the first tick reads, then the app is seen asleep.
         assert api.lists("asleep") == [t0, t0 + 30, t0 + 60, t0 + 90]
@@ -102,8 +123,6 @@ async def test_sleeping_apps_are_listed_at_the_slow_period_and_busy_ones_every_5
         assert api.lists("busy") == [t0 + 5 * i for i in range(19)]
         assert ctl.apps["busy"].last_tick_at == t0 + 90
         assert api.ops("start_machine") == []
-    finally:
-        await ctl.stop()
 
 
 async def test_a_request_for_a_sleeping_app_wakes_it_at_once_then_it_ticks_every_second() -> None:
@@ -112,10 +131,7 @@ async def test_a_request_for_a_sleeping_app_wakes_it_at_once_then_it_ticks_every
     mid = api.add("web", "suspended")
     # steady_list_s 0: every tick lists, so the lists show when the loop ticks.
     ctl = controller(api, clock, [AppConfig(name="web", **KNOBS)], steady_list_s=0)
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with running(ctl, clock) as t0:
         await run_for(clock, 10)
         assert api.lists("web") == [t0]  # asleep: next poll at t0 + 30
         woke = ctl.view.wake("web")  # what the proxy does for a held request
@@ -127,23 +143,16 @@ async def test_a_request_for_a_sleeping_app_wakes_it_at_once_then_it_ticks_every
         assert api.lists("web") == [t0, t0 + 10]
         await run_for(clock, 5)
         assert api.lists("web", since=t0 + 10) == [t0 + 10 + i for i in range(6)]
-    finally:
-        await ctl.stop()
 
 
 async def test_ticks_are_spread_over_the_period_and_stay_apart() -> None:
     clock = FakeClock()
     api = ListingAPI(clock)
-    names = [f"app{i:02d}" for i in range(20)]
-    for name in names:
-        api.add(name, "started")
+    names = twenty_apps(api, "started")
     apps = [AppConfig(name=n, min_machines=1, **KNOBS) for n in names]
     rng = random.Random(20).random  # noqa: S311 - jitter, not secrets
     ctl = controller(api, clock, apps, rng=rng, steady_list_s=0)  # lists show the ticks
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with running(ctl, clock) as t0:
         await run_for(clock, 10, step=0.01)
         firsts = [api.lists(n)[0] for n in names]
         assert all(t0 <= t < t0 + 1.0 for t in firsts)
@@ -156,8 +165,6 @@ async def test_ticks_are_spread_over_the_period_and_stay_apart() -> None:
         # Nor do they fall into step later: in phase, all 20 would share a 100 ms slot.
         slots = Counter(int((t - t0) * 10) for t, _ in api.listed)
         assert max(slots.values()) <= len(names) // 2
-    finally:
-        await ctl.stop()
 
 
 async def test_the_org_budget_caps_calls_and_serves_busy_apps_first() -> None:
@@ -182,9 +189,7 @@ async def test_the_org_budget_caps_calls_and_serves_busy_apps_first() -> None:
     rng = random.Random(6).random  # noqa: S311 - jitter, not secrets
     # steady_list_s 0: busy apps list every tick, 5 calls/s for the budget to share out.
     ctl = controller(api, clock, apps, rng=rng, limiter=limiter, steady_list_s=0)
-    await ctl.start()
-    await settle()
-    try:
+    async with running(ctl, clock):
         await run_for(clock, 30)  # every app read once (65 calls at 6/s), then steady
         start = clock.now
         await run_for(clock, 120)
@@ -200,29 +205,29 @@ async def test_the_org_budget_caps_calls_and_serves_busy_apps_first() -> None:
         polls = [len(api.lists(name, since=start)) for name in sleeping]
         assert sum(polls) < 4 * len(sleeping)
         assert min(polls) >= 2
-    finally:
-        await ctl.stop()
 
 
 # --- apps in use whose machines hold still ---------------------------------------------
 
 
-def in_use(clock: FakeClock, **knobs: Any) -> tuple[ListingAPI, Controller, str]:
-    """One app with one started machine, kept (min_machines 1), room for a second."""
+@contextlib.asynccontextmanager
+async def in_use(
+    **knobs: Any,
+) -> AsyncIterator[tuple[FakeClock, ListingAPI, Controller, str, float]]:
+    """One app with one started machine, kept (min_machines 1), room for a second, its
+    controller running: (clock, api, controller, the started machine, the start time)."""
+    clock = FakeClock()
     api = ListingAPI(clock)
     mid = api.add("web", "started")
     api.add("web", "stopped")
     config = AppConfig(name="web", min_machines=1, max_machines=2, **{**KNOBS, **knobs})
-    return api, controller(api, clock, [config]), mid
+    ctl = controller(api, clock, [config])
+    async with running(ctl, clock) as t0:
+        yield clock, api, ctl, mid, t0
 
 
 async def test_a_steady_app_ticks_every_second_and_lists_every_steady_list_s() -> None:
-    clock = FakeClock()
-    api, ctl, mid = in_use(clock)
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with in_use() as (clock, api, ctl, mid, t0):
         ticks = []
         for _ in range(12):
             await clock.advance(1)
@@ -237,17 +242,10 @@ async def test_a_steady_app_ticks_every_second_and_lists_every_steady_list_s() -
         await run_for(clock, 1)  # t0 + 15: listed, seen, acted on
         assert api.lists("web", since=t0 + 11) == [t0 + 15]
         assert len(api.ops("start_machine")) == 1
-    finally:
-        await ctl.stop()
 
 
 async def test_an_action_of_ours_is_decided_on_a_fresh_list_and_followed_by_one() -> None:
-    clock = FakeClock()
-    api, ctl, mid = in_use(clock, target_concurrency=1, panic_threshold=2.0)
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with in_use(target_concurrency=1, panic_threshold=2.0) as (clock, api, ctl, mid, t0):
         await run_for(clock, 2)
         assert api.lists("web") == [t0]
         # Load for two machines: the tick at t0 + 3 decides, from the list of t0, to start
@@ -264,17 +262,10 @@ async def test_an_action_of_ours_is_decided_on_a_fresh_list_and_followed_by_one(
         assert api.lists("web", since=t0 + 4) == [t0 + 4]
         await run_for(clock, 5)
         assert api.lists("web", since=t0 + 5) == [t0 + 9]
-    finally:
-        await ctl.stop()
 
 
 async def test_a_decision_to_act_on_an_old_list_is_dropped_when_the_fresh_one_disagrees() -> None:
-    clock = FakeClock()
-    api, ctl, mid = in_use(clock, target_concurrency=1, panic_threshold=2.0)
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with in_use(target_concurrency=1, panic_threshold=2.0) as (clock, api, ctl, mid, t0):
         await run_for(clock, 2)
         # Someone else started the second machine since the list of t0: our tick would
         # start it from that list, but reads first and finds two started.
@@ -287,17 +278,10 @@ async def test_a_decision_to_act_on_an_old_list_is_dropped_when_the_fresh_one_di
         assert api.lists("web") == [t0, t0 + 3]
         assert api.ops("start_machine") == []
         assert {m.state for m in ctl.apps["web"].machines.values()} == {"started"}
-    finally:
-        await ctl.stop()
 
 
 async def test_a_machine_the_proxy_could_not_reach_makes_the_next_tick_list() -> None:
-    clock = FakeClock()
-    api, ctl, mid = in_use(clock)
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with in_use() as (clock, api, ctl, mid, t0):
         await run_for(clock, 2)
         view = ctl.view.app("web")
         view.mark_unhealthy(view.upstreams[mid], 30.0)  # a connection the proxy could not make
@@ -307,17 +291,10 @@ async def test_a_machine_the_proxy_could_not_reach_makes_the_next_tick_list() ->
         assert api.lists("web") == [t0, t0 + 3]
         await run_for(clock, 2)
         assert api.lists("web") == [t0, t0 + 3, t0 + 8]
-    finally:
-        await ctl.stop()
 
 
 async def test_a_failed_read_is_retried_by_the_next_tick_whatever_the_period() -> None:
-    clock = FakeClock()
-    api, ctl, _ = in_use(clock)
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with in_use() as (clock, api, ctl, _, t0):
         await run_for(clock, 5)
         assert api.lists("web") == [t0, t0 + 5]
         api.fail["list_machines"] = [ServerError(503, "down")]
@@ -331,8 +308,6 @@ async def test_a_failed_read_is_retried_by_the_next_tick_whatever_the_period() -
         await run_for(clock, 5)
         assert api.lists("web") == [t0, t0 + 5, t0 + 10, t0 + 12, t0 + 17]
         assert ctl.status()[0].last_error is None
-    finally:
-        await ctl.stop()
 
 
 async def test_the_heap_is_frozen_once_when_every_app_has_been_read() -> None:
@@ -341,16 +316,8 @@ async def test_the_heap_is_frozen_once_when_every_app_has_been_read() -> None:
     api.add("a", "started")
     api.add("b", "stopped")
     frozen: list[float] = []
-    settings = Settings(apps=[AppConfig(name="a", min_machines=1), AppConfig(name="b")])
-    ctl = Controller(
-        api,
-        FleetView(clock),
-        settings,
-        Metrics(CollectorRegistry()),
-        clock=clock,
-        sleep=clock.sleep,
-        freeze_heap=lambda: frozen.append(clock.now),
-    )
+    apps = [AppConfig(name="a", min_machines=1), AppConfig(name="b")]
+    ctl = controller(api, clock, apps, freeze_heap=lambda: frozen.append(clock.now))
     await ctl.tick("a")
     assert frozen == []  # b not read yet: its machines are not in the heap
     await clock.advance(1)
@@ -364,15 +331,10 @@ async def test_the_heap_is_frozen_once_when_every_app_has_been_read() -> None:
 async def test_apps_that_fall_asleep_together_poll_spread_over_a_whole_period() -> None:
     clock = FakeClock()
     api = ListingAPI(clock)
-    names = [f"app{i:02d}" for i in range(20)]
-    for name in names:
-        api.add(name, "stopped")
+    names = twenty_apps(api, "stopped")
     rng = random.Random(3).random  # noqa: S311 - jitter, not secrets
     ctl = controller(api, clock, [AppConfig(name=n, **KNOBS) for n in names], rng=rng)
-    t0 = clock.now
-    await ctl.start()
-    await settle()
-    try:
+    async with running(ctl, clock) as t0:
         await run_for(clock, 100, step=0.5)
         # All read within the first second; the second polls spread over 30-60 s later
         # (idle_poll_s 30), not bunched the way the first reads were.
@@ -383,5 +345,3 @@ async def test_apps_that_fall_asleep_together_poll_spread_over_a_whole_period() 
         for name in names:
             times = api.lists(name)
             assert all(b - a >= 30 for a, b in itertools.pairwise(times))
-    finally:
-        await ctl.stop()
