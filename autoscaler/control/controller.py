@@ -38,7 +38,7 @@ from autoscaler.control.schedule import (
     note_listed,
     overdue,
 )
-from autoscaler.control.view import Clock, FleetView
+from autoscaler.control.view import AppView, Clock, FleetView
 from autoscaler.control.wake import WakeError, Waker
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
@@ -110,6 +110,11 @@ def freeze_heap() -> None:
         objects=gc.get_freeze_count(),
         took_ms=round((time.perf_counter() - took) * 1000, 1),
     )
+
+
+def _decide(rt: AppRuntime, view: AppView, now: float, last_request_at: float | None) -> Decision:
+    """The policy's decision for ``rt`` on what it knows now."""
+    return decide(rt.fleet(view, now), rt.windows, rt.config, now, rt.policy_state, last_request_at)
 
 
 class Controller:
@@ -301,12 +306,14 @@ class Controller:
             return await self._tick(app, lazy)
 
     async def _read(self, rt: AppRuntime) -> float:
-        """List ``rt``'s machines and merge them; the time after the answer."""
+        """List ``rt``'s machines, merge them and drop stale cordon keys of ours that the
+        list shows (``Actuator.cleanup``); the time after the answer."""
         listed_at = self.clock()
         machines = await self.api.list_machines(rt.name)
         now = self.clock()
         rt.merge(machines, listed_at, now)
         note_listed(rt, self.view.app(rt.name))
+        self.actuator.cleanup(rt)
         if self._freeze_heap is not None and all(r.read_once for r in self.apps.values()):
             freeze, self._freeze_heap = self._freeze_heap, None
             freeze()
@@ -325,20 +332,13 @@ class Controller:
             sample, last_request_at = self.load(app, now)
         rt.windows.add(sample)
         self._account(rt, now)
-        if fresh:
-            self.actuator.cleanup(rt)
-        decision = decide(
-            rt.fleet(view, now), rt.windows, rt.config, now, rt.policy_state, last_request_at
-        )
+        decision = _decide(rt, view, now, last_request_at)
         if decision.actions and not fresh:
             # Act on what the API says now, not on a list up to steady_list_s old: read,
             # and decide again from the same policy state (this decision is dropped).
             fresh = True
             now = await self._read(rt)
-            self.actuator.cleanup(rt)
-            decision = decide(
-                rt.fleet(view, now), rt.windows, rt.config, now, rt.policy_state, last_request_at
-            )
+            decision = _decide(rt, view, now, last_request_at)
         self._log_decision(rt, decision)
         rt.note_decision(decision, now)
         if decision.prewarm is not None:
