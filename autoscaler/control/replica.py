@@ -52,7 +52,7 @@ from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import STARTED, SUSPENDED
 from autoscaler.scaling.window import Sample
 from autoscaler.state.claim import Claim
-from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush, idle_s
+from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush
 
 _log = get_logger("autoscaler.control.replica")
 
@@ -113,6 +113,16 @@ class Replica:
         self._push_wanted = asyncio.Event()
         self._redis_ok = True
         self._next_lease_step = 0.0
+        self._reported: dict[str, AppLoad] = {}
+        """Per app, the load reported last (an app at rest is not measured again)."""
+        self._moving: set[str] = set()
+        """Apps whose last report was not of an app at rest: measured again next round."""
+        self._published: dict[str, AppFleet] = {}
+        """Per app, the fleet view published last (rebuilt only when its sequence moves)."""
+        self._remote_busy: set[str] = set()
+        """Apps on which other replicas had requests at the last read."""
+        self._applied_apps: set[str] = set()
+        """The apps the fleet view was last applied for (a reload adds some: apply all)."""
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -156,7 +166,7 @@ class Replica:
         """One round: lease, transitions, publish, read, then wakes (leader) or the fleet
         view (follower). Public so tests can drive rounds by hand."""
         now = self.clock()
-        if now >= self._next_lease_step:
+        if now >= self._next_lease_step and self.settings.cluster.lead:
             self._next_lease_step = now + self.settings.cluster.lease_ttl_s / 3
             try:
                 await self.cluster.lease.step()
@@ -168,16 +178,14 @@ class Replica:
         elif not leading and self.leading:
             await self._step_down()
         try:
-            await self.cluster.publish(self._loads(), self._fleet() if leading else None)
+            loads, measured = self._loads()
+            await self.cluster.publish(loads, self._fleet() if leading else None, measured)
             await self.cluster.read()
-            if not leading:
+            if leading:
+                self._applied_apps = set()  # once we follow again, apply the whole view
+            else:
                 self._apply_fleet()
-            # Every app, static ones too: their machines are the same "host:port" on every
-            # replica, and their hard_limit is as cluster-wide as a scaled app's.
-            for name, app_view in self.view.apps.items():
-                app_view.set_remote_in_flight(
-                    self.cluster.remote_in_flight(name), self._share(name, app_view)
-                )
+            self._apply_remote_load()
             if leading:
                 for app in await self.cluster.pop_wakes():
                     if app in self.controller.apps:
@@ -191,6 +199,7 @@ class Replica:
         self.metrics.cluster_replicas.set(1 + len(self.cluster.others))
 
     def _redis_trouble(self, exc: Exception) -> None:
+        self._applied_apps = set()  # a read may have gone unapplied: apply all next time
         if self._redis_ok:
             _log.warning("cluster_redis_unreachable", error=str(exc))
         self._redis_ok = False
@@ -230,30 +239,74 @@ class Replica:
         mine = view.in_flight + view.queued
         return mine / (mine + others)
 
-    def _loads(self) -> dict[str, AppLoad]:
+    def _apply_remote_load(self) -> None:
+        """Write the other replicas' requests in flight per machine, and our share of each
+        machine's hard limit, into the view: for every app, static ones too (their
+        machines are the same "host:port" on every replica, and their hard_limit is as
+        cluster-wide as a scaled app's). Only the apps others are busy on, or were at the
+        last read, can have anything to change."""
+        busy = {
+            app
+            for report in self.cluster.others.values()
+            for app, load in report.loads.items()
+            if load.in_flight or load.held or load.machines
+        }
+        for name in busy | self._remote_busy:
+            app_view = self.view.apps.get(name)
+            if app_view is not None:
+                app_view.set_remote_in_flight(
+                    self.cluster.remote_in_flight(name), self._share(name, app_view)
+                )
+        self._remote_busy = busy
+
+    def _loads(self) -> tuple[dict[str, AppLoad], set[str]]:
+        """This replica's load per app, and the apps whose load was measured again: those
+        new here, those on which a request began or waited since the last report, and
+        those whose last report was not of an app at rest (requests in flight, held, or
+        seen). The others, at rest before and untouched since, keep their report: their
+        meters have nothing to add, and :meth:`Cluster.publish` does not write them again.
+        """
         now = self.clock()
-        loads = {}
-        for name, view in self.view.apps.items():
+        apps, reported = self.view.apps, self._reported
+        measure = self.view.take_touched() | self._moving
+        if reported.keys() != apps.keys():
+            for name in reported.keys() - apps.keys():
+                del reported[name]
+            measure |= apps.keys() - reported.keys()
+        moving = set()
+        for name in measure:
+            view = apps.get(name)
+            if view is None:
+                continue
             area, peak = self.cluster.local.take(name, view.meter, now)
-            loads[name] = AppLoad(
+            load = reported[name] = AppLoad(
                 area=area,
                 level=view.meter.level,
                 in_flight=view.in_flight,
                 held=view.queued,
                 peak=peak,
-                idle_s=idle_s(view.last_request_at, now),
+                at=view.last_request_at,
                 machines={u.id: u.in_flight for u in view.upstreams.values() if u.in_flight},
             )
-        return loads
+            if not load.idle():
+                moving.add(name)
+        self._moving = moving
+        return reported, measure
 
     # --- the fleet view -----------------------------------------------------------------
 
     def _fleet(self) -> dict[str, AppFleet]:
-        return {
-            name: AppFleet(self._app_seq.get(name, 0), self._machines_of(name))
-            for name in self.view.apps
-            if name in self.controller.apps
-        }
+        fleet = {}
+        for name in self.view.apps:
+            if name not in self.controller.apps:
+                continue
+            seq = self._app_seq.get(name, 0)
+            last = self._published.get(name)
+            if last is None or last.seq != seq:
+                last = AppFleet(seq, self._machines_of(name))
+            fleet[name] = last
+        self._published = fleet
+        return fleet
 
     def _machines_of(self, app: str) -> list[list[Any]]:
         return [
@@ -262,9 +315,15 @@ class Replica:
         ]
 
     def _machines_changed(self, app: str) -> None:
-        """The view's listener: number the change, and (leader) push it."""
+        """The view's listener: number the change, and (leader) push it. A list that
+        found the machines as they were (most of them) is no change to the followers."""
+        machines = self._machines_of(app)
+        last = self._published.get(app)
+        if last is not None and last.machines == machines:
+            return
         self._seq += 1
         self._app_seq[app] = self._seq
+        self._published[app] = AppFleet(self._seq, machines)
         if self.leading:
             self._dirty.add(app)
             self._push_wanted.set()
@@ -317,12 +376,21 @@ class Replica:
         return True
 
     def _apply_fleet(self) -> None:
+        """Apply the leader's view as read this round: the apps the read found changed,
+        or every app after a whole read or a change of our own apps (a reload)."""
         published = self.cluster.leader_fleet()
         if published is None:
+            self._applied_apps = set()
             return
-        fence, fleet = published
-        for app, machines in fleet.items():
-            self._apply(app, fence, machines)
+        fence, fleet, changed = published
+        apps = self.controller.apps.keys()
+        if changed is None or apps != self._applied_apps:
+            changed = frozenset(fleet)
+            self._applied_apps = set(apps)
+        for app in changed:
+            machines = fleet.get(app)
+            if machines is not None:
+                self._apply(app, fence, machines)
         self.view_known = True
 
     # --- wakes --------------------------------------------------------------------------

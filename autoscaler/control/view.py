@@ -128,6 +128,9 @@ class AppView:
         self.on_machines: Callable[[str], None] | None = None
         """Called with the app's name whenever its machines change (cluster mode: the
         leader pushes its view to the followers)."""
+        self.touched: set[str] = set()
+        """Where a request that begins or waits leaves the app's name: the fleet's set,
+        which tells cluster mode's reports which apps' load may have moved."""
         self.waking: str | None = None
         """How the wake under way brings a machine up ("resume" or "start"), once the
         waker has chosen; None otherwise. A held request served before the wake returns
@@ -228,6 +231,7 @@ class AppView:
         up.last_used = now
         self.in_flight += 1
         self.last_request_at = now
+        self.touched.add(self.name)
         self.meter.add(1, now)
 
     def end(self, up: Upstream) -> None:
@@ -244,6 +248,7 @@ class AppView:
         now = self.clock()
         self.queued += 1
         self.last_request_at = now
+        self.touched.add(self.name)
         self.meter.add(1, now)
 
     def release(self) -> None:
@@ -279,13 +284,21 @@ class FleetView:
         self._closer: Closer | None = None
         self._wakes: dict[str, asyncio.Task[str]] = {}
         self._on_machines: Callable[[str], None] | None = None
+        self._touched: set[str] = set()
 
     def app(self, name: str) -> AppView:
         view = self.apps.get(name)
         if view is None:
             view = self.apps[name] = AppView(name, self.clock)
             view.on_machines = self._on_machines
+            view.touched = self._touched
         return view
+
+    def take_touched(self) -> set[str]:
+        """The apps on which a request began or waited since the previous call."""
+        touched = set(self._touched)
+        self._touched.clear()
+        return touched
 
     def set_machines_listener(self, listener: Callable[[str], None] | None) -> None:
         """Be told (with the app's name) of every change of any app's machines."""

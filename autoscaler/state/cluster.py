@@ -6,10 +6,21 @@ set ``{prefix}:replicas``. The hash holds, per app, the replica's load as a JSON
 ``area`` (cumulative concurrency-seconds: the integral of in flight + held since the replica
 started, read from the proxy's :class:`~autoscaler.scaling.window.ConcurrencyMeter`),
 ``level`` (in flight + held now), ``in_flight``, ``held``, ``peak`` (since its previous
-report) and ``idle_s`` (seconds since its last request). The leader adds its fleet view per
-app (``fleet:{app}``: the machines it routes to, with state and cordon; ``seq:{app}``: the
-view's sequence number) and its fencing token (``fence``), so followers route without
-reading the Machines API themselves.
+report) and ``at`` (when its last request came, on the replica's clock; the header's
+``now`` is that clock when the report was written, so ``now - at`` is the idle time and no
+two hosts' clocks are compared). The leader adds its fleet view per app (``fleet:{app}``:
+the machines it routes to, with state and cordon; ``seq:{app}``: the view's sequence
+number) and its fencing token (``fence``), so followers route without reading the Machines
+API themselves.
+
+With a thousand apps a report has thousands of fields, and nearly all of them stay the
+same from one round to the next (an app at rest has the same load; a view changes when a
+machine does). So a round writes only the fields that changed, and its header says which:
+``gen`` numbers the writes, ``changed`` lists the fields written or deleted in the writes
+since ``since`` (the last ``CHANGES_KEPT``). A reader reads every header, then only those
+fields of a report it read at ``since - 1`` or later, and the whole report otherwise (its
+first read, a replica restarted, a whole write: the first, and every one after a failed
+write or an expired key).
 
 The leader also *pushes* every change of its view at once, on the pub/sub channel
 ``{prefix}:view`` (:class:`ViewPush`: its id, its fencing token and the changed apps with
@@ -36,7 +47,8 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +67,13 @@ REPORT_TTL_S = 2.0
 """How long a report outlives its replica's last write."""
 
 
+HEADER = ("boot", "leader", "fence", "gen", "now", "changed", "since")
+"""A report's own fields (the rest are per app)."""
+CHANGES_KEPT = 8
+"""How many of its last writes a report lists the changes of: a reader that missed up to
+seven rounds (its rounds and the writer's drift apart) still reads only those."""
+
+
 @dataclass(frozen=True, slots=True)
 class AppLoad:
     """One replica's load on one app, as it reports it."""
@@ -64,11 +83,17 @@ class AppLoad:
     in_flight: int = 0
     held: int = 0
     peak: int = 0
-    idle_s: float | None = None
+    at: float | None = None
+    """When its last request came, on the reporting replica's clock (None: never)."""
     machines: Mapping[str, int] = field(default_factory=dict)
     """Requests in flight per machine (machines with none left out)."""
 
-    def to_json(self) -> str:
+    def idle(self) -> bool:
+        """Nothing in flight, held or seen since the previous report: the report of an
+        app at rest, which stays the same from one round to the next."""
+        return not (self.level or self.in_flight or self.held or self.peak)
+
+    def to_json(self, now: float) -> str:
         return json.dumps(
             {
                 "area": self.area,
@@ -76,22 +101,31 @@ class AppLoad:
                 "in_flight": self.in_flight,
                 "held": self.held,
                 "peak": self.peak,
-                "idle_s": self.idle_s,
+                "at": self.at,
+                # For a replica of the previous release (a rolling upgrade), which reads
+                # only this: the idle time when the entry was written. The entry of an
+                # app at rest is not written again, so it reads it as more recent than it
+                # is, the safe side (it keeps the app up a little longer).
+                "idle_s": idle_s(self.at, now),
                 "machines": dict(self.machines),
             }
         )
 
     @classmethod
-    def from_json(cls, text: str) -> AppLoad:
+    def from_json(cls, text: str, now: float = 0.0) -> AppLoad:
+        """Parse an entry; ``now`` is the report's clock (``now`` of its header), which
+        turns the previous release's ``idle_s`` into ``at``."""
         d = json.loads(text)
-        idle = d.get("idle_s")
+        at = d.get("at")
+        if at is None and d.get("idle_s") is not None:
+            at = now - float(d["idle_s"])
         return cls(
             area=float(d["area"]),
             level=int(d["level"]),
             in_flight=int(d.get("in_flight", 0)),
             held=int(d.get("held", 0)),
             peak=int(d.get("peak", 0)),
-            idle_s=None if idle is None else float(idle),
+            at=None if at is None else float(at),
             machines={str(k): int(v) for k, v in (d.get("machines") or {}).items()},
         )
 
@@ -151,6 +185,64 @@ class Report:
     loads: Mapping[str, AppLoad]
     fleet: Mapping[str, AppFleet] = field(default_factory=dict)
     fence: int = 0
+    now: float = 0.0
+    """The replica's clock when it wrote the report (what its loads' ``at`` count from)."""
+    fleet_changed: frozenset[str] | None = None
+    """The apps of ``fleet`` that this read found changed (None: any may have)."""
+
+    def idle_s(self, load: AppLoad) -> float | None:
+        """How long before the report was written ``load``'s app had its last request."""
+        return idle_s(load.at, self.now)
+
+
+class _Seen:
+    """What this replica has read of another's report, kept between rounds so that only
+    the fields the report lists as changed are read (and parsed) again."""
+
+    def __init__(self, boot: str) -> None:
+        self.boot = boot
+        self.gen: int | None = None
+        self.now = 0.0
+        self.loads: dict[str, AppLoad] = {}
+        self.fleet: dict[str, AppFleet] = {}
+
+    def replace(self, data: Mapping[str, str], header: Mapping[str, str | None]) -> None:
+        """The whole report (``HGETALL``); ``fleet_changed`` is then None (any app)."""
+        self.now = float(header["now"] or 0.0)
+        self.loads = {
+            k[5:]: AppLoad.from_json(v, self.now) for k, v in data.items() if k.startswith("load:")
+        }
+        self.fleet = {
+            k[6:]: AppFleet(int(data.get(f"seq:{k[6:]}") or 0), json.loads(v))
+            for k, v in data.items()
+            if k.startswith("fleet:")
+        }
+
+    def update(
+        self, data: Mapping[str, str | None], header: Mapping[str, str | None]
+    ) -> frozenset[str]:
+        """The fields listed as changed (None: deleted); the apps whose fleet changed."""
+        self.now = float(header["now"] or 0.0)
+        fleet = set()
+        for k, v in data.items():
+            if k.startswith("load:"):
+                if v is None:
+                    self.loads.pop(k[5:], None)
+                else:
+                    self.loads[k[5:]] = AppLoad.from_json(v, self.now)
+            elif k.startswith("fleet:"):
+                app = k[6:]
+                fleet.add(app)
+                if v is None:
+                    self.fleet.pop(app, None)
+                else:
+                    seq = data.get(f"seq:{app}")
+                    self.fleet[app] = AppFleet(int(seq or 0), json.loads(v))
+        return frozenset(fleet)
+
+
+def _int(text: str | None) -> int | None:
+    return None if text is None else int(text)
 
 
 class LocalLoad:
@@ -187,6 +279,8 @@ class ClusterLoad:
         ticks less often: a burst between two ticks must not be lost)."""
         for report in reports.values():
             for app, load in report.loads.items():
+                if not load.peak:
+                    continue
                 key = f"{report.replica}#{report.boot}"
                 peaks = self._peaks.setdefault(app, {})
                 peaks[key] = max(peaks.get(key, 0), load.peak)
@@ -284,6 +378,12 @@ class Cluster:
         self.local = LocalLoad()
         self.load = ClusterLoad()
         self.others: dict[str, Report] = {}
+        self._gen = 0
+        self._changes: deque[tuple[int, list[str]]] = deque(maxlen=CHANGES_KEPT)
+        self._full_next = True
+        self._sent_loads: dict[str, AppLoad] = {}
+        self._sent_fleet: dict[str, int] = {}
+        self._seen: dict[str, _Seen] = {}
         """The other replicas' latest reports (ours excluded)."""
         self.leader_id: str | None = None
         self.last_read_at: float | None = None
@@ -305,66 +405,160 @@ class Cluster:
         return f"{self.prefix}:view"
 
     async def publish(
-        self, loads: Mapping[str, AppLoad], fleet: Mapping[str, AppFleet] | None
+        self,
+        loads: Mapping[str, AppLoad],
+        fleet: Mapping[str, AppFleet] | None,
+        measured: Collection[str] | None = None,
     ) -> None:
-        """Write this replica's report (and, from the leader, its fleet view)."""
+        """Write this replica's report (and, from the leader, its fleet view).
+        ``measured``: the only apps whose load may differ from the last report (None:
+        any), a thousand apps' loads then need not all be compared.
+
+        Only what changed since the previous report is written (the header lists it), so
+        the apps at rest, nearly all of a thousand, cost nothing per round: neither here
+        nor in the readers. The whole report is written again after any failure, and when
+        the key had expired meanwhile (the partial write then found nothing to add to)."""
+        full = self._full_next
+        self._full_next = True  # until this write is known to have gone through
         key = self.report_key(self.replica_id)
+        now = self.clock()
+        fields, gone = self._diff(loads, fleet or {}, now, full, measured)
+        self._gen += 1
+        if full:
+            self._changes.clear()
+        else:
+            self._changes.append((self._gen, [*fields, *gone]))
         leading = self.lease.held()
-        mapping: dict[str, str] = {
+        header = {
             "boot": self.boot,
             "leader": "1" if leading else "0",
             "fence": str(self.lease.token or 0) if leading else "0",
+            "gen": str(self._gen),
+            "now": repr(now),
+            # What changed in the writes since ``since`` (this one included): a reader
+            # that last read the report as written at ``since - 1`` or later reads those.
+            "changed": "*"
+            if full
+            else json.dumps(list(dict.fromkeys(f for _, fs in self._changes for f in fs))),
+            "since": str(self._changes[0][0] if self._changes else self._gen),
         }
-        for app, load in loads.items():
-            mapping[f"load:{app}"] = load.to_json()
-        for app, view in (fleet or {}).items():
-            # The machines as before, their sequence apart: a replica of the previous
-            # release (a rolling upgrade) still reads the view.
-            mapping[f"fleet:{app}"] = json.dumps(view.machines)
-            mapping[f"seq:{app}"] = str(view.seq)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.hset(key, mapping=mapping)
+            if full:
+                pipe.delete(key)
+            else:
+                pipe.exists(key)
+            pipe.hset(key, mapping={**header, **fields})
+            if gone:
+                pipe.hdel(key, *gone)
             pipe.pexpire(key, round(REPORT_TTL_S * 1000))
             pipe.sadd(self.replicas_key, self.replica_id)
-            await pipe.execute()
+            results = await pipe.execute()
+        if not full and not results[0]:
+            return await self.publish(loads, fleet, measured)  # expired: what we add to is gone
+        self._full_next = False
+        self._sent_loads = dict(loads)
+        self._sent_fleet = {app: view.seq for app, view in (fleet or {}).items()}
         self.last_report_at = self.clock()
 
+    def _diff(
+        self,
+        loads: Mapping[str, AppLoad],
+        fleet: Mapping[str, AppFleet],
+        now: float,
+        full: bool,
+        measured: Collection[str] | None,
+    ) -> tuple[dict[str, str], list[str]]:
+        """The fields to write (all of them if ``full``) and to delete."""
+        fields: dict[str, str] = {}
+        gone: list[str] = []
+        sent_loads = {} if full else self._sent_loads
+        for app in loads if full or measured is None else measured:
+            load = loads.get(app)
+            if load is None:
+                continue
+            before = sent_loads.get(app)
+            if before is None or (before is not load and before != load):
+                fields[f"load:{app}"] = load.to_json(now)
+        sent_fleet = {} if full else self._sent_fleet
+        for app, view in fleet.items():
+            if sent_fleet.get(app) != view.seq or app not in sent_fleet:
+                # The machines as before, their sequence apart: a replica of the previous
+                # release (a rolling upgrade) still reads the view.
+                fields[f"fleet:{app}"] = json.dumps(view.machines)
+                fields[f"seq:{app}"] = str(view.seq)
+        if not full and sent_loads.keys() != loads.keys():
+            gone += [f"load:{app}" for app in sent_loads if app not in loads]
+            fields.update(
+                (f"load:{app}", load.to_json(now))
+                for app, load in loads.items()
+                if app not in sent_loads
+            )
+        if not full and sent_fleet.keys() != fleet.keys():
+            for app in sent_fleet:
+                if app not in fleet:
+                    gone += [f"fleet:{app}", f"seq:{app}"]
+        return fields, gone
+
     async def read(self) -> dict[str, Report]:
-        """Every other replica's report; forgets (and unlists) replicas whose report expired."""
+        """Every other replica's report; forgets (and unlists) replicas whose report expired.
+
+        Reads each report's header, then only the fields it lists as changed since the
+        report was read last; the whole report when this replica missed more than
+        ``CHANGES_KEPT`` of its writes or a whole write, or the report comes from a
+        replica of the previous release (which writes no such header)."""
         ids = sorted(await self.redis.smembers(self.replicas_key))
         async with self.redis.pipeline(transaction=False) as pipe:
             for rid in ids:
-                pipe.hgetall(self.report_key(rid))
+                pipe.hmget(self.report_key(rid), HEADER)
                 pipe.pttl(self.report_key(rid))
             pipe.get(self.lease.key)
             results = await pipe.execute()
-        now = self.clock()
         self.leader_id = results[-1]
-        others: dict[str, Report] = {}
+        fetch: list[tuple[str, dict[str, str | None], list[str] | None]] = []
+        ttls: dict[str, int] = {}
         gone = []
         for i, rid in enumerate(ids):
-            data, pttl = results[2 * i], results[2 * i + 1]
-            if not data or pttl is None or pttl < 0:
+            header = dict(zip(HEADER, results[2 * i], strict=True))
+            pttl = results[2 * i + 1]
+            if header["boot"] is None or pttl is None or pttl < 0:
                 gone.append(rid)
+                self._seen.pop(rid, None)
                 continue
             if rid == self.replica_id:
                 continue
-            loads = {k[5:]: AppLoad.from_json(v) for k, v in data.items() if k.startswith("load:")}
-            fleet = {
-                k[6:]: AppFleet(int(data.get(f"seq:{k[6:]}") or 0), json.loads(v))
-                for k, v in data.items()
-                if k.startswith("fleet:")
-            }
+            ttls[rid] = pttl
+            fetch.append((rid, header, self._wanted(rid, header)))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for rid, _, wanted in fetch:
+                if wanted is None:
+                    pipe.hgetall(self.report_key(rid))
+                elif wanted:
+                    pipe.hmget(self.report_key(rid), wanted)
+            fetched = iter(await pipe.execute())
+        now = self.clock()
+        others: dict[str, Report] = {}
+        for rid, header, wanted in fetch:
+            seen = self._seen.get(rid)
+            if wanted is None or seen is None:
+                seen = self._seen[rid] = _Seen(str(header["boot"]))
+                seen.replace(next(fetched), header)
+                changed: frozenset[str] | None = None
+            elif wanted:
+                changed = seen.update(dict(zip(wanted, next(fetched), strict=True)), header)
+            else:
+                changed = frozenset()
+            seen.gen = _int(header["gen"])
             others[rid] = Report(
                 replica=rid,
-                boot=data.get("boot", ""),
-                leader=data.get("leader") == "1",
-                age_s=max(0.0, REPORT_TTL_S - pttl / 1000),
+                boot=seen.boot,
+                leader=header["leader"] == "1",
+                age_s=max(0.0, REPORT_TTL_S - ttls[rid] / 1000),
                 read_at=now,
-                loads=loads,
-                fleet=fleet,
-                fence=int(data.get("fence") or 0),
+                loads=dict(seen.loads),
+                fleet=dict(seen.fleet),
+                fence=_int(header["fence"]) or 0,
+                now=seen.now,
+                fleet_changed=changed,
             )
         if gone:
             await self.redis.srem(self.replicas_key, *gone)
@@ -372,6 +566,21 @@ class Cluster:
         self.last_read_at = now
         self.load.note_peaks(others)
         return others
+
+    def _wanted(self, rid: str, header: Mapping[str, str | None]) -> list[str] | None:
+        """The fields of ``rid``'s report to read: those its header lists as changed if we
+        read the report just before (an empty list: nothing new), None for all of it."""
+        seen = self._seen.get(rid)
+        gen = _int(header["gen"])
+        if seen is None or gen is None or seen.boot != header["boot"] or seen.gen is None:
+            return None
+        if gen == seen.gen:
+            return []
+        since = _int(header["since"])
+        if since is None or not since - 1 <= seen.gen < gen or header["changed"] in (None, "*"):
+            return None
+        listed = json.loads(str(header["changed"]))
+        return [str(f) for f in listed]
 
     def sample(self, app: str, meter: ConcurrencyMeter, now: float) -> Sample:
         """The whole cluster's load on ``app`` since the previous call (the leader's tick)."""
@@ -403,18 +612,21 @@ class Cluster:
         latest = local
         for report in self.others.values():
             load = report.loads.get(app)
-            if load is None or load.idle_s is None:
+            idle = None if load is None else report.idle_s(load)
+            if idle is None:
                 continue
-            at = now - (now - report.read_at) - report.age_s - load.idle_s
+            at = now - (now - report.read_at) - report.age_s - idle
             latest = at if latest is None else max(latest, at)
         return latest
 
-    def leader_fleet(self) -> tuple[int, Mapping[str, AppFleet]] | None:
-        """The fleet view the leader published last, with its fencing token (None when no
-        leader's report is read)."""
+    def leader_fleet(
+        self,
+    ) -> tuple[int, Mapping[str, AppFleet], frozenset[str] | None] | None:
+        """The fleet view the leader published last, with its fencing token and the apps
+        the last read found changed (None: any); None when no leader's report is read."""
         for report in self.others.values():
             if report.leader and report.replica == self.leader_id:
-                return report.fence, report.fleet
+                return report.fence, report.fleet, report.fleet_changed
         return None
 
     async def push_view(self, push: ViewPush) -> None:
@@ -506,7 +718,9 @@ class Cluster:
                         app: {
                             "in_flight": load.in_flight,
                             "held": load.held,
-                            "idle_s": None if load.idle_s is None else round(load.idle_s, 3),
+                            "idle_s": None
+                            if (idle := report.idle_s(load)) is None
+                            else round(idle, 3),
                         }
                         for app, load in report.loads.items()
                     },

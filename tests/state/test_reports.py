@@ -1,0 +1,173 @@
+"""Replicas' reports against a real redis-server: each round writes, and each reader reads
+and parses, only what changed, so a thousand apps at rest cost nothing per round; a reader
+that missed a round, a report that expired and a replica of the previous release are read
+whole, and right."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from autoscaler.config import ClusterSettings
+from autoscaler.state import cluster as cluster_module
+from autoscaler.state.cluster import AppFleet, AppLoad, Cluster
+
+APPS = [f"app{i:03d}" for i in range(200)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def member(url: str, prefix: str, rid: str, clock: Clock) -> Cluster:
+    settings = ClusterSettings(redis_url=SecretStr(url), replica_id=rid, key_prefix=prefix)
+    return Cluster(settings, clock=clock)
+
+
+@pytest.fixture
+async def pair(redis_server: str, key_prefix: str) -> AsyncIterator[tuple[Cluster, Cluster, Clock]]:
+    clock = Clock()
+    writer, reader = (member(redis_server, key_prefix, rid, clock) for rid in ("w", "r"))
+    yield writer, reader, clock
+    for c in (writer, reader):
+        await c.close()
+
+
+@pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The load entries the readers parse, in order."""
+    seen: list[str] = []
+    real = AppLoad.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[AppLoad], text: str, now: float = 0.0) -> AppLoad:
+        seen.append(text)
+        return real(cls, text, now)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(cluster_module.AppLoad, "from_json", classmethod(counting))
+    return seen
+
+
+def at_rest(at: float | None = None) -> dict[str, AppLoad]:
+    return {app: AppLoad(area=5.0, level=0, at=at) for app in APPS}
+
+
+def fleet(seq: int) -> dict[str, AppFleet]:
+    return {app: AppFleet(seq, [[f"{app}-m", "127.0.0.1", 8000, "started", False]]) for app in APPS}
+
+
+async def test_a_round_reads_only_what_changed(
+    pair: tuple[Cluster, Cluster, Clock], parsed: list[str]
+) -> None:
+    writer, reader, clock = pair
+    loads = at_rest(at=990.0)
+    views = fleet(1)
+    await writer.publish(loads, views)
+    report = (await reader.read())["w"]
+    assert len(parsed) == len(APPS)  # the first read is whole
+    assert report.fleet_changed is None
+    assert report.fleet == views
+    assert report.idle_s(report.loads[APPS[0]]) == pytest.approx(10.0)
+
+    # Ten rounds with one app busy and one app's view changed: only those are read.
+    for n in range(10):
+        parsed.clear()
+        clock.now += 0.25
+        loads = {**loads, APPS[7]: AppLoad(area=6.0 + n, level=1, in_flight=1, at=clock.now)}
+        views = {**views, APPS[3]: AppFleet(2 + n, [])}
+        await writer.publish(loads, views)
+        report = (await reader.read())["w"]
+        assert len(parsed) == 1
+        assert json.loads(parsed[0])["area"] == 6.0 + n
+        assert report.fleet_changed == {APPS[3]}
+        assert report.fleet == views
+        assert report.loads == loads
+    # The apps at rest were not written again, yet their idle time moves on.
+    assert report.idle_s(report.loads[APPS[0]]) == pytest.approx(12.5)
+    assert report.idle_s(report.loads[APPS[7]]) == 0.0
+
+    # A round with nothing new since the last read reads nothing but the header.
+    parsed.clear()
+    report = (await reader.read())["w"]
+    assert parsed == []
+    assert report.fleet_changed == frozenset()
+
+
+async def test_a_reader_that_missed_rounds_reads_what_they_changed(
+    pair: tuple[Cluster, Cluster, Clock], parsed: list[str]
+) -> None:
+    writer, reader, clock = pair
+    loads = at_rest()
+    await writer.publish(loads, fleet(1))
+    await reader.read()
+    # Two writes between two reads: one app gone, one changed, a view dropped.
+    del loads[APPS[0]]
+    await writer.publish(loads, fleet(1))
+    loads[APPS[1]] = AppLoad(area=9.0, level=2, in_flight=2, at=clock.now)
+    views = fleet(1)
+    del views[APPS[2]]
+    await writer.publish(loads, views)
+    parsed.clear()
+    report = (await reader.read())["w"]
+    assert len(parsed) == 1  # APPS[1]; the deletions read as such
+    assert report.loads == loads
+    assert report.fleet == views
+    assert report.fleet_changed == {APPS[2]}
+    # More writes missed than the report lists: the whole report.
+    loads[APPS[3]] = AppLoad(area=1.0, level=1, in_flight=1, at=clock.now)
+    for _ in range(cluster_module.CHANGES_KEPT + 1):
+        await writer.publish(loads, {})
+    parsed.clear()
+    report = (await reader.read())["w"]
+    assert len(parsed) == len(loads)
+    assert report.fleet_changed is None
+    assert report.loads == loads
+    assert report.fleet == {}
+
+
+async def test_a_report_that_expired_is_written_whole_again(
+    pair: tuple[Cluster, Cluster, Clock], redis_server: str
+) -> None:
+    writer, reader, _ = pair
+    loads = at_rest()
+    await writer.publish(loads, None)
+    await reader.read()
+    await writer.redis.delete(writer.report_key("w"))  # as if its TTL ran out
+    loads[APPS[5]] = AppLoad(area=1.0, level=1, in_flight=1)
+    await writer.publish(loads, None)
+    assert len(await writer.redis.hkeys(writer.report_key("w"))) > len(APPS)
+    report = (await reader.read())["w"]
+    assert report.loads == loads
+
+
+async def test_a_report_of_the_previous_release_is_read(
+    pair: tuple[Cluster, Cluster, Clock],
+) -> None:
+    """A replica of the previous release writes no header but ``boot``, ``leader`` and
+    ``fence``, and each app's idle time instead of the time of its last request."""
+    writer, reader, clock = pair
+    old: dict[str, Any] = {"area": 3.0, "level": 0, "idle_s": 4.0, "machines": {}}
+    key = writer.report_key("old")
+    await writer.redis.hset(
+        key, mapping={"boot": "b", "leader": "0", "fence": "0", "load:web": json.dumps(old)}
+    )
+    await writer.redis.pexpire(key, 2000)
+    await writer.redis.sadd(writer.replicas_key, "old")
+    for _ in range(2):  # every round reads it whole, and right
+        report = (await reader.read())["old"]
+        assert report.loads["web"].area == 3.0
+        assert report.idle_s(report.loads["web"]) == pytest.approx(4.0)
+        assert reader.last_request_at("web", None, clock.now) == pytest.approx(
+            clock.now - report.age_s - 4.0
+        )
+    # And it reads ours: the idle time as of when the entry was written.
+    await writer.publish({"web": AppLoad(area=1.0, level=0, at=clock.now - 7.0)}, None)
+    raw = await writer.redis.hget(writer.report_key("w"), "load:web")
+    assert json.loads(raw)["idle_s"] == pytest.approx(7.0)
