@@ -351,6 +351,11 @@ class ClusterSettings(_Model):
         description="a follower whose held requests see no machine come up within this wakes"
         " the app itself, under the app's wake claim",
     )
+    lead: bool = Field(
+        default=True,
+        description="false: this replica never takes the lease, so it never runs the control"
+        " loop (a proxy-only replica: the data path without the control plane's work)",
+    )
 
     @field_validator("redis_url")
     @classmethod

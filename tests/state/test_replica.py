@@ -39,6 +39,7 @@ def make(
     *,
     self_wake_after_s: float = 2.0,
     wake_timeout_s: float = 30.0,
+    lead: bool = True,
 ) -> Replica:
     settings = Settings(
         apps=[
@@ -58,6 +59,7 @@ def make(
             lease_ttl_s=TTL,
             key_prefix=prefix,
             self_wake_after_s=self_wake_after_s,
+            lead=lead,
         ),
     )
     return Replica(settings, api, FleetView(), Metrics(CollectorRegistry()), probe=probe)
@@ -115,6 +117,31 @@ async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
     assert leader.metrics.registry.get_sample_value("autoscaler_cluster_leader") == 0
     # It no longer exports the decider's gauges: summed over replicas, only the leader's count.
     assert leader.metrics.registry.get_sample_value("autoscaler_desired_machines", desired) is None
+
+
+async def test_a_replica_that_may_not_lead_never_does(redis_server: str, key_prefix: str) -> None:
+    """``cluster.lead: false``: a proxy-only replica follows, alone or not; the replica
+    that may lead takes the lease and the proxy-only one routes with its view."""
+    api = FakeMachinesAPI()
+    api.add(APP, "started")
+    proxy = make(redis_server, key_prefix, "proxy", api, lead=False)
+    await proxy.start(rounds=False)
+    decider = make(redis_server, key_prefix, "decider", api)
+    try:
+        for _ in range(30):  # three lease TTLs alone
+            await proxy.round()
+            await asyncio.sleep(TTL / 10)
+        assert not proxy.leading
+        assert await proxy.cluster.redis.get(proxy.cluster.lease.key) is None
+        await decider.start(rounds=False)
+        await rounds([proxy, decider], lambda: decider.leading, 2 * TTL)
+        await decider.controller.tick(APP)
+        await rounds([proxy, decider], lambda: proxy.view.app(APP).routable() != [], 2 * TTL)
+        assert decider.leading
+        assert not proxy.leading
+    finally:
+        for r in (proxy, decider):
+            await r.stop()
 
 
 def test_summed_load_is_one_processs_load() -> None:
