@@ -135,7 +135,8 @@ class Replica:
         loop = asyncio.get_running_loop()
         self._pusher = loop.create_task(self._push_changes(), name="cluster-push")
         self._watcher = loop.create_task(
-            self.cluster.watch_views(self._on_push, self._on_subscribed), name="cluster-watch"
+            self.cluster.watch_views(self._on_push, self._on_subscribed, self._on_wake),
+            name="cluster-watch",
         )
         if rounds:
             self._task = loop.create_task(self._run(), name="cluster")
@@ -352,6 +353,11 @@ class Replica:
 
     async def _on_subscribed(self) -> None:
         self.subscribed.set()
+
+    def _on_wake(self, app: str) -> None:
+        """A follower's wake request, as it publishes it: the leader wakes at once."""
+        if self.leading and app in self.controller.apps:
+            self.view.wake(app)
 
     def _on_push(self, push: ViewPush) -> None:
         if self.leading:

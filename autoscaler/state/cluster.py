@@ -36,8 +36,9 @@ to now with its ``level``; the sum over replicas divided by the span is the clus
 average concurrency, which the policy reads exactly as it reads one process's meter.
 Ages come from the hash's remaining TTL (``PTTL``), so no two hosts' clocks are compared.
 
-Wake requests from followers go through the list ``{prefix}:wakes`` (the leader pops them
-and wakes through its single-flight path).
+Wake requests from followers are published on ``{prefix}:wake`` (the leader wakes at once,
+through its single-flight path) and pushed on the list ``{prefix}:wakes``, which the leader
+pops every round: the repair path for a request published while it was not listening.
 """
 
 from __future__ import annotations
@@ -633,21 +634,29 @@ class Cluster:
         """Publish a change of the leader's view to every follower listening now."""
         await self.redis.publish(self.view_channel, push.to_json())
 
+    @property
+    def wake_channel(self) -> str:
+        return f"{self.prefix}:wake"
+
     async def watch_views(
         self,
         on_push: Callable[[ViewPush], None],
         on_subscribed: Callable[[], Awaitable[None]] | None = None,
+        on_wake: Callable[[str], None] | None = None,
     ) -> None:
-        """Deliver every pushed view change to ``on_push``, for ever (cancel to stop).
+        """Deliver every pushed view change to ``on_push``, and every wake request
+        published by a follower to ``on_wake``, for ever (cancel to stop).
 
         On a Redis error it subscribes again after ``REPORT_S``; what was pushed meanwhile
-        is lost to this replica, and the report it reads every round repairs its view.
+        is lost to this replica, and the report it reads every round repairs its view (as
+        the wake list that the leader pops every round repairs a lost wake request).
         ``on_subscribed`` runs each time the subscription is in place."""
         failing = False
+        channels = [self.view_channel] + ([self.wake_channel] if on_wake is not None else [])
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.view_channel)
+                await pubsub.subscribe(*channels)
                 if failing:
                     _log.info("cluster_view_push_back", replica=self.replica_id)
                 failing = False
@@ -656,6 +665,10 @@ class Cluster:
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None or message.get("type") != "message":
+                        continue
+                    if message.get("channel") == self.wake_channel:
+                        if on_wake is not None:
+                            on_wake(str(message["data"]))
                         continue
                     try:
                         push = ViewPush.from_json(message["data"])
@@ -675,9 +688,14 @@ class Cluster:
                 await asyncio.sleep(REPORT_S)
 
     async def request_wake(self, app: str) -> None:
-        await self.redis.rpush(self.wakes_key, app)
-        # Requests nobody serves (no leader for a while) must not pile up for ever.
-        await self.redis.pexpire(self.wakes_key, round(4 * self.settings.lease_ttl_s * 1000))
+        """Ask the leader to wake ``app``: at once through pub/sub, and in the list that
+        it pops every round (a leader that was not listening still hears it)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(self.wakes_key, app)
+            # Requests nobody serves (no leader for a while) must not pile up for ever.
+            pipe.pexpire(self.wakes_key, round(4 * self.settings.lease_ttl_s * 1000))
+            pipe.publish(self.wake_channel, app)
+            await pipe.execute()
 
     async def pop_wakes(self) -> list[str]:
         """Every wake requested since the previous call, deduplicated (the leader)."""

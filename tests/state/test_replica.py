@@ -273,6 +273,23 @@ async def test_followers_learn_of_a_start_through_the_push(cluster: list[Replica
         assert [u.state for u in r.view.app(APP).upstreams.values()] == ["started"]
 
 
+async def test_a_followers_wake_reaches_the_leader_at_once(cluster: list[Replica]) -> None:
+    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
+    (leader,) = leaders(cluster)
+    follower = next(r for r in cluster if r is not leader)
+    await leader.controller.tick(APP)
+    await rounds(cluster, lambda: bool(follower.view.app(APP).upstreams), 2 * TTL)
+    for r in cluster:
+        await asyncio.wait_for(r.subscribed.wait(), 5)
+    # From here no round runs: the leader never pops the wake list, so only the request
+    # it hears through pub/sub (and the push of its start) can serve the follower's wake
+    # before the follower would wake by itself (self_wake_after_s, 2 s).
+    assert await asyncio.wait_for(follower.view.wake(APP), 5) == "start"
+    assert follower.self_wakes == 0
+    (up,) = follower.view.app(APP).routable()
+    assert leader.controller.api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
+
+
 async def test_a_lost_push_is_repaired_by_the_next_read(cluster: list[Replica]) -> None:
     await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
     (leader,) = leaders(cluster)
