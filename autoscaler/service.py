@@ -141,6 +141,7 @@ class Service:
                 self.metrics,
                 clock=self.clock,
                 budget=self.client.limiter,
+                freeze_heap=freeze_heap if self.freeze_heap else None,
             )
             self.controller = self.replica.controller
         else:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from autoscaler.config import Settings
@@ -71,8 +72,13 @@ class Replica:
         cluster: Cluster | None = None,
         probe: Probe = tcp_probe,
         budget: Budget | None = None,
+        freeze_heap: Callable[[], None] | None = None,
     ) -> None:
+        """``freeze_heap`` (``autoscaler run``: :func:`~autoscaler.control.controller.
+        freeze_heap`) runs once, when this replica first knows every app's machines: as
+        leader, once its controller read them all; as follower, at its first view."""
         self.settings = settings
+        self._freeze_heap = freeze_heap
         self.view = view
         self.metrics = metrics
         self.clock = clock
@@ -88,6 +94,7 @@ class Replica:
             probe=probe,
             load=self.load,
             budget=budget,
+            freeze_heap=self._freeze_once if freeze_heap is not None else None,
         )
         self.leading = False
         self.view_known = False
@@ -239,6 +246,11 @@ class Replica:
             return 1.0
         mine = view.in_flight + view.queued
         return mine / (mine + others)
+
+    def _freeze_once(self) -> None:
+        freeze, self._freeze_heap = self._freeze_heap, None
+        if freeze is not None:
+            freeze()
 
     def _apply_remote_load(self) -> None:
         """Write the other replicas' requests in flight per machine, and our share of each
@@ -397,7 +409,9 @@ class Replica:
             machines = fleet.get(app)
             if machines is not None:
                 self._apply(app, fence, machines)
-        self.view_known = True
+        if not self.view_known:
+            self.view_known = True
+            self._freeze_once()  # a follower's views are built: they live as long as we do
 
     # --- wakes --------------------------------------------------------------------------
 

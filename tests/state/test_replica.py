@@ -40,6 +40,7 @@ def make(
     self_wake_after_s: float = 2.0,
     wake_timeout_s: float = 30.0,
     lead: bool = True,
+    freeze_heap: Callable[[], None] | None = None,
 ) -> Replica:
     settings = Settings(
         apps=[
@@ -62,7 +63,14 @@ def make(
             lead=lead,
         ),
     )
-    return Replica(settings, api, FleetView(), Metrics(CollectorRegistry()), probe=probe)
+    return Replica(
+        settings,
+        api,
+        FleetView(),
+        Metrics(CollectorRegistry()),
+        probe=probe,
+        freeze_heap=freeze_heap,
+    )
 
 
 @pytest.fixture
@@ -141,6 +149,37 @@ async def test_a_replica_that_may_not_lead_never_does(redis_server: str, key_pre
         assert not proxy.leading
     finally:
         for r in (proxy, decider):
+            await r.stop()
+
+
+async def test_each_replica_freezes_its_heap_once_its_apps_are_known(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The leader once its controller read every app, a follower at its first view; once
+    each, whatever rounds and ticks come after."""
+    api = FakeMachinesAPI()
+    api.add(APP, "started")
+    frozen: list[str] = []
+    a, b = (
+        make(redis_server, key_prefix, rid, api, freeze_heap=lambda rid=rid: frozen.append(rid))
+        for rid in ("a", "b")
+    )
+    await a.start(rounds=False)
+    try:
+        await rounds([a], lambda: a.leading, 2 * TTL)
+        assert frozen == []  # nothing read yet
+        await a.controller.tick(APP)
+        assert frozen == ["a"]
+        await b.start(rounds=False)
+        await rounds([a, b], lambda: b.view_known, 2 * TTL)
+        assert frozen == ["a", "b"]
+        for _ in range(3):
+            await a.round()
+            await b.round()
+        await a.controller.tick(APP)
+        assert frozen == ["a", "b"]
+    finally:
+        for r in (a, b):
             await r.stop()
 
 
