@@ -187,6 +187,9 @@ class Replica:
             await self._step_down()
         try:
             loads, measured = self._loads()
+            # A round is a few milliseconds of work in pieces; the data path's requests
+            # go in between them instead of waiting for the whole round.
+            await asyncio.sleep(0)
             await self.cluster.publish(loads, self._fleet() if leading else None, measured)
             await self.cluster.read()
             if leading:

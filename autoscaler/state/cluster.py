@@ -424,6 +424,7 @@ class Cluster:
         key = self.report_key(self.replica_id)
         now = self.clock()
         fields, gone = self._diff(loads, fleet or {}, now, full, measured)
+        await asyncio.sleep(0)  # the proxy's requests go in before the write is packed
         self._gen += 1
         if full:
             self._changes.clear()
