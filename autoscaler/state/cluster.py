@@ -412,13 +412,13 @@ class Cluster:
         measured: Collection[str] | None = None,
     ) -> None:
         """Write this replica's report (and, from the leader, its fleet view).
-        ``measured``: the only apps whose load may differ from the last report (None:
-        any), a thousand apps' loads then need not all be compared.
 
         Only what changed since the previous report is written (the header lists it), so
         the apps at rest, nearly all of a thousand, cost nothing per round: neither here
         nor in the readers. The whole report is written again after any failure, and when
-        the key had expired meanwhile (the partial write then found nothing to add to)."""
+        the key had expired meanwhile (the partial write then found nothing to add to).
+        ``measured`` names the only apps whose load may differ from the last report (None:
+        any may), so that the others' loads need not be compared."""
         full = self._full_next
         self._full_next = True  # until this write is known to have gone through
         key = self.report_key(self.replica_id)
