@@ -107,10 +107,15 @@ def _table(rows: list[list[str]], indent: str = "") -> list[str]:
 
 def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
     """Cluster mode: who leads, and each replica's load and the age of its last report."""
-    role = "leader" if cluster.get("leading") else "follower"
+    if cluster.get("leading"):
+        role = "the leader"
+    elif cluster.get("may_lead") is False:
+        role = "a proxy-only follower (cluster.lead: false)"
+    else:
+        role = "a follower"
     lines = [
         "",
-        f"cluster: this replica {cluster.get('replica')} is the {role};"
+        f"cluster: this replica {cluster.get('replica')} is {role};"
         f" leader {cluster.get('leader') or 'none'}",
         f"redis {'ok' if cluster.get('redis_ok', True) else 'UNREACHABLE'};"
         f" view pushes applied {cluster.get('view_pushes_applied', 0)};"

@@ -549,6 +549,7 @@ class Replica:
         """The ``cluster`` section of ``/status``: replicas, leader, loads, report ages."""
         now = self.clock()
         doc = self.cluster.status(now)
+        doc["may_lead"] = self.settings.cluster.lead
         doc["redis_ok"] = self._redis_ok
         doc["actions_fenced"] = self.api.refused
         doc["view_pushes_applied"] = self.pushes_applied

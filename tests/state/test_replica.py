@@ -416,6 +416,7 @@ async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> No
     doc: dict[str, Any] = leader.status_document()
     assert doc["leader"] == leader.cluster.replica_id
     assert doc["leading"] is True
+    assert doc["may_lead"] is True
     assert sorted(r["id"] for r in doc["replicas"]) == ["r0", "r1", "r2"]
     theirs = next(r for r in doc["replicas"] if r["id"] == follower.cluster.replica_id)
     assert theirs["apps"][APP]["held"] == 1
@@ -461,7 +462,11 @@ def test_autoscaler_status_prints_the_cluster() -> None:
     }
     text = "\n".join(render(doc))
     assert "a follower (the cluster's leader decides)" in text
-    assert "cluster: this replica b is the follower; leader a" in text
+    assert "cluster: this replica b is a follower; leader a" in text
+    doc["cluster"]["may_lead"] = False
+    assert "this replica b is a proxy-only follower (cluster.lead: false); leader a" in "\n".join(
+        render(doc)
+    )
     assert "redis UNREACHABLE; view pushes applied 7; self-wakes 1; actions fenced 0" in text
     rows = [line.split() for line in text.splitlines() if line.startswith("  ")]
     assert rows[1][:2] == ["b", "no"]
