@@ -261,12 +261,18 @@ async def test_the_leader_decides_on_everyones_load(cluster: list[Replica]) -> N
     await one_view.close()
 
 
-async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica]) -> None:
+async def leader_and_follower(cluster: list[Replica]) -> tuple[Replica, Replica]:
+    """Elect a leader, have it read the app, and wait until a follower has its view."""
     await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
     (leader,) = leaders(cluster)
     follower = next(r for r in cluster if r is not leader)
     await leader.controller.tick(APP)
     await rounds(cluster, lambda: bool(follower.view.app(APP).upstreams), 2 * TTL)
+    return leader, follower
+
+
+async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica]) -> None:
+    leader, follower = await leader_and_follower(cluster)
     (up,) = follower.view.app(APP).upstreams.values()
     assert up.state == "stopped"
     assert follower.view_known
@@ -313,11 +319,7 @@ async def test_followers_learn_of_a_start_through_the_push(cluster: list[Replica
 
 
 async def test_a_followers_wake_reaches_the_leader_at_once(cluster: list[Replica]) -> None:
-    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
-    (leader,) = leaders(cluster)
-    follower = next(r for r in cluster if r is not leader)
-    await leader.controller.tick(APP)
-    await rounds(cluster, lambda: bool(follower.view.app(APP).upstreams), 2 * TTL)
+    leader, follower = await leader_and_follower(cluster)
     for r in cluster:
         await asyncio.wait_for(r.subscribed.wait(), 5)
     # From here no round runs: the leader never pops the wake list, so only the request
@@ -330,11 +332,7 @@ async def test_a_followers_wake_reaches_the_leader_at_once(cluster: list[Replica
 
 
 async def test_a_lost_push_is_repaired_by_the_next_read(cluster: list[Replica]) -> None:
-    await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
-    (leader,) = leaders(cluster)
-    follower = next(r for r in cluster if r is not leader)
-    await leader.controller.tick(APP)
-    await rounds(cluster, lambda: bool(follower.view.app(APP).upstreams), 2 * TTL)
+    leader, follower = await leader_and_follower(cluster)
     # The follower stops listening (as if its subscription had dropped): the push of the
     # start never reaches it.
     assert follower._watcher is not None
