@@ -241,8 +241,9 @@ class ProxyServer:
             self._account(request, ctx, loop.time())
 
     async def _serve(self, request: Request, app: AppConfig, ctx: RequestContext) -> None:
-        if self._closing:
-            raise Failure(503, "proxy is shutting down", {"Retry-After": "1"})
+        # A request that reaches this point during a stop was received before it (its
+        # bytes were read, its turn came after): it is served like those in flight, within
+        # the drain. No new one follows on its connection, which closes after the answer.
         limit = app.max_body_bytes
         length = request.content_length
         if limit is not None and length is not None and length > limit:

@@ -43,6 +43,34 @@ async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
     await stopping
 
 
+async def test_a_request_received_just_before_stop_is_served(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """Its bytes were read before the stop began, its turn on the connection comes after:
+    it is answered like a request in flight (a rolling restart fails no request), and the
+    connection closes after it."""
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(text_app("ok"))]}]
+    )
+    request = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        await reader.readexactly(length)
+        (conn,) = proxy._server.connections  # the kept-alive connection
+        stopping = asyncio.ensure_future(proxy.stop())  # its first step runs first...
+        conn.data_received(request)  # ...then this request's turn on the connection
+        answer = await asyncio.wait_for(reader.read(), 10)  # all of it, to the close
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert answer.endswith(b"ok")
+        await stopping
+    finally:
+        writer.close()
+
+
 async def test_stop_cuts_requests_past_the_shutdown_deadline(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
