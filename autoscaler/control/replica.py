@@ -115,7 +115,6 @@ class Replica:
         self._applied: dict[str, tuple[int, int]] = {}
         """Per app, the (fencing token, sequence) of the leader's view applied last."""
         self._seq = 0
-        self._app_seq: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._push_wanted = asyncio.Event()
         self._redis_ok = True
@@ -125,7 +124,7 @@ class Replica:
         self._moving: set[str] = set()
         """Apps whose last report was not of an app at rest: measured again next round."""
         self._published: dict[str, AppFleet] = {}
-        """Per app, the fleet view published last (rebuilt only when its sequence moves)."""
+        """Per app, its fleet view as of its last change, numbered (``_machines_changed``)."""
         self._remote_busy: set[str] = set()
         """Apps on which other replicas had requests at the last read."""
         self._applied_apps: set[str] = set()
@@ -314,14 +313,11 @@ class Replica:
     def _fleet(self) -> dict[str, AppFleet]:
         fleet = {}
         for name in self.view.apps:
-            if name not in self.controller.apps:
-                continue
-            seq = self._app_seq.get(name, 0)
-            last = self._published.get(name)
-            if last is None or last.seq != seq:
-                last = AppFleet(seq, self._machines_of(name))
-            fleet[name] = last
-        self._published = fleet
+            if name in self.controller.apps:
+                last = self._published.get(name)
+                if last is None:  # unchanged since we started: sequence 0
+                    last = self._published[name] = AppFleet(0, self._machines_of(name))
+                fleet[name] = last
         return fleet
 
     def _machines_of(self, app: str) -> list[list[Any]]:
@@ -338,7 +334,6 @@ class Replica:
         if last is not None and last.machines == machines:
             return
         self._seq += 1
-        self._app_seq[app] = self._seq
         self._published[app] = AppFleet(self._seq, machines)
         if self.leading:
             self._dirty.add(app)
@@ -355,9 +350,11 @@ class Replica:
             if not self.leading or token is None or not self.cluster.lease.held():
                 continue
             apps = {
-                app: AppFleet(self._app_seq.get(app, 0), self._machines_of(app))
+                app: fleet
                 for app in dirty
-                if app in self.controller.apps and app in self.view.apps
+                if app in self.controller.apps
+                and app in self.view.apps
+                and (fleet := self._published.get(app)) is not None
             }
             if not apps:
                 continue

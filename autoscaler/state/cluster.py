@@ -209,15 +209,9 @@ class _Seen:
 
     def replace(self, data: Mapping[str, str], header: Mapping[str, str | None]) -> None:
         """The whole report (``HGETALL``); ``fleet_changed`` is then None (any app)."""
-        self.now = float(header["now"] or 0.0)
-        self.loads = {
-            k[5:]: AppLoad.from_json(v, self.now) for k, v in data.items() if k.startswith("load:")
-        }
-        self.fleet = {
-            k[6:]: AppFleet(int(data.get(f"seq:{k[6:]}") or 0), json.loads(v))
-            for k, v in data.items()
-            if k.startswith("fleet:")
-        }
+        self.loads.clear()
+        self.fleet.clear()
+        self.update(data, header)
 
     def update(
         self, data: Mapping[str, str | None], header: Mapping[str, str | None]
@@ -379,13 +373,13 @@ class Cluster:
         self.local = LocalLoad()
         self.load = ClusterLoad()
         self.others: dict[str, Report] = {}
+        """The other replicas' latest reports (ours excluded)."""
         self._gen = 0
         self._changes: deque[tuple[int, list[str]]] = deque(maxlen=CHANGES_KEPT)
         self._full_next = True
         self._sent_loads: dict[str, AppLoad] = {}
         self._sent_fleet: dict[str, int] = {}
         self._seen: dict[str, _Seen] = {}
-        """The other replicas' latest reports (ours excluded)."""
         self.leader_id: str | None = None
         self.last_read_at: float | None = None
         self.last_report_at: float | None = None
@@ -417,8 +411,8 @@ class Cluster:
         the apps at rest, nearly all of a thousand, cost nothing per round: neither here
         nor in the readers. The whole report is written again after any failure, and when
         the key had expired meanwhile (the partial write then found nothing to add to).
-        ``measured`` names the only apps whose load may differ from the last report (None:
-        any may), so that the others' loads need not be compared."""
+        ``measured`` names the only apps whose load may differ from the last report, new
+        apps included (None: any may), so that the others' loads need not be compared."""
         full = self._full_next
         self._full_next = True  # until this write is known to have gone through
         key = self.report_key(self.replica_id)
@@ -483,18 +477,13 @@ class Cluster:
                 fields[f"load:{app}"] = load.to_json(now)
         sent_fleet = {} if full else self._sent_fleet
         for app, view in fleet.items():
-            if sent_fleet.get(app) != view.seq or app not in sent_fleet:
+            if sent_fleet.get(app) != view.seq:
                 # The machines as before, their sequence apart: a replica of the previous
                 # release (a rolling upgrade) still reads the view.
                 fields[f"fleet:{app}"] = json.dumps(view.machines)
                 fields[f"seq:{app}"] = str(view.seq)
         if not full and sent_loads.keys() != loads.keys():
             gone += [f"load:{app}" for app in sent_loads if app not in loads]
-            fields.update(
-                (f"load:{app}", load.to_json(now))
-                for app, load in loads.items()
-                if app not in sent_loads
-            )
         if not full and sent_fleet.keys() != fleet.keys():
             for app in sent_fleet:
                 if app not in fleet:

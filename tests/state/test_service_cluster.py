@@ -19,7 +19,9 @@ from autoscaler.service import Service
 TTL = 0.6
 
 
-def settings(emulator: Emulator, url: str, prefix: str, rid: str, **cluster: float) -> Settings:
+def settings(
+    emulator: Emulator, url: str, prefix: str, rid: str, **cluster: float | bool
+) -> Settings:
     return Settings.model_validate(
         {
             "fly": {"api_url": emulator.url, "token": emulator.token},

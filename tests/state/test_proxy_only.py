@@ -1,0 +1,68 @@
+"""A proxy-only replica (``cluster.lead: false``) in front of a sleeping app, with a
+deciding replica beside it: real services, one emulator, one redis-server, on the fast
+timings and on Fly's (cold starts of about 2 s, as long as ``self_wake_after_s``), where
+the leader's wake, its push and the follower's own bound on waiting meet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+from testkit import PROFILES, free_port, on_profile
+
+from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.emulator import Emulator
+from autoscaler.metrics import Metrics
+from autoscaler.service import Service
+from state.test_service_cluster import settings, starts, until
+
+
+@pytest.fixture(params=PROFILES)
+def emulator_settings(
+    emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
+) -> EmulatorSettings:
+    return on_profile(emulator_settings, request.param, apps=[EmulatorApp(name="web", machines=1)])
+
+
+async def test_a_proxy_only_replica_serves_through_the_deciders_single_wake(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    decider, proxy = (
+        Service(
+            settings(emulator, redis_server, key_prefix, rid, **extra),
+            metrics=Metrics(CollectorRegistry()),
+            proxy_port=0,
+            admin_port=free_port(),
+        )
+        for rid, extra in (("decider", {}), ("proxy", {"lead": False}))
+    )
+    try:
+        await decider.start()
+        await proxy.start()
+        assert decider.replica is not None
+        assert proxy.replica is not None
+        assert proxy.proxy is not None
+        await until(lambda: decider.replica is not None and decider.replica.leading, 5)
+        await until(lambda: proxy.replica is not None and proxy.replica.view_known, 5)
+        url = f"http://127.0.0.1:{proxy.proxy.port}/"
+        async with aiohttp.ClientSession() as http:
+
+            async def get() -> tuple[int, str | None]:
+                async with http.get(url, headers={"Host": "web.test"}) as resp:
+                    await resp.read()
+                    return resp.status, resp.headers.get("fly-autoscaler-wake")
+
+            answers = await asyncio.gather(*(get() for _ in range(3)))
+        assert [status for status, _ in answers] == [200] * 3
+        assert {wake for _, wake in answers} == {"start"}
+        # One start for the need, by the decider; the proxy-only replica never called
+        # the API, never woke by itself, and never led.
+        assert starts(decider) == 1
+        assert starts(proxy) == 0
+        assert proxy.replica.self_wakes == 0
+        assert not proxy.replica.leading
+    finally:
+        for svc in (proxy, decider):
+            await svc.stop()
