@@ -95,7 +95,8 @@ class Service:
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
-        self._reloading: asyncio.Task[bool] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
         self._autostop_checked: set[str] = set()
         self.freeze_heap = False
         """The process is this service's alone (``autoscaler run``): once every app was
@@ -260,9 +261,20 @@ class Service:
             self.metrics.declare_app(app.name, scaled=not app.static)
 
     def request_reload(self) -> None:
-        """SIGHUP: one reload at a time; a signal during a reload is folded into it."""
+        """SIGHUP: one reload at a time. A signal during a reload may come after that
+        reload read the file (a second edit, saved while the first applies): it is
+        answered by one more reload once this one is done, however many came meanwhile."""
         if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.get_running_loop().create_task(self.reload())
+            self._reloading = asyncio.get_running_loop().create_task(self._reloads())
+        else:
+            self._reload_again = True
+
+    async def _reloads(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
 
     # --- the whole run ------------------------------------------------------------------
 

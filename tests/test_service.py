@@ -133,6 +133,38 @@ async def test_run_serves_through_the_embedded_emulator_and_reloads(
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 1
 
 
+async def test_a_reload_asked_for_during_a_reload_runs_after_it(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGHUP that comes while a reload applies the file it read (a second edit saved
+    meanwhile) is not folded into that reload: the second edit is applied too."""
+    controller = service.controller
+    assert controller is not None
+    file = Path(str(service.config_path))
+    applying, release = asyncio.Event(), asyncio.Event()
+    update = controller.update_settings
+
+    async def held_update(settings: Settings) -> None:
+        applying.set()
+        await release.wait()
+        await update(settings)
+
+    monkeypatch.setattr(controller, "update_settings", held_update)
+    edit(file, "idle_to_zero_s: 60", "idle_to_zero_s: 90")
+    service.request_reload()  # SIGHUP's handler
+    await applying.wait()  # the first reload read the file and is applying it
+    edit(file, "idle_to_zero_s: 90", "idle_to_zero_s: 120")
+    service.request_reload()
+    service.request_reload()  # several while one runs: one more reload, not several
+    release.set()
+    reloading = service._reloading
+    assert reloading is not None
+    await reloading
+    assert controller.apps["web"].config.idle_to_zero_s == 120
+    reg = service.metrics.registry
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 2
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
@@ -194,12 +226,19 @@ def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_
         deadline = time.monotonic() + 30
         metrics = b""
         while b'autoscaler_config_reloads_total{result="error"} 1.0' not in metrics:
+            assert proc.poll() is None, "autoscaler run exited"
             assert time.monotonic() < deadline, "the invalid reload was not counted"
             time.sleep(0.1)
             metrics = _get(f"{admin}/metrics")[1]
         assert _get(f"{admin}/readyz")[0] == 200  # still serving the old configuration
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
+    except AssertionError as exc:
+        # What the process logged is the only account of why (it is a separate process).
+        if proc.poll() is None:
+            proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"{exc}; autoscaler run's output:\n{out[-8000:]}") from exc
     finally:
         if proc.poll() is None:
             proc.kill()
