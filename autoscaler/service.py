@@ -272,7 +272,12 @@ class Service:
     async def _reloads(self) -> None:
         while True:
             self._reload_again = False
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:
+                # A bug, not a bad file: say so and count it; the next SIGHUP tries again.
+                self.metrics.config_reloads.labels(result="error").inc()
+                _log.exception("config_reload_crashed")
             if not self._reload_again:
                 return
 

@@ -165,6 +165,31 @@ async def test_a_reload_asked_for_during_a_reload_runs_after_it(
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 2
 
 
+async def test_a_reload_that_crashes_is_counted_and_the_next_one_works(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    controller = service.controller
+    assert controller is not None
+    file = Path(str(service.config_path))
+    update = controller.update_settings
+
+    async def broken_update(settings: Settings) -> None:
+        raise RuntimeError("a bug in applying a config")
+
+    monkeypatch.setattr(controller, "update_settings", broken_update)
+    edit(file, "idle_to_zero_s: 60", "idle_to_zero_s: 90")
+    service.request_reload()
+    assert service._reloading is not None
+    await service._reloading  # the task ends normally: the crash is logged, not raised
+    reg = service.metrics.registry
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "error"}) == 1
+    monkeypatch.setattr(controller, "update_settings", update)
+    service.request_reload()
+    await service._reloading
+    assert controller.apps["web"].config.idle_to_zero_s == 90
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 1
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
