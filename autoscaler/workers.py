@@ -53,6 +53,28 @@ MIN_UPTIME_S = 5.0
 # worker keeps running; the workers not yet replaced keep their old process).
 READY_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+"""Linux 5.14+: when on, a listener that closes hands the connections still queued in its
+accept queue to another listener of its SO_REUSEPORT group instead of resetting them."""
+
+
+def queued_connections_hint(path: str = MIGRATE_REQ) -> str | None:
+    """What a worker's drain does to connections still in its accept queue, when it resets
+    them (the kernel's default); None when the kernel hands them to the other workers."""
+    try:
+        with open(path) as f:
+            if f.read().strip() != "0":
+                return None
+    except OSError:
+        return (
+            "this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+): a connection still "
+            "in a draining worker's accept queue when it closes is reset"
+        )
+    return (
+        "net.ipv4.tcp_migrate_req is 0: a connection still in a draining worker's accept "
+        "queue when it closes is reset; `sysctl -w net.ipv4.tcp_migrate_req=1` hands such "
+        "connections to the other workers"
+    )
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -102,6 +124,10 @@ def supervise(
     if admin.port + workers - 1 > 65535:
         _log.error("config_invalid", problem="admin.listen's port plus --workers passes 65535")
         return 2
+
+    hint = queued_connections_hint() if workers > 1 else None
+    if hint is not None:
+        _log.info("reuseport_queue_not_migrated", hint=hint)
 
     def spawn(i: int) -> tuple[subprocess.Popen[bytes], float]:
         argv = [sys.executable, "-m", "autoscaler", "run", "--listen", settings.proxy.listen]

@@ -19,6 +19,7 @@ from testkit import free_port
 
 from autoscaler.config import EmulatorApp
 from autoscaler.emulator import Emulator
+from autoscaler.workers import queued_connections_hint
 
 
 def pair_of_free_ports() -> int:
@@ -125,6 +126,86 @@ async def test_two_workers_one_port_one_leader_all_reaped(
     assert code == 0, err
     pids = [json.loads(line)["pid"] for line in err.splitlines() if '"worker_started"' in line]
     assert len(pids) == 2
+    # The hint about queued connections, as this machine's kernel is set.
+    hinted = '"reuseport_queue_not_migrated"' in err
+    assert hinted == (queued_connections_hint() is not None)
     for pid in pids:  # reaped: gone, not even a zombie
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_supervisor_says_when_a_drain_resets_queued_connections(tmp_path: Path) -> None:
+    """The kernel resets what is still queued on a listener that closes, unless
+    net.ipv4.tcp_migrate_req hands it to another listener of the SO_REUSEPORT group."""
+    sysctl = tmp_path / "tcp_migrate_req"
+    sysctl.write_text("0\n")
+    hint = queued_connections_hint(str(sysctl))
+    assert hint is not None
+    assert "sysctl -w net.ipv4.tcp_migrate_req=1" in hint
+    sysctl.write_text("1\n")
+    assert queued_connections_hint(str(sysctl)) is None
+    missing = queued_connections_hint(str(tmp_path / "absent"))
+    assert missing is not None
+    assert "Linux 5.14+" in missing
+
+
+# Runs in a network namespace of its own (``unshare -n``: only a loopback, which it brings
+# up), so the setting it changes is that namespace's alone.
+_QUEUED = r"""
+import fcntl, select, socket, struct, sys, time
+
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # ip link set lo up
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH14s", b"lo", 0x1 | 0x8, bytes(14)))  # SIOCSIFFLAGS
+with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+    f.write(sys.argv[1])
+
+
+def listener():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 8080))
+    s.listen(128)
+    s.setblocking(False)
+    return s
+
+
+closing, other = listener(), listener()
+clients = [socket.create_connection(("127.0.0.1", 8080)) for _ in range(40)]
+closing.close()  # a worker that stops with connections still queued
+poll = select.epoll()
+poll.register(other.fileno(), select.EPOLLIN)
+accepted, deadline = 0, time.monotonic() + 2
+while accepted < len(clients) and time.monotonic() < deadline:
+    if poll.poll(0.1):
+        while True:
+            try:
+                other.accept()[0].close()
+            except BlockingIOError:
+                break
+            accepted += 1
+print(accepted, len(clients))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="needs root: unshare -n"
+)
+@pytest.mark.parametrize(("migrate", "all_accepted"), [("1", True), ("0", False)])
+def test_tcp_migrate_req_hands_a_closing_listeners_queue_to_the_others(
+    migrate: str, all_accepted: bool
+) -> None:
+    """What the supervisor's hint and docs/deploy.md say of net.ipv4.tcp_migrate_req, on
+    this kernel: with it, the connections queued on a listener that closes are accepted by
+    the other listener of the port (woken by epoll, as the proxy's loop is); without it,
+    some are reset."""
+    if not os.path.exists("/proc/sys/net/ipv4/tcp_migrate_req"):
+        pytest.skip("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+)")
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", _QUEUED, migrate],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    accepted, queued = map(int, done.stdout.split())
+    assert (accepted == queued) is all_accepted, done.stdout
