@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -200,8 +201,10 @@ def test_tcp_migrate_req_hands_a_closing_listeners_queue_to_the_others(
     some are reset."""
     if not os.path.exists("/proc/sys/net/ipv4/tcp_migrate_req"):
         pytest.skip("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+)")
+    unshare = shutil.which("unshare")  # util-linux
+    assert unshare is not None, "unshare (util-linux) is not installed"
     done = subprocess.run(
-        ["unshare", "-n", sys.executable, "-c", _QUEUED, migrate],
+        [unshare, "-n", sys.executable, "-c", _QUEUED, migrate],
         capture_output=True,
         text=True,
         timeout=30,
