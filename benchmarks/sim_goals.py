@@ -16,27 +16,32 @@ the fixed timer's waits; ``--adaptive-costs`` adds ``wake_cost_s`` values to the
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 import autoscaler.sim.frontier as frontier_module
-from autoscaler.sim.frontier import SWEEPS, Frontier, comparisons, sweep
+from autoscaler.sim.frontier import SWEEPS, Frontier, Point, comparisons, sweep
 from autoscaler.sim.generate import generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.run import config_resolver
 from autoscaler.sim.trace import Trace
 
 
-def worst_against_fixed(frontier: Frontier) -> float | None:
-    """max over the fixed timer's points of adaptive's machine-seconds at the same waits
-    divided by the fixed timer's (None if adaptive reaches none of those waits)."""
-    ratios = []
+def against_fixed(frontier: Frontier) -> Iterator[tuple[Point, float]]:
+    """Each point of the fixed timer with adaptive's machine-seconds at the same waits
+    (the fixed timer's points at waits that no setting of adaptive makes left out)."""
     env = frontier.envelope("adaptive")
     for p in frontier.curve("autoscaler"):
         if not env or not env[0].woken <= p.woken <= env[-1].woken:
-            continue  # waits that no setting of adaptive makes
+            continue
         got = frontier.at_waits("adaptive", p.woken)
         if got is not None and p.machine_s > 0:
-            ratios.append(got / p.machine_s)
-    return max(ratios) if ratios else None
+            yield p, got
+
+
+def worst_against_fixed(frontier: Frontier) -> float | None:
+    """max over the fixed timer's points of adaptive's machine-seconds at the same waits
+    divided by the fixed timer's (None if adaptive reaches none of those waits)."""
+    return max((got / p.machine_s for p, got in against_fixed(frontier)), default=None)
 
 
 def main() -> None:
@@ -89,16 +94,11 @@ def points(frontier: Frontier, title: str) -> list[str]:
         knob = SWEEPS[name][0]
         for p in frontier.curve(name):
             lines.append(f"  {name} {knob}={p.value:g}: {p.woken} waits, {p.machine_s:.0f} s")
-    env = frontier.envelope("adaptive")
-    for p in frontier.curve("autoscaler"):
-        if not env or not env[0].woken <= p.woken <= env[-1].woken:
-            continue  # waits that no setting of adaptive makes
-        got = frontier.at_waits("adaptive", p.woken)
-        if got is not None and p.machine_s > 0:
-            lines.append(
-                f"  at the fixed timer's {p.value:g} s ({p.woken} waits): adaptive "
-                f"{got:.0f} s, {got / p.machine_s:.3f}x"
-            )
+    for p, got in against_fixed(frontier):
+        lines.append(
+            f"  at the fixed timer's {p.value:g} s ({p.woken} waits): adaptive "
+            f"{got:.0f} s, {got / p.machine_s:.3f}x"
+        )
     return lines
 
 
