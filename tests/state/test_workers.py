@@ -189,7 +189,7 @@ print(accepted, len(clients))
 
 
 @pytest.mark.skipif(
-    os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="needs root: unshare -n"
+    not sys.platform.startswith("linux") or os.geteuid() != 0, reason="needs root: unshare -n"
 )
 @pytest.mark.parametrize(("migrate", "all_accepted"), [("1", True), ("0", False)])
 def test_tcp_migrate_req_hands_a_closing_listeners_queue_to_the_others(
@@ -203,7 +203,9 @@ def test_tcp_migrate_req_hands_a_closing_listeners_queue_to_the_others(
         pytest.skip("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+)")
     unshare = shutil.which("unshare")  # util-linux
     assert unshare is not None, "unshare (util-linux) is not installed"
-    probe = subprocess.run([unshare, "-n", "true"], capture_output=True, text=True, check=False)
+    probe = subprocess.run(
+        [unshare, "-n", "true"], capture_output=True, text=True, timeout=30, check=False
+    )
     if probe.returncode != 0:  # a container that may not make namespaces
         pytest.skip(f"unshare -n is not allowed here: {probe.stderr.strip()}")
     done = subprocess.run(
