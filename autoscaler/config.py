@@ -463,8 +463,8 @@ class AppConfig(_Model):
     connection_idle_s: Seconds = Field(
         default=300.0,
         gt=0,
-        description="a WebSocket or stream with no bytes either way this long no longer "
-        "keeps the app awake",
+        description="a WebSocket with no frame either way this long no longer keeps the "
+        "app awake (a streamed response, such as SSE, always does)",
     )
 
     @field_validator("max_machines")

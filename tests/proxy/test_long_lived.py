@@ -32,9 +32,17 @@ def long_lived_app() -> web.Application:
             await asyncio.sleep(0.02)
         return resp
 
+    async def quiet(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: hello\n\n")
+        await asyncio.sleep(3600)  # then nothing, until the client goes
+        return resp
+
     app = web.Application()
     app.router.add_get("/ws", ws)
     app.router.add_get("/stream", stream)
+    app.router.add_get("/quiet", quiet)
     return app
 
 
@@ -83,3 +91,27 @@ async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
         await ws.close()
     await until(lambda: view.in_flight == 0, what="the slot given back once")
     assert view.in_flight == 0
+
+
+async def test_a_quiet_stream_keeps_counting_as_load_when_an_idle_websocket_stops(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """connection_idle_s is for WebSockets only: an SSE client reconnects as soon as its
+    stream ends, so a quiet stream keeps the app awake (docs/policy.md)."""
+    addr = await backend(long_lived_app())
+    app = {"name": "a", "hosts": ["a.test"], "backends": [addr], "connection_idle_s": 0.2}
+    proxy = await start_proxy([app])
+    view = fleet.app("a")
+    async with (
+        session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"}) as ws,
+        session.get(url(proxy, "/quiet"), headers={"Host": "a.test"}) as resp,
+    ):
+        assert await resp.content.readuntil(b"\n\n") == b"data: hello\n\n"
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "HI"
+        assert view.in_flight == 2
+        # The stream has been quiet longer than the WebSocket: once the WebSocket went
+        # dormant, the stream was quiet for connection_idle_s too.
+        [relay] = proxy._tunnels
+        await until(lambda: relay.dormant, what="the idle WebSocket to go dormant")
+        assert view.in_flight == 1  # the stream's slot
