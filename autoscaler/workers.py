@@ -11,10 +11,10 @@ The supervisor forwards SIGHUP (reload) to every worker. SIGUSR2 restarts the wo
 a time (a rolling restart, to run new code or take a restart-only setting): worker ``i`` gets
 SIGTERM and drains (it stops accepting at once: the kernel sends new connections to the other
 workers), a new worker ``i`` is started once it has exited (its admin port is free then), and
-the next one goes only when the new one is ready (its ``/readyz`` answers 200 and it listens
-on the proxy's port). With one worker there is a gap while it restarts; with two or more no
-request meets a closed port. A SIGUSR2 during a rolling restart is ignored (logged).
-On SIGTERM or SIGINT it sends
+the next one goes only when the new one is ready (its ``/readyz`` answers 200, which it
+does only once it listens on the proxy's port). With one worker there is a gap while it
+restarts; with two or more no request meets a closed port. A SIGUSR2 during a rolling
+restart is ignored (logged). On SIGTERM or SIGINT it sends
 each worker SIGTERM once (a graceful stop), waits up to ``proxy.shutdown_timeout_s`` plus
 10 s and SIGKILLs what is left; every worker is reaped before it returns. The workers run
 in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them
@@ -28,7 +28,6 @@ it first; the group stops when no worker is left.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -146,14 +145,15 @@ def supervise(
         _log.info("worker_started", worker=i, pid=proc.pid, admin=argv[7])
         return proc, time.monotonic()
 
-    proxy_port = parse_host_port(settings.proxy.listen).port
     # /readyz is open unless admin.protect_metrics: send the token only then (loopback).
     token = None
     if settings.admin.token is not None and settings.admin.protect_metrics:
         token = settings.admin.token.get_secret_value()
 
-    def ready(i: int, proc: subprocess.Popen[bytes]) -> bool:
-        return _listens(proc.pid, proxy_port) and _ready(admin.host, admin.port + i, token)
+    def ready(i: int) -> bool:
+        # /readyz answers 200 only once the worker's proxy listens (its admin server
+        # starts first); the shared port, which the other workers answer, cannot tell.
+        return _ready(admin.host, admin.port + i, token)
 
     stop: list[int] = []
     hup: list[int] = []
@@ -242,7 +242,7 @@ def _step(
     roll: _Roll,
     procs: list[tuple[subprocess.Popen[bytes], float]],
     spawn: Callable[[int], tuple[subprocess.Popen[bytes], float]],
-    ready: Callable[[int, subprocess.Popen[bytes]], bool],
+    ready: Callable[[int], bool],
     grace_s: float,
     vacant: set[int],
 ) -> _Roll | None:
@@ -278,7 +278,7 @@ def _step(
             )
             vacant.add(i)
             return None
-        if not ready(i, proc):
+        if not ready(i):
             if now > roll.deadline:
                 _log.error(
                     "rolling_restart_failed",
@@ -317,36 +317,6 @@ def _ready(host: str, port: int, token: str | None) -> bool:
             return int(resp.status) == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
-
-def _listens(pid: int, port: int) -> bool:
-    """Whether process ``pid`` has a listening TCP socket on ``port`` (Linux: /proc; the
-    admin server answers before the proxy binds, and the port is shared, so only the
-    process's own sockets tell). True where /proc cannot say."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return not sys.platform.startswith("linux")
-    inodes = set()
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
-            next(f, None)
-            for line in f:
-                cols = line.split()
-                # local_address is HEXIP:HEXPORT; state 0A is LISTEN; column 9 the inode.
-                if (
-                    len(cols) > 9
-                    and cols[3] == "0A"
-                    and int(cols[1].rsplit(":", 1)[1], 16) == port
-                    and cols[9] in inodes
-                ):
-                    return True
-    return False
 
 
 def _stop_all(

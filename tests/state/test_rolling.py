@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from testkit import free_port
 
 from autoscaler.config import EmulatorApp
 from autoscaler.emulator import Emulator
-from autoscaler.workers import _listens
 
 from .test_workers import get_json, pair_of_free_ports
 
@@ -242,28 +240,3 @@ async def test_a_replacement_that_fails_at_start_leaves_the_others_serving(
     for pid in [e["pid"] for e in supervisor.named("worker_started")]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_listens_tells_the_process_that_listens_on_a_port() -> None:
-    """The rolling restart's readiness check: the new worker's own listening socket, not
-    the shared port (which another worker answers) nor a connected socket."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        port = int(server.getsockname()[1])
-        assert not _listens(os.getpid(), port)  # bound, not listening
-        server.listen()
-        assert _listens(os.getpid(), port)
-        assert not _listens(os.getppid(), port)  # another process: not its socket
-        with socket.create_connection(("127.0.0.1", port)) as client:
-            client_port = int(client.getsockname()[1])
-            assert not _listens(os.getpid(), client_port)  # connected, not listening
-    assert not _listens(os.getpid(), port)
-    if socket.has_ipv6:  # /proc/net/tcp6 too, where the host has IPv6 on loopback
-        with socket.socket(socket.AF_INET6) as server6:
-            try:
-                server6.bind(("::1", 0))
-            except OSError:
-                return
-            server6.listen()
-            assert _listens(os.getpid(), int(server6.getsockname()[1]))
