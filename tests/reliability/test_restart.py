@@ -64,7 +64,8 @@ def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
 class Autoscaler:
     """One ``autoscaler run`` process; its output is kept for the token scan."""
 
-    def __init__(self, config: Path, proxy_port: int, admin_port: int) -> None:
+    def __init__(self, config: Path, proxy_port: int, admin_port: int, *, cwd: Path = REPO) -> None:
+        self.cwd = cwd  # another tree's ``autoscaler`` package there is the one that runs
         self.args = [
             sys.executable, "-m", "autoscaler", "run", "--config", str(config),
             "--listen", f"127.0.0.1:{proxy_port}",
@@ -79,7 +80,7 @@ class Autoscaler:
     async def start(self, http: aiohttp.ClientSession) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             *self.args,
-            cwd=REPO,
+            cwd=self.cwd,
             env=child_env(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
