@@ -171,6 +171,24 @@ def _wait_until(check: Any, what: str, proc: subprocess.Popen[Any], limit_s: flo
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server on a free loopback port, nothing written to disk; its URL. Reaped."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (Debian package redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        _wait_until(lambda: _answers(port), "redis-server", proc, 10)
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        _reap(proc, 10)
+
+
 def _answers(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
         return True
@@ -496,19 +514,11 @@ def main() -> int:
     parser.add_argument("--skew-splits", default="90/10,50/50", help="client shares A/B")
     parser.add_argument("--skew-delay-ms", type=float, default=20.0, help="backend hold")
     args = parser.parse_args()
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         print("redis-server not found (Debian package redis-server)", file=sys.stderr)
         return 1
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
     errors = 0
-    try:
-        _wait_until(lambda: _answers(port), "redis-server", proc, 10)
+    with redis_server() as url:
         if not args.no_throughput:
             errors = throughput(args, url)
         if not args.no_failover:
@@ -522,8 +532,6 @@ def main() -> int:
         if not args.no_skew:
             print()
             errors += skew(args, url)
-    finally:
-        _reap(proc, 10)
     return 0 if errors == 0 else 1
 
 

@@ -343,28 +343,6 @@ def _measure(
 
 
 @contextlib.contextmanager
-def _redis() -> Iterator[str]:
-    """A redis-server on a free loopback port, nothing written to disk; its URL."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.5):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://{HOST}:{port}/0"
-    finally:
-        _stop(proc)
-
-
-@contextlib.contextmanager
 def _scaled(
     args: argparse.Namespace, url: str, busy: list[Busy], tmp: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, subprocess.Popen[bytes] | None]]:
@@ -376,7 +354,9 @@ def _scaled(
         with _autoscaler(config, tmp, "scaled") as proc:
             yield proc, proxy, None
         return
-    with _redis() as redis_url:
+    from cluster import redis_server  # benchmarks/cluster.py (this script's directory)
+
+    with redis_server() as redis_url:
         decider = _config(args, url, busy, _free_port(), _free_port(), static=False)
         decider["cluster"] = {"redis_url": redis_url, "replica_id": "decider"}
         config["cluster"] = {"redis_url": redis_url, "replica_id": "proxy", "lead": False}

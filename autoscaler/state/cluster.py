@@ -472,8 +472,7 @@ class Cluster:
             load = loads.get(app)
             if load is None:
                 continue
-            before = sent_loads.get(app)
-            if before is None or (before is not load and before != load):
+            if sent_loads.get(app) != load:
                 fields[f"load:{app}"] = load.to_json(now)
         sent_fleet = {} if full else self._sent_fleet
         for app, view in fleet.items():

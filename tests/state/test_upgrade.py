@@ -25,15 +25,24 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from reliability.harness import write_config
 from reliability.test_restart import Autoscaler
-from testkit import free_port
+from testkit import PROFILES, free_port, on_profile
 
-from autoscaler.config import EmulatorApp
+from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 PREVIOUS = "0fd6e7748ca83c7c15ab34d456eebd05cf4fe2a6"
 """The last landed release with the reports written whole (fdebb17 changed them)."""
+
+
+@pytest.fixture(params=PROFILES)
+def emulator_settings(
+    emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
+) -> EmulatorSettings:
+    """Fly's timings too: a cold start there takes about as long as ``self_wake_after_s``,
+    so the old leader's wake and the new follower's own bound on waiting meet."""
+    return on_profile(emulator_settings, request.param, apps=[EmulatorApp(name="web", machines=2)])
 
 
 def previous_release(into: Path) -> Path:
@@ -93,7 +102,6 @@ async def get(http: aiohttp.ClientSession, proxy_port: int) -> tuple[int, str | 
 async def test_a_replica_of_the_previous_release_and_one_of_this_code_serve_together(
     emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
 ) -> None:
-    emulator.world.seed_app(EmulatorApp(name="web", machines=2))
     old_tree = previous_release(tmp_path / "previous")
     file = write_config(
         tmp_path / "c.yaml",
