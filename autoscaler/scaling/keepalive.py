@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Literal
@@ -57,7 +58,11 @@ PLAN_EVERY = 4
 WINDOW_SHARE = 0.2
 """A pre-warm window must hold at least this share of the gaps (and 3 of them): fewer is
 noise (a hole between two rare long gaps), not a pattern."""
-"""The plan is made again after this many new gaps (it moves slowly; making it costs)."""
+KEEP_SPREAD_BINS = 10
+"""When choosing how long to keep without a pre-warm, each gap is spread evenly over the
+bins this many either side of its own (10 bins: a factor of two): the few long gaps
+between visits would otherwise each pull the keep to just past themselves, and a plan that
+follows them costs more than any fixed length (docs/policy.md)."""
 
 _RATIO = (MAX_GAP_S / MIN_GAP_S) ** (1.0 / BINS)
 EDGES: tuple[float, ...] = (*(MIN_GAP_S * _RATIO**i for i in range(BINS)), MAX_GAP_S)
@@ -179,12 +184,8 @@ class GapHistogram:
             + SPREAD * (raw[b + 1] if b < BINS - 1 else raw[b])
             for b in range(BINS)
         ]  # fmt: skip
-        cum_c = [0.0, *accumulate(smooth)]
-        cum_g = [0.0, *accumulate(w * m for w, m in zip(smooth, _MIDS, strict=True))]
-        later = [n - x if n > x else 0.0 for x in cum_c]
+        cum_c, cum_g, later, keeps = _keeping(smooth, n, c)
         edges = EDGES
-        # keep(K): keep until edge K, then sleep (and wake for the next request).
-        keeps = [g + (e + c + CYCLE_S) * r for g, e, r in zip(cum_g, edges, later, strict=True)]
         # sleep(S): asleep after edge S, its part of the machine time and the waits.
         sleeps = [
             g + (e + CYCLE_S) * r - c * x
@@ -195,9 +196,12 @@ class GapHistogram:
             c * x - g - (e - PREWARM_LEAD_S) * r
             for g, e, r, x in zip(cum_g, edges, later, cum_c, strict=True)
         ]
-        best_k = min(range(BINS + 1), key=keeps.__getitem__)
-        best_cost = keeps[best_k]
-        best: tuple[int, int | None, int] = (best_k, None, best_k)
+        # Without a pre-warm: the keep that is cheapest with the gaps spread wide. A plan
+        # with one must beat the cheapest keep on the histogram it is placed on.
+        wide = _keeping(_spread_evenly(raw, KEEP_SPREAD_BINS), n, c)[3]
+        keep_k = min(range(BINS + 1), key=wide.__getitem__)
+        best_cost = min(keeps)
+        best: tuple[int, int | None, int] = (keep_k, None, keep_k)
         # Suffix minimum of keep(K) for K > W.
         suffix: list[int] = [BINS] * (BINS + 1)
         for k in range(BINS - 1, -1, -1):
@@ -233,6 +237,31 @@ class GapHistogram:
             p5_s=self.quantile(0.05),
             p99_s=self.quantile(0.99),
         )
+
+
+def _keeping(
+    weights: Sequence[float], n: float, c: float
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per edge j: C(j), G(j), N - C(j), and the cost of keeping until edge j then
+    sleeping (and waking for the next request), for ``plan``."""
+    cum_c = [0.0, *accumulate(weights)]
+    cum_g = [0.0, *accumulate(w * m for w, m in zip(weights, _MIDS, strict=True))]
+    later = [n - x if n > x else 0.0 for x in cum_c]
+    keeps = [g + (e + c + CYCLE_S) * r for g, e, r in zip(cum_g, EDGES, later, strict=True)]
+    return cum_c, cum_g, later, keeps
+
+
+def _spread_evenly(weights: Sequence[float], bins: int) -> list[float]:
+    """Each bin's weight spread evenly over the bins up to ``bins`` either side of it
+    (those that exist), added up with a difference array."""
+    delta = [0.0] * (BINS + 1)
+    for b, w in enumerate(weights):
+        if w:
+            lo, hi = max(0, b - bins), min(BINS, b + bins + 1)
+            share = w / (hi - lo)
+            delta[lo] += share
+            delta[hi] -= share
+    return list(accumulate(delta[:BINS]))
 
 
 @dataclass(frozen=True, slots=True)
