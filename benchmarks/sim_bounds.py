@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/sim_bounds.py --shape memoryless --seed 41
     .venv/bin/python benchmarks/sim_bounds.py --shape azure-like --seed 41
+    .venv/bin/python benchmarks/sim_bounds.py --shape sessions --seed 61 --hours 168
 
 Replays the trace under ``fly-autostop`` (its check every 180 s and every 300 s) and
 prints, at fly-autostop's number of waiting requests:
@@ -20,11 +21,24 @@ prints, at fly-autostop's number of waiting requests:
   Putting such an app to sleep for a second costs about as many waits as its rate (with
   memoryless gaps), so at fly-autostop's few thousand waits a day no policy can save more
   than a few thousand machine-seconds on them: their share is a floor under any ratio.
+
+For ``--shape sessions`` it prints instead what following the day's cycle of visits is
+worth against a fixed timer, by counting each idle gap's cost directly (no replay): a
+gap kept through costs its length, one slept through costs the keep, ``--cycle-s`` and a
+wait. The rule: keep ``--think-s`` (past the think times), and through the whole gap when
+visits (gaps over ``--think-s``) come on average more often than every X seconds, X
+swept. The **two-sided** rule counts the visits in the hour before and the hour after
+the gap (it sees the future: no policy can have it); the **causal** one counts those in
+the ``--window-s`` before. Each is printed at the fixed timer's waits (``keep T``).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
+import math
+from collections.abc import Callable
 
 from autoscaler.sim.generate import generate
 from autoscaler.sim.model import Timings
@@ -68,12 +82,80 @@ def memoryless_bound(trace: Trace, waits: int, cycle_s: float) -> float:
     return cost
 
 
+def idle_gaps(requests: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """The busy seconds of one app's requests and its idle gaps (start, length)."""
+    spans = sorted((t, t + d) for t, d in requests)
+    start, end = spans[0]
+    busy = 0.0
+    gaps: list[tuple[float, float]] = []
+    for a, z in spans[1:]:
+        if a > end:
+            busy += end - start
+            gaps.append((end, a - end))
+            start, end = a, z
+        else:
+            end = max(end, z)
+    return busy + end - start, gaps
+
+
+def _count(times: list[float], lo: float, hi: float) -> int:
+    return bisect.bisect_left(times, hi) - bisect.bisect_left(times, lo)
+
+
+def day_cycle(trace: Trace, cycle_s: float, think_s: float, window_s: float) -> None:
+    """Print the fixed timer's points and the two day-cycle rules at its waits."""
+    apps = [idle_gaps(r) for r in trace.apps.values()]
+    busy = sum(b for b, _ in apps)
+
+    def replay(keep: Callable[[float, list[float]], float]) -> tuple[int, float]:
+        waits, cost = len(apps), busy  # each app's first request wakes it
+        for _, gaps in apps:
+            visits = sorted(t + g for t, g in gaps if g > think_s)
+            for t, g in gaps:
+                k = keep(t, visits)
+                if g <= k or g < MIN_GAP_S:
+                    cost += g
+                else:
+                    cost, waits = cost + k + cycle_s, waits + 1
+        return waits, cost
+
+    def rule(x: float, lo_s: float, hi_s: float) -> Callable[[float, list[float]], float]:
+        def keep(t: float, visits: list[float]) -> float:
+            seen = _count(visits, t - lo_s, t + hi_s)
+            return math.inf if seen and (lo_s + hi_s) / seen < x else think_s
+
+        return keep
+
+    def at(points: list[tuple[int, float]], waits: int) -> float | None:
+        env: list[tuple[int, float]] = []
+        for w, c in sorted(points):
+            if not env or c < env[-1][1]:
+                env.append((w, c))
+        for (wa, ca), (wb, cb) in itertools.pairwise(env):
+            if wa <= waits <= wb:
+                return ca if wa == wb else ca + (waits - wa) / (wb - wa) * (cb - ca)
+        return None
+
+    xs = [100.0 * 1.15**i for i in range(40)]
+    two_sided = [replay(rule(x, 3600.0, 3600.0)) for x in xs]
+    causal = [replay(rule(x, window_s, 0.0)) for x in xs]
+    for keep_s in (30.0, 60.0, 120.0, 300.0, 600.0):
+        waits, cost = replay(lambda t, v, k=keep_s: k)
+        line = f"  keep {keep_s:.0f}s: {waits} woken, {cost:.0f} m·s"
+        for name, points in (("two-sided", two_sided), ("causal", causal)):
+            got = at(points, waits)
+            line += f"; {name} " + ("-" if got is None else f"{got / cost:.3f}x")
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="memoryless")
     parser.add_argument("--seed", type=int, default=41)
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--cycle-s", type=float, default=2.5)
+    parser.add_argument("--think-s", type=float, default=60.0)
+    parser.add_argument("--window-s", type=float, default=3600.0)
     args = parser.parse_args()
     trace = Trace()
     for t, app, duration in generate(args.shape, seed=args.seed, hours=args.hours):
@@ -81,6 +163,9 @@ def main() -> None:
     resolve = config_resolver({}, {})
     horizon = args.hours * 3600
     print(f"{args.shape}, seed {args.seed}, {args.hours:g} h, {trace.requests} requests")
+    if args.shape == "sessions":
+        day_cycle(trace, args.cycle_s, args.think_s, args.window_s)
+        return
     for interval in (180, 300):
         name = f"fly-autostop-{interval}s"
         report = simulate(trace, resolve, Timings(), [name])
