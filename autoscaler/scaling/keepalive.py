@@ -170,7 +170,7 @@ class GapHistogram:
 
         With W > S the total splits into f(S) + h(W) + k(K), minimised in one pass with
         a running minimum over S < W and one over K >= W. Keeping without a sleep (S = W)
-        costs k(K) alone.
+        costs k(K) alone; that K is chosen with the gaps spread KEEP_SPREAD_BINS wide.
         """
         if not self.representative():
             return None
