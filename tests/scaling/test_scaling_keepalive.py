@@ -97,10 +97,11 @@ def _session_gaps(rng: random.Random, visits: int) -> list[float]:
 def test_a_keep_learned_from_a_dozen_visits_costs_near_the_best_keep(
     cost: float, worst: float
 ) -> None:
-    # Between visits the gaps are memoryless and few. Unsmoothed, the cheapest keep on a
+    # Between visits the gaps are memoryless and few. With each gap spread only into the
+    # bins next to its own (the plan's SPREAD, as before 49cfe45), the cheapest keep on a
     # dozen of them lands just past whichever happened to be short: on these 40 draws it
     # cost up to 31% (450) and 50% (600) more than the best keep for the traffic they
-    # came from, 3.7% more on average at 600. Smoothed: at most 12% and 26%, 2.7%.
+    # came from, 3.7% more on average at 600. Spread a factor of two: 12%, 26%, 2.7%.
     truth = sorted(g for g in _session_gaps(_rng(6), 20000) if g >= keepalive.MIN_GAP_S)
     below = [0.0, *itertools.accumulate(truth)]
 
