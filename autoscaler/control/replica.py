@@ -58,6 +58,19 @@ from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewP
 _log = get_logger("autoscaler.control.replica")
 
 
+async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended. redis-py can swallow a
+    cancellation that lands while it runs a command (the command returns as if nothing
+    happened, and the loop that sent it goes on to wait for its next turn), so a task
+    still running after a round's time is cancelled again."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=REPORT_S)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Replica:
     """This process as one member of the cluster."""
 
@@ -151,9 +164,7 @@ class Replica:
         """Stop deciding, give the lease up (a follower takes over without waiting for the
         TTL), take our report out."""
         tasks = [t for t in (self._task, self._pusher, self._watcher) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_until_done(tasks)
         self._task = self._pusher = self._watcher = None
         self.subscribed.clear()
         if self.leading:

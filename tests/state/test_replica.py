@@ -5,6 +5,7 @@ and what /status and the metrics say."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -528,3 +529,33 @@ def test_the_replica_label_is_there_in_cluster_mode_only() -> None:
     assert "autoscaler_cluster_replicas 1.0" in samples
     # The registry itself (what the code and tests read) is unchanged.
     assert metrics.registry.get_sample_value("autoscaler_queued_requests", {"app": APP}) == 0
+
+
+async def test_stop_ends_even_when_redis_swallows_a_cancellation(
+    redis_server: str, key_prefix: str
+) -> None:
+    """redis-py returned from a PUBLISH cancelled in flight as if nothing happened, and
+    the pusher went back to waiting for its next change: stop() waited for it for ever.
+    It now cancels again until the task ends."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    leader = make(redis_server, key_prefix, "l", api)
+    await leader.start(rounds=False)
+    stopped = False
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        sending = asyncio.Event()
+
+        async def swallowing_push(push: Any) -> None:
+            sending.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+
+        leader.cluster.push_view = swallowing_push  # type: ignore[method-assign]
+        await leader.controller.tick(APP)  # reads the machines: a change to push
+        await asyncio.wait_for(sending.wait(), 10)
+        await asyncio.wait_for(leader.stop(), 10)
+        stopped = True
+    finally:
+        if not stopped:
+            await leader.stop()
