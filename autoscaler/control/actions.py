@@ -42,9 +42,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 
+from autoscaler.control.fencing import WAKE_FENCE
 from autoscaler.control.leases import Held, Leases
 from autoscaler.control.runtime import AppRuntime, MachineRecord, Running, TaskKind, ours
 from autoscaler.control.view import Clock, FleetView
@@ -127,6 +129,10 @@ class Actuator:
         self.clock = clock
         self.sleep = sleep
         self.probe = probe
+        self.wake_claim: Callable[[str], AbstractAsyncContextManager[bool]] | None = None
+        """Cluster mode: the app's wake claim, for a start or resume that wakes an app
+        with nothing routable outside a wake (a leader's tick); yields False when another
+        replica holds it (that replica is waking the app: the start is skipped)."""
 
     # --- bookkeeping ------------------------------------------------------------------
 
@@ -197,9 +203,26 @@ class Actuator:
     async def _guard(
         self, rt: AppRuntime, mid: str, kind: TaskKind, coro: Coroutine[Any, Any, bool]
     ) -> bool:
-        """Run ``coro`` inside our lease on the machine. Turn a failure into a log line, a
-        backoff and False, and a lease held by another into a skip; the next tick reads the
-        truth and decides again (about another machine while this one cools)."""
+        """Run ``coro`` inside our lease on the machine (and, for a tick's wake in cluster
+        mode, the app's wake claim). Turn a failure into a log line, a backoff and False,
+        and a lease or claim held by another into a skip; the next tick reads the truth and
+        decides again (about another machine while this one cools)."""
+        if (
+            self.wake_claim is not None
+            and (kind == "start" or kind == "resume")
+            and WAKE_FENCE.get() is None
+            and not self.view.app(rt.name).routable()
+        ):
+            async with self.wake_claim(rt.name) as ours:
+                if not ours:
+                    self._not_begun(rt, mid, coro)
+                    return False
+                return await self._leased(rt, mid, kind, coro)
+        return await self._leased(rt, mid, kind, coro)
+
+    async def _leased(
+        self, rt: AppRuntime, mid: str, kind: TaskKind, coro: Coroutine[Any, Any, bool]
+    ) -> bool:
         key = (rt.name, mid)
         if key not in self.held:  # else handed over by a drain taken back
             try:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from autoscaler.config import Settings
@@ -69,6 +69,13 @@ async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=REPORT_S)
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Ours:
+    """The app's wake claim is held by another task of this replica."""
+
+
+_OURS = _Ours()
 
 
 class Replica:
@@ -109,6 +116,7 @@ class Replica:
             budget=budget,
             freeze_heap=self._freeze_once if freeze_heap is not None else None,
         )
+        self.controller.actuator.wake_claim = self._tick_wake_claim
         self.leading = False
         self.view_known = False
         """A follower has applied a fleet view from the leader (readiness)."""
@@ -125,6 +133,12 @@ class Replica:
         """Times a wake of ours found the app's claim held by another replica."""
         self.claim_errors = 0
         """Times a wake of ours could not reach Redis to take the app's claim."""
+        self.tick_wakes_yielded = 0
+        """Wakes by our ticks skipped: another replica held the app's claim (or Redis could
+        not be reached to take it)."""
+        self._claimed: set[str] = set()
+        """Apps whose wake claim this replica holds now."""
+        self._claim_locks: dict[str, asyncio.Lock] = {}
         self._applied: dict[str, tuple[int, int]] = {}
         """Per app, the (fencing token, sequence) of the leader's view applied last."""
         self._seq = 0
@@ -456,21 +470,20 @@ class Replica:
         """Take the app's wake claim and wake under it; None if another replica holds the
         claim or Redis cannot be reached (no claim, no wake: nothing proves it is ours)."""
         try:
-            claim = await self.cluster.claims.take(app)
+            claim = await self._take_claim(app)
         except Exception as exc:
             self.claim_errors += 1
             self._redis_trouble(exc)
             return None
-        if claim is None:
+        if claim is None or isinstance(claim, _Ours):
             self.claim_waits += 1
             return None
         rt = self.controller.apps.get(app)
         if rt is None:
+            self._claimed.discard(app)
             await claim.release()
             raise WakeError(f"app {app} is not scaled by this replica")
-        fence = WAKE_FENCE.set(claim.check)
-        keeper = asyncio.get_running_loop().create_task(self._keep(claim), name=f"claim:{app}")
-        try:
+        async with self._holding(claim):
             # What the API says now, unless we lead and nobody else woke the app since our
             # last wake (then our ticks' view is as fresh as it gets).
             if (
@@ -484,10 +497,60 @@ class Replica:
                 self.self_wakes += 1
                 _log.info("cluster_self_wake", app=app, how=result, fence=claim.token)
             return result
+
+    async def _take_claim(self, app: str) -> Claim | _Ours | None:
+        """The app's wake claim; ``_OURS`` if a task of this replica holds it already, None
+        if another replica does (Redis errors propagate). One take per app at a time, so
+        that two of our tasks never find each other's claim and take it for another's."""
+        async with self._claim_locks.setdefault(app, asyncio.Lock()):
+            if app in self._claimed:
+                return _OURS
+            claim = await self.cluster.claims.take(app)
+            if claim is not None:
+                self._claimed.add(app)
+            return claim
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, claim: Claim) -> AsyncIterator[None]:
+        """Act under ``claim`` (from ``_take_claim``): the API calls made here, and by the
+        tasks started here, are fenced by it (not by the lease); renewed while held,
+        released at the end."""
+        fence = WAKE_FENCE.set(claim.check)
+        keeper = asyncio.get_running_loop().create_task(
+            self._keep(claim), name=f"claim:{claim.app}"
+        )
+        try:
+            yield
         finally:
+            self._claimed.discard(claim.app)
             WAKE_FENCE.reset(fence)
             keeper.cancel()
             await claim.release()
+
+    @contextlib.asynccontextmanager
+    async def _tick_wake_claim(self, app: str) -> AsyncIterator[bool]:
+        """For a start or resume that a tick of ours makes while nothing of ``app`` is
+        routable (the actuator asks): the app's wake claim, so that a follower waking the
+        app by itself (it could not reach us) and our tick do not each start a machine for
+        one need. False, and the start is skipped, while another replica holds the claim
+        or Redis cannot be reached; a claim this replica holds already (its own wake, or
+        another start of the same tick) covers it."""
+        claim: Claim | _Ours | None = None
+        try:
+            claim = await self._take_claim(app)
+        except Exception as exc:
+            self.claim_errors += 1
+            self._redis_trouble(exc)
+        if isinstance(claim, _Ours):
+            yield True
+            return
+        if claim is None:
+            self.tick_wakes_yielded += 1
+            _log.info("tick_wake_yielded", app=app)
+            yield False
+            return
+        async with self._holding(claim):
+            yield True
 
     async def _keep(self, claim: Claim) -> None:
         """Renew a wake claim every TTL/3 while its wake runs."""
@@ -562,6 +625,7 @@ class Replica:
         doc["actions_fenced"] = self.api.refused
         doc["view_pushes_applied"] = self.pushes_applied
         doc["self_wakes"] = self.self_wakes
+        doc["tick_wakes_yielded"] = self.tick_wakes_yielded
         mine = doc["replicas"][0]
         mine["apps"] = {
             name: {

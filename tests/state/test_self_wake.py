@@ -13,7 +13,7 @@ from control.fakes import FakeMachinesAPI
 from autoscaler.control.fencing import WAKE_FENCE, Fenced, FencedAPI
 from autoscaler.control.wake import WakeError
 from autoscaler.state.claim import WakeClaims
-from state.test_replica import APP, make
+from state.test_replica import APP, TTL, make, rounds
 
 
 async def test_one_claim_per_app_with_a_growing_token(redis_server: str, key_prefix: str) -> None:
@@ -146,3 +146,46 @@ async def test_without_redis_a_follower_refuses_to_wake(own_redis: Any, key_pref
         assert len(api.ops("start_machine")) == 1
     finally:
         await replica.stop()
+
+
+async def test_a_leaders_tick_leaves_the_wake_to_the_replica_holding_the_claim(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A follower that could not reach the leader wakes the app by itself, under the
+    app's claim. The leader's tick, deciding on the same held load meanwhile, starts no
+    machine of its own; with the claim free, its wake takes it (Redis remembers the
+    leader as its last holder) and every start of that tick goes."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    api.add(APP, "stopped")
+    leader = make(redis_server, key_prefix, "l", api)
+    await leader.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        await leader.controller.tick(APP)  # reads the machines
+        follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
+        claim = await follower.take(APP)
+        assert claim is not None
+        for _ in range(4):  # 4 requests held, target_concurrency 2: two machines wanted
+            leader.view.app(APP).hold()
+        for _ in range(3):
+            await leader.round()
+            await asyncio.sleep(0.05)
+        decision = await leader.controller.tick(APP)
+        assert [a.kind for a in decision.actions] == ["start", "start"]
+        await leader.controller.idle()
+        assert api.ops("start_machine") == []
+        assert leader.tick_wakes_yielded == 2
+        assert leader.status_document()["tick_wakes_yielded"] == 2
+        await claim.release()
+        decision = await leader.controller.tick(APP)
+        assert [a.kind for a in decision.actions] == ["start", "start"]
+        await leader.controller.idle()
+        assert sorted(api.ops("start_machine")) == sorted(api.machines[APP])
+        assert leader.tick_wakes_yielded == 2
+        again = await follower.take(APP)
+        assert again is not None
+        assert again.previous == "l"  # the tick's wake ran under the claim
+        await again.release()
+    finally:
+        await leader.stop()
