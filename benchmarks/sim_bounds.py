@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import itertools
 import math
 from collections.abc import Callable
 
+from autoscaler.sim.frontier import Frontier, Point
 from autoscaler.sim.generate import generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.run import config_resolver, simulate
@@ -53,19 +53,9 @@ def memoryless_bound(trace: Trace, waits: int, cycle_s: float) -> float:
     busy = 0.0
     items: list[tuple[float, int]] = []
     for requests in trace.apps.values():
-        spans = sorted((t, t + d) for t, d in requests)
-        start, end = spans[0]
-        gaps: list[float] = []
-        for a, z in spans[1:]:
-            if a > end:
-                busy += end - start
-                gaps.append(a - end)
-                start, end = a, z
-            else:
-                end = max(end, z)
-        busy += end - start
-        busy += sum(g for g in gaps if g < MIN_GAP_S)
-        long = [g for g in gaps if g >= MIN_GAP_S]
+        app_busy, gaps = idle_gaps(requests)
+        busy += app_busy + sum(g for _, g in gaps if g < MIN_GAP_S)
+        long = [g for _, g in gaps if g >= MIN_GAP_S]
         items.append((sum(long), len(long)))
     # The first request of each app wakes a machine whatever the policy.
     cost, made = busy, len(trace.apps)
@@ -126,24 +116,17 @@ def day_cycle(trace: Trace, cycle_s: float, think_s: float, window_s: float) -> 
 
         return keep
 
-    def at(points: list[tuple[int, float]], waits: int) -> float | None:
-        env: list[tuple[int, float]] = []
-        for w, c in sorted(points):
-            if not env or c < env[-1][1]:
-                env.append((w, c))
-        for (wa, ca), (wb, cb) in itertools.pairwise(env):
-            if wa <= waits <= wb:
-                return ca if wa == wb else ca + (waits - wa) / (wb - wa) * (cb - ca)
-        return None
-
-    xs = [100.0 * 1.15**i for i in range(40)]
-    two_sided = [replay(rule(x, 3600.0, 3600.0)) for x in xs]
-    causal = [replay(rule(x, window_s, 0.0)) for x in xs]
+    # Both rules' curves, read at the fixed timer's waits along their lower envelopes.
+    curves = Frontier([], {}, trace.end)
+    for x in (100.0 * 1.15**i for i in range(40)):
+        for name, lo_s, hi_s in (("two-sided", 3600.0, 3600.0), ("causal", window_s, 0.0)):
+            waits, cost = replay(rule(x, lo_s, hi_s))
+            curves.points.append(Point(name, "every_s", x, waits, cost, trace.requests))
     for keep_s in (30.0, 60.0, 120.0, 300.0, 600.0):
         waits, cost = replay(lambda t, v, k=keep_s: k)
         line = f"  keep {keep_s:.0f}s: {waits} woken, {cost:.0f} m·s"
-        for name, points in (("two-sided", two_sided), ("causal", causal)):
-            got = at(points, waits)
+        for name in ("two-sided", "causal"):
+            got = curves.at_waits(name, waits)
             line += f"; {name} " + ("-" if got is None else f"{got / cost:.3f}x")
         print(line)
 
