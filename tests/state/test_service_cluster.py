@@ -8,10 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client import CollectorRegistry
-from testkit import free_port
+from testkit import PROFILES, free_port, on_profile
 
-from autoscaler.config import EmulatorApp, Settings
+from autoscaler.config import EmulatorApp, EmulatorSettings, Settings
 from autoscaler.emulator import Emulator
 from autoscaler.metrics import Metrics
 from autoscaler.service import Service
@@ -19,8 +20,22 @@ from autoscaler.service import Service
 TTL = 0.6
 
 
+@pytest.fixture(params=PROFILES)
+def emulator_settings(
+    emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
+) -> EmulatorSettings:
+    """Fly's timings too: while a cold start takes about 2 s, the leader's ticks (every
+    0.2 s) decide on the held load and meet the wake's claim."""
+    return on_profile(emulator_settings, request.param)
+
+
 def settings(
-    emulator: Emulator, url: str, prefix: str, rid: str, **cluster: float | bool
+    emulator: Emulator,
+    url: str,
+    prefix: str,
+    rid: str,
+    app: dict[str, Any] | None = None,
+    **cluster: float | bool,
 ) -> Settings:
     return Settings.model_validate(
         {
@@ -35,7 +50,7 @@ def settings(
                 "key_prefix": prefix,
                 **cluster,
             },
-            "apps": [{"name": "web", "hosts": ["web.test"], "idle_to_zero_s": 60}],
+            "apps": [{"name": "web", "hosts": ["web.test"], "idle_to_zero_s": 60, **(app or {})}],
         }
     )
 
@@ -199,6 +214,50 @@ async def test_followers_of_a_crashed_leader_wake_once(
         assert len(user_starts) == 1
         assert all(s.replica and s.replica.self_wakes == 1 for s in followers)
         assert not any(s.replica and s.replica.leading for s in followers)
+    finally:
+        for svc in services:
+            await svc.stop()
+
+
+async def test_a_burst_wakes_two_machines_under_one_claim(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    """Four requests through the follower for a sleeping app of two machines (one request
+    per machine wanted). The leader's wake starts one under the app's claim; its ticks,
+    deciding on the held load meanwhile, start the other under the same claim (their
+    replica's own) instead of yielding it: two starts, no yield, every request 200."""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=2))
+    app = {"target_concurrency": 1, "scale_down_delay_s": 60}
+    services = [
+        Service(
+            settings(emulator, redis_server, key_prefix, rid, app),
+            metrics=Metrics(CollectorRegistry()),
+            proxy_port=0,
+            admin_port=free_port(),
+        )
+        for rid in ("a", "b")
+    ]
+    try:
+        for svc in services:
+            await svc.start()
+        await until(lambda: any(s.replica and s.replica.leading for s in services), 2 * TTL)
+        (leader,) = [s for s in services if s.replica and s.replica.leading]
+        (follower,) = [s for s in services if s is not leader]
+        await until(lambda: follower.replica is not None and follower.replica.view_known, 2)
+        assert follower.proxy is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{follower.proxy.port}/"
+
+            async def get() -> int:
+                async with http.get(url, headers={"Host": "web.test"}) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await asyncio.gather(*(get() for _ in range(4))) == [200] * 4
+        assert leader.replica is not None
+        assert leader.replica.tick_wakes_yielded == 0
+        assert starts(follower) == 0
+        assert 1 <= starts(leader) <= 2
     finally:
         for svc in services:
             await svc.stop()
