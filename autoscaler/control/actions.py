@@ -46,6 +46,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.control.fencing import WAKE_FENCE
 from autoscaler.control.leases import Held, Leases
 from autoscaler.control.runtime import AppRuntime, MachineRecord, Running, TaskKind, ours
@@ -88,7 +89,8 @@ class ActionError(Exception):
 async def tcp_probe(host: str, port: int, timeout_s: float = 1.0) -> bool:
     """True if ``host:port`` accepts a TCP connection (the machine's server is up)."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -320,8 +322,7 @@ class Actuator:
         """On shutdown, after the action tasks were cancelled: cut the cordon requests
         still under way (our key is on those machines already: the next process finds
         them) and wait for the lease releases."""
-        for task in self.cordoning.values():
-            task.cancel()
+        await cancel_and_wait(list(self.cordoning.values()))
         while self.cordoning:
             await asyncio.wait(set(self.cordoning.values()))
         await self.leases.aclose()

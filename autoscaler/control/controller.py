@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.config import AppConfig, Settings
 from autoscaler.control.actions import Actuator, Probe, Sleep, tcp_probe
 from autoscaler.control.runtime import AppRuntime
@@ -214,9 +215,7 @@ class Controller:
         tasks: list[asyncio.Future[Any]] = [run.task for run in rt.running.values()]
         if rt.loop is not None:
             tasks.append(rt.loop)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         rt.loop = None
 
     async def update_settings(self, settings: Settings) -> None:

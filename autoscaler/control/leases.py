@@ -26,6 +26,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.fly.client import MachinesAPI
 from autoscaler.fly.errors import FlyError, LeaseHeld, NotFound
 from autoscaler.logs import get_logger
@@ -193,6 +194,5 @@ class Leases:
     async def aclose(self) -> None:
         """On shutdown: cut the acquires still in flight (a lease they bring lapses after
         its TTL, or the next process on this host adopts it), finish the releases."""
-        for task in self._acquiring.values():
-            task.cancel()
+        await cancel_and_wait(list(self._acquiring.values()))
         await self.settled()

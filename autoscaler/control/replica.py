@@ -39,6 +39,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.config import Settings
 from autoscaler.control.actions import Probe, tcp_probe
 from autoscaler.control.controller import Controller
@@ -56,19 +57,6 @@ from autoscaler.state.claim import Claim
 from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush
 
 _log = get_logger("autoscaler.control.replica")
-
-
-async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait until each has ended. redis-py can swallow a
-    cancellation that lands while it runs a command (the command returns as if nothing
-    happened, and the loop that sent it goes on to wait for its next turn), so a task
-    still running after a round's time is cancelled again."""
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=REPORT_S)
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Ours:
@@ -178,7 +166,7 @@ class Replica:
         """Stop deciding, give the lease up (a follower takes over without waiting for the
         TTL), take our report out."""
         tasks = [t for t in (self._task, self._pusher, self._watcher) if t is not None]
-        await _cancel_until_done(tasks)
+        await cancel_and_wait(tasks)
         self._task = self._pusher = self._watcher = None
         self.subscribed.clear()
         if self.leading:
@@ -464,7 +452,8 @@ class Replica:
             if left <= 0:
                 raise WakeError(f"app {app}: the wake claim was not free within the wake timeout")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(view.changed(), timeout=min(REPORT_S, left))
+                async with asyncio.timeout(min(REPORT_S, left)):
+                    await view.changed()
 
     async def _claimed_wake(self, app: str) -> str | None:
         """Take the app's wake claim and wake under it; None if another replica holds the
@@ -524,7 +513,7 @@ class Replica:
         finally:
             self._claimed.discard(claim.app)
             WAKE_FENCE.reset(fence)
-            keeper.cancel()
+            keeper.cancel()  # if the cancellation is dropped, it stops at its next renewal
             await claim.release()
 
     @contextlib.asynccontextmanager
@@ -612,7 +601,8 @@ class Replica:
             left = min(ask_at, self_wake_at, deadline) - now
             if left > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(view.changed(), timeout=left)
+                    async with asyncio.timeout(left):
+                        await view.changed()
 
     # --- status -------------------------------------------------------------------------
 

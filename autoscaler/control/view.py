@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.config import authority
 from autoscaler.scaling.fleet import STARTED
 from autoscaler.scaling.window import ConcurrencyMeter
@@ -350,8 +351,5 @@ class FleetView:
             view.notify()
 
     async def close(self) -> None:
-        tasks = list(self._wakes.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._wakes.values()))
         self._wakes.clear()

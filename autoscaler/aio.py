@@ -1,0 +1,36 @@
+"""Stopping tasks on Python 3.11, where a cancellation can be dropped.
+
+On 3.11, ``asyncio.wait_for`` that is cancelled in the same turn of the loop as the
+awaitable it waits for finishes returns that awaitable's result and drops the
+cancellation (3.12 rebuilt it on ``asyncio.timeout``). redis-py sends every command under
+``wait_for`` when a socket timeout is set, and cluster mode sets one, so a task cancelled
+while it talks to Redis often goes on as if nothing had happened: on loopback, about two
+cancellations in three of a task sending commands in a loop (tests/state/test_cancel.py).
+Our own code waits with ``asyncio.timeout``; a task that may be inside someone else's
+``wait_for`` (anything that reaches Redis: the cluster's rounds, and in cluster mode every
+Machines API call, fenced by a Redis check) is stopped with :func:`cancel_and_wait`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+AGAIN_S = 0.25
+"""How long a cancelled task has to end before it is cancelled again."""
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], again_s: float = AGAIN_S) -> None:
+    """Cancel ``tasks`` and return once each has ended, cancelling again every ``again_s``
+    those still running. Their exceptions are retrieved, not raised: a task that failed
+    before it was stopped logged what it had to."""
+    tasks = list(tasks)
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=again_s)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
