@@ -89,7 +89,7 @@ class ActionError(Exception):
 async def tcp_probe(host: str, port: int, timeout_s: float = 1.0) -> bool:
     """True if ``host:port`` accepts a TCP connection (the machine's server is up)."""
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can drop a cancel
             _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False

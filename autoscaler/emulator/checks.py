@@ -133,7 +133,8 @@ async def run_check(spec: CheckSpec, host: str) -> tuple[str, str]:
     """(status, output) of one run of a check against ``host``."""
     probe = _http if spec.kind == "http" else _tcp
     try:
-        return await asyncio.wait_for(probe(spec, host), spec.timeout_s)
+        async with asyncio.timeout(spec.timeout_s):  # wait_for can drop a cancel on 3.11
+            return await probe(spec, host)
     except TimeoutError:
         where = f"{host}:{spec.port}{spec.path if spec.kind == 'http' else ''}"
         return "critical", f"{spec.kind} check of {where} timed out after {spec.timeout_s:g}s"

@@ -154,7 +154,8 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str], reaper: Reaper) -> 
 
 async def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can drop a cancel
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
     writer.close()
