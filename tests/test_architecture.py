@@ -171,3 +171,45 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     assert layer_problems(side, "autoscaler.metrics")[0].startswith(
         "side module autoscaler.metrics"
     )
+
+
+# asyncio.wait_for drops a cancellation on Python 3.11 when what it waits for ends in the
+# same turn of the loop (autoscaler/aio.py): a task stopped there carries on. Waits with a
+# deadline use asyncio.timeout; these remain, where carrying on ends at once anyway.
+WAIT_FOR_ALLOWED = {
+    "autoscaler.emulator.procs": "terminate() returns the exit code of a process that ended",
+    "autoscaler.emulator.machines": "close() waits for killed processes, errors suppressed",
+    "autoscaler.emulator.api": "a /wait whose client left answers at its timeout",
+}
+
+
+def wait_for_calls(path: Path) -> int:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return sum(
+        1
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "wait_for"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "asyncio"
+    ) + sum(
+        1
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module == "asyncio"
+        and any(alias.name == "wait_for" for alias in node.names)
+    )
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_no_asyncio_wait_for_where_a_dropped_cancellation_matters(path: Path) -> None:
+    if module_name(path) in WAIT_FOR_ALLOWED:
+        return
+    assert wait_for_calls(path) == 0, "use asyncio.timeout (see autoscaler/aio.py)"
+
+
+def test_the_wait_for_allowlist_is_current() -> None:
+    for name in WAIT_FOR_ALLOWED:
+        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+        assert wait_for_calls(path) > 0, f"{name} no longer uses wait_for: drop it from the list"
