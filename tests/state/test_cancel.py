@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterable
 from typing import Any
 
+from control.fakes import FakeMachinesAPI
 from prometheus_client import CollectorRegistry
 
 from autoscaler.aio import cancel_and_wait
@@ -22,7 +23,6 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 from autoscaler.state.cluster import connect
-from tests.control.fakes import FakeMachinesAPI
 
 STOP_WITHIN_S = 10.0
 INCR = "return redis.call('INCR', KEYS[1])"
