@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -131,7 +130,7 @@ class Actuator:
         self.clock = clock
         self.sleep = sleep
         self.probe = probe
-        self.wake_claim: Callable[[str], AbstractAsyncContextManager[bool]] | None = None
+        self.wake_claim: Callable[[str], contextlib.AbstractAsyncContextManager[bool]] | None = None
         """Cluster mode: the app's wake claim, for a start or resume that wakes an app
         with nothing routable outside a wake (a leader's tick); yields False when another
         replica holds it (that replica is waking the app: the start is skipped)."""
@@ -322,9 +321,7 @@ class Actuator:
         """On shutdown, after the action tasks were cancelled: cut the cordon requests
         still under way (our key is on those machines already: the next process finds
         them) and wait for the lease releases."""
-        await cancel_and_wait(list(self.cordoning.values()))
-        while self.cordoning:
-            await asyncio.wait(set(self.cordoning.values()))
+        await cancel_and_wait(list(self.cordoning.values()))  # each one's entry goes with it
         await self.leases.aclose()
 
     def interrupt(self, rt: AppRuntime, mid: str) -> Running:

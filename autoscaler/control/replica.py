@@ -467,12 +467,10 @@ class Replica:
         if claim is None or isinstance(claim, _Ours):
             self.claim_waits += 1
             return None
-        rt = self.controller.apps.get(app)
-        if rt is None:
-            self._claimed.discard(app)
-            await claim.release()
-            raise WakeError(f"app {app} is not scaled by this replica")
         async with self._holding(claim):
+            rt = self.controller.apps.get(app)
+            if rt is None:
+                raise WakeError(f"app {app} is not scaled by this replica")
             # What the API says now, unless we lead and nobody else woke the app since our
             # last wake (then our ticks' view is as fresh as it gets).
             if (
