@@ -35,7 +35,7 @@ async def test_ended_and_failed_tasks_are_left_as_they_are() -> None:
 
     done = asyncio.create_task(asyncio.sleep(0))
     failed = asyncio.create_task(fails())
-    await asyncio.sleep(0.01)
+    await asyncio.wait([done, failed])
     await cancel_and_wait([done, failed])  # retrieves the error: no "never retrieved"
     assert done.result() is None
     assert isinstance(failed.exception(), ValueError)

@@ -4,7 +4,8 @@ through the follower wakes the app once (by the leader), and a stopped leader ha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from testkit import PROFILES, free_port, on_profile
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.config import EmulatorApp, EmulatorSettings, Settings
 from autoscaler.emulator import Emulator
 from autoscaler.metrics import Metrics
@@ -70,19 +72,12 @@ def starts(svc: Service) -> float:
     return value or 0.0
 
 
-async def test_two_replicas_one_wake_and_a_handover(
-    emulator: Emulator, redis_server: str, key_prefix: str
-) -> None:
-    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
-    services = [
-        Service(
-            settings(emulator, redis_server, key_prefix, rid),
-            metrics=Metrics(CollectorRegistry()),
-            proxy_port=0,
-            admin_port=free_port(),
-        )
-        for rid in ("a", "b")
-    ]
+@contextlib.asynccontextmanager
+async def cluster_of(
+    services: list[Service], lead_s: float, view_s: float
+) -> AsyncIterator[tuple[Service, list[Service]]]:
+    """Start ``services``; yield (leader, followers) once one of them leads (within
+    ``lead_s``) and every follower applied its view (within ``view_s``); stop them all."""
     try:
         for svc in services:
             await svc.start()
@@ -90,11 +85,43 @@ async def test_two_replicas_one_wake_and_a_handover(
         def leading() -> list[Service]:
             return [s for s in services if s.replica is not None and s.replica.leading]
 
-        await until(lambda: len(leading()) == 1, 2 * TTL)
+        await until(lambda: len(leading()) == 1, lead_s)
         (leader,) = leading()
-        (follower,) = [s for s in services if s is not leader]
+        followers = [s for s in services if s is not leader]
+        await until(lambda: all(s.replica and s.replica.view_known for s in followers), view_s)
+        yield leader, followers
+    finally:
+        for svc in services:
+            await svc.stop()
+
+
+def replicas(
+    emulator: Emulator,
+    redis_server: str,
+    key_prefix: str,
+    rids: str,
+    app: dict[str, Any] | None = None,
+    **cluster: float | bool,
+) -> list[Service]:
+    """One service per replica id in ``rids`` (one letter each)."""
+    return [
+        Service(
+            settings(emulator, redis_server, key_prefix, rid, app, **cluster),
+            metrics=Metrics(CollectorRegistry()),
+            proxy_port=0,
+            admin_port=free_port(),
+        )
+        for rid in rids
+    ]
+
+
+async def test_two_replicas_one_wake_and_a_handover(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
+    services = replicas(emulator, redis_server, key_prefix, "ab")
+    async with cluster_of(services, 2 * TTL, 2) as (leader, (follower,)):
         assert follower.replica is not None
-        await until(lambda: follower.replica is not None and follower.replica.view_known, 2)
         assert follower.proxy is not None
         assert follower.admin is not None
         async with aiohttp.ClientSession() as http:
@@ -147,9 +174,6 @@ async def test_two_replicas_one_wake_and_a_handover(
         # A clean stop gives the lease up: the other takes over within two TTLs.
         await leader.stop()
         await until(lambda: follower.replica is not None and follower.replica.leading, 2 * TTL)
-    finally:
-        for svc in services:
-            await svc.stop()
 
 
 async def test_followers_of_a_crashed_leader_wake_once(
@@ -160,35 +184,16 @@ async def test_followers_of_a_crashed_leader_wake_once(
     takes the app's wake claim and starts a machine, the other waits for it: both requests
     get 200, and the emulator saw exactly one start."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=2))
-    services = [
-        Service(
-            settings(
-                emulator, redis_server, key_prefix, rid, lease_ttl_s=30, self_wake_after_s=0.3
-            ),
-            metrics=Metrics(CollectorRegistry()),
-            proxy_port=0,
-            admin_port=free_port(),
-        )
-        for rid in ("a", "b", "c")
-    ]
-    try:
-        for svc in services:
-            await svc.start()
-
-        def leading() -> list[Service]:
-            return [s for s in services if s.replica is not None and s.replica.leading]
-
-        await until(lambda: len(leading()) == 1, 5)
-        (leader,) = leading()
-        followers = [s for s in services if s is not leader]
-        await until(lambda: all(s.replica and s.replica.view_known for s in followers), 5)
+    services = replicas(
+        emulator, redis_server, key_prefix, "abc", lease_ttl_s=30, self_wake_after_s=0.3
+    )
+    async with cluster_of(services, 5, 5) as (leader, followers):
         # The leader crashes: its rounds, its pushes and its loops end; its lease stays.
         crashed = leader.replica
         assert crashed is not None
-        for task in (crashed._task, crashed._pusher, crashed._watcher):
-            assert task is not None
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        tasks = [crashed._task, crashed._pusher, crashed._watcher]
+        assert all(task is not None for task in tasks)
+        await cancel_and_wait(t for t in tasks if t is not None)  # they talk to Redis
         await crashed.controller.stop()
         assert await crashed.cluster.lease.leader() == crashed.cluster.replica_id
 
@@ -214,9 +219,6 @@ async def test_followers_of_a_crashed_leader_wake_once(
         assert len(user_starts) == 1
         assert all(s.replica and s.replica.self_wakes == 1 for s in followers)
         assert not any(s.replica and s.replica.leading for s in followers)
-    finally:
-        for svc in services:
-            await svc.stop()
 
 
 async def test_a_burst_wakes_two_machines_under_one_claim(
@@ -228,22 +230,8 @@ async def test_a_burst_wakes_two_machines_under_one_claim(
     replica's own) instead of yielding it: two starts, no yield, every request 200."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=2))
     app = {"target_concurrency": 1, "scale_down_delay_s": 60}
-    services = [
-        Service(
-            settings(emulator, redis_server, key_prefix, rid, app),
-            metrics=Metrics(CollectorRegistry()),
-            proxy_port=0,
-            admin_port=free_port(),
-        )
-        for rid in ("a", "b")
-    ]
-    try:
-        for svc in services:
-            await svc.start()
-        await until(lambda: any(s.replica and s.replica.leading for s in services), 2 * TTL)
-        (leader,) = [s for s in services if s.replica and s.replica.leading]
-        (follower,) = [s for s in services if s is not leader]
-        await until(lambda: follower.replica is not None and follower.replica.view_known, 2)
+    services = replicas(emulator, redis_server, key_prefix, "ab", app)
+    async with cluster_of(services, 2 * TTL, 2) as (leader, (follower,)):
         assert follower.proxy is not None
         async with aiohttp.ClientSession() as http:
             url = f"http://127.0.0.1:{follower.proxy.port}/"
@@ -258,6 +246,3 @@ async def test_a_burst_wakes_two_machines_under_one_claim(
         assert leader.replica.tick_wakes_yielded == 0
         assert starts(follower) == 0
         assert 1 <= starts(leader) <= 2
-    finally:
-        for svc in services:
-            await svc.stop()
