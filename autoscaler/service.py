@@ -24,9 +24,9 @@ import contextlib
 import importlib.util
 import signal
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from autoscaler import __version__
 from autoscaler.admin import AdminServer
@@ -94,6 +94,10 @@ class Service:
         self.replica: Replica | None = None
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
+        self._parts = contextlib.AsyncExitStack()
+        """Each part's stop, pushed as the part starts: ``stop`` runs them in reverse, and
+        one that fails does not keep the others from running (the emulator's machine
+        processes are reaped whatever failed before)."""
         self._stopped = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
@@ -123,6 +127,7 @@ class Service:
             listen = parse_host_port(s.emulator.listen)
             port = self._ports["emulator"]
             self.emulator = Emulator(s.emulator, listen.host, listen.port if port is None else port)
+            self._on_stop("emulator", self.emulator.close)  # also when its start fails midway
             await self.emulator.start()
             redactor().add(self.emulator.token)
             _log.info("embedded_emulator", url=self.emulator.url)
@@ -132,6 +137,7 @@ class Service:
                 token=self.emulator.token,
                 observer=self.metrics.observe_api,
             )
+        self._on_stop("client", self.client.aclose)
         if s.cluster.redis_url is not None:
             from autoscaler.control.replica import Replica
 
@@ -172,11 +178,19 @@ class Service:
         )
         self.admin.cluster = self.replica
         self.admin.proxy_listening = False  # the admin port opens first: not ready until then
+        self._on_stop("admin", self.admin.stop)
         await self.admin.start(port=self._ports["admin"])
+        self._on_stop(None, self.view.close)  # after the loops stop: they may still wake
         # The controller before the proxy: the first request may need a wake. In cluster
         # mode the replica starts it when (and while) this process leads.
-        await (self.replica.start() if self.replica is not None else self.controller.start())
+        if self.replica is not None:
+            self._on_stop("replica", self.replica.stop)
+            await self.replica.start()
+        else:
+            self._on_stop(None, self.controller.stop)
+            await self.controller.start()
         self.proxy = ProxyServer(s, self.view, self.metrics)
+        self._on_stop("proxy", self.proxy.stop)
         await self.proxy.start(port=self._ports["proxy"])
         self.admin.proxy_listening = True
         self.admin.ejected = self.proxy.health.report
@@ -189,31 +203,37 @@ class Service:
         )
 
     async def stop(self) -> None:
-        """Stop in order (see the module docstring). Idempotent."""
+        """Stop in order (see the module docstring): the proxy, the controller's loops, the
+        view, the admin server, the client, the emulator. A part whose stop fails is logged
+        and the rest still stop; its error is raised at the end (the last one, with any
+        earlier one as its context). Idempotent."""
         if self.admin is not None:
             self.admin.set_draining()
         if self._reloading is not None:
             self._reloading.cancel()
             await asyncio.gather(self._reloading, return_exceptions=True)
-        if self.proxy is not None:
-            await self.proxy.stop()
-            self.proxy = None
-        if self.replica is not None:
-            await self.replica.stop()
-            self.replica = None
-        elif self.controller is not None:
-            await self.controller.stop()
-        await self.view.close()
-        if self.admin is not None:
-            await self.admin.stop()
-            self.admin = None
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
-        if self.emulator is not None:
-            await self.emulator.close()
-            self.emulator = None
-        self._stopped.set()
+        try:
+            await self._parts.aclose()
+        finally:
+            self._stopped.set()
+
+    _Part = Literal["emulator", "client", "admin", "replica", "proxy"]
+
+    def _on_stop(self, attr: _Part | None, stop: Callable[[], Awaitable[object]]) -> None:
+        """Push a part's stop; ``attr``, the attribute that holds the part, is cleared once
+        it ran."""
+
+        async def run() -> None:
+            try:
+                await stop()
+            except Exception as exc:
+                _log.error("stop_failed", part=attr or stop.__qualname__, error=repr(exc))
+                raise
+            finally:
+                if attr is not None:
+                    setattr(self, attr, None)
+
+        self._parts.push_async_callback(run)
 
     # --- reload -------------------------------------------------------------------------
 

@@ -190,6 +190,39 @@ async def test_a_reload_that_crashes_is_counted_and_the_next_one_works(
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 1
 
 
+async def test_a_part_whose_stop_fails_does_not_keep_the_others_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller's stop raises: the view, the admin server, the client and the
+    emulator (with its machine processes) still stop, and the error reaches the caller."""
+    from autoscaler.control.controller import Controller
+
+    stop = Controller.stop
+
+    async def broken_stop(self: Controller) -> None:
+        await stop(self)
+        raise RuntimeError("a bug in stopping the controller")
+
+    monkeypatch.setattr(Controller, "stop", broken_stop)
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    settings, _ = load_settings(file, env={})
+    svc = Service(settings, file, metrics=Metrics(CollectorRegistry()), proxy_port=0, admin_port=0)
+    await svc.start()
+    try:
+        assert svc.proxy is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{svc.proxy.port}/"
+            async with http.get(url, headers={"Host": "web.test"}) as resp:
+                assert resp.status == 200  # a machine process runs
+        assert leftovers(os.getpid()) != []
+    finally:
+        with pytest.raises(RuntimeError, match="stopping the controller"):
+            await svc.stop()
+    assert (svc.proxy, svc.admin, svc.client, svc.emulator) == (None, None, None, None)
+    assert leftovers(os.getpid()) == []
+    await svc.stop()  # idempotent: nothing left to stop, nothing raised
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
