@@ -146,10 +146,13 @@ def machine_note(m: Mapping[str, Any]) -> str:
     if m.get("left_alone"):
         return f"left alone after {failures} failed starts"
     retry = m.get("next_retry_in_s")
-    if retry is not None:
-        tried = f"{failures} failed start(s), " if failures else ""
-        return f"{tried}restart in {float(retry):.0f}s"
-    return ""
+    if retry is None:
+        return ""
+    tried = f"{failures} failed start(s), " if failures else ""
+    # The policy starts a failed machine again only when the app needs one (rule 2).
+    if float(retry) > 0:
+        return f"{tried}no restart for {float(retry):.0f}s"
+    return f"{tried}restarted when needed"
 
 
 def ago(age_s: float | None) -> str:

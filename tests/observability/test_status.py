@@ -75,6 +75,8 @@ def test_render_a_table() -> None:
                      "in_flight": 0, "last_used_age_s": None},
                     {"id": "m3", "state": "failed", "cordoned": False, "in_flight": 0,
                      "last_used_age_s": None, "failures": 2, "next_retry_in_s": 3.6},
+                    {"id": "m5", "state": "failed", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": None, "failures": 1, "next_retry_in_s": 0.0},
                     {"id": "m4", "state": "failed", "cordoned": False, "in_flight": 0,
                      "last_used_age_s": None, "failures": 5, "left_alone": True},
                 ],
@@ -95,7 +97,9 @@ def test_render_a_table() -> None:
         "  m-long-id-1  started    no        12         0.1s ago",
         "  m2           suspended  yes       0          never",
         "  m3           failed     no        0          never      "
-        "2 failed start(s), restart in 4s",
+        "2 failed start(s), no restart for 4s",
+        "  m5           failed     no        0          never      "
+        "1 failed start(s), restarted when needed",
         "  m4           failed     no        0          never      "
         "left alone after 5 failed starts",
         "",
