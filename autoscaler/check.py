@@ -43,11 +43,18 @@ def summary(settings: Settings) -> list[str]:
         if app.static:
             lines.append(f"  {app.name:<20} {hosts}  static: {', '.join(app.backends)}")
             continue
+        if app.keep_alive == "adaptive":
+            # Until it has learned, the fixed timer decides (docs/policy.md).
+            fallback = min(app.idle_to_zero_s, app.wake_cost_s)
+            keep = (
+                f"keep-alive adaptive (wake cost {app.wake_cost_s:g}s, until learned {fallback:g}s)"
+            )
+        else:
+            keep = f"idle-to-zero {app.idle_to_zero_s:g}s"
         lines.append(
             f"  {app.name:<20} {hosts}  machines {app.min_machines}..{app.max_machines}"
             f"  target {app.target_concurrency:g}x{app.target_utilization:g}"
-            f"  hard limit {app.hard_limit}  idle-to-zero {app.idle_to_zero_s:g}s"
-            f"  sleep: {app.scale_down_action}"
+            f"  hard limit {app.hard_limit}  {keep}  sleep: {app.scale_down_action}"
         )
     if settings.proxy.default_app:
         lines.append(f"default app: {settings.proxy.default_app}")

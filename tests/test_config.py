@@ -165,6 +165,15 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "OK" in out
     assert "web" in out
     assert "*.web.dev" in out
+    assert "idle-to-zero 300s" in out
+    adaptive = write(
+        tmp_path,
+        "apps: [{name: web, keep_alive: adaptive, wake_cost_s: 60, idle_to_zero_s: 90}]\n",
+        "adaptive.yaml",
+    )
+    assert check_config(str(adaptive)) == 0
+    out = capsys.readouterr().out
+    assert "keep-alive adaptive (wake cost 60s, until learned 60s)" in out
     bad = write(tmp_path, "apps: [{name: web, min_machines: 5, max_machines: 1}]\n", "bad.yaml")
     assert check_config(str(bad)) == 2
     err = capsys.readouterr().err
