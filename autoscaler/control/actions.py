@@ -268,6 +268,9 @@ class Actuator:
 
     def _failed(self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception) -> None:
         rt.last_error = f"{kind} {mid}: {exc}"
+        run = rt.running.get(mid)
+        if run is not None and run.task is asyncio.current_task():
+            run.error = exc
         rt.failed(mid, self.clock(), self.backoff_max_s)
         _log.warning("action_failed", app=rt.name, machine=mid, action=kind, error=str(exc))
 

@@ -100,6 +100,8 @@ class Running:
     """True when the action reached its goal; False when it failed (logged already)."""
     waiting: bool = False
     """A drain still waiting for requests in flight: it may be taken back (cancelled)."""
+    error: Exception | None = None
+    """Why the action failed, when an API call failed it (a wake retries transient ones)."""
 
 
 @dataclass(slots=True)

@@ -10,16 +10,25 @@ draining (it is warm), else take back one being suspended (Fly lets a start inte
 suspend), else resume a suspended one, else start a stopped one, else start a failed one
 again (within its restart backoff and budget). A machine that fails to come up is dropped
 from consideration and the next one is tried; with none left, the wake waits for machines
-in transition (a stop under way ends in a startable state) or a failed machine's next
-restart, until the app's ``wake_timeout_s``.
+in transition (a stop under way ends in a startable state), a failed machine's next
+restart, or the retry of a machine whose action an API error failed, until the app's
+``wake_timeout_s``.
+
+An API error (5xx, 429, a transport error) is the API's trouble, not the machine's: that
+machine is tried again after a pause (0.25 s, doubling up to 1 s, the proxy's own pace of
+asking again; or the 429's Retry-After). A resume that failed so once is tried again before
+a cold start of another machine: on Fly the pause and a resume take well under a second, a
+cold start one to several seconds. A second failure of it, and the wake moves on.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from autoscaler.control.actions import Actuator
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.fly.client import MachinesAPI
-from autoscaler.fly.errors import FlyError
+from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import FAILED, MOVING_STATES, Fleet
@@ -27,6 +36,16 @@ from autoscaler.scaling.policy import choose_wake
 
 _log = get_logger("autoscaler.control")
 RECHECK_S = 0.25  # how often a wake looks again while another party's start is under way
+RETRY_MAX_S = 1.0  # the longest pause before trying again a machine an API error failed
+
+
+class _Retry(NamedTuple):
+    """A machine whose action an API error failed, to be tried again."""
+
+    at: float
+    pause: float
+    kind: str
+    tries: int
 
 
 class WakeError(Exception):
@@ -54,6 +73,7 @@ class Waker:
             t0 = act.clock()
             deadline = t0 + rt.config.wake_timeout_s
             failed: set[str] = set()
+            again: dict[str, _Retry] = {}
             if not rt.read_once:
                 await self.refresh(rt)
             while True:
@@ -71,7 +91,22 @@ class Waker:
                 now = act.clock()
                 fleet = rt.fleet(view, now, urgent=True)
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
+                if action is not None and action.kind == "start":
+                    first = [
+                        (r.at, mid)
+                        for mid, r in again.items()
+                        if mid in failed and r.kind == "resume" and r.tries == 1
+                    ]
+                    if first and min(first)[0] < deadline:
+                        at, mid = min(first)
+                        await act.sleep(max(0.0, at - now))
+                        failed.discard(mid)
+                        continue
                 if action is None:
+                    due = {mid for mid in failed if mid in again and again[mid].at <= now}
+                    if due:
+                        failed -= due
+                        continue
                     # Machines in transition (or with an action of ours under way) end
                     # somewhere a wake can use; a failed machine can be tried again later;
                     # a machine skipped for another holder's lease (a deploy) is free soon.
@@ -80,7 +115,11 @@ class Waker:
                         mid for mid in rt.leased_by_others if mid in failed or rt.leased(mid, now)
                     }
                     failed -= leased  # try those again once their skip is over
-                    retry_at = rt.next_restart_at()
+                    retries = [again[mid].at for mid in failed if mid in again]  # all later
+                    restart_at = rt.next_restart_at()
+                    if restart_at is not None:
+                        retries.append(restart_at)
+                    retry_at = min(retries, default=None)
                     if now >= deadline or (
                         not (moving or leased) and (retry_at is None or retry_at >= deadline)
                     ):
@@ -117,6 +156,14 @@ class Waker:
                 machine = rt.machines.get(mid)
                 if machine is None or machine.state != FAILED:
                     failed.add(mid)  # a failed boot is retried after its restart backoff
+                error = run.error if run is not None else None
+                if isinstance(error, FlyError) and error.transient:
+                    last = again.get(mid)
+                    pause = RECHECK_S if last is None else min(RETRY_MAX_S, 2 * last.pause)
+                    if isinstance(error, RateLimited) and error.retry_after:
+                        pause = max(pause, error.retry_after)
+                    tries = 1 if last is None else last.tries + 1
+                    again[mid] = _Retry(act.clock() + pause, pause, action.kind, tries)
                 if act.clock() >= deadline:
                     raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
                 await self._refresh_quietly(rt)

@@ -13,7 +13,7 @@ from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import Controller, WakeError
 from autoscaler.control.view import FleetView
 from autoscaler.fly import models as m
-from autoscaler.fly.errors import Conflict, FlyError, ServerError
+from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 
@@ -446,11 +446,11 @@ async def test_a_failed_drain_is_finished_by_a_later_tick(
 @pytest.mark.parametrize(
     "failures",
     [
-        {"start_machine": [ServerError(500, "no capacity")]},
+        {"start_machine": [ServerError(500, "no capacity")] * 2},
         # A refused start whose machine cannot then be read fails (and counts) the same.
         {
-            "start_machine": [Conflict(412, "not startable")],
-            "get_machine": [ServerError(503, "unavailable")],
+            "start_machine": [Conflict(412, "not startable")] * 2,
+            "get_machine": [ServerError(503, "unavailable")] * 2,
         },
     ],
     ids=["start-fails", "read-after-412-fails"],
@@ -458,15 +458,91 @@ async def test_a_failed_drain_is_finished_by_a_later_tick(
 async def test_wake_tries_the_next_machine_when_one_fails_to_start(
     api: FakeMachinesAPI, clock: FakeClock, failures: dict[str, list[FlyError]]
 ) -> None:
+    """An API error fails the resume twice: tried again once (0.25 s later), then the
+    next machine is started."""
     first = api.add(APP, "suspended")
     second = api.add(APP, "stopped")
     api.fail.update(failures)
     rig = Rig(api, clock)
-    assert await rig.ctl.wake(APP) == "start"
-    assert api.ops("start_machine") == [first, second]
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(0.3)
+    assert await task == "start"
+    assert api.ops("start_machine") == [first, first, second]
     assert rig.routable() == {second}
-    assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 1
+    assert rig.metric("autoscaler_scaling_actions_total", action="resume", result="error") == 2
     assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
+
+
+async def test_a_resume_an_api_error_failed_is_tried_again_before_a_cold_start(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """One 500 on the resume: the wake pauses 0.25 s and resumes the same machine (a few
+    hundred ms on Fly) rather than cold-start a stopped one (seconds)."""
+    first = api.add(APP, "suspended")
+    api.add(APP, "stopped")
+    api.fail["start_machine"] = [ServerError(500, "internal error")]
+    rig = Rig(api, clock)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    assert not task.done()
+    await clock.advance(0.3)
+    assert await task == "resume"
+    assert api.ops("start_machine") == [first, first]
+    assert rig.routable() == {first}
+
+
+@pytest.mark.parametrize(
+    "failures",
+    [
+        {"start_machine": [ServerError(500, "internal error")]},
+        {"acquire_machine_lease": [ServerError(503, "unavailable")]},
+        {"start_machine": [RateLimited(429, "slow down", retry_after=1.5)]},
+    ],
+    ids=["resume-500", "lease-503", "resume-429"],
+)
+async def test_a_transient_api_error_on_the_only_machine_is_retried_within_the_wake(
+    api: FakeMachinesAPI, clock: FakeClock, failures: dict[str, list[FlyError]]
+) -> None:
+    """One 5xx or 429 on the resume of an app's only machine used to end the wake at once
+    ("no machine that can be woken"; the proxy, holding its requests, asked for another
+    wake a second later). The machine is tried again after 0.25 s, or the Retry-After
+    the API gives."""
+    mid = api.add(APP, "suspended")
+    api.fail.update(failures)
+    [error] = [e for errors in failures.values() for e in errors]
+    pause = error.retry_after if isinstance(error, RateLimited) else 0.25
+    rig = Rig(api, clock, wake_timeout_s=30)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(pause - 0.05)
+    assert not task.done()  # failed once, pausing
+    await clock.advance(0.1)
+    assert await task == "resume"
+    assert rig.routable() == {mid}
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 1
+
+
+async def test_a_wake_whose_only_machine_keeps_failing_gives_up_at_its_timeout(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Retried with a pause that doubles up to 1 s: about a call a second, not one per
+    turn of the loop, and the wake ends at wake_timeout_s."""
+    mid = api.add(APP, "suspended")
+    api.fail["start_machine"] = [ServerError(500, "internal error") for _ in range(100)]
+    rig = Rig(api, clock, wake_timeout_s=10)
+    t0 = clock()
+    ended: list[float] = []
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    task.add_done_callback(lambda _: ended.append(clock()))
+    await settle()
+    await clock.advance(11)
+    with pytest.raises(WakeError):
+        await task
+    # Tries at 0, 0.25, 0.75, then every second to 9.75 s; the next would be late.
+    assert ended[0] - t0 >= 9.75
+    tries = api.ops("start_machine")
+    assert tries == [mid] * 12
 
 
 async def test_a_machine_that_fails_to_boot_is_given_up_at_once(

@@ -2,6 +2,8 @@
 
 - A one-machine app whose boot fails comes back: the failed machine is started again
   after its backoff, and the held request is served.
+- A wake that meets an API outage tries again, and its request is served once the API
+  answers.
 - A request that arrives while the app's machine spends 15 s suspending is served by
   taking the suspend back, in about a resume, not after the suspend.
 - An idle WebSocket lets the app sleep: its drain closes it with 1001, then suspends.
@@ -59,6 +61,32 @@ async def test_a_one_machine_app_whose_boot_failed_comes_back(emulator: Emulator
             "autoscaler_machine_restarts_total", {"app": APP, "result": "ok"}
         )
         assert restarts == 1
+        assert [m.state for m in emulator.machines(APP)] == ["started"]
+
+
+async def test_a_wake_through_a_short_api_outage_is_served_when_the_api_answers(
+    emulator: Emulator,
+) -> None:
+    """Every API call answers 500 when a request wakes a one-machine app: the machine is
+    tried again (0.25 s, doubling up to 1 s) and the request is served once the API
+    answers, within wake_timeout_s."""
+    async with running_stack(emulator, wake_timeout_s=30) as stack:
+        await stack.until(lambda: len(stack.app.upstreams) == 1)  # the app was read
+        emulator.set_faults(error_rate=1.0)
+        registry = stack.metrics.registry
+
+        def refused_leases() -> float:
+            labels = {"operation": "acquire_machine_lease", "code": "500"}
+            return registry.get_sample_value("autoscaler_api_requests_total", labels) or 0.0
+
+        request = asyncio.ensure_future(stack.get("/"))
+        # Each try of the wake begins with the machine's lease: two refused, two tries.
+        await until(lambda: refused_leases() >= 2, what="two tries of the wake")
+        assert not request.done()  # still held
+        emulator.set_faults(error_rate=None)  # the outage ends
+        await request
+        assert stack.failures == []
+        assert stack.served == 1
         assert [m.state for m in emulator.machines(APP)] == ["started"]
 
 
