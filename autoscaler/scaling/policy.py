@@ -299,7 +299,7 @@ def _normal_count(
     if idle_for is not None:
         # The idle time is the delay: no request for idle_to_zero_s.
         desired = wanted
-        why = f"idle {idle_for:.0f}s >= {keep_s:g}s: scale down {up}->{wanted}"
+        why = f"idle {idle_for:.0f}s >= {round(keep_s, 1):g}s: scale down {up}->{wanted}"
     elif lasted >= policy.scale_down_delay_s and most < up:
         # Only to the most that demand wanted during the delay.
         desired = most

@@ -175,6 +175,16 @@ def test_decide_sleeps_prewarms_and_judges_the_prewarm() -> None:
     assert [a.kind for a in miss.actions] == ["drain"]
 
 
+def test_the_reason_rounds_a_learned_keep() -> None:
+    """A learned keep is a bin edge (2.89569... s): the reason line says 2.9s."""
+    plan = Plan(2.8956912, None, 2.8956912, 20.0, 2.5, 3.1)
+    ka = KeepAliveState(gaps=learned([3.0] * 20), plan=plan, idle_from=0.0, last_arrival=0.0)
+    state = PolicyState(born=-100.0, keepalive=ka)
+    up = MachineSnapshot("m1", STARTED, last_used=0.0, started_at=-100.0)
+    d = decide(Fleet.of("a", [up]), LoadWindows(60, 6), ADAPTIVE, 5.0, state, 0.0)
+    assert "idle 5s >= 2.9s: scale down 1->0" in d.reason, d.reason
+
+
 @pytest.mark.parametrize(
     ("gaps", "drains"),
     [
