@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from autoscaler.admin import StatusProvider
+
 
 @dataclass(frozen=True)
 class FakeMachine:
@@ -46,3 +48,9 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def _satisfies(controller: FakeController) -> StatusProvider:
+    """Proof, checked by ``mypy --strict`` (.ci/run), that the fake is what the admin
+    server reads."""
+    return controller
