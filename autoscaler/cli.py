@@ -358,10 +358,12 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--generate",
         metavar="SHAPE",
-        help="write a trace instead: steady, diurnal, bursty, sparse, mixed-100-apps, "
-        "timers, sessions, azure-like, memoryless",
+        help="replay a synthetic trace instead of --trace: steady, diurnal, bursty, sparse, "
+        "mixed-100-apps, timers, sessions, azure-like, memoryless",
     )
-    gen.add_argument("--out", metavar="FILE", help="where --generate writes (.gz compresses)")
+    gen.add_argument(
+        "--out", metavar="FILE", help="write the --generate trace here and exit (.gz compresses)"
+    )
     gen.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     gen.add_argument("--hours", type=float, default=24.0, help="trace length (default: 24)")
 

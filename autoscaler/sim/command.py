@@ -1,4 +1,5 @@
-"""`autoscaler simulate`: replay a trace, or write a synthetic one (``--generate``).
+"""`autoscaler simulate`: replay a trace, or a synthetic one (``--generate``; with
+``--out`` it is written to a file instead).
 
 cli.py parses the arguments; this runs them. Exit 0 on success, 2 on a bad trace, config
 or flag (with one line saying what was expected and what was found).
@@ -21,7 +22,7 @@ from autoscaler.sim.generate import SHAPES, generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.report import render
 from autoscaler.sim.run import STRATEGIES, config_resolver, known_strategy, simulate
-from autoscaler.sim.trace import TraceError, read_trace, write_csv
+from autoscaler.sim.trace import TraceError, from_rows, read_trace, write_csv
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -58,7 +59,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        if args.generate:
+        if args.generate and args.trace:
+            raise ValueError("expected --trace FILE or --generate SHAPE, not both")
+        if args.generate and args.out:
             return _generate(args, out)
         return _replay(args, out)
     except (TraceError, ValueError) as exc:
@@ -70,20 +73,23 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return EXIT_USAGE
 
 
-def _generate(args: argparse.Namespace, out: TextIO) -> int:
+def _generated(args: argparse.Namespace) -> list[tuple[float, str, float]]:
     if args.generate not in SHAPES:
         raise ValueError(f"--generate: expected one of {', '.join(SHAPES)}, got {args.generate!r}")
-    if not args.out:
-        raise ValueError("--generate needs --out FILE")
-    rows = generate(args.generate, seed=args.seed, hours=args.hours)
-    count = write_csv(Path(args.out), rows)
+    return generate(args.generate, seed=args.seed, hours=args.hours)
+
+
+def _generate(args: argparse.Namespace, out: TextIO) -> int:
+    count = write_csv(Path(args.out), _generated(args))
     print(f"wrote {count} requests ({args.generate}, seed {args.seed}) to {args.out}", file=out)
     return EXIT_OK
 
 
 def _replay(args: argparse.Namespace, out: TextIO) -> int:
-    if not args.trace:
-        raise ValueError("expected --trace FILE (or --generate SHAPE --out FILE)")
+    if not args.trace and not args.generate:
+        raise ValueError("expected --trace FILE or --generate SHAPE")
+    if args.out:
+        raise ValueError("--out: only with --generate (where the trace is written)")
     configured: dict[str, AppConfig] = {}
     tick_s = 1.0
     if args.config:
@@ -110,15 +116,22 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")
     if args.duration_ms <= 0:
         raise ValueError(f"--duration-ms: expected a number > 0, got {args.duration_ms:g}")
-    trace = read_trace(
-        Path(args.trace),
-        args.trace_format,
-        args.duration_ms / 1000.0,
-        only=args.app,
-        busiest=args.max_apps,
-    )
+    if args.generate:
+        trace = from_rows(_generated(args))
+        if args.app is not None:
+            trace = trace.only(args.app)
+        if args.max_apps is not None:
+            trace = trace.busiest(args.max_apps)
+    else:
+        trace = read_trace(
+            Path(args.trace),
+            args.trace_format,
+            args.duration_ms / 1000.0,
+            only=args.app,
+            busiest=args.max_apps,
+        )
     if not trace.apps:
-        raise TraceError(f"{args.trace}: no requests")
+        raise TraceError(f"{args.trace or args.generate}: no requests")
     resolve = config_resolver(configured, overrides)
     try:
         for app in trace.apps:

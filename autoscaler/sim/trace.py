@@ -112,6 +112,14 @@ def _finish(apps: dict[str, list[Request]]) -> Trace:
     return Trace(dict(sorted(apps.items())))
 
 
+def from_rows(rows: Iterable[tuple[float, str, float]]) -> Trace:
+    """A trace of (arrival, app, duration) rows, such as ``generate`` makes."""
+    apps: dict[str, list[Request]] = {}
+    for t, app, duration in rows:
+        apps.setdefault(app, []).append((t, duration))
+    return _finish(apps)
+
+
 def read_csv(path: Path) -> Trace:
     """A CSV trace: one request per row (``t``, ``app``, ``duration``)."""
     apps: dict[str, list[Request]] = {}

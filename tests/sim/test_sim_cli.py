@@ -77,6 +77,26 @@ def test_generate_then_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["simulate", "--trace", str(out), "--strategies", "always-on"]) == 0
 
 
+def test_generate_without_out_replays_the_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--generate`` alone replays the synthetic trace in memory: the same figures as
+    writing it and replaying the file (which keeps times to the millisecond)."""
+    shape = ["--generate", "sessions", "--hours", "6", "--seed", "7"]
+    replay = ["--strategies", "adaptive,fly-autostop", "--format", "json", "--app", "sess"]
+    out = tmp_path / "sessions.csv"
+    assert main(["simulate", *shape, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(out), "--seed", "7", *replay]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["simulate", *shape, *replay]) == 0
+    in_memory = json.loads(capsys.readouterr().out)
+    assert set(in_memory["total"]) == {"adaptive", "fly-autostop"}
+    for name, figures in from_file["total"].items():
+        for key, value in figures.items():
+            assert in_memory["total"][name][key] == pytest.approx(value, rel=1e-3), (name, key)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -85,13 +105,15 @@ def test_generate_then_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         (["--strategies", "magic"], "unknown 'magic'"),
         (["--app", "nope"], "no app in the trace"),
         (["--generate", "sawtooth", "--out", "x.csv"], "expected one of"),
-        (["--generate", "steady"], "needs --out"),
+        (["--generate", "steady", "--trace", "x.csv"], "not both"),
+        (["--out", "y.csv"], "--out: only with --generate"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["simulate", "--trace", str(bundled("sparse-24h")), *argv]) == 2
+    trace = [] if "--generate" in argv else ["--trace", str(bundled("sparse-24h"))]
+    assert main(["simulate", *trace, *argv]) == 2
     assert message in capsys.readouterr().err
 
 
