@@ -247,43 +247,70 @@ def plot(frontier: Frontier, path: str) -> None:
         raise ValueError("--plot needs matplotlib: pip install 'autoscaler[plot]'") from None
     names = list(dict.fromkeys(p.strategy for p in frontier.points))
     apps = {app for stats in frontier.per_app.values() for app in stats}
-    one_app = len(apps) == 1
-    fig, axes = plt.subplots(2 if one_app else 1, 1, figsize=(8, 9 if one_app else 5))
-    ax = axes[0] if one_app else axes
+    app = next(iter(apps)) if len(apps) == 1 else None
+    rows = [
+        name for name in names if app is not None and app in frontier.per_app.get(
+            (name, SWEEPS[name][2]), {}
+        )
+    ]  # fmt: skip
+    # The frontier on top; for one app, a row per strategy of its machines over time.
+    fig, axes = plt.subplots(
+        1 + len(rows),
+        1,
+        figsize=(8, 5 + 1.1 * len(rows)),
+        gridspec_kw={"height_ratios": [4.0] + [1.0] * len(rows)},
+        squeeze=False,
+        layout="constrained",
+    )
+    ax = axes[0][0]
     for name in names:
+        # Every point as a marker; the line joins those that no other setting beats on
+        # both counts (the envelope the figures are read along).
+        env = frontier.envelope(name)
+        (line,) = ax.plot(
+            [p.woken for p in env],
+            [p.machine_s / 3600 for p in env],
+            label=f"{name} ({SWEEPS[name][0]})",
+        )
         curve = frontier.curve(name)
-        ax.plot(
+        ax.scatter(
             [p.woken for p in curve],
             [p.machine_s / 3600 for p in curve],
-            marker="o",
-            label=f"{name} ({SWEEPS[name][0]})",
+            color=line.get_color(),
+            s=16,
         )
     for base in frontier.baselines():
         ax.annotate(f"{base.value:g}s", (base.woken, base.machine_s / 3600))
     ax.set_xlabel("requests that waited for a wake")
     ax.set_ylabel("machine-hours started")
-    ax.set_title("cost against waits, each strategy's knob swept")
+    ax.set_title("cost against waits, each strategy's knob swept (line: its envelope)")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    if one_app:
-        app = next(iter(apps))
-        timeline = axes[1]
-        for name in names:
-            stats = frontier.per_app.get((name, SWEEPS[name][2]))
-            if stats is None or app not in stats:
-                continue
-            xs, ys, level = [0.0], [0], 0
-            for t, delta in sorted(stats[app].changes):
-                level += delta
-                xs.append(t / 3600)
-                ys.append(level)
-            xs.append(frontier.horizon / 3600)
+    first = None
+    for i, name in enumerate(rows, start=1):
+        row = axes[i][0]
+        if first is None:
+            first = row
+        else:
+            row.sharex(first)
+        xs, ys, level = [0.0], [0], 0
+        for t, delta in sorted(frontier.per_app[(name, SWEEPS[name][2])][str(app)].changes):
+            level += delta
+            xs.append(t / 3600)
             ys.append(level)
-            timeline.step(xs, ys, where="post", label=f"{name} ({SWEEPS[name][2]:g})")
-        timeline.set_xlabel("hours")
-        timeline.set_ylabel("machines up")
-        timeline.set_title(f"{app}: machines started and put to sleep, default knobs")
-        timeline.legend()
-    fig.tight_layout()
+        xs.append(frontier.horizon / 3600)
+        ys.append(level)
+        color = f"C{names.index(name)}"
+        row.fill_between(xs, ys, step="post", color=color, alpha=0.6, linewidth=0)
+        row.set_ylim(0, max(1, max(ys)) * 1.15)
+        row.yaxis.get_major_locator().set_params(integer=True)
+        row.set_ylabel(f"{name}\n({SWEEPS[name][2]:g})", rotation=0, ha="right", va="center")
+        row.grid(True, axis="x", alpha=0.3)
+        if i < len(rows):
+            row.tick_params(labelbottom=False)
+        else:
+            row.set_xlabel("hours")
+        if i == 1:
+            row.set_title(f"{app}: machines up, each strategy at its default knob")
     fig.savefig(path)
     plt.close(fig)
