@@ -18,7 +18,8 @@ An API error (5xx, 429, a transport error) is the API's trouble, not the machine
 machine is tried again after a pause (0.25 s, doubling up to 1 s, the proxy's own pace of
 asking again; or the 429's Retry-After). A resume that failed so once is tried again before
 a cold start of another machine: on Fly the pause and a resume take well under a second, a
-cold start one to several seconds. A second failure of it, and the wake moves on.
+cold start one to several seconds. A second failure of it, or a Retry-After longer than
+that pause, and the wake moves on.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ class Waker:
                     first = [
                         (r.at, mid)
                         for mid, r in again.items()
-                        if mid in failed and r.kind == "resume" and r.tries == 1
+                        if mid in failed
+                        and r.kind == "resume"
+                        and r.tries == 1
+                        and r.pause <= RETRY_MAX_S  # not a long Retry-After
                     ]
                     if first and min(first)[0] < deadline:
                         at, mid = min(first)

@@ -523,6 +523,18 @@ async def test_a_transient_api_error_on_the_only_machine_is_retried_within_the_w
     assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 1
 
 
+async def test_a_resume_asked_to_retry_much_later_gives_way_to_a_cold_start(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A 429 that says to come back in 30 s: the stopped machine is started at once."""
+    first = api.add(APP, "suspended")
+    second = api.add(APP, "stopped")
+    api.fail["start_machine"] = [RateLimited(429, "slow down", retry_after=30.0)]
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "start"
+    assert api.ops("start_machine") == [first, second]
+
+
 async def test_a_wake_whose_only_machine_keeps_failing_gives_up_at_its_timeout(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
