@@ -3,12 +3,13 @@
 On 3.11, ``asyncio.wait_for`` that is cancelled in the same turn of the loop as the
 awaitable it waits for finishes returns that awaitable's result and drops the
 cancellation (3.12 rebuilt it on ``asyncio.timeout``). redis-py sends every command under
-``wait_for`` when a socket timeout is set, and cluster mode sets one, so a task cancelled
-while it talks to Redis often goes on as if nothing had happened: on loopback, about two
-cancellations in three of a task sending commands in a loop (tests/state/test_cancel.py).
-Our own code waits with ``asyncio.timeout``; a task that may be inside someone else's
-``wait_for`` (anything that reaches Redis: the cluster's rounds, and in cluster mode every
-Machines API call, fenced by a Redis check) is stopped with :func:`cancel_and_wait`.
+``wait_for`` when its client has a socket timeout, so a task cancelled while it talked to
+Redis often went on as if nothing had happened: on loopback, about two cancellations in
+three of a task sending commands in a loop. Cluster mode's client no longer has one (it
+bounds its commands with ``asyncio.timeout``: ``autoscaler.state.cluster.connect``), and
+our own code waits with ``asyncio.timeout``; stops still cancel with
+:func:`cancel_and_wait`, so that a task inside any other library's ``wait_for`` cannot
+hang them (docs/reliability.md, "Stopping tasks that talk to Redis").
 """
 
 from __future__ import annotations

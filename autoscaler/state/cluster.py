@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
@@ -324,22 +325,64 @@ class ClusterLoad:
 
 
 def connect(url: str, ttl_s: float) -> Any:
-    """A redis-py asyncio client (imported here: only cluster mode needs redis)."""
-    import redis.asyncio as aioredis
+    """A redis-py asyncio client (imported here: only cluster mode needs redis).
+
+    Every command answers within a third of the lease, or fails: a hung Redis must not
+    hold the lease loop past the lease's own deadline. No retries with backoff inside the
+    client: the replica's next round (250 ms later) is the retry.
+
+    The bound is ours (``asyncio.timeout`` around each command and each pipeline), not
+    redis-py's ``socket_timeout``: with a socket timeout, redis-py sends every command
+    under ``asyncio.wait_for``, which on Python 3.11 drops a cancellation that comes in
+    the same turn of the loop as the send's end, so a task that sends commands could be
+    cancelled over and over before it stopped (a loop of EVALs on loopback took up to
+    minutes; tests/state/test_cancel.py). Reads under redis-py's own timeout use
+    ``asyncio.timeout`` too, which keeps cancellations.
+    """
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    # Every command answers within a third of the lease, or fails: a hung Redis must not
-    # hold the lease loop past the lease's own deadline. No retries with backoff inside
-    # the client: the replica's next round (250 ms later) is the retry.
     timeout = max(0.05, ttl_s / 3)
-    return aioredis.Redis.from_url(
+    client = _bounded_redis().from_url(
         url,
         decode_responses=True,
-        socket_timeout=timeout,
+        socket_timeout=None,  # not redis-py's default (5 s), which sends under wait_for
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
     )
+    client.command_timeout_s = timeout
+    return client
+
+
+@functools.cache
+def _bounded_redis() -> Any:
+    """redis-py's client and pipeline with each command (each pipeline's execution)
+    bounded by ``command_timeout_s`` through ``asyncio.timeout``."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.client import Pipeline
+
+    class BoundedPipeline(Pipeline):
+        command_timeout_s: float | None = None
+
+        async def execute(self, raise_on_error: bool = True) -> list[Any]:
+            async with asyncio.timeout(self.command_timeout_s):
+                return await super().execute(raise_on_error)
+
+    class BoundedRedis(aioredis.Redis):
+        command_timeout_s: float | None = None
+
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            async with asyncio.timeout(self.command_timeout_s):
+                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+        def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Any:
+            pipe = BoundedPipeline(
+                self.connection_pool, self.response_callbacks, transaction, shard_hint
+            )
+            pipe.command_timeout_s = self.command_timeout_s
+            return pipe
+
+    return BoundedRedis
 
 
 class Cluster:
@@ -645,7 +688,8 @@ class Cluster:
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(*channels)
+                async with asyncio.timeout(getattr(self.redis, "command_timeout_s", None)):
+                    await pubsub.subscribe(*channels)
                 if failing:
                     _log.info("cluster_view_push_back", replica=self.replica_id)
                 failing = False
