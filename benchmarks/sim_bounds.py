@@ -29,7 +29,11 @@ wait. The rule: keep ``--think-s`` (past the think times), and through the whole
 visits (gaps over ``--think-s``) come on average more often than every X seconds, X
 swept. The **two-sided** rule counts the visits in the hour before and the hour after
 the gap (it sees the future: no policy can have it); the **causal** one counts those in
-the ``--window-s`` before. Each is printed at the fixed timer's waits (``keep T``).
+the ``--window-s`` before. On a trace of several days, two more count the visits in the
+hour around the same time of day on the **other days** (the days after too: a rate per
+hour of the day known in advance) and on the **past days** only (what a policy that
+learns a daily profile can do; the first day keeps 120 s). Each is printed at the fixed
+timer's waits (``keep T``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from autoscaler.sim.run import config_resolver, simulate
 from autoscaler.sim.trace import Trace
 
 MIN_GAP_S = 2.0
+DAY_S = 86400.0
 
 
 def memoryless_bound(trace: Trace, waits: int, cycle_s: float) -> float:
@@ -116,16 +121,44 @@ def day_cycle(trace: Trace, cycle_s: float, think_s: float, window_s: float) -> 
 
         return keep
 
-    # Both rules' curves, read at the fixed timer's waits along their lower envelopes.
+    end = trace.end
+    days = int(end // DAY_S) + 1
+
+    def daily(x: float, past_only: bool) -> Callable[[float, list[float]], float]:
+        """The visit rate at this time of day, counted over the other days (the hour
+        around it); the first day, with no day before it, keeps the fixed 120 s."""
+
+        def keep(t: float, visits: list[float]) -> float:
+            seen, hours = 0, 0
+            for d in range(-days, days + 1):
+                mid = t + d * DAY_S
+                if d == 0 or (past_only and d > 0) or mid < 1800 or mid > end - 1800:
+                    continue
+                seen, hours = seen + _count(visits, mid - 1800, mid + 1800), hours + 1
+            if not hours:
+                return 120.0
+            return math.inf if seen and hours * 3600 / seen < x else think_s
+
+        return keep
+
+    rules: dict[str, Callable[[float], Callable[[float, list[float]], float]]] = {
+        "two-sided": lambda x: rule(x, 3600.0, 3600.0),
+        "causal": lambda x: rule(x, window_s, 0.0),
+    }
+    if days > 1:
+        rules["other days"] = lambda x: daily(x, past_only=False)
+        rules["past days"] = lambda x: daily(x, past_only=True)
+
+    # The rules' curves, read at the fixed timer's waits along their lower envelopes.
     curves = Frontier([], {}, trace.end)
     for x in (100.0 * 1.15**i for i in range(40)):
-        for name, lo_s, hi_s in (("two-sided", 3600.0, 3600.0), ("causal", window_s, 0.0)):
-            waits, cost = replay(rule(x, lo_s, hi_s))
+        for name, make in rules.items():
+            waits, cost = replay(make(x))
             curves.points.append(Point(name, "every_s", x, waits, cost, trace.requests))
     for keep_s in (30.0, 60.0, 120.0, 300.0, 600.0):
         waits, cost = replay(lambda t, v, k=keep_s: k)
         line = f"  keep {keep_s:.0f}s: {waits} woken, {cost:.0f} m·s"
-        for name in ("two-sided", "causal"):
+        for name in rules:
             got = curves.at_waits(name, waits)
             line += f"; {name} " + ("-" if got is None else f"{got / cost:.3f}x")
         print(line)
