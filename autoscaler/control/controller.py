@@ -153,7 +153,7 @@ class Controller:
             backoff_max_s=settings.control.api_backoff_max_s,
             lease_skip_s=settings.control.tick_s,
         )
-        self.waker = Waker(api, self.actuator, metrics)
+        self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s)
         self.apps: dict[str, AppRuntime] = {}
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None
         """Called with each app's first list, whichever read it (a tick or a wake)."""
@@ -223,6 +223,7 @@ class Controller:
         self.settings = settings
         self.actuator.backoff_max_s = settings.control.api_backoff_max_s
         self.actuator.lease_skip_s = settings.control.tick_s
+        self.waker.api_timeout_s = settings.control.api_timeout_s
         for name in self._sync_apps(settings.apps):
             rt = self.apps.pop(name)
             self._pacers.pop(name, None)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from autoscaler.control.actions import Actuator
 from autoscaler.control.runtime import AppRuntime
-from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
@@ -54,10 +54,14 @@ class WakeError(Exception):
 
 
 class Waker:
-    def __init__(self, api: MachinesAPI, actuator: Actuator, metrics: Metrics) -> None:
+    def __init__(
+        self, api: MachinesAPI, actuator: Actuator, metrics: Metrics, api_timeout_s: float = 5.0
+    ) -> None:
         self.api = api
         self.actuator = actuator
         self.metrics = metrics
+        self.api_timeout_s = api_timeout_s
+        """Bound of the one attempt of a refresh between tries (``control.api_timeout_s``)."""
 
     async def refresh(self, rt: AppRuntime) -> None:
         clock = self.actuator.clock
@@ -179,7 +183,11 @@ class Waker:
         return took
 
     async def _refresh_quietly(self, rt: AppRuntime) -> None:
+        """Read the app again between two tries: one attempt, as a tick makes (the wake's
+        next turn is the retry; the client's retries would add seconds to a wake that an
+        API error interrupted)."""
         try:
-            await self.refresh(rt)
+            with one_attempt(self.api_timeout_s):
+                await self.refresh(rt)
         except FlyError as exc:
             _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))

@@ -523,6 +523,36 @@ async def test_a_transient_api_error_on_the_only_machine_is_retried_within_the_w
     assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 1
 
 
+async def test_a_wake_reads_again_between_tries_with_one_attempt(
+    api: FakeMachinesAPI, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refreshes between a wake's tries run under ``one_attempt`` (as a tick's calls):
+    with the client's retries (5, with backoff) a refresh during an outage took seconds,
+    and paced the wake's tries instead of their 0.25-1 s. The app's first read keeps
+    them (nothing is known of it yet)."""
+    from autoscaler.fly import client as fly_client
+
+    api.add(APP, "suspended")
+    api.fail["start_machine"] = [ServerError(500, "internal error")]
+    rig = Rig(api, clock, wake_timeout_s=30)
+    bounds: list[float | None] = []
+    list_machines = api.list_machines
+
+    async def recording(app: str) -> list[m.Machine]:
+        bounds.append(fly_client._one_attempt.get())  # the bound the client would apply
+        return await list_machines(app)
+
+    monkeypatch.setattr(api, "list_machines", recording)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(0.3)
+    assert await task == "resume"
+    timeout = rig.ctl.settings.control.api_timeout_s
+    assert bounds[0] is None  # the first read
+    assert len(bounds) >= 2
+    assert set(bounds[1:]) == {timeout}
+
+
 async def test_a_resume_asked_to_retry_much_later_gives_way_to_a_cold_start(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
