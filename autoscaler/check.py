@@ -15,6 +15,7 @@ from autoscaler.config import ConfigError, Settings, load_settings
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import FlyError
+from autoscaler.scaling.keepalive import fallback_keep_s
 
 API_TIMEOUT_S = 5.0
 
@@ -44,8 +45,7 @@ def summary(settings: Settings) -> list[str]:
             lines.append(f"  {app.name:<20} {hosts}  static: {', '.join(app.backends)}")
             continue
         if app.keep_alive == "adaptive":
-            # Until it has learned, the fixed timer decides (docs/policy.md).
-            fallback = min(app.idle_to_zero_s, app.wake_cost_s)
+            fallback = fallback_keep_s(app)  # the fixed timer decides until it has learned
             keep = (
                 f"keep-alive adaptive (wake cost {app.wake_cost_s:g}s, until learned {fallback:g}s)"
             )

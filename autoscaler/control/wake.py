@@ -24,6 +24,7 @@ that pause, and the wake moves on.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from autoscaler.control.actions import Actuator
@@ -97,16 +98,19 @@ class Waker:
                 fleet = rt.fleet(view, now, urgent=True)
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
                 if action is not None and action.kind == "start":
-                    first = [
-                        (r.at, mid)
-                        for mid, r in again.items()
-                        if mid in failed
-                        and r.kind == "resume"
-                        and r.tries == 1
-                        and r.pause <= RETRY_MAX_S  # not a long Retry-After
-                    ]
-                    if first and min(first)[0] < deadline:
-                        at, mid = min(first)
+                    # A resume an API error failed once (not told to wait long) goes first.
+                    at, mid = min(
+                        (
+                            (r.at, m)
+                            for m, r in again.items()
+                            if m in failed
+                            and r.kind == "resume"
+                            and r.tries == 1
+                            and r.pause <= RETRY_MAX_S
+                        ),
+                        default=(math.inf, ""),
+                    )
+                    if at < deadline:
                         await act.sleep(max(0.0, at - now))
                         failed.discard(mid)
                         continue

@@ -294,6 +294,13 @@ class Phase:
     why: str
 
 
+def fallback_keep_s(app: AppConfig) -> float:
+    """The keep while nothing is learned: the fixed timer, but never longer than one wake
+    is worth (keeping for ``wake_cost_s``, the break-even rule of ski rental, costs at most
+    twice what the best choice in hindsight would have, whatever the gaps)."""
+    return min(app.idle_to_zero_s, app.wake_cost_s)
+
+
 def step(
     state: KeepAliveState,
     app: AppConfig,
@@ -327,10 +334,7 @@ def step(
             idle_from = t
     if plan is None or idle_from is None:
         new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned)
-        # The fixed timer, but never longer than one wake is worth: with nothing learned,
-        # keeping for wake_cost_s (the break-even rule of ski rental) costs at most twice
-        # what the best choice in hindsight would have, whatever the gaps.
-        keep = min(fixed, app.wake_cost_s)
+        keep = fallback_keep_s(app)
         why = f"adaptive: {gaps.count:.0f} gaps learned, not representative: fixed timer {keep:g}s"
         return new, Phase(keep, False, outcome, None, why)
     idle_for = now - idle_from

@@ -117,11 +117,7 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
     if args.duration_ms <= 0:
         raise ValueError(f"--duration-ms: expected a number > 0, got {args.duration_ms:g}")
     if args.generate:
-        trace = from_rows(_generated(args))
-        if args.app is not None:
-            trace = trace.only(args.app)
-        if args.max_apps is not None:
-            trace = trace.busiest(args.max_apps)
+        trace = from_rows(_generated(args)).pick(args.app, args.max_apps)
     else:
         trace = read_trace(
             Path(args.trace),

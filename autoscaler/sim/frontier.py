@@ -286,13 +286,10 @@ def plot(frontier: Frontier, path: str) -> None:
     ax.set_title("cost against waits, each strategy's knob swept (line: its envelope)")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    first = None
     for i, name in enumerate(rows, start=1):
         row = axes[i][0]
-        if first is None:
-            first = row
-        else:
-            row.sharex(first)
+        if i > 1:
+            row.sharex(axes[1][0])
         xs, ys, level = [0.0], [0], 0
         for t, delta in sorted(frontier.per_app[(name, SWEEPS[name][2])][str(app)].changes):
             level += delta

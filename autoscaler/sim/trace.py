@@ -56,6 +56,11 @@ class Trace:
         """The apps named (an app matches its full name or a unique prefix of it)."""
         return Trace({a: self.apps[a] for a in select(self.apps, names)})
 
+    def pick(self, only: Iterable[str] | None, busiest: int | None) -> Trace:
+        """The apps named in ``only`` (if given), then the ``busiest`` of them (if given)."""
+        trace = self if only is None else self.only(only)
+        return trace if busiest is None else trace.busiest(busiest)
+
     def busiest(self, count: int) -> Trace:
         """The ``count`` apps with the most requests (ties by name, for reproducibility)."""
         sizes = {a: len(r) for a, r in self.apps.items()}
@@ -235,10 +240,7 @@ def read_trace(
         if kind == "azure":
             return read_azure(path, duration_s, only, busiest)
         if kind == "csv":
-            trace = read_csv(path)
-            if only is not None:
-                trace = trace.only(only)
-            return trace if busiest is None else trace.busiest(busiest)
+            return read_csv(path).pick(only, busiest)
     except FileNotFoundError:
         raise TraceError(f"{path}: no such file") from None
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:

@@ -342,7 +342,7 @@ def connect(url: str, ttl_s: float) -> Any:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    timeout = max(0.05, ttl_s / 3)
+    timeout = command_timeout_s(ttl_s)
     client = _bounded_redis().from_url(
         url,
         decode_responses=True,
@@ -352,6 +352,11 @@ def connect(url: str, ttl_s: float) -> Any:
     )
     client.command_timeout_s = timeout
     return client
+
+
+def command_timeout_s(ttl_s: float) -> float:
+    """How long one Redis command may take: a third of the lease TTL."""
+    return max(0.05, ttl_s / 3)
 
 
 @functools.cache
@@ -688,7 +693,7 @@ class Cluster:
         while True:
             pubsub = self.redis.pubsub()
             try:
-                async with asyncio.timeout(getattr(self.redis, "command_timeout_s", None)):
+                async with asyncio.timeout(command_timeout_s(self.settings.lease_ttl_s)):
                     await pubsub.subscribe(*channels)
                 if failing:
                     _log.info("cluster_view_push_back", replica=self.replica_id)
