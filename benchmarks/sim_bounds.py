@@ -34,6 +34,12 @@ hour around the same time of day on the **other days** (the days after too: a ra
 hour of the day known in advance) and on the **past days** only (what a policy that
 learns a daily profile can do; the first day keeps 120 s). Each is printed at the fixed
 timer's waits (``keep T``).
+
+``--excess 300,1500`` prints instead, for each ``wake_cost_s`` c given, how much adaptive
+spends above the best all-or-nothing keep of each app, in the plan's own cost units
+(machine-seconds plus c per wait; the best keep of an app with idle seconds G and n gaps
+costs min(G, n (c + cycle))), in total and by the app's number of gaps and mean gap: where
+a change to the adaptive keep-alive gains or loses, app by app (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -91,6 +97,33 @@ def idle_gaps(requests: list[tuple[float, float]]) -> tuple[float, list[tuple[fl
         else:
             end = max(end, z)
     return busy + end - start, gaps
+
+
+def excess(trace: Trace, cost: float, cycle_s: float) -> None:
+    """Adaptive's cost above each app's best all-or-nothing keep at ``wake_cost_s`` = cost."""
+    resolve = config_resolver({}, {})
+    report = simulate(trace, resolve, Timings(), ["adaptive"], overrides={"wake_cost_s": cost})
+    stats = report.stats[report.strategies[0]]
+    rows: list[tuple[float, int, float]] = []  # excess, gaps, mean gap
+    best_total = 0.0
+    for app, requests in trace.apps.items():
+        busy, gaps = idle_gaps(requests)
+        long = [g for _, g in gaps if g >= MIN_GAP_S]
+        short = sum(g for _, g in gaps if g < MIN_GAP_S)
+        # The first request wakes a machine whatever the policy.
+        best = busy + short + cost + min(sum(long), len(long) * (cost + cycle_s))
+        got = stats[app].up_s + cost * stats[app].wake_waits
+        rows.append((got - best, len(long), sum(long) / len(long) if long else 0.0))
+        best_total += best
+    total = sum(r[0] for r in rows)
+    print(f"  wake_cost_s {cost:g}: {total:.0f} above the best keeps' {best_total:.0f}"
+          f" ({100 * total / best_total:.1f}%)")  # fmt: skip
+    for lo, hi in ((0, 8), (8, 30), (30, 100), (100, 1000), (1000, math.inf)):
+        part = sum(r[0] for r in rows if lo <= r[1] < hi)
+        print(f"    apps with {lo}-{hi:g} gaps: {part:.0f}")
+    for lo, hi in ((0, 0.5), (0.5, 1), (1, 2), (2, math.inf)):
+        part = sum(r[0] for r in rows if r[1] and lo <= r[2] / cost < hi)
+        print(f"    mean gap {lo:g}-{hi:g} x wake_cost_s: {part:.0f}")
 
 
 def _count(times: list[float], lo: float, hi: float) -> int:
@@ -172,6 +205,7 @@ def main() -> None:
     parser.add_argument("--cycle-s", type=float, default=2.5)
     parser.add_argument("--think-s", type=float, default=60.0)
     parser.add_argument("--window-s", type=float, default=3600.0)
+    parser.add_argument("--excess", default="", help="wake_cost_s values (comma-separated)")
     args = parser.parse_args()
     trace = Trace()
     for t, app, duration in generate(args.shape, seed=args.seed, hours=args.hours):
@@ -179,6 +213,10 @@ def main() -> None:
     resolve = config_resolver({}, {})
     horizon = args.hours * 3600
     print(f"{args.shape}, seed {args.seed}, {args.hours:g} h, {trace.requests} requests")
+    if args.excess:
+        for cost in (float(c) for c in args.excess.split(",")):
+            excess(trace, cost, args.cycle_s)
+        return
     if args.shape == "sessions":
         day_cycle(trace, args.cycle_s, args.think_s, args.window_s)
         return
