@@ -438,8 +438,8 @@ class AppConfig(_Model):
     min_lifetime_s: Seconds = Field(
         default=30.0,
         description=(
-            "never remove a machine started less than this ago (except a sleep the"
-            " adaptive keep-alive plans before a pre-warm)"
+            "never remove a machine started less than this ago (except a sleep that the"
+            " adaptive keep-alive planned)"
         ),
     )
     drain_timeout_s: Seconds = Field(

@@ -14,7 +14,8 @@ of one idle gap under the histogram,
 which is the same rule with the percentiles picked by the cost knob (docs/policy.md). When
 the histogram is not representative yet (fewer than ``MIN_GAPS`` gaps), or most gaps fall
 beyond its range, the fixed timer decides instead: ``idle_to_zero_s``, or ``wake_cost_s``
-if shorter (the break-even rule: keep for as long as one wake is worth).
+if shorter (the break-even rule: keep for as long as one wake is worth), unless the gaps
+seen so far say that sleeping at once, or keeping for ``wake_cost_s``, costs less.
 
 Pure: no clock, no I/O. Every value here is frozen and carried in ``PolicyState``.
 """
@@ -58,6 +59,11 @@ PLAN_EVERY = 4
 WINDOW_SHARE = 0.2
 """A pre-warm window must hold at least this share of the gaps (and 3 of them): fewer is
 noise (a hole between two rare long gaps), not a pattern."""
+PREWARM_DOUBT = 2.0
+"""A plan that sleeps before a pre-warm is charged this many waits more than its histogram
+shows in the sleep: among a few dozen gaps, a stretch of several bins is often empty by
+chance, and the plan, the cheapest of all the stretches, finds the luckiest one. Without
+it, apps with memoryless gaps slept through such holes and waited in them (docs/policy.md)."""
 KEEP_SPREAD_BINS = 10
 """When choosing how long to keep without a pre-warm, each gap is spread evenly over the
 bins this many either side of its own (10 bins: a factor of two): the few long gaps
@@ -99,6 +105,8 @@ class Plan:
     """Decayed count of gaps the plan was learned from."""
     p5_s: float
     p99_s: float
+    early: bool = False
+    """Chosen on the few gaps seen before the histogram is representative: a keep only."""
     text: str = ""
     """``describe()``, made once."""
 
@@ -106,6 +114,11 @@ class Plan:
         object.__setattr__(self, "text", self.describe())
 
     def describe(self) -> str:
+        if self.early:
+            return (
+                f"keep {self.sleep_after_s:.0f}s (cheaper than the fixed timer on the "
+                f"{self.gaps:.0f} gaps seen, too few to plan on)"
+            )
         learned = f"{self.gaps:.0f} gaps, p5 {self.p5_s:.0f}s, p99 {self.p99_s:.0f}s"
         if self.prewarm_at_s is None:
             return f"keep {self.sleep_after_s:.0f}s ({learned})"
@@ -158,9 +171,11 @@ class GapHistogram:
         total = self.count
         return total >= MIN_GAPS and self.beyond <= MAX_OUT_OF_RANGE * total
 
-    def plan(self, wake_cost_s: float) -> Plan | None:
-        """The cheapest (sleep, pre-warm, keep-until) for the next gap; None if the
-        histogram is not representative.
+    def plan(self, wake_cost_s: float, fallback_s: float) -> Plan | None:
+        """The cheapest (sleep, pre-warm, keep-until) for the next gap. If the histogram
+        is not representative: the cheaper of sleeping at once and keeping for
+        ``wake_cost_s`` on the gaps seen, if one costs less there than the fixed timer
+        (``fallback_s``); None (the fixed timer) otherwise.
 
         Costs per gap, with gaps at their bin's middle, S <= W <= K on the bin edges and
         N gaps of which C(j) fall below edge j and G(j) is their sum:
@@ -173,7 +188,7 @@ class GapHistogram:
         costs k(K) alone; that K is chosen with the gaps spread KEEP_SPREAD_BINS wide.
         """
         if not self.representative():
-            return None
+            return self._early(wake_cost_s, fallback_s)
         c = wake_cost_s
         n = self.count
         # Each gap spread a little over the bins next to its own (SPREAD each side), so
@@ -225,7 +240,7 @@ class GapHistogram:
             if k_min > BINS:
                 continue
             k = suffix[k_min]
-            cost = s_cost + wakes[w] + keeps[k]
+            cost = s_cost + wakes[w] + keeps[k] + c * PREWARM_DOUBT
             if cost < best_cost - 1e-9:
                 best_cost, best = cost, (s_best, w, k)
         s, w_opt, k = best
@@ -237,6 +252,26 @@ class GapHistogram:
             p5_s=self.quantile(0.05),
             p99_s=self.quantile(0.99),
         )
+
+    def _early(self, wake_cost_s: float, fallback_s: float) -> Plan | None:
+        """Before the histogram can be planned on, the few gaps seen still tell apart an
+        app whose gaps are all long (sleep at once: each costs a wait, where the fixed
+        timer adds its length to it) from one whose gaps are shorter than one wake is
+        worth but longer than the timer (keep for ``wake_cost_s``). Only these two keeps
+        are weighed against the timer: a handful of gaps is too few to place a keep
+        between them. The first gap, with nothing seen, keeps the fixed timer."""
+        if self.total <= 0:
+            return None
+        keeps = _keeping(self.weights, self.total, wake_cost_s)[3]
+        timer = min(BINS, bisect_left(EDGES, fallback_s))
+        best = timer
+        for k in (0, min(BINS, bisect_left(EDGES, wake_cost_s))):
+            if keeps[k] < keeps[best] - 1e-9:
+                best = k
+        if best == timer:
+            return None
+        edge = EDGES[best]
+        return Plan(edge, None, edge, self.total, self.quantile(0.05), self.quantile(0.99), True)
 
 
 def _keeping(
@@ -324,8 +359,10 @@ def step(
             if gap >= MIN_GAP_S:
                 gaps = gaps.add(gap)
                 unplanned += 1
-                if plan is None or unplanned >= PLAN_EVERY:
-                    plan, unplanned = gaps.plan(app.wake_cost_s), 0
+                # Early plans are made again at every gap, until the histogram is
+                # representative.
+                if plan is None or plan.early or unplanned >= PLAN_EVERY:
+                    plan, unplanned = gaps.plan(app.wake_cost_s, fallback_keep_s(app)), 0
         if prewarmed:
             outcome, prewarmed = "hit", False
     idle_from = state.idle_from

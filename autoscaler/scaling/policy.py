@@ -407,10 +407,10 @@ def decide(
         why.append(f"pre-warm {phase.outcome}")
     desired = count.desired
     # min_lifetime_s keeps a machine from flapping with demand. A sleep that the adaptive
-    # keep-alive planned, with a pre-warm before the next request, is no flap: the plan
-    # priced the cycle, and holding every pre-warmed machine up for min_lifetime_s would
-    # keep a timer app that runs every minute up half the time.
-    planned = idle and keepalive.plan is not None and keepalive.plan.prewarm_at_s is not None
+    # keep-alive planned is no flap: the plan priced the cycle, and holding every woken
+    # machine up for min_lifetime_s would keep a timer app that runs every minute up half
+    # the time, and an app whose gaps are long up 30 s for every request.
+    planned = idle and keepalive.plan is not None
     lifetime = 0.0 if planned and policy.keep_alive == "adaptive" else policy.min_lifetime_s
     actions = _plan(g, count, policy, now, in_panic, why, lifetime)
     if phase.prewarm:
