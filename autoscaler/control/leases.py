@@ -159,7 +159,7 @@ class Leases:
     async def release(self, held: Held) -> None:
         """Give the lease back. A failure only logs: the lease lapses after its TTL."""
         if held.keeper is not None:
-            held.keeper.cancel()
+            await cancel_and_wait([held.keeper])
         try:
             await self.api.release_machine_lease(held.app, held.machine_id, held.nonce)
         except NotFound:

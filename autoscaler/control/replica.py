@@ -511,7 +511,7 @@ class Replica:
         finally:
             self._claimed.discard(claim.app)
             WAKE_FENCE.reset(fence)
-            keeper.cancel()  # if the cancellation is dropped, it stops at its next renewal
+            await cancel_and_wait([keeper])
             await claim.release()
 
     @contextlib.asynccontextmanager
