@@ -49,13 +49,13 @@ import bisect
 import math
 from collections.abc import Callable
 
+from autoscaler.scaling.keepalive import MIN_GAP_S
 from autoscaler.sim.frontier import Frontier, Point
 from autoscaler.sim.generate import generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.run import config_resolver, simulate
 from autoscaler.sim.trace import Trace
 
-MIN_GAP_S = 2.0
 DAY_S = 86400.0
 
 
@@ -64,9 +64,8 @@ def memoryless_bound(trace: Trace, waits: int, cycle_s: float) -> float:
     busy = 0.0
     items: list[tuple[float, int]] = []
     for requests in trace.apps.values():
-        app_busy, gaps = idle_gaps(requests)
-        busy += app_busy + sum(g for _, g in gaps if g < MIN_GAP_S)
-        long = [g for _, g in gaps if g >= MIN_GAP_S]
+        app_busy, long = busy_and_idle(requests)
+        busy += app_busy
         items.append((sum(long), len(long)))
     # The first request of each app wakes a machine whatever the policy.
     cost, made = busy, len(trace.apps)
@@ -99,6 +98,14 @@ def idle_gaps(requests: list[tuple[float, float]]) -> tuple[float, list[tuple[fl
     return busy + end - start, gaps
 
 
+def busy_and_idle(requests: list[tuple[float, float]]) -> tuple[float, list[float]]:
+    """The seconds one app must be up (its busy time, and gaps under MIN_GAP_S, which no
+    policy sleeps through) and its idle gaps a policy may sleep through."""
+    busy, gaps = idle_gaps(requests)
+    busy += sum(g for _, g in gaps if g < MIN_GAP_S)
+    return busy, [g for _, g in gaps if g >= MIN_GAP_S]
+
+
 def excess(trace: Trace, cost: float, cycle_s: float) -> None:
     """Adaptive's cost above each app's best all-or-nothing keep at ``wake_cost_s`` = cost."""
     resolve = config_resolver({}, {})
@@ -107,11 +114,9 @@ def excess(trace: Trace, cost: float, cycle_s: float) -> None:
     rows: list[tuple[float, int, float]] = []  # excess, gaps, mean gap
     best_total = 0.0
     for app, requests in trace.apps.items():
-        busy, gaps = idle_gaps(requests)
-        long = [g for _, g in gaps if g >= MIN_GAP_S]
-        short = sum(g for _, g in gaps if g < MIN_GAP_S)
+        busy, long = busy_and_idle(requests)
         # The first request wakes a machine whatever the policy.
-        best = busy + short + cost + min(sum(long), len(long) * (cost + cycle_s))
+        best = busy + cost + min(sum(long), len(long) * (cost + cycle_s))
         got = stats[app].up_s + cost * stats[app].wake_waits
         rows.append((got - best, len(long), sum(long) / len(long) if long else 0.0))
         best_total += best

@@ -263,9 +263,10 @@ class GapHistogram:
         if self.total <= 0:
             return None
         keeps = _keeping(self.weights, self.total, wake_cost_s)[3]
-        timer = min(BINS, bisect_left(EDGES, fallback_s))
+        # The edges at (or just past) the timer and wake_cost_s; 4 h at most.
+        timer, long = (min(BINS, bisect_left(EDGES, s)) for s in (fallback_s, wake_cost_s))
         best = timer
-        for k in (0, min(BINS, bisect_left(EDGES, wake_cost_s))):
+        for k in (0, long):
             if keeps[k] < keeps[best] - 1e-9:
                 best = k
         if best == timer:
