@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 
 import pytest
@@ -177,7 +178,7 @@ def test_a_few_gaps_that_the_timer_fits_badly_are_not_left_to_it(
 ) -> None:
     plan = learned(gaps).plan(cost, timer)
     assert plan is not None
-    assert plan.early
+    assert plan.basis == "early"
     assert plan.prewarm_at_s is None
     assert plan.sleep_after_s == plan.keep_until_s == pytest.approx(keep, rel=0.1)
     assert "too few to plan on" in plan.text
@@ -195,10 +196,72 @@ def test_an_early_plan_is_made_again_at_every_gap_until_there_are_enough() -> No
         now += gap
         state = keepalive.step(state, app, now, now, now, 1)[0]
         assert state.plan is not None
-        assert state.plan.early is not state.gaps.representative()
+        assert (state.plan.basis == "early") is not state.gaps.representative()
         plans.append(state.plan)
     assert plans[0].keep_until_s >= 3000
-    assert not plans[-1].early
+    assert plans[-1].basis == "histogram"
+
+
+def _drive(app: AppConfig, gaps: list[float]) -> tuple[KeepAliveState, list[Plan | None]]:
+    """Step the keep-alive through requests separated by these idle gaps; its plans."""
+    now = 0.0
+    state = keepalive.step(KeepAliveState(), app, now, now, now, 1)[0]
+    plans: list[Plan | None] = []
+    for gap in gaps:
+        now += gap
+        state = keepalive.step(state, app, now, now, now, 1)[0]
+        plans.append(state.plan)
+    return state, plans
+
+
+@pytest.mark.parametrize(("period", "jitter"), [(60.0, 5.0), (3 * 3600.0, 5.0), (1800.0, 0.5)])
+def test_a_timer_is_prewarmed_from_its_third_gap_within_seconds_of_it(
+    period: float, jitter: float
+) -> None:
+    # The histogram needs 8 gaps (a day of a job every three hours) and times a window
+    # to its bins, 7% wide: 750 s early before a 3-hourly job. The last gaps, kept
+    # exactly, time it to the jitter.
+    rng = _rng(7)
+    gaps = [period + rng.uniform(-jitter, jitter) for _ in range(12)]
+    state, plans = _drive(ADAPTIVE, gaps)
+    assert all(p is None or p.basis != "regular" for p in plans[:2])
+    for i, plan in enumerate(plans[2:], start=2):
+        assert plan is not None
+        assert plan.basis == "regular"
+        assert plan.sleep_after_s <= keepalive.MIN_GAP_S
+        seen = gaps[max(0, i + 1 - keepalive.RECENT) : i + 1]
+        assert period - 3 * jitter - 1 <= plan.prewarm_at_s <= min(seen)  # type: ignore[operator]
+        assert max(seen) < plan.keep_until_s <= period + 5 * jitter + 1
+        assert "regular" in plan.text
+    assert len(state.recent) == keepalive.RECENT
+
+
+def test_a_regular_plan_gives_way_to_the_histogram_when_a_gap_breaks_the_rhythm() -> None:
+    gaps = [600.0 + d for d in (0.5, -1.0, 1.5, 0.0, -0.5, 1.0)]
+    _, plans = _drive(ADAPTIVE, [*gaps, 50.0, *gaps, 1.0 + 600.0, 600.0])
+    assert [p.basis if p else None for p in plans[2:6]] == ["regular"] * 4
+    # The 50 s gap is among the last eight for the next eight gaps: no regular plan.
+    assert all(p is None or p.basis != "regular" for p in plans[6:14])
+    assert plans[14] is not None
+    assert plans[14].basis == "regular"
+
+
+@pytest.mark.parametrize(("name", "mean"), [("exponential", 300.0), ("exponential", 30.0),
+                                            ("think times", 8.0)])  # fmt: skip
+def test_no_regular_plan_is_made_from_gaps_that_are_not_a_timers(name: str, mean: float) -> None:
+    # Three gaps within a few per cent of each other are rare by chance (0.6% of draws of
+    # three exponential gaps, then the first plan of an app only), eight never.
+    rng = _rng(8)
+
+    def draw(n: int) -> list[float]:
+        if name == "exponential":
+            return [rng.expovariate(1 / mean) for _ in range(n)]
+        return [rng.lognormvariate(math.log(mean), 0.8) for _ in range(n)]
+
+    three = sum(keepalive.regular_plan(draw(3), 300.0) is not None for _ in range(2000))
+    eight = sum(keepalive.regular_plan(draw(8), 300.0) is not None for _ in range(2000))
+    assert three <= 20
+    assert eight == 0
 
 
 def _decide(now: float, state: PolicyState, machine: MachineSnapshot) -> tuple[str, ...]:
@@ -279,6 +342,21 @@ def test_a_plan_is_always_within_its_bounds(gaps: list[float], cost: float) -> N
         assert MIN_PREWARM_S <= plan.prewarm_at_s < plan.keep_until_s
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    recent=st.lists(st.floats(0.0, 30000.0), min_size=0, max_size=keepalive.RECENT),
+    cost=st.floats(1.0, 10000.0),
+)
+def test_a_regular_plan_is_always_within_its_bounds(recent: list[float], cost: float) -> None:
+    plan = keepalive.regular_plan(recent, cost)
+    if plan is None:
+        return
+    assert plan.prewarm_at_s is not None
+    assert plan.sleep_after_s + keepalive.MIN_SLEEP_S <= plan.prewarm_at_s
+    assert MIN_PREWARM_S <= plan.prewarm_at_s <= min(recent)
+    assert max(recent) < plan.keep_until_s < MAX_GAP_S
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     arrivals=st.lists(st.floats(1.0, HOURS * 3600), min_size=1, max_size=150),
@@ -290,7 +368,9 @@ def test_never_keeps_longer_than_the_bound_nor_prewarms_more_than_the_bound_an_h
     # Taught a period, then driven tick by tick through arbitrary arrivals, machine down.
     rng = _rng(5)
     gaps = [period + rng.uniform(-2, 2) for _ in range(30)]
-    state = KeepAliveState(gaps=learned(gaps), plan=plan_of(gaps, ADAPTIVE.wake_cost_s))
+    plan = keepalive.regular_plan(gaps[-keepalive.RECENT :], ADAPTIVE.wake_cost_s)
+    assert plan is not None
+    state = KeepAliveState(gaps=learned(gaps), plan=plan, recent=tuple(gaps[-keepalive.RECENT :]))
     times = sorted(arrivals)
     bound = max(ADAPTIVE.idle_to_zero_s, MAX_GAP_S)
     prewarms: list[float] = []
