@@ -16,6 +16,16 @@ prints, at fly-autostop's number of waiting requests:
   through, and requests are served by one machine per app, so the bound is below what
   any policy reaches: on a trace of Poisson apps, no policy that cannot see the future
   does better.
+- the **best keep per app, in hindsight**: each app kept for the one length (from 0 to
+  all day) that, knowing the whole trace in advance, best trades its machine-seconds for
+  its waits, the lengths chosen together for the least machine-seconds at W waits (per
+  app the lower convex hull of its (waits, cost) points, then the hulls' segments taken
+  steepest first, one of them in part). Apps whose gaps are as regular as a timer's
+  (their standard deviation under a tenth of their mean) are pre-warmed for free: each
+  gap costs ``--cycle-s`` and no wait. No policy that keeps each app's machine for a
+  fixed time after its last request, or pre-warms only timers, does better; one that
+  follows the day's cycle within an app can, and the same bound with a keep chosen per
+  app and per hour of the trace says by how much (on ``azure-like``, docs/policy.md).
 - the **busy floor**: the share of fly-autostop's machine-seconds spent on apps that keep
   a machine up at least 90% of the day and average a request every 20 s or more often.
   Putting such an app to sleep for a second costs about as many waits as its rate (with
@@ -46,7 +56,9 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import math
+import statistics
 from collections.abc import Callable
 
 from autoscaler.scaling.keepalive import MIN_GAP_S
@@ -57,6 +69,9 @@ from autoscaler.sim.run import config_resolver, simulate
 from autoscaler.sim.trace import Trace
 
 DAY_S = 86400.0
+KEEPS = (0.0, *(MIN_GAP_S * 1.25**i for i in range(48)), math.inf)
+"""The keeps the hindsight bound chooses from: 2 s to 10 hours, 25% apart, and all day."""
+REGULAR_CV = 0.1
 
 
 def memoryless_bound(trace: Trace, waits: int, cycle_s: float) -> float:
@@ -79,6 +94,63 @@ def memoryless_bound(trace: Trace, waits: int, cycle_s: float) -> float:
             made = waits
         else:
             cost += idle
+    return cost
+
+
+def _lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The lower convex hull of (waits, cost) points, by waits ascending, cost falling."""
+    hull: list[tuple[int, float]] = []
+    for w, c in sorted(set(points)):
+        if hull and c >= hull[-1][1]:
+            continue  # more waits for no less cost
+        while len(hull) >= 2:
+            (w1, c1), (w2, c2) = hull[-2], hull[-1]
+            if (c2 - c1) * (w - w1) < (c - c1) * (w2 - w1):
+                break
+            hull.pop()  # (w2, c2) lies on or above the chord
+        hull.append((w, c))
+    return hull
+
+
+def _regular(gaps: list[float]) -> bool:
+    """Gaps as regular as a timer's: the hindsight bound pre-warms their app for free."""
+    return len(gaps) >= 3 and statistics.pstdev(gaps) < REGULAR_CV * statistics.mean(gaps)
+
+
+def _keep_points(gaps: list[float], cycle_s: float) -> list[tuple[int, float]]:
+    """(waits, machine-seconds) of these gaps under each of KEEPS."""
+    return [
+        (sum(1 for g in gaps if g > k), sum(g if g <= k else k + cycle_s for g in gaps))
+        for k in KEEPS
+    ]
+
+
+def hindsight_bound(trace: Trace, waits: int, cycle_s: float, block_s: float = math.inf) -> float:
+    """Machine-seconds of the best keep per app, known in advance, at ``waits`` waits
+    (timers pre-warmed for free; the module's docstring); with ``block_s``, a keep per
+    app and per block of that many seconds (the gaps that begin in it)."""
+    cost, made = 0.0, 0
+    segments: list[tuple[float, int]] = []  # (machine-seconds saved per wait, waits)
+    for requests in trace.apps.values():
+        busy, gaps = busy_and_idle(requests)
+        cost, made = cost + busy, made + 1  # the first request wakes it
+        if _regular(gaps):
+            cost += cycle_s * len(gaps)
+            continue
+        blocks: dict[float, list[float]] = {}
+        for start, gap in idle_gaps(requests)[1]:
+            if gap >= MIN_GAP_S:
+                blocks.setdefault(start // block_s, []).append(gap)
+        for part in blocks.values():
+            hull = _lower_hull(_keep_points(part, cycle_s))
+            cost, made = cost + hull[0][1], made + hull[0][0]
+            for (w1, c1), (w2, c2) in itertools.pairwise(hull):
+                segments.append(((c1 - c2) / (w2 - w1), w2 - w1))
+    for saved, n in sorted(segments, reverse=True):
+        take = min(n, waits - made)
+        if take <= 0:
+            break
+        cost, made = cost - saved * take, made + take
     return cost
 
 
@@ -107,12 +179,15 @@ def busy_and_idle(requests: list[tuple[float, float]]) -> tuple[float, list[floa
 
 
 def excess(trace: Trace, cost: float, cycle_s: float) -> None:
-    """Adaptive's cost above each app's best all-or-nothing keep at ``wake_cost_s`` = cost."""
+    """Adaptive's cost above each app's best all-or-nothing keep at ``wake_cost_s`` = cost,
+    and above its best keep in hindsight (timers pre-warmed for free)."""
     resolve = config_resolver({}, {})
     report = simulate(trace, resolve, Timings(), ["adaptive"], overrides={"wake_cost_s": cost})
     stats = report.stats[report.strategies[0]]
     rows: list[tuple[float, int, float]] = []  # excess, gaps, mean gap
     best_total = 0.0
+    above_keep = {True: 0.0, False: 0.0}  # by whether the app's gaps are regular
+    keep_total = 0.0
     for app, requests in trace.apps.items():
         busy, long = busy_and_idle(requests)
         # The first request wakes a machine whatever the policy.
@@ -120,6 +195,13 @@ def excess(trace: Trace, cost: float, cycle_s: float) -> None:
         got = stats[app].up_s + cost * stats[app].wake_waits
         rows.append((got - best, len(long), sum(long) / len(long) if long else 0.0))
         best_total += best
+        regular = _regular(long)
+        if regular:
+            keep = busy + cost + cycle_s * len(long)
+        else:
+            keep = busy + cost + min(c + cost * w for w, c in _keep_points(long, cycle_s))
+        above_keep[regular] += got - keep
+        keep_total += keep
     total = sum(r[0] for r in rows)
     print(f"  wake_cost_s {cost:g}: {total:.0f} above the best keeps' {best_total:.0f}"
           f" ({100 * total / best_total:.1f}%)")  # fmt: skip
@@ -129,6 +211,9 @@ def excess(trace: Trace, cost: float, cycle_s: float) -> None:
     for lo, hi in ((0, 0.5), (0.5, 1), (1, 2), (2, math.inf)):
         part = sum(r[0] for r in rows if r[1] and lo <= r[2] / cost < hi)
         print(f"    mean gap {lo:g}-{hi:g} x wake_cost_s: {part:.0f}")
+    regular, other = above_keep[True], above_keep[False]
+    print(f"    above the best keep per app in hindsight ({keep_total:.0f}): {regular + other:.0f}"
+          f" (apps with regular gaps {regular:.0f}, others {other:.0f})")  # fmt: skip
 
 
 def _count(times: list[float], lo: float, hi: float) -> int:
@@ -239,6 +324,12 @@ def main() -> None:
         line = f"  {name}: {total.wake_waits} woken, {total.up_s:.0f} m·s; "
         if args.shape == "memoryless":  # a bound only where every app is Poisson
             line += f"memoryless bound {bound:.0f} m·s ({bound / total.up_s:.2f}x); "
+        per_app = hindsight_bound(trace, total.wake_waits, args.cycle_s)
+        per_hour = hindsight_bound(trace, total.wake_waits, args.cycle_s, 3600.0)
+        line += (
+            f"best keep per app in hindsight {per_app / total.up_s:.2f}x, "
+            f"per app and hour {per_hour / total.up_s:.2f}x; "
+        )
         print(line + f"busy floor {busy:.0f} m·s ({busy / total.up_s:.2f}x)")
 
 
