@@ -1,13 +1,16 @@
 """What planning on a timer's last gaps gains over the histogram alone, one timer app at a time.
 
     .venv/bin/python benchmarks/sim_regular.py [--periods 60,180,1800,4380,10800] \\
-        [--costs 300,1500] [--late-s 5] [--hours 24]
+        [--costs 300,1500] [--late-s 5] [--hours 24] [--resume-cold-rate 1 --start-s 5]
 
 For each period: a day of one app called by a timer every ``period`` seconds from a random
-phase, each run up to ``--late-s`` late, replayed under ``adaptive`` twice in this run:
-with the regular plans (``keepalive.regular_plan``) and without them (the histogram
-alone, as before they existed). Prints the machine-seconds per run and the runs that
-waited for a wake, for each ``wake_cost_s``.
+phase, each run up to ``--late-s`` late, replayed under ``adaptive`` three times in this
+run: without the regular plans (``keepalive.regular_plan``: the histogram alone, as before
+they existed); with them but each pre-warm begun PREWARM_LEAD_S before its window (as
+before the lead was learned); and as shipped (the lead learned from the app's last
+pre-warms). Prints the machine-seconds per run and the runs that waited for a wake, for
+each ``wake_cost_s``. ``--resume-cold-rate`` and ``--start-s``: resumes that fall back to
+a cold boot, and how long one takes.
 """
 
 from __future__ import annotations
@@ -41,25 +44,33 @@ def main() -> None:
     parser.add_argument("--late-s", type=float, default=5.0)
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--resume-cold-rate", type=float, default=0.0)
+    parser.add_argument("--start-s", type=float, default=Timings().start_s)
     args = parser.parse_args()
     costs = [float(c) for c in args.costs.split(",")]
+    timings = Timings(resume_cold_rate=args.resume_cold_rate, start_s=args.start_s)
     print("| period | runs | wake_cost_s | histogram alone: m·s per run, waited "
-          "| with regular plans: m·s per run, waited |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|")
+          "| regular plans, 2 s lead | regular plans, learned lead |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|")
+    variants = (
+        {"REGULAR_MIN": 10**9},  # never regular
+        {"MAX_PREWARM_LEAD_S": keepalive.PREWARM_LEAD_S},
+        {"REGULAR_MIN": keepalive.REGULAR_MIN},  # as shipped
+    )
     resolve = config_resolver({}, {})
     for period in (float(p) for p in args.periods.split(",")):
         trace = timer_trace(period, args.late_s, args.hours, args.seed)
         runs = trace.requests
         for cost in costs:
             cells = []
-            for least in (10**9, keepalive.REGULAR_MIN):  # never regular; as shipped
-                with mock.patch.object(keepalive, "REGULAR_MIN", least):
+            for patched in variants:
+                with mock.patch.multiple(keepalive, **patched):
                     report = simulate(
-                        trace, resolve, Timings(), ["adaptive"], overrides={"wake_cost_s": cost}
+                        trace, resolve, timings, ["adaptive"], overrides={"wake_cost_s": cost}
                     )
                 stats = report.stats[report.strategies[0]]["timer"]
                 cells.append(f"{stats.up_s / runs:.1f}, {stats.wake_waits}")
-            print(f"| {period:g} s | {runs} | {cost:g} | {cells[0]} | {cells[1]} |")
+            print(f"| {period:g} s | {runs} | {cost:g} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

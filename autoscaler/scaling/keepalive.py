@@ -49,7 +49,11 @@ MIN_GAPS = 8.0
 MAX_OUT_OF_RANGE = 0.5
 """Share of gaps beyond MAX_GAP_S above which the histogram is not representative."""
 PREWARM_LEAD_S = 2.0
-"""A pre-warm begins this long before its window, so the resume is done when it opens."""
+"""A pre-warm begins at least this long before its window, so the resume is done when it
+opens; longer if the app's last pre-warms took longer to come up (a resume that fell back
+to a cold boot), up to MAX_PREWARM_LEAD_S."""
+MAX_PREWARM_LEAD_S = 10.0
+"""The longest lead: a cold boot on Fly takes one to several seconds."""
 MIN_PREWARM_S = 30.0
 """No pre-warm sooner than this after the app went idle (a suspend and a resume take
 seconds; keeping is cheaper below that). It also bounds pre-warms to 3600/30 an hour."""
@@ -115,7 +119,7 @@ class Plan:
     sleep_after_s: float
     """Put the last machine to sleep once the app has been idle this long."""
     prewarm_at_s: float | None
-    """Resume it when the app has been idle this long (minus PREWARM_LEAD_S); None: never."""
+    """Resume it when the app has been idle this long (minus the lead); None: never."""
     keep_until_s: float
     """Put it back to sleep (a pre-warm that missed) once idle this long."""
     gaps: float
@@ -364,6 +368,10 @@ class KeepAliveState:
     last_arrival: float | None = None
     prewarmed: bool = False
     """A pre-warm was made in the current idle period, and not yet judged hit or miss."""
+    prewarm_from: float | None = None
+    """When the latest pre-warm began, until a machine serves (then it is timed)."""
+    wakes: tuple[float, ...] = ()
+    """How long the last RECENT pre-warms took to bring a machine up (by the ticks)."""
     unplanned: int = 0
     """Gaps learned since the plan was made."""
     recent: tuple[float, ...] = ()
@@ -385,6 +393,12 @@ class Phase:
     why: str
 
 
+def prewarm_lead_s(wakes: Sequence[float]) -> float:
+    """How long before its window a pre-warm begins: as long as the slowest of the last
+    pre-warms took to bring a machine up, within PREWARM_LEAD_S and MAX_PREWARM_LEAD_S."""
+    return min(MAX_PREWARM_LEAD_S, max((PREWARM_LEAD_S, *wakes)))
+
+
 def fallback_keep_s(app: AppConfig) -> float:
     """The keep while nothing is learned: the fixed timer, but never longer than one wake
     is worth (keeping for ``wake_cost_s``, the break-even rule of ski rental, costs at most
@@ -399,13 +413,19 @@ def step(
     last_request_at: float | None,
     last_active: float | None,
     up: int,
+    serving: int | None = None,
 ) -> tuple[KeepAliveState, Phase]:
-    """Learn from what arrived since the previous decision, then say what to keep now."""
+    """Learn from what arrived since the previous decision, then say what to keep now.
+    ``up``: machines started or starting; ``serving``: of those, started (``up`` if
+    not given)."""
     fixed = app.idle_to_zero_s
     if app.keep_alive != "adaptive":
         return state, Phase(fixed, False, None, None, "")
     gaps, plan, prewarmed, unplanned = state.gaps, state.plan, state.prewarmed, state.unplanned
-    recent = state.recent
+    recent, prewarm_from, wakes = state.recent, state.prewarm_from, state.wakes
+    if prewarm_from is not None and (up if serving is None else serving) > 0:
+        # The pre-warm's machine serves: how long it took sets the next ones' lead.
+        wakes, prewarm_from = (*wakes[1 - RECENT :], now - prewarm_from), None
     outcome: Outcome | None = None
     if last_request_at is not None and (
         state.last_arrival is None or last_request_at > state.last_arrival
@@ -431,17 +451,25 @@ def step(
     for t in (last_request_at, last_active):
         if t is not None and (idle_from is None or t > idle_from):
             idle_from = t
+
+    def carried() -> KeepAliveState:
+        return KeepAliveState(
+            gaps=gaps, plan=plan, idle_from=idle_from, last_arrival=last_request_at,
+            prewarmed=prewarmed, prewarm_from=prewarm_from, wakes=wakes,
+            unplanned=unplanned, recent=recent,
+        )  # fmt: skip
+
     if plan is None or idle_from is None:
-        new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned, recent)
+        new = carried()
         keep = fallback_keep_s(app)
         why = f"adaptive: {gaps.count:.0f} gaps learned, not representative: fixed timer {keep:g}s"
         return new, Phase(keep, False, outcome, None, why)
     idle_for = now - idle_from
     s, w, k = plan.sleep_after_s, plan.prewarm_at_s, plan.keep_until_s
-    starts = None if w is None else max(s, w - PREWARM_LEAD_S)
+    starts = None if w is None else max(s, w - prewarm_lead_s(wakes))
     in_window = starts is not None and starts <= idle_for < k
     if in_window and up == 0 and not prewarmed:
-        prewarmed = True
+        prewarmed, prewarm_from = True, now
     if prewarmed and not in_window and idle_for >= k:
         outcome, prewarmed = "miss", False
     # The times the answer changes (the sleep, a pre-warm window opening and closing).
@@ -457,5 +485,4 @@ def step(
         why = f"adaptive: pre-warm, idle {idle_for:.0f}s ({plan.text})"
     else:
         why = f"adaptive: {plan.text}"
-    new = KeepAliveState(gaps, plan, idle_from, last_request_at, prewarmed, unplanned, recent)
-    return new, Phase(k if in_window else s, in_window, outcome, next_check, why)
+    return carried(), Phase(k if in_window else s, in_window, outcome, next_check, why)

@@ -346,7 +346,7 @@ def decide(
     # instant is not idleness either, even with idle_to_zero_s 0.
     # The idle time is idle_to_zero_s, or what the adaptive keep-alive says for now.
     keepalive, phase = keepalive_step(
-        state.keepalive, policy, now, last_request_at, load.last_active, up
+        state.keepalive, policy, now, last_request_at, load.last_active, up, ready
     )
     keep_s = phase.keep_s
 

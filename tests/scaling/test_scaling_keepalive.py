@@ -264,6 +264,34 @@ def test_no_regular_plan_is_made_from_gaps_that_are_not_a_timers(name: str, mean
     assert eight == 0
 
 
+def test_a_prewarm_leads_its_window_by_as_long_as_the_last_ones_took_to_come_up() -> None:
+    plan = Plan(2.0, 100.0, 130.0, 20.0, 100.0, 110.0)
+    state = KeepAliveState(gaps=learned([100.0] * 20), plan=plan, idle_from=0.0, last_arrival=0.0)
+
+    def at(now: float, up: int, serving: int, last: float) -> keepalive.Phase:
+        nonlocal state
+        state, phase = keepalive.step(state, ADAPTIVE, now, last, last, up, serving)
+        return phase
+
+    # Nothing learned: PREWARM_LEAD_S ahead.
+    assert not at(97.0, 0, 0, 0.0).prewarm
+    assert at(98.0, 0, 0, 0.0).prewarm
+    # A cold boot: starting for 6 s, then serving; the request comes at 110.
+    at(100.0, 1, 0, 0.0)
+    at(104.0, 1, 1, 0.0)
+    assert state.wakes == (6.0,)
+    assert at(110.0, 1, 1, 110.0).outcome == "hit"
+    # The next pre-warm begins 6 s before its window, at 110 + 100 - 6.
+    assert not at(203.0, 0, 0, 110.0).prewarm
+    assert at(204.0, 0, 0, 110.0).prewarm
+    # Never more than MAX_PREWARM_LEAD_S ahead, however slow a wake was.
+    at(250.0, 1, 1, 110.0)
+    assert keepalive.prewarm_lead_s(state.wakes) == keepalive.MAX_PREWARM_LEAD_S
+    assert state.wakes == (6.0, 46.0)
+    # Without `serving` a started-or-starting machine counts as serving.
+    assert keepalive.step(state, ADAPTIVE, 251.0, 110.0, 110.0, 1)[0].prewarm_from is None
+
+
 def _decide(now: float, state: PolicyState, machine: MachineSnapshot) -> tuple[str, ...]:
     d = decide(Fleet.of("a", [machine]), LoadWindows(60, 6), ADAPTIVE, now, state, 0.0)
     return tuple(f"{a.kind}:{a.reason}" for a in d.actions)
@@ -389,6 +417,6 @@ def test_never_keeps_longer_than_the_bound_nor_prewarms_more_than_the_bound_an_h
         if phase.prewarm:
             assert state.idle_from is not None
             assert now - state.idle_from < MAX_GAP_S
-    per_hour = 3600 / (MIN_PREWARM_S - PREWARM_LEAD_S) + 1
+    per_hour = 3600 / (MIN_PREWARM_S - keepalive.MAX_PREWARM_LEAD_S) + 1
     for start in range(0, int(HOURS * 3600), 600):
         assert sum(1 for t in prewarms if start <= t < start + 3600) <= per_hour

@@ -196,6 +196,20 @@ def test_skipping_is_exact_with_the_adaptive_keep_alive_and_its_prewarms() -> No
     assert fast.up_s < 30 * 120
 
 
+def test_prewarms_lead_by_as_long_as_the_apps_wakes_take() -> None:
+    # A timer every 60 s, pre-warmed from its third gap in a window timed to its 2 s of
+    # jitter. Every resume falls back to a 5 s cold boot: begun 2 s ahead, the pre-warm
+    # is still booting when the run comes (a wait at most runs); the lead learned from
+    # the first pre-warms' boots covers them.
+    requests = [(60.0 * k + (k % 3), 0.2) for k in range(120)]
+    knobs: dict[str, Any] = {"keep_alive": "adaptive", "wake_cost_s": 1500}
+    cold = Timings(resume_cold_rate=1.0, start_s=5.0)
+    stats = replay(requests, horizon=7300.0, timings=cold, **knobs)
+    assert stats.cold_resumes > 100
+    assert stats.wake_waits <= 6
+    assert stats.up_s < 120 * 20  # asleep most of each minute
+
+
 def test_a_snapshot_older_than_its_limit_resumes_cold_and_a_rate_makes_some_cold() -> None:
     requests = [(600.0 * i, 0.2) for i in range(12)]
     knobs: dict[str, Any] = {"idle_to_zero_s": 60, "scale_down_delay_s": 0, "min_lifetime_s": 0}
