@@ -1,6 +1,7 @@
 """The live controller with the adaptive keep-alive, against the emulator: after a request
 the machine is put to sleep, then resumed (pre-warmed) before the next request arrives,
-and the request that comes counts as a hit.
+and the request that comes counts as a hit. A pre-warm is timed until its machine serves,
+a cold boot included, for the lead of the next ones.
 
 The plan is given (a learned one needs dozens of real gaps of 30 s or more); everything
 else is the real controller, proxy and emulator.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 import aiohttp
@@ -24,7 +26,13 @@ from autoscaler.emulator import Emulator
 from autoscaler.fly.client import MachinesClient
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import ProxyServer
-from autoscaler.scaling.keepalive import GapHistogram, KeepAliveState, Plan
+from autoscaler.scaling.keepalive import (
+    MAX_PREWARM_LEAD_S,
+    GapHistogram,
+    KeepAliveState,
+    Plan,
+    prewarm_lead_s,
+)
 from autoscaler.scaling.policy import PolicyState
 
 APP = "web"
@@ -120,10 +128,28 @@ async def test_a_machine_is_resumed_before_the_request_its_plan_predicts(
             "autoscaler_scaling_actions_total", {"app": APP, "action": "resume", "result": "ok"}
         )
         assert resumes == 1
+        # The next pre-warm's snapshot is lost: a cold boot, timed from the resume to the
+        # first tick that sees the machine serving (not merely starting), so at least
+        # the boot; the slowest of the last ones is the next pre-warms' lead. Its window
+        # opens after the longest suspend, so that it does not take a suspend back.
+        emulator.set_faults(resume_cold_rate=1.0)
+        timing = emulator.settings.effective_timing()
+        longest = timing.suspend_s if isinstance(timing.suspend_s, float) else timing.suspend_s[1]
+        later = Plan(1.0, longest + 4.0, longest + 30.0, gaps=20, p5_s=6, p99_s=7)
+        keepalive = dataclasses.replace(rt.policy_state.keepalive, plan=later)
+        rt.policy_state = dataclasses.replace(rt.policy_state, keepalive=keepalive)
+        await until(lambda: state() == "suspended", timeout_s=longest + 10)
+        await until(lambda: len(rt.policy_state.keepalive.wakes) == 2)
+        events.append("pre-warmed cold")
+        boot = timing.start_s if isinstance(timing.start_s, float) else timing.start_s[0]
+        assert rt.policy_state.keepalive.wakes[-1] >= boot
+        assert prewarm_lead_s(rt.policy_state.keepalive.wakes) >= min(
+            MAX_PREWARM_LEAD_S, rt.policy_state.keepalive.wakes[-1]
+        )
     finally:
         await session.close()
         await proxy.stop()
         await controller.stop()
         await view.close()
         await client.aclose()
-    assert events == ["put to sleep", "pre-warmed"]
+    assert events == ["put to sleep", "pre-warmed", "pre-warmed cold"]
