@@ -90,6 +90,8 @@ bins this many either side of its own (10 bins: a factor of two): the few long g
 between visits would otherwise each pull the keep to just past themselves, and a plan that
 follows them costs more than any fixed length (docs/policy.md)."""
 
+_TIE = 1e-9
+"""Costs this close (relatively) are equal: they differ by the rounding of their sums."""
 _RATIO = (MAX_GAP_S / MIN_GAP_S) ** (1.0 / BINS)
 EDGES: tuple[float, ...] = (*(MIN_GAP_S * _RATIO**i for i in range(BINS)), MAX_GAP_S)
 """Bin b holds gaps in [EDGES[b], EDGES[b + 1])."""
@@ -239,14 +241,14 @@ class GapHistogram:
         # Without a pre-warm: the keep that is cheapest with the gaps spread wide. A plan
         # with one must beat the cheapest keep on the histogram it is placed on.
         wide = _keeping(_spread_evenly(raw, KEEP_SPREAD_BINS), n, c)[3]
-        keep_k = min(range(BINS + 1), key=wide.__getitem__)
+        keep_k = _shortest_cheapest(wide)
         best_cost = min(keeps)
         best: tuple[int, int | None, int] = (keep_k, None, keep_k)
         # Suffix minimum of keep(K) for K > W.
         suffix: list[int] = [BINS] * (BINS + 1)
         for k in range(BINS - 1, -1, -1):
             nxt = suffix[k + 1]
-            suffix[k] = k if keeps[k] <= keeps[nxt] else nxt
+            suffix[k] = k if keeps[k] <= keeps[nxt] + _TIE * abs(keeps[nxt]) else nxt
         support = max(3.0, WINDOW_SHARE * n)
         # Best S at or before each edge (a running minimum).
         s_best_at: list[int] = [0] * (BINS + 1)
@@ -342,6 +344,14 @@ def _keeping(
     later = [n - x if n > x else 0.0 for x in cum_c]
     keeps = [g + (e + c + CYCLE_S) * r for g, e, r in zip(cum_g, EDGES, later, strict=True)]
     return cum_c, cum_g, later, keeps
+
+
+def _shortest_cheapest(costs: Sequence[float]) -> int:
+    """The first (shortest) keep whose cost is the least, to rounding: past the longest
+    gap every keep costs the same, and the rounding of the sums must not pick 4 h over
+    the first keep past it."""
+    least = min(costs)
+    return next(j for j, x in enumerate(costs) if x <= least + _TIE * abs(least))
 
 
 def _spread_evenly(weights: Sequence[float], bins: int) -> list[float]:
