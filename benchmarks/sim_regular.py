@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from contextlib import nullcontext
 from unittest import mock
 
 from autoscaler.scaling import keepalive
@@ -52,10 +53,10 @@ def main() -> None:
     print("| period | runs | wake_cost_s | histogram alone: m·s per run, waited "
           "| regular plans, 2 s lead | regular plans, learned lead |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|")
-    variants = (
+    variants: tuple[dict[str, float], ...] = (
         {"REGULAR_MIN": 10**9},  # never regular
-        {"MAX_PREWARM_LEAD_S": keepalive.PREWARM_LEAD_S},
-        {"REGULAR_MIN": keepalive.REGULAR_MIN},  # as shipped
+        {"MAX_PREWARM_LEAD_S": keepalive.PREWARM_LEAD_S},  # the lead fixed at 2 s
+        {},  # as shipped
     )
     resolve = config_resolver({}, {})
     for period in (float(p) for p in args.periods.split(",")):
@@ -64,7 +65,8 @@ def main() -> None:
         for cost in costs:
             cells = []
             for patched in variants:
-                with mock.patch.multiple(keepalive, **patched):
+                patch = mock.patch.multiple(keepalive, **patched) if patched else nullcontext()
+                with patch:
                     report = simulate(
                         trace, resolve, timings, ["adaptive"], overrides={"wake_cost_s": cost}
                     )

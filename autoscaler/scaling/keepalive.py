@@ -56,7 +56,8 @@ MAX_PREWARM_LEAD_S = 10.0
 """The longest lead: a cold boot on Fly takes one to several seconds."""
 MIN_PREWARM_S = 30.0
 """No pre-warm sooner than this after the app went idle (a suspend and a resume take
-seconds; keeping is cheaper below that). It also bounds pre-warms to 3600/30 an hour."""
+seconds; keeping is cheaper below that). With the lead (MAX_PREWARM_LEAD_S at most) it
+bounds pre-warms to 3600 / (30 - 10) an hour."""
 SPREAD = 0.1
 """Share of each gap counted in each neighbouring bin when planning."""
 MIN_SLEEP_S = 30.0
@@ -80,8 +81,8 @@ REGULAR_MIN = 3
 rare by chance in any gaps but a timer's: 0.6% of draws of three exponential gaps, 0.05%
 of four, none of eight; a plan made by chance costs one gap's window."""
 REGULAR_WIDTH = 0.5
-"""A regular plan's pre-warm window (the range of the recent gaps and half of it again
-either side) is at most this share of the gap it opens at."""
+"""A regular plan's pre-warm window (the range of the recent gaps, widened by half of it
+below and by all of it above) is at most this share of the gap it opens at."""
 REGULAR_MARGIN_S = 1.0
 """The least a regular plan's window is widened by either side."""
 KEEP_SPREAD_BINS = 10
@@ -128,6 +129,8 @@ class Plan:
     """Decayed count of gaps the plan was learned from."""
     p5_s: float
     p99_s: float
+    """The histogram's 5th and 99th percentiles; of a regular plan, its shortest and
+    longest gap."""
     basis: Basis = "histogram"
     """What the plan was chosen on: the histogram; the few gaps seen before it is
     representative (``early``: a keep only); the last gaps, as regular as a timer's."""
