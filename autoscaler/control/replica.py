@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -81,10 +82,12 @@ class Replica:
         probe: Probe = tcp_probe,
         budget: Budget | None = None,
         freeze_heap: Callable[[], None] | None = None,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         """``freeze_heap`` (``autoscaler run``: :func:`~autoscaler.control.controller.
         freeze_heap`) runs once, when this replica first knows every app's machines: as
-        leader, once its controller read them all; as follower, at its first view."""
+        leader, once its controller read them all; as follower, at its first view.
+        ``rng``: the controller's draws for its loops' offsets and jitter (tests fix it)."""
         self.settings = settings
         self._freeze_heap = freeze_heap
         self.view = view
@@ -103,6 +106,7 @@ class Replica:
             load=self.load,
             budget=budget,
             freeze_heap=self._freeze_once if freeze_heap is not None else None,
+            rng=rng,
         )
         self.controller.actuator.wake_claim = self._tick_wake_claim
         self.leading = False

@@ -42,6 +42,7 @@ def make(
     wake_timeout_s: float = 30.0,
     lead: bool = True,
     freeze_heap: Callable[[], None] | None = None,
+    rng: Callable[[], float] = random.random,
 ) -> Replica:
     settings = Settings(
         apps=[
@@ -71,6 +72,7 @@ def make(
         Metrics(CollectorRegistry()),
         probe=probe,
         freeze_heap=freeze_heap,
+        rng=rng,
     )
 
 

@@ -158,10 +158,14 @@ async def test_a_leaders_tick_leaves_the_wake_to_the_replica_holding_the_claim(
     api = FakeMachinesAPI()
     api.add(APP, "stopped")
     api.add(APP, "stopped")
-    leader = make(redis_server, key_prefix, "l", api)
+    # The loop's first tick at once (not at a random point of its first 60 s, which now
+    # and then fell among the ticks below and yielded two wakes more), the next 60 s on.
+    leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.0)
     await leader.start(rounds=False)
     try:
         await rounds([leader], lambda: leader.leading, 2 * TTL)
+        rt = leader.controller.apps[APP]
+        await rounds([leader], lambda: rt.last_decision_at is not None, 2 * TTL)
         await leader.controller.tick(APP)  # reads the machines
         follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
         claim = await follower.take(APP)
