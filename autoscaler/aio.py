@@ -1,4 +1,5 @@
-"""Stopping tasks on Python 3.11, where a cancellation can be dropped.
+"""Asyncio helpers every layer may use: stopping tasks on Python 3.11, where a
+cancellation can be dropped, and probing a TCP port.
 
 On 3.11, ``asyncio.wait_for`` that is cancelled in the same turn of the loop as the
 awaitable it waits for finishes returns that awaitable's result and drops the
@@ -15,6 +16,7 @@ hang them (docs/reliability.md, "Stopping tasks that talk to Redis").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,3 +37,17 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], again_s: float =
     for task in tasks:
         if not task.cancelled():
             task.exception()
+
+
+async def tcp_probe(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """True if ``host:port`` accepts a TCP connection within ``timeout_s`` (a machine's
+    server is up); the connection is closed at once."""
+    try:
+        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can drop a cancel
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

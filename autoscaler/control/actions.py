@@ -85,19 +85,6 @@ class ActionError(Exception):
     """An action that did not reach its goal for a reason other than an API error."""
 
 
-async def tcp_probe(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """True if ``host:port`` accepts a TCP connection (the machine's server is up)."""
-    try:
-        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can drop a cancel
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 class Actuator:
     """Runs actions against the API and mirrors their effect into the runtime and view."""
 

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from autoscaler.aio import cancel_and_wait
+from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
-from autoscaler.control.actions import Actuator, Probe, Sleep, tcp_probe
+from autoscaler.control.actions import Actuator, Probe, Sleep
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import (
     Budget,

@@ -40,9 +40,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from autoscaler.aio import cancel_and_wait
+from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import Settings
-from autoscaler.control.actions import Probe, tcp_probe
+from autoscaler.control.actions import Probe
 from autoscaler.control.controller import Controller
 from autoscaler.control.fencing import WAKE_FENCE, FencedAPI
 from autoscaler.control.runtime import AppRuntime

@@ -23,6 +23,8 @@ import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
+from autoscaler.aio import tcp_probe
+
 PR_SET_PDEATHSIG = 1
 PARENT_ENV = "AUTOSCALER_EMULATOR_PARENT"  # set on every machine: the emulator's pid
 SESSION_ENV = "AUTOSCALER_EMULATOR_SESSION"  # passed through to machines when set
@@ -127,7 +129,8 @@ class MachineProcess:
             self.signal(sig)
             self.signal(signal.SIGCONT)  # a stopped (suspended) process cannot handle sig
             try:
-                return await asyncio.wait_for(asyncio.shield(self.wait()), grace_s)
+                async with asyncio.timeout(grace_s):
+                    return await asyncio.shield(self.wait())
             except TimeoutError:
                 pass
             except asyncio.CancelledError:
@@ -152,18 +155,6 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str], reaper: Reaper) -> 
     return MachineProcess(proc, reaper)
 
 
-async def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    try:
-        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can drop a cancel
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 async def wait_listening(
     mp: MachineProcess, host: str, port: int, timeout_s: float, interval_s: float = 0.02
 ) -> bool:
@@ -177,7 +168,7 @@ async def wait_listening(
     while loop.time() < deadline:
         if mp.returncode is not None:
             return False
-        if await port_open(host, port, min(0.5, max(deadline - loop.time(), 0.01))):
+        if await tcp_probe(host, port, min(0.5, max(deadline - loop.time(), 0.01))):
             return True
         await asyncio.sleep(interval_s)
     return False
