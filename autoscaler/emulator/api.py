@@ -236,7 +236,8 @@ async def wait_machine(request: web.Request) -> web.Response:
         changed = m.changed  # the event of the current state; set on the next change
         remaining = deadline - loop.time()
         try:
-            await asyncio.wait_for(changed.wait(), max(remaining, 0))
+            async with asyncio.timeout(max(remaining, 0)):
+                await changed.wait()
         except TimeoutError:
             wanted = ", ".join(sorted(states))
             return error(

@@ -597,7 +597,8 @@ class Lifecycle:
             mp.signal(signal.SIGKILL)
         for mp in live:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(mp.wait(), 5)
+                async with asyncio.timeout(5):
+                    await mp.wait()
         self.procs.clear()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
