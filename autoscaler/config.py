@@ -14,7 +14,7 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -706,34 +706,26 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _apps_consistent(self) -> Settings:
-        seen_names: set[str] = set()
-        seen_routes: dict[tuple[str, str], str] = {}
-        for i, app in enumerate(self.apps):
-            if app.name in seen_names:
-                raise _KeyError(f"apps[{i}].name", f"duplicate app name {app.name!r}")
-            seen_names.add(app.name)
-            for host in app.hosts:
-                for path in app.paths or ["/"]:
-                    other = seen_routes.setdefault((host, path), app.name)
-                    if other != app.name:
-                        raise _KeyError(
-                            f"apps[{i}].hosts",
-                            f"host {host!r} path {path!r} is already routed to app {other!r}",
-                        )
+        """The checks across sections and apps, every problem at once."""
+        problems = _app_problems(enumerate(self.apps))
         admin = parse_host_port(self.admin.listen)
         if self.admin.token is None and not is_loopback(admin.host):
-            raise _KeyError(
-                "admin.token",
-                f"required when admin.listen is not a loopback address (got"
-                f" {self.admin.listen}): /status and the admin actions would be open to"
-                " the network; set admin.token or AUTOSCALER_ADMIN__TOKEN, or listen on"
-                " 127.0.0.1",
+            problems.append(
+                _KeyError(
+                    "admin.token",
+                    f"required when admin.listen is not a loopback address (got"
+                    f" {self.admin.listen}): /status and the admin actions would be open to"
+                    " the network; set admin.token or AUTOSCALER_ADMIN__TOKEN, or listen on"
+                    " 127.0.0.1",
+                )
             )
-        if self.proxy.default_app is not None and self.proxy.default_app not in seen_names:
-            raise _KeyError(
-                "proxy.default_app",
-                f"must name an app in apps, got {self.proxy.default_app!r}",
+        default = self.proxy.default_app
+        if default is not None and all(app.name != default for app in self.apps):
+            problems.append(
+                _KeyError("proxy.default_app", f"must name an app in apps, got {default!r}")
             )
+        if problems:
+            raise _KeyErrors(problems)
         return self
 
     def app(self, name: str) -> AppConfig:
@@ -759,6 +751,55 @@ class _KeyError(ValueError):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
+
+
+class _KeyErrors(ValueError):
+    """Several cross-field problems, each with its key path, reported together."""
+
+    def __init__(self, errors: Sequence[_KeyError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = tuple(errors)
+
+
+def _app_problems(apps: Iterable[tuple[int, AppConfig]]) -> list[_KeyError]:
+    """Across the apps (numbered as in the file): a name used twice, and a host and path
+    routed to two apps."""
+    problems = []
+    names: set[str] = set()
+    routes: dict[tuple[str, str], str] = {}
+    for i, app in apps:
+        if app.name in names:
+            problems.append(_KeyError(f"apps[{i}].name", f"duplicate app name {app.name!r}"))
+        names.add(app.name)
+        for host in app.hosts:
+            for path in app.paths or ["/"]:
+                other = routes.setdefault((host, path), app.name)
+                if other != app.name:
+                    problems.append(
+                        _KeyError(
+                            f"apps[{i}].hosts",
+                            f"host {host!r} path {path!r} is already routed to app {other!r}",
+                        )
+                    )
+    return problems
+
+
+def _file_app_problems(data: Mapping[str, Any]) -> list[str]:
+    """The checks across apps, on the file's own ``apps``, for when validation failed
+    elsewhere (the checks on the whole then never ran): each app that is valid on its own
+    takes part; of the others (which have lines of their own), only a name."""
+    raw = data.get("apps")
+    if not isinstance(raw, list):
+        return []
+    apps = []
+    for i, entry in enumerate(raw):
+        try:
+            apps.append((i, AppConfig.model_validate(entry)))
+        except ValidationError:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str) and name:
+                apps.append((i, AppConfig.model_construct(name=name, hosts=[], paths=[])))
+    return [str(problem) for problem in _app_problems(apps)]
 
 
 class ConfigError(Exception):
@@ -878,7 +919,11 @@ def load_settings(
     try:
         settings = _Bound(**dict(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError([f"{file}: {line}" for line in format_errors(exc)]) from None
+        lines = format_errors(exc)
+        if not any(k.upper().startswith("AUTOSCALER_APPS") for k in env_vars):
+            # (else the apps are not the file's alone)
+            lines += [line for line in _file_app_problems(base) if line not in lines]
+        raise ConfigError([f"{file}: {line}" for line in lines]) from None
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
     return Settings.model_construct(
         **{k: getattr(settings, k) for k in Settings.model_fields}
@@ -923,6 +968,9 @@ def format_errors(exc: ValidationError) -> list[str]:
         ctx_error = err.get("ctx", {}).get("error")
         if isinstance(ctx_error, _KeyError):
             lines.append(f"{ctx_error.path}: {ctx_error.message}")
+            continue
+        if isinstance(ctx_error, _KeyErrors):
+            lines += [f"{e.path}: {e.message}" for e in ctx_error.errors]
             continue
         kind = err["type"]
         if kind == "extra_forbidden":

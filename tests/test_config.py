@@ -123,17 +123,45 @@ apps:
     assert len(problems) == 6
 
 
-def test_cross_field_problems_name_their_key(tmp_path: Path) -> None:
+def test_cross_field_problems_name_their_key_all_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "proxy: {default_app: nope}\n"
-        "apps:\n  - {name: a, hosts: [x.dev]}\n  - {name: b, hosts: [x.dev]}\n",
+        "apps:\n  - {name: a, hosts: [x.dev]}\n  - {name: b, hosts: [x.dev]}\n"
+        "  - {name: a, hosts: [y.dev]}\n",
     )
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     assert info.value.problems == [
-        f"{path}: apps[1].hosts: host 'x.dev' path '/' is already routed to app 'a'"
+        f"{path}: apps[1].hosts: host 'x.dev' path '/' is already routed to app 'a'",
+        f"{path}: apps[2].name: duplicate app name 'a'",
+        f"{path}: proxy.default_app: must name an app in apps, got 'nope'",
     ]
+
+
+def test_apps_that_clash_are_reported_with_the_other_mistakes(tmp_path: Path) -> None:
+    # A mistake inside one app stops the checks across apps from running on the whole;
+    # they run again on the file's apps, each valid one with its routes, the others by
+    # name, so that one pass lists everything.
+    path = write(
+        tmp_path,
+        "apps:\n"
+        "  - {name: web, hosts: [web.dev], keep_alive: adaptiv}\n"
+        "  - {name: web, hosts: [api.dev]}\n"
+        "  - {name: api, hosts: [API.dev]}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    problems = info.value.problems
+    assert problems[0].startswith(f"{path}: apps[0].keep_alive: input should be")
+    assert problems[1:] == [
+        f"{path}: apps[1].name: duplicate app name 'web'",
+        f"{path}: apps[2].hosts: host 'api.dev' path '/' is already routed to app 'web'",
+    ]
+    # The apps given in the environment are not the file's: nothing is said of those.
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={"AUTOSCALER_APPS": '[{"name": "x", "max_machines": -1}]'})
+    assert not any("duplicate" in p or "already routed" in p for p in info.value.problems)
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
