@@ -537,7 +537,10 @@ class FaultSettings(_Model):
     )
     hung: list[str] = Field(
         default_factory=list,
-        description="machine ids whose process accepts TCP but never answers (state unchanged)",
+        description=(
+            "machine ids whose process accepts TCP but never answers (state unchanged),"
+            " until a cold boot starts a new one"
+        ),
     )
     host_unreachable_rate: float = Field(
         default=0.0,

@@ -384,7 +384,8 @@ class Lifecycle:
             mp.signal(signal.SIGCONT)  # a suspending or suspended one stays frozen
 
     def _now_started(self, m: Machine) -> None:
-        """After every start: the hang and lost-host rates, and a hang named in advance."""
+        """After every start: the hang and lost-host rates, and a hang kept through a
+        suspend (a resume restores the process as it was)."""
         f = self.faults
         hung = f.hang_rate > 0 and self._rng.random() < f.hang_rate and m.id not in f.hung
         lost = (
@@ -472,6 +473,11 @@ class Lifecycle:
             self.record(m, "started", source="flyd")
         else:
             self.record(m, "started", "launch", source="flyd", request=fallback)
+        if m.id in self.faults.hung:
+            # A hang is its process's: the one that hung went with the stop, and a new one
+            # starts well (unless hang_rate draws it again, just below).
+            hung = [h for h in self.faults.hung if h != m.id]
+            self.set_faults(self.faults.model_copy(update={"hung": hung}))
         self._now_started(m)
         if self.faults.crash_after_s is not None:
             self._background(self._crash_later(m, mp, self.faults.crash_after_s))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 import testkit
 from emu_helpers import create_machine, hit, new_machine, session, until, wait_ok
@@ -70,6 +71,28 @@ async def test_a_hung_machine_accepts_but_never_answers_until_released(
         # Released through the same endpoint: the held request completes.
         await s.post("/_emulator/faults", json={"hung": None})
         assert (await held)["count"] == 2
+
+
+async def test_a_hung_machine_stopped_and_started_again_is_a_new_process_that_answers(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid, ip, base = m["id"], m["private_ip"], f"/v1/apps/demo/machines/{m['id']}"
+        emulator.set_faults(hung=[mid])
+        held = asyncio.ensure_future(hit(ip))
+        done, _ = await asyncio.wait({held}, timeout=0.5)
+        assert not done, "a hung machine answered"
+        # The stop ends the hung process (and the request it held); the start is a cold
+        # boot, a new process: it answers, and the id has left `hung`.
+        assert (await s.post(f"{base}/stop", json={"timeout": "1s"})).status == 200
+        await wait_ok(s, "demo", mid, "stopped")
+        with pytest.raises(aiohttp.ClientError):
+            await held
+        assert (await s.post(f"{base}/start")).status == 200
+        await wait_ok(s, "demo", mid)
+        assert (await hit(ip))["count"] == 1  # a new process counts from one
+        assert emulator.faults.hung == []
 
 
 async def test_hang_rate_hangs_new_starts_and_names_them(emulator: Emulator) -> None:
