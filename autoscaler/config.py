@@ -453,12 +453,19 @@ class AppConfig(_Model):
         default=None, ge=0, description="largest request body (413 above); unset: no limit"
     )
     restart_failed: bool = Field(
-        default=True, description="start a failed machine again when the app needs one"
+        default=True,
+        description=(
+            "start a failed machine again when the app needs one, and restart one that hangs"
+            " (requests to it time out or are reset, its probe too)"
+        ),
     )
     max_restart_attempts: int = Field(
         default=5,
         ge=0,
-        description="failed starts in a row after which a machine is left alone (and reported)",
+        description=(
+            "failed starts in a row after which a machine is left alone (and reported); also"
+            " restarts in a row, each within 300 s of the last, of a machine that keeps hanging"
+        ),
     )
     connection_idle_s: Seconds = Field(
         default=300.0,

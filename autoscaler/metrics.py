@@ -160,8 +160,8 @@ class Metrics:
         )
         self.machine_restarts = Counter(
             "autoscaler_machine_restarts",
-            "Starts of failed machines (result: ok, failed; exhausted: its restart budget "
-            "is spent and it is left alone).",
+            "Starts of failed machines, and restarts of machines that hang (result: ok, "
+            "failed; exhausted: its restart budget is spent and it is left alone).",
             ["app", "result"],
             registry=r,
         )

@@ -167,6 +167,8 @@ class Actuator:
             coro = self.drain(rt, mid)
         elif kind == "stop":
             coro = self.stop_suspended(rt, mid)
+        elif kind == "restart":
+            coro = self.restart_hung(rt, mid)
         else:
             coro = self.release(rt, mid)
         return self._spawn(rt, mid, kind, coro)
@@ -533,6 +535,36 @@ class Actuator:
         """A machine suspended past stop_suspended_after_s: stop it (its snapshot goes)."""
         await self._sleep_machine(rt, mid, "stop")
         return True
+
+    async def restart_hung(self, rt: AppRuntime, mid: str) -> bool:
+        """A started machine that hangs (``MachineSnapshot.hung``): stop it and start it
+        again, a new process. Stopped, not suspended: a snapshot would keep the hang."""
+        count = rt.restarting_hung(mid, self.clock())
+        _log.warning(
+            "machine_hung",
+            app=rt.name,
+            machine=mid,
+            restart=count,
+            of=rt.config.max_restart_attempts,
+            hint="the proxy's requests to it timed out or were reset; restarting it",
+        )
+        try:
+            await self._sleep_machine(rt, mid, "stop")
+            up = await self.bring_up(rt, mid, "start")
+        except Exception:
+            self.metrics.machine_restarts.labels(app=rt.name, result="failed").inc()
+            raise
+        self.metrics.machine_restarts.labels(app=rt.name, result="ok").inc()
+        if count >= rt.config.max_restart_attempts:
+            self.metrics.machine_restarts.labels(app=rt.name, result="exhausted").inc()
+            _log.warning(
+                "restart_budget_spent",
+                app=rt.name,
+                machine=mid,
+                failures=count,
+                hint="hung again after each restart: left alone for a while if it hangs again",
+            )
+        return up
 
     async def release(self, rt: AppRuntime, mid: str, *, force: bool = False) -> bool:
         """Lift our cordon in the API and drop our key (undo a drain, or finish one).

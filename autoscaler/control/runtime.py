@@ -39,10 +39,13 @@ from autoscaler.scaling.policy import Decision, PolicyState
 from autoscaler.scaling.window import LoadWindows
 
 # What an action task of ours is doing to a machine; "drain" covers the whole sequence.
-TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "cleanup"]
+TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "restart", "cleanup"]
 DEFAULT_PORT = 8080
 RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
 RESTART_MAX_S = 300.0
+HUNG_AFTER = 2
+"""Ejections in a row by the proxy for the machine's own failures (``Upstream.failing``)
+that make a started machine hung: the first, and the failed probe after it."""
 
 
 @dataclass(slots=True)
@@ -118,6 +121,9 @@ class AppRuntime:
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     restarts: dict[str, Restarts] = field(default_factory=dict)
+    hung_restarts: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Machine -> (restarts of ours because it hung, in a row; when the last one began).
+    Forgotten once RESTART_MAX_S pass without another."""
     leased_by_others: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (seen, busy until): an action found it leased by another holder."""
     read_once: bool = False
@@ -200,6 +206,7 @@ class AppRuntime:
             if k in fresh and (fresh[k].state == FAILED or k in self.running)
         }
         self.touched = {k: v for k, v in self.touched.items() if k in fresh}
+        self.hung_restarts = {k: v for k, v in self.hung_restarts.items() if k in fresh}
         self.leased_by_others = {k: v for k, v in self.leased_by_others.items() if k in fresh}
         self.machines = fresh
         self.read_once = True
@@ -297,6 +304,10 @@ class AppRuntime:
                     started_at=up.started_at if up and machine.state == STARTED else None,
                     state_since=self.state_since.get(machine.id),
                     restartable=self.restartable(machine.id, now),
+                    hung=machine.state == STARTED
+                    and up is not None
+                    and up.failing >= HUNG_AFTER
+                    and self.may_restart_hung(machine.id, now),
                     pending=pending,
                 )
             )
@@ -308,6 +319,22 @@ class AppRuntime:
         if not self.config.restart_failed or rec is None or rec.exhausted:
             return False
         return now is None or now >= rec.retry_at
+
+    def may_restart_hung(self, machine_id: str, now: float | None) -> bool:
+        """Restarts are on, and fewer than ``max_restart_attempts`` restarts of the machine
+        for hanging came in a row (each within RESTART_MAX_S of the one before)."""
+        if not self.config.restart_failed:
+            return False
+        count, at = self.hung_restarts.get(machine_id, (0, 0.0))
+        recent = now is None or now - at < RESTART_MAX_S
+        return not recent or count < self.config.max_restart_attempts
+
+    def restarting_hung(self, machine_id: str, now: float) -> int:
+        """A restart of ours for hanging begins: the count in a row, this one included."""
+        count, at = self.hung_restarts.get(machine_id, (0, now))
+        count = count + 1 if now - at < RESTART_MAX_S else 1
+        self.hung_restarts[machine_id] = (count, now)
+        return count
 
     def next_restart_at(self) -> float | None:
         """When the earliest failed machine with budget left may be started again."""

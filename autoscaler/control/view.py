@@ -42,6 +42,7 @@ class Upstream:
         "authority",
         "checks_critical",
         "cordoned",
+        "failing",
         "host",
         "id",
         "in_flight",
@@ -74,6 +75,10 @@ class Upstream:
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
         self.checks_critical = False  # its Fly health checks fail (the proxy ejects it)
+        self.failing = 0
+        """Ejections in a row for failing itself (timeouts, resets, refused connections,
+        answers that are not HTTP) since it last started or answered well: written by the
+        proxy's health, read by the controller, which restarts a machine that hangs."""
         self.authority = authority(host, port)
         self.owner: AppView | None = None
         """The view that counts its load: a request gives its slot back there, even after
@@ -190,6 +195,7 @@ class AppView:
         if state == STARTED and up.state != STARTED:
             up.started_at = now
             up.unhealthy_until = 0.0
+            up.failing = 0  # a new process
         elif state != STARTED:
             up.started_at = None
         up.state = state

@@ -9,6 +9,10 @@ that goes to it is its probe, and no other follows until the probe's answer is i
 answer puts the machine back in full rotation and forgets its failures; a failure ejects it
 again, for longer.
 
+Ejections for the machine's own failures (not 5xx answers, not checks) are counted in a
+row on its ``Upstream.failing``: a machine ejected twice so (its probe failed too) hangs,
+and the controller restarts it (docs/policy.md, "A machine that hangs is restarted").
+
 A machine whose Fly health checks are critical (the fleet view's ``checks_critical``, read
 by :meth:`Health.sweep`) is ejected until they pass.
 
@@ -43,6 +47,9 @@ SERVER_ERROR = "5xx"
 CHECKS = "checks"
 # Reasons that spare an app's last routable machine (see the module docstring).
 _SPARE_LAST = frozenset({SERVER_ERROR, CHECKS})
+# The machine's own failures: counted in ``Upstream.failing``, which the controller reads
+# to restart a machine that hangs (a 5xx is the app's answer; checks are Fly's verdict).
+_OWN = frozenset({CONNECT, RESET, TIMEOUT, BAD_RESPONSE})
 
 
 class _Record:
@@ -97,6 +104,7 @@ class Health:
         if record is None or (record.ejected and record.reason == CHECKS):
             return  # only its checks passing bring it back
         del self.records[up]
+        up.failing = 0
         if record.ejected:
             _restore(self.fleet.app(app), up)
             _log.info("machine_restored", app=app, machine=up.id)
@@ -137,6 +145,8 @@ class Health:
         record.ejected = True
         record.failures = 0
         record.reason = reason
+        if reason in _OWN:
+            up.failing += 1
         record.until = view.clock() + backoff
         view.mark_unhealthy(up, backoff)
         view.notify()

@@ -71,6 +71,10 @@ class MachineSnapshot:
     restartable: bool = False
     """A ``failed`` machine that may be started again now (restarts are on, its budget is
     not spent and its backoff is over); a failed machine without it is left alone."""
+    hung: bool = False
+    """Started, but the proxy took it out of routing twice in a row for failing itself
+    (timeouts, resets, refused connections): its process hangs. Not capacity; restarted
+    while its restart budget lasts (without it, counted as serving, as the API says)."""
     pending: str | None = None
     """The kind of our action in flight on it (an ``Action.kind``), if any.
 

@@ -7,7 +7,7 @@ simulator all run the very same code. docs/policy.md explains every knob.
 Definitions used throughout (Knative's KPA, adapted to machines):
 
 - unit = target_concurrency * target_utilization: the load one machine is planned for.
-- up: machines counted as capacity: started, uncordoned and not being drained, plus
+- up: machines counted as capacity: started, uncordoned, not being drained and not hung, plus
   machines on their way to started (``starting``/``restarting``, or one of our start,
   resume or uncordon actions in flight). Counting those stops a second start for one need.
 - ready: up machines that serve now (started and routable). capacity = max(1, ready) * unit.
@@ -37,7 +37,7 @@ from autoscaler.scaling.keepalive import KeepAliveState, Outcome
 from autoscaler.scaling.keepalive import step as keepalive_step
 from autoscaler.scaling.window import LoadWindows
 
-ActionKind = Literal["resume", "start", "uncordon", "drain", "stop"]
+ActionKind = Literal["resume", "start", "uncordon", "drain", "stop", "restart"]
 
 _UP_PENDING = frozenset({"start", "resume", "uncordon"})
 _DOWN_PENDING = frozenset({"drain", "stop"})
@@ -121,6 +121,8 @@ class _Groups:
     going: list[MachineSnapshot] = field(default_factory=list)
     failed: list[MachineSnapshot] = field(default_factory=list)
     """Failed, and ours to start again now (``MachineSnapshot.restartable``)."""
+    hung: list[MachineSnapshot] = field(default_factory=list)
+    """Started, but hanging (``MachineSnapshot.hung``): to be restarted, not capacity."""
     foreign: list[MachineSnapshot] = field(default_factory=list)
     other: list[MachineSnapshot] = field(default_factory=list)
     """States we do not drive (created, updating, replacing, destroying, ...), and failed
@@ -136,8 +138,10 @@ class _Groups:
                 g.coming.append(m)
             elif m.pending in _DOWN_PENDING or m.state in GOING_DOWN_STATES:
                 g.going.append(m)
+            elif m.state == STARTED and (m.cordoned or m.draining):
+                g.draining.append(m)
             elif m.state == STARTED:
-                (g.draining if m.cordoned or m.draining else g.serving).append(m)
+                (g.hung if m.hung else g.serving).append(m)
             elif m.state in COMING_UP_STATES:
                 g.coming.append(m)
             elif m.state == SUSPENDED:
@@ -158,7 +162,7 @@ class _Groups:
     def pool(self) -> int:
         """Machines that serve, or could serve once we (or time) act on them."""
         asleep = len(self.suspended) + len(self.stopped) + len(self.failed)
-        return self.up + len(self.draining) + asleep + len(self.going)
+        return self.up + len(self.draining) + asleep + len(self.going) + len(self.hung)
 
 
 def _recency(m: MachineSnapshot) -> tuple[float, float, str]:
@@ -506,6 +510,13 @@ def _plan(
                 f"{count.remove - len(eligible)} removal(s) wait (busy or under min_lifetime)"
             )
 
+    # A machine that hangs is restarted (stopped, then started afresh), in panic too: it
+    # serves nobody as it is. It does not count as capacity meanwhile (docs/policy.md, rule
+    # 4). An app that wants no machine has it stopped: its next start is a new process.
+    for m in g.hung:
+        if m.id not in touched and not m.busy:
+            why = "hung: out of routing twice in a row for timeouts or resets"
+            act("restart" if count.desired > 0 else "stop", m, why)
     # Our cordon on a sleeping machine would only let it start unroutable: lift it (in
     # panic too: that adds capacity for later ticks).
     for m in (*g.suspended, *g.stopped):

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import Controller, WakeError
+from autoscaler.control.runtime import HUNG_AFTER, RESTART_MAX_S
 from autoscaler.control.view import FleetView
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError
@@ -787,3 +788,43 @@ async def test_a_machine_whose_fly_checks_are_critical_is_marked_so_in_the_view(
     await rig.tick()
     assert rig.app.upstreams[sick].checks_critical is True
     assert rig.app.upstreams[well].checks_critical is False
+
+
+async def test_a_machine_that_hangs_is_restarted_within_its_budget(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The proxy's ejections for the machine's own failures (``Upstream.failing``) make it
+    hung: the tick stops it and starts it again, ``max_restart_attempts`` times in a row at
+    most; RESTART_MAX_S later it may be restarted again."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, min_machines=1, max_restart_attempts=2)
+    await rig.tick()
+    up = rig.app.upstreams[mid]
+
+    async def hang_and_tick() -> Any:
+        up.failing = HUNG_AFTER  # the proxy: ejected, and its probe failed too
+        decision = await rig.tick()
+        for _ in range(20):  # the restart runs as its own task
+            if not rig.ctl.apps[APP].running:
+                break
+            await clock.advance(0.5)
+        return decision
+
+    for restarts in (1, 2):
+        calls = len(api.calls)
+        decision = await hang_and_tick()
+        assert [(a.kind, a.machine_id) for a in decision.actions] == [("restart", mid)]
+        assert [c.op for c in api.calls[calls:] if c.op.endswith("_machine")] == [
+            "stop_machine",
+            "start_machine",
+        ]
+        assert state(api, mid) == "started"
+        assert up.failing == 0  # a new process
+        assert rig.metric("autoscaler_machine_restarts_total", result="ok") == restarts
+    assert rig.metric("autoscaler_machine_restarts_total", result="exhausted") == 1
+    # A third hang within RESTART_MAX_S: left alone (as the API says, started).
+    decision = await hang_and_tick()
+    assert decision.actions == ()
+    await clock.advance(RESTART_MAX_S)
+    decision = await hang_and_tick()
+    assert [(a.kind, a.machine_id) for a in decision.actions] == [("restart", mid)]

@@ -24,6 +24,7 @@ from autoscaler.config import (
     EmulatorApp,
     EmulatorSettings,
     FaultSettings,
+    ProxySettings,
     Settings,
 )
 from autoscaler.control.controller import Controller
@@ -105,10 +106,16 @@ KNOBS: dict[str, Any] = {
 
 
 @contextlib.asynccontextmanager
-async def running_stack(emulator: Emulator, **knobs: Any) -> AsyncIterator[Stack]:
+async def running_stack(
+    emulator: Emulator, proxy_settings: ProxySettings | None = None, **knobs: Any
+) -> AsyncIterator[Stack]:
     """The controller and the proxy in front of ``emulator``; ``knobs`` change the app's."""
     app = AppConfig(name=APP, **{**KNOBS, **knobs})
-    settings = Settings(apps=[app], control=ControlSettings(tick_s=0.2, api_backoff_max_s=1))
+    settings = Settings(
+        apps=[app],
+        control=ControlSettings(tick_s=0.2, api_backoff_max_s=1),
+        proxy=proxy_settings or ProxySettings(),
+    )
     metrics = Metrics(CollectorRegistry())
     view = FleetView()
     client = MachinesClient(

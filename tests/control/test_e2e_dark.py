@@ -2,6 +2,8 @@
 
 - A one-machine app whose boot fails comes back: the failed machine is started again
   after its backoff, and the held request is served.
+- A one-machine app whose machine hangs comes back: the proxy ejects it, its probe times
+  out, and the controller stops it and starts it again (fast timings and Fly's).
 - A wake that meets an API outage tries again, and its request is served once the API
   answers.
 - A request that arrives while the app's machine spends 15 s suspending is served by
@@ -11,7 +13,7 @@
   stays ready while ``/readyz?control=1`` and ``autoscaler_control_healthy`` say the
   decisions are stale. 10 s by default, the issue's 60 s with ``--soak``.
 
-All but the outage run with the emulator's ``fly`` timing profile (the 15 s suspend sets
+All but the outage (and the hang, on both) run with the emulator's ``fly`` timing profile (the 15 s suspend sets
 its own suspend time); the whole module is marked ``fly_profile``.
 """
 
@@ -26,7 +28,13 @@ from aiohttp import WSMsgType
 from testkit import fly_like, until
 
 from autoscaler.admin import AdminServer
-from autoscaler.config import AdminSettings, EmulatorApp, EmulatorSettings, TimingSettings
+from autoscaler.config import (
+    AdminSettings,
+    EmulatorApp,
+    EmulatorSettings,
+    ProxySettings,
+    TimingSettings,
+)
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.procs import pid_alive
 
@@ -62,6 +70,41 @@ async def test_a_one_machine_app_whose_boot_failed_comes_back(emulator: Emulator
         )
         assert restarts == 1
         assert [m.state for m in emulator.machines(APP)] == ["started"]
+
+
+@pytest.mark.parametrize("emulator_settings", ["fast", "fly"], indirect=True)
+async def test_a_one_machine_app_whose_machine_hangs_is_restarted(emulator: Emulator) -> None:
+    # Each request to the hung process times out (504), the proxy takes the machine out of
+    # routing, its probe times out too: the controller stops it and starts it again, and
+    # the new process serves. Before, the app answered 504 for as long as it hung.
+    proxy = ProxySettings(upstream_timeout_s=0.5, eject_after=1, eject_base_s=0.5)
+    async with running_stack(emulator, proxy, idle_to_zero_s=600, wake_timeout_s=30) as stack:
+        await stack.get("/")
+        assert (stack.served, stack.failures) == (1, [])
+        [machine] = emulator.machines(APP)
+        first = len(machine.events)
+        emulator.set_faults(hung=[machine.id])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while stack.served < 2:
+            assert loop.time() < deadline, stack.failures
+            await stack.get("/")
+        # The failures were the hang's: timeouts, and the requests held meanwhile.
+        assert stack.failures
+        assert all(f.split(":")[0] in ("502", "503", "504") for f in stack.failures)
+        assert "504" in {f.split(":")[0] for f in stack.failures}
+        kinds = [(e.type, e.source) for e in machine.events[first:]]
+        assert ("stop", "user") in kinds
+        assert kinds[-1] == ("start", "flyd")
+        restarts = stack.metrics.registry.get_sample_value(
+            "autoscaler_machine_restarts_total", {"app": APP, "result": "ok"}
+        )
+        assert restarts == 1
+        assert emulator.faults.hung == []
+        # Served from now on.
+        for _ in range(5):
+            await stack.get("/")
+        assert stack.served == 7
 
 
 async def test_a_wake_through_a_short_api_outage_is_served_when_the_api_answers(

@@ -93,6 +93,34 @@ def test_consecutive_failures_eject_and_the_backoff_doubles_until_a_probe_succee
     assert h.report() == []
 
 
+def test_ejections_for_the_machines_own_failures_are_counted_in_a_row_for_the_controller() -> None:
+    # Upstream.failing is what the controller reads to restart a machine that hangs: the
+    # machine's own failures count, a 5xx answer and critical checks do not, and a good
+    # answer or a new start (a new process) begins the count again.
+    fleet, clock = _fleet("m1", "m2")
+    h = Health(fleet, Metrics(CollectorRegistry()), eject_after=1, base_s=1.0)
+    m1, m2 = fleet.app("a").upstreams["m1"], fleet.app("a").upstreams["m2"]
+    h.failed("a", m1, health.TIMEOUT)
+    assert m1.failing == 1
+    clock.now += 1.0
+    assert h.took("a", m1) is True
+    h.failed("a", m1, health.RESET)  # its probe
+    assert m1.failing == 2
+    clock.now += 2.0
+    assert h.took("a", m1) is True
+    h.succeeded("a", m1)
+    assert m1.failing == 0
+    h.failed("a", m2, health.SERVER_ERROR)
+    m2.checks_critical = True
+    h.sweep()
+    assert m2.failing == 0
+    h.failed("a", m1, health.CONNECT)
+    assert m1.failing == 1
+    fleet.app("a").set_state("m1", "stopped")
+    fleet.app("a").set_state("m1", "started")
+    assert m1.failing == 0
+
+
 def test_a_probe_that_ends_without_an_answer_lets_the_next_request_probe() -> None:
     fleet, clock = _fleet("m1", "m2")
     h = Health(fleet, Metrics(CollectorRegistry()), eject_after=1, base_s=1.0)

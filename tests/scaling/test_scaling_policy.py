@@ -663,3 +663,32 @@ def test_no_next_check_without_a_timer_running(in_flight: int) -> None:
     d = run(app, busy, load(float(in_flight), 900, app=app), 900, last_request_at=0.0)
     if in_flight:
         assert d.next_check is None
+
+
+@pytest.mark.parametrize(
+    ("machines", "expected"),
+    [
+        # The only machine hangs: restarted; a spare is started meanwhile (not capacity).
+        ([m("h", hung=True)], [("restart", "h")]),
+        ([m("h", hung=True), m("s", "stopped")], [("start", "s"), ("restart", "h")]),
+        # Another machine serves: the hung one is restarted all the same.
+        ([m("h", hung=True), m("ok")], [("restart", "h")]),
+        # Already being restarted (busy): nothing more, and no second start for it.
+        ([m("h", hung=True, busy=True, pending="restart"), m("s", "stopped")], [("start", "s")]),
+    ],
+)
+def test_a_machine_that_hangs_is_restarted_and_not_counted_as_capacity(
+    machines: list[MachineSnapshot], expected: list[tuple[str, str]]
+) -> None:
+    app = cfg(panic_threshold=CALM, target_concurrency=10)
+    d = run(app, fleet(*machines), load(2.0, 100, app=app), 100)  # wants 1
+    assert d.desired == 1
+    assert acts(d) == expected
+    assert d.shortfall == 0  # the hung machine will be back
+
+
+def test_a_machine_that_hangs_in_an_app_that_wants_none_is_stopped() -> None:
+    app = cfg(idle_to_zero_s=10)
+    d = run(app, fleet(m("h", hung=True)), load(0.0, 100, app=app), 100, last_request_at=50)
+    assert d.desired == 0
+    assert acts(d) == [("stop", "h")]
