@@ -13,8 +13,8 @@
   stays ready while ``/readyz?control=1`` and ``autoscaler_control_healthy`` say the
   decisions are stale. 10 s by default, the issue's 60 s with ``--soak``.
 
-All but the outage (and the hang, on both) run with the emulator's ``fly`` timing profile (the 15 s suspend sets
-its own suspend time); the whole module is marked ``fly_profile``.
+All but the outage (and the hang, on both) run with the emulator's ``fly`` timing profile
+(the 15 s suspend sets its own suspend time); the whole module is marked ``fly_profile``.
 """
 
 from __future__ import annotations
