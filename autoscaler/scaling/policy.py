@@ -515,8 +515,8 @@ def _plan(
     # 4). An app that wants no machine has it stopped: its next start is a new process.
     for m in g.hung:
         if m.id not in touched and not m.busy:
-            why = "hung: out of routing twice in a row for timeouts or resets"
-            act("restart" if count.desired > 0 else "stop", m, why)
+            reason = "hung: out of routing twice in a row for timeouts or resets"
+            act("restart" if count.desired > 0 else "stop", m, reason)
     # Our cordon on a sleeping machine would only let it start unroutable: lift it (in
     # panic too: that adds capacity for later ticks).
     for m in (*g.suspended, *g.stopped):
