@@ -930,9 +930,14 @@ def load_settings(
         settings = _Bound(**dict(overrides or {}))
     except ValidationError as exc:
         lines = format_errors(exc)
-        if not any(k.upper().startswith("AUTOSCALER_APPS") for k in env_vars):
-            # (else the apps are not the file's alone)
-            lines += [line for line in _file_app_problems(base) if line not in lines]
+        checked_across = any(
+            isinstance(e.get("ctx", {}).get("error"), _KeyErrors) for e in exc.errors()
+        )
+        from_env = any(k.upper().startswith("AUTOSCALER_APPS") for k in env_vars)
+        if not checked_across and not from_env:
+            # A mistake elsewhere kept the checks across apps from running: run them on
+            # the file's apps (from the environment, the apps are not the file's alone).
+            lines += _file_app_problems(base)
         raise ConfigError([f"{file}: {line}" for line in lines]) from None
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
     return Settings.model_construct(

@@ -68,7 +68,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for kind in ("clock", "drift"):
         for runs in (int(r) for r in args.runs.split(",")):
-            gap_miss = gap_up = sched_miss = sched_up = 0.0
+            missed = {"gaps": 0, "schedule": 0}
+            up = {"gaps": 0.0, "schedule": 0.0}
             taken = planned = 0
             for _ in range(args.draws):
                 starts = history(rng, kind, runs + 1, args.period, args.late_s)
@@ -78,26 +79,30 @@ def main() -> None:
                 if plan is None or plan.prewarm_at_s is None:
                     continue
                 planned += 1
-                opens, closes = seen[-1] + plan.prewarm_at_s, seen[-1] + plan.keep_until_s
-                s_opens, s_closes = schedule_window(seen)
+                windows = {
+                    "gaps": (seen[-1] + plan.prewarm_at_s, seen[-1] + plan.keep_until_s),
+                    "schedule": schedule_window(seen),
+                }
+                (opens, closes), (s_opens, s_closes) = windows.values()
                 if s_closes - s_opens <= closes - opens:
                     taken += 1
                 else:
-                    s_opens, s_closes = opens, closes
-                for lo, hi, which in ((opens, closes, "gaps"), (s_opens, s_closes, "sched")):
-                    miss = not lo <= nxt < hi
-                    up = 0.0 if miss else nxt - lo
-                    if which == "gaps":
-                        gap_miss, gap_up = gap_miss + miss, gap_up + up
+                    windows["schedule"] = windows["gaps"]
+                for name, (lo, hi) in windows.items():
+                    if lo <= nxt < hi:
+                        up[name] += nxt - lo
                     else:
-                        sched_miss, sched_up = sched_miss + miss, sched_up + up
+                        missed[name] += 1
             if not planned:
                 print(f"| {kind} | {runs} | no regular plan | | |")
                 continue
+            cells = {
+                name: f"{missed[name] / planned:.1%}, {up[name] / (planned - missed[name]):.1f}"
+                for name in missed
+            }
             print(
-                f"| {kind} | {runs} | {gap_miss / planned:.1%}, "
-                f"{gap_up / (planned - gap_miss):.1f} | {taken / planned:.0%} "
-                f"| {sched_miss / planned:.1%}, {sched_up / (planned - sched_miss):.1f} |"
+                f"| {kind} | {runs} | {cells['gaps']} | {taken / planned:.0%} "
+                f"| {cells['schedule']} |"
             )
 
 

@@ -360,14 +360,13 @@ class Actuator:
         if restart:
             self.metrics.machine_restarts.labels(app=rt.name, result="failed").inc()
         if rec.exhausted:
-            self.metrics.machine_restarts.labels(app=rt.name, result="exhausted").inc()
-            _log.warning(
-                "restart_budget_spent",
-                app=rt.name,
-                machine=mid,
-                failures=rec.failures,
-                hint="left alone until its state changes; see fly machine status",
+            self._budget_spent(
+                rt, mid, rec.failures, "left alone until its state changes; see fly machine status"
             )
+
+    def _budget_spent(self, rt: AppRuntime, mid: str, failures: int, hint: str) -> None:
+        self.metrics.machine_restarts.labels(app=rt.name, result="exhausted").inc()
+        _log.warning("restart_budget_spent", app=rt.name, machine=mid, failures=failures, hint=hint)
 
     async def _boot(self, rt: AppRuntime, mid: str, kind: TaskKind, deadline: float) -> bool:
         app = rt.name
@@ -556,14 +555,8 @@ class Actuator:
             raise
         self.metrics.machine_restarts.labels(app=rt.name, result="ok").inc()
         if count >= rt.config.max_restart_attempts:
-            self.metrics.machine_restarts.labels(app=rt.name, result="exhausted").inc()
-            _log.warning(
-                "restart_budget_spent",
-                app=rt.name,
-                machine=mid,
-                failures=count,
-                hint="hung again after each restart: left alone for a while if it hangs again",
-            )
+            hint = "hung again after each restart: left alone for a while if it hangs again"
+            self._budget_spent(rt, mid, count, hint)
         return up
 
     async def release(self, rt: AppRuntime, mid: str, *, force: bool = False) -> bool:

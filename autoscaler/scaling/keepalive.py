@@ -251,7 +251,7 @@ class GapHistogram:
         suffix: list[int] = [BINS] * (BINS + 1)
         for k in range(BINS - 1, -1, -1):
             nxt = suffix[k + 1]
-            suffix[k] = k if keeps[k] <= keeps[nxt] + _TIE * abs(keeps[nxt]) else nxt
+            suffix[k] = k if _no_dearer(keeps[k], keeps[nxt]) else nxt
         support = max(3.0, WINDOW_SHARE * n)
         # Best S at or before each edge (a running minimum).
         s_best_at: list[int] = [0] * (BINS + 1)
@@ -354,7 +354,12 @@ def _shortest_cheapest(costs: Sequence[float]) -> int:
     gap every keep costs the same, and the rounding of the sums must not pick 4 h over
     the first keep past it."""
     least = min(costs)
-    return next(j for j, x in enumerate(costs) if x <= least + _TIE * abs(least))
+    return next(j for j, x in enumerate(costs) if _no_dearer(x, least))
+
+
+def _no_dearer(cost: float, than: float) -> bool:
+    """``cost`` is at most ``than``, to the rounding of their sums (_TIE)."""
+    return cost <= than + _TIE * abs(than)
 
 
 def _spread_evenly(weights: Sequence[float], bins: int) -> list[float]:
