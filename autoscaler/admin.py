@@ -70,6 +70,12 @@ class MachineStatusLike(Protocol):
     def next_retry_at(self) -> float | None: ...
     @property
     def left_alone(self) -> bool: ...
+    @property
+    def failing(self) -> int: ...
+    @property
+    def hung(self) -> bool: ...
+    @property
+    def hung_restarts(self) -> int: ...
 
 
 class AppStatusLike(Protocol):
@@ -335,6 +341,9 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
                 None if m.next_retry_at is None else round(max(0.0, m.next_retry_at - now), 3)
             ),
             "left_alone": m.left_alone,
+            "failing": m.failing,
+            "hung": m.hung,
+            "hung_restarts": m.hung_restarts,
         }
         for m in status.machines
     ]

@@ -141,7 +141,10 @@ class History:
 
 
 def machine_note(m: Mapping[str, Any]) -> str:
-    """What ``/status`` says of a machine's failed starts, in a few words."""
+    """What ``/status`` says of a machine's failed starts, or of its hanging, in a few
+    words."""
+    if m.get("hung"):
+        return _hung_note(m)
     failures = int(m.get("failures") or 0)
     if m.get("left_alone"):
         return f"left alone after {failures} failed starts"
@@ -153,6 +156,18 @@ def machine_note(m: Mapping[str, Any]) -> str:
     if float(retry) > 0:
         return f"{tried}no restart for {float(retry):.0f}s"
     return f"{tried}restarted when needed"
+
+
+def _hung_note(m: Mapping[str, Any]) -> str:
+    hung = f"hung ({int(m.get('failing') or 0)} ejections in a row)"
+    if m.get("left_alone"):
+        return f"{hung}, restarts are off"
+    restarts = int(m.get("hung_restarts") or 0)
+    tried = f", {restarts} restart(s) in a row" if restarts else ""
+    retry = m.get("next_retry_in_s")
+    if retry is not None and float(retry) > 0:
+        return f"{hung}{tried}, no restart for {float(retry):.0f}s"
+    return f"{hung}{tried}, restarted at the next tick"
 
 
 def ago(age_s: float | None) -> str:

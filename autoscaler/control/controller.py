@@ -29,7 +29,7 @@ from typing import Any
 from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
 from autoscaler.control.actions import Actuator, Probe, Sleep
-from autoscaler.control.runtime import AppRuntime
+from autoscaler.control.runtime import HUNG_AFTER, AppRuntime
 from autoscaler.control.schedule import (
     Budget,
     Pacer,
@@ -72,7 +72,16 @@ class MachineStatus:
     next_retry_at: float | None = None
     """When a failed machine may be started again (None: not failed, or left alone)."""
     left_alone: bool = False
-    """Failed past ``max_restart_attempts``: not started again until its state changes."""
+    """Failed past ``max_restart_attempts``: not started again until its state changes
+    (hung: ``restart_failed`` is off)."""
+    failing: int = 0
+    """Ejections in a row by the proxy (any replica's) for its own failures: timeouts,
+    resets, refused connections, answers that are not HTTP."""
+    hung: bool = False
+    """Started, and ``failing`` reached HUNG_AFTER: it accepts and never answers. Restarted
+    (``next_retry_at`` None: at the next tick; else once the restart budget allows)."""
+    hung_restarts: int = 0
+    """Our restarts of it for hanging, in a row (each within RESTART_MAX_S of the last)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,12 +425,16 @@ class Controller:
 
     def status(self) -> list[AppStatus]:
         out = []
+        now = self.clock()
         for rt in self.apps.values():
             view = self.view.app(rt.name)
             machines = []
             for machine in rt.machines.values():
                 up = view.upstreams.get(machine.id)
                 restarts = rt.restarts.get(machine.id)
+                failing = up.ejections_in_a_row if up else 0
+                hung = machine.state == STARTED and failing >= HUNG_AFTER
+                hung_restarts, hung_retry_at = rt.hung_restarts_in_a_row(machine.id, now)
                 machines.append(
                     MachineStatus(
                         id=machine.id,
@@ -430,10 +443,15 @@ class Controller:
                         in_flight=up.in_flight if up else 0,
                         last_used=up.last_used if up else None,
                         failures=restarts.failures if restarts else 0,
-                        next_retry_at=(
-                            restarts.retry_at if restarts and not restarts.exhausted else None
-                        ),
-                        left_alone=restarts.exhausted if restarts else False,
+                        next_retry_at=hung_retry_at
+                        if hung
+                        else (restarts.retry_at if restarts and not restarts.exhausted else None),
+                        left_alone=not rt.config.restart_failed
+                        if hung
+                        else (restarts.exhausted if restarts else False),
+                        failing=failing,
+                        hung=hung,
+                        hung_restarts=hung_restarts,
                     )
                 )
             out.append(

@@ -13,7 +13,9 @@ Every ``REPORT_S`` (250 ms) the replica:
   per machine into ``Upstream.remote_in_flight`` (as last reported): the balancer's
   ``hard_limit`` counts them everywhere, the leader's policy and drains too. It also
   writes its share of each machine's ``hard_limit`` (``Upstream.share``: its demand on the
-  app over the cluster's), which its balancer keeps to.
+  app over the cluster's), which its balancer keeps to, and the others' ejections in a
+  row per machine into ``Upstream.remote_failing`` (counted from the machine's last
+  start), so the leader restarts a machine that hangs for anyone's requests.
   A follower routes with the fleet view the leader published (it never calls the Machines
   API), and asks the leader for wakes through Redis.
 
@@ -38,6 +40,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from autoscaler.aio import cancel_and_wait, tcp_probe
@@ -58,6 +61,27 @@ from autoscaler.state.claim import Claim
 from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush
 
 _log = get_logger("autoscaler.control.replica")
+
+
+@dataclass(slots=True)
+class _FailingBase:
+    """One machine's ejections in a row as other replicas reported them when it last
+    started (as our view saw it): counts of its previous process."""
+
+    started_at: float | None
+    base: dict[str, int]
+
+    def count(self, counts: dict[str, int]) -> int:
+        """The most that a replica added to its base (replica -> its count now)."""
+        most = 0
+        for rid in [r for r in self.base if r not in counts]:
+            del self.base[rid]  # it counts zero now: it saw the start, or a good answer
+        for rid, n in counts.items():
+            base = self.base.get(rid, 0)
+            if n < base:  # it counts again from zero
+                base = self.base[rid] = 0
+            most = max(most, n - base)
+        return most
 
 
 class _Ours:
@@ -148,6 +172,9 @@ class Replica:
         """Apps on which other replicas had requests at the last read."""
         self._applied_apps: set[str] = set()
         """The apps the fleet view was last applied for (a reload adds some: apply all)."""
+        self._failing_bases: dict[str, dict[str, _FailingBase]] = {}
+        """Per app others report failing machines of, per machine: what each replica
+        reported when the machine last started (``_apply_remote_failing``)."""
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -213,6 +240,7 @@ class Replica:
             else:
                 self._apply_fleet()
             self._apply_remote_load()
+            self._apply_remote_failing()
             if leading:
                 for app in await self.cluster.pop_wakes():
                     if app in self.controller.apps:
@@ -291,6 +319,45 @@ class Replica:
                 )
         self._remote_busy = busy
 
+    def _apply_remote_failing(self) -> None:
+        """Write into ``Upstream.remote_failing`` the most ejections in a row for its own
+        failures that another replica reports for each machine: the leader then restarts a
+        machine that hangs also when the requests to it go through other replicas (a
+        proxy-only replica in front, the leader behind).
+
+        Counted from the machine's last start in our view: a replica that missed its stop
+        (a lost push, a stop and start within one round) still reports its previous
+        process's ejections. So each replica's report when the machine started is its
+        base, and only what it adds counts; a report under its base (it saw the start and
+        counts again from zero) drops the base. A new leader has no bases: what others
+        report then counts whole."""
+        failing_apps = {
+            app
+            for report in self.cluster.others.values()
+            for app, load in report.loads.items()
+            if load.failing
+        }
+        for name in failing_apps | self._failing_bases.keys():
+            view = self.view.apps.get(name)
+            if view is None:
+                continue
+            reported = self.cluster.remote_failing(name)
+            before = self._failing_bases.get(name, {})
+            bases = {}
+            for up in view.upstreams.values():
+                counts = {rid: c[up.id] for rid, c in reported.items() if up.id in c}
+                base = before.get(up.id)
+                if base is None:
+                    base = _FailingBase(up.started_at, {})
+                elif base.started_at != up.started_at:  # started again: older counts are spent
+                    base = _FailingBase(up.started_at, counts)
+                up.remote_failing = base.count(counts)
+                if counts:
+                    bases[up.id] = base
+            self._failing_bases[name] = bases
+        for name in [n for n, bases in self._failing_bases.items() if not bases]:
+            del self._failing_bases[name]
+
     def _loads(self) -> tuple[dict[str, AppLoad], set[str]]:
         """This replica's load per app, and the apps whose load was measured again: those
         new here, those on which a request began or waited since the last report, and
@@ -319,6 +386,7 @@ class Replica:
                 peak=peak,
                 at=view.last_request_at,
                 machines={u.id: u.in_flight for u in view.upstreams.values() if u.in_flight},
+                failing={u.id: u.failing for u in view.upstreams.values() if u.failing},
             )
             if not load.idle():
                 moving.add(name)

@@ -44,8 +44,9 @@ DEFAULT_PORT = 8080
 RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
 RESTART_MAX_S = 300.0
 HUNG_AFTER = 2
-"""Ejections in a row by the proxy for the machine's own failures (``Upstream.failing``)
-that make a started machine hung: the first, and the failed probe after it."""
+"""Ejections in a row by the proxy for the machine's own failures that make a started
+machine hung: the first, and the failed probe after it (``Upstream.ejections_in_a_row``:
+this process's proxy's, or in cluster mode another replica's as it reports them)."""
 
 
 @dataclass(slots=True)
@@ -306,7 +307,7 @@ class AppRuntime:
                     restartable=self.restartable(machine.id, now),
                     hung=machine.state == STARTED
                     and up is not None
-                    and up.failing >= HUNG_AFTER
+                    and up.ejections_in_a_row >= HUNG_AFTER
                     and self.may_restart_hung(machine.id, now),
                     pending=pending,
                 )
@@ -328,6 +329,14 @@ class AppRuntime:
         count, at = self.hung_restarts.get(machine_id, (0, 0.0))
         recent = now is None or now - at < RESTART_MAX_S
         return not recent or count < self.config.max_restart_attempts
+
+    def hung_restarts_in_a_row(self, machine_id: str, now: float) -> tuple[int, float | None]:
+        """Our restarts of the machine for hanging in a row, and when the next may begin
+        (None: the budget allows one now; only past RESTART_MAX_S once it is spent)."""
+        count, at = self.hung_restarts.get(machine_id, (0, 0.0))
+        if count == 0 or now - at >= RESTART_MAX_S:
+            return 0, None
+        return count, (None if count < self.config.max_restart_attempts else at + RESTART_MAX_S)
 
     def restarting_hung(self, machine_id: str, now: float) -> int:
         """A restart of ours for hanging begins: the count in a row, this one included."""

@@ -49,6 +49,7 @@ class Upstream:
         "last_used",
         "owner",
         "port",
+        "remote_failing",
         "remote_in_flight",
         "share",
         "started_at",
@@ -79,6 +80,9 @@ class Upstream:
         """Ejections in a row for failing itself (timeouts, resets, refused connections,
         answers that are not HTTP) since it last started or answered well: written by the
         proxy's health, read by the controller, which restarts a machine that hangs."""
+        self.remote_failing = 0
+        """Cluster mode, on the leader: the most ejections in a row that another replica
+        reports for it, counted since it last started (``Replica``)."""
         self.authority = authority(host, port)
         self.owner: AppView | None = None
         """The view that counts its load: a request gives its slot back there, even after
@@ -93,6 +97,11 @@ class Upstream:
 
     def routable(self, now: float) -> bool:
         return self.state == STARTED and not self.cordoned and now >= self.unhealthy_until
+
+    @property
+    def ejections_in_a_row(self) -> int:
+        """Ejections in a row for its own failures, by this replica's proxy or another's."""
+        return max(self.failing, self.remote_failing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +204,7 @@ class AppView:
         if state == STARTED and up.state != STARTED:
             up.started_at = now
             up.unhealthy_until = 0.0
-            up.failing = 0  # a new process
+            up.failing = up.remote_failing = 0  # a new process
         elif state != STARTED:
             up.started_at = None
         up.state = state
@@ -230,6 +239,12 @@ class AppView:
         if until > up.unhealthy_until:
             up.unhealthy_until = until
             self._routable = None
+
+    def failed_itself(self, up: Upstream) -> None:
+        """The proxy ejected ``up`` for its own failure (``Upstream.failing``); in cluster
+        mode the replica's next report says so."""
+        up.failing += 1
+        self.touched.add(self.name)
 
     def begin(self, up: Upstream) -> None:
         """A request went to ``up``."""

@@ -146,7 +146,7 @@ class Health:
         record.failures = 0
         record.reason = reason
         if reason in _OWN:
-            up.failing += 1
+            view.failed_itself(up)
         record.until = view.clock() + backoff
         view.mark_unhealthy(up, backoff)
         view.notify()

@@ -6,12 +6,14 @@ set ``{prefix}:replicas``. The hash holds, per app, the replica's load as a JSON
 ``area`` (cumulative concurrency-seconds: the integral of in flight + held since the replica
 started, read from the proxy's :class:`~autoscaler.scaling.window.ConcurrencyMeter`),
 ``level`` (in flight + held now), ``in_flight``, ``held``, ``peak`` (since its previous
-report) and ``at`` (when its last request came, on the replica's clock; the header's
-``now`` is that clock when the report was written, so ``now - at`` is the idle time and no
-two hosts' clocks are compared). The leader adds its fleet view per app (``fleet:{app}``:
-the machines it routes to, with state and cordon; ``seq:{app}``: the view's sequence
-number) and its fencing token (``fence``), so followers route without reading the Machines
-API themselves.
+report), ``at`` (when its last request came, on the replica's clock; the header's ``now``
+is that clock when the report was written, so ``now - at`` is the idle time and no two
+hosts' clocks are compared), ``machines`` (requests in flight per machine) and ``failing``
+(the replica's ejections in a row per machine for the machine's own failures: the leader
+restarts a machine that hangs for the requests of any replica). The leader adds its fleet
+view per app (``fleet:{app}``: the machines it routes to, with state and cordon;
+``seq:{app}``: the view's sequence number) and its fencing token (``fence``), so
+followers route without reading the Machines API themselves.
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -89,11 +91,16 @@ class AppLoad:
     """When its last request came, on the reporting replica's clock (None: never)."""
     machines: Mapping[str, int] = field(default_factory=dict)
     """Requests in flight per machine (machines with none left out)."""
+    failing: Mapping[str, int] = field(default_factory=dict)
+    """The replica's ejections in a row per machine for the machine's own failures
+    (``Upstream.failing``; machines with none left out): how the leader learns that a
+    machine hangs when the requests to it go through other replicas."""
 
     def idle(self) -> bool:
-        """Nothing in flight, held or seen since the previous report: the report of an
-        app at rest, which stays the same from one round to the next."""
-        return not (self.level or self.in_flight or self.held or self.peak)
+        """Nothing in flight, held or seen since the previous report, and no machine
+        failing: the report of an app at rest, which stays the same from one round to the
+        next (a failing count can drop without a request: a machine started again)."""
+        return not (self.level or self.in_flight or self.held or self.peak or self.failing)
 
     def to_json(self, now: float) -> str:
         return json.dumps(
@@ -110,6 +117,7 @@ class AppLoad:
                 # is, the safe side (it keeps the app up a little longer).
                 "idle_s": idle_s(self.at, now),
                 "machines": dict(self.machines),
+                "failing": dict(self.failing),
             }
         )
 
@@ -129,6 +137,7 @@ class AppLoad:
             peak=int(d.get("peak", 0)),
             at=None if at is None else float(at),
             machines={str(k): int(v) for k, v in (d.get("machines") or {}).items()},
+            failing={str(k): int(v) for k, v in (d.get("failing") or {}).items()},
         )
 
 
@@ -636,6 +645,15 @@ class Cluster:
                 for mid, n in load.machines.items():
                     counts[mid] = counts.get(mid, 0) + n
         return counts
+
+    def remote_failing(self, app: str) -> dict[str, dict[str, int]]:
+        """The other replicas' ejections in a row per machine of ``app``: replica ->
+        machine -> count, replicas that report none left out."""
+        return {
+            rid: dict(load.failing)
+            for rid, report in self.others.items()
+            if (load := report.loads.get(app)) is not None and load.failing
+        }
 
     def remote_demand(self, app: str) -> int:
         """The other replicas' requests on ``app`` in flight or held, summed."""

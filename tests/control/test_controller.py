@@ -801,6 +801,10 @@ async def test_a_machine_that_hangs_is_restarted_within_its_budget(
     await rig.tick()
     up = rig.app.upstreams[mid]
 
+    def status() -> Any:
+        (machine,) = rig.ctl.status()[0].machines
+        return machine
+
     async def hang_and_tick() -> Any:
         up.failing = HUNG_AFTER  # the proxy: ejected, and its probe failed too
         decision = await rig.tick()
@@ -821,10 +825,15 @@ async def test_a_machine_that_hangs_is_restarted_within_its_budget(
         assert state(api, mid) == "started"
         assert up.failing == 0  # a new process
         assert rig.metric("autoscaler_machine_restarts_total", result="ok") == restarts
+        assert (status().hung, status().hung_restarts) == (False, restarts)
     assert rig.metric("autoscaler_machine_restarts_total", result="exhausted") == 1
     # A third hang within RESTART_MAX_S: left alone (as the API says, started).
     decision = await hang_and_tick()
     assert decision.actions == ()
+    seen = status()  # /status: hung, after two restarts, the next once the budget allows
+    assert (seen.hung, seen.failing, seen.hung_restarts) == (True, HUNG_AFTER, 2)
+    assert seen.next_retry_at is not None
+    assert seen.next_retry_at > clock()
     await clock.advance(RESTART_MAX_S)
     decision = await hang_and_tick()
     assert [(a.kind, a.machine_id) for a in decision.actions] == [("restart", mid)]

@@ -18,6 +18,9 @@ class FakeMachine:
     failures: int = 0
     next_retry_at: float | None = None
     left_alone: bool = False
+    failing: int = 0
+    hung: bool = False
+    hung_restarts: int = 0
 
 
 @dataclass(frozen=True)

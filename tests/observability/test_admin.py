@@ -159,6 +159,9 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "failures": 0,
                 "next_retry_in_s": None,
                 "left_alone": False,
+                "failing": 0,
+                "hung": False,
+                "hung_restarts": 0,
             },
             {
                 "id": "m2",
@@ -169,6 +172,9 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "failures": 0,
                 "next_retry_in_s": None,
                 "left_alone": False,
+                "failing": 0,
+                "hung": False,
+                "hung_restarts": 0,
             },
             {
                 "id": "m3",
@@ -179,6 +185,9 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "failures": 2,
                 "next_retry_in_s": 4.0,
                 "left_alone": False,
+                "failing": 0,
+                "hung": False,
+                "hung_restarts": 0,
             },
         ],
     }

@@ -79,6 +79,13 @@ def test_render_a_table() -> None:
                      "last_used_age_s": None, "failures": 1, "next_retry_in_s": 0.0},
                     {"id": "m4", "state": "failed", "cordoned": False, "in_flight": 0,
                      "last_used_age_s": None, "failures": 5, "left_alone": True},
+                    {"id": "m6", "state": "started", "cordoned": False, "in_flight": 1,
+                     "last_used_age_s": 30.0, "failing": 2, "hung": True},
+                    {"id": "m7", "state": "started", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": 5.0, "failing": 3, "hung": True, "hung_restarts": 3,
+                     "next_retry_in_s": 120.4},
+                    {"id": "m8", "state": "started", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": 5.0, "failing": 2, "hung": True, "left_alone": True},
                 ],
             },
             {"app": "idle", "desired": 0, "started": 0, "panic": False, "last_reason": "",
@@ -102,6 +109,12 @@ def test_render_a_table() -> None:
         "1 failed start(s), restarted when needed",
         "  m4           failed     no        0          never      "
         "left alone after 5 failed starts",
+        "  m6           started    no        1          30.0s ago  "
+        "hung (2 ejections in a row), restarted at the next tick",
+        "  m7           started    no        0          5.0s ago   "
+        "hung (3 ejections in a row), 3 restart(s) in a row, no restart for 120s",
+        "  m8           started    no        0          5.0s ago   "
+        "hung (2 ejections in a row), restarts are off",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",

@@ -1,7 +1,8 @@
 """A proxy-only replica (``cluster.lead: false``) in front of a sleeping app, with a
 deciding replica beside it: real services, one emulator, one redis-server, on the fast
 timings and on Fly's (cold starts of about 2 s, as long as ``self_wake_after_s``), where
-the leader's wake, its push and the follower's own bound on waiting meet."""
+the leader's wake, its push and the follower's own bound on waiting meet; and a machine
+that hangs for the proxy-only replica's requests, which the decider restarts."""
 
 from __future__ import annotations
 
@@ -63,6 +64,69 @@ async def test_a_proxy_only_replica_serves_through_the_deciders_single_wake(
         assert starts(proxy) == 0
         assert proxy.replica.self_wakes == 0
         assert not proxy.replica.leading
+    finally:
+        for svc in (proxy, decider):
+            await svc.stop()
+
+
+async def test_the_decider_restarts_a_machine_that_hangs_for_the_proxy_only_replica(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    """Every request goes through the proxy-only replica, none through the decider's own
+    proxy: the proxy-only replica's ejections reach the decider in its report, and the
+    decider stops the machine and starts it again. Before, it was never restarted."""
+    fast = {"upstream_timeout_s": 0.5, "eject_after": 1, "eject_base_s": 0.5}
+    decider, proxy = (
+        Service(
+            settings(
+                emulator,
+                redis_server,
+                key_prefix,
+                rid,
+                app={"idle_to_zero_s": 600, "wake_timeout_s": 30},
+                proxy=fast,
+                **extra,
+            ),
+            metrics=Metrics(CollectorRegistry()),
+            proxy_port=0,
+            admin_port=free_port(),
+        )
+        for rid, extra in (("decider", {}), ("proxy", {"lead": False}))
+    )
+    try:
+        await decider.start()
+        await proxy.start()
+        assert proxy.proxy is not None
+        await until(lambda: decider.replica is not None and decider.replica.leading, 5)
+        await until(lambda: proxy.replica is not None and proxy.replica.view_known, 5)
+        url = f"http://127.0.0.1:{proxy.proxy.port}/"
+        async with aiohttp.ClientSession() as http:
+
+            async def get() -> int:
+                async with http.get(url, headers={"Host": "web.test"}) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await get() == 200
+            [machine] = emulator.machines("web")
+            first = len(machine.events)
+            emulator.set_faults(hung=[machine.id])
+            answers = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not answers or answers[-1] != 200:
+                assert loop.time() < deadline, answers
+                answers.append(await get())
+        assert 504 in answers  # the hang's timeouts, through the proxy-only replica
+        kinds = [(e.type, e.source) for e in machine.events[first:]]
+        assert ("stop", "user") in kinds
+        assert kinds[-1] == ("start", "flyd")
+        restarts = decider.metrics.registry.get_sample_value(
+            "autoscaler_machine_restarts_total", {"app": "web", "result": "ok"}
+        )
+        assert restarts == 1
+        assert emulator.faults.hung == []
+        assert starts(proxy) == 0  # the proxy-only replica never called the API
     finally:
         for svc in (proxy, decider):
             await svc.stop()

@@ -19,6 +19,7 @@ from autoscaler.admin import AdminServer
 from autoscaler.config import AdminSettings, AppConfig, ClusterSettings, ControlSettings, Settings
 from autoscaler.control.controller import Controller
 from autoscaler.control.replica import Replica
+from autoscaler.control.runtime import HUNG_AFTER
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
@@ -402,6 +403,89 @@ async def test_the_leader_counts_other_replicas_requests_per_machine(
         r.view.app(APP).end(r.view.app(APP).upstreams[mid])
     await rounds(cluster, lambda: up.remote_in_flight == 0, 2 * TTL)
     assert pick([up], 1, rng) is up
+
+
+async def test_the_leader_restarts_a_machine_that_hangs_behind_a_follower(
+    cluster: list[Replica],
+) -> None:
+    """The requests go through a follower (the leader's own proxy sees none): the
+    follower's ejections in a row reach the leader in its report, and the leader restarts
+    the machine. A follower that missed the restart's stop still counts its previous
+    process's ejections: only what it adds after the start counts."""
+    leader, follower = await leader_and_follower(cluster)
+    assert await leader.view.wake(APP) == "start"
+    await rounds(cluster, lambda: bool(follower.view.app(APP).routable()), 4 * TTL)
+    rt = leader.controller.apps[APP]
+    mid = next(iter(leader.view.app(APP).upstreams))
+    up, theirs = leader.view.app(APP).upstreams[mid], follower.view.app(APP).upstreams[mid]
+
+    def hung() -> bool:
+        return rt.fleet(leader.view.app(APP)).machines[0].hung
+
+    def eject_through_the_follower() -> None:  # what its proxy's health does
+        follower.view.app(APP).failed_itself(theirs)
+
+    follower.view.app(APP).begin(theirs)  # a request the machine never answers
+    eject_through_the_follower()  # another timed out: ejected
+    eject_through_the_follower()  # and its probe too
+    await rounds(cluster, lambda: up.remote_failing == HUNG_AFTER, 4 * TTL)
+    assert up.failing == 0
+    assert hung()
+    (machine,) = leader.controller.status()[0].machines
+    assert (machine.hung, machine.failing, machine.hung_restarts) == (True, HUNG_AFTER, 0)
+    # The follower misses the restart: it no longer listens, and runs no round meanwhile.
+    assert follower._watcher is not None
+    follower._watcher.cancel()
+    await asyncio.gather(follower._watcher, return_exceptions=True)
+    api = leader.controller.api.api
+    decision = await leader.controller.tick(APP)
+    assert [(a.kind, a.machine_id) for a in decision.actions] == [("restart", mid)]
+    others = [r for r in cluster if r is not follower]
+    await rounds(others, lambda: not rt.running, 4 * TTL)
+    assert api.ops("stop_machine") == [mid]  # type: ignore[attr-defined]
+    assert api.ops("start_machine") == [mid, mid]  # type: ignore[attr-defined]
+
+    # The follower reads the view (started, as it was): its count is its old one.
+    def applied_the_restart() -> bool:
+        return follower._applied.get(APP) == (
+            leader.cluster.lease.token,
+            leader._published[APP].seq,
+        )
+
+    await rounds(cluster, applied_the_restart, 4 * TTL)
+    for _ in range(3):  # and the leader read the follower's report written after that
+        for r in cluster:
+            await r.round()
+    assert theirs.state == "started"
+    assert theirs.failing == HUNG_AFTER
+    assert up.remote_failing == 0
+    assert not hung()
+    (machine,) = leader.controller.status()[0].machines
+    assert (machine.hung, machine.hung_restarts) == (False, 1)
+    # The new process hangs too: the follower's next two ejections count.
+    eject_through_the_follower()
+    await rounds(cluster, lambda: up.remote_failing == 1, 4 * TTL)
+    assert not hung()
+    eject_through_the_follower()
+    await rounds(cluster, lambda: up.remote_failing == HUNG_AFTER, 4 * TTL)
+    assert hung()
+    # A good answer through the follower: nobody reports it failing, and the leader's
+    # count goes with the report.
+    theirs.failing = 0
+    await rounds(cluster, lambda: up.remote_failing == 0, 4 * TTL)
+    assert not hung()
+
+
+def test_a_failing_count_is_counted_from_the_machines_last_start() -> None:
+    from autoscaler.control.replica import _FailingBase
+
+    base = _FailingBase(started_at=1.0, base={"r1": 2, "r2": 1})
+    assert base.count({"r1": 2, "r2": 1}) == 0  # all of the previous process
+    assert base.count({"r1": 3, "r2": 1}) == 1  # one more ejection through r1
+    assert base.count({"r1": 3, "r2": 0 + 1, "r3": 2}) == 2  # r3 had no base
+    assert base.count({"r1": 1}) == 1  # r1 saw the start: counts from zero; r2 none
+    assert base.base == {"r1": 0}
+    assert base.count({"r1": 2, "r2": 1}) == 2
 
 
 async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:

@@ -37,12 +37,13 @@ def settings(
     prefix: str,
     rid: str,
     app: dict[str, Any] | None = None,
+    proxy: dict[str, Any] | None = None,
     **cluster: float | bool,
 ) -> Settings:
     return Settings.model_validate(
         {
             "fly": {"api_url": emulator.url, "token": emulator.token},
-            "proxy": {"listen": "127.0.0.1:8080", "shutdown_timeout_s": 2},
+            "proxy": {"listen": "127.0.0.1:8080", "shutdown_timeout_s": 2, **(proxy or {})},
             "admin": {"listen": "127.0.0.1:9091"},
             "control": {"tick_s": 0.2},
             "cluster": {
