@@ -73,6 +73,7 @@ class MachineRecord:
     marked: bool = False
     """The machine carries our cordon metadata key."""
     checks_critical: bool = False
+    host_unreachable: bool = False
 
     @classmethod
     def of(cls, machine: Machine) -> MachineRecord:
@@ -87,6 +88,7 @@ class MachineRecord:
             machine.cordoned,
             meta is not None and CORDON_METADATA_KEY in meta,
             machine.checks_critical,
+            machine.host_unreachable,
         )
 
 
@@ -305,6 +307,7 @@ class AppRuntime:
                     started_at=up.started_at if up and machine.state == STARTED else None,
                     state_since=self.state_since.get(machine.id),
                     restartable=self.restartable(machine.id, now),
+                    unreachable=machine.host_unreachable,
                     hung=machine.state == STARTED
                     and up is not None
                     and up.ejections_in_a_row >= HUNG_AFTER

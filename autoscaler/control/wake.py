@@ -14,7 +14,8 @@ in transition (a stop under way ends in a startable state), a failed machine's n
 restart, or the retry of a machine whose action an API error failed, until the app's
 ``wake_timeout_s``.
 
-An API error (5xx, 429, a transport error) is the API's trouble, not the machine's: that
+The wake's actions make one attempt per call, as a tick's do: the wake is the retry. An
+API error (5xx, 429, a transport error) is the API's trouble, not the machine's: that
 machine is tried again after a pause (0.25 s, doubling up to 1 s, the proxy's own pace of
 asking again; or the 429's Retry-After). A resume that failed so once is tried again before
 a cold start of another machine: on Fly the pause and a resume take well under a second, a
@@ -28,13 +29,13 @@ import math
 from typing import NamedTuple
 
 from autoscaler.control.actions import Actuator
-from autoscaler.control.runtime import AppRuntime
+from autoscaler.control.runtime import AppRuntime, Running
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import FAILED, MOVING_STATES, Fleet
-from autoscaler.scaling.policy import choose_wake
+from autoscaler.scaling.policy import Action, choose_wake
 
 _log = get_logger("autoscaler.control")
 RECHECK_S = 0.25  # how often a wake looks again while another party's start is under way
@@ -146,7 +147,7 @@ class Waker:
                     # A drain still waiting is taken back at once; a cordon of ours left
                     # without a task routes again once the API has lifted it.
                     view.waking = None  # no boot: the machine is up
-                    run = act.launch(rt, action)
+                    run = self._launch(rt, action)
                     if run is not None and not view.routable():
                         await run.task
                     if view.routable():
@@ -159,7 +160,7 @@ class Waker:
                     await busy.task  # its own action first (a suspend under way), then again
                     await self._refresh_quietly(rt)
                     continue
-                run = act.launch(rt, action)
+                run = self._launch(rt, action)
                 view.waking = action.kind
                 if run is not None and await run.task:
                     took = self._observe(rt, action.kind, t0)
@@ -179,6 +180,14 @@ class Waker:
                 if act.clock() >= deadline:
                     raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
                 await self._refresh_quietly(rt)
+
+    def _launch(self, rt: AppRuntime, action: Action) -> Running | None:
+        """Start ``action``'s task; its calls make one attempt each, as a tick's do: the
+        wake's loop is the retry (a pause of 0.25-1 s, or another machine), where the
+        client's retries would spend seconds on a machine that cannot come up (its host
+        unreachable: 503 to every action) before the wake tried another."""
+        with one_attempt(self.api_timeout_s):
+            return self.actuator.launch(rt, action)
 
     def _observe(self, rt: AppRuntime, kind: str, t0: float) -> float:
         """Record a wake that took since ``t0``; the seconds it took."""

@@ -207,6 +207,14 @@ class Machine(_Lenient):
     config: MachineConfig | None = None
     cordoned: bool | None = None  # emulator/extension field; the real API may leave it out
     checks: list[CheckStatus] | None = None
+    host_status: str | None = None
+    """``ok``, ``unknown`` or ``unreachable``: whether Fly can reach the machine's host
+    (left out of summary lists)."""
+
+    @property
+    def host_unreachable(self) -> bool:
+        """Fly cannot reach the machine's host: actions on it fail until the host is back."""
+        return self.host_status == "unreachable"
 
     @property
     def checks_critical(self) -> bool:

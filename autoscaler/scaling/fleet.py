@@ -75,6 +75,10 @@ class MachineSnapshot:
     """Started, but the proxy took it out of routing twice in a row for failing itself
     (timeouts, resets, refused connections): its process hangs. Not capacity; restarted
     while its restart budget lasts (without it, counted as serving, as the API says)."""
+    unreachable: bool = False
+    """The API says Fly cannot reach its host (``host_status``): an action on it fails
+    until the host is back, so wakes and scale-ups try it last and scale-downs take it
+    last (it may still serve: the host may only be cut off from Fly's API)."""
     pending: str | None = None
     """The kind of our action in flight on it (an ``Action.kind``), if any.
 

@@ -183,7 +183,8 @@ def _interruptible(m: MachineSnapshot) -> bool:
 
 def _wake_candidates(g: _Groups) -> list[tuple[ActionKind, MachineSnapshot]]:
     """Rule 2, in order: take back a drain, take back a suspend under way, resume, start
-    a stopped machine, start a failed one again; freshest first.
+    a stopped machine, start a failed one again; freshest first; machines whose host Fly
+    cannot reach after all the others (their actions fail until it is back).
 
     Busy machines are left alone; a stopped or suspended machine still carrying a cordon
     of ours is skipped (it gets its cordon lifted first, or it would start unroutable).
@@ -200,7 +201,8 @@ def _wake_candidates(g: _Groups) -> list[tuple[ActionKind, MachineSnapshot]]:
         ok = [m for m in machines if not m.busy and not m.cordoned]
         out.extend((kind, m) for m in sorted(ok, key=_recency))
     draining = [m for m in g.draining if not m.busy]
-    return [*(("uncordon", m) for m in sorted(draining, key=_recency)), *out]
+    ordered = [*(("uncordon", m) for m in sorted(draining, key=_recency)), *out]
+    return sorted(ordered, key=lambda c: c[1].unreachable)  # stable: the rest keep their order
 
 
 def choose_wake(fleet: Fleet) -> Action | None:
@@ -231,10 +233,11 @@ _WAKE_WHY: dict[str, str] = {
 }
 
 
-def _removal_key(m: MachineSnapshot) -> tuple[int, float, str]:
-    # Fewest requests in flight, then longest idle (never used counts as idlest).
+def _removal_key(m: MachineSnapshot) -> tuple[bool, int, float, str]:
+    # A machine whose host Fly cannot reach last (its suspend or stop would fail), then
+    # fewest requests in flight, then longest idle (never used counts as idlest).
     used = m.last_used if m.last_used is not None else -math.inf
-    return (m.in_flight, used, m.id)
+    return (m.unreachable, m.in_flight, used, m.id)
 
 
 def _want(load: float, unit: float) -> int:

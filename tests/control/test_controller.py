@@ -475,6 +475,21 @@ async def test_wake_tries_the_next_machine_when_one_fails_to_start(
     assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
 
 
+async def test_a_wake_passes_over_a_machine_whose_host_is_unreachable(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The list says Fly cannot reach the suspended machine's host (``host_status``): its
+    resume would answer 503, so the wake cold-starts the stopped one and never calls the
+    unreachable one. With every host unreachable it is tried all the same."""
+    lost = api.add(APP, "suspended")
+    api.set(APP, lost, host_status="unreachable")
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "start"
+    assert api.ops("start_machine") == [other]
+    assert rig.routable() == {other}
+
+
 async def test_a_resume_an_api_error_failed_is_tried_again_before_a_cold_start(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

@@ -47,7 +47,7 @@ def test_unknown_fields_are_kept_at_every_level() -> None:
     data = {
         "id": "m1",
         "state": "started",
-        "host_status": "ok",
+        "private_ip_v7": "fdaa::1",
         "image_ref": {"registry": "r", "repository": "x"},
         "config": {
             "image": "nginx",
@@ -59,7 +59,7 @@ def test_unknown_fields_are_kept_at_every_level() -> None:
         },
     }
     machine = m.Machine.model_validate(data)
-    assert machine.model_extra == {"host_status": "ok", "image_ref": data["image_ref"]}
+    assert machine.model_extra == {"private_ip_v7": "fdaa::1", "image_ref": data["image_ref"]}
     assert machine.config is not None
     assert machine.config.services is not None
     assert machine.config.services[0].autostop is True

@@ -292,6 +292,15 @@ def test_removal_order_fewest_in_flight_then_longest_idle() -> None:
     assert acts(d) == [("drain", "never-used"), ("drain", "quiet-old"), ("drain", "quiet-recent")]
 
 
+def test_a_machine_whose_host_is_unreachable_is_removed_last() -> None:
+    """Its suspend or stop would answer 503 until the host is back."""
+    app = cfg(panic_threshold=CALM, min_machines=1)
+    machines = fleet(m("lost", unreachable=True), m("busy", in_flight=1, last_used=99.0))
+    state = PolicyState(born=0.0, lower_since=0.0)
+    d = run(app, machines, load(0.0, 100, app=app), 100, state, last_request_at=0.0)
+    assert acts(d) == [("drain", "busy")]
+
+
 # --- panic ---------------------------------------------------------------------------------
 
 
@@ -439,6 +448,14 @@ def test_scale_up_takes_back_drains_then_resumes_then_starts_most_recent_first()
         ),
         ([m("a", "suspended"), m("s", "suspending", cordoned=True)], ("resume", "a")),
         ([m("s", "stopping", busy=True, pending="drain")], None),
+        # A host Fly cannot reach: its actions fail, so it comes after every other kind...
+        ([m("a", "suspended", unreachable=True), m("b", "stopped")], ("start", "b")),
+        (
+            [m("a", "suspended", unreachable=True), m("f", "failed", restartable=True)],
+            ("start", "f"),
+        ),
+        # ... and is tried when nothing else is left.
+        ([m("a", "suspended", unreachable=True), m("b", "stopped", busy=True)], ("resume", "a")),
     ],
 )
 def test_choose_wake(machines: list[MachineSnapshot], expected: tuple[str, str] | None) -> None:
