@@ -76,6 +76,8 @@ class MachineStatusLike(Protocol):
     def hung(self) -> bool: ...
     @property
     def hung_restarts(self) -> int: ...
+    @property
+    def host_unreachable(self) -> bool: ...
 
 
 class AppStatusLike(Protocol):
@@ -344,6 +346,7 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
             "failing": m.failing,
             "hung": m.hung,
             "hung_restarts": m.hung_restarts,
+            "host_unreachable": m.host_unreachable,
         }
         for m in status.machines
     ]

@@ -141,10 +141,12 @@ class History:
 
 
 def machine_note(m: Mapping[str, Any]) -> str:
-    """What ``/status`` says of a machine's failed starts, or of its hanging, in a few
-    words."""
+    """What ``/status`` says of a machine's failed starts, its hanging or its host, in a
+    few words."""
     if m.get("hung"):
         return _hung_note(m)
+    if m.get("host_unreachable"):
+        return "host unreachable: actions wait for it"
     failures = int(m.get("failures") or 0)
     if m.get("left_alone"):
         return f"left alone after {failures} failed starts"
@@ -160,6 +162,8 @@ def machine_note(m: Mapping[str, Any]) -> str:
 
 def _hung_note(m: Mapping[str, Any]) -> str:
     hung = f"hung ({int(m.get('failing') or 0)} ejections in a row)"
+    if m.get("host_unreachable"):
+        return f"{hung}, restarted once its host is reachable"
     if m.get("left_alone"):
         return f"{hung}, restarts are off"
     restarts = int(m.get("hung_restarts") or 0)

@@ -82,6 +82,8 @@ class MachineStatus:
     (``next_retry_at`` None: at the next tick; else once the restart budget allows)."""
     hung_restarts: int = 0
     """Our restarts of it for hanging, in a row (each within RESTART_MAX_S of the last)."""
+    host_unreachable: bool = False
+    """The last list said Fly cannot reach its host: actions on it wait for the host."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,6 +454,7 @@ class Controller:
                         failing=failing,
                         hung=hung,
                         hung_restarts=hung_restarts,
+                        host_unreachable=machine.host_unreachable,
                     )
                 )
             out.append(

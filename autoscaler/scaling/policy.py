@@ -516,10 +516,16 @@ def _plan(
     # A machine that hangs is restarted (stopped, then started afresh), in panic too: it
     # serves nobody as it is. It does not count as capacity meanwhile (docs/policy.md, rule
     # 4). An app that wants no machine has it stopped: its next start is a new process.
+    # On a host Fly cannot reach, the stop would answer 503 and spend the restart budget:
+    # it waits for the host (a host that is down is the likeliest cause of the hang).
     for m in g.hung:
-        if m.id not in touched and not m.busy:
-            reason = "hung: out of routing twice in a row for timeouts or resets"
-            act("restart" if count.desired > 0 else "stop", m, reason)
+        if m.id in touched or m.busy:
+            continue
+        if m.unreachable:
+            why.append(f"hung {m.id} waits for its host (unreachable)")
+            continue
+        reason = "hung: out of routing twice in a row for timeouts or resets"
+        act("restart" if count.desired > 0 else "stop", m, reason)
     # Our cordon on a sleeping machine would only let it start unroutable: lift it (in
     # panic too: that adds capacity for later ticks).
     for m in (*g.suspended, *g.stopped):

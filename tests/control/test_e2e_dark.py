@@ -6,6 +6,8 @@
   out, and the controller stops it and starts it again (fast timings and Fly's).
 - A wake whose first machine's host became unreachable (its start answers 503) starts
   another after one attempt (fast timings and Fly's).
+- A machine whose host goes down (it hangs, and Fly cannot reach the host) is restarted
+  once the host is back, not before; another machine serves meanwhile.
 - A wake that meets an API outage tries again, and its request is served once the API
   answers.
 - A request that arrives while the app's machine spends 15 s suspending is served by
@@ -136,6 +138,52 @@ async def test_a_wake_moves_past_a_machine_whose_host_became_unreachable(
         assert list(states.values()) == ["started"]
         # The next list says so, and the next wakes and scale-ups try it last.
         await stack.until(lambda: rt.machines[first.machine_id].host_unreachable)
+
+
+@pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
+async def test_a_machine_whose_host_goes_down_is_restarted_once_the_host_is_back(
+    emulator: Emulator,
+) -> None:
+    # The serving machine's host goes down: the process hangs and Fly cannot reach the
+    # host (every action on it answers 503). The other machine serves; the hung one is
+    # not restarted while its stop would fail (that would spend the restart budget), and
+    # is restarted once the host is back.
+    proxy = ProxySettings(upstream_timeout_s=0.5, eject_after=1, eject_base_s=0.5)
+    async with running_stack(emulator, proxy, idle_to_zero_s=600, wake_timeout_s=30) as stack:
+        await stack.get("/")
+        [down] = [m for m in emulator.machines(APP) if m.state == "started"]
+        emulator.set_faults(hung=[down.id], host_unreachable=[down.id])
+        rt = stack.controller.apps[APP]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while stack.served < 2:  # the hang's timeouts, then the other machine
+            assert loop.time() < deadline, stack.failures
+            await stack.get("/")
+        assert {f.split(":")[0] for f in stack.failures} <= {"502", "503", "504"}
+        registry = stack.metrics.registry
+
+        def refused(op: str) -> float:
+            labels = {"operation": op, "code": "503"}
+            return registry.get_sample_value("autoscaler_api_requests_total", labels) or 0.0
+
+        def hung() -> bool:
+            return any(m.hung for m in rt.fleet(stack.app).machines)
+
+        # Requests go on (the proxy probes the hung machine with one of them when its
+        # ejection ends) until the policy has seen it hung on an unreachable host.
+        while not (hung() and "waits for its host" in rt.last_reason):
+            assert loop.time() < deadline, rt.last_reason
+            await stack.get("/")
+            await asyncio.sleep(0.05)
+        assert refused("stop_machine") == 0
+        assert "waits for its host" in rt.last_reason
+        emulator.set_faults(host_unreachable=None)  # the host is back; the process hangs
+        await stack.until(lambda: emulator.faults.hung == [], timeout_s=30)
+        restarts = registry.get_sample_value(
+            "autoscaler_machine_restarts_total", {"app": APP, "result": "ok"}
+        )
+        assert restarts == 1
+        assert refused("stop_machine") == 0
 
 
 async def test_a_wake_through_a_short_api_outage_is_served_when_the_api_answers(

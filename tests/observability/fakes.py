@@ -21,6 +21,7 @@ class FakeMachine:
     failing: int = 0
     hung: bool = False
     hung_restarts: int = 0
+    host_unreachable: bool = False
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "failing": 0,
                 "hung": False,
                 "hung_restarts": 0,
+                "host_unreachable": False,
             },
             {
                 "id": "m2",
@@ -175,6 +176,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "failing": 0,
                 "hung": False,
                 "hung_restarts": 0,
+                "host_unreachable": False,
             },
             {
                 "id": "m3",
@@ -188,6 +190,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "failing": 0,
                 "hung": False,
                 "hung_restarts": 0,
+                "host_unreachable": False,
             },
         ],
     }

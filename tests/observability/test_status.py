@@ -86,6 +86,11 @@ def test_render_a_table() -> None:
                      "next_retry_in_s": 120.4},
                     {"id": "m8", "state": "started", "cordoned": False, "in_flight": 0,
                      "last_used_age_s": 5.0, "failing": 2, "hung": True, "left_alone": True},
+                    {"id": "m9", "state": "started", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": 5.0, "failing": 2, "hung": True,
+                     "host_unreachable": True},
+                    {"id": "mA", "state": "suspended", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": None, "host_unreachable": True},
                 ],
             },
             {"app": "idle", "desired": 0, "started": 0, "panic": False, "last_reason": "",
@@ -115,6 +120,10 @@ def test_render_a_table() -> None:
         "hung (3 ejections in a row), 3 restart(s) in a row, no restart for 120s",
         "  m8           started    no        0          5.0s ago   "
         "hung (2 ejections in a row), restarts are off",
+        "  m9           started    no        0          5.0s ago   "
+        "hung (2 ejections in a row), restarted once its host is reachable",
+        "  mA           suspended  no        0          never      "
+        "host unreachable: actions wait for it",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",

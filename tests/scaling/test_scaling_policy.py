@@ -692,6 +692,9 @@ def test_no_next_check_without_a_timer_running(in_flight: int) -> None:
         ([m("h", hung=True), m("ok")], [("restart", "h")]),
         # Already being restarted (busy): nothing more, and no second start for it.
         ([m("h", hung=True, busy=True, pending="restart"), m("s", "stopped")], [("start", "s")]),
+        # On a host Fly cannot reach its stop would fail: it waits for the host; a spare
+        # serves meanwhile.
+        ([m("h", hung=True, unreachable=True), m("s", "stopped")], [("start", "s")]),
     ],
 )
 def test_a_machine_that_hangs_is_restarted_and_not_counted_as_capacity(
