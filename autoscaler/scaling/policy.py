@@ -233,11 +233,10 @@ _WAKE_WHY: dict[str, str] = {
 }
 
 
-def _removal_key(m: MachineSnapshot) -> tuple[bool, int, float, str]:
-    # A machine whose host Fly cannot reach last (its suspend or stop would fail), then
-    # fewest requests in flight, then longest idle (never used counts as idlest).
+def _removal_key(m: MachineSnapshot) -> tuple[int, float, str]:
+    # Fewest requests in flight, then longest idle (never used counts as idlest).
     used = m.last_used if m.last_used is not None else -math.inf
-    return (m.unreachable, m.in_flight, used, m.id)
+    return (m.in_flight, used, m.id)
 
 
 def _want(load: float, unit: float) -> int:
@@ -496,13 +495,16 @@ def _plan(
         act(kind, m, f"scale up to {count.desired}: {_wake_why(kind, m)}")
 
     # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s
-    # (an unknown start time counts as old).
+    # (an unknown start time counts as old). Not a machine whose host Fly cannot reach: its
+    # suspend or stop would answer 503 after the cordon, every tick, until the host is back.
     if count.remove:
         eligible = sorted(
             (
                 m
                 for m in g.serving
-                if not m.busy and (m.started_at is None or now - m.started_at >= lifetime)
+                if not m.busy
+                and not m.unreachable
+                and (m.started_at is None or now - m.started_at >= lifetime)
             ),
             key=_removal_key,
         )
@@ -510,7 +512,8 @@ def _plan(
             act("drain", m, f"scale down to {count.desired}: {m.in_flight} in flight")
         if len(eligible) < count.remove:
             why.append(
-                f"{count.remove - len(eligible)} removal(s) wait (busy or under min_lifetime)"
+                f"{count.remove - len(eligible)} removal(s) wait (busy, under min_lifetime "
+                "or host unreachable)"
             )
 
     # A machine that hangs is restarted (stopped, then started afresh), in panic too: it
@@ -536,7 +539,7 @@ def _plan(
     if in_panic:
         return actions
     for m in g.draining:
-        if m.id not in touched and not m.busy and not m.draining:
+        if m.id not in touched and not m.busy and not m.draining and not m.unreachable:
             act("drain", m, "finish a drain left behind")
     limit = policy.stop_suspended_after_s
     if limit is not None:
@@ -544,6 +547,7 @@ def _plan(
             if (
                 m.id not in touched
                 and not m.busy
+                and not m.unreachable
                 and m.state_since is not None
                 and now - m.state_since >= limit
             ):

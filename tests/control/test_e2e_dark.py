@@ -8,6 +8,8 @@
   another after one attempt (fast timings and Fly's).
 - A machine whose host goes down (it hangs, and Fly cannot reach the host) is restarted
   once the host is back, not before; another machine serves meanwhile.
+- An idle machine whose host Fly cannot reach stays up and serving (its suspend would
+  fail), and sleeps once the host is back.
 - A wake that meets an API outage tries again, and its request is served once the API
   answers.
 - A request that arrives while the app's machine spends 15 s suspending is served by
@@ -184,6 +186,30 @@ async def test_a_machine_whose_host_goes_down_is_restarted_once_the_host_is_back
         )
         assert restarts == 1
         assert refused("stop_machine") == 0
+
+
+@pytest.mark.parametrize("emulator_settings", ["fast", "fly"], indirect=True)
+async def test_an_idle_machine_whose_host_is_unreachable_sleeps_once_the_host_is_back(
+    emulator: Emulator,
+) -> None:
+    # Fly cannot reach the idle machine's host: its suspend would answer 503 after the
+    # cordon, tick after tick. It stays up and serving, and sleeps once the host is back.
+    async with running_stack(emulator, idle_to_zero_s=1, wake_timeout_s=30) as stack:
+        await stack.get("/")
+        [machine] = emulator.machines(APP)
+        rt = stack.controller.apps[APP]
+        emulator.set_faults(host_unreachable=[machine.id])
+        await stack.until(lambda: rt.machines[machine.id].host_unreachable)
+        await stack.until(lambda: "host unreachable" in rt.last_reason)  # idle, it waits
+        await stack.get("/")  # served by it, no wake
+        assert (stack.served, stack.failures) == (2, [])
+        suspends = stack.metrics.registry.get_sample_value(
+            "autoscaler_api_requests_total", {"operation": "suspend_machine", "code": "503"}
+        )
+        assert suspends is None
+        assert machine.state == "started"
+        emulator.set_faults(host_unreachable=None)
+        await stack.until(lambda: machine.state in ("suspending", "suspended"))
 
 
 async def test_a_wake_through_a_short_api_outage_is_served_when_the_api_answers(

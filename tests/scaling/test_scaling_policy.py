@@ -292,13 +292,18 @@ def test_removal_order_fewest_in_flight_then_longest_idle() -> None:
     assert acts(d) == [("drain", "never-used"), ("drain", "quiet-old"), ("drain", "quiet-recent")]
 
 
-def test_a_machine_whose_host_is_unreachable_is_removed_last() -> None:
-    """Its suspend or stop would answer 503 until the host is back."""
+def test_a_machine_whose_host_is_unreachable_is_not_removed() -> None:
+    """Its suspend or stop would answer 503 (after the cordon) until the host is back."""
     app = cfg(panic_threshold=CALM, min_machines=1)
     machines = fleet(m("lost", unreachable=True), m("busy", in_flight=1, last_used=99.0))
     state = PolicyState(born=0.0, lower_since=0.0)
     d = run(app, machines, load(0.0, 100, app=app), 100, state, last_request_at=0.0)
     assert acts(d) == [("drain", "busy")]
+    app = cfg(idle_to_zero_s=10)  # alone, and the app wants none: it waits
+    d = run(app, fleet(m("lost", unreachable=True)), load(0.0, 100, app=app), 100, state, 50.0)
+    assert d.desired == 0
+    assert acts(d) == []
+    assert "host unreachable" in d.reason
 
 
 # --- panic ---------------------------------------------------------------------------------
@@ -605,6 +610,15 @@ def test_stop_suspended_after(
     machines = fleet(m("s"), m("z", "suspended", state_since=since))
     d = run(app, machines, load(5.0, 600, app=app), 600)
     assert acts(d) == expected
+
+
+def test_no_stop_nor_left_drain_is_sent_to_a_machine_whose_host_is_unreachable() -> None:
+    """They would answer 503 until the host is back."""
+    app = cfg(panic_threshold=CALM, stop_suspended_after_s=10)
+    left = m("d", cordoned=True, cordoned_by_us=True, unreachable=True)
+    machines = fleet(m("s"), m("z", "suspended", state_since=0.0, unreachable=True), left)
+    d = run(app, machines, load(5.0, 600, app=app), 600)
+    assert acts(d) == []
 
 
 def test_a_long_suspended_machine_that_is_needed_is_resumed_not_stopped() -> None:
