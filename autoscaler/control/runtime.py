@@ -121,6 +121,8 @@ class AppRuntime:
     cordon_held: set[str] = field(default_factory=set)
     """Machines we took out of routing in the view (drains), before the API agrees."""
     state_since: dict[str, float] = field(default_factory=dict)
+    sick_since: dict[str, float] = field(default_factory=dict)
+    """Started machines whose Fly health checks are critical -> since when (by the lists)."""
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     restarts: dict[str, Restarts] = field(default_factory=dict)
@@ -197,6 +199,11 @@ class AppRuntime:
         for mid in list(self.state_since):
             if mid not in fresh:
                 del self.state_since[mid]
+        self.sick_since = {
+            mid: self.sick_since.get(mid, now)
+            for mid, machine in fresh.items()
+            if machine.state == STARTED and machine.checks_critical
+        }
         for mid, machine in fresh.items():
             if machine.state == FAILED and mid not in self.restarts:
                 # Failed before we knew it (its boot by someone else, or by a process of
@@ -308,6 +315,9 @@ class AppRuntime:
                     state_since=self.state_since.get(machine.id),
                     restartable=self.restartable(machine.id, now),
                     unreachable=machine.host_unreachable,
+                    sick_since=self.sick_since.get(machine.id)
+                    if machine.state == STARTED
+                    else None,
                     hung=machine.state == STARTED
                     and up is not None
                     and up.ejections_in_a_row >= HUNG_AFTER

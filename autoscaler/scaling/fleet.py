@@ -75,6 +75,10 @@ class MachineSnapshot:
     """Started, but the proxy took it out of routing twice in a row for failing itself
     (timeouts, resets, refused connections): its process hangs. Not capacity; restarted
     while its restart budget lasts (without it, counted as serving, as the API says)."""
+    sick_since: float | None = None
+    """Started, and Fly's health checks of it are critical since then (None: they are not).
+    The proxy routes to it only if nothing else is routable; not capacity while the app
+    has a healthy machine, or fewer sick ones than healthy ones plus one (rule 4)."""
     unreachable: bool = False
     """The API says Fly cannot reach its host (``host_status``): an action on it fails
     until the host is back, so wakes and scale-ups try it last and scale-downs take it

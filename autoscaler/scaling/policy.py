@@ -7,7 +7,8 @@ simulator all run the very same code. docs/policy.md explains every knob.
 Definitions used throughout (Knative's KPA, adapted to machines):
 
 - unit = target_concurrency * target_utilization: the load one machine is planned for.
-- up: machines counted as capacity: started, uncordoned, not being drained and not hung, plus
+- up: machines counted as capacity: started, uncordoned, not being drained, not hung and
+  not sick (Fly's checks critical, while the app has healthy machines enough), plus
   machines on their way to started (``starting``/``restarting``, or one of our start,
   resume or uncordon actions in flight). Counting those stops a second start for one need.
 - ready: up machines that serve now (started and routable). capacity = max(1, ready) * unit.
@@ -123,6 +124,11 @@ class _Groups:
     """Failed, and ours to start again now (``MachineSnapshot.restartable``)."""
     hung: list[MachineSnapshot] = field(default_factory=list)
     """Started, but hanging (``MachineSnapshot.hung``): to be restarted, not capacity."""
+    sick: list[MachineSnapshot] = field(default_factory=list)
+    """Started, Fly's checks critical (``MachineSnapshot.sick_since``): not capacity, to be
+    replaced; drained once surplus. Counted as serving again when more than one more of
+    them than of healthy machines is up (the failure is likely the app's own: replacing
+    them would only start every machine it has)."""
     foreign: list[MachineSnapshot] = field(default_factory=list)
     other: list[MachineSnapshot] = field(default_factory=list)
     """States we do not drive (created, updating, replacing, destroying, ...), and failed
@@ -140,8 +146,10 @@ class _Groups:
                 g.going.append(m)
             elif m.state == STARTED and (m.cordoned or m.draining):
                 g.draining.append(m)
+            elif m.state == STARTED and m.hung:
+                g.hung.append(m)
             elif m.state == STARTED:
-                (g.hung if m.hung else g.serving).append(m)
+                (g.serving if m.sick_since is None else g.sick).append(m)
             elif m.state in COMING_UP_STATES:
                 g.coming.append(m)
             elif m.state == SUSPENDED:
@@ -152,6 +160,9 @@ class _Groups:
                 g.failed.append(m)
             else:
                 g.other.append(m)
+        if len(g.sick) > len(g.serving) + 1:
+            g.serving.extend(g.sick)
+            g.sick.clear()
         return g
 
     @property
@@ -162,7 +173,8 @@ class _Groups:
     def pool(self) -> int:
         """Machines that serve, or could serve once we (or time) act on them."""
         asleep = len(self.suspended) + len(self.stopped) + len(self.failed)
-        return self.up + len(self.draining) + asleep + len(self.going) + len(self.hung)
+        unwell = len(self.hung) + len(self.sick)
+        return self.up + len(self.draining) + asleep + len(self.going) + unwell
 
 
 def _recency(m: MachineSnapshot) -> tuple[float, float, str]:
@@ -529,6 +541,16 @@ def _plan(
             continue
         reason = "hung: out of routing twice in a row for timeouts or resets"
         act("restart" if count.desired > 0 else "stop", m, reason)
+    # A sick machine (Fly's checks critical) serves only as the last routable one: once
+    # the healthy machines that serve are enough, it is drained, after the scale-down
+    # delay (a check that flaps under load must not cost a warm machine), at once if the
+    # app wants none.
+    for m in g.sick:
+        if m.id in touched or m.busy or m.unreachable or len(g.serving) < count.desired:
+            continue
+        sick_for = now - (m.sick_since if m.sick_since is not None else now)
+        if count.desired == 0 or sick_for >= policy.scale_down_delay_s:
+            act("drain", m, f"sick: Fly's checks critical for {sick_for:.0f}s, replaced")
     # Our cordon on a sleeping machine would only let it start unroutable: lift it (in
     # panic too: that adds capacity for later ticks).
     for m in (*g.suspended, *g.stopped):

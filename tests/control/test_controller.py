@@ -803,6 +803,18 @@ async def test_a_machine_whose_fly_checks_are_critical_is_marked_so_in_the_view(
     await rig.tick()
     assert rig.app.upstreams[sick].checks_critical is True
     assert rig.app.upstreams[well].checks_critical is False
+    # The policy's snapshot says since when (the list that first showed it), and forgets
+    # it once the checks pass.
+    rt = rig.ctl.apps[APP]
+    since = rt.sick_since[sick]
+    await clock.advance(5)
+    await rig.tick()
+    snaps = {s.id: s for s in rt.fleet(rig.app).machines}
+    assert (snaps[sick].sick_since, snaps[well].sick_since) == (since, None)
+    api.set(APP, sick, checks=[m.CheckStatus(name="healthz", status="passing")])
+    await clock.advance(5)
+    await rig.tick()
+    assert rt.sick_since == {}
 
 
 async def test_a_machine_that_hangs_is_restarted_within_its_budget(

@@ -10,6 +10,8 @@
   once the host is back, not before; another machine serves meanwhile.
 - An idle machine whose host Fly cannot reach stays up and serving (its suspend would
   fail), and sleeps once the host is back.
+- A machine whose Fly health checks are critical is not counted as capacity: another
+  machine is started in its place, then it is drained.
 - A wake that meets an API outage tries again, and its request is served once the API
   answers.
 - A request that arrives while the app's machine spends 15 s suspending is served by
@@ -28,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType
 from testkit import fly_like, until
@@ -210,6 +214,51 @@ async def test_an_idle_machine_whose_host_is_unreachable_sleeps_once_the_host_is
         assert machine.state == "started"
         emulator.set_faults(host_unreachable=None)
         await stack.until(lambda: machine.state in ("suspending", "suspended"))
+
+
+async def set_checks(emulator: Emulator, mid: str, checks: dict[str, Any]) -> None:
+    """Give a (stopped) machine new health checks, as an update of its config would."""
+    async with aiohttp.ClientSession(
+        base_url=emulator.url, headers={"Authorization": f"Bearer {emulator.token}"}
+    ) as s:
+        config = (await (await s.get(f"/v1/apps/{APP}/machines/{mid}")).json())["config"]
+        config["checks"] = checks
+        r = await s.post(f"/v1/apps/{APP}/machines/{mid}", json={"config": config})
+        assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
+async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
+    emulator: Emulator,
+) -> None:
+    # The machine a wake takes comes up with its Fly health check critical (a bad deploy
+    # of that machine: its check asks for a path the app does not have). The proxy still
+    # routes to it as the last routable one. The policy does not count it as capacity:
+    # it starts the other machine, the proxy moves the traffic there, and the sick one
+    # is drained. Before, the healthy machine stayed stopped for as long as the app ran.
+    async with running_stack(emulator, idle_to_zero_s=600, wake_timeout_s=30) as stack:
+        await stack.until(lambda: len(stack.app.upstreams) == 2)  # the app was read
+        rt = stack.controller.apps[APP]
+        first = choose_wake(rt.fleet(stack.app, urgent=True))
+        assert first is not None
+        sick = first.machine_id
+        bad = {"type": "http", "path": "/missing", "interval": "1s", "grace_period": "0s"}
+        await set_checks(emulator, sick, {"web": bad})
+        [healthy] = [m.id for m in emulator.machines(APP) if m.id != sick]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        critical = False  # its check was seen critical while it served
+        while not (
+            [u.id for u in stack.app.routable()] == [healthy]
+            and emulator.machine(APP, sick).state in ("suspending", "suspended")
+        ):
+            assert loop.time() < deadline, [(m.id, m.state) for m in emulator.machines(APP)]
+            await stack.get("/")
+            checks = emulator.machine(APP, sick).checks.values()
+            critical = critical or any(c.status == "critical" for c in checks)
+            await asyncio.sleep(0.1)
+        assert critical
+        assert stack.failures == []
 
 
 async def test_a_wake_through_a_short_api_outage_is_served_when_the_api_answers(

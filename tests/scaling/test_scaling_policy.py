@@ -721,6 +721,38 @@ def test_a_machine_that_hangs_is_restarted_and_not_counted_as_capacity(
     assert d.shortfall == 0  # the hung machine will be back
 
 
+@pytest.mark.parametrize(
+    ("machines", "expected"),
+    [
+        # The only started machine is sick (Fly's checks critical): a spare replaces it;
+        # the sick one stays until the spare counts (the proxy still routes to it alone).
+        ([m("x", sick_since=0.0), m("s", "stopped")], [("start", "s")]),
+        # A healthy machine serves: the sick one is surplus, drained after the scale-down
+        # delay (scale_down_delay_s 60 here) ...
+        ([m("x", sick_since=90.0), m("ok")], []),
+        ([m("x", sick_since=0.0), m("ok")], [("drain", "x")]),
+        # ... and not while a replacement is only on its way.
+        ([m("x", sick_since=0.0), m("s", "starting")], []),
+        # Two sick and none healthy: likely the app's own failure. They count as the API
+        # says (serving); replacing them would only start every machine the app has.
+        ([m("x", sick_since=0.0), m("y", sick_since=0.0), m("s", "stopped")], []),
+    ],
+)
+def test_a_sick_machine_is_replaced_then_drained(
+    machines: list[MachineSnapshot], expected: list[tuple[str, str]]
+) -> None:
+    app = cfg(panic_threshold=CALM, target_concurrency=10, scale_down_delay_s=60)
+    d = run(app, fleet(*machines), load(2.0, 100, app=app), 100)  # wants 1
+    assert acts(d) == expected
+
+
+def test_a_sick_machine_of_an_idle_app_is_drained_at_once() -> None:
+    app = cfg(idle_to_zero_s=10, scale_down_delay_s=600)
+    d = run(app, fleet(m("x", sick_since=99.0)), load(0.0, 100, app=app), 100, last_request_at=50)
+    assert d.desired == 0
+    assert acts(d) == [("drain", "x")]
+
+
 def test_a_machine_that_hangs_in_an_app_that_wants_none_is_stopped() -> None:
     app = cfg(idle_to_zero_s=10)
     d = run(app, fleet(m("h", hung=True)), load(0.0, 100, app=app), 100, last_request_at=50)
