@@ -78,6 +78,8 @@ class MachineStatusLike(Protocol):
     def hung_restarts(self) -> int: ...
     @property
     def host_unreachable(self) -> bool: ...
+    @property
+    def sick_since(self) -> float | None: ...
 
 
 class AppStatusLike(Protocol):
@@ -347,6 +349,7 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
             "hung": m.hung,
             "hung_restarts": m.hung_restarts,
             "host_unreachable": m.host_unreachable,
+            "checks_critical_for_s": _age(now, m.sick_since),
         }
         for m in status.machines
     ]

@@ -147,6 +147,9 @@ def machine_note(m: Mapping[str, Any]) -> str:
         return _hung_note(m)
     if m.get("host_unreachable"):
         return "host unreachable: actions wait for it"
+    sick_for = m.get("checks_critical_for_s")
+    if sick_for is not None:
+        return f"Fly checks critical for {float(sick_for):.0f}s"
     failures = int(m.get("failures") or 0)
     if m.get("left_alone"):
         return f"left alone after {failures} failed starts"

@@ -84,6 +84,8 @@ class MachineStatus:
     """Our restarts of it for hanging, in a row (each within RESTART_MAX_S of the last)."""
     host_unreachable: bool = False
     """The last list said Fly cannot reach its host: actions on it wait for the host."""
+    sick_since: float | None = None
+    """Started, and Fly's health checks of it critical since then (by the lists)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +457,7 @@ class Controller:
                         hung=hung,
                         hung_restarts=hung_restarts,
                         host_unreachable=machine.host_unreachable,
+                        sick_since=rt.sick_since.get(machine.id),
                     )
                 )
             out.append(

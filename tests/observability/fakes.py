@@ -22,6 +22,7 @@ class FakeMachine:
     hung: bool = False
     hung_restarts: int = 0
     host_unreachable: bool = False
+    sick_since: float | None = None
 
 
 @dataclass(frozen=True)

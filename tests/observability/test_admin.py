@@ -163,6 +163,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "hung": False,
                 "hung_restarts": 0,
                 "host_unreachable": False,
+                "checks_critical_for_s": None,
             },
             {
                 "id": "m2",
@@ -177,6 +178,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "hung": False,
                 "hung_restarts": 0,
                 "host_unreachable": False,
+                "checks_critical_for_s": None,
             },
             {
                 "id": "m3",
@@ -191,6 +193,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "hung": False,
                 "hung_restarts": 0,
                 "host_unreachable": False,
+                "checks_critical_for_s": None,
             },
         ],
     }

@@ -91,6 +91,8 @@ def test_render_a_table() -> None:
                      "host_unreachable": True},
                     {"id": "mA", "state": "suspended", "cordoned": False, "in_flight": 0,
                      "last_used_age_s": None, "host_unreachable": True},
+                    {"id": "mB", "state": "started", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": 2.0, "checks_critical_for_s": 42.4},
                 ],
             },
             {"app": "idle", "desired": 0, "started": 0, "panic": False, "last_reason": "",
@@ -124,6 +126,8 @@ def test_render_a_table() -> None:
         "hung (2 ejections in a row), restarted once its host is reachable",
         "  mA           suspended  no        0          never      "
         "host unreachable: actions wait for it",
+        "  mB           started    no        0          2.0s ago   "
+        "Fly checks critical for 42s",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",
