@@ -147,7 +147,7 @@ class Waker:
                     # A drain still waiting is taken back at once; a cordon of ours left
                     # without a task routes again once the API has lifted it.
                     view.waking = None  # no boot: the machine is up
-                    run = self._launch(rt, action)
+                    run = self._launch(rt, action, deadline)
                     if run is not None and not view.routable():
                         await run.task
                     if view.routable():
@@ -160,7 +160,7 @@ class Waker:
                     await busy.task  # its own action first (a suspend under way), then again
                     await self._refresh_quietly(rt)
                     continue
-                run = self._launch(rt, action)
+                run = self._launch(rt, action, deadline)
                 view.waking = action.kind
                 if run is not None and await run.task:
                     took = self._observe(rt, action.kind, t0)
@@ -181,12 +181,14 @@ class Waker:
                     raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
                 await self._refresh_quietly(rt)
 
-    def _launch(self, rt: AppRuntime, action: Action) -> Running | None:
-        """Start ``action``'s task; its calls make one attempt each, as a tick's do: the
-        wake's loop is the retry (a pause of 0.25-1 s, or another machine), where the
-        client's retries would spend seconds on a machine that cannot come up (its host
-        unreachable: 503 to every action) before the wake tried another."""
-        with one_attempt(self.api_timeout_s):
+    def _launch(self, rt: AppRuntime, action: Action, deadline: float) -> Running | None:
+        """Start ``action``'s task; its calls make one attempt each: the wake's loop is the
+        retry (a pause of 0.25-1 s, or another machine), where the client's retries would
+        spend seconds on a machine that cannot come up (its host unreachable: 503 to every
+        action) before the wake tried another. Each call may take what is left of the
+        wake, not only ``api_timeout_s``: an API that answers slowly still wakes."""
+        bound = max(self.api_timeout_s, deadline - self.actuator.clock())
+        with one_attempt(bound):
             return self.actuator.launch(rt, action)
 
     def _observe(self, rt: AppRuntime, kind: str, t0: float) -> float:

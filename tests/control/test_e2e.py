@@ -107,13 +107,17 @@ KNOBS: dict[str, Any] = {
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    emulator: Emulator, proxy_settings: ProxySettings | None = None, **knobs: Any
+    emulator: Emulator,
+    proxy_settings: ProxySettings | None = None,
+    control: dict[str, Any] | None = None,
+    **knobs: Any,
 ) -> AsyncIterator[Stack]:
-    """The controller and the proxy in front of ``emulator``; ``knobs`` change the app's."""
+    """The controller and the proxy in front of ``emulator``; ``knobs`` change the app's,
+    ``control`` the control loop's settings."""
     app = AppConfig(name=APP, **{**KNOBS, **knobs})
     settings = Settings(
         apps=[app],
-        control=ControlSettings(tick_s=0.2, api_backoff_max_s=1),
+        control=ControlSettings(**{"tick_s": 0.2, "api_backoff_max_s": 1, **(control or {})}),
         proxy=proxy_settings or ProxySettings(),
     )
     metrics = Metrics(CollectorRegistry())

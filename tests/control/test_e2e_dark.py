@@ -12,6 +12,7 @@
   fail), and sleeps once the host is back.
 - A machine whose Fly health checks are critical is not counted as capacity: another
   machine is started in its place, then it is drained.
+- A wake through an API slower than a tick's bound on one call is served.
 - A wake that meets an API outage tries again, and its request is served once the API
   answers.
 - A request that arrives while the app's machine spends 15 s suspending is served by
@@ -259,6 +260,20 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
             await asyncio.sleep(0.1)
         assert critical
         assert stack.failures == []
+
+
+@pytest.mark.parametrize("emulator_settings", ["fast"], indirect=True)
+async def test_a_wake_through_an_api_slower_than_a_ticks_bound_is_served(
+    emulator: Emulator,
+) -> None:
+    """Every API call takes 0.8 s, longer than a tick's bound on one call
+    (``control.api_timeout_s`` 0.5 here; 5 s and a 6 s API by default): the ticks fail,
+    but the wake's calls may take what is left of ``wake_timeout_s``, and it is served."""
+    async with running_stack(emulator, control={"api_timeout_s": 0.5}, wake_timeout_s=30) as stack:
+        await stack.until(lambda: len(stack.app.upstreams) == 1)  # the app was read
+        emulator.set_faults(latency_s=0.8)
+        await stack.get("/")
+        assert (stack.served, stack.failures) == (1, [])
 
 
 async def test_a_wake_through_a_short_api_outage_is_served_when_the_api_answers(

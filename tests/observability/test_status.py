@@ -126,8 +126,7 @@ def test_render_a_table() -> None:
         "hung (2 ejections in a row), restarted once its host is reachable",
         "  mA           suspended  no        0          never      "
         "host unreachable: actions wait for it",
-        "  mB           started    no        0          2.0s ago   "
-        "Fly checks critical for 42s",
+        "  mB           started    no        0          2.0s ago   Fly checks critical for 42s",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",
