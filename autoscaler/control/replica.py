@@ -401,7 +401,9 @@ class Replica:
             if name in self.controller.apps:
                 last = self._published.get(name)
                 if last is None:  # unchanged since we started: sequence 0
-                    last = self._published[name] = AppFleet(0, self._machines_of(name))
+                    last = self._published[name] = AppFleet(
+                        0, self._machines_of(name), self._critical_of(name)
+                    )
                 fleet[name] = last
         return fleet
 
@@ -411,15 +413,18 @@ class Replica:
             for u in self.view.app(app).upstreams.values()
         ]
 
+    def _critical_of(self, app: str) -> tuple[str, ...]:
+        return tuple(u.id for u in self.view.app(app).upstreams.values() if u.checks_critical)
+
     def _machines_changed(self, app: str) -> None:
         """The view's listener: number the change, and (leader) push it. A list that
         found the machines as they were (most of them) is no change to the followers."""
-        machines = self._machines_of(app)
+        machines, critical = self._machines_of(app), self._critical_of(app)
         last = self._published.get(app)
-        if last is not None and last.machines == machines:
+        if last is not None and last.machines == machines and last.critical == critical:
             return
         self._seq += 1
-        self._published[app] = AppFleet(self._seq, machines)
+        self._published[app] = AppFleet(self._seq, machines, critical)
         if self.leading:
             self._dirty.add(app)
             self._push_wanted.set()
@@ -471,8 +476,16 @@ class Replica:
         applied = self._applied.get(app)
         if applied is not None and version <= applied:
             return False
+        critical = set(fleet.critical)
         self.view.app(app).set_machines(
-            MachineInfo(id=str(i), host=str(h), port=int(p), state=str(s), cordoned=bool(c))
+            MachineInfo(
+                id=str(i),
+                host=str(h),
+                port=int(p),
+                state=str(s),
+                cordoned=bool(c),
+                checks_critical=str(i) in critical,
+            )
             for i, h, p, s, c in fleet.machines
         )
         self._applied[app] = version

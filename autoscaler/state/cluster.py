@@ -12,8 +12,10 @@ hosts' clocks are compared), ``machines`` (requests in flight per machine) and `
 (the replica's ejections in a row per machine for the machine's own failures: the leader
 restarts a machine that hangs for the requests of any replica). The leader adds its fleet
 view per app (``fleet:{app}``: the machines it routes to, with state and cordon;
-``seq:{app}``: the view's sequence number) and its fencing token (``fence``), so
-followers route without reading the Machines API themselves.
+``seq:{app}``: the view's sequence number; ``crit:{app}``: the machines whose Fly health
+checks are critical, which the followers' proxies take out of routing as the leader's
+does) and its fencing token (``fence``), so followers route without reading the Machines
+API themselves.
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -144,17 +146,24 @@ class AppLoad:
 @dataclass(frozen=True, slots=True)
 class AppFleet:
     """The leader's view of one app's machines, as it publishes it: ``machines`` are
-    ``[id, host, port, state, cordoned]`` lists; ``seq`` orders the leader's versions."""
+    ``[id, host, port, state, cordoned]`` lists; ``seq`` orders the leader's versions;
+    ``critical`` names the machines whose Fly health checks are critical (apart from the
+    lists, which a replica of the previous release unpacks as five fields)."""
 
     seq: int
     machines: list[list[Any]]
+    critical: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "machines": self.machines}
+        return {"seq": self.seq, "machines": self.machines, "critical": list(self.critical)}
 
     @classmethod
     def from_json(cls, d: Any) -> AppFleet:
-        return cls(seq=int(d["seq"]), machines=[list(m) for m in d["machines"]])
+        return cls(
+            seq=int(d["seq"]),
+            machines=[list(m) for m in d["machines"]],
+            critical=tuple(str(m) for m in d.get("critical") or ()),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +251,9 @@ class _Seen:
                     self.fleet.pop(app, None)
                 else:
                     seq = data.get(f"seq:{app}")
-                    self.fleet[app] = AppFleet(int(seq or 0), json.loads(v))
+                    crit = data.get(f"crit:{app}")  # None from a previous release's leader
+                    critical = tuple(str(m) for m in json.loads(crit)) if crit else ()
+                    self.fleet[app] = AppFleet(int(seq or 0), json.loads(v), critical)
         return frozenset(fleet)
 
 
@@ -538,12 +549,13 @@ class Cluster:
                 # release (a rolling upgrade) still reads the view.
                 fields[f"fleet:{app}"] = json.dumps(view.machines)
                 fields[f"seq:{app}"] = str(view.seq)
+                fields[f"crit:{app}"] = json.dumps(list(view.critical))
         if not full and sent_loads.keys() != loads.keys():
             gone += [f"load:{app}" for app in sent_loads if app not in loads]
         if not full and sent_fleet.keys() != fleet.keys():
             for app in sent_fleet:
                 if app not in fleet:
-                    gone += [f"fleet:{app}", f"seq:{app}"]
+                    gone += [f"fleet:{app}", f"seq:{app}", f"crit:{app}"]
         return fields, gone
 
     async def read(self) -> dict[str, Report]:

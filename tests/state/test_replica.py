@@ -21,6 +21,7 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.replica import Replica
 from autoscaler.control.runtime import HUNG_AFTER
 from autoscaler.control.view import FleetView
+from autoscaler.fly.models import CheckStatus
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
 from autoscaler.scaling.window import ConcurrencyMeter
@@ -322,6 +323,38 @@ async def test_followers_learn_of_a_start_through_the_push(cluster: list[Replica
     for r in followers:
         await r.round()
         assert [u.state for u in r.view.app(APP).upstreams.values()] == ["started"]
+
+
+async def test_followers_learn_which_machines_fly_checks_call_critical(
+    cluster: list[Replica],
+) -> None:
+    """The leader's list says a machine's Fly health check is critical: every follower's
+    view says so too (its proxy takes the machine out of routing, as the leader's does),
+    through the push and through the report alike, and again when the check passes."""
+    leader, follower = await leader_and_follower(cluster)
+    api = leader.controller.api.api
+    mid = next(iter(leader.view.app(APP).upstreams))
+    theirs = follower.view.app(APP).upstreams[mid]
+    assert not theirs.checks_critical
+    await asyncio.wait_for(follower.subscribed.wait(), 5)
+    api.set(APP, mid, checks=[CheckStatus(name="healthz", status="critical")])  # type: ignore[attr-defined]
+    await leader.controller.tick(APP)
+    assert leader.view.app(APP).upstreams[mid].checks_critical
+
+    async def pushed() -> None:  # no round: the push alone
+        while not follower.view.app(APP).upstreams[mid].checks_critical:
+            await follower.view.app(APP).changed()
+
+    await asyncio.wait_for(pushed(), 5)
+    # And through the report alone (the follower no longer listens to pushes).
+    assert follower._watcher is not None
+    follower._watcher.cancel()
+    await asyncio.gather(follower._watcher, return_exceptions=True)
+    api.set(APP, mid, checks=[CheckStatus(name="healthz", status="passing")])  # type: ignore[attr-defined]
+    await leader.controller.tick(APP)
+    await rounds(
+        cluster, lambda: not follower.view.app(APP).upstreams[mid].checks_critical, 2 * TTL
+    )
 
 
 async def test_a_followers_wake_reaches_the_leader_at_once(cluster: list[Replica]) -> None:
