@@ -50,7 +50,7 @@ from autoscaler.emulator import Emulator
 from autoscaler.emulator.procs import pid_alive
 from autoscaler.scaling.policy import choose_wake
 
-from .test_e2e import APP, HOST, running_stack
+from .test_e2e import APP, HOST, Stack, running_stack
 
 SUSPEND_S = 15.0
 pytestmark = pytest.mark.fly_profile
@@ -121,6 +121,15 @@ async def test_a_one_machine_app_whose_machine_hangs_is_restarted(emulator: Emul
         assert stack.served == 7
 
 
+async def wake_choice(stack: Stack) -> str:
+    """The machine a wake of the sleeping app would take, once the app was read."""
+    await stack.until(lambda: len(stack.app.upstreams) == len(stack.emulator.machines(APP)))
+    rt = stack.controller.apps[APP]
+    action = choose_wake(rt.fleet(stack.app, urgent=True))
+    assert action is not None
+    return action.machine_id
+
+
 @pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
 async def test_a_wake_moves_past_a_machine_whose_host_became_unreachable(
     emulator: Emulator,
@@ -129,11 +138,9 @@ async def test_a_wake_moves_past_a_machine_whose_host_became_unreachable(
     # its start answers 503. The wake makes one attempt and starts the other machine.
     # Before, the client's retries spent 3.5 s on it (six 503s) first.
     async with running_stack(emulator, idle_to_zero_s=600, wake_timeout_s=30) as stack:
-        await stack.until(lambda: len(stack.app.upstreams) == 2)  # the app was read
+        first = await wake_choice(stack)
         rt = stack.controller.apps[APP]
-        first = choose_wake(rt.fleet(stack.app, urgent=True))
-        assert first is not None
-        emulator.set_faults(host_unreachable=[first.machine_id])
+        emulator.set_faults(host_unreachable=[first])
         await stack.get("/")
         assert (stack.served, stack.failures) == (1, [])
         refused = stack.metrics.registry.get_sample_value(
@@ -141,10 +148,10 @@ async def test_a_wake_moves_past_a_machine_whose_host_became_unreachable(
         )
         assert refused == 1
         states = {m.id: m.state for m in emulator.machines(APP)}
-        assert states.pop(first.machine_id) == "stopped"
+        assert states.pop(first) == "stopped"
         assert list(states.values()) == ["started"]
         # The next list says so, and the next wakes and scale-ups try it last.
-        await stack.until(lambda: rt.machines[first.machine_id].host_unreachable)
+        await stack.until(lambda: rt.machines[first].host_unreachable)
 
 
 @pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
@@ -243,11 +250,7 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
     # it starts the other machine, the proxy moves the traffic there, and the sick one
     # is drained. Before, the healthy machine stayed stopped for as long as the app ran.
     async with running_stack(emulator, idle_to_zero_s=600, wake_timeout_s=30) as stack:
-        await stack.until(lambda: len(stack.app.upstreams) == 2)  # the app was read
-        rt = stack.controller.apps[APP]
-        first = choose_wake(rt.fleet(stack.app, urgent=True))
-        assert first is not None
-        sick = first.machine_id
+        sick = await wake_choice(stack)
         bad = {"type": "http", "path": "/missing", "interval": "1s", "grace_period": "0s"}
         await set_checks(emulator, sick, {"web": bad})
         [healthy] = [m.id for m in emulator.machines(APP) if m.id != sick]

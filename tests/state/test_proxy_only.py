@@ -7,6 +7,9 @@ that hangs for the proxy-only replica's requests, which the decider restarts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -27,27 +30,40 @@ def emulator_settings(
     return on_profile(emulator_settings, request.param, apps=[EmulatorApp(name="web", machines=1)])
 
 
-async def test_a_proxy_only_replica_serves_through_the_deciders_single_wake(
-    emulator: Emulator, redis_server: str, key_prefix: str
-) -> None:
+@contextlib.asynccontextmanager
+async def decider_and_proxy(
+    emulator: Emulator, redis_server: str, key_prefix: str, **extra: Any
+) -> AsyncIterator[tuple[Service, Service, str]]:
+    """A deciding replica and a proxy-only one (``extra``: more of their settings), both
+    started, the decider leading and the proxy-only replica holding its view; and the
+    proxy-only replica's URL."""
     decider, proxy = (
         Service(
-            settings(emulator, redis_server, key_prefix, rid, **extra),
+            settings(emulator, redis_server, key_prefix, rid, **extra, **lead),
             metrics=Metrics(CollectorRegistry()),
             proxy_port=0,
             admin_port=free_port(),
         )
-        for rid, extra in (("decider", {}), ("proxy", {"lead": False}))
+        for rid, lead in (("decider", {}), ("proxy", {"lead": False}))
     )
     try:
         await decider.start()
         await proxy.start()
-        assert decider.replica is not None
-        assert proxy.replica is not None
         assert proxy.proxy is not None
         await until(lambda: decider.replica is not None and decider.replica.leading, 5)
         await until(lambda: proxy.replica is not None and proxy.replica.view_known, 5)
-        url = f"http://127.0.0.1:{proxy.proxy.port}/"
+        yield decider, proxy, f"http://127.0.0.1:{proxy.proxy.port}/"
+    finally:
+        for svc in (proxy, decider):
+            await svc.stop()
+
+
+async def test_a_proxy_only_replica_serves_through_the_deciders_single_wake(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    async with decider_and_proxy(emulator, redis_server, key_prefix) as two:
+        decider, proxy, url = two
+        assert proxy.replica is not None
         async with aiohttp.ClientSession() as http:
 
             async def get() -> tuple[int, str | None]:
@@ -64,9 +80,6 @@ async def test_a_proxy_only_replica_serves_through_the_deciders_single_wake(
         assert starts(proxy) == 0
         assert proxy.replica.self_wakes == 0
         assert not proxy.replica.leading
-    finally:
-        for svc in (proxy, decider):
-            await svc.stop()
 
 
 async def test_the_decider_restarts_a_machine_that_hangs_for_the_proxy_only_replica(
@@ -76,30 +89,9 @@ async def test_the_decider_restarts_a_machine_that_hangs_for_the_proxy_only_repl
     proxy: the proxy-only replica's ejections reach the decider in its report, and the
     decider stops the machine and starts it again. Before, it was never restarted."""
     fast = {"upstream_timeout_s": 0.5, "eject_after": 1, "eject_base_s": 0.5}
-    decider, proxy = (
-        Service(
-            settings(
-                emulator,
-                redis_server,
-                key_prefix,
-                rid,
-                app={"idle_to_zero_s": 600, "wake_timeout_s": 30},
-                proxy=fast,
-                **extra,
-            ),
-            metrics=Metrics(CollectorRegistry()),
-            proxy_port=0,
-            admin_port=free_port(),
-        )
-        for rid, extra in (("decider", {}), ("proxy", {"lead": False}))
-    )
-    try:
-        await decider.start()
-        await proxy.start()
-        assert proxy.proxy is not None
-        await until(lambda: decider.replica is not None and decider.replica.leading, 5)
-        await until(lambda: proxy.replica is not None and proxy.replica.view_known, 5)
-        url = f"http://127.0.0.1:{proxy.proxy.port}/"
+    app = {"idle_to_zero_s": 600, "wake_timeout_s": 30}
+    async with decider_and_proxy(emulator, redis_server, key_prefix, app=app, proxy=fast) as two:
+        decider, proxy, url = two
         async with aiohttp.ClientSession() as http:
 
             async def get() -> int:
@@ -127,6 +119,3 @@ async def test_the_decider_restarts_a_machine_that_hangs_for_the_proxy_only_repl
         assert restarts == 1
         assert emulator.faults.hung == []
         assert starts(proxy) == 0  # the proxy-only replica never called the API
-    finally:
-        for svc in (proxy, decider):
-            await svc.stop()
