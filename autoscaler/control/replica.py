@@ -329,8 +329,9 @@ class Replica:
         (a lost push, a stop and start within one round) still reports its previous
         process's ejections. So each replica's report when the machine started is its
         base, and only what it adds counts; a report under its base (it saw the start and
-        counts again from zero) drops the base. A new leader has no bases: what others
-        report then counts whole."""
+        counts again from zero) drops the base. Every replica keeps the bases, so a
+        follower that comes to lead has them; one that just started has none, and takes
+        what others report whole."""
         failing_apps = {
             app
             for report in self.cluster.others.values()

@@ -550,7 +550,8 @@ def _plan(
             continue
         sick_for = now - (m.sick_since if m.sick_since is not None else now)
         if count.desired == 0 or sick_for >= policy.scale_down_delay_s:
-            act("drain", m, f"sick: Fly's checks critical for {sick_for:.0f}s, replaced")
+            replaced = ", replaced" if count.desired else ""
+            act("drain", m, f"sick: Fly's checks critical for {sick_for:.0f}s{replaced}")
     # Our cordon on a sleeping machine would only let it start unroutable: lift it (in
     # panic too: that adds capacity for later ticks).
     for m in (*g.suspended, *g.stopped):
