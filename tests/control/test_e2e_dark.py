@@ -68,6 +68,12 @@ def emulator_settings(
     return base.model_copy(update={"apps": apps})
 
 
+def restarts_ok(stack: Stack) -> float | None:
+    """Our restarts of the app's machines that brought them up (None: none yet)."""
+    labels = {"app": APP, "result": "ok"}
+    return stack.metrics.registry.get_sample_value("autoscaler_machine_restarts_total", labels)
+
+
 async def test_a_one_machine_app_whose_boot_failed_comes_back(emulator: Emulator) -> None:
     emulator.set_faults(boot_failure_rate=1.0)
     async with running_stack(emulator, wake_timeout_s=30) as stack:
@@ -79,10 +85,8 @@ async def test_a_one_machine_app_whose_boot_failed_comes_back(emulator: Emulator
         await request
         assert stack.failures == []
         assert stack.served == 1
-        restarts = stack.metrics.registry.get_sample_value(
-            "autoscaler_machine_restarts_total", {"app": APP, "result": "ok"}
-        )
-        assert restarts == 1
+        await stack.until(lambda: restarts_ok(stack) is not None)  # (counted after the probe)
+        assert restarts_ok(stack) == 1
         assert [m.state for m in emulator.machines(APP)] == ["started"]
 
 
@@ -110,10 +114,8 @@ async def test_a_one_machine_app_whose_machine_hangs_is_restarted(emulator: Emul
         kinds = [(e.type, e.source) for e in machine.events[first:]]
         assert ("stop", "user") in kinds
         assert kinds[-1] == ("start", "flyd")
-        restarts = stack.metrics.registry.get_sample_value(
-            "autoscaler_machine_restarts_total", {"app": APP, "result": "ok"}
-        )
-        assert restarts == 1
+        await stack.until(lambda: restarts_ok(stack) is not None)  # (counted after the probe)
+        assert restarts_ok(stack) == 1
         assert emulator.faults.hung == []
         # Served from now on.
         for _ in range(5):
@@ -193,14 +195,10 @@ async def test_a_machine_whose_host_goes_down_is_restarted_once_the_host_is_back
         assert "waits for its host" in rt.last_reason
         emulator.set_faults(host_unreachable=None)  # the host is back; the process hangs
 
-        def restarts() -> float | None:
-            labels = {"app": APP, "result": "ok"}
-            return registry.get_sample_value("autoscaler_machine_restarts_total", labels)
-
         # (The emulator forgets the hang at the new boot, before the restart has probed
         # the new process and counted itself.)
-        await stack.until(lambda: restarts() is not None, timeout_s=30)
-        assert restarts() == 1
+        await stack.until(lambda: restarts_ok(stack) is not None, timeout_s=30)
+        assert restarts_ok(stack) == 1
         assert emulator.faults.hung == []
         assert refused("stop_machine") == 0
 

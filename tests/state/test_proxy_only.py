@@ -113,9 +113,14 @@ async def test_the_decider_restarts_a_machine_that_hangs_for_the_proxy_only_repl
         kinds = [(e.type, e.source) for e in machine.events[first:]]
         assert ("stop", "user") in kinds
         assert kinds[-1] == ("start", "flyd")
-        restarts = decider.metrics.registry.get_sample_value(
-            "autoscaler_machine_restarts_total", {"app": "web", "result": "ok"}
-        )
-        assert restarts == 1
+
+        def restarts() -> float | None:  # counted after the new process's probe
+            labels = {"app": "web", "result": "ok"}
+            return decider.metrics.registry.get_sample_value(
+                "autoscaler_machine_restarts_total", labels
+            )
+
+        await until(lambda: restarts() is not None, 10)
+        assert restarts() == 1
         assert emulator.faults.hung == []
         assert starts(proxy) == 0  # the proxy-only replica never called the API
