@@ -436,7 +436,9 @@ class Actuator:
             run = rt.running.get(mid)
             if run is not None and run.kind == "drain":
                 run.waiting = False  # from here on the drain cannot be taken back
-            how = rt.config.scale_down_action
+            # A sick machine (Fly's checks critical) is stopped: a snapshot would bring its
+            # trouble back with the next resume, a cold start may not.
+            how = "stop" if mid in rt.sick_since else rt.config.scale_down_action
             _log.info("drain_done", app=app, machine=mid, idle=idle, then=how)
             await self._sleep_machine(rt, mid, how)
             await self.release(rt, mid)

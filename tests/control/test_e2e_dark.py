@@ -246,7 +246,8 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
     # of that machine: its check asks for a path the app does not have). The proxy still
     # routes to it as the last routable one. The policy does not count it as capacity:
     # it starts the other machine, the proxy moves the traffic there, and the sick one
-    # is drained. Before, the healthy machine stayed stopped for as long as the app ran.
+    # is drained and stopped (not suspended: a resume would restore its trouble). Before,
+    # the healthy machine stayed stopped for as long as the app ran.
     async with running_stack(emulator, idle_to_zero_s=600, wake_timeout_s=30) as stack:
         sick = await wake_choice(stack)
         bad = {"type": "http", "path": "/missing", "interval": "1s", "grace_period": "0s"}
@@ -257,7 +258,7 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
         critical = False  # its check was seen critical while it served
         while not (
             [u.id for u in stack.app.routable()] == [healthy]
-            and emulator.machine(APP, sick).state in ("suspending", "suspended")
+            and emulator.machine(APP, sick).state in ("stopping", "stopped")
         ):
             assert loop.time() < deadline, [(m.id, m.state) for m in emulator.machines(APP)]
             await stack.get("/")
