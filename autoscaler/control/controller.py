@@ -29,7 +29,7 @@ from typing import Any
 from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
 from autoscaler.control.actions import Actuator, Probe, Sleep
-from autoscaler.control.runtime import HUNG_AFTER, AppRuntime
+from autoscaler.control.runtime import AppRuntime, hangs
 from autoscaler.control.schedule import (
     Budget,
     Pacer,
@@ -436,8 +436,7 @@ class Controller:
             for machine in rt.machines.values():
                 up = view.upstreams.get(machine.id)
                 restarts = rt.restarts.get(machine.id)
-                failing = up.ejections_in_a_row if up else 0
-                hung = machine.state == STARTED and failing >= HUNG_AFTER
+                hung = hangs(machine, up)
                 hung_restarts, hung_retry_at = rt.hung_restarts_in_a_row(machine.id, now)
                 machines.append(
                     MachineStatus(
@@ -453,7 +452,7 @@ class Controller:
                         left_alone=not rt.config.restart_failed
                         if hung
                         else (restarts.exhausted if restarts else False),
-                        failing=failing,
+                        failing=up.ejections_in_a_row if up else 0,
                         hung=hung,
                         hung_restarts=hung_restarts,
                         host_unreachable=machine.host_unreachable,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from autoscaler.config import AppConfig
-from autoscaler.control.view import AppView, MachineInfo
+from autoscaler.control.view import AppView, MachineInfo, Upstream
 from autoscaler.fly.models import Machine
 from autoscaler.scaling.fleet import (
     CORDON_METADATA_KEY,
@@ -90,6 +90,12 @@ class MachineRecord:
             machine.checks_critical,
             machine.host_unreachable,
         )
+
+
+def hangs(machine: MachineRecord, up: Upstream | None) -> bool:
+    """Started, and ejected HUNG_AFTER times in a row for its own failures (by any replica's
+    proxy): its process accepts and never answers."""
+    return machine.state == STARTED and up is not None and up.ejections_in_a_row >= HUNG_AFTER
 
 
 def ours(machine: MachineRecord) -> bool:
@@ -318,10 +324,7 @@ class AppRuntime:
                     sick_since=self.sick_since.get(machine.id)
                     if machine.state == STARTED
                     else None,
-                    hung=machine.state == STARTED
-                    and up is not None
-                    and up.ejections_in_a_row >= HUNG_AFTER
-                    and self.may_restart_hung(machine.id, now),
+                    hung=hangs(machine, up) and self.may_restart_hung(machine.id, now),
                     pending=pending,
                 )
             )
