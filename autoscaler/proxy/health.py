@@ -19,7 +19,8 @@ by :meth:`Health.sweep`) is ejected until they pass.
 An app's last routable machine is never ejected for its 5xx answers, nor for critical
 checks: the app may simply be broken, and its own answers say more to the client than a
 proxy's 503 would. Connect failures, resets and timeouts eject it all the same (a wake may
-bring another machine; nothing better than a 502 or 504 could come from this one).
+bring another machine; nothing better than a 502 or 504 could come from this one), and
+checks that turn critical while it is out for those do not bring it back early.
 
 Ejection rides on the view's ``unhealthy_until``: an ejected machine is one the balancer
 skips until then; a probe under way sets it far ahead (``_PROBING_S``) and its outcome
@@ -130,6 +131,9 @@ class Health:
 
     def _eject(self, app: str, up: Upstream, record: _Record, reason: str) -> None:
         view = self.fleet.app(app)
+        if reason == CHECKS and record.ejected and record.reason in _OWN and not record.probing:
+            if not any(u is not up for u in view.routable()):
+                return  # out for failing itself (its checks turned critical since): stays out
         record.probing = False
         if reason in _SPARE_LAST and not any(u is not up for u in view.routable()):
             # The last one standing: its answers go to the clients as they are.
@@ -184,8 +188,8 @@ class Health:
                         if record is None:
                             record = self.records[up] = _Record(name)
                         self._eject(name, up, record, CHECKS)
-                        if not record.ejected:
-                            self._spared.add(name)
+                        if not record.ejected or record.reason != CHECKS:
+                            self._spared.add(name)  # spared, or out for its own failures
                 elif record is not None and record.reason == CHECKS and record.ejected:
                     del self.records[up]
                     _restore(view, up)

@@ -195,6 +195,41 @@ def test_a_spared_critical_machine_is_ejected_once_another_is_routable_again() -
     assert _ejections(metrics, "checks") == 1
 
 
+def test_critical_checks_do_not_bring_back_a_machine_out_for_failing_itself() -> None:
+    """The last routable machine of its app is spared for critical checks, but not once the
+    proxy took it out for its own failures (a process that hangs turns its checks critical
+    a moment later): the spare would hand it a request that waits ``upstream_timeout_s``.
+    Once it serves again, it is out for its checks as soon as another machine is routable
+    (the sweep keeps looking at the app, as for a spared machine)."""
+    fleet, clock = _fleet("m1", "m2")
+    h = Health(fleet, Metrics(CollectorRegistry()), eject_after=1, base_s=30.0)
+    view = fleet.app("a")
+    m1 = view.upstreams["m1"]
+    view.skip(view.upstreams["m2"], 60.0)  # it dropped a connection: out for 60 s
+    h.failed("a", m1, health.TIMEOUT)
+    assert _routable(fleet) == []
+    view.set_machines(
+        [
+            MachineInfo(i, "127.0.0.1", 1000 + n, "started", False, i == "m1")
+            for n, i in enumerate(["m1", "m2"])
+        ]
+    )
+    clock.now += 5.0
+    h.sweep()
+    assert _routable(fleet) == []  # still out for its timeout, 25 s more
+    assert h.report()[0]["reason"] == "timeout"
+    clock.now += 30.0
+    h.sweep()
+    assert _routable(fleet) == ["m1"]  # the timeout's ejection is over: its probe may go
+    assert h.took("a", m1)
+    h.succeeded("a", m1)
+    assert _routable(fleet) == ["m1"]  # the last one standing
+    clock.now += 30.0  # m2's skip is over; the machines did not change
+    h.sweep()
+    assert _routable(fleet) == ["m2"]
+    assert h.report()[0]["reason"] == "checks"
+
+
 def test_an_app_removed_and_added_back_is_swept_afresh() -> None:
     fleet, _ = _fleet("m1", "m2")
     h = Health(fleet, Metrics(CollectorRegistry()), eject_after=5, base_s=1.0)
