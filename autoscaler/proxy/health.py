@@ -131,9 +131,9 @@ class Health:
 
     def _eject(self, app: str, up: Upstream, record: _Record, reason: str) -> None:
         view = self.fleet.app(app)
-        if reason == CHECKS and record.ejected and record.reason in _OWN and not record.probing:
-            if not any(u is not up for u in view.routable()):
-                return  # out for failing itself (its checks turned critical since): stays out
+        out_for_itself = record.ejected and record.reason in _OWN and not record.probing
+        if reason == CHECKS and out_for_itself and not any(u is not up for u in view.routable()):
+            return  # out for failing itself (its checks turned critical since): stays out
         record.probing = False
         if reason in _SPARE_LAST and not any(u is not up for u in view.routable()):
             # The last one standing: its answers go to the clients as they are.
