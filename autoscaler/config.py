@@ -456,7 +456,7 @@ class AppConfig(_Model):
         default=True,
         description=(
             "start a failed machine again when the app needs one, and restart one that hangs"
-            " (requests to it time out or are reset, its probe too)"
+            " (requests to it time out or are reset; its probe too, while another serves)"
         ),
     )
     max_restart_attempts: int = Field(

@@ -29,7 +29,7 @@ from typing import Any
 from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
 from autoscaler.control.actions import Actuator, Probe, Sleep
-from autoscaler.control.runtime import AppRuntime, hangs
+from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import (
     Budget,
     Pacer,
@@ -78,8 +78,9 @@ class MachineStatus:
     """Ejections in a row by the proxy (any replica's) for its own failures: timeouts,
     resets, refused connections, answers that are not HTTP."""
     hung: bool = False
-    """Started, and ``failing`` reached HUNG_AFTER: it accepts and never answers. Restarted
-    (``next_retry_at`` None: at the next tick; else once the restart budget allows)."""
+    """Started, and ``failing`` reached HUNG_AFTER (or 1 while no other machine of the app
+    serves: ``runtime.hangs``): it accepts and never answers. Restarted (``next_retry_at``
+    None: at the next tick; else once the restart budget allows)."""
     hung_restarts: int = 0
     """Our restarts of it for hanging, in a row (each within RESTART_MAX_S of the last)."""
     host_unreachable: bool = False
@@ -433,10 +434,11 @@ class Controller:
         for rt in self.apps.values():
             view = self.view.app(rt.name)
             machines = []
+            hung_ids = rt.hung(view)
             for machine in rt.machines.values():
                 up = view.upstreams.get(machine.id)
                 restarts = rt.restarts.get(machine.id)
-                hung = hangs(machine, up)
+                hung = machine.id in hung_ids
                 hung_restarts, hung_retry_at = rt.hung_restarts_in_a_row(machine.id, now)
                 machines.append(
                     MachineStatus(

@@ -10,8 +10,9 @@ answer puts the machine back in full rotation and forgets its failures; a failur
 again, for longer.
 
 Ejections for the machine's own failures (not 5xx answers, not checks) are counted in a
-row on its ``Upstream.failing``: a machine ejected twice so (its probe failed too) hangs,
-and the controller restarts it (docs/policy.md, "A machine that hangs is restarted").
+row on its ``Upstream.failing``: a machine ejected twice so (its probe failed too), or once
+while no other machine of its app serves, hangs, and the controller restarts it
+(docs/policy.md, "A machine that hangs is restarted").
 
 A machine whose Fly health checks are critical (the fleet view's ``checks_critical``, read
 by :meth:`Health.sweep`) is ejected until they pass.

@@ -539,7 +539,10 @@ def _plan(
         if m.unreachable:
             why.append(f"hung {m.id} waits for its host (unreachable)")
             continue
-        reason = "hung: out of routing twice in a row for timeouts or resets"
+        reason = (
+            "hung: out of routing for timeouts or resets (its probe failed too, or no"
+            " other machine serves)"
+        )
         act("restart" if count.desired > 0 else "stop", m, reason)
     # A sick machine (Fly's checks critical) serves only as the last routable one: once
     # the healthy machines that serve are enough, it is drained, after the scale-down

@@ -2,12 +2,12 @@
 
 - A one-machine app whose boot fails comes back: the failed machine is started again
   after its backoff, and the held request is served.
-- A one-machine app whose machine hangs comes back: the proxy ejects it, its probe times
-  out, and the controller stops it and starts it again (fast timings and Fly's).
+- A one-machine app whose machine hangs comes back: the proxy ejects it, and the controller
+  stops it and starts it again without waiting for a probe (fast timings and Fly's).
 - A wake whose first machine's host became unreachable (its start answers 503) starts
   another after one attempt (fast timings and Fly's).
 - A machine whose host goes down (it hangs, and Fly cannot reach the host) is restarted
-  once the host is back, not before; another machine serves meanwhile.
+  once the host is back, not before; another machine serves meanwhile, and is not drained.
 - An idle machine whose host Fly cannot reach stays up and serving (its suspend would
   fail), and sleeps once the host is back.
 - A machine whose Fly health checks are critical is not counted as capacity: another
@@ -94,10 +94,11 @@ async def test_a_one_machine_app_whose_boot_failed_comes_back(emulator: Emulator
 
 @pytest.mark.parametrize("emulator_settings", ["fast", "fly"], indirect=True)
 async def test_a_one_machine_app_whose_machine_hangs_is_restarted(emulator: Emulator) -> None:
-    # Each request to the hung process times out (504), the proxy takes the machine out of
-    # routing, its probe times out too: the controller stops it and starts it again, and
-    # the new process serves. Before, the app answered 504 for as long as it hung.
-    proxy = ProxySettings(upstream_timeout_s=0.5, eject_after=1, eject_base_s=0.5)
+    # Each request to the hung process times out (504) and the proxy takes the machine
+    # out of routing: nothing else serves, so the controller stops it and starts it again
+    # at once, and the new process serves. Before, the app answered 504 for as long as it
+    # hung; then, until the probe after the ejection (30 s here) had timed out too.
+    proxy = ProxySettings(upstream_timeout_s=0.5, eject_after=1, eject_base_s=30)
     async with running_stack(emulator, proxy, idle_to_zero_s=600, wake_timeout_s=30) as stack:
         await stack.get("/")
         assert (stack.served, stack.failures) == (1, [])
@@ -119,6 +120,9 @@ async def test_a_one_machine_app_whose_machine_hangs_is_restarted(emulator: Emul
         await stack.until(lambda: restarts_ok(stack) is not None)  # (counted after the probe)
         assert restarts_ok(stack) == 1
         assert emulator.faults.hung == []
+        ejected = {"app": APP, "reason": "timeout"}
+        registry = stack.metrics.registry
+        assert registry.get_sample_value("autoscaler_machine_ejections_total", ejected) == 1
         # Served from now on.
         for _ in range(5):
             await stack.get("/")
@@ -165,8 +169,11 @@ async def test_a_machine_whose_host_goes_down_is_restarted_once_the_host_is_back
     # The serving machine's host goes down: the process hangs and Fly cannot reach the
     # host (every action on it answers 503). The other machine serves; the hung one is
     # not restarted while its stop would fail (that would spend the restart budget), and
-    # is restarted once the host is back.
-    proxy = ProxySettings(upstream_timeout_s=0.5, eject_after=1, eject_base_s=0.5)
+    # is restarted once the host is back. Its ejection outlasts the test (no probe): it is
+    # hung from its first ejection, nothing else serving then, and stays so once the other
+    # machine serves (else it would count as capacity again, and the scale-down that
+    # followed would drain the other machine, the only one it may take).
+    proxy = ProxySettings(upstream_timeout_s=0.5, eject_after=1, eject_base_s=60)
     lists = {"steady_list_s": 1}  # the host's return is seen within a second
     async with running_stack(
         emulator, proxy, lists, idle_to_zero_s=600, wake_timeout_s=30
@@ -198,6 +205,12 @@ async def test_a_machine_whose_host_goes_down_is_restarted_once_the_host_is_back
             await asyncio.sleep(0.05)
         assert refused("stop_machine") == 0
         assert "waits for its host" in rt.last_reason
+        for _ in range(15):  # longer than scale_down_delay_s: the other machine stays
+            await stack.get("/")
+            await asyncio.sleep(0.1)
+            assert hung()
+        drains = {"app": APP, "action": "cordon", "result": "ok"}
+        assert registry.get_sample_value("autoscaler_scaling_actions_total", drains) is None
         emulator.set_faults(host_unreachable=None)  # the host is back; the process hangs
 
         # (The emulator forgets the hang at the new boot, before the restart has probed

@@ -495,12 +495,10 @@ async def test_the_leader_restarts_a_machine_that_hangs_behind_a_follower(
     assert not hung()
     (machine,) = leader.controller.status()[0].machines
     assert (machine.hung, machine.hung_restarts) == (False, 1)
-    # The new process hangs too: the follower's next two ejections count.
+    # The new process hangs too: the follower's next ejection counts (one is enough for
+    # the app's only machine: nothing else serves).
     eject_through_the_follower()
     await rounds(cluster, lambda: up.remote_failing == 1, 4 * TTL)
-    assert not hung()
-    eject_through_the_follower()
-    await rounds(cluster, lambda: up.remote_failing == HUNG_AFTER, 4 * TTL)
     assert hung()
     # A good answer through the follower: nobody reports it failing, and the leader's
     # count goes with the report.
@@ -515,7 +513,7 @@ def test_a_failing_count_is_counted_from_the_machines_last_start() -> None:
     base = _FailingBase(started_at=1.0, base={"r1": 2, "r2": 1})
     assert base.count({"r1": 2, "r2": 1}) == 0  # all of the previous process
     assert base.count({"r1": 3, "r2": 1}) == 1  # one more ejection through r1
-    assert base.count({"r1": 3, "r2": 0 + 1, "r3": 2}) == 2  # r3 had no base
+    assert base.count({"r1": 3, "r2": 1, "r3": 2}) == 2  # r3 had no base
     assert base.count({"r1": 1}) == 1  # r1 saw the start: counts from zero; r2 none
     assert base.base == {"r1": 0}
     assert base.count({"r1": 2, "r2": 1}) == 2
