@@ -136,6 +136,10 @@ class AppRuntime:
     state_since: dict[str, float] = field(default_factory=dict)
     sick_since: dict[str, float] = field(default_factory=dict)
     """Started machines whose Fly health checks are critical -> since when (by the lists)."""
+    down_sick: set[str] = field(default_factory=set)
+    """Machines that left ``started`` with their checks critical (a sick one drained, or
+    stopped by someone): Fly's list forgets the checks of a machine that is not started,
+    so we remember, until it is started again, that wakes should try it last."""
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     restarts: dict[str, Restarts] = field(default_factory=dict)
@@ -214,6 +218,11 @@ class AppRuntime:
         for mid in list(self.state_since):
             if mid not in fresh:
                 del self.state_since[mid]
+        self.down_sick = {
+            mid
+            for mid in self.down_sick | self.sick_since.keys()
+            if mid in fresh and fresh[mid].state != STARTED
+        }
         self.sick_since = {
             mid: self.sick_since.get(mid, now)
             for mid, machine in fresh.items()
@@ -368,6 +377,7 @@ class AppRuntime:
                     state_since=self.state_since.get(machine.id),
                     restartable=self.restartable(machine.id, now),
                     unreachable=machine.host_unreachable,
+                    down_sick=machine.id in self.down_sick,
                     sick_since=self.sick_since.get(machine.id)
                     if machine.state == STARTED
                     else None,

@@ -80,6 +80,9 @@ class MachineSnapshot:
     """Started, and Fly's health checks of it are critical since then (None: they are not).
     The proxy routes to it only if nothing else is routable; not capacity while the app
     has a healthy machine, or fewer sick ones than healthy ones plus one (rule 4)."""
+    down_sick: bool = False
+    """Not started, and its Fly checks were critical when it last was: a wake or scale-up
+    tries it after the others (its trouble may come back with it)."""
     unreachable: bool = False
     """The API says Fly cannot reach its host (``host_status``): an action on it fails
     until the host is back, so wakes and scale-ups try it last and scale-downs take it

@@ -195,8 +195,9 @@ def _interruptible(m: MachineSnapshot) -> bool:
 
 def _wake_candidates(g: _Groups) -> list[tuple[ActionKind, MachineSnapshot]]:
     """Rule 2, in order: take back a drain, take back a suspend under way, resume, start
-    a stopped machine, start a failed one again; freshest first; machines whose host Fly
-    cannot reach after all the others (their actions fail until it is back).
+    a stopped machine, start a failed one again; freshest first; machines whose Fly
+    checks are critical, or were when they last ran, after the others, and those whose
+    host Fly cannot reach after all (their actions fail until it is back).
 
     Busy machines are left alone; a stopped or suspended machine still carrying a cordon
     of ours is skipped (it gets its cordon lifted first, or it would start unroutable).
@@ -214,7 +215,14 @@ def _wake_candidates(g: _Groups) -> list[tuple[ActionKind, MachineSnapshot]]:
         out.extend((kind, m) for m in sorted(ok, key=_recency))
     draining = [m for m in g.draining if not m.busy]
     ordered = [*(("uncordon", m) for m in sorted(draining, key=_recency)), *out]
-    return sorted(ordered, key=lambda c: c[1].unreachable)  # stable: the rest keep their order
+    return sorted(ordered, key=_wake_tier)  # stable: within a tier, the order above
+
+
+def _wake_tier(candidate: tuple[ActionKind, MachineSnapshot]) -> tuple[bool, bool]:
+    """Machines whose host Fly cannot reach last; before them, those whose Fly checks are
+    critical (a drain of a sick machine), or were when they last ran."""
+    m = candidate[1]
+    return (m.unreachable, m.down_sick or m.sick_since is not None)
 
 
 def choose_wake(fleet: Fleet) -> Action | None:

@@ -17,6 +17,7 @@ from autoscaler.fly import models as m
 from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
+from autoscaler.scaling.policy import choose_wake
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
 
@@ -815,6 +816,38 @@ async def test_a_machine_whose_fly_checks_are_critical_is_marked_so_in_the_view(
     await clock.advance(5)
     await rig.tick()
     assert rt.sick_since == {}
+
+
+async def test_a_machine_drained_sick_is_woken_after_the_others(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Fly's list forgets the checks of a machine that is not started: the runtime
+    remembers that a machine left ``started`` with its checks critical, and a wake tries
+    it after the others, however recently it ran, until it is started again."""
+    well = api.add(APP, "stopped")
+    sick = api.add(APP, "started")
+    api.set(APP, sick, checks=[m.CheckStatus(name="healthz", status="critical")])
+    rig = Rig(api, clock)
+    rt = rig.ctl.apps[APP]
+    decision = await rig.tick()  # an idle app: its sick machine is drained at once
+    assert [(a.kind, a.machine_id) for a in decision.actions] == [("drain", sick)]
+    for _ in range(20):
+        if not rt.running:
+            break
+        await clock.advance(0.5)
+    assert state(api, sick) == "stopped"  # a sick machine's drain ends in a stop
+    rig.app.upstreams[sick].last_used = clock()  # its last request: the freshest machine
+    api.set(APP, sick, checks=[])  # as Fly lists a machine that is not started
+    await clock.advance(10)
+    await rig.tick()
+    assert rt.down_sick == {sick}
+    action = choose_wake(rt.fleet(rig.app, clock(), urgent=True))
+    assert action is not None
+    assert (action.kind, action.machine_id) == ("start", well)  # not the fresher one
+    api.set(APP, sick, state="started", checks=[m.CheckStatus(name="healthz", status="passing")])
+    await clock.advance(10)
+    await rig.tick()
+    assert rt.down_sick == set()
 
 
 async def test_a_machine_that_hangs_is_restarted_within_its_budget(

@@ -461,6 +461,22 @@ def test_scale_up_takes_back_drains_then_resumes_then_starts_most_recent_first()
         ),
         # ... and is tried when nothing else is left.
         ([m("a", "suspended", unreachable=True), m("b", "stopped", busy=True)], ("resume", "a")),
+        # Fly's checks were critical when it last ran: after the others, however fresh...
+        (
+            [m("s", "stopped", last_used=2.0, down_sick=True), m("b", "stopped", last_used=1.0)],
+            ("start", "b"),
+        ),
+        ([m("s", "suspended", down_sick=True), m("f", "failed", restartable=True)], ("start", "f")),
+        (
+            [
+                m("s", cordoned=True, cordoned_by_us=True, draining=True, sick_since=1.0),
+                m("b", "stopped"),
+            ],
+            ("start", "b"),
+        ),
+        # ... before a machine on a host Fly cannot reach, and alone it is tried.
+        ([m("s", "stopped", down_sick=True), m("a", "stopped", unreachable=True)], ("start", "s")),
+        ([m("s", "stopped", down_sick=True)], ("start", "s")),
     ],
 )
 def test_choose_wake(machines: list[MachineSnapshot], expected: tuple[str, str] | None) -> None:
