@@ -359,6 +359,7 @@ class Controller:
             self.metrics.prewarms.labels(app=rt.name, result=decision.prewarm).inc()
         for action in decision.actions:
             self.actuator.launch(rt, action)
+        rt.hold_hung(view, now)
         if fresh:
             # Between reads the machines change only through our actions, which publish
             # their own changes: a tick that did not read has nothing new to show.

@@ -43,6 +43,9 @@ TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "restart", "c
 DEFAULT_PORT = 8080
 RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
 RESTART_MAX_S = 300.0
+HOLD_S = 365 * 86400.0
+"""How long a hung machine is held out of rotation (:meth:`AppRuntime.hold_hung`): until
+its restart, in practice."""
 HUNG_AFTER = 2
 """Ejections in a row by the proxy for the machine's own failures that make a started
 machine hung: the first, and the failed probe after it (``Upstream.ejections_in_a_row``:
@@ -145,6 +148,8 @@ class AppRuntime:
     restarts: dict[str, Restarts] = field(default_factory=dict)
     hung_alone: set[str] = field(default_factory=set)
     """Machines found hung at one ejection, no other machine serving (:meth:`hung`)."""
+    held_out: set[str] = field(default_factory=set)
+    """Hung machines kept out of the proxy's rotation until their restart (:meth:`hold_hung`)."""
     hung_restarts: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Machine -> (restarts of ours because it hung, in a row; when the last one began).
     Forgotten once RESTART_MAX_S pass without another."""
@@ -320,6 +325,26 @@ class AppRuntime:
                 if up.ejections_in_a_row < HUNG_AFTER:
                     self.hung_alone.add(mid)
         return out
+
+    def hold_hung(self, view: AppView, now: float) -> None:
+        """Keep the hung machines that are to be restarted out of the proxy's rotation.
+
+        When an ejection ends the proxy probes the machine with a client's request, which
+        waits ``upstream_timeout_s`` for a 504: once per ejection (10 s doubling to 300 s
+        with the defaults) for as long as the restart waits, for its host or its lease.
+        The restart's new start lets the machine back (``AppView`` clears the hold with
+        its ejection); one that will not be restarted after all (its budget spent,
+        restarts switched off) is let back for the proxy to probe."""
+        hung = self.hung(view)
+        held = {mid for mid in hung if self.may_restart_hung(mid, now)}
+        for mid in held - self.held_out:
+            view.mark_unhealthy(view.upstreams[mid], HOLD_S)
+        for mid in self.held_out - held:
+            up = view.upstreams.get(mid)
+            if up is not None and mid in hung:
+                view.mark_unhealthy(up, 0.0)
+                view.notify()
+        self.held_out = held
 
     def infos(self) -> list[MachineInfo]:
         """The proxy's view: routable only if the API says started and nobody cordoned it."""

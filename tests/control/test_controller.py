@@ -899,6 +899,44 @@ async def test_a_machine_that_hangs_is_restarted_within_its_budget(
     assert [(a.kind, a.machine_id) for a in decision.actions] == [("restart", mid)]
 
 
+async def test_a_hung_machine_is_held_out_of_rotation_until_its_restart(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A hung machine whose restart waits (here for its host) gets no request, not even
+    the proxy's probe once its ejection ends (a client's request that would wait
+    ``upstream_timeout_s``); its restart lets it back. One that will not be restarted
+    (restarts switched off) is let back for the proxy to probe."""
+    a, b = api.add(APP, "started"), api.add(APP, "started")
+    api.set(APP, a, host_status="unreachable")
+    rig = Rig(api, clock, min_machines=2)
+    await rig.tick()
+    rt = rig.ctl.apps[APP]
+    up = rig.app.upstreams[a]
+    up.failing = HUNG_AFTER  # the proxy: ejected, and its probe failed too
+    rig.app.mark_unhealthy(up, 10.0)  # its ejection, 10 s
+    await clock.advance(1)
+    await rig.tick()
+    assert "waits for its host" in rt.last_reason
+    await clock.advance(60)  # the ejection is long over
+    await rig.tick()
+    assert rig.routable() == {b}
+    rt.config = rt.config.model_copy(update={"restart_failed": False})
+    await rig.tick()
+    assert rig.routable() == {a, b}  # not to be restarted: the proxy may probe it
+    rt.config = rt.config.model_copy(update={"restart_failed": True})
+    await rig.tick()
+    assert rig.routable() == {b}
+    api.set(APP, a, host_status=None)  # the host is back: restarted, and back
+    await clock.advance(1)
+    await rig.tick()
+    for _ in range(20):
+        if not rt.running:
+            break
+        await clock.advance(0.5)
+    assert rig.metric("autoscaler_machine_restarts_total", result="ok") == 1
+    assert rig.routable() == {a, b}
+
+
 async def test_one_ejection_makes_a_machine_hung_only_when_no_other_machine_serves(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
