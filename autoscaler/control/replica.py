@@ -412,8 +412,19 @@ class Replica:
         return fleet
 
     def _machines_of(self, app: str) -> list[list[Any]]:
+        """The published lists; a hung machine held out of rotation until its restart
+        (``AppRuntime.hold_hung``) goes as cordoned: no replica's proxy probes it. (Its
+        restart's new start clears its failures, and with them the hold, at once.)"""
+        rt = self.controller.apps.get(app)
+        held = rt.held_out if rt is not None else frozenset()
         return [
-            [u.id, u.host, u.port, u.state, u.cordoned]
+            [
+                u.id,
+                u.host,
+                u.port,
+                u.state,
+                u.cordoned or (u.id in held and u.ejections_in_a_row > 0),
+            ]
             for u in self.view.app(app).upstreams.values()
         ]
 

@@ -334,9 +334,12 @@ class AppRuntime:
         with the defaults) for as long as the restart waits, for its host or its lease.
         The restart's new start lets the machine back (``AppView`` clears the hold with
         its ejection); one that will not be restarted after all (its budget spent,
-        restarts switched off) is let back for the proxy to probe."""
+        restarts switched off) is let back for the proxy to probe. In cluster mode the
+        leader publishes a held machine as cordoned, so that no replica's proxy probes it."""
         hung = self.hung(view)
         held = {mid for mid in hung if self.may_restart_hung(mid, now)}
+        if held == self.held_out:
+            return
         for mid in held - self.held_out:
             view.mark_unhealthy(view.upstreams[mid], HOLD_S)
         for mid in self.held_out - held:
@@ -345,6 +348,8 @@ class AppRuntime:
                 view.mark_unhealthy(up, 0.0)
                 view.notify()
         self.held_out = held
+        if view.on_machines is not None:
+            view.on_machines(self.name)  # cluster mode: published as cordoned (replica.py)
 
     def infos(self) -> list[MachineInfo]:
         """The proxy's view: routable only if the API says started and nobody cordoned it."""
