@@ -274,6 +274,8 @@ class Replica:
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
         await self.controller.stop()
+        for rt in self.controller.apps.values():
+            rt.release_holds(self.view.app(rt.name))
         self.metrics.forget_decisions()
         self.view.set_waker(self.remote_wake)
 

@@ -351,6 +351,16 @@ class AppRuntime:
         if view.on_machines is not None:
             view.on_machines(self.name)  # cluster mode: published as cordoned (replica.py)
 
+    def release_holds(self, view: AppView) -> None:
+        """Let every held machine back (a leader stepping down: the new leader holds
+        what it finds hung; a hold left here would outlive it in this replica's proxy)."""
+        for mid in self.held_out:
+            up = view.upstreams.get(mid)
+            if up is not None:
+                view.mark_unhealthy(up, 0.0)
+                view.notify()
+        self.held_out = set()
+
     def infos(self) -> list[MachineInfo]:
         """The proxy's view: routable only if the API says started and nobody cordoned it."""
         out = []

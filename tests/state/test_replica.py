@@ -507,6 +507,29 @@ async def test_the_leader_restarts_a_machine_that_hangs_behind_a_follower(
     assert not hung()
 
 
+async def hold_a_hung_machine_on_a_lost_host(
+    cluster: list[Replica],
+) -> tuple[Replica, Replica, str]:
+    """The app's machine started, then hung (ejected once through the follower: nothing
+    else serves) on a host Fly cannot reach: its restart waits, and the leader holds it
+    out of rotation; the leader, the follower and the machine."""
+    leader, follower = await leader_and_follower(cluster)
+    assert await leader.view.wake(APP) == "start"
+    await rounds(cluster, lambda: bool(follower.view.app(APP).routable()), 4 * TTL)
+    rt = leader.controller.apps[APP]
+    mid = next(iter(leader.view.app(APP).upstreams))
+    up, theirs = leader.view.app(APP).upstreams[mid], follower.view.app(APP).upstreams[mid]
+    leader.controller.api.api.set(APP, mid, host_status="unreachable")
+    await leader.controller.tick(APP)  # reads the lost host
+    follower.view.app(APP).failed_itself(theirs)  # its proxy ejected it: nothing else serves
+    await rounds(cluster, lambda: up.remote_failing == 1, 4 * TTL)
+    await leader.controller.tick(APP, lazy=True)  # no read: the hold publishes itself
+    assert "waits for its host" in rt.last_reason
+    assert rt.held_out == {mid}
+    assert leader.view.app(APP).routable() == []
+    return leader, follower, mid
+
+
 async def test_a_hung_machine_held_out_by_the_leader_is_cordoned_for_the_followers(
     cluster: list[Replica],
 ) -> None:
@@ -514,28 +537,28 @@ async def test_a_hung_machine_held_out_by_the_leader_is_cordoned_for_the_followe
     then; the leader publishes it as cordoned, so no follower's proxy probes it either
     (a client's request that would wait ``upstream_timeout_s``). Once the host is back the
     app, which wants no machine, has it stopped, and the cordon is gone."""
-    leader, follower = await leader_and_follower(cluster)
-    assert await leader.view.wake(APP) == "start"
-    await rounds(cluster, lambda: bool(follower.view.app(APP).routable()), 4 * TTL)
-    api = leader.controller.api.api
+    leader, follower, mid = await hold_a_hung_machine_on_a_lost_host(cluster)
     rt = leader.controller.apps[APP]
-    mid = next(iter(leader.view.app(APP).upstreams))
-    up, theirs = leader.view.app(APP).upstreams[mid], follower.view.app(APP).upstreams[mid]
-    api.set(APP, mid, host_status="unreachable")
-    await leader.controller.tick(APP)  # reads the lost host
-    follower.view.app(APP).failed_itself(theirs)  # its proxy ejected it: nothing else serves
-    await rounds(cluster, lambda: up.remote_failing == 1, 4 * TTL)
-    await leader.controller.tick(APP, lazy=True)  # no read: the hold publishes itself
-    assert "waits for its host" in rt.last_reason
-    assert rt.held_out == {mid}
+    theirs = follower.view.app(APP).upstreams[mid]
     await rounds(cluster, lambda: theirs.cordoned, 4 * TTL)
     assert follower.view.app(APP).routable() == []
-    api.set(APP, mid, host_status=None)
+    leader.controller.api.api.set(APP, mid, host_status=None)
     await leader.controller.tick(APP)
     await rounds(cluster, lambda: not rt.running, 4 * TTL)
     await leader.controller.tick(APP)  # (the hold is looked at again each tick)
     assert rt.held_out == set()
     await rounds(cluster, lambda: (theirs.state, theirs.cordoned) == ("stopped", False), 4 * TTL)
+
+
+async def test_a_leader_that_steps_down_lets_its_held_machines_back(
+    cluster: list[Replica],
+) -> None:
+    """The new leader holds what it finds hung; a hold left in the old leader's view would
+    keep the machine from its proxy for good (only a new start clears it)."""
+    leader, _, mid = await hold_a_hung_machine_on_a_lost_host(cluster)
+    await leader._step_down()
+    assert [u.id for u in leader.view.app(APP).routable()] == [mid]
+    assert leader.controller.apps[APP].held_out == set()
 
 
 def test_a_failing_count_is_counted_from_the_machines_last_start() -> None:
