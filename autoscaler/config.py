@@ -456,7 +456,8 @@ class AppConfig(_Model):
         default=True,
         description=(
             "start a failed machine again when the app needs one, and restart one that hangs"
-            " (requests to it time out or are reset; its probe too, while another serves)"
+            " (requests to it time out or are reset, its probe too; timeouts with nothing"
+            " else to route to, without the probe)"
         ),
     )
     max_restart_attempts: int = Field(

@@ -78,9 +78,8 @@ class MachineStatus:
     """Ejections in a row by the proxy (any replica's) for its own failures: timeouts,
     resets, refused connections, answers that are not HTTP."""
     hung: bool = False
-    """Started, and ``failing`` reached HUNG_AFTER (or 1 while no other machine of the app
-    serves: ``runtime.hangs``): it accepts and never answers. Restarted (``next_retry_at``
-    None: at the next tick; else once the restart budget allows)."""
+    """Started, and ``failing`` reached HUNG_AFTER: it accepts and never answers. Restarted
+    (``next_retry_at`` None: at the next tick; else once the restart budget allows)."""
     hung_restarts: int = 0
     """Our restarts of it for hanging, in a row (each within RESTART_MAX_S of the last)."""
     host_unreachable: bool = False

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from autoscaler.config import AppConfig
-from autoscaler.control.view import AppView, MachineInfo, Upstream
+from autoscaler.control.view import HUNG_AFTER, AppView, MachineInfo, Upstream
 from autoscaler.fly.models import Machine
 from autoscaler.scaling.fleet import (
     CORDON_METADATA_KEY,
@@ -46,11 +46,6 @@ RESTART_MAX_S = 300.0
 HOLD_S = 365 * 86400.0
 """How long a hung machine is held out of rotation (:meth:`AppRuntime.hold_hung`): until
 its restart, in practice."""
-HUNG_AFTER = 2
-"""Ejections in a row by the proxy for the machine's own failures that make a started
-machine hung: the first, and the failed probe after it (``Upstream.ejections_in_a_row``:
-this process's proxy's, or in cluster mode another replica's as it reports them). The
-first alone when no other machine of the app serves (:func:`hangs`)."""
 
 
 @dataclass(slots=True)
@@ -96,16 +91,11 @@ class MachineRecord:
         )
 
 
-def hangs(machine: MachineRecord, up: Upstream | None, alone: bool) -> bool:
+def hangs(machine: MachineRecord, up: Upstream | None) -> bool:
     """Started, and ejected HUNG_AFTER times in a row for its own failures (by any replica's
-    proxy): its process accepts and never answers. Once is enough when no other machine of
-    the app serves (``alone``: :meth:`AppRuntime.serving`): the probe would then cost the
-    whole app another ejection and ``upstream_timeout_s`` of 504s to confirm what a
-    restart of a few seconds repairs; while another serves, the probe is cheap and spares a
-    machine that a burst of slow requests only made look hung."""
-    if machine.state != STARTED or up is None or up.ejections_in_a_row == 0:
-        return False
-    return up.ejections_in_a_row >= HUNG_AFTER or alone
+    proxy; a timeout ejection of the app's last routable machine counts as HUNG_AFTER):
+    its process accepts and never answers."""
+    return machine.state == STARTED and up is not None and up.ejections_in_a_row >= HUNG_AFTER
 
 
 def ours(machine: MachineRecord) -> bool:
@@ -146,8 +136,6 @@ class AppRuntime:
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     restarts: dict[str, Restarts] = field(default_factory=dict)
-    hung_alone: set[str] = field(default_factory=set)
-    """Machines found hung at one ejection, no other machine serving (:meth:`hung`)."""
     held_out: set[str] = field(default_factory=set)
     """Hung machines kept out of the proxy's rotation until their restart (:meth:`hold_hung`)."""
     hung_restarts: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -289,41 +277,13 @@ class AppRuntime:
             return True
         return machine.cordoned if machine.cordoned is not None else ours(machine)
 
-    def serving(self, view: AppView) -> list[str]:
-        """The machines that serve: started (by the lists), not cordoned, and routed to by
-        the proxy (not ejected, not failing themselves by any replica's count)."""
-        now = view.clock()
-        out = []
-        for mid, machine in self.machines.items():
-            up = view.upstreams.get(mid)
-            if (
-                up is not None
-                and machine.state == STARTED
-                and not self.cordoned(machine)
-                and up.ejections_in_a_row == 0
-                and now >= up.unhealthy_until
-            ):
-                out.append(mid)
-        return out
-
     def hung(self, view: AppView) -> set[str]:
-        """The machines that hang (:func:`hangs`). One found so with no other machine
-        serving stays hung until it answers or starts afresh, also once another machine
-        serves (woken in its place): else it would count as capacity again, and the
-        machine woken for it would be the one to go."""
-        failing = {mid: up for mid, up in view.upstreams.items() if up.ejections_in_a_row}
-        self.hung_alone &= failing.keys()
-        if not failing:
-            return set()
-        serving = self.serving(view)
+        """The machines that hang (:func:`hangs`)."""
         out = set()
-        for mid, up in failing.items():
+        for mid, up in view.upstreams.items():
             machine = self.machines.get(mid)
-            alone = mid in self.hung_alone or not any(s != mid for s in serving)
-            if machine is not None and hangs(machine, up, alone):
+            if up.ejections_in_a_row and machine is not None and hangs(machine, up):
                 out.add(mid)
-                if up.ejections_in_a_row < HUNG_AFTER:
-                    self.hung_alone.add(mid)
         return out
 
     def hold_hung(self, view: AppView, now: float) -> None:

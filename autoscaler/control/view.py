@@ -27,6 +27,11 @@ from autoscaler.scaling.fleet import STARTED
 from autoscaler.scaling.window import ConcurrencyMeter
 
 Clock = Callable[[], float]
+HUNG_AFTER = 2
+"""Ejections in a row by the proxy for the machine's own failures that make a started
+machine hung: the first, and the failed probe after it (``Upstream.ejections_in_a_row``:
+this process's proxy's, or in cluster mode another replica's as it reports them). A
+timeout ejection of an app's last routable machine counts as both (``proxy.health``)."""
 # The controller's wake: brings one machine of the app to routable and says how
 # ("resume", "start", or "none" when one was routable already).
 Waker = Callable[[str], Coroutine[Any, Any, str]]
@@ -240,10 +245,10 @@ class AppView:
             up.unhealthy_until = until
             self._routable = None
 
-    def failed_itself(self, up: Upstream) -> None:
-        """The proxy ejected ``up`` for its own failure (``Upstream.failing``); in cluster
-        mode the replica's next report says so."""
-        up.failing += 1
+    def failed_itself(self, up: Upstream, count: int = 1) -> None:
+        """The proxy ejected ``up`` for its own failure (``Upstream.failing``, by ``count``
+        ejections); in cluster mode the replica's next report says so."""
+        up.failing += count
         self.touched.add(self.name)
 
     def begin(self, up: Upstream) -> None:

@@ -10,9 +10,10 @@ answer puts the machine back in full rotation and forgets its failures; a failur
 again, for longer.
 
 Ejections for the machine's own failures (not 5xx answers, not checks) are counted in a
-row on its ``Upstream.failing``: a machine ejected twice so (its probe failed too), or once
-while no other machine of its app serves, hangs, and the controller restarts it
-(docs/policy.md, "A machine that hangs is restarted").
+row on its ``Upstream.failing``: a machine ejected twice so (its probe failed too) hangs,
+and the controller restarts it (docs/policy.md, "A machine that hangs is restarted"). A
+timeout ejection of an app's last routable machine counts twice: its probe is not
+awaited (:func:`_failed_count`).
 
 A machine whose Fly health checks are critical (the fleet view's ``checks_critical``, read
 by :meth:`Health.sweep`) is ejected until they pass.
@@ -30,7 +31,7 @@ resets it.
 
 from __future__ import annotations
 
-from autoscaler.control.view import AppView, FleetView, Upstream
+from autoscaler.control.view import HUNG_AFTER, AppView, FleetView, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 
@@ -151,7 +152,7 @@ class Health:
         record.failures = 0
         record.reason = reason
         if reason in _OWN:
-            view.failed_itself(up)
+            view.failed_itself(up, _failed_count(view, up, reason))
         record.until = view.clock() + backoff
         view.mark_unhealthy(up, backoff)
         view.notify()
@@ -226,6 +227,19 @@ class Health:
                 }
             )
         return out
+
+
+def _failed_count(view: AppView, up: Upstream, reason: str) -> int:
+    """What an ejection for the machine's own failure adds to its ``Upstream.failing``:
+    one, or HUNG_AFTER for timeouts when no other machine of the app is routable. A probe
+    is worth its wait only while another machine serves (it spares a machine that a burst
+    of slow answers made look hung); alone, it would cost the whole app another ejection
+    and ``upstream_timeout_s`` of 504s to confirm what a restart repairs. Resets and
+    refused connections are a process that died: Fly's restart policy may be bringing
+    it back already, and the probe will tell."""
+    if reason == TIMEOUT and not any(u is not up for u in view.routable()):
+        return HUNG_AFTER
+    return 1
 
 
 def _restore(view: AppView, up: Upstream) -> None:

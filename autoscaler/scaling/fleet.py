@@ -73,9 +73,9 @@ class MachineSnapshot:
     not spent and its backoff is over); a failed machine without it is left alone."""
     hung: bool = False
     """Started, but the proxy took it out of routing twice in a row for failing itself
-    (timeouts, resets, refused connections), or once while no other machine of the app
-    serves: its process hangs. Not capacity; restarted while its restart budget lasts
-    (without it, counted as serving, as the API says)."""
+    (timeouts, resets, refused connections), or once for timeouts with no other machine of
+    the app to route to: its process hangs. Not capacity; restarted while its restart
+    budget lasts (without it, counted as serving, as the API says)."""
     sick_since: float | None = None
     """Started, and Fly's health checks of it are critical since then (None: they are not).
     The proxy routes to it only if nothing else is routable; not capacity while the app

@@ -548,8 +548,8 @@ def _plan(
             why.append(f"hung {m.id} waits for its host (unreachable)")
             continue
         reason = (
-            "hung: out of routing for timeouts or resets (its probe failed too, or no"
-            " other machine serves)"
+            "hung: out of routing for timeouts or resets (its probe failed too, or it timed"
+            " out with no other machine to route to)"
         )
         act("restart" if count.desired > 0 else "stop", m, reason)
     # A sick machine (Fly's checks critical) serves only as the last routable one: once

@@ -4,6 +4,8 @@
   after its backoff, and the held request is served.
 - A one-machine app whose machine hangs comes back: the proxy ejects it, and the controller
   stops it and starts it again without waiting for a probe (fast timings and Fly's).
+- A one-machine app whose process crashes under load, and whose restart policy has Fly
+  start it again, is not restarted by us as well.
 - A wake whose first machine's host became unreachable (its start answers 503) starts
   another after one attempt (fast timings and Fly's).
 - A machine whose host goes down (it hangs, and Fly cannot reach the host) is restarted
@@ -31,6 +33,7 @@ module is marked ``fly_profile``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from typing import Any
@@ -136,6 +139,59 @@ async def wake_choice(stack: Stack) -> str:
     action = choose_wake(rt.fleet(stack.app, urgent=True))
     assert action is not None
     return action.machine_id
+
+
+async def test_a_crash_that_flys_restart_policy_repairs_is_not_restarted_again(
+    emulator: Emulator,
+) -> None:
+    # A one-machine app under load whose process crashes; its restart policy (on-failure)
+    # has Fly start it again. The requests in flight are reset and the proxy ejects the
+    # machine, but a reset is a process that died, not one that hangs: the ejection counts
+    # once (a timeout's would count as hung), and no restart of ours follows Fly's (a stop
+    # and a cold start more). One did when any first ejection of an app's last machine
+    # counted as hung: whenever the controller's next read found the machine started.
+    [machine] = emulator.machines(APP)
+    config = dict(machine.config, restart={"policy": "on-failure"})
+    emulator.world.update_machine(machine, config, None, None)
+    await until(lambda: machine.state == "stopped", what="the updated machine stopped")
+    proxy = ProxySettings(eject_after=1)  # the first reset ejects
+    async with running_stack(emulator, proxy, idle_to_zero_s=600, wake_timeout_s=30) as stack:
+        await stack.get("/")
+        loop = asyncio.get_running_loop()
+        done = loop.time() + 60
+        first = len(machine.events)
+        up = stack.app.upstreams[machine.id]
+        counted: set[int] = set()
+        # It has served a while: its refused connections count (those of a machine that
+        # started less than wake_timeout_s ago do not: it may still be booting). A request
+        # in flight at the crash is reset, or replayed and refused (a GET on a kept-alive
+        # connection): either ejects it.
+        up.started_at = stack.app.clock() - 60
+
+        def back() -> bool:  # Fly started it again
+            kinds = [(e.type, e.source) for e in machine.events[first:]]
+            return ("restart", "flyd") in kinds and kinds[-1] == ("start", "flyd")
+
+        async def client() -> None:
+            while loop.time() < done:
+                await stack.get("/work?ms=300")  # always in flight at the crash
+
+        async def crash_then_watch() -> None:
+            nonlocal done
+            await asyncio.sleep(0.5)  # the clients are busy
+            assert emulator.kill_machine_process(APP, machine.id)
+            while not back():  # the proxy notifies the view after each ejection
+                counted.add(up.failing)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stack.app.changed(), 0.1)
+            done = loop.time() + 1.5  # the controller ticks 7 times meanwhile
+
+        await asyncio.gather(crash_then_watch(), *(client() for _ in range(5)))
+        assert max(counted) == 1  # ejected once, counted once
+        assert restarts_ok(stack) is None
+        assert ("stop", "user") not in [(e.type, e.source) for e in machine.events[first:]]
+        assert {f.split(":")[0] for f in stack.failures} <= {"502"}  # those in flight
+        assert stack.served > 5
 
 
 @pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)

@@ -19,7 +19,7 @@ from testkit import free_port, until
 
 from autoscaler.admin import AdminServer
 from autoscaler.config import AdminSettings
-from autoscaler.control.view import FleetView, MachineInfo
+from autoscaler.control.view import HUNG_AFTER, FleetView, MachineInfo
 from autoscaler.metrics import Metrics
 from autoscaler.proxy import health
 from autoscaler.proxy.health import Health
@@ -193,6 +193,28 @@ def test_a_spared_critical_machine_is_ejected_once_another_is_routable_again() -
     h.sweep()
     assert _routable(fleet) == ["m2"]
     assert _ejections(metrics, "checks") == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "others", "counted"),
+    [
+        (health.TIMEOUT, False, HUNG_AFTER),  # alone: hung, its probe is not awaited
+        (health.TIMEOUT, True, 1),  # another serves: the probe decides
+        (health.RESET, False, 1),  # a process that died: Fly may be restarting it
+        (health.CONNECT, False, 1),
+    ],
+)
+def test_a_timeout_ejection_of_the_last_routable_machine_counts_as_hung(
+    reason: str, others: bool, counted: int
+) -> None:
+    fleet, _ = _fleet("m1", "m2")
+    view = fleet.app("a")
+    if not others:
+        view.skip(view.upstreams["m2"], 60.0)  # out for a while: m1 is the last one
+    h = Health(fleet, Metrics(CollectorRegistry()), eject_after=1, base_s=10.0)
+    m1 = view.upstreams["m1"]
+    h.failed("a", m1, reason)
+    assert m1.failing == counted
 
 
 def test_critical_checks_do_not_bring_back_a_machine_out_for_failing_itself() -> None:

@@ -19,8 +19,7 @@ from autoscaler.admin import AdminServer
 from autoscaler.config import AdminSettings, AppConfig, ClusterSettings, ControlSettings, Settings
 from autoscaler.control.controller import Controller
 from autoscaler.control.replica import Replica
-from autoscaler.control.runtime import HUNG_AFTER
-from autoscaler.control.view import FleetView
+from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.fly.models import CheckStatus
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
@@ -495,10 +494,12 @@ async def test_the_leader_restarts_a_machine_that_hangs_behind_a_follower(
     assert not hung()
     (machine,) = leader.controller.status()[0].machines
     assert (machine.hung, machine.hung_restarts) == (False, 1)
-    # The new process hangs too: the follower's next ejection counts (one is enough for
-    # the app's only machine: nothing else serves).
+    # The new process hangs too: the follower's next two ejections count.
     eject_through_the_follower()
     await rounds(cluster, lambda: up.remote_failing == 1, 4 * TTL)
+    assert not hung()
+    eject_through_the_follower()
+    await rounds(cluster, lambda: up.remote_failing == HUNG_AFTER, 4 * TTL)
     assert hung()
     # A good answer through the follower: nobody reports it failing, and the leader's
     # count goes with the report.
@@ -510,9 +511,9 @@ async def test_the_leader_restarts_a_machine_that_hangs_behind_a_follower(
 async def hold_a_hung_machine_on_a_lost_host(
     cluster: list[Replica],
 ) -> tuple[Replica, Replica, str]:
-    """The app's machine started, then hung (ejected once through the follower: nothing
-    else serves) on a host Fly cannot reach: its restart waits, and the leader holds it
-    out of rotation; the leader, the follower and the machine."""
+    """The app's machine started, then hung (ejected for timeouts through the follower,
+    nothing else to route to) on a host Fly cannot reach: its restart waits, and the
+    leader holds it out of rotation; the leader, the follower and the machine."""
     leader, follower = await leader_and_follower(cluster)
     assert await leader.view.wake(APP) == "start"
     await rounds(cluster, lambda: bool(follower.view.app(APP).routable()), 4 * TTL)
@@ -521,8 +522,9 @@ async def hold_a_hung_machine_on_a_lost_host(
     up, theirs = leader.view.app(APP).upstreams[mid], follower.view.app(APP).upstreams[mid]
     leader.controller.api.api.set(APP, mid, host_status="unreachable")
     await leader.controller.tick(APP)  # reads the lost host
-    follower.view.app(APP).failed_itself(theirs)  # its proxy ejected it: nothing else serves
-    await rounds(cluster, lambda: up.remote_failing == 1, 4 * TTL)
+    # Its proxy ejected it for timeouts, nothing else to route to: that counts as hung.
+    follower.view.app(APP).failed_itself(theirs, HUNG_AFTER)
+    await rounds(cluster, lambda: up.remote_failing == HUNG_AFTER, 4 * TTL)
     await leader.controller.tick(APP, lazy=True)  # no read: the hold publishes itself
     assert "waits for its host" in rt.last_reason
     assert rt.held_out == {mid}
