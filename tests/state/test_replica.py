@@ -437,6 +437,15 @@ async def test_the_leader_counts_other_replicas_requests_per_machine(
     assert pick([up], 1, rng) is up
 
 
+async def started_behind_a_follower(cluster: list[Replica]) -> tuple[Replica, Replica, str]:
+    """The leader woke the app's machine and a follower routes to it: the leader, the
+    follower and the machine."""
+    leader, follower = await leader_and_follower(cluster)
+    assert await leader.view.wake(APP) == "start"
+    await rounds(cluster, lambda: bool(follower.view.app(APP).routable()), 4 * TTL)
+    return leader, follower, next(iter(leader.view.app(APP).upstreams))
+
+
 async def test_the_leader_restarts_a_machine_that_hangs_behind_a_follower(
     cluster: list[Replica],
 ) -> None:
@@ -444,11 +453,8 @@ async def test_the_leader_restarts_a_machine_that_hangs_behind_a_follower(
     follower's ejections in a row reach the leader in its report, and the leader restarts
     the machine. A follower that missed the restart's stop still counts its previous
     process's ejections: only what it adds after the start counts."""
-    leader, follower = await leader_and_follower(cluster)
-    assert await leader.view.wake(APP) == "start"
-    await rounds(cluster, lambda: bool(follower.view.app(APP).routable()), 4 * TTL)
+    leader, follower, mid = await started_behind_a_follower(cluster)
     rt = leader.controller.apps[APP]
-    mid = next(iter(leader.view.app(APP).upstreams))
     up, theirs = leader.view.app(APP).upstreams[mid], follower.view.app(APP).upstreams[mid]
 
     def hung() -> bool:
@@ -514,11 +520,8 @@ async def hold_a_hung_machine_on_a_lost_host(
     """The app's machine started, then hung (ejected for timeouts through the follower,
     nothing else to route to) on a host Fly cannot reach: its restart waits, and the
     leader holds it out of rotation; the leader, the follower and the machine."""
-    leader, follower = await leader_and_follower(cluster)
-    assert await leader.view.wake(APP) == "start"
-    await rounds(cluster, lambda: bool(follower.view.app(APP).routable()), 4 * TTL)
+    leader, follower, mid = await started_behind_a_follower(cluster)
     rt = leader.controller.apps[APP]
-    mid = next(iter(leader.view.app(APP).upstreams))
     up, theirs = leader.view.app(APP).upstreams[mid], follower.view.app(APP).upstreams[mid]
     leader.controller.api.api.set(APP, mid, host_status="unreachable")
     await leader.controller.tick(APP)  # reads the lost host
