@@ -191,6 +191,8 @@ def render(doc: dict[str, Any]) -> list[str]:
             left = e.get("remaining_s")
             if e.get("probing"):
                 back = "probing"
+            elif e.get("held"):
+                back = "after its restart"
             elif left is None:
                 back = "when its checks pass"
             else:

@@ -214,13 +214,18 @@ class Health:
                 continue
             view = self.fleet.apps.get(record.app)
             now = view.clock() if view is not None else 0.0
+            over = record.reason != CHECKS and now >= record.until  # its ejection ended
+            # Held out by the controller past its ejection (a hung machine until its
+            # restart, AppRuntime.hold_hung): no probe goes to it meanwhile.
+            held = over and not record.probing and now < up.unhealthy_until
             out.append(
                 {
                     "app": record.app,
                     "machine": up.id,
                     "reason": record.reason,
                     "ejections": record.ejections,
-                    "probing": record.probing or (record.reason != CHECKS and now >= record.until),
+                    "probing": record.probing or (over and not held),
+                    "held": held,
                     "remaining_s": None
                     if record.reason == CHECKS
                     else round(max(0.0, record.until - now), 3),

@@ -217,6 +217,28 @@ def test_a_timeout_ejection_of_the_last_routable_machine_counts_as_hung(
     assert m1.failing == counted
 
 
+def test_the_report_says_when_a_machine_is_held_past_its_ejection() -> None:
+    """Once its ejection is over a machine is probed, unless the controller holds it out
+    until its restart (a hung machine): ``/status`` says which."""
+    fleet, clock = _fleet("m1", "m2")
+    h = Health(fleet, Metrics(CollectorRegistry()), eject_after=1, base_s=10.0)
+    view = fleet.app("a")
+    m1 = view.upstreams["m1"]
+    h.failed("a", m1, health.TIMEOUT)
+
+    def entry() -> tuple[object, object]:
+        [e] = h.report()
+        return e["probing"], e["held"]
+
+    assert entry() == (False, False)  # ejected, 10 s to go
+    clock.now += 11.0
+    assert entry() == (True, False)  # over: the next request probes it
+    view.mark_unhealthy(m1, 3600.0)  # the controller holds it until its restart
+    assert entry() == (False, True)
+    text = "\n".join(render({"ejected": h.report()}))
+    assert "after its restart" in text
+
+
 def test_critical_checks_do_not_bring_back_a_machine_out_for_failing_itself() -> None:
     """The last routable machine of its app is spared for critical checks, but not once the
     proxy took it out for its own failures (a process that hangs turns its checks critical
