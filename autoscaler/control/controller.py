@@ -46,7 +46,7 @@ from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.scaling.fleet import STARTED, SUSPENDED
+from autoscaler.scaling.fleet import STARTED, SUSPENDED, Fleet
 from autoscaler.scaling.policy import Decision, decide
 from autoscaler.scaling.window import Sample
 
@@ -126,9 +126,13 @@ def freeze_heap() -> None:
     )
 
 
-def _decide(rt: AppRuntime, view: AppView, now: float, last_request_at: float | None) -> Decision:
-    """The policy's decision for ``rt`` on what it knows now."""
-    return decide(rt.fleet(view, now), rt.windows, rt.config, now, rt.policy_state, last_request_at)
+def _decide(
+    rt: AppRuntime, view: AppView, now: float, last_request_at: float | None
+) -> tuple[Decision, Fleet]:
+    """The policy's decision for ``rt`` on what it knows now, and the snapshot it read."""
+    fleet = rt.fleet(view, now)
+    decision = decide(fleet, rt.windows, rt.config, now, rt.policy_state, last_request_at)
+    return decision, fleet
 
 
 class Controller:
@@ -345,20 +349,20 @@ class Controller:
             sample, last_request_at = self.load(app, now)
         rt.windows.add(sample)
         self._account(rt, now)
-        decision = _decide(rt, view, now, last_request_at)
+        decision, fleet = _decide(rt, view, now, last_request_at)
         if decision.actions and not fresh:
             # Act on what the API says now, not on a list up to steady_list_s old: read,
             # and decide again from the same policy state (this decision is dropped).
             fresh = True
             now = await self._read(rt)
-            decision = _decide(rt, view, now, last_request_at)
+            decision, fleet = _decide(rt, view, now, last_request_at)
         self._log_decision(rt, decision)
         rt.note_decision(decision, now)
         if decision.prewarm is not None:
             self.metrics.prewarms.labels(app=rt.name, result=decision.prewarm).inc()
         for action in decision.actions:
             self.actuator.launch(rt, action)
-        rt.hold_hung(view, now)
+        rt.hold_hung(view, {m.id for m in fleet.machines if m.hung})
         if fresh:
             # Between reads the machines change only through our actions, which publish
             # their own changes: a tick that did not read has nothing new to show.

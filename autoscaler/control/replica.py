@@ -275,7 +275,7 @@ class Replica:
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
         await self.controller.stop()
         for rt in self.controller.apps.values():
-            rt.release_holds(self.view.app(rt.name))
+            rt.hold_hung(self.view.app(rt.name), set())  # a hold would outlive our lead
         self.metrics.forget_decisions()
         self.view.set_waker(self.remote_wake)
 
@@ -415,18 +415,9 @@ class Replica:
 
     def _machines_of(self, app: str) -> list[list[Any]]:
         """The published lists; a hung machine held out of rotation until its restart
-        (``AppRuntime.hold_hung``) goes as cordoned: no replica's proxy probes it. (Its
-        restart's new start clears its failures, and with them the hold, at once.)"""
-        rt = self.controller.apps.get(app)
-        held = rt.held_out if rt is not None else frozenset()
+        (``Upstream.held``) goes as cordoned: no replica's proxy probes it."""
         return [
-            [
-                u.id,
-                u.host,
-                u.port,
-                u.state,
-                u.cordoned or (u.id in held and u.ejections_in_a_row > 0),
-            ]
+            [u.id, u.host, u.port, u.state, u.cordoned or u.held]
             for u in self.view.app(app).upstreams.values()
         ]
 

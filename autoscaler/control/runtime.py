@@ -43,9 +43,6 @@ TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "restart", "c
 DEFAULT_PORT = 8080
 RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
 RESTART_MAX_S = 300.0
-HOLD_S = 365 * 86400.0
-"""How long a hung machine is held out of rotation (:meth:`AppRuntime.hold_hung`): until
-its restart, in practice."""
 
 
 @dataclass(slots=True)
@@ -136,8 +133,6 @@ class AppRuntime:
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     restarts: dict[str, Restarts] = field(default_factory=dict)
-    held_out: set[str] = field(default_factory=set)
-    """Hung machines kept out of the proxy's rotation until their restart (:meth:`hold_hung`)."""
     hung_restarts: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Machine -> (restarts of ours because it hung, in a row; when the last one began).
     Forgotten once RESTART_MAX_S pass without another."""
@@ -279,47 +274,26 @@ class AppRuntime:
 
     def hung(self, view: AppView) -> set[str]:
         """The machines that hang (:func:`hangs`)."""
-        out = set()
-        for mid, up in view.upstreams.items():
-            machine = self.machines.get(mid)
-            if up.ejections_in_a_row and machine is not None and hangs(machine, up):
-                out.add(mid)
-        return out
+        return {
+            mid
+            for mid, up in view.upstreams.items()
+            if (machine := self.machines.get(mid)) is not None and hangs(machine, up)
+        }
 
-    def hold_hung(self, view: AppView, now: float) -> None:
-        """Keep the hung machines that are to be restarted out of the proxy's rotation.
+    def hold_hung(self, view: AppView, held: set[str]) -> None:
+        """Hold out of the proxy's rotation the hung machines that are to be restarted
+        (``held``: the policy's snapshot says ``hung``), and let the others back.
 
         When an ejection ends the proxy probes the machine with a client's request, which
         waits ``upstream_timeout_s`` for a 504: once per ejection (10 s doubling to 300 s
         with the defaults) for as long as the restart waits, for its host or its lease.
-        The restart's new start lets the machine back (``AppView`` clears the hold with
-        its ejection); one that will not be restarted after all (its budget spent,
-        restarts switched off) is let back for the proxy to probe. In cluster mode the
-        leader publishes a held machine as cordoned, so that no replica's proxy probes it."""
-        hung = self.hung(view)
-        held = {mid for mid in hung if self.may_restart_hung(mid, now)}
-        if held == self.held_out:
-            return
-        for mid in held - self.held_out:
-            view.mark_unhealthy(view.upstreams[mid], HOLD_S)
-        for mid in self.held_out - held:
-            up = view.upstreams.get(mid)
-            if up is not None and mid in hung:
-                view.mark_unhealthy(up, 0.0)
-                view.notify()
-        self.held_out = held
-        if view.on_machines is not None:
-            view.on_machines(self.name)  # cluster mode: published as cordoned (replica.py)
-
-    def release_holds(self, view: AppView) -> None:
-        """Let every held machine back (a leader stepping down: the new leader holds
-        what it finds hung; a hold left here would outlive it in this replica's proxy)."""
-        for mid in self.held_out:
-            up = view.upstreams.get(mid)
-            if up is not None:
-                view.mark_unhealthy(up, 0.0)
-                view.notify()
-        self.held_out = set()
+        The restart's new start lets the machine back (``AppView``); one that will not be
+        restarted after all (its budget spent, restarts switched off) is let back for the
+        proxy to probe. In cluster mode the leader publishes a held machine as cordoned,
+        so that no replica's proxy probes it; ``held`` empty lets every machine back (a
+        leader stepping down: the new one holds what it finds hung)."""
+        for mid, up in view.upstreams.items():
+            view.hold_out(up, mid in held)
 
     def infos(self) -> list[MachineInfo]:
         """The proxy's view: routable only if the API says started and nobody cordoned it."""

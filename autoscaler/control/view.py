@@ -48,6 +48,7 @@ class Upstream:
         "checks_critical",
         "cordoned",
         "failing",
+        "held",
         "host",
         "id",
         "in_flight",
@@ -88,6 +89,9 @@ class Upstream:
         self.remote_failing = 0
         """Cluster mode, on the leader: the most ejections in a row that another replica
         reports for it, counted since it last started (``Replica``)."""
+        self.held = False
+        """Held out of rotation by the controller: a hung machine until its restart
+        (``AppRuntime.hold_hung``); a new start lets it back."""
         self.authority = authority(host, port)
         self.owner: AppView | None = None
         """The view that counts its load: a request gives its slot back there, even after
@@ -99,9 +103,6 @@ class Upstream:
     def set_address(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.authority = authority(host, port)
-
-    def routable(self, now: float) -> bool:
-        return self.state == STARTED and not self.cordoned and now >= self.unhealthy_until
 
     @property
     def ejections_in_a_row(self) -> int:
@@ -210,6 +211,7 @@ class AppView:
             up.started_at = now
             up.unhealthy_until = 0.0
             up.failing = up.remote_failing = 0  # a new process
+            up.held = False
         elif state != STARTED:
             up.started_at = None
         up.state = state
@@ -225,7 +227,7 @@ class AppView:
         routable = []
         until = math.inf
         for up in self.upstreams.values():
-            if up.state == STARTED and not up.cordoned:
+            if up.state == STARTED and not up.cordoned and not up.held:
                 if now >= up.unhealthy_until:
                     routable.append(up)
                 else:
@@ -244,6 +246,17 @@ class AppView:
         if until > up.unhealthy_until:
             up.unhealthy_until = until
             self._routable = None
+
+    def hold_out(self, up: Upstream, held: bool) -> None:
+        """Hold ``up`` out of rotation, or let it back (``Upstream.held``); announced as a
+        change of the machines (cluster mode: the leader publishes it as cordoned)."""
+        if up.held == held:
+            return
+        up.held = held
+        self._routable = None
+        self.notify()
+        if self.on_machines is not None:
+            self.on_machines(self.name)
 
     def failed_itself(self, up: Upstream, count: int = 1) -> None:
         """The proxy ejected ``up`` for its own failure (``Upstream.failing``, by ``count``

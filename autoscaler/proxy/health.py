@@ -217,7 +217,7 @@ class Health:
             over = record.reason != CHECKS and now >= record.until  # its ejection ended
             # Held out by the controller past its ejection (a hung machine until its
             # restart, AppRuntime.hold_hung): no probe goes to it meanwhile.
-            held = over and not record.probing and now < up.unhealthy_until
+            held = over and not record.probing and up.held
             out.append(
                 {
                     "app": record.app,

@@ -178,7 +178,7 @@ async def test_a_crash_that_flys_restart_policy_repairs_is_not_restarted_again(
 
         async def crash_then_watch() -> None:
             nonlocal done
-            await asyncio.sleep(0.5)  # the clients are busy
+            await until(lambda: up.in_flight == 5, what="every client's request in flight")
             assert emulator.kill_machine_process(APP, machine.id)
             while not back():  # the proxy notifies the view after each ejection
                 counted.add(up.failing)

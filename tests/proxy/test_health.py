@@ -233,7 +233,7 @@ def test_the_report_says_when_a_machine_is_held_past_its_ejection() -> None:
     assert entry() == (False, False)  # ejected, 10 s to go
     clock.now += 11.0
     assert entry() == (True, False)  # over: the next request probes it
-    view.mark_unhealthy(m1, 3600.0)  # the controller holds it until its restart
+    view.hold_out(m1, True)  # the controller holds it until its restart
     assert entry() == (False, True)
     text = "\n".join(render({"ejected": h.report()}))
     assert "after its restart" in text
