@@ -584,14 +584,16 @@ Span = Annotated[float | tuple[float, float], BeforeValidator(_parse_span)]
 
 # Named timing profiles. `fast` is the emulator's historical speed (for unit tests); `fly`
 # follows Fly's documentation (docs/emulator.md, "Fly vs this emulator", has the sources):
-# resume a few hundred ms, cold start about 2 s, suspend up to over 15 s.
+# resume a few hundred ms, cold start about 2 s (the last part of it `started`, the app not
+# yet listening), suspend up to over 15 s.
 PROFILES: dict[str, dict[str, float | tuple[float, float]]] = {
-    "fast": {"stop_s": 0.0, "suspend_s": 0.0, "start_s": 0.5, "resume_s": 0.05},
+    "fast": {"stop_s": 0.0, "suspend_s": 0.0, "start_s": 0.5, "resume_s": 0.05, "listen_s": 0.0},
     "fly": {
         "stop_s": (0.5, 2.0),
         "suspend_s": (2.0, 18.0),
-        "start_s": (1.5, 3.0),
+        "start_s": (1.2, 2.4),
         "resume_s": (0.2, 0.5),
+        "listen_s": (0.3, 0.6),
     },
 }
 
@@ -610,6 +612,10 @@ class TimingSettings(_Model):
     resume_s: Span | None = Field(
         default=None, description="resume time from a snapshot (s or [lo, hi]; unset: profile)"
     )
+    listen_s: Span | None = Field(
+        default=None,
+        description="after a cold boot, time `started` before the app listens (s or [lo, hi])",
+    )
     snapshot_ttl_s: Seconds | None = Field(
         default=None, description="a snapshot older than this is not resumed: a cold boot instead"
     )
@@ -623,6 +629,7 @@ class Timing:
     suspend_s: float | tuple[float, float]
     start_s: float | tuple[float, float]
     resume_s: float | tuple[float, float]
+    listen_s: float | tuple[float, float]
     snapshot_ttl_s: float | None
 
 
@@ -654,7 +661,10 @@ class EmulatorSettings(_Model):
         description="image → command template with {host} and {port} (demo-app is built in)",
     )
     boot_timeout_s: Seconds = Field(
-        default=30.0, description="a machine whose port does not open by then is failed"
+        default=30.0,
+        description=(
+            "a machine whose port does not open by then is failed (`timing.listen_s` 0 only)"
+        ),
     )
     profile: Literal["fast", "fly"] = Field(
         default="fast", description="transition times: fast (tests) or fly (Fly's documented)"
@@ -683,7 +693,7 @@ class EmulatorSettings(_Model):
         if self.resume_delay_s is not None:
             base["resume_s"] = self.resume_delay_s
         t = self.timing
-        for name in ("stop_s", "suspend_s", "start_s", "resume_s"):
+        for name in ("stop_s", "suspend_s", "start_s", "resume_s", "listen_s"):
             value = getattr(t, name)
             if value is not None:
                 base[name] = value
@@ -692,6 +702,7 @@ class EmulatorSettings(_Model):
             suspend_s=base["suspend_s"],
             start_s=base["start_s"],
             resume_s=base["resume_s"],
+            listen_s=base["listen_s"],
             snapshot_ttl_s=t.snapshot_ttl_s,
         )
 

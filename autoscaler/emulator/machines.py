@@ -458,17 +458,24 @@ class Lifecycle:
                 m, "failed", "launch", source="flyd", request={"error": "injected boot failure"}
             )
             return
-        mp = await self._spawn(m, boot_s)
-        ok = await wait_listening(mp, m.private_ip, port, self.settings.boot_timeout_s + boot_s)
-        if not ok:
-            code = mp.returncode
-            await mp.terminate(signal.SIGKILL, 0)
-            why = f"exited with code {code}" if code is not None else "boot timeout"
-            self.record(m, "failed", "launch", source="flyd", request={"error": why})
-            return
-        # The demo app delays its own listening by boot_s; other images are padded here,
-        # so that every cold boot spends at least start_s in `starting`.
-        await self._pad(began, boot_s)
+        listen_s = self.draw(self.timing.listen_s)
+        mp = await self._spawn(m, boot_s + listen_s)
+        if listen_s > 0:
+            # Fly says `started` once the VM runs the app's process, not once that listens:
+            # for listen_s more, connections to it are refused (the app's own start-up).
+            # One that never listens stays `started`, as on Fly (its checks say so).
+            await self._pad(began, boot_s)
+            if mp.returncode is not None:
+                await self._boot_failed(m, mp)
+                return
+        else:
+            timeout_s = self.settings.boot_timeout_s + boot_s
+            if not await wait_listening(mp, m.private_ip, port, timeout_s):
+                await self._boot_failed(m, mp)
+                return
+            # The demo app delays its own listening by boot_s; other images are padded
+            # here, so that every cold boot spends at least start_s in `starting`.
+            await self._pad(began, boot_s)
         if fallback is None:
             self.record(m, "started", source="flyd")
         else:
@@ -481,6 +488,12 @@ class Lifecycle:
         self._now_started(m)
         if self.faults.crash_after_s is not None:
             self._background(self._crash_later(m, mp, self.faults.crash_after_s))
+
+    async def _boot_failed(self, m: Machine, mp: MachineProcess) -> None:
+        code = mp.returncode
+        await mp.terminate(signal.SIGKILL, 0)
+        why = f"exited with code {code}" if code is not None else "boot timeout"
+        self.record(m, "failed", "launch", source="flyd", request={"error": why})
 
     async def _spawn(self, m: Machine, boot_s: float) -> MachineProcess:
         # Shielded: a cancelled boot must still own (and kill) the child it forked.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import pytest
 from emu_helpers import new_machine, session, wait, wait_ok
+from testkit import until
 
 from autoscaler.config import ConfigError, EmulatorSettings, load_settings
 from autoscaler.emulator import Emulator
@@ -33,8 +35,10 @@ def test_the_fly_profile_has_fly_s_documented_times() -> None:
     assert fly.start_s[0] <= 2.0 <= fly.start_s[1]  # "~2+ seconds"
     assert isinstance(fly.suspend_s, tuple)
     assert fly.suspend_s[1] > 15.0  # "can spend over 15 seconds in the suspending state"
+    assert isinstance(fly.listen_s, tuple)  # `started` a moment before the app listens
+    assert fly.start_s[0] + fly.listen_s[0] <= 2.0 <= fly.start_s[1] + fly.listen_s[1]
     fast = EmulatorSettings().effective_timing()
-    assert (fast.suspend_s, fast.stop_s, fast.start_s) == (0.0, 0.0, 0.5)
+    assert (fast.suspend_s, fast.stop_s, fast.start_s, fast.listen_s) == (0.0, 0.0, 0.5, 0.0)
 
 
 def test_the_profile_and_fault_flags_reach_the_settings() -> None:
@@ -133,6 +137,28 @@ async def test_a_cold_boot_lasts_start_s() -> None:
         assert r.status == 408
         assert "currently starting" in (await r.json())["error"]
         await wait_ok(s, "demo", mid)
+
+
+async def test_a_cold_boot_is_started_before_its_app_listens() -> None:
+    # As on Fly: `started` once the VM runs the app; the app listens listen_s later.
+    settings = EmulatorSettings(rate_limits=False, timing={"start_s": 0.05, "listen_s": 1.5})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, start=False)
+        mid = m["id"]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+        await wait_ok(s, "demo", mid)
+        machine = emu.machine("demo", mid)
+        assert not _accepts(machine.private_ip, machine.internal_port)
+        await until(lambda: _accepts(machine.private_ip, machine.internal_port), 10)
+        assert machine.state == "started"
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 def _proc_state(pid: int) -> str:

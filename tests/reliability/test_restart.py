@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -146,6 +147,17 @@ async def reaped(procs: list[Autoscaler]) -> AsyncIterator[None]:
 _DOWN = frozenset(
     {"stopping", "stopped", "suspending", "suspended", "failed", "destroying", "destroyed"}
 )
+
+
+def listens(emulator: Emulator, app: str, machine_id: str) -> bool:
+    """Whether the machine's app accepts connections (the kernel's backlog answers: a
+    blocking connect on loopback returns at once)."""
+    m = emulator.machine(app, machine_id)
+    try:
+        socket.create_connection((m.private_ip, m.internal_port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 def _double_starts(emulator: Emulator) -> list[str]:
@@ -303,6 +315,8 @@ async def test_drain_cut_short_by_sigterm_leaves_no_cordon(
         await old.start(http)
         await burst.resize(12)  # panic: both machines start
         await until(lambda: len(started(emulator, APP)) == 2, 30, "two machines started")
+        # Fly's `started` comes before the app listens: both must serve before the test goes on.
+        await until(lambda: all(listens(emulator, APP, m) for m in started(emulator, APP)), 10)
         await burst.resize(0)
         # One long request per machine (least outstanding spreads them), then low demand.
         long = Load(url, path="/work?ms=30000")
