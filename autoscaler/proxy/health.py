@@ -15,6 +15,10 @@ and the controller restarts it (docs/policy.md, "A machine that hangs is restart
 timeout ejection of an app's last routable machine counts twice: its probe is not
 awaited (:func:`_failed_count`).
 
+A machine held out because nothing listened (refused connections, or resets of a process
+that died) may come back before its time: proxy/revive.py watches it with TCP connects
+and calls :meth:`Health.revived` (which hold-outs qualify: :meth:`Health.revivable`).
+
 A machine whose Fly health checks are critical (the fleet view's ``checks_critical``, read
 by :meth:`Health.sweep`) is ejected until they pass.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 from autoscaler.control.view import HUNG_AFTER, AppView, FleetView, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
+from autoscaler.scaling.fleet import STARTED
 
 _log = get_logger("autoscaler.proxy")
 
@@ -53,6 +58,9 @@ _SPARE_LAST = frozenset({SERVER_ERROR, CHECKS})
 # The machine's own failures: counted in ``Upstream.failing``, which the controller reads
 # to restart a machine that hangs (a 5xx is the app's answer; checks are Fly's verdict).
 _OWN = frozenset({CONNECT, RESET, TIMEOUT, BAD_RESPONSE})
+# Ejections that a connection the machine accepts again may cut short (proxy/revive.py):
+# its process was not there.
+_REVIVE = frozenset({CONNECT, RESET})
 
 
 class _Record:
@@ -164,6 +172,34 @@ class Health:
             reason=reason,
             seconds=round(backoff, 3) if reason != CHECKS else None,
         )
+
+    # --- machines that listen again (proxy/revive.py) ---------------------------------
+
+    def revivable(self, app: str, up: Upstream) -> bool:
+        """Whether ``up`` is held out for want of a listener, so that a connection it
+        accepts may bring it back: skipped after a refused connection, or ejected for
+        refused connections or resets while no other machine of its app is routable."""
+        view = self.fleet.apps.get(app)
+        if view is None or view.upstreams.get(up.id) is not up:
+            return False
+        if up.state != STARTED or up.cordoned or up.held or view.clock() >= up.unhealthy_until:
+            return False
+        record = self.records.get(up)
+        if record is None or not record.ejected:
+            return True  # a skip
+        if record.probing or record.reason not in _REVIVE:
+            return False
+        return not view.routable()
+
+    def revived(self, app: str, up: Upstream) -> None:
+        """``up`` accepts connections again: a skip ends; an ejection ends as if its time
+        were up (its next request is its probe)."""
+        view = self.fleet.app(app)
+        record = self.records.get(up)
+        if record is not None and record.ejected:
+            record.until = view.clock()
+        _restore(view, up)
+        _log.info("machine_listening", app=app, machine=up.id)
 
     # --- what the fleet view says ----------------------------------------------------
 

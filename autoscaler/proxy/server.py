@@ -22,7 +22,7 @@ from autoscaler.config import AppConfig, ProxySettings, Settings, authority, par
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.proxy import forward, health, tunnel, upstream
+from autoscaler.proxy import forward, health, revive, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
     RequestContext,
@@ -88,6 +88,7 @@ class ProxyServer:
         self.health = health.Health(
             view, metrics, settings.proxy.eject_after, settings.proxy.eject_base_s
         )
+        self._reviver = revive.Reviver(view, self.health, settings.proxy.connect_timeout_s)
         self._sweeper: asyncio.Task[None] | None = None
         # Every body byte held, request and response, against proxy.max_buffer_bytes.
         self._budget = BufferBudget(settings.proxy.max_buffer_bytes)
@@ -112,6 +113,7 @@ class ProxyServer:
         proxy = settings.proxy
         self._knobs = _Knobs(proxy)
         self.health.configure(proxy.eject_after, proxy.eject_base_s)
+        self._reviver.connect_timeout_s = proxy.connect_timeout_s
         if self._server is not None:
             self._server.configure(
                 proxy.connection_limit, proxy.max_header_bytes, proxy.client_timeout_s
@@ -204,6 +206,7 @@ class ProxyServer:
             self._server = None
         for gate in self._gates.values():
             await gate.close()
+        await self._reviver.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -330,6 +333,7 @@ class ProxyServer:
         started = up.started_at
         if app.static or started is None or view.clock() - started >= app.wake_timeout_s:
             self.health.failed(app.name, up, health.CONNECT)
+        self._reviver.refused(app.name, up, self._address(app, up)[0])
 
     def _lost_connection(self, app: AppConfig, up: Upstream) -> None:
         """The machine closed or reset a connection before its answer was whole. Its
@@ -407,6 +411,8 @@ class ProxyServer:
                 if lost:
                     self._lost_connection(app, up)
                 verdicts.failed(app.name, up, health.RESET if lost else health.BAD_RESPONSE)
+                if lost:
+                    self._reviver.lost(app.name, up, port)
                 raise Failure(502, "the machine failed to answer") from None
             if exchange is None:
                 up = await self._next_attempt(ctx, gate, app, tried)
@@ -497,6 +503,8 @@ class ProxyServer:
                     if isinstance(exc, upstream.ConnectionLost):
                         self._lost_connection(app, up)
                     verdicts.failed(app.name, up, health.TIMEOUT if stalled else health.RESET)
+                    if not stalled:
+                        self._reviver.lost(app.name, up, self._address(app, up)[0])
                     conn.abort()
                     return
                 _give_back(gate, ctx, verdicts)

@@ -6,6 +6,10 @@
   stops it and starts it again without waiting for a probe (fast timings and Fly's).
 - A one-machine app whose process crashes under load, and whose restart policy has Fly
   start it again, is not restarted by us as well.
+- Fly reports a machine `started` before its app listens: a wake's held request goes to
+  it once the app listens, whatever a list said meanwhile; a machine that someone else
+  started is served as soon as its app listens, not when the proxy's skip of the refusing
+  machine ends.
 - A wake whose first machine's host became unreachable (its start answers 503) starts
   another after one attempt (fast timings and Fly's).
 - A machine whose host goes down (it hangs, and Fly cannot reach the host) is restarted
@@ -41,6 +45,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType
+from structlog.testing import capture_logs
 from testkit import fly_like, until
 
 from autoscaler.admin import AdminServer
@@ -192,6 +197,61 @@ async def test_a_crash_that_flys_restart_policy_repairs_is_not_restarted_again(
         assert ("stop", "user") not in [(e.type, e.source) for e in machine.events[first:]]
         assert {f.split(":")[0] for f in stack.failures} <= {"502"}  # those in flight
         assert stack.served > 5
+
+
+def listening_late(listen_s: float) -> EmulatorSettings:
+    """Fly's timings, one machine, and its app listening ``listen_s`` after `started`."""
+    return EmulatorSettings(
+        profile="fly",
+        timing=TimingSettings(listen_s=listen_s),
+        rate_limits=False,
+        apps=[EmulatorApp(name=APP, machines=1)],
+    )
+
+
+LISTS_EVERY_TICK = {"steady_list_s": 0, "idle_poll_s": 0.2}  # asleep or not
+
+
+async def test_a_wake_routes_to_its_machine_once_the_app_listens_whatever_a_list_says() -> None:
+    # Fly says `started` once the VM runs the app, before the app listens (the emulator's
+    # timing.listen_s, 1.5 s here); the wake waits for the port. A list in between (one
+    # every tick here) also says `started`, and must not send the held request to a port
+    # that refuses it: the list keeps our record of a machine we act on (the runtime's
+    # merge). Without that rule, a refused connection, then the proxy's skip.
+    async with (
+        Emulator(listening_late(1.5), host="127.0.0.1", port=0) as emulator,
+        running_stack(emulator, None, LISTS_EVERY_TICK, idle_to_zero_s=600) as stack,
+    ):
+        with capture_logs() as logs:
+            await stack.get("/")
+        assert (stack.served, stack.failures) == (1, [])
+        events = [e["event"] for e in logs if e.get("app") == APP]
+        assert "machine_unreachable" not in events
+        assert events.count("fly_api") > 10  # the lists went on meanwhile
+
+
+async def test_a_machine_someone_else_started_is_served_as_soon_as_its_app_listens() -> None:
+    # A machine started by someone else (a `fly deploy`, Fly's restart policy, another
+    # tool), that a list shows started, gets requests at once; before its app listens
+    # (1.5 s here) they are refused and the proxy skips the machine. A connect to it every
+    # few tens of milliseconds brings it back as soon as the app listens, not when the
+    # skip ends (30 s here, past the request's 20 s wait: without the watch, a 503).
+    proxy = ProxySettings(unhealthy_backoff_s=30)
+    async with (
+        Emulator(listening_late(1.5), host="127.0.0.1", port=0) as emulator,
+        running_stack(emulator, proxy, LISTS_EVERY_TICK, wake_timeout_s=20) as stack,
+    ):
+        [machine] = emulator.machines(APP)
+        await stack.until(lambda: machine.id in stack.app.upstreams)
+        emulator.world.lifecycle.start(machine)  # not us
+        await stack.until(lambda: stack.app.upstreams[machine.id].state == "started")
+        with capture_logs() as logs:
+            await stack.get("/")
+        assert (stack.served, stack.failures) == (1, [])
+        events = [e["event"] for e in logs if e.get("app") == APP]
+        assert "machine_unreachable" in events  # refused at first
+        assert events.count("machine_listening") == 1
+        assert restarts_ok(stack) is None  # (nothing of ours started it)
 
 
 @pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
