@@ -196,7 +196,9 @@ async def test_a_static_backend_that_restarts_is_served_again_before_its_ejectio
     async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
         assert r.status == 502
     [record] = proxy.health.report()
-    assert (record["reason"], record["remaining_s"]) == ("connect", 60.0)
+    assert record["reason"] == "connect"
+    assert isinstance(record["remaining_s"], float)
+    assert record["remaining_s"] > 50  # out for a minute, unless something brings it back
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="back")
