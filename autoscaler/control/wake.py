@@ -14,7 +14,8 @@ in transition (a stop under way ends in a startable state), a failed machine's n
 restart, or the retry of a machine whose action an API error failed, until the app's
 ``wake_timeout_s``.
 
-The wake's actions make one attempt per call, as a tick's do: the wake is the retry. An
+The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
+retry (the first read of an app never read too, tried again at the pace below). An
 API error (5xx, 429, a transport error) is the API's trouble, not the machine's: that
 machine is tried again after a pause (0.25 s, doubling up to 1 s, the proxy's own pace of
 asking again; or the 429's Retry-After). A resume that failed so once is tried again before
@@ -82,7 +83,7 @@ class Waker:
             failed: set[str] = set()
             again: dict[str, _Retry] = {}
             if not rt.read_once:
-                await self.refresh(rt)
+                await self._first_read(rt, deadline)
             while True:
                 if view.routable():
                     return "none"
@@ -196,6 +197,31 @@ class Waker:
         took = self.actuator.clock() - t0
         self.metrics.wake_duration.labels(app=rt.name, kind=kind).observe(took)
         return took
+
+    async def _first_read(self, rt: AppRuntime, deadline: float) -> None:
+        """The app's first read, which the wake cannot do without (nothing is known of
+        the app yet): one attempt at a time, as the refreshes between tries, paced as the
+        tries after an API error (0.25 s doubling to 1 s, or the 429's Retry-After) until
+        the wake's deadline. The client's own retries gave up after a few seconds of an
+        outage that the wake could outlast, and held the wake in their backoff."""
+        act = self.actuator
+        pause = RECHECK_S
+        while True:
+            try:
+                with one_attempt(self.api_timeout_s):
+                    await self.refresh(rt)
+                return
+            except FlyError as exc:
+                if not exc.transient:
+                    raise
+                wait = pause
+                if isinstance(exc, RateLimited) and exc.retry_after:
+                    wait = max(wait, exc.retry_after)
+                if act.clock() + wait >= deadline:
+                    raise WakeError(f"app {rt.name}: its machines could not be read") from exc
+                _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
+                await act.sleep(wait)
+                pause = min(RETRY_MAX_S, 2 * pause)
 
     async def _refresh_quietly(self, rt: AppRuntime) -> None:
         """Read the app again between two tries: one attempt, as a tick makes (the wake's

@@ -545,8 +545,7 @@ async def test_a_wake_reads_again_between_tries_with_one_attempt(
 ) -> None:
     """The refreshes between a wake's tries run under ``one_attempt`` (as a tick's calls):
     with the client's retries (5, with backoff) a refresh during an outage took seconds,
-    and paced the wake's tries instead of their 0.25-1 s. The app's first read keeps
-    them (nothing is known of it yet)."""
+    and paced the wake's tries instead of their 0.25-1 s. So does the app's first read."""
     from autoscaler.fly import client as fly_client
 
     api.add(APP, "suspended")
@@ -565,9 +564,42 @@ async def test_a_wake_reads_again_between_tries_with_one_attempt(
     await clock.advance(0.3)
     assert await task == "resume"
     timeout = rig.ctl.settings.control.api_timeout_s
-    assert bounds[0] is None  # the first read
     assert len(bounds) >= 2
-    assert set(bounds[1:]) == {timeout}
+    assert set(bounds) == {timeout}  # the first read too
+
+
+async def test_a_wake_reads_an_app_never_read_through_an_outage(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The app's first read (a request before the controller's first list of it) makes
+    one attempt at a time, paced 0.25 s doubling to 1 s, until the wake's deadline: it
+    kept the client's retries, which gave up after a few seconds of an outage."""
+    mid = api.add(APP, "suspended")
+    api.fail["list_machines"] = [ServerError(500, "internal error") for _ in range(4)]
+    rig = Rig(api, clock, wake_timeout_s=30)
+    t0 = clock()
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    assert len(api.ops("list_machines")) == 1
+    for reads, at in ((2, 0.25), (3, 0.75), (4, 1.75), (5, 2.75)):
+        await clock.advance(t0 + at + 0.01 - clock())
+        assert len(api.ops("list_machines")) == reads
+    assert await task == "resume"
+    assert rig.routable() == {mid}
+
+
+async def test_a_wake_gives_up_on_an_app_it_cannot_read_at_its_deadline(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    api.add(APP, "suspended")
+    api.fail["list_machines"] = [ServerError(500, "internal error") for _ in range(100)]
+    rig = Rig(api, clock, wake_timeout_s=5)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(6)
+    with pytest.raises(WakeError, match="could not be read"):
+        await task
+    assert 5 <= len(api.ops("list_machines")) <= 7  # about one a second
 
 
 async def test_a_resume_asked_to_retry_much_later_gives_way_to_a_cold_start(
