@@ -239,7 +239,9 @@ async def test_a_machine_someone_else_started_is_served_as_soon_as_its_app_liste
     proxy = ProxySettings(unhealthy_backoff_s=30)
     async with (
         Emulator(listening_late(1.5), host="127.0.0.1", port=0) as emulator,
-        running_stack(emulator, proxy, LISTS_EVERY_TICK, wake_timeout_s=20) as stack,
+        running_stack(
+            emulator, proxy, LISTS_EVERY_TICK, idle_to_zero_s=600, wake_timeout_s=20
+        ) as stack,
     ):
         [machine] = emulator.machines(APP)
         await stack.until(lambda: machine.id in stack.app.upstreams)
