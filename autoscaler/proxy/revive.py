@@ -5,10 +5,12 @@ The proxy holds a machine out of routing when it refuses a connection (a short s
 ejection (``eject_base_s``, doubling). Both are waits of seconds, and on Fly they cost the
 most where nothing else can serve:
 
-- **A cold start.** Fly reports a machine ``started`` once its VM runs the app's process,
-  not once that process listens; the app's own start-up comes after. The held requests of
-  a wake go to it at once and are refused, and the skip that follows would hold them for
-  ``unhealthy_backoff_s`` after the app was ready.
+- **A cold start by someone else.** Fly reports a machine ``started`` once its VM runs the
+  app's process, not once that process listens; the app's own start-up comes after. Our
+  own starts wait for the port (control/actions.py), but a machine that a ``fly deploy``,
+  Fly's restart policy or another tool started arrives with a list that says ``started``:
+  requests go to it at once and are refused, and the skip that follows would hold them
+  for ``unhealthy_backoff_s`` after the app was ready.
 - **A crash that is repaired.** A process that died (its connections reset, then refused)
   is ejected; Fly's restart policy, or the app's own supervisor, may bring it back in a
   second or two, while the ejection lasts ``eject_base_s``. A list of the app's machines
