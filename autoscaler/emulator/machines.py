@@ -373,9 +373,22 @@ class Lifecycle:
 
     def _hang(self, mid: str) -> None:
         """SIGSTOP a started machine's process: the kernel still completes TCP handshakes
-        into the listening socket's backlog, but nothing is ever read or answered."""
+        into the listening socket's backlog, but nothing is ever read or answered. One
+        whose app does not listen yet (``timing.listen_s``) hangs once it does: a hung
+        machine accepts connections, as this fault promises."""
         m, mp = self._find(mid), self.procs.get(mid)
-        if m is not None and mp is not None and m.state == "started":
+        if m is None or mp is None or m.state != "started":
+            return
+        if address_free(m.private_ip, m.internal_port):
+            self._background(self._hang_once_listening(m, mp))
+        else:
+            mp.signal(signal.SIGSTOP)
+
+    async def _hang_once_listening(self, m: Machine, mp: MachineProcess) -> None:
+        port = m.internal_port
+        if not await wait_listening(mp, m.private_ip, port, self.settings.boot_timeout_s):
+            return
+        if m.id in self.faults.hung and self.procs.get(m.id) is mp and m.state == "started":
             mp.signal(signal.SIGSTOP)
 
     def _thaw(self, mid: str) -> None:

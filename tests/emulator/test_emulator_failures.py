@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -112,6 +113,22 @@ async def test_hang_rate_hangs_new_starts_and_names_them(emulator: Emulator) -> 
         # A SIGSTOP takes effect when the kernel next runs the process: wait for "T".
         pid = emulator.pids()[0]
         await testkit.until(lambda: _proc_state(pid) == "T", 5, "the process stopped")
+
+
+async def test_a_hang_drawn_before_the_app_listens_takes_hold_once_it_does() -> None:
+    # Fly's `started` comes before the app listens (timing.listen_s): the hang waits for
+    # the port, so that a hung machine accepts connections and never answers.
+    settings = EmulatorSettings(rate_limits=False, timing={"start_s": 0.05, "listen_s": 1.0})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emulator, session(emulator) as s:
+        emulator.set_faults(hang_rate=1.0)
+        m = await new_machine(s)
+        assert emulator.faults.hung == [m["id"]]
+        machine = emulator.machine("demo", m["id"])
+        pid = emulator.pids()[0]
+        assert _proc_state(pid) != "T"  # not yet: nothing listens
+        await testkit.until(lambda: _proc_state(pid) == "T", 10, "the process stopped")
+        with socket.create_connection((machine.private_ip, machine.internal_port), timeout=1):
+            pass  # accepted, while hung
 
 
 async def test_an_unreachable_host_refuses_actions_and_defers_destroy(
