@@ -27,11 +27,9 @@ from autoscaler.emulator.model import CheckResult, Machine, internal_port_of, no
 DEFAULT_INTERVAL_S = 15.0
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_GRACE_S = 1.0
-# The check the built-in demo image gets when its config has none. Its grace period covers
-# the app's start-up after `started` (timing.listen_s), as a well-set check's does: a first
-# check before the app listens would leave it critical for a whole interval.
+# The check the built-in demo image gets when its config has none (Fly's example grace of
+# 1 s covers the `fly` profile's listen_s, the app's start-up after `started`).
 DEMO_CHECK_NAME = "healthz"
-DEMO_CHECK_GRACE = "5s"
 _READ_LIMIT = 64 * 1024
 
 
@@ -75,9 +73,7 @@ def specs_of(config: dict[str, Any], demo: bool) -> list[CheckSpec]:
     port = internal_port_of(config)
     checks: dict[str, Any] = config.get("checks") or {}
     if not checks and demo:
-        checks = {
-            DEMO_CHECK_NAME: {"type": "http", "path": "/healthz", "grace_period": DEMO_CHECK_GRACE}
-        }
+        checks = {DEMO_CHECK_NAME: {"type": "http", "path": "/healthz"}}
     specs = []
     for name, check in sorted(checks.items()):
         specs.append(

@@ -5,7 +5,8 @@
 ``/`` answers the machine id and a request counter (kept in memory, so it survives a
 suspend and resets on a cold start), ``/work?ms=N`` answers after N ms, ``/stream``
 sends chunks, ``/ws`` echoes WebSocket messages, ``/healthz`` says ok. The boot delay
-(``--boot-delay`` or ``DEMO_BOOT_DELAY_S``) passes before the port opens, like a cold start.
+(``--boot-delay`` or ``DEMO_BOOT_DELAY_S``; the emulator sets ``DEMO_LISTEN_AT``, the time
+it ends) passes before the port opens, like a cold start.
 """
 
 from __future__ import annotations
@@ -107,9 +108,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--boot-delay", type=float, default=float(os.environ.get("DEMO_BOOT_DELAY_S", "0"))
     )
+    # Set by the emulator: when (time.time()) the boot's port opens, so that this process's
+    # own start-up (the interpreter, the imports) is part of the boot, not added to it.
+    parser.add_argument(
+        "--listen-at", type=float, default=float(os.environ.get("DEMO_LISTEN_AT", "0"))
+    )
     args = parser.parse_args(argv)
-    if args.boot_delay > 0:
-        time.sleep(args.boot_delay)  # nothing listens yet: this is the cold boot
+    delay = args.listen_at - time.time() if args.listen_at else args.boot_delay
+    if delay > 0:
+        time.sleep(delay)  # nothing listens yet: this is the cold boot
     web.run_app(
         build_app(), host=args.host, port=args.port, print=None, shutdown_timeout=2.0,
         access_log=None,

@@ -161,7 +161,8 @@ class Lifecycle:
                 "FLY_PRIVATE_IP": m.private_ip,
                 "FLY_IMAGE_REF": str(m.config.get("image", "")),
                 "FLY_MACHINE_VERSION": m.instance_id,
-                "DEMO_BOOT_DELAY_S": str(boot_s),  # this boot's start_s
+                "DEMO_BOOT_DELAY_S": str(boot_s),  # this boot's start_s (+ listen_s)
+                "DEMO_LISTEN_AT": f"{time.time() + boot_s:.3f}",  # the same, as a time
                 # Lets a test session find leftovers of this emulator by their environment.
                 PARENT_ENV: str(os.getpid()),
             }

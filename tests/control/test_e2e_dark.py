@@ -214,12 +214,12 @@ LISTS_EVERY_TICK = {"steady_list_s": 0, "idle_poll_s": 0.2}  # asleep or not
 
 async def test_a_wake_routes_to_its_machine_once_the_app_listens_whatever_a_list_says() -> None:
     # Fly says `started` once the VM runs the app, before the app listens (the emulator's
-    # timing.listen_s, 1.5 s here); the wake waits for the port. A list in between (one
+    # timing.listen_s, 0.8 s here); the wake waits for the port. A list in between (one
     # every tick here) also says `started`, and must not send the held request to a port
     # that refuses it: the list keeps our record of a machine we act on (the runtime's
     # merge). Without that rule, a refused connection, then the proxy's skip.
     async with (
-        Emulator(listening_late(1.5), host="127.0.0.1", port=0) as emulator,
+        Emulator(listening_late(0.8), host="127.0.0.1", port=0) as emulator,
         running_stack(emulator, None, LISTS_EVERY_TICK, idle_to_zero_s=600) as stack,
     ):
         with capture_logs() as logs:
@@ -233,12 +233,12 @@ async def test_a_wake_routes_to_its_machine_once_the_app_listens_whatever_a_list
 async def test_a_machine_someone_else_started_is_served_as_soon_as_its_app_listens() -> None:
     # A machine started by someone else (a `fly deploy`, Fly's restart policy, another
     # tool), that a list shows started, gets requests at once; before its app listens
-    # (1.5 s here) they are refused and the proxy skips the machine. A connect to it every
+    # (0.8 s here) they are refused and the proxy skips the machine. A connect to it every
     # few tens of milliseconds brings it back as soon as the app listens, not when the
     # skip ends (30 s here, past the request's 20 s wait: without the watch, a 503).
     proxy = ProxySettings(unhealthy_backoff_s=30)
     async with (
-        Emulator(listening_late(1.5), host="127.0.0.1", port=0) as emulator,
+        Emulator(listening_late(0.8), host="127.0.0.1", port=0) as emulator,
         running_stack(
             emulator, proxy, LISTS_EVERY_TICK, idle_to_zero_s=600, wake_timeout_s=20
         ) as stack,

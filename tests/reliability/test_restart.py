@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -149,17 +148,6 @@ _DOWN = frozenset(
 )
 
 
-def listens(emulator: Emulator, app: str, machine_id: str) -> bool:
-    """Whether the machine's app accepts connections (the kernel's backlog answers: a
-    blocking connect on loopback returns at once)."""
-    m = emulator.machine(app, machine_id)
-    try:
-        socket.create_connection((m.private_ip, m.internal_port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
 def _double_starts(emulator: Emulator) -> list[str]:
     """Machines that got a user start while already started (or starting)."""
     bad = []
@@ -183,10 +171,18 @@ def _user_starts(emulator: Emulator) -> dict[str, int]:
 
 
 async def _inflight(http: aiohttp.ClientSession, admin: str, app: str) -> float:
+    return await _metric(http, admin, "autoscaler_inflight_requests", app)
+
+
+async def _metric(
+    http: aiohttp.ClientSession, admin: str, name: str, app: str, labels: str = ""
+) -> float:
+    """A gauge of ``app`` as the process's /metrics says (``labels``: the ones after app)."""
     async with http.get(f"{admin}/metrics") as resp:
         text = await resp.text()
+    rest = f",{labels}" if labels else ""
     for line in text.splitlines():
-        if line.startswith(f'autoscaler_inflight_requests{{app="{app}"}}'):
+        if line.startswith(f'{name}{{app="{app}"{rest}}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -315,8 +311,12 @@ async def test_drain_cut_short_by_sigterm_leaves_no_cordon(
         await old.start(http)
         await burst.resize(12)  # panic: both machines start
         await until(lambda: len(started(emulator, APP)) == 2, 30, "two machines started")
-        # Fly's `started` comes before the app listens: both must serve before the test goes on.
-        await until(lambda: all(listens(emulator, APP, m) for m in started(emulator, APP)), 10)
+        # Fly's `started` comes before the app listens: both must be routed to (the old
+        # process's own start saw their ports open) before the test goes on.
+        deadline = asyncio.get_running_loop().time() + 10
+        while await _metric(http, old.admin, "autoscaler_machines", APP, 'state="started"') < 2:
+            assert asyncio.get_running_loop().time() < deadline, "not both routed to"
+            await asyncio.sleep(0.05)
         await burst.resize(0)
         # One long request per machine (least outstanding spreads them), then low demand.
         long = Load(url, path="/work?ms=30000")
