@@ -173,9 +173,7 @@ class Waker:
                 error = run.error if run is not None else None
                 if isinstance(error, FlyError) and error.transient:
                     last = again.get(mid)
-                    pause = RECHECK_S if last is None else min(RETRY_MAX_S, 2 * last.pause)
-                    if isinstance(error, RateLimited) and error.retry_after:
-                        pause = max(pause, error.retry_after)
+                    pause = _pause(None if last is None else last.pause, error)
                     tries = 1 if last is None else last.tries + 1
                     again[mid] = _Retry(act.clock() + pause, pause, action.kind, tries)
                 if act.clock() >= deadline:
@@ -205,7 +203,7 @@ class Waker:
         the wake's deadline. The client's own retries gave up after a few seconds of an
         outage that the wake could outlast, and held the wake in their backoff."""
         act = self.actuator
-        pause = RECHECK_S
+        last: float | None = None
         while True:
             try:
                 with one_attempt(self.api_timeout_s):
@@ -214,14 +212,11 @@ class Waker:
             except FlyError as exc:
                 if not exc.transient:
                     raise
-                wait = pause
-                if isinstance(exc, RateLimited) and exc.retry_after:
-                    wait = max(wait, exc.retry_after)
-                if act.clock() + wait >= deadline:
+                last = _pause(last, exc)
+                if act.clock() + last >= deadline:
                     raise WakeError(f"app {rt.name}: its machines could not be read") from exc
                 _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
-                await act.sleep(wait)
-                pause = min(RETRY_MAX_S, 2 * pause)
+                await act.sleep(last)
 
     async def _refresh_quietly(self, rt: AppRuntime) -> None:
         """Read the app again between two tries: one attempt, as a tick makes (the wake's
@@ -232,3 +227,12 @@ class Waker:
                 await self.refresh(rt)
         except FlyError as exc:
             _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
+
+
+def _pause(last: float | None, error: FlyError) -> float:
+    """The pause before trying again what an API error failed: 0.25 s, doubling from the
+    last one up to 1 s, or longer if a 429 asks."""
+    pause = RECHECK_S if last is None else min(RETRY_MAX_S, 2 * last)
+    if isinstance(error, RateLimited) and error.retry_after:
+        pause = max(pause, error.retry_after)
+    return pause
