@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, int]] = [
     ("autoscaler.tui", 0),  # rendering only: plain data in, rich renderables out
     ("autoscaler.fly.errors", 0),
     ("autoscaler.fly.models", 1),
+    ("autoscaler.checks", 1),  # Fly machine checks: the emulator runs them, so does control
     ("autoscaler.scaling", 2),
     ("autoscaler.fly", 3),
     ("autoscaler.state", 3),  # cluster mode's shared state (Redis): below control and proxy
@@ -37,7 +38,12 @@ LAYERS: list[tuple[str, int]] = [
 SIDE = {"autoscaler", "autoscaler.aio", "autoscaler.logs", "autoscaler.metrics"}
 # Wings that could ship as tools of their own: what they may import of the package.
 WINGS = {
-    "autoscaler.emulator": ("autoscaler.config", "autoscaler.fly.models", "autoscaler.scaling"),
+    "autoscaler.emulator": (
+        "autoscaler.config",
+        "autoscaler.fly.models",
+        "autoscaler.checks",
+        "autoscaler.scaling",
+    ),
     "autoscaler.sim": ("autoscaler.config", "autoscaler.fly.models", "autoscaler.scaling"),
 }
 PURE_FORBIDDEN = (

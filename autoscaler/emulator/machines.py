@@ -52,6 +52,11 @@ _ENV_DENY_PREFIXES = ("FLY_", "AUTOSCALER_", "EMULATOR_")
 log = get_logger(__name__)
 
 
+def is_demo_image(image: str) -> bool:
+    """``image`` is the built-in demo app's (with or without a tag)."""
+    return DEMO_IMAGE in (image, image.rpartition(":")[0])
+
+
 class Conflict(Exception):
     """The operation makes no sense in the machine's current state (HTTP 412)."""
 
@@ -131,8 +136,7 @@ class Lifecycle:
 
     def runs_demo_image(self, m: Machine) -> bool:
         """The machine's image is the built-in demo app's (with or without a tag)."""
-        image = str(m.config.get("image", ""))
-        return DEMO_IMAGE in (image, image.rpartition(":")[0])
+        return is_demo_image(str(m.config.get("image", "")))
 
     def command(self, m: Machine) -> list[str]:
         template = self.resolve_image(str(m.config.get("image", "")))

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from autoscaler.config import EmulatorApp, EmulatorSettings, FaultSettings
-from autoscaler.emulator.machines import Conflict, Lifecycle
+from autoscaler.emulator.checks import DEMO_CHECK, DEMO_CHECK_NAME
+from autoscaler.emulator.machines import Conflict, Lifecycle, is_demo_image
 from autoscaler.emulator.model import (
     MAX_DELETED,
     MAX_PAST_CONFIGS,
@@ -157,6 +158,9 @@ class World:
             ],
             # No restart policy: a crashed machine stops, which is what scaling tests need.
         }
+        if is_demo_image(spec.image):
+            # Its check, as a fly.toml would declare it: in the config, for all to read.
+            config["checks"] = {DEMO_CHECK_NAME: dict(DEMO_CHECK)}
         regions = spec.regions or [DEFAULT_REGION]
         for i in range(len(app.machines), len(app.machines) + max(0, missing)):
             region = regions[i % len(regions)]  # round-robin, as Fly spreads a count
