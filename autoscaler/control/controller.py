@@ -28,8 +28,9 @@ from typing import Any
 
 from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
+from autoscaler.control import recheck
 from autoscaler.control.actions import Actuator, Probe, Sleep
-from autoscaler.control.runtime import AppRuntime
+from autoscaler.control.runtime import AppRuntime, MachineRecord
 from autoscaler.control.schedule import (
     Budget,
     Pacer,
@@ -230,6 +231,7 @@ class Controller:
 
     async def _stop_app(self, rt: AppRuntime) -> None:
         tasks: list[asyncio.Future[Any]] = [run.task for run in rt.running.values()]
+        tasks.extend(rt.rechecks.values())
         if rt.loop is not None:
             tasks.append(rt.loop)
         await cancel_and_wait(tasks)
@@ -331,10 +333,21 @@ class Controller:
         rt.merge(machines, listed_at, now)
         note_listed(rt, self.view.app(rt.name))
         self.actuator.cleanup(rt)
+        recheck.follow(rt, now, self.clock, self.sleep, self._checks_passed)
         if self._freeze_heap is not None and all(r.read_once for r in self.apps.values()):
             freeze, self._freeze_heap = self._freeze_heap, None
             freeze()
         return now
+
+    def _checks_passed(self, rt: AppRuntime, machine: MachineRecord) -> None:
+        """Our run of a machine's critical checks passed (control/recheck.py)."""
+        self.actuator.publish(rt)
+        _log.info(
+            "checks_passed_on_recheck",
+            app=rt.name,
+            machine=machine.id,
+            checks=sorted(name for name, _ in machine.critical),
+        )
 
     async def _tick(self, app: str, lazy: bool) -> Decision:
         rt = self.apps[app]

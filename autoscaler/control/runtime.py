@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Literal
 
+from autoscaler.checks import CheckSpec, check_spec
 from autoscaler.config import AppConfig
 from autoscaler.control.view import HUNG_AFTER, AppView, MachineInfo, Upstream
 from autoscaler.fly.models import Machine
@@ -43,6 +45,8 @@ TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "restart", "c
 DEFAULT_PORT = 8080
 RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
 RESTART_MAX_S = 300.0
+CheckResult = tuple[str, datetime | None]
+"""One check's result as Fly listed it: (the check's name, when Fly ran it)."""
 
 
 @dataclass(slots=True)
@@ -69,12 +73,32 @@ class MachineRecord:
     marked: bool = False
     """The machine carries our cordon metadata key."""
     checks_critical: bool = False
+    """A Fly health check is critical, and no run of ours has seen it pass since."""
     host_unreachable: bool = False
+    critical: tuple[CheckResult, ...] = ()
+    """Fly's critical check results as listed (control/recheck.py)."""
+    critical_specs: tuple[CheckSpec, ...] = ()
+    """Those checks as the machine's config defines them (the ones it defines)."""
 
     @classmethod
-    def of(cls, machine: Machine) -> MachineRecord:
+    def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
+        """The record of a listed machine; ``passed``: critical results of Fly's that a run
+        of ours has seen pass since (they no longer make the machine critical)."""
         config = machine.config
         meta = config.metadata if config is not None else None
+        critical: tuple[CheckResult, ...] = ()
+        specs: tuple[CheckSpec, ...] = ()
+        if machine.checks_critical:  # rare: the usual machine pays one scan of its checks
+            critical = tuple(
+                (c.name or "", c.updated_at) for c in machine.checks or () if c.status == "critical"
+            )
+            defined = config.checks if config is not None and config.checks else {}
+            port = machine.internal_port or DEFAULT_PORT
+            specs = tuple(
+                check_spec(name, defined[name].to_json(), port)
+                for name, _ in critical
+                if name in defined
+            )
         return cls(
             machine.id,
             machine.state,
@@ -83,8 +107,10 @@ class MachineRecord:
             machine.internal_port,
             machine.cordoned,
             meta is not None and CORDON_METADATA_KEY in meta,
-            machine.checks_critical,
+            any(result not in passed for result in critical),
             machine.host_unreachable,
+            critical,
+            specs,
         )
 
 
@@ -126,6 +152,12 @@ class AppRuntime:
     state_since: dict[str, float] = field(default_factory=dict)
     sick_since: dict[str, float] = field(default_factory=dict)
     """Started machines whose Fly health checks are critical -> since when (by the lists)."""
+    rechecked: dict[str, frozenset[CheckResult]] = field(default_factory=dict)
+    """Started machines -> their critical results of Fly's that a run of ours of the same
+    checks has seen pass since (control/recheck.py): not critical until Fly runs them
+    again."""
+    rechecks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    """Machine -> the task running its critical checks (control/recheck.py)."""
     down_sick: set[str] = field(default_factory=set)
     """Machines that left ``started`` with their checks critical (a sick one drained, or
     stopped by someone): Fly's list forgets the checks of a machine that is not started,
@@ -189,7 +221,9 @@ class AppRuntime:
         for listed_machine in listed:
             if listed_machine.state in FINAL_STATES:
                 continue
-            machine = MachineRecord.of(listed_machine)
+            machine = MachineRecord.of(
+                listed_machine, self.rechecked.get(listed_machine.id, frozenset())
+            )
             mine = self.machines.get(machine.id)
             keep = mine is not None and (
                 machine.id in self.running or self.touched.get(machine.id, -1.0) > listed_at
@@ -210,6 +244,13 @@ class AppRuntime:
             mid
             for mid in self.down_sick | self.sick_since.keys()
             if mid in fresh and fresh[mid].state != STARTED
+        }
+        self.rechecked = {
+            mid: still
+            for mid, passed in self.rechecked.items()
+            if mid in fresh
+            and fresh[mid].state == STARTED
+            and (still := passed.intersection(fresh[mid].critical))
         }
         self.sick_since = {
             mid: self.sick_since.get(mid, now)

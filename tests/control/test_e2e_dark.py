@@ -57,6 +57,7 @@ from autoscaler.config import (
     TimingSettings,
 )
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.model import Machine as EmulatedMachine
 from autoscaler.emulator.procs import pid_alive
 from autoscaler.scaling.policy import choose_wake
 
@@ -199,13 +200,14 @@ async def test_a_crash_that_flys_restart_policy_repairs_is_not_restarted_again(
         assert stack.served > 5
 
 
-def listening_late(listen_s: float) -> EmulatorSettings:
-    """Fly's timings, one machine, and its app listening ``listen_s`` after `started`."""
+def listening_late(listen_s: float, machines: int = 1, profile: str = "fly") -> EmulatorSettings:
+    """Fly's timings (or ``profile``'s), one machine (or ``machines``), and its app
+    listening ``listen_s`` after `started`."""
     return EmulatorSettings(
-        profile="fly",
+        profile=profile,
         timing=TimingSettings(listen_s=listen_s),
         rate_limits=False,
-        apps=[EmulatorApp(name=APP, machines=1)],
+        apps=[EmulatorApp(name=APP, machines=machines)],
     )
 
 
@@ -254,6 +256,68 @@ async def test_a_machine_someone_else_started_is_served_as_soon_as_its_app_liste
         assert "machine_unreachable" in events  # refused at first
         assert events.count("machine_listening") == 1
         assert restarts_ok(stack) is None  # (nothing of ours started it)
+
+
+def critical(machine: EmulatedMachine) -> bool:
+    """Fly's last run of one of the machine's checks failed (as the emulator reports it)."""
+    return any(c.status == "critical" for c in machine.checks.values())
+
+
+@pytest.mark.parametrize("profile", ["fast", "fly"])
+async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at_once(
+    profile: str,
+) -> None:
+    # Fly runs a machine's checks grace_period after its start, then every interval. An
+    # app that listens later than the grace (1.2 s against 0.5 s here) fails that first
+    # run, and Fly says critical until the next one (60 s here). The controller runs the
+    # check itself meanwhile: once it passes, the proxy routes to the machine and the
+    # policy counts it, while Fly's list still says critical. Before, the proxy routed
+    # only to one of the two (the last routable one is spared) and the policy counted
+    # both as sick, for the whole interval.
+    first_run_fails = {
+        "type": "http",
+        "path": "/healthz",
+        "grace_period": "500ms",
+        "interval": "60s",
+    }
+    async with Emulator(
+        listening_late(1.2, machines=2, profile=profile), host="127.0.0.1", port=0
+    ) as emulator:
+        for machine in emulator.machines(APP):
+            await set_checks(emulator, machine.id, {"healthz": first_run_fails})
+        async with running_stack(
+            emulator, None, LISTS_EVERY_TICK, target_concurrency=1, idle_to_zero_s=600
+        ) as stack:
+            rt = stack.controller.apps[APP]
+            stop = asyncio.Event()
+
+            async def client() -> None:
+                while not stop.is_set():
+                    await stack.get("/work?ms=100")
+
+            def rechecked() -> set[str]:
+                return {e["machine"] for e in logs if e["event"] == "checks_passed_on_recheck"}
+
+            with capture_logs() as logs:
+                clients = [asyncio.create_task(client()) for _ in range(4)]
+                try:
+                    await until(
+                        lambda: all(
+                            m.state == "started" and critical(m) for m in emulator.machines(APP)
+                        ),
+                        what="both started, and Fly's first run of their check failed",
+                    )
+                    await until(lambda: len(rechecked()) == 2, what="our runs of them passed")
+                    listed = rt.listed_at
+                    await stack.until(lambda: rt.listed_at != listed)  # a list since
+                    assert all(critical(m) for m in emulator.machines(APP))  # Fly's verdict
+                    assert not rt.sick_since
+                    assert not any(up.checks_critical for up in stack.app.upstreams.values())
+                    await stack.until(lambda: len(stack.app.routable()) == 2)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*clients)
+        assert stack.failures == []
 
 
 @pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)

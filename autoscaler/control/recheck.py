@@ -1,0 +1,100 @@
+"""A machine's first Fly check may run before its app is up: run it ourselves until it passes.
+
+Fly runs a machine's checks once ``grace_period`` after its start, then every ``interval``
+(15 s in Fly's examples). An app whose start-up outlasts the grace fails that first run,
+and its machine stays critical until the next one: the proxy does not route to it, and
+the policy counts it as sick, starts another in its place and may drain it (docs/policy.md,
+"A sick machine is replaced"), all for a machine that has been serving for most of that
+time.
+
+So while a started machine's checks are critical within its first round of them
+(``grace_period`` + ``interval`` + ``timeout`` since it was seen started), the controller
+runs those same checks itself against the machine, every :data:`RECHECK_EVERY_S`. Once
+every critical one passes, those results of Fly's no longer make the machine critical
+(``AppRuntime.rechecked``): the proxy routes to it and the policy counts it, until Fly
+runs the checks again, whose verdict then rules, as it does for any machine after its
+first round. Checks this code cannot run (another protocol than HTTP or TCP, or one the
+machine's config does not define) are left to Fly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from autoscaler.checks import run_check
+from autoscaler.control.runtime import AppRuntime, MachineRecord
+from autoscaler.scaling.fleet import STARTED
+
+RECHECK_EVERY_S = 0.25
+
+
+def recheck_until(rt: AppRuntime, machine: MachineRecord) -> float | None:
+    """Until when our runs of ``machine``'s critical checks may overrule Fly's (the end of
+    its first round of them); None if they may not: it is not started or not critical, a
+    critical check is not one we can run, or the machine has no address."""
+    if machine.state != STARTED or not machine.checks_critical:
+        return None
+    specs = machine.critical_specs
+    if len(specs) != len(machine.critical) or not all(s.runnable for s in specs):
+        return None
+    since = rt.state_since.get(machine.id)
+    if since is None or not rt.address(machine)[0]:
+        return None
+    return since + max(s.grace_s + s.interval_s + s.timeout_s for s in specs)
+
+
+def follow(
+    rt: AppRuntime,
+    now: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+    on_pass: Callable[[AppRuntime, MachineRecord], None],
+) -> None:
+    """Start a run of checks for each machine of ``rt`` that qualifies (after a list).
+    Only the started machines whose checks are critical may: ``sick_since``'s, few."""
+    for mid in rt.sick_since:
+        machine = rt.machines.get(mid)
+        if machine is None or mid in rt.rechecks:
+            continue
+        until = recheck_until(rt, machine)
+        if until is not None and now < until:
+            task = asyncio.create_task(_recheck(rt, mid, until, clock, sleep, on_pass))
+            rt.rechecks[mid] = task
+            task.add_done_callback(functools.partial(_forget, rt, mid))
+
+
+def _forget(rt: AppRuntime, mid: str, task: asyncio.Task[None]) -> None:
+    if rt.rechecks.get(mid) is task:
+        del rt.rechecks[mid]
+
+
+async def _recheck(
+    rt: AppRuntime,
+    mid: str,
+    until: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+    on_pass: Callable[[AppRuntime, MachineRecord], None],
+) -> None:
+    while clock() < until:
+        machine = rt.machines.get(mid)
+        if machine is None or recheck_until(rt, machine) is None:
+            return  # it left `started`, or Fly's checks pass (or are not ours to run)
+        host, _ = rt.address(machine)
+        results = await asyncio.gather(*(run_check(s, host) for s in machine.critical_specs))
+        now = rt.machines.get(mid)
+        if (
+            now is not None
+            and now.state == STARTED
+            and now.critical == machine.critical  # Fly did not run them again meanwhile
+            and all(status == "passing" for status, _ in results)
+        ):
+            rt.rechecked[mid] = frozenset(now.critical)
+            rt.machines[mid] = replace(now, checks_critical=False)
+            rt.sick_since.pop(mid, None)
+            on_pass(rt, rt.machines[mid])
+            return
+        await sleep(RECHECK_EVERY_S)
