@@ -82,12 +82,14 @@ def check_spec(name: str, check: Mapping[str, object], default_port: int) -> Che
 
 
 async def _http(spec: CheckSpec, host: str, agent: str) -> tuple[str, str]:
-    url = f"http://{host}:{spec.port}{spec.path}"
+    # Fly's private addresses are IPv6: a literal is bracketed in a URL and a Host header.
+    authority = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
+    url = f"http://{authority}{spec.path}"
     if spec.protocol != "http":
         return "warning", f"{spec.protocol} checks are not run here ({url})"
     reader, writer = await asyncio.open_connection(host, spec.port)
     try:
-        lines = [f"{spec.method} {spec.path} HTTP/1.1", f"Host: {host}:{spec.port}"]
+        lines = [f"{spec.method} {spec.path} HTTP/1.1", f"Host: {authority}"]
         lines += [f"{k}: {v}" for k, v in spec.headers]
         lines += [f"User-Agent: {agent}", "Connection: close", "", ""]
         writer.write("\r\n".join(lines).encode("latin-1"))
