@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from autoscaler.config import parse_duration
+from autoscaler.config import authority, parse_duration
 
 # Fly's examples for a machine check (spec fly.MachineCheck): interval 15s, timeout 2s,
 # grace period 1s.
@@ -82,14 +82,13 @@ def check_spec(name: str, check: Mapping[str, object], default_port: int) -> Che
 
 
 async def _http(spec: CheckSpec, host: str, agent: str) -> tuple[str, str]:
-    # Fly's private addresses are IPv6: a literal is bracketed in a URL and a Host header.
-    authority = f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}"
-    url = f"http://{authority}{spec.path}"
+    where = authority(host, spec.port)  # Fly's private addresses are IPv6: bracketed
+    url = f"http://{where}{spec.path}"
     if spec.protocol != "http":
         return "warning", f"{spec.protocol} checks are not run here ({url})"
     reader, writer = await asyncio.open_connection(host, spec.port)
     try:
-        lines = [f"{spec.method} {spec.path} HTTP/1.1", f"Host: {authority}"]
+        lines = [f"{spec.method} {spec.path} HTTP/1.1", f"Host: {where}"]
         lines += [f"{k}: {v}" for k, v in spec.headers]
         lines += [f"User-Agent: {agent}", "Connection: close", "", ""]
         writer.write("\r\n".join(lines).encode("latin-1"))
