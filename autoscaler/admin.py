@@ -80,6 +80,8 @@ class MachineStatusLike(Protocol):
     def host_unreachable(self) -> bool: ...
     @property
     def sick_since(self) -> float | None: ...
+    @property
+    def checks_passed_on_recheck(self) -> tuple[str, ...]: ...
 
 
 class AppStatusLike(Protocol):
@@ -350,6 +352,7 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
             "hung_restarts": m.hung_restarts,
             "host_unreachable": m.host_unreachable,
             "checks_critical_for_s": _age(now, m.sick_since),
+            "checks_passed_on_recheck": list(m.checks_passed_on_recheck),
         }
         for m in status.machines
     ]

@@ -150,6 +150,8 @@ def machine_note(m: Mapping[str, Any]) -> str:
     sick_for = m.get("checks_critical_for_s")
     if sick_for is not None:
         return f"Fly checks critical for {float(sick_for):.0f}s"
+    if rechecked := m.get("checks_passed_on_recheck"):
+        return f"Fly: {', '.join(rechecked)} critical; our run since: passing"
     failures = int(m.get("failures") or 0)
     if m.get("left_alone"):
         return f"left alone after {failures} failed starts"

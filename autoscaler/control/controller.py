@@ -87,6 +87,9 @@ class MachineStatus:
     """The last list said Fly cannot reach its host: actions on it wait for the host."""
     sick_since: float | None = None
     """Started, and Fly's health checks of it critical since then (by the lists)."""
+    checks_passed_on_recheck: tuple[str, ...] = ()
+    """Checks that Fly's list says critical and that our own run of them saw pass since
+    (control/recheck.py): they do not count until Fly runs them again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,6 +479,9 @@ class Controller:
                         hung_restarts=hung_restarts,
                         host_unreachable=machine.host_unreachable,
                         sick_since=rt.sick_since.get(machine.id),
+                        checks_passed_on_recheck=tuple(
+                            sorted(name for name, _ in rt.rechecked.get(machine.id, ()))
+                        ),
                     )
                 )
             out.append(

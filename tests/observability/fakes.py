@@ -23,6 +23,7 @@ class FakeMachine:
     hung_restarts: int = 0
     host_unreachable: bool = False
     sick_since: float | None = None
+    checks_passed_on_recheck: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,13 @@ def demo_controller(clock: FakeClock) -> FakeController:
             last_decision_at=clock.now - 0.5,
             last_tick_at=clock.now - 0.25,
             machines=[
-                FakeMachine("m1", "started", in_flight=3, last_used=clock.now - 1.0),
+                FakeMachine(
+                    "m1",
+                    "started",
+                    in_flight=3,
+                    last_used=clock.now - 1.0,
+                    checks_passed_on_recheck=("healthz",),
+                ),
                 FakeMachine("m2", "suspended", cordoned=True),
                 FakeMachine("m3", "failed", failures=2, next_retry_at=clock.now + 4.0),
             ],
@@ -164,6 +170,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "hung_restarts": 0,
                 "host_unreachable": False,
                 "checks_critical_for_s": None,
+                "checks_passed_on_recheck": ["healthz"],
             },
             {
                 "id": "m2",
@@ -179,6 +186,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "hung_restarts": 0,
                 "host_unreachable": False,
                 "checks_critical_for_s": None,
+                "checks_passed_on_recheck": [],
             },
             {
                 "id": "m3",
@@ -194,6 +202,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "hung_restarts": 0,
                 "host_unreachable": False,
                 "checks_critical_for_s": None,
+                "checks_passed_on_recheck": [],
             },
         ],
     }

@@ -93,6 +93,8 @@ def test_render_a_table() -> None:
                      "last_used_age_s": None, "host_unreachable": True},
                     {"id": "mB", "state": "started", "cordoned": False, "in_flight": 0,
                      "last_used_age_s": 2.0, "checks_critical_for_s": 42.4},
+                    {"id": "mC", "state": "started", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": 0.5, "checks_passed_on_recheck": ["healthz"]},
                 ],
             },
             {"app": "idle", "desired": 0, "started": 0, "panic": False, "last_reason": "",
@@ -127,6 +129,8 @@ def test_render_a_table() -> None:
         "  mA           suspended  no        0          never      "
         "host unreachable: actions wait for it",
         "  mB           started    no        0          2.0s ago   Fly checks critical for 42s",
+        "  mC           started    no        0          0.5s ago   "
+        "Fly: healthz critical; our run since: passing",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",
