@@ -28,8 +28,8 @@ from typing import Any
 
 from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
-from autoscaler.control import recheck
 from autoscaler.control.actions import Actuator, Probe, Sleep
+from autoscaler.control.recheck import Rechecker
 from autoscaler.control.runtime import AppRuntime, MachineRecord
 from autoscaler.control.schedule import (
     Budget,
@@ -175,6 +175,7 @@ class Controller:
             lease_skip_s=settings.control.tick_s,
         )
         self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s)
+        self._rechecker = Rechecker(clock, sleep, self._checks_passed)
         self.apps: dict[str, AppRuntime] = {}
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None
         """Called with each app's first list, whichever read it (a tick or a wake)."""
@@ -336,7 +337,7 @@ class Controller:
         rt.merge(machines, listed_at, now)
         note_listed(rt, self.view.app(rt.name))
         self.actuator.cleanup(rt)
-        recheck.follow(rt, now, self.clock, self.sleep, self._checks_passed)
+        self._rechecker.follow(rt, now)
         if self._freeze_heap is not None and all(r.read_once for r in self.apps.values()):
             freeze, self._freeze_heap = self._freeze_heap, None
             freeze()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from autoscaler.checks import run_check
 from autoscaler.control.runtime import AppRuntime, MachineRecord
@@ -46,55 +46,50 @@ def recheck_until(rt: AppRuntime, machine: MachineRecord) -> float | None:
     return since + max(s.grace_s + s.interval_s + s.timeout_s for s in specs)
 
 
-def follow(
-    rt: AppRuntime,
-    now: float,
-    clock: Callable[[], float],
-    sleep: Callable[[float], Awaitable[None]],
-    on_pass: Callable[[AppRuntime, MachineRecord], None],
-) -> None:
-    """Start a run of checks for each machine of ``rt`` that qualifies (after a list).
-    Only the started machines whose checks are critical may: ``sick_since``'s, few."""
-    for mid in rt.sick_since:
-        machine = rt.machines.get(mid)
-        if machine is None or mid in rt.rechecks:
-            continue
-        until = recheck_until(rt, machine)
-        if until is not None and now < until:
-            task = asyncio.create_task(_recheck(rt, mid, until, clock, sleep, on_pass))
-            rt.rechecks[mid] = task
-            task.add_done_callback(functools.partial(_forget, rt, mid))
+@dataclass(frozen=True)
+class Rechecker:
+    """Runs the checks; ``on_pass`` is told of each machine whose critical checks passed
+    (the controller publishes the view and logs it)."""
+
+    clock: Callable[[], float]
+    sleep: Callable[[float], Awaitable[None]]
+    on_pass: Callable[[AppRuntime, MachineRecord], None]
+
+    def follow(self, rt: AppRuntime, now: float) -> None:
+        """Start a run of checks for each machine of ``rt`` that qualifies (after a list).
+        Only the started machines whose checks are critical may: ``sick_since``'s, few."""
+        for mid in rt.sick_since:
+            machine = rt.machines.get(mid)
+            if machine is None or mid in rt.rechecks:
+                continue
+            until = recheck_until(rt, machine)
+            if until is not None and now < until:
+                task = asyncio.create_task(self._recheck(rt, mid, until))
+                rt.rechecks[mid] = task
+                task.add_done_callback(functools.partial(_forget, rt, mid))
+
+    async def _recheck(self, rt: AppRuntime, mid: str, until: float) -> None:
+        while self.clock() < until:
+            machine = rt.machines.get(mid)
+            if machine is None or recheck_until(rt, machine) is None:
+                return  # it left `started`, or Fly's checks pass (or are not ours to run)
+            host, _ = rt.address(machine)
+            results = await asyncio.gather(*(run_check(s, host) for s in machine.critical_specs))
+            now = rt.machines.get(mid)
+            if (
+                now is not None
+                and now.state == STARTED
+                and now.critical == machine.critical  # Fly did not run them again meanwhile
+                and all(status == "passing" for status, _ in results)
+            ):
+                rt.rechecked[mid] = frozenset(now.critical)
+                rt.machines[mid] = replace(now, checks_critical=False)
+                rt.sick_since.pop(mid, None)
+                self.on_pass(rt, rt.machines[mid])
+                return
+            await self.sleep(RECHECK_EVERY_S)
 
 
 def _forget(rt: AppRuntime, mid: str, task: asyncio.Task[None]) -> None:
     if rt.rechecks.get(mid) is task:
         del rt.rechecks[mid]
-
-
-async def _recheck(
-    rt: AppRuntime,
-    mid: str,
-    until: float,
-    clock: Callable[[], float],
-    sleep: Callable[[float], Awaitable[None]],
-    on_pass: Callable[[AppRuntime, MachineRecord], None],
-) -> None:
-    while clock() < until:
-        machine = rt.machines.get(mid)
-        if machine is None or recheck_until(rt, machine) is None:
-            return  # it left `started`, or Fly's checks pass (or are not ours to run)
-        host, _ = rt.address(machine)
-        results = await asyncio.gather(*(run_check(s, host) for s in machine.critical_specs))
-        now = rt.machines.get(mid)
-        if (
-            now is not None
-            and now.state == STARTED
-            and now.critical == machine.critical  # Fly did not run them again meanwhile
-            and all(status == "passing" for status, _ in results)
-        ):
-            rt.rechecked[mid] = frozenset(now.critical)
-            rt.machines[mid] = replace(now, checks_critical=False)
-            rt.sick_since.pop(mid, None)
-            on_pass(rt, rt.machines[mid])
-            return
-        await sleep(RECHECK_EVERY_S)
