@@ -20,6 +20,7 @@ or one with an action of ours under way, keeps our local record until the next l
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -92,13 +93,7 @@ class MachineRecord:
             critical = tuple(
                 (c.name or "", c.updated_at) for c in machine.checks or () if c.status == "critical"
             )
-            defined = config.checks if config is not None and config.checks else {}
-            port = machine.internal_port or DEFAULT_PORT
-            specs = tuple(
-                check_spec(name, defined[name].to_json(), port)
-                for name, _ in critical
-                if name in defined
-            )
+            specs = _specs(machine, [name for name, _ in critical])
         return cls(
             machine.id,
             machine.state,
@@ -112,6 +107,37 @@ class MachineRecord:
             critical,
             specs,
         )
+
+
+# The name Fly gives a service's check in a machine's `checks` (docs/fly-api-notes.md).
+_SERVICE_CHECK = re.compile(r"servicecheck-\d+-([a-z]+)-(\d+)")
+
+
+def _specs(machine: Machine, names: Iterable[str]) -> tuple[CheckSpec, ...]:
+    """The named checks as the machine's config defines them: a machine check by its
+    name; a service's check by the name Fly gives it (``servicecheck-00-http-8080``) when
+    exactly one check of the config's services has that type and port. A name that
+    matches nothing (or more than one) has no spec."""
+    config = machine.config
+    if config is None:
+        return ()
+    port = machine.internal_port or DEFAULT_PORT
+    defined = config.checks or {}
+    specs = []
+    for name in names:
+        if name in defined:
+            specs.append(check_spec(name, defined[name].to_json(), port))
+        elif match := _SERVICE_CHECK.fullmatch(name):
+            kind, at = match[1], int(match[2])
+            found = [
+                check_spec(name, check.to_json(), service.internal_port or port)
+                for service in config.services or ()
+                for check in service.checks or ()
+            ]
+            found = [spec for spec in found if (spec.kind, spec.port) == (kind, at)]
+            if len(found) == 1:
+                specs.extend(found)
+    return tuple(specs)
 
 
 def hangs(machine: MachineRecord, up: Upstream | None) -> bool:

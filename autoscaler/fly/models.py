@@ -129,17 +129,6 @@ class MachineServiceConcurrency(_Lenient):
     hard_limit: int | None = None
 
 
-class MachineService(_Lenient):
-    protocol: str | None = None
-    internal_port: int | None = None
-    ports: list[MachinePort] | None = None
-    concurrency: MachineServiceConcurrency | None = None
-    # Real API only; absent from the seed. autostop: "off"/"stop"/"suspend" or a bool.
-    autostart: bool | None = None
-    autostop: bool | str | None = None
-    min_machines_running: int | None = None
-
-
 class MachineCheck(_Lenient):
     type: str | None = None
     port: int | None = None
@@ -148,6 +137,18 @@ class MachineCheck(_Lenient):
     grace_period: str | None = None
     path: str | None = None
     method: str | None = None
+
+
+class MachineService(_Lenient):
+    protocol: str | None = None
+    internal_port: int | None = None
+    ports: list[MachinePort] | None = None
+    concurrency: MachineServiceConcurrency | None = None
+    checks: list[MachineCheck] | None = None  # real API (fly.toml's service checks)
+    # Real API only; absent from the seed. autostop: "off"/"stop"/"suspend" or a bool.
+    autostart: bool | None = None
+    autostop: bool | str | None = None
+    min_machines_running: int | None = None
 
 
 class MachineMount(_Lenient):

@@ -122,3 +122,35 @@ def test_a_machine_without_an_address_is_not_checked() -> None:
     machine.private_ip = None
     rt = runtime(machine)
     assert recheck_until(rt, rt.machines["m1"]) is None
+
+
+def with_service_checks(*checks: dict[str, Any], name: str) -> Machine:
+    """A machine whose only checks are its service's (fly.toml's http_service.checks)."""
+    machine = listed(checks={}).model_dump(mode="json", exclude_none=True)
+    machine["config"]["services"] = [{"internal_port": 8080, "checks": list(checks)}]
+    machine["checks"] = [{"name": name, "status": "critical", "updated_at": FIRST.isoformat()}]
+    return Machine.model_validate(machine)
+
+
+def test_a_services_check_is_found_by_the_name_fly_gives_it() -> None:
+    tcp = {"type": "tcp", "port": 9090}
+    rt = runtime(with_service_checks(tcp, CHECK, name="servicecheck-00-http-8080"))
+    [spec] = rt.machines["m1"].critical_specs
+    assert (spec.kind, spec.port, spec.path) == ("http", 8080, "/healthz")
+    assert recheck_until(rt, rt.machines["m1"]) is not None
+
+
+@pytest.mark.parametrize(
+    ("checks", "name"),
+    [
+        ([CHECK, {**CHECK, "path": "/ready"}], "servicecheck-01-http-8080"),  # which one?
+        ([CHECK], "servicecheck-00-http-9090"),  # no http check on that port
+        ([CHECK], "servicecheck-00-tcp-8080"),
+    ],
+)
+def test_a_services_check_that_is_not_one_of_a_kind_is_left_to_fly(
+    checks: list[dict[str, Any]], name: str
+) -> None:
+    rt = runtime(with_service_checks(*checks, name=name))
+    assert rt.machines["m1"].critical_specs == ()
+    assert recheck_until(rt, rt.machines["m1"]) is None
