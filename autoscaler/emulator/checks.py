@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from autoscaler.checks import CheckSpec, check_spec, run_check
@@ -25,13 +26,21 @@ _AGENT = "autoscaler-emulator health check"
 
 
 def specs_of(config: dict[str, Any], demo: bool) -> list[CheckSpec]:
-    """The checks of a (validated) machine config; the demo app's /healthz check when the
-    machine runs the built-in image and its config has none."""
+    """The checks of a (validated) machine config: its machine checks by name, then its
+    services' checks under the names Fly gives them (``servicecheck-00-http-8080``: their
+    index among the machine's service checks, type and port); the demo app's /healthz
+    check when the machine runs the built-in image and its config has none of either."""
     port = internal_port_of(config)
     checks: dict[str, Any] = config.get("checks") or {}
-    if not checks and demo:
-        checks = {DEMO_CHECK_NAME: DEMO_CHECK}
-    return [check_spec(name, check, port) for name, check in sorted(checks.items())]
+    specs = [check_spec(name, check, port) for name, check in sorted(checks.items())]
+    for service in config.get("services") or []:
+        for check in service.get("checks") or []:
+            spec = check_spec("", check, service.get("internal_port") or port)
+            name = f"servicecheck-{len(specs) - len(checks):02d}-{spec.kind}-{spec.port}"
+            specs.append(replace(spec, name=name))
+    if not specs and demo:
+        specs = [check_spec(DEMO_CHECK_NAME, DEMO_CHECK, port)]
+    return specs
 
 
 class HealthChecks:

@@ -148,6 +148,8 @@ def _service(svc: object, where: str) -> None:
         for key in ("soft_limit", "hard_limit"):
             if key in conc:
                 _int(conc[key], f"{where}.concurrency.{key}", 0)
+    for i, check in enumerate(_list(svc.get("checks"), f"{where}.checks")):
+        _check(check, f"{where}.checks[{i}]")
 
 
 def _duration(value: object, where: str) -> None:
@@ -162,7 +164,8 @@ def _duration(value: object, where: str) -> None:
 
 
 def _check(check: object, where: str) -> None:
-    """A machine check (fly.MachineCheck): type, port, path, method, the durations."""
+    """A machine or service check (fly.MachineCheck, fly.MachineServiceCheck): type, port,
+    path, method, the durations."""
     check = _object(check, where)
     if check.get("type") is not None:
         _enum(check["type"], ("tcp", "http"), f"{where}.type")

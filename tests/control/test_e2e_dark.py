@@ -263,9 +263,9 @@ def critical(machine: EmulatedMachine) -> bool:
     return any(c.status == "critical" for c in machine.checks.values())
 
 
-@pytest.mark.parametrize("profile", ["fast", "fly"])
+@pytest.mark.parametrize(("profile", "where"), [("fast", "machine"), ("fly", "service")])
 async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at_once(
-    profile: str,
+    profile: str, where: str
 ) -> None:
     # Fly runs a machine's checks grace_period after its start, then every interval. An
     # app that listens later than the grace (1.2 s against 0.5 s here) fails that first
@@ -273,7 +273,8 @@ async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at
     # check itself meanwhile: once it passes, the proxy routes to the machine and the
     # policy counts it, while Fly's list still says critical. Before, the proxy routed
     # only to one of the two (the last routable one is spared) and the policy counted
-    # both as sick, for the whole interval.
+    # both as sick, for the whole interval. The check is a machine check, or its
+    # service's (fly.toml's http_service.checks), which Fly lists under a name of its own.
     first_run_fails = {
         "type": "http",
         "path": "/healthz",
@@ -283,8 +284,12 @@ async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at
     async with Emulator(
         listening_late(1.2, machines=2, profile=profile), host="127.0.0.1", port=0
     ) as emulator:
+        name = "healthz" if where == "machine" else "servicecheck-00-http-8080"
         for machine in emulator.machines(APP):
-            await set_checks(emulator, machine.id, {"healthz": first_run_fails})
+            if where == "machine":
+                await set_checks(emulator, machine.id, {name: first_run_fails})
+            else:
+                await set_checks(emulator, machine.id, {}, [first_run_fails])
         async with running_stack(
             emulator, None, LISTS_EVERY_TICK, target_concurrency=1, idle_to_zero_s=600
         ) as stack:
@@ -315,8 +320,8 @@ async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at
                     assert not any(up.checks_critical for up in stack.app.upstreams.values())
                     [status] = stack.controller.status()  # what /status shows
                     assert [m.checks_passed_on_recheck for m in status.machines] == [
-                        ("healthz",),
-                        ("healthz",),
+                        (name,),
+                        (name,),
                     ]
                     await stack.until(lambda: len(stack.app.routable()) == 2)
                 finally:
@@ -432,13 +437,18 @@ async def test_an_idle_machine_whose_host_is_unreachable_sleeps_once_the_host_is
         await stack.until(lambda: machine.state in ("suspending", "suspended"))
 
 
-async def set_checks(emulator: Emulator, mid: str, checks: dict[str, Any]) -> None:
-    """Give a (stopped) machine new health checks, as an update of its config would."""
+async def set_checks(
+    emulator: Emulator, mid: str, checks: dict[str, Any], service: list[Any] | None = None
+) -> None:
+    """Give a (stopped) machine new health checks (and its service ``service``'s), as an
+    update of its config would."""
     async with aiohttp.ClientSession(
         base_url=emulator.url, headers={"Authorization": f"Bearer {emulator.token}"}
     ) as s:
         config = (await (await s.get(f"/v1/apps/{APP}/machines/{mid}")).json())["config"]
         config["checks"] = checks
+        if service is not None:
+            config["services"][0]["checks"] = service
         r = await s.post(f"/v1/apps/{APP}/machines/{mid}", json={"config": config})
         assert r.status == 200, await r.text()
 

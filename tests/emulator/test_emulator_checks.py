@@ -45,6 +45,32 @@ async def test_checks_pass_and_wait_for_their_grace_period(emulator: Emulator) -
         assert got["later"]["output"] == "waiting for the first check"
 
 
+async def test_a_services_checks_run_under_the_names_fly_gives_them(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        services = [
+            {
+                "protocol": "tcp",
+                "internal_port": 8080,
+                "checks": [{"type": "tcp", **FAST}, {"type": "http", "path": "/nope", **FAST}],
+            }
+        ]
+        m = await new_machine(s, services=services, checks={"web": {"type": "tcp", **FAST}})
+        record = emulator.machine("demo", m["id"])
+        await until(record, lambda x: status(x, "servicecheck-01-http-8080") == "critical")
+        got = await checks_of(s, m["id"])
+        assert {name: c["status"] for name, c in got.items()} == {
+            "web": "passing",
+            "servicecheck-00-tcp-8080": "passing",
+            "servicecheck-01-http-8080": "critical",
+        }
+        bad = {"protocol": "tcp", "internal_port": 8080, "checks": [{"type": "udp"}]}
+        r = await s.post(
+            "/v1/apps/demo/machines", json={"config": {"image": "x", "services": [bad]}}
+        )
+        assert r.status == 400
+        assert "config.services[0].checks[0].type" in (await r.json())["error"]
+
+
 async def test_a_hung_process_turns_critical_and_recovers(emulator: Emulator) -> None:
     async with session(emulator) as s:
         m = await new_machine(s, checks={"web": {"type": "http", "path": "/healthz", **FAST}})
