@@ -21,6 +21,7 @@ from testkit import PROFILES, on_profile
 
 from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
 from autoscaler.control.controller import Controller
+from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
 from autoscaler.fly.client import MachinesClient
@@ -130,15 +131,18 @@ async def test_a_machine_is_resumed_before_the_request_its_plan_predicts(
         assert resumes == 1
         # The next pre-warm's snapshot is lost: a cold boot, timed from the resume to the
         # first tick that sees the machine serving (not merely starting), so at least
-        # the boot; the slowest of the last ones is the next pre-warms' lead. Its window
-        # opens after the longest suspend, so that it does not take a suspend back.
+        # the boot; the slowest of the last ones is the next pre-warms' lead. It comes
+        # once the suspend is over, so that it does not take a suspend back: until then
+        # the plan has no pre-warm.
         emulator.set_faults(resume_cold_rate=1.0)
         timing = emulator.settings.effective_timing()
         longest = timing.suspend_s if isinstance(timing.suspend_s, float) else timing.suspend_s[1]
-        later = Plan(1.0, longest + 4.0, longest + 30.0, gaps=20, p5_s=6, p99_s=7)
-        keepalive = dataclasses.replace(rt.policy_state.keepalive, plan=later)
-        rt.policy_state = dataclasses.replace(rt.policy_state, keepalive=keepalive)
+        set_plan(rt, Plan(1.0, None, 600.0, gaps=20, p5_s=6, p99_s=7))
         await until(lambda: state() == "suspended", timeout_s=longest + 10)
+        web = view.app(APP)
+        assert web.last_request_at is not None
+        idle = web.clock() - web.last_request_at
+        set_plan(rt, Plan(1.0, idle + 1.0, idle + 30.0, gaps=20, p5_s=6, p99_s=7))
         await until(lambda: len(rt.policy_state.keepalive.wakes) == 2)
         events.append("pre-warmed cold")
         boot = timing.start_s if isinstance(timing.start_s, float) else timing.start_s[0]
@@ -153,3 +157,10 @@ async def test_a_machine_is_resumed_before_the_request_its_plan_predicts(
         await view.close()
         await client.aclose()
     assert events == ["put to sleep", "pre-warmed", "pre-warmed cold"]
+
+
+def set_plan(rt: AppRuntime, plan: Plan) -> None:
+    """The plan the app's policy follows from now on (nothing is learned meanwhile: no
+    request ends an idle gap)."""
+    keepalive = dataclasses.replace(rt.policy_state.keepalive, plan=plan)
+    rt.policy_state = dataclasses.replace(rt.policy_state, keepalive=keepalive)
