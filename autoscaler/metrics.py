@@ -47,6 +47,7 @@ WAKE_KINDS = ("resume", "start")
 BILLED_STATES = ("started", "suspended")
 RESTART_RESULTS = ("ok", "failed", "exhausted")
 PREWARM_RESULTS = ("hit", "miss")
+RECHECK_RESULTS = ("passed", "failed")
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
 EJECTION_REASONS = ("connect", "reset", "timeout", "bad_response", "5xx", "checks")
 # Families whose value is the same on every replica: no ``replica`` label in cluster mode.
@@ -165,6 +166,15 @@ class Metrics:
             ["app", "result"],
             registry=r,
         )
+        self.check_rechecks = Counter(
+            "autoscaler_check_rechecks",
+            "Started machines whose Fly checks were critical in their first round, run again "
+            "by us (result: passed, they count as passing until Fly runs them again; failed, "
+            "not by the end of that round). Passes say a check's grace_period is shorter "
+            "than the app's start-up.",
+            ["app", "result"],
+            registry=r,
+        )
         self.control_healthy = Gauge(
             "autoscaler_control_healthy",
             "1 while the control loop ticks and the Machines API answers; 0 when its "
@@ -230,6 +240,8 @@ class Metrics:
         self.lease_conflicts.labels(app=app)
         for result in PREWARM_RESULTS:
             self.prewarms.labels(app=app, result=result)
+        for result in RECHECK_RESULTS:
+            self.check_rechecks.labels(app=app, result=result)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""

@@ -175,7 +175,7 @@ class Controller:
             lease_skip_s=settings.control.tick_s,
         )
         self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s)
-        self._rechecker = Rechecker(clock, sleep, self._checks_passed)
+        self._rechecker = Rechecker(clock, sleep, self._rechecked)
         self.apps: dict[str, AppRuntime] = {}
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None
         """Called with each app's first list, whichever read it (a tick or a wake)."""
@@ -343,11 +343,15 @@ class Controller:
             freeze()
         return now
 
-    def _checks_passed(self, rt: AppRuntime, machine: MachineRecord) -> None:
-        """Our run of a machine's critical checks passed (control/recheck.py)."""
-        self.actuator.publish(rt)
+    def _rechecked(self, rt: AppRuntime, machine: MachineRecord, passed: bool) -> None:
+        """Our runs of a machine's critical checks passed, or did not by the end of its
+        first round of them (control/recheck.py)."""
+        result = "passed" if passed else "failed"
+        self.metrics.check_rechecks.labels(app=rt.name, result=result).inc()
+        if passed:
+            self.actuator.publish(rt)
         _log.info(
-            "checks_passed_on_recheck",
+            f"checks_{result}_on_recheck",
             app=rt.name,
             machine=machine.id,
             checks=sorted(name for name, _ in machine.critical),

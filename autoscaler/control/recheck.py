@@ -48,12 +48,13 @@ def recheck_until(rt: AppRuntime, machine: MachineRecord) -> float | None:
 
 @dataclass(frozen=True)
 class Rechecker:
-    """Runs the checks; ``on_pass`` is told of each machine whose critical checks passed
-    (the controller publishes the view and logs it)."""
+    """Runs the checks; ``on_done`` is told of each machine whose critical checks passed
+    (True: the controller publishes the view) or did not by the end of its first round
+    (False)."""
 
     clock: Callable[[], float]
     sleep: Callable[[float], Awaitable[None]]
-    on_pass: Callable[[AppRuntime, MachineRecord], None]
+    on_done: Callable[[AppRuntime, MachineRecord, bool], None]
 
     def follow(self, rt: AppRuntime, now: float) -> None:
         """Start a run of checks for each machine of ``rt`` that qualifies (after a list).
@@ -69,10 +70,13 @@ class Rechecker:
                 task.add_done_callback(functools.partial(_forget, rt, mid))
 
     async def _recheck(self, rt: AppRuntime, mid: str, until: float) -> None:
-        while self.clock() < until:
+        while True:
             machine = rt.machines.get(mid)
             if machine is None or recheck_until(rt, machine) is None:
                 return  # it left `started`, or Fly's checks pass (or are not ours to run)
+            if self.clock() >= until:
+                self.on_done(rt, machine, False)
+                return
             host, _ = rt.address(machine)
             results = await asyncio.gather(*(run_check(s, host) for s in machine.critical_specs))
             now = rt.machines.get(mid)
@@ -85,7 +89,7 @@ class Rechecker:
                 rt.rechecked[mid] = frozenset(now.critical)
                 rt.machines[mid] = replace(now, checks_critical=False)
                 rt.sick_since.pop(mid, None)
-                self.on_pass(rt, rt.machines[mid])
+                self.on_done(rt, rt.machines[mid], True)
                 return
             await self.sleep(RECHECK_EVERY_S)
 

@@ -318,6 +318,10 @@ async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at
                     assert all(critical(m) for m in emulator.machines(APP))  # Fly's verdict
                     assert not rt.sick_since
                     assert not any(up.checks_critical for up in stack.app.upstreams.values())
+                    rechecks = stack.metrics.registry.get_sample_value(
+                        "autoscaler_check_rechecks_total", {"app": APP, "result": "passed"}
+                    )
+                    assert rechecks == 2
                     [status] = stack.controller.status()  # what /status shows
                     assert [m.checks_passed_on_recheck for m in status.machines] == [
                         (name,),

@@ -7,13 +7,14 @@ how long, and which machines qualify.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from autoscaler.config import AppConfig
-from autoscaler.control.recheck import recheck_until
+from autoscaler.control.recheck import RECHECK_EVERY_S, Rechecker, recheck_until
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.fly.models import Machine
 
@@ -154,3 +155,38 @@ def test_a_services_check_that_is_not_one_of_a_kind_is_left_to_fly(
     rt = runtime(with_service_checks(*checks, name=name))
     assert rt.machines["m1"].critical_specs == ()
     assert recheck_until(rt, rt.machines["m1"]) is None
+
+
+async def test_a_check_that_fails_for_us_too_overrules_nothing_and_ends_with_its_round() -> None:
+    answers: list[bytes] = []
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answers.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    machine = listed(checks={"web": {**CHECK, "port": port}})
+    machine.private_ip = "127.0.0.1"
+    rt = runtime(machine, now=100.0)
+    clock = [100.0]
+
+    async def sleep(seconds: float) -> None:  # the test's clock: each pause moves it on
+        clock[0] += seconds
+
+    done: list[bool] = []
+    rechecker = Rechecker(lambda: clock[0], sleep, lambda _rt, _m, passed: done.append(passed))
+    try:
+        rechecker.follow(rt, 100.0)
+        await asyncio.gather(*rt.rechecks.values())
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert done == [False]  # at the end of its round: grace 1 s + interval 15 s + timeout 2 s
+    assert len(answers) == 18 / RECHECK_EVERY_S
+    assert rt.machines["m1"].checks_critical
+    assert "m1" in rt.sick_since
+    assert rt.rechecked == {}
+    assert rt.rechecks == {}

@@ -51,6 +51,8 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
     for result in ("ok", "failed", "exhausted"):
         assert value(metrics, "autoscaler_machine_restarts_total", app="web", result=result) == 0
     assert value(metrics, "autoscaler_lease_conflicts_total", app="web") == 0
+    for result in ("passed", "failed"):
+        assert value(metrics, "autoscaler_check_rechecks_total", app="web", result=result) == 0
     # A static app is never scaled or woken: no such series for it.
     labels = {"app": "fixed", "action": "start", "result": "ok"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
