@@ -15,6 +15,7 @@ REQUIRED_ALERTS = {
     "AutoscalerApiErrors",
     "AutoscalerMachinesStuckMoving",
     "AutoscalerControlLoopStalled",
+    "AutoscalerCheckGraceShort",
 }
 
 
