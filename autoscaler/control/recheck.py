@@ -9,7 +9,8 @@ time.
 
 So while a started machine's checks are critical within its first round of them
 (``grace_period`` + ``interval`` + ``timeout`` since it was seen started), the controller
-runs those same checks itself against the machine, every :data:`RECHECK_EVERY_S`. Once
+runs those same checks itself against the machine (every :data:`RECHECK_FIRST_S`, the
+pause doubling up to :data:`RECHECK_MAX_S`). Once
 every critical one passes, those results of Fly's no longer make the machine critical
 (``AppRuntime.rechecked``): the proxy routes to it and the policy counts it, until Fly
 runs the checks again, whose verdict then rules, as it does for any machine after its
@@ -28,7 +29,12 @@ from autoscaler.checks import run_check
 from autoscaler.control.runtime import AppRuntime, MachineRecord
 from autoscaler.scaling.fleet import STARTED
 
-RECHECK_EVERY_S = 0.25
+RECHECK_FIRST_S = 0.25
+"""The pause after our first run of a machine's checks; it doubles after each run that
+fails, up to RECHECK_MAX_S: an app a second late is caught within a quarter of a second,
+and a sick one in a burst of new machines gets a run every few seconds, not four a
+second each."""
+RECHECK_MAX_S = 2.0
 
 
 def recheck_until(rt: AppRuntime, machine: MachineRecord) -> float | None:
@@ -70,6 +76,7 @@ class Rechecker:
                 task.add_done_callback(functools.partial(_forget, rt, mid))
 
     async def _recheck(self, rt: AppRuntime, mid: str, until: float) -> None:
+        pause = RECHECK_FIRST_S
         while True:
             machine = rt.machines.get(mid)
             if machine is None or recheck_until(rt, machine) is None:
@@ -91,7 +98,8 @@ class Rechecker:
                 rt.sick_since.pop(mid, None)
                 self.on_done(rt, rt.machines[mid], True)
                 return
-            await self.sleep(RECHECK_EVERY_S)
+            await self.sleep(pause)
+            pause = min(RECHECK_MAX_S, 2 * pause)
 
 
 def _forget(rt: AppRuntime, mid: str, task: asyncio.Task[None]) -> None:

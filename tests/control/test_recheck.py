@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from autoscaler.config import AppConfig
-from autoscaler.control.recheck import RECHECK_EVERY_S, Rechecker, recheck_until
+from autoscaler.control.recheck import RECHECK_FIRST_S, RECHECK_MAX_S, Rechecker, recheck_until
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.fly.models import Machine
 
@@ -185,7 +185,11 @@ async def test_a_check_that_fails_for_us_too_overrules_nothing_and_ends_with_its
         server.close()
         await server.wait_closed()
     assert done == [False]  # at the end of its round: grace 1 s + interval 15 s + timeout 2 s
-    assert len(answers) == 18 / RECHECK_EVERY_S
+    runs, at, pause = [], 100.0, RECHECK_FIRST_S  # runs at 0, 0.25, 0.75, 1.75, 3.75, ...
+    while at < 118.0:
+        runs.append(at)
+        at, pause = at + pause, min(RECHECK_MAX_S, 2 * pause)
+    assert len(answers) == len(runs) == 12
     assert rt.machines["m1"].checks_critical
     assert "m1" in rt.sick_since
     assert rt.rechecked == {}
