@@ -198,6 +198,14 @@ ROWS: list[tuple[str, list[Spec]]] = [
                 [(by("reason", "autoscaler_machine_ejections_total"), "{{reason}}")],
                 unit="ops",
             ),
+            Spec(
+                "Checks run again",
+                "Fly checks critical in a machine's first round that we ran ourselves, by"
+                " result; passes mean a grace_period shorter than the app's start-up (alert:"
+                " AutoscalerCheckGraceShort).",
+                [(by("result", "autoscaler_check_rechecks_total"), "{{result}}")],
+                unit="ops",
+            ),
         ],
     ),
     (
