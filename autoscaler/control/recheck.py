@@ -10,12 +10,12 @@ time.
 So while a started machine's checks are critical within its first round of them
 (``grace_period`` + ``interval`` + ``timeout`` since it was seen started), the controller
 runs those same checks itself against the machine (every :data:`RECHECK_FIRST_S`, the
-pause doubling up to :data:`RECHECK_MAX_S`). Once
-every critical one passes, those results of Fly's no longer make the machine critical
-(``AppRuntime.rechecked``): the proxy routes to it and the policy counts it, until Fly
-runs the checks again, whose verdict then rules, as it does for any machine after its
-first round. Checks this code cannot run (another protocol than HTTP or TCP, or one the
-machine's config does not define) are left to Fly.
+pause doubling up to :data:`RECHECK_MAX_S`). Once every critical one passes, those results
+of Fly's no longer make the machine critical (``AppRuntime.rechecked``): the proxy routes
+to it and the policy counts it, until Fly runs the checks again, whose verdict then rules,
+as it does for any machine after its first round. Checks this code cannot run (HTTPS,
+gRPC) or cannot find in the machine's config (a service's check that is not one of a kind:
+control/runtime.py, ``_specs``) are left to Fly.
 """
 
 from __future__ import annotations
@@ -86,15 +86,15 @@ class Rechecker:
                 return
             host, _ = rt.address(machine)
             results = await asyncio.gather(*(run_check(s, host) for s in machine.critical_specs))
-            now = rt.machines.get(mid)
+            current = rt.machines.get(mid)
             if (
-                now is not None
-                and now.state == STARTED
-                and now.critical == machine.critical  # Fly did not run them again meanwhile
+                current is not None
+                and current.state == STARTED
+                and current.critical == machine.critical  # Fly did not run them again since
                 and all(status == "passing" for status, _ in results)
             ):
-                rt.rechecked[mid] = frozenset(now.critical)
-                rt.machines[mid] = replace(now, checks_critical=False)
+                rt.rechecked[mid] = frozenset(current.critical)
+                rt.machines[mid] = replace(current, checks_critical=False)
                 rt.sick_since.pop(mid, None)
                 self.on_done(rt, rt.machines[mid], True)
                 return
