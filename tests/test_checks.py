@@ -7,10 +7,10 @@ ones are.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import pytest
+from testkit import canned_http
 
 from autoscaler.checks import check_spec, run_check
 
@@ -26,22 +26,10 @@ def _ipv6_loopback() -> bool:
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
 async def test_an_http_check_of_an_ipv6_address_sends_a_bracketed_host() -> None:
-    heads: list[bytes] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        heads.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "::1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    async with canned_http("::1", ok) as (port, heads):
         spec = check_spec("web", {"type": "http", "path": "/healthz"}, port)
         status, output = await run_check(spec, "::1")
-    finally:
-        server.close()
-        await server.wait_closed()
     assert status == "passing", output
     assert f"Host: [::1]:{port}\r\n".encode() in heads[0]
     assert f"http://[::1]:{port}/healthz" in output

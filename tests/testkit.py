@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -54,3 +55,23 @@ def fly_like(settings: EmulatorSettings) -> EmulatorSettings:
     return settings.model_copy(
         update={"profile": "fly", "demo_boot_delay_s": None, "resume_delay_s": None}
     )
+
+
+@contextlib.asynccontextmanager
+async def canned_http(host: str, answer: bytes) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A server on ``host`` (loopback) that reads one request head per connection, records
+    it and writes ``answer``, whole; yields its port and the heads it read."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, host, 0)
+    try:
+        yield server.sockets[0].getsockname()[1], heads
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -12,10 +12,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from testkit import canned_http
 
 from autoscaler.config import AppConfig
 from autoscaler.control.recheck import RECHECK_FIRST_S, RECHECK_MAX_S, Rechecker, recheck_until
-from autoscaler.control.runtime import AppRuntime
+from autoscaler.control.runtime import AppRuntime, MachineRecord
 from autoscaler.fly.models import Machine
 
 FIRST = datetime(2026, 12, 6, 1, 0, 0, tzinfo=UTC)  # Fly's first run of the check
@@ -158,32 +159,23 @@ def test_a_services_check_that_is_not_one_of_a_kind_is_left_to_fly(
 
 
 async def test_a_check_that_fails_for_us_too_overrules_nothing_and_ends_with_its_round() -> None:
-    answers: list[bytes] = []
+    broken = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+    async with canned_http("127.0.0.1", broken) as (port, answers):
+        machine = listed(checks={"web": {**CHECK, "port": port}})
+        machine.private_ip = "127.0.0.1"
+        rt = runtime(machine, now=100.0)
+        clock = [100.0]
 
-    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        answers.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
+        async def sleep(seconds: float) -> None:  # the test's clock: each pause moves it on
+            clock[0] += seconds
 
-    server = await asyncio.start_server(broken, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    machine = listed(checks={"web": {**CHECK, "port": port}})
-    machine.private_ip = "127.0.0.1"
-    rt = runtime(machine, now=100.0)
-    clock = [100.0]
+        done: list[bool] = []
 
-    async def sleep(seconds: float) -> None:  # the test's clock: each pause moves it on
-        clock[0] += seconds
+        def on_done(_rt: AppRuntime, _machine: MachineRecord, passed: bool) -> None:
+            done.append(passed)
 
-    done: list[bool] = []
-    rechecker = Rechecker(lambda: clock[0], sleep, lambda _rt, _m, passed: done.append(passed))
-    try:
-        rechecker.follow(rt, 100.0)
+        Rechecker(lambda: clock[0], sleep, on_done).follow(rt, 100.0)
         await asyncio.gather(*rt.rechecks.values())
-    finally:
-        server.close()
-        await server.wait_closed()
     assert done == [False]  # at the end of its round: grace 1 s + interval 15 s + timeout 2 s
     runs, at, pause = [], 100.0, RECHECK_FIRST_S  # runs at 0, 0.25, 0.75, 1.75, 3.75, ...
     while at < 118.0:
