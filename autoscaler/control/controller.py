@@ -351,7 +351,7 @@ class Controller:
         if passed:
             self.actuator.publish(rt)
         _log.info(
-            f"checks_{result}_on_recheck",
+            "checks_passed_on_recheck" if passed else "checks_failed_on_recheck",
             app=rt.name,
             machine=machine.id,
             checks=sorted(name for name, _ in machine.critical),

@@ -33,11 +33,13 @@ def specs_of(config: dict[str, Any], demo: bool) -> list[CheckSpec]:
     port = internal_port_of(config)
     checks: dict[str, Any] = config.get("checks") or {}
     specs = [check_spec(name, check, port) for name, check in sorted(checks.items())]
-    for service in config.get("services") or []:
-        for check in service.get("checks") or []:
-            spec = check_spec("", check, service.get("internal_port") or port)
-            name = f"servicecheck-{len(specs) - len(checks):02d}-{spec.kind}-{spec.port}"
-            specs.append(replace(spec, name=name))
+    of_services = [
+        check_spec("", check, service.get("internal_port") or port)
+        for service in config.get("services") or []
+        for check in service.get("checks") or []
+    ]
+    for i, spec in enumerate(of_services):
+        specs.append(replace(spec, name=f"servicecheck-{i:02d}-{spec.kind}-{spec.port}"))
     if not specs and demo:
         specs = [check_spec(DEMO_CHECK_NAME, DEMO_CHECK, port)]
     return specs
