@@ -128,7 +128,10 @@ def test_the_terminal_view_redraws_in_place_and_ctrl_c_ends_with_the_summary(
         ["-m", "autoscaler", "demo", "--duration", "20", "--machines", "2",
          "--config", str(demo_config(tmp_path)), "--log-file", str(log)],
         cwd=str(REPO),
-        env={**os.environ, "TERM": "xterm-256color"},
+        # The terminal's own size: COLUMNS and LINES (pytest-xdist's workers set 80 and 24)
+        # would win over it.
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        | {"TERM": "xterm-256color"},
         dimensions=(50, 150),
         encoding="utf-8",
         timeout=60,
