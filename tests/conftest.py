@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+from testkit import FIGURES_OUTPUT, report_figures
 
 from autoscaler import logs
 from autoscaler.config import EmulatorSettings
@@ -99,3 +102,21 @@ def _no_process_left() -> Iterator[None]:
     if left:
         listing = "; ".join(f"{pid}: {cmd}" for pid, cmd in left)
         pytest.fail(f"processes left after the test session: {listing}", pytrace=False)
+
+
+# The suite runs on pytest-xdist's workers (pyproject's addopts); the reliability tests'
+# figures are gathered here, on the controller, from each worker's output.
+_WORKER_FIGURES = pytest.StashKey[list[Any]]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    text = getattr(node, "workeroutput", {}).get(FIGURES_OUTPUT)
+    if text:
+        node.config.stash.setdefault(_WORKER_FIGURES, []).append(json.loads(text))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    documents = config.stash.get(_WORKER_FIGURES, [])
+    if documents:
+        report_figures(terminalreporter, config, documents)

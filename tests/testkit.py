@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,3 +78,27 @@ async def canned_http(host: str, answer: bytes) -> AsyncIterator[tuple[int, list
     finally:
         server.close()
         await server.wait_closed()
+
+
+FIGURES_ENV = "AUTOSCALER_RELIABILITY_FIGURES"
+FIGURES_OUTPUT = "reliability_figures"
+"""Where a pytest-xdist worker hands its reliability figures to the controller."""
+
+
+def report_figures(terminalreporter: Any, config: pytest.Config, documents: Iterable[Any]) -> None:
+    """The reliability suite's figures (one document per process that ran some of its
+    tests) merged, written as JSON to ``$AUTOSCALER_RELIABILITY_FIGURES`` (default:
+    ``reliability-figures.json`` in pytest's base temp directory) and printed."""
+    merged: dict[str, Any] = {"soak": False, "tests": {}}
+    for doc in documents:
+        merged["soak"] = merged["soak"] or doc["soak"]
+        merged["tests"].update(doc["tests"])
+    if not merged["tests"]:
+        return
+    default = Path(str(config._tmp_path_factory.getbasetemp())) / "reliability-figures.json"  # type: ignore[attr-defined]
+    path = Path(os.environ.get(FIGURES_ENV) or default)
+    text = json.dumps(merged, indent=2, sort_keys=True)
+    path.write_text(text + "\n", encoding="utf-8")
+    terminalreporter.section("reliability figures")
+    terminalreporter.write_line(f"written to {path}")
+    terminalreporter.write_line(text)

@@ -18,21 +18,19 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 from pydantic import SecretStr
 from structlog.typing import EventDict, WrappedLogger
-from testkit import PROFILES, on_profile
+from testkit import FIGURES_OUTPUT, PROFILES, on_profile, report_figures
 
 from autoscaler import logs
 from autoscaler.config import EmulatorApp, EmulatorSettings
 
 from .harness import APP, FLY_TOKEN, Figures, LogCapture
 
-FIGURES_ENV = "AUTOSCALER_RELIABILITY_FIGURES"
 _FIGURES = pytest.StashKey[Figures]()
 
 
@@ -55,17 +53,19 @@ def figures(request: pytest.FixtureRequest) -> Figures:
     return stash[_FIGURES]
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker, hand the figures to the controller, which writes them
+    with every other worker's (``report_figures`` in tests/conftest.py)."""
+    found = session.config.stash.get(_FIGURES, None)
+    output = getattr(session.config, "workeroutput", None)
+    if found is not None and found.sections and output is not None:
+        output[FIGURES_OUTPUT] = json.dumps(found.document())
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     found = config.stash.get(_FIGURES, None)
-    if found is None or not found.sections:
-        return
-    default = Path(str(config._tmp_path_factory.getbasetemp())) / "reliability-figures.json"  # type: ignore[attr-defined]
-    path = Path(os.environ.get(FIGURES_ENV) or default)
-    text = json.dumps(found.document(), indent=2, sort_keys=True)
-    path.write_text(text + "\n", encoding="utf-8")
-    terminalreporter.section("reliability figures")
-    terminalreporter.write_line(f"written to {path}")
-    terminalreporter.write_line(text)
+    if found is not None and found.sections and not hasattr(config, "workeroutput"):
+        report_figures(terminalreporter, config, [found.document()])
 
 
 @pytest.fixture(params=PROFILES)
