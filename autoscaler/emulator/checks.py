@@ -18,18 +18,19 @@ from typing import Any
 from autoscaler.checks import CheckSpec, check_spec, run_check
 from autoscaler.emulator.model import CheckResult, Machine, internal_port_of, now_rfc3339
 
-# The check the built-in demo image gets when its config has none (Fly's example grace of
-# 1 s covers the `fly` profile's listen_s, the app's start-up after `started`).
+# The check the emulator writes into the config of the demo machines it seeds, as a fly.toml
+# would declare it (Fly's example grace of 1 s covers the `fly` profile's listen_s, the
+# app's start-up after `started`). A machine created through the API has the checks its
+# config gives it, none if none, as on Fly.
 DEMO_CHECK_NAME = "healthz"
 DEMO_CHECK: dict[str, Any] = {"type": "http", "path": "/healthz"}
 _AGENT = "autoscaler-emulator health check"
 
 
-def specs_of(config: dict[str, Any], demo: bool) -> list[CheckSpec]:
+def specs_of(config: dict[str, Any]) -> list[CheckSpec]:
     """The checks of a (validated) machine config: its machine checks by name, then its
     services' checks under the names Fly gives them (``servicecheck-00-http-8080``: their
-    index among the machine's service checks, type and port); the demo app's /healthz
-    check when the machine runs the built-in image and its config has none of either."""
+    index among the machine's service checks, type and port)."""
     port = internal_port_of(config)
     checks: dict[str, Any] = config.get("checks") or {}
     specs = [check_spec(name, check, port) for name, check in sorted(checks.items())]
@@ -40,16 +41,13 @@ def specs_of(config: dict[str, Any], demo: bool) -> list[CheckSpec]:
     ]
     for i, spec in enumerate(of_services):
         specs.append(replace(spec, name=f"servicecheck-{i:02d}-{spec.kind}-{spec.port}"))
-    if not specs and demo:
-        specs = [check_spec(DEMO_CHECK_NAME, DEMO_CHECK, port)]
     return specs
 
 
 class HealthChecks:
     """The check tasks of every started machine, and their results on the machines."""
 
-    def __init__(self, is_demo: Callable[[Machine], bool], on_change: Callable[[], None]):
-        self._is_demo = is_demo
+    def __init__(self, on_change: Callable[[], None]):
         self._on_change = on_change
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = False
@@ -63,7 +61,7 @@ class HealthChecks:
         task = self._tasks.get(m.id)
         if m.state == "started" and not self._closed:
             if task is None or task.done():
-                specs = specs_of(m.config, self._is_demo(m))
+                specs = specs_of(m.config)
                 self._reset(m, specs, "waiting for the first check")
                 if specs:
                     self._tasks[m.id] = asyncio.ensure_future(self._run(m, specs))
@@ -72,7 +70,7 @@ class HealthChecks:
             task.cancel()
             del self._tasks[m.id]
         if m.checks:
-            self._reset(m, specs_of(m.config, self._is_demo(m)), f"the machine is {m.state}")
+            self._reset(m, specs_of(m.config), f"the machine is {m.state}")
 
     def _reset(self, m: Machine, specs: list[CheckSpec], why: str) -> None:
         """Before a first result, a check shows ``warning`` (neither passing nor failing)."""

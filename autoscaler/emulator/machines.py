@@ -96,7 +96,7 @@ class Lifecycle:
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
         self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
-        self.checks = HealthChecks(self.runs_demo_image, on_change)
+        self.checks = HealthChecks(on_change)
         self._stand_ins: set[str] = set()  # unknown images already logged
         self.timing: Timing = settings.effective_timing()
 
@@ -133,10 +133,6 @@ class Lifecycle:
             self._stand_ins.add(image)
             log.info("emulator_image_stand_in", image=image, runs=DEMO_IMAGE)
         return DEMO_COMMAND
-
-    def runs_demo_image(self, m: Machine) -> bool:
-        """The machine's image is the built-in demo app's (with or without a tag)."""
-        return is_demo_image(str(m.config.get("image", "")))
 
     def command(self, m: Machine) -> list[str]:
         template = self.resolve_image(str(m.config.get("image", "")))

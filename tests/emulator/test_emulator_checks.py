@@ -9,7 +9,7 @@ from typing import Any
 
 from emu_helpers import create_app, new_machine, session, until, wait_ok
 
-from autoscaler.config import EmulatorSettings
+from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.model import Machine
 
@@ -114,13 +114,27 @@ async def test_checks_run_only_while_the_machine_is_started(emulator: Emulator) 
         assert running() == []
 
 
-async def test_the_demo_image_has_a_default_healthz_check(emulator: Emulator) -> None:
+async def test_a_machine_created_without_checks_has_none(emulator: Emulator) -> None:
+    """As on Fly: no check runs that its config does not declare, the demo image's too."""
     async with session(emulator) as s:
-        m = await new_machine(s)  # no checks in its config
+        m = await new_machine(s)  # started, with no checks in its config
         record = emulator.machine("demo", m["id"])
         assert "checks" not in record.config
+        assert emulator.world.lifecycle.checks.running() == []
+        assert record.checks == {}
+        assert "checks" not in await (await s.get(f"/v1/apps/demo/machines/{m['id']}")).json()
+
+
+async def test_seeded_demo_machines_declare_their_healthz_check_and_run_it(
+    emulator_settings: EmulatorSettings,
+) -> None:
+    settings = emulator_settings.model_copy(update={"apps": [EmulatorApp(name="demo", machines=1)]})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emulator, session(emulator) as s:
+        (record,) = emulator.machines("demo")
+        assert record.config["checks"] == {"healthz": {"type": "http", "path": "/healthz"}}
+        assert (await s.post(f"/v1/apps/demo/machines/{record.id}/start")).status == 200
         await until(record, lambda x: status(x, "healthz") == "passing")
-        assert "/healthz: 200" in (await checks_of(s, m["id"]))["healthz"]["output"]
+        assert "/healthz: 200" in (await checks_of(s, record.id))["healthz"]["output"]
 
 
 async def test_closing_the_emulator_cancels_every_check() -> None:
