@@ -110,6 +110,10 @@ class Autoscaler:
             self.proc.terminate()
         try:
             await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            await self.reap()
+            tail = self.output.decode("utf-8", "replace")[-4000:]
+            raise AssertionError(f"alive {timeout_s:g}s after SIGTERM; its log:\n{tail}") from None
         finally:
             await self.reap()
         assert self.proc.returncode is not None
