@@ -74,10 +74,11 @@ class MachineRecord:
     marked: bool = False
     """The machine carries our cordon metadata key."""
     checks_critical: bool = False
-    """A Fly health check is critical, and no run of ours has seen it pass since."""
+    """A Fly health check that routes (:func:`routes`) is critical, and no run of ours has
+    seen it pass since."""
     host_unreachable: bool = False
     critical: tuple[CheckResult, ...] = ()
-    """Fly's critical check results as listed (control/recheck.py)."""
+    """Fly's critical results of the checks that route, as listed (control/recheck.py)."""
     critical_specs: tuple[CheckSpec, ...] = ()
     """Those checks as the machine's config defines them (the ones it defines)."""
 
@@ -91,7 +92,9 @@ class MachineRecord:
         specs: tuple[CheckSpec, ...] = ()
         if machine.checks_critical:  # rare: the usual machine pays one scan of its checks
             critical = tuple(
-                (c.name or "", c.updated_at) for c in machine.checks or () if c.status == "critical"
+                (c.name or "", c.updated_at)
+                for c in machine.checks or ()
+                if c.status == "critical" and routes(machine, c.name or "")
             )
             specs = _specs(machine, [name for name, _ in critical])
         return cls(
@@ -107,6 +110,17 @@ class MachineRecord:
             critical,
             specs,
         )
+
+
+def routes(machine: Machine, name: str) -> bool:
+    """Whether the check ``name``'s verdict says where traffic may go, as it does for Fly's
+    proxy: a service's check does; a machine check (``config.checks``, fly.toml's top-level
+    ``[checks]``) only if its ``kind`` is ``readiness`` (the others are for monitoring: Fly
+    does not route by them, nor should we, nor count the machine as sick for them). A
+    result whose check the config does not hold is taken as one that does."""
+    config = machine.config
+    check = (config.checks or {}).get(name) if config is not None else None
+    return check is None or check.kind == "readiness"
 
 
 # The name Fly gives a service's check in a machine's `checks` (docs/fly-api-notes.md).

@@ -18,11 +18,10 @@ from typing import Any
 from autoscaler.checks import CheckSpec, check_spec, run_check
 from autoscaler.emulator.model import CheckResult, Machine, internal_port_of, now_rfc3339
 
-# The check the emulator writes into the config of the demo machines it seeds, as a fly.toml
-# would declare it (Fly's example grace of 1 s covers the `fly` profile's listen_s, the
-# app's start-up after `started`). A machine created through the API has the checks its
-# config gives it, none if none, as on Fly.
-DEMO_CHECK_NAME = "healthz"
+# The check the emulator writes into the service of the demo machines it seeds, as
+# fly.toml's [[http_service.checks]] would (Fly's example grace of 1 s covers the `fly`
+# profile's listen_s, the app's start-up after `started`). A machine created through the
+# API has the checks its config gives it, none if none, as on Fly.
 DEMO_CHECK: dict[str, Any] = {"type": "http", "path": "/healthz"}
 _AGENT = "autoscaler-emulator health check"
 

@@ -163,12 +163,14 @@ def _duration(value: object, where: str) -> None:
         raise BadRequest(f'{where}: expected a duration like "15s", got {value!r}')
 
 
-def _check(check: object, where: str) -> None:
+def _check(check: object, where: str, *, machine: bool = False) -> None:
     """A machine or service check (fly.MachineCheck, fly.MachineServiceCheck): type, port,
-    path, method, the durations."""
+    path, method, the durations; a machine check's kind."""
     check = _object(check, where)
     if check.get("type") is not None:
         _enum(check["type"], ("tcp", "http"), f"{where}.type")
+    if machine and check.get("kind") is not None:
+        _enum(check["kind"], ("informational", "readiness"), f"{where}.kind")
     if check.get("port") is not None:
         _int(check["port"], f"{where}.port", 1, 65535)
     if check.get("path") is not None:
@@ -218,7 +220,7 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
     for i, svc in enumerate(_section(config, "services", list, where) or []):
         _service(svc, f"{where}.services[{i}]")
     for name, check in (_section(config, "checks", dict, where) or {}).items():
-        _check(check, f"{where}.checks.{name}")
+        _check(check, f"{where}.checks.{name}", machine=True)
     for i, mount in enumerate(_section(config, "mounts", list, where) or []):
         mount = _object(mount, f"{where}.mounts[{i}]")
         if "volume" in mount:

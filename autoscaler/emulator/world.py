@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autoscaler.config import EmulatorApp, EmulatorSettings, FaultSettings
-from autoscaler.emulator.checks import DEMO_CHECK, DEMO_CHECK_NAME
+from autoscaler.emulator.checks import DEMO_CHECK
 from autoscaler.emulator.machines import Conflict, Lifecycle, is_demo_image
 from autoscaler.emulator.model import (
     MAX_DELETED,
@@ -159,8 +159,9 @@ class World:
             # No restart policy: a crashed machine stops, which is what scaling tests need.
         }
         if is_demo_image(spec.image):
-            # Its check, as a fly.toml would declare it: in the config, for all to read.
-            config["checks"] = {DEMO_CHECK_NAME: dict(DEMO_CHECK)}
+            # Its check, as fly.toml's [[http_service.checks]] declares one: a check of the
+            # service (which Fly's proxy routes by), reported as servicecheck-00-http-<port>.
+            config["services"][0]["checks"] = [dict(DEMO_CHECK)]
         regions = spec.regions or [DEFAULT_REGION]
         for i in range(len(app.machines), len(app.machines) + max(0, missing)):
             region = regions[i % len(regions)]  # round-robin, as Fly spreads a count

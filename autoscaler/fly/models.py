@@ -131,6 +131,9 @@ class MachineServiceConcurrency(_Lenient):
 
 class MachineCheck(_Lenient):
     type: str | None = None
+    kind: str | None = None
+    """A machine check's (``config.checks``): ``readiness`` or ``informational``. Only a
+    readiness check says where traffic may go; a service's checks always do."""
     port: int | None = None
     interval: str | None = None
     timeout: str | None = None

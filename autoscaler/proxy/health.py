@@ -20,7 +20,8 @@ that died) may come back before its time: proxy/revive.py watches it with TCP co
 and calls :meth:`Health.revived` (which hold-outs qualify: :meth:`Health.revivable`).
 
 A machine whose Fly health checks are critical (the fleet view's ``checks_critical``, read
-by :meth:`Health.sweep`) is ejected until they pass.
+by :meth:`Health.sweep`; only checks that Fly's proxy routes by count:
+control/runtime.py, ``routes``) is ejected until they pass.
 
 An app's last routable machine is never ejected for its 5xx answers, nor for critical
 checks: the app may simply be broken, and its own answers say more to the client than a

@@ -850,6 +850,41 @@ async def test_a_machine_whose_fly_checks_are_critical_is_marked_so_in_the_view(
     assert rt.sick_since == {}
 
 
+@pytest.mark.parametrize(
+    ("where", "kind", "routes"),
+    [
+        ("machine", None, False),
+        ("machine", "informational", False),
+        ("machine", "readiness", True),
+        ("service", None, True),
+    ],
+)
+async def test_only_a_check_that_fly_routes_by_makes_a_machine_critical(
+    api: FakeMachinesAPI, clock: FakeClock, where: str, kind: str | None, routes: bool
+) -> None:
+    """Fly's proxy routes by a service's checks and by machine checks of kind readiness;
+    its other machine checks (fly.toml's top-level [checks]) are for monitoring. A critical
+    one of those neither takes the machine out of the proxy's rotation nor counts it as
+    sick (which would replace and drain it)."""
+    mid = api.add(APP, "started")
+    check = m.MachineCheck(type="http", path="/db", kind=kind)
+    config = api.get(APP, mid).config
+    assert config is not None
+    assert config.services is not None
+    if where == "machine":
+        config = config.model_copy(update={"checks": {"db": check}})
+        name = "db"
+    else:
+        service = config.services[0].model_copy(update={"checks": [check]})
+        config = config.model_copy(update={"services": [service]})
+        name = "servicecheck-00-http-8080"
+    api.set(APP, mid, config=config, checks=[m.CheckStatus(name=name, status="critical")])
+    rig = Rig(api, clock, min_machines=1)
+    await rig.tick()
+    assert rig.app.upstreams[mid].checks_critical is routes
+    assert (mid in rig.ctl.apps[APP].sick_since) is routes
+
+
 async def test_a_machine_drained_sick_is_woken_after_the_others(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

@@ -64,6 +64,8 @@ from autoscaler.scaling.policy import choose_wake
 from .test_e2e import APP, HOST, Stack, running_stack
 
 SUSPEND_S = 15.0
+READINESS = {"kind": "readiness"}
+"""What makes a machine check one that Fly routes by (a service's always are)."""
 pytestmark = pytest.mark.fly_profile
 
 
@@ -286,8 +288,8 @@ async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at
     ) as emulator:
         name = "healthz" if where == "machine" else "servicecheck-00-http-8080"
         for machine in emulator.machines(APP):
-            if where == "machine":
-                await set_checks(emulator, machine.id, {name: first_run_fails})
+            if where == "machine":  # one that routes (its kind is readiness), alone
+                await set_checks(emulator, machine.id, {name: first_run_fails | READINESS}, [])
             else:
                 await set_checks(emulator, machine.id, {}, [first_run_fails])
         async with running_stack(
@@ -470,7 +472,7 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
     async with running_stack(emulator, idle_to_zero_s=600, wake_timeout_s=30) as stack:
         sick = await wake_choice(stack)
         bad = {"type": "http", "path": "/missing", "interval": "1s", "grace_period": "0s"}
-        await set_checks(emulator, sick, {"web": bad})
+        await set_checks(emulator, sick, {"web": bad | READINESS})
         [healthy] = [m.id for m in emulator.machines(APP) if m.id != sick]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30

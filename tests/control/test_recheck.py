@@ -22,6 +22,8 @@ from autoscaler.fly.models import Machine
 FIRST = datetime(2026, 12, 6, 1, 0, 0, tzinfo=UTC)  # Fly's first run of the check
 SECOND = datetime(2026, 12, 6, 1, 0, 15, tzinfo=UTC)  # its next run
 CHECK = {"type": "http", "path": "/healthz", "grace_period": "1s", "interval": "15s"}
+READY = {**CHECK, "kind": "readiness"}
+"""A machine check that routes (the others do not: control/runtime.py, ``routes``)."""
 
 
 def listed(
@@ -35,7 +37,7 @@ def listed(
             "id": "m1",
             "state": state,
             "private_ip": "127.0.0.2",
-            "config": {"image": "app", "checks": {"web": CHECK} if checks is None else checks},
+            "config": {"image": "app", "checks": {"web": READY} if checks is None else checks},
             "checks": [{"name": "web", "status": status, "updated_at": at.isoformat()}]
             if state == "started"
             else None,
@@ -111,7 +113,7 @@ def test_the_window_is_the_first_round_of_the_checks_since_the_machine_was_seen_
         (listed(status="passing"), "Fly's checks pass"),
         (listed(status="warning"), "no result yet"),
         (listed(checks={}), "a check its config does not define (a service's, say)"),
-        (listed(checks={"web": {**CHECK, "protocol": "https"}}), "a check we do not run"),
+        (listed(checks={"web": {**READY, "protocol": "https"}}), "a check we do not run"),
     ],
 )
 def test_machines_whose_checks_are_not_ours_to_run_again(machine: Machine, why: str) -> None:
@@ -161,7 +163,7 @@ def test_a_services_check_that_is_not_one_of_a_kind_is_left_to_fly(
 async def test_a_check_that_fails_for_us_too_overrules_nothing_and_ends_with_its_round() -> None:
     broken = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
     async with canned_http("127.0.0.1", broken) as (port, answers):
-        machine = listed(checks={"web": {**CHECK, "port": port}})
+        machine = listed(checks={"web": {**READY, "port": port}})
         machine.private_ip = "127.0.0.1"
         rt = runtime(machine, now=100.0)
         clock = [100.0]

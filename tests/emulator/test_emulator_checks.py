@@ -128,13 +128,17 @@ async def test_a_machine_created_without_checks_has_none(emulator: Emulator) -> 
 async def test_seeded_demo_machines_declare_their_healthz_check_and_run_it(
     emulator_settings: EmulatorSettings,
 ) -> None:
+    # A check of the service, as fly.toml's [[http_service.checks]] declares one.
     settings = emulator_settings.model_copy(update={"apps": [EmulatorApp(name="demo", machines=1)]})
     async with Emulator(settings, host="127.0.0.1", port=0) as emulator, session(emulator) as s:
         (record,) = emulator.machines("demo")
-        assert record.config["checks"] == {"healthz": {"type": "http", "path": "/healthz"}}
+        [service] = record.config["services"]
+        assert service["checks"] == [{"type": "http", "path": "/healthz"}]
+        assert "checks" not in record.config
         assert (await s.post(f"/v1/apps/demo/machines/{record.id}/start")).status == 200
-        await until(record, lambda x: status(x, "healthz") == "passing")
-        assert "/healthz: 200" in (await checks_of(s, record.id))["healthz"]["output"]
+        name = "servicecheck-00-http-8080"
+        await until(record, lambda x: status(x, name) == "passing")
+        assert "/healthz: 200" in (await checks_of(s, record.id))[name]["output"]
 
 
 async def test_closing_the_emulator_cancels_every_check() -> None:
@@ -168,6 +172,7 @@ async def test_check_configs_are_validated(emulator: Emulator) -> None:
             ({"path": "healthz"}, "config.checks.c.path: expected a path starting with /"),
             ({"port": 70000}, "config.checks.c.port: must be at most 65535"),
             ({"method": "FETCH"}, "config.checks.c.method: expected one of GET"),
+            ({"kind": "liveness"}, "config.checks.c.kind: expected one of informational"),
         ]
         for check, text in bad:
             body = {"config": {"image": "autoscaler/demo-app", "checks": {"c": check}}}
