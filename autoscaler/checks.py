@@ -3,15 +3,18 @@
 The emulator runs them on its machines as Fly does (emulator/checks.py); the controller
 runs a started machine's critical checks itself while Fly's verdict may predate its app's
 start-up (control/recheck.py). An HTTP check sends one request (``GET`` unless configured)
-with ``Connection: close`` and passes on a 2xx or 3xx status; a TCP check passes when the
-port accepts a connection. A refused connection, a timeout (a hung or frozen process still
-accepts TCP but never answers) or another status is critical.
+with ``Connection: close`` and passes on a 2xx or 3xx status, over TLS when its protocol is
+``https`` (the certificate verified against the system's CAs and ``tls_server_name``, or
+the address, unless ``tls_skip_verify``); a TCP check passes when the port accepts a
+connection. A refused connection, a failed handshake, a timeout (a hung or frozen process
+still accepts TCP but never answers) or another status is critical.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,11 +40,13 @@ class CheckSpec:
     interval_s: float
     timeout_s: float
     grace_s: float
+    tls_skip_verify: bool = False
+    tls_server_name: str | None = None
 
     @property
     def runnable(self) -> bool:
-        """A check this module can run (plain HTTP or TCP)."""
-        return self.kind == "tcp" or (self.kind == "http" and self.protocol == "http")
+        """A check this module can run (TCP, or HTTP over plain TCP or TLS)."""
+        return self.kind == "tcp" or (self.kind == "http" and self.protocol in ("http", "https"))
 
 
 def _seconds(value: object, default: float) -> float:
@@ -78,15 +83,35 @@ def check_spec(name: str, check: Mapping[str, object], default_port: int) -> Che
         interval_s=_seconds(check.get("interval"), DEFAULT_INTERVAL_S),
         timeout_s=_seconds(check.get("timeout"), DEFAULT_TIMEOUT_S),
         grace_s=_seconds(check.get("grace_period"), DEFAULT_GRACE_S),
+        tls_skip_verify=check.get("tls_skip_verify") is True,
+        tls_server_name=str(check["tls_server_name"]) if check.get("tls_server_name") else None,
     )
 
 
-async def _http(spec: CheckSpec, host: str, agent: str) -> tuple[str, str]:
+def _tls(spec: CheckSpec, trust: ssl.SSLContext | None) -> ssl.SSLContext:
+    """The TLS context of an https check: ``trust`` (the system's CAs if None), or one that
+    verifies nothing with ``tls_skip_verify``."""
+    if spec.tls_skip_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return trust or ssl.create_default_context()
+
+
+async def _http(
+    spec: CheckSpec, host: str, agent: str, trust: ssl.SSLContext | None
+) -> tuple[str, str]:
     where = authority(host, spec.port)  # Fly's private addresses are IPv6: bracketed
-    url = f"http://{where}{spec.path}"
-    if spec.protocol != "http":
+    url = f"{spec.protocol}://{where}{spec.path}"
+    if spec.protocol == "https":
+        reader, writer = await asyncio.open_connection(
+            host, spec.port, ssl=_tls(spec, trust), server_hostname=spec.tls_server_name or host
+        )
+    elif spec.protocol == "http":
+        reader, writer = await asyncio.open_connection(host, spec.port)
+    else:
         return "warning", f"{spec.protocol} checks are not run here ({url})"
-    reader, writer = await asyncio.open_connection(host, spec.port)
     try:
         lines = [f"{spec.method} {spec.path} HTTP/1.1", f"Host: {where}"]
         lines += [f"{k}: {v}" for k, v in spec.headers]
@@ -120,13 +145,17 @@ async def _tcp(spec: CheckSpec, host: str) -> tuple[str, str]:
 
 
 async def run_check(
-    spec: CheckSpec, host: str, agent: str = "autoscaler health check"
+    spec: CheckSpec,
+    host: str,
+    agent: str = "autoscaler health check",
+    trust: ssl.SSLContext | None = None,
 ) -> tuple[str, str]:
-    """(status, output) of one run of a check against ``host``."""
+    """(status, output) of one run of a check against ``host``; ``trust``: the TLS context
+    that verifies an https check's certificate (default: the system's CAs)."""
     try:
         async with asyncio.timeout(spec.timeout_s):  # wait_for can drop a cancel on 3.11
             if spec.kind == "http":
-                return await _http(spec, host, agent)
+                return await _http(spec, host, agent, trust)
             return await _tcp(spec, host)
     except TimeoutError:
         where = f"{host}:{spec.port}{spec.path if spec.kind == 'http' else ''}"

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,12 @@ def fly_like(settings: EmulatorSettings) -> EmulatorSettings:
 
 
 @contextlib.asynccontextmanager
-async def canned_http(host: str, answer: bytes) -> AsyncIterator[tuple[int, list[bytes]]]:
-    """A server on ``host`` (loopback) that reads one request head per connection, records
-    it and writes ``answer``, whole; yields its port and the heads it read."""
+async def canned_http(
+    host: str, answer: bytes, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A server on ``host`` (loopback; over TLS with ``tls``) that reads one request head
+    per connection, records it and writes ``answer``, whole; yields its port and the heads
+    it read."""
     heads: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -72,7 +76,7 @@ async def canned_http(host: str, answer: bytes) -> AsyncIterator[tuple[int, list
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, host, 0)
+    server = await asyncio.start_server(serve, host, 0, ssl=tls)
     try:
         yield server.sockets[0].getsockname()[1], heads
     finally:

@@ -13,9 +13,9 @@ runs those same checks itself against the machine (every :data:`RECHECK_FIRST_S`
 pause doubling up to :data:`RECHECK_MAX_S`). Once every critical one passes, those results
 of Fly's no longer make the machine critical (``AppRuntime.rechecked``): the proxy routes
 to it and the policy counts it, until Fly runs the checks again, whose verdict then rules,
-as it does for any machine after its first round. Checks this code cannot run (HTTPS,
-gRPC) or cannot find in the machine's config (a service's check that is not one of a kind:
-control/runtime.py, ``_specs``) are left to Fly.
+as it does for any machine after its first round. Checks this code cannot run (a type
+other than ``tcp`` and ``http``) or cannot find in the machine's config (a service's check
+that is not one of a kind: control/runtime.py, ``_specs``) are left to Fly.
 """
 
 from __future__ import annotations

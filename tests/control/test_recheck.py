@@ -113,7 +113,7 @@ def test_the_window_is_the_first_round_of_the_checks_since_the_machine_was_seen_
         (listed(status="passing"), "Fly's checks pass"),
         (listed(status="warning"), "no result yet"),
         (listed(checks={}), "a check its config does not define (a service's, say)"),
-        (listed(checks={"web": {**READY, "protocol": "https"}}), "a check we do not run"),
+        (listed(checks={"web": {**READY, "type": "grpc"}}), "a type of check we do not run"),
     ],
 )
 def test_machines_whose_checks_are_not_ours_to_run_again(machine: Machine, why: str) -> None:

@@ -93,6 +93,16 @@ async def test_an_error_status_is_critical(emulator: Emulator) -> None:
         assert ": 404 Not Found" in record.checks["web"].output
 
 
+async def test_an_https_check_of_the_demo_app_is_critical(emulator: Emulator) -> None:
+    """It runs, over TLS, and fails as on Fly: the demo app speaks plain HTTP."""
+    https = {"type": "http", "path": "/healthz", "protocol": "https", "tls_skip_verify": True}
+    async with session(emulator) as s:
+        m = await new_machine(s, checks={"web": {**https, **FAST}})
+        record = emulator.machine("demo", m["id"])
+        await until(record, lambda x: status(x, "web") == "critical")
+        assert record.checks["web"].output.startswith("http check of ")
+
+
 async def test_checks_run_only_while_the_machine_is_started(emulator: Emulator) -> None:
     async with session(emulator) as s:
         m = await new_machine(s, checks={"web": {"type": "http", "path": "/healthz", **FAST}})
