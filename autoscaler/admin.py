@@ -82,6 +82,8 @@ class MachineStatusLike(Protocol):
     def sick_since(self) -> float | None: ...
     @property
     def checks_passed_on_recheck(self) -> tuple[str, ...]: ...
+    @property
+    def checks_critical_unrouted(self) -> tuple[str, ...]: ...
 
 
 class AppStatusLike(Protocol):
@@ -353,6 +355,7 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
             "host_unreachable": m.host_unreachable,
             "checks_critical_for_s": _age(now, m.sick_since),
             "checks_passed_on_recheck": list(m.checks_passed_on_recheck),
+            "checks_critical_unrouted": list(m.checks_critical_unrouted),
         }
         for m in status.machines
     ]

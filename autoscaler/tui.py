@@ -152,6 +152,8 @@ def machine_note(m: Mapping[str, Any]) -> str:
         return f"Fly checks critical for {float(sick_for):.0f}s"
     if rechecked := m.get("checks_passed_on_recheck"):
         return f"Fly: {', '.join(rechecked)} critical; our run since: passing"
+    if unrouted := m.get("checks_critical_unrouted"):
+        return f"Fly: {', '.join(unrouted)} critical (a monitoring check: still routed)"
     failures = int(m.get("failures") or 0)
     if m.get("left_alone"):
         return f"left alone after {failures} failed starts"

@@ -90,6 +90,9 @@ class MachineStatus:
     checks_passed_on_recheck: tuple[str, ...] = ()
     """Checks that Fly's list says critical and that our own run of them saw pass since
     (control/recheck.py): they do not count until Fly runs them again."""
+    checks_critical_unrouted: tuple[str, ...] = ()
+    """Critical checks that Fly does not route by (top-level ones not of kind readiness):
+    for monitoring; neither the proxy nor the policy acts on them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +490,7 @@ class Controller:
                         checks_passed_on_recheck=tuple(
                             sorted(name for name, _ in rt.rechecked.get(machine.id, ()))
                         ),
+                        checks_critical_unrouted=machine.unrouted,
                     )
                 )
             out.append(

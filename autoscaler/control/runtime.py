@@ -81,6 +81,8 @@ class MachineRecord:
     """Fly's critical results of the checks that route, as listed (control/recheck.py)."""
     critical_specs: tuple[CheckSpec, ...] = ()
     """Those checks as the machine's config defines them (the ones it defines)."""
+    unrouted: tuple[str, ...] = ()
+    """Critical checks that do not route (:func:`routes`): shown, never acted on."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -90,12 +92,13 @@ class MachineRecord:
         meta = config.metadata if config is not None else None
         critical: tuple[CheckResult, ...] = ()
         specs: tuple[CheckSpec, ...] = ()
+        unrouted: tuple[str, ...] = ()
         if machine.checks_critical:  # rare: the usual machine pays one scan of its checks
+            failing = [c for c in machine.checks or () if c.status == "critical"]
             critical = tuple(
-                (c.name or "", c.updated_at)
-                for c in machine.checks or ()
-                if c.status == "critical" and routes(machine, c.name or "")
+                (c.name or "", c.updated_at) for c in failing if routes(machine, c.name or "")
             )
+            unrouted = tuple(sorted({c.name or "" for c in failing} - {n for n, _ in critical}))
             specs = _specs(machine, [name for name, _ in critical])
         return cls(
             machine.id,
@@ -109,6 +112,7 @@ class MachineRecord:
             machine.host_unreachable,
             critical,
             specs,
+            unrouted,
         )
 
 

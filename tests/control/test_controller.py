@@ -883,6 +883,9 @@ async def test_only_a_check_that_fly_routes_by_makes_a_machine_critical(
     await rig.tick()
     assert rig.app.upstreams[mid].checks_critical is routes
     assert (mid in rig.ctl.apps[APP].sick_since) is routes
+    [status] = rig.ctl.status()  # /status names the critical checks it does not act on
+    [machine] = status.machines
+    assert machine.checks_critical_unrouted == (() if routes else ("db",))
 
 
 async def test_a_machine_drained_sick_is_woken_after_the_others(

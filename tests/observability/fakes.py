@@ -24,6 +24,7 @@ class FakeMachine:
     host_unreachable: bool = False
     sick_since: float | None = None
     checks_passed_on_recheck: tuple[str, ...] = ()
+    checks_critical_unrouted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

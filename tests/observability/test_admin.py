@@ -62,7 +62,7 @@ def demo_controller(clock: FakeClock) -> FakeController:
                     last_used=clock.now - 1.0,
                     checks_passed_on_recheck=("healthz",),
                 ),
-                FakeMachine("m2", "suspended", cordoned=True),
+                FakeMachine("m2", "suspended", cordoned=True, checks_critical_unrouted=("db",)),
                 FakeMachine("m3", "failed", failures=2, next_retry_at=clock.now + 4.0),
             ],
             leased_by_others=["m2"],
@@ -171,6 +171,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "host_unreachable": False,
                 "checks_critical_for_s": None,
                 "checks_passed_on_recheck": ["healthz"],
+                "checks_critical_unrouted": [],
             },
             {
                 "id": "m2",
@@ -187,6 +188,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "host_unreachable": False,
                 "checks_critical_for_s": None,
                 "checks_passed_on_recheck": [],
+                "checks_critical_unrouted": ["db"],
             },
             {
                 "id": "m3",
@@ -203,6 +205,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
                 "host_unreachable": False,
                 "checks_critical_for_s": None,
                 "checks_passed_on_recheck": [],
+                "checks_critical_unrouted": [],
             },
         ],
     }

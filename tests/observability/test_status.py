@@ -95,6 +95,8 @@ def test_render_a_table() -> None:
                      "last_used_age_s": 2.0, "checks_critical_for_s": 42.4},
                     {"id": "mC", "state": "started", "cordoned": False, "in_flight": 0,
                      "last_used_age_s": 0.5, "checks_passed_on_recheck": ["healthz"]},
+                    {"id": "mD", "state": "started", "cordoned": False, "in_flight": 0,
+                     "last_used_age_s": 0.5, "checks_critical_unrouted": ["db"]},
                 ],
             },
             {"app": "idle", "desired": 0, "started": 0, "panic": False, "last_reason": "",
@@ -131,6 +133,8 @@ def test_render_a_table() -> None:
         "  mB           started    no        0          2.0s ago   Fly checks critical for 42s",
         "  mC           started    no        0          0.5s ago   "
         "Fly: healthz critical; our run since: passing",
+        "  mD           started    no        0          0.5s ago   "
+        "Fly: db critical (a monitoring check: still routed)",
         "",
         "idle: desired 0, started 0, panic no, decided never",
         "  (no machines)",
