@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,15 +89,26 @@ def check_spec(name: str, check: Mapping[str, object], default_port: int) -> Che
     )
 
 
+@functools.cache
+def _system_trust() -> ssl.SSLContext:
+    """The system's CAs, loaded once (a context reads the whole CA bundle)."""
+    return ssl.create_default_context()
+
+
+@functools.cache
+def _no_verification() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def _tls(spec: CheckSpec, trust: ssl.SSLContext | None) -> ssl.SSLContext:
     """The TLS context of an https check: ``trust`` (the system's CAs if None), or one that
     verifies nothing with ``tls_skip_verify``."""
     if spec.tls_skip_verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return trust or ssl.create_default_context()
+        return _no_verification()
+    return trust or _system_trust()
 
 
 async def _http(

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
-from testkit import FIGURES_OUTPUT, report_figures
+from testkit import FIGURE_DOCUMENTS, FIGURES_OUTPUT, report_figures
 
 from autoscaler import logs
 from autoscaler.config import EmulatorSettings
@@ -105,18 +105,16 @@ def _no_process_left() -> Iterator[None]:
 
 
 # The suite runs on pytest-xdist's workers (pyproject's addopts); the reliability tests'
-# figures are gathered here, on the controller, from each worker's output.
-_WORKER_FIGURES = pytest.StashKey[list[Any]]()
-
-
+# figures are gathered here, on the controller, from each worker's output
+# (tests/reliability/conftest.py, ``pytest_sessionfinish``).
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
     text = getattr(node, "workeroutput", {}).get(FIGURES_OUTPUT)
     if text:
-        node.config.stash.setdefault(_WORKER_FIGURES, []).append(json.loads(text))
+        node.config.stash.setdefault(FIGURE_DOCUMENTS, []).append(json.loads(text))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    documents = config.stash.get(_WORKER_FIGURES, [])
+    documents = config.stash.get(FIGURE_DOCUMENTS, [])
     if documents:
         report_figures(terminalreporter, config, documents)

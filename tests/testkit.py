@@ -87,6 +87,9 @@ async def canned_http(
 FIGURES_ENV = "AUTOSCALER_RELIABILITY_FIGURES"
 FIGURES_OUTPUT = "reliability_figures"
 """Where a pytest-xdist worker hands its reliability figures to the controller."""
+FIGURE_DOCUMENTS = pytest.StashKey[list[Any]]()
+"""The reliability figures of each process that ran some of those tests (the controller's
+stash: from its workers; without workers, the process's own)."""
 
 
 def report_figures(terminalreporter: Any, config: pytest.Config, documents: Iterable[Any]) -> None:

@@ -18,13 +18,12 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import structlog
 from pydantic import SecretStr
 from structlog.typing import EventDict, WrappedLogger
-from testkit import FIGURES_OUTPUT, PROFILES, on_profile, report_figures
+from testkit import FIGURE_DOCUMENTS, FIGURES_OUTPUT, PROFILES, on_profile
 
 from autoscaler import logs
 from autoscaler.config import EmulatorApp, EmulatorSettings
@@ -54,18 +53,17 @@ def figures(request: pytest.FixtureRequest) -> Figures:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """On a pytest-xdist worker, hand the figures to the controller, which writes them
-    with every other worker's (``report_figures`` in tests/conftest.py)."""
-    found = session.config.stash.get(_FIGURES, None)
-    output = getattr(session.config, "workeroutput", None)
-    if found is not None and found.sections and output is not None:
-        output[FIGURES_OUTPUT] = json.dumps(found.document())
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Hand the figures to the process that reports them (tests/conftest.py): on a
+    pytest-xdist worker, to the controller; without workers, to this process's own."""
+    config = session.config
     found = config.stash.get(_FIGURES, None)
-    if found is not None and found.sections and not hasattr(config, "workeroutput"):
-        report_figures(terminalreporter, config, [found.document()])
+    if found is None or not found.sections:
+        return
+    output = getattr(config, "workeroutput", None)
+    if output is not None:
+        output[FIGURES_OUTPUT] = json.dumps(found.document())
+    else:
+        config.stash.setdefault(FIGURE_DOCUMENTS, []).append(found.document())
 
 
 @pytest.fixture(params=PROFILES)
