@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import signal
 import subprocess
 import tarfile
 from collections.abc import Awaitable, Callable
@@ -134,7 +135,12 @@ async def test_a_replica_of_the_previous_release_and_one_of_this_code_serve_toge
             assert "may_lead" in cluster
             assert (await get(http, old_ports[0]))[0] == 200
             # The old replica goes (its replacement would come next): the new one leads.
-            assert await old.stop() == 0, old.output.decode()[-3000:]
+            # Its stop may hang: the previous release carries redis-py's dropped
+            # cancellations on Python 3.11 (fixed since: 2f180cf, 396f656, 504a861), which
+            # under load held a stop for minutes. A platform kills such a replica after its
+            # kill timeout, and so does this test; this code's replica leads either way.
+            code = await old.stop(timeout_s=20, kill_on_timeout=True)
+            assert code in (0, -signal.SIGKILL), old.output.decode()[-3000:]
             await eventually(lambda: leads(http, new), "this code's replica to lead")
             assert (await get(http, new_ports[0]))[0] == 200
             assert await new.stop() == 0, new.output.decode()[-3000:]
