@@ -1,10 +1,11 @@
-"""Optional native build of the proxy's data path, with mypyc.
+"""Optional native build of the proxy's data path and the policy, with mypyc.
 
 ``AUTOSCALER_COMPILE=1 pip install .`` compiles the modules every proxied request runs
-through into C extensions (mypyc, the compiler mypy and black ship with); the proxy then
-runs about half the instructions per request (docs/benchmarks.md). Without it the package is
-pure Python; the code is the same either way, and so is the behaviour (CI runs the whole
-suite on both builds). Compiling needs a C compiler and the Python headers.
+through, the policy and the simulator's replay loop into C extensions (mypyc, the compiler
+mypy and black ship with); the proxy then runs about half the instructions per request, and
+``autoscaler simulate`` replays about twice as fast (docs/benchmarks.md). Without it the
+package is pure Python; the code is the same either way, and so is the behaviour (CI runs
+the whole suite on both builds). Compiling needs a C compiler and the Python headers.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 from setuptools import setup
 
 # The data path: what each request runs through (the proxy, the fleet view and load meter
-# it updates, its log line and metrics), and nothing that is only configuration, control or
-# tooling. Each call from compiled code into an interpreted function costs one to three
-# thousand instructions (docs/benchmarks.md), so what a request calls is compiled with it.
+# it updates, its log line and metrics); then the policy and the simulator's loop around
+# it. Nothing that is only configuration, the rest of the control plane or tooling. Each
+# call from compiled code into an interpreted function costs one to three thousand
+# instructions (docs/benchmarks.md), so what a hot loop calls is compiled with it.
 COMPILED = [
     "autoscaler/control/view.py",
     "autoscaler/logs.py",
@@ -31,6 +33,14 @@ COMPILED = [
     "autoscaler/proxy/server.py",
     "autoscaler/proxy/upstream.py",
     "autoscaler/scaling/window.py",
+    # The policy, which every control tick asks, and the simulator's replay loop, which
+    # asks it for every simulated tick: a day of 100 apps is some 200,000 decisions.
+    "autoscaler/scaling/fleet.py",
+    "autoscaler/scaling/keepalive.py",
+    "autoscaler/scaling/policy.py",
+    "autoscaler/sim/engine.py",
+    "autoscaler/sim/model.py",
+    "autoscaler/sim/ours.py",
 ]
 
 

@@ -43,7 +43,11 @@ def test_simulator_acts_on_exactly_what_decide_and_choose_wake_return(
 
     def recording_decide(*args: Any) -> policy.Decision:
         decision = real_decide(*args)
-        calls.append((copy.deepcopy(args), decision))
+        # The load windows go on filling; the fleet and the state are frozen (and cannot
+        # be deep-copied in the compiled build, where a frozen class refuses copy's way
+        # of rebuilding it).
+        fleet, load, *rest = args
+        calls.append(((fleet, copy.deepcopy(load), *rest), decision))
         return decision
 
     def recording_wake(fleet: Any) -> policy.Action | None:
