@@ -9,7 +9,8 @@
 # AUTOSCALER_FLY__API_URL); `docker run ... autoscaler run --emulator` tries it on the
 # embedded emulator instead, with no Fly account.
 FROM python:3.12-slim AS build
-# A C compiler: the proxy's data path is compiled with mypyc (setup.py, AUTOSCALER_COMPILE).
+# A C compiler: the proxy's data path and the policy are compiled with mypyc (setup.py,
+# AUTOSCALER_COMPILE).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src

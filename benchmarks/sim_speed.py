@@ -4,8 +4,9 @@
 
 Generates the trace in memory (not timed), then replays it under each strategy and prints
 the CPU time of this process (one core: the simulator is single-threaded) and the wall
-time, per strategy and in total. The target (issue 23) is under 10 s for a day of our policy
-(issue 7's was 60 s for the whole run).
+time, per strategy and in total, and which build runs the policy (pure Python, or compiled
+with mypyc: ``AUTOSCALER_COMPILE=1``, setup.py). The target (issue 23) is under 10 s for a
+day of our policy (issue 7's was 60 s for the whole run).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import platform
 import time
 
+from autoscaler.scaling import policy
 from autoscaler.sim.generate import generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.run import STRATEGIES, config_resolver, simulate
@@ -32,7 +34,8 @@ def main() -> None:
         trace.apps.setdefault(app, []).append((t, duration))
     print(
         f"mixed-100-apps, seed {args.seed}, {args.hours:g} h: {len(trace.apps)} apps with "
-        f"requests, {trace.requests} requests; Python {platform.python_version()}"
+        f"requests, {trace.requests} requests; Python {platform.python_version()}, "
+        f"policy {'compiled (mypyc)' if not policy.__file__.endswith('.py') else 'pure Python'}"
     )
     resolve = config_resolver({}, {})
     cpu_total = wall_total = 0.0
