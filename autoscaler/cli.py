@@ -303,7 +303,7 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="with --frontier: replay N knob values at once in worker processes",
+        help="replay N apps at once in worker processes (with --frontier: N knob values)",
     )
     pol.add_argument(
         "--every-tick",

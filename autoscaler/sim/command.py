@@ -156,6 +156,7 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         _strategies(args.strategies or DEFAULT_STRATEGIES),
         horizon=args.horizon_s,
         skip_idle=not args.every_tick,
+        jobs=args.jobs,
     )
     out.write(render(report, args.format, per_app=not args.totals_only))
     return EXIT_OK

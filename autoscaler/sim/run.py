@@ -2,14 +2,17 @@
 
 Apps share nothing (each has its own pool of machines and its own policy state), so each
 (app, strategy) pair is one independent :class:`~autoscaler.sim.engine.AppSim`; the
-totals add them up, and the total's peak sweeps their machine changes together.
+totals add them up, and the total's peak sweeps their machine changes together. So apps
+can also be replayed in worker processes (``jobs``), with the same figures.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from autoscaler.config import AppConfig
 from autoscaler.sim.baselines import AlwaysOn, FixedKeepalive, FlyAutostop
@@ -154,23 +157,62 @@ def simulate(
     skip_idle: bool = True,
     progress: Callable[[str, str], None] | None = None,
     overrides: dict[str, Any] | None = None,
+    jobs: int = 1,
 ) -> Report:
-    """Replay ``trace`` under each strategy; ``horizon`` defaults to the trace's end."""
+    """Replay ``trace`` under each strategy; ``horizon`` defaults to the trace's end.
+    ``jobs`` > 1: that many worker processes replay the apps, the busiest first."""
     end = trace.end if horizon is None else horizon
     report = Report(end, timings, apps=list(trace.apps))
+    job: _Job = (trace, config_for, timings, end, skip_idle, overrides)
     for name in strategies:
-        per_app: dict[str, Stats] = {}
-        label = name
-        for app, requests in trace.apps.items():
-            strategy = make_strategy(name, timings, skip_idle=skip_idle, overrides=overrides)
-            label = strategy.name
-            if progress is not None:
-                progress(label, app)
-            sim = AppSim(app, requests, config_for(app), timings, strategy, end)
-            per_app[app] = sim.run()
+        label = make_strategy(name, timings, overrides=overrides).name
+        tasks = [(name, app) for app in trace.apps]
+        if jobs > 1 and len(tasks) > 1:
+            tasks.sort(key=lambda task: -len(trace.apps[task[1]]))
+            results = _in_workers(job, tasks, jobs)
+        else:
+            results = []
+            for task in tasks:
+                if progress is not None:
+                    progress(label, task[1])
+                results.append(_replay(job, task))
         report.strategies.append(label)
-        report.stats[label] = per_app
+        per_app = {stats.app: stats for stats in results}
+        report.stats[label] = {app: per_app[app] for app in trace.apps}
     return report
+
+
+_Job: TypeAlias = tuple[
+    Trace, Callable[[str], AppConfig], Timings, float, bool, dict[str, Any] | None
+]
+"""The trace and the knobs of a replay: (trace, config_for, timings, horizon, skip_idle,
+overrides)."""
+_WORKERS_JOB: _Job | None = None
+"""Set before a pool forks, so that its workers need not unpickle the trace."""
+
+
+def _replay(job: _Job, task: tuple[str, str]) -> Stats:
+    """One app under one strategy: ``task`` is (strategy, app)."""
+    trace, config_for, timings, end, skip_idle, overrides = job
+    name, app = task
+    strategy = make_strategy(name, timings, skip_idle=skip_idle, overrides=overrides)
+    return AppSim(app, trace.apps[app], config_for(app), timings, strategy, end).run()
+
+
+def _in_workers(job: _Job, tasks: list[tuple[str, str]], jobs: int) -> list[Stats]:
+    global _WORKERS_JOB
+    _WORKERS_JOB = job
+    try:
+        ctx = multiprocessing.get_context("fork")  # the workers inherit _WORKERS_JOB
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            return list(pool.map(_replay_in_worker, tasks))
+    finally:
+        _WORKERS_JOB = None
+
+
+def _replay_in_worker(task: tuple[str, str]) -> Stats:
+    assert _WORKERS_JOB is not None
+    return _replay(_WORKERS_JOB, task)
 
 
 def summary(stats: Stats) -> dict[str, Any]:

@@ -12,7 +12,10 @@ import pytest
 
 from autoscaler.cli import build_parser, main
 from autoscaler.sim.command import parse_overrides
+from autoscaler.sim.generate import generate
 from autoscaler.sim.model import Timings
+from autoscaler.sim.run import config_resolver, simulate
+from autoscaler.sim.trace import Trace
 
 BUNDLED = ("steady-2h", "diurnal-24h", "bursty-24h", "sparse-24h")
 
@@ -45,6 +48,27 @@ def test_json_has_every_strategy_per_app_and_in_total(capsys: pytest.CaptureFixt
         "woken_pct", "wait_p50_s", "wait_p99_s", "wait_max_s", "machine_s_suspended",
         "peak_machines", "api_actions",
     }  # fmt: skip
+
+
+def test_apps_replayed_in_worker_processes_give_the_same_figures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    trace = Trace()
+    for t, app, duration in generate("azure-like", seed=3, hours=2):
+        trace.apps.setdefault(app, []).append((t, duration))
+    assert len(trace.apps) > 10
+    names = ["adaptive", "fly-autostop"]
+    serial = simulate(trace, config_resolver({}, {}), Timings(), names)
+    parallel = simulate(trace, config_resolver({}, {}), Timings(), names, jobs=3)
+    assert parallel.strategies == serial.strategies == names
+    for name in names:  # the same figures, in the trace's order of apps
+        assert list(parallel.stats[name].items()) == list(serial.stats[name].items())
+    argv = ["simulate", "--generate", "azure-like", "--seed", "3", "--hours", "2"]
+    argv += ["--strategies", ",".join(names), "--format", "json"]
+    assert main(argv) == 0
+    alone = capsys.readouterr().out
+    assert main([*argv, "--jobs", "3"]) == 0
+    assert capsys.readouterr().out == alone
 
 
 def test_csv_and_table_with_knobs_and_a_subset(capsys: pytest.CaptureFixture[str]) -> None:
