@@ -3,7 +3,7 @@
 ``AUTOSCALER_COMPILE=1 pip install .`` compiles the modules every proxied request runs
 through, the policy and the simulator's replay loop into C extensions (mypyc, the compiler
 mypy and black ship with); the proxy then runs about half the instructions per request, and
-``autoscaler simulate`` replays about twice as fast (docs/benchmarks.md). Without it the
+``autoscaler simulate`` replays 1.7-1.8 times as fast (docs/benchmarks.md). Without it the
 package is pure Python; the code is the same either way, and so is the behaviour (CI runs
 the whole suite on both builds). Compiling needs a C compiler and the Python headers.
 """

@@ -160,7 +160,8 @@ def simulate(
     jobs: int = 1,
 ) -> Report:
     """Replay ``trace`` under each strategy; ``horizon`` defaults to the trace's end.
-    ``jobs`` > 1: that many worker processes replay the apps, the busiest first."""
+    ``jobs`` > 1: that many worker processes replay the apps, the busiest first (then
+    ``progress``, told of each app as its replay begins, is not called)."""
     end = trace.end if horizon is None else horizon
     report = Report(end, timings, apps=list(trace.apps))
     job: _Job = (trace, config_for, timings, end, skip_idle, overrides)
