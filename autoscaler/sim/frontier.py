@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from autoscaler.config import AppConfig
 from autoscaler.sim.model import Stats, Timings
-from autoscaler.sim.run import simulate
+from autoscaler.sim.run import fork_map, simulate
 from autoscaler.sim.trace import Trace
 
 _ADAPTIVE_COSTS = (
@@ -71,13 +69,11 @@ def _run_spec(strategy: str, value: float) -> tuple[str, dict[str, Any]]:
     return f"{strategy}-{value:g}s", {}
 
 
-# The trace and the knobs, set before a pool forks so that workers need not unpickle them.
-_JOB: tuple[Trace, Callable[[str], AppConfig], Timings] | None = None
-
-
-def _run(task: tuple[str, float]) -> tuple[Point, dict[str, Stats]]:
-    assert _JOB is not None
-    trace, config_for, timings = _JOB
+def _run(
+    job: tuple[Trace, Callable[[str], AppConfig], Timings], task: tuple[str, float]
+) -> tuple[Point, dict[str, Stats]]:
+    """One point: the trace replayed under one strategy at one knob value."""
+    trace, config_for, timings = job
     strategy, value = task
     name, overrides = _run_spec(strategy, value)
     report = simulate(trace, config_for, timings, [name], overrides=overrides)
@@ -136,7 +132,6 @@ def sweep(
     progress: Callable[[str], None] | None = None,
 ) -> Frontier:
     """Replay ``trace`` at every swept knob value of each strategy."""
-    global _JOB
     tasks: list[tuple[str, float]] = []
     for name in strategies:
         if name not in SWEEPS:
@@ -146,22 +141,15 @@ def sweep(
         tasks.extend((name, v) for v in SWEEPS[name][1])
     if BASELINE not in strategies:
         tasks.extend((BASELINE, v) for v in BASELINE_INTERVALS)
-    _JOB = (trace, config_for, timings)
-    try:
-        results: Iterable[tuple[Point, dict[str, Stats]]]
-        if jobs > 1:
-            ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                results = list(pool.map(_run, tasks))
-        else:
-            done = []
-            for task in tasks:
-                if progress is not None:
-                    progress(f"{task[0]} {SWEEPS[task[0]][0]}={task[1]:g}")
-                done.append(_run(task))
-            results = done
-    finally:
-        _JOB = None
+    job = (trace, config_for, timings)
+    if jobs > 1:
+        results = fork_map(_run, job, tasks, jobs)
+    else:
+        results = []
+        for task in tasks:
+            if progress is not None:
+                progress(f"{task[0]} {SWEEPS[task[0]][0]}={task[1]:g}")
+            results.append(_run(job, task))
     frontier = Frontier([], {}, trace.end)
     for point, stats in results:
         frontier.points.append(point)

@@ -9,10 +9,10 @@ can also be replayed in worker processes (``jobs``), with the same figures.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from autoscaler.config import AppConfig
 from autoscaler.sim.baselines import AlwaysOn, FixedKeepalive, FlyAutostop
@@ -170,7 +170,7 @@ def simulate(
         tasks = [(name, app) for app in trace.apps]
         if jobs > 1 and len(tasks) > 1:
             tasks.sort(key=lambda task: -len(trace.apps[task[1]]))
-            results = _in_workers(job, tasks, jobs)
+            results = fork_map(_replay, job, tasks, jobs)
         else:
             results = []
             for task in tasks:
@@ -188,8 +188,6 @@ _Job: TypeAlias = tuple[
 ]
 """The trace and the knobs of a replay: (trace, config_for, timings, horizon, skip_idle,
 overrides)."""
-_WORKERS_JOB: _Job | None = None
-"""Set before a pool forks, so that its workers need not unpickle the trace."""
 
 
 def _replay(job: _Job, task: tuple[str, str]) -> Stats:
@@ -200,20 +198,31 @@ def _replay(job: _Job, task: tuple[str, str]) -> Stats:
     return AppSim(app, trace.apps[app], config_for(app), timings, strategy, end).run()
 
 
-def _in_workers(job: _Job, tasks: list[tuple[str, str]], jobs: int) -> list[Stats]:
-    global _WORKERS_JOB
-    _WORKERS_JOB = job
+_S = TypeVar("_S")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_FORKED: tuple[Callable[[Any, Any], Any], Any] | None = None
+"""What ``fork_map``'s workers call, and what they share: set before the pool forks."""
+
+
+def fork_map(fn: Callable[[_S, _T], _R], shared: _S, tasks: Sequence[_T], jobs: int) -> list[_R]:
+    """``fn(shared, task)`` for each task, in ``jobs`` forked worker processes; the results
+    in the tasks' order. ``shared`` (a trace, the knobs) reaches the workers by the fork,
+    not pickled; tasks and results are pickled. The caller must not run threads."""
+    global _FORKED
+    _FORKED = (fn, shared)
     try:
-        ctx = multiprocessing.get_context("fork")  # the workers inherit _WORKERS_JOB
+        ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            return list(pool.map(_replay_in_worker, tasks))
+            return list(pool.map(_call_forked, tasks))
     finally:
-        _WORKERS_JOB = None
+        _FORKED = None
 
 
-def _replay_in_worker(task: tuple[str, str]) -> Stats:
-    assert _WORKERS_JOB is not None
-    return _replay(_WORKERS_JOB, task)
+def _call_forked(task: Any) -> Any:
+    assert _FORKED is not None
+    fn, shared = _FORKED
+    return fn(shared, task)
 
 
 def summary(stats: Stats) -> dict[str, Any]:
@@ -258,4 +267,12 @@ def config_resolver(
     return resolve
 
 
-__all__ = ["STRATEGIES", "Report", "config_resolver", "quantile", "simulate", "summary"]
+__all__ = [
+    "STRATEGIES",
+    "Report",
+    "config_resolver",
+    "fork_map",
+    "quantile",
+    "simulate",
+    "summary",
+]

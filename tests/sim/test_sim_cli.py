@@ -89,6 +89,12 @@ def test_apps_replayed_in_worker_processes_give_the_same_figures(
     assert main(argv) == 0
     alone = capsys.readouterr().out
     assert _in_a_process_of_its_own("-m", "autoscaler", *argv, "--jobs", "3") == alone
+    # The frontier's knob values go to the same workers (sim/run.py, fork_map).
+    sweep = ["-m", "autoscaler", "simulate", "--generate", "timers", "--hours", "2"]
+    sweep += ["--frontier", "--strategies", "autoscaler", "--format", "json"]
+    frontier = json.loads(_in_a_process_of_its_own(*sweep))
+    assert len(frontier["points"]) > 5
+    assert json.loads(_in_a_process_of_its_own(*sweep, "--jobs", "2")) == frontier
 
 
 def test_csv_and_table_with_knobs_and_a_subset(capsys: pytest.CaptureFixture[str]) -> None:
