@@ -248,6 +248,8 @@ class AdminServer:
         if request.query.get("control", "") not in ("", "0", "false"):
             problems = problems + self.control_problems()
         if problems:
+            # Problems quote API errors: the same redaction as /status (readiness is open).
+            problems = self._redactor.scrub(problems)
             return web.json_response({"status": "not ready", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,7 +34,12 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 DEFAULT_CONFIG_PATH = Path("config/autoscaler.yaml")
 CONFIG_ENV = "AUTOSCALER_CONFIG"
@@ -43,6 +50,27 @@ EMBEDDED = "embedded"  # fly.api_url: the embedded emulator, asked for explicitl
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _token(value: SecretStr | None) -> SecretStr | None:
+    """A token as an HTTP header carries it: whitespace around it (the newline at the end
+    of a file, or of a YAML ``|`` block) dropped; an empty one, or one with characters a
+    header cannot carry, refused. The message never shows the value."""
+    if value is None:
+        return None
+    text = value.get_secret_value().strip()
+    if not text:
+        raise ValueError("expected a token, got an empty value (leave the key out for none)")
+    if not (text.isascii() and text.isprintable()):
+        raise ValueError(
+            "the token has characters an HTTP header cannot carry (control characters or"
+            " non-ASCII); value not shown"
+        )
+    return SecretStr(text)
+
+
+Token = Annotated[SecretStr | None, AfterValidator(_token)]
+"""A secret sent as an HTTP header (``_token``)."""
 
 
 def parse_duration(value: object) -> object:
@@ -69,7 +97,7 @@ def parse_duration(value: object) -> object:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
 
 # The share of the buffer budget a client connection is reckoned at when
 # ``proxy.max_connections`` is left to its default. (An idle connection costs about 6 KiB
@@ -132,11 +160,11 @@ class FlySettings(_Model):
         "http://_api.internal:4280), or `embedded` for the embedded emulator; "
         "`autoscaler run` refuses to start without it unless given --emulator",
     )
-    token: SecretStr | None = Field(
+    token: Token = Field(
         default=None, description="API token; FLY_API_TOKEN in the environment overrides it"
     )
     org_slug: str = Field(default="personal", description="organization slug for app listings")
-    timeout_s: Seconds = Field(default=30.0, description="timeout of one API request")
+    timeout_s: Seconds = Field(default=30.0, gt=0, description="timeout of one API request")
     rate_limit: bool = Field(
         default=True, description="client-side token buckets at Fly's documented limits"
     )
@@ -196,11 +224,13 @@ class ProxySettings(_Model):
     )
     client_timeout_s: Seconds = Field(
         default=60.0,
+        gt=0,
         description="a client that sends nothing, or takes nothing, for this long is disconnected",
     )
-    connect_timeout_s: Seconds = Field(default=5.0, description="connecting to a machine")
+    connect_timeout_s: Seconds = Field(default=5.0, gt=0, description="connecting to a machine")
     upstream_timeout_s: Seconds = Field(
         default=60.0,
+        gt=0,
         description=(
             "waiting for a machine's response headers (504 after), or for it to take or"
             " send more of a body"
@@ -276,7 +306,7 @@ class AdminSettings(_Model):
     listen: Listen = Field(
         default="127.0.0.1:9091", description="address of /metrics, /healthz, /readyz, /status"
     )
-    token: SecretStr | None = Field(
+    token: Token = Field(
         default=None,
         description="bearer token required by /status and mutating endpoints; needed when "
         "admin.listen is not a loopback address (start-up refuses otherwise)",
@@ -570,12 +600,14 @@ def _parse_span(value: object) -> object:
         lo, hi = (parse_duration(v) for v in value)
         if not isinstance(lo, float) or not isinstance(hi, float):
             raise ValueError(f"expected numbers in the range [lo, hi], got {list(value)!r}")
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"expected finite seconds in the range [lo, hi], got {list(value)!r}")
         if lo < 0 or hi < lo:
             raise ValueError(f"expected a range [lo, hi] with 0 <= lo <= hi, got {list(value)!r}")
         return (lo, hi)
     value = parse_duration(value)
-    if isinstance(value, float) and value < 0:
-        raise ValueError(f"expected seconds >= 0, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"expected finite seconds >= 0, got {value!r}")
     return value
 
 
@@ -650,7 +682,7 @@ class EmulatorApp(_Model):
 
 class EmulatorSettings(_Model):
     listen: Listen = Field(default="127.0.0.1:4280", description="address of the emulated API")
-    token: SecretStr | None = Field(
+    token: Token = Field(
         default=None, description="API token it accepts (EMULATOR_TOKEN; a default is printed)"
     )
     state_file: Path | None = Field(default=None, description="apps and machines kept here")
@@ -662,6 +694,7 @@ class EmulatorSettings(_Model):
     )
     boot_timeout_s: Seconds = Field(
         default=30.0,
+        gt=0,
         description=(
             "a machine whose port does not open by then is failed (`timing.listen_s` 0 only)"
         ),
@@ -684,6 +717,15 @@ class EmulatorSettings(_Model):
     seed_wait_limits: bool = Field(
         default=False, description="/wait as the seed has it: timeout up to 300 s, no version"
     )
+
+    @field_validator("apps")
+    @classmethod
+    def _apps_unique(cls, apps: list[EmulatorApp]) -> list[EmulatorApp]:
+        names = [a.name for a in apps]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"expected each app once, got {', '.join(twice)} more than once")
+        return apps
 
     def effective_timing(self) -> Timing:
         """Precedence: ``timing.*``, then the older knobs, then the profile."""
@@ -865,6 +907,26 @@ def config_path(cli_path: str | os.PathLike[str] | None, env: Mapping[str, str])
     return DEFAULT_CONFIG_PATH
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML
+    keeps the last one, and the first would be lost without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The file's top-level mapping; a syntax error names its line and column."""
     try:
@@ -874,11 +936,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError([f"{path}{where}: YAML syntax error: {exc.problem or exc}"]) from None
+        what = "error" if isinstance(exc, yaml.constructor.ConstructorError) else "syntax error"
+        raise ConfigError([f"{path}{where}: YAML {what}: {exc.problem or exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: YAML error: {exc}"]) from None
     if data is None:
@@ -888,6 +951,27 @@ def read_yaml(path: Path) -> dict[str, Any]:
             [f"{path}: expected a mapping of sections at the top, got {type(data).__name__}"]
         )
     return data
+
+
+def _env_typos(names: Iterable[str]) -> list[str]:
+    """Variables that name a section's key with one underscore where two nest
+    (``AUTOSCALER_CONTROL_TICK_S``): pydantic-settings ignores them, and the knob the user
+    meant to set would keep its value without a word."""
+    problems = []
+    for name in names:
+        rest = name.upper().removeprefix("AUTOSCALER_")
+        for section, field in Settings.model_fields.items():
+            head = f"{section.upper()}_"
+            model = field.annotation
+            if not (rest.startswith(head) and not rest.startswith(head + "_")):
+                continue
+            key = rest.removeprefix(head).lower()
+            if isinstance(model, type) and key in getattr(model, "model_fields", {}):
+                problems.append(
+                    f"environment: {name}: not a setting (did you mean"
+                    f" AUTOSCALER_{section.upper()}__{key.upper()}? Two underscores nest)"
+                )
+    return problems
 
 
 def load_settings(
@@ -916,6 +1000,9 @@ def load_settings(
     base = _deep_merge(data, token_layer)
     env_vars = {k: v for k, v in environ.items() if k.upper().startswith("AUTOSCALER_")}
     env_vars.pop(CONFIG_ENV, None)
+    typos = _env_typos(env_vars)
+    if typos:
+        raise ConfigError(typos)
 
     class _Bound(Settings):
         @classmethod
@@ -940,6 +1027,14 @@ def load_settings(
 
     try:
         settings = _Bound(**dict(overrides or {}))
+    except SettingsError as exc:
+        # pydantic-settings decodes a list or a section given in one variable as JSON.
+        raise ConfigError(
+            [
+                f"environment: {exc}: a list or a section set by one variable is JSON"
+                """ (AUTOSCALER_PROXY__TRUSTED_PROXIES='["10.0.0.1"]')"""
+            ]
+        ) from None
     except ValidationError as exc:
         lines = format_errors(exc)
         checked_across = any(

@@ -57,7 +57,8 @@ def _get(base_url: str, path: str, token: str | None, timeout_s: float, accept: 
         raise StatusError(f"expected an http:// or https:// admin URL, got {base_url!r}")
     request = urllib.request.Request(url, headers={"Accept": accept})  # noqa: S310 - scheme checked above
     if token:
-        request.add_header("Authorization", f"Bearer {token}")
+        # Not passed on by a redirect: another host must never see the token.
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # noqa: S310 - scheme checked above
             body: bytes = resp.read()

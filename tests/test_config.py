@@ -220,3 +220,93 @@ def test_emulator_token_from_the_environment(tmp_path: Path) -> None:
     assert settings.emulator.token is not None
     assert settings.emulator.token.get_secret_value() == "env-emu-token"
     assert "env-emu-token" in settings.secrets()
+
+
+def test_a_token_loses_the_newline_a_file_ends_with_and_bad_ones_are_refused(
+    tmp_path: Path,
+) -> None:
+    # A YAML "|" block, or a token file read into FLY_API_TOKEN, ends with a newline: sent
+    # as it is, every call failed with the header (token and all) in the error.
+    path = write(tmp_path, "fly:\n  token: |\n    FlyV1 fm2_s3cr3t\nadmin: {token: ' adm1n '}\n")
+    settings, _ = load_settings(path, env={})
+    assert settings.fly.token is not None
+    assert settings.fly.token.get_secret_value() == "FlyV1 fm2_s3cr3t"
+    assert settings.admin.token is not None
+    assert settings.admin.token.get_secret_value() == "adm1n"
+    settings, _ = load_settings(path, env={"FLY_API_TOKEN": "env-t0ken\n"})
+    assert settings.fly.token is not None
+    assert settings.fly.token.get_secret_value() == "env-t0ken"
+    for bad in ['"in\\x01side-s3cr3t"', '"caf\\xe9-s3cr3t"']:
+        with pytest.raises(ConfigError) as info:
+            load_settings(write(tmp_path, f"fly: {{token: {bad}}}\n"), env={})
+        (line,) = info.value.problems
+        assert "fly.token: the token has characters an HTTP header cannot carry" in line
+        assert "s3cr3t" not in line
+
+
+@pytest.mark.parametrize("value", ['""', "'   '"])
+def test_an_empty_admin_token_is_refused_not_taken_for_none(tmp_path: Path, value: str) -> None:
+    # An empty token read as "no token" would open /status on 0.0.0.0 to the network.
+    path = write(tmp_path, f"admin: {{listen: '0.0.0.0:9091', token: {value}}}\n")
+    with pytest.raises(ConfigError, match=r"admin.token: expected a token, got an empty value"):
+        load_settings(path, env={})
+    with pytest.raises(ConfigError, match=r"admin.token: expected a token"):
+        load_settings(write(tmp_path, "{}\n", "e.yaml"), env={"AUTOSCALER_ADMIN__TOKEN": ""})
+
+
+def test_a_key_given_twice_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    # PyYAML keeps the last of two equal keys: the first value would be lost silently.
+    text = "control: {tick_s: 2}\napps:\n  - name: web\n    min_machines: 2\n    min_machines: 0\n"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env={})
+    (line,) = info.value.problems
+    assert line.endswith(":5:5: YAML error: found duplicate key 'min_machines'")
+    text = "control: {tick_s: 2}\ncontrol: {idle_poll_s: 30}\n"
+    with pytest.raises(ConfigError, match=r":2:1: YAML error: found duplicate key 'control'"):
+        load_settings(write(tmp_path, text), env={})
+
+
+def test_environment_mistakes_are_config_errors(tmp_path: Path) -> None:
+    empty = write(tmp_path, "{}\n")
+    # Not JSON where a list or a section is expected: a clear line, not a traceback.
+    not_json = [("AUTOSCALER_APPS", "web"), ("AUTOSCALER_PROXY__TRUSTED_PROXIES", "1.2.3.4")]
+    for name, value in not_json:
+        with pytest.raises(ConfigError, match=r"^environment: .* is JSON"):
+            load_settings(empty, env={name: value})
+    # One underscore where two nest: the knob would keep its value without a word.
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            empty, env={"AUTOSCALER_CONTROL_TICK_S": "2", "AUTOSCALER_FLY_TIMEOUT_S": "1"}
+        )
+    assert sorted(info.value.problems) == [
+        "environment: AUTOSCALER_CONTROL_TICK_S: not a setting (did you mean"
+        " AUTOSCALER_CONTROL__TICK_S? Two underscores nest)",
+        "environment: AUTOSCALER_FLY_TIMEOUT_S: not a setting (did you mean"
+        " AUTOSCALER_FLY__TIMEOUT_S? Two underscores nest)",
+    ]
+    # Variables of ours that are not settings stay allowed.
+    load_settings(empty, env={"AUTOSCALER_EMULATOR_SESSION": "x", "AUTOSCALER_COMPILE": "1"})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("fly: {timeout_s: 0}", "fly.timeout_s"),
+     ("proxy: {connect_timeout_s: 0}", "proxy.connect_timeout_s"),
+     ("proxy: {upstream_timeout_s: 0}", "proxy.upstream_timeout_s"),
+     ("proxy: {client_timeout_s: 0}", "proxy.client_timeout_s"),
+     ("emulator: {boot_timeout_s: 0}", "emulator.boot_timeout_s"),
+     ("control: {tick_s: .inf}", "control.tick_s"),
+     ("apps: [{name: a, idle_to_zero_s: .nan}]", "apps[0].idle_to_zero_s"),
+     ("emulator: {timing: {start_s: .nan}}", "emulator.timing.start_s"),
+     ("emulator: {timing: {start_s: [1, .inf]}}", "emulator.timing.start_s"),
+     ("emulator: {timing: {start_s: [.nan, .nan]}}", "emulator.timing.start_s")],
+)  # fmt: skip
+def test_timeouts_of_zero_and_seconds_not_finite_are_refused(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    # Each validated before and failed later: every API call timed out, every machine
+    # start ended failed without a word, or a loop slept for good.
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text + "\n"), env={})
+    (line,) = info.value.problems
+    assert line.split(": ", 1)[1].startswith(f"{key}: ")

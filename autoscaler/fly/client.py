@@ -118,6 +118,14 @@ class MachinesClient(Operations):
         org_limit: Limit | None = DEFAULT_ORG_LIMIT,
     ) -> None:
         secret = token.get_secret_value() if isinstance(token, SecretStr) else token
+        # As a header carries it: the newline a token file ends with would make every call
+        # fail with the header, token and all, in the error (config.py strips it too).
+        secret = secret.strip() if secret else None
+        if secret and not (secret.isascii() and secret.isprintable()):
+            raise ValueError(
+                "token: has characters an HTTP header cannot carry (control characters or"
+                " non-ASCII); value not shown"
+            )
         self._secrets = (secret,) if secret else ()
         for s in self._secrets:
             redactor().add(s)  # belt and braces: the token is never logged anyway

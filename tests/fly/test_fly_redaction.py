@@ -95,3 +95,15 @@ def test_client_repr_has_no_token() -> None:
     assert TOKEN not in repr(api)
     assert TOKEN not in str(api)
     assert TOKEN not in repr(api._http)
+
+
+async def test_a_token_is_sent_without_the_newline_its_file_ended_with() -> None:
+    # Sent with it, httpx refused the header and the error quoted it, token and all.
+    script = Script([httpx.Response(200, json=[])])
+    api = make_client(script, token="fly-s3cr3t\n")
+    await api.list_machines("web")
+    assert script.last.headers["authorization"] == "Bearer fly-s3cr3t"
+    await api.aclose()
+    with pytest.raises(ValueError, match="characters an HTTP header cannot carry") as info:
+        make_client(script, token="fly-\x01s3cr3t")
+    assert "s3cr3t" not in str(info.value)

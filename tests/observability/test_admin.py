@@ -353,3 +353,26 @@ async def test_start_and_stop_on_loopback() -> None:
         await server.stop()
     with pytest.raises(RuntimeError):
         _ = server.address
+
+
+async def test_readiness_problems_are_redacted_as_status_is(aiohttp_client: MakeClient) -> None:
+    # /readyz needs no token and quotes the API's errors: a secret in one must not get out.
+    clock = FakeClock()
+    error = "list_machines: LocalProtocolError: Illegal header value b'Bearer fly-s3cr3t'"
+    provider = FakeController(
+        apps=[FakeAppStatus(app="a", last_error=error, machines=(FakeMachine("m1", "started"),))],
+        last_tick_at=clock.now,
+    )
+    server = AdminServer(
+        AdminSettings(listen="127.0.0.1:9091"),
+        Metrics(CollectorRegistry()),
+        provider,
+        secrets=["fly-s3cr3t"],
+        clock=clock,
+    )
+    client = await aiohttp_client(server.build_app())
+    resp = await client.get("/readyz?control=1")
+    assert resp.status == 503
+    text = await resp.text()
+    assert "Machines API unreachable: list_machines: LocalProtocolError" in text
+    assert "fly-s3cr3t" not in text

@@ -304,3 +304,38 @@ async def test_watch_keeps_going_when_the_admin_server_goes_away(tmp_path: Path)
     assert code == 0
     assert "autoscaler status: " in out.getvalue()
     assert "cannot connect" in out.getvalue()
+
+
+async def test_the_token_does_not_follow_a_redirect(tmp_path: Path) -> None:
+    # urllib passes headers added with add_header on to wherever a redirect points.
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"apps": []})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{other[1]}/status")
+
+    runners = []
+    for handler in (elsewhere, redirect):
+        app = web.Application()
+        app.router.add_get("/status", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+    other = runners[0].addresses[0]
+    first = runners[1].addresses[0]
+    try:
+        err = io.StringIO()
+        await asyncio.to_thread(
+            run_status, f"http://127.0.0.1:{first[1]}", write_config(tmp_path, TOKEN), err=err
+        )
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert seen == [None]
