@@ -7,6 +7,7 @@ a function that runs it (imported lazily, so ``autoscaler --help`` stays fast).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -227,7 +228,9 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from autoscaler.demo import main as demo_main
 
-    if args.duration <= 0 or (args.machines is not None and args.machines < 1):
+    if not (math.isfinite(args.duration) and args.duration > 0) or (
+        args.machines is not None and args.machines < 1
+    ):
         print("autoscaler demo: --duration and --machines must be positive", file=sys.stderr)
         return 2
     return demo_main(

@@ -66,6 +66,15 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("duration", ["nan", "0", "-1"])
+def test_demo_refuses_a_duration_that_is_not_a_positive_number(
+    duration: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # NaN passed "<= 0" and crashed in the event loop's call_later, after the start-up.
+    assert main(["demo", "--duration", duration]) == 2
+    assert "--duration and --machines must be positive" in capsys.readouterr().err
+
+
 def test_run_without_a_machines_api_exits_2_and_says_why(tmp_path: Path) -> None:
     config = tmp_path / "prod.yaml"
     config.write_text("apps: [{name: web, hosts: [web.test]}]\n")

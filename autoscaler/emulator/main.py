@@ -58,14 +58,20 @@ _REGIONS_RE = re.compile(r"^[a-z]{3}(,[a-z]{3})*$")
 
 def _app_flag(text: str) -> dict[str, Any]:
     """``--app demo=2``, ``--app demo=2:autoscaler/demo-app`` or ``--app demo=4@iad,cdg``
-    (machines spread over the regions round-robin; the image may carry a tag)."""
-    name, _, rest = text.partition("=")
+    (machines spread over the regions round-robin; the image may carry a tag or a digest)."""
+    name, eq, rest = text.partition("=")
     head, at, tail = rest.rpartition("@")
     regions: list[str] = []
-    if at and _REGIONS_RE.match(tail):  # else the "@" belongs to an image digest
+    if at and _REGIONS_RE.match(tail):
         rest, regions = head, tail.split(",")
+    elif at and not tail.startswith("sha256:"):  # an "@" that is no image digest
+        raise ConfigError(
+            [f"--app {text}: expected regions like iad,cdg after @ (three lowercase letters)"]
+        )
     count, _, image = rest.partition(":")
-    out: dict[str, Any] = {"name": name, "machines": int(count) if count.isdigit() else 1}
+    if not (name and eq and count.isdigit() and count.isascii()):
+        raise ConfigError([f"--app {text}: expected NAME=N[:IMAGE][@REGION,...], N a number"])
+    out: dict[str, Any] = {"name": name, "machines": int(count)}
     if image:
         out["image"] = image
     if regions:

@@ -8,6 +8,7 @@ or flag (with one line saying what was expected and what was found).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -114,8 +115,10 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
     )
     if args.max_apps is not None and args.max_apps < 1:
         raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")
-    if args.duration_ms <= 0:
+    if not (math.isfinite(args.duration_ms) and args.duration_ms > 0):
         raise ValueError(f"--duration-ms: expected a number > 0, got {args.duration_ms:g}")
+    if args.horizon_s is not None and not (math.isfinite(args.horizon_s) and args.horizon_s > 0):
+        raise ValueError(f"--horizon-s: expected a number > 0, got {args.horizon_s:g}")
     if args.generate:
         trace = from_rows(_generated(args)).pick(args.app, args.max_apps)
     else:

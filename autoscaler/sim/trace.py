@@ -137,7 +137,6 @@ def read_csv(path: Path) -> Trace:
         if {"t", "app", "duration"} <= set(header):
             it, ia, id_ = header.index("t"), header.index("app"), header.index("duration")
             body: Iterator[list[str]] = rows
-            line = 1
         else:
             try:
                 float(first[0])
@@ -147,10 +146,9 @@ def read_csv(path: Path) -> Trace:
                 ) from None
             it, ia, id_ = 0, 1, 2
             body = itertools.chain([first], rows)
-            line = 0
         width = max(it, ia, id_) + 1
         for row in body:
-            line += 1
+            line = rows.line_num  # the file's line (a quoted field may span several)
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if len(row) < width:
@@ -158,6 +156,8 @@ def read_csv(path: Path) -> Trace:
             app = row[ia].strip()
             if not app:
                 raise TraceError(f"{path}:{line}: app: expected a name, got an empty field")
+            if not app.isprintable():
+                raise TraceError(f"{path}:{line}: app: expected a name on one line, got {app!r}")
             t = _number(row[it], path, line, "t")
             duration = _number(row[id_], path, line, "duration")
             reqs = apps.get(app)
@@ -187,7 +187,8 @@ def read_azure(
                 f"{path}:1: expected the Azure header {', '.join(AZURE_KEY_COLUMNS)}, 1..1440"
             )
         minutes = len(header) - 4
-        for line, row in enumerate(rows, start=2):
+        for row in rows:
+            line = rows.line_num
             if not row:
                 continue
             if len(row) != len(header):
@@ -199,11 +200,14 @@ def read_azure(
             for m, text in enumerate(row[4:]):
                 if text and text != "0":
                     try:
-                        per_minute[m] += int(text)
+                        count = int(text)
                     except ValueError:
+                        count = -1
+                    if count < 0:
                         raise TraceError(
-                            f"{path}:{line}: minute {m + 1}: expected a count, got {text!r}"
-                        ) from None
+                            f"{path}:{line}: minute {m + 1}: expected a count >= 0, got {text!r}"
+                        )
+                    per_minute[m] += count
     totals = {app: sum(per_minute) for app, per_minute in counts.items()}
     totals = {app: n for app, n in totals.items() if n}
     apps: dict[str, list[Request]] = {}

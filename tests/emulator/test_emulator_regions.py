@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
+import pytest
 from emu_helpers import create_app, create_machine, session, wait_ok
 
-from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.config import ConfigError, EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.main import settings_from
 
@@ -76,6 +78,25 @@ def test_the_app_flag_takes_regions_and_keeps_image_tags_and_digests() -> None:
         "raw": (1, "img@sha256:abc", []),
         "plain": (3, DEMO, []),
     }
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("web=2@IAD", "expected regions like iad,cdg after @"),
+     ("web=three", "expected NAME=N[:IMAGE][@REGION,...]"),
+     ("web=-2", "expected NAME=N"),
+     ("web=1.5", "expected NAME=N"),
+     ("web", "expected NAME=N"),
+     ("=2", "expected NAME=N")],
+)  # fmt: skip
+def test_a_bad_app_flag_is_an_error_not_one_machine(flag: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"--app {flag}: {message}")):
+        settings_from(None, environ={}, apps=[flag])
+
+
+def test_an_app_given_twice_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"emulator\.apps: expected each app once, got web"):
+        settings_from(None, environ={}, apps=["web=1", "web=2"])
 
 
 async def test_start_up_apps_spread_their_machines_over_the_regions() -> None:

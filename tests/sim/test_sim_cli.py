@@ -157,6 +157,10 @@ def test_generate_without_out_replays_the_trace(
         (["--generate", "sawtooth", "--out", "x.csv"], "expected one of"),
         (["--generate", "steady", "--trace", "x.csv"], "not both"),
         (["--out", "y.csv"], "--out: only with --generate"),
+        # NaN passed "<= 0" checks: a replay of nan hours and 0 requests, exit 0.
+        (["--duration-ms", "nan"], "--duration-ms: expected a number > 0"),
+        (["--horizon-s", "-5"], "--horizon-s: expected a number > 0"),
+        (["--horizon-s", "nan"], "--horizon-s: expected a number > 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

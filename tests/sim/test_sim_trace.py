@@ -41,6 +41,10 @@ def test_csv_without_header(tmp_path: Path) -> None:
         ("t,app,duration\n-1,a,1\n", "t.csv:2: t: expected a finite number >= 0"),
         ("when,who\n1,a\n", "t.csv:1: expected a header with columns t, app, duration"),
         ("t,app,duration\n1,,1\n", "t.csv:2: app: expected a name"),
+        # The file's line, past a quoted field on two lines; a name on one line only.
+        ('t,app,duration\n1,"a\nb",1\n', "t.csv:3: app: expected a name on one line"),
+        ('t,app,duration\n1,"a\nb",1\n2,a,x\n', "t.csv:3: app"),
+        ('t,app,duration\n1,a,"1\n"\n2,a,x\n', "t.csv:4: duration: expected a number"),
     ],
 )
 def test_csv_errors_name_file_line_and_column(tmp_path: Path, text: str, expected: str) -> None:
@@ -90,6 +94,10 @@ def test_azure_bad_rows(tmp_path: Path) -> None:
         read_azure(_azure(tmp_path, [["o", "a", "f", "http", "0", "x", "0"]]), 0.1)
     with pytest.raises(TraceError, match="expected 7 columns"):
         read_azure(_azure(tmp_path, [["o", "a", "f", "http", "0"]]), 0.1)
+    # A negative count would silently take requests away from the minute.
+    with pytest.raises(TraceError, match=r":3: minute 2: expected a count >= 0, got '-3'"):
+        read_azure(_azure(tmp_path, [["o", "a", "f", "http", "5", "1", "2"],
+                                     ["o", "a", "f", "http", "5", "-3", "2"]]), 0.1)  # fmt: skip
 
 
 def test_only_and_busiest() -> None:
