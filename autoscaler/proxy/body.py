@@ -237,6 +237,8 @@ class Body:
         return self._eof
 
     def feed(self, data: bytes) -> None:
+        if self.cut:
+            return  # ended for its reader: nothing more is kept
         size = len(data)
         self._chunks.append(data)
         self._size += size
@@ -273,7 +275,10 @@ class Body:
         are dropped): a stream from a machine about to sleep ends cleanly."""
         self.cut = True
         self._chunks.clear()
+        if self._budget is not None and self._size:
+            self._budget.sub(self._size)  # else held for good: later uploads would stall
         self._size = 0
+        self._source.resume_reading(self)
         self._wake()
 
     async def read(self) -> bytes:

@@ -5,6 +5,7 @@ load after ``connection_idle_s`` and counts again with its next frame."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -12,7 +13,7 @@ from testkit import until
 
 from autoscaler.control.view import FleetView
 
-from .conftest import Backend, StartProxy, url
+from .conftest import Backend, RawBackend, StartProxy, url
 
 
 def long_lived_app() -> web.Application:
@@ -71,6 +72,38 @@ async def test_a_drain_ends_websockets_with_1001_and_streams_at_a_chunk_boundary
         assert msg.type is WSMsgType.CLOSE
         assert msg.data == 1001
     await until(lambda: view.in_flight == 0, what="both slots given back")
+
+
+async def test_a_stream_ended_for_a_slow_client_leaves_nothing_held(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"2000\r\n" + b"z" * 0x2000 + b"\r\n"
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+
+    addr = await raw_backend(endless)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET /feed HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        # The client reads nothing: the proxy holds what the machine sent meanwhile.
+        await until(lambda: proxy._budget.held > 0, what="bytes held for the slow client")
+        assert proxy.end_long_lived("a", addr) == 1
+        got = b""
+        while not got.endswith(b"\r\n0\r\n\r\n"):
+            data = await reader.read(65536)
+            assert data, "the stream was cut, not ended"
+            got += data
+    finally:
+        writer.close()
+    await until(lambda: fleet.app("a").in_flight == 0, what="the slot given back")
+    assert proxy._budget.held == 0
 
 
 async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(

@@ -69,6 +69,24 @@ async def test_bodies_over_the_budget_pause_their_sources_until_it_drains() -> N
     assert budget.held == 0
 
 
+async def test_a_body_ended_early_gives_its_bytes_back_to_the_budget() -> None:
+    # A drain ends a stream with bytes still unread (a slow client): kept counted, they
+    # held the budget for good, and past three quarters of it every later upload stalled.
+    budget = BufferBudget(100_000)
+    source = Source()
+    body = Body(source, budget)
+    body.feed(b"s" * (BODY_HIGH_WATER + 1))
+    assert body in source.paused_by
+    body.end_early()
+    assert budget.held == 0
+    assert not source.paused_by
+    body.feed(b"more")  # what the machine still sends is not kept
+    assert budget.held == 0
+    assert await body.read() == b""
+    body.drop()
+    assert budget.held == 0
+
+
 async def test_one_body_pauses_at_its_own_high_water_mark() -> None:
     budget = BufferBudget(10 * BODY_HIGH_WATER)
     source = Source()
