@@ -335,8 +335,11 @@ def error_response(
     *,
     close: bool,
     version: str = "1.1",
+    with_body: bool = True,
 ) -> bytes:
-    """A short plain-text answer of the proxy's own."""
+    """A short plain-text answer of the proxy's own; to a HEAD request (``with_body``
+    False) the same head without the body, which the client will not read: sent, it
+    would be taken for the start of the next response on the connection."""
     body = (message + "\n").encode()
     out = [
         f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1"),
@@ -348,7 +351,8 @@ def error_response(
     elif version == "1.0":
         out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
-    out.append(body)
+    if with_body:
+        out.append(body)
     return b"".join(out)
 
 

@@ -621,6 +621,7 @@ class ProxyServer:
                 headers,
                 close=not conn.keeps_alive(request),
                 version=request.version,
+                with_body=request.method != "HEAD",
             )
         )
 

@@ -183,3 +183,21 @@ async def test_an_http_version_other_than_1_0_and_1_1_gets_505(
     assert reply_status(reply) == 505, reply[:200]
     assert reply.endswith(b"HTTP/2.0 is not supported\n")
     assert seen == []
+
+
+async def test_the_proxys_own_errors_to_head_have_no_body(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """A HEAD answered with a body: the client reads no body after a HEAD's head, so the
+    body's bytes would be taken for the start of the next response on the connection."""
+    addr = await backend(seen_app())
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reply = await raw(
+        proxy.port,
+        b"HEAD / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    first, _, rest = reply.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 404 ")
+    assert b"\r\ncontent-length: 35" in first.lower()  # the length a GET's body would have
+    assert rest.startswith(b"HTTP/1.1 200 "), rest[:80]
