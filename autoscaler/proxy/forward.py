@@ -380,7 +380,14 @@ class BodyStream:
     too_large: bool = False
     timed_out: bool = False
     refused: ParseError | None = None  # the body broke HTTP's rules (bad chunking)
+    gone: bool = False  # the client's connection ended before its body did
     received: int = field(default=0)
+
+    @property
+    def failed(self) -> bool:
+        """The body failed on the client's side (what the machine then saw is not its
+        fault: the proxy cut the request off)."""
+        return self.too_large or self.timed_out or self.refused is not None or self.gone
 
     def raise_for_client(self) -> None:
         """When the body failed on the client's side, raise the answer that deserves."""
@@ -425,6 +432,11 @@ class _Chunks:
             raise ClientTimeout from None
         except ParseError as exc:
             stream.refused = exc
+            raise
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            stream.gone = True
             raise
         if not chunk:
             raise StopAsyncIteration

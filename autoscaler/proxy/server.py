@@ -422,7 +422,7 @@ class ProxyServer:
                     verdicts.succeeded(app.name, up)
                 await self._tunnel(request, exchange, gate, ctx)
             else:  # a refused handshake too: its answer (401, 426...) is the client's
-                await self._relay(request, exchange, app, gate, ctx)
+                await self._relay(request, exchange, app, gate, ctx, body)
             return
 
     async def _relay(
@@ -432,10 +432,12 @@ class ProxyServer:
         app: AppConfig,
         gate: Gate,
         ctx: RequestContext,
+        body: forward.BodyStream | None = None,
     ) -> None:
         """Relay the machine's answer. The slot is given back as soon as the machine has
         sent all of it (in our buffers or the client's socket): a slow reader is no work
-        for the machine."""
+        for the machine. ``body``: the request's, still being sent while this relays
+        (a machine may answer before it read it all)."""
         conn = request.conn
         content = exchange.body
         streams: set[Body] | None = None
@@ -493,6 +495,12 @@ class ProxyServer:
                     # The machine broke off mid-body, or sent nothing more for
                     # upstream_timeout_s: the client must not take the truncated body for
                     # a whole one, so its connection is dropped.
+                    if body is not None and body.failed:
+                        # No: the client's upload failed (too large, too slow, gone) and
+                        # the proxy cut the machine's connection off. Not the machine's
+                        # fault: no ejection, no restart counted against it.
+                        conn.abort()
+                        return
                     stalled = isinstance(exc, TimeoutError)
                     _log.warning(
                         "upstream_body_error",

@@ -465,3 +465,52 @@ async def test_a_slow_upload_holds_a_slot_and_an_unfinished_head_none(
             writer.close()
             await writer.wait_closed()
     await until(lambda: view.in_flight == 0)
+
+
+async def _answers_while_the_upload_comes(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A machine that starts its answer at once and streams while it reads the body."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await writer.drain()
+    try:
+        while await reader.read(65536):
+            writer.write(b"1\r\n.\r\n")
+            await writer.drain()
+    except ConnectionError:
+        pass
+    writer.close()
+
+
+@pytest.mark.parametrize("fault", ["too large", "too slow"])
+async def test_an_upload_the_client_breaks_is_not_held_against_the_machine(
+    raw_backend: RawBackend,
+    start_proxy: StartProxy,
+    fleet: FleetView,
+    metrics: Metrics,
+    fault: str,
+) -> None:
+    # The proxy cuts the machine's connection off when the client's body fails; relayed
+    # as the machine's own failure, one client took healthy machines out of rotation.
+    machines = [await raw_backend(_answers_while_the_upload_comes) for _ in range(2)]
+    app = {"name": "a", "hosts": ["a.test"], "backends": machines, "max_body_bytes": 100}
+    proxy = await start_proxy([app], eject_after=1, client_timeout_s=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"10\r\n" + b"x" * 16 + b"\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        if fault == "too large":
+            writer.write(b"c8\r\n" + b"y" * 200 + b"\r\n")
+            await writer.drain()
+        # else: the client sends nothing more
+        await asyncio.wait_for(reader.read(-1), 5)  # the proxy drops the connection
+    finally:
+        writer.close()
+    await until(lambda: fleet.app("a").in_flight == 0, what="the slot given back")
+    assert _ejections(metrics, "reset") == 0
+    assert len(fleet.app("a").routable()) == 2
+    assert all(u.failing == 0 for u in fleet.app("a").upstreams.values())
