@@ -85,6 +85,10 @@ class ActionError(Exception):
     """An action that did not reach its goal for a reason other than an API error."""
 
 
+class BootFailed(ActionError):
+    """A start the API accepted ended with the machine ``failed``."""
+
+
 class Actuator:
     """Runs actions against the API and mirrors their effect into the runtime and view."""
 
@@ -343,7 +347,12 @@ class Actuator:
             rt.record(mid, self.clock(), cordoned=False)
         try:
             up = await self._boot(rt, mid, kind, deadline)
-        except (FlyError, ActionError):
+        except LeaseHeld:
+            raise  # someone else's lease: skipped, not the machine's doing
+        except (BootFailed, Conflict):
+            # The machine's doing: its boot failed, or it cannot be started from where it
+            # is. A refused or lost call (429, 5xx, a timeout, a lease, fencing) is the
+            # API's, retried after the action's cooldown, and costs none of the budget.
             if rt.machines.get(mid) is not None and rt.machines[mid].state == FAILED:
                 self._restart_failed(rt, mid, restart)
             raise
@@ -390,7 +399,7 @@ class Actuator:
             )
             if reached.state == FAILED:
                 rt.record(mid, self.clock(), state=FAILED)
-                raise ActionError(f"machine {mid} failed to boot")
+                raise BootFailed(f"machine {mid} failed to boot")
             host, port = rt.address(machine)
             if not host:  # no address until it was placed: ask for it now
                 fresh = replace(

@@ -713,6 +713,30 @@ async def test_failed_restarts_back_off_exponentially_until_the_budget_is_spent(
     assert state(api, mid) == "started"
 
 
+@pytest.mark.parametrize(
+    "error",
+    [RateLimited(429, "rate limited", retry_after=None), ServerError(503, "unavailable")],
+    ids=["429", "503"],
+)
+async def test_start_calls_the_api_refused_cost_a_failed_machine_none_of_its_budget(
+    api: FakeMachinesAPI, clock: FakeClock, error: Exception
+) -> None:
+    # Counted as failed boots, three refused calls spent the budget of a machine that
+    # never tried to boot, and it was left alone for good once the API was well again.
+    mid = api.add(APP, "failed")
+    rig = Rig(api, clock, min_machines=1, max_restart_attempts=3)
+    api.fail["start_machine"] = [error] * 3
+    for _ in range(40):
+        await rig.tick()
+        await clock.advance(1.0)
+    await rig.ctl.idle()
+    assert len(api.ops("start_machine")) == 4
+    assert state(api, mid) == "started"
+    assert rig.metric("autoscaler_machine_restarts_total", result="failed") == 0
+    assert rig.metric("autoscaler_machine_restarts_total", result="exhausted") == 0
+    assert rig.metric("autoscaler_machine_restarts_total", result="ok") == 1
+
+
 async def test_a_tick_restarts_a_failed_machine_the_app_needs(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
