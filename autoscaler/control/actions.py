@@ -129,7 +129,8 @@ class Actuator:
     # --- bookkeeping ------------------------------------------------------------------
 
     def publish(self, rt: AppRuntime) -> None:
-        self.view.app(rt.name).set_machines(rt.infos())
+        if not rt.retired:
+            self.view.app(rt.name).set_machines(rt.infos())
 
     def count(self, rt: AppRuntime, action: str, ok: bool) -> None:
         result = "ok" if ok else "error"

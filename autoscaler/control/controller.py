@@ -30,7 +30,7 @@ from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
 from autoscaler.control.actions import Actuator, Probe, Sleep
 from autoscaler.control.recheck import Rechecker
-from autoscaler.control.runtime import AppRuntime, MachineRecord
+from autoscaler.control.runtime import AppRuntime, MachineRecord, ours
 from autoscaler.control.schedule import (
     Budget,
     Pacer,
@@ -250,16 +250,38 @@ class Controller:
         self.actuator.backoff_max_s = settings.control.api_backoff_max_s
         self.actuator.lease_skip_s = settings.control.tick_s
         self.waker.api_timeout_s = settings.control.api_timeout_s
+        static = {c.name for c in settings.apps if c.static}
         for name in self._sync_apps(settings.apps):
             rt = self.apps.pop(name)
             self._pacers.pop(name, None)
+            rt.retired = True
+            draining = {mid for mid, run in rt.running.items() if run.kind == "drain"}
             await self._stop_app(rt)
-            self.view.remove_app(name)
+            await self._hand_back(rt, draining)
+            if name not in static:
+                # A static app of the same name keeps its view: the proxy put its
+                # backends there (it is updated first); dropped, every request waited
+                # for a wake that no loop would ever make.
+                self.view.remove_app(name)
             self._gauged.pop(name, None)
             self._gauge_last.pop(name, None)
         if self._running:
             for rt in self.apps.values():
                 self._start_loop(rt)
+
+    async def _hand_back(self, rt: AppRuntime, draining: set[str]) -> None:
+        """An app no longer ours to scale: lift the cordons of ours on its machines (a
+        drain the reload cut short, a sleeping machine's), once each and within
+        ``control.api_timeout_s``. No later tick of any process will: left, Fly's proxy
+        would never route to those machines again, whoever manages the app now."""
+        marked = draining | {mid for mid, m in rt.machines.items() if ours(m)}
+        marked |= {mid for app, mid in self.actuator.cordoning if app == rt.name}
+        for mid in sorted(marked):
+            try:
+                with one_attempt(self.settings.control.api_timeout_s):
+                    await self.actuator.release(rt, mid, force=True)
+            except FlyError as exc:
+                _log.warning("cordon_left_on_removed_app", app=rt.name, machine=mid, error=str(exc))
 
     async def idle(self) -> None:
         """Wait until no action is under way (tests; a graceful stop could use it too)."""

@@ -225,6 +225,9 @@ class AppRuntime:
     tick failed): a list asked for before then is not enough (control/schedule.py)."""
     unreachable: dict[str, float] = field(default_factory=dict)
     """Machine -> until when the proxy held it out of routing, as of the last list."""
+    retired: bool = False
+    """The app left the scaled apps (removed, or made static): what its actions still
+    do as they end must not reach the view, which is no longer ours."""
     desired: int | None = None
     panic: bool = False
     last_reason: str = ""

@@ -402,6 +402,31 @@ async def test_update_settings_adds_and_removes_apps(
         await rig.ctl.stop()
 
 
+async def test_an_app_removed_mid_drain_is_handed_back_without_our_cordons(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    # No later tick of ours lifts them: Fly's proxy would never route to those machines
+    # again, whoever manages the app now (Fly's autostop, a person).
+    a, b = api.add(APP, "started"), api.add(APP, "started")
+    rig = Rig(api, clock, scale_down_delay_s=3)
+    await rig.ctl.start()
+    try:
+        await clock.advance(1.5)
+        rig.app.begin(rig.app.upstreams[a])
+        rig.app.begin(rig.app.upstreams[b])  # both in use: the drain waits for its request
+        await clock.advance(5)
+        [(victim, run)] = rig.ctl.apps[APP].running.items()
+        assert run.kind == "drain"
+        assert api.get(APP, victim).cordoned
+        api.add("other", "stopped")
+        new = Settings(apps=[AppConfig(name="other")], control=ControlSettings(tick_s=1.0))
+        await rig.ctl.update_settings(new)
+        assert_uncordoned(api, victim)
+        assert state(api, victim) == "started"
+    finally:
+        await rig.ctl.stop()
+
+
 async def test_a_machine_suspended_too_long_is_stopped(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

@@ -196,3 +196,23 @@ async def test_removing_an_app_with_requests_in_flight_and_held(
         assert (fresh.in_flight, fresh.queued) == (0, 0)
         assert await _status(http, f"{url}/", HOST) == 200
         assert (fresh.in_flight, fresh.queued) == (0, 0)
+
+
+async def test_a_scaled_app_made_static_by_a_reload_serves_from_its_backends(
+    emulator: Emulator, tmp_path: Path, static_backend: str
+) -> None:
+    """The proxy (updated first) puts the static backends in the app's view; the
+    controller, letting go of the app, dropped that view with them, and every request
+    waited for a wake no loop would make (504)."""
+    base: dict[str, Any] = service_config(emulator, min_machines=1)
+    path = write_config(tmp_path / "autoscaler.yaml", base)
+    async with live_service(path) as svc, aiohttp.ClientSession() as http:
+        assert svc.proxy is not None
+        url = f"http://127.0.0.1:{svc.proxy.port}/"
+        assert await _status(http, url, HOST) == 200  # served by a machine
+        [app] = base["apps"]
+        write_config(path, {**base, "apps": [{**app, "backends": [static_backend]}]})
+        assert await svc.reload()
+        async with http.get(url, headers={"Host": HOST}) as resp:
+            assert (resp.status, await resp.text()) == (200, "static")
+        assert [u.id for u in svc.view.app(APP).routable()] == [static_backend]
