@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -180,6 +181,10 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # SIGHUP (reload) and SIGUSR2 (rolling restart) kill a process that has no handler for
+    # them yet: held back until Service.run (or the supervisor) has its handlers, then
+    # delivered. A reload asked for in the first second after a deploy must not kill it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR2})
     from autoscaler.service import run
 
     overrides: dict[str, dict[str, str]] = {}

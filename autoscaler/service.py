@@ -307,13 +307,22 @@ class Service:
         """Start, serve until SIGTERM or SIGINT, stop gracefully. SIGHUP reloads."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        hup_during_start: list[bool] = []
         signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set}
-        signals[signal.SIGHUP] = self.request_reload
+        signals[signal.SIGHUP] = lambda: hup_during_start.append(True)
         signals[signal.SIGUSR2] = _no_rolling_restart
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
+        # Held back until now by `autoscaler run` (cli._run) or the worker supervisor: a
+        # SIGHUP that came meanwhile is delivered here, to the handler above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR2})
         try:
             await self.start()
+            # A reload during the start would apply to the parts built so far and not to
+            # those built after it from the file as it was read before: one reload now.
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            if hup_during_start:
+                self.request_reload()
             await stop.wait()
             _log.info("stopping")
             # A second SIGTERM/SIGINT during the graceful stop ends it at once.

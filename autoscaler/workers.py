@@ -83,6 +83,9 @@ def _die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def setup() -> None:  # runs in the child between fork and exec
+        # A forwarded SIGHUP would kill a worker that has no handler yet: held back (the
+        # mask survives exec) until its Service.run has one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR2})
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os._exit(1)
@@ -177,6 +180,8 @@ def supervise(
             (signal.SIGUSR2, on_usr2),
         )
     }
+    # Held back by `autoscaler run` until there was a handler (cli._run): here now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR2})
     procs: list[tuple[subprocess.Popen[bytes], float]] = []
     roll: _Roll | None = None
     vacant: set[int] = set()  # a replacement failed at start: no worker in that slot
@@ -211,7 +216,7 @@ def supervise(
                 _log.warning("worker_exited", worker=i, pid=proc.pid, code=rc)
                 if time.monotonic() - started < MIN_UPTIME_S:
                     _log.error("worker_failed_at_start", worker=i, code=rc)
-                    code = rc or 1
+                    code = rc if rc > 0 else 1  # killed by a signal: rc is negative
                     stop.append(0)
                     break
                 procs[i] = spawn(i)

@@ -166,6 +166,59 @@ async def test_a_reload_asked_for_during_a_reload_runs_after_it(
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 2
 
 
+async def test_a_sighup_during_the_start_reloads_every_part_once_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that ran in the middle of the start updated the parts built so far, and
+    the proxy, built after it, routed on the file as it was before the edit."""
+    from aiohttp import web
+
+    from autoscaler.admin import AdminServer
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="api")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    backend = f"127.0.0.1:{runner.addresses[0][1]}"
+    base = config(free_port())
+    file = write_config(tmp_path / "autoscaler.yaml", base)
+    edited = {**base, "apps": [*base["apps"], {"name": "api", "hosts": ["api.test"],
+                                               "backends": [backend]}]}  # fmt: skip
+    start = AdminServer.start
+
+    async def start_and_hup(self: AdminServer, *args: Any, **kw: Any) -> None:
+        write_config(file, edited)  # saved, then a reload asked for, while the start runs
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.1)  # the handler runs meanwhile
+        await start(self, *args, **kw)
+
+    monkeypatch.setattr(AdminServer, "start", start_and_hup)
+    settings, _ = load_settings(file, env={})
+    svc = Service(settings, file, metrics=Metrics(CollectorRegistry()), proxy_port=0, admin_port=0)
+    running = asyncio.create_task(svc.run())
+    reloads = svc.metrics.registry.get_sample_value
+    try:
+        await until(lambda: svc.proxy is not None and svc.proxy.port > 0, what="the start")
+        await until(
+            lambda: reloads("autoscaler_config_reloads_total", {"result": "success"}) == 1,
+            what="the reload asked for during the start",
+        )
+        assert svc.proxy is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{svc.proxy.port}/"
+            async with http.get(url, headers={"Host": "api.test"}) as resp:
+                assert (resp.status, await resp.text()) == (200, "api")
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await running
+        await runner.cleanup()
+    assert leftovers(os.getpid()) == []
+
+
 async def test_a_reload_that_crashes_is_counted_and_the_next_one_works(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -246,16 +299,6 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) 
     raise AssertionError(f"{url} not ready within {timeout_s}s")
 
 
-def _reload_errors(metrics: bytes) -> float:
-    for family in text_string_to_metric_families(metrics.decode()):
-        for sample in family.samples:
-            if sample.name == "autoscaler_config_reloads_total" and sample.labels == {
-                "result": "error"
-            }:
-                return sample.value
-    return 0.0
-
-
 def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_path: Path) -> None:
     proxy_port, admin_port = free_port(), free_port()
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
@@ -295,7 +338,7 @@ def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_
         deadline = time.monotonic() + 30
         # At least once: one CI run logged two rejections 2 ms apart for this one SIGHUP
         # (cause not found), and waited for exactly "1.0" until its deadline.
-        while _reload_errors(_get(f"{admin}/metrics")[1]) < 1:
+        while _reloads(_get(f"{admin}/metrics")[1], "error") < 1:
             assert proc.poll() is None, "autoscaler run exited"
             assert time.monotonic() < deadline, "the invalid reload was not counted"
             time.sleep(0.1)
@@ -319,6 +362,59 @@ def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_
     assert "stopped" in events
     assert leftovers(proc.pid) == []  # its machines went with it
     assert leftovers(os.getpid()) == []
+
+
+def _reloads(metrics: bytes, result: str) -> float:
+    for family in text_string_to_metric_families(metrics.decode()):
+        for sample in family.samples:
+            if sample.name == "autoscaler_config_reloads_total" and sample.labels == {
+                "result": result
+            }:
+                return sample.value
+    return 0.0
+
+
+def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP's default action ends a process: one sent in the second between the
+    config's load and the event loop's handlers (a reload right after a deploy) killed
+    `autoscaler run`. It is held back until the handlers are in place, then reloads."""
+    proxy_port, admin_port = free_port(), free_port()
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    argv = [sys.executable, "-m", "autoscaler", "run", "--emulator", "--config", str(file),
+            "--listen", f"127.0.0.1:{proxy_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+            "--log-format", "json"]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if '"config_loaded"' in line:
+                proc.send_signal(signal.SIGHUP)  # before Service.run has its handlers
+                break
+        admin = f"http://127.0.0.1:{admin_port}"
+        _wait_ready(f"{admin}/readyz", proc)
+        deadline = time.monotonic() + 30
+        while _reloads(_get(f"{admin}/metrics")[1], "success") < 1:
+            assert proc.poll() is None, "autoscaler run exited"
+            assert time.monotonic() < deadline, "the reload was not counted"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    except AssertionError as exc:
+        if proc.poll() is None:
+            proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"{exc}; code {proc.returncode}; output:\n{out[-8000:]}") from exc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert leftovers(proc.pid) == []
 
 
 async def test_run_uses_the_configured_api_instead_of_an_embedded_emulator(

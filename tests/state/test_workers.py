@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -217,3 +218,68 @@ def test_tcp_migrate_req_hands_a_closing_listeners_queue_to_the_others(
     )
     accepted, queued = map(int, done.stdout.split())
     assert (accepted == queued) is all_accepted, done.stdout
+
+
+async def test_a_sighup_while_the_workers_start_reloads_them_instead_of_killing(
+    emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """The supervisor forwards SIGHUP to every worker, however young. One that had no
+    handler yet died of it, and the supervisor, taking that for a failed start, stopped
+    the whole group (exit 255). Workers now hold it back until they can reload."""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
+    proxy, admin = free_port(), pair_of_free_ports()
+    while proxy in (admin, admin + 1):
+        admin = pair_of_free_ports()
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": emulator.url, "token": emulator.token},
+            "proxy": {"listen": f"127.0.0.1:{proxy}", "shutdown_timeout_s": 2},
+            "admin": {"listen": f"127.0.0.1:{admin}"},
+            "control": {"tick_s": 0.2},
+            "cluster": {"redis_url": redis_server, "lease_ttl_s": 1, "key_prefix": key_prefix},
+            "apps": [{"name": "web", "hosts": ["web.test"], "idle_to_zero_s": 60}],
+        },
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *run(file, "--workers", "2"),
+        env=child_env(),
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    text = ""
+    try:
+        while True:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "the supervisor ended"
+            lines.append(line)
+            if '"worker_started"' in line and '"worker": 1' in line:
+                proc.send_signal(signal.SIGHUP)  # worker 1 is still importing
+                break
+        output = asyncio.ensure_future(proc.stdout.read())
+        async with aiohttp.ClientSession() as http:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for i in (0, 1):
+                while True:
+                    try:
+                        url = f"http://127.0.0.1:{admin + i}/metrics"
+                        async with http.get(url) as resp:
+                            text = await resp.text()
+                        if re.search(r'reloads_total\{[^}]*result="success"\} 1\.0', text):
+                            break
+                    except aiohttp.ClientError:
+                        pass
+                    assert proc.returncode is None, "the group stopped"
+                    seen = [ln for ln in text.splitlines() if "reloads" in ln]
+                    assert loop.time() - start < 30, f"worker {i} did not reload: {seen}"
+                    await asyncio.sleep(0.1)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 60)
+    err = "".join(lines) + (await asyncio.wait_for(output, 60)).decode()
+    assert code == 0, err
+    assert '"worker_exited"' not in err
