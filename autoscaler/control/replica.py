@@ -470,19 +470,23 @@ class Replica:
             self.view.wake(app)
 
     def _on_push(self, push: ViewPush) -> None:
+        self.cluster.lease.observe(push.fence)
         if self.leading:
             return
         for app, fleet in push.apps.items():
             if self._apply(app, push.fence, fleet):
                 self.pushes_applied += 1
 
-    def _apply(self, app: str, fence: int, fleet: AppFleet) -> bool:
-        """Apply the leader's view of ``app`` if it is newer than what we applied last."""
+    def _apply(self, app: str, fence: int, fleet: AppFleet, *, current: bool = False) -> bool:
+        """Apply the leader's view of ``app`` if it is newer than what we applied last.
+        ``current``: read from the report of the replica Redis names leader now, whose
+        fence is then this leadership's even if lower than the last one applied (a
+        leader that never saw the fences before a Redis that came back empty)."""
         if app not in self.controller.apps:
             return False
         version = (fence, fleet.seq)
         applied = self._applied.get(app)
-        if applied is not None and version <= applied:
+        if applied is not None and version <= applied and not (current and fence != applied[0]):
             return False
         critical = set(fleet.critical)
         self.view.app(app).set_machines(
@@ -514,7 +518,7 @@ class Replica:
         for app in changed:
             machines = fleet.get(app)
             if machines is not None:
-                self._apply(app, fence, machines)
+                self._apply(app, fence, machines, current=True)
         if not self.view_known:
             self.view_known = True
             self._freeze_once()  # a follower's views are built: they live as long as we do

@@ -607,6 +607,7 @@ class Cluster:
             else:
                 changed = frozenset()
             seen.gen = _int(header["gen"])
+            self.lease.observe(_int(header["fence"]) or 0)
             others[rid] = Report(
                 replica=rid,
                 boot=seen.boot,

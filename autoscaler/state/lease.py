@@ -6,6 +6,12 @@ leader takes a fencing token from ``INCR {prefix}:fence``, so every acquisition 
 larger token than any before it. Renewing is a compare-and-``PEXPIRE`` (a Lua script):
 it succeeds only while the key still holds our id and the fence still holds our token.
 
+The fence never goes backwards, even when Redis comes back empty (it keeps nothing on
+disk, as the tests run it): each replica remembers the largest fence it has seen (its own,
+and the leader's in the reports it reads) and acquires with a token above it. Followers
+order the leader's views by (fence, sequence): a fence that started again from 1 would
+make them drop every view of the new leader until it passed the old one.
+
 Locally the lease is valid until ``sent + ttl * (1 - DRIFT)``, counted from when the last
 successful acquire or renew was *sent* (Redis set the TTL after that moment, so the key
 outlives our local deadline). A leader that cannot renew (Redis down, hung, a partition)
@@ -31,7 +37,13 @@ DRIFT = 0.1  # the share of the TTL kept back for clock-rate differences and lat
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+  local fence = redis.call('INCR', KEYS[2])
+  local floor = tonumber(ARGV[3])
+  if fence <= floor then
+    fence = floor + 1
+    redis.call('SET', KEYS[2], fence)
+  end
+  return fence
 end
 return 0
 """
@@ -76,6 +88,13 @@ class Lease:
         self.fence_key = f"{prefix}:fence"
         self.token: int | None = None
         self.valid_until = 0.0
+        self.highest = 0
+        """The largest fence this replica has seen: the next token is above it."""
+
+    def observe(self, fence: int) -> None:
+        """A fence seen elsewhere (a leader's report or push)."""
+        if fence > self.highest:
+            self.highest = fence
 
     @property
     def ttl_ms(self) -> int:
@@ -104,11 +123,18 @@ class Lease:
             else:
                 token = int(
                     await self.redis.eval(
-                        _ACQUIRE, 2, self.key, self.fence_key, self.replica_id, self.ttl_ms
+                        _ACQUIRE,
+                        2,
+                        self.key,
+                        self.fence_key,
+                        self.replica_id,
+                        self.ttl_ms,
+                        self.highest,
                     )
                 )
                 if token:
                     self.token = token
+                    self.observe(token)
                     self.valid_until = sent + self.ttl_s * (1 - DRIFT)
                     _log.info("lease_acquired", replica=self.replica_id, fence=token)
         finally:

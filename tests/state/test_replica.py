@@ -690,6 +690,54 @@ async def test_a_redis_outage_stops_deciding_keeps_routing_and_heals(
             await r.stop()
 
 
+@pytest.mark.parametrize("new_leader", ["the same", "a replica that saw no fence"])
+async def test_followers_take_the_new_leaders_view_after_redis_came_back_empty(
+    own_redis: Any, key_prefix: str, new_leader: str
+) -> None:
+    """Followers order the leader's views by fence. Redis came back empty, the fence
+    started again from 1, and a follower dropped every view of the new leader (routing
+    to a machine it had stopped) until the fence passed the old one, maybe never."""
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=own_redis.port) as admin:
+        admin.set(f"{key_prefix}:fence", 7)  # a few leaderships already
+    api = FakeMachinesAPI()
+    first = api.add(APP, "started")
+    leader = make(own_redis.url, key_prefix, "l", api)
+    follower = make(own_redis.url, key_prefix, "f", api, lead=False)  # routes only
+    replicas = [leader, follower]
+    for r in replicas:
+        await r.start(rounds=False)
+    try:
+        await rounds(replicas, lambda: leader.leading, 2 * TTL)
+        assert leader.cluster.lease.token == 8
+        await leader.controller.tick(APP)
+
+        def routes() -> list[str]:
+            return [u.id for u in follower.view.app(APP).routable()]
+
+        await rounds(replicas, lambda: routes() == [first], 2 * TTL)
+        own_redis.stop()
+        await rounds(replicas, lambda: not leader.leading, 3 * TTL)
+        own_redis.start()  # back, empty
+        if new_leader != "the same":
+            await leader.stop()
+            replicas = [follower, make(own_redis.url, key_prefix, "n", api)]
+            await replicas[1].start(rounds=False)
+        (deciding,) = [r for r in replicas if r.cluster.lease.replica_id != "f"]
+        await rounds(replicas, lambda: deciding.leading, 4 * TTL)
+        if new_leader == "the same":
+            assert deciding.cluster.lease.token == 9  # above every fence it saw, not 1
+        second = api.add(APP, "started")
+        api.set(APP, first, state="stopped")
+        await deciding.controller.tick(APP)
+        await rounds(replicas, lambda: routes() == [second], 10 * TTL)
+    finally:
+        for r in replicas:
+            await r.stop()
+        await leader.stop()
+
+
 def test_the_replica_label_is_there_in_cluster_mode_only() -> None:
     from prometheus_client import generate_latest
 
