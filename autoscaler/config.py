@@ -394,6 +394,15 @@ class ClusterSettings(_Model):
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        if v is not None:
+            try:
+                from redis.connection import parse_url
+            except ImportError:  # `autoscaler run` says the cluster extra is missing
+                return v
+            try:  # its options too: a bad one failed only at the start, as a traceback
+                parse_url(v.get_secret_value())  # type: ignore[no-untyped-call]
+            except ValueError as exc:  # redis-py's message names the option, not the URL
+                raise ValueError(f"expected a URL redis-py accepts: {exc}") from None
         return v
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,18 @@ def test_the_redis_url_is_a_secret_and_checked(tmp_path: pytest.TempPathFactory)
     assert "cluster.redis_url" in text
     assert "redis://" in text
     assert "cluster.lease_ttl_s" in text
+
+
+def test_a_redis_url_option_redis_py_refuses_is_a_config_error(tmp_path: Path) -> None:
+    # Accepted by check-config, it made `autoscaler run` die at the start with a traceback.
+    path = tmp_path / "c.yaml"
+    path.write_text('cluster: {redis_url: "redis://:hunter2@127.0.0.1:1/0?socket_timeout=x"}\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert "cluster.redis_url: expected a URL redis-py accepts: Invalid value for" in line
+    assert "'socket_timeout'" in line
+    assert "hunter2" not in line
 
 
 def test_a_single_process_never_imports_redis() -> None:
