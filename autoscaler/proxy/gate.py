@@ -152,9 +152,14 @@ class Gate:
         except (TimeoutError, asyncio.CancelledError) as exc:
             fut = waiter.future
             if fut.done() and not fut.cancelled():
+                shed = fut.exception()  # shed (stop, app removed) just as we gave up
+                if shed is not None:
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise  # a cancellation is never swallowed (nor answered: gone)
+                    raise shed from None
                 up = fut.result()  # handed a slot just as we gave up
                 if isinstance(exc, asyncio.CancelledError):
-                    self.view.end(up)
+                    self.done(up)
                     raise
             else:
                 fut.cancel()
@@ -165,7 +170,7 @@ class Gate:
         try:
             kind = await self._wake_kind(waiter.wake, deadline)
         except BaseException:  # the client left while the waker was finishing
-            self.view.end(up)
+            self.done(up)
             raise
         return up, kind
 

@@ -269,12 +269,8 @@ class ProxyServer:
         rejections = self.metrics.queue_rejections
         try:
             return await gate.acquire(remaining(ctx.deadline))
-        except ShuttingDown:
-            raise Failure(503, "proxy is shutting down", {"Retry-After": "1"}) from None
-        except AppRemoved:
-            raise Failure(
-                503, "the app was removed from the configuration", {"Retry-After": "1"}
-            ) from None
+        except (ShuttingDown, AppRemoved) as exc:
+            raise _shed(exc) from None
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
             raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
@@ -306,6 +302,8 @@ class ProxyServer:
                 raise Failure(502, "no machine of this app is reachable")
             try:  # a machine still booting refused us: wait for it (or a wake) as others do
                 up, _ = await gate.acquire(remaining(ctx.deadline))
+            except (ShuttingDown, AppRemoved) as exc:
+                raise _shed(exc) from None  # as for any held request: 503, to retry
             except (QueueFull, HoldTimeout):
                 raise Failure(502, "no machine of this app is reachable") from None
         ctx.up = up
@@ -668,6 +666,13 @@ class ProxyServer:
         return forward.error_response(
             status, _reason(status), message, {"X-Request-Id": request_id}, close=True
         )
+
+
+def _shed(exc: QueueFull) -> Failure:
+    """The answer to a held request shed by a stop or by its app's removal."""
+    if isinstance(exc, ShuttingDown):
+        return Failure(503, "proxy is shutting down", {"Retry-After": "1"})
+    return Failure(503, "the app was removed from the configuration", {"Retry-After": "1"})
 
 
 def _reason(status: int) -> str:

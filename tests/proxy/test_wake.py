@@ -10,6 +10,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from testkit import free_port, until
 
+from autoscaler.config import ProxySettings, Settings
 from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import MAX_ATTEMPTS
@@ -167,6 +168,31 @@ async def test_machine_refusing_after_wake_is_retried_once_routable_again(
         await runner.cleanup()
 
 
+async def test_a_request_held_again_after_refusals_gets_the_503_of_its_apps_removal(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """Held again after its machine refused it, a request shed by the app's removal got
+    502 "no machine reachable" where every other held request gets a 503 to retry."""
+    port = free_port()
+    fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
+    apps = [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}]
+    proxy = await start_proxy(apps, unhealthy_backoff_s=0.05)
+    waker = FakeWaker(fleet, "none")
+    waker.release.set()
+    fleet.set_waker(waker)
+    with capture_logs() as logs:
+        task = asyncio.create_task(
+            session.get(url(proxy), headers={"Host": "w.test"}, raise_for_status=False)
+        )
+        await until(lambda: sum(e["event"] == "machine_unreachable" for e in logs) > MAX_ATTEMPTS)
+    assert not task.done()
+    proxy.update_settings(Settings(proxy=ProxySettings(listen="127.0.0.1:8080"), apps=[]))
+    async with await task as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert "removed from the configuration" in await resp.text()
+
+
 async def test_static_app_with_every_backend_down_fails_fast(
     start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
@@ -252,3 +278,26 @@ async def test_client_leaving_while_the_waker_answers_gives_its_slot_back(
     await until(lambda: view.in_flight == 0)
     waker.answer.set()
     assert not waker.cancelled
+
+
+async def test_a_held_request_cancelled_as_it_is_shed_stays_cancelled() -> None:
+    """Shed (its app removed) and cancelled (its client gone) in the same turn of the
+    loop: the cancellation was swallowed, replaced by the shed's 503, for no one."""
+    import random
+
+    from prometheus_client import CollectorRegistry
+
+    from autoscaler.config import AppConfig
+    from autoscaler.proxy.gate import AppRemoved, Gate
+
+    fleet = FleetView()
+    rng = random.Random(1)  # noqa: S311 - balancing, not secrets
+    gate = Gate(AppConfig(name="w"), fleet, Metrics(CollectorRegistry()), rng)
+    held = asyncio.create_task(gate.acquire(30))
+    await until(lambda: fleet.app("w").queued == 1, what="the request held")
+    gate.shed(AppRemoved)
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    assert fleet.app("w").queued == 0
+    await gate.close()
