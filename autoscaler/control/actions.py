@@ -549,18 +549,25 @@ class Actuator:
 
     async def restart_hung(self, rt: AppRuntime, mid: str) -> bool:
         """A started machine that hangs (``MachineSnapshot.hung``): stop it and start it
-        again, a new process. Stopped, not suspended: a snapshot would keep the hang."""
-        count = rt.restarting_hung(mid, self.clock())
+        again, a new process. Stopped, not suspended: a snapshot would keep the hang.
+        The restart counts against the budget once the API took the stop: a refused one
+        (429, 5xx) is the API's doing, tried again after the action's cooldown."""
         _log.warning(
             "machine_hung",
             app=rt.name,
             machine=mid,
-            restart=count,
-            of=rt.config.max_restart_attempts,
             hint="the proxy's requests to it timed out or were reset; restarting it",
         )
+        await self._sleep_machine(rt, mid, "stop")
+        count = rt.restarting_hung(mid, self.clock())
+        _log.info(
+            "hung_machine_stopped",
+            app=rt.name,
+            machine=mid,
+            restart=count,
+            of=rt.config.max_restart_attempts,
+        )
         try:
-            await self._sleep_machine(rt, mid, "stop")
             up = await self.bring_up(rt, mid, "start")
         except Exception:
             self.metrics.machine_restarts.labels(app=rt.name, result="failed").inc()

@@ -1018,6 +1018,31 @@ async def test_a_machine_that_hangs_is_restarted_within_its_budget(
     assert [(a.kind, a.machine_id) for a in decision.actions] == [("restart", mid)]
 
 
+async def test_a_stop_the_api_refused_is_no_restart_of_a_hung_machine(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Counted before its stop was sent, each restart the API refused (429, 5xx) used the
+    hung machine's budget: a short outage left a hanging machine alone."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, min_machines=1, max_restart_attempts=2)
+    await rig.tick()
+    up = rig.app.upstreams[mid]
+    api.fail["stop_machine"] = [ServerError(503, "unavailable")] * 2
+    for _ in range(30):
+        up.failing = HUNG_AFTER  # still hanging
+        await rig.tick()
+        await clock.advance(1.0)
+        if rig.metric("autoscaler_machine_restarts_total", result="ok"):
+            break
+    await rig.ctl.idle()
+    assert len(api.ops("stop_machine")) == 3
+    assert rig.metric("autoscaler_machine_restarts_total", result="ok") == 1
+    assert rig.metric("autoscaler_machine_restarts_total", result="failed") == 0
+    assert rig.metric("autoscaler_machine_restarts_total", result="exhausted") == 0
+    (machine,) = rig.ctl.status()[0].machines
+    assert machine.hung_restarts == 1
+
+
 async def test_a_hung_machine_is_held_out_of_rotation_until_its_restart(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
