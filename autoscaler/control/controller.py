@@ -54,6 +54,10 @@ from autoscaler.scaling.window import Sample
 __all__ = ["AppStatus", "Controller", "MachineStatus", "WakeError", "freeze_heap"]
 
 _log = get_logger("autoscaler.control")
+MAX_RETRY_AFTER_S = 60.0
+"""The longest Retry-After a failed tick honours. Fly's limits are per second: a longer
+one is a mistake or a date on a skewed clock, and would stop the app's loop (its
+scale-downs, its restarts) that long."""
 _BILLED_STATES = (STARTED, SUSPENDED)  # machine_seconds: what the fleet costs
 LEASE_REPORT_S = 60.0  # /status names a machine leased by another this long after a skip
 # Cluster mode: the whole cluster's load sample and last request time for (app, now), in
@@ -330,7 +334,7 @@ class Controller:
                 rt.backoff_s = min(cap, max(2 * tick_s, 2 * rt.backoff_s))
                 delay = rt.backoff_s
                 if isinstance(exc, RateLimited) and exc.retry_after is not None:
-                    delay = max(delay, exc.retry_after)
+                    delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
                 # Apps that failed together (an outage) must not retry together.
                 delay = pacer.period(delay, control.tick_jitter)
                 if isinstance(exc, FlyError):

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
-from autoscaler.control.controller import Controller, WakeError
+from autoscaler.control.controller import MAX_RETRY_AFTER_S, Controller, WakeError
 from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.fly import models as m
@@ -625,6 +625,26 @@ async def test_a_wake_gives_up_on_an_app_it_cannot_read_at_its_deadline(
     with pytest.raises(WakeError, match="could not be read"):
         await task
     assert 5 <= len(api.ops("list_machines")) <= 7  # about one a second
+
+
+async def test_a_tick_told_to_retry_in_an_hour_retries_within_a_minute(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A 429's Retry-After is honoured, up to MAX_RETRY_AFTER_S: an hour (a mistake, or
+    a date on a skewed clock) would stop the app's loop, its scale-downs included."""
+    api.add(APP, "started")
+    rig = Rig(api, clock)
+    api.fail["list_machines"] = [RateLimited(429, "slow down", retry_after=3600.0)]
+    await rig.ctl.start()
+    try:
+        await clock.advance(1)
+        assert len(api.ops("list_machines")) == 1
+        await clock.advance(30)
+        assert len(api.ops("list_machines")) == 1  # a long Retry-After is honoured...
+        await clock.advance(MAX_RETRY_AFTER_S)
+        assert len(api.ops("list_machines")) >= 2  # ...up to a minute
+    finally:
+        await rig.ctl.stop()
 
 
 async def test_a_resume_asked_to_retry_much_later_gives_way_to_a_cold_start(
