@@ -6,7 +6,9 @@ simulator all run the very same code. docs/policy.md explains every knob.
 
 Definitions used throughout (Knative's KPA, adapted to machines):
 
-- unit = target_concurrency * target_utilization: the load one machine is planned for.
+- unit = target_concurrency * target_utilization, at most hard_limit: the load one machine
+  is planned for (as Knative caps its target at containerConcurrency: a machine is never
+  given more than hard_limit, and planning on more would leave the rest queued).
 - up: machines counted as capacity: started, uncordoned, not being drained, not hung and
   not sick (Fly's checks critical, while the app has healthy machines enough), plus
   machines on their way to started (``starting``/``restarting``, or one of our start,
@@ -360,7 +362,7 @@ def decide(
     born = state.born if state.born is not None else now
     g = _Groups.of(fleet)
     up, ready = g.up, len(g.serving)
-    unit = policy.target_concurrency * policy.target_utilization
+    unit = min(policy.target_concurrency * policy.target_utilization, float(policy.hard_limit))
     stable = load.average(policy.stable_window_s, now)
     burst = load.average(policy.panic_window_s, now)
     capacity = max(1, ready) * unit

@@ -98,6 +98,9 @@ def serving(n: int, **kw: Any) -> list[MachineSnapshot]:
         (3, 0.0, {"min_machines": 3}, 3),
         (3, 500.0, {"max_machines": 4}, 4),
         (0, 0.0, {"min_machines": 2}, 2),
+        # hard_limit under the unit: a machine never gets more than 5, so 20 needs 4 (on
+        # a unit of 7, 3 machines would leave 5 requests queued for good).
+        (3, 20.0, {"hard_limit": 5}, 4),
     ],
 )
 def test_desired_is_demand_over_unit_clamped(
