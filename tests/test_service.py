@@ -417,6 +417,36 @@ def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
     assert leftovers(proc.pid) == []
 
 
+def test_three_sigterms_in_a_row_still_reap_every_machine(tmp_path: Path) -> None:
+    """The second SIGTERM cuts the graceful stop short; a third, during the emulator's
+    close, must not leave its machine processes behind."""
+    proxy_port, admin_port = free_port(), free_port()
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port(), min_machines=1))
+    argv = [sys.executable, "-m", "autoscaler", "run", "--emulator", "--config", str(file),
+            "--listen", f"127.0.0.1:{proxy_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+            "--log-format", "json"]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        _wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{proxy_port}/", headers={"Host": "web.test"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+            assert resp.status == 200  # a machine process runs
+        for _ in range(3):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert leftovers(proc.pid) == [], out[-4000:]
+
+
 async def test_run_uses_the_configured_api_instead_of_an_embedded_emulator(
     emulator: Emulator,
 ) -> None:
