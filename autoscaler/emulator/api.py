@@ -142,6 +142,7 @@ async def get_machine(request: web.Request) -> web.Response:
 async def update_machine(request: web.Request) -> web.Response:
     m = leased_machine(request)
     config, name, region, _ = validate.machine_request(await read_body(request))
+    m = leased_machine(request)  # again: a lease taken while the body came is honoured
     world_of(request).update_machine(m, config, name, region)
     return web.json_response(m.to_json())
 
@@ -161,6 +162,7 @@ async def start_machine(request: web.Request) -> web.Response:
 async def stop_machine(request: web.Request) -> web.Response:
     m = leased_machine(request)
     sig, timeout = validate.stop_body(await read_body(request, required=False))
+    m = leased_machine(request)  # again: a lease taken while the body came is honoured
     world_of(request).lifecycle.stop(m, sig, timeout)
     return ok_body()
 
@@ -168,6 +170,7 @@ async def stop_machine(request: web.Request) -> web.Response:
 async def restart_machine(request: web.Request) -> web.Response:
     m = leased_machine(request)
     sig, timeout = validate.stop_body(await read_body(request, required=False))
+    m = leased_machine(request)  # again: a lease taken while the body came is honoured
     world_of(request).lifecycle.restart(m, sig, timeout)
     return ok_body()
 
@@ -178,6 +181,7 @@ async def signal_machine(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or "signal" not in body:
         raise validate.BadRequest("signal: required")
     sig, _ = validate.stop_body({"signal": body["signal"]})
+    m = leased_machine(request)  # again: a lease taken while the body came is honoured
     world_of(request).lifecycle.send_signal(m, sig)
     return ok_body()
 
@@ -201,8 +205,9 @@ def _wait_states(request: web.Request) -> set[str]:
 
 def _reached(m: Machine, states: set[str], instance_id: str | None) -> bool:
     if instance_id and instance_id != m.instance_id:
-        # That version is no longer the machine's: it has stopped for good.
-        return bool(states & {"stopped", "destroyed", "settled"})
+        # That version is no longer the machine's: it counts as stopped (docs/emulator.md),
+        # not as destroyed, which only the machine itself can be.
+        return bool(states & {"stopped", "settled"}) or m.state in states
     return m.state in states or ("settled" in states and m.state in RESTING)
 
 
@@ -233,6 +238,10 @@ async def wait_machine(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not _reached(m, states, instance_id):
+        if m.state == "destroyed":
+            # Gone while we waited (the 404 a wait for a destroyed machine gets), not a
+            # 408 at the end of the timeout that a client would take for "not yet".
+            raise NotFound(f"machine not found: {m.id}")
         changed = m.changed  # the event of the current state; set on the next change
         remaining = deadline - loop.time()
         try:
@@ -363,7 +372,9 @@ async def get_metadata(request: web.Request) -> web.Response:
 async def set_metadata(request: web.Request) -> web.Response:
     m = leased_machine(request)
     key = validate.metadata_key(request.match_info["key"])
-    _metadata(m)[key] = validate.metadata_value(await read_body(request))
+    value = validate.metadata_value(await read_body(request))
+    m = leased_machine(request)  # again: a lease taken while the body came is honoured
+    _metadata(m)[key] = value
     world_of(request).lifecycle.record(m, m.state)
     return web.Response(status=204)
 

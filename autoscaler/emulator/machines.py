@@ -585,6 +585,9 @@ class Lifecycle:
         await self._pad(began, self.draw(self.timing.stop_s))  # the VM shutting down
         self.record(m, "stopped", source="flyd")
         if m.config.get("auto_destroy") is True:
+            # A turn of the loop first: a wait for "stopped" sees the stop it waited for
+            # (the waiters woken by the record above run before this goes on).
+            await asyncio.sleep(0)
             self.destroy(m, force=True)
 
     async def _restart(self, m: Machine, sig: int, timeout_s: float) -> None:

@@ -321,7 +321,13 @@ class App:
             "org_slug": self.org_slug,
             "network": self.network,
             "created_at": self.created_at,
-            "machines": [m.to_state() for m in self.machines.values() if m.state != "destroyed"],
+            # A destroy that was accepted is kept, also one that waited for an unreachable
+            # host (faults do not survive a restart: the host is back, the machine gone).
+            "machines": [
+                m.to_state()
+                for m in self.machines.values()
+                if m.state not in ("destroyed", "destroying")
+            ],
             "volumes": [v.to_state() for v in self.volumes.values()],
         }
 

@@ -2,7 +2,10 @@
 
 Writes are atomic (a temporary file in the same directory, fsync, rename), so a crash
 mid-write leaves the previous state intact. Saves are coalesced: a burst of changes is one
-write. Processes cannot survive the emulator, so every machine comes back stopped.
+write. Processes cannot survive the emulator: a machine that ran comes back stopped, a
+suspended one suspended without its snapshot (its next start is the cold boot a resume
+falls back to), created and failed ones as they were; destroys that were accepted are
+not brought back.
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ def load(path: Path) -> dict[str, App]:
         for item in raw.get("apps", []):
             app = App.from_state(item)
             for m in app.machines.values():
-                # No process survives the emulator; created and failed stay what they were.
-                if m.state not in ("created", "failed"):
+                # No process survives the emulator: created, failed and suspended stay
+                # what they were (a suspended machine's snapshot is gone, so its next
+                # start is the cold boot a resume falls back to, docs/emulator.md).
+                if m.state not in ("created", "failed", "suspended"):
                     m.state = "stopped"
             apps[app.name] = app
     except (KeyError, TypeError) as exc:

@@ -3,10 +3,12 @@ and a clear 501 for the endpoints of Fly's spec that the emulator does not play.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from emu_helpers import create_app, create_machine, new_machine, session, wait_ok
+from testkit import until
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -137,3 +139,107 @@ async def test_real_endpoints_it_lacks_answer_501_naming_them(
         assert (await r.json())["error"] == f"not implemented in the emulator: {method} {template}"
     async with session(emulator, token="wrong") as s:
         assert (await s.get("/v1/apps/demo/secrets")).status == 401
+
+
+async def test_a_wait_answers_404_when_the_machine_is_destroyed_meanwhile(
+    emulator: Emulator,
+) -> None:
+    # It waited out its timeout on the destroyed record and answered 408 "currently
+    # destroyed", which a client takes for "not yet" and waits again.
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid = m["id"]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/stop")).status == 200
+        await wait_ok(s, "demo", mid, "stopped")
+        waiter = asyncio.ensure_future(
+            s.get(f"/v1/apps/demo/machines/{mid}/wait", params={"state": "started", "timeout": 30})
+        )
+        await until(lambda: len(emulator.machine("demo", mid).changed._waiters) > 0)
+        assert (await s.delete(f"/v1/apps/demo/machines/{mid}")).status == 200
+        got = await asyncio.wait_for(waiter, 10)
+        assert got.status == 404
+
+
+async def test_a_wait_for_stopped_sees_the_stop_of_an_auto_destroy_machine(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s, auto_destroy=True)
+        mid, version = m["id"], m["instance_id"]
+        waiter = asyncio.ensure_future(
+            s.get(
+                f"/v1/apps/demo/machines/{mid}/wait",
+                params={"state": "stopped", "timeout": 30, "version": version},
+            )
+        )
+        await until(lambda: len(emulator.machine("demo", mid).changed._waiters) > 0)
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/stop")).status == 200
+        got = await asyncio.wait_for(waiter, 10)
+        assert (got.status, (await got.json())["state"]) == (200, "stopped")
+
+
+async def test_an_older_version_counts_as_stopped_not_as_destroyed(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid, old = m["id"], m["instance_id"]
+        config = {**m["config"], "env": {"X": "1"}}
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}", json={"config": config})).ok
+        await wait_ok(s, "demo", mid)
+        url = f"/v1/apps/demo/machines/{mid}/wait"
+        r = await s.get(url, params={"state": "stopped", "timeout": 1, "version": old})
+        assert r.status == 200
+        r = await s.get(url, params={"state": "destroyed", "timeout": 1, "version": old})
+        assert r.status == 408  # the machine itself runs on
+
+
+async def test_a_lease_taken_while_a_changing_call_sends_its_body_is_honoured(
+    emulator: Emulator,
+) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid = m["id"]
+        host, port = emulator.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                f"POST /v1/apps/demo/machines/{mid}/stop HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {emulator.token}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 2\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the head is in; someone else takes the lease
+            assert (await s.post(f"/v1/apps/demo/machines/{mid}/lease", json={"ttl": 60})).ok
+            writer.write(b"{}")
+            status = (await reader.readline()).decode()
+        finally:
+            writer.close()
+        assert " 409 " in status
+        assert emulator.machine("demo", mid).state == "started"
+
+
+async def test_a_restart_keeps_suspended_machines_and_forgets_accepted_destroys(
+    tmp_path: Path,
+) -> None:
+    """A suspended machine came back stopped (its next start a plain start, not the cold
+    boot a resume falls back to), and a destroy accepted while the host was unreachable
+    came back as a stopped machine."""
+    settings = EmulatorSettings(
+        state_file=tmp_path / "state.json", demo_boot_delay_s=0.05, rate_limits=False
+    )
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        asleep = (await new_machine(s))["id"]
+        await s.post(f"/v1/apps/demo/machines/{asleep}/suspend")
+        await wait_ok(s, "demo", asleep, "suspended")
+        gone = (await create_machine(s, "demo", start=False))["id"]
+        emu.set_faults(host_unreachable=[gone])
+        assert (await s.delete(f"/v1/apps/demo/machines/{gone}")).status == 200
+        assert emu.machine("demo", gone).state == "destroying"
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        assert (await s.get(f"/v1/apps/demo/machines/{gone}")).status == 404
+        got = await (await s.get(f"/v1/apps/demo/machines/{asleep}")).json()
+        assert got["state"] == "suspended"
+        await s.post(f"/v1/apps/demo/machines/{asleep}/start")
+        await wait_ok(s, "demo", asleep)
+        events = await (await s.get(f"/v1/apps/demo/machines/{asleep}/events")).json()
+        launch = next(e for e in events if e["type"] == "launch")
+        assert launch["request"]["resume"] is False  # the snapshot did not survive
