@@ -143,6 +143,9 @@ class DemoView:
     async def run(self) -> None:
         """Redraw until cancelled."""
         every = REDRAW_S if self._live is not None else PROGRESS_S
+        # A first point now: a rate needs two, and the first line would say 0 req/s.
+        self._sampled = time.monotonic()
+        self._history.add(self._sampled, tui.traffic_by_app(self._families()))
         while True:
             await asyncio.sleep(every)
             self.draw()

@@ -14,6 +14,7 @@ so the metric objects, their call sites and ``Metrics.registry`` are the same in
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -213,6 +214,23 @@ class Metrics:
         counts the leader's alone."""
         for gauge in (self.machines, self.desired_machines, self.panic_mode):
             gauge.clear()
+
+    def forget_app_decisions(self, app: str, states: Iterable[str]) -> None:
+        """An app no longer scaled (removed by a reload, or made static): its decider
+        gauges go, or their last values would count as the app's for good (machines by
+        state, desired, panic: dashboards sum them, an alert fires on moving states)."""
+        for state in states:
+            with contextlib.suppress(KeyError):
+                self.machines.remove(app, state)
+        for gauge in (self.desired_machines, self.panic_mode):
+            with contextlib.suppress(KeyError):
+                gauge.remove(app)
+
+    def forget_app(self, app: str) -> None:
+        """An app removed by a reload: its held-requests gauge goes (its counters stay:
+        a total is a total)."""
+        with contextlib.suppress(KeyError):
+            self.queued.remove(app)
 
     def declare_app(self, app: str, *, scaled: bool = True) -> None:
         """Export the app's series whose label values are known in advance, at 0.

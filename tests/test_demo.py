@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pexpect
 import pytest
-from testkit import free_port
+from testkit import free_port, until
 
 from autoscaler.config import ConfigError
 from autoscaler.demo import (
@@ -221,3 +224,37 @@ def test_the_summary_says_what_failed_and_what_the_baselines_spent() -> None:
         "                        60  one machine always on, same requests (0 waited, 2 turned"
         " away or timed out)"
     ) in lines
+
+
+async def test_the_first_progress_line_has_the_rate_already(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without a baseline point at the start, the first line (piped output: CI's) said
+    # "0 req/s" for a burst of a thousand requests.
+    from types import SimpleNamespace
+
+    from autoscaler import demo_view
+
+    start = time.monotonic()
+
+    def families() -> list[Any]:
+        answered = 1000.0 * (time.monotonic() - start)  # 1,000 requests a second
+        labels = {"app": "demo", "code": "200", "wake": "none"}
+        sample = SimpleNamespace(name="autoscaler_requests_total", labels=labels, value=answered)
+        return [SimpleNamespace(samples=[sample])]
+
+    monkeypatch.setattr(demo_view, "PROGRESS_S", 0.05)
+    monkeypatch.setattr(demo_view, "SAMPLE_S", 0.01)
+    out = io.StringIO()
+    view = demo_view.DemoView(
+        out, "demo", status=lambda: {"apps": []}, families=families,
+        clients=lambda: (0, 0, {}), terminal=False,
+    )  # fmt: skip
+    task = asyncio.create_task(view.run())
+    try:
+        await until(lambda: bool(out.getvalue()), what="the first progress line")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    first = out.getvalue().splitlines()[0]
+    assert " 0 req/s" not in first, first

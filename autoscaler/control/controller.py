@@ -239,6 +239,13 @@ class Controller:
         self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
         await self.actuator.aclose()  # what the actions cancelled just now leave running
+        # Started again (a replica that leads again), it writes every gauge anew (a
+        # follower drops them: Metrics.forget_decisions) and bills machine time from its
+        # first tick on: the time between was another leader's to bill.
+        self._gauge_last.clear()
+        self._gauged.clear()
+        for rt in self.apps.values():
+            rt.accounted_at = None
 
     async def _stop_app(self, rt: AppRuntime) -> None:
         tasks: list[asyncio.Future[Any]] = [run.task for run in rt.running.values()]
@@ -267,7 +274,7 @@ class Controller:
                 # backends there (it is updated first); dropped, every request waited
                 # for a wake that no loop would ever make.
                 self.view.remove_app(name)
-            self._gauged.pop(name, None)
+            self.metrics.forget_app_decisions(name, self._gauged.pop(name, ()))
             self._gauge_last.pop(name, None)
         if self._running:
             for rt in self.apps.values():
@@ -461,7 +468,9 @@ class Controller:
             self.metrics.machines.labels(app=rt.name, state=state).set(0)
         for state, n in counts.items():
             self.metrics.machines.labels(app=rt.name, state=state).set(n)
-        seen |= counts.keys()
+        # update(), not |=: "seen |= counts.keys()" binds a new set to the local name
+        # (set.__ior__ refuses dict keys), and the states left were never set back to 0.
+        seen.update(counts)
         self.metrics.desired_machines.labels(app=rt.name).set(decision.desired)
         self.metrics.panic_mode.labels(app=rt.name).set(1 if decision.panic else 0)
 

@@ -143,6 +143,7 @@ class ProxyServer:
                 # slots back to the view they took them from (Upstream.owner).
                 gate = self._gates.pop(name)
                 gate.shed(AppRemoved)  # its pump ends with its queue
+                self.metrics.forget_app(name)
                 if gate.config.static:
                     self.view.remove_app(name)
 

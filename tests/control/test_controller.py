@@ -819,6 +819,59 @@ async def test_one_log_line_per_decision_and_machine_seconds(
     assert rig.metric("autoscaler_panic_mode") == 0
 
 
+def _gauges(rig: Rig, name: str) -> dict[str, float]:
+    """``name``'s samples for APP, by their other label (or "" for none)."""
+    out = {}
+    for family in rig.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("app") == APP:
+                out[sample.labels.get("state", "")] = sample.value
+    return out
+
+
+async def test_machines_by_state_go_back_to_zero_and_go_with_their_app(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    # "seen |= counts.keys()" rebound a local name: a state no machine was in any more
+    # kept its last count (a stopped machine started read stopped 1 and started 1).
+    mid = api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    await rig.tick()
+    api.set(APP, mid, state="started")
+    await clock.advance(1)
+    await rig.tick()
+    assert _gauges(rig, "autoscaler_machines") == {"stopped": 0, "started": 1, "cordoned": 0}
+    # Removed by a reload: its gauges go (dashboards sum them; an alert reads moving ones).
+    await rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))
+    for name in ("autoscaler_machines", "autoscaler_desired_machines", "autoscaler_panic_mode"):
+        assert _gauges(rig, name) == {}, name
+
+
+async def test_a_controller_started_again_writes_its_gauges_and_bills_from_then(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A replica that leads again: its gauges were dropped when it stepped down (and the
+    unchanged fleet wrote none again), and its first tick billed the time another leader
+    had led as its own."""
+    api.add(APP, "started")
+    rig = Rig(api, clock)
+    await rig.tick()
+    await clock.advance(2)
+    await rig.tick()
+    assert rig.metric("autoscaler_machine_seconds_total", state="started") == 2
+    await rig.ctl.stop()
+    rig.metrics.forget_decisions()  # what a replica that steps down does
+    await clock.advance(100)  # another replica leads, and bills this
+    await rig.tick()
+    assert rig.metric("autoscaler_machine_seconds_total", state="started") == 2
+    assert _gauges(rig, "autoscaler_machines")["started"] == 1
+    assert set(_gauges(rig, "autoscaler_desired_machines")) == {""}  # exported again
+    await clock.advance(1)
+    await rig.tick()
+    billed = sum(_gauges(rig, "autoscaler_machine_seconds_total").values())
+    assert billed == 3  # started or suspended by now: the second since its first tick
+
+
 async def test_wake_lifts_a_cordon_of_ours_left_on_a_started_machine(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

@@ -157,6 +157,10 @@ async def test_update_settings_adds_and_removes_apps_without_dropping_requests(
     assert (await get("a.test"))[0] == 404  # removed from routing at once
     slow.release.set()
     assert await in_flight == (200, "old")  # the request already admitted finished
+    # Its held-requests gauge goes with it (dashboards offered the app for good).
+    queued = proxy.metrics.registry.get_sample_value
+    assert queued("autoscaler_queued_requests", {"app": "a"}) is None
+    assert queued("autoscaler_queued_requests", {"app": "b"}) == 0
 
 
 async def test_a_reload_applies_the_listener_and_pool_limits_at_once(
