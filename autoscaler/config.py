@@ -378,8 +378,9 @@ class ClusterSettings(_Model):
     self_wake_after_s: Seconds = Field(
         default=2.0,
         gt=0,
-        description="a follower whose held requests see no machine come up within this wakes"
-        " the app itself, under the app's wake claim",
+        description="a follower whose held requests see no machine come up within this (or"
+        " half the app's wake_timeout_s, if shorter) wakes the app itself, under the app's"
+        " wake claim",
     )
     lead: bool = Field(
         default=True,

@@ -577,6 +577,13 @@ class Replica:
             ):
                 await self.controller.waker.refresh(rt)
             result = await self.controller.wake(app)
+            # A drain taken back routes in our view at once and the wake returns, while
+            # its uncordon is still on its way to the API: the claim fences that call, so
+            # it is held until the call is done (released first, the call was refused,
+            # and the next list cordoned the machine again).
+            lifting = [run.task for run in rt.running.values() if run.kind == "uncordon"]
+            if lifting:
+                await asyncio.wait(lifting)
             if not self.leading:
                 self.self_wakes += 1
                 _log.info("cluster_self_wake", app=app, how=result, fence=claim.token)
@@ -649,9 +656,12 @@ class Replica:
     async def remote_wake(self, app: str) -> str:
         """A follower's wake: ask the leader through Redis, then wait until the fleet view
         it publishes shows a routable machine. After ``cluster.self_wake_after_s`` without
-        one, wake by itself under the app's wake claim (unless another replica holds it:
-        then keep waiting). "resume" or "start" by the state the machine was in before (or
-        as our own wake says); "none" if one was routable already."""
+        one (or half the app's ``wake_timeout_s``, if shorter: each wake starts the count
+        again, and a wake timeout shorter than it never reached it), wake by itself under
+        the app's wake claim (unless another replica holds it: then keep waiting). Once no
+        request waits any more, neither: a machine is not woken for clients that left.
+        "resume" or "start" by the state the machine was in before (or as our own wake
+        says); "none" if one was routable already."""
         view = self.view.app(app)
         if view.routable():
             return "none"
@@ -659,7 +669,8 @@ class Replica:
         before = {u.id: u.state for u in view.upstreams.values()}
         now = self.clock()
         deadline = now + rt.config.wake_timeout_s
-        self_wake_at = now + self.settings.cluster.self_wake_after_s
+        after = min(self.settings.cluster.self_wake_after_s, rt.config.wake_timeout_s / 2)
+        self_wake_at = now + after
         ttl = self.settings.cluster.lease_ttl_s
         ask_at = now
         while True:
@@ -683,6 +694,8 @@ class Replica:
                 except Exception as exc:  # Redis down: no leader hears us, nor any claim
                     self._redis_trouble(exc)
             elif now >= self_wake_at:
+                if view.queued == 0:  # the clients left: wake nothing for them
+                    raise WakeError(f"no request of {app} waits for a machine any more")
                 result = await self._claimed_wake(app)
                 if result is not None:
                     return result

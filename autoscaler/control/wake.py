@@ -131,7 +131,9 @@ class Waker:
                     failed -= leased  # try those again once their skip is over
                     retries = [again[mid].at for mid in failed if mid in again]  # all later
                     restart_at = rt.next_restart_at()
-                    if restart_at is not None:
+                    if restart_at is not None and restart_at > now:
+                        # (One due already was not chosen: cordoned, say. Waiting for it
+                        # would list the app in a loop until the deadline.)
                         retries.append(restart_at)
                     retry_at = min(retries, default=None)
                     if now >= deadline or (
@@ -140,6 +142,7 @@ class Waker:
                         raise WakeError(f"app {rt.name}: no machine that can be woken")
                     soon = moving or leased or retry_at is None
                     pause = RECHECK_S if soon or retry_at is None else retry_at - now
+                    pause = max(RECHECK_S, pause)  # never a loop of reads without a pause
                     await act.sleep(max(0.0, min(pause, deadline - now)))
                     await self._refresh_quietly(rt)
                     continue
@@ -168,10 +171,11 @@ class Waker:
                     _log.info("wake", app=rt.name, machine=mid, how=action.kind, took_s=took)
                     return action.kind
                 machine = rt.machines.get(mid)
+                error = run.error if run is not None else None
                 if machine is None or machine.state != FAILED:
                     failed.add(mid)  # a failed boot is retried after its restart backoff
-                error = run.error if run is not None else None
                 if isinstance(error, FlyError) and error.transient:
+                    failed.add(mid)  # a call the API refused: after the pause (a failed one too)
                     last = again.get(mid)
                     pause = _pause(None if last is None else last.pause, error)
                     tries = 1 if last is None else last.tries + 1

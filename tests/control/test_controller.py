@@ -706,6 +706,38 @@ async def test_wake_starts_a_failed_machine_again(api: FakeMachinesAPI, clock: F
     assert rig.ctl.status()[0].machines[0].failures == 0
 
 
+async def test_a_wake_paces_the_starts_of_a_failed_machine_the_api_refused(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    # A failed machine was never set aside after an API error: the wake started it again
+    # at once, again and again (80 calls with the clock standing still), past a 429's
+    # Retry-After.
+    api.add(APP, "failed")
+    api.fail["start_machine"] = [RateLimited(429, "slow down", retry_after=30.0)] * 500
+    rig = Rig(api, clock, wake_timeout_s=10)
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    for _ in range(20):
+        await settle()
+    assert len(api.ops("start_machine")) == 1
+    wake.cancel()
+    await asyncio.gather(wake, return_exceptions=True)
+
+
+async def test_a_wake_does_not_list_in_a_loop_for_a_failed_machine_it_cannot_choose(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    # Its restart due (but cordoned: not a candidate), the wake paused 0 s and listed the
+    # app again until its deadline: 400 lists with the clock standing still.
+    api.add(APP, "failed", cordoned=True)
+    rig = Rig(api, clock, wake_timeout_s=10)
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    for _ in range(20):
+        await settle()
+    assert len(api.ops("list_machines")) <= 2
+    wake.cancel()
+    await asyncio.gather(wake, return_exceptions=True)
+
+
 async def test_wake_without_any_machine_raises(api: FakeMachinesAPI, clock: FakeClock) -> None:
     rig = Rig(api, clock)
     with pytest.raises(WakeError):

@@ -790,3 +790,39 @@ async def test_stop_ends_even_when_redis_swallows_a_cancellation(
     finally:
         if not stopped:
             await leader.stop()
+
+
+async def test_a_drain_taken_back_under_a_wake_claim_is_uncordoned_in_the_api(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The wake returns once the machine routes in our view; the claim was released then,
+    and the uncordon still on its way was refused by the claim's fence: the next list
+    cordoned the machine again, and nothing routed to it."""
+    from autoscaler.scaling.policy import Action
+
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.0)
+    await leader.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        await leader.controller.tick(APP)
+        rt = leader.controller.apps[APP]
+        view = leader.view.app(APP)
+        up = view.upstreams[mid]
+        view.begin(up)  # a request in flight: the drain waits for it, cordoned
+        leader.controller.actuator.launch(rt, Action("drain", mid, "test"))
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while not api.get(APP, mid).cordoned:
+            assert loop.time() - since < 10, "no cordon"
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(leader.view.wake(APP), 5) == "none"  # taken back
+        await asyncio.wait_for(leader.controller.idle(), 5)
+        assert leader.api.refused == 0
+        assert api.get(APP, mid).cordoned is False
+        view.end(up)
+        await leader.controller.tick(APP)
+        assert [u.id for u in view.routable()] == [mid]
+    finally:
+        await leader.stop()

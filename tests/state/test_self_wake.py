@@ -93,6 +93,8 @@ async def test_followers_without_a_leader_wake_once(redis_server: str, key_prefi
         # The first start waits until the other follower has found the claim taken: both
         # are then past the point where, without the claim, each would start a machine.
         api.gates["start_machine"] = gate = asyncio.Event()
+        for r in followers:
+            r.view.app(APP).hold()  # a request held (a wake for nobody wakes nothing)
         wakes = [r.view.wake(APP) for r in followers]
 
         loop = asyncio.get_running_loop()
@@ -123,6 +125,7 @@ async def test_without_redis_a_follower_refuses_to_wake(own_redis: Any, key_pref
     api.add(APP, "stopped")
     replica = make(own_redis.url, key_prefix, "f", api, self_wake_after_s=0.05, wake_timeout_s=1)
     await replica.start(rounds=False)
+    replica.view.app(APP).hold()  # a request held (a wake for nobody wakes nothing)
     try:
         own_redis.stop()
         with pytest.raises(WakeError):
@@ -193,3 +196,79 @@ async def test_a_leaders_tick_leaves_the_wake_to_the_replica_holding_the_claim(
         await again.release()
     finally:
         await leader.stop()
+
+
+async def _requests_every_half_second(
+    replica: Any, api: FakeMachinesAPI, count: int
+) -> tuple[list[str], list[str]]:
+    """``count`` requests through a gate, one every 0.5 s: how each ended, and the
+    machines started meanwhile."""
+    import random
+
+    from autoscaler.proxy.gate import Gate, HoldTimeout
+
+    config = replica.settings.apps[0]
+    rng = random.Random(0)  # noqa: S311 - balancing, not secrets
+    gate = Gate(config, replica.view, replica.metrics, rng)
+    results: list[str] = []
+
+    async def request() -> None:
+        try:
+            await gate.acquire(config.wake_timeout_s)
+            results.append("served")
+        except HoldTimeout:
+            results.append("504")
+
+    try:
+        tasks = []
+        for _ in range(count):
+            tasks.append(asyncio.create_task(request()))
+            await asyncio.sleep(0.5)
+        await asyncio.gather(*tasks)
+    finally:
+        await gate.close()
+    return results, [str(mid) for mid in api.ops("start_machine")]
+
+
+async def test_a_wake_timeout_shorter_than_self_wake_after_s_still_self_wakes(
+    redis_server: str, key_prefix: str
+) -> None:
+    """Each wake counted self_wake_after_s (2 s) from its own start and gave up at its
+    timeout (1.5 s): with no leader, every request got 504 and nothing was ever woken."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    follower = make(
+        redis_server, key_prefix, "f", api, self_wake_after_s=2.0, wake_timeout_s=1.5, lead=False
+    )
+    await follower.start(rounds=False)
+    try:
+        results, starts = await _requests_every_half_second(follower, api, 6)
+    finally:
+        await follower.stop()
+    assert starts
+    assert "served" in results
+
+
+async def test_a_follower_wakes_nothing_once_its_held_requests_left(
+    redis_server: str, key_prefix: str
+) -> None:
+    import random
+
+    from autoscaler.proxy.gate import Gate, HoldTimeout
+
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    follower = make(redis_server, key_prefix, "f", api, self_wake_after_s=1.0, lead=False)
+    await follower.start(rounds=False)
+    rng = random.Random(0)  # noqa: S311 - balancing, not secrets
+    gate = Gate(follower.settings.apps[0], follower.view, follower.metrics, rng)
+    try:
+        with pytest.raises(HoldTimeout):
+            await gate.acquire(0.2)  # the client gives up long before the self-wake
+        assert follower.view.app(APP).queued == 0
+        await asyncio.sleep(1.5)  # past self_wake_after_s
+        assert api.ops("start_machine") == []
+        assert follower.self_wakes == 0
+    finally:
+        await gate.close()
+        await follower.stop()
