@@ -162,7 +162,15 @@ class _Groups:
                 g.failed.append(m)
             else:
                 g.other.append(m)
-        if len(g.sick) > len(g.serving) + 1:
+        # The app's own failure (rule 4): more sick machines than healthy ones plus one,
+        # those on their way down counted (a sick one drained must not make the others
+        # stop counting, or the next tick takes the drain back: a flap every
+        # scale_down_delay_s); or sick ones with nothing but machines known sick to
+        # replace them (starting one, sick again, then draining the other, made a loop).
+        sick_leaving = sum(1 for m in (*g.draining, *g.going) if m.sick_since is not None)
+        spare = any(not m.down_sick for m in (*g.suspended, *g.stopped, *g.failed))
+        no_replacement = not (spare or g.serving or g.coming)
+        if g.sick and (len(g.sick) + sick_leaving > len(g.serving) + 1 or no_replacement):
             g.serving.extend(g.sick)
             g.sick.clear()
         return g
@@ -559,6 +567,8 @@ def _plan(
     # delay (a check that flaps under load must not cost a warm machine), at once if the
     # app wants none.
     for m in g.sick:
+        if in_panic:
+            break  # panic never removes a machine, a sick one neither (checks flap in bursts)
         if m.id in touched or m.busy or m.unreachable or len(g.serving) < count.desired:
             continue
         sick_for = now - (m.sick_since if m.sick_since is not None else now)

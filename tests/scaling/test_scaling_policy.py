@@ -755,6 +755,14 @@ def test_a_machine_that_hangs_is_restarted_and_not_counted_as_capacity(
         # Two sick and none healthy: likely the app's own failure. They count as the API
         # says (serving); replacing them would only start every machine the app has.
         ([m("x", sick_since=0.0), m("y", sick_since=0.0), m("s", "stopped")], []),
+        # Sick, with only a machine that left sick to replace it: it counts (starting
+        # that one, sick again, then draining this one made a loop) ...
+        ([m("y", sick_since=0.0), m("x", "stopped", down_sick=True)], []),
+        # ... but a machine not known sick replaces it.
+        (
+            [m("y", sick_since=0.0), m("x", "stopped", down_sick=True), m("s", "stopped")],
+            [("start", "s")],
+        ),
     ],
 )
 def test_a_sick_machine_is_replaced_then_drained(
@@ -763,6 +771,43 @@ def test_a_sick_machine_is_replaced_then_drained(
     app = cfg(panic_threshold=CALM, target_concurrency=10, scale_down_delay_s=60)
     d = run(app, fleet(*machines), load(2.0, 100, app=app), 100)  # wants 1
     assert acts(d) == expected
+
+
+def test_two_sick_machines_on_steady_demand_do_not_flap() -> None:
+    """Both sick counted as capacity (the app's own failure) and one was drained; on the
+    next tick the other, alone, stopped counting and the drain was taken back, every
+    scale_down_delay_s for as long as the app was broken."""
+    import dataclasses
+
+    app = cfg(panic_threshold=CALM, scale_down_delay_s=30)
+    w = LoadWindows.for_app(app)
+    machines = {
+        "x": m("x", sick_since=0.0, last_used=1.0),
+        "y": m("y", sick_since=0.0, last_used=2.0),
+    }
+    state, log = PolicyState(born=0.0), []
+    for t in range(1, 200):
+        w.add(Sample(t - 1, t, 2.0, 2))  # 2 in flight: one machine wanted
+        d = decide(fleet(*machines.values()), w, app, float(t), state, float(t))
+        state = d.state
+        for a in d.actions:
+            log.append((t, a.kind, a.machine_id))
+            x = machines[a.machine_id]
+            if a.kind == "drain":  # its request in flight: the drain waits, cordoned
+                x = dataclasses.replace(x, cordoned=True, cordoned_by_us=True, draining=True)
+            elif a.kind == "uncordon":
+                x = dataclasses.replace(x, cordoned=False, cordoned_by_us=False, draining=False)
+            machines[a.machine_id] = x
+    assert len(log) <= 1, log
+
+
+def test_panic_drains_no_sick_machine() -> None:
+    # "Panic never removes a machine": a burst is when checks flap under load.
+    app = cfg(max_machines=3)
+    machines = fleet(m("a"), m("b"), m("c"), m("x", sick_since=0.0, in_flight=2))
+    d = run(app, machines, load(60.0, 100, app=app), 100)
+    assert d.panic
+    assert ("drain", "x") not in acts(d)
 
 
 def test_a_sick_machine_of_an_idle_app_is_drained_at_once() -> None:
