@@ -270,8 +270,9 @@ class ProxyServer:
         rejections = self.metrics.queue_rejections
         try:
             return await gate.acquire(remaining(ctx.deadline))
-        except (ShuttingDown, AppRemoved) as exc:
-            raise _shed(exc) from None
+        except (ShuttingDown, AppRemoved) as shed:
+            # (Its own name: compiled, one name is one type across a function's handlers.)
+            raise _shed(shed) from None
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
             raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
@@ -303,8 +304,8 @@ class ProxyServer:
                 raise Failure(502, "no machine of this app is reachable")
             try:  # a machine still booting refused us: wait for it (or a wake) as others do
                 up, _ = await gate.acquire(remaining(ctx.deadline))
-            except (ShuttingDown, AppRemoved) as exc:
-                raise _shed(exc) from None  # as for any held request: 503, to retry
+            except (ShuttingDown, AppRemoved) as shed:
+                raise _shed(shed) from None  # as for any held request: 503, to retry
             except (QueueFull, HoldTimeout):
                 raise Failure(502, "no machine of this app is reachable") from None
         ctx.up = up
