@@ -490,6 +490,10 @@ def step(
         prewarmed, prewarm_from = True, now
     if prewarmed and not in_window and idle_for >= k:
         outcome, prewarmed = "miss", False
+        if up == 0:
+            # Nothing came up for it (the resume failed): no wake to time. Kept, the
+            # next machine to serve, maybe hours on, would time the whole wait.
+            prewarm_from = None
     # The times the answer changes (the sleep, a pre-warm window opening and closing).
     # Only the opening wakes a quiet app back; the others are given too, so that a caller
     # that skips quiet ticks finds them without searching.

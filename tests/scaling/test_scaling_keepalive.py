@@ -382,6 +382,21 @@ def test_a_plan_is_always_within_its_bounds(gaps: list[float], cost: float) -> N
         assert MIN_PREWARM_S <= plan.prewarm_at_s < plan.keep_until_s
 
 
+def test_a_prewarm_that_brought_nothing_up_does_not_time_a_later_wake() -> None:
+    # Its start kept until a machine next served, maybe hours later: that whole wait was
+    # taken for how long a pre-warm takes, and the next pre-warms led by the 10 s cap.
+    plan = Plan(2.0, 100.0, 130.0, 20.0, 100.0, 110.0)
+    state = KeepAliveState(gaps=learned([100.0] * 20), plan=plan, idle_from=0.0, last_arrival=0.0)
+    state, phase = keepalive.step(state, ADAPTIVE, 98.0, 0.0, 0.0, 0, 0)
+    assert phase.prewarm  # begun; the API refuses the resume, nothing comes up
+    state, phase = keepalive.step(state, ADAPTIVE, 131.0, 0.0, 0.0, 0, 0)
+    assert phase.outcome == "miss"
+    # Much later a request wakes the app, and a machine serves.
+    state, _ = keepalive.step(state, ADAPTIVE, 5000.0, 5000.0, 5000.0, 1, 1)
+    assert state.wakes == ()
+    assert keepalive.prewarm_lead_s(state.wakes) == keepalive.PREWARM_LEAD_S
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     recent=st.lists(st.floats(0.0, 30000.0), min_size=0, max_size=keepalive.RECENT),
