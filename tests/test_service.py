@@ -299,9 +299,10 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) 
     raise AssertionError(f"{url} not ready within {timeout_s}s")
 
 
-def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_path: Path) -> None:
+def _run_process(file: Path) -> tuple[subprocess.Popen[str], int, int]:
+    """`autoscaler run` on ``file`` as a process of its own (its output piped, as text):
+    the process, its proxy's port and its admin server's."""
     proxy_port, admin_port = free_port(), free_port()
-    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -324,6 +325,12 @@ def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_
         stderr=subprocess.STDOUT,
         text=True,
     )
+    return proc, proxy_port, admin_port
+
+
+def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_path: Path) -> None:
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    proc, proxy_port, admin_port = _run_process(file)
     try:
         admin = f"http://127.0.0.1:{admin_port}"
         _wait_ready(f"{admin}/readyz", proc)
@@ -380,15 +387,8 @@ def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
     """SIGHUP's default action ends a process: one sent in the second between the
     config's load and the event loop's handlers (a reload right after a deploy) killed
     `autoscaler run`. It is held back until the handlers are in place, then reloads."""
-    proxy_port, admin_port = free_port(), free_port()
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
-    argv = [sys.executable, "-m", "autoscaler", "run", "--emulator", "--config", str(file),
-            "--listen", f"127.0.0.1:{proxy_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-            "--log-format", "json"]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
+    proc, _, admin_port = _run_process(file)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -420,15 +420,8 @@ def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
 def test_three_sigterms_in_a_row_still_reap_every_machine(tmp_path: Path) -> None:
     """The second SIGTERM cuts the graceful stop short; a third, during the emulator's
     close, must not leave its machine processes behind."""
-    proxy_port, admin_port = free_port(), free_port()
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port(), min_machines=1))
-    argv = [sys.executable, "-m", "autoscaler", "run", "--emulator", "--config", str(file),
-            "--listen", f"127.0.0.1:{proxy_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-            "--log-format", "json"]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
+    proc, proxy_port, admin_port = _run_process(file)
     try:
         _wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc)
         request = urllib.request.Request(

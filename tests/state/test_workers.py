@@ -69,9 +69,11 @@ async def get_json(http: aiohttp.ClientSession, url: str, limit_s: float = 20) -
             await asyncio.sleep(0.1)
 
 
-async def test_two_workers_one_port_one_leader_all_reaped(
+async def two_workers(
     emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
-) -> None:
+) -> tuple[asyncio.subprocess.Process, int, int]:
+    """`autoscaler run --workers 2` in front of an app of one machine: the supervisor
+    (its output piped), the proxy's port and the first worker's admin port."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=1))
     proxy, admin = free_port(), pair_of_free_ports()
     while proxy in (admin, admin + 1):
@@ -93,6 +95,13 @@ async def test_two_workers_one_port_one_leader_all_reaped(
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
+    return proc, proxy, admin
+
+
+async def test_two_workers_one_port_one_leader_all_reaped(
+    emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
+) -> None:
+    proc, proxy, admin = await two_workers(emulator, redis_server, key_prefix, tmp_path)
     assert proc.stdout is not None
     # Read all along: the workers log to the same pipe, which must never fill up.
     output = asyncio.ensure_future(proc.stdout.read())
@@ -226,27 +235,7 @@ async def test_a_sighup_while_the_workers_start_reloads_them_instead_of_killing(
     """The supervisor forwards SIGHUP to every worker, however young. One that had no
     handler yet died of it, and the supervisor, taking that for a failed start, stopped
     the whole group (exit 255). Workers now hold it back until they can reload."""
-    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
-    proxy, admin = free_port(), pair_of_free_ports()
-    while proxy in (admin, admin + 1):
-        admin = pair_of_free_ports()
-    file = write_config(
-        tmp_path / "c.yaml",
-        {
-            "fly": {"api_url": emulator.url, "token": emulator.token},
-            "proxy": {"listen": f"127.0.0.1:{proxy}", "shutdown_timeout_s": 2},
-            "admin": {"listen": f"127.0.0.1:{admin}"},
-            "control": {"tick_s": 0.2},
-            "cluster": {"redis_url": redis_server, "lease_ttl_s": 1, "key_prefix": key_prefix},
-            "apps": [{"name": "web", "hosts": ["web.test"], "idle_to_zero_s": 60}],
-        },
-    )
-    proc = await asyncio.create_subprocess_exec(
-        *run(file, "--workers", "2"),
-        env=child_env(),
-        stdout=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc, _, admin = await two_workers(emulator, redis_server, key_prefix, tmp_path)
     assert proc.stdout is not None
     lines: list[str] = []
     text = ""
