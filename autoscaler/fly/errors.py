@@ -11,6 +11,7 @@
     ├── RateLimited         429                  .retry_after: seconds from Retry-After, or None
     ├── ServerError         5xx                  Fly's side failed; transient
     ├── WaitTimeout         408, own deadline    the machine did not reach the state in time
+    ├── RequestTimeout      408 of another call  Fly gave up on the request; transient
     └── TransportError      status None          connect or read failure; .sent says whether
                                                  the request may have reached the server
 
@@ -33,6 +34,7 @@ from email.utils import parsedate_to_datetime
 
 _MAX_MESSAGE = 500  # an HTML error page must not become a 50 kB exception text
 REQUEST_ID_HEADER = "fly-request-id"
+WAIT_OPERATION = "wait_for_machine_state"  # whose 408 means "not there yet"
 
 
 class FlyError(Exception):
@@ -150,7 +152,17 @@ class TransportError(FlyError):
         return self._retryable
 
 
-# 429 (RateLimited, with its Retry-After) and 5xx (ServerError) are handled apart.
+class RequestTimeout(FlyError):
+    """408 to a call other than ``/wait`` (where it means "not yet"): Fly's edge gave up on
+    the request. Transient, as flyctl treats it: a safe call is tried again."""
+
+    @property
+    def transient(self) -> bool:
+        return True
+
+
+# 429 (RateLimited, with its Retry-After) and 5xx (ServerError) are handled apart; a 408
+# is WaitTimeout from /wait, RequestTimeout from anything else.
 _CLASS_BY_STATUS: Mapping[int, type[FlyError]] = {
     400: BadRequest,
     422: BadRequest,
@@ -229,5 +241,7 @@ def error_from_response(
     if status == 429:
         retry_after = parse_retry_after(headers.get("retry-after"), now)
         return RateLimited(status, message, request_id, retry_after=retry_after, **kw)
+    if status == 408 and operation != WAIT_OPERATION:
+        return RequestTimeout(status, message, request_id, **kw)
     cls = _CLASS_BY_STATUS.get(status) or (ServerError if status >= 500 else FlyError)
     return cls(status, message, request_id, **kw)

@@ -15,6 +15,7 @@ from autoscaler.fly.errors import (
     LeaseHeld,
     NotFound,
     RateLimited,
+    RequestTimeout,
     ServerError,
     TransportError,
     Unauthorized,
@@ -26,6 +27,13 @@ from autoscaler.fly.errors import (
 H = httpx.Headers
 
 
+def test_a_408_from_wait_means_not_yet() -> None:
+    err = error_from_response(408, b"{}", H({}), operation="wait_for_machine_state")
+    assert type(err) is WaitTimeout
+    assert not err.transient
+    assert error_from_response(408, b"{}", H({}), operation="get_machine").transient
+
+
 @pytest.mark.parametrize(
     ("status", "cls"),
     [
@@ -33,7 +41,7 @@ H = httpx.Headers
         (401, Unauthorized),
         (403, Unauthorized),
         (404, NotFound),
-        (408, WaitTimeout),
+        (408, RequestTimeout),  # from /wait: WaitTimeout (below)
         (409, LeaseHeld),
         (412, Conflict),
         (422, BadRequest),

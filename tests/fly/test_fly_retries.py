@@ -18,6 +18,7 @@ from autoscaler.fly.errors import (
     Conflict,
     NotFound,
     RateLimited,
+    RequestTimeout,
     ServerError,
     TransportError,
     Unauthorized,
@@ -89,6 +90,22 @@ async def test_transport_errors_are_retried_for_safe_calls() -> None:
     async with make_client(script, fake) as api:
         await api.cordon_machine("web", "m1")
     assert len(script.requests) == 3
+
+
+async def test_a_408_to_a_call_other_than_wait_is_transient() -> None:
+    # Fly's edge giving up on a request: flyctl retries it. Taken for a /wait's "not yet"
+    # (WaitTimeout, not transient), a safe call failed at once.
+    fake = FakeTime()
+    script = Script([status(408), httpx.Response(200, json=MACHINE)])
+    async with make_client(script, fake) as api:
+        machine = await api.get_machine("web", "m1")
+    assert machine.id == "m1"
+    assert len(script.requests) == 2
+    async with make_client(Script([status(408)]), FakeTime(), max_retries=0) as api:
+        with pytest.raises(RequestTimeout) as info:
+            await api.get_machine("web", "m1")
+    assert info.value.transient
+    assert not isinstance(info.value, WaitTimeout)
 
 
 async def test_transport_error_surfaces_as_transport_error() -> None:
