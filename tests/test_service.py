@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -299,9 +300,12 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) 
     raise AssertionError(f"{url} not ready within {timeout_s}s")
 
 
-def _run_process(file: Path) -> tuple[subprocess.Popen[str], int, int]:
+@contextlib.contextmanager
+def _run_process(file: Path) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     """`autoscaler run` on ``file`` as a process of its own (its output piped, as text):
-    the process, its proxy's port and its admin server's."""
+    the process, its proxy's port and its admin server's. Killed at the end if it still
+    runs; an assertion that fails inside carries its output (a separate process: the only
+    account of why)."""
     proxy_port, admin_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -325,13 +329,22 @@ def _run_process(file: Path) -> tuple[subprocess.Popen[str], int, int]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    return proc, proxy_port, admin_port
+    try:
+        yield proc, proxy_port, admin_port
+    except AssertionError as exc:
+        if proc.poll() is None:
+            proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"{exc}; code {proc.returncode}; output:\n{out[-8000:]}") from exc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_path: Path) -> None:
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
-    proc, proxy_port, admin_port = _run_process(file)
-    try:
+    with _run_process(file) as (proc, proxy_port, admin_port):
         admin = f"http://127.0.0.1:{admin_port}"
         _wait_ready(f"{admin}/readyz", proc)
         request = urllib.request.Request(
@@ -348,16 +361,6 @@ def test_run_process_reloads_on_sighup_ignores_sigusr2_and_stops_on_sigterm(tmp_
         assert _get(f"{admin}/readyz")[0] == 200  # still serving the old configuration
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    except AssertionError as exc:
-        # What the process logged is the only account of why (it is a separate process).
-        if proc.poll() is None:
-            proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"{exc}; autoscaler run's output:\n{out[-8000:]}") from exc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, out
     events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
     assert "config_reload_rejected" in events
@@ -393,8 +396,7 @@ def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
     config's load and the event loop's handlers (a reload right after a deploy) killed
     `autoscaler run`. It is held back until the handlers are in place, then reloads."""
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
-    proc, _, admin_port = _run_process(file)
-    try:
+    with _run_process(file) as (proc, _, admin_port):
         assert proc.stdout is not None
         for line in proc.stdout:
             if '"config_loaded"' in line:
@@ -405,15 +407,6 @@ def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
         _await_reload(admin, proc, "success")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    except AssertionError as exc:
-        if proc.poll() is None:
-            proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"{exc}; code {proc.returncode}; output:\n{out[-8000:]}") from exc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, out
     assert leftovers(proc.pid) == []
 
@@ -422,8 +415,7 @@ def test_three_sigterms_in_a_row_still_reap_every_machine(tmp_path: Path) -> Non
     """The second SIGTERM cuts the graceful stop short; a third, during the emulator's
     close, must not leave its machine processes behind."""
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port(), min_machines=1))
-    proc, proxy_port, admin_port = _run_process(file)
-    try:
+    with _run_process(file) as (proc, proxy_port, admin_port):
         _wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc)
         request = urllib.request.Request(
             f"http://127.0.0.1:{proxy_port}/", headers={"Host": "web.test"}
@@ -434,10 +426,6 @@ def test_three_sigterms_in_a_row_still_reap_every_machine(tmp_path: Path) -> Non
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.01)
         out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert leftovers(proc.pid) == [], out[-4000:]
 
 

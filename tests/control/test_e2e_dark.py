@@ -103,6 +103,43 @@ async def test_a_one_machine_app_whose_boot_failed_comes_back(emulator: Emulator
         assert [m.state for m in emulator.machines(APP)] == ["started"]
 
 
+async def test_a_429_storm_spends_none_of_a_failed_machines_restart_budget(
+    emulator: Emulator,
+) -> None:
+    """A storm of 429s on every call while a failed machine waits for its restart: the
+    refused calls (the lease's first, here: the emulator refuses every operation alike)
+    cost none of its budget (2 here), and once the storm passes the machine boots and the
+    held request is served. (A refused start itself, which spent the budget before
+    44f6ec3, is tested with the fake API: test_controller.py,
+    test_start_calls_the_api_refused_cost_a_failed_machine_none_of_its_budget.)"""
+    emulator.set_faults(boot_failure_rate=1.0)
+    async with running_stack(emulator, wake_timeout_s=40, max_restart_attempts=2) as stack:
+        request = asyncio.ensure_future(stack.get("/"))
+        await until(
+            lambda: [m.state for m in emulator.machines(APP)] == ["failed"], what="a failed boot"
+        )
+        emulator.set_faults(boot_failure_rate=None, rate_limit_rate=1.0)  # every call: 429
+        registry = stack.metrics.registry
+
+        def refused() -> float:
+            return sum(
+                registry.get_sample_value(
+                    "autoscaler_api_requests_total", {"operation": op, "code": "429"}
+                )
+                or 0
+                for op in ("acquire_machine_lease", "start_machine")
+            )
+
+        await stack.until(lambda: refused() >= 3)  # more than its budget of tries
+        emulator.set_faults(rate_limit_rate=None)  # the storm passes
+        await request
+        assert (stack.served, stack.failures) == (1, [])
+        await stack.until(lambda: restarts_ok(stack) is not None)
+        exhausted = {"app": APP, "result": "exhausted"}
+        assert not registry.get_sample_value("autoscaler_machine_restarts_total", exhausted)
+        assert [m.state for m in emulator.machines(APP)] == ["started"]
+
+
 @pytest.mark.parametrize("emulator_settings", ["fast", "fly"], indirect=True)
 async def test_a_one_machine_app_whose_machine_hangs_is_restarted(emulator: Emulator) -> None:
     # Each request to the hung process times out (504) and the proxy takes the machine
