@@ -226,12 +226,16 @@ class Service:
         async def run() -> None:
             try:
                 await stop()
+            except asyncio.CancelledError:
+                # Cut short (a second SIGTERM): the part stays, for _force_close to finish.
+                raise
             except Exception as exc:
                 _log.error("stop_failed", part=attr or stop.__qualname__, error=repr(exc))
-                raise
-            finally:
                 if attr is not None:
                     setattr(self, attr, None)
+                raise
+            if attr is not None:
+                setattr(self, attr, None)
 
         self._parts.push_async_callback(run)
 
@@ -340,7 +344,9 @@ class Service:
         _log.info("stopped")
 
     async def _force_close(self) -> None:
-        """After an interrupted graceful stop: close what is left without waiting."""
+        """After an interrupted graceful stop: close what is left without waiting. The
+        embedded emulator's machines are real processes: killed here, also when the
+        interrupted stop was the emulator's own (its close is idempotent)."""
         if self.emulator is not None:
             await self.emulator.close()
             self.emulator = None

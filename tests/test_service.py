@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from reliability.harness import child_env, live_service, write_config  # tests/ is on sys.path
@@ -172,7 +173,6 @@ async def test_a_sighup_during_the_start_reloads_every_part_once_started(
 ) -> None:
     """A reload that ran in the middle of the start updated the parts built so far, and
     the proxy, built after it, routed on the file as it was before the edit."""
-    from aiohttp import web
 
     from autoscaler.admin import AdminServer
 
@@ -451,3 +451,46 @@ async def test_run_uses_the_configured_api_instead_of_an_embedded_emulator(
         "autoscaler_api_requests_total", {"operation": "start_machine", "code": "200"}
     )
     assert ops == 1
+
+
+async def test_a_stop_cut_short_during_the_emulators_close_still_kills_its_machines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second SIGTERM that lands while the embedded emulator closes cancels that close
+    before it killed the machines: the forced close must run it again, in this process
+    (not leave the machine processes to die with it)."""
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port(), min_machines=1))
+    settings, _ = load_settings(file, env={})
+    svc = Service(settings, file, metrics=Metrics(CollectorRegistry()), proxy_port=0, admin_port=0)
+    await svc.start()
+    emulator = svc.emulator
+    assert emulator is not None
+    try:
+        await until(lambda: len(emulator.pids()) == 1, what="the machine's process")
+        runner = emulator._runner
+        assert runner is not None
+        entered = asyncio.Event()
+        cleanup = web.AppRunner.cleanup
+        calls = 0
+
+        async def cleanup_once_stuck(self: web.AppRunner) -> None:
+            nonlocal calls
+            if self is runner:
+                calls += 1
+                if calls == 1:
+                    entered.set()
+                    await asyncio.Event().wait()  # until cancelled
+            await cleanup(self)
+
+        monkeypatch.setattr(web.AppRunner, "cleanup", cleanup_once_stuck)
+        stopping = asyncio.ensure_future(svc.stop())
+        await entered.wait()
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        assert emulator.pids() != []  # the interrupted close killed nothing
+        await svc._force_close()
+        assert emulator.pids() == []
+        assert leftovers(os.getpid()) == []
+    finally:
+        await emulator.close()
