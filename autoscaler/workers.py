@@ -188,7 +188,8 @@ def supervise(
     grace_s = settings.proxy.shutdown_timeout_s + 10
     code = 0
     try:
-        procs = [spawn(i) for i in range(workers)]
+        for i in range(workers):
+            procs.append(spawn(i))  # one by one: a failed spawn stops those before it
         while not stop:
             if hup:
                 hup.clear()
@@ -221,6 +222,9 @@ def supervise(
                     break
                 procs[i] = spawn(i)
             time.sleep(0.1)
+    except OSError as exc:  # fork or exec refused (no memory, no pids left, ...)
+        _log.error("worker_spawn_failed", error=repr(exc))
+        code = 1
     finally:
         # A worker draining for a rolling restart has had its SIGTERM: a second one would
         # cut its drain short.

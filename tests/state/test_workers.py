@@ -272,3 +272,36 @@ async def test_a_sighup_while_the_workers_start_reloads_them_instead_of_killing(
     err = "".join(lines) + (await asyncio.wait_for(output, 60)).decode()
     assert code == 0, err
     assert '"worker_exited"' not in err
+
+
+def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second worker's fork fails: the supervisor says so, exits 1, and the first
+    worker is stopped and reaped by it (not left to the parent-death signal)."""
+    from autoscaler import workers
+
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "t"},
+            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+        },
+    )
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        if argv[1:3] != ["-m", "autoscaler"]:  # not a worker (ctypes runs ldconfig)
+            return real_popen(argv, **kw)
+        if started:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        started.append(real_popen(sleeper, start_new_session=True))
+        return started[0]
+
+    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    assert workers.supervise(str(file), None, 2) == 1
+    assert len(started) == 1
+    assert started[0].returncode == -signal.SIGTERM  # stopped and reaped here
