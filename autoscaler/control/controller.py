@@ -29,6 +29,7 @@ from typing import Any
 from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import AppConfig, Settings
 from autoscaler.control.actions import Actuator, Probe, Sleep
+from autoscaler.control.leases import Leases
 from autoscaler.control.recheck import Rechecker
 from autoscaler.control.runtime import AppRuntime, MachineRecord, ours
 from autoscaler.control.schedule import (
@@ -163,6 +164,7 @@ class Controller:
         rng: Callable[[], float] = random.random,
         load: LoadSource | None = None,
         freeze_heap: Callable[[], None] | None = None,
+        lease_owner: str | None = None,
     ) -> None:
         self.api = api
         self.load = load
@@ -180,6 +182,7 @@ class Controller:
             probe=probe,
             backoff_max_s=settings.control.api_backoff_max_s,
             lease_skip_s=settings.control.tick_s,
+            leases=Leases(api, sleep=sleep, owner=lease_owner),
         )
         self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s)
         self._rechecker = Rechecker(clock, sleep, self._rechecked)

@@ -14,9 +14,11 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   cancelled task never ``await``s on its way out. The next ``take`` of the same machine
   waits for that release first; ``aclose`` waits for all of them.
 - **A lost answer.** An acquire whose answer never came back (a timeout, a cancelled task)
-  may still have made a lease whose nonce we never saw. Our description carries ``owner``
-  (this host), so a 409 whose holder is ``owner`` is read back and adopted, here or by the
-  next process on the same host, instead of waiting out the TTL.
+  may still have made a lease whose nonce we never saw. Our description carries ``owner``,
+  so a 409 whose holder is ``owner`` is read back and adopted instead of waiting out the
+  TTL: in one process, ``owner`` is this host (the next process on it adopts too); in
+  cluster mode it is the replica's id, since replicas on one host (``--workers``) decide
+  concurrently and one must never take over a lease another's drain holds.
 """
 
 from __future__ import annotations

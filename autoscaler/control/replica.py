@@ -131,6 +131,9 @@ class Replica:
             budget=budget,
             freeze_heap=self._freeze_once if freeze_heap is not None else None,
             rng=rng,
+            # Replicas on one host (``--workers``) are concurrent deciders: each adopts
+            # only its own lost leases, never another's (control/leases.py).
+            lease_owner=f"autoscaler@{self.cluster.replica_id}",
         )
         self.controller.actuator.wake_claim = self._tick_wake_claim
         self.leading = False

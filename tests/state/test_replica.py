@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from control.fakes import FakeMachinesAPI
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from testkit import until
 
 from autoscaler.admin import AdminServer
 from autoscaler.config import AdminSettings, AppConfig, ClusterSettings, ControlSettings, Settings
@@ -23,6 +25,7 @@ from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.fly.models import CheckStatus
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
+from autoscaler.scaling.policy import Action
 from autoscaler.scaling.window import ConcurrencyMeter
 
 APP = "web"
@@ -825,4 +828,55 @@ async def test_a_drain_taken_back_under_a_wake_claim_is_uncordoned_in_the_api(
         await leader.controller.tick(APP)
         assert [u.id for u in view.routable()] == [mid]
     finally:
+        await leader.stop()
+
+
+async def test_a_follower_on_the_same_host_never_adopts_the_lease_of_the_leaders_drain(
+    redis_server: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas of one host (``--workers``) decide concurrently: a follower's self-wake
+    must not take over (as a lost lease of its own) the lease that the leader's drain
+    holds, uncordon the machine and give that lease back, while the drain goes on to
+    suspend it."""
+    monkeypatch.setattr(sys.modules[__name__], "TTL", 5.0)  # a 2-4 s pause keeps the lease
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    leader = make(redis_server, key_prefix, "w0", api, rng=lambda: 0.0)
+    follower = make(redis_server, key_prefix, "w1", api, self_wake_after_s=0.05)
+    await leader.start(rounds=False)
+    await follower.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 5)
+        await leader.controller.tick(APP)
+        rt = leader.controller.apps[APP]
+        view = leader.view.app(APP)
+        up = view.upstreams[mid]
+        view.begin(up)  # a request in flight on the leader's side: its drain waits, cordoned
+        leader.controller.actuator.launch(rt, Action("drain", mid, "scale to zero"))
+        await until(lambda: api.get(APP, mid).cordoned, what="the drain's cordon")
+        drain_nonce = api.lease(APP, mid).nonce
+        await rounds([leader, follower], lambda: not follower.view.app(APP).routable(), 5)
+        # The leader hangs (no rounds, no pub/sub) within its lease; a request waits on
+        # the follower, which wakes the app itself after self_wake_after_s.
+        assert leader._watcher is not None
+        leader._watcher.cancel()
+        follower.view.app(APP).hold()
+        wake = asyncio.ensure_future(follower.view.wake(APP))
+
+        def on_machine() -> list[tuple[str, str | None]]:
+            return [(c.op, c.nonce) for c in api.calls if c.machine_id == mid]
+
+        await until(
+            lambda: on_machine().count(("acquire_machine_lease", None)) >= 2,
+            what="the follower's try for the machine's lease",
+        )
+        during = on_machine()
+        assert not wake.done()  # refused (409): it waits, it does not take the machine
+        view.end(up)  # the leader is back, its drain goes on
+        await until(lambda: mid not in rt.running, what="the drain's end")
+        assert ("uncordon_machine", drain_nonce) not in during
+        assert ("release_machine_lease", drain_nonce) not in during
+        wake.cancel()  # no rounds here: nobody would tell the follower the drain ended
+    finally:
+        await follower.stop()
         await leader.stop()
