@@ -333,8 +333,13 @@ class Controller:
             try:
                 await self.tick(rt.name, lazy=True)
                 rt.backoff_s = 0.0
-                slow = asleep(rt, view, self.clock(), control.idle_poll_s)
+                now = self.clock()
+                slow = asleep(rt, view, now, control.idle_poll_s)
                 delay = pacer.next_pause(slow, tick_s, control.idle_poll_s, control.tick_jitter)
+                if rt.next_check is not None and now < rt.next_check < now + delay:
+                    # The decision changes by itself then (a pre-warm window opens): a
+                    # slow poll must not sleep through it.
+                    delay = rt.next_check - now
             except Exception as exc:
                 # FlyError is the expected case; anything else is a bug, but one bad tick
                 # must not end the app's loop for good.

@@ -232,6 +232,9 @@ class AppRuntime:
     panic: bool = False
     last_reason: str = ""
     last_decision_at: float | None = None
+    next_check: float | None = None
+    """When the last decision's answer changes by itself (``Decision.next_check``: a
+    pre-warm window opens, the idle timer ends): the loop ticks again by then."""
     last_tick_at: float | None = None
     last_error: str | None = None
     backoff_s: float = 0.0
@@ -517,3 +520,4 @@ class AppRuntime:
         self.panic = decision.panic
         self.last_reason = decision.reason
         self.last_decision_at = now
+        self.next_check = decision.next_check

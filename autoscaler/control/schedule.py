@@ -7,7 +7,9 @@ a thousand API calls a second, nearly all to learn that sleeping apps still slee
 - **Sleeping apps are polled slowly.** An app is asleep when none of its machines is started
   or moving, no action of ours and no wake is under way, no request is in flight or held,
   the policy wants no machine, and no request came for ``control.idle_poll_s``. Its loop
-  then lists it every ``control.idle_poll_s`` instead of every ``control.tick_s``. A request
+  then lists it every ``control.idle_poll_s`` instead of every ``control.tick_s``, or
+  sooner when its last decision changes by itself before then (``Decision.next_check``:
+  the adaptive keep-alive's pre-warm window opens). A request
   for it does not wait for that poll: the proxy's wake runs at once (``FleetView.wake``),
   and the wake nudges the loop (:meth:`Pacer.nudge`) so that ticks follow every
   ``control.tick_s`` from then on.
@@ -17,7 +19,7 @@ a thousand API calls a second, nearly all to learn that sleeping apps still slee
   one and two idle periods, drawn uniformly, before its first slow poll: apps that all fell
   asleep at once (the first reads at start-up, which the org budget spreads over a few
   seconds only) then poll spread over a whole period, not all within those seconds, and no
-  gap between two polls is ever shorter than the period.
+  gap between two polls is ever shorter than the period (but for a tick at ``next_check``).
 - **Apps in use are listed only when something may have changed.** An app whose machines
   all rest (none starting, suspending, ...), with no action of ours under way and no wake,
   ticks every ``control.tick_s`` all the same (the load changes every second), but decides

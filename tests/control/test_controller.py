@@ -1184,3 +1184,44 @@ async def test_a_hung_machine_is_held_out_of_rotation_until_its_restart(
         await clock.advance(0.5)
     assert rig.metric("autoscaler_machine_restarts_total", result="ok") == 1
     assert rig.routable() == {a, b}
+
+
+async def timer_app_waits(keep_alive: str) -> int:
+    """A timer-like app (one short request every 125 s) under the controller's own loop,
+    which polls a sleeping app every ``control.idle_poll_s`` (60 s): how many of 16
+    requests found no machine up and waited for a wake."""
+    clock, api = FakeClock(), FakeMachinesAPI()
+    api.add(APP, "suspended")
+    rig = Rig(
+        api, clock, keep_alive=keep_alive, idle_to_zero_s=300, min_lifetime_s=30, wake_cost_s=300
+    )
+    await rig.ctl.start()
+    waited = 0
+    try:
+        for _ in range(16):
+            view = rig.app
+            if not view.routable():
+                waited += 1
+                view.hold()
+                await rig.view.wake(APP)  # the proxy's path
+                await settle()
+                view.release()
+            [up, *_] = view.routable()
+            view.begin(up)
+            await clock.advance(0.5)
+            view.end(up)
+            for _ in range(249):  # the rest of the 125 s gap
+                await clock.advance(0.5)
+    finally:
+        await rig.ctl.stop()
+    return waited
+
+
+@pytest.mark.parametrize("keep_alive", ["fixed", "adaptive"])
+async def test_a_slow_poll_does_not_sleep_through_a_prewarm_window(keep_alive: str) -> None:
+    """The adaptive keep-alive learns the 125 s period, puts the machine to sleep after
+    each request and pre-warms it just before the next: a window of a few seconds that a
+    60-120 s poll of the sleeping app missed (every request waited). The loop ticks again
+    at the decision's ``next_check``. After the first request and the gaps it learns
+    from, no request waits, as under the fixed 300 s timer."""
+    assert await timer_app_waits(keep_alive) <= 5
