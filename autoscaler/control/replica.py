@@ -47,7 +47,7 @@ from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import Settings
 from autoscaler.control.actions import Probe
 from autoscaler.control.controller import Controller
-from autoscaler.control.fencing import WAKE_FENCE, FencedAPI
+from autoscaler.control.fencing import WAKE_FENCE, Fence, FencedAPI
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import Budget
 from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo
@@ -82,6 +82,15 @@ class _FailingBase:
                 base = self.base[rid] = 0
             most = max(most, n - base)
         return most
+
+
+def _both(first: Fence, second: Fence) -> Fence:
+    """A fence that holds when both do (checked in order: the second only if the first)."""
+
+    async def check() -> bool:
+        return await first() and await second()
+
+    return check
 
 
 class _Ours:
@@ -605,11 +614,13 @@ class Replica:
             return claim
 
     @contextlib.asynccontextmanager
-    async def _holding(self, claim: Claim) -> AsyncIterator[None]:
+    async def _holding(self, claim: Claim, *, leading: bool = False) -> AsyncIterator[None]:
         """Act under ``claim`` (from ``_take_claim``): the API calls made here, and by the
-        tasks started here, are fenced by it (not by the lease); renewed while held,
-        released at the end."""
-        fence = WAKE_FENCE.set(claim.check)
+        tasks started here, are fenced by it (with ``leading``, a tick's decision, by the
+        leader lease too); renewed while held, released at the end."""
+        fence = WAKE_FENCE.set(
+            _both(self.cluster.lease.check, claim.check) if leading else claim.check
+        )
         keeper = asyncio.get_running_loop().create_task(
             self._keep(claim), name=f"claim:{claim.app}"
         )
@@ -628,7 +639,13 @@ class Replica:
         app by itself (it could not reach us) and our tick do not each start a machine for
         one need. False, and the start is skipped, while another replica holds the claim
         or Redis cannot be reached; a claim this replica holds already (its own wake, or
-        another start of the same tick) covers it."""
+        another start of the same tick) covers it. The start comes from a tick's decision,
+        which only the leader may act on: it is fenced by the lease as well as the claim (a
+        leader that hung past its lease must not send its stale decision under a claim)."""
+        if not await self.cluster.lease.check():
+            _log.warning("tick_wake_fenced", app=app, why="this replica does not lead")
+            yield False
+            return
         claim: Claim | _Ours | None = None
         try:
             claim = await self._take_claim(app)
@@ -643,7 +660,7 @@ class Replica:
             _log.info("tick_wake_yielded", app=app)
             yield False
             return
-        async with self._holding(claim):
+        async with self._holding(claim, leading=True):
             yield True
 
     async def _keep(self, claim: Claim) -> None:

@@ -880,3 +880,31 @@ async def test_a_follower_on_the_same_host_never_adopts_the_lease_of_the_leaders
     finally:
         await follower.stop()
         await leader.stop()
+
+
+async def test_a_leader_that_hung_past_its_lease_sends_no_start_from_its_stale_tick(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A tick's start while nothing is routable runs under the app's wake claim; a
+    leader whose lease lapsed (SIGSTOP, a long pause) and whose tick runs before its
+    round steps it down must not send that start: its decision is stale."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    old, new = (make(redis_server, key_prefix, rid, api) for rid in ("old", "new"))
+    for r in (old, new):
+        await r.start(rounds=False)
+    try:
+        await rounds([old], lambda: old.leading, 2 * TTL)
+        await old.controller.tick(APP)  # reads the app: one stopped machine
+        for r in (old, new):  # the app now wants a machine (a reload, say)
+            rt = r.controller.apps[APP]
+            rt.reconfigure(rt.config.model_copy(update={"min_machines": 1}))
+        await asyncio.sleep(TTL * 1.2)  # old hangs past its lease (no rounds)
+        await rounds([new], lambda: new.leading, 3 * TTL)
+        assert old.leading  # its round has not run yet: it does not know
+        await old.controller.tick(APP)
+        await asyncio.wait_for(old.controller.idle(), 5)
+        assert api.ops("start_machine") == []
+    finally:
+        for r in (old, new):
+            await r.stop()
