@@ -314,9 +314,12 @@ class Body:
         return data
 
     def drop(self) -> None:
-        """Let go of what was never read (the exchange or the request is over)."""
+        """Let go of what was never read (the exchange or the request is over), and let
+        the source read again: a buffer that had filled paused it, and the connection may
+        carry the next exchange (a pooled upstream, a kept-alive client)."""
         if self._size:
             self._chunks.clear()
             if self._budget is not None:
                 self._budget.sub(self._size)
             self._size = 0
+        self._source.resume_reading(self)

@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from .conftest import Backend, StartProxy
+
+BOUND_S = 5  # an upper bound on any single exchange, never an expectation of speed
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def connect(port: int) -> AsyncIterator[Conn]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, list[str]]]:
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        if line:
+            key, _, value = line.partition(":")
+            headers.setdefault(key.strip().lower(), []).append(value.strip())
+    return status, headers
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, list[str]], bytes]:
+    """One response framed by Content-Length (what the proxy relays from aiohttp here)."""
+    async with asyncio.timeout(BOUND_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, headers = parse_head(head)
+        body = await reader.readexactly(int(headers["content-length"][0]))
+    return status, headers, body
 
 
 async def status_of(session: aiohttp.ClientSession, target: str, host: str) -> int:

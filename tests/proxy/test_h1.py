@@ -11,52 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import pytest
 from aiohttp import web
+from testkit import until
 
 from autoscaler.proxy.h1 import MAX_HEADERS
 
 from .conftest import Backend, StartProxy
-from .helpers import proxy_for, raw, reply_status, seen_app
-
-BOUND_S = 5  # an upper bound on any single exchange, never an expectation of speed
-
-Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-@asynccontextmanager
-async def connect(port: int) -> AsyncIterator[Conn]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-def parse_head(head: bytes) -> tuple[int, dict[str, list[str]]]:
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        if line:
-            key, _, value = line.partition(":")
-            headers.setdefault(key.strip().lower(), []).append(value.strip())
-    return status, headers
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, list[str]], bytes]:
-    """One response framed by Content-Length (what the proxy relays from aiohttp here)."""
-    async with asyncio.timeout(BOUND_S):
-        head = await reader.readuntil(b"\r\n\r\n")
-        status, headers = parse_head(head)
-        body = await reader.readexactly(int(headers["content-length"][0]))
-    return status, headers, body
+from .helpers import (
+    BOUND_S,
+    Blocking,
+    connect,
+    parse_head,
+    proxy_for,
+    raw,
+    read_response,
+    reply_status,
+    seen_app,
+)
 
 
 async def at_eof(reader: asyncio.StreamReader) -> bytes:
@@ -495,3 +469,35 @@ async def test_idle_keep_alive_connection_is_closed_after_client_timeout(
         assert status == 200
         assert "connection" not in headers  # kept alive...
         assert await at_eof(reader) == b""  # ...until idle for client_timeout_s
+
+
+async def test_a_kept_alive_connection_reads_on_after_an_error_to_an_unread_large_body(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """A POST whose body (over the buffer's high-water mark) arrived whole but was never
+    read, answered 504 (the app stayed busy past wake_timeout_s) without
+    ``Connection: close``: the connection is kept, so it must read the client's next
+    request (the full buffer had paused it), not leave it to the idle sweep's reset."""
+    blocking = Blocking()
+    addr = await backend(blocking.app())
+    app = {"name": "a", "hosts": ["a.test"], "backends": [addr]}
+    proxy = await start_proxy(
+        [{**app, "hard_limit": 1, "wake_timeout_s": 0.5}], client_timeout_s=4.0
+    )
+    async with connect(proxy.port) as (r1, w1), connect(proxy.port) as (reader, writer):
+        w1.write(b"GET /?id=busy HTTP/1.1\r\nHost: a.test\r\n\r\n")  # takes the one slot
+        await w1.drain()
+        await until(lambda: bool(blocking.order), what="the first request at the machine")
+        body = b"x" * (80 * 1024)
+        head = b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: %d\r\n\r\n" % len(body)
+        writer.write(head + body)
+        await writer.drain()
+        status, headers, _ = await read_response(reader)
+        assert status == 504
+        assert headers.get("connection") != ["close"]
+        blocking.release.set()
+        await read_response(r1)
+        writer.write(b"GET /?id=next HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await writer.drain()
+        status, _, answer = await read_response(reader)
+    assert (status, answer) == (200, b"m")

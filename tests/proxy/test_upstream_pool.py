@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -15,7 +16,7 @@ from testkit import until
 from autoscaler.control.view import FleetView, MachineInfo
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import text_app
+from .helpers import connect, read_response, text_app
 
 
 async def test_sequential_requests_reuse_one_upstream_connection(
@@ -280,3 +281,68 @@ async def test_machine_address_ipv6_and_app_port_override(
             assert await r.text() == "v6"
     finally:
         await runner.cleanup()
+
+
+async def test_a_pooled_connection_left_with_an_unread_answer_reads_the_next_one(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """A client leaves a download once the machine's whole answer reached the proxy, more
+    than the body buffer's high-water mark of it unread: the connection is clean and goes
+    back to the pool, and it must go back reading (the full buffer had paused it), or the
+    next request on it, another client's, gets 504 and the machine takes the blame."""
+    sent = asyncio.Event()
+    blocked = asyncio.Event()
+    connections = 0
+
+    async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /big"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    piece = b"y" * 8192
+                    while not blocked.is_set():  # until the client stopped taking
+                        writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                        await writer.drain()
+                        await asyncio.sleep(0.01)
+                    last = b"z" * (80 * 1024)  # the end, in one write
+                    writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last))
+                    await writer.drain()
+                    sent.set()
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+                    await writer.drain()
+
+    addr = await raw_backend(machine)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], upstream_timeout_s=2.0
+    )
+    server = proxy._server
+    pool = proxy._pool
+    assert server is not None
+    assert pool is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await until(
+            lambda: any(c.writing_paused for c in server.connections),
+            what="the client taking nothing more",
+        )
+        blocked.set()
+        await sent.wait()
+        await asyncio.sleep(0.2)  # the loopback hands the proxy the last bytes meanwhile
+    finally:
+        sock.close()  # the client goes away
+    await until(lambda: any(pool._idle.values()), what="the clean connection back in the pool")
+    async with connect(proxy.port) as (reader, writer):
+        writer.write(b"GET /small HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await writer.drain()
+        status, _, body = await read_response(reader)
+    assert (status, body) == (200, b"small")
+    assert connections == 1  # it went over the pooled connection
