@@ -161,6 +161,8 @@ class Replica:
         """Times a wake of ours found the app's claim held by another replica."""
         self.claim_errors = 0
         """Times a wake of ours could not reach Redis to take the app's claim."""
+        self.unknown_to_leader: set[str] = set()
+        """Our apps that the leader publishes no view of (its config lacks them)."""
         self.tick_wakes_yielded = 0
         """Wakes by our ticks skipped: another replica held the app's claim (or Redis could
         not be reached to take it)."""
@@ -274,6 +276,7 @@ class Replica:
 
     async def _step_up(self) -> None:
         self.leading = True
+        self.unknown_to_leader = set()  # our apps are the leader's now
         self.metrics.cluster_leader.set(1)
         _log.info("cluster_leader", replica=self.cluster.replica_id, fence=self.cluster.lease.token)
         await self.controller.start()
@@ -527,6 +530,7 @@ class Replica:
         if changed is None or apps != self._applied_apps:
             changed = frozenset(fleet)
             self._applied_apps = set(apps)
+            self._note_unknown_to_leader(set(apps) - fleet.keys())
         for app in changed:
             machines = fleet.get(app)
             if machines is not None:
@@ -534,6 +538,19 @@ class Replica:
         if not self.view_known:
             self.view_known = True
             self._freeze_once()  # a follower's views are built: they live as long as we do
+
+    def _note_unknown_to_leader(self, missing: set[str]) -> None:
+        """Apps of ours that the leader publishes no view of: its config lacks them (a
+        config rolled out to some replicas first). Nobody scales them, and we route them
+        with what we read ourselves: said once per app, and on /status."""
+        for app in sorted(missing - self.unknown_to_leader):
+            _log.warning(
+                "app_unknown_to_leader",
+                app=app,
+                problem="the leader's config does not have this app: it neither scales it"
+                " nor publishes its machines; give every replica the same apps",
+            )
+        self.unknown_to_leader = missing
 
     # --- wakes --------------------------------------------------------------------------
 
@@ -744,6 +761,7 @@ class Replica:
         doc["view_pushes_applied"] = self.pushes_applied
         doc["self_wakes"] = self.self_wakes
         doc["tick_wakes_yielded"] = self.tick_wakes_yielded
+        doc["apps_unknown_to_leader"] = sorted(self.unknown_to_leader)
         mine = doc["replicas"][0]
         mine["apps"] = {
             name: {

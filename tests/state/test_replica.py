@@ -15,6 +15,7 @@ import pytest
 from control.fakes import FakeMachinesAPI
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 from testkit import until
 
 from autoscaler.admin import AdminServer
@@ -47,17 +48,19 @@ def make(
     lead: bool = True,
     freeze_heap: Callable[[], None] | None = None,
     rng: Callable[[], float] = random.random,
+    apps: tuple[str, ...] = (APP,),
 ) -> Replica:
     settings = Settings(
         apps=[
             AppConfig(
-                name=APP,
+                name=name,
                 target_concurrency=2,
                 target_utilization=1.0,
                 min_lifetime_s=0,
                 scale_down_delay_s=0,
                 wake_timeout_s=wake_timeout_s,
             )
+            for name in apps
         ],
         control=ControlSettings(tick_s=60),  # ticks by hand; the loop's first tick only
         cluster=ClusterSettings(
@@ -907,4 +910,33 @@ async def test_a_leader_that_hung_past_its_lease_sends_no_start_from_its_stale_t
         assert api.ops("start_machine") == []
     finally:
         for r in (old, new):
+            await r.stop()
+
+
+async def test_a_follower_says_which_of_its_apps_the_leaders_config_lacks(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A config rolled out to the follower first: its new app is neither scaled nor
+    published by the leader. The follower says so (once) and on /status."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    api.add("extra", "stopped")
+    leader = make(redis_server, key_prefix, "r0", api, rng=lambda: 0.0)
+    follower = make(redis_server, key_prefix, "r1", api, apps=(APP, "extra"))
+    for r in (leader, follower):
+        await r.start(rounds=False)
+    try:
+        with capture_logs() as logs:
+            await rounds([leader], lambda: leader.leading, 5)
+            await leader.controller.tick(APP)
+            await rounds([leader, follower], lambda: follower.view_known, 5)
+            for _ in range(5):  # more whole reads: said once all the same
+                for r in (leader, follower):
+                    await r.round()
+        assert follower.status_document()["apps_unknown_to_leader"] == ["extra"]
+        said = [e["app"] for e in logs if e["event"] == "app_unknown_to_leader"]
+        assert said == ["extra"]
+        assert leader.status_document()["apps_unknown_to_leader"] == []
+    finally:
+        for r in (leader, follower):
             await r.stop()
