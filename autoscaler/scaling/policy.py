@@ -521,8 +521,13 @@ def _plan(
 
     # Scale up: take back, resume, start (rule 2).
     missing = count.desired - g.up
-    for kind, m in _wake_candidates(g)[:missing] if missing > 0 else ():
+    woken = _wake_candidates(g)[:missing] if missing > 0 else []
+    for kind, m in woken:
         act(kind, m, f"scale up to {count.desired}: {_wake_why(kind, m)}")
+    # A hung machine restarted comes back as one more started machine: only as many as
+    # max_machines leaves room for beside those up and those woken above (which replace
+    # the hung ones sooner than a restart); the others are stopped.
+    restarts = policy.max_machines - g.up - len(woken) if count.desired > 0 else 0
 
     # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s
     # (an unknown start time counts as old). Not a machine whose host Fly cannot reach: its
@@ -561,7 +566,13 @@ def _plan(
             "hung: out of routing for timeouts or resets (its probe failed too, or it timed"
             " out with no other machine to route to)"
         )
-        act("restart" if count.desired > 0 else "stop", m, reason)
+        if restarts > 0:
+            restarts -= 1
+            act("restart", m, reason)
+        elif count.desired > 0:
+            act("stop", m, f"{reason}; replaced within max_machines {policy.max_machines}")
+        else:
+            act("stop", m, reason)
     # A sick machine (Fly's checks critical) serves only as the last routable one: once
     # the healthy machines that serve are enough, it is drained, after the scale-down
     # delay (a check that flaps under load must not cost a warm machine), at once if the

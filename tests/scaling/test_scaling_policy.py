@@ -741,6 +741,34 @@ def test_a_machine_that_hangs_is_restarted_and_not_counted_as_capacity(
 
 
 @pytest.mark.parametrize(
+    ("max_machines", "machines", "expected"),
+    [
+        # At the cap, a spare replaces the hung machine (a resume is faster than a
+        # restart), which is stopped: restarting it too would make two.
+        (1, [m("h", hung=True), m("s", "suspended")], [("resume", "s"), ("stop", "h")]),
+        # Nothing to wake instead: the hung machine is restarted.
+        (1, [m("h", hung=True)], [("restart", "h")]),
+        # Room for both.
+        (2, [m("h", hung=True), m("s", "suspended")], [("resume", "s"), ("restart", "h")]),
+        # Two hung at a cap of 2 with one spare: one restarted, one stopped.
+        (
+            2,
+            [m("h", hung=True), m("i", hung=True), m("s", "suspended")],
+            [("resume", "s"), ("restart", "h"), ("stop", "i")],
+        ),
+    ],
+)
+def test_hung_machines_restarted_never_take_the_app_past_max_machines(
+    max_machines: int, machines: list[MachineSnapshot], expected: list[tuple[str, str]]
+) -> None:
+    app = cfg(panic_threshold=CALM, target_concurrency=10, max_machines=max_machines)
+    d = run(app, fleet(*machines), load(2.0, 100, app=app), 100)  # wants 1
+    assert sorted(acts(d)) == sorted(expected)
+    up_after = [a for a in d.actions if a.kind in ("start", "resume", "restart")]
+    assert len(up_after) <= max_machines
+
+
+@pytest.mark.parametrize(
     ("machines", "expected"),
     [
         # The only started machine is sick (Fly's checks critical): a spare replaces it;
