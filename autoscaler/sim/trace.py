@@ -94,9 +94,11 @@ def select(
 
 
 def _open_text(path: Path) -> TextIO:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is dropped, not read as part of
+    # the first column's name.
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open(encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
 
 
 def _number(text: str, path: Path, line: int, column: str) -> float:

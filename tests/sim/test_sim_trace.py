@@ -33,6 +33,17 @@ def test_csv_without_header(tmp_path: Path) -> None:
     assert read_csv(path).apps == {"web": [(0.0, 0.1), (1.5, 0.2)]}
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts the file with a byte-order mark; Azure's files may too.
+    bom = b"\xef\xbb\xbf"
+    path = tmp_path / "t.csv"
+    path.write_bytes(bom + b"t,app,duration\n0,a,0.1\n5,a,0.1\n")
+    assert read_trace(path).apps == {"a": [(0.0, 0.1), (5.0, 0.1)]}
+    azure = _azure(tmp_path, [["o", "a" * 64, "f", "http", "1", "0", "0"]])
+    azure.write_bytes(bom + azure.read_bytes())
+    assert read_trace(azure, duration_s=0.25).apps == {"a" * 12: [(30.0, 0.25)]}
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
