@@ -89,6 +89,8 @@ class FixedKeepalive:
 
 class FlyAutostop:
     def __init__(self, interval_s: float) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"fly-autostop: expected a check interval > 0 s, got {interval_s:g}")
         self.name = "fly-autostop"
         self.interval_s = interval_s
         self._sim: AppSim | None = None

@@ -22,7 +22,13 @@ from autoscaler.sim.frontier import render as render_frontier
 from autoscaler.sim.generate import SHAPES, generate
 from autoscaler.sim.model import Timings
 from autoscaler.sim.report import render
-from autoscaler.sim.run import STRATEGIES, config_resolver, known_strategy, simulate
+from autoscaler.sim.run import (
+    STRATEGIES,
+    config_resolver,
+    known_strategy,
+    make_strategy,
+    simulate,
+)
 from autoscaler.sim.trace import TraceError, from_rows, read_trace, write_csv
 
 EXIT_OK = 0
@@ -51,6 +57,10 @@ def _strategies(text: str) -> list[str]:
             raise ValueError(
                 f"--strategies: unknown {name!r} (expected some of {', '.join(STRATEGIES)})"
             )
+        try:
+            make_strategy(name, Timings())  # its suffix: a fly-autostop interval > 0
+        except ValueError as exc:
+            raise ValueError(f"--strategies: {exc}") from None
     if not names:
         raise ValueError("--strategies: expected at least one name")
     return names

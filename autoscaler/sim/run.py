@@ -95,6 +95,10 @@ def make_strategy(
         return PolicyStrategy(skip_idle=skip_idle, name=name, overrides={**knobs, **extra})
     if name == "fly-autostop" or name.startswith("fly-autostop-"):
         interval = _suffix_seconds(name, "fly-autostop")
+        if interval is not None and interval <= 0:
+            # As --autostop-interval-s 0 is: a check every 0 s reschedules itself at the
+            # same instant forever, and the replay never ends.
+            raise ValueError(f"strategy {name!r}: expected a check interval > 0 s")
         strategy = FlyAutostop(timings.autostop_interval_s if interval is None else interval)
         if interval is not None:
             strategy.name = name

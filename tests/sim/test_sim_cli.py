@@ -15,6 +15,7 @@ import pytest
 from autoscaler.cli import build_parser, main
 from autoscaler.sim.command import parse_overrides
 from autoscaler.sim.model import Timings
+from autoscaler.sim.run import make_strategy
 
 BUNDLED = ("steady-2h", "diurnal-24h", "bursty-24h", "sparse-24h")
 
@@ -169,6 +170,22 @@ def test_bad_input_exits_2_with_one_line(
     trace = [] if "--generate" in argv else ["--trace", str(bundled("sparse-24h"))]
     assert main(["simulate", *trace, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)  # before the check, the replay never ended
+def test_a_fly_autostop_check_every_0s_is_refused_like_autostop_interval_0(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ValueError, match="interval > 0"):
+        make_strategy("fly-autostop-0s", Timings())
+    trace = ["simulate", "--trace", str(bundled("sparse-24h")), "--totals-only"]
+    for name in ("fly-autostop-0s", "autoscaler,fly-autostop-0.0s"):
+        assert main([*trace, "--strategies", name]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("simulate: --strategies:"), err
+        assert "expected a check interval > 0 s" in err
+    assert main([*trace, "--autostop-interval-s", "0"]) == 2
+    assert "autostop_interval_s must be > 0" in capsys.readouterr().err
 
 
 def test_no_trace(capsys: pytest.CaptureFixture[str]) -> None:
