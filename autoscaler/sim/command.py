@@ -155,7 +155,15 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
             raise ValueError("--frontier: expected --format table or json")
         if args.plot and not args.plot.endswith((".png", ".svg")):
             raise ValueError(f"--plot: expected a .png or .svg file name, got {args.plot!r}")
-        found = sweep(trace, resolve, timings, names, jobs=args.jobs)
+        found = sweep(
+            trace,
+            resolve,
+            timings,
+            names,
+            horizon=args.horizon_s,
+            skip_idle=not args.every_tick,
+            jobs=args.jobs,
+        )
         if args.plot:
             plot(found, args.plot)
         out.write(render_frontier(found, args.format))

@@ -17,7 +17,7 @@ import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from autoscaler.config import AppConfig
 from autoscaler.sim.model import Stats, Timings
@@ -69,14 +69,24 @@ def _run_spec(strategy: str, value: float) -> tuple[str, dict[str, Any]]:
     return f"{strategy}-{value:g}s", {}
 
 
-def _run(
-    job: tuple[Trace, Callable[[str], AppConfig], Timings], task: tuple[str, float]
-) -> tuple[Point, dict[str, Stats]]:
+_Job: TypeAlias = tuple[Trace, Callable[[str], AppConfig], Timings, float | None, bool]
+"""(trace, config_for, timings, horizon, skip_idle): what every point shares."""
+
+
+def _run(job: _Job, task: tuple[str, float]) -> tuple[Point, dict[str, Stats]]:
     """One point: the trace replayed under one strategy at one knob value."""
-    trace, config_for, timings = job
+    trace, config_for, timings, horizon, skip_idle = job
     strategy, value = task
     name, overrides = _run_spec(strategy, value)
-    report = simulate(trace, config_for, timings, [name], overrides=overrides)
+    report = simulate(
+        trace,
+        config_for,
+        timings,
+        [name],
+        horizon=horizon,
+        skip_idle=skip_idle,
+        overrides=overrides,
+    )
     label = report.strategies[0]
     total = report.total(label)
     point = Point(
@@ -128,10 +138,13 @@ def sweep(
     timings: Timings,
     strategies: Sequence[str],
     *,
+    horizon: float | None = None,
+    skip_idle: bool = True,
     jobs: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> Frontier:
-    """Replay ``trace`` at every swept knob value of each strategy."""
+    """Replay ``trace`` at every swept knob value of each strategy, for ``horizon``
+    seconds (the trace's end by default); ``skip_idle`` as in ``simulate``."""
     tasks: list[tuple[str, float]] = []
     for name in strategies:
         if name not in SWEEPS:
@@ -141,7 +154,7 @@ def sweep(
         tasks.extend((name, v) for v in SWEEPS[name][1])
     if BASELINE not in strategies:
         tasks.extend((BASELINE, v) for v in BASELINE_INTERVALS)
-    job = (trace, config_for, timings)
+    job: _Job = (trace, config_for, timings, horizon, skip_idle)
     if jobs > 1:
         results = fork_map(_run, job, tasks, jobs)
     else:
@@ -150,7 +163,7 @@ def sweep(
             if progress is not None:
                 progress(f"{task[0]} {SWEEPS[task[0]][0]}={task[1]:g}")
             results.append(_run(job, task))
-    frontier = Frontier([], {}, trace.end)
+    frontier = Frontier([], {}, trace.end if horizon is None else horizon)
     for point, stats in results:
         frontier.points.append(point)
         frontier.per_app[(point.strategy, point.value)] = stats
