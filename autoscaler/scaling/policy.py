@@ -411,7 +411,7 @@ def decide(
         if panic_since is not None:
             why.append("leave panic (idle)")
         panic_since = last_trigger = None
-    elif burst >= policy.panic_threshold * capacity:
+    elif burst / capacity >= policy.panic_threshold - _EPSILON:
         if panic_since is None:
             panic_since = now
             why.append(

@@ -326,6 +326,18 @@ def test_panic_enters_at_threshold_times_capacity() -> None:
     assert "enter panic" in at.reason
 
 
+def test_panic_threshold_reached_up_to_float_rounding_panics() -> None:
+    # An average of exactly 2 x capacity, as float sums make it (13.999999999999995):
+    # the same tolerance as the machine count's ceil, so a window's rounding (which
+    # differs with how its samples were cut) does not decide whether the app panics.
+    app = cfg()
+    one = fleet(m("s0"), *[m(f"z{i}", "suspended") for i in range(9)])
+    level = sum([0.7] * 20)
+    assert level < 14.0
+    assert run(app, one, load(level, 100, since=94, app=app), 100).panic
+    assert not run(app, one, load(13.99, 100, since=94, app=app), 100).panic
+
+
 def test_capacity_counts_ready_machines_only_at_least_one() -> None:
     app = cfg()
     # Two ready machines: capacity 14, panic at 28. A starting machine adds no capacity.

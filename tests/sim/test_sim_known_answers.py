@@ -173,6 +173,23 @@ def test_skipping_is_exact_through_bursts_panics_and_scale_downs(
         assert getattr(fast, field) == getattr(exact, field), field
 
 
+def test_skipping_is_exact_when_a_burst_reaches_the_panic_threshold_exactly() -> None:
+    # With hard limit 1, the two requests at 520.05 and 520.1 bring the panic average to
+    # exactly 2 x capacity; the skipped ticks' one long zero sample rounds that average
+    # differently from the tick-by-tick samples, on the other side of the threshold
+    # (without a tolerance, --every-tick entered panic at 526.4 s and the skipping replay,
+    # just short of it, only at 532 s: a held request waited 12.3 s instead of 6.7 s).
+    requests = [(0.0, 5.0), (0.05, 5.0), (120.05, 5.0), (520.05, 40.0), (520.1, 0.2)]
+    timings = Timings(tick_s=0.7)
+    fast, exact = (
+        replay(requests, PolicyStrategy(skip_idle=skip), horizon=600.0, timings=timings,
+               hard_limit=1)
+        for skip in (True, False)
+    )  # fmt: skip
+    for field in ("wake_waits", "waits", "up_s", "suspended_s", "api_actions", "changes"):
+        assert getattr(fast, field) == getattr(exact, field), field
+
+
 def test_quantile_counts_requests_that_did_not_wait() -> None:
     assert quantile([2.0], 100, 0.5) == 0.0
     assert quantile([2.0], 100, 0.99) == 0.0
