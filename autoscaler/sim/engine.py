@@ -118,9 +118,9 @@ class AppSim:
         while True:
             ta = reqs[i][0] if i < n else _INF
             if heap and heap[0][0] <= ta:
-                t, _, kind, x, y = pop(heap)
-                if t > horizon:
+                if heap[0][0] > horizon:
                     break
+                t, _, kind, x, y = pop(heap)
                 self.now = t
                 if kind == _END:
                     end(x, y, t)
@@ -134,8 +134,29 @@ class AppSim:
                 arrive(t, d)
             else:
                 break
+        if self.queued:
+            self._run_on()
         self._close(horizon)
         return self.stats
+
+    def _run_on(self) -> None:
+        """Requests still held at the horizon: follow them past it until each is served
+        or times out, so every request is served or an error and a wait the horizon cut
+        short (the last request's wake, when the horizon is the trace's end) is counted
+        whole. Nothing else is: no arrival past the horizon, machine-seconds and machine
+        changes only up to it (``_account``, ``set_state``), and the actions, refusals
+        and decisions of the run-on are not counted."""
+        st = self.stats
+        kept = (st.api_actions, st.refused, st.cold_resumes, st.failed_actions, st.decisions)
+        heap, pop, end = self._heap, heapq.heappop, self._end
+        while self.queued and heap:  # each held request has its timeout in the heap
+            t, _, kind, x, y = pop(heap)
+            self.now = t
+            if kind == _END:
+                end(x, y, t)
+            else:
+                x(t, y)
+        st.api_actions, st.refused, st.cold_resumes, st.failed_actions, st.decisions = kept
 
     def next_arrival(self) -> float:
         """When the next request arrives (infinity after the last)."""
@@ -249,6 +270,7 @@ class AppSim:
     # --- machine states and their cost ----------------------------------------------
 
     def _account(self, m: Machine, now: float) -> None:
+        now = min(now, self.horizon)  # past it only to serve requests held at it
         span = now - m.acc_since
         if span > 0:
             if m.up:
@@ -265,9 +287,10 @@ class AppSim:
         m.started_at = now if state == STARTED else None
         if m.up != was_up:
             self.up_count += 1 if m.up else -1
-            self.stats.changes.append((now, 1 if m.up else -1))
-            if self.up_count > self.stats.peak_machines:
-                self.stats.peak_machines = self.up_count
+            if now <= self.horizon:
+                self.stats.changes.append((now, 1 if m.up else -1))
+                if self.up_count > self.stats.peak_machines:
+                    self.stats.peak_machines = self.up_count
         self._update_routable(m)
 
     def _update_routable(self, m: Machine) -> None:

@@ -119,6 +119,25 @@ def test_csv_and_table_with_knobs_and_a_subset(capsys: pytest.CaptureFixture[str
     assert "sparse " not in table
 
 
+def test_the_last_requests_wake_is_in_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The replay ends at the trace's end (3600.1 s), while the last request still waits
+    # for its resume: its wait is counted whole, the machine-seconds only up to the end.
+    trace = tmp_path / "t.csv"
+    trace.write_text("t,app,duration\n0,a,0.1\n3600,a,0.1\n")
+    argv = ["simulate", "--trace", str(trace), "--strategies", "autoscaler", "--format", "json"]
+    assert main([*argv, "--totals-only"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["horizon_s"] == pytest.approx(3600.1)
+    total = doc["total"]["autoscaler"]
+    assert total["requests"] == total["woken"] == 2
+    assert total["errors"] == 0
+    # A cold start (2.1 s) and a resume (0.4 s); p50 over the 2 requests.
+    assert total["wait_p50_s"] == pytest.approx(0.4)
+    assert total["wait_max_s"] == pytest.approx(2.1)
+
+
 def test_generate_then_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bursty.csv"
     assert main(["simulate", "--generate", "bursty", "--hours", "1", "--seed", "3",

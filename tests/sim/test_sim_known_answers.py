@@ -76,6 +76,33 @@ def test_load_above_one_machine_scales_out_and_back() -> None:
     assert stats.served == 6000
 
 
+def test_a_request_held_at_the_horizon_is_followed_until_served() -> None:
+    # The horizon is the trace's end (0.1 s, when the request would end had it not waited):
+    # the request is still held for the cold start then, and is served at 2.1 s.
+    stats = replay([(0.0, 0.1)])
+    assert stats.requests == stats.served == 1
+    assert stats.errors == 0
+    assert stats.wake_waits == 1
+    assert stats.waits == pytest.approx([COLD])
+    # Machine-seconds, changes and actions only up to the horizon: the start call (0.1 s
+    # of API latency) is all there was; the machine came up at 0.1.
+    assert stats.up_s == 0.0
+    assert stats.changes == [(pytest.approx(0.1), 1)]
+    assert stats.api_actions == 1
+
+
+def test_a_request_held_at_the_horizon_that_times_out_is_an_error() -> None:
+    slow = Timings(start_s=100.0)
+    stats = replay([(0.0, 1.0), (50.0, 1.0)], horizon=40.0, timings=slow, wake_timeout_s=30)
+    # The first timed out at 30 s; nothing arrives past the horizon (the second is not
+    # replayed), and nothing was held at it.
+    assert (stats.requests, stats.served, stats.errors) == (1, 0, 1)
+    stats = replay([(0.0, 1.0), (30.0, 1.0)], horizon=40.0, timings=slow, wake_timeout_s=30)
+    # The second, held at the horizon, times out at 60 s: an error, not lost.
+    assert (stats.requests, stats.served, stats.errors) == (2, 0, 2)
+    assert stats.up_s == pytest.approx(40.0 - T.api_latency_s)
+
+
 def test_hard_limit_queues_without_a_wake() -> None:
     stats = replay([(0.0, 1.0), (0.0, 1.0)], "always-on", hard_limit=1)
     assert stats.wake_waits == 0
