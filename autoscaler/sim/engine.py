@@ -329,7 +329,10 @@ class AppSim:
     # --- actions, as the Machines API carries them out ------------------------------
 
     def start(self, m: Machine, now: float) -> bool:
-        """Start a stopped machine or resume a suspended one; False if it cannot be."""
+        """Start a stopped machine or resume a suspended one, or take back our drain's
+        suspend under way; False if it cannot be."""
+        if m.state == SUSPENDING and m.busy == "drain":
+            return self._interrupt(m, now)
         if not m.wakeable:
             self.stats.refused += 1
             return False
@@ -348,6 +351,30 @@ class AppSim:
             duration = timings.start_s
         self.call(now + timings.api_latency_s, self._starting, (m, m.op, duration))
         return True
+
+    def _interrupt(self, m: Machine, now: float) -> bool:
+        """Start a machine that our drain is suspending, as the controller's ``interrupt``
+        does (cancel the drain, resume the machine; Fly and the emulator allow a start
+        during a suspend: the suspend is abandoned, no snapshot is made and the same
+        process carries on, so it never boots cold). Our cordon is lifted in the view at
+        once and in the API (uncordon, key removal) once the machine is up."""
+        timings = self.timings
+        self.stats.api_actions += 1
+        if timings.action_failure_rate and self.rng.random() < timings.action_failure_rate:
+            # The call failed: the suspend (and the drain's release after it) carries on.
+            self.stats.failed_actions += 1
+            self.call(now + timings.api_latency_s, self._interrupt_failed, m)
+            return True
+        m.op += 1  # the pending suspend's end (``_slept``) and its release give up
+        m.busy = "resume"
+        m.draining = m.waiting = False
+        m.cordoned = m.ours = False
+        self.stats.api_actions += 2
+        self.call(now + timings.api_latency_s, self._starting, (m, m.op, timings.resume_s))
+        return True
+
+    def _interrupt_failed(self, now: float, m: Machine) -> None:
+        self._settled(now)  # held requests ask for a wake again
 
     def _boots_cold(self, m: Machine, now: float) -> bool:
         """A resume that falls back to a cold start: at the modelled rate, or always when

@@ -27,7 +27,7 @@ from typing import Any
 
 from autoscaler.config import AppConfig
 from autoscaler.scaling import policy
-from autoscaler.scaling.fleet import STARTED, SUSPENDED, Fleet, MachineSnapshot
+from autoscaler.scaling.fleet import STARTED, SUSPENDED, SUSPENDING, Fleet, MachineSnapshot
 from autoscaler.scaling.policy import Action, Decision, PolicyState
 from autoscaler.scaling.window import LoadWindows
 from autoscaler.sim.engine import AppSim
@@ -104,7 +104,8 @@ class PolicyStrategy:
         self.carried_out: list[tuple[str, str]] | None = [] if record else None
         """With ``record``: every action handed to the simulated machines, as (what the
         machine's state made of it, machine id): ``resume`` or ``start`` (a start of a
-        suspended machine resumes it), ``drain``, ``uncordon``, ``stop``."""
+        suspended machine resumes it, and so does one of a machine our drain is
+        suspending), ``drain``, ``uncordon``, ``stop``."""
         self.state = PolicyState()
         self._sim: AppSim | None = None
         self._windows: LoadWindows | None = None
@@ -275,7 +276,7 @@ class PolicyStrategy:
         if self.carried_out is not None:
             done = kind
             if kind in ("resume", "start"):
-                done = "resume" if m.state == SUSPENDED else "start"
+                done = "resume" if m.state in (SUSPENDED, SUSPENDING) else "start"
             self.carried_out.append((done, m.id))
         if kind in ("resume", "start"):
             sim.start(m, now)  # resume or start: the machine's state says which

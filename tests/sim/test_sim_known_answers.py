@@ -103,6 +103,34 @@ def test_a_request_held_at_the_horizon_that_times_out_is_an_error() -> None:
     assert stats.up_s == pytest.approx(40.0 - T.api_latency_s)
 
 
+def test_a_request_during_our_suspend_takes_the_suspend_back() -> None:
+    # A large machine's suspend takes 5 s. m0 is routable at 2.1 and idle from 3.1; the
+    # tick at 14 s drains it (cordon calls, then the suspend call: suspending from 14.3,
+    # until 19.3). A request at 14.5 finds nothing routable: the wake (rule 2) resumes
+    # the suspending machine, as the controller's ``interrupt`` does live, and Fly
+    # abandons the suspend: up after one call and a resume, not after the whole suspend.
+    knobs: dict[str, Any] = {"idle_to_zero_s": 10, "min_lifetime_s": 0, "scale_down_delay_s": 0}
+    ours = PolicyStrategy(record=True)
+    stats = replay(
+        [(0.0, 1.0), (14.5, 1.0)], ours, horizon=40.0, timings=Timings(suspend_s=5.0), **knobs
+    )
+    assert stats.refused == 0
+    assert stats.wake_waits == 2
+    assert sorted(stats.waits) == pytest.approx([RESUME, COLD])
+    assert ours.carried_out == [("start", "app-m0"), ("drain", "app-m0"),
+                                ("resume", "app-m0"), ("drain", "app-m0")]  # fmt: skip
+    # start; drain (key, cordon, suspend) taken back by a start, then uncordon and key
+    # removal; the next drain's five calls (idle again at 15.9, suspended at 31.3).
+    assert stats.api_actions == 1 + 3 + 3 + 5
+    assert stats.up_s == pytest.approx(31.3 - 0.1)  # never at rest until the second drain
+    # A failed call leaves the suspend going; the wake asks again a call later.
+    flaky = Timings(suspend_s=5.0, action_failure_rate=0.5, seed=2)
+    stats = replay([(0.0, 1.0), (14.5, 1.0)], horizon=40.0, timings=flaky, **knobs)
+    assert stats.failed_actions == 1
+    assert stats.refused == 0
+    assert sorted(stats.waits) == pytest.approx([T.api_latency_s + RESUME, COLD])
+
+
 def test_hard_limit_queues_without_a_wake() -> None:
     stats = replay([(0.0, 1.0), (0.0, 1.0)], "always-on", hard_limit=1)
     assert stats.wake_waits == 0
