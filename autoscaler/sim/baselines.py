@@ -8,7 +8,9 @@
   (nothing in flight and no request since the previous check). Never
   below ``min_machines`` (Fly's ``min_machines_running``). On a request, when no machine
   runs or every running machine is over its soft limit, it starts a stopped or suspended
-  machine and routes the request to it. Our ``target_concurrency`` stands for the soft
+  machine; the request goes to the least loaded running machine under its hard limit,
+  and waits (for a freed slot or the machine started) only when none has room, or none
+  runs (only then is it counted as woken). Our ``target_concurrency`` stands for the soft
   limit, ``hard_limit`` for the hard one, ``scale_down_action`` for ``auto_stop_machines``.
   One simplification in Fly's favour: it only stops a machine with nothing in flight (Fly
   would stop the least loaded and give it ``kill_timeout`` to finish).
@@ -40,8 +42,8 @@ class AlwaysOn:
     def begin(self, sim: AppSim) -> None:
         sim.set_state(sim.machines[0], STARTED, 0.0)
 
-    def on_arrival(self, sim: AppSim, now: float) -> bool:
-        return False
+    def on_arrival(self, sim: AppSim, now: float) -> None:
+        """Nothing to decide per request."""
 
     def wake(self, sim: AppSim, now: float) -> None:
         """Its one machine is always up: nothing to wake."""
@@ -64,8 +66,8 @@ class FixedKeepalive:
     def begin(self, sim: AppSim) -> None:
         self._sim = sim
 
-    def on_arrival(self, sim: AppSim, now: float) -> bool:
-        return False
+    def on_arrival(self, sim: AppSim, now: float) -> None:
+        """Nothing to decide per request."""
 
     def wake(self, sim: AppSim, now: float) -> None:
         _wake_one(sim, now)
@@ -100,17 +102,18 @@ class FlyAutostop:
         self._sim = sim
         sim.call(self.interval_s, self._check)
 
-    def on_arrival(self, sim: AppSim, now: float) -> bool:
+    def on_arrival(self, sim: AppSim, now: float) -> None:
         running = sim.routable
         if not running:
-            return False  # held; wake() starts one
+            return  # held; wake() starts one
         soft = sim.config.target_concurrency
         if all(m.in_flight >= soft for m in running) and not sim.coming_up():
+            # Soft limit exceeded everywhere: start another machine, and meanwhile route
+            # the request to the least loaded machine under its hard limit (held only
+            # when none has room, until a slot frees or the new machine is up).
             m = sim.wake_candidate()
             if m is not None:
                 sim.start(m, now)
-                return True  # Fly routes this request to the machine it starts
-        return False
 
     def wake(self, sim: AppSim, now: float) -> None:
         _wake_one(sim, now)

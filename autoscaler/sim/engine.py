@@ -52,8 +52,9 @@ class Strategy(Protocol):
     def begin(self, sim: AppSim) -> None:
         """Before the first request (schedule ticks, start an always-on machine)."""
 
-    def on_arrival(self, sim: AppSim, now: float) -> bool:
-        """A request arrives (not yet counted); True holds it for a machine being started."""
+    def on_arrival(self, sim: AppSim, now: float) -> None:
+        """A request arrives (not yet counted, not yet routed): e.g. start a machine for
+        it. The request then goes to a routable machine with room, or is held."""
 
     def wake(self, sim: AppSim, now: float) -> None:
         """Requests wait and no machine is routable. Must be idempotent (single-flight)."""
@@ -191,8 +192,10 @@ class AppSim:
     def _arrive(self, t: float, duration: float) -> None:
         st = self.stats
         st.requests += 1
-        hold_for_start = self.strategy.on_arrival(self, t)
-        if not hold_for_start and not self.queued:
+        self.strategy.on_arrival(self, t)
+        # Held requests are first in line; there are some only while no routable machine
+        # has room (a freed slot or a machine come up serves them at once).
+        if not self.queued:
             m = self._pick()
             if m is not None:
                 self.meter.add(1, t)
@@ -209,12 +212,11 @@ class AppSim:
         self._held_info[rid] = (t, duration)
         self.queued += 1
         self.call(t + self.config.wake_timeout_s, self._timeout, rid)
-        if hold_for_start or not self.routable:
-            st.wake_waits += 1
         if not self.routable:
+            st.wake_waits += 1  # woken: arrived with no machine routable
             self.strategy.wake(self, t)
-        elif not hold_for_start:
-            self.strategy.on_full(self, t)
+        else:
+            self.strategy.on_full(self, t)  # every routable machine at its hard limit
 
     def _begin(self, m: Machine, t: float, duration: float) -> None:
         m.in_flight += 1

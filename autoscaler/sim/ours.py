@@ -142,7 +142,7 @@ class PolicyStrategy:
         self._by_id = {m.id: m for m in sim.machines}
         sim.call(0.0, self._tick, 0)
 
-    def on_arrival(self, sim: AppSim, now: float) -> bool:
+    def on_arrival(self, sim: AppSim, now: float) -> None:
         if self._asleep:
             # The skipped ticks up to now changed nothing (the probe showed it); feed
             # their samples, then tick again from the next one.
@@ -155,7 +155,6 @@ class PolicyStrategy:
                 last += 1
             self._catch_up(last)
             sim.call((last + 1) * tick, self._tick, last + 1)
-        return False
 
     def wake(self, sim: AppSim, now: float) -> None:
         if sim.routable or sim.coming_up():

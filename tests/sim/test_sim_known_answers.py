@@ -178,13 +178,31 @@ def test_fly_autostop_stops_a_lone_machine_only_after_an_interval_without_traffi
 
 
 def test_fly_autostop_starts_a_machine_when_all_are_over_the_soft_limit() -> None:
-    # 3 long requests with soft limit 2: the third finds the only machine at its soft
-    # limit, Fly starts a second machine and sends the request there.
-    requests = [(0.0, 100.0), (10.0, 100.0), (20.0, 100.0)]
+    # Long requests with soft limit 2, hard limit 5: the third finds the only machine at
+    # its soft limit, and Fly starts a second one; meanwhile the proxy routes the third,
+    # and the fourth, to the first machine, which has room below its hard limit.
+    requests = [(0.0, 100.0), (10.0, 100.0), (20.0, 100.0), (20.5, 1.0)]
     stats = replay(requests, "fly-autostop", target_concurrency=2, hard_limit=5)
     assert stats.peak_machines == 2
-    assert stats.wake_waits == 2  # the very first request, and the third
-    assert stats.max_wait == pytest.approx(COLD)
+    assert stats.api_actions == 2  # two starts
+    assert stats.wake_waits == 1  # only the first arrived with no machine routable
+    assert stats.waits == pytest.approx([COLD])  # the others waited for nothing
+    # The request that made the start ends first, and nothing queues behind it.
+    early = [(0.0, 100.0), (10.0, 10.05), (20.0, 1.0)]
+    stats = replay(early, "fly-autostop", target_concurrency=2, hard_limit=5)
+    assert stats.wake_waits == 1
+    assert stats.waits == pytest.approx([COLD])
+
+
+def test_fly_autostop_holds_a_request_only_when_every_running_machine_is_full() -> None:
+    # Soft and hard limit 2: the third request finds the machine full. Fly starts a
+    # second one and the request waits for it (or for a freed slot); the fourth waits
+    # behind it. They waited, but arrived with a machine routable: not woken.
+    requests = [(0.0, 100.0), (10.0, 100.0), (20.0, 1.0), (20.5, 1.0)]
+    stats = replay(requests, "fly-autostop", target_concurrency=2, hard_limit=2)
+    assert stats.peak_machines == 2
+    assert stats.wake_waits == 1
+    assert sorted(stats.waits) == pytest.approx([COLD - 0.5, COLD, COLD])
 
 
 def test_skipping_idle_ticks_changes_nothing() -> None:
