@@ -18,8 +18,9 @@ pauses reading from the socket when the handler falls behind, and counts in the 
 - limits: a request target over ``max_header_bytes`` gets 414; a header field over it,
   more than ``MAX_HEADERS`` fields, or a head (or a trailer section) over
   ``HEAD_FACTOR`` times it gets 431; anything llhttp rejects (conflicting Content-Length
-  and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does an upgrade
-  request with a body; CONNECT gets 405, an HTTP version other than 1.0 and 1.1 505;
+  and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does a WebSocket
+  handshake with a body or another upgrade request with a chunked one; CONNECT gets 405,
+  an HTTP version other than 1.0 and 1.1 505;
 - transfer codings: only ``chunked`` (what llhttp decodes); one before it gets 501, a
   Transfer-Encoding that does not end in chunked 400 (RFC 9112 6.3);
 - Host: more than one Host header, or none in an HTTP/1.1 request, gets 400 (RFC 9112
@@ -32,7 +33,9 @@ pauses reading from the socket when the handler falls behind, and counts in the 
   they never reach the head the machine gets, nor the routing;
 - upgrades: a WebSocket handshake stops the parsing, and once the handler has the
   machine's 101 the socket's bytes go to the tunnel (:mod:`autoscaler.proxy.tunnel`);
-  other upgrades (h2c) are served as plain HTTP/1.1 requests;
+  other upgrades (h2c) are served as plain HTTP/1.1 requests (a server may ignore the
+  offer, RFC 9110 7.8: ``curl --http2`` sends one with every request), a body framed by
+  Content-Length included (llhttp leaves it unparsed: it is read here by its length);
 - slow clients: a head not complete within ``client_timeout_s`` of the connection going
   idle closes the connection (a body too slow is the handler's business, it answers 408);
 - a client that goes away cancels its request's handler;
@@ -160,6 +163,8 @@ class Connection(FlowControlled, asyncio.Protocol):
         self._tunnel_eof: Callable[[], None] | None = None
         self._eof = False  # the client sent FIN
         self._pending: list[bytes] = []  # bytes after a WebSocket handshake, before the tunnel
+        self._raw_body: Body | None = None  # an upgrade offer's body, read by its length
+        self._raw_left = 0
         self.response_started = False
         self._held = False  # a pipelined head waits: what follows stays unparsed
         self._stash: list[bytes] = []
@@ -272,6 +277,9 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._eof = True
+        if self._raw_body is not None:
+            self._raw_body.fail(ConnectionResetError("the client closed mid-body"))
+            return None
         if self._tunnel is not None:
             # The tunnel decides (it passes the half-close on to the machine); a handshake
             # still under way hears of it when its tunnel opens.
@@ -373,8 +381,9 @@ class Connection(FlowControlled, asyncio.Protocol):
         )
         if not parser.should_upgrade():
             request.upgrade = None
-        elif has_body:
-            # llhttp ends an upgrade request at its head: its body would be lost.
+        elif has_body and (request.upgrade == "websocket" or te is not None):
+            # llhttp ends an upgrade request at its head; a body by its length is read on
+            # (_upgraded), a chunked one is not decoded here, and a handshake has none.
             self._error = ParseError(400, "protocol upgrade with a body is not supported")
             raise self._error
         if has_body:
@@ -396,7 +405,8 @@ class Connection(FlowControlled, asyncio.Protocol):
     def on_message_complete(self) -> None:
         request = self._current
         self._current = None
-        if request is not None and request.body is not None:
+        # An upgrade request ends at its head for llhttp; its body, if any, comes after.
+        if request is not None and request.body is not None and request.upgrade is None:
             request.body.feed_eof()
 
     # --- the request loop -------------------------------------------------------------
@@ -432,13 +442,36 @@ class Connection(FlowControlled, asyncio.Protocol):
             self._tunnel = self._pending.append
             self.pause_reading("upgrade")
             return
-        # Another protocol (h2c, ...): served as a plain request, Upgrade dropped. (One
-        # with a body was refused when its head was complete.)
+        # Another protocol (h2c, ...): served as a plain request, Upgrade dropped. Its
+        # body (by Content-Length: a chunked one was refused at its head) is read by its
+        # length before parsing goes on.
+        self._parser = httptools.HttpRequestParser(self)
         if isinstance(request, Request):
             request.upgrade = None
-        self._parser = httptools.HttpRequestParser(self)
+            if request.body is not None and request.content_length:
+                self._raw_body = request.body
+                self._raw_left = request.content_length
+                self._tunnel = self._feed_raw_body
         if tail:
             self.data_received(tail)
+
+    def _feed_raw_body(self, data: bytes) -> None:
+        """The body of an upgrade offer (in ``_tunnel``'s place: no parsing until its end)."""
+        body = self._raw_body
+        if body is None:
+            return
+        left = self._raw_left
+        if len(data) < left:
+            self._raw_left = left - len(data)
+            body.feed(data)
+            return
+        self._raw_body = None
+        self._raw_left = 0
+        self._tunnel = None
+        body.feed(data[:left])
+        body.feed_eof()
+        if len(data) > left:
+            self.data_received(data[left:])
 
     async def _run(self) -> None:
         server = self._server
