@@ -59,6 +59,7 @@ from autoscaler.fly.errors import (
     NotFound,
     TransportError,
 )
+from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import (
@@ -77,6 +78,9 @@ Probe = Callable[[str, int], Awaitable[bool]]
 STATE_WAIT_S = 120.0  # suspending a large machine can take well over 15 s
 BOOT_WAIT_MIN_S = 60.0  # a cold boot may outlast the wake timeout; the machine still counts
 PROBE_INTERVAL_S = 0.05
+REREAD_AFTER_S = 1.0
+"""A started machine whose port stays shut this long is read again, once: a deploy may
+have moved it (a new ``internal_port``) since our last list."""
 CORDON_UNSURE_S = 60.0  # a request that timed out (30 s) has surely landed or died by then
 _log = get_logger("autoscaler.control")
 
@@ -411,15 +415,40 @@ class Actuator:
                 host, port = rt.address(fresh)
             if not host:
                 raise ActionError(f"machine {mid} has no private_ip to reach it on")
+            probing_since, reread = self.clock(), False
             while not await self.probe(host, port):
-                if self.clock() >= deadline:
+                now = self.clock()
+                if now >= deadline:
                     raise ActionError(f"port {port} of machine {mid} did not open in time")
+                if not reread and now - probing_since >= REREAD_AFTER_S:
+                    # Our record may be older than a deploy that moved the machine's port
+                    # (or address) while it slept: read it once, not probe the old one.
+                    reread = True
+                    host, port = self._readdress(rt, mid, await self.api.get_machine(app, mid))
                 await self.sleep(PROBE_INTERVAL_S)
         self.count(rt, kind, True)
         rt.record(mid, self.clock(), state=STARTED)
         self.publish(rt)
         _log.info("machine_up", app=app, machine=mid, how=kind)
         return True
+
+    def _readdress(self, rt: AppRuntime, mid: str, machine: Machine) -> tuple[str, int]:
+        """Take the address, port and version of ``machine`` as the API gives them now
+        (the rest of our record stands: a cordon of ours lifted ahead of the API stays
+        lifted); the view routes there from the next publish."""
+        current = rt.machines[mid]
+        before = rt.address(current)
+        got = MachineRecord.of(machine)
+        record = rt.machines[mid] = replace(
+            current,
+            private_ip=got.private_ip or current.private_ip,
+            internal_port=got.internal_port,
+            instance_id=got.instance_id or current.instance_id,
+        )
+        after = rt.address(record)
+        if after != before:
+            _log.info("machine_readdressed", app=rt.name, machine=mid, was=before, now=after)
+        return after
 
     async def drain(self, rt: AppRuntime, mid: str) -> bool:
         app = rt.name

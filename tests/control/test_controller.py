@@ -1225,3 +1225,36 @@ async def test_a_slow_poll_does_not_sleep_through_a_prewarm_window(keep_alive: s
     at the decision's ``next_check``. After the first request and the gaps it learns
     from, no request waits, as under the fixed 300 s timer."""
     assert await timer_app_waits(keep_alive) <= 5
+
+
+async def test_a_wake_finds_the_port_a_deploy_moved_while_the_machine_slept(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A deploy changed a sleeping machine's internal_port after our last list: the wake
+    must not probe the old port until its boot bound (60 s, every held request answered
+    504 meanwhile); a port shut for a second makes it read the machine again, once."""
+    mid = api.add(APP, "suspended", port=8080)
+    rig = Rig(api, clock)
+    await rig.ctl.tick(APP)  # our record: port 8080
+    machine = api.get(APP, mid)
+    assert machine.config is not None
+    moved = machine.config.model_copy(update={"services": [m.MachineService(internal_port=8081)]})
+    api.machines[APP][mid] = machine.model_copy(update={"state": "stopped", "config": moved})
+    opens: list[int] = []
+
+    async def probe(host: str, port: int) -> bool:
+        opens.append(port)
+        return port == 8081
+
+    rig.ctl.actuator.probe = probe
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    for _ in range(30):  # 3 s of probing at most
+        await clock.advance(0.1)
+        if task.done():
+            break
+    assert task.done(), f"still probing {sorted(set(opens))} after 3 s"
+    assert await task in ("resume", "start")  # resume: our record had it suspended
+    assert opens[-1] == 8081
+    assert len(api.ops("get_machine")) == 1
+    [upstream] = rig.view.app(APP).routable()
+    assert upstream.port == 8081
