@@ -129,6 +129,10 @@ class Actuator:
         """Cluster mode: the app's wake claim, for a start or resume that wakes an app
         with nothing routable outside a wake (a leader's tick); yields False when another
         replica holds it (that replica is waking the app: the start is skipped)."""
+        self.drains_all: Callable[[], bool] = lambda: True
+        """Whether every drain there is runs here (one process; in cluster mode, while
+        this replica leads): a cordon of ours with no task here is then a drain left
+        behind, never one under way elsewhere (a leader's, seen by a follower)."""
 
     # --- bookkeeping ------------------------------------------------------------------
 
@@ -178,6 +182,20 @@ class Actuator:
             coro = self.stop_suspended(rt, mid)
         elif kind == "restart":
             coro = self.restart_hung(rt, mid)
+        elif (
+            kind == "uncordon"
+            and rt.machines[mid].state == STARTED
+            and ours(rt.machines[mid])
+            and self.drains_all()
+        ):
+            # A cordon of ours left on a started machine (a drain cut short by a crash, or
+            # by an outage between its cordon and its suspend): the machine serves, so it
+            # routes at once, as a drain taken back does, and the API's cordon is lifted
+            # after (an outage must not keep a warm machine out of our routing). Not on a
+            # follower: the leader's drain may be under way (its lease then refuses us).
+            rt.record(mid, self.clock(), cordoned=False)
+            self.publish(rt)
+            coro = self.release(rt, mid, force=True)
         else:
             coro = self.release(rt, mid)
         return self._spawn(rt, mid, kind, coro)

@@ -145,6 +145,7 @@ class Replica:
             lease_owner=f"autoscaler@{self.cluster.replica_id}",
         )
         self.controller.actuator.wake_claim = self._tick_wake_claim
+        self.controller.actuator.drains_all = lambda: self.leading
         self.leading = False
         self.view_known = False
         """A follower has applied a fleet view from the leader (readiness)."""

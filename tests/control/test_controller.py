@@ -913,7 +913,33 @@ async def test_wake_lifts_a_cordon_of_ours_left_on_a_started_machine(
     assert await rig.ctl.wake(APP) == "none"  # the warm machine, not a resume
     assert rig.routable() == {left}
     assert api.ops("start_machine") == []
+    await rig.ctl.idle()  # routed at once; the API's cordon lifted after
     assert_uncordoned(api, left)
+
+
+async def test_a_cordon_of_ours_left_on_a_started_machine_routes_at_once_in_an_outage(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """An outage that began between a drain's cordon and its suspend: the machine is
+    started and warm, but the API refuses the uncordon (its lease first). The wake routes
+    to it at once, as a drain taken back does, not after the outage; the API's cordon is
+    lifted when the API answers again."""
+    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    api.fail["acquire_machine_lease"] = [ServerError(503, "down")] * 3
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "none"
+    assert rig.routable() == {left}
+    assert api.ops("uncordon_machine") == []  # not yet: the outage
+    await rig.ctl.idle()
+    del api.fail["acquire_machine_lease"]
+    up = rig.app.upstreams[left]
+    rig.app.begin(up)  # the machine serves: the next tick keeps it and lifts the cordon
+    await clock.advance(1)
+    await rig.tick()
+    await rig.ctl.idle()
+    assert rig.routable() == {left}
+    assert_uncordoned(api, left)
+    rig.app.end(up)
 
 
 async def test_a_machine_without_an_address_is_asked_for_one(
