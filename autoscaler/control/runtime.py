@@ -254,6 +254,10 @@ class AppRuntime:
         """New knobs; the load windows are rebuilt only when their lengths change."""
         old = self.config
         self.config = config
+        # A new budget applies to the failures counted so far: raised, a machine left
+        # alone gets its next try (after its backoff); lowered, one over it is left alone.
+        for rec in self.restarts.values():
+            rec.exhausted = rec.failures >= config.max_restart_attempts
         if (old.stable_window_s, old.panic_window_s) != (
             config.stable_window_s,
             config.panic_window_s,

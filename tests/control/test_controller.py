@@ -790,6 +790,39 @@ async def test_failed_restarts_back_off_exponentially_until_the_budget_is_spent(
     assert state(api, mid) == "started"
 
 
+async def test_a_larger_restart_budget_by_reload_gives_a_machine_left_alone_its_next_try(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    mid = api.add(APP, "failed")
+    api.broken.add(mid)
+    rig = Rig(api, clock, min_machines=1, max_restart_attempts=1)
+    await rig.tick()
+    await rig.ctl.idle()
+    [status] = rig.ctl.status()[0].machines
+    assert (status.failures, status.left_alone) == (1, True)
+    rt = rig.ctl.apps[APP]
+    rig.ctl.settings.apps[0] = rt.config.model_copy(update={"max_restart_attempts": 3})
+    await rig.ctl.update_settings(rig.ctl.settings)
+    api.broken.discard(mid)  # the next try boots
+    await clock.advance(10)  # past its backoff and the cooldown of the failed action
+    await rig.tick()
+    await rig.ctl.idle()
+    assert state(api, mid) == "started"
+    # And lowered below the failures counted, a machine is left alone at once.
+    other = api.add(APP, "failed")
+    api.broken.add(other)
+    rig.ctl.apps[APP].config = rt.config.model_copy(update={"min_machines": 2})
+    await clock.advance(1)
+    await rig.tick()
+    await rig.ctl.idle()
+    rig.ctl.settings.apps[0] = rt.config.model_copy(
+        update={"min_machines": 2, "max_restart_attempts": 1}
+    )
+    await rig.ctl.update_settings(rig.ctl.settings)
+    failing = next(s for s in rig.ctl.status()[0].machines if s.id == other)
+    assert failing.left_alone
+
+
 @pytest.mark.parametrize(
     "error",
     [RateLimited(429, "rate limited", retry_after=None), ServerError(503, "unavailable")],
