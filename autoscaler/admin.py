@@ -164,6 +164,7 @@ class AdminServer:
         self.cluster: ClusterStatus | None = None
         """Set in cluster mode: a follower's control loop does not run, by design."""
         self.metrics.control_last_tick.set_function(self._last_tick_unix)
+        self.metrics.control_max_tick_age.set(self.max_tick_age_s)
         self.metrics.control_healthy.set_function(lambda: 0.0 if self.control_problems() else 1.0)
         # The machines the proxy took out of rotation (``ProxyServer.health.report``).
         self.ejected: Callable[[], list[dict[str, object]]] | None = None

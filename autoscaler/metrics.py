@@ -160,6 +160,13 @@ class Metrics:
             "Unix time of the control loop's last tick (0 before the first; NaN without one).",
             registry=r,
         )
+        self.control_max_tick_age = Gauge(
+            "autoscaler_control_max_tick_age_seconds",
+            "How long the control loop may go without a tick before it counts as stalled "
+            "(/readyz?control=1; the stalled-loop alert): a sleeping app is polled every "
+            "control.idle_poll_s, its first poll up to twice that.",
+            registry=r,
+        )
         self.machine_restarts = Counter(
             "autoscaler_machine_restarts",
             "Starts of failed machines, and restarts of machines that hang (result: ok, "

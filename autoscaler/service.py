@@ -32,6 +32,7 @@ from autoscaler import __version__
 from autoscaler.admin import AdminServer
 from autoscaler.config import EMBEDDED, ConfigError, Settings, load_settings, parse_host_port
 from autoscaler.control.controller import Controller, freeze_heap
+from autoscaler.control.schedule import stalled_after_s
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.emulator import Emulator
 from autoscaler.fly.autostop import fight_warning
@@ -169,9 +170,8 @@ class Service:
             self.metrics,
             self.controller,
             tick_s=s.control.tick_s,
-            # When every app sleeps, the loop lists each one every idle_poll_s (plus jitter).
-            max_tick_age_s=max(
-                5.0, 5 * s.control.tick_s, s.control.idle_poll_s * (1 + s.control.tick_jitter) + 5
+            max_tick_age_s=stalled_after_s(
+                s.control.tick_s, s.control.idle_poll_s, s.control.tick_jitter
             ),
             secrets=[*s.secrets(), *([self.emulator.token] if self.emulator else [])],
             clock=self.clock,

@@ -89,6 +89,14 @@ def steady(rt: AppRuntime, view: AppView) -> bool:
     return all(m.state in RESTING_STATES for m in rt.machines.values())
 
 
+def stalled_after_s(tick_s: float, idle_poll_s: float, jitter: float) -> float:
+    """How long the loops may go without a tick before they count as stalled
+    (``/readyz?control=1``, the stalled-loop alert): when every app sleeps, one is polled
+    every ``idle_poll_s`` (plus jitter), the first poll after it fell asleep, or one the
+    budget put off, up to two periods later; plus 5 s of slack."""
+    return max(5.0, 5 * tick_s, OVERDUE_POLLS * idle_poll_s * (1 + jitter) + 5)
+
+
 def must_list(rt: AppRuntime, view: AppView, now: float, every_s: float) -> bool:
     """Whether this tick of ``rt`` reads its machines from the API first."""
     listed_at = rt.listed_at

@@ -13,10 +13,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
-from autoscaler.config import AppConfig, ControlSettings, Settings
+from autoscaler.admin import AdminServer
+from autoscaler.config import AdminSettings, AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import Controller
+from autoscaler.control.schedule import stalled_after_s
 from autoscaler.control.view import FleetView
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import ServerError
@@ -345,3 +348,49 @@ async def test_apps_that_fall_asleep_together_poll_spread_over_a_whole_period() 
         for name in names:
             times = api.lists(name)
             assert all(b - a >= 30 for a, b in itertools.pairwise(times))
+
+
+@pytest.mark.parametrize("idle_poll_s", [60.0, 90.0])
+async def test_one_sleeping_app_never_makes_the_loop_look_stalled(idle_poll_s: float) -> None:
+    """The only app falls asleep: its first slow poll comes up to two idle periods later
+    (a draw of 0.9 here), so the loop's last tick gets that old. The limit that
+    /readyz?control=1 and the stalled-loop alert use (``stalled_after_s``) allows for it:
+    it once allowed one period and a jitter, and a healthy sleeping app read as stalled."""
+    clock, api = FakeClock(), FakeMachinesAPI()
+    api.add("web", "stopped")
+    control = ControlSettings(idle_poll_s=idle_poll_s)
+    metrics = Metrics(CollectorRegistry())
+
+    async def probe(host: str, port: int) -> bool:
+        return True
+
+    ctl = Controller(
+        api,
+        FleetView(clock),
+        Settings(apps=[AppConfig(name="web")], control=control),
+        metrics,
+        clock=clock,
+        sleep=clock.sleep,
+        probe=probe,
+        rng=lambda: 0.9,
+    )
+    limit = stalled_after_s(control.tick_s, control.idle_poll_s, control.tick_jitter)
+    admin = AdminServer(
+        AdminSettings(), metrics, ctl, tick_s=control.tick_s, max_tick_age_s=limit, clock=clock
+    )
+    await ctl.start()
+    await settle()
+    gaps: list[float] = []
+    try:
+        last = None
+        for _ in range(int(5 * idle_poll_s)):  # 2.5 periods, every half second
+            await clock.advance(0.5)
+            if ctl.last_tick_at != last and last is not None and ctl.last_tick_at is not None:
+                gaps.append(ctl.last_tick_at - last)
+            last = ctl.last_tick_at
+            if last is not None:  # (before the first tick: "not ticked yet", rightly)
+                assert admin.control_problems() == [], clock() - last
+    finally:
+        await ctl.stop()
+    assert max(gaps) > idle_poll_s * (1 + control.tick_jitter)  # the long first poll came
+    assert metrics.registry.get_sample_value("autoscaler_control_max_tick_age_seconds") == limit
