@@ -324,6 +324,7 @@ class Controller:
                 asleep(rt, view, now, control.idle_poll_s)
                 and not self.budget.spare()
                 and not overdue(rt, now, control.idle_poll_s)
+                and not (rt.next_check is not None and now >= rt.next_check)
             ):
                 # The org budget runs short: apps in use and wakes go first. A request for
                 # this app nudges the pause (the wake itself does not wait for the loop).

@@ -470,6 +470,15 @@ def decide(
         ]
         if young:
             checks.append(min(young))
+    limit = policy.stop_suspended_after_s
+    if limit is not None and not in_panic:  # the stop tier's timer (_plan)
+        due = [
+            m.state_since + limit
+            for m in g.suspended
+            if not m.busy and not m.unreachable and m.state_since is not None
+        ]
+        if due and min(due) > now:
+            checks.append(min(due))
     next_check = min(checks) if checks else None
     shortfall = max(0, desired - g.pool)
     if shortfall:

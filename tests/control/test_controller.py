@@ -1245,7 +1245,14 @@ async def test_a_hung_machine_is_held_out_of_rotation_until_its_restart(
     assert rig.routable() == {a, b}
 
 
-async def timer_app_waits(keep_alive: str) -> int:
+class ShortBudget:
+    """An org API budget with nothing to spare: sleeping apps' polls are put off."""
+
+    def spare(self) -> bool:
+        return False
+
+
+async def timer_app_waits(keep_alive: str, *, budget_short: bool = False) -> int:
     """A timer-like app (one short request every 125 s) under the controller's own loop,
     which polls a sleeping app every ``control.idle_poll_s`` (60 s): how many of 16
     requests found no machine up and waited for a wake."""
@@ -1254,6 +1261,8 @@ async def timer_app_waits(keep_alive: str) -> int:
     rig = Rig(
         api, clock, keep_alive=keep_alive, idle_to_zero_s=300, min_lifetime_s=30, wake_cost_s=300
     )
+    if budget_short:
+        rig.ctl.budget = ShortBudget()
     await rig.ctl.start()
     waited = 0
     try:
@@ -1284,6 +1293,12 @@ async def test_a_slow_poll_does_not_sleep_through_a_prewarm_window(keep_alive: s
     at the decision's ``next_check``. After the first request and the gaps it learns
     from, no request waits, as under the fixed 300 s timer."""
     assert await timer_app_waits(keep_alive) <= 5
+
+
+async def test_a_prewarm_is_not_put_off_like_a_poll_when_the_org_budget_runs_short() -> None:
+    """A short org budget puts sleeping apps' polls off (apps in use and wakes first); a
+    pre-warm is a wake due at a known time, not a poll: its tick goes."""
+    assert await timer_app_waits("adaptive", budget_short=True) <= 5
 
 
 async def test_a_wake_finds_the_port_a_deploy_moved_while_the_machine_slept(

@@ -713,6 +713,18 @@ def test_next_check_is_when_a_young_machine_may_go() -> None:
     assert again.actions == ()
 
 
+def test_next_check_is_when_a_suspended_machine_is_due_to_be_stopped() -> None:
+    """stop_suspended_after_s changes the answer by itself: a caller that skips quiet
+    ticks (the live loop's slow polls) must decide again then, not a poll or two late."""
+    app = cfg(panic_threshold=CALM, stop_suspended_after_s=600)
+    asleep = fleet(m("z", "suspended", state_since=400.0), m("y", "suspended", state_since=350.0))
+    d = run(app, asleep, load(0.0, 900, app=app), 500, last_request_at=0.0)
+    assert d.actions == ()
+    assert d.next_check == 950.0
+    d = run(app, asleep, load(0.0, 900, app=app), 950, last_request_at=0.0)
+    assert [(a.kind, a.machine_id) for a in d.actions] == [("stop", "y")]
+
+
 @pytest.mark.parametrize("in_flight", [0, 2])
 def test_no_next_check_without_a_timer_running(in_flight: int) -> None:
     app = cfg(panic_threshold=CALM)
