@@ -442,6 +442,9 @@ class Cluster:
         self.load = ClusterLoad()
         self.others: dict[str, Report] = {}
         """The other replicas' latest reports (ours excluded)."""
+        self._arrivals: dict[tuple[str, str], tuple[float, float]] = {}
+        """(replica, app) -> (its last request's time on its clock, that time on ours as
+        first estimated): one request keeps one time, read after read."""
         self._gen = 0
         self._changes: deque[tuple[int, list[str]]] = deque(maxlen=CHANGES_KEPT)
         self._full_next = True
@@ -623,6 +626,8 @@ class Cluster:
         if gone:
             await self.redis.srem(self.replicas_key, *gone)
         self.others = others
+        for key in [k for k in self._arrivals if k[0] not in others]:
+            del self._arrivals[key]
         self.last_read_at = now
         self.load.note_peaks(others)
         return others
@@ -677,14 +682,22 @@ class Cluster:
         )
 
     def last_request_at(self, app: str, local: float | None, now: float) -> float | None:
-        """The latest request of any replica on ``app``, on our clock."""
+        """The latest request of any replica on ``app``, on our clock. A request's time is
+        estimated once (from the report's age when read): estimated again at each read,
+        the latencies of the write and the read moved it by a millisecond or two, and a
+        request that moved looked like a new one (a missed pre-warm judged a hit)."""
         latest = local
-        for report in self.others.values():
+        for rid, report in self.others.items():
             load = report.loads.get(app)
             idle = None if load is None else report.idle_s(load)
-            if idle is None:
+            if load is None or load.at is None or idle is None:
                 continue
-            at = now - (now - report.read_at) - report.age_s - idle
+            known = self._arrivals.get((rid, app))
+            if known is not None and known[0] == load.at:
+                at = known[1]
+            else:
+                at = report.read_at - report.age_s - idle
+                self._arrivals[(rid, app)] = (load.at, at)
             latest = at if latest is None else max(latest, at)
         return latest
 

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from autoscaler.config import ClusterSettings
 from autoscaler.state import cluster as cluster_module
-from autoscaler.state.cluster import AppFleet, AppLoad, Cluster
+from autoscaler.state.cluster import AppFleet, AppLoad, Cluster, Report
 
 APPS = [f"app{i:03d}" for i in range(200)]
 
@@ -160,14 +160,50 @@ async def test_a_report_of_the_previous_release_is_read(
     )
     await writer.redis.pexpire(key, 2000)
     await writer.redis.sadd(writer.replicas_key, "old")
+    first = None
     for _ in range(2):  # every round reads it whole, and right
         report = (await reader.read())["old"]
         assert report.loads["web"].area == 3.0
         assert report.idle_s(report.loads["web"]) == pytest.approx(4.0)
-        assert reader.last_request_at("web", None, clock.now) == pytest.approx(
-            clock.now - report.age_s - 4.0
-        )
+        at = reader.last_request_at("web", None, clock.now)
+        # (The same request keeps the time first estimated: the report's age moves.)
+        first = first if first is not None else at
+        assert at == first == pytest.approx(clock.now - report.age_s - 4.0, abs=0.01)
     # And it reads ours: the idle time as of when the entry was written.
     await writer.publish({"web": AppLoad(area=1.0, level=0, at=clock.now - 7.0)}, None)
     raw = await writer.redis.hget(writer.report_key("w"), "load:web")
     assert json.loads(raw)["idle_s"] == pytest.approx(7.0)
+
+
+def follower_report(written: float, age_ms: int, read_at: float, at: float) -> Report:
+    """A follower's report as ``Cluster.read`` builds it: written at ``written`` (its
+    clock), its TTL ``age_ms`` old by Redis's PTTL, read at ``read_at`` (ours); its one
+    request came at ``at`` (its clock)."""
+    pttl = round(cluster_module.REPORT_TTL_S * 1000) - age_ms
+    return Report(
+        replica="b",
+        boot="x",
+        leader=False,
+        age_s=max(0.0, cluster_module.REPORT_TTL_S - pttl / 1000),
+        read_at=read_at,
+        loads={"web": AppLoad(area=1.0, level=0, at=at)},
+        now=written,
+    )
+
+
+def test_one_request_of_a_follower_keeps_one_time_read_after_read() -> None:
+    """Each read estimated the request's time on our clock anew from the report's age,
+    which the write's and the read's latencies move by a millisecond or two: the same
+    request looked later, as a new one (a missed pre-warm was judged a hit)."""
+    cs = Cluster(ClusterSettings(replica_id="a"), redis=object())
+    # The request came at 500.0 on the follower's clock (ours runs 10,000 s ahead).
+    cs.others = {"b": follower_report(510.00, 199, 10510.2010, 500.0)}
+    first = cs.last_request_at("web", None, 10510.5)
+    cs.others = {"b": follower_report(510.25, 197, 10510.4508, 500.0)}  # 250 ms on
+    assert cs.last_request_at("web", None, 10510.75) == first
+    # A new request is a new time.
+    cs.others = {"b": follower_report(520.0, 10, 10520.02, 519.0)}
+    later = cs.last_request_at("web", None, 10520.1)
+    assert first is not None
+    assert later is not None
+    assert later > first + 18
