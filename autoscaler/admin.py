@@ -116,6 +116,7 @@ class ClusterStatus(Protocol):
     def leading(self) -> bool: ...
     @property
     def view_known(self) -> bool: ...
+    def decider_problems(self) -> list[str]: ...
     def status_document(self) -> dict[str, Any]: ...
 
 
@@ -284,8 +285,12 @@ class AdminServer:
     def control_problems(self) -> list[str]:
         """Empty while the control plane decides on fresh data (``/readyz?control=1`` and
         ``autoscaler_control_healthy``): the loop ticks, and the Machines API answers."""
-        if self.provider is None or (self.cluster is not None and not self.cluster.leading):
-            return []  # a follower decides nothing: the leader's loop is the one that ticks
+        if self.provider is None:
+            return []
+        if self.cluster is not None and not self.cluster.leading:
+            # A follower decides nothing (the leader's loop is the one that ticks), but it
+            # can tell when nobody does.
+            return self.cluster.decider_problems()
         apps = self.provider.status()
         if not apps:
             return []  # only static apps: no loop runs, so none has to tick

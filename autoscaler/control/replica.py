@@ -176,6 +176,8 @@ class Replica:
         self._dirty: set[str] = set()
         self._push_wanted = asyncio.Event()
         self._redis_ok = True
+        self._leader_seen_at = self.clock()
+        """When a round last found a leader (ours or another's): see decider_problems."""
         self._next_lease_step = 0.0
         self._reported: dict[str, AppLoad] = {}
         """Per app, the load reported last (an app at rest is not measured again)."""
@@ -250,6 +252,8 @@ class Replica:
             await asyncio.sleep(0)
             await self.cluster.publish(loads, self._fleet() if leading else None, measured)
             await self.cluster.read()
+            if leading or self.cluster.leader_id is not None:
+                self._leader_seen_at = self.clock()
             if leading:
                 self._applied_apps = set()  # once we follow again, apply the whole view
             else:
@@ -287,6 +291,10 @@ class Replica:
 
     async def _step_down(self) -> None:
         self.leading = False
+        if all(rt.read_once for rt in self.controller.apps.values()):
+            # Our own view is whole and routes on (Redis out of reach, say): ready as a
+            # follower with a leader's view would be, until one publishes.
+            self.view_known = True
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
         await self.controller.stop()
@@ -751,6 +759,19 @@ class Replica:
                         await view.changed()
 
     # --- status -------------------------------------------------------------------------
+
+    def decider_problems(self) -> list[str]:
+        """Why no replica may be deciding, as a follower sees it (``/readyz?control=1``,
+        ``autoscaler_control_healthy``): Redis out of reach, or no leader for longer
+        than a lease takes to change hands. Empty while leading."""
+        if self.leading:
+            return []
+        if not self._redis_ok:
+            return ["Redis unreachable: no replica decides (no wake, no scaling) until it answers"]
+        quiet = self.clock() - self._leader_seen_at
+        if quiet > 2 * self.settings.cluster.lease_ttl_s:
+            return [f"no replica has led for {quiet:.0f}s: nothing decides"]
+        return []
 
     def status_document(self) -> dict[str, Any]:
         """The ``cluster`` section of ``/status``: replicas, leader, loads, report ages."""

@@ -16,6 +16,7 @@ REQUIRED_ALERTS = {
     "AutoscalerMachinesStuckMoving",
     "AutoscalerControlLoopStalled",
     "AutoscalerCheckGraceShort",
+    "AutoscalerNoDecisions",
 }
 
 

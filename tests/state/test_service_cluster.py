@@ -19,6 +19,8 @@ from autoscaler.emulator import Emulator
 from autoscaler.metrics import Metrics
 from autoscaler.service import Service
 
+from .conftest import RedisServer
+
 TTL = 0.6
 
 
@@ -247,3 +249,42 @@ async def test_a_burst_wakes_two_machines_under_one_claim(
         assert leader.replica.tick_wakes_yielded == 0
         assert starts(follower) == 0
         assert 1 <= starts(leader) <= 2
+
+
+async def test_through_a_redis_outage_every_replica_is_ready_and_says_nobody_decides(
+    emulator: Emulator, own_redis: RedisServer, key_prefix: str
+) -> None:
+    """Redis out of reach: no replica decides (no wake, no scaling), and every replica
+    routes on the view it has. So /readyz stays 200 on each (the old leader too, whose
+    view is its own), and /readyz?control=1 and autoscaler_control_healthy say that
+    nothing decides (the followers said all was well, and the alerts could not fire)."""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
+    services = replicas(emulator, own_redis.url, key_prefix, "ab")
+    async with cluster_of(services, 2 * TTL, 2) as (leader, _), aiohttp.ClientSession() as http:
+
+        async def get(svc: Service, path: str, host: str | None = None) -> tuple[int, str]:
+            assert svc.proxy is not None
+            assert svc.admin is not None
+            if host is not None:
+                url, headers = f"http://127.0.0.1:{svc.proxy.port}{path}", {"Host": host}
+            else:
+                address, port = svc.admin.address
+                url, headers = f"http://{address}:{port}{path}", {}
+            async with http.get(url, headers=headers) as resp:
+                return resp.status, await resp.text()
+
+        assert (await get(leader, "/", "web.test"))[0] == 200  # the app is awake
+        await until(lambda: all(s.view.app("web").routable() for s in services), 2)
+        own_redis.stop()
+        await until(lambda: not any(s.replica and s.replica.leading for s in services), 4 * TTL)
+
+        def healthy(svc: Service) -> float | None:
+            return svc.metrics.registry.get_sample_value("autoscaler_control_healthy")
+
+        await until(lambda: all(healthy(s) == 0 for s in services), 4 * TTL)
+        for svc in services:
+            assert (await get(svc, "/", "web.test"))[0] == 200
+            assert (await get(svc, "/readyz"))[0] == 200
+            status, text = await get(svc, "/readyz?control=1")
+            assert status == 503
+            assert "Redis unreachable" in text
