@@ -190,6 +190,9 @@ class Controller:
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None
         """Called with each app's first list, whichever read it (a tick or a wake)."""
         self.last_tick_at: float | None = None
+        self.deciding: Callable[[], bool] = lambda: True
+        """Whether this controller's loops decide (cluster mode: while its replica leads);
+        else its status shows the machines as the view has them from the leader."""
         self._running = False
         self._gauged: dict[str, set[str]] = {}
         self._gauge_last: dict[str, tuple[object, ...]] = {}
@@ -506,8 +509,23 @@ class Controller:
         for rt in self.apps.values():
             view = self.view.app(rt.name)
             machines = []
-            hung_ids = rt.hung(view)
-            for machine in rt.machines.values():
+            deciding = self.deciding()
+            if not deciding:
+                # No loop reads the API here (a follower in cluster mode; a former leader's
+                # list is stale): the machines as the view routes them, the leader's view.
+                machines = [
+                    MachineStatus(
+                        id=up.id,
+                        state=up.state,
+                        cordoned=up.cordoned,
+                        in_flight=up.in_flight,
+                        last_used=up.last_used,
+                        failing=up.ejections_in_a_row,
+                    )
+                    for up in view.upstreams.values()
+                ]
+            hung_ids = rt.hung(view) if deciding else set()
+            for machine in rt.machines.values() if deciding else ():
                 up = view.upstreams.get(machine.id)
                 restarts = rt.restarts.get(machine.id)
                 hung = machine.id in hung_ids

@@ -288,3 +288,24 @@ async def test_through_a_redis_outage_every_replica_is_ready_and_says_nobody_dec
             status, text = await get(svc, "/readyz?control=1")
             assert status == 503
             assert "Redis unreachable" in text
+
+
+async def test_a_followers_status_shows_the_machines_it_routes_to(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    """A follower reads no list of its own: its /status (and `autoscaler status` against
+    another worker's admin port) showed "(no machines)" for an app it served."""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=2))
+    services = replicas(emulator, redis_server, key_prefix, "ab")
+    async with cluster_of(services, 2 * TTL, 2) as (_, (follower,)):
+        assert follower.proxy is not None
+        assert follower.admin is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{follower.proxy.port}/"
+            async with http.get(url, headers={"Host": "web.test"}) as resp:
+                assert resp.status == 200
+        await until(lambda: bool(follower.view.app("web").routable()), 2)
+        [app] = follower.admin.status_document()["apps"]
+        shown = sorted(m["id"] for m in app["machines"] if m["state"] == "started")
+        assert shown == sorted(u.id for u in follower.view.app("web").routable())
+        assert len(app["machines"]) == 2  # the sleeping one too
