@@ -111,6 +111,7 @@ class Tunnel:
         self._going_away = False
         self._client_told = False
         self._machine_told = False
+        self._machine_eof = False  # the client's FIN passed on: nothing more goes there
 
     async def run(self) -> None:
         """Relay until one side closes, then close the other; returns when both are."""
@@ -191,6 +192,7 @@ class Tunnel:
         transport = self.machine.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
             transport.write_eof()
+            self._machine_eof = True
         asyncio.get_running_loop().call_later(EOF_LINGER_S, self.closed)
 
     def closed(self) -> None:
@@ -215,7 +217,8 @@ class Tunnel:
     def _tell_machine(self) -> None:
         if not self._machine_told and self.machine.reusable:
             self._machine_told = True
-            self.machine.write(close_frame(GOING_AWAY, masked=True))
+            if not self._machine_eof:  # (after the client's FIN it hears nothing more)
+                self.machine.write(close_frame(GOING_AWAY, masked=True))
             self._maybe_done()
 
     def _maybe_done(self) -> None:

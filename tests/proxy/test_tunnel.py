@@ -333,3 +333,50 @@ async def test_going_away_waits_for_the_frame_in_flight_to_end(
     mask = close[2:6]
     assert bytes(b ^ mask[i % 4] for i, b in enumerate(close[6:])) == b"\x03\xe9"
     assert after == [b""]
+
+
+@pytest.mark.parametrize("via", ["stop", "drain"])
+async def test_going_away_after_the_clients_fin_does_not_write_past_the_eof(
+    via: str, raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """The client half-closed (FIN, passed on to the machine as EOF) and the machine is
+    slow to close its side: a shutdown's or a drain's 1001 to the machine was written
+    after write_eof() and raised, out of ProxyServer.stop (the listener never closed,
+    the other WebSockets were not told) and out of the drain."""
+    got_eof, done = asyncio.Event(), asyncio.Event()
+
+    async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # the client's FIN, passed on
+        got_eof.set()
+        await done.wait()  # a machine slow to close its side
+
+    addr = await raw_backend(machine)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_S)
+        assert head.startswith(b"HTTP/1.1 101")
+        writer.write_eof()
+        await asyncio.wait_for(got_eof.wait(), BOUND_S)
+        if via == "stop":
+            await proxy.stop()
+            assert not proxy.accepting
+        else:
+            assert proxy.end_long_lived("a", addr) == 1
+        # The client still gets its 1001 (its side is open for reading).
+        frame = await asyncio.wait_for(reader.readexactly(4), BOUND_S)
+        assert frame == close_frame(GOING_AWAY, masked=False)
+    finally:
+        done.set()
+        writer.close()
