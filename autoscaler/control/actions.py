@@ -485,11 +485,14 @@ class Actuator:
                 await asyncio.shield(task)
             self.count(rt, "cordon", True)
             rt.record(mid, self.clock(), cordoned=True)
-            # WebSockets and streams would never end by themselves, and a suspend would
-            # freeze them: they are told to go now (1001 / end of stream), clients reconnect
-            # to machines that stay.
+            # WebSockets and event streams would never end by themselves, and a suspend
+            # would freeze them: they are told to go now (1001 / end of stream), clients
+            # reconnect to machines that stay. Other answers, streamed downloads too, get
+            # the drain's time to end; what is left then is cut before the suspend.
             self.view.end_long_lived(app, mid)
             idle = await self._wait_idle(rt, mid, rt.config.drain_timeout_s)
+            if not idle:
+                self.view.end_long_lived(app, mid, everything=True)
             run = rt.running.get(mid)
             if run is not None and run.kind == "drain":
                 run.waiting = False  # from here on the drain cannot be taken back

@@ -36,7 +36,7 @@ timeout ejection of an app's last routable machine counts as both (``proxy.healt
 # ("resume", "start", or "none" when one was routable already).
 Waker = Callable[[str], Coroutine[Any, Any, str]]
 # The proxy's: ends the WebSockets and streams it carries to (app, machine); how many.
-Closer = Callable[[str, str], int]
+Closer = Callable[[str, str, bool], int]
 
 
 class Upstream:
@@ -358,10 +358,12 @@ class FleetView:
     def set_closer(self, closer: Closer | None) -> None:
         self._closer = closer
 
-    def end_long_lived(self, app: str, machine_id: str) -> int:
+    def end_long_lived(self, app: str, machine_id: str, *, everything: bool = False) -> int:
         """Before a machine is suspended or stopped: the proxy ends what it still carries
-        to it (WebSockets get 1001, streams end at a chunk boundary)."""
-        return self._closer(app, machine_id) if self._closer is not None else 0
+        to it that would never end by itself (WebSockets get 1001, event streams end at a
+        chunk boundary); with ``everything`` (the drain's time is up), the other streamed
+        answers too, cut (their clients must not take them for whole)."""
+        return self._closer(app, machine_id, everything) if self._closer is not None else 0
 
     @property
     def can_wake(self) -> bool:

@@ -80,7 +80,9 @@ class ProxyServer:
         self._server: H1Server | None = None
         self._tunnels: set[tunnel.Tunnel] = set()
         # Chunked responses being relayed, by machine: a drain ends them (end_long_lived).
-        self._streams: dict[str, set[Body]] = {}
+        self._streams: dict[str, dict[Body, bool]] = {}
+        """Machine -> its chunked answers being relayed, each with whether it is an event
+        stream (``text/event-stream``: it never ends by itself)."""
         self._stats = metrics.proxy
         metrics.proxy.in_flight = self._in_flight
         self._ids = RequestIds(random.SystemRandom().getrandbits(64))
@@ -195,6 +197,10 @@ class ProxyServer:
         for open_tunnel in list(self._tunnels):
             # Open WebSockets last indefinitely: tell them to reconnect elsewhere.
             open_tunnel.going_away()
+        for streams in list(self._streams.values()):
+            for body, endless in list(streams.items()):
+                if endless:  # an event stream, likewise: ended cleanly, its client reconnects
+                    body.end_early()
         if self._server is not None:
             # Held requests were never sent anywhere: just before the deadline cuts the
             # connections still busy, they get a 503 that says to retry, not a cut.
@@ -440,7 +446,7 @@ class ProxyServer:
         (a machine may answer before it read it all)."""
         conn = request.conn
         content = exchange.body
-        streams: set[Body] | None = None
+        streams: dict[Body, bool] | None = None
         verdicts = self.health
         up = ctx.up
         assert up is not None
@@ -466,8 +472,8 @@ class ProxyServer:
                 request.keep_alive = False  # e.g. an HTTP/1.0 client reading to the end
             if head.chunked and not content.done:
                 # A stream, perhaps long-lived: a drain of its machine may end it.
-                streams = self._streams.setdefault(up.id, set())
-                streams.add(content)
+                streams = self._streams.setdefault(up.id, {})
+                streams[content] = _event_stream(exchange.headers)
             if content.done:
                 # A small answer came whole: head and body in one write.
                 _give_back(gate, ctx, verdicts)
@@ -516,13 +522,18 @@ class ProxyServer:
                     conn.abort()
                     return
                 _give_back(gate, ctx, verdicts)
+                if content.cut and streams is not None and not streams.get(content, False):
+                    # A download cut at the drain's deadline: not whole, so not ended as
+                    # if it were (an event stream ends cleanly: its client reconnects).
+                    conn.abort()
+                    return
                 if head.chunked:
                     conn.write(b"0\r\n\r\n")
             if conn.writing_paused:  # the next request waits until the client took this
                 await conn.drain()
         finally:
             if streams is not None:
-                streams.discard(content)
+                streams.pop(content, None)
                 if not streams:
                     self._streams.pop(up.id, None)
             exchange.release()
@@ -587,18 +598,22 @@ class ProxyServer:
                 relay.dormant = True
                 relay.on_dormant()
 
-    def end_long_lived(self, app: str, machine_id: str) -> int:
-        """A drain of ``machine_id`` is about to suspend or stop it: WebSockets to it get a
-        close frame 1001 (going away) at a frame boundary, chunked streams from it end at a
-        chunk boundary. Their slots come back as they end. The number ended."""
+    def end_long_lived(self, app: str, machine_id: str, everything: bool = False) -> int:
+        """A drain of ``machine_id`` is about to suspend or stop it: what would never end by
+        itself ends now, WebSockets to it with a close frame 1001 (going away) at a frame
+        boundary, event streams from it at a chunk boundary. Other streamed answers (a
+        download) may end within the drain's time; with ``everything`` (it is up) they
+        are cut, their clients' connections dropped. Their slots come back as they end.
+        The number ended."""
         ended = 0
         for relay in list(self._tunnels):
             if relay.machine_id == machine_id and relay.app == app:
                 relay.going_away()
                 ended += 1
-        for body in list(self._streams.get(machine_id, ())):
-            body.end_early()
-            ended += 1
+        for body, endless in list(self._streams.get(machine_id, {}).items()):
+            if endless or everything:
+                body.end_early()
+                ended += 1
         if ended:
             _log.info("long_lived_ended", app=app, machine=machine_id, connections=ended)
         return ended
@@ -682,6 +697,14 @@ def _reason(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+def _event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer is a server-sent event stream (it never ends by itself)."""
+    for key, value in headers:
+        if key.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 def _chunk(data: bytes) -> bytes:

@@ -1,6 +1,8 @@
 """Long-lived connections and drains: a machine about to sleep has its WebSockets closed
-with 1001 and its streams ended at a chunk boundary; an idle WebSocket stops counting as
-load after ``connection_idle_s`` and counts again with its next frame."""
+with 1001 and its event streams ended at a chunk boundary, and its other streamed answers
+(downloads) get the drain's time, then are cut; a shutdown ends event streams too; an idle
+WebSocket stops counting as load after ``connection_idle_s`` and counts again with its
+next frame."""
 
 from __future__ import annotations
 
@@ -79,7 +81,10 @@ async def test_a_stream_ended_for_a_slow_client_leaves_nothing_held(
 ) -> None:
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"2000\r\n" + b"z" * 0x2000 + b"\r\n"
         with contextlib.suppress(ConnectionError):
             while True:
@@ -104,6 +109,66 @@ async def test_a_stream_ended_for_a_slow_client_leaves_nothing_held(
         writer.close()
     await until(lambda: fleet.app("a").in_flight == 0, what="the slot given back")
     assert proxy._budget.held == 0
+
+
+def download_app(started: asyncio.Event, finish: asyncio.Event) -> web.Application:
+    """A streamed download (chunked, not an event stream) that ends when told."""
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        await resp.write(b'{"n": 0}\n')
+        started.set()
+        await finish.wait()
+        await resp.write(b'{"n": 1}\n')
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/export", download)
+    return app
+
+
+async def test_a_drain_gives_a_download_its_time_then_cuts_it_not_ends_it(
+    backend: Backend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """A streamed download is not an event stream: the drain's start leaves it to end by
+    itself (it may, within drain_timeout_s); cut at the drain's deadline, its client's
+    connection is dropped (a clean end would pass the truncated body off as whole)."""
+    started, finish = asyncio.Event(), asyncio.Event()
+    addr = await backend(download_app(started, finish))
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    view = fleet.app("a")
+    [machine] = view.upstreams
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET /export HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        await started.wait()
+        assert fleet.end_long_lived("a", machine) == 0  # the drain begins: left to run
+        assert fleet.end_long_lived("a", machine, everything=True) == 1  # its time is up
+        got = await asyncio.wait_for(reader.read(-1), 5)  # to the connection's end
+        assert not got.endswith(b"0\r\n\r\n")  # cut, never ended as if whole
+    finally:
+        finish.set()
+        writer.close()
+    await until(lambda: view.in_flight == 0, what="the slot given back")
+
+
+async def test_a_shutdown_ends_event_streams_at_once_and_lets_downloads_finish(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    """An event stream never ends by itself: a shutdown held it until
+    shutdown_timeout_s, then cut it mid-body. It ends cleanly at once now (its client
+    reconnects elsewhere), and the proxy's stop does not wait for it."""
+    addr = await backend(long_lived_app())
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], shutdown_timeout_s=30
+    )
+    async with session.get(url(proxy, "/stream"), headers={"Host": "a.test"}) as resp:
+        await resp.content.readuntil(b"\n\n")
+        await asyncio.wait_for(proxy.stop(), 10)  # not the 30 s of shutdown_timeout_s
+        rest = await resp.read()  # a whole chunked body: a cut one would raise here
+    assert rest.count(b"data: ") < 10_000
 
 
 async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
