@@ -55,7 +55,7 @@ from autoscaler.control.wake import WakeError
 from autoscaler.fly.client import MachinesAPI
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.scaling.fleet import STARTED, SUSPENDED
+from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, SUSPENDED
 from autoscaler.scaling.window import Sample
 from autoscaler.state.claim import Claim
 from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush
@@ -514,7 +514,9 @@ class Replica:
         if applied is not None and version <= applied and not (current and fence != applied[0]):
             return False
         critical = set(fleet.critical)
-        self.view.app(app).set_machines(
+        view = self.view.app(app)
+        before = {u.id: (u.cordoned, u.state) for u in view.upstreams.values()}
+        view.set_machines(
             MachineInfo(
                 id=str(i),
                 host=str(h),
@@ -526,6 +528,17 @@ class Replica:
             for i, h, p, s, c in fleet.machines
         )
         self._applied[app] = version
+        # The leader's drain of a machine ends what the leader's proxy carries there; what
+        # ours carries ends as the drain shows in its view: WebSockets and event streams
+        # at its cordon, the rest once the machine goes down (suspend, stop).
+        for i, _, _, s, c in fleet.machines:
+            was = before.get(str(i))
+            if was is None:
+                continue
+            if s in GOING_DOWN_STATES and was[1] not in GOING_DOWN_STATES:
+                self.view.end_long_lived(app, str(i), everything=True)
+            elif c and not was[0]:
+                self.view.end_long_lived(app, str(i))
         return True
 
     def _apply_fleet(self) -> None:

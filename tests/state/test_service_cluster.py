@@ -309,3 +309,34 @@ async def test_a_followers_status_shows_the_machines_it_routes_to(
         shown = sorted(m["id"] for m in app["machines"] if m["state"] == "started")
         assert shown == sorted(u.id for u in follower.view.app("web").routable())
         assert len(app["machines"]) == 2  # the sleeping one too
+
+
+async def test_the_leaders_drain_ends_the_followers_websockets_too(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    """A drain ends what the proxy carries to the machine before it sleeps: in cluster
+    mode only the leader's proxy did; a follower's WebSocket stayed open across the
+    suspend, frozen, never told 1001. Followers end theirs as the drain shows in the
+    leader's view (its cordon)."""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
+    app = {"connection_idle_s": 1, "idle_to_zero_s": 2, "min_lifetime_s": 0}
+    services = replicas(emulator, redis_server, key_prefix, "ab", app)
+    async with cluster_of(services, 2 * TTL, 2) as (leader, (follower,)):
+        assert leader.proxy is not None
+        assert follower.proxy is not None
+        async with aiohttp.ClientSession() as http:
+            sockets = [
+                await http.ws_connect(
+                    f"http://127.0.0.1:{svc.proxy.port}/ws", headers={"Host": "web.test"}
+                )
+                for svc in (leader, follower)
+                if svc.proxy is not None
+            ]
+            for ws in sockets:
+                await ws.send_str("hello")
+                assert await ws.receive_str() == "hello"
+            # Both go idle past connection_idle_s; the app sleeps: the leader drains it.
+            for ws in sockets:
+                msg = await asyncio.wait_for(ws.receive(), 60)
+                assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+                await ws.close()
