@@ -18,6 +18,13 @@ from .conftest import Backend, RawBackend, StartProxy, url
 
 BOUND_S = 5  # an upper bound on any single exchange, never an expectation of speed
 
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+"""A WebSocket handshake of a raw client, to app ``a``."""
+
 # Payload lengths at each edge of the three length encodings: 7-bit (0..125), 16-bit
 # (126..65535) and 64-bit (65536..).
 LENGTHS = [0, 1, 125, 126, 127, 1000, 65535, 65536, 70000]
@@ -308,11 +315,7 @@ async def test_going_away_waits_for_the_frame_in_flight_to_end(
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+        writer.write(HANDSHAKE)
         await writer.drain()
         async with asyncio.timeout(BOUND_S):
             head = await reader.readuntil(b"\r\n\r\n")
@@ -360,11 +363,7 @@ async def test_going_away_after_the_clients_fin_does_not_write_past_the_eof(
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+        writer.write(HANDSHAKE)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_S)
         assert head.startswith(b"HTTP/1.1 101")
         writer.write_eof()
