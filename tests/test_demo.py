@@ -72,11 +72,13 @@ def demo_config(tmp_path: Path) -> Path:
     """The built-in demo config on free ports."""
     config = tmp_path / "demo.yaml"
     builtin = (REPO / "autoscaler" / "data" / "demo.yaml").read_text()
+    # At once, whole ports only: replaced one after the other, a free port such as 42805
+    # put in for 8080 had its "4280" replaced next (127.0.0.1:469555).
+    ports = {port: str(free_port()) for port in ("8080", "9091", "4280")}
     config.write_text(
-        builtin.replace("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
-        .replace("127.0.0.1:9091", f"127.0.0.1:{free_port()}")
-        .replace("127.0.0.1:4280", f"127.0.0.1:{free_port()}")
+        re.sub(r"127\.0\.0\.1:(8080|9091|4280)\b", lambda m: f"127.0.0.1:{ports[m[1]]}", builtin)
     )
+    assert all(f"127.0.0.1:{port}" in config.read_text() for port in ports.values())
     return config
 
 
