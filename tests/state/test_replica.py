@@ -893,7 +893,11 @@ async def test_a_leader_that_hung_past_its_lease_sends_no_start_from_its_stale_t
     round steps it down must not send that start: its decision is stale."""
     api = FakeMachinesAPI()
     api.add(APP, "stopped")
-    old, new = (make(redis_server, key_prefix, rid, api) for rid in ("old", "new"))
+    # Their loops' first ticks come a minute on (rng 0.99 of tick_s 60): the ticks here are
+    # the test's own (a loop's tick at a random offset once started m01 while old still led).
+    old, new = (
+        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99) for rid in ("old", "new")
+    )
     for r in (old, new):
         await r.start(rounds=False)
     try:
