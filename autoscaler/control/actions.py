@@ -130,9 +130,11 @@ class Actuator:
         with nothing routable outside a wake (a leader's tick); yields False when another
         replica holds it (that replica is waking the app: the start is skipped)."""
         self.drains_all: Callable[[], bool] = lambda: True
-        """Whether every drain there is runs here (one process; in cluster mode, while
-        this replica leads): a cordon of ours with no task here is then a drain left
-        behind, never one under way elsewhere (a leader's, seen by a follower)."""
+        """Whether this process decides, so every drain there is runs here (one process;
+        in cluster mode, while this replica leads): a cordon of ours with no task here is
+        then a drain left behind, never one under way elsewhere (a leader's, seen by a
+        follower); and the controller's machine list is current (else /status shows the
+        leader's view)."""
 
     # --- bookkeeping ------------------------------------------------------------------
 

@@ -116,6 +116,22 @@ class AppStatus:
     """Machines skipped in the last minute because another holder had their lease."""
 
 
+def _routed(view: AppView) -> list[MachineStatus]:
+    """An app's machines as the view routes them, where no loop of ours reads the API (a
+    follower in cluster mode, whose view is the leader's; a former leader's list is stale)."""
+    return [
+        MachineStatus(
+            id=up.id,
+            state=up.state,
+            cordoned=up.cordoned,
+            in_flight=up.in_flight,
+            last_used=up.last_used,
+            failing=up.ejections_in_a_row,
+        )
+        for up in view.upstreams.values()
+    ]
+
+
 def freeze_heap() -> None:
     """Move everything the process holds now out of the garbage collector's sight.
 
@@ -190,9 +206,6 @@ class Controller:
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None
         """Called with each app's first list, whichever read it (a tick or a wake)."""
         self.last_tick_at: float | None = None
-        self.deciding: Callable[[], bool] = lambda: True
-        """Whether this controller's loops decide (cluster mode: while its replica leads);
-        else its status shows the machines as the view has them from the leader."""
         self._running = False
         self._gauged: dict[str, set[str]] = {}
         self._gauge_last: dict[str, tuple[object, ...]] = {}
@@ -503,58 +516,50 @@ class Controller:
 
     # --- status -------------------------------------------------------------------------
 
+    def _machines(self, rt: AppRuntime, view: AppView, now: float) -> list[MachineStatus]:
+        """The app's machines as this controller's lists and actions know them."""
+        machines = []
+        hung_ids = rt.hung(view)
+        for machine in rt.machines.values():
+            up = view.upstreams.get(machine.id)
+            restarts = rt.restarts.get(machine.id)
+            hung = machine.id in hung_ids
+            hung_restarts, hung_retry_at = rt.hung_restarts_in_a_row(machine.id, now)
+            machines.append(
+                MachineStatus(
+                    id=machine.id,
+                    state=machine.state,
+                    cordoned=rt.cordoned(machine),
+                    in_flight=up.in_flight if up else 0,
+                    last_used=up.last_used if up else None,
+                    failures=restarts.failures if restarts else 0,
+                    next_retry_at=hung_retry_at
+                    if hung
+                    else (restarts.retry_at if restarts and not restarts.exhausted else None),
+                    left_alone=not rt.config.restart_failed
+                    if hung
+                    else (restarts.exhausted if restarts else False),
+                    failing=up.ejections_in_a_row if up else 0,
+                    hung=hung,
+                    hung_restarts=hung_restarts,
+                    host_unreachable=machine.host_unreachable,
+                    sick_since=rt.sick_since.get(machine.id),
+                    checks_passed_on_recheck=tuple(
+                        sorted(name for name, _ in rt.rechecked.get(machine.id, ()))
+                    ),
+                    checks_critical_unrouted=machine.unrouted,
+                )
+            )
+        return machines
+
     def status(self) -> list[AppStatus]:
         out = []
         now = self.clock()
         for rt in self.apps.values():
             view = self.view.app(rt.name)
-            machines = []
-            deciding = self.deciding()
-            if not deciding:
-                # No loop reads the API here (a follower in cluster mode; a former leader's
-                # list is stale): the machines as the view routes them, the leader's view.
-                machines = [
-                    MachineStatus(
-                        id=up.id,
-                        state=up.state,
-                        cordoned=up.cordoned,
-                        in_flight=up.in_flight,
-                        last_used=up.last_used,
-                        failing=up.ejections_in_a_row,
-                    )
-                    for up in view.upstreams.values()
-                ]
-            hung_ids = rt.hung(view) if deciding else set()
-            for machine in rt.machines.values() if deciding else ():
-                up = view.upstreams.get(machine.id)
-                restarts = rt.restarts.get(machine.id)
-                hung = machine.id in hung_ids
-                hung_restarts, hung_retry_at = rt.hung_restarts_in_a_row(machine.id, now)
-                machines.append(
-                    MachineStatus(
-                        id=machine.id,
-                        state=machine.state,
-                        cordoned=rt.cordoned(machine),
-                        in_flight=up.in_flight if up else 0,
-                        last_used=up.last_used if up else None,
-                        failures=restarts.failures if restarts else 0,
-                        next_retry_at=hung_retry_at
-                        if hung
-                        else (restarts.retry_at if restarts and not restarts.exhausted else None),
-                        left_alone=not rt.config.restart_failed
-                        if hung
-                        else (restarts.exhausted if restarts else False),
-                        failing=up.ejections_in_a_row if up else 0,
-                        hung=hung,
-                        hung_restarts=hung_restarts,
-                        host_unreachable=machine.host_unreachable,
-                        sick_since=rt.sick_since.get(machine.id),
-                        checks_passed_on_recheck=tuple(
-                            sorted(name for name, _ in rt.rechecked.get(machine.id, ()))
-                        ),
-                        checks_critical_unrouted=machine.unrouted,
-                    )
-                )
+            # Not deciding (a follower): the machines as the leader's view has them.
+            deciding = self.actuator.drains_all()
+            machines = self._machines(rt, view, now) if deciding else _routed(view)
             out.append(
                 AppStatus(
                     app=rt.name,

@@ -146,7 +146,6 @@ class Replica:
         )
         self.controller.actuator.wake_claim = self._tick_wake_claim
         self.controller.actuator.drains_all = lambda: self.leading
-        self.controller.deciding = lambda: self.leading
         self.leading = False
         self.view_known = False
         """A follower has applied a fleet view from the leader (readiness)."""

@@ -686,3 +686,29 @@ async def test_an_api_outage_loses_no_request_to_a_started_machine(
             print(f"{outage_s:g}s API outage: {stack.served} requests served, none lost")
         finally:
             await admin.stop()
+
+
+async def test_a_deploy_that_moves_a_sleeping_machines_port_does_not_darken_the_app(
+    emulator: Emulator,
+) -> None:
+    """A deploy changes the internal_port of a machine that sleeps, after our last list
+    of it (a sleeping app is listed every idle_poll_s): the wake probed the old port until
+    its 60 s bound, every request answered 504 meanwhile. A port shut for a second makes
+    it read the machine again and route to the new one."""
+    [machine] = emulator.machines(APP)
+    async with running_stack(emulator, wake_timeout_s=10) as stack:
+        await stack.until(lambda: bool(stack.app.upstreams))  # our record: its old port
+        base = f"{emulator.url}/v1/apps/{APP}/machines/{machine.id}"
+        auth = {"Authorization": f"Bearer {emulator.token}"}
+        async with stack.session.get(base, headers=auth) as resp:
+            config = (await resp.json())["config"]
+        old_port = config["services"][0]["internal_port"]
+        config["services"][0]["internal_port"] = old_port + 1  # `fly deploy` of a new port
+        async with stack.session.post(base, headers=auth, json={"config": config}) as resp:
+            assert resp.status == 200, await resp.text()
+        await until(lambda: machine.state == "stopped", what="the update")
+        await stack.get("/")
+        assert stack.failures == []
+        assert machine.internal_port == old_port + 1
+        [upstream] = stack.app.routable()
+        assert upstream.port == old_port + 1

@@ -336,7 +336,10 @@ async def test_a_pooled_connection_left_with_an_unread_answer_reads_the_next_one
         )
         blocked.set()
         await sent.wait()
-        await asyncio.sleep(0.2)  # the loopback hands the proxy the last bytes meanwhile
+        await until(
+            lambda: any(body.done for bodies in proxy._streams.values() for body in bodies),
+            what="the machine's whole answer in the proxy",
+        )
     finally:
         sock.close()  # the client goes away
     await until(lambda: any(pool._idle.values()), what="the clean connection back in the pool")
