@@ -245,7 +245,7 @@ class ProxyServer:
             )
             self._write_error(request, failure, ctx)
         except (asyncio.CancelledError, ClientGone):
-            ctx.status = 499  # the client went away (nginx's convention; log only)
+            ctx.status = 499  # the client went away (nginx's convention; logged and counted)
             raise
         finally:
             self._account(request, ctx, loop.time())

@@ -135,6 +135,11 @@ async def test_client_disconnecting_while_held_leaves_queue_not_the_wake(
     assert view.queued == 0
     assert view.in_flight == 0
     assert waker.calls == 1
+    # The client that left is counted, as 499 (README's metrics table), with no wake: it
+    # never got a machine.
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_requests_total", {"app": "w", "code": "499", "wake": "none"}) == 1
+    assert count("autoscaler_requests_total", {"app": "w", "code": "200", "wake": "start"}) == 1
 
 
 async def test_machine_refusing_after_wake_is_retried_once_routable_again(
