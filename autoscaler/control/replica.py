@@ -505,7 +505,8 @@ class Replica:
         """Apply the leader's view of ``app`` if it is newer than what we applied last.
         ``current``: read from the report of the replica Redis names leader now, whose
         fence is then this leadership's even if lower than the last one applied (a
-        leader that never saw the fences before a Redis that came back empty)."""
+        leader that never saw the fences before a Redis that came back empty, with a
+        clock behind the old one's)."""
         if app not in self.controller.apps:
             return False
         version = (fence, fleet.seq)

@@ -3,9 +3,10 @@
 Whoever wakes an app (the leader for a follower's request, or a follower that waited
 ``cluster.self_wake_after_s`` without seeing a routable machine) first takes the app's
 claim, ``{prefix}:wake:{app}``: in one Lua script ``SET key holder NX PX ttl``, a fencing
-token from ``INCR {prefix}:wake-fence`` (larger at every claim; not the lease's counter,
-whose value the leader's renewals compare) written into the key, and the previous
-claimant's name
+token from ``INCR {prefix}:wake-fence`` (larger at every claim, also across a Redis that
+came back empty: a lost counter starts again from Redis's clock, as the lease's does, see
+:data:`~autoscaler.state.lease.NEXT_FENCE`; not the lease's counter, whose value the
+leader's renewals compare) written into the key, and the previous claimant's name
 (``{prefix}:woke:{app}``) swapped for ours. A replica that finds the key taken does not
 wake: it waits for the machine the claimant brings up.
 
@@ -23,21 +24,24 @@ from collections.abc import Callable
 from typing import Any
 
 from autoscaler.logs import get_logger
-from autoscaler.state.lease import DRIFT
+from autoscaler.state.lease import DRIFT, NEXT_FENCE
 
 Clock = Callable[[], float]
 _log = get_logger("autoscaler.state.claim")
 
-_TAKE = """
+_TAKE = (
+    NEXT_FENCE
+    + """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local token = redis.call('INCR', KEYS[2])
-  redis.call('SET', KEYS[1], ARGV[1] .. '#' .. token, 'PX', ARGV[2])
+  local token = next_fence(KEYS[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. '#' .. string.format('%d', token), 'PX', ARGV[2])
   local previous = redis.call('GET', KEYS[3])
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
   return {token, previous or ''}
 end
 return {0, ''}
 """
+)
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])

@@ -7,10 +7,15 @@ larger token than any before it. Renewing is a compare-and-``PEXPIRE`` (a Lua sc
 it succeeds only while the key still holds our id and the fence still holds our token.
 
 The fence never goes backwards, even when Redis comes back empty (it keeps nothing on
-disk, as the tests run it): each replica remembers the largest fence it has seen (its own,
-and the leader's in the reports it reads) and acquires with a token above it. Followers
-order the leader's views by (fence, sequence): a fence that started again from 1 would
-make them drop every view of the new leader until it passed the old one.
+disk, as the tests run it; or a failover to an empty replica, a FLUSHALL, an eviction): a
+counter that Redis lost starts again from Redis's clock in microseconds
+(:data:`NEXT_FENCE`), which is past every token the lost counter handed out (one token per
+script run, and no run takes less than a microsecond). And each replica remembers the
+largest fence it has seen (its own, and the leader's in the reports it reads) and acquires
+with a token above it, should Redis's clock have gone back (a failover to a host whose
+clock is behind). Followers order the leader's views by (fence, sequence): a fence that
+started again from 1 would make them drop every view the new leader pushed until their
+next read of its report, and take a stale leader's for newer.
 
 Locally the lease is valid until ``sent + ttl * (1 - DRIFT)``, counted from when the last
 successful acquire or renew was *sent* (Redis set the TTL after that moment, so the key
@@ -35,18 +40,35 @@ Clock = Callable[[], float]
 _log = get_logger("autoscaler.state.lease")
 DRIFT = 0.1  # the share of the TTL kept back for clock-rate differences and latency
 
-_ACQUIRE = """
+NEXT_FENCE = """
+local function next_fence(counter)
+  if redis.call('EXISTS', counter) == 0 then
+    local now = redis.call('TIME')
+    redis.call('SET', counter, string.format('%d', now[1] * 1000000 + now[2]))
+  end
+  return redis.call('INCR', counter)
+end
+"""
+"""A Lua function for the scripts that hand out fencing tokens: ``INCR`` of the counter,
+which, when Redis lost it, starts again from Redis's clock in microseconds (not from 1).
+Tokens stay below 2^53, exact in Lua's numbers; ``%d`` writes them whole (``..`` and
+``tostring`` would write ``1.7e+15``)."""
+
+_ACQUIRE = (
+    NEXT_FENCE
+    + """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local fence = redis.call('INCR', KEYS[2])
+  local fence = next_fence(KEYS[2])
   local floor = tonumber(ARGV[3])
   if fence <= floor then
     fence = floor + 1
-    redis.call('SET', KEYS[2], fence)
+    redis.call('SET', KEYS[2], string.format('%d', fence))
   end
   return fence
 end
 return 0
 """
+)
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[3] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])

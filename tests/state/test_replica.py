@@ -702,7 +702,9 @@ async def test_followers_take_the_new_leaders_view_after_redis_came_back_empty(
 ) -> None:
     """Followers order the leader's views by fence. Redis came back empty, the fence
     started again from 1, and a follower dropped every view of the new leader (routing
-    to a machine it had stopped) until the fence passed the old one, maybe never."""
+    to a machine it had stopped) until the fence passed the old one, maybe never. (A
+    lost counter now starts again from Redis's clock: this is a Redis whose clock went
+    back, the case the replicas' own floor and the followers' rule still cover.)"""
     import redis
 
     with redis.Redis(host="127.0.0.1", port=own_redis.port) as admin:
@@ -726,6 +728,10 @@ async def test_followers_take_the_new_leaders_view_after_redis_came_back_empty(
         own_redis.stop()
         await rounds(replicas, lambda: not leader.leading, 3 * TTL)
         own_redis.start()  # back, empty
+        # ... and with a clock behind the old one's (a failover to another host): its
+        # counter, started again from Redis's clock, is below the fences handed out before.
+        with redis.Redis(host="127.0.0.1", port=own_redis.port) as admin:
+            admin.set(f"{key_prefix}:fence", 0)
         if new_leader != "the same":
             await leader.stop()
             replicas = [follower, make(own_redis.url, key_prefix, "n", api)]
@@ -742,6 +748,56 @@ async def test_followers_take_the_new_leaders_view_after_redis_came_back_empty(
         for r in replicas:
             await r.stop()
         await leader.stop()
+
+
+async def test_a_new_leaders_push_is_applied_at_once_after_redis_came_back_empty(
+    own_redis: Any, key_prefix: str
+) -> None:
+    """Redis came back empty and a replica that had seen no fence took the lease: its
+    fence started again from 1, below the one the followers had applied, so they dropped
+    every view it pushed (a stopped machine stayed routable) until their next read of its
+    report, and would have taken the views a stale leader still pushed for its own."""
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=own_redis.port) as admin:
+        admin.set(f"{key_prefix}:fence", 7)  # a few leaderships already
+    api = FakeMachinesAPI()
+    first = api.add(APP, "started")
+    leader = make(own_redis.url, key_prefix, "l", api)
+    follower = make(own_redis.url, key_prefix, "f", api, lead=False)
+    await leader.start(rounds=False)
+    await follower.start(rounds=False)
+    new: Replica | None = None
+    try:
+        await rounds([leader, follower], lambda: leader.leading, 2 * TTL)
+        await leader.controller.tick(APP)
+
+        def routes() -> list[str]:
+            return [u.id for u in follower.view.app(APP).routable()]
+
+        await rounds([leader, follower], lambda: routes() == [first], 2 * TTL)
+        await leader.stop()
+        own_redis.stop()
+        follower.subscribed.clear()
+        own_redis.start()  # back, empty
+        await asyncio.wait_for(follower.subscribed.wait(), 10)  # listening again
+        new = make(own_redis.url, key_prefix, "n", api)  # never saw a fence
+        await new.start(rounds=False)
+        await rounds([new], lambda: new is not None and new.leading, 4 * TTL)
+        second = api.add(APP, "started")
+        api.set(APP, first, state="stopped")
+        await new.controller.tick(APP)
+
+        async def pushed() -> None:  # no round of the follower: the push alone
+            while routes() != [second]:
+                await follower.view.app(APP).changed()
+
+        await asyncio.wait_for(pushed(), 5)
+    finally:
+        await follower.stop()
+        await leader.stop()
+        if new is not None:
+            await new.stop()
 
 
 def test_the_replica_label_is_there_in_cluster_mode_only() -> None:

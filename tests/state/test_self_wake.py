@@ -272,3 +272,26 @@ async def test_a_follower_wakes_nothing_once_its_held_requests_left(
     finally:
         await gate.close()
         await follower.stop()
+
+
+async def test_claim_tokens_grow_across_a_redis_that_came_back_empty(
+    own_redis: Any, key_prefix: str
+) -> None:
+    """Redis came back empty (restarted without persistence, a failover to an empty
+    replica): ``{prefix}:wake-fence`` started again from 1. A claim taken after the loss
+    got a token below those taken before it, and its holder got a claim value it had held
+    already: its claim from before the loss, never released, passed the check again."""
+    client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        before = await WakeClaims(client, key_prefix, "a", 5.0).take(APP)
+        assert before is not None
+        own_redis.stop()
+        own_redis.start()  # back, empty
+        await client.connection_pool.disconnect()
+        after = await WakeClaims(client, key_prefix, "a", 5.0).take(APP)
+        assert after is not None
+        assert not await before.check()  # the claim from before the loss is not ours now
+        assert after.token > before.token
+        assert await after.check()
+    finally:
+        await client.aclose()
