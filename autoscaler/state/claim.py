@@ -15,11 +15,20 @@ and every Machines API call the wake sends first checks the claim, as the leader
 check the lease: locally valid (until ``sent + 0.9 x ttl`` after the last renewal was
 sent) *and* Redis still holding our value (:meth:`Claim.check`). A claimant that hangs or
 loses Redis thus stops acting before anyone else can take the claim.
+
+The key holds ``holder#nonce#token``, the nonce drawn by the take. A take whose reply
+never came (the connection dropped, our command timeout fired, the task was cancelled)
+may have run in Redis all the same, leaving our claim there until its TTL with no
+:class:`Claim` of ours to use it: this replica's next take of the app sends the same
+nonce, and the script hands that claim back instead of finding it taken (as it does a
+claim whose release got no answer). Without that, the app's wake (anyone's) waited for
+the TTL, longer than a short ``wake_timeout_s``.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -32,14 +41,20 @@ _log = get_logger("autoscaler.state.claim")
 _TAKE = (
     NEXT_FENCE
     + """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local token = next_fence(KEYS[2])
-  redis.call('SET', KEYS[1], ARGV[1] .. '#' .. string.format('%d', token), 'PX', ARGV[2])
-  local previous = redis.call('GET', KEYS[3])
-  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
-  return {token, previous or ''}
+local mine = ARGV[1] .. '#' .. ARGV[4] .. '#'
+local held = redis.call('GET', KEYS[1])
+if held then
+  if string.sub(held, 1, #mine) == mine then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {tonumber(string.sub(held, #mine + 1)), '', 1}
+  end
+  return {0, '', 0}
 end
-return {0, ''}
+local token = next_fence(KEYS[2])
+redis.call('SET', KEYS[1], mine .. string.format('%d', token), 'PX', ARGV[2])
+local previous = redis.call('GET', KEYS[3])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
+return {token, previous or '', 0}
 """
 )
 _RENEW = """
@@ -72,15 +87,18 @@ class Claim:
         claims: WakeClaims,
         app: str,
         token: int,
-        previous: str,
+        nonce: str,
+        previous: str | None,
         sent: float,
     ) -> None:
         self.claims = claims
         self.app = app
         self.token = token
+        self.nonce = nonce
         self.previous = previous
-        """Who took the app's claim before us ("" if nobody Redis remembers)."""
-        self.value = f"{claims.holder}#{token}"
+        """Who took the app's claim before us ("" if nobody Redis remembers; None if we do
+        not know: a claim of ours handed back, whose take's reply was lost)."""
+        self.value = f"{claims.holder}#{nonce}#{token}"
         self.valid_until = sent + claims.ttl_s * (1 - DRIFT)
         self.released = False
 
@@ -123,7 +141,11 @@ class Claim:
         self.released = True
         try:
             await self.claims.redis.eval(_RELEASE, 1, self.key, self.value)
-        except Exception as exc:
+        except BaseException as exc:
+            # It may be in Redis until its TTL: our next take of the app hands it back.
+            self.claims.unanswered.setdefault(self.app, self.nonce)
+            if not isinstance(exc, Exception):
+                raise
             _log.warning("wake_claim_not_released", app=self.app, error=str(exc))
 
 
@@ -145,6 +167,9 @@ class WakeClaims:
         self.ttl_s = ttl_s
         self.clock = clock
         self.fence_key = f"{prefix}:wake-fence"
+        self.unanswered: dict[str, str] = {}
+        """Per app, the nonce of a claim of ours that Redis may hold with no :class:`Claim`
+        of ours for it (a take or a release that got no answer): the next take sends it."""
 
     @property
     def ttl_ms(self) -> int:
@@ -158,27 +183,37 @@ class WakeClaims:
 
     async def take(self, app: str) -> Claim | None:
         """The app's claim, or None while another replica holds it (Redis errors
-        propagate: without Redis nobody can prove a wake is theirs alone)."""
+        propagate: without Redis nobody can prove a wake is theirs alone). A claim of ours
+        that Redis holds from a take whose reply was lost is handed back."""
+        nonce = self.unanswered.pop(app, None) or uuid.uuid4().hex[:12]
         sent = self.clock()
-        token, previous = await self.redis.eval(
-            _TAKE,
-            3,
-            self.key(app),
-            self.fence_key,
-            self.woke_key(app),
-            self.holder,
-            self.ttl_ms,
-            REMEMBER_MS,
-        )
+        try:
+            token, previous, again = await self.redis.eval(
+                _TAKE,
+                3,
+                self.key(app),
+                self.fence_key,
+                self.woke_key(app),
+                self.holder,
+                self.ttl_ms,
+                REMEMBER_MS,
+                nonce,
+            )
+        except BaseException:  # the script may have run, its reply lost: ask again next time
+            self.unanswered[app] = nonce
+            raise
         if not int(token):
             return None
+        if int(again):
+            _log.info("wake_claim_recovered", app=app, holder=self.holder, fence=int(token))
+            return Claim(self, app, int(token), nonce, None, sent)
         _log.info("wake_claimed", app=app, holder=self.holder, fence=int(token))
-        return Claim(self, app, int(token), str(previous), sent)
+        return Claim(self, app, int(token), nonce, str(previous), sent)
 
     async def holder_of(self, app: str) -> str | None:
         """Who holds the app's claim now (tests, status)."""
         value = await self.redis.get(self.key(app))
-        return None if value is None else str(value).rsplit("#", 1)[0]
+        return None if value is None else str(value).rsplit("#", 2)[0]
 
 
 __all__ = ["Claim", "WakeClaims"]

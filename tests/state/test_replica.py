@@ -49,6 +49,7 @@ def make(
     freeze_heap: Callable[[], None] | None = None,
     rng: Callable[[], float] = random.random,
     apps: tuple[str, ...] = (APP,),
+    ttl: float | None = None,
 ) -> Replica:
     settings = Settings(
         apps=[
@@ -66,7 +67,7 @@ def make(
         cluster=ClusterSettings(
             redis_url=SecretStr(url),
             replica_id=rid,
-            lease_ttl_s=TTL,
+            lease_ttl_s=TTL if ttl is None else ttl,
             key_prefix=prefix,
             self_wake_after_s=self_wake_after_s,
             lead=lead,

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from control.fakes import FakeMachinesAPI
 
@@ -293,5 +294,108 @@ async def test_claim_tokens_grow_across_a_redis_that_came_back_empty(
         assert not await before.check()  # the claim from before the loss is not ours now
         assert after.token > before.token
         assert await after.check()
+    finally:
+        await client.aclose()
+
+
+class _LostReplies:
+    """A Redis client whose next ``lost`` EVALs of a claim's key run in Redis but answer
+    the caller with an error, as when the connection drops (or our command timeout
+    fires) after Redis ran the script and before its reply came (``ran=False``: the
+    connection dropped before Redis had the command)."""
+
+    def __init__(self, redis: Any, key: str, lost: int = 1, *, ran: bool = True) -> None:
+        self.redis = redis
+        self.key = key
+        self.lost = lost
+        self.ran = ran
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.redis, name)
+
+    async def eval(self, script: str, numkeys: int, *args: Any) -> Any:
+        lose = self.lost and args[0] == self.key
+        answer = await self.redis.eval(script, numkeys, *args) if self.ran or not lose else None
+        if lose:
+            self.lost -= 1
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        return answer
+
+
+async def test_a_take_whose_reply_was_lost_is_recognised_by_its_retry(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The take of a claim ran in Redis, but its reply was lost: the replica counted it
+    as failed while Redis held its claim until the TTL, so its retry (and everyone
+    else's take) found the claim taken, and the app's wake waited for the TTL."""
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    try:
+        claims = WakeClaims(client, key_prefix, "a", 30.0)
+        claims.redis = _LostReplies(client, claims.key(APP))
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await claims.take(APP)
+        assert await claims.holder_of(APP) == "a"  # Redis holds it for us
+        assert await WakeClaims(client, key_prefix, "b", 30.0).take(APP) is None
+        claim = await claims.take(APP)  # the retry finds its own claim
+        assert claim is not None
+        assert claim.previous is None  # the lost reply said who woke the app before
+        assert await claim.check()
+        assert await claim.renew()
+        await claim.release()
+        assert await claims.holder_of(APP) is None
+        # Another holder's claim is never taken for ours, nor an earlier one of ours.
+        other = await WakeClaims(client, key_prefix, "b", 30.0).take(APP)
+        assert other is not None
+        assert await claims.take(APP) is None
+    finally:
+        await client.aclose()
+
+
+async def test_a_wake_whose_claim_reply_was_lost_does_not_wait_for_the_claims_ttl(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A follower wakes by itself; the reply to its take of the app's claim is lost.
+    The claim's TTL (the lease's, 30 s here) is longer than the app's wake timeout: a
+    replica that waited for its own claim to expire failed the wake (a 504)."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    replica = make(
+        redis_server, key_prefix, "f", api, self_wake_after_s=0.05, wake_timeout_s=3, ttl=30.0
+    )
+    await replica.start(rounds=False)
+    claims = replica.cluster.claims
+    claims.redis = _LostReplies(claims.redis, claims.key(APP))
+    try:
+        replica.view.app(APP).hold()  # a request held (a wake for nobody wakes nothing)
+        assert await asyncio.wait_for(replica.view.wake(APP), 10) == "start"
+        assert replica.claim_errors == 1
+        assert len(api.ops("start_machine")) == 1
+        assert await claims.holder_of(APP) is None  # released after the wake
+    finally:
+        await replica.stop()
+
+
+async def test_a_claim_whose_release_got_no_answer_is_handed_back_to_its_holder(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The release of a claim never reached Redis (a dropped connection): the claim stays
+    until its TTL, and the holder's next wake of the app takes it back at once."""
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    try:
+        claims = WakeClaims(client, key_prefix, "a", 30.0)
+        first = await claims.take(APP)
+        assert first is not None
+        claims.redis = _LostReplies(client, claims.key(APP), ran=False)
+        await first.release()  # logged, not raised: the key lapses by its TTL otherwise
+        assert await claims.holder_of(APP) == "a"
+        assert not await first.check()  # released here: its late actions are not sent
+        assert await WakeClaims(client, key_prefix, "b", 30.0).take(APP) is None
+        again = await claims.take(APP)
+        assert again is not None
+        assert again.token == first.token
+        assert await again.check()
+        assert not await first.check()
+        await again.release()
+        assert await claims.holder_of(APP) is None
     finally:
         await client.aclose()
