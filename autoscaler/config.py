@@ -511,8 +511,9 @@ class AppConfig(_Model):
     connection_idle_s: Seconds = Field(
         default=300.0,
         gt=0,
-        description="a WebSocket with no frame either way this long no longer keeps the "
-        "app awake (a streamed response, such as SSE, always does)",
+        description="a WebSocket with no data frame (text, binary) either way this long no "
+        "longer keeps the app awake (pings and pongs do not count; a streamed response, such "
+        "as SSE, always does)",
     )
 
     @field_validator("max_machines")

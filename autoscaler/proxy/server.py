@@ -569,7 +569,7 @@ class ProxyServer:
                 gate.done(up)
 
         def active() -> None:
-            # Frames again after an idle spell: the app is in use, the slot is taken back
+            # Data frames again after an idle spell: the app is in use, the slot is taken back
             # (past hard_limit if need be: the connection is open already).
             if not ctx.slot:
                 (up.owner or gate.view).begin(up)
@@ -586,9 +586,10 @@ class ProxyServer:
             self._tunnels.discard(relay)
 
     def _idle_tunnels(self) -> None:
-        """WebSockets with no frame either way for ``connection_idle_s`` give their slot
-        back, so an app whose only load is idle WebSockets can go to sleep (its drain then
-        closes them with 1001); their next frame takes the slot again."""
+        """WebSockets with no data frame either way for ``connection_idle_s`` (pings and
+        pongs do not count) give their slot back, so an app whose only load is idle
+        WebSockets can go to sleep (its drain then closes them with 1001); their next data
+        frame takes the slot again."""
         now = self._loop.time()
         for relay in list(self._tunnels):
             gate = self._gates.get(relay.app)

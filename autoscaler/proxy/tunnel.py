@@ -7,9 +7,12 @@ in both directions, as nginx and Go's
 ``httputil.ReverseProxy`` do. Subprotocols, extensions, messages of any size and close
 codes therefore pass end to end, untouched and without a copy into message objects.
 
-The proxy reads the frame headers going by (payloads are skipped, not parsed) for one
-reason: on shutdown it closes open WebSockets properly, with a close frame 1001 ("going
-away") sent to each side at a frame boundary, so clients know to reconnect elsewhere.
+The proxy reads the frame headers going by (payloads are skipped, not parsed) for two
+reasons. On shutdown or a drain it closes open WebSockets properly, with a close frame 1001
+("going away") sent to each side at a frame boundary, so clients know to reconnect
+elsewhere. And only data frames (text, binary, continuation) count as use of a WebSocket:
+control frames (ping, pong) are what keeps a connection alive, not what makes it busy
+(``connection_idle_s``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,18 @@ EOF_LINGER_S = 2.0
 
 class FrameCursor:
     """Where WebSocket frames end in one direction of a stream: headers are read, payloads
-    skipped, so a frame can be slipped in between two of them."""
+    skipped, so a frame can be slipped in between two of them; and which kind of frame
+    the bytes moved over belong to."""
 
-    __slots__ = ("_head", "_left")
+    __slots__ = ("_data", "_head", "_left", "moved_data")
 
     def __init__(self) -> None:
         self._head = b""
         self._left = 0
+        self._data = False  # the payload under way is a data frame's
+        self.moved_data = False
+        """Whether the last ``advance`` moved over a byte of a data frame (text, binary,
+        continuation), not only of control frames (ping, pong, close)."""
 
     @property
     def at_boundary(self) -> bool:
@@ -45,20 +53,27 @@ class FrameCursor:
         """Move over ``data``; return how much was moved over, which is less than all of
         it only with ``stop_at_boundary`` (then the offset of the first frame boundary)."""
         i, n = 0, len(data)
+        moved_data = False
         while i < n:
             if stop_at_boundary and self.at_boundary:
-                return i
+                break
             if self._left:
                 step = min(self._left, n - i)
                 self._left -= step
                 i += step
+                moved_data = moved_data or self._data
                 continue
             had = len(self._head)
             buf = self._head + data[i : i + 14]
+            # The first byte says which frame this is: FIN, RSV1-3, then the opcode, whose
+            # high bit marks a control frame (0x8 close, 0x9 ping, 0xA pong).
+            self._data = not buf[0] & 0x08
+            moved_data = moved_data or self._data
             size = _header_size(buf)
             if size is None or len(buf) < size:
                 self._head = buf  # the rest of the header comes with the next read
-                return n
+                i = n
+                break
             self._head = b""
             length = buf[1] & 0x7F
             if length == 126:
@@ -67,6 +82,7 @@ class FrameCursor:
                 length = struct.unpack_from("!Q", buf, 2)[0]
             self._left = length
             i += size - had
+        self.moved_data = moved_data
         return i
 
 
@@ -100,12 +116,13 @@ class Tunnel:
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = self._loop.create_future()
         self.last_active = self._loop.time()
-        """When a byte last went either way (an idle WebSocket stops counting as load)."""
+        """When a data frame last went either way (an idle WebSocket stops counting as
+        load; pings and pongs do not make it busy)."""
         self.dormant = False
         self.on_dormant: Callable[[], None] | None = None
         """Called when the proxy finds it idle for ``connection_idle_s``."""
         self.on_active: Callable[[], None] | None = None
-        """Called when bytes flow again on a dormant tunnel."""
+        """Called when data frames flow again on a dormant tunnel."""
         self._to_client = FrameCursor()  # frames from the machine
         self._to_machine = FrameCursor()  # frames from the client
         self._going_away = False
@@ -136,12 +153,10 @@ class Tunnel:
             client.close()
 
     def from_client(self, data: bytes) -> None:
-        self._touch()
         if not self._machine_told and self.machine.reusable:
             self._pass(data, self._to_machine, self.machine.write, self._tell_machine)
 
     def from_machine(self, data: bytes) -> None:
-        self._touch()
         if not self._client_told:
             self._pass(data, self._to_client, self.client.write, self._tell_client)
 
@@ -166,9 +181,11 @@ class Tunnel:
             write(data[:cut])
             if cursor.at_boundary:
                 tell()
-            return
-        cursor.advance(data)
-        write(data)
+        else:
+            cursor.advance(data)
+            write(data)
+        if cursor.moved_data:
+            self._touch()
 
     # Flow control: a side that cannot take more stops reading from the other.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -213,3 +214,64 @@ async def test_a_quiet_stream_keeps_counting_as_load_when_an_idle_websocket_stop
         [relay] = proxy._tunnels
         await until(lambda: relay.dormant, what="the idle WebSocket to go dormant")
         assert view.in_flight == 1  # the stream's slot
+
+
+def pinging_app(pongs: list[bytes]) -> web.Application:
+    """A WebSocket server that pings its client on a timer, as uvicorn does every 20 s,
+    and records the pongs; it answers text in upper case."""
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse(autoping=False)
+        await sock.prepare(request)
+
+        async def ping() -> None:
+            for n in itertools.count():
+                await sock.ping(b"%d" % n)
+                await asyncio.sleep(0.02)  # the server's ping interval
+
+        pinging = asyncio.create_task(ping())
+        try:
+            async for msg in sock:
+                if msg.type is WSMsgType.PONG:
+                    pongs.append(msg.data)
+                elif msg.type is WSMsgType.PING:
+                    await sock.pong(msg.data)
+                elif msg.type is WSMsgType.TEXT:
+                    await sock.send_str(msg.data.upper())
+        finally:
+            pinging.cancel()
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    return app
+
+
+async def test_pings_and_pongs_do_not_keep_a_websocket_in_use(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """Control frames are not use: a server that pings (uvicorn, every 20 s by default)
+    and its client's pongs kept an idle WebSocket counted as load for good, so its app
+    never slept. Only data frames (text, binary) take the slot back."""
+    pongs: list[bytes] = []
+    addr = await backend(pinging_app(pongs))
+    app = {"name": "a", "hosts": ["a.test"], "backends": [addr], "connection_idle_s": 0.2}
+    proxy = await start_proxy([app])
+    view = fleet.app("a")
+    async with session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"}) as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "HI"
+        assert view.in_flight == 1
+        # From now on only pings from the machine and the client's pongs (aiohttp answers
+        # them while receive() waits), and pings of the client's own, answered by the machine.
+        reading = asyncio.create_task(ws.receive())
+        await until(lambda: view.in_flight == 0, what="the WebSocket to give its slot back")
+        seen = len(pongs)
+        await ws.ping(b"client's ping")
+        await until(lambda: len(pongs) >= seen + 3, what="more pongs to reach the machine")
+        assert view.in_flight == 0  # still idle: pongs, and a ping, are no frames of use
+        await ws.send_str("again")
+        msg = await reading
+        assert (msg.type, msg.data) == (WSMsgType.TEXT, "AGAIN")
+        assert view.in_flight == 1  # a data frame: in use again
+    await until(lambda: view.in_flight == 0, what="the slot given back once")

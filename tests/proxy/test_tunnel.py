@@ -178,6 +178,70 @@ def test_stop_at_boundary_when_the_frame_does_not_end_in_this_read() -> None:
     assert cursor.at_boundary
 
 
+# --- which frames: data or control --------------------------------------------------
+
+PING, PONG, TEXT, BINARY, CONTINUATION = 0x9, 0xA, 0x1, 0x2, 0x0
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_pings_and_pongs_move_no_data(masked: bool) -> None:
+    cursor = FrameCursor()
+    control = frame(b"", masked=masked, opcode=PING) + frame(b"x" * 125, masked=masked, opcode=PONG)
+    assert cursor.advance(control) == len(control)
+    assert not cursor.moved_data
+    assert cursor.at_boundary
+    # Byte by byte, header and payload alike.
+    for i in range(len(control)):
+        cursor.advance(control[i : i + 1])
+        assert not cursor.moved_data, i
+    assert cursor.at_boundary
+
+
+@pytest.mark.parametrize("opcode", [TEXT, BINARY, CONTINUATION])
+@pytest.mark.parametrize("n", [0, 1, 126, 70000])
+def test_a_data_frame_moves_data_in_every_read_it_spans(opcode: int, n: int) -> None:
+    data = frame(payload(n), masked=True, opcode=opcode, fin=opcode != TEXT)
+    cursor = FrameCursor()
+    for start in range(0, len(data), 1000):
+        cursor.advance(data[start : start + 1000])
+        assert cursor.moved_data, start
+    assert cursor.at_boundary
+    # Its header alone, split: each piece is part of a data frame.
+    cursor = FrameCursor()
+    cursor.advance(data[:1])
+    assert cursor.moved_data
+
+
+def test_a_ping_between_the_fragments_of_a_message_moves_no_data_on_its_own() -> None:
+    """A ping may come between two fragments of a message: the read that holds only the
+    ping (or only part of it) moves no data; one that holds a fragment's byte does."""
+    first = frame(b"a" * 300, masked=False, opcode=TEXT, fin=False)
+    ping = frame(b"p" * 200, masked=False, opcode=PING)
+    last = frame(b"b" * 300, masked=False, opcode=CONTINUATION)
+    cursor = FrameCursor()
+    assert cursor.advance(first + ping + last) == len(first + ping + last)
+    assert cursor.moved_data
+    cursor = FrameCursor()
+    cursor.advance(first)
+    assert cursor.moved_data
+    cursor.advance(ping[:3])  # a split header
+    assert not cursor.moved_data
+    cursor.advance(ping[3:50])
+    assert not cursor.moved_data
+    cursor.advance(ping[50:])
+    assert not cursor.moved_data
+    cursor.advance(last[:1])
+    assert cursor.moved_data
+    cursor.advance(last[1:])
+    assert cursor.moved_data
+    assert cursor.at_boundary
+    # A read that ends a data frame's payload and holds a ping: data moved.
+    cursor = FrameCursor()
+    cursor.advance(first[:-1])
+    cursor.advance(first[-1:] + ping)
+    assert cursor.moved_data
+
+
 # --- close frames ---------------------------------------------------------------------
 
 
