@@ -602,10 +602,11 @@ class ProxyServer:
     def end_long_lived(self, app: str, machine_id: str, everything: bool = False) -> int:
         """A drain of ``machine_id`` is about to suspend or stop it: what would never end by
         itself ends now, WebSockets to it with a close frame 1001 (going away) at a frame
-        boundary, event streams from it at a chunk boundary. Other streamed answers (a
-        download) may end within the drain's time; with ``everything`` (it is up) they
-        are cut, their clients' connections dropped. Their slots come back as they end.
-        The number ended."""
+        boundary (one whose closing handshake is under way, by that handshake's end),
+        event streams from it at a chunk boundary. Other streamed answers (a download) may
+        end within the drain's time; with ``everything`` (it is up) they are cut, their
+        clients' connections dropped. Their slots come back as they end. The number
+        ended."""
         ended = 0
         for relay in list(self._tunnels):
             if relay.machine_id == machine_id and relay.app == app:

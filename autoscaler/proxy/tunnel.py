@@ -10,9 +10,10 @@ codes therefore pass end to end, untouched and without a copy into message objec
 The proxy reads the frame headers going by (payloads are skipped, not parsed) for two
 reasons. On shutdown or a drain it closes open WebSockets properly, with a close frame 1001
 ("going away") sent to each side at a frame boundary, so clients know to reconnect
-elsewhere. And only data frames (text, binary, continuation) count as use of a WebSocket:
-control frames (ping, pong) are what keeps a connection alive, not what makes it busy
-(``connection_idle_s``).
+elsewhere; unless a close frame went by already: that closing handshake is left to its two
+ends (RFC 6455 allows one close frame each way). And only data frames (text, binary,
+continuation) count as use of a WebSocket: control frames (ping, pong) are what keeps a
+connection alive, not what makes it busy (``connection_idle_s``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class FrameCursor:
     skipped, so a frame can be slipped in between two of them; and which kind of frame
     the bytes moved over belong to."""
 
-    __slots__ = ("_data", "_head", "_left", "moved_data")
+    __slots__ = ("_data", "_head", "_left", "closing", "moved_data")
 
     def __init__(self) -> None:
         self._head = b""
@@ -44,6 +45,9 @@ class FrameCursor:
         self.moved_data = False
         """Whether the last ``advance`` moved over a byte of a data frame (text, binary,
         continuation), not only of control frames (ping, pong, close)."""
+        self.closing = False
+        """Whether a close frame began here: this side started or answered a closing
+        handshake, and sends no more frames."""
 
     @property
     def at_boundary(self) -> bool:
@@ -67,8 +71,11 @@ class FrameCursor:
             buf = self._head + data[i : i + 14]
             # The first byte says which frame this is: FIN, RSV1-3, then the opcode, whose
             # high bit marks a control frame (0x8 close, 0x9 ping, 0xA pong).
-            self._data = not buf[0] & 0x08
+            opcode = buf[0] & 0x0F
+            self._data = not opcode & 0x08
             moved_data = moved_data or self._data
+            if opcode == 0x08:
+                self.closing = True
             size = _header_size(buf)
             if size is None or len(buf) < size:
                 self._head = buf  # the rest of the header comes with the next read
@@ -218,7 +225,15 @@ class Tunnel:
             self._done.set_result(None)
 
     def going_away(self) -> None:
-        """Shutting down: send both sides a close frame 1001 at their next frame boundary."""
+        """Shutting down: send both sides a close frame 1001 at their next frame boundary.
+
+        Unless a close frame went by already: the closing handshake is under way, and a
+        second close would break it (to the side that got one, a second close frame; to
+        the other, a close that is not its peer's). Its two ends finish it, and the tunnel
+        ends when a side closes its socket then, or ``EOF_LINGER_S`` later."""
+        if self._to_client.closing or self._to_machine.closing:
+            self._loop.call_later(EOF_LINGER_S, self.closed)
+            return
         self._going_away = True
         if self._to_client.at_boundary:
             self._tell_client()

@@ -180,7 +180,7 @@ def test_stop_at_boundary_when_the_frame_does_not_end_in_this_read() -> None:
 
 # --- which frames: data or control --------------------------------------------------
 
-PING, PONG, TEXT, BINARY, CONTINUATION = 0x9, 0xA, 0x1, 0x2, 0x0
+PING, PONG, CLOSE, TEXT, BINARY, CONTINUATION = 0x9, 0xA, 0x8, 0x1, 0x2, 0x0
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
@@ -240,6 +240,29 @@ def test_a_ping_between_the_fragments_of_a_message_moves_no_data_on_its_own() ->
     cursor.advance(first[:-1])
     cursor.advance(first[-1:] + ping)
     assert cursor.moved_data
+
+
+def test_closing_once_a_close_frame_begins() -> None:
+    cursor = FrameCursor()
+    others = b"".join(frame(b"x", masked=True, opcode=op) for op in (TEXT, PING, PONG, BINARY))
+    cursor.advance(others)
+    assert not cursor.closing
+    close = close_frame(1000, masked=True)
+    cursor.advance(close[:1])  # its first byte went by: the handshake is under way
+    assert cursor.closing
+    assert not cursor.moved_data
+    cursor.advance(close[1:])
+    assert cursor.closing
+    assert cursor.at_boundary
+
+
+def test_stop_at_boundary_does_not_move_over_a_close_frame_behind_the_cut() -> None:
+    cursor = FrameCursor()
+    data = frame(b"x" * 10, masked=False)
+    cursor.advance(data[:5])
+    rest = data[5:] + close_frame(1000, masked=False)
+    assert cursor.advance(rest, stop_at_boundary=True) == len(data) - 5
+    assert not cursor.closing
 
 
 # --- close frames ---------------------------------------------------------------------

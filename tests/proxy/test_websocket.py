@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import socket
 
 import aiohttp
@@ -12,9 +14,11 @@ from aiohttp import WSMsgType, web
 from testkit import until
 
 from autoscaler.control.view import FleetView
+from autoscaler.proxy.tunnel import close_frame
 
 from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import raw
+from .test_tunnel import frame
 
 
 def ws_app(seen_close: list[int | None]) -> web.Application:
@@ -241,3 +245,105 @@ async def test_shutdown_closes_open_websockets_with_going_away(
         assert msg.type is WSMsgType.CLOSE
         assert msg.data == 1001
         await stopping
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["answered", "unanswered"])
+@pytest.mark.parametrize("via", ["stop", "drain"])
+async def test_going_away_after_the_machines_close_sends_no_second_close(
+    via: str, answered: bool, backend: Backend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """The machine sent its close frame and waits for the client's: a shutdown or a drain
+    then must not send the client a second close (1001), nor the machine a close that is
+    not the client's. The handshake finishes end to end; a client that never answers is
+    cut EOF_LINGER_S later, not at shutdown_timeout_s."""
+    seen_close: list[int | None] = []
+    addr = await backend(ws_app(seen_close))
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], shutdown_timeout_s=30
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(HANDSHAKE)
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+            assert await reader.readexactly(17) == b"\x81\x0fhello 127.0.0.1"
+            writer.write(frame(b"bye", masked=True, opcode=0x1))
+            machine_close = b"\x88\x11" + (4001).to_bytes(2) + b"server says bye"
+            assert await reader.readexactly(len(machine_close)) == machine_close
+        stopping = None
+        if via == "stop":
+            stopping = asyncio.create_task(proxy.stop())
+            await until(lambda: not proxy.accepting)
+        else:
+            assert proxy.end_long_lived("a", addr) == 1
+        if answered:
+            writer.write(close_frame(1000, masked=True))  # the client's answer
+        async with asyncio.timeout(10):  # well before shutdown_timeout_s
+            assert await reader.read(-1) == b""  # the end of the connection, no 1001
+            if stopping is not None:
+                await stopping
+        await until(lambda: fleet.app("a").in_flight == 0, what="the slot given back")
+        if answered:  # the client's own answer reached the machine, not a 1001
+            await until(lambda: bool(seen_close), what="the machine's close to finish")
+            assert seen_close == [1000]
+    finally:
+        writer.close()
+
+
+def accept(head: bytes) -> bytes:
+    """The Sec-WebSocket-Accept for a handshake's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    [key] = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    ]
+    digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()  # noqa: S324 - the protocol's
+    return base64.b64encode(digest)
+
+
+@pytest.mark.parametrize("via", ["stop", "drain"])
+async def test_going_away_after_the_clients_close_sends_no_second_close(
+    via: str, raw_backend: RawBackend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    """The client sent its close frame and waits for the machine's: a shutdown or a drain
+    then must not send the machine a close after the client's own, nor the client a 1001
+    in place of the machine's answer."""
+    got_close, answer = asyncio.Event(), asyncio.Event()
+    heard: list[bytes] = []
+
+    async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept(head) + b"\r\n\r\n"
+        )
+        await writer.drain()
+        heard.append(await reader.readexactly(8))  # the client's close: masked, a code
+        got_close.set()
+        await answer.wait()
+        writer.write(close_frame(4321, masked=False))
+        await writer.drain()
+        heard.append(await reader.read())  # whatever comes until the proxy closes
+
+    addr = await raw_backend(machine)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    ws = await session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"})
+    closing = asyncio.create_task(ws.close(code=4321))
+    async with asyncio.timeout(5):
+        await got_close.wait()
+    stopping = None
+    if via == "stop":
+        stopping = asyncio.create_task(proxy.stop())
+        await until(lambda: not proxy.accepting)
+    else:
+        assert proxy.end_long_lived("a", addr) == 1
+    answer.set()
+    async with asyncio.timeout(5):
+        await closing
+        if stopping is not None:
+            await stopping
+    assert ws.close_code == 4321  # the machine's answer, not a 1001 of the proxy's
+    await until(lambda: len(heard) == 2, what="the machine's connection to end")
+    mask = heard[0][2:6]
+    assert bytes(b ^ mask[i % 4] for i, b in enumerate(heard[0][6:])) == (4321).to_bytes(2)
+    assert heard[1] == b""  # nothing after the client's close
