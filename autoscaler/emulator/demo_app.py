@@ -4,7 +4,8 @@
 
 ``/`` answers the machine id and a request counter (kept in memory, so it survives a
 suspend and resets on a cold start), ``/work?ms=N`` answers after N ms, ``/stream``
-sends chunks, ``/ws`` echoes WebSocket messages, ``/healthz`` says ok. The boot delay
+sends chunks, ``/events`` server-sent events, ``/ws`` echoes WebSocket messages,
+``/healthz`` says ok. The boot delay
 (``--boot-delay`` or ``DEMO_BOOT_DELAY_S``; the emulator sets ``DEMO_LISTEN_AT``, the time
 it ends) passes before the port opens, like a cold start.
 """
@@ -60,16 +61,25 @@ async def work(request: web.Request) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
+    return await _chunks(request, "text/plain", "chunk {}\n")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    return await _chunks(request, "text/event-stream", "data: {}\n\n")
+
+
+async def _chunks(request: web.Request, content_type: str, line: str) -> web.StreamResponse:
+    """``n`` chunks (``line`` with its number), ``ms`` apart, in a chunked answer."""
     n, ms = request.query.get("n", "5"), request.query.get("ms", "50")
     if not (n.isdigit() and ms.isdigit()):
         return web.json_response({"error": "n and ms: expected integers"}, status=400)
     chunks = min(int(n), 10_000)
     delay = min(int(ms), 10_000) / 1000
-    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    response = web.StreamResponse(headers={"Content-Type": content_type})
     response.enable_chunked_encoding()
     await response.prepare(request)
     for i in range(chunks):
-        await response.write(f"chunk {i}\n".encode())
+        await response.write(line.format(i).encode())
         await asyncio.sleep(delay)
     await response.write_eof()
     return response
@@ -96,6 +106,7 @@ def build_app() -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/work", work)
     app.router.add_get("/stream", stream)
+    app.router.add_get("/events", events)
     app.router.add_get("/ws", ws)
     app.router.add_get("/healthz", healthz)
     return app

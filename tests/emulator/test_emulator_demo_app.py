@@ -21,6 +21,11 @@ async def test_demo_app_endpoints(aiohttp_client: Any) -> None:
     assert r.headers["Transfer-Encoding"] == "chunked"
     assert await r.text() == "chunk 0\nchunk 1\nchunk 2\n"
     assert (await client.get("/stream", params={"n": "x"})).status == 400
+    r = await client.get("/events", params={"n": "2", "ms": "0"})
+    assert r.headers["Content-Type"] == "text/event-stream"
+    assert r.headers["Transfer-Encoding"] == "chunked"
+    assert await r.text() == "data: 0\n\ndata: 1\n\n"
+    assert (await client.get("/events", params={"ms": "x"})).status == 400
     ws = await client.ws_connect("/ws")
     await ws.send_str("hello")
     msg = await ws.receive()
