@@ -430,6 +430,16 @@ class AppRuntime:
                 if run.kind == "cleanup" or (run.kind == "uncordon" and machine.state != STARTED):
                     pending = None  # lifting a cordon off a sleeping machine adds no capacity
             cordoned = self.cordoned(machine)
+            started_at: float | None = None
+            if machine.state == STARTED:
+                # The view learns of a start when the tick publishes, after the decision:
+                # a machine first listed started in this tick (started by someone else)
+                # started now as far as we know, not at an unknown time, which counts as
+                # old (it was drained at once, whatever min_lifetime_s).
+                if up is not None and up.state == STARTED:
+                    started_at = up.started_at
+                else:
+                    started_at = view.clock() if now is None else now
             snaps.append(
                 MachineSnapshot(
                     id=machine.id,
@@ -442,7 +452,7 @@ class AppRuntime:
                     or self.leased(machine.id, now),
                     in_flight=up.in_flight + up.remote_in_flight if up else 0,
                     last_used=up.last_used if up else None,
-                    started_at=up.started_at if up and machine.state == STARTED else None,
+                    started_at=started_at,
                     state_since=self.state_since.get(machine.id),
                     restartable=self.restartable(machine.id, now),
                     unreachable=machine.host_unreachable,

@@ -127,6 +127,29 @@ async def test_first_tick_rebuilds_the_view_and_starts_nothing_twice(
     assert {m.id for m in status.machines} == {up, coming, asleep}
 
 
+async def test_a_machine_someone_else_started_is_not_drained_before_min_lifetime(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A machine first listed started in a tick (``fly machine start``, a deploy) started
+    then, as far as we know: min_lifetime_s protects it as any other. Before, the view
+    learned of the start only after that tick's decision, which took its start time for
+    unknown, that is old, and drained it at once (being the idlest)."""
+    serving = api.add(APP, "started")
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock, min_machines=1, min_lifetime_s=30)
+    await rig.tick()
+    assert rig.routable() == {serving}
+    api.set(APP, other, state="started")  # started behind our back
+    await clock.advance(1)
+    decision = await rig.tick()
+    assert decision.actions == ()
+    assert "1 removal(s) wait" in decision.reason
+    assert rig.routable() == {serving, other}
+    await clock.advance(30)  # both old enough now: the idlest goes
+    decision = await rig.tick()
+    assert [a.kind for a in decision.actions] == ["drain"]
+
+
 async def test_load_resumes_suspended_machines_before_starting_stopped_ones(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
