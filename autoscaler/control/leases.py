@@ -97,7 +97,13 @@ class Leases:
         try:
             nonce = await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(lambda t: self._orphan(key, t))
+            if task.done():
+                # Answered, and cancelled before this resumed (a drain taken back): the
+                # release is under way before the next take of the machine looks for one.
+                # (A done callback would run after that take's first step.)
+                self._orphan(key, task)
+            else:
+                task.add_done_callback(lambda t: self._orphan(key, t))
             raise
         held = Held(app, machine_id, nonce)
         held.keeper = asyncio.get_running_loop().create_task(

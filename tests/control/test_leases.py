@@ -13,6 +13,7 @@ from testkit import PROFILES, on_profile
 
 from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
 from autoscaler.control.controller import Controller
+from autoscaler.control.leases import Held, Leases
 from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
 from autoscaler.fly.client import MachinesClient
@@ -242,6 +243,41 @@ async def test_a_lease_whose_answer_was_lost_is_adopted(
     await rig.ctl.idle()
     assert changes(api, mid) == [("start_machine", lost.nonce)]
     assert api.lease(APP, mid) is None  # and given back at the end
+
+
+async def test_a_take_cancelled_as_its_answer_comes_gives_the_lease_back_first(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A drain taken back just as its lease's acquire answers: the uncordon that follows
+    takes the machine's lease after that one is given back. Before, the give-back was
+    queued behind the uncordon's acquire, which our own lease refused (409, then read
+    back after the release: a conflict with nobody, and the uncordon skipped)."""
+    mid = api.add(APP, "started")
+    leases = Leases(api, sleep=clock.sleep)
+    gate = api.gates["acquire_machine_lease"] = asyncio.Event()
+    drain = asyncio.ensure_future(leases.take(APP, mid, "drain"))
+    await settle()
+    taken: list[asyncio.Future[Held]] = []
+
+    def take_back(_: object) -> None:  # the acquire has answered; its caller not yet resumed
+        drain.cancel()
+        taken.append(asyncio.ensure_future(leases.take(APP, mid, "uncordon")))
+
+    leases._acquiring[(APP, mid)].add_done_callback(take_back)
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await drain
+    held = await taken[0]
+    lease = api.lease(APP, mid)
+    assert lease is not None
+    assert lease.nonce == held.nonce
+    assert lease_ops(api, mid) == [
+        "acquire_machine_lease",
+        "release_machine_lease",
+        "acquire_machine_lease",
+    ]
+    leases.release_soon(held)
+    await leases.settled()
 
 
 async def test_a_failed_acquire_is_an_action_failure_that_cools_down(
