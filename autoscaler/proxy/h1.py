@@ -547,7 +547,11 @@ class Connection(FlowControlled, asyncio.Protocol):
             self._pending.clear()
         self.resume_all_reading()
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the client reset the connection before the loop heard of it
+                transport.abort()
+                return
         self._loop.call_later(min(LINGER_S, self._server.client_timeout_s), transport.close)
 
     # --- timers and flow control ------------------------------------------------------

@@ -215,7 +215,11 @@ class Tunnel:
         both sockets for good."""
         transport = self.machine.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the machine reset the connection: the tunnel is over
+                self.closed()
+                return
             self._machine_eof = True
         asyncio.get_running_loop().call_later(EOF_LINGER_S, self.closed)
 

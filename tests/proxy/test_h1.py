@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from testkit import until
 
-from autoscaler.proxy.h1 import MAX_HEADERS
+from autoscaler.proxy.h1 import MAX_HEADERS, Connection
 
 from .conftest import Backend, StartProxy
 from .helpers import (
@@ -31,6 +31,7 @@ from .helpers import (
     reply_status,
     seen_app,
 )
+from .inproc import OK, FakeTransport, Harness, _settle
 
 
 async def at_eof(reader: asyncio.StreamReader) -> bytes:
@@ -546,3 +547,30 @@ async def test_a_kept_alive_connection_reads_on_after_an_error_to_an_unread_larg
         await writer.drain()
         status, _, answer = await read_response(reader)
     assert (status, answer) == (200, b"m")
+
+
+class _ResetTransport(FakeTransport):
+    """A connection the client reset while reading was paused: the loop has not heard of
+    it yet, and ``write_eof`` fails as the kernel's ``shutdown()`` does (ENOTCONN)."""
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+
+async def test_a_reset_seen_only_at_the_closing_write_eof_closes_the_connection() -> None:
+    harness = Harness()
+    conn = Connection(harness.server)
+    transport = _ResetTransport()
+    transport.protocol = conn
+    conn.connection_made(transport)
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        await until(lambda: transport.closed)  # not left to the client's idle timeout
+        await _settle()
+    finally:
+        loop.set_exception_handler(None)
+    assert transport.out.startswith(OK)
+    assert errors == []  # the connection's task did not die on the OSError

@@ -7,12 +7,16 @@ import base64
 import itertools
 import os
 import struct
+import types
+from typing import cast
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from autoscaler.proxy.tunnel import GOING_AWAY, FrameCursor, close_frame
+from autoscaler.proxy import upstream
+from autoscaler.proxy.h1 import Connection
+from autoscaler.proxy.tunnel import GOING_AWAY, FrameCursor, Tunnel, close_frame
 
 from .conftest import Backend, RawBackend, StartProxy, url
 
@@ -466,3 +470,26 @@ async def test_going_away_after_the_clients_fin_does_not_write_past_the_eof(
     finally:
         done.set()
         writer.close()
+
+
+class _ResetTransport:
+    """The machine's socket, reset before the loop heard of it: ``write_eof`` fails as
+    the kernel's ``shutdown()`` does (ENOTCONN)."""
+
+    def is_closing(self) -> bool:
+        return False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+
+async def test_a_clients_fin_to_a_machine_that_reset_ends_the_tunnel() -> None:
+    """Passing the client's FIN on must not raise out of the client's eof_received (the
+    protocol callback), and the tunnel is over: nothing can reach the machine."""
+    machine = types.SimpleNamespace(transport=_ResetTransport())
+    tunnel = Tunnel(cast(Connection, None), cast(upstream.Connection, machine))
+    tunnel.client_eof()
+    assert tunnel._done.done()
