@@ -29,6 +29,10 @@ from autoscaler.proxy.h1 import Connection
 GOING_AWAY = 1001
 # How long a tunnel stays open for the machine's last bytes once the client sent FIN.
 EOF_LINGER_S = 2.0
+# How long a closing handshake may take once a close frame went by, either way: a side that
+# never answers (or never closes its socket after) would hold both sockets for good. The
+# close timeout of aiohttp's and of the websockets library's WebSockets.
+CLOSE_TIMEOUT_S = 10.0
 
 
 class FrameCursor:
@@ -136,6 +140,7 @@ class Tunnel:
         self._client_told = False
         self._machine_told = False
         self._machine_eof = False  # the client's FIN passed on: nothing more goes there
+        self._closing = False  # a close frame went by: the handshake's timeout runs
 
     async def run(self) -> None:
         """Relay until one side closes, then close the other; returns when both are."""
@@ -193,6 +198,9 @@ class Tunnel:
             write(data)
         if cursor.moved_data:
             self._touch()
+        if cursor.closing and not self._closing:
+            self._closing = True
+            self._loop.call_later(CLOSE_TIMEOUT_S, self.closed)
 
     # Flow control: a side that cannot take more stops reading from the other.
 

@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from testkit import until
 
 from autoscaler.control.view import FleetView
+from autoscaler.proxy import tunnel
 from autoscaler.proxy.tunnel import close_frame
 
 from .conftest import Backend, RawBackend, StartProxy, url
@@ -347,3 +348,42 @@ async def test_going_away_after_the_clients_close_sends_no_second_close(
     mask = heard[0][2:6]
     assert bytes(b ^ mask[i % 4] for i, b in enumerate(heard[0][6:])) == (4321).to_bytes(2)
     assert heard[1] == b""  # nothing after the client's close
+
+
+async def test_a_close_never_answered_ends_the_tunnel_after_the_close_timeout(
+    raw_backend: RawBackend,
+    start_proxy: StartProxy,
+    fleet: FleetView,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client sent its close frame and the machine neither answers nor closes its
+    socket (hung, or a bug): both sockets and the slot were held for good. The closing
+    handshake gets CLOSE_TIMEOUT_S, then the tunnel ends."""
+    monkeypatch.setattr(tunnel, "CLOSE_TIMEOUT_S", 0.3)
+    got_close, done = asyncio.Event(), asyncio.Event()
+
+    async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept(head) + b"\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.readexactly(8)  # the client's close: masked, a code
+        got_close.set()
+        await done.wait()  # never answers, never closes
+
+    addr = await raw_backend(machine)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(HANDSHAKE)
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+            writer.write(close_frame(1000, masked=True))
+            await got_close.wait()
+            assert await reader.read(-1) == b""  # the proxy closed the connection
+        await until(lambda: fleet.app("a").in_flight == 0, what="the slot given back")
+    finally:
+        done.set()
+        writer.close()
