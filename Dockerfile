@@ -34,6 +34,6 @@ USER autoscaler
 # /healthz, /readyz, /status), on every IPv4 address; the health check asks it on loopback.
 EXPOSE 8080 9091
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9091/healthz', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import sys; from autoscaler.aio import urlopen_direct; sys.exit(urlopen_direct('http://127.0.0.1:9091/healthz', 2).status != 200)"]
 ENTRYPOINT ["autoscaler"]
 CMD ["run"]

@@ -1,5 +1,6 @@
 """Asyncio helpers every layer may use: stopping tasks on Python 3.11, where a
-cancellation can be dropped, and probing a TCP port.
+cancellation can be dropped, and probing a TCP port; and :func:`urlopen_direct`, for the
+admin API's own clients.
 
 On 3.11, ``asyncio.wait_for`` that is cancelled in the same turn of the loop as the
 awaitable it waits for finishes returns that awaitable's result and drops the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,3 +53,13 @@ async def tcp_probe(host: str, port: int, timeout_s: float = 1.0) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def urlopen_direct(request: urllib.request.Request | str, timeout: float) -> Any:
+    """``urllib.request.urlopen`` that never goes through ``HTTP_PROXY``/``http_proxy``:
+    our admin endpoints are reached directly (urlopen would send the request, with its
+    ``Authorization`` header, to whatever proxy the environment names)."""
+    return _DIRECT.open(request, timeout=timeout)

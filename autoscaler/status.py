@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.text import Text
 
 from autoscaler import tui
+from autoscaler.aio import urlopen_direct
 from autoscaler.config import ConfigError, load_settings, parse_host_port
 from autoscaler.tui import ago
 
@@ -60,7 +61,7 @@ def _get(base_url: str, path: str, token: str | None, timeout_s: float, accept: 
         # Not passed on by a redirect: another host must never see the token.
         request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # noqa: S310 - scheme checked above
+        with urlopen_direct(request, timeout_s) as resp:
             body: bytes = resp.read()
     except urllib.error.HTTPError as exc:
         hint = " (set admin.token or AUTOSCALER_ADMIN__TOKEN)" if exc.code == 401 else ""

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from autoscaler.aio import urlopen_direct
 from autoscaler.config import EMBEDDED, authority, default_replica_id, parse_host_port
 from autoscaler.logs import get_logger
 from autoscaler.service import load_or_report
@@ -322,7 +323,7 @@ def _ready(host: str, port: int, token: str | None) -> bool:
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=1.0) as resp:  # noqa: S310 - http only
+        with urlopen_direct(request, 1.0) as resp:
             return int(resp.status) == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False

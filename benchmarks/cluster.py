@@ -78,6 +78,7 @@ from proxy_overhead import (
     run_wrk,
 )
 
+from autoscaler.aio import urlopen_direct
 from autoscaler.state.cluster import REPORT_S, connect
 from autoscaler.state.lease import Lease
 
@@ -198,7 +199,7 @@ def _answers(port: int) -> bool:
 def _ready(admin_port: int) -> bool:
     try:
         url = f"http://{HOST}:{admin_port}/readyz"
-        with urllib.request.urlopen(url, timeout=1) as resp:
+        with urlopen_direct(url, 1) as resp:
             return int(resp.status) == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -432,7 +433,7 @@ def _counter(port: int, delay_ms: float) -> Iterator[None]:
 
 def _counter_stats(port: int, limit: int) -> dict[str, Any]:
     url = f"http://{HOST}:{port}/__stats?limit={limit}"
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    with urlopen_direct(url, 5) as resp:
         doc: dict[str, Any] = json.loads(resp.read())
     return doc
 

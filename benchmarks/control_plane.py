@@ -167,9 +167,9 @@ def _autoscaler(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``autoscaler run`` on ``config`` (at CPU priority ``nice``), yielded once /readyz
     answers 200."""
-    import urllib.request
-
     import yaml
+
+    from autoscaler.aio import urlopen_direct
 
     file = tmp / f"{name}.yaml"
     file.write_text(yaml.safe_dump(config))
@@ -191,7 +191,7 @@ def _autoscaler(
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"autoscaler {name} exited:\n{tail()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(admin, timeout=2) as resp:
+            with contextlib.suppress(OSError), urlopen_direct(admin, 2) as resp:
                 if resp.status == 200:
                     break
             if time.monotonic() > deadline:

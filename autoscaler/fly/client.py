@@ -158,6 +158,9 @@ class MachinesClient(Operations):
                 max_connections=max_connections, max_keepalive_connections=keepalive_connections
             ),
             follow_redirects=False,
+            # Straight to fly.api_url: never through HTTP(S)_PROXY from the environment
+            # (the token would go to that proxy, in the clear over http://), nor .netrc.
+            trust_env=False,
         )
 
     @classmethod

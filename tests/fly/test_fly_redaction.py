@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
+from typing import Any
 
 import httpx
 import pytest
 import structlog
+from aiohttp import web
 from flyfakes import TOKEN, FakeTime, Script, make_client
 from pydantic import SecretStr
 from structlog.testing import capture_logs
@@ -107,3 +110,36 @@ async def test_a_token_is_sent_without_the_newline_its_file_ended_with() -> None
     with pytest.raises(ValueError, match="characters an HTTP header cannot carry") as info:
         make_client(script, token="fly-\x01s3cr3t")
     assert "s3cr3t" not in str(info.value)
+
+
+async def test_the_token_never_goes_to_a_proxy_named_by_the_environment(
+    monkeypatch: pytest.MonkeyPatch, aiohttp_server: Any
+) -> None:
+    """HTTP_PROXY, ALL_PROXY and the like are not followed: the calls (and the token)
+    go straight to fly.api_url. With them followed, every call went to that proxy."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(4096))
+        writer.close()
+
+    proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{proxy_server.sockets[0].getsockname()[1]}"
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    async def machines(request: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/v1/apps/{app}/machines", machines)
+    api_server = await aiohttp_server(app, host="127.0.0.1")
+    try:
+        async with MachinesClient(f"http://127.0.0.1:{api_server.port}", TOKEN) as api:
+            assert await api.list_machines("web") == []
+    finally:
+        proxy_server.close()
+        await proxy_server.wait_closed()
+    assert seen == []

@@ -210,6 +210,33 @@ async def test_token_from_the_environment(
     assert code == 0, err.getvalue()
 
 
+async def test_status_never_goes_through_a_proxy_named_by_the_environment(
+    admin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http_proxy in the environment: urlopen sent the request, admin token and all, to
+    that proxy (and printed its 502)."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(4096))
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        config = write_config(tmp_path, TOKEN)
+        code = await asyncio.to_thread(run_status, admin, config, out=out, err=err)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert code == 0, err.getvalue()
+    assert seen == []
+
+
 async def test_missing_token_is_a_clear_error(admin: str, tmp_path: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     code = await asyncio.to_thread(

@@ -16,9 +16,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from reliability.harness import child_env, write_config
 from testkit import free_port
 
+from autoscaler import workers
 from autoscaler.config import EmulatorApp
 from autoscaler.emulator import Emulator
 from autoscaler.workers import queued_connections_hint
@@ -305,3 +307,33 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
     assert workers.supervise(str(file), None, 2) == 1
     assert len(started) == 1
     assert started[0].returncode == -signal.SIGTERM  # stopped and reaped here
+
+
+async def test_the_readiness_probe_never_goes_through_a_proxy_named_by_the_environment(
+    monkeypatch: pytest.MonkeyPatch, aiohttp_server: Any
+) -> None:
+    """A rolling restart waits for each new worker's /readyz: with http_proxy set, the
+    probe (and the admin token) went to that proxy, and no worker was ever ready."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(4096))
+        writer.close()
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    app = web.Application()
+    app.router.add_get("/readyz", readyz)
+    admin = await aiohttp_server(app, host="127.0.0.1")
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        assert await asyncio.to_thread(workers._ready, "127.0.0.1", admin.port, "t" * 16)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen == []
