@@ -11,7 +11,8 @@ fake beside the tests satisfies them too.
 
 Access: with ``admin.token`` set, ``/status`` and every non-GET request need
 ``Authorization: Bearer <token>``; ``/metrics`` and the health endpoints stay open unless
-``admin.protect_metrics`` is set. The token is compared in constant time and never echoed.
+``admin.protect_metrics`` is set (the settings refuse it without a token). The token is
+compared in constant time and never echoed.
 
 Times: the controller stamps events on its own clock (monotonic by default). ``/status``
 reports ages in seconds (``*_age_s``) computed on the same injected clock, so a caller never

@@ -312,7 +312,8 @@ class AdminSettings(_Model):
         "admin.listen is not a loopback address (start-up refuses otherwise)",
     )
     protect_metrics: bool = Field(
-        default=False, description="require the admin token for /metrics and health too"
+        default=False,
+        description="require the admin token for /metrics and health too (needs admin.token)",
     )
 
 
@@ -792,6 +793,15 @@ class Settings(BaseSettings):
                     f" {self.admin.listen}): /status and the admin actions would be open to"
                     " the network; set admin.token or AUTOSCALER_ADMIN__TOKEN, or listen on"
                     " 127.0.0.1",
+                )
+            )
+        if self.admin.protect_metrics and self.admin.token is None:
+            problems.append(
+                _KeyError(
+                    "admin.protect_metrics",
+                    "needs admin.token: without a token there is nothing to require, and"
+                    " /metrics, the health endpoints and /status would all stay open; set"
+                    " admin.token or AUTOSCALER_ADMIN__TOKEN, or leave protect_metrics out",
                 )
             )
         default = self.proxy.default_app

@@ -310,3 +310,16 @@ def test_timeouts_of_zero_and_seconds_not_finite_are_refused(
         load_settings(write(tmp_path, text + "\n"), env={})
     (line,) = info.value.problems
     assert line.split(": ", 1)[1].startswith(f"{key}: ")
+
+
+def test_protect_metrics_without_an_admin_token_is_refused(tmp_path: Path) -> None:
+    # Accepted before: the admin server had no token to require, so /metrics, the health
+    # endpoints and /status all stayed open while the file asked for them to be guarded.
+    path = write(tmp_path, "admin: {protect_metrics: true}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: admin.protect_metrics: needs admin.token")
+    token = "pr0tect-metrics-t0ken-value"
+    settings, _ = load_settings(path, env={"AUTOSCALER_ADMIN__TOKEN": token})
+    assert settings.admin.protect_metrics

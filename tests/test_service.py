@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from reliability.harness import child_env, live_service, write_config  # tests/ is on sys.path
+from structlog.testing import capture_logs
 from testkit import free_port, until
 
 from autoscaler.config import EmulatorApp, Settings, load_settings
@@ -134,6 +135,32 @@ async def test_run_serves_through_the_embedded_emulator_and_reloads(
     reg = service.metrics.registry
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "error"}) == 1
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 1
+
+
+async def test_a_reload_that_asks_to_protect_metrics_without_a_token_is_refused(
+    service: Service,
+) -> None:
+    """Such a file was taken: the admin server had no token to require, so everything it
+    serves stayed open. Now it is refused whole, with its key path, and nothing changes."""
+    assert service.controller is not None
+    assert service.admin is not None
+    file = Path(str(service.config_path))
+    edit(file, "  listen: 127.0.0.1:9091\n", "  listen: 127.0.0.1:9091\n  protect_metrics: true\n")
+    edit(file, "idle_to_zero_s: 60", "idle_to_zero_s: 90")
+    with capture_logs() as logged:
+        assert await service.reload() is False
+    (rejected,) = [e for e in logged if e["event"] == "config_reload_rejected"]
+    (problem,) = rejected["problems"]
+    assert problem.startswith(f"{file}: admin.protect_metrics: needs admin.token")
+    assert service.settings.admin.protect_metrics is False
+    assert service.controller.apps["web"].config.idle_to_zero_s == 60
+    reg = service.metrics.registry
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "error"}) == 1
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 0
+    async with aiohttp.ClientSession() as http:
+        host, port = service.admin.address
+        async with http.get(f"http://{host}:{port}/status") as resp:
+            assert resp.status == 200  # the running admin server, as it was
 
 
 async def test_a_reload_asked_for_during_a_reload_runs_after_it(
