@@ -52,10 +52,17 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+MIN_TOKEN_CHARS = 16
+"""The shortest token the settings take. A shorter one is a placeholder or guessable (Fly's
+own tokens are far longer; the emulator makes up 32 characters), and the log redactor,
+which removes every configured secret from every line, would take ordinary words with it."""
+
+
 def _token(value: SecretStr | None) -> SecretStr | None:
     """A token as an HTTP header carries it: whitespace around it (the newline at the end
-    of a file, or of a YAML ``|`` block) dropped; an empty one, or one with characters a
-    header cannot carry, refused. The message never shows the value."""
+    of a file, or of a YAML ``|`` block) dropped; an empty one, one shorter than
+    MIN_TOKEN_CHARS, or one with characters a header cannot carry, refused. The message
+    never shows the value."""
     if value is None:
         return None
     text = value.get_secret_value().strip()
@@ -65,6 +72,11 @@ def _token(value: SecretStr | None) -> SecretStr | None:
         raise ValueError(
             "the token has characters an HTTP header cannot carry (control characters or"
             " non-ASCII); value not shown"
+        )
+    if len(text) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"expected a token of at least {MIN_TOKEN_CHARS} characters, got a shorter one"
+            " (too short to be a secret); value not shown"
         )
     return SecretStr(text)
 
@@ -308,8 +320,9 @@ class AdminSettings(_Model):
     )
     token: Token = Field(
         default=None,
-        description="bearer token required by /status and mutating endpoints; needed when "
-        "admin.listen is not a loopback address (start-up refuses otherwise)",
+        description="bearer token required by /status and mutating endpoints, at least"
+        f" {MIN_TOKEN_CHARS} characters (`openssl rand -hex 32`); needed when admin.listen"
+        " is not a loopback address (start-up refuses otherwise)",
     )
     protect_metrics: bool = Field(
         default=False,

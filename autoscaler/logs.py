@@ -43,7 +43,9 @@ class Redactor:
             self.add(secret)
 
     def add(self, secret: str | None) -> None:
-        if secret and len(secret) >= 4:  # a tiny "secret" would redact ordinary words
+        # Whatever its length: a short secret left in a line is a leaked one. (The settings
+        # refuse tokens under config.MIN_TOKEN_CHARS, so that ordinary words stay.)
+        if secret:
             self._secrets.add(secret)
             escaped = json.dumps(secret)[1:-1]  # as it stands inside a rendered JSON line
             if escaped != secret:

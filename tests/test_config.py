@@ -8,6 +8,7 @@ import pytest
 
 from autoscaler.check import check_config
 from autoscaler.config import (
+    MIN_TOKEN_CHARS,
     ConfigError,
     Settings,
     load_settings,
@@ -69,26 +70,26 @@ def test_file_found_by_flag_then_env(tmp_path: Path) -> None:
 def test_env_overrides_nested_keys_and_token(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "fly: {token: from-file-token}\nproxy: {listen: 127.0.0.1:1}\n"
+        "fly: {token: from-file-token-0123}\nproxy: {listen: 127.0.0.1:1}\n"
         "apps: [{name: web, hosts: [web.example.com]}]\n",
     )
     env = {
         "AUTOSCALER_PROXY__LISTEN": "0.0.0.0:8081",
-        "AUTOSCALER_ADMIN__TOKEN": "admin-secret",
-        "FLY_API_TOKEN": "env-fly-token",
+        "AUTOSCALER_ADMIN__TOKEN": "admin-secret-0123456",
+        "FLY_API_TOKEN": "env-fly-token-01234",
     }
     settings, _ = load_settings(path, env=env)
     assert settings.proxy.listen == "0.0.0.0:8081"
     assert settings.fly.token is not None
-    assert settings.fly.token.get_secret_value() == "env-fly-token"
+    assert settings.fly.token.get_secret_value() == "env-fly-token-01234"
     assert settings.admin.token is not None
-    assert "env-fly-token" not in repr(settings)
-    assert "admin-secret" not in repr(settings)
-    assert sorted(settings.secrets()) == ["admin-secret", "env-fly-token"]
+    assert "env-fly-token-01234" not in repr(settings)
+    assert "admin-secret-0123456" not in repr(settings)
+    assert sorted(settings.secrets()) == ["admin-secret-0123456", "env-fly-token-01234"]
     # the file's token is used when the environment has none
     settings, _ = load_settings(path, env={})
     assert settings.fly.token is not None
-    assert settings.fly.token.get_secret_value() == "from-file-token"
+    assert settings.fly.token.get_secret_value() == "from-file-token-0123"
 
 
 def test_every_mistake_is_one_line_with_its_key_path(tmp_path: Path) -> None:
@@ -215,11 +216,11 @@ def test_every_shipped_config_passes(path: Path) -> None:
 
 
 def test_emulator_token_from_the_environment(tmp_path: Path) -> None:
-    path = write(tmp_path, "emulator: {token: file-emu-token}\n")
-    settings, _ = load_settings(path, env={"EMULATOR_TOKEN": "env-emu-token"})
+    path = write(tmp_path, "emulator: {token: file-emu-token-0123}\n")
+    settings, _ = load_settings(path, env={"EMULATOR_TOKEN": "env-emu-token-01234"})
     assert settings.emulator.token is not None
-    assert settings.emulator.token.get_secret_value() == "env-emu-token"
-    assert "env-emu-token" in settings.secrets()
+    assert settings.emulator.token.get_secret_value() == "env-emu-token-01234"
+    assert "env-emu-token-01234" in settings.secrets()
 
 
 def test_a_token_loses_the_newline_a_file_ends_with_and_bad_ones_are_refused(
@@ -227,15 +228,18 @@ def test_a_token_loses_the_newline_a_file_ends_with_and_bad_ones_are_refused(
 ) -> None:
     # A YAML "|" block, or a token file read into FLY_API_TOKEN, ends with a newline: sent
     # as it is, every call failed with the header (token and all) in the error.
-    path = write(tmp_path, "fly:\n  token: |\n    FlyV1 fm2_s3cr3t\nadmin: {token: ' adm1n '}\n")
+    path = write(
+        tmp_path,
+        "fly:\n  token: |\n    FlyV1 fm2_s3cr3t0123\nadmin: {token: ' adm1n-0123456789ab '}\n",
+    )
     settings, _ = load_settings(path, env={})
     assert settings.fly.token is not None
-    assert settings.fly.token.get_secret_value() == "FlyV1 fm2_s3cr3t"
+    assert settings.fly.token.get_secret_value() == "FlyV1 fm2_s3cr3t0123"
     assert settings.admin.token is not None
-    assert settings.admin.token.get_secret_value() == "adm1n"
-    settings, _ = load_settings(path, env={"FLY_API_TOKEN": "env-t0ken\n"})
+    assert settings.admin.token.get_secret_value() == "adm1n-0123456789ab"
+    settings, _ = load_settings(path, env={"FLY_API_TOKEN": "env-t0ken-0123456789\n"})
     assert settings.fly.token is not None
-    assert settings.fly.token.get_secret_value() == "env-t0ken"
+    assert settings.fly.token.get_secret_value() == "env-t0ken-0123456789"
     for bad in ['"in\\x01side-s3cr3t"', '"caf\\xe9-s3cr3t"']:
         with pytest.raises(ConfigError) as info:
             load_settings(write(tmp_path, f"fly: {{token: {bad}}}\n"), env={})
@@ -323,3 +327,30 @@ def test_protect_metrics_without_an_admin_token_is_refused(tmp_path: Path) -> No
     token = "pr0tect-metrics-t0ken-value"
     settings, _ = load_settings(path, env={"AUTOSCALER_ADMIN__TOKEN": token})
     assert settings.admin.protect_metrics
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [("file", "admin.token"), ("file", "fly.token"), ("file", "emulator.token"),
+     ("AUTOSCALER_ADMIN__TOKEN", "admin.token"), ("FLY_API_TOKEN", "fly.token"),
+     ("EMULATOR_TOKEN", "emulator.token")],
+)  # fmt: skip
+def test_a_token_too_short_to_be_a_secret_is_refused(tmp_path: Path, where: str, key: str) -> None:
+    # Taken before, and a token under 4 characters stayed in every log line and /status
+    # (the redactor skipped it so as not to take ordinary words out of the lines).
+    section, field = key.split(".")
+
+    def load(token: str) -> Settings:
+        if where == "file":
+            return load_settings(write(tmp_path, f"{section}: {{{field}: {token}}}\n"), env={})[0]
+        return load_settings(write(tmp_path, "{}\n"), env={where: token})[0]
+
+    short = "a1b"  # found nowhere else in the message
+    with pytest.raises(ConfigError) as info:
+        load(short)
+    (line,) = info.value.problems
+    assert f"{key}: expected a token of at least {MIN_TOKEN_CHARS} characters" in line
+    assert short not in line
+    # One of the shortest length taken is a secret of the settings, and so redacted.
+    enough = "k" * (MIN_TOKEN_CHARS - 3) + "2x9"
+    assert enough in load(enough).secrets()

@@ -90,7 +90,7 @@ def test_an_open_admin_server_needs_a_token(tmp_path: Path, listen: str) -> None
         ConfigError, match=r"admin\.token: required when admin\.listen is not a loop"
     ):
         load_settings(path, env={})
-    settings, _ = load_settings(path, env={"AUTOSCALER_ADMIN__TOKEN": "s3cr3t-admin"})
+    settings, _ = load_settings(path, env={"AUTOSCALER_ADMIN__TOKEN": "s3cr3t-admin-0123456789"})
     assert settings.admin.listen == listen
 
 
@@ -113,7 +113,9 @@ def test_the_docker_image_binds_admin_where_its_published_port_reaches_and_needs
     config = REPO / source
     with pytest.raises(ConfigError, match=r"admin\.token: required"):
         load_settings(config, env=env)
-    settings, _ = load_settings(config, env={**env, "AUTOSCALER_ADMIN__TOKEN": "t0ken-xyz"})
+    settings, _ = load_settings(
+        config, env={**env, "AUTOSCALER_ADMIN__TOKEN": "t0ken-xyz-0123456789"}
+    )
     assert settings.admin.listen == "0.0.0.0:9091"
     admin_port = settings.admin.listen.rsplit(":", 1)[1]
     assert admin_port in re.findall(r"^EXPOSE (.*)$", docker, re.M)[0].split()
@@ -181,9 +183,9 @@ async def test_check_config_warns_about_fly_autostop_when_it_can_see_it(
 
 async def test_check_config_says_when_it_could_not_check() -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    (warning,) = await fleet_warnings(api_settings(dead, "t0ken-xyz"), timeout_s=2)
+    (warning,) = await fleet_warnings(api_settings(dead, "t0ken-xyz-0123456789"), timeout_s=2)
     assert warning.startswith("app web: could not check Fly's autostop/autostart")
-    static = api_settings(dead, "t0ken-xyz", backends=["127.0.0.1:1"])
+    static = api_settings(dead, "t0ken-xyz-0123456789", backends=["127.0.0.1:1"])
     assert await fleet_warnings(static) == []  # nothing scaled, nothing to ask
     embedded = Settings.model_validate({"apps": [{"name": "web"}]})
     (line,) = await fleet_warnings(embedded)

@@ -51,7 +51,7 @@ async def test_standalone_emulator_leaves_no_machine_behind(
         "--listen",
         f"127.0.0.1:{port}",
         "--token",
-        "test-token-1234",
+        "test-token-1234567",
         "--app",
         "demo=1",
         "--log-level",
@@ -68,11 +68,11 @@ async def test_standalone_emulator_leaves_no_machine_behind(
             assert line, f"emulator exited early: {banner}"
             banner.append(line.decode().strip())
         assert f"listening on http://127.0.0.1:{port}" in banner[-2]
-        assert banner[-1] == "token: test-token-1234"
+        assert banner[-1] == "token: test-token-1234567"
 
         class Remote:
             url = f"http://127.0.0.1:{port}"
-            token = "test-token-1234"
+            token = "test-token-1234567"
 
         async with session(Remote()) as s:  # type: ignore[arg-type]
             machines = await (await s.get("/v1/apps/demo/machines")).json()
@@ -143,7 +143,7 @@ def test_settings_from_flags_and_environment(tmp_path: Path) -> None:
     config.write_text("emulator:\n  resume_delay_s: 0.2\n  faults:\n    latency_s: 1\n")
     settings = settings_from(
         str(config),
-        environ={"EMULATOR_TOKEN": "from-env"},
+        environ={"EMULATOR_TOKEN": "from-env-token-0123"},
         listen="127.0.0.1:4999",
         rate_limits=False,
         apps=["demo=3", "other=1:my/image"],
@@ -151,7 +151,7 @@ def test_settings_from_flags_and_environment(tmp_path: Path) -> None:
     )
     assert settings.listen == "127.0.0.1:4999"
     assert settings.token is not None
-    assert settings.token.get_secret_value() == "from-env"
+    assert settings.token.get_secret_value() == "from-env-token-0123"
     assert settings.resume_delay_s == 0.2
     assert settings.faults.latency_s == 1.0
     assert settings.faults.error_rate == 0.5

@@ -45,7 +45,8 @@ def run(config: Path, *extra: str) -> list[str]:
 
 def test_workers_need_a_redis_url(tmp_path: Path) -> None:
     file = write_config(
-        tmp_path / "a.yaml", {"fly": {"api_url": "http://127.0.0.1:9", "token": "t"}}
+        tmp_path / "a.yaml",
+        {"fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"}},
     )
     done = subprocess.run(
         run(file, "--workers", "2"), env=child_env(), capture_output=True, timeout=60
@@ -286,7 +287,7 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
     file = write_config(
         tmp_path / "c.yaml",
         {
-            "fly": {"api_url": "http://127.0.0.1:9", "token": "t"},
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
             "proxy": {"listen": f"127.0.0.1:{free_port()}"},
             "cluster": {"redis_url": "redis://127.0.0.1:9"},
         },
