@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -882,7 +884,7 @@ def _app_problems(apps: Iterable[tuple[int, AppConfig]]) -> list[_KeyError]:
     return problems
 
 
-def _file_app_problems(data: Mapping[str, Any]) -> list[str]:
+def _file_app_problems(data: Mapping[str, Any]) -> list[_KeyError]:
     """The checks across apps, on the file's own ``apps``, for when validation failed
     elsewhere (the checks on the whole then never ran): each app that is valid on its own
     takes part; of the others (which have lines of their own), only a name."""
@@ -897,7 +899,7 @@ def _file_app_problems(data: Mapping[str, Any]) -> list[str]:
             name = entry.get("name") if isinstance(entry, dict) else None
             if isinstance(name, str) and name:
                 apps.append((i, AppConfig.model_construct(name=name, hosts=[], paths=[])))
-    return [str(problem) for problem in _app_problems(apps)]
+    return _app_problems(apps)
 
 
 class ConfigError(Exception):
@@ -941,15 +943,33 @@ def config_path(cli_path: str | os.PathLike[str] | None, env: Mapping[str, str])
     return DEFAULT_CONFIG_PATH
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+KeyPath = tuple[str | int, ...]
+"""Where a value is in the settings: ``("apps", 1, "name")`` for ``apps[1].name``."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML
-    keeps the last one, and the first would be lost without a word."""
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML
+    keeps the last one, and the first would be lost without a word), and so is a key that
+    is not a name (``1:``, ``true:``, ``null:``: pydantic failed on it with a traceback).
+    Merge keys (``<<: *defaults``) work as in PyYAML: what they bring in may be overridden."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
-            seen: set[object] = set()
+            seen: set[str] = set()
             for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue  # the safe loader's own flattening handles it
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, str):
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found a key that is not a name: {key!r} (quote it, or check the"
+                        " indentation)",
+                        key_node.start_mark,
+                    )
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         "while reading a mapping",
@@ -961,16 +981,49 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """The file's top-level mapping; a syntax error names its line and column."""
+def _node_lines(node: yaml.Node | None) -> dict[KeyPath, int]:
+    """The line (from 1) of each key and list item of a YAML document, by key path."""
+    lines: dict[KeyPath, int] = {}
+    seen: set[int] = set()  # an alias is the node of its anchor: walked once
+
+    def walk(node: yaml.Node, path: KeyPath) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value in node.value:
+                if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = (*path, str(key_node.value))
+                lines.setdefault(key, key_node.start_mark.line + 1)
+                walk(value, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines.setdefault((*path, i), item.start_mark.line + 1)
+                walk(item, (*path, i))
+
+    if node is not None:
+        walk(node, ())
+    return lines
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """The file's top-level mapping, and the line of each of its keys (``_node_lines``); a
+    syntax error names its line and column."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"{path}: cannot read: not UTF-8 text (byte {exc.start + 1} is not UTF-8)"]
+        ) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    loader = _UniqueKeyLoader(text)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -978,13 +1031,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}{where}: YAML {what}: {exc.problem or exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: YAML error: {exc}"]) from None
-    if data is None:
-        return {}
+    finally:
+        loader.dispose()
+    if node is None or data is None:
+        # Also what a reload would read from a file caught half-written: every app gone.
+        raise ConfigError([f"{path}: the file holds no settings: write {{}} to take every default"])
     if not isinstance(data, dict):
-        raise ConfigError(
-            [f"{path}: expected a mapping of sections at the top, got {type(data).__name__}"]
-        )
-    return data
+        raise ConfigError([f"{path}: expected a mapping of sections at the top, got {_kind(data)}"])
+    return data, _node_lines(node)
 
 
 def _env_typos(names: Iterable[str]) -> list[str]:
@@ -1015,7 +1069,9 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     require_file: bool = False,
 ) -> tuple[Settings, Path]:
-    """Load and validate the settings; raise ConfigError with one line per problem.
+    """Load and validate the settings; raise ConfigError with one line per problem, each
+    starting with where the value came from (``file:line``, ``environment: VARIABLE`` or
+    ``command line``) and its key path, and never showing a secret.
 
     A missing default file is fine (defaults apply) unless ``require_file`` is set or the
     path was given explicitly. ``overrides`` (from CLI flags) beat everything else.
@@ -1024,8 +1080,9 @@ def load_settings(
     explicit = path is not None or bool(environ.get(CONFIG_ENV))
     file = config_path(path, environ)
     data: dict[str, Any] = {}
+    lines: dict[KeyPath, int] = {}
     if file.exists() or explicit or require_file:
-        data = read_yaml(file)
+        data, lines = read_yaml(file)
     token_layer: dict[str, Any] = {}
     if environ.get(TOKEN_ENV):
         token_layer["fly"] = {"token": environ[TOKEN_ENV]}
@@ -1063,14 +1120,9 @@ def load_settings(
         settings = _Bound(**dict(overrides or {}))
     except SettingsError as exc:
         # pydantic-settings decodes a list or a section given in one variable as JSON.
-        raise ConfigError(
-            [
-                f"environment: {exc}: a list or a section set by one variable is JSON"
-                """ (AUTOSCALER_PROXY__TRUSTED_PROXIES='["10.0.0.1"]')"""
-            ]
-        ) from None
+        raise ConfigError([_not_json(exc, env_vars)]) from None
     except ValidationError as exc:
-        lines = format_errors(exc)
+        items = _error_items(exc)
         checked_across = any(
             isinstance(e.get("ctx", {}).get("error"), _KeyErrors) for e in exc.errors()
         )
@@ -1078,8 +1130,9 @@ def load_settings(
         if not checked_across and not from_env:
             # A mistake elsewhere kept the checks across apps from running: run them on
             # the file's apps (from the environment, the apps are not the file's alone).
-            lines += _file_app_problems(base)
-        raise ConfigError([f"{file}: {line}" for line in lines]) from None
+            items += [(_parse_key_path(e.path), str(e)) for e in _file_app_problems(base)]
+        origin = _Origin(file, lines, env_vars, overrides or {}, environ)
+        raise ConfigError([f"{origin.where(loc)}: {text}" for loc, text in items]) from None
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
     return Settings.model_construct(
         **{k: getattr(settings, k) for k in Settings.model_fields}
@@ -1117,32 +1170,164 @@ def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
 
 def format_errors(exc: ValidationError) -> list[str]:
     """One line per problem: ``key.path: what was expected, got what was found``."""
-    lines = []
+    return [text for _, text in _error_items(exc)]
+
+
+# Fields whose values are secrets: never shown in an error, whatever the mistake.
+_SECRET_FIELDS = frozenset({"token", "redis_url"})
+# Errors of a value that should have been a mapping (a section, an app).
+_MAPPING_ERRORS = frozenset({"model_type", "model_attributes_type", "dict_type"})
+
+
+def _error_items(exc: ValidationError) -> list[tuple[KeyPath, str]]:
+    """``format_errors``, each line with the key path it is about."""
+    items: list[tuple[KeyPath, str]] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         path = _key_path(loc)
         ctx_error = err.get("ctx", {}).get("error")
         if isinstance(ctx_error, _KeyError):
-            lines.append(f"{ctx_error.path}: {ctx_error.message}")
+            items.append((_parse_key_path(ctx_error.path), str(ctx_error)))
             continue
         if isinstance(ctx_error, _KeyErrors):
-            lines += [f"{e.path}: {e.message}" for e in ctx_error.errors]
+            items += [(_parse_key_path(e.path), str(e)) for e in ctx_error.errors]
             continue
         kind = err["type"]
         if kind == "extra_forbidden":
             key = str(loc[-1])
             close = difflib.get_close_matches(key, _known_keys(loc), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"{path}: unknown key{hint}")
+            items.append((loc, f"{path}: unknown key{hint}"))
+            continue
+        if kind in _MAPPING_ERRORS:
+            # Never the value: ``fly: <the token>`` is a mistake someone makes.
+            found = _kind(err.get("input"))
+            items.append((loc, f"{path}: expected a mapping of keys (key: value), got {found}"))
             continue
         msg = str(err["msg"]).removeprefix("Value error, ")
         if kind == "value_error" or "got " in msg:
-            lines.append(f"{path}: {msg}")
+            items.append((loc, f"{path}: {msg}"))
             continue
         if kind == "missing":
-            lines.append(f"{path}: required key is missing")
+            items.append((loc, f"{path}: required key is missing"))
             continue
-        secret = any(isinstance(p, str) and "token" in p for p in loc)
-        found = "<redacted>" if secret else repr(err.get("input"))
-        lines.append(f"{path}: {msg[:1].lower() + msg[1:]}, got {found}")
-    return lines
+        items.append((loc, f"{path}: {msg[:1].lower() + msg[1:]}, got {_shown(loc, err)}"))
+    return items
+
+
+def _shown(loc: KeyPath, err: Any) -> str:
+    """The value an error was about, as its message may show it: a secret's never, a list
+    or a mapping only by kind (either may hold one)."""
+    if any(isinstance(p, str) and (p in _SECRET_FIELDS or "token" in p) for p in loc):
+        return "<redacted>"
+    value = err.get("input")
+    if value is None or isinstance(value, dict | list | tuple):
+        return _kind(value)
+    return repr(value)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing (an empty value: give one, or leave the key out)"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    return type(value).__name__
+
+
+_KEY_PART_RE = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def _parse_key_path(path: str) -> KeyPath:
+    """``apps[1].name`` as ``("apps", 1, "name")``."""
+    return tuple(int(index) if index else name for index, name in _KEY_PART_RE.findall(path))
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where the value of a key path came from, as an error line starts: the command line,
+    an environment variable, or the file (with the key's line when the file has it)."""
+
+    file: Path
+    lines: Mapping[KeyPath, int]
+    env_vars: Mapping[str, str]
+    overrides: Mapping[str, Any]
+    environ: Mapping[str, str]
+
+    def where(self, loc: KeyPath) -> str:
+        if _within(self.overrides, loc):
+            return "command line"
+        names = {name.upper() for name in self.env_vars}
+        head: list[str] = []
+        for part in loc:
+            if not isinstance(part, str):
+                break
+            head.append(part.upper())
+        for i in range(len(head), 0, -1):
+            name = "AUTOSCALER_" + "__".join(head[:i])
+            if name in names:
+                return f"environment: {name}"
+        token_vars = {("fly", "token"): TOKEN_ENV, ("emulator", "token"): EMULATOR_TOKEN_ENV}
+        var = token_vars.get(tuple(loc[:2]))  # type: ignore[arg-type]
+        if var is not None and self.environ.get(var):
+            return f"environment: {var}"
+        for i in range(len(loc), 0, -1):
+            line = self.lines.get(loc[:i])
+            if line is not None:
+                return f"{self.file}:{line}"
+        return str(self.file)
+
+
+def _within(data: Mapping[str, Any], loc: KeyPath) -> bool:
+    """Whether ``data`` (the command line's settings) holds the key path."""
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return bool(loc)
+
+
+def _not_json(exc: SettingsError, env_vars: Mapping[str, str]) -> str:
+    """pydantic-settings could not decode a variable as JSON, and names only its section:
+    the line names the variables of that section that set a list or a mapping with
+    something other than JSON."""
+    names = []
+    for name, value in env_vars.items():
+        parts = name.upper().removeprefix("AUTOSCALER_").lower().split("__")
+        model: Any = Settings
+        annotation: Any = None
+        for part in parts:
+            field = getattr(model, "model_fields", {}).get(part)
+            if field is None:
+                annotation = None
+                break
+            annotation = model = field.annotation
+        if annotation is None or not _structured(annotation):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            names.append(name.upper())
+    where = ", ".join(sorted(names)) or str(exc)
+    return (
+        f"environment: {where}: expected JSON: a list or a section set by one variable is"
+        """ JSON (AUTOSCALER_PROXY__TRUSTED_PROXIES='["10.0.0.1"]')"""
+    )
+
+
+def _structured(annotation: Any) -> bool:
+    """Whether a field holds a list, a mapping or a section (set from a variable as JSON)."""
+    if isinstance(annotation, type):
+        return issubclass(annotation, BaseModel | list | dict | tuple)
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict, tuple):
+        return True
+    return any(_structured(arg) for arg in typing.get_args(annotation) if arg is not type(None))

@@ -43,8 +43,8 @@ def test_check_config_with_several_mistakes_exits_2(tmp_path: Path) -> None:
     result = run("check-config", str(bad))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert f"{bad}: apps[0].max_machines: must be >= min_machines (3), got 2" in lines
-    assert f"{bad}: apps[0].hard_limt: unknown key (did you mean 'hard_limit'?)" in lines
+    assert f"{bad}:2: apps[0].max_machines: must be >= min_machines (3), got 2" in lines
+    assert f"{bad}:2: apps[0].hard_limt: unknown key (did you mean 'hard_limit'?)" in lines
 
 
 @pytest.mark.parametrize(

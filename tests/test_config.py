@@ -115,12 +115,17 @@ apps:
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     problems = info.value.problems
-    assert f"{path}: apps[0].max_machines: must be >= min_machines (3), got 2" in problems
-    assert f"{path}: fly.tokn: unknown key (did you mean 'token'?)" in problems
-    assert any(p.startswith(f'{path}: proxy.listen: expected "host:port"') for p in problems)
-    assert any("apps[1].idle_to_zero_s: expected seconds" in p and "'5x'" in p for p in problems)
-    assert any("apps[1].scale_down_action:" in p and "'sleep'" in p for p in problems)
-    assert any("apps[1].target_concurency: unknown key" in p for p in problems)
+    # Each names its key's line in the file.
+    assert f"{path}:10: apps[0].max_machines: must be >= min_machines (3), got 2" in problems
+    assert f"{path}:3: fly.tokn: unknown key (did you mean 'token'?)" in problems
+    assert any(p.startswith(f'{path}:5: proxy.listen: expected "host:port"') for p in problems)
+    assert any(
+        p.startswith(f"{path}:13: apps[1].idle_to_zero_s: expected seconds") and "'5x'" in p
+        for p in problems
+    )
+    assert any(p.startswith(f"{path}:15: apps[1].scale_down_action:") for p in problems)
+    assert any("'sleep'" in p for p in problems)
+    assert any(p.startswith(f"{path}:14: apps[1].target_concurency: unknown key") for p in problems)
     assert len(problems) == 6
 
 
@@ -134,9 +139,9 @@ def test_cross_field_problems_name_their_key_all_at_once(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     assert info.value.problems == [
-        f"{path}: apps[1].hosts: host 'x.dev' path '/' is already routed to app 'a'",
-        f"{path}: apps[2].name: duplicate app name 'a'",
-        f"{path}: proxy.default_app: must name an app in apps, got 'nope'",
+        f"{path}:4: apps[1].hosts: host 'x.dev' path '/' is already routed to app 'a'",
+        f"{path}:5: apps[2].name: duplicate app name 'a'",
+        f"{path}:1: proxy.default_app: must name an app in apps, got 'nope'",
     ]
 
 
@@ -154,10 +159,10 @@ def test_apps_that_clash_are_reported_with_the_other_mistakes(tmp_path: Path) ->
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     problems = info.value.problems
-    assert problems[0].startswith(f"{path}: apps[0].keep_alive: input should be")
+    assert problems[0].startswith(f"{path}:2: apps[0].keep_alive: input should be")
     assert problems[1:] == [
-        f"{path}: apps[1].name: duplicate app name 'web'",
-        f"{path}: apps[2].hosts: host 'api.dev' path '/' is already routed to app 'web'",
+        f"{path}:3: apps[1].name: duplicate app name 'web'",
+        f"{path}:4: apps[2].hosts: host 'api.dev' path '/' is already routed to app 'web'",
     ]
     # The apps given in the environment are not the file's: nothing is said of those.
     with pytest.raises(ConfigError) as info:
@@ -323,7 +328,7 @@ def test_protect_metrics_without_an_admin_token_is_refused(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     (line,) = info.value.problems
-    assert line.startswith(f"{path}: admin.protect_metrics: needs admin.token")
+    assert line.startswith(f"{path}:1: admin.protect_metrics: needs admin.token")
     token = "pr0tect-metrics-t0ken-value"
     settings, _ = load_settings(path, env={"AUTOSCALER_ADMIN__TOKEN": token})
     assert settings.admin.protect_metrics
@@ -354,3 +359,101 @@ def test_a_token_too_short_to_be_a_secret_is_refused(tmp_path: Path, where: str,
     # One of the shortest length taken is a secret of the settings, and so redacted.
     enough = "k" * (MIN_TOKEN_CHARS - 3) + "2x9"
     assert enough in load(enough).secrets()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", "the file holds no settings: write {} to take every default"),
+     ("# all commented out\n", "the file holds no settings"),
+     ("null\n", "the file holds no settings"),
+     ("1: 2\n", ":1:1: YAML error: found a key that is not a name: 1"),
+     ("apps:\n  - name: a\n    true: 3\n", ":3:5: YAML error: found a key that is not a name"),
+     (b"apps: [\xff\xfe]\n", "cannot read: not UTF-8 text (byte 8 is not UTF-8)")],
+)  # fmt: skip
+def test_files_a_new_user_may_write_get_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | bytes, expected: str
+) -> None:
+    # An empty file was taken for every default (on a reload, a file caught half-written
+    # removed every app); a key that is not a name, or a file that is not UTF-8, ended in
+    # a traceback.
+    path = tmp_path / "c.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert line.startswith(str(path))
+    assert expected in line
+    assert check_config(str(path)) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_an_error(tmp_path: Path) -> None:
+    # The loader that refuses a key given twice refused `<<: *anchor` too, with
+    # "could not determine a constructor for the tag".
+    text = (
+        "apps:\n"
+        "  - &web {name: web, hosts: [web.dev], max_machines: 3, idle_to_zero_s: 60}\n"
+        "  - <<: *web\n"
+        "    name: api\n"
+        "    hosts: [api.dev]\n"
+    )
+    settings, _ = load_settings(write(tmp_path, text), env={})
+    api = settings.app("api")
+    assert (api.hosts, api.max_machines, api.idle_to_zero_s) == (["api.dev"], 3, 60)
+    twice = text + "    hosts: [b.dev]\n"
+    with pytest.raises(ConfigError, match=r":6:5: YAML error: found duplicate key 'hosts'"):
+        load_settings(write(tmp_path, twice), env={})
+
+
+def test_a_mistake_names_the_variable_or_flag_it_came_from(tmp_path: Path) -> None:
+    # A value from the environment was reported as the file's: the user looked for a key
+    # the file does not have.
+    path = write(tmp_path, "apps:\n  - {name: web, hosts: [web.dev]}\n")
+    env = {
+        "AUTOSCALER_ADMIN__PROTECT_METRICS": "maybe",
+        "AUTOSCALER_CONTROL": '{"tick_s": -1}',
+        "FLY_API_TOKEN": "q9z",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env, overrides={"proxy": {"listen": "nope"}})
+    problems = sorted(info.value.problems)
+    assert [p.split(": ", 2)[:2] for p in problems] == [
+        ["command line", "proxy.listen"],
+        ["environment", "AUTOSCALER_ADMIN__PROTECT_METRICS"],
+        ["environment", "AUTOSCALER_CONTROL"],
+        ["environment", "FLY_API_TOKEN"],
+    ]
+    assert "q9z" not in "\n".join(problems)
+    # A list or a section that is not JSON: the variable, not only its section.
+    env = {"AUTOSCALER_PROXY__TRUSTED_PROXIES": "10.0.0.1", "AUTOSCALER_PROXY__LISTEN": "x:1"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env)
+    (line,) = info.value.problems
+    assert line.startswith("environment: AUTOSCALER_PROXY__TRUSTED_PROXIES: expected JSON")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("fly: {secret}\n", "fly: expected a mapping of keys (key: value), got a string"),
+     ("admin: {secret}\n", "admin: expected a mapping of keys (key: value), got a string"),
+     ("cluster: {{redis_url: [{secret}]}}\n", "cluster.redis_url: input should be a valid"
+      " string, got <redacted>"),
+     ("cluster: {{redis_url: 'redis://:{secret}@127.0.0.1:6379/0', lease_ttl_s: [{secret}]}}\n",
+      "cluster.lease_ttl_s: input should be a valid number, got a list"),
+     ("fly: {{token: {secret}, timeout_s: {{t: {secret}}}}}\n",
+      "fly.timeout_s: input should be a valid number, got a mapping")],
+)  # fmt: skip
+def test_a_secret_in_the_wrong_place_is_not_echoed(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    # pydantic's message showed the value: the token itself when it went under `fly:`
+    # rather than `fly.token`, a Redis URL with its password, a list holding a token.
+    secret = "s3cr3t-v4lue-0123456789"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text.format(secret=secret)), env={})
+    (line,) = info.value.problems
+    assert line.endswith(expected)
+    assert secret not in line

@@ -55,6 +55,10 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
+def overwrite(path: Path, content: bytes) -> None:
+    path.write_bytes(content)
+
+
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[Service]:
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
@@ -151,7 +155,7 @@ async def test_a_reload_that_asks_to_protect_metrics_without_a_token_is_refused(
         assert await service.reload() is False
     (rejected,) = [e for e in logged if e["event"] == "config_reload_rejected"]
     (problem,) = rejected["problems"]
-    assert problem.startswith(f"{file}: admin.protect_metrics: needs admin.token")
+    assert problem.startswith(f"{file}:3: admin.protect_metrics: needs admin.token")
     assert service.settings.admin.protect_metrics is False
     assert service.controller.apps["web"].config.idle_to_zero_s == 60
     reg = service.metrics.registry
@@ -161,6 +165,22 @@ async def test_a_reload_that_asks_to_protect_metrics_without_a_token_is_refused(
         host, port = service.admin.address
         async with http.get(f"http://{host}:{port}/status") as resp:
             assert resp.status == 200  # the running admin server, as it was
+
+
+async def test_a_reload_of_an_empty_or_unreadable_file_is_refused_and_keeps_every_app(
+    service: Service,
+) -> None:
+    """An empty file read as every default made a reload that caught a file half-written
+    remove every app; a file that is not UTF-8 made it raise (a crash, with a traceback)."""
+    assert service.controller is not None
+    file = Path(str(service.config_path))
+    for content in (b"", b"# being rewritten\n", b"apps: [\xff]\n"):
+        overwrite(file, content)
+        assert await service.reload() is False
+        assert [a.name for a in service.settings.apps] == ["web"]
+        assert list(service.controller.apps) == ["web"]
+    reg = service.metrics.registry
+    assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "error"}) == 3
 
 
 async def test_a_reload_asked_for_during_a_reload_runs_after_it(

@@ -71,8 +71,8 @@ async def test_no_token_in_metrics_status_or_logs(
     captured: tuple[io.StringIO, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     out, raw = captured
-    config = tmp_path / "empty.yaml"
-    config.write_text("")
+    config = tmp_path / "defaults.yaml"
+    config.write_text("{}\n")
     monkeypatch.setenv("AUTOSCALER_ADMIN__TOKEN", ADMIN_TOKEN)  # for `autoscaler status`
     table = io.StringIO()
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

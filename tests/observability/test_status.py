@@ -168,7 +168,7 @@ async def admin() -> AsyncIterator[str]:
 
 def write_config(tmp_path: Path, token: str | None) -> str:
     path = tmp_path / "autoscaler.yaml"
-    admin = f"admin:\n  token: {token}\n" if token else ""
+    admin = f"admin:\n  token: {token}\n" if token else "{}\n"  # an empty file is refused
     path.write_text(admin)
     return str(path)
 
