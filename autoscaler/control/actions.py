@@ -156,9 +156,10 @@ class Actuator:
             raise
 
     def launch(self, rt: AppRuntime, action: Action) -> Running | None:
-        """Start ``action`` as the machine's task; None if the machine is busy or unknown."""
+        """Start ``action`` as the machine's task; None if the machine is busy or unknown,
+        or its app is no longer ours (a reload took it away)."""
         mid = action.machine_id
-        if mid not in rt.machines:
+        if rt.retired or mid not in rt.machines:
             return None
         current = rt.running.get(mid)
         if current is not None:

@@ -19,6 +19,7 @@ are asleep already); ``Actuator.cleanup`` drops a key left without its cordon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import random
 import time
@@ -284,10 +285,19 @@ class Controller:
         for name in self._sync_apps(settings.apps):
             rt = self.apps.pop(name)
             self._pacers.pop(name, None)
-            rt.retired = True
+            rt.retired = True  # the actuator launches nothing more for it
+            # The wake first: it launches actions and reads the app; stopped after the
+            # app's tasks, it could launch one that nothing stops (and, the app made
+            # static, it ran on until its deadline, a re-added app joining it).
+            await self.view.end_wake(name)
             draining = {mid for mid, run in rt.running.items() if run.kind == "drain"}
             await self._stop_app(rt)
             await self._hand_back(rt, draining)
+            # The leases its cancelled actions held or had asked for: given back now, not
+            # by calls on its machines after the reload (bounded: else they lapse).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.control.api_timeout_s):
+                    await self.actuator.leases.settled(name)
             if name not in static:
                 # A static app of the same name keeps its view: the proxy put its
                 # backends there (it is updated first); dropped, every request waited

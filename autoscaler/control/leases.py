@@ -194,10 +194,19 @@ class Leases:
 
         task.add_done_callback(done)
 
-    async def settled(self) -> None:
-        """Wait for the acquires of cancelled callers and the releases under way."""
-        while self._acquiring or self._releasing:
-            await asyncio.wait({*self._acquiring.values(), *self._releasing.values()})
+    async def settled(self, app: str | None = None) -> None:
+        """Wait for the acquires of cancelled callers and the releases under way (of
+        ``app``'s machines only, if given)."""
+        while True:
+            tasks = {
+                task
+                for tasks in (self._acquiring, self._releasing)
+                for (name, _), task in tasks.items()
+                if app is None or name == app
+            }
+            if not tasks:
+                return
+            await asyncio.wait(tasks)
 
     async def aclose(self) -> None:
         """On shutdown: cut the acquires still in flight (a lease they bring lapses after

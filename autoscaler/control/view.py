@@ -352,6 +352,14 @@ class FleetView:
         if task is not None:
             task.cancel()
 
+    async def end_wake(self, name: str) -> None:
+        """Stop the wake under way for ``name`` (an app a reload took from the controller)
+        and return once it has ended, so that it acts on no machine afterwards; the app's
+        view stays (a static app of that name routes to its backends there)."""
+        task = self._wakes.pop(name, None)
+        if task is not None:
+            await cancel_and_wait([task])
+
     def set_waker(self, waker: Waker | None) -> None:
         self._waker = waker
 

@@ -1355,3 +1355,93 @@ async def test_a_wake_finds_the_port_a_deploy_moved_while_the_machine_slept(
     assert len(api.ops("get_machine")) == 1
     [upstream] = rig.view.app(APP).routable()
     assert upstream.port == 8081
+
+
+def _app_tasks(app: str) -> list[str]:
+    """The names of the tasks still running for ``app``: its loop, its wake, its actions
+    and lease calls (all named with the app's name), its rechecks."""
+    names = []
+    for task in asyncio.all_tasks():
+        name = task.get_name()
+        if task.done() or task is asyncio.current_task():
+            continue
+        named = name in (f"loop:{app}", f"wake:{app}") or f":{app}:" in name
+        if named or getattr(task.get_coro(), "__qualname__", "").startswith("Rechecker."):
+            names.append(name)
+    return names
+
+
+async def test_a_reload_that_makes_an_app_static_ends_its_wake(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A wake under way waits for a machine that is stopping (it lists the app every
+    0.25 s). The reload makes the app static: nothing of the old controller may act on its
+    machines afterwards: no task of the app is left, and no API call comes once the reload
+    returned, not even when the machine can be started (the wake ran on to its deadline,
+    and started it). Made scaled again, the app wakes from a clean start (a new wake, not
+    the old one on the old runtime)."""
+    mid = api.add(APP, "stopping")
+    rig = Rig(api, clock)
+    await rig.ctl.start()
+    try:
+        await clock.advance(0.5)
+        rig.app.hold()
+        wake = rig.view.wake(APP)
+        await settle()
+        listed = len(api.ops("list_machines"))
+        await clock.advance(1)
+        assert not wake.done()
+        assert len(api.ops("list_machines")) > listed + 2  # the wake reads every 0.25 s
+        rig.app.release()
+        static = AppConfig(name=APP, backends=["127.0.0.1:9"])
+        await rig.ctl.update_settings(Settings(apps=[static], control=ControlSettings(tick_s=1.0)))
+        after = len(api.calls)
+        await settle()
+        assert _app_tasks(APP) == []
+        api.set(APP, mid, state="stopped")  # a wake would start it now
+        await clock.advance(5)
+        assert api.calls[after:] == []
+        assert state(api, mid) == "stopped"
+
+        scaled = AppConfig(name=APP, **KNOBS)
+        await rig.ctl.update_settings(Settings(apps=[scaled], control=ControlSettings(tick_s=1.0)))
+        rig.app.set_machines(())  # what the proxy does to a static app made scaled
+        again = rig.view.wake(APP)
+        assert again is not wake
+        assert await again == "start"
+        assert rig.routable() == {mid}
+    finally:
+        await rig.ctl.stop()
+
+
+@pytest.mark.parametrize("becomes", ["static", "removed"])
+async def test_a_lease_asked_for_before_a_reload_took_the_app_is_given_back_within_it(
+    api: FakeMachinesAPI, clock: FakeClock, becomes: str
+) -> None:
+    """The wake's start asked for the machine's lease; the reload cancels the start while
+    the API has not answered. The lease that answer brings is given back before the
+    reload returns, not by a call of ours on the app's machine after it."""
+    mid = api.add(APP, "stopped")
+    api.gates["acquire_machine_lease"] = asyncio.Event()
+    rig = Rig(api, clock)
+    await rig.ctl.start()
+    try:
+        await clock.advance(0.5)
+        wake = rig.view.wake(APP)
+        await settle()
+        assert api.ops("acquire_machine_lease") == [mid]
+        apps = [AppConfig(name=APP, backends=["127.0.0.1:9"])] if becomes == "static" else []
+        reload = asyncio.ensure_future(
+            rig.ctl.update_settings(Settings(apps=apps, control=ControlSettings(tick_s=1.0)))
+        )
+        await settle()
+        api.gates["acquire_machine_lease"].set()
+        await reload
+        after = len(api.calls)
+        await clock.advance(5)
+        assert api.calls[after:] == []
+        assert api.leases == {}
+        assert wake.done()
+        assert _app_tasks(APP) == []
+    finally:
+        await rig.ctl.stop()
