@@ -485,24 +485,28 @@ def step(
     idle_for = now - idle_from
     s, w, k = plan.sleep_after_s, plan.prewarm_at_s, plan.keep_until_s
     starts = None if w is None else max(s, w - prewarm_lead_s(wakes))
-    in_window = starts is not None and starts <= idle_for < k
+    # The window's ends as times on the caller's clock, each one sum computed once and
+    # compared with ``now`` as it is: the same value is the ``next_check`` below. Compared
+    # as idle time (``now - idle_from``) with ``starts``, a tick at exactly that
+    # ``next_check`` could fall a rounding short of the opening (at epoch-like clock
+    # values: 1.7e9 + 98.1 - 1.7e9 < 98.1), find the window shut and the same
+    # ``next_check`` again, and a sleeping app was polled a whole ``idle_poll_s`` later.
+    opens = None if starts is None else idle_from + starts
+    closes = idle_from + k
+    in_window = opens is not None and opens <= now < closes
     if in_window and up == 0 and not prewarmed:
         prewarmed, prewarm_from = True, now
-    if prewarmed and not in_window and idle_for >= k:
+    if prewarmed and not in_window and now >= closes:
         outcome, prewarmed = "miss", False
         if up == 0:
             # Nothing came up for it (the resume failed): no wake to time. Kept, the
             # next machine to serve, maybe hours on, would time the whole wait.
             prewarm_from = None
-    # The times the answer changes (the sleep, a pre-warm window opening and closing).
-    # Only the opening wakes a quiet app back; the others are given too, so that a caller
-    # that skips quiet ticks finds them without searching.
-    mark = k if k > idle_for else None
-    if starts is not None and idle_for < starts < k:
-        mark = starts
-    if idle_for < s < (mark if mark is not None else math.inf):
-        mark = s
-    next_check = None if mark is None else idle_from + mark
+    # The times the answer changes (the sleep, a pre-warm window opening and closing):
+    # the first of them still to come. Only the opening wakes a quiet app back; the others
+    # are given too, so that a caller that skips quiet ticks finds them without searching.
+    marks = (idle_from + s, opens if opens is not None and opens < closes else None, closes)
+    next_check = min((t for t in marks if t is not None and t > now), default=None)
     if in_window:
         why = f"adaptive: pre-warm, idle {idle_for:.0f}s ({plan.text})"
     else:

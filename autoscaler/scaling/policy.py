@@ -389,7 +389,9 @@ def decide(
     in_flight = fleet.in_flight
 
     def quiet_since(t: float) -> bool:
-        return in_flight == 0 and now - t > 0 and now - t >= keep_s
+        # ``t + keep_s`` as the next_check below computes it: a tick at that very time
+        # must find the timer over (``now - t`` can fall a rounding short of keep_s).
+        return in_flight == 0 and now > t and now >= t + keep_s
 
     seen = [t for t in (last_request_at, load.last_active) if t is not None]
     idle_for = now - max((*seen, born))
@@ -466,7 +468,7 @@ def decide(
         young = [
             m.started_at + lifetime
             for m in g.serving
-            if not m.busy and m.started_at is not None and now - m.started_at < lifetime
+            if not m.busy and m.started_at is not None and now < m.started_at + lifetime
         ]
         if young:
             checks.append(min(young))
@@ -548,7 +550,7 @@ def _plan(
                 for m in g.serving
                 if not m.busy
                 and not m.unreachable
-                and (m.started_at is None or now - m.started_at >= lifetime)
+                and (m.started_at is None or now >= m.started_at + lifetime)
             ),
             key=_removal_key,
         )
@@ -615,7 +617,7 @@ def _plan(
                 and not m.busy
                 and not m.unreachable
                 and m.state_since is not None
-                and now - m.state_since >= limit
+                and now >= m.state_since + limit
             ):
                 act("stop", m, f"suspended {now - m.state_since:.0f}s >= {limit:g}s")
     return actions

@@ -17,7 +17,8 @@ from autoscaler.fly import models as m
 from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
-from autoscaler.scaling.policy import choose_wake
+from autoscaler.scaling.keepalive import PREWARM_LEAD_S, KeepAliveState, Plan
+from autoscaler.scaling.policy import PolicyState, choose_wake
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
 
@@ -1316,6 +1317,34 @@ async def test_a_slow_poll_does_not_sleep_through_a_prewarm_window(keep_alive: s
     at the decision's ``next_check``. After the first request and the gaps it learns
     from, no request waits, as under the fixed 300 s timer."""
     assert await timer_app_waits(keep_alive) <= 5
+
+
+async def test_a_prewarm_window_opens_on_time_on_a_clock_of_epoch_seconds() -> None:
+    """A sleeping app's loop ticks at the decision's ``next_check``, where the pre-warm
+    window opens (1.7e9 + 0.1 + 98.1 on a clock of epoch seconds). The policy compared the
+    idle time, a difference, with the opening: the tick found the window a rounding short
+    of open and the pre-warm came a whole ``idle_poll_s`` (60 s) late."""
+    clock, api = FakeClock(1.7e9 + 0.1), FakeMachinesAPI()
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock, keep_alive="adaptive", min_lifetime_s=30, wake_cost_s=300)
+    rt = rig.ctl.apps[APP]
+    plan = Plan(2.0, 100.1, 130.1, 20.0, 100.0, 110.0)  # pre-warm 2 s ahead of 100.1 s
+    idle_from = clock.now - 10  # the last request: asleep since the plan's sleep (2 s)
+    rig.app.last_request_at = idle_from
+    keep = KeepAliveState(plan=plan, idle_from=idle_from, last_arrival=idle_from)
+    rt.policy_state = PolicyState(born=idle_from - 600, keepalive=keep)
+    opens = idle_from + (100.1 - PREWARM_LEAD_S)
+    assert opens - idle_from < 100.1 - PREWARM_LEAD_S  # the case: rounded down
+    await rig.ctl.start()
+    try:
+        while clock.now < opens:
+            assert api.ops("start_machine") == [], clock.now - idle_from  # not before
+            await clock.advance(min(1.0, opens - clock.now))
+        assert api.ops("start_machine") == [mid]  # the pre-warm's resume, at the opening
+        await rig.ctl.idle()
+        assert rig.routable() == {mid}
+    finally:
+        await rig.ctl.stop()
 
 
 async def test_a_prewarm_is_not_put_off_like_a_poll_when_the_org_budget_runs_short() -> None:

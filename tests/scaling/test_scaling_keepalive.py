@@ -447,3 +447,39 @@ def test_never_keeps_longer_than_the_bound_nor_prewarms_more_than_the_bound_an_h
     per_hour = 3600 / (MIN_PREWARM_S - keepalive.MAX_PREWARM_LEAD_S) + 1
     for start in range(0, int(HOURS * 3600), 600):
         assert sum(1 for t in prewarms if start <= t < start + 3600) <= per_hour
+
+
+@pytest.mark.parametrize(
+    ("idle_from", "prewarm_at"),
+    [
+        (1.7e9 + 0.1, 100.1),  # a clock of epoch seconds
+        (1.7e9 + 0.1, 0.1 + 0.2 + 100.0),
+        (1000.0 + 0.1 + 0.2, 5.3),  # FakeClock's start and a sum of tenths
+        (3600.1, 12.7),
+        (12345.6, 60.3),
+    ],
+)
+def test_a_decision_at_its_own_next_check_sees_the_window_open(
+    idle_from: float, prewarm_at: float
+) -> None:
+    """The window opens at ``idle_from + prewarm_at - lead``: a tick at exactly the
+    ``next_check`` that said so must find it open. Compared as idle time (the clock minus
+    ``idle_from``) with the opening, rounding put such a tick a fraction of a microsecond
+    before it (at epoch-like clock values, or sums such as 0.1 + 0.2): no pre-warm, and
+    the same ``next_check`` again, so a sleeping app's loop waited a whole
+    ``idle_poll_s`` for the next look."""
+    plan = Plan(2.0, prewarm_at, prewarm_at + 30.0, 20.0, prewarm_at, prewarm_at + 10.0)
+    ka = KeepAliveState(plan=plan, idle_from=idle_from, last_arrival=idle_from)
+    state = PolicyState(born=idle_from - 100.0, keepalive=ka)
+    asleep = MachineSnapshot("m1", SUSPENDED, state_since=idle_from + 2.0)
+    fleet = Fleet.of("a", [asleep])
+    now = idle_from + 2.5  # asleep since the plan's sleep
+    for _ in range(2):  # the window's opening
+        d = decide(fleet, LoadWindows(60, 6), ADAPTIVE, now, state, idle_from)
+        if d.actions:
+            break
+        assert d.next_check is not None
+        assert d.next_check > now  # a next look that is not now again
+        now = d.next_check
+    assert [(a.kind, a.reason.split(":")[0]) for a in d.actions] == [("resume", "pre-warm")]
+    assert now == idle_from + (prewarm_at - PREWARM_LEAD_S)

@@ -874,3 +874,49 @@ def test_a_machine_that_hangs_in_an_app_that_wants_none_is_stopped() -> None:
     d = run(app, fleet(m("h", hung=True)), load(0.0, 100, app=app), 100, last_request_at=50)
     assert d.desired == 0
     assert acts(d) == [("stop", "h")]
+
+
+T0 = 1.7e9 + 0.1  # a clock of epoch seconds: T0 + 30.3 - T0 < 30.3 in floats
+
+
+@pytest.mark.parametrize(
+    ("timer", "knobs", "machines", "kind"),
+    [
+        ("idle_to_zero_s", {"idle_to_zero_s": 30.3}, [m("a", started_at=T0 - 100)], "drain"),
+        (
+            "min_lifetime_s",
+            {"min_lifetime_s": 30.3, "scale_down_delay_s": 0},
+            [m("a", started_at=T0), m("b", started_at=T0)],
+            "drain",
+        ),
+        (
+            "stop_suspended_after_s",
+            {"stop_suspended_after_s": 30.3},
+            [m("a", "suspended", state_since=T0)],
+            "stop",
+        ),
+    ],
+)
+def test_a_timer_is_found_over_by_a_decision_at_its_own_next_check(
+    timer: str, knobs: dict[str, Any], machines: list[MachineSnapshot], kind: str
+) -> None:
+    """Each timer ends at ``T0 + 30.3``, which ``next_check`` says; a decision at exactly
+    that time must act. Compared as ``now - T0 >= 30.3``, it fell a rounding short: no
+    action, and a ``next_check`` that is now again (a sleeping app's loop then waits a
+    whole ``idle_poll_s``; one in use, a tick)."""
+    app = cfg(**knobs)
+    state = PolicyState(born=T0 - 100)
+    # The last request at T0 (the idle timer's start), or well after it (the others').
+    last = T0 if timer == "idle_to_zero_s" else T0 + 25
+    if timer == "stop_suspended_after_s":
+        last = T0 - 1000  # asleep long since
+    now = T0 + 1
+    for _ in range(3):
+        d = decide(fleet(*machines), LoadWindows.for_app(app), app, now, state, last)
+        if d.actions:
+            break
+        assert d.next_check is not None, d.reason
+        assert d.next_check > now, d.reason  # a next look that is not now again
+        now, state = d.next_check, d.state
+    assert [a.kind for a in d.actions] == [kind], d.reason
+    assert now == T0 + 30.3
