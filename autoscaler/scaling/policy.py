@@ -587,16 +587,25 @@ def _plan(
     # A sick machine (Fly's checks critical) serves only as the last routable one: once
     # the healthy machines that serve are enough, it is drained, after the scale-down
     # delay (a check that flaps under load must not cost a warm machine), at once if the
-    # app wants none.
+    # app wants none. Its replacement may have taken the app over max_machines: then it
+    # is drained at once, in panic too (over the cap no load may go to it anyway), so the
+    # cap is exceeded only while the replacement boots and the sick one drains.
+    staying = sum(1 for m in g.serving if m.id not in touched)  # not drained this tick
+    over = staying + len(g.sick) - policy.max_machines
     for m in g.sick:
-        if in_panic:
-            break  # panic never removes a machine, a sick one neither (checks flap in bursts)
-        if m.id in touched or m.busy or m.unreachable or len(g.serving) < count.desired:
+        if m.id in touched or m.busy or m.unreachable or staying < count.desired:
             continue
+        if in_panic and over <= 0:
+            break  # panic never removes a machine, a sick one neither (checks flap in bursts)
         sick_for = now - (m.sick_since if m.sick_since is not None else now)
-        if count.desired == 0 or sick_for >= policy.scale_down_delay_s:
-            replaced = ", replaced" if count.desired else ""
-            act("drain", m, f"sick: Fly's checks critical for {sick_for:.0f}s{replaced}")
+        if over > 0:
+            over -= 1
+            why_now = f", replaced (over max_machines {policy.max_machines})"
+        elif count.desired == 0 or sick_for >= policy.scale_down_delay_s:
+            why_now = ", replaced" if count.desired else ""
+        else:
+            continue
+        act("drain", m, f"sick: Fly's checks critical for {sick_for:.0f}s{why_now}")
     # Our cordon on a sleeping machine would only let it start unroutable: lift it (in
     # panic too: that adds capacity for later ticks).
     for m in (*g.suspended, *g.stopped):

@@ -532,6 +532,35 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
         assert stack.failures == []
 
 
+@pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
+async def test_a_sick_machines_replacement_exceeds_max_machines_only_until_it_serves(
+    emulator: Emulator,
+) -> None:
+    """Under ``max_machines: 1`` the machine a wake takes turns sick; its replacement is
+    started beside it (one over the cap while it boots), and once it serves the sick one
+    is drained and stopped at once: not ``scale_down_delay_s`` (600 s here) after it
+    turned sick, two machines running all that time."""
+    knobs = {"max_machines": 1, "scale_down_delay_s": 600, "idle_to_zero_s": 600}
+    async with running_stack(emulator, wake_timeout_s=30, **knobs) as stack:
+        sick = await wake_choice(stack)
+        bad = {"type": "http", "path": "/missing", "interval": "1s", "grace_period": "0s"}
+        await set_checks(emulator, sick, {"web": bad | READINESS})
+        [healthy] = [m.id for m in emulator.machines(APP) if m.id != sick]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        both = False  # the replacement was seen started beside the sick one
+        while not (
+            [u.id for u in stack.app.routable()] == [healthy]
+            and emulator.machine(APP, sick).state in ("stopping", "stopped")
+        ):
+            assert loop.time() < deadline, [(m.id, m.state) for m in emulator.machines(APP)]
+            await stack.get("/")
+            both = both or all(m.state == "started" for m in emulator.machines(APP))
+            await asyncio.sleep(0.1)
+        assert both
+        assert stack.failures == []
+
+
 @pytest.mark.parametrize("emulator_settings", ["fast"], indirect=True)
 async def test_a_wake_through_an_api_slower_than_a_ticks_bound_is_served(
     emulator: Emulator,

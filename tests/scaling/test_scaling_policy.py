@@ -70,7 +70,14 @@ def run(
         assert not target.busy or takes_back, "busy machines are left alone (but our suspend)"
         assert not by_id[a.machine_id].cordoned_by_others, "others' cordons are left alone"
     if d.panic:
-        assert all(a.kind not in ("drain", "stop") for a in d.actions)
+        # Panic removes nothing, but a sick machine whose replacement took the app over
+        # max_machines.
+        started = [x for x in machines if x.state == "started" and not x.cordoned]
+        for a in d.actions:
+            assert a.kind != "stop"
+            if a.kind == "drain":
+                assert by_id[a.machine_id].sick_since is not None
+                assert len(started) > app.max_machines
     return d
 
 
@@ -825,6 +832,36 @@ def test_a_sick_machine_is_replaced_then_drained(
     assert acts(d) == expected
 
 
+@pytest.mark.parametrize("panic", [False, True])
+@pytest.mark.parametrize("max_machines", [1, 3])
+def test_a_sick_machines_replacement_exceeds_max_machines_only_until_it_serves(
+    max_machines: int, panic: bool
+) -> None:
+    """At the cap, a machine turned sick is replaced by one more: the cap is exceeded
+    while the replacement boots, and no longer. Once it serves, the sick machine is
+    drained at once, not ``scale_down_delay_s`` (600 s here) after it turned sick, and in
+    panic too (panic keeps it otherwise: a check that flaps under load must not cost a
+    warm machine; over the cap, no load may go to it anyway). Before, two machines ran
+    under ``max_machines: 1`` for up to ``scale_down_delay_s``, and for as long as a
+    panic lasted."""
+    app = cfg(max_machines=max_machines, scale_down_delay_s=600, target_concurrency=10)
+    demand = 60.0 if panic else 5.0 * max_machines  # panic, or all of max_machines wanted
+    healthy = [m(f"h{i}") for i in range(max_machines - 1)]
+    sick = m("x", sick_since=90.0)
+    # The sick one is not capacity: the spare is started in its place (one over the cap).
+    d = run(app, fleet(*healthy, sick, m("r", "stopped")), load(demand, 100, app=app), 100)
+    assert d.panic is panic
+    assert acts(d) == [("start", "r")]
+    # While the replacement boots, the sick one stays (the proxy may route to it alone).
+    booting = m("r", "starting")
+    d = run(app, fleet(*healthy, sick, booting), load(demand, 101, app=app), 101, d.state)
+    assert acts(d) == []
+    # It serves: the sick one goes at once, 12 s after it turned sick.
+    d = run(app, fleet(*healthy, sick, m("r")), load(demand, 102, app=app), 102, d.state)
+    assert acts(d) == [("drain", "x")]
+    assert "max_machines" in d.actions[0].reason
+
+
 def test_two_sick_machines_on_steady_demand_do_not_flap() -> None:
     """Both sick counted as capacity (the app's own failure) and one was drained; on the
     next tick the other, alone, stopped counting and the drain was taken back, every
@@ -854,8 +891,9 @@ def test_two_sick_machines_on_steady_demand_do_not_flap() -> None:
 
 
 def test_panic_drains_no_sick_machine() -> None:
-    # "Panic never removes a machine": a burst is when checks flap under load.
-    app = cfg(max_machines=3)
+    # "Panic never removes a machine": a burst is when checks flap under load. (Within
+    # max_machines: over it, the sick one goes once its replacement serves, test above.)
+    app = cfg(max_machines=4)
     machines = fleet(m("a"), m("b"), m("c"), m("x", sick_since=0.0, in_flight=2))
     d = run(app, machines, load(60.0, 100, app=app), 100)
     assert d.panic
