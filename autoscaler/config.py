@@ -452,7 +452,11 @@ class AppConfig(_Model):
         description='static mode: fixed "host:port" upstreams; the app is not scaled',
     )
     min_machines: int = Field(default=0, ge=0, description="never fewer started machines")
-    max_machines: int = Field(default=10, ge=1, description="never more started machines")
+    max_machines: int = Field(
+        default=10,
+        ge=1,
+        description="never more started machines, but for a sick one's replacement until it serves",
+    )
     target_concurrency: float = Field(
         default=10, gt=0, description="requests in flight per machine the policy aims for"
     )
