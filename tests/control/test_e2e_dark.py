@@ -24,7 +24,8 @@
   answers.
 - A request that arrives while the app's machine spends 15 s suspending is served by
   taking the suspend back, in about a resume, not after the suspend.
-- An idle WebSocket lets the app sleep: its drain closes it with 1001, then suspends.
+- An idle WebSocket lets the app sleep (its client pinging, its machine answering pongs):
+  its drain closes it with 1001, then suspends.
 - An API outage under steady load loses no request to a started machine; ``/readyz``
   stays ready while ``/readyz?control=1`` and ``autoscaler_control_healthy`` say the
   decisions are stale. 10 s by default, the issue's 60 s with ``--soak``.
@@ -644,7 +645,9 @@ async def test_an_idle_websocket_lets_the_app_sleep_and_its_drain_closes_it(
 ) -> None:
     async with running_stack(emulator, connection_idle_s=1, idle_to_zero_s=2) as stack:
         url = f"http://127.0.0.1:{stack.proxy.port}/ws"
-        async with stack.session.ws_connect(url, headers={"Host": HOST}) as ws:
+        # The client pings every 0.25 s and the machine answers each with a pong, as
+        # uvicorn's or a browser library's keep-alives do: control frames, not use.
+        async with stack.session.ws_connect(url, headers={"Host": HOST}, heartbeat=0.25) as ws:
             await ws.send_str("hello")
             assert await ws.receive_str() == "hello"
             assert stack.app.in_flight == 1
