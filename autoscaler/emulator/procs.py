@@ -12,40 +12,20 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import random
 import signal
 import socket
-import sys
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from autoscaler.aio import tcp_probe
+from autoscaler.children import die_with_parent
 
-PR_SET_PDEATHSIG = 1
 PARENT_ENV = "AUTOSCALER_EMULATOR_PARENT"  # set on every machine: the emulator's pid
 SESSION_ENV = "AUTOSCALER_EMULATOR_SESSION"  # passed through to machines when set
 OUTPUT_LINES = 200  # tail of a machine's output kept for diagnostics
-
-_libc: ctypes.CDLL | None = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError):
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def _child_setup(parent_pid: int) -> Callable[[], None]:
-    """The preexec hook: die with the parent, and close the race where it died already."""
-
-    def setup() -> None:
-        if _libc is not None:
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return setup
 
 
 class Reaper:
@@ -150,7 +130,7 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str], reaper: Reaper) -> 
         stderr=asyncio.subprocess.STDOUT,
         env=dict(env),
         start_new_session=True,
-        preexec_fn=_child_setup(os.getpid()),  # only prctl and getppid
+        preexec_fn=die_with_parent(os.getpid()),  # only prctl and getppid
     )
     return MachineProcess(proc, reaper)
 

@@ -1,0 +1,38 @@
+"""Child processes that die with their parent (side module: the emulator's machines and
+the simulator's workers use it).
+
+On Linux a child asks the kernel for a signal when the thread that forked it dies
+(PR_SET_PDEATHSIG), so even a SIGKILLed parent leaves no process behind; elsewhere only
+the check that the parent is still there is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1
+
+_libc: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """What a child runs right after the fork (safe as a ``preexec_fn``: only prctl and
+    getppid): ``sig`` when the parent's forking thread dies, and an exit at once (status
+    1) when the parent, ``parent_pid`` as read before the fork, has died already."""
+
+    def setup() -> None:
+        if _libc is not None:
+            _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return setup
