@@ -2,15 +2,22 @@
 ``--out`` it is written to a file instead).
 
 cli.py parses the arguments; this runs them. Exit 0 on success, 2 on a bad trace, config
-or flag (with one line saying what was expected and what was found).
+or flag (with one line saying what was expected and what was found). SIGINT (Ctrl-C) or
+SIGTERM stops it at once, its worker processes (``--jobs``) with it: one line, and exit
+128 plus the signal's number (130, 143), as the shell counts a command a signal ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import yaml
@@ -66,15 +73,48 @@ def _strategies(text: str) -> list[str]:
     return names
 
 
+class _Stopped(BaseException):
+    """Raised by the handler of SIGINT and SIGTERM: unwinding the run stops its workers."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`_Stopped` (the first one: later ones are ignored,
+    not to cut short the clean-up it starts). Only the main thread can have handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stopped(signum)
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        if args.generate and args.trace:
-            raise ValueError("expected --trace FILE or --generate SHAPE, not both")
-        if args.generate and args.out:
-            return _generate(args, out)
-        return _replay(args, out)
+        with _stopped_by_signals():
+            if args.generate and args.trace:
+                raise ValueError("expected --trace FILE or --generate SHAPE, not both")
+            if args.generate and args.out:
+                return _generate(args, out)
+            return _replay(args, out)
+    except _Stopped as stopped:
+        print(f"simulate: stopped by {signal.Signals(stopped.signum).name}", file=err)
+        return 128 + stopped.signum
     except (TraceError, ValueError) as exc:
         print(f"simulate: {exc}", file=err)
         return EXIT_USAGE

@@ -9,11 +9,16 @@ can also be replayed in worker processes (``jobs``), with the same figures.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, TypeVar
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, TypeAlias, TypeVar, cast
 
+from autoscaler.children import die_with_parent
 from autoscaler.config import AppConfig
 from autoscaler.sim.baselines import AlwaysOn, FixedKeepalive, FlyAutostop
 from autoscaler.sim.engine import AppSim, Strategy
@@ -205,28 +210,105 @@ def _replay(job: _Job, task: tuple[str, str]) -> Stats:
 _S = TypeVar("_S")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-_FORKED: tuple[Callable[[Any, Any], Any], Any] | None = None
-"""What ``fork_map``'s workers call, and what they share: set before the pool forks."""
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def fork_map(fn: Callable[[_S, _T], _R], shared: _S, tasks: Sequence[_T], jobs: int) -> list[_R]:
     """``fn(shared, task)`` for each task, in ``jobs`` forked worker processes; the results
-    in the tasks' order. ``shared`` (a trace, the knobs) reaches the workers by the fork,
-    not pickled; tasks and results are pickled. The caller must not run threads."""
-    global _FORKED
-    _FORKED = (fn, shared)
+    in the tasks' order (which is the order they are handed out in). ``shared`` (a trace,
+    the knobs) reaches the workers by the fork, not pickled; tasks and results are pickled.
+    The caller must not run threads.
+
+    No worker outlives the call: when it raises (a task's exception, a worker that died,
+    KeyboardInterrupt or whatever else a signal handler raises), the tasks not yet handed
+    out are dropped and every worker is killed and reaped. A worker dies with this process
+    too when it is killed outright (PR_SET_PDEATHSIG), and ignores SIGINT: a Ctrl-C reaches
+    the whole process group, and stopping the workers is this process's job."""
+    ctx = multiprocessing.get_context("fork")
+    workers: list[tuple[BaseProcess, Connection]] = []
     try:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            return list(pool.map(_call_forked, tasks))
+        # Held back while forking: an exception raised by a signal's handler between a
+        # fork and the append would leave that worker out of the clean-up below.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for _ in range(min(jobs, len(tasks))):
+                mine, theirs = ctx.Pipe()
+                args = (fn, shared, theirs, os.getpid(), mask)
+                worker: BaseProcess = ctx.Process(target=_work, args=args, daemon=True)
+                worker.start()
+                workers.append((worker, mine))
+                theirs.close()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        results = _hand_out(workers, tasks)
+        for worker, conn in workers:
+            conn.send(None)  # no more tasks: the worker returns
+            worker.join()
+        return results
     finally:
-        _FORKED = None
+        for worker, _ in workers:
+            worker.kill()  # nothing when it has exited already
+        for worker, conn in workers:
+            worker.join()
+            conn.close()
 
 
-def _call_forked(task: Any) -> Any:
-    assert _FORKED is not None
-    fn, shared = _FORKED
-    return fn(shared, task)
+def _hand_out(workers: list[tuple[BaseProcess, Connection]], tasks: Sequence[Any]) -> list[Any]:
+    """Each task to the next idle worker, until every result is in."""
+    results: list[Any] = [None] * len(tasks)
+    queue = iter(enumerate(tasks))
+    busy: dict[Connection, BaseProcess] = {}
+
+    def next_task(worker: BaseProcess, conn: Connection) -> None:
+        task = next(queue, None)
+        if task is not None:
+            conn.send(task)
+            busy[conn] = worker
+
+    for worker, conn in workers:
+        next_task(worker, conn)
+    while busy:
+        for ready in wait(list(busy)):
+            conn = cast(Connection, ready)
+            worker = busy.pop(conn)
+            try:
+                index, ok, value, where = conn.recv()
+            except EOFError:
+                worker.join()
+                raise RuntimeError(
+                    f"a worker process (pid {worker.pid}) ended with exit code {worker.exitcode}"
+                ) from None
+            if not ok:
+                value.add_note(where)
+                raise value
+            results[index] = value
+            next_task(worker, conn)
+    return results
+
+
+def _work(
+    fn: Callable[[Any, Any], Any], shared: Any, conn: Connection, parent: int, mask: set[int]
+) -> None:
+    """A worker of ``fork_map``: ``(index, task)`` in, ``(index, ok, result or exception,
+    where)`` out, until None (or the end of the pipe)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler
+    die_with_parent(parent)()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    while True:
+        try:
+            got = conn.recv()
+        except EOFError:
+            return
+        if got is None:
+            return
+        index, task = got
+        try:
+            out = (index, True, fn(shared, task), "")
+        except Exception as exc:
+            where = f"in a worker process:\n{traceback.format_exc()}"
+            out = (index, False, exc, where)
+        conn.send(out)
 
 
 def summary(stats: Stats) -> dict[str, Any]:

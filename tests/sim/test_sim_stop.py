@@ -1,0 +1,125 @@
+"""`autoscaler simulate --jobs 2` stopped by a signal: at once, with one line, its worker
+processes with it (sim/run.py, fork_map; sim/command.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+# About 13 s of replays on two workers: far longer than it takes the test to stop it.
+ARGV = ["simulate", "--generate", "azure-like", "--seed", "61", "--hours", "1"]
+ARGV += ["--frontier", "--jobs", "2"]
+DEADLINE_S = 30.0
+
+
+def _group(pgid: int) -> dict[int, tuple[int, str]]:
+    """Every process of process group ``pgid``, zombies too: pid -> (parent pid, start
+    time)."""
+    found: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        # After the name: state, ppid, pgrp, ...; the start time is the 22nd field.
+        if int(fields[2]) == pgid:
+            found[int(entry)] = (int(fields[1]), fields[19])
+    return found
+
+
+def _left(tree: dict[int, tuple[int, str]], pgid: int) -> list[int]:
+    """The pids of ``tree`` (as read before) that are still the same processes, and any
+    process still in the group."""
+    now = _group(pgid)
+    return sorted(
+        {pid for pid, (_, start) in tree.items() if now.get(pid, (0, ""))[1] == start} | set(now)
+    )
+
+
+@contextlib.contextmanager
+def _simulate(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """The CLI in a process group of its own, whatever the test does: killed whole at the
+    end (a no-op when it stopped as it should)."""
+    err = tmp_path / "stderr.txt"
+    with err.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "autoscaler", *ARGV],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            start_new_session=True,
+        )
+    try:
+        yield proc, err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _workers(proc: subprocess.Popen[bytes]) -> dict[int, tuple[int, str]]:
+    """Once both workers exist: the whole process tree, by pid."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        tree = _group(proc.pid)
+        if sum(1 for ppid, _ in tree.values() if ppid == proc.pid) == 2:
+            return tree
+        assert proc.poll() is None, f"simulate ended first ({proc.returncode})"
+        time.sleep(0.02)
+    raise AssertionError("the two worker processes never appeared")
+
+
+@pytest.mark.parametrize(
+    ("signals", "code"),
+    [
+        ([("main", signal.SIGTERM)], 143),
+        ([("main", signal.SIGINT)], 130),
+        ([("group", signal.SIGINT)], 130),  # Ctrl-C in a terminal
+        ([("group", signal.SIGTERM)], 143),
+        ([("main", signal.SIGINT), ("group", signal.SIGINT)], 130),  # then Ctrl-C too
+    ],
+    ids=["term", "int", "ctrl-c", "term-group", "int-then-ctrl-c"],
+)
+def test_a_signal_stops_it_and_its_workers(
+    tmp_path: Path, signals: list[tuple[str, signal.Signals]], code: int
+) -> None:
+    with _simulate(tmp_path) as (proc, err):
+        tree = _workers(proc)
+        assert len(tree) == 3
+        for target, sig in signals:
+            with contextlib.suppress(ProcessLookupError):  # it may have stopped already
+                if target == "main":
+                    os.kill(proc.pid, sig)
+                else:
+                    os.killpg(proc.pid, sig)
+        exited = proc.wait(timeout=DEADLINE_S)
+        # Reaped by the time it exits: no process of the tree, nothing in its group.
+        assert _left(tree, proc.pid) == []
+        assert exited == code
+        name = signals[0][1].name
+        assert err.read_text().splitlines() == [f"simulate: stopped by {name}"]
+
+
+def test_its_workers_die_with_it_when_it_is_killed(tmp_path: Path) -> None:
+    with _simulate(tmp_path) as (proc, _):
+        tree = _workers(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=DEADLINE_S) == -signal.SIGKILL
+        # The kernel kills them (PR_SET_PDEATHSIG) and init reaps them: awaited.
+        deadline = time.monotonic() + DEADLINE_S
+        while _left(tree, proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _left(tree, proc.pid) == []
