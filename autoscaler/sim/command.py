@@ -131,7 +131,11 @@ def _generated(args: argparse.Namespace) -> list[tuple[float, str, float]]:
 
 
 def _generate(args: argparse.Namespace, out: TextIO) -> int:
-    count = write_csv(Path(args.out), _generated(args))
+    rows = _generated(args)
+    try:
+        count = write_csv(Path(args.out), rows)
+    except OSError as exc:
+        raise ValueError(f"--out: cannot write {args.out}: {exc.strerror or exc}") from None
     print(f"wrote {count} requests ({args.generate}, seed {args.seed}) to {args.out}", file=out)
     return EXIT_OK
 
@@ -205,7 +209,12 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
             jobs=args.jobs,
         )
         if args.plot:
-            plot(found, args.plot)
+            try:
+                plot(found, args.plot)
+            except OSError as exc:
+                raise ValueError(
+                    f"--plot: cannot write {args.plot}: {exc.strerror or exc}"
+                ) from None
         out.write(render_frontier(found, args.format))
         return EXIT_OK
     if args.plot:

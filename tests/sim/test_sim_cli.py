@@ -191,6 +191,29 @@ def test_bad_input_exits_2_with_one_line(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "argv"),
+    [
+        ("--out", ["--out", "{missing}/x.csv"]),
+        ("--plot", ["--frontier", "--strategies", "autoscaler", "--plot", "{missing}/x.svg"]),
+    ],
+    ids=["out", "plot"],
+)
+def test_an_output_file_in_a_missing_directory_exits_2_with_one_line(
+    tmp_path: Path, flag: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was a FileNotFoundError's traceback, and exit 1.
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    missing = tmp_path / "missing"
+    args = ["simulate", "--generate", "steady", "--hours", "1"]
+    args += [a.format(missing=missing) for a in argv]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"simulate: {flag}: cannot write {args[-1]}: No such file or directory"
+    assert not missing.exists()
+
+
 @pytest.mark.timeout(60)  # before the check, the replay never ended
 def test_a_fly_autostop_check_every_0s_is_refused_like_autostop_interval_0(
     capsys: pytest.CaptureFixture[str],
