@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -366,3 +368,35 @@ async def test_the_token_does_not_follow_a_redirect(tmp_path: Path) -> None:
         for runner in runners:
             await runner.cleanup()
     assert seen == [None]
+
+
+async def test_a_reader_that_stops_reading_ends_the_watch_without_a_traceback(
+    admin: str, tmp_path: Path
+) -> None:
+    """`autoscaler status --watch --json | head -1`: once head exits, the next frame's
+    write fails (EPIPE); that ends the command quietly, not with a BrokenPipeError."""
+    config = write_config(tmp_path, TOKEN)
+    read_end, write_end = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autoscaler", "status", "--watch", "--json",
+        "--admin", admin, "--config", config,
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(20):
+            assert await asyncio.to_thread(os.read, read_end, 1 << 16)  # the first frame
+            os.close(read_end)  # the reader goes away
+            read_end = -1
+            err = (await proc.stderr.read()).decode()
+            code = await proc.wait()
+    finally:
+        if read_end != -1:
+            os.close(read_end)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "Traceback" not in err, err
+    assert code == 1
