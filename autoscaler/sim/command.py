@@ -199,6 +199,9 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
             raise ValueError("--frontier: expected --format table or json")
         if args.plot and not args.plot.endswith((".png", ".svg")):
             raise ValueError(f"--plot: expected a .png or .svg file name, got {args.plot!r}")
+        if args.plot and not Path(args.plot).absolute().parent.is_dir():
+            # Said now, not after a sweep of minutes whose figures would then be lost.
+            raise ValueError(f"--plot: cannot write {args.plot}: No such file or directory")
         found = sweep(
             trace,
             resolve,

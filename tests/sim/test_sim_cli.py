@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from autoscaler.cli import build_parser, main
+from autoscaler.sim import command
 from autoscaler.sim.command import parse_overrides
 from autoscaler.sim.model import Timings
 from autoscaler.sim.run import make_strategy
@@ -200,11 +201,20 @@ def test_bad_input_exits_2_with_one_line(
     ids=["out", "plot"],
 )
 def test_an_output_file_in_a_missing_directory_exits_2_with_one_line(
-    tmp_path: Path, flag: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    flag: str,
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # It was a FileNotFoundError's traceback, and exit 1.
+    # It was a FileNotFoundError's traceback, and exit 1; for --plot, after the sweep.
     if flag == "--plot":
         pytest.importorskip("matplotlib")
+
+        def no_sweep(*args: object, **kwargs: object) -> None:
+            raise AssertionError("the sweep ran before the --plot path was checked")
+
+        monkeypatch.setattr(command, "sweep", no_sweep)
     missing = tmp_path / "missing"
     args = ["simulate", "--generate", "steady", "--hours", "1"]
     args += [a.format(missing=missing) for a in argv]
