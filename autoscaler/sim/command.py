@@ -31,6 +31,7 @@ from autoscaler.sim.model import Timings
 from autoscaler.sim.report import render
 from autoscaler.sim.run import (
     STRATEGIES,
+    WorkerDied,
     config_resolver,
     known_strategy,
     make_strategy,
@@ -118,6 +119,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     except (TraceError, ValueError) as exc:
         print(f"simulate: {exc}", file=err)
         return EXIT_USAGE
+    except WorkerDied as exc:
+        print(f"simulate: {exc}", file=err)
+        return 1
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=err)

@@ -253,6 +253,11 @@ def fork_map(fn: Callable[[_S, _T], _R], shared: _S, tasks: Sequence[_T], jobs: 
             conn.close()
 
 
+class WorkerDied(RuntimeError):
+    """A worker of :func:`fork_map` ended before its task's answer (killed, or out of
+    memory): the others are killed and reaped, and the command says so in one line."""
+
+
 def _hand_out(workers: list[tuple[BaseProcess, Connection]], tasks: Sequence[Any]) -> list[Any]:
     """Each task to the next idle worker, until every result is in."""
     results: list[Any] = [None] * len(tasks)
@@ -275,7 +280,7 @@ def _hand_out(workers: list[tuple[BaseProcess, Connection]], tasks: Sequence[Any
                 index, ok, value, where = conn.recv()
             except EOFError:
                 worker.join()
-                raise RuntimeError(
+                raise WorkerDied(
                     f"a worker process (pid {worker.pid}) ended with exit code {worker.exitcode}"
                 ) from None
             if not ok:
@@ -356,6 +361,7 @@ def config_resolver(
 __all__ = [
     "STRATEGIES",
     "Report",
+    "WorkerDied",
     "config_resolver",
     "fork_map",
     "quantile",

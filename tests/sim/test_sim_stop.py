@@ -123,3 +123,17 @@ def test_its_workers_die_with_it_when_it_is_killed(tmp_path: Path) -> None:
         while _left(tree, proc.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert _left(tree, proc.pid) == []
+
+
+def test_a_worker_killed_alone_ends_it_with_one_line(tmp_path: Path) -> None:
+    """Out of memory, or an operator's kill: the other worker is killed and reaped, and
+    the command says which worker ended (it was a RuntimeError's traceback)."""
+    with _simulate(tmp_path) as (proc, err):
+        tree = _workers(proc)
+        worker = min(pid for pid, (ppid, _) in tree.items() if ppid == proc.pid)
+        os.kill(worker, signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE_S) == 1
+        assert _left(tree, proc.pid) == []
+        assert err.read_text().splitlines() == [
+            f"simulate: a worker process (pid {worker}) ended with exit code -15"
+        ]
