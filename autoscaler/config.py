@@ -172,7 +172,8 @@ class FlySettings(_Model):
         default=None,
         description="Machines API base URL (public: https://api.machines.dev, inside Fly: "
         "http://_api.internal:4280), or `embedded` for the embedded emulator; "
-        "`autoscaler run` refuses to start without it unless given --emulator",
+        "`autoscaler run` refuses to start without it unless given --emulator or every app"
+        " is static (has backends)",
     )
     token: Token = Field(
         default=None, description="API token; FLY_API_TOKEN in the environment overrides it"

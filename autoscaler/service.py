@@ -1,9 +1,10 @@
 """The composition root of ``autoscaler run``: builds every part, starts and stops them in order.
 
-Start, inside out: the embedded emulator (only when ``fly.api_url`` is ``embedded``, or unset:
-``autoscaler run`` refuses that unless given --emulator; the demo and tests), the Machines
-API client, the fleet view, the controller (its loops and the wake path), the proxy, and
-the admin server. Stop, outside in, so that no request meets a half-stopped service:
+Start, inside out: the embedded emulator (only when ``fly.api_url`` is ``embedded``, or
+unset: ``autoscaler run`` refuses that unless given --emulator; the demo and tests), the
+Machines API client (none for ``autoscaler run`` on static apps alone without
+``fly.api_url``), the fleet view, the controller (its loops and the wake path), the proxy,
+and the admin server. Stop, outside in, so that no request meets a half-stopped service:
 readiness fails first (load balancers stop sending), the proxy stops accepting and lets
 requests in flight finish (``proxy.shutdown_timeout_s``), then the controller's loops and
 actions stop, and the client and the emulator close last.
@@ -51,10 +52,28 @@ _log = get_logger("autoscaler.service")
 # Sections a running process cannot change: bound to sockets, the client or the emulator.
 _RESTART_ONLY = ("fly", "emulator", "admin", "cluster")
 NO_API_URL = (
-    "{path}: fly.api_url is not set: set it to the Machines API (https://api.machines.dev,"
+    "{path}: fly.api_url is not set{why}: set it to the Machines API (https://api.machines.dev,"
     " or http://_api.internal:4280 inside Fly), or ask for the embedded emulator with"
     " --emulator or fly.api_url: embedded"
 )
+
+
+def _scaled(settings: Settings) -> list[str]:
+    """The apps that need the Machines API (no ``backends``)."""
+    return [app.name for app in settings.apps if not app.static]
+
+
+def _needs_api(settings: Settings) -> bool:
+    """Whether ``fly.api_url`` must be set: an app to scale, or no app at all (a config
+    that forgot everything, not a proxy of static apps)."""
+    return not settings.apps or bool(_scaled(settings))
+
+
+def _no_api_url(path: object, settings: Settings) -> str:
+    scaled = _scaled(settings)
+    why = f" and app {scaled[0]} is scaled (it has no backends)" if scaled else ""
+    return NO_API_URL.format(path=path, why=why)
+
 
 NO_REDIS = (
     "{path}: cluster.redis_url is set but the Redis client is not installed: install the"
@@ -81,8 +100,12 @@ class Service:
         proxy_port: int | None = None,
         admin_port: int | None = None,
         emulator_port: int | None = None,
+        without_api: bool = False,
     ) -> None:
         self.settings = settings
+        self.without_api = without_api
+        """No Machines API (``autoscaler run`` on a config without ``fly.api_url`` whose apps
+        are all static): no emulator either, and a reload that adds a scaled app is refused."""
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.metrics = metrics or Metrics(version=__version__)
@@ -122,7 +145,9 @@ class Service:
 
     async def _start(self) -> None:
         s = self.settings
-        if not s.fly.embedded:
+        if self.without_api:
+            self.client = MachinesClient.unconfigured(observer=self.metrics.observe_api)
+        elif not s.fly.embedded:
             self.client = MachinesClient.from_settings(s.fly, observer=self.metrics.observe_api)
         else:
             listen = parse_host_port(s.emulator.listen)
@@ -248,6 +273,10 @@ class Service:
         except ConfigError as exc:
             self.metrics.config_reloads.labels(result="error").inc()
             _log.error("config_reload_rejected", problems=exc.problems)
+            return False
+        if self.without_api and new.fly.api_url is None and _needs_api(new):
+            self.metrics.config_reloads.labels(result="error").inc()
+            _log.error("config_reload_rejected", problems=[_no_api_url(path, new)])
             return False
         old = self.settings
         fixed = [k for k in _RESTART_ONLY if getattr(old, k) != getattr(new, k)]
@@ -391,13 +420,15 @@ def run(
     if loaded is None:
         return 2
     settings, path = loaded
-    if settings.fly.api_url is None:
-        _log.error("config_invalid", problem=NO_API_URL.format(path=path))
+    # Without fly.api_url only static apps can run: nothing to scale, no API to call.
+    without_api = settings.fly.api_url is None
+    if without_api and _needs_api(settings):
+        _log.error("config_invalid", problem=_no_api_url(path, settings))
         return 2
     if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
         _log.error("config_invalid", problem=NO_REDIS.format(path=path))
         return 2
-    service = Service(settings, config, overrides=overrides)
+    service = Service(settings, config, overrides=overrides, without_api=without_api)
     service.freeze_heap = True
     _log.info("config_loaded", path=str(path))
     try:

@@ -39,12 +39,21 @@ def write(tmp_path: Path, text: str) -> Path:
 # --- fly.api_url ------------------------------------------------------------------------
 
 
+def test_run_refuses_a_config_with_no_app_and_no_machines_api(tmp_path: Path) -> None:
+    # Static apps alone run without fly.api_url; no app at all is a config that forgot it.
+    path = write(tmp_path, "proxy: {shutdown_timeout_s: 2}\n")
+    with capture_logs() as logs:
+        assert run(str(path)) == 2
+    (line,) = [e for e in logs if e["event"] == "config_invalid"]
+    assert "fly.api_url is not set: " in line["problem"]
+
+
 def test_run_refuses_to_start_without_a_machines_api(tmp_path: Path) -> None:
     path = write(tmp_path, APP)
     with capture_logs() as logs:
         assert run(str(path)) == 2
     (line,) = [e for e in logs if e["event"] == "config_invalid"]
-    assert "fly.api_url is not set" in line["problem"]
+    assert "fly.api_url is not set and app web is scaled" in line["problem"]
     assert "--emulator" in line["problem"]
     assert "fly.api_url: embedded" in line["problem"]
 

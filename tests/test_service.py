@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -348,7 +350,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) 
 
 
 @contextlib.contextmanager
-def _run_process(file: Path) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+def _run_process(
+    file: Path, emulator: bool = True
+) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     """`autoscaler run` on ``file`` as a process of its own (its output piped, as text):
     the process, its proxy's port and its admin server's. Killed at the end if it still
     runs; an assertion that fails inside carries its output (a separate process: the only
@@ -360,7 +364,8 @@ def _run_process(file: Path) -> Iterator[tuple[subprocess.Popen[str], int, int]]
             "-m",
             "autoscaler",
             "run",
-            "--emulator",  # the config names no Machines API: the embedded emulator, asked for
+            # The config names no Machines API: the embedded emulator, asked for.
+            *(["--emulator"] if emulator else []),
             "--config",
             str(file),
             "--listen",
@@ -541,3 +546,51 @@ async def test_a_stop_cut_short_during_the_emulators_close_still_kills_its_machi
         assert leftovers(os.getpid()) == []
     finally:
         await emulator.close()
+
+
+def test_run_serves_static_apps_without_a_machines_api_and_refuses_a_scaled_one(
+    tmp_path: Path,
+) -> None:
+    """Static apps (fixed backends) need no fly.api_url (config/static.yaml): `run` serves
+    them with no emulator and no API; a reload that adds an app to scale is refused."""
+
+    class Backend(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "6")
+            self.end_headers()
+            self.wfile.write(b"static")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    app = f"{{name: web, hosts: [web.test], backends: ['127.0.0.1:{backend.server_port}']}}"
+    file = tmp_path / "static.yaml"
+    file.write_text(f"proxy: {{shutdown_timeout_s: 2}}\napps: [{app}]\n")
+    try:
+        with _run_process(file, emulator=False) as (proc, proxy_port, admin_port):
+            admin = f"http://127.0.0.1:{admin_port}"
+            _wait_ready(f"{admin}/readyz", proc)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{proxy_port}/", headers={"Host": "web.test"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+                assert resp.read() == b"static"
+            file.write_text(f"apps: [{app}, {{name: api, hosts: [api.test]}}]\n")
+            proc.send_signal(signal.SIGHUP)
+            _await_reload(admin, proc, "error")
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+    finally:
+        backend.shutdown()
+        backend.server_close()
+    assert proc.returncode == 0, out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    events = [line.get("event") for line in lines]
+    assert "embedded_emulator" not in events
+    [rejected] = [line for line in lines if line.get("event") == "config_reload_rejected"]
+    assert "fly.api_url is not set and app api is scaled" in rejected["problems"][0]
+    assert not [line for line in lines if line.get("event") == "fly_api"]  # no call at all

@@ -164,6 +164,19 @@ class MachinesClient(Operations):
         )
 
     @classmethod
+    def unconfigured(cls, **kw: Any) -> Self:
+        """For a configuration with no ``fly.api_url`` whose apps are all static (fixed
+        backends, nothing to scale): every call fails at once with a
+        :class:`~autoscaler.fly.errors.TransportError` that says so, and nothing is sent
+        anywhere (no connection is made)."""
+
+        def refuse(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("fly.api_url is not set (static apps only)", request=request)
+
+        kw.setdefault("max_retries", 0)
+        return cls("http://fly-api-url-not-set", None, transport=httpx.MockTransport(refuse), **kw)
+
+    @classmethod
     def from_settings(cls, fly: FlySettings, base_url: str | None = None, **kw: Any) -> Self:
         """A client from the ``fly`` section; ``base_url`` overrides ``fly.api_url``.
 
