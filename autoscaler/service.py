@@ -274,9 +274,14 @@ class Service:
             self.metrics.config_reloads.labels(result="error").inc()
             _log.error("config_reload_rejected", problems=exc.problems)
             return False
-        if self.without_api and new.fly.api_url is None and _needs_api(new):
+        if self.without_api and _scaled(new):
+            # Started without a Machines API, which a reload cannot add (fly.* needs a
+            # restart): an app to scale would fail every call.
+            problem = _no_api_url(path, new)
+            if new.fly.api_url is not None:
+                problem = f"{path}: fly.api_url was set after the start: restart to scale apps"
             self.metrics.config_reloads.labels(result="error").inc()
-            _log.error("config_reload_rejected", problems=[_no_api_url(path, new)])
+            _log.error("config_reload_rejected", problems=[problem])
             return False
         old = self.settings
         fixed = [k for k in _RESTART_ONLY if getattr(old, k) != getattr(new, k)]

@@ -594,3 +594,38 @@ def test_run_serves_static_apps_without_a_machines_api_and_refuses_a_scaled_one(
     [rejected] = [line for line in lines if line.get("event") == "config_reload_rejected"]
     assert "fly.api_url is not set and app api is scaled" in rejected["problems"][0]
     assert not [line for line in lines if line.get("event") == "fly_api"]  # no call at all
+
+
+@pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:9"], ids=["unset", "set-later"])
+async def test_a_service_without_an_api_refuses_a_reload_that_adds_an_app_to_scale(
+    tmp_path: Path, api_url: str | None
+) -> None:
+    """fly.* needs a restart: a Machines API named after the start is not used, so an app
+    to scale would fail every call; the reload is refused and the static apps stay."""
+    file = tmp_path / "static.yaml"
+    static = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
+    file.write_text(f"apps: [{static}]\n")
+    settings, _ = load_settings(file, env={})
+    svc = Service(
+        settings,
+        file,
+        metrics=Metrics(CollectorRegistry()),
+        proxy_port=0,
+        admin_port=0,
+        without_api=True,
+    )
+    await svc.start()
+    try:
+        assert svc.emulator is None
+        fly = f"fly: {{api_url: '{api_url}'}}\n" if api_url else ""
+        file.write_text(f"{fly}apps: [{static}, {{name: api, hosts: [api.test]}}]\n")
+        with capture_logs() as logs:
+            assert not await svc.reload()
+        [rejected] = [e for e in logs if e["event"] == "config_reload_rejected"]
+        why = "restart to scale apps" if api_url else "fly.api_url is not set and app api"
+        assert why in rejected["problems"][0]
+        assert [a.name for a in svc.settings.apps] == ["web"]
+        file.write_text(f"apps: [{static.replace('web.test', 'www.test')}]\n")
+        assert await svc.reload()  # static apps alone still reload
+    finally:
+        await svc.stop()
