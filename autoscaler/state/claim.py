@@ -19,10 +19,10 @@ loses Redis thus stops acting before anyone else can take the claim.
 The key holds ``holder#nonce#token``, the nonce drawn by the take. A take whose reply
 never came (the connection dropped, our command timeout fired, the task was cancelled)
 may have run in Redis all the same, leaving our claim there until its TTL with no
-:class:`Claim` of ours to use it: this replica's next take of the app sends the same
-nonce, and the script hands that claim back instead of finding it taken (as it does a
-claim whose release got no answer). Without that, the app's wake (anyone's) waited for
-the TTL, longer than a short ``wake_timeout_s``.
+:class:`Claim` of ours to use it: this replica's next take of the app sends that nonce
+too (the last few such, :data:`UNANSWERED`), and the script hands that claim back instead
+of finding it taken (as it does a claim whose release got no answer). Without that, the
+app's wake (anyone's) waited for the TTL, longer than a short ``wake_timeout_s``.
 """
 
 from __future__ import annotations
@@ -41,16 +41,19 @@ _log = get_logger("autoscaler.state.claim")
 _TAKE = (
     NEXT_FENCE
     + """
-local mine = ARGV[1] .. '#' .. ARGV[4] .. '#'
 local held = redis.call('GET', KEYS[1])
 if held then
-  if string.sub(held, 1, #mine) == mine then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {tonumber(string.sub(held, #mine + 1)), '', 1}
+  for i = 4, #ARGV do
+    local mine = ARGV[1] .. '#' .. ARGV[i] .. '#'
+    if string.sub(held, 1, #mine) == mine then
+      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+      return {tonumber(string.sub(held, #mine + 1)), '', i - 3}
+    end
   end
   return {0, '', 0}
 end
 local token = next_fence(KEYS[2])
+local mine = ARGV[1] .. '#' .. ARGV[4] .. '#'
 redis.call('SET', KEYS[1], mine .. string.format('%d', token), 'PX', ARGV[2])
 local previous = redis.call('GET', KEYS[3])
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
@@ -77,6 +80,8 @@ return 0
 """
 REMEMBER_MS = 24 * 3600 * 1000
 """How long Redis remembers who took an app's last claim."""
+UNANSWERED = 4
+"""How many nonces of claims Redis may hold for us a take sends (the newest)."""
 
 
 class Claim:
@@ -143,7 +148,7 @@ class Claim:
             await self.claims.redis.eval(_RELEASE, 1, self.key, self.value)
         except BaseException as exc:
             # It may be in Redis until its TTL: our next take of the app hands it back.
-            self.claims.unanswered.setdefault(self.app, self.nonce)
+            self.claims.remember(self.app, self.nonce)
             if not isinstance(exc, Exception):
                 raise
             _log.warning("wake_claim_not_released", app=self.app, error=str(exc))
@@ -167,9 +172,17 @@ class WakeClaims:
         self.ttl_s = ttl_s
         self.clock = clock
         self.fence_key = f"{prefix}:wake-fence"
-        self.unanswered: dict[str, str] = {}
-        """Per app, the nonce of a claim of ours that Redis may hold with no :class:`Claim`
-        of ours for it (a take or a release that got no answer): the next take sends it."""
+        self.unanswered: dict[str, list[str]] = {}
+        """Per app, the nonces of claims of ours that Redis may hold with no :class:`Claim`
+        of ours for them (a take or a release that got no answer), newest first: the next
+        take sends them. Several: a take may fail between a claim's end and its release's
+        failure, and which of the two Redis holds, if either, is not known."""
+
+    def remember(self, app: str, *nonces: str) -> None:
+        """Nonces of claims Redis may hold for us (the newest first), for the next take."""
+        known = self.unanswered.get(app, [])
+        fresh = [n for n in nonces if n not in known]
+        self.unanswered[app] = (fresh + known)[:UNANSWERED]
 
     @property
     def ttl_ms(self) -> int:
@@ -185,7 +198,8 @@ class WakeClaims:
         """The app's claim, or None while another replica holds it (Redis errors
         propagate: without Redis nobody can prove a wake is theirs alone). A claim of ours
         that Redis holds from a take whose reply was lost is handed back."""
-        nonce = self.unanswered.pop(app, None) or uuid.uuid4().hex[:12]
+        # A fresh nonce for a new claim, then ours that Redis may hold.
+        nonces = [uuid.uuid4().hex[:12], *self.unanswered.pop(app, [])]
         sent = self.clock()
         try:
             token, previous, again = await self.redis.eval(
@@ -197,16 +211,17 @@ class WakeClaims:
                 self.holder,
                 self.ttl_ms,
                 REMEMBER_MS,
-                nonce,
+                *nonces,
             )
         except BaseException:  # the script may have run, its reply lost: ask again next time
-            self.unanswered[app] = nonce
+            self.remember(app, *nonces)
             raise
         if not int(token):
             return None
         if int(again):
             _log.info("wake_claim_recovered", app=app, holder=self.holder, fence=int(token))
-            return Claim(self, app, int(token), nonce, None, sent)
+            return Claim(self, app, int(token), nonces[int(again) - 1], None, sent)
+        nonce = nonces[0]
         _log.info("wake_claimed", app=app, holder=self.holder, fence=int(token))
         return Claim(self, app, int(token), nonce, str(previous), sent)
 

@@ -399,3 +399,28 @@ async def test_a_claim_whose_release_got_no_answer_is_handed_back_to_its_holder(
         assert await claims.holder_of(APP) is None
     finally:
         await client.aclose()
+
+
+async def test_a_lost_release_after_a_failed_take_is_still_handed_back(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A take of the app failed (never reached Redis) between a claim's end and the
+    failure of its release: the take's nonce replaced the claim's, which Redis held, and
+    the next wake of the app waited for the TTL."""
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    try:
+        claims = WakeClaims(client, key_prefix, "a", 30.0)
+        first = await claims.take(APP)
+        assert first is not None
+        claims.redis = _LostReplies(client, claims.key(APP), lost=2, ran=False)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await claims.take(APP)
+        await first.release()  # logged, not raised
+        claims.redis = client
+        assert await claims.holder_of(APP) == "a"  # our claim, until its TTL
+        again = await claims.take(APP)
+        assert again is not None
+        assert again.token == first.token
+        assert await again.check()
+    finally:
+        await client.aclose()
