@@ -645,13 +645,25 @@ async def test_an_idle_websocket_lets_the_app_sleep_and_its_drain_closes_it(
 ) -> None:
     async with running_stack(emulator, connection_idle_s=1, idle_to_zero_s=2) as stack:
         url = f"http://127.0.0.1:{stack.proxy.port}/ws"
-        # The client pings every 0.25 s and the machine answers each with a pong, as
-        # uvicorn's or a browser library's keep-alives do: control frames, not use.
-        async with stack.session.ws_connect(url, headers={"Host": HOST}, heartbeat=0.25) as ws:
+        async with stack.session.ws_connect(url, headers={"Host": HOST}) as ws:
             await ws.send_str("hello")
             assert await ws.receive_str() == "hello"
             assert stack.app.in_flight == 1
-            msg = await asyncio.wait_for(ws.receive(), timeout=60)
+
+            async def keep_alive() -> None:
+                # A ping every 0.25 s, each answered with a pong by the machine, as
+                # uvicorn's or a browser library's keep-alives do: control frames, not use.
+                # (By hand: aiohttp's heartbeat would also give up on a pong 0.125 s late.)
+                while not ws.closed:
+                    await ws.ping()
+                    await asyncio.sleep(0.25)
+
+            pings = asyncio.create_task(keep_alive())
+            try:
+                msg = await asyncio.wait_for(ws.receive(), timeout=60)  # pongs pass unseen
+            finally:
+                pings.cancel()
+                await asyncio.gather(pings, return_exceptions=True)
             assert msg.type is WSMsgType.CLOSE
             assert msg.data == 1001  # going away: reconnect (and wake the app)
         # Its suspend begun is enough: on Fly's timings it lasts up to 18 s more, which the
