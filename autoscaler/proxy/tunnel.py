@@ -141,6 +141,7 @@ class Tunnel:
         self._machine_told = False
         self._machine_eof = False  # the client's FIN passed on: nothing more goes there
         self._closing = False  # a close frame went by: the handshake's timeout runs
+        self._timers: list[asyncio.TimerHandle] = []  # deadlines that end the tunnel
 
     async def run(self) -> None:
         """Relay until one side closes, then close the other; returns when both are."""
@@ -160,6 +161,8 @@ class Tunnel:
         try:
             await self._done
         finally:
+            for timer in self._timers:  # (each held the tunnel, both sockets and all)
+                timer.cancel()
             client.on_writable = machine.on_writable = None
             machine.close()
             client.close()
@@ -200,7 +203,7 @@ class Tunnel:
             self._touch()
         if cursor.closing and not self._closing:
             self._closing = True
-            self._loop.call_later(CLOSE_TIMEOUT_S, self.closed)
+            self._timers.append(self._loop.call_later(CLOSE_TIMEOUT_S, self.closed))
 
     # Flow control: a side that cannot take more stops reading from the other.
 
@@ -229,7 +232,7 @@ class Tunnel:
                 self.closed()
                 return
             self._machine_eof = True
-        asyncio.get_running_loop().call_later(EOF_LINGER_S, self.closed)
+        self._timers.append(self._loop.call_later(EOF_LINGER_S, self.closed))
 
     def closed(self) -> None:
         """One side's socket closed: the tunnel is over."""
@@ -244,7 +247,7 @@ class Tunnel:
         the other, a close that is not its peer's). Its two ends finish it, and the tunnel
         ends when a side closes its socket then, or ``EOF_LINGER_S`` later."""
         if self._to_client.closing or self._to_machine.closing:
-            self._loop.call_later(EOF_LINGER_S, self.closed)
+            self._timers.append(self._loop.call_later(EOF_LINGER_S, self.closed))
             return
         self._going_away = True
         if self._to_client.at_boundary:
