@@ -1178,6 +1178,15 @@ def format_errors(exc: ValidationError) -> list[str]:
     return [text for _, text in _error_items(exc)]
 
 
+# Fly's tokens by their shape (macaroons: "FlyV1 fm2_...", and the older fo1_/fm1_ ones):
+# a token pasted into a field that is not a secret (``fly.api_url``) is not echoed either.
+_FLY_TOKEN = re.compile(r"FlyV1\s+\S+|\bf[mo]\d[a-z]?_[A-Za-z0-9_+/=,-]{8,}")
+
+
+def _hide_tokens(text: str) -> str:
+    return _FLY_TOKEN.sub("<redacted: a Fly token?>", text)
+
+
 # Fields whose values are secrets: never shown in an error, whatever the mistake.
 _SECRET_FIELDS = frozenset({"token", "redis_url"})
 # Errors of a value that should have been a mapping (a section, an app).
@@ -1186,6 +1195,10 @@ _MAPPING_ERRORS = frozenset({"model_type", "model_attributes_type", "dict_type"}
 
 def _error_items(exc: ValidationError) -> list[tuple[KeyPath, str]]:
     """``format_errors``, each line with the key path it is about."""
+    return [(loc, _hide_tokens(text)) for loc, text in _error_lines(exc)]
+
+
+def _error_lines(exc: ValidationError) -> list[tuple[KeyPath, str]]:
     items: list[tuple[KeyPath, str]] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])

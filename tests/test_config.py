@@ -457,3 +457,21 @@ def test_a_secret_in_the_wrong_place_is_not_echoed(
     (line,) = info.value.problems
     assert line.endswith(expected)
     assert secret not in line
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "FlyV1 fm2_lJPECAAAAAAAAMz2xBCJm7bnxAv1VVYWg/4qc3zpwrVodHRwczovL2FwaS5mbHkuaW8vdjGU,fm2_x",
+        "fo1_8sXzNcXm7KTxZdgpQk4sNX2y3JvVe1pM0BqkPq2qWyA",
+    ],
+    ids=["macaroon", "personal"],
+)
+def test_a_fly_token_pasted_into_another_field_is_not_echoed(tmp_path: Path, token: str) -> None:
+    # fly.api_url is not a secret field: its error showed the value, here the token.
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f"fly: {{api_url: '{token}'}}\n"), env={})
+    (line,) = info.value.problems
+    assert "fly.api_url" in line
+    assert "<redacted: a Fly token?>" in line
+    assert token.split()[-1][:12] not in line
