@@ -468,6 +468,9 @@ class Lifecycle:
             )
             return
         if self.faults.boot_failure_rate and self._rng.random() < self.faults.boot_failure_rate:
+            # A boot that fails is `starting` for a boot's time first, as on Fly (starting,
+            # then failed): a start tried again meanwhile meets a 412, not a failed machine.
+            await self._pad(began, boot_s)
             self.record(
                 m, "failed", "launch", source="flyd", request={"error": "injected boot failure"}
             )

@@ -139,6 +139,23 @@ async def test_a_cold_boot_lasts_start_s() -> None:
         await wait_ok(s, "demo", mid)
 
 
+async def test_a_boot_that_fails_is_starting_for_start_s_first() -> None:
+    # As on Fly, a boot that fails goes through `starting` for a boot's time: a start
+    # tried again meanwhile is refused (412), and `failed` comes only at the end.
+    settings = EmulatorSettings(
+        rate_limits=False, timing={"start_s": [2.0, 2.5]}, faults={"boot_failure_rate": 1.0}
+    )
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, start=False)
+        mid = m["id"]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+        r = await wait(s, "demo", mid, "failed", seconds=1)
+        assert r.status == 408
+        assert "currently starting" in (await r.json())["error"]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 412
+        await wait_ok(s, "demo", mid, "failed")
+
+
 async def test_a_cold_boot_is_started_before_its_app_listens() -> None:
     # As on Fly: `started` once the VM runs the app; the app listens listen_s later.
     settings = EmulatorSettings(rate_limits=False, timing={"start_s": 0.05, "listen_s": 1.5})
