@@ -276,8 +276,9 @@ class Lifecycle:
         self._reachable(m)
         if m.state not in ("started", "suspended", "failed"):
             raise Conflict(f"unable to stop machine from current state: '{m.state}'")
+        suspended = m.state == "suspended"
         self.record(m, "stopping", "stop", request={"signal": signal.Signals(sig).name})
-        self._run(m, self._stop(m, sig, timeout_s))
+        self._run(m, self._stop(m, sig, timeout_s, suspended))
 
     def restart(self, m: Machine, sig: int, timeout_s: float) -> None:
         self._reachable(m)
@@ -582,9 +583,12 @@ class Lifecycle:
             if self.procs.get(m.id) is mp:
                 del self.procs[m.id]
 
-    async def _stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+    async def _stop(self, m: Machine, sig: int, timeout_s: float, suspended: bool) -> None:
         began = asyncio.get_running_loop().time()
-        await self._end_process(m, sig, timeout_s)
+        if suspended:
+            await self._drop_snapshot(m)
+        else:
+            await self._end_process(m, sig, timeout_s)
         await self._pad(began, self.draw(self.timing.stop_s))  # the VM shutting down
         self.record(m, "stopped", source="flyd")
         if m.config.get("auto_destroy") is True:
@@ -593,13 +597,22 @@ class Lifecycle:
             await asyncio.sleep(0)
             self.destroy(m, force=True)
 
+    async def _drop_snapshot(self, m: Machine) -> None:
+        """A suspended machine's snapshot is thrown away, as on Fly when it is stopped or
+        updated: the frozen process is killed, never resumed to run its shutdown."""
+        self._snapshots.pop(m.id, None)
+        await self._end_process(m, signal.SIGKILL, 0)
+
     async def _restart(self, m: Machine, sig: int, timeout_s: float) -> None:
         await self._end_process(m, sig, timeout_s)
         self.record(m, "starting", source="flyd")
         await self._boot(m)
 
     async def _update(self, m: Machine, previous: str) -> None:
-        await self._end_process(m, signal.SIGINT, 5.0)
+        if previous == "suspended":
+            await self._drop_snapshot(m)
+        else:
+            await self._end_process(m, signal.SIGINT, 5.0)
         if previous == "started":
             self.record(m, "starting", source="flyd")
             await self._boot(m)

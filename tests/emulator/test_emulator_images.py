@@ -20,6 +20,13 @@ from structlog.testing import capture_logs
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
 
+# Listens, and says "bye" when SIGINT stops it (its shutdown ran).
+POLITE = (
+    '{python} -c "import signal, socket, sys, time; '
+    "signal.signal(signal.SIGINT, lambda *a: (print('bye', flush=True), sys.exit(0))); "
+    "s = socket.create_server(('{host}', {port})); time.sleep(600)\""
+)
+
 # A tiny HTTP server that answers the value of $GREETING: proves {host}, {port} and env.
 GREETER = (
     '{python} -c "import os, sys, http.server as h; '
@@ -47,6 +54,7 @@ def emulator_settings() -> EmulatorSettings:
             "me/sleeper": '{python} -c "import time; time.sleep(60)"',
             "me/quitter": '{python} -c "raise SystemExit(3)"',
             "me/stubborn": STUBBORN,
+            "me/polite": POLITE,
         },
     )
 
@@ -88,6 +96,29 @@ async def test_stop_timeout_falls_back_to_sigkill(emulator: Emulator) -> None:
         assert r.status == 200
         await wait_ok(s, "demo", m["id"], "stopped")
         assert pid_gone(pid)
+
+
+@pytest.mark.parametrize("action", ["stop", "update"])
+async def test_a_suspended_machine_s_snapshot_is_dropped_not_resumed(
+    emulator: Emulator, action: str
+) -> None:
+    # As on Fly, stopping (or updating) a suspended machine throws its snapshot away: the
+    # frozen app is never resumed, so it never runs its shutdown (it would print "bye").
+    async with session(emulator) as s:
+        m = await new_machine(s, image="me/polite")
+        mid = m["id"]
+        pid = emulator.pids()[0]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/suspend")).status == 200
+        await wait_ok(s, "demo", mid, "suspended")
+        if action == "stop":
+            r = await s.post(f"/v1/apps/demo/machines/{mid}/stop")
+        else:
+            config = {**m["config"], "env": {"NEW": "1"}}
+            r = await s.post(f"/v1/apps/demo/machines/{mid}", json={"config": config})
+        assert r.status == 200, await r.text()
+        await wait_ok(s, "demo", mid, "stopped")
+        assert pid_gone(pid)
+        assert "bye" not in emulator.output("demo", mid)
 
 
 def stubborn_emulator() -> Emulator:
