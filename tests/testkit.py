@@ -55,9 +55,15 @@ def on_profile(settings: EmulatorSettings, profile: str, **update: Any) -> Emula
 
 def fly_like(settings: EmulatorSettings) -> EmulatorSettings:
     """``settings`` with the emulator's ``fly`` timing profile: resumes of a few hundred ms,
-    cold starts of about 2 s, suspends of up to 18 s (docs/emulator.md)."""
+    cold starts of about 2 s, suspends of up to 18 s (docs/emulator.md); and Fly's rate
+    limits, as ``autoscaler emulator --profile fly`` has them (a 429 is Fly's answer too)."""
     return settings.model_copy(
-        update={"profile": "fly", "demo_boot_delay_s": None, "resume_delay_s": None}
+        update={
+            "profile": "fly",
+            "demo_boot_delay_s": None,
+            "resume_delay_s": None,
+            "rate_limits": True,
+        }
     )
 
 
