@@ -246,12 +246,12 @@ async def test_a_crash_that_flys_restart_policy_repairs_is_not_restarted_again(
 
 
 def listening_late(listen_s: float, machines: int = 1, profile: str = "fly") -> EmulatorSettings:
-    """Fly's timings (or ``profile``'s), one machine (or ``machines``), and its app
-    listening ``listen_s`` after `started`."""
+    """Fly's timings and rate limits (or ``profile``'s timings), one machine (or
+    ``machines``), and its app listening ``listen_s`` after `started`."""
     return EmulatorSettings(
         profile=profile,
         timing=TimingSettings(listen_s=listen_s),
-        rate_limits=False,
+        rate_limits=profile == "fly",
         apps=[EmulatorApp(name=APP, machines=machines)],
     )
 
@@ -609,7 +609,6 @@ async def test_a_request_during_a_15s_suspend_waits_a_resume_not_the_suspend() -
     settings = EmulatorSettings(
         profile="fly",
         timing=TimingSettings(suspend_s=SUSPEND_S),
-        rate_limits=False,
         apps=[EmulatorApp(name=APP, machines=1)],
     )
     async with (
