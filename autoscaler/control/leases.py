@@ -151,7 +151,7 @@ class Leases:
         while True:
             await self.sleep(self.ttl_s / 3)
             try:
-                await self.api.refresh_machine_lease(
+                lease = await self.api.refresh_machine_lease(
                     held.app, held.machine_id, held.nonce, ttl_s=self.ttl_s
                 )
             except (LeaseHeld, NotFound) as exc:
@@ -163,6 +163,14 @@ class Leases:
                 _log.warning(
                     "lease_refresh_failed", app=held.app, machine=held.machine_id, error=str(exc)
                 )
+                continue
+            if lease.nonce and lease.nonce != held.nonce:
+                # It lapsed (refreshes failed for a whole TTL) and the refresh took a new one,
+                # as the emulator does: ours again, under the nonce the sequence's next
+                # changes and the release must send (with the old one, our own lease refused
+                # them with 409 until it lapsed in turn).
+                _log.warning("lease_renewed_after_lapse", app=held.app, machine=held.machine_id)
+                held.nonce = lease.nonce
 
     async def release(self, held: Held) -> None:
         """Give the lease back. A failure only logs: the lease lapses after its TTL."""

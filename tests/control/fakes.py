@@ -88,6 +88,9 @@ class FakeMachinesAPI:
     """(app, machine) -> the lease held on it; ``expires_at`` on ``clock``."""
     clock: Callable[[], float] | None = None
     """What leases expire by; None: they never expire on their own."""
+    lapsed_refresh_renews: bool = False
+    """True: a refresh of a lease that lapsed takes a new one, under a new nonce, as the
+    emulator does (Fly does not say); False: 404."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -314,6 +317,8 @@ class FakeMachinesAPI:
     ) -> m.Lease:
         await self._enter("refresh_machine_lease", machine_id, nonce=nonce)
         held = self.lease(app, machine_id)
+        if held is None and self.lapsed_refresh_renews:
+            return self.take_lease(app, machine_id, "autoscaler", ttl_s)
         if held is None:
             raise NotFound(404, "no lease")
         if held.nonce != nonce:

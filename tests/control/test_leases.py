@@ -118,6 +118,31 @@ async def test_a_long_suspend_keeps_its_lease_alive(api: FakeMachinesAPI, clock:
     assert api.lease(APP, mid) is None
 
 
+async def test_a_lease_renewed_after_it_lapsed_is_kept_under_its_new_nonce(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Refreshes failed for longer than the TTL (an API outage), and the next one took a
+    new lease, as the emulator does: the keeper dropped its nonce, so our changes, the
+    release and our next take met 409 from our own lease until it lapsed."""
+    api.lapsed_refresh_renews = True
+    mid = api.add(APP, "started")
+    leases = Leases(api, sleep=clock.sleep, ttl_s=30)
+    held = await leases.take(APP, mid, "drain")
+    first = held.nonce
+    api.fail["refresh_machine_lease"] = [ServerError(503, "outage")] * 3
+    for _ in range(10):  # refreshes at 10, 20 and 30 s fail; the lease lapses at 30 s;
+        await clock.advance(5)  # the one at 40 s takes a new lease
+    await settle()
+    lease = api.lease(APP, mid)
+    assert lease is not None
+    assert lease.nonce != first
+    assert held.nonce == lease.nonce
+    await leases.release(held)
+    assert api.lease(APP, mid) is None  # given back under the new nonce
+    again = await leases.take(APP, mid, "wake")  # not refused by a lease of our own
+    await leases.release(again)
+
+
 async def test_a_machine_leased_by_another_is_skipped_counted_and_retried_later(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
