@@ -1,0 +1,629 @@
+"""A chaos soak of issue 20 ("No app goes dark") on the emulator's Fly-like profile.
+
+    .venv/bin/python benchmarks/chaos_soak.py [--seed 1] [--runs 1] [--outage 30-60]
+                                               [--tail 45] [--out FILE]
+
+On 127.0.0.1 only, for each run (seed ``--seed``, ``--seed + 1``, ...):
+
+1. the emulator (in this process, ``profile: fly``, Fly's rate limits on, seeded) with four
+   apps: ``zero`` (2 machines, scale to zero after 4 s), ``adapt`` (2, ``keep_alive:
+   adaptive``), ``warm`` (1, ``min_machines: 1``), ``stopper`` (3, stopped rather than
+   suspended, ``connection_idle_s`` 4);
+2. ``autoscaler run`` (a child process) in front of them, its log in a file;
+3. per app, a seeded traffic generator: bursts of clients, idle gaps longer than the
+   app's idle_to_zero_s, WebSockets (chatty and idle) and streams (chunked, SSE);
+4. faults switched on and off through the emulator's fault endpoint in a seeded order with
+   quiet gaps between them: API errors with 429s and latency, a 429 storm, failed boots,
+   slow suspends (15-25 s, the emulator's timing), and a full API outage of ``--outage``
+   seconds; midway a SIGHUP reload changes two apps' policies and removes ``stopper``,
+   which a second reload adds back 25 s later; then ``--tail`` quiet seconds.
+
+Invariants, checked while it runs and at the end (each breach is printed and counted):
+
+- every non-2xx answer (and every WebSocket or stream cut short) is classified: by the
+  fault or the reload that explains it (a fault in force during the request or up to
+  wake_timeout_s before it; the app removed), else UNEXPLAINED; a failure while the app
+  had a started, uncordoned machine for the whole request is a breach in any case;
+- once the faults are off, every app is served within wake_timeout_s: a request that
+  starts more than wake_timeout_s + 3 ticks after the last fault ended and fails means
+  the app stayed dark;
+- no counter or gauge on /metrics, and no count on /status, is ever negative; /readyz
+  answers 200 throughout;
+- no machine carries a cordon (the API's or our metadata key) 60 s after the traffic
+  stops;
+- at the end no process or port is left: the autoscaler exits 0 on SIGTERM, its ports
+  can be bound again, no machine process outlives the emulator;
+- the autoscaler's log has no "Task exception was never retrieved" (or another sign of a
+  crash) and every error-level line falls in a fault window (else it is listed).
+
+Exit status 1 if any invariant was breached. Not part of the test suite (a run takes about
+4 minutes); docs/reliability.md ("Chaos soak") has the runs made and what they found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+HOST = "127.0.0.1"
+TOKEN = "chaos-soak-emulator-token-0123"  # noqa: S105 - a local emulator's, not a secret
+REPO = Path(__file__).resolve().parent.parent
+TICK_S = 1.0
+WAKE_TIMEOUT_S = 20.0
+DARK_AFTER_S = WAKE_TIMEOUT_S + 3 * TICK_S
+CRASH_SIGNS = (
+    "Task exception was never retrieved",
+    "Task was destroyed but it is pending",
+    "tick_crashed",
+    "Error handling request",
+    "Unclosed client session",
+    "internal proxy error",
+    "Traceback",
+)
+
+APPS: dict[str, dict[str, Any]] = {
+    "zero": {"idle_to_zero_s": 4, "max_machines": 2},
+    "adapt": {"keep_alive": "adaptive", "idle_to_zero_s": 6, "max_machines": 2},
+    "warm": {"min_machines": 1, "max_machines": 1},
+    "stopper": {
+        "scale_down_action": "stop",
+        "idle_to_zero_s": 5,
+        "connection_idle_s": 4,
+        "max_machines": 3,
+    },
+}
+MACHINES = {"zero": 2, "adapt": 2, "warm": 1, "stopper": 3}
+COMMON: dict[str, Any] = {
+    "target_concurrency": 4,
+    "stable_window_s": 5,
+    "panic_window_s": 2,
+    "scale_down_delay_s": 3,
+    "min_lifetime_s": 1,
+    "drain_timeout_s": 5,
+    "wake_timeout_s": WAKE_TIMEOUT_S,
+}
+
+
+def app_config(name: str, **changes: Any) -> dict[str, Any]:
+    return {"name": name, "hosts": [f"{name}.soak"], **COMMON, **APPS[name], **changes}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    """Whether a server could listen on ``port`` again (as servers do: SO_REUSEADDR, so
+    connections in TIME_WAIT do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+            s.listen()
+        except OSError:
+            return False
+        return True
+
+
+# --- what happened ---------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    name: str
+    start: float
+    end: float | None = None
+    api: bool = True  # a fault of the Machines API (a fault that may explain a failure)
+
+
+@dataclass
+class Outcome:
+    app: str
+    kind: str  # http, ws, stream
+    t0: float
+    t1: float
+    result: str  # "ok", a status code, "ws_close_<code>", "stream_cut", an exception
+    detail: str = ""
+    served_throughout: bool = False  # a started, uncordoned machine for the whole request
+
+
+@dataclass
+class Run:
+    seed: int
+    t_start: float = field(default_factory=time.monotonic)
+    windows: list[Window] = field(default_factory=list)
+    removed: list[tuple[str, float, float | None]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    breaches: list[str] = field(default_factory=list)
+    # per app: times when it had a serving machine (sampled), as (time, bool)
+    serving: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
+    faults_over_at: float = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() - self.t_start
+
+    def breach(self, text: str) -> None:
+        line = f"[seed {self.seed} t={self.now():6.1f}] BREACH {text}"
+        print(line, flush=True)
+        self.breaches.append(line)
+
+    def fault_at(self, t0: float, t1: float) -> str | None:
+        """An API fault that was in force during [t0 - wake_timeout, t1] (a slow suspend
+        explains no failure: a request during one takes the suspend back)."""
+        for w in self.windows:
+            if not w.api:
+                continue
+            end = w.end if w.end is not None else float("inf")
+            if w.start <= t1 and end >= t0 - WAKE_TIMEOUT_S - 2 * TICK_S:
+                return w.name
+        return None
+
+    def removed_at(self, app: str, t0: float, t1: float) -> bool:
+        for name, start, end in self.removed:
+            stop = end if end is not None else float("inf")
+            if name == app and start - 1 <= t1 and stop + 1 >= t0:
+                return True
+        return False
+
+    def served_throughout(self, app: str, t0: float, t1: float) -> bool:
+        samples = self.serving.get(app, [])
+        before = [ok for t, ok in samples if t <= t0]
+        during = [ok for t, ok in samples if t0 < t <= t1]
+        return bool(before) and before[-1] and all(during)
+
+
+# --- traffic ----------------------------------------------------------------------------
+
+
+class Traffic:
+    def __init__(self, run: Run, proxy: str, rng: random.Random) -> None:
+        self.run = run
+        self.proxy = proxy
+        self.rng = rng
+        self.session: aiohttp.ClientSession | None = None
+        self.stop = asyncio.Event()
+
+    async def __aenter__(self) -> Traffic:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=WAKE_TIMEOUT_S + 40),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.session is not None
+        await self.session.close()
+
+    def record(self, app: str, kind: str, t0: float, result: str, detail: str = "") -> None:
+        t1 = self.run.now()
+        out = Outcome(app, kind, t0, t1, result, detail[:200])
+        out.served_throughout = self.run.served_throughout(app, t0, t1)
+        self.run.outcomes.append(out)
+
+    async def http(self, app: str, path: str) -> str:
+        assert self.session is not None
+        t0 = self.run.now()
+        try:
+            async with self.session.get(self.proxy + path, headers={"Host": f"{app}.soak"}) as r:
+                body = await r.read()
+                result = "ok" if 200 <= r.status < 300 else str(r.status)
+                streamed = path.startswith(("/stream", "/events"))
+                if streamed and r.status == 200:
+                    want = int(path.split("n=")[1].split("&")[0])
+                    if body.count(b"chunk " if path.startswith("/s") else b"data: ") != want:
+                        result = "stream_cut"
+                self.record(app, "stream" if streamed else "http", t0, result, repr(body))
+                return result
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            kind = "stream" if path.startswith(("/stream", "/events")) else "http"
+            self.record(app, kind, t0, type(exc).__name__, repr(exc))
+            return type(exc).__name__
+
+    async def websocket(self, app: str, seconds: float, chatty: bool) -> None:
+        assert self.session is not None
+        t0 = self.run.now()
+        url = self.proxy.replace("http://", "ws://") + "/ws"
+        try:
+            async with self.session.ws_connect(url, headers={"Host": f"{app}.soak"}) as ws:
+                end = time.monotonic() + seconds
+                await ws.send_str("hello")
+                msg = await ws.receive(timeout=WAKE_TIMEOUT_S)
+                while time.monotonic() < end:
+                    if msg.type is not aiohttp.WSMsgType.TEXT:
+                        self.record(app, "ws", t0, f"ws_close_{ws.close_code}", str(msg))
+                        return
+                    if chatty:
+                        await asyncio.sleep(0.5)
+                        await ws.send_str("more")
+                        msg = await ws.receive(timeout=WAKE_TIMEOUT_S)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            msg = await ws.receive(timeout=max(0.01, end - time.monotonic()))
+                self.record(app, "ws", t0, "ok")
+        except aiohttp.WSServerHandshakeError as exc:
+            self.record(app, "ws", t0, str(exc.status), repr(exc))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.record(app, "ws", t0, type(exc).__name__, repr(exc))
+
+    async def burst(self, app: str, clients: int, seconds: float) -> None:
+        end = time.monotonic() + seconds
+
+        async def client() -> None:
+            while time.monotonic() < end and not self.stop.is_set():
+                if await self.http(app, f"/work?ms={self.rng.randint(10, 120)}") != "ok":
+                    await asyncio.sleep(0.05)  # as a real client would, not a tight loop
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+
+    async def app_loop(self, app: str, rng: random.Random) -> None:
+        """Bursts of requests and idle gaps, often longer than the app's idle_to_zero_s."""
+        while not self.stop.is_set():
+            if rng.random() < 0.7:
+                await self.burst(app, rng.randint(1, 8), rng.uniform(2, 8))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), rng.choice((1, 3, 8, 15, 30)))
+
+    async def long_lived_loop(self, app: str, rng: random.Random) -> None:
+        """WebSockets (chatty, or idle but for the first message) and streams, with gaps."""
+        while not self.stop.is_set():
+            pick = rng.random()
+            if pick < 0.5:
+                await self.websocket(app, rng.uniform(3, 12), chatty=rng.random() < 0.6)
+            else:
+                which = "/stream" if rng.random() < 0.5 else "/events"
+                await self.http(app, f"{which}?n={rng.randint(5, 40)}&ms=100")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), rng.choice((0.5, 2, 6, 12, 30)))
+
+
+# --- watching --------------------------------------------------------------------------
+
+
+def our_cordons(emu: Any, app: str) -> list[str]:
+    from autoscaler.scaling.fleet import CORDON_METADATA_KEY
+
+    return [
+        m.id
+        for m in emu.machines(app)
+        if m.cordoned or CORDON_METADATA_KEY in (m.config.get("metadata") or {})
+    ]
+
+
+async def watch_machines(run: Run, emu: Any, stop: asyncio.Event) -> None:
+    """Sample which apps have a started, uncordoned, answering machine (every 0.25 s)."""
+    first_started: dict[str, float] = {}
+    while not stop.is_set():
+        now = run.now()
+        hung = set(emu.faults.hung)
+        for app in MACHINES:
+            ok = False
+            for m in emu.machines(app):
+                if m.state == "started" and not m.cordoned and m.id not in hung:
+                    since = first_started.setdefault(m.id, now)
+                    # its app listens at most 0.6 s after `started` (profile fly)
+                    ok = ok or now - since > 1.5
+                else:
+                    first_started.pop(m.id, None)
+            run.serving.setdefault(app, []).append((now, ok))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
+NEGATIVE = re.compile(r"^(autoscaler_[a-z_]+)(\{[^}]*\})? (-[0-9.e+]+)$", re.M)
+
+
+def _negatives(doc: Any, path: str = "") -> list[str]:
+    out = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _negatives(v, f"{path}.{k}")
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _negatives(v, f"{path}[{i}]")
+    elif isinstance(doc, (int, float)) and not isinstance(doc, bool) and doc < 0:
+        out.append(f"{path}={doc}")
+    return out
+
+
+async def watch_admin(run: Run, admin: str, stop: asyncio.Event) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    not_ready = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while not stop.is_set():
+            try:
+                async with http.get(admin + "/metrics") as r:
+                    text = await r.text()
+                for m in NEGATIVE.finditer(text):
+                    run.breach(f"negative metric {m.group(0)}")
+                async with http.get(admin + "/status", headers=headers) as r:
+                    doc = await r.json()
+                for neg in _negatives(doc):
+                    run.breach(f"negative /status value {neg}")
+                async with http.get(admin + "/readyz") as r:
+                    if r.status != 200:
+                        not_ready += 1
+                        run.breach(f"/readyz answered {r.status}: {(await r.text())[:200]}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                run.breach(f"admin server unreachable: {exc!r}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+
+# --- one run ----------------------------------------------------------------------------
+
+
+def fault_plan(rng: random.Random, outage: tuple[float, float]) -> list[tuple[str, Any, float]]:
+    plan: list[tuple[str, Any, float]] = [
+        ("api_errors", {"error_rate": 0.2, "rate_limit_rate": 0.1, "latency_s": 0.3}, 20),
+        ("rate_limit_storm", {"rate_limit_rate": 0.9}, 15),
+        ("boot_failures", {"boot_failure_rate": 0.6}, 20),
+        ("slow_suspends", "suspend", 30),
+        ("outage", {"error_rate": 1.0}, rng.uniform(*outage)),
+    ]
+    rng.shuffle(plan)
+    return plan
+
+
+async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from autoscaler import logs
+    from autoscaler.config import EmulatorApp, EmulatorSettings
+    from autoscaler.emulator import Emulator
+    from autoscaler.emulator.faults import RemoteFaults
+    from autoscaler.emulator.procs import pid_alive
+
+    logs.configure(fmt="json", stream=sys.stderr, level="warning")  # the emulator's
+    rng = random.Random(seed)  # noqa: S311 - a schedule, not a secret
+    run = Run(seed)
+    settings = EmulatorSettings(
+        token=TOKEN,
+        profile="fly",
+        rate_limits=True,
+        apps=[EmulatorApp(name=a, machines=n) for a, n in MACHINES.items()],
+    )
+    proxy_port, admin_port = _free_port(), _free_port()
+    async with Emulator(settings, HOST, 0, rng=random.Random(seed)) as emu:  # noqa: S311
+        config = {
+            "fly": {"api_url": emu.url},
+            "proxy": {"listen": f"{HOST}:{proxy_port}", "access_log": False},
+            "admin": {"listen": f"{HOST}:{admin_port}", "token": TOKEN},
+            "control": {"tick_s": TICK_S},
+            "apps": [app_config(a) for a in MACHINES],
+        }
+        file = tmp / f"autoscaler-{seed}.yaml"
+        file.write_text(yaml.safe_dump(config))
+        log_path = tmp / f"autoscaler-{seed}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOSCALER_", "FLY_"))}
+        env["FLY_API_TOKEN"] = TOKEN
+        env["PYTHONPATH"] = str(REPO)
+        command = [sys.executable, "-m", "autoscaler", "run", "--config", str(file)]
+        command += ["--log-format", "json"]
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *command, cwd=REPO, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+            )
+        admin = f"http://{HOST}:{admin_port}"
+        proxy = f"http://{HOST}:{proxy_port}"
+        exit_code: int | None = None
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(300):
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(admin + "/readyz") as r:
+                            if r.status == 200:
+                                break
+                    if proc.returncode is not None:
+                        raise RuntimeError(f"autoscaler exited: {log_path.read_text()[-2000:]}")
+                    await asyncio.sleep(0.2)
+            stop_watch = asyncio.Event()
+            watchers = [
+                asyncio.create_task(watch_machines(run, emu, stop_watch)),
+                asyncio.create_task(watch_admin(run, admin, stop_watch)),
+            ]
+            normal_suspend = emu.world.lifecycle.timing
+            async with Traffic(run, proxy, rng) as traffic, RemoteFaults(emu.url, TOKEN) as faults:
+                loops = [
+                    asyncio.create_task(loop(a, random.Random(f"{seed}-{a}-{i}")))  # noqa: S311
+                    for a in MACHINES
+                    for i, loop in enumerate((traffic.app_loop, traffic.long_lived_loop))
+                ]
+                plan = fault_plan(rng, args.outage)
+                reload_at = len(plan) // 2
+                await asyncio.sleep(15)  # warm-up, no faults
+                for i, (name, change, seconds) in enumerate(plan):
+                    if i == reload_at:
+                        await reload(run, file, config, proc, removing=True)
+                        asyncio.get_running_loop().call_later(
+                            25,
+                            lambda: asyncio.ensure_future(
+                                reload(run, file, config, proc, removing=False)
+                            ),
+                        )
+                    window = Window(name, run.now(), api=change != "suspend")
+                    run.windows.append(window)
+                    print(f"[seed {seed} t={run.now():6.1f}] fault {name} on ({seconds:.0f} s)")
+                    if change == "suspend":
+                        lifecycle = emu.world.lifecycle
+                        lifecycle.timing = dataclasses.replace(normal_suspend, suspend_s=(15, 25))
+                    else:
+                        await faults.set(**change)
+                    await asyncio.sleep(seconds)
+                    if change == "suspend":
+                        emu.world.lifecycle.timing = normal_suspend
+                    else:
+                        await faults.clear()
+                    window.end = run.now()
+                    print(f"[seed {seed} t={run.now():6.1f}] fault {name} off")
+                    await asyncio.sleep(rng.uniform(8, 15))
+                run.faults_over_at = max(w.end or 0 for w in run.windows if w.api)
+                await asyncio.sleep(max(0, args.tail - (run.now() - (run.windows[-1].end or 0))))
+                traffic.stop.set()
+                await asyncio.gather(*loops)
+            print(f"[seed {seed} t={run.now():6.1f}] traffic stopped; waiting for cordons")
+            deadline = time.monotonic() + 60
+            # (the emulator's state, in this process: nothing to await but time)
+            while any(our_cordons(emu, a) for a in MACHINES) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.5)
+            for a in MACHINES:
+                left = our_cordons(emu, a)
+                if left:
+                    states = {m.id: m.state for m in emu.machines(a)}
+                    run.breach(f"cordon left on {a}: {left} ({states})")
+            stop_watch.set()
+            await asyncio.gather(*watchers)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    exit_code = await asyncio.wait_for(proc.wait(), 60)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                    run.breach("autoscaler did not exit within 60 s of SIGTERM")
+            else:
+                exit_code = proc.returncode
+        if exit_code != 0:
+            run.breach(f"autoscaler exited {exit_code}")
+        for port in (proxy_port, admin_port):
+            if not _bindable(port):
+                run.breach(f"port {port} still bound after the autoscaler exited")
+        spawned = emu.spawned_pids()
+    alive = [pid for pid in spawned if pid_alive(pid)]
+    if alive:
+        run.breach(f"machine processes outlived the emulator: {alive}")
+    return summarize(run, log_path)
+
+
+async def reload(run: Run, file: Path, config: dict[str, Any], proc: Any, removing: bool) -> None:
+    apps = [a for a in MACHINES if a != "stopper"] if removing else list(MACHINES)
+    changed: dict[str, dict[str, Any]] = {
+        "adapt": {"keep_alive": "fixed", "idle_to_zero_s": 10},
+        "zero": {"idle_to_zero_s": 6},
+    }
+    new = dict(config, apps=[app_config(a, **changed.get(a, {})) for a in apps])
+    file.write_text(yaml.safe_dump(new))  # noqa: ASYNC240 - a small file, once
+    if removing:
+        run.removed.append(("stopper", run.now(), None))
+    else:
+        name, start, _ = run.removed[-1]
+        run.removed[-1] = (name, start, run.now())
+    print(f"[seed {run.seed} t={run.now():6.1f}] reload ({'remove' if removing else 're-add'})")
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGHUP)
+
+
+# --- the verdict -----------------------------------------------------------------------
+
+
+def summarize(run: Run, log_path: Path) -> dict[str, Any]:
+    classes: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    for o in run.outcomes:
+        kinds[o.kind] += 1
+        if o.result == "ok":
+            classes["ok"] += 1
+            continue
+        key = f"{o.app}/{o.kind}/{o.result}"
+        if run.removed_at(o.app, o.t0, o.t1):
+            classes[f"{key} (app removed)"] += 1
+            continue
+        if o.served_throughout and not o.result.startswith("ws_close_1001"):
+            run.breach(f"{key} while a started machine served [{o.t0:.1f}, {o.t1:.1f}]: {o.detail}")
+        if run.faults_over_at and o.t0 > run.faults_over_at + DARK_AFTER_S:
+            run.breach(f"{key} {o.t0 - run.faults_over_at:.1f}s after the faults: dark: {o.detail}")
+            continue
+        fault = run.fault_at(o.t0, o.t1)
+        if o.result in ("ws_close_1001", "stream_cut"):
+            classes[f"{key} (a drain)"] += 1
+        elif fault is not None:
+            classes[f"{key} ({fault})"] += 1
+        else:
+            classes[f"{key} UNEXPLAINED"] += 1
+            run.breach(f"unexplained {key} at [{o.t0:.1f}, {o.t1:.1f}]: {o.detail}")
+    # served within wake_timeout once the API is back: the slowest request after the faults
+    after = [o for o in run.outcomes if o.t0 > run.faults_over_at and o.kind == "http"]
+    slowest_after = max((o.t1 - o.t0 for o in after), default=0.0)
+    if slowest_after > WAKE_TIMEOUT_S:
+        run.breach(f"a request after the faults took {slowest_after:.1f}s")
+    # the log
+    crash: list[str] = []
+    errors: Counter[str] = Counter()
+    unexplained_errors: list[str] = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if any(s in line for s in CRASH_SIGNS):
+            crash.append(line[:300])
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("level") in ("error", "critical"):
+            errors[entry.get("event", "?")] += 1
+            unexplained_errors.append(line[:300])
+    for line in crash[:5]:
+        run.breach(f"crash sign in the log: {line}")
+    for line in unexplained_errors[:10]:
+        print(f"  error line: {line}")
+    return {
+        "seed": run.seed,
+        "duration_s": round(run.now(), 1),
+        "faults": [(w.name, round(w.start, 1), round(w.end or 0, 1)) for w in run.windows],
+        "removed": run.removed,
+        "requests": dict(kinds),
+        "outcomes": dict(classes.most_common()),
+        "slowest_after_faults_s": round(slowest_after, 2),
+        "not_ok": [
+            f"{o.app}/{o.kind}/{o.result} [{o.t0:.1f}, {o.t1:.1f}] {o.detail[:80]}"
+            for o in run.outcomes
+            if o.result != "ok" and not run.removed_at(o.app, o.t0, o.t1)
+        ][:40],
+        "error_log_lines": dict(errors),
+        "breaches": run.breaches,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--outage", type=lambda s: tuple(float(x) for x in s.split("-")), default=(30.0, 60.0)
+    )
+    parser.add_argument("--tail", type=float, default=45.0)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--logs", type=Path, help="keep the autoscaler's logs in this directory")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="chaos-soak-") as tmp:
+        for seed in range(args.seed, args.seed + args.runs):
+            results.append(asyncio.run(one_run(seed, args, Path(tmp))))
+            print(json.dumps(results[-1], indent=1))
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                log = (Path(tmp) / f"autoscaler-{seed}.log").read_bytes()
+                (args.logs / f"autoscaler-{seed}.log").write_bytes(log)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 1 if any(r["breaches"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
