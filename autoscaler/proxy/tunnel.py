@@ -142,6 +142,7 @@ class Tunnel:
         self._machine_eof = False  # the client's FIN passed on: nothing more goes there
         self._closing = False  # a close frame went by: the handshake's timeout runs
         self._timers: list[asyncio.TimerHandle] = []  # deadlines that end the tunnel
+        self._client_fin = False
 
     async def run(self) -> None:
         """Relay until one side closes, then close the other; returns when both are."""
@@ -170,6 +171,10 @@ class Tunnel:
     def from_client(self, data: bytes) -> None:
         if not self._machine_told and self.machine.reusable:
             self._pass(data, self._to_machine, self.machine.write, self._tell_machine)
+        elif self._client_told:
+            self._to_machine.advance(data)  # dropped: only the client's close is looked for
+        if self._client_told and self._machine_told and self._to_machine.closing:
+            self.closed()  # the client answered our close (RFC 6455 7.1.1)
 
     def from_machine(self, data: bytes) -> None:
         if not self._client_told:
@@ -196,6 +201,7 @@ class Tunnel:
             write(data[:cut])
             if cursor.at_boundary:
                 tell()
+                cursor.advance(data[cut:])  # not relayed: read for a close frame only
         else:
             cursor.advance(data)
             write(data)
@@ -224,6 +230,10 @@ class Tunnel:
         machine hears it as EOF, and the tunnel ends once the machine closes, or
         ``EOF_LINGER_S`` later. Left half-open, an idle WebSocket would hold its slot and
         both sockets for good."""
+        self._client_fin = True
+        if self._client_told and self._machine_told:
+            self.closed()  # our close went out both ways: the client is done too
+            return
         transport = self.machine.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
             try:
@@ -269,5 +279,13 @@ class Tunnel:
             self._maybe_done()
 
     def _maybe_done(self) -> None:
+        """Our close went out both ways: the machine's side is done, and the client's ends
+        with its answering close frame, its FIN or ``EOF_LINGER_S`` later (RFC 6455 7.1.1).
+        Closed at once, a client that sent a frame before reading ours found its socket
+        reset (aiohttp: "Cannot write to closing transport")."""
         if self._client_told and self._machine_told:
-            self.closed()  # run() closes both sockets once their close frames are out
+            self.machine.on_closed = None  # the machine closing after our close is expected
+            if self._client_fin or self._to_machine.closing:
+                self.closed()
+            else:
+                self._timers.append(self._loop.call_later(EOF_LINGER_S, self.closed))

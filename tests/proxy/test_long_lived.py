@@ -21,6 +21,7 @@ from autoscaler.control.view import FleetView
 from autoscaler.proxy import tunnel
 
 from .conftest import Backend, RawBackend, StartProxy, url
+from .helpers import BOUND_S
 
 
 def long_lived_app() -> web.Application:
@@ -303,3 +304,43 @@ async def test_a_websocket_closed_by_its_handshake_is_not_held_by_its_close_time
     # tunnel ended.
     await until(lambda: not proxy._tunnels, what="the tunnel to end")
     await until(lambda: (gc.collect(), gone() is None)[1], what="the tunnel to be freed")
+
+
+async def test_after_a_drains_close_the_client_may_still_send_until_it_answers(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy's 1001 went out both ways; the client's side stays open until the client
+    answers with its close (RFC 6455 7.1.1). It was closed at once: a client that sent a
+    frame before reading the 1001 got "Cannot write to closing transport" (found by the
+    chaos soak, benchmarks/chaos_soak.py)."""
+    monkeypatch.setattr(tunnel, "EOF_LINGER_S", 1e6)  # only the client's answer ends it
+    heard: list[str] = []
+    machine_done = asyncio.Event()
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            heard.append(msg.data)
+            await sock.send_str(msg.data.upper())
+        machine_done.set()  # our 1001 came: it answered and closed
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    addr = await backend(app)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    async with session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"}) as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "HI"
+        assert proxy.end_long_lived("a", addr) == 1
+        await asyncio.wait_for(machine_done.wait(), BOUND_S)
+        assert len(proxy._tunnels) == 1  # waiting for the client's answer
+        await ws.send_str("more")  # sent before reading the 1001: not an error
+        msg = await ws.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+    await until(lambda: not proxy._tunnels, what="the tunnel to end on the client's close")
+    assert heard == ["hi"]  # what came after the cut did not reach the machine
