@@ -231,16 +231,24 @@ class MachinesClient(Operations):
             slot = False
             try:
                 slot = await self._take_slot(timeout_s)
-                response = await self._http.request(
-                    call.method,
-                    call.path,
-                    params=call.params or None,
-                    json=None if call.body is NO_BODY else call.body,
-                    headers=call.headers or None,
-                    timeout=timeout_s,
-                )
+                # httpx's timeout bounds each read and write, not the exchange: an answer
+                # that trickles in a byte at a time held the call (and a tick's one
+                # attempt) for as long as it lasted. A tenth more than httpx's own, so
+                # that a connect that never happens is still told apart (not sent).
+                async with asyncio.timeout(timeout_s + min(1.0, timeout_s / 10)):
+                    response = await self._http.request(
+                        call.method,
+                        call.path,
+                        params=call.params or None,
+                        json=None if call.body is NO_BODY else call.body,
+                        headers=call.headers or None,
+                        timeout=timeout_s,
+                    )
             except httpx.HTTPError as exc:
                 error = self._transport_error(exc, call.operation)
+            except TimeoutError:
+                text = f"ReadTimeout: no whole answer within {timeout_s:g}s"
+                error = TransportError(text, sent=True, operation=call.operation)
             else:
                 status = response.status_code
                 if status >= 300:
