@@ -75,7 +75,8 @@ _one_attempt: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 @contextlib.contextmanager
 def one_attempt(timeout_s: float) -> Iterator[None]:
     """Calls made inside (and by tasks started inside) are tried once, each within
-    ``timeout_s`` (a long-poll ``/wait`` keeps its own timeout): the control loop's rule,
+    ``timeout_s`` (a long-poll ``/wait`` call within that plus the time the server holds
+    it): the control loop's rule,
     where the next tick is the retry and no tick may hang in a retry loop."""
     token = _one_attempt.set(timeout_s)
     try:
@@ -216,10 +217,11 @@ class MachinesClient(Operations):
         """Send with rate limit and retries; the decoded 2xx body (JSON, text or None)."""
         started = self._clock()
         deadline = started + self._retry_deadline_s
+        if call.deadline is not None:
+            deadline = min(deadline, call.deadline)
         bound = _one_attempt.get()
-        timeout_s = call.timeout_s if call.timeout_s is not None else self._timeout_s
-        if bound is not None and call.timeout_s is None:
-            timeout_s = min(timeout_s, bound)
+        timeout_s = self._timeout_s if bound is None else min(self._timeout_s, bound)
+        timeout_s += call.hold_s
         attempt = 0
         throttled = 0.0
         while True:

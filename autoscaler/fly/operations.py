@@ -64,7 +64,8 @@ class Call:
     machine: str | None = None  # or volume id
     params: dict[str, str | int] = field(default_factory=dict)
     body: Any = NO_BODY
-    timeout_s: float | None = None
+    hold_s: float = 0.0  # how long the server may hold the call (a /wait): added to its timeout
+    deadline: float | None = None  # (client clock) no retry sleeps past it: a wait's own
     limit: str | None = None  # the rate-limit key when it is not the app (an org's apps)
     headers: dict[str, str] = field(default_factory=dict)
     action: str | None = None  # the rate-limited API action, when not ``operation``
@@ -160,7 +161,6 @@ class Operations:
     """Every operation; a subclass provides ``_send`` and the attributes declared here."""
 
     org_slug: str
-    _timeout_s: float
     _clock: Clock
     _sleep: Sleep
 
@@ -374,7 +374,8 @@ class Operations:
                     machine_id,
                     "/wait",
                     params=params,
-                    timeout_s=self._timeout_s + per_call,  # the server holds it that long
+                    hold_s=per_call,  # the server holds it that long
+                    deadline=deadline,
                 )
             except WaitTimeout as exc:
                 now = self._clock()

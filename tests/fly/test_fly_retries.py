@@ -323,3 +323,32 @@ async def test_one_attempt_tries_once_with_its_timeout_also_in_tasks_started_ins
             await api.list_machines("web")
     assert len(script.requests) > 3
     assert fake.sleeps
+
+
+async def test_one_attempt_bounds_the_slack_of_a_wait_call_too() -> None:
+    """A /wait call's HTTP timeout is the server's hold plus slack for its answer: that
+    slack was the client's timeout (30 s) even in a control tick that asked for 2 s."""
+    script = Script([httpx.Response(200)])
+    async with make_client(script, timeout_s=30) as api:
+        with one_attempt(2.0):
+            await api.wait("web", "m1", timeout_s=45)
+        assert script.last.extensions["timeout"]["read"] == 47
+        await api.wait("web", "m1", timeout_s=45)
+        assert script.last.extensions["timeout"]["read"] == 75
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [status(429, {"Retry-After": "30"}), status(503)],
+    ids=["429-retry-after", "503"],
+)
+async def test_a_wait_retries_only_within_its_own_timeout(reply: httpx.Response) -> None:
+    """wait(timeout_s=5) slept 30 s on a 429's Retry-After (or backed off for up to the
+    client's retry deadline, 60 s) before trying again: its retries end at its timeout."""
+    fake = FakeTime()
+    started = fake.now
+    script = Script([reply])
+    async with make_client(script, fake, rng=lambda: 1.0, max_retries=10) as api:
+        with pytest.raises((RateLimited, ServerError)):
+            await api.wait("web", "m1", timeout_s=5)
+    assert fake.now - started <= 5
