@@ -16,7 +16,9 @@ emulator gives them.
 
 Each ``acquire`` reserves its token at once, possibly driving the bucket negative, and then
 sleeps for the deficit. Concurrent callers therefore queue in arrival order without a lock,
-and the sleep can be faked in tests with a clock that only moves when told.
+and the sleep can be faked in tests with a clock that only moves when told. A caller
+cancelled while it waits gives its token back if nobody queued behind it (``refund``):
+with others behind it, a newcomer would share the turn of one of them.
 
 Besides the buckets per (action, id), every call may also take a token from one bucket
 shared by all calls of the client: the organization's budget (``org``). Fly documents no
@@ -67,15 +69,35 @@ SPARE_FRACTION = 0.5
 """Calls that can wait go only while the org bucket holds more than this share of its burst."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A token taken by ``RateLimiter.take``: wait ``delay`` seconds, or ``refund`` it."""
+
+    delay: float
+    bucket: TokenBucket | None = None
+    ticket: int = 0
+    org_ticket: int = 0
+
+
 class TokenBucket:
     """``burst`` tokens, refilled at ``rate_per_s``; ``reserve`` returns how long to wait."""
 
-    __slots__ = ("limit", "tokens", "updated")
+    __slots__ = ("limit", "taken", "tokens", "updated")
 
     def __init__(self, limit: Limit, now: float) -> None:
         self.limit = limit
         self.tokens = limit.burst
         self.updated = now
+        self.taken = 0  # tokens reserved so far: the ticket of the last one in line
+
+    def refund(self, ticket: int) -> bool:
+        """Give back the token of ``ticket`` if it is the last one taken (nobody queued
+        behind it); whether it was."""
+        if ticket != self.taken:
+            return False
+        self.taken -= 1
+        self.tokens = min(self.limit.burst, self.tokens + 1.0)
+        return True
 
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self.updated)
@@ -86,6 +108,7 @@ class TokenBucket:
         """Take one token (going into debt if needed); seconds until it is really ours."""
         self._refill(now)
         self.tokens -= 1.0
+        self.taken += 1
         return 0.0 if self.tokens >= 0 else -self.tokens / self.limit.rate_per_s
 
     def full(self, now: float) -> bool:
@@ -139,8 +162,12 @@ class RateLimiter:
     def reserve(self, action: str, key: str) -> float:
         """Take a token for (action, key), and one of the org budget, now; seconds the caller
         must wait before sending (the later of the two)."""
+        return self.take(action, key).delay
+
+    def take(self, action: str, key: str) -> Reservation:
+        """``reserve``, with what ``refund`` needs to give the tokens back."""
         if not self.enabled:
-            return 0.0
+            return Reservation(0.0)
         now = self._clock()
         org_wait = 0.0 if self.org is None else self.org.reserve(now)
         bucket = self._buckets.get((action, key))
@@ -150,7 +177,17 @@ class RateLimiter:
             bucket = self._buckets[(action, key)] = TokenBucket(self.limit_for(action), now)
         else:
             self._buckets.move_to_end((action, key))
-        return max(org_wait, bucket.reserve(now))
+        delay = max(org_wait, bucket.reserve(now))
+        org_ticket = 0 if self.org is None else self.org.taken
+        return Reservation(delay, bucket, bucket.taken, org_ticket)
+
+    def refund(self, reservation: Reservation) -> None:
+        """Give back the tokens of a call that will not be sent, each only if nobody took
+        one of the same bucket after it (a newcomer would then share a queued turn)."""
+        if reservation.bucket is not None:
+            reservation.bucket.refund(reservation.ticket)
+            if self.org is not None:
+                self.org.refund(reservation.org_ticket)
 
     def spare(self) -> bool:
         """Whether a call that can wait should go now: the org budget is more than
@@ -161,10 +198,14 @@ class RateLimiter:
 
     async def acquire(self, action: str, key: str) -> float:
         """Wait until a request for (action, key) is within the limit; the seconds waited."""
-        delay = self.reserve(action, key)
-        if delay > 0:
-            await self._sleep(delay)
-        return delay
+        reservation = self.take(action, key)
+        if reservation.delay > 0:
+            try:
+                await self._sleep(reservation.delay)
+            except asyncio.CancelledError:
+                self.refund(reservation)  # never sent: the token is not spent
+                raise
+        return reservation.delay
 
     def _evict(self, now: float) -> None:
         """Make room for one more bucket: drop the full ones, else the least recently used."""

@@ -229,3 +229,41 @@ async def test_calls_beyond_max_connections_wait_for_a_free_one() -> None:
         release.set()
         assert await asyncio.gather(*calls) == [[]] * 5
     assert peak == 2
+
+
+@pytest.mark.parametrize("org", [False, True], ids=["machine-bucket", "org-budget"])
+async def test_a_caller_cancelled_while_it_waits_gives_its_token_back(org: bool) -> None:
+    """A call cancelled while it waited for its token (a wake given up, a shutdown) left
+    the token spent: the next call of the machine (or of the whole client, for the org
+    budget) waited a turn for a request that never went."""
+    fake = FakeTime()
+    never = asyncio.Event()
+
+    async def blocked(seconds: float) -> None:
+        await never.wait()
+
+    limit = Limit(1.0, 1)
+    limiter = RateLimiter(
+        limits={}, default=Limit(100.0, 100) if org else limit, headroom=1.0,
+        sleep=blocked, clock=fake.clock, org=limit if org else None,
+    )  # fmt: skip
+    assert limiter.reserve("start_machine", "web/m1") == 0.0
+    waiting = asyncio.ensure_future(limiter.acquire("start_machine", "web/m1"))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert limiter.reserve("start_machine", "web/m1") == pytest.approx(1.0)  # not 2.0
+
+
+def test_only_the_last_in_line_gives_its_token_back() -> None:
+    """A token given back by a caller with others queued behind it would let a newcomer
+    share their turn: more calls at once than the burst. It stays spent then."""
+    fake = FakeTime()
+    limiter = RateLimiter(limits={}, default=Limit(1.0, 1), headroom=1.0, clock=fake.clock)
+    limiter.reserve("a", "k")
+    first = limiter.take("a", "k")
+    second = limiter.take("a", "k")
+    assert (first.delay, second.delay) == (pytest.approx(1.0), pytest.approx(2.0))
+    limiter.refund(first)  # second still waits for the turn after it
+    assert limiter.reserve("a", "k") == pytest.approx(3.0)
