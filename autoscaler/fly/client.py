@@ -226,7 +226,15 @@ class MachinesClient(Operations):
         throttled = 0.0
         while True:
             attempt += 1
-            throttled += await self.limiter.acquire(call.limit_action, call.limit_key)
+            try:
+                # A tick's call waits for its token within its bound too, or fails at once.
+                throttled += await self.limiter.acquire(
+                    call.limit_action, call.limit_key, max_wait_s=bound
+                )
+            except RateLimited as exc:
+                exc.operation = call.operation
+                self._log_result(call, None, started, attempt, throttled, exc)
+                raise
             t0 = self._clock()
             status: int | None = None
             error: FlyError | None = None

@@ -37,6 +37,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from autoscaler.fly.errors import RateLimited
+
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
 
@@ -196,9 +198,20 @@ class RateLimiter:
             return True
         return self.org.available(self._clock()) - 1.0 >= SPARE_FRACTION * self.org.limit.burst
 
-    async def acquire(self, action: str, key: str) -> float:
-        """Wait until a request for (action, key) is within the limit; the seconds waited."""
+    async def acquire(self, action: str, key: str, max_wait_s: float | None = None) -> float:
+        """Wait until a request for (action, key) is within the limit; the seconds waited.
+
+        A turn further away than ``max_wait_s`` is not waited for: the token goes back and
+        :class:`~autoscaler.fly.errors.RateLimited` is raised, its ``retry_after`` the wait.
+        """
         reservation = self.take(action, key)
+        if max_wait_s is not None and reservation.delay > max_wait_s:
+            self.refund(reservation)
+            text = (
+                f"client-side rate limit: the turn of {action} for {key} is"
+                f" {reservation.delay:.2f}s away, over this call's {max_wait_s:g}s"
+            )
+            raise RateLimited(None, text, retry_after=reservation.delay)
         if reservation.delay > 0:
             try:
                 await self._sleep(reservation.delay)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoscaler.fly.client import MachinesClient, one_attempt
-from autoscaler.fly.errors import TransportError
+from autoscaler.fly.errors import RateLimited, TransportError
 from autoscaler.fly.limits import DEFAULT_LIMIT, Limit, RateLimiter, TokenBucket
 
 
@@ -267,3 +267,27 @@ def test_only_the_last_in_line_gives_its_token_back() -> None:
     assert (first.delay, second.delay) == (pytest.approx(1.0), pytest.approx(2.0))
     limiter.refund(first)  # second still waits for the turn after it
     assert limiter.reserve("a", "k") == pytest.approx(3.0)
+
+
+async def test_in_a_tick_a_call_does_not_wait_longer_than_its_bound_for_a_token() -> None:
+    """A control tick's call is one attempt within ``one_attempt``'s bound; the wait for
+    its rate-limit token was not bounded (an org budget deep in debt: seconds). It fails
+    at once with RateLimited, its Retry-After the wait, and gives its token back."""
+    fake = FakeTime()
+    script = Script([httpx.Response(200)])
+    async with make_client(script, fake, rate_limit=True, org_limit=None) as api:
+        for _ in range(6):  # the burst of 3, and three more queued
+            api.limiter.reserve("start_machine", "web/m1")
+        turn = 4 / 0.9
+        with one_attempt(2.0), pytest.raises(RateLimited) as info:
+            await api.start_machine("web", "m1")
+        assert info.value.retry_after == pytest.approx(turn)
+        assert info.value.status is None
+        assert script.requests == []
+        assert fake.sleeps == []
+        assert api.limiter.reserve("start_machine", "web/m1") == pytest.approx(turn)
+        # Within the bound, the call waits for its turn as before.
+        with one_attempt(10.0):
+            await api.start_machine("web", "m1")
+        assert fake.sleeps == [pytest.approx(5 / 0.9)]
+        assert len(script.requests) == 1
