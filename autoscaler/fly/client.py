@@ -330,7 +330,8 @@ class MachinesClient(Operations):
         ):
             return None
         # Full jitter: a uniformly random pause below the exponential cap spreads clients out.
-        cap = min(self._backoff_max_s, self._backoff_base_s * 2.0 ** (attempt - 1))
+        # (The exponent stops at 60: 2.0 ** 1024 overflows a float.)
+        cap = min(self._backoff_max_s, self._backoff_base_s * 2.0 ** min(attempt - 1, 60))
         delay = self._rng() * cap
         if isinstance(error, RateLimited) and error.retry_after is not None:
             delay = error.retry_after

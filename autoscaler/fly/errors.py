@@ -206,7 +206,7 @@ def _body_fields(body: bytes) -> tuple[str | None, str | None]:
     """(message, string code) from any of the known error body shapes."""
     try:
         data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than it can go
         data = None
     if isinstance(data, str):
         return data, None

@@ -137,3 +137,18 @@ def test_repr_and_str() -> None:
     err = error_from_response(404, b'{"error": "gone"}', H(), operation="get_machine")
     assert repr(err) == "NotFound(status=404, message='gone', request_id=None)"
     assert str(err) == "get_machine: HTTP 404: gone"
+
+
+async def test_a_body_nested_too_deep_for_the_json_parser_is_an_error_not_a_crash() -> None:
+    """json.loads raises RecursionError (not ValueError) on deeply nested arrays: a
+    broken proxy's body made an error answer, or a 2xx one, crash the call with it."""
+    from flyfakes import Script, make_client
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    err = error_from_response(502, deep, H())
+    assert isinstance(err, ServerError)
+    assert len(err.message) <= 500
+    for reply in (httpx.Response(502, content=deep), httpx.Response(200, content=deep)):
+        async with make_client(Script([reply]), max_retries=0) as api:
+            with pytest.raises(FlyError):
+                await api.list_machines("web")
