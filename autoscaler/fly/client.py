@@ -386,7 +386,7 @@ def _decode(response: httpx.Response) -> Any:
         return None
     try:
         return response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than it can go
         return response.text  # the real OIDC endpoint answers with a bare JWT
 
 

@@ -352,3 +352,16 @@ async def test_a_wait_retries_only_within_its_own_timeout(reply: httpx.Response)
         with pytest.raises((RateLimited, ServerError)):
             await api.wait("web", "m1", timeout_s=5)
     assert fake.now - started <= 5
+
+
+async def test_many_retries_do_not_overflow_the_backoff() -> None:
+    """2.0 ** attempt overflowed a float at the 1,025th retry (OverflowError, not the
+    call's error) when max_retries and the deadline allowed that many."""
+    fake = FakeTime()
+    script = Script([status(503)])
+    async with make_client(
+        script, fake, rng=lambda: 0.0, max_retries=1100, retry_deadline_s=1e9
+    ) as api:
+        with pytest.raises(ServerError):
+            await api.get_machine("web", "m1")
+    assert len(script.requests) == 1101
