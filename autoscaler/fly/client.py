@@ -127,7 +127,7 @@ class MachinesClient(Operations):
                 "token: has characters an HTTP header cannot carry (control characters or"
                 " non-ASCII); value not shown"
             )
-        self._secrets = (secret,) if secret else ()
+        self._secrets = _secret_forms(secret) if secret else ()
         for s in self._secrets:
             redactor().add(s)  # belt and braces: the token is never logged anyway
         headers = {"user-agent": f"autoscaler/{__version__}", "accept": "application/json"}
@@ -379,6 +379,20 @@ class MachinesClient(Operations):
         # (a retryable one or not) are.
         trouble = error.transient or isinstance(error, (BadRequest, TransportError, Unauthorized))
         (self._log.warning if trouble else self._log.info)("fly_api", **fields)
+
+
+# A piece of a token this long or longer is a secret of its own (a macaroon is hundreds).
+_MIN_PART = 16
+
+
+def _secret_forms(secret: str) -> tuple[str, ...]:
+    """The texts to scrub for a token, longest first: the token, and for a ``FlyV1`` one
+    the list after the scheme and each macaroon of it (each a credential, or the
+    discharge of one, on its own: a server may quote one alone)."""
+    macaroons = secret.removeprefix("FlyV1 ").strip()
+    parts = (p.strip() for p in (macaroons, *macaroons.split(",")))
+    forms = {secret, *(p for p in parts if len(p) >= _MIN_PART)}
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def _decode(response: httpx.Response) -> Any:

@@ -143,3 +143,29 @@ async def test_the_token_never_goes_to_a_proxy_named_by_the_environment(
         proxy_server.close()
         await proxy_server.wait_closed()
     assert seen == []
+
+
+async def test_a_macaroon_of_a_flyv1_token_echoed_alone_is_scrubbed() -> None:
+    """A FlyV1 token is a comma-separated list of macaroons, each a credential (or its
+    discharge) on its own. Only the whole header value was scrubbed: an error that quoted
+    one of them (a server naming the macaroon it refused) put it in the exception."""
+    first, second = "fm2_lJPECAAAAAAAB1" + "a" * 40, "fm2_lJPETw3Hd1scHr" + "b" * 40
+    token = f"FlyV1 {first},{second}"
+
+    def quote_one(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == token
+        return httpx.Response(401, json={"error": f"macaroon expired: {second}"})
+
+    script = Script([quote_one, httpx.ConnectError(f"refused {first}")])
+    with capture_logs() as captured:
+        async with make_client(script, FakeTime(), token=token, max_retries=0) as api:
+            texts = []
+            for _ in range(2):
+                with pytest.raises(FlyError) as info:
+                    await api.get_machine("web", "m1")
+                texts += [str(info.value), repr(info.value), info.value.message]
+    everything = "\n".join(texts) + "\n" + repr(captured)
+    assert "macaroon expired: [REDACTED]" in everything
+    assert first not in everything
+    assert second not in everything
+    assert logs.redactor().scrub_text(f"x {second} y") == "x [REDACTED] y"
