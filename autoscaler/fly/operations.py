@@ -213,7 +213,9 @@ class Operations:
 
     async def delete_app(self, app: str, *, force: bool = False) -> None:
         path = f"/v1/apps/{_seg(app)}"
-        await self._send(Call("delete_app", "DELETE", path, app, params=_force_query(force)))
+        # Fly's 100 deletions a minute are not per app (each is deleted once): one bucket.
+        query = _force_query(force)
+        await self._send(Call("delete_app", "DELETE", path, app, params=query, limit=self.org_slug))
 
     # -- machines ---------------------------------------------------------------------------
 

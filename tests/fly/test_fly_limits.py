@@ -291,3 +291,15 @@ async def test_in_a_tick_a_call_does_not_wait_longer_than_its_bound_for_a_token(
             await api.start_machine("web", "m1")
         assert fake.sleeps == [pytest.approx(5 / 0.9)]
         assert len(script.requests) == 1
+
+
+async def test_app_deletions_share_one_bucket_of_100_a_minute() -> None:
+    """Fly limits app deletions to 100 a minute; keyed by the app deleted, each bucket
+    served one deletion and the limit never held (deleting 200 apps sent 200 at once)."""
+    fake = FakeTime()
+    script = Script([httpx.Response(200)])
+    async with make_client(script, fake, rate_limit=True, org_limit=None) as api:
+        for i in range(101):
+            await api.delete_app(f"app{i}")
+    assert len(script.requests) == 101
+    assert fake.sleeps == [pytest.approx(60 / 100 / 0.9)]  # the 101st waits for a refill
