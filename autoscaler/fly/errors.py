@@ -9,6 +9,7 @@
     ├── Conflict            409, 412             lease held by another / machine in the wrong state
     │   └── LeaseHeld       409                  the machine's lease is held by another holder
     ├── RateLimited         429                  .retry_after: seconds from Retry-After, or None
+    │                                            (status None: the client's own limit, in a tick)
     ├── ServerError         5xx                  Fly's side failed; transient
     ├── WaitTimeout         408, own deadline    the machine did not reach the state in time
     ├── RequestTimeout      408 of another call  Fly gave up on the request; transient
