@@ -58,29 +58,34 @@ async def _busy_machine(svc: Service) -> str:
     return found[0]
 
 
-def _restarted_after_exit(emulator: Emulator, machine_id: str) -> bool:
-    """The API shows the crash (an exit by flyd) followed by a start asked by a user (us)."""
-    kinds = [(e.type, e.source) for e in emulator.machine(APP, machine_id).events]
-    exits = [i for i, k in enumerate(kinds) if k == ("exit", "flyd")]
-    return bool(exits) and ("start", "user") in kinds[exits[-1] :]
+def _exits(emulator: Emulator, machine_id: str) -> int:
+    """How many crashes (exits by flyd) the API shows for the machine."""
+    events = emulator.machine(APP, machine_id).events
+    return sum((e.type, e.source) == ("exit", "flyd") for e in events)
 
 
 async def _two_started(svc: Service, emulator: Emulator) -> None:
+    """Two machines started, and they are the ones the proxy routes to."""
     view = svc.view.app(APP)
     await until(
-        lambda: len(started(emulator, APP)) == 2 and len(view.routable()) == 2,
+        lambda: (
+            len(up := started(emulator, APP)) == 2
+            and sorted(u.id for u in view.routable()) == sorted(up)
+        ),
         timeout_s=30,
         what="two machines started and routable",
     )
 
 
-async def _replaced(svc: Service, emulator: Emulator, victim: str, crash: str) -> None:
-    """The controller sees ``victim`` stopped (the API's exit event) and starts a machine
-    again (the same one or the reserve): two started, both routable."""
+async def _replaced(svc: Service, emulator: Emulator, victim: str, exits: int, crash: str) -> None:
+    """The API shows the crash (``victim``'s exits by flyd were ``exits`` before it), and
+    two machines are started again, both routable. Which ones is the controller's choice:
+    ``victim`` started anew, the reserve, one whose suspend it takes back (the `fly`
+    timings suspend for seconds), or none at all when a third was up already (a machine
+    whose first check failed, as a slow start-up under load makes it, is counted sick and
+    replaced until its check passes: docs/policy.md)."""
     await until(
-        lambda: _restarted_after_exit(emulator, victim) or len(started(emulator, APP)) == 3,
-        timeout_s=20,
-        what=f"the controller to start a machine after {crash}",
+        lambda: _exits(emulator, victim) > exits, timeout_s=10, what=f"the API to show {crash}"
     )
     await _two_started(svc, emulator)
 
@@ -100,6 +105,7 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
         # 1. A request waiting for its response headers: replayed elsewhere, or one 502.
         pending = asyncio.create_task(load.once("/work?ms=3000"))
         victim = await _busy_machine(svc)
+        exits = _exits(emulator, victim)
         assert emulator.kill_machine_process(APP, victim)
         # The very next requests must not land on the dead machine.
         after = [await load.once("/work?ms=5") for _ in range(20)]
@@ -108,7 +114,7 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
         assert after == ["200"] * 20, load.details
 
         # 2. The controller replaces it: two started, both routable.
-        await _replaced(svc, emulator, victim, crash="the crash")
+        await _replaced(svc, emulator, victim, exits, crash="the crash")
 
         # 3. A response cut off mid-body: the client must see the break.
         url = f"http://127.0.0.1:{svc.proxy.port}/stream?n=40&ms=50"
@@ -120,13 +126,14 @@ async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
             first = await resp.content.readline()
             assert first.startswith(b"chunk 0")
             streaming = await _busy_machine(svc)
+            exits = _exits(emulator, streaming)
             assert emulator.kill_machine_process(APP, streaming)
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()
         outcomes["body_under_way"] = "ClientPayloadError"
         after = [await load.once("/work?ms=5") for _ in range(20)]
         assert after == ["200"] * 20, load.details
-        await _replaced(svc, emulator, streaming, crash="the second crash")
+        await _replaced(svc, emulator, streaming, exits, crash="the second crash")
         starts = metric(
             svc, "autoscaler_scaling_actions_total", app=APP, action="start", result="ok"
         )
