@@ -302,6 +302,16 @@ def accept(head: bytes) -> bytes:
     return base64.b64encode(digest)
 
 
+async def switch_protocols(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A machine's side of the handshake: the client's head read, the 101 answered."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept(head) + b"\r\n\r\n"
+    )
+    await writer.drain()
+
+
 @pytest.mark.parametrize("via", ["stop", "drain"])
 async def test_going_away_after_the_clients_close_sends_no_second_close(
     via: str, raw_backend: RawBackend, start_proxy: StartProxy, session: aiohttp.ClientSession
@@ -313,12 +323,7 @@ async def test_going_away_after_the_clients_close_sends_no_second_close(
     heard: list[bytes] = []
 
     async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept(head) + b"\r\n\r\n"
-        )
-        await writer.drain()
+        await switch_protocols(reader, writer)
         heard.append(await reader.readexactly(8))  # the client's close: masked, a code
         got_close.set()
         await answer.wait()
@@ -363,12 +368,7 @@ async def test_a_close_never_answered_ends_the_tunnel_after_the_close_timeout(
     got_close, done = asyncio.Event(), asyncio.Event()
 
     async def machine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept(head) + b"\r\n\r\n"
-        )
-        await writer.drain()
+        await switch_protocols(reader, writer)
         await reader.readexactly(8)  # the client's close: masked, a code
         got_close.set()
         await done.wait()  # never answers, never closes
