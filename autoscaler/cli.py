@@ -87,7 +87,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _emulator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--listen", metavar="HOST:PORT", help="API address (default 127.0.0.1:4280)"
+        "--listen",
+        metavar="HOST:PORT",
+        help="API address, loopback only (default 127.0.0.1:4280)",
     )
     parser.add_argument(
         "--token", help="accepted API token (default: $EMULATOR_TOKEN, else a random one)"

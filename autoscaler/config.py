@@ -163,6 +163,24 @@ def _check_listen(value: str) -> str:
 Listen = Annotated[str, BeforeValidator(lambda v: _check_listen(v) if isinstance(v, str) else v)]
 
 
+def check_loopback_listen(value: str) -> str:
+    """A listen address that must stay on this machine (the emulator's API: its token runs
+    commands on the host through machine env and cmd)."""
+    host = parse_host_port(value).host
+    if not is_loopback(host):
+        raise ValueError(
+            f"expected a loopback address (127.0.0.0/8, [::1] or localhost), got {value!r}:"
+            " the emulator runs machine commands on this host and must not be reachable"
+            " from the network"
+        )
+    return value
+
+
+LoopbackListen = Annotated[
+    str, BeforeValidator(lambda v: check_loopback_listen(v) if isinstance(v, str) else v)
+]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -713,7 +731,9 @@ class EmulatorApp(_Model):
 
 
 class EmulatorSettings(_Model):
-    listen: Listen = Field(default="127.0.0.1:4280", description="address of the emulated API")
+    listen: LoopbackListen = Field(
+        default="127.0.0.1:4280", description="address of the emulated API (loopback only)"
+    )
     token: Token = Field(
         default=None, description="API token it accepts (EMULATOR_TOKEN; a default is printed)"
     )

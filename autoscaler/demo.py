@@ -35,7 +35,7 @@ from typing import TextIO
 import aiohttp
 
 from autoscaler import logs
-from autoscaler.config import ConfigError, Settings, load_settings
+from autoscaler.config import ConfigError, Settings, is_loopback, load_settings, parse_host_port
 from autoscaler.control.view import AppView
 from autoscaler.demo_view import DemoView
 from autoscaler.logs import LogFormat
@@ -203,6 +203,17 @@ def demo_settings(config: str | None, machines: int | None) -> Settings:
         raise ConfigError(
             [f"{config}: fly.api_url: the demo runs only on the embedded emulator; unset it"]
         )
+    exposed = [
+        f"{config}: {key}: the demo listens on loopback only (127.0.0.0/8, [::1] or"
+        f" localhost), got {value!r}"
+        for key, value in (
+            ("proxy.listen", settings.proxy.listen),
+            ("admin.listen", settings.admin.listen),
+        )
+        if not is_loopback(parse_host_port(value).host)
+    ]
+    if exposed:
+        raise ConfigError(exposed)
     try:
         app = settings.app(DEMO_APP)
     except KeyError:

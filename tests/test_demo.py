@@ -260,3 +260,18 @@ async def test_the_first_progress_line_has_the_rate_already(
         await asyncio.gather(task, return_exceptions=True)
     first = out.getvalue().splitlines()[0]
     assert " 0 req/s" not in first, first
+
+
+@pytest.mark.parametrize("key", ["proxy", "admin"])
+def test_demo_listens_on_loopback_only(
+    tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "open.yaml"
+    # (admin.listen beyond loopback needs a token, given here by the environment)
+    monkeypatch.setenv("AUTOSCALER_ADMIN__TOKEN", "0123456789abcdef0123")
+    config.write_text(
+        f"{key}: {{listen: '0.0.0.0:8080'}}\napps: [{{name: demo}}]\n"
+        "emulator: {apps: [{name: demo, machines: 1}]}\n"
+    )
+    with pytest.raises(ConfigError, match=rf"{key}\.listen: the demo listens on loopback only"):
+        demo_settings(str(config), None)

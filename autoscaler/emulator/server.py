@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from autoscaler.config import EmulatorSettings, FaultSettings, parse_host_port
+from autoscaler.config import EmulatorSettings, FaultSettings, is_loopback, parse_host_port
 from autoscaler.emulator import faults as fault_routes
 from autoscaler.emulator.api import Context, build_app
 from autoscaler.emulator.model import Machine
@@ -41,6 +41,10 @@ class Emulator:
         listen = parse_host_port(self.settings.listen)
         self.host = host if host is not None else listen.host
         self.port = port if port is not None else listen.port
+        if not is_loopback(self.host):
+            # Its token runs commands on this host (a machine's cmd and env): never on the
+            # network. EmulatorSettings.listen refuses such an address too.
+            raise ValueError(f"the emulator listens on loopback only, not on {self.host!r}")
         secret = self.settings.token
         self.token: str = secret.get_secret_value() if secret else secrets.token_urlsafe(24)
         self._rng = rng or random.Random()  # noqa: S311 - ids and faults, not secrets

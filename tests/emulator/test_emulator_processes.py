@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from emu_helpers import hit, new_machine, pid_exit, session, wait_ok
 
-from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.config import ConfigError, EmulatorApp, EmulatorSettings, load_settings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.main import settings_from
 from autoscaler.emulator.persist import StateFileError
@@ -167,3 +167,50 @@ def test_cli_reports_a_bad_listen_address(capsys: pytest.CaptureFixture[str]) ->
 
     assert main(["emulator", "--listen", "nowhere", "--log-level", "error"]) == 2
     assert "listen" in capsys.readouterr().err
+
+
+# The token runs commands on this host (a machine's cmd and env): loopback only.
+NOT_LOOPBACK = ["0.0.0.0:4280", "[::]:4280", "192.0.2.7:4280", "emulator.example:4280"]
+
+
+@pytest.mark.parametrize("listen", NOT_LOOPBACK)
+def test_settings_refuse_a_listen_address_beyond_loopback(listen: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from(None, environ={}, listen=listen)
+    assert "emulator.listen" in str(info.value)
+    assert "loopback" in str(info.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:4280", "127.8.9.10:4280", "[::1]:4280"])
+def test_settings_take_a_loopback_listen_address(listen: str) -> None:
+    assert settings_from(None, environ={}, listen=listen).listen == listen
+
+
+def test_the_config_file_and_environment_are_held_to_loopback(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("emulator:\n  listen: 0.0.0.0:4280\n")
+    with pytest.raises(ConfigError, match=r"emulator\.listen"):
+        settings_from(str(config), environ={})
+    with pytest.raises(ConfigError, match=r"emulator\.listen"):
+        load_settings(None, env={"AUTOSCALER_EMULATOR__LISTEN": "[::]:4280"})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7"])
+def test_the_emulator_refuses_a_host_beyond_loopback(host: str) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        Emulator(EmulatorSettings(), host=host, port=0)
+
+
+def test_cli_refuses_a_listen_address_beyond_loopback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autoscaler.cli import main
+    from autoscaler.emulator import main as emulator_main
+
+    served: list[str] = []  # never bind to the network, even when the check is missing
+    monkeypatch.setattr(emulator_main, "run", lambda s, *a: served.append(s.listen) or 0)
+    assert main(["emulator", "--listen", "0.0.0.0:4280", "--log-level", "error"]) == 2
+    assert served == []
+    err = capsys.readouterr().err
+    assert "emulator.listen" in err
+    assert "loopback" in err
