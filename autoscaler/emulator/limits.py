@@ -1,7 +1,10 @@
 """Fly's documented rate limits, as token buckets keyed by (action, machine or app).
 
-"1 request/s with bursts up to 3/s per action per machine; Get Machine 5/s with bursts
-up to 10/s; app deletion 100 per minute." The clock is injectable for tests.
+"Machines API rate limits apply per-action, per-machine and are scoped per identifier.
+That might be Machine ID or App ID, depending on the type of request": 1 request/s with
+bursts up to 3/s; Get Machine 5/s with bursts up to 10/s. "Additionally, app deletions
+are limited to 100 per minute": not per app (each app is deleted once, so a bucket per app
+would never hold), one bucket for the organization. The clock is injectable for tests.
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ _RATES: dict[str, tuple[float, float]] = {
     "listVolumes": (5.0, 10.0),
     "getVolume": (5.0, 10.0),
 }
+
+
+def bucket_key(action: str, org: str, app: str | None, resource: str | None) -> str:
+    """The identifier a call's bucket is scoped to: the machine (or volume), within its app
+    (Fly's machine ids are unique across apps, the emulator's path names both, as the
+    client's buckets do); else the app; app deletions and calls without an app (list and
+    create apps) the organization."""
+    if action == "deleteApp" or app is None:
+        return org
+    return f"{app}/{resource}" if resource else app
 
 
 @dataclass

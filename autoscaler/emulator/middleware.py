@@ -20,7 +20,7 @@ from aiohttp import web
 
 from autoscaler.emulator import validate
 from autoscaler.emulator.leases import NONCE_HEADER, LeaseHeld, Leases
-from autoscaler.emulator.limits import RateLimiter, retry_after
+from autoscaler.emulator.limits import RateLimiter, bucket_key, retry_after
 from autoscaler.emulator.machines import Conflict, HostUnreachable
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.world import NameTaken, NotFound, World
@@ -107,7 +107,8 @@ async def limits_mw(request: web.Request, handler: Handler) -> web.StreamRespons
     action = request.match_info.route.name
     if ctx.rate_limits and action:
         info = request.match_info
-        key = info.get("machine_id") or info.get("volume_id") or info.get("app_name") or "-"
+        resource = info.get("machine_id") or info.get("volume_id")
+        key = bucket_key(action, ctx.world.settings.org_slug, info.get("app_name"), resource)
         wait = ctx.limiter.take(action, key)
         if wait:
             return error(

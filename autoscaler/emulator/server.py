@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import secrets
 import signal
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +20,7 @@ from aiohttp import web
 from autoscaler.config import EmulatorSettings, FaultSettings, is_loopback, parse_host_port
 from autoscaler.emulator import faults as fault_routes
 from autoscaler.emulator.api import Context, build_app
+from autoscaler.emulator.limits import RateLimiter
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.persist import Saver, load
 from autoscaler.emulator.procs import MachineProcess
@@ -36,6 +38,7 @@ class Emulator:
         port: int | None = None,
         *,
         rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings or EmulatorSettings()
         listen = parse_host_port(self.settings.listen)
@@ -48,6 +51,7 @@ class Emulator:
         secret = self.settings.token
         self.token: str = secret.get_secret_value() if secret else secrets.token_urlsafe(24)
         self._rng = rng or random.Random()  # noqa: S311 - ids and faults, not secrets
+        self._clock = clock  # of the rate limits' buckets (a test's frozen time)
         self._saver: Saver | None = None
         self._runner: web.AppRunner | None = None
         self._world: World | None = None
@@ -88,6 +92,7 @@ class Emulator:
             rng=self._rng,
             rate_limits=self.settings.rate_limits,
             oidc_key=secrets.token_bytes(32),
+            limiter=RateLimiter(self._clock) if self._clock else RateLimiter(),
         )
         api = build_app(self._ctx)
         fault_routes.add_routes(api)

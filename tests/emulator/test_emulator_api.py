@@ -284,6 +284,32 @@ async def test_rate_limits_answer_429_with_retry_after() -> None:
         assert (await s.post(url.replace("cordon", "uncordon"))).status == 200
 
 
+async def test_app_deletions_share_one_bucket_of_100_a_minute() -> None:
+    """Fly: "app deletions are limited to 100 per minute". Keyed by the app deleted, each
+    deletion had a bucket of its own and the limit never held."""
+    settings = EmulatorSettings(rate_limits=False)
+    async with Emulator(settings, port=0, clock=lambda: 0.0) as emu, session(emu) as s:
+        for i in range(101):
+            await create_app(s, f"app{i}")
+        emu.set_rate_limits(True)  # time stands still: no token comes back
+        statuses = [(await s.delete(f"/v1/apps/app{i}")).status for i in range(101)]
+        assert statuses[:100] == [202] * 100
+        assert statuses[100] == 429
+
+
+async def test_a_machines_buckets_are_its_apps() -> None:
+    """Per action, per machine: the bucket of a machine is that of the machine in its app
+    (as the client keys it), not of any path that names the same id."""
+    settings = EmulatorSettings(rate_limits=False)
+    async with Emulator(settings, port=0, clock=lambda: 0.0) as emu, session(emu) as s:
+        m = await new_machine(s, start=False)
+        await create_app(s, "other")
+        emu.set_rate_limits(True)
+        elsewhere = f"/v1/apps/other/machines/{m['id']}/cordon"
+        assert [(await s.post(elsewhere)).status for _ in range(4)] == [404, 404, 404, 429]
+        assert (await s.post(f"/v1/apps/demo/machines/{m['id']}/cordon")).status == 200
+
+
 async def test_injected_500_and_429(emulator: Emulator) -> None:
     async with session(emulator) as s:
         emulator.set_faults(FaultSettings(error_rate=1.0))
