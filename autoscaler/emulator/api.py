@@ -305,12 +305,18 @@ async def cordon(request: web.Request) -> web.Response:
     return ok_body()
 
 
+def _lease_body(data: dict[str, Any], status: int = 200) -> web.Response:
+    """The real API's lease answers: ``{"status": "success", "data": {...}}`` (Fly's
+    machines-resource examples for acquire and release; flyctl's MachineLease)."""
+    return web.json_response({"status": "success", "data": data}, status=status)
+
+
 async def get_lease(request: web.Request) -> web.Response:
     m = machine_of(request)
     lease = request.app[CTX].leases.current(m.id)
     if lease is None:
         raise NotFound(f"no lease on machine {m.id}")
-    return web.json_response(lease.to_json())
+    return _lease_body(lease.to_json())
 
 
 async def create_lease(request: web.Request) -> web.Response:
@@ -325,14 +331,14 @@ async def create_lease(request: web.Request) -> web.Response:
     lease = request.app[CTX].leases.acquire(
         m.id, m.instance_id, int(ttl), description, request.headers.get(NONCE_HEADER)
     )
-    return web.json_response(lease.to_json(), status=201)
+    return _lease_body(lease.to_json(), status=201)
 
 
 async def release_lease(request: web.Request) -> web.Response:
     m = machine_of(request)
     if not request.app[CTX].leases.release(m.id, request.headers.get(NONCE_HEADER)):
         raise NotFound(f"no lease on machine {m.id}")
-    return web.json_response({})
+    return _lease_body({"ok": True})
 
 
 async def list_events(request: web.Request) -> web.Response:

@@ -331,9 +331,14 @@ async def test_leases_lock_changes_to_their_holder(emulator: Emulator) -> None:
         assert (await s.get(base + "/lease")).status == 404
         r = await s.post(base + "/lease", json={"ttl": 60, "description": "deploy"})
         assert r.status == 201
-        lease = await r.json()
+        body = await r.json()
+        assert body["status"] == "success"  # the real API's envelope, as Fly's examples
+        lease = body["data"]
+        assert set(lease) == {"nonce", "expires_at", "owner", "description", "version"}
         nonce = {"fly-machine-lease-nonce": lease["nonce"]}
-        assert (await (await s.get(base + "/lease")).json())["description"] == "deploy"
+        got = await (await s.get(base + "/lease")).json()
+        assert got == {"status": "success", "data": lease}
+        assert got["data"]["description"] == "deploy"
         r = await s.post(base + "/cordon")
         assert r.status == 409
         assert "leased" in (await r.json())["error"]
@@ -341,7 +346,9 @@ async def test_leases_lock_changes_to_their_holder(emulator: Emulator) -> None:
         assert (await s.post(base + "/cordon", headers=nonce)).status == 200
         assert (await s.get(base)).status == 200  # reads need no nonce
         assert (await s.delete(base + "/lease")).status == 409  # wrong (no) nonce
-        assert (await s.delete(base + "/lease", headers=nonce)).status == 200
+        r = await s.delete(base + "/lease", headers=nonce)
+        assert r.status == 200
+        assert await r.json() == {"status": "success", "data": {"ok": True}}
         assert (await s.post(base + "/uncordon")).status == 200
 
 

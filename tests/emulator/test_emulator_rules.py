@@ -60,7 +60,7 @@ async def test_lease_ttl_on_create_leases_the_machine_to_its_creator(emulator: E
         m = await r.json()
         nonce = m["nonce"]
         lease = await (await s.get(f"/v1/apps/demo/machines/{m['id']}/lease")).json()
-        assert lease["nonce"] == nonce
+        assert lease["data"]["nonce"] == nonce
         start = f"/v1/apps/demo/machines/{m['id']}/start"
         assert (await s.post(start)).status == 409  # held, and this call has no nonce
         r = await s.post(start, headers={"fly-machine-lease-nonce": nonce})
