@@ -130,6 +130,10 @@ async def create_machine(request: web.Request) -> web.Response:
         if m.events and (m.events[-1].type, m.events[-1].status) == ("start", "starting"):
             m.events.pop()
     out = m.to_json()
+    if not skip_launch and out["state"] == "starting":
+        # And the answer shows the machine as created, as Fly's does ("state": "created"
+        # in its create example): the launch goes on from there, as a GET then shows.
+        out["state"] = "created"
     if nonce is not None:
         out["nonce"] = nonce
     return web.json_response(out)

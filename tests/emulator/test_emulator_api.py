@@ -97,6 +97,17 @@ async def test_machine_config_is_validated(emulator: Emulator) -> None:
         assert r.status == 404
 
 
+async def test_a_launched_machine_is_answered_created_then_starts(emulator: Emulator) -> None:
+    # Fly's create example answers "state": "created" with its one event, launch/created;
+    # the machine is never born starting (docs/fly-api-notes.md: created -> starting).
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s)
+        assert m["state"] == "created"
+        assert [(e["type"], e["status"]) for e in m["events"]] == [("launch", "created")]
+        await wait_ok(s, "demo", m["id"])
+
+
 async def test_create_with_skip_launch_then_list_and_app_counts(emulator: Emulator) -> None:
     async with session(emulator) as s:
         m = await new_machine(s, start=False, metadata={"role": "web"})
