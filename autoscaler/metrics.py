@@ -132,7 +132,9 @@ class Metrics:
         )
         self.machine_seconds = Counter(
             "autoscaler_machine_seconds",
-            "Machine-seconds spent started or suspended: what the fleet costs.",
+            "Machine-seconds spent started or suspended: what the fleet costs. Billed from "
+            "when each machine changed state: exactly for our own actions, halfway between "
+            "two lists for a change only a list shows (someone else's start, a crash).",
             ["app", "state"],
             registry=r,
         )

@@ -49,7 +49,7 @@ from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.scaling.fleet import STARTED, SUSPENDED, Fleet
+from autoscaler.scaling.fleet import Fleet
 from autoscaler.scaling.policy import Decision, decide
 from autoscaler.scaling.window import Sample
 
@@ -60,7 +60,6 @@ MAX_RETRY_AFTER_S = 60.0
 """The longest Retry-After a failed tick honours. Fly's limits are per second: a longer
 one is a mistake or a date on a skewed clock, and would stop the app's loop (its
 scale-downs, its restarts) that long."""
-_BILLED_STATES = (STARTED, SUSPENDED)  # machine_seconds: what the fleet costs
 LEASE_REPORT_S = 60.0  # /status names a machine leased by another this long after a skip
 # Cluster mode: the whole cluster's load sample and last request time for (app, now), in
 # place of this process's own meter (autoscaler/state/cluster.py).
@@ -261,11 +260,13 @@ class Controller:
         await self.actuator.aclose()  # what the actions cancelled just now leave running
         # Started again (a replica that leads again), it writes every gauge anew (a
         # follower drops them: Metrics.forget_decisions) and bills machine time from its
-        # first tick on: the time between was another leader's to bill.
+        # first tick on: the time between was another leader's to bill. Until now is ours.
         self._gauge_last.clear()
         self._gauged.clear()
+        now = self.clock()
         for rt in self.apps.values():
-            rt.accounted_at = None
+            self._account(rt, now)
+            rt.billing.off()
 
     async def _stop_app(self, rt: AppRuntime) -> None:
         tasks: list[asyncio.Future[Any]] = [run.task for run in rt.running.values()]
@@ -292,6 +293,7 @@ class Controller:
             await self.view.end_wake(name)
             draining = {mid for mid, run in rt.running.items() if run.kind == "drain"}
             await self._stop_app(rt)
+            self._account(rt, self.clock())  # its machine time up to now: a total is a total
             await self._hand_back(rt, draining)
             # The leases its cancelled actions held or had asked for: given back now, not
             # by calls on its machines after the reload (bounded: else they lapse).
@@ -477,15 +479,12 @@ class Controller:
         )
 
     def _account(self, rt: AppRuntime, now: float) -> None:
-        """Machine-seconds since the last tick, by the state each machine is in now."""
-        since, rt.accounted_at = rt.accounted_at, now
-        if since is None or now <= since:
-            return
-        for machine in rt.machines.values():
-            if machine.state in _BILLED_STATES:
-                self.metrics.machine_seconds.labels(app=rt.name, state=machine.state).inc(
-                    now - since
-                )
+        """Machine-seconds up to ``now``, by the time each machine spent in each state as
+        far as we know it (``MachineTime``); billing starts at the first tick."""
+        if not rt.billing.on and not rt.read_once:
+            return  # nothing known to bill from yet
+        for state, seconds in rt.billing.take(rt.machines.values(), now).items():
+            self.metrics.machine_seconds.labels(app=rt.name, state=state).inc(seconds)
 
     def _gauge(self, rt: AppRuntime, decision: Decision) -> None:
         counts: dict[str, int] = {}

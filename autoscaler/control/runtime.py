@@ -20,6 +20,7 @@ or one with an action of ours under way, keeps our local record until the next l
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ from autoscaler.scaling.fleet import (
     FAILED,
     FINAL_STATES,
     STARTED,
+    SUSPENDED,
     Fleet,
     MachineSnapshot,
 )
@@ -170,6 +172,71 @@ def ours(machine: MachineRecord) -> bool:
     return machine.marked
 
 
+BILLED_STATES = (STARTED, SUSPENDED)
+"""The states whose machine-seconds ``autoscaler_machine_seconds_total`` counts."""
+
+
+@dataclass(slots=True)
+class MachineTime:
+    """An app's machine-seconds by state (``autoscaler_machine_seconds_total``), billed by
+    when each machine changed state as far as we know it: a change of ours when we made it
+    (:meth:`AppRuntime.record`); a change that only a list shows (someone else's start,
+    a crash, a machine destroyed or created) halfway between the last time we knew the
+    machine's state and that list, but never before what is billed already. Billing by
+    the state at each tick instead billed a machine woken between two polls of a sleeping
+    app (every ``control.idle_poll_s``, the first up to twice that) as started since the
+    poll before, and one put to sleep between two ticks as asleep since the tick before.
+    """
+
+    on: bool = False
+    """Billing: from the first :meth:`take` until :meth:`off` (a leader stepping down:
+    the time until it leads again is another replica's to bill)."""
+    since: dict[str, float] = field(default_factory=dict)
+    """Machine -> the time up to which its state is billed."""
+    owed: dict[str, float] = field(default_factory=dict)
+    """State -> seconds billed and not yet taken."""
+
+    def change(self, machine_id: str, old_state: str, at: float) -> None:
+        """``machine_id`` left ``old_state`` at ``at``: that state is billed up to then."""
+        start = self.since.get(machine_id)
+        if start is None:
+            if self.on:
+                self.since[machine_id] = at  # unknown until now: billed from here
+            return
+        if at > start:
+            if old_state in BILLED_STATES:
+                self.owed[old_state] = self.owed.get(old_state, 0.0) + (at - start)
+            self.since[machine_id] = at
+
+    def appeared(self, machine_id: str, at: float) -> None:
+        """A machine we did not know of existed from ``at`` on."""
+        if self.on:
+            self.since.setdefault(machine_id, at)
+
+    def gone(self, machine_id: str, old_state: str, at: float) -> None:
+        """A machine left ``old_state`` for good at ``at`` (destroyed)."""
+        self.change(machine_id, old_state, at)
+        self.since.pop(machine_id, None)
+
+    def take(self, machines: Iterable[MachineRecord], now: float) -> dict[str, float]:
+        """Bill every machine in its state up to ``now``: the seconds by state billed since
+        the last take (none at the first: billing starts then)."""
+        if not self.on:
+            self.on = True
+            self.since = {machine.id: now for machine in machines}
+            self.owed = {}
+            return {}
+        for machine in machines:
+            self.change(machine.id, machine.state, now)
+        owed, self.owed = self.owed, {}
+        return owed
+
+    def off(self) -> None:
+        self.on = False
+        self.since.clear()
+        self.owed.clear()
+
+
 @dataclass(slots=True)
 class Running:
     """One action task on one machine (at most one per machine)."""
@@ -238,7 +305,7 @@ class AppRuntime:
     last_tick_at: float | None = None
     last_error: str | None = None
     backoff_s: float = 0.0
-    accounted_at: float | None = None
+    billing: MachineTime = field(default_factory=MachineTime)
     wake_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loop: asyncio.Task[None] | None = None
 
@@ -272,6 +339,7 @@ class AppRuntime:
             listed = list(listed)
             self.on_first_list(self.name, listed)
         fresh: dict[str, MachineRecord] = {}
+        previous = self.listed_at
         for listed_machine in listed:
             if listed_machine.state in FINAL_STATES:
                 continue
@@ -283,6 +351,11 @@ class AppRuntime:
                 machine.id in self.running or self.touched.get(machine.id, -1.0) > listed_at
             )
             chosen = mine if keep and mine is not None else machine
+            if mine is None:
+                self.billing.appeared(machine.id, self._changed_at(machine.id, previous, listed_at))
+            elif mine.state != chosen.state:
+                at = self._changed_at(machine.id, previous, listed_at)
+                self.billing.change(machine.id, mine.state, at)
             if mine is None or mine.state != chosen.state:
                 self.state_since[machine.id] = now
             fresh[machine.id] = chosen
@@ -291,6 +364,8 @@ class AppRuntime:
         for mid, machine in self.machines.items():
             if mid not in fresh and mid in self.running:
                 fresh[mid] = machine
+            elif mid not in fresh:
+                self.billing.gone(mid, machine.state, self._changed_at(mid, previous, listed_at))
         for mid in list(self.state_since):
             if mid not in fresh:
                 del self.state_since[mid]
@@ -329,6 +404,16 @@ class AppRuntime:
         self.read_once = True
         self.listed_at = listed_at
 
+    def _changed_at(self, machine_id: str, previous: float | None, listed_at: float) -> float:
+        """When a change that a list asked for at ``listed_at`` shows took place, as far
+        as we can tell: halfway from the last time we knew the machine's state (the list
+        before, asked for at ``previous``, or a change of ours since) to ``listed_at``."""
+        known = max(
+            previous if previous is not None else listed_at,
+            self.state_since.get(machine_id, -math.inf),
+        )
+        return known + max(0.0, listed_at - known) / 2
+
     def record(
         self,
         machine_id: str,
@@ -345,6 +430,7 @@ class AppRuntime:
         update: dict[str, object] = {}
         if state is not None and state != machine.state:
             update["state"] = state
+            self.billing.change(machine_id, machine.state, now)
             self.state_since[machine_id] = now
         if cordoned is not None:
             update["cordoned"] = cordoned

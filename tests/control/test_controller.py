@@ -961,6 +961,84 @@ async def test_a_controller_started_again_writes_its_gauges_and_bills_from_then(
     assert billed == 3  # started or suspended by now: the second since its first tick
 
 
+def _billed(rig: Rig) -> dict[str, float]:
+    return {
+        s: rig.metric("autoscaler_machine_seconds_total", state=s) for s in ("started", "suspended")
+    }
+
+
+async def test_machine_seconds_follow_our_changes_between_ticks(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A machine is billed by the time it spent in each state, not by its state at the
+    tick: woken 50 s after a tick and ticked 10 s later, it was suspended 50 s and started
+    10 s (billed started 60 s before); put to sleep, the time it takes to suspend is
+    neither, and it is suspended only from when it was (billed suspended since the tick
+    before)."""
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    await rig.tick()
+    await clock.advance(50)
+    assert await rig.ctl.wake(APP) == "resume"
+    await clock.advance(10)
+    api.slow_transitions = True
+    decision = await rig.tick()  # no request came: idle_to_zero_s is over
+    assert _billed(rig) == {"started": 10, "suspended": 50}
+    assert [a.kind for a in decision.actions] == ["drain"]
+    assert state(api, mid) == "suspending"
+    await clock.advance(3)
+    api.finish(APP, mid)
+    await rig.ctl.idle()
+    await clock.advance(7)
+    await rig.tick()
+    assert _billed(rig) == {"started": 10, "suspended": 57}
+
+
+async def test_a_change_only_a_list_shows_is_billed_from_halfway(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Someone else's start between two lists (a sleeping app's polls are a minute apart)
+    happened when no list says: it is billed from halfway between them, not from the list
+    before (the whole gap as started) nor the one after."""
+    mid = api.add(APP, "suspended")
+    gone = api.add(APP, "suspended")
+    rig = Rig(api, clock, min_lifetime_s=600)
+    await rig.tick()
+    api.set(APP, mid, state="started")  # fly machine start
+    del api.machines[APP][gone]  # fly machine destroy
+    await clock.advance(60)
+    await rig.tick()
+    assert _billed(rig) == {"started": 30, "suspended": 30 + 30}
+
+
+async def test_a_wake_while_the_loop_backs_off_is_billed_from_the_wake(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A sleeping app's poll refused with 429 and Retry-After 60 s pauses its loop a
+    minute, and a wake does not cut that pause short: the machine the wake resumed in it
+    was billed started since the last tick (80 s here, 40 of them suspended)."""
+    api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    await rig.ctl.start()
+    try:
+        await settle()
+        first = rig.ctl.apps[APP].last_tick_at
+        assert first == clock.now
+        api.fail["list_machines"] = [RateLimited(429, "slow down", retry_after=60.0)]
+        await clock.advance(80)  # the app asleep: polled at 60 s, refused
+        assert api.fail["list_machines"] == []
+        rig.app.hold()
+        assert await rig.view.wake(APP) == "resume"
+        rig.app.release()
+        woken = clock.now
+        await clock.advance(45)  # the loop's pause ends at 120 s: a tick
+        assert rig.ctl.apps[APP].last_tick_at is not None
+        assert rig.ctl.apps[APP].last_tick_at > woken
+    finally:
+        await rig.ctl.stop()  # bills up to now
+    assert _billed(rig) == {"started": clock.now - woken, "suspended": woken - first}
+
+
 async def test_wake_lifts_a_cordon_of_ours_left_on_a_started_machine(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
