@@ -244,16 +244,17 @@ class Actuator:
         self, rt: AppRuntime, mid: str, kind: TaskKind, coro: Coroutine[Any, Any, bool]
     ) -> bool:
         key = (rt.name, mid)
+        began = self.clock()
         if key not in self.held:  # else handed over by a drain taken back
             try:
                 self.held[key] = await self.leases.take(rt.name, mid, kind)
             except LeaseHeld as exc:
                 self._not_begun(rt, mid, coro)
-                self._skip_leased(rt, mid, kind, exc)
+                self._skip_leased(rt, mid, kind, exc, began)
                 return False
             except FlyError as exc:
                 self._not_begun(rt, mid, coro)
-                self._failed(rt, mid, kind, exc)
+                self._failed(rt, mid, kind, exc, began)
                 return False
             except asyncio.CancelledError:
                 self._not_begun(rt, mid, coro)
@@ -263,19 +264,38 @@ class Actuator:
             done = await coro
         except asyncio.CancelledError:
             self._let_go(rt, mid)
+            _log.info(
+                "action_cancelled",
+                app=rt.name,
+                machine=mid,
+                action=kind,
+                result="cancelled",
+                duration_s=self._took(began),
+            )
             raise
         except LeaseHeld as exc:
             # Our lease lapsed and another holder took the machine mid-sequence.
             self._let_go(rt, mid)
-            self._skip_leased(rt, mid, kind, exc)
+            self._skip_leased(rt, mid, kind, exc, began)
             return False
         except (FlyError, ActionError) as exc:
             self._let_go(rt, mid)
-            self._failed(rt, mid, kind, exc)
+            self._failed(rt, mid, kind, exc, began)
             return False
         self._let_go(rt, mid)
         rt.cooldown.pop(mid, None)
+        _log.info(
+            "action_done",
+            app=rt.name,
+            machine=mid,
+            action=kind,
+            result="ok" if done else "error",
+            duration_s=self._took(began),
+        )
         return done
+
+    def _took(self, began: float) -> float:
+        return round(self.clock() - began, 3)
 
     def _not_begun(self, rt: AppRuntime, mid: str, coro: Coroutine[Any, Any, bool]) -> None:
         """The action never began (no lease): undo what ``launch`` did ahead of it."""
@@ -285,20 +305,40 @@ class Actuator:
             rt.cordon_held.discard(mid)
             self.publish(rt)
 
-    def _failed(self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception) -> None:
+    def _failed(
+        self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception, began: float
+    ) -> None:
         rt.last_error = f"{kind} {mid}: {exc}"
         run = rt.running.get(mid)
         if run is not None and run.task is asyncio.current_task():
             run.error = exc
         rt.failed(mid, self.clock(), self.backoff_max_s)
-        _log.warning("action_failed", app=rt.name, machine=mid, action=kind, error=str(exc))
+        _log.warning(
+            "action_failed",
+            app=rt.name,
+            machine=mid,
+            action=kind,
+            result="error",
+            duration_s=self._took(began),
+            error=str(exc),
+        )
 
-    def _skip_leased(self, rt: AppRuntime, mid: str, kind: TaskKind, exc: LeaseHeld) -> None:
+    def _skip_leased(
+        self, rt: AppRuntime, mid: str, kind: TaskKind, exc: LeaseHeld, began: float
+    ) -> None:
         """Another holder has the machine: no backoff, no error; busy for one tick."""
         now = self.clock()
         rt.leased_by_others[mid] = (now, now + self.lease_skip_s)
         self.metrics.lease_conflicts.labels(app=rt.name).inc()
-        _log.info("machine_leased_by_other", app=rt.name, machine=mid, action=kind, error=str(exc))
+        _log.info(
+            "machine_leased_by_other",
+            app=rt.name,
+            machine=mid,
+            action=kind,
+            result="skipped",
+            duration_s=self._took(began),
+            error=str(exc),
+        )
 
     def nonce(self, rt: AppRuntime, mid: str) -> str | None:
         """The nonce our changes of the machine carry (None: no lease of ours on it)."""

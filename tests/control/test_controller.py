@@ -1116,6 +1116,69 @@ async def test_a_machine_whose_action_failed_cools_down_and_another_is_used(
     assert rig.routable() == {second}
 
 
+async def test_every_action_ends_in_one_log_line_with_its_result_and_duration(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """An operator follows each action in the log: app, machine, action, result and how
+    long it took (a resume, a drain, a failed start with its reason). Successes were
+    logged unevenly (``machine_up`` with no duration, a
+    suspend or a stop not at all) and failures without a duration."""
+    first, second = api.add(APP, "suspended"), api.add(APP, "suspended")
+    api.fail["start_machine"] = [ServerError(500, "boom")]
+    api.gates["start_machine"] = gate = asyncio.Event()
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    rig.app.hold()  # one request waits: one machine wanted
+    with capture_logs() as logs:
+        await clock.advance(1)
+        await rig.tick()
+        await clock.advance(2)  # the start call takes 2 s, and fails
+        gate.set()
+        await rig.ctl.idle()
+        await clock.advance(0.5)
+        await rig.tick()  # the other machine then
+        await rig.ctl.idle()
+        rig.app.release()
+        for _ in range(30):  # until idle: the started one is drained
+            await clock.advance(1)
+            if (await rig.tick()).actions:
+                break
+        await rig.ctl.idle()
+    assert state(api, second) == "suspended"
+    ends = [
+        {k: e.get(k) for k in ("event", "app", "machine", "action", "result", "duration_s")}
+        for e in logs
+        if "result" in e and "action" in e
+    ]
+    assert ends == [
+        {
+            "event": "action_failed",
+            "app": APP,
+            "machine": first,
+            "action": "resume",
+            "result": "error",
+            "duration_s": 2.0,
+        },
+        {
+            "event": "action_done",
+            "app": APP,
+            "machine": second,
+            "action": "resume",
+            "result": "ok",
+            "duration_s": 0.0,
+        },
+        {
+            "event": "action_done",
+            "app": APP,
+            "machine": second,
+            "action": "drain",
+            "result": "ok",
+            "duration_s": 0.0,
+        },
+    ]
+    [failed] = [e for e in logs if e["event"] == "action_failed"]
+    assert "boom" in failed["error"]
+
+
 async def test_taking_back_a_drain_cut_before_its_key_was_set(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
