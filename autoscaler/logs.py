@@ -38,7 +38,8 @@ class Redactor:
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets: set[str] = set()
+        self._secrets: tuple[str, ...] = ()
+        """Every form of every secret, longest first (a form may hold a shorter one)."""
         for secret in secrets:
             self.add(secret)
 
@@ -46,10 +47,8 @@ class Redactor:
         # Whatever its length: a short secret left in a line is a leaked one. (The settings
         # refuse tokens under config.MIN_TOKEN_CHARS, so that ordinary words stay.)
         if secret:
-            self._secrets.add(secret)
-            escaped = json.dumps(secret)[1:-1]  # as it stands inside a rendered JSON line
-            if escaped != secret:
-                self._secrets.add(escaped)
+            forms = set(self._secrets) | _written_forms(secret)
+            self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
     def scrub_text(self, text: str) -> str:
         for secret in self._secrets:
@@ -86,6 +85,17 @@ class Redactor:
     def redact_rendered(self, logger: WrappedLogger, name: str, line: Any) -> Any:
         """After the renderer: ``line`` is the finished text of the log line."""
         return self.scrub_text(line) if isinstance(line, str) else line
+
+
+def _written_forms(secret: str) -> set[str]:
+    """``secret`` as a finished line may carry it: as it is; inside a Python repr (a console
+    line writes its values so, a JSON line an object's, such as an exception passed as a
+    value: backslashes doubled, a quote escaped); and each of those inside a JSON string."""
+    forms = {secret}
+    if "\\" in secret or "'" in secret or '"' in secret:
+        doubled = secret.replace("\\", "\\\\")
+        forms |= {doubled, doubled.replace("'", "\\'"), doubled.replace('"', '\\"')}
+    return forms | {json.dumps(form)[1:-1] for form in forms}
 
 
 def _redact_nested_keys(value: Any) -> Any:

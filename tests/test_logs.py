@@ -7,6 +7,7 @@ import json
 import logging
 import re
 
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -189,3 +190,26 @@ def test_a_registered_secret_is_redacted_whatever_its_length() -> None:
     assert redactor.scrub({"error": ["rejected Q7"]}) == {"error": [f"rejected {logs.REDACTED}"]}
     line = json.dumps({"event": 'bad x"y'})  # the secret as a JSON line carries it
     assert redactor.redact_rendered(None, "info", line) == '{"event": "bad [REDACTED]"}'
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_secret_is_redacted_inside_a_repr_of_an_httpx_error(fmt: str) -> None:
+    """A token (here the admin's, which may hold any printable character) in an httpx
+    exception's message, logged as the message, as the exception object and with its
+    traceback. A console line writes values as Python reprs, and a JSON line an object's
+    repr: a backslash in the token came out doubled there, and the token whole."""
+    secret = 'adm1n\\"t0ken-with-a-backslash'
+    out = io.StringIO()
+    logs.configure(level="debug", fmt=fmt, secrets=[secret], stream=out)
+    log = logs.get_logger("t")
+    try:
+        raise httpx.ConnectError(f"refused: Authorization: Bearer {secret}")
+    except httpx.ConnectError as exc:
+        log.warning("api_failed", error=str(exc))
+        log.warning("api_failed", error=exc)
+        log.warning("api_failed", errors=[exc])
+        log.exception("api_crashed")
+        logging.getLogger("httpx").error("stdlib: %r", exc)
+    text = out.getvalue()
+    assert "t0ken-with-a-backslash" not in text
+    assert text.count(logs.REDACTED) >= 5
