@@ -620,13 +620,11 @@ class Replica:
             rt = self.controller.apps.get(app)
             if rt is None:
                 raise WakeError(f"app {app} is not scaled by this replica")
-            # What the API says now, unless we lead and nobody else woke the app since our
-            # last wake (then our ticks' view is as fresh as it gets).
-            if (
-                not self.leading
-                or claim.previous not in ("", self.cluster.replica_id)
-                or not rt.read_once
-            ):
+            # What the API says now, unless we lead and Redis names us as the app's last
+            # waker (then our ticks' view is as fresh as it gets). Nobody named is no proof
+            # that nobody else woke it: Redis may have lost the record (a FLUSHALL, a
+            # failover to an empty replica) after a follower's self-wake.
+            if not self.leading or claim.previous != self.cluster.replica_id or not rt.read_once:
                 await self.controller.waker.refresh(rt)
             result = await self.controller.wake(app)
             # A drain taken back routes in our view at once and the wake returns, while

@@ -424,3 +424,33 @@ async def test_a_lost_release_after_a_failed_take_is_still_handed_back(
         assert await again.check()
     finally:
         await client.aclose()
+
+
+async def test_the_leader_reads_the_api_when_redis_lost_who_woke_last(
+    own_redis: Any, key_prefix: str
+) -> None:
+    """A follower woke the app by itself, then Redis lost its data (a FLUSHALL, a
+    failover to an empty replica): the record of who woke the app last was gone, and the
+    leader took that for "nobody but us", skipped its read under the claim and started
+    again, from its own stale view, the machine the follower had started."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    leader = make(own_redis.url, key_prefix, "l", api, rng=lambda: 0.0)
+    await leader.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        rt = leader.controller.apps[APP]
+        await rounds([leader], lambda: rt.last_decision_at is not None, 2 * TTL)
+        assert rt.read_once
+        # The follower's self-wake, under the app's claim (the leader does not list again).
+        follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
+        claim = await follower.take(APP)
+        assert claim is not None
+        await api.start_machine(APP, mid)
+        await claim.release()
+        await leader.cluster.redis.flushall()
+        leader.view.app(APP).hold()  # a request held at the leader's own proxy
+        assert await asyncio.wait_for(leader.view.wake(APP), 10) == "none"
+        assert api.ops("start_machine") == [mid]  # the follower's only
+    finally:
+        await leader.stop()
