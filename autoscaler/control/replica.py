@@ -52,7 +52,8 @@ from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import Budget
 from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo
 from autoscaler.control.wake import WakeError
-from autoscaler.fly.client import MachinesAPI
+from autoscaler.fly.client import MachinesAPI, one_attempt
+from autoscaler.fly.errors import FlyError
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, SUSPENDED
@@ -625,7 +626,7 @@ class Replica:
             # that nobody else woke it: Redis may have lost the record (a FLUSHALL, a
             # failover to an empty replica) after a follower's self-wake.
             if not self.leading or claim.previous != self.cluster.replica_id or not rt.read_once:
-                await self.controller.waker.refresh(rt)
+                await self._read_under_claim(rt)
             result = await self.controller.wake(app)
             # A drain taken back routes in our view at once and the wake returns, while
             # its uncordon is still on its way to the API: the claim fences that call, so
@@ -638,6 +639,23 @@ class Replica:
                 self.self_wakes += 1
                 _log.info("cluster_self_wake", app=app, how=result, fence=claim.token)
             return result
+
+    async def _read_under_claim(self, rt: AppRuntime) -> None:
+        """The app's machines as the API lists them now, read once within
+        ``control.api_timeout_s`` (as the wake's other reads): with the client's retries
+        (up to ``fly.retry_deadline_s``) a slow API held the claim, which every other
+        replica waits for, that long. A failed read of an app read before fails the wake
+        (released at once, the claim is free; the proxy asks again): waking from a view
+        that may miss another replica's wake could start a second machine. An app never
+        read is read by the wake itself, one attempt at a time until its deadline."""
+        waker = self.controller.waker
+        try:
+            with one_attempt(waker.api_timeout_s):
+                await waker.refresh(rt)
+        except FlyError as exc:
+            if rt.read_once or not exc.transient:
+                raise
+            _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
 
     async def _take_claim(self, app: str) -> Claim | _Ours | None:
         """The app's wake claim; ``_OURS`` if a task of this replica holds it already, None

@@ -454,3 +454,34 @@ async def test_the_leader_reads_the_api_when_redis_lost_who_woke_last(
         assert api.ops("start_machine") == [mid]  # the follower's only
     finally:
         await leader.stop()
+
+
+async def test_the_read_under_a_wake_claim_is_one_bounded_attempt(
+    redis_server: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read of the app's machines that a claimed wake makes first ran with the
+    client's retries (5, up to ``fly.retry_deadline_s``, 60 s): a slow or failing API held
+    the app's wake claim, which every other replica waits for, that long. It makes one
+    attempt within ``control.api_timeout_s``, as the wake's other reads."""
+    from autoscaler.fly import client as fly_client
+    from autoscaler.fly import models as m
+
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    follower = make(redis_server, key_prefix, "f", api, self_wake_after_s=0.05, lead=False)
+    bounds: list[float | None] = []
+    list_machines = api.list_machines
+
+    async def recording(app: str) -> list[m.Machine]:
+        bounds.append(fly_client._one_attempt.get())  # the bound the client would apply
+        return await list_machines(app)
+
+    monkeypatch.setattr(api, "list_machines", recording)
+    await follower.start(rounds=False)
+    try:
+        follower.view.app(APP).hold()  # a request held (a wake for nobody wakes nothing)
+        assert await asyncio.wait_for(follower.view.wake(APP), 10) == "start"
+        assert bounds
+        assert set(bounds) == {follower.settings.control.api_timeout_s}
+    finally:
+        await follower.stop()
