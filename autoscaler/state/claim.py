@@ -23,6 +23,19 @@ may have run in Redis all the same, leaving our claim there until its TTL with n
 too (the last few such, :data:`UNANSWERED`), and the script hands that claim back instead
 of finding it taken (as it does a claim whose release got no answer). Without that, the
 app's wake (anyone's) waited for the TTL, longer than a short ``wake_timeout_s``.
+
+Nothing compares claim tokens by order (unlike the lease's fence, which followers order
+views by): every check, renewal, release and hand-back compares the claim's whole value,
+whose nonce each take draws afresh, and the token itself is only logged. So a Redis
+restored from an older snapshot, whose counter hands out again tokens it handed out
+before, cannot make one claim pass for another: a claim of the snapshot that is still in
+its TTL is its holder's own (the key expired otherwise), and a holder that released it
+fails its checks locally. What such a restore can roll back is the record of who took the
+app's claim last (``{prefix}:woke:{app}``): one that names the leader although a follower
+woke the app after the snapshot lets the leader's wake skip its read (as a record lost
+outright no longer does) and start, from its own view, the machine the follower started.
+The leader's ticks list the app again soon after (``control.steady_list_s``); Redis's
+data cannot tell that case apart.
 """
 
 from __future__ import annotations
