@@ -303,6 +303,12 @@ class Replica:
             rt.hold_hung(self.view.app(rt.name), set())  # a hold would outlive our lead
         self.metrics.forget_decisions()
         self.view.set_waker(self.remote_wake)
+        # While the controller stopped, the app had no waker: a wake of ours that the stop
+        # ended (its start cancelled) left the held requests' gates nothing to ask, and
+        # they would wait for a change of the machines until their wake timeout. They ask
+        # again now, through the follower's wake.
+        for view in self.view.apps.values():
+            view.notify()
 
     # --- load ---------------------------------------------------------------------------
 

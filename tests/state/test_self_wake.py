@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from control.fakes import FakeMachinesAPI
+from control.fakes import FakeMachinesAPI, settle
 
 from autoscaler.control.fencing import WAKE_FENCE, Fenced, FencedAPI
 from autoscaler.control.wake import WakeError
@@ -485,3 +485,65 @@ async def test_the_read_under_a_wake_claim_is_one_bounded_attempt(
         assert set(bounds) == {follower.settings.control.api_timeout_s}
     finally:
         await follower.stop()
+
+
+async def test_a_request_held_while_its_leader_steps_down_is_woken_as_a_followers(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The leader loses its lease while its wake of an app starts a machine for a request
+    its own proxy holds. Its step-down stops the controller, which cancels that start and
+    so ends the wake, while the app has no waker at all (the follower's is set once the
+    controller has stopped, after the release of the start's machine lease, an API call):
+    the held request's gate found nothing to ask, and waited for a change of the app's
+    machines that nothing made, until its wake timeout (a 504), with no leader at all.
+    Now the step-down asks the views again: the request goes through the follower's wake
+    (here, with no leader, a self-wake under the claim)."""
+    import random
+
+    from autoscaler.proxy.gate import Gate
+
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    leader = make(
+        redis_server,
+        key_prefix,
+        "l",
+        api,
+        self_wake_after_s=0.05,
+        wake_timeout_s=5,
+        rng=lambda: 0.0,
+    )
+    await leader.start(rounds=False)
+    rng = random.Random(0)  # noqa: S311 - balancing, not secrets
+    gate = Gate(leader.settings.apps[0], leader.view, leader.metrics, rng)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        rt = leader.controller.apps[APP]
+        await rounds([leader], lambda: rt.last_decision_at is not None, 2 * TTL)
+        api.gates["start_machine"] = started = asyncio.Event()
+        api.gates["release_machine_lease"] = released = asyncio.Event()
+        held = asyncio.create_task(gate.acquire(5))
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while not api.ops("start_machine"):  # the leader's wake is starting the machine
+            assert loop.time() - since < 10, "the leader never woke the app"
+            await asyncio.sleep(0.01)
+        wake = leader.view.wake(APP)  # the wake under way (joined, not a new one)
+        await leader.cluster.redis.delete(leader.cluster.lease.key)  # the lease is lost
+        leader._next_lease_step = 0.0
+        stepping_down = asyncio.create_task(leader.round())
+        await asyncio.wait([wake], timeout=10)  # its start cancelled, the wake is over
+        assert wake.done()
+        await settle()  # the gate has looked at the app (while it had no waker)
+        assert not stepping_down.done()  # the machine lease's release holds the stop
+        released.set()
+        await asyncio.wait_for(stepping_down, 10)
+        assert not leader.leading
+        started.set()
+        up, _ = await asyncio.wait_for(held, 10)
+        gate.done(up)
+        assert up.id == mid
+        assert leader.self_wakes == 1
+    finally:
+        await gate.close()
+        await leader.stop()
