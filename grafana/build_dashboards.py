@@ -467,10 +467,9 @@ def overview() -> db.Dashboard:
             db.QueryVariable("app")
             .label("App")
             .datasource(DS)
-            .query(
-                'label_values({__name__=~"autoscaler_requests_total|autoscaler_desired_machines"}'
-                ", app)"
-            )
+            # Every app, static or scaled, from start-up: the held-requests gauge is
+            # declared at 0 for each and goes with an app a reload removes.
+            .query("label_values(autoscaler_queued_requests, app)")
             .include_all(True)
             .all_value(".*")
             .multi(True)

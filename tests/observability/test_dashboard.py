@@ -109,6 +109,29 @@ def test_variables() -> None:
     assert app["allValue"] == ".*"
 
 
+def test_the_app_variable_lists_every_declared_app_and_drops_a_removed_one() -> None:
+    """A static app with no traffic yet is in the list, and an app a reload removed leaves
+    it (its counters stay: a total is a total, so they cannot be the variable's source)."""
+    query = {v["name"]: v for v in load()["templating"]["list"]}["app"]["query"]
+    match = re.fullmatch(r"label_values\((\w+), app\)", query)
+    assert match is not None, query
+    metrics = Metrics()
+
+    def apps() -> set[str]:
+        return {
+            sample.labels["app"]
+            for family in metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == match.group(1)
+        }
+
+    metrics.declare_app("static", scaled=False)
+    metrics.declare_app("scaled")
+    assert apps() == {"static", "scaled"}
+    metrics.forget_app("scaled")
+    assert apps() == {"static"}
+
+
 def test_queries_name_only_declared_metrics() -> None:
     declared = exported_series() | PENDING
     for expr in exprs(load()):
