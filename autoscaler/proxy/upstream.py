@@ -13,8 +13,9 @@ Errors, by what the caller may do about them:
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
 - :class:`BadResponse`: what came back is not HTTP (a control character in the reason
-  phrase included), or its head is too large (a field over ``max_field_size``, more than
-  ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times ``max_field_size`` in all).
+  phrase or a status code under 100 included), or its head is too large (a field over
+  ``max_field_size``, more than ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times
+  ``max_field_size`` in all).
 - ``TimeoutError``: no answer within ``head_timeout``.
 
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
@@ -284,6 +285,11 @@ class Connection(FlowControlled, asyncio.Protocol):
             raise self._error
         parser = self._parser
         status = parser.get_status_code()
+        if status < 100:
+            # llhttp reads "099" as 99: relayed, it would be a status line of two digits,
+            # one a client refuses (RFC 9112 4: three digits; RFC 9110 15: 100-599).
+            self._error = BadResponse("the machine's answer has an invalid status code")
+            raise self._error
         if status == 101 and not ex.upgrade:
             self._error = UnexpectedUpgrade("the machine switched protocols unasked")
             raise self._error

@@ -6,7 +6,7 @@ never makes the proxy and the other side disagree on where a message ends.
 - bytes after a machine's whole answer are not taken for part of it, nor relayed;
 - transfer codings other than chunked are refused (llhttp decodes chunked only, so the
   body would go on changed), before anything reaches the machine;
-- HTTP versions other than 1.0 and 1.1 get 505.
+- HTTP versions other than 1.0 and 1.1 get 505, a machine's status under 100 a 502.
 """
 
 from __future__ import annotations
@@ -167,6 +167,21 @@ async def test_answers_with_transfer_codings_other_than_chunked_get_502(
 ) -> None:
     """Relayed re-chunked, the client would take gzip bytes for the body (nginx: 502)."""
     heads: list[bytes] = []
+    addr = await machine_with(raw_backend, answer, heads)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    assert reply_status(reply) == 502, reply[:200]
+    assert reply.endswith(b"the machine failed to answer\n")
+
+
+@pytest.mark.parametrize("status", [b"099", b"000"])
+async def test_an_answer_with_a_status_under_100_gets_502(
+    raw_backend: RawBackend, start_proxy: StartProxy, status: bytes
+) -> None:
+    """llhttp reads "099" as 99: relayed, the client's status line had two digits, which
+    a strict client refuses (RFC 9112 4)."""
+    heads: list[bytes] = []
+    answer = b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
     addr = await machine_with(raw_backend, answer, heads)
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
     reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
