@@ -2,7 +2,8 @@
 
 Heads are built as bytes from the raw header pairs, in one pass each: hop-by-hop headers
 dropped (RFC 9110 §7.6.1: Connection and the headers it names, Keep-Alive, TE, Trailer,
-Transfer-Encoding, Upgrade, and ``Proxy-*``), forwarding headers set, every other header
+Transfer-Encoding, Upgrade, and ``Proxy-*``), forwarding headers set (those a client sent
+replaced, spellings with underscores included), every other header
 kept with its name's case and its value's bytes, repeated ones (Set-Cookie) included.
 
 Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
@@ -71,6 +72,13 @@ _MAX_NAMES = 4096
 def _request_class(low: bytes) -> int:
     if low in _REQUEST_DROP or low[:6] == b"proxy-":
         return _READ_WHEN_DROPPED.get(low, _DROP)
+    if b"_" in low:
+        # CGI and WSGI servers read "X_Forwarded_For" as X-Forwarded-For (both are
+        # HTTP_X_FORWARDED_FOR): a client could set what the proxy sets. Dropped, as nginx
+        # and Apache drop every name with an underscore.
+        dashed = low.replace(b"_", b"-")
+        if dashed in _REQUEST_DROP or dashed[:6] == b"proxy-":
+            return _DROP
     return _HOST if low == b"host" else _KEEP
 
 

@@ -114,6 +114,28 @@ async def test_set_cookie_hop_by_hop_and_forwarding_headers(
     assert got["x-request-id"] == ["req-123"]
 
 
+async def test_forwarding_headers_spelled_with_underscores_are_dropped(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """A CGI or WSGI server reads X_Forwarded_For as X-Forwarded-For (both become
+    HTTP_X_FORWARDED_FOR): passed on, a client would choose the address the app sees."""
+    seen: list[web.Request] = []
+    addr = await backend(echo_app(seen))
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reply = await raw(
+        proxy.port,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nX_Forwarded_For: 6.6.6.6\r\n"
+        b"x_forwarded_proto: https\r\nX_Forwarded_Host: evil.test\r\nX_Request_Id: r\r\n"
+        b"Proxy_Authorization: Basic c2VjcmV0\r\nX_App_Header: kept\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:80]
+    names = [name.lower() for name in seen[0].headers]
+    assert not [n for n in names if n.startswith(("x_forwarded", "x_request", "proxy_"))]
+    assert seen[0].headers["X_App_Header"] == "kept"  # other underscores are the app's
+    assert seen[0].headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+
+
 async def test_trusted_proxy_forwarding_headers_are_kept(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
