@@ -38,6 +38,8 @@ pauses reading from the socket when the handler falls behind, and counts in the 
   Content-Length included (llhttp leaves it unparsed: it is read here by its length);
 - slow clients: a head not complete within ``client_timeout_s`` of the connection going
   idle closes the connection (a body too slow is the handler's business, it answers 408);
+  the next request waits until the client took the answer before it, and one that takes
+  nothing for ``client_timeout_s`` is cut off;
 - a client that goes away cancels its request's handler;
 - shutdown: stop accepting, close idle connections, let busy ones finish their request
   (answered with ``Connection: close``) until the deadline, then cut them.
@@ -522,6 +524,14 @@ class Connection(FlowControlled, asyncio.Protocol):
                 if not self.keeps_alive(item):
                     self._linger()
                     return
+                if self.writing_paused:
+                    # The next request waits until the client took this answer: one that
+                    # pipelines requests and reads nothing would pile answers up here
+                    # without end (a 404 is answered without a wait for anything else).
+                    try:
+                        await self.drain()
+                    except ClientGone:
+                        return
                 if not self._queue:
                     self._arm_idle()
         finally:

@@ -10,13 +10,16 @@ sleeps to assert.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from typing import Any
 
 import pytest
 from aiohttp import web
 from testkit import until
 
+from autoscaler.metrics import Metrics
 from autoscaler.proxy.h1 import MAX_HEADERS, Connection
 
 from .conftest import Backend, StartProxy
@@ -515,6 +518,40 @@ async def test_idle_keep_alive_connection_is_closed_after_client_timeout(
         assert status == 200
         assert "connection" not in headers  # kept alive...
         assert await at_eof(reader) == b""  # ...until idle for client_timeout_s
+
+
+async def test_a_client_that_pipelines_and_never_reads_is_cut_off(
+    backend: Backend, start_proxy: StartProxy, metrics: Metrics
+) -> None:
+    """Requests answered at once (404 here: no machine to wait for) went on being read and
+    answered while the client read nothing, their answers piling up in the proxy without
+    bound. The next request waits until the client took the answer before it, and a
+    client that takes nothing for ``client_timeout_s`` is cut off, as for a long answer."""
+    addr = await backend(seen_app())
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], client_timeout_s=0.5
+    )
+    clients = proxy._server.connections  # the listener's open client connections
+    request = b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n"
+    sent = 20_000  # their answers are some 3 MB, far more than the socket buffers hold
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await until(lambda: len(clients) == 1)
+        (conn,) = clients
+        assert conn.transport is not None
+        # Small kernel buffers on the proxy's side too (loopback autotunes them to
+        # megabytes), as on a slow network.
+        proxy_side = conn.transport.get_extra_info("socket")
+        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        with contextlib.suppress(ConnectionError):  # (the proxy may cut it meanwhile)
+            async with asyncio.timeout(BOUND_S):
+                await loop.sock_sendall(sock, request * sent)
+        await until(lambda: not clients, timeout_s=BOUND_S)  # cut, without a byte read
+    answered = sum(n for (_, code, _), n in metrics.proxy._counts.items() if code == 404)
+    assert 0 < answered < sent // 2
 
 
 async def test_a_kept_alive_connection_reads_on_after_an_error_to_an_unread_large_body(
