@@ -23,8 +23,9 @@ pauses reading from the socket when the handler falls behind, and counts in the 
   an HTTP version other than 1.0 and 1.1 505;
 - transfer codings: only ``chunked`` (what llhttp decodes); one before it gets 501, a
   Transfer-Encoding that does not end in chunked 400 (RFC 9112 6.3);
-- Host: more than one Host header, or none in an HTTP/1.1 request, gets 400 (RFC 9112
-  3.2); HTTP/1.0 requests without one go to the default app;
+- Host: more than one Host header, none in an HTTP/1.1 request, or one that is not
+  ``host[:port]`` gets 400 (RFC 9112 3.2); HTTP/1.0 requests without one go to the
+  default app;
 - request targets in absolute form (``GET http://host/path``): as RFC 9112 asks, the
   target's authority replaces the Host header, for routing and upstream, and the machine
   gets the origin form (``/path``); a scheme other than http(s), user info or an empty
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -368,8 +370,16 @@ class Connection(FlowControlled, asyncio.Protocol):
         if version != "1.1" and version != "1.0":
             self._error = ParseError(505, f"HTTP/{version} is not supported")
             raise self._error
-        if request.host is None and version == "1.1":
-            self._error = ParseError(400, "bad request: an HTTP/1.1 request needs a Host header")
+        host = request.host
+        if host is None:
+            if version == "1.1":
+                message = "bad request: an HTTP/1.1 request needs a Host header"
+                self._error = ParseError(400, message)
+                raise self._error
+        elif not _valid_host(host):
+            # The machine would take it for its own: a URL built from "a.test:80@evil" or
+            # "a.test:1/x" points elsewhere, though the request was routed to a.test.
+            self._error = ParseError(400, "bad request: invalid Host header")
             raise self._error
         te = request.transfer_encoding
         if te is not None:
@@ -662,6 +672,28 @@ def _absolute_form(target: str) -> tuple[str, str] | None:
     if not authority or "@" in authority:
         return None  # user info has no place in a request (RFC 9110 4.2.4)
     return authority, path if path.startswith("/") else "/" + path
+
+
+# A Host field value, or the authority of a target in absolute form: uri-host [":" port]
+# (RFC 9112 3.2, RFC 3986 3.2.2), as a reg-name (percent-encoded bytes and sub-delims
+# included) or an IP literal in brackets; trailing blanks, which llhttp leaves in a value,
+# are allowed. Anything else gets 400 (RFC 9112 3.2).
+_HOST_SYNTAX = re.compile(
+    r"(?:\[[0-9A-Za-z\-._~%!$&'()*+,;=:]+\]|[0-9A-Za-z\-._~%!$&'()*+,;=]*)(?::[0-9]*)?[ \t]*"
+)
+# Verdicts by value: host names are few and repeat on every request (kept small: clients
+# choose them).
+_HOST_VERDICTS: dict[str, bool] = {}
+
+
+def _valid_host(host: str) -> bool:
+    valid = _HOST_VERDICTS.get(host)
+    if valid is None:
+        valid = _HOST_SYNTAX.fullmatch(host) is not None
+        if len(_HOST_VERDICTS) >= 1024:
+            _HOST_VERDICTS.clear()
+        _HOST_VERDICTS[host] = valid
+    return valid
 
 
 def _take_authority(request: Request, authority: str) -> None:

@@ -189,6 +189,35 @@ async def test_two_host_headers_or_none_in_http11_get_400(
     assert seen == []
 
 
+async def test_an_invalid_host_gets_400_and_never_reaches_the_machine(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """RFC 9112 3.2. Routed by its name before the first ':', such a Host went on as it came,
+    and a machine building a URL from it (a password reset link) pointed at evil.test."""
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen), default_app="a")
+    for head in (
+        b"GET / HTTP/1.1\r\nHost: a.test:80@evil.test",
+        b"GET / HTTP/1.1\r\nHost: a.test:evil.test",
+        b"GET / HTTP/1.1\r\nHost: a.test/evil",
+        b"GET / HTTP/1.1\r\nHost: a.test evil.test",
+        b"GET http://a.test:evil/ HTTP/1.1\r\nHost: a.test",
+    ):
+        reply = await raw(port, head + b"\r\nConnection: close\r\n\r\n")
+        assert reply_status(reply) == 400, (head, reply[:80])
+        assert reply.endswith(b"invalid Host header\n")
+    assert seen == []
+    # Valid ones pass as they came (a port, none after the colon, trailing blanks, an IP
+    # literal, an underscore in a name, the empty value RFC 9110 7.2 allows).
+    hosts = [b"A.Test.:8080", b"a.test:", b"a.test ", b"[::1]:80", b"my_app.a.test", b""]
+    for host in hosts:
+        head = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+        assert reply_status(await raw(port, head)) == 200, host
+    assert [[v for k, v in s["headers"] if k == "host"] for s in seen] == [
+        [host.decode().strip()] for host in hosts
+    ]
+
+
 @pytest.mark.parametrize("target", [b"ftp://a.test/", b"http://user@a.test/", b"http:///p"])
 async def test_absolute_form_targets_without_a_plain_http_authority_get_400(
     backend: Backend, start_proxy: StartProxy, target: bytes
