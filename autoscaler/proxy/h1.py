@@ -22,7 +22,8 @@ pauses reading from the socket when the handler falls behind, and counts in the 
   handshake with a body or another upgrade request with a chunked one; CONNECT gets 405,
   an HTTP version other than 1.0 and 1.1 505;
 - transfer codings: only ``chunked`` (what llhttp decodes); one before it gets 501, a
-  Transfer-Encoding that does not end in chunked 400 (RFC 9112 6.3);
+  Transfer-Encoding that does not end in chunked 400 (RFC 9112 6.3); an HTTP/1.0 request
+  with one is served, then its connection closes (RFC 9112 6.1);
 - Host: more than one Host header, none in an HTTP/1.1 request, or one that is not
   ``host[:port]`` gets 400 (RFC 9112 3.2); HTTP/1.0 requests without one go to the
   default app;
@@ -387,7 +388,10 @@ class Connection(FlowControlled, asyncio.Protocol):
             if problem is not None:
                 self._error = ParseError(*problem)
                 raise self._error
-        request.keep_alive = parser.should_keep_alive()
+        # An HTTP/1.0 message with a Transfer-Encoding has faulty framing: it is served,
+        # then the connection closes (RFC 9112 6.1): an HTTP/1.0 hop before this one may
+        # not have read the body as chunked.
+        request.keep_alive = parser.should_keep_alive() and (te is None or version == "1.1")
         has_body = bool(request.content_length) or (
             request.content_length is None and te is not None
         )

@@ -356,6 +356,29 @@ async def test_http10_keep_alive_client_keeps_its_connection(
     assert dict(map(tuple, seen[0]["headers"]))["via"] == "1.0 autoscaler"
 
 
+async def test_an_http10_request_with_transfer_encoding_closes_its_connection(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """RFC 9112 6.1: its framing is faulty (an HTTP/1.0 hop before the proxy may have read
+    the body otherwise); served, then the connection closes, and what followed is not
+    read as a request."""
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen))
+    async with connect(port) as (reader, writer):
+        writer.write(
+            b"POST /one HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n"
+            b"GET /two HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n"
+        )
+        await writer.drain()
+        status, headers, body = await read_response(reader)
+        assert status == 200
+        assert headers["connection"] == ["close"]
+        assert json.loads(body)["body"] == "ab"
+        assert await at_eof(reader) == b""
+    assert [s["path"] for s in seen] == ["/one"]
+
+
 def stream_app(step: asyncio.Event) -> web.Application:
     """Bodies of unknown length: aiohttp sends them chunked to the proxy (HTTP/1.1)."""
 
