@@ -35,9 +35,10 @@ pauses reading from the socket when the handler falls behind, and counts in the 
   they never reach the head the machine gets, nor the routing;
 - upgrades: a WebSocket handshake stops the parsing, and once the handler has the
   machine's 101 the socket's bytes go to the tunnel (:mod:`autoscaler.proxy.tunnel`);
-  other upgrades (h2c) are served as plain HTTP/1.1 requests (a server may ignore the
-  offer, RFC 9110 7.8: ``curl --http2`` sends one with every request), a body framed by
-  Content-Length included (llhttp leaves it unparsed: it is read here by its length);
+  other upgrades (h2c), and any in an HTTP/1.0 request, are served as plain HTTP/1.1
+  requests (a server may ignore the offer, RFC 9110 7.8: ``curl --http2`` sends one with
+  every request), a body framed by Content-Length included (llhttp leaves it unparsed: it
+  is read here by its length);
 - slow clients: a head not complete within ``client_timeout_s`` of the connection going
   idle closes the connection (a body too slow is the handler's business, it answers 408);
   the next request waits until the client took the answer before it, and one that takes
@@ -397,11 +398,15 @@ class Connection(FlowControlled, asyncio.Protocol):
         )
         if not parser.should_upgrade():
             request.upgrade = None
-        elif has_body and (request.upgrade == "websocket" or te is not None):
-            # llhttp ends an upgrade request at its head; a body by its length is read on
-            # (_upgraded), a chunked one is not decoded here, and a handshake has none.
-            self._error = ParseError(400, "protocol upgrade with a body is not supported")
-            raise self._error
+        else:
+            if version == "1.0":
+                # Ignored (RFC 9110 7.8): served as a plain request, as other upgrades are.
+                request.upgrade = None
+            if has_body and (request.upgrade == "websocket" or te is not None):
+                # llhttp ends an upgrade request at its head; a body by its length is read
+                # on (_upgraded), a chunked one is not decoded here, a handshake has none.
+                self._error = ParseError(400, "protocol upgrade with a body is not supported")
+                raise self._error
         if has_body:
             request.body = Body(self, self._server.budget)
         else:

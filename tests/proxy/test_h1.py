@@ -1,10 +1,11 @@
 """The client-facing HTTP/1.1 server (h1.py) through a started proxy, on raw sockets.
 
 Limits (414, 431, 405, 400), heads and trailers that never end, trailers dropped, two Host
-headers or none, targets in absolute form, pipelining, HTTP/1.0 keep-alive and
-close-delimited bodies, non-WebSocket upgrades served as plain requests, and idle keep-alive
-connections closed by the sweep. Every exchange is bounded by ``asyncio.timeout``; nothing
-sleeps to assert.
+headers, none or an invalid one, targets in absolute form, pipelining (and a client that
+pipelines without reading), HTTP/1.0 keep-alive, close-delimited bodies and chunked
+requests, non-WebSocket and HTTP/1.0 upgrades served as plain requests, and idle
+keep-alive connections closed by the sweep. Every exchange is bounded by
+``asyncio.timeout``; nothing sleeps to assert.
 """
 
 from __future__ import annotations
@@ -482,6 +483,25 @@ async def test_h2c_upgrade_without_body_is_served_as_a_plain_request(
     # The follow-up is a request of its own, not headers glued onto the h2c one.
     assert "x-next" not in got
     assert dict(map(tuple, seen[1]["headers"]))["x-next"] == "1"
+
+
+async def test_an_http10_upgrade_offer_is_served_as_a_plain_request(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """RFC 9110 7.8: a server must ignore Upgrade in an HTTP/1.0 request; the machine
+    gets no handshake, and the proxy opens no tunnel."""
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen))
+    reply = await raw(
+        port,
+        b"GET /ws HTTP/1.0\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    assert reply_status(reply) == 200, reply[:80]
+    assert [s["path"] for s in seen] == ["/ws"]
+    got = dict(map(tuple, seen[0]["headers"]))
+    assert "upgrade" not in got
+    assert got.get("connection", "").lower() != "upgrade"
 
 
 def echo_app(called: list[str]) -> web.Application:
