@@ -318,6 +318,9 @@ class Connection(FlowControlled, asyncio.Protocol):
             target = b"".join(self._url).decode("latin-1")
             method = self._parser.get_method().decode("ascii", "replace")
             authority = None
+            if target == "*" and method != "OPTIONS":  # asterisk form (RFC 9112 3.2.4)
+                self._error = ParseError(400, "bad request: invalid request target")
+                raise self._error
             if target[:1] != "/" and target != "*" and method != "CONNECT":  # (405 later)
                 split = _absolute_form(target)
                 if split is None:

@@ -233,6 +233,23 @@ async def test_absolute_form_targets_without_a_plain_http_authority_get_400(
     assert seen == []
 
 
+async def test_the_asterisk_form_is_for_options_only(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """RFC 9112 3.2.4: "*" is a target of OPTIONS alone; llhttp takes it for any method."""
+    seen: list[dict[str, Any]] = []
+    port = await proxy_for(backend, start_proxy, seen_app(seen))
+    for method in (b"GET", b"POST", b"DELETE"):
+        head = method + b" * HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n"
+        reply = await raw(port, head + b"Content-Length: 0\r\n\r\n")
+        assert reply_status(reply) == 400, (method, reply[:80])
+        assert reply.endswith(b"invalid request target\n")
+    assert seen == []
+    reply = await raw(port, b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    # Forwarded: the machine's web framework answers it (aiohttp routes no "*").
+    assert reply.endswith(b"\r\n\r\n404: Not Found"), reply
+
+
 async def test_connect_gets_405(backend: Backend, start_proxy: StartProxy) -> None:
     seen: list[dict[str, Any]] = []
     port = await proxy_for(backend, start_proxy, seen_app(seen))
