@@ -13,8 +13,6 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from autoscaler import __version__
-
 Runner = Callable[[argparse.Namespace], int]
 
 
@@ -184,10 +182,8 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # SIGHUP (reload) and SIGUSR2 (rolling restart) kill a process that has no handler for
-    # them yet: held back until Service.run (or the supervisor) has its handlers, then
-    # delivered. A reload asked for in the first second after a deploy must not kill it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR2})
+    # SIGHUP and SIGUSR2 are held back since main() began (see _HELD): Service.run (or
+    # the supervisor) delivers them once it has its handlers.
     from autoscaler.service import run
 
     overrides: dict[str, dict[str, str]] = {}
@@ -427,6 +423,8 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runne
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autoscaler import __version__
+
     parser = argparse.ArgumentParser(
         prog="autoscaler",
         description="Scale Fly.io apps to zero and back: a waking reverse proxy and a "
@@ -442,8 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# SIGHUP (reload) and SIGUSR2 (rolling restart) end a process that has no handler for
+# them. `autoscaler run` imports for a good part of a second before its event loop has its
+# handlers: a reload asked for right after a start (a deploy, a config watcher) killed it.
+# main() holds them back before it imports anything; for `run` they stay held until
+# Service.run (or the supervisor of --workers) has its handlers, which then see them (a
+# SIGHUP: one reload once the service is up). Every other command gets them back at once
+# after parsing, with their default action (`status --watch` ends when its terminal does).
+_HELD = {signal.SIGHUP, signal.SIGUSR2}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        args = build_parser().parse_args(argv)
+    except BaseException:  # --help, --version, a usage error: nothing held any longer
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    if args.run is not _run:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     from autoscaler import logs
 
     logs.configure(level=args.log_level, fmt=args.log_format)

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -351,18 +351,17 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 60.0) 
 
 @contextlib.contextmanager
 def _run_process(
-    file: Path, emulator: bool = True
+    file: Path, emulator: bool = True, python_args: Sequence[str] = ("-m", "autoscaler")
 ) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     """`autoscaler run` on ``file`` as a process of its own (its output piped, as text):
     the process, its proxy's port and its admin server's. Killed at the end if it still
     runs; an assertion that fails inside carries its output (a separate process: the only
-    account of why)."""
+    account of why). ``python_args`` come before `run` on the interpreter's command line."""
     proxy_port, admin_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "autoscaler",
+            *python_args,
             "run",
             # The config names no Machines API: the embedded emulator, asked for.
             *(["--emulator"] if emulator else []),
@@ -457,6 +456,41 @@ def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
         admin = f"http://127.0.0.1:{admin_port}"
         _wait_ready(f"{admin}/readyz", proc)
         _await_reload(admin, proc, "success")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert leftovers(proc.pid) == []
+
+
+# `autoscaler run` as the console entry runs it, with a SIGHUP sent to itself while it
+# still imports: the moment main() first imports a module of its own (autoscaler.logs,
+# for its logging), long before the event loop has its handlers.
+_SIGHUP_WHILE_IMPORTING = """
+import os, signal, sys
+
+class SighupOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "autoscaler.logs":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGHUP)
+        return None
+
+sys.meta_path.insert(0, SighupOnImport())
+from autoscaler.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sighup_while_the_command_still_imports_reloads_once_it_is_up(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP in the first part of a second after the start, while Python imports,
+    ended the process (SIGHUP was held back only once `run` had been parsed and the
+    logging set up). main() holds it back first thing: one reload once it is up."""
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    with _run_process(file, python_args=("-c", _SIGHUP_WHILE_IMPORTING)) as (proc, _, admin):
+        _wait_ready(f"http://127.0.0.1:{admin}/readyz", proc)
+        _await_reload(f"http://127.0.0.1:{admin}", proc, "success")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
