@@ -1,5 +1,5 @@
-"""Child processes that die with their parent (side module: the emulator's machines and
-the simulator's workers use it).
+"""Child processes that die with their parent (side module: the emulator's machines, the
+simulator's workers and the workers of ``run --workers`` use it).
 
 On Linux a child asks the kernel for a signal when the thread that forked it dies
 (PR_SET_PDEATHSIG), so even a SIGKILLed parent leaves no process behind; elsewhere only
@@ -14,7 +14,7 @@ import ctypes.util
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 PR_SET_PDEATHSIG = 1
 
@@ -24,12 +24,19 @@ if sys.platform.startswith("linux"):
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
-def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> Callable[[], None]:
-    """What a child runs right after the fork (safe as a ``preexec_fn``: only prctl and
-    getppid): ``sig`` when the parent's forking thread dies, and an exit at once (status
-    1) when the parent, ``parent_pid`` as read before the fork, has died already."""
+def die_with_parent(
+    parent_pid: int, sig: int = signal.SIGKILL, *, hold: Collection[int] = ()
+) -> Callable[[], None]:
+    """What a child runs right after the fork (safe as a ``preexec_fn``: only sigprocmask,
+    prctl and getppid): ``sig`` when the parent's forking thread dies, and an exit at once
+    (status 1) when the parent, ``parent_pid`` as read before the fork, has died already.
+    The signals in ``hold`` are blocked first: the mask survives exec, so a signal the
+    new program has no handler for yet waits for it instead of ending it."""
+    held = frozenset(hold)
 
     def setup() -> None:
+        if held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
         if _libc is not None:
             _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent_pid:

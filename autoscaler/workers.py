@@ -28,8 +28,6 @@ it first; the group stops when no worker is left.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -43,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from autoscaler.aio import urlopen_direct
+from autoscaler.children import die_with_parent
 from autoscaler.config import EMBEDDED, authority, default_replica_id, parse_host_port
 from autoscaler.logs import get_logger
 from autoscaler.service import load_or_report
@@ -52,7 +51,6 @@ MIN_UPTIME_S = 5.0
 # How long a rolling restart waits for a new worker to be ready before it gives up (the
 # worker keeps running; the workers not yet replaced keep their old process).
 READY_TIMEOUT_S = 60.0
-_PR_SET_PDEATHSIG = 1
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 """Linux 5.14+: when on, a listener that closes hands the connections still queued in its
 accept queue to another listener of its SO_REUSEPORT group instead of resetting them."""
@@ -75,23 +73,6 @@ def queued_connections_hint(path: str = MIGRATE_REQ) -> str | None:
         "queue when it closes is reset; `sysctl -w net.ipv4.tcp_migrate_req=1` hands such "
         "connections to the other workers"
     )
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    parent = os.getpid()
-
-    def setup() -> None:  # runs in the child between fork and exec
-        # A forwarded SIGHUP would kill a worker that has no handler yet: held back (the
-        # mask survives exec) until its Service.run has one.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR2})
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the supervisor died before prctl took effect
-            os._exit(1)
-
-    return setup
 
 
 def supervise(
@@ -144,7 +125,14 @@ def supervise(
             "AUTOSCALER_CLUSTER__REPLICA_ID": f"{base_id}/w{i}",
         }
         proc = subprocess.Popen(  # noqa: S603 - this interpreter, our own module
-            argv, env=env, start_new_session=True, preexec_fn=_die_with_parent()
+            argv,
+            env=env,
+            start_new_session=True,
+            # SIGTERM (a graceful stop) if the supervisor dies. A forwarded SIGHUP would
+            # kill a worker that has no handler yet: held back until its Service.run has.
+            preexec_fn=die_with_parent(
+                os.getpid(), signal.SIGTERM, hold={signal.SIGHUP, signal.SIGUSR2}
+            ),
         )
         _log.info("worker_started", worker=i, pid=proc.pid, admin=argv[7])
         return proc, time.monotonic()
