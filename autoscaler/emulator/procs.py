@@ -1,10 +1,15 @@
 """Machine processes: spawning, signalling, port probing and loopback address allocation.
 
-No orphans is the rule this module exists for. Every child runs in its own session (so a
-Ctrl-C in the terminal reaches only the emulator, which then stops children in order), and
-asks the kernel to SIGKILL it when the emulator's thread dies (PR_SET_PDEATHSIG), so even a
-SIGKILLed emulator leaves nothing behind. ``Reaper`` keeps every live process group and an
-``atexit`` hook kills what is left if the event loop never got to clean up.
+No orphans is the rule this module exists for. Every machine runs in its own session (so a
+Ctrl-C in the terminal reaches only the emulator, which then stops machines in order). On
+Linux its command runs below a small supervisor (``supervisor.py``) that the kernel tells
+when the emulator's thread dies (PR_SET_PDEATHSIG) and that is the subreaper of whatever
+the machine forks: when the machine's process ends, or the emulator does, even SIGKILLed,
+it kills every process the machine started, those that left its process group too.
+Elsewhere the machine's process itself only checks that the emulator is still there.
+The machine's process leads its process group; the emulator signals that group (a stop,
+a suspend's SIGSTOP), never the supervisor. ``Reaper`` keeps every live process group and
+an ``atexit`` hook kills what is left if the event loop never got to clean up.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import os
 import random
 import signal
 import socket
+import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from autoscaler.aio import tcp_probe
 from autoscaler.children import die_with_parent
@@ -26,6 +33,7 @@ from autoscaler.children import die_with_parent
 PARENT_ENV = "AUTOSCALER_EMULATOR_PARENT"  # set on every machine: the emulator's pid
 SESSION_ENV = "AUTOSCALER_EMULATOR_SESSION"  # passed through to machines when set
 OUTPUT_LINES = 200  # tail of a machine's output kept for diagnostics
+SUPERVISOR = str(Path(__file__).with_name("supervisor.py"))
 
 
 class Reaper:
@@ -66,11 +74,13 @@ def kill_group(pgid: int, sig: int) -> bool:
 
 
 class MachineProcess:
-    """One running machine: the child, its process group and the tail of its output."""
+    """One running machine: the child (its supervisor, on Linux), the pid of the machine's
+    process, which is also its process group's id, and the tail of its output. The child
+    ends as the machine's process did (its exit code or its signal)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, reaper: Reaper) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, reaper: Reaper, pid: int) -> None:
         self.proc = proc
-        self.pid = proc.pid
+        self.pid = pid
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self.expected_exit = False  # set before the emulator stops it on purpose
         self._reaper = reaper
@@ -123,16 +133,68 @@ class MachineProcess:
 
 
 async def spawn(argv: Sequence[str], env: Mapping[str, str], reaper: Reaper) -> MachineProcess:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=dict(env),
-        start_new_session=True,
-        preexec_fn=die_with_parent(os.getpid()),  # only prctl and getppid
-    )
-    return MachineProcess(proc, reaper)
+    """Start a machine's command; OSError as from exec when it cannot run."""
+    if not sys.platform.startswith("linux"):
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),  # only prctl and getppid
+        )
+        return MachineProcess(proc, reaper, proc.pid)
+    report_r, report_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            # -I -S: the supervisor imports only the standard library; the machine's own
+            # PYTHON* variables are for the machine.
+            *(sys.executable, "-I", "-S", SUPERVISOR, str(report_w), str(os.getpid())),
+            *("--", *argv),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+            pass_fds=(report_w,),
+        )
+    except BaseException:
+        os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)
+    try:
+        report = await _read_to_end(report_r)
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)  # it kills the machine, if there is one yet
+        raise
+    if report.isdigit():
+        return MachineProcess(proc, reaper, int(report))
+    code = await proc.wait()
+    if report.startswith(b"E"):
+        err = int(report[1:])
+        raise OSError(err, os.strerror(err), argv[0])
+    raise ChildProcessError(f"the machine's supervisor exited with code {code} before it ran")
+
+
+async def _read_to_end(fd: int) -> bytes:
+    """All a pipe's read end gives until its end of file, without blocking the loop; the
+    descriptor is closed after."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+    except BaseException:
+        pipe.close()
+        raise
+    try:
+        return await reader.read()
+    finally:
+        transport.close()
 
 
 async def wait_listening(

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from emu_helpers import hit, new_machine, pid_exit, session, wait_ok
+from testkit import until
 
 from autoscaler.config import ConfigError, EmulatorApp, EmulatorSettings, load_settings
 from autoscaler.emulator import Emulator
@@ -37,11 +41,18 @@ async def test_leftovers_finds_a_live_child() -> None:
     assert proc.pid not in [pid for pid, _ in leftovers(os.getpid())]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-async def test_standalone_emulator_leaves_no_machine_behind(
-    tmp_path: Path, sig: signal.Signals
-) -> None:
-    """SIGTERM and Ctrl-C stop machines in order; even SIGKILL leaves none (PDEATHSIG)."""
+class _Remote:
+    url = ""
+    token = "test-token-1234567"
+
+
+@contextlib.asynccontextmanager
+async def _standalone(
+    tmp_path: Path, *args: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Remote]]:
+    """`autoscaler emulator` as a process of its own, with ``args``, once it listens: the
+    process and what ``session`` needs to reach it. Killed at the end if it still runs,
+    and every process it marked as its own with it (one that outlived it: a failure)."""
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -51,11 +62,10 @@ async def test_standalone_emulator_leaves_no_machine_behind(
         "--listen",
         f"127.0.0.1:{port}",
         "--token",
-        "test-token-1234567",
-        "--app",
-        "demo=1",
+        _Remote.token,
         "--log-level",
         "warning",
+        *args,
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -68,13 +78,26 @@ async def test_standalone_emulator_leaves_no_machine_behind(
             assert line, f"emulator exited early: {banner}"
             banner.append(line.decode().strip())
         assert f"listening on http://127.0.0.1:{port}" in banner[-2]
-        assert banner[-1] == "token: test-token-1234567"
+        assert banner[-1] == f"token: {_Remote.token}"
+        remote = _Remote()
+        remote.url = f"http://127.0.0.1:{port}"
+        yield proc, remote
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid, _ in leftovers(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
-        class Remote:
-            url = f"http://127.0.0.1:{port}"
-            token = "test-token-1234567"
 
-        async with session(Remote()) as s:  # type: ignore[arg-type]
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+async def test_standalone_emulator_leaves_no_machine_behind(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM and Ctrl-C stop machines in order; even SIGKILL leaves none (PDEATHSIG)."""
+    async with _standalone(tmp_path, "--app", "demo=1") as (proc, remote):
+        async with session(remote) as s:  # type: ignore[arg-type]
             machines = await (await s.get("/v1/apps/demo/machines")).json()
             assert [m["state"] for m in machines] == ["stopped"]
             mid, ip = machines[0]["id"], machines[0]["private_ip"]
@@ -85,10 +108,68 @@ async def test_standalone_emulator_leaves_no_machine_behind(
         code = await asyncio.wait_for(proc.wait(), 30)
         assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
         await pid_exit(machine_pid, 10)  # raises TimeoutError if the machine outlived it
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+
+
+# A machine that forks two sleepers before it listens, one in its process group and one
+# in a session of its own (as a daemon does), and writes "its pid, theirs" to a file.
+FORKER = """
+import os, socket, sys, time
+host, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+pids = [os.getpid()]
+for new_session in (False, True):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        if new_session:
+            os.setsid()
+        os.close(w)
+        time.sleep(600)
+        os._exit(0)
+    os.close(w)
+    os.read(r, 1)  # end of file: the sleeper is set up
+    os.close(r)
+    pids.append(pid)
+with open(out + ".tmp", "w") as f:
+    f.write(" ".join(map(str, pids)))
+os.rename(out + ".tmp", out)
+server = socket.create_server((host, port))
+time.sleep(600)
+"""
+
+
+def _forker_image(tmp_path: Path) -> tuple[str, Path]:
+    """The FORKER image's command template, and the file it writes its pids to."""
+    script, out = tmp_path / "forker.py", tmp_path / "pids"
+    script.write_text(FORKER)
+    command = f"{{python}} {shlex.quote(str(script))} {{host}} {{port}} {shlex.quote(str(out))}"
+    return command, out
+
+
+@pytest.mark.parametrize("suspended", [False, True], ids=["started", "suspended"])
+async def test_what_a_machine_forked_does_not_outlive_a_killed_emulator(
+    tmp_path: Path, suspended: bool
+) -> None:
+    """PDEATHSIG reaches only the machine's own process: what it forked lived on after a
+    SIGKILLed emulator, the more so when the machine was suspended (frozen with SIGSTOP).
+    Nothing the emulator started outlives it."""
+    command, out = _forker_image(tmp_path)
+    config = tmp_path / "emulator.yaml"
+    config.write_text(json.dumps({"emulator": {"images": {"me/forker": command}}}))
+    args = ("--config", str(config), "--app", "demo=1:me/forker")
+    async with _standalone(tmp_path, *args) as (proc, remote):
+        async with session(remote) as s:  # type: ignore[arg-type]
+            (m,) = await (await s.get("/v1/apps/demo/machines")).json()
+            assert (await s.post(f"/v1/apps/demo/machines/{m['id']}/start")).status == 200
+            await wait_ok(s, "demo", m["id"])
+            pids = [int(p) for p in out.read_text().split()]
+            if suspended:
+                assert (await s.post(f"/v1/apps/demo/machines/{m['id']}/suspend")).status == 200
+                await wait_ok(s, "demo", m["id"], "suspended")
+        proc.kill()
+        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
+        for pid in pids:  # the machine, its sleeper in its group and the one that left it
+            await pid_exit(pid, 10)  # raises TimeoutError if it outlived the emulator
 
 
 async def test_state_file_survives_a_restart(tmp_path: Path) -> None:
@@ -214,3 +295,40 @@ def test_cli_refuses_a_listen_address_beyond_loopback(
     err = capsys.readouterr().err
     assert "emulator.listen" in err
     assert "loopback" in err
+
+
+def _proc_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+async def test_a_suspend_freezes_the_machines_group_and_a_stop_ends_all_it_forked(
+    tmp_path: Path,
+) -> None:
+    """A suspend freezes the machine's process group, what the machine forked in it too,
+    and a resume thaws them; a stop ends every process the machine started. One that had
+    left the machine's process group (a daemon's setsid) outlived the stop."""
+    command, out = _forker_image(tmp_path)
+    settings = EmulatorSettings(rate_limits=False, images={"me/forker": command})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, image="me/forker")
+        machine, in_group, escaped = (int(p) for p in out.read_text().split())
+        assert emu.pids() == [machine]
+        url = f"/v1/apps/demo/machines/{m['id']}"
+        try:
+            assert (await s.post(f"{url}/suspend")).status == 200
+            await wait_ok(s, "demo", m["id"], "suspended")
+            # A SIGSTOP takes effect when the kernel next runs the process: wait for "T".
+            frozen = (machine, in_group)
+            await until(lambda: {_proc_state(p) for p in frozen} == {"T"}, 5, "frozen")
+            assert (await s.post(f"{url}/start")).status == 200
+            await wait_ok(s, "demo", m["id"])
+            await until(lambda: "T" not in {_proc_state(p) for p in frozen}, 5, "thawed")
+            assert (await s.post(f"{url}/stop")).status == 200
+            await wait_ok(s, "demo", m["id"], "stopped")
+            for pid in (machine, in_group, escaped):
+                await pid_exit(pid, 10)  # raises TimeoutError if it outlived the stop
+        finally:
+            for pid, _ in leftovers(os.getpid()):  # ours and its mark: a failure above
+                if pid in (in_group, escaped):
+                    os.kill(pid, signal.SIGKILL)
