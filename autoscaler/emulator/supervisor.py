@@ -82,10 +82,15 @@ def kill_all(group: int) -> None:
     """SIGKILL every process of ``group`` and every child of this one, round after round
     (a killed process's own children come to this subreaper), until none is left."""
     me = os.getpid()
-    while victims := _members(me, group):
+    immune: set[int] = set()  # not ours to kill (a setuid program): not tried again
+    while victims := [pid for pid in _members(me, group) if pid not in immune]:
         for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                immune.add(pid)
         # Give the kills a moment to land (a SIGCHLD, or 10 ms) before the next look.
         signal.sigtimedwait({signal.SIGCHLD}, 0.01)
         _reap()
