@@ -277,53 +277,69 @@ class Controller:
         rt.loop = None
 
     async def update_settings(self, settings: Settings) -> None:
-        """Apply a reloaded configuration: new knobs, new apps, removed apps."""
+        """Apply a reloaded configuration: new knobs, new apps, removed apps.
+
+        The apps that stay or come tick at once; the removed ones are let go all together,
+        each within about twice ``control.api_timeout_s`` (:meth:`_remove`), so that a
+        reload that removes many apps takes no longer than one that removes one. It
+        returns once they are let go: no call of ours on their machines comes after."""
         self.settings = settings
         self.actuator.backoff_max_s = settings.control.api_backoff_max_s
         self.actuator.lease_skip_s = settings.control.tick_s
         self.waker.api_timeout_s = settings.control.api_timeout_s
         static = {c.name for c in settings.apps if c.static}
-        for name in self._sync_apps(settings.apps):
-            rt = self.apps.pop(name)
-            self._pacers.pop(name, None)
+        removed = [self.apps.pop(name) for name in self._sync_apps(settings.apps)]
+        for rt in removed:
+            self._pacers.pop(rt.name, None)
             rt.retired = True  # the actuator launches nothing more for it
-            # The wake first: it launches actions and reads the app; stopped after the
-            # app's tasks, it could launch one that nothing stops (and, the app made
-            # static, it ran on until its deadline, a re-added app joining it).
-            await self.view.end_wake(name)
-            draining = {mid for mid, run in rt.running.items() if run.kind == "drain"}
-            await self._stop_app(rt)
-            self._account(rt, self.clock())  # its machine time up to now: a total is a total
-            await self._hand_back(rt, draining)
-            # The leases its cancelled actions held or had asked for: given back now, not
-            # by calls on its machines after the reload (bounded: else they lapse).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.control.api_timeout_s):
-                    await self.actuator.leases.settled(name)
-            if name not in static:
-                # A static app of the same name keeps its view: the proxy put its
-                # backends there (it is updated first); dropped, every request waited
-                # for a wake that no loop would ever make.
-                self.view.remove_app(name)
-            self.metrics.forget_app_decisions(name, self._gauged.pop(name, ()))
-            self._gauge_last.pop(name, None)
         if self._running:
             for rt in self.apps.values():
                 self._start_loop(rt)
+        await asyncio.gather(*(self._remove(rt, rt.name in static) for rt in removed))
+
+    async def _remove(self, rt: AppRuntime, static: bool) -> None:
+        """Let go of an app a reload took away (removed, or made ``static``): its wake, its
+        tasks, the leases they held or had asked for, our cordons on its machines."""
+        name = rt.name
+        # The wake first: it launches actions and reads the app; stopped after the
+        # app's tasks, it could launch one that nothing stops (and, the app made
+        # static, it ran on until its deadline, a re-added app joining it).
+        await self.view.end_wake(name)
+        draining = {mid for mid, run in rt.running.items() if run.kind == "drain"}
+        await self._stop_app(rt)
+        self._account(rt, self.clock())  # its machine time up to now: a total is a total
+        # The leases its cancelled actions held or had asked for: given back now, not
+        # by calls on its machines after the reload (bounded: else they lapse), and
+        # before the cordons are lifted, which a lease of ours not yet given back
+        # would refuse (409: a lifting call carries no nonce).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.control.api_timeout_s):
+                await self.actuator.leases.settled(name)
+        await self._hand_back(rt, draining)
+        if not static:
+            # A static app of the same name keeps its view: the proxy put its
+            # backends there (it is updated first); dropped, every request waited
+            # for a wake that no loop would ever make.
+            self.view.remove_app(name)
+        self.metrics.forget_app_decisions(name, self._gauged.pop(name, ()))
+        self._gauge_last.pop(name, None)
 
     async def _hand_back(self, rt: AppRuntime, draining: set[str]) -> None:
         """An app no longer ours to scale: lift the cordons of ours on its machines (a
-        drain the reload cut short, a sleeping machine's), once each and within
-        ``control.api_timeout_s``. No later tick of any process will: left, Fly's proxy
-        would never route to those machines again, whoever manages the app now."""
+        drain the reload cut short, a sleeping machine's), once each, all at once, each
+        within ``control.api_timeout_s``. No later tick of any process will: left, Fly's
+        proxy would never route to those machines again, whoever manages the app now."""
         marked = draining | {mid for mid, m in rt.machines.items() if ours(m)}
         marked |= {mid for app, mid in self.actuator.cordoning if app == rt.name}
-        for mid in sorted(marked):
+
+        async def lift(mid: str) -> None:
             try:
                 with one_attempt(self.settings.control.api_timeout_s):
                     await self.actuator.release(rt, mid, force=True)
             except FlyError as exc:
                 _log.warning("cordon_left_on_removed_app", app=rt.name, machine=mid, error=str(exc))
+
+        await asyncio.gather(*(lift(mid) for mid in sorted(marked)))
 
     async def idle(self) -> None:
         """Wait until no action is under way (tests; a graceful stop could use it too)."""

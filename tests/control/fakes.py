@@ -174,7 +174,7 @@ class FakeMachinesAPI:
     # --- the MachinesAPI protocol -------------------------------------------------------
 
     async def list_machines(self, app: str) -> list[m.Machine]:
-        await self._enter("list_machines")
+        await self._enter("list_machines", arg=app)
         return [self._out(x) for x in self.machines.get(app, {}).values()]
 
     async def get_machine(self, app: str, machine_id: str) -> m.Machine:

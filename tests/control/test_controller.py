@@ -1615,3 +1615,73 @@ async def test_a_lease_asked_for_before_a_reload_took_the_app_is_given_back_with
         assert _app_tasks(APP) == []
     finally:
         await rig.ctl.stop()
+
+
+async def test_a_reload_that_removes_apps_waits_for_them_together_and_not_for_new_apps(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Three removed apps each have a lease asked for that the API does not answer. Their
+    wakes end and their leases are waited for all at once (each within
+    ``control.api_timeout_s``), not one app after another; and the app the reload adds
+    ticks at once, not after those waits."""
+    gone = ["r1", "r2", "r3"]
+    machines = {name: api.add(name, "stopped") for name in gone}
+    api.add("new", "stopped")
+    control = ControlSettings(tick_s=1.0, api_timeout_s=60.0)
+    rig = Rig(api, clock)
+    await rig.ctl.update_settings(
+        Settings(apps=[AppConfig(name=n, **KNOBS) for n in gone], control=control)
+    )
+    api.gates["acquire_machine_lease"] = asyncio.Event()
+    await rig.ctl.start()
+    try:
+        await clock.advance(0.5)
+        wakes = [rig.view.wake(name) for name in gone]
+        await settle()
+        assert sorted(api.ops("acquire_machine_lease")) == sorted(machines.values())
+        reload = asyncio.ensure_future(
+            rig.ctl.update_settings(
+                Settings(apps=[AppConfig(name="new", **KNOBS)], control=control)
+            )
+        )
+        await settle()
+        assert all(wake.done() for wake in wakes)
+        assert "new" in [c.arg for c in api.calls if c.op == "list_machines"]
+        assert not reload.done()  # the leases asked for are given back within it
+        api.gates["acquire_machine_lease"].set()
+        await reload
+        assert api.leases == {}
+        assert [t for name in gone for t in _app_tasks(name)] == []
+    finally:
+        await rig.ctl.stop()
+
+
+async def test_a_removed_app_s_cordons_are_lifted_after_its_leases_are_given_back(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The reload cuts a drain short while the API is slow to take its lease back: the
+    cordon is lifted once the lease is back (lifted before, without the lease's nonce,
+    the API refuses it with 409 and the cordon stays for good)."""
+    a, b = api.add(APP, "started"), api.add(APP, "started")
+    rig = Rig(api, clock, scale_down_delay_s=3)
+    await rig.ctl.start()
+    try:
+        await clock.advance(1.5)
+        rig.app.begin(rig.app.upstreams[a])
+        rig.app.begin(rig.app.upstreams[b])  # both in use: the drain waits for its request
+        await clock.advance(5)
+        [(victim, run)] = rig.ctl.apps[APP].running.items()
+        assert run.kind == "drain"
+        assert api.get(APP, victim).cordoned
+        api.gates["release_machine_lease"] = asyncio.Event()
+        reload = asyncio.ensure_future(
+            rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))
+        )
+        await settle()
+        assert api.ops("release_machine_lease") == [victim]
+        api.gates["release_machine_lease"].set()
+        await reload
+        assert_uncordoned(api, victim)
+        assert api.leases == {}
+    finally:
+        await rig.ctl.stop()
