@@ -184,6 +184,24 @@ LoopbackListen = Annotated[
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_defaults(cls, data: object) -> object:
+        """An empty section (``fly:`` with every key commented out: YAML's null) takes
+        every default, as if it were ``{}``; one with required keys is refused, naming
+        them. So is an empty mapping value whose default is empty (``env:``)."""
+        if data is None:
+            required = [name for name, field in cls.model_fields.items() if field.is_required()]
+            if required:
+                raise ValueError(f"empty, but it needs {', '.join(required)} (key: value)")
+            return {}
+        if isinstance(data, dict) and None in data.values():
+            data = dict(data)
+            for name, field in cls.model_fields.items():
+                if data.get(name, 0) is None and field.default_factory is dict:
+                    data[name] = {}
+        return data
+
 
 class FlySettings(_Model):
     api_url: str | None = Field(

@@ -475,3 +475,38 @@ def test_a_fly_token_pasted_into_another_field_is_not_echoed(tmp_path: Path, tok
     assert "fly.api_url" in line
     assert "<redacted: a Fly token?>" in line
     assert token.split()[-1][:12] not in line
+
+
+def test_an_empty_section_takes_its_defaults(tmp_path: Path) -> None:
+    # Every key of a section commented out leaves YAML's null, which was refused
+    # ("expected a mapping of keys (key: value), got nothing").
+    path = write(
+        tmp_path,
+        "fly:\n  # api_url: https://api.machines.dev\n"
+        "proxy:\n"
+        "control:\n"
+        "emulator:\n  faults:\n  timing:\n  images:\n"
+        "  apps:\n    - name: web\n      env:\n"
+        "apps:\n  - name: web\n",
+    )
+    settings, _ = load_settings(path, env={"FLY_API_TOKEN": "t" * MIN_TOKEN_CHARS})
+    defaults = Settings.model_validate({})
+    assert settings.fly.api_url is None
+    assert settings.fly.token is not None  # the environment's token joins the empty section
+    assert settings.proxy == defaults.proxy
+    assert settings.control == defaults.control
+    assert settings.emulator.faults == defaults.emulator.faults
+    assert settings.emulator.timing == defaults.emulator.timing
+    assert settings.emulator.images == defaults.emulator.images
+    assert settings.emulator.apps[0].env == {}
+    assert [app.name for app in settings.apps] == ["web"]
+
+
+def test_an_empty_section_with_required_keys_names_them(tmp_path: Path) -> None:
+    path = write(tmp_path, "apps:\n  -\n  - name: web\nemulator:\n  apps:\n    -\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert sorted(info.value.problems) == [
+        f"{path}:2: apps[0]: empty, but it needs name (key: value)",
+        f"{path}:6: emulator.apps[0]: empty, but it needs name (key: value)",
+    ]
