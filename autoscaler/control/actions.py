@@ -23,7 +23,8 @@ with each change (``leases.py``). A machine leased by someone else (a ``fly depl
 skipped: the task ends at once, the machine counts as busy until the next tick has passed
 (the policy picks another one meanwhile), the skip is counted in
 ``autoscaler_lease_conflicts_total`` and shown in ``/status``, and a later tick tries again.
-A drain taken back hands its lease to the uncordon task that follows it.
+A drain taken back hands its lease to the uncordon task that follows it; a cleanup taken
+over by a start or resume (a wake must not wait for it) hands its lease to that task.
 
 Cordons are always ours to find: our key is set before the cordon is asked for, and taken
 off only once no cordon request of ours can still land. A drain cancelled while its cordon
@@ -172,6 +173,8 @@ class Actuator:
                 and rt.machines[mid].state == SUSPENDING
             ):
                 return self.interrupt(rt, mid)
+            if current.kind == "cleanup" and action.kind in ("resume", "start"):
+                return self.take_over(rt, mid, action.kind)
             return None
         kind: TaskKind = action.kind
         if kind == "resume" or kind == "start":
@@ -394,6 +397,16 @@ class Actuator:
         rt.cordon_held.discard(mid)
         _log.info("suspend_taken_back", app=rt.name, machine=mid)
         return self._spawn(rt, mid, "resume", self.bring_up(rt, mid, "resume"))
+
+    def take_over(self, rt: AppRuntime, mid: str, kind: TaskKind) -> Running:
+        """Wake a machine whose stale key of ours a cleanup is dropping: the cleanup is
+        cancelled and the start or resume goes ahead under its lease (a request must not
+        wait for it). The start finishes the cleanup's work: a machine that carries our
+        key is uncordoned, and the key dropped, once it is up (``bring_up``)."""
+        current = rt.running.pop(mid)
+        current.task.cancel()
+        _log.info("cleanup_taken_over", app=rt.name, machine=mid, action=kind)
+        return self._spawn(rt, mid, kind, self.bring_up(rt, mid, kind))
 
     # --- the actions --------------------------------------------------------------------
 

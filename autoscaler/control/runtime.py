@@ -510,6 +510,10 @@ class AppRuntime:
             # A drain still waiting is "draining" (the policy may take it back), not busy;
             # past that point it is a pending "drain" like any other action of ours.
             draining = run is not None and run.kind == "drain" and run.waiting
+            # A cleanup (our stale key dropped) of a machine that is not started gives way
+            # to a start or resume at once (``Actuator.take_over``): not busy for the
+            # policy or a wake.
+            cleaning = run is not None and run.kind == "cleanup" and machine.state != STARTED
             pending: str | None = None
             if run is not None and not draining:
                 pending = run.kind
@@ -533,7 +537,7 @@ class AppRuntime:
                     cordoned=cordoned,
                     cordoned_by_us=cordoned and (ours(machine) or machine.id in self.cordon_held),
                     draining=draining,
-                    busy=(run is not None and not draining)
+                    busy=(run is not None and not draining and not cleaning)
                     or (not urgent and self.cooling(machine.id, now))
                     or self.leased(machine.id, now),
                     in_flight=up.in_flight + up.remote_in_flight if up else 0,

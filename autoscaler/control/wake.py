@@ -160,7 +160,9 @@ class Waker:
                     failed.add(mid)
                     continue
                 busy = rt.running.get(mid)
-                if busy is not None and not (action.kind == "resume" and busy.kind == "drain"):
+                if busy is not None and not (
+                    (action.kind == "resume" and busy.kind == "drain") or busy.kind == "cleanup"
+                ):
                     await busy.task  # its own action first (a suspend under way), then again
                     await self._refresh_quietly(rt)
                     continue

@@ -1685,3 +1685,29 @@ async def test_a_removed_app_s_cordons_are_lifted_after_its_leases_are_given_bac
         assert api.leases == {}
     finally:
         await rig.ctl.stop()
+
+
+@pytest.mark.parametrize("asleep", ["suspended", "stopped"])
+async def test_a_wake_takes_the_machine_from_a_cleanup_at_once(
+    api: FakeMachinesAPI, clock: FakeClock, asleep: str
+) -> None:
+    """The app's only machine carries a stale key of ours (uncordoned): the tick's cleanup
+    drops it, and the API is slow to answer. A wake does not wait for that (the gate asked
+    again a second later: "no machine that can be woken"): it wakes the machine at once,
+    under the cleanup's lease, and the key still goes."""
+    mid = api.add(APP, asleep, metadata={CORDON_METADATA_KEY: "drain"})
+    api.gates["delete_machine_metadata"] = asyncio.Event()
+    rig = Rig(api, clock)
+    await rig.tick()
+    assert rig.ctl.apps[APP].running[mid].kind == "cleanup"
+    assert api.ops("delete_machine_metadata") == [mid]
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    assert rig.routable() == {mid}  # the cleanup's call still hangs
+    assert state(api, mid) == "started"
+    assert api.ops("acquire_machine_lease") == [mid]  # one lease: the cleanup's, handed over
+    api.gates["delete_machine_metadata"].set()
+    assert await wake == ("resume" if asleep == "suspended" else "start")
+    await rig.ctl.idle()
+    assert_uncordoned(api, mid)
+    assert api.leases == {}
