@@ -7,6 +7,10 @@ the policy counts it as sick, starts another in its place and may drain it (docs
 "A sick machine is replaced"), all for a machine that has been serving for most of that
 time.
 
+Until our first runs had their chance (:data:`SICK_GRACE_S` from the list that said
+critical), the policy does not count such a machine as sick (``AppRuntime.sick_grace``):
+it starts no replacement for a machine our next run may clear.
+
 So while a started machine's checks are critical within its first round of them
 (``grace_period`` + ``interval`` + ``timeout`` since it was seen started), the controller
 runs those same checks itself against the machine (every :data:`RECHECK_FIRST_S`, the
@@ -35,6 +39,12 @@ fails, up to RECHECK_MAX_S: an app a second late is caught within a quarter of a
 and a sick one in a burst of new machines gets a run every few seconds, not four a
 second each."""
 RECHECK_MAX_S = 2.0
+SICK_GRACE_S = 2.0
+"""How long a machine whose critical checks we run again (within their first round) does
+not count as sick for the policy, from the list that first said critical: our first runs
+(at 0, 0.25, 0.75 and 1.75 s) may clear it, and a replacement started at once, for an app
+that answered its first check late under load, was a start too many. The proxy still
+routes by Fly's verdict meanwhile."""
 
 
 def recheck_until(rt: AppRuntime, machine: MachineRecord) -> float | None:
@@ -71,6 +81,7 @@ class Rechecker:
                 continue
             until = recheck_until(rt, machine)
             if until is not None and now < until:
+                rt.sick_grace[mid] = min(until, rt.sick_since[mid] + SICK_GRACE_S)
                 task = asyncio.create_task(self._recheck(rt, mid, until))
                 rt.rechecks[mid] = task
                 task.add_done_callback(functools.partial(_forget, rt, mid))

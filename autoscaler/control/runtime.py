@@ -267,6 +267,9 @@ class AppRuntime:
     """Started machines -> their critical results of Fly's that a run of ours of the same
     checks has seen pass since (control/recheck.py): not critical until Fly runs them
     again."""
+    sick_grace: dict[str, float] = field(default_factory=dict)
+    """Machines in ``sick_since`` -> until when the policy does not count them as sick:
+    our runs of their checks may yet clear them (control/recheck.py, ``SICK_GRACE_S``)."""
     rechecks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     """Machine -> the task running its critical checks (control/recheck.py)."""
     down_sick: set[str] = field(default_factory=set)
@@ -386,6 +389,7 @@ class AppRuntime:
             for mid, machine in fresh.items()
             if machine.state == STARTED and machine.checks_critical
         }
+        self.sick_grace = {k: v for k, v in self.sick_grace.items() if k in self.sick_since}
         for mid, machine in fresh.items():
             if machine.state == FAILED and mid not in self.restarts:
                 # Failed before we knew it (its boot by someone else, or by a process of
@@ -548,13 +552,18 @@ class AppRuntime:
                     unreachable=machine.host_unreachable,
                     down_sick=machine.id in self.down_sick,
                     sick_since=self.sick_since.get(machine.id)
-                    if machine.state == STARTED
+                    if machine.state == STARTED and not self.sick_grace_left(machine.id, now)
                     else None,
                     hung=machine.id in hung and self.may_restart_hung(machine.id, now),
                     pending=pending,
                 )
             )
         return Fleet.of(self.name, snaps)
+
+    def sick_grace_left(self, machine_id: str, now: float | None) -> bool:
+        """Critical, but our runs of its checks may yet clear it (``sick_grace``)."""
+        until = self.sick_grace.get(machine_id)
+        return until is not None and now is not None and now < until
 
     def restartable(self, machine_id: str, now: float | None) -> bool:
         """A failed machine we may start again now (see ``Restarts``)."""

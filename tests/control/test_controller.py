@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from testkit import canned_http
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.controller import MAX_RETRY_AFTER_S, Controller, WakeError
+from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.fly import models as m
@@ -1711,3 +1713,68 @@ async def test_a_wake_takes_the_machine_from_a_cleanup_at_once(
     await rig.ctl.idle()
     assert_uncordoned(api, mid)
     assert api.leases == {}
+
+
+def _fresh_and_critical(api: FakeMachinesAPI, mid: str, port: int) -> None:
+    """``mid`` as Fly lists a machine just started whose first run of its check failed:
+    a check that routes (kind readiness), on ``port`` of 127.0.0.1."""
+    check = {
+        "type": "http",
+        "path": "/healthz",
+        "port": port,
+        "grace_period": "1s",
+        "interval": "15s",
+        "kind": "readiness",
+    }
+    machine = api.get(APP, mid)
+    assert machine.config is not None
+    config = machine.config.model_copy(update={"checks": {"web": m.MachineCheck(**check)}})
+    first_run = m.CheckStatus(name="web", status="critical", updated_at="2026-12-06T01:00:00Z")
+    api.set(APP, mid, config=config, checks=[first_run], private_ip="127.0.0.1")
+
+
+async def test_a_fresh_machine_whose_recheck_passes_gets_no_replacement(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Two machines are wanted and two are started; Fly's first run of one's check failed
+    (under load, its app answered late), and our own run of it passes. Before, the tick
+    that listed it critical started the third machine in its place, ahead of that run."""
+    healthy, fresh = api.add(APP, "started"), api.add(APP, "started")
+    spare = api.add(APP, "stopped")
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    async with canned_http("127.0.0.1", ok) as (port, answers):
+        _fresh_and_critical(api, fresh, port)
+        rig = Rig(api, clock, min_machines=2)
+        try:
+            decision = await rig.tick()
+            assert decision.actions == ()
+            await asyncio.gather(*rig.ctl.apps[APP].rechecks.values())
+            assert len(answers) == 1
+            assert rig.ctl.apps[APP].sick_since == {}
+            await clock.advance(SICK_GRACE_S + 1)
+            assert (await rig.tick()).actions == ()
+            assert rig.routable() == {healthy, fresh}
+            assert api.ops("start_machine") == []
+            assert state(api, spare) == "stopped"
+        finally:
+            await rig.ctl.stop()
+
+
+async def test_a_fresh_machine_still_critical_after_its_grace_is_replaced(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The grace is short: a fresh machine whose check keeps failing for us too counts as
+    sick once it has passed, and the policy starts another in its place."""
+    api.add(APP, "started")
+    fresh, spare = api.add(APP, "started"), api.add(APP, "stopped")
+    broken = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+    async with canned_http("127.0.0.1", broken) as (port, _):
+        _fresh_and_critical(api, fresh, port)
+        rig = Rig(api, clock, min_machines=2)
+        try:
+            assert (await rig.tick()).actions == ()
+            await clock.advance(SICK_GRACE_S)
+            decision = await rig.tick()
+            assert [(a.kind, a.machine_id) for a in decision.actions] == [("start", spare)]
+        finally:
+            await rig.ctl.stop()

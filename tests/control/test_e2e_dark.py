@@ -18,6 +18,8 @@
   fail), and sleeps once the host is back.
 - A machine whose Fly health checks are critical is not counted as capacity: another
   machine is started in its place, then it is drained (fast timings and Fly's).
+- A fresh machine whose first check ran before its app listened, and which our own run
+  of the check clears soon after, gets no replacement (fast timings and Fly's).
 - A wake through an API slower than a tick's bound on one call is served (fast timings:
   only the API's latency matters).
 - A wake that meets an API outage tries again, and its request is served once the API
@@ -377,6 +379,48 @@ async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at
                     stop.set()
                     await asyncio.gather(*clients)
         assert stack.failures == []
+
+
+@pytest.mark.parametrize("profile", ["fast", "fly"])
+async def test_a_fresh_machine_whose_first_check_ran_before_its_app_listened_is_not_replaced(
+    profile: str,
+) -> None:
+    # The wake's machine fails Fly's first run of its check (the app listens 1.2 s after
+    # `started`, the check runs 0.5 s after it) and our own run passes soon after. The
+    # policy gives it that long (control/recheck.py, SICK_GRACE_S) before it counts as
+    # sick: before, the tick that listed it critical started another machine in its
+    # place, a start too many, drained again later.
+    first_run_fails = {
+        "type": "http",
+        "path": "/healthz",
+        "grace_period": "500ms",
+        "interval": "60s",
+    }
+    async with Emulator(
+        listening_late(1.2, machines=2, profile=profile), host="127.0.0.1", port=0
+    ) as emulator:
+        for machine in emulator.machines(APP):
+            await set_checks(emulator, machine.id, {"healthz": first_run_fails | READINESS})
+        async with running_stack(
+            emulator, None, LISTS_EVERY_TICK, idle_to_zero_s=600, wake_timeout_s=30
+        ) as stack:
+            rt = stack.controller.apps[APP]
+            with capture_logs() as logs:
+                await stack.get("/")
+                [woken] = [m for m in emulator.machines(APP) if m.state == "started"]
+                await until(lambda: critical(woken), what="Fly's first run of its check failed")
+                await until(
+                    lambda: any(e["event"] == "checks_passed_on_recheck" for e in logs),
+                    what="our run of it passed",
+                )
+                listed = rt.listed_at
+                await stack.until(lambda: rt.listed_at != listed)  # a tick since
+                await stack.get("/")
+            assert (stack.served, stack.failures) == (2, [])
+            started = [
+                m.id for m in emulator.machines(APP) if any(e.type == "start" for e in m.events)
+            ]
+            assert started == [woken.id]
 
 
 @pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
