@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 _MAX_MESSAGE = 500  # an HTML error page must not become a 50 kB exception text
+_MAX_FIELD = 128  # a request id or a string code: short words, whatever a server sends
 REQUEST_ID_HEADER = "fly-request-id"
 WAIT_OPERATION = "wait_for_machine_state"  # whose 408 means "not there yet"
 
@@ -183,6 +184,14 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _field(value: str | None, secrets: Iterable[str]) -> str | None:
+    """A request id or code as the server sent it, scrubbed, on one line, bounded."""
+    if not value:
+        return None
+    text = "".join(c if c.isprintable() else " " for c in scrub(value, secrets)).strip()
+    return text[:_MAX_FIELD] or None
+
+
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent/bad."""
     if not value:
@@ -235,9 +244,14 @@ def error_from_response(
 
     ``headers`` must be case-insensitive (httpx.Headers is) or use lower-case keys.
     """
+    secrets = tuple(secrets)
     message, code = _body_fields(body)
     message = scrub(message or f"HTTP {status}", secrets)[:_MAX_MESSAGE]
-    request_id = headers.get(REQUEST_ID_HEADER) or headers.get("x-request-id")
+    # The request id and the code are the server's words too, and go into str() and the
+    # log line beside the message: a server (or a proxy) that echoes the Authorization
+    # header in them must not put the token there.
+    code = _field(code, secrets)
+    request_id = _field(headers.get(REQUEST_ID_HEADER) or headers.get("x-request-id"), secrets)
     kw: dict[str, str | None] = {"code": code, "operation": operation}
     if status == 429:
         retry_after = parse_retry_after(headers.get("retry-after"), now)

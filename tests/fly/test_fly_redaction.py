@@ -169,3 +169,27 @@ async def test_a_macaroon_of_a_flyv1_token_echoed_alone_is_scrubbed() -> None:
     assert first not in everything
     assert second not in everything
     assert logs.redactor().scrub_text(f"x {second} y") == "x [REDACTED] y"
+
+
+async def test_a_token_echoed_in_the_request_id_or_the_code_is_scrubbed() -> None:
+    """The message was scrubbed, but not the request id (a response header) nor the
+    real API's string status (kept as ``code``), which str() and the log line show beside
+    it: a server or proxy that echoed the Authorization header there leaked the token."""
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        auth = request.headers["authorization"]
+        body = {"error": "no", "status": f"bad {auth}"}
+        return httpx.Response(401, json=body, headers={"fly-request-id": f"r1 {auth}" * 50})
+
+    with capture_logs() as captured:
+        async with make_client(Script([echo]), FakeTime(), max_retries=0) as api:
+            with pytest.raises(FlyError) as info:
+                await api.get_machine("web", "m1")
+    err = info.value
+    everything = "\n".join([str(err), repr(err), str(err.code), str(err.request_id)])
+    everything += "\n" + repr(captured)
+    assert TOKEN not in everything
+    assert err.code == "bad Bearer [REDACTED]"
+    assert err.request_id is not None
+    assert err.request_id.startswith("r1 Bearer [REDACTED]")
+    assert len(err.request_id) <= 128
