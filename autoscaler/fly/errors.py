@@ -19,7 +19,9 @@
 Bodies come in two shapes: the seed's ``{"error": "...", "status": 404}`` and the real API's
 ``{"error": "...", "status": "insufficient_capacity"}`` (or ``message`` instead of
 ``error``, or no JSON at all). ``error_from_response`` reads them all; a string status is
-kept as ``code``.
+kept as ``code``. A message is one line of at most 500 characters; an HTML page (a proxy's
+or load balancer's 502) is summed up by its title, or else its first text, never its
+markup.
 
 The token never reaches these objects: messages come from response bodies and transport
 errors, and ``error_from_response``/``TransportError`` scrub any secret they are given.
@@ -27,13 +29,17 @@ errors, and ``error_from_response``/``TransportError`` scrub any secret they are
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-_MAX_MESSAGE = 500  # an HTML error page must not become a 50 kB exception text
+_MAX_MESSAGE = 500  # a long error body must not become a 50 kB exception text
+_MAX_PAGE_TEXT = 200  # what an HTML error page is summed up by (its title, or first text)
+_MAX_PAGE_READ = 65536  # characters of an error body looked at for a message
 _MAX_FIELD = 128  # a request id or a string code: short words, whatever a server sends
 REQUEST_ID_HEADER = "fly-request-id"
 WAIT_OPERATION = "wait_for_machine_state"  # whose 408 means "not there yet"
@@ -188,8 +194,7 @@ def _field(value: str | None, secrets: Iterable[str]) -> str | None:
     """A request id or code as the server sent it, scrubbed, on one line, bounded."""
     if not value:
         return None
-    text = "".join(c if c.isprintable() else " " for c in scrub(value, secrets)).strip()
-    return text[:_MAX_FIELD] or None
+    return _one_line(scrub(value, secrets))[:_MAX_FIELD] or None
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -212,23 +217,95 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, seconds)
 
 
-def _body_fields(body: bytes) -> tuple[str | None, str | None]:
-    """(message, string code) from any of the known error body shapes."""
+# One tag (or what starts like one, up to its ">" or the end) or one run of text: a scan
+# in one pass, whatever the markup (html.parser takes quadratic time on some broken pages:
+# 20 s for 60 kB of unclosed attributes).
+_PIECE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)?[^>]*>?|[^<]+")
+
+
+def _page_text(page: str) -> tuple[str, str]:
+    """An HTML page's title and its visible text (no script, style or markup), each on
+    one line."""
+    title: list[str] = []
+    text: list[str] = []
+    skipping: str | None = None  # inside a script or style element
+    in_title = False
+    for piece in _PIECE.finditer(page):
+        if not piece.group(0).startswith("<"):
+            if skipping is None:
+                (title if in_title else text).append(piece.group(0))
+            continue
+        closing, name = piece.group(1), (piece.group(2) or "").lower()
+        if name in ("script", "style"):
+            if not closing:
+                skipping = name
+            elif skipping == name:
+                skipping = None
+        elif name == "title":
+            in_title = not closing
+            if closing and title:
+                break  # the title is what a page is summed up by
+        elif skipping is None:
+            (title if in_title else text).append(" ")
+    return _one_line(html.unescape("".join(title))), _one_line(html.unescape("".join(text)))
+
+
+# White space, control characters and the invisible ones that reorder or hide text.
+_BLANKS = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]+")
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: control characters and runs of white space become one space."""
+    return _BLANKS.sub(" ", text).strip()
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _summary(text: str, content_type: str, secrets: tuple[str, ...]) -> str:
+    """An error body's text as a message, scrubbed: an HTML page (a proxy's 502, a login
+    page) as its title or else its first text, never its markup; anything else on one
+    line. Scrubbed before it is cut, so that no piece of a secret is left."""
+    text = scrub(text, secrets)[:_MAX_PAGE_READ]
+    if not _is_html(text, content_type):
+        return _cut(scrub(_one_line(text), secrets), _MAX_MESSAGE)
+    title, body = _page_text(text)
+    found = title or body
+    found = _cut(scrub(found, secrets), _MAX_PAGE_TEXT)
+    return f"HTML page: {found}" if found else "HTML page with no text"
+
+
+def _is_html(text: str, content_type: str) -> bool:
+    """Whether an error body is markup: said so, or a page that starts like one."""
+    if "html" in content_type.lower():
+        return True
+    start = text.lstrip()[:15].lower()
+    return start.startswith(("<!doctype", "<html", "<head", "<body", "<title", "<?xml"))
+
+
+def _body_fields(
+    body: bytes, content_type: str = "", secrets: tuple[str, ...] = ()
+) -> tuple[str | None, str | None]:
+    """(message, string code) from any of the known error body shapes; the message
+    scrubbed of ``secrets`` and bounded, the code as sent."""
     try:
         data = json.loads(body) if body else None
     except (ValueError, RecursionError):  # RecursionError: nested deeper than it can go
         data = None
     if isinstance(data, str):
-        return data, None
+        return _summary(data, "", secrets) or None, None
     if not isinstance(data, dict):
-        text = body.decode("utf-8", "replace").strip() if body else ""
-        return text or None, None
+        text = body.decode("utf-8", "replace") if body else ""
+        return _summary(text, content_type, secrets) or None, None
     message = data.get("error") or data.get("message")
     # The seed's status repeats the HTTP status (an int, or digits); only the real API's
     # string status ("insufficient_capacity") says more, and is kept as the code.
     status = data.get("status")
     code = status if isinstance(status, str) and status and not status.isdigit() else None
-    return (str(message) if message is not None else None), code
+    if message is None:
+        return None, code
+    return _summary(str(message), "", secrets) or None, code
 
 
 def error_from_response(
@@ -245,8 +322,11 @@ def error_from_response(
     ``headers`` must be case-insensitive (httpx.Headers is) or use lower-case keys.
     """
     secrets = tuple(secrets)
-    message, code = _body_fields(body)
-    message = scrub(message or f"HTTP {status}", secrets)[:_MAX_MESSAGE]
+    # Scrubbed before it is read too: markup or a line break inside an echoed token
+    # would split it past the scrub of the message.
+    text = scrub(body.decode("utf-8", "replace"), secrets).encode() if secrets and body else body
+    message, code = _body_fields(text, headers.get("content-type") or "", secrets)
+    message = message or f"HTTP {status}"
     # The request id and the code are the server's words too, and go into str() and the
     # log line beside the message: a server (or a proxy) that echoes the Authorization
     # header in them must not put the token there.

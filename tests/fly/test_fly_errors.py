@@ -86,11 +86,58 @@ def test_body_shapes(body: object, message: str, code: str | None) -> None:
 
 
 def test_non_json_and_empty_bodies() -> None:
-    err = error_from_response(502, b"<html>Bad gateway</html>", H())
+    err = error_from_response(502, b"Bad gateway\r\n  try again\x1b[31m", H())
     assert isinstance(err, ServerError)
-    assert err.message == "<html>Bad gateway</html>"
+    assert err.message == "Bad gateway try again [31m"  # one line, no control characters
     assert error_from_response(500, b"", H()).message == "HTTP 500"
     assert len(error_from_response(500, b"x" * 100_000, H()).message) <= 500
+
+
+NGINX_502 = b"""<html>
+<head><title>502 Bad Gateway</title></head>
+<body>
+<center><h1>502 Bad Gateway</h1></center>
+<hr><center>nginx</center>
+</body>
+</html>
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (NGINX_502, "text/html", "HTML page: 502 Bad Gateway"),
+        (NGINX_502, "", "HTML page: 502 Bad Gateway"),  # no content type: it looks like one
+        (
+            b"<!DOCTYPE html><html><head><style>p{color:red}</style>"
+            b"<script>var x = '<b>';</script></head><body><div><p>Upstream &amp; proxy"
+            b"\n\n   timed out</p></div></body></html>",
+            "text/html; charset=utf-8",
+            "HTML page: Upstream & proxy timed out",
+        ),
+        (b"<html><body></body></html>", "text/html", "HTML page with no text"),
+        (b'"<html><title>quoted</title></html>"', "application/json", "HTML page: quoted"),
+        (b'{"error": "<html><title>in json</title></html>"}', "", "HTML page: in json"),
+    ],
+)
+def test_an_html_error_page_is_summed_up_not_echoed(
+    body: bytes, content_type: str, message: str
+) -> None:
+    """A proxy's or load balancer's error page (nginx's 502) became the exception's
+    message markup and all, and with it every log line of the call's failure."""
+    err = error_from_response(502, body, H({"content-type": content_type}))
+    assert isinstance(err, ServerError)
+    assert err.message == message
+    assert str(err) == f"HTTP 502: {message}"
+
+
+def test_a_huge_html_page_is_summed_up_in_a_bounded_message() -> None:
+    title = "T" * 1000
+    page = f"<html><head><title>{title}</title></head><body>{'<p>x</p>' * 100_000}</body></html>"
+    err = error_from_response(503, page.encode(), H({"content-type": "text/html"}))
+    assert err.message.startswith("HTML page: TTT")
+    assert len(err.message) <= 250
+    assert "<" not in err.message
 
 
 def test_integer_status_in_the_body_does_not_override_http_status() -> None:
