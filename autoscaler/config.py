@@ -232,6 +232,11 @@ class FlySettings(_Model):
     retry_deadline_s: Seconds = Field(
         default=60.0, description="total time a call may spend retrying"
     )
+    max_response_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="largest API answer read (decompressed); a larger one fails the call",
+    )
 
     @field_validator("api_url")
     @classmethod

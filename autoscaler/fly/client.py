@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -92,6 +93,14 @@ def one_attempt(timeout_s: float) -> Iterator[None]:
 # once in steady state; a burst beyond them opens connections and closes them after.
 KEEPALIVE_CONNECTIONS = 8
 
+# The largest answer read (decompressed): Fly's largest are machine lists, a few kB a
+# machine, so this holds several thousand machines; a proxy or API gone wrong that sends
+# more fails the call (FlyError) instead of filling the memory. Settings:
+# fly.max_response_bytes.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+# Of an error answer only this much is read: its message is one line of it.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+
 
 class MachinesClient(Operations):
     """Async client for every operation of the seed spec; use ``async with`` or ``aclose()``."""
@@ -117,6 +126,7 @@ class MachinesClient(Operations):
         max_connections: int = 50,
         keepalive_connections: int = KEEPALIVE_CONNECTIONS,
         org_limit: Limit | None = DEFAULT_ORG_LIMIT,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         secret = token.get_secret_value() if isinstance(token, SecretStr) else token
         # As a header carries it: the newline a token file ends with would make every call
@@ -137,6 +147,9 @@ class MachinesClient(Operations):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.org_slug = org_slug
         self._timeout_s = timeout_s
+        if max_response_bytes < 1:
+            raise ValueError(f"expected max_response_bytes >= 1, got {max_response_bytes}")
+        self._max_response_bytes = max_response_bytes
         self._max_retries = max_retries
         self._retry_deadline_s = retry_deadline_s
         self._backoff_base_s = backoff_base_s
@@ -194,6 +207,7 @@ class MachinesClient(Operations):
             "max_retries": fly.max_retries,
             "retry_deadline_s": fly.retry_deadline_s,
             "org_limit": Limit(fly.org_rate_limit_per_s, fly.org_burst),
+            "max_response_bytes": fly.max_response_bytes,
         }
         options.update(kw)
         token = options.pop("token", fly.token)
@@ -245,37 +259,46 @@ class MachinesClient(Operations):
                 # that trickles in a byte at a time held the call (and a tick's one
                 # attempt) for as long as it lasted. A tenth more than httpx's own, so
                 # that a connect that never happens is still told apart (not sent).
-                async with asyncio.timeout(timeout_s + min(1.0, timeout_s / 10)):
-                    response = await self._http.request(
+                async with (
+                    asyncio.timeout(timeout_s + min(1.0, timeout_s / 10)),
+                    self._http.stream(
                         call.method,
                         call.path,
                         params=call.params or None,
                         json=None if call.body is NO_BODY else call.body,
                         headers=call.headers or None,
                         timeout=timeout_s,
-                    )
+                    ) as response,
+                ):
+                    status = response.status_code
+                    body, whole = await self._read_body(response)
             except httpx.HTTPError as exc:
-                error = self._transport_error(exc, call.operation)
+                status, error = None, self._transport_error(exc, call.operation)
             except TimeoutError:
                 text = f"ReadTimeout: no whole answer within {timeout_s:g}s"
-                error = TransportError(text, sent=True, operation=call.operation)
+                status, error = None, TransportError(text, sent=True, operation=call.operation)
             else:
-                status = response.status_code
                 if status >= 300:
                     error = error_from_response(
                         status,
-                        response.content,
+                        body,
                         response.headers,
                         operation=call.operation,
                         secrets=self._secrets,
                     )
+                elif not whole:
+                    text = (
+                        f"answer body over {self._max_response_bytes} bytes (the client's"
+                        " max_response_bytes): not read"
+                    )
+                    error = FlyError(status, text, operation=call.operation)
             finally:
                 if slot:
                     self._slots.release()
             self._observe(call.operation, status, self._clock() - t0)
             if error is None:
                 self._log_result(call, status, started, attempt, throttled, None)
-                return _decode(response)
+                return _decode(body, response.charset_encoding)
             delay = (
                 None
                 if bound is not None
@@ -295,6 +318,25 @@ class MachinesClient(Operations):
                 error=str(error),
             )
             await self._sleep(delay)
+
+    async def _read_body(self, response: httpx.Response) -> tuple[bytes, bool]:
+        """The answer's body (decompressed), and whether it is whole: at most
+        ``max_response_bytes`` of a 2xx answer, the first ``MAX_ERROR_BODY_BYTES`` of any
+        other (its message is a line of it), so that no answer, however large, is held in
+        memory whole. The rest is not read (the connection is closed)."""
+        limit = self._max_response_bytes if response.status_code < 300 else MAX_ERROR_BODY_BYTES
+        declared = response.headers.get("content-length", "")
+        if response.status_code < 300 and declared.isdigit() and int(declared) > limit:
+            return b"", False
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            if size + len(chunk) > limit:
+                chunks.append(chunk[: limit - size])
+                return b"".join(chunks), False
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks), True
 
     async def _take_slot(self, timeout_s: float) -> bool:
         """One of ``max_connections`` slots, or httpx.PoolTimeout after ``timeout_s``.
@@ -395,13 +437,18 @@ def _secret_forms(secret: str) -> tuple[str, ...]:
     return tuple(sorted(forms, key=len, reverse=True))
 
 
-def _decode(response: httpx.Response) -> Any:
-    if not response.content:
+def _decode(body: bytes, charset: str | None) -> Any:
+    if not body:
         return None
     try:
-        return response.json()
+        return json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than it can go
-        return response.text  # the real OIDC endpoint answers with a bare JWT
+        pass
+    # The real OIDC endpoint answers with a bare JWT.
+    try:
+        return body.decode(charset or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return body.decode("utf-8", "replace")
 
 
 class MachinesAPI(Protocol):
