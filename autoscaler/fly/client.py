@@ -44,7 +44,14 @@ from autoscaler.fly.errors import (
     error_from_response,
     scrub,
 )
-from autoscaler.fly.limits import DEFAULT_ORG_LIMIT, Clock, Limit, RateLimiter, Sleep
+from autoscaler.fly.limits import (
+    DEFAULT_ORG_LIMIT,
+    Clock,
+    Limit,
+    RateLimiter,
+    Reservation,
+    Sleep,
+)
 from autoscaler.fly.operations import (
     MAX_WAIT_CALL_S,
     NO_BODY,
@@ -242,9 +249,10 @@ class MachinesClient(Operations):
             attempt += 1
             try:
                 # A tick's call waits for its token within its bound too, or fails at once.
-                throttled += await self.limiter.acquire(
+                reservation = await self.limiter.turn(
                     call.limit_action, call.limit_key, max_wait_s=bound
                 )
+                throttled += reservation.delay
             except RateLimited as exc:
                 exc.operation = call.operation
                 self._log_result(call, None, started, attempt, throttled, exc)
@@ -254,7 +262,7 @@ class MachinesClient(Operations):
             error: FlyError | None = None
             slot = False
             try:
-                slot = await self._take_slot(timeout_s)
+                slot = await self._take_slot(timeout_s, reservation)
                 # httpx's timeout bounds each read and write, not the exchange: an answer
                 # that trickles in a byte at a time held the call (and a tick's one
                 # attempt) for as long as it lasted. A tenth more than httpx's own, so
@@ -338,8 +346,10 @@ class MachinesClient(Operations):
             size += len(chunk)
         return b"".join(chunks), True
 
-    async def _take_slot(self, timeout_s: float) -> bool:
+    async def _take_slot(self, timeout_s: float, reservation: Reservation) -> bool:
         """One of ``max_connections`` slots, or httpx.PoolTimeout after ``timeout_s``.
+        A call that gets none (cancelled, or timed out) was never sent: its rate-limit
+        tokens (``reservation``) go back, as they do when it is cancelled waiting for them.
 
         Requests wait here rather than in httpx's pool, whose queue costs time quadratic in
         its length: 600 calls at once took 5.5 s of CPU there, 50 took 0.07 s
@@ -348,7 +358,11 @@ class MachinesClient(Operations):
             async with asyncio.timeout(timeout_s):
                 await self._slots.acquire()
         except TimeoutError:
+            self.limiter.refund(reservation)
             raise httpx.PoolTimeout(f"no free connection within {timeout_s:g}s") from None
+        except asyncio.CancelledError:
+            self.limiter.refund(reservation)
+            raise
         return True
 
     def _transport_error(self, exc: httpx.HTTPError, operation: str) -> TransportError:

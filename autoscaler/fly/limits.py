@@ -18,7 +18,8 @@ Each ``acquire`` reserves its token at once, possibly driving the bucket negativ
 sleeps for the deficit. Concurrent callers therefore queue in arrival order without a lock,
 and the sleep can be faked in tests with a clock that only moves when told. A caller
 cancelled while it waits gives its token back if nobody queued behind it (``refund``):
-with others behind it, a newcomer would share the turn of one of them.
+with others behind it, a newcomer would share the turn of one of them. The client gives
+it back the same way when a call is cancelled after its turn but before it was sent.
 
 Besides the buckets per (action, id), every call may also take a token from one bucket
 shared by all calls of the client: the organization's budget (``org``). Fly documents no
@@ -204,6 +205,11 @@ class RateLimiter:
         A turn further away than ``max_wait_s`` is not waited for: the token goes back and
         :class:`~autoscaler.fly.errors.RateLimited` is raised, its ``retry_after`` the wait.
         """
+        return (await self.turn(action, key, max_wait_s)).delay
+
+    async def turn(self, action: str, key: str, max_wait_s: float | None = None) -> Reservation:
+        """``acquire``, with the reservation: a caller that ends up not sending (cancelled
+        before it did) gives its tokens back with ``refund``."""
         reservation = self.take(action, key)
         if max_wait_s is not None and reservation.delay > max_wait_s:
             self.refund(reservation)
@@ -218,7 +224,7 @@ class RateLimiter:
             except asyncio.CancelledError:
                 self.refund(reservation)  # never sent: the token is not spent
                 raise
-        return reservation.delay
+        return reservation
 
     def _evict(self, now: float) -> None:
         """Make room for one more bucket: drop the full ones, else the least recently used."""

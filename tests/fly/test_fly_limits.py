@@ -303,3 +303,40 @@ async def test_app_deletions_share_one_bucket_of_100_a_minute() -> None:
             await api.delete_app(f"app{i}")
     assert len(script.requests) == 101
     assert fake.sleeps == [pytest.approx(60 / 100 / 0.9)]  # the 101st waits for a refill
+
+
+@pytest.mark.parametrize("org", [False, True], ids=["machine-bucket", "org-budget"])
+async def test_a_call_cancelled_while_it_waits_for_a_connection_gives_its_token_back(
+    org: bool,
+) -> None:
+    """A call that had its rate-limit token and was cancelled while it waited for one of
+    the client's connections kept the token spent (only a cancel in the wait for the
+    token gave it back): the next call waited a turn for a request that never went."""
+    fake = FakeTime()
+    release = asyncio.Event()
+    sent: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        await release.wait()
+        return httpx.Response(200, json=[])
+
+    one = Limit(1.0, 1)
+    async with MachinesClient(
+        "http://127.0.0.1:4280", "fly-limits-t3st-t0ken", transport=httpx.MockTransport(handler),
+        sleep=fake.sleep, clock=fake.clock, max_connections=1,
+        limits={} if org else {"start_machine": one},
+        org_limit=Limit(1.0, 2) if org else None,
+    ) as api:  # fmt: skip
+        busy = asyncio.ensure_future(api.list_machines("other"))  # holds the connection
+        waiting = asyncio.ensure_future(api.start_machine("web", "m1"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert sent == ["/v1/apps/other/machines"]
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert api.limiter.reserve("start_machine", "web/m1") == 0.0  # not 1 / 0.9
+        release.set()
+        assert await busy == []
+    assert fake.sleeps == []
