@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import contextvars
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -241,22 +242,28 @@ class MachinesClient(Operations):
         if call.deadline is not None:
             deadline = min(deadline, call.deadline)
         bound = _one_attempt.get()
-        timeout_s = self._timeout_s if bound is None else min(self._timeout_s, bound)
-        timeout_s += call.hold_s
+        slack_s = self._timeout_s if bound is None else min(self._timeout_s, bound)
         attempt = 0
         throttled = 0.0
         while True:
             attempt += 1
+            # A tick's call waits for its token within its bound too, or fails at once; so
+            # does a call with a deadline of its own (a wait), within what is left of it.
+            max_wait_s = bound
+            if call.deadline is not None:
+                left = max(0.0, call.deadline - self._clock())
+                max_wait_s = left if max_wait_s is None else min(max_wait_s, left)
             try:
-                # A tick's call waits for its token within its bound too, or fails at once.
                 reservation = await self.limiter.turn(
-                    call.limit_action, call.limit_key, max_wait_s=bound
+                    call.limit_action, call.limit_key, max_wait_s=max_wait_s
                 )
                 throttled += reservation.delay
             except RateLimited as exc:
                 exc.operation = call.operation
                 self._log_result(call, None, started, attempt, throttled, exc)
                 raise
+            params, hold_s = self._hold(call)
+            timeout_s = slack_s + hold_s
             t0 = self._clock()
             status: int | None = None
             error: FlyError | None = None
@@ -272,7 +279,7 @@ class MachinesClient(Operations):
                     self._http.stream(
                         call.method,
                         call.path,
-                        params=call.params or None,
+                        params=params or None,
                         json=None if call.body is NO_BODY else call.body,
                         headers=call.headers or None,
                         timeout=timeout_s,
@@ -326,6 +333,16 @@ class MachinesClient(Operations):
                 error=str(error),
             )
             await self._sleep(delay)
+
+    def _hold(self, call: Call) -> tuple[dict[str, str | int], float]:
+        """The query and the server's hold of this attempt. A call with a deadline of its
+        own and a hold (a /wait) asks for no more than what is left of it, so that neither
+        a wait for a rate-limit turn nor a retry carries it past the deadline its caller
+        set: a retry of a /wait 9 s into a 10 s wait asked for the whole 10 s again."""
+        if call.deadline is None or call.hold_param is None:
+            return call.params, call.hold_s
+        hold = min(call.hold_s, max(1, math.ceil(call.deadline - self._clock())))
+        return {**call.params, call.hold_param: int(hold)}, float(hold)
 
     async def _read_body(self, response: httpx.Response) -> tuple[bytes, bool]:
         """The answer's body (decompressed), and whether it is whole: at most

@@ -65,7 +65,10 @@ class Call:
     params: dict[str, str | int] = field(default_factory=dict)
     body: Any = NO_BODY
     hold_s: float = 0.0  # how long the server may hold the call (a /wait): added to its timeout
-    deadline: float | None = None  # (client clock) no retry sleeps past it: a wait's own
+    # (client clock) a wait's own: no retry sleeps past it, no turn is waited for past it,
+    # and each attempt's hold (the query parameter ``hold_param``) ends by it
+    deadline: float | None = None
+    hold_param: str | None = None
     limit: str | None = None  # the rate-limit key when it is not the app (an org's apps)
     headers: dict[str, str] = field(default_factory=dict)
     action: str | None = None  # the rate-limited API action, when not ``operation``
@@ -378,6 +381,7 @@ class Operations:
                     params=params,
                     hold_s=per_call,  # the server holds it that long
                     deadline=deadline,
+                    hold_param="timeout",
                 )
             except WaitTimeout as exc:
                 now = self._clock()

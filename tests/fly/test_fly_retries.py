@@ -365,3 +365,43 @@ async def test_many_retries_do_not_overflow_the_backoff() -> None:
         with pytest.raises(ServerError):
             await api.get_machine("web", "m1")
     assert len(script.requests) == 1101
+
+
+async def test_a_retried_wait_call_asks_only_for_what_is_left_of_the_wait() -> None:
+    """A /wait call that failed late (a 503 after 9 s of a 10 s wait) was tried again
+    with the whole 10 s hold: the wait ended 19 s after it began. The retry asks the
+    server to hold it for what is left, so the wait ends at its own timeout."""
+    fake = FakeTime()
+    started = fake.now
+
+    def late_503(request: httpx.Request) -> httpx.Response:
+        fake.now += 9
+        return status(503)
+
+    script = Script([late_503, timed_408(fake)])
+    async with make_client(script, fake, timeout_s=30) as api:
+        with pytest.raises(WaitTimeout):
+            await api.wait("web", "m1", timeout_s=10)
+    assert [r.url.params["timeout"] for r in script.requests] == ["10", "1"]
+    assert script.last.extensions["timeout"]["read"] == 31  # the client's 30 s + the hold
+    assert fake.now - started <= 10 + 1  # at most the 1 s a /wait call holds at least
+
+
+async def test_a_wait_does_not_wait_for_a_rate_limit_turn_past_its_deadline() -> None:
+    """The turn of a wait's call (or of its retry) may be further away than the wait's
+    timeout: it slept for it, then asked the server for the whole timeout on top. It
+    fails at once instead (RateLimited, the client's own, with the turn's wait)."""
+    fake = FakeTime()
+    script = Script([httpx.Response(200)])
+    async with make_client(script, fake, rate_limit=True, org_limit=None) as api:
+        for _ in range(20):  # the burst of 3, and 17 queued: a turn some 19 s away
+            api.limiter.reserve("wait_for_machine_state", "web/m1")
+        with pytest.raises(RateLimited) as info:
+            await api.wait("web", "m1", timeout_s=10)
+        assert info.value.status is None
+        assert info.value.retry_after == pytest.approx(18 / 0.9)
+        assert script.requests == []
+        assert fake.sleeps == []
+        await api.wait("web", "m1", timeout_s=60)  # a wait long enough waits for its turn
+    assert fake.sleeps == [pytest.approx(18 / 0.9)]
+    assert script.last.url.params["timeout"] == "40"  # what is left after the turn
