@@ -108,6 +108,8 @@ KEEPALIVE_CONNECTIONS = 8
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 # Of an error answer only this much is read: its message is one line of it.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# Retries of a call answered 429 (max_retries still bounds them): one, after Retry-After.
+MAX_RATE_LIMITED_RETRIES = 1
 
 
 class MachinesClient(Operations):
@@ -244,6 +246,7 @@ class MachinesClient(Operations):
         bound = _one_attempt.get()
         slack_s = self._timeout_s if bound is None else min(self._timeout_s, bound)
         attempt = 0
+        rate_limited = 0  # 429s answered so far
         throttled = 0.0
         while True:
             attempt += 1
@@ -314,10 +317,13 @@ class MachinesClient(Operations):
             if error is None:
                 self._log_result(call, status, started, attempt, throttled, None)
                 return _decode(body, response.charset_encoding)
+            if isinstance(error, RateLimited):
+                self.limiter.rate_limited(call.limit_action, call.limit_key, error.retry_after)
+                rate_limited += 1
             delay = (
                 None
                 if bound is not None
-                else self._retry_delay(call.operation, error, attempt, deadline)
+                else self._retry_delay(call.operation, error, attempt, deadline, rate_limited)
             )
             if delay is None:
                 self._log_result(call, status, started, attempt, throttled, error)
@@ -393,10 +399,16 @@ class MachinesClient(Operations):
         return TransportError(text, sent=not unsent, retryable=retryable, operation=operation)
 
     def _retry_delay(
-        self, operation: str, error: FlyError, attempt: int, deadline: float
+        self, operation: str, error: FlyError, attempt: int, deadline: float, rate_limited: int
     ) -> float | None:
-        """Seconds to sleep before the next attempt, or None to give up and raise."""
+        """Seconds to sleep before the next attempt, or None to give up and raise.
+
+        A 429 is tried again once at most (``MAX_RATE_LIMITED_RETRIES``): the server is
+        short of what every caller of the action asks for, and with each caller trying
+        again up to ``max_retries`` times, a storm of 429s made several times the calls."""
         if attempt > self._max_retries or not error.transient:
+            return None
+        if isinstance(error, RateLimited) and rate_limited > MAX_RATE_LIMITED_RETRIES:
             return None
         if operation not in SAFE_OPERATIONS and not (
             isinstance(error, TransportError) and not error.sent

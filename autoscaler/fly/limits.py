@@ -21,6 +21,11 @@ cancelled while it waits gives its token back if nobody queued behind it (``refu
 with others behind it, a newcomer would share the turn of one of them. The client gives
 it back the same way when a call is cancelled after its turn but before it was sent.
 
+A 429 from the server empties the bucket of its (action, id) for its Retry-After (at most a
+minute; without one, until the next refill): Fly's bucket is empty whatever ours says, and
+the other calls of the pair should wait rather than go to be refused
+(``RateLimiter.rate_limited``).
+
 Besides the buckets per (action, id), every call may also take a token from one bucket
 shared by all calls of the client: the organization's budget (``org``). Fly documents no
 such limit (only the per-action, per-machine ones above); it is ours, so that a thousand
@@ -69,6 +74,8 @@ DEFAULT_HEADROOM = 0.9
 # The org-wide budget of MachinesClient (config: fly.org_rate_limit_per_s, fly.org_burst).
 DEFAULT_ORG_LIMIT = Limit(rate_per_s=150.0, burst=100.0)
 SPARE_FRACTION = 0.5
+MAX_HOLD_OFF_S = 60.0
+"""The longest a 429's Retry-After holds back the other calls of its action and machine."""
 """Calls that can wait go only while the org bucket holds more than this share of its burst."""
 
 
@@ -101,6 +108,13 @@ class TokenBucket:
         self.taken -= 1
         self.tokens = min(self.limit.burst, self.tokens + 1.0)
         return True
+
+    def drain(self, now: float, seconds: float) -> None:
+        """Empty the bucket as the server's is (it answered 429): the next token comes no
+        sooner than ``seconds`` from ``now``, nor than one refill. Callers already queued
+        keep their turns."""
+        self._refill(now)
+        self.tokens = min(self.tokens, 0.0, 1.0 - seconds * self.limit.rate_per_s)
 
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self.updated)
@@ -173,6 +187,12 @@ class RateLimiter:
             return Reservation(0.0)
         now = self._clock()
         org_wait = 0.0 if self.org is None else self.org.reserve(now)
+        bucket = self._bucket(action, key, now)
+        delay = max(org_wait, bucket.reserve(now))
+        org_ticket = 0 if self.org is None else self.org.taken
+        return Reservation(delay, bucket, bucket.taken, org_ticket)
+
+    def _bucket(self, action: str, key: str, now: float) -> TokenBucket:
         bucket = self._buckets.get((action, key))
         if bucket is None:
             if len(self._buckets) >= self._max_buckets:
@@ -180,9 +200,19 @@ class RateLimiter:
             bucket = self._buckets[(action, key)] = TokenBucket(self.limit_for(action), now)
         else:
             self._buckets.move_to_end((action, key))
-        delay = max(org_wait, bucket.reserve(now))
-        org_ticket = 0 if self.org is None else self.org.taken
-        return Reservation(delay, bucket, bucket.taken, org_ticket)
+        return bucket
+
+    def rate_limited(self, action: str, key: str, retry_after: float | None) -> None:
+        """The server answered 429 to (action, key): its bucket for them is empty, whatever
+        ours said (another client of the organization, a deploy, spent it). Ours is emptied
+        to match, for ``retry_after`` seconds when the server said so: every call of the
+        pair, a retry included, then waits its turn here rather than going to be refused.
+        A Retry-After is taken up to ``MAX_HOLD_OFF_S``: Fly's limits are per second, and a
+        broken one (an hour) must not stop the pair's calls for as long."""
+        if self.enabled:
+            now = self._clock()
+            hold = min(retry_after or 0.0, MAX_HOLD_OFF_S)
+            self._bucket(action, key, now).drain(now, hold)
 
     def refund(self, reservation: Reservation) -> None:
         """Give back the tokens of a call that will not be sent, each only if nobody took

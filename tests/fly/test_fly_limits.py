@@ -340,3 +340,19 @@ async def test_a_call_cancelled_while_it_waits_for_a_connection_gives_its_token_
         release.set()
         assert await busy == []
     assert fake.sleeps == []
+
+
+def test_a_429_empties_its_bucket_for_its_retry_after_at_most_a_minute() -> None:
+    fake = FakeTime()
+    limiter = RateLimiter(headroom=1.0, clock=fake.clock, org=Limit(10.0, 10))
+    limiter.rate_limited("start_machine", "web/m1", 5.0)
+    assert limiter.reserve("start_machine", "web/m1") == pytest.approx(5.0)
+    assert limiter.reserve("start_machine", "web/m1") == pytest.approx(6.0)  # in line after
+    assert limiter.reserve("start_machine", "web/m2") == 0.0  # other machines: untouched
+    limiter.rate_limited("stop_machine", "web/m1", 3600.0)  # a broken Retry-After
+    assert limiter.reserve("stop_machine", "web/m1") == pytest.approx(60.0)
+    limiter.rate_limited("cordon_machine", "web/m1", None)  # none: one refill
+    assert limiter.reserve("cordon_machine", "web/m1") == pytest.approx(1.0)
+    off = RateLimiter(enabled=False, clock=fake.clock)
+    off.rate_limited("start_machine", "web/m1", 5.0)
+    assert off.reserve("start_machine", "web/m1") == 0.0  # limits off: nothing is held
