@@ -59,6 +59,7 @@ from autoscaler.fly.operations import (
     SAFE_OPERATIONS,
     Call,
     Operations,
+    RawText,
     duration_string,
 )
 from autoscaler.logs import get_logger, redactor
@@ -487,11 +488,11 @@ def _decode(body: bytes, charset: str | None) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than it can go
         pass
-    # The real OIDC endpoint answers with a bare JWT.
+    # The real OIDC endpoint answers with a bare JWT; to the others such text is no answer.
     try:
-        return body.decode(charset or "utf-8", "replace")
+        return RawText(body.decode(charset or "utf-8", "replace"))
     except LookupError:  # a charset Python does not know
-        return body.decode("utf-8", "replace")
+        return RawText(body.decode("utf-8", "replace"))
 
 
 class MachinesAPI(Protocol):

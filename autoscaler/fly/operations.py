@@ -55,6 +55,11 @@ SAFE_OPERATIONS = frozenset(
 NO_BODY: Any = object()
 
 
+class RawText(str):
+    """A 2xx body that is not JSON, as text (``_send`` gives it so): only the OIDC
+    endpoint answers like that; elsewhere it is a page from something in the way."""
+
+
 @dataclass(slots=True)
 class Call:
     operation: str
@@ -157,7 +162,14 @@ def parse_list(model: type[_M], payload: Any, operation: str) -> list[_M]:
 
 
 def _unexpected(what: str, payload: Any, operation: str) -> FlyError:
-    return FlyError(200, f"unexpected {what} of type {type(payload).__name__}", operation=operation)
+    kind = "text that is not JSON" if isinstance(payload, RawText) else type(payload).__name__
+    return FlyError(200, f"unexpected {what}: {kind}", operation=operation)
+
+
+def _one_word(text: str) -> bool:
+    """Whether ``text`` could be a token (a JWT): one word of printable ASCII, no markup."""
+    word = text.strip()
+    return bool(word) and word.isascii() and word.isprintable() and not set(" <>") & set(word)
 
 
 class Operations:
@@ -461,8 +473,8 @@ class Operations:
         payload = await self._machine(op, "GET", app, machine_id, _metadata_suffix(key))
         if isinstance(payload, dict) and isinstance(payload.get("value"), str):
             return str(payload["value"])
-        if isinstance(payload, str):
-            return payload
+        if isinstance(payload, str) and not isinstance(payload, RawText):
+            return payload  # the seed's bare JSON string (text that is not JSON is no value)
         raise _unexpected("metadata body", payload, op)
 
     async def set_machine_metadata(
@@ -570,8 +582,8 @@ class Operations:
         """An OIDC token (a JWT). It is a secret too: it is returned, never logged."""
         body = m.OidcTokenRequest(aud=aud).to_json()
         payload = await self._send(Call("get_oidc_token", "POST", "/v1/tokens/oidc", body=body))
-        if isinstance(payload, str):
-            return payload.strip()
+        if isinstance(payload, str) and _one_word(payload):
+            return str(payload).strip()  # the JWT, as plain text or as a JSON string
         if isinstance(payload, dict) and isinstance(payload.get("token"), str):
             return str(payload["token"])
         raise _unexpected("OIDC body", payload, "get_oidc_token")

@@ -501,6 +501,23 @@ async def test_oidc_token_as_plain_text() -> None:
     assert script.body() == {}
 
 
+async def test_a_page_answered_200_is_neither_a_metadata_value_nor_a_token() -> None:
+    """A 2xx body that is not JSON was taken as text by every call: a proxy's page
+    answered 200 (a login or captive portal) became the value of a metadata key, or the
+    OIDC token. Only the OIDC endpoint answers in plain text, and a JWT is one word."""
+    page = httpx.Response(200, html="<html><title>Sign in</title></html>")
+    async with make_client(Script([page]), max_retries=0) as api:
+        with pytest.raises(FlyError, match="text that is not JSON") as meta:
+            await api.get_machine_metadata("web", "m1", "role")
+        assert meta.value.status == 200
+        with pytest.raises(FlyError, match="OIDC"):
+            await api.get_oidc_token()
+    prose = httpx.Response(200, text="Service temporarily unavailable, try later")
+    async with make_client(Script([prose]), max_retries=0) as api:
+        with pytest.raises(FlyError, match="OIDC"):
+            await api.get_oidc_token()
+
+
 async def test_start_without_a_body_and_stop_without_options() -> None:
     script = Script([ok(), ok()])
     async with make_client(script) as api:
