@@ -248,13 +248,15 @@ class MachinesClient(Operations):
         slack_s = self._timeout_s if bound is None else min(self._timeout_s, bound)
         attempt = 0
         rate_limited = 0  # 429s answered so far
+        last: tuple[int | None, FlyError] | None = None  # the failure being retried
         throttled = 0.0
         while True:
             attempt += 1
             # A tick's call waits for its token within its bound too, or fails at once; so
-            # does a call with a deadline of its own (a wait), within what is left of it.
+            # does the retry of a call with a deadline of its own (a wait), within what is
+            # left of it: past it, the call gives up with the failure it is retrying.
             max_wait_s = bound
-            if call.deadline is not None:
+            if call.deadline is not None and last is not None:
                 left = max(0.0, call.deadline - self._clock())
                 max_wait_s = left if max_wait_s is None else min(max_wait_s, left)
             try:
@@ -263,6 +265,9 @@ class MachinesClient(Operations):
                 )
                 throttled += reservation.delay
             except RateLimited as exc:
+                if last is not None:  # a retry's turn past the deadline: the last failure
+                    self._log_result(call, last[0], started, attempt - 1, throttled, last[1])
+                    raise last[1] from None
                 exc.operation = call.operation
                 self._log_result(call, None, started, attempt, throttled, exc)
                 raise
@@ -340,6 +345,7 @@ class MachinesClient(Operations):
                 error=str(error),
             )
             await self._sleep(delay)
+            last = (status, error)
 
     def _hold(self, call: Call) -> tuple[dict[str, str | int], float]:
         """The query and the server's hold of this attempt. A call with a deadline of its

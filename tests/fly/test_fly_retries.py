@@ -389,24 +389,39 @@ async def test_a_retried_wait_call_asks_only_for_what_is_left_of_the_wait() -> N
     assert fake.now - started <= 10 + 1  # at most the 1 s a /wait call holds at least
 
 
-async def test_a_wait_does_not_wait_for_a_rate_limit_turn_past_its_deadline() -> None:
-    """The turn of a wait's call (or of its retry) may be further away than the wait's
-    timeout: it slept for it, then asked the server for the whole timeout on top. It
-    fails at once instead (RateLimited, the client's own, with the turn's wait)."""
+async def test_a_wait_asks_for_what_is_left_after_its_rate_limit_turn() -> None:
+    """A wait's call whose rate-limit turn was seconds away slept for it, then asked the
+    server to hold it for the whole timeout on top: it asks for what is left now."""
     fake = FakeTime()
-    script = Script([httpx.Response(200)])
+    started = fake.now
+    script = Script([timed_408(fake)])
     async with make_client(script, fake, rate_limit=True, org_limit=None) as api:
-        for _ in range(20):  # the burst of 3, and 17 queued: a turn some 19 s away
+        for _ in range(20):  # the burst of 3, and 17 queued: a turn 20 s away
             api.limiter.reserve("wait_for_machine_state", "web/m1")
-        with pytest.raises(RateLimited) as info:
+        with pytest.raises(WaitTimeout):
             await api.wait("web", "m1", timeout_s=10)
-        assert info.value.status is None
-        assert info.value.retry_after == pytest.approx(18 / 0.9)
-        assert script.requests == []
-        assert fake.sleeps == []
-        await api.wait("web", "m1", timeout_s=60)  # a wait long enough waits for its turn
     assert fake.sleeps == [pytest.approx(18 / 0.9)]
-    assert script.last.url.params["timeout"] == "40"  # what is left after the turn
+    assert [r.url.params["timeout"] for r in script.requests] == ["1"]  # not 10
+    assert fake.now - started == pytest.approx(18 / 0.9 + 1)
+
+
+async def test_a_wait_gives_up_when_the_turn_of_its_retry_is_past_its_deadline() -> None:
+    """A retry of a wait's call slept for a rate-limit turn past the wait's deadline, then
+    sent the call: it gives up with the failure it would have retried."""
+    fake = FakeTime()
+    started = fake.now
+
+    def busy_503(request: httpx.Request) -> httpx.Response:
+        for _ in range(20):  # others queue for the machine meanwhile: a turn 20 s away
+            api.limiter.reserve("wait_for_machine_state", "web/m1")
+        return status(503)
+
+    script = Script([busy_503, httpx.Response(200)])
+    async with make_client(script, fake, rate_limit=True, org_limit=None) as api:
+        with pytest.raises(ServerError):
+            await api.wait("web", "m1", timeout_s=5)
+    assert len(script.requests) == 1
+    assert fake.now - started <= 5
 
 
 async def test_a_429_is_tried_again_once_however_many_retries_are_allowed() -> None:
