@@ -468,8 +468,9 @@ class MachinesClient(Operations):
             fields["request_id"] = error.request_id
         # A 404, a 409/412 conflict or a 408 inside a wait loop is an answer, not trouble;
         # a request Fly refused (400), auth, rate limits, server and transport failures
-        # (a retryable one or not) are.
+        # (a retryable one or not), and a 2xx answer too large to read, are.
         trouble = error.transient or isinstance(error, (BadRequest, TransportError, Unauthorized))
+        trouble = trouble or (error.status is not None and error.status < 300)
         (self._log.warning if trouble else self._log.info)("fly_api", **fields)
 
 

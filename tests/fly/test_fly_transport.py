@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 from flyfakes import Script, make_client
+from structlog.testing import capture_logs
 
 from autoscaler.fly.client import MachinesClient, one_attempt
 from autoscaler.fly.errors import FlyError, ServerError, TransportError
@@ -142,8 +143,10 @@ async def test_a_large_answer_is_refused_by_its_length_or_once_decompressed(how:
         reply = httpx.Response(200, content=packed, headers={"content-encoding": "gzip"})
     else:
         reply = httpx.Response(200, content=body)
-    async with make_client(Script([reply]), max_retries=0, max_response_bytes=65536) as api:
-        with pytest.raises(FlyError, match="over 65536 bytes"):
-            await api.list_machines("web")
+    with capture_logs() as captured:
+        async with make_client(Script([reply]), max_retries=0, max_response_bytes=65536) as api:
+            with pytest.raises(FlyError, match="over 65536 bytes"):
+                await api.list_machines("web")
+    assert [e["log_level"] for e in captured if e["event"] == "fly_api"] == ["warning"]
     async with make_client(Script([reply]), max_retries=0) as api:
         assert await api.list_machines("web") == []  # within the default 32 MiB
