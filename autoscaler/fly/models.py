@@ -294,7 +294,8 @@ class Lease(_Lenient):
     in seconds. The real API wraps it as ``{"status": "success", "data": {...}}``; the
     client unwraps that."""
 
-    nonce: str
+    # Sent back as a header value: visible ASCII only (a nonce Fly makes is hex).
+    nonce: str = Field(pattern=r"^[!-~]{1,256}$")
     expires_at: int | None = None
     owner: str | None = None
     description: str | None = None

@@ -466,6 +466,16 @@ async def test_a_lease_answer_without_a_nonce_is_an_error() -> None:
             await api.acquire_machine_lease("web", "m1")
 
 
+@pytest.mark.parametrize("nonce", ["n\u00e9", "two words", "line\nbreak", ""])
+async def test_a_lease_nonce_that_is_no_header_value_is_an_error(nonce: str) -> None:
+    """It goes back in fly-machine-lease-nonce: not visible ASCII, every later call of the
+    lease failed with a bare UnicodeEncodeError (or sent a header split in two)."""
+    script = Script([ok({"status": "success", "data": {"nonce": nonce}}, 201)])
+    async with make_client(script) as api:
+        with pytest.raises(FlyError, match="nonce"):
+            await api.acquire_machine_lease("web", "m1")
+
+
 # -- the real API's shapes, where they differ from the seed -------------------------------
 
 
