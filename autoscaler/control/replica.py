@@ -286,9 +286,9 @@ class Replica:
         self.metrics.cluster_leader.set(1)
         _log.info("cluster_leader", replica=self.cluster.replica_id, fence=self.cluster.lease.token)
         await self.controller.start()
-        self.view.set_waker(self.leader_wake)  # the controller's wake, under the wake claim
-        for view in self.view.apps.values():
-            view.notify()  # a follower's wake still waiting now goes through our own path
+        # The controller's wake, under the wake claim. Installing it wakes every app's
+        # waiters: a follower's wake still waiting now goes through our own path.
+        self.view.set_waker(self.leader_wake)
 
     async def _step_down(self) -> None:
         self.leading = False
@@ -302,13 +302,11 @@ class Replica:
         for rt in self.controller.apps.values():
             rt.hold_hung(self.view.app(rt.name), set())  # a hold would outlive our lead
         self.metrics.forget_decisions()
-        self.view.set_waker(self.remote_wake)
         # While the controller stopped, the app had no waker: a wake of ours that the stop
-        # ended (its start cancelled) left the held requests' gates nothing to ask, and
-        # they would wait for a change of the machines until their wake timeout. They ask
-        # again now, through the follower's wake.
-        for view in self.view.apps.values():
-            view.notify()
+        # ended (its start cancelled) left the held requests' gates nothing to ask.
+        # Installing the follower's wake wakes them (FleetView.set_waker): they ask again
+        # now, through it.
+        self.view.set_waker(self.remote_wake)
 
     # --- load ---------------------------------------------------------------------------
 

@@ -361,7 +361,14 @@ class FleetView:
             await cancel_and_wait([task])
 
     def set_waker(self, waker: Waker | None) -> None:
+        """Install (or, with None, take away) the controller's wake. Installing one is a
+        change every app's waiters see: a request held while no waker was installed (a
+        leader's controller stopping before the follower's wake is set) found nothing to
+        ask, and its gate waits on :meth:`AppView.changed` to ask this one."""
         self._waker = waker
+        if waker is not None:
+            for view in self.apps.values():
+                view.notify()
 
     def set_closer(self, closer: Closer | None) -> None:
         self._closer = closer

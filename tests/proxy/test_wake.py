@@ -198,6 +198,31 @@ async def test_a_request_held_again_after_refusals_gets_the_503_of_its_apps_remo
         assert "removed from the configuration" in await resp.text()
 
 
+async def test_a_request_held_while_no_waker_is_installed_asks_the_one_installed_next(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """A scaled app may have no waker for a moment (a leader stepping down stops its
+    controller before it installs the follower's wake). A request held then found nothing
+    to ask, and its gate waited for a change of the app's machines that nothing made: the
+    waker installed next was never asked, and the request got its wake timeout's 504."""
+    host, _, port = (await backend(text_app("awake"))).partition(":")
+    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), "suspended", False)])
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 5}])
+    view = fleet.app("w")
+
+    async def get() -> tuple[int, str]:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            return r.status, r.headers["Fly-Autoscaler-Wake"]
+
+    held = asyncio.create_task(get())
+    await until(lambda: view.queued == 1, what="the request held")
+    waker = FakeWaker(fleet, "resume")
+    waker.release.set()
+    fleet.set_waker(waker)
+    assert await held == (200, "resume")
+    assert waker.calls == 1
+
+
 async def test_static_app_with_every_backend_down_fails_fast(
     start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
