@@ -22,6 +22,17 @@ successful acquire or renew was *sent* (Redis set the TTL after that moment, so 
 outlives our local deadline). A leader that cannot renew (Redis down, hung, a partition)
 stops being leader at that deadline at the latest, before any other replica can acquire.
 
+Each take draws a nonce, which the script writes into ``{prefix}:leader-nonce`` (with the
+lease's TTL, renewed and released with it). A take whose reply never came (the connection
+dropped, our command timeout fired) may have run in Redis all the same, leaving the lease
+ours until its TTL with no token of ours for it; so may a renewal whose reply was lost
+after our local deadline passed. The next take sends those nonces too (the last few,
+:data:`UNANSWERED`), and the script hands such a lease back, with its token, instead of
+finding it taken: without that, nobody led until the TTL ended. The leader key itself
+still holds the bare replica id, as replicas of the previous release read and write it
+(a rolling upgrade): a lease that one of them holds has no nonce of ours, and is never
+handed to us.
+
 :meth:`Lease.check` is the fencing rule the actions obey: the local deadline has not
 passed *and* Redis still names us with our token (one round trip). An action whose check
 fails is not sent.
@@ -30,6 +41,7 @@ fails is not sent.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -64,13 +76,26 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     fence = floor + 1
     redis.call('SET', KEYS[2], string.format('%d', fence))
   end
-  return fence
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
+  return {fence, 0}
 end
-return 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  local nonce = redis.call('GET', KEYS[3])
+  local fence = tonumber(redis.call('GET', KEYS[2]))
+  for i = 5, #ARGV do
+    if nonce == ARGV[i] and fence then
+      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+      redis.call('PEXPIRE', KEYS[3], ARGV[2])
+      return {fence, i - 4}
+    end
+  end
+end
+return {0, 0}
 """
 )
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
@@ -83,10 +108,13 @@ return 0
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('DEL', KEYS[3])
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+UNANSWERED = 4
+"""How many nonces of leases Redis may hold for us a take sends (the newest)."""
 
 
 class Lease:
@@ -108,10 +136,21 @@ class Lease:
         self.clock = clock
         self.key = f"{prefix}:leader"
         self.fence_key = f"{prefix}:fence"
+        self.nonce_key = f"{prefix}:leader-nonce"
         self.token: int | None = None
+        self.nonce: str | None = None
+        """The nonce of the take that gave us the lease we hold."""
+        self.unanswered: list[str] = []
+        """Nonces of leases Redis may hold for us with no token of ours for them (a take
+        that got no answer, a lease that lapsed here), newest first: the next take sends
+        them."""
         self.valid_until = 0.0
         self.highest = 0
         """The largest fence this replica has seen: the next token is above it."""
+
+    def _remember(self, *nonces: str) -> None:
+        fresh = [n for n in nonces if n not in self.unanswered]
+        self.unanswered = (fresh + self.unanswered)[:UNANSWERED]
 
     def observe(self, fence: int) -> None:
         """A fence seen elsewhere (a leader's report or push)."""
@@ -135,35 +174,62 @@ class Lease:
         try:
             if self.token is not None:
                 ok = await self.redis.eval(
-                    _RENEW, 2, self.key, self.fence_key, self.replica_id, self.ttl_ms, self.token
+                    _RENEW,
+                    3,
+                    self.key,
+                    self.fence_key,
+                    self.nonce_key,
+                    self.replica_id,
+                    self.ttl_ms,
+                    self.token,
                 )
                 if ok:
                     self.valid_until = sent + self.ttl_s * (1 - DRIFT)
                 else:
                     _log.warning("lease_lost", replica=self.replica_id, fence=self.token)
-                    self.token = None
+                    self.token = self.nonce = None
             else:
-                token = int(
-                    await self.redis.eval(
-                        _ACQUIRE,
-                        2,
-                        self.key,
-                        self.fence_key,
-                        self.replica_id,
-                        self.ttl_ms,
-                        self.highest,
-                    )
-                )
-                if token:
-                    self.token = token
-                    self.observe(token)
-                    self.valid_until = sent + self.ttl_s * (1 - DRIFT)
-                    _log.info("lease_acquired", replica=self.replica_id, fence=token)
+                await self._acquire(sent)
         finally:
             if self.token is not None and not self.held():
                 _log.warning("lease_expired", replica=self.replica_id, fence=self.token)
                 self.token = None
+                # Redis may name us still (a renewal that ran, its reply lost): the next
+                # take gets it back rather than waiting, leaderless, for its TTL.
+                if self.nonce is not None:
+                    self._remember(self.nonce)
+                self.nonce = None
         return self.held()
+
+    async def _acquire(self, sent: float) -> None:
+        # A fresh nonce for a new lease, then ours that Redis may hold: a take whose reply
+        # was lost may have run all the same, leaving the lease ours until its TTL.
+        nonces = [uuid.uuid4().hex[:12], *self.unanswered]
+        self.unanswered = []
+        try:
+            token, again = await self.redis.eval(
+                _ACQUIRE,
+                3,
+                self.key,
+                self.fence_key,
+                self.nonce_key,
+                self.replica_id,
+                self.ttl_ms,
+                self.highest,
+                *nonces,
+            )
+        except BaseException:  # the script may have run, its reply lost: ask again next time
+            self._remember(*nonces)
+            raise
+        token = int(token)
+        if not token:
+            return
+        self.token = token
+        self.nonce = nonces[int(again)]
+        self.observe(token)
+        self.valid_until = sent + self.ttl_s * (1 - DRIFT)
+        event = "lease_recovered" if int(again) else "lease_acquired"
+        _log.info(event, replica=self.replica_id, fence=token)
 
     async def check(self) -> bool:
         """The fencing rule: may an action be sent now? False on any doubt (Redis errors
@@ -180,11 +246,13 @@ class Lease:
 
     async def release(self) -> None:
         """Give the lease up at once (a clean stop), so a follower need not wait the TTL."""
-        token, self.token = self.token, None
+        token, self.token, self.nonce = self.token, None, None
         if token is None:
             return
         try:
-            await self.redis.eval(_RELEASE, 2, self.key, self.fence_key, self.replica_id, token)
+            await self.redis.eval(
+                _RELEASE, 3, self.key, self.fence_key, self.nonce_key, self.replica_id, token
+            )
         except Exception as exc:  # the lease then lapses by its TTL
             _log.warning("lease_not_released", error=str(exc))
 

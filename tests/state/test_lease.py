@@ -6,11 +6,13 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis
 from control.fakes import FakeMachinesAPI
 
 from autoscaler.control.fencing import Fenced, FencedAPI
 from autoscaler.state.cluster import connect
 from autoscaler.state.lease import Lease
+from state.test_self_wake import _LostReplies
 
 TTL = 0.6
 
@@ -128,3 +130,62 @@ async def test_release_hands_over_without_waiting(leases: list[Lease]) -> None:
     await first.release()
     assert not first.held()
     assert await second.step()
+
+
+async def test_a_take_whose_reply_was_lost_is_recognised_by_its_retry(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The take of the lease ran in Redis, but its reply was lost (the connection dropped,
+    our command timeout fired): the replica did not know it led while Redis named it, so
+    its retry (and everyone else's take) found the lease taken, and no replica led until
+    the TTL ended."""
+    ttl = 30.0  # longer than the test: only the retry's recognition can end the wait
+    first = Lease(connect(redis_server, ttl), key_prefix, "r0", ttl)
+    other = Lease(connect(redis_server, ttl), key_prefix, "r1", ttl)
+    client = first.redis
+    try:
+        first.redis = _LostReplies(client, first.key)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await first.step()
+        assert not first.held()
+        assert await first.leader() == "r0"  # Redis holds it for us
+        assert not await other.step()
+        assert await first.step()  # the retry finds its own lease
+        assert first.token == int(await client.get(first.fence_key))
+        assert await first.check()
+        assert await first.step()  # and renews it
+        await first.release()
+        assert await first.leader() is None
+        # Another replica's lease is never taken for ours, nor an earlier one of ours.
+        assert await other.step()
+        assert not await first.step()
+        assert await other.check()
+    finally:
+        await client.aclose()
+        await other.redis.aclose()
+
+
+async def test_a_lease_that_lapsed_here_while_redis_kept_it_is_taken_back(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The leader's renewals reached Redis but their replies were lost until its local
+    deadline passed: it stopped leading, while Redis named it for up to a TTL more. Its
+    next take gets that lease back rather than waiting, leaderless, for it to expire."""
+    clock = Clock()
+    ttl = 30.0
+    lease = Lease(connect(redis_server, ttl), key_prefix, "r0", ttl, clock=clock)
+    client = lease.redis
+    try:
+        assert await lease.step()
+        token = lease.token
+        lease.redis = _LostReplies(client, lease.key)
+        clock.t += ttl  # past the local deadline: the lease lapses here
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await lease.step()
+        assert not lease.held()
+        assert await lease.leader() == "r0"
+        assert await lease.step()
+        assert lease.token == token
+        assert await lease.check()
+    finally:
+        await client.aclose()
