@@ -61,7 +61,12 @@ async def decider_and_proxy(
 async def test_a_proxy_only_replica_serves_through_the_deciders_single_wake(
     emulator: Emulator, redis_server: str, key_prefix: str
 ) -> None:
-    async with decider_and_proxy(emulator, redis_server, key_prefix) as two:
+    """The decider must lead throughout the wake, as in the restart test below: on the
+    shared lease of 0.6 s, Redis commands slower than 0.2 s for a moment on a loaded
+    machine made it step down mid-wake, and the proxy-only replica, its requests held
+    past ``self_wake_after_s``, woke the app by itself (a self-wake, answers "none"). A
+    lease of 5 s rides out such stalls; failover is tested elsewhere."""
+    async with decider_and_proxy(emulator, redis_server, key_prefix, lease_ttl_s=5.0) as two:
         decider, proxy, url = two
         assert proxy.replica is not None
         async with aiohttp.ClientSession() as http:
