@@ -547,3 +547,39 @@ async def test_a_request_held_while_its_leader_steps_down_is_woken_as_a_follower
     finally:
         await gate.close()
         await leader.stop()
+
+
+async def test_a_failed_read_under_the_claim_fails_the_wake_and_frees_the_claim(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A follower woke the app by itself (another machine of the app started); the
+    leader's view, read before, does not show it. The leader's wake reads the API under
+    the claim, and that read fails: waking from the stale view would start a second
+    machine for one need. The wake fails instead, its claim released at once (the proxy
+    asks again, WAKE_RETRY_S later)."""
+    from autoscaler.fly.errors import ServerError
+
+    api = FakeMachinesAPI()
+    first = api.add(APP, "stopped")
+    api.add(APP, "stopped")
+    leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.0)
+    await leader.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        rt = leader.controller.apps[APP]
+        await rounds([leader], lambda: rt.last_decision_at is not None, 2 * TTL)
+        assert rt.read_once
+        # The follower's self-wake, under the app's claim.
+        follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
+        claim = await follower.take(APP)
+        assert claim is not None
+        await api.start_machine(APP, first)
+        await claim.release()
+        api.fail["list_machines"] = [ServerError(503, "unavailable")]
+        leader.view.app(APP).hold()  # a request held at the leader's own proxy
+        with pytest.raises(ServerError):
+            await asyncio.wait_for(leader.view.wake(APP), 10)
+        assert api.ops("start_machine") == [first]  # the follower's only
+        assert await leader.cluster.claims.holder_of(APP) is None  # free at once
+    finally:
+        await leader.stop()
