@@ -171,6 +171,9 @@ class Replica:
         self._claimed: set[str] = set()
         """Apps whose wake claim this replica holds now."""
         self._claim_locks: dict[str, asyncio.Lock] = {}
+        self._read_owed: set[str] = set()
+        """Apps whose read under a wake claim did not complete (failed, cancelled): the
+        next claimed wake reads them, whoever Redis names as their last claimant."""
         self._applied: dict[str, tuple[int, int]] = {}
         """Per app, the (fencing token, sequence) of the leader's view applied last."""
         self._seq = 0
@@ -629,8 +632,17 @@ class Replica:
             # waker (then our ticks' view is as fresh as it gets). Nobody named is no proof
             # that nobody else woke it: Redis may have lost the record (a FLUSHALL, a
             # failover to an empty replica) after a follower's self-wake.
-            if not self.leading or claim.previous != self.cluster.replica_id or not rt.read_once:
+            # Nor is our own name, after a wake of ours whose read failed: its take named
+            # us, and the view it should have refreshed is as stale as before.
+            if (
+                not self.leading
+                or claim.previous != self.cluster.replica_id
+                or not rt.read_once
+                or app in self._read_owed
+            ):
+                self._read_owed.add(app)
                 await self._read_under_claim(rt)
+                self._read_owed.discard(app)
             result = await self.controller.wake(app)
             # A drain taken back routes in our view at once and the wake returns, while
             # its uncordon is still on its way to the API: the claim fences that call, so

@@ -556,7 +556,7 @@ async def test_a_failed_read_under_the_claim_fails_the_wake_and_frees_the_claim(
     leader's view, read before, does not show it. The leader's wake reads the API under
     the claim, and that read fails: waking from the stale view would start a second
     machine for one need. The wake fails instead, its claim released at once (the proxy
-    asks again, WAKE_RETRY_S later)."""
+    asks again, WAKE_RETRY_S later), and the next wake reads the follower's machine."""
     from autoscaler.fly.errors import ServerError
 
     api = FakeMachinesAPI()
@@ -581,5 +581,10 @@ async def test_a_failed_read_under_the_claim_fails_the_wake_and_frees_the_claim(
             await asyncio.wait_for(leader.view.wake(APP), 10)
         assert api.ops("start_machine") == [first]  # the follower's only
         assert await leader.cluster.claims.holder_of(APP) is None  # free at once
+        # The proxy asks again. The failed wake's take named the leader as the app's last
+        # claimant, and its next wake took that for a view as fresh as it gets: it skipped
+        # the read and started again, from the stale view, the follower's machine.
+        assert await asyncio.wait_for(leader.view.wake(APP), 10) == "none"
+        assert api.ops("start_machine") == [first]
     finally:
         await leader.stop()
