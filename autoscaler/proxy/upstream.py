@@ -13,9 +13,10 @@ Errors, by what the caller may do about them:
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
 - :class:`BadResponse`: what came back is not HTTP (a control character in the reason
-  phrase or a status code under 100 included), or its head is too large (a field over
-  ``max_field_size``, more than ``MAX_HEADERS`` fields, or more than ``HEAD_FACTOR`` times
-  ``max_field_size`` in all).
+  phrase, a status code under 100, or a 1xx other than 100, 102 and 103 with a
+  Content-Length or a Transfer-Encoding, after which llhttp reads a body, included), or
+  its head is too large (a field over ``max_field_size``, more than ``MAX_HEADERS``
+  fields, or more than ``HEAD_FACTOR`` times ``max_field_size`` in all).
 - ``TimeoutError``: no answer within ``head_timeout``.
 
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
@@ -294,6 +295,12 @@ class Connection(FlowControlled, asyncio.Protocol):
             self._error = UnexpectedUpgrade("the machine switched protocols unasked")
             raise self._error
         if 100 <= status < 200 and status != 101:
+            if status > 103 and _framing(ex.headers)[0]:
+                # A 1xx ends at its head whatever its headers say (RFC 9112 6.3), but
+                # llhttp reads a body after one it does not know by its Content-Length or
+                # chunks: bytes of the final answer, or more than its length announces.
+                self._error = BadResponse("the machine's interim answer has a body")
+                raise self._error
             self._interim = True  # 100 Continue, 103 Early Hints: the hop's own
             return
         ex.status = status

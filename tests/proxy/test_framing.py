@@ -6,7 +6,8 @@ never makes the proxy and the other side disagree on where a message ends.
 - bytes after a machine's whole answer are not taken for part of it, nor relayed;
 - transfer codings other than chunked are refused (llhttp decodes chunked only, so the
   body would go on changed), before anything reaches the machine;
-- HTTP versions other than 1.0 and 1.1 get 505, a machine's status under 100 a 502.
+- HTTP versions other than 1.0 and 1.1 get 505, a machine's status under 100 a 502, and
+  so does an interim (1xx) answer with a body.
 """
 
 from __future__ import annotations
@@ -187,6 +188,28 @@ async def test_an_answer_with_a_status_under_100_gets_502(
     reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
     assert reply_status(reply) == 502, reply[:200]
     assert reply.endswith(b"the machine failed to answer\n")
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 150 Odd\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 199 Odd\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+)
+async def test_an_interim_answer_with_a_body_gets_502_and_none_of_it_is_relayed(
+    raw_backend: RawBackend, start_proxy: StartProxy, interim: bytes
+) -> None:
+    """A 1xx ends at its head whatever its headers say (RFC 9112 6.3); llhttp reads a
+    body after one it does not know, by its length or chunks, and would have put those
+    bytes before the final answer's body, past the length its head announced."""
+    answer = interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    addr = await machine_with(raw_backend, answer, [])
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 502 "), reply[:300]
+    assert b"hello" not in reply
+    assert b" Odd" not in reply
 
 
 async def test_an_http_version_other_than_1_0_and_1_1_gets_505(
