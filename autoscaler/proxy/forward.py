@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from autoscaler.proxy.accounting import Failure
-from autoscaler.proxy.h1 import ParseError, Request
+from autoscaler.proxy.h1 import Connection, ParseError, Request
 
 VIA = b"autoscaler"
 
@@ -318,6 +318,54 @@ def response_head(
             parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
     return ResponseHead(b"".join(parts), chunked, not keep_alive)
+
+
+def interim_head(
+    status: int, reason: str, raw: Iterable[tuple[bytes, bytes]], upstream_version: str
+) -> bytes:
+    """A machine's interim (1xx) head for the client: hop-by-hop headers dropped as from a
+    final one, Via appended, and no Content-Length (a 1xx has no content, RFC 9110 8.6)."""
+    parts = [_status_line(status, reason)]
+    via: list[bytes] = []
+    connection = None
+    for key, value in raw:
+        kind = _kind(_RESPONSE_KINDS, key, _response_class)
+        if kind < _KEEP:
+            if kind == _CONNECTION:
+                connection = value if connection is None else connection + b"," + value
+            elif kind == _VIA_NAME:
+                via.append(value)
+            continue
+        if kind != _LENGTH:
+            parts += (key, b": ", value, b"\r\n")
+    if connection is not None:
+        parts = _drop_named(parts, connection)
+    _add_via(parts, via, upstream_version)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class Interim:
+    """Relays a machine's interim answers (103 Early Hints...) to an HTTP/1.1 client,
+    before the final one (RFC 9110 15.2); an HTTP/1.0 client, which knows no 1xx, gets
+    none (no relay is made for it).
+
+    A client that takes nothing misses the hints that come while its connection's buffer
+    is full: they are advisory, and a machine sending them without end would otherwise
+    pile them up in the proxy until its response timeout."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __call__(
+        self, status: int, reason: str, raw: list[tuple[bytes, bytes]], version: str
+    ) -> None:
+        conn = self.conn
+        if conn.response_started or conn.writing_paused:
+            return  # the final answer went out (never a 1xx after it), or the client is behind
+        conn.write_interim(interim_head(status, reason, raw, version))
 
 
 def _status_line(status: int, reason: str) -> bytes:

@@ -372,6 +372,8 @@ class ProxyServer:
         )
         method = request.method
         expect = request.version != "1.0" and request.expect_continue
+        # The machine's 1xx answers (Early Hints...): an HTTP/1.0 client knows none.
+        interim = forward.Interim(request.conn) if request.version == "1.1" else None
         body: forward.BodyStream | None = None
         tried: list[Upstream] = []
         up = ctx.up
@@ -398,6 +400,7 @@ class ProxyServer:
                     max_field_size=knobs.max_field_size,
                     head_timeout=knobs.upstream_timeout_s,
                     upgrade=websocket,
+                    on_interim=interim,
                 )
             except upstream.ConnectFailed:
                 # Nothing reached the machine (no body byte was read either: the body is

@@ -19,6 +19,10 @@ Errors, by what the caller may do about them:
   fields, or more than ``HEAD_FACTOR`` times ``max_field_size`` in all).
 - ``TimeoutError``: no answer within ``head_timeout``.
 
+Interim answers (1xx) other than 100 Continue go to the exchange's ``on_interim`` as they
+come, before the final one (RFC 9110 15.2: a proxy forwards them); the proxy answers
+Expect itself, so the machine's 100 is dropped. They do not stop ``head_timeout``.
+
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
 than chunked is a :class:`BadResponse` (the proxy could not relay it unchanged), and so are
 bytes after a whole answer (a body after the answer to HEAD, a 204 or a 304 included): the
@@ -57,6 +61,11 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _BAD_REASON = re.compile("[^\t\x20-\x7e\x80-\xff]")
 
 
+# Told of a machine's interim answer: status, reason, raw headers, HTTP version. It must
+# not raise (it runs inside the parser's callbacks).
+InterimSink = Callable[[int, str, list[tuple[bytes, bytes]], str], None]
+
+
 class UpstreamError(Exception):
     """The exchange with the machine failed."""
 
@@ -90,6 +99,7 @@ class Exchange:
         "head_only",
         "headers",
         "keep_alive",
+        "on_interim",
         "reason",
         "status",
         "until_eof",
@@ -97,13 +107,21 @@ class Exchange:
         "version",
     )
 
-    def __init__(self, pool: Pool, conn: Connection, head_only: bool, upgrade: bool) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        conn: Connection,
+        head_only: bool,
+        upgrade: bool,
+        on_interim: InterimSink | None,
+    ) -> None:
         self._pool = pool
         self._conn: Connection | None = conn
         self._head: asyncio.Future[None] = pool.loop.create_future()
         self._body_task: asyncio.Task[None] | None = None
         self.head_only = head_only  # a HEAD request: the answer has no body
         self.upgrade = upgrade  # a WebSocket handshake: a 101 hands the connection over
+        self.on_interim = on_interim  # told of each 1xx but 100 and 101, if anyone is
         self.status = 0
         self.reason = ""
         self.version = "1.1"
@@ -301,7 +319,10 @@ class Connection(FlowControlled, asyncio.Protocol):
                 # chunks: bytes of the final answer, or more than its length announces.
                 self._error = BadResponse("the machine's interim answer has a body")
                 raise self._error
-            self._interim = True  # 100 Continue, 103 Early Hints: the hop's own
+            self._interim = True  # 100 Continue, 103 Early Hints: no body, no final answer
+            sink = ex.on_interim
+            if sink is not None and status != 100:
+                sink(status, ex.reason, ex.headers, parser.get_http_version())
             return
         ex.status = status
         ex.version = parser.get_http_version()
@@ -536,6 +557,7 @@ async def send(
     max_field_size: int = 8190,
     head_timeout: float | None = None,
     upgrade: bool = False,
+    on_interim: InterimSink | None = None,
 ) -> Exchange:
     """Send the request ``head`` (whole, as bytes) and start streaming the body, in chunks
     when ``chunked`` (the head says so); return once the answer's head arrived. The caller
@@ -545,13 +567,14 @@ async def send(
     time (each of its reads is bounded by the proxy's client timeout), not the machine's.
     A machine that takes nothing of the body for ``head_timeout`` times out as well.
     With ``upgrade`` (a WebSocket handshake), a 101 answer leaves the connection to the
-    caller: ``exchange.detach()``.
+    caller: ``exchange.detach()``. ``on_interim`` hears of each 1xx but 100 and 101 (its
+    status, reason, raw headers and HTTP version), before the final answer.
 
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
     machine, as browsers and aiohttp do.
     """
-    args = (method, head, body, chunked, head_timeout, upgrade)
+    args = (method, head, body, chunked, head_timeout, upgrade, on_interim)
     conn = pool.take(authority)
     pooled = conn is not None
     while True:
@@ -583,10 +606,11 @@ def _start(
     chunked: bool,
     head_timeout: float | None,
     upgrade: bool,
+    on_interim: InterimSink | None,
 ) -> Exchange:
     """Send the head and start the body; the caller awaits ``ex._head`` (and releases
     the exchange if that fails)."""
-    ex = Exchange(pool, conn, head_only=method == "HEAD", upgrade=upgrade)
+    ex = Exchange(pool, conn, method == "HEAD", upgrade, on_interim)
     conn.exchange = ex
     if not conn.reusable:
         ex.fail(ConnectFailed("the machine closed the connection before the request"))

@@ -1,0 +1,235 @@
+"""A machine's interim (1xx) answers: relayed to an HTTP/1.1 client before the final one
+(RFC 9110 15.2: a proxy forwards them), with their hop-by-hop headers dropped; never to an
+HTTP/1.0 client, which knows no 1xx. A 100 Continue is the proxy's own business (it
+answers the client's Expect itself), so the machine's is not relayed. Only the final
+status is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from testkit import until
+
+from autoscaler.control.view import FleetView
+from autoscaler.metrics import Metrics
+from autoscaler.proxy.body import WRITE_HIGH_WATER
+
+from .conftest import RawBackend, StartProxy
+from .helpers import raw
+from .test_framing import machine_with
+
+FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+GET = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+
+
+def messages(reply: bytes) -> list[bytes]:
+    """The heads of a reply whose only body is the final answer's: each interim head,
+    then the final head, then its body."""
+    parts = reply.split(b"\r\n\r\n")
+    return [part + b"\r\n\r\n" for part in parts[:-1]] + [parts[-1]]
+
+
+def count(metrics: Metrics, code: str) -> float | None:
+    return metrics.registry.get_sample_value(
+        "autoscaler_requests_total", {"app": "a", "code": code, "wake": "none"}
+    )
+
+
+async def proxy_with_machine(
+    raw_backend: RawBackend, start_proxy: StartProxy, answer: bytes, **knobs: float
+) -> int:
+    addr = await machine_with(raw_backend, answer, [])
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}], **knobs)
+    return proxy.port
+
+
+async def test_early_hints_reach_the_client_before_the_final_answer(
+    raw_backend: RawBackend, start_proxy: StartProxy, metrics: Metrics
+) -> None:
+    port = await proxy_with_machine(raw_backend, start_proxy, EARLY_HINTS + FINAL)
+    reply = await raw(port, GET)
+    hints, final, body = messages(reply)
+    assert hints.startswith(b"HTTP/1.1 103 Early Hints\r\n"), reply[:300]
+    assert b"\r\nLink: </style.css>; rel=preload\r\n" in hints
+    assert b"\r\nVia: 1.1 autoscaler\r\n" in hints
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == b"ok"
+    assert count(metrics, "200") == 1
+    assert count(metrics, "103") is None
+
+
+async def test_interim_answers_are_relayed_in_order_without_hop_by_hop_headers(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    answer = (
+        b"HTTP/1.1 102 Processing\r\n\r\n"
+        b"HTTP/1.1 100 Continue\r\n\r\n"  # unasked (the proxy sent no Expect): not relayed
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x-hop\r\n"
+        b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Thing: 1\r\nVia: 1.1 app\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </b.js>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 199 Whatever\r\nX-Note: n\r\n\r\n" + FINAL
+    )
+    port = await proxy_with_machine(raw_backend, start_proxy, answer)
+    reply = await raw(port, GET)
+    *interims, final, body = messages(reply)
+    assert [head.split(b"\r\n", 1)[0] for head in interims] == [
+        b"HTTP/1.1 102 Processing",
+        b"HTTP/1.1 103 Early Hints",
+        b"HTTP/1.1 103 Early Hints",
+        b"HTTP/1.1 199 Whatever",
+    ], reply[:600]
+    first_hints = interims[1].lower()
+    assert b"link: </a.css>; rel=preload" in first_hints
+    for gone in (b"connection", b"x-hop", b"keep-alive", b"proxy-thing"):
+        assert b"\r\n" + gone + b":" not in first_hints
+    assert b"\r\nvia: 1.1 app, 1.1 autoscaler\r\n" in first_hints
+    assert b"link: </b.js>" in interims[2].lower()
+    assert b"x-note: n" in interims[3].lower()
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == b"ok"
+
+
+async def test_interim_answers_follow_the_proxys_own_100_continue(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """The client's Expect is answered by the proxy once the machine takes the body; the
+    machine's hints come as well, and its own 100 does not come twice."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + EARLY_HINTS + FINAL)
+        await writer.drain()
+        await reader.read()
+
+    addr = await raw_backend(serve)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        async with asyncio.timeout(5):
+            writer.write(
+                b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n"
+                b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+            )
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 Continue")
+            writer.write(b"hello")
+            reply = await reader.read()
+    finally:
+        writer.close()
+    hints, final, body = messages(reply)
+    assert hints.startswith(b"HTTP/1.1 103 Early Hints\r\n"), reply[:300]
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == b"ok"
+
+
+async def test_an_http_1_0_client_gets_only_the_final_answer(
+    raw_backend: RawBackend, start_proxy: StartProxy, metrics: Metrics
+) -> None:
+    answer = b"HTTP/1.1 102 Processing\r\n\r\n" + EARLY_HINTS + FINAL
+    port = await proxy_with_machine(raw_backend, start_proxy, answer)
+    reply = await raw(port, b"GET / HTTP/1.0\r\nHost: a.test\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:300]
+    assert reply.count(b"HTTP/1.1 ") == 1
+    assert reply.endswith(b"\r\n\r\nok")
+    assert count(metrics, "200") == 1
+
+
+async def test_a_machine_that_closes_after_an_interim_answer_gets_502(
+    raw_backend: RawBackend, start_proxy: StartProxy, metrics: Metrics
+) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(EARLY_HINTS)
+        await writer.drain()
+        writer.close()
+
+    addr = await raw_backend(serve)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    reply = await raw(proxy.port, GET)
+    hints, final, body = messages(reply)
+    assert hints.startswith(b"HTTP/1.1 103 Early Hints\r\n"), reply[:300]
+    assert final.startswith(b"HTTP/1.1 502 "), reply[:300]
+    assert body == b"the machine failed to answer\n"
+    assert count(metrics, "502") == 1
+
+
+async def test_endless_interim_answers_end_at_the_response_timeout(
+    raw_backend: RawBackend, start_proxy: StartProxy, metrics: Metrics
+) -> None:
+    """Hints keep coming, the final answer never: 504 once upstream_timeout_s passed,
+    as for a machine that sends nothing."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            while not reader.at_eof():  # until the proxy gives up on it
+                writer.write(EARLY_HINTS)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            return
+
+    addr = await raw_backend(serve)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], upstream_timeout_s=0.5
+    )
+    async with asyncio.timeout(10):
+        reply = await raw(proxy.port, GET)
+    *interims, final, body = messages(reply)
+    assert interims, reply[:300]
+    assert all(head.startswith(b"HTTP/1.1 103 Early Hints\r\n") for head in interims)
+    assert final.startswith(b"HTTP/1.1 504 "), reply[-300:]
+    assert body == b"the machine did not answer in time\n"
+    assert count(metrics, "504") == 1
+
+
+async def test_a_client_that_reads_nothing_misses_hints_rather_than_piling_them_up(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """Hints are advisory: while the client's connection has more waiting than its
+    high-water mark, the machine's next ones are dropped, not held for it in the proxy."""
+    hint = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"a" * 4000 + b">; rel=preload\r\n\r\n"
+    sent = 200  # some 800 KB of hints
+    asked = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        asked.set()
+        writer.write(hint * sent + FINAL)
+        await writer.drain()
+        await reader.read()
+
+    addr = await raw_backend(serve)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    clients = proxy._server.connections  # the listener's open client connections
+    view = fleet.app("a")
+    loop = asyncio.get_running_loop()
+    # A raw socket (an asyncio stream would read for us), and small kernel buffers on
+    # both sides (loopback autotunes them to megabytes): what the client does not take
+    # waits in the proxy.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await until(lambda: len(clients) == 1)
+        (conn,) = clients
+        assert conn.transport is not None
+        proxy_side = conn.transport.get_extra_info("socket")
+        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await loop.sock_sendall(sock, GET)
+        await asked.wait()
+        await until(lambda: view.in_flight == 0)  # the final answer came, after every hint
+        held = conn.transport.get_write_buffer_size()
+        assert held <= WRITE_HIGH_WATER + len(hint) + 1024, held
+        received = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while chunk := await loop.sock_recv(sock, 65536):
+                    received += chunk
+    *interims, final, body = messages(received)
+    assert 0 < len(interims) < sent
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n"), final[:100]
+    assert body == b"ok"
