@@ -94,6 +94,15 @@ def _both(first: Fence, second: Fence) -> Fence:
     return check
 
 
+def _waited_for(before: dict[str, str], machine: str) -> str:
+    """What a follower's held requests waited for, by the state the machine that came up
+    was in when the wake began: "resume", "start", or "none" (it was started already)."""
+    was = before.get(machine)
+    if was == SUSPENDED:
+        return "resume"
+    return "none" if was == STARTED else "start"
+
+
 class _Ours:
     """The app's wake claim is held by another task of this replica."""
 
@@ -772,10 +781,7 @@ class Replica:
                 return await self.leader_wake(app)
             routable = view.routable()
             if routable:
-                was = before.get(routable[0].id)
-                if was == SUSPENDED:
-                    return "resume"
-                return "none" if was == STARTED else "start"
+                return _waited_for(before, routable[0].id)
             now = self.clock()
             if now >= ask_at:
                 # Asked again every lease TTL: a request the old leader popped and never
@@ -789,6 +795,10 @@ class Replica:
                 if view.queued == 0:  # the clients left: wake nothing for them
                     raise WakeError(f"no request of {app} waits for a machine any more")
                 result = await self._claimed_wake(app)
+                if result == "none" and (routable := view.routable()):
+                    # Its read found a machine up that another replica woke meanwhile:
+                    # the requests still waited for that wake.
+                    return _waited_for(before, routable[0].id)
                 if result is not None:
                     return result
                 self_wake_at = self.clock() + REPORT_S  # taken: look again (and at the view)
