@@ -228,7 +228,9 @@ class FlySettings(_Model):
     org_burst: int = Field(
         default=100, ge=1, description="calls the org budget lets through at once"
     )
-    max_retries: int = Field(default=5, ge=0, description="retries of a safe API call")
+    max_retries: int = Field(
+        default=5, ge=0, description="retries of a safe API call (of a 429, one at most)"
+    )
     retry_deadline_s: Seconds = Field(
         default=60.0, description="total time a call may spend retrying"
     )

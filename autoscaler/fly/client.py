@@ -4,11 +4,14 @@ This is the only module of the package that imports httpx. Every call goes throu
 ``_send``: client-side rate limit, one HTTP attempt, observer callback, the mapping of a
 non-2xx response to the exception tree (``errors.error_from_response``), and retries of
 transient failures with exponential backoff and full jitter, honouring Retry-After, bounded
-by ``max_retries`` and ``retry_deadline_s``. Time (``sleep``, ``clock``) and randomness
-(``rng``) are injectable so that tests never wait.
+by ``max_retries`` (of a 429, ``MAX_RATE_LIMITED_RETRIES``) and ``retry_deadline_s``. An
+answer is read up to ``max_response_bytes`` (an error's up to ``MAX_ERROR_BODY_BYTES``):
+a larger 2xx answer fails the call. Time (``sleep``, ``clock``) and randomness (``rng``)
+are injectable so that tests never wait.
 
 Operations that are safe to repeat (reads, wait, start, stop, suspend, cordon, uncordon,
-metadata, lease reads, refreshes and releases) retry on 429, 5xx and transport errors.
+metadata, lease reads, refreshes and releases) retry on 429, 5xx, a 408 (but from
+``/wait``) and transport errors.
 Everything else (create, update, delete, snapshot, OIDC, taking a lease) retries only when
 the request surely never left (connect failure), because a lost response to a create may
 still have created something.

@@ -2,9 +2,10 @@
 
 Fly limits each action per machine (or per app, for app-level actions): 1 request/s with
 bursts of 3; Get Machine 5/s with bursts of 10; app deletion 100 per minute. A bucket per
-(action, machine or app id) keeps the autoscaler under those limits, so that it causes no
-429s in normal operation. A caller over the limit waits (through the injected ``sleep``)
-rather than failing.
+(action, machine or app id), and one for app deletions of the organization (its scope is
+not documented; per app, each bucket would serve one deletion), keeps the autoscaler under
+those limits, so that it causes no 429s in normal operation. A caller over the limit waits
+(through the injected ``sleep``) rather than failing.
 
 The client refills its buckets a little slower than Fly does (``headroom``, 0.9 by default):
 a request reaches the server some milliseconds after its token was taken here, and with
@@ -74,9 +75,9 @@ DEFAULT_HEADROOM = 0.9
 # The org-wide budget of MachinesClient (config: fly.org_rate_limit_per_s, fly.org_burst).
 DEFAULT_ORG_LIMIT = Limit(rate_per_s=150.0, burst=100.0)
 SPARE_FRACTION = 0.5
+"""Calls that can wait go only while the org bucket holds more than this share of its burst."""
 MAX_HOLD_OFF_S = 60.0
 """The longest a 429's Retry-After holds back the other calls of its action and machine."""
-"""Calls that can wait go only while the org bucket holds more than this share of its burst."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,10 +289,10 @@ class CreateLeaseRequest(_Lenient):
 
 
 class Lease(_Lenient):
-    """A machine lease (real API only). ``nonce`` goes in ``fly-machine-lease-nonce`` on
-    every call that changes the machine while the lease lives; ``expires_at`` is a Unix time
-    in seconds. The real API wraps it as ``{"status": "success", "data": {...}}``; the
-    client unwraps that."""
+    """A machine lease (the real API's and the emulator's; the seed has none). ``nonce``
+    goes in ``fly-machine-lease-nonce`` on every call that changes the machine while the
+    lease lives; ``expires_at`` is a Unix time in seconds. The real API (and the emulator)
+    wraps it as ``{"status": "success", "data": {...}}``; the client unwraps that."""
 
     # Sent back as a header value: visible ASCII only (a nonce Fly makes is hex).
     nonce: str = Field(pattern=r"^[!-~]{1,256}$")
