@@ -1,9 +1,11 @@
-"""Child processes that die with their parent (side module: the emulator's machines, the
-simulator's workers and the workers of ``run --workers`` use it).
+"""Child processes that die with their parent (side module: the simulator's workers, the
+workers of ``run --workers`` and, elsewhere than Linux, the emulator's machines use it).
 
 On Linux a child asks the kernel for a signal when the thread that forked it dies
-(PR_SET_PDEATHSIG), so even a SIGKILLed parent leaves no process behind; elsewhere only
-the check that the parent is still there is done.
+(PR_SET_PDEATHSIG), so even a SIGKILLed parent leaves no child behind; elsewhere only
+the check that the parent is still there is done. The signal reaches the child alone, not
+what it forks: on Linux each emulator machine runs below ``emulator/supervisor.py``, which
+asks for the signal itself and ends what the machine forked.
 """
 
 from __future__ import annotations
