@@ -2,9 +2,12 @@
 
 Heads are built as bytes from the raw header pairs, in one pass each: hop-by-hop headers
 dropped (RFC 9110 §7.6.1: Connection and the headers it names, Keep-Alive, TE, Trailer,
-Transfer-Encoding, Upgrade, and ``Proxy-*``), forwarding headers set (those a client sent
-replaced, spellings with underscores included), every other header
-kept with its name's case and its value's bytes, repeated ones (Set-Cookie) included.
+Transfer-Encoding, Upgrade, and ``Proxy-*``), forwarding headers set (those an untrusted client
+sent replaced), a request's hop-by-hop and forwarding headers spelled with underscores
+(``X_Forwarded_For``, which CGI and WSGI servers read as X-Forwarded-For) dropped from
+anyone, every other header kept with its name's case and its value's bytes, repeated ones
+(Set-Cookie) included. A machine's interim answers (103 Early Hints...) reach an HTTP/1.1
+client before the final one (:class:`Interim`), hop-by-hop headers dropped there too.
 
 Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
 client sends it (:class:`BodyStream`), so memory stays flat for any size.

@@ -10,10 +10,11 @@ bytes and writes its answers to the transport itself.
 One :class:`Connection` per client socket, and one task per connection that serves its
 requests in order. A pipelined request waits its turn unread, as in uvicorn and nginx:
 once its head is parsed, reading pauses and the bytes after it stay as they came
-(``_stash``) until the requests before it are answered, so no body is read ahead of a
-request being served. Request bodies are streamed: the parser feeds a :class:`Body`, which
-pauses reading from the socket when the handler falls behind, and counts in the proxy's
-:class:`BufferBudget`. What this module guards:
+(``_stash``) until the requests before it are answered (and taken by the client, when it
+leaves more than ``WRITE_HIGH_WATER`` unread), so no body is read ahead of a request being
+served and no answers pile up. Request bodies are streamed: the parser feeds a
+:class:`Body`, which pauses reading from the socket when the handler falls behind, and
+counts in the proxy's :class:`BufferBudget`. What this module guards:
 
 - limits: a request target over ``max_header_bytes`` gets 414; a header field over it,
   more than ``MAX_HEADERS`` fields, or a head (or a trailer section) over
@@ -30,7 +31,8 @@ pauses reading from the socket when the handler falls behind, and counts in the 
 - request targets in absolute form (``GET http://host/path``): as RFC 9112 asks, the
   target's authority replaces the Host header, for routing and upstream, and the machine
   gets the origin form (``/path``); a scheme other than http(s), user info or an empty
-  authority gets 400;
+  authority gets 400; the asterisk form (``*``) is for OPTIONS alone (RFC 9112 3.2.4),
+  with any other method 400;
 - trailer fields after a chunked request body are dropped (a proxy may, RFC 9110 6.5.1);
   they never reach the head the machine gets, nor the routing;
 - upgrades: a WebSocket handshake stops the parsing, and once the handler has the
