@@ -34,7 +34,9 @@ class Redactor:
     redacted even when the secret itself was never registered. For log lines it works in
     two steps: before rendering, values under secret-looking keys (``redact_keys``); after
     rendering, every registered secret in the finished line (``redact_rendered``), which
-    is one scan of one string per secret instead of a walk over every value.
+    is one scan of one string per secret instead of a walk over every value. A secret is
+    looked for in each form a line may write it in: as it is, inside a JSON string, and
+    inside a Python repr (a console line's values, an object passed as a JSON line's value).
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:

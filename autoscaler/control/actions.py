@@ -26,6 +26,14 @@ skipped: the task ends at once, the machine counts as busy until the next tick h
 A drain taken back hands its lease to the uncordon task that follows it; a cleanup taken
 over by a start or resume (a wake must not wait for it) hands its lease to that task.
 
+A task ends in one log line with ``app``, ``machine``, ``action``, ``result`` and
+``duration_s`` (from when its lease was asked for): ``action_done`` (result ``ok``, or
+``error`` for a sequence that ended short of its goal without raising),
+``action_failed`` (an API error or an :class:`ActionError`, with ``error``),
+``machine_leased_by_other`` (``skipped``) or ``action_cancelled``. A task cancelled while
+it waits for its lease, and a tick's start that yields to another replica's wake claim,
+end without one.
+
 Cordons are always ours to find: our key is set before the cordon is asked for, and taken
 off only once no cordon request of ours can still land. A drain cancelled while its cordon
 request is in flight (taken back by a wake, or the process stopping) does not cancel that
