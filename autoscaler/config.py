@@ -189,7 +189,8 @@ class _Model(BaseModel):
     def _empty_is_defaults(cls, data: object) -> object:
         """An empty section (``fly:`` with every key commented out: YAML's null) takes
         every default, as if it were ``{}``; one with required keys is refused, naming
-        them. So is an empty mapping value whose default is empty (``env:``)."""
+        them. So is an empty mapping or list whose default is empty (``env:``, ``hosts:``,
+        ``apps:`` with every entry commented out)."""
         if data is None:
             required = [name for name, field in cls.model_fields.items() if field.is_required()]
             if required:
@@ -198,8 +199,9 @@ class _Model(BaseModel):
         if isinstance(data, dict) and None in data.values():
             data = dict(data)
             for name, field in cls.model_fields.items():
-                if data.get(name, 0) is None and field.default_factory is dict:
-                    data[name] = {}
+                factory = field.default_factory
+                if data.get(name, 0) is None and (factory is dict or factory is list):
+                    data[name] = factory()
         return data
 
 

@@ -489,6 +489,12 @@ def test_an_empty_section_takes_its_defaults(tmp_path: Path) -> None:
         "  apps:\n    - name: web\n      env:\n"
         "apps:\n  - name: web\n",
     )
+    lists = write(
+        tmp_path,
+        "proxy:\n  trusted_proxies:\n"
+        "apps:\n  - name: web\n    hosts:\n      # - web.example.com\n    paths:\n",
+        name="lists.yaml",
+    )
     settings, _ = load_settings(path, env={"FLY_API_TOKEN": "t" * MIN_TOKEN_CHARS})
     defaults = Settings.model_validate({})
     assert settings.fly.api_url is None
@@ -500,6 +506,10 @@ def test_an_empty_section_takes_its_defaults(tmp_path: Path) -> None:
     assert settings.emulator.images == defaults.emulator.images
     assert settings.emulator.apps[0].env == {}
     assert [app.name for app in settings.apps] == ["web"]
+    # So does an empty list whose default is empty (every entry commented out).
+    settings, _ = load_settings(lists, env={})
+    assert settings.proxy.trusted_proxies == defaults.proxy.trusted_proxies
+    assert (settings.apps[0].hosts, settings.apps[0].paths) == ([], [])
 
 
 def test_an_empty_section_with_required_keys_names_them(tmp_path: Path) -> None:
