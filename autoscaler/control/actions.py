@@ -30,9 +30,9 @@ A task ends in one log line with ``app``, ``machine``, ``action``, ``result`` an
 ``duration_s`` (from when its lease was asked for): ``action_done`` (result ``ok``, or
 ``error`` for a sequence that ended short of its goal without raising),
 ``action_failed`` (an API error or an :class:`ActionError`, with ``error``),
-``machine_leased_by_other`` (``skipped``) or ``action_cancelled``. A task cancelled while
-it waits for its lease, and a tick's start that yields to another replica's wake claim,
-end without one.
+``machine_leased_by_other`` (``skipped``) or ``action_cancelled`` (also while it waits
+for its lease). A tick's start or resume that yields to another replica's wake claim never
+began: the replica logs ``tick_wake_yielded`` for the app.
 
 Cordons are always ours to find: our key is set before the cordon is asked for, and taken
 off only once no cordon request of ours can still land. A drain cancelled while its cordon
@@ -246,7 +246,7 @@ class Actuator:
         ):
             async with self.wake_claim(rt.name) as ours:
                 if not ours:
-                    self._not_begun(rt, mid, coro)
+                    self._not_begun(rt, mid, coro)  # (the replica logs tick_wake_yielded)
                     return False
                 return await self._leased(rt, mid, kind, coro)
         return await self._leased(rt, mid, kind, coro)
@@ -269,20 +269,14 @@ class Actuator:
                 return False
             except asyncio.CancelledError:
                 self._not_begun(rt, mid, coro)
+                self._cancelled(rt, mid, kind, began)
                 raise
         rt.leased_by_others.pop(mid, None)
         try:
             done = await coro
         except asyncio.CancelledError:
             self._let_go(rt, mid)
-            _log.info(
-                "action_cancelled",
-                app=rt.name,
-                machine=mid,
-                action=kind,
-                result="cancelled",
-                duration_s=self._took(began),
-            )
+            self._cancelled(rt, mid, kind, began)
             raise
         except LeaseHeld as exc:
             # Our lease lapsed and another holder took the machine mid-sequence.
@@ -304,6 +298,16 @@ class Actuator:
             duration_s=self._took(began),
         )
         return done
+
+    def _cancelled(self, rt: AppRuntime, mid: str, kind: TaskKind, began: float) -> None:
+        _log.info(
+            "action_cancelled",
+            app=rt.name,
+            machine=mid,
+            action=kind,
+            result="cancelled",
+            duration_s=self._took(began),
+        )
 
     def _took(self, began: float) -> float:
         return round(self.clock() - began, 3)

@@ -1181,6 +1181,37 @@ async def test_every_action_ends_in_one_log_line_with_its_result_and_duration(
     assert "boom" in failed["error"]
 
 
+async def test_an_action_cancelled_while_it_waits_for_its_lease_ends_in_a_log_line(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Cut while its lease was still being asked for (the process stopping), a resume left
+    no line at all: the log showed an action begun and never ended."""
+    mid = api.add(APP, "suspended")
+    api.gates["acquire_machine_lease"] = asyncio.Event()  # the lease's request hangs
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    rig.app.hold()
+    with capture_logs() as logs:
+        await clock.advance(1)
+        await rig.tick()
+        await clock.advance(3)
+        await rig.ctl.stop()
+    ends = [
+        {k: e.get(k) for k in ("event", "machine", "action", "result", "duration_s")}
+        for e in logs
+        if "result" in e and "action" in e
+    ]
+    assert ends == [
+        {
+            "event": "action_cancelled",
+            "machine": mid,
+            "action": "resume",
+            "result": "cancelled",
+            "duration_s": 3.0,
+        }
+    ]
+    assert state(api, mid) == "suspended"
+
+
 async def test_taking_back_a_drain_cut_before_its_key_was_set(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
