@@ -8,11 +8,21 @@ overrides the address. The token is only ever sent in the Authorization header.
 (:mod:`autoscaler.tui`: machines as rows, request rate and latency as sparklines from
 ``/metrics``) redrawn in place until Ctrl-C; elsewhere it prints the table (or, with
 ``--json``, one JSON document per line) every second.
+
+Whatever the admin server does (refuse, answer 401, answer HTML or a document of another
+shape, stall, send without end, close mid-answer) the command prints one line on stderr and
+exits 1 (2 for a configuration problem); an answer must be whole within the timeout and at
+most ``MAX_ANSWER_BYTES`` long. ``--watch`` shows such a line and asks again.
 """
 
 from __future__ import annotations
 
+import contextvars
+import http.client
+import io
 import json
+import math
+import socket
 import sys
 import time
 import urllib.error
@@ -26,13 +36,15 @@ from rich.live import Live
 from rich.text import Text
 
 from autoscaler import tui
-from autoscaler.aio import urlopen_direct
 from autoscaler.config import ConfigError, load_settings, parse_host_port
 from autoscaler.tui import ago
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
 EXIT_CONFIG = 2
+
+MAX_ANSWER_BYTES = 64 << 20
+"""The largest answer read (``/status`` of 1,000 apps of 5 machines is about 2 MB)."""
 
 # A server bound to every address is reached on loopback.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
@@ -52,23 +64,107 @@ def admin_url(listen: str) -> str:
     return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
 
 
+# --- a client with a deadline ------------------------------------------------------------
+
+_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline", default=math.inf)
+"""When (``time.monotonic``) the answer being read must be whole: a socket's own timeout
+is per read, so a server that sends a byte at a time would never run into it."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, none of them waiting past ``_DEADLINE``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until closed
+        self._deadline = _DEADLINE.get()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self._sock.settimeout(min(left, self._sock.gettimeout() or left))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the plain file over the socket: ours reads under the deadline
+        self.fp = io.BufferedReader(_DeadlineReader(sock))
+
+
+class _Connection(http.client.HTTPConnection):
+    response_class = _DeadlineResponse
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    response_class = _DeadlineResponse
+
+
+class _Handler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_Connection, req)
+
+
+class _TLSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_TLSConnection, req, context=self._context)  # type: ignore[attr-defined]
+
+
+# Never through HTTP_PROXY/http_proxy (as autoscaler.aio.urlopen_direct): urlopen would send
+# the request, with its Authorization header, to whatever proxy the environment names.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _Handler, _TLSHandler)
+
+
 def _get(base_url: str, path: str, token: str | None, timeout_s: float, accept: str) -> bytes:
+    """The body of a 2xx answer to GET ``path``: whole within ``timeout_s`` and at most
+    ``MAX_ANSWER_BYTES`` long. Any other outcome (no connection, an
+    error status, no answer in time, a larger one, one that is not HTTP or is cut short) is
+    a StatusError that says which in one line."""
     url = base_url.rstrip("/") + path
     if not url.startswith(("http://", "https://")):
         raise StatusError(f"expected an http:// or https:// admin URL, got {base_url!r}")
+    limit = MAX_ANSWER_BYTES
     request = urllib.request.Request(url, headers={"Accept": accept})  # noqa: S310 - scheme checked above
     if token:
         # Not passed on by a redirect: another host must never see the token.
         request.add_unredirected_header("Authorization", f"Bearer {token}")
+    deadline = _DEADLINE.set(time.monotonic() + timeout_s)
     try:
-        with urlopen_direct(request, timeout_s) as resp:
-            body: bytes = resp.read()
+        with _OPENER.open(request, timeout=timeout_s) as resp:
+            body: bytes = resp.read(limit + 1)
+            if len(body) <= limit and resp.length:
+                # Content-Length promised more (a read of so many bytes does not say so).
+                raise http.client.IncompleteRead(body, resp.length)
     except urllib.error.HTTPError as exc:
         hint = " (set admin.token or AUTOSCALER_ADMIN__TOKEN)" if exc.code == 401 else ""
         raise StatusError(f"{url}: HTTP {exc.code}{hint}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StatusError(f"{url}: cannot connect: {reason}") from None
+    except urllib.error.URLError as exc:  # connecting, or sending the request
+        raise StatusError(f"{url}: cannot connect: {exc.reason}") from None
+    except TimeoutError:
+        raise StatusError(f"{url}: no complete answer within {timeout_s:g}s") from None
+    except http.client.IncompleteRead as exc:
+        missing = f" ({exc.expected} bytes missing)" if exc.expected else ""
+        raise StatusError(f"{url}: answer cut short{missing}") from None
+    except http.client.HTTPException as exc:
+        # A status line that is not HTTP, a head too long, a bad chunk. Only the
+        # exception's name: its text quotes what the server sent.
+        raise StatusError(f"{url}: not a valid HTTP answer ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise StatusError(f"{url}: connection lost: {exc}") from None
+    finally:
+        _DEADLINE.reset(deadline)
+    if len(body) > limit:
+        raise StatusError(f"{url}: answer larger than {limit} bytes")
     return body
 
 
@@ -77,7 +173,7 @@ def fetch_status(base_url: str, token: str | None, timeout_s: float = 5.0) -> di
     body = _get(base_url, "/status", token, timeout_s, "application/json")
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise StatusError(f"{url}: expected JSON, got {body[:80]!r}") from None
     if not isinstance(doc, dict):
         raise StatusError(f"{url}: expected a JSON object, got {type(doc).__name__}")
@@ -206,6 +302,25 @@ def render(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+_SHAPE_ERRORS = (KeyError, TypeError, AttributeError, ValueError)
+"""What drawing a JSON object that is not a status document raises (a key missing, a list
+where an object goes, a string where a number does)."""
+
+
+def _shape_error(url: str, exc: Exception) -> StatusError:
+    return StatusError(
+        f"{url.rstrip('/')}/status: not a status document this client can show"
+        f" ({type(exc).__name__}: {exc})"
+    )
+
+
+def _lines(url: str, doc: dict[str, Any]) -> list[str]:
+    try:
+        return render(doc)
+    except _SHAPE_ERRORS as exc:
+        raise _shape_error(url, exc) from None
+
+
 def run_status(
     admin: str | None,
     config: str | None,
@@ -235,10 +350,19 @@ def run_status(
         return watch_status(url, token, doc, as_json=as_json, timeout_s=timeout_s, out=out)
     if as_json:
         print(json.dumps(doc, indent=2), file=out)
-    else:
-        for line in render(doc):
-            print(line, file=out)
+        return EXIT_OK
+    try:
+        lines = _lines(url, doc)
+    except StatusError as exc:
+        print(f"autoscaler status: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    for line in lines:
+        print(line, file=out)
     return EXIT_OK
+
+
+def _footer(problem: str, hint: Text) -> list[Text]:
+    return [Text(problem, style="red"), hint] if problem else [hint]
 
 
 def watch_status(
@@ -262,6 +386,7 @@ def watch_status(
     live_view = (out.isatty() if terminal is None else terminal) and not as_json
     history = tui.History()
     doc: dict[str, Any] | None = first
+    shown: dict[str, Any] | None = None
     drawn = 0
     live: Live | None = None
     if live_view:
@@ -281,15 +406,23 @@ def watch_status(
                     history.add(time.monotonic(), fetch_traffic(url, token, timeout_s))
                 except StatusError as exc:
                     problem = problem or str(exc)
-                footer = [Text(problem, style="red")] if problem else []
-                footer.append(Text(f"{url}  every {interval_s:g} s  Ctrl-C to stop", style="dim"))
-                live.update(tui.view(doc, history, footer=footer), refresh=True)
-            elif problem:
-                print(f"autoscaler status: {problem}", file=out, flush=True)
-            elif as_json:
+                hint = Text(f"{url}  every {interval_s:g} s  Ctrl-C to stop", style="dim")
+                try:
+                    screen = tui.view(doc, history, footer=_footer(problem, hint))
+                    shown = doc
+                except _SHAPE_ERRORS as exc:  # the last status that could be drawn stays
+                    problem = problem or str(_shape_error(url, exc))
+                    screen = tui.view(shown, history, footer=_footer(problem, hint))
+                live.update(screen, refresh=True)
+            elif not problem and as_json:
                 print(json.dumps(doc), file=out, flush=True)
-            elif doc is not None:
-                print("\n".join(render(doc)) + "\n", file=out, flush=True)
+            elif not problem and doc is not None:
+                try:
+                    print("\n".join(_lines(url, doc)) + "\n", file=out, flush=True)
+                except StatusError as exc:
+                    problem = str(exc)
+            if problem and live is None:
+                print(f"autoscaler status: {problem}", file=out, flush=True)
             drawn += 1
             if frames is not None and drawn >= frames:
                 return EXIT_OK

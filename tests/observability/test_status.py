@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+import autoscaler.status
 from autoscaler.admin import AdminServer
 from autoscaler.cli import main
 from autoscaler.config import AdminSettings
@@ -400,3 +402,128 @@ async def test_a_reader_that_stops_reading_ends_the_watch_without_a_traceback(
             await proc.wait()
     assert "Traceback" not in err, err
     assert code == 1
+
+
+# --- servers that answer badly ------------------------------------------------------------
+
+Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def answering(answer: Answer) -> AsyncIterator[str]:
+    """A server on loopback that reads one request's head, then runs ``answer``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await answer(writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client gave up first
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def sends(data: bytes) -> Answer:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return answer
+
+
+def json_answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+async def ask(url: str, tmp_path: Path, timeout_s: float = 5.0) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    config = write_config(tmp_path, TOKEN)
+    code = await asyncio.to_thread(run_status, url, config, timeout_s=timeout_s, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (b"hello\r\n\r\n", "not a valid HTTP answer (BadStatusLine)"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", "(LineTooLong)"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b'{"apps": [',
+            "answer cut short (990 bytes missing)",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "answer cut short"),
+        (json_answer(b"[" * 100_000), "expected JSON"),
+        (json_answer(b'{"apps": [1]}'), "not a status document this client can show"),
+        (
+            json_answer(b'{"apps": [{"app": "a", "desired": 1, "started": 1, "panic": false,'
+                        b' "machines": [{"id": "m1"}]}]}'),
+            "not a status document this client can show (KeyError: 'state')",
+        ),
+    ],
+    ids=["not-http", "head-too-long", "cut-short", "bad-chunk", "deep-json", "apps", "machine"],
+)  # fmt: skip
+async def test_a_bad_answer_is_one_line_and_exit_1(
+    answer: bytes, says: str, tmp_path: Path
+) -> None:
+    """Each of these was a traceback (http.client's exceptions are not OSErrors, json's
+    RecursionError is not a ValueError, render() indexed what it was given)."""
+    async with answering(sends(answer)) as url:
+        code, out, err = await ask(url, tmp_path)
+    assert code == 1
+    assert out == ""
+    assert err.startswith(f"autoscaler status: {url}/status: "), err
+    assert says in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+async def test_a_server_that_sends_a_byte_at_a_time_is_given_up_on(
+    where: str, tmp_path: Path
+) -> None:
+    """The socket's timeout is per read: a server that sent a byte every 0.1 s held the
+    command for as long as it went on (forever, for one that never stops)."""
+    head = b"HTTP/1.1 200 OK\r\n"
+
+    async def drip(writer: asyncio.StreamWriter) -> None:
+        writer.write(head if where == "head" else head + b"\r\n{}")
+        for _ in range(100):  # 10 s, twenty times the client's limit
+            if writer.is_closing():
+                return  # the client gave up
+            writer.write(b"X-A: b\r\n" if where == "head" else b" ")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    async with answering(drip) as url:
+        code, _, err = await ask(url, tmp_path, timeout_s=0.5)
+    assert code == 1
+    assert f"{url}/status: no complete answer within 0.5s" in err
+
+
+async def test_a_huge_answer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer with no end (no Content-Length, never closed) was read into memory until
+    there was none left."""
+    monkeypatch.setattr(autoscaler.status, "MAX_ANSWER_BYTES", 1 << 20, raising=False)
+    sent = b"HTTP/1.1 200 OK\r\n\r\n" + b" " * (2 << 20) + b"{}"
+    async with answering(sends(sent)) as url:
+        code, _, err = await ask(url, tmp_path)
+    assert code == 1
+    assert f"{url}/status: answer larger than 1048576 bytes" in err
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+async def test_the_watch_goes_on_past_a_document_it_cannot_show(admin: str, terminal: bool) -> None:
+    out = io.StringIO()
+    code = await asyncio.to_thread(
+        watch_status, admin, TOKEN, {"apps": [1]}, out=out, frames=2, terminal=terminal,
+        sleep=lambda _: None,
+    )  # fmt: skip
+    assert code == 0
+    assert "not a status document this client can show" in out.getvalue()
+    assert "demo" in out.getvalue()  # the next answer is drawn
