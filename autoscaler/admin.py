@@ -225,7 +225,9 @@ class AdminServer:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(given.strip().encode(), self._token)
+        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: encoding
+        # them back the same way gives the bytes sent (strict encoding raised, a 500).
+        return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self._token)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -376,3 +377,28 @@ async def test_readiness_problems_are_redacted_as_status_is(aiohttp_client: Make
     text = await resp.text()
     assert "Machines API unreachable: list_machines: LocalProtocolError" in text
     assert "fly-s3cr3t" not in text
+
+
+@pytest.mark.parametrize("protect_metrics", [False, True])
+async def test_a_token_that_is_not_utf8_is_refused_as_any_wrong_one(protect_metrics: bool) -> None:
+    """Bytes that are not UTF-8 in the Authorization header (anyone can send them, no token
+    needed) got a 500 and an error log with a traceback: encoding the value back failed."""
+    clock = FakeClock()
+    server = make_server(
+        demo_controller(clock), clock, token=TOKEN, protect_metrics=protect_metrics
+    )
+    await server.start(port=0)
+    try:
+        reader, writer = await asyncio.open_connection(*server.address)
+        path = b"/metrics" if protect_metrics else b"/status"
+        writer.write(
+            b"GET " + path + b" HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
+            b"Authorization: Bearer \xff\xfe" + TOKEN.encode() + b"\r\n\r\n"
+        )
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await server.stop()
+    assert head.startswith("HTTP/1.1 401 "), head
+    assert 'WWW-Authenticate: Bearer realm="autoscaler-admin"' in head
