@@ -255,10 +255,12 @@ def app_panel(app: Mapping[str, Any], history: History) -> Panel:
             machine_note(m),
         )
     lines.append(table)
-    title = (
-        f"[bold]{name}[/]  desired {app.get('desired', '?')}, started {app.get('started', '?')}"
+    # Text, not markup: a name with brackets ("web[/x]") was read as tags (or failed to be).
+    title = Text.assemble(
+        (name, "bold"),
+        f"  desired {app.get('desired', '?')}, started {app.get('started', '?')}"
         f", panic {'yes' if app.get('panic') else 'no'}"
-        f", decided {ago(app.get('last_decision_age_s'))}"
+        f", decided {ago(app.get('last_decision_age_s'))}",
     )
     return Panel(Group(*lines), title=title, title_align="left")
 

@@ -103,3 +103,14 @@ def test_the_view_draws_each_machine_with_its_state_and_the_reason() -> None:
     assert "\x1b[1;32mstarted" in styled  # green
     assert "\x1b[1;33msuspending" in styled  # a moving state: yellow
     assert tui.view(None, history).renderables[0].plain.startswith("waiting for the first")
+
+
+def test_an_app_name_is_drawn_as_it_is_not_read_as_markup() -> None:
+    """The panel's title was rich markup: "[red]web" lost its brackets and "web[/x]" ended
+    the live view with a MarkupError."""
+    doc = {"apps": [{"app": "[red]web", "desired": 1}, {"app": "web[/x]", "desired": "[/]"}]}
+    console = Console(record=True, width=100)
+    console.print(tui.view(doc, tui.History()))
+    text = console.export_text()
+    assert "[red]web  desired 1," in text
+    assert "web[/x]  desired [/]," in text
