@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -139,7 +140,8 @@ def configure(
     stream: TextIO | None = None,
 ) -> None:
     """Set up structlog and the standard library's logging. Safe to call again."""
-    out = stream or sys.stdout
+    # With stdout closed (`cmd >&-`) sys.stdout is None: the logs go to stderr instead.
+    out = stream or sys.stdout or sys.stderr or _devnull()
     for secret in secrets:
         _redactor.add(secret)
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
@@ -189,6 +191,10 @@ def configure(
     # per-request line by the Fly client's own `fly_api` line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _devnull() -> TextIO:
+    return open(os.devnull, "w")  # the logs go nowhere: stdout and stderr are closed
 
 
 class _LineWriter:

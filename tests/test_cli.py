@@ -118,3 +118,15 @@ def test_new_flags_reach_their_commands(monkeypatch: pytest.MonkeyPatch) -> None
         "log_level": "debug",
         "log_format": "auto",
     }
+
+
+def test_a_command_with_stdout_closed_runs() -> None:
+    """`autoscaler check-config >&-`: sys.stdout is None, and setting up the logs (every
+    command does) ended in an AttributeError before the command ran."""
+    result = subprocess.run(
+        ["/bin/sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "autoscaler",
+         "check-config", "config/autoscaler.yaml"],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
