@@ -403,7 +403,8 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runne
     ),
     (
         "status",
-        "print the admin server's /status as a table: apps, machines, decisions",
+        "print the admin server's /status as a table: apps, machines, decisions (exit 1"
+        " when it cannot be asked or its answer is unusable, 2 on a config problem)",
         _status_args,
         _status,
     ),
