@@ -402,3 +402,24 @@ async def test_a_token_that_is_not_utf8_is_refused_as_any_wrong_one(protect_metr
         await server.stop()
     assert head.startswith("HTTP/1.1 401 "), head
     assert 'WWW-Authenticate: Bearer realm="autoscaler-admin"' in head
+
+
+async def test_status_asks_the_controller_once(aiohttp_client: MakeClient) -> None:
+    """The document asked the controller for every app's status three times (readiness,
+    control health, the apps), each building every machine's anew."""
+    clock = FakeClock()
+    provider = demo_controller(clock)
+    calls = []
+    ask = provider.status
+
+    def counted() -> list[FakeAppStatus]:
+        calls.append(1)
+        return ask()
+
+    provider.status = counted  # type: ignore[method-assign]
+    client = await aiohttp_client(make_server(provider, clock).build_app())
+    calls.clear()  # whatever setting up the gauges asked
+    resp = await client.get("/status")
+    assert resp.status == 200
+    assert (await resp.json())["ready"] is True
+    assert len(calls) == 1
