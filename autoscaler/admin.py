@@ -110,6 +110,18 @@ class AppStatusLike(Protocol):
     def leased_by_others(self) -> Sequence[str]: ...
 
 
+class AppHealthLike(Protocol):
+    """What readiness and control health read of an app (the controller's ``AppHealth``):
+    cheap, for probes and scrapes."""
+
+    @property
+    def last_tick_at(self) -> float | None: ...
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def machines_known(self) -> bool: ...
+
+
 class ClusterStatus(Protocol):
     """This replica in cluster mode (``autoscaler.control.replica.Replica``)."""
 
@@ -125,6 +137,7 @@ class StatusProvider(Protocol):
     """What ``/status``, ``/readyz`` and the last-tick metric read (the ``Controller``)."""
 
     def status(self) -> Sequence[AppStatusLike]: ...
+    def health(self) -> Sequence[AppHealthLike]: ...
     @property
     def last_tick_at(self) -> float | None: ...
 
@@ -264,12 +277,12 @@ class AdminServer:
 
     # --- what the endpoints say ----------------------------------------------------------
 
-    def readiness_problems(self, apps: Sequence[AppStatusLike] | None = None) -> list[str]:
+    def readiness_problems(self, apps: Sequence[AppHealthLike] | None = None) -> list[str]:
         """Empty when the data path is ready: not shutting down, the proxy's port is bound,
         and the proxy knows where to route. The control plane's health is not part of it
         (``control_problems``): an API outage must not take the proxy out of a load balancer
         while started machines serve. Config is loaded by construction (settings were
-        validated). ``apps``: the provider's status when the caller has it already."""
+        validated). ``apps``: the provider's health when the caller has it already."""
         if self.draining:
             return ["shutting down"]
         if self.proxy_listening is False:
@@ -279,14 +292,14 @@ class AdminServer:
                 return []
             return ["no fleet view from the cluster's leader yet"]
         if apps is None:
-            apps = self.provider.status() if self.provider is not None else []
+            apps = self.provider.health() if self.provider is not None else []
         # Before any app's machines were read (a start with the API out of reach) the proxy
         # can only hold requests; once read, it routes on what it knows through outages.
-        if apps and not any(a.last_tick_at is not None or a.machines for a in apps):
+        if apps and not any(a.last_tick_at is not None or a.machines_known for a in apps):
             return ["no app's machines are known yet (the Machines API has not answered)"]
         return []
 
-    def control_problems(self, apps: Sequence[AppStatusLike] | None = None) -> list[str]:
+    def control_problems(self, apps: Sequence[AppHealthLike] | None = None) -> list[str]:
         """Empty while the control plane decides on fresh data (``/readyz?control=1`` and
         ``autoscaler_control_healthy``): the loop ticks, and the Machines API answers."""
         if self.provider is None:
@@ -296,7 +309,7 @@ class AdminServer:
             # can tell when nobody does.
             return self.cluster.decider_problems()
         if apps is None:
-            apps = self.provider.status()
+            apps = self.provider.health()
         if not apps:
             return []  # only static apps: no loop runs, so none has to tick
         problems = []
@@ -319,13 +332,14 @@ class AdminServer:
     def status_document(self) -> dict[str, Any]:
         now = self.clock()
         # Asked once: the controller builds every machine's status anew on each call (a
-        # third of the document's time each, with 1,000 apps).
+        # third of the document's time, with 1,000 apps); readiness reads the cheap health.
         apps = self.provider.status() if self.provider is not None else []
+        health = self.provider.health() if self.provider is not None else []
         last_tick = self.provider.last_tick_at if self.provider is not None else None
         return {
             "version": __version__,
-            "ready": not self.readiness_problems(apps),
-            "control_healthy": not self.control_problems(apps),
+            "ready": not self.readiness_problems(health),
+            "control_healthy": not self.control_problems(health),
             "control_loop": self.provider is not None,
             "last_tick_age_s": _age(now, last_tick),
             "apps": [_app_document(a, now) for a in apps],
@@ -337,7 +351,7 @@ class AdminServer:
         # NaN when no control loop runs (or it has no app to scale): "stale" comparisons
         # are then false, so the not-ticking alert stays quiet for static-only deployments.
         # 0 before the first tick: a loop that never ticks looks infinitely stale.
-        if self.provider is None or not self.provider.status():
+        if self.provider is None or not self.provider.health():
             return math.nan
         if self.cluster is not None and not self.cluster.leading:
             return math.nan  # a follower's loop does not run: not "stale", absent

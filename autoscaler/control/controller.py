@@ -116,6 +116,19 @@ class AppStatus:
     """Machines skipped in the last minute because another holder had their lease."""
 
 
+@dataclass(frozen=True, slots=True)
+class AppHealth:
+    """What readiness and control health read of an app: no machine's status (a load
+    balancer's probe of ``/readyz`` and every scrape of ``/metrics`` ask for it, and with
+    1,000 apps building every machine's status held the loop for tens of milliseconds)."""
+
+    app: str
+    last_tick_at: float | None
+    last_error: str | None
+    machines_known: bool
+    """A list of its machines was read (or, where no loop of ours reads, routed)."""
+
+
 def _routed(view: AppView) -> list[MachineStatus]:
     """An app's machines as the view routes them, where no loop of ours reads the API (a
     follower in cluster mode, whose view is the leader's; a former leader's list is stale)."""
@@ -576,6 +589,18 @@ class Controller:
                 )
             )
         return machines
+
+    def health(self) -> list[AppHealth]:
+        deciding = self.actuator.drains_all()
+        return [
+            AppHealth(
+                app=rt.name,
+                last_tick_at=rt.last_tick_at,
+                last_error=rt.last_error,
+                machines_known=bool(rt.machines if deciding else self.view.app(rt.name).upstreams),
+            )
+            for rt in self.apps.values()
+        ]
 
     def status(self) -> list[AppStatus]:
         out = []

@@ -40,6 +40,14 @@ class FakeAppStatus:
     leased_by_others: Sequence[str] = ()
 
 
+@dataclass(frozen=True)
+class FakeAppHealth:
+    app: str
+    last_tick_at: float | None
+    last_error: str | None
+    machines_known: bool
+
+
 @dataclass
 class FakeController:
     apps: list[FakeAppStatus] = field(default_factory=list)
@@ -47,6 +55,11 @@ class FakeController:
 
     def status(self) -> list[FakeAppStatus]:
         return list(self.apps)
+
+    def health(self) -> list[FakeAppHealth]:
+        return [
+            FakeAppHealth(a.app, a.last_tick_at, a.last_error, bool(a.machines)) for a in self.apps
+        ]
 
 
 class FakeClock:
