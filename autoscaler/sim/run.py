@@ -8,6 +8,7 @@ can also be replayed in worker processes (``jobs``), with the same figures.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -242,8 +243,11 @@ def fork_map(fn: Callable[[_S, _T], _R], shared: _S, tasks: Sequence[_T], jobs: 
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         results = _hand_out(workers, tasks)
         for worker, conn in workers:
-            conn.send(None)  # no more tasks: the worker returns
+            with contextlib.suppress(OSError):  # (one killed meanwhile: its pipe is shut)
+                conn.send(None)  # no more tasks: the worker returns
             worker.join()
+            if worker.exitcode != 0:
+                raise _died(worker)
         return results
     finally:
         for worker, _ in workers:
@@ -258,6 +262,10 @@ class WorkerDied(RuntimeError):
     memory): the others are killed and reaped, and the command says so in one line."""
 
 
+def _died(worker: BaseProcess) -> WorkerDied:
+    return WorkerDied(f"a worker process (pid {worker.pid}) ended with exit code {worker.exitcode}")
+
+
 def _hand_out(workers: list[tuple[BaseProcess, Connection]], tasks: Sequence[Any]) -> list[Any]:
     """Each task to the next idle worker, until every result is in."""
     results: list[Any] = [None] * len(tasks)
@@ -267,7 +275,11 @@ def _hand_out(workers: list[tuple[BaseProcess, Connection]], tasks: Sequence[Any
     def next_task(worker: BaseProcess, conn: Connection) -> None:
         task = next(queue, None)
         if task is not None:
-            conn.send(task)
+            try:
+                conn.send(task)
+            except OSError:  # killed since its last answer: BrokenPipeError, ECONNRESET
+                worker.join()
+                raise _died(worker) from None
             busy[conn] = worker
 
     for worker, conn in workers:
@@ -280,9 +292,7 @@ def _hand_out(workers: list[tuple[BaseProcess, Connection]], tasks: Sequence[Any
                 index, ok, value, where = conn.recv()
             except EOFError:
                 worker.join()
-                raise WorkerDied(
-                    f"a worker process (pid {worker.pid}) ended with exit code {worker.exitcode}"
-                ) from None
+                raise _died(worker) from None
             if not ok:
                 value.add_note(where)
                 raise value

@@ -4,6 +4,7 @@ processes with it (sim/run.py, fork_map; sim/command.py)."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -11,8 +12,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from autoscaler.sim import run
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -137,3 +141,33 @@ def test_a_worker_killed_alone_ends_it_with_one_line(tmp_path: Path) -> None:
         assert err.read_text().splitlines() == [
             f"simulate: a worker process (pid {worker}) ended with exit code -15"
         ]
+
+
+def _double(shared: int, task: int) -> int:
+    return shared * task
+
+
+@pytest.mark.parametrize("tasks", [[1, 2], [1]], ids=["before-its-next-task", "at-the-end"])
+def test_a_worker_killed_after_its_answer_is_a_worker_that_died(
+    monkeypatch: pytest.MonkeyPatch, tasks: list[int]
+) -> None:
+    """Killed between an answer and its next task (or the end's "no more"), the worker's
+    pipe was shut when the task went to it: a bare BrokenPipeError, which the command
+    turned into exit 1 without a word (seen once in CI, on the compiled build)."""
+    real_wait = run.wait
+    killed: list[int] = []
+
+    def wait_then_kill(conns: Any) -> Any:
+        ready = real_wait(conns)
+        if not killed:
+            (worker,) = multiprocessing.active_children()
+            assert worker.pid is not None
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join()  # dead, its answer still in the pipe
+            killed.append(worker.pid)
+        return ready
+
+    monkeypatch.setattr(run, "wait", wait_then_kill)
+    with pytest.raises(run.WorkerDied, match="ended with exit code -9"):
+        run.fork_map(_double, 3, tasks, jobs=1)
+    assert multiprocessing.active_children() == []
