@@ -188,6 +188,7 @@ class AdminServer:
 
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
+        app.on_response_prepare.append(self._no_store)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -252,6 +253,12 @@ class AdminServer:
             )
         return await handler(request)
 
+    @staticmethod
+    async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+        # Every answer is the state of this moment: no cache between here and a probe or
+        # a dashboard may serve it later (a stale "ready", an old /status).
+        response.headers["Cache-Control"] = "no-store"
+
     # --- endpoints -----------------------------------------------------------------------
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -262,8 +269,13 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        control = _flag(request.query.getall("control", []))
+        if control is None:
+            return web.json_response(
+                {"error": "control: expected 1 or 0 (true/false, yes/no, on/off)"}, status=400
+            )
         problems = self.readiness_problems()
-        if request.query.get("control", "") not in ("", "0", "false"):
+        if control:
             problems = problems + self.control_problems()
         if problems:
             # Problems quote API errors: the same redaction as /status (readiness is open).
@@ -359,6 +371,21 @@ class AdminServer:
         if last is None:
             return 0.0
         return self.wall_clock() - (self.clock() - last)
+
+
+_TRUE = frozenset({"", "1", "true", "yes", "on"})  # "" : a bare ?control
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _flag(values: Sequence[str]) -> bool | None:
+    """A query flag given at most once: absent False, a bare ``?control`` True; None when
+    it is neither a yes nor a no (``?control=no`` turned the checks on, ``?control`` off)."""
+    if not values:
+        return False
+    if len(values) > 1:
+        return None
+    value = values[0].strip().lower()
+    return True if value in _TRUE else False if value in _FALSE else None
 
 
 def _age(now: float, then: float | None) -> float | None:

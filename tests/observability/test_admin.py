@@ -271,6 +271,36 @@ async def test_control_health(
         assert healthy == 0.0
 
 
+async def test_the_control_flag_reads_yes_and_no_and_refuses_the_rest(
+    aiohttp_client: MakeClient,
+) -> None:
+    """``?control=no`` (or False, or any typo) turned the control checks on, and a bare
+    ``?control`` left them off; the probe then said the opposite of what was asked."""
+    clock = FakeClock()
+    known = (FakeMachine("m1", "started"),)
+    stale = FakeController(
+        apps=[FakeAppStatus(app="a", machines=known)], last_tick_at=clock.now - 3600
+    )
+    client = await aiohttp_client(make_server(stale, clock).build_app())
+    for query in ("", "?control=0", "?control=no", "?control=False", "?control=OFF"):
+        assert (await client.get("/readyz" + query)).status == 200, query
+    for query in ("?control", "?control=1", "?control=yes", "?control=True", "?control=on"):
+        assert (await client.get("/readyz" + query)).status == 503, query
+    for query in ("?control=2", "?control=%ff", "?control=nope", "?control=1&control=0"):
+        resp = await client.get("/readyz" + query)
+        assert resp.status == 400, query
+        assert "control: expected 1 or 0" in (await resp.json())["error"]
+
+
+async def test_no_admin_answer_may_be_cached(aiohttp_client: MakeClient) -> None:
+    clock = FakeClock()
+    server = make_server(demo_controller(clock), clock)
+    client = await aiohttp_client(server.build_app())
+    for path in ("/readyz", "/readyz?control=1", "/healthz", "/status", "/metrics", "/nope"):
+        resp = await client.get(path)
+        assert resp.headers.get("Cache-Control") == "no-store", path
+
+
 async def test_not_ready_before_any_machine_is_known(aiohttp_client: MakeClient) -> None:
     clock = FakeClock()
     provider = FakeController(
