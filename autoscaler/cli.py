@@ -404,7 +404,8 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runne
     (
         "status",
         "print the admin server's /status as a table: apps, machines, decisions (exit 1"
-        " when it cannot be asked or its answer is unusable, 2 on a config problem)",
+        " when it cannot be asked or its answer is unusable, 2 on a config problem or a bad"
+        " --admin)",
         _status_args,
         _status,
     ),

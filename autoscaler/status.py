@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -58,6 +59,20 @@ def admin_url(listen: str) -> str:
     """The base URL for an ``admin.listen`` value or a ``--admin`` argument."""
     text = listen.strip().rstrip("/")
     if text.startswith(("http://", "https://")):
+        try:
+            parts = urllib.parse.urlsplit(text)
+            port = parts.port  # a port that is no number raises here
+        except ValueError:
+            parts, port = None, None
+        if (
+            parts is None
+            or not parts.hostname
+            or (port is not None and not 0 < port < 65536)
+            or parts.query
+            or parts.fragment
+            or any(c.isspace() or ord(c) < 32 for c in text)
+        ):
+            raise ValueError(f"expected http(s)://host[:port][/path] or host:port, got {listen!r}")
         return text
     address = parse_host_port(text)
     host = _WILDCARDS.get(address.host, address.host)
@@ -342,6 +357,10 @@ def run_status(
     token = settings.admin.token.get_secret_value() if settings.admin.token else None
     try:
         url = admin_url(admin or settings.admin.listen)
+    except ValueError as exc:
+        print(f"autoscaler status: {'--admin' if admin else 'admin.listen'}: {exc}", file=err)
+        return EXIT_CONFIG
+    try:
         doc = fetch_status(url, token, timeout_s)
     except (StatusError, ValueError) as exc:
         print(f"autoscaler status: {exc}", file=err)

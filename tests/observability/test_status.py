@@ -269,6 +269,22 @@ def test_config_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "admin.tokn: unknown key (did you mean 'token'?)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "given", ["http://[::1", "http://a b:9091", "nonsense", "http://127.0.0.1:99999", "http://h:x"]
+)
+def test_a_bad_admin_address_is_a_usage_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    """It exited 1, as if a good address had not answered, with "Invalid IPv6 URL" or
+    "not a valid HTTP answer (InvalidURL)" and no word of which value was wrong."""
+    path = tmp_path / "c.yaml"
+    path.write_text("fly:\n  api_url: embedded\n")
+    assert main(["status", "--admin", given, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoscaler status: --admin: expected "), err
+    assert repr(given) in err
+
+
 async def test_cli_entry(admin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, TOKEN)
     argv = ["status", "--admin", admin.removeprefix("http://"), "--config", config]
