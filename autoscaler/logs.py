@@ -191,6 +191,29 @@ def configure(
     # per-request line by the Fly client's own `fly_api` line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if _client_mistakes not in server.filters:
+        server.addFilter(_client_mistakes)
+
+
+def _client_mistakes(record: logging.LogRecord) -> bool:
+    """aiohttp's servers (the admin server, the emulator) answer a request they cannot
+    parse with a 400 and log it as an error with a traceback: any port scanner, or a
+    client's oversized header, wrote error-level lines that alert on nothing of ours. Such
+    a record becomes one debug line (its reason, no traceback); the rest pass as they are.
+    (A function, not a ``logging.Filter``: this module is compiled.)"""
+    exc = record.exc_info[1] if record.exc_info else None
+    code = getattr(exc, "code", None)
+    if type(exc).__module__ != "aiohttp.http_exceptions" or not (
+        isinstance(code, int) and 400 <= code < 500
+    ):
+        return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    record.msg = f"{record.getMessage()}: {code} {getattr(exc, 'message', '')}".strip()
+    record.args = None
+    record.exc_info = None
+    record.exc_text = None
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def _devnull() -> TextIO:

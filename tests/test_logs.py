@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -213,3 +214,44 @@ def test_a_secret_is_redacted_inside_a_repr_of_an_httpx_error(fmt: str) -> None:
     text = out.getvalue()
     assert "t0ken-with-a-backslash" not in text
     assert text.count(logs.REDACTED) >= 5
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_a_request_an_aiohttp_server_cannot_parse_is_no_error_line(level: str) -> None:
+    """The admin server (and the emulator) answer it 400, and aiohttp logged it at error
+    level with a traceback: a port scanner, or a client's oversized header, filled the log
+    with errors that alert on nothing of ours. One debug line now, without traceback."""
+    from aiohttp import web
+
+    out = io.StringIO()
+    logs.configure(level=level, fmt="json", stream=out)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        for head in (b"GET * HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b"Host: a\r\n\r\n")
+            assert (await reader.read())[:12] == b"HTTP/1.0 400"
+            writer.close()
+            await writer.wait_closed()
+        # An error of the server's own still is one, with its traceback.
+        logging.getLogger("aiohttp.server").error("boom", exc_info=ValueError("ours"))
+    finally:
+        await runner.cleanup()
+    entries = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert "Traceback" not in out.getvalue().replace('"exception": "Traceback', "")
+    parse_errors = [e for e in entries if e["event"].startswith("Error handling request")]
+    assert [e["level"] for e in parse_errors] == (["debug", "debug"] if level == "debug" else [])
+    assert all("400" in e["event"] and "exception" not in e for e in parse_errors)
+    (boom,) = [e for e in entries if e["event"] == "boom"]
+    assert boom["level"] == "error"
+    assert "ValueError: ours" in boom["exception"]
