@@ -41,9 +41,23 @@ request: it runs on in a task of its own (``cordoning``), and the uncordon that 
 waits for its answer first, so the cordon cannot land after the uncordon and outlive our
 key. A cordon request whose fate is unknown (a transport error after it was sent, or cut
 off at shutdown) keeps our key on the machine for ``CORDON_UNSURE_S``; after that
-``cleanup`` drops the key once a fresh list shows the machine uncordoned. Every other
-cancellation point leaves either our key with or without a cordon, which the next tick (of
-this process or the next) finishes or undoes, or nothing at all.
+``cleanup`` drops the key once a fresh list shows the machine uncordoned.
+
+A process knows only its own requests. One that died or stopped (in cluster mode, the
+leader before us) may have left a cordon request on its way. No drain begins on a machine
+while a cordon request of ours may still land there, so at most one is ever outstanding
+per machine, and the next process finds that machine with our key and without a cordon
+(the key was answered before the request was sent). So a key of ours on a machine that
+the first list after this process began to decide (``deciding``, ``listed``) shows
+uncordoned is kept for ``CORDON_UNSURE_S`` from then, whatever this process does with the
+machine meanwhile (wakes it, lifts the cordon when it lands), and the machine is not
+drained till then; a follower (cluster mode) never drops a key: the leader's requests
+are not known there. Both only where the list says whether a machine is cordoned: an API
+that leaves the flag out shows our cordons by our key alone, and a key kept there would
+keep the machine out of our routing.
+
+Every other cancellation point leaves either our key with or without a cordon, which the
+next tick (of this process or the next) finishes or undoes, or nothing at all.
 """
 
 from __future__ import annotations
@@ -129,6 +143,12 @@ class Actuator:
         """(app, machine) -> our key-then-cordon requests, while they are under way."""
         self.cordon_unsure: dict[tuple[str, str], float] = {}
         """(app, machine) -> until when a cordon request of ours may still land."""
+        self.inherited: dict[tuple[str, str], float] = {}
+        """(app, machine) -> until when a cordon request of the process that decided
+        before this one may still land there (``listed``)."""
+        self.deciding_since = clock()
+        self._listed_since: set[str] = set()
+        """The apps listed since ``deciding_since``."""
         self.view = view
         self.metrics = metrics
         self.clock = clock
@@ -146,6 +166,31 @@ class Actuator:
         leader's view)."""
 
     # --- bookkeeping ------------------------------------------------------------------
+
+    def deciding(self) -> None:
+        """This process begins to decide (start-up, or leadership won): the one that
+        decided before may have left cordon requests on their way, sent before now."""
+        self.deciding_since = self.clock()
+        self._listed_since.clear()
+
+    def listed(self, rt: AppRuntime) -> None:
+        """``rt`` took a fresh list. The first one asked since ``deciding``: a key of ours
+        on an uncordoned machine may front a cordon request of the process before us,
+        which lands within ``CORDON_UNSURE_S`` of its sending, before ``deciding_since``.
+        (A cordoned one has none outstanding: that process sent no second cordon while
+        one could land.)"""
+        now = self.clock()
+        for key in [k for k, until in self.inherited.items() if now >= until]:
+            del self.inherited[key]  # past: nothing of that process can land any more
+        asked = rt.listed_at
+        if rt.name in self._listed_since or asked is None or asked < self.deciding_since:
+            return
+        self._listed_since.add(rt.name)
+        until = self.deciding_since + CORDON_UNSURE_S
+        for mid, machine in rt.machines.items():
+            if ours(machine) and machine.cordoned is False and now < until:
+                key = (rt.name, mid)
+                self.inherited[key] = max(until, self.inherited.get(key, until))
 
     def publish(self, rt: AppRuntime) -> None:
         if not rt.retired:
@@ -188,6 +233,11 @@ class Actuator:
         if kind == "resume" or kind == "start":
             coro = self.bring_up(rt, mid, kind)
         elif kind == "drain":
+            if self._cordon_may_land(rt, mid):
+                # One outstanding cordon request per machine at most: a process that comes
+                # after us finds it behind our key on an uncordoned machine (``listed``).
+                _log.debug("drain_deferred", app=rt.name, machine=mid, why="cordon may land")
+                return None
             # Out of the proxy's routing at once, before the lease and the API calls.
             rt.cordon_held.add(mid)
             self.publish(rt)
@@ -603,6 +653,10 @@ class Actuator:
         key = (rt.name, mid)
         if key in self.cordoning:
             return True
+        if rt.cordon_listed and (
+            not self.drains_all() or self.clock() < self.inherited.get(key, float("-inf"))
+        ):
+            return True  # another process's request, which we know nothing of, may land
         until = self.cordon_unsure.get(key)
         if until is not None and self.clock() >= until:
             del self.cordon_unsure[key]

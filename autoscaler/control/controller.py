@@ -255,6 +255,7 @@ class Controller:
     async def start(self) -> None:
         """Start every app's loop and offer the wake path to the proxy."""
         self._running = True
+        self.actuator.deciding()
         self.view.set_waker(self.wake)
         for rt in self.apps.values():
             self._start_loop(rt)
@@ -438,6 +439,7 @@ class Controller:
         now = self.clock()
         rt.merge(machines, listed_at, now)
         note_listed(rt, self.view.app(rt.name))
+        self.actuator.listed(rt)
         self.actuator.cleanup(rt)
         self._rechecker.follow(rt, now)
         if self._freeze_heap is not None and all(r.read_once for r in self.apps.values()):

@@ -285,6 +285,9 @@ class AppRuntime:
     leased_by_others: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (seen, busy until): an action found it leased by another holder."""
     read_once: bool = False
+    cordon_listed: bool = True
+    """The last list said of every machine whether it is cordoned (the real API may leave
+    the flag out: our key is then all that shows a cordon of ours)."""
     on_first_list: Callable[[str, list[Machine]], None] | None = None
     """Called with the app's name and its first list as the API gave it (the service
     looks there for Fly's own autostop, instead of listing every app once more)."""
@@ -343,7 +346,10 @@ class AppRuntime:
             self.on_first_list(self.name, listed)
         fresh: dict[str, MachineRecord] = {}
         previous = self.listed_at
+        self.cordon_listed = True
         for listed_machine in listed:
+            if listed_machine.cordoned is None:
+                self.cordon_listed = False
             if listed_machine.state in FINAL_STATES:
                 continue
             machine = MachineRecord.of(

@@ -71,6 +71,7 @@ class Waker:
         listed_at = clock()
         machines = await self.api.list_machines(rt.name)
         rt.merge(machines, listed_at, clock())
+        self.actuator.listed(rt)
         self.actuator.publish(rt)
 
     async def wake(self, rt: AppRuntime) -> str:

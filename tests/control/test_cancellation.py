@@ -132,12 +132,20 @@ async def start_lift(rig: Rig, clock: FakeClock) -> None:
     assert action.kind == "uncordon"
 
 
+async def start_cleanup(rig: Rig, clock: FakeClock) -> None:
+    """A suspended machine with our key and no cordon (a cordon request may be on its
+    way): once that cannot land any more, a tick drops the key."""
+    await rig.tick()
+    await rig.ctl.idle()
+    await clock.advance(CORDON_UNSURE_S)
+    assert (await rig.tick()).actions == ()  # the cleanup is the tick's, not the policy's
+
+
+OUR_KEY = {CORDON_METADATA_KEY: "drain"}
 SEQUENCES = {
     "drain": (dict(state="started"), start_drain),
-    "lift": (
-        dict(state="suspended", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"}),
-        start_lift,
-    ),
+    "lift": (dict(state="suspended", cordoned=True, metadata=OUR_KEY), start_lift),
+    "cleanup": (dict(state="suspended", metadata=OUR_KEY), start_cleanup),
 }
 
 
@@ -181,14 +189,48 @@ def test_the_sequences_are_the_expected_calls() -> None:
         "delete_machine_metadata",
         "release_machine_lease",
     ]
+    cleanup = [name for seq, _, name in CASES if seq == "cleanup"]
+    assert cleanup == ["acquire_machine_lease", "delete_machine_metadata", "release_machine_lease"]
 
 
-@pytest.mark.parametrize("landed", [False, True], ids=["lost", "landed"])
+async def tick_for(rig: Rig, api: FakeMachinesAPI, clock: FakeClock, n: int) -> None:
+    """``n`` ticks a second apart; no cordon without our key after any of them."""
+    for _ in range(n):
+        await rig.tick()
+        await rig.ctl.idle()
+        assert orphan_cordons(api) == []
+        await clock.advance(1)
+
+
+async def end(old: Rig, wire: Wire, how: str) -> asyncio.Future[None]:
+    """The process ends with a request on the wire: it dies (nothing more leaves it), or
+    it is stopped (its tasks cancelled, its cordon requests cut off, its leases given back;
+    none of that calls back the request on the wire). Its stop, which may wait for that
+    request (a lease's release), goes on while the test does."""
+    if how == "dies":
+        wire.die()
+        for run in list(old.ctl.apps[APP].running.values()):
+            run.task.cancel()
+        await settle()
+    stopping = asyncio.ensure_future(old.ctl.stop())
+    await settle()
+    return stopping
+
+
+LANDINGS = ["lost", "landed", "late", "later"]
+"""The request on the wire never reaches the server; reaches it before the next process
+starts; after the next process's first tick and what it did; after 8 ticks of it (past
+the idle time after which it would drain a started machine, and does, where no cordon
+request of the process before may land)."""
+
+
+@pytest.mark.parametrize("how", ["dies", "stopped"])
+@pytest.mark.parametrize("landing", LANDINGS)
 @pytest.mark.parametrize(
     ("sequence", "cut_at", "name"), CASES, ids=[f"{s}-{n}-{c}" for s, n, c in CASES]
 )
-async def test_a_process_dying_at_any_call_leaves_what_the_next_one_finishes(
-    sequence: str, cut_at: int, name: str, landed: bool
+async def test_a_process_ending_at_any_call_leaves_what_the_next_one_finishes(
+    sequence: str, cut_at: int, name: str, landing: str, how: str
 ) -> None:
     clock = FakeClock()
     api = FakeMachinesAPI(clock=clock)
@@ -199,16 +241,22 @@ async def test_a_process_dying_at_any_call_leaves_what_the_next_one_finishes(
     await start(old, clock)
     await asyncio.wait_for(wire.reached.wait(), 5)
     assert wire.sent[-1] == name
-    # The process dies with that request on the wire: nothing more leaves it.
-    wire.die()
-    for run in list(old.ctl.apps[APP].running.values()):
-        run.task.cancel()
-    await settle()
-    await (wire.land() if landed else wire.drop())
-    await old.ctl.stop()
+    sent_at = clock()
+    stopping = await end(old, wire, how)
+    if landing in ("lost", "landed"):
+        await (wire.land() if landing == "landed" else wire.drop())
+        await stopping
     assert orphan_cordons(api) == []
     # The next process (on the same host) sees only the API.
     new = Rig(api, clock, idle_to_zero_s=5)
+    if landing in ("late", "later"):
+        await tick_for(new, api, clock, 1 if landing == "late" else 8)
+        await wire.land()
+        await stopping
+        assert orphan_cordons(api) == []
+    # A cordon of the process before may land until CORDON_UNSURE_S after it was sent.
+    await tick_for(new, api, clock, 3)
+    await clock.advance(max(0.0, sent_at + CORDON_UNSURE_S - clock()))
     await run_ticks(new, api, clock, mid)
     await new.ctl.stop()
     # A lease the dead process held lapses on its own, soon: it blocks nobody for long.
@@ -283,4 +331,131 @@ async def test_a_cordon_landing_late_after_a_lost_answer_keeps_our_key() -> None
     await clock.advance(CORDON_UNSURE_S)  # past the time such a request could still land
     await run_ticks(rig, api, clock, mid)
     assert rig.routable() == {mid}
+    await rig.ctl.stop()
+
+
+async def test_no_second_drain_while_a_cordon_request_may_land() -> None:
+    """One cordon request of ours per machine may be outstanding, never two: with a second
+    one landed (cordoned, our key), a process dying then leaves what the next one takes
+    for a drain to finish, and the first request's cordon landed after it was lifted."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    api.gates["cordon_machine"] = gate = asyncio.Event()
+    api.fail["cordon_machine"] = [TransportError("read timeout", sent=True)]
+    await start_drain(rig, clock)
+    assert await rig.ctl.wake(APP) == "none"  # taken back, its cordon request unanswered
+    gate.set()
+    await rig.ctl.idle()
+    assert api.ops("cordon_machine") == [mid]
+    # Idle again: the policy wants it drained, but not while that request may land.
+    for _ in range(10):
+        await clock.advance(1)
+        await rig.tick()
+        await rig.ctl.idle()
+    assert api.ops("cordon_machine") == [mid]
+    assert api.get(APP, mid).state == "started"
+    await clock.advance(CORDON_UNSURE_S)  # then it is (the first tick drops the key)
+    await tick_for(rig, api, clock, 3)
+    assert api.ops("cordon_machine") == [mid, mid]
+    assert settled_well(api, rig, mid)
+    assert api.get(APP, mid).state == "suspended"
+    await rig.ctl.stop()
+
+
+async def cordon_on_the_wire(clock: FakeClock, api: FakeMachinesAPI) -> tuple[str, Wire]:
+    """A process drains the app's only machine and dies with its cordon request on the
+    wire (our key is on the machine, the cordon not yet)."""
+    mid = api.add(APP, "started")
+    wire = Wire(api, 3)
+    old = Rig(wire, clock, idle_to_zero_s=5)  # type: ignore[arg-type]
+    await start_drain(old, clock)
+    await asyncio.wait_for(wire.reached.wait(), 5)
+    assert wire.sent[-1] == "cordon_machine"
+    await end(old, wire, "dies")
+    return mid, wire
+
+
+async def test_a_cordon_of_the_process_before_the_one_before_is_ours_too() -> None:
+    """The next process stops before the dead one's cordon request lands, and a third one
+    starts: that one finds our key and keeps it as long as the request may come."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    mid, wire = await cordon_on_the_wire(clock, api)
+    sent_at = clock()
+    second = Rig(api, clock, idle_to_zero_s=600)
+    await tick_for(second, api, clock, 30)
+    await second.ctl.stop()
+    third = Rig(api, clock, idle_to_zero_s=600)
+    await tick_for(third, api, clock, 20)
+    assert clock() < sent_at + CORDON_UNSURE_S
+    await wire.land()
+    assert orphan_cordons(api) == []
+    await clock.advance(CORDON_UNSURE_S)
+    await run_ticks(third, api, clock, mid)
+    await third.ctl.stop()
+
+
+async def test_a_controller_that_starts_deciding_late_keeps_the_keys_it_finds() -> None:
+    """In cluster mode a replica's controller is made when the process starts and begins
+    to decide when it wins the lease, maybe much later: the cordon requests of the leader
+    before it may still land then."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    rig = Rig(api, clock, idle_to_zero_s=600)  # a follower's, long before it leads
+    await clock.advance(10 * CORDON_UNSURE_S)
+    mid, wire = await cordon_on_the_wire(clock, api)  # the leader's drain, cut short
+    await rig.ctl.start()  # this replica leads now
+    try:
+        for _ in range(3):
+            await clock.advance(1)
+            await rig.ctl.idle()
+            assert orphan_cordons(api) == []
+        assert rig.ctl.apps[APP].read_once
+        await wire.land()
+        assert orphan_cordons(api) == []
+        assert api.get(APP, mid).cordoned is True  # ours: the policy lifts or finishes it
+    finally:
+        await rig.ctl.stop()
+
+
+async def test_a_follower_keeps_our_key_when_it_wakes_a_machine_itself() -> None:
+    """A follower (cluster mode) that wakes a machine itself (no leader answered) lifts
+    our cordon there but leaves our key: the leader's cordon request may still land."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    follower = Rig(api, clock)
+    follower.ctl.actuator.drains_all = lambda: False
+    await clock.advance(10 * CORDON_UNSURE_S)  # long past its own start
+    # The leader's drain: suspended, uncordoned, our key kept (its cordon request of an
+    # earlier drain, taken back, ended without an answer).
+    mid = api.add(APP, "suspended", metadata=dict(OUR_KEY))
+    assert await follower.ctl.wake(APP) == "resume"
+    await follower.ctl.idle()
+    assert follower.routable() == {mid}
+    assert CORDON_METADATA_KEY in meta(api, mid)
+    api.set(APP, mid, cordoned=True)  # that request lands
+    assert orphan_cordons(api) == []
+    await follower.ctl.stop()
+
+
+async def test_without_the_api_s_cordon_flag_a_woken_machine_routes_at_once() -> None:
+    """An API that leaves ``cordoned`` out shows our cordon by our key alone: a key kept
+    there would keep the machine the next process woke out of routing. There the key goes
+    with the cordon, as before."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock, report_cordon=False)
+    mid = api.add(APP, "suspended", cordoned=True, metadata=dict(OUR_KEY))
+    rig = Rig(api, clock)
+    await rig.tick()
+    await rig.ctl.idle()
+    assert rig.routable() == set()  # asleep
+    assert await rig.ctl.wake(APP) == "resume"
+    await rig.ctl.idle()
+    await clock.advance(1)
+    await rig.tick()
+    assert rig.routable() == {mid}
+    assert CORDON_METADATA_KEY not in meta(api, mid)
+    assert api.get(APP, mid).cordoned is False
     await rig.ctl.stop()

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 from testkit import canned_http
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
+from autoscaler.control.actions import CORDON_UNSURE_S
 from autoscaler.control.controller import MAX_RETRY_AFTER_S, Controller, WakeError
 from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
@@ -370,9 +371,16 @@ async def test_restart_finishes_our_cordons_and_leaves_others_alone(
     assert rig.routable() == {serving}
     # The drain left behind is finished: suspended, then uncordoned, key gone.
     assert state(api, left_draining) == "suspended"
-    for mid in (left_draining, left_asleep, stale_key):
+    for mid in (left_draining, left_asleep):
         assert_uncordoned(api, mid)
     assert state(api, left_asleep) == "suspended"
+    # Our key without a cordon may front a cordon request still on its way: it stays
+    # until that cannot land any more.
+    assert CORDON_METADATA_KEY in meta(api, stale_key)
+    await clock.advance(CORDON_UNSURE_S)
+    await rig.tick()
+    await rig.ctl.idle()
+    assert_uncordoned(api, stale_key)
     # Someone else's cordon: never lifted, never routed to, never drained.
     assert foreign not in api.ops("uncordon_machine")
     assert foreign not in api.ops("suspend_machine")
@@ -1731,6 +1739,9 @@ async def test_a_wake_takes_the_machine_from_a_cleanup_at_once(
     mid = api.add(APP, asleep, metadata={CORDON_METADATA_KEY: "drain"})
     api.gates["delete_machine_metadata"] = asyncio.Event()
     rig = Rig(api, clock)
+    await rig.tick()
+    assert not rig.ctl.apps[APP].running  # found at start: kept while a cordon may land
+    await clock.advance(CORDON_UNSURE_S)
     await rig.tick()
     assert rig.ctl.apps[APP].running[mid].kind == "cleanup"
     assert api.ops("delete_machine_metadata") == [mid]
