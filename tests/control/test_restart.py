@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
+from testkit import fly_like
 
 from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
+from autoscaler.control.actions import CORDON_UNSURE_S
 from autoscaler.control.controller import Controller
 from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
@@ -22,14 +25,39 @@ APP = "web"
 
 
 @pytest.fixture
-def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
-    return emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=3)]})
+def emulator_settings(
+    emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
+) -> EmulatorSettings:
+    """Fast timings, or Fly's where a test asks (indirect parametrization)."""
+    settings = emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=3)]})
+    return fly_like(settings) if getattr(request, "param", "fast") == "fly" else settings
 
 
-def controller(client: MachinesClient, min_machines: int) -> Controller:
+BOTH_PROFILES = pytest.mark.parametrize(
+    "emulator_settings", ["fast", pytest.param("fly", marks=pytest.mark.fly_profile)], indirect=True
+)
+
+
+class Clock:
+    """Monotonic time that a test can move ahead of the real one."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+def controller(client: MachinesClient, min_machines: int, clock: Clock | None = None) -> Controller:
     app = AppConfig(name=APP, min_machines=min_machines, idle_to_zero_s=600, scale_down_delay_s=600)
     settings = Settings(apps=[app], control=ControlSettings(tick_s=0.1))
-    return Controller(client, FleetView(), settings, Metrics(CollectorRegistry()))
+    clock = clock or Clock()
+    view = FleetView(clock)
+    return Controller(client, view, settings, Metrics(CollectorRegistry()), clock=clock)
+
+
+def meta(emulator: Emulator, mid: str) -> dict[str, str]:
+    return dict(emulator.machine(APP, mid).config.get("metadata") or {})
 
 
 async def until(ctl: Controller, check: Callable[[], bool], timeout_s: float = 30) -> None:
@@ -75,8 +103,49 @@ async def test_a_new_process_starts_nothing_twice_and_finishes_our_drain(
     assert states == ["started", "stopped", "suspended"]  # nothing started twice, or more
     machine = emulator.machine(APP, left)
     assert machine.cordoned is False
-    assert CORDON_METADATA_KEY not in (machine.config.get("metadata") or {})
+    assert CORDON_METADATA_KEY not in meta(emulator, left)
     starts = second.metrics.registry.get_sample_value(
         "autoscaler_scaling_actions_total", {"app": APP, "action": "start", "result": "ok"}
     )
     assert starts is None
+
+
+@BOTH_PROFILES
+async def test_a_cordon_the_process_before_sent_is_ours_when_it_lands_late(
+    emulator: Emulator,
+) -> None:
+    """A process dies with a drain's cordon request on its way (our key is on the machine,
+    the cordon not yet). The next one keeps the key, so the cordon, landing after it began,
+    is ours: it finishes that drain once no such request can land any more."""
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        first = controller(client, min_machines=2)
+        await first.start()
+        try:
+            await until(first, lambda: len(first.view.app(APP).routable()) == 2)
+        finally:
+            await first.stop()
+        left, other = sorted(m.id for m in emulator.machines(APP) if m.state == "started")
+        await client.set_machine_metadata(APP, left, CORDON_METADATA_KEY, "drain")
+
+        clock = Clock()
+        second = controller(client, min_machines=1, clock=clock)
+        await second.start()
+        try:
+            rt = second.apps[APP]
+            await until(second, lambda: rt.read_once and not rt.running)
+            await client.cordon_machine(APP, left)  # the request lands now
+            await until(second, lambda: {u.id for u in second.view.app(APP).routable()} == {other})
+            assert CORDON_METADATA_KEY in meta(emulator, left)
+            clock.ahead = CORDON_UNSURE_S  # no request of the dead process can land now
+            await until(
+                second,
+                lambda: (
+                    emulator.machine(APP, left).state == "suspended"
+                    and emulator.machine(APP, left).cordoned is False
+                    and CORDON_METADATA_KEY not in meta(emulator, left)
+                    and not rt.running
+                ),
+                timeout_s=60,
+            )
+        finally:
+            await second.stop()
