@@ -663,6 +663,16 @@ class Actuator:
             return False
         return until is not None
 
+    def cordon_may_land_until(self, app: str, mid: str) -> float | None:
+        """Until when a cordon request we know of (ours, or the process's before us) may
+        still land on the machine; None if none may (or, on a follower, if that is
+        unknown: the leader's requests are not known there)."""
+        if not self.drains_all():
+            return None
+        key = (app, mid)
+        until = max(self.cordon_unsure.get(key, 0.0), self.inherited.get(key, 0.0))
+        return until if until > self.clock() else None
+
     async def _wait_idle(self, rt: AppRuntime, mid: str, timeout_s: float) -> bool:
         """Until the machine has no request in flight (True) or the timeout passed (False)."""
         view = self.view.app(rt.name)

@@ -222,6 +222,9 @@ class Controller:
         self._running = False
         self._gauged: dict[str, set[str]] = {}
         self._gauge_last: dict[str, tuple[object, ...]] = {}
+        self._late_lifts: dict[tuple[str, str], tuple[asyncio.Task[None], list[bool]]] = {}
+        """(app, machine) -> a removed app's cordon lifted again once no cordon request
+        of ours can land there any more (:meth:`_hand_back`), and whether its calls began."""
         # The loops' timing (control/schedule.py): the org budget that sleeping apps' polls
         # leave to busy apps, and each loop's pacer.
         self.budget: Budget = budget if budget is not None else Unlimited()
@@ -271,6 +274,7 @@ class Controller:
         self._running = False
         self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
+        await self._call_off_late_lifts()
         await self.actuator.aclose()  # what the actions cancelled just now leave running
         # Started again (a replica that leads again), it writes every gauge anew (a
         # follower drops them: Metrics.forget_decisions) and bills machine time from its
@@ -296,13 +300,16 @@ class Controller:
         The apps that stay or come tick at once; the removed ones are let go all together,
         each within about twice ``control.api_timeout_s`` (:meth:`_remove`), so that a
         reload that removes many apps takes no longer than one that removes one. It
-        returns once they are let go: no call of ours on their machines comes after."""
+        returns once they are let go: no call of ours on their machines comes after, but
+        the lifts of cordons of ours that may still land there (:meth:`_lift_later`)."""
         self.settings = settings
         self.actuator.backoff_max_s = settings.control.api_backoff_max_s
         self.actuator.lease_skip_s = settings.control.tick_s
         self.waker.api_timeout_s = settings.control.api_timeout_s
         static = {c.name for c in settings.apps if c.static}
         removed = [self.apps.pop(name) for name in self._sync_apps(settings.apps)]
+        for name in {app for app, _ in self._late_lifts} & set(self.apps):
+            await self._call_off_late_lifts(name)  # back: before its first tick
         for rt in removed:
             self._pacers.pop(rt.name, None)
             rt.retired = True  # the actuator launches nothing more for it
@@ -352,8 +359,54 @@ class Controller:
                     await self.actuator.release(rt, mid, force=True)
             except FlyError as exc:
                 _log.warning("cordon_left_on_removed_app", app=rt.name, machine=mid, error=str(exc))
+                return
+            until = self.actuator.cordon_may_land_until(rt.name, mid)
+            if until is not None:
+                self._lift_later(rt, mid, until)
 
         await asyncio.gather(*(lift(mid) for mid in sorted(marked)))
+
+    def _lift_later(self, rt: AppRuntime, mid: str, until: float) -> None:
+        """A cordon request of ours may still land on a removed app's machine (its answer
+        was lost, or the process before us sent it): the lift just made kept our key, so
+        that cordon is ours to find, but no tick of ours will look again. Once it cannot
+        land any more, the cordon is lifted once more and the key dropped, from a task of
+        its own (the reload does not wait a minute for it), each call within
+        ``control.api_timeout_s``. Called off if the app comes back (its ticks do that
+        work then) and at stop (the key stays: harmless without a cordon)."""
+        key = (rt.name, mid)
+        began = [False]
+
+        async def later() -> None:
+            await self.sleep(max(0.0, until - self.clock()))
+            began[0] = True
+            _log.info("cordon_lifted_late", app=rt.name, machine=mid)
+            try:
+                with one_attempt(self.settings.control.api_timeout_s):
+                    await self.actuator.release(rt, mid, force=True)
+            except FlyError as exc:
+                _log.warning("cordon_left_on_removed_app", app=rt.name, machine=mid, error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(later(), name=f"lift-later:{key}")
+        self._late_lifts[key] = (task, began)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._late_lifts.get(key, (None,))[0] is t:
+                del self._late_lifts[key]
+
+        task.add_done_callback(done)
+
+    async def _call_off_late_lifts(self, app: str | None = None) -> None:
+        """Cancel the late lifts (of ``app``, or all) still waiting; wait for those whose
+        calls began: cut off, a key deletion could land on a drain of the app come back."""
+        waiting: list[asyncio.Task[None]] = []
+        calling: list[asyncio.Task[None]] = []
+        for (name, _), (task, began) in list(self._late_lifts.items()):
+            if app is None or name == app:
+                (calling if began[0] and app is not None else waiting).append(task)
+        await cancel_and_wait(waiting)
+        if calling:
+            await asyncio.wait(calling)
 
     async def idle(self) -> None:
         """Wait until no action is under way (tests; a graceful stop could use it too)."""

@@ -17,7 +17,7 @@ from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.fly import models as m
-from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError
+from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError, TransportError
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.keepalive import PREWARM_LEAD_S, KeepAliveState, Plan
@@ -1724,6 +1724,66 @@ async def test_a_removed_app_s_cordons_are_lifted_after_its_leases_are_given_bac
         await reload
         assert_uncordoned(api, victim)
         assert api.leases == {}
+    finally:
+        await rig.ctl.stop()
+
+
+async def _key_kept_then_removed(api: FakeMachinesAPI, clock: FakeClock) -> tuple[Rig, str]:
+    """A drain taken back whose cordon request got no answer (it may still land: our key
+    stays), then a reload removes the app: the hand-back lifts the cordon, keeps the key."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    api.gates["cordon_machine"] = gate = asyncio.Event()
+    api.fail["cordon_machine"] = [TransportError("read timeout", sent=True)]
+    await rig.tick()
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    assert await rig.ctl.wake(APP) == "none"
+    gate.set()
+    await rig.ctl.idle()
+    assert CORDON_METADATA_KEY in meta(api, mid)
+    await clock.advance(1)
+    await rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))
+    assert api.get(APP, mid).cordoned is False
+    assert CORDON_METADATA_KEY in meta(api, mid)  # the cordon may yet come: it must be ours
+    return rig, mid
+
+
+async def test_a_removed_app_s_late_cordon_is_lifted_once_it_cannot_land_any_more(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """No tick of ours looks at a removed app's machines again: the hand-back itself lifts
+    the cordon again and drops our key once no cordon request of ours can land there (left,
+    a late cordon kept the machine out of Fly's routing for good, and our key stayed)."""
+    rig, mid = await _key_kept_then_removed(api, clock)
+    try:
+        api.set(APP, mid, cordoned=True)  # that request lands, after the reload
+        await clock.advance(CORDON_UNSURE_S)
+        await settle()
+        assert_uncordoned(api, mid)
+        assert CORDON_METADATA_KEY not in meta(api, mid)
+    finally:
+        await rig.ctl.stop()
+
+
+async def test_an_app_back_before_its_late_lift_is_left_to_its_ticks(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Re-added while the late lift still waits: that is called off (its key deletion
+    could land on a drain of the app's own), and the app's ticks drop the key instead."""
+    rig, mid = await _key_kept_then_removed(api, clock)
+    try:
+        await rig.ctl.update_settings(
+            Settings(apps=[AppConfig(name=APP, **KNOBS)], control=ControlSettings(tick_s=1.0))
+        )
+        deletes = len(api.ops("delete_machine_metadata"))
+        await clock.advance(CORDON_UNSURE_S)
+        await settle()
+        assert len(api.ops("delete_machine_metadata")) == deletes  # no late lift
+        await rig.tick()
+        await rig.ctl.idle()
+        assert CORDON_METADATA_KEY not in meta(api, mid)
     finally:
         await rig.ctl.stop()
 
