@@ -172,16 +172,19 @@ class GapHistogram:
         return self.total
 
     def add(self, gap: float) -> GapHistogram:
-        """The histogram with one more gap (the older ones decayed)."""
+        """The histogram with one more gap (the older ones decayed). A gap shorter than
+        MIN_GAP_S is no idleness, and one that is not a number no gap: either leaves the
+        histogram as it is (``step`` passes neither; before, such a gap aged the others
+        without counting itself)."""
+        if not gap >= MIN_GAP_S:  # NaN too
+            return self
         weights = [w * DECAY for w in self.weights]
         beyond = self.beyond * DECAY
-        total = self.total * DECAY
+        total = self.total * DECAY + 1.0
         if gap >= MAX_GAP_S:
             beyond += 1.0
-            total += 1.0
-        elif gap >= MIN_GAP_S:
+        else:
             weights[_bin(gap)] += 1.0
-            total += 1.0
         return GapHistogram(tuple(weights), beyond, total)
 
     def quantile(self, q: float) -> float:

@@ -483,3 +483,14 @@ def test_a_decision_at_its_own_next_check_sees_the_window_open(
         now = d.next_check
     assert [(a.kind, a.reason.split(":")[0]) for a in d.actions] == [("resume", "pre-warm")]
     assert now == idle_from + (prewarm_at - PREWARM_LEAD_S)
+
+
+@pytest.mark.parametrize("odd", [0.0, 1.9, -5.0, math.nan, -math.inf])
+def test_a_gap_too_short_or_not_a_number_leaves_the_histogram_as_it_is(odd: float) -> None:
+    # Before, each aged the gaps learned by DECAY without counting itself: a run of them
+    # took a representative histogram below MIN_GAPS (step() passes none, add() did).
+    h = learned([100.0] * 10)
+    assert h.representative()
+    after = learned([100.0] * 10 + [odd] * 200)
+    assert after == h
+    assert after.plan(300.0, fallback(300.0)) == h.plan(300.0, fallback(300.0))
