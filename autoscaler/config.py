@@ -510,7 +510,10 @@ class AppConfig(_Model):
         default=0.7, gt=0, le=1, description="fraction of target_concurrency to plan for"
     )
     hard_limit: int = Field(
-        default=25, ge=1, description="requests in flight per machine; more wait in the queue"
+        default=25,
+        ge=1,
+        le=2**53,  # the policy reckons it as a float: past this, one that overflows
+        description="requests in flight per machine; more wait in the queue",
     )
     stable_window_s: Seconds = Field(
         default=60.0, gt=0, description="averaging window of normal mode"
@@ -588,6 +591,18 @@ class AppConfig(_Model):
         low = info.data.get("min_machines")
         if isinstance(low, int) and value < low:
             raise ValueError(f"must be >= min_machines ({low}), got {value}")
+        return value
+
+    @field_validator("target_utilization")
+    @classmethod
+    def _unit_above_zero(cls, value: float, info: ValidationInfo) -> float:
+        # Their product is the load one machine is planned for, a divisor of the policy's.
+        target = info.data.get("target_concurrency")
+        if isinstance(target, float) and not target * value > 0:
+            raise ValueError(
+                f"target_concurrency x target_utilization must be above 0, got {target:g} x"
+                f" {value:g}"
+            )
         return value
 
     @field_validator("panic_window_s")

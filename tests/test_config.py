@@ -321,6 +321,23 @@ def test_timeouts_of_zero_and_seconds_not_finite_are_refused(
     assert line.split(": ", 1)[1].startswith(f"{key}: ")
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("apps: [{name: a, target_concurrency: 5.0e-324, target_utilization: 0.5}]",
+      "apps[0].target_utilization"),
+     ("apps: [{name: a, hard_limit: 1" + "0" * 400 + "}]", "apps[0].hard_limit")],
+)  # fmt: skip
+def test_knobs_the_policy_cannot_reckon_with_are_refused(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    # Each passed before, and every decision of the app then raised: the planned load per
+    # machine rounded to 0 (ZeroDivisionError), or hard_limit overflowed a float.
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text + "\n"), env={})
+    (line,) = info.value.problems
+    assert line.split(": ", 1)[1].startswith(f"{key}: ")
+
+
 def test_protect_metrics_without_an_admin_token_is_refused(tmp_path: Path) -> None:
     # Accepted before: the admin server had no token to require, so /metrics, the health
     # endpoints and /status all stayed open while the file asked for them to be guarded.
