@@ -11,7 +11,8 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO, cast
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -454,6 +455,34 @@ _HELD = {signal.SIGHUP, signal.SIGUSR2}
 
 def main(argv: Sequence[str] | None = None) -> int:
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    output = _Output()
+    try:
+        try:
+            result: int | SystemExit = _command(argv, mask, output)
+        except SystemExit as exc:  # --help, --version, a usage error
+            result = exc
+        output.flush()
+    except OSError as exc:
+        broken_pipe = isinstance(exc, BrokenPipeError)
+        if exc is not output.error and not broken_pipe:
+            raise
+        # stdout or stderr on a full disk, /dev/full, a dead terminal (EIO): one line, no
+        # traceback. A reader that stopped (EPIPE: `autoscaler status --watch | head`) is
+        # no error of ours: nothing said. What cannot be flushed is sent to /dev/null, so
+        # the interpreter's last flush cannot fail again (exit 120).
+        _settle(sys.stdout)
+        if not broken_pipe:
+            _say(f"autoscaler: cannot write the output: {exc.strerror or exc}")
+        _settle(sys.stderr)
+        return 1
+    finally:
+        output.restore()
+    if isinstance(result, SystemExit):
+        raise result
+    return result
+
+
+def _command(argv: Sequence[str] | None, mask: Iterable[int], output: _Output) -> int:
     try:
         args = build_parser().parse_args(argv)
     except BaseException:  # --help, --version, a usage error: nothing held any longer
@@ -463,17 +492,114 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     from autoscaler import logs
 
-    logs.configure(level=args.log_level, fmt=args.log_format)
+    # The logs bypass the watch: a log line that cannot be written is dropped, as ever, and
+    # a busy proxy's line per request costs no extra call.
+    logs.configure(level=args.log_level, fmt=args.log_format, stream=output.stdout or output.stderr)
     run: Runner = args.run
     try:
         return run(args)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # Whoever read our output stopped (`autoscaler status --watch | head`): no
-        # traceback, and stdout on /dev/null so the interpreter's last flush cannot fail.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+
+
+class _Output:
+    """Watches sys.stdout and sys.stderr while main() runs, so that main() can tell a
+    failure to write the command's output (ENOSPC, EIO, EPIPE) from any other OSError (a
+    file the command cannot read, a socket). Each is replaced by a thin wrapper that keeps
+    the last error a write or flush raised, even one the caller swallowed (argparse's
+    --help and --version ignore a failed write and exit 0)."""
+
+    def __init__(self) -> None:
+        self.stdout: TextIO | None = sys.stdout  # None when closed (`cmd >&-`)
+        self.stderr: TextIO | None = sys.stderr
+        self.error: OSError | None = None
+        self._wrappers: list[TextIO] = []
+        if self.stdout is not None:
+            sys.stdout = self._wrap(self.stdout)
+        if self.stderr is not None:
+            sys.stderr = self._wrap(self.stderr)
+
+    def _wrap(self, stream: TextIO) -> TextIO:
+        wrapper = cast(TextIO, _Watched(stream, self))
+        self._wrappers.append(wrapper)
+        return wrapper
+
+    def flush(self) -> None:
+        """Flush now, not at the interpreter's exit (where a failure is a line of
+        "Exception ignored" and exit 120); raise the error any write met."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except ValueError:  # closed by the command
+                pass
+        if self.error is not None:
+            raise self.error
+
+    def restore(self) -> None:
+        if self.stdout is not None and sys.stdout in self._wrappers:
+            sys.stdout = self.stdout
+        if self.stderr is not None and sys.stderr in self._wrappers:
+            sys.stderr = self.stderr
+
+
+class _Watched:
+    __slots__ = ("_output", "_stream")
+
+    def __init__(self, stream: TextIO, output: _Output) -> None:
+        self._stream = stream
+        self._output = output
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            self._output.error = exc
+            raise
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            self._output.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, if stderr can take it (it may be on a full disk too)."""
+    try:
+        if sys.stderr is not None:
+            print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _settle(stream: TextIO | None) -> None:
+    """Flush the stream; if that fails, point its descriptor at /dev/null, where what is
+    still buffered for it goes at the interpreter's exit instead of failing again."""
+    if stream is None:
+        return
+    try:
+        stream.flush()
+        return
+    except (OSError, ValueError):
+        pass
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, ValueError):  # no descriptor (a test's capture): nothing to redirect
+        pass
 
 
 if __name__ == "__main__":

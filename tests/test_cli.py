@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import json
+import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,3 +135,114 @@ def test_a_command_with_stdout_closed_runs() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- output that cannot be written ----------------------------------------------------------
+
+CANNOT_WRITE = "autoscaler: cannot write the output: No space left on device"
+
+
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"apps": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def admin_url() -> Iterator[str]:
+    """An admin server on loopback answering every /status with an empty fleet."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StatusHandler)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+PRINTING = {
+    "check-config": ["check-config", "config/autoscaler.yaml"],
+    "help": ["--help"],
+    "version": ["--version"],
+    "command-help": ["status", "--help"],
+    "simulate": ["simulate", "--generate", "steady", "--hours", "0.1", "--totals-only"],
+    "status": ["status", "--admin", "{admin}"],
+    "status-json": ["status", "--json", "--admin", "{admin}"],
+    "status-watch": ["status", "--watch", "--json", "--admin", "{admin}"],
+}
+
+
+def run_to(
+    args: list[str], admin: str, *, stdout: object, stderr: object, unbuffered: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSCALER_")}
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "autoscaler", *(a.format(admin=admin) for a in args)],
+        stdout=stdout, stderr=stderr, text=True, cwd=REPO, env=env, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("command", PRINTING)
+def test_output_to_a_full_disk_is_one_line_and_exit_1(
+    command: str, unbuffered: bool, admin_url: str
+) -> None:
+    """`autoscaler check-config > /dev/full` ended in an OSError traceback (or, with
+    stdout buffered, "Exception ignored" at the interpreter's exit and exit 120); --help
+    and --version exited 0 having written nothing."""
+    with open("/dev/full", "w") as full:
+        result = run_to(
+            PRINTING[command], admin_url, stdout=full, stderr=subprocess.PIPE,
+            unbuffered=unbuffered,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert result.stderr.splitlines()[-1] == CANNOT_WRITE
+
+
+@pytest.mark.parametrize("command", PRINTING)
+def test_output_to_a_closed_pipe_exits_1_saying_nothing(command: str, admin_url: str) -> None:
+    """A reader that is gone (`autoscaler --help | true`): exit 1, not a word on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = run_to(
+            PRINTING[command], admin_url, stdout=write_end, stderr=subprocess.PIPE,
+            unbuffered=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert "cannot write" not in result.stderr
+
+
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
+def test_stderr_to_a_full_disk_keeps_the_output_and_exits_1(
+    unbuffered: bool, tmp_path: Path
+) -> None:
+    """check-config writes its summary to stdout and a warning to stderr; with stderr on
+    /dev/full the summary is still written whole, and the exit is 1 (was 120 buffered)."""
+    out = tmp_path / "out.txt"
+    with open("/dev/full", "w") as full, out.open("w") as sink:
+        result = run_to(
+            PRINTING["check-config"], "", stdout=sink, stderr=full, unbuffered=unbuffered
+        )
+    assert result.returncode == 1
+    expected = run("check-config", "config/autoscaler.yaml").stdout
+    assert out.read_text() == expected
+    assert expected.startswith("config/autoscaler.yaml: OK\n")
