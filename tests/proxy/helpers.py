@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from testkit import until
+
+from autoscaler.proxy.h1 import Connection
+from autoscaler.proxy.server import ProxyServer
 
 from .conftest import Backend, StartProxy
 
@@ -128,3 +133,23 @@ class Blocking:
         app = web.Application()
         app.router.add_get("/", handler)
         return app
+
+
+@asynccontextmanager
+async def slow_reader(proxy: ProxyServer) -> AsyncIterator[tuple[socket.socket, Connection]]:
+    """A raw client socket to ``proxy`` (an asyncio stream would read for us) that takes
+    nothing unless told, with small kernel buffers on both sides (loopback autotunes them
+    to megabytes): what the client does not take waits in the proxy, as on a slow network.
+    Yields the socket and the proxy's connection for it."""
+    clients = proxy._server.connections  # the listener's open client connections
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await until(lambda: len(clients) == 1)
+        (conn,) = clients
+        assert conn.transport is not None
+        proxy_side = conn.transport.get_extra_info("socket")
+        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        yield sock, conn

@@ -17,7 +17,7 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy.body import WRITE_HIGH_WATER
 
 from .conftest import Backend, StartProxy, url
-from .helpers import Blocking, raw
+from .helpers import Blocking, raw, slow_reader
 
 
 def echo_app(seen: list[web.Request] | None = None) -> web.Application:
@@ -407,19 +407,9 @@ async def test_an_answer_left_unread_on_an_idle_connection_is_cut_by_the_idle_sw
     )
     clients = proxy._server.connections  # the listener's open client connections
     loop = asyncio.get_running_loop()
-    # A raw socket: an asyncio stream would read the answer into its own buffer.
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
-        await until(lambda: len(clients) == 1)
-        # Small kernel buffers on the proxy's side too (loopback autotunes them to
-        # megabytes): most of the answer then waits in the transport, as it does on a
-        # slow network.
-        (conn,) = clients
+    # Most of the answer then waits in the proxy's transport.
+    async with slow_reader(proxy) as (sock, conn):
         assert conn.transport is not None
-        proxy_side = conn.transport.get_extra_info("socket")
-        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         await loop.sock_sendall(sock, b"GET /page HTTP/1.1\r\nHost: a.test\r\n\r\n")
         # The answer is done, part of it still unsent: the case meant here.
         await until(lambda: conn.idle and conn.transport.get_write_buffer_size() > 0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from typing import Any
 
 import pytest
@@ -34,6 +33,7 @@ from .helpers import (
     read_response,
     reply_status,
     seen_app,
+    slow_reader,
 )
 from .inproc import OK, FakeTransport, Harness, _settle
 
@@ -624,17 +624,7 @@ async def test_a_client_that_pipelines_and_never_reads_is_cut_off(
     request = b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n"
     sent = 20_000  # their answers are some 3 MB, far more than the socket buffers hold
     loop = asyncio.get_running_loop()
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
-        await until(lambda: len(clients) == 1)
-        (conn,) = clients
-        assert conn.transport is not None
-        # Small kernel buffers on the proxy's side too (loopback autotunes them to
-        # megabytes), as on a slow network.
-        proxy_side = conn.transport.get_extra_info("socket")
-        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    async with slow_reader(proxy) as (sock, _):
         with contextlib.suppress(ConnectionError):  # (the proxy may cut it meanwhile)
             async with asyncio.timeout(BOUND_S):
                 await loop.sock_sendall(sock, request * sent)

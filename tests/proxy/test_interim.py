@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 
 from testkit import until
 
@@ -17,7 +16,7 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy.body import WRITE_HIGH_WATER
 
 from .conftest import RawBackend, StartProxy
-from .helpers import raw
+from .helpers import raw, slow_reader
 from .test_framing import machine_with
 
 FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -204,21 +203,10 @@ async def test_a_client_that_reads_nothing_misses_hints_rather_than_piling_them_
 
     addr = await raw_backend(serve)
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
-    clients = proxy._server.connections  # the listener's open client connections
     view = fleet.app("a")
     loop = asyncio.get_running_loop()
-    # A raw socket (an asyncio stream would read for us), and small kernel buffers on
-    # both sides (loopback autotunes them to megabytes): what the client does not take
-    # waits in the proxy.
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
-        await until(lambda: len(clients) == 1)
-        (conn,) = clients
+    async with slow_reader(proxy) as (sock, conn):
         assert conn.transport is not None
-        proxy_side = conn.transport.get_extra_info("socket")
-        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         await loop.sock_sendall(sock, GET)
         await asked.wait()
         await until(lambda: view.in_flight == 0)  # the final answer came, after every hint
