@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any
@@ -339,28 +340,27 @@ class Actuator:
             return False
         self._let_go(rt, mid)
         rt.cooldown.pop(mid, None)
-        _log.info(
-            "action_done",
-            app=rt.name,
-            machine=mid,
-            action=kind,
-            result="ok" if done else "error",
-            duration_s=self._took(began),
-        )
+        self._ended(logging.INFO, "action_done", rt, mid, kind, "ok" if done else "error", began)
         return done
 
     def _cancelled(self, rt: AppRuntime, mid: str, kind: TaskKind, began: float) -> None:
-        _log.info(
-            "action_cancelled",
-            app=rt.name,
-            machine=mid,
-            action=kind,
-            result="cancelled",
-            duration_s=self._took(began),
-        )
+        self._ended(logging.INFO, "action_cancelled", rt, mid, kind, "cancelled", began)
 
-    def _took(self, began: float) -> float:
-        return round(self.clock() - began, 3)
+    def _ended(
+        self,
+        level: int,
+        event: str,
+        rt: AppRuntime,
+        mid: str,
+        kind: TaskKind,
+        result: str,
+        began: float,
+        **extra: str,
+    ) -> None:
+        """The one line an action ends in (module docstring)."""
+        took = round(self.clock() - began, 3)
+        fields = {"app": rt.name, "machine": mid, "action": kind, "result": result}
+        _log.log(level, event, **fields, duration_s=took, **extra)
 
     def _not_begun(self, rt: AppRuntime, mid: str, coro: Coroutine[Any, Any, bool]) -> None:
         """The action never began (no lease): undo what ``launch`` did ahead of it."""
@@ -378,15 +378,7 @@ class Actuator:
         if run is not None and run.task is asyncio.current_task():
             run.error = exc
         rt.failed(mid, self.clock(), self.backoff_max_s)
-        _log.warning(
-            "action_failed",
-            app=rt.name,
-            machine=mid,
-            action=kind,
-            result="error",
-            duration_s=self._took(began),
-            error=str(exc),
-        )
+        self._ended(logging.WARNING, "action_failed", rt, mid, kind, "error", began, error=str(exc))
 
     def _skip_leased(
         self, rt: AppRuntime, mid: str, kind: TaskKind, exc: LeaseHeld, began: float
@@ -395,14 +387,8 @@ class Actuator:
         now = self.clock()
         rt.leased_by_others[mid] = (now, now + self.lease_skip_s)
         self.metrics.lease_conflicts.labels(app=rt.name).inc()
-        _log.info(
-            "machine_leased_by_other",
-            app=rt.name,
-            machine=mid,
-            action=kind,
-            result="skipped",
-            duration_s=self._took(began),
-            error=str(exc),
+        self._ended(
+            logging.INFO, "machine_leased_by_other", rt, mid, kind, "skipped", began, error=str(exc)
         )
 
     def nonce(self, rt: AppRuntime, mid: str) -> str | None:
