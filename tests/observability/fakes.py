@@ -52,8 +52,11 @@ class FakeAppHealth:
 class FakeController:
     apps: list[FakeAppStatus] = field(default_factory=list)
     last_tick_at: float | None = None
+    status_calls: int = 0
+    """How often status() was asked: it builds every machine's status (the real one)."""
 
     def status(self) -> list[FakeAppStatus]:
+        self.status_calls += 1
         return list(self.apps)
 
     def health(self) -> list[FakeAppHealth]:
