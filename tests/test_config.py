@@ -308,30 +308,18 @@ def test_environment_mistakes_are_config_errors(tmp_path: Path) -> None:
      ("apps: [{name: a, idle_to_zero_s: .nan}]", "apps[0].idle_to_zero_s"),
      ("emulator: {timing: {start_s: .nan}}", "emulator.timing.start_s"),
      ("emulator: {timing: {start_s: [1, .inf]}}", "emulator.timing.start_s"),
-     ("emulator: {timing: {start_s: [.nan, .nan]}}", "emulator.timing.start_s")],
+     ("emulator: {timing: {start_s: [.nan, .nan]}}", "emulator.timing.start_s"),
+     ("apps: [{name: a, target_concurrency: 5.0e-324, target_utilization: 0.5}]",
+      "apps[0].target_utilization"),
+     ("apps: [{name: a, hard_limit: 1" + "0" * 400 + "}]", "apps[0].hard_limit")],
 )  # fmt: skip
 def test_timeouts_of_zero_and_seconds_not_finite_are_refused(
     tmp_path: Path, text: str, key: str
 ) -> None:
     # Each validated before and failed later: every API call timed out, every machine
-    # start ended failed without a word, or a loop slept for good.
-    with pytest.raises(ConfigError) as info:
-        load_settings(write(tmp_path, text + "\n"), env={})
-    (line,) = info.value.problems
-    assert line.split(": ", 1)[1].startswith(f"{key}: ")
-
-
-@pytest.mark.parametrize(
-    ("text", "key"),
-    [("apps: [{name: a, target_concurrency: 5.0e-324, target_utilization: 0.5}]",
-      "apps[0].target_utilization"),
-     ("apps: [{name: a, hard_limit: 1" + "0" * 400 + "}]", "apps[0].hard_limit")],
-)  # fmt: skip
-def test_knobs_the_policy_cannot_reckon_with_are_refused(
-    tmp_path: Path, text: str, key: str
-) -> None:
-    # Each passed before, and every decision of the app then raised: the planned load per
-    # machine rounded to 0 (ZeroDivisionError), or hard_limit overflowed a float.
+    # start ended failed without a word, or a loop slept for good; and the last two, knobs
+    # every decision of the app then raised on (the planned load per machine rounded to 0:
+    # ZeroDivisionError; hard_limit overflowed a float).
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, text + "\n"), env={})
     (line,) = info.value.problems
