@@ -427,6 +427,22 @@ async def test_a_lost_release_after_a_failed_take_is_still_handed_back(
         await client.aclose()
 
 
+async def _a_followers_self_wake(
+    leader: Any, key_prefix: str, api: FakeMachinesAPI, mid: str
+) -> None:
+    """Once ``leader`` leads and has read the app: a follower starts ``mid`` by itself,
+    under the app's wake claim (the leader does not list again, so its view misses it)."""
+    await rounds([leader], lambda: leader.leading, 2 * TTL)
+    rt = leader.controller.apps[APP]
+    await rounds([leader], lambda: rt.last_decision_at is not None, 2 * TTL)
+    assert rt.read_once
+    follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
+    claim = await follower.take(APP)
+    assert claim is not None
+    await api.start_machine(APP, mid)
+    await claim.release()
+
+
 async def test_the_leader_reads_the_api_when_redis_lost_who_woke_last(
     own_redis: Any, key_prefix: str
 ) -> None:
@@ -439,16 +455,7 @@ async def test_the_leader_reads_the_api_when_redis_lost_who_woke_last(
     leader = make(own_redis.url, key_prefix, "l", api, rng=lambda: 0.0)
     await leader.start(rounds=False)
     try:
-        await rounds([leader], lambda: leader.leading, 2 * TTL)
-        rt = leader.controller.apps[APP]
-        await rounds([leader], lambda: rt.last_decision_at is not None, 2 * TTL)
-        assert rt.read_once
-        # The follower's self-wake, under the app's claim (the leader does not list again).
-        follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
-        claim = await follower.take(APP)
-        assert claim is not None
-        await api.start_machine(APP, mid)
-        await claim.release()
+        await _a_followers_self_wake(leader, key_prefix, api, mid)
         await leader.cluster.redis.flushall()
         leader.view.app(APP).hold()  # a request held at the leader's own proxy
         assert await asyncio.wait_for(leader.view.wake(APP), 10) == "none"
@@ -566,16 +573,7 @@ async def test_a_failed_read_under_the_claim_fails_the_wake_and_frees_the_claim(
     leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.0)
     await leader.start(rounds=False)
     try:
-        await rounds([leader], lambda: leader.leading, 2 * TTL)
-        rt = leader.controller.apps[APP]
-        await rounds([leader], lambda: rt.last_decision_at is not None, 2 * TTL)
-        assert rt.read_once
-        # The follower's self-wake, under the app's claim.
-        follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
-        claim = await follower.take(APP)
-        assert claim is not None
-        await api.start_machine(APP, first)
-        await claim.release()
+        await _a_followers_self_wake(leader, key_prefix, api, first)
         api.fail["list_machines"] = [ServerError(503, "unavailable")]
         leader.view.app(APP).hold()  # a request held at the leader's own proxy
         with pytest.raises(ServerError):
