@@ -436,22 +436,29 @@ async def test_update_settings_adds_and_removes_apps(
         await rig.ctl.stop()
 
 
+async def _a_drain_waiting_for_its_request(api: FakeMachinesAPI, clock: FakeClock, rig: Rig) -> str:
+    """Two started machines, both in use, and one too many: the drain of one (its id
+    returned) has cordoned it and waits for its request."""
+    a, b = api.add(APP, "started"), api.add(APP, "started")
+    await clock.advance(1.5)
+    rig.app.begin(rig.app.upstreams[a])
+    rig.app.begin(rig.app.upstreams[b])
+    await clock.advance(5)
+    [(victim, run)] = rig.ctl.apps[APP].running.items()
+    assert run.kind == "drain"
+    assert api.get(APP, victim).cordoned
+    return victim
+
+
 async def test_an_app_removed_mid_drain_is_handed_back_without_our_cordons(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
     # No later tick of ours lifts them: Fly's proxy would never route to those machines
     # again, whoever manages the app now (Fly's autostop, a person).
-    a, b = api.add(APP, "started"), api.add(APP, "started")
     rig = Rig(api, clock, scale_down_delay_s=3)
     await rig.ctl.start()
     try:
-        await clock.advance(1.5)
-        rig.app.begin(rig.app.upstreams[a])
-        rig.app.begin(rig.app.upstreams[b])  # both in use: the drain waits for its request
-        await clock.advance(5)
-        [(victim, run)] = rig.ctl.apps[APP].running.items()
-        assert run.kind == "drain"
-        assert api.get(APP, victim).cordoned
+        victim = await _a_drain_waiting_for_its_request(api, clock, rig)
         api.add("other", "stopped")
         new = Settings(apps=[AppConfig(name="other")], control=ControlSettings(tick_s=1.0))
         await rig.ctl.update_settings(new)
@@ -1703,17 +1710,10 @@ async def test_a_removed_app_s_cordons_are_lifted_after_its_leases_are_given_bac
     """The reload cuts a drain short while the API is slow to take its lease back: the
     cordon is lifted once the lease is back (lifted before, without the lease's nonce,
     the API refuses it with 409 and the cordon stays for good)."""
-    a, b = api.add(APP, "started"), api.add(APP, "started")
     rig = Rig(api, clock, scale_down_delay_s=3)
     await rig.ctl.start()
     try:
-        await clock.advance(1.5)
-        rig.app.begin(rig.app.upstreams[a])
-        rig.app.begin(rig.app.upstreams[b])  # both in use: the drain waits for its request
-        await clock.advance(5)
-        [(victim, run)] = rig.ctl.apps[APP].running.items()
-        assert run.kind == "drain"
-        assert api.get(APP, victim).cordoned
+        victim = await _a_drain_waiting_for_its_request(api, clock, rig)
         api.gates["release_machine_lease"] = asyncio.Event()
         reload = asyncio.ensure_future(
             rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))

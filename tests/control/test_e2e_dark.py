@@ -310,6 +310,11 @@ def critical(machine: EmulatedMachine) -> bool:
     return any(c.status == "critical" for c in machine.checks.values())
 
 
+# A check Fly first runs 500 ms after a start and then every minute: an app that listens
+# later (listening_late) fails that first run and is critical until the next.
+FIRST_RUN_FAILS = {"type": "http", "path": "/healthz", "grace_period": "500ms", "interval": "60s"}
+
+
 @pytest.mark.parametrize(("profile", "where"), [("fast", "machine"), ("fly", "service")])
 async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at_once(
     profile: str, where: str
@@ -322,21 +327,15 @@ async def test_a_machine_whose_first_check_ran_before_its_app_listened_serves_at
     # only to one of the two (the last routable one is spared) and the policy counted
     # both as sick, for the whole interval. The check is a machine check, or its
     # service's (fly.toml's http_service.checks), which Fly lists under a name of its own.
-    first_run_fails = {
-        "type": "http",
-        "path": "/healthz",
-        "grace_period": "500ms",
-        "interval": "60s",
-    }
     async with Emulator(
         listening_late(1.2, machines=2, profile=profile), host="127.0.0.1", port=0
     ) as emulator:
         name = "healthz" if where == "machine" else "servicecheck-00-http-8080"
         for machine in emulator.machines(APP):
             if where == "machine":  # one that routes (its kind is readiness), alone
-                await set_checks(emulator, machine.id, {name: first_run_fails | READINESS}, [])
+                await set_checks(emulator, machine.id, {name: FIRST_RUN_FAILS | READINESS}, [])
             else:
-                await set_checks(emulator, machine.id, {}, [first_run_fails])
+                await set_checks(emulator, machine.id, {}, [FIRST_RUN_FAILS])
         async with running_stack(
             emulator, None, LISTS_EVERY_TICK, target_concurrency=1, idle_to_zero_s=600
         ) as stack:
@@ -390,17 +389,11 @@ async def test_a_fresh_machine_whose_first_check_ran_before_its_app_listened_is_
     # policy gives it that long (control/recheck.py, SICK_GRACE_S) before it counts as
     # sick: before, the tick that listed it critical started another machine in its
     # place, a start too many, drained again later.
-    first_run_fails = {
-        "type": "http",
-        "path": "/healthz",
-        "grace_period": "500ms",
-        "interval": "60s",
-    }
     async with Emulator(
         listening_late(1.2, machines=2, profile=profile), host="127.0.0.1", port=0
     ) as emulator:
         for machine in emulator.machines(APP):
-            await set_checks(emulator, machine.id, {"healthz": first_run_fails | READINESS})
+            await set_checks(emulator, machine.id, {"healthz": FIRST_RUN_FAILS | READINESS})
         async with running_stack(
             emulator, None, LISTS_EVERY_TICK, idle_to_zero_s=600, wake_timeout_s=30
         ) as stack:
