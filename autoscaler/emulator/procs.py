@@ -26,6 +26,7 @@ import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from autoscaler.aio import tcp_probe
 from autoscaler.children import die_with_parent
@@ -134,15 +135,20 @@ class MachineProcess:
 
 async def spawn(argv: Sequence[str], env: Mapping[str, str], reaper: Reaper) -> MachineProcess:
     """Start a machine's command; OSError as from exec when it cannot run."""
+    # Its output read by the emulator, in a process group of its own (stop and suspend
+    # signal the group).
+    io: dict[str, Any] = {
+        "stdin": asyncio.subprocess.DEVNULL,
+        "stdout": asyncio.subprocess.PIPE,
+        "stderr": asyncio.subprocess.STDOUT,
+        "env": dict(env),
+        "start_new_session": True,
+    }
     if not sys.platform.startswith("linux"):
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=dict(env),
-            start_new_session=True,
             preexec_fn=die_with_parent(os.getpid()),  # only prctl and getppid
+            **io,
         )
         return MachineProcess(proc, reaper, proc.pid)
     report_r, report_w = os.pipe()
@@ -152,12 +158,8 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str], reaper: Reaper) -> 
             # PYTHON* variables are for the machine.
             *(sys.executable, "-I", "-S", SUPERVISOR, str(report_w), str(os.getpid())),
             *("--", *argv),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=dict(env),
-            start_new_session=True,
             pass_fds=(report_w,),
+            **io,
         )
     except BaseException:
         os.close(report_r)
