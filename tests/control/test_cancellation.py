@@ -305,10 +305,12 @@ async def test_a_drain_taken_back_at_any_call_leaves_the_machine_routable(
     assert api.lease(APP, mid) is None
 
 
-async def test_a_cordon_landing_late_after_a_lost_answer_keeps_our_key() -> None:
-    """The cordon request of a drain taken back fails without an answer (sent, then the
-    connection died): it may still land. Our key stays on the machine until that cannot
-    happen any more, and cleanup drops it only once a fresh list shows no cordon."""
+async def _a_drain_taken_back_its_cordon_unanswered() -> tuple[
+    FakeClock, FakeMachinesAPI, Rig, str, asyncio.Event
+]:
+    """One started machine whose drain a wake took back while its cordon request hangs
+    (``gate``), to fail once let go without an answer (sent, then the connection died):
+    it may still land."""
     clock = FakeClock()
     api = FakeMachinesAPI(clock=clock)
     mid = api.add(APP, "started")
@@ -317,6 +319,14 @@ async def test_a_cordon_landing_late_after_a_lost_answer_keeps_our_key() -> None
     api.fail["cordon_machine"] = [TransportError("read timeout", sent=True)]
     await start_drain(rig, clock)
     assert await rig.ctl.wake(APP) == "none"
+    return clock, api, rig, mid, gate
+
+
+async def test_a_cordon_landing_late_after_a_lost_answer_keeps_our_key() -> None:
+    """The cordon request of a drain taken back fails without an answer (sent, then the
+    connection died): it may still land. Our key stays on the machine until that cannot
+    happen any more, and cleanup drops it only once a fresh list shows no cordon."""
+    clock, api, rig, mid, gate = await _a_drain_taken_back_its_cordon_unanswered()
     rig.app.begin(rig.app.upstreams[mid])
     gate.set()
     await rig.ctl.idle()
@@ -338,14 +348,7 @@ async def test_no_second_drain_while_a_cordon_request_may_land() -> None:
     """One cordon request of ours per machine may be outstanding, never two: with a second
     one landed (cordoned, our key), a process dying then leaves what the next one takes
     for a drain to finish, and the first request's cordon landed after it was lifted."""
-    clock = FakeClock()
-    api = FakeMachinesAPI(clock=clock)
-    mid = api.add(APP, "started")
-    rig = Rig(api, clock, idle_to_zero_s=5)
-    api.gates["cordon_machine"] = gate = asyncio.Event()
-    api.fail["cordon_machine"] = [TransportError("read timeout", sent=True)]
-    await start_drain(rig, clock)
-    assert await rig.ctl.wake(APP) == "none"  # taken back, its cordon request unanswered
+    clock, api, rig, mid, gate = await _a_drain_taken_back_its_cordon_unanswered()
     gate.set()
     await rig.ctl.idle()
     assert api.ops("cordon_machine") == [mid]
