@@ -68,18 +68,24 @@ async def until(ctl: Controller, check: Callable[[], bool], timeout_s: float = 3
                 await asyncio.wait_for(view.changed(), 0.1)
 
 
+async def _two_started_by_a_first_process(client: MachinesClient, emulator: Emulator) -> list[str]:
+    """A first process starts two machines of the app and stops; their ids, sorted."""
+    first = controller(client, min_machines=2)
+    await first.start()
+    try:
+        await until(first, lambda: len(first.view.app(APP).routable()) == 2)
+    finally:
+        await first.stop()
+    started = sorted(m.id for m in emulator.machines(APP) if m.state == "started")
+    assert len(started) == 2
+    return started
+
+
 async def test_a_new_process_starts_nothing_twice_and_finishes_our_drain(
     emulator: Emulator,
 ) -> None:
     async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
-        first = controller(client, min_machines=2)
-        await first.start()
-        try:
-            await until(first, lambda: len(first.view.app(APP).routable()) == 2)
-        finally:
-            await first.stop()
-        started = sorted(m.id for m in emulator.machines(APP) if m.state == "started")
-        assert len(started) == 2
+        started = await _two_started_by_a_first_process(client, emulator)
         # What a process that died in the middle of a drain leaves behind.
         left = started[0]
         await client.set_machine_metadata(APP, left, CORDON_METADATA_KEY, "drain")
@@ -118,13 +124,7 @@ async def test_a_cordon_the_process_before_sent_is_ours_when_it_lands_late(
     the cordon not yet). The next one keeps the key, so the cordon, landing after it began,
     is ours: it finishes that drain once no such request can land any more."""
     async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
-        first = controller(client, min_machines=2)
-        await first.start()
-        try:
-            await until(first, lambda: len(first.view.app(APP).routable()) == 2)
-        finally:
-            await first.stop()
-        left, other = sorted(m.id for m in emulator.machines(APP) if m.state == "started")
+        left, other = await _two_started_by_a_first_process(client, emulator)
         await client.set_machine_metadata(APP, left, CORDON_METADATA_KEY, "drain")
 
         clock = Clock()
