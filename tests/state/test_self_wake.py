@@ -10,6 +10,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from control.fakes import FakeMachinesAPI, settle
+from testkit import until
 
 from autoscaler.control.fencing import WAKE_FENCE, Fenced, FencedAPI
 from autoscaler.control.wake import WakeError
@@ -531,11 +532,8 @@ async def test_a_request_held_while_its_leader_steps_down_is_woken_as_a_follower
         api.gates["start_machine"] = started = asyncio.Event()
         api.gates["release_machine_lease"] = released = asyncio.Event()
         held = asyncio.create_task(gate.acquire(5))
-        loop = asyncio.get_running_loop()
-        since = loop.time()
-        while not api.ops("start_machine"):  # the leader's wake is starting the machine
-            assert loop.time() - since < 10, "the leader never woke the app"
-            await asyncio.sleep(0.01)
+        # The leader's wake is starting the machine.
+        await until(lambda: bool(api.ops("start_machine")), 10, "the leader to wake the app")
         wake = leader.view.wake(APP)  # the wake under way (joined, not a new one)
         await leader.cluster.redis.delete(leader.cluster.lease.key)  # the lease is lost
         leader._next_lease_step = 0.0
