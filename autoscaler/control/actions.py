@@ -275,6 +275,9 @@ class Actuator:
         rt.running[mid] = run
 
         def done(t: asyncio.Task[bool]) -> None:
+            # The action's call, if it never ran: no lease, another replica's claim, or
+            # the task cancelled before its first step (a no-op once it ran).
+            coro.close()
             if rt.running.get(mid) is run:
                 del rt.running[mid]
             rt.changed_at = self.clock()  # the next tick reads what the action left
@@ -297,7 +300,7 @@ class Actuator:
         ):
             async with self.wake_claim(rt.name) as ours:
                 if not ours:
-                    self._not_begun(rt, mid, coro)  # (the replica logs tick_wake_yielded)
+                    self._not_begun(rt, mid)  # (the replica logs tick_wake_yielded)
                     return False
                 return await self._leased(rt, mid, kind, coro)
         return await self._leased(rt, mid, kind, coro)
@@ -311,15 +314,15 @@ class Actuator:
             try:
                 self.held[key] = await self.leases.take(rt.name, mid, kind)
             except LeaseHeld as exc:
-                self._not_begun(rt, mid, coro)
+                self._not_begun(rt, mid)
                 self._skip_leased(rt, mid, kind, exc, began)
                 return False
             except FlyError as exc:
-                self._not_begun(rt, mid, coro)
+                self._not_begun(rt, mid)
                 self._failed(rt, mid, kind, exc, began)
                 return False
             except asyncio.CancelledError:
-                self._not_begun(rt, mid, coro)
+                self._not_begun(rt, mid)
                 self._cancelled(rt, mid, kind, began)
                 raise
         rt.leased_by_others.pop(mid, None)
@@ -362,9 +365,9 @@ class Actuator:
         fields = {"app": rt.name, "machine": mid, "action": kind, "result": result}
         _log.log(level, event, **fields, duration_s=took, **extra)
 
-    def _not_begun(self, rt: AppRuntime, mid: str, coro: Coroutine[Any, Any, bool]) -> None:
-        """The action never began (no lease): undo what ``launch`` did ahead of it."""
-        coro.close()
+    def _not_begun(self, rt: AppRuntime, mid: str) -> None:
+        """The action never began (no lease): undo what ``launch`` did ahead of it (its
+        call is closed when its task ends: ``_spawn``)."""
         run = rt.running.get(mid)
         if run is not None and run.kind == "drain" and run.task is asyncio.current_task():
             rt.cordon_held.discard(mid)
