@@ -308,11 +308,13 @@ class Controller:
         self.waker.api_timeout_s = settings.control.api_timeout_s
         static = {c.name for c in settings.apps if c.static}
         removed = [self.apps.pop(name) for name in self._sync_apps(settings.apps)]
+        for rt in removed:
+            # Before any await: the actuator launches nothing more for it, and its loop,
+            # should it fall due while the app is let go, ends instead of ticking it.
+            rt.retired = True
+            self._pacers.pop(rt.name, None)
         for name in {app for app, _ in self._late_lifts} & set(self.apps):
             await self._call_off_late_lifts(name)  # back: before its first tick
-        for rt in removed:
-            self._pacers.pop(rt.name, None)
-            rt.retired = True  # the actuator launches nothing more for it
         if self._running:
             for rt in self.apps.values():
                 self._start_loop(rt)
@@ -425,7 +427,7 @@ class Controller:
         with jittered pauses (control/schedule.py)."""
         pacer = self._pacers[rt.name]
         await self.sleep(pacer.offset(self.settings.control.tick_s))
-        while True:
+        while not rt.retired:
             control = self.settings.control
             tick_s = control.tick_s
             pacer.settle()
@@ -443,7 +445,8 @@ class Controller:
                 continue
             slow = False
             try:
-                await self.tick(rt.name, lazy=True)
+                with one_attempt(self.settings.control.api_timeout_s):
+                    await self._tick(rt, lazy=True)
                 rt.backoff_s = 0.0
                 now = self.clock()
                 slow = asleep(rt, view, now, control.idle_poll_s)
@@ -482,7 +485,7 @@ class Controller:
         a timeout at most, never a retry loop.
         """
         with one_attempt(self.settings.control.api_timeout_s):
-            return await self._tick(app, lazy)
+            return await self._tick(self.apps[app], lazy)
 
     async def _read(self, rt: AppRuntime) -> float:
         """List ``rt``'s machines, merge them and drop stale cordon keys of ours that the
@@ -514,8 +517,8 @@ class Controller:
             checks=sorted(name for name, _ in machine.critical),
         )
 
-    async def _tick(self, app: str, lazy: bool) -> Decision:
-        rt = self.apps[app]
+    async def _tick(self, rt: AppRuntime, lazy: bool) -> Decision:
+        app = rt.name
         view = self.view.app(app)
         now = self.clock()
         fresh = not lazy or must_list(rt, view, now, self.settings.control.steady_list_s)

@@ -1665,6 +1665,40 @@ async def test_a_lease_asked_for_before_a_reload_took_the_app_is_given_back_with
         await rig.ctl.stop()
 
 
+async def test_an_app_s_loop_due_while_a_reload_lets_the_app_go_does_not_tick_it(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The reload takes the app out while its wake is under way, and waits for the wake
+    to end; the app's loop falls due meanwhile. It must end, not tick an app the
+    controller no longer has (it crashed looking it up, then retried until cancelled)."""
+    mid = api.add(APP, "stopped")
+    api.gates["acquire_machine_lease"] = asyncio.Event()
+    rig = Rig(api, clock)
+    await rig.ctl.start()
+    try:
+        await clock.advance(0.5)
+        rig.view.wake(APP)
+        await settle()
+        assert api.ops("acquire_machine_lease") == [mid]
+        listed = len(api.ops("list_machines"))
+
+        async def meanwhile() -> None:
+            await clock.advance(1)  # the loop's pause ends while the reload waits
+            api.gates["acquire_machine_lease"].set()  # and the lease it waits for comes
+
+        with capture_logs() as logs:
+            await asyncio.gather(
+                rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0))),
+                meanwhile(),
+            )
+            await clock.advance(5)
+        assert [e for e in logs if e["log_level"] == "error"] == []
+        assert len(api.ops("list_machines")) == listed
+        assert _app_tasks(APP) == []
+    finally:
+        await rig.ctl.stop()
+
+
 async def test_a_reload_that_removes_apps_waits_for_them_together_and_not_for_new_apps(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
