@@ -50,7 +50,9 @@ EMULATOR_TOKEN_ENV = "EMULATOR_TOKEN"  # noqa: S105 - likewise
 
 EMBEDDED = "embedded"  # fly.api_url: the embedded emulator, asked for explicitly
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_RE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)(ms|s|m|h)")
+"""One term of a duration: a decimal number as a bare one is written (``.5``, ``1.``,
+``1e3``), then its unit."""
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 

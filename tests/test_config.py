@@ -28,13 +28,16 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 @pytest.mark.parametrize(
     ("given", "seconds"),
     [(90, 90.0), (1.5, 1.5), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), ("1m30s", 90.0),
-     ("250ms", 0.25), ("12", 12.0), (" 2m ", 120.0)],
+     ("250ms", 0.25), ("12", 12.0), (" 2m ", 120.0), (".5", 0.5), (".5s", 0.5),
+     ("1.s", 1.0), ("1e3", 1000.0), ("1e3s", 1000.0), ("1.5E-3h", 5.4), ("1m.5s", 60.5)],
 )  # fmt: skip
 def test_durations_accept_numbers_and_units(given: object, seconds: float) -> None:
     assert parse_duration(given) == seconds
 
 
-@pytest.mark.parametrize("given", ["5x", "m5", "1m 30s", "", "s"])
+@pytest.mark.parametrize(
+    "given", ["5x", "m5", "1m 30s", "", "s", ".s", "1e", "1es", "e3s", "1..5s"]
+)
 def test_bad_durations_say_what_was_expected(given: str) -> None:
     with pytest.raises(ValueError, match="expected seconds or a duration"):
         parse_duration(given)
