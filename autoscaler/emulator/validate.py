@@ -7,6 +7,7 @@ was expected and what came. Unknown fields are kept, as the real API has many mo
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 from typing import Any
@@ -159,7 +160,7 @@ def _duration(value: object, where: str) -> None:
         parsed = parse_duration(value)
     except ValueError:
         parsed = None
-    if not isinstance(parsed, float) or parsed < 0:
+    if not isinstance(parsed, float) or not 0 <= parsed < math.inf:
         raise BadRequest(f'{where}: expected a duration like "15s", got {value!r}')
 
 

@@ -178,6 +178,8 @@ async def test_check_configs_are_validated(emulator: Emulator) -> None:
         bad = [
             ({"type": "udp"}, "config.checks.c.type: expected one of tcp, http"),
             ({"interval": "soon"}, 'config.checks.c.interval: expected a duration like "15s"'),
+            ({"interval": "nan"}, 'config.checks.c.interval: expected a duration like "15s"'),
+            ({"timeout": "1e999s"}, 'config.checks.c.timeout: expected a duration like "15s"'),
             ({"interval": "0s"}, "config.checks.c.interval: must be more than 0"),
             ({"path": "healthz"}, "config.checks.c.path: expected a path starting with /"),
             ({"port": 70000}, "config.checks.c.port: must be at most 65535"),
