@@ -28,6 +28,9 @@ OUT = Path(__file__).resolve().parent / "dashboards"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 APP = 'app=~"$app"'
 RATE = "[$__rate_interval]"
+API_FAILURES = 'code=~"error|401|403|429|5.."'
+"""The Machines API answers that are failures, as prometheus/alerts.yml's
+AutoscalerApiErrors counts them."""
 
 
 @dataclass(frozen=True)
@@ -300,11 +303,13 @@ ROWS: list[tuple[str, list[Spec]]] = [
             ),
             Spec(
                 "API errors",
-                "Non-2xx answers and transport errors (code=error); 0 per operation when"
-                " there were none.",
+                "Failures as the AutoscalerApiErrors alert counts them: transport errors"
+                " (code=error), 401/403 (the token), 429 (rate limits), 5xx (Fly). Not the"
+                " 404, 409 and 412 answers of the course of things (a machine gone, a lease"
+                " held, a state changed meanwhile). 0 per operation when there were none.",
                 [
                     (
-                        by("operation, code", "autoscaler_api_requests_total", 'code!~"2.."')
+                        by("operation, code", "autoscaler_api_requests_total", API_FAILURES)
                         + " or "
                         + by("operation", "autoscaler_api_requests_total", "")
                         + " * 0",

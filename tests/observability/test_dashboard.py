@@ -195,7 +195,7 @@ def test_the_issue_topics_are_all_there() -> None:
     ]:
         assert metric in text, metric
     assert 'code=~"5.."' in text  # errors
-    assert 'code!~"2.."' in text  # API errors
+    assert 'code=~"error|401|403|429|5.."' in text  # API errors
 
 
 def test_panel_ids_unique_and_laid_out() -> None:
@@ -222,3 +222,15 @@ def test_provisioning_files() -> None:
     (provider,) = providers["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"].startswith("/")
+
+
+def test_the_api_errors_panel_counts_what_the_alert_counts() -> None:
+    """The panel an operator opens when AutoscalerApiErrors fires shows the same answers
+    (it showed every non-2xx: the 404s and 412s of the course of things among them)."""
+    build = builder()
+    rules = (REPO / "prometheus" / "alerts.yml").read_text()
+    assert f"autoscaler_api_requests_total{{{build.API_FAILURES}}}" in rules
+    [panel] = [p for p in load()["panels"] if p.get("title") == "API errors"]
+    [target] = panel["targets"]
+    assert build.API_FAILURES in target["expr"]
+    assert "code!~" not in target["expr"]
