@@ -225,6 +225,8 @@ class Controller:
         self._late_lifts: dict[tuple[str, str], tuple[asyncio.Task[None], list[bool]]] = {}
         """(app, machine) -> a removed app's cordon lifted again once no cordon request
         of ours can land there any more (:meth:`_hand_back`), and whether its calls began."""
+        self._removals: set[asyncio.Future[list[None]]] = set()
+        """The letting go of apps a reload removed (:meth:`_remove`), while under way."""
         # The loops' timing (control/schedule.py): the org budget that sleeping apps' polls
         # leave to busy apps, and each loop's pacer.
         self.budget: Budget = budget if budget is not None else Unlimited()
@@ -270,10 +272,12 @@ class Controller:
 
     async def stop(self) -> None:
         """Stop the loops and cancel actions under way. A drain cut short leaves a cordon
-        with our key; the next process (or the next start) finishes or undoes it."""
+        with our key; the next process (or the next start) finishes or undoes it. Apps a
+        reload is letting go are let go first: no process will scale them after us."""
         self._running = False
         self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
+        await self._removals_done()
         await self._call_off_late_lifts()
         await self.actuator.aclose()  # what the actions cancelled just now leave running
         # Started again (a replica that leads again), it writes every gauge anew (a
@@ -318,7 +322,28 @@ class Controller:
         if self._running:
             for rt in self.apps.values():
                 self._start_loop(rt)
-        await asyncio.gather(*(self._remove(rt, rt.name in static) for rt in removed))
+        removal = asyncio.gather(*(self._remove(rt, rt.name in static) for rt in removed))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+        # Shielded: a stop during the reload (SIGTERM: the service cancels the reload)
+        # waits for it (:meth:`stop`). Cut short, it left the app's tasks running past the
+        # stop, and our cordons on its machines for good (no later process scales it).
+        await asyncio.shield(removal)
+
+    async def _removals_done(self) -> None:
+        """Wait for the reloads' removals under way (each bounded, :meth:`_remove`)."""
+        removals = set(self._removals)
+        if not removals:
+            return
+        try:
+            await asyncio.wait(removals)
+        except asyncio.CancelledError:
+            for removal in removals:
+                removal.cancel()  # a stop cut short (a second SIGTERM): no wait then
+            raise
+        for removal in removals:
+            if not removal.cancelled() and removal.exception() is not None:
+                _log.error("app_removal_failed", error=repr(removal.exception()))
 
     async def _remove(self, rt: AppRuntime, static: bool) -> None:
         """Let go of an app a reload took away (removed, or made ``static``): its wake, its

@@ -1762,6 +1762,36 @@ async def test_a_removed_app_s_cordons_are_lifted_after_its_leases_are_given_bac
         await rig.ctl.stop()
 
 
+async def test_a_stop_during_a_reload_that_lets_an_app_go_still_hands_it_back(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """SIGTERM while a reload lets an app go: the service cancels the reload, then stops
+    the controller. The app's drain was cut short, and its lease is slow to come back;
+    the stop must still lift our cordon (no later process scales the app: left, Fly's
+    proxy never routes to the machine again) and leave none of the app's calls behind."""
+    rig = Rig(api, clock, scale_down_delay_s=3)
+    await rig.ctl.start()
+    victim = await _a_drain_waiting_for_its_request(api, clock, rig)
+    api.gates["release_machine_lease"] = gate = asyncio.Event()
+    reload = asyncio.ensure_future(
+        rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))
+    )
+    await settle()
+    assert api.ops("release_machine_lease") == [victim]
+    reload.cancel()  # what Service.stop does to a reload under way
+    await asyncio.gather(reload, return_exceptions=True)
+    stopping = asyncio.ensure_future(rig.ctl.stop())
+    await settle()
+    gate.set()
+    await stopping
+    assert_uncordoned(api, victim)
+    assert api.leases == {}
+    assert _app_tasks(APP) == []
+    after = len(api.calls)
+    await clock.advance(CORDON_UNSURE_S)
+    assert api.calls[after:] == []
+
+
 async def _key_kept_then_removed(api: FakeMachinesAPI, clock: FakeClock) -> tuple[Rig, str]:
     """A drain taken back whose cordon request got no answer (it may still land: our key
     stays), then a reload removes the app: the hand-back lifts the cordon, keeps the key."""
