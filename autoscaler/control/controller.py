@@ -317,17 +317,18 @@ class Controller:
             # should it fall due while the app is let go, ends instead of ticking it.
             rt.retired = True
             self._pacers.pop(rt.name, None)
+        # Under way before the reload's first await, and shielded: a stop during the
+        # reload (SIGTERM: the service cancels the reload) waits for it (:meth:`stop`).
+        # Cut short, it left the apps' tasks running past the stop, and our cordons on
+        # their machines for good (no later process scales them).
+        removal = asyncio.gather(*(self._remove(rt, rt.name in static) for rt in removed))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
         for name in {app for app, _ in self._late_lifts} & set(self.apps):
             await self._call_off_late_lifts(name)  # back: before its first tick
         if self._running:
             for rt in self.apps.values():
                 self._start_loop(rt)
-        removal = asyncio.gather(*(self._remove(rt, rt.name in static) for rt in removed))
-        self._removals.add(removal)
-        removal.add_done_callback(self._removals.discard)
-        # Shielded: a stop during the reload (SIGTERM: the service cancels the reload)
-        # waits for it (:meth:`stop`). Cut short, it left the app's tasks running past the
-        # stop, and our cordons on its machines for good (no later process scales it).
         await asyncio.shield(removal)
 
     async def _removals_done(self) -> None:

@@ -1852,6 +1852,44 @@ async def test_an_app_back_before_its_late_lift_is_left_to_its_ticks(
         await rig.ctl.stop()
 
 
+async def test_a_stop_while_a_reload_calls_off_a_late_lift_still_lets_the_removed_app_go(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The reload brings back an app whose late lift still waits (it calls that off first,
+    which takes an await) and removes another, whose drain waits for its request. A stop
+    then (SIGTERM: the service cancels the reload) must still let the removed app go: its
+    drain cut short, our cordon lifted, and no call on its machines after the stop."""
+    rig, _ = await _key_kept_then_removed(api, clock)
+    other = AppConfig(name="other", **{**KNOBS, "scale_down_delay_s": 3})
+    control = ControlSettings(tick_s=1.0)
+    a, b = api.add("other", "started"), api.add("other", "started")
+    await rig.ctl.update_settings(Settings(apps=[other], control=control))
+    await rig.ctl.start()
+    await clock.advance(1.5)
+    view = rig.view.app("other")
+    view.begin(view.upstreams[a])
+    view.begin(view.upstreams[b])
+    await clock.advance(5)
+    [(victim, run)] = rig.ctl.apps["other"].running.items()
+    assert run.kind == "drain"
+    assert api.get("other", victim).cordoned
+    assert rig.ctl._late_lifts  # the late lift of the app it brings back waits
+    reload = asyncio.ensure_future(
+        rig.ctl.update_settings(Settings(apps=[AppConfig(name=APP, **KNOBS)], control=control))
+    )
+    await asyncio.sleep(0)  # the reload is under way, at its first await
+    reload.cancel()  # what Service.stop does to a reload under way
+    await asyncio.gather(reload, return_exceptions=True)
+    await rig.ctl.stop()
+    assert api.get("other", victim).cordoned is False
+    assert _app_tasks("other") == []
+    after = len(api.calls)
+    view.end(view.upstreams[victim])  # the drain, had it run on, would suspend it now
+    await clock.advance(CORDON_UNSURE_S)
+    assert api.calls[after:] == []
+    assert api.get("other", victim).state == "started"
+
+
 @pytest.mark.parametrize("asleep", ["suspended", "stopped"])
 async def test_a_wake_takes_the_machine_from_a_cleanup_at_once(
     api: FakeMachinesAPI, clock: FakeClock, asleep: str
