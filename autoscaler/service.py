@@ -10,12 +10,12 @@ requests in flight finish (``proxy.shutdown_timeout_s``), then the controller's 
 actions stop, and the client and the emulator close last.
 
 Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once); SIGHUP reloads
-the configuration file; SIGUSR2 (the rolling restart of ``run --workers``, sent to one
-process) is logged and ignored. A reload that does not validate is rejected whole (the running
-configuration stays, the problems are logged, ``autoscaler_config_reloads{result="error"}``
-counts it); a valid one reaches the controller and the proxy. ``proxy.listen`` and the
-``fly``, ``emulator``, ``admin`` and ``cluster`` sections take effect only on restart; a reload that
-changes them says so in a warning.
+the configuration file (not during the stop); SIGUSR2 (the rolling restart of ``run
+--workers``, sent to one process) is logged and ignored. A reload that does not validate
+is rejected whole (the running configuration stays, the problems are logged,
+``autoscaler_config_reloads{result="error"}`` counts it); a valid one reaches the controller
+and the proxy. ``proxy.listen`` and the ``fly``, ``emulator``, ``admin`` and ``cluster``
+sections take effect only on restart; a reload that changes them says so in a warning.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ class Service:
         processes are reaped whatever failed before)."""
         self._stopped = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        self._stopping = False
         self._reload_again = False
         self._autostop_checked: set[str] = set()
         self.freeze_heap = False
@@ -232,6 +233,7 @@ class Service:
         view, the admin server, the client, the emulator. A part whose stop fails is logged
         and the rest still stop; its error is raised at the end (the last one, with any
         earlier one as its context). Idempotent."""
+        self._stopping = True  # no reload from now on (request_reload)
         if self.admin is not None:
             self.admin.set_draining()
         if self._reloading is not None:
@@ -321,7 +323,12 @@ class Service:
     def request_reload(self) -> None:
         """SIGHUP: one reload at a time. A signal during a reload may come after that
         reload read the file (a second edit, saved while the first applies): it is
-        answered by one more reload once this one is done, however many came meanwhile."""
+        answered by one more reload once this one is done, however many came meanwhile.
+        During the stop, none: it would apply the file to parts half stopped, from a task
+        that the stop (which cancelled the reload under way) no longer stops."""
+        if self._stopping:
+            _log.warning("config_reload_ignored", why="the service is stopping")
+            return
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.get_running_loop().create_task(self._reloads())
         else:

@@ -217,6 +217,41 @@ async def test_a_reload_asked_for_during_a_reload_runs_after_it(
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 2
 
 
+async def test_a_sighup_during_the_stop_reloads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP while the service stops gracefully (the proxy lets its requests finish):
+    the stop cancelled the reloads under way, and a new one would apply the file to parts
+    half stopped, from a task that nothing stops. It is ignored."""
+    from autoscaler.proxy.server import ProxyServer
+
+    draining, drained = asyncio.Event(), asyncio.Event()
+    proxy_stop = ProxyServer.stop
+
+    async def held_stop(self: ProxyServer) -> None:
+        draining.set()
+        await drained.wait()
+        await proxy_stop(self)
+
+    monkeypatch.setattr(ProxyServer, "stop", held_stop)
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    async with live_service(file) as svc:
+        controller = svc.controller
+        assert controller is not None
+        edit(file, "idle_to_zero_s: 60", "idle_to_zero_s: 90")
+        stopping = asyncio.ensure_future(svc.stop())
+        await draining.wait()
+        with capture_logs() as logs:
+            svc.request_reload()  # SIGHUP's handler, still installed during the stop
+            for _ in range(5):
+                await asyncio.sleep(0)  # a reload would be applied by now
+        assert controller.apps["web"].config.idle_to_zero_s == 60
+        assert [e["event"] for e in logs] == ["config_reload_ignored"]
+        drained.set()
+        await stopping
+    assert leftovers(os.getpid()) == []
+
+
 async def test_a_sighup_during_the_start_reloads_every_part_once_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
