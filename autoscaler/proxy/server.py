@@ -332,7 +332,7 @@ class ProxyServer:
         The refusals count towards its ejection, unless the controller started it within
         the app's ``wake_timeout_s``: a machine still booting refuses until its server
         listens, and held requests wait for it (the short skip applies all the same)."""
-        view = self.view.app(app.name)
+        view = up.owner or self.view.app(app.name)  # (not made again: the app may be gone)
         view.skip(up, self._knobs.unhealthy_backoff_s)
         view.notify()
         _log.info("machine_unreachable", app=app.name, machine=up.id)
@@ -352,7 +352,7 @@ class ProxyServer:
         pool = self._pool
         if pool is not None:
             pool.forget(self._address(app, up)[1])
-        view = self.view.app(app.name)
+        view = up.owner or self.view.app(app.name)  # (not made again: the app may be gone)
         if any(u is not up for u in view.routable()):
             view.skip(up, self._knobs.unhealthy_backoff_s)
             view.notify()

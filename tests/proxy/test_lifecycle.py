@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from testkit import until
 
 from autoscaler.config import AppConfig, ProxySettings, Settings
-from autoscaler.control.view import FleetView
+from autoscaler.control.view import FleetView, MachineInfo
 
 from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import Blocking, text_app
@@ -305,3 +305,36 @@ async def test_connections_over_max_connections_are_refused(
         assert await reader.read(-1) == b""
     writer.close()
     first.close()
+
+
+async def test_a_request_whose_machine_fails_after_its_app_was_removed_makes_no_view_again(
+    raw_backend: RawBackend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+) -> None:
+    """A reload removes a scaled app while a request to its machine is in flight, and the
+    controller drops the app's view; then the machine resets the connection. The proxy
+    looked the app's view up by name to skip the machine, and made one again for an app
+    nobody has (a follower reported it, a re-added app found it)."""
+    got, reset = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got.set()
+        await reset.wait()
+        writer.transport.abort()
+
+    host, _, port = (await raw_backend(handler)).partition(":")
+    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), "started", False)])
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    request = asyncio.create_task(
+        session.post(url(proxy), headers={"Host": "w.test"}, data=b"not replayable")
+    )
+    await got.wait()
+    proxy.update_settings(Settings(proxy=ProxySettings(listen="127.0.0.1:8080"), apps=[]))
+    fleet.remove_app("w")  # what the controller's reload does once it let the app go
+    reset.set()
+    async with await request as resp:
+        assert resp.status == 502
+    assert "w" not in fleet.apps
