@@ -95,6 +95,11 @@ class Health:
         self.eject_after = eject_after
         self.base_s = base_s
 
+    def _view(self, app: str, up: Upstream) -> AppView:
+        """The view that holds ``up``: looked up by name, a view of an app a reload
+        removed while its request was under way would be made again, for nobody."""
+        return up.owner or self.fleet.app(app)
+
     # --- what the proxy saw --------------------------------------------------------
 
     def took(self, app: str, up: Upstream) -> bool:
@@ -103,7 +108,7 @@ class Health:
         record = self.records.get(up)
         if record is None or not record.ejected or record.probing or record.reason == CHECKS:
             return False
-        view = self.fleet.app(app)
+        view = self._view(app, up)
         if view.clock() < up.unhealthy_until:
             return False  # handed out before the ejection (a held request): not a probe
         record.probing = True
@@ -118,7 +123,7 @@ class Health:
         del self.records[up]
         up.failing = 0
         if record.ejected:
-            _restore(self.fleet.app(app), up)
+            _restore(self._view(app, up), up)
             _log.info("machine_restored", app=app, machine=up.id)
 
     def failed(self, app: str, up: Upstream, reason: str) -> None:
@@ -138,10 +143,10 @@ class Health:
         record = self.records.get(up)
         if record is not None and record.probing:
             record.probing = False
-            _restore(self.fleet.app(app), up)
+            _restore(self._view(app, up), up)
 
     def _eject(self, app: str, up: Upstream, record: _Record, reason: str) -> None:
-        view = self.fleet.app(app)
+        view = self._view(app, up)
         out_for_itself = record.ejected and record.reason in _OWN and not record.probing
         if reason == CHECKS and out_for_itself and not any(u is not up for u in view.routable()):
             return  # out for failing itself (its checks turned critical since): stays out
@@ -195,7 +200,7 @@ class Health:
     def revived(self, app: str, up: Upstream) -> None:
         """``up`` accepts connections again: a skip ends; an ejection ends as if its time
         were up (its next request is its probe)."""
-        view = self.fleet.app(app)
+        view = self._view(app, up)
         record = self.records.get(up)
         if record is not None and record.ejected:
             record.until = view.clock()

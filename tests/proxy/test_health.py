@@ -514,3 +514,25 @@ async def test_an_upload_the_client_breaks_is_not_held_against_the_machine(
     assert _ejections(metrics, "reset") == 0
     assert len(fleet.app("a").routable()) == 2
     assert all(u.failing == 0 for u in fleet.app("a").upstreams.values())
+
+
+def test_verdicts_on_a_machine_of_an_app_a_reload_removed_make_no_view_again() -> None:
+    """Requests under way when a reload removed their app end after it: their verdicts
+    (a failure that ejects, a probe, its end) land on the view that held the machine,
+    and the removed app gets no new, empty view of its own in the fleet."""
+    fleet, clock = _fleet("m1", "m2")
+    h = Health(fleet, Metrics(CollectorRegistry()), eject_after=1, base_s=1.0)
+    view = fleet.app("a")
+    m1, m2 = view.upstreams["m1"], view.upstreams["m2"]
+    fleet.remove_app("a")
+    h.failed("a", m1, health.RESET)
+    assert "a" not in fleet.apps
+    assert [u.id for u in view.routable()] == ["m2"]  # ejected where it was held
+    clock.now += 1.0
+    assert h.took("a", m1) is True
+    h.abandoned("a", m1)
+    assert h.took("a", m1) is True
+    h.succeeded("a", m1)
+    h.failed("a", m2, health.CONNECT)
+    h.revived("a", m2)
+    assert "a" not in fleet.apps
