@@ -476,7 +476,9 @@ class ProxyServer:
             if head.chunked and not content.done:
                 # A stream, perhaps long-lived: a drain of its machine may end it.
                 streams = self._streams.setdefault(up.id, {})
-                streams[content] = _event_stream(exchange.headers)
+                endless = streams[content] = _event_stream(exchange.headers)
+                if endless and self._closing:  # its head came after stop() ended the others
+                    content.end_early()
             if content.done:
                 # A small answer came whole: head and body in one write.
                 _give_back(gate, ctx, verdicts)

@@ -177,6 +177,45 @@ async def test_a_shutdown_ends_event_streams_at_once_and_lets_downloads_finish(
     assert rest.count(b"data: ") < 10_000
 
 
+async def test_an_event_stream_whose_answer_comes_after_stop_began_ends_at_once_too(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """stop() ends the event streams it finds; one whose head comes later (its request
+    was held for a wake when SIGTERM came, or its machine was slow to answer) ran on
+    until shutdown_timeout_s and was cut mid-body. It ends cleanly at once too."""
+    answer = asyncio.Event()
+
+    async def late_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await answer.wait()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 0\n\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # then nothing more, until the proxy closes
+
+    addr = await raw_backend(late_stream)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], shutdown_timeout_s=30
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET /feed HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await writer.drain()
+        await until(lambda: fleet.app("a").in_flight == 1)
+        stopping = asyncio.create_task(proxy.stop())
+        await until(lambda: not proxy.accepting)
+        answer.set()
+        async with asyncio.timeout(10):  # not the 30 s of shutdown_timeout_s
+            got = await reader.read(-1)  # to the connection's end
+            await stopping
+        assert got.startswith(b"HTTP/1.1 200 ")
+        assert got.endswith(b"\r\n0\r\n\r\n")  # a whole chunked body, not a cut one
+    finally:
+        writer.close()
+
+
 async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
