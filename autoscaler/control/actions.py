@@ -433,12 +433,12 @@ class Actuator:
             await asyncio.wait(set(self.cordoning.values()))
         await self.leases.settled()
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout_s: float | None = None) -> None:
         """On shutdown, after the action tasks were cancelled: cut the cordon requests
         still under way (our key is on those machines already: the next process finds
-        them) and wait for the lease releases."""
+        them) and wait for the lease releases, within ``timeout_s``."""
         await cancel_and_wait(list(self.cordoning.values()))  # each one's entry goes with it
-        await self.leases.aclose()
+        await self.leases.aclose(timeout_s)
 
     def interrupt(self, rt: AppRuntime, mid: str) -> Running:
         """Take back a drain in its suspend step: cancel it and start the machine, which

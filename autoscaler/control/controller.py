@@ -279,7 +279,9 @@ class Controller:
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
         await self._removals_done()
         await self._call_off_late_lifts()
-        await self.actuator.aclose()  # what the actions cancelled just now leave running
+        # What the actions cancelled just now leave running: the lease releases, together
+        # within one call's time of a tick (an API that hangs does not hold the stop).
+        await self.actuator.aclose(self.settings.control.api_timeout_s)
         # Started again (a replica that leads again), it writes every gauge anew (a
         # follower drops them: Metrics.forget_decisions) and bills machine time from its
         # first tick on: the time between was another leader's to bill. Until now is ours.

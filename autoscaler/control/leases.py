@@ -216,8 +216,22 @@ class Leases:
                 return
             await asyncio.wait(tasks)
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout_s: float | None = None) -> None:
         """On shutdown: cut the acquires still in flight (a lease they bring lapses after
-        its TTL, or the next process on this host adopts it), finish the releases."""
+        its TTL, or the next process on this host adopts it), finish the releases within
+        ``timeout_s`` (an API that does not answer would hold the stop for as long as the
+        client waits for a call); one cut then lapses after its TTL too."""
         await cancel_and_wait(list(self._acquiring.values()))
-        await self.settled()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.settled()
+        except TimeoutError:
+            left = dict(self._releasing)
+            for app, machine_id in left:
+                _log.warning(
+                    "lease_release_failed",
+                    app=app,
+                    machine=machine_id,
+                    error=f"no answer within {timeout_s:g}s of the stop: it lapses after its TTL",
+                )
+            await cancel_and_wait(left.values())

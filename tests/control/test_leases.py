@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 from testkit import PROFILES, on_profile
 
 from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
@@ -347,6 +348,32 @@ async def test_stopping_the_controller_mid_action_gives_the_lease_back(
     assert api.lease(APP, mid) is not None
     await rig.ctl.stop()
     assert api.lease(APP, mid) is None
+
+
+async def test_a_stop_waits_for_a_lease_release_no_longer_than_api_timeout_s(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """An API that never answers held a SIGTERM's stop for as long as the client waits
+    for one call (fly.timeout_s, 30 s) per release, after the proxy's drain. The stop
+    gives up after control.api_timeout_s: the lease lapses after its TTL."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    control = rig.ctl.settings.control.model_copy(update={"api_timeout_s": 0.1})
+    rig.ctl.settings = rig.ctl.settings.model_copy(update={"control": control})
+    await rig.tick()
+    api.gates["suspend_machine"] = asyncio.Event()
+    api.gates["release_machine_lease"] = asyncio.Event()  # never set: no answer
+    await clock.advance(6)
+    await rig.tick()
+    await settle()
+    assert api.lease(APP, mid) is not None
+    with capture_logs() as logs:
+        async with asyncio.timeout(10):  # the release alone would hold it for good
+            await rig.ctl.stop()
+    assert [(e["event"], e["machine"]) for e in logs if "lease" in e["event"]] == [
+        ("lease_release_failed", mid)
+    ]
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("lease-release:")]
 
 
 # -- end to end, against the emulator's leases -----------------------------------------------
