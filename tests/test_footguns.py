@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,15 @@ async def test_run_logs_fly_autostop_once_per_app(emulator: Emulator, tmp_path: 
     (line,) = [e for e in logs if e["event"] == "fly_autoscaling_on"]
     assert line["app"] == "web"
     assert "autostop=suspend" in line["problem"]
+
+
+def test_the_example_fly_toml_leaves_the_graceful_stop_its_time() -> None:
+    """Fly kills a machine ``kill_timeout`` seconds after its stop signal (5 by default):
+    the example must leave the autoscaler its graceful stop (the proxy's drain, then the
+    lease releases), or every deploy cuts requests in flight; and the signal must be one
+    the service stops gracefully on."""
+    fly = tomllib.loads((REPO / "config" / "fly.toml.example").read_text())
+    settings = Settings()
+    stop_s = settings.proxy.shutdown_timeout_s + settings.control.api_timeout_s
+    assert fly["kill_timeout"] > stop_s
+    assert fly["kill_signal"] in ("SIGTERM", "SIGINT")
