@@ -433,12 +433,14 @@ class Actuator:
             await asyncio.wait(set(self.cordoning.values()))
         await self.leases.settled()
 
-    async def aclose(self, timeout_s: float | None = None) -> None:
+    async def aclose(self, timeout_s: float | None = None, *, cut: bool = True) -> None:
         """On shutdown, after the action tasks were cancelled: cut the cordon requests
         still under way (our key is on those machines already: the next process finds
-        them) and wait for the lease releases, within ``timeout_s``."""
+        them) and wait for the lease releases, within ``timeout_s``. ``cut=False``
+        (leadership lost): machine leases being taken are let answer, and given back then
+        (``Leases.aclose``)."""
         await cancel_and_wait(list(self.cordoning.values()))  # each one's entry goes with it
-        await self.leases.aclose(timeout_s)
+        await self.leases.aclose(timeout_s, cut=cut)
 
     def interrupt(self, rt: AppRuntime, mid: str) -> Running:
         """Take back a drain in its suspend step: cancel it and start the machine, which

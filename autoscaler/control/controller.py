@@ -270,10 +270,13 @@ class Controller:
             self._pacers[rt.name] = Pacer(self._rng, self.sleep)
             rt.loop = asyncio.get_running_loop().create_task(self._run(rt), name=f"loop:{rt.name}")
 
-    async def stop(self) -> None:
+    async def stop(self, *, handover: bool = False) -> None:
         """Stop the loops and cancel actions under way. A drain cut short leaves a cordon
         with our key; the next process (or the next start) finishes or undoes it. Apps a
-        reload is letting go are let go first: no process will scale them after us."""
+        reload is letting go are let go first: no process will scale them after us.
+        ``handover`` (cluster mode: this replica stops leading and lives on): the machine
+        leases that cancelled actions were taking are given back once their answers come,
+        not left under our name for their TTL (``Leases.aclose``)."""
         self._running = False
         self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
@@ -281,7 +284,7 @@ class Controller:
         await self._call_off_late_lifts()
         # What the actions cancelled just now leave running: the lease releases, together
         # within one call's time of a tick (an API that hangs does not hold the stop).
-        await self.actuator.aclose(self.settings.control.api_timeout_s)
+        await self.actuator.aclose(self.settings.control.api_timeout_s, cut=not handover)
         # Started again (a replica that leads again), it writes every gauge anew (a
         # follower drops them: Metrics.forget_decisions) and bills machine time from its
         # first tick on: the time between was another leader's to bill. Until now is ours.

@@ -216,15 +216,22 @@ class Leases:
                 return
             await asyncio.wait(tasks)
 
-    async def aclose(self, timeout_s: float | None = None) -> None:
+    async def aclose(self, timeout_s: float | None = None, *, cut: bool = True) -> None:
         """On shutdown: cut the acquires still in flight (a lease they bring lapses after
         its TTL, or the next process on this host adopts it), finish the releases within
         ``timeout_s`` (an API that does not answer would hold the stop for as long as the
-        client waits for a call); one cut then lapses after its TTL too."""
-        await cancel_and_wait(list(self._acquiring.values()))
+        client waits for a call); one cut then lapses after its TTL too.
+
+        ``cut=False`` (a replica that stops leading, and lives on): the acquires of
+        cancelled callers are left to answer, and the lease each brings is released then
+        (``_orphan``); cut off, it stayed on its machine for its TTL under our name, which
+        the next leader does not adopt. Only the releases under way are waited for."""
+        if cut:
+            await cancel_and_wait(list(self._acquiring.values()))
         try:
             async with asyncio.timeout(timeout_s):
-                await self.settled()
+                while self._releasing:
+                    await asyncio.wait(set(self._releasing.values()))
         except TimeoutError:
             left = dict(self._releasing)
             for app, machine_id in left:

@@ -232,8 +232,9 @@ class Replica:
         self.subscribed.clear()
         if self.leading:
             await self._step_down()
-        else:
-            await self.controller.stop()  # what a wake of ours (a self-wake) left running
+        # What a wake of ours (a self-wake) left running, and the machine leases a step
+        # down let answer.
+        await self.controller.stop()
         self.view.set_waker(None)
         self.view.set_machines_listener(None)
         await self.cluster.close()
@@ -310,7 +311,7 @@ class Replica:
             self.view_known = True
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
-        await self.controller.stop()
+        await self.controller.stop(handover=True)
         for rt in self.controller.apps.values():
             rt.hold_hung(self.view.app(rt.name), set())  # a hold would outlive our lead
         self.metrics.forget_decisions()

@@ -1001,3 +1001,59 @@ async def test_a_follower_says_which_of_its_apps_the_leaders_config_lacks(
     finally:
         for r in (leader, follower):
             await r.stop()
+
+
+class LateLeaseReplies(FakeMachinesAPI):
+    """Machine leases are taken at once, as on Fly; the answer comes once ``late`` is set."""
+
+    late: asyncio.Event | None = None
+
+    async def acquire_machine_lease(
+        self, app: str, machine_id: str, *, ttl_s: int = 30, description: str | None = None
+    ) -> Any:
+        lease = await super().acquire_machine_lease(
+            app, machine_id, ttl_s=ttl_s, description=description
+        )
+        if self.late is not None:
+            await self.late.wait()
+        return lease
+
+
+async def test_a_leader_that_steps_down_while_taking_a_machines_lease_gives_it_back(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A leader lost its lease while the start of a wake waited for the answer to its
+    machine lease (taken on Fly already). Stepping down cut that request off: the lease,
+    named for the old leader, stayed on the machine for its TTL (30 s), which the new
+    leader does not adopt, and the new leader's wake of the app found its only machine
+    leased until the wake timed out. The answer is now awaited in the background and the
+    lease given back."""
+    api = LateLeaseReplies()
+    mid = api.add(APP, "stopped")
+    old, new = (
+        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99, wake_timeout_s=2.0)
+        for rid in ("old", "new")
+    )
+    for r in (old, new):
+        await r.start(rounds=False)
+    try:
+        await rounds([old], lambda: old.leading, 2 * TTL)
+        await old.controller.tick(APP)
+        api.late = asyncio.Event()
+        old.view.app(APP).hold()
+        waking = old.view.wake(APP)
+        await until(lambda: api.lease(APP, mid) is not None, what="the start's machine lease")
+        old.cluster.lease.valid_until = 0.0  # its lease lapses (a pause, Redis out of reach)
+        old._next_lease_step = float("inf")
+        await old.round()
+        assert not old.leading
+        await rounds([new], lambda: new.leading, 4 * TTL)
+        api.late.set()  # the answer to the old leader's request comes
+        with contextlib.suppress(asyncio.CancelledError):
+            await waking  # ended by the step-down
+        new.view.app(APP).hold()
+        assert await asyncio.wait_for(new.view.wake(APP), 10) == "start"
+        assert api.ops("start_machine") == [mid]
+    finally:
+        for r in (old, new):
+            await r.stop()
