@@ -12,7 +12,10 @@ again (within its restart backoff and budget). A machine that fails to come up i
 from consideration and the next one is tried; with none left, the wake waits for machines
 in transition (a stop under way ends in a startable state), a failed machine's next
 restart, or the retry of a machine whose action an API error failed, until the app's
-``wake_timeout_s``.
+``wake_timeout_s``. A machine that another party is starting (listed ``starting``: in
+cluster mode a start of a leader that lost its lease after the start landed, or a deploy's)
+is waited for first, as a start of our own is joined: waking another machine meanwhile
+started two for one need.
 
 The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
 retry (the first read of an app never read too, tried again at the pace below). An
@@ -35,7 +38,7 @@ from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.scaling.fleet import FAILED, MOVING_STATES, Fleet
+from autoscaler.scaling.fleet import COMING_UP_STATES, FAILED, MOVING_STATES, Fleet
 from autoscaler.scaling.policy import Action, choose_wake
 
 _log = get_logger("autoscaler.control")
@@ -83,11 +86,12 @@ class Waker:
             deadline = t0 + rt.config.wake_timeout_s
             failed: set[str] = set()
             again: dict[str, _Retry] = {}
+            came: str | None = None  # "start": we waited for another party's start
             if not rt.read_once:
                 await self._first_read(rt, deadline)
             while True:
                 if view.routable():
-                    return "none"
+                    return came or "none"
                 # Our own start under way (a scale-up of the tick): join it.
                 for running in list(rt.running.values()):
                     if running.kind not in ("resume", "start"):
@@ -99,6 +103,24 @@ class Waker:
                         return running.kind
                 now = act.clock()
                 fleet = rt.fleet(view, now, urgent=True)
+                coming = [
+                    m.id
+                    for m in fleet
+                    if m.state in COMING_UP_STATES and m.id not in failed and not m.unreachable
+                ]
+                if coming:
+                    # Another party's start under way (in cluster mode, a leader's that
+                    # landed before it lost its lease; a deploy's): it serves this need,
+                    # and waking another machine would start two for one. Watched until it
+                    # is up, or fails (then the machines above, or it again, are woken).
+                    if now >= deadline:
+                        raise WakeError(
+                            f"app {rt.name}: machine {coming[0]} did not come up in time"
+                        )
+                    view.waking = came = "start"
+                    await act.sleep(max(0.0, min(RECHECK_S, deadline - now)))
+                    await self._refresh_quietly(rt)
+                    continue
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
                 if action is not None and action.kind == "start":
                     # A resume an API error failed once (not told to wait long) goes first.

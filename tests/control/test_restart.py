@@ -149,3 +149,25 @@ async def test_a_cordon_the_process_before_sent_is_ours_when_it_lands_late(
             )
         finally:
             await second.stop()
+
+
+@BOTH_PROFILES
+async def test_a_wake_waits_for_a_start_another_party_made_instead_of_starting_another(
+    emulator: Emulator,
+) -> None:
+    """A start that another party made is under way (in cluster mode, a leader's that
+    landed before it lost its lease, whose start the step-down then cancelled): the wake
+    of the next decider waits for that machine. It started a second one for the same need
+    (on Fly's timings the first was still booting when the wake read the app)."""
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        first = sorted(m.id for m in emulator.machines(APP))[0]
+        await client.start_machine(APP, first)  # the old leader's start, landed
+        ctl = controller(client, min_machines=0)
+        try:
+            assert await ctl.wake(APP) in ("start", "none")
+            routable = [u.id for u in ctl.view.app(APP).routable()]
+        finally:
+            await ctl.stop()
+    assert routable == [first]
+    states = sorted(m.state for m in emulator.machines(APP))
+    assert states == ["started", "stopped", "stopped"]

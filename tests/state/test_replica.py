@@ -1057,3 +1057,55 @@ async def test_a_leader_that_steps_down_while_taking_a_machines_lease_gives_it_b
     finally:
         for r in (old, new):
             await r.stop()
+
+
+class SlowBoots(FakeMachinesAPI):
+    """A start leaves the machine ``starting`` (a cold boot) until the test says."""
+
+    async def start_machine(
+        self, app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> Any:
+        result = await super().start_machine(app, machine_id, lease_nonce=lease_nonce)
+        if self.get(app, machine_id).state == "started":
+            self.set(app, machine_id, state="starting")
+        return result
+
+
+async def test_a_new_leader_waits_for_the_start_its_predecessor_left_booting(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The leader's wake started a machine and lost its lease while it booted; the
+    step-down ended that wake. The new leader's wake, for the same held request, started
+    a second machine instead of waiting for the first."""
+    api = SlowBoots()
+    api.add(APP, "stopped")
+    api.add(APP, "stopped")
+    old, new = (
+        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99) for rid in ("old", "new")
+    )
+    for r in (old, new):
+        await r.start(rounds=False)
+    try:
+        await rounds([old], lambda: old.leading, 2 * TTL)
+        await old.controller.tick(APP)
+        old.view.app(APP).hold()
+        waking = old.view.wake(APP)
+        await until(lambda: bool(api.ops("start_machine")), what="the old leader's start")
+        (booting,) = api.ops("start_machine")
+        assert booting is not None
+        old.cluster.lease.valid_until = 0.0  # its lease lapses (a pause, Redis out of reach)
+        old._next_lease_step = float("inf")
+        await old.round()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waking  # ended by the step-down
+        await rounds([new], lambda: new.leading, 4 * TTL)
+        new.view.app(APP).hold()
+        wake = new.view.wake(APP)
+        await until(lambda: new.view.app(APP).waking == "start", what="the new leader's wake")
+        api.set(APP, booting, state="started")  # booted
+        how = await asyncio.wait_for(wake, 10)
+        assert api.ops("start_machine") == [booting]
+        assert how == "start"  # what the held request waited for
+    finally:
+        for r in (old, new):
+            await r.stop()
