@@ -15,7 +15,8 @@ restart, or the retry of a machine whose action an API error failed, until the a
 ``wake_timeout_s``. A machine that another party is starting (listed ``starting``: in
 cluster mode a start of a leader that lost its lease after the start landed, or a deploy's)
 is waited for first, as a start of our own is joined: waking another machine meanwhile
-started two for one need.
+started two for one need. For ``START_PATIENCE_S`` at most: one stuck in ``starting`` gets
+another machine woken beside it.
 
 The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
 retry (the first read of an app never read too, tried again at the pace below). An
@@ -43,6 +44,10 @@ from autoscaler.scaling.policy import Action, choose_wake
 
 _log = get_logger("autoscaler.control")
 RECHECK_S = 0.25  # how often a wake looks again while another party's start is under way
+START_PATIENCE_S = 10.0
+"""How long a wake waits for another party's start before it wakes another machine as
+well: cold starts take one to several seconds (docs/fly-api-notes.md), and a machine
+stuck in ``starting`` must not hold the app's requests for all of ``wake_timeout_s``."""
 RETRY_MAX_S = 1.0  # the longest pause before trying again a machine an API error failed
 
 
@@ -87,6 +92,7 @@ class Waker:
             failed: set[str] = set()
             again: dict[str, _Retry] = {}
             came: str | None = None  # "start": we waited for another party's start
+            seen_coming: dict[str, float] = {}  # another party's start -> first seen
             if not rt.read_once:
                 await self._first_read(rt, deadline)
             while True:
@@ -108,6 +114,12 @@ class Waker:
                     for m in fleet
                     if m.state in COMING_UP_STATES and m.id not in failed and not m.unreachable
                 ]
+                for mid in coming:
+                    if now - seen_coming.setdefault(mid, now) >= START_PATIENCE_S:
+                        # Slower than a cold start: woken beside, not waited for longer.
+                        _log.info("wake_passes_slow_start", app=rt.name, machine=mid)
+                        failed.add(mid)
+                coming = [mid for mid in coming if mid not in failed]
                 if coming:
                     # Another party's start under way (in cluster mode, a leader's that
                     # landed before it lost its lease; a deploy's): it serves this need,

@@ -16,6 +16,7 @@ from autoscaler.control.controller import MAX_RETRY_AFTER_S, Controller, WakeErr
 from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
+from autoscaler.control.wake import START_PATIENCE_S
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError, TransportError
 from autoscaler.metrics import Metrics
@@ -666,6 +667,28 @@ async def test_a_wake_gives_up_on_an_app_it_cannot_read_at_its_deadline(
     with pytest.raises(WakeError, match="could not be read"):
         await task
     assert 5 <= len(api.ops("list_machines")) <= 7  # about one a second
+
+
+async def test_a_wake_waits_for_another_party_s_start_no_longer_than_a_cold_start_takes(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A machine someone else started is waited for (a second start for one need is a
+    machine too many), but one stuck in ``starting`` past START_PATIENCE_S does not hold
+    the app's requests until ``wake_timeout_s``: the wake starts another beside it."""
+    stuck = api.add(APP, "starting")
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(START_PATIENCE_S - 1)
+    assert not task.done()
+    assert api.ops("start_machine") == []  # waited for
+    await clock.advance(2)
+    assert task.done()
+    assert task.result() == "start"
+    assert api.ops("start_machine") == [other]
+    assert rig.routable() == {other}
+    assert state(api, stuck) == "starting"
 
 
 async def test_a_tick_told_to_retry_in_an_hour_retries_within_a_minute(
