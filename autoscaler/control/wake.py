@@ -12,11 +12,11 @@ again (within its restart backoff and budget). A machine that fails to come up i
 from consideration and the next one is tried; with none left, the wake waits for machines
 in transition (a stop under way ends in a startable state), a failed machine's next
 restart, or the retry of a machine whose action an API error failed, until the app's
-``wake_timeout_s``. A machine that another party is starting (listed ``starting``: in
-cluster mode a start of a leader that lost its lease after the start landed, or a deploy's)
-is waited for first, as a start of our own is joined: waking another machine meanwhile
-started two for one need. For ``START_PATIENCE_S`` at most: one stuck in ``starting`` gets
-another machine woken beside it.
+``wake_timeout_s``. A machine that another party is starting (listed ``starting`` or
+``restarting``: in cluster mode a start of a leader that lost its lease after the start
+landed, or a deploy's) is waited for first, as a start of our own is joined: waking another
+machine meanwhile started two for one need. For ``START_PATIENCE_S`` at most: one stuck in
+``starting`` gets another machine woken beside it (``wake_passes_slow_start``).
 
 The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
 retry (the first read of an app never read too, tried again at the pace below). An
