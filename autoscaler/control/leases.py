@@ -12,7 +12,10 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
 - **Release.** At the end of the sequence, whatever its outcome (cancelled too), from a
   task of its own: the action's result is not held up by one more round trip, and a
   cancelled task never ``await``s on its way out. The next ``take`` of the same machine
-  waits for that release first; ``aclose`` waits for all of them.
+  waits for that release first. At a stop ``aclose`` waits for them within a bound (the
+  controller's: ``control.api_timeout_s``); one still unanswered then is cut
+  (``lease_release_failed``) and lapses after its TTL. A replica that stops leading lets
+  the acquires of its cancelled actions answer and gives those leases back too.
 - **A lost answer.** An acquire whose answer never came back (a timeout, a cancelled task)
   may still have made a lease whose nonce we never saw. Our description carries ``owner``,
   so a 409 whose holder is ``owner`` is read back and adopted instead of waiting out the
