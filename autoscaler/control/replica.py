@@ -6,7 +6,9 @@ Every ``REPORT_S`` (250 ms) the replica:
 - steps its lease every ``lease_ttl_s / 3`` (renew, or try to acquire), and checks the
   lease's local deadline every round: leadership gained starts the controller (its loops,
   its drains, its wake path); leadership lost (not renewed, Redis unreachable, a stale
-  token) stops it at once, so a leader that cannot renew stops deciding within the TTL;
+  token) stops it at once, so a leader that cannot renew stops deciding within the TTL
+  (the machine leases its cancelled actions were taking are let answer and given back:
+  the next leader, another owner, would not adopt them);
 - publishes its own load per app, and, as leader, the fleet view it routes with;
 - reads the other replicas' reports. The leader's ticks decide on the sum (the controller's
   ``load`` hook, :meth:`Replica.load`). Every replica writes the others' requests in flight
