@@ -7,7 +7,9 @@ Machines API client (none for ``autoscaler run`` on static apps alone without
 and the admin server. Stop, outside in, so that no request meets a half-stopped service:
 readiness fails first (load balancers stop sending), the proxy stops accepting and lets
 requests in flight finish (``proxy.shutdown_timeout_s``), then the controller's loops and
-actions stop, and the client and the emulator close last.
+actions stop (it lets go of the apps a reload under way was removing, and gives back the
+machine leases of the actions it cuts, within ``control.api_timeout_s``), and the client
+and the emulator close last.
 
 Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once); SIGHUP reloads
 the configuration file (not during the stop); SIGUSR2 (the rolling restart of ``run
