@@ -31,7 +31,9 @@ checks that turn critical while it is out for those do not bring it back early.
 
 Ejection rides on the view's ``unhealthy_until``: an ejected machine is one the balancer
 skips until then; a probe under way sets it far ahead (``_PROBING_S``) and its outcome
-resets it.
+resets it. Every verdict lands on the view that holds the machine (``Upstream.owner``),
+not on the app's view looked up by name: a reload may have removed the app while the
+request was under way, and the lookup would make its view again, for nobody.
 """
 
 from __future__ import annotations
