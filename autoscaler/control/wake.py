@@ -97,7 +97,13 @@ class Waker:
                 await self._first_read(rt, deadline)
             while True:
                 if view.routable():
-                    return came or "none"
+                    if came is None:
+                        return "none"
+                    took = self._observe(rt, came, t0)  # a wake that waited for a start
+                    _log.info(
+                        "wake", app=rt.name, how=came, waited_for="another's start", took_s=took
+                    )
+                    return came
                 # Our own start under way (a scale-up of the tick): join it.
                 for running in list(rt.running.values()):
                     if running.kind not in ("resume", "start"):

@@ -691,6 +691,27 @@ async def test_a_wake_waits_for_another_party_s_start_no_longer_than_a_cold_star
     assert state(api, stuck) == "starting"
 
 
+async def test_a_wake_that_waited_for_another_party_s_start_is_measured_as_one(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Its requests are told ``start``; the wake-duration histogram and the log say so
+    too (they had no sample and no line for it)."""
+    mid = api.add(APP, "starting")
+    api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        await clock.advance(2)
+        api.set(APP, mid, state="started")
+        await clock.advance(1)
+        assert await task == "start"
+    assert api.ops("start_machine") == []
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="start") == 1
+    assert 2 <= rig.metric("autoscaler_wake_duration_seconds_sum", kind="start") <= 3
+    assert [e["how"] for e in logs if e["event"] == "wake"] == ["start"]
+
+
 async def test_a_tick_told_to_retry_in_an_hour_retries_within_a_minute(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
