@@ -115,10 +115,14 @@ class Waker:
                         return running.kind
                 now = act.clock()
                 fleet = rt.fleet(view, now, urgent=True)
+                # (Not one under someone else's cordon: started, it still never routes.)
                 coming = [
                     m.id
                     for m in fleet
-                    if m.state in COMING_UP_STATES and m.id not in failed and not m.unreachable
+                    if m.state in COMING_UP_STATES
+                    and m.id not in failed
+                    and not m.unreachable
+                    and not m.cordoned_by_others
                 ]
                 for mid in coming:
                     if now - seen_coming.setdefault(mid, now) >= START_PATIENCE_S:

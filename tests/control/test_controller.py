@@ -712,6 +712,24 @@ async def test_a_wake_that_waited_for_another_party_s_start_is_measured_as_one(
     assert [e["how"] for e in logs if e["event"] == "wake"] == ["start"]
 
 
+async def test_a_wake_does_not_wait_for_a_start_that_someone_else_cordoned(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A machine starting under someone else's cordon (an operator's, a deploy's) never
+    routes once up (docs/policy.md: we never route to it nor lift that cordon): the wake
+    wakes another at once. It waited START_PATIENCE_S for it."""
+    green = api.add(APP, "starting", cordoned=True)
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(1)
+    assert task.done()
+    assert task.result() == "start"
+    assert api.ops("start_machine") == [other]
+    assert state(api, green) == "starting"
+
+
 async def test_a_tick_told_to_retry_in_an_hour_retries_within_a_minute(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
