@@ -14,9 +14,13 @@ in transition (a stop under way ends in a startable state), a failed machine's n
 restart, or the retry of a machine whose action an API error failed, until the app's
 ``wake_timeout_s``. A machine that another party is starting (listed ``starting`` or
 ``restarting``: in cluster mode a start of a leader that lost its lease after the start
-landed, or a deploy's) is waited for first, as a start of our own is joined: waking another
-machine meanwhile started two for one need. For ``START_PATIENCE_S`` at most: one stuck in
-``starting`` gets another machine woken beside it (``wake_passes_slow_start``).
+landed, or a deploy's) is waited for rather than a cold start, as a start of our own is
+joined: waking another machine meanwhile started two for one need. For
+``START_PATIENCE_S`` at most: one stuck in ``starting`` gets another machine woken beside
+it (``wake_passes_slow_start``). A drain to take back or a machine to resume is woken at
+once all the same (up in well under a second on Fly, where the start waited for may be a
+cold one of seconds); the machine too many goes at a scale-down. A machine starting under
+someone else's cordon is not waited for: it would never route.
 
 The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
 retry (the first read of an app never read too, tried again at the pace below). An
@@ -130,7 +134,11 @@ class Waker:
                         _log.info("wake_passes_slow_start", app=rt.name, machine=mid)
                         failed.add(mid)
                 coming = [mid for mid in coming if mid not in failed]
-                if coming:
+                action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
+                # A take-back or a resume is not held back for it: either is up in well
+                # under a second on Fly, a cold start in one to several (rule 2 wakes the
+                # fastest first); the machine too many goes at a scale-down.
+                if coming and (action is None or action.kind not in ("uncordon", "resume")):
                     # Another party's start under way (in cluster mode, a leader's that
                     # landed before it lost its lease; a deploy's): it serves this need,
                     # and waking another machine would start two for one. Watched until it
@@ -143,7 +151,6 @@ class Waker:
                     await act.sleep(max(0.0, min(RECHECK_S, deadline - now)))
                     await self._refresh_quietly(rt)
                     continue
-                action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
                 if action is not None and action.kind == "start":
                     # A resume an API error failed once (not told to wait long) goes first.
                     at, mid = min(

@@ -730,6 +730,26 @@ async def test_a_wake_does_not_wait_for_a_start_that_someone_else_cordoned(
     assert state(api, green) == "starting"
 
 
+async def test_a_wake_resumes_a_suspended_machine_rather_than_wait_for_another_s_cold_start(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Rule 2 wakes the fastest machine first: a resume takes a few hundred ms on Fly, a
+    cold start one to several seconds. Another party's start under way does not hold a
+    resume back (the wake waited for the cold start, seconds, to spare one machine's
+    suspend later)."""
+    booting = api.add(APP, "starting")
+    asleep = api.add(APP, "suspended")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(1)
+    assert task.done()
+    assert task.result() == "resume"
+    assert api.ops("start_machine") == [asleep]
+    assert rig.routable() == {asleep}
+    assert state(api, booting) == "starting"
+
+
 async def test_a_tick_told_to_retry_in_an_hour_retries_within_a_minute(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

@@ -12,7 +12,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from testkit import fly_like
 
-from autoscaler.config import AppConfig, ControlSettings, EmulatorApp, EmulatorSettings, Settings
+from autoscaler.config import (
+    AppConfig,
+    ControlSettings,
+    EmulatorApp,
+    EmulatorSettings,
+    Settings,
+    TimingSettings,
+)
 from autoscaler.control.actions import CORDON_UNSURE_S
 from autoscaler.control.controller import Controller
 from autoscaler.control.view import FleetView
@@ -28,13 +35,25 @@ APP = "web"
 def emulator_settings(
     emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
 ) -> EmulatorSettings:
-    """Fast timings, or Fly's where a test asks (indirect parametrization)."""
+    """Fast timings, or Fly's where a test asks (indirect parametrization; "fly, quick
+    suspend": Fly's but for suspends, as fast as the fast profile's, for a test that
+    only needs a machine asleep before it begins)."""
+    param = getattr(request, "param", "fast")
     settings = emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=3)]})
-    return fly_like(settings) if getattr(request, "param", "fast") == "fly" else settings
+    if param.startswith("fly"):
+        settings = fly_like(settings)
+    if param.endswith("quick suspend"):
+        settings = settings.model_copy(update={"timing": TimingSettings(suspend_s=0)})
+    return settings
 
 
 BOTH_PROFILES = pytest.mark.parametrize(
     "emulator_settings", ["fast", pytest.param("fly", marks=pytest.mark.fly_profile)], indirect=True
+)
+BOTH_PROFILES_QUICK_SUSPEND = pytest.mark.parametrize(
+    "emulator_settings",
+    ["fast", pytest.param("fly, quick suspend", marks=pytest.mark.fly_profile)],
+    indirect=True,
 )
 
 
@@ -171,3 +190,28 @@ async def test_a_wake_waits_for_a_start_another_party_made_instead_of_starting_a
     assert routable == [first]
     states = sorted(m.state for m in emulator.machines(APP))
     assert states == ["started", "stopped", "stopped"]
+
+
+@BOTH_PROFILES_QUICK_SUSPEND
+async def test_a_wake_resumes_a_suspended_machine_rather_than_wait_for_another_s_cold_start(
+    emulator: Emulator,
+) -> None:
+    """Another party's cold start is under way (a deploy's, a lost leader's) and a machine
+    of the app is suspended: the wake resumes it (a few hundred ms on Fly) rather than
+    wait for the cold start (one to several seconds), as rule 2 wakes the fastest first.
+    It waited for the cold start, and its requests for it."""
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        cold, asleep, _ = sorted(m.id for m in emulator.machines(APP))
+        await client.start_machine(APP, asleep)
+        await client.wait_for_machine_state(APP, asleep, "started")
+        await client.suspend_machine(APP, asleep)
+        await client.wait_for_machine_state(APP, asleep, "suspended")
+        await client.start_machine(APP, cold)  # the other party's start, landed
+        ctl = controller(client, min_machines=0)
+        try:
+            how = await ctl.wake(APP)
+            routable = [u.id for u in ctl.view.app(APP).routable()]
+        finally:
+            await ctl.stop()
+    assert how == "resume"
+    assert routable == [asleep]
