@@ -304,6 +304,11 @@ class ProxyServer:
         tried.append(up)
         _give_back(gate, ctx, self.health)
         ctx.up = None
+        if self._gates.get(app.name) is not gate:
+            # A reload removed the app meanwhile: nothing was sent, so it is answered as
+            # its held requests were. Its gate would look its view up by name and make it
+            # again, for nobody (an in-flight series back for good, a wake nobody makes).
+            raise _shed(AppRemoved())
         up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
             if app.static or remaining(ctx.deadline) <= 0:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 import aiohttp
@@ -13,6 +15,7 @@ from testkit import until
 
 from autoscaler.config import AppConfig, ProxySettings, Settings
 from autoscaler.control.view import FleetView, MachineInfo
+from autoscaler.metrics import Metrics
 
 from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import Blocking, text_app
@@ -338,3 +341,49 @@ async def test_a_request_whose_machine_fails_after_its_app_was_removed_makes_no_
     async with await request as resp:
         assert resp.status == 502
     assert "w" not in fleet.apps
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "scaled"])
+async def test_a_request_whose_connect_fails_after_its_app_was_removed_makes_no_view_again(
+    static: bool,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    """A reload removes an app while the proxy is still connecting to its machine (a host
+    that does not answer: its accept queue is full, so the SYN is dropped); then the
+    connect is refused. The retry looked the app's view up by name through its gate and
+    made it again, for an app nobody has: its ``autoscaler_inflight_requests`` series came
+    back for good (and a scaled app's request waited out its wake_timeout_s for a wake
+    that no controller makes)."""
+    listener = socket.socket()
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for filler in fillers:  # the accept queue full: a connect hangs until refused
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        app: dict[str, Any] = {"name": "w", "hosts": ["w.test"]}
+        if static:
+            app["backends"] = [f"127.0.0.1:{port}"]
+        else:
+            fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
+        proxy = await start_proxy([app], connect_timeout_s=60.0)
+        request = asyncio.create_task(session.get(url(proxy), headers={"Host": "w.test"}))
+        await until(lambda: fleet.apps["w"].in_flight == 1)  # connecting
+        proxy.update_settings(Settings(proxy=ProxySettings(listen="127.0.0.1:8080"), apps=[]))
+        fleet.remove_app("w")  # a scaled app: what the controller's reload does then
+        listener.close()  # the SYN sent again is refused
+        async with await request as resp:
+            assert resp.status == 503
+        assert "w" not in fleet.apps
+        inflight = metrics.registry.get_sample_value("autoscaler_inflight_requests", {"app": "w"})
+        assert inflight is None
+    finally:
+        listener.close()
+        for filler in fillers:
+            filler.close()
