@@ -47,6 +47,7 @@ class Upstream:
         "authority",
         "checks_critical",
         "cordoned",
+        "ending",
         "failing",
         "held",
         "host",
@@ -69,6 +70,11 @@ class Upstream:
         self.port = port
         self.state = state
         self.cordoned = False
+        self.ending = False
+        """A drain ended its long-lived connections (the proxy's ``end_long_lived``): a
+        WebSocket or event stream that begins on it afterwards (a request sent before the
+        drain, answered later) ends at once too. Cleared once it is started and uncordoned
+        again (the drain taken back, a later start)."""
         self.in_flight = 0
         self.remote_in_flight = 0
         """Cluster mode: requests in flight to it through the other replicas, as they last
@@ -173,6 +179,8 @@ class AppView:
                 up.set_address(info.host, info.port)
             self._apply_state(up, info.state, now)
             up.cordoned = info.cordoned
+            if up.ending and up.state == STARTED and not up.cordoned:
+                up.ending = False  # routable again: its new connections run
             up.checks_critical = info.checks_critical
             fresh[info.id] = up
         self.upstreams = fresh
@@ -199,6 +207,8 @@ class AppView:
         up = self.upstreams.get(machine_id)
         if up is not None:
             self._apply_state(up, state, self.clock())
+            if up.ending and up.state == STARTED and not up.cordoned:
+                up.ending = False
             self._routable = None
             self.version = next(_versions)
             self.notify()

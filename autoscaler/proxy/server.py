@@ -482,7 +482,8 @@ class ProxyServer:
                 # A stream, perhaps long-lived: a drain of its machine may end it.
                 streams = self._streams.setdefault(up.id, {})
                 endless = streams[content] = _event_stream(exchange.headers)
-                if endless and self._closing:  # its head came after stop() ended the others
+                if endless and (self._closing or up.ending):
+                    # Its head came after stop() or its machine's drain ended the others.
                     content.end_early()
             if content.done:
                 # A small answer came whole: head and body in one write.
@@ -588,7 +589,8 @@ class ProxyServer:
         relay.on_dormant = dormant
         relay.on_active = active
         self._tunnels.add(relay)
-        if self._closing:  # a handshake under way when stop() began: 1001 at once
+        if self._closing or up.ending:
+            # A handshake under way when stop() or the machine's drain began: 1001 at once.
             relay.going_away()
         try:
             await relay.run()
@@ -615,8 +617,16 @@ class ProxyServer:
         boundary (one whose closing handshake is under way, by that handshake's end),
         event streams from it at a chunk boundary. Other streamed answers (a download) may
         end within the drain's time; with ``everything`` (it is up) they are cut, their
-        clients' connections dropped. Their slots come back as they end. The number
-        ended."""
+        clients' connections dropped. Their slots come back as they end. A WebSocket or
+        event stream whose handshake or head comes later (its request was sent before)
+        ends as soon as it begins, until the machine is routable again (``Upstream.ending``).
+        The number ended."""
+        view = self.view.apps.get(app)
+        up = view.upstreams.get(machine_id) if view is not None else None
+        if up is not None and (up.cordoned or up.state != STARTED):
+            # Out of routing (a drain shows its cordon first): what begins there from now
+            # on ends at once, until it routes again.
+            up.ending = True
         ended = 0
         for relay in list(self._tunnels):
             if relay.machine_id == machine_id and relay.app == app:

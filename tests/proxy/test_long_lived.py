@@ -17,8 +17,9 @@ import pytest
 from aiohttp import WSMsgType, web
 from testkit import until
 
-from autoscaler.control.view import FleetView
+from autoscaler.control.view import AppView, FleetView, MachineInfo
 from autoscaler.proxy import tunnel
+from autoscaler.scaling.fleet import STARTED
 
 from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import BOUND_S
@@ -214,6 +215,116 @@ async def test_an_event_stream_whose_answer_comes_after_stop_began_ends_at_once_
         assert got.endswith(b"\r\n0\r\n\r\n")  # a whole chunked body, not a cut one
     finally:
         writer.close()
+
+
+def late_app(answer: asyncio.Event, more: asyncio.Event) -> web.Application:
+    """A machine slow to answer: its WebSocket handshake and its event stream's head come
+    once ``answer`` is set; the stream's second event once ``more`` is."""
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        await answer.wait()
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type is WSMsgType.TEXT:
+                await sock.send_str(msg.data.upper())
+        return sock
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await answer.wait()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: 0\n\n")
+        await more.wait()
+        await resp.write(b"data: 1\n\n")
+        await asyncio.sleep(3600)  # then nothing, until the client goes
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/stream", stream)
+    return app
+
+
+def cordon(view: AppView, machine: str, cordoned: bool) -> None:
+    """What the controller's drain shows the proxy: the machine out of routing (its
+    start), or back in (the drain taken back)."""
+    up = view.upstreams[machine]
+    view.set_machines([MachineInfo(machine, up.host, up.port, STARTED, cordoned)])
+
+
+async def test_what_begins_on_a_machine_after_its_drain_ended_its_long_lived_ends_at_once(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """A drain ends the WebSockets and event streams it finds on the machine; a request
+    already sent there whose handshake or event stream's head came later ran on until
+    drain_timeout_s (30 s by default), holding the suspend up. It ends at once too."""
+    answer, more = asyncio.Event(), asyncio.Event()
+    addr = await backend(late_app(answer, more))
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    view = fleet.app("a")
+    [machine] = view.upstreams
+    host = {"Host": "a.test"}
+    connecting = asyncio.ensure_future(session.ws_connect(url(proxy, "/ws"), headers=host))
+    streaming = asyncio.ensure_future(session.get(url(proxy, "/stream"), headers=host))
+    try:
+        await until(lambda: view.in_flight == 2, what="both requests sent to the machine")
+        cordon(view, machine, True)  # the drain begins
+        assert fleet.end_long_lived("a", machine) == 0  # nothing begun there yet
+        answer.set()
+        async with asyncio.timeout(BOUND_S):  # not the drain's timeout
+            ws = await connecting
+            msg = await ws.receive()
+            resp = await streaming
+            await resp.read()  # a whole chunked body: a cut one would raise here
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+        assert resp.status == 200
+    finally:
+        more.set()
+        connecting.cancel()
+        streaming.cancel()
+        for got in await asyncio.gather(connecting, streaming, return_exceptions=True):
+            if isinstance(got, aiohttp.ClientWebSocketResponse):
+                await got.close()
+            elif isinstance(got, aiohttp.ClientResponse):
+                got.release()
+    await until(lambda: view.in_flight == 0, what="both slots given back")
+
+
+async def test_a_drain_taken_back_lets_the_machines_new_long_lived_connections_run(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """While the drain lasts, an event stream that begins on the machine ends at once;
+    once the drain is taken back (the machine routed again, warm), its WebSockets and
+    event streams run as on any other machine."""
+    answer, more = asyncio.Event(), asyncio.Event()
+    addr = await backend(late_app(answer, more))
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    view = fleet.app("a")
+    [machine] = view.upstreams
+    host = {"Host": "a.test"}
+    streaming = asyncio.ensure_future(session.get(url(proxy, "/stream"), headers=host))
+    try:
+        await until(lambda: view.in_flight == 1, what="the request sent to the machine")
+        cordon(view, machine, True)  # the drain begins
+        fleet.end_long_lived("a", machine)
+        answer.set()
+        async with asyncio.timeout(BOUND_S):  # not the drain's timeout
+            async with await streaming as resp:
+                await resp.read()  # ended at once, whole
+    finally:
+        streaming.cancel()
+    cordon(view, machine, False)  # taken back
+    async with session.ws_connect(url(proxy, "/ws"), headers=host) as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "HI"  # not a close frame 1001
+        async with session.get(url(proxy, "/stream"), headers=host) as resp:
+            assert await resp.content.readuntil(b"\n\n") == b"data: 0\n\n"
+            more.set()
+            assert await resp.content.readuntil(b"\n\n") == b"data: 1\n\n"
+        await ws.send_str("still")
+        assert await ws.receive_str() == "STILL"
+    await until(lambda: view.in_flight == 0, what="the slots given back")
 
 
 async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
