@@ -8,13 +8,14 @@ import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -466,13 +467,24 @@ def _await_reload(admin: str, proc: subprocess.Popen[str], result: str) -> None:
 
 
 def _reloads(metrics: bytes, result: str) -> float:
+    return _sample(metrics, "autoscaler_config_reloads_total", result=result)
+
+
+def _sample(metrics: bytes, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(metrics.decode()):
         for sample in family.samples:
-            if sample.name == "autoscaler_config_reloads_total" and sample.labels == {
-                "result": result
-            }:
+            if sample.name == name and sample.labels == labels:
                 return sample.value
     return 0.0
+
+
+def _poll(proc: subprocess.Popen[str], check: Callable[[], bool], what: str) -> None:
+    """Poll ``check`` until it holds (a separate process offers nothing to await)."""
+    deadline = time.monotonic() + 60
+    while not check():
+        assert proc.poll() is None, "autoscaler run exited early"
+        assert time.monotonic() < deadline, f"no {what} within 60s"
+        time.sleep(0.05)
 
 
 def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
@@ -548,6 +560,45 @@ def test_three_sigterms_in_a_row_still_reap_every_machine(tmp_path: Path) -> Non
             time.sleep(0.01)
         out, _ = proc.communicate(timeout=60)
     assert leftovers(proc.pid) == [], out[-4000:]
+
+
+def test_a_second_sigterm_answers_a_request_held_for_a_wake_503(tmp_path: Path) -> None:
+    """The second SIGTERM stops the process at once; a request held for a wake (nothing
+    sent to any machine) must still get its 503 with Retry-After before the process
+    exits, where its connection was dropped unanswered (a disconnect to the client, and
+    to Fly's proxy in front, which would not know whether to retry)."""
+    data = config(free_port(), wake_timeout_s=300)
+    data["proxy"]["shutdown_timeout_s"] = 300
+    data["emulator"]["apps"] = [{"name": "web", "machines": 0}]  # nothing to wake: held
+    file = write_config(tmp_path / "autoscaler.yaml", data)
+    with _run_process(file) as (proc, proxy_port, admin_port):
+        admin = f"http://127.0.0.1:{admin_port}"
+        _wait_ready(f"{admin}/readyz", proc)
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=60) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            _poll(
+                proc,
+                lambda: (
+                    _sample(_get(f"{admin}/metrics")[1], "autoscaler_queued_requests", app="web")
+                    == 1
+                ),
+                "held request",
+            )
+            proc.send_signal(signal.SIGTERM)
+            _poll(proc, lambda: _get(f"{admin}/readyz")[0] == 503, "graceful stop")
+            proc.send_signal(signal.SIGTERM)  # the second: at once
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.recv(65536):
+                    answer += chunk
+        out, _ = proc.communicate(timeout=60)
+    assert answer.startswith(b"HTTP/1.1 503 "), (answer, out[-4000:])
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nretry-after: 1\r\n" in head + b"\r\n"
+    assert b"\r\nconnection: close\r\n" in head + b"\r\n"
+    events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
+    assert "stopped_at_once" in events
+    assert proc.returncode == 0, out[-4000:]
 
 
 async def test_run_uses_the_configured_api_instead_of_an_embedded_emulator(

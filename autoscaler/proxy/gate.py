@@ -20,6 +20,7 @@ import asyncio
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from autoscaler.config import AppConfig
 from autoscaler.control.view import AppView, FleetView, Upstream
@@ -62,6 +63,7 @@ class HoldTimeout(Exception):
 class _Waiter:
     future: asyncio.Future[Upstream]
     view: AppView  # where it was counted as held, released on the same one
+    task: asyncio.Task[Any] | None  # the one that waits: it answers a shed request
     wake: asyncio.Task[str] | None = None
 
 
@@ -134,7 +136,7 @@ class Gate:
             raise QueueFull
         loop = asyncio.get_running_loop()
         view = self.view
-        waiter = _Waiter(loop.create_future(), view)
+        waiter = _Waiter(loop.create_future(), view, asyncio.current_task(loop))
         self._queue.append(waiter)
         view.hold()
         self._queued_gauge.inc()
@@ -287,13 +289,18 @@ class Gate:
                 soonest = wait if soonest is None else min(soonest, wait)
         return soonest
 
-    def shed(self, why: type[QueueFull] = ShuttingDown) -> None:
+    def shed(self, why: type[QueueFull] = ShuttingDown) -> list[asyncio.Task[Any]]:
         """Send every held request away with ``why`` (the proxy stops, or the app left the
-        configuration): they were sent nowhere yet, so a 503 that says to retry is right."""
+        configuration): they were sent nowhere yet, so a 503 that says to retry is right.
+        Returns the tasks that answer them (a stop cut short waits for those alone)."""
+        answering = []
         for waiter in list(self._queue):
             if not waiter.future.done():
                 waiter.future.set_exception(why())
+                if waiter.task is not None:
+                    answering.append(waiter.task)
             self._leave(waiter)
+        return answering
 
     async def close(self) -> None:
         """Stop the pump (on shutdown or when the app leaves the configuration)."""

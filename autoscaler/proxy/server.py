@@ -54,6 +54,9 @@ MAX_ATTEMPTS = 2
 SWEEP_S = 1.0
 # On stop(), held requests are answered 503 this long before the deadline cuts the rest.
 SHED_BEFORE_S = 0.5
+# A stop cut short (a second SIGTERM) still answers held requests 503, waiting at most this
+# long for their answers to be written (a loop turn or so: nothing else is waited for).
+SHED_AT_ONCE_S = 0.1
 _EMPTY_STATUS = frozenset({204, 304})
 
 
@@ -188,7 +191,8 @@ class ProxyServer:
         return self._server is not None and self._server.accepting
 
     async def stop(self) -> None:
-        """Stop accepting, let requests finish until ``shutdown_timeout_s``, then close."""
+        """Stop accepting, let requests finish until ``shutdown_timeout_s``, then close.
+        Cancelled meanwhile (a second SIGTERM), it answers the held requests first."""
         self._closing = True
         self.view.set_closer(None)
         if self._sweeper is not None:
@@ -208,6 +212,14 @@ class ProxyServer:
             shed = self._loop.call_later(max(0.0, deadline_s - SHED_BEFORE_S), self._shed)
             try:
                 await self._server.stop(deadline_s)
+            except asyncio.CancelledError:
+                # Cut short (a second SIGTERM: the service stops at once, and the process
+                # exits with the connections still open). Held requests still get their
+                # 503 first, not a dropped connection; those at a machine are cut.
+                answering = [task for gate in self._gates.values() for task in gate.shed()]
+                if answering:
+                    await asyncio.wait(answering, timeout=SHED_AT_ONCE_S)
+                raise
             finally:
                 shed.cancel()
             self._server = None

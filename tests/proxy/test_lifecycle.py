@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
-from testkit import until
+from testkit import free_port, until
 
 from autoscaler.config import AppConfig, ProxySettings, Settings
 from autoscaler.control.view import FleetView, MachineInfo
@@ -132,6 +132,50 @@ async def test_held_requests_get_503_before_the_deadline_cuts_the_rest(
     assert view.queued == 0
     assert view.in_flight == 0
     up.release.set()
+
+
+async def test_a_stop_cut_short_still_answers_held_requests_503(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """A second SIGTERM cuts the graceful stop short (the service stops at once, and the
+    process exits). A request held for a wake was sent nowhere: it gets its 503 with
+    Retry-After then, where its connection was dropped unanswered; a request already at
+    its machine is not waited for."""
+    up = Blocking()
+    proxy = await start_proxy(
+        [
+            {"name": "a", "hosts": ["a.test"], "backends": [await backend(up.app())]},
+            {"name": "w", "hosts": ["w.test"], "wake_timeout_s": 300},
+        ],
+        shutdown_timeout_s=300,
+    )
+    machine = MachineInfo("m1", "127.0.0.1", free_port(), "suspended", False)
+    fleet.app("w").set_machines([machine])
+
+    async def never_wakes(app: str) -> str:
+        await asyncio.Event().wait()
+        return "start"
+
+    fleet.set_waker(never_wakes)
+
+    async def get(host: str) -> tuple[int, str, str | None, str | None]:
+        async with session.get(url(proxy), headers={"Host": host}) as r:
+            text = await r.text()
+            return r.status, text, r.headers.get("Retry-After"), r.headers.get("Connection")
+
+    in_flight = asyncio.create_task(get("a.test"))
+    held = asyncio.create_task(get("w.test"))
+    await until(lambda: fleet.app("a").in_flight == 1 and fleet.app("w").queued == 1)
+    stopping = asyncio.ensure_future(proxy.stop())
+    await until(lambda: not proxy.accepting)  # the graceful stop is under way
+    stopping.cancel()  # the second SIGTERM
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert fleet.app("w").queued == 0  # answered before the stop went on
+    assert fleet.app("a").in_flight == 1  # at its machine still: not waited for
+    assert await held == (503, "proxy is shutting down\n", "1", "close")
+    up.release.set()
+    await in_flight
 
 
 async def test_update_settings_adds_and_removes_apps_without_dropping_requests(
