@@ -8,7 +8,8 @@ Every ``REPORT_S`` (250 ms) the replica:
   its drains, its wake path); leadership lost (not renewed, Redis unreachable, a stale
   token) stops it at once, so a leader that cannot renew stops deciding within the TTL
   (the machine leases its cancelled actions were taking are let answer and given back:
-  the next leader, another owner, would not adopt them);
+  the next leader, another owner, would not adopt them). The step-down's waits for the
+  API run beside the rounds, which go on refreshing our report;
 - publishes its own load per app, and, as leader, the fleet view it routes with;
 - reads the other replicas' reports. The leader's ticks decide on the sum (the controller's
   ``load`` hook, :meth:`Replica.load`). Every replica writes the others' requests in flight
@@ -162,6 +163,8 @@ class Replica:
         self.view_known = False
         """A follower has applied a fleet view from the leader (readiness)."""
         self._task: asyncio.Task[None] | None = None
+        self._stepping_down: asyncio.Task[None] | None = None
+        """The step-down a round began, while it runs (:meth:`_finish_step_down`)."""
         self._pusher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
@@ -232,6 +235,7 @@ class Replica:
         await cancel_and_wait(tasks)
         self._task = self._pusher = self._watcher = None
         self.subscribed.clear()
+        await self.stepped_down()
         if self.leading:
             await self._step_down()
         # What a wake of ours (a self-wake) left running, and the machine leases a step
@@ -258,9 +262,18 @@ class Replica:
                 self._redis_trouble(exc)
         leading = self.cluster.lease.held()
         if leading and not self.leading:
-            await self._step_up()
+            if self._stepping_down is None:
+                await self._step_up()
+            else:
+                leading = False  # we lead once the step-down of our last lead is over
         elif not leading and self.leading:
-            await self._step_down()
+            # Its waits (the machine leases of the cancelled actions, given back within
+            # control.api_timeout_s) run beside the rounds: our report must not lapse.
+            self._begin_step_down()
+            self._stepping_down = asyncio.get_running_loop().create_task(
+                self._finish_step_down(), name="cluster-step-down"
+            )
+            self._stepping_down.add_done_callback(self._step_down_done)
         try:
             loads, measured = self._loads()
             # A round is a few milliseconds of work in pieces; the data path's requests
@@ -306,6 +319,12 @@ class Replica:
         self.view.set_waker(self.leader_wake)
 
     async def _step_down(self) -> None:
+        self._begin_step_down()
+        await self._finish_step_down()
+
+    def _begin_step_down(self) -> None:
+        """Stop leading at once: the round goes on as a follower's, and no wake of ours
+        begins (the controller's stop takes its wake away too, once it runs)."""
         self.leading = False
         if all(rt.read_once for rt in self.controller.apps.values()):
             # Our own view is whole and routes on (Redis out of reach, say): ready as a
@@ -313,6 +332,15 @@ class Replica:
             self.view_known = True
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
+        self.view.set_waker(None)
+
+    async def _finish_step_down(self) -> None:
+        """After :meth:`_begin_step_down`: stop the controller (its loops and actions; the
+        machine leases they held or were taking are given back), then take the follower's
+        wake. From the rounds it runs in a task of its own (``_stepping_down``): the lease
+        releases may take ``control.api_timeout_s``, and meanwhile the rounds refresh our
+        report (a lapsed one hid our requests from the leader) and read the new leader's
+        view. We lead again only once it is over."""
         await self.controller.stop(handover=True)
         for rt in self.controller.apps.values():
             rt.hold_hung(self.view.app(rt.name), set())  # a hold would outlive our lead
@@ -322,6 +350,17 @@ class Replica:
         # Installing the follower's wake wakes them (FleetView.set_waker): they ask again
         # now, through it.
         self.view.set_waker(self.remote_wake)
+
+    def _step_down_done(self, task: asyncio.Task[None]) -> None:
+        if self._stepping_down is task:
+            self._stepping_down = None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            _log.error("cluster_step_down_failed", error=repr(exc))
+
+    async def stepped_down(self) -> None:
+        """Wait for the step-down under way, if any (:meth:`stop`, tests)."""
+        if self._stepping_down is not None:
+            await asyncio.wait({self._stepping_down})
 
     # --- load ---------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ def make(
     rng: Callable[[], float] = random.random,
     apps: tuple[str, ...] = (APP,),
     ttl: float | None = None,
+    api_timeout_s: float = 5.0,
 ) -> Replica:
     settings = Settings(
         apps=[
@@ -63,7 +64,8 @@ def make(
             )
             for name in apps
         ],
-        control=ControlSettings(tick_s=60),  # ticks by hand; the loop's first tick only
+        # Ticks by hand; the loop's first tick only.
+        control=ControlSettings(tick_s=60, api_timeout_s=api_timeout_s),
         cluster=ClusterSettings(
             redis_url=SecretStr(url),
             replica_id=rid,
@@ -132,6 +134,7 @@ async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
     # The old one, alive again but cut off from Redis, steps down by its lease deadline
     # and its controller stops.
     await rounds([leader], lambda: not leader.leading, 2 * TTL)
+    await leader.stepped_down()  # (beside the rounds)
     assert leader.controller.apps[APP].loop is None
     assert leader.metrics.registry.get_sample_value("autoscaler_cluster_leader") == 0
     # It no longer exports the decider's gauges: summed over replicas, only the leader's count.
@@ -1109,3 +1112,94 @@ async def test_a_new_leader_waits_for_the_start_its_predecessor_left_booting(
     finally:
         for r in (old, new):
             await r.stop()
+
+
+async def test_a_leader_stepping_down_while_a_lease_release_hangs_goes_on_reporting(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A leader lost its lease while a wake's start held a machine lease. The step-down
+    cancels the start and waits for that lease's release (up to ``control.api_timeout_s``),
+    an API call that a slow Machines API holds. It ran inside the round: no round for that
+    long, so this replica's load report (its TTL is ``REPORT_TTL_S``, 2 s) lapsed, and the
+    new leader counted none of the requests through it (it could drain a machine they were
+    on). The step-down now runs in a task of its own: the rounds go on, and the lease is
+    still given back before it ends."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    # An API call's bound far above what the test waits for a round: cut at the bound,
+    # the release would not hold the round past it.
+    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99, api_timeout_s=30.0)
+    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99)
+    for r in (old, new):
+        await r.start(rounds=False)
+    try:
+        await rounds([old], lambda: old.leading, 2 * TTL)
+        await old.controller.tick(APP)
+        api.gates["start_machine"] = starting = asyncio.Event()
+        api.gates["release_machine_lease"] = released = asyncio.Event()
+        old.view.app(APP).hold()  # a request through the old leader waits for the wake
+        waking = old.view.wake(APP)
+        await until(lambda: bool(api.ops("start_machine")), what="the wake's start")
+        old.cluster.lease.valid_until = 0.0  # its lease lapses (a pause, Redis out of reach)
+        old._next_lease_step = float("inf")
+        stepping_down = asyncio.create_task(old.round())
+        await until(stepping_down.done, what="the round that steps down to end")
+        stepping_down.result()
+        assert not old.leading
+        await until(lambda: bool(api.ops("release_machine_lease")), what="the release")
+        assert api.lease(APP, mid) is not None  # its release hangs
+        # The old leader's rounds go on: the new leader counts the request it holds.
+        await rounds(
+            [old, new], lambda: new.leading and new.cluster.remote_demand(APP) == 1, 4 * TTL
+        )
+        assert api.lease(APP, mid) is not None
+        released.set()
+        await old.stepped_down()
+        assert api.lease(APP, mid) is None  # given back
+        rt = old.controller.apps[APP]
+        assert rt.loop is None
+        assert not rt.running
+        with contextlib.suppress(asyncio.CancelledError):
+            await waking  # ended by the step-down
+        assert api.ops("start_machine") == [mid]  # the old leader's start was cut at the gate
+        starting.set()
+    finally:
+        for r in (old, new):
+            await r.stop()
+
+
+async def test_a_replica_that_leads_again_while_it_steps_down_starts_once_it_is_over(
+    redis_server: str, key_prefix: str
+) -> None:
+    """Its lease lapsed locally (a pause) and the step-down waits for a machine lease's
+    release; the next renewal finds the lease still ours. Its controller starts once the
+    stop is over, not beside it: the rounds go on, and it leads after."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    r = make(redis_server, key_prefix, "r", api, rng=lambda: 0.99, api_timeout_s=30.0)
+    await r.start(rounds=False)
+    try:
+        await rounds([r], lambda: r.leading, 2 * TTL)
+        await r.controller.tick(APP)
+        api.gates["start_machine"] = starting = asyncio.Event()
+        api.gates["release_machine_lease"] = released = asyncio.Event()
+        r.view.app(APP).hold()
+        r.view.wake(APP)
+        await until(lambda: bool(api.ops("start_machine")), what="the wake's start")
+        r.cluster.lease.valid_until = 0.0
+        stepping_down = asyncio.create_task(r.round())
+        await until(stepping_down.done, what="the round that steps down to end")
+        stepping_down.result()
+        await until(lambda: bool(api.ops("release_machine_lease")), what="the release")
+        r._next_lease_step = 0.0
+        await r.round()
+        assert r.cluster.lease.held()  # renewed: still ours in Redis
+        assert not r.leading  # not while the stop is under way
+        assert r.controller.apps[APP].loop is None
+        released.set()
+        await r.stepped_down()
+        await rounds([r], lambda: r.leading, 2 * TTL)
+        assert r.controller.apps[APP].loop is not None
+        starting.set()
+    finally:
+        await r.stop()

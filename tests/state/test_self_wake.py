@@ -537,14 +537,15 @@ async def test_a_request_held_while_its_leader_steps_down_is_woken_as_a_follower
         wake = leader.view.wake(APP)  # the wake under way (joined, not a new one)
         await leader.cluster.redis.delete(leader.cluster.lease.key)  # the lease is lost
         leader._next_lease_step = 0.0
-        stepping_down = asyncio.create_task(leader.round())
+        await leader.round()  # it steps down (beside the rounds)
+        assert not leader.leading
+        stepping_down = asyncio.create_task(leader.stepped_down())
         await asyncio.wait([wake], timeout=10)  # its start cancelled, the wake is over
         assert wake.done()
         await settle()  # the gate has looked at the app (while it had no waker)
         assert not stepping_down.done()  # the machine lease's release holds the stop
         released.set()
         await asyncio.wait_for(stepping_down, 10)
-        assert not leader.leading
         started.set()
         up, _ = await asyncio.wait_for(held, 10)
         gate.done(up)
