@@ -712,41 +712,30 @@ async def test_a_wake_that_waited_for_another_party_s_start_is_measured_as_one(
     assert [e["how"] for e in logs if e["event"] == "wake"] == ["start"]
 
 
-async def test_a_wake_does_not_wait_for_a_start_that_someone_else_cordoned(
-    api: FakeMachinesAPI, clock: FakeClock
+@pytest.mark.parametrize(
+    ("cordoned", "other_state", "kind"),
+    [(True, "stopped", "start"), (False, "suspended", "resume")],
+    ids=["under someone else's cordon", "a resume instead"],
+)
+async def test_a_wake_does_not_wait_for_another_party_s_start_it_cannot_use_or_beat(
+    api: FakeMachinesAPI, clock: FakeClock, cordoned: bool, other_state: str, kind: str
 ) -> None:
-    """A machine starting under someone else's cordon (an operator's, a deploy's) never
-    routes once up (docs/policy.md: we never route to it nor lift that cordon): the wake
-    wakes another at once. It waited START_PATIENCE_S for it."""
-    green = api.add(APP, "starting", cordoned=True)
-    other = api.add(APP, "stopped")
+    """Another party's start under way is not waited for when the wake can do without:
+    a machine starting under someone else's cordon (an operator's, a deploy's) never
+    routes once up (docs/policy.md: we never route to it nor lift that cordon); and rule 2
+    wakes the fastest machine first, a resume taking a few hundred ms on Fly where a cold
+    start takes one to several seconds. The wake waited START_PATIENCE_S, or the cold
+    start, for them."""
+    booting = api.add(APP, "starting", cordoned=cordoned)
+    other = api.add(APP, other_state)
     rig = Rig(api, clock, wake_timeout_s=60)
     task = asyncio.ensure_future(rig.ctl.wake(APP))
     await settle()
     await clock.advance(1)
     assert task.done()
-    assert task.result() == "start"
+    assert task.result() == kind
     assert api.ops("start_machine") == [other]
-    assert state(api, green) == "starting"
-
-
-async def test_a_wake_resumes_a_suspended_machine_rather_than_wait_for_another_s_cold_start(
-    api: FakeMachinesAPI, clock: FakeClock
-) -> None:
-    """Rule 2 wakes the fastest machine first: a resume takes a few hundred ms on Fly, a
-    cold start one to several seconds. Another party's start under way does not hold a
-    resume back (the wake waited for the cold start, seconds, to spare one machine's
-    suspend later)."""
-    booting = api.add(APP, "starting")
-    asleep = api.add(APP, "suspended")
-    rig = Rig(api, clock, wake_timeout_s=60)
-    task = asyncio.ensure_future(rig.ctl.wake(APP))
-    await settle()
-    await clock.advance(1)
-    assert task.done()
-    assert task.result() == "resume"
-    assert api.ops("start_machine") == [asleep]
-    assert rig.routable() == {asleep}
+    assert rig.routable() == {other}
     assert state(api, booting) == "starting"
 
 

@@ -25,15 +25,17 @@ from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import BOUND_S
 
 
-def long_lived_app() -> web.Application:
-    async def ws(request: web.Request) -> web.WebSocketResponse:
-        sock = web.WebSocketResponse()
-        await sock.prepare(request)
-        async for msg in sock:
-            if msg.type is WSMsgType.TEXT:
-                await sock.send_str(msg.data.upper())
-        return sock
+async def upper_echo(request: web.Request) -> web.WebSocketResponse:
+    """A WebSocket that answers each text message in capitals."""
+    sock = web.WebSocketResponse()
+    await sock.prepare(request)
+    async for msg in sock:
+        if msg.type is WSMsgType.TEXT:
+            await sock.send_str(msg.data.upper())
+    return sock
 
+
+def long_lived_app() -> web.Application:
     async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -50,7 +52,7 @@ def long_lived_app() -> web.Application:
         return resp
 
     app = web.Application()
-    app.router.add_get("/ws", ws)
+    app.router.add_get("/ws", upper_echo)
     app.router.add_get("/stream", stream)
     app.router.add_get("/quiet", quiet)
     return app
@@ -223,12 +225,7 @@ def late_app(answer: asyncio.Event, more: asyncio.Event) -> web.Application:
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
         await answer.wait()
-        sock = web.WebSocketResponse()
-        await sock.prepare(request)
-        async for msg in sock:
-            if msg.type is WSMsgType.TEXT:
-                await sock.send_str(msg.data.upper())
-        return sock
+        return await upper_echo(request)
 
     async def stream(request: web.Request) -> web.StreamResponse:
         await answer.wait()
