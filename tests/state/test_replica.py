@@ -109,6 +109,39 @@ async def rounds(replicas: list[Replica], until: Callable[[], bool], limit_s: fl
         await asyncio.sleep(TTL / 10)
 
 
+@contextlib.asynccontextmanager
+async def old_leader_waking(
+    redis_server: str,
+    key_prefix: str,
+    api: FakeMachinesAPI,
+    knobs: dict[str, Any] | None = None,
+    old_knobs: dict[str, Any] | None = None,
+) -> AsyncIterator[tuple[Replica, Replica, asyncio.Future[str]]]:
+    """Replicas "old" and "new" (``knobs`` for both, ``old_knobs`` for "old"), started
+    without rounds (their loops' first ticks a minute on: the ticks are the test's own);
+    "old" leads, has read the app, and wakes it for a request its proxy holds (the wake's
+    future). Both stopped at the end."""
+    both = knobs or {}
+    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99, **both, **(old_knobs or {}))
+    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99, **both)
+    for r in (old, new):
+        await r.start(rounds=False)
+    try:
+        await rounds([old], lambda: old.leading, 2 * TTL)
+        await old.controller.tick(APP)
+        old.view.app(APP).hold()
+        yield old, new, old.view.wake(APP)
+    finally:
+        for r in (old, new):
+            await r.stop()
+
+
+def lapse(replica: Replica) -> None:
+    """Its lease lapses locally (a pause, Redis out of reach), and it does not renew it."""
+    replica.cluster.lease.valid_until = 0.0
+    replica._next_lease_step = float("inf")
+
+
 def leaders(replicas: list[Replica]) -> list[Replica]:
     return [r for r in replicas if r.leading]
 
@@ -1033,21 +1066,11 @@ async def test_a_leader_that_steps_down_while_taking_a_machines_lease_gives_it_b
     lease given back."""
     api = LateLeaseReplies()
     mid = api.add(APP, "stopped")
-    old, new = (
-        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99, wake_timeout_s=2.0)
-        for rid in ("old", "new")
-    )
-    for r in (old, new):
-        await r.start(rounds=False)
-    try:
-        await rounds([old], lambda: old.leading, 2 * TTL)
-        await old.controller.tick(APP)
-        api.late = asyncio.Event()
-        old.view.app(APP).hold()
-        waking = old.view.wake(APP)
+    api.late = asyncio.Event()
+    knobs = {"wake_timeout_s": 2.0}
+    async with old_leader_waking(redis_server, key_prefix, api, knobs) as (old, new, waking):
         await until(lambda: api.lease(APP, mid) is not None, what="the start's machine lease")
-        old.cluster.lease.valid_until = 0.0  # its lease lapses (a pause, Redis out of reach)
-        old._next_lease_step = float("inf")
+        lapse(old)
         await old.round()
         assert not old.leading
         await rounds([new], lambda: new.leading, 4 * TTL)
@@ -1057,9 +1080,6 @@ async def test_a_leader_that_steps_down_while_taking_a_machines_lease_gives_it_b
         new.view.app(APP).hold()
         assert await asyncio.wait_for(new.view.wake(APP), 10) == "start"
         assert api.ops("start_machine") == [mid]
-    finally:
-        for r in (old, new):
-            await r.stop()
 
 
 class SlowBoots(FakeMachinesAPI):
@@ -1083,21 +1103,11 @@ async def test_a_new_leader_waits_for_the_start_its_predecessor_left_booting(
     api = SlowBoots()
     api.add(APP, "stopped")
     api.add(APP, "stopped")
-    old, new = (
-        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99) for rid in ("old", "new")
-    )
-    for r in (old, new):
-        await r.start(rounds=False)
-    try:
-        await rounds([old], lambda: old.leading, 2 * TTL)
-        await old.controller.tick(APP)
-        old.view.app(APP).hold()
-        waking = old.view.wake(APP)
+    async with old_leader_waking(redis_server, key_prefix, api) as (old, new, waking):
         await until(lambda: bool(api.ops("start_machine")), what="the old leader's start")
         (booting,) = api.ops("start_machine")
         assert booting is not None
-        old.cluster.lease.valid_until = 0.0  # its lease lapses (a pause, Redis out of reach)
-        old._next_lease_step = float("inf")
+        lapse(old)
         await old.round()
         with contextlib.suppress(asyncio.CancelledError):
             await waking  # ended by the step-down
@@ -1109,9 +1119,6 @@ async def test_a_new_leader_waits_for_the_start_its_predecessor_left_booting(
         how = await asyncio.wait_for(wake, 10)
         assert api.ops("start_machine") == [booting]
         assert how == "start"  # what the held request waited for
-    finally:
-        for r in (old, new):
-            await r.stop()
 
 
 async def test_a_leader_stepping_down_while_a_lease_release_hangs_goes_on_reporting(
@@ -1128,20 +1135,16 @@ async def test_a_leader_stepping_down_while_a_lease_release_hangs_goes_on_report
     mid = api.add(APP, "stopped")
     # An API call's bound far above what the test waits for a round: cut at the bound,
     # the release would not hold the round past it.
-    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99, api_timeout_s=30.0)
-    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99)
-    for r in (old, new):
-        await r.start(rounds=False)
-    try:
-        await rounds([old], lambda: old.leading, 2 * TTL)
-        await old.controller.tick(APP)
-        api.gates["start_machine"] = starting = asyncio.Event()
-        api.gates["release_machine_lease"] = released = asyncio.Event()
-        old.view.app(APP).hold()  # a request through the old leader waits for the wake
-        waking = old.view.wake(APP)
+    api.gates["start_machine"] = starting = asyncio.Event()
+    api.gates["release_machine_lease"] = released = asyncio.Event()
+    slow = {"api_timeout_s": 30.0}
+    async with old_leader_waking(redis_server, key_prefix, api, old_knobs=slow) as (
+        old,
+        new,
+        waking,
+    ):
         await until(lambda: bool(api.ops("start_machine")), what="the wake's start")
-        old.cluster.lease.valid_until = 0.0  # its lease lapses (a pause, Redis out of reach)
-        old._next_lease_step = float("inf")
+        lapse(old)
         stepping_down = asyncio.create_task(old.round())
         await until(stepping_down.done, what="the round that steps down to end")
         stepping_down.result()
@@ -1163,9 +1166,6 @@ async def test_a_leader_stepping_down_while_a_lease_release_hangs_goes_on_report
             await waking  # ended by the step-down
         assert api.ops("start_machine") == [mid]  # the old leader's start was cut at the gate
         starting.set()
-    finally:
-        for r in (old, new):
-            await r.stop()
 
 
 async def test_a_replica_that_leads_again_while_it_steps_down_starts_once_it_is_over(
