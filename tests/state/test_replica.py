@@ -1186,7 +1186,7 @@ async def test_a_replica_that_leads_again_while_it_steps_down_starts_once_it_is_
         r.view.app(APP).hold()
         r.view.wake(APP)
         await until(lambda: bool(api.ops("start_machine")), what="the wake's start")
-        r.cluster.lease.valid_until = 0.0
+        lapse(r)  # (not renewed by this round: when its renewal fell due, it stayed leader)
         stepping_down = asyncio.create_task(r.round())
         await until(stepping_down.done, what="the round that steps down to end")
         stepping_down.result()
