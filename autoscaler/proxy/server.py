@@ -82,10 +82,10 @@ class ProxyServer:
         self._pool: upstream.Pool | None = None
         self._server: H1Server | None = None
         self._tunnels: set[tunnel.Tunnel] = set()
-        # Chunked responses being relayed, by machine: a drain ends them (end_long_lived).
+        # Responses being relayed, by machine: a drain ends them (end_long_lived).
         self._streams: dict[str, dict[Body, bool]] = {}
-        """Machine -> its chunked answers being relayed, each with whether it is an event
-        stream (``text/event-stream``: it never ends by itself)."""
+        """Machine -> its answers whose bodies are still coming, each with whether it is a
+        chunked event stream (``text/event-stream``: it never ends by itself)."""
         self._stats = metrics.proxy
         metrics.proxy.in_flight = self._in_flight
         self._ids = RequestIds(random.SystemRandom().getrandbits(64))
@@ -490,10 +490,12 @@ class ProxyServer:
             ctx.status = exchange.status
             if head.close:
                 request.keep_alive = False  # e.g. an HTTP/1.0 client reading to the end
-            if head.chunked and not content.done:
-                # A stream, perhaps long-lived: a drain of its machine may end it.
+            if not content.done:
+                # A stream, perhaps long-lived: a drain of its machine may end it. Only a
+                # chunked event stream can end cleanly early; any other body still coming
+                # (a Content-Length, one read to the close) is cut at the drain's deadline.
                 streams = self._streams.setdefault(up.id, {})
-                endless = streams[content] = _event_stream(exchange.headers)
+                endless = streams[content] = head.chunked and _event_stream(exchange.headers)
                 if endless and (self._closing or up.ending):
                     # Its head came after stop() or its machine's drain ended the others.
                     content.end_early()
