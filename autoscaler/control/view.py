@@ -47,6 +47,7 @@ class Upstream:
         "authority",
         "checks_critical",
         "cordoned",
+        "cut_off",
         "ending",
         "failing",
         "held",
@@ -75,6 +76,11 @@ class Upstream:
         WebSocket or event stream that begins on it afterwards (a request sent before the
         drain, answered later) ends at once too. Cleared once it is started and uncordoned
         again (the drain taken back, a later start)."""
+        self.cut_off = False
+        """The drain's time is up (``end_long_lived`` with ``everything``) and the machine
+        goes down: any answer whose body is still to come when its head arrives is ended
+        at once too, as those under way were (an event stream cleanly, the others cut);
+        one that came whole with its head is served. Cleared with ``ending``."""
         self.in_flight = 0
         self.remote_in_flight = 0
         """Cluster mode: requests in flight to it through the other replicas, as they last
@@ -180,7 +186,7 @@ class AppView:
             self._apply_state(up, info.state, now)
             up.cordoned = info.cordoned
             if up.ending and up.state == STARTED and not up.cordoned:
-                up.ending = False  # routable again: its new connections run
+                up.ending = up.cut_off = False  # routable again: its new connections run
             up.checks_critical = info.checks_critical
             fresh[info.id] = up
         self.upstreams = fresh
@@ -208,7 +214,7 @@ class AppView:
         if up is not None:
             self._apply_state(up, state, self.clock())
             if up.ending and up.state == STARTED and not up.cordoned:
-                up.ending = False
+                up.ending = up.cut_off = False
             self._routable = None
             self.version = next(_versions)
             self.notify()
@@ -387,7 +393,9 @@ class FleetView:
         """Before a machine is suspended or stopped: the proxy ends what it still carries
         to it that would never end by itself (WebSockets get 1001, event streams end at a
         chunk boundary); with ``everything`` (the drain's time is up), the other streamed
-        answers too, cut (their clients must not take them for whole)."""
+        answers too, cut (their clients must not take them for whole). What begins there
+        later, its request sent before, is ended likewise as soon as its handshake or head
+        comes (``Upstream.ending``, ``Upstream.cut_off``)."""
         return self._closer(app, machine_id, everything) if self._closer is not None else 0
 
     @property

@@ -496,8 +496,9 @@ class ProxyServer:
                 # (a Content-Length, one read to the close) is cut at the drain's deadline.
                 streams = self._streams.setdefault(up.id, {})
                 endless = streams[content] = head.chunked and _event_stream(exchange.headers)
-                if endless and (self._closing or up.ending):
-                    # Its head came after stop() or its machine's drain ended the others.
+                if up.cut_off or (endless and (self._closing or up.ending)):
+                    # Its head came after stop() or its machine's drain ended the others
+                    # (after the drain's deadline, any answer: the machine goes down).
                     content.end_early()
             if content.done:
                 # A small answer came whole: head and body in one write.
@@ -633,14 +634,19 @@ class ProxyServer:
         end within the drain's time; with ``everything`` (it is up) they are cut, their
         clients' connections dropped. Their slots come back as they end. A WebSocket or
         event stream whose handshake or head comes later (its request was sent before)
-        ends as soon as it begins, until the machine is routable again (``Upstream.ending``).
-        The number ended."""
+        ends as soon as it begins, until the machine is routable again (``Upstream.ending``);
+        after ``everything``, so does any answer whose body is still to come when its head
+        arrives, a download cut as above (``Upstream.cut_off``: one that came whole with
+        its head is served). The number ended."""
         view = self.view.apps.get(app)
         up = view.upstreams.get(machine_id) if view is not None else None
         if up is not None and (up.cordoned or up.state != STARTED):
             # Out of routing (a drain shows its cordon first): what begins there from now
-            # on ends at once, until it routes again.
+            # on ends at once, until it routes again; past the drain's deadline, any
+            # answer whose body is still to come (the machine is about to go down).
             up.ending = True
+            if everything:
+                up.cut_off = True
         ended = 0
         for relay in list(self._tunnels):
             if relay.machine_id == machine_id and relay.app == app:

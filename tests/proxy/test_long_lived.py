@@ -22,7 +22,7 @@ from autoscaler.proxy import tunnel
 from autoscaler.scaling.fleet import STARTED
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import BOUND_S
+from .helpers import BOUND_S, read_response
 
 
 async def upper_echo(request: web.Request) -> web.WebSocketResponse:
@@ -334,6 +334,67 @@ async def test_a_drain_taken_back_lets_the_machines_new_long_lived_connections_r
         await ws.send_str("still")
         assert await ws.receive_str() == "STILL"
     await until(lambda: view.in_flight == 0, what="the slots given back")
+
+
+async def test_an_answer_that_begins_after_a_drains_deadline_is_cut_unless_it_came_whole(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """The drain's deadline cuts the downloads it finds, and the machine is suspended right
+    after. A request sent there before, whose answer's head came only after that, ran on:
+    the machine was suspended under its body, and its client waited for the rest until
+    upstream_timeout_s. An answer whose body is still coming when its head arrives is cut
+    at once now, chunked or with a Content-Length; one that came whole is served."""
+    answer, last = asyncio.Event(), asyncio.Event()
+    sent: list[bytes] = []
+    heads = {
+        b"/chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+        b"/sized": b"Content-Length: 10\r\n\r\nfirst",
+        b"/small": b"Content-Length: 5\r\n\r\nwhole",
+    }
+    rests = {b"/chunked": b"4\r\nlast\r\n0\r\n\r\n", b"/sized": b"last!", b"/small": b""}
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        target = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1]
+        await answer.wait()
+        # Head and body in one write: the small answer comes whole.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + heads[target])
+        await writer.drain()
+        await last.wait()
+        writer.write(rests[target])
+        sent.append(target)
+        await reader.read()
+
+    addr = await raw_backend(slow)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], upstream_timeout_s=3600
+    )
+    view = fleet.app("a")
+    [machine] = view.upstreams
+    clients = {target: await asyncio.open_connection("127.0.0.1", proxy.port) for target in heads}
+    try:
+        for target, (_, writer) in clients.items():
+            writer.write(b"GET %b HTTP/1.1\r\nHost: a.test\r\n\r\n" % target)
+        await until(lambda: view.in_flight == 3, what="the requests sent to the machine")
+        cordon(view, machine, True)  # the drain begins
+        assert fleet.end_long_lived("a", machine) == 0
+        assert fleet.end_long_lived("a", machine, everything=True) == 0  # nothing begun yet
+        answer.set()
+        async with asyncio.timeout(BOUND_S):  # not upstream_timeout_s
+            chunked = await clients[b"/chunked"][0].read(-1)  # to the connection's end
+            sized = await clients[b"/sized"][0].read(-1)
+            status, _, small = await read_response(clients[b"/small"][0])
+        assert sent == []  # all of it before the machine sent the rest of any answer
+        assert chunked.startswith(b"HTTP/1.1 200 ")
+        assert not chunked.endswith(b"0\r\n\r\n")  # cut, never ended as if whole
+        assert sized.startswith(b"HTTP/1.1 200 ")
+        assert len(sized.partition(b"\r\n\r\n")[2]) < 10  # cut: short of its Content-Length
+        assert (status, small) == (200, b"whole")
+    finally:
+        last.set()
+        for _, writer in clients.values():
+            writer.close()
+    await until(lambda: view.in_flight == 0, what="the slots given back")
+    assert proxy._streams == {}
 
 
 async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
