@@ -276,9 +276,12 @@ class Controller:
         reload is letting go are let go first: no process will scale them after us.
         ``handover`` (cluster mode: this replica stops leading and lives on): the machine
         leases that cancelled actions were taking are given back once their answers come,
-        not left under our name for their TTL (``Leases.aclose``)."""
+        not left under our name for their TTL (``Leases.aclose``), and the proxy's wake is
+        left as it is (the replica put the follower's in place already: the held requests
+        ask it while this stop waits for the API)."""
         self._running = False
-        self.view.set_waker(None)
+        if not handover:
+            self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
         await self._removals_done()
         await self._call_off_late_lifts()

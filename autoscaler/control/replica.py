@@ -9,7 +9,8 @@ Every ``REPORT_S`` (250 ms) the replica:
   token) stops it at once, so a leader that cannot renew stops deciding within the TTL
   (the machine leases its cancelled actions were taking are let answer and given back:
   the next leader, another owner, would not adopt them). The step-down's waits for the
-  API run beside the rounds, which go on refreshing our report;
+  API run beside the rounds, which go on refreshing our report; our proxy's held requests
+  ask the follower's wake path meanwhile;
 - publishes its own load per app, and, as leader, the fleet view it routes with;
 - reads the other replicas' reports. The leader's ticks decide on the sum (the controller's
   ``load`` hook, :meth:`Replica.load`). Every replica writes the others' requests in flight
@@ -237,7 +238,7 @@ class Replica:
         self.subscribed.clear()
         await self.stepped_down()
         if self.leading:
-            await self._step_down()
+            await self._step_down(follow=False)
         # What a wake of ours (a self-wake) left running, and the machine leases a step
         # down let answer.
         await self.controller.stop()
@@ -318,13 +319,17 @@ class Replica:
         # waiters: a follower's wake still waiting now goes through our own path.
         self.view.set_waker(self.leader_wake)
 
-    async def _step_down(self) -> None:
-        self._begin_step_down()
+    async def _step_down(self, *, follow: bool = True) -> None:
+        self._begin_step_down(follow=follow)
         await self._finish_step_down()
 
-    def _begin_step_down(self) -> None:
-        """Stop leading at once: the round goes on as a follower's, and no wake of ours
-        begins (the controller's stop takes its wake away too, once it runs)."""
+    def _begin_step_down(self, *, follow: bool = True) -> None:
+        """Stop leading at once: the round goes on as a follower's, and a wake begins
+        through the follower's path from now on, not ours. A wake of ours under way goes
+        on until the controller's stop ends it; our proxy's held requests then ask the
+        follower's wake (the new leader, or a self-wake), not after the step-down's waits
+        (lease releases, a reload's removal: up to ``control.api_timeout_s`` and more).
+        ``follow=False`` (:meth:`stop`): no wake at all begins any more."""
         self.leading = False
         if all(rt.read_once for rt in self.controller.apps.values()):
             # Our own view is whole and routes on (Redis out of reach, say): ready as a
@@ -332,24 +337,19 @@ class Replica:
             self.view_known = True
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
-        self.view.set_waker(None)
+        self.view.set_waker(self.remote_wake if follow else None)
 
     async def _finish_step_down(self) -> None:
         """After :meth:`_begin_step_down`: stop the controller (its loops and actions; the
-        machine leases they held or were taking are given back), then take the follower's
-        wake. From the rounds it runs in a task of its own (``_stepping_down``): the lease
-        releases may take ``control.api_timeout_s``, and meanwhile the rounds refresh our
-        report (a lapsed one hid our requests from the leader) and read the new leader's
-        view. We lead again only once it is over."""
+        machine leases they held or were taking are given back; it leaves the follower's
+        wake in place). From the rounds it runs in a task of its own (``_stepping_down``):
+        the lease releases may take ``control.api_timeout_s``, and meanwhile the rounds
+        refresh our report (a lapsed one hid our requests from the leader) and read the
+        new leader's view. We lead again only once it is over."""
         await self.controller.stop(handover=True)
         for rt in self.controller.apps.values():
             rt.hold_hung(self.view.app(rt.name), set())  # a hold would outlive our lead
         self.metrics.forget_decisions()
-        # While the controller stopped, the app had no waker: a wake of ours that the stop
-        # ended (its start cancelled) left the held requests' gates nothing to ask.
-        # Installing the follower's wake wakes them (FleetView.set_waker): they ask again
-        # now, through it.
-        self.view.set_waker(self.remote_wake)
 
     def _step_down_done(self, task: asyncio.Task[None]) -> None:
         if self._stepping_down is task:

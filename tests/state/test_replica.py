@@ -1203,3 +1203,86 @@ async def test_a_replica_that_leads_again_while_it_steps_down_starts_once_it_is_
         starting.set()
     finally:
         await r.stop()
+
+
+class GoneReleases(FakeMachinesAPI):
+    """The release of a machine lease of app "gone" waits until the test says."""
+
+    gone_released: asyncio.Event | None = None
+    gone_releasing = False
+
+    async def release_machine_lease(self, app: str, machine_id: str, nonce: str) -> None:
+        if app == "gone" and self.gone_released is not None:
+            self.gone_releasing = True
+            await self.gone_released.wait()
+        await super().release_machine_lease(app, machine_id, nonce)
+
+
+@pytest.mark.parametrize("holding", ["a lease release", "a reload's removal"])
+async def test_a_request_held_by_a_leader_stepping_down_asks_the_new_leader_at_once(
+    redis_server: str, key_prefix: str, holding: str
+) -> None:
+    """The leader's proxy holds a request for a wake; the leader loses its lease, and its
+    step-down cancels the wake's start, then waits: for the release of the machine lease
+    that start held, or for a reload's removal of another app (each up to
+    ``control.api_timeout_s``, from a task of its own). The app had no waker all that
+    time (the follower's was set once the step-down was over): the held request asked
+    nobody, although a new leader could wake the app. The follower's path is in place as
+    soon as the replica stops leading, and the request asks it once the step-down has cut
+    its wake: the new leader wakes the app, the step-down still under way."""
+    from autoscaler.proxy.gate import Gate
+
+    api = GoneReleases()
+    first = api.add(APP, "stopped")
+    second = api.add(APP, "stopped")
+    gone = api.add("gone", "stopped")
+    api.gates["start_machine"] = starting = asyncio.Event()
+    hung = asyncio.Event()
+    if holding == "a lease release":
+        api.gates["release_machine_lease"] = hung
+    else:
+        api.gone_released = hung
+    # (Its own self-wake would come after the test's wait: the new leader's wake serves.)
+    slow = {"api_timeout_s": 30.0, "apps": (APP, "gone"), "self_wake_after_s": 30.0}
+    async with old_leader_waking(redis_server, key_prefix, api, old_knobs=slow) as (
+        old,
+        new,
+        waking,
+    ):
+        reload: asyncio.Task[None] | None = None
+        if holding == "a reload's removal":
+            # A wake of "gone" starts its machine; a reload removes "gone": its removal
+            # ends that wake and waits for the release of the start's machine lease.
+            old.view.app("gone").hold()
+            old.view.wake("gone")
+            await until(lambda: gone in api.ops("start_machine"), what="the start of gone")
+            kept = old.settings.model_copy(update={"apps": old.settings.apps[:1]})
+            reload = asyncio.create_task(old.controller.update_settings(kept))
+            await until(lambda: api.gone_releasing, what="the release of its lease")
+        gate = Gate(old.settings.apps[0], old.view, old.metrics, random.Random(0))  # noqa: S311
+        held = asyncio.create_task(gate.acquire(30))
+        try:
+            await until(lambda: first in api.ops("start_machine"), what="the wake's start")
+            lapse(old)
+            await old.round()
+            assert not old.leading
+            with contextlib.suppress(asyncio.CancelledError):
+                await waking  # its start cancelled by the step-down
+            stepping_down = asyncio.create_task(old.stepped_down())
+            starting.set()  # (the cancelled start never went; the next ones go)
+            await rounds([old, new], held.done, 20 * TTL)
+            up, _ = held.result()
+            gate.done(up)
+            # The new leader woke the app (the first machine's lease, the old leader's,
+            # not given back yet in the first case): the step-down is still under way.
+            assert new.leading
+            assert up.id == (second if holding == "a lease release" else first)
+            assert not stepping_down.done()
+            assert old.self_wakes == 0
+        finally:
+            held.cancel()
+            hung.set()
+            if reload is not None:
+                await reload
+            await old.stepped_down()
+            await gate.close()

@@ -501,12 +501,12 @@ async def test_a_request_held_while_its_leader_steps_down_is_woken_as_a_follower
 ) -> None:
     """The leader loses its lease while its wake of an app starts a machine for a request
     its own proxy holds. Its step-down stops the controller, which cancels that start and
-    so ends the wake, while the app has no waker at all (the follower's is set once the
-    controller has stopped, after the release of the start's machine lease, an API call):
+    so ends the wake, while the app had no waker at all (the follower's was set once the
+    controller had stopped, after the release of the start's machine lease, an API call):
     the held request's gate found nothing to ask, and waited for a change of the app's
     machines that nothing made, until its wake timeout (a 504), with no leader at all.
-    Now the step-down asks the views again: the request goes through the follower's wake
-    (here, with no leader, a self-wake under the claim)."""
+    Now the follower's wake is in place as soon as the replica stops leading: the request
+    goes through it (here, with no leader, a self-wake under the claim)."""
     import random
 
     from autoscaler.proxy.gate import Gate
@@ -542,7 +542,7 @@ async def test_a_request_held_while_its_leader_steps_down_is_woken_as_a_follower
         stepping_down = asyncio.create_task(leader.stepped_down())
         await asyncio.wait([wake], timeout=10)  # its start cancelled, the wake is over
         assert wake.done()
-        await settle()  # the gate has looked at the app (while it had no waker)
+        await settle()  # the gate has looked at the app
         assert not stepping_down.done()  # the machine lease's release holds the stop
         released.set()
         await asyncio.wait_for(stepping_down, 10)
