@@ -194,6 +194,7 @@ class Controller:
         load: LoadSource | None = None,
         freeze_heap: Callable[[], None] | None = None,
         lease_owner: str | None = None,
+        wall: Clock = time.time,
     ) -> None:
         self.api = api
         self.load = load
@@ -213,7 +214,7 @@ class Controller:
             lease_skip_s=settings.control.tick_s,
             leases=Leases(api, sleep=sleep, owner=lease_owner),
         )
-        self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s)
+        self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s, wall)
         self._rechecker = Rechecker(clock, sleep, self._rechecked)
         self.apps: dict[str, AppRuntime] = {}
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None

@@ -85,6 +85,9 @@ class MachineRecord:
     """Those checks as the machine's config defines them (the ones it defines)."""
     unrouted: tuple[str, ...] = ()
     """Critical checks that do not route (:func:`routes`): shown, never acted on."""
+    start_began: float | None = None
+    """Starting or restarting: when Fly began that start, a Unix time, as its events say
+    (:meth:`Machine.current_start`); None when they do not say."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -115,6 +118,7 @@ class MachineRecord:
             critical,
             specs,
             unrouted,
+            machine.current_start(),  # None at once unless starting or restarting
         )
 
 
@@ -440,6 +444,7 @@ class AppRuntime:
         update: dict[str, object] = {}
         if state is not None and state != machine.state:
             update["state"] = state
+            update["start_began"] = None  # a change of ours: Fly's events do not say yet
             self.billing.change(machine_id, machine.state, now)
             self.state_since[machine_id] = now
         if cordoned is not None:

@@ -17,7 +17,11 @@ restart, or the retry of a machine whose action an API error failed, until the a
 landed, or a deploy's) is waited for rather than a cold start, as a start of our own is
 joined: waking another machine meanwhile started two for one need. For
 ``START_PATIENCE_S`` at most: one stuck in ``starting`` gets another machine woken beside
-it (``wake_passes_slow_start``). A drain to take back or a machine to resume is woken at
+it (``wake_passes_slow_start``). The patience counts from when Fly began that start, as the
+machine's events say (``Machine.current_start``), so a wake that finds a machine stuck for
+minutes wakes another at once rather than 10 s later; without a usable time of Fly's, from
+when the wake first saw the machine coming up, and never from later than that (see
+``Waker.patience_from``). A drain to take back or a machine to resume is woken at
 once all the same (up in well under a second on Fly, where the start waited for may be a
 cold one of seconds); the machine too many goes at a scale-down. A machine starting under
 someone else's cordon is not waited for: it would never route.
@@ -35,10 +39,12 @@ that pause, and the wake moves on.
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 from autoscaler.control.actions import Actuator
 from autoscaler.control.runtime import AppRuntime, Running
+from autoscaler.control.view import Clock
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
@@ -51,7 +57,8 @@ RECHECK_S = 0.25  # how often a wake looks again while another party's start is 
 START_PATIENCE_S = 10.0
 """How long a wake waits for another party's start before it wakes another machine as
 well: cold starts take one to several seconds (docs/fly-api-notes.md), and a machine
-stuck in ``starting`` must not hold the app's requests for all of ``wake_timeout_s``."""
+stuck in ``starting`` must not hold the app's requests for all of ``wake_timeout_s``.
+Counted from when Fly began the start (``Waker.patience_from``)."""
 RETRY_MAX_S = 1.0  # the longest pause before trying again a machine an API error failed
 
 
@@ -70,13 +77,43 @@ class WakeError(Exception):
 
 class Waker:
     def __init__(
-        self, api: MachinesAPI, actuator: Actuator, metrics: Metrics, api_timeout_s: float = 5.0
+        self,
+        api: MachinesAPI,
+        actuator: Actuator,
+        metrics: Metrics,
+        api_timeout_s: float = 5.0,
+        wall: Clock = time.time,
     ) -> None:
         self.api = api
         self.actuator = actuator
         self.metrics = metrics
         self.api_timeout_s = api_timeout_s
         """Bound of the one attempt of a refresh between tries (``control.api_timeout_s``)."""
+        self.wall = wall
+        """The time of day (Unix seconds), which Fly's times of a machine's events are read
+        against; the actuator's clock is a monotonic one."""
+
+    def patience_from(self, rt: AppRuntime, mid: str, first_seen: float, now: float) -> float:
+        """When the wait for another party's start of ``mid`` began, on the actuator's
+        clock: when Fly began that start (:attr:`MachineRecord.start_began`, read against
+        :attr:`wall`), but never later than ``first_seen``, when this wake first saw the
+        machine coming up, which is also the answer when Fly gives no usable time.
+
+        So a wait is never longer than the patience from the first sight: a time of Fly's
+        in the future (its clock ahead of ours, or garbage) counts as now, and a start Fly
+        began again since the first sight (starting, stopped, starting between two lists)
+        keeps the first sight. A time long past is believed: a machine stuck that long is
+        passed at once (a time before the machine's creation or before 2020 is not used:
+        ``Machine.current_start``). What remains is our clock running ahead of Fly's: a
+        fresh start is passed that much early. Both sides keep their clocks by NTP, which
+        keeps them within well under a second of each other; a skew of seconds is a host
+        whose time is wrong, and costs at most a machine started too many, which the next
+        scale-down stops."""
+        record = rt.machines.get(mid)
+        began = None if record is None else record.start_began
+        if began is None:
+            return first_seen
+        return min(first_seen, now - (self.wall() - began))  # a future one: first_seen
 
     async def refresh(self, rt: AppRuntime) -> None:
         clock = self.actuator.clock
@@ -129,7 +166,8 @@ class Waker:
                     and not m.cordoned_by_others
                 ]
                 for mid in coming:
-                    if now - seen_coming.setdefault(mid, now) >= START_PATIENCE_S:
+                    seen = seen_coming.setdefault(mid, now)
+                    if now - self.patience_from(rt, mid, seen, now) >= START_PATIENCE_S:
                         # Slower than a cold start: woken beside, not waited for longer.
                         _log.info("wake_passes_slow_start", app=rt.name, machine=mid)
                         failed.add(mid)

@@ -9,7 +9,8 @@ the seed lists; ``MachineState`` names the states this project knows and classif
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -80,6 +81,29 @@ RESTING_STATES = frozenset(
 )
 FINAL_STATES = frozenset({MachineState.DESTROYED, MachineState.REPLACED, MachineState.MIGRATED})
 MOVING_STATES = frozenset(MachineState) - RESTING_STATES - FINAL_STATES
+
+
+START_EVENTS = frozenset(
+    {
+        ("start", "starting"),
+        ("restart", "restarting"),
+        ("restart", "starting"),
+        ("launch", "created"),
+    }
+)
+"""The (type, status) of the event that begins a start, as Fly records them: a user's start
+(``start``/``starting``), a restart (``restart``/``restarting``; by Fly's
+restart policy ``restart``/``starting``), a launch at create (``launch``/``created``)."""
+EARLIEST_S = 1_577_836_800.0
+"""2020-01-01 as a Unix time: Fly's machines are younger. An earlier time of Fly's is
+garbage (a time in seconds read as milliseconds, a zero), never the age of a start."""
+
+
+def _unix(stamp: datetime | None) -> float | None:
+    """A timestamp of the API's as a Unix time (one without a zone is UTC, as Fly's are)."""
+    if stamp is None:
+        return None
+    return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC)).timestamp()
 
 
 class Organization(_Lenient):
@@ -214,6 +238,46 @@ class Machine(_Lenient):
     host_status: str | None = None
     """``ok``, ``unknown`` or ``unreachable``: whether Fly can reach the machine's host
     (left out of summary lists)."""
+
+    def current_start(self) -> float | None:
+        """When Fly began the machine's current start (a Unix time, seconds), from the
+        machine's ``events`` (real API: newest first, ``timestamp`` in milliseconds; the seed has
+        none): None unless the machine is ``starting`` or ``restarting`` and its newest
+        event is one that begins a start (:data:`START_EVENTS`). So a start Fly did not
+        record (an update's boot, say) is never timed by an older one's event.
+
+        ``updated_at``, when later, is taken instead: it moves when the state does (on
+        the emulator, and as far as we can tell on Fly), so the start is at most that old.
+        A time before :data:`EARLIEST_S` or before the machine was created is garbage:
+        None. A time in the future is returned as it is: the caller reads it against
+        its own clock (control/wake.py)."""
+        if self.state not in (MachineState.STARTING, MachineState.RESTARTING):
+            return None
+        events = (self.model_extra or {}).get("events")
+        if not isinstance(events, list):
+            return None
+        timed = [
+            e
+            for e in events
+            if isinstance(e, dict)
+            and isinstance(e.get("timestamp"), int | float)
+            and not isinstance(e.get("timestamp"), bool)
+        ]
+        if not timed:
+            return None
+        timed.sort(key=lambda e: -float(e["timestamp"]))  # stable: newest first on a tie
+        newest = timed[0]
+        if (newest.get("type"), newest.get("status")) not in START_EVENTS:
+            return None
+        began = float(newest["timestamp"]) / 1000
+        created = _unix(self.created_at)
+        garbage = not math.isfinite(began) or began < EARLIEST_S
+        if garbage or (created is not None and began < created - 1.0):  # (whole seconds)
+            return None
+        updated = _unix(self.updated_at)
+        if updated is not None and updated > began:
+            began = updated
+        return began
 
     @property
     def host_unreachable(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -37,6 +38,10 @@ KNOBS: dict[str, Any] = {
 }
 
 
+EPOCH = 1_800_000_000.0
+"""The rig's time of day (what Fly's times are read against) is this plus its clock."""
+
+
 class Rig:
     def __init__(self, api: FakeMachinesAPI, clock: FakeClock, **knobs: Any) -> None:
         self.api = api
@@ -58,6 +63,7 @@ class Rig:
             sleep=clock.sleep,
             probe=self.probe,
             rng=lambda: 0.0,  # no start offset, no jitter: ticks fall on whole seconds
+            wall=lambda: EPOCH + clock(),
         )
 
     async def probe(self, host: str, port: int) -> bool:
@@ -689,6 +695,106 @@ async def test_a_wake_waits_for_another_party_s_start_no_longer_than_a_cold_star
     assert api.ops("start_machine") == [other]
     assert rig.routable() == {other}
     assert state(api, stuck) == "starting"
+
+
+def began(clock: FakeClock, ago: float) -> dict[str, Any]:
+    """A machine's fields for a start that Fly began ``ago`` seconds ago by the rig's time
+    of day, from ``stopped`` (its events, newest first, as Fly lists them)."""
+    at = (EPOCH + clock() - ago) * 1000
+    return {
+        "created_at": datetime.fromtimestamp(EPOCH - 86400, tz=UTC),
+        "events": [
+            {"type": "start", "status": "starting", "source": "user", "timestamp": at},
+            {"type": "exit", "status": "stopped", "source": "flyd", "timestamp": at - 60_000},
+        ],
+    }
+
+
+async def test_a_wake_passes_at_once_a_machine_fly_began_starting_long_ago(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The patience counts from when Fly began the start (the machine's events), not from
+    when the wake first saw it: a machine stuck in ``starting`` for a minute is passed at
+    once. It held every new wake START_PATIENCE_S more."""
+    stuck = api.add(APP, "starting")
+    api.set(APP, stuck, **began(clock, 60))
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        await clock.advance(1)
+        assert task.done()
+    assert task.result() == "start"
+    assert api.ops("start_machine") == [other]
+    assert [e["machine"] for e in logs if e["event"] == "wake_passes_slow_start"] == [stuck]
+    assert state(api, stuck) == "starting"
+
+
+@pytest.mark.parametrize("timed_by", ["its event", "updated_at"])
+async def test_a_wake_waits_for_a_fresh_start_what_is_left_of_its_patience(
+    api: FakeMachinesAPI, clock: FakeClock, timed_by: str
+) -> None:
+    """A start Fly began 4 s ago is waited for, START_PATIENCE_S - 4 more, not from the
+    wake's first sight. Timed by its start event, or by ``updated_at`` when that is later
+    (the state moved since the event: a restart's boot)."""
+    booting = api.add(APP, "starting")
+    if timed_by == "its event":
+        api.set(APP, booting, **began(clock, 4))
+    else:
+        updated = datetime.fromtimestamp(EPOCH + clock() - 4, tz=UTC)
+        api.set(APP, booting, **began(clock, 600), updated_at=updated)
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(START_PATIENCE_S - 4 - 1)
+    assert not task.done()
+    assert api.ops("start_machine") == []  # waited for
+    await clock.advance(2)
+    assert task.done()
+    assert task.result() == "start"
+    assert api.ops("start_machine") == [other]
+    assert state(api, booting) == "starting"
+
+
+@pytest.mark.parametrize(
+    "unusable",
+    [
+        {},
+        {"events": [{"type": "start", "status": "starting", "timestamp": 2 * EPOCH * 1000}]},
+        {"events": [{"type": "start", "status": "starting", "timestamp": 5}]},
+        {"events": [{"type": "update", "status": "updating", "timestamp": EPOCH * 1000}]},
+    ],
+    ids=["no events", "in the future", "1970", "not a start"],
+)
+async def test_a_start_fly_gives_no_usable_time_of_is_waited_for_from_the_first_sight(
+    api: FakeMachinesAPI, clock: FakeClock, unusable: dict[str, Any]
+) -> None:
+    """Without a usable time of Fly's (none, one ahead of ours, garbage, a newest event
+    that began no start), the patience counts from the wake's first sight, as before:
+    never longer (a time in the future), never shorter. Beside it, a machine Fly began
+    starting long ago is passed at once by the same wake."""
+    unknown = api.add(APP, "starting")
+    api.set(APP, unknown, **unusable)
+    stuck = api.add(APP, "starting")
+    api.set(APP, stuck, **began(clock, 60))
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        await clock.advance(1)
+        passed = [e["machine"] for e in logs if e["event"] == "wake_passes_slow_start"]
+        assert passed == [stuck]  # at once
+        await clock.advance(START_PATIENCE_S - 2)
+        assert not task.done()
+        assert api.ops("start_machine") == []  # the other one waited for
+        await clock.advance(2)
+        assert task.done()
+    assert task.result() == "start"
+    assert api.ops("start_machine") == [other]
+    assert {state(api, unknown), state(api, stuck)} == {"starting"}
 
 
 async def test_a_wake_that_waited_for_another_party_s_start_is_measured_as_one(

@@ -67,12 +67,18 @@ class Clock:
         return time.monotonic() + self.ahead
 
 
-def controller(client: MachinesClient, min_machines: int, clock: Clock | None = None) -> Controller:
+def controller(
+    client: MachinesClient,
+    min_machines: int,
+    clock: Clock | None = None,
+    wall: Callable[[], float] = time.time,
+) -> Controller:
     app = AppConfig(name=APP, min_machines=min_machines, idle_to_zero_s=600, scale_down_delay_s=600)
     settings = Settings(apps=[app], control=ControlSettings(tick_s=0.1))
     clock = clock or Clock()
     view = FleetView(clock)
-    return Controller(client, view, settings, Metrics(CollectorRegistry()), clock=clock)
+    metrics = Metrics(CollectorRegistry())
+    return Controller(client, view, settings, metrics, clock=clock, wall=wall)
 
 
 def meta(emulator: Emulator, mid: str) -> dict[str, str]:
@@ -190,6 +196,29 @@ async def test_a_wake_waits_for_a_start_another_party_made_instead_of_starting_a
     assert routable == [first]
     states = sorted(m.state for m in emulator.machines(APP))
     assert states == ["started", "stopped", "stopped"]
+
+
+@BOTH_PROFILES
+async def test_a_wake_passes_at_once_a_start_another_party_made_long_ago(
+    emulator: Emulator,
+) -> None:
+    """The same start, read by a wake whose time of day is a minute on (the machine stuck
+    in ``starting`` that long, as far as it can tell): the emulator lists the machine's
+    events as Fly does (a ``start``/``starting`` event, its time in ms), so the wake
+    passes the machine at once and starts another beside it. It waited for it, up to
+    START_PATIENCE_S from its own first sight."""
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        first = sorted(m.id for m in emulator.machines(APP))[0]
+        await client.start_machine(APP, first)  # the other party's start, landed
+        ctl = controller(client, min_machines=0, wall=lambda: time.time() + 60)
+        try:
+            assert await ctl.wake(APP) == "start"
+            routable = [u.id for u in ctl.view.app(APP).routable()]
+        finally:
+            await ctl.stop()
+    assert set(routable) - {first}  # the machine it woke (the first may be up by now too)
+    up = [m.id for m in emulator.machines(APP) if m.state in ("starting", "started")]
+    assert len(up) == 2
 
 
 @BOTH_PROFILES_QUICK_SUSPEND

@@ -113,6 +113,77 @@ def test_internal_port_helper() -> None:
     assert m.Machine(id="n").internal_port is None
 
 
+T0 = 1_800_000_000.0  # a Unix time (2027): when the machines below were created
+
+
+def _event(kind: str, status: str, at: float) -> dict[str, Any]:
+    return {"id": "e", "type": kind, "status": status, "source": "user", "timestamp": at}
+
+
+START = _event("start", "starting", (T0 + 60) * 1000)
+STOPPED = _event("exit", "stopped", (T0 + 30) * 1000)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"events": [START, STOPPED]}, T0 + 60),
+        ({"events": [STOPPED, START]}, T0 + 60),  # whatever the list's order
+        ({"events": [_event("launch", "created", (T0 + 60) * 1000)]}, T0 + 60),
+        (
+            {"state": "restarting", "events": [_event("restart", "restarting", (T0 + 60) * 1000)]},
+            T0 + 60,
+        ),
+        ({"events": [_event("restart", "starting", (T0 + 60) * 1000), STOPPED]}, T0 + 60),
+        # updated_at later than the event: the state moved since (a restart's boot)
+        ({"events": [START], "updated_at": "2027-01-15T08:02:00Z"}, T0 + 120),
+        ({"events": [START], "updated_at": "2027-01-15T07:59:00Z"}, T0 + 60),
+        # a start Fly recorded no event of (an update's boot): not timed by an older one
+        ({"events": [_event("update", "updating", (T0 + 90) * 1000), START]}, None),
+        ({"events": [STOPPED]}, None),
+        ({"events": []}, None),
+        ({}, None),
+        ({"events": "nonsense"}, None),
+        ({"events": [{"type": "start", "status": "starting", "timestamp": "soon"}]}, None),
+        ({"events": [{"type": "start", "status": "starting", "timestamp": True}]}, None),
+        ({"events": [_event("start", "starting", T0 + 60)]}, None),  # seconds, not ms
+        ({"events": [_event("start", "starting", (T0 - 3600) * 1000)]}, None),  # before created
+        ({"state": "started", "events": [START]}, None),
+        ({"state": "stopped", "events": [START]}, None),
+    ],
+    ids=[
+        "start",
+        "start, oldest first",
+        "launch",
+        "restart",
+        "restart by policy",
+        "updated_at later",
+        "updated_at earlier",
+        "an update's boot",
+        "newest not a start",
+        "no events",
+        "none",
+        "not a list",
+        "not a number",
+        "a bool",
+        "seconds",
+        "before created",
+        "started",
+        "stopped",
+    ],
+)
+def test_the_time_fly_began_a_machine_s_current_start(
+    fields: dict[str, Any], expected: float | None
+) -> None:
+    """From the newest of the machine's events, if it began a start (docs/fly-api-notes.md,
+    "Machine events"); ``updated_at`` when later; nothing when the events do not say."""
+    created = datetime.fromtimestamp(T0, tz=UTC).isoformat()
+    machine = m.Machine.model_validate(
+        {"id": "m1", "state": "starting", "created_at": created, **fields}
+    )
+    assert machine.current_start() == expected
+
+
 # -- every schema of the seed has a model with every one of its properties -----------------
 
 SEED = Path(__file__).resolve().parents[2] / "spec" / "fly-machines-seed.yml"
