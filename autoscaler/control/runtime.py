@@ -88,6 +88,8 @@ class MachineRecord:
     start_began: float | None = None
     """Starting or restarting: when Fly began that start, a Unix time, as its events say
     (:meth:`Machine.current_start`); None when they do not say."""
+    resuming: bool = False
+    """That start began from ``suspended`` (or ``suspending``): a resume."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -105,6 +107,7 @@ class MachineRecord:
             )
             unrouted = tuple(sorted({c.name or "" for c in failing} - {n for n, _ in critical}))
             specs = _specs(machine, [name for name, _ in critical])
+        start = machine.current_start()  # None at once unless starting or restarting
         return cls(
             machine.id,
             machine.state,
@@ -118,7 +121,8 @@ class MachineRecord:
             critical,
             specs,
             unrouted,
-            machine.current_start(),  # None at once unless starting or restarting
+            start[0] if start is not None else None,
+            start is not None and start[1],
         )
 
 
@@ -445,6 +449,7 @@ class AppRuntime:
         if state is not None and state != machine.state:
             update["state"] = state
             update["start_began"] = None  # a change of ours: Fly's events do not say yet
+            update["resuming"] = False
             self.billing.change(machine_id, machine.state, now)
             self.state_since[machine_id] = now
         if cordoned is not None:

@@ -21,7 +21,9 @@ it (``wake_passes_slow_start``). The patience counts from when Fly began that st
 machine's events say (``Machine.current_start``), so a wake that finds a machine stuck for
 minutes wakes another at once rather than 10 s later; without a usable time of Fly's, from
 when the wake first saw the machine coming up, and never from later than that (see
-``Waker.patience_from``). A drain to take back or a machine to resume is woken at
+``Waker.patience_from``). A wake that waits for another party's resume (its start began
+from ``suspended``) is a ``resume`` wake, one that waits for a cold start a ``start``
+wake. A drain to take back or a machine to resume is woken at
 once all the same (up in well under a second on Fly, where the start waited for may be a
 cold one of seconds); the machine too many goes at a scale-down. A machine starting under
 someone else's cordon is not waited for: it would never route.
@@ -132,7 +134,7 @@ class Waker:
             deadline = t0 + rt.config.wake_timeout_s
             failed: set[str] = set()
             again: dict[str, _Retry] = {}
-            came: str | None = None  # "start": we waited for another party's start
+            came: str | None = None  # we waited for another party's start (or resume)
             seen_coming: dict[str, float] = {}  # another party's start -> first seen
             if not rt.read_once:
                 await self._first_read(rt, deadline)
@@ -185,7 +187,11 @@ class Waker:
                         raise WakeError(
                             f"app {rt.name}: machine {coming[0]} did not come up in time"
                         )
-                    view.waking = came = "start"
+                    # (A resume by another party, as its events say, is a resume wake.)
+                    resumes = all(
+                        (rec := rt.machines.get(mid)) is not None and rec.resuming for mid in coming
+                    )
+                    view.waking = came = "resume" if resumes else "start"
                     await act.sleep(max(0.0, min(RECHECK_S, deadline - now)))
                     await self._refresh_quietly(rt)
                     continue

@@ -92,7 +92,7 @@ START_EVENTS = frozenset(
     }
 )
 """The (type, status) of the event that begins a start, as Fly records them: a user's start
-(``start``/``starting``), a restart (``restart``/``restarting``; by Fly's
+(``start``/``starting``, a resume too), a restart (``restart``/``restarting``; by Fly's
 restart policy ``restart``/``starting``), a launch at create (``launch``/``created``)."""
 EARLIEST_S = 1_577_836_800.0
 """2020-01-01 as a Unix time: Fly's machines are younger. An earlier time of Fly's is
@@ -239,9 +239,10 @@ class Machine(_Lenient):
     """``ok``, ``unknown`` or ``unreachable``: whether Fly can reach the machine's host
     (left out of summary lists)."""
 
-    def current_start(self) -> float | None:
-        """When Fly began the machine's current start (a Unix time, seconds), from the
-        machine's ``events`` (real API: newest first, ``timestamp`` in milliseconds; the seed has
+    def current_start(self) -> tuple[float, bool] | None:
+        """When Fly began the machine's current start (a Unix time, seconds) and whether it
+        is a resume (it began from ``suspended`` or ``suspending``), from the machine's
+        ``events`` (real API: newest first, ``timestamp`` in milliseconds; the seed has
         none): None unless the machine is ``starting`` or ``restarting`` and its newest
         event is one that begins a start (:data:`START_EVENTS`). So a start Fly did not
         record (an update's boot, say) is never timed by an older one's event.
@@ -277,7 +278,12 @@ class Machine(_Lenient):
         updated = _unix(self.updated_at)
         if updated is not None and updated > began:
             began = updated
-        return began
+        resume = (
+            newest.get("type") == "start"
+            and len(timed) > 1
+            and timed[1].get("status") in (MachineState.SUSPENDED, MachineState.SUSPENDING)
+        )
+        return began, resume
 
     @property
     def host_unreachable(self) -> bool:

@@ -697,15 +697,16 @@ async def test_a_wake_waits_for_another_party_s_start_no_longer_than_a_cold_star
     assert state(api, stuck) == "starting"
 
 
-def began(clock: FakeClock, ago: float) -> dict[str, Any]:
+def began(clock: FakeClock, ago: float, before: str = "stopped") -> dict[str, Any]:
     """A machine's fields for a start that Fly began ``ago`` seconds ago by the rig's time
-    of day, from ``stopped`` (its events, newest first, as Fly lists them)."""
+    of day, from ``before`` (its events, newest first, as Fly lists them)."""
     at = (EPOCH + clock() - ago) * 1000
+    kind = {"stopped": "exit", "suspended": "suspend"}[before]
     return {
         "created_at": datetime.fromtimestamp(EPOCH - 86400, tz=UTC),
         "events": [
             {"type": "start", "status": "starting", "source": "user", "timestamp": at},
-            {"type": "exit", "status": "stopped", "source": "flyd", "timestamp": at - 60_000},
+            {"type": kind, "status": before, "source": "flyd", "timestamp": at - 60_000},
         ],
     }
 
@@ -795,6 +796,28 @@ async def test_a_start_fly_gives_no_usable_time_of_is_waited_for_from_the_first_
     assert task.result() == "start"
     assert api.ops("start_machine") == [other]
     assert {state(api, unknown), state(api, stuck)} == {"starting"}
+
+
+async def test_a_wake_that_waited_for_another_party_s_resume_is_a_resume(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Another party resumes a machine (listed ``starting``, as a start is): its events
+    say it began from ``suspended``, so the wake that waited for it is a resume in its
+    requests' header, the histogram and the log. It was labelled a start."""
+    mid = api.add(APP, "starting")
+    api.set(APP, mid, **began(clock, 0, before="suspended"))
+    rig = Rig(api, clock)
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        assert rig.app.waking == "resume"
+        await clock.advance(1)
+        api.set(APP, mid, state="started")
+        await clock.advance(1)
+        assert await task == "resume"
+    assert api.ops("start_machine") == []
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 1
+    assert [e["how"] for e in logs if e["event"] == "wake"] == ["resume"]
 
 
 async def test_a_wake_that_waited_for_another_party_s_start_is_measured_as_one(

@@ -122,22 +122,28 @@ def _event(kind: str, status: str, at: float) -> dict[str, Any]:
 
 START = _event("start", "starting", (T0 + 60) * 1000)
 STOPPED = _event("exit", "stopped", (T0 + 30) * 1000)
+SUSPENDED = _event("suspend", "suspended", (T0 + 30) * 1000)
 
 
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"events": [START, STOPPED]}, T0 + 60),
-        ({"events": [STOPPED, START]}, T0 + 60),  # whatever the list's order
-        ({"events": [_event("launch", "created", (T0 + 60) * 1000)]}, T0 + 60),
+        ({"events": [START, STOPPED]}, (T0 + 60, False)),
+        ({"events": [STOPPED, START]}, (T0 + 60, False)),  # whatever the list's order
+        ({"events": [START, SUSPENDED]}, (T0 + 60, True)),  # a resume
+        (
+            {"events": [START, _event("suspend", "suspending", (T0 + 30) * 1000)]},
+            (T0 + 60, True),  # a start that took back a suspend under way
+        ),
+        ({"events": [_event("launch", "created", (T0 + 60) * 1000)]}, (T0 + 60, False)),
         (
             {"state": "restarting", "events": [_event("restart", "restarting", (T0 + 60) * 1000)]},
-            T0 + 60,
+            (T0 + 60, False),
         ),
-        ({"events": [_event("restart", "starting", (T0 + 60) * 1000), STOPPED]}, T0 + 60),
+        ({"events": [_event("restart", "starting", (T0 + 60) * 1000), STOPPED]}, (T0 + 60, False)),
         # updated_at later than the event: the state moved since (a restart's boot)
-        ({"events": [START], "updated_at": "2027-01-15T08:02:00Z"}, T0 + 120),
-        ({"events": [START], "updated_at": "2027-01-15T07:59:00Z"}, T0 + 60),
+        ({"events": [START], "updated_at": "2027-01-15T08:02:00Z"}, (T0 + 120, False)),
+        ({"events": [START], "updated_at": "2027-01-15T07:59:00Z"}, (T0 + 60, False)),
         # a start Fly recorded no event of (an update's boot): not timed by an older one
         ({"events": [_event("update", "updating", (T0 + 90) * 1000), START]}, None),
         ({"events": [STOPPED]}, None),
@@ -154,6 +160,8 @@ STOPPED = _event("exit", "stopped", (T0 + 30) * 1000)
     ids=[
         "start",
         "start, oldest first",
+        "resume",
+        "resume of a suspend under way",
         "launch",
         "restart",
         "restart by policy",
@@ -173,7 +181,7 @@ STOPPED = _event("exit", "stopped", (T0 + 30) * 1000)
     ],
 )
 def test_the_time_fly_began_a_machine_s_current_start(
-    fields: dict[str, Any], expected: float | None
+    fields: dict[str, Any], expected: tuple[float, bool] | None
 ) -> None:
     """From the newest of the machine's events, if it began a start (docs/fly-api-notes.md,
     "Machine events"); ``updated_at`` when later; nothing when the events do not say."""
