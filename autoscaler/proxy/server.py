@@ -714,10 +714,11 @@ class ProxyServer:
         return [(name, view.in_flight) for name, view in self.view.apps.items()]
 
     def error_page(self, status: int, message: str) -> bytes:
-        """The answer to a request refused before it was parsed whole (400, 414, 431...),
-        or to a bug in the handler (500); the connection closes after it."""
+        """The answer to a request refused before it was parsed whole (400, 414, 431, 505
+        for an HTTP version other than 1.0 and 1.1: warnings, the client's doing), or to
+        a bug in the handler (500: an error); the connection closes after it."""
         request_id = self._request_id(None)
-        if status >= 500:
+        if status == 500:  # ours; a 505 is the client's request line
             _log.error("proxy_error", request_id=request_id, status=status, reason=message)
         else:
             _log.warning("proxy_error", request_id=request_id, status=status, reason=message)

@@ -16,6 +16,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from .conftest import Backend, RawBackend, StartProxy
 from .helpers import proxy_for, raw, reply_status, seen_app
@@ -217,10 +218,14 @@ async def test_an_http_version_other_than_1_0_and_1_1_gets_505(
 ) -> None:
     seen: list[dict[str, Any]] = []
     port = await proxy_for(backend, start_proxy, seen_app(seen))
-    reply = await raw(port, b"GET / HTTP/2.0\r\nHost: a.test\r\n\r\n")
+    with capture_logs() as logged:
+        reply = await raw(port, b"GET / HTTP/2.0\r\nHost: a.test\r\n\r\n")
     assert reply_status(reply) == 505, reply[:200]
     assert reply.endswith(b"HTTP/2.0 is not supported\n")
     assert seen == []
+    # The client's mistake, not ours: no error line for any scanner to set off.
+    errors = [e for e in logged if e["event"] == "proxy_error"]
+    assert [e["log_level"] for e in errors] == ["warning"], errors
 
 
 async def test_the_proxys_own_errors_to_head_have_no_body(
