@@ -57,11 +57,16 @@ async def run(calls: int, sizes: list[int]) -> None:
         await runner.cleanup()
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1000, help="calls timed per size")
     parser.add_argument("--keepalive", default="20,8,4", help="pool sizes, comma-separated")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logs.configure(level="warning", fmt="console")  # a debug line per call is not the cost
     asyncio.run(run(args.calls, [int(s) for s in args.keepalive.split(",")]))
 

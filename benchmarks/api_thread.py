@@ -95,11 +95,16 @@ def _free_port() -> int:
         return port
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1500, help="calls timed per variant")
     parser.add_argument("--rounds", type=int, default=2, help="each variant this many times")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logs.configure(level="warning", fmt="console")  # a debug line per call is not the cost
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, HOST, str(port)])

@@ -600,7 +600,8 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--runs", type=int, default=1)
@@ -610,7 +611,11 @@ def main() -> int:
     parser.add_argument("--tail", type=float, default=45.0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--logs", type=Path, help="keep the autoscaler's logs in this directory")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="chaos-soak-") as tmp:
         for seed in range(args.seed, args.seed + args.runs):

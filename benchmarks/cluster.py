@@ -495,10 +495,8 @@ def skew(args: argparse.Namespace, redis_url: str) -> int:
     return errors
 
 
-def main() -> int:
-    if sys.argv[1:2] == ["--serve-counter"]:
-        serve_counter(int(sys.argv[2]), float(sys.argv[3]))
-        return 0
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--ttl", type=float, default=1.0, help="cluster.lease_ttl_s")
@@ -514,7 +512,14 @@ def main() -> int:
     parser.add_argument("--skew-clients", type=int, default=40, help="clients of both replicas")
     parser.add_argument("--skew-splits", default="90/10,50/50", help="client shares A/B")
     parser.add_argument("--skew-delay-ms", type=float, default=20.0, help="backend hold")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--serve-counter"]:
+        serve_counter(int(sys.argv[2]), float(sys.argv[3]))
+        return 0
+    args = build_parser().parse_args()
     if shutil.which("redis-server") is None:
         print("redis-server not found (Debian package redis-server)", file=sys.stderr)
         return 1

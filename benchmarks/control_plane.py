@@ -454,7 +454,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if errors == 0 else 1
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--apps", type=int, default=1000, help="apps in the emulator")
     parser.add_argument("--busy", type=int, default=100, help="of which with traffic")
@@ -477,6 +478,11 @@ def main() -> int:
         " proxy when both want the CPU)",
     )
     parser.add_argument("--serve-emulator", nargs=2, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
     if args.serve_emulator:
         port, stats = args.serve_emulator

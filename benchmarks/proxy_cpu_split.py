@@ -42,12 +42,17 @@ def _wrk(port: int, duration: int, connections: int) -> int:
     return int(match.group(1))
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds per run")
     parser.add_argument("--connections", type=int, default=50)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if shutil.which("wrk") is None or not os.path.exists("/proc/self/stat"):
         print("needs wrk and Linux's /proc", file=sys.stderr)
         return 2

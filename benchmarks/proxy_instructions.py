@@ -128,11 +128,16 @@ def count(measured: str, access_log: bool, requests: int, connections: int) -> f
             return _total(directory) / requests
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=4000, help="requests counted")
     parser.add_argument("--connections", type=int, default=10, help="keep-alive connections")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
     if missing:
         print(f"needs {' and '.join(missing)} (Debian package valgrind)", file=sys.stderr)

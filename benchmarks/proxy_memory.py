@@ -300,7 +300,8 @@ def _compiled() -> bool:
     return not h1.__file__ or not h1.__file__.endswith(".py")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--hold", type=float, default=15.0, help="seconds the flood is held")
@@ -311,7 +312,11 @@ def main() -> int:
         "--only", choices=["idle", "slowloris", "uploads", "readers"], help="one kind, all of them"
     )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.serve:
         role, *rest = args.serve
         if role == "machine":

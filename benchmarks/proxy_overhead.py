@@ -393,7 +393,8 @@ def _row(name: str, r: Result) -> str:
     return f"{name:<10} {r.rps:>10.0f} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} {r.errors:>7}"
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per target")
@@ -408,7 +409,11 @@ def main() -> int:
         "--no-access-log", action="store_true", help="proxy.access_log off (on by default)"
     )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     _loop_policy(not args.no_uvloop)
     if args.serve:
         if args.serve[0] == "backend":

@@ -287,7 +287,8 @@ def day_cycle(trace: Trace, cycle_s: float, think_s: float, window_s: float) -> 
         print(line)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="memoryless")
     parser.add_argument("--seed", type=int, default=41)
@@ -296,7 +297,11 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=60.0)
     parser.add_argument("--window-s", type=float, default=3600.0)
     parser.add_argument("--excess", default="", help="wake_cost_s values (comma-separated)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     trace = Trace()
     for t, app, duration in generate(args.shape, seed=args.seed, hours=args.hours):
         trace.apps.setdefault(app, []).append((t, duration))

@@ -44,7 +44,8 @@ def worst_against_fixed(frontier: Frontier) -> float | None:
     return max((got / p.machine_s for p, got in against_fixed(frontier)), default=None)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="azure-like,memoryless")
     parser.add_argument("--seeds", default="31,32")
@@ -52,7 +53,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--points", action="store_true", help="print the curves' points too")
     parser.add_argument("--adaptive-costs", default="", help="wake_cost_s values to add")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.adaptive_costs:
         knob, values, default = SWEEPS["adaptive"]
         added = {float(v) for v in args.adaptive_costs.split(",")}

@@ -38,7 +38,8 @@ def timer_trace(period_s: float, late_s: float, hours: float, seed: int) -> Trac
     return trace
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--periods", default="60,180,1800,4380,10800")
     parser.add_argument("--costs", default="300,1500")
@@ -47,7 +48,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--resume-cold-rate", type=float, default=0.0)
     parser.add_argument("--start-s", type=float, default=Timings().start_s)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     costs = [float(c) for c in args.costs.split(",")]
     timings = Timings(resume_cold_rate=args.resume_cold_rate, start_s=args.start_s)
     print("| period | runs | wake_cost_s | histogram alone: m·s per run, waited "

@@ -10,6 +10,7 @@ prints for the same trace and knobs.
 
 from __future__ import annotations
 
+import argparse
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,14 @@ def _label(knobs: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in knobs.items()) or "defaults"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """No options, but --help (which ran the whole table before) and a check of the docs'
+    commands (tests/test_doc_commands.py)."""
+    return argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+
 def main() -> None:
+    build_parser().parse_args()
     timings = Timings()
     head = (
         "| trace | strategy | knobs | woken % | wait p99 s | wait max s | started m·s "

@@ -52,14 +52,19 @@ def history(rng: random.Random, kind: str, runs: int, period: float, late: float
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--period", type=float, default=60.0)
     parser.add_argument("--late-s", type=float, default=5.0)
     parser.add_argument("--draws", type=int, default=3000)
     parser.add_argument("--runs", default="5,9,13,17,25", help="runs seen, comma-separated")
     parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     rng = random.Random(args.seed)  # noqa: S311 - reproducible test data, not secrets
     print(
         "| timer | runs seen | gaps' window: missed, up before the run (s) "
