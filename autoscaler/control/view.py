@@ -393,9 +393,10 @@ class FleetView:
         """Before a machine is suspended or stopped: the proxy ends what it still carries
         to it that would never end by itself (WebSockets get 1001, event streams end at a
         chunk boundary); with ``everything`` (the drain's time is up), the other streamed
-        answers too, cut (their clients must not take them for whole). What begins there
-        later, its request sent before, is ended likewise as soon as its handshake or head
-        comes (``Upstream.ending``, ``Upstream.cut_off``)."""
+        answers too, cut (their clients must not take them for whole), and requests sent
+        there with no answer yet get a 502 at once. What begins there later, its request
+        sent before, is ended likewise as soon as its handshake or head comes
+        (``Upstream.ending``, ``Upstream.cut_off``)."""
         return self._closer(app, machine_id, everything) if self._closer is not None else 0
 
     @property

@@ -429,6 +429,12 @@ class ProxyServer:
                 if body is None or not body.timed_out:
                     verdicts.failed(app.name, up, health.TIMEOUT)
                 raise Failure(504, "the machine did not answer in time") from None
+            except upstream.CutOff:
+                # Its machine's drain ran out of time before it answered, and the machine
+                # goes down now (end_long_lived): a 502 at once, not a 504 after
+                # upstream_timeout_s. Not sent again (the machine may have acted on it),
+                # and no verdict on the machine: the proxy gave up, not the machine.
+                raise Failure(502, "the machine was drained before it answered") from None
             except upstream.UpstreamError as exc:
                 if body is not None:
                     body.raise_for_client()
@@ -632,12 +638,15 @@ class ProxyServer:
         boundary (one whose closing handshake is under way, by that handshake's end),
         event streams from it at a chunk boundary. Other streamed answers (a download) may
         end within the drain's time; with ``everything`` (it is up) they are cut, their
-        clients' connections dropped. Their slots come back as they end. A WebSocket or
-        event stream whose handshake or head comes later (its request was sent before)
-        ends as soon as it begins, until the machine is routable again (``Upstream.ending``);
-        after ``everything``, so does any answer whose body is still to come when its head
-        arrives, a download cut as above (``Upstream.cut_off``: one that came whole with
-        its head is served). The number ended."""
+        clients' connections dropped, and requests sent there whose answers have not begun
+        (the machine slow to answer) are answered 502 at once, their connections to the
+        machine closed. Their slots come back as they end. A WebSocket or event stream
+        whose handshake or head comes later (its request was sent before) ends as soon as
+        it begins, until the machine is routable again (``Upstream.ending``); after
+        ``everything``, so does any answer whose body is still to come when its head
+        arrives (it came as the cut ran, or its connection was still being made), a
+        download cut as above (``Upstream.cut_off``: one that came whole with its head is
+        served). The number ended."""
         view = self.view.apps.get(app)
         up = view.upstreams.get(machine_id) if view is not None else None
         if up is not None and (up.cordoned or up.state != STARTED):
@@ -656,6 +665,13 @@ class ProxyServer:
             if endless or everything:
                 body.end_early()
                 ended += 1
+        pool = self._pool
+        if everything and up is not None and pool is not None:
+            # Still waiting for their answers' heads: they would wait for upstream_timeout_s
+            # (then 504) with the machine suspended under them. Their 502s go out at once.
+            gate = self._gates.get(app)
+            address = up.authority if gate is None else self._address(gate.config, up)[1]
+            ended += pool.cut(address)
         if ended:
             _log.info("long_lived_ended", app=app, machine=machine_id, connections=ended)
         return ended

@@ -18,6 +18,8 @@ Errors, by what the caller may do about them:
   its head is too large (a field over ``max_field_size``, more than ``MAX_HEADERS``
   fields, or more than ``HEAD_FACTOR`` times ``max_field_size`` in all).
 - ``TimeoutError``: no answer within ``head_timeout``.
+- :class:`CutOff`: the proxy gave up waiting for the answer (``Pool.cut``: the machine goes
+  down). The request was sent, or was being sent: it is never sent again.
 
 Interim answers (1xx) other than 100 Continue go to the exchange's ``on_interim`` as they
 come, before the final one (RFC 9110 15.2: a proxy forwards them); the proxy answers
@@ -58,6 +60,7 @@ IDLE_S = 4.0
 MAX_HEADERS = 256
 HEAD_TICK_S = 0.05
 _NO_BODY_STATUS = frozenset({204, 304})
+_NO_DEADLINE = float("inf")
 _BAD_REASON = re.compile("[^\t\x20-\x7e\x80-\xff]")
 
 
@@ -84,6 +87,10 @@ class BadResponse(UpstreamError):
 
 class UnexpectedUpgrade(BadResponse):
     """The machine switched protocols on a request that did not ask to (no Upgrade sent)."""
+
+
+class CutOff(UpstreamError):
+    """No answer yet, and none waited for: the machine goes down (``Pool.cut``)."""
 
 
 class Exchange:
@@ -440,9 +447,10 @@ class Pool:
         self._idle: dict[str, list[Connection]] = {}
         self._closed = False
         self._puts = 0
-        # Exchanges waiting for an answer's head, and until when. One sweep every
+        # Exchanges waiting for an answer's head, and until when (no deadline yet while
+        # their request's body is sent: ``head_timeout`` runs from its end). One sweep every
         # HEAD_TICK_S times them out, rather than a loop timer armed and cancelled per
-        # request; a 504 may come up to HEAD_TICK_S late.
+        # request; a 504 may come up to HEAD_TICK_S late. ``cut`` ends them by machine.
         self._waiting: dict[Exchange, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -454,6 +462,22 @@ class Pool:
 
     def unwatch(self, ex: Exchange) -> None:
         self._waiting.pop(ex, None)
+
+    def cut(self, authority: str) -> int:
+        """The machine at ``authority`` goes down: every exchange with it still waiting for
+        its answer's head (its request sent, or being sent) fails at once with
+        :class:`CutOff`, rather than waiting for ``head_timeout``; its connection closes as
+        it is released. A scan of the waiting exchanges, once per drain: a request pays
+        nothing more for it, but one with a body a dict entry while that is sent. The
+        number cut."""
+        cut = []
+        for ex in self._waiting:
+            conn = ex._conn
+            if conn is not None and conn.authority == authority:
+                cut.append(ex)
+        for ex in cut:
+            ex.fail(CutOff("the machine goes down"))
+        return len(cut)
 
     async def _time_out_heads(self) -> None:
         loop = self.loop
@@ -617,10 +641,15 @@ def _start(
         return ex
     conn.write(head)
     if body is not None:
+        # Waiting for the answer too (one may come early), with no deadline until the body
+        # is sent: ``Pool.cut`` finds it.
+        pool._waiting[ex] = _NO_DEADLINE
         ex._body_task = pool.loop.create_task(_send_body(pool, ex, body, chunked, head_timeout))
         ex._body_task.add_done_callback(_retrieved)
     elif head_timeout is not None:
         pool.wait_head(ex, head_timeout)
+    else:
+        pool._waiting[ex] = _NO_DEADLINE  # for Pool.cut
     return ex
 
 

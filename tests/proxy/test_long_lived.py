@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from testkit import until
 
 from autoscaler.control.view import AppView, FleetView, MachineInfo
+from autoscaler.metrics import Metrics
 from autoscaler.proxy import tunnel
 from autoscaler.scaling.fleet import STARTED
 
@@ -343,7 +344,12 @@ async def test_an_answer_that_begins_after_a_drains_deadline_is_cut_unless_it_ca
     after. A request sent there before, whose answer's head came only after that, ran on:
     the machine was suspended under its body, and its client waited for the rest until
     upstream_timeout_s. An answer whose body is still coming when its head arrives is cut
-    at once now, chunked or with a Content-Length; one that came whole is served."""
+    at once now, chunked or with a Content-Length; one that came whole is served.
+
+    The cut answers the requests still waiting for their heads itself (the next test):
+    a head comes after it only when it arrived as the cut ran (read, its request's task
+    not yet resumed) or its connection was still being made. No test lands in that loop
+    turn, so the machine is left here as the cut leaves it, by hand."""
     answer, last = asyncio.Event(), asyncio.Event()
     sent: list[bytes] = []
     heads = {
@@ -377,7 +383,8 @@ async def test_an_answer_that_begins_after_a_drains_deadline_is_cut_unless_it_ca
         await until(lambda: view.in_flight == 3, what="the requests sent to the machine")
         cordon(view, machine, True)  # the drain begins
         assert fleet.end_long_lived("a", machine) == 0
-        assert fleet.end_long_lived("a", machine, everything=True) == 0  # nothing begun yet
+        assert view.upstreams[machine].ending
+        view.upstreams[machine].cut_off = True  # the drain's deadline passed (see above)
         answer.set()
         async with asyncio.timeout(BOUND_S):  # not upstream_timeout_s
             chunked = await clients[b"/chunked"][0].read(-1)  # to the connection's end
@@ -395,6 +402,70 @@ async def test_an_answer_that_begins_after_a_drains_deadline_is_cut_unless_it_ca
             writer.close()
     await until(lambda: view.in_flight == 0, what="the slots given back")
     assert proxy._streams == {}
+
+
+async def test_a_request_still_waiting_for_its_answer_at_a_drains_deadline_gets_502_at_once(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView, metrics: Metrics
+) -> None:
+    """The drain's deadline cuts what its machine still sends, and the machine is
+    suspended right after. A request sent there whose answer had not begun (the machine
+    slow to answer) was tracked nowhere: its client waited upstream_timeout_s for a 504
+    from a suspended machine. It gets a 502 at once now, its request not sent again (it
+    may have had its effect), whether it was sent whole or its body was still coming;
+    its connection to the machine is closed and its slot given back, once."""
+    heads: list[bytes] = []
+    closed: list[bytes] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"POST"):
+            await reader.readexactly(5)  # the half of its body sent so far
+        heads.append(head)
+        closed.append(await reader.read())  # never answers: until the proxy closes
+
+    addr = await raw_backend(mute)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}], upstream_timeout_s=3600
+    )
+    view = fleet.app("a")
+    [machine] = view.upstreams
+    requests = {
+        "sent": b"GET /report HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        # Half of its body: the rest is still to come when the machine goes down.
+        "uploading": b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nhalf.",
+    }
+    clients = {name: await asyncio.open_connection("127.0.0.1", proxy.port) for name in requests}
+    try:
+        for name, (_, writer) in clients.items():
+            writer.write(requests[name])
+        await until(lambda: len(heads) == 2, what="both requests at the machine, one in part")
+        cordon(view, machine, True)  # the drain begins
+        assert fleet.end_long_lived("a", machine) == 0  # no answer begun: left to come
+        assert view.in_flight == 2
+        assert fleet.end_long_lived("a", machine, everything=True) == 2  # its time is up
+        async with asyncio.timeout(BOUND_S):  # not upstream_timeout_s
+            answers = {name: await read_response(reader) for name, (reader, _) in clients.items()}
+        for status, headers, body in answers.values():
+            assert status == 502
+            assert headers["x-request-id"]
+            assert body == b"the machine was drained before it answered\n"
+        await until(lambda: len(closed) == 2, what="the connections to the machine closed")
+        assert len(heads) == 2  # neither sent again
+        assert closed == [b"", b""]  # nor the body's rest
+    finally:
+        for _, writer in clients.values():
+            writer.close()
+    await until(lambda: view.in_flight == 0, what="the slots given back")
+    assert view.upstreams[machine].in_flight == 0  # each given back once: never below 0
+    assert proxy._pool is not None
+    assert proxy._pool._waiting == {}
+    assert proxy._budget.held == 0
+    assert (
+        metrics.registry.get_sample_value(
+            "autoscaler_requests_total", {"app": "a", "code": "502", "wake": "none"}
+        )
+        == 2
+    )
 
 
 async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
