@@ -12,7 +12,8 @@ machine leases of the actions it cuts, within ``control.api_timeout_s``), and th
 and the emulator close last.
 
 Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once: requests held
-for a wake still get their 503, those at a machine are cut); SIGHUP reloads
+for a wake still get their 503, as does one whose machine refuses its connection after,
+those at a machine are cut); SIGHUP reloads
 the configuration file (not during the stop); SIGUSR2 (the rolling restart of ``run
 --workers``, sent to one process) is logged and ignored. A reload that does not validate
 is rejected whole (the running configuration stays, the problems are logged,

@@ -86,6 +86,8 @@ class Gate:
         self._pump_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Task[str] | None = None
         self._wake_failed_at: float | None = None
+        self._shed: type[QueueFull] | None = None
+        """Set by ``shed``: a request that would wait from then on is sent away at once."""
 
     @property
     def config(self) -> AppConfig:
@@ -102,6 +104,11 @@ class Gate:
         # Looked up each time: the controller may replace an app's view (remove_app on a
         # reload), and a gate holding the old one would never see its machines again.
         return self.fleet.app(self.name)
+
+    @property
+    def shed_with(self) -> type[QueueFull] | None:
+        """Why the gate sheds every request that would wait (``shed``), or None."""
+        return self._shed
 
     @property
     def queued(self) -> int:
@@ -131,7 +138,10 @@ class Gate:
 
     async def acquire(self, wait_s: float) -> tuple[Upstream, str]:
         """Wait in the FIFO for a slot; the wake kind tells whether this request waited
-        for a wake ("resume", "start") or only for a busy machine ("none")."""
+        for a wake ("resume", "start") or only for a busy machine ("none"). Once the gate
+        has shed its queue (``shed``), nobody waits: the request gets the same answer."""
+        if self._shed is not None:
+            raise self._shed
         if len(self._queue) >= self.config.max_queue:
             raise QueueFull
         loop = asyncio.get_running_loop()
@@ -292,7 +302,10 @@ class Gate:
     def shed(self, why: type[QueueFull] = ShuttingDown) -> list[asyncio.Task[Any]]:
         """Send every held request away with ``why`` (the proxy stops, or the app left the
         configuration): they were sent nowhere yet, so a 503 that says to retry is right.
-        Returns the tasks that answer them (a stop cut short waits for those alone)."""
+        So is every request that would wait from now on (one whose machine refused its
+        connection, say): nobody would shed it again. Returns the tasks that answer the
+        held ones (a stop cut short waits for those alone)."""
+        self._shed = why
         answering = []
         for waiter in list(self._queue):
             if not waiter.future.done():

@@ -316,11 +316,14 @@ class ProxyServer:
         tried.append(up)
         _give_back(gate, ctx, self.health)
         ctx.up = None
-        if self._gates.get(app.name) is not gate:
-            # A reload removed the app meanwhile: nothing was sent, so it is answered as
-            # its held requests were. Its gate would look its view up by name and make it
-            # again, for nobody (an in-flight series back for good, a wake nobody makes).
-            raise _shed(AppRemoved())
+        why = gate.shed_with
+        if why is not None:
+            # A reload removed the app meanwhile, or the proxy stops (past the graceful
+            # stop's shed, or cut short: nobody sheds again, and the process exits):
+            # nothing was sent, so it is answered as its held requests were, not sent on.
+            # A removed app's gate would look its view up by name and make it again, for
+            # nobody (an in-flight series back for good, a wake nobody makes).
+            raise _shed(why())
         up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
             if app.static or remaining(ctx.deadline) <= 0:

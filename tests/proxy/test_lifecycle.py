@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -176,6 +177,39 @@ async def test_a_stop_cut_short_still_answers_held_requests_503(
     assert await held == (503, "proxy is shutting down\n", "1", "close")
     up.release.set()
     await in_flight
+
+
+async def test_a_request_refused_by_its_machine_after_a_stop_cut_short_gets_503(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """After a second SIGTERM the other parts stop, then the process exits. A request
+    still connecting to its machine then (a host that does not answer: its accept queue
+    is full, so the SYN is dropped) whose connect is refused meanwhile was sent nowhere:
+    it gets a 503 at once, as the held ones did. It went back to wait for another machine
+    in a queue that nobody sheds again, and its connection was dropped at exit."""
+    with _unanswering_port() as (port, refuse):
+        machine = MachineInfo("m1", "127.0.0.1", port, "started", False)
+        fleet.app("w").set_machines([machine])
+        proxy = await start_proxy(
+            [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 300}],
+            shutdown_timeout_s=300,
+            connect_timeout_s=60,
+        )
+        request = asyncio.create_task(session.get(url(proxy), headers={"Host": "w.test"}))
+        await until(lambda: fleet.app("w").in_flight == 1)  # connecting
+        stopping = asyncio.ensure_future(proxy.stop())
+        await until(lambda: not proxy.accepting)  # the graceful stop is under way
+        stopping.cancel()  # the second SIGTERM
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        refuse()  # the SYN sent again is refused
+        await until(lambda: request.done() or fleet.app("w").queued == 1, 60)
+        assert request.done(), "the refused request waits again, to be dropped at exit"
+        async with await request as resp:
+            assert resp.status == 503
+            assert await resp.text() == "proxy is shutting down\n"
+            assert resp.headers.get("Retry-After") == "1"
+        assert fleet.app("w").in_flight == 0
 
 
 async def test_update_settings_adds_and_removes_apps_without_dropping_requests(
@@ -401,16 +435,7 @@ async def test_a_request_whose_connect_fails_after_its_app_was_removed_makes_no_
     made it again, for an app nobody has: its ``autoscaler_inflight_requests`` series came
     back for good (and a scaled app's request waited out its wake_timeout_s for a wake
     that no controller makes)."""
-    listener = socket.socket()
-    fillers = [socket.socket() for _ in range(3)]
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for filler in fillers:  # the accept queue full: a connect hangs until refused
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
+    with _unanswering_port() as (port, refuse):
         app: dict[str, Any] = {"name": "w", "hosts": ["w.test"]}
         if static:
             app["backends"] = [f"127.0.0.1:{port}"]
@@ -421,12 +446,30 @@ async def test_a_request_whose_connect_fails_after_its_app_was_removed_makes_no_
         await until(lambda: fleet.apps["w"].in_flight == 1)  # connecting
         proxy.update_settings(Settings(proxy=ProxySettings(listen="127.0.0.1:8080"), apps=[]))
         fleet.remove_app("w")  # a scaled app: what the controller's reload does then
-        listener.close()  # the SYN sent again is refused
+        refuse()  # the SYN sent again is refused
         async with await request as resp:
             assert resp.status == 503
         assert "w" not in fleet.apps
         inflight = metrics.registry.get_sample_value("autoscaler_inflight_requests", {"app": "w"})
         assert inflight is None
+
+
+@contextlib.contextmanager
+def _unanswering_port() -> Iterator[tuple[int, Callable[[], None]]]:
+    """A loopback port whose accept queue is full: a connect to it hangs (the SYN is
+    dropped) until the returned ``refuse()`` closes the listener, after which the SYN sent
+    again is refused."""
+    listener = socket.socket()
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for filler in fillers:  # the accept queue full: a connect hangs until refused
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port, listener.close
     finally:
         listener.close()
         for filler in fillers:
