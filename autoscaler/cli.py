@@ -183,8 +183,8 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # SIGHUP and SIGUSR2 are held back since main() began (see _HELD): Service.run (or
-    # the supervisor) delivers them once it has its handlers.
+    # SIGHUP, SIGUSR2, SIGTERM and SIGINT are held back since main() began (see _HELD):
+    # Service.run (or the supervisor) delivers them once it has its handlers.
     from autoscaler.service import run
 
     overrides: dict[str, dict[str, str]] = {}
@@ -443,14 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# SIGHUP (reload) and SIGUSR2 (rolling restart) end a process that has no handler for
-# them. `autoscaler run` imports for a good part of a second before its event loop has its
-# handlers: a reload asked for right after a start (a deploy, a config watcher) killed it.
-# main() holds them back before it imports anything; for `run` they stay held until
-# Service.run (or the supervisor of --workers) has its handlers, which then see them (a
-# SIGHUP: one reload once the service is up). Every other command gets them back at once
-# after parsing, with their default action (`status --watch` ends when its terminal does).
-_HELD = {signal.SIGHUP, signal.SIGUSR2}
+# SIGHUP (reload), SIGUSR2 (rolling restart) and SIGTERM end a process that has no handler
+# for them (SIGINT raises KeyboardInterrupt wherever Python is). `autoscaler run` imports
+# for a good part of a second before its event loop has its handlers: a reload asked for
+# right after a start (a deploy, a config watcher) killed it, and so did a stop (exit -15,
+# no `stopped` line). main() holds them back before it imports anything; for `run` they
+# stay held until Service.run (or the supervisor of --workers) has its handlers, which
+# then see them (a SIGHUP: one reload once the service is up; a SIGTERM or SIGINT: a clean
+# stop before anything starts). Every other command gets them back at once after parsing,
+# with their default action (`status --watch` ends when its terminal does).
+_HELD = {signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,8 @@ and the emulator close last.
 
 Signals: SIGTERM and SIGINT stop gracefully (a second one stops at once: requests held
 for a wake still get their 503, as does one whose machine refuses its connection after,
-those at a machine are cut); SIGHUP reloads
+those at a machine are cut; one held back by ``autoscaler run`` until ``run`` had its
+handlers stops it before anything starts); SIGHUP reloads
 the configuration file (not during the stop); SIGUSR2 (the rolling restart of ``run
 --workers``, sent to one process) is logged and ignored. A reload that does not validate
 is rejected whole (the running configuration stays, the problems are logged,
@@ -78,6 +79,11 @@ def _no_api_url(path: object, settings: Settings) -> str:
     why = f" and app {scaled[0]} is scaled (it has no backends)" if scaled else ""
     return NO_API_URL.format(path=path, why=why)
 
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+HELD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR2, *STOP_SIGNALS})
+"""What ``autoscaler run`` holds back until there are handlers (cli._HELD): Service.run
+and the supervisor of ``run --workers`` let them through once theirs are in place."""
 
 NO_REDIS = (
     "{path}: cluster.redis_url is set but the Redis client is not installed: install the"
@@ -363,16 +369,20 @@ class Service:
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
         # Held back until now by `autoscaler run` (cli._run) or the worker supervisor: a
-        # SIGHUP that came meanwhile is delivered here, to the handler above.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR2})
+        # SIGHUP that came meanwhile is delivered here, to the handler above. A SIGTERM or
+        # SIGINT is taken off instead (the loop would hand it on a turn later, to the
+        # handler that cuts the graceful stop short): nothing starts, the stop runs.
+        early_stop = _take_pending(STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         try:
-            await self.start()
-            # A reload during the start would apply to the parts built so far and not to
-            # those built after it from the file as it was read before: one reload now.
-            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-            if hup_during_start:
-                self.request_reload()
-            await stop.wait()
+            if not early_stop:
+                await self.start()
+                # A reload during the start would apply to the parts built so far and not
+                # to those built after it from the file as it was read before: one reload.
+                loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+                if hup_during_start:
+                    self.request_reload()
+                await stop.wait()
             _log.info("stopping")
             # A second SIGTERM/SIGINT during the graceful stop ends it at once.
             stopping = asyncio.ensure_future(self.stop())
@@ -398,6 +408,15 @@ class Service:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _take_pending(signals: frozenset[int]) -> bool:
+    """Whether one of ``signals`` is pending (held back by the mask), each taken off so
+    that unblocking them delivers nothing."""
+    pending = signal.sigpending() & signals
+    for sig in pending:
+        signal.sigtimedwait({sig}, 0)
+    return bool(pending)
 
 
 def _no_rolling_restart() -> None:

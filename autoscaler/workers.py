@@ -44,7 +44,7 @@ from autoscaler.aio import urlopen_direct
 from autoscaler.children import die_with_parent
 from autoscaler.config import EMBEDDED, authority, default_replica_id, parse_host_port
 from autoscaler.logs import get_logger
-from autoscaler.service import load_or_report
+from autoscaler.service import HELD_SIGNALS, load_or_report
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0
@@ -128,11 +128,10 @@ def supervise(
             argv,
             env=env,
             start_new_session=True,
-            # SIGTERM (a graceful stop) if the supervisor dies. A forwarded SIGHUP would
-            # kill a worker that has no handler yet: held back until its Service.run has.
-            preexec_fn=die_with_parent(
-                os.getpid(), signal.SIGTERM, hold={signal.SIGHUP, signal.SIGUSR2}
-            ),
+            # SIGTERM (a graceful stop) if the supervisor dies. A forwarded SIGHUP, or a
+            # SIGTERM, would kill a worker that has no handler yet: held back until its
+            # Service.run has.
+            preexec_fn=die_with_parent(os.getpid(), signal.SIGTERM, hold=HELD_SIGNALS),
         )
         _log.info("worker_started", worker=i, pid=proc.pid, admin=argv[7])
         return proc, time.monotonic()
@@ -169,8 +168,9 @@ def supervise(
             (signal.SIGUSR2, on_usr2),
         )
     }
-    # Held back by `autoscaler run` until there was a handler (cli._run): here now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR2})
+    # Held back by `autoscaler run` until there was a handler (cli._run): here now (the
+    # handlers above have run for any that came meanwhile when this returns).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
     procs: list[tuple[subprocess.Popen[bytes], float]] = []
     roll: _Roll | None = None
     vacant: set[int] = set()  # a replacement failed at start: no worker in that slot
@@ -178,6 +178,8 @@ def supervise(
     code = 0
     try:
         for i in range(workers):
+            if stop:  # a stop signal before the workers (or between them): no more
+                break
             procs.append(spawn(i))  # one by one: a failed spawn stops those before it
         while not stop:
             if hup:

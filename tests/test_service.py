@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from reliability.harness import child_env, live_service, write_config  # tests/ is on sys.path
 from structlog.testing import capture_logs
-from testkit import free_port, until
+from testkit import free_port, signal_on_import, until
 
 from autoscaler.config import EmulatorApp, Settings, load_settings
 from autoscaler.emulator import Emulator
@@ -509,25 +509,6 @@ def test_a_sighup_before_the_signal_handlers_exist_reloads_instead_of_killing(
     assert leftovers(proc.pid) == []
 
 
-# `autoscaler run` as the console entry runs it, with a SIGHUP sent to itself while it
-# still imports: the moment main() first imports a module of its own (autoscaler.logs,
-# for its logging), long before the event loop has its handlers.
-_SIGHUP_WHILE_IMPORTING = """
-import os, signal, sys
-
-class SighupOnImport:
-    def find_spec(self, name, path=None, target=None):
-        if name == "autoscaler.logs":
-            sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGHUP)
-        return None
-
-sys.meta_path.insert(0, SighupOnImport())
-from autoscaler.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_sighup_while_the_command_still_imports_reloads_once_it_is_up(
     tmp_path: Path,
 ) -> None:
@@ -535,12 +516,41 @@ def test_a_sighup_while_the_command_still_imports_reloads_once_it_is_up(
     ended the process (SIGHUP was held back only once `run` had been parsed and the
     logging set up). main() holds it back first thing: one reload once it is up."""
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
-    with _run_process(file, python_args=("-c", _SIGHUP_WHILE_IMPORTING)) as (proc, _, admin):
+    script = signal_on_import("autoscaler.logs", "SIGHUP")
+    with _run_process(file, python_args=("-c", script)) as (proc, _, admin):
         _wait_ready(f"http://127.0.0.1:{admin}/readyz", proc)
         _await_reload(f"http://127.0.0.1:{admin}", proc, "success")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+    assert leftovers(proc.pid) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "sig"),
+    [
+        ("autoscaler.logs", signal.SIGTERM),
+        ("uvloop", signal.SIGTERM),
+        ("uvloop", signal.SIGINT),
+    ],
+    ids=["sigterm-while-importing", "sigterm-after-config-loaded", "sigint-after-config-loaded"],
+)
+def test_a_stop_signal_before_the_signal_handlers_exist_stops_cleanly(
+    tmp_path: Path, module: str, sig: signal.Signals
+) -> None:
+    """SIGTERM's default action ends a process: one sent while `autoscaler run` still
+    imports, or right after it logged `config_loaded` (a deploy that stops what it just
+    started), killed it (exit -15, no `stopped` line); Ctrl-C there raised
+    KeyboardInterrupt out of an import. It is held back until the handlers are in place,
+    and the process stops cleanly without starting anything."""
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port(), min_machines=1))
+    script = signal_on_import(module, sig.name)
+    with _run_process(file, python_args=("-c", script)) as (proc, _, _):
+        out, _ = proc.communicate(timeout=60)
+    events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped" in events, out[-4000:]
+    assert "started" not in events  # nothing was started to be stopped
     assert leftovers(proc.pid) == []
 
 

@@ -31,6 +31,29 @@ async def until(condition: Callable[[], bool], timeout_s: float = 20.0, what: st
         await asyncio.sleep(0.01)
 
 
+def signal_on_import(module: str, sig: str) -> str:
+    """A ``python -c`` program that runs the ``autoscaler`` command (its arguments after
+    ``-c PROGRAM``) as the console entry does, and sends itself ``sig`` (a name, such as
+    "SIGTERM") the moment it first imports ``module``. autoscaler.logs is main()'s first
+    import of its own (for its logging), while the command still imports, long before an
+    event loop has its handlers; uvloop is imported by service.run_event_loop, right
+    after `autoscaler run` logged `config_loaded`, before Service.run has its handlers."""
+    return f"""
+import os, signal, sys
+
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.{sig})
+        return None
+
+sys.meta_path.insert(0, SignalOnImport())
+from autoscaler.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A loopback port nobody listens on now (connections to it are refused).
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from reliability.harness import child_env, write_config
-from testkit import free_port
+from testkit import free_port, signal_on_import
 
 from autoscaler import workers
 from autoscaler.config import EmulatorApp
@@ -275,6 +275,35 @@ async def test_a_sighup_while_the_workers_start_reloads_them_instead_of_killing(
     err = "".join(lines) + (await asyncio.wait_for(output, 60)).decode()
     assert code == 0, err
     assert '"worker_exited"' not in err
+
+
+def test_a_sigterm_before_the_supervisor_has_its_handlers_stops_it_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM while `autoscaler run --workers 2` still imports ended the supervisor by
+    the signal's default action (exit -15). It is held back until the supervisor has its
+    handlers, which then stop it before it starts a worker."""
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+        },
+    )
+    script = signal_on_import("autoscaler.logs", "SIGTERM")
+    argv = [sys.executable, "-c", script, *run(file, "--workers", "2")[3:]]
+    done = subprocess.run(
+        [*argv, "--log-format", "json"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    events = [json.loads(ln).get("event") for ln in done.stdout.splitlines() if ln[:1] == "{"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "workers_stopped" in events
+    assert "worker_started" not in events
 
 
 def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
