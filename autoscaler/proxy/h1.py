@@ -65,6 +65,7 @@ from typing import Any, cast
 
 import httptools
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.logs import get_logger
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
@@ -789,9 +790,10 @@ class H1Server:
         if self._server is not None:
             self._server.close()
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            # Not `suppress(CancelledError)` around awaiting it: that also swallowed a
+            # cancellation of this stop in that turn (a second SIGTERM), which then went
+            # on to wait the whole deadline.
+            await cancel_and_wait([self._sweeper])
             self._sweeper = None
         for conn in list(self.connections):
             if conn.idle:

@@ -179,6 +179,38 @@ async def test_a_stop_cut_short_still_answers_held_requests_503(
     await in_flight
 
 
+async def test_a_stop_cut_short_in_its_first_turn_is_cut_short(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """A second SIGTERM in the turn in which the stop ends the connection sweeper (its
+    first await) was swallowed with the sweeper's own cancellation: the stop went on to
+    wait for the requests in flight, up to shutdown_timeout_s."""
+    up = Blocking()
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(up.app())]}],
+        shutdown_timeout_s=300,
+    )
+
+    async def get() -> int:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            await r.read()
+            return r.status
+
+    in_flight = asyncio.create_task(get())
+    try:
+        await until(lambda: fleet.app("a").in_flight == 1)
+        stopping = asyncio.ensure_future(proxy.stop())
+        await asyncio.sleep(0)  # its first step: no longer accepting, the sweeper ending
+        assert not proxy.accepting
+        stopping.cancel()  # the second SIGTERM
+        await until(stopping.done, what="the stop cut short")
+        assert stopping.cancelled()
+        assert fleet.app("a").in_flight == 1  # at its machine still: not waited for
+    finally:
+        up.release.set()
+    assert await in_flight == 200
+
+
 async def test_a_request_refused_by_its_machine_after_a_stop_cut_short_gets_503(
     start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
