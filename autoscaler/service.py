@@ -242,13 +242,26 @@ class Service:
         """Stop in order (see the module docstring): the proxy, the controller's loops, the
         view, the admin server, the client, the emulator. A part whose stop fails is logged
         and the rest still stop; its error is raised at the end (the last one, with any
-        earlier one as its context). Idempotent."""
+        earlier one as its context). Cancelled (a second SIGTERM), the part stopping then
+        is cut short and the others still stop, also when that comes while the reload
+        under way ends (the proxy's stop is cut short then). Idempotent."""
         self._stopping = True  # no reload from now on (request_reload)
         if self.admin is not None:
             self.admin.set_draining()
         if self._reloading is not None:
             self._reloading.cancel()
-            await asyncio.gather(self._reloading, return_exceptions=True)
+            try:
+                await asyncio.gather(self._reloading, return_exceptions=True)
+            except asyncio.CancelledError:
+                # Cut short (a second SIGTERM) while the reload ended: the parts must still
+                # stop, as when the cut comes during the proxy's drain. The cancellation
+                # goes on to the first part's stop (the proxy's: it answers held requests
+                # 503 and waits for nothing else); without it, nothing but the emulator
+                # (_force_close) was stopped.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                    task.cancel()
         try:
             await self._parts.aclose()
         finally:

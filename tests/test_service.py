@@ -253,6 +253,45 @@ async def test_a_sighup_during_the_stop_reloads_nothing(
     assert leftovers(os.getpid()) == []
 
 
+async def test_a_stop_cut_short_while_it_ends_a_reload_still_stops_every_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop cancels the reload under way and waits for its end (a loop turn or so);
+    a second SIGTERM then (it cancels the stop) cut that wait, and the stop went no
+    further: the proxy, the controller, the admin server and the client were never
+    stopped (held requests got no 503, leases were not given back), the forced close
+    ended the emulator alone. The parts still stop, as after a second SIGTERM during the
+    proxy's drain: the proxy's stop cut short, the others in turn."""
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    async with live_service(file) as svc:
+        controller, proxy = svc.controller, svc.proxy
+        assert controller is not None
+        assert proxy is not None
+        applying = asyncio.Event()
+        stopping: asyncio.Future[None] | None = None
+
+        async def update_cut_by_a_second_sigterm(settings: Settings) -> None:
+            applying.set()
+            try:
+                await asyncio.Event().wait()  # until the stop cancels the reload
+            except asyncio.CancelledError:
+                assert stopping is not None
+                stopping.cancel()  # the second SIGTERM, while the reload is cancelled
+                raise
+
+        monkeypatch.setattr(controller, "update_settings", update_cut_by_a_second_sigterm)
+        edit(file, "idle_to_zero_s: 60", "idle_to_zero_s: 90")
+        svc.request_reload()  # SIGHUP's handler
+        await applying.wait()
+        stopping = asyncio.ensure_future(svc.stop())
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        assert not proxy.accepting
+        assert (svc.admin, svc.client, svc.emulator) == (None, None, None)  # stopped
+        assert controller.apps["web"].loop is None  # its loop stopped
+    assert leftovers(os.getpid()) == []
+
+
 async def test_a_sighup_during_the_start_reloads_every_part_once_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
