@@ -1089,7 +1089,18 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
         ) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    loader = _UniqueKeyLoader(text)
+    try:
+        # A character YAML does not allow (NUL, other control characters) is refused here.
+        loader = _UniqueKeyLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise ConfigError(
+            [
+                f"{path}:{line}:{column}: YAML error: unacceptable character"
+                f" #x{exc.character:04x} (control characters are not allowed)"
+            ]
+        ) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

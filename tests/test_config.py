@@ -376,14 +376,16 @@ def test_a_token_too_short_to_be_a_secret_is_refused(tmp_path: Path, where: str,
      ("null\n", "the file holds no settings"),
      ("1: 2\n", ":1:1: YAML error: found a key that is not a name: 1"),
      ("apps:\n  - name: a\n    true: 3\n", ":3:5: YAML error: found a key that is not a name"),
-     (b"apps: [\xff\xfe]\n", "cannot read: not UTF-8 text (byte 8 is not UTF-8)")],
+     (b"apps: [\xff\xfe]\n", "cannot read: not UTF-8 text (byte 8 is not UTF-8)"),
+     (b"apps:\n  - name: a\x00b\n", ":2:12: YAML error: unacceptable character #x0000"),
+     (b"\x1b[31mapps: []\n", ":1:1: YAML error: unacceptable character #x001b")],
 )  # fmt: skip
 def test_files_a_new_user_may_write_get_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | bytes, expected: str
 ) -> None:
     # An empty file was taken for every default (on a reload, a file caught half-written
     # removed every app); a key that is not a name, or a file that is not UTF-8, ended in
-    # a traceback.
+    # a traceback; so did a character YAML does not allow (a NUL, an escape).
     path = tmp_path / "c.yaml"
     if isinstance(text, bytes):
         path.write_bytes(text)
