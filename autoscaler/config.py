@@ -135,14 +135,30 @@ def authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A host name: dot-separated labels of letters, digits, "-" (not at either end) and "_".
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def _is_host(host: str) -> bool:
+    """An IP address or a host name: not a URL ("http://10.0.0.1"), nor text with spaces,
+    which would be accepted here and fail only when a socket is bound or connected."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return _HOST_NAME_RE.fullmatch(host) is not None
+    return True
+
+
 def parse_host_port(value: str) -> HostPort:
     """Parse "127.0.0.1:8080", "[::1]:8080" or "localhost:80"."""
     text = value.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
+        sep = sep if ":" in host else ""  # brackets hold an IPv6 address
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not _is_host(host) or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {value!r}')
     return HostPort(host, int(port))
 

@@ -50,6 +50,27 @@ def test_host_port_forms() -> None:
     for bad in ["8080", "host:", "host:99999", ":80"]:
         with pytest.raises(ValueError, match="host:port"):
             parse_host_port(bad)
+    good = ["localhost:80", "fly-local-6pn:8080", "my_host.internal.:1", "[::]:9", "::1:9"]
+    assert [str(parse_host_port(g)) for g in good] == [
+        "localhost:80", "fly-local-6pn:8080", "my_host.internal.:1", "[::]:9", "[::1]:9",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "listen", ["http://127.0.0.1:8080", "127.0.0.1 :8080", "web app:80", "-web:80", "[x]:80"]
+)
+def test_a_host_that_is_no_host_is_refused_naming_its_key(tmp_path: Path, listen: str) -> None:
+    # A URL or a host with a space passed, and `run` failed after starting the emulator and
+    # the admin server with "[Errno -2] Name or service not known", naming no key; a
+    # backend failed every request routed to it.
+    with pytest.raises(ValueError, match="host:port"):
+        parse_host_port(listen)
+    path = write(
+        tmp_path, f"proxy: {{listen: '{listen}'}}\napps: [{{name: a, backends: ['{listen}']}}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert [p.split(": ")[1] for p in info.value.problems] == ["proxy.listen", "apps[0].backends"]
 
 
 def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

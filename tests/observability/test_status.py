@@ -270,8 +270,10 @@ def test_config_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize(
-    "given", ["http://[::1", "http://a b:9091", "nonsense", "http://127.0.0.1:99999", "http://h:x"]
-)
+    "given",
+    ["http://[::1", "http://a b:9091", "nonsense", "http://127.0.0.1:99999", "http://h:x",
+     "ftp://127.0.0.1:9091", "127.0.0.1 :9091"],
+)  # fmt: skip
 def test_a_bad_admin_address_is_a_usage_error_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
 ) -> None:
