@@ -199,8 +199,28 @@ LoopbackListen = Annotated[
 ]
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type holds a number (an int or a float, maybe None or a range)."""
+    if annotation in (int, float):
+        return True
+    return any(_numeric(arg) for arg in typing.get_args(annotation))
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, data: object) -> object:
+        """YAML reads yes, no, on and off as true and false, which pydantic takes for 1
+        and 0 (``stop_suspended_after_s: off`` stopped every machine as it went to sleep):
+        a number given as true or false is refused, as the string YAML read it as."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and _numeric(field.annotation):
+                    data = {**data, name: str(value).lower()}
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -551,3 +551,27 @@ def test_an_empty_section_with_required_keys_names_them(tmp_path: Path) -> None:
         f"{path}:2: apps[0]: empty, but it needs name (key: value)",
         f"{path}:6: emulator.apps[0]: empty, but it needs name (key: value)",
     ]
+
+
+def test_yes_no_on_off_are_no_numbers(tmp_path: Path) -> None:
+    # YAML reads them as true and false, which were taken for 1 and 0:
+    # `stop_suspended_after_s: off` stopped each machine as soon as it was suspended.
+    path = write(
+        tmp_path,
+        "control: {tick_s: yes}\n"
+        "emulator: {faults: {error_rate: on}, apps: [{name: a, machines: yes}]}\n"
+        "apps:\n"
+        "  - {name: web, stop_suspended_after_s: off, max_machines: yes, restart_failed: no}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert sorted(p.split(": ")[1] for p in info.value.problems) == [
+        "apps[0].max_machines",
+        "apps[0].stop_suspended_after_s",
+        "control.tick_s",
+        "emulator.apps[0].machines",
+        "emulator.faults.error_rate",
+    ]
+    line = f"{path}:4: apps[0].stop_suspended_after_s: expected seconds or a duration like"
+    assert any(p.startswith(line) for p in info.value.problems)
+    assert all(p.endswith(("got 'true'", "got 'false'")) for p in info.value.problems)
