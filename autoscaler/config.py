@@ -1178,6 +1178,28 @@ def _env_typos(names: Iterable[str]) -> list[str]:
     return problems
 
 
+def _env_list_items(names: Iterable[str]) -> list[str]:
+    """Variables that name an item of a list (``AUTOSCALER_APPS__0__NAME``): the list
+    became a mapping, and its error named the file's line of the list instead."""
+    problems = []
+    for name in names:
+        parts = name.upper().removeprefix("AUTOSCALER_").lower().split("__")
+        model: Any = Settings
+        for depth, part in enumerate(parts[:-1]):
+            field = getattr(model, "model_fields", {}).get(part)
+            if field is None:
+                break
+            model = field.annotation
+            if typing.get_origin(model) is list:
+                key = "AUTOSCALER_" + "__".join(parts[: depth + 1]).upper()
+                problems.append(
+                    f"environment: {name}: {'.'.join(parts[: depth + 1])} is a list, set"
+                    f" whole as JSON by {key} (an item cannot be set alone)"
+                )
+                break
+    return problems
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -1207,7 +1229,7 @@ def load_settings(
     base = _deep_merge(data, token_layer)
     env_vars = {k: v for k, v in environ.items() if k.upper().startswith("AUTOSCALER_")}
     env_vars.pop(CONFIG_ENV, None)
-    typos = _env_typos(env_vars)
+    typos = _env_typos(env_vars) + _env_list_items(env_vars)
     if typos:
         raise ConfigError(typos)
 

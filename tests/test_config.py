@@ -575,3 +575,20 @@ def test_yes_no_on_off_are_no_numbers(tmp_path: Path) -> None:
     line = f"{path}:4: apps[0].stop_suspended_after_s: expected seconds or a duration like"
     assert any(p.startswith(line) for p in info.value.problems)
     assert all(p.endswith(("got 'true'", "got 'false'")) for p in info.value.problems)
+
+
+def test_an_item_of_a_list_set_by_a_variable_is_refused_naming_the_variable(
+    tmp_path: Path,
+) -> None:
+    # AUTOSCALER_APPS__0__NAME made `apps` a mapping, and the error named the file's line
+    # of `apps` ("c.yaml:1: apps: input should be a valid list, got a mapping").
+    path = write(tmp_path, "apps:\n  - {name: web}\n")
+    env = {"AUTOSCALER_APPS__0__NAME": "api", "AUTOSCALER_PROXY__TRUSTED_PROXIES__0": "10.0.0.1"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env)
+    assert sorted(info.value.problems) == [
+        "environment: AUTOSCALER_APPS__0__NAME: apps is a list, set whole as JSON by"
+        " AUTOSCALER_APPS (an item cannot be set alone)",
+        "environment: AUTOSCALER_PROXY__TRUSTED_PROXIES__0: proxy.trusted_proxies is a list,"
+        " set whole as JSON by AUTOSCALER_PROXY__TRUSTED_PROXIES (an item cannot be set alone)",
+    ]
