@@ -38,6 +38,7 @@ from autoscaler import logs
 from autoscaler.config import ConfigError, Settings, is_loopback, load_settings, parse_host_port
 from autoscaler.control.view import AppView
 from autoscaler.demo_view import DemoView
+from autoscaler.emulator import StateFileError
 from autoscaler.logs import LogFormat
 from autoscaler.scaling.fleet import STARTED, STOPPED, SUSPENDED
 from autoscaler.service import Service, run_event_loop
@@ -527,6 +528,9 @@ def main(
                 log_file=str(path) if path else None,
             )
             summary = run_event_loop(demo)
+    except StateFileError as exc:  # emulator.state_file
+        print(exc, file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"autoscaler demo: cannot start: {exc}", file=sys.stderr)
         return 1

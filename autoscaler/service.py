@@ -40,7 +40,7 @@ from autoscaler.config import EMBEDDED, ConfigError, Settings, load_settings, pa
 from autoscaler.control.controller import Controller, freeze_heap
 from autoscaler.control.schedule import stalled_after_s
 from autoscaler.control.view import Clock, FleetView
-from autoscaler.emulator import Emulator
+from autoscaler.emulator import Emulator, StateFileError
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.models import Machine
@@ -481,6 +481,9 @@ def run(
     _log.info("config_loaded", path=str(path))
     try:
         run_event_loop(service.run())
+    except StateFileError as exc:  # emulator.state_file
+        _log.error("config_invalid", problem=str(exc))
+        return 2
     except OSError as exc:
         _log.error("start_failed", error=str(exc))
         return 1

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from testkit import free_port
 
 from autoscaler.cli import _COMMANDS, build_parser, main
 
@@ -87,6 +88,26 @@ def test_run_without_a_machines_api_exits_2_and_says_why(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "fly.api_url is not set" in result.stdout
     assert "--emulator" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_a_damaged_emulator_state_file_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    """emulator.state_file that is no state file: run --emulator and demo ended in a
+    StateFileError traceback (exit 1)."""
+    state = tmp_path / "state.json"
+    state.write_text("{not json")
+    config = tmp_path / "c.yaml"
+    ports = [free_port() for _ in range(3)]
+    config.write_text(
+        f"proxy: {{listen: '127.0.0.1:{ports[0]}'}}\nadmin: {{listen: '127.0.0.1:{ports[1]}'}}\n"
+        f"emulator: {{listen: '127.0.0.1:{ports[2]}', state_file: '{state}',"
+        " apps: [{name: demo, machines: 1}]}\napps: [{name: demo}]\n"
+    )
+    args = ["run", "--emulator"] if command == "run" else ["demo", "--duration", "1"]
+    result = run(*args, "--config", str(config), "--log-format", "json")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"{state}: cannot read the emulator state" in result.stdout + result.stderr
 
 
 def test_new_flags_reach_their_commands(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ listening on their own loopback address on the other. It imports nothing of the 
 the controller or the client.
 """
 
+from autoscaler.emulator.persist import StateFileError
 from autoscaler.emulator.server import Emulator
 
-__all__ = ["Emulator"]
+__all__ = ["Emulator", "StateFileError"]

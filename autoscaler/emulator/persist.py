@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from autoscaler.emulator.model import App
+from autoscaler.logs import get_logger
+
+log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 _COALESCE_S = 0.05
@@ -85,16 +88,28 @@ class Saver:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._save_soon())
 
+    def save_now(self) -> None:
+        try:
+            write_atomic(self.path, dump(self._apps))
+        except OSError as exc:
+            raise StateFileError(
+                f"{self.path}: cannot write the emulator state: {exc.strerror or exc}"
+            ) from None
+
+    def _save_or_say(self) -> None:
+        """Save; a state that cannot be written is an error line, not the emulator's end."""
+        try:
+            self.save_now()
+        except StateFileError as exc:
+            log.error("emulator_state_not_saved", error=str(exc))
+
     async def _save_soon(self) -> None:
         await asyncio.sleep(_COALESCE_S)
-        self.save_now()
-
-    def save_now(self) -> None:
-        write_atomic(self.path, dump(self._apps))
+        self._save_or_say()
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.save_now()
+        self._save_or_say()

@@ -83,7 +83,9 @@ class Emulator:
             for app in world.apps.values():
                 for m in app.machines.values():
                     world.pool.reserve(m.private_ip)
-            self._saver = Saver(state_file, world.apps)
+            saver = Saver(state_file, world.apps)
+            saver.save_now()  # a file that cannot be written is said now, not at exit
+            self._saver = saver
         for spec in self.settings.apps:
             world.seed_app(spec)
         self._ctx = Context(

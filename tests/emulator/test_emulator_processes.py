@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from emu_helpers import hit, new_machine, pid_exit, session, wait_ok
+from structlog.testing import capture_logs
 from testkit import until
 
 from autoscaler.config import ConfigError, EmulatorApp, EmulatorSettings, load_settings
@@ -201,6 +203,32 @@ async def test_damaged_state_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StateFileError, match="cannot read the emulator state"):
         async with Emulator(EmulatorSettings(state_file=state), port=0):
             pass
+
+
+async def test_a_state_file_that_cannot_be_written_is_said_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or a directory the state cannot go to) went unnoticed until the end,
+    which said "emulator: cannot listen on ..." after a "Task exception was never
+    retrieved" traceback; a write that fails later is an error line."""
+    from autoscaler.emulator import persist
+
+    real_write = persist.write_atomic
+
+    def full_disk(path: Path, data: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    settings = EmulatorSettings(state_file=tmp_path / "s.json", apps=[EmulatorApp(name="web")])
+    monkeypatch.setattr(persist, "write_atomic", full_disk)
+    with pytest.raises(StateFileError, match=r"s\.json: cannot write the emulator state: No space"):
+        async with Emulator(settings, port=0):
+            pass
+    monkeypatch.setattr(persist, "write_atomic", real_write)
+    with capture_logs() as logs:
+        async with Emulator(settings, port=0) as emu:
+            monkeypatch.setattr(persist, "write_atomic", full_disk)
+            emu.world.seed_app(EmulatorApp(name="api", machines=1))  # a change to save
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["emulator_state_not_saved"]
 
 
 async def test_startup_apps_have_stopped_machines_and_survive_with_the_state(
