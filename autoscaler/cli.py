@@ -195,7 +195,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from autoscaler.workers import supervise
 
-        return supervise(args.config, overrides, args.workers, emulator=args.emulator)
+        log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
+        return supervise(
+            args.config, overrides, args.workers, emulator=args.emulator, log_args=log_args
+        )
     return run(args.config, overrides, emulator=args.emulator)
 
 

@@ -35,7 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -81,8 +81,10 @@ def supervise(
     workers: int,
     *,
     emulator: bool = False,
+    log_args: Sequence[str] = (),
 ) -> int:
-    """Run ``workers`` worker processes until SIGTERM/SIGINT; the exit code of ``run``."""
+    """Run ``workers`` worker processes until SIGTERM/SIGINT; the exit code of ``run``.
+    Each worker is given ``log_args`` (the command's --log-level and --log-format)."""
     if emulator:
         _log.error("config_invalid", problem="--workers cannot share an embedded emulator")
         return 2
@@ -118,6 +120,7 @@ def supervise(
         argv += ["--admin-listen", authority(admin.host, admin.port + i)]
         if config is not None:
             argv += ["--config", str(config)]
+        argv += log_args
         env = {
             **os.environ,
             "AUTOSCALER_PROXY__REUSE_PORT": "true",

@@ -339,6 +339,41 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
     assert started[0].returncode == -signal.SIGTERM  # stopped and reaped here
 
 
+def test_the_workers_log_as_the_command_was_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run --workers 2 --log-level warning --log-format console`: the workers logged
+    every info line, as JSON, whatever the flags said."""
+    from autoscaler import cli
+
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+        },
+    )
+    spawned: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        if argv[1:3] != ["-m", "autoscaler"]:  # not a worker (ctypes runs ldconfig)
+            return real_popen(argv, **kw)
+        spawned.append(argv)
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # none is started
+
+    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    argv = ["run", "--config", str(file), "--workers", "2"]
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        assert cli.main([*argv, "--log-level", "warning", "--log-format", "console"]) == 1
+    finally:  # `run` holds SIGHUP and SIGUSR2 back for the supervisor's handlers
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    (worker,) = spawned
+    assert worker[-4:] == ["--log-level", "warning", "--log-format", "console"]
+
+
 async def test_the_readiness_probe_never_goes_through_a_proxy_named_by_the_environment(
     monkeypatch: pytest.MonkeyPatch, aiohttp_server: Any
 ) -> None:
