@@ -204,8 +204,8 @@ def _azure_like(
 
 def generate(shape: str, seed: int = 1, hours: float = 24.0) -> list[Row]:
     """The rows of a synthetic trace, sorted by time."""
-    if hours <= 0:
-        raise ValueError(f"hours: expected a number > 0, got {hours:g}")
+    if not (math.isfinite(hours) and hours > 0):
+        raise ValueError(f"hours: expected a finite number > 0, got {hours:g}")
     rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
     end = hours * 3600.0
     if shape == "mixed-100-apps":

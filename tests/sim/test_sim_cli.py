@@ -182,6 +182,9 @@ def test_generate_without_out_replays_the_trace(
         (["--duration-ms", "nan"], "--duration-ms: expected a number > 0"),
         (["--horizon-s", "-5"], "--horizon-s: expected a number > 0"),
         (["--horizon-s", "nan"], "--horizon-s: expected a number > 0"),
+        # inf generated requests without end; nan made none ("steady: no requests").
+        (["--generate", "steady", "--hours", "inf"], "hours: expected a finite number > 0"),
+        (["--generate", "steady", "--hours", "nan"], "hours: expected a finite number > 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
