@@ -63,7 +63,8 @@ def _status_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin",
         metavar="URL",
-        help="admin server, as http://host:port or host:port (default: admin.listen)",
+        help="admin server, as http://host:port (or its /status URL) or host:port (default: "
+        "admin.listen)",
     )
     parser.add_argument("--json", action="store_true", help="print the raw /status JSON")
     parser.add_argument(

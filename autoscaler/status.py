@@ -73,7 +73,8 @@ def admin_url(listen: str) -> str:
             or any(c.isspace() or ord(c) < 32 for c in text)
         ):
             raise ValueError(f"expected http(s)://host[:port][/path] or host:port, got {listen!r}")
-        return text
+        # The URL of /status itself (as the demo shows it) was asked for /status/status: 404.
+        return text.removesuffix("/status")
     address = parse_host_port(text)
     host = _WILDCARDS.get(address.host, address.host)
     return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"

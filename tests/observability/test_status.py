@@ -35,6 +35,9 @@ TOKEN = "status-admin-token-987"
         ("[::]:9091", "http://[::1]:9091"),
         ("[::1]:9000", "http://[::1]:9000"),
         ("http://localhost:9091/", "http://localhost:9091"),
+        # /status itself, as the demo shows it, was asked for /status/status (404).
+        ("http://127.0.0.1:9091/status", "http://127.0.0.1:9091"),
+        ("https://ops.example/admin/status/", "https://ops.example/admin"),
     ],
 )
 def test_admin_url(listen: str, url: str) -> None:
