@@ -100,7 +100,20 @@ def test_ctrl_c_stops_everything_and_leaves_no_process(tmp_path: Path) -> None:
                 break
         assert any("curl -H 'Host: demo'" in line for line in seen), "".join(seen)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            # Read on to the end: a demo blocked on a full pipe would never exit.
+            rest, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+            log = (tmp_path / "demo.log").read_text(errors="replace").splitlines()[-40:]
+            pytest.fail(
+                "the demo did not stop within 30 s of Ctrl-C; its output after 'try:':\n"
+                + rest[-4000:]
+                + "\nthe end of its log:\n"
+                + "\n".join(log)
+            )
+        assert proc.returncode == 0, rest[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
