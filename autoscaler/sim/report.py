@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from autoscaler.sim.model import Stats
@@ -71,9 +72,14 @@ def as_table(report: Report, per_app: bool = True) -> str:
         out.append(line(cells))
     hours = report.horizon / 3600
     t = report.timings
+    since = ""
+    if report.origin:
+        at = datetime.fromtimestamp(report.origin, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        unix = f"{report.origin:.6f}".rstrip("0").rstrip(".")
+        since = f" from the first request (Unix time {unix}, {at})"
     out.append("")
     out.append(
-        f"replayed {hours:.2f} h; tick {t.tick_s:g}s, API latency {t.api_latency_s:g}s, "
+        f"replayed {hours:.2f} h{since}; tick {t.tick_s:g}s, API latency {t.api_latency_s:g}s, "
         f"resume {t.resume_s:g}s, cold start {t.start_s:g}s, suspend {t.suspend_s:g}s, "
         f"stop {t.stop_s:g}s"
     )
@@ -87,6 +93,7 @@ def as_table(report: Report, per_app: bool = True) -> str:
 def as_json(report: Report, per_app: bool = True) -> str:
     doc: dict[str, Any] = {
         "horizon_s": report.horizon,
+        "origin_unix_s": report.origin or None,
         "timings": {k: getattr(report.timings, k) for k in report.timings.__dataclass_fields__},
         "strategies": report.strategies,
         "total": {name: summary(report.total(name)) for name in report.strategies},

@@ -127,6 +127,9 @@ class Report:
     apps: list[str] = field(default_factory=list)
     stats: dict[str, dict[str, Stats]] = field(default_factory=dict)
     """strategy -> app -> Stats."""
+    origin: float = 0.0
+    """The trace's :attr:`~autoscaler.sim.trace.Trace.origin`: the Unix time replayed
+    from, or 0 when the trace's times were seconds from its start."""
 
     def total(self, strategy: str) -> Stats:
         per_app = list(self.stats[strategy].values())
@@ -173,7 +176,7 @@ def simulate(
     ``jobs`` > 1: that many worker processes replay the apps, the busiest first (then
     ``progress``, told of each app as its replay begins, is not called)."""
     end = trace.end if horizon is None else horizon
-    report = Report(end, timings, apps=list(trace.apps))
+    report = Report(end, timings, apps=list(trace.apps), origin=trace.origin)
     job: _Job = (trace, config_for, timings, end, skip_idle, overrides)
     for name in strategies:
         label = make_strategy(name, timings, overrides=overrides).name

@@ -8,7 +8,14 @@ Two formats are read:
 
 - CSV with a header naming ``t``, ``app`` and ``duration`` (any order, more columns
   ignored); a file whose first row is numeric is read as ``t,app,duration`` without a
-  header. ``.gz`` files are read through gzip.
+  header. ``.gz`` files are read through gzip. ``t`` is in seconds: from the start of the
+  trace (as ``generate`` writes it), or since the Unix epoch (as request logs have it),
+  told apart by the earliest ``t``: one of ``MAX_SPAN_S`` or more can only be a Unix time
+  (a trace may span no longer), and then the replay starts at the earliest request (every
+  time less it: :attr:`Trace.origin`). A ``t`` past ``MAX_UNIX_S`` is refused with a hint
+  when it reads as milliseconds (or micro-, nanoseconds) since the epoch, and so is a
+  trace whose last request ends more than ``MAX_SPAN_S`` after its start: either would
+  have the replay run for days of machine time, or without end.
 - The per-minute invocation counts of the public Azure Functions 2019 trace
   (``invocations_per_function_md.anon.dNN.csv``: ``HashOwner, HashApp, HashFunction,
   Trigger, 1 .. 1440``). The functions of one app are summed; each minute's count is
@@ -29,8 +36,14 @@ from typing import IO, TextIO
 Request = tuple[float, float]
 """``(t, duration)``: arrival in seconds from the start of the trace, and length."""
 
+MAX_SPAN_S = 366 * 86400.0
+"""The longest a CSV trace may span, from its start to when its last request ends."""
+MAX_UNIX_S = 1e11
+"""Past this (the year 5138), a time is no Unix time in seconds."""
+
 AZURE_KEY_COLUMNS = ("HashOwner", "HashApp", "HashFunction", "Trigger")
 AZURE_APP_NAME_LEN = 12  # a prefix of the 64-hex-digit hash is unique enough to read
+_INF = float("inf")
 
 
 class TraceError(ValueError):
@@ -42,6 +55,9 @@ class Trace:
     """Requests per app, each list sorted by arrival time."""
 
     apps: dict[str, list[Request]] = field(default_factory=dict)
+    origin: float = 0.0
+    """The Unix time of the trace's start, taken off every time (0: the file's times are
+    seconds from its start)."""
 
     @property
     def requests(self) -> int:
@@ -54,7 +70,7 @@ class Trace:
 
     def only(self, names: Iterable[str]) -> Trace:
         """The apps named (an app matches its full name or a unique prefix of it)."""
-        return Trace({a: self.apps[a] for a in select(self.apps, names)})
+        return Trace({a: self.apps[a] for a in select(self.apps, names)}, self.origin)
 
     def pick(self, only: Iterable[str] | None, busiest: int | None) -> Trace:
         """The apps named in ``only`` (if given), then the ``busiest`` of them (if given)."""
@@ -64,7 +80,7 @@ class Trace:
     def busiest(self, count: int) -> Trace:
         """The ``count`` apps with the most requests (ties by name, for reproducibility)."""
         sizes = {a: len(r) for a, r in self.apps.items()}
-        return Trace({a: self.apps[a] for a in select(sizes, busiest=count)})
+        return Trace({a: self.apps[a] for a in select(sizes, busiest=count)}, self.origin)
 
 
 def select(
@@ -111,12 +127,42 @@ def _number(text: str, path: Path, line: int, column: str) -> float:
     return value
 
 
-def _finish(apps: dict[str, list[Request]]) -> Trace:
+def _finish(apps: dict[str, list[Request]], origin: float = 0.0) -> Trace:
     for reqs in apps.values():
         # Most files are written in order; sort only when one is not (sort is stable).
         if any(reqs[i][0] > reqs[i + 1][0] for i in range(len(reqs) - 1)):
             reqs.sort(key=lambda r: r[0])
-    return Trace(dict(sorted(apps.items())))
+    return Trace(dict(sorted(apps.items())), origin)
+
+
+def _unit_hint(t: float) -> str:
+    """What a time too large for Unix seconds may be, as a hint after the error."""
+    for scale, unit in ((1000, "milliseconds"), (10**6, "microseconds"), (10**9, "nanoseconds")):
+        if MAX_SPAN_S <= t / scale < MAX_UNIX_S:
+            return f" ({unit} since the epoch? t is in seconds: divide by {scale})"
+    return ""
+
+
+def _origin(path: Path, first: tuple[float, int, str], last: tuple[float, int, float]) -> float:
+    """The time the replay starts at, from the earliest arrival ``first`` (its time, line
+    and text) and the latest end ``last`` (its time, line and the request's arrival);
+    TraceError if the trace would span more than ``MAX_SPAN_S``."""
+    t0, line0, text0 = first
+    if t0 >= MAX_UNIX_S:
+        raise TraceError(
+            f"{path}:{line0}: t: expected seconds from the trace's start or a Unix time in "
+            f"seconds, got {text0!r}{_unit_hint(t0)}"
+        )
+    origin = t0 if t0 >= MAX_SPAN_S else 0.0  # no trace spans that long: a Unix time
+    end, line, t = last
+    if end - origin > MAX_SPAN_S:
+        since = f"the first one (line {line0})" if origin else "the trace's start (t 0)"
+        hint = _unit_hint(t) if t >= MAX_UNIX_S else ""
+        raise TraceError(
+            f"{path}:{line}: this request ends {(end - origin) / 86400:.6g} days after "
+            f"{since}; expected a trace of at most {MAX_SPAN_S / 86400:g} days{hint}"
+        )
+    return origin
 
 
 def from_rows(rows: Iterable[tuple[float, str, float]]) -> Trace:
@@ -130,6 +176,10 @@ def from_rows(rows: Iterable[tuple[float, str, float]]) -> Trace:
 def read_csv(path: Path) -> Trace:
     """A CSV trace: one request per row (``t``, ``app``, ``duration``)."""
     apps: dict[str, list[Request]] = {}
+    # The first request (arrival, line, t's text) and the one that ends last (end, line,
+    # arrival): the trace's span, and the lines to name when it is absurd.
+    first_t, first_line, first_text = _INF, 0, ""
+    last_end, last_line, last_t = -_INF, 0, 0.0
     with _open_text(path) as fh:
         rows = csv.reader(fh)
         first = next(rows, None)
@@ -166,7 +216,17 @@ def read_csv(path: Path) -> Trace:
             if reqs is None:
                 reqs = apps[app] = []
             reqs.append((t, duration))
-    return _finish(apps)
+            if t < first_t:
+                first_t, first_line, first_text = t, line, row[it].strip()
+            if t + duration > last_end:
+                last_end, last_line, last_t = t + duration, line, t
+    if not apps:
+        return Trace()
+    origin = _origin(path, (first_t, first_line, first_text), (last_end, last_line, last_t))
+    if origin:
+        for reqs in apps.values():
+            reqs[:] = [(t - origin, d) for t, d in reqs]
+    return _finish(apps, origin)
 
 
 def read_azure(

@@ -297,3 +297,52 @@ def test_azure_trace_from_the_command_line(
     doc = json.loads(capsys.readouterr().out)
     assert doc["total"]["always-on"]["requests"] == 48
     assert doc["horizon_s"] == pytest.approx(23 * 3600 + 45 + 0.25)  # last: 23:00:45
+
+
+def test_a_trace_of_unix_times_replays_from_its_first_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Times as a request log has them: the figures of the same requests written as seconds
+    # from the first, and the report says where the replay started. It replayed 481527 h
+    # from 1970 (always-on's machine-seconds all of them, fly-autostop's checks 5.8 million).
+    unix, rel = tmp_path / "unix.csv", tmp_path / "rel.csv"
+    unix.write_text("1733500000,a,0.1\n1733500005,a,0.1\n1733503600,a,0.2\n")
+    rel.write_text("0,a,0.1\n5,a,0.1\n3600,a,0.2\n")
+    argv = ["simulate", "--totals-only", "--format", "json"]
+    assert main([*argv, "--trace", str(unix)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--trace", str(rel)]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert got["origin_unix_s"] == 1733500000
+    assert want["origin_unix_s"] is None
+    assert got["horizon_s"] == want["horizon_s"] == pytest.approx(3600.2)
+    assert got["total"] == want["total"]
+    assert got["total"]["always-on"]["machine_s_started"] == pytest.approx(3600.2, abs=0.1)
+    assert main(["simulate", "--totals-only", "--trace", str(unix)]) == 0
+    assert (
+        "replayed 1.00 h from the first request (Unix time 1733500000, 2024-12-06 15:46:40 UTC);"
+        in capsys.readouterr().out
+    )
+
+
+@pytest.mark.timeout(60)  # before the check, a replay of hours, or without end
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        ("1733500000000,a,0.1\n", 1, "(milliseconds since the epoch? t is in seconds: divide by"),
+        ("t,app,duration\n1e300,a,0.1\n", 2, "t: expected seconds from the trace's start or a"),
+        ("0,a,0.1\n5,a,1e300\n", 2, "expected a trace of at most 366 days"),
+    ],
+    ids=["milliseconds", "1e300", "duration"],
+)
+def test_a_trace_of_absurd_span_exits_2_with_one_line(
+    tmp_path: Path, text: str, where: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    # always-on: before the check these ended at once, with exit 0 (fly-autostop never).
+    assert main(["simulate", "--trace", str(path), "--strategies", "always-on"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"simulate: {path}:{where}: ")
+    assert message in line
+

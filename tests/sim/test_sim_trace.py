@@ -208,3 +208,90 @@ def test_csv_apps_are_picked_the_same_way(tmp_path: Path) -> None:
     path.write_text("t,app,duration\n0,web,1\n1,web,1\n2,api,1\n")
     assert list(read_trace(path, busiest=1).apps) == ["web"]
     assert list(read_trace(path, only=["a"]).apps) == ["api"]
+
+
+def test_unix_times_are_replayed_from_the_first_request(tmp_path: Path) -> None:
+    # Request logs carry Unix times: the replay starts at the earliest request (it started
+    # at 0, 1970, and replayed 481527 h of nothing before it).
+    path = tmp_path / "t.csv"
+    path.write_text("1733500010,a,0.1\n1733500000.25,b,0.5\n1733503600,a,0.2\n")
+    trace = read_trace(path)
+    assert trace.origin == 1733500000.25
+    assert trace.apps == {"a": [(9.75, 0.1), (3599.75, 0.2)], "b": [(0.0, 0.5)]}
+    assert trace.end == pytest.approx(3599.95)
+    # Picking apps keeps the whole file's start: the apps stay where they were in it.
+    assert read_trace(path, only=["a"]).apps == {"a": [(9.75, 0.1), (3599.75, 0.2)]}
+    assert read_trace(path, busiest=1).origin == 1733500000.25
+
+
+def test_times_from_the_trace_start_are_kept_as_written(tmp_path: Path) -> None:
+    # Below 366 days (the longest trace), a time is seconds from the start: a quiet first
+    # hour stays one, and generated traces replay as before.
+    path = tmp_path / "t.csv"
+    path.write_text("t,app,duration\n3600,a,0.1\n31622399,a,0.1\n")
+    trace = read_trace(path)
+    assert trace.origin == 0.0
+    assert trace.apps == {"a": [(3600.0, 0.1), (31622399.0, 0.1)]}
+    rows = generate("sparse", seed=3, hours=2)
+    write_csv(tmp_path / "g.csv", rows)
+    replayed = read_trace(tmp_path / "g.csv")
+    assert replayed.origin == 0.0
+    assert replayed.apps["sparse"][0][0] == pytest.approx(rows[0][0], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "t,app,duration\n1733500000000,a,0.1\n1733500001000,a,0.1\n",
+            "t.csv:2: t: expected seconds from the trace's start or a Unix time in seconds, "
+            "got '1733500000000' (milliseconds since the epoch? t is in seconds: divide by 1000)",
+        ),
+        (
+            "1733500000000000,a,0.1\n",
+            "t.csv:1: t: expected seconds from the trace's start or a Unix time in seconds, "
+            "got '1733500000000000' (microseconds since the epoch? t is in seconds: divide by "
+            "1000000)",
+        ),
+        (
+            "5,a,0.1\n1733500000000000000,a,0.1\n",
+            "t.csv:2: this request ends 2.00637e+13 days after the trace's start (t 0); "
+            "expected a trace of at most 366 days (nanoseconds since the epoch? t is in "
+            "seconds: divide by 1000000000)",
+        ),
+        (
+            "1e300,a,0.1\n",
+            "t.csv:1: t: expected seconds from the trace's start or a Unix time in seconds, "
+            "got '1e300'",
+        ),
+        (
+            "t,app,duration\n0,a,0.1\n1e300,a,0.1\n1,a,0.1\n",
+            "t.csv:3: this request ends 1.15741e+295 days after the trace's start (t 0); "
+            "expected a trace of at most 366 days",
+        ),
+        (
+            "t,app,duration\n1,a,0.1\n2,a,1e300\n",
+            "t.csv:3: this request ends 1.15741e+295 days after the trace's start (t 0); "
+            "expected a trace of at most 366 days",
+        ),
+        (
+            "1733500000,a,0.1\n1733500000000,b,0.1\n",
+            "t.csv:2: this request ends 2.00436e+07 days after the first one (line 1); "
+            "expected a trace of at most 366 days (milliseconds since the epoch? t is in "
+            "seconds: divide by 1000)",
+        ),
+        (
+            "1700000000,a,0.1\n1733500000,a,0.1\n",
+            "t.csv:2: this request ends 387.731 days after the first one (line 1); "
+            "expected a trace of at most 366 days",
+        ),
+    ],
+)
+def test_a_trace_of_absurd_span_is_refused_naming_the_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError) as caught:
+        read_trace(path)
+    assert str(caught.value) == f"{path.parent}/{expected}"
