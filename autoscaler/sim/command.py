@@ -37,7 +37,7 @@ from autoscaler.sim.run import (
     make_strategy,
     simulate,
 )
-from autoscaler.sim.trace import TraceError, from_rows, read_trace, write_csv
+from autoscaler.sim.trace import MAX_SPAN_S, TraceError, from_rows, read_trace, write_csv
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -175,8 +175,12 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")
     if not (math.isfinite(args.duration_ms) and args.duration_ms > 0):
         raise ValueError(f"--duration-ms: expected a number > 0, got {args.duration_ms:g}")
-    if args.horizon_s is not None and not (math.isfinite(args.horizon_s) and args.horizon_s > 0):
-        raise ValueError(f"--horizon-s: expected a number > 0, got {args.horizon_s:g}")
+    if args.horizon_s is not None and not 0 < args.horizon_s <= MAX_SPAN_S:  # (nan too)
+        # A longer replay is days of the fly-autostop baseline's checks, or never ends.
+        raise ValueError(
+            f"--horizon-s: expected a number > 0 and at most {MAX_SPAN_S:.0f} "
+            f"({MAX_SPAN_S / 86400:g} days), got {args.horizon_s:g}"
+        )
     if args.generate:
         trace = from_rows(_generated(args)).pick(args.app, args.max_apps)
     else:

@@ -45,6 +45,9 @@ SHAPES = (
     "memoryless",
 )
 DAY_S = 86400.0
+MAX_HOURS = 365 * 24.0
+"""The longest trace made: its requests (60 s at most) end within the 366 days
+(``autoscaler.sim.trace.MAX_SPAN_S``) that a trace read may span."""
 
 
 def _poisson(rng: random.Random, rate: float, start: float, end: float) -> list[float]:
@@ -204,8 +207,10 @@ def _azure_like(
 
 def generate(shape: str, seed: int = 1, hours: float = 24.0) -> list[Row]:
     """The rows of a synthetic trace, sorted by time."""
-    if not (math.isfinite(hours) and hours > 0):
-        raise ValueError(f"hours: expected a finite number > 0, got {hours:g}")
+    if not 0 < hours <= MAX_HOURS:  # (nan too)
+        raise ValueError(
+            f"hours: expected a finite number > 0 and at most {MAX_HOURS:g} (a year), got {hours:g}"
+        )
     rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
     end = hours * 3600.0
     if shape == "mixed-100-apps":

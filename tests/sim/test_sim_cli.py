@@ -346,3 +346,27 @@ def test_a_trace_of_absurd_span_exits_2_with_one_line(
     assert line.startswith(f"simulate: {path}:{where}: ")
     assert message in line
 
+
+@pytest.mark.timeout(60)
+def test_a_replay_or_a_generated_trace_longer_than_the_longest_trace_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --horizon-s 1e12 replayed fly-autostop's checks for hours; --hours 1e6 of steady
+    # would generate 1.8e10 requests in memory before writing or replaying any.
+    trace = ["simulate", "--trace", str(bundled("sparse-24h")), "--strategies", "always-on"]
+    assert main([*trace, "--horizon-s", "1e12"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        "simulate: --horizon-s: expected a number > 0 and at most 31622400 (366 days), got 1e+12"
+    )
+    out = tmp_path / "long.csv"
+    argv = ["simulate", "--generate", "sparse", "--out", str(out), "--hours"]
+    assert main([*argv, "8761"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line == "simulate: hours: expected a finite number > 0 and at most 8760 (a year), got 8761"
+    )
+    assert not out.exists()
+    # A year is made, and read back: its last request ends within the 366 days.
+    assert main([*argv, "8760", "--seed", "2"]) == 0
+    assert main(["simulate", "--trace", str(out), "--strategies", "always-on"]) == 0
