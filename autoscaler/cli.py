@@ -267,7 +267,8 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
         "--trace-format",
         choices=["auto", "csv", "azure"],
         default="auto",
-        help="csv: t,app,duration per request; azure: Azure Functions 2019 per-minute "
+        help="csv: t,app,duration per request (t: seconds from the trace's start, or Unix "
+        "seconds, replayed from the first request); azure: Azure Functions 2019 per-minute "
         "invocation counts (default: auto, from the header)",
     )
     src.add_argument(
@@ -282,7 +283,10 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
     )
     src.add_argument("--max-apps", type=int, metavar="N", help="only the N busiest apps")
     src.add_argument(
-        "--horizon-s", type=float, metavar="S", help="replay this long (default: the trace's end)"
+        "--horizon-s",
+        type=float,
+        metavar="S",
+        help="replay this long, at most 366 days (default: the trace's end)",
     )
     pol = parser.add_argument_group("policy")
     pol.add_argument("--config", metavar="PATH", help="YAML config: apps[] by name, control.tick_s")
@@ -377,7 +381,9 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
         "--out", metavar="FILE", help="write the --generate trace here and exit (.gz compresses)"
     )
     gen.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    gen.add_argument("--hours", type=float, default=24.0, help="trace length (default: 24)")
+    gen.add_argument(
+        "--hours", type=float, default=24.0, help="trace length, at most 8760 (default: 24)"
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:
