@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 
 from autoscaler.config import AppConfig
 from autoscaler.sim.model import Stats, Timings
+from autoscaler.sim.report import since
 from autoscaler.sim.run import fork_map, simulate
 from autoscaler.sim.trace import Trace
 
@@ -101,6 +102,8 @@ class Frontier:
     per_app: dict[tuple[str, float], dict[str, Stats]]
     """(strategy, value) -> app -> Stats, for the plot of one app."""
     horizon: float
+    origin: float = 0.0
+    """The trace's :attr:`~autoscaler.sim.trace.Trace.origin` (a trace of Unix times)."""
 
     def curve(self, strategy: str) -> list[Point]:
         return sorted((p for p in self.points if p.strategy == strategy), key=lambda p: p.woken)
@@ -163,7 +166,7 @@ def sweep(
             if progress is not None:
                 progress(f"{task[0]} {SWEEPS[task[0]][0]}={task[1]:g}")
             results.append(_run(job, task))
-    frontier = Frontier([], {}, trace.end if horizon is None else horizon)
+    frontier = Frontier([], {}, trace.end if horizon is None else horizon, trace.origin)
     for point, stats in results:
         frontier.points.append(point)
         frontier.per_app[(point.strategy, point.value)] = stats
@@ -197,6 +200,7 @@ def render(frontier: Frontier, fmt: str) -> str:
     if fmt == "json":
         doc = {
             "horizon_s": frontier.horizon,
+            "origin_unix_s": frontier.origin or None,
             "points": [
                 {
                     "strategy": p.strategy,
@@ -229,7 +233,8 @@ def render(frontier: Frontier, fmt: str) -> str:
     hours = frontier.horizon / 3600
     lines.append("")
     lines.append(
-        f"replayed {hours:.2f} h per point; woken: requests that waited for a wake; "
+        f"replayed {hours:.2f} h{since(frontier.origin)} per point; "
+        "woken: requests that waited for a wake; "
         "machine-seconds interpolated along each strategy's lower envelope"
     )
     return "\n".join(lines) + "\n"

@@ -72,14 +72,10 @@ def as_table(report: Report, per_app: bool = True) -> str:
         out.append(line(cells))
     hours = report.horizon / 3600
     t = report.timings
-    since = ""
-    if report.origin:
-        at = datetime.fromtimestamp(report.origin, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        unix = f"{report.origin:.6f}".rstrip("0").rstrip(".")
-        since = f" from the first request (Unix time {unix}, {at})"
     out.append("")
     out.append(
-        f"replayed {hours:.2f} h{since}; tick {t.tick_s:g}s, API latency {t.api_latency_s:g}s, "
+        f"replayed {hours:.2f} h{since(report.origin)}; "
+        f"tick {t.tick_s:g}s, API latency {t.api_latency_s:g}s, "
         f"resume {t.resume_s:g}s, cold start {t.start_s:g}s, suspend {t.suspend_s:g}s, "
         f"stop {t.stop_s:g}s"
     )
@@ -88,6 +84,16 @@ def as_table(report: Report, per_app: bool = True) -> str:
         "requests served; m·s: machine-seconds"
     )
     return "\n".join(out) + "\n"
+
+
+def since(origin: float) -> str:
+    """Where a replay began, for its footer: nothing for a trace of seconds from its start,
+    the first request's Unix time for a trace of Unix times (``Trace.origin``)."""
+    if not origin:
+        return ""
+    at = datetime.fromtimestamp(origin, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    unix = f"{origin:.6f}".rstrip("0").rstrip(".")
+    return f" from the first request (Unix time {unix}, {at})"
 
 
 def as_json(report: Report, per_app: bool = True) -> str:

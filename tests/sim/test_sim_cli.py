@@ -323,6 +323,19 @@ def test_a_trace_of_unix_times_replays_from_its_first_request(
         "replayed 1.00 h from the first request (Unix time 1733500000, 2024-12-06 15:46:40 UTC);"
         in capsys.readouterr().out
     )
+    # The frontier too: the same points, and where the replay began.
+    frontier = ["simulate", "--frontier", "--strategies", "autoscaler", "--format", "json"]
+    assert main([*frontier, "--trace", str(unix)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main([*frontier, "--trace", str(rel)]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert (got["origin_unix_s"], want["origin_unix_s"]) == (1733500000, None)
+    assert got["points"] == want["points"]
+    assert main(["simulate", "--frontier", "--strategies", "autoscaler", "--trace", str(unix)]) == 0
+    assert (
+        "replayed 1.00 h from the first request (Unix time 1733500000, 2024-12-06 15:46:40 UTC)"
+        " per point;" in capsys.readouterr().out
+    )
 
 
 @pytest.mark.timeout(60)  # before the check, a replay of hours, or without end
