@@ -163,6 +163,19 @@ def parse_host_port(value: str) -> HostPort:
     return HostPort(host, int(port))
 
 
+FLY_APP_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+"""A Fly app name (docs/fly-api-notes.md, "App names"): lowercase letters, digits and
+dashes, as the DNS label of ``<name>.fly.dev`` is (1-63 of them, no dash at either end)."""
+FLY_APP_NAME_RULE = "1-63 lowercase letters, digits and dashes (not starting or ending with a dash)"
+
+
+def app_name_problem(name: object) -> str | None:
+    """What is wrong with a Fly app name, or None when it is one."""
+    if isinstance(name, str) and FLY_APP_NAME_RE.fullmatch(name):
+        return None
+    return f"expected a Fly app name: {FLY_APP_NAME_RULE}, got {name!r}"
+
+
 def is_loopback(host: str) -> bool:
     """Whether a listen host is reachable only from this machine (127.0.0.0/8, ::1)."""
     if host.lower() == "localhost":
@@ -521,7 +534,9 @@ def default_replica_id(env: Mapping[str, str] | None = None) -> str:
 class AppConfig(_Model):
     """One Fly app behind the proxy, and the policy that scales it."""
 
-    name: str = Field(min_length=1, description="Fly app name")
+    name: str = Field(
+        min_length=1, description="Fly app name (lowercase letters, digits and dashes)"
+    )
     hosts: list[str] = Field(
         default_factory=list, description='Host names that route here ("*.example.com" allowed)'
     )
@@ -800,7 +815,7 @@ Region = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
 
 
 class EmulatorApp(_Model):
-    name: str = Field(min_length=1, description="app created at start-up")
+    name: str = Field(description="app created at start-up (a Fly app name)")
     machines: int = Field(default=0, ge=0, description="stopped machines created with it")
     image: str = Field(default="autoscaler/demo-app", description="image of those machines")
     internal_port: int = Field(default=8080, ge=1, le=65535, description="their service port")
@@ -808,6 +823,14 @@ class EmulatorApp(_Model):
     regions: list[Region] = Field(
         default_factory=list, description="regions its machines are spread over, round-robin"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _fly_app_name(cls, value: str) -> str:
+        problem = app_name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class EmulatorSettings(_Model):
@@ -967,12 +990,17 @@ class _KeyErrors(ValueError):
 
 
 def _app_problems(apps: Iterable[tuple[int, AppConfig]]) -> list[_KeyError]:
-    """Across the apps (numbered as in the file): a name used twice, and a host and path
-    routed to two apps."""
+    """Across the apps (numbered as in the file): a name that is no Fly app name or is
+    used twice, and a host and path routed to two apps."""
     problems = []
     names: set[str] = set()
     routes: dict[tuple[str, str], str] = {}
     for i, app in apps:
+        # Checked here, not on AppConfig: the simulator gives a policy to each app of a
+        # trace, whatever the trace calls it.
+        bad_name = app_name_problem(app.name)
+        if bad_name:
+            problems.append(_KeyError(f"apps[{i}].name", bad_name))
         if app.name in names:
             problems.append(_KeyError(f"apps[{i}].name", f"duplicate app name {app.name!r}"))
         names.add(app.name)

@@ -592,3 +592,38 @@ def test_an_item_of_a_list_set_by_a_variable_is_refused_naming_the_variable(
         "environment: AUTOSCALER_PROXY__TRUSTED_PROXIES__0: proxy.trusted_proxies is a list,"
         " set whole as JSON by AUTOSCALER_PROXY__TRUSTED_PROXIES (an item cannot be set alone)",
     ]
+
+
+def test_a_name_fly_would_refuse_for_an_app_is_an_error_naming_its_key(tmp_path: Path) -> None:
+    # Fly app names are lowercase letters, digits and dashes (docs/fly-api-notes.md):
+    # "Web App!" passed check-config, and every call of the controller for it would fail.
+    longest = "a" * 63
+    path = write(
+        tmp_path,
+        f"apps:\n  - name: web\n  - name: {longest}\n  - name: 'Web App!'\n"
+        "  - {name: -api, max_machines: 0}\n  - name: my-app-2\n"
+        "emulator:\n  apps:\n    - name: web\n    - name: Api_1\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    rule = (
+        "expected a Fly app name: 1-63 lowercase letters, digits and dashes (not starting or"
+        " ending with a dash), got"
+    )
+    assert sorted(info.value.problems) == [
+        f"{path}:10: emulator.apps[1].name: {rule} 'Api_1'",
+        f"{path}:4: apps[2].name: {rule} 'Web App!'",
+        f"{path}:5: apps[3].max_machines: input should be greater than or equal to 1, got 0",
+        f"{path}:5: apps[3].name: {rule} '-api'",
+    ]
+    good = write(tmp_path, f"apps:\n  - name: web\n  - name: {longest}\n", "good.yaml")
+    assert [a.name for a in load_settings(good, env={})[0].apps] == ["web", longest]
+    for name in [longest + "a", "web-", "WEB", "web.app", "web_app"]:
+        bad = write(tmp_path, f"apps:\n  - name: web\n  - name: {name}\n", "bad.yaml")
+        with pytest.raises(ConfigError) as info:
+            load_settings(bad, env={})
+        assert info.value.problems == [f"{bad}:3: apps[1].name: {rule} {name!r}"]
+    env = {"AUTOSCALER_APPS": '[{"name": "Web"}]'}
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "{}\n", "e.yaml"), env=env)
+    assert info.value.problems == [f"environment: AUTOSCALER_APPS: apps[0].name: {rule} 'Web'"]

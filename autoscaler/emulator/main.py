@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from autoscaler.config import ConfigError, EmulatorSettings, load_settings
+from autoscaler.config import ConfigError, EmulatorSettings, app_name_problem, load_settings
 from autoscaler.emulator.persist import StateFileError
 from autoscaler.emulator.server import Emulator
 
@@ -71,6 +71,9 @@ def _app_flag(text: str) -> dict[str, Any]:
     count, _, image = rest.partition(":")
     if not (name and eq and count.isdigit() and count.isascii()):
         raise ConfigError([f"--app {text}: expected NAME=N[:IMAGE][@REGION,...], N a number"])
+    bad_name = app_name_problem(name)
+    if bad_name:
+        raise ConfigError([f"--app {text}: NAME: {bad_name}"])
     out: dict[str, Any] = {"name": name, "machines": int(count)}
     if image:
         out["image"] = image

@@ -12,9 +12,8 @@ import re
 import signal
 from typing import Any
 
-from autoscaler.config import parse_duration
+from autoscaler.config import FLY_APP_NAME_RE, FLY_APP_NAME_RULE, parse_duration
 
-APP_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 REGION_RE = re.compile(r"^[a-z]{3}$")  # Fly's region codes
 METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 RESTART_POLICIES = ("no", "on-failure", "always")
@@ -101,11 +100,8 @@ def _str_list(value: object, where: str) -> list[str]:
 
 
 def app_name(name: object, where: str = "app_name") -> str:
-    if not isinstance(name, str) or not APP_NAME_RE.match(name):
-        raise BadRequest(
-            f"{where}: expected 1-63 lowercase letters, digits and dashes "
-            f"(not starting or ending with a dash), got {name!r}"
-        )
+    if not isinstance(name, str) or not FLY_APP_NAME_RE.fullmatch(name):
+        raise BadRequest(f"{where}: expected {FLY_APP_NAME_RULE}, got {name!r}")
     return name
 
 

@@ -55,6 +55,9 @@ async def test_app_create_accepts_name_or_app_name_and_rejects_bad_input(
         assert r.status == 422
         cases = [
             ({"app_name": "Bad_Name", "org_slug": "personal"}, "app_name"),
+            # "$" matched before a final newline: an app "web\n" was created
+            ({"app_name": "web\n", "org_slug": "personal"}, "app_name: expected 1-63 lowercase"),
+            ({"name": "a" * 64, "org_slug": "personal"}, "app_name: expected 1-63 lowercase"),
             ({"app_name": "ok"}, "org_slug: required"),
             ({"app_name": "ok", "org_slug": "other"}, "unknown organization"),
             ([], "expected a JSON object"),

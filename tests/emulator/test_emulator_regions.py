@@ -87,7 +87,10 @@ def test_the_app_flag_takes_regions_and_keeps_image_tags_and_digests() -> None:
      ("web=-2", "expected NAME=N"),
      ("web=1.5", "expected NAME=N"),
      ("web", "expected NAME=N"),
-     ("=2", "expected NAME=N")],
+     ("=2", "expected NAME=N"),
+     # created the app "Web_Bad!", which no Fly app can be called
+     ("Web_Bad!=2", "NAME: expected a Fly app name: 1-63 lowercase letters, digits and dashes"),
+     ("web-=1", "NAME: expected a Fly app name")],
 )  # fmt: skip
 def test_a_bad_app_flag_is_an_error_not_one_machine(flag: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"--app {flag}: {message}")):
