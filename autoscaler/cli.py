@@ -44,7 +44,9 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", nargs="?", metavar="PATH", help="file to check (as --config)")
+    parser.add_argument(
+        "path", nargs="?", metavar="PATH", help="file to check (as --config: give one of them)"
+    )
     _add_config(parser)
     # Its findings are its output: a call that fails is reported once, as a warning line.
     parser.set_defaults(log_level="error")
@@ -53,7 +55,15 @@ def _check_config_args(parser: argparse.ArgumentParser) -> None:
 def _check_config(args: argparse.Namespace) -> int:
     from autoscaler.check import check_config
 
-    return check_config(args.path or args.config)
+    if args.path is not None and args.config is not None:
+        # One was checked and the other not looked at: the user may think both were.
+        print(
+            f"autoscaler check-config: give the file once, as PATH or as --config PATH"
+            f" (got both: {args.path} and --config {args.config})",
+            file=sys.stderr,
+        )
+        return 2
+    return check_config(args.path if args.path is not None else args.config)
 
 
 # --- status -----------------------------------------------------------------------------

@@ -53,6 +53,25 @@ def test_check_config_with_several_mistakes_exits_2(tmp_path: Path) -> None:
     assert f"{bad}:2: apps[0].hard_limt: unknown key (did you mean 'hard_limit'?)" in lines
 
 
+def test_check_config_given_a_path_and_a_config_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The PATH was checked, and --config (here a broken file) silently left out.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("apps: [{name: web, hard_limt: 1}]\n")
+    static = REPO / "config" / "static.yaml"
+    assert main(["check-config", str(static), "--config", str(broken)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "autoscaler check-config: give the file once, as PATH or as --config PATH (got both:"
+        f" {static} and --config {broken})\n"
+    )
+    # Either alone still checks the file.
+    assert main(["check-config", "--config", str(broken)]) == 2
+    assert "apps[0].hard_limt: unknown key" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("name", "summary", "add", "runner"), _COMMANDS, ids=[c[0] for c in _COMMANDS]
 )
