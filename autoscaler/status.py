@@ -349,6 +349,14 @@ def run_status(
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    if admin is not None and not admin.strip():
+        # It fell back to admin.listen: another server than the one named may have answered.
+        print(
+            "autoscaler status: --admin: empty: give the admin server's URL or host:port, or"
+            " leave --admin out to ask admin.listen",
+            file=err,
+        )
+        return EXIT_CONFIG
     try:
         settings, _ = load_settings(config)
     except ConfigError as exc:
@@ -357,9 +365,10 @@ def run_status(
         return EXIT_CONFIG
     token = settings.admin.token.get_secret_value() if settings.admin.token else None
     try:
-        url = admin_url(admin or settings.admin.listen)
+        url = admin_url(admin if admin is not None else settings.admin.listen)
     except ValueError as exc:
-        print(f"autoscaler status: {'--admin' if admin else 'admin.listen'}: {exc}", file=err)
+        where = "--admin" if admin is not None else "admin.listen"
+        print(f"autoscaler status: {where}: {exc}", file=err)
         return EXIT_CONFIG
     try:
         doc = fetch_status(url, token, timeout_s)

@@ -290,6 +290,27 @@ def test_a_bad_admin_address_is_a_usage_error_naming_it(
     assert repr(given) in err
 
 
+@pytest.mark.parametrize("given", ["", "  "])
+async def test_an_empty_admin_is_a_usage_error_not_admin_listen(
+    admin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    """`--admin ''` asked admin.listen instead (here a server that answers): a script
+    whose variable was unset got another server's status, and exit 0."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"admin:\n  listen: {admin.removeprefix('http://')}\n  token: {TOKEN}\n")
+    code = await asyncio.to_thread(main, ["status", "--admin", given, "--config", str(path)])
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "autoscaler status: --admin: empty: give the admin server's URL or host:port, or"
+        " leave --admin out to ask admin.listen\n"
+    )
+    code = await asyncio.to_thread(main, ["status", "--config", str(path)])
+    assert code == 0
+    assert "demo: desired 1" in capsys.readouterr().out
+
+
 async def test_cli_entry(admin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, TOKEN)
     argv = ["status", "--admin", admin.removeprefix("http://"), "--config", config]
