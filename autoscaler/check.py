@@ -11,7 +11,7 @@ import asyncio
 import sys
 from typing import TextIO
 
-from autoscaler.config import ConfigError, Settings, load_settings
+from autoscaler.config import NO_APPS, ConfigError, Settings, load_settings
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import FlyError
@@ -99,6 +99,9 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=err)
+        return 2
+    if not settings.apps:
+        print(NO_APPS.format(path=file), file=err)
         return 2
     print(f"{file}: OK", file=out)
     for line in summary(settings):

@@ -50,6 +50,13 @@ EMULATOR_TOKEN_ENV = "EMULATOR_TOKEN"  # noqa: S105 - likewise
 
 EMBEDDED = "embedded"  # fly.api_url: the embedded emulator, asked for explicitly
 
+NO_APPS = (
+    "{path}: apps: empty: nothing to route or scale, so `autoscaler run` does not start on"
+    " it; list the apps to serve (a reload may empty the list: that is taken, as deliberate)"
+)
+"""A config without an app is a mistake at start (a file that forgot them, or the default
+settings of a missing file); a reload to ``apps: []`` is taken, as one that means it."""
+
 _DURATION_RE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)(ms|s|m|h)")
 """One term of a duration: a decimal number as a bare one is written (``.5``, ``1.``,
 ``1e3``), then its unit."""

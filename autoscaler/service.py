@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from autoscaler import __version__
 from autoscaler.admin import AdminServer
-from autoscaler.config import EMBEDDED, ConfigError, Settings, load_settings, parse_host_port
+from autoscaler.config import (
+    EMBEDDED,
+    NO_APPS,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_host_port,
+)
 from autoscaler.control.controller import Controller, freeze_heap
 from autoscaler.control.schedule import stalled_after_s
 from autoscaler.control.view import Clock, FleetView
@@ -68,16 +75,21 @@ def _scaled(settings: Settings) -> list[str]:
     return [app.name for app in settings.apps if not app.static]
 
 
-def _needs_api(settings: Settings) -> bool:
-    """Whether ``fly.api_url`` must be set: an app to scale, or no app at all (a config
-    that forgot everything, not a proxy of static apps)."""
-    return not settings.apps or bool(_scaled(settings))
-
-
 def _no_api_url(path: object, settings: Settings) -> str:
     scaled = _scaled(settings)
     why = f" and app {scaled[0]} is scaled (it has no backends)" if scaled else ""
     return NO_API_URL.format(path=path, why=why)
+
+
+def start_problem(path: object, settings: Settings) -> str | None:
+    """Why ``autoscaler run`` does not start on these settings (which a reload may still
+    take), or None: no app at all, or an app to scale without ``fly.api_url`` (static
+    apps alone need no Machines API)."""
+    if not settings.apps:
+        return NO_APPS.format(path=path)
+    if settings.fly.api_url is None and _scaled(settings):
+        return _no_api_url(path, settings)
+    return None
 
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -326,6 +338,13 @@ class Service:
             await self.controller.update_settings(new)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
+        if not new.apps:
+            _log.warning(
+                "no_apps",
+                path=str(path),
+                hint="every request is answered 404 and nothing is scaled until a reload"
+                " lists apps again; a restart on this file is refused",
+            )
         return True
 
     def _warn_fly_autoscaling(self, app: str, machines: list[Machine]) -> None:
@@ -468,11 +487,12 @@ def run(
     if loaded is None:
         return 2
     settings, path = loaded
+    problem = start_problem(path, settings)
+    if problem is not None:
+        _log.error("config_invalid", problem=problem)
+        return 2
     # Without fly.api_url only static apps can run: nothing to scale, no API to call.
     without_api = settings.fly.api_url is None
-    if without_api and _needs_api(settings):
-        _log.error("config_invalid", problem=_no_api_url(path, settings))
-        return 2
     if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
         _log.error("config_invalid", problem=NO_REDIS.format(path=path))
         return 2

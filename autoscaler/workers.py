@@ -42,7 +42,13 @@ from typing import Any
 
 from autoscaler.aio import urlopen_direct
 from autoscaler.children import die_with_parent
-from autoscaler.config import EMBEDDED, authority, default_replica_id, parse_host_port
+from autoscaler.config import (
+    EMBEDDED,
+    NO_APPS,
+    authority,
+    default_replica_id,
+    parse_host_port,
+)
 from autoscaler.logs import get_logger
 from autoscaler.service import HELD_SIGNALS, load_or_report
 
@@ -92,6 +98,9 @@ def supervise(
     if loaded is None:
         return 2
     settings, path = loaded
+    if not settings.apps:
+        _log.error("config_invalid", problem=NO_APPS.format(path=path))
+        return 2
     if settings.cluster.redis_url is None:
         _log.error(
             "config_invalid",

@@ -11,6 +11,7 @@ import io
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -40,13 +41,70 @@ def write(tmp_path: Path, text: str) -> Path:
 # --- fly.api_url ------------------------------------------------------------------------
 
 
-def test_run_refuses_a_config_with_no_app_and_no_machines_api(tmp_path: Path) -> None:
-    # Static apps alone run without fly.api_url; no app at all is a config that forgot it.
-    path = write(tmp_path, "proxy: {shutdown_timeout_s: 2}\n")
+@pytest.mark.parametrize(
+    "text",
+    ["proxy: {shutdown_timeout_s: 2}\n", "fly: {api_url: 'http://127.0.0.1:9'}\napps: []\n"],
+    ids=["no-apps-key", "empty-list"],
+)
+def test_run_and_check_config_refuse_a_config_with_no_app(
+    tmp_path: Path,
+    text: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`apps: []` passed check-config ("apps: 0") and `run` served it, every request a 404,
+    without a word (with no fly.api_url, the refusal spoke of the API, not of the apps);
+    `apps:` with every entry commented out was an error."""
+    import autoscaler.service
+
+    def served(main: Any) -> None:  # what `run` would have served until a signal
+        main.close()
+
+    monkeypatch.setattr(autoscaler.service, "run_event_loop", served)
+    path = write(tmp_path, text)
+    problem = (
+        f"{path}: apps: empty: nothing to route or scale, so `autoscaler run` does not start"
+        " on it; list the apps to serve (a reload may empty the list: that is taken, as"
+        " deliberate)"
+    )
     with capture_logs() as logs:
         assert run(str(path)) == 2
-    (line,) = [e for e in logs if e["event"] == "config_invalid"]
-    assert "fly.api_url is not set: " in line["problem"]
+    assert [e["problem"] for e in logs if e["event"] == "config_invalid"] == [problem]
+    capsys.readouterr()
+    assert check_config(str(path)) == 2
+    assert capsys.readouterr() == ("", problem + "\n")
+
+
+async def test_a_reload_that_empties_the_apps_is_applied_and_said(tmp_path: Path) -> None:
+    """A reload to `apps: []` may be meant (every app taken out): it is applied, with a
+    warning that every request now gets 404 and that a restart would be refused."""
+    static = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
+    path = write(tmp_path, f"apps: [{static}]\n")
+    settings, _ = load_settings(path, env={})
+    svc = Service(
+        settings,
+        path,
+        metrics=Metrics(CollectorRegistry()),
+        proxy_port=0,
+        admin_port=0,
+        without_api=True,
+    )
+    await svc.start()
+    try:
+        path.write_text("apps: []\n")
+        with capture_logs() as logs:
+            assert await svc.reload()
+        assert svc.settings.apps == []
+        [line] = [e for e in logs if e["event"] == "no_apps"]
+        assert line["log_level"] == "warning"
+        assert line["path"] == str(path)
+        assert "a restart on this file is refused" in line["hint"]
+        path.write_text(f"apps: [{static}]\n")
+        with capture_logs() as logs:
+            assert await svc.reload()
+        assert [e for e in logs if e["event"] == "no_apps"] == []
+    finally:
+        await svc.stop()
 
 
 def test_run_refuses_to_start_without_a_machines_api(tmp_path: Path) -> None:

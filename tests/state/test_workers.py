@@ -46,7 +46,10 @@ def run(config: Path, *extra: str) -> list[str]:
 def test_workers_need_a_redis_url(tmp_path: Path) -> None:
     file = write_config(
         tmp_path / "a.yaml",
-        {"fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"}},
+        {
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "apps": [{"name": "web"}],
+        },
     )
     done = subprocess.run(
         run(file, "--workers", "2"), env=child_env(), capture_output=True, timeout=60
@@ -58,6 +61,38 @@ def test_workers_need_a_redis_url(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert b"at least 1" in bad.stdout + bad.stderr
+
+
+def test_workers_refuse_a_config_with_no_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `run` does: with `apps: []` the supervisor started the workers, each serving 404s."""
+    from structlog.testing import capture_logs
+
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "apps": [],
+            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+        },
+    )
+    spawned: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        if argv[1:3] != ["-m", "autoscaler"]:  # not a worker (ctypes runs ldconfig)
+            return real_popen(argv, **kw)
+        spawned.append(argv)
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # none is started
+
+    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    with capture_logs() as logs:
+        assert workers.supervise(str(file), None, 2) == 2
+    assert spawned == []
+    [line] = [e for e in logs if e["event"] == "config_invalid"]
+    assert line["problem"].startswith(f"{file}: apps: empty: nothing to route or scale")
 
 
 async def get_json(http: aiohttp.ClientSession, url: str, limit_s: float = 20) -> Any:
@@ -287,6 +322,7 @@ def test_a_sigterm_before_the_supervisor_has_its_handlers_stops_it_cleanly(
         tmp_path / "c.yaml",
         {
             "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "apps": [{"name": "web"}],
             "proxy": {"listen": f"127.0.0.1:{free_port()}"},
             "cluster": {"redis_url": "redis://127.0.0.1:9"},
         },
@@ -317,6 +353,7 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
         tmp_path / "c.yaml",
         {
             "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "apps": [{"name": "web"}],
             "proxy": {"listen": f"127.0.0.1:{free_port()}"},
             "cluster": {"redis_url": "redis://127.0.0.1:9"},
         },
@@ -350,6 +387,7 @@ def test_the_workers_log_as_the_command_was_told(
         tmp_path / "c.yaml",
         {
             "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "apps": [{"name": "web"}],
             "proxy": {"listen": f"127.0.0.1:{free_port()}"},
             "cluster": {"redis_url": "redis://127.0.0.1:9"},
         },
