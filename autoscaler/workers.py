@@ -108,10 +108,19 @@ def supervise(
             " decider and share their load through Redis (docs/deploy.md, cluster mode)",
         )
         return 2
-    if settings.fly.api_url in (None, EMBEDDED):
+    # As for `run`: static apps alone need no Machines API. The workers cannot share an
+    # embedded emulator, though: each would run its own.
+    scaled = [app.name for app in settings.apps if not app.static]
+    if settings.fly.api_url == EMBEDDED or (settings.fly.api_url is None and scaled):
+        why = (
+            "not the embedded emulator, which the workers cannot share"
+            if settings.fly.api_url == EMBEDDED
+            else f"app {scaled[0]} is scaled: it has no backends"
+        )
         _log.error(
             "config_invalid",
-            problem=f"{path}: --workers needs fly.api_url (not the embedded emulator)",
+            problem=f"{path}: --workers needs fly.api_url ({why}): set it to the Machines"
+            " API (https://api.machines.dev, or http://_api.internal:4280 inside Fly)",
         )
         return 2
     base_id = settings.cluster.replica_id or default_replica_id()

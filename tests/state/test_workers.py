@@ -95,6 +95,83 @@ def test_workers_refuse_a_config_with_no_app(
     assert line["problem"].startswith(f"{file}: apps: empty: nothing to route or scale")
 
 
+async def test_workers_serve_static_apps_without_a_machines_api(
+    redis_server: str, key_prefix: str, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """As plain `run` does (config/static.yaml): `run --workers 2` refused a config whose
+    apps are all static for want of fly.api_url, which they never call."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="static")
+
+    backend_app = web.Application()
+    backend_app.router.add_get("/", hello)
+    backend = await aiohttp_server(backend_app, host="127.0.0.1")
+    proxy, admin = free_port(), pair_of_free_ports()
+    while proxy in (admin, admin + 1):
+        admin = pair_of_free_ports()
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "proxy": {"listen": f"127.0.0.1:{proxy}", "shutdown_timeout_s": 2},
+            "admin": {"listen": f"127.0.0.1:{admin}"},
+            "cluster": {"redis_url": redis_server, "lease_ttl_s": 1, "key_prefix": key_prefix},
+            "apps": [
+                {"name": "web", "hosts": ["web.test"], "backends": [f"127.0.0.1:{backend.port}"]}
+            ],
+        },
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *run(file, "--workers", "2"),
+        env=child_env(),
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    output = asyncio.ensure_future(proc.stdout.read())  # the pipe must never fill up
+    try:
+        async with aiohttp.ClientSession() as http:
+            for i in (0, 1):
+                await get_json(http, f"http://127.0.0.1:{admin + i}/status")
+            for _ in range(4):  # new connections, spread over the workers by the kernel
+                async with http.get(
+                    f"http://127.0.0.1:{proxy}/",
+                    headers={"Host": "web.test", "Connection": "close"},
+                ) as resp:
+                    assert (resp.status, await resp.text()) == (200, "static")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 60)
+        err = (await asyncio.wait_for(output, 60)).decode()
+    assert code == 0, err
+    assert err.count('"worker_started"') == 2, err
+    assert '"fly_api"' not in err  # no call at all
+
+
+def test_workers_with_an_app_to_scale_need_a_machines_api(tmp_path: Path) -> None:
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+            "apps": [
+                {"name": "www", "backends": ["127.0.0.1:9"]},
+                {"name": "web", "hosts": ["web.test"]},
+            ],
+        },
+    )
+    done = subprocess.run(
+        run(file, "--workers", "2"), env=child_env(), capture_output=True, timeout=60, text=True
+    )
+    assert done.returncode == 2
+    [line] = [json.loads(ln) for ln in done.stdout.splitlines() if '"config_invalid"' in ln]
+    assert line["problem"] == (
+        f"{file}: --workers needs fly.api_url (app web is scaled: it has no backends): set it"
+        " to the Machines API (https://api.machines.dev, or http://_api.internal:4280 inside"
+        " Fly)"
+    )
+
+
 async def get_json(http: aiohttp.ClientSession, url: str, limit_s: float = 20) -> Any:
     loop = asyncio.get_running_loop()
     start = loop.time()
