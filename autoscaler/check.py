@@ -21,7 +21,9 @@ API_TIMEOUT_S = 5.0
 
 
 def summary(settings: Settings) -> list[str]:
-    if settings.fly.api_url is None:
+    if settings.fly.api_url is None and all(app.static for app in settings.apps):
+        api = "not set, and not needed: every app is static (has backends)"
+    elif settings.fly.api_url is None:
         api = (
             f"not set: `autoscaler run` needs --emulator to run the embedded emulator"
             f" on {settings.emulator.listen}"

@@ -140,6 +140,16 @@ def test_check_config_says_run_needs_the_emulator_flag(
     assert "not set: `autoscaler run` needs --emulator" in capsys.readouterr().out
 
 
+def test_check_config_says_static_apps_need_no_machines_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # config/static.yaml was told "`autoscaler run` needs --emulator", which it does not.
+    assert check_config(str(REPO / "config" / "static.yaml")) == 0
+    out = capsys.readouterr().out
+    assert "Machines API: not set, and not needed: every app is static (has backends)" in out
+    assert "--emulator" not in out
+
+
 # --- the admin server beyond loopback -----------------------------------------------------
 
 
