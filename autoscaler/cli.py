@@ -32,9 +32,18 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _given(text: str) -> str:
+    """A flag's value that may not be empty: ``--config ''`` (a variable that was unset)
+    fell back to $AUTOSCALER_CONFIG or config/autoscaler.yaml without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty one")
+    return text
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
+        type=_given,
         metavar="PATH",
         help="YAML config file (default: $AUTOSCALER_CONFIG, else config/autoscaler.yaml)",
     )
@@ -45,7 +54,11 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 def _check_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "path", nargs="?", metavar="PATH", help="file to check (as --config: give one of them)"
+        "path",
+        nargs="?",
+        type=_given,
+        metavar="PATH",
+        help="file to check (as --config: give one of them)",
     )
     _add_config(parser)
     # Its findings are its output: a call that fails is reported once, as a warning line.
@@ -98,13 +111,18 @@ def _status(args: argparse.Namespace) -> int:
 def _emulator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
+        type=_given,
         metavar="HOST:PORT",
         help="API address, loopback only (default 127.0.0.1:4280)",
     )
     parser.add_argument(
-        "--token", help="accepted API token (default: $EMULATOR_TOKEN, else a random one)"
+        "--token",
+        type=_given,
+        help="accepted API token (default: $EMULATOR_TOKEN, else a random one)",
     )
-    parser.add_argument("--state-file", metavar="PATH", help="keep apps and machines here")
+    parser.add_argument(
+        "--state-file", type=_given, metavar="PATH", help="keep apps and machines here"
+    )
     parser.add_argument(
         "--app",
         action="append",
@@ -159,10 +177,14 @@ def _emulator(args: argparse.Namespace) -> int:
 def _run_args(parser: argparse.ArgumentParser) -> None:
     _add_config(parser)
     parser.add_argument(
-        "--listen", metavar="HOST:PORT", help="address of the proxy (overrides proxy.listen)"
+        "--listen",
+        type=_given,
+        metavar="HOST:PORT",
+        help="address of the proxy (overrides proxy.listen)",
     )
     parser.add_argument(
         "--admin-listen",
+        type=_given,
         metavar="HOST:PORT",
         help="address of /metrics, /healthz, /readyz, /status (overrides admin.listen)",
     )
@@ -219,6 +241,7 @@ def _run(args: argparse.Namespace) -> int:
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
+        type=_given,
         metavar="PATH",
         help="demo config (default: the built-in one; needs an app 'demo' on the emulator)",
     )
@@ -233,6 +256,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-file",
+        type=_given,
         metavar="PATH",
         help="where the logs go (default: autoscaler-demo.log in the system's temporary "
         "directory); the view shows the path",
@@ -299,7 +323,12 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
         help="replay this long, at most 366 days (default: the trace's end)",
     )
     pol = parser.add_argument_group("policy")
-    pol.add_argument("--config", metavar="PATH", help="YAML config: apps[] by name, control.tick_s")
+    pol.add_argument(
+        "--config",
+        type=_given,
+        metavar="PATH",
+        help="YAML config: apps[] by name, control.tick_s",
+    )
     pol.add_argument(
         "--set",
         action="append",

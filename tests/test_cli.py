@@ -53,6 +53,26 @@ def test_check_config_with_several_mistakes_exits_2(tmp_path: Path) -> None:
     assert f"{bad}:2: apps[0].hard_limt: unknown key (did you mean 'hard_limit'?)" in lines
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "--config"], ["run", "--listen"], ["run", "--admin-listen"], ["check-config"],
+     ["check-config", "--config"], ["status", "--config"], ["emulator", "--config"],
+     ["emulator", "--listen"], ["emulator", "--token"], ["emulator", "--state-file"],
+     ["demo", "--config"], ["demo", "--log-file"], ["simulate", "--config"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_an_empty_value_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--config ''` (a variable that was unset) fell back to $AUTOSCALER_CONFIG or
+    config/autoscaler.yaml; an empty --listen, --token or --state-file was left out."""
+    for empty in ("", "  "):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args([*argv, empty])
+        assert info.value.code == 2
+        assert "expected a value, got an empty one" in capsys.readouterr().err
+
+
 def test_check_config_given_a_path_and_a_config_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
