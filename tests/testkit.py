@@ -31,6 +31,32 @@ async def until(condition: Callable[[], bool], timeout_s: float = 20.0, what: st
         await asyncio.sleep(0.01)
 
 
+class SlowToEnd:
+    """A task that takes its time to end once cancelled: it catches the first
+    cancellation (``cancelled`` is set) and ends at the next one, or once ``release`` is
+    set. A stop that cancelled it and waits for its end is held there until then: the
+    window in which a cancellation of that stop must not be swallowed with the task's."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.release = asyncio.Event()
+        self.task: asyncio.Task[None] = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            await self.release.wait()
+            raise
+
+    async def end(self) -> None:
+        """End it, wherever it is (a test's clean-up)."""
+        self.release.set()
+        self.task.cancel()
+        await asyncio.wait([self.task])
+
+
 def signal_on_import(module: str, sig: str) -> str:
     """A ``python -c`` program that runs the ``autoscaler`` command (its arguments after
     ``-c PROGRAM``) as the console entry does, and sends itself ``sig`` (a name, such as

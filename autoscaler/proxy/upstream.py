@@ -34,7 +34,6 @@ answer stands as it came, the connection is closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +41,7 @@ from typing import cast
 
 import httptools
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
     PARSE_SLICE,
@@ -555,16 +555,21 @@ class Pool:
         return conn
 
     async def close(self) -> None:
+        """Stop the head sweeper and close the idle connections (those too when the close
+        is cancelled: a stop cut short)."""
         self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
+        sweeper, self._sweeper = self._sweeper, None
+        try:
+            if sweeper is not None:
+                # Not awaited under suppress(CancelledError): that also swallowed a
+                # cancellation of this close in that turn (a second SIGTERM), and the
+                # service's stop went on as if none had come.
+                await cancel_and_wait([sweeper])
+        finally:
+            for idle in self._idle.values():
+                for conn in idle:
+                    conn.close()
+            self._idle.clear()
 
 
 async def send(

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from testkit import until
+from testkit import SlowToEnd, until
 
 from autoscaler.control.view import FleetView, MachineInfo
+from autoscaler.proxy.upstream import Pool
 
 from .conftest import Backend, RawBackend, StartProxy, url
 from .helpers import connect, read_response, text_app
@@ -349,3 +350,21 @@ async def test_a_pooled_connection_left_with_an_unread_answer_reads_the_next_one
         status, _, body = await read_response(reader)
     assert (status, body) == (200, b"small")
     assert connections == 1  # it went over the pooled connection
+
+
+async def test_a_close_cancelled_while_its_sweeper_ends_is_cancelled() -> None:
+    """The pool's close cancels its head sweeper and waits for its end. Awaited under
+    suppress(CancelledError), that wait also swallowed a cancellation of the close itself
+    (the proxy's stop cut short by a second SIGTERM): the proxy's stop, then the
+    service's, ended as if none had come (no stopped_at_once, no forced close)."""
+    pool = Pool(1, 1.0)
+    slow = SlowToEnd()
+    pool._sweeper = slow.task  # (a sweeper that takes its time to end)
+    closing = asyncio.ensure_future(pool.close())
+    try:
+        await slow.cancelled.wait()  # the close cancelled it and waits for its end
+        closing.cancel()  # the stop cut short
+        await asyncio.wait([closing])
+        assert closing.cancelled()
+    finally:
+        await slow.end()
