@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from autoscaler.aio import cancel_and_wait
 from autoscaler.emulator.model import App
 from autoscaler.logs import get_logger
 
@@ -108,8 +109,12 @@ class Saver:
         self._save_or_say()
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._save_or_say()
+        """Call off the save to come and save now (also when the close is cancelled: the
+        emulator's close cut short)."""
+        try:
+            if self._task is not None:
+                # Not awaited under suppress(CancelledError): that also swallowed a
+                # cancellation of this close in that turn (a second SIGTERM).
+                await cancel_and_wait([self._task])
+        finally:
+            self._save_or_say()

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from emu_helpers import hit, new_machine, pid_exit, session, wait_ok
 from structlog.testing import capture_logs
-from testkit import until
+from testkit import SlowToEnd, until
 
 from autoscaler.config import ConfigError, EmulatorApp, EmulatorSettings, load_settings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.main import settings_from
-from autoscaler.emulator.persist import StateFileError
+from autoscaler.emulator.persist import Saver, StateFileError
 from autoscaler.emulator.procs import leftovers
 
 
@@ -229,6 +229,27 @@ async def test_a_state_file_that_cannot_be_written_is_said_at_start(
             monkeypatch.setattr(persist, "write_atomic", full_disk)
             emu.world.seed_app(EmulatorApp(name="api", machines=1))  # a change to save
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["emulator_state_not_saved"]
+
+
+async def test_a_state_save_closed_by_a_cut_close_is_cancelled_and_still_saves(
+    tmp_path: Path,
+) -> None:
+    """The saver's close cancels the save to come and waits for its end. Awaited under
+    suppress(CancelledError), that wait also swallowed a cancellation of the close itself
+    (the emulator's close cut short by a second SIGTERM): it ended as if none had come.
+    The state is saved either way."""
+    saver = Saver(tmp_path / "s.json", {})
+    slow = SlowToEnd()
+    saver._task = slow.task  # (a save to come that takes its time to end)
+    closing = asyncio.ensure_future(saver.close())
+    try:
+        await slow.cancelled.wait()  # the close cancelled it and waits for its end
+        closing.cancel()  # the close cut short
+        await asyncio.wait([closing])
+        assert closing.cancelled()
+    finally:
+        await slow.end()
+    assert json.loads((tmp_path / "s.json").read_text())["apps"] == []
 
 
 async def test_startup_apps_have_stopped_machines_and_survive_with_the_state(
