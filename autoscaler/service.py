@@ -147,6 +147,9 @@ class Service:
         self._stopped = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         self._stopping = False
+        self.started = False
+        """Every part started (``start`` returned): an OS error out of ``run`` after that
+        is a part's stop's, already logged as ``stop_failed``, not a failed start."""
         self._reload_again = False
         self._autostop_checked: set[str] = set()
         self.freeze_heap = False
@@ -165,6 +168,7 @@ class Service:
         except BaseException:
             await self.stop()
             raise
+        self.started = True
 
     async def _start(self) -> None:
         s = self.settings
@@ -435,7 +439,11 @@ class Service:
         embedded emulator's machines are real processes: killed here, also when the
         interrupted stop was the emulator's own (its close is idempotent)."""
         if self.emulator is not None:
-            await self.emulator.close()
+            try:
+                await self.emulator.close()
+            except Exception as exc:
+                _log.error("stop_failed", part="emulator", error=repr(exc))
+                raise
             self.emulator = None
 
     async def wait_stopped(self) -> None:
@@ -505,7 +513,10 @@ def run(
         _log.error("config_invalid", problem=str(exc))
         return 2
     except OSError as exc:
-        _log.error("start_failed", error=str(exc))
+        # After a complete start, the error is a part's stop's: its stop_failed line said
+        # it, and a start_failed line would send the reader after a port.
+        if not service.started:
+            _log.error("start_failed", error=str(exc))
         return 1
     return 0
 

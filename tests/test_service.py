@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http.server
 import json
 import os
@@ -400,6 +401,85 @@ async def test_a_part_whose_stop_fails_does_not_keep_the_others_running(
     assert (svc.proxy, svc.admin, svc.client, svc.emulator) == (None, None, None, None)
     assert leftovers(os.getpid()) == []
     await svc.stop()  # idempotent: nothing left to stop, nothing raised
+
+
+def test_start_failed_is_logged_for_a_failed_start_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`autoscaler run` said start_failed for any OS error out of the run, one raised by
+    a part's stop after a complete start too (already said by stop_failed): the reader
+    went looking for a port in use. Both exit 1."""
+    from autoscaler import service as service_module
+    from autoscaler.admin import AdminServer
+
+    monkeypatch.setattr(service_module, "freeze_heap", lambda: None)  # not this process's
+    app = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
+    file = tmp_path / "static.yaml"
+
+    def write(proxy_port: int) -> None:
+        admin = f"127.0.0.1:{free_port()}"
+        file.write_text(
+            f"proxy: {{listen: '127.0.0.1:{proxy_port}', shutdown_timeout_s: 1}}\n"
+            f"admin: {{listen: '{admin}'}}\napps: [{app}]\n"
+        )
+
+    with socket.socket() as taken:  # the proxy's port, in use: the start fails
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        write(taken.getsockname()[1])
+        with capture_logs() as logs:
+            assert service_module.run(str(file)) == 1
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["start_failed"]
+
+    start, stop = Service.start, AdminServer.stop
+
+    async def start_then_sigterm(self: Service) -> None:
+        await start(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # Service.run's handler: the graceful stop
+
+    async def stop_failing(self: AdminServer) -> None:
+        await stop(self)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(Service, "start", start_then_sigterm)
+    monkeypatch.setattr(AdminServer, "stop", stop_failing)
+    write(free_port())
+    with capture_logs() as logs:
+        assert service_module.run(str(file)) == 1
+    events = [e["event"] for e in logs]
+    assert "started" in events
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["stop_failed"]
+
+
+async def test_a_forced_close_that_fails_says_stop_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forced close after a stop cut short closes the embedded emulator again; an
+    error there reached `autoscaler run` with no line of its own (it logged start_failed
+    for an OS error, and no longer does after a complete start)."""
+    file = write_config(tmp_path / "autoscaler.yaml", config(free_port()))
+    settings, _ = load_settings(file, env={})
+    svc = Service(settings, file, metrics=Metrics(CollectorRegistry()), proxy_port=0, admin_port=0)
+    await svc.start()
+    emulator = svc.emulator
+    assert emulator is not None
+    close = Emulator.close
+    try:
+        await svc.stop()
+        svc.emulator = emulator  # as a stop cut short in the emulator's close leaves it
+
+        async def close_failing(self: Emulator) -> None:
+            await close(self)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(Emulator, "close", close_failing)
+        with capture_logs() as logs, pytest.raises(OSError, match="Input/output error"):
+            await svc._force_close()
+        (line,) = [e for e in logs if e["event"] == "stop_failed"]
+        assert line["part"] == "emulator"
+    finally:
+        await close(emulator)
+    assert leftovers(os.getpid()) == []
 
 
 def _get(url: str) -> tuple[int, bytes]:
