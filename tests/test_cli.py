@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -157,8 +158,14 @@ def test_new_flags_reach_their_commands(monkeypatch: pytest.MonkeyPatch) -> None
 
     seen: dict[str, object] = {}
 
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
     def fake_run(config: object, overrides: object, *, emulator: bool) -> int:
         seen["run"] = (config, overrides, emulator)
+        # Service.run delivers the signals `run` holds back: left blocked, this process's
+        # later children (the emulator's machines) inherited a blocked SIGINT and SIGTERM
+        # and ignored their stops.
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return 0
 
     def fake_status(admin: object, config: object, *, as_json: bool, watch: bool) -> int:
