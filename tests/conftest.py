@@ -89,6 +89,20 @@ def _fresh_logging() -> None:
     logs.configure(level="debug", fmt="json", stream=sys.stderr)
 
 
+@pytest.fixture(autouse=True)
+def _signal_mask_kept() -> Iterator[None]:
+    """Fail a test that leaves signals blocked (or unblocked) in the worker: the processes
+    later tests start there inherit the mask, and a machine or demo whose SIGTERM or SIGINT
+    is blocked ignores its stop (``autoscaler.cli.main`` blocks them until ``Service.run``
+    lets them through, so a test that calls it with a fake run must give them back)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    yield
+    after = signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    if after != before:
+        changed = sorted(signal.Signals(s).name for s in after ^ before)
+        pytest.fail(f"the test changed the signal mask ({', '.join(changed)})", pytrace=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_process_left() -> Iterator[None]:
     """Fail the session if any child process (or emulator machine) outlives the tests."""
