@@ -23,10 +23,13 @@ minutes wakes another at once rather than 10 s later; without a usable time of F
 when the wake first saw the machine coming up, and never from later than that (see
 ``Waker.patience_from``). A wake that waits for another party's resume (its start began
 from ``suspended``) is a ``resume`` wake, one that waits for a cold start a ``start``
-wake. A drain to take back or a machine to resume is woken at
-once all the same (up in well under a second on Fly, where the start waited for may be a
-cold one of seconds); the machine too many goes at a scale-down. A machine starting under
-someone else's cordon is not waited for: it would never route.
+wake. A drain to take back is woken at once all the same (the machine is up and warm, and
+no new one starts), and so is a machine to resume while the starts waited for are cold ones
+(a resume is up in well under a second on Fly, a cold start in one to several); the machine
+too many goes at a scale-down. While another party's resume is under way, a resume of
+another machine, no faster, waits for it too, for ``RESUME_PATIENCE_S`` (2 s) at most from
+when Fly began it: a resume still coming up by then fell back to a cold boot. A machine
+starting under someone else's cordon is not waited for: it would never route.
 
 The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
 retry (the first read of an app never read too, tried again at the pace below). An
@@ -61,6 +64,17 @@ START_PATIENCE_S = 10.0
 well: cold starts take one to several seconds (docs/fly-api-notes.md), and a machine
 stuck in ``starting`` must not hold the app's requests for all of ``wake_timeout_s``.
 Counted from when Fly began the start (``Waker.patience_from``)."""
+RESUME_PATIENCE_S = 2.0
+"""How long a wake holds back a resume of another machine while another party's resume is
+under way (its start began from ``suspended``), counted as ``START_PATIENCE_S`` is: that
+resume is as fast as the wake's own, and both started two machines for one need. A resume
+on Fly takes a few hundred ms (docs/fly-api-notes.md; 0.2-0.5 s on the emulator's fly
+profile), and the wake sees it done at its next list (``RECHECK_S``): 2 s is several times
+that, so a resume that is merely slow is still waited for. Fly falls back to a cold boot
+when the snapshot is unusable, and the machine stays ``starting`` for one to several
+seconds: the patience then runs out and the other machine is resumed, up about 2.5 s after
+the resume began, sooner than the slower half of those cold boots; a longer patience
+would hold the requests for the cold boot's whole length."""
 RETRY_MAX_S = 1.0  # the longest pause before trying again a machine an API error failed
 
 
@@ -177,8 +191,18 @@ class Waker:
                 action = choose_wake(Fleet.of(rt.name, (m for m in fleet if m.id not in failed)))
                 # A take-back or a resume is not held back for it: either is up in well
                 # under a second on Fly, a cold start in one to several (rule 2 wakes the
-                # fastest first); the machine too many goes at a scale-down.
-                if coming and (action is None or action.kind not in ("uncordon", "resume")):
+                # fastest first); the machine too many goes at a scale-down. But a resume
+                # is as slow as another party's resume under way: that one is waited for,
+                # RESUME_PATIENCE_S at most (by then it fell back to a cold boot). A
+                # take-back is never held: the machine is up now, and no new one starts.
+                resuming = any(
+                    (rec := rt.machines.get(mid)) is not None
+                    and rec.resuming
+                    and now - self.patience_from(rt, mid, seen_coming[mid], now) < RESUME_PATIENCE_S
+                    for mid in coming
+                )
+                fast = ("uncordon",) if resuming else ("uncordon", "resume")
+                if coming and (action is None or action.kind not in fast):
                     # Another party's start under way (in cluster mode, a leader's that
                     # landed before it lost its lease; a deploy's): it serves this need,
                     # and waking another machine would start two for one. Watched until it

@@ -17,7 +17,7 @@ from autoscaler.control.controller import MAX_RETRY_AFTER_S, Controller, WakeErr
 from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
-from autoscaler.control.wake import START_PATIENCE_S
+from autoscaler.control.wake import RESUME_PATIENCE_S, START_PATIENCE_S
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError, TransportError
 from autoscaler.metrics import Metrics
@@ -865,6 +865,92 @@ async def test_a_wake_does_not_wait_for_another_party_s_start_it_cannot_use_or_b
     assert task.result() == kind
     assert api.ops("start_machine") == [other]
     assert rig.routable() == {other}
+    assert state(api, booting) == "starting"
+
+
+@pytest.mark.parametrize("beside", [None, "stopped"], ids=["alone", "beside a cold start"])
+async def test_a_wake_waits_for_another_party_s_resume_rather_than_resume_another(
+    api: FakeMachinesAPI, clock: FakeClock, beside: str | None
+) -> None:
+    """Another party resumes a machine (its events say the start began from
+    ``suspended``) and another is suspended: resuming that one would be no faster, and
+    two machines would come up for one need. The wake waits for the resume under way, and
+    the request is served by it; so too beside another party's cold start. It resumed the
+    suspended machine at once."""
+    resumed = api.add(APP, "starting")
+    api.set(APP, resumed, **began(clock, 0, before="suspended"))
+    if beside is not None:
+        cold = api.add(APP, "starting")
+        api.set(APP, cold, **began(clock, 0, before=beside))
+    asleep = api.add(APP, "suspended")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(RESUME_PATIENCE_S / 2)
+    assert not task.done()
+    assert api.ops("start_machine") == []  # waited for
+    api.set(APP, resumed, state="started")
+    await clock.advance(1)
+    assert task.done()
+    assert task.result() == ("resume" if beside is None else "start")
+    assert api.ops("start_machine") == []
+    assert rig.routable() == {resumed}
+    assert state(api, asleep) == "suspended"
+
+
+@pytest.mark.parametrize("ago", [0.0, 60.0], ids=["falls back to a cold boot", "long ago"])
+async def test_a_wake_resumes_another_machine_once_another_party_s_resume_is_slow(
+    api: FakeMachinesAPI, clock: FakeClock, ago: float
+) -> None:
+    """Another party's resume still under way RESUME_PATIENCE_S after Fly began it fell
+    back to a cold boot (an unusable snapshot): a suspended machine is resumed then, and
+    at once when the wake finds the resume begun that long ago. The first case resumed
+    it at once, before the resume under way had its chance."""
+    resumed = api.add(APP, "starting")
+    api.set(APP, resumed, **began(clock, ago, before="suspended"))
+    asleep = api.add(APP, "suspended")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    if ago < RESUME_PATIENCE_S:
+        await clock.advance(RESUME_PATIENCE_S - ago - 0.5)
+        assert not task.done()
+        assert api.ops("start_machine") == []  # waited for
+    await clock.advance(1)
+    assert task.done()
+    assert task.result() == "resume"
+    assert api.ops("start_machine") == [asleep]
+    assert rig.routable() == {asleep}
+    assert state(api, resumed) == "starting"
+
+
+@pytest.mark.parametrize(
+    ("waking", "how"),
+    [("a cold start", "resume"), ("a resume", "none")],
+    ids=["a resume beside a cold start", "a take-back beside a resume"],
+)
+async def test_a_wake_does_not_wait_for_another_party_s_start_it_beats(
+    api: FakeMachinesAPI, clock: FakeClock, waking: str, how: str
+) -> None:
+    """Another party's cold start (its events say it began from ``stopped``) is not
+    waited for by a resume of a suspended machine, which is up in well under a second on
+    Fly; nor is another party's resume by a drain of ours to take back, which is up now and
+    starts no new machine."""
+    booting = api.add(APP, "starting")
+    before = "stopped" if waking == "a cold start" else "suspended"
+    api.set(APP, booting, **began(clock, 0, before=before))
+    if how == "resume":
+        woken = api.add(APP, "suspended")
+    else:
+        woken = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    rig = Rig(api, clock, wake_timeout_s=60)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(0.5)
+    assert task.done()
+    assert task.result() == how
+    assert api.ops("start_machine") == ([woken] if how == "resume" else [])
+    assert rig.routable() == {woken}
     assert state(api, booting) == "starting"
 
 

@@ -37,13 +37,16 @@ def emulator_settings(
 ) -> EmulatorSettings:
     """Fast timings, or Fly's where a test asks (indirect parametrization; "fly, quick
     suspend": Fly's but for suspends, as fast as the fast profile's, for a test that
-    only needs a machine asleep before it begins)."""
+    only needs a machine asleep before it begins; "fast, slow resume": the fast ones but
+    for resumes, which take 0.3 s, as on Fly, for a test that needs one under way)."""
     param = getattr(request, "param", "fast")
     settings = emulator_settings.model_copy(update={"apps": [EmulatorApp(name=APP, machines=3)]})
     if param.startswith("fly"):
         settings = fly_like(settings)
     if param.endswith("quick suspend"):
         settings = settings.model_copy(update={"timing": TimingSettings(suspend_s=0)})
+    if param.endswith("slow resume"):
+        settings = settings.model_copy(update={"timing": TimingSettings(resume_s=0.3)})
     return settings
 
 
@@ -53,6 +56,12 @@ BOTH_PROFILES = pytest.mark.parametrize(
 BOTH_PROFILES_QUICK_SUSPEND = pytest.mark.parametrize(
     "emulator_settings",
     ["fast", pytest.param("fly, quick suspend", marks=pytest.mark.fly_profile)],
+    indirect=True,
+)
+
+RESUMES_UNDER_WAY = pytest.mark.parametrize(
+    "emulator_settings",
+    ["fast, slow resume", pytest.param("fly, quick suspend", marks=pytest.mark.fly_profile)],
     indirect=True,
 )
 
@@ -244,3 +253,30 @@ async def test_a_wake_resumes_a_suspended_machine_rather_than_wait_for_another_s
             await ctl.stop()
     assert how == "resume"
     assert routable == [asleep]
+
+
+@RESUMES_UNDER_WAY
+async def test_a_wake_waits_for_a_resume_another_party_made_rather_than_resume_another(
+    emulator: Emulator,
+) -> None:
+    """Another party's resume is under way (its events say the start began from
+    ``suspended``) and another machine of the app is suspended: the wake waits for that
+    resume, which is as fast as its own would be, and the other machine stays asleep. It
+    resumed the other at once, and two machines came up for one need."""
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        resumed, asleep, _ = sorted(m.id for m in emulator.machines(APP))
+        for mid in (resumed, asleep):
+            await client.start_machine(APP, mid)
+            await client.wait_for_machine_state(APP, mid, "started")
+            await client.suspend_machine(APP, mid)
+            await client.wait_for_machine_state(APP, mid, "suspended")
+        await client.start_machine(APP, resumed)  # the other party's resume, landed
+        ctl = controller(client, min_machines=0)
+        try:
+            how = await ctl.wake(APP)
+            routable = [u.id for u in ctl.view.app(APP).routable()]
+        finally:
+            await ctl.stop()
+    assert how in ("resume", "none")  # "none": it read the resume done already
+    assert routable == [resumed]
+    assert emulator.machine(APP, asleep).state == "suspended"
