@@ -373,7 +373,7 @@ class Service:
         During the stop, none: it would apply the file to parts half stopped, from a task
         that the stop (which cancelled the reload under way) no longer stops."""
         if self._stopping:
-            _log.warning("config_reload_ignored", why="the service is stopping")
+            _log.warning("config_reload_ignored", reason="the service is stopping")
             return
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.get_running_loop().create_task(self._reloads())
@@ -464,7 +464,7 @@ def _no_rolling_restart() -> None:
     one process instead, its default action would kill it."""
     _log.warning(
         "rolling_restart_ignored",
-        why="SIGUSR2 restarts workers one at a time: send it to the run --workers supervisor",
+        reason="SIGUSR2 restarts workers one at a time: send it to the run --workers supervisor",
     )
 
 

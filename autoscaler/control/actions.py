@@ -237,7 +237,7 @@ class Actuator:
             if self._cordon_may_land(rt, mid):
                 # One outstanding cordon request per machine at most: a process that comes
                 # after us finds it behind our key on an uncordoned machine (``listed``).
-                _log.debug("drain_deferred", app=rt.name, machine=mid, why="cordon may land")
+                _log.debug("drain_deferred", app=rt.name, machine=mid, reason="cordon may land")
                 return None
             # Out of the proxy's routing at once, before the lease and the API calls.
             rt.cordon_held.add(mid)

@@ -766,7 +766,7 @@ class Replica:
         which only the leader may act on: it is fenced by the lease as well as the claim (a
         leader that hung past its lease must not send its stale decision under a claim)."""
         if not await self.cluster.lease.check():
-            _log.warning("tick_wake_fenced", app=app, why="this replica does not lead")
+            _log.warning("tick_wake_fenced", app=app, reason="this replica does not lead")
             yield False
             return
         claim: Claim | _Ours | None = None
