@@ -15,21 +15,22 @@ restart, or the retry of a machine whose action an API error failed, until the a
 ``wake_timeout_s``. A machine that another party is starting (listed ``starting`` or
 ``restarting``: in cluster mode a start of a leader that lost its lease after the start
 landed, or a deploy's) is waited for rather than a cold start, as a start of our own is
-joined: waking another machine meanwhile started two for one need. For
-``START_PATIENCE_S`` at most: one stuck in ``starting`` gets another machine woken beside
-it (``wake_passes_slow_start``). The patience counts from when Fly began that start, as the
+joined: waking another machine meanwhile started two for one need. For ``START_PATIENCE_S``
+at most: one stuck in ``starting`` gets another machine woken beside it
+(``wake_passes_slow_start``). The patience counts from when Fly began that start, as the
 machine's events say (``Machine.current_start``), so a wake that finds a machine stuck for
-minutes wakes another at once rather than 10 s later; without a usable time of Fly's, from
-when the wake first saw the machine coming up, and never from later than that (see
-``Waker.patience_from``). A wake that waits for another party's resume (its start began
-from ``suspended``) is a ``resume`` wake, one that waits for a cold start a ``start``
-wake. A drain to take back is woken at once all the same (the machine is up and warm, and
-no new one starts), and so is a machine to resume while the starts waited for are cold ones
-(a resume is up in well under a second on Fly, a cold start in one to several); the machine
-too many goes at a scale-down. While another party's resume is under way, a resume of
-another machine, no faster, waits for it too, for ``RESUME_PATIENCE_S`` (2 s) at most from
-when Fly began it: a resume still coming up by then fell back to a cold boot. A machine
-starting under someone else's cordon is not waited for: it would never route.
+minutes wakes another at once (once it has read the app itself) rather than 10 s later;
+without a usable time of Fly's, from when the wake first saw the machine coming up, and
+never from later than that (see ``Waker.patience_from``). A wake that waits for another
+party's resume (its start began from ``suspended``) is a ``resume`` wake, one that waits
+for a cold start a ``start`` wake. A drain to take back is woken at once all the same (the
+machine is up and warm, and no new one starts), and so is a machine to resume while the
+starts waited for are cold ones (a resume is up in well under a second on Fly, a cold start
+in one to several); the machine too many goes at a scale-down. While another party's resume
+is under way, a resume of another machine, no faster, waits for it too, for
+``RESUME_PATIENCE_S`` (2 s) at most from when Fly began it: a resume still coming up by
+then fell back to a cold boot. A machine starting under someone else's cordon is not waited
+for: it would never route.
 
 The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
 retry (the first read of an app never read too, tried again at the pace below). An
@@ -109,11 +110,20 @@ class Waker:
         """The time of day (Unix seconds), which Fly's times of a machine's events are read
         against; the actuator's clock is a monotonic one."""
 
-    def patience_from(self, rt: AppRuntime, mid: str, first_seen: float, now: float) -> float:
+    def patience_from(
+        self, rt: AppRuntime, mid: str, first_seen: float, now: float, since: float
+    ) -> float:
         """When the wait for another party's start of ``mid`` began, on the actuator's
         clock: when Fly began that start (:attr:`MachineRecord.start_began`, read against
         :attr:`wall`), but never later than ``first_seen``, when this wake first saw the
         machine coming up, which is also the answer when Fly gives no usable time.
+
+        Fly's time only from a list asked for at ``since`` (the wake's start) or later:
+        an older list (a tick's, or a wake's before; in cluster mode a leader that woke
+        the app last wakes without reading first) may show ``starting`` a machine that is
+        up by now, and Fly's time of that start, long past, passed it at once, before the
+        wake had read the app: another machine was woken beside one already up. Until
+        the wake's first read (``RECHECK_S``), the patience counts from the first sight.
 
         So a wait is never longer than the patience from the first sight: a time of Fly's
         in the future (its clock ahead of ours, or garbage) counts as now, and a start Fly
@@ -127,7 +137,7 @@ class Waker:
         scale-down stops."""
         record = rt.machines.get(mid)
         began = None if record is None else record.start_began
-        if began is None:
+        if began is None or rt.listed_at is None or rt.listed_at < since:
             return first_seen
         return min(first_seen, now - (self.wall() - began))  # a future one: first_seen
 
@@ -183,7 +193,7 @@ class Waker:
                 ]
                 for mid in coming:
                     seen = seen_coming.setdefault(mid, now)
-                    if now - self.patience_from(rt, mid, seen, now) >= START_PATIENCE_S:
+                    if now - self.patience_from(rt, mid, seen, now, t0) >= START_PATIENCE_S:
                         # Slower than a cold start: woken beside, not waited for longer.
                         _log.info("wake_passes_slow_start", app=rt.name, machine=mid)
                         failed.add(mid)
@@ -198,7 +208,8 @@ class Waker:
                 resuming = any(
                     (rec := rt.machines.get(mid)) is not None
                     and rec.resuming
-                    and now - self.patience_from(rt, mid, seen_coming[mid], now) < RESUME_PATIENCE_S
+                    and now - self.patience_from(rt, mid, seen_coming[mid], now, t0)
+                    < RESUME_PATIENCE_S
                     for mid in coming
                 )
                 fast = ("uncordon",) if resuming else ("uncordon", "resume")

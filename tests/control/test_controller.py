@@ -798,6 +798,32 @@ async def test_a_start_fly_gives_no_usable_time_of_is_waited_for_from_the_first_
     assert {state(api, unknown), state(api, stuck)} == {"starting"}
 
 
+async def test_a_wake_times_another_party_s_start_by_fly_only_in_a_list_of_its_own(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The wake's record of the app may be older than the wake (a tick's list, or a wake
+    before: in cluster mode a replica that leads again wakes without reading first when
+    it woke the app last). A machine that list showed ``starting`` for a minute may be up
+    by now: the wake reads the app again before it passes that start on Fly's time. It
+    passed it at once, and started another machine beside the one already up."""
+    booted = api.add(APP, "starting")
+    api.set(APP, booted, **began(clock, 60))
+    other = api.add(APP, "stopped")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    await rig.tick()  # lists the machine starting, Fly began it a minute ago
+    assert api.ops("start_machine") == []
+    await clock.advance(1)
+    api.set(APP, booted, state="started")  # up since that list
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(1)
+    assert task.done()
+    assert task.result() == "start"  # it waited for that start, which was over
+    assert api.ops("start_machine") == []
+    assert rig.routable() == {booted}
+    assert state(api, other) == "stopped"
+
+
 async def test_a_wake_that_waited_for_another_party_s_resume_is_a_resume(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
