@@ -160,12 +160,18 @@ class Waker:
             again: dict[str, _Retry] = {}
             came: str | None = None  # we waited for another party's start (or resume)
             seen_coming: dict[str, float] = {}  # another party's start -> first seen
+            resumes: dict[str, bool] = {}  # another party's start waited for -> a resume?
             if not rt.read_once:
                 await self._first_read(rt, deadline)
             while True:
-                if view.routable():
+                if routable := view.routable():
                     if came is None:
                         return "none"
+                    # Named by the machine that came up, when it is one waited for (beside
+                    # a cold start, the resume is up first as a rule).
+                    up = [resumes[u.id] for u in routable if u.id in resumes]
+                    if up:
+                        came = "resume" if any(up) else "start"
                     took = self._observe(rt, came, t0)  # a wake that waited for a start
                     _log.info(
                         "wake", app=rt.name, how=came, waited_for="another's start", took_s=took
@@ -223,10 +229,9 @@ class Waker:
                             f"app {rt.name}: machine {coming[0]} did not come up in time"
                         )
                     # (A resume by another party, as its events say, is a resume wake.)
-                    resumes = all(
-                        (rec := rt.machines.get(mid)) is not None and rec.resuming for mid in coming
-                    )
-                    view.waking = came = "resume" if resumes else "start"
+                    for mid in coming:
+                        resumes[mid] = (rec := rt.machines.get(mid)) is not None and rec.resuming
+                    view.waking = came = "resume" if all(resumes[m] for m in coming) else "start"
                     await act.sleep(max(0.0, min(RECHECK_S, deadline - now)))
                     await self._refresh_quietly(rt)
                     continue
