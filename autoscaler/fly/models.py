@@ -106,6 +106,22 @@ def _unix(stamp: datetime | None) -> float | None:
     return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC)).timestamp()
 
 
+def _millis(event: object) -> float | None:
+    """An event's ``timestamp`` (milliseconds) as a finite float; None when it has none
+    (not a number, a bool, NaN, infinite, or an integer too large for a float, which
+    raised OverflowError and made the whole machine list unreadable)."""
+    if not isinstance(event, dict):
+        return None
+    value = event.get("timestamp")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        stamp = float(value)
+    except OverflowError:
+        return None
+    return stamp if math.isfinite(stamp) else None
+
+
 class Organization(_Lenient):
     name: str | None = None
     slug: str | None = None
@@ -257,31 +273,27 @@ class Machine(_Lenient):
         events = (self.model_extra or {}).get("events")
         if not isinstance(events, list):
             return None
-        timed = [
-            e
-            for e in events
-            if isinstance(e, dict)
-            and isinstance(e.get("timestamp"), int | float)
-            and not isinstance(e.get("timestamp"), bool)
-        ]
+        timed = [(ms, e) for e in events if (ms := _millis(e)) is not None]
         if not timed:
             return None
-        timed.sort(key=lambda e: -float(e["timestamp"]))  # stable: newest first on a tie
-        newest = timed[0]
-        if (newest.get("type"), newest.get("status")) not in START_EVENTS:
+        timed.sort(key=lambda t: -t[0])  # stable: newest first on a tie
+        newest = timed[0][1]
+        kind, status = newest.get("type"), newest.get("status")
+        if not isinstance(kind, str) or not isinstance(status, str):
+            return None  # (a list or a dict is no key of START_EVENTS: a TypeError)
+        if (kind, status) not in START_EVENTS:
             return None
-        began = float(newest["timestamp"]) / 1000
+        began = timed[0][0] / 1000
         created = _unix(self.created_at)
-        garbage = not math.isfinite(began) or began < EARLIEST_S
-        if garbage or (created is not None and began < created - 1.0):  # (whole seconds)
+        if began < EARLIEST_S or (created is not None and began < created - 1.0):  # (seconds)
             return None
         updated = _unix(self.updated_at)
         if updated is not None and updated > began:
             began = updated
         resume = (
-            newest.get("type") == "start"
+            kind == "start"
             and len(timed) > 1
-            and timed[1].get("status") in (MachineState.SUSPENDED, MachineState.SUSPENDING)
+            and timed[1][1].get("status") in (MachineState.SUSPENDED, MachineState.SUSPENDING)
         )
         return began, resume
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,9 @@ SUSPENDED = _event("suspend", "suspended", (T0 + 30) * 1000)
         ({"events": "nonsense"}, None),
         ({"events": [{"type": "start", "status": "starting", "timestamp": "soon"}]}, None),
         ({"events": [{"type": "start", "status": "starting", "timestamp": True}]}, None),
+        ({"events": [START, _event("start", "starting", 10**400)]}, (T0 + 60, False)),
+        ({"events": [START, _event("start", "starting", math.nan)]}, (T0 + 60, False)),
+        ({"events": [{**START, "type": ["start"]}]}, None),
         ({"events": [_event("start", "starting", T0 + 60)]}, None),  # seconds, not ms
         ({"events": [_event("start", "starting", (T0 - 3600) * 1000)]}, None),  # before created
         ({"state": "started", "events": [START]}, None),
@@ -174,6 +178,9 @@ SUSPENDED = _event("suspend", "suspended", (T0 + 30) * 1000)
         "not a list",
         "not a number",
         "a bool",
+        "too large for a float",
+        "NaN",
+        "a type not a string",
         "seconds",
         "before created",
         "started",
