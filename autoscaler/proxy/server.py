@@ -640,8 +640,9 @@ class ProxyServer:
         itself ends now, WebSockets to it with a close frame 1001 (going away) at a frame
         boundary (one whose closing handshake is under way, by that handshake's end),
         event streams from it at a chunk boundary. Other streamed answers (a download) may
-        end within the drain's time; with ``everything`` (it is up) they are cut, their
-        clients' connections dropped, and requests sent there whose answers have not begun
+        end within the drain's time; with ``everything`` (it is up) those still coming from
+        the machine are cut, their clients' connections dropped (one the machine sent whole
+        is relayed to its end), and requests sent there whose answers have not begun
         (the machine slow to answer) are answered 502 at once, their connections to the
         machine closed. Their slots come back as they end. A WebSocket or event stream
         whose handshake or head comes later (its request was sent before) ends as soon as
@@ -665,6 +666,10 @@ class ProxyServer:
                 relay.going_away()
                 ended += 1
         for body, endless in list(self._streams.get(machine_id, {}).items()):
+            if body.done:
+                # The machine sent all of it (the proxy relays the rest to a slow client):
+                # nothing more to come from the machine, nothing to cut.
+                continue
             if endless or everything:
                 body.end_early()
                 ended += 1

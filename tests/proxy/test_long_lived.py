@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import socket
 import weakref
 
 import aiohttp
@@ -23,7 +24,7 @@ from autoscaler.proxy import tunnel
 from autoscaler.scaling.fleet import STARTED
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import BOUND_S, read_response
+from .helpers import BOUND_S, parse_head, read_response
 
 
 async def upper_echo(request: web.Request) -> web.WebSocketResponse:
@@ -635,3 +636,50 @@ async def test_after_a_drains_close_the_client_may_still_send_until_it_answers(
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
     await until(lambda: not proxy._tunnels, what="the tunnel to end on the client's close")
     assert heard == ["hi"]  # what came after the cut did not reach the machine
+
+
+async def test_a_drains_deadline_leaves_a_download_whose_machine_sent_all_of_it(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """The deadline cuts the downloads still coming from the machine, which is suspended
+    right after. One the machine has sent whole (its last bytes held by the proxy for a
+    slow client, the slot given back already) needs nothing more of the machine: it was
+    cut all the same, its client's connection dropped short of the end."""
+    size = 16 * 1024 * 1024
+    block = b"x" * 65536
+
+    async def download(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // len(block)):
+            writer.write(block)
+            await writer.drain()
+        await reader.read()
+
+    addr = await raw_backend(download)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a slow client's socket
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+    try:
+        writer.write(b"GET /export HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        _, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+        assert headers["content-length"] == [str(size)]
+        got = 0
+        [body] = proxy._streams[addr]
+        while not body.done:  # read slowly, until the machine's last byte is at the proxy
+            chunk = await reader.read(65536)
+            assert chunk, "cut before the machine sent all of it"
+            got += len(chunk)
+        assert addr in proxy._streams  # still relayed: the client is behind
+        assert fleet.app("a").in_flight == 0  # the machine's part is over
+        fleet.end_long_lived("a", addr, everything=True)
+        async with asyncio.timeout(BOUND_S):
+            while got < size and (chunk := await reader.read(size - got)):
+                got += len(chunk)  # (cut: b"" before the end)
+        assert got == size  # whole, not cut
+    finally:
+        writer.close()
+    assert proxy._streams == {}
