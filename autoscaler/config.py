@@ -57,6 +57,19 @@ NO_APPS = (
 """A config without an app is a mistake at start (a file that forgot them, or the default
 settings of a missing file); a reload to ``apps: []`` is taken, as one that means it."""
 
+
+def no_apps_problem(path: str | os.PathLike[str]) -> str:
+    """Why a config without an app does not start: :data:`NO_APPS`, or, when there is no
+    such file (``config/autoscaler.yaml`` where none was given: run from another
+    directory), that, not "apps: empty" of a file that does not exist."""
+    if not Path(path).exists():
+        return (
+            f"{path}: no such file, and no app is set otherwise (AUTOSCALER_APPS): nothing to"
+            " route or scale; give the file with --config PATH or $AUTOSCALER_CONFIG"
+        )
+    return NO_APPS.format(path=path)
+
+
 _DURATION_RE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)(ms|s|m|h)")
 """One term of a duration: a decimal number as a bare one is written (``.5``, ``1.``,
 ``1e3``), then its unit."""

@@ -38,10 +38,10 @@ from autoscaler import __version__
 from autoscaler.admin import AdminServer
 from autoscaler.config import (
     EMBEDDED,
-    NO_APPS,
     ConfigError,
     Settings,
     load_settings,
+    no_apps_problem,
     parse_host_port,
 )
 from autoscaler.control.controller import Controller, freeze_heap
@@ -81,12 +81,12 @@ def _no_api_url(path: object, settings: Settings) -> str:
     return NO_API_URL.format(path=path, why=why)
 
 
-def start_problem(path: object, settings: Settings) -> str | None:
+def start_problem(path: Path, settings: Settings) -> str | None:
     """Why ``autoscaler run`` does not start on these settings (which a reload may still
     take), or None: no app at all, or an app to scale without ``fly.api_url`` (static
     apps alone need no Machines API)."""
     if not settings.apps:
-        return NO_APPS.format(path=path)
+        return no_apps_problem(path)
     if settings.fly.api_url is None and _scaled(settings):
         return _no_api_url(path, settings)
     return None

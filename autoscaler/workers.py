@@ -44,9 +44,9 @@ from autoscaler.aio import urlopen_direct
 from autoscaler.children import die_with_parent
 from autoscaler.config import (
     EMBEDDED,
-    NO_APPS,
     authority,
     default_replica_id,
+    no_apps_problem,
     parse_host_port,
 )
 from autoscaler.logs import get_logger
@@ -99,7 +99,7 @@ def supervise(
         return 2
     settings, path = loaded
     if not settings.apps:
-        _log.error("config_invalid", problem=NO_APPS.format(path=path))
+        _log.error("config_invalid", problem=no_apps_problem(path))
         return 2
     if settings.cluster.redis_url is None:
         _log.error(

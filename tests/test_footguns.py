@@ -75,6 +75,37 @@ def test_run_and_check_config_refuse_a_config_with_no_app(
     assert capsys.readouterr() == ("", problem + "\n")
 
 
+def test_run_without_a_config_file_says_the_file_is_missing_not_that_its_apps_are_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`autoscaler run` in a directory without config/autoscaler.yaml (no --config, no
+    $AUTOSCALER_CONFIG) runs on the defaults, which have no app: it said
+    "config/autoscaler.yaml: apps: empty", of a file that does not exist. Apps set by the
+    environment alone still run without a file."""
+    import autoscaler.service
+
+    served: list[bool] = []
+
+    def serve(main: Any) -> None:
+        main.close()
+        served.append(True)
+
+    monkeypatch.setattr(autoscaler.service, "run_event_loop", serve)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOSCALER_CONFIG", raising=False)
+    monkeypatch.delenv("AUTOSCALER_APPS", raising=False)
+    with capture_logs() as logs:
+        assert run(None) == 2
+    [problem] = [e["problem"] for e in logs if e["event"] == "config_invalid"]
+    assert problem.startswith("config/autoscaler.yaml: no such file")
+    assert "apps: empty" not in problem
+    monkeypatch.setenv(
+        "AUTOSCALER_APPS", '[{"name": "web", "hosts": ["web.test"], "backends": ["127.0.0.1:9"]}]'
+    )
+    assert run(None) == 0
+    assert served == [True]
+
+
 async def test_a_reload_that_empties_the_apps_is_applied_and_said(tmp_path: Path) -> None:
     """A reload to `apps: []` may be meant (every app taken out): it is applied, with a
     warning that every request now gets 404 and that a restart would be refused."""
