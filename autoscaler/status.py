@@ -74,7 +74,7 @@ def admin_url(listen: str) -> str:
         ):
             raise ValueError(f"expected http(s)://host[:port][/path] or host:port, got {listen!r}")
         # The URL of /status itself (as the demo shows it) was asked for /status/status: 404.
-        return text.removesuffix("/status")
+        return text.removesuffix("/status") if parts.path.endswith("/status") else text
     address = parse_host_port(text)
     host = _WILDCARDS.get(address.host, address.host)
     return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"

@@ -38,6 +38,9 @@ TOKEN = "status-admin-token-987"
         # /status itself, as the demo shows it, was asked for /status/status (404).
         ("http://127.0.0.1:9091/status", "http://127.0.0.1:9091"),
         ("https://ops.example/admin/status/", "https://ops.example/admin"),
+        # A host named status (a service's name) is no /status path: it was cut to http:/.
+        ("http://status", "http://status"),
+        ("https://status/", "https://status"),
     ],
 )
 def test_admin_url(listen: str, url: str) -> None:
