@@ -555,7 +555,8 @@ class AppConfig(_Model):
     """One Fly app behind the proxy, and the policy that scales it."""
 
     name: str = Field(
-        min_length=1, description="Fly app name (lowercase letters, digits and dashes)"
+        min_length=1,
+        description="Fly app name (lowercase letters, digits and dashes; a static app's, any)",
     )
     hosts: list[str] = Field(
         default_factory=list, description='Host names that route here ("*.example.com" allowed)'
@@ -1017,8 +1018,8 @@ def _app_problems(apps: Iterable[tuple[int, AppConfig]]) -> list[_KeyError]:
     routes: dict[tuple[str, str], str] = {}
     for i, app in apps:
         # Checked here, not on AppConfig: the simulator gives a policy to each app of a
-        # trace, whatever the trace calls it.
-        bad_name = app_name_problem(app.name)
+        # trace, whatever the trace calls it. A static app has no Fly app: any name.
+        bad_name = None if app.static else app_name_problem(app.name)
         if bad_name:
             problems.append(_KeyError(f"apps[{i}].name", bad_name))
         if app.name in names:

@@ -627,3 +627,17 @@ def test_a_name_fly_would_refuse_for_an_app_is_an_error_naming_its_key(tmp_path:
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, "{}\n", "e.yaml"), env=env)
     assert info.value.problems == [f"environment: AUTOSCALER_APPS: apps[0].name: {rule} 'Web'"]
+
+
+def test_a_static_apps_name_is_no_fly_app_name_and_may_be_any(tmp_path: Path) -> None:
+    """A static app (backends) has no Fly app: nothing of Fly ever sees its name, which
+    the Fly rule refused all the same (a config that ran before, name: Legacy_Site, no
+    longer started). Made scaled (its backends gone), it is a Fly app name again."""
+    static = "{name: Legacy_Site, hosts: [old.test], backends: ['127.0.0.1:9']}"
+    path = write(tmp_path, f"apps:\n  - {static}\n")
+    assert [a.name for a in load_settings(path, env={})[0].apps] == ["Legacy_Site"]
+    scaled = write(tmp_path, "apps:\n  - {name: Legacy_Site, hosts: [old.test]}\n", "s.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_settings(scaled, env={})
+    [problem] = info.value.problems
+    assert problem.startswith(f"{scaled}:2: apps[0].name: expected a Fly app name")
