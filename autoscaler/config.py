@@ -1406,13 +1406,25 @@ def _error_lines(exc: ValidationError) -> list[tuple[KeyPath, str]]:
             continue
         msg = str(err["msg"]).removeprefix("Value error, ")
         if kind == "value_error" or "got " in msg:
-            items.append((loc, f"{path}: {msg}"))
+            items.append((loc, f"{path}: {msg}{_yaml_bool_hint(err)}"))
             continue
         if kind == "missing":
             items.append((loc, f"{path}: required key is missing"))
             continue
-        items.append((loc, f"{path}: {msg[:1].lower() + msg[1:]}, got {_shown(loc, err)}"))
+        text = f"{path}: {msg[:1].lower() + msg[1:]}, got {_shown(loc, err)}"
+        items.append((loc, text + _yaml_bool_hint(err)))
     return items
+
+
+def _yaml_bool_hint(err: Any) -> str:
+    """For a number given as true or false (``_Model._no_true_for_a_number`` passes it on
+    as text): where that came from, and how to leave a setting off."""
+    if err.get("input") not in ("true", "false"):
+        return ""
+    return (
+        " (YAML reads yes, no, on and off as true and false: give a number, or leave the key"
+        " out for its default)"
+    )
 
 
 def _shown(loc: KeyPath, err: Any) -> str:

@@ -574,7 +574,11 @@ def test_yes_no_on_off_are_no_numbers(tmp_path: Path) -> None:
     ]
     line = f"{path}:4: apps[0].stop_suspended_after_s: expected seconds or a duration like"
     assert any(p.startswith(line) for p in info.value.problems)
-    assert all(p.endswith(("got 'true'", "got 'false'")) for p in info.value.problems)
+    # Where the true or false came from, and what to do instead.
+    hint = " (YAML reads yes, no, on and off as true and false: give a number, or leave the key"
+    assert all(
+        f"got 'true'{hint}" in p or f"got 'false'{hint}" in p for p in info.value.problems
+    ), info.value.problems
 
 
 def test_an_item_of_a_list_set_by_a_variable_is_refused_naming_the_variable(
