@@ -26,6 +26,34 @@ from autoscaler.emulator import Emulator
 from autoscaler.workers import queued_connections_hint
 
 
+def _unreachable_config(tmp_path: Path, apps: list[dict[str, Any]]) -> Path:
+    """A config for ``run --workers`` whose Machines API and Redis nobody listens on."""
+    return write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "apps": apps,
+            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+        },
+    )
+
+
+def _no_worker_forks(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every fork of a worker fails (EAGAIN); the list gets the argv of each one tried."""
+    spawned: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        if argv[1:3] != ["-m", "autoscaler"]:  # not a worker (ctypes runs ldconfig)
+            return real_popen(argv, **kw)
+        spawned.append(argv)
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # none is started
+
+    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    return spawned
+
+
 def pair_of_free_ports() -> int:
     """A port P with P and P + 1 both free (worker i serves admin on P + i)."""
     while True:
@@ -69,25 +97,8 @@ def test_workers_refuse_a_config_with_no_app(
     """As `run` does: with `apps: []` the supervisor started the workers, each serving 404s."""
     from structlog.testing import capture_logs
 
-    file = write_config(
-        tmp_path / "c.yaml",
-        {
-            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
-            "apps": [],
-            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
-            "cluster": {"redis_url": "redis://127.0.0.1:9"},
-        },
-    )
-    spawned: list[list[str]] = []
-    real_popen = subprocess.Popen
-
-    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        if argv[1:3] != ["-m", "autoscaler"]:  # not a worker (ctypes runs ldconfig)
-            return real_popen(argv, **kw)
-        spawned.append(argv)
-        raise BlockingIOError(11, "Resource temporarily unavailable")  # none is started
-
-    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    file = _unreachable_config(tmp_path, [])
+    spawned = _no_worker_forks(monkeypatch)
     with capture_logs() as logs:
         assert workers.supervise(str(file), None, 2) == 2
     assert spawned == []
@@ -395,15 +406,7 @@ def test_a_sigterm_before_the_supervisor_has_its_handlers_stops_it_cleanly(
     """A SIGTERM while `autoscaler run --workers 2` still imports ended the supervisor by
     the signal's default action (exit -15). It is held back until the supervisor has its
     handlers, which then stop it before it starts a worker."""
-    file = write_config(
-        tmp_path / "c.yaml",
-        {
-            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
-            "apps": [{"name": "web"}],
-            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
-            "cluster": {"redis_url": "redis://127.0.0.1:9"},
-        },
-    )
+    file = _unreachable_config(tmp_path, [{"name": "web"}])
     script = signal_on_import("autoscaler.logs", "SIGTERM")
     argv = [sys.executable, "-c", script, *run(file, "--workers", "2")[3:]]
     done = subprocess.run(
@@ -424,17 +427,8 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
 ) -> None:
     """The second worker's fork fails: the supervisor says so, exits 1, and the first
     worker is stopped and reaped by it (not left to the parent-death signal)."""
-    from autoscaler import workers
 
-    file = write_config(
-        tmp_path / "c.yaml",
-        {
-            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
-            "apps": [{"name": "web"}],
-            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
-            "cluster": {"redis_url": "redis://127.0.0.1:9"},
-        },
-    )
+    file = _unreachable_config(tmp_path, [{"name": "web"}])
     started: list[subprocess.Popen[bytes]] = []
     real_popen = subprocess.Popen
 
@@ -460,25 +454,8 @@ def test_the_workers_log_as_the_command_was_told(
     every info line, as JSON, whatever the flags said."""
     from autoscaler import cli
 
-    file = write_config(
-        tmp_path / "c.yaml",
-        {
-            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
-            "apps": [{"name": "web"}],
-            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
-            "cluster": {"redis_url": "redis://127.0.0.1:9"},
-        },
-    )
-    spawned: list[list[str]] = []
-    real_popen = subprocess.Popen
-
-    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        if argv[1:3] != ["-m", "autoscaler"]:  # not a worker (ctypes runs ldconfig)
-            return real_popen(argv, **kw)
-        spawned.append(argv)
-        raise BlockingIOError(11, "Resource temporarily unavailable")  # none is started
-
-    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    file = _unreachable_config(tmp_path, [{"name": "web"}])
+    spawned = _no_worker_forks(monkeypatch)
     argv = ["run", "--config", str(file), "--workers", "2"]
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
