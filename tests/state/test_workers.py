@@ -427,7 +427,6 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
 ) -> None:
     """The second worker's fork fails: the supervisor says so, exits 1, and the first
     worker is stopped and reaped by it (not left to the parent-death signal)."""
-
     file = _unreachable_config(tmp_path, [{"name": "web"}])
     started: list[subprocess.Popen[bytes]] = []
     real_popen = subprocess.Popen
