@@ -447,7 +447,8 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runne
     ),
     (
         "check-config",
-        "validate a config file and print a summary (exit 2 on problems)",
+        "validate a config file and print a summary (exit 2 on problems; give the file"
+        " once, as PATH or as --config)",
         _check_config_args,
         _check_config,
     ),
