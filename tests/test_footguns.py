@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from reliability.harness import live_service
 from structlog.testing import capture_logs
 from testkit import free_port, until
 
@@ -111,17 +112,7 @@ async def test_a_reload_that_empties_the_apps_is_applied_and_said(tmp_path: Path
     warning that every request now gets 404 and that a restart would be refused."""
     static = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
     path = write(tmp_path, f"apps: [{static}]\n")
-    settings, _ = load_settings(path, env={})
-    svc = Service(
-        settings,
-        path,
-        metrics=Metrics(CollectorRegistry()),
-        proxy_port=0,
-        admin_port=0,
-        without_api=True,
-    )
-    await svc.start()
-    try:
+    async with live_service(path, without_api=True) as svc:
         path.write_text("apps: []\n")
         with capture_logs() as logs:
             assert await svc.reload()
@@ -134,8 +125,6 @@ async def test_a_reload_that_empties_the_apps_is_applied_and_said(tmp_path: Path
         with capture_logs() as logs:
             assert await svc.reload()
         assert [e for e in logs if e["event"] == "no_apps"] == []
-    finally:
-        await svc.stop()
 
 
 def test_run_refuses_to_start_without_a_machines_api(tmp_path: Path) -> None:

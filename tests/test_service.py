@@ -854,17 +854,7 @@ async def test_a_service_without_an_api_refuses_a_reload_that_adds_an_app_to_sca
     file = tmp_path / "static.yaml"
     static = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
     file.write_text(f"apps: [{static}]\n")
-    settings, _ = load_settings(file, env={})
-    svc = Service(
-        settings,
-        file,
-        metrics=Metrics(CollectorRegistry()),
-        proxy_port=0,
-        admin_port=0,
-        without_api=True,
-    )
-    await svc.start()
-    try:
+    async with live_service(file, without_api=True) as svc:
         assert svc.emulator is None
         fly = f"fly: {{api_url: '{api_url}'}}\n" if api_url else ""
         file.write_text(f"{fly}apps: [{static}, {{name: api, hosts: [api.test]}}]\n")
@@ -876,5 +866,3 @@ async def test_a_service_without_an_api_refuses_a_reload_that_adds_an_app_to_sca
         assert [a.name for a in svc.settings.apps] == ["web"]
         file.write_text(f"apps: [{static.replace('web.test', 'www.test')}]\n")
         assert await svc.reload()  # static apps alone still reload
-    finally:
-        await svc.stop()

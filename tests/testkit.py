@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,19 @@ class SlowToEnd:
         self.release.set()
         self.task.cancel()
         await asyncio.wait([self.task])
+
+    async def cut_short(self, stop: Coroutine[Any, Any, object]) -> asyncio.Future[object]:
+        """Run ``stop`` (which cancels this task and waits for its end), cancel it in that
+        wait, as a second SIGTERM would, and return it once it has ended; this task is
+        ended after."""
+        stopping = asyncio.ensure_future(stop)
+        try:
+            await self.cancelled.wait()  # the stop cancelled it and waits for its end
+            stopping.cancel()  # the stop cut short
+            await asyncio.wait([stopping])
+        finally:
+            await self.end()
+        return stopping
 
 
 def signal_on_import(module: str, sig: str) -> str:

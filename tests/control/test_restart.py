@@ -102,6 +102,14 @@ async def until(ctl: Controller, check: Callable[[], bool], timeout_s: float = 3
                 await asyncio.wait_for(view.changed(), 0.1)
 
 
+async def _suspended(client: MachinesClient, mid: str) -> None:
+    """Start the stopped machine ``mid``, then suspend it (a snapshot to resume)."""
+    await client.start_machine(APP, mid)
+    await client.wait_for_machine_state(APP, mid, "started")
+    await client.suspend_machine(APP, mid)
+    await client.wait_for_machine_state(APP, mid, "suspended")
+
+
 async def _two_started_by_a_first_process(client: MachinesClient, emulator: Emulator) -> list[str]:
     """A first process starts two machines of the app and stops; their ids, sorted."""
     first = controller(client, min_machines=2)
@@ -240,10 +248,7 @@ async def test_a_wake_resumes_a_suspended_machine_rather_than_wait_for_another_s
     It waited for the cold start, and its requests for it."""
     async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
         cold, asleep, _ = sorted(m.id for m in emulator.machines(APP))
-        await client.start_machine(APP, asleep)
-        await client.wait_for_machine_state(APP, asleep, "started")
-        await client.suspend_machine(APP, asleep)
-        await client.wait_for_machine_state(APP, asleep, "suspended")
+        await _suspended(client, asleep)
         await client.start_machine(APP, cold)  # the other party's start, landed
         ctl = controller(client, min_machines=0)
         try:
@@ -266,10 +271,7 @@ async def test_a_wake_waits_for_a_resume_another_party_made_rather_than_resume_a
     async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
         resumed, asleep, _ = sorted(m.id for m in emulator.machines(APP))
         for mid in (resumed, asleep):
-            await client.start_machine(APP, mid)
-            await client.wait_for_machine_state(APP, mid, "started")
-            await client.suspend_machine(APP, mid)
-            await client.wait_for_machine_state(APP, mid, "suspended")
+            await _suspended(client, mid)
         await client.start_machine(APP, resumed)  # the other party's resume, landed
         ctl = controller(client, min_machines=0)
         try:

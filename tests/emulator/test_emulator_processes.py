@@ -241,14 +241,8 @@ async def test_a_state_save_closed_by_a_cut_close_is_cancelled_and_still_saves(
     saver = Saver(tmp_path / "s.json", {})
     slow = SlowToEnd()
     saver._task = slow.task  # (a save to come that takes its time to end)
-    closing = asyncio.ensure_future(saver.close())
-    try:
-        await slow.cancelled.wait()  # the close cancelled it and waits for its end
-        closing.cancel()  # the close cut short
-        await asyncio.wait([closing])
-        assert closing.cancelled()
-    finally:
-        await slow.end()
+    closing = await slow.cut_short(saver.close())
+    assert closing.cancelled()
     assert json.loads((tmp_path / "s.json").read_text())["apps"] == []
 
 

@@ -360,11 +360,5 @@ async def test_a_close_cancelled_while_its_sweeper_ends_is_cancelled() -> None:
     pool = Pool(1, 1.0)
     slow = SlowToEnd()
     pool._sweeper = slow.task  # (a sweeper that takes its time to end)
-    closing = asyncio.ensure_future(pool.close())
-    try:
-        await slow.cancelled.wait()  # the close cancelled it and waits for its end
-        closing.cancel()  # the stop cut short
-        await asyncio.wait([closing])
-        assert closing.cancelled()
-    finally:
-        await slow.end()
+    closing = await slow.cut_short(pool.close())
+    assert closing.cancelled()

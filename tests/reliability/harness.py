@@ -173,8 +173,10 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 @asynccontextmanager
-async def live_service(config_file: Path) -> AsyncIterator[Service]:
-    """``Service`` from ``config_file`` on ephemeral loopback ports; stopped after."""
+async def live_service(config_file: Path, *, without_api: bool = False) -> AsyncIterator[Service]:
+    """``Service`` from ``config_file`` on ephemeral loopback ports; stopped after.
+    ``without_api``: static apps only, no Machines API (as ``autoscaler run`` starts a
+    config without ``fly.api_url``)."""
     settings, _ = load_settings(config_file, env={})
     svc = Service(
         settings,
@@ -182,6 +184,7 @@ async def live_service(config_file: Path) -> AsyncIterator[Service]:
         metrics=Metrics(CollectorRegistry()),
         proxy_port=0,
         admin_port=0,
+        without_api=without_api,
     )
     await svc.start()
     try:
