@@ -61,6 +61,29 @@ class Conflict(Exception):
     """The operation makes no sense in the machine's current state (HTTP 412)."""
 
 
+class SuspendRefused(Exception):
+    """The machine's config rules a suspend out, as Fly's does (HTTP 400)."""
+
+
+def suspend_refusal(config: dict[str, Any]) -> str | None:
+    """Why Fly would refuse to suspend a machine of this config; None when it would not.
+
+    Fly's suspend-resume page: suspend works for machines with no swap, no schedule and
+    no GPU. It also names 2 GB of memory or less, but "larger is possible but
+    discouraged" (longer suspends), so a large machine is suspended."""
+    init = config.get("init") or {}
+    guest = config.get("guest") or {}
+    if init.get("swap_size_mb"):
+        return f"swap is configured (config.init.swap_size_mb: {init['swap_size_mb']})"
+    if config.get("schedule"):
+        return f"it runs on a schedule (config.schedule: {config['schedule']})"
+    if guest.get("gpus"):
+        return f"it has a GPU (config.guest.gpus: {guest['gpus']})"
+    if guest.get("gpu_kind"):
+        return f"it has a GPU (config.guest.gpu_kind: {guest['gpu_kind']})"
+    return None
+
+
 class HostUnreachable(Exception):
     """The machine's host cannot be reached (``faults.host_unreachable``; HTTP 503)."""
 
@@ -298,6 +321,12 @@ class Lifecycle:
         self._reachable(m)
         if m.state != "started":
             raise Conflict(f"unable to suspend machine from current state: '{m.state}'")
+        why = suspend_refusal(m.config)
+        if why is not None:
+            raise SuspendRefused(
+                f"unable to suspend machine: {why}; only a machine without swap, schedule "
+                "or GPU can be suspended (stop it instead)"
+            )
         mp = self.procs.get(m.id)
         self.record(m, "suspending", "suspend")
         if mp is not None:

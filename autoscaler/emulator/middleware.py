@@ -21,7 +21,7 @@ from aiohttp import web
 from autoscaler.emulator import validate
 from autoscaler.emulator.leases import NONCE_HEADER, LeaseHeld, Leases
 from autoscaler.emulator.limits import RateLimiter, bucket_key, retry_after
-from autoscaler.emulator.machines import Conflict, HostUnreachable
+from autoscaler.emulator.machines import Conflict, HostUnreachable, SuspendRefused
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.world import NameTaken, NotFound, World
 from autoscaler.logs import get_logger
@@ -60,7 +60,7 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         response = await handler(request)
     except NotFound as exc:
         response = error(404, str(exc))
-    except validate.BadRequest as exc:
+    except (validate.BadRequest, SuspendRefused) as exc:
         response = error(400, str(exc))
     except Conflict as exc:
         response = error(412, str(exc))

@@ -214,6 +214,10 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
                 raise BadRequest(f"{where}.guest.memory_mb: must be a multiple of 256, got {mem}")
         if "cpu_kind" in guest:
             _enum(guest["cpu_kind"], ("shared", "performance"), f"{where}.guest.cpu_kind")
+        if guest.get("gpus") is not None:
+            _int(guest["gpus"], f"{where}.guest.gpus", 0)
+        if guest.get("gpu_kind") is not None:
+            _expect(guest["gpu_kind"], str, f"{where}.guest.gpu_kind", "a string")
     for i, svc in enumerate(_section(config, "services", list, where) or []):
         _service(svc, f"{where}.services[{i}]")
     for name, check in (_section(config, "checks", dict, where) or {}).items():
@@ -227,6 +231,8 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
         for key in ("exec", "entrypoint", "cmd"):
             if init.get(key) is not None:
                 _str_list(init[key], f"{where}.init.{key}")
+        if init.get("swap_size_mb") is not None:
+            _int(init["swap_size_mb"], f"{where}.init.swap_size_mb", 0)
     restart = _section(config, "restart", dict, where)
     if restart is not None:
         if "policy" in restart:

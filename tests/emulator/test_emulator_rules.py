@@ -1,5 +1,6 @@
 """The real API's rules the seed leaves out: /wait limits, lease on create, versions, ps,
-and a clear 501 for the endpoints of Fly's spec that the emulator does not play."""
+the machines Fly cannot suspend, and a clear 501 for the endpoints of Fly's spec that the
+emulator does not play."""
 
 from __future__ import annotations
 
@@ -243,3 +244,70 @@ async def test_a_restart_keeps_suspended_machines_and_forgets_accepted_destroys(
         events = await (await s.get(f"/v1/apps/demo/machines/{asleep}/events")).json()
         launch = next(e for e in events if e["type"] == "launch")
         assert launch["request"]["resume"] is False  # the snapshot did not survive
+
+
+INELIGIBLE = {
+    "swap": ({"init": {"swap_size_mb": 512}}, "config.init.swap_size_mb"),
+    "schedule": ({"schedule": "daily"}, "config.schedule"),
+    "gpu": ({"guest": {"cpus": 1, "memory_mb": 1024, "gpus": 1}}, "config.guest.gpus"),
+    "gpu_kind": ({"guest": {"gpu_kind": "a10"}}, "config.guest.gpu_kind"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INELIGIBLE))
+async def test_a_suspend_fly_does_not_allow_is_refused_and_the_machine_stays_started(
+    emulator: Emulator, case: str
+) -> None:
+    """Fly's suspend-resume page: no swap, no schedule, no GPU. Refused with 400 naming
+    the field; the machine runs on untouched, and a stop still works. A machine over
+    2 GB is suspended: the page only discourages it."""
+    config, field = INELIGIBLE[case]
+    async with session(emulator) as s:
+        m = await new_machine(s, **config)
+        mid = m["id"]
+        r = await s.post(f"/v1/apps/demo/machines/{mid}/suspend")
+        assert r.status == 400
+        body = await r.json()
+        assert body["status"] == 400
+        assert field in body["error"]
+        got = await (await s.get(f"/v1/apps/demo/machines/{mid}")).json()
+        assert got["state"] == "started"
+        assert all(e["type"] != "suspend" for e in got["events"])
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/stop")).status == 200
+        await wait_ok(s, "demo", mid, "stopped")
+
+        large = await create_machine(s, guest={"cpus": 2, "memory_mb": 4096})
+        await wait_ok(s, "demo", large["id"])
+        assert (await s.post(f"/v1/apps/demo/machines/{large['id']}/suspend")).status == 200
+        await wait_ok(s, "demo", large["id"], "suspended")
+
+
+async def test_a_machine_updated_to_drop_its_swap_can_be_suspended(emulator: Emulator) -> None:
+    async with session(emulator) as s:
+        m = await new_machine(s, init={"swap_size_mb": 256})
+        mid = m["id"]
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/suspend")).status == 400
+        config = {**m["config"], "init": {}}
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}", json={"config": config})).ok
+        await wait_ok(s, "demo", mid)
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/suspend")).status == 200
+        await wait_ok(s, "demo", mid, "suspended")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"init": {"swap_size_mb": -1}},
+        {"init": {"swap_size_mb": "512"}},
+        {"guest": {"gpus": -1}},
+        {"guest": {"gpu_kind": 3}},
+    ],
+)
+async def test_swap_and_gpu_fields_of_the_wrong_kind_are_400_at_create(
+    emulator: Emulator, config: dict[str, object]
+) -> None:
+    async with session(emulator) as s:
+        await create_app(s)
+        body = {"config": {"image": "autoscaler/demo-app", **config}}
+        r = await s.post("/v1/apps/demo/machines", json=body)
+        assert r.status == 400, await r.text()
