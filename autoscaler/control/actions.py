@@ -687,6 +687,11 @@ class Actuator:
         """Suspend (falling back to stop where suspend is refused) or stop, and wait."""
         app = rt.name
         machine = rt.machines[mid]
+        version = machine.instance_id
+        if how == "suspend" and version is not None and rt.suspend_refused.get(mid) == version:
+            # This version's suspend was refused before (runtime.py, suspend_refused).
+            _log.info("suspend_skipped", app=app, machine=mid, version=version)
+            how = "stop"
         if how == "suspend":
             try:
                 await self.api.suspend_machine(app, mid, lease_nonce=self.nonce(rt, mid))
@@ -694,9 +699,13 @@ class Actuator:
                 self.count(rt, "suspend", False)
                 raise
             except (BadRequest, Conflict) as exc:
-                # Suspend is refused for some machines (large memory, volumes): stop then.
+                # Fly does not suspend every machine (swap, a schedule, a GPU): stop then.
+                # A 400 or 422 is the machine's config, which retrying will not change:
+                # remembered for this version. A 409 or 412 (a state that passes) is not.
                 self.count(rt, "suspend", False)
                 _log.warning("suspend_refused", app=app, machine=mid, error=str(exc))
+                if isinstance(exc, BadRequest) and version is not None:
+                    rt.suspend_refused[mid] = version
                 how = "stop"
             except FlyError:
                 self.count(rt, "suspend", False)
@@ -709,7 +718,7 @@ class Actuator:
         self.publish(rt)
         with self.counting_failure(rt, how):
             await self.api.wait_for_machine_state(
-                app, mid, target, timeout_s=STATE_WAIT_S, instance_id=machine.instance_id
+                app, mid, target, timeout_s=STATE_WAIT_S, instance_id=version
             )
         self.count(rt, how, True)
         rt.record(mid, self.clock(), state=target)

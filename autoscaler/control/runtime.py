@@ -292,6 +292,11 @@ class AppRuntime:
     Forgotten once RESTART_MAX_S pass without another."""
     leased_by_others: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (seen, busy until): an action found it leased by another holder."""
+    suspend_refused: dict[str, str] = field(default_factory=dict)
+    """Machine -> the version (``instance_id``) whose suspend the API refused with a 400
+    or 422 (a config Fly will not suspend: swap, a schedule, a GPU): its scale-downs stop
+    it without asking again. Forgotten when a list shows another version (a deploy may
+    have made it suspendable) or no such machine."""
     read_once: bool = False
     cordon_listed: bool = True
     """The last list said of every machine whether it is cordoned (the real API may leave
@@ -418,6 +423,11 @@ class AppRuntime:
         self.touched = {k: v for k, v in self.touched.items() if k in fresh}
         self.hung_restarts = {k: v for k, v in self.hung_restarts.items() if k in fresh}
         self.leased_by_others = {k: v for k, v in self.leased_by_others.items() if k in fresh}
+        self.suspend_refused = {
+            k: v
+            for k, v in self.suspend_refused.items()
+            if k in fresh and fresh[k].instance_id == v
+        }
         self.machines = fresh
         self.read_once = True
         self.listed_at = listed_at

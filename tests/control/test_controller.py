@@ -19,7 +19,14 @@ from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.control.wake import RESUME_PATIENCE_S, START_PATIENCE_S
 from autoscaler.fly import models as m
-from autoscaler.fly.errors import Conflict, FlyError, RateLimited, ServerError, TransportError
+from autoscaler.fly.errors import (
+    BadRequest,
+    Conflict,
+    FlyError,
+    RateLimited,
+    ServerError,
+    TransportError,
+)
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.keepalive import PREWARM_LEAD_S, KeepAliveState, Plan
@@ -2296,3 +2303,41 @@ async def test_a_fresh_machine_still_critical_after_its_grace_is_replaced(
             assert [(a.kind, a.machine_id) for a in decision.actions] == [("start", spare)]
         finally:
             await rig.ctl.stop()
+
+
+async def test_a_suspend_refused_for_the_machines_config_is_not_asked_again_for_its_version(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Fly does not suspend every machine (swap, a schedule, a GPU). A 400 or 422 says the
+    machine's config, so its next scale-downs stop it at once, until its version changes;
+    a 412 (a state that passes) does not count. Each refusal falls back to a stop."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+
+    async def scale_down() -> None:
+        api.set(APP, mid, state="started")  # started again (by someone, or a wake)
+        await clock.advance(6)
+        [action] = (await rig.tick()).actions
+        assert action.kind == "drain"
+        await rig.ctl.idle()
+
+    api.fail["suspend_machine"] = [Conflict(412, "not now"), BadRequest(400, "swap")]
+    with capture_logs() as logs:
+        await scale_down()  # 412: stopped, not remembered
+        assert state(api, mid) == "stopped"
+        await scale_down()  # 400: stopped, remembered
+        assert state(api, mid) == "stopped"
+        await scale_down()  # straight to the stop
+        assert state(api, mid) == "stopped"
+    assert len(api.ops("suspend_machine")) == 2
+    assert len(api.ops("stop_machine")) == 3
+    events = [e["event"] for e in logs if e.get("machine") == mid]
+    assert events.count("suspend_refused") == 2
+    assert events.count("suspend_skipped") == 1
+    assert_uncordoned(api, mid)
+
+    api.set(APP, mid, instance_id="inst-deployed")  # a new version: asked again
+    await scale_down()
+    assert state(api, mid) == "suspended"
+    assert len(api.ops("suspend_machine")) == 3
