@@ -692,6 +692,7 @@ class Actuator:
             # This version's suspend was refused before (runtime.py, suspend_refused).
             _log.info("suspend_skipped", app=app, machine=mid, version=version)
             how = "stop"
+        call = True
         if how == "suspend":
             try:
                 await self.api.suspend_machine(app, mid, lease_nonce=self.nonce(rt, mid))
@@ -701,16 +702,23 @@ class Actuator:
             except (BadRequest, Conflict) as exc:
                 # Fly does not suspend every machine (swap, a schedule, a GPU): stop then.
                 # A 400 or 422 is the machine's config, which retrying will not change:
-                # remembered for this version. A 409 or 412 (a state that passes) is not.
+                # remembered for this version. A 409 or 412 is a state: maybe a suspend or
+                # stop already under way (another party's), waited for as it is, since a
+                # stop of a suspending machine would throw its snapshot away.
                 self.count(rt, "suspend", False)
-                _log.warning("suspend_refused", app=app, machine=mid, error=str(exc))
-                if isinstance(exc, BadRequest) and version is not None:
-                    rt.suspend_refused[mid] = version
-                how = "stop"
+                going = None if isinstance(exc, BadRequest) else await self._going_down(app, mid)
+                if going is not None:
+                    _log.info("suspend_under_way", app=app, machine=mid, going=going)
+                    how, call = going, False
+                else:
+                    _log.warning("suspend_refused", app=app, machine=mid, error=str(exc))
+                    if isinstance(exc, BadRequest) and version is not None:
+                        rt.suspend_refused[mid] = version
+                    how = "stop"
             except FlyError:
                 self.count(rt, "suspend", False)
                 raise
-        if how == "stop":
+        if how == "stop" and call:
             with self.counting_failure(rt, "stop"):
                 await self.api.stop_machine(app, mid, lease_nonce=self.nonce(rt, mid))
         target = SUSPENDED if how == "suspend" else STOPPED
@@ -723,6 +731,19 @@ class Actuator:
         self.count(rt, how, True)
         rt.record(mid, self.clock(), state=target)
         self.publish(rt)
+
+    async def _going_down(self, app: str, mid: str) -> str | None:
+        """ "suspend" or "stop" when the machine reads as already going that way (or gone),
+        None when it does not or cannot be read (the caller stops it then)."""
+        try:
+            state = (await self.api.get_machine(app, mid)).state
+        except FlyError:
+            return None
+        if state in ("suspending", SUSPENDED):
+            return "suspend"
+        if state in ("stopping", STOPPED):
+            return "stop"
+        return None
 
     async def stop_suspended(self, rt: AppRuntime, mid: str) -> bool:
         """A machine suspended past stop_suspended_after_s: stop it (its snapshot goes)."""

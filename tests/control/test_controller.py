@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
-from testkit import canned_http
+from testkit import canned_http, until
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.actions import CORDON_UNSURE_S
@@ -2341,3 +2341,27 @@ async def test_a_suspend_refused_for_the_machines_config_is_not_asked_again_for_
     await scale_down()
     assert state(api, mid) == "suspended"
     assert len(api.ops("suspend_machine")) == 3
+
+
+async def test_a_suspend_refused_because_the_machine_is_already_suspending_is_not_a_stop(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Another party suspends the machine while our suspend is on its way: Fly answers
+    412, and the drain waits for that suspend rather than stopping the machine, which
+    would throw its snapshot away."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    api.gates["suspend_machine"] = gate = asyncio.Event()
+    await clock.advance(6)
+    with capture_logs() as logs:
+        [action] = (await rig.tick()).actions
+        assert action.kind == "drain"
+        await until(lambda: bool(api.ops("suspend_machine")), what="our suspend sent")
+        api.set(APP, mid, state="suspended")  # someone else's suspend got there first
+        gate.set()
+        await rig.ctl.idle()
+    assert api.ops("stop_machine") == []
+    assert state(api, mid) == "suspended"
+    assert [e["event"] for e in logs if e.get("machine") == mid].count("suspend_refused") == 0
+    assert_uncordoned(api, mid)
