@@ -29,7 +29,8 @@ starts waited for are cold ones (a resume is up in well under a second on Fly, a
 in one to several); the machine too many goes at a scale-down. While another party's resume
 is under way, a resume of another machine, no faster, waits for it too, for
 ``RESUME_PATIENCE_S`` (2 s) at most from when Fly began it: a resume still coming up by
-then fell back to a cold boot. A machine starting under someone else's cordon is not waited
+then fell back to a cold boot, and the other machine is resumed beside it
+(``wake_passes_slow_resume``). A machine starting under someone else's cordon is not waited
 for: it would never route.
 
 The wake's actions and reads make one attempt per call, as a tick's do: the wake is the
@@ -161,6 +162,7 @@ class Waker:
             came: str | None = None  # we waited for another party's start (or resume)
             seen_coming: dict[str, float] = {}  # another party's start -> first seen
             resumes: dict[str, bool] = {}  # another party's start waited for -> a resume?
+            passed_resumes: set[str] = set()  # another party's resume, past its patience
             if not rt.read_once:
                 await self._first_read(rt, deadline)
             while True:
@@ -211,12 +213,14 @@ class Waker:
                 # is as slow as another party's resume under way: that one is waited for,
                 # RESUME_PATIENCE_S at most (by then it fell back to a cold boot). A
                 # take-back is never held: the machine is up now, and no new one starts.
-                resuming = any(
-                    (rec := rt.machines.get(mid)) is not None
-                    and rec.resuming
-                    and now - self.patience_from(rt, mid, seen_coming[mid], now, t0)
-                    < RESUME_PATIENCE_S
+                resumes_coming = [
+                    mid
                     for mid in coming
+                    if (rec := rt.machines.get(mid)) is not None and rec.resuming
+                ]
+                resuming = any(
+                    now - self.patience_from(rt, mid, seen_coming[mid], now, t0) < RESUME_PATIENCE_S
+                    for mid in resumes_coming
                 )
                 fast = ("uncordon",) if resuming else ("uncordon", "resume")
                 if coming and (action is None or action.kind not in fast):
@@ -235,6 +239,13 @@ class Waker:
                     await act.sleep(max(0.0, min(RECHECK_S, deadline - now)))
                     await self._refresh_quietly(rt)
                     continue
+                if action is not None and action.kind == "resume":
+                    # Past another party's resume, its patience run out (it fell back to a
+                    # cold boot, or hangs): said once per machine, as a passed start is.
+                    for mid in resumes_coming:
+                        if mid not in passed_resumes:
+                            passed_resumes.add(mid)
+                            _log.info("wake_passes_slow_resume", app=rt.name, machine=mid)
                 if action is not None and action.kind == "start":
                     # A resume an API error failed once (not told to wait long) goes first.
                     at, mid = min(

@@ -959,6 +959,29 @@ async def test_a_wake_resumes_another_machine_once_another_party_s_resume_is_slo
     assert state(api, resumed) == "starting"
 
 
+async def test_a_wake_that_passes_another_party_s_slow_resume_says_so(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A resume of another machine that goes ahead once RESUME_PATIENCE_S has run out
+    writes its line, as a passed start does (``wake_passes_slow_start``): once, naming the
+    resume passed. It went ahead without a word."""
+    resumed = api.add(APP, "starting")
+    api.set(APP, resumed, **began(clock, 0, before="suspended"))
+    asleep = api.add(APP, "suspended")
+    rig = Rig(api, clock, wake_timeout_s=60)
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        await clock.advance(RESUME_PATIENCE_S - 0.5)
+        assert not [e for e in logs if e["event"] == "wake_passes_slow_resume"]
+        await clock.advance(1)
+        assert await task == "resume"
+    assert api.ops("start_machine") == [asleep]
+    passed = [e for e in logs if e["event"] == "wake_passes_slow_resume"]
+    assert [(e["app"], e["machine"], e["log_level"]) for e in passed] == [(APP, resumed, "info")]
+    assert not [e for e in logs if e["event"] == "wake_passes_slow_start"]
+
+
 @pytest.mark.parametrize(
     ("waking", "how"),
     [("a cold start", "resume"), ("a resume", "none")],
