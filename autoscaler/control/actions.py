@@ -522,7 +522,7 @@ class Actuator:
                 got = await self.api.get_machine(app, mid)
                 if got.state not in (STARTED, "starting"):
                     raise
-        rt.record(mid, self.clock(), state="starting")
+        rt.record(mid, self.clock(), state="starting", how=kind)
         self.publish(rt)
         with self.counting_failure(rt, kind):
             # "failed" too, so a machine that cannot boot costs its boot, not the whole wait.
@@ -537,6 +537,7 @@ class Actuator:
                 fresh = replace(
                     MachineRecord.of(await self.api.get_machine(app, mid)),
                     state=rt.machines[mid].state,
+                    how=rt.machines[mid].how,
                 )
                 rt.machines[mid] = fresh
                 host, port = rt.address(fresh)

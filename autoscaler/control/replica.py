@@ -54,13 +54,13 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.fencing import WAKE_FENCE, Fence, FencedAPI
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import Budget
-from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo
+from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo, Upstream
 from autoscaler.control.wake import WakeError
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, SUSPENDED
+from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, SUSPENDED, SUSPENDING
 from autoscaler.scaling.window import Sample
 from autoscaler.state.claim import Claim
 from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush
@@ -98,13 +98,17 @@ def _both(first: Fence, second: Fence) -> Fence:
     return check
 
 
-def _waited_for(before: dict[str, str], machine: str) -> str:
-    """What a follower's held requests waited for, by the state the machine that came up
-    was in when the wake began: "resume", "start", or "none" (it was started already)."""
-    was = before.get(machine)
-    if was == SUSPENDED:
-        return "resume"
-    return "none" if was == STARTED else "start"
+def _waited_for(before: dict[str, str], up: Upstream) -> str:
+    """What a follower's held requests waited for: "none" if the machine that came up was
+    started already when the wake began, else how it came up as the leader publishes it
+    (:attr:`Upstream.how`: a resume under way is listed ``starting``, as a cold start
+    is), else by the state it was in then ("resume" from suspended or suspending)."""
+    was = before.get(up.id)
+    if was == STARTED:
+        return "none"
+    if up.how is not None:
+        return up.how
+    return "resume" if was in (SUSPENDED, SUSPENDING) else "start"
 
 
 class _Ours:
@@ -491,7 +495,7 @@ class Replica:
                 last = self._published.get(name)
                 if last is None:  # unchanged since we started: sequence 0
                     last = self._published[name] = AppFleet(
-                        0, self._machines_of(name), self._critical_of(name)
+                        0, self._machines_of(name), self._critical_of(name), self._how_of(name)
                     )
                 fleet[name] = last
         return fleet
@@ -507,15 +511,23 @@ class Replica:
     def _critical_of(self, app: str) -> tuple[str, ...]:
         return tuple(u.id for u in self.view.app(app).upstreams.values() if u.checks_critical)
 
+    def _how_of(self, app: str) -> dict[str, str]:
+        return {u.id: u.how for u in self.view.app(app).upstreams.values() if u.how is not None}
+
     def _machines_changed(self, app: str) -> None:
         """The view's listener: number the change, and (leader) push it. A list that
         found the machines as they were (most of them) is no change to the followers."""
-        machines, critical = self._machines_of(app), self._critical_of(app)
+        machines, critical, how = self._machines_of(app), self._critical_of(app), self._how_of(app)
         last = self._published.get(app)
-        if last is not None and last.machines == machines and last.critical == critical:
+        if (
+            last is not None
+            and last.machines == machines
+            and last.critical == critical
+            and last.how == how
+        ):
             return
         self._seq += 1
-        self._published[app] = AppFleet(self._seq, machines, critical)
+        self._published[app] = AppFleet(self._seq, machines, critical, how)
         if self.leading:
             self._dirty.add(app)
             self._push_wanted.set()
@@ -583,6 +595,7 @@ class Replica:
                 state=str(s),
                 cordoned=bool(c),
                 checks_critical=str(i) in critical,
+                how=fleet.how.get(str(i)),
             )
             for i, h, p, s, c in fleet.machines
         )
@@ -803,8 +816,9 @@ class Replica:
         again, and a wake timeout shorter than it never reached it), wake by itself under
         the app's wake claim (unless another replica holds it: then keep waiting). Once no
         request waits any more, neither: a machine is not woken for clients that left.
-        "resume" or "start" by the state the machine was in before (or as our own wake
-        says); "none" if one was routable already."""
+        "resume" or "start" by how the machine that came up did, as the leader publishes
+        it (else by the state it was in before; or as our own wake says); "none" if one
+        was routable already."""
         view = self.view.app(app)
         if view.routable():
             return "none"
@@ -823,7 +837,7 @@ class Replica:
                 return await self.leader_wake(app)
             routable = view.routable()
             if routable:
-                return _waited_for(before, routable[0].id)
+                return _waited_for(before, routable[0])
             now = self.clock()
             if now >= ask_at:
                 # Asked again every lease TTL: a request the old leader popped and never
@@ -840,7 +854,7 @@ class Replica:
                 if result == "none" and (routable := view.routable()):
                     # Its read found a machine up that another replica woke meanwhile:
                     # the requests still waited for that wake.
-                    return _waited_for(before, routable[0].id)
+                    return _waited_for(before, routable[0])
                 if result is not None:
                     return result
                 self_wake_at = self.clock() + REPORT_S  # taken: look again (and at the view)

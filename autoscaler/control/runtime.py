@@ -36,6 +36,7 @@ from autoscaler.scaling.fleet import (
     FAILED,
     FINAL_STATES,
     STARTED,
+    STARTING,
     SUSPENDED,
     Fleet,
     MachineSnapshot,
@@ -90,6 +91,11 @@ class MachineRecord:
     (:meth:`Machine.current_start`); None when they do not say."""
     resuming: bool = False
     """That start began from ``suspended`` (or ``suspending``): a resume."""
+    how: str | None = None
+    """How its current start brings it up (``starting``), or its last one did
+    (``started``): "resume" or "start"; None when unknown (any other state). From a
+    start of ours, its kind; from someone else's, the events (``resuming``). Published
+    to the followers in cluster mode, which label their held requests by it."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -123,6 +129,7 @@ class MachineRecord:
             unrouted,
             start[0] if start is not None else None,
             start is not None and start[1],
+            None if start is None else "resume" if start[1] else "start",
         )
 
 
@@ -373,6 +380,16 @@ class AppRuntime:
                 machine.id in self.running or self.touched.get(machine.id, -1.0) > listed_at
             )
             chosen = mine if keep and mine is not None else machine
+            if (
+                chosen is machine
+                and machine.how is None
+                and machine.state == STARTED
+                and mine is not None
+                and mine.state in (STARTING, STARTED)
+            ):
+                # Up since the start we knew the kind of (ours, or one Fly's events named):
+                # the list of a started machine does not say how it came up.
+                chosen = machine = replace(machine, how=mine.how)
             if mine is None:
                 self.billing.appeared(machine.id, self._changed_at(machine.id, previous, listed_at))
             elif mine.state != chosen.state:
@@ -450,16 +467,23 @@ class AppRuntime:
         state: str | None = None,
         cordoned: bool | None = None,
         marked: bool | None = None,
+        how: str | None = None,
     ) -> None:
-        """Note a change we made (state, cordon, our metadata key) ahead of the next list."""
+        """Note a change we made (state, cordon, our metadata key) ahead of the next list;
+        ``how``: a start's kind ("resume" or "start", :attr:`MachineRecord.how`), kept
+        until it is up; a change to any other state forgets it."""
         machine = self.machines.get(machine_id)
         if machine is None:
             return
         update: dict[str, object] = {}
+        if how is not None:
+            update["how"] = how
         if state is not None and state != machine.state:
             update["state"] = state
             update["start_began"] = None  # a change of ours: Fly's events do not say yet
             update["resuming"] = False
+            if state not in (STARTING, STARTED):
+                update["how"] = None
             self.billing.change(machine_id, machine.state, now)
             self.state_since[machine_id] = now
         if cordoned is not None:
@@ -521,6 +545,7 @@ class AppRuntime:
                     machine.state,
                     self.cordoned(machine),
                     machine.checks_critical,
+                    machine.how,
                 )
             )
         return out

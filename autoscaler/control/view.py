@@ -52,6 +52,7 @@ class Upstream:
         "failing",
         "held",
         "host",
+        "how",
         "id",
         "in_flight",
         "last_used",
@@ -94,6 +95,9 @@ class Upstream:
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
         self.checks_critical = False  # its Fly health checks fail (the proxy ejects it)
+        self.how: str | None = None
+        """How its current start brings it up (``starting``) or its last one did
+        (``started``): "resume" or "start", None when unknown (``MachineInfo.how``)."""
         self.failing = 0
         """Ejections in a row for failing itself (timeouts, resets, refused connections,
         answers that are not HTTP) since it last started or answered well: written by the
@@ -132,6 +136,10 @@ class MachineInfo:
     state: str
     cordoned: bool
     checks_critical: bool = False  # a Fly health check of the machine is critical
+    how: str | None = None
+    """How its current start brings it up, or its last one did: "resume" (from its
+    snapshot) or "start" (a cold boot); None when unknown. In cluster mode the leader
+    publishes it, and a follower's held requests are labelled by it."""
 
 
 # Every change of any app's machines gets a number never used before (``AppView.version``):
@@ -188,6 +196,7 @@ class AppView:
             if up.ending and up.state == STARTED and not up.cordoned:
                 up.ending = up.cut_off = False  # routable again: its new connections run
             up.checks_critical = info.checks_critical
+            up.how = info.how
             fresh[info.id] = up
         self.upstreams = fresh
         self._routable = None

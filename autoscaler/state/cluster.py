@@ -14,8 +14,9 @@ restarts a machine that hangs for the requests of any replica). The leader adds 
 view per app (``fleet:{app}``: the machines it routes to, with state and cordon;
 ``seq:{app}``: the view's sequence number; ``crit:{app}``: the machines whose Fly health
 checks are critical, which the followers' proxies take out of routing as the leader's
-does) and its fencing token (``fence``), so followers route without reading the Machines
-API themselves.
+does; ``how:{app}``: how each machine's current or last start brings it up, ``resume`` or
+``start``, which names the wake a follower's held requests waited for) and its fencing
+token (``fence``), so followers route without reading the Machines API themselves.
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -153,9 +154,19 @@ class AppFleet:
     seq: int
     machines: list[list[Any]]
     critical: tuple[str, ...] = ()
+    how: Mapping[str, str] = field(default_factory=dict)
+    """Machine -> how its current start brings it up, or its last one did ("resume" or
+    "start"; machines it is not known of left out): a follower labels the wake its held
+    requests waited for by the machine that came up (a resume under way is listed
+    ``starting``, as a cold start is)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "machines": self.machines, "critical": list(self.critical)}
+        return {
+            "seq": self.seq,
+            "machines": self.machines,
+            "critical": list(self.critical),
+            "how": dict(self.how),
+        }
 
     @classmethod
     def from_json(cls, d: Any) -> AppFleet:
@@ -163,7 +174,15 @@ class AppFleet:
             seq=int(d["seq"]),
             machines=[list(m) for m in d["machines"]],
             critical=tuple(str(m) for m in d.get("critical") or ()),
+            how=_how(d.get("how")),  # None from a previous release's leader
         )
+
+
+def _how(d: Any) -> dict[str, str]:
+    """A published ``how`` map, only its known values kept."""
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): v for k, v in d.items() if v in ("resume", "start")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +272,13 @@ class _Seen:
                     seq = data.get(f"seq:{app}")
                     crit = data.get(f"crit:{app}")  # None from a previous release's leader
                     critical = tuple(str(m) for m in json.loads(crit)) if crit else ()
-                    self.fleet[app] = AppFleet(int(seq or 0), json.loads(v), critical)
+                    how = data.get(f"how:{app}")  # None from a previous release's leader
+                    self.fleet[app] = AppFleet(
+                        int(seq or 0),
+                        json.loads(v),
+                        critical,
+                        _how(json.loads(how) if how else None),
+                    )
         return frozenset(fleet)
 
 
@@ -553,12 +578,13 @@ class Cluster:
                 fields[f"fleet:{app}"] = json.dumps(view.machines)
                 fields[f"seq:{app}"] = str(view.seq)
                 fields[f"crit:{app}"] = json.dumps(list(view.critical))
+                fields[f"how:{app}"] = json.dumps(dict(view.how))
         if not full and sent_loads.keys() != loads.keys():
             gone += [f"load:{app}" for app in sent_loads if app not in loads]
         if not full and sent_fleet.keys() != fleet.keys():
             for app in sent_fleet:
                 if app not in fleet:
-                    gone += [f"fleet:{app}", f"seq:{app}", f"crit:{app}"]
+                    gone += [f"fleet:{app}", f"seq:{app}", f"crit:{app}", f"how:{app}"]
         return fields, gone
 
     async def read(self) -> dict[str, Report]:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from control.fakes import FakeMachinesAPI
+from control.fakes import FakeMachinesAPI, settle
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from structlog.testing import capture_logs
@@ -332,6 +332,37 @@ async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica
     assert [u.id for u in follower.view.app(APP).routable()] == [up.id]
     # One start for the need, by the leader, fenced.
     assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("asleep", "how"), [("suspended", "resume"), ("stopped", "start")])
+async def test_a_follower_names_a_wake_under_way_by_how_the_leader_brings_it_up(
+    cluster: list[Replica], asleep: str, how: str
+) -> None:
+    """A follower whose held requests join a wake of the leader already under way sees the
+    machine ``starting``, whether the leader resumes it or boots it cold: the leader
+    publishes which, and the follower's requests are labelled as the leader's are. A
+    resume under way was labelled a start on the followers."""
+    api = cluster[0].controller.api.api
+    assert isinstance(api, FakeMachinesAPI)
+    (mid,) = api.machines[APP]
+    api.set(APP, mid, state=asleep)
+    leader, follower = await leader_and_follower(cluster)
+    for r in cluster:
+        await asyncio.wait_for(r.subscribed.wait(), 5)
+    booted = api.gates["wait_for_machine_state"] = asyncio.Event()  # held in starting
+    leader.view.app(APP).hold()
+    theirs = leader.view.wake(APP)
+    view = follower.view.app(APP)
+    await until(lambda: view.upstreams[mid].state == "starting", what="the pushed start")
+    view.hold()
+    ours = follower.view.wake(APP)
+    await settle()
+    assert not ours.done()
+    booted.set()
+    assert await asyncio.wait_for(theirs, 5) == how
+    assert await asyncio.wait_for(ours, 5) == how
+    assert follower.self_wakes == 0
+    assert api.ops("start_machine") == [mid]
 
 
 async def routable_in(replica: Replica, limit_s: float = 10.0) -> None:

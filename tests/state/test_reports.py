@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from autoscaler.config import ClusterSettings
 from autoscaler.state import cluster as cluster_module
-from autoscaler.state.cluster import AppFleet, AppLoad, Cluster, Report
+from autoscaler.state.cluster import AppFleet, AppLoad, Cluster, Report, ViewPush
 
 APPS = [f"app{i:03d}" for i in range(200)]
 
@@ -210,3 +210,25 @@ def test_one_request_of_a_follower_keeps_one_time_read_after_read() -> None:
     assert first is not None
     assert later is not None
     assert later > first + 18
+
+
+async def test_the_leader_s_view_carries_how_each_machine_comes_up(
+    pair: tuple[Cluster, Cluster, Clock],
+) -> None:
+    """A machine coming up is listed ``starting`` whether it resumes or boots cold: the
+    view says which (``how``), in a whole read, a partial one and a push alike, so that a
+    follower labels its held requests as the leader does. It said nothing of it."""
+    writer, reader, _ = pair
+    up = [["m1", "127.0.0.1", 8000, "starting", False], ["m2", "127.0.0.1", 8001, "stopped", False]]
+    first = {APPS[0]: AppFleet(1, up, (), {"m1": "resume"})}
+    await writer.publish(at_rest(), first)
+    report = (await reader.read())["w"]
+    assert report.fleet_changed is None  # whole
+    assert report.fleet[APPS[0]].how == {"m1": "resume"}
+    second = {APPS[0]: AppFleet(2, up, (), {"m1": "start", "m2": "start"})}
+    await writer.publish(at_rest(), second)
+    report = (await reader.read())["w"]
+    assert report.fleet_changed == {APPS[0]}  # partial
+    assert report.fleet[APPS[0]].how == {"m1": "start", "m2": "start"}
+    push = ViewPush("w", 3, second)
+    assert ViewPush.from_json(push.to_json()).apps[APPS[0]].how == {"m1": "start", "m2": "start"}
