@@ -88,7 +88,8 @@ class Metrics:
         )
         self.wake_duration = Histogram(
             "autoscaler_wake_duration_seconds",
-            "Time from a wake request until a machine was routable (kind: resume, start).",
+            "Time from a wake request until a machine was routable (kind: resume, start; a resume"
+            " that fell back to a cold boot is a start).",
             ["app", "kind"],
             buckets=WAKE_BUCKETS,
             registry=r,

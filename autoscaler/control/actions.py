@@ -511,7 +511,6 @@ class Actuator:
 
     async def _boot(self, rt: AppRuntime, mid: str, kind: TaskKind, deadline: float) -> bool:
         app = rt.name
-        machine = rt.machines[mid]
         with self.counting_failure(rt, kind):
             try:
                 await self.api.start_machine(app, mid, lease_nonce=self.nonce(rt, mid))
@@ -532,6 +531,41 @@ class Actuator:
             if reached.state == FAILED:
                 rt.record(mid, self.clock(), state=FAILED)
                 raise BootFailed(f"machine {mid} failed to boot")
+        told: asyncio.Task[str | None] | None = None
+        if kind == "resume":
+            # Resumed, or fell back to a cold boot (an unusable snapshot)? The machine's
+            # events say, read while its port is probed.
+            told = asyncio.get_running_loop().create_task(
+                self._last_boot(app, mid), name=f"last-boot:{app}:{mid}"
+            )
+        try:
+            await self._reach(rt, mid, kind, deadline)
+            how = (await told if told is not None else None) or kind
+        finally:
+            if told is not None:
+                await cancel_and_wait([told])
+        self.count(rt, kind, True)
+        view = self.view.app(app)
+        if how != kind and view.waking == kind:
+            view.waking = how  # the wake under way is named by what happened
+        rt.record(mid, self.clock(), state=STARTED, how=how)
+        self.publish(rt)
+        _log.info("machine_up", app=app, machine=mid, how=how)
+        return True
+
+    async def _last_boot(self, app: str, mid: str) -> str | None:
+        """How the start of ``mid`` just done brought it up, as its events say
+        (:meth:`Machine.last_boot`); None when they do not say, or the read failed."""
+        try:
+            return (await self.api.get_machine(app, mid)).last_boot()
+        except FlyError:
+            return None
+
+    async def _reach(self, rt: AppRuntime, mid: str, kind: TaskKind, deadline: float) -> None:
+        """Wait for the port of ``mid``, started, to answer."""
+        app = rt.name
+        machine = rt.machines[mid]
+        with self.counting_failure(rt, kind):
             host, port = rt.address(machine)
             if not host:  # no address until it was placed: ask for it now
                 fresh = replace(
@@ -554,11 +588,6 @@ class Actuator:
                     reread = True
                     host, port = self._readdress(rt, mid, await self.api.get_machine(app, mid))
                 await self.sleep(PROBE_INTERVAL_S)
-        self.count(rt, kind, True)
-        rt.record(mid, self.clock(), state=STARTED)
-        self.publish(rt)
-        _log.info("machine_up", app=app, machine=mid, how=kind)
-        return True
 
     def _readdress(self, rt: AppRuntime, mid: str, machine: Machine) -> tuple[str, int]:
         """Take the address, port and version of ``machine`` as the API gives them now

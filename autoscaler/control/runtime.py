@@ -94,8 +94,10 @@ class MachineRecord:
     how: str | None = None
     """How its current start brings it up (``starting``), or its last one did
     (``started``): "resume" or "start"; None when unknown (any other state). From a
-    start of ours, its kind; from someone else's, the events (``resuming``). Published
-    to the followers in cluster mode, which label their held requests by it."""
+    start of ours, its kind until it is up, then what the machine's events say (a resume
+    that fell back to a cold boot is a start); from someone else's, the events
+    (``resuming``, :meth:`Machine.last_boot`). Published to the followers in cluster
+    mode, which label their held requests by it."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -129,7 +131,7 @@ class MachineRecord:
             unrouted,
             start[0] if start is not None else None,
             start is not None and start[1],
-            None if start is None else "resume" if start[1] else "start",
+            machine.last_boot() if start is None else "resume" if start[1] else "start",
         )
 
 

@@ -171,23 +171,24 @@ class Waker:
                         return "none"
                     # Named by the machine that came up, when it is one waited for (beside
                     # a cold start, the resume is up first as a rule).
-                    up = [resumes[u.id] for u in routable if u.id in resumes]
+                    up = [_how(rt, u.id, resumes[u.id]) for u in routable if u.id in resumes]
                     if up:
-                        came = "resume" if any(up) else "start"
+                        came = "resume" if "resume" in up else "start"
                     took = self._observe(rt, came, t0)  # a wake that waited for a start
                     _log.info(
                         "wake", app=rt.name, how=came, waited_for="another's start", took_s=took
                     )
                     return came
                 # Our own start under way (a scale-up of the tick): join it.
-                for running in list(rt.running.values()):
+                for mid, running in list(rt.running.items()):
                     if running.kind not in ("resume", "start"):
                         continue
                     view.waking = running.kind
                     joined = await running.task
                     if joined and view.routable():
-                        self._observe(rt, running.kind, t0)
-                        return running.kind
+                        how = _how(rt, mid, running.kind == "resume")
+                        self._observe(rt, how, t0)
+                        return how
                 now = act.clock()
                 fleet = rt.fleet(view, now, urgent=True)
                 # (Not one under someone else's cordon: started, it still never routes.)
@@ -316,9 +317,11 @@ class Waker:
                 run = self._launch(rt, action, deadline)
                 view.waking = action.kind
                 if run is not None and await run.task:
-                    took = self._observe(rt, action.kind, t0)
-                    _log.info("wake", app=rt.name, machine=mid, how=action.kind, took_s=took)
-                    return action.kind
+                    # By what happened: a resume that fell back to a cold boot is a start.
+                    how = _how(rt, mid, action.kind == "resume")
+                    took = self._observe(rt, how, t0)
+                    _log.info("wake", app=rt.name, machine=mid, how=how, took_s=took)
+                    return how
                 machine = rt.machines.get(mid)
                 error = run.error if run is not None else None
                 if machine is None or machine.state != FAILED:
@@ -380,6 +383,16 @@ class Waker:
                 await self.refresh(rt)
         except FlyError as exc:
             _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
+
+
+def _how(rt: AppRuntime, mid: str, resume: bool) -> str:
+    """How ``mid``, up now, came up: as its record says (:attr:`MachineRecord.how`: a
+    resume that fell back to a cold boot is a "start"), else "resume" if its start was
+    one (``resume``), else "start"."""
+    record = rt.machines.get(mid)
+    if record is not None and record.how is not None:
+        return record.how
+    return "resume" if resume else "start"
 
 
 def _pause(last: float | None, error: FlyError) -> float:

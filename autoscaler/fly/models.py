@@ -297,6 +297,47 @@ class Machine(_Lenient):
         )
         return began, resume
 
+    def last_boot(self) -> str | None:
+        """How the start that brought a ``started`` machine up did it, as its ``events``
+        say: "resume" (from its snapshot) or "start" (a cold boot); None when they do not
+        say (another state, no events, a newest event that ended no start).
+
+        The newest event must be the platform's end of a start (``start``/``started``,
+        or ``launch``/``started``). A resume that fell back to a cold boot (an unusable
+        snapshot) is a "start": its end is a ``launch``, or carries ``request.resume``
+        false, as the emulator records it (docs/emulator.md, "Interrupting a
+        transition"; Fly documents no event for it, and one it records otherwise reads as
+        the start it began as). Otherwise ``request.resume`` true is a resume, and a
+        start that began (``start``/``starting``) from ``suspended`` or ``suspending``
+        too; any other start (from stopped, a restart, a create) is a "start"."""
+        if self.state != MachineState.STARTED:
+            return None
+        events = (self.model_extra or {}).get("events")
+        if not isinstance(events, list):
+            return None
+        timed = [(ms, e) for e in events if (ms := _millis(e)) is not None]
+        timed.sort(key=lambda t: -t[0])  # stable: newest first on a tie
+        if not timed:
+            return None
+        end = timed[0][1]
+        if end.get("status") != MachineState.STARTED or end.get("type") not in ("start", "launch"):
+            return None
+        request = end.get("request")
+        resumed = request.get("resume") if isinstance(request, dict) else None
+        if end.get("type") == "launch" or resumed is False:
+            return "start"
+        if resumed is True:
+            return "resume"
+        if len(timed) < 2:
+            return None
+        began = timed[1][1]
+        if (began.get("type"), began.get("status")) != ("start", MachineState.STARTING):
+            return "start" if (began.get("type"), began.get("status")) in START_EVENTS else None
+        if len(timed) < 3:
+            return None  # what it began from is no longer listed
+        before = timed[2][1].get("status")
+        return "resume" if before in (MachineState.SUSPENDED, MachineState.SUSPENDING) else "start"
+
     @property
     def host_unreachable(self) -> bool:
         """Fly cannot reach the machine's host: actions on it fail until the host is back."""

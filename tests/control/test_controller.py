@@ -853,6 +853,32 @@ async def test_a_wake_that_waited_for_another_party_s_resume_is_a_resume(
     assert [e["how"] for e in logs if e["event"] == "wake"] == ["resume"]
 
 
+async def test_a_wake_that_waited_for_another_party_s_resume_that_fell_back_is_a_start(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Another party's resume whose snapshot was unusable: once up, the machine's events
+    say it booted cold (as the emulator records it), and the wake that waited for it is a
+    start in its requests' header, the histogram and the log. It was a resume."""
+    mid = api.add(APP, "starting")
+    api.set(APP, mid, **began(clock, 0, before="suspended"))
+    rig = Rig(api, clock)
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        assert rig.app.waking == "resume"  # as far as can be told while it comes up
+        await clock.advance(1)
+        events = api.get(APP, mid).model_extra["events"]  # type: ignore[index]
+        at = events[0]["timestamp"] + 1000
+        cold = {"type": "launch", "status": "started", "timestamp": at}
+        api.set(APP, mid, state="started", events=[{**cold, "request": {"resume": False}}, *events])
+        await clock.advance(1)
+        assert await task == "start"
+    assert api.ops("start_machine") == []
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="start") == 1
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 0
+    assert [e["how"] for e in logs if e["event"] == "wake"] == ["start"]
+
+
 async def test_a_wake_that_waited_for_another_party_s_start_is_measured_as_one(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
@@ -1914,7 +1940,8 @@ async def test_a_wake_finds_the_port_a_deploy_moved_while_the_machine_slept(
     assert task.done(), f"still probing {sorted(set(opens))} after 3 s"
     assert await task in ("resume", "start")  # resume: our record had it suspended
     assert opens[-1] == 8081
-    assert len(api.ops("get_machine")) == 1
+    # Read again once (and, a resume, once for its events: did it fall back to a boot?).
+    assert len(api.ops("get_machine")) == (2 if await task == "resume" else 1)
     [upstream] = rig.view.app(APP).routable()
     assert upstream.port == 8081
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 from testkit import fly_like
 
 from autoscaler.config import (
@@ -282,3 +283,49 @@ async def test_a_wake_waits_for_a_resume_another_party_made_rather_than_resume_a
     assert how in ("resume", "none")  # "none": it read the resume done already
     assert routable == [resumed]
     assert emulator.machine(APP, asleep).state == "suspended"
+
+
+@BOTH_PROFILES_QUICK_SUSPEND
+async def test_a_resume_that_fell_back_to_a_cold_boot_is_named_a_start(
+    emulator: Emulator,
+) -> None:
+    """A suspended machine whose snapshot is unusable boots cold when started (the
+    emulator's ``resume_cold_rate``; on Fly a lost snapshot, a host migration): the
+    machine's events after the start say so, and the wake is a start in its requests'
+    label (what the view says as the machine becomes routable), the histogram and the
+    log, as a cold start is. It was named a resume, and the resume histogram timed a cold
+    boot."""
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        asleep = sorted(m.id for m in emulator.machines(APP))[0]
+        await _suspended(client, asleep)
+        emulator.set_faults(resume_cold_rate=1.0)
+        ctl = controller(client, min_machines=0)
+        view = ctl.view.app(APP)
+        named: list[str | None] = []
+
+        async def watch() -> None:  # as the proxy's held requests read it when let go
+            while not view.routable():
+                await view.changed()
+            named.append(view.waking)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            with capture_logs() as logs:
+                how = await ctl.wake(APP)
+            await asyncio.wait_for(watcher, 5)
+        finally:
+            watcher.cancel()
+            await ctl.stop()
+    assert how == "start"
+    assert named == ["start"]
+    sample = ctl.metrics.registry.get_sample_value
+    assert sample("autoscaler_wake_duration_seconds_count", {"app": APP, "kind": "start"}) == 1
+    assert not sample("autoscaler_wake_duration_seconds_count", {"app": APP, "kind": "resume"})
+    # The action sent was a resume: counted as one.
+    assert (
+        sample("autoscaler_scaling_actions_total", {"app": APP, "action": "resume", "result": "ok"})
+        == 1
+    )
+    assert [e["how"] for e in logs if e["event"] in ("machine_up", "wake")] == ["start", "start"]
+    events = emulator.machine(APP, asleep).events
+    assert events[-1].type == "launch"  # the emulator's record of the fallback

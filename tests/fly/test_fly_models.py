@@ -199,6 +199,73 @@ def test_the_time_fly_began_a_machine_s_current_start(
     assert machine.current_start() == expected
 
 
+def _ev(kind: str, status: str, at: int, request: Any = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": kind, "status": status, "timestamp": at}
+    if request is not None:
+        event["request"] = request
+    return event
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        # What the emulator records (docs/emulator.md, "Interrupting a transition").
+        ([_ev("start", "started", 3, {"resume": True}), _ev("start", "starting", 2)], "resume"),
+        (
+            [
+                _ev("launch", "started", 3, {"resume": False, "reason": "no snapshot"}),
+                _ev("start", "starting", 2),
+                _ev("suspend", "suspended", 1),
+            ],
+            "start",
+        ),
+        ([_ev("start", "started", 3, {"resume": False}), _ev("start", "starting", 2)], "start"),
+        # No word of a resume in the end: what the start began from.
+        (
+            [
+                _ev("start", "started", 3),
+                _ev("start", "starting", 2),
+                _ev("suspend", "suspended", 1),
+            ],
+            "resume",
+        ),
+        (
+            [_ev("start", "started", 3), _ev("start", "starting", 2), _ev("exit", "stopped", 1)],
+            "start",
+        ),
+        ([_ev("start", "started", 3), _ev("restart", "restarting", 2)], "start"),
+        ([_ev("start", "started", 3), _ev("launch", "created", 2)], "start"),
+        # Nothing to go by.
+        ([_ev("start", "started", 3), _ev("start", "starting", 2)], None),
+        ([_ev("start", "started", 3)], None),
+        ([_ev("update", "started", 3), _ev("start", "starting", 2)], None),
+        ([_ev("exit", "stopped", 3)], None),
+        ([], None),
+    ],
+    ids=[
+        "resumed",
+        "fell back (launch)",
+        "fell back (resume false)",
+        "from suspended",
+        "from stopped",
+        "a restart",
+        "a create",
+        "began from what is no longer listed",
+        "only its end",
+        "newest ended no start",
+        "newest not a start's end",
+        "no events",
+    ],
+)
+def test_how_a_started_machine_came_up(events: list[dict[str, Any]], expected: str | None) -> None:
+    """A resume, or a cold boot (a resume that fell back to one included), as the events
+    of a started machine say; nothing when they do not."""
+    machine = m.Machine.model_validate({"id": "m1", "state": "started", "events": events})
+    assert machine.last_boot() == expected
+    starting = m.Machine.model_validate({"id": "m1", "state": "starting", "events": events})
+    assert starting.last_boot() is None
+
+
 # -- every schema of the seed has a model with every one of its properties -----------------
 
 SEED = Path(__file__).resolve().parents[2] / "spec" / "fly-machines-seed.yml"

@@ -334,18 +334,32 @@ async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica
     assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("asleep", "how"), [("suspended", "resume"), ("stopped", "start")])
+FELL_BACK = [  # a resume's events as the emulator records its fallback to a cold boot
+    {"type": "launch", "status": "started", "timestamp": 3, "request": {"resume": False}},
+    {"type": "start", "status": "starting", "timestamp": 2},
+    {"type": "suspend", "status": "suspended", "timestamp": 1},
+]
+
+
+@pytest.mark.parametrize(
+    ("asleep", "how"),
+    [("suspended", "resume"), ("stopped", "start"), ("suspended, falls back", "start")],
+)
 async def test_a_follower_names_a_wake_under_way_by_how_the_leader_brings_it_up(
     cluster: list[Replica], asleep: str, how: str
 ) -> None:
     """A follower whose held requests join a wake of the leader already under way sees the
     machine ``starting``, whether the leader resumes it or boots it cold: the leader
-    publishes which, and the follower's requests are labelled as the leader's are. A
-    resume under way was labelled a start on the followers."""
+    publishes which, and the follower's requests are labelled as the leader's are (a
+    resume that fell back to a cold boot, as the machine's events say once it is up, as
+    a start). A resume under way was labelled a start on the followers."""
     api = cluster[0].controller.api.api
     assert isinstance(api, FakeMachinesAPI)
     (mid,) = api.machines[APP]
-    api.set(APP, mid, state=asleep)
+    if asleep.endswith("falls back"):
+        api.set(APP, mid, state="suspended", events=FELL_BACK)  # read once it is up
+    else:
+        api.set(APP, mid, state=asleep)
     leader, follower = await leader_and_follower(cluster)
     for r in cluster:
         await asyncio.wait_for(r.subscribed.wait(), 5)
