@@ -25,7 +25,10 @@ it back the same way when a call is cancelled after its turn but before it was s
 A 429 from the server empties the bucket of its (action, id) for its Retry-After (at most a
 minute; without one, until the next refill): Fly's bucket is empty whatever ours says, and
 the other calls of the pair should wait rather than go to be refused
-(``RateLimiter.rate_limited``).
+(``RateLimiter.rate_limited``). That holds for the calls already queued too: their turns
+move past the hold, in the same order and spacing, and each waiter, woken at the turn it
+was given, looks again and waits on when a 429 came meanwhile (a caller's turn is a
+function of its ticket and the bucket's state, ``TokenBucket.wait_for``).
 
 Besides the buckets per (action, id), every call may also take a token from one bucket
 shared by all calls of the client: the organization's budget (``org``). Fly documents no
@@ -39,10 +42,11 @@ the wakes of held requests get what is left (docs/benchmarks.md, "Many apps").
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autoscaler.fly.errors import RateLimited
 
@@ -88,18 +92,22 @@ class Reservation:
     bucket: TokenBucket | None = None
     ticket: int = 0
     org_ticket: int = 0
+    drains: int = 0
+    """The bucket's ``drains`` when this turn was given (or last looked at): a 429 since
+    may have moved it."""
 
 
 class TokenBucket:
     """``burst`` tokens, refilled at ``rate_per_s``; ``reserve`` returns how long to wait."""
 
-    __slots__ = ("limit", "taken", "tokens", "updated")
+    __slots__ = ("drains", "limit", "taken", "tokens", "updated")
 
     def __init__(self, limit: Limit, now: float) -> None:
         self.limit = limit
         self.tokens = limit.burst
         self.updated = now
         self.taken = 0  # tokens reserved so far: the ticket of the last one in line
+        self.drains = 0  # 429s taken (``drain``): queued callers look at their turns again
 
     def refund(self, ticket: int) -> bool:
         """Give back the token of ``ticket`` if it is the last one taken (nobody queued
@@ -111,11 +119,22 @@ class TokenBucket:
         return True
 
     def drain(self, now: float, seconds: float) -> None:
-        """Empty the bucket as the server's is (it answered 429): the next token comes no
+        """Empty the bucket as the server's is (it answered 429): the next turn comes no
         sooner than ``seconds`` from ``now``, nor than one refill. Callers already queued
-        keep their turns."""
+        are that next turn and the ones after it: their turns move back together, as far
+        as the first of them needs (``wait_for`` then says so to each)."""
         self._refill(now)
-        self.tokens = min(self.tokens, 0.0, 1.0 - seconds * self.limit.rate_per_s)
+        rate = self.limit.rate_per_s
+        # The ticket k places before the last one is due in -(tokens + k) / rate; the
+        # first still queued is k_first before it (-1: nobody queued, the next newcomer).
+        k_first = max(-1, math.ceil(-self.tokens) - 1)
+        self.tokens = min(self.tokens, -k_first - max(seconds, 1.0 / rate) * rate)
+        self.drains += 1
+
+    def wait_for(self, ticket: int, now: float) -> float:
+        """Seconds until the turn of ``ticket`` (one ``reserve`` gave out), 0 if it came."""
+        self._refill(now)
+        return max(0.0, -(self.tokens + self.taken - ticket)) / self.limit.rate_per_s
 
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self.updated)
@@ -191,7 +210,7 @@ class RateLimiter:
         bucket = self._bucket(action, key, now)
         delay = max(org_wait, bucket.reserve(now))
         org_ticket = 0 if self.org is None else self.org.taken
-        return Reservation(delay, bucket, bucket.taken, org_ticket)
+        return Reservation(delay, bucket, bucket.taken, org_ticket, bucket.drains)
 
     def _bucket(self, action: str, key: str, now: float) -> TokenBucket:
         bucket = self._buckets.get((action, key))
@@ -249,12 +268,36 @@ class RateLimiter:
                 f" {reservation.delay:.2f}s away, over this call's {max_wait_s:g}s"
             )
             raise RateLimited(None, text, retry_after=reservation.delay)
-        if reservation.delay > 0:
-            try:
-                await self._sleep(reservation.delay)
-            except asyncio.CancelledError:
-                self.refund(reservation)  # never sent: the token is not spent
-                raise
+        started = self._clock()
+        delay = reservation.delay
+        bucket = reservation.bucket
+        moved = False
+        while True:
+            if delay > 0:
+                try:
+                    await self._sleep(delay)
+                except asyncio.CancelledError:
+                    self.refund(reservation)  # never sent: the token is not spent
+                    raise
+            if bucket is None or bucket.drains == reservation.drains:
+                break
+            # A 429 of the pair came while this caller waited: its turn moved past the
+            # hold (TokenBucket.drain). The org budget's turn came already, or does now.
+            now = self._clock()
+            moved = True
+            reservation = replace(reservation, drains=bucket.drains)
+            delay = bucket.wait_for(reservation.ticket, now)
+            if self.org is not None:
+                delay = max(delay, self.org.wait_for(reservation.org_ticket, now))
+            if max_wait_s is not None and now - started + delay > max_wait_s:
+                self.refund(reservation)
+                text = (
+                    f"client-side rate limit: a 429 moved the turn of {action} for {key}"
+                    f" {delay:.2f}s away, past this call's {max_wait_s:g}s"
+                )
+                raise RateLimited(None, text, retry_after=delay)
+        if moved:  # the delay: what the caller waited in all
+            return replace(reservation, delay=self._clock() - started)
         return reservation
 
     def _evict(self, now: float) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from flyfakes import FakeTime, Script, make_client
+from flyfakes import FakeTime, ParkedTime, Script, make_client, settle
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -356,3 +356,70 @@ def test_a_429_empties_its_bucket_for_its_retry_after_at_most_a_minute() -> None
     off = RateLimiter(enabled=False, clock=fake.clock)
     off.rate_limited("start_machine", "web/m1", 5.0)
     assert off.reserve("start_machine", "web/m1") == 0.0  # limits off: nothing is held
+
+
+async def test_a_429_holds_back_the_calls_already_waiting_for_their_turn() -> None:
+    """A 429 emptied the bucket for its Retry-After for the calls that came after it, but
+    the calls already queued kept the turns they had been given before it: they went
+    while the hold lasted, to meet more 429s. Now every queued turn moves past the hold,
+    in the same order and spacing; a caller with a bound on its wait that the hold
+    carries past it gives up with RateLimited."""
+    fake = ParkedTime()
+    limiter = RateLimiter(
+        limits={}, default=Limit(1.0, 1), headroom=1.0, sleep=fake.sleep, clock=fake.clock
+    )
+    assert await limiter.acquire("start_machine", "web/m1") == 0.0  # sent now
+    first = asyncio.ensure_future(limiter.acquire("start_machine", "web/m1"))  # in 1 s
+    second = asyncio.ensure_future(limiter.acquire("start_machine", "web/m1"))  # in 2 s
+    bounded = asyncio.ensure_future(limiter.acquire("start_machine", "web/m1", max_wait_s=4))
+    await settle()
+    limiter.rate_limited("start_machine", "web/m1", 5.0)  # the call sent now: 429, 5 s
+    await fake.advance(3.0)  # all three turns (1, 2, 3 s) were due by now
+    assert not first.done()
+    assert not second.done()
+    with pytest.raises(RateLimited):  # its turn is now further than its 4 s
+        await bounded
+    await fake.advance(2.0)
+    assert first.done()
+    assert not second.done()
+    assert first.result() == pytest.approx(5.0)
+    await fake.advance(1.0)
+    assert second.result() == pytest.approx(6.0)
+    # Behind them: the next caller's turn (the bounded one's token was the last: back).
+    assert limiter.reserve("start_machine", "web/m1") == pytest.approx(1.0)
+
+
+async def test_a_429_holds_back_the_client_s_calls_queued_before_it() -> None:
+    """End to end through the client: calls of a machine queued in its bucket when a 429
+    came for it reach the server only once its Retry-After has passed."""
+    fake = ParkedTime()
+    sent_at: list[float] = []
+    answer_first = asyncio.Event()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        sent_at.append(fake.now)
+        if len(sent_at) == 1:
+            await answer_first.wait()  # the others queue meanwhile
+            return httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "5"})
+        return httpx.Response(200, json={})
+
+    async with MachinesClient(
+        "http://127.0.0.1:4280",
+        "t",
+        transport=httpx.MockTransport(answer),
+        sleep=fake.sleep,
+        clock=fake.clock,
+        limits={"start_machine": Limit(1.0, 1)},
+        max_retries=0,
+        org_limit=None,
+    ) as api:
+        calls = [asyncio.ensure_future(api.start_machine("web", "m1")) for _ in range(3)]
+        await settle()
+        assert sent_at == [fake.now]  # the first is sent, the other two wait their turns
+        answer_first.set()
+        with pytest.raises(RateLimited):
+            await calls[0]
+        await fake.advance(20.0)
+        await asyncio.gather(*calls[1:])
+    start = sent_at[0]
+    assert [t - start for t in sent_at] == [0.0, pytest.approx(5.0), pytest.approx(5 + 1 / 0.9)]
