@@ -282,6 +282,12 @@ class MachinesClient(Operations):
             slot = False
             try:
                 slot = await self._take_slot(timeout_s, reservation)
+                if self.limiter.moved(reservation):
+                    # A 429 of its action and machine came while it waited for a
+                    # connection: it would go into the hold. A new turn, behind it (the
+                    # old one counts as spent: the bucket placed it before the hold).
+                    attempt -= 1
+                    continue
                 # httpx's timeout bounds each read and write, not the exchange: an answer
                 # that trickles in a byte at a time held the call (and a tick's one
                 # attempt) for as long as it lasted. A tenth more than httpx's own, so

@@ -242,6 +242,13 @@ class RateLimiter:
             if self.org is not None:
                 self.org.refund(reservation.org_ticket)
 
+    def moved(self, reservation: Reservation) -> bool:
+        """Whether a 429 of the reservation's (action, id) came since its turn was given
+        (or since ``turn`` last looked): a caller whose turn had come but that has not
+        sent yet (it waited for a connection) would go into the hold."""
+        bucket = reservation.bucket
+        return bucket is not None and bucket.drains != reservation.drains
+
     def spare(self) -> bool:
         """Whether a call that can wait should go now: the org budget is more than
         ``SPARE_FRACTION`` full (always, without an org budget or with limits off)."""
@@ -279,7 +286,7 @@ class RateLimiter:
                 except asyncio.CancelledError:
                     self.refund(reservation)  # never sent: the token is not spent
                     raise
-            if bucket is None or bucket.drains == reservation.drains:
+            if bucket is None or not self.moved(reservation):
                 break
             # A 429 of the pair came while this caller waited: its turn moved past the
             # hold (TokenBucket.drain). The org budget's turn came already, or does now.

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from flyfakes import FakeTime, ParkedTime, Script, make_client, settle
+from flyfakes import TOKEN, FakeTime, ParkedTime, Script, make_client, settle
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -405,7 +405,7 @@ async def test_a_429_holds_back_the_client_s_calls_queued_before_it() -> None:
 
     async with MachinesClient(
         "http://127.0.0.1:4280",
-        "t",
+        TOKEN,
         transport=httpx.MockTransport(answer),
         sleep=fake.sleep,
         clock=fake.clock,
@@ -423,3 +423,49 @@ async def test_a_429_holds_back_the_client_s_calls_queued_before_it() -> None:
         await asyncio.gather(*calls[1:])
     start = sent_at[0]
     assert [t - start for t in sent_at] == [0.0, pytest.approx(5.0), pytest.approx(5 + 1 / 0.9)]
+
+
+async def test_a_429_holds_back_a_call_of_its_pair_waiting_for_a_connection() -> None:
+    """A call whose turn had come but which waited for a free connection when a 429 of its
+    action and machine arrived went as soon as it had one, into the hold. It takes a new
+    turn now, behind the hold."""
+    fake = ParkedTime()
+    sent: list[tuple[str, float]] = []
+    answer = {"other": asyncio.Event(), "m1": asyncio.Event()}
+
+    async def reply(request: httpx.Request) -> httpx.Response:
+        sent.append((request.url.path, fake.now))
+        if len(sent) == 1:
+            await answer["other"].wait()  # holds a connection
+        elif len(sent) == 2:
+            await answer["m1"].wait()
+            return httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "5"})
+        return httpx.Response(200, json=[])
+
+    async with MachinesClient(
+        "http://127.0.0.1:4280",
+        TOKEN,
+        transport=httpx.MockTransport(reply),
+        sleep=fake.sleep,
+        clock=fake.clock,
+        max_connections=2,
+        max_retries=0,
+        org_limit=None,
+    ) as api:
+        busy = asyncio.ensure_future(api.list_machines("other"))
+        await settle()
+        refused = asyncio.ensure_future(api.start_machine("web", "m1"))
+        await settle()
+        waiting = asyncio.ensure_future(api.start_machine("web", "m1"))  # its token: now
+        await settle()
+        assert len(sent) == 2  # the third waits for a connection
+        start = fake.now
+        answer["m1"].set()
+        with pytest.raises(RateLimited):
+            await refused
+        await fake.advance(20.0)
+        await waiting
+        answer["other"].set()
+        await busy
+    assert sent[2][0] == "/v1/apps/web/machines/m1/start"
+    assert sent[2][1] - start >= 5.0
