@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import json
-import time
 from typing import Any
 
 from aiohttp import web
@@ -464,7 +463,7 @@ async def oidc_token(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     aud = validate.oidc(await read_body(request, required=False))
     org = ctx.world.settings.org_slug
-    now = int(time.time())
+    now = int(ctx.world.wall())
     header = {"alg": "HS256", "typ": "JWT"}
     claims = {
         "iss": f"https://oidc.fly.io/{org}",

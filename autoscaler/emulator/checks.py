@@ -11,6 +11,7 @@ a crash) and when the emulator closes. Checks talk to the process directly, as F
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -46,8 +47,9 @@ def specs_of(config: dict[str, Any]) -> list[CheckSpec]:
 class HealthChecks:
     """The check tasks of every started machine, and their results on the machines."""
 
-    def __init__(self, on_change: Callable[[], None]):
+    def __init__(self, on_change: Callable[[], None], wall: Callable[[], float] = time.time):
         self._on_change = on_change
+        self._wall = wall  # the emulator's time of day (Fly's clock), of the results' times
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
@@ -73,7 +75,7 @@ class HealthChecks:
 
     def _reset(self, m: Machine, specs: list[CheckSpec], why: str) -> None:
         """Before a first result, a check shows ``warning`` (neither passing nor failing)."""
-        stamp = now_rfc3339()
+        stamp = now_rfc3339(self._wall())
         m.checks = {s.name: CheckResult(s.name, "warning", why, stamp) for s in specs}
 
     async def _run(self, m: Machine, specs: list[CheckSpec]) -> None:
@@ -86,7 +88,7 @@ class HealthChecks:
             began = loop.time()
             status, output = await run_check(spec, m.private_ip, _AGENT)
             previous = m.checks.get(spec.name)
-            m.checks[spec.name] = CheckResult(spec.name, status, output, now_rfc3339())
+            m.checks[spec.name] = CheckResult(spec.name, status, output, now_rfc3339(self._wall()))
             if previous is None or previous.status != status:
                 m.touch()  # a waiter on the machine sees the change
                 self._on_change()

@@ -99,8 +99,11 @@ class Lifecycle:
         on_change: Callable[[], None],
         on_gone: Callable[[Machine], None],
         find: Callable[[str], Machine | None] = lambda _: None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.wall = wall
+        """The emulator's time of day, Fly's clock: its events' and ``updated_at`` times."""
         self._on_gone = on_gone  # the world forgets a destroyed machine
         self._find = find  # a machine by id, for faults named by id
         self._faults_changed = asyncio.Event()  # replaced and set on every change
@@ -119,7 +122,7 @@ class Lifecycle:
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._closing = False
         self.images = {DEMO_IMAGE: DEMO_COMMAND, **settings.images}
-        self.checks = HealthChecks(on_change)
+        self.checks = HealthChecks(on_change, wall)
         self._stand_ins: set[str] = set()  # unknown images already logged
         self.timing: Timing = settings.effective_timing()
 
@@ -207,7 +210,7 @@ class Lifecycle:
         request: dict[str, Any] | None = None,
     ) -> None:
         previous, m.state = m.state, state
-        m.updated_at = now_rfc3339()
+        m.updated_at = now_rfc3339(self.wall())
         if kind is None and previous != state:
             kind, source, request = settled_event(m, previous, state, source, request)
         if kind is not None:
@@ -217,7 +220,7 @@ class Lifecycle:
                     type=kind,
                     status=state,
                     source=source,
-                    timestamp=int(time.time() * 1000),
+                    timestamp=int(self.wall() * 1000),
                     request=request or {},
                 )
             )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import random
 import secrets
 import signal
+import time
 from collections.abc import Callable
+from email.utils import formatdate
 from types import TracebackType
 from typing import Any
 
@@ -39,7 +41,11 @@ class Emulator:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
+        wall: Callable[[], float] | None = None,
     ) -> None:
+        """``wall``: the emulator's time of day, Fly's clock, for tests of a skew between
+        Fly's clock and ours (its machines' event times, ``created_at``, ``updated_at``,
+        the checks' times and every answer's ``Date`` read it); the host's by default."""
         self.settings = settings or EmulatorSettings()
         listen = parse_host_port(self.settings.listen)
         self.host = host if host is not None else listen.host
@@ -52,6 +58,7 @@ class Emulator:
         self.token: str = secret.get_secret_value() if secret else secrets.token_urlsafe(24)
         self._rng = rng or random.Random()  # noqa: S311 - ids and faults, not secrets
         self._clock = clock  # of the rate limits' buckets (a test's frozen time)
+        self._wall = wall
         self._saver: Saver | None = None
         self._runner: web.AppRunner | None = None
         self._world: World | None = None
@@ -76,7 +83,9 @@ class Emulator:
 
     async def start(self) -> None:
         state_file = self.settings.state_file
-        world = World(self.settings, rng=self._rng, on_change=self._changed)
+        world = World(
+            self.settings, rng=self._rng, on_change=self._changed, wall=self._wall or time.time
+        )
         self._world = world
         if state_file is not None:
             world.apps.update(load(state_file))
@@ -98,6 +107,8 @@ class Emulator:
         )
         api = build_app(self._ctx)
         fault_routes.add_routes(api)
+        if self._wall is not None:
+            api.on_response_prepare.append(self._date)
         # A client that hangs up cancels its call (a /wait blocks for up to 60 s), and
         # closing gives the calls still under way 2 s, not aiohttp's default minute.
         self._runner = web.AppRunner(
@@ -136,6 +147,11 @@ class Emulator:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def _date(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer's ``Date`` on the emulator's clock (``wall``), as Fly's are on its."""
+        if self._wall is not None:
+            response.headers["Date"] = formatdate(self._wall(), usegmt=True)
 
     def _changed(self) -> None:
         if self._saver is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +49,11 @@ class World:
         *,
         rng: random.Random,
         on_change: Callable[[], None],
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.wall = wall
+        """The emulator's time of day, Fly's clock (``Emulator``'s ``wall``)."""
         self.ids = Ids(rng)
         self.pool = AddressPool(rng)
         self.apps: dict[str, App] = {}
@@ -63,6 +67,7 @@ class World:
             on_change=on_change,
             on_gone=self._forget,
             find=self._by_id,
+            wall=wall,
         )
 
     # --- lookups -------------------------------------------------------------------
@@ -118,7 +123,7 @@ class World:
             name=name,
             org_slug=org_slug,
             network=network or "default",
-            created_at=now_rfc3339(),
+            created_at=now_rfc3339(self.wall()),
         )
         self.apps[name] = app
         self._on_change()
@@ -181,7 +186,7 @@ class World:
         except BadRequest:
             self.pool.release(private_ip)
             raise
-        stamp = now_rfc3339()
+        stamp = now_rfc3339(self.wall())
         m = Machine(
             id=mid,
             app=app.name,
@@ -275,7 +280,7 @@ class World:
             zone=self.ids.hex(4),
             encrypted=body.get("encrypted", True),
             snapshot_retention=body.get("snapshot_retention", 5),
-            created_at=now_rfc3339(),
+            created_at=now_rfc3339(self.wall()),
         )
         app.volumes[vol.id] = vol
         self._on_change()
@@ -293,7 +298,7 @@ class World:
             "id": "vs_" + self.ids.hex(16),
             "size": vol.size_gb * 1024**3 // 10,
             "digest": self.ids.hex(64),
-            "created_at": now_rfc3339(),
+            "created_at": now_rfc3339(self.wall()),
             "status": "created",
         }
         vol.snapshots.append(snap)

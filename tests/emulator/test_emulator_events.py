@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
 from emu_helpers import new_machine, session, until_state, wait_ok
 
+from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
 
 
@@ -63,3 +68,29 @@ async def test_the_events_endpoint_is_newest_first_with_a_limit(emulator: Emulat
         r = await s.get(url, params={"limit": "many"})
         assert r.status == 400
         assert "limit: expected a positive integer" in (await r.json())["error"]
+
+
+async def test_a_skewed_emulator_keeps_every_time_it_shows_on_its_own_clock(
+    emulator_settings: EmulatorSettings,
+) -> None:
+    """``Emulator(wall=)`` (tests of a skew between Fly's clock and ours): the events'
+    times, ``created_at``, ``updated_at`` and the answers' ``Date`` are all on it."""
+    hour = 3600.0
+    async with (
+        Emulator(
+            emulator_settings, host="127.0.0.1", port=0, wall=lambda: time.time() - hour
+        ) as emu,
+        session(emu) as s,
+    ):
+        m = await new_machine(s)
+        answer = await s.get(f"/v1/apps/demo/machines/{m['id']}")
+        listed = await answer.json()
+        date = parsedate_to_datetime(answer.headers["Date"]).timestamp()
+    times = [e["timestamp"] / 1000 for e in listed["events"]]
+    times += [date, _unix(listed["created_at"]), _unix(listed["updated_at"])]
+    now = time.time()
+    assert all(now - hour - 60 < t <= now - hour + 1 for t in times), times
+
+
+def _unix(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
