@@ -70,6 +70,9 @@ class FencedAPI:
     async def get_machine(self, app: str, machine_id: str) -> m.Machine:
         return await self.api.get_machine(app, machine_id)
 
+    def fly_time(self) -> float:
+        return self.api.fly_time()
+
     async def wait_for_machine_state(
         self,
         app: str,

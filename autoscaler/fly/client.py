@@ -39,6 +39,7 @@ from pydantic import SecretStr
 from autoscaler import __version__
 from autoscaler.config import FlySettings
 from autoscaler.fly import models as m
+from autoscaler.fly.clock import FlyClock
 from autoscaler.fly.errors import (
     BadRequest,
     FlyError,
@@ -175,6 +176,8 @@ class MachinesClient(Operations):
         self.limiter = RateLimiter(
             limits, enabled=rate_limit, sleep=sleep, clock=clock, org=org_limit
         )
+        self.fly_clock = FlyClock(clock)
+        """Fly's clock as the answers' ``Date`` headers show it (``fly_time``)."""
         self._log = get_logger("autoscaler.fly")
         self._slots = asyncio.Semaphore(max_connections)
         self._http = httpx.AsyncClient(
@@ -229,6 +232,11 @@ class MachinesClient(Operations):
 
     def __repr__(self) -> str:
         return f"MachinesClient(base_url={self.base_url!r})"
+
+    def fly_time(self) -> float:
+        """Fly's time of day now, never ahead of it: what its times (a machine's events)
+        are read against (``fly/clock.py``)."""
+        return self.fly_clock.now()
 
     async def __aenter__(self) -> Self:
         return self
@@ -288,6 +296,7 @@ class MachinesClient(Operations):
                     # old one counts as spent: the bucket placed it before the hold).
                     attempt -= 1
                     continue
+                sent = self._clock()
                 # httpx's timeout bounds each read and write, not the exchange: an answer
                 # that trickles in a byte at a time held the call (and a tick's one
                 # attempt) for as long as it lasted. A tenth more than httpx's own, so
@@ -303,6 +312,7 @@ class MachinesClient(Operations):
                         timeout=timeout_s,
                     ) as response,
                 ):
+                    received = self._clock()
                     status = response.status_code
                     body, whole = await self._read_body(response)
             except httpx.HTTPError as exc:
@@ -330,6 +340,8 @@ class MachinesClient(Operations):
                     self._slots.release()
             self._observe(call.operation, status, self._clock() - t0)
             if error is None:
+                # (The API's own answers only: an error may be a proxy's, on its clock.)
+                self.fly_clock.observe(sent, received, response.headers.get("date"))
                 self._log_result(call, status, started, attempt, throttled, None)
                 return _decode(body, response.charset_encoding)
             if isinstance(error, RateLimited):
@@ -548,6 +560,11 @@ class MachinesAPI(Protocol):
         timeout_s: float = 60,
         instance_id: str | None = None,
     ) -> m.WaitResult: ...
+
+    def fly_time(self) -> float:
+        """Fly's time of day now (Unix seconds), never ahead of it as far as the API's
+        answers tell: what a machine's event times are read against."""
+        ...
 
     async def cordon_machine(
         self, app: str, machine_id: str, *, lease_nonce: str | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -172,6 +173,10 @@ class FakeMachinesAPI:
         return machine if self.report_cordon else machine.model_copy(update={"cordoned": None})
 
     # --- the MachinesAPI protocol -------------------------------------------------------
+
+    def fly_time(self) -> float:
+        """Fly's time of day: the host's (tests that need another pass ``wall=``)."""
+        return time.time()
 
     async def list_machines(self, app: str) -> list[m.Machine]:
         await self._enter("list_machines", arg=app)
