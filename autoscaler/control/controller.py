@@ -194,7 +194,7 @@ class Controller:
         load: LoadSource | None = None,
         freeze_heap: Callable[[], None] | None = None,
         lease_owner: str | None = None,
-        wall: Clock = time.time,
+        wall: Clock | None = None,
     ) -> None:
         self.api = api
         self.load = load

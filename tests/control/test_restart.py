@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -25,6 +25,7 @@ from autoscaler.control.actions import CORDON_UNSURE_S
 from autoscaler.control.controller import Controller
 from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.procs import pid_alive
 from autoscaler.fly.client import MachinesClient
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
@@ -81,7 +82,7 @@ def controller(
     client: MachinesClient,
     min_machines: int,
     clock: Clock | None = None,
-    wall: Callable[[], float] = time.time,
+    wall: Callable[[], float] | None = None,
 ) -> Controller:
     app = AppConfig(name=APP, min_machines=min_machines, idle_to_zero_s=600, scale_down_delay_s=600)
     settings = Settings(apps=[app], control=ControlSettings(tick_s=0.1))
@@ -329,3 +330,68 @@ async def test_a_resume_that_fell_back_to_a_cold_boot_is_named_a_start(
     assert [e["how"] for e in logs if e["event"] in ("machine_up", "wake")] == ["start", "start"]
     events = emulator.machine(APP, asleep).events
     assert events[-1].type == "launch"  # the emulator's record of the fallback
+
+
+@pytest.fixture
+async def behind(
+    emulator_settings: EmulatorSettings, request: pytest.FixtureRequest
+) -> AsyncIterator[Emulator]:
+    """The emulator on a clock (Fly's) ``request.param`` seconds behind ours: our clock
+    runs that far ahead of Fly's. Its event times, ``updated_at`` and ``Date`` headers are
+    all on its clock, as Fly's are on Fly's."""
+    skew_s = float(request.param)
+    async with Emulator(
+        emulator_settings, host="127.0.0.1", port=0, wall=lambda: time.time() - skew_s
+    ) as emu:
+        yield emu
+    assert not [pid for pid in emu.spawned_pids() if pid_alive(pid)]
+
+
+@BOTH_PROFILES
+@pytest.mark.parametrize("behind", [30.0], indirect=True)
+async def test_a_wake_waits_for_another_party_s_start_though_our_clock_runs_ahead_of_fly_s(
+    behind: Emulator,
+) -> None:
+    """Our clock 30 s ahead of Fly's, another party's start under way: the wake waits for
+    it, as with the clocks in step. It read the start's time (Fly's) against our time of
+    day, took the start for 30 s old, past START_PATIENCE_S, and started a second machine
+    beside it at once. Fly's time is now read on Fly's clock, as its answers' ``Date``
+    headers show it."""
+    emulator = behind
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        first = sorted(m.id for m in emulator.machines(APP))[0]
+        await client.start_machine(APP, first)  # the other party's start, landed
+        ctl = controller(client, min_machines=0)
+        try:
+            assert await ctl.wake(APP) in ("start", "none")
+            routable = [u.id for u in ctl.view.app(APP).routable()]
+        finally:
+            await ctl.stop()
+    assert routable == [first]
+    states = sorted(m.state for m in emulator.machines(APP))
+    assert states == ["started", "stopped", "stopped"]
+
+
+@RESUMES_UNDER_WAY
+@pytest.mark.parametrize("behind", [5.0], indirect=True)
+async def test_a_wake_waits_for_another_party_s_resume_though_our_clock_runs_ahead_of_fly_s(
+    behind: Emulator,
+) -> None:
+    """Our clock 5 s ahead of Fly's (2 s was enough), another party's resume under way:
+    the wake waits for it rather than resume another machine. It took the resume for 5 s
+    old, past RESUME_PATIENCE_S, and resumed a second machine for one need."""
+    emulator = behind
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        resumed, asleep, _ = sorted(m.id for m in emulator.machines(APP))
+        for mid in (resumed, asleep):
+            await _suspended(client, mid)
+        await client.start_machine(APP, resumed)  # the other party's resume, landed
+        ctl = controller(client, min_machines=0)
+        try:
+            how = await ctl.wake(APP)
+            routable = [u.id for u in ctl.view.app(APP).routable()]
+        finally:
+            await ctl.stop()
+    assert how in ("resume", "none")  # "none": it read the resume done already
+    assert routable == [resumed]
+    assert emulator.machine(APP, asleep).state == "suspended"
