@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import aiohttp
@@ -153,3 +153,25 @@ async def slow_reader(proxy: ProxyServer) -> AsyncIterator[tuple[socket.socket, 
         proxy_side = conn.transport.get_extra_info("socket")
         proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         yield sock, conn
+
+
+@contextmanager
+def unanswering_port() -> Iterator[tuple[int, Callable[[], None]]]:
+    """A loopback port whose accept queue is full: a connect to it hangs (the SYN is
+    dropped) until the returned ``refuse()`` closes the listener, after which the SYN sent
+    again is refused."""
+    listener = socket.socket()
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for filler in fillers:  # the accept queue full: a connect hangs until refused
+            filler.setblocking(False)
+            with suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port, listener.close
+    finally:
+        listener.close()
+        for filler in fillers:
+            filler.close()

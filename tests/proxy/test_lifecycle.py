@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -19,7 +16,7 @@ from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import Blocking, text_app
+from .helpers import Blocking, text_app, unanswering_port
 
 
 async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
@@ -219,7 +216,7 @@ async def test_a_request_refused_by_its_machine_after_a_stop_cut_short_gets_503(
     is full, so the SYN is dropped) whose connect is refused meanwhile was sent nowhere:
     it gets a 503 at once, as the held ones did. It went back to wait for another machine
     in a queue that nobody sheds again, and its connection was dropped at exit."""
-    with _unanswering_port() as (port, refuse):
+    with unanswering_port() as (port, refuse):
         machine = MachineInfo("m1", "127.0.0.1", port, "started", False)
         fleet.app("w").set_machines([machine])
         proxy = await start_proxy(
@@ -467,7 +464,7 @@ async def test_a_request_whose_connect_fails_after_its_app_was_removed_makes_no_
     made it again, for an app nobody has: its ``autoscaler_inflight_requests`` series came
     back for good (and a scaled app's request waited out its wake_timeout_s for a wake
     that no controller makes)."""
-    with _unanswering_port() as (port, refuse):
+    with unanswering_port() as (port, refuse):
         app: dict[str, Any] = {"name": "w", "hosts": ["w.test"]}
         if static:
             app["backends"] = [f"127.0.0.1:{port}"]
@@ -484,25 +481,3 @@ async def test_a_request_whose_connect_fails_after_its_app_was_removed_makes_no_
         assert "w" not in fleet.apps
         inflight = metrics.registry.get_sample_value("autoscaler_inflight_requests", {"app": "w"})
         assert inflight is None
-
-
-@contextlib.contextmanager
-def _unanswering_port() -> Iterator[tuple[int, Callable[[], None]]]:
-    """A loopback port whose accept queue is full: a connect to it hangs (the SYN is
-    dropped) until the returned ``refuse()`` closes the listener, after which the SYN sent
-    again is refused."""
-    listener = socket.socket()
-    fillers = [socket.socket() for _ in range(3)]
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for filler in fillers:  # the accept queue full: a connect hangs until refused
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-        yield port, listener.close
-    finally:
-        listener.close()
-        for filler in fillers:
-            filler.close()
