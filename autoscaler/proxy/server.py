@@ -421,12 +421,18 @@ class ProxyServer:
                     head_timeout=knobs.upstream_timeout_s,
                     upgrade=websocket,
                     on_interim=interim,
+                    machine=up.id,
                 )
             except upstream.ConnectFailed:
                 # Nothing reached the machine (no body byte was read either: the body is
                 # read only once connected), so any method may go elsewhere. (Awaited
                 # after the handler: the compiled build must not await inside one.)
                 self._failed_connect(app, up)
+                exchange = None
+            except upstream.Abandoned:
+                # The proxy gave its connection up (its machine goes down: the drain's
+                # deadline; or the proxy stops at once): nothing was sent, so it goes on as
+                # a request whose connect failed, with no verdict on the machine.
                 exchange = None
             except TimeoutError:
                 if body is None or not body.timed_out:
@@ -644,13 +650,14 @@ class ProxyServer:
         the machine are cut, their clients' connections dropped (one the machine sent whole
         is relayed to its end), and requests sent there whose answers have not begun
         (the machine slow to answer) are answered 502 at once, their connections to the
-        machine closed. Their slots come back as they end. A WebSocket or event stream
-        whose handshake or head comes later (its request was sent before) ends as soon as
-        it begins, until the machine is routable again (``Upstream.ending``); after
-        ``everything``, so does any answer whose body is still to come when its head
-        arrives (it came as the cut ran, or its connection was still being made), a
-        download cut as above (``Upstream.cut_off``: one that came whole with its head is
-        served). The number ended."""
+        machine closed; requests whose connections to it are still being made (nothing
+        sent) go on at once as if their connects had failed (``_next_attempt``). Their
+        slots come back as they end. A WebSocket or event stream whose handshake or head
+        comes later (its request was sent before) ends as soon as it begins, until the
+        machine is routable again (``Upstream.ending``); after ``everything``, so does any
+        answer whose body is still to come when its head arrives (it came as the cut ran),
+        a download cut as above (``Upstream.cut_off``: one that came whole with its head
+        is served). The number ended (or sent elsewhere)."""
         view = self.view.apps.get(app)
         up = view.upstreams.get(machine_id) if view is not None else None
         if up is not None and (up.cordoned or up.state != STARTED):
@@ -677,9 +684,10 @@ class ProxyServer:
         if everything and up is not None and pool is not None:
             # Still waiting for their answers' heads: they would wait for upstream_timeout_s
             # (then 504) with the machine suspended under them. Their 502s go out at once.
-            gate = self._gates.get(app)
-            address = up.authority if gate is None else self._address(gate.config, up)[1]
-            ended += pool.cut(address)
+            # Those still connecting would be sent once connected, then wait the same: they
+            # go elsewhere now. Found by the machine, not by its address: a reload's
+            # apps[].port (or the API) may have moved that since they were sent.
+            ended += pool.cut(machine_id)
         if ended:
             _log.info("long_lived_ended", app=app, machine=machine_id, connections=ended)
         return ended

@@ -20,6 +20,8 @@ Errors, by what the caller may do about them:
 - ``TimeoutError``: no answer within ``head_timeout``.
 - :class:`CutOff`: the proxy gave up waiting for the answer (``Pool.cut``: the machine goes
   down). The request was sent, or was being sent: it is never sent again.
+- :class:`Abandoned`: the proxy gave up the connection while it was being made
+  (``Pool.cut``: the machine goes down). Nothing was sent.
 
 Interim answers (1xx) other than 100 Continue go to the exchange's ``on_interim`` as they
 come, before the final one (RFC 9110 15.2: a proxy forwards them); the proxy answers
@@ -93,6 +95,11 @@ class CutOff(UpstreamError):
     """No answer yet, and none waited for: the machine goes down (``Pool.cut``)."""
 
 
+class Abandoned(UpstreamError):
+    """No connection: the proxy gave it up while it was being made (``Pool.cut``: the
+    machine goes down). Nothing was sent."""
+
+
 class Exchange:
     """One request on one connection: the answer's head, its body, the connection's fate."""
 
@@ -106,6 +113,7 @@ class Exchange:
         "head_only",
         "headers",
         "keep_alive",
+        "machine",
         "on_interim",
         "reason",
         "status",
@@ -121,8 +129,10 @@ class Exchange:
         head_only: bool,
         upgrade: bool,
         on_interim: InterimSink | None,
+        machine: str = "",
     ) -> None:
         self._pool = pool
+        self.machine = machine  # its id: ``Pool.cut`` finds the exchange by it
         self._conn: Connection | None = conn
         self._head: asyncio.Future[None] = pool.loop.create_future()
         self._body_task: asyncio.Task[None] | None = None
@@ -429,6 +439,19 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bytes | None]:
     return framed, te
 
 
+class _Connect:
+    """A connection to a machine being made (``Pool.open``), which ``Pool.cut`` ends: its
+    connect timeout is moved to now, and ``why`` says what to raise instead of a
+    timeout."""
+
+    __slots__ = ("machine", "timeout", "why")
+
+    def __init__(self, machine: str, timeout: asyncio.Timeout) -> None:
+        self.machine = machine
+        self.timeout = timeout
+        self.why: UpstreamError | None = None
+
+
 class Pool:
     """Keep-alive connections per machine (``host:port``), at most ``size`` idle each.
 
@@ -453,6 +476,8 @@ class Pool:
         # request; a 504 may come up to HEAD_TICK_S late. ``cut`` ends them by machine.
         self._waiting: dict[Exchange, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # Connections being made: ``cut`` ends them by machine.
+        self._connecting: dict[_Connect, None] = {}
 
     def wait_head(self, ex: Exchange, timeout: float) -> None:
         loop = self.loop
@@ -463,21 +488,28 @@ class Pool:
     def unwatch(self, ex: Exchange) -> None:
         self._waiting.pop(ex, None)
 
-    def cut(self, authority: str) -> int:
-        """The machine at ``authority`` goes down: every exchange with it still waiting for
-        its answer's head (its request sent, or being sent) fails at once with
-        :class:`CutOff`, rather than waiting for ``head_timeout``; its connection closes as
-        it is released. A scan of the waiting exchanges, once per drain: a request pays
-        nothing more for it, but one with a body a dict entry while that is sent. The
-        number cut."""
-        cut = []
-        for ex in self._waiting:
-            conn = ex._conn
-            if conn is not None and conn.authority == authority:
-                cut.append(ex)
+    def cut(self, machine: str) -> int:
+        """The machine (its id, as given to :func:`send`) goes down: every exchange with it
+        still waiting for its answer's head (its request sent, or being sent) fails at once
+        with :class:`CutOff`, rather than waiting for ``head_timeout``; its connection
+        closes as it is released. A connection to it still being made is given up, and its
+        request fails with :class:`Abandoned` (nothing was sent). Found by the machine,
+        not by its address: one that changed meanwhile (a reload's ``apps[].port``, a new
+        address from the API) still has requests at the old one. A scan of the waiting
+        exchanges, once per drain: a request pays nothing more for it, but one with a body
+        a dict entry while that is sent. The number cut or given up."""
+        cut = [ex for ex in self._waiting if ex.machine == machine]
         for ex in cut:
             ex.fail(CutOff("the machine goes down"))
-        return len(cut)
+        connecting = [attempt for attempt in self._connecting if attempt.machine == machine]
+        for attempt in connecting:
+            self._give_up(attempt, Abandoned("the machine goes down"))
+        return len(cut) + len(connecting)
+
+    def _give_up(self, attempt: _Connect, why: UpstreamError) -> None:
+        del self._connecting[attempt]  # ended once: its timeout is moved only while entered
+        attempt.why = why
+        attempt.timeout.reschedule(self.loop.time())
 
     async def _time_out_heads(self) -> None:
         loop = self.loop
@@ -541,17 +573,32 @@ class Pool:
             if not idle:
                 del self._idle[authority]
 
-    async def open(self, host: str, port: int, authority: str, max_field_size: int) -> Connection:
+    async def open(
+        self, host: str, port: int, authority: str, max_field_size: int, machine: str = ""
+    ) -> Connection:
+        """A new connection to the machine (``machine``: its id, for ``cut``)."""
         loop = self.loop
+        timeout = asyncio.timeout(self.connect_timeout_s)
+        attempt = _Connect(machine, timeout)
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: Connection(authority, max_field_size), host, port
-                )
+            async with timeout:
+                self._connecting[attempt] = None
+                try:
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(authority, max_field_size), host, port
+                    )
+                finally:
+                    self._connecting.pop(attempt, None)
         except TimeoutError:
+            if attempt.why is not None:
+                raise attempt.why from None
             raise ConnectFailed(f"connecting to {authority} timed out") from None
         except OSError as exc:
             raise ConnectFailed(f"connecting to {authority}: {exc.strerror or exc}") from None
+        if attempt.why is not None:
+            # Given up as the connect ended, before its timeout fired: nothing is sent.
+            conn.close()
+            raise attempt.why
         return conn
 
     async def close(self) -> None:
@@ -587,6 +634,7 @@ async def send(
     head_timeout: float | None = None,
     upgrade: bool = False,
     on_interim: InterimSink | None = None,
+    machine: str = "",
 ) -> Exchange:
     """Send the request ``head`` (whole, as bytes) and start streaming the body, in chunks
     when ``chunked`` (the head says so); return once the answer's head arrived. The caller
@@ -597,18 +645,19 @@ async def send(
     A machine that takes nothing of the body for ``head_timeout`` times out as well.
     With ``upgrade`` (a WebSocket handshake), a 101 answer leaves the connection to the
     caller: ``exchange.detach()``. ``on_interim`` hears of each 1xx but 100 and 101 (its
-    status, reason, raw headers and HTTP version), before the final answer.
+    status, reason, raw headers and HTTP version), before the final answer. ``machine``
+    (its id) is how ``Pool.cut`` finds the request, whatever its address.
 
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
     machine, as browsers and aiohttp do.
     """
-    args = (method, head, body, chunked, head_timeout, upgrade, on_interim)
+    args = (method, head, body, chunked, head_timeout, upgrade, on_interim, machine)
     conn = pool.take(authority)
     pooled = conn is not None
     while True:
         if conn is None:
-            conn = await pool.open(host, port, authority, max_field_size)
+            conn = await pool.open(host, port, authority, max_field_size, machine)
         ex = _start(pool, conn, *args)
         try:
             await ex._head
@@ -636,10 +685,11 @@ def _start(
     head_timeout: float | None,
     upgrade: bool,
     on_interim: InterimSink | None,
+    machine: str = "",
 ) -> Exchange:
     """Send the head and start the body; the caller awaits ``ex._head`` (and releases
     the exchange if that fails)."""
-    ex = Exchange(pool, conn, method == "HEAD", upgrade, on_interim)
+    ex = Exchange(pool, conn, method == "HEAD", upgrade, on_interim, machine)
     conn.exchange = ex
     if not conn.reusable:
         ex.fail(ConnectFailed("the machine closed the connection before the request"))

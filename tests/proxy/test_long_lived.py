@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import itertools
 import socket
 import weakref
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from testkit import until
+from testkit import free_port, until
 
+from autoscaler.config import AppConfig, Settings, parse_host_port
 from autoscaler.control.view import AppView, FleetView, MachineInfo
 from autoscaler.metrics import Metrics
 from autoscaler.proxy import tunnel
 from autoscaler.scaling.fleet import STARTED
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import BOUND_S, parse_head, read_response
+from .helpers import BOUND_S, connect, parse_head, read_response, text_app, unanswering_port
 
 
 async def upper_echo(request: web.Request) -> web.WebSocketResponse:
@@ -467,6 +470,109 @@ async def test_a_request_still_waiting_for_its_answer_at_a_drains_deadline_gets_
         )
         == 2
     )
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "scaled"])
+async def test_a_request_still_connecting_to_its_machine_at_a_drains_deadline_goes_on_at_once(
+    backend: Backend, start_proxy: StartProxy, fleet: FleetView, metrics: Metrics, static: bool
+) -> None:
+    """The drain's cut found the requests waiting for their answers, not one whose
+    connection to the machine was still being made (a machine slow to accept: its accept
+    queue is full, so the SYN is dropped). That one was sent once connected, to a machine
+    about to go down, and its client waited up to connect_timeout_s, then
+    upstream_timeout_s. Its connect is given up at the cut, and, nothing sent, it goes on
+    at once as a request whose connect failed: to another machine (a scaled app's, started
+    meanwhile), or a 502 when its static app has none. No verdict on the machine: the
+    proxy gave up, not the machine."""
+    with unanswering_port() as (port, _):
+        if static:
+            machine = f"127.0.0.1:{port}"
+            app: dict[str, Any] = {"name": "a", "hosts": ["a.test"], "backends": [machine]}
+        else:
+            machine = "m1"
+            fleet.app("a").set_machines([MachineInfo(machine, "127.0.0.1", port, STARTED, False)])
+            app = {"name": "a", "hosts": ["a.test"]}
+        proxy = await start_proxy([app], connect_timeout_s=3600, upstream_timeout_s=3600)
+        view = fleet.app("a")
+        async with connect(proxy.port) as (reader, writer):
+            writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            await until(lambda: view.in_flight == 1, what="the connect to the machine under way")
+            up = view.upstreams[machine]
+            if static:
+                cordon(view, machine, True)  # the drain begins
+            else:  # the drain begins, and another machine serves the app
+                other = parse_host_port(await backend(text_app("m2")))
+                view.set_machines(
+                    [
+                        MachineInfo(machine, "127.0.0.1", port, STARTED, True),
+                        MachineInfo("m2", other.host, other.port, STARTED, False),
+                    ]
+                )
+            assert fleet.end_long_lived("a", machine) == 0  # nothing begun: left to come
+            assert fleet.end_long_lived("a", machine, everything=True) == 1  # time is up
+            status, _, body = await read_response(reader)  # not connect_timeout_s
+        if static:
+            assert (status, body) == (502, b"no machine of this app is reachable\n")
+        else:
+            assert (status, body) == (200, b"m2")
+    await until(lambda: view.in_flight == 0, what="the slot given back")
+    assert up.in_flight == 0  # given back once: never below 0
+    assert up.unhealthy_until == 0.0  # not skipped: the machine did not fail
+    assert up.failing == 0
+    assert proxy._pool is not None
+    assert proxy._pool._connecting == {}
+    code = "502" if static else "200"
+    assert (
+        metrics.registry.get_sample_value(
+            "autoscaler_requests_total", {"app": "a", "code": code, "wake": "none"}
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize("moved_by", ["reload", "api"])
+async def test_a_request_sent_to_its_machines_old_address_is_cut_at_the_drains_deadline(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView, moved_by: str
+) -> None:
+    """The cut looked for the requests sent to the machine's address as it is at the
+    drain's deadline. A reload that changed ``apps[].port`` meanwhile (or the API that
+    reported a new address for the machine) moved that address: the requests sent to the
+    old one were missed, and their clients waited upstream_timeout_s for a 504 from a
+    suspended machine. They get the cut's 502 at once too."""
+    heads: list[bytes] = []
+    closed: list[bytes] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        closed.append(await reader.read())  # never answers: until the proxy closes
+
+    old_port = int((await raw_backend(mute)).rpartition(":")[2])
+    new_port = free_port()  # nothing listens there: nothing is sent there either
+    app: dict[str, Any] = {"name": "a", "hosts": ["a.test"]}
+    if moved_by == "reload":
+        app["port"] = old_port  # beats the machine's internal_port (1, wrong on purpose)
+    machine = MachineInfo(
+        "m1", "127.0.0.1", 1 if moved_by == "reload" else old_port, STARTED, False
+    )
+    view = fleet.app("a")
+    view.set_machines([machine])
+    proxy = await start_proxy([app], upstream_timeout_s=3600)
+    async with connect(proxy.port) as (reader, writer):
+        writer.write(b"GET /report HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await until(lambda: len(heads) == 1, what="the request at the machine")
+        if moved_by == "reload":
+            moved = AppConfig(name="a", hosts=["a.test"], port=new_port)
+            proxy.update_settings(Settings(proxy=proxy.settings.proxy, apps=[moved]))
+            view.set_machines([dataclasses.replace(machine, cordoned=True)])  # drain begins
+        else:
+            view.set_machines([MachineInfo("m1", "127.0.0.1", new_port, STARTED, True)])
+        assert fleet.end_long_lived("a", "m1") == 0  # no answer begun: left to come
+        assert fleet.end_long_lived("a", "m1", everything=True) == 1  # its time is up
+        status, _, body = await read_response(reader)  # not upstream_timeout_s
+    assert (status, body) == (502, b"the machine was drained before it answered\n")
+    await until(lambda: closed == [b""], what="the connection to the machine closed")
+    assert len(heads) == 1  # not sent again
+    await until(lambda: view.in_flight == 0, what="the slot given back")
 
 
 async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
