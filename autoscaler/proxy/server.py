@@ -215,8 +215,12 @@ class ProxyServer:
             except asyncio.CancelledError:
                 # Cut short (a second SIGTERM: the service stops at once, and the process
                 # exits with the connections still open). Held requests still get their
-                # 503 first, not a dropped connection; those at a machine are cut.
+                # 503 first, not a dropped connection, and so do those still connecting to
+                # their machines (sent nowhere yet: their connects are given up, and none
+                # is made from then on); those at a machine are cut.
                 answering = [task for gate in self._gates.values() for task in gate.shed()]
+                if self._pool is not None:
+                    answering += self._pool.halt()  # after the shed: they find it (503)
                 if answering:
                     await asyncio.wait(answering, timeout=SHED_AT_ONCE_S)
                 raise
@@ -431,8 +435,9 @@ class ProxyServer:
                 exchange = None
             except upstream.Abandoned:
                 # The proxy gave its connection up (its machine goes down: the drain's
-                # deadline; or the proxy stops at once): nothing was sent, so it goes on as
-                # a request whose connect failed, with no verdict on the machine.
+                # deadline; or the proxy stops at once, and _next_attempt answers 503):
+                # nothing was sent, so it goes on as a request whose connect failed, with
+                # no verdict on the machine.
                 exchange = None
             except TimeoutError:
                 if body is None or not body.timed_out:

@@ -21,7 +21,7 @@ Errors, by what the caller may do about them:
 - :class:`CutOff`: the proxy gave up waiting for the answer (``Pool.cut``: the machine goes
   down). The request was sent, or was being sent: it is never sent again.
 - :class:`Abandoned`: the proxy gave up the connection while it was being made
-  (``Pool.cut``: the machine goes down). Nothing was sent.
+  (``Pool.cut``; ``Pool.halt``: the proxy stops at once). Nothing was sent.
 
 Interim answers (1xx) other than 100 Continue go to the exchange's ``on_interim`` as they
 come, before the final one (RFC 9110 15.2: a proxy forwards them); the proxy answers
@@ -39,7 +39,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -97,7 +97,7 @@ class CutOff(UpstreamError):
 
 class Abandoned(UpstreamError):
     """No connection: the proxy gave it up while it was being made (``Pool.cut``: the
-    machine goes down). Nothing was sent."""
+    machine goes down; ``Pool.halt``: the proxy stops at once). Nothing was sent."""
 
 
 class Exchange:
@@ -440,14 +440,17 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bytes | None]:
 
 
 class _Connect:
-    """A connection to a machine being made (``Pool.open``), which ``Pool.cut`` ends: its
-    connect timeout is moved to now, and ``why`` says what to raise instead of a
-    timeout."""
+    """A connection to a machine being made (``Pool.open``), which ``Pool.cut`` and
+    ``Pool.halt`` end: its connect timeout is moved to now, and ``why`` says what to raise
+    instead of a timeout."""
 
-    __slots__ = ("machine", "timeout", "why")
+    __slots__ = ("machine", "task", "timeout", "why")
 
-    def __init__(self, machine: str, timeout: asyncio.Timeout) -> None:
+    def __init__(
+        self, machine: str, task: asyncio.Task[Any] | None, timeout: asyncio.Timeout
+    ) -> None:
         self.machine = machine
+        self.task = task  # the request's: ``Pool.halt`` waits for its answer
         self.timeout = timeout
         self.why: UpstreamError | None = None
 
@@ -476,8 +479,9 @@ class Pool:
         # request; a 504 may come up to HEAD_TICK_S late. ``cut`` ends them by machine.
         self._waiting: dict[Exchange, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        # Connections being made: ``cut`` ends them by machine.
+        # Connections being made: ``cut`` ends them by machine, ``halt`` all of them.
         self._connecting: dict[_Connect, None] = {}
+        self._halted = False
 
     def wait_head(self, ex: Exchange, timeout: float) -> None:
         loop = self.loop
@@ -505,6 +509,18 @@ class Pool:
         for attempt in connecting:
             self._give_up(attempt, Abandoned("the machine goes down"))
         return len(cut) + len(connecting)
+
+    def halt(self) -> list[asyncio.Task[Any]]:
+        """The proxy stops at once: every connection still being made is given up, and
+        none is made from then on; their requests fail with :class:`Abandoned` (nothing
+        was sent). Returns the tasks of those requests, to wait for their answers."""
+        self._halted = True
+        tasks = []
+        for attempt in list(self._connecting):
+            self._give_up(attempt, Abandoned("the proxy stops"))
+            if attempt.task is not None:
+                tasks.append(attempt.task)
+        return tasks
 
     def _give_up(self, attempt: _Connect, why: UpstreamError) -> None:
         del self._connecting[attempt]  # ended once: its timeout is moved only while entered
@@ -577,9 +593,11 @@ class Pool:
         self, host: str, port: int, authority: str, max_field_size: int, machine: str = ""
     ) -> Connection:
         """A new connection to the machine (``machine``: its id, for ``cut``)."""
+        if self._halted:
+            raise Abandoned("the proxy stops")
         loop = self.loop
         timeout = asyncio.timeout(self.connect_timeout_s)
-        attempt = _Connect(machine, timeout)
+        attempt = _Connect(machine, asyncio.current_task(loop), timeout)
         try:
             async with timeout:
                 self._connecting[attempt] = None
