@@ -192,7 +192,8 @@ class ProxyServer:
 
     async def stop(self) -> None:
         """Stop accepting, let requests finish until ``shutdown_timeout_s``, then close.
-        Cancelled meanwhile (a second SIGTERM), it answers the held requests first."""
+        Cancelled meanwhile (a second SIGTERM), it answers the held requests first, and
+        those still connecting to their machines."""
         self._closing = True
         self.view.set_closer(None)
         if self._sweeper is not None:
@@ -235,8 +236,13 @@ class ProxyServer:
             self._pool = None
 
     def _shed(self) -> None:
+        """Just before the graceful stop's deadline: held requests get their 503, and so do
+        those still connecting to their machines (sent nowhere yet either: their connects
+        are given up, and none is made from then on), rather than a cut connection."""
         for gate in self._gates.values():
             gate.shed()
+        if self._pool is not None:
+            self._pool.halt()  # after the shed: _next_attempt finds it (503)
 
     # --- one request --------------------------------------------------------------
 

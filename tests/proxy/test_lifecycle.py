@@ -132,6 +132,31 @@ async def test_held_requests_get_503_before_the_deadline_cuts_the_rest(
     up.release.set()
 
 
+async def test_a_request_still_connecting_at_the_graceful_stops_shed_gets_503(
+    start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """Half a second before shutdown_timeout_s the held requests get their 503. A request
+    whose connect to its machine was under way then (a host that does not answer) was
+    sent nowhere either, but the deadline cut its connection unanswered. Its connect is
+    given up with the held ones' 503s, and it gets one too."""
+    with unanswering_port() as (port, _):
+        machine = MachineInfo("m1", "127.0.0.1", port, "started", False)
+        fleet.app("w").set_machines([machine])
+        proxy = await start_proxy(
+            [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 300}],
+            shutdown_timeout_s=1.0,
+            connect_timeout_s=3600,
+        )
+        async with connect(proxy.port) as (reader, writer):
+            writer.write(b"GET / HTTP/1.1\r\nHost: w.test\r\n\r\n")
+            await until(lambda: fleet.app("w").in_flight == 1)  # connecting
+            await proxy.stop()
+            status, headers, body = await read_response(reader)
+        assert (status, body) == (503, b"proxy is shutting down\n")
+        assert headers["retry-after"] == ["1"]
+    assert fleet.app("w").in_flight == 0
+
+
 async def test_a_stop_cut_short_still_answers_held_requests_503(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
