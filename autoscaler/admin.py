@@ -352,7 +352,9 @@ class AdminServer:
             "version": __version__,
             "ready": not self.readiness_problems(health),
             "control_healthy": not self.control_problems(health),
-            "control_loop": self.provider is not None,
+            # A loop runs only for apps to scale: the controller is there for static apps
+            # too (a reload may add scaled ones), but nothing of theirs ticks.
+            "control_loop": bool(health),
             "last_tick_age_s": _age(now, last_tick),
             "apps": [_app_document(a, now) for a in apps],
             "ejected": self.ejected() if self.ejected is not None else [],

@@ -346,6 +346,8 @@ async def test_controller_without_apps(aiohttp_client: MakeClient) -> None:
     server = make_server(FakeController(apps=[], last_tick_at=None), clock)
     client = await aiohttp_client(server.build_app())
     assert (await client.get("/readyz")).status == 200  # only static apps: nothing ticks
+    doc = await (await client.get("/status")).json()
+    assert doc["control_loop"] is False  # `autoscaler status` said "control loop ticked never"
     value = server.metrics.registry.get_sample_value(
         "autoscaler_control_last_tick_timestamp_seconds"
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from reliability.harness import live_service
 
 import autoscaler.status
 from autoscaler.admin import AdminServer
@@ -255,6 +256,21 @@ async def test_missing_token_is_a_clear_error(admin: str, tmp_path: Path) -> Non
     assert code == 1
     assert "HTTP 401 (set admin.token or AUTOSCALER_ADMIN__TOKEN)" in err.getvalue()
     assert out.getvalue() == ""
+
+
+async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path) -> None:
+    """`autoscaler run` on config/static.yaml: the header said "control loop ticked never",
+    as if a loop that should tick had not."""
+    file = tmp_path / "static.yaml"
+    file.write_text("apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n")
+    async with live_service(file, without_api=True) as svc:
+        assert svc.admin is not None
+        url = f"http://127.0.0.1:{svc.admin.address[1]}"
+        out, err = io.StringIO(), io.StringIO()
+        code = await asyncio.to_thread(run_status, url, str(file), out=out, err=err)
+    assert code == 0, err.getvalue()
+    header = out.getvalue().splitlines()[0]
+    assert header.endswith(": ready, no control loop (static apps only)"), header
 
 
 async def test_unreachable_admin(tmp_path: Path) -> None:
