@@ -348,10 +348,12 @@ class AdminServer:
         apps = self.provider.status() if self.provider is not None else []
         health = self.provider.health() if self.provider is not None else []
         last_tick = self.provider.last_tick_at if self.provider is not None else None
+        control = self.control_problems(health)
         return {
             "version": __version__,
             "ready": not self.readiness_problems(health),
-            "control_healthy": not self.control_problems(health),
+            "control_healthy": not control,
+            "control_problems": control,
             # A loop runs only for apps to scale: the controller is there for static apps
             # too (a reload may add scaled ones), but nothing of theirs ticks.
             "control_loop": bool(health),

@@ -261,6 +261,7 @@ def render(doc: dict[str, Any]) -> list[str]:
     else:
         loop = "no control loop (static apps only)"
     lines = [f"autoscaler {doc.get('version', '?')}: {ready}, {loop}"]
+    lines += [f"  {line}" for line in tui.control_lines(doc)]
     if doc.get("cluster"):
         lines += _cluster_lines(doc["cluster"])
     apps = doc.get("apps") or []

@@ -265,6 +265,15 @@ def app_panel(app: Mapping[str, Any], history: History) -> Panel:
     return Panel(Group(*lines), title=title, title_align="left")
 
 
+def control_lines(doc: Mapping[str, Any]) -> list[str]:
+    """Why the decisions are stale (``/readyz?control=1``'s problems): "ready" is the data
+    path's word, and said nothing while the Machines API was out of reach."""
+    if doc.get("control_healthy", True):
+        return []
+    problems = doc.get("control_problems") or ["see /readyz?control=1"]
+    return [f"control NOT HEALTHY (decisions are stale): {p}" for p in problems]
+
+
 def view(
     doc: Mapping[str, Any] | None,
     history: History,
@@ -278,6 +287,7 @@ def view(
     else:
         ready = "ready" if doc.get("ready") else "NOT READY"
         parts.append(Text(f"autoscaler {doc.get('version', '?')}: {ready}", style="bold"))
+        parts.extend(Text(line, style="red") for line in control_lines(doc))
         apps = doc.get("apps") or []
         if not apps:
             parts.append(Text("no scaled apps"))

@@ -114,3 +114,21 @@ def test_an_app_name_is_drawn_as_it_is_not_read_as_markup() -> None:
     text = console.export_text()
     assert "[red]web  desired 1," in text
     assert "web[/x]  desired [/]," in text
+
+
+def test_the_view_says_when_the_decisions_are_stale() -> None:
+    """`autoscaler status --watch` during an API outage said "ready" and no more."""
+    doc = {
+        "version": "1.2.3",
+        "ready": True,
+        "control_healthy": False,
+        "control_problems": ["Machines API unreachable: list_machines: HTTP 500"],
+        "apps": [],
+    }
+    console = Console(record=True, width=100)
+    console.print(tui.view(doc, tui.History()))
+    assert console.export_text().splitlines()[:2] == [
+        "autoscaler 1.2.3: ready",
+        "control NOT HEALTHY (decisions are stale): Machines API unreachable: list_machines: "
+        "HTTP 500",
+    ]

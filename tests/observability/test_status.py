@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from reliability.harness import live_service
 
 import autoscaler.status
+from autoscaler import __version__
 from autoscaler.admin import AdminServer
 from autoscaler.cli import main
 from autoscaler.config import AdminSettings
@@ -256,6 +257,31 @@ async def test_missing_token_is_a_clear_error(admin: str, tmp_path: Path) -> Non
     assert code == 1
     assert "HTTP 401 (set admin.token or AUTOSCALER_ADMIN__TOKEN)" in err.getvalue()
     assert out.getvalue() == ""
+
+
+async def test_status_says_when_the_decisions_are_stale(tmp_path: Path) -> None:
+    """Every app's list failing (the Machines API out of reach): the header said "ready,
+    control loop ticked 8.9s ago" and nothing else; /readyz?control=1 said 503."""
+    clock = FakeClock()
+    provider = FakeController(
+        apps=[FakeAppStatus(app="demo", last_tick_at=clock.now, last_error="HTTP 500")],
+        last_tick_at=clock.now,
+    )
+    server = AdminServer(AdminSettings(), Metrics(CollectorRegistry()), provider, clock=clock)
+    await server.start(host="127.0.0.1", port=0)
+    try:
+        url = f"http://127.0.0.1:{server.address[1]}"
+        out, err = io.StringIO(), io.StringIO()
+        code = await asyncio.to_thread(
+            run_status, url, write_config(tmp_path, None), out=out, err=err
+        )
+    finally:
+        await server.stop()
+    assert code == 0, err.getvalue()
+    assert out.getvalue().splitlines()[:2] == [
+        f"autoscaler {__version__}: ready, control loop ticked 0.0s ago",
+        "  control NOT HEALTHY (decisions are stale): Machines API unreachable: HTTP 500",
+    ]
 
 
 async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path) -> None:
