@@ -162,7 +162,14 @@ def _get(base_url: str, path: str, token: str | None, timeout_s: float, accept: 
                 # Content-Length promised more (a read of so many bytes does not say so).
                 raise http.client.IncompleteRead(body, resp.length)
     except urllib.error.HTTPError as exc:
-        hint = " (set admin.token or AUTOSCALER_ADMIN__TOKEN)" if exc.code == 401 else ""
+        hint = ""
+        if exc.code == 401:
+            # A token that was sent and refused is not one that is missing.
+            hint = (
+                " (the admin token sent was refused: not the server's admin.token)"
+                if token
+                else " (set admin.token or AUTOSCALER_ADMIN__TOKEN)"
+            )
         raise StatusError(f"{url}: HTTP {exc.code}{hint}") from None
     except urllib.error.URLError as exc:  # connecting, or sending the request
         raise StatusError(f"{url}: cannot connect: {exc.reason}") from None

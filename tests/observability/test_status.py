@@ -299,6 +299,19 @@ async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path
     assert header.endswith(": ready, no control loop (static apps only)"), header
 
 
+async def test_a_wrong_token_is_not_called_missing(admin: str, tmp_path: Path) -> None:
+    """A token that was sent and refused: the hint said to set the token, which was set."""
+    out, err = io.StringIO(), io.StringIO()
+    config = write_config(tmp_path, "not-the-admin-token-at-all")
+    code = await asyncio.to_thread(run_status, admin, config, out=out, err=err)
+    assert code == 1
+    assert err.getvalue() == (
+        f"autoscaler status: {admin}/status: HTTP 401 (the admin token sent was refused:"
+        " not the server's admin.token)\n"
+    )
+    assert "not-the-admin-token-at-all" not in err.getvalue()
+
+
 async def test_unreachable_admin(tmp_path: Path) -> None:
     server = AdminServer(AdminSettings(), Metrics(CollectorRegistry()))
     await server.start(host="127.0.0.1", port=0)
