@@ -15,7 +15,7 @@ import math
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 raise ValueError("expected --trace FILE or --generate SHAPE, not both")
             if args.generate and args.out:
                 return _generate(args, out)
-            return _replay(args, out)
+            return _replay(args, out, err)
     except _Stopped as stopped:
         print(f"simulate: stopped by {signal.Signals(stopped.signum).name}", file=err)
         return 128 + stopped.signum
@@ -126,6 +126,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         for line in exc.problems:
             print(line, file=err)
         return EXIT_USAGE
+
+
+def _names(names: Iterable[str], most: int = 5) -> str:
+    names = list(names)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _generated(args: argparse.Namespace) -> list[tuple[float, str, float]]:
@@ -144,7 +150,7 @@ def _generate(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _replay(args: argparse.Namespace, out: TextIO) -> int:
+def _replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not args.trace and not args.generate:
         raise ValueError("expected --trace FILE or --generate SHAPE")
     if args.out:
@@ -193,6 +199,14 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         )
     if not trace.apps:
         raise TraceError(f"{args.trace or args.generate}: no requests")
+    if configured and not any(app in configured for app in trace.apps):
+        # Its knobs are found by app name: none applies, and the table did not say so.
+        print(
+            f"simulate: warning: --config {args.config}: none of its apps"
+            f" ({_names(configured)}) is in the trace ({_names(trace.apps)}): every app"
+            " replays the default policy (and --set's knobs)",
+            file=err,
+        )
     resolve = config_resolver(configured, overrides)
     try:
         for app in trace.apps:

@@ -284,6 +284,27 @@ def test_config_apps_by_name_equal_the_same_knobs_set_on_the_command_line(
     assert json.loads(capsys.readouterr().out)["total"] != from_config["total"]
 
 
+def test_a_config_whose_apps_are_not_in_the_trace_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`simulate --config config/autoscaler.yaml` on a bundled trace: the config's app
+    `demo` is not the trace's `sparse`, so its knobs applied to nothing, without a word."""
+    config = tmp_path / "autoscaler.yaml"
+    config.write_text("apps:\n  - name: demo\n    idle_to_zero_s: 1m\n")
+    base = ["simulate", "--trace", str(bundled("sparse-24h")), "--strategies", "autoscaler"]
+    assert main([*base, "--format", "json", "--config", str(config)]) == 0
+    got = capsys.readouterr()
+    assert got.err == (
+        f"simulate: warning: --config {config}: none of its apps (demo) is in the trace"
+        " (sparse): every app replays the default policy (and --set's knobs)\n"
+    )
+    assert main([*base, "--format", "json"]) == 0
+    assert capsys.readouterr().out == got.out  # the defaults, as it said
+    config.write_text("apps:\n  - name: demo\n  - name: sparse\n")
+    assert main([*base, "--format", "json", "--config", str(config)]) == 0
+    assert capsys.readouterr().err == ""  # one app matches: nothing to say
+
+
 def test_azure_trace_from_the_command_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
