@@ -72,8 +72,13 @@ def load(path: Path) -> dict[str, App]:
                 if m.state not in ("created", "failed", "suspended"):
                     m.state = "stopped"
             apps[app.name] = app
-    except (KeyError, TypeError) as exc:
+    except KeyError as exc:
         raise StateFileError(f"{path}: damaged emulator state: missing {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        # A list where an object goes, or the reverse (a file edited by hand): not "missing".
+        raise StateFileError(
+            f"{path}: damaged emulator state: an entry of the wrong shape ({exc})"
+        ) from None
     return apps
 
 

@@ -205,6 +205,33 @@ async def test_damaged_state_file_is_a_clear_error(tmp_path: Path) -> None:
             pass
 
 
+@pytest.mark.parametrize(
+    ("apps", "said"),
+    [
+        ('[{"name": "web"}]', "missing 'id'"),
+        # A list where an app or a machine goes: an AttributeError traceback, and a
+        # TypeError was called "missing list indices must be integers ...".
+        ("[[1]]", "an entry of the wrong shape"),
+        (
+            '[{"id": "a", "name": "web", "org_slug": "p", "network": "n", "created_at": "c",'
+            ' "machines": [[1]]}]',
+            "an entry of the wrong shape",
+        ),
+        ("null", "an entry of the wrong shape"),
+    ],
+)
+def test_a_state_file_of_the_wrong_shape_is_one_clear_error(
+    tmp_path: Path, apps: str, said: str
+) -> None:
+    from autoscaler.emulator.persist import load
+
+    state = tmp_path / "emulator.json"
+    state.write_text(f'{{"version": 1, "apps": {apps}}}')
+    with pytest.raises(StateFileError) as caught:
+        load(state)
+    assert str(caught.value).startswith(f"{state}: damaged emulator state: {said}")
+
+
 async def test_a_state_file_that_cannot_be_written_is_said_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
