@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import math
 import signal
 import sys
@@ -488,6 +489,22 @@ def print_summary(summary: Summary, out: TextIO) -> None:
     out.flush()
 
 
+def _port_hint(config: str | None, settings: Settings) -> str:
+    """How to move the demo off a port in use: the built-in config takes no ``AUTOSCALER_*``
+    variables (a real deployment's must not steer the demo), so only a config file does."""
+    ports = (
+        f"proxy.listen {settings.proxy.listen}, admin.listen {settings.admin.listen},"
+        f" emulator.listen {settings.emulator.listen}"
+    )
+    if config is None:
+        builtin = files("autoscaler") / "data" / "demo.yaml"
+        return (
+            f"\n  the demo's ports are those of its built-in config ({ports}); for others, run"
+            f" it with --config a copy of {builtin} with them changed"
+        )
+    return f"\n  the demo's ports are those of {config} ({ports}): change them there"
+
+
 def main(
     config: str | None,
     duration_s: float,
@@ -532,7 +549,8 @@ def main(
         print(exc, file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"autoscaler demo: cannot start: {exc}", file=sys.stderr)
+        hint = _port_hint(config, settings) if exc.errno == errno.EADDRINUSE else ""
+        print(f"autoscaler demo: cannot start: {exc}{hint}", file=sys.stderr)
         return 1
     if summary is None:
         return 0

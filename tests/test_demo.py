@@ -288,3 +288,41 @@ def test_demo_listens_on_loopback_only(
     )
     with pytest.raises(ConfigError, match=rf"{key}\.listen: the demo listens on loopback only"):
         demo_settings(str(config), None)
+
+
+def test_a_port_in_use_says_how_to_use_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """8080 taken by something else: "cannot start: ... address already in use" and no
+    more, while AUTOSCALER_PROXY__LISTEN, which the README offers, does nothing to the
+    built-in config."""
+    import socket
+
+    from autoscaler.demo import main as demo_main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "demo.yaml"
+    emulator, admin = free_port(), free_port()
+    config.write_text(
+        f"proxy: {{listen: '127.0.0.1:{port}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
+        f"apps: [{{name: demo}}]\nemulator: {{listen: '127.0.0.1:{emulator}',"
+        " apps: [{name: demo, machines: 1}]}\n"
+    )
+    try:
+        code = demo_main(
+            str(config), 5.0, None, True, io.StringIO(), log_file=str(tmp_path / "demo.log")
+        )
+    finally:
+        taken.close()
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "address already in use\n  the demo's ports are those of" in err, err
+    assert f"those of {config} (proxy.listen 127.0.0.1:{port}," in err
+    from autoscaler.demo import _port_hint
+
+    builtin = _port_hint(None, demo_settings(None, None))
+    assert "its built-in config (proxy.listen 127.0.0.1:8080," in builtin
+    assert builtin.endswith("data/demo.yaml with them changed")
