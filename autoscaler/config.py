@@ -859,7 +859,9 @@ class EmulatorSettings(_Model):
         default="127.0.0.1:4280", description="address of the emulated API (loopback only)"
     )
     token: Token = Field(
-        default=None, description="API token it accepts (EMULATOR_TOKEN; a default is printed)"
+        default=None,
+        description="API token it accepts (EMULATOR_TOKEN; unset: a random one, which"
+        " `autoscaler emulator` prints and an embedded emulator never shows)",
     )
     state_file: Path | None = Field(default=None, description="apps and machines kept here")
     org_slug: str = Field(default="personal", description="its one organization")
