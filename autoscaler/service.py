@@ -332,6 +332,14 @@ class Service:
             _log.warning("config_reload_needs_restart", sections=fixed)
         for secret in new.secrets():
             redactor().add(secret)
+        # What needs a restart is kept as it runs, so that the next reload compares the
+        # file with what runs: a file set back to it was said to need a restart.
+        new = new.model_copy(
+            update={
+                **{k: getattr(old, k) for k in _RESTART_ONLY},
+                "proxy": new.proxy.model_copy(update={"listen": old.proxy.listen}),
+            }
+        )
         self.settings = new
         self._declare_apps(new)
         # The proxy first: requests held for an app that left are answered at once, before

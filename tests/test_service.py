@@ -845,6 +845,33 @@ def test_run_serves_static_apps_without_a_machines_api_and_refuses_a_scaled_one(
     assert not [line for line in lines if line.get("event") == "fly_api"]  # no call at all
 
 
+async def test_a_file_set_back_to_what_runs_needs_no_restart(tmp_path: Path) -> None:
+    """A reload that changed restart-only settings was warned about (rightly), but the
+    service then held the file's values as if they ran: setting the file back to what
+    runs was warned about as needing a restart, and a restart would change nothing."""
+    file = tmp_path / "static.yaml"
+    static = "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+    file.write_text(f"proxy: {{listen: '127.0.0.1:8080'}}\n{static}")
+    async with live_service(file, without_api=True) as svc:
+        assert svc.controller is not None
+        running = svc.settings
+        file.write_text(
+            "proxy: {listen: '127.0.0.1:8081'}\ncluster: {lease_ttl_s: 30, lead: false}\n"
+            f"control: {{tick_s: 2}}\n{static}"
+        )
+        with capture_logs() as logs:
+            assert await svc.reload()
+        [warned] = [e for e in logs if e["event"] == "config_reload_needs_restart"]
+        assert warned["sections"] == ["cluster", "proxy.listen"]
+        assert svc.controller.settings.control.tick_s == 2  # the rest applies
+        assert svc.settings.cluster == running.cluster  # what runs
+        assert svc.settings.proxy.listen == running.proxy.listen
+        file.write_text(f"proxy: {{listen: '127.0.0.1:8080'}}\n{static}")  # set back
+        with capture_logs() as logs:
+            assert await svc.reload()
+        assert [e for e in logs if e["event"] == "config_reload_needs_restart"] == []
+
+
 @pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:9"], ids=["unset", "set-later"])
 async def test_a_service_without_an_api_refuses_a_reload_that_adds_an_app_to_scale(
     tmp_path: Path, api_url: str | None
