@@ -437,10 +437,23 @@ class Actuator:
         """On shutdown, after the action tasks were cancelled: cut the cordon requests
         still under way (our key is on those machines already: the next process finds
         them) and wait for the lease releases, within ``timeout_s``. ``cut=False``
-        (leadership lost): machine leases being taken are let answer, and given back then
-        (``Leases.aclose``)."""
+        (leadership lost, a step-down): the cordon requests under way and the machine
+        leases being taken are let answer within ``timeout_s`` too (those leases are
+        given back then: ``Leases.aclose``). A cordon request cut off may land at any time
+        in the next ``CORDON_UNSURE_S``, so the next leader, which cannot know of it,
+        kept every machine that it found with our key and no cordon out of its drains
+        for that long; answered, it leaves the machine cordoned with our key (or not
+        cordoned at all), which the next leader finishes or undoes at once."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        if not cut and self.cordoning:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    while self.cordoning:
+                        await asyncio.wait(set(self.cordoning.values()))
         await cancel_and_wait(list(self.cordoning.values()))  # each one's entry goes with it
-        await self.leases.aclose(timeout_s, cut=cut)
+        left = None if deadline is None else max(0.0, deadline - loop.time())
+        await self.leases.aclose(left, cut=cut)
 
     def interrupt(self, rt: AppRuntime, mid: str) -> Running:
         """Take back a drain in its suspend step: cancel it and start the machine, which

@@ -490,3 +490,33 @@ async def test_an_action_cancelled_before_it_began_leaves_no_call_unawaited() ->
     assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
     assert api.ops("acquire_machine_lease") == []
     await rig.ctl.stop()
+
+
+async def test_a_step_down_lets_its_cordon_request_answer() -> None:
+    """A leader that steps down (cluster mode: ``stop(handover=True)``) with a drain's
+    cordon request on its way lets that request answer, within its stop's bound, instead
+    of cutting it off: the next leader, which takes over once the step-down is over, then
+    finds the machine cordoned with our key and finishes the drain at once. Cut off, the
+    request could land at any time in the next CORDON_UNSURE_S, and the next leader held
+    that machine (and every one it found with our key and no cordon) for that long."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    mid = api.add(APP, "started")
+    wire = Wire(api, 3)
+    old = Rig(wire, clock, idle_to_zero_s=5)  # type: ignore[arg-type]
+    await start_drain(old, clock)
+    await asyncio.wait_for(wire.reached.wait(), 5)
+    assert wire.sent[-1] == "cordon_machine"
+    sent_at = clock()
+    stopping = asyncio.ensure_future(old.ctl.stop(handover=True))
+    await settle()
+    assert not stopping.done()  # it waits for the cordon's answer
+    await wire.land()
+    await stopping
+    assert api.get(APP, mid).cordoned is True
+    assert CORDON_METADATA_KEY in meta(api, mid)
+    new = Rig(api, clock, idle_to_zero_s=5)
+    await run_ticks(new, api, clock, mid)
+    assert clock() < sent_at + CORDON_UNSURE_S
+    assert api.get(APP, mid).state == "suspended"
+    await new.ctl.stop()
