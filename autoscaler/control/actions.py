@@ -51,7 +51,10 @@ per machine, and the next process finds that machine with our key and without a 
 the first list after this process began to decide (``deciding``, ``listed``) shows
 uncordoned is kept for ``CORDON_UNSURE_S`` from then, whatever this process does with the
 machine meanwhile (wakes it, lifts the cordon when it lands), and the machine is not
-drained till then; a follower (cluster mode) never drops a key: the leader's requests
+drained till then, or till the time the key's value names, if sooner (a drain sends its
+key and cordon within ``MARK_BOUND_S`` of the key and writes that bound plus
+``CORDON_UNSURE_S`` into it, ``mark_value``: a key left long enough ago fronts nothing and
+goes at once); a follower (cluster mode) never drops a key: the leader's requests
 are not known there. Both only where the list says whether a machine is cordoned: an API
 that leaves the flag out shows our cordons by our key alone, and a key kept there would
 keep the machine out of our routing.
@@ -65,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any
@@ -72,7 +76,14 @@ from typing import Any
 from autoscaler.aio import cancel_and_wait
 from autoscaler.control.fencing import WAKE_FENCE
 from autoscaler.control.leases import Held, Leases
-from autoscaler.control.runtime import AppRuntime, MachineRecord, Running, TaskKind, ours
+from autoscaler.control.runtime import (
+    AppRuntime,
+    MachineRecord,
+    Running,
+    TaskKind,
+    mark_value,
+    ours,
+)
 from autoscaler.control.view import Clock, FleetView
 from autoscaler.fly.client import MachinesAPI
 from autoscaler.fly.errors import (
@@ -106,6 +117,10 @@ REREAD_AFTER_S = 1.0
 """A started machine whose port stays shut this long is read again, once: a deploy may
 have moved it (a new ``internal_port``) since our last list."""
 CORDON_UNSURE_S = 60.0  # a request that timed out (30 s) has surely landed or died by then
+MARK_BOUND_S = 30.0
+"""A drain's key and cordon requests are answered within this of the key's sending, or
+cut (a cordon whose fate is then unknown): so our key's value can say until when its
+drain's cordon request may land (``mark_value``), which the next process reads."""
 _log = get_logger("autoscaler.control")
 
 
@@ -115,6 +130,10 @@ class ActionError(Exception):
 
 class BootFailed(ActionError):
     """A start the API accepted ended with the machine ``failed``."""
+
+
+class CordonUnanswered(ActionError):
+    """A drain's key and cordon requests not answered within ``MARK_BOUND_S``: cut."""
 
 
 class Actuator:
@@ -132,8 +151,11 @@ class Actuator:
         backoff_max_s: float = 30.0,
         lease_skip_s: float = 1.0,
         leases: Leases | None = None,
+        wall: Clock = time.time,
     ) -> None:
         self.api = api
+        self.wall = wall
+        """The time of day (Unix seconds), which our key's value is written and read in."""
         self.backoff_max_s = backoff_max_s
         self.lease_skip_s = lease_skip_s
         """How long a machine leased by another counts as busy: one tick."""
@@ -190,8 +212,15 @@ class Actuator:
         until = self.deciding_since + CORDON_UNSURE_S
         for mid, machine in rt.machines.items():
             if ours(machine) and machine.cordoned is False and now < until:
-                key = (rt.name, mid)
-                self.inherited[key] = max(until, self.inherited.get(key, until))
+                bound = until
+                if machine.mark_until is not None:
+                    # The key says when its drain's cordon request could land at the
+                    # latest: one written long enough ago fronts none (a process that
+                    # died between the uncordon and the key's removal), dropped at once.
+                    bound = min(until, now + machine.mark_until - self.wall())
+                if now < bound:
+                    key = (rt.name, mid)
+                    self.inherited[key] = max(bound, self.inherited.get(key, bound))
 
     def publish(self, rt: AppRuntime) -> None:
         if not rt.retired:
@@ -660,15 +689,24 @@ class Actuator:
         return True
 
     async def _mark_and_cordon(self, rt: AppRuntime, mid: str) -> None:
-        """Our key first, then the cordon: a cordon of ours never exists without the key."""
+        """Our key first, then the cordon: a cordon of ours never exists without the key.
+        Both within ``MARK_BOUND_S`` of the key's sending, or cut, so the key's value can
+        say until when the cordon may land: ``CORDON_UNSURE_S`` after that bound."""
         nonce = self.nonce(rt, mid)
-        await self.api.set_machine_metadata(
-            rt.name, mid, CORDON_METADATA_KEY, "drain", lease_nonce=nonce
-        )
-        rt.record(mid, self.clock(), marked=True)
-        if mid not in rt.cordon_held:
-            return  # the drain was taken back (or cut short) meanwhile: no cordon now
-        await self.api.cordon_machine(rt.name, mid, lease_nonce=nonce)
+        value = mark_value(self.wall() + MARK_BOUND_S + CORDON_UNSURE_S)
+        try:
+            async with asyncio.timeout(MARK_BOUND_S):
+                await self.api.set_machine_metadata(
+                    rt.name, mid, CORDON_METADATA_KEY, value, lease_nonce=nonce
+                )
+                rt.record(mid, self.clock(), marked=True)
+                if mid not in rt.cordon_held:
+                    return  # the drain was taken back (or cut short) meanwhile: no cordon now
+                await self.api.cordon_machine(rt.name, mid, lease_nonce=nonce)
+        except TimeoutError:
+            raise CordonUnanswered(
+                f"our key and cordon of machine {mid} not answered within {MARK_BOUND_S:g}s"
+            ) from None
 
     def _cordon_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
         if self.cordoning.get(key) is task:
@@ -677,7 +715,9 @@ class Actuator:
         unsure = task.cancelled()
         if not unsure:
             exc = task.exception()  # retrieved here: the drain may be gone already
-            unsure = isinstance(exc, TransportError) and exc.sent
+            unsure = (isinstance(exc, TransportError) and exc.sent) or isinstance(
+                exc, CordonUnanswered
+            )
         if unsure:
             self.cordon_unsure[key] = self.clock() + CORDON_UNSURE_S
         else:

@@ -213,6 +213,7 @@ class Controller:
             backoff_max_s=settings.control.api_backoff_max_s,
             lease_skip_s=settings.control.tick_s,
             leases=Leases(api, sleep=sleep, owner=lease_owner),
+            wall=wall,
         )
         self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s, wall)
         self._rechecker = Rechecker(clock, sleep, self._rechecked)

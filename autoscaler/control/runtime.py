@@ -98,6 +98,9 @@ class MachineRecord:
     that fell back to a cold boot is a start); from someone else's, the events
     (``resuming``, :meth:`Machine.last_boot`). Published to the followers in cluster
     mode, which label their held requests by it."""
+    mark_until: float | None = None
+    """Our key's value says no cordon request of the drain that wrote it can land after
+    this Unix time (:func:`mark_value`); None: it does not say (an older version's key)."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -132,7 +135,23 @@ class MachineRecord:
             start[0] if start is not None else None,
             start is not None and start[1],
             machine.last_boot() if start is None else "resume" if start[1] else "start",
+            mark_until(meta.get(CORDON_METADATA_KEY)) if meta is not None else None,
         )
+
+
+_MARK_UNTIL = re.compile(r"drain-until-(\d{1,12})")
+
+
+def mark_value(until: float) -> str:
+    """Our key's value: no cordon request of the drain that writes it lands after
+    ``until`` (Unix seconds, rounded up)."""
+    return f"drain-until-{math.ceil(until)}"
+
+
+def mark_until(value: object) -> float | None:
+    """The time :func:`mark_value` wrote into ``value``; None for any other value."""
+    found = _MARK_UNTIL.fullmatch(value) if isinstance(value, str) else None
+    return float(found.group(1)) if found is not None else None
 
 
 def routes(machine: Machine, name: str) -> bool:

@@ -12,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import math
 import warnings
 from typing import Any
 
 import pytest
 
-from autoscaler.control.actions import CORDON_UNSURE_S
+from autoscaler.control.actions import CORDON_UNSURE_S, MARK_BOUND_S
 from autoscaler.control.leases import LEASE_TTL_S
+from autoscaler.control.runtime import mark_until, mark_value
 from autoscaler.fly.errors import TransportError
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.policy import Action
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
-from .test_controller import APP, Rig, meta
+from .test_controller import APP, EPOCH, Rig, meta
 
 TICKS = 4  # "within a few ticks"
 
@@ -520,3 +522,43 @@ async def test_a_step_down_lets_its_cordon_request_answer() -> None:
     assert clock() < sent_at + CORDON_UNSURE_S
     assert api.get(APP, mid).state == "suspended"
     await new.ctl.stop()
+
+
+async def test_a_key_whose_cordon_can_no_longer_land_is_dropped_at_once_after_a_restart() -> None:
+    """Our key says until when its drain's cordon request may land (sent within
+    MARK_BOUND_S of the key, landing within CORDON_UNSURE_S of that). A process that
+    died between a drain's uncordon and the key's removal, long enough ago, left a key
+    that fronts no cordon: the next process drops it at its first tick and drains the
+    idle machine at once, instead of holding it for CORDON_UNSURE_S. A key written
+    recently (a cordon may still come) is kept, as one without a time is."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    now = rig.ctl.actuator.wall()
+    old = api.add(APP, "started", metadata={CORDON_METADATA_KEY: mark_value(now - 1)})
+    fresh = api.add(APP, "started", metadata={CORDON_METADATA_KEY: mark_value(now + 30)})
+    untimed = api.add(APP, "started", metadata=dict(OUR_KEY))
+    await rig.tick()
+    await rig.ctl.idle()
+    assert CORDON_METADATA_KEY not in meta(api, old)
+    assert CORDON_METADATA_KEY in meta(api, fresh)
+    assert CORDON_METADATA_KEY in meta(api, untimed)
+    await tick_for(rig, api, clock, 8)  # past idle_to_zero_s
+    assert clock() < now - EPOCH + CORDON_UNSURE_S
+    assert api.get(APP, old).state == "suspended"
+    assert settled_well(api, rig, old)
+    assert api.ops("cordon_machine") == [old]
+    await rig.ctl.stop()
+
+
+async def test_a_drain_s_key_says_until_when_its_cordon_may_land() -> None:
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    mid = api.add(APP, "started")
+    api.gates["cordon_machine"] = asyncio.Event()  # hangs: the key is on, the cordon not
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await start_drain(rig, clock)
+    await settle()
+    written = mark_until(meta(api, mid)[CORDON_METADATA_KEY])
+    assert written == math.ceil(rig.ctl.actuator.wall() + MARK_BOUND_S + CORDON_UNSURE_S)
+    await rig.ctl.stop()
