@@ -68,7 +68,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any
@@ -151,11 +150,13 @@ class Actuator:
         backoff_max_s: float = 30.0,
         lease_skip_s: float = 1.0,
         leases: Leases | None = None,
-        wall: Clock = time.time,
+        wall: Clock | None = None,
     ) -> None:
         self.api = api
-        self.wall = wall
-        """The time of day (Unix seconds), which our key's value is written and read in."""
+        self.wall: Clock = wall if wall is not None else api.fly_time
+        """The time of day (Unix seconds) our key's value is written and read in: Fly's
+        (``api.fly_time``, from its answers' ``Date``) unless given, so the process that
+        writes it and the one that reads it, maybe on other hosts, share one clock."""
         self.backoff_max_s = backoff_max_s
         self.lease_skip_s = lease_skip_s
         """How long a machine leased by another counts as busy: one tick."""
