@@ -525,7 +525,10 @@ class Pool:
     def _give_up(self, attempt: _Connect, why: UpstreamError) -> None:
         del self._connecting[attempt]  # ended once: its timeout is moved only while entered
         attempt.why = why
-        attempt.timeout.reschedule(self.loop.time())
+        if not attempt.timeout.expired():
+            # (Fired already, its task not yet told: asyncio refuses to move it again, and
+            # the task's TimeoutError is read as ``why`` all the same.)
+            attempt.timeout.reschedule(self.loop.time())
 
     async def _time_out_heads(self) -> None:
         loop = self.loop

@@ -14,10 +14,10 @@ from aiohttp import web
 from testkit import SlowToEnd, until
 
 from autoscaler.control.view import FleetView, MachineInfo
-from autoscaler.proxy.upstream import Pool
+from autoscaler.proxy.upstream import Abandoned, Pool
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import connect, read_response, text_app
+from .helpers import connect, read_response, text_app, unanswering_port
 
 
 async def test_sequential_requests_reuse_one_upstream_connection(
@@ -362,3 +362,31 @@ async def test_a_close_cancelled_while_its_sweeper_ends_is_cancelled() -> None:
     pool._sweeper = slow.task  # (a sweeper that takes its time to end)
     closing = await slow.cut_short(pool.close())
     assert closing.cancelled()
+
+
+@pytest.mark.parametrize("end", ["cut", "halt"])
+async def test_a_connect_given_up_as_it_times_out_raises_nothing_where_it_was_given_up(
+    end: str,
+) -> None:
+    """A drain's cut (or the proxy's halt) that came after the connect's timeout fired but
+    before the request's task saw it (the same turn of the loop) moved that expired
+    timeout again: asyncio raises RuntimeError then, out of ``end_long_lived`` (the drain)
+    or the stop, and the other connects were not given up. The connect ends as given up
+    (nothing sent), and the cut counts it."""
+    pool = Pool(1, 0.05)
+    with unanswering_port() as (port, _):
+        opening = asyncio.create_task(pool.open("127.0.0.1", port, f"127.0.0.1:{port}", 8190, "m1"))
+        await asyncio.sleep(0)  # its first step: the connect under way, its timeout armed
+        (attempt,) = pool._connecting
+        # Every turn of the loop, until the timeout fires (no event says so; a bounded spin).
+        while not attempt.timeout.expired():  # noqa: ASYNC110 - one turn at a time
+            await asyncio.sleep(0)
+        assert attempt in pool._connecting  # its task has not run since: still registered
+        if end == "cut":
+            assert pool.cut("m1") == 1
+        else:
+            assert pool.halt() == [opening]
+        with pytest.raises(Abandoned):
+            await opening
+    assert pool._connecting == {}
+    await pool.close()
