@@ -331,8 +331,11 @@ class Machine(_Lenient):
         if len(timed) < 2:
             return None
         began = timed[1][1]
-        if (began.get("type"), began.get("status")) != ("start", MachineState.STARTING):
-            return "start" if (began.get("type"), began.get("status")) in START_EVENTS else None
+        kind, status = began.get("type"), began.get("status")
+        if not isinstance(kind, str) or not isinstance(status, str):
+            return None  # (a list or a dict is no key of START_EVENTS: a TypeError)
+        if (kind, status) != ("start", MachineState.STARTING):
+            return "start" if (kind, status) in START_EVENTS else None
         if len(timed) < 3:
             return None  # what it began from is no longer listed
         before = timed[2][1].get("status")

@@ -241,6 +241,9 @@ def _ev(kind: str, status: str, at: int, request: Any = None) -> dict[str, Any]:
         ([_ev("update", "started", 3), _ev("start", "starting", 2)], None),
         ([_ev("exit", "stopped", 3)], None),
         ([], None),
+        # Not a string where one is expected (a TypeError, as in current_start).
+        ([_ev("start", "started", 3), {**_ev("start", "starting", 2), "type": ["start"]}], None),
+        ([_ev("start", "started", 3), {**_ev("launch", "created", 2), "status": {}}], None),
     ],
     ids=[
         "resumed",
@@ -255,6 +258,8 @@ def _ev(kind: str, status: str, at: int, request: Any = None) -> dict[str, Any]:
         "newest ended no start",
         "newest not a start's end",
         "no events",
+        "a type not a string",
+        "a status not a string",
     ],
 )
 def test_how_a_started_machine_came_up(events: list[dict[str, Any]], expected: str | None) -> None:
