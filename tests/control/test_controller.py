@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from testkit import canned_http, until
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
-from autoscaler.control.actions import CORDON_UNSURE_S
+from autoscaler.control.actions import CORDON_UNSURE_S, LAST_BOOT_WAIT_S
 from autoscaler.control.controller import MAX_RETRY_AFTER_S, Controller, WakeError
 from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
@@ -334,6 +334,32 @@ async def test_wake_returns_only_once_the_port_answers(
     await clock.advance(0.1)
     assert await task == "start"
     assert rig.routable() == {mid}
+
+
+async def test_a_resume_routes_without_waiting_long_for_the_read_of_its_events(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A resume of ours reads the machine's events (did it fall back to a cold boot?)
+    beside the probe of its port. Its port answering, the machine still waited for that
+    read to route: a read the API was slow to answer held the held requests up to the
+    rest of the wake, for a label. It waits LAST_BOOT_WAIT_S at most, and the wake is
+    then named by the start it made."""
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    api.gates["get_machine"] = read = asyncio.Event()  # the read of its events hangs
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    try:
+        await settle()
+        assert state(api, mid) == "started"
+        assert api.ops("get_machine") == [mid]
+        await clock.advance(LAST_BOOT_WAIT_S)
+        await settle()
+        assert task.done()
+        assert await task == "resume"
+        assert rig.routable() == {mid}
+    finally:
+        read.set()
+        await task
 
 
 async def test_api_errors_back_off_and_the_next_tick_reads_again(
