@@ -800,7 +800,7 @@ class Actuator:
             except (BadRequest, Conflict) as exc:
                 # Fly does not suspend every machine (swap, a schedule, a GPU): stop then.
                 # A 400 or 422 is the machine's config, which retrying will not change:
-                # remembered for this version. A 409 or 412 is a state: maybe a suspend or
+                # remembered for this version. A 412 is a state: maybe a suspend or
                 # stop already under way (another party's), waited for as it is, since a
                 # stop of a suspending machine would throw its snapshot away.
                 self.count(rt, "suspend", False)
