@@ -106,7 +106,7 @@ class FlyClock:
             return self._last_date[1]
         try:
             stamp = parsedate_to_datetime(date)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             value = None
         else:
             value = stamp.timestamp() if stamp.tzinfo is not None else None  # GMT, always
