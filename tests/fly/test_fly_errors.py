@@ -156,6 +156,12 @@ def test_retry_after_seconds_and_date() -> None:
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None) is None
     assert parse_retry_after("nan") is None
+    # A number too large for C: unreadable, not an OverflowError out of the 429's handling.
+    assert parse_retry_after("Thu, 01 Jan 99999999999999999999 00:00:00 GMT", now) is None
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:00 +99999999999999999999", now) is None
+    huge = error_from_response(429, b"", H({"Retry-After": "Thu, 99999999999999999999 Jan 2026"}))
+    assert isinstance(huge, RateLimited)
+    assert huge.retry_after is None
     no_header = error_from_response(429, b"", H())
     assert isinstance(no_header, RateLimited)
     assert no_header.retry_after is None
