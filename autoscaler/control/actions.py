@@ -115,9 +115,6 @@ PROBE_INTERVAL_S = 0.05
 REREAD_AFTER_S = 1.0
 """A started machine whose port stays shut this long is read again, once: a deploy may
 have moved it (a new ``internal_port``) since our last list."""
-LAST_BOOT_WAIT_S = 0.5
-"""How long a resume of ours, its port answering, still waits for the read of its events
-(did it fall back to a cold boot?) before it routes, named a resume without it."""
 CORDON_UNSURE_S = 60.0  # a request that timed out (30 s) has surely landed or died by then
 MARK_BOUND_S = 30.0
 """A drain's key and cordon requests are answered within this of the key's sending, or
@@ -587,17 +584,11 @@ class Actuator:
         try:
             await self._reach(rt, mid, kind, deadline)
             how: str = kind
-            if told is not None:
-                if not told.done():
-                    # The port answers: routing waits for the label LAST_BOOT_WAIT_S more
-                    # at most, not for a slow read (up to the rest of the wake).
-                    timer = asyncio.ensure_future(self.sleep(LAST_BOOT_WAIT_S))
-                    try:
-                        await asyncio.wait({told, timer}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        timer.cancel()
-                if told.done():
-                    how = told.result() or kind
+            if told is not None and told.done():
+                # Routing never waits for the label: a cold boot's port answers long after
+                # the read does, while a resumed machine's port, answering at once, may beat
+                # it (then it is named a resume, which it nearly always is).
+                how = told.result() or kind
         finally:
             if told is not None:
                 await cancel_and_wait([told])
