@@ -351,8 +351,7 @@ async def test_a_resume_routes_without_waiting_for_the_read_of_its_events(
     try:
         await settle()
         assert state(api, mid) == "started"
-        assert api.ops("get_machine") == [mid]
-        assert task.done()  # no time passed
+        assert task.done()  # no time passed, the read (if it was sent) unanswered
         assert await task == "resume"
         assert rig.routable() == {mid}
     finally:
