@@ -45,6 +45,7 @@ QUEUE_REJECTION_REASONS = ("queue_full", "wake_timeout")
 SCALING_ACTIONS = ("start", "resume", "cordon", "uncordon", "suspend", "stop")
 ACTION_RESULTS = ("ok", "error")
 WAKE_KINDS = ("resume", "start")
+WAKE_RESULTS = ("ok", "failed", "cancelled")
 BILLED_STATES = ("started", "suspended")
 RESTART_RESULTS = ("ok", "failed", "exhausted")
 PREWARM_RESULTS = ("hit", "miss")
@@ -92,6 +93,16 @@ class Metrics:
             " that fell back to a cold boot is a start).",
             ["app", "kind"],
             buckets=WAKE_BUCKETS,
+            registry=r,
+        )
+        self.wakes = Counter(
+            "autoscaler_wakes",
+            "Wakes for held requests, by how they ended (result: ok, a machine was routable,"
+            " one that already was or a drain taken back included; failed, the wake gave up:"
+            " no machine came up within wake_timeout_s, none could be woken, or an API error;"
+            " cancelled, cut short by a stop, a step-down or a reload that removed the app)."
+            " autoscaler_wake_duration_seconds times the ok ones that resumed or started one.",
+            ["app", "result"],
             registry=r,
         )
         self.machines = Gauge(
@@ -261,6 +272,8 @@ class Metrics:
                 self.scaling_actions.labels(app=app, action=action, result=result)
         for kind in WAKE_KINDS:
             self.wake_duration.labels(app=app, kind=kind)
+        for result in WAKE_RESULTS:
+            self.wakes.labels(app=app, result=result)
         for state in BILLED_STATES:
             self.machine_seconds.labels(app=app, state=state)
         for result in RESTART_RESULTS:

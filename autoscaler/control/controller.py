@@ -637,6 +637,9 @@ class Controller:
         """Bring one machine of ``app`` to routable; "resume", "start" or "none".
 
         Raises WakeError when no machine can be woken (or FlyError when the API fails).
+        Counted in ``autoscaler_wakes_total`` by how it ended: ok (it returned, "none"
+        included: a machine was routable already, or a drain was taken back), failed (it
+        raised) or cancelled (a stop, a step-down, a reload that removed the app).
         """
         rt = self.apps.get(app)
         if rt is None:
@@ -644,7 +647,17 @@ class Controller:
         pacer = self._pacers.get(app)
         if pacer is not None:
             pacer.nudge()  # a sleeping app's loop ticks again every tick_s from now on
-        return await self.waker.wake(rt)
+        wakes = self.metrics.wakes
+        try:
+            how = await self.waker.wake(rt)
+        except asyncio.CancelledError:
+            wakes.labels(app=app, result="cancelled").inc()
+            raise
+        except Exception:
+            wakes.labels(app=app, result="failed").inc()
+            raise
+        wakes.labels(app=app, result="ok").inc()
+        return how
 
     # --- status -------------------------------------------------------------------------
 

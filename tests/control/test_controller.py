@@ -27,7 +27,7 @@ from autoscaler.fly.errors import (
     ServerError,
     TransportError,
 )
-from autoscaler.metrics import Metrics
+from autoscaler.metrics import WAKE_RESULTS, Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.keepalive import PREWARM_LEAD_S, KeepAliveState, Plan
 from autoscaler.scaling.policy import PolicyState, choose_wake
@@ -1113,6 +1113,51 @@ async def test_a_wake_whose_only_machine_keeps_failing_gives_up_at_its_timeout(
     assert ended[0] - t0 >= 9.75
     tries = api.ops("start_machine")
     assert tries == [mid] * 12
+
+
+def wakes(rig: Rig) -> dict[str, float]:
+    """``autoscaler_wakes_total`` of the app, by result (those counted at all)."""
+    counted = {r: rig.metric("autoscaler_wakes_total", result=r) for r in WAKE_RESULTS}
+    return {r: n for r, n in counted.items() if n}
+
+
+async def test_every_wake_counts_by_how_it_ended(api: FakeMachinesAPI, clock: FakeClock) -> None:
+    """``autoscaler_wakes_total``: a wake that brought a machine up, or found one
+    routable, is ok; one that gave up at wake_timeout_s, or found no machine it could
+    wake, failed; one that a reload or a stop cut short, cancelled. The wake histogram
+    keeps timing the ok ones that woke a machine, and those only."""
+    api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "resume"
+    assert await rig.ctl.wake(APP) == "none"  # up already
+    assert wakes(rig) == {"ok": 2}
+    # Gives up at its timeout: every resume answered 500.
+    down = FakeMachinesAPI()
+    down.add(APP, "suspended")
+    down.fail["start_machine"] = [ServerError(500, "internal error") for _ in range(100)]
+    rig = Rig(down, clock, wake_timeout_s=10)
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    await clock.advance(11)
+    with pytest.raises(WakeError):
+        await task
+    assert wakes(rig) == {"failed": 1}
+    # Cut short: a reload takes the app's wake away; a stop closes the wakes.
+    rig.view.set_waker(rig.ctl.wake)
+    rig.view.wake(APP)
+    await settle()
+    await clock.advance(1)
+    await rig.view.end_wake(APP)
+    rig.view.wake(APP)
+    await settle()
+    await rig.view.close()
+    assert wakes(rig) == {"failed": 1, "cancelled": 2}
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 0
+    # No machine to wake at all.
+    rig = Rig(FakeMachinesAPI(), clock)
+    with pytest.raises(WakeError):
+        await rig.ctl.wake(APP)
+    assert wakes(rig) == {"failed": 1}
 
 
 async def test_a_machine_that_fails_to_boot_is_given_up_at_once(

@@ -13,6 +13,7 @@ from autoscaler.metrics import (
     QUEUE_REJECTION_REASONS,
     SCALING_ACTIONS,
     WAKE_KINDS,
+    WAKE_RESULTS,
     Metrics,
 )
 from autoscaler.service import Service
@@ -46,6 +47,8 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
             assert value(metrics, "autoscaler_scaling_actions_total", **labels) == 0
     for kind in WAKE_KINDS:
         assert value(metrics, "autoscaler_wake_duration_seconds_count", app="web", kind=kind) == 0
+    for result in WAKE_RESULTS:
+        assert value(metrics, "autoscaler_wakes_total", app="web", result=result) == 0
     for state in ("started", "suspended"):
         assert value(metrics, "autoscaler_machine_seconds_total", app="web", state=state) == 0
     for result in ("ok", "failed", "exhausted"):
@@ -56,6 +59,7 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
     # A static app is never scaled or woken: no such series for it.
     labels = {"app": "fixed", "action": "start", "result": "ok"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
+    assert value(metrics, "autoscaler_wakes_total", app="fixed", result="failed") is None
 
 
 async def test_an_app_added_by_a_reload_gets_its_series_at_zero(tmp_path: Path) -> None:
