@@ -11,6 +11,7 @@ from .conftest import ALERT_TESTS, ALERTS, PROMETHEUS_CONFIG, require_binary
 REQUIRED_ALERTS = {
     "AutoscalerHigh5xxRatio",
     "AutoscalerWakeSlow",
+    "AutoscalerWakeFailed",
     "AutoscalerQueueRejections",
     "AutoscalerApiErrors",
     "AutoscalerMachinesStuckMoving",
