@@ -124,6 +124,19 @@ ROWS: list[tuple[str, list[Spec]]] = [
                 "Machines woken for held requests, by kind (resume from suspend, start from stop).",
                 [(by("kind", "autoscaler_wake_duration_seconds_count"), "{{kind}}")],
                 unit="ops",
+                width=6,
+            ),
+            Spec(
+                "Wakes by result",
+                "Wakes for held requests by how they ended. ok: a machine was routable (one"
+                " that already was, or a drain taken back, included); failed: the wake gave up"
+                " (none came up within wake_timeout_s, none could be woken, an API error; the"
+                " AutoscalerWakeFailed alert); cancelled: cut short by a stop, a step-down or"
+                " a reload. A proxy holding requests asks again every second after a failure.",
+                [(by("result", "autoscaler_wakes_total"), "{{result}}")],
+                unit="ops",
+                width=6,
+                stacked=True,
             ),
             Spec(
                 "Wake latency",
@@ -139,12 +152,14 @@ ROWS: list[tuple[str, list[Spec]]] = [
                     ),
                 ],
                 unit="s",
+                width=6,
             ),
             Spec(
                 "Pre-warms",
                 "Machines started ahead of demand, by result.",
                 [(by("result", "autoscaler_prewarms_total"), "{{result}}")],
                 unit="ops",
+                width=6,
             ),
         ],
     ),

@@ -181,6 +181,7 @@ def test_the_issue_topics_are_all_there() -> None:
         "autoscaler_queue_rejections_total",
         "autoscaler_wake_duration_seconds_count",
         "autoscaler_wake_duration_seconds_bucket",
+        "autoscaler_wakes_total",
         "autoscaler_machines",
         "autoscaler_desired_machines",
         "autoscaler_panic_mode",
