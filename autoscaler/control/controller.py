@@ -56,6 +56,8 @@ from autoscaler.scaling.window import Sample
 __all__ = ["AppStatus", "Controller", "MachineStatus", "WakeError", "freeze_heap"]
 
 _log = get_logger("autoscaler.control")
+WAKE_FAILED_LOG_S = 60.0
+"""The same error of an app's failed wakes is logged at most once in this long."""
 MAX_RETRY_AFTER_S = 60.0
 """The longest Retry-After a failed tick honours. Fly's limits are per second: a longer
 one is a mistake or a date on a skewed clock, and would stop the app's loop (its
@@ -234,6 +236,9 @@ class Controller:
         self.budget: Budget = budget if budget is not None else Unlimited()
         self._rng = rng
         self._pacers: dict[str, Pacer] = {}
+        self._wake_failed: dict[str, tuple[str, float]] = {}
+        """App -> the last failed wake's error logged, and when: a wake asked again every
+        second while requests wait logs the same error once a minute, not each time."""
         self._freeze_heap = freeze_heap
         """Called once, when every app has been read for the first time (``autoscaler
         run`` passes :func:`freeze_heap`)."""
@@ -327,6 +332,7 @@ class Controller:
             # should it fall due while the app is let go, ends instead of ticking it.
             rt.retired = True
             self._pacers.pop(rt.name, None)
+            self._wake_failed.pop(rt.name, None)
         # Under way before the reload's first await, and shielded: a stop during the
         # reload (SIGTERM: the service cancels the reload) waits for it (:meth:`stop`).
         # Cut short, it left the apps' tasks running past the stop, and our cordons on
@@ -653,11 +659,22 @@ class Controller:
         except asyncio.CancelledError:
             wakes.labels(app=app, result="cancelled").inc()
             raise
-        except Exception:
+        except Exception as exc:
             wakes.labels(app=app, result="failed").inc()
+            self._log_wake_failed(app, exc)
             raise
         wakes.labels(app=app, result="ok").inc()
+        self._wake_failed.pop(app, None)
         return how
+
+    def _log_wake_failed(self, app: str, exc: Exception) -> None:
+        error = str(exc) or type(exc).__name__
+        now = self.clock()
+        last = self._wake_failed.get(app)
+        if last is not None and last[0] == error and now - last[1] < WAKE_FAILED_LOG_S:
+            return
+        self._wake_failed[app] = (error, now)
+        _log.warning("wake_failed", app=app, error=error)
 
     # --- status -------------------------------------------------------------------------
 

@@ -13,7 +13,12 @@ from testkit import canned_http, until
 
 from autoscaler.config import AppConfig, ControlSettings, Settings
 from autoscaler.control.actions import CORDON_UNSURE_S
-from autoscaler.control.controller import MAX_RETRY_AFTER_S, Controller, WakeError
+from autoscaler.control.controller import (
+    MAX_RETRY_AFTER_S,
+    WAKE_FAILED_LOG_S,
+    Controller,
+    WakeError,
+)
 from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
@@ -1158,6 +1163,29 @@ async def test_every_wake_counts_by_how_it_ended(api: FakeMachinesAPI, clock: Fa
     with pytest.raises(WakeError):
         await rig.ctl.wake(APP)
     assert wakes(rig) == {"failed": 1}
+
+
+async def test_a_failed_wake_is_logged_once_a_minute_for_the_same_error(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A wake that gives up says so (it wrote no line: its held requests got 503 and the
+    log said nothing why). Asked again every second while requests wait, the same error
+    is logged once a minute."""
+    rig = Rig(api, clock)  # no machine at all: nothing can be woken
+
+    async def fail() -> None:
+        with pytest.raises(WakeError):
+            await rig.ctl.wake(APP)
+
+    with capture_logs() as logs:
+        for _ in range(3):
+            await fail()
+            await clock.advance(1)
+        await clock.advance(WAKE_FAILED_LOG_S)
+        await fail()
+    failed = [e for e in logs if e["event"] == "wake_failed"]
+    assert len(failed) == 2
+    assert all(e["app"] == APP and "no machine" in e["error"] for e in failed)
 
 
 async def test_a_machine_that_fails_to_boot_is_given_up_at_once(
