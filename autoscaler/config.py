@@ -232,11 +232,12 @@ LoopbackListen = Annotated[
 ]
 
 
-def _numeric(annotation: Any) -> bool:
-    """Whether a field's type holds a number (an int or a float, maybe None or a range)."""
+def holds_number(annotation: Any) -> bool:
+    """Whether a field's type holds a number (an int or a float, maybe None or a range): one
+    given as true or false is refused (``_Model._no_true_for_a_number``)."""
     if annotation in (int, float):
         return True
-    return any(_numeric(arg) for arg in typing.get_args(annotation))
+    return any(holds_number(arg) for arg in typing.get_args(annotation))
 
 
 class _Model(BaseModel):
@@ -251,7 +252,7 @@ class _Model(BaseModel):
         if isinstance(data, dict):
             for name, field in cls.model_fields.items():
                 value = data.get(name)
-                if isinstance(value, bool) and _numeric(field.annotation):
+                if isinstance(value, bool) and holds_number(field.annotation):
                     data = {**data, name: str(value).lower()}
         return data
 

@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from autoscaler.config import FaultSettings
+from autoscaler.config import FaultSettings, holds_number
 from autoscaler.emulator.middleware import read_body, world_of
 from autoscaler.emulator.validate import BadRequest
 
@@ -47,13 +47,31 @@ def changed(current: FaultSettings, changes: Mapping[str, Any]) -> FaultSettings
             merged[key] = fields[key].get_default(call_default_factory=True)
         else:
             merged[key] = value
+    # A boolean is no number (the settings pass true and false on as text, which they are
+    # in YAML: yes, no, on, off), and is said to be one.
+    booleans = {
+        key: value
+        for key, value in changes.items()
+        if isinstance(value, bool) and holds_number(fields[key].annotation)
+    }
     try:
         return FaultSettings.model_validate(merged)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}, got {e.get('input')!r}"
-            for e in exc.errors()
-        ]
+        problems: list[str] = []
+        for e in exc.errors(include_url=False):
+            key = str(e["loc"][0]) if e["loc"] else ""
+            if key in booleans:
+                problem = (
+                    f"{key}: expected a number, got {str(booleans[key]).lower()} (a JSON"
+                    " boolean: give a number, or null for its default, off)"
+                )
+            else:
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                where = ".".join(str(p) for p in e["loc"])
+                got = "" if "got " in msg else f", got {e.get('input')!r}"
+                problem = f"{where}: {msg}{got}"
+            if problem not in problems:
+                problems.append(problem)
         raise BadRequest("; ".join(problems)) from None
 
 

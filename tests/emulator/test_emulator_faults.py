@@ -50,6 +50,10 @@ async def test_an_outage_switched_on_and_off_over_http(emulator: Emulator) -> No
         ({"eror_rate": 1}, "eror_rate: unknown fault"),
         ({"error_rate": 2}, "error_rate: Input should be less than or equal to 1"),
         ([1, 2], "expected a JSON object"),
+        # A boolean is no number: it was called "unable to parse string as a number, got
+        # 'true'" (the settings pass true on as text, for YAML's yes/no/on/off).
+        ({"error_rate": True}, "error_rate: expected a number, got true (a JSON boolean"),
+        ({"latency_s": False}, "latency_s: expected a number, got false (a JSON boolean"),
     ],
 )
 async def test_a_bad_fault_is_refused_with_its_name(
@@ -58,7 +62,9 @@ async def test_a_bad_fault_is_refused_with_its_name(
     async with session(emulator) as s:
         r = await s.post("/_emulator/faults", json=body)
         assert r.status == 400
-        assert says in (await r.json())["error"]
+        error = (await r.json())["error"]
+        assert says in error
+        assert "string" not in error
     assert emulator.faults == FaultSettings()
 
 
