@@ -170,6 +170,13 @@ def _get(base_url: str, path: str, token: str | None, timeout_s: float, accept: 
                 if token
                 else " (set admin.token or AUTOSCALER_ADMIN__TOKEN)"
             )
+        elif exc.code == 404:
+            # Every admin server has /status and /metrics: another server answered (the
+            # proxy's port, given for the admin's, answers 404 to a host it does not route).
+            hint = (
+                f" (nothing at {path}: this may not be the autoscaler's admin server, which"
+                " listens on admin.listen; the proxy's port answers 404)"
+            )
         raise StatusError(f"{url}: HTTP {exc.code}{hint}") from None
     except urllib.error.URLError as exc:  # connecting, or sending the request
         raise StatusError(f"{url}: cannot connect: {exc.reason}") from None

@@ -299,6 +299,25 @@ async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path
     assert header.endswith(": ready, no control loop (static apps only)"), header
 
 
+async def test_the_proxys_port_is_said_to_be_maybe_not_the_admin_server(tmp_path: Path) -> None:
+    """`--admin` given the proxy's address (a mistake easily made: both are host:port) said
+    "HTTP 404" and nothing else."""
+    file = tmp_path / "static.yaml"
+    file.write_text("apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n")
+    async with live_service(file, without_api=True) as svc:
+        assert svc.proxy is not None
+        proxy = f"127.0.0.1:{svc.proxy.port}"
+        out, err = io.StringIO(), io.StringIO()
+        code = await asyncio.to_thread(run_status, proxy, str(file), out=out, err=err)
+    assert code == 1
+    assert out.getvalue() == ""
+    assert err.getvalue() == (
+        f"autoscaler status: http://{proxy}/status: HTTP 404 (nothing at /status: this may"
+        " not be the autoscaler's admin server, which listens on admin.listen; the proxy's"
+        " port answers 404)\n"
+    )
+
+
 async def test_a_wrong_token_is_not_called_missing(admin: str, tmp_path: Path) -> None:
     """A token that was sent and refused: the hint said to set the token, which was set."""
     out, err = io.StringIO(), io.StringIO()
