@@ -9,10 +9,11 @@ It reads the controller through two narrow Protocols (``StatusProvider`` and the
 what it returns) so that this module never depends on the controller's concrete class; a
 fake beside the tests satisfies them too.
 
-Access: with ``admin.token`` set, ``/status`` and every non-GET request need
-``Authorization: Bearer <token>``; ``/metrics`` and the health endpoints stay open unless
-``admin.protect_metrics`` is set (the settings refuse it without a token). The token is
-compared in constant time and never echoed.
+Access: every endpoint only reads (GET); there is nothing to act on. With ``admin.token``
+set, ``/status`` needs ``Authorization: Bearer <token>``, and so does a request of any
+other method (refused before routing, which would answer 405); ``/metrics`` and the health
+endpoints stay open unless ``admin.protect_metrics`` is set (the settings refuse it without
+a token). The token is compared in constant time and never echoed.
 
 Times: the controller stamps events on its own clock (monotonic by default). ``/status``
 reports ages in seconds (``*_age_s``) computed on the same injected clock, so a caller never

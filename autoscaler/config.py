@@ -440,7 +440,8 @@ class AdminSettings(_Model):
     )
     token: Token = Field(
         default=None,
-        description="bearer token required by /status and mutating endpoints, at least"
+        description="bearer token required by /status (and, with protect_metrics, by /metrics"
+        " and the health endpoints: the admin server has no others, and only reads), at least"
         f" {MIN_TOKEN_CHARS} characters (`openssl rand -hex 32`); needed when admin.listen"
         " is not a loopback address (start-up refuses otherwise)",
     )
@@ -957,9 +958,9 @@ class Settings(BaseSettings):
                 _KeyError(
                     "admin.token",
                     f"required when admin.listen is not a loopback address (got"
-                    f" {self.admin.listen}): /status and the admin actions would be open to"
-                    " the network; set admin.token or AUTOSCALER_ADMIN__TOKEN, or listen on"
-                    " 127.0.0.1",
+                    f" {self.admin.listen}): /status (apps, machines, the policy's reasons,"
+                    " API errors) would be open to the network; set admin.token or"
+                    " AUTOSCALER_ADMIN__TOKEN, or listen on 127.0.0.1",
                 )
             )
         if self.admin.protect_metrics and self.admin.token is None:

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from autoscaler.admin import AdminServer, StatusProvider
-from autoscaler.config import AdminSettings
+from autoscaler.config import AdminSettings, Settings
 from autoscaler.metrics import Metrics
 
 from .fakes import FakeAppStatus, FakeClock, FakeController, FakeMachine
@@ -129,6 +129,25 @@ async def test_mutating_requests_need_the_token(aiohttp_client: MakeClient) -> N
     # Even on an open path, a write is refused before routing says there is no such method.
     assert (await client.post("/metrics")).status == 401
     assert (await client.post("/metrics", headers=AUTH)).status == 405
+
+
+def test_the_token_is_said_to_guard_what_the_server_has() -> None:
+    """The server reads, and has nothing to act on: admin.token's description in the README
+    spoke of "mutating endpoints", and the error for an open one without a token of "the
+    admin actions"."""
+    app = make_server(None, FakeClock()).build_app()
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
+    paths = {"/metrics", "/healthz", "/readyz", "/status"}
+    assert routes == {(method, path) for method in ("GET", "HEAD") for path in paths}
+    description = AdminSettings.model_fields["token"].description or ""
+    assert description.startswith("bearer token required by /status (")
+    with pytest.raises(ValueError, match=r"admin\.token") as info:
+        Settings.model_validate({"admin": {"listen": "0.0.0.0:9091"}})
+    problem = str(info.value)
+    assert "/status (apps, machines, the policy's reasons, API errors) would be open" in problem
+    for text in (description, problem):
+        assert "mutating" not in text
+        assert "action" not in text
 
 
 async def test_no_token_leaves_status_open(aiohttp_client: MakeClient) -> None:
