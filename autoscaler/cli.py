@@ -118,7 +118,8 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
         type=_given,
-        help="accepted API token (default: $EMULATOR_TOKEN, else a random one)",
+        help="accepted API token (default: $EMULATOR_TOKEN, else a random one, printed: a token"
+        " given is not)",
     )
     parser.add_argument(
         "--state-file", type=_given, metavar="PATH", help="keep apps and machines here"

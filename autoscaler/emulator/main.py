@@ -1,6 +1,8 @@
 """`autoscaler emulator`: run the emulator on its own until Ctrl-C or SIGTERM.
 
-It prints the URL and the token it accepts, so other tools can be pointed at it:
+It prints its URL, and the token it accepts when it made that one up (one given to it,
+by ``--token``, a variable or the file, is the user's: the line says where it came from,
+not what it is), so other tools can be pointed at it:
 
     FLY_API_TOKEN=<token> AUTOSCALER_FLY__API_URL=http://127.0.0.1:4280 autoscaler run
 """
@@ -15,7 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from autoscaler.config import ConfigError, EmulatorSettings, app_name_problem, load_settings
+from autoscaler.config import (
+    EMULATOR_TOKEN_ENV,
+    ConfigError,
+    EmulatorSettings,
+    app_name_problem,
+    load_settings,
+)
 from autoscaler.emulator.persist import StateFileError
 from autoscaler.emulator.server import Emulator
 
@@ -82,7 +90,22 @@ def _app_flag(text: str) -> dict[str, Any]:
     return out
 
 
-async def serve(settings: EmulatorSettings, out: TextIO) -> None:
+def token_source(flag: str | None, environ: Mapping[str, str]) -> str:
+    """Where a token given to ``autoscaler emulator`` came from, highest precedence first
+    (as config.py reads them): the flag, ``AUTOSCALER_EMULATOR__TOKEN``,
+    ``EMULATOR_TOKEN``, else the config file."""
+    if flag:
+        return "the one given by --token"
+    names = {name.upper(): name for name, value in environ.items() if value}
+    for name in ("AUTOSCALER_EMULATOR__TOKEN", EMULATOR_TOKEN_ENV):
+        if name in names:
+            return f"the one given by ${name}"
+    return "emulator.token of the config file"
+
+
+async def serve(settings: EmulatorSettings, out: TextIO, token_from: str | None = None) -> None:
+    """Run until SIGINT or SIGTERM. ``token_from`` says where a token of the settings came
+    from (the line shows that, never a token the user gave)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,7 +113,10 @@ async def serve(settings: EmulatorSettings, out: TextIO) -> None:
     try:
         async with Emulator(settings) as emu:
             print(f"Fly Machines API emulator listening on {emu.url}", file=out)
-            print(f"token: {emu.token}", file=out)
+            if settings.token is None:  # made up here: printing it is the one way to know it
+                print(f"token: {emu.token}", file=out)
+            else:
+                print(f"token: {token_from or 'as configured'} (not shown)", file=out)
             print(f"apps: {', '.join(sorted(emu.world.apps)) or '(none)'}", file=out)
             print(f"timing: {settings.profile}; faults: {emu.url}/_emulator/faults", file=out)
             print(
@@ -105,11 +131,17 @@ async def serve(settings: EmulatorSettings, out: TextIO) -> None:
             loop.remove_signal_handler(sig)
 
 
-def run(settings: EmulatorSettings, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def run(
+    settings: EmulatorSettings,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    *,
+    token_from: str | None = None,
+) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        asyncio.run(serve(settings, out))
+        asyncio.run(serve(settings, out, token_from))
     except StateFileError as exc:
         print(str(exc), file=err)
         return 2
@@ -145,4 +177,4 @@ def main(args: Any, environ: Mapping[str, str]) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 2
-    return run(settings)
+    return run(settings, token_from=token_source(args.token, environ))

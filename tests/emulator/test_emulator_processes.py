@@ -11,7 +11,7 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,16 +46,19 @@ async def test_leftovers_finds_a_live_child() -> None:
 class _Remote:
     url = ""
     token = "test-token-1234567"
+    banner: tuple[str, ...] = ()
 
 
 @contextlib.asynccontextmanager
 async def _standalone(
-    tmp_path: Path, *args: str
+    tmp_path: Path, *args: str, token_flag: bool = True, env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Remote]]:
-    """`autoscaler emulator` as a process of its own, with ``args``, once it listens: the
-    process and what ``session`` needs to reach it. Killed at the end if it still runs,
-    and every process it marked as its own with it (one that outlived it: a failure)."""
+    """`autoscaler emulator` as a process of its own, with ``args`` (and ``--token``
+    _Remote.token unless not ``token_flag``), once it listens: the process and what
+    ``session`` needs to reach it, its banner too. Killed at the end if it still runs, and
+    every process it marked as its own with it (one that outlived it: a failure)."""
     port = _free_port()
+    token = ["--token", _Remote.token] if token_flag else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -63,26 +66,26 @@ async def _standalone(
         "emulator",
         "--listen",
         f"127.0.0.1:{port}",
-        "--token",
-        _Remote.token,
+        *token,
         "--log-level",
         "warning",
         *args,
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env=env,
     )
     try:
         assert proc.stdout is not None
         banner: list[str] = []
-        while not any(line.startswith("token:") for line in banner):
+        while not any(line.startswith("point tools at it:") for line in banner):
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
             assert line, f"emulator exited early: {banner}"
             banner.append(line.decode().strip())
-        assert f"listening on http://127.0.0.1:{port}" in banner[-2]
-        assert banner[-1] == f"token: {_Remote.token}"
+        assert any(f"listening on http://127.0.0.1:{port}" in line for line in banner), banner
         remote = _Remote()
         remote.url = f"http://127.0.0.1:{port}"
+        remote.banner = tuple(banner)
         yield proc, remote
     finally:
         if proc.returncode is None:
@@ -91,6 +94,48 @@ async def _standalone(
         for pid, _ in leftovers(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _token_line(banner: Sequence[str]) -> str:
+    (line,) = [line for line in banner if line.startswith("token:")]
+    return line
+
+
+@pytest.mark.parametrize("given", ["--token", "EMULATOR_TOKEN", "AUTOSCALER_EMULATOR__TOKEN"])
+async def test_a_token_the_user_gave_is_not_printed_but_where_it_came_from(
+    tmp_path: Path, given: str
+) -> None:
+    """`autoscaler emulator --token T` (or with T in the environment) printed "token: T" on
+    stdout: a secret the user already has, in a terminal's scrollback or a CI log."""
+    env = {k: v for k, v in os.environ.items() if "TOKEN" not in k.upper()}
+    if given != "--token":
+        env[given] = _Remote.token
+    flag = given == "--token"
+    async with (
+        _standalone(tmp_path, token_flag=flag, env=env) as (_, remote),
+        session(remote) as s,  # type: ignore[arg-type]
+    ):
+        assert (await s.get("/v1/apps", params={"org_slug": "personal"})).status == 200
+    where = "--token" if given == "--token" else f"${given}"
+    assert _token_line(remote.banner) == f"token: the one given by {where} (not shown)"
+    assert not any(_Remote.token in line for line in remote.banner)
+
+
+async def test_a_token_of_its_own_making_is_printed(tmp_path: Path) -> None:
+    """What docs/emulator.md says: with no token given it makes one up and prints it, as
+    the one way to know it; that one is accepted."""
+    env = {k: v for k, v in os.environ.items() if "TOKEN" not in k.upper()}
+    config = tmp_path / "c.yaml"
+    config.write_text("emulator: {token: from-the-file-0123456}\n")
+    args = ("--config", str(config))
+    async with _standalone(tmp_path, *args, token_flag=False, env=env) as (_, remote):
+        line = _token_line(remote.banner)
+    assert line == "token: emulator.token of the config file (not shown)"
+    async with _standalone(tmp_path, token_flag=False, env=env) as (_, remote):
+        remote.token = _token_line(remote.banner).removeprefix("token: ")
+        assert len(remote.token) >= 16
+        async with session(remote) as s:  # type: ignore[arg-type]
+            assert (await s.get("/v1/apps", params={"org_slug": "personal"})).status == 200
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
@@ -359,7 +404,7 @@ def test_cli_refuses_a_listen_address_beyond_loopback(
     from autoscaler.emulator import main as emulator_main
 
     served: list[str] = []  # never bind to the network, even when the check is missing
-    monkeypatch.setattr(emulator_main, "run", lambda s, *a: served.append(s.listen) or 0)
+    monkeypatch.setattr(emulator_main, "run", lambda s, *a, **k: served.append(s.listen) or 0)
     assert main(["emulator", "--listen", "0.0.0.0:4280", "--log-level", "error"]) == 2
     assert served == []
     err = capsys.readouterr().err
