@@ -206,6 +206,43 @@ def is_loopback(host: str) -> bool:
         return False  # a host name other than localhost may resolve anywhere
 
 
+def _listen_hosts(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str, ...]:
+    """What a listen host binds: its IP address, localhost's two, or a host name as such
+    (what it resolves to is not known here)."""
+    name = host.lower().rstrip(".")
+    if name == "localhost":
+        return (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+    try:
+        return (ipaddress.ip_address(host),)
+    except ValueError:
+        return (name,)
+
+
+def listen_overlap(a: HostPort, b: HostPort) -> str | None:
+    """Why two servers of one process cannot both listen on ``a`` and ``b``, or None when
+    they can: other ports, port 0 (a free port at each bind), other addresses, or a
+    wildcard and an address of the other family (asyncio binds ``::`` IPv6 only). The
+    reason is empty when they are written alike, else how one covers the other
+    ("0.0.0.0 is every IPv4 address of this host", "localhost is 127.0.0.1")."""
+    if a.port != b.port or a.port == 0:
+        return None
+    if a.host.lower().rstrip(".") == b.host.lower().rstrip("."):
+        return ""
+    for x in _listen_hosts(a.host):
+        for y in _listen_hosts(b.host):
+            if isinstance(x, str) or isinstance(y, str):
+                if x == y:
+                    return ""
+                continue
+            if x == y:
+                names = [h for h in (a.host, b.host) if h.lower().rstrip(".") == "localhost"]
+                return f"{names[0]} is {x}" if names else f"both are {x}"
+            for wide, other in ((x, y), (y, x)):
+                if wide.is_unspecified and wide.version == other.version:
+                    return f"{wide} is every IPv{wide.version} address of this host"
+    return None
+
+
 def _check_listen(value: str) -> str:
     parse_host_port(value)
     return value
@@ -972,6 +1009,7 @@ class Settings(BaseSettings):
                     " admin.token or AUTOSCALER_ADMIN__TOKEN, or leave protect_metrics out",
                 )
             )
+        problems += self._listen_clashes()
         default = self.proxy.default_app
         if default is not None and all(app.name != default for app in self.apps):
             problems.append(
@@ -980,6 +1018,31 @@ class Settings(BaseSettings):
         if problems:
             raise _KeyErrors(problems)
         return self
+
+    def _listen_clashes(self) -> list[_KeyError]:
+        """The servers of one process on one address: the second would fail to start
+        ("address in use"). The embedded emulator's counts when it runs: ``fly.api_url:
+        embedded`` (``run --emulator``), or unset with an app to scale (the demo)."""
+        listens = [("proxy.listen", self.proxy.listen), ("admin.listen", self.admin.listen)]
+        if self.fly.api_url == EMBEDDED or (
+            self.fly.api_url is None and any(not app.static for app in self.apps)
+        ):
+            listens.append(("emulator.listen", self.emulator.listen))
+        problems = []
+        for i, (key, value) in enumerate(listens):
+            for other, other_value in listens[i + 1 :]:
+                why = listen_overlap(parse_host_port(value), parse_host_port(other_value))
+                if why is None:
+                    continue
+                shown = f"{other_value}; {why}" if why else other_value
+                problems.append(
+                    _KeyError(
+                        key,
+                        f"{value} is {other}'s address too ({shown}): the second of the two"
+                        " servers could not listen; give each its own port",
+                    )
+                )
+        return problems
 
     def app(self, name: str) -> AppConfig:
         for app in self.apps:

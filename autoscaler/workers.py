@@ -44,8 +44,10 @@ from autoscaler.aio import urlopen_direct
 from autoscaler.children import die_with_parent
 from autoscaler.config import (
     EMBEDDED,
+    HostPort,
     authority,
     default_replica_id,
+    listen_overlap,
     no_apps_problem,
     parse_host_port,
 )
@@ -128,6 +130,20 @@ def supervise(
     if admin.port + workers - 1 > 65535:
         _log.error("config_invalid", problem="admin.listen's port plus --workers passes 65535")
         return 2
+    # Worker 0's admin server is admin.listen, which the settings hold apart from the proxy.
+    proxy = parse_host_port(settings.proxy.listen)
+    for i in range(1, workers):
+        worker_admin = HostPort(admin.host, admin.port + i)
+        overlap = listen_overlap(proxy, worker_admin)
+        if overlap is not None:
+            _log.error(
+                "config_invalid",
+                problem=f"{path}: proxy.listen {settings.proxy.listen} is the address of"
+                f" worker {i}'s admin server too ({worker_admin}, admin.listen's port plus"
+                f" {i}{'; ' + overlap if overlap else ''}): give proxy.listen a port outside"
+                f" {admin.port}-{admin.port + workers - 1}, or admin.listen another",
+            )
+            return 2
 
     hint = queued_connections_hint() if workers > 1 else None
     if hint is not None:

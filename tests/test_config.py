@@ -645,3 +645,75 @@ def test_a_static_apps_name_is_no_fly_app_name_and_may_be_any(tmp_path: Path) ->
         load_settings(scaled, env={})
     [problem] = info.value.problems
     assert problem.startswith(f"{scaled}:2: apps[0].name: expected a Fly app name")
+
+
+# --- two servers of one process on one address ----------------------------------------
+
+_TOKEN = "admin-t0ken-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("proxy: {listen: '127.0.0.1:9091'}\n",
+         "proxy.listen: 127.0.0.1:9091 is admin.listen's address too (127.0.0.1:9091)"),
+        ("proxy: {listen: 'localhost:9091'}\n",
+         "proxy.listen: localhost:9091 is admin.listen's address too (127.0.0.1:9091;"
+         " localhost is 127.0.0.1)"),
+        ("proxy: {listen: '0.0.0.0:9091'}\n",
+         "proxy.listen: 0.0.0.0:9091 is admin.listen's address too (127.0.0.1:9091;"
+         " 0.0.0.0 is every IPv4 address of this host)"),
+        (f"proxy: {{listen: '[::1]:9091'}}\nadmin: {{listen: '[::]:9091', token: {_TOKEN}}}\n",
+         "proxy.listen: [::1]:9091 is admin.listen's address too ([::]:9091; :: is every IPv6"
+         " address of this host)"),
+        # The embedded emulator's, when it runs: fly.api_url embedded (or --emulator), or
+        # unset with an app to scale (the demo; `run` wants --emulator then).
+        ("fly: {api_url: embedded}\nproxy: {listen: '127.0.0.1:4280'}\n",
+         "proxy.listen: 127.0.0.1:4280 is emulator.listen's address too (127.0.0.1:4280)"),
+        ("apps: [{name: web}]\nadmin: {listen: '127.0.0.1:4280'}\n",
+         "admin.listen: 127.0.0.1:4280 is emulator.listen's address too (127.0.0.1:4280)"),
+    ],
+)  # fmt: skip
+def test_two_servers_on_one_address_are_refused_naming_both_keys(
+    tmp_path: Path, text: str, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check-config` said OK and `run` failed to start: "address in use"."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}:"), line
+    assert problem in line
+    assert line.endswith(": the second of the two servers could not listen; give each its own port")
+    apps = "" if "apps:" in text else "apps: [{name: web}]\n"
+    assert check_config(str(write(tmp_path, text + apps, "d.yaml"))) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_a_clash_from_the_command_line_says_so() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={}, overrides={"proxy": {"listen": "127.0.0.1:9091"}})
+    (line,) = info.value.problems
+    assert line.startswith("command line: proxy.listen: 127.0.0.1:9091 is admin.listen's")
+
+
+def test_what_is_no_clash(tmp_path: Path) -> None:
+    """Port 0 picks a free port at each bind (the tests' servers): two never meet. Nor do
+    other addresses on one port, a wildcard and an address of the other family (asyncio
+    binds [::] IPv6 only), or a server and an emulator that does not run."""
+    from autoscaler.config import HostPort, listen_overlap
+
+    assert listen_overlap(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", 0)) is None
+    assert listen_overlap(HostPort("0.0.0.0", 0), HostPort("127.0.0.1", 0)) is None
+    assert listen_overlap(HostPort("0.0.0.0", 1), HostPort("::", 1)) is None
+    assert listen_overlap(HostPort("127.0.0.1", 1), HostPort("127.0.0.1", 1)) == ""
+    for text in [
+        "proxy: {listen: '127.0.0.2:9091'}\n",
+        "proxy: {listen: '[::]:9091'}\n",
+        "proxy: {listen: '[::1]:9091'}\n",
+        f"proxy: {{listen: '0.0.0.0:9092'}}\nadmin: {{listen: '0.0.0.0:9091', token: {_TOKEN}}}\n",
+        # No embedded emulator: the API is elsewhere, or every app is static.
+        "fly: {api_url: 'http://127.0.0.1:9'}\nproxy: {listen: '127.0.0.1:4280'}\n",
+        "apps: [{name: web, backends: ['127.0.0.1:9']}]\nproxy: {listen: '127.0.0.1:4280'}\n",
+    ]:
+        load_settings(write(tmp_path, text), env={})

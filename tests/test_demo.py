@@ -282,8 +282,9 @@ def test_demo_listens_on_loopback_only(
     config = tmp_path / "open.yaml"
     # (admin.listen beyond loopback needs a token, given here by the environment)
     monkeypatch.setenv("AUTOSCALER_ADMIN__TOKEN", "0123456789abcdef0123")
+    port = 8080 if key == "proxy" else 9091  # the other's default port: no clash
     config.write_text(
-        f"{key}: {{listen: '0.0.0.0:8080'}}\napps: [{{name: demo}}]\n"
+        f"{key}: {{listen: '0.0.0.0:{port}'}}\napps: [{{name: demo}}]\n"
         "emulator: {apps: [{name: demo, machines: 1}]}\n"
     )
     with pytest.raises(ConfigError, match=rf"{key}\.listen: the demo listens on loopback only"):

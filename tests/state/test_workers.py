@@ -106,6 +106,42 @@ def test_workers_refuse_a_config_with_no_app(
     assert line["problem"].startswith(f"{file}: apps: empty: nothing to route or scale")
 
 
+def test_workers_refuse_a_proxy_port_one_of_their_admin_servers_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker i serves admin on admin.listen's port plus i: proxy.listen on one of those
+    started the workers, and worker i died of "address in use" (taking the others with it)."""
+    from structlog.testing import capture_logs
+
+    def config(proxy: str) -> Path:
+        return write_config(
+            tmp_path / "c.yaml",
+            {
+                "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+                "apps": [{"name": "web"}],
+                "proxy": {"listen": proxy},
+                "admin": {"listen": "127.0.0.1:9091"},
+                "cluster": {"redis_url": "redis://127.0.0.1:9"},
+            },
+        )
+
+    spawned = _no_worker_forks(monkeypatch)
+    file = config("0.0.0.0:9093")
+    with capture_logs() as logs:
+        assert workers.supervise(str(file), None, 3) == 2
+    assert spawned == []
+    [line] = [e for e in logs if e["event"] == "config_invalid"]
+    assert line["problem"] == (
+        f"{file}: proxy.listen 0.0.0.0:9093 is the address of worker 2's admin server too"
+        " (127.0.0.1:9093, admin.listen's port plus 2; 0.0.0.0 is every IPv4 address of this"
+        " host): give proxy.listen a port outside 9091-9093, or admin.listen another"
+    )
+    with capture_logs() as logs:  # two workers: admin on 9091 and 9092, the proxy's is free
+        workers.supervise(str(file), None, 2)
+    assert [e for e in logs if e["event"] == "config_invalid"] == []
+    assert spawned != []
+
+
 async def test_workers_serve_static_apps_without_a_machines_api(
     redis_server: str, key_prefix: str, tmp_path: Path, aiohttp_server: Any
 ) -> None:
