@@ -2,19 +2,31 @@
 
 When the configured Machines API answers, it also reads each scaled app's machines and warns
 about Fly's own autostop/autostart on them (they would fight the autoscaler); when it cannot
-ask, it says so. Warnings do not change the exit status.
+ask, it says so. Warnings do not change the exit status. What ``autoscaler run`` refuses
+to start on is a problem here too (exit 2): no app, an app to scale through Fly's API
+without a token, and a token that API refuses (401, 403).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
-from autoscaler.config import NO_APPS, ConfigError, Settings, load_settings
+from autoscaler.config import (
+    NO_APPS,
+    TOKEN_ENV,
+    ConfigError,
+    Settings,
+    load_settings,
+    no_token_problem,
+)
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import FlyError
+from autoscaler.fly.errors import FlyError, Unauthorized
 from autoscaler.scaling.keepalive import fallback_keep_s
 
 API_TIMEOUT_S = 5.0
@@ -63,24 +75,41 @@ def summary(settings: Settings) -> list[str]:
     return lines
 
 
-async def fleet_warnings(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> list[str]:
-    """Warnings about the scaled apps' machines, read once from the Machines API."""
+@dataclass
+class FleetCheck:
+    """What reading the scaled apps' machines once found."""
+
+    warnings: list[str] = field(default_factory=list)
+    refused: list[tuple[str, Unauthorized]] = field(default_factory=list)
+    """Apps whose list the API refused to the token (401, 403), with its answer."""
+
+
+async def fleet_check(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> FleetCheck:
+    """The scaled apps' machines, read once from the Machines API: warnings about them,
+    and the apps the token was refused for."""
+    found = FleetCheck()
     scaled = [app.name for app in settings.apps if not app.static]
     if not scaled:
-        return []
+        return found
     if settings.fly.embedded:
-        return [
+        found.warnings.append(
             "Fly's autostop/autostart: not checked (the embedded emulator's machines exist"
             " only once it runs)"
-        ]
+        )
+        return found
     client = MachinesClient.from_settings(
         settings.fly, timeout_s=timeout_s, max_retries=0, retry_deadline_s=timeout_s
     )
-    warnings: list[str] = []
+    warnings = found.warnings
     async with client:
         for app in scaled:
             try:
                 machines = await client.list_machines(app)
+            except Unauthorized as exc:
+                found.refused.append((app, exc))
+                if exc.status == 401:  # the token itself: every app would say the same
+                    break
+                continue
             except FlyError as exc:
                 warnings.append(
                     f"app {app}: could not check Fly's autostop/autostart on its machines"
@@ -90,7 +119,29 @@ async def fleet_warnings(settings: Settings, timeout_s: float = API_TIMEOUT_S) -
             warning = fight_warning(app, machines)
             if warning:
                 warnings.append(warning)
-    return warnings
+    return found
+
+
+def _token_origin(file: Path) -> str:
+    """Where the Fly token came from, as a config error line starts (config.py's order)."""
+    names = {name.upper() for name, value in os.environ.items() if value}
+    for name in ("AUTOSCALER_FLY__TOKEN", TOKEN_ENV):
+        if name in names:
+            return f"environment: {name}"
+    return f"{file}: fly.token"
+
+
+def refused_problem(file: Path, settings: Settings, app: str, exc: Unauthorized) -> str:
+    """A token the Machines API refused: a configuration error, never showing the token."""
+    why = (
+        "it may not act on this app (a token of another app or organization?)"
+        if exc.status == 403
+        else "wrong, expired or revoked: set a valid one"
+    )
+    return (
+        f"{_token_origin(file)}: the Machines API at {settings.fly.api_url} refused it for"
+        f" app {app} ({exc}): {why}"
+    )
 
 
 def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -105,9 +156,18 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     if not settings.apps:
         print(NO_APPS.format(path=file), file=err)
         return 2
+    problem = no_token_problem(file, settings)
+    if problem is not None:
+        print(problem, file=err)
+        return 2
+    found = asyncio.run(fleet_check(settings))
+    if found.refused:
+        for app, refusal in found.refused:
+            print(refused_problem(file, settings, app, refusal), file=err)
+        return 2
     print(f"{file}: OK", file=out)
     for line in summary(settings):
         print(line, file=out)
-    for line in asyncio.run(fleet_warnings(settings)):
+    for line in found.warnings:
         print(f"warning: {line}", file=err)
     return 0

@@ -70,6 +70,24 @@ def no_apps_problem(path: str | os.PathLike[str]) -> str:
     return NO_APPS.format(path=path)
 
 
+def no_token_problem(path: str | os.PathLike[str], settings: Settings) -> str | None:
+    """Why ``autoscaler run`` does not start on these settings for want of a Fly token, or
+    None: an app to scale through a Machines API of Fly's (not the embedded emulator, which
+    has a token of its own) with no ``fly.token`` (nor FLY_API_TOKEN). Every call would get
+    a 401, every tick, for as long as it ran."""
+    fly = settings.fly
+    if fly.embedded or fly.token is not None:
+        return None
+    scaled = [app.name for app in settings.apps if not app.static]
+    if not scaled:
+        return None
+    return (
+        f"{path}: no Fly API token: app {scaled[0]} is scaled through the Machines API at"
+        f" {fly.api_url}, which refuses every call without one (401): set {TOKEN_ENV} (or"
+        " fly.token), or run on the embedded emulator with --emulator"
+    )
+
+
 _DURATION_RE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)(ms|s|m|h)")
 """One term of a duration: a decimal number as a bare one is written (``.5``, ``1.``,
 ``1e3``), then its unit."""
@@ -323,7 +341,11 @@ class FlySettings(_Model):
         " is static (has backends)",
     )
     token: Token = Field(
-        default=None, description="API token; FLY_API_TOKEN in the environment overrides it"
+        default=None,
+        description="API token; FLY_API_TOKEN in the environment overrides it. Without one,"
+        " `autoscaler run` and `check-config` refuse an app to scale through a fly.api_url"
+        " other than the embedded emulator (exit 2), and `check-config` a token that API"
+        " refuses (401, 403)",
     )
     org_slug: str = Field(default="personal", description="organization slug for app listings")
     timeout_s: Seconds = Field(default=30.0, gt=0, description="timeout of one API request")

@@ -42,6 +42,7 @@ from autoscaler.config import (
     Settings,
     load_settings,
     no_apps_problem,
+    no_token_problem,
     parse_host_port,
 )
 from autoscaler.control.controller import Controller, freeze_heap
@@ -84,12 +85,12 @@ def _no_api_url(path: object, settings: Settings) -> str:
 def start_problem(path: Path, settings: Settings) -> str | None:
     """Why ``autoscaler run`` does not start on these settings (which a reload may still
     take), or None: no app at all, or an app to scale without ``fly.api_url`` (static
-    apps alone need no Machines API)."""
+    apps alone need no Machines API), or through Fly's API without a token."""
     if not settings.apps:
         return no_apps_problem(path)
     if settings.fly.api_url is None and _scaled(settings):
         return _no_api_url(path, settings)
-    return None
+    return no_token_problem(path, settings)
 
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -323,6 +324,15 @@ class Service:
                 problem = f"{path}: fly.api_url was set after the start: restart to scale apps"
             self.metrics.config_reloads.labels(result="error").inc()
             _log.error("config_reload_rejected", problems=[problem])
+            return False
+        # Likewise the client's token: started without one (static apps alone), an app to
+        # scale would get a 401 on every call.
+        tokenless = no_token_problem(path, new.model_copy(update={"fly": self.settings.fly}))
+        if tokenless is not None:
+            if new.fly.token is not None:
+                tokenless = f"{path}: fly.token was set after the start: restart to scale apps"
+            self.metrics.config_reloads.labels(result="error").inc()
+            _log.error("config_reload_rejected", problems=[tokenless])
             return False
         old = self.settings
         fixed = [k for k in _RESTART_ONLY if getattr(old, k) != getattr(new, k)]

@@ -49,6 +49,7 @@ from autoscaler.config import (
     default_replica_id,
     listen_overlap,
     no_apps_problem,
+    no_token_problem,
     parse_host_port,
 )
 from autoscaler.logs import get_logger
@@ -124,6 +125,10 @@ def supervise(
             problem=f"{path}: --workers needs fly.api_url ({why}): set it to the Machines"
             " API (https://api.machines.dev, or http://_api.internal:4280 inside Fly)",
         )
+        return 2
+    problem = no_token_problem(path, settings)
+    if problem is not None:
+        _log.error("config_invalid", problem=problem)
         return 2
     base_id = settings.cluster.replica_id or default_replica_id()
     admin = parse_host_port(settings.admin.listen)

@@ -7,6 +7,7 @@ autostop/autostart would fight the autoscaler.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import tomllib
@@ -20,7 +21,7 @@ from reliability.harness import live_service
 from structlog.testing import capture_logs
 from testkit import free_port, until
 
-from autoscaler.check import check_config, fleet_warnings
+from autoscaler.check import FleetCheck, check_config, fleet_check
 from autoscaler.config import ConfigError, EmulatorApp, Settings, load_settings
 from autoscaler.emulator import Emulator
 from autoscaler.fly import models as fm
@@ -135,6 +136,117 @@ def test_run_refuses_to_start_without_a_machines_api(tmp_path: Path) -> None:
     assert "fly.api_url is not set and app web is scaled" in line["problem"]
     assert "--emulator" in line["problem"]
     assert "fly.api_url: embedded" in line["problem"]
+
+
+@pytest.fixture
+def no_fly_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FLY_API_TOKEN", "AUTOSCALER_FLY__TOKEN", "AUTOSCALER_FLY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("no_fly_token")
+def test_run_and_check_config_refuse_to_scale_through_the_api_without_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real fly.api_url and no FLY_API_TOKEN: `run` started and every tick got a 401,
+    forever; check-config said OK, with "could not check ... 401" warnings."""
+    import autoscaler.service
+
+    served: list[bool] = []
+
+    def serve(main: Any) -> None:  # what `run` would have served until a signal
+        main.close()
+        served.append(True)
+
+    monkeypatch.setattr(autoscaler.service, "run_event_loop", serve)
+    dead = f"http://127.0.0.1:{free_port()}"
+    path = write(tmp_path, f"fly: {{api_url: '{dead}', max_retries: 0}}\n" + APP)
+    problem = (
+        f"{path}: no Fly API token: app web is scaled through the Machines API at {dead},"
+        " which refuses every call without one (401): set FLY_API_TOKEN (or fly.token), or"
+        " run on the embedded emulator with --emulator"
+    )
+    with capture_logs() as logs:
+        assert run(str(path)) == 2
+    assert [e["problem"] for e in logs if e["event"] == "config_invalid"] == [problem]
+    assert served == []
+    capsys.readouterr()
+    assert check_config(str(path)) == 2
+    assert capsys.readouterr() == ("", problem + "\n")
+    # The embedded emulator has a token of its own; static apps call no API.
+    assert run(str(path), emulator=True) == 0
+    static = write(
+        tmp_path, f"fly: {{api_url: '{dead}'}}\napps: [{{name: s, backends: ['{dead[7:]}']}}]\n"
+    )
+    assert run(str(static)) == 0
+    monkeypatch.setenv("FLY_API_TOKEN", "t0ken-xyz-0123456789")
+    assert run(str(path)) == 0
+    assert served == [True, True, True]
+
+
+@pytest.mark.usefixtures("no_fly_token")
+async def test_a_reload_cannot_add_an_app_to_scale_without_a_token(tmp_path: Path) -> None:
+    """Started on static apps with a real fly.api_url and no token (nothing to call), a
+    reload that added an app to scale was taken: 401 on every tick. fly.* needs a restart,
+    so a token set in the file meanwhile is not in use either."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    static = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
+    path = write(tmp_path, f"fly: {{api_url: '{dead}'}}\napps: [{static}]\n")
+    async with live_service(path) as svc:
+        for fly, why in [
+            (f"{{api_url: '{dead}'}}", f"{path}: no Fly API token: app api is scaled"),
+            (
+                f"{{api_url: '{dead}', token: t0ken-xyz-0123456789}}",
+                f"{path}: fly.token was set after the start: restart to scale apps",
+            ),
+        ]:
+            path.write_text(f"fly: {fly}\napps: [{static}, {{name: api, hosts: [api.test]}}]\n")
+            with capture_logs() as logs:
+                assert not await svc.reload()
+            [rejected] = [e for e in logs if e["event"] == "config_reload_rejected"]
+            assert rejected["problems"][0].startswith(why), rejected
+            assert [a.name for a in svc.settings.apps] == ["web"]
+            assert "t0ken-xyz" not in str(logs)
+
+
+@pytest.mark.usefixtures("no_fly_token")
+async def test_check_config_fails_when_the_api_refuses_the_token(
+    emulator: Emulator, tmp_path: Path, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token the Machines API refuses (401: wrong, expired; 403: not for this app) is a
+    configuration error: check-config said OK, with a warning."""
+    from aiohttp import web
+
+    refused = "wr0ng-t0ken-0123456789"
+    path = write(tmp_path, f"fly: {{api_url: '{emulator.url}', token: {refused}}}\n" + APP)
+    out, err = io.StringIO(), io.StringIO()
+    assert await asyncio.to_thread(check_config, str(path), out, err) == 2
+    assert out.getvalue() == ""
+    (line,) = err.getvalue().splitlines()
+    assert line.startswith(
+        f"{path}: fly.token: the Machines API at {emulator.url} refused it for app web"
+        " (list_machines: HTTP 401: "
+    ), line
+    assert line.endswith("): wrong, expired or revoked: set a valid one")
+
+    async def forbidden(request: web.Request) -> web.Response:
+        return web.json_response({"error": "not allowed"}, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forbidden)
+    server = await aiohttp_server(app)
+    url = f"http://127.0.0.1:{server.port}"
+    path = write(tmp_path, f"fly: {{api_url: '{url}', max_retries: 0}}\n" + APP)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setenv("FLY_API_TOKEN", refused)
+    assert await asyncio.to_thread(check_config, str(path), out, err) == 2
+    assert err.getvalue() == (
+        f"environment: FLY_API_TOKEN: the Machines API at {url} refused it for app web"
+        " (list_machines: HTTP 403: not allowed): it may not act on this app (a token of"
+        " another app or organization?)\n"
+    )
+    for text in (out.getvalue(), err.getvalue()):
+        assert refused not in text
 
 
 def test_emulator_is_asked_for_by_flag_or_by_name(tmp_path: Path) -> None:
@@ -274,19 +386,21 @@ async def test_check_config_warns_about_fly_autostop_when_it_can_see_it(
     emulator: Emulator,
 ) -> None:
     await add_fighting_machine(emulator)
-    (warning,) = await fleet_warnings(api_settings(emulator.url, emulator.token))
+    (warning,) = (await fleet_check(api_settings(emulator.url, emulator.token))).warnings
     assert "app web: 1 machine(s) have Fly's own autostop/autostart on" in warning
     assert "autostop=suspend" in warning
 
 
 async def test_check_config_says_when_it_could_not_check() -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    (warning,) = await fleet_warnings(api_settings(dead, "t0ken-xyz-0123456789"), timeout_s=2)
+    found = await fleet_check(api_settings(dead, "t0ken-xyz-0123456789"), timeout_s=2)
+    assert found.refused == []
+    (warning,) = found.warnings
     assert warning.startswith("app web: could not check Fly's autostop/autostart")
     static = api_settings(dead, "t0ken-xyz-0123456789", backends=["127.0.0.1:1"])
-    assert await fleet_warnings(static) == []  # nothing scaled, nothing to ask
+    assert await fleet_check(static) == FleetCheck()  # nothing scaled, nothing to ask
     embedded = Settings.model_validate({"apps": [{"name": "web"}]})
-    (line,) = await fleet_warnings(embedded)
+    (line,) = (await fleet_check(embedded)).warnings
     assert "not checked" in line
 
 
@@ -294,7 +408,8 @@ def test_check_config_prints_the_warnings_on_stderr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    path = write(tmp_path, f"fly: {{api_url: '{dead}', max_retries: 0}}\n" + APP)
+    token = "t0ken-xyz-0123456789"
+    path = write(tmp_path, f"fly: {{api_url: '{dead}', max_retries: 0, token: {token}}}\n" + APP)
     err = io.StringIO()
     assert check_config(str(path), err=err) == 0  # a warning, not a failure
     assert "warning: app web: could not check Fly's autostop/autostart" in err.getvalue()

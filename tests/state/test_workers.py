@@ -106,6 +106,30 @@ def test_workers_refuse_a_config_with_no_app(
     assert line["problem"].startswith(f"{file}: apps: empty: nothing to route or scale")
 
 
+def test_workers_refuse_to_scale_through_the_api_without_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `run` does: each worker got a 401 on every tick, forever."""
+    from structlog.testing import capture_logs
+
+    for name in ("FLY_API_TOKEN", "AUTOSCALER_FLY__TOKEN", "AUTOSCALER_FLY"):
+        monkeypatch.delenv(name, raising=False)
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": "http://127.0.0.1:9"},
+            "apps": [{"name": "web"}],
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+        },
+    )
+    spawned = _no_worker_forks(monkeypatch)
+    with capture_logs() as logs:
+        assert workers.supervise(str(file), None, 2) == 2
+    assert spawned == []
+    [line] = [e for e in logs if e["event"] == "config_invalid"]
+    assert line["problem"].startswith(f"{file}: no Fly API token: app web is scaled")
+
+
 def test_workers_refuse_a_proxy_port_one_of_their_admin_servers_takes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
