@@ -109,7 +109,8 @@ ROWS: list[tuple[str, list[Spec]]] = [
             ),
             Spec(
                 "Requests by wake",
-                "none: a machine was running; resume/start: the request waited for a wake.",
+                "none: a machine was running; resume/start: the request waited for a wake;"
+                " failed: it waited for one that brought no machine up in time (504).",
                 [(by("wake", "autoscaler_requests_total"), "{{wake}}")],
                 unit="reqps",
                 stacked=True,

@@ -35,7 +35,12 @@ _log = get_logger("autoscaler.proxy")
 # connections, say), ask again after this long rather than in a tight loop.
 WAKE_RETRY_S = 1.0
 
+# How a request was served, as the fly-autoscaler-wake header, the access log's ``wake``
+# and autoscaler_requests_total's wake label say: a fixed set, "resume" and "start" (the
+# kinds a wake returns) beside these two. None was needed, or its wake brought no machine
+# up before the request's wake_timeout_s (its 504: the wake failed, or was too slow).
 NO_WAKE = "none"
+WAKE_FAILED = "failed"
 
 
 class QueueFull(Exception):

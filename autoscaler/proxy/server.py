@@ -33,6 +33,7 @@ from autoscaler.proxy.accounting import (
 from autoscaler.proxy.body import Body, BufferBudget
 from autoscaler.proxy.gate import (
     NO_WAKE,
+    WAKE_FAILED,
     AppRemoved,
     Gate,
     HoldTimeout,
@@ -306,6 +307,8 @@ class ProxyServer:
             raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
         except HoldTimeout as exc:
             rejections.labels(app=app.name, reason="wake_timeout").inc()
+            if exc.waking:
+                ctx.wake = WAKE_FAILED  # not "none": a wake was needed, and none came up
             what = "for a machine to wake" if exc.waking else "for a free machine"
             raise Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
 

@@ -109,6 +109,41 @@ async def test_wake_timeout_gives_504_and_leaves_the_wake_running(
     await until(lambda: bool(fleet.app("w").routable()))
 
 
+class FailingWaker(FakeWaker):
+    """Every wake fails (the Machines API refuses, say): nothing ever comes up."""
+
+    async def __call__(self, app: str) -> str:
+        self.calls += 1
+        raise RuntimeError("the start failed")
+
+
+@pytest.mark.parametrize("how", ["failing", "too-slow"])
+async def test_a_request_whose_wake_never_came_up_says_so(
+    how: str,
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    """Its 504 is counted and logged with wake "failed" (README's metrics table,
+    docs/logs.md): "none" says that no wake was needed, which would hide a dead app's
+    requests among those a running machine was too busy for."""
+    waker = FailingWaker(fleet) if how == "failing" else FakeWaker(fleet)
+    await sleeping_app(fleet, backend, waker, "stopped")
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 0.3}])
+    with capture_logs() as logs:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            assert r.status == 504
+            assert r.headers["Fly-Autoscaler-Wake"] == "failed"
+    assert waker.calls >= 1
+    assert [e["wake"] for e in logs if e["event"] == "request"] == ["failed"]
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_requests_total", {"app": "w", "code": "504", "wake": "failed"}) == 1
+    assert count("autoscaler_requests_total", {"app": "w", "code": "504", "wake": "none"}) is None
+    waker.release.set()
+
+
 async def test_client_disconnecting_while_held_leaves_queue_not_the_wake(
     backend: Backend,
     start_proxy: StartProxy,
