@@ -438,6 +438,8 @@ def decide(
         count = _normal_count(
             up, demand, unit, low, policy, now, state, idle_for if idle else None, keep_s
         )
+    if g.sick:  # not up, so not in the counts that follow: say which and why
+        why.append(_sick_why(g.sick, count.desired > up))
     why.extend(count.why)
     if phase.why:
         why.append(phase.why)
@@ -630,6 +632,13 @@ def _plan(
             ):
                 act("stop", m, f"suspended {now - m.state_since:.0f}s >= {limit:g}s")
     return actions
+
+
+def _sick_why(sick: list[MachineSnapshot], replaced: bool) -> str:
+    ids = " ".join(m.id for m in sick)
+    if replaced:
+        return f"replace sick {ids} (Fly's checks critical)"
+    return f"sick {ids} not counted (Fly's checks critical)"
 
 
 def _summary(actions: Iterable[Action]) -> str:

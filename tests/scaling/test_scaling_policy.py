@@ -832,6 +832,30 @@ def test_a_sick_machine_is_replaced_then_drained(
     assert acts(d) == expected
 
 
+@pytest.mark.parametrize(
+    ("machines", "says"),
+    [
+        # Its one started machine sick, the app "scales up 0->1": the reason says why.
+        (
+            [m("x", sick_since=0.0), m("s", "stopped")],
+            "normal: replace sick x (Fly's checks critical); scale up 0->1 on 60s avg 2.0; start s",
+        ),
+        # The replacement serves: the sick one is not among the one "steady" machine.
+        (
+            [m("x", sick_since=90.0), m("ok")],
+            "normal: sick x not counted (Fly's checks critical); steady at 1 (60s avg 2.0)",
+        ),
+    ],
+)
+def test_the_reason_names_a_sick_machine_it_does_not_count(
+    machines: list[MachineSnapshot], says: str
+) -> None:
+    """Before, "scale up 0->1" while /status listed one machine started."""
+    app = cfg(panic_threshold=CALM, target_concurrency=10, scale_down_delay_s=60)
+    d = run(app, fleet(*machines), load(2.0, 100, app=app), 100)
+    assert d.reason == says
+
+
 @pytest.mark.parametrize("panic", [False, True])
 @pytest.mark.parametrize("max_machines", [1, 3])
 def test_a_sick_machines_replacement_exceeds_max_machines_only_until_it_serves(
