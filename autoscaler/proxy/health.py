@@ -19,9 +19,10 @@ A machine held out because nothing listened (refused connections, or resets of a
 that died) may come back before its time: proxy/revive.py watches it with TCP connects
 and calls :meth:`Health.revived` (which hold-outs qualify: :meth:`Health.revivable`).
 
-A machine whose Fly health checks are critical (the fleet view's ``checks_critical``, read
-by :meth:`Health.sweep`; only checks that Fly's proxy routes by count:
-control/runtime.py, ``routes``) is ejected until they pass.
+A started machine whose Fly health checks are critical (the fleet view's
+``checks_critical``, read by :meth:`Health.sweep`; only checks that Fly's proxy routes by
+count: control/runtime.py, ``routes``) is ejected until they pass, or until it leaves
+``started`` (the list may say critical a while longer; it is out of rotation anyway).
 
 An app's last routable machine is never ejected for its 5xx answers, nor for critical
 checks: the app may simply be broken, and its own answers say more to the client than a
@@ -229,7 +230,8 @@ class Health:
             self._spared.discard(name)
             for up in view.upstreams.values():
                 record = self.records.get(up)
-                if up.checks_critical:
+                started = up.state == STARTED
+                if up.checks_critical and started:
                     if record is None or record.reason != CHECKS or not record.ejected:
                         if record is None:
                             record = self.records[up] = _Record(name)
@@ -237,9 +239,12 @@ class Health:
                         if not record.ejected or record.reason != CHECKS:
                             self._spared.add(name)  # spared, or out for its own failures
                 elif record is not None and record.reason == CHECKS and record.ejected:
+                    # Its checks pass; or it left ``started`` (out of rotation for that,
+                    # until it starts: its checks as listed before are no verdict).
                     del self.records[up]
                     _restore(view, up)
-                    _log.info("machine_restored", app=name, machine=up.id)
+                    if started:
+                        _log.info("machine_restored", app=name, machine=up.id)
         # Few records (machines that failed lately): check each is still in its app's view.
         for up, record in list(self.records.items()):
             owner = fleet.apps.get(record.app)

@@ -274,6 +274,31 @@ def test_critical_checks_do_not_bring_back_a_machine_out_for_failing_itself() ->
     assert h.report()[0]["reason"] == "checks"
 
 
+def test_a_machine_not_started_is_not_out_of_rotation_for_its_checks() -> None:
+    """Only a started machine is ejected for critical checks. A sick machine drained and
+    stopped by the controller keeps the list's critical checks until the next list (Fly
+    lists a machine's checks as they were): it was ejected then (spared as the last
+    routable one until its replacement served), and /status listed it for seconds as out
+    of rotation for its checks, "back in when its checks pass"."""
+    fleet, _ = _fleet("m1", "m2", critical=frozenset({"m1"}))
+    metrics = Metrics(CollectorRegistry())
+    h = Health(fleet, metrics, eject_after=5, base_s=1.0)
+    view = fleet.app("a")
+    view.set_state("m2", "stopped")
+    h.sweep()
+    assert _routable(fleet) == ["m1"]  # spared: the last one standing
+    view.set_state("m2", "started")  # its replacement serves ...
+    view.set_state("m1", "stopping")  # ... and the controller stops it, at once
+    h.sweep()
+    assert (h.report(), _ejections(metrics, "checks")) == ([], 0)
+    view.set_state("m1", "started")  # started again, still critical: out for its checks
+    h.sweep()
+    assert [(e["machine"], e["reason"]) for e in h.report()] == [("m1", "checks")]
+    view.set_state("m1", "stopped")  # out for its checks, then stopped: not listed
+    h.sweep()
+    assert h.report() == []
+
+
 def test_an_app_removed_and_added_back_is_swept_afresh() -> None:
     fleet, _ = _fleet("m1", "m2")
     h = Health(fleet, Metrics(CollectorRegistry()), eject_after=5, base_s=1.0)
