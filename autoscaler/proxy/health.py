@@ -259,8 +259,8 @@ class Health:
         """The machines out of rotation or on probation, for ``/status``."""
         out: list[dict[str, object]] = []
         for up, record in self.records.items():
-            if not record.ejected:
-                continue
+            if not record.ejected or (record.reason == CHECKS and up.state != STARTED):
+                continue  # (out for not being started: the next sweep drops its record)
             view = self.fleet.apps.get(record.app)
             now = view.clock() if view is not None else 0.0
             over = record.reason != CHECKS and now >= record.until  # its ejection ended

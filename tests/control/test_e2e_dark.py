@@ -549,6 +549,8 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
     # it starts the other machine, the proxy moves the traffic there, and the sick one
     # is drained and stopped (not suspended: a resume would restore its trouble). Before,
     # the healthy machine stayed stopped for as long as the app ran.
+    # The proxy never lists the sick one out of rotation for its checks once it is not
+    # started (the list says critical until the next one): /status did, for seconds.
     async with running_stack(emulator, idle_to_zero_s=600, wake_timeout_s=30) as stack:
         sick = await wake_choice(stack)
         bad = {"type": "http", "path": "/missing", "interval": "1s", "grace_period": "0s"}
@@ -557,6 +559,14 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         critical = False  # its check was seen critical while it served
+        listed: set[str] = set()  # states in which /status listed it out for its checks
+
+        def look() -> None:
+            state = stack.app.upstreams[sick].state
+            for e in stack.proxy.health.report():
+                if e["machine"] == sick and e["reason"] == "checks" and state != "started":
+                    listed.add(state)
+
         while not (
             [u.id for u in stack.app.routable()] == [healthy]
             and emulator.machine(APP, sick).state in ("stopping", "stopped")
@@ -565,9 +575,16 @@ async def test_a_machine_whose_checks_are_critical_is_replaced_then_drained(
             await stack.get("/")
             checks = emulator.machine(APP, sick).checks.values()
             critical = critical or any(c.status == "critical" for c in checks)
+            look()
             await asyncio.sleep(0.1)
         assert critical
         assert stack.failures == []
+        while stack.app.upstreams[sick].checks_critical:  # until a list says otherwise
+            assert loop.time() < deadline
+            look()
+            await asyncio.sleep(0.05)
+        look()
+        assert listed == set()
 
 
 @pytest.mark.parametrize("emulator_settings", ["fast:2", "fly:2"], indirect=True)
