@@ -399,7 +399,10 @@ class ProxySettings(_Model):
     default_app: str | None = Field(default=None, description="app for hosts that match no app")
     wake_header: bool = Field(
         default=True,
-        description="add the header fly-autoscaler-wake (none, resume or start) to responses",
+        description=(
+            "add the header fly-autoscaler-wake (none, resume, start, or failed on a wake"
+            " timeout's 504) to responses"
+        ),
     )
     access_log: bool = Field(
         default=True,
