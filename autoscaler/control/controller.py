@@ -669,11 +669,18 @@ class Controller:
 
     def _log_wake_failed(self, app: str, exc: Exception) -> None:
         error = str(exc) or type(exc).__name__
+        # An API error is the same error whatever its request id (Fly gives every answer
+        # its own, and str() carries it): compared with it, each was a new one.
+        same = (
+            repr((type(exc).__name__, exc.operation, exc.status, exc.message, exc.code))
+            if isinstance(exc, FlyError)
+            else error
+        )
         now = self.clock()
         last = self._wake_failed.get(app)
-        if last is not None and last[0] == error and now - last[1] < WAKE_FAILED_LOG_S:
+        if last is not None and last[0] == same and now - last[1] < WAKE_FAILED_LOG_S:
             return
-        self._wake_failed[app] = (error, now)
+        self._wake_failed[app] = (same, now)
         _log.warning("wake_failed", app=app, error=error)
 
     # --- status -------------------------------------------------------------------------

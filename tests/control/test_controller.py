@@ -28,6 +28,7 @@ from autoscaler.fly.errors import (
     BadRequest,
     Conflict,
     FlyError,
+    NotFound,
     RateLimited,
     ServerError,
     TransportError,
@@ -1186,6 +1187,26 @@ async def test_a_failed_wake_is_logged_once_a_minute_for_the_same_error(
     failed = [e for e in logs if e["event"] == "wake_failed"]
     assert len(failed) == 2
     assert all(e["app"] == APP and "no machine" in e["error"] for e in failed)
+
+
+async def test_a_failed_wake_s_api_error_is_the_same_error_whatever_its_request_id(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Fly answers every call with a request id of its own, which an error's text
+    carries: the same refusal (the app's list answered 404, a token revoked: 401) of
+    wakes asked again every second was logged every second, each a new error."""
+    rig = Rig(api, clock)
+    api.fail["list_machines"] = [
+        NotFound(404, "app not found", request_id=f"req-{i}") for i in range(5)
+    ]
+    with capture_logs() as logs:
+        for _ in range(5):
+            with pytest.raises(NotFound):
+                await rig.ctl.wake(APP)
+            await clock.advance(1)
+    failed = [e for e in logs if e["event"] == "wake_failed"]
+    assert [e["error"] for e in failed] == [str(NotFound(404, "app not found", "req-0"))]
+    assert wakes(rig) == {"failed": 5}
 
 
 async def test_a_machine_that_fails_to_boot_is_given_up_at_once(
