@@ -57,7 +57,14 @@ def settings_from(
         section["faults"] = set_faults
     if apps:
         section["apps"] = [_app_flag(a) for a in apps]
-    settings, _ = load_settings(config, env=environ, overrides={"emulator": section})
+    # Alone, the emulator is the one server of its process: to the file it is what
+    # `autoscaler run` would call, an API elsewhere, not an embedded emulator beside the
+    # file's proxy and admin server (config.py refuses two servers of one process on one
+    # address: proxy.listen or admin.listen would have kept --listen off theirs).
+    elsewhere = {"api_url": "http://127.0.0.1"}  # (never called: only .emulator is used)
+    settings, _ = load_settings(
+        config, env=environ, overrides={"emulator": section, "fly": elsewhere}
+    )
     return settings.emulator
 
 

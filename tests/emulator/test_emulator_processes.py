@@ -382,6 +382,25 @@ def test_settings_take_a_loopback_listen_address(listen: str) -> None:
     assert settings_from(None, environ={}, listen=listen).listen == listen
 
 
+def test_alone_the_emulator_may_listen_where_the_files_proxy_or_admin_would(
+    tmp_path: Path,
+) -> None:
+    """`autoscaler emulator` runs the emulator alone: the file's proxy.listen and
+    admin.listen are another process's (a config of scaled apps with no fly.api_url, as
+    config/autoscaler.yaml, names the embedded emulator's), so --listen on one of them is
+    no clash of two servers of one process. It was refused as one."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "apps: [{name: web}]\n"
+        "proxy: {listen: '127.0.0.1:8080'}\n"
+        "admin: {listen: '127.0.0.1:9091'}\n"
+    )
+    for listen in ("127.0.0.1:8080", "127.0.0.1:9091", "localhost:9091"):
+        assert settings_from(str(config), environ={}, listen=listen).listen == listen
+    config.write_text("fly: {api_url: embedded}\nproxy: {listen: '127.0.0.1:4280'}\n")
+    assert settings_from(str(config), environ={}).listen == "127.0.0.1:4280"
+
+
 def test_the_config_file_and_environment_are_held_to_loopback(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("emulator:\n  listen: 0.0.0.0:4280\n")
