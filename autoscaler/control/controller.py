@@ -23,7 +23,7 @@ import contextlib
 import gc
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -643,29 +643,45 @@ class Controller:
         """Bring one machine of ``app`` to routable; "resume", "start" or "none".
 
         Raises WakeError when no machine can be woken (or FlyError when the API fails).
-        Counted in ``autoscaler_wakes_total`` by how it ended: ok (it returned, "none"
-        included: a machine was routable already, or a drain was taken back), failed (it
-        raised) or cancelled (a stop, a step-down, a reload that removed the app).
+        Counted (:meth:`counted`): the waker the fleet view calls in a single process.
         """
+        return await self.counted(app, self.wake_uncounted(app))
+
+    async def wake_uncounted(self, app: str) -> str:
+        """:meth:`wake` without its count, for a caller that counts its own wake (a
+        cluster replica's, which may end before it comes here, or never come)."""
         rt = self.apps.get(app)
         if rt is None:
             raise WakeError(f"app {app} is not scaled by this controller")
         pacer = self._pacers.get(app)
         if pacer is not None:
             pacer.nudge()  # a sleeping app's loop ticks again every tick_s from now on
-        wakes = self.metrics.wakes
+        return await self.waker.wake(rt)
+
+    async def counted(self, app: str, wake: Awaitable[str]) -> str:
+        """Await a wake of ``app`` and count it in ``autoscaler_wakes_total`` by how it
+        ended: ok (it returned, "none" included: a machine was routable already, or a
+        drain was taken back), failed (it raised; logged as ``wake_failed``) or cancelled
+        (a stop, a step-down, a reload that removed the app). An app not scaled here (or
+        no longer, at the end) is not counted: its series are not ours to make."""
         try:
-            how = await self.waker.wake(rt)
+            how = await wake
         except asyncio.CancelledError:
-            wakes.labels(app=app, result="cancelled").inc()
+            self._count_wake(app, "cancelled")
             raise
         except Exception as exc:
-            wakes.labels(app=app, result="failed").inc()
-            self._log_wake_failed(app, exc)
+            if self._count_wake(app, "failed"):
+                self._log_wake_failed(app, exc)
             raise
-        wakes.labels(app=app, result="ok").inc()
+        self._count_wake(app, "ok")
         self._wake_failed.pop(app, None)
         return how
+
+    def _count_wake(self, app: str, result: str) -> bool:
+        if app not in self.apps:
+            return False
+        self.metrics.wakes.labels(app=app, result=result).inc()
+        return True
 
     def _log_wake_failed(self, app: str, exc: Exception) -> None:
         error = str(exc) or type(exc).__name__

@@ -221,7 +221,7 @@ class Replica:
     async def start(self, *, rounds: bool = True) -> None:
         """Join the cluster as a follower; the first round may make us leader.
         ``rounds=False`` (tests): the caller runs :meth:`round` by hand."""
-        self.view.set_waker(self.remote_wake)
+        self.view.set_waker(self._follower_waker)
         self.view.set_machines_listener(self._machines_changed)
         self.metrics.cluster_leader.set(0)
         loop = asyncio.get_running_loop()
@@ -321,7 +321,7 @@ class Replica:
         await self.controller.start()
         # The controller's wake, under the wake claim. Installing it wakes every app's
         # waiters: a follower's wake still waiting now goes through our own path.
-        self.view.set_waker(self.leader_wake)
+        self.view.set_waker(self._leader_waker)
 
     async def _step_down(self, *, follow: bool = True) -> None:
         self._begin_step_down(follow=follow)
@@ -341,7 +341,7 @@ class Replica:
             self.view_known = True
         self.metrics.cluster_leader.set(0)
         _log.warning("cluster_follower", replica=self.cluster.replica_id)
-        self.view.set_waker(self.remote_wake if follow else None)
+        self.view.set_waker(self._follower_waker if follow else None)
 
     async def _finish_step_down(self) -> None:
         """After :meth:`_begin_step_down`: stop the controller (its loops and actions; the
@@ -655,6 +655,15 @@ class Replica:
             raise WakeError(f"app {app} is not scaled by this replica")
         return rt
 
+    async def _leader_waker(self, app: str) -> str:
+        """:meth:`leader_wake`, counted as the controller counts its own (a wake that
+        ends here without the controller's, or fails before it, counts too)."""
+        return await self.controller.counted(app, self.leader_wake(app))
+
+    async def _follower_waker(self, app: str) -> str:
+        """:meth:`remote_wake`, counted: the wakes our proxy's held requests ask for."""
+        return await self.controller.counted(app, self.remote_wake(app))
+
     async def leader_wake(self, app: str) -> str:
         """The leader's wake: the controller's, under the app's wake claim. While a
         follower holds the claim (it woke by itself, thinking us lost), wait for it."""
@@ -707,7 +716,7 @@ class Replica:
                 self._read_owed.add(app)
                 await self._read_under_claim(rt)
                 self._read_owed.discard(app)
-            result = await self.controller.wake(app)
+            result = await self.controller.wake_uncounted(app)
             # A drain taken back routes in our view at once and the wake returns, while
             # its uncordon is still on its way to the API: the claim fences that call, so
             # it is held until the call is done (released first, the call was refused,

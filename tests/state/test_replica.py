@@ -334,6 +334,24 @@ async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica
     assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
 
 
+def wakes(replica: Replica, result: str) -> float | None:
+    sample = replica.metrics.registry.get_sample_value
+    return sample("autoscaler_wakes_total", {"app": APP, "result": result})
+
+
+async def test_each_replica_counts_the_wakes_asked_of_it(cluster: list[Replica]) -> None:
+    """autoscaler_wakes_total in cluster mode: a follower's wake (asked of the leader
+    through Redis) counts on the follower, the wake the leader made for it on the leader.
+    A follower's wakes never reached the controller's count, so an app whose wakes failed
+    on followers raised no AutoscalerWakeFailed and wrote no wake_failed."""
+    leader, follower = await leader_and_follower(cluster)
+    wake = follower.view.wake(APP)
+    await rounds(cluster, wake.done, 4 * TTL)
+    assert wake.result() == "start"
+    assert wakes(follower, "ok") == 1
+    assert wakes(leader, "ok") == 1
+
+
 FELL_BACK = [  # a resume's events as the emulator records its fallback to a cold boot
     {"type": "launch", "status": "started", "timestamp": 3, "request": {"resume": False}},
     {"type": "start", "status": "starting", "timestamp": 2},
