@@ -273,7 +273,7 @@ def render(doc: dict[str, Any]) -> list[str]:
     elif doc.get("control_loop"):
         loop = f"control loop ticked {ago(doc.get('last_tick_age_s'))}"
     else:
-        loop = "no control loop (static apps only)"
+        loop = "no control loop (no app to scale)"
     lines = [f"autoscaler {doc.get('version', '?')}: {ready}, {loop}"]
     lines += [f"  {line}" for line in tui.control_lines(doc)]
     if doc.get("cluster"):

@@ -296,7 +296,7 @@ async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path
         code = await asyncio.to_thread(run_status, url, str(file), out=out, err=err)
     assert code == 0, err.getvalue()
     header = out.getvalue().splitlines()[0]
-    assert header.endswith(": ready, no control loop (static apps only)"), header
+    assert header.endswith(": ready, no control loop (no app to scale)"), header
 
 
 async def test_the_proxys_port_is_said_to_be_maybe_not_the_admin_server(tmp_path: Path) -> None:
