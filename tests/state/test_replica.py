@@ -34,6 +34,10 @@ TTL = 0.6
 
 
 async def probe(host: str, port: int) -> bool:
+    """The machine's port answers, a few turns of the loop after the API says started
+    (an app listens a moment after its machine is started, as on Fly): a read of its
+    events begun beside the probe is back first, as a cold boot's is."""
+    await settle()
     return True
 
 
