@@ -3,15 +3,13 @@ MockTransport that records every request and answers from a script."""
 
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from control.fakes import FakeClock
 
 from autoscaler.fly.client import MachinesClient
 
@@ -33,43 +31,12 @@ class FakeTime:
         self.now += seconds
 
 
-class ParkedTime:
+class ParkedTime(FakeClock):
     """A clock whose ``sleep`` parks the caller until ``advance`` moves time past its
-    deadline: concurrent sleepers wake in the order of their deadlines."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
+    deadline (control/fakes.py's FakeClock), read as ``clock()`` like FakeTime."""
 
     def clock(self) -> float:
         return self.now
-
-    async def sleep(self, delay: float) -> None:
-        if delay <= 0:
-            await asyncio.sleep(0)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + delay, next(self._seq), fut))
-        await fut
-
-    async def advance(self, seconds: float) -> None:
-        """Move time forward, waking each sleeper at its own deadline, in order."""
-        target = self.now + seconds
-        while self._sleepers and self._sleepers[0][0] <= target:
-            when, _, fut = heapq.heappop(self._sleepers)
-            self.now = max(self.now, when)
-            if not fut.done():
-                fut.set_result(None)
-            await settle()
-        self.now = target
-        await settle()
-
-
-async def settle(rounds: int = 20) -> None:
-    """Let every ready task run until the loop has nothing left to do right now."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 Reply = httpx.Response | Exception | Callable[[httpx.Request], httpx.Response]

@@ -6,7 +6,8 @@ import asyncio
 
 import httpx
 import pytest
-from flyfakes import TOKEN, FakeTime, ParkedTime, Script, make_client, settle
+from control.fakes import settle
+from flyfakes import TOKEN, FakeTime, ParkedTime, Script, make_client
 from hypothesis import given
 from hypothesis import strategies as st
 
