@@ -205,17 +205,12 @@ async def test_a_cordon_the_process_before_sent_is_ours_when_it_lands_late(
             await second.stop()
 
 
-@BOTH_PROFILES
-async def test_a_wake_waits_for_a_start_another_party_made_instead_of_starting_another(
-    emulator: Emulator,
-) -> None:
-    """A start that another party made is under way (in cluster mode, a leader's that
-    landed before it lost its lease, whose start the step-down then cancelled): the wake
-    of the next decider waits for that machine. It started a second one for the same need
-    (on Fly's timings the first was still booting when the wake read the app)."""
+async def _waits_for_their_start(emulator: Emulator) -> None:
+    """Another party's start of the app's first machine has landed: the wake waits for
+    it, and the other two machines stay stopped."""
     async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
         first = sorted(m.id for m in emulator.machines(APP))[0]
-        await client.start_machine(APP, first)  # the old leader's start, landed
+        await client.start_machine(APP, first)  # the other party's start, landed
         ctl = controller(client, min_machines=0)
         try:
             assert await ctl.wake(APP) in ("start", "none")
@@ -225,6 +220,36 @@ async def test_a_wake_waits_for_a_start_another_party_made_instead_of_starting_a
     assert routable == [first]
     states = sorted(m.state for m in emulator.machines(APP))
     assert states == ["started", "stopped", "stopped"]
+
+
+async def _waits_for_their_resume(emulator: Emulator) -> None:
+    """Two machines suspended, another party's resume of the first landed: the wake waits
+    for it, and the second stays asleep."""
+    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
+        resumed, asleep, _ = sorted(m.id for m in emulator.machines(APP))
+        for mid in (resumed, asleep):
+            await _suspended(client, mid)
+        await client.start_machine(APP, resumed)  # the other party's resume, landed
+        ctl = controller(client, min_machines=0)
+        try:
+            how = await ctl.wake(APP)
+            routable = [u.id for u in ctl.view.app(APP).routable()]
+        finally:
+            await ctl.stop()
+    assert how in ("resume", "none")  # "none": it read the resume done already
+    assert routable == [resumed]
+    assert emulator.machine(APP, asleep).state == "suspended"
+
+
+@BOTH_PROFILES
+async def test_a_wake_waits_for_a_start_another_party_made_instead_of_starting_another(
+    emulator: Emulator,
+) -> None:
+    """A start that another party made is under way (in cluster mode, a leader's that
+    landed before it lost its lease, whose start the step-down then cancelled): the wake
+    of the next decider waits for that machine. It started a second one for the same need
+    (on Fly's timings the first was still booting when the wake read the app)."""
+    await _waits_for_their_start(emulator)
 
 
 @BOTH_PROFILES
@@ -280,20 +305,7 @@ async def test_a_wake_waits_for_a_resume_another_party_made_rather_than_resume_a
     ``suspended``) and another machine of the app is suspended: the wake waits for that
     resume, which is as fast as its own would be, and the other machine stays asleep. It
     resumed the other at once, and two machines came up for one need."""
-    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
-        resumed, asleep, _ = sorted(m.id for m in emulator.machines(APP))
-        for mid in (resumed, asleep):
-            await _suspended(client, mid)
-        await client.start_machine(APP, resumed)  # the other party's resume, landed
-        ctl = controller(client, min_machines=0)
-        try:
-            how = await ctl.wake(APP)
-            routable = [u.id for u in ctl.view.app(APP).routable()]
-        finally:
-            await ctl.stop()
-    assert how in ("resume", "none")  # "none": it read the resume done already
-    assert routable == [resumed]
-    assert emulator.machine(APP, asleep).state == "suspended"
+    await _waits_for_their_resume(emulator)
 
 
 @LATE_LISTEN
@@ -368,19 +380,7 @@ async def test_a_wake_waits_for_another_party_s_start_though_our_clock_runs_ahea
     day, took the start for 30 s old, past START_PATIENCE_S, and started a second machine
     beside it at once. Fly's time is now read on Fly's clock, as its answers' ``Date``
     headers show it."""
-    emulator = behind
-    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
-        first = sorted(m.id for m in emulator.machines(APP))[0]
-        await client.start_machine(APP, first)  # the other party's start, landed
-        ctl = controller(client, min_machines=0)
-        try:
-            assert await ctl.wake(APP) in ("start", "none")
-            routable = [u.id for u in ctl.view.app(APP).routable()]
-        finally:
-            await ctl.stop()
-    assert routable == [first]
-    states = sorted(m.state for m in emulator.machines(APP))
-    assert states == ["started", "stopped", "stopped"]
+    await _waits_for_their_start(behind)
 
 
 @RESUMES_UNDER_WAY
@@ -391,18 +391,4 @@ async def test_a_wake_waits_for_another_party_s_resume_though_our_clock_runs_ahe
     """Our clock 5 s ahead of Fly's (2 s was enough), another party's resume under way:
     the wake waits for it rather than resume another machine. It took the resume for 5 s
     old, past RESUME_PATIENCE_S, and resumed a second machine for one need."""
-    emulator = behind
-    async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
-        resumed, asleep, _ = sorted(m.id for m in emulator.machines(APP))
-        for mid in (resumed, asleep):
-            await _suspended(client, mid)
-        await client.start_machine(APP, resumed)  # the other party's resume, landed
-        ctl = controller(client, min_machines=0)
-        try:
-            how = await ctl.wake(APP)
-            routable = [u.id for u in ctl.view.app(APP).routable()]
-        finally:
-            await ctl.stop()
-    assert how in ("resume", "none")  # "none": it read the resume done already
-    assert routable == [resumed]
-    assert emulator.machine(APP, asleep).state == "suspended"
+    await _waits_for_their_resume(behind)
