@@ -204,7 +204,10 @@ def fetch_status(base_url: str, token: str | None, timeout_s: float = 5.0) -> di
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
-        raise StatusError(f"{url}: expected JSON, got {body[:80]!r}") from None
+        raise StatusError(
+            f"{url}: expected JSON, got {body[:80]!r} (this may not be the autoscaler's"
+            " admin server, which listens on admin.listen)"
+        ) from None
     if not isinstance(doc, dict):
         raise StatusError(f"{url}: expected a JSON object, got {type(doc).__name__}")
     return doc

@@ -579,6 +579,11 @@ async def ask(url: str, tmp_path: Path, timeout_s: float = 5.0) -> tuple[int, st
         ),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "answer cut short"),
         (json_answer(b"[" * 100_000), "expected JSON"),
+        (
+            json_answer(b"<html>my app</html>"),  # the proxy's port, with a default_app
+            "expected JSON, got b'<html>my app</html>' (this may not be the autoscaler's"
+            " admin server, which listens on admin.listen)",
+        ),
         (json_answer(b'{"apps": [1]}'), "not a status document this client can show"),
         (
             json_answer(b'{"apps": [{"app": "a", "desired": 1, "started": 1, "panic": false,'
@@ -586,7 +591,10 @@ async def ask(url: str, tmp_path: Path, timeout_s: float = 5.0) -> tuple[int, st
             "not a status document this client can show (KeyError: 'state')",
         ),
     ],
-    ids=["not-http", "head-too-long", "cut-short", "bad-chunk", "deep-json", "apps", "machine"],
+    ids=[
+        "not-http", "head-too-long", "cut-short", "bad-chunk", "deep-json", "an-app", "apps",
+        "machine",
+    ],
 )  # fmt: skip
 async def test_a_bad_answer_is_one_line_and_exit_1(
     answer: bytes, says: str, tmp_path: Path
