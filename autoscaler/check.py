@@ -124,10 +124,12 @@ async def fleet_check(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> F
 
 def _token_origin(file: Path) -> str:
     """Where the Fly token came from, as a config error line starts (config.py's order)."""
-    names = {name.upper() for name, value in os.environ.items() if value}
-    for name in ("AUTOSCALER_FLY__TOKEN", TOKEN_ENV):
-        if name in names:
-            return f"environment: {name}"
+    # AUTOSCALER_* variables are read whatever their case (pydantic-settings), the plain
+    # one only as it is spelt (config.py).
+    if any(n.upper() == "AUTOSCALER_FLY__TOKEN" and v for n, v in os.environ.items()):
+        return "environment: AUTOSCALER_FLY__TOKEN"
+    if os.environ.get(TOKEN_ENV):
+        return f"environment: {TOKEN_ENV}"
     return f"{file}: fly.token"
 
 

@@ -21,9 +21,10 @@ from reliability.harness import live_service
 from structlog.testing import capture_logs
 from testkit import free_port, until
 
-from autoscaler.check import FleetCheck, check_config, fleet_check
+from autoscaler.check import FleetCheck, _token_origin, check_config, fleet_check
 from autoscaler.config import ConfigError, EmulatorApp, Settings, load_settings
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.main import token_source
 from autoscaler.fly import models as fm
 from autoscaler.fly.autostop import fight_warning, fly_autoscaling
 from autoscaler.fly.client import MachinesClient
@@ -445,3 +446,36 @@ def test_the_example_fly_toml_leaves_the_graceful_stop_its_time() -> None:
     stop_s = settings.proxy.shutdown_timeout_s + 2 * settings.control.api_timeout_s
     assert fly["kill_timeout"] > stop_s
     assert fly["kill_signal"] in ("SIGTERM", "SIGINT")
+
+
+@pytest.mark.parametrize(
+    ("environ", "origin"),
+    [
+        ({"FLY_API_TOKEN": "x"}, "environment: FLY_API_TOKEN"),
+        ({"fly_api_token": "x"}, "f.yaml: fly.token"),  # not read: config.py spells it so
+        ({"autoscaler_fly__token": "x"}, "environment: AUTOSCALER_FLY__TOKEN"),  # any case
+        ({"AUTOSCALER_FLY__TOKEN": "", "FLY_API_TOKEN": "x"}, "environment: FLY_API_TOKEN"),
+    ],
+)
+def test_a_refused_token_is_said_to_come_from_where_it_was_read(
+    environ: dict[str, str], origin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lowercase FLY_API_TOKEN, which the config does not read, was named as the
+    refused token's source (the AUTOSCALER_ variables are read whatever their case)."""
+    for name in ("FLY_API_TOKEN", "AUTOSCALER_FLY__TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert _token_origin(Path("f.yaml")) == origin
+
+
+@pytest.mark.parametrize(
+    ("environ", "source"),
+    [
+        ({"EMULATOR_TOKEN": "x"}, "the one given by $EMULATOR_TOKEN"),
+        ({"emulator_token": "x"}, "emulator.token of the config file"),
+        ({"autoscaler_emulator__token": "x"}, "the one given by $AUTOSCALER_EMULATOR__TOKEN"),
+    ],
+)
+def test_the_emulator_says_where_its_token_was_read(environ: dict[str, str], source: str) -> None:
+    assert token_source(None, environ) == source

@@ -103,10 +103,12 @@ def token_source(flag: str | None, environ: Mapping[str, str]) -> str:
     ``EMULATOR_TOKEN``, else the config file."""
     if flag:
         return "the one given by --token"
-    names = {name.upper(): name for name, value in environ.items() if value}
-    for name in ("AUTOSCALER_EMULATOR__TOKEN", EMULATOR_TOKEN_ENV):
-        if name in names:
-            return f"the one given by ${name}"
+    # AUTOSCALER_* variables are read whatever their case (pydantic-settings), the plain
+    # one only as it is spelt (config.py).
+    if any(n.upper() == "AUTOSCALER_EMULATOR__TOKEN" and v for n, v in environ.items()):
+        return "the one given by $AUTOSCALER_EMULATOR__TOKEN"
+    if environ.get(EMULATOR_TOKEN_ENV):
+        return f"the one given by ${EMULATOR_TOKEN_ENV}"
     return "emulator.token of the config file"
 
 
