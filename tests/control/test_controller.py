@@ -726,11 +726,19 @@ async def test_a_wake_waits_for_another_party_s_start_no_longer_than_a_cold_star
     assert not task.done()
     assert api.ops("start_machine") == []  # waited for
     await clock.advance(2)
-    assert task.done()
-    assert task.result() == "start"
-    assert api.ops("start_machine") == [other]
-    assert rig.routable() == {other}
+    assert_woke(api, rig, task, "start", other)
     assert state(api, stuck) == "starting"
+
+
+def assert_woke(
+    api: FakeMachinesAPI, rig: Rig, task: asyncio.Future[str], how: str, mid: str
+) -> None:
+    """The wake ``task`` is done, by waking ``mid`` (``how``): the one machine started and
+    routable."""
+    assert task.done()
+    assert task.result() == how
+    assert api.ops("start_machine") == [mid]
+    assert rig.routable() == {mid}
 
 
 def began(clock: FakeClock, ago: float, before: str = "stopped") -> dict[str, Any]:
@@ -1007,10 +1015,7 @@ async def test_a_wake_resumes_another_machine_once_another_party_s_resume_is_slo
         assert not task.done()
         assert api.ops("start_machine") == []  # waited for
     await clock.advance(1)
-    assert task.done()
-    assert task.result() == "resume"
-    assert api.ops("start_machine") == [asleep]
-    assert rig.routable() == {asleep}
+    assert_woke(api, rig, task, "resume", asleep)
     assert state(api, resumed) == "starting"
 
 

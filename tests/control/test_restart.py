@@ -102,6 +102,19 @@ def controller(
     return Controller(client, view, settings, metrics, clock=clock, wall=wall)
 
 
+async def wake_once(
+    client: MachinesClient, wall: Callable[[], float] | None = None
+) -> tuple[str, list[str]]:
+    """One wake of a fresh controller (scaling nothing by itself): how it says it woke
+    the app, and the machines routable then."""
+    ctl = controller(client, min_machines=0, wall=wall)
+    try:
+        how = await ctl.wake(APP)
+        return how, [u.id for u in ctl.view.app(APP).routable()]
+    finally:
+        await ctl.stop()
+
+
 def meta(emulator: Emulator, mid: str) -> dict[str, str]:
     return dict(emulator.machine(APP, mid).config.get("metadata") or {})
 
@@ -211,12 +224,8 @@ async def _waits_for_their_start(emulator: Emulator) -> None:
     async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
         first = sorted(m.id for m in emulator.machines(APP))[0]
         await client.start_machine(APP, first)  # the other party's start, landed
-        ctl = controller(client, min_machines=0)
-        try:
-            assert await ctl.wake(APP) in ("start", "none")
-            routable = [u.id for u in ctl.view.app(APP).routable()]
-        finally:
-            await ctl.stop()
+        how, routable = await wake_once(client)
+        assert how in ("start", "none")
     assert routable == [first]
     states = sorted(m.state for m in emulator.machines(APP))
     assert states == ["started", "stopped", "stopped"]
@@ -230,12 +239,7 @@ async def _waits_for_their_resume(emulator: Emulator) -> None:
         for mid in (resumed, asleep):
             await _suspended(client, mid)
         await client.start_machine(APP, resumed)  # the other party's resume, landed
-        ctl = controller(client, min_machines=0)
-        try:
-            how = await ctl.wake(APP)
-            routable = [u.id for u in ctl.view.app(APP).routable()]
-        finally:
-            await ctl.stop()
+        how, routable = await wake_once(client)
     assert how in ("resume", "none")  # "none": it read the resume done already
     assert routable == [resumed]
     assert emulator.machine(APP, asleep).state == "suspended"
@@ -264,12 +268,8 @@ async def test_a_wake_passes_at_once_a_start_another_party_made_long_ago(
     async with MachinesClient(emulator.url, emulator.token, rate_limit=False) as client:
         first = sorted(m.id for m in emulator.machines(APP))[0]
         await client.start_machine(APP, first)  # the other party's start, landed
-        ctl = controller(client, min_machines=0, wall=lambda: time.time() + 60)
-        try:
-            assert await ctl.wake(APP) == "start"
-            routable = [u.id for u in ctl.view.app(APP).routable()]
-        finally:
-            await ctl.stop()
+        how, routable = await wake_once(client, wall=lambda: time.time() + 60)
+        assert how == "start"
     assert set(routable) - {first}  # the machine it woke (the first may be up by now too)
     up = [m.id for m in emulator.machines(APP) if m.state in ("starting", "started")]
     assert len(up) == 2
@@ -287,12 +287,7 @@ async def test_a_wake_resumes_a_suspended_machine_rather_than_wait_for_another_s
         cold, asleep, _ = sorted(m.id for m in emulator.machines(APP))
         await _suspended(client, asleep)
         await client.start_machine(APP, cold)  # the other party's start, landed
-        ctl = controller(client, min_machines=0)
-        try:
-            how = await ctl.wake(APP)
-            routable = [u.id for u in ctl.view.app(APP).routable()]
-        finally:
-            await ctl.stop()
+        how, routable = await wake_once(client)
     assert how == "resume"
     assert routable == [asleep]
 

@@ -284,34 +284,37 @@ async def test_status_says_when_the_decisions_are_stale(tmp_path: Path) -> None:
     ]
 
 
-async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path) -> None:
-    """`autoscaler run` on config/static.yaml: the header said "control loop ticked never",
-    as if a loop that should tick had not."""
+async def status_of_a_static_service(tmp_path: Path, asked: str) -> tuple[int, str, str]:
+    """``autoscaler status`` (exit code, stdout, stderr) asked of a live service of one
+    static app, at its ``asked`` address: "admin" or (a mistake) "proxy"."""
     file = tmp_path / "static.yaml"
     file.write_text("apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n")
     async with live_service(file, without_api=True) as svc:
         assert svc.admin is not None
-        url = f"http://127.0.0.1:{svc.admin.address[1]}"
+        assert svc.proxy is not None
+        port = svc.admin.address[1] if asked == "admin" else svc.proxy.port
         out, err = io.StringIO(), io.StringIO()
-        code = await asyncio.to_thread(run_status, url, str(file), out=out, err=err)
-    assert code == 0, err.getvalue()
-    header = out.getvalue().splitlines()[0]
+        code = await asyncio.to_thread(run_status, f"127.0.0.1:{port}", str(file), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path) -> None:
+    """`autoscaler run` on config/static.yaml: the header said "control loop ticked never",
+    as if a loop that should tick had not."""
+    code, out, err = await status_of_a_static_service(tmp_path, "admin")
+    assert code == 0, err
+    header = out.splitlines()[0]
     assert header.endswith(": ready, no control loop (no app to scale)"), header
 
 
 async def test_the_proxys_port_is_said_to_be_maybe_not_the_admin_server(tmp_path: Path) -> None:
     """`--admin` given the proxy's address (a mistake easily made: both are host:port) said
     "HTTP 404" and nothing else."""
-    file = tmp_path / "static.yaml"
-    file.write_text("apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n")
-    async with live_service(file, without_api=True) as svc:
-        assert svc.proxy is not None
-        proxy = f"127.0.0.1:{svc.proxy.port}"
-        out, err = io.StringIO(), io.StringIO()
-        code = await asyncio.to_thread(run_status, proxy, str(file), out=out, err=err)
+    code, out, err = await status_of_a_static_service(tmp_path, "proxy")
     assert code == 1
-    assert out.getvalue() == ""
-    assert err.getvalue() == (
+    assert out == ""
+    proxy = err.split("http://", 1)[1].split("/", 1)[0]
+    assert err == (
         f"autoscaler status: http://{proxy}/status: HTTP 404 (nothing at /status: this may"
         " not be the autoscaler's admin server, which listens on admin.listen; the proxy's"
         " port answers 404)\n"

@@ -71,6 +71,19 @@ def run(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "autoscaler", "run", "--config", str(config), *extra]
 
 
+def _refused(file: Path, monkeypatch: pytest.MonkeyPatch, count: int) -> str:
+    """The supervisor of ``count`` workers refuses the config: exit 2, no worker forked,
+    and the one ``config_invalid`` line's problem, returned."""
+    from structlog.testing import capture_logs
+
+    spawned = _no_worker_forks(monkeypatch)
+    with capture_logs() as logs:
+        assert workers.supervise(str(file), None, count) == 2
+    assert spawned == []
+    [line] = [e for e in logs if e["event"] == "config_invalid"]
+    return str(line["problem"])
+
+
 def test_workers_need_a_redis_url(tmp_path: Path) -> None:
     file = write_config(
         tmp_path / "a.yaml",
@@ -95,22 +108,17 @@ def test_workers_refuse_a_config_with_no_app(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As `run` does: with `apps: []` the supervisor started the workers, each serving 404s."""
-    from structlog.testing import capture_logs
 
     file = _unreachable_config(tmp_path, [])
-    spawned = _no_worker_forks(monkeypatch)
-    with capture_logs() as logs:
-        assert workers.supervise(str(file), None, 2) == 2
-    assert spawned == []
-    [line] = [e for e in logs if e["event"] == "config_invalid"]
-    assert line["problem"].startswith(f"{file}: apps: empty: nothing to route or scale")
+    assert _refused(file, monkeypatch, 2).startswith(
+        f"{file}: apps: empty: nothing to route or scale"
+    )
 
 
 def test_workers_refuse_to_scale_through_the_api_without_a_token(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As `run` does: each worker got a 401 on every tick, forever."""
-    from structlog.testing import capture_logs
 
     for name in ("FLY_API_TOKEN", "AUTOSCALER_FLY__TOKEN", "AUTOSCALER_FLY"):
         monkeypatch.delenv(name, raising=False)
@@ -122,12 +130,7 @@ def test_workers_refuse_to_scale_through_the_api_without_a_token(
             "cluster": {"redis_url": "redis://127.0.0.1:9"},
         },
     )
-    spawned = _no_worker_forks(monkeypatch)
-    with capture_logs() as logs:
-        assert workers.supervise(str(file), None, 2) == 2
-    assert spawned == []
-    [line] = [e for e in logs if e["event"] == "config_invalid"]
-    assert line["problem"].startswith(f"{file}: no Fly API token: app web is scaled")
+    assert _refused(file, monkeypatch, 2).startswith(f"{file}: no Fly API token: app web is scaled")
 
 
 def test_workers_refuse_a_proxy_port_one_of_their_admin_servers_takes(
