@@ -1044,14 +1044,21 @@ class Settings(BaseSettings):
             raise _KeyErrors(problems)
         return self
 
+    @property
+    def runs_embedded_emulator(self) -> bool:
+        """Whether ``autoscaler run`` starts the embedded emulator on these settings:
+        ``fly.api_url: embedded`` (``run --emulator``), or unset with an app to scale (the
+        demo); unset with static apps alone, there is no Machines API at all."""
+        return self.fly.api_url == EMBEDDED or (
+            self.fly.api_url is None and any(not app.static for app in self.apps)
+        )
+
     def _listen_clashes(self) -> list[_KeyError]:
         """The servers of one process on one address: the second would fail to start
         ("address in use"). The embedded emulator's counts when it runs: ``fly.api_url:
         embedded`` (``run --emulator``), or unset with an app to scale (the demo)."""
         listens = [("proxy.listen", self.proxy.listen), ("admin.listen", self.admin.listen)]
-        if self.fly.api_url == EMBEDDED or (
-            self.fly.api_url is None and any(not app.static for app in self.apps)
-        ):
+        if self.runs_embedded_emulator:
             listens.append(("emulator.listen", self.emulator.listen))
         problems = []
         for i, (key, value) in enumerate(listens):

@@ -114,7 +114,7 @@ def supervise(
     # As for `run`: static apps alone need no Machines API. The workers cannot share an
     # embedded emulator, though: each would run its own.
     scaled = [app.name for app in settings.apps if not app.static]
-    if settings.fly.api_url == EMBEDDED or (settings.fly.api_url is None and scaled):
+    if settings.runs_embedded_emulator:
         why = (
             "not the embedded emulator, which the workers cannot share"
             if settings.fly.api_url == EMBEDDED

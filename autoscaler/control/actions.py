@@ -154,9 +154,10 @@ class Actuator:
     ) -> None:
         self.api = api
         self.wall: Clock = wall if wall is not None else api.fly_time
-        """The time of day (Unix seconds) our key's value is written and read in: Fly's
-        (``api.fly_time``, from its answers' ``Date``) unless given, so the process that
-        writes it and the one that reads it, maybe on other hosts, share one clock."""
+        """Fly's time of day (Unix seconds; ``api.fly_time``, from its answers' ``Date``,
+        unless given): what our key's value is written and read in, so the process that
+        writes it and the one that reads it, maybe on other hosts, share one clock, and
+        what the wake reads Fly's times of a machine's events against."""
         self.backoff_max_s = backoff_max_s
         self.lease_skip_s = lease_skip_s
         """How long a machine leased by another counts as busy: one tick."""

@@ -217,7 +217,7 @@ class Controller:
             leases=Leases(api, sleep=sleep, owner=lease_owner),
             wall=wall,
         )
-        self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s, wall)
+        self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s)
         self._rechecker = Rechecker(clock, sleep, self._rechecked)
         self.apps: dict[str, AppRuntime] = {}
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None

@@ -50,7 +50,6 @@ from typing import NamedTuple
 
 from autoscaler.control.actions import Actuator
 from autoscaler.control.runtime import AppRuntime, Running
-from autoscaler.control.view import Clock
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited
 from autoscaler.logs import get_logger
@@ -99,18 +98,12 @@ class Waker:
         actuator: Actuator,
         metrics: Metrics,
         api_timeout_s: float = 5.0,
-        wall: Clock | None = None,
     ) -> None:
         self.api = api
         self.actuator = actuator
         self.metrics = metrics
         self.api_timeout_s = api_timeout_s
         """Bound of the one attempt of a refresh between tries (``control.api_timeout_s``)."""
-        self.wall = wall
-        """Fly's time of day (Unix seconds), which Fly's times of a machine's events are
-        read against; None: the API's own estimate (``MachinesAPI.fly_time``: from its
-        answers' ``Date`` headers, never ahead of Fly's clock, see ``fly/clock.py``), not
-        our time of day, which may run ahead. The actuator's clock is a monotonic one."""
 
     def patience_from(
         self, rt: AppRuntime, mid: str, first_seen: float, now: float, since: float
@@ -133,7 +126,8 @@ class Waker:
         keeps the first sight. A time long past is believed: a machine stuck that long is
         passed at once (a time before the machine's creation or before 2020 is not used:
         ``Machine.current_start``). Fly's time is read on Fly's clock as the API's answers
-        show it (:attr:`wall`), not on our time of day: a host whose clock ran 2 s ahead
+        show it (the actuator's ``wall``: ``MachinesAPI.fly_time`` unless a test gives
+        another), not on our time of day: a host whose clock ran 2 s ahead
         of Fly's passed another party's resume at once (and 10 s, any start), and woke a
         machine too many. That estimate errs the other way, by a few tenths of a second
         (from a single answer, its return trip and a second at most): a start is waited
@@ -142,8 +136,7 @@ class Waker:
         began = None if record is None else record.start_began
         if began is None or rt.listed_at is None or rt.listed_at < since:
             return first_seen
-        fly_now = self.wall() if self.wall is not None else self.api.fly_time()
-        return min(first_seen, now - (fly_now - began))  # a future one: first_seen
+        return min(first_seen, now - (self.actuator.wall() - began))  # a future one: first_seen
 
     async def refresh(self, rt: AppRuntime) -> None:
         clock = self.actuator.clock
