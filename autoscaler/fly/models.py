@@ -106,6 +106,15 @@ def _unix(stamp: datetime | None) -> float | None:
     return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC)).timestamp()
 
 
+def _kind(event: dict[str, Any]) -> tuple[str, str] | None:
+    """An event's (type, status); None unless both are strings (a list or a dict is no
+    key of :data:`START_EVENTS`: a TypeError)."""
+    kind, status = event.get("type"), event.get("status")
+    if not isinstance(kind, str) or not isinstance(status, str):
+        return None
+    return kind, status
+
+
 def _millis(event: object) -> float | None:
     """An event's ``timestamp`` (milliseconds) as a finite float; None when it has none
     (not a number, a bool, NaN, infinite, or an integer too large for a float, which
@@ -255,6 +264,16 @@ class Machine(_Lenient):
     """``ok``, ``unknown`` or ``unreachable``: whether Fly can reach the machine's host
     (left out of summary lists)."""
 
+    def _timed_events(self) -> list[tuple[float, dict[str, Any]]]:
+        """The machine's ``events`` that carry a time, as (ms, event), newest first (in
+        the listed order on a tie); empty when there are none."""
+        events = (self.model_extra or {}).get("events")
+        if not isinstance(events, list):
+            return []
+        timed = [(ms, e) for e in events if (ms := _millis(e)) is not None]
+        timed.sort(key=lambda t: -t[0])  # stable: newest first on a tie
+        return timed
+
     def current_start(self) -> tuple[float, bool] | None:
         """When Fly began the machine's current start (a Unix time, seconds) and whether it
         is a resume (it began from ``suspended`` or ``suspending``), from the machine's
@@ -270,19 +289,10 @@ class Machine(_Lenient):
         its own clock (control/wake.py)."""
         if self.state not in (MachineState.STARTING, MachineState.RESTARTING):
             return None
-        events = (self.model_extra or {}).get("events")
-        if not isinstance(events, list):
+        timed = self._timed_events()
+        if not timed or (newest := _kind(timed[0][1])) not in START_EVENTS:
             return None
-        timed = [(ms, e) for e in events if (ms := _millis(e)) is not None]
-        if not timed:
-            return None
-        timed.sort(key=lambda t: -t[0])  # stable: newest first on a tie
-        newest = timed[0][1]
-        kind, status = newest.get("type"), newest.get("status")
-        if not isinstance(kind, str) or not isinstance(status, str):
-            return None  # (a list or a dict is no key of START_EVENTS: a TypeError)
-        if (kind, status) not in START_EVENTS:
-            return None
+        kind = newest[0]
         began = timed[0][0] / 1000
         created = _unix(self.created_at)
         if began < EARLIEST_S or (created is not None and began < created - 1.0):  # (seconds)
@@ -312,11 +322,7 @@ class Machine(_Lenient):
         too; any other start (from stopped, a restart, a create) is a "start"."""
         if self.state != MachineState.STARTED:
             return None
-        events = (self.model_extra or {}).get("events")
-        if not isinstance(events, list):
-            return None
-        timed = [(ms, e) for e in events if (ms := _millis(e)) is not None]
-        timed.sort(key=lambda t: -t[0])  # stable: newest first on a tie
+        timed = self._timed_events()
         if not timed:
             return None
         end = timed[0][1]
@@ -330,12 +336,9 @@ class Machine(_Lenient):
             return "resume"
         if len(timed) < 2:
             return None
-        began = timed[1][1]
-        kind, status = began.get("type"), began.get("status")
-        if not isinstance(kind, str) or not isinstance(status, str):
-            return None  # (a list or a dict is no key of START_EVENTS: a TypeError)
-        if (kind, status) != ("start", MachineState.STARTING):
-            return "start" if (kind, status) in START_EVENTS else None
+        began = _kind(timed[1][1])
+        if began != ("start", MachineState.STARTING):
+            return "start" if began in START_EVENTS else None
         if len(timed) < 3:
             return None  # what it began from is no longer listed
         before = timed[2][1].get("status")
