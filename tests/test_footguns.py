@@ -41,6 +41,18 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def assert_refused_by_run_and_check_config(
+    path: Path, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` and `check-config` both refuse the file, exit 2, with this one problem."""
+    with capture_logs() as logs:
+        assert run(str(path)) == 2
+    assert [e["problem"] for e in logs if e["event"] == "config_invalid"] == [problem]
+    capsys.readouterr()
+    assert check_config(str(path)) == 2
+    assert capsys.readouterr() == ("", problem + "\n")
+
+
 # --- fly.api_url ------------------------------------------------------------------------
 
 
@@ -70,12 +82,7 @@ def test_run_and_check_config_refuse_a_config_with_no_app(
         " on it; list the apps to serve (a reload may empty the list: that is taken, as"
         " deliberate)"
     )
-    with capture_logs() as logs:
-        assert run(str(path)) == 2
-    assert [e["problem"] for e in logs if e["event"] == "config_invalid"] == [problem]
-    capsys.readouterr()
-    assert check_config(str(path)) == 2
-    assert capsys.readouterr() == ("", problem + "\n")
+    assert_refused_by_run_and_check_config(path, problem, capsys)
 
 
 def test_run_without_a_config_file_says_the_file_is_missing_not_that_its_apps_are_empty(
@@ -167,13 +174,8 @@ def test_run_and_check_config_refuse_to_scale_through_the_api_without_a_token(
         " which refuses every call without one (401): set FLY_API_TOKEN (or fly.token), or"
         " run on the embedded emulator with --emulator"
     )
-    with capture_logs() as logs:
-        assert run(str(path)) == 2
-    assert [e["problem"] for e in logs if e["event"] == "config_invalid"] == [problem]
+    assert_refused_by_run_and_check_config(path, problem, capsys)
     assert served == []
-    capsys.readouterr()
-    assert check_config(str(path)) == 2
-    assert capsys.readouterr() == ("", problem + "\n")
     # The embedded emulator has a token of its own; static apps call no API.
     assert run(str(path), emulator=True) == 0
     static = write(
