@@ -68,8 +68,8 @@ class Script:
 
 
 def make_client(
-    script: Script,
-    fake: FakeTime | None = None,
+    script: Callable[[httpx.Request], Any],
+    fake: FakeTime | ParkedTime | None = None,
     *,
     token: str | None = TOKEN,
     **kw: Any,

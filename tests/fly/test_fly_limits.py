@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 from control.fakes import settle
-from flyfakes import TOKEN, FakeTime, ParkedTime, Script, make_client
+from flyfakes import FakeTime, ParkedTime, Script, make_client
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -404,12 +404,10 @@ async def test_a_429_holds_back_the_client_s_calls_queued_before_it() -> None:
             return httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "5"})
         return httpx.Response(200, json={})
 
-    async with MachinesClient(
-        "http://127.0.0.1:4280",
-        TOKEN,
-        transport=httpx.MockTransport(answer),
-        sleep=fake.sleep,
-        clock=fake.clock,
+    async with make_client(
+        answer,
+        fake,
+        rate_limit=True,
         limits={"start_machine": Limit(1.0, 1)},
         max_retries=0,
         org_limit=None,
@@ -443,15 +441,8 @@ async def test_a_429_holds_back_a_call_of_its_pair_waiting_for_a_connection() ->
             return httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "5"})
         return httpx.Response(200, json=[])
 
-    async with MachinesClient(
-        "http://127.0.0.1:4280",
-        TOKEN,
-        transport=httpx.MockTransport(reply),
-        sleep=fake.sleep,
-        clock=fake.clock,
-        max_connections=2,
-        max_retries=0,
-        org_limit=None,
+    async with make_client(
+        reply, fake, rate_limit=True, max_connections=2, max_retries=0, org_limit=None
     ) as api:
         busy = asyncio.ensure_future(api.list_machines("other"))
         await settle()
