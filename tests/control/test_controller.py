@@ -868,34 +868,15 @@ async def test_a_wake_times_another_party_s_start_by_fly_only_in_a_list_of_its_o
     assert state(api, other) == "stopped"
 
 
-async def test_a_wake_that_waited_for_another_party_s_resume_is_a_resume(
-    api: FakeMachinesAPI, clock: FakeClock
+@pytest.mark.parametrize(("fell_back", "how"), [(False, "resume"), (True, "start")])
+async def test_a_wake_that_waited_for_another_party_s_resume_is_named_by_how_it_came_up(
+    api: FakeMachinesAPI, clock: FakeClock, fell_back: bool, how: str
 ) -> None:
     """Another party resumes a machine (listed ``starting``, as a start is): its events
     say it began from ``suspended``, so the wake that waited for it is a resume in its
-    requests' header, the histogram and the log. It was labelled a start."""
-    mid = api.add(APP, "starting")
-    api.set(APP, mid, **began(clock, 0, before="suspended"))
-    rig = Rig(api, clock)
-    with capture_logs() as logs:
-        task = asyncio.ensure_future(rig.ctl.wake(APP))
-        await settle()
-        assert rig.app.waking == "resume"
-        await clock.advance(1)
-        api.set(APP, mid, state="started")
-        await clock.advance(1)
-        assert await task == "resume"
-    assert api.ops("start_machine") == []
-    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 1
-    assert [e["how"] for e in logs if e["event"] == "wake"] == ["resume"]
-
-
-async def test_a_wake_that_waited_for_another_party_s_resume_that_fell_back_is_a_start(
-    api: FakeMachinesAPI, clock: FakeClock
-) -> None:
-    """Another party's resume whose snapshot was unusable: once up, the machine's events
-    say it booted cold (as the emulator records it), and the wake that waited for it is a
-    start in its requests' header, the histogram and the log. It was a resume."""
+    requests' header, the histogram and the log (it was labelled a start); unless, once
+    up, its events say it booted cold (its snapshot unusable, as the emulator records
+    it): a start then (it was a resume)."""
     mid = api.add(APP, "starting")
     api.set(APP, mid, **began(clock, 0, before="suspended"))
     rig = Rig(api, clock)
@@ -904,16 +885,20 @@ async def test_a_wake_that_waited_for_another_party_s_resume_that_fell_back_is_a
         await settle()
         assert rig.app.waking == "resume"  # as far as can be told while it comes up
         await clock.advance(1)
-        events = api.get(APP, mid).model_extra["events"]  # type: ignore[index]
-        at = events[0]["timestamp"] + 1000
-        cold = {"type": "launch", "status": "started", "timestamp": at}
-        api.set(APP, mid, state="started", events=[{**cold, "request": {"resume": False}}, *events])
+        up: dict[str, Any] = {"state": "started"}
+        if fell_back:
+            events = api.get(APP, mid).model_extra["events"]  # type: ignore[index]
+            at = events[0]["timestamp"] + 1000
+            cold = {"type": "launch", "status": "started", "timestamp": at}
+            up["events"] = [{**cold, "request": {"resume": False}}, *events]
+        api.set(APP, mid, **up)
         await clock.advance(1)
-        assert await task == "start"
+        assert await task == how
     assert api.ops("start_machine") == []
-    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="start") == 1
-    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 0
-    assert [e["how"] for e in logs if e["event"] == "wake"] == ["start"]
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind=how) == 1
+    if fell_back:
+        assert rig.metric("autoscaler_wake_duration_seconds_count", kind="resume") == 0
+    assert [e["how"] for e in logs if e["event"] == "wake"] == [how]
 
 
 async def test_a_wake_that_waited_for_another_party_s_start_is_measured_as_one(
