@@ -375,14 +375,21 @@ async def test_no_second_drain_while_a_cordon_request_may_land() -> None:
 async def cordon_on_the_wire(clock: FakeClock, api: FakeMachinesAPI) -> tuple[str, Wire]:
     """A process drains the app's only machine and dies with its cordon request on the
     wire (our key is on the machine, the cordon not yet)."""
+    mid, wire, old = await cordon_sent(clock, api)
+    await end(old, wire, "dies")
+    return mid, wire
+
+
+async def cordon_sent(clock: FakeClock, api: FakeMachinesAPI) -> tuple[str, Wire, Rig]:
+    """A process drains the app's only machine and has sent its cordon request, not yet
+    answered: the machine, the wire and the process."""
     mid = api.add(APP, "started")
     wire = Wire(api, 3)
     old = Rig(wire, clock, idle_to_zero_s=5)  # type: ignore[arg-type]
     await start_drain(old, clock)
     await asyncio.wait_for(wire.reached.wait(), 5)
     assert wire.sent[-1] == "cordon_machine"
-    await end(old, wire, "dies")
-    return mid, wire
+    return mid, wire, old
 
 
 async def test_a_cordon_of_the_process_before_the_one_before_is_ours_too() -> None:
@@ -503,12 +510,7 @@ async def test_a_step_down_lets_its_cordon_request_answer() -> None:
     that machine (and every one it found with our key and no cordon) for that long."""
     clock = FakeClock()
     api = FakeMachinesAPI(clock=clock)
-    mid = api.add(APP, "started")
-    wire = Wire(api, 3)
-    old = Rig(wire, clock, idle_to_zero_s=5)  # type: ignore[arg-type]
-    await start_drain(old, clock)
-    await asyncio.wait_for(wire.reached.wait(), 5)
-    assert wire.sent[-1] == "cordon_machine"
+    mid, wire, old = await cordon_sent(clock, api)
     sent_at = clock()
     stopping = asyncio.ensure_future(old.ctl.stop(handover=True))
     await settle()
