@@ -54,6 +54,17 @@ def _no_worker_forks(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return spawned
 
 
+async def terminated(
+    proc: asyncio.subprocess.Process, output: asyncio.Future[bytes]
+) -> tuple[int, str]:
+    """SIGTERM to ``proc`` (the supervisor) unless it ended already: its exit code, once
+    it ended, and all it wrote (``output``, its stdout read to the end)."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(proc.wait(), 60)
+    return code, (await asyncio.wait_for(output, 60)).decode()
+
+
 def pair_of_free_ports() -> int:
     """A port P with P and P + 1 both free (worker i serves admin on P + i)."""
     while True:
@@ -214,10 +225,7 @@ async def test_workers_serve_static_apps_without_a_machines_api(
                 ) as resp:
                     assert (resp.status, await resp.text()) == (200, "static")
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), 60)
-        err = (await asyncio.wait_for(output, 60)).decode()
+        code, err = await terminated(proc, output)
     assert code == 0, err
     assert err.count('"worker_started"') == 2, err
     assert '"fly_api"' not in err  # no call at all
@@ -319,10 +327,7 @@ async def test_two_workers_one_port_one_leader_all_reaped(
                 ) as resp:
                     assert resp.status == 200
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), 60)
-        err = (await asyncio.wait_for(output, 60)).decode()
+        code, err = await terminated(proc, output)
     assert code == 0, err
     pids = [json.loads(line)["pid"] for line in err.splitlines() if '"worker_started"' in line]
     assert len(pids) == 2
