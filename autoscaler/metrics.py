@@ -90,7 +90,8 @@ class Metrics:
         self.wake_duration = Histogram(
             "autoscaler_wake_duration_seconds",
             "Time from a wake request until a machine was routable (kind: resume, start; a resume"
-            " that fell back to a cold boot is a start).",
+            " that fell back to a cold boot is a start). In cluster mode observed by the"
+            " replica that made the wake: the leader, for a follower's wake it served.",
             ["app", "kind"],
             buckets=WAKE_BUCKETS,
             registry=r,
@@ -101,7 +102,11 @@ class Metrics:
             " one that already was or a drain taken back included; failed, the wake gave up:"
             " no machine came up within wake_timeout_s, none could be woken, or an API error;"
             " cancelled, cut short by a stop, a step-down or a reload that removed the app)."
-            " autoscaler_wake_duration_seconds times the ok ones that resumed or started one.",
+            " autoscaler_wake_duration_seconds times the ok ones that resumed or started one."
+            " In cluster mode a wake counts on the replica whose proxy held the requests only"
+            " (a follower's: not on the leader that woke the machine for it, which times it),"
+            " so a sum over replicas counts each once; two replicas' requests held for one"
+            " machine are two wakes.",
             ["app", "result"],
             registry=r,
         )

@@ -297,8 +297,7 @@ class Replica:
             self._apply_remote_failing(failing)
             if leading:
                 for app in await self.cluster.pop_wakes():
-                    if app in self.controller.apps:
-                        self.view.wake(app)
+                    self._serve_wake(app)
         except Exception as exc:
             self._redis_trouble(exc)
         else:
@@ -561,8 +560,7 @@ class Replica:
 
     def _on_wake(self, app: str) -> None:
         """A follower's wake request, as it publishes it: the leader wakes at once."""
-        if self.leading and app in self.controller.apps:
-            self.view.wake(app)
+        self._serve_wake(app)
 
     def _on_push(self, push: ViewPush) -> None:
         self.cluster.lease.observe(push.fence)
@@ -657,8 +655,18 @@ class Replica:
 
     async def _leader_waker(self, app: str) -> str:
         """:meth:`leader_wake`, counted as the controller counts its own (a wake that
-        ends here without the controller's, or fails before it, counts too)."""
-        return await self.controller.counted(app, self.leader_wake(app))
+        ends here without the controller's, or fails before it, counts too), if our
+        proxy asked for it: one served for another replica only (``_serve_wake``) is
+        counted there, by the wake that asked us (:meth:`Controller.counted`)."""
+        return await self.controller.counted(
+            app, self.leader_wake(app), asked=lambda: self.view.asked(app)
+        )
+
+    def _serve_wake(self, app: str) -> None:
+        """Another replica's wake request: the leader wakes at once (or joins the wake
+        under way), not as one asked by our proxy."""
+        if self.leading and app in self.controller.apps:
+            self.view.wake(app, asked=False)
 
     async def _follower_waker(self, app: str) -> str:
         """:meth:`remote_wake`, counted: the wakes our proxy's held requests ask for."""

@@ -348,6 +348,8 @@ class FleetView:
         self._waker: Waker | None = None
         self._closer: Closer | None = None
         self._wakes: dict[str, asyncio.Task[str]] = {}
+        self._asked: set[str] = set()
+        """Apps whose wake under way this process's proxy asked for (:meth:`asked`)."""
         self._on_machines: Callable[[str], None] | None = None
         self._touched: set[str] = set()
 
@@ -412,21 +414,31 @@ class FleetView:
     def can_wake(self) -> bool:
         return self._waker is not None
 
-    def wake(self, app: str) -> asyncio.Task[str]:
-        """Start (or join) the wake of ``app``; await the task through ``asyncio.shield``."""
+    def wake(self, app: str, *, asked: bool = True) -> asyncio.Task[str]:
+        """Start (or join) the wake of ``app``; await the task through ``asyncio.shield``.
+        ``asked=False`` (cluster mode: the leader serving another replica's request): a
+        wake that this process's proxy did not ask for, as :meth:`asked` tells the waker
+        (it is the other replica's to count), until the proxy joins it."""
         task = self._wakes.get(app)
-        if task is not None and not task.done():
-            return task
-        if self._waker is None:
-            raise RuntimeError("no waker: static mode cannot wake machines")
-        task = asyncio.get_running_loop().create_task(self._waker(app), name=f"wake:{app}")
-        self._wakes[app] = task
-        task.add_done_callback(lambda t: self._wake_done(app, t))
+        if task is None or task.done():
+            if self._waker is None:
+                raise RuntimeError("no waker: static mode cannot wake machines")
+            self._asked.discard(app)
+            task = asyncio.get_running_loop().create_task(self._waker(app), name=f"wake:{app}")
+            self._wakes[app] = task
+            task.add_done_callback(lambda t: self._wake_done(app, t))
+        if asked:
+            self._asked.add(app)
         return task
+
+    def asked(self, app: str) -> bool:
+        """This process's proxy asked for the wake of ``app`` under way (:meth:`wake`)."""
+        return app in self._asked
 
     def _wake_done(self, app: str, task: asyncio.Task[str]) -> None:
         if self._wakes.get(app) is task:
             del self._wakes[app]
+            self._asked.discard(app)
         if not task.cancelled():
             task.exception()  # retrieved here so a failed wake is never "never retrieved"
         view = self.apps.get(app)
@@ -437,3 +449,4 @@ class FleetView:
     async def close(self) -> None:
         await cancel_and_wait(list(self._wakes.values()))
         self._wakes.clear()
+        self._asked.clear()

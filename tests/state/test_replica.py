@@ -338,22 +338,71 @@ async def test_followers_route_and_wake_through_the_leader(cluster: list[Replica
     assert api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
 
 
-def wakes(replica: Replica, result: str) -> float | None:
+def wakes(replica: Replica, result: str) -> float:
     sample = replica.metrics.registry.get_sample_value
-    return sample("autoscaler_wakes_total", {"app": APP, "result": result})
+    return sample("autoscaler_wakes_total", {"app": APP, "result": result}) or 0.0
 
 
-async def test_each_replica_counts_the_wakes_asked_of_it(cluster: list[Replica]) -> None:
+def timed_wakes(replicas: list[Replica]) -> float:
+    """The wakes autoscaler_wake_duration_seconds timed, summed over ``replicas``."""
+    return sum(
+        r.metrics.registry.get_sample_value(
+            "autoscaler_wake_duration_seconds_count", {"app": APP, "kind": kind}
+        )
+        or 0.0
+        for r in replicas
+        for kind in ("resume", "start")
+    )
+
+
+async def test_a_wake_counts_on_the_replica_whose_proxy_asked(cluster: list[Replica]) -> None:
     """autoscaler_wakes_total in cluster mode: a follower's wake (asked of the leader
-    through Redis) counts on the follower, the wake the leader made for it on the leader.
-    A follower's wakes never reached the controller's count, so an app whose wakes failed
-    on followers raised no AutoscalerWakeFailed and wrote no wake_failed."""
+    through Redis) counts on the follower only, so a sum over the replicas counts it once;
+    the leader counted the wake it made for it as well. The leader counts it too once its
+    own proxy's held requests join it (two proxies' wakes, one machine: timed once)."""
     leader, follower = await leader_and_follower(cluster)
     wake = follower.view.wake(APP)
     await rounds(cluster, wake.done, 4 * TTL)
     assert wake.result() == "start"
-    assert wakes(follower, "ok") == 1
-    assert wakes(leader, "ok") == 1
+    assert [wakes(r, "ok") for r in (follower, leader)] == [1, 0]
+    assert timed_wakes(cluster) == 1  # by the leader, which made it
+    # Asleep again; the leader's wake for the follower is held at its start.
+    api = leader.controller.api.api
+    assert isinstance(api, FakeMachinesAPI)
+    (mid,) = api.machines[APP]
+    api.set(APP, mid, state="stopped")
+    await leader.controller.tick(APP)
+    await rounds(cluster, lambda: not follower.view.app(APP).routable(), 2 * TTL)
+    api.gates["start_machine"] = booted = asyncio.Event()
+    ours = follower.view.wake(APP)
+    await rounds(cluster, lambda: bool(api.ops("start_machine")[1:]), 4 * TTL)
+    theirs = leader.view.wake(APP)  # the leader's proxy joins the wake under way
+    booted.set()
+    await rounds(cluster, lambda: ours.done() and theirs.done(), 4 * TTL)
+    assert [wakes(r, "ok") for r in (follower, leader)] == [2, 1]
+    assert timed_wakes(cluster) == 2
+
+
+async def test_a_followers_failed_wake_counts_once(redis_server: str, key_prefix: str) -> None:
+    """A wake that no machine can serve fails on the leader that served it and on the
+    follower whose requests wait: counted failed once, on the follower (the
+    AutoscalerWakeFailed alert fires for it)."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    api.broken.add(mid)
+    replicas = [make(redis_server, key_prefix, f"r{i}", api, wake_timeout_s=1.0) for i in (0, 1)]
+    for r in replicas:
+        await r.start(rounds=False)
+    try:
+        leader, follower = await leader_and_follower(replicas)
+        follower.view.app(APP).hold()
+        wake = follower.view.wake(APP)
+        await rounds(replicas, wake.done, 10)
+        assert wake.exception() is not None
+        assert [wakes(r, "failed") for r in (follower, leader)] == [1, 0]
+    finally:
+        for r in replicas:
+            await r.stop()
 
 
 FELL_BACK = [  # a resume's events as the emulator records its fallback to a cold boot
