@@ -493,9 +493,7 @@ class Replica:
             if name in self.controller.apps:
                 last = self._published.get(name)
                 if last is None:  # unchanged since we started: sequence 0
-                    last = self._published[name] = AppFleet(
-                        0, self._machines_of(name), self._critical_of(name), self._how_of(name)
-                    )
+                    last = self._published[name] = self._fleet_of(name, 0)
                 fleet[name] = last
         return fleet
 
@@ -513,20 +511,35 @@ class Replica:
     def _how_of(self, app: str) -> dict[str, str]:
         return {u.id: u.how for u in self.view.app(app).upstreams.values() if u.how is not None}
 
+    def _down_sick_of(self, app: str) -> tuple[str, ...]:
+        rt = self.controller.apps.get(app)
+        return () if rt is None else tuple(sorted(rt.down_sick))
+
+    def _fleet_of(self, app: str, seq: int) -> AppFleet:
+        """The app's view as published, numbered ``seq``."""
+        return AppFleet(
+            seq,
+            self._machines_of(app),
+            self._critical_of(app),
+            self._how_of(app),
+            self._down_sick_of(app),
+        )
+
     def _machines_changed(self, app: str) -> None:
         """The view's listener: number the change, and (leader) push it. A list that
         found the machines as they were (most of them) is no change to the followers."""
-        machines, critical, how = self._machines_of(app), self._critical_of(app), self._how_of(app)
+        fleet = self._fleet_of(app, self._seq + 1)
         last = self._published.get(app)
         if (
             last is not None
-            and last.machines == machines
-            and last.critical == critical
-            and last.how == how
+            and last.machines == fleet.machines
+            and last.critical == fleet.critical
+            and last.how == fleet.how
+            and last.down_sick == fleet.down_sick
         ):
             return
         self._seq += 1
-        self._published[app] = AppFleet(self._seq, machines, critical, how)
+        self._published[app] = fleet
         if self.leading:
             self._dirty.add(app)
             self._push_wanted.set()
@@ -583,6 +596,9 @@ class Replica:
         if applied is not None and version <= applied and not (current and fence != applied[0]):
             return False
         critical = set(fleet.critical)
+        # Fly's list no longer says which stopped machines were sick: a wake of ours (by
+        # ourselves, or once we lead) tries them last as the leader's does (rule 2).
+        self.controller.apps[app].down_sick = set(fleet.down_sick)
         view = self.view.app(app)
         before = {u.id: (u.cordoned, u.state) for u in view.upstreams.values()}
         view.set_machines(

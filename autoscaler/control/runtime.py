@@ -311,7 +311,8 @@ class AppRuntime:
     down_sick: set[str] = field(default_factory=set)
     """Machines that left ``started`` with their checks critical (a sick one drained, or
     stopped by someone): Fly's list forgets the checks of a machine that is not started,
-    so we remember, until it is started again, that wakes should try it last."""
+    so we remember, until it is started again, that wakes should try it last. A cluster
+    follower's is the leader's, as published (``AppFleet.down_sick``)."""
     cooldown: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Machine -> (until, last delay) after a failed action: the tick leaves it alone."""
     restarts: dict[str, Restarts] = field(default_factory=dict)

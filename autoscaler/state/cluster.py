@@ -15,8 +15,11 @@ view per app (``fleet:{app}``: the machines it routes to, with state and cordon;
 ``seq:{app}``: the view's sequence number; ``crit:{app}``: the machines whose Fly health
 checks are critical, which the followers' proxies take out of routing as the leader's
 does; ``how:{app}``: how each machine's current or last start brings it up, ``resume`` or
-``start``, which names the wake a follower's held requests waited for) and its fencing
-token (``fence``), so followers route without reading the Machines API themselves.
+``start``, which names the wake a follower's held requests waited for; ``sick:{app}``:
+the machines that left ``started`` with their Fly checks critical, which Fly's list no
+longer says, so that a follower's own wake, or its wakes once it leads, try them last as
+the leader's do) and its fencing token (``fence``), so followers route without reading the
+Machines API themselves.
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -159,6 +162,10 @@ class AppFleet:
     "start"; machines it is not known of left out): a follower labels the wake its held
     requests waited for by the machine that came up (a resume under way is listed
     ``starting``, as a cold start is)."""
+    down_sick: tuple[str, ...] = ()
+    """The machines that left ``started`` with their Fly checks critical
+    (``AppRuntime.down_sick``): Fly's list forgets the checks of a machine that is not
+    started, so a follower learns from the leader that its wakes should try them last."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,6 +173,7 @@ class AppFleet:
             "machines": self.machines,
             "critical": list(self.critical),
             "how": dict(self.how),
+            "down_sick": list(self.down_sick),
         }
 
     @classmethod
@@ -175,7 +183,13 @@ class AppFleet:
             machines=[list(m) for m in d["machines"]],
             critical=tuple(str(m) for m in d.get("critical") or ()),
             how=_how(d.get("how")),  # None from a previous release's leader
+            down_sick=_ids(d.get("down_sick")),  # None from a previous release's leader
         )
+
+
+def _ids(d: Any) -> tuple[str, ...]:
+    """A published list of machine ids (none if it is not a list)."""
+    return tuple(str(m) for m in d) if isinstance(d, list) else ()
 
 
 def _how(d: Any) -> dict[str, str]:
@@ -273,11 +287,13 @@ class _Seen:
                     crit = data.get(f"crit:{app}")  # None from a previous release's leader
                     critical = tuple(str(m) for m in json.loads(crit)) if crit else ()
                     how = data.get(f"how:{app}")  # None from a previous release's leader
+                    sick = data.get(f"sick:{app}")  # likewise
                     self.fleet[app] = AppFleet(
                         int(seq or 0),
                         json.loads(v),
                         critical,
                         _how(json.loads(how) if how else None),
+                        _ids(json.loads(sick) if sick else None),
                     )
         return frozenset(fleet)
 
@@ -579,12 +595,13 @@ class Cluster:
                 fields[f"seq:{app}"] = str(view.seq)
                 fields[f"crit:{app}"] = json.dumps(list(view.critical))
                 fields[f"how:{app}"] = json.dumps(dict(view.how))
+                fields[f"sick:{app}"] = json.dumps(list(view.down_sick))
         if not full and sent_loads.keys() != loads.keys():
             gone += [f"load:{app}" for app in sent_loads if app not in loads]
         if not full and sent_fleet.keys() != fleet.keys():
             for app in sent_fleet:
                 if app not in fleet:
-                    gone += [f"fleet:{app}", f"seq:{app}", f"crit:{app}", f"how:{app}"]
+                    gone += [f"{f}:{app}" for f in ("fleet", "seq", "crit", "how", "sick")]
         return fields, gone
 
     async def read(self) -> dict[str, Report]:

@@ -14,6 +14,7 @@ from testkit import until
 
 from autoscaler.control.fencing import WAKE_FENCE, Fenced, FencedAPI
 from autoscaler.control.wake import WakeError
+from autoscaler.fly.models import CheckStatus
 from autoscaler.state.claim import WakeClaims
 from state.test_replica import APP, TTL, make, rounds
 
@@ -586,3 +587,40 @@ async def test_a_failed_read_under_the_claim_fails_the_wake_and_frees_the_claim(
         assert api.ops("start_machine") == [first]
     finally:
         await leader.stop()
+
+
+@pytest.mark.parametrize("leads", [False, True], ids=["self-wake", "new leader"])
+async def test_a_follower_wakes_a_machine_the_leader_stopped_sick_last(
+    redis_server: str, key_prefix: str, leads: bool
+) -> None:
+    """The leader stopped a machine whose Fly checks were critical. Fly's list forgets the
+    checks of a machine that is not started, so only the leader knew that a wake should
+    try it last (``AppRuntime.down_sick``): a follower that woke the app by itself (no
+    leader served it), or that took the lease, started that machine again (first by its
+    id), and its requests went to a machine known sick. The leader publishes which ones."""
+    api = FakeMachinesAPI()
+    sick = api.add(APP, "started")  # m01: the wake's choice between equals
+    well = api.add(APP, "stopped")
+    api.set(APP, sick, checks=[CheckStatus(name="healthz", status="critical")])
+    leader = make(redis_server, key_prefix, "l", api)
+    follower = make(redis_server, key_prefix, "f", api, self_wake_after_s=0.05, lead=leads)
+    for r in (leader, follower):
+        await r.start(rounds=False)
+    try:
+        await rounds([leader, follower], lambda: leader.leading, 2 * TTL)
+        await leader.controller.tick(APP)  # idle, and sick: drained and stopped
+        await until(lambda: api.get(APP, sick).state == "stopped", what="the sick one stopped")
+        await leader.controller.tick(APP)  # lists it stopped
+        for _ in range(2):  # the follower reads what the leader published
+            for r in (leader, follower):
+                await r.round()
+        await leader.stop()  # gone: nobody serves the follower's wake
+        if leads:
+            await rounds([follower], lambda: follower.leading, 4 * TTL)
+        follower.view.app(APP).hold()
+        assert await asyncio.wait_for(follower.view.wake(APP), 10) == "start"
+        assert api.ops("start_machine") == [well]
+        assert follower.self_wakes == (0 if leads else 1)
+    finally:
+        for r in (leader, follower):
+            await r.stop()
