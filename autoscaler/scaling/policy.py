@@ -440,6 +440,7 @@ def decide(
         )
     if g.sick:  # not up, so not in the counts that follow: say which and why
         why.append(_sick_why(g.sick, count.desired > up))
+    hung_at = len(why)  # the hung ones too, once the plan says what becomes of them
     why.extend(count.why)
     if phase.why:
         why.append(phase.why)
@@ -453,6 +454,8 @@ def decide(
     planned = idle and keepalive.plan is not None
     lifetime = 0.0 if planned and policy.keep_alive == "adaptive" else policy.min_lifetime_s
     actions = _plan(g, count, policy, now, in_panic, why, lifetime)
+    if g.hung:
+        why.insert(hung_at, _hung_why(g.hung, actions))
     if phase.prewarm:
         # The controller carries a pre-warm out as any wake; the reason says what it is.
         actions = [
@@ -573,8 +576,7 @@ def _plan(
         if m.id in touched or m.busy:
             continue
         if m.unreachable:
-            why.append(f"hung {m.id} waits for its host (unreachable)")
-            continue
+            continue  # named in the reason line (_hung_why)
         reason = (
             "hung: out of routing for timeouts or resets (its probe failed too, or it timed"
             " out with no other machine to route to)"
@@ -639,6 +641,26 @@ def _sick_why(sick: list[MachineSnapshot], replaced: bool) -> str:
     if replaced:
         return f"replace sick {ids} (Fly's checks critical)"
     return f"sick {ids} not counted (Fly's checks critical)"
+
+
+def _hung_why(hung: list[MachineSnapshot], actions: Iterable[Action]) -> str:
+    """The hung machines, which the counts leave out (not up), and what becomes of each:
+    restarted or stopped this tick, a restart of ours under way, waiting for its host;
+    else (an action's cooldown, one of ours under way) just not counted."""
+    doing = {a.machine_id: a.kind for a in actions}
+    phrases: dict[str, list[str]] = {}
+    for m in hung:
+        kind = doing.get(m.id)
+        if kind is not None:
+            phrase = f"{kind} hung {{}} (timeouts or resets)"
+        elif m.pending == "restart":
+            phrase = "hung {} restarting"
+        elif m.unreachable:
+            phrase = "hung {} waits for its host (unreachable)"
+        else:
+            phrase = "hung {} not counted (timeouts or resets)"
+        phrases.setdefault(phrase, []).append(m.id)
+    return "; ".join(phrase.format(" ".join(ids)) for phrase, ids in phrases.items())
 
 
 def _summary(actions: Iterable[Action]) -> str:

@@ -856,6 +856,45 @@ def test_the_reason_names_a_sick_machine_it_does_not_count(
     assert d.reason == says
 
 
+@pytest.mark.parametrize(
+    ("max_machines", "machines", "says"),
+    [
+        # Its one started machine hangs: the app "scales up 0->1" by restarting it.
+        (
+            3,
+            [m("h", hung=True)],
+            "normal: restart hung h (timeouts or resets); scale up 0->1 on 60s avg 2.0; restart h",
+        ),
+        # Its restart under way, a spare is started meanwhile.
+        (
+            3,
+            [m("h", hung=True, busy=True, pending="restart"), m("s", "stopped")],
+            "normal: hung h restarting; scale up 0->1 on 60s avg 2.0; start s",
+        ),
+        # At the cap, the spare replaces it and it is stopped.
+        (
+            1,
+            [m("h", hung=True), m("s", "suspended")],
+            "normal: stop hung h (timeouts or resets); scale up 0->1 on 60s avg 2.0; "
+            "resume s, stop h",
+        ),
+        (
+            3,
+            [m("h", hung=True, unreachable=True), m("ok")],
+            "normal: hung h waits for its host (unreachable); steady at 1 (60s avg 2.0)",
+        ),
+    ],
+)
+def test_the_reason_names_a_hung_machine_and_its_restart(
+    max_machines: int, machines: list[MachineSnapshot], says: str
+) -> None:
+    """Before, "scale up 0->1" while /status listed one machine started, and a restart
+    under way was not named at all."""
+    app = cfg(panic_threshold=CALM, target_concurrency=10, max_machines=max_machines)
+    d = run(app, fleet(*machines), load(2.0, 100, app=app), 100)
+    assert d.reason == says
+
+
 @pytest.mark.parametrize("panic", [False, True])
 @pytest.mark.parametrize("max_machines", [1, 3])
 def test_a_sick_machines_replacement_exceeds_max_machines_only_until_it_serves(
