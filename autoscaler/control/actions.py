@@ -639,9 +639,10 @@ class Actuator:
                 await self.sleep(PROBE_INTERVAL_S)
 
     def _readdress(self, rt: AppRuntime, mid: str, machine: Machine) -> tuple[str, int]:
-        """Take the address, port and version of ``machine`` as the API gives them now
-        (the rest of our record stands: a cordon of ours lifted ahead of the API stays
-        lifted); the view routes there from the next publish."""
+        """Take the address, port, version and what its config says of a suspend of
+        ``machine`` as the API gives them now (the rest of our record stands: a cordon of
+        ours lifted ahead of the API stays lifted); the view routes there from the next
+        publish."""
         current = rt.machines[mid]
         before = rt.address(current)
         got = MachineRecord.of(machine)
@@ -650,6 +651,7 @@ class Actuator:
             private_ip=got.private_ip or current.private_ip,
             internal_port=got.internal_port,
             instance_id=got.instance_id or current.instance_id,
+            unsuspendable=got.unsuspendable,
         )
         after = rt.address(record)
         if after != before:
@@ -778,10 +780,16 @@ class Actuator:
         app = rt.name
         machine = rt.machines[mid]
         version = machine.instance_id
-        if how == "suspend" and version is not None and rt.suspend_refused.get(mid) == version:
-            # This version's suspend was refused before (runtime.py, suspend_refused).
-            _log.info("suspend_skipped", app=app, machine=mid, version=version)
-            how = "stop"
+        if how == "suspend":
+            # Fly will not suspend this machine: its config says so (swap, a schedule, a
+            # GPU), or it refused this version before for a reason the config does not
+            # show (runtime.py, suspend_refused). Stopped without asking.
+            why = machine.unsuspendable
+            if why is None and version is not None and rt.suspend_refused.get(mid) == version:
+                why = "refused before for this version"
+            if why is not None:
+                _log.info("suspend_skipped", app=app, machine=mid, version=version, reason=why)
+                how = "stop"
         call = True
         if how == "suspend":
             try:
@@ -790,17 +798,18 @@ class Actuator:
                 self.count(rt, "suspend", False)
                 raise
             except (BadRequest, Conflict) as exc:
-                # Fly does not suspend every machine (swap, a schedule, a GPU): stop then.
-                # A 400 or 422 is the machine's config, which retrying will not change:
-                # remembered for this version. A 412 is a state: maybe a suspend or
-                # stop already under way (another party's), waited for as it is, since a
-                # stop of a suspending machine would throw its snapshot away.
-                self.count(rt, "suspend", False)
+                # A refusal the config did not predict. A 400 or 422 is the machine's
+                # config, which retrying will not change: remembered for this version. A
+                # 412 is a state: maybe a suspend or stop already under way (another
+                # party's), waited for as it is, since a stop of a suspending machine
+                # would throw its snapshot away; that wait's outcome is the one count of
+                # the action (our refused call is no failure of it).
                 going = None if isinstance(exc, BadRequest) else await self._going_down(app, mid)
                 if going is not None:
                     _log.info("suspend_under_way", app=app, machine=mid, going=going)
                     how, call = going, False
                 else:
+                    self.count(rt, "suspend", False)
                     _log.warning("suspend_refused", app=app, machine=mid, error=str(exc))
                     if isinstance(exc, BadRequest) and version is not None:
                         rt.suspend_refused[mid] = version

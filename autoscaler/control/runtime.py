@@ -101,6 +101,10 @@ class MachineRecord:
     mark_until: float | None = None
     """Our key's value says no cordon request of the drain that wrote it can land after
     this Unix time (:func:`mark_value`); None: it does not say (an older version's key)."""
+    unsuspendable: str | None = None
+    """Why Fly will not suspend the machine, as its listed config says (swap, a schedule,
+    a GPU: :meth:`MachineConfig.suspend_refusal`): its drains stop it without asking for
+    a suspend. None when the config says nothing against it (or was not listed)."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -136,6 +140,7 @@ class MachineRecord:
             start is not None and start[1],
             machine.last_boot() if start is None else "resume" if start[1] else "start",
             mark_until(meta.get(CORDON_METADATA_KEY)) if meta is not None else None,
+            config.suspend_refusal() if config is not None else None,
         )
 
 
@@ -323,9 +328,10 @@ class AppRuntime:
     """Machine -> (seen, busy until): an action found it leased by another holder."""
     suspend_refused: dict[str, str] = field(default_factory=dict)
     """Machine -> the version (``instance_id``) whose suspend the API refused with a 400
-    or 422 (a config Fly will not suspend: swap, a schedule, a GPU): its scale-downs stop
-    it without asking again. Forgotten when a list shows another version (a deploy may
-    have made it suspendable) or no such machine."""
+    or 422 (a config Fly will not suspend for a reason the listed config does not show:
+    :attr:`MachineRecord.unsuspendable` covers swap, a schedule, a GPU): its scale-downs
+    stop it without asking again. Forgotten when a list shows another version (a deploy
+    may have made it suspendable) or no such machine, and with the process."""
     read_once: bool = False
     cordon_listed: bool = True
     """The last list said of every machine whether it is cordoned (the real API may leave

@@ -41,6 +41,7 @@ from autoscaler.emulator.procs import (
     spawn,
     wait_listening,
 )
+from autoscaler.fly.models import suspend_refusal as fly_suspend_refusal
 from autoscaler.logs import get_logger
 
 DEMO_IMAGE = "autoscaler/demo-app"
@@ -66,22 +67,16 @@ class SuspendRefused(Exception):
 
 
 def suspend_refusal(config: dict[str, Any]) -> str | None:
-    """Why Fly would refuse to suspend a machine of this config; None when it would not.
-
-    Fly's suspend-resume page: suspend works for machines with no swap, no schedule and
-    no GPU. It also names 2 GB of memory or less, but "larger is possible but
-    discouraged" (longer suspends), so a large machine is suspended."""
+    """Why Fly would refuse to suspend a machine of this config; None when it would not
+    (the rule: ``autoscaler.fly.models.suspend_refusal``)."""
     init = config.get("init") or {}
     guest = config.get("guest") or {}
-    if init.get("swap_size_mb"):
-        return f"swap is configured (config.init.swap_size_mb: {init['swap_size_mb']})"
-    if config.get("schedule"):
-        return f"it runs on a schedule (config.schedule: {config['schedule']})"
-    if guest.get("gpus"):
-        return f"it has a GPU (config.guest.gpus: {guest['gpus']})"
-    if guest.get("gpu_kind"):
-        return f"it has a GPU (config.guest.gpu_kind: {guest['gpu_kind']})"
-    return None
+    return fly_suspend_refusal(
+        swap_size_mb=init.get("swap_size_mb"),
+        schedule=config.get("schedule"),
+        gpus=guest.get("gpus"),
+        gpu_kind=guest.get("gpu_kind"),
+    )
 
 
 class HostUnreachable(Exception):

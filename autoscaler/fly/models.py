@@ -164,6 +164,8 @@ class MachineGuest(_Lenient):
     cpus: int | None = None
     memory_mb: int | None = None
     cpu_kind: str | None = None  # shared | performance (real adds more)
+    gpus: int | None = None  # real API only, as gpu_kind
+    gpu_kind: str | None = None
 
 
 class MachinePort(_Lenient):
@@ -214,6 +216,7 @@ class MachineInit(_Lenient):
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
     tty: bool | None = None
+    swap_size_mb: int | None = None  # real API only
 
 
 def _restart_policy(value: object) -> object:
@@ -223,6 +226,26 @@ def _restart_policy(value: object) -> object:
 
 class MachineRestart(_Lenient):
     policy: Annotated[str | None, BeforeValidator(_restart_policy)] = None
+
+
+def suspend_refusal(
+    *, swap_size_mb: object, schedule: object, gpus: object, gpu_kind: object
+) -> str | None:
+    """Why Fly refuses to suspend a machine whose config has these values; None when it
+    does not. Fly's suspend-resume page: suspend works for machines with no swap, no
+    schedule and no GPU. It also names 2 GB of memory or less, but "larger is possible
+    but discouraged" (longer suspends), so a large machine is suspended. The one rule for
+    the controller, which reads it off a listed machine (no refused call), and the
+    emulator, which plays Fly's refusal (HTTP 400)."""
+    if swap_size_mb:
+        return f"swap is configured (config.init.swap_size_mb: {swap_size_mb})"
+    if schedule:
+        return f"it runs on a schedule (config.schedule: {schedule})"
+    if gpus:
+        return f"it has a GPU (config.guest.gpus: {gpus})"
+    if gpu_kind:
+        return f"it has a GPU (config.guest.gpu_kind: {gpu_kind})"
+    return None
 
 
 class MachineConfig(_Lenient):
@@ -237,6 +260,15 @@ class MachineConfig(_Lenient):
     schedule: str | None = None
     auto_destroy: bool | None = None
     metadata: dict[str, str] | None = None
+
+    def suspend_refusal(self) -> str | None:
+        """Why Fly refuses to suspend a machine of this config (:func:`suspend_refusal`)."""
+        return suspend_refusal(
+            swap_size_mb=self.init.swap_size_mb if self.init is not None else None,
+            schedule=self.schedule,
+            gpus=self.guest.gpus if self.guest is not None else None,
+            gpu_kind=self.guest.gpu_kind if self.guest is not None else None,
+        )
 
 
 class CheckStatus(_Lenient):

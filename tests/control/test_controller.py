@@ -2500,12 +2500,49 @@ async def test_a_suspend_refused_for_the_machines_config_is_not_asked_again_for_
     assert len(api.ops("suspend_machine")) == 3
 
 
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"init": m.MachineInit(swap_size_mb=512)}, "swap"),
+        ({"schedule": "hourly"}, "schedule"),
+        ({"guest": m.MachineGuest(cpus=1, gpus=1)}, "GPU"),
+        ({"guest": m.MachineGuest(gpu_kind="a100-pcie-40gb")}, "GPU"),
+    ],
+)
+async def test_a_machine_whose_config_fly_will_not_suspend_is_stopped_without_asking(
+    api: FakeMachinesAPI, clock: FakeClock, config: dict[str, Any], says: str
+) -> None:
+    """Fly refuses to suspend a machine with swap, a schedule or a GPU, and the list shows
+    the config: the first scale-down of a fresh process stops it at once. Before, it
+    asked, was refused (a 400, or a 412 that the refusal memory never took), and only
+    then stopped; the memory of it died with the process."""
+    mid = api.add(APP, "started")
+    machine = api.get(APP, mid)
+    assert machine.config is not None
+    api.set(APP, mid, config=machine.config.model_copy(update=config))
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    await rig.tick()
+    await clock.advance(6)
+    with capture_logs() as logs:
+        [action] = (await rig.tick()).actions
+        assert action.kind == "drain"
+        await rig.ctl.idle()
+    assert state(api, mid) == "stopped"
+    assert api.ops("suspend_machine") == []
+    [skipped] = [e for e in logs if e["event"] == "suspend_skipped"]
+    assert says in skipped["reason"]
+    assert rig.metric("autoscaler_scaling_actions_total", action="suspend", result="error") == 0
+    assert rig.metric("autoscaler_scaling_actions_total", action="stop", result="ok") == 1
+    assert_uncordoned(api, mid)
+
+
 async def test_a_suspend_refused_because_the_machine_is_already_suspending_is_not_a_stop(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
     """Another party suspends the machine while our suspend is on its way: Fly answers
     412, and the drain waits for that suspend rather than stopping the machine, which
-    would throw its snapshot away."""
+    would throw its snapshot away. It counts once, as a suspend done (before: a failed
+    suspend, then a suspend done)."""
     mid = api.add(APP, "started")
     rig = Rig(api, clock, idle_to_zero_s=5)
     await rig.tick()
@@ -2521,4 +2558,6 @@ async def test_a_suspend_refused_because_the_machine_is_already_suspending_is_no
     assert api.ops("stop_machine") == []
     assert state(api, mid) == "suspended"
     assert [e["event"] for e in logs if e.get("machine") == mid].count("suspend_refused") == 0
+    assert rig.metric("autoscaler_scaling_actions_total", action="suspend", result="error") == 0
+    assert rig.metric("autoscaler_scaling_actions_total", action="suspend", result="ok") == 1
     assert_uncordoned(api, mid)
