@@ -112,6 +112,9 @@ Probe = Callable[[str, int], Awaitable[bool]]
 STATE_WAIT_S = 120.0  # suspending a large machine can take well over 15 s
 BOOT_WAIT_MIN_S = 60.0  # a cold boot may outlast the wake timeout; the machine still counts
 PROBE_INTERVAL_S = 0.05
+LAST_BOOT_READ_S = 10.0
+"""How long the read of a resumed machine's events (did it fall back to a cold boot?) may
+take; it goes on after the machine routes (``Actuator._read_late``)."""
 REREAD_AFTER_S = 1.0
 """A started machine whose port stays shut this long is read again, once: a deploy may
 have moved it (a new ``internal_port``) since our last list."""
@@ -164,6 +167,8 @@ class Actuator:
         self.leases = leases or Leases(api, sleep=sleep)
         self.held: dict[tuple[str, str], Held] = {}
         """(app, machine) -> our lease, while a task of ours works on the machine."""
+        self.reading: set[asyncio.Task[str | None]] = set()
+        """Reads of a machine's events that its start did not wait for (``_read_late``)."""
         self.cordoning: dict[tuple[str, str], asyncio.Task[None]] = {}
         """(app, machine) -> our key-then-cordon requests, while they are under way."""
         self.cordon_unsure: dict[tuple[str, str], float] = {}
@@ -459,9 +464,9 @@ class Actuator:
 
     async def settled(self) -> None:
         """Wait for what outlives an action task: cordon requests of drains taken back,
-        and lease releases."""
-        while self.cordoning:
-            await asyncio.wait(set(self.cordoning.values()))
+        reads of machines' events, and lease releases."""
+        while self.cordoning or self.reading:
+            await asyncio.wait({*self.cordoning.values(), *self.reading})
         await self.leases.settled()
 
     async def aclose(self, timeout_s: float | None = None, *, cut: bool = True) -> None:
@@ -474,15 +479,18 @@ class Actuator:
         in the next ``CORDON_UNSURE_S``, so the next leader, which cannot know of it,
         kept every machine that it found with our key and no cordon out of its drains
         for that long; answered, it leaves the machine cordoned with our key (or not
-        cordoned at all), which the next leader finishes or undoes at once."""
+        cordoned at all), which the next leader finishes or undoes at once. Reads of
+        machines' events that their starts did not wait for (``_read_late``) are cut too,
+        or let answer likewise."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        if not cut and self.cordoning:
+        if not cut and (self.cordoning or self.reading):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
-                    while self.cordoning:
-                        await asyncio.wait(set(self.cordoning.values()))
-        await cancel_and_wait(list(self.cordoning.values()))  # each one's entry goes with it
+                    while self.cordoning or self.reading:
+                        await asyncio.wait({*self.cordoning.values(), *self.reading})
+        # Each one's entry goes with it.
+        await cancel_and_wait([*self.cordoning.values(), *self.reading])
         left = None if deadline is None else max(0.0, deadline - loop.time())
         await self.leases.aclose(left, cut=cut)
 
@@ -588,11 +596,12 @@ class Actuator:
             if told is not None and told.done():
                 # Routing never waits for the label: a cold boot's port answers long after
                 # the read does, while a resumed machine's port, answering at once, may beat
-                # it (then it is named a resume, which it nearly always is).
+                # it (then it is named a resume, which it nearly always is, until the read
+                # answers: ``_read_late``).
                 how = told.result() or kind
         finally:
-            if told is not None:
-                await cancel_and_wait([told])
+            if told is not None and not told.done():
+                self._read_late(rt, mid, kind, told)
         self.count(rt, kind, True)
         view = self.view.app(app)
         if how != kind and view.waking == kind:
@@ -604,11 +613,37 @@ class Actuator:
 
     async def _last_boot(self, app: str, mid: str) -> str | None:
         """How the start of ``mid`` just done brought it up, as its events say
-        (:meth:`Machine.last_boot`); None when they do not say, or the read failed."""
+        (:meth:`Machine.last_boot`); None when they do not say, or the read failed or
+        took over ``LAST_BOOT_READ_S``."""
         try:
-            return (await self.api.get_machine(app, mid)).last_boot()
-        except FlyError:
+            async with asyncio.timeout(LAST_BOOT_READ_S):
+                return (await self.api.get_machine(app, mid)).last_boot()
+        except (FlyError, TimeoutError):
             return None
+
+    def _read_late(
+        self, rt: AppRuntime, mid: str, kind: TaskKind, told: asyncio.Task[str | None]
+    ) -> None:
+        """Let the read of a machine's events that its start did not wait for finish on
+        its own (within ``LAST_BOOT_READ_S``): cancelled mid-answer, the client's
+        connection would be closed, not pooled (httpx), and the next call would pay a
+        new one. Its answer then names the start in our record, if the machine is still
+        up from it as we recorded it (``bring_up``'s ``how``, not yet corrected)."""
+        self.reading.add(told)
+
+        def done(task: asyncio.Task[str | None]) -> None:
+            self.reading.discard(task)
+            if task.cancelled():
+                return  # the process stops (``aclose``)
+            how = task.result()
+            record = rt.machines.get(mid)
+            if how is None or record is None or record.state != STARTED or record.how != kind:
+                return
+            if how != kind:
+                rt.machines[mid] = replace(record, how=how)
+                self.publish(rt)
+
+        told.add_done_callback(done)
 
     async def _reach(self, rt: AppRuntime, mid: str, kind: TaskKind, deadline: float) -> None:
         """Wait for the port of ``mid``, started, to answer."""

@@ -365,6 +365,27 @@ async def test_a_resume_routes_without_waiting_for_the_read_of_its_events(
         await task
 
 
+async def test_the_read_of_a_resumed_machine_s_events_is_not_cut_when_it_routes(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The read that the routing did not wait for was cancelled once the machine routed,
+    and httpx closes a connection whose answer is cancelled mid-read: the API's pooled
+    connection was lost on nearly every resume. The read now ends on its own, and its
+    answer names the start: this one fell back to a cold boot."""
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    api.gates["get_machine"] = read = asyncio.Event()  # the read of its events hangs
+    assert await rig.ctl.wake(APP) == "resume"  # routed before the read answered
+    assert rig.routable() == {mid}
+    assert api.ops("get_machine") == [mid]  # sent, and unanswered
+    cold = {"type": "launch", "status": "started", "timestamp": (EPOCH + clock()) * 1000}
+    api.set(APP, mid, events=[{**cold, "request": {"resume": False}}])
+    read.set()
+    await rig.ctl.idle()
+    assert rig.ctl.apps[APP].machines[mid].how == "start"
+    assert rig.app.upstreams[mid].how == "start"
+
+
 async def test_api_errors_back_off_and_the_next_tick_reads_again(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
