@@ -329,7 +329,7 @@ class Lifecycle:
         self.record(m, "suspending", "suspend")
         if mp is not None:
             # Frozen at once, as Fly pauses the VM while it copies the memory out.
-            mp.signal(signal.SIGSTOP)
+            mp.freeze()
         duration = self.draw(self.timing.suspend_s)
         if duration > 0:
             self._run(m, self._suspend(m, duration))
@@ -423,7 +423,7 @@ class Lifecycle:
     def _thaw(self, mid: str) -> None:
         m, mp = self._find(mid), self.procs.get(mid)
         if m is not None and mp is not None and m.state == "started":
-            mp.signal(signal.SIGCONT)  # a suspending or suspended one stays frozen
+            mp.thaw()  # a suspending or suspended one stays frozen
 
     def _now_started(self, m: Machine) -> None:
         """After every start: the hang and lost-host rates, and a hang kept through a
@@ -472,7 +472,7 @@ class Lifecycle:
             return
         self._snapshots.pop(m.id, None)
         if m.id not in self.faults.hung:
-            mp.signal(signal.SIGCONT)
+            mp.thaw()
         self.record(m, "started", "start", source="flyd", request=request)
         self._now_started(m)
 

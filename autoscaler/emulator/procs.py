@@ -8,8 +8,10 @@ the machine forks: when the machine's process ends, or the emulator does, even S
 it kills every process the machine started, those that left its process group too.
 Elsewhere the machine's process itself only checks that the emulator is still there.
 The machine's process leads its process group; the emulator signals that group (a stop,
-a suspend's SIGSTOP), never the supervisor. ``Reaper`` keeps every live process group and
-an ``atexit`` hook kills what is left if the event loop never got to clean up.
+a suspend's SIGSTOP), never the supervisor, and a suspend also stops each process below
+the supervisor that left the group (``MachineProcess.freeze``). ``Reaper`` keeps every
+live process group and an ``atexit`` hook kills what is left if the event loop never got
+to clean up.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ PARENT_ENV = "AUTOSCALER_EMULATOR_PARENT"  # set on every machine: the emulator'
 SESSION_ENV = "AUTOSCALER_EMULATOR_SESSION"  # passed through to machines when set
 OUTPUT_LINES = 200  # tail of a machine's output kept for diagnostics
 SUPERVISOR = str(Path(__file__).with_name("supervisor.py"))
+# Looks for processes that left a machine's group when freezing it: each finds those the
+# last one's processes forked before they stopped; a fork bomb is not chased for ever.
+_FREEZE_ROUNDS = 20
 
 
 class Reaper:
@@ -101,6 +106,37 @@ class MachineProcess:
 
     def signal(self, sig: int) -> bool:
         return kill_group(self.pid, sig)
+
+    def _strays(self) -> list[int]:
+        """The processes below the supervisor, those that left the machine's group (a
+        daemon's ``setsid``) among them; none without a supervisor (not Linux), or once
+        it has ended (its pid may be another process's by then)."""
+        if self.proc.pid == self.pid or self.proc.returncode is not None:
+            return []
+        return descendants(self.proc.pid)
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole machine, as Fly pauses the whole VM: its process group, and
+        each process that left it, which the group's SIGSTOP missed (it ran on through a
+        suspend). Looked for again until a look finds none it has not stopped yet: one
+        forked meanwhile by a process not yet stopped is stopped too."""
+        self.signal(signal.SIGSTOP)
+        stopped: set[int] = set()
+        for _ in range(_FREEZE_ROUNDS):
+            new = [pid for pid in self._strays() if pid not in stopped]
+            if not new:
+                return
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped.update(new)
+
+    def thaw(self) -> None:
+        """SIGCONT what :meth:`freeze` stopped: the group and every process that left it."""
+        self.signal(signal.SIGCONT)
+        for pid in self._strays():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGCONT)
 
     async def wait(self) -> int:
         code = await self.proc.wait()
@@ -266,6 +302,31 @@ class AddressPool:
 
 class NoAddress(Exception):
     """No loopback address is free for a machine's port."""
+
+
+def descendants(root: int) -> list[int]:
+    """The live processes below ``root`` (its children, theirs, ...), parents first, read
+    from /proc (Linux; none elsewhere). Zombies are left out: they run nothing."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    stat = fh.read()
+                fields = stat[stat.rindex(b")") + 2 :].split()
+                if fields[0] != b"Z":
+                    children.setdefault(int(fields[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue  # it ended while we looked
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(0), ()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -436,12 +436,13 @@ def _proc_state(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
-async def test_a_suspend_freezes_the_machines_group_and_a_stop_ends_all_it_forked(
+async def test_a_suspend_freezes_all_the_machine_forked_and_a_stop_ends_it(
     tmp_path: Path,
 ) -> None:
-    """A suspend freezes the machine's process group, what the machine forked in it too,
-    and a resume thaws them; a stop ends every process the machine started. One that had
-    left the machine's process group (a daemon's setsid) outlived the stop."""
+    """A suspend freezes every process of the machine, as Fly pauses the whole VM: its
+    process group, and one that left the group (a daemon's setsid), which the group's
+    SIGSTOP missed (it ran on through the suspend); a resume thaws them all, and a stop
+    ends every process the machine started (one that had left the group outlived it)."""
     command, out = _forker_image(tmp_path)
     settings = EmulatorSettings(rate_limits=False, images={"me/forker": command})
     async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
@@ -453,7 +454,7 @@ async def test_a_suspend_freezes_the_machines_group_and_a_stop_ends_all_it_forke
             assert (await s.post(f"{url}/suspend")).status == 200
             await wait_ok(s, "demo", m["id"], "suspended")
             # A SIGSTOP takes effect when the kernel next runs the process: wait for "T".
-            frozen = (machine, in_group)
+            frozen = (machine, in_group, escaped)
             await until(lambda: {_proc_state(p) for p in frozen} == {"T"}, 5, "frozen")
             assert (await s.post(f"{url}/start")).status == 200
             await wait_ok(s, "demo", m["id"])
