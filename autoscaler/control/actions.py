@@ -583,6 +583,11 @@ class Actuator:
             if reached.state == FAILED:
                 rt.record(mid, self.clock(), state=FAILED)
                 raise BootFailed(f"machine {mid} failed to boot")
+        # Fly bills it from here, by the second it is started, whatever its app does; our
+        # record says starting (not routed) until its port answers, which can be seconds
+        # later (an app's own start-up: docs/emulator.md, timing.listen_s).
+        if (machine := rt.machines.get(mid)) is not None:
+            rt.billing.reached(mid, machine.state, STARTED, self.clock())
         told: asyncio.Task[str | None] | None = None
         if kind == "resume":
             # Resumed, or fell back to a cold boot (an unusable snapshot)? The machine's

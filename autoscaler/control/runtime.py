@@ -236,9 +236,23 @@ class MachineTime:
     """Machine -> the time up to which its state is billed."""
     owed: dict[str, float] = field(default_factory=dict)
     """State -> seconds billed and not yet taken."""
+    ahead: dict[str, str] = field(default_factory=dict)
+    """Machine -> the state Fly has it in while our record still says the one before (a
+    start of ours is ``started`` on Fly from its /wait, ``starting`` in our record until
+    its port answers): billed in the former until the record next changes."""
+
+    def reached(self, machine_id: str, old_state: str, state: str, at: float) -> None:
+        """Fly says ``machine_id`` went from ``old_state`` to ``state`` at ``at``, ahead of
+        our record: billed so from then, though the record changes later."""
+        self.change(machine_id, old_state, at)
+        if machine_id in self.since:
+            self.ahead[machine_id] = state
 
     def change(self, machine_id: str, old_state: str, at: float) -> None:
         """``machine_id`` left ``old_state`` at ``at``: that state is billed up to then."""
+        self._bill(machine_id, self.ahead.pop(machine_id, old_state), at)
+
+    def _bill(self, machine_id: str, old_state: str, at: float) -> None:
         start = self.since.get(machine_id)
         if start is None:
             if self.on:
@@ -258,6 +272,7 @@ class MachineTime:
         """A machine left ``old_state`` for good at ``at`` (destroyed)."""
         self.change(machine_id, old_state, at)
         self.since.pop(machine_id, None)
+        self.ahead.pop(machine_id, None)
 
     def take(self, machines: Iterable[MachineRecord], now: float) -> dict[str, float]:
         """Bill every machine in its state up to ``now``: the seconds by state billed since
@@ -268,7 +283,7 @@ class MachineTime:
             self.owed = {}
             return {}
         for machine in machines:
-            self.change(machine.id, machine.state, now)
+            self._bill(machine.id, self.ahead.get(machine.id, machine.state), now)
         owed, self.owed = self.owed, {}
         return owed
 
@@ -276,6 +291,7 @@ class MachineTime:
         self.on = False
         self.since.clear()
         self.owed.clear()
+        self.ahead.clear()
 
 
 @dataclass(slots=True)

@@ -1509,6 +1509,30 @@ async def test_machine_seconds_follow_our_changes_between_ticks(
     assert _billed(rig) == {"started": 10, "suspended": 57}
 
 
+async def test_a_start_of_ours_is_billed_from_fly_s_started_not_from_its_port(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Fly bills a machine by the second from ``started`` (its /wait answers so), whatever
+    its app does meanwhile: one whose port answers 5 s later is billed started for those
+    5 s too. They were billed as ``starting`` (not billed at all), our record's state
+    until the port answers."""
+    api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    await rig.tick()
+    rig.port_open = False
+    woken = clock.now
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()  # started at once on the fake, and its /wait answered: probing
+    await clock.advance(5)
+    assert not task.done()
+    rig.port_open = True
+    await clock.advance(0.1)
+    assert await task == "start"
+    await clock.advance(10)
+    await rig.tick()
+    assert _billed(rig) == {"started": pytest.approx(clock.now - woken), "suspended": 0}
+
+
 async def test_a_change_only_a_list_shows_is_billed_from_halfway(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
