@@ -11,6 +11,7 @@ by someone else answers such calls 409 without it). Sending, retrying and mappin
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ValidationError
 
 from autoscaler.fly import models as m
-from autoscaler.fly.errors import FlyError, NotFound, WaitTimeout
+from autoscaler.fly.errors import Conflict, FlyError, NotFound, WaitTimeout, error_from_response
 from autoscaler.fly.limits import Clock, Sleep
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -178,6 +179,7 @@ class Operations:
     org_slug: str
     _clock: Clock
     _sleep: Sleep
+    _secrets: tuple[str, ...] = ()  # scrubbed from any text of an answer put in an error
 
     async def _send(self, call: Call) -> Any:
         raise NotImplementedError
@@ -297,6 +299,19 @@ class Operations:
         )
         # The seed answers with no body, the real API with {"previous_state": ...}.
         body = payload if isinstance(payload, dict) else {}
+        if body.get("status") == "error":
+            # A 200 that refuses the start: fly-go's MachineStartResponse has `status` and
+            # `message`, and flyctl takes status "error" for a start that failed
+            # (docs/fly-api-notes.md). A refusal as a 412's is (a machine that cannot be
+            # started from where it is), its message scrubbed as an error body's is.
+            said = error_from_response(
+                200,
+                json.dumps(body).encode(),
+                {},
+                operation="start_machine",
+                secrets=self._secrets,
+            )
+            raise Conflict(200, said.message, code=said.code, operation="start_machine")
         return parse(m.StartResult, body, "start_machine")
 
     async def stop_machine(

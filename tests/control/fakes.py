@@ -92,6 +92,9 @@ class FakeMachinesAPI:
     lapsed_refresh_renews: bool = False
     """True: a refresh of a lease that lapsed takes a new one, under a new nonce, as the
     emulator does (Fly does not say); False: 404."""
+    started_start_ok: bool = False
+    """True: a start of a started machine answers ``{"previous_state": "started"}``;
+    False: 412, as the emulator answers (Fly does not say: docs/fly-api-notes.md)."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -191,6 +194,8 @@ class FakeMachinesAPI:
     ) -> m.StartResult:
         await self._enter("start_machine", machine_id, nonce=lease_nonce, app=app)
         machine = self.get(app, machine_id)
+        if machine.state == "started" and self.started_start_ok:
+            return m.StartResult(previous_state="started")
         # Fly starts a failed machine again, and takes back a suspend under way.
         if machine.state not in ("stopped", "suspended", "created", "failed", "suspending"):
             raise Conflict(412, f"cannot start a {machine.state} machine")

@@ -606,6 +606,25 @@ async def test_wake_tries_the_next_machine_when_one_fails_to_start(
     assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
 
 
+@pytest.mark.parametrize("ok", [False, True], ids=["412", "200"])
+async def test_a_wake_whose_machine_someone_else_started_routes_it_whatever_fly_answers(
+    api: FakeMachinesAPI, clock: FakeClock, ok: bool
+) -> None:
+    """Someone else started the machine after our last list (``fly machine start``), so
+    our start finds it started. Fly documents no answer to that (docs/fly-api-notes.md):
+    a 412 naming the state, as the emulator answers, or a 200 with ``previous_state``
+    started. Either way the wake routes the machine, one start call, counted done."""
+    api.started_start_ok = ok
+    mid = api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    await rig.tick()
+    api.set(APP, mid, state="started")
+    assert await rig.ctl.wake(APP) == "start"
+    assert api.ops("start_machine") == [mid]
+    assert rig.routable() == {mid}
+    assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
+
+
 async def test_a_wake_passes_over_a_machine_whose_host_is_unreachable(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

@@ -537,6 +537,21 @@ async def test_start_without_a_body_and_stop_without_options() -> None:
     assert script.requests[1].content == b""
 
 
+async def test_a_start_answered_200_with_status_error_is_refused() -> None:
+    """fly-go's start answer has ``status`` and ``message`` beside ``previous_state``, and
+    flyctl takes ``status: "error"`` for a start that failed: the client took it for a
+    start under way. A Conflict now, as a 412 is, its message scrubbed of the token as an
+    error body's is."""
+    said = {"status": "error", "message": f"refused (Authorization: Bearer {TOKEN})"}
+    async with make_client(Script([ok(said)])) as api:
+        with pytest.raises(Conflict) as refused:
+            await api.start_machine("web", "m1")
+    assert refused.value.status == 200
+    assert "refused" in str(refused.value)
+    assert TOKEN not in str(refused.value)
+    assert TOKEN not in repr(refused.value)
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(30, "30s"), (0, "0s"), (1.5, "1500ms")])
 async def test_stop_timeout_is_a_duration_string(seconds: float, text: str) -> None:
     script = Script([ok()])
