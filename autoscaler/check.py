@@ -23,6 +23,7 @@ from autoscaler.config import (
     Settings,
     load_settings,
     no_token_problem,
+    resolve_listen_host,
 )
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
@@ -150,7 +151,7 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        settings, file = load_settings(path, require_file=True)
+        settings, file = load_settings(path, require_file=True, resolve=resolve_listen_host)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=err)

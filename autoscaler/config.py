@@ -16,11 +16,12 @@ import json
 import math
 import os
 import re
+import socket
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -224,36 +225,72 @@ def is_loopback(host: str) -> bool:
         return False  # a host name other than localhost may resolve anywhere
 
 
-def _listen_hosts(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str, ...]:
-    """What a listen host binds: its IP address, localhost's two, or a host name as such
-    (what it resolves to is not known here)."""
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+Resolver = Callable[[str], Sequence[IPAddress]]
+"""A host name to the addresses a server told to listen on it binds (resolve_listen_host;
+a test's own, which needs no name service). It raises OSError for a name it cannot
+resolve."""
+
+
+def resolve_listen_host(host: str) -> tuple[IPAddress, ...]:
+    """The addresses a server listening on ``host`` binds: asyncio's create_server (and
+    aiohttp's site, uvloop's) binds every address getaddrinfo gives for it, with these
+    arguments. Raises OSError (socket.gaierror) for a name that does not resolve."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    # An IPv6 address may carry its zone ("fe80::1%eth0"): the address is what binds.
+    return tuple(dict.fromkeys(ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos))
+
+
+def _ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _listen_hosts(
+    host: str, resolved: Mapping[str, Sequence[IPAddress]]
+) -> Sequence[IPAddress | str]:
+    """What a listen host binds: its IP address, the addresses ``resolved`` gives for a
+    name, else localhost's two, or a host name as such (what it resolves to is not known
+    here)."""
     name = host.lower().rstrip(".")
+    address = _ip(host)
+    if address is not None:
+        return (address,)
+    if host in resolved:
+        return resolved[host]
     if name == "localhost":
         return (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
-    try:
-        return (ipaddress.ip_address(host),)
-    except ValueError:
-        return (name,)
+    return (name,)
 
 
-def listen_overlap(a: HostPort, b: HostPort) -> str | None:
+def listen_overlap(
+    a: HostPort, b: HostPort, resolved: Mapping[str, Sequence[IPAddress]] | None = None
+) -> str | None:
     """Why two servers of one process cannot both listen on ``a`` and ``b``, or None when
     they can: other ports, port 0 (a free port at each bind), other addresses, or a
     wildcard and an address of the other family (asyncio binds ``::`` IPv6 only). The
     reason is empty when they are written alike, else how one covers the other
-    ("0.0.0.0 is every IPv4 address of this host", "localhost is 127.0.0.1")."""
+    ("0.0.0.0 is every IPv4 address of this host", "localhost is 127.0.0.1"). A host name
+    is taken at its addresses in ``resolved`` (resolve_listen_host's), else as written
+    (localhost as 127.0.0.1 and ::1)."""
     if a.port != b.port or a.port == 0:
         return None
     if a.host.lower().rstrip(".") == b.host.lower().rstrip("."):
         return ""
-    for x in _listen_hosts(a.host):
-        for y in _listen_hosts(b.host):
+    resolved = resolved or {}
+    for x in _listen_hosts(a.host, resolved):
+        for y in _listen_hosts(b.host, resolved):
             if isinstance(x, str) or isinstance(y, str):
                 if x == y:
                     return ""
                 continue
             if x == y:
-                names = [h for h in (a.host, b.host) if h.lower().rstrip(".") == "localhost"]
+                names = [h for h in (a.host, b.host) if _ip(h) is None]
+                if len(names) == 2:
+                    return f"{names[0]} and {names[1]} are both {x}"
                 return f"{names[0]} is {x}" if names else f"both are {x}"
             for wide, other in ((x, y), (y, x)):
                 if wide.is_unspecified and wide.version == other.version:
@@ -1010,10 +1047,14 @@ class Settings(BaseSettings):
     apps: list[AppConfig] = Field(default_factory=list)
     emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
 
+    # What load_settings was asked to check (its arguments of the same names).
+    serving: ClassVar[bool] = True
+    resolve: ClassVar[Resolver | None] = None
+
     @model_validator(mode="after")
     def _apps_consistent(self) -> Settings:
         """The checks across sections and apps, every problem at once."""
-        problems = _app_problems(enumerate(self.apps))
+        problems = _app_problems(enumerate(self.apps), fly_names=type(self).serving)
         admin = parse_host_port(self.admin.listen)
         if self.admin.token is None and not is_loopback(admin.host):
             problems.append(
@@ -1034,7 +1075,8 @@ class Settings(BaseSettings):
                     " admin.token or AUTOSCALER_ADMIN__TOKEN, or leave protect_metrics out",
                 )
             )
-        problems += self._listen_clashes()
+        if type(self).serving:
+            problems += self._listen_clashes()
         default = self.proxy.default_app
         if default is not None and all(app.name != default for app in self.apps):
             problems.append(
@@ -1056,14 +1098,34 @@ class Settings(BaseSettings):
     def _listen_clashes(self) -> list[_KeyError]:
         """The servers of one process on one address: the second would fail to start
         ("address in use"). The embedded emulator's counts when it runs: ``fly.api_url:
-        embedded`` (``run --emulator``), or unset with an app to scale (the demo)."""
+        embedded`` (``run --emulator``), or unset with an app to scale (the demo). With a
+        resolver (``load_settings(resolve=...)``), host names are taken at the addresses
+        they bind, and one that does not resolve is a problem of its own."""
         listens = [("proxy.listen", self.proxy.listen), ("admin.listen", self.admin.listen)]
         if self.runs_embedded_emulator:
             listens.append(("emulator.listen", self.emulator.listen))
         problems = []
+        resolved: dict[str, Sequence[IPAddress]] = {}
+        resolve = type(self).resolve
+        for key, value in listens:
+            host = parse_host_port(value).host
+            if resolve is None or host in resolved or _ip(host) is not None:
+                continue
+            try:
+                resolved[host] = resolve(host)
+            except OSError as exc:
+                resolved[host] = ()
+                problems.append(
+                    _KeyError(
+                        key,
+                        f"host {host!r} does not resolve ({exc.strerror or exc}): nothing could"
+                        f" listen on {value}; give an IP address, or a name of this host",
+                    )
+                )
         for i, (key, value) in enumerate(listens):
             for other, other_value in listens[i + 1 :]:
-                why = listen_overlap(parse_host_port(value), parse_host_port(other_value))
+                a, b = parse_host_port(value), parse_host_port(other_value)
+                why = listen_overlap(a, b, resolved)
                 if why is None:
                     continue
                 shown = f"{other_value}; {why}" if why else other_value
@@ -1109,16 +1171,18 @@ class _KeyErrors(ValueError):
         self.errors = tuple(errors)
 
 
-def _app_problems(apps: Iterable[tuple[int, AppConfig]]) -> list[_KeyError]:
-    """Across the apps (numbered as in the file): a name that is no Fly app name or is
-    used twice, and a host and path routed to two apps."""
+def _app_problems(
+    apps: Iterable[tuple[int, AppConfig]], *, fly_names: bool = True
+) -> list[_KeyError]:
+    """Across the apps (numbered as in the file): a name that is no Fly app name (when
+    ``fly_names``) or is used twice, and a host and path routed to two apps."""
     problems = []
     names: set[str] = set()
     routes: dict[tuple[str, str], str] = {}
     for i, app in apps:
         # Checked here, not on AppConfig: the simulator gives a policy to each app of a
         # trace, whatever the trace calls it. A static app has no Fly app: any name.
-        bad_name = None if app.static else app_name_problem(app.name)
+        bad_name = None if app.static or not fly_names else app_name_problem(app.name)
         if bad_name:
             problems.append(_KeyError(f"apps[{i}].name", bad_name))
         if app.name in names:
@@ -1137,7 +1201,7 @@ def _app_problems(apps: Iterable[tuple[int, AppConfig]]) -> list[_KeyError]:
     return problems
 
 
-def _file_app_problems(data: Mapping[str, Any]) -> list[_KeyError]:
+def _file_app_problems(data: Mapping[str, Any], *, fly_names: bool) -> list[_KeyError]:
     """The checks across apps, on the file's own ``apps``, for when validation failed
     elsewhere (the checks on the whole then never ran): each app that is valid on its own
     takes part; of the others (which have lines of their own), only a name."""
@@ -1152,7 +1216,7 @@ def _file_app_problems(data: Mapping[str, Any]) -> list[_KeyError]:
             name = entry.get("name") if isinstance(entry, dict) else None
             if isinstance(name, str) and name:
                 apps.append((i, AppConfig.model_construct(name=name, hosts=[], paths=[])))
-    return _app_problems(apps)
+    return _app_problems(apps, fly_names=fly_names)
 
 
 class ConfigError(Exception):
@@ -1354,6 +1418,8 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     require_file: bool = False,
+    serving: bool = True,
+    resolve: Resolver | None = None,
 ) -> tuple[Settings, Path]:
     """Load and validate the settings; raise ConfigError with one line per problem, each
     starting with where the value came from (``file:line``, ``environment: VARIABLE`` or
@@ -1361,6 +1427,14 @@ def load_settings(
 
     A missing default file is fine (defaults apply) unless ``require_file`` is set or the
     path was given explicitly. ``overrides`` (from CLI flags) beat everything else.
+
+    ``serving=False`` is for the commands that read the file without running it (status
+    asks the admin server at admin.listen; simulate replays the apps' policies): what
+    matters only to the process that runs it is not checked, two of its servers on one
+    address and an app name Fly would refuse (a draft, or a trace's own app names).
+    ``resolve`` (resolve_listen_host) takes the listen addresses' host names at the
+    addresses they bind, for `run` and `check-config`: not a reload's, which may not
+    wait on a name service in the event loop, and whose addresses need a restart anyway.
     """
     environ = os.environ if env is None else env
     explicit = path is not None or bool(environ.get(CONFIG_ENV))
@@ -1402,6 +1476,9 @@ def load_settings(
             env_source.env_vars = {k.lower(): v for k, v in env_vars.items()}
             return (init_settings, env_source, _Layer(settings_cls, base))
 
+    # Read by the checks across sections, which run in __init__: of the class, not passed.
+    _Bound.serving = serving
+    _Bound.resolve = resolve
     try:
         settings = _Bound(**dict(overrides or {}))
     except SettingsError as exc:
@@ -1416,7 +1493,10 @@ def load_settings(
         if not checked_across and not from_env:
             # A mistake elsewhere kept the checks across apps from running: run them on
             # the file's apps (from the environment, the apps are not the file's alone).
-            items += [(_parse_key_path(e.path), str(e)) for e in _file_app_problems(base)]
+            items += [
+                (_parse_key_path(e.path), str(e))
+                for e in _file_app_problems(base, fly_names=serving)
+            ]
         origin = _Origin(file, lines, env_vars, overrides or {}, environ)
         raise ConfigError([f"{origin.where(loc)}: {text}" for loc, text in items]) from None
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.

@@ -44,6 +44,7 @@ from autoscaler.config import (
     no_apps_problem,
     no_token_problem,
     parse_host_port,
+    resolve_listen_host,
 )
 from autoscaler.control.controller import Controller, freeze_heap
 from autoscaler.control.schedule import stalled_after_s
@@ -491,7 +492,9 @@ def load_or_report(
 ) -> tuple[Settings, Path] | None:
     """The settings and the file they came from, or None once every problem is logged."""
     try:
-        return load_settings(config, overrides=overrides)
+        # The listen addresses' host names resolved: a clash through a name, or a name that
+        # does not resolve, is said here, before anything starts (not as a failed bind).
+        return load_settings(config, overrides=overrides, resolve=resolve_listen_host)
     except ConfigError as exc:
         for line in exc.problems:
             _log.error("config_invalid", problem=line)

@@ -376,7 +376,8 @@ def run_status(
         )
         return EXIT_CONFIG
     try:
-        settings, _ = load_settings(config)
+        # It listens on nothing: a file whose servers would clash still names admin.listen.
+        settings, _ = load_settings(config, serving=False)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=err)

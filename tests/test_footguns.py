@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,15 @@ from structlog.testing import capture_logs
 from testkit import free_port, until
 
 from autoscaler.check import FleetCheck, _token_origin, check_config, fleet_check
-from autoscaler.config import ConfigError, EmulatorApp, Settings, load_settings
+from autoscaler.config import (
+    ConfigError,
+    EmulatorApp,
+    IPAddress,
+    Resolver,
+    Settings,
+    load_settings,
+    resolve_listen_host,
+)
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.main import token_source
 from autoscaler.fly import models as fm
@@ -336,6 +346,81 @@ def test_the_docker_image_binds_admin_where_its_published_port_reaches_and_needs
     assert settings.proxy.listen == "[::]:8080"
     # The baked-in config names no Machines API: `run` refuses until given one.
     assert settings.fly.api_url is None
+
+
+# --- listen addresses given by name ------------------------------------------------------
+
+
+TOKEN = "token: admin-t0ken-0123456789"  # an admin server on a name needs one
+
+
+def name_service(table: dict[str, list[str]]) -> Resolver:
+    """A resolver of its own: these names and no other (no name service asked)."""
+
+    def resolve(host: str) -> list[IPAddress]:
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [ipaddress.ip_address(a) for a in table[host]]
+
+    return resolve
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("proxy: {listen: 'edge.test:9091'}\n",
+         "proxy.listen: edge.test:9091 is admin.listen's address too (127.0.0.1:9091;"
+         " edge.test is 127.0.0.1): the second of the two servers could not listen; give"
+         " each its own port"),
+        (f"proxy: {{listen: '0.0.0.0:9092'}}\nadmin: {{listen: 'ops.test:9092', {TOKEN}}}\n",
+         "proxy.listen: 0.0.0.0:9092 is admin.listen's address too (ops.test:9092; 0.0.0.0 is"
+         " every IPv4 address of this host): the second of the two servers could not listen;"
+         " give each its own port"),
+        (f"proxy: {{listen: 'edge.test:9092'}}\nadmin: {{listen: 'ops.test:9092', {TOKEN}}}\n",
+         "proxy.listen: edge.test:9092 is admin.listen's address too (ops.test:9092;"
+         " edge.test and ops.test are both 127.0.0.1): the second of the two servers could"
+         " not listen; give each its own port"),
+        ("proxy: {listen: 'gone.test:9092'}\n",
+         "proxy.listen: host 'gone.test' does not resolve (Name or service not known): nothing"
+         " could listen on gone.test:9092; give an IP address, or a name of this host"),
+    ],
+    ids=["name-and-its-address", "wildcard-and-a-name", "two-names", "no-such-name"],
+)  # fmt: skip
+def test_run_and_check_config_resolve_the_listen_addresses_names(
+    tmp_path: Path,
+    text: str,
+    problem: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only localhost was known to be 127.0.0.1: two servers on a name of this host and
+    its address (or a wildcard) passed check-config and `run` failed to start ("address
+    in use", after the emulator and the admin server had started); a name that resolves
+    to nothing failed the same way, as "start_failed: Name or service not known", no
+    word of which address."""
+    import autoscaler.check
+    import autoscaler.service
+
+    hosts = name_service({"edge.test": ["127.0.0.1"], "ops.test": ["127.0.0.1", "::1"]})
+    monkeypatch.setattr(autoscaler.service, "resolve_listen_host", hosts)
+    monkeypatch.setattr(autoscaler.check, "resolve_listen_host", hosts)
+    path = write(tmp_path, text + APP)
+    line = next(n for n, s in enumerate(text.splitlines(), 1) if s.startswith("proxy:"))
+    assert_refused_by_run_and_check_config(path, f"{path}:{line}: {problem}", capsys)
+
+
+def test_a_listen_name_is_taken_at_what_this_host_resolves_it_to(tmp_path: Path) -> None:
+    """The resolver run and check-config use: this host's own (localhost is in every
+    hosts file), to the addresses a server told to listen there binds."""
+    assert ipaddress.ip_address("127.0.0.1") in resolve_listen_host("localhost")
+    path = write(tmp_path, "proxy: {listen: 'localhost:9091'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={}, resolve=resolve_listen_host)
+    [problem] = info.value.problems
+    assert "(127.0.0.1:9091; localhost is 127.0.0.1)" in problem
+    # Nor is a name resolved where no resolver is given (a reload, in the event loop).
+    unresolved = write(tmp_path, "proxy: {listen: 'gone.test:9091'}\n")
+    assert load_settings(unresolved, env={})[0].proxy.listen == "gone.test:9091"
 
 
 # --- Fly's own autostop/autostart ---------------------------------------------------------

@@ -158,7 +158,9 @@ def _replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     configured: dict[str, AppConfig] = {}
     tick_s = 1.0
     if args.config:
-        settings, _ = load_settings(args.config, require_file=True)
+        # Only the apps' policies and the tick are read: not what only `run` needs (its
+        # listen addresses, app names Fly takes; a trace's apps may be named otherwise).
+        settings, _ = load_settings(args.config, require_file=True, serving=False)
         configured = {app.name: app for app in settings.apps}
         tick_s = settings.control.tick_s
     overrides = parse_overrides(args.set or [])

@@ -391,6 +391,24 @@ async def test_an_empty_admin_is_a_usage_error_not_admin_listen(
     assert "demo: desired 1" in capsys.readouterr().out
 
 
+async def test_a_file_run_would_refuse_still_names_the_admin_server(
+    admin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status listens on nothing and calls no Fly API: what only the running process needs
+    (its proxy and admin server on one address, app names Fly takes) stopped it (exit 2)
+    from asking admin.listen, the one address it reads."""
+    listen = admin.removeprefix("http://")
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"proxy: {{listen: '{listen}'}}\nadmin: {{listen: '{listen}', token: {TOKEN}}}\n"
+        "apps: [{name: Web_App}]\n"
+    )
+    code = await asyncio.to_thread(main, ["status", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "demo: desired 1" in out
+
+
 async def test_cli_entry(admin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, TOKEN)
     argv = ["status", "--admin", admin.removeprefix("http://"), "--config", config]

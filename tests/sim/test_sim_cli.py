@@ -404,3 +404,23 @@ def test_a_replay_or_a_generated_trace_longer_than_the_longest_trace_is_refused(
     # A year is made, and read back: its last request ends within the 366 days.
     assert main([*argv, "8760", "--seed", "2"]) == 0
     assert main(["simulate", "--trace", str(out), "--strategies", "always-on"]) == 0
+
+
+def test_a_draft_config_is_read_for_its_policies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """simulate reads apps[] by name and the tick: a file `run` would refuse for what only
+    a running process needs (its proxy on the admin server's address, an app named as the
+    trace names it, which Fly would refuse) was refused here too (exit 2)."""
+    trace = tmp_path / "trace.csv"
+    trace.write_text("t,app,duration\n0,Checkout_API,0.1\n400,Checkout_API,0.1\n")
+    config = tmp_path / "draft.yaml"
+    config.write_text(
+        "proxy: {listen: '127.0.0.1:9091'}\napps:\n  - {name: Checkout_API, idle_to_zero_s: 30}\n"
+    )
+    base = ["simulate", "--trace", str(trace), "--strategies", "autoscaler", "--format", "json"]
+    assert main([*base, "--config", str(config)]) == 0
+    got = capsys.readouterr()
+    assert got.err == ""  # its app is the trace's: no word of "none of its apps"
+    assert main([*base, "--set", "idle_to_zero_s=30"]) == 0
+    assert json.loads(got.out) == json.loads(capsys.readouterr().out)
