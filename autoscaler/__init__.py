@@ -1,6 +1,15 @@
 """autoscaler: puts Fly.io apps to sleep when idle and wakes and scales them on traffic."""
 
-__all__ = ["__version__"]
+import signal as _signal
+
+__all__ = ["HELD_SIGNALS", "__version__"]
+
+HELD_SIGNALS = frozenset({_signal.SIGHUP, _signal.SIGUSR2, _signal.SIGTERM, _signal.SIGINT})
+"""What the `autoscaler` command holds back from its first line (autoscaler.__main__, and
+cli.main when called itself), and `autoscaler run` until it has handlers for them: Service.run
+and the supervisor of ``run --workers`` let them through once theirs are in place. Their
+default actions would end it (SIGHUP, SIGUSR2, SIGTERM), or raise KeyboardInterrupt out of
+whatever runs (SIGINT)."""
 
 __version__: str  # looked up on first use (below)
 

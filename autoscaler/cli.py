@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO, cast
 
+from autoscaler import HELD_SIGNALS
+
 Runner = Callable[[argparse.Namespace], int]
 
 
@@ -217,7 +219,7 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # SIGHUP, SIGUSR2, SIGTERM and SIGINT are held back since main() began (see _HELD):
+    # SIGHUP, SIGUSR2, SIGTERM and SIGINT are held back since main() began (HELD_SIGNALS):
     # Service.run (or the supervisor) delivers them once it has its handlers.
     from autoscaler.service import run
 
@@ -498,16 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
 # for them (SIGINT raises KeyboardInterrupt wherever Python is). `autoscaler run` imports
 # for a good part of a second before its event loop has its handlers: a reload asked for
 # right after a start (a deploy, a config watcher) killed it, and so did a stop (exit -15,
-# no `stopped` line). main() holds them back before it imports anything; for `run` they
-# stay held until Service.run (or the supervisor of --workers) has its handlers, which
-# then see them (a SIGHUP: one reload once the service is up; a SIGTERM or SIGINT: a clean
-# stop before anything starts). Every other command gets them back at once after parsing,
-# with their default action (`status --watch` ends when its terminal does).
-_HELD = {signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+# no `stopped` line). The console entry (autoscaler.__main__) holds them back before it
+# imports this module, and main() before anything else; for `run` they stay held until
+# Service.run (or the supervisor of --workers) has its handlers, which then see them (a
+# SIGHUP: one reload once the service is up; a SIGTERM or SIGINT: a clean stop before
+# anything starts). Every other command gets them back at once after parsing, with their
+# default action (`status --watch` ends when its terminal does).
+def main(argv: Sequence[str] | None = None, *, mask: Iterable[int] | None = None) -> int:
+    """Run the command in ``argv`` (default: sys.argv's); ``mask`` is the signal mask to
+    go back to, from a caller that has held back the signals already (the console entry:
+    the mask now has them)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    mask = held if mask is None else mask
     output = _Output()
     try:
         try:

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from autoscaler import __version__
+from autoscaler import HELD_SIGNALS, __version__
 from autoscaler.admin import AdminServer
 from autoscaler.config import (
     EMBEDDED,
@@ -95,9 +95,6 @@ def start_problem(path: Path, settings: Settings) -> str | None:
 
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-HELD_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR2, *STOP_SIGNALS})
-"""What ``autoscaler run`` holds back until there are handlers (cli._HELD): Service.run
-and the supervisor of ``run --workers`` let them through once theirs are in place."""
 
 NO_REDIS = (
     "{path}: cluster.redis_url is set but the Redis client is not installed: install the"

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from autoscaler import HELD_SIGNALS
 from autoscaler.aio import urlopen_direct
 from autoscaler.children import die_with_parent
 from autoscaler.config import (
@@ -53,7 +54,7 @@ from autoscaler.config import (
     parse_host_port,
 )
 from autoscaler.logs import get_logger
-from autoscaler.service import HELD_SIGNALS, load_or_report
+from autoscaler.service import load_or_report
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0

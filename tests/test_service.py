@@ -648,18 +648,27 @@ def test_a_sighup_while_the_command_still_imports_reloads_once_it_is_up(
 @pytest.mark.parametrize(
     ("module", "sig"),
     [
+        ("autoscaler.cli", signal.SIGTERM),
+        ("autoscaler.cli", signal.SIGINT),
         ("autoscaler.logs", signal.SIGTERM),
         ("uvloop", signal.SIGTERM),
         ("uvloop", signal.SIGINT),
     ],
-    ids=["sigterm-while-importing", "sigterm-after-config-loaded", "sigint-after-config-loaded"],
+    ids=[
+        "sigterm-before-the-cli-is-imported",
+        "sigint-before-the-cli-is-imported",
+        "sigterm-while-importing",
+        "sigterm-after-config-loaded",
+        "sigint-after-config-loaded",
+    ],
 )
 def test_a_stop_signal_before_the_signal_handlers_exist_stops_cleanly(
     tmp_path: Path, module: str, sig: signal.Signals
 ) -> None:
     """SIGTERM's default action ends a process: one sent while `autoscaler run` still
-    imports, or right after it logged `config_loaded` (a deploy that stops what it just
-    started), killed it (exit -15, no `stopped` line); Ctrl-C there raised
+    imports (autoscaler.cli too, which the console entry imported before anything held
+    the signals back), or right after it logged `config_loaded` (a deploy that stops what
+    it just started), killed it (exit -15, no `stopped` line); Ctrl-C there raised
     KeyboardInterrupt out of an import. It is held back until the handlers are in place,
     and the process stops cleanly without starting anything."""
     file = write_config(tmp_path / "autoscaler.yaml", config(free_port(), min_machines=1))

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import ssl
+import tomllib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 
 from autoscaler.config import EmulatorSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
@@ -72,11 +75,16 @@ class SlowToEnd:
 
 def signal_on_import(module: str, sig: str) -> str:
     """A ``python -c`` program that runs the ``autoscaler`` command (its arguments after
-    ``-c PROGRAM``) as the console entry does, and sends itself ``sig`` (a name, such as
-    "SIGTERM") the moment it first imports ``module``. autoscaler.logs is main()'s first
-    import of its own (for its logging), while the command still imports, long before an
-    event loop has its handlers; uvloop is imported by service.run_event_loop, right
-    after `autoscaler run` logged `config_loaded`, before Service.run has its handlers."""
+    ``-c PROGRAM``) as its console script does, through the entry pyproject.toml declares,
+    and sends itself ``sig`` (a name, such as "SIGTERM") the moment it first imports
+    ``module``. autoscaler.cli is what the entry imports first; autoscaler.logs is
+    cli.main()'s first import of its own (for its logging), while the command still
+    imports, long before an event loop has its handlers; uvloop is imported by
+    service.run_event_loop, right after `autoscaler run` logged `config_loaded`, before
+    Service.run has its handlers."""
+    with (REPO / "pyproject.toml").open("rb") as f:
+        entry = tomllib.load(f)["project"]["scripts"]["autoscaler"]
+    entry_module, _, function = entry.partition(":")
     return f"""
 import os, signal, sys
 
@@ -88,8 +96,8 @@ class SignalOnImport:
         return None
 
 sys.meta_path.insert(0, SignalOnImport())
-from autoscaler.cli import main
-sys.exit(main(sys.argv[1:]))
+from {entry_module} import {function}
+sys.exit({function}())
 """
 
 
