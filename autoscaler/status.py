@@ -81,6 +81,11 @@ def admin_url(listen: str) -> str:
 
 
 # --- a client with a deadline ------------------------------------------------------------
+# Not httpx: its timeouts are per phase and per read (a server that sends a byte a second,
+# in the head or the body, meets none of them), so a whole-answer deadline would need an
+# event loop or a thread around it, and its exceptions mapped again; and it would add its
+# import (httpx, httpcore, h11: about a fifth more import time, -X importtime) to every
+# `autoscaler status` (and only autoscaler.fly.client imports httpx: test_architecture).
 
 _DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline", default=math.inf)
 """When (``time.monotonic``) the answer being read must be whole: a socket's own timeout
