@@ -109,8 +109,9 @@ ROWS: list[tuple[str, list[Spec]]] = [
             ),
             Spec(
                 "Requests by wake",
-                "none: a machine was running; resume/start: the request waited for a wake;"
-                " failed: it waited for one that brought no machine up in time (504).",
+                "none: a machine was running; resume/start: the request waited for a wake"
+                " (code 499: its client gave up during it); failed: it waited for one that"
+                " brought no machine up in time (504; 499 if its client left after that).",
                 [(by("wake", "autoscaler_requests_total"), "{{wake}}")],
                 unit="reqps",
                 stacked=True,

@@ -60,7 +60,7 @@ from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
-from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, SUSPENDED, SUSPENDING
+from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, boot_kind
 from autoscaler.scaling.window import Sample
 from autoscaler.state.claim import Claim
 from autoscaler.state.cluster import REPORT_S, AppFleet, AppLoad, Cluster, ViewPush
@@ -108,7 +108,7 @@ def _waited_for(before: dict[str, str], up: Upstream) -> str:
         return "none"
     if up.how is not None:
         return up.how
-    return "resume" if was in (SUSPENDED, SUSPENDING) else "start"
+    return boot_kind(was)
 
 
 class _Ours:

@@ -20,14 +20,14 @@ import asyncio
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from autoscaler.config import AppConfig
 from autoscaler.control.view import AppView, FleetView, Upstream
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
-from autoscaler.scaling.fleet import STARTED
+from autoscaler.scaling.fleet import COMING_UP_STATES, STARTED, boot_kind
 
 _log = get_logger("autoscaler.proxy")
 
@@ -41,6 +41,13 @@ WAKE_RETRY_S = 1.0
 # up before the request's wake_timeout_s (its 504: the wake failed, or was too slow).
 NO_WAKE = "none"
 WAKE_FAILED = "failed"
+
+
+class Held(Protocol):
+    """Where ``Gate.acquire`` names the wake a request was held for, should its client
+    leave first (the request's context)."""
+
+    wake: str
 
 
 class QueueFull(Exception):
@@ -141,10 +148,12 @@ class Gate:
         """Give back the slot of a finished request, to the view that lent it."""
         (up.owner or self.view).end(up)
 
-    async def acquire(self, wait_s: float) -> tuple[Upstream, str]:
+    async def acquire(self, wait_s: float, held: Held | None = None) -> tuple[Upstream, str]:
         """Wait in the FIFO for a slot; the wake kind tells whether this request waited
         for a wake ("resume", "start") or only for a busy machine ("none"). Once the gate
-        has shed its queue (``shed``), nobody waits: the request gets the same answer."""
+        has shed its queue (``shed``), nobody waits: the request gets the same answer.
+        Should the client leave while a wake was asked for it, ``held.wake`` says which
+        (``_kind_so_far``): its 499 is told from one that never needed a wake."""
         if self._shed is not None:
             raise self._shed
         if len(self._queue) >= self.config.max_queue:
@@ -164,32 +173,39 @@ class Gate:
             self._pump_task.add_done_callback(self._pump_done)
         deadline = loop.time() + wait_s
         try:
-            async with asyncio.timeout_at(deadline):
-                up = await waiter.future
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            fut = waiter.future
-            if fut.done() and not fut.cancelled():
-                shed = fut.exception()  # shed (stop, app removed) just as we gave up
-                if shed is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    up = await waiter.future
+            except (TimeoutError, asyncio.CancelledError) as exc:
+                fut = waiter.future
+                if fut.done() and not fut.cancelled():
+                    shed = fut.exception()  # shed (stop, app removed) just as we gave up
+                    if shed is not None:
+                        if isinstance(exc, asyncio.CancelledError):
+                            raise  # a cancellation is never swallowed (nor answered: gone)
+                        raise shed from None
+                    up = fut.result()  # handed a slot just as we gave up
                     if isinstance(exc, asyncio.CancelledError):
-                        raise  # a cancellation is never swallowed (nor answered: gone)
-                    raise shed from None
-                up = fut.result()  # handed a slot just as we gave up
-                if isinstance(exc, asyncio.CancelledError):
-                    self.done(up)
+                        self.done(up)
+                        raise
+                else:
+                    fut.cancel()
+                    self._leave(waiter)
+                    if isinstance(exc, TimeoutError):
+                        raise HoldTimeout(
+                            waiter.wake is not None or not self.view.routable()
+                        ) from None
                     raise
-            else:
-                fut.cancel()
-                self._leave(waiter)
-                if isinstance(exc, TimeoutError):
-                    raise HoldTimeout(waiter.wake is not None or not self.view.routable()) from None
+            try:
+                kind = await self._wake_kind(waiter.wake, deadline)
+            except BaseException:  # the client left while the waker was finishing
+                self.done(up)
                 raise
-        try:
-            kind = await self._wake_kind(waiter.wake, deadline)
-        except BaseException:  # the client left while the waker was finishing
-            self.done(up)
+            return up, kind
+        except asyncio.CancelledError:
+            if held is not None and waiter.wake is not None:
+                held.wake = self._kind_so_far(waiter.wake)  # its client gave up on a wake
             raise
-        return up, kind
 
     async def _wake_kind(self, wake: asyncio.Task[str] | None, deadline: float) -> str:
         if wake is None:
@@ -210,6 +226,26 @@ class Gate:
         if wake.cancelled() or wake.exception() is not None:
             return NO_WAKE
         return wake.result()
+
+    def _kind_so_far(self, wake: asyncio.Task[str]) -> str:
+        """The wake a request whose client left was held for, as far as it is known now
+        (it is not waited for: nobody is left to answer, and the line is due). Once over,
+        what it returned, or WAKE_FAILED if it brought no machine up; while under way, the
+        boot it chose (``AppView.waking``, or on a follower the leader's, published with
+        the machine coming up), else the one the app's machines point to (a resume if one
+        is suspended), as a follower names a wake its leader did not describe."""
+        if wake.done():
+            if wake.cancelled() or wake.exception() is not None:
+                return WAKE_FAILED
+            return wake.result()
+        view = self.view
+        if view.waking is not None:
+            return view.waking
+        upstreams = view.upstreams.values()
+        for up in upstreams:
+            if up.state in COMING_UP_STATES and up.how is not None:
+                return up.how
+        return "resume" if any(boot_kind(up.state) == "resume" for up in upstreams) else "start"
 
     def _leave(self, waiter: _Waiter) -> None:
         try:

@@ -298,7 +298,7 @@ class ProxyServer:
     async def _wait(self, gate: Gate, app: AppConfig, ctx: RequestContext) -> tuple[Upstream, str]:
         rejections = self.metrics.queue_rejections
         try:
-            return await gate.acquire(remaining(ctx.deadline))
+            return await gate.acquire(remaining(ctx.deadline), ctx)
         except (ShuttingDown, AppRemoved) as shed:
             # (Its own name: compiled, one name is one type across a function's handlers.)
             raise _shed(shed) from None

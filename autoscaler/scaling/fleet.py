@@ -43,6 +43,14 @@ COMING_UP_STATES = frozenset({STARTING, RESTARTING})
 # Moving states that end in "stopped" or "suspended".
 GOING_DOWN_STATES = frozenset({STOPPING, SUSPENDING})
 
+
+def boot_kind(state: str | None) -> str:
+    """How a machine in ``state`` comes up when woken, as far as its state tells:
+    "resume" from suspended (or suspending), else "start". For a wake whose kind nobody
+    said (the leader of an older release, or a wake that has not chosen yet)."""
+    return "resume" if state in (SUSPENDED, SUSPENDING) else "start"
+
+
 # Metadata key that marks a cordon as ours, so we never undo someone else's.
 CORDON_METADATA_KEY = "fly_autoscaler_cordon"
 

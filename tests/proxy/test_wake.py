@@ -20,17 +20,22 @@ from .helpers import status_of, text_app
 
 
 class FakeWaker:
-    """Flips the app's machine to started when released; counts calls and cancellations."""
+    """Flips the app's machine to started when released; counts calls and cancellations.
+    Like the controller, it names the boot it makes (``AppView.waking``) once it has
+    chosen, at once unless ``chooses`` is false (still reading the app's machines, say)."""
 
-    def __init__(self, fleet: FleetView, kind: str = "start") -> None:
+    def __init__(self, fleet: FleetView, kind: str = "start", *, chooses: bool = True) -> None:
         self.fleet = fleet
         self.kind = kind
+        self.chooses = chooses
         self.calls = 0
         self.cancelled = False
         self.release = asyncio.Event()
 
     async def __call__(self, app: str) -> str:
         self.calls += 1
+        if self.chooses and self.kind != "none":
+            self.fleet.app(app).waking = self.kind
         try:
             await self.release.wait()
         except asyncio.CancelledError:
@@ -170,11 +175,50 @@ async def test_client_disconnecting_while_held_leaves_queue_not_the_wake(
     assert view.queued == 0
     assert view.in_flight == 0
     assert waker.calls == 1
-    # The client that left is counted, as 499 (README's metrics table), with no wake: it
-    # never got a machine.
+    # The client that left is counted, as 499 (README's metrics table), with the wake it
+    # gave up on, as the one that stayed is served with it.
     count = metrics.registry.get_sample_value
-    assert count("autoscaler_requests_total", {"app": "w", "code": "499", "wake": "none"}) == 1
+    assert count("autoscaler_requests_total", {"app": "w", "code": "499", "wake": "start"}) == 1
     assert count("autoscaler_requests_total", {"app": "w", "code": "200", "wake": "start"}) == 1
+    assert count("autoscaler_requests_total", {"app": "w", "code": "499", "wake": "none"}) is None
+
+
+@pytest.mark.parametrize(
+    ("waker_does", "state", "wake"),
+    [
+        ("not chosen yet", "suspended", "resume"),
+        ("not chosen yet", "stopped", "start"),
+        ("fail", "stopped", "failed"),
+    ],
+)
+async def test_a_client_that_gives_up_during_a_wake_is_told_from_a_plain_499(
+    waker_does: str,
+    state: str,
+    wake: str,
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    """Its 499 was counted and logged with wake "none", as if no wake had been needed:
+    dashboards could not tell clients who gave up on a cold start from any other 499.
+    Before the waker has chosen, the app's machines name the boot (a resume if one is
+    suspended); a wake that brought nothing up is "failed"."""
+    waker = FailingWaker(fleet) if waker_does == "fail" else FakeWaker(fleet, chooses=False)
+    await sleeping_app(fleet, backend, waker, state)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}])
+    view = fleet.app("w")
+    with capture_logs() as logs:
+        gone = asyncio.create_task(status_of(session, url(proxy), "w.test"))
+        await until(lambda: view.queued == 1 and waker.calls == 1)
+        gone.cancel()  # closes that client's connection
+        await until(lambda: view.queued == 0)  # its line is written as it leaves the queue
+    assert [(e["status"], e["wake"]) for e in logs if e["event"] == "request"] == [(499, wake)]
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_requests_total", {"app": "w", "code": "499", "wake": wake}) == 1
+    assert not waker.cancelled
+    waker.release.set()
 
 
 async def test_machine_refusing_after_wake_is_retried_once_routable_again(
