@@ -7,7 +7,8 @@ sent replaced), a request's hop-by-hop and forwarding headers spelled with under
 (``X_Forwarded_For``, which CGI and WSGI servers read as X-Forwarded-For) dropped from
 anyone, every other header kept with its name's case and its value's bytes, repeated ones
 (Set-Cookie) included. A machine's interim answers (103 Early Hints...) reach an HTTP/1.1
-client before the final one (:class:`Interim`), hop-by-hop headers dropped there too.
+client before the final one, every one in order (:class:`Interim`: a client behind holds
+the machine back), hop-by-hop headers dropped there too.
 
 Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
 client sends it (:class:`BodyStream`), so memory stays flat for any size.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from autoscaler.proxy.accounting import Failure
+from autoscaler.proxy.body import FlowControl
 from autoscaler.proxy.h1 import Connection, ParseError, Request
 
 VIA = b"autoscaler"
@@ -276,9 +278,12 @@ def response_head(
     keep_alive: bool,
     with_body: bool,
     websocket: bool = False,
+    interim: bool = False,
 ) -> ResponseHead:
     """The machine's response head for the client: hop-by-hop headers dropped, every
-    Set-Cookie kept as sent, Via appended, and framing for this client's connection."""
+    Set-Cookie kept as sent, Via appended, and framing for this client's connection.
+    An ``interim`` (1xx) head ends after Via: no Content-Length (a 1xx has no content,
+    RFC 9110 8.6), no X-Request-Id, no framing (the final answer carries those)."""
     parts = [_status_line(status, reason)]
     length = has_id = False
     via: list[bytes] = []
@@ -292,8 +297,8 @@ def response_head(
                 via.append(value)
             continue
         if kind == _LENGTH:
-            if status == 204:
-                continue  # a 204 never has one (RFC 9110 8.6), though a machine sent it
+            if status == 204 or interim:
+                continue  # a 1xx or 204 never has one (RFC 9110 8.6), though one was sent
             length = True
         elif kind == _REQUEST_ID:
             has_id = True
@@ -301,6 +306,9 @@ def response_head(
     if connection is not None:
         parts = _drop_named(parts, connection)
     _add_via(parts, via, upstream_version)
+    if interim:
+        parts.append(b"\r\n")
+        return ResponseHead(b"".join(parts), False, False)
     if not has_id:
         parts += (b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n")
     if wake is not None:
@@ -326,49 +334,70 @@ def response_head(
 def interim_head(
     status: int, reason: str, raw: Iterable[tuple[bytes, bytes]], upstream_version: str
 ) -> bytes:
-    """A machine's interim (1xx) head for the client: hop-by-hop headers dropped as from a
-    final one, Via appended, and no Content-Length (a 1xx has no content, RFC 9110 8.6)."""
-    parts = [_status_line(status, reason)]
-    via: list[bytes] = []
-    connection = None
-    for key, value in raw:
-        kind = _kind(_RESPONSE_KINDS, key, _response_class)
-        if kind < _KEEP:
-            if kind == _CONNECTION:
-                connection = value if connection is None else connection + b"," + value
-            elif kind == _VIA_NAME:
-                via.append(value)
-            continue
-        if kind != _LENGTH:
-            parts += (key, b": ", value, b"\r\n")
-    if connection is not None:
-        parts = _drop_named(parts, connection)
-    _add_via(parts, via, upstream_version)
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    """A machine's interim (1xx) head for the client: its headers as a final head's are
+    (``response_head``), without Content-Length."""
+    return response_head(
+        status,
+        reason,
+        raw,
+        upstream_version=upstream_version,
+        request_id="",
+        wake=None,
+        client_version="1.1",
+        keep_alive=True,
+        with_body=False,
+        interim=True,
+    ).data
 
 
 class Interim:
     """Relays a machine's interim answers (103 Early Hints...) to an HTTP/1.1 client,
-    before the final one (RFC 9110 15.2); an HTTP/1.0 client, which knows no 1xx, gets
-    none (no relay is made for it).
+    before the final one and in order (RFC 9110 15.2: a proxy MUST forward them); an
+    HTTP/1.0 client, which knows no 1xx, gets none (no relay is made for it).
 
-    A client that takes nothing misses the hints that come while its connection's buffer
-    is full: they are advisory, and a machine sending them without end would otherwise
-    pile them up in the proxy until its response timeout."""
+    None is dropped. While the client is behind (its connection's buffer over its
+    high-water mark), reading from the machine pauses until the client has caught up, as
+    for a body: a machine that sends 1xx without end holds at most a transport's buffer
+    and one read of its in the proxy, its own writes wait, and its exchange ends at
+    ``upstream_timeout_s`` as one that never answers. ``release`` (once the exchange has
+    its final head, or failed) lets the machine be read again."""
 
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "held")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.held: FlowControl | None = None
+        """The machine's connection, paused until the client catches up."""
 
     def __call__(
-        self, status: int, reason: str, raw: list[tuple[bytes, bytes]], version: str
+        self,
+        status: int,
+        reason: str,
+        raw: list[tuple[bytes, bytes]],
+        version: str,
+        source: FlowControl,
     ) -> None:
         conn = self.conn
-        if conn.response_started or conn.writing_paused:
-            return  # the final answer went out (never a 1xx after it), or the client is behind
+        if conn.response_started:
+            return  # the final answer went out (the proxy's own): never a 1xx after it
         conn.write_interim(interim_head(status, reason, raw, version))
+        if conn.writing_paused and self.held is None:
+            self.held = source
+            source.pause_reading(self)
+            conn.on_writable = self._writable
+
+    def _writable(self, writable: bool) -> None:
+        if writable:
+            self.release()
+
+    def release(self) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            conn = self.conn
+            if conn.on_writable == self._writable:
+                conn.on_writable = None
+            held.resume_reading(self)
 
 
 def _status_line(status: int, reason: str) -> bytes:

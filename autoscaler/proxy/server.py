@@ -449,7 +449,11 @@ class ProxyServer:
                 # no verdict on the machine.
                 exchange = None
             except TimeoutError:
-                if body is None or not body.timed_out:
+                # Not the machine's fault if its client's slowness held it back: its
+                # body, or 1xx answers the client took too slowly (reading paused).
+                if (body is None or not body.timed_out) and (
+                    interim is None or interim.held is None
+                ):
                     verdicts.failed(app.name, up, health.TIMEOUT)
                 raise Failure(504, "the machine did not answer in time") from None
             except upstream.CutOff:
@@ -469,6 +473,9 @@ class ProxyServer:
                 if lost:
                     self._reviver.lost(app.name, up, port)
                 raise Failure(502, "the machine failed to answer") from None
+            finally:
+                if interim is not None:
+                    interim.release()  # its final head came (or none will): read it again
             if exchange is None:
                 up = await self._next_attempt(ctx, gate, app, tried)
                 continue

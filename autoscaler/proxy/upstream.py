@@ -24,8 +24,9 @@ Errors, by what the caller may do about them:
   (``Pool.cut``; ``Pool.halt``: the proxy stops at once). Nothing was sent.
 
 Interim answers (1xx) other than 100 Continue go to the exchange's ``on_interim`` as they
-come, before the final one (RFC 9110 15.2: a proxy forwards them); the proxy answers
-Expect itself, so the machine's 100 is dropped. They do not stop ``head_timeout``.
+come, before the final one (RFC 9110 15.2: a proxy forwards them), with the connection, so
+that a client behind can hold the machine back; the proxy answers Expect itself, so the
+machine's 100 is dropped. They do not stop ``head_timeout``.
 
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
 than chunked is a :class:`BadResponse` (the proxy could not relay it unchanged), and so are
@@ -50,6 +51,7 @@ from autoscaler.proxy.body import (
     WRITE_HIGH_WATER,
     Body,
     BufferBudget,
+    FlowControl,
     FlowControlled,
     HeadBudget,
     transfer_coding_problem,
@@ -66,9 +68,10 @@ _NO_DEADLINE = float("inf")
 _BAD_REASON = re.compile("[^\t\x20-\x7e\x80-\xff]")
 
 
-# Told of a machine's interim answer: status, reason, raw headers, HTTP version. It must
-# not raise (it runs inside the parser's callbacks).
-InterimSink = Callable[[int, str, list[tuple[bytes, bytes]], str], None]
+# Told of a machine's interim answer: status, reason, raw headers, HTTP version, and the
+# connection it came on (whose reading it may pause: backpressure). It must not raise (it
+# runs inside the parser's callbacks).
+InterimSink = Callable[[int, str, list[tuple[bytes, bytes]], str, FlowControl], None]
 
 
 class UpstreamError(Exception):
@@ -339,7 +342,7 @@ class Connection(FlowControlled, asyncio.Protocol):
             self._interim = True  # 100 Continue, 103 Early Hints: no body, no final answer
             sink = ex.on_interim
             if sink is not None and status != 100:
-                sink(status, ex.reason, ex.headers, parser.get_http_version())
+                sink(status, ex.reason, ex.headers, parser.get_http_version(), self)
             return
         ex.status = status
         ex.version = parser.get_http_version()

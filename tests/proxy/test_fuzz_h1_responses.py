@@ -147,8 +147,11 @@ async def proxy_verdict(method: bytes, upgrade: bool, pieces: list[bytes]) -> Ve
     conn.connection_made(transport)
     interim: list[tuple[int, list[tuple[bytes, bytes]]]] = []
 
-    def relay(status: int, reason: str, raw: list[tuple[bytes, bytes]], version: str) -> None:
+    def relay(
+        status: int, reason: str, raw: list[tuple[bytes, bytes]], version: str, source: object
+    ) -> None:
         assert not ex._head.done(), "an interim answer after the final one"
+        assert source is conn
         interim.append((status, list(raw)))
 
     ex = upstream._start(pool, conn, method.decode(), b"", None, False, None, upgrade, relay)

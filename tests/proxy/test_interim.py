@@ -1,5 +1,6 @@
 """A machine's interim (1xx) answers: relayed to an HTTP/1.1 client before the final one
-(RFC 9110 15.2: a proxy forwards them), with their hop-by-hop headers dropped; never to an
+(RFC 9110 15.2: a proxy forwards them), all of them, in order (a client behind holds the
+machine back), with their hop-by-hop headers dropped; never to an
 HTTP/1.0 client, which knows no 1xx. A 100 Continue is the proxy's own business (it
 answers the client's Expect itself), so the machine's is not relayed. Only the final
 status is counted."""
@@ -22,6 +23,9 @@ from .test_framing import machine_with
 FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
 GET = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+# The most one read from a machine's socket brings (asyncio's and uvloop's, 256 KiB): parsed
+# whole, its 1xx answers are all relayed, though the first of them filled the client's buffer.
+ONE_READ = 256 * 1024
 
 
 def messages(reply: bytes) -> list[bytes]:
@@ -185,19 +189,24 @@ async def test_endless_interim_answers_end_at_the_response_timeout(
     assert count(metrics, "504") == 1
 
 
-async def test_a_client_that_reads_nothing_misses_hints_rather_than_piling_them_up(
+async def test_a_client_that_reads_nothing_holds_the_machine_back_and_misses_no_hint(
     raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
 ) -> None:
-    """Hints are advisory: while the client's connection has more waiting than its
-    high-water mark, the machine's next ones are dropped, not held for it in the proxy."""
-    hint = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"a" * 4000 + b">; rel=preload\r\n\r\n"
-    sent = 200  # some 800 KB of hints
+    """A proxy MUST forward 1xx answers (RFC 9110 15.2). Those that came while the
+    client's connection had more waiting than its high-water mark were dropped; now the
+    proxy stops reading from the machine until the client catches up: every hint arrives,
+    in order, and the proxy holds a bounded amount meanwhile (its buffer to the client, and
+    the rest of the machine's read that filled it), not all the machine sent."""
+    hints = [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </%04d" % n + b"a" * 4000 + b">; rel=preload\r\n\r\n"
+        for n in range(200)  # some 800 KB
+    ]
     asked = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         asked.set()
-        writer.write(hint * sent + FINAL)
+        writer.write(b"".join(hints) + FINAL)
         await writer.drain()
         await reader.read()
 
@@ -209,15 +218,52 @@ async def test_a_client_that_reads_nothing_misses_hints_rather_than_piling_them_
         assert conn.transport is not None
         await loop.sock_sendall(sock, GET)
         await asked.wait()
-        await until(lambda: view.in_flight == 0)  # the final answer came, after every hint
+        # Held back (the proxy waits for the client to be writable again), or, as before,
+        # the hints that did not fit dropped and the final answer taken at once.
+        await until(lambda: conn.on_writable is not None or view.in_flight == 0)
+        assert view.in_flight == 1, "the machine's answer was taken past the client's hints"
         held = conn.transport.get_write_buffer_size()
-        assert held <= WRITE_HIGH_WATER + len(hint) + 1024, held
+        assert held <= WRITE_HIGH_WATER + ONE_READ + 2 * len(hints[0]), held
         received = b""
         with contextlib.suppress(ConnectionError):
             async with asyncio.timeout(10):
                 while chunk := await loop.sock_recv(sock, 65536):
                     received += chunk
     *interims, final, body = messages(received)
-    assert 0 < len(interims) < sent
+    assert [head.split(b"\r\n")[1] for head in interims] == [
+        hint.split(b"\r\n")[1] for hint in hints
+    ]
     assert final.startswith(b"HTTP/1.1 200 OK\r\n"), final[:100]
     assert body == b"ok"
+    assert view.in_flight == 0
+
+
+async def test_a_machine_held_back_for_a_slow_client_is_not_blamed_for_its_timeout(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """Hints without end to a client that takes nothing: the machine, held back for the
+    client, sends no final answer within upstream_timeout_s (504, as before), but its
+    silence was the proxy's doing: no failure counts towards its ejection."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            while True:  # until the proxy gives up on it
+                writer.write(EARLY_HINTS * 64)
+                await writer.drain()
+
+    addr = await raw_backend(serve)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [addr]}],
+        upstream_timeout_s=0.5,
+        eject_after=1,
+    )
+    view = fleet.app("a")
+    (up,) = view.upstreams.values()
+    loop = asyncio.get_running_loop()
+    async with slow_reader(proxy) as (sock, conn):
+        await loop.sock_sendall(sock, GET)
+        await until(lambda: conn.on_writable is not None)  # held back for the client
+        await until(lambda: view.in_flight == 0)  # its 504 went out
+    record = proxy.health.records.get(up)
+    assert record is None or not (record.failures or record.ejected)
