@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from asyncio import FIRST_COMPLETED
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -100,6 +101,8 @@ class Gate:
         self._wake_failed_at: float | None = None
         self._shed: type[QueueFull] | None = None
         """Set by ``shed``: a request that would wait from then on is sent away at once."""
+        self._shedding: asyncio.Future[None] | None = None
+        """Done once ``shed`` ran: a request handed its slot stops waiting for its label."""
 
     @property
     def config(self) -> AppConfig:
@@ -216,13 +219,21 @@ class Gate:
             # until the waker has chosen one, its answer does. Never cancel it.
             if self.view.waking is not None:
                 return self.view.waking
+            # Once the gate sheds (the proxy stops), the request has its slot and goes on
+            # at once, named as far as known: waiting on, it was neither shed with the
+            # held ones nor sent, and the stop's deadline cut it unanswered.
+            if self._shed is not None:
+                return self._kind_so_far(wake)
+            if self._shedding is None:
+                self._shedding = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout_at(deadline):
-                    await asyncio.shield(wake)
+                    # (asyncio.wait never cancels the wake.)
+                    await asyncio.wait((wake, self._shedding), return_when=FIRST_COMPLETED)
             except TimeoutError:
                 return NO_WAKE
-            except Exception:  # noqa: S110 - the failure is the controller's to log
-                pass
+            if not wake.done():
+                return self._kind_so_far(wake)  # shed meanwhile
         if wake.cancelled() or wake.exception() is not None:
             return NO_WAKE
         return wake.result()
@@ -347,6 +358,9 @@ class Gate:
         connection, say): nobody would shed it again. Returns the tasks that answer the
         held ones (a stop cut short waits for those alone)."""
         self._shed = why
+        shedding = self._shedding
+        if shedding is not None and not shedding.done():
+            shedding.set_result(None)
         answering = []
         for waiter in list(self._queue):
             if not waiter.future.done():

@@ -410,3 +410,24 @@ async def test_a_held_request_cancelled_as_it_is_shed_stays_cancelled() -> None:
         await held
     assert fleet.app("w").queued == 0
     await gate.close()
+
+
+async def test_a_request_whose_machine_came_up_before_the_shed_is_served_not_cut(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """A held request handed its slot (its machine came up: another party's start) waits
+    for its wake to say how to name it. Past the graceful stop's shed it waited on: not
+    answered 503 with the held ones, not sent, and cut unanswered at shutdown_timeout_s.
+    At the shed it goes on at once, to the machine that is up."""
+    waker = FakeWaker(fleet, chooses=False)  # never released: the wake never returns
+    await sleeping_app(fleet, backend, waker, "started")
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}], shutdown_timeout_s=1.0)
+    view = fleet.app("w")
+    assert await status_of(session, url(proxy), "w.test") == 200  # a connection to reuse
+    view.set_state("m1", "suspended")
+    held = asyncio.create_task(status_of(session, url(proxy), "w.test"))
+    await until(lambda: view.queued == 1 and waker.calls == 1)
+    view.set_state("m1", "started")  # up, though its wake goes on
+    await until(lambda: view.queued == 0 and view.in_flight == 1)  # it has its slot
+    await proxy.stop()
+    assert await held == 200
