@@ -379,7 +379,7 @@ class Interim:
     ) -> None:
         conn = self.conn
         if conn.response_started:
-            return  # the final answer went out (the proxy's own): never a 1xx after it
+            return  # the final answer went out: never a 1xx after it
         conn.write_interim(interim_head(status, reason, raw, version))
         if conn.writing_paused and self.held is None:
             self.held = source
