@@ -285,12 +285,18 @@ class Controller:
         leases that cancelled actions were taking are given back once their answers come,
         not left under our name for their TTL (``Leases.aclose``), and the proxy's wake is
         left as it is (the replica put the follower's in place already: the held requests
-        ask it while this stop waits for the API)."""
+        ask it while this stop waits for the API). Nor does it wait for a reload's removals
+        under way: this process lives on, and they with it (the reload awaits them, and
+        the last stop does); their calls are fenced now, as any of ours, and go through
+        again if we lead again. Waited for, they held the step-down, and with it our next
+        lead (the replica leads once the step-down is over), up to twice
+        ``control.api_timeout_s`` for apps no longer ours."""
         self._running = False
         if not handover:
             self.view.set_waker(None)
         await asyncio.gather(*(self._stop_app(rt) for rt in list(self.apps.values())))
-        await self._removals_done()
+        if not handover:
+            await self._removals_done()
         await self._call_off_late_lifts()
         # What the actions cancelled just now leave running: the lease releases, together
         # within one call's time of a tick (an API that hangs does not hold the stop).

@@ -2334,6 +2334,36 @@ async def test_a_stop_during_a_reload_that_lets_an_app_go_still_hands_it_back(
     assert api.calls[after:] == []
 
 
+async def test_a_step_down_does_not_wait_for_a_reload_s_removal(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A leader steps down (cluster mode: ``stop(handover=True)``) while a reload lets an
+    app go, the lift of our cordon there (sent while it led) slow to answer. The step-down
+    returns without waiting for that removal: the replica leads again only once its
+    step-down is over, and the removal held that up to twice ``control.api_timeout_s``.
+    The removal goes on, and lifts our cordon once the API answers."""
+    rig = Rig(api, clock, scale_down_delay_s=3)
+    await rig.ctl.start()
+    victim = await _a_drain_waiting_for_its_request(api, clock, rig)
+    api.gates["uncordon_machine"] = gate = asyncio.Event()
+    reload = asyncio.ensure_future(
+        rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))
+    )
+    try:
+        await settle()
+        assert api.ops("uncordon_machine") == [victim]
+        stepping_down = asyncio.ensure_future(rig.ctl.stop(handover=True))
+        await settle()
+        assert stepping_down.done()
+        assert not reload.done()
+    finally:
+        gate.set()
+        await reload
+    assert_uncordoned(api, victim)
+    assert api.leases == {}
+    await rig.ctl.stop()
+
+
 async def _key_kept_then_removed(api: FakeMachinesAPI, clock: FakeClock) -> tuple[Rig, str]:
     """A drain taken back whose cordon request got no answer (it may still land: our key
     stays), then a reload removes the app: the hand-back lifts the cordon, keeps the key."""
