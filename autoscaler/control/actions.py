@@ -54,7 +54,9 @@ machine meanwhile (wakes it, lifts the cordon when it lands), and the machine is
 drained till then, or till the time the key's value names, if sooner (a drain sends its
 key and cordon within ``MARK_BOUND_S`` of the key and writes that bound plus
 ``CORDON_UNSURE_S`` into it, ``mark_value``: a key left long enough ago fronts nothing and
-goes at once); a follower (cluster mode) never drops a key: the leader's requests
+goes at once; in cluster mode also once the leader that the key names as its writer
+says, its lead over, that no cordon request of its own can land any more:
+``_inherited_until``); a follower (cluster mode) never drops a key: the leader's requests
 are not known there. Both only where the list says whether a machine is cordoned: an API
 that leaves the flag out shows our cordons by our key alone, and a key kept there would
 keep the machine out of our routing.
@@ -176,6 +178,17 @@ class Actuator:
         self.inherited: dict[tuple[str, str], float] = {}
         """(app, machine) -> until when a cordon request of the process that decided
         before this one may still land there (``listed``)."""
+        self.inherited_by: dict[tuple[str, str], str] = {}
+        """(app, machine) -> the writer that the key behind an ``inherited`` entry names
+        (``MachineRecord.mark_by``), where it names one."""
+        self.writer: Callable[[], str | None] = lambda: None
+        """Cluster mode: who our key names as its writer (``mark_value``): this process
+        and the fencing token of its lead; None (one process): nobody."""
+        self.settled_by: Callable[[str], float | None] = lambda by: None
+        """Cluster mode: until when (Fly's time, Unix seconds) a cordon request of the
+        writer ``by`` (a key's ``mark_by``) may still land, as that process says once
+        its lead is over (:meth:`settled_until`); None while that is not known (it still
+        leads or steps down, it is gone, or its report is older than that lead)."""
         self.deciding_since = clock()
         self._listed_since: set[str] = set()
         """The apps listed since ``deciding_since``."""
@@ -212,6 +225,7 @@ class Actuator:
         now = self.clock()
         for key in [k for k, until in self.inherited.items() if now >= until]:
             del self.inherited[key]  # past: nothing of that process can land any more
+            self.inherited_by.pop(key, None)
         asked = rt.listed_at
         if rt.name in self._listed_since or asked is None or asked < self.deciding_since:
             return
@@ -227,7 +241,54 @@ class Actuator:
                     bound = min(until, now + machine.mark_until - self.wall())
                 if now < bound:
                     key = (rt.name, mid)
+                    if key in self.inherited and self.inherited_by.get(key) != machine.mark_by:
+                        self.inherited_by.pop(key, None)  # two writers: neither says for both
+                    elif machine.mark_by is not None:
+                        self.inherited_by[key] = machine.mark_by
                     self.inherited[key] = max(bound, self.inherited.get(key, bound))
+                    self._inherited_until(key)  # its writer may have said already
+
+    def _inherited_until(self, key: tuple[str, str]) -> float | None:
+        """Until when a cordon request of the process before us may still land on the
+        machine (``inherited``); None once none may.
+
+        Sooner than the key's time when the key names its writer and that writer says
+        until when a request of its own may still land (``settled_by``). That is safe:
+        a cordon request of ours may be outstanding on a machine only from the drain that
+        wrote its key (no drain begins while one may land: ``launch``), so only the key's
+        writer can have one; and the writer says it only once its lead that wrote the key
+        is over and its step-down done: every cordon request it sent by then was
+        answered (it landed, or surely never will), or is counted in what it says
+        (``settled_until``: cut off, or unanswered), and, no longer leading, it sends
+        none (its calls are fenced). A writer that died says nothing, and its request
+        in flight is waited for as before, till the key's time. This frees at once the
+        machine of a leader that lost its lead between our key's answer and its cordon
+        (the fence refused the cordon: it was never sent), which was held until the
+        key's time, up to ``MARK_BOUND_S`` + ``CORDON_UNSURE_S``."""
+        until = self.inherited.get(key)
+        if until is None:
+            return None
+        by = self.inherited_by.get(key)
+        settled = self.settled_by(by) if by is not None else None
+        now = self.clock()
+        if settled is not None:
+            until = self.inherited[key] = min(until, now + settled - self.wall())
+        if now >= until:
+            del self.inherited[key]
+            self.inherited_by.pop(key, None)
+            return None
+        return until
+
+    def settled_until(self) -> float | None:
+        """Until when (Fly's time, Unix seconds) a cordon request of this process may
+        still land on any machine: 0.0 if none may; None while one is under way (not
+        answered yet). A replica whose lead is over says it in its report, so that the
+        next leader need not hold the machines our keys name it on (``settled_by``)."""
+        if self.cordoning:
+            return None
+        now = self.clock()
+        latest = max((u for u in self.cordon_unsure.values() if u > now), default=None)
+        return 0.0 if latest is None else self.wall() + (latest - now)
 
     def publish(self, rt: AppRuntime) -> None:
         if not rt.retired:
@@ -742,7 +803,7 @@ class Actuator:
         Both within ``MARK_BOUND_S`` of the key's sending, or cut, so the key's value can
         say until when the cordon may land: ``CORDON_UNSURE_S`` after that bound."""
         nonce = self.nonce(rt, mid)
-        value = mark_value(self.wall() + MARK_BOUND_S + CORDON_UNSURE_S)
+        value = mark_value(self.wall() + MARK_BOUND_S + CORDON_UNSURE_S, self.writer())
         try:
             async with asyncio.timeout(MARK_BOUND_S):
                 await self.api.set_machine_metadata(
@@ -776,9 +837,7 @@ class Actuator:
         key = (rt.name, mid)
         if key in self.cordoning:
             return True
-        if rt.cordon_listed and (
-            not self.drains_all() or self.clock() < self.inherited.get(key, float("-inf"))
-        ):
+        if rt.cordon_listed and (not self.drains_all() or self._inherited_until(key) is not None):
             return True  # another process's request, which we know nothing of, may land
         until = self.cordon_unsure.get(key)
         if until is not None and self.clock() >= until:
@@ -793,7 +852,7 @@ class Actuator:
         if not self.drains_all():
             return None
         key = (app, mid)
-        until = max(self.cordon_unsure.get(key, 0.0), self.inherited.get(key, 0.0))
+        until = max(self.cordon_unsure.get(key, 0.0), self._inherited_until(key) or 0.0)
         return until if until > self.clock() else None
 
     async def _wait_idle(self, rt: AppRuntime, mid: str, timeout_s: float) -> bool:

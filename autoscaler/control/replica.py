@@ -164,7 +164,11 @@ class Replica:
         )
         self.controller.actuator.wake_claim = self._tick_wake_claim
         self.controller.actuator.drains_all = lambda: self.leading
+        self.controller.actuator.writer = self._key_writer
+        self.controller.actuator.settled_by = self._settled_by
         self.leading = False
+        self._led_token: int | None = None
+        """The fencing token of our last lead (what ``Cluster.settled`` says it of)."""
         self.view_known = False
         """A follower has applied a fleet view from the leader (readiness)."""
         self._task: asyncio.Task[None] | None = None
@@ -279,6 +283,7 @@ class Replica:
                 self._finish_step_down(), name="cluster-step-down"
             )
             self._stepping_down.add_done_callback(self._step_down_done)
+        self.cluster.settled = self._settled()
         try:
             loads, measured = self._loads()
             # A round is a few milliseconds of work in pieces; the data path's requests
@@ -314,6 +319,7 @@ class Replica:
 
     async def _step_up(self) -> None:
         self.leading = True
+        self._led_token = self.cluster.lease.token
         self.unknown_to_leader = set()  # our apps are the leader's now
         self.metrics.cluster_leader.set(1)
         _log.info("cluster_leader", replica=self.cluster.replica_id, fence=self.cluster.lease.token)
@@ -321,6 +327,36 @@ class Replica:
         # The controller's wake, under the wake claim. Installing it wakes every app's
         # waiters: a follower's wake still waiting now goes through our own path.
         self.view.set_waker(self._leader_waker)
+
+    def _key_writer(self) -> str | None:
+        """Who our cordon key names as its writer (``mark_value``): this process (its
+        boot id, unique to it, unlike a configured replica id) and the fencing token of
+        this lead."""
+        token = self.cluster.lease.token
+        return f"{self.cluster.boot}.{token}" if self.leading and token is not None else None
+
+    def _settled(self) -> str:
+        """``Cluster.settled``: once a lead of ours and its step-down are over, until
+        when a cordon request of ours may still land; nothing before (while we decide,
+        or a step-down cuts or answers requests, nothing we say would hold)."""
+        if self.leading or self._stepping_down is not None or self._led_token is None:
+            return ""
+        until = self.controller.actuator.settled_until()
+        return "" if until is None else f"{self._led_token} {until!r}"
+
+    def _settled_by(self, by: str) -> float | None:
+        """``Actuator.settled_by``: until when a cordon request of the writer that a key
+        names may still land, as its report says: only a report of that process, written
+        once a lead no older than the key's was over. Our own keys: 0.0, our actuator
+        knows our own requests (``cordon_unsure``)."""
+        boot, _, token = by.partition(".")
+        if boot == self.cluster.boot:
+            return 0.0
+        for report in self.cluster.others.values():
+            said = report.settled
+            if report.boot == boot and said is not None and said[0] >= int(token):
+                return said[1]
+        return None
 
     async def _step_down(self, *, follow: bool = True) -> None:
         self._begin_step_down(follow=follow)

@@ -105,6 +105,10 @@ class MachineRecord:
     """Why Fly will not suspend the machine, as its listed config says (swap, a schedule,
     a GPU: :meth:`MachineConfig.suspend_refusal`): its drains stop it without asking for
     a suspend. None when the config says nothing against it (or was not listed)."""
+    mark_by: str | None = None
+    """Who wrote our key, as its value names them (cluster mode: the leader's process and
+    fencing token, :func:`mark_value`); None: it does not say (one process, or an older
+    version's key)."""
 
     @classmethod
     def of(cls, machine: Machine, passed: frozenset[CheckResult] = frozenset()) -> MachineRecord:
@@ -141,22 +145,36 @@ class MachineRecord:
             machine.last_boot() if start is None else "resume" if start[1] else "start",
             mark_until(meta.get(CORDON_METADATA_KEY)) if meta is not None else None,
             config.suspend_refusal() if config is not None else None,
+            mark_by(meta.get(CORDON_METADATA_KEY)) if meta is not None else None,
         )
 
 
-_MARK_UNTIL = re.compile(r"drain-until-(\d{1,12})")
+_MARK_UNTIL = re.compile(r"drain-until-(\d{1,12})(?:-by-([0-9A-Za-z]{1,32}\.\d{1,20}))?")
 
 
-def mark_value(until: float) -> str:
+def mark_value(until: float, by: str | None = None) -> str:
     """Our key's value: no cordon request of the drain that writes it lands after
-    ``until`` (Unix seconds, rounded up)."""
-    return f"drain-until-{math.ceil(until)}"
+    ``until`` (Unix seconds, rounded up); ``by`` (cluster mode) names the writer, the
+    leader's process and fencing token (``<boot>.<token>``): once that process says that
+    none of its cordon requests can land any more, the next leader needs not wait for
+    ``until`` (``Actuator.listed``)."""
+    return f"drain-until-{math.ceil(until)}" + (f"-by-{by}" if by is not None else "")
+
+
+def _mark(value: object) -> re.Match[str] | None:
+    return _MARK_UNTIL.fullmatch(value) if isinstance(value, str) else None
 
 
 def mark_until(value: object) -> float | None:
     """The time :func:`mark_value` wrote into ``value``; None for any other value."""
-    found = _MARK_UNTIL.fullmatch(value) if isinstance(value, str) else None
+    found = _mark(value)
     return float(found.group(1)) if found is not None else None
+
+
+def mark_by(value: object) -> str | None:
+    """The writer :func:`mark_value` named in ``value``; None if it names none."""
+    found = _mark(value)
+    return found.group(2) if found is not None else None
 
 
 def routes(machine: Machine, name: str) -> bool:

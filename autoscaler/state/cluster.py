@@ -20,6 +20,9 @@ the machines that left ``started`` with their Fly checks critical, which Fly's l
 longer says, so that a follower's own wake, or its wakes once it leads, try them last as
 the leader's do) and its fencing token (``fence``), so followers route without reading the
 Machines API themselves.
+A replica whose lead is over (and its step-down done) says in ``settled`` the fencing
+token of that lead and until when (Fly's time) a cordon request of its own may still
+land: the next leader reads it off our cordon keys that name it (control/actions.py).
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -77,7 +80,7 @@ REPORT_TTL_S = 2.0
 """How long a report outlives its replica's last write."""
 
 
-HEADER = ("boot", "leader", "fence", "gen", "now", "changed", "since")
+HEADER = ("boot", "leader", "fence", "gen", "now", "changed", "since", "settled")
 """A report's own fields (the rest are per app)."""
 CHANGES_KEPT = 8
 """How many of its last writes a report lists the changes of: a reader that missed up to
@@ -242,6 +245,9 @@ class Report:
     """The replica's clock when it wrote the report (what its loads' ``at`` count from)."""
     fleet_changed: frozenset[str] | None = None
     """The apps of ``fleet`` that this read found changed (None: any may have)."""
+    settled: tuple[int, float] | None = None
+    """A replica whose lead is over (``Cluster.settled``): the fencing token of its last
+    lead, and until when (Fly's time) a cordon request of its own may still land."""
 
     def idle_s(self, load: AppLoad) -> float | None:
         """How long before the report was written ``load``'s app had its last request."""
@@ -300,6 +306,14 @@ class _Seen:
 
 def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
+
+
+def _settled(text: str | None) -> tuple[int, float] | None:
+    """``Cluster.settled`` as written; None if not said (or by an older version)."""
+    if not text:
+        return None
+    token, until = text.split()
+    return int(token), float(until)
 
 
 class LocalLoad:
@@ -483,6 +497,12 @@ class Cluster:
         self.load = ClusterLoad()
         self.others: dict[str, Report] = {}
         """The other replicas' latest reports (ours excluded)."""
+        self.settled = ""
+        """What our report says of a lead of ours that is over (the replica sets it):
+        "<token> <until>", the fencing token of our last lead and until when (Fly's time)
+        a cordon request of ours may still land (``Actuator.settled_until``); empty while
+        we lead, step down, or never led. The next leader reads it off the keys that name
+        us (``Report.settled``)."""
         self._arrivals: dict[tuple[str, str], tuple[float, float]] = {}
         """(replica, app) -> (its last request's time on its clock, that time on ours as
         first estimated): one request keeps one time, read after read."""
@@ -549,6 +569,7 @@ class Cluster:
             if full
             else json.dumps(list(dict.fromkeys(f for _, fs in self._changes for f in fs))),
             "since": str(self._changes[0][0] if self._changes else self._gen),
+            "settled": self.settled,
         }
         async with self.redis.pipeline(transaction=True) as pipe:
             if full:
@@ -665,6 +686,7 @@ class Cluster:
                 fence=_int(header["fence"]) or 0,
                 now=seen.now,
                 fleet_changed=changed,
+                settled=_settled(header["settled"]),
             )
         if gone:
             await self.redis.srem(self.replicas_key, *gone)

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from autoscaler.control.actions import CORDON_UNSURE_S, MARK_BOUND_S
+from autoscaler.control.fencing import Fenced
 from autoscaler.control.leases import LEASE_TTL_S
-from autoscaler.control.runtime import mark_until, mark_value
+from autoscaler.control.runtime import mark_by, mark_until, mark_value
 from autoscaler.fly.errors import TransportError
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.policy import Action
@@ -380,12 +381,15 @@ async def cordon_on_the_wire(clock: FakeClock, api: FakeMachinesAPI) -> tuple[st
     return mid, wire
 
 
-async def cordon_sent(clock: FakeClock, api: FakeMachinesAPI) -> tuple[str, Wire, Rig]:
+async def cordon_sent(
+    clock: FakeClock, api: FakeMachinesAPI, writer: str | None = None
+) -> tuple[str, Wire, Rig]:
     """A process drains the app's only machine and has sent its cordon request, not yet
-    answered: the machine, the wire and the process."""
+    answered: the machine, the wire and the process (whose key names ``writer``)."""
     mid = api.add(APP, "started")
     wire = Wire(api, 3)
     old = Rig(wire, clock, idle_to_zero_s=5)  # type: ignore[arg-type]
+    old.ctl.actuator.writer = lambda: writer
     await start_drain(old, clock)
     await asyncio.wait_for(wire.reached.wait(), 5)
     assert wire.sent[-1] == "cordon_machine"
@@ -564,3 +568,55 @@ async def test_a_drain_s_key_says_until_when_its_cordon_may_land() -> None:
     written = mark_until(meta(api, mid)[CORDON_METADATA_KEY])
     assert written == math.ceil(rig.ctl.actuator.wall() + MARK_BOUND_S + CORDON_UNSURE_S)
     await rig.ctl.stop()
+
+
+async def test_a_leader_fenced_before_its_cordon_frees_the_machine_for_the_next_one() -> None:
+    """Cluster mode: the leader loses its lead between our key's answer and its cordon,
+    which the fence then refuses (never sent). Our key names the leader (its process and
+    fencing token), and the leader, its step-down over, says that no cordon request of
+    its own can land (``settled_until``, in its report): the next leader drains the idle
+    machine at once instead of holding it until the key's time (up to MARK_BOUND_S +
+    CORDON_UNSURE_S), the app unable to drain it meanwhile."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    mid = api.add(APP, "started")
+    api.fail["cordon_machine"] = [Fenced("cordon_machine")]
+    old = Rig(api, clock, idle_to_zero_s=5)
+    old.ctl.actuator.writer = lambda: "0ld.7"
+    await start_drain(old, clock)
+    await old.ctl.idle()
+    assert mark_by(meta(api, mid)[CORDON_METADATA_KEY]) == "0ld.7"
+    assert api.get(APP, mid).cordoned is False
+    written_at = clock()
+    await old.ctl.stop(handover=True)
+    said = old.ctl.actuator.settled_until()
+    assert said == 0.0
+    new = Rig(api, clock, idle_to_zero_s=5)
+    new.ctl.actuator.settled_by = lambda by: said if by == "0ld.7" else None
+    await tick_for(new, api, clock, 8)
+    assert clock() < written_at + CORDON_UNSURE_S
+    assert api.get(APP, mid).state == "suspended"
+    assert settled_well(api, new, mid)
+    await new.ctl.stop()
+
+
+async def test_a_leader_whose_cordon_may_still_land_says_so_and_is_waited_for() -> None:
+    """The leader stops with its cordon request on the wire, cut off: it says that a
+    cordon of its own may land until CORDON_UNSURE_S from then, and the next leader holds
+    the machine that long; the request lands meanwhile and finds our key."""
+    clock = FakeClock()
+    api = FakeMachinesAPI(clock=clock)
+    mid, wire, old = await cordon_sent(clock, api, writer="0ld.7")
+    await old.ctl.stop()
+    said = old.ctl.actuator.settled_until()
+    assert said is not None
+    assert said >= old.ctl.actuator.wall() + CORDON_UNSURE_S
+    new = Rig(api, clock, idle_to_zero_s=5)
+    new.ctl.actuator.settled_by = lambda by: said if by == "0ld.7" else None
+    await tick_for(new, api, clock, 20)
+    assert api.get(APP, mid).state == "started"  # held: not drained under that request
+    await wire.land()
+    assert orphan_cordons(api) == []
+    await clock.advance(CORDON_UNSURE_S)
+    await run_ticks(new, api, clock, mid)
+    await new.ctl.stop()

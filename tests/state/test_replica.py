@@ -22,10 +22,12 @@ from autoscaler.admin import AdminServer
 from autoscaler.config import AdminSettings, AppConfig, ClusterSettings, ControlSettings, Settings
 from autoscaler.control.controller import Controller
 from autoscaler.control.replica import Replica
+from autoscaler.control.runtime import mark_by
 from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.fly.models import CheckStatus
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
+from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.policy import Action
 from autoscaler.scaling.window import ConcurrencyMeter
 
@@ -1402,3 +1404,42 @@ async def test_a_request_held_by_a_leader_stepping_down_asks_the_new_leader_at_o
                 await reload
             await old.stepped_down()
             await gate.close()
+
+
+async def test_a_leader_that_lost_its_lead_before_its_cordon_does_not_hold_the_machine(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The leader's drain has its key on the wire when the leader loses its lead; the
+    step-down cuts the drain, the key is answered and no cordon is sent. Our key names
+    that leader, which says in its report, its step-down over, that no cordon request of
+    its own can land: the next leader does not hold the machine (until the key's time,
+    up to MARK_BOUND_S + CORDON_UNSURE_S), and may drain it at once."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    api.gates["set_machine_metadata"] = answered = asyncio.Event()
+    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99)
+    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99)
+    for r in (old, new):
+        await r.start(rounds=False)
+    try:
+        await rounds([old], lambda: old.leading, 2 * TTL)
+        await old.controller.tick(APP)
+        old.controller.actuator.launch(old.controller.apps[APP], Action("drain", mid, "test"))
+        await until(lambda: api.ops("set_machine_metadata") == [mid], what="our key's request")
+        lapse(old)
+        await old.round()
+        assert not old.leading
+        answered.set()
+        await old.stepped_down()
+        config = api.get(APP, mid).config
+        assert config is not None
+        assert config.metadata is not None
+        by = mark_by(config.metadata[CORDON_METADATA_KEY])
+        assert by == f"{old.cluster.boot}.{old._led_token}"
+        assert api.ops("cordon_machine") == []
+        await rounds([old, new], lambda: new.leading, 20 * TTL)
+        await new.controller.tick(APP)
+        assert new.controller.actuator.cordon_may_land_until(APP, mid) is None
+    finally:
+        for r in (old, new):
+            await r.stop()
