@@ -15,7 +15,8 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   waits for that release first. At a stop ``aclose`` waits for them within a bound (the
   controller's: ``control.api_timeout_s``); one still unanswered then is cut
   (``lease_release_failed``) and lapses after its TTL. A replica that stops leading lets
-  the acquires of its cancelled actions answer and gives those leases back too.
+  the acquires of its cancelled actions answer and gives those leases back too, and
+  leaves the releases still unanswered after that bound to answer (it lives on).
 - **A lost answer.** An acquire whose answer never came back (a timeout, a cancelled task)
   may still have made a lease whose nonce we never saw. Our description carries ``owner``,
   so a 409 whose holder is ``owner`` is read back and adopted instead of waiting out the
@@ -228,7 +229,12 @@ class Leases:
         ``cut=False`` (a replica that stops leading, and lives on): the acquires of
         cancelled callers are left to answer, and the lease each brings is released then
         (``_orphan``); cut off, it stayed on its machine for its TTL under our name, which
-        the next leader does not adopt. Only the releases under way are waited for."""
+        the next leader does not adopt. The releases under way are waited for within
+        ``timeout_s`` too, and those still unanswered then are left to answer, not cut:
+        this process lives on, and a release cut off left its lease on the machine for
+        its TTL, which the next leader waits out (a skip, ``machine_leased_by_other``).
+        Those include releases that are not the step-down's: a follower's self-wake,
+        which may run while the step-down waits, ends its actions' leases there too."""
         if cut:
             await cancel_and_wait(list(self._acquiring.values()))
         try:
@@ -236,6 +242,8 @@ class Leases:
                 while self._releasing:
                     await asyncio.wait(set(self._releasing.values()))
         except TimeoutError:
+            if not cut:
+                return
             left = dict(self._releasing)
             for app, machine_id in left:
                 _log.warning(

@@ -376,6 +376,32 @@ async def test_a_stop_waits_for_a_lease_release_no_longer_than_api_timeout_s(
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("lease-release:")]
 
 
+async def test_a_step_down_leaves_a_self_wake_s_slow_lease_release_to_answer(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Cluster mode: a replica steps down (``stop(handover=True)``) while a wake of its
+    own (a follower's self-wake, which may run while the step-down waits) has its lease
+    release on the way, the API slow to answer. The step-down waits no longer than
+    ``control.api_timeout_s`` and then leaves the release to answer: it cut it off, and
+    the lease stayed on the machine for its TTL though the replica lives on (the next
+    leader skipped the machine meanwhile, the lease being another owner's to it)."""
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    control = rig.ctl.settings.control.model_copy(update={"api_timeout_s": 0.1})
+    rig.ctl.settings = rig.ctl.settings.model_copy(update={"control": control})
+    await rig.tick()
+    api.gates["release_machine_lease"] = answered = asyncio.Event()
+    assert await rig.ctl.wake_uncounted(APP) == "resume"
+    await settle()
+    assert api.ops("release_machine_lease") == [mid]
+    async with asyncio.timeout(10):
+        await rig.ctl.stop(handover=True)
+    answered.set()
+    await rig.ctl.actuator.leases.settled()
+    assert api.lease(APP, mid) is None
+    await rig.ctl.stop()
+
+
 # -- end to end, against the emulator's leases -----------------------------------------------
 
 
