@@ -35,11 +35,13 @@ from autoscaler.scaling.fleet import (
     CORDON_METADATA_KEY,
     FAILED,
     FINAL_STATES,
+    RESTART_MAX_S,
     STARTED,
     STARTING,
     SUSPENDED,
     Fleet,
     MachineSnapshot,
+    restart_backoff_s,
 )
 from autoscaler.scaling.policy import Decision, PolicyState
 from autoscaler.scaling.window import LoadWindows
@@ -47,8 +49,6 @@ from autoscaler.scaling.window import LoadWindows
 # What an action task of ours is doing to a machine; "drain" covers the whole sequence.
 TaskKind = Literal["resume", "start", "uncordon", "drain", "stop", "restart", "cleanup"]
 DEFAULT_PORT = 8080
-RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
-RESTART_MAX_S = 300.0
 CheckResult = tuple[str, datetime | None]
 """One check's result as Fly listed it: (the check's name, when Fly ran it)."""
 
@@ -720,8 +720,8 @@ class AppRuntime:
         """A start of ours ended in ``failed``: count it, and back off exponentially."""
         rec = self.restarts.get(machine_id)
         failures = 1 if rec is None else rec.failures + 1
-        delay = min(RESTART_MAX_S, RESTART_BASE_S * 2.0 ** (failures - 1))
-        rec = Restarts(failures, now + delay, failures >= self.config.max_restart_attempts)
+        exhausted = failures >= self.config.max_restart_attempts
+        rec = Restarts(failures, now + restart_backoff_s(failures), exhausted)
         self.restarts[machine_id] = rec
         return rec
 

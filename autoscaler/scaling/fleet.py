@@ -54,6 +54,16 @@ def boot_kind(state: str | None) -> str:
 # Metadata key that marks a cordon as ours, so we never undo someone else's.
 CORDON_METADATA_KEY = "fly_autoscaler_cordon"
 
+RESTART_BASE_S = 2.0  # the wait after a machine's first failed start; it doubles after each
+RESTART_MAX_S = 300.0
+
+
+def restart_backoff_s(failures: int) -> float:
+    """How long a machine whose last ``failures`` starts (>= 1) failed in a row is left
+    failed before it is started again: 2 s, doubling, 300 s at most. Here, not in the
+    controller, so that the simulator backs off as the controller does."""
+    return min(RESTART_MAX_S, RESTART_BASE_S * 2.0 ** min(failures - 1, 16))
+
 
 @dataclass(frozen=True, slots=True)
 class MachineSnapshot:
