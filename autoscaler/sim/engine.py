@@ -332,14 +332,16 @@ class AppSim:
 
     def start(self, m: Machine, now: float) -> bool:
         """Start a stopped machine or resume a suspended one, or take back our drain's
-        suspend under way; False if it cannot be."""
+        suspend under way; False if it cannot be. ``m.how`` then says how it comes up:
+        "resume", or "start" (a cold boot, a resume that falls back to one too); a call
+        the API fails, what it asked for."""
         if m.state == SUSPENDING and m.busy == "drain":
             return self._interrupt(m, now)
         if not m.wakeable:
             self.stats.refused += 1
             return False
         resume = m.state == SUSPENDED
-        m.busy = "resume" if resume else "start"
+        m.busy = m.how = "resume" if resume else "start"
         m.op += 1
         self.stats.api_actions += 1
         timings = self.timings
@@ -351,6 +353,7 @@ class AppSim:
         if resume and self._boots_cold(m, now):
             self.stats.cold_resumes += 1
             duration = timings.start_s
+            m.how = "start"  # as the live wake names it (``Machine.last_boot``)
         self.call(now + timings.api_latency_s, self._starting, (m, m.op, duration))
         return True
 
@@ -362,6 +365,7 @@ class AppSim:
         once and in the API (uncordon, key removal) once the machine is up."""
         timings = self.timings
         self.stats.api_actions += 1
+        m.how = "resume"
         if timings.action_failure_rate and self.rng.random() < timings.action_failure_rate:
             # The call failed: the suspend (and the drain's release after it) carries on.
             self.stats.failed_actions += 1

@@ -64,6 +64,7 @@ class Machine:
         "cordoned",
         "draining",
         "gen",
+        "how",
         "id",
         "idx",
         "in_flight",
@@ -94,6 +95,10 @@ class Machine:
         self.started_at: float | None = None
         self.routable = False
         self.id = machine_id
+        self.how: str | None = None
+        """How its latest start brings (or brought) it up: "resume" from its snapshot, or
+        "start", a cold boot (a resume that fell back to one too), as
+        ``autoscaler.fly.models.Machine.last_boot`` tells it live."""
 
     @property
     def up(self) -> bool:

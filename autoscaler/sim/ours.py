@@ -103,9 +103,10 @@ class PolicyStrategy:
         """With ``record``: every decision acted on (probes of idle ticks are not)."""
         self.carried_out: list[tuple[str, str]] | None = [] if record else None
         """With ``record``: every action handed to the simulated machines, as (what the
-        machine's state made of it, machine id): ``resume`` or ``start`` (a start of a
+        machine made of it, machine id): ``resume`` or ``start`` (a start of a
         suspended machine resumes it, and so does one of a machine our drain is
-        suspending), ``drain``, ``uncordon``, ``stop``."""
+        suspending; a resume that falls back to a cold boot is a ``start``, as the live
+        wake names it), ``drain``, ``uncordon``, ``stop``."""
         self.state = PolicyState()
         self._sim: AppSim | None = None
         self._windows: LoadWindows | None = None
@@ -272,14 +273,17 @@ class PolicyStrategy:
             sim.stats.refused += 1
             return
         kind = action.kind
-        if self.carried_out is not None:
-            done = kind
-            if kind in ("resume", "start"):
-                done = "resume" if m.state in (SUSPENDED, SUSPENDING) else "start"
-            self.carried_out.append((done, m.id))
         if kind in ("resume", "start"):
-            sim.start(m, now)  # resume or start: the machine's state says which
-        elif kind == "drain":
+            asked = "resume" if m.state in (SUSPENDED, SUSPENDING) else "start"
+            started = sim.start(m, now)  # resume or start: the machine's state says which
+            if self.carried_out is not None:
+                # Named by what happens, as the live wake names it: a resume that falls
+                # back to a cold boot is a start.
+                self.carried_out.append(((m.how or asked) if started else asked, m.id))
+            return
+        if self.carried_out is not None:
+            self.carried_out.append((kind, m.id))
+        if kind == "drain":
             sim.drain(m, now)
         elif kind == "uncordon":
             sim.take_back(m, now)

@@ -316,6 +316,26 @@ def test_a_snapshot_older_than_its_limit_resumes_cold_and_a_rate_makes_some_cold
     assert 70 <= half.cold_resumes <= 130  # 199 resumes, each cold with probability 1/2
 
 
+def test_a_resume_that_falls_back_to_a_cold_boot_is_named_a_start() -> None:
+    # Suspended in between, the machine is resumed for the second request: from its
+    # snapshot a resume; fallen back to a cold boot a start, as the live wake names it
+    # (``Machine.last_boot``); so is the start of a machine whose snapshot is too old.
+    requests = [(0.0, 1.0), (600.0, 1.0)]
+    knobs: dict[str, Any] = {"idle_to_zero_s": 60, "scale_down_delay_s": 0, "min_lifetime_s": 0}
+    named = {}
+    for label, timings in [
+        ("warm", T),
+        ("cold", Timings(resume_cold_rate=1.0)),
+        ("aged", Timings(snapshot_max_age_s=100)),
+    ]:
+        ours = PolicyStrategy(record=True)
+        replay(requests, ours, horizon=900.0, timings=timings, max_machines=1, **knobs)
+        assert ours.carried_out is not None
+        named[label] = [kind for kind, _ in ours.carried_out]
+    assert named["warm"] == ["start", "drain", "resume", "drain"]
+    assert named["cold"] == named["aged"] == ["start", "drain", "start", "drain"]
+
+
 def test_failed_start_calls_are_retried_and_cost_their_latency() -> None:
     requests = [(600.0 * i, 0.2) for i in range(100)]
     knobs: dict[str, Any] = {"idle_to_zero_s": 60, "scale_down_delay_s": 0, "min_lifetime_s": 0}
