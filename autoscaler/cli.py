@@ -404,6 +404,14 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
         help="share of start and resume calls the API fails",
     )
     mod.add_argument(
+        "--boot-failure-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of cold boots that end failed (our policy restarts the machine after a "
+        "backoff, within apps[].max_restart_attempts; the baselines wake another)",
+    )
+    mod.add_argument(
         "--balance",
         choices=["least-loaded", "two-choices"],
         default="least-loaded",

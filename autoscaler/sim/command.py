@@ -176,6 +176,7 @@ def _replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         resume_cold_rate=args.resume_cold_rate,
         snapshot_max_age_s=args.snapshot_max_age_s,
         action_failure_rate=args.action_failure_rate,
+        boot_failure_rate=args.boot_failure_rate,
         two_choices=args.balance == "two-choices",
         seed=args.seed,
     )

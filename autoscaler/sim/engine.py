@@ -5,8 +5,9 @@ sorted list of arrivals; nothing happens between events, so a quiet day costs no
 The engine plays the proxy (routing to the least-loaded routable machine under the hard
 limit, holding requests while no machine can take them, 504 after ``wake_timeout_s``,
 503 past ``max_queue``) and the Machines API (each action takes the API latency, then its
-modelled duration). A :class:`Strategy` decides when machines start and go to sleep: our
-policy (``autoscaler.sim.ours``) or a baseline (``autoscaler.sim.baselines``).
+modelled duration; a cold boot may end ``failed`` instead, at ``boot_failure_rate``). A
+:class:`Strategy` decides when machines start and go to sleep: our policy
+(``autoscaler.sim.ours``) or a baseline (``autoscaler.sim.baselines``).
 
 At equal times, events in the heap go before arrivals (a request ending at ``t`` frees its
 slot for one arriving at ``t``), and heap events in the order they were scheduled.
@@ -24,12 +25,14 @@ from typing import Any, Protocol
 
 from autoscaler.config import AppConfig
 from autoscaler.scaling.fleet import (
+    FAILED,
     STARTED,
     STARTING,
     STOPPED,
     STOPPING,
     SUSPENDED,
     SUSPENDING,
+    restart_backoff_s,
 )
 from autoscaler.scaling.window import ConcurrencyMeter
 from autoscaler.sim.model import Machine, Stats, Timings
@@ -148,7 +151,10 @@ class AppSim:
         changes only up to it (``_account``, ``set_state``), and the actions, refusals
         and decisions of the run-on are not counted."""
         st = self.stats
-        kept = (st.api_actions, st.refused, st.cold_resumes, st.failed_actions, st.decisions)
+        kept = (
+            st.api_actions, st.refused, st.cold_resumes, st.failed_actions, st.failed_boots,
+            st.decisions,
+        )  # fmt: skip
         heap, pop, end = self._heap, heapq.heappop, self._end
         while self.queued and heap:  # each held request has its timeout in the heap
             t, _, kind, x, y = pop(heap)
@@ -157,7 +163,10 @@ class AppSim:
                 end(x, y, t)
             else:
                 x(t, y)
-        st.api_actions, st.refused, st.cold_resumes, st.failed_actions, st.decisions = kept
+        (
+            st.api_actions, st.refused, st.cold_resumes, st.failed_actions, st.failed_boots,
+            st.decisions,
+        ) = kept  # fmt: skip
 
     def next_arrival(self) -> float:
         """When the next request arrives (infinity after the last)."""
@@ -331,13 +340,13 @@ class AppSim:
     # --- actions, as the Machines API carries them out ------------------------------
 
     def start(self, m: Machine, now: float) -> bool:
-        """Start a stopped machine or resume a suspended one, or take back our drain's
-        suspend under way; False if it cannot be. ``m.how`` then says how it comes up:
-        "resume", or "start" (a cold boot, a resume that falls back to one too); a call
-        the API fails, what it asked for."""
+        """Start a stopped or failed machine or resume a suspended one, or take back our
+        drain's suspend under way; False if it cannot be. ``m.how`` then says how it
+        comes up: "resume", or "start" (a cold boot, a resume that falls back to one too);
+        a call the API fails, what it asked for."""
         if m.state == SUSPENDING and m.busy == "drain":
             return self._interrupt(m, now)
-        if not m.wakeable:
+        if m.busy is not None or m.state not in (STOPPED, SUSPENDED, FAILED):
             self.stats.refused += 1
             return False
         resume = m.state == SUSPENDED
@@ -350,11 +359,15 @@ class AppSim:
             self.call(now + timings.api_latency_s, self._start_failed, (m, m.op))
             return True
         duration = timings.resume_s if resume else timings.start_s
+        cold = not resume
         if resume and self._boots_cold(m, now):
             self.stats.cold_resumes += 1
             duration = timings.start_s
+            cold = True
             m.how = "start"  # as the live wake names it (``Machine.last_boot``)
-        self.call(now + timings.api_latency_s, self._starting, (m, m.op, duration))
+        rate = timings.boot_failure_rate
+        fails = cold and bool(rate) and self.rng.random() < rate
+        self.call(now + timings.api_latency_s, self._starting, (m, m.op, duration, fails))
         return True
 
     def _interrupt(self, m: Machine, now: float) -> bool:
@@ -376,7 +389,7 @@ class AppSim:
         m.draining = m.waiting = False
         m.cordoned = m.ours = False
         self.stats.api_actions += 2
-        self.call(now + timings.api_latency_s, self._starting, (m, m.op, timings.resume_s))
+        self.call(now + timings.api_latency_s, self._starting, (m, m.op, timings.resume_s, False))
         return True
 
     def _interrupt_failed(self, now: float, m: Machine) -> None:
@@ -399,16 +412,37 @@ class AppSim:
             m.busy = None
             self._settled(now)
 
-    def _starting(self, now: float, arg: tuple[Machine, int, float]) -> None:
-        m, op, duration = arg
+    def _starting(self, now: float, arg: tuple[Machine, int, float, bool]) -> None:
+        m, op, duration, fails = arg
         if m.op == op:
             self.set_state(m, STARTING, now)
-            self.call(now + duration, self._started, (m, op))
+            self.call(now + duration, self._boot_failed if fails else self._started, (m, op))
+
+    def _boot_failed(self, now: float, arg: tuple[Machine, int]) -> None:
+        """The cold boot ended ``failed``, ``starting`` for a boot's time first, as on Fly
+        and in the emulator. It is billed no more; held requests ask for a wake again,
+        which another machine answers (the baselines' as Fly's proxy does; ours while
+        this one waits out its restart backoff). Our controller may start it again
+        after its backoff (``restart_backoff_s``), as long as ``restart_failed`` is on and
+        fewer than ``max_restart_attempts`` of its boots failed in a row, as it does live
+        (``AppRuntime.boot_failed``)."""
+        m, op = arg
+        if m.op != op:
+            return
+        m.busy = None
+        m.failures += 1
+        self.stats.failed_boots += 1
+        cfg = self.config
+        budget = cfg.restart_failed and m.failures < cfg.max_restart_attempts
+        m.restart_at = now + restart_backoff_s(m.failures) if budget else None
+        self.set_state(m, FAILED, now)
+        self._settled(now)
 
     def _started(self, now: float, arg: tuple[Machine, int]) -> None:
         m, op = arg
         if m.op == op:
             m.busy = None
+            m.failures, m.restart_at = 0, None  # up: its restart budget is whole again
             self.set_state(m, STARTED, now)
             self._settled(now)
             if not m.in_flight and m.routable:

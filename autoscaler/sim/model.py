@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from autoscaler.scaling.fleet import STARTED, STOPPED, SUSPENDED
+from autoscaler.scaling.fleet import FAILED, STARTED, STOPPED, SUSPENDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,9 @@ class Timings:
     """A machine suspended longer than this boots cold when resumed (0: never)."""
     action_failure_rate: float = 0.0
     """Share of start and resume calls the API fails (the machine stays as it was)."""
+    boot_failure_rate: float = 0.0
+    """Share of cold boots (a start, or a resume that falls back to one) that end
+    ``failed`` after a cold boot's time, as the emulator's ``faults.boot_failure_rate``."""
     two_choices: bool = False
     """Route as the proxy does: the less loaded of two routable machines picked at random
     (False: the least loaded of all, the ideal the proxy approximates)."""
@@ -50,7 +53,7 @@ class Timings:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
         if self.tick_s <= 0 or self.autostop_interval_s <= 0:
             raise ValueError("tick_s and autostop_interval_s must be > 0")
-        for name in ("resume_cold_rate", "action_failure_rate"):
+        for name in ("resume_cold_rate", "action_failure_rate", "boot_failure_rate"):
             if getattr(self, name) > 1:
                 raise ValueError(f"{name}: expected a share between 0 and 1")
 
@@ -63,6 +66,7 @@ class Machine:
         "busy",
         "cordoned",
         "draining",
+        "failures",
         "gen",
         "how",
         "id",
@@ -71,6 +75,7 @@ class Machine:
         "last_used",
         "op",
         "ours",
+        "restart_at",
         "routable",
         "started_at",
         "state",
@@ -99,11 +104,17 @@ class Machine:
         """How its latest start brings (or brought) it up: "resume" from its snapshot, or
         "start", a cold boot (a resume that fell back to one too), as
         ``autoscaler.fly.models.Machine.last_boot`` tells it live."""
+        self.failures = 0  # cold boots that ended failed in a row (a start that works: 0)
+        self.restart_at: float | None = None
+        """Failed, and our controller may start it again from then (its restart backoff);
+        None: it may not (never failed, ``max_restart_attempts`` spent, or
+        ``restart_failed`` off). The controller's ``Restarts`` record, as the policy's
+        ``MachineSnapshot.restartable`` reads it."""
 
     @property
     def up(self) -> bool:
-        """Billed as running: anything but resting stopped or suspended."""
-        return self.state not in (STOPPED, SUSPENDED)
+        """Billed as running: anything but resting stopped, suspended or failed."""
+        return self.state not in (STOPPED, SUSPENDED, FAILED)
 
     @property
     def wakeable(self) -> bool:
@@ -138,6 +149,8 @@ class Stats:
     """Resumes that fell back to a cold start (``resume_cold_rate``, ``snapshot_max_age_s``)."""
     failed_actions: int = 0
     """Start and resume calls the API failed (``action_failure_rate``)."""
+    failed_boots: int = 0
+    """Cold boots that ended with the machine ``failed`` (``boot_failure_rate``)."""
     decisions: int = 0
     """Times the policy was asked (live ticks; skipped idle ticks are not counted)."""
     changes: list[tuple[float, int]] = field(default_factory=list)

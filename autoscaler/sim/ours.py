@@ -4,7 +4,8 @@ Each tick does what ``Controller.tick`` does live: take a sample from the app's
 ConcurrencyMeter into its LoadWindows, build the Fleet snapshot the way
 ``AppRuntime.fleet`` builds it, call ``autoscaler.scaling.policy.decide`` and carry out the
 actions. A wake (requests held, nothing routable) does what ``Waker.wake`` does: join a
-start of ours under way, else take the machine ``choose_wake`` names.
+start of ours under way, else take the machine ``choose_wake`` names (with none, but a
+failed machine in its restart backoff, ask again when that ends).
 
 Skipping ticks that cannot decide anything, so that quiet hours cost little: when no
 request is in flight or held and no action of ours is under way, nothing changes before
@@ -12,10 +13,12 @@ the next arrival except the clock, and the load windows receive only zero sample
 policy's timers (idle_to_zero_s, scale_down_delay_s, min_lifetime_s, leaving panic,
 stop_suspended_after_s) are one-way, and demand only decays meanwhile, so once a decision
 differs from "nothing to do, same state" every later one does too. The tick just before
-the next arrival is asked first (with the windows as they will be then: the
-zeros to come add time covered and no load); if it would change something, the first such tick
-is bisected. Ticks before it are not run; their samples are still fed to the windows
-before the next real decision, so the windows are exactly what they would have been.
+the next arrival is asked first (with the windows as they will be then: the zeros to come
+add time covered and no load); if it would change something, the first such tick is
+bisected. The end of a failed machine's restart backoff, like a decision's
+``next_check``, is a tick that is run whatever the probes say. Ticks before it are not
+run; their samples are still fed to the windows before the next real decision, so the
+windows are exactly what they would have been.
 ``skip_idle=False`` runs every tick; the tests compare both.
 """
 
@@ -27,7 +30,14 @@ from typing import Any
 
 from autoscaler.config import AppConfig
 from autoscaler.scaling import policy
-from autoscaler.scaling.fleet import STARTED, SUSPENDED, SUSPENDING, Fleet, MachineSnapshot
+from autoscaler.scaling.fleet import (
+    FAILED,
+    STARTED,
+    SUSPENDED,
+    SUSPENDING,
+    Fleet,
+    MachineSnapshot,
+)
 from autoscaler.scaling.policy import Action, Decision, PolicyState
 from autoscaler.scaling.window import LoadWindows
 from autoscaler.sim.engine import AppSim
@@ -37,17 +47,26 @@ Decider = Callable[[Fleet, LoadWindows, AppConfig, float, PolicyState, float | N
 WakeChooser = Callable[[Fleet], Action | None]
 
 
-def snapshot(app: str, machines: list[Machine], cache: dict[int, Any] | None = None) -> Fleet:
-    """The Fleet the policy sees, field by field as ``AppRuntime.fleet`` fills it.
+def snapshot(
+    app: str,
+    machines: list[Machine],
+    cache: dict[int, Any] | None = None,
+    now: float | None = None,
+) -> Fleet:
+    """The Fleet the policy sees, field by field as ``AppRuntime.fleet`` fills it (at
+    ``now``: a failed machine is restartable once its backoff is over; None: whatever
+    its backoff, as there).
 
     ``cache`` keeps each machine's last snapshot: a busy app's stopped machines do not
     change from tick to tick, and building a frozen dataclass is the costly part.
     """
     snaps = []
     for m in machines:
+        at = m.restart_at
+        restartable = at is not None and (now is None or now >= at)
         key = (
             m.state, m.cordoned, m.ours, m.draining, m.busy, m.in_flight, m.last_used,
-            m.started_at, m.state_since,
+            m.started_at, m.state_since, restartable,
         )  # fmt: skip
         if cache is not None:
             hit = cache.get(m.idx)
@@ -69,6 +88,7 @@ def snapshot(app: str, machines: list[Machine], cache: dict[int, Any] | None = N
             last_used=m.last_used,
             started_at=m.started_at if m.state == STARTED else None,
             state_since=m.state_since,
+            restartable=restartable,
             pending=pending,
         )
         if cache is not None:
@@ -113,6 +133,7 @@ class PolicyStrategy:
         self._by_id: dict[str, Machine] = {}
         self._sampled = -1  # index of the last tick whose sample the windows have
         self._asleep = False  # ticks skipped until the next arrival
+        self._rewake_at: float | None = None  # a wake asked again when a backoff ends
         self._snaps: dict[int, Any] = {}
 
     @property
@@ -161,9 +182,33 @@ class PolicyStrategy:
         if sim.routable or sim.coming_up():
             return  # a start of ours is under way: the held requests join it
         chooser = self._chooser or policy.choose_wake
-        action = chooser(snapshot(sim.app, sim.machines, self._snaps))
+        action = chooser(snapshot(sim.app, sim.machines, self._snaps, now))
         if action is not None:
             self._act(action, now)
+        elif sim.stats.failed_boots:
+            # Nothing to wake but failed machines in their restart backoff: the wake asks
+            # again when the first backoff ends, as the controller's waits for it
+            # (``AppRuntime.next_restart_at``), not for the next tick.
+            at = self._restart_due(now)
+            if at is not None and (self._rewake_at is None or not now < self._rewake_at <= at):
+                self._rewake_at = at
+                sim.call(at, self._rewake)
+
+    def _restart_due(self, now: float) -> float | None:
+        """When the first failed machine's restart backoff after ``now`` ends, if any."""
+        return min(
+            (
+                m.restart_at
+                for m in self.sim.machines
+                if m.state == FAILED and m.restart_at is not None and m.restart_at > now
+            ),
+            default=None,
+        )
+
+    def _rewake(self, now: float, _arg: object = None) -> None:
+        sim = self.sim
+        if sim.queued and not sim.routable:
+            self.wake(sim, now)
 
     def on_full(self, sim: AppSim, now: float) -> None:
         """Queued demand shows in the meter; the next tick scales up."""
@@ -192,7 +237,7 @@ class PolicyStrategy:
         windows = self._windows
         assert windows is not None
         self._catch_up(i)
-        fleet = snapshot(sim.app, sim.machines, self._snaps)
+        fleet = snapshot(sim.app, sim.machines, self._snaps, now)
         decision = self.decide(fleet, windows, cfg, now, self.state, sim.last_request_at)
         sim.stats.decisions += 1
         if self.history is not None:
@@ -202,7 +247,14 @@ class PolicyStrategy:
             self._act(action, now)
         following: int | None = i + 1
         if self.skip_idle and not decision.actions and self._quiet():
-            following = self._probe(i, fleet, decision.next_check)
+            due = decision.next_check
+            if sim.stats.failed_boots:
+                # A failed machine becomes restartable when its backoff ends: the
+                # decision may change then, whatever the probes before it say.
+                restart = self._restart_due(now)
+                if restart is not None and (due is None or restart < due):
+                    due = restart
+            following = self._probe(i, fleet, due)
         if following is None:
             self._asleep = True
         else:

@@ -3,7 +3,7 @@
 One row per (app, strategy) and per strategy in total, strategies side by side under each
 app. Waits are over every request served (most wait 0, so p50 is usually 0 and p99 shows
 the wakes); machine-seconds count each machine from the start or resume call until it is
-stopped or suspended again ("started"), and while it rests suspended ("suspended").
+stopped, suspended or failed ("started"), and while it rests suspended ("suspended").
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ COLUMNS = (
     ("errors", "errors", "{:d}"),
     ("cold_resumes", "cold resumes", "{:d}"),
     ("failed_actions", "failed calls", "{:d}"),
+    ("failed_boots", "failed boots", "{:d}"),
 )
 
 

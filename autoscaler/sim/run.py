@@ -146,6 +146,7 @@ class Report:
             out.refused += s.refused
             out.cold_resumes += s.cold_resumes
             out.failed_actions += s.failed_actions
+            out.failed_boots += s.failed_boots
             out.decisions += s.decisions
         out.peak_machines = _peak(s.changes for s in per_app)
         return out
@@ -346,6 +347,7 @@ def summary(stats: Stats) -> dict[str, Any]:
         "errors": stats.errors,
         "cold_resumes": stats.cold_resumes,
         "failed_actions": stats.failed_actions,
+        "failed_boots": stats.failed_boots,
     }
 
 

@@ -185,6 +185,7 @@ def test_generate_without_out_replays_the_trace(
         # inf generated requests without end; nan made none ("steady: no requests").
         (["--generate", "steady", "--hours", "inf"], "hours: expected a finite number > 0"),
         (["--generate", "steady", "--hours", "nan"], "hours: expected a finite number > 0"),
+        (["--boot-failure-rate", "1.5"], "boot_failure_rate: expected a share"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
