@@ -62,12 +62,17 @@ def snapshot(
     """
     snaps = []
     for m in machines:
-        at = m.restart_at
-        restartable = at is not None and (now is None or now >= at)
-        key = (
+        key: tuple[Any, ...] = (
             m.state, m.cordoned, m.ours, m.draining, m.busy, m.in_flight, m.last_used,
-            m.started_at, m.state_since, restartable,
+            m.started_at, m.state_since,
         )  # fmt: skip
+        restartable = False
+        at = m.restart_at
+        if at is not None:
+            # Its boots failed: its key says whether it is restartable now. The others'
+            # keys stay as they were (this runs for every machine at every tick).
+            restartable = now is None or now >= at
+            key = (*key, restartable)
         if cache is not None:
             hit = cache.get(m.idx)
             if hit is not None and hit[0] == key:
