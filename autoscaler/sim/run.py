@@ -294,7 +294,9 @@ def _hand_out(workers: list[tuple[BaseProcess, Connection]], tasks: Sequence[Any
             worker = busy.pop(conn)
             try:
                 index, ok, value, where = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):
+                # Ended: its pipe closed, or reset (ConnectionResetError) when it died
+                # with a task sent to it unread.
                 worker.join()
                 raise _died(worker) from None
             if not ok:

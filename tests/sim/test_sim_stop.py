@@ -171,3 +171,33 @@ def test_a_worker_killed_after_its_answer_is_a_worker_that_died(
     with pytest.raises(run.WorkerDied, match="ended with exit code -9"):
         run.fork_map(_double, 3, tasks, jobs=1)
     assert multiprocessing.active_children() == []
+
+
+def test_a_worker_killed_with_its_next_task_unread_is_a_worker_that_died(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed with a task sent to it and not yet read, the worker's end of the pipe was
+    reset rather than closed: the answer's read raised ConnectionResetError, and the
+    command ended with its traceback (test_a_worker_killed_alone_ends_it_with_one_line,
+    now and then)."""
+    real_wait = run.wait
+    calls: list[int] = []
+
+    def stop_then_kill(conns: Any) -> Any:
+        (worker,) = multiprocessing.active_children()
+        assert worker.pid is not None
+        calls.append(worker.pid)
+        if len(calls) == 1:
+            ready = real_wait(conns)
+            # Its first answer is in: held still, it reads no other task...
+            os.kill(worker.pid, signal.SIGSTOP)
+            return ready
+        # ... and dies with the second one unread, its answer awaited.
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+        return real_wait(conns)
+
+    monkeypatch.setattr(run, "wait", stop_then_kill)
+    with pytest.raises(run.WorkerDied, match="ended with exit code -9"):
+        run.fork_map(_double, 3, [1, 2], jobs=1)
+    assert multiprocessing.active_children() == []
