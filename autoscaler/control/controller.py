@@ -670,35 +670,37 @@ class Controller:
         """Await a wake of ``app`` and count it in ``autoscaler_wakes_total`` by how it
         ended: ok (it returned, "none" included: a machine was routable already, or a
         drain was taken back), failed (it raised; logged as ``wake_failed``) or cancelled
-        (a stop, a step-down, a reload that removed the app). An app not scaled here (or
-        no longer, at the end) is not counted: its series are not ours to make.
+        (a stop, a step-down, a reload that removed the app). An app not scaled here when
+        the wake began is not counted: its series are not ours to make. One that was is
+        counted however it ends: a reload that removes the app lets go of it before it
+        cuts its wake short, and that wake, read as no longer ours, went uncounted.
 
         ``asked`` (a cluster leader's): whether this process's proxy asked for the wake,
         as it ends. One it made only for another replica's held requests is not counted
         here: that replica's own wake, which asked for it, counts it, so a sum over the
         replicas counts each proxy's wake once. Its failure is logged all the same (the
         error is known here only)."""
+        if app not in self.apps:
+            return await wake
         try:
             how = await wake
         except asyncio.CancelledError:
             self._count_wake(app, "cancelled", asked)
             raise
         except Exception as exc:
-            if self._count_wake(app, "failed", asked):
+            self._count_wake(app, "failed", asked)
+            if app in self.apps:  # a removed app's wake_failed would outlive it
                 self._log_wake_failed(app, exc)
             raise
         self._count_wake(app, "ok", asked)
         self._wake_failed.pop(app, None)
         return how
 
-    def _count_wake(self, app: str, result: str, asked: Callable[[], bool] | None) -> bool:
-        """Count the wake if it is ours to (see :meth:`counted`); whether ``app`` is
-        scaled here."""
-        if app not in self.apps:
-            return False
+    def _count_wake(self, app: str, result: str, asked: Callable[[], bool] | None) -> None:
+        """Count the wake of an app that was scaled here when it began, if it is ours to
+        (see :meth:`counted`)."""
         if asked is None or asked():
             self.metrics.wakes.labels(app=app, result=result).inc()
-        return True
 
     def _log_wake_failed(self, app: str, exc: Exception) -> None:
         error = str(exc) or type(exc).__name__

@@ -1196,6 +1196,22 @@ async def test_every_wake_counts_by_how_it_ended(api: FakeMachinesAPI, clock: Fa
     assert wakes(rig) == {"failed": 1}
 
 
+async def test_a_wake_cut_short_by_a_reload_that_removes_its_app_counts_cancelled(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A reload that takes the app away cuts its wake short: cancelled, as the metric's
+    help says. The reload let go of the app before the wake ended, and a wake of an app
+    no longer scaled was not counted at all (autoscaler_wakes_total stayed at 0)."""
+    api.add(APP, "stopped")
+    api.gates["start_machine"] = asyncio.Event()  # never set: the wake is under way
+    rig = Rig(api, clock)
+    rig.view.set_waker(rig.ctl.wake)
+    rig.view.wake(APP)
+    await settle()
+    await rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))
+    assert wakes(rig) == {"cancelled": 1}
+
+
 async def test_a_failed_wake_is_logged_once_a_minute_for_the_same_error(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
