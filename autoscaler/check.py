@@ -4,7 +4,9 @@ When the configured Machines API answers, it also reads each scaled app's machin
 about Fly's own autostop/autostart on them (they would fight the autoscaler); when it cannot
 ask, it says so. Warnings do not change the exit status. What ``autoscaler run`` refuses
 to start on is a problem here too (exit 2): no app, an app to scale through Fly's API
-without a token, and a token that API refuses (401, 403).
+without a token, and a token that API refuses (401, 403); so is an app to scale that the
+API says does not exist (404: a typo in its name, or another organization's app), which
+``run`` would tick in vain, every request to it held until its 504.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from autoscaler.config import (
 )
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import FlyError, Unauthorized
+from autoscaler.fly.errors import FlyError, NotFound, Unauthorized
 from autoscaler.scaling.keepalive import fallback_keep_s
 
 API_TIMEOUT_S = 5.0
@@ -83,6 +85,8 @@ class FleetCheck:
     warnings: list[str] = field(default_factory=list)
     refused: list[tuple[str, Unauthorized]] = field(default_factory=list)
     """Apps whose list the API refused to the token (401, 403), with its answer."""
+    missing: list[tuple[str, NotFound]] = field(default_factory=list)
+    """Apps the API says do not exist (404 on their list of machines), with its answer."""
 
 
 async def fleet_check(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> FleetCheck:
@@ -110,6 +114,9 @@ async def fleet_check(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> F
                 found.refused.append((app, exc))
                 if exc.status == 401:  # the token itself: every app would say the same
                     break
+                continue
+            except NotFound as exc:
+                found.missing.append((app, exc))
                 continue
             except FlyError as exc:
                 warnings.append(
@@ -147,6 +154,17 @@ def refused_problem(file: Path, settings: Settings, app: str, exc: Unauthorized)
     )
 
 
+def missing_problem(file: Path, settings: Settings, app: str, exc: NotFound) -> str:
+    """An app to scale that the Machines API does not know: check-config said OK, with a
+    warning about Fly's autostop, and ``run`` failed every tick of it."""
+    index = next(i for i, a in enumerate(settings.apps) if a.name == app)
+    return (
+        f"{file}: apps[{index}].name: the Machines API at {settings.fly.api_url} has no app"
+        f" {app!r} ({exc}): check the name (`fly apps list`), and that the token is of the"
+        " app's organization"
+    )
+
+
 def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -164,9 +182,11 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
         print(problem, file=err)
         return 2
     found = asyncio.run(fleet_check(settings))
-    if found.refused:
-        for app, refusal in found.refused:
-            print(refused_problem(file, settings, app, refusal), file=err)
+    problems = [refused_problem(file, settings, app, exc) for app, exc in found.refused]
+    problems += [missing_problem(file, settings, app, exc) for app, exc in found.missing]
+    if problems:
+        for line in problems:
+            print(line, file=err)
         return 2
     print(f"{file}: OK", file=out)
     for line in summary(settings):

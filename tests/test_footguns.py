@@ -262,6 +262,28 @@ async def test_check_config_fails_when_the_api_refuses_the_token(
         assert refused not in text
 
 
+@pytest.mark.usefixtures("no_fly_token")
+async def test_check_config_fails_on_an_app_the_api_does_not_have(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """An app name the Machines API does not know (404: a typo, another organization's
+    app) passed check-config (exit 0) with a warning that it could not check Fly's
+    autostop, and `run` failed every tick of it. The apps it has are fine."""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
+    fly = f"fly: {{api_url: '{emulator.url}', token: {emulator.token}, rate_limit: false}}\n"
+    apps = "apps: [{name: web, hosts: [web.test]}, {name: wbe, hosts: [wbe.test]}]\n"
+    path = write(tmp_path, fly + apps)
+    out, err = io.StringIO(), io.StringIO()
+    assert await asyncio.to_thread(check_config, str(path), out, err) == 2
+    assert out.getvalue() == ""
+    (line,) = err.getvalue().splitlines()
+    assert line.startswith(
+        f"{path}: apps[1].name: the Machines API at {emulator.url} has no app 'wbe'"
+        " (list_machines: HTTP 404: "
+    ), line
+    assert emulator.token not in line
+
+
 def test_emulator_is_asked_for_by_flag_or_by_name(tmp_path: Path) -> None:
     path = write(tmp_path, "fly: {org_slug: mine}\n" + APP)
     settings, _ = load_settings(path, env={}, overrides={"fly": {"api_url": "embedded"}})
