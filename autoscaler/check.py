@@ -101,6 +101,7 @@ async def fleet_check(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> F
             "Fly's autostop/autostart: not checked (the embedded emulator's machines exist"
             " only once it runs)"
         )
+        found.warnings += [lacking(app) for app in settings.apps_the_emulator_lacks()]
         return found
     client = MachinesClient.from_settings(
         settings.fly, timeout_s=timeout_s, max_retries=0, retry_deadline_s=timeout_s
@@ -128,6 +129,15 @@ async def fleet_check(settings: Settings, timeout_s: float = API_TIMEOUT_S) -> F
             if warning:
                 warnings.append(warning)
     return found
+
+
+def lacking(app: str) -> str:
+    """An app to scale the embedded emulator will not have (Settings.apps_the_emulator_lacks)."""
+    return (
+        f"app {app}: not in emulator.apps, so the embedded emulator has no such app: every"
+        " call for it will be answered 404 and no request to it served; add it there (with"
+        " its machines) or point fly.api_url at the Machines API that has it"
+    )
 
 
 def _token_origin(file: Path) -> str:

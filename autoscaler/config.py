@@ -1095,6 +1095,17 @@ class Settings(BaseSettings):
             self.fly.api_url is None and any(not app.static for app in self.apps)
         )
 
+    def apps_the_emulator_lacks(self) -> list[str]:
+        """The apps to scale that the embedded emulator will not have: not in
+        ``emulator.apps``, and no ``emulator.state_file`` that may hold them. Every call
+        for such an app is a 404 (each tick fails, each request waits for its 504): a
+        production config tried with ``run --emulator`` names apps the emulator never
+        made."""
+        if not self.fly.embedded or self.emulator.state_file is not None:
+            return []
+        seeded = {app.name for app in self.emulator.apps}
+        return [app.name for app in self.apps if not app.static and app.name not in seeded]
+
     def _listen_clashes(self) -> list[_KeyError]:
         """The servers of one process on one address: the second would fail to start
         ("address in use"). The embedded emulator's counts when it runs: ``fly.api_url:

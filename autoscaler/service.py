@@ -183,6 +183,7 @@ class Service:
             await self.emulator.start()
             redactor().add(self.emulator.token)
             _log.info("embedded_emulator", url=self.emulator.url)
+            self._warn_lacking(s)
             self.client = MachinesClient.from_settings(
                 s.fly,
                 base_url=self.emulator.url,
@@ -358,6 +359,8 @@ class Service:
             await self.controller.update_settings(new)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
+        if self.emulator is not None:
+            self._warn_lacking(new)
         if not new.apps:
             _log.warning(
                 "no_apps",
@@ -366,6 +369,18 @@ class Service:
                 " lists apps again; a restart on this file is refused",
             )
         return True
+
+    def _warn_lacking(self, settings: Settings) -> None:
+        """Say which apps to scale the embedded emulator does not have (every call for them
+        a 404): tick_failed lines said so, each 5 s, but not why nor what to do."""
+        lacking = settings.apps_the_emulator_lacks()
+        if lacking:
+            _log.warning(
+                "emulator_apps_missing",
+                apps=lacking,
+                hint="not in emulator.apps: the embedded emulator has no such app, so no"
+                " request to it is served; add them there (with their machines)",
+            )
 
     def _warn_fly_autoscaling(self, app: str, machines: list[Machine]) -> None:
         """Warn, once per app, when its machines have Fly's own autostop/autostart on (from

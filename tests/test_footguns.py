@@ -510,6 +510,13 @@ async def test_check_config_says_when_it_could_not_check() -> None:
     static = api_settings(dead, "t0ken-xyz-0123456789", backends=["127.0.0.1:1"])
     assert await fleet_check(static) == FleetCheck()  # nothing scaled, nothing to ask
     embedded = Settings.model_validate({"apps": [{"name": "web"}]})
+    autostop, lacking = (await fleet_check(embedded)).warnings
+    assert "not checked" in autostop
+    # An app the embedded emulator will not have: every call for it a 404.
+    assert lacking.startswith("app web: not in emulator.apps, so the embedded emulator has")
+    embedded = Settings.model_validate(
+        {"apps": [{"name": "web"}], "emulator": {"apps": [{"name": "web"}]}}
+    )
     (line,) = (await fleet_check(embedded)).warnings
     assert "not checked" in line
 

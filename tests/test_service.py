@@ -145,6 +145,25 @@ async def test_run_serves_through_the_embedded_emulator_and_reloads(
     assert reg.get_sample_value("autoscaler_config_reloads_total", {"result": "success"}) == 1
 
 
+async def test_apps_the_embedded_emulator_lacks_are_named_at_start_and_reload(
+    tmp_path: Path,
+) -> None:
+    """A config tried with `run --emulator` whose apps are not in emulator.apps: the
+    emulator has no such app, and only tick_failed's 404s, every 5 s, said anything (not
+    why, nor what to do). The start names them; so does a reload that adds one."""
+    settings = config(free_port())
+    settings["apps"].append({"name": "blog", "hosts": ["blog.test"]})
+    file = write_config(tmp_path / "autoscaler.yaml", settings)
+    with capture_logs() as logs:
+        async with live_service(file) as svc:
+            settings["apps"].append({"name": "shop", "hosts": ["shop.test"]})
+            write_config(file, settings)
+            assert await svc.reload()
+    said = [e["apps"] for e in logs if e["event"] == "emulator_apps_missing"]
+    assert said == [["blog"], ["blog", "shop"]]
+    assert leftovers(os.getpid()) == []
+
+
 async def test_a_reload_that_asks_to_protect_metrics_without_a_token_is_refused(
     service: Service,
 ) -> None:
