@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import socket
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -955,6 +956,11 @@ class EmulatorApp(_Model):
         return value
 
 
+IMAGE_PLACEHOLDERS = ("{host}", "{port}", "{python}")
+"""What the emulator fills in an image's command template (emulator.machines)."""
+_PLACEHOLDER_RE = re.compile(r"(?<!\$)\{[A-Za-z_][A-Za-z0-9_]*\}")  # not a shell's ${VAR}
+
+
 class EmulatorSettings(_Model):
     listen: LoopbackListen = Field(
         default="127.0.0.1:4280", description="address of the emulated API (loopback only)"
@@ -996,6 +1002,27 @@ class EmulatorSettings(_Model):
     seed_wait_limits: bool = Field(
         default=False, description="/wait as the seed has it: timeout up to 300 s, no version"
     )
+
+    @field_validator("images")
+    @classmethod
+    def _templates_known(cls, images: dict[str, str]) -> dict[str, str]:
+        """A placeholder the emulator does not fill (``{prt}``) or a quote left open went
+        to the machine as written: its process failed at every boot, and ``run`` said
+        only "machine ... failed to boot"."""
+        for image, template in images.items():
+            try:
+                shlex.split(template)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{image}: expected a command line, got {template!r} ({exc})"
+                ) from None
+            unknown = sorted(set(_PLACEHOLDER_RE.findall(template)) - set(IMAGE_PLACEHOLDERS))
+            if unknown:
+                raise ValueError(
+                    f"{image}: unknown placeholder {', '.join(unknown)} in {template!r}"
+                    f" (known: {', '.join(IMAGE_PLACEHOLDERS)})"
+                )
+        return images
 
     @field_validator("apps")
     @classmethod

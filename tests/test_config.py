@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,30 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_every_shipped_config_passes(path: Path) -> None:
     settings, _ = load_settings(path, env={})
     assert isinstance(settings, Settings)
+
+
+def test_an_image_template_the_emulator_cannot_fill_is_refused(tmp_path: Path) -> None:
+    """``{prt}`` for ``{port}``, or a quote left open: the template was taken as written,
+    and each boot of a machine of that image failed ("machine ... failed to boot", no
+    word of why). A shell's ``${VAR}`` is not a placeholder."""
+    images = {
+        "a": "{python} -m web --port {prt}",
+        "b": "{python} -c 'print(1)",
+        "ok": "{python} -m web --bind {host}:{port} --home ${HOME} --json '{\"k\": 1}'",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, f"emulator: {{images: {json.dumps(images)}}}\n"), env={})
+    (line,) = caught.value.problems
+    assert "emulator.images: a: unknown placeholder {prt}" in line, line
+    del images["a"]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, f"emulator: {{images: {json.dumps(images)}}}\n"), env={})
+    (line,) = caught.value.problems
+    assert "emulator.images: b: expected a command line, got" in line, line
+    del images["b"]
+    ok = write(tmp_path, f"emulator: {{images: {json.dumps(images)}}}\n")
+    settings, _ = load_settings(ok, env={})
+    assert settings.emulator.images == images
 
 
 def test_emulator_token_from_the_environment(tmp_path: Path) -> None:

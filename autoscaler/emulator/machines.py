@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from autoscaler.config import EmulatorSettings, FaultSettings, Timing
+from autoscaler.config import IMAGE_PLACEHOLDERS, EmulatorSettings, FaultSettings, Timing
 from autoscaler.emulator.checks import HealthChecks
 from autoscaler.emulator.model import (
     MAX_EVENTS,
@@ -159,7 +159,8 @@ class Lifecycle:
         template = self.resolve_image(str(m.config.get("image", "")))
         if template is None:
             raise Conflict(f"image {m.config.get('image')!r} is not in the emulator's image table")
-        fill = {"{host}": m.private_ip, "{port}": str(m.internal_port), "{python}": sys.executable}
+        values = (m.private_ip, str(m.internal_port), sys.executable)
+        fill = dict(zip(IMAGE_PLACEHOLDERS, values, strict=True))
         argv = []
         for arg in shlex.split(template):
             for key, value in fill.items():
