@@ -47,9 +47,13 @@ def summary(settings: Settings) -> list[str]:
         api = f"embedded emulator on {settings.emulator.listen}"
     else:
         api = settings.fly.api_url
+    # The Fly token is read only by a client of a real Machines API: the embedded emulator
+    # takes its own, and a config of static apps alone calls no API ("token not set" there
+    # read as something to fix).
     token = "set" if settings.fly.token else "not set"
+    used = settings.fly.api_url is not None and not settings.fly.embedded
     lines = [
-        f"Machines API: {api} (token {token}, org {settings.fly.org_slug})",
+        f"Machines API: {api}" + (f" (token {token}, org {settings.fly.org_slug})" if used else ""),
         f"proxy: {settings.proxy.listen}   admin: {settings.admin.listen}"
         f"   tick: {settings.control.tick_s:g}s",
         f"apps: {len(settings.apps)}",

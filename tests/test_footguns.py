@@ -305,6 +305,11 @@ def test_check_config_says_run_needs_the_emulator_flag(
 ) -> None:
     assert check_config(str(write(tmp_path, APP))) == 0
     assert "not set: `autoscaler run` needs --emulator" in capsys.readouterr().out
+    # The embedded emulator takes its own token: the Fly token's absence is no concern.
+    embedded = "fly: {api_url: embedded}\nemulator: {token: emu-t0ken-0123456789}\n"
+    assert check_config(str(write(tmp_path, embedded + APP))) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Machines API")]
+    assert line == "Machines API: embedded emulator on 127.0.0.1:4280"
 
 
 def test_check_config_says_static_apps_need_no_machines_api(
@@ -313,7 +318,8 @@ def test_check_config_says_static_apps_need_no_machines_api(
     # config/static.yaml was told "`autoscaler run` needs --emulator", which it does not.
     assert check_config(str(REPO / "config" / "static.yaml")) == 0
     out = capsys.readouterr().out
-    assert "Machines API: not set, and not needed: every app is static (has backends)" in out
+    # Not followed by "(token not set, ...)": no API is called, so no token is needed.
+    assert "Machines API: not set, and not needed: every app is static (has backends)\n" in out
     assert "--emulator" not in out
 
 
