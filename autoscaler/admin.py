@@ -120,6 +120,8 @@ class AppHealthLike(Protocol):
     @property
     def last_error(self) -> str | None: ...
     @property
+    def api_error(self) -> str | None: ...
+    @property
     def machines_known(self) -> bool: ...
 
 
@@ -335,11 +337,12 @@ class AdminServer:
                 problems.append(
                     f"control loop last ticked {age:.1f}s ago (limit {self.max_tick_age_s:g}s)"
                 )
-        failing = [a for a in apps if a.last_error]
+        failing = [a for a in apps if a.api_error]
         # One app's error may be its own (a bad app name); every app failing means the
-        # Machines API itself is out of reach.
+        # Machines API itself is out of reach. An action's error that the API did not give
+        # (a boot that ended failed) says nothing of the API.
         if len(failing) == len(apps):
-            problems.append(f"Machines API unreachable: {failing[0].last_error}")
+            problems.append(f"Machines API unreachable: {failing[0].api_error}")
         return problems
 
     def status_document(self) -> dict[str, Any]:

@@ -474,6 +474,8 @@ class Actuator:
         self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception, began: float
     ) -> None:
         rt.last_error = f"{kind} {mid}: {exc}"
+        if isinstance(exc, FlyError):  # not a boot that failed: the API answered that
+            rt.api_error = rt.last_error
         run = rt.running.get(mid)
         if run is not None and run.task is asyncio.current_task():
             run.error = exc

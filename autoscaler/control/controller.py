@@ -127,6 +127,8 @@ class AppHealth:
     app: str
     last_tick_at: float | None
     last_error: str | None
+    api_error: str | None
+    """``last_error`` when it came from the Machines API (AppRuntime.api_error)."""
     machines_known: bool
     """A list of its machines was read (or, where no loop of ours reads, routed)."""
 
@@ -506,7 +508,7 @@ class Controller:
             except Exception as exc:
                 # FlyError is the expected case; anything else is a bug, but one bad tick
                 # must not end the app's loop for good.
-                rt.last_error = str(exc)
+                rt.last_error = rt.api_error = str(exc)
                 rt.changed_at = self.clock()  # the next tick reads, whatever it knows
                 cap = self.settings.control.api_backoff_max_s
                 rt.backoff_s = min(cap, max(2 * tick_s, 2 * rt.backoff_s))
@@ -596,7 +598,7 @@ class Controller:
             # Between reads the machines change only through our actions, which publish
             # their own changes: a tick that did not read has nothing new to show.
             self.actuator.publish(rt)
-            rt.last_error = None  # the API answered (a tick that did not read knows nothing)
+            rt.last_error = rt.api_error = None  # the API answered (a tick that read)
         self._gauge(rt, decision)
         rt.last_tick_at = self.last_tick_at = now
         return decision
@@ -763,6 +765,7 @@ class Controller:
                 app=rt.name,
                 last_tick_at=rt.last_tick_at,
                 last_error=rt.last_error,
+                api_error=rt.api_error,
                 machines_known=bool(rt.machines if deciding else self.view.app(rt.name).upstreams),
             )
             for rt in self.apps.values()

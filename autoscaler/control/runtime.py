@@ -392,6 +392,10 @@ class AppRuntime:
     pre-warm window opens, the idle timer ends): the loop ticks again by then."""
     last_tick_at: float | None = None
     last_error: str | None = None
+    api_error: str | None = None
+    """``last_error`` when it came from the Machines API (a tick's read, an action's call),
+    None when it did not (a boot that ended ``failed``): only those make the control plane
+    unhealthy ("Machines API unreachable"), as a boot failure made it."""
     backoff_s: float = 0.0
     billing: MachineTime = field(default_factory=MachineTime)
     wake_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

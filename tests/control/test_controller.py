@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from testkit import canned_http, until
 
-from autoscaler.config import AppConfig, ControlSettings, Settings
+from autoscaler.admin import AdminServer
+from autoscaler.config import AdminSettings, AppConfig, ControlSettings, Settings
 from autoscaler.control.actions import CORDON_UNSURE_S
 from autoscaler.control.controller import (
     MAX_RETRY_AFTER_S,
@@ -1318,6 +1319,32 @@ async def test_wake_without_any_machine_raises(api: FakeMachinesAPI, clock: Fake
         await rig.ctl.wake(APP)
     with pytest.raises(WakeError):
         await rig.ctl.wake("unknown")
+
+
+async def test_a_boot_that_fails_is_no_machines_api_error(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A start the API took whose machine ended ``failed`` is the app's last error, but
+    not the API's: with one app, the control plane read as unhealthy ("Machines API
+    unreachable: start ...: machine ... failed to boot", /readyz?control=1 503,
+    autoscaler_control_healthy 0) until the next read. An action the API failed is."""
+    mid = api.add(APP, "stopped")
+    api.broken.add(mid)
+    rig = Rig(api, clock, min_machines=1)
+    admin = AdminServer(AdminSettings(), rig.metrics, rig.ctl, clock=clock)
+    await rig.tick()
+    await settle()
+    (health,) = rig.ctl.health()
+    assert health.last_error == f"start {mid}: machine {mid} failed to boot"
+    assert admin.control_problems() == []
+    api.broken.discard(mid)
+    api.fail["start_machine"] = [ServerError(500, "internal error")]
+    await clock.advance(60)
+    await rig.tick()
+    await settle()
+    (problem,) = admin.control_problems()
+    assert problem.startswith(f"Machines API unreachable: start {mid}: "), problem
+    assert "HTTP 500" in problem
 
 
 async def test_failed_restarts_back_off_exponentially_until_the_budget_is_spent(

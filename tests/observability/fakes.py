@@ -45,6 +45,7 @@ class FakeAppHealth:
     app: str
     last_tick_at: float | None
     last_error: str | None
+    api_error: str | None
     machines_known: bool
 
 
@@ -61,7 +62,9 @@ class FakeController:
 
     def health(self) -> list[FakeAppHealth]:
         return [
-            FakeAppHealth(a.app, a.last_tick_at, a.last_error, bool(a.machines)) for a in self.apps
+            # Their last_error is the API's (a read that failed), as a tick's is.
+            FakeAppHealth(a.app, a.last_tick_at, a.last_error, a.last_error, bool(a.machines))
+            for a in self.apps
         ]
 
 
