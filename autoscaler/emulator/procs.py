@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -304,10 +304,9 @@ class NoAddress(Exception):
     """No loopback address is free for a machine's port."""
 
 
-def descendants(root: int) -> list[int]:
-    """The live processes below ``root`` (its children, theirs, ...), parents first, read
-    from /proc (Linux; none elsewhere). Zombies are left out: they run nothing."""
-    children: dict[int, list[int]] = {}
+def _live() -> Iterator[tuple[int, int]]:
+    """Every live process (not a zombie: it runs nothing) as (pid, parent pid), read from
+    /proc (Linux; none elsewhere). One that ends while it is read is left out."""
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -317,9 +316,16 @@ def descendants(root: int) -> list[int]:
                     stat = fh.read()
                 fields = stat[stat.rindex(b")") + 2 :].split()
                 if fields[0] != b"Z":
-                    children.setdefault(int(fields[1]), []).append(int(entry))
+                    yield int(entry), int(fields[1])
             except (OSError, ValueError, IndexError):
                 continue  # it ended while we looked
+
+
+def descendants(root: int) -> list[int]:
+    """The live processes below ``root`` (its children, theirs, ...), parents first."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _live():
+        children.setdefault(ppid, []).append(pid)
     found: list[int] = []
     todo = [root]
     while todo:
@@ -359,30 +365,18 @@ def leftovers(parent_pid: int) -> list[tuple[int, str]]:
     """
     found: list[tuple[int, str]] = []
     markers = {f"{PARENT_ENV}={parent_pid}".encode(), f"{SESSION_ENV}={parent_pid}".encode()}
-    proc = "/proc"
-    if not os.path.isdir(proc):
-        return found
-    for entry in os.listdir(proc):
-        if not entry.isdigit() or int(entry) == parent_pid:
+    for pid, ppid in _live():
+        if pid == parent_pid:
             continue
         try:
-            with open(f"{proc}/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-            fields = stat[stat.rindex(b")") + 2 :].split()
-            state, ppid = fields[0], int(fields[1])
-            if state == b"Z":
-                continue
             mine = ppid == parent_pid
             if not mine:
-                with (
-                    contextlib.suppress(OSError),
-                    open(f"{proc}/{entry}/environ", "rb") as fh,
-                ):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as fh:
                     mine = not markers.isdisjoint(fh.read().split(b"\0"))
             if mine:
-                with open(f"{proc}/{entry}/cmdline", "rb") as fh:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
                     cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-                found.append((int(entry), cmd))
-        except (OSError, ValueError, IndexError):
+                found.append((pid, cmd))
+        except OSError:
             continue  # the process ended while we looked
     return found
