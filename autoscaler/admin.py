@@ -340,7 +340,8 @@ class AdminServer:
         failing = [a for a in apps if a.api_error]
         # One app's error may be its own (a bad app name); every app failing means the
         # Machines API itself is out of reach. An action's error that the API did not give
-        # (a boot that ended failed) says nothing of the API.
+        # (a boot that ended failed), or a refusal it answered (a machine's state or
+        # config), says nothing of the API.
         if len(failing) == len(apps):
             problems.append(f"Machines API unreachable: {failing[0].api_error}")
         return problems

@@ -114,6 +114,10 @@ Probe = Callable[[str, int], Awaitable[bool]]
 STATE_WAIT_S = 120.0  # suspending a large machine can take well over 15 s
 BOOT_WAIT_MIN_S = 60.0  # a cold boot may outlast the wake timeout; the machine still counts
 PROBE_INTERVAL_S = 0.05
+MACHINE_REFUSALS = (BadRequest, NotFound, Conflict)
+"""An action's errors that are the API's answer about the machine (its config, its state,
+a lease, a machine gone): no sign that the Machines API is out of reach
+(``AppRuntime.api_error``)."""
 LAST_BOOT_READ_S = 10.0
 """How long the read of a resumed machine's events (did it fall back to a cold boot?) may
 take; it goes on after the machine routes (``Actuator._read_late``)."""
@@ -474,7 +478,10 @@ class Actuator:
         self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception, began: float
     ) -> None:
         rt.last_error = f"{kind} {mid}: {exc}"
-        if isinstance(exc, FlyError):  # not a boot that failed: the API answered that
+        if isinstance(exc, FlyError) and not isinstance(exc, MACHINE_REFUSALS):
+            # The API's own trouble (5xx, 429, a transport error, a token refused), which
+            # control health counts: not a boot that failed, nor a refusal about the
+            # machine (the API answered, a start refused in a 200 too).
             rt.api_error = rt.last_error
         run = rt.running.get(mid)
         if run is not None and run.task is asyncio.current_task():

@@ -393,9 +393,11 @@ class AppRuntime:
     last_tick_at: float | None = None
     last_error: str | None = None
     api_error: str | None = None
-    """``last_error`` when it came from the Machines API (a tick's read, an action's call),
-    None when it did not (a boot that ended ``failed``): only those make the control plane
-    unhealthy ("Machines API unreachable"), as a boot failure made it."""
+    """``last_error`` when it says the Machines API is in trouble (a tick's read failed, an
+    action's call failed: 5xx, 429, transport), None when it does not (a boot that ended
+    ``failed``, an action the API refused for the machine's state or config:
+    ``actions.MACHINE_REFUSALS``): only those make the control plane unhealthy
+    ("Machines API unreachable"), as a boot failure and a refused start made it."""
     backoff_s: float = 0.0
     billing: MachineTime = field(default_factory=MachineTime)
     wake_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

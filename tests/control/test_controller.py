@@ -1347,6 +1347,36 @@ async def test_a_boot_that_fails_is_no_machines_api_error(
     assert "HTTP 500" in problem
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        Conflict(200, "machine could not be started: boot refused"),  # 200 'status: error'
+        Conflict(412, "unable to start machine from current state: 'replacing'"),
+        BadRequest(422, "invalid machine config"),
+        NotFound(404, "machine not found"),
+    ],
+    ids=["200-status-error", "412", "422", "404"],
+)
+async def test_an_action_the_api_refuses_is_no_machines_api_error(
+    api: FakeMachinesAPI, clock: FakeClock, refusal: FlyError
+) -> None:
+    """An action the API answered with a refusal about the machine (its state, its
+    config, a machine gone) is the app's last error, but says nothing of the API, which
+    answered: with one app, it read as "Machines API unreachable: start ...", even for a
+    start refused in a 200 (``status: error``), /readyz?control=1 503 and
+    autoscaler_control_healthy 0, until the next read (up to control.idle_poll_s)."""
+    mid = api.add(APP, "stopped")
+    api.fail["start_machine"] = [refusal]
+    rig = Rig(api, clock, min_machines=1)
+    admin = AdminServer(AdminSettings(), rig.metrics, rig.ctl, clock=clock)
+    await rig.tick()
+    await settle()
+    (health,) = rig.ctl.health()
+    assert health.last_error is not None
+    assert health.last_error.startswith(f"start {mid}: "), health.last_error
+    assert admin.control_problems() == []
+
+
 async def test_failed_restarts_back_off_exponentially_until_the_budget_is_spent(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
