@@ -961,6 +961,16 @@ IMAGE_PLACEHOLDERS = ("{host}", "{port}", "{python}")
 _PLACEHOLDER_RE = re.compile(r"(?<!\$)\{[A-Za-z_][A-Za-z0-9_]*\}")  # not a shell's ${VAR}
 
 
+def _misspelt_placeholder(found: str) -> bool:
+    """Whether ``{name}``, which the emulator leaves as written, is near enough a
+    placeholder to be one mistyped (``{prt}``, ``{Host}``). Any other braces are the
+    command's own (awk's ``'{print}'``, a Python format string): the emulator fills the
+    placeholders by their text and passes the rest on, and such a template runs."""
+    name = found[1:-1].lower()
+    known = [p[1:-1] for p in IMAGE_PLACEHOLDERS]
+    return bool(difflib.get_close_matches(name, known, n=1, cutoff=0.75))
+
+
 class EmulatorSettings(_Model):
     listen: LoopbackListen = Field(
         default="127.0.0.1:4280", description="address of the emulated API (loopback only)"
@@ -1016,7 +1026,11 @@ class EmulatorSettings(_Model):
                 raise ValueError(
                     f"{image}: expected a command line, got {template!r} ({exc})"
                 ) from None
-            unknown = sorted(set(_PLACEHOLDER_RE.findall(template)) - set(IMAGE_PLACEHOLDERS))
+            unknown = sorted(
+                found
+                for found in set(_PLACEHOLDER_RE.findall(template)) - set(IMAGE_PLACEHOLDERS)
+                if _misspelt_placeholder(found)
+            )
             if unknown:
                 raise ValueError(
                     f"{image}: unknown placeholder {', '.join(unknown)} in {template!r}"

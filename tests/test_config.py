@@ -248,11 +248,14 @@ def test_every_shipped_config_passes(path: Path) -> None:
 def test_an_image_template_the_emulator_cannot_fill_is_refused(tmp_path: Path) -> None:
     """``{prt}`` for ``{port}``, or a quote left open: the template was taken as written,
     and each boot of a machine of that image failed ("machine ... failed to boot", no
-    word of why). A shell's ``${VAR}`` is not a placeholder."""
+    word of why). A shell's ``${VAR}`` is not a placeholder, nor a command's own braces
+    (awk's ``{print}``), which were refused as one and ran before."""
     images = {
         "a": "{python} -m web --port {prt}",
         "b": "{python} -c 'print(1)",
         "ok": "{python} -m web --bind {host}:{port} --home ${HOME} --json '{\"k\": 1}'",
+        # A command's own braces, which no placeholder is near: passed on as written.
+        "awk": "sh -c 'yes | awk \"{print}\" >/dev/null & exec {python} -m web {port}'",
     }
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, f"emulator: {{images: {json.dumps(images)}}}\n"), env={})
