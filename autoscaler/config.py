@@ -238,7 +238,10 @@ def resolve_listen_host(host: str) -> tuple[IPAddress, ...]:
     """The addresses a server listening on ``host`` binds: asyncio's create_server (and
     aiohttp's site, uvloop's) binds every address getaddrinfo gives for it, with these
     arguments. Raises OSError (socket.gaierror) for a name that does not resolve."""
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except UnicodeError as exc:  # the name's IDNA encoding: a label over 63 characters
+        raise OSError(f"not a host name DNS takes: {exc}") from None
     # An IPv6 address may carry its zone ("fe80::1%eth0"): the address is what binds.
     return tuple(dict.fromkeys(ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos))
 

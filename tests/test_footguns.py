@@ -451,6 +451,18 @@ def test_a_listen_name_is_taken_at_what_this_host_resolves_it_to(tmp_path: Path)
     assert load_settings(unresolved, env={})[0].proxy.listen == "gone.test:9091"
 
 
+def test_a_listen_name_no_name_service_takes_is_said_of_its_key(tmp_path: Path) -> None:
+    """A label over 63 characters, which the name's encoding refuses before any lookup
+    (no query leaves this host): the resolver's UnicodeError was no OSError, and the
+    problem came out as "(top): encoding with 'idna' codec failed", naming no key."""
+    path = write(tmp_path, f"proxy: {{listen: '{'x' * 64}.test:9091'}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={}, resolve=resolve_listen_host)
+    [problem] = info.value.problems
+    assert f"{path}:1: proxy.listen: host " in problem, problem
+    assert "does not resolve" in problem, problem
+
+
 # --- Fly's own autostop/autostart ---------------------------------------------------------
 
 
