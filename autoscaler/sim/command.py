@@ -85,12 +85,22 @@ class _Stopped(BaseException):
 @contextlib.contextmanager
 def _stopped_by_signals() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`_Stopped` (the first one: later ones are ignored,
-    not to cut short the clean-up it starts). Only the main thread can have handlers."""
+    not to cut short the clean-up it starts, nor the exit after it). Only the main thread
+    can have handlers.
+
+    Once stopped, they stay ignored: the process is on its way out, with its line and
+    128 plus the signal. Given back their handlers on the way out, a second signal (a
+    Ctrl-C after a kill of the main process, or Ctrl-C pressed twice) that came after the
+    clean-up raised KeyboardInterrupt there: a traceback, and the process ended by SIGINT
+    (exit -2) instead of 130."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopped = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopped
+        stopped = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         raise _Stopped(signum)
@@ -99,8 +109,9 @@ def _stopped_by_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        if not stopped:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

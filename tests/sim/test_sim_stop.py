@@ -94,8 +94,10 @@ def _workers(proc: subprocess.Popen[bytes]) -> dict[int, tuple[int, str]]:
         ([("group", signal.SIGINT)], 130),  # Ctrl-C in a terminal
         ([("group", signal.SIGTERM)], 143),
         ([("main", signal.SIGINT), ("group", signal.SIGINT)], 130),  # then Ctrl-C too
+        # ... once it has said it stopped: on its way out, not to end by SIGINT there.
+        ([("main", signal.SIGINT), ("group-after-its-line", signal.SIGINT)], 130),
     ],
-    ids=["term", "int", "ctrl-c", "term-group", "int-then-ctrl-c"],
+    ids=["term", "int", "ctrl-c", "term-group", "int-then-ctrl-c", "int-then-late-ctrl-c"],
 )
 def test_a_signal_stops_it_and_its_workers(
     tmp_path: Path, signals: list[tuple[str, signal.Signals]], code: int
@@ -104,6 +106,10 @@ def test_a_signal_stops_it_and_its_workers(
         tree = _workers(proc)
         assert len(tree) == 3
         for target, sig in signals:
+            if target == "group-after-its-line":
+                deadline = time.monotonic() + DEADLINE_S
+                while not err.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.001)  # (not reaped meanwhile: its group is still there)
             with contextlib.suppress(ProcessLookupError):  # it may have stopped already
                 if target == "main":
                     os.kill(proc.pid, sig)
