@@ -33,6 +33,11 @@ from autoscaler.scaling.window import ConcurrencyMeter
 
 APP = "web"
 TTL = 0.6
+# A lease (and wake claims) that no stall of a loaded CI machine lets lapse, for a test
+# whose replicas must keep what they hold while it waits on them: at TTL's, with Redis
+# commands bounded by a third of it (0.2 s), a stalled event loop let the new leader's
+# lease or a wake's claim lapse, and the wake went unsent.
+STEADY_TTL = 3.0
 
 
 async def probe(host: str, port: int) -> bool:
@@ -133,7 +138,7 @@ async def old_leader_waking(
     for r in (old, new):
         await r.start(rounds=False)
     try:
-        await rounds([old], lambda: old.leading, 2 * TTL)
+        await rounds([old], lambda: old.leading, 10)  # (its first step takes the lease)
         await old.controller.tick(APP)
         old.view.app(APP).hold()
         yield old, new, old.view.wake(APP)
@@ -1362,7 +1367,8 @@ async def test_a_request_held_by_a_leader_stepping_down_asks_the_new_leader_at_o
         api.gone_released = hung
     # (Its own self-wake would come after the test's wait: the new leader's wake serves.)
     slow = {"api_timeout_s": 30.0, "apps": (APP, "gone"), "self_wake_after_s": 30.0}
-    async with old_leader_waking(redis_server, key_prefix, api, old_knobs=slow) as (
+    steady = {"ttl": STEADY_TTL}
+    async with old_leader_waking(redis_server, key_prefix, api, steady, old_knobs=slow) as (
         old,
         new,
         waking,
@@ -1388,7 +1394,8 @@ async def test_a_request_held_by_a_leader_stepping_down_asks_the_new_leader_at_o
                 await waking  # its start cancelled by the step-down
             stepping_down = asyncio.create_task(old.stepped_down())
             starting.set()  # (the cancelled start never went; the next ones go)
-            await rounds([old, new], held.done, 20 * TTL)
+            # The new leader leads once the old lease is out of Redis (up to STEADY_TTL).
+            await rounds([old, new], held.done, 20)
             up, _ = held.result()
             gate.done(up)
             # The new leader woke the app (the first machine's lease, the old leader's,
