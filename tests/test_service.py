@@ -164,6 +164,26 @@ async def test_apps_the_embedded_emulator_lacks_are_named_at_start_and_reload(
     assert leftovers(os.getpid()) == []
 
 
+async def test_a_request_for_an_app_the_machines_api_lacks_is_answered_at_once(
+    tmp_path: Path,
+) -> None:
+    """The emulator answers 404 to the list of an app it does not have, as Fly does: the
+    wake failed at once, and again each second, but the request was held until its
+    wake_timeout_s and got a 504 that said nothing of why. Now a 502 names the app."""
+    settings = config(free_port())
+    settings["apps"].append({"name": "blog", "hosts": ["blog.test"], "wake_timeout_s": 600})
+    file = write_config(tmp_path / "autoscaler.yaml", settings)
+    async with live_service(file) as svc:
+        assert svc.proxy is not None
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{svc.proxy.port}/"
+            async with http.get(url, headers={"Host": "blog.test"}) as resp:
+                assert resp.status == 502
+                assert await resp.text() == "the Machines API has no app blog\n"
+                assert resp.headers["fly-autoscaler-wake"] == "failed"
+    assert leftovers(os.getpid()) == []
+
+
 async def test_a_reload_that_asks_to_protect_metrics_without_a_token_is_refused(
     service: Service,
 ) -> None:

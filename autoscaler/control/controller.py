@@ -707,10 +707,12 @@ class Controller:
     def _log_wake_failed(self, app: str, exc: Exception) -> None:
         error = str(exc) or type(exc).__name__
         # An API error is the same error whatever its request id (Fly gives every answer
-        # its own, and str() carries it): compared with it, each was a new one.
+        # its own, and str() carries it): compared with it, each was a new one. So is the
+        # wake's own error that carries one (AppMissing: the 404 of the app's list).
+        api = exc if isinstance(exc, FlyError) else exc.__cause__
         same = (
-            repr((type(exc).__name__, exc.operation, exc.status, exc.message, exc.code))
-            if isinstance(exc, FlyError)
+            repr((type(api).__name__, api.operation, api.status, api.message, api.code))
+            if isinstance(api, FlyError)
             else error
         )
         now = self.clock()

@@ -51,7 +51,7 @@ from typing import NamedTuple
 from autoscaler.control.actions import Actuator
 from autoscaler.control.runtime import AppRuntime, Running
 from autoscaler.fly.client import MachinesAPI, one_attempt
-from autoscaler.fly.errors import FlyError, RateLimited
+from autoscaler.fly.errors import FlyError, NotFound, RateLimited
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import COMING_UP_STATES, FAILED, MOVING_STATES, Fleet
@@ -89,6 +89,13 @@ class _Retry(NamedTuple):
 
 class WakeError(Exception):
     """No machine of the app could be made routable (none exists, or all failed)."""
+
+
+class AppMissing(WakeError):
+    """The Machines API has no such app (a 404 on its list of machines: a typo in
+    ``apps[].name``, another organization's app, an app destroyed). No wake brings a
+    machine of it up until the configuration or Fly changes: the proxy answers the
+    requests held for it at once, not at their ``wake_timeout_s``."""
 
 
 class Waker:
@@ -361,6 +368,8 @@ class Waker:
                 with one_attempt(self.api_timeout_s):
                     await self.refresh(rt)
                 return
+            except NotFound as exc:
+                raise _missing(rt, exc) from exc
             except FlyError as exc:
                 if not exc.transient:
                     raise
@@ -377,8 +386,15 @@ class Waker:
         try:
             with one_attempt(self.api_timeout_s):
                 await self.refresh(rt)
+        except NotFound as exc:
+            raise _missing(rt, exc) from exc  # the app is gone: no machine will come up
         except FlyError as exc:
             _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
+
+
+def _missing(rt: AppRuntime, error: NotFound) -> AppMissing:
+    """The wake's failure when the API answers 404 to the app's list of machines."""
+    return AppMissing(f"app {rt.name}: the Machines API has no such app ({error})")
 
 
 def _how(rt: AppRuntime, mid: str, resume: bool) -> str:

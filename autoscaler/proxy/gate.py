@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from autoscaler.config import AppConfig
 from autoscaler.control.view import AppView, FleetView, Upstream
+from autoscaler.control.wake import AppMissing
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
@@ -62,6 +63,11 @@ class ShuttingDown(QueueFull):
 
 class AppRemoved(QueueFull):
     """The app left the configuration while the request was held (a 503 to retry)."""
+
+
+class NoSuchApp(Exception):
+    """The wake a request was held for found that the Machines API has no such app
+    (``AppMissing``): answered at once, as no wake will bring a machine up."""
 
 
 class HoldTimeout(Exception):
@@ -324,6 +330,7 @@ class Gate:
                     # The wake is over and still nothing is routable: ask again shortly.
                     self._wake_failed_at = loop.time()
                     self._wake = None
+                    self._answer_missing(wake)
                 self._ask_wake()
                 if self.can_wake and self._wake is None:
                     delay = _min(delay, WAKE_RETRY_S)
@@ -333,6 +340,18 @@ class Gate:
                     await changed
             except TimeoutError:
                 pass
+
+    def _answer_missing(self, wake: asyncio.Task[str]) -> None:
+        """Send away the requests held for ``wake`` if it found the app missing from the
+        Machines API: they waited on, each wake after it failing the same way, until
+        their 504 at ``wake_timeout_s``. (A later request asks a wake of its own: the app
+        may exist by then.)"""
+        if wake.cancelled() or not isinstance(wake.exception(), AppMissing):
+            return
+        for waiter in list(self._queue):
+            if waiter.wake is wake and not waiter.future.done():
+                waiter.future.set_exception(NoSuchApp(self.name))
+                self._leave(waiter)
 
     def _pump_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():

@@ -37,6 +37,7 @@ from autoscaler.proxy.gate import (
     AppRemoved,
     Gate,
     HoldTimeout,
+    NoSuchApp,
     QueueFull,
     ShuttingDown,
 )
@@ -305,6 +306,9 @@ class ProxyServer:
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
             raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
+        except NoSuchApp:
+            ctx.wake = WAKE_FAILED
+            raise Failure(502, f"the Machines API has no app {app.name}") from None
         except HoldTimeout as exc:
             rejections.labels(app=app.name, reason="wake_timeout").inc()
             if exc.waking:
@@ -345,7 +349,7 @@ class ProxyServer:
                 up, _ = await gate.acquire(remaining(ctx.deadline))
             except (ShuttingDown, AppRemoved) as shed:
                 raise _shed(shed) from None  # as for any held request: 503, to retry
-            except (QueueFull, HoldTimeout):
+            except (QueueFull, HoldTimeout, NoSuchApp):
                 raise Failure(502, "no machine of this app is reachable") from None
         ctx.up = up
         ctx.slot = True

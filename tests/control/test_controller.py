@@ -23,7 +23,7 @@ from autoscaler.control.controller import (
 from autoscaler.control.recheck import SICK_GRACE_S
 from autoscaler.control.runtime import RESTART_MAX_S
 from autoscaler.control.view import HUNG_AFTER, FleetView
-from autoscaler.control.wake import RESUME_PATIENCE_S, START_PATIENCE_S
+from autoscaler.control.wake import RESUME_PATIENCE_S, START_PATIENCE_S, AppMissing
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import (
     BadRequest,
@@ -1248,11 +1248,14 @@ async def test_a_failed_wake_s_api_error_is_the_same_error_whatever_its_request_
     ]
     with capture_logs() as logs:
         for _ in range(5):
-            with pytest.raises(NotFound):
+            with pytest.raises(AppMissing):
                 await rig.ctl.wake(APP)
             await clock.advance(1)
     failed = [e for e in logs if e["event"] == "wake_failed"]
-    assert [e["error"] for e in failed] == [str(NotFound(404, "app not found", "req-0"))]
+    first = str(NotFound(404, "app not found", "req-0"))
+    assert [e["error"] for e in failed] == [
+        f"app {APP}: the Machines API has no such app ({first})"
+    ]
     assert wakes(rig) == {"failed": 5}
 
 
