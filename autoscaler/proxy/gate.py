@@ -161,8 +161,9 @@ class Gate:
         """Wait in the FIFO for a slot; the wake kind tells whether this request waited
         for a wake ("resume", "start") or only for a busy machine ("none"). Once the gate
         has shed its queue (``shed``), nobody waits: the request gets the same answer.
-        Should the client leave while a wake was asked for it, ``held.wake`` says which
-        (``_kind_so_far``): its 499 is told from one that never needed a wake."""
+        Should the client leave, or the request be shed (its 503), while a wake was asked
+        for it, ``held.wake`` says which (``_kind_so_far``): its answer is told from one
+        that never needed a wake."""
         if self._shed is not None:
             raise self._shed
         if len(self._queue) >= self.config.max_queue:
@@ -211,9 +212,9 @@ class Gate:
                 self.done(up)
                 raise
             return up, kind
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, QueueFull):  # (a QueueFull here: shed)
             if held is not None and waiter.wake is not None:
-                held.wake = self._kind_so_far(waiter.wake)  # its client gave up on a wake
+                held.wake = self._kind_so_far(waiter.wake)  # gave up on a wake, or shed
             raise
 
     async def _wake_kind(self, wake: asyncio.Task[str] | None, deadline: float) -> str:
@@ -245,8 +246,9 @@ class Gate:
         return wake.result()
 
     def _kind_so_far(self, wake: asyncio.Task[str]) -> str:
-        """The wake a request whose client left was held for, as far as it is known now
-        (it is not waited for: nobody is left to answer, and the line is due). Once over,
+        """The wake a request whose client left (or that was shed) was held for, as far as
+        it is known now (it is not waited for: nobody is left to answer, and the line is
+        due). Once over,
         what it returned, or WAKE_FAILED if it brought no machine up; while under way, the
         boot it chose (``AppView.waking``, or on a follower the leader's, published with
         the machine coming up), else the one the app's machines point to (a resume if one

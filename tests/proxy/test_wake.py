@@ -221,6 +221,39 @@ async def test_a_client_that_gives_up_during_a_wake_is_told_from_a_plain_499(
     waker.release.set()
 
 
+@pytest.mark.parametrize("shed_by", ["reload", "stop"])
+async def test_a_request_shed_during_a_wake_is_labelled_with_that_wake(
+    shed_by: str,
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    """Its 503 (a reload removed its app, a graceful stop shed it) was counted and logged
+    with wake "none", as if no wake had been needed; now as a client that left is."""
+    waker = FakeWaker(fleet, chooses=False)  # never released: the wake goes on
+    await sleeping_app(fleet, backend, waker, "suspended")
+    apps = [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}]
+    proxy = await start_proxy(apps, shutdown_timeout_s=1.0)
+    view = fleet.app("w")
+    with capture_logs() as logs:
+        held = asyncio.create_task(status_of(session, url(proxy), "w.test"))
+        await until(lambda: view.queued == 1 and waker.calls == 1)
+        if shed_by == "reload":
+            proxy.update_settings(Settings(proxy=ProxySettings(listen="127.0.0.1:8080"), apps=[]))
+        else:
+            await proxy.stop()
+        assert await held == 503
+    assert [(e["status"], e["wake"]) for e in logs if e["event"] == "request"] == [(503, "resume")]
+    if shed_by == "stop":  # (a removed app's series are forgotten with it)
+        count = metrics.registry.get_sample_value
+        assert (
+            count("autoscaler_requests_total", {"app": "w", "code": "503", "wake": "resume"}) == 1
+        )
+    waker.release.set()
+
+
 async def test_machine_refusing_after_wake_is_retried_once_routable_again(
     backend: Backend,
     start_proxy: StartProxy,
