@@ -734,7 +734,7 @@ class AppConfig(_Model):
         default=30.0, description="longest wait for requests in flight before a removal"
     )
     wake_timeout_s: Seconds = Field(
-        default=30.0, description="held requests get 504 after this long"
+        default=30.0, description="held requests get 504 after this long (above 0: no unlimited)"
     )
     max_queue: int = Field(default=1000, ge=0, description="held requests per app; more get 503")
     max_body_bytes: int | None = Field(
@@ -770,6 +770,18 @@ class AppConfig(_Model):
         low = info.data.get("min_machines")
         if isinstance(low, int) and value < low:
             raise ValueError(f"must be >= min_machines ({low}), got {value}")
+        return value
+
+    @field_validator("wake_timeout_s")
+    @classmethod
+    def _wake_timeout_above_zero(cls, value: float) -> float:
+        # 0 was taken, and answered every request that needed a wake 504 at once: a
+        # reader may take 0 for "no limit", which there is not (a request held for ever).
+        if value <= 0:
+            raise ValueError(
+                f"must be above 0 (how long a held request waits for a machine before its"
+                f" 504; 0 is not 'no limit', there is none), got {value:g}"
+            )
         return value
 
     @field_validator("target_utilization")

@@ -745,3 +745,17 @@ def test_what_is_no_clash(tmp_path: Path) -> None:
         "apps: [{name: web, backends: ['127.0.0.1:9']}]\nproxy: {listen: '127.0.0.1:4280'}\n",
     ]:
         load_settings(write(tmp_path, text), env={})
+
+
+def test_a_wake_timeout_of_0_is_refused_not_read_as_no_limit(tmp_path: Path) -> None:
+    """0 was taken, and every request that needed a wake got its 504 at once: a reader of
+    the config may well have meant "no limit", which there is not."""
+    path = write(tmp_path, "apps:\n  - name: web\n    wake_timeout_s: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == [
+        f"{path}:3: apps[0].wake_timeout_s: must be above 0 (how long a held request waits"
+        " for a machine before its 504; 0 is not 'no limit', there is none), got 0"
+    ]
+    good = write(tmp_path, "apps:\n  - name: web\n    wake_timeout_s: 0.5\n", "good.yaml")
+    assert load_settings(good, env={})[0].apps[0].wake_timeout_s == 0.5
