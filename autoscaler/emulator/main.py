@@ -83,9 +83,11 @@ def _app_flag(text: str) -> dict[str, Any]:
         raise ConfigError(
             [f"--app {text}: expected regions like iad,cdg after @ (three lowercase letters)"]
         )
-    count, _, image = rest.partition(":")
+    count, colon, image = rest.partition(":")
     if not (name and eq and count.isdigit() and count.isascii()):
         raise ConfigError([f"--app {text}: expected NAME=N[:IMAGE][@REGION,...], N a number"])
+    if colon and not image:  # (taken as the demo image: a typo, or a variable unset)
+        raise ConfigError([f"--app {text}: IMAGE: empty after ':' (leave out ':' for the demo)"])
     bad_name = app_name_problem(name)
     if bad_name:
         raise ConfigError([f"--app {text}: NAME: {bad_name}"])

@@ -90,7 +90,10 @@ def test_the_app_flag_takes_regions_and_keeps_image_tags_and_digests() -> None:
      ("=2", "expected NAME=N"),
      # created the app "Web_Bad!", which no Fly app can be called
      ("Web_Bad!=2", "NAME: expected a Fly app name: 1-63 lowercase letters, digits and dashes"),
-     ("web-=1", "NAME: expected a Fly app name")],
+     ("web-=1", "NAME: expected a Fly app name"),
+     # the demo image, said nowhere (a variable unset: web=2:$IMAGE)
+     ("web=2:", "IMAGE: empty after ':'"),
+     ("web=2:@iad", "IMAGE: empty after ':'")],
 )  # fmt: skip
 def test_a_bad_app_flag_is_an_error_not_one_machine(flag: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"--app {flag}: {message}")):
