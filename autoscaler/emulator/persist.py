@@ -33,7 +33,6 @@ def dump(apps: dict[str, App]) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -98,9 +97,12 @@ class Saver:
         try:
             write_atomic(self.path, dump(self._apps))
         except OSError as exc:
-            raise StateFileError(
-                f"{self.path}: cannot write the emulator state: {exc.strerror or exc}"
-            ) from None
+            why = exc.strerror or str(exc)
+            if not self.path.parent.is_dir():
+                # Not made: its directories were made for a mistyped path, and the state
+                # went somewhere nobody would look for it, unsaid.
+                why = f"no directory {self.path.parent} (it is not created: make it first)"
+            raise StateFileError(f"{self.path}: cannot write the emulator state: {why}") from None
 
     def _save_or_say(self) -> None:
         """Save; a state that cannot be written is an error line, not the emulator's end."""

@@ -221,6 +221,7 @@ async def test_what_a_machine_forked_does_not_outlive_a_killed_emulator(
 
 async def test_state_file_survives_a_restart(tmp_path: Path) -> None:
     state = tmp_path / "state" / "emulator.json"
+    state.parent.mkdir()
     settings = EmulatorSettings(state_file=state, demo_boot_delay_s=0.0, rate_limits=False)
     async with Emulator(settings, port=0) as emu, session(emu) as s:
         m = await new_machine(s, metadata={"role": "web"})
@@ -240,6 +241,22 @@ async def test_state_file_survives_a_restart(tmp_path: Path) -> None:
         await s.post(f"/v1/apps/demo/machines/{m['id']}/start")
         await wait_ok(s, "demo", m["id"])
         assert (await hit(m["private_ip"]))["count"] == 1
+
+
+async def test_a_state_file_in_a_directory_that_does_not_exist_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The directories were made, so a mistyped one (--state-file ~/emualtor/s.json) was
+    never said: the state went where nobody would look for it."""
+    state = tmp_path / "typo" / "s.json"
+    with pytest.raises(StateFileError) as caught:
+        async with Emulator(EmulatorSettings(state_file=state), port=0):
+            pass
+    assert str(caught.value) == (
+        f"{state}: cannot write the emulator state: no directory {state.parent} (it is not"
+        " created: make it first)"
+    )
+    assert not state.parent.exists()
 
 
 async def test_damaged_state_file_is_a_clear_error(tmp_path: Path) -> None:
