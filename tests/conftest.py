@@ -11,8 +11,9 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +33,22 @@ if settings.get_current_profile_name() != "ci":
         "autoscaler", deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
     settings.load_profile("autoscaler")
+
+
+@pytest.fixture
+def refused_port() -> Iterator[Callable[[], int]]:
+    """Loopback ports that refuse connections for the whole test, one a call: each bound,
+    never listened on, until the test ends, so that no server of the test is given it, as
+    it can be given one of ``free_port``'s (a proxy on port 0 given a dead backend's port
+    answered its own requests, its Via header twice)."""
+    with contextlib.ExitStack() as held:
+
+        def take() -> int:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+        yield take
 
 
 @pytest.fixture

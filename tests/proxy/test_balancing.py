@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
-from testkit import free_port, until
+from testkit import until
 
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
@@ -110,10 +111,14 @@ def counting_app(hits: list[str], name: str, *, reset: bool) -> web.Application:
 
 
 async def test_refused_connection_is_retried_elsewhere_and_machine_skipped(
-    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    refused_port: Callable[[], int],
 ) -> None:
     hits: list[str] = []
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{refused_port()}"
     alive = await backend(counting_app(hits, "alive", reset=False))
     proxy = await start_proxy(
         [{"name": "a", "hosts": ["a.test"], "backends": [dead, alive]}], unhealthy_backoff_s=60
@@ -134,14 +139,14 @@ async def test_refused_connection_is_retried_elsewhere_and_machine_skipped(
 
 
 async def test_all_machines_unreachable_is_502(
-    start_proxy: StartProxy, session: aiohttp.ClientSession
+    start_proxy: StartProxy, session: aiohttp.ClientSession, refused_port: Callable[[], int]
 ) -> None:
     proxy = await start_proxy(
         [
             {
                 "name": "a",
                 "hosts": ["a.test"],
-                "backends": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"],
+                "backends": [f"127.0.0.1:{refused_port()}", f"127.0.0.1:{refused_port()}"],
             }
         ]
     )

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
-from testkit import free_port, until
+from testkit import until
 
 from autoscaler.admin import AdminServer
 from autoscaler.config import AdminSettings
@@ -408,9 +409,12 @@ async def test_critical_checks_in_the_fleet_view_take_a_machine_out_at_once(
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_a_request_that_reached_no_machine_is_retried_once(
-    start_proxy: StartProxy, session: aiohttp.ClientSession, method: str
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    method: str,
+    refused_port: Callable[[], int],
 ) -> None:
-    dead = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    dead = [f"127.0.0.1:{refused_port()}" for _ in range(3)]
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": dead}])
     with capture_logs() as logs:
         async with session.request(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -337,10 +338,10 @@ async def test_a_request_held_while_no_waker_is_installed_asks_the_one_installed
 
 
 async def test_static_app_with_every_backend_down_fails_fast(
-    start_proxy: StartProxy, session: aiohttp.ClientSession
+    start_proxy: StartProxy, session: aiohttp.ClientSession, refused_port: Callable[[], int]
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "s", "hosts": ["s.test"], "backends": [f"127.0.0.1:{free_port()}"]}]
+        [{"name": "s", "hosts": ["s.test"], "backends": [f"127.0.0.1:{refused_port()}"]}]
     )
     async with session.get(url(proxy), headers={"Host": "s.test"}) as r:
         assert r.status == 502  # static mode has nothing to wait for
