@@ -87,7 +87,7 @@ async def test_stop_cuts_requests_past_the_shutdown_deadline(
             return r.status
 
     in_flight = asyncio.create_task(get())
-    await until(lambda: fleet.app("a").in_flight == 1)
+    await until(lambda: up.order == [""])  # at its machine (connecting, the stop's 503)
     await proxy.stop()
     with pytest.raises(aiohttp.ClientError):
         await in_flight
@@ -119,7 +119,7 @@ async def test_held_requests_get_503_before_the_deadline_cuts_the_rest(
             return r.status, await r.text(), r.headers.get("Retry-After")
 
     in_flight = asyncio.create_task(get())
-    await until(lambda: view.in_flight == 1)
+    await until(lambda: view.in_flight == 1 and up.order == [""])  # at its machine
     held = [asyncio.create_task(get()) for _ in range(2)]
     await until(lambda: view.queued == 2)
     await proxy.stop()
@@ -220,7 +220,8 @@ async def test_a_stop_cut_short_in_its_first_turn_is_cut_short(
 
     in_flight = asyncio.create_task(get())
     try:
-        await until(lambda: fleet.app("a").in_flight == 1)
+        # At its machine: counted in flight from before its connect, which the cut gives up.
+        await until(lambda: fleet.app("a").in_flight == 1 and up.order == [""])
         stopping = asyncio.ensure_future(proxy.stop())
         await asyncio.sleep(0)  # its first step: no longer accepting, the sweeper ending
         assert not proxy.accepting
