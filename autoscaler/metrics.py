@@ -149,9 +149,11 @@ class Metrics:
         )
         self.machine_seconds = Counter(
             "autoscaler_machine_seconds",
-            "Machine-seconds spent started or suspended: what the fleet costs. Billed from "
-            "when each machine changed state: exactly for our own actions, halfway between "
-            "two lists for a change only a list shows (someone else's start, a crash).",
+            "Machine-seconds by state: started ones are what Fly bills CPU and RAM for; "
+            "suspended ones cost storage only (Fly bills no CPU or RAM while suspended; "
+            "stopped machines, also storage only, are not counted). Counted from when each "
+            "machine changed state: exactly for our own actions, halfway between two lists "
+            "for a change only a list shows (someone else's start, a crash).",
             ["app", "state"],
             registry=r,
         )

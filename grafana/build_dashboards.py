@@ -290,7 +290,10 @@ ROWS: list[tuple[str, list[Spec]]] = [
         [
             Spec(
                 "Machines billed (machine-seconds per second)",
-                "Average machines started and suspended: what the fleet costs, moment by moment.",
+                (
+                    "Average machines by state, moment by moment: Fly bills a started one"
+                    " for CPU and RAM, a suspended one for storage only."
+                ),
                 [(by("state", "autoscaler_machine_seconds_total"), "{{state}}")],
                 width=16,
                 stacked=True,

@@ -105,6 +105,26 @@ def test_metrics_table_matches_the_registry() -> None:
     assert documented == declared
 
 
+def test_metric_meanings_say_what_the_help_says() -> None:
+    """The table's meaning is the metric's HELP (it may go on where the HELP stops)."""
+    meanings = {r[0]: r[3] for r in table_after("## Metrics")}
+    for name, _, _, help_text in metric_rows():
+        assert meanings[name].startswith(help_text.rstrip(".")), name
+
+
+def test_machine_seconds_say_what_each_state_costs() -> None:
+    """The help called started and suspended seconds alike "what the fleet costs", but Fly
+    bills a suspended machine for storage only, not CPU and RAM."""
+    from autoscaler.control.runtime import BILLED_STATES
+
+    help_text = Metrics().machine_seconds._documentation
+    assert set(BILLED_STATES) == {"started", "suspended"}  # what the help explains
+    started, suspended = help_text.split("suspended", 1)
+    assert "CPU and RAM" in started
+    assert "storage only" in suspended
+    assert "fleet costs" not in help_text
+
+
 def test_the_metrics_note_names_the_series_without_a_replica_label() -> None:
     from autoscaler.metrics import CLUSTER_WIDE
 
