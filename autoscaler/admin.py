@@ -2,7 +2,7 @@
 
 ``/readyz`` is the data path's readiness (what a load balancer asks): it fails only while
 shutting down or before the proxy knows any machine. ``/readyz?control=1`` adds the control
-plane's health (the loop ticks, the Machines API answers), which the gauge
+plane's health (the loop ticks, the Machines API answers and takes the token), which the gauge
 ``autoscaler_control_healthy`` also shows; an API outage fails only that one.
 
 It reads the controller through two narrow Protocols (``StatusProvider`` and the shapes of
@@ -121,6 +121,8 @@ class AppHealthLike(Protocol):
     def last_error(self) -> str | None: ...
     @property
     def api_error(self) -> str | None: ...
+    @property
+    def api_refused(self) -> bool: ...
     @property
     def machines_known(self) -> bool: ...
 
@@ -339,11 +341,19 @@ class AdminServer:
                 )
         failing = [a for a in apps if a.api_error]
         # One app's error may be its own (a bad app name); every app failing means the
-        # Machines API itself is out of reach. An action's error that the API did not give
-        # (a boot that ended failed), or a refusal it answered (a machine's state or
-        # config), says nothing of the API.
+        # Machines API itself is out of reach, or refuses the token (401, 403) for all of
+        # them: that is no network trouble, and waiting will not end it. An action's error
+        # that the API did not give (a boot that ended failed), or a refusal it answered (a
+        # machine's state or config), says nothing of the API.
         if len(failing) == len(apps):
-            problems.append(f"Machines API unreachable: {failing[0].api_error}")
+            unreached = [a for a in failing if not a.api_refused]
+            if unreached:
+                problems.append(f"Machines API unreachable: {unreached[0].api_error}")
+            else:
+                problems.append(
+                    "Machines API refuses the token (fly.token: wrong, expired or revoked,"
+                    f" or without permission on these apps): {failing[0].api_error}"
+                )
         return problems
 
     def status_document(self) -> dict[str, Any]:

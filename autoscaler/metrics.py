@@ -206,8 +206,8 @@ class Metrics:
         )
         self.control_healthy = Gauge(
             "autoscaler_control_healthy",
-            "1 while the control loop ticks and the Machines API answers; 0 when its "
-            "decisions are stale (the data path keeps routing either way).",
+            "1 while the control loop ticks and the Machines API answers (and takes the "
+            "token); 0 when its decisions are stale (the data path keeps routing either way).",
             registry=r,
         )
         self.cluster_leader = Gauge(

@@ -94,6 +94,7 @@ from autoscaler.fly.errors import (
     LeaseHeld,
     NotFound,
     TransportError,
+    Unauthorized,
 )
 from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger
@@ -483,6 +484,7 @@ class Actuator:
             # control health counts: not a boot that failed, nor a refusal about the
             # machine (the API answered, a start refused in a 200 too).
             rt.api_error = rt.last_error
+            rt.api_refused = isinstance(exc, Unauthorized)
         run = rt.running.get(mid)
         if run is not None and run.task is asyncio.current_task():
             run.error = exc

@@ -45,7 +45,7 @@ from autoscaler.control.schedule import (
 from autoscaler.control.view import AppView, Clock, FleetView
 from autoscaler.control.wake import WakeError, Waker
 from autoscaler.fly.client import MachinesAPI, one_attempt
-from autoscaler.fly.errors import FlyError, RateLimited
+from autoscaler.fly.errors import FlyError, RateLimited, Unauthorized
 from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
@@ -129,6 +129,8 @@ class AppHealth:
     last_error: str | None
     api_error: str | None
     """``last_error`` when it came from the Machines API (AppRuntime.api_error)."""
+    api_refused: bool
+    """``api_error`` is the API refusing the token (AppRuntime.api_refused)."""
     machines_known: bool
     """A list of its machines was read (or, where no loop of ours reads, routed)."""
 
@@ -509,6 +511,7 @@ class Controller:
                 # FlyError is the expected case; anything else is a bug, but one bad tick
                 # must not end the app's loop for good.
                 rt.last_error = rt.api_error = str(exc)
+                rt.api_refused = isinstance(exc, Unauthorized)
                 rt.changed_at = self.clock()  # the next tick reads, whatever it knows
                 cap = self.settings.control.api_backoff_max_s
                 rt.backoff_s = min(cap, max(2 * tick_s, 2 * rt.backoff_s))
@@ -599,6 +602,7 @@ class Controller:
             # their own changes: a tick that did not read has nothing new to show.
             self.actuator.publish(rt)
             rt.last_error = rt.api_error = None  # the API answered (a tick that read)
+            rt.api_refused = False
         self._gauge(rt, decision)
         rt.last_tick_at = self.last_tick_at = now
         return decision
@@ -768,6 +772,7 @@ class Controller:
                 last_tick_at=rt.last_tick_at,
                 last_error=rt.last_error,
                 api_error=rt.api_error,
+                api_refused=rt.api_refused,
                 machines_known=bool(rt.machines if deciding else self.view.app(rt.name).upstreams),
             )
             for rt in self.apps.values()

@@ -398,6 +398,9 @@ class AppRuntime:
     ``failed``, an action the API refused for the machine's state or config:
     ``actions.MACHINE_REFUSALS``): only those make the control plane unhealthy
     ("Machines API unreachable"), as a boot failure and a refused start made it."""
+    api_refused: bool = False
+    """``api_error`` is the API refusing our token (401, 403: ``Unauthorized``), which
+    control health names as such: "unreachable" sent the reader to the network."""
     backoff_s: float = 0.0
     billing: MachineTime = field(default_factory=MachineTime)
     wake_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -33,6 +33,7 @@ from autoscaler.fly.errors import (
     RateLimited,
     ServerError,
     TransportError,
+    Unauthorized,
 )
 from autoscaler.metrics import WAKE_RESULTS, Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
@@ -1348,6 +1349,32 @@ async def test_a_boot_that_fails_is_no_machines_api_error(
     (problem,) = admin.control_problems()
     assert problem.startswith(f"Machines API unreachable: start {mid}: "), problem
     assert "HTTP 500" in problem
+
+
+@pytest.mark.parametrize("failing", ["list_machines", "start_machine"])
+async def test_a_token_the_api_refuses_is_said_so_not_unreachable(
+    api: FakeMachinesAPI, clock: FakeClock, failing: str
+) -> None:
+    """A tick's read or an action the API refused with 401/403 (``Unauthorized``: the
+    token is wrong or may not act on the app) read as "Machines API unreachable: ..." on
+    /readyz?control=1, /status and `autoscaler status`, which sent the reader to the
+    network; the API answered, and no wait ends it."""
+    api.add(APP, "stopped")
+    status = 401 if failing == "list_machines" else 403
+    api.fail[failing] = [Unauthorized(status, "denied")]
+    rig = Rig(api, clock, min_machines=1)
+    admin = AdminServer(AdminSettings(), rig.metrics, rig.ctl, clock=clock)
+    if failing == "list_machines":
+        await rig.ctl.start()  # the loop, which keeps a failed read's error
+    else:
+        await rig.tick()
+    try:
+        await settle()
+        (problem,) = [p for p in admin.control_problems() if "Machines API" in p]
+        assert problem.startswith("Machines API refuses the token (fly.token: "), problem
+        assert problem.endswith(f"HTTP {status}: denied"), problem
+    finally:
+        await rig.ctl.stop()
 
 
 @pytest.mark.parametrize(

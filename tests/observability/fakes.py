@@ -38,6 +38,8 @@ class FakeAppStatus:
     last_error: str | None = None
     machines: Sequence[FakeMachine] = ()
     leased_by_others: Sequence[str] = ()
+    api_refused: bool = False
+    """For ``health``: ``last_error`` is the API refusing the token (401, 403)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class FakeAppHealth:
     last_tick_at: float | None
     last_error: str | None
     api_error: str | None
+    api_refused: bool
     machines_known: bool
 
 
@@ -63,7 +66,9 @@ class FakeController:
     def health(self) -> list[FakeAppHealth]:
         return [
             # Their last_error is the API's (a read that failed), as a tick's is.
-            FakeAppHealth(a.app, a.last_tick_at, a.last_error, a.last_error, bool(a.machines))
+            FakeAppHealth(
+                a.app, a.last_tick_at, a.last_error, a.last_error, a.api_refused, bool(a.machines)
+            )
             for a in self.apps
         ]
 

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from autoscaler.admin import AdminServer, StatusProvider
 from autoscaler.config import AdminSettings, Settings
+from autoscaler.fly.errors import Unauthorized
 from autoscaler.metrics import Metrics
 
 from .fakes import FakeAppStatus, FakeClock, FakeController, FakeMachine
@@ -288,6 +289,45 @@ async def test_control_health(
         assert resp.status == 503
         assert any(problem in p for p in body["problems"]), body
         assert healthy == 0.0
+
+
+REFUSED = str(Unauthorized(401, "unauthorized", operation="list_machines"))
+
+
+@pytest.mark.parametrize(
+    ("errors", "problem"),
+    [
+        # (the app's error, whether it is the API refusing the token)
+        ([(REFUSED, True), (REFUSED, True)], "Machines API refuses the token (fly.token: "),
+        ([(REFUSED, True), ("connect failed", False)], "Machines API unreachable: connect failed"),
+        ([(REFUSED, True), (None, False)], None),  # one app's own (a token of another org)
+    ],
+)
+async def test_a_token_the_api_refuses_is_named_not_unreachable(
+    aiohttp_client: MakeClient, errors: list[tuple[str | None, bool]], problem: str | None
+) -> None:
+    """Every app's API call refused with 401/403 read "Machines API unreachable: ...":
+    the API answered, and refused the token (named by its key, never its value)."""
+    clock = FakeClock()
+    known = (FakeMachine("m1", "started"),)
+    apps = [
+        FakeAppStatus(app=f"a{i}", last_error=e, api_refused=r, machines=known)
+        for i, (e, r) in enumerate(errors)
+    ]
+    provider = FakeController(apps=apps, last_tick_at=clock.now)
+    client = await aiohttp_client(make_server(provider, clock).build_app())
+    resp = await client.get("/readyz?control=1")
+    status = await (await client.get("/status")).json()
+    if problem is None:
+        assert resp.status == 200
+        assert status["control_problems"] == []
+        return
+    assert resp.status == 503
+    (said,) = (await resp.json())["problems"]
+    assert said.startswith(problem), said
+    assert status["control_problems"] == [said]
+    if "refuses" in problem:
+        assert said.endswith(REFUSED)
 
 
 async def test_the_control_flag_reads_yes_and_no_and_refuses_the_rest(
