@@ -27,7 +27,7 @@ import hmac
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -127,6 +127,35 @@ class AppHealthLike(Protocol):
     def machines_known(self) -> bool: ...
 
 
+class BackendLike(Protocol):
+    """A static app's backend as the proxy routes it (``autoscaler.control.view.Upstream``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def last_used(self) -> float | None: ...
+
+
+class StaticAppLike(Protocol):
+    """A static app as the proxy knows it (``autoscaler.control.view.AppView``): no loop
+    runs for it, so the controller's status has nothing of it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def last_request_at(self) -> float | None: ...
+    @property
+    def upstreams(self) -> Mapping[str, BackendLike]: ...
+
+
 class ClusterStatus(Protocol):
     """This replica in cluster mode (``autoscaler.control.replica.Replica``)."""
 
@@ -188,6 +217,9 @@ class AdminServer:
         self.metrics.control_healthy.set_function(lambda: 0.0 if self.control_problems() else 1.0)
         # The machines the proxy took out of rotation (``ProxyServer.health.report``).
         self.ejected: Callable[[], list[dict[str, object]]] | None = None
+        self.static_apps: Callable[[], Sequence[StaticAppLike]] | None = None
+        """The static apps' views, as the proxy routes them (set by the service): without
+        them ``/status`` left out apps the proxy serves, which looked missing."""
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -374,6 +406,10 @@ class AdminServer:
             "control_loop": bool(health),
             "last_tick_age_s": _age(now, last_tick),
             "apps": [_app_document(a, now) for a in apps],
+            "static_apps": [
+                _static_document(a, now)
+                for a in (self.static_apps() if self.static_apps is not None else [])
+            ],
             "ejected": self.ejected() if self.ejected is not None else [],
             **({"cluster": self.cluster.status_document()} if self.cluster is not None else {}),
         }
@@ -436,6 +472,7 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
     ]
     return {
         "app": status.app,
+        "static": False,
         "desired": status.desired,
         "started": sum(1 for m in status.machines if m.state == STARTED),
         "panic": status.panic,
@@ -445,4 +482,24 @@ def _app_document(status: AppStatusLike, now: float) -> dict[str, Any]:
         "last_error": status.last_error,
         "leased_by_others": list(status.leased_by_others),
         "machines": machines,
+    }
+
+
+def _static_document(view: StaticAppLike, now: float) -> dict[str, Any]:
+    """A static app: what the proxy knows of it (its backends are its ``machines``)."""
+    return {
+        "app": view.name,
+        "static": True,
+        "in_flight": view.in_flight,
+        "queued": view.queued,
+        "last_request_age_s": _age(now, view.last_request_at),
+        "machines": [
+            {
+                "id": up.id,
+                "state": up.state,
+                "in_flight": up.in_flight,
+                "last_used_age_s": _age(now, up.last_used),
+            }
+            for up in view.upstreams.values()
+        ],
     }

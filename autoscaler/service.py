@@ -246,6 +246,9 @@ class Service:
         await self.proxy.start(port=self._ports["proxy"])
         self.admin.proxy_listening = True
         self.admin.ejected = self.proxy.health.report
+        self.admin.static_apps = lambda: [
+            v for a in self.settings.apps if a.static and (v := self.view.apps.get(a.name))
+        ]
         _log.info(
             "started",
             version=__version__,

@@ -274,7 +274,8 @@ def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
 
 
 def render(doc: dict[str, Any]) -> list[str]:
-    """The status document as lines of text: one block per app, one row per machine."""
+    """The status document as lines of text: one block per app, one row per machine (a
+    static app's backends are its machines)."""
     ready = "ready" if doc.get("ready") else "NOT READY"
     if doc.get("cluster") and not doc["cluster"].get("leading"):
         loop = "a follower (the cluster's leader decides)"
@@ -317,6 +318,19 @@ def render(doc: dict[str, Any]) -> list[str]:
                     ago(m.get("last_used_age_s")),
                     tui.machine_note(m),
                 ]
+            )
+        lines += _table(rows, indent="  ")
+    for app in doc.get("static_apps") or []:
+        lines.append("")
+        lines.append(
+            f"{app['app']}: static (routed to its backends, not scaled), in flight"
+            f" {app['in_flight']}, held {app['queued']},"
+            f" last request {ago(app.get('last_request_age_s'))}"
+        )
+        rows = [["BACKEND", "STATE", "IN FLIGHT", "LAST USED"]]
+        for m in app.get("machines") or []:
+            rows.append(
+                [str(m["id"]), str(m["state"]), str(m["in_flight"]), ago(m.get("last_used_age_s"))]
             )
         lines += _table(rows, indent="  ")
     ejected = doc.get("ejected") or []

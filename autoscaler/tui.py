@@ -218,8 +218,10 @@ def _state(state: str) -> Text:
 
 
 def app_panel(app: Mapping[str, Any], history: History) -> Panel:
-    """One app: traffic sparklines, held requests, wakes, the policy's reason, machines."""
+    """One app: traffic sparklines, held requests, wakes, the policy's reason, machines.
+    A static app (``/status``'s ``static_apps``) has no wakes nor reason: its backends."""
     name = str(app.get("app", "?"))
+    static = bool(app.get("static"))
     traffic = history.latest(name)
     rates, latencies = history.rates(name), history.latencies_ms(name)
     lines: list[RenderableType] = []
@@ -237,31 +239,47 @@ def app_panel(app: Mapping[str, Any], history: History) -> Panel:
             held, f"   in flight {traffic.in_flight:.0f}   answers  {answers_text(traffic)}"
         )
     )
-    lines.append(Text(f"wakes    {wakes_text(traffic)}"))
-    reason = app.get("last_reason") or "(no decision yet)"
-    lines.append(Text.assemble(("why      ", "bold"), str(reason)))
-    if app.get("last_error"):
-        lines.append(Text(f"last error: {app['last_error']}", style="red"))
+    machines = app.get("machines") or []
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for column in ("MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED", "NOTE"):
-        table.add_column(column)
-    for m in app.get("machines") or []:
-        table.add_row(
-            str(m.get("id")),
-            _state(str(m.get("state"))),
-            "yes" if m.get("cordoned") else "no",
-            str(m.get("in_flight", 0)),
-            ago(m.get("last_used_age_s")),
-            machine_note(m),
-        )
+    if static:
+        lines.append(Text.assemble(("static   ", "bold"), "routed to its backends, not scaled"))
+        for column in ("BACKEND", "STATE", "IN FLIGHT", "LAST USED"):
+            table.add_column(column)
+        for m in machines:
+            table.add_row(
+                str(m.get("id")),
+                _state(str(m.get("state"))),
+                str(m.get("in_flight", 0)),
+                ago(m.get("last_used_age_s")),
+            )
+    else:
+        lines.append(Text(f"wakes    {wakes_text(traffic)}"))
+        reason = app.get("last_reason") or "(no decision yet)"
+        lines.append(Text.assemble(("why      ", "bold"), str(reason)))
+        if app.get("last_error"):
+            lines.append(Text(f"last error: {app['last_error']}", style="red"))
+        for column in ("MACHINE", "STATE", "CORDONED", "IN FLIGHT", "LAST USED", "NOTE"):
+            table.add_column(column)
+        for m in machines:
+            table.add_row(
+                str(m.get("id")),
+                _state(str(m.get("state"))),
+                "yes" if m.get("cordoned") else "no",
+                str(m.get("in_flight", 0)),
+                ago(m.get("last_used_age_s")),
+                machine_note(m),
+            )
     lines.append(table)
     # Text, not markup: a name with brackets ("web[/x]") was read as tags (or failed to be).
-    title = Text.assemble(
-        (name, "bold"),
-        f"  desired {app.get('desired', '?')}, started {app.get('started', '?')}"
-        f", panic {'yes' if app.get('panic') else 'no'}"
-        f", decided {ago(app.get('last_decision_age_s'))}",
-    )
+    if static:
+        title = Text.assemble((name, "bold"), f"  static, {len(machines)} backend(s)")
+    else:
+        title = Text.assemble(
+            (name, "bold"),
+            f"  desired {app.get('desired', '?')}, started {app.get('started', '?')}"
+            f", panic {'yes' if app.get('panic') else 'no'}"
+            f", decided {ago(app.get('last_decision_age_s'))}",
+        )
     return Panel(Group(*lines), title=title, title_align="left")
 
 
@@ -292,5 +310,6 @@ def view(
         if not apps:
             parts.append(Text("no scaled apps"))
         parts.extend(app_panel(app, history) for app in apps)
+        parts.extend(app_panel(app, history) for app in doc.get("static_apps") or [])
     parts.extend(footer)
     return Group(*parts)

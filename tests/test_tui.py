@@ -116,6 +116,34 @@ def test_an_app_name_is_drawn_as_it_is_not_read_as_markup() -> None:
     assert "web[/x]  desired [/]," in text
 
 
+def test_the_view_draws_the_static_apps() -> None:
+    """A static app (``/status``'s ``static_apps``) had no panel: it looked missing."""
+    doc = {
+        "apps": [],
+        "static_apps": [
+            {
+                "app": "fixed",
+                "static": True,
+                "in_flight": 1,
+                "queued": 0,
+                "last_request_age_s": 0.5,
+                "machines": [
+                    {"id": "10.0.0.1:80", "state": "started", "in_flight": 1,
+                     "last_used_age_s": 0.5},
+                ],
+            }
+        ],
+    }  # fmt: skip
+    console = Console(record=True, width=100)
+    console.print(tui.view(doc, tui.History()))
+    text = console.export_text()
+    assert "fixed  static, 1 backend(s)" in text
+    assert "routed to its backends, not scaled" in text
+    assert "wakes" not in text  # nothing wakes a static app
+    row = next(line for line in text.splitlines() if "10.0.0.1:80" in line)
+    assert row.strip("│ ").split() == ["10.0.0.1:80", "started", "1", "0.5s", "ago"]
+
+
 def test_the_view_says_when_the_decisions_are_stale() -> None:
     """`autoscaler status --watch` during an API outage said "ready" and no more."""
     doc = {

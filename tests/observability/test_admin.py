@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from autoscaler.admin import AdminServer, StatusProvider
-from autoscaler.config import AdminSettings, Settings
+from autoscaler.config import AdminSettings, AppConfig, Settings
+from autoscaler.control.view import FleetView
 from autoscaler.fly.errors import Unauthorized
 from autoscaler.metrics import Metrics
+from autoscaler.proxy.server import _static_machines
 
 from .fakes import FakeAppStatus, FakeClock, FakeController, FakeMachine
 
@@ -168,6 +170,7 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
     (app,) = doc["apps"]
     assert app == {
         "app": "demo",
+        "static": False,
         "desired": 2,
         "started": 1,
         "panic": True,
@@ -230,6 +233,39 @@ async def test_status_document(aiohttp_client: MakeClient) -> None:
             },
         ],
     }
+
+
+async def test_status_lists_the_static_apps_as_the_proxy_knows_them(
+    aiohttp_client: MakeClient,
+) -> None:
+    """Static apps (fixed backends, no loop) were missing from /status, which lists the
+    controller's apps only: a user saw the app the proxy serves as not there."""
+    clock = FakeClock()
+    fleet = FleetView(clock)
+    view = fleet.app("fixed")
+    static = AppConfig(name="fixed", backends=["10.0.0.1:80", "10.0.0.2:80"])
+    view.set_machines(_static_machines(static))  # as the proxy does
+    view.begin(view.upstreams["10.0.0.1:80"])
+    clock.now += 1.5
+    view.hold()
+    server = make_server(demo_controller(clock), clock)
+    server.static_apps = lambda: [view]
+    client = await aiohttp_client(server.build_app())
+    doc = await (await client.get("/status")).json()
+    assert [a["app"] for a in doc["apps"]] == ["demo"]  # the scaled ones, as before
+    assert doc["static_apps"] == [
+        {
+            "app": "fixed",
+            "static": True,
+            "in_flight": 1,
+            "queued": 1,
+            "last_request_age_s": 0.0,
+            "machines": [
+                {"id": "10.0.0.1:80", "state": "started", "in_flight": 1, "last_used_age_s": 1.5},
+                {"id": "10.0.0.2:80", "state": "started", "in_flight": 0, "last_used_age_s": None},
+            ],
+        }
+    ]
 
 
 async def test_status_never_carries_a_secret(aiohttp_client: MakeClient) -> None:

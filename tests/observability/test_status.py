@@ -305,6 +305,14 @@ async def test_a_static_only_service_says_it_runs_no_control_loop(tmp_path: Path
     assert code == 0, err
     header = out.splitlines()[0]
     assert header.endswith(": ready, no control loop (no app to scale)"), header
+    # And the app it routes is there (it was left out: "no scaled apps", and nothing more).
+    assert out.splitlines()[1:] == [
+        "no scaled apps",
+        "",
+        "web: static (routed to its backends, not scaled), in flight 0, held 0, last request never",
+        "  BACKEND      STATE    IN FLIGHT  LAST USED",
+        "  127.0.0.1:9  started  0          never",
+    ]
 
 
 async def test_the_proxys_port_is_said_to_be_maybe_not_the_admin_server(tmp_path: Path) -> None:
