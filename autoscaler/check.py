@@ -26,6 +26,7 @@ from autoscaler.config import (
     load_settings,
     no_token_problem,
     resolve_listen_host,
+    shown_url,
 )
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
@@ -46,7 +47,7 @@ def summary(settings: Settings) -> list[str]:
     elif settings.fly.embedded:
         api = f"embedded emulator on {settings.emulator.listen}"
     else:
-        api = settings.fly.api_url
+        api = shown_url(settings.fly.api_url)
     # The Fly token is read only by a client of a real Machines API: the embedded emulator
     # takes its own, and a config of static apps alone calls no API ("token not set" there
     # read as something to fix).
@@ -162,9 +163,9 @@ def refused_problem(file: Path, settings: Settings, app: str, exc: Unauthorized)
         if exc.status == 403
         else "wrong, expired or revoked: set a valid one"
     )
+    api = shown_url(settings.fly.api_url or "")
     return (
-        f"{_token_origin(file)}: the Machines API at {settings.fly.api_url} refused it for"
-        f" app {app} ({exc}): {why}"
+        f"{_token_origin(file)}: the Machines API at {api} refused it for app {app} ({exc}): {why}"
     )
 
 
@@ -172,8 +173,9 @@ def missing_problem(file: Path, settings: Settings, app: str, exc: NotFound) -> 
     """An app to scale that the Machines API does not know: check-config said OK, with a
     warning about Fly's autostop, and ``run`` failed every tick of it."""
     index = next(i for i, a in enumerate(settings.apps) if a.name == app)
+    api = shown_url(settings.fly.api_url or "")
     return (
-        f"{file}: apps[{index}].name: the Machines API at {settings.fly.api_url} has no app"
+        f"{file}: apps[{index}].name: the Machines API at {api} has no app"
         f" {app!r} ({exc}): check the name (`fly apps list`), and that the token is of the"
         " app's organization"
     )

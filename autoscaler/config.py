@@ -19,6 +19,7 @@ import re
 import shlex
 import socket
 import typing
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,10 @@ def no_token_problem(path: str | os.PathLike[str], settings: Settings) -> str | 
     scaled = [app.name for app in settings.apps if not app.static]
     if not scaled:
         return None
+    api = shown_url(fly.api_url or "")
     return (
         f"{path}: no Fly API token: app {scaled[0]} is scaled through the Machines API at"
-        f" {fly.api_url}, which refuses every call without one (401): set {TOKEN_ENV} (or"
+        f" {api}, which refuses every call without one (401): set {TOKEN_ENV} (or"
         " fly.token), or run on the embedded emulator with --emulator"
     )
 
@@ -1613,6 +1615,24 @@ _FLY_TOKEN = re.compile(r"FlyV1\s+\S+|\bf[mo]\d[a-z]?_[A-Za-z0-9_+/=,-]{8,}")
 
 def _hide_tokens(text: str) -> str:
     return _FLY_TOKEN.sub("<redacted: a Fly token?>", text)
+
+
+def shown_url(url: str) -> str:
+    """A URL as a message may show it (``fly.api_url`` in check-config's summary and its
+    errors): credentials typed into it (``https://user:secret@host/``), its query (a
+    ``?token=...``) and fragment redacted, and a Fly token anywhere in it. The URL is not a secret
+    field, but it is where a secret gets pasted."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # a malformed one ("http://[::1"): shown only where no secret is
+        return _hide_tokens(re.split("[?#]", url)[0].rpartition("@")[2])
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "<redacted>@" + netloc.rpartition("@")[2]
+    query = "<redacted>" if parts.query else ""
+    fragment = "<redacted>" if parts.fragment else ""
+    shown = parts._replace(netloc=netloc, query=query, fragment=fragment)
+    return _hide_tokens(urllib.parse.urlunsplit(shown))
 
 
 # Fields whose values are secrets: never shown in an error, whatever the mistake.

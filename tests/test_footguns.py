@@ -284,6 +284,37 @@ async def test_check_config_fails_on_an_app_the_api_does_not_have(
     assert emulator.token not in line
 
 
+@pytest.mark.usefixtures("no_fly_token")
+async def test_check_config_never_shows_what_is_typed_into_the_api_url(
+    tmp_path: Path, aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fly.api_url is not a secret field, but credentials (``user:secret@``) or a token
+    in its query get typed into it: check-config printed it as given, in its summary and
+    in its problems (no token, a token refused)."""
+    from aiohttp import web
+
+    async def forbidden(request: web.Request) -> web.Response:
+        return web.json_response({"error": "not allowed"}, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forbidden)
+    server = await aiohttp_server(app)
+    dead = f"127.0.0.1:{free_port()}"
+    fly = "{{api_url: 'http://user:s3cret-pw@{}/v1?token=s3cret-q#s3cret-f', max_retries: 0"
+    token = ", token: t0ken-xyz-0123456789}\n"
+    for text, code, shown in [
+        (f"fly: {fly.format(dead)}{token}{APP}", 0, f"http://<redacted>@{dead}/v1?<redacted>"),
+        (f"fly: {fly.format(dead)}}}\n{APP}", 2, "at http://<redacted>@"),
+        (f"fly: {fly.format(f'127.0.0.1:{server.port}')}{token}{APP}", 2, "at http://<red"),
+    ]:
+        path = write(tmp_path, text)
+        assert await asyncio.to_thread(check_config, str(path)) == code
+        printed = capsys.readouterr()
+        assert shown in printed.out + printed.err, printed
+        assert "s3cret" not in printed.out + printed.err, printed
+    assert "HTTP 403" in printed.err  # the last: the token refused
+
+
 def test_emulator_is_asked_for_by_flag_or_by_name(tmp_path: Path) -> None:
     path = write(tmp_path, "fly: {org_slug: mine}\n" + APP)
     settings, _ = load_settings(path, env={}, overrides={"fly": {"api_url": "embedded"}})
