@@ -10,6 +10,7 @@ Every model forbids unknown keys, so a typo is an error rather than a silently i
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import ipaddress
 import json
@@ -312,6 +313,13 @@ def _check_listen(value: str) -> str:
 Listen = Annotated[str, BeforeValidator(lambda v: _check_listen(v) if isinstance(v, str) else v)]
 
 
+_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=True)
+"""``load_settings(serving=...)``, for the checks of a section's own fields (the emulator's),
+which run before Settings' and cannot read its class: status and simulate neither start the
+emulator nor call Fly, so where it would listen and the names Fly takes are not theirs to
+refuse."""
+
+
 def check_loopback_listen(value: str) -> str:
     """A listen address that must stay on this machine (the emulator's API: its token runs
     commands on the host through machine env and cmd)."""
@@ -326,7 +334,14 @@ def check_loopback_listen(value: str) -> str:
 
 
 LoopbackListen = Annotated[
-    str, BeforeValidator(lambda v: check_loopback_listen(v) if isinstance(v, str) else v)
+    str,
+    BeforeValidator(
+        lambda v: (
+            (check_loopback_listen if _SERVING.get() else _check_listen)(v)
+            if isinstance(v, str)
+            else v
+        )
+    ),
 ]
 
 
@@ -967,7 +982,7 @@ class EmulatorApp(_Model):
     @field_validator("name")
     @classmethod
     def _fly_app_name(cls, value: str) -> str:
-        problem = app_name_problem(value)
+        problem = app_name_problem(value) if _SERVING.get() else None
         if problem:
             raise ValueError(problem)
         return value
@@ -1500,7 +1515,8 @@ def load_settings(
     ``serving=False`` is for the commands that read the file without running it (status
     asks the admin server at admin.listen; simulate replays the apps' policies): what
     matters only to the process that runs it is not checked, two of its servers on one
-    address and an app name Fly would refuse (a draft, or a trace's own app names).
+    address, an app name Fly would refuse (a draft, or a trace's own app names), and the
+    emulator's listen address and app names (neither command starts it).
     ``resolve`` (resolve_listen_host) takes the listen addresses' host names at the
     addresses they bind, for `run` and `check-config`: not a reload's, which may not
     wait on a name service in the event loop, and whose addresses need a restart anyway.
@@ -1548,6 +1564,7 @@ def load_settings(
     # Read by the checks across sections, which run in __init__: of the class, not passed.
     _Bound.serving = serving
     _Bound.resolve = resolve
+    serving_token = _SERVING.set(serving)
     try:
         settings = _Bound(**dict(overrides or {}))
     except SettingsError as exc:
@@ -1568,6 +1585,8 @@ def load_settings(
             ]
         origin = _Origin(file, lines, env_vars, overrides or {}, environ)
         raise ConfigError([f"{origin.where(loc)}: {text}" for loc, text in items]) from None
+    finally:
+        _SERVING.reset(serving_token)
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
     return Settings.model_construct(
         **{k: getattr(settings, k) for k in Settings.model_fields}

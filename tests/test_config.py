@@ -759,3 +759,27 @@ def test_a_wake_timeout_of_0_is_refused_not_read_as_no_limit(tmp_path: Path) -> 
     ]
     good = write(tmp_path, "apps:\n  - name: web\n    wake_timeout_s: 0.5\n", "good.yaml")
     assert load_settings(good, env={})[0].apps[0].wake_timeout_s == 0.5
+
+
+def test_status_and_simulate_take_an_emulator_section_only_a_run_would_refuse(
+    tmp_path: Path,
+) -> None:
+    """status and simulate (serving=False) neither start the emulator nor call Fly: an
+    emulator.listen open to the network and app names Fly would refuse in emulator.apps
+    were refused there too (exit 2), as the proxy's address and apps[].name no longer
+    were. What runs it still refuses both."""
+    path = write(tmp_path, "emulator: {listen: '0.0.0.0:4280', apps: [{name: My_App}]}\n")
+    settings, _ = load_settings(path, env={}, serving=False)
+    assert settings.emulator.listen == "0.0.0.0:4280"
+    assert [a.name for a in settings.emulator.apps] == ["My_App"]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    listen, name = caught.value.problems
+    assert "emulator.listen: expected a loopback address" in listen, listen
+    assert "emulator.apps[0].name: expected a Fly app name" in name, name
+    # Still a host:port, still checked after a serving=False load (the flag does not stick).
+    bad = write(tmp_path, "emulator: {listen: nowhere}\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"emulator\.listen: expected \"host:port\""):
+        load_settings(bad, env={}, serving=False)
+    with pytest.raises(ConfigError, match=r"emulator\.listen: expected a loopback"):
+        load_settings(path, env={})
