@@ -234,7 +234,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str], Sequence[IPAddress]]
 """A host name to the addresses a server told to listen on it binds (resolve_listen_host;
 a test's own, which needs no name service). It raises OSError for a name it cannot
-resolve."""
+resolve; no address at all means not known (ListenHosts.known): not loopback, no clash."""
 
 
 def resolve_listen_host(host: str) -> tuple[IPAddress, ...]:
@@ -247,6 +247,26 @@ def resolve_listen_host(host: str) -> tuple[IPAddress, ...]:
         raise OSError(f"not a host name DNS takes: {exc}") from None
     # An IPv6 address may carry its zone ("fe80::1%eth0"): the address is what binds.
     return tuple(dict.fromkeys(ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos))
+
+
+class ListenHosts:
+    """A Resolver that keeps what it found: the names a process resolved at its start, for
+    the checks that may not look them up again (a reload's, in the event loop: ``known``;
+    the ``--workers`` supervisor's, of the addresses its own load resolved: ``addresses``)."""
+
+    def __init__(self, resolve: Resolver) -> None:
+        self._resolve = resolve
+        self.addresses: dict[str, tuple[IPAddress, ...]] = {}
+
+    def __call__(self, host: str) -> Sequence[IPAddress]:
+        if host not in self.addresses:
+            self.addresses[host] = tuple(self._resolve(host))  # an OSError is not kept
+        return self.addresses[host]
+
+    def known(self, host: str) -> Sequence[IPAddress]:
+        """A Resolver that asks no name service: a name resolved before, at its addresses;
+        any other as not known (a reload's listen addresses need a restart anyway)."""
+        return self.addresses.get(host, ())
 
 
 def _ip(host: str) -> IPAddress | None:
@@ -563,7 +583,8 @@ class AdminSettings(_Model):
         description="bearer token required by /status (and, with protect_metrics, by /metrics"
         " and the health endpoints: the admin server has no others, and only reads), at least"
         f" {MIN_TOKEN_CHARS} characters (`openssl rand -hex 32`); needed when admin.listen"
-        " is not a loopback address (start-up refuses otherwise)",
+        " is not a loopback address, nor a name whose addresses all are (start-up refuses"
+        " otherwise)",
     )
     protect_metrics: bool = Field(
         default=False,
@@ -1128,8 +1149,15 @@ class Settings(BaseSettings):
     def _apps_consistent(self) -> Settings:
         """The checks across sections and apps, every problem at once."""
         problems = _app_problems(enumerate(self.apps), fly_names=type(self).serving)
-        admin = parse_host_port(self.admin.listen)
-        if self.admin.token is None and not is_loopback(admin.host):
+        listens = self._listens()
+        resolved: dict[str, Sequence[IPAddress]] = {}
+        # Resolved first (the admin server is on loopback if its addresses are), said after
+        # the admin server's problems, where they were.
+        unresolved = self._resolve_listens(listens, resolved) if type(self).serving else []
+        # Not status's nor simulate's (serving=False): they serve nothing, and look up no
+        # name, so a server on a name of loopback that `run` started on would be refused.
+        open_admin = type(self).serving and not self._admin_is_loopback(resolved)
+        if self.admin.token is None and open_admin:
             problems.append(
                 _KeyError(
                     "admin.token",
@@ -1149,7 +1177,7 @@ class Settings(BaseSettings):
                 )
             )
         if type(self).serving:
-            problems += self._listen_clashes()
+            problems += unresolved + self._listen_clashes(listens, resolved)
         default = self.proxy.default_app
         if default is not None and all(app.name != default for app in self.apps):
             problems.append(
@@ -1179,17 +1207,29 @@ class Settings(BaseSettings):
         seeded = {app.name for app in self.emulator.apps}
         return [app.name for app in self.apps if not app.static and app.name not in seeded]
 
-    def _listen_clashes(self) -> list[_KeyError]:
-        """The servers of one process on one address: the second would fail to start
-        ("address in use"). The embedded emulator's counts when it runs: ``fly.api_url:
-        embedded`` (``run --emulator``), or unset with an app to scale (the demo). With a
-        resolver (``load_settings(resolve=...)``), host names are taken at the addresses
-        they bind, and one that does not resolve is a problem of its own."""
+    def _listens(self) -> list[tuple[str, str]]:
+        """The servers of one process, by key and listen address. The embedded emulator's
+        counts when it runs: ``fly.api_url: embedded`` (``run --emulator``), or unset with
+        an app to scale (the demo)."""
         listens = [("proxy.listen", self.proxy.listen), ("admin.listen", self.admin.listen)]
         if self.runs_embedded_emulator:
             listens.append(("emulator.listen", self.emulator.listen))
+        return listens
+
+    def _admin_is_loopback(self, resolved: Mapping[str, Sequence[IPAddress]]) -> bool:
+        """Whether the admin server is reachable from this host alone: a loopback address,
+        localhost, or a name whose addresses (``resolved``) are all loopback ones."""
+        host = parse_host_port(self.admin.listen).host
+        addresses = resolved.get(host, ())
+        return is_loopback(host) or (bool(addresses) and all(a.is_loopback for a in addresses))
+
+    def _resolve_listens(
+        self, listens: list[tuple[str, str]], resolved: dict[str, Sequence[IPAddress]]
+    ) -> list[_KeyError]:
+        """With a resolver (``load_settings(resolve=...)``), the listen hosts' names at the
+        addresses they bind, into ``resolved``: a name that does not resolve is a problem
+        of its own."""
         problems = []
-        resolved: dict[str, Sequence[IPAddress]] = {}
         resolve = type(self).resolve
         for key, value in listens:
             host = parse_host_port(value).host
@@ -1206,6 +1246,15 @@ class Settings(BaseSettings):
                         f" listen on {value}; give an IP address, or a name of this host",
                     )
                 )
+        return problems
+
+    def _listen_clashes(
+        self, listens: list[tuple[str, str]], resolved: Mapping[str, Sequence[IPAddress]]
+    ) -> list[_KeyError]:
+        """The servers of one process on one address: the second would fail to start
+        ("address in use"). Host names are taken at their addresses in ``resolved``, else
+        as written (listen_overlap)."""
+        problems = []
         for i, (key, value) in enumerate(listens):
             for other, other_value in listens[i + 1 :]:
                 a, b = parse_host_port(value), parse_host_port(other_value)
@@ -1515,11 +1564,14 @@ def load_settings(
     ``serving=False`` is for the commands that read the file without running it (status
     asks the admin server at admin.listen; simulate replays the apps' policies): what
     matters only to the process that runs it is not checked, two of its servers on one
-    address, an app name Fly would refuse (a draft, or a trace's own app names), and the
-    emulator's listen address and app names (neither command starts it).
+    address, an app name Fly would refuse (a draft, or a trace's own app names), the
+    emulator's listen address and app names (neither command starts it), and the admin
+    server's need of a token beyond loopback (which, for a name, takes a name service).
     ``resolve`` (resolve_listen_host) takes the listen addresses' host names at the
-    addresses they bind, for `run` and `check-config`: not a reload's, which may not
-    wait on a name service in the event loop, and whose addresses need a restart anyway.
+    addresses they bind, for `run` and `check-config`; a reload, which may not wait on a
+    name service in the event loop (and whose addresses need a restart anyway), is given
+    the names the start resolved (ListenHosts.known). An admin server on a name whose
+    addresses are all loopback ones needs no token; without ``resolve``, only localhost's.
     """
     environ = os.environ if env is None else env
     explicit = path is not None or bool(environ.get(CONFIG_ENV))

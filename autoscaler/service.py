@@ -39,6 +39,7 @@ from autoscaler.admin import AdminServer
 from autoscaler.config import (
     EMBEDDED,
     ConfigError,
+    ListenHosts,
     Settings,
     load_settings,
     no_apps_problem,
@@ -122,11 +123,16 @@ class Service:
         admin_port: int | None = None,
         emulator_port: int | None = None,
         without_api: bool = False,
+        listen_hosts: ListenHosts | None = None,
     ) -> None:
         self.settings = settings
         self.without_api = without_api
         """No Machines API (``autoscaler run`` on a config without ``fly.api_url`` whose apps
         are all static): no emulator either, and a reload that adds a scaled app is refused."""
+        self.listen_hosts = listen_hosts
+        """The listen hosts' names as the start resolved them (``autoscaler run``): a reload
+        takes them at those addresses (an admin server on a name of this host's loopback
+        needs no token) without asking a name service in the event loop."""
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.metrics = metrics or Metrics(version=__version__)
@@ -313,7 +319,8 @@ class Service:
     async def reload(self) -> bool:
         """Load the file again and apply it; False (and nothing changes) if it is invalid."""
         try:
-            new, path = load_settings(self.config_path, overrides=self.overrides)
+            known = self.listen_hosts.known if self.listen_hosts is not None else None
+            new, path = load_settings(self.config_path, overrides=self.overrides, resolve=known)
         except ConfigError as exc:
             self.metrics.config_reloads.labels(result="error").inc()
             _log.error("config_reload_rejected", problems=exc.problems)
@@ -503,13 +510,15 @@ def _no_rolling_restart() -> None:
 
 
 def load_or_report(
-    config: str | None, overrides: Mapping[str, Any] | None
+    config: str | None, overrides: Mapping[str, Any] | None, hosts: ListenHosts | None = None
 ) -> tuple[Settings, Path] | None:
-    """The settings and the file they came from, or None once every problem is logged."""
+    """The settings and the file they came from, or None once every problem is logged.
+    ``hosts`` keeps the addresses the listen hosts' names were resolved to."""
     try:
         # The listen addresses' host names resolved: a clash through a name, or a name that
         # does not resolve, is said here, before anything starts (not as a failed bind).
-        return load_settings(config, overrides=overrides, resolve=resolve_listen_host)
+        resolve = hosts or ListenHosts(resolve_listen_host)
+        return load_settings(config, overrides=overrides, resolve=resolve)
     except ConfigError as exc:
         for line in exc.problems:
             _log.error("config_invalid", problem=line)
@@ -527,7 +536,8 @@ def run(
     """
     if emulator:
         overrides = {**(overrides or {}), "fly": {"api_url": EMBEDDED}}
-    loaded = load_or_report(config, overrides)
+    hosts = ListenHosts(resolve_listen_host)
+    loaded = load_or_report(config, overrides, hosts)
     if loaded is None:
         return 2
     settings, path = loaded
@@ -540,7 +550,9 @@ def run(
     if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
         _log.error("config_invalid", problem=NO_REDIS.format(path=path))
         return 2
-    service = Service(settings, config, overrides=overrides, without_api=without_api)
+    service = Service(
+        settings, config, overrides=overrides, without_api=without_api, listen_hosts=hosts
+    )
     service.freeze_heap = True
     _log.info("config_loaded", path=str(path))
     try:

@@ -28,6 +28,7 @@ from autoscaler.config import (
     ConfigError,
     EmulatorApp,
     IPAddress,
+    ListenHosts,
     Resolver,
     Settings,
     load_settings,
@@ -492,6 +493,68 @@ def test_a_listen_name_no_name_service_takes_is_said_of_its_key(tmp_path: Path) 
     [problem] = info.value.problems
     assert f"{path}:1: proxy.listen: host " in problem, problem
     assert "does not resolve" in problem, problem
+
+
+LOOPBACK_NAMES = {"ops.test": ["127.0.0.1", "::1"], "pub.test": ["127.0.0.1", "10.0.0.1"]}
+
+
+@pytest.mark.usefixtures("no_fly_token")
+def test_an_admin_server_on_a_name_of_loopback_needs_no_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only localhost was known to be loopback: `run` and check-config asked an admin
+    server on another name of this host's loopback for admin.token. They take a name at
+    its addresses: all loopback, no token needed; one beyond, one needed. status, which
+    looks up no name, asks for none."""
+    import autoscaler.check
+    import autoscaler.service
+
+    hosts = name_service(LOOPBACK_NAMES)
+    monkeypatch.setattr(autoscaler.service, "resolve_listen_host", hosts)
+    monkeypatch.setattr(autoscaler.check, "resolve_listen_host", hosts)
+    monkeypatch.setattr(autoscaler.service, "run_event_loop", lambda main: main.close())
+    path = write(tmp_path, "admin: {listen: 'ops.test:9091'}\n" + APP)
+    assert check_config(str(path)) == 0
+    assert run(str(path), emulator=True) == 0
+    capsys.readouterr()
+    path = write(tmp_path, "admin: {listen: 'pub.test:9091'}\n" + APP)
+    assert check_config(str(path)) == 2
+    assert "admin.token: required when admin.listen is not a loop" in capsys.readouterr().err
+
+    def no_lookup(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a name looked up: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    settings, _ = load_settings(path, env={}, serving=False)
+    assert settings.admin.token is None
+
+
+async def test_a_reload_takes_the_admin_servers_name_at_the_addresses_of_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload asks no name service (it runs in the event loop): it is given the names
+    the start resolved, so the admin server's name the start took as loopback is still
+    taken so, not refused as wanting a token."""
+    path = write(tmp_path, "admin: {listen: 'ops.test:9091'}\n" + APP)
+    hosts = ListenHosts(name_service(LOOPBACK_NAMES))
+    settings, _ = load_settings(path, env={}, resolve=hosts)
+    assert hosts.addresses == {"ops.test": (ipaddress.ip_address("127.0.0.1"),
+                                            ipaddress.ip_address("::1"))}  # fmt: skip
+
+    def no_lookup(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a name looked up: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    svc = Service(settings, path, metrics=Metrics(CollectorRegistry()), listen_hosts=hosts)
+    path.write_text(path.read_text().replace("web.test", "www.test"))
+    assert await svc.reload()
+    assert svc.settings.apps[0].hosts == ["www.test"]
+    # A name the start did not resolve is taken as before: not loopback.
+    path.write_text("admin: {listen: 'pub.test:9091'}\n" + APP)
+    with capture_logs() as logs:
+        assert not await svc.reload()
+    [rejected] = [e for e in logs if e["event"] == "config_reload_rejected"]
+    assert "admin.token: required" in rejected["problems"][0], rejected
 
 
 # --- Fly's own autostop/autostart ---------------------------------------------------------
