@@ -46,12 +46,14 @@ from autoscaler.children import die_with_parent
 from autoscaler.config import (
     EMBEDDED,
     HostPort,
+    ListenHosts,
     authority,
     default_replica_id,
     listen_overlap,
     no_apps_problem,
     no_token_problem,
     parse_host_port,
+    resolve_listen_host,
 )
 from autoscaler.logs import get_logger
 from autoscaler.service import load_or_report
@@ -98,7 +100,8 @@ def supervise(
     if emulator:
         _log.error("config_invalid", problem="--workers cannot share an embedded emulator")
         return 2
-    loaded = load_or_report(config, overrides)
+    hosts = ListenHosts(resolve_listen_host)
+    loaded = load_or_report(config, overrides, hosts)
     if loaded is None:
         return 2
     settings, path = loaded
@@ -137,10 +140,12 @@ def supervise(
         _log.error("config_invalid", problem="admin.listen's port plus --workers passes 65535")
         return 2
     # Worker 0's admin server is admin.listen, which the settings hold apart from the proxy.
+    # The others' hosts are its host, at the addresses the load resolved (as each worker's
+    # start does: found there, the clash stopped the workers, said once by each).
     proxy = parse_host_port(settings.proxy.listen)
     for i in range(1, workers):
         worker_admin = HostPort(admin.host, admin.port + i)
-        overlap = listen_overlap(proxy, worker_admin)
+        overlap = listen_overlap(proxy, worker_admin, hosts.addresses)
         if overlap is not None:
             _log.error(
                 "config_invalid",

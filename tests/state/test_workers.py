@@ -180,6 +180,40 @@ def test_workers_refuse_a_proxy_port_one_of_their_admin_servers_takes(
     assert spawned != []
 
 
+def test_workers_take_a_proxy_name_at_its_addresses_for_their_admin_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy.listen given by name, on an address of one of the workers' admin servers:
+    the supervisor compared the name as written and started the workers, and each one's
+    start (which resolves it) refused the clash, the group stopped. It is said at once, at
+    the addresses the supervisor's load resolved, as the one-process check says it."""
+    import ipaddress
+
+    looked_up: list[str] = []
+
+    def resolve(host: str) -> list[ipaddress.IPv4Address]:
+        looked_up.append(host)
+        return [ipaddress.IPv4Address("127.0.0.1")]
+
+    monkeypatch.setattr(workers, "resolve_listen_host", resolve)
+    file = write_config(
+        tmp_path / "c.yaml",
+        {
+            "fly": {"api_url": "http://127.0.0.1:9", "token": "w0rkers-t3st-t0ken"},
+            "apps": [{"name": "web"}],
+            "proxy": {"listen": "edge.test:9093"},
+            "admin": {"listen": "127.0.0.1:9091"},
+            "cluster": {"redis_url": "redis://127.0.0.1:9"},
+        },
+    )
+    assert _refused(file, monkeypatch, 3) == (
+        f"{file}: proxy.listen edge.test:9093 is the address of worker 2's admin server too"
+        " (127.0.0.1:9093, admin.listen's port plus 2; edge.test is 127.0.0.1): give"
+        " proxy.listen a port outside 9091-9093, or admin.listen another"
+    )
+    assert looked_up == ["edge.test"]  # once, by the load
+
+
 async def test_workers_serve_static_apps_without_a_machines_api(
     redis_server: str, key_prefix: str, tmp_path: Path, aiohttp_server: Any
 ) -> None:
