@@ -207,6 +207,6 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     print(f"{file}: OK", file=out)
     for line in summary(settings):
         print(line, file=out)
-    for line in found.warnings:
+    for line in settings.emulator.placeholder_warnings() + found.warnings:
         print(f"warning: {line}", file=err)
     return 0

@@ -1014,14 +1014,40 @@ IMAGE_PLACEHOLDERS = ("{host}", "{port}", "{python}")
 _PLACEHOLDER_RE = re.compile(r"(?<!\$)\{[A-Za-z_][A-Za-z0-9_]*\}")  # not a shell's ${VAR}
 
 
+def _slip(name: str, placeholder: str) -> bool:
+    """Whether ``name`` is ``placeholder`` after one slip of the fingers: its case changed
+    (``Host``), a letter dropped (``prt``) or doubled (``portt``), or two neighbours
+    swapped (``hsot``)."""
+    name = name.lower()
+    if name == placeholder:
+        return True
+    cuts = range(len(placeholder))
+    if len(name) == len(placeholder) - 1:
+        return any(placeholder[:i] + placeholder[i + 1 :] == name for i in cuts)
+    if len(name) == len(placeholder) + 1:
+        return any(placeholder[: i + 1] + placeholder[i:] == name for i in cuts)
+    swaps = range(len(placeholder) - 1)
+    return len(name) == len(placeholder) and any(
+        placeholder[:i] + placeholder[i + 1] + placeholder[i] + placeholder[i + 2 :] == name
+        for i in swaps
+    )
+
+
 def _misspelt_placeholder(found: str) -> bool:
-    """Whether ``{name}``, which the emulator leaves as written, is near enough a
-    placeholder to be one mistyped (``{prt}``, ``{Host}``). Any other braces are the
-    command's own (awk's ``'{print}'``, a Python format string): the emulator fills the
-    placeholders by their text and passes the rest on, and such a template runs."""
-    name = found[1:-1].lower()
+    """Whether ``{name}``, which the emulator leaves as written, is surely a placeholder
+    mistyped (``{prt}``, ``{Host}``, ``_slip``): refused. Any other braces are the command's
+    own (awk's ``'{print}'``, a Python format string): the emulator fills the placeholders
+    by their text and passes the rest on, and such a template runs."""
+    return any(_slip(found[1:-1], p[1:-1]) for p in IMAGE_PLACEHOLDERS)
+
+
+def _near_placeholder(found: str) -> bool:
+    """Whether ``{name}`` is near a placeholder without being surely a typo of one: a letter
+    changed (``{sort}``, ``{post}``, ``{hist}``) or added (``{hosts}``), as a word a real
+    command holds may be. Taken, with a warning (EmulatorSettings.placeholder_warnings)."""
     known = [p[1:-1] for p in IMAGE_PLACEHOLDERS]
-    return bool(difflib.get_close_matches(name, known, n=1, cutoff=0.75))
+    close = difflib.get_close_matches(found[1:-1].lower(), known, n=1, cutoff=0.75)
+    return bool(close) and not _misspelt_placeholder(found)
 
 
 class EmulatorSettings(_Model):
@@ -1099,6 +1125,22 @@ class EmulatorSettings(_Model):
         if twice:
             raise ValueError(f"expected each app once, got {', '.join(twice)} more than once")
         return apps
+
+    def placeholder_warnings(self) -> list[str]:
+        """The ``{name}``s of the image templates that are near a placeholder but may be the
+        command's own (``{sort}``): taken as written, and said (check-config, the emulator's
+        start), since one that is a typo fails every boot of its image's machines."""
+        warnings = []
+        for image, template in self.images.items():
+            near = sorted(f for f in set(_PLACEHOLDER_RE.findall(template)) if _near_placeholder(f))
+            if near:
+                warnings.append(
+                    f"emulator.images: {image}: {', '.join(near)} in {template!r} is passed to"
+                    f" the command as written (the placeholders are"
+                    f" {', '.join(IMAGE_PLACEHOLDERS)}): if it is one mistyped, every boot of a"
+                    " machine of this image fails"
+                )
+        return warnings
 
     def effective_timing(self) -> Timing:
         """Precedence: ``timing.*``, then the older knobs, then the profile."""

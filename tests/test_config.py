@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from autoscaler.check import check_config
 from autoscaler.config import (
     MIN_TOKEN_CHARS,
     ConfigError,
+    EmulatorSettings,
     Settings,
     load_settings,
     parse_duration,
     parse_host_port,
 )
+from autoscaler.emulator import Emulator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -270,6 +274,36 @@ def test_an_image_template_the_emulator_cannot_fill_is_refused(tmp_path: Path) -
     ok = write(tmp_path, f"emulator: {{images: {json.dumps(images)}}}\n")
     settings, _ = load_settings(ok, env={})
     assert settings.emulator.images == images
+
+
+async def test_an_image_template_word_a_letter_from_a_placeholder_is_taken_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``{sort}``, ``{post}``, ``{most}``, ``{hist}`` are a letter from ``{port}`` or
+    ``{host}``, as a word a real command holds may be: they were refused as typos. They
+    are passed on as written, and said (check-config, the emulator's start); a surer typo
+    (a case changed, a letter dropped or doubled, two neighbours swapped) is refused."""
+    words = "sort {sort} {post} {most} {hist} {hosts}"
+    images = {"tool": f"sh -c 'echo {words}; exec {{python}} -m web {{port}}'"}
+    path = write(tmp_path, f"emulator: {{images: {json.dumps(images)}}}\napps: [{{name: w}}]\n")
+    settings, _ = load_settings(path, env={})
+    assert settings.emulator.images == images
+    (warning,) = settings.emulator.placeholder_warnings()
+    assert warning.startswith("emulator.images: tool: {hist}, {hosts}, {most}, {post}, {sort}")
+    assert "if it is one mistyped, every boot of a machine of this image fails" in warning
+    assert await asyncio.to_thread(check_config, str(path)) == 0
+    assert f"warning: {warning}\n" in capsys.readouterr().err
+    with capture_logs() as logs:
+        async with Emulator(settings.emulator, host="127.0.0.1", port=0):
+            pass
+    assert [e["warning"] for e in logs if e["event"] == "emulator_image_placeholder_unsure"] == [
+        warning
+    ]
+    for typo in ["{Port}", "{prt}", "{portt}", "{hsot}", "{pyhton}"]:
+        bad = {"tool": f"{{python}} -m web --port {typo}"}
+        with pytest.raises(ConfigError, match=f"tool: unknown placeholder {typo}"):
+            load_settings(write(tmp_path, f"emulator: {{images: {json.dumps(bad)}}}\n"), env={})
+    assert EmulatorSettings(images={"ok": "{python} -m web {port}"}).placeholder_warnings() == []
 
 
 def test_emulator_token_from_the_environment(tmp_path: Path) -> None:

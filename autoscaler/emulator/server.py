@@ -97,6 +97,8 @@ class Emulator:
             self._saver = saver
         for spec in self.settings.apps:
             world.seed_app(spec)
+        for warning in self.settings.placeholder_warnings():  # config.EmulatorSettings's
+            log.warning("emulator_image_placeholder_unsure", warning=warning)
         self._ctx = Context(
             world=world,
             token=self.token,
