@@ -510,15 +510,14 @@ def _no_rolling_restart() -> None:
 
 
 def load_or_report(
-    config: str | None, overrides: Mapping[str, Any] | None, hosts: ListenHosts | None = None
+    config: str | None, overrides: Mapping[str, Any] | None, hosts: ListenHosts
 ) -> tuple[Settings, Path] | None:
     """The settings and the file they came from, or None once every problem is logged.
-    ``hosts`` keeps the addresses the listen hosts' names were resolved to."""
+    ``hosts`` resolves the listen hosts' names, and keeps their addresses for the caller."""
     try:
         # The listen addresses' host names resolved: a clash through a name, or a name that
         # does not resolve, is said here, before anything starts (not as a failed bind).
-        resolve = hosts or ListenHosts(resolve_listen_host)
-        return load_settings(config, overrides=overrides, resolve=resolve)
+        return load_settings(config, overrides=overrides, resolve=hosts)
     except ConfigError as exc:
         for line in exc.problems:
             _log.error("config_invalid", problem=line)
