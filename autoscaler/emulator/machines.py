@@ -328,17 +328,23 @@ class Lifecycle:
             )
         mp = self.procs.get(m.id)
         self.record(m, "suspending", "suspend")
-        if mp is not None:
-            # Frozen at once, as Fly pauses the VM while it copies the memory out.
-            mp.freeze()
+        # Frozen at once, as Fly pauses the VM while it copies the memory out: its process
+        # group now, what left the group once a walk of /proc (in a thread) has found it.
+        frozen = mp.freeze() if mp is not None else None
         duration = self.draw(self.timing.suspend_s)
-        if duration > 0:
-            self._run(m, self._suspend(m, duration))
+        if duration > 0 or frozen is not None:
+            self._run(m, self._suspend(m, duration, frozen))
         else:
             self._suspended(m)
 
-    async def _suspend(self, m: Machine, duration: float) -> None:
-        await asyncio.sleep(duration)
+    async def _suspend(
+        self, m: Machine, duration: float, frozen: asyncio.Future[None] | None
+    ) -> None:
+        """``suspended`` after ``duration``, and never before the whole machine is frozen."""
+        began = asyncio.get_running_loop().time()
+        if frozen is not None:
+            await asyncio.shield(frozen)  # a start meanwhile cancels us, never the walk
+        await self._pad(began, duration)
         self._suspended(m)
 
     def _suspended(self, m: Machine) -> None:
@@ -467,13 +473,13 @@ class Lifecycle:
 
     async def _unfreeze(self, m: Machine, request: dict[str, Any]) -> None:
         mp = self.procs.get(m.id)
+        if mp is not None and mp.returncode is None and m.id not in self.faults.hung:
+            await asyncio.shield(mp.thaw())  # `started`: all of it runs again
         if mp is None or mp.returncode is not None:
             # It died while frozen (killed from outside): nothing to resume.
             await self._boot(m, {"resume": False, "reason": "no snapshot"})
             return
         self._snapshots.pop(m.id, None)
-        if m.id not in self.faults.hung:
-            mp.thaw()
         self.record(m, "started", "start", source="flyd", request=request)
         self._now_started(m)
 

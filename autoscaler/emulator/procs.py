@@ -8,8 +8,10 @@ the machine forks: when the machine's process ends, or the emulator does, even S
 it kills every process the machine started, those that left its process group too.
 Elsewhere the machine's process itself only checks that the emulator is still there.
 The machine's process leads its process group; the emulator signals that group (a stop,
-a suspend's SIGSTOP), never the supervisor, and a suspend also stops each process below
-the supervisor that left the group (``MachineProcess.freeze``). ``Reaper`` keeps every
+a suspend's SIGSTOP), never the supervisor, and a suspend reaches each process below the
+supervisor that left the group too (``MachineProcess.freeze``),
+looked for in /proc in a thread: a walk of /proc takes as long as the host has processes,
+and the event loop serves every machine's API and traffic meanwhile. ``Reaper`` keeps every
 live process group and an ``atexit`` hook kills what is left if the event loop never got
 to clean up.
 """
@@ -26,7 +28,7 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,8 @@ class MachineProcess:
         self._reaper = reaper
         reaper.add(self)
         self._reader = asyncio.ensure_future(self._read_output())
+        # The last of the walks for strays (_after): each runs once those before it ended.
+        self._walk: asyncio.Future[None] | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -115,12 +119,37 @@ class MachineProcess:
             return []
         return descendants(self.proc.pid)
 
-    def freeze(self) -> None:
-        """SIGSTOP the whole machine, as Fly pauses the whole VM: its process group, and
-        each process that left it, which the group's SIGSTOP missed (it ran on through a
-        suspend). Looked for again until a look finds none it has not stopped yet: one
-        forked meanwhile by a process not yet stopped is stopped too."""
+    def _after(self, act: Callable[[], None]) -> asyncio.Future[None]:
+        """Run ``act``, which walks /proc for strays, in a thread once the walks asked for
+        before it have ended: a freeze's and a thaw's act in the order they were
+        asked, so the last one asked has the last word (a thaw asked during a freeze's walk
+        is not undone by it). Await the result shielded: a walk is never cut short."""
+        before = self._walk
+
+        async def walk() -> None:
+            if before is not None:
+                await asyncio.wait({before})
+            await asyncio.to_thread(act)
+
+        self._walk = asyncio.ensure_future(walk())
+        return self._walk
+
+    def _signal_strays(self, *sigs: int) -> None:
+        for pid in self._strays():
+            for sig in sigs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+    def freeze(self) -> asyncio.Future[None]:
+        """SIGSTOP the whole machine, as Fly pauses the whole VM: its process group at once,
+        and each process that left it, which the group's SIGSTOP missed (it ran on through
+        a suspend), by the walk this returns (done: nothing of the machine runs any more).
+        Looked for again until a look finds none it has not stopped yet: one forked
+        meanwhile by a process not yet stopped is stopped too."""
         self.signal(signal.SIGSTOP)
+        return self._after(self._stop_strays)
+
+    def _stop_strays(self) -> None:
         stopped: set[int] = set()
         for _ in range(_FREEZE_ROUNDS):
             new = [pid for pid in self._strays() if pid not in stopped]
@@ -131,18 +160,19 @@ class MachineProcess:
                     os.kill(pid, signal.SIGSTOP)
             stopped.update(new)
 
-    def thaw(self) -> None:
-        """SIGCONT what :meth:`freeze` stopped: the group and every process that left it."""
+    def thaw(self) -> asyncio.Future[None]:
+        """SIGCONT what :meth:`freeze` stopped: the group at once, and every process that
+        left it by the walk this returns."""
         self.signal(signal.SIGCONT)
-        for pid in self._strays():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGCONT)
+        return self._after(lambda: self._signal_strays(signal.SIGCONT))
 
     async def wait(self) -> int:
         code = await self.proc.wait()
         # The leader is reaped; make sure nothing it forked lingers in the group.
         kill_group(self.pid, signal.SIGKILL)
         self._reaper.discard(self)
+        if self._walk is not None:  # quick now: the supervisor has ended, no strays to find
+            await asyncio.wait({self._walk})
         # The output reader ends at EOF; give it a moment, never an unbounded wait.
         await asyncio.wait({self._reader}, timeout=1.0)
         if not self._reader.done():

@@ -11,6 +11,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from structlog.testing import capture_logs
 from testkit import SlowToEnd, until
 
 from autoscaler.config import ConfigError, EmulatorApp, EmulatorSettings, load_settings
-from autoscaler.emulator import Emulator
+from autoscaler.emulator import Emulator, procs
 from autoscaler.emulator.main import settings_from
 from autoscaler.emulator.persist import Saver, StateFileError
 from autoscaler.emulator.procs import leftovers
@@ -484,3 +485,31 @@ async def test_a_suspend_freezes_all_the_machine_forked_and_a_stop_ends_it(
             for pid, _ in leftovers(os.getpid()):  # ours and its mark: a failure above
                 if pid in (in_group, escaped):
                     os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_freeze_walks_proc_off_the_loop_and_suspended_waits_for_it(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspend's look for the processes that left the machine's group walks /proc, as long
+    as the host has processes: it ran on the event loop, and the emulator's API and every
+    machine's traffic stood still meanwhile. The suspend is answered while the walk is
+    under way, and the machine is `suspended` only once it has ended (all of it frozen)."""
+    loop = asyncio.get_running_loop()
+    walking, done = asyncio.Event(), threading.Event()
+
+    def slow_proc(root: int) -> list[int]:  # a /proc that takes as long as the test says
+        loop.call_soon_threadsafe(walking.set)
+        done.wait(10)  # bounded: a walk on the loop (the defect) must not hang the test
+        return []
+
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        record = emulator.machine("demo", m["id"])
+        monkeypatch.setattr(procs, "descendants", slow_proc)
+        try:
+            assert (await s.post(f"/v1/apps/demo/machines/{m['id']}/suspend")).status == 200
+            await walking.wait()
+            assert record.state == "suspending"  # the loop ran the call's answer meanwhile
+        finally:
+            done.set()
+        await wait_ok(s, "demo", m["id"], "suspended")
