@@ -8,8 +8,8 @@ the machine forks: when the machine's process ends, or the emulator does, even S
 it kills every process the machine started, those that left its process group too.
 Elsewhere the machine's process itself only checks that the emulator is still there.
 The machine's process leads its process group; the emulator signals that group (a stop,
-a suspend's SIGSTOP), never the supervisor, and a suspend reaches each process below the
-supervisor that left the group too (``MachineProcess.freeze``),
+a suspend's SIGSTOP), never the supervisor, and a stop and a suspend reach each process
+below the supervisor that left the group too (``MachineProcess.freeze``, ``terminate``),
 looked for in /proc in a thread: a walk of /proc takes as long as the host has processes,
 and the event loop serves every machine's API and traffic meanwhile. ``Reaper`` keeps every
 live process group and an ``atexit`` hook kills what is left if the event loop never got
@@ -121,7 +121,7 @@ class MachineProcess:
 
     def _after(self, act: Callable[[], None]) -> asyncio.Future[None]:
         """Run ``act``, which walks /proc for strays, in a thread once the walks asked for
-        before it have ended: a freeze's and a thaw's act in the order they were
+        before it have ended: a freeze's, a thaw's and a stop's act in the order they were
         asked, so the last one asked has the last word (a thaw asked during a freeze's walk
         is not undone by it). Await the result shielded: a walk is never cut short."""
         before = self._walk
@@ -180,13 +180,17 @@ class MachineProcess:
         return code
 
     async def terminate(self, sig: int, grace_s: float) -> int:
-        """Send ``sig``, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
+        """Send ``sig`` to the whole machine (its group, and what left it: Fly's stop ends
+        the whole VM), wait up to ``grace_s``, then SIGKILL; returns the exit code. What
+        left the group is killed by the supervisor once the machine's process has ended."""
         self.expected_exit = True
         if self.proc.returncode is None:
             self.signal(sig)
             self.signal(signal.SIGCONT)  # a stopped (suspended) process cannot handle sig
+            strays = self._after(lambda: self._signal_strays(sig, signal.SIGCONT))
             try:
                 async with asyncio.timeout(grace_s):
+                    await asyncio.shield(strays)
                     return await asyncio.shield(self.wait())
             except TimeoutError:
                 pass

@@ -513,3 +513,49 @@ async def test_a_freeze_walks_proc_off_the_loop_and_suspended_waits_for_it(
         finally:
             done.set()
         await wait_ok(s, "demo", m["id"], "suspended")
+
+
+# A machine whose daemon (its own session) ends on SIGINT, leaving a mark; the machine's
+# process, on SIGINT, waits for the mark before it exits (its end would end the daemon).
+GRACEFUL = """
+import os, signal, socket, sys, time
+host, port, mark = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    def bye(*_):
+        open(mark, "w").close()
+        os._exit(0)
+    signal.signal(signal.SIGINT, bye)
+    os.close(r)
+    os.close(w)
+    time.sleep(600)
+    os._exit(0)
+os.close(w)
+os.read(r, 1)  # end of file: the daemon has its handler
+def stop(*_):
+    for _ in range(1000):  # 10 s at most: the stop's timeout kills us after that
+        if os.path.exists(mark):
+            sys.exit(0)
+        time.sleep(0.01)
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+server = socket.create_server((host, port))
+time.sleep(600)
+"""
+
+
+async def test_a_stops_signal_reaches_what_left_the_machines_group(tmp_path: Path) -> None:
+    """Fly's stop ends the whole VM: its signal reaches a daemon that left the machine's
+    process group (setsid) too, which can shut down cleanly; it reached only the group, and
+    the daemon was SIGKILLed with the machine, its shutdown never run."""
+    script, mark = tmp_path / "graceful.py", tmp_path / "daemon-stopped"
+    script.write_text(GRACEFUL)
+    command = f"{{python}} {shlex.quote(str(script))} {{host}} {{port}} {shlex.quote(str(mark))}"
+    settings = EmulatorSettings(rate_limits=False, images={"me/graceful": command})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, image="me/graceful")
+        url = f"/v1/apps/demo/machines/{m['id']}"
+        assert (await s.post(f"{url}/stop", json={"timeout": 30})).status == 200
+        await wait_ok(s, "demo", m["id"], "stopped")
+        assert mark.exists(), "the daemon never got the stop's signal"
