@@ -638,16 +638,20 @@ class Lifecycle:
         await self._end_process(m, signal.SIGKILL, 0)
 
     async def _restart(self, m: Machine, sig: int, timeout_s: float) -> None:
+        began = asyncio.get_running_loop().time()
         await self._end_process(m, sig, timeout_s)
+        await self._pad(began, self.draw(self.timing.stop_s))  # the VM shutting down, as a stop
         self.record(m, "starting", source="flyd")
         await self._boot(m)
 
     async def _update(self, m: Machine, previous: str) -> None:
+        began = asyncio.get_running_loop().time()
         if previous == "suspended":
             await self._drop_snapshot(m)
         else:
             await self._end_process(m, signal.SIGINT, 5.0)
         if previous == "started":
+            await self._pad(began, self.draw(self.timing.stop_s))  # its VM stops first
             self.record(m, "starting", source="flyd")
             await self._boot(m)
         else:

@@ -127,6 +127,28 @@ async def test_suspend_and_stop_take_their_time_and_wait_tells_the_truth(
         await wait_ok(s, "demo", mid, "stopped")
 
 
+@pytest.mark.parametrize("call", ["restart", "update"])
+async def test_a_restart_or_update_stops_the_vm_for_stop_s_first(
+    emulator: Emulator, call: str
+) -> None:
+    """A restart, and an update of a started machine, stop the machine before they boot it
+    again, as a stop does: it takes stop_s there too. It took only the process's end
+    (`restarting` then `started` within a boot: kinder than the stop it is)."""
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        url = f"/v1/apps/demo/machines/{m['id']}"
+        if call == "restart":
+            r = await s.post(f"{url}/restart")
+        else:
+            r = await s.post(url, json={"config": {**m["config"], "env": {"V": "2"}}})
+        assert r.status == 200
+        moving = "restarting" if call == "restart" else "updating"
+        r = await wait(s, "demo", m["id"], "started", seconds=1)
+        assert r.status == 408
+        assert f"currently {moving}" in (await r.json())["error"]
+        await wait_ok(s, "demo", m["id"])
+
+
 async def test_a_cold_boot_lasts_start_s() -> None:
     settings = EmulatorSettings(rate_limits=False, timing={"start_s": [2.0, 2.5]})
     async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
