@@ -287,7 +287,8 @@ async def list_processes(request: web.Request) -> web.Response:
     mp = world_of(request).lifecycle.procs.get(m.id)
     if m.state != "started" or mp is None:
         raise Conflict(f"unable to list processes of machine in current state: '{m.state}'")
-    stats = ps.processes(mp.pid)
+    # Two walks of /proc, in a thread: the loop serves every machine meanwhile.
+    stats = await asyncio.to_thread(lambda: ps.processes(mp.pid, mp.strays()))
     stats.sort(key=lambda p: p[sort_by], reverse=order == "desc")
     return web.json_response(stats)
 

@@ -111,7 +111,7 @@ class MachineProcess:
     def signal(self, sig: int) -> bool:
         return kill_group(self.pid, sig)
 
-    def _strays(self) -> list[int]:
+    def strays(self) -> list[int]:
         """The processes below the supervisor, those that left the machine's group (a
         daemon's ``setsid``) among them; none without a supervisor (not Linux), or once
         it has ended (its pid may be another process's by then)."""
@@ -135,7 +135,7 @@ class MachineProcess:
         return self._walk
 
     def _signal_strays(self, *sigs: int) -> None:
-        for pid in self._strays():
+        for pid in self.strays():
             for sig in sigs:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
@@ -152,7 +152,7 @@ class MachineProcess:
     def _stop_strays(self) -> None:
         stopped: set[int] = set()
         for _ in range(_FREEZE_ROUNDS):
-            new = [pid for pid in self._strays() if pid not in stopped]
+            new = [pid for pid in self.strays() if pid not in stopped]
             if not new:
                 return
             for pid in new:

@@ -1,7 +1,8 @@
 """``GET .../machines/{id}/ps``: the processes of a machine, read from Linux's /proc.
 
 A machine is a process group (each machine runs in its own session), so its processes are
-the members of that group. The answer has the real API's ProcessStat shape: ``pid``,
+the members of that group, and those below its supervisor that left it (a daemon's
+``setsid``: ``MachineProcess.strays``). The answer has the real API's ProcessStat shape: ``pid``,
 ``command``, ``directory``, ``rss`` (bytes), ``cpu`` (user + system CPU time, ms),
 ``stime`` (system CPU time, ms), ``rtime`` (time since the process started, ms) and
 ``listen_sockets`` (``{"address": "ip:port", "proto": "tcp"}`` for each listening TCP
@@ -14,6 +15,7 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +100,10 @@ def group_of(pgid: int) -> list[int]:
     return sorted(members)
 
 
-def processes(pgid: int) -> list[dict[str, Any]]:
-    """ProcessStat of every process of the group ``pgid`` (the machine's process)."""
+def processes(pgid: int, also: Iterable[int] = ()) -> list[dict[str, Any]]:
+    """ProcessStat of every process of the group ``pgid`` (the machine's process), and of
+    ``also`` (those that left the group: all of a VM's processes are in Fly's list). Reads
+    /proc: slow on a busy host, so not on the event loop."""
     try:
         uptime_s = float((_PROC / "uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -107,7 +111,7 @@ def processes(pgid: int) -> list[dict[str, Any]]:
     boot_ms = int(uptime_s * 1000)  # now, in ms since boot: starttime's clock
     listening = _listening()
     out = []
-    for pid in group_of(pgid):
+    for pid in sorted({*group_of(pgid), *also}):
         with contextlib.suppress(OSError, ValueError, IndexError):
             out.append(_stat(pid, boot_ms, listening))
     return out

@@ -559,3 +559,15 @@ async def test_a_stops_signal_reaches_what_left_the_machines_group(tmp_path: Pat
         assert (await s.post(f"{url}/stop", json={"timeout": 30})).status == 200
         await wait_ok(s, "demo", m["id"], "stopped")
         assert mark.exists(), "the daemon never got the stop's signal"
+
+
+async def test_ps_lists_what_left_the_machines_group_too(tmp_path: Path) -> None:
+    """Fly's ps lists every process of the VM: a daemon that left the machine's process
+    group (setsid) is one of them. It listed the group only."""
+    command, out = _forker_image(tmp_path)
+    settings = EmulatorSettings(rate_limits=False, images={"me/forker": command})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, image="me/forker")
+        pids = sorted(int(p) for p in out.read_text().split())  # machine, in group, left it
+        listed = await (await s.get(f"/v1/apps/demo/machines/{m['id']}/ps")).json()
+        assert [p["pid"] for p in listed] == pids
