@@ -473,8 +473,10 @@ class Lifecycle:
 
     async def _unfreeze(self, m: Machine, request: dict[str, Any]) -> None:
         mp = self.procs.get(m.id)
-        if mp is not None and mp.returncode is None and m.id not in self.faults.hung:
-            await asyncio.shield(mp.thaw())  # `started`: all of it runs again
+        if mp is not None and mp.returncode is None:
+            # `started`: all of it runs again, but a hung machine's group (the app hangs on,
+            # as the resume restores it; what left the group did not hang).
+            await asyncio.shield(mp.thaw(group=m.id not in self.faults.hung))
         if mp is None or mp.returncode is not None:
             # It died while frozen (killed from outside): nothing to resume.
             await self._boot(m, {"resume": False, "reason": "no snapshot"})

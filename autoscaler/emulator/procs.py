@@ -134,10 +134,12 @@ class MachineProcess:
         self._walk = asyncio.ensure_future(walk())
         return self._walk
 
-    def _signal_strays(self, *sigs: int) -> None:
+    def _signal_strays(self, *sigs: int, outside_group: bool = False) -> None:
         for pid in self.strays():
-            for sig in sigs:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if outside_group and os.getpgid(pid) == self.pid:
+                    continue
+                for sig in sigs:
                     os.kill(pid, sig)
 
     def freeze(self) -> asyncio.Future[None]:
@@ -160,11 +162,13 @@ class MachineProcess:
                     os.kill(pid, signal.SIGSTOP)
             stopped.update(new)
 
-    def thaw(self) -> asyncio.Future[None]:
-        """SIGCONT what :meth:`freeze` stopped: the group at once, and every process that
-        left it by the walk this returns."""
-        self.signal(signal.SIGCONT)
-        return self._after(lambda: self._signal_strays(signal.SIGCONT))
+    def thaw(self, group: bool = True) -> asyncio.Future[None]:
+        """SIGCONT what :meth:`freeze` stopped: the group at once (unless not ``group``: a
+        hung machine's, which stays stopped), and every process that left it by the walk
+        this returns."""
+        if group:
+            self.signal(signal.SIGCONT)
+        return self._after(lambda: self._signal_strays(signal.SIGCONT, outside_group=not group))
 
     async def wait(self) -> int:
         code = await self.proc.wait()

@@ -571,3 +571,28 @@ async def test_ps_lists_what_left_the_machines_group_too(tmp_path: Path) -> None
         pids = sorted(int(p) for p in out.read_text().split())  # machine, in group, left it
         listed = await (await s.get(f"/v1/apps/demo/machines/{m['id']}/ps")).json()
         assert [p["pid"] for p in listed] == pids
+
+
+async def test_a_hung_machine_resumed_hangs_on_but_what_left_its_group_runs_again(
+    tmp_path: Path,
+) -> None:
+    """The `hung` fault stops the machine's process group (the app hangs, not the VM), and
+    a resume restores the machine as it was: the group still stopped, a daemon that left
+    the group running. The resume thawed nothing of a hung machine, so the daemon, frozen
+    by the suspend, stayed frozen until the hang was released."""
+    command, out = _forker_image(tmp_path)
+    settings = EmulatorSettings(rate_limits=False, images={"me/forker": command})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, image="me/forker")
+        machine, in_group, escaped = (int(p) for p in out.read_text().split())
+        url = f"/v1/apps/demo/machines/{m['id']}"
+        emu.set_faults(hung=[m["id"]])
+        assert (await s.post(f"{url}/suspend")).status == 200
+        await wait_ok(s, "demo", m["id"], "suspended")
+        frozen = (machine, in_group, escaped)
+        await until(lambda: {_proc_state(p) for p in frozen} == {"T"}, 5, "frozen")
+        assert (await s.post(f"{url}/start")).status == 200
+        await wait_ok(s, "demo", m["id"])
+        await until(lambda: _proc_state(escaped) != "T", 5, "the daemon thawed")
+        assert {_proc_state(machine), _proc_state(in_group)} == {"T"}  # the app hangs on
+        assert emu.faults.hung == [m["id"]]
