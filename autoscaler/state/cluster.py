@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import time
 import uuid
 from collections import deque
@@ -309,11 +310,15 @@ def _int(text: str | None) -> int | None:
 
 
 def _settled(text: str | None) -> tuple[int, float] | None:
-    """``Cluster.settled`` as written; None if not said (or by an older version)."""
+    """``Cluster.settled`` as written; None if not said (or by an older version).
+    ValueError if it does not parse (a format of a later version)."""
     if not text:
         return None
     token, until = text.split()
-    return int(token), float(until)
+    said = int(token), float(until)
+    if not math.isfinite(said[1]):
+        raise ValueError(f"not a time: {until}")
+    return said
 
 
 class LocalLoad:
@@ -512,6 +517,8 @@ class Cluster:
         self._sent_loads: dict[str, AppLoad] = {}
         self._sent_fleet: dict[str, int] = {}
         self._seen: dict[str, _Seen] = {}
+        self._bad_settled: dict[str, str] = {}
+        """Replica -> the boot whose ``settled`` we could not read, said once."""
         self.leader_id: str | None = None
         self.last_read_at: float | None = None
         self.last_report_at: float | None = None
@@ -649,6 +656,7 @@ class Cluster:
             if header["boot"] is None or pttl is None or pttl < 0:
                 gone.append(rid)
                 self._seen.pop(rid, None)
+                self._bad_settled.pop(rid, None)
                 continue
             if rid == self.replica_id:
                 continue
@@ -686,7 +694,7 @@ class Cluster:
                 fence=_int(header["fence"]) or 0,
                 now=seen.now,
                 fleet_changed=changed,
-                settled=_settled(header["settled"]),
+                settled=self._settled_of(rid, seen.boot, header["settled"]),
             )
         if gone:
             await self.redis.srem(self.replicas_key, *gone)
@@ -696,6 +704,18 @@ class Cluster:
         self.last_read_at = now
         self.load.note_peaks(others)
         return others
+
+    def _settled_of(self, rid: str, boot: str, text: str | None) -> tuple[int, float] | None:
+        """What ``rid``'s report says in ``settled``; None, as if not said, if it does not
+        parse (a format of a later version): one bad report must not fail every
+        replica's read. Logged once per boot of the replica."""
+        try:
+            return _settled(text)
+        except ValueError as exc:
+            if self._bad_settled.get(rid) != boot:
+                self._bad_settled[rid] = boot
+                _log.warning("cluster_bad_settled", replica=rid, settled=text, error=str(exc))
+            return None
 
     def _wanted(self, rid: str, header: Mapping[str, str | None]) -> list[str] | None:
         """The fields of ``rid``'s report to read: those its header lists as changed if we

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from autoscaler.config import ClusterSettings
 from autoscaler.state import cluster as cluster_module
@@ -232,3 +233,26 @@ async def test_the_leader_s_view_carries_how_each_machine_comes_up(
     assert report.fleet[APPS[0]].how == {"m1": "start", "m2": "start"}
     push = ViewPush("w", 3, second)
     assert ViewPush.from_json(push.to_json()).apps[APPS[0]].how == {"m1": "start", "m2": "start"}
+
+
+@pytest.mark.parametrize("said", ["garbage", "7", "7 soon", "x 12.5", "7 12.5 later", "7 nan"])
+async def test_a_malformed_settled_is_not_said_and_logged_once(
+    pair: tuple[Cluster, Cluster, Clock], said: str
+) -> None:
+    """A report whose ``settled`` does not parse (only a future format could write it)
+    made ``Cluster.read`` raise: every replica's read failed, round after round, on one
+    report. It reads as not said (the next leader waits for the key's time, as for a
+    replica that said nothing), and is logged once, not every round."""
+    writer, reader, _ = pair
+    writer.settled = said
+    await writer.publish(at_rest(), None)
+    with capture_logs() as logs:
+        for _ in range(2):
+            report = (await reader.read())["w"]
+            assert report.settled is None
+            assert report.loads == at_rest()
+    bad = [e for e in logs if e["event"] == "cluster_bad_settled"]
+    assert [(e["replica"], e["settled"]) for e in bad] == [("w", said)]
+    writer.settled = "7 12.5"  # as the replica writes it: read
+    await writer.publish(at_rest(), None)
+    assert (await reader.read())["w"].settled == (7, 12.5)
