@@ -339,6 +339,19 @@ class AppView:
         await waiter
 
 
+class _Wake:
+    """One app's wake under way (a plain class, as :class:`Upstream` is)."""
+
+    __slots__ = ("asked", "ending", "task")
+
+    def __init__(self, task: asyncio.Task[str]) -> None:
+        self.task = task
+        self.asked = False
+        """This process's proxy asked for it (:meth:`FleetView.asked`)."""
+        self.ending = False
+        """Cut (``remove_app``, ``end_wake``): a new wake of the app does not join it."""
+
+
 class FleetView:
     """Every app's view, and the single-flight door to the controller's wake."""
 
@@ -347,9 +360,10 @@ class FleetView:
         self.apps: dict[str, AppView] = {}
         self._waker: Waker | None = None
         self._closer: Closer | None = None
-        self._wakes: dict[str, asyncio.Task[str]] = {}
-        self._asked: set[str] = set()
-        """Apps whose wake under way this process's proxy asked for (:meth:`asked`)."""
+        self._wakes: dict[str, _Wake] = {}
+        """App -> its wake, until its task is done: one cut (``ending``) stays until then,
+        unless a new wake of the app takes its place, so that the cut task, counting
+        itself as it ends, still reads whether our proxy asked for it."""
         self._on_machines: Callable[[str], None] | None = None
         self._touched: set[str] = set()
 
@@ -375,17 +389,19 @@ class FleetView:
 
     def remove_app(self, name: str) -> None:
         self.apps.pop(name, None)
-        task = self._wakes.pop(name, None)
-        if task is not None:
-            task.cancel()
+        wake = self._wakes.get(name)
+        if wake is not None:
+            wake.ending = True
+            wake.task.cancel()
 
     async def end_wake(self, name: str) -> None:
         """Stop the wake under way for ``name`` (an app a reload took from the controller)
         and return once it has ended, so that it acts on no machine afterwards; the app's
         view stays (a static app of that name routes to its backends there)."""
-        task = self._wakes.pop(name, None)
-        if task is not None:
-            await cancel_and_wait([task])
+        wake = self._wakes.get(name)
+        if wake is not None:
+            wake.ending = True
+            await cancel_and_wait([wake.task])
 
     def set_waker(self, waker: Waker | None) -> None:
         """Install (or, with None, take away) the controller's wake. Installing one is a
@@ -419,26 +435,26 @@ class FleetView:
         ``asked=False`` (cluster mode: the leader serving another replica's request): a
         wake that this process's proxy did not ask for, as :meth:`asked` tells the waker
         (it is the other replica's to count), until the proxy joins it."""
-        task = self._wakes.get(app)
-        if task is None or task.done():
+        wake = self._wakes.get(app)
+        if wake is None or wake.ending or wake.task.done():
             if self._waker is None:
                 raise RuntimeError("no waker: static mode cannot wake machines")
-            self._asked.discard(app)
             task = asyncio.get_running_loop().create_task(self._waker(app), name=f"wake:{app}")
-            self._wakes[app] = task
+            wake = self._wakes[app] = _Wake(task)
             task.add_done_callback(lambda t: self._wake_done(app, t))
         if asked:
-            self._asked.add(app)
-        return task
+            wake.asked = True
+        return wake.task
 
     def asked(self, app: str) -> bool:
         """This process's proxy asked for the wake of ``app`` under way (:meth:`wake`)."""
-        return app in self._asked
+        wake = self._wakes.get(app)
+        return wake is not None and wake.asked
 
     def _wake_done(self, app: str, task: asyncio.Task[str]) -> None:
-        if self._wakes.get(app) is task:
+        wake = self._wakes.get(app)
+        if wake is not None and wake.task is task:
             del self._wakes[app]
-            self._asked.discard(app)
         if not task.cancelled():
             task.exception()  # retrieved here so a failed wake is never "never retrieved"
         view = self.apps.get(app)
@@ -447,6 +463,5 @@ class FleetView:
             view.notify()
 
     async def close(self) -> None:
-        await cancel_and_wait(list(self._wakes.values()))
+        await cancel_and_wait([wake.task for wake in self._wakes.values()])
         self._wakes.clear()
-        self._asked.clear()
