@@ -55,9 +55,9 @@ from autoscaler.control.fencing import WAKE_FENCE, Fence, FencedAPI
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import Budget
 from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo, Upstream
-from autoscaler.control.wake import WakeError
+from autoscaler.control.wake import AppMissing, WakeError, app_missing
 from autoscaler.fly.client import MachinesAPI, one_attempt
-from autoscaler.fly.errors import FlyError
+from autoscaler.fly.errors import FlyError, NotFound
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, boot_kind
@@ -212,6 +212,13 @@ class Replica:
         """Apps whose last report was not of an app at rest: measured again next round."""
         self._published: dict[str, AppFleet] = {}
         """Per app, its fleet view as of its last change, numbered (``_machines_changed``)."""
+        self._missing: dict[str, float | None] = {}
+        """Leader: per app whose last wake found that the Machines API has no such app,
+        the time of the app's last list then (``AppRuntime.listed_at``): a list since says
+        otherwise (``AppFleet.missing``)."""
+        self._missing_at: dict[str, tuple[int, int]] = {}
+        """Follower: per app, the (fencing token, sequence) of the leader's view applied
+        last, if that view says the app is missing (``AppFleet.missing``)."""
         self._remote_busy: set[str] = set()
         """Apps on which other replicas had requests at the last read."""
         self._applied_apps: set[str] = set()
@@ -559,19 +566,23 @@ class Replica:
             self._critical_of(app),
             self._how_of(app),
             self._down_sick_of(app),
+            self._missing_now(app),
         )
 
-    def _machines_changed(self, app: str) -> None:
+    def _machines_changed(self, app: str, *, again: bool = False) -> None:
         """The view's listener: number the change, and (leader) push it. A list that
-        found the machines as they were (most of them) is no change to the followers."""
+        found the machines as they were (most of them) is no change to the followers.
+        ``again``: numbered and pushed even so (``_app_missing``)."""
         fleet = self._fleet_of(app, self._seq + 1)
         last = self._published.get(app)
         if (
-            last is not None
+            not again
+            and last is not None
             and last.machines == fleet.machines
             and last.critical == fleet.critical
             and last.how == fleet.how
             and last.down_sick == fleet.down_sick
+            and last.missing == fleet.missing
         ):
             return
         self._seq += 1
@@ -650,6 +661,10 @@ class Replica:
             for i, h, p, s, c in fleet.machines
         )
         self._applied[app] = version
+        if fleet.missing:
+            self._missing_at[app] = version
+        else:
+            self._missing_at.pop(app, None)
         # The leader's drain of a machine ends what the leader's proxy carries there; what
         # ours carries ends as the drain shows in its view: WebSockets and event streams
         # at its cordon, the rest once the machine goes down (suspend, stop).
@@ -710,9 +725,33 @@ class Replica:
         ends here without the controller's, or fails before it, counts too), if our
         proxy asked for it: one served for another replica only (``_serve_wake``) is
         counted there, by the wake that asked us (:meth:`Controller.counted`)."""
-        return await self.controller.counted(
-            app, self.leader_wake(app), asked=lambda: self.view.asked(app)
-        )
+        try:
+            return await self.controller.counted(
+                app, self.leader_wake(app), asked=lambda: self.view.asked(app)
+            )
+        except AppMissing:
+            self._app_missing(app)
+            raise
+
+    def _app_missing(self, app: str) -> None:
+        """Our wake found that the Machines API has no such app: our view says so (a new
+        sequence number even if it said so already: the followers' wakes that asked
+        since wait for a view newer than the one they had), and is pushed at once."""
+        rt = self.controller.apps.get(app)
+        if rt is not None:
+            self._missing[app] = rt.listed_at
+            self._machines_changed(app, again=True)
+
+    def _missing_now(self, app: str) -> bool:
+        """Our last wake of ``app`` found it missing, and no list of it since said
+        otherwise (``_app_missing``)."""
+        if app not in self._missing:
+            return False
+        rt = self.controller.apps.get(app)
+        if rt is not None and rt.listed_at == self._missing[app]:
+            return True
+        del self._missing[app]
+        return False
 
     def _serve_wake(self, app: str) -> None:
         """Another replica's wake request: the leader wakes at once (or joins the wake
@@ -801,6 +840,8 @@ class Replica:
         try:
             with one_attempt(waker.api_timeout_s):
                 await waker.refresh(rt)
+        except NotFound as exc:
+            raise app_missing(rt, exc) from exc  # as the wake's own reads: 502 at once
         except FlyError as exc:
             if rt.read_once or not exc.transient:
                 raise
@@ -899,6 +940,7 @@ class Replica:
         self_wake_at = now + after
         ttl = self.settings.cluster.lease_ttl_s
         ask_at = now
+        asked_from = self._applied.get(app)  # a view that says missing from before: stale
         while True:
             if self.leading:
                 # We took the lease while waiting: our own wake path serves it now (the
@@ -907,6 +949,13 @@ class Replica:
             routable = view.routable()
             if routable:
                 return _waited_for(before, routable[0])
+            missing = self._missing_at.get(app)
+            if missing is not None and missing != asked_from:
+                # The leader's wake since we asked found no such app: as its proxy does,
+                # ours answers at once (502), not at wake_timeout_s.
+                raise AppMissing(
+                    f"app {app}: the Machines API has no such app (as the leader's wake found)"
+                )
             now = self.clock()
             if now >= ask_at:
                 # Asked again every lease TTL: a request the old leader popped and never

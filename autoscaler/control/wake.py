@@ -369,7 +369,7 @@ class Waker:
                     await self.refresh(rt)
                 return
             except NotFound as exc:
-                raise _missing(rt, exc) from exc
+                raise app_missing(rt, exc) from exc
             except FlyError as exc:
                 if not exc.transient:
                     raise
@@ -387,13 +387,14 @@ class Waker:
             with one_attempt(self.api_timeout_s):
                 await self.refresh(rt)
         except NotFound as exc:
-            raise _missing(rt, exc) from exc  # the app is gone: no machine will come up
+            raise app_missing(rt, exc) from exc  # the app is gone: no machine will come up
         except FlyError as exc:
             _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
 
 
-def _missing(rt: AppRuntime, error: NotFound) -> AppMissing:
-    """The wake's failure when the API answers 404 to the app's list of machines."""
+def app_missing(rt: AppRuntime, error: NotFound) -> AppMissing:
+    """The wake's failure when the API answers 404 to the app's list of machines (in
+    cluster mode also the read under the app's wake claim)."""
     return AppMissing(f"app {rt.name}: the Machines API has no such app ({error})")
 
 

@@ -18,8 +18,10 @@ does; ``how:{app}``: how each machine's current or last start brings it up, ``re
 ``start``, which names the wake a follower's held requests waited for; ``sick:{app}``:
 the machines that left ``started`` with their Fly checks critical, which Fly's list no
 longer says, so that a follower's own wake, or its wakes once it leads, try them last as
-the leader's do) and its fencing token (``fence``), so followers route without reading the
-Machines API themselves.
+the leader's do; ``miss:{app}``: its last wake of the app found that the Machines API has
+no such app, and no list said otherwise since, so that a follower's wake that asked for it
+fails as the leader's, and the held requests get their 502 at once) and its fencing token
+(``fence``), so followers route without reading the Machines API themselves.
 A replica whose lead is over (and its step-down done) says in ``settled`` the fencing
 token of that lead and until when (Fly's time) a cordon request of its own may still
 land: the next leader reads it off our cordon keys that name it (control/actions.py).
@@ -170,6 +172,10 @@ class AppFleet:
     """The machines that left ``started`` with their Fly checks critical
     (``AppRuntime.down_sick``): Fly's list forgets the checks of a machine that is not
     started, so a follower learns from the leader that its wakes should try them last."""
+    missing: bool = False
+    """The leader's last wake of the app found that the Machines API has no such app (a
+    404 on its list), and no list since said otherwise: a follower's wake that asked for
+    it fails with ``AppMissing`` as the leader's did."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -178,6 +184,7 @@ class AppFleet:
             "critical": list(self.critical),
             "how": dict(self.how),
             "down_sick": list(self.down_sick),
+            "missing": self.missing,
         }
 
     @classmethod
@@ -188,6 +195,7 @@ class AppFleet:
             critical=tuple(str(m) for m in d.get("critical") or ()),
             how=_how(d.get("how")),  # None from a previous release's leader
             down_sick=_ids(d.get("down_sick")),  # None from a previous release's leader
+            missing=d.get("missing") is True,  # None from a previous release's leader
         )
 
 
@@ -295,12 +303,14 @@ class _Seen:
                     critical = tuple(str(m) for m in json.loads(crit)) if crit else ()
                     how = data.get(f"how:{app}")  # None from a previous release's leader
                     sick = data.get(f"sick:{app}")  # likewise
+                    miss = data.get(f"miss:{app}")  # likewise
                     self.fleet[app] = AppFleet(
                         int(seq or 0),
                         json.loads(v),
                         critical,
                         _how(json.loads(how) if how else None),
                         _ids(json.loads(sick) if sick else None),
+                        miss is not None and json.loads(miss) is True,
                     )
         return frozenset(fleet)
 
@@ -624,12 +634,13 @@ class Cluster:
                 fields[f"crit:{app}"] = json.dumps(list(view.critical))
                 fields[f"how:{app}"] = json.dumps(dict(view.how))
                 fields[f"sick:{app}"] = json.dumps(list(view.down_sick))
+                fields[f"miss:{app}"] = json.dumps(view.missing)
         if not full and sent_loads.keys() != loads.keys():
             gone += [f"load:{app}" for app in sent_loads if app not in loads]
         if not full and sent_fleet.keys() != fleet.keys():
             for app in sent_fleet:
                 if app not in fleet:
-                    gone += [f"{f}:{app}" for f in ("fleet", "seq", "crit", "how", "sick")]
+                    gone += [f"{f}:{app}" for f in ("fleet", "seq", "crit", "how", "sick", "miss")]
         return fields, gone
 
     async def read(self) -> dict[str, Report]:

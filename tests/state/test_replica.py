@@ -24,6 +24,7 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.replica import Replica
 from autoscaler.control.runtime import mark_by
 from autoscaler.control.view import HUNG_AFTER, FleetView
+from autoscaler.fly.errors import NotFound
 from autoscaler.fly.models import CheckStatus
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
@@ -1449,4 +1450,63 @@ async def test_a_leader_that_lost_its_lead_before_its_cordon_does_not_hold_the_m
         assert new.controller.actuator.cordon_may_land_until(APP, mid) is None
     finally:
         for r in (old, new):
+            await r.stop()
+
+
+class Destroyed(FakeMachinesAPI):
+    """An app without machines here is one Fly does not have: its list answers 404."""
+
+    async def list_machines(self, app: str) -> list[Any]:
+        if app not in self.machines:
+            await self._enter("list_machines", arg=app)
+            raise NotFound(404, f"app {app} not found")
+        return await super().list_machines(app)
+
+
+@pytest.mark.parametrize("whose", ["the leader's", "a follower's"])
+async def test_a_request_held_for_an_app_the_api_lacks_is_answered_at_once(
+    redis_server: str, key_prefix: str, whose: str
+) -> None:
+    """One process answers a request held for an app the Machines API lacks (a 404 on
+    its list) at once with a 502 (``AppMissing``). In cluster mode the wake under the
+    app's wake claim reads the app first, and that read's 404 came out as a NotFound:
+    the leader's own proxy held the request until its 504 at ``wake_timeout_s``, wake
+    after wake. A follower never learnt that the wake the leader made for it failed so
+    (its own wake only waits for a machine in the leader's view), and its self-wake
+    failed as the leader's did. The leader says in its view that its wake found no
+    such app, and the follower's wake that asked fails as the leader's: 502 at once.
+    Until a list finds the app again: the next request is served."""
+    from autoscaler.proxy.gate import Gate, NoSuchApp
+
+    api = Destroyed()
+    api.add(APP, "stopped")
+    slow = {"wake_timeout_s": 30.0, "self_wake_after_s": 30.0}  # neither is what answers
+    replicas = [make(redis_server, key_prefix, f"r{i}", api, **slow) for i in (0, 1)]  # type: ignore[arg-type]
+    for r in replicas:
+        await r.start(rounds=False)
+    try:
+        leader, follower = await leader_and_follower(replicas)
+        for r in replicas:
+            await asyncio.wait_for(r.subscribed.wait(), 5)
+        del api.machines[APP]  # destroyed
+        replica = leader if whose == "the leader's" else follower
+        gate = Gate(replica.settings.apps[0], replica.view, replica.metrics, random.Random(0))  # noqa: S311
+        held = asyncio.create_task(gate.acquire(30))
+        try:
+            await rounds(replicas, held.done, 10)
+            with pytest.raises(NoSuchApp):
+                held.result()
+            assert api.ops("start_machine") == []
+            # Made again: the next request wakes it (what the leader said is not kept).
+            mid = api.add(APP, "stopped")
+            held = asyncio.create_task(gate.acquire(30))
+            await rounds(replicas, held.done, 10)
+            up, _ = held.result()
+            gate.done(up)
+            assert up.id == mid
+        finally:
+            held.cancel()
+            await gate.close()
+    finally:
+        for r in replicas:
             await r.stop()

@@ -256,3 +256,24 @@ async def test_a_malformed_settled_is_not_said_and_logged_once(
     writer.settled = "7 12.5"  # as the replica writes it: read
     await writer.publish(at_rest(), None)
     assert (await reader.read())["w"].settled == (7, 12.5)
+
+
+async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
+    pair: tuple[Cluster, Cluster, Clock],
+) -> None:
+    """``AppFleet.missing`` (the leader's wake found that the Machines API has no such
+    app) in a whole read, a partial one and a push alike; a view of the previous release
+    (no such field) says the app is there."""
+    writer, reader, _ = pair
+    first = {APPS[0]: AppFleet(1, [], missing=True)}
+    await writer.publish(at_rest(), first)
+    report = (await reader.read())["w"]
+    assert report.fleet_changed is None  # whole
+    assert report.fleet[APPS[0]].missing
+    await writer.publish(at_rest(), {APPS[0]: AppFleet(2, [])})
+    report = (await reader.read())["w"]
+    assert report.fleet_changed == {APPS[0]}  # partial
+    assert not report.fleet[APPS[0]].missing
+    push = ViewPush("w", 3, first)
+    assert ViewPush.from_json(push.to_json()).apps[APPS[0]].missing
+    assert not AppFleet.from_json({"seq": 1, "machines": []}).missing
