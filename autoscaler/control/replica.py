@@ -49,7 +49,7 @@ from typing import Any
 
 from autoscaler.aio import cancel_and_wait, tcp_probe
 from autoscaler.config import Settings
-from autoscaler.control.actions import Probe
+from autoscaler.control.actions import CORDON_UNSURE_S, MARK_BOUND_S, Probe
 from autoscaler.control.controller import Controller
 from autoscaler.control.fencing import WAKE_FENCE, Fence, FencedAPI
 from autoscaler.control.runtime import AppRuntime
@@ -259,7 +259,11 @@ class Replica:
         await self.controller.stop()
         self.view.set_waker(None)
         self.view.set_machines_listener(None)
-        await self.cluster.close()
+        # What the next leader needs of a lead of ours stays behind our report: a cordon
+        # key of ours that it finds is waited on up to the key's time (MARK_BOUND_S +
+        # CORDON_UNSURE_S from its writing) unless we say no request of ours can land.
+        self.cluster.settled = self._settled()
+        await self.cluster.close(keep_settled_s=MARK_BOUND_S + CORDON_UNSURE_S)
 
     async def _run(self) -> None:
         while True:
@@ -353,16 +357,19 @@ class Replica:
 
     def _settled_by(self, by: str) -> float | None:
         """``Actuator.settled_by``: until when a cordon request of the writer that a key
-        names may still land, as its report says: only a report of that process, written
-        once a lead no older than the key's was over. Our own keys: 0.0, our actuator
-        knows our own requests (``cordon_unsure``)."""
+        names may still land, as its report says (or, once it stopped, what it left
+        behind: ``Cluster.departed``): only what that process said once a lead no older
+        than the key's was over. Our own keys: 0.0, our actuator knows our own requests
+        (``cordon_unsure``)."""
         boot, _, token = by.partition(".")
         if boot == self.cluster.boot:
             return 0.0
+        said = self.cluster.departed.get(boot)  # it stopped (Replica.stop)
         for report in self.cluster.others.values():
-            said = report.settled
-            if report.boot == boot and said is not None and said[0] >= int(token):
-                return said[1]
+            if report.boot == boot:
+                said = report.settled
+        if said is not None and said[0] >= int(token):
+            return said[1]
         return None
 
     async def _step_down(self, *, follow: bool = True) -> None:

@@ -25,6 +25,10 @@ fails as the leader's, and the held requests get their 502 at once) and its fenc
 A replica whose lead is over (and its step-down done) says in ``settled`` the fencing
 token of that lead and until when (Fly's time) a cordon request of its own may still
 land: the next leader reads it off our cordon keys that name it (control/actions.py).
+A replica that stops (a rolling restart) takes its report out, and leaves what it says
+there under its boot id, ``{prefix}:settled:{boot}`` (listed in the set
+``{prefix}:departed``), for as long as a key of its own may be waited for: the next
+leader still reads it, and no reader counts the stopped replica as a member.
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -529,6 +533,10 @@ class Cluster:
         self._seen: dict[str, _Seen] = {}
         self._bad_settled: dict[str, str] = {}
         """Replica -> the boot whose ``settled`` we could not read, said once."""
+        self.departed: dict[str, tuple[int, float]] = {}
+        """Boot -> what a replica that stopped left in ``settled`` (:meth:`close`), read
+        every round while it lasts: it is no member, but the next leader may be waiting
+        on a cordon key of its own."""
         self.leader_id: str | None = None
         self.last_read_at: float | None = None
         self.last_report_at: float | None = None
@@ -539,6 +547,13 @@ class Cluster:
 
     def report_key(self, replica: str) -> str:
         return f"{self.prefix}:replica:{replica}"
+
+    @property
+    def departed_key(self) -> str:
+        return f"{self.prefix}:departed"
+
+    def settled_key(self, boot: str) -> str:
+        return f"{self.prefix}:settled:{boot}"
 
     @property
     def wakes_key(self) -> str:
@@ -650,14 +665,22 @@ class Cluster:
         report was read last; the whole report when this replica missed more than
         ``CHANGES_KEPT`` of its writes or a whole write, or the report comes from a
         replica of the previous release (which writes no such header)."""
-        ids = sorted(await self.redis.smembers(self.replicas_key))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(self.replicas_key)
+            pipe.smembers(self.departed_key)
+            members, departed = await pipe.execute()
+        ids = sorted(members)
+        boots = sorted(departed)
         async with self.redis.pipeline(transaction=False) as pipe:
             for rid in ids:
                 pipe.hmget(self.report_key(rid), HEADER)
                 pipe.pttl(self.report_key(rid))
+            for boot in boots:
+                pipe.hmget(self.settled_key(boot), ("replica", "settled"))
             pipe.get(self.lease.key)
             results = await pipe.execute()
         self.leader_id = results[-1]
+        expired = self._read_departed(boots, results[2 * len(ids) : -1])
         fetch: list[tuple[str, dict[str, str | None], list[str] | None]] = []
         ttls: dict[str, int] = {}
         gone = []
@@ -709,12 +732,26 @@ class Cluster:
             )
         if gone:
             await self.redis.srem(self.replicas_key, *gone)
+        if expired:
+            await self.redis.srem(self.departed_key, *expired)
         self.others = others
         for key in [k for k in self._arrivals if k[0] not in others]:
             del self._arrivals[key]
         self.last_read_at = now
         self.load.note_peaks(others)
         return others
+
+    def _read_departed(self, boots: list[str], said: list[list[str | None]]) -> list[str]:
+        """Set ``departed`` as read; the boots whose record expired."""
+        departed: dict[str, tuple[int, float]] = {}
+        expired = []
+        for boot, (rid, text) in zip(boots, said, strict=True):
+            if rid is None:
+                expired.append(boot)
+            elif (settled := self._settled_of(rid, boot, text)) is not None:
+                departed[boot] = settled
+        self.departed = departed
+        return expired
 
     def _settled_of(self, rid: str, boot: str, text: str | None) -> tuple[int, float] | None:
         """What ``rid``'s report says in ``settled``; None, as if not said, if it does not
@@ -883,15 +920,28 @@ class Cluster:
             apps, _ = await pipe.execute()
         return list(dict.fromkeys(apps))
 
-    async def close(self) -> None:
-        await self.lease.release()
+    async def close(self, *, keep_settled_s: float = 0.0) -> None:
+        """Leave the cluster: take our report out (we are no member any more) and give
+        the lease up. With ``keep_settled_s``, what ``settled`` says stays that long
+        under our boot id (``departed``, as the others read it): a cordon key of ours
+        that the next leader finds names us, and it waits till the key's time unless we
+        say that no request of ours can land any more. Written before the lease goes, so
+        a next leader reads it from its first round."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self.report_key(self.replica_id))
                 pipe.srem(self.replicas_key, self.replica_id)
+                if self.settled and keep_settled_s > 0:
+                    ttl_ms = round(keep_settled_s * 1000)
+                    key = self.settled_key(self.boot)
+                    pipe.hset(key, mapping={"replica": self.replica_id, "settled": self.settled})
+                    pipe.pexpire(key, ttl_ms)
+                    pipe.sadd(self.departed_key, self.boot)
+                    pipe.pexpire(self.departed_key, ttl_ms)  # each record lasts as long
                 await pipe.execute()
         except Exception:  # noqa: S110 - the report expires by its TTL anyway
             pass
+        await self.lease.release()
         await self.redis.aclose()
 
     def status(self, now: float) -> dict[str, Any]:

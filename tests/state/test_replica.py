@@ -1510,3 +1510,47 @@ async def test_a_request_held_for_an_app_the_api_lacks_is_answered_at_once(
     finally:
         for r in replicas:
             await r.stop()
+
+
+async def test_a_leader_stopped_before_its_cordon_leaves_what_the_next_leader_needs(
+    redis_server: str, key_prefix: str
+) -> None:
+    """As above, but the lead ends by a stop (a rolling restart): the step-down cuts the
+    drain between our key and the cordon. The stop took the replica's report out, and
+    with it what it says once its lead is over: the next leader held the machine until
+    the key's time (up to MARK_BOUND_S + CORDON_UNSURE_S). What it says stays behind,
+    under its boot id, and the stopped replica is no member: not counted, not listed."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    api.gates["set_machine_metadata"] = answered = asyncio.Event()
+    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99)
+    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99)
+    for r in (old, new):
+        await r.start(rounds=False)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await rounds([old, new], lambda: old.leading and "old" in new.cluster.others, 2 * TTL)
+        await old.controller.tick(APP)
+        old.controller.actuator.launch(old.controller.apps[APP], Action("drain", mid, "test"))
+        await until(lambda: api.ops("set_machine_metadata") == [mid], what="our key's request")
+        stopping = asyncio.create_task(old.stop())
+        await until(lambda: not old.leading, what="the stop's step-down")
+        answered.set()
+        await stopping
+        config = api.get(APP, mid).config
+        assert config is not None
+        assert config.metadata is not None
+        assert (
+            mark_by(config.metadata[CORDON_METADATA_KEY]) == f"{old.cluster.boot}.{old._led_token}"
+        )
+        assert api.ops("cordon_machine") == []
+        await rounds([new], lambda: new.leading, 20 * TTL)
+        await new.controller.tick(APP)
+        assert new.controller.actuator.cordon_may_land_until(APP, mid) is None
+        assert new.cluster.others == {}
+        assert [r["id"] for r in new.status_document()["replicas"]] == ["new"]
+        assert new.metrics.registry.get_sample_value("autoscaler_cluster_replicas") == 1
+    finally:
+        if stopping is None:
+            await old.stop()
+        await new.stop()

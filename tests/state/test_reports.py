@@ -277,3 +277,32 @@ async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
     push = ViewPush("w", 3, first)
     assert ViewPush.from_json(push.to_json()).apps[APPS[0]].missing
     assert not AppFleet.from_json({"seq": 1, "machines": []}).missing
+
+
+@pytest.mark.parametrize("said", ["7 12.5", ""])
+async def test_a_stopped_replica_leaves_what_it_settled_for_a_while_and_no_member(
+    pair: tuple[Cluster, Cluster, Clock], redis_server: str, key_prefix: str, said: str
+) -> None:
+    """``close(keep_settled_s=...)`` takes the report out (no reader counts the replica),
+    and leaves what ``settled`` says under the replica's boot id, with that TTL, read as
+    ``departed``; a replica that never led (nothing said) leaves nothing. Once the record
+    is gone (its TTL), its boot leaves the set that lists them."""
+    _, reader, clock = pair
+    gone = member(redis_server, key_prefix, "gone", clock)
+    await gone.publish(at_rest(), None)
+    assert "gone" in await reader.read()
+    gone.settled = said
+    await gone.close(keep_settled_s=90.0)
+    assert "gone" not in await reader.read()
+    key = reader.settled_key(gone.boot)
+    if not said:
+        assert reader.departed == {}
+        assert not await reader.redis.exists(key, reader.departed_key)
+        return
+    assert reader.departed == {gone.boot: (7, 12.5)}
+    assert 0 < await reader.redis.pttl(key) <= 90_000
+    assert 0 < await reader.redis.pttl(reader.departed_key) <= 90_000
+    await reader.redis.delete(key)  # as if its TTL ran out
+    await reader.read()
+    assert reader.departed == {}
+    assert not await reader.redis.sismember(reader.departed_key, gone.boot)
