@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import signal
 import time
@@ -155,6 +156,9 @@ class Service:
         self.started = False
         """Every part started (``start`` returned): an OS error out of ``run`` after that
         is a part's stop's, already logged as ``stop_failed``, not a failed start."""
+        self.binding: tuple[str, str] | None = None
+        """The listen key and address of the server starting (cleared once it listens):
+        what a failed start's OS error was about, for ``start_failed``."""
         self._reload_again = False
         self._autostop_checked: set[str] = set()
         self.freeze_heap = False
@@ -186,7 +190,9 @@ class Service:
             port = self._ports["emulator"]
             self.emulator = Emulator(s.emulator, listen.host, listen.port if port is None else port)
             self._on_stop("emulator", self.emulator.close)  # also when its start fails midway
+            self.binding = ("emulator.listen", s.emulator.listen)
             await self.emulator.start()
+            self.binding = None
             redactor().add(self.emulator.token)
             _log.info("embedded_emulator", url=self.emulator.url)
             self._warn_lacking(s)
@@ -237,7 +243,9 @@ class Service:
         self.admin.cluster = self.replica
         self.admin.proxy_listening = False  # the admin port opens first: not ready until then
         self._on_stop("admin", self.admin.stop)
+        self.binding = ("admin.listen", s.admin.listen)
         await self.admin.start(port=self._ports["admin"])
+        self.binding = None
         self._on_stop(None, self.view.close)  # after the loops stop: they may still wake
         # The controller before the proxy: the first request may need a wake. In cluster
         # mode the replica starts it when (and while) this process leads.
@@ -249,7 +257,9 @@ class Service:
             await self.controller.start()
         self.proxy = ProxyServer(s, self.view, self.metrics)
         self._on_stop("proxy", self.proxy.stop)
+        self.binding = ("proxy.listen", s.proxy.listen)
         await self.proxy.start(port=self._ports["proxy"])
+        self.binding = None
         self.admin.proxy_listening = True
         self.admin.ejected = self.proxy.health.report
         self.admin.static_apps = lambda: [
@@ -563,9 +573,23 @@ def run(
         # After a complete start, the error is a part's stop's: its stop_failed line said
         # it, and a start_failed line would send the reader after a port.
         if not service.started:
-            _log.error("start_failed", error=str(exc))
+            _log.error("start_failed", error=str(exc), **_start_failure(service, exc))
         return 1
     return 0
+
+
+def _start_failure(service: Service, exc: OSError) -> dict[str, str | None]:
+    """The listen key whose server could not start, and what to do: the OS's error names
+    an address alone (``error while attempting to bind on address ('127.0.0.1', 8080)``),
+    and up to three servers bind (the proxy, the admin server, an embedded emulator)."""
+    if service.binding is None:
+        return {"key": None, "address": None, "hint": None}
+    key, address = service.binding
+    if exc.errno == errno.EADDRINUSE:
+        hint = f"another process listens on {address}: stop it, or set {key} to a free port"
+    else:
+        hint = f"set {key} to an address of this host that this user may listen on"
+    return {"key": key, "address": address, "hint": hint}
 
 
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:

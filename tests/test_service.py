@@ -490,6 +490,42 @@ def test_start_failed_is_logged_for_a_failed_start_alone(
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["stop_failed"]
 
 
+@pytest.mark.parametrize("key", ["emulator.listen", "admin.listen", "proxy.listen"])
+def test_start_failed_names_the_listen_key_whose_port_is_taken(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_failed said only the OS's error, which names an address (`error while
+    attempting to bind on address ('127.0.0.1', 4280)`): with three servers to bind, a
+    new user did not know which key to change. It names the key, its address and what
+    to do."""
+    from autoscaler import service as service_module
+
+    monkeypatch.setattr(service_module, "freeze_heap", lambda: None)  # not this process's
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listens = {k: f"127.0.0.1:{free_port()}" for k in ("emulator", "admin", "proxy")}
+        section = key.partition(".")[0]
+        listens[section] = f"127.0.0.1:{taken.getsockname()[1]}"
+        file = tmp_path / "autoscaler.yaml"
+        file.write_text(
+            "fly: {api_url: embedded}\n"
+            f"emulator: {{listen: '{listens['emulator']}'}}\n"
+            f"admin: {{listen: '{listens['admin']}'}}\n"
+            f"proxy: {{listen: '{listens['proxy']}', shutdown_timeout_s: 1}}\n"
+            "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+        )
+        with capture_logs() as logs:
+            assert service_module.run(str(file)) == 1
+    (line,) = [e for e in logs if e["log_level"] == "error"]
+    assert line["event"] == "start_failed"
+    assert (line["key"], line["address"]) == (key, listens[section])
+    assert line["hint"] == (
+        f"another process listens on {listens[section]}: stop it, or set {key} to a free port"
+    )
+    assert "address already in use" in line["error"]
+
+
 async def test_a_forced_close_that_fails_says_stop_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
