@@ -176,7 +176,7 @@ def commands_in(text: str, where: str) -> list[Command]:
     directory (`sim_bounds.py --excess`)."""
     segments: list[list[str]] = [[]]
     for token in _tokens(text):
-        if set(token) <= _OPERATORS:
+        if token and set(token) <= _OPERATORS:  # not an empty argument ('')
             if token[0] in "<>" and segments[-1] and segments[-1][-1].isdigit():
                 segments[-1].pop()  # 2>/dev/null: the 2 is no argument
             segments.append([])
