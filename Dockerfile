@@ -26,12 +26,14 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels "autoscaler[fast,
     && rm -rf /wheels
 COPY config/autoscaler.yaml /etc/autoscaler/autoscaler.yaml
 ENV AUTOSCALER_CONFIG=/etc/autoscaler/autoscaler.yaml \
-    AUTOSCALER_PROXY__LISTEN=[::]:8080 \
+    AUTOSCALER_PROXY__LISTEN=0.0.0.0:8080 \
     AUTOSCALER_ADMIN__LISTEN=0.0.0.0:9091 \
     PYTHONUNBUFFERED=1
 USER autoscaler
-# 8080: the proxy (client traffic, every address, IPv6 and IPv4). 9091: admin (/metrics,
-# /healthz, /readyz, /status), on every IPv4 address; the health check asks it on loopback.
+# 8080: the proxy (client traffic), on every IPv4 address: a published port (docker run -p)
+# and Fly's proxy reach the container over IPv4, and [::] would take IPv6 alone (the
+# listening socket is IPv6-only). 9091: admin (/metrics, /healthz, /readyz, /status), on
+# every IPv4 address; the health check asks it on loopback.
 EXPOSE 8080 9091
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys; from autoscaler.aio import urlopen_direct; sys.exit(urlopen_direct('http://127.0.0.1:9091/healthz', 2).status != 200)"]

@@ -403,7 +403,9 @@ def test_the_docker_image_binds_admin_where_its_published_port_reaches_and_needs
     admin_port = settings.admin.listen.rsplit(":", 1)[1]
     assert admin_port in re.findall(r"^EXPOSE (.*)$", docker, re.M)[0].split()
     assert f"127.0.0.1:{admin_port}/healthz" in docker  # the health check asks it on loopback
-    assert settings.proxy.listen == "[::]:8080"
+    # Every IPv4 address: a published port (docker run -p) and Fly's proxy come over IPv4,
+    # and a listener on [::] is IPv6-only (asyncio and uvloop set IPV6_V6ONLY).
+    assert settings.proxy.listen == "0.0.0.0:8080"
     # The baked-in config names no Machines API: `run` refuses until given one.
     assert settings.fly.api_url is None
 
@@ -661,6 +663,19 @@ async def test_run_logs_fly_autostop_once_per_app(emulator: Emulator, tmp_path: 
     (line,) = [e for e in logs if e["event"] == "fly_autoscaling_on"]
     assert line["app"] == "web"
     assert "autostop=suspend" in line["problem"]
+
+
+def test_the_example_fly_toml_has_the_proxy_listen_where_flys_proxy_reaches_it() -> None:
+    """Fly's proxy reaches a machine's services over its private IPv4 address; the
+    example listened on [::]:8080, IPv6 alone (the listener is IPv6-only), where no
+    client request would have come."""
+    fly = tomllib.loads((REPO / "config" / "fly.toml.example").read_text())
+    env = {k: str(v) for k, v in fly["env"].items()}
+    settings, _ = load_settings(
+        REPO / fly["files"][0]["local_path"],
+        env={**env, "AUTOSCALER_ADMIN__TOKEN": "t0ken-xyz-0123456789"},
+    )
+    assert settings.proxy.listen == f"0.0.0.0:{fly['http_service']['internal_port']}"
 
 
 def test_the_example_fly_toml_leaves_the_graceful_stop_its_time() -> None:
