@@ -323,16 +323,29 @@ def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text}")
+    return value
+
+
+_NUMBERS: tuple[tuple[str, Callable[[str], object]], ...] = (
+    ("gen", int),
+    ("fence", int),
+    ("since", int),
+    ("now", _finite),
+)
+"""The header's numbers, and how each is read (``Cluster._readable``)."""
+
+
 def _settled(text: str | None) -> tuple[int, float] | None:
     """``Cluster.settled`` as written; None if not said (or by an older version).
     ValueError if it does not parse (a format of a later version)."""
     if not text:
         return None
     token, until = text.split()
-    said = int(token), float(until)
-    if not math.isfinite(said[1]):
-        raise ValueError(f"not a time: {until}")
-    return said
+    return int(token), _finite(until)
 
 
 class LocalLoad:
@@ -531,8 +544,9 @@ class Cluster:
         self._sent_loads: dict[str, AppLoad] = {}
         self._sent_fleet: dict[str, int] = {}
         self._seen: dict[str, _Seen] = {}
-        self._bad_settled: dict[str, str] = {}
-        """Replica -> the boot whose ``settled`` we could not read, said once."""
+        self._bad: dict[tuple[str, str], str] = {}
+        """(replica, field of its report) -> the boot whose field we could not read, said
+        once (``_said_once``)."""
         self.departed: dict[str, tuple[int, float]] = {}
         """Boot -> what a replica that stopped left in ``settled`` (:meth:`close`), read
         every round while it lasts: it is no member, but the next leader may be waiting
@@ -690,10 +704,12 @@ class Cluster:
             if header["boot"] is None or pttl is None or pttl < 0:
                 gone.append(rid)
                 self._seen.pop(rid, None)
-                self._bad_settled.pop(rid, None)
+                for key in [k for k in self._bad if k[0] == rid]:
+                    del self._bad[key]
                 continue
             if rid == self.replica_id:
                 continue
+            header = self._readable(rid, header)
             ttls[rid] = pttl
             fetch.append((rid, header, self._wanted(rid, header)))
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -760,10 +776,40 @@ class Cluster:
         try:
             return _settled(text)
         except ValueError as exc:
-            if self._bad_settled.get(rid) != boot:
-                self._bad_settled[rid] = boot
+            if self._said_once(rid, "settled", boot):
                 _log.warning("cluster_bad_settled", replica=rid, settled=text, error=str(exc))
             return None
+
+    def _said_once(self, rid: str, name: str, boot: str) -> bool:
+        """Whether a field ``name`` of ``rid``'s report that we cannot read is news: true
+        once per boot of the replica (a bad field is logged once, not every round)."""
+        if self._bad.get((rid, name)) == boot:
+            return False
+        self._bad[(rid, name)] = boot
+        return True
+
+    def _readable(self, rid: str, header: dict[str, str | None]) -> dict[str, str | None]:
+        """``rid``'s header with the numbers that do not parse (a format of a later
+        version, a hand edit) taken as not said, as a report of the previous release says
+        none: one bad report must not fail every replica's read. Without ``gen`` or
+        ``since`` the report is read whole; without ``fence`` it fences nothing (0); without
+        ``now`` its loads count as just written. Logged once per boot of the replica."""
+        for name, parse in _NUMBERS:
+            text = header[name]
+            if text is None:
+                continue
+            try:
+                parse(text)
+            except ValueError as exc:
+                header[name] = None
+                self._bad_header(rid, header, name, text, exc)
+        return header
+
+    def _bad_header(
+        self, rid: str, header: Mapping[str, str | None], name: str, text: str, exc: Exception
+    ) -> None:
+        if self._said_once(rid, name, str(header["boot"])):
+            _log.warning("cluster_bad_header", replica=rid, field=name, value=text, error=str(exc))
 
     def _wanted(self, rid: str, header: Mapping[str, str | None]) -> list[str] | None:
         """The fields of ``rid``'s report to read: those its header lists as changed if we
@@ -777,7 +823,14 @@ class Cluster:
         since = _int(header["since"])
         if since is None or not since - 1 <= seen.gen < gen or header["changed"] in (None, "*"):
             return None
-        listed = json.loads(str(header["changed"]))
+        text = str(header["changed"])
+        try:
+            listed = json.loads(text)
+            if not isinstance(listed, list):
+                raise ValueError("not a list of fields")
+        except ValueError as exc:  # read whole, as a report that lists nothing
+            self._bad_header(rid, header, "changed", text, exc)
+            return None
         return [str(f) for f in listed]
 
     def sample(self, app: str, meter: ConcurrencyMeter, now: float) -> Sample:
