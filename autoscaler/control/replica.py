@@ -382,14 +382,18 @@ class Replica:
         on until the controller's stop ends it; our proxy's held requests then ask the
         follower's wake (the new leader, or a self-wake), not after the step-down's waits
         (lease releases, a reload's removal: up to ``control.api_timeout_s`` and more).
-        ``follow=False`` (:meth:`stop`): no wake at all begins any more."""
+        ``follow=False`` (:meth:`stop`): no wake at all begins any more; and, a step-down
+        we chose (a clean stop, a rolling restart), it is logged at info, not warning."""
         self.leading = False
         if all(rt.read_once for rt in self.controller.apps.values()):
             # Our own view is whole and routes on (Redis out of reach, say): ready as a
             # follower with a leader's view would be, until one publishes.
             self.view_known = True
         self.metrics.cluster_leader.set(0)
-        _log.warning("cluster_follower", replica=self.cluster.replica_id)
+        if follow:  # our lease was lost or expired
+            _log.warning("cluster_follower", replica=self.cluster.replica_id)
+        else:  # we stop: expected
+            _log.info("cluster_follower", replica=self.cluster.replica_id)
         self.view.set_waker(self._follower_waker if follow else None)
 
     async def _finish_step_down(self) -> None:

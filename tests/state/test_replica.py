@@ -1554,3 +1554,30 @@ async def test_a_leader_stopped_before_its_cordon_leaves_what_the_next_leader_ne
         if stopping is None:
             await old.stop()
         await new.stop()
+
+
+async def test_a_leader_that_stops_steps_down_at_info_one_that_lost_its_lease_at_warning(
+    redis_server: str, key_prefix: str
+) -> None:
+    """Stepping down because we stop (a clean stop, each worker's in a rolling restart) is
+    expected, but logged ``cluster_follower`` at warning, as a lost lease is (trouble)."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    lost, stops = (make(redis_server, key_prefix, rid, api) for rid in ("lost", "stops"))
+    running = [lost, stops]
+    for r in running:
+        await r.start(rounds=False)
+    try:
+        with capture_logs() as logs:
+            await rounds([lost], lambda: lost.leading, 5)
+            lapse(lost)
+            await rounds([lost], lambda: not lost.leading, 5)
+            await lost.stepped_down()
+            await rounds([stops], lambda: stops.leading, 5)  # once the lapsed lease expires
+            running.remove(stops)
+            await stops.stop()
+        said = [(e["replica"], e["log_level"]) for e in logs if e["event"] == "cluster_follower"]
+        assert said == [("lost", "warning"), ("stops", "info")]
+    finally:
+        for r in running:
+            await r.stop()
