@@ -700,6 +700,7 @@ class Replica:
         apps = self.controller.apps.keys()
         if changed is None or apps != self._applied_apps:
             changed = frozenset(fleet)
+            self._forget_removed()
             self._applied_apps = set(apps)
             self._note_unknown_to_leader(set(apps) - fleet.keys())
         for app in changed:
@@ -709,6 +710,14 @@ class Replica:
         if not self.view_known:
             self.view_known = True
             self._freeze_once()  # a follower's views are built: they live as long as we do
+
+    def _forget_removed(self) -> None:
+        """Forget what we applied of the apps a reload took away: one added back starts
+        clean (its new view has no machines, and the leader's view of it, unchanged, is
+        of the version we applied before: kept, it was never applied again)."""
+        for app in self._applied.keys() - self.controller.apps.keys():
+            del self._applied[app]
+            self._missing_at.pop(app, None)
 
     def _note_unknown_to_leader(self, missing: set[str]) -> None:
         """Apps of ours that the leader publishes no view of: its config lacks them (a

@@ -1581,3 +1581,34 @@ async def test_a_leader_that_stops_steps_down_at_info_one_that_lost_its_lease_at
     finally:
         for r in running:
             await r.stop()
+
+
+async def test_a_follower_routes_an_app_a_reload_removed_and_added_back(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A follower kept, per app, the version of the leader's view it applied last (and
+    whether that view said the app was missing) after a reload took the app away: added
+    back, the app's new view was not given the leader's machines, the same version as
+    applied before, until the leader's view of it changed. A re-added app starts clean."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    leader = make(redis_server, key_prefix, "r0", api, rng=lambda: 0.99)
+    follower = make(redis_server, key_prefix, "r1", api)
+    both = [leader, follower]
+    for r in both:
+        await r.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 5)
+        await leader.controller.tick(APP)
+        routed = follower.view.app(APP).routable
+        await rounds(both, lambda: [u.id for u in routed()] == [mid], 5)
+        settings = follower.settings
+        await follower.controller.update_settings(settings.model_copy(update={"apps": []}))
+        for r in both:  # a round that finds the app gone
+            await r.round()
+        await follower.controller.update_settings(settings)
+        routed = follower.view.app(APP).routable
+        await rounds(both, lambda: [u.id for u in routed()] == [mid], 5)
+    finally:
+        for r in both:
+            await r.stop()
