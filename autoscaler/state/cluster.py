@@ -278,45 +278,68 @@ class _Seen:
         self.loads: dict[str, AppLoad] = {}
         self.fleet: dict[str, AppFleet] = {}
 
-    def replace(self, data: Mapping[str, str], header: Mapping[str, str | None]) -> None:
+    def replace(
+        self, data: Mapping[str, str], header: Mapping[str, str | None], on_bad: _OnBad
+    ) -> None:
         """The whole report (``HGETALL``); ``fleet_changed`` is then None (any app)."""
         self.loads.clear()
         self.fleet.clear()
-        self.update(data, header)
+        self.update(data, header, on_bad)
 
     def update(
-        self, data: Mapping[str, str | None], header: Mapping[str, str | None]
+        self, data: Mapping[str, str | None], header: Mapping[str, str | None], on_bad: _OnBad
     ) -> frozenset[str]:
-        """The fields listed as changed (None: deleted); the apps whose fleet changed."""
+        """The fields listed as changed (None: deleted); the apps whose fleet changed. An
+        app's entry that does not parse (a later version's format, a hand edit) reads as
+        not said, and goes to ``on_bad`` (field, value, error): one bad entry must not
+        fail every replica's read."""
         self.now = float(header["now"] or 0.0)
         fleet = set()
         for k, v in data.items():
             if k.startswith("load:"):
-                if v is None:
-                    self.loads.pop(k[5:], None)
-                else:
-                    self.loads[k[5:]] = AppLoad.from_json(v, self.now)
+                self.loads.pop(k[5:], None)
+                if v is not None:
+                    try:
+                        self.loads[k[5:]] = AppLoad.from_json(v, self.now)
+                    except _UNREADABLE as exc:
+                        on_bad(k, v, exc)
             elif k.startswith("fleet:"):
                 app = k[6:]
                 fleet.add(app)
-                if v is None:
-                    self.fleet.pop(app, None)
-                else:
-                    seq = data.get(f"seq:{app}")
-                    crit = data.get(f"crit:{app}")  # None from a previous release's leader
-                    critical = tuple(str(m) for m in json.loads(crit)) if crit else ()
-                    how = data.get(f"how:{app}")  # None from a previous release's leader
-                    sick = data.get(f"sick:{app}")  # likewise
-                    miss = data.get(f"miss:{app}")  # likewise
-                    self.fleet[app] = AppFleet(
-                        int(seq or 0),
-                        json.loads(v),
-                        critical,
-                        _how(json.loads(how) if how else None),
-                        _ids(json.loads(sick) if sick else None),
-                        miss is not None and json.loads(miss) is True,
-                    )
+                self.fleet.pop(app, None)
+                if v is not None:
+                    try:
+                        self.fleet[app] = _fleet(app, v, data)
+                    except _UNREADABLE as exc:
+                        on_bad(k, v, exc)
         return frozenset(fleet)
+
+
+_OnBad = Callable[[str, str, Exception], None]
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError)
+"""What parsing a report's entry raises when it is not in this version's format."""
+
+
+def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
+    """The leader's view of ``app`` in a report: its machines, and its fields beside."""
+    listed = json.loads(machines)
+    if not isinstance(listed, list) or not all(isinstance(m, list) and len(m) == 5 for m in listed):
+        raise ValueError("not a list of [id, host, port, state, cordoned] lists")
+    for m in listed:
+        int(m[2])  # its port (the followers route to it)
+    seq = data.get(f"seq:{app}")
+    crit = data.get(f"crit:{app}")  # None from a previous release's leader
+    how = data.get(f"how:{app}")  # likewise
+    sick = data.get(f"sick:{app}")  # likewise
+    miss = data.get(f"miss:{app}")  # likewise
+    return AppFleet(
+        int(seq or 0),
+        listed,
+        tuple(str(m) for m in json.loads(crit)) if crit else (),
+        _how(json.loads(how) if how else None),
+        _ids(json.loads(sick) if sick else None),
+        miss is not None and json.loads(miss) is True,
+    )
 
 
 def _int(text: str | None) -> int | None:
@@ -722,13 +745,14 @@ class Cluster:
         now = self.clock()
         others: dict[str, Report] = {}
         for rid, header, wanted in fetch:
+            on_bad = functools.partial(self._bad_field, rid, header)
             seen = self._seen.get(rid)
             if wanted is None or seen is None:
                 seen = self._seen[rid] = _Seen(str(header["boot"]))
-                seen.replace(next(fetched), header)
+                seen.replace(next(fetched), header, on_bad)
                 changed: frozenset[str] | None = None
             elif wanted:
-                changed = seen.update(dict(zip(wanted, next(fetched), strict=True)), header)
+                changed = seen.update(dict(zip(wanted, next(fetched), strict=True)), header, on_bad)
             else:
                 changed = frozenset()
             seen.gen = _int(header["gen"])
@@ -802,14 +826,19 @@ class Cluster:
                 parse(text)
             except ValueError as exc:
                 header[name] = None
-                self._bad_header(rid, header, name, text, exc)
+                self._bad_field(rid, header, name, text, exc)
         return header
 
-    def _bad_header(
+    def _bad_field(
         self, rid: str, header: Mapping[str, str | None], name: str, text: str, exc: Exception
     ) -> None:
-        if self._said_once(rid, name, str(header["boot"])):
-            _log.warning("cluster_bad_header", replica=rid, field=name, value=text, error=str(exc))
+        """A field of ``rid``'s report that we read as not said: logged once per boot of
+        the replica for a header field, and once for all its apps' entries of a kind
+        (``load``, ``fleet``): a later version's format has them all so."""
+        if self._said_once(rid, name.partition(":")[0], str(header["boot"])):
+            _log.warning(
+                "cluster_bad_field", replica=rid, field=name, value=text[:200], error=str(exc)
+            )
 
     def _wanted(self, rid: str, header: Mapping[str, str | None]) -> list[str] | None:
         """The fields of ``rid``'s report to read: those its header lists as changed if we
@@ -829,7 +858,7 @@ class Cluster:
             if not isinstance(listed, list):
                 raise ValueError("not a list of fields")
         except ValueError as exc:  # read whole, as a report that lists nothing
-            self._bad_header(rid, header, "changed", text, exc)
+            self._bad_field(rid, header, "changed", text, exc)
             return None
         return [str(f) for f in listed]
 

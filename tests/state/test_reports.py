@@ -289,8 +289,39 @@ async def test_a_malformed_header_field_is_not_said_and_logged_once(
             report = (await reader.read())["w"]
             assert report.loads == busy
             assert report.fence == 0
-    bad = [e for e in logs if e["event"] == "cluster_bad_header"]
+    bad = [e for e in logs if e["event"] == "cluster_bad_field"]
     assert [(e["replica"], e["field"], e["value"]) for e in bad] == [("w", name, value)]
+
+
+@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize(
+    ("load", "fleet"), [("garbage", "garbage"), ("{}", "{}"), ("[]", '[["m1", "h", "p", "s", 0]]')]
+)
+async def test_a_malformed_app_entry_is_not_said_and_logged_once(
+    pair: tuple[Cluster, Cluster, Clock], whole: bool, load: str, fleet: str
+) -> None:
+    """An app's load or view in a report that does not parse made ``Cluster.read`` raise
+    on every replica, round after round, or (a view of another shape) a follower's round
+    that applied it. The app's entry reads as not said; the rest of the report reads as
+    written; logged once for the report's loads and once for its views."""
+    writer, reader, _ = pair
+    up = [["m1", "127.0.0.1", 8000, "started", False]]
+    views = {app: AppFleet(1, up) for app in APPS[:2]}
+    await writer.publish(at_rest(), views)
+    if not whole:
+        await reader.read()
+        views = {app: AppFleet(2, up) for app in APPS[:2]}
+        await writer.publish({**at_rest(), APPS[1]: AppLoad(area=9.0, level=1)}, views)
+    key = writer.report_key("w")
+    await writer.redis.hset(key, mapping={f"load:{APPS[1]}": load, f"fleet:{APPS[0]}": fleet})
+    with capture_logs() as logs:
+        for _ in range(2):
+            report = (await reader.read())["w"]
+            assert report.loads == {a: v for a, v in at_rest().items() if a != APPS[1]}
+            assert report.fleet == {APPS[1]: views[APPS[1]]}
+    bad = {(e["replica"], e["field"]) for e in logs if e["event"] == "cluster_bad_field"}
+    assert bad == {("w", f"load:{APPS[1]}"), ("w", f"fleet:{APPS[0]}")}
+    assert len([e for e in logs if e["event"] == "cluster_bad_field"]) == 2
 
 
 async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
