@@ -817,7 +817,8 @@ class Cluster:
         version, a hand edit) taken as not said, as a report of the previous release says
         none: one bad report must not fail every replica's read. Without ``gen`` or
         ``since`` the report is read whole; without ``fence`` it fences nothing (0); without
-        ``now`` its loads count as just written. Logged once per boot of the replica."""
+        ``now`` its requests count as just made (the app is kept up: the safe side).
+        Logged once per boot of the replica."""
         for name, parse in _NUMBERS:
             text = header[name]
             if text is None:
