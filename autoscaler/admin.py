@@ -34,6 +34,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from autoscaler import __version__
+from autoscaler.aio import dual_stack_socket
 from autoscaler.config import AdminSettings, parse_host_port
 from autoscaler.logs import Redactor, get_logger
 from autoscaler.metrics import Metrics
@@ -235,14 +236,24 @@ class AdminServer:
     async def start(self, host: str | None = None, port: int | None = None) -> None:
         """Listen on ``admin.listen`` (``host``/``port`` override it; port 0 picks one)."""
         listen = parse_host_port(self.settings.listen)
+        host = host if host is not None else listen.host
+        port = port if port is not None else listen.port
         self._runner = web.AppRunner(self.build_app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            host if host is not None else listen.host,
-            port if port is not None else listen.port,
+        # [::] takes IPv4 too (Fly's checks, a published port): aiohttp's TCPSite binds
+        # it IPv6 only, as create_server does.
+        sock = dual_stack_socket(host, port)
+        site = (
+            web.TCPSite(self._runner, host, port)
+            if sock is None
+            else web.SockSite(self._runner, sock)
         )
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
         log.info("admin_listening", address=self.address)
 
     async def stop(self) -> None:

@@ -1,6 +1,7 @@
 """Asyncio helpers every layer may use: stopping tasks on Python 3.11, where a
-cancellation can be dropped, and probing a TCP port; and :func:`urlopen_direct`, for the
-admin API's own clients.
+cancellation can be dropped, probing a TCP port, and a listening socket on ``[::]`` that
+takes IPv4 too (:func:`dual_stack_socket`, for our servers); and :func:`urlopen_direct`,
+for the admin API's own clients.
 
 On 3.11, ``asyncio.wait_for`` that is cancelled in the same turn of the loop as the
 awaitable it waits for finishes returns that awaitable's result and drops the
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
 import urllib.request
 from collections.abc import Iterable
 from typing import Any
@@ -63,3 +66,43 @@ def urlopen_direct(request: urllib.request.Request | str, timeout: float) -> Any
     our admin endpoints are reached directly (urlopen would send the request, with its
     ``Authorization`` header, to whatever proxy the environment names)."""
     return _DIRECT.open(request, timeout=timeout)
+
+
+def dual_stack(host: str) -> bool:
+    """Whether a server told to listen on ``host`` takes both families: the IPv6 wildcard
+    (``::``, written ``[::]:port``), as nginx's ``ipv6only=off`` does. asyncio's (and
+    uvloop's) create_server sets IPV6_V6ONLY on every AF_INET6 socket, so ``[::]`` took
+    IPv6 alone, and Fly's proxy or ``docker run -p``, which come over IPv4, found nothing
+    listening. Any other host, a specific IPv6 address too, binds as create_server does."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 6 and address.is_unspecified
+
+
+def dual_stack_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket | None:
+    """A socket bound to ``host:port`` on both families when ``host`` is the IPv6
+    wildcard (:func:`dual_stack`), for create_server's (or aiohttp's SockSite's) ``sock``;
+    else None, and the caller binds host and port as before. Its options are
+    create_server's: SO_REUSEADDR (a restart binds while old connections sit in
+    TIME_WAIT), SO_REUSEPORT when asked; IPV6_V6ONLY off. The server listens on it."""
+    if not dual_stack(host):
+        return None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:  # said as create_server says it, with the address
+            strerror = str(exc.strerror).lower()
+            raise OSError(
+                exc.errno, f"error while attempting to bind on address {(host, port)!r}: {strerror}"
+            ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -7,26 +7,16 @@ ones are, and https checks (the demo app speaks plain HTTP).
 
 from __future__ import annotations
 
-import socket
 import ssl
 
 import pytest
 import trustme
-from testkit import canned_http
+from testkit import NEEDS_IPV6_LOOPBACK, canned_http
 
 from autoscaler.checks import check_spec, run_check
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@NEEDS_IPV6_LOOPBACK
 async def test_an_http_check_of_an_ipv6_address_sends_a_bracketed_host() -> None:
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     async with canned_http("::1", ok) as (port, heads):

@@ -112,6 +112,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _ipv6_loopback() -> bool:
+    """Whether this machine has ::1 to bind (a container may have no IPv6 at all)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+NEEDS_IPV6_LOOPBACK = pytest.mark.skipif(
+    not _ipv6_loopback(), reason="no IPv6 loopback on this machine"
+)
+
+
 # Parameters of an ``emulator_settings`` fixture whose tests run on both timing profiles;
 # the fly variants are marked (CI's compiled run leaves them out).
 PROFILES = ["fast", pytest.param("fly", marks=pytest.mark.fly_profile)]

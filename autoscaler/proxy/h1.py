@@ -65,7 +65,7 @@ from typing import Any, cast
 
 import httptools
 
-from autoscaler.aio import cancel_and_wait
+from autoscaler.aio import cancel_and_wait, dual_stack_socket
 from autoscaler.logs import get_logger
 from autoscaler.proxy.body import (
     HEAD_FACTOR,
@@ -757,14 +757,21 @@ class H1Server:
         """Listen; ``reuse_port`` shares the port with other processes (SO_REUSEPORT: the
         kernel spreads new connections over them; ``run --workers``)."""
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(
-            lambda: Connection(self),
-            host,
-            port,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            backlog=1024,
+        # [::] takes IPv4 too: a socket of our own, as create_server sets IPV6_V6ONLY.
+        listening = dual_stack_socket(host, port, reuse_port=reuse_port)
+        where: dict[str, Any] = (
+            {"host": host, "port": port, "reuse_address": True, "reuse_port": reuse_port or None}
+            if listening is None
+            else {"sock": listening}
         )
+        try:
+            self._server = await self.loop.create_server(
+                lambda: Connection(self), backlog=1024, **where
+            )
+        except BaseException:
+            if listening is not None:
+                listening.close()
+            raise
         self._sweeper = self.loop.create_task(self._sweep())
         server: Any = self._server  # uvloop lists its sockets (typeshed says tuple)
         sock = server.sockets[0]
