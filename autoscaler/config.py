@@ -47,6 +47,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from autoscaler.aio import dual_stack
+
 DEFAULT_CONFIG_PATH = Path("config/autoscaler.yaml")
 CONFIG_ENV = "AUTOSCALER_CONFIG"
 TOKEN_ENV = "FLY_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
@@ -297,12 +299,14 @@ def listen_overlap(
     a: HostPort, b: HostPort, resolved: Mapping[str, Sequence[IPAddress]] | None = None
 ) -> str | None:
     """Why two servers of one process cannot both listen on ``a`` and ``b``, or None when
-    they can: other ports, port 0 (a free port at each bind), other addresses, or a
-    wildcard and an address of the other family (asyncio binds ``::`` IPv6 only). The
-    reason is empty when they are written alike, else how one covers the other
-    ("0.0.0.0 is every IPv4 address of this host", "localhost is 127.0.0.1"). A host name
-    is taken at its addresses in ``resolved`` (resolve_listen_host's), else as written
-    (localhost as 127.0.0.1 and ::1)."""
+    they can: other ports, port 0 (a free port at each bind), other addresses, or
+    ``0.0.0.0`` and an IPv6 address. ``::`` written as such takes both families (our
+    servers bind it dual stack: aio.dual_stack_socket), so it clashes with an IPv4 address
+    too; a name that resolves to it is bound as create_server does, IPv6 only. The reason
+    is empty when they are written alike, else how one covers the other ("0.0.0.0 is
+    every IPv4 address of this host", "localhost is 127.0.0.1"). A host name is taken at
+    its addresses in ``resolved`` (resolve_listen_host's), else as written (localhost as
+    127.0.0.1 and ::1)."""
     if a.port != b.port or a.port == 0:
         return None
     if a.host.lower().rstrip(".") == b.host.lower().rstrip("."):
@@ -319,8 +323,12 @@ def listen_overlap(
                 if len(names) == 2:
                     return f"{names[0]} and {names[1]} are both {x}"
                 return f"{names[0]} is {x}" if names else f"both are {x}"
-            for wide, other in ((x, y), (y, x)):
-                if wide.is_unspecified and wide.version == other.version:
+            for wide, other, host in ((x, y, a.host), (y, x, b.host)):
+                if not wide.is_unspecified:
+                    continue
+                if dual_stack(host):
+                    return f"{wide} is every IPv4 and IPv6 address of this host"
+                if wide.version == other.version:
                     return f"{wide} is every IPv{wide.version} address of this host"
     return None
 

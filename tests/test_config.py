@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from pathlib import Path
 
@@ -726,8 +727,15 @@ _TOKEN = "admin-t0ken-0123456789"
          "proxy.listen: 0.0.0.0:9091 is admin.listen's address too (127.0.0.1:9091;"
          " 0.0.0.0 is every IPv4 address of this host)"),
         (f"proxy: {{listen: '[::1]:9091'}}\nadmin: {{listen: '[::]:9091', token: {_TOKEN}}}\n",
-         "proxy.listen: [::1]:9091 is admin.listen's address too ([::]:9091; :: is every IPv6"
-         " address of this host)"),
+         "proxy.listen: [::1]:9091 is admin.listen's address too ([::]:9091; :: is every IPv4"
+         " and IPv6 address of this host)"),
+        # [::] is bound dual stack: it takes the IPv4 addresses too.
+        ("proxy: {listen: '[::]:9091'}\n",
+         "proxy.listen: [::]:9091 is admin.listen's address too (127.0.0.1:9091; :: is every"
+         " IPv4 and IPv6 address of this host)"),
+        (f"proxy: {{listen: '0.0.0.0:9091'}}\nadmin: {{listen: '[::]:9091', token: {_TOKEN}}}\n",
+         "proxy.listen: 0.0.0.0:9091 is admin.listen's address too ([::]:9091; :: is every IPv4"
+         " and IPv6 address of this host)"),
         # The embedded emulator's, when it runs: fly.api_url embedded (or --emulator), or
         # unset with an app to scale (the demo; `run` wants --emulator then).
         ("fly: {api_url: embedded}\nproxy: {listen: '127.0.0.1:4280'}\n",
@@ -761,18 +769,21 @@ def test_a_clash_from_the_command_line_says_so() -> None:
 
 def test_what_is_no_clash(tmp_path: Path) -> None:
     """Port 0 picks a free port at each bind (the tests' servers): two never meet. Nor do
-    other addresses on one port, a wildcard and an address of the other family (asyncio
-    binds [::] IPv6 only), or a server and an emulator that does not run."""
+    other addresses on one port, 0.0.0.0 and an IPv6 address, a name that resolves to ::
+    and an IPv4 address (a name is bound as create_server does, IPv6 only; [::] written
+    so is dual stack), or a server and an emulator that does not run."""
     from autoscaler.config import HostPort, listen_overlap
 
     assert listen_overlap(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", 0)) is None
     assert listen_overlap(HostPort("0.0.0.0", 0), HostPort("127.0.0.1", 0)) is None
-    assert listen_overlap(HostPort("0.0.0.0", 1), HostPort("::", 1)) is None
+    assert listen_overlap(HostPort("0.0.0.0", 1), HostPort("::1", 1)) is None
+    any6 = {"any6.test": [ipaddress.IPv6Address("::")]}
+    assert listen_overlap(HostPort("0.0.0.0", 1), HostPort("any6.test", 1), any6) is None
     assert listen_overlap(HostPort("127.0.0.1", 1), HostPort("127.0.0.1", 1)) == ""
     for text in [
         "proxy: {listen: '127.0.0.2:9091'}\n",
-        "proxy: {listen: '[::]:9091'}\n",
         "proxy: {listen: '[::1]:9091'}\n",
+        f"proxy: {{listen: '0.0.0.0:9091'}}\nadmin: {{listen: '[::1]:9091', token: {_TOKEN}}}\n",
         f"proxy: {{listen: '0.0.0.0:9092'}}\nadmin: {{listen: '0.0.0.0:9091', token: {_TOKEN}}}\n",
         # No embedded emulator: the API is elsewhere, or every app is static.
         "fly: {api_url: 'http://127.0.0.1:9'}\nproxy: {listen: '127.0.0.1:4280'}\n",
