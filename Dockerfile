@@ -31,9 +31,9 @@ ENV AUTOSCALER_CONFIG=/etc/autoscaler/autoscaler.yaml \
     PYTHONUNBUFFERED=1
 USER autoscaler
 # 8080: the proxy (client traffic), on every IPv4 address: a published port (docker run -p)
-# and Fly's proxy reach the container over IPv4, and [::] would take IPv6 alone (the
-# listening socket is IPv6-only). 9091: admin (/metrics, /healthz, /readyz, /status), on
-# every IPv4 address; the health check asks it on loopback.
+# and Fly's proxy reach the container over IPv4 ([::] would take IPv4 too, dual stack, but
+# needs a kernel with IPv6, which not every Docker host has). 9091: admin (/metrics,
+# /healthz, /readyz, /status), on every IPv4 address; the health check asks it on loopback.
 EXPOSE 8080 9091
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys; from autoscaler.aio import urlopen_direct; sys.exit(urlopen_direct('http://127.0.0.1:9091/healthz', 2).status != 200)"]

@@ -403,8 +403,8 @@ def test_the_docker_image_binds_admin_where_its_published_port_reaches_and_needs
     admin_port = settings.admin.listen.rsplit(":", 1)[1]
     assert admin_port in re.findall(r"^EXPOSE (.*)$", docker, re.M)[0].split()
     assert f"127.0.0.1:{admin_port}/healthz" in docker  # the health check asks it on loopback
-    # Every IPv4 address: a published port (docker run -p) and Fly's proxy come over IPv4,
-    # and a listener on [::] is IPv6-only (asyncio and uvloop set IPV6_V6ONLY).
+    # Every IPv4 address: a published port (docker run -p) and Fly's proxy come over IPv4
+    # (and 0.0.0.0, unlike a dual-stack [::], needs no IPv6 in the host's kernel).
     assert settings.proxy.listen == "0.0.0.0:8080"
     # The baked-in config names no Machines API: `run` refuses until given one.
     assert settings.fly.api_url is None
@@ -667,8 +667,8 @@ async def test_run_logs_fly_autostop_once_per_app(emulator: Emulator, tmp_path: 
 
 def test_the_example_fly_toml_has_the_proxy_listen_where_flys_proxy_reaches_it() -> None:
     """Fly's proxy reaches a machine's services over its private IPv4 address; the
-    example listened on [::]:8080, IPv6 alone (the listener is IPv6-only), where no
-    client request would have come."""
+    example listened on [::]:8080, which the proxy then bound IPv6 alone (asyncio's
+    IPV6_V6ONLY; it binds [::] dual stack now), where no client request would have come."""
     fly = tomllib.loads((REPO / "config" / "fly.toml.example").read_text())
     env = {k: str(v) for k, v in fly["env"].items()}
     settings, _ = load_settings(
