@@ -64,6 +64,11 @@ NO_APPS = (
 settings of a missing file); a reload to ``apps: []`` is taken, as one that means it."""
 
 
+GIVE_THE_FILE = f"give the file with --config PATH or ${CONFIG_ENV}"
+"""How to name the config file, where the default one was looked for and is not there
+(a command run from another directory than the file's)."""
+
+
 def no_apps_problem(path: str | os.PathLike[str]) -> str:
     """Why a config without an app does not start: :data:`NO_APPS`, or, when there is no
     such file (``config/autoscaler.yaml`` where none was given: run from another
@@ -71,7 +76,7 @@ def no_apps_problem(path: str | os.PathLike[str]) -> str:
     if not Path(path).exists():
         return (
             f"{path}: no such file, and no app is set otherwise (AUTOSCALER_APPS): nothing to"
-            " route or scale; give the file with --config PATH or $AUTOSCALER_CONFIG"
+            f" route or scale; {GIVE_THE_FILE}"
         )
     return NO_APPS.format(path=path)
 
@@ -1628,6 +1633,10 @@ def load_settings(
     file = config_path(path, environ)
     data: dict[str, Any] = {}
     lines: dict[KeyPath, int] = {}
+    if require_file and not explicit and not file.exists():
+        # The default file, looked for where the command runs: a bare "no such file" did not
+        # say that another could be given, nor how.
+        raise ConfigError([f"{file}: no such file; {GIVE_THE_FILE}"])
     if file.exists() or explicit or require_file:
         data, lines = read_yaml(file)
     token_layer: dict[str, Any] = {}

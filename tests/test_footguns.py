@@ -127,6 +127,25 @@ def test_run_without_a_config_file_says_the_file_is_missing_not_that_its_apps_ar
     assert served == [True]
 
 
+def test_check_config_without_a_file_says_how_to_give_one_as_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`autoscaler check-config` where config/autoscaler.yaml is not (no PATH, no --config,
+    no $AUTOSCALER_CONFIG) said only "no such file"; `run` says how to give the file. A
+    file named and missing is only that."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOSCALER_CONFIG", raising=False)
+    with capture_logs() as logs:
+        assert run(None) == 2
+    [problem] = [e["problem"] for e in logs if e["event"] == "config_invalid"]
+    hint = "give the file with --config PATH or $AUTOSCALER_CONFIG"
+    assert problem.endswith(hint)
+    assert check_config(None) == 2
+    assert capsys.readouterr() == ("", f"config/autoscaler.yaml: no such file; {hint}\n")
+    assert check_config("nope.yaml") == 2
+    assert capsys.readouterr().err == "nope.yaml: no such file\n"
+
+
 async def test_a_reload_that_empties_the_apps_is_applied_and_said(tmp_path: Path) -> None:
     """A reload to `apps: []` may be meant (every app taken out): it is applied, with a
     warning that every request now gets 404 and that a restart would be refused."""
