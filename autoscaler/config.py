@@ -1220,6 +1220,7 @@ class Settings(BaseSettings):
                     f" {self.admin.listen}): /status (apps, machines, the policy's reasons,"
                     " API errors) would be open to the network; set admin.token or"
                     " AUTOSCALER_ADMIN__TOKEN, or listen on 127.0.0.1",
+                    cause="admin.listen",
                 )
             )
         if self.admin.protect_metrics and self.admin.token is None:
@@ -1343,12 +1344,15 @@ class Settings(BaseSettings):
 
 
 class _KeyError(ValueError):
-    """A cross-field problem that belongs to one key path."""
+    """A cross-field problem that belongs to one key path. ``cause`` is the key path whose
+    value brought it about, when that is another (admin.token, missing, is required by
+    admin.listen's value): where that value came from is where the line points."""
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, cause: str | None = None) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
+        self.cause = cause or path
 
 
 class _KeyErrors(ValueError):
@@ -1691,7 +1695,7 @@ def load_settings(
             # A mistake elsewhere kept the checks across apps from running: run them on
             # the file's apps (from the environment, the apps are not the file's alone).
             items += [
-                (_parse_key_path(e.path), str(e))
+                (_parse_key_path(e.cause), str(e))
                 for e in _file_app_problems(base, fly_names=serving)
             ]
         origin = _Origin(file, lines, env_vars, overrides or {}, environ)
@@ -1783,10 +1787,10 @@ def _error_lines(exc: ValidationError) -> list[tuple[KeyPath, str]]:
         path = _key_path(loc)
         ctx_error = err.get("ctx", {}).get("error")
         if isinstance(ctx_error, _KeyError):
-            items.append((_parse_key_path(ctx_error.path), str(ctx_error)))
+            items.append((_parse_key_path(ctx_error.cause), str(ctx_error)))
             continue
         if isinstance(ctx_error, _KeyErrors):
-            items += [(_parse_key_path(e.path), str(e)) for e in ctx_error.errors]
+            items += [(_parse_key_path(e.cause), str(e)) for e in ctx_error.errors]
             continue
         kind = err["type"]
         if kind == "extra_forbidden":

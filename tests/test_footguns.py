@@ -396,6 +396,29 @@ def test_an_open_admin_server_needs_a_token(tmp_path: Path, listen: str) -> None
     assert settings.admin.listen == listen
 
 
+def test_an_open_admin_server_is_blamed_where_its_listen_address_came_from(
+    tmp_path: Path,
+) -> None:
+    """The admin.token a non-loopback admin.listen needs is missing because of that address:
+    set by AUTOSCALER_ADMIN__LISTEN (or --admin-listen), the line blamed the file's admin
+    section, which holds a loopback one."""
+    path = write(tmp_path, "admin:\n  listen: 127.0.0.1:9091\n")
+    problem = "admin.token: required when admin.listen is not a loopback address"
+    for env, overrides, where in (
+        ({"AUTOSCALER_ADMIN__LISTEN": "0.0.0.0:9091"}, {}, "environment: AUTOSCALER_ADMIN__LISTEN"),
+        ({"AUTOSCALER_ADMIN": '{"listen": "0.0.0.0:9091"}'}, {}, "environment: AUTOSCALER_ADMIN"),
+        ({}, {"admin": {"listen": "0.0.0.0:9091"}}, "command line"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_settings(path, env=env, overrides=overrides)
+        assert [p.partition(" (got")[0] for p in info.value.problems] == [f"{where}: {problem}"]
+    # From the file: the line of admin.listen, not of the section.
+    path = write(tmp_path, "admin:\n\n  listen: 0.0.0.0:9091\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert [p.partition(" (got")[0] for p in info.value.problems] == [f"{path}:3: {problem}"]
+
+
 def dockerfile_env() -> dict[str, str]:
     """The ENV of the Dockerfile's final stage, as the container sees it."""
     text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
