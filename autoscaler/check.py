@@ -21,6 +21,7 @@ from typing import TextIO
 from autoscaler.config import (
     NO_APPS,
     TOKEN_ENV,
+    AppConfig,
     ConfigError,
     Settings,
     load_settings,
@@ -32,6 +33,7 @@ from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import FlyError, NotFound, Unauthorized
 from autoscaler.scaling.keepalive import fallback_keep_s
+from autoscaler.status import columns
 
 API_TIMEOUT_S = 5.0
 
@@ -59,28 +61,37 @@ def summary(settings: Settings) -> list[str]:
         f"   tick: {settings.control.tick_s:g}s",
         f"apps: {len(settings.apps)}",
     ]
+    # One row per app, in columns: name, hosts, then a static app's backends or a scaled
+    # app's policy, itself in columns across the scaled apps.
+    scaled = [app for app in settings.apps if not app.static]
+    policies = iter(columns([_policy(app) for app in scaled]))
+    rows = []
     for app in settings.apps:
         hosts = ", ".join(app.hosts) or "(no hosts)"
         if app.paths:
             hosts += " paths " + ", ".join(app.paths)
-        if app.static:
-            lines.append(f"  {app.name:<20} {hosts}  static: {', '.join(app.backends)}")
-            continue
-        if app.keep_alive == "adaptive":
-            fallback = fallback_keep_s(app)  # the fixed timer decides until it has learned
-            keep = (
-                f"keep-alive adaptive (wake cost {app.wake_cost_s:g}s, until learned {fallback:g}s)"
-            )
-        else:
-            keep = f"idle-to-zero {app.idle_to_zero_s:g}s"
-        lines.append(
-            f"  {app.name:<20} {hosts}  machines {app.min_machines}..{app.max_machines}"
-            f"  target {app.target_concurrency:g}x{app.target_utilization:g}"
-            f"  hard limit {app.hard_limit}  {keep}  sleep: {app.scale_down_action}"
-        )
+        what = f"static: {', '.join(app.backends)}" if app.static else next(policies)
+        rows.append([app.name, hosts, what])
+    lines += columns(rows, indent="  ")
     if settings.proxy.default_app:
         lines.append(f"default app: {settings.proxy.default_app}")
     return lines
+
+
+def _policy(app: AppConfig) -> list[str]:
+    """A scaled app's policy, as the summary's cells."""
+    if app.keep_alive == "adaptive":
+        fallback = fallback_keep_s(app)  # the fixed timer decides until it has learned
+        keep = f"keep-alive adaptive (wake cost {app.wake_cost_s:g}s, until learned {fallback:g}s)"
+    else:
+        keep = f"idle-to-zero {app.idle_to_zero_s:g}s"
+    return [
+        f"machines {app.min_machines}..{app.max_machines}",
+        f"target {app.target_concurrency:g}x{app.target_utilization:g}",
+        f"hard limit {app.hard_limit}",
+        f"sleep: {app.scale_down_action}",
+        keep,  # last: an adaptive one is long
+    ]
 
 
 @dataclass

@@ -233,7 +233,10 @@ def _yes(value: object) -> str:
     return "yes" if value else "no"
 
 
-def _table(rows: list[list[str]], indent: str = "") -> list[str]:
+def columns(rows: list[list[str]], indent: str = "") -> list[str]:
+    """Rows of cells as lines, each column as wide as its widest cell (two spaces apart)."""
+    if not rows:
+        return []
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -270,7 +273,7 @@ def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
                 str(sum(a.get("held", 0) for a in apps)),
             ]
         )
-    return lines + _table(rows, indent="  ")
+    return lines + columns(rows, indent="  ")
 
 
 def render(doc: dict[str, Any]) -> list[str]:
@@ -319,7 +322,7 @@ def render(doc: dict[str, Any]) -> list[str]:
                     tui.machine_note(m),
                 ]
             )
-        lines += _table(rows, indent="  ")
+        lines += columns(rows, indent="  ")
     for app in doc.get("static_apps") or []:
         lines.append("")
         lines.append(
@@ -332,7 +335,7 @@ def render(doc: dict[str, Any]) -> list[str]:
             rows.append(
                 [str(m["id"]), str(m["state"]), str(m["in_flight"]), ago(m.get("last_used_age_s"))]
             )
-        lines += _table(rows, indent="  ")
+        lines += columns(rows, indent="  ")
     ejected = doc.get("ejected") or []
     if ejected:
         lines.append("")
@@ -351,7 +354,7 @@ def render(doc: dict[str, Any]) -> list[str]:
             rows.append(
                 [str(e["app"]), str(e["machine"]), str(e["reason"]), str(e["ejections"]), back]
             )
-        lines += _table(rows, indent="  ")
+        lines += columns(rows, indent="  ")
     return lines
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from autoscaler.check import check_config
+from autoscaler.check import check_config, summary
 from autoscaler.config import (
     MIN_TOKEN_CHARS,
     ConfigError,
@@ -220,6 +221,29 @@ def test_secret_values_never_echoed_in_errors(tmp_path: Path) -> None:
         load_settings(path, env={})
     assert "s3cr3t" not in str(info.value)
     assert "admin.token" in str(info.value)
+
+
+def test_check_config_summary_lines_up_its_columns(tmp_path: Path) -> None:
+    """Each app's hosts were written as long as they were, so what followed them (and the
+    policy's fields after a longer machine range) started wherever that ended."""
+    path = write(
+        tmp_path,
+        "apps:\n"
+        "  - {name: demo, hosts: [demo, demo.localhost], max_machines: 10}\n"
+        "  - {name: api, hosts: [api.example.com], paths: [/v1], keep_alive: adaptive}\n"
+        "  - {name: web, hosts: [w], backends: ['127.0.0.1:9']}\n"
+        "  - {name: x, hosts: ['*.x.test'], min_machines: 2, max_machines: 3}\n",
+    )
+    settings, _ = load_settings(path, env={})
+    rows = [line for line in summary(settings) if line.startswith("  ")]
+    assert len(rows) == 4
+    hosts = ["demo, demo.localhost", "api.example.com paths /v1", "w", "*.x.test"]
+    assert len({row.index(f"  {h}  ") for row, h in zip(rows, hosts, strict=True)}) == 1
+    scaled = [row for row in rows if "static:" not in row]
+    for field in ("machines", "target", "hard limit", "sleep:", "idle-to-zero|keep-alive"):
+        assert len({re.search(field, row).start() for row in scaled}) == 1, (field, scaled)
+    assert rows[2].index("static:") == rows[0].index("machines")
+    assert rows[2].endswith("static: 127.0.0.1:9")
 
 
 def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
