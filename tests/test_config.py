@@ -246,6 +246,25 @@ def test_check_config_summary_lines_up_its_columns(tmp_path: Path) -> None:
     assert rows[2].endswith("static: 127.0.0.1:9")
 
 
+def test_check_config_warns_of_an_app_no_request_is_routed_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An app without hosts that is not proxy.default_app gets no request (the proxy routes
+    by Host): check-config said OK and nothing else. A warning, not a refusal."""
+    apps = (
+        "apps: [{name: web, backends: ['127.0.0.1:9']},"
+        " {name: api, hosts: [a], backends: ['127.0.0.1:9']}]\n"
+    )
+    assert check_config(str(write(tmp_path, apps))) == 0
+    assert capsys.readouterr().err == (
+        "warning: app web: no hosts, and not proxy.default_app, so no request is routed to"
+        " it; give it apps[0].hosts, or make it proxy.default_app\n"
+    )
+    default = write(tmp_path, "proxy: {default_app: web}\n" + apps, "default.yaml")
+    assert check_config(str(default)) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write(tmp_path, "apps: [{name: web, hosts: ['*.web.dev'], max_machines: 3}]\n")
     assert check_config(str(good)) == 0
