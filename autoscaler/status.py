@@ -184,7 +184,14 @@ def _get(base_url: str, path: str, token: str | None, timeout_s: float, accept: 
             )
         raise StatusError(f"{url}: HTTP {exc.code}{hint}") from None
     except urllib.error.URLError as exc:  # connecting, or sending the request
-        raise StatusError(f"{url}: cannot connect: {exc.reason}") from None
+        hint = ""
+        if isinstance(exc.reason, ConnectionRefusedError):
+            # Nothing listens there: a user new to it learns where else to ask, and why.
+            hint = (
+                " (is `autoscaler run` running? name its admin server with --admin, or its"
+                " config with --config)"
+            )
+        raise StatusError(f"{url}: cannot connect: {exc.reason}{hint}") from None
     except TimeoutError:
         raise StatusError(f"{url}: no complete answer within {timeout_s:g}s") from None
     except http.client.IncompleteRead as exc:

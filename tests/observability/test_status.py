@@ -350,7 +350,13 @@ async def test_unreachable_admin(tmp_path: Path) -> None:
     err = io.StringIO()
     code = await asyncio.to_thread(run_status, url, write_config(tmp_path, None), err=err)
     assert code == 1
-    assert "cannot connect" in err.getvalue()
+    # One line, which says what may be wrong (it did not: a new user was left guessing).
+    [line] = err.getvalue().splitlines()
+    assert line.startswith(f"autoscaler status: {url}/status: cannot connect: ")
+    assert line.endswith(
+        "refused (is `autoscaler run` running? name its admin server with --admin, or its"
+        " config with --config)"
+    )
 
 
 def test_config_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
