@@ -15,16 +15,12 @@ import contextlib
 import json
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
-from testkit import NEEDS_IPV6_LOOPBACK, until
+from testkit import until
 
-from autoscaler.config import AppConfig, ProxySettings, Settings
-from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.h1 import MAX_HEADERS, Connection
-from autoscaler.proxy.server import ProxyServer
 
 from .conftest import Backend, StartProxy
 from .helpers import (
@@ -38,7 +34,6 @@ from .helpers import (
     reply_status,
     seen_app,
     slow_reader,
-    text_app,
 )
 from .inproc import OK, FakeTransport, Harness, _settle
 
@@ -695,27 +690,3 @@ async def test_a_reset_seen_only_at_the_closing_write_eof_closes_the_connection(
         loop.set_exception_handler(None)
     assert transport.out.startswith(OK)
     assert errors == []  # the connection's task did not die on the OSError
-
-
-@NEEDS_IPV6_LOOPBACK
-async def test_a_proxy_listening_on_the_ipv6_wildcard_answers_over_ipv4_too(
-    backend: Backend, fleet: FleetView, metrics: Metrics, session: aiohttp.ClientSession
-) -> None:
-    """``proxy.listen: "[::]:8080"`` took IPv6 alone (asyncio and uvloop set IPV6_V6ONLY on
-    the socket): Fly's proxy and ``docker run -p``, which come over IPv4, found nothing
-    listening. It takes both families now, as nginx's ``ipv6only=off`` does."""
-    up = await backend(text_app("up"))
-    settings = Settings(
-        proxy=ProxySettings(listen="[::]:8080"),
-        apps=[AppConfig(name="a", hosts=["a.test"], backends=[up])],
-    )
-    proxy = ProxyServer(settings, fleet, metrics)
-    await proxy.start(port=0)  # on the wildcard, what is under test; clients on loopback
-    try:
-        for client in ("127.0.0.1", "[::1]"):
-            target = f"http://{client}:{proxy.port}/"
-            async with session.get(target, headers={"Host": "a.test"}) as resp:
-                assert (resp.status, await resp.text()) == (200, "up"), client
-    finally:
-        await proxy.stop()
-        await fleet.close()
