@@ -42,6 +42,7 @@ class RequestContext:
         "status",
         "up",
         "wake",
+        "wake_pending",
     )
 
     def __init__(self, arrived: float, request_id: str) -> None:
@@ -50,6 +51,9 @@ class RequestContext:
         self.app = ""
         self.status = 0
         self.wake = NO_WAKE
+        # The wake it waited for when handed its machine, until its answer names it
+        # (gate.wake_label).
+        self.wake_pending: asyncio.Task[str] | None = None
         self.up: Upstream | None = None
         self.slot = False  # holds a slot on ``up`` (until the machine sent its whole answer)
         self.probe = False  # the first request to ``up`` after an ejection (see health)

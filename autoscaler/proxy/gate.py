@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from asyncio import FIRST_COMPLETED
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,9 +46,12 @@ WAKE_FAILED = "failed"
 
 class Held(Protocol):
     """Where ``Gate.acquire`` names the wake a request was held for, should its client
-    leave first (the request's context)."""
+    leave first (the request's context); and, for a request handed a machine before its
+    wake could say how it brought one up, that wake (``wake_pending``): its answer names
+    the request once it has come (:func:`wake_label`)."""
 
     wake: str
+    wake_pending: asyncio.Task[str] | None
 
 
 class QueueFull(Exception):
@@ -105,10 +107,10 @@ class Gate:
         self._pump_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Task[str] | None = None
         self._wake_failed_at: float | None = None
+        self._wake_since = 0.0
+        """When ``_wake`` was asked for, by the view's clock (as ``Upstream.started_at``)."""
         self._shed: type[QueueFull] | None = None
         """Set by ``shed``: a request that would wait from then on is sent away at once."""
-        self._shedding: asyncio.Future[None] | None = None
-        """Done once ``shed`` ran: a request handed its slot stops waiting for its label."""
 
     @property
     def config(self) -> AppConfig:
@@ -206,44 +208,32 @@ class Gate:
                             waiter.wake is not None or not self.view.routable()
                         ) from None
                     raise
-            try:
-                kind = await self._wake_kind(waiter.wake, deadline)
-            except BaseException:  # the client left while the waker was finishing
-                self.done(up)
-                raise
-            return up, kind
+            return up, self._wake_kind(waiter.wake, up, held)
         except (asyncio.CancelledError, QueueFull):  # (a QueueFull here: shed)
             if held is not None and waiter.wake is not None:
                 held.wake = self._kind_so_far(waiter.wake)  # gave up on a wake, or shed
             raise
 
-    async def _wake_kind(self, wake: asyncio.Task[str] | None, deadline: float) -> str:
+    def _wake_kind(self, wake: asyncio.Task[str] | None, up: Upstream, held: Held | None) -> str:
         if wake is None:
             return NO_WAKE
-        if not wake.done():
-            # A machine became routable before the waker returned: the one it brings up,
-            # or another. The kind of the boot under way names this request's cold start;
-            # until the waker has chosen one, its answer does. Never cancel it.
-            if self.view.waking is not None:
-                return self.view.waking
-            # Once the gate sheds (the proxy stops), the request has its slot and goes on
-            # at once, named as far as known: waiting on, it was neither shed with the
-            # held ones nor sent, and the stop's deadline cut it unanswered.
-            if self._shed is not None:
-                return self._kind_so_far(wake)
-            if self._shedding is None:
-                self._shedding = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    # (asyncio.wait never cancels the wake.)
-                    await asyncio.wait((wake, self._shedding), return_when=FIRST_COMPLETED)
-            except TimeoutError:
-                return NO_WAKE
-            if not wake.done():
-                return self._kind_so_far(wake)  # shed meanwhile
-        if wake.cancelled() or wake.exception() is not None:
+        if wake.done():
+            return served_by(wake)
+        # A machine became routable before the waker returned: the one it brings up, or
+        # another. The kind of the boot under way names this request's cold start. Until
+        # the waker has chosen one, the request goes all the same (waiting for the answer
+        # held it back, its machine up, as long as the waker took to return), named as
+        # far as known now: by how the machine that serves it came up, if it did during
+        # the wake; "none" if it was up before (a drain taken back, a skip over: no boot).
+        # The waker's answer names it instead if it comes in time (``wake_label``). Never
+        # cancel the wake.
+        if self.view.waking is not None:
+            return self.view.waking
+        if held is not None:
+            held.wake_pending = wake
+        if up.started_at is None or up.started_at < self._wake_since:
             return NO_WAKE
-        return wake.result()
+        return up.how if up.how is not None else self._kind_so_far(wake)
 
     def _kind_so_far(self, wake: asyncio.Task[str]) -> str:
         """The wake a request whose client left (or that was shed) was held for, as far as
@@ -288,6 +278,7 @@ class Gate:
         self._wake_failed_at = None
         wake = self.fleet.wake(self.name)
         self._wake = wake
+        self._wake_since = self.view.clock()
         for waiter in self._queue:
             if waiter.wake is None or waiter.wake.done():
                 waiter.wake = wake
@@ -379,9 +370,6 @@ class Gate:
         connection, say): nobody would shed it again. Returns the tasks that answer the
         held ones (a stop cut short waits for those alone)."""
         self._shed = why
-        shedding = self._shedding
-        if shedding is not None and not shedding.done():
-            shedding.set_result(None)
         answering = []
         for waiter in list(self._queue):
             if not waiter.future.done():
@@ -397,6 +385,25 @@ class Gate:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def served_by(wake: asyncio.Task[str]) -> str:
+    """How a request handed a machine was served, once the wake it was held for is over:
+    what the wake returned; "none" if it failed (another machine served the request)."""
+    if wake.cancelled() or wake.exception() is not None:
+        return NO_WAKE
+    return wake.result()
+
+
+def wake_label(held: Held) -> str:
+    """The request's wake label as known now (for its answer's header; at its end, for
+    its line and its count): the answer of the wake it still waited for when handed its
+    machine, once that has come (``Gate._wake_kind``), else the name it was given then."""
+    wake = held.wake_pending
+    if wake is not None and wake.done():
+        held.wake_pending = None
+        held.wake = served_by(wake)
+    return held.wake
 
 
 def _min(a: float | None, b: float | None) -> float | None:

@@ -40,6 +40,7 @@ from autoscaler.proxy.gate import (
     NoSuchApp,
     QueueFull,
     ShuttingDown,
+    wake_label,
 )
 from autoscaler.proxy.h1 import ClientGone, H1Server, Request
 from autoscaler.proxy.routing import Router
@@ -522,7 +523,7 @@ class ProxyServer:
                 exchange.headers,
                 upstream_version=exchange.version,
                 request_id=ctx.request_id,
-                wake=ctx.wake if self._knobs.wake_header else None,
+                wake=wake_label(ctx) if self._knobs.wake_header else None,
                 client_version=request.version,
                 keep_alive=conn.keeps_alive(request),
                 with_body=with_body,
@@ -616,7 +617,7 @@ class ProxyServer:
             exchange.headers,
             upstream_version=exchange.version,
             request_id=ctx.request_id,
-            wake=ctx.wake if self._knobs.wake_header else None,
+            wake=wake_label(ctx) if self._knobs.wake_header else None,
             client_version=request.version,
             keep_alive=False,
             with_body=False,
@@ -734,7 +735,7 @@ class ProxyServer:
         if failure.headers:
             headers.update(failure.headers)
         if self._knobs.wake_header and ctx.app:
-            headers["Fly-Autoscaler-Wake"] = ctx.wake
+            headers["Fly-Autoscaler-Wake"] = wake_label(ctx)
         conn.write(
             forward.error_response(
                 failure.status,
@@ -749,7 +750,7 @@ class ProxyServer:
 
     def _account(self, request: Request, ctx: RequestContext, now: float) -> None:
         until = ctx.headers_at if ctx.headers_at is not None else now
-        self._stats.answered(ctx.app, ctx.status, ctx.wake, until - ctx.arrived)
+        self._stats.answered(ctx.app, ctx.status, wake_label(ctx), until - ctx.arrived)
         if self._knobs.access_log:
             raw = request.target
             query = raw.find("?")

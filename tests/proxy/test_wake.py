@@ -355,7 +355,6 @@ class SlowReturnWaker(FakeWaker):
     def __init__(self, fleet: FleetView, kind: str, announce: bool = False) -> None:
         super().__init__(fleet, kind)
         self.announce = announce
-        self.routable = asyncio.Event()
         self.answer = asyncio.Event()
 
     async def __call__(self, app: str) -> str:
@@ -363,65 +362,71 @@ class SlowReturnWaker(FakeWaker):
         if self.announce:
             self.fleet.app(app).waking = self.kind
         await self.release.wait()
-        self.fleet.app(app).set_state("m1", "started")
-        self.routable.set()
+        view = self.fleet.app(app)  # started, uncordoned
+        view.set_machines(
+            MachineInfo(u.id, u.host, u.port, "started", False) for u in view.upstreams.values()
+        )
         await self.answer.wait()
         return self.kind
 
 
-@pytest.mark.parametrize("announced", [False, True], ids=["not-announced", "announced"])
+@pytest.mark.parametrize(
+    "waker_does", ["announce", "answer meanwhile", "not answer", "take back a drain"]
+)
 async def test_a_request_handed_a_machine_before_the_waker_returns(
+    waker_does: str,
     backend: Backend,
     start_proxy: StartProxy,
     session: aiohttp.ClientSession,
     fleet: FleetView,
-    announced: bool,
+    metrics: Metrics,
 ) -> None:
-    """Once the waker has said how it brings a machine up, a request handed a routable
-    machine goes at once, with that kind, however long the waker takes to return (the
-    machine it boots may still be booting while another one serves). Until then the
-    request waits for the waker's answer, which names its cold start."""
-    waker = SlowReturnWaker(fleet, "start", announce=announced)
-    await sleeping_app(fleet, backend, waker)
-    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    """A request handed a routable machine goes to it at once, however long its waker
+    takes to return (the machine it boots may still be booting while another one serves).
+    Until the waker had said how it brings a machine up, the request waited for its
+    answer, with the machine up, up to its wake_timeout_s. It is named by the boot under
+    way (``view.waking``) once the waker has chosen; else by the waker's answer if that
+    came before the response's head; else as far as known: by how the machine that
+    serves it came up ("start", not known better here), or "none" if it was up before
+    (a drain taken back: its cordon lifted)."""
+    reached = asyncio.Event()
+    go = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.set()
+        await go.wait()
+        return web.Response(text="awake")
+
+    machine = web.Application()
+    machine.router.add_get("/", handler)
+    host, _, port = (await backend(machine)).partition(":")
+    waker = SlowReturnWaker(fleet, "resume", announce=waker_does == "announce")
+    drained = waker_does == "take back a drain"
+    state = "started" if drained else "suspended"
+    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), state, drained)])
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}])
     view = fleet.app("w")
 
     async def get() -> tuple[int, str]:
         async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
             return r.status, r.headers["Fly-Autoscaler-Wake"]
 
-    waiting = asyncio.create_task(get())
-    await until(lambda: view.queued == 1)
-    waker.release.set()
-    if announced:
-        assert await waiting == (200, "start")  # the waker has not answered yet
-        waker.answer.set()
-        await until(lambda: view.waking is None)  # cleared when the wake ends
-    else:
-        await waker.routable.wait()
-        await until(lambda: view.queued == 0)  # handed the machine, waiting for the answer
-        assert not waiting.done()
-        waker.answer.set()
-        assert await waiting == (200, "start")
-
-
-async def test_client_leaving_while_the_waker_answers_gives_its_slot_back(
-    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
-) -> None:
-    waker = SlowReturnWaker(fleet, "resume")
-    await sleeping_app(fleet, backend, waker)
-    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
-    view = fleet.app("w")
-
-    leaving = asyncio.create_task(status_of(session, url(proxy), "w.test"))
-    await until(lambda: view.queued == 1)
-    waker.release.set()
-    await waker.routable.wait()
-    await until(lambda: view.queued == 0 and view.in_flight == 1)
-    leaving.cancel()
-    await until(lambda: view.in_flight == 0)
+    with capture_logs() as logs:
+        waiting = asyncio.create_task(get())
+        await until(lambda: view.queued == 1)
+        waker.release.set()
+        await until(reached.is_set, what="the request at its machine, the waker not returned")
+        if waker_does == "answer meanwhile":
+            waker.answer.set()
+            await until(lambda: not fleet.asked("w"), what="the wake over")
+        go.set()
+        wake = {"not answer": "start", "take back a drain": "none"}.get(waker_does, "resume")
+        assert await waiting == (200, wake)
+    assert [e["wake"] for e in logs if e["event"] == "request"] == [wake]
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_requests_total", {"app": "w", "code": "200", "wake": wake}) == 1
     waker.answer.set()
-    assert not waker.cancelled
 
 
 async def test_a_held_request_cancelled_as_it_is_shed_stays_cancelled() -> None:
@@ -445,24 +450,3 @@ async def test_a_held_request_cancelled_as_it_is_shed_stays_cancelled() -> None:
         await held
     assert fleet.app("w").queued == 0
     await gate.close()
-
-
-async def test_a_request_whose_machine_came_up_before_the_shed_is_served_not_cut(
-    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
-) -> None:
-    """A held request handed its slot (its machine came up: another party's start) waits
-    for its wake to say how to name it. Past the graceful stop's shed it waited on: not
-    answered 503 with the held ones, not sent, and cut unanswered at shutdown_timeout_s.
-    At the shed it goes on at once, to the machine that is up."""
-    waker = FakeWaker(fleet, chooses=False)  # never released: the wake never returns
-    await sleeping_app(fleet, backend, waker, "started")
-    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}], shutdown_timeout_s=1.0)
-    view = fleet.app("w")
-    assert await status_of(session, url(proxy), "w.test") == 200  # a connection to reuse
-    view.set_state("m1", "suspended")
-    held = asyncio.create_task(status_of(session, url(proxy), "w.test"))
-    await until(lambda: view.queued == 1 and waker.calls == 1)
-    view.set_state("m1", "started")  # up, though its wake goes on
-    await until(lambda: view.queued == 0 and view.in_flight == 1)  # it has its slot
-    await proxy.stop()
-    assert await held == 200
