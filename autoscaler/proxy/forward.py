@@ -357,10 +357,12 @@ class Interim:
 
     None is dropped. While the client is behind (its connection's buffer over its
     high-water mark), reading from the machine pauses until the client has caught up, as
-    for a body: a machine that sends 1xx without end holds at most a transport's buffer
-    and one read of its in the proxy, its own writes wait, and its exchange ends at
-    ``upstream_timeout_s`` as one that never answers. ``release`` (once the exchange has
-    its final head, or failed) lets the machine be read again."""
+    for a body, and so does the parsing of what the machine's last read brought beyond
+    the slice being parsed (it waits, counted in the buffer budget): a machine that sends
+    1xx without end holds at most one read of its in the proxy, and the client's buffer
+    at most one slice (``PARSE_SLICE``) past its mark; its own writes wait, and its
+    exchange ends at ``upstream_timeout_s`` as one that never answers. ``release`` (once
+    the exchange has its final head, or failed) lets the machine be read again."""
 
     __slots__ = ("conn", "held")
 
@@ -376,15 +378,16 @@ class Interim:
         raw: list[tuple[bytes, bytes]],
         version: str,
         source: FlowControl,
-    ) -> None:
+    ) -> bool:
         conn = self.conn
         if conn.response_started:
-            return  # the final answer went out: never a 1xx after it
+            return False  # the final answer went out: never a 1xx after it
         conn.write_interim(interim_head(status, reason, raw, version))
         if conn.writing_paused and self.held is None:
             self.held = source
             source.pause_reading(self)
             conn.on_writable = self._writable
+        return self.held is not None
 
     def _writable(self, writable: bool) -> None:
         if writable:

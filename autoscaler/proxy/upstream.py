@@ -69,9 +69,11 @@ _BAD_REASON = re.compile("[^\t\x20-\x7e\x80-\xff]")
 
 
 # Told of a machine's interim answer: status, reason, raw headers, HTTP version, and the
-# connection it came on (whose reading it may pause: backpressure). It must not raise (it
-# runs inside the parser's callbacks).
-InterimSink = Callable[[int, str, list[tuple[bytes, bytes]], str, FlowControl], None]
+# connection it came on (whose reading it may pause: backpressure). True while it holds
+# that connection's reading paused, as itself (``pause_reading(sink)``): the rest of the
+# read being parsed then waits, unparsed, until it lets go. It must not raise (it runs
+# inside the parser's callbacks).
+InterimSink = Callable[[int, str, list[tuple[bytes, bytes]], str, FlowControl], bool]
 
 
 class UpstreamError(Exception):
@@ -216,6 +218,13 @@ class Connection(FlowControlled, asyncio.Protocol):
         # The answer to HEAD came whole inside the read being parsed: the rest of that read
         # still goes to the old parser, which takes it for the body the head announced.
         self._head_tail = False
+        self._holder: object | None = None
+        """The exchange's interim sink while it holds reading paused (its client behind)."""
+        self._rest = b""
+        """What was left of a read when the interim sink began to hold: parsed once it lets
+        go, so that no more 1xx answers are relayed past the client's high-water mark than
+        one slice of a read (``PARSE_SLICE``) brings. Counted in the pool's budget."""
+        self._rest_budget: BufferBudget | None = None
         self._init_flow()
         # After a 101 (a WebSocket), bytes go to ``on_data``; until someone takes over,
         # they wait in ``early``.
@@ -231,6 +240,7 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        self._drop_rest()
         if self.on_closed is not None:
             self.on_closed()
         ex = self.exchange
@@ -255,9 +265,33 @@ class Connection(FlowControlled, asyncio.Protocol):
             for start in range(0, len(data), PARSE_SLICE):
                 if self.closed:
                     return
+                if self._holder is not None:  # the client is behind the 1xx relayed
+                    self._keep_rest(ex, data[start:])
+                    return
                 self._parse(ex, bytes(view[start : start + PARSE_SLICE]))
             return
         self._parse(ex, data)
+
+    def _keep_rest(self, ex: Exchange, rest: bytes) -> None:
+        self._rest = rest
+        budget = self._rest_budget = ex._pool.budget
+        if budget is not None:
+            budget.add(len(rest), self)
+
+    def _drop_rest(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        self._holder = None
+        budget, self._rest_budget = self._rest_budget, None
+        if rest and budget is not None:
+            budget.sub(len(rest))
+        return rest
+
+    def resume_reading(self, by: object) -> None:
+        super().resume_reading(by)
+        if by is not None and by is self._holder:
+            rest = self._drop_rest()
+            if rest and not self.closed:
+                self.data_received(rest)
 
     def _parse(self, ex: Exchange, data: bytes) -> None:
         budget = self._budget
@@ -341,8 +375,12 @@ class Connection(FlowControlled, asyncio.Protocol):
                 raise self._error
             self._interim = True  # 100 Continue, 103 Early Hints: no body, no final answer
             sink = ex.on_interim
-            if sink is not None and status != 100:
-                sink(status, ex.reason, ex.headers, parser.get_http_version(), self)
+            if (
+                sink is not None
+                and status != 100
+                and sink(status, ex.reason, ex.headers, parser.get_http_version(), self)
+            ):
+                self._holder = sink
             return
         ex.status = status
         ex.version = parser.get_http_version()
@@ -413,11 +451,13 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._drop_rest()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
+        self._drop_rest()
         if self.transport is not None:
             self.transport.abort()
 

@@ -14,7 +14,7 @@ from testkit import until
 
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
-from autoscaler.proxy.body import WRITE_HIGH_WATER
+from autoscaler.proxy.body import PARSE_SLICE, WRITE_HIGH_WATER
 
 from .conftest import RawBackend, StartProxy
 from .helpers import raw, slow_reader
@@ -23,8 +23,7 @@ from .test_framing import machine_with
 FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
 GET = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
-# The most one read from a machine's socket brings (asyncio's and uvloop's, 256 KiB): parsed
-# whole, its 1xx answers are all relayed, though the first of them filled the client's buffer.
+# The most one read from a machine's socket brings (asyncio's and uvloop's, 256 KiB).
 ONE_READ = 256 * 1024
 
 
@@ -195,8 +194,10 @@ async def test_a_client_that_reads_nothing_holds_the_machine_back_and_misses_no_
     """A proxy MUST forward 1xx answers (RFC 9110 15.2). Those that came while the
     client's connection had more waiting than its high-water mark were dropped; now the
     proxy stops reading from the machine until the client catches up: every hint arrives,
-    in order, and the proxy holds a bounded amount meanwhile (its buffer to the client, and
-    the rest of the machine's read that filled it), not all the machine sent."""
+    in order, and the proxy holds a bounded amount meanwhile, not all the machine sent:
+    its buffer to the client, at most one slice of a read (PARSE_SLICE) past its mark (the
+    whole read that filled it was relayed, up to 256 KiB), and the rest of that read,
+    unparsed until the client catches up, counted in the proxy's buffer budget."""
     hints = [
         b"HTTP/1.1 103 Early Hints\r\nLink: </%04d" % n + b"a" * 4000 + b">; rel=preload\r\n\r\n"
         for n in range(200)  # some 800 KB
@@ -223,7 +224,8 @@ async def test_a_client_that_reads_nothing_holds_the_machine_back_and_misses_no_
         await until(lambda: conn.on_writable is not None or view.in_flight == 0)
         assert view.in_flight == 1, "the machine's answer was taken past the client's hints"
         held = conn.transport.get_write_buffer_size()
-        assert held <= WRITE_HIGH_WATER + ONE_READ + 2 * len(hints[0]), held
+        assert held <= WRITE_HIGH_WATER + PARSE_SLICE + len(hints[0]), held
+        assert proxy._budget.held <= ONE_READ
         received = b""
         with contextlib.suppress(ConnectionError):
             async with asyncio.timeout(10):
@@ -236,6 +238,7 @@ async def test_a_client_that_reads_nothing_holds_the_machine_back_and_misses_no_
     assert final.startswith(b"HTTP/1.1 200 OK\r\n"), final[:100]
     assert body == b"ok"
     assert view.in_flight == 0
+    assert proxy._budget.held == 0  # the rest of the read, let go once parsed
 
 
 async def test_a_machine_held_back_for_a_slow_client_is_not_blamed_for_its_timeout(
@@ -267,3 +270,4 @@ async def test_a_machine_held_back_for_a_slow_client_is_not_blamed_for_its_timeo
         await until(lambda: view.in_flight == 0)  # its 504 went out
     record = proxy.health.records.get(up)
     assert record is None or not (record.failures or record.ejected)
+    assert proxy._budget.held == 0  # what it sent past the client's mark, let go with it
