@@ -363,12 +363,21 @@ class Gate:
                 soonest = wait if soonest is None else min(soonest, wait)
         return soonest
 
-    def shed(self, why: type[QueueFull] = ShuttingDown) -> list[asyncio.Task[Any]]:
+    def shed(
+        self, why: type[QueueFull] = ShuttingDown, *, hand_out: bool = False
+    ) -> list[asyncio.Task[Any]]:
         """Send every held request away with ``why`` (the proxy stops, or the app left the
         configuration): they were sent nowhere yet, so a 503 that says to retry is right.
         So is every request that would wait from now on (one whose machine refused its
         connection, say): nobody would shed it again. Returns the tasks that answer the
-        held ones (a stop cut short waits for those alone)."""
+        held ones (a stop cut short waits for those alone).
+
+        With ``hand_out`` (a graceful stop's shed, which leaves time to serve), those
+        that can have a slot now take it first, as the pump would have in its next turn:
+        their machine became routable, or freed a slot, in this very turn of the loop,
+        and they got the 503 where one a turn earlier was sent."""
+        if hand_out:
+            self._dispatch()
         self._shed = why
         answering = []
         for waiter in list(self._queue):

@@ -241,9 +241,10 @@ class ProxyServer:
     def _shed(self) -> None:
         """Just before the graceful stop's deadline: held requests get their 503, and so do
         those still connecting to their machines (sent nowhere yet either: their connects
-        are given up, and none is made from then on), rather than a cut connection."""
+        are given up, and none is made from then on), rather than a cut connection. A held
+        request with a slot free for it now goes instead (``Gate.shed``'s ``hand_out``)."""
         for gate in self._gates.values():
-            gate.shed()
+            gate.shed(hand_out=True)
         if self._pool is not None:
             self._pool.halt()  # after the shed: _next_attempt finds it (503)
 

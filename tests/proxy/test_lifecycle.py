@@ -16,7 +16,7 @@ from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.metrics import Metrics
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import Blocking, connect, read_response, text_app, unanswering_port
+from .helpers import Blocking, connect, read_response, status_of, text_app, unanswering_port
 
 
 async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
@@ -155,6 +155,28 @@ async def test_a_request_still_connecting_at_the_graceful_stops_shed_gets_503(
         assert (status, body) == (503, b"proxy is shutting down\n")
         assert headers["retry-after"] == ["1"]
     assert fleet.app("w").in_flight == 0
+
+
+async def test_a_held_request_whose_machine_routes_in_the_turn_of_the_shed_is_served(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """Its machine became routable in the very turn of the loop the graceful stop's shed
+    ran, before the gate's pump could hand it out: it got the shed's 503, where a request
+    handed its machine a turn earlier was sent (on a connection to that machine there to
+    reuse). At the shed it takes its slot first, and is served."""
+    host, _, port = (await backend(text_app("awake"))).partition(":")
+    view = fleet.app("w")
+    view.set_machines([MachineInfo("m1", host, int(port), "started", False)])
+    apps = [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 300}]
+    proxy = await start_proxy(apps, shutdown_timeout_s=300)
+    assert await status_of(session, url(proxy), "w.test") == 200  # a connection to reuse
+    view.set_state("m1", "suspended")
+    held = asyncio.create_task(status_of(session, url(proxy), "w.test"))
+    await until(lambda: view.queued == 1, what="the request held")
+    view.set_state("m1", "started")  # the gate's pump hands it out in the loop's next turn
+    proxy._shed()  # ... and the graceful stop's shed runs in this one
+    assert await held == 200
+    assert view.queued == 0
 
 
 async def test_a_stop_cut_short_still_answers_held_requests_503(
