@@ -378,16 +378,15 @@ class Interim:
         raw: list[tuple[bytes, bytes]],
         version: str,
         source: FlowControl,
-    ) -> bool:
+    ) -> None:
         conn = self.conn
         if conn.response_started:
-            return False  # the final answer went out: never a 1xx after it
+            return  # the final answer went out: never a 1xx after it
         conn.write_interim(interim_head(status, reason, raw, version))
         if conn.writing_paused and self.held is None:
             self.held = source
             source.pause_reading(self)
             conn.on_writable = self._writable
-        return self.held is not None
 
     def _writable(self, writable: bool) -> None:
         if writable:

@@ -524,7 +524,11 @@ class ProxyServer:
                 exchange.headers,
                 upstream_version=exchange.version,
                 request_id=ctx.request_id,
-                wake=wake_label(ctx) if self._knobs.wake_header else None,
+                wake=(
+                    (ctx.wake if ctx.wake_pending is None else wake_label(ctx))
+                    if self._knobs.wake_header
+                    else None
+                ),
                 client_version=request.version,
                 keep_alive=conn.keeps_alive(request),
                 with_body=with_body,
@@ -751,7 +755,10 @@ class ProxyServer:
 
     def _account(self, request: Request, ctx: RequestContext, now: float) -> None:
         until = ctx.headers_at if ctx.headers_at is not None else now
-        self._stats.answered(ctx.app, ctx.status, wake_label(ctx), until - ctx.arrived)
+        # (The call only when its wake's answer may still be to come: a call a request
+        # costs the interpreted build a thousand instructions or so.)
+        wake = ctx.wake if ctx.wake_pending is None else wake_label(ctx)
+        self._stats.answered(ctx.app, ctx.status, wake, until - ctx.arrived)
         if self._knobs.access_log:
             raw = request.target
             query = raw.find("?")

@@ -69,11 +69,10 @@ _BAD_REASON = re.compile("[^\t\x20-\x7e\x80-\xff]")
 
 
 # Told of a machine's interim answer: status, reason, raw headers, HTTP version, and the
-# connection it came on (whose reading it may pause: backpressure). True while it holds
-# that connection's reading paused, as itself (``pause_reading(sink)``): the rest of the
-# read being parsed then waits, unparsed, until it lets go. It must not raise (it runs
-# inside the parser's callbacks).
-InterimSink = Callable[[int, str, list[tuple[bytes, bytes]], str, FlowControl], bool]
+# connection it came on (whose reading it may pause: backpressure; the rest of the read
+# being parsed then waits too, see ``_InterimHold``). It must not raise (it runs inside
+# the parser's callbacks).
+InterimSink = Callable[[int, str, list[tuple[bytes, bytes]], str, FlowControl], None]
 
 
 class UpstreamError(Exception):
@@ -219,12 +218,14 @@ class Connection(FlowControlled, asyncio.Protocol):
         # still goes to the old parser, which takes it for the body the head announced.
         self._head_tail = False
         self._holder: object | None = None
-        """The exchange's interim sink while it holds reading paused (its client behind)."""
+        """Who holds reading paused for the interim answers (their client is behind)."""
         self._rest = b""
-        """What was left of a read when the interim sink began to hold: parsed once it lets
-        go, so that no more 1xx answers are relayed past the client's high-water mark than
-        one slice of a read (``PARSE_SLICE``) brings. Counted in the pool's budget."""
+        """What was left of a read when the interim answers' holder paused it: parsed once
+        it lets go, so that no more 1xx answers are relayed past the client's high-water
+        mark than one slice of a read (``PARSE_SLICE``) brings. Counted in the pool's
+        budget."""
         self._rest_budget: BufferBudget | None = None
+        self._interim_hold: _InterimHold | None = None
         self._init_flow()
         # After a 101 (a WebSocket), bytes go to ``on_data``; until someone takes over,
         # they wait in ``early``.
@@ -240,7 +241,8 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
-        self._drop_rest()
+        if self._holder is not None:
+            self._drop_rest()
         if self.on_closed is not None:
             self.on_closed()
         ex = self.exchange
@@ -286,9 +288,11 @@ class Connection(FlowControlled, asyncio.Protocol):
             budget.sub(len(rest))
         return rest
 
-    def resume_reading(self, by: object) -> None:
-        super().resume_reading(by)
-        if by is not None and by is self._holder:
+    def _let_go(self, by: object) -> None:
+        """The interim answers' holder lets reading go: the rest of the read it held
+        back is parsed now (and may be held back again)."""
+        self.resume_reading(by)
+        if by is self._holder:
             rest = self._drop_rest()
             if rest and not self.closed:
                 self.data_received(rest)
@@ -375,12 +379,11 @@ class Connection(FlowControlled, asyncio.Protocol):
                 raise self._error
             self._interim = True  # 100 Continue, 103 Early Hints: no body, no final answer
             sink = ex.on_interim
-            if (
-                sink is not None
-                and status != 100
-                and sink(status, ex.reason, ex.headers, parser.get_http_version(), self)
-            ):
-                self._holder = sink
+            if sink is not None and status != 100:
+                hold = self._interim_hold
+                if hold is None:
+                    hold = self._interim_hold = _InterimHold(self)
+                sink(status, ex.reason, ex.headers, parser.get_http_version(), hold)
             return
         ex.status = status
         ex.version = parser.get_http_version()
@@ -451,13 +454,15 @@ class Connection(FlowControlled, asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        self._drop_rest()
+        if self._holder is not None:
+            self._drop_rest()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
-        self._drop_rest()
+        if self._holder is not None:
+            self._drop_rest()
         if self.transport is not None:
             self.transport.abort()
 
@@ -465,6 +470,26 @@ class Connection(FlowControlled, asyncio.Protocol):
     def reusable(self) -> bool:
         transport = self.transport
         return not self.closed and transport is not None and not transport.is_closing()
+
+
+class _InterimHold:
+    """The connection as an interim answer's sink sees it (``FlowControl``): while the
+    sink holds its reading paused, the rest of the read being parsed waits unparsed too
+    (``Connection._rest``), and is parsed when the sink lets go. Not the connection
+    itself: its ``resume_reading``, which every body's reader calls, stays as cheap."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def pause_reading(self, by: object) -> None:
+        conn = self.conn
+        conn.pause_reading(by)
+        conn._holder = by
+
+    def resume_reading(self, by: object) -> None:
+        self.conn._let_go(by)
 
 
 def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bytes | None]:
