@@ -11,7 +11,8 @@ Slots move from "held" to "in flight" inside the pump (``release()`` then ``begi
 the controller's demand meter never sees a request twice or not at all. A waiter that gives
 up (deadline, client gone) leaves the queue; if the pump had just handed it a slot, the
 slot is returned. Neither ever cancels the wake: only the gate's own bookkeeping is torn
-down, and the wake task is awaited through ``asyncio.shield``.
+down. Nor does a request wait for the wake once a machine routes: the wake's answer only
+names it, when it comes (``wake_label``).
 """
 
 from __future__ import annotations
