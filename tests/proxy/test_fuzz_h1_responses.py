@@ -151,7 +151,7 @@ async def proxy_verdict(method: bytes, upgrade: bool, pieces: list[bytes]) -> Ve
         status: int, reason: str, raw: list[tuple[bytes, bytes]], version: str, source: object
     ) -> None:
         assert not ex._head.done(), "an interim answer after the final one"
-        assert source is conn
+        assert getattr(source, "conn", None) is conn  # that connection's reading, to pause
         interim.append((status, list(raw)))
 
     ex = upstream._start(pool, conn, method.decode(), b"", None, False, None, upgrade, relay)
