@@ -31,6 +31,10 @@ RATE = "[$__rate_interval]"
 API_FAILURES = 'code=~"error|401|403|429|5.."'
 """The Machines API answers that are failures, as prometheus/alerts.yml's
 AutoscalerApiErrors counts them."""
+STARTED = f'{APP},state="started"'
+SUSPENDED = f'{APP},state="suspended"'
+"""Machine-seconds apart by state: Fly bills a started machine for CPU and RAM and a
+suspended one for storage only, so a panel that adds them up shows no price at all."""
 
 
 @dataclass(frozen=True)
@@ -289,23 +293,33 @@ ROWS: list[tuple[str, list[Spec]]] = [
         "Cost",
         [
             Spec(
-                "Machines billed (machine-seconds per second)",
-                (
-                    "Average machines by state, moment by moment: Fly bills a started one"
-                    " for CPU and RAM, a suspended one for storage only."
-                ),
-                [(by("state", "autoscaler_machine_seconds_total"), "{{state}}")],
-                width=16,
-                stacked=True,
+                "Started machines (billed CPU and RAM)",
+                "Average started machines, moment by moment (machine-seconds per second):"
+                " what Fly bills CPU and RAM for. Suspended ones are not in it: see the"
+                " storage panel beside.",
+                [(by("state", "autoscaler_machine_seconds_total", STARTED), "started")],
+            ),
+            Spec(
+                "Suspended machines (billed storage only)",
+                "Average suspended machines, moment by moment (machine-seconds per second):"
+                " Fly bills no CPU or RAM for them, only storage by the GB-month (the root"
+                " file system and the suspend's snapshot): another price, not to be added"
+                " to the started ones.",
+                [(by("state", "autoscaler_machine_seconds_total", SUSPENDED), "suspended")],
             ),
             Spec(
                 "Machine-hours in range",
-                "Machine-hours started and suspended over the dashboard's time range.",
+                "Over the dashboard's time range: started (billed CPU and RAM) and suspended"
+                " (billed storage only), each on its own, never summed.",
                 [
                     (
                         "sum by (state) (increase(autoscaler_machine_seconds_total"
-                        f"{{{APP}}}[$__range])) / 3600",
-                        "{{state}}",
+                        f"{{{selector}}}[$__range])) / 3600",
+                        legend,
+                    )
+                    for selector, legend in (
+                        (STARTED, "started (CPU, RAM)"),
+                        (SUSPENDED, "suspended (storage)"),
                     )
                 ],
                 unit="h",

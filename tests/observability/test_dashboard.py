@@ -235,3 +235,23 @@ def test_the_api_errors_panel_counts_what_the_alert_counts() -> None:
     [target] = panel["targets"]
     assert build.API_FAILURES in target["expr"]
     assert "code!~" not in target["expr"]
+
+
+def test_machine_seconds_of_started_and_suspended_machines_are_never_drawn_as_one() -> None:
+    """Fly bills a started machine for CPU and RAM and a suspended one for storage only:
+    every query of the metric selects one state, and a graph shows one state only (the
+    "Machines billed" panel stacked both under one title, as if one price)."""
+    shown: set[str] = set()
+    for panel in panels(load()):
+        states: set[str] = set()
+        for target in panel.get("targets", []):
+            for selector in re.findall(
+                r"autoscaler_machine_seconds_total\{([^}]*)\}", target["expr"]
+            ):
+                state = re.search(r'(?:^|,)state="(\w+)"', selector)
+                assert state is not None, f"{panel['title']}: {target['expr']}"
+                states.add(state.group(1))
+        if panel["type"] == "timeseries":
+            assert len(states) <= 1, f"{panel['title']} draws {sorted(states)} together"
+        shown |= states
+    assert shown == {"started", "suspended"}
