@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from reliability.harness import live_service
 
 from autoscaler.admin import AdminServer, StatusProvider
-from autoscaler.config import AdminSettings, AppConfig, Settings
+from autoscaler.config import AdminSettings, AppConfig, EmulatorApp, Settings
 from autoscaler.control.view import FleetView
+from autoscaler.emulator import Emulator
 from autoscaler.fly.errors import Unauthorized
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import _static_machines
@@ -560,3 +564,49 @@ async def test_probes_and_scrapes_never_build_the_machines_status(
     text = await (await client.get("/metrics")).text()
     assert "autoscaler_control_healthy 1.0" in text
     assert provider.status_calls == 0
+
+
+async def test_status_follows_the_static_apps_a_reload_adds_and_removes(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """``static_apps`` is what the running service routes, read through its admin server
+    after each SIGHUP reload (Service.reload is what the signal runs): a static app added
+    is there with its backends, one removed is gone, and an app that turns from scaled to
+    static, or back, moves between ``apps`` and ``static_apps``."""
+    emulator.world.seed_app(EmulatorApp(name="demo", machines=1))
+    fly = {"api_url": emulator.url, "token": emulator.token, "rate_limit": False}
+    admin = {"listen": "127.0.0.1:9091", "token": TOKEN}
+    scaled = {"name": "demo", "hosts": ["demo.test"], "max_machines": 1}
+    path = tmp_path / "autoscaler.yaml"
+
+    def write(*apps: dict[str, Any]) -> None:
+        path.write_text(yaml.safe_dump({"fly": fly, "admin": admin, "apps": list(apps)}))
+
+    def static(name: str, *backends: str) -> dict[str, Any]:
+        return {"name": name, "hosts": [f"{name}.test"], "backends": list(backends)}
+
+    write(scaled, static("old", "127.0.0.1:9"))
+    async with live_service(path) as svc, aiohttp.ClientSession() as http:
+        assert svc.admin is not None
+        url = f"http://127.0.0.1:{svc.admin.address[1]}/status"
+
+        async def status() -> tuple[list[str], dict[str, list[str]]]:
+            async with http.get(url, headers=AUTH) as resp:
+                assert resp.status == 200
+                doc = await resp.json()
+            backends = {a["app"]: [m["id"] for m in a["machines"]] for a in doc["static_apps"]}
+            return [a["app"] for a in doc["apps"]], backends
+
+        assert await status() == (["demo"], {"old": ["127.0.0.1:9"]})
+
+        write(scaled, static("api", "127.0.0.1:10", "127.0.0.1:11"))
+        assert await svc.reload()
+        assert await status() == (["demo"], {"api": ["127.0.0.1:10", "127.0.0.1:11"]})
+
+        write(static("demo", "127.0.0.1:12"), static("api", "127.0.0.1:11"))
+        assert await svc.reload()
+        assert await status() == ([], {"demo": ["127.0.0.1:12"], "api": ["127.0.0.1:11"]})
+
+        write(scaled)
+        assert await svc.reload()
+        assert await status() == (["demo"], {})
