@@ -137,8 +137,9 @@ ROWS: list[tuple[str, list[Spec]]] = [
                 "Wakes for held requests by how they ended. ok: a machine was routable (one"
                 " that already was, or a drain taken back, included); failed: the wake gave up"
                 " (none came up within wake_timeout_s, none could be woken, an API error; the"
-                " AutoscalerWakeFailed alert); cancelled: cut short by a stop, a step-down or"
-                " a reload. A proxy holding requests asks again every second after a failure."
+                " AutoscalerWakeFailed alert once held requests got no machine for it);"
+                " cancelled: cut short by a stop, a step-down or a reload. A proxy holding"
+                " requests asks again every second after a failure."
                 " In a cluster each counts on the replica whose proxy held the requests (not"
                 " on the leader that served a follower's), so the sum counts it once.",
                 [(by("result", "autoscaler_wakes_total"), "{{result}}")],
