@@ -234,9 +234,7 @@ class Service:
             self.metrics,
             self.controller,
             tick_s=s.control.tick_s,
-            max_tick_age_s=stalled_after_s(
-                s.control.tick_s, s.control.idle_poll_s, s.control.tick_jitter
-            ),
+            max_tick_age_s=_stalled_after_s(s),
             secrets=[*s.secrets(), *([self.emulator.token] if self.emulator else [])],
             clock=self.clock,
         )
@@ -377,6 +375,13 @@ class Service:
             self.proxy.update_settings(new)
         if self.controller is not None:
             await self.controller.update_settings(new)
+        if self.admin is not None:
+            # The loop's pace is reloaded (control.*): the stalled-loop limit with it. Kept
+            # from the start, a raised idle_poll_s (or tick_s) made every slow poll of a
+            # sleeping app a stalled loop: /readyz?control=1 failed, and the critical
+            # AutoscalerControlLoopStalled alert, which reads the limit, fired.
+            self.admin.max_tick_age_s = _stalled_after_s(new)
+            self.metrics.control_max_tick_age.set(self.admin.max_tick_age_s)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
         if self.emulator is not None:
@@ -508,6 +513,12 @@ def _take_pending(signals: frozenset[int]) -> bool:
     for sig in pending:
         signal.sigtimedwait({sig}, 0)
     return bool(pending)
+
+
+def _stalled_after_s(settings: Settings) -> float:
+    """The admin server's stalled-loop limit for ``settings``' control loop."""
+    c = settings.control
+    return stalled_after_s(c.tick_s, c.idle_poll_s, c.tick_jitter)
 
 
 def _no_rolling_restart() -> None:

@@ -1,4 +1,5 @@
-"""The admin server against a fake controller: endpoints, readiness, the token guard."""
+"""The admin server against a fake controller: endpoints, readiness, the token guard; and
+against a live service, what a reload changes in /status and in the stalled-loop limit."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from reliability.harness import live_service
+from testkit import until
 
 from autoscaler.admin import AdminServer, StatusProvider
 from autoscaler.config import AdminSettings, AppConfig, EmulatorApp, Settings
@@ -610,3 +612,39 @@ async def test_status_follows_the_static_apps_a_reload_adds_and_removes(
         write(scaled)
         assert await svc.reload()
         assert await status() == (["demo"], {})
+
+
+async def test_a_reload_of_the_loops_pace_moves_the_stalled_loop_limit(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """control.* is reloaded, and a sleeping app is then polled every new idle_poll_s: the
+    limit that /readyz?control=1 and the critical AutoscalerControlLoopStalled alert (by
+    autoscaler_control_max_tick_age_seconds) hold the loop to must follow. It stayed at the
+    start's (137 s for idle_poll_s 60), so after a reload to 300 s every slow poll of a
+    sleeping app counted as a stalled loop."""
+    emulator.world.seed_app(EmulatorApp(name="demo", machines=1))
+    fly = {"api_url": emulator.url, "token": emulator.token, "rate_limit": False}
+    app = {"name": "demo", "hosts": ["demo.test"]}
+    path = tmp_path / "autoscaler.yaml"
+
+    def write(idle_poll_s: float) -> None:
+        control = {"idle_poll_s": idle_poll_s, "tick_jitter": 0.1}
+        path.write_text(yaml.safe_dump({"fly": fly, "control": control, "apps": [app]}))
+
+    def limit() -> float | None:
+        return svc.metrics.registry.get_sample_value("autoscaler_control_max_tick_age_seconds")
+
+    write(60)
+    async with live_service(path) as svc:
+        assert svc.admin is not None
+        assert svc.controller is not None
+        assert limit() == pytest.approx(2 * 60 * 1.1 + 5)
+        write(300)
+        assert await svc.reload()
+        assert limit() == pytest.approx(2 * 300 * 1.1 + 5)
+        # A sleeping app's poll 200 s after the last tick is on time now, not stalled.
+        await until(lambda: svc.controller is not None and svc.controller.last_tick_at is not None)
+        last = svc.controller.last_tick_at
+        assert last is not None
+        svc.admin.clock = lambda: last + 200
+        assert svc.admin.control_problems() == []
