@@ -144,16 +144,16 @@ class AppLoad:
         d = json.loads(text)
         at = d.get("at")
         if at is None and d.get("idle_s") is not None:
-            at = now - float(d["idle_s"])
+            at = now - _amount(d["idle_s"])
         return cls(
-            area=float(d["area"]),
-            level=int(d["level"]),
-            in_flight=int(d.get("in_flight", 0)),
-            held=int(d.get("held", 0)),
-            peak=int(d.get("peak", 0)),
-            at=None if at is None else float(at),
-            machines={str(k): int(v) for k, v in (d.get("machines") or {}).items()},
-            failing={str(k): int(v) for k, v in (d.get("failing") or {}).items()},
+            area=_amount(d["area"]),
+            level=_count(d["level"]),
+            in_flight=_count(d.get("in_flight", 0)),
+            held=_count(d.get("held", 0)),
+            peak=_count(d.get("peak", 0)),
+            at=None if at is None else _finite(at),
+            machines={str(k): _count(v) for k, v in (d.get("machines") or {}).items()},
+            failing={str(k): _count(v) for k, v in (d.get("failing") or {}).items()},
         )
 
 
@@ -194,8 +194,8 @@ class AppFleet:
     @classmethod
     def from_json(cls, d: Any) -> AppFleet:
         return cls(
-            seq=int(d["seq"]),
-            machines=[list(m) for m in d["machines"]],
+            seq=_count(d["seq"]),
+            machines=_machines(d["machines"]),
             critical=tuple(str(m) for m in d.get("critical") or ()),
             how=_how(d.get("how")),  # None from a previous release's leader
             down_sick=_ids(d.get("down_sick")),  # None from a previous release's leader
@@ -237,7 +237,7 @@ class ViewPush:
         d = json.loads(text)
         return cls(
             leader=str(d["leader"]),
-            fence=int(d["fence"]),
+            fence=_count(d["fence"]),
             apps={str(a): AppFleet.from_json(f) for a, f in d["apps"].items()},
         )
 
@@ -322,18 +322,14 @@ _UNREADABLE = (ValueError, TypeError, KeyError, AttributeError)
 
 def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
     """The leader's view of ``app`` in a report: its machines, and its fields beside."""
-    listed = json.loads(machines)
-    if not isinstance(listed, list) or not all(isinstance(m, list) and len(m) == 5 for m in listed):
-        raise ValueError("not a list of [id, host, port, state, cordoned] lists")
-    for m in listed:
-        int(m[2])  # its port (the followers route to it)
+    listed = _machines(json.loads(machines))
     seq = data.get(f"seq:{app}")
     crit = data.get(f"crit:{app}")  # None from a previous release's leader
     how = data.get(f"how:{app}")  # likewise
     sick = data.get(f"sick:{app}")  # likewise
     miss = data.get(f"miss:{app}")  # likewise
     return AppFleet(
-        int(seq or 0),
+        _count(seq or 0),
         listed,
         tuple(str(m) for m in json.loads(crit)) if crit else (),
         _how(json.loads(how) if how else None),
@@ -342,21 +338,58 @@ def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
     )
 
 
+def _machines(listed: Any) -> list[list[Any]]:
+    """A published list of machines, ``[id, host, port, state, cordoned]`` each, the port
+    one the followers can route to. ValueError if it is not so."""
+    if not isinstance(listed, list) or not all(isinstance(m, list) and len(m) == 5 for m in listed):
+        raise ValueError("not a list of [id, host, port, state, cordoned] lists")
+    machines = []
+    for mid, host, port, state, cordoned in listed:
+        number = _count(port)
+        if not 0 < number < 65536:
+            raise ValueError(f"not a port: {port!r}")
+        machines.append([mid, host, number, state, cordoned])
+    return machines
+
+
 def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"not a finite number: {text}")
-    return value
+def _finite(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value}")
+    return number
+
+
+def _amount(value: Any) -> float:
+    """A quantity of a report (an area of load, an idle time): finite, not negative. JSON
+    as Python reads it says NaN and Infinity, and one such load made the leader's summed
+    load of the app NaN or infinite, which the policy then decided on."""
+    number = _finite(value)
+    if number < 0:
+        raise ValueError(f"a negative amount: {value}")
+    return number
+
+
+def _count(value: Any) -> int:
+    """A count of a report (requests, ejections, a port, a sequence number, a fencing
+    token): a number ``int`` reads, not negative. ValueError, not ``int``'s
+    OverflowError, for an infinity: no reader caught that one, and one report failed
+    every replica's read."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value}")
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"a negative count: {value}")
+    return number
 
 
 _NUMBERS: tuple[tuple[str, Callable[[str], object]], ...] = (
-    ("gen", int),
-    ("fence", int),
-    ("since", int),
+    ("gen", _count),
+    ("fence", _count),
+    ("since", _count),
     ("now", _finite),
 )
 """The header's numbers, and how each is read (``Cluster._readable``)."""
@@ -970,7 +1003,7 @@ class Cluster:
                         continue
                     try:
                         push = ViewPush.from_json(message["data"])
-                    except (ValueError, KeyError, TypeError) as exc:
+                    except _UNREADABLE as exc:
                         _log.warning("cluster_bad_view_push", error=str(exc))
                         continue
                     if push.leader != self.replica_id:
