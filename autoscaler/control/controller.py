@@ -226,6 +226,10 @@ class Controller:
         self.apps: dict[str, AppRuntime] = {}
         self.on_first_list: Callable[[str, list[Machine]], None] | None = None
         """Called with each app's first list, whichever read it (a tick or a wake)."""
+        self.on_removed: Callable[[str], None] | None = None
+        """Called with the name of each app a reload takes from us (removed, or made
+        static) as it is taken, before its removal's first await (cluster mode: the
+        replica forgets what it published of it, so an app added back starts fresh)."""
         self.last_tick_at: float | None = None
         self._running = False
         self._gauged: dict[str, set[str]] = {}
@@ -343,6 +347,8 @@ class Controller:
             rt.retired = True
             self._pacers.pop(rt.name, None)
             self._wake_failed.pop(rt.name, None)
+            if self.on_removed is not None:
+                self.on_removed(rt.name)
         # Under way before the reload's first await, and shielded: a stop during the
         # reload (SIGTERM: the service cancels the reload) waits for it (:meth:`stop`).
         # Cut short, it left the apps' tasks running past the stop, and our cordons on

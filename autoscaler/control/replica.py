@@ -166,6 +166,7 @@ class Replica:
         self.controller.actuator.drains_all = lambda: self.leading
         self.controller.actuator.writer = self._key_writer
         self.controller.actuator.settled_by = self._settled_by
+        self.controller.on_removed = self._app_removed
         self.leading = False
         self._led_token: int | None = None
         """The fencing token of our last lead (what ``Cluster.settled`` says it of)."""
@@ -583,7 +584,11 @@ class Replica:
     def _machines_changed(self, app: str, *, again: bool = False) -> None:
         """The view's listener: number the change, and (leader) push it. A list that
         found the machines as they were (most of them) is no change to the followers.
-        ``again``: numbered and pushed even so (``_app_missing``)."""
+        ``again``: numbered and pushed even so (``_app_missing``). Only the apps we scale
+        are published: a static app's backends, or the view of an app a reload is taking
+        away (its cordons lifted), are not kept (:meth:`_app_removed`)."""
+        if app not in self.controller.apps:
+            return
         fleet = self._fleet_of(app, self._seq + 1)
         last = self._published.get(app)
         if (
@@ -601,6 +606,14 @@ class Replica:
         if self.leading:
             self._dirty.add(app)
             self._push_wanted.set()
+
+    def _app_removed(self, app: str) -> None:
+        """A reload took ``app`` from the controller (``Controller.on_removed``): forget
+        what we published of it and whether our wake found it missing. Kept, an app added
+        back published its old view (machines since gone, or "missing") until its first
+        list."""
+        self._published.pop(app, None)
+        self._missing.pop(app, None)
 
     async def _push_changes(self) -> None:
         """The leader's pusher: every change of its view, at once (changes made together,

@@ -1612,3 +1612,47 @@ async def test_a_follower_routes_an_app_a_reload_removed_and_added_back(
     finally:
         for r in both:
             await r.stop()
+
+
+@pytest.mark.parametrize("was", ["listed", "missing"])
+async def test_a_leaders_first_view_of_an_app_a_reload_added_back_is_fresh(
+    redis_server: str, key_prefix: str, was: str
+) -> None:
+    """The leader kept what it last published of an app a reload took away (its machines,
+    numbered; whether its wake found no such app): added back, the app published its old
+    view until its first list (its loop's first tick, or a wake), with machines that may
+    be long gone, or saying "missing" (a follower's wake then failed at once). Its first
+    view now is of the app as added back: no machines yet, not missing."""
+    from autoscaler.control.wake import AppMissing
+
+    api = Destroyed()
+    if was == "listed":
+        api.add(APP, "started")
+    leader = make(redis_server, key_prefix, "r0", api, rng=lambda: 0.99)
+    follower = make(redis_server, key_prefix, "r1", api)
+    both = [leader, follower]
+    for r in both:
+        await r.start(rounds=False)
+
+    async def published() -> tuple[list[list[Any]], bool]:
+        await leader.round()
+        await follower.cluster.read()
+        said = follower.cluster.leader_fleet()
+        assert said is not None
+        return said[1][APP].machines, said[1][APP].missing
+
+    try:
+        await rounds([leader], lambda: leader.leading, 5)
+        if was == "listed":
+            await leader.controller.tick(APP)
+        else:
+            with pytest.raises(AppMissing):
+                await leader.view.wake(APP)
+        assert await published() != ([], False)  # what the old view said
+        settings = leader.settings
+        await leader.controller.update_settings(settings.model_copy(update={"apps": []}))
+        await leader.controller.update_settings(settings)
+        assert await published() == ([], False)
+    finally:
+        for r in both:
+            await r.stop()
