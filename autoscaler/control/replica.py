@@ -115,6 +115,17 @@ class _Ours:
     """The app's wake claim is held by another task of this replica."""
 
 
+class _ClaimLock:
+    """One app's lock for taking its wake claim (``Replica._take_claim``), and how many
+    takes hold it or wait for it: it is kept only while one does."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 _OURS = _Ours()
 
 
@@ -194,7 +205,10 @@ class Replica:
         not be reached to take it)."""
         self._claimed: set[str] = set()
         """Apps whose wake claim this replica holds now."""
-        self._claim_locks: dict[str, asyncio.Lock] = {}
+        self._claim_locks: dict[str, _ClaimLock] = {}
+        """Per app whose wake claim a task of ours is taking or waits to take, the lock
+        of those takes; dropped once none is left (kept, one per app ever woken, they
+        grew with every app a reload removed)."""
         self._read_owed: set[str] = set()
         """Apps whose read under a wake claim did not complete (failed, cancelled): the
         next claimed wake reads them, whoever Redis names as their last claimant."""
@@ -884,13 +898,22 @@ class Replica:
         """The app's wake claim; ``_OURS`` if a task of this replica holds it already, None
         if another replica does (Redis errors propagate). One take per app at a time, so
         that two of our tasks never find each other's claim and take it for another's."""
-        async with self._claim_locks.setdefault(app, asyncio.Lock()):
-            if app in self._claimed:
-                return _OURS
-            claim = await self.cluster.claims.take(app)
-            if claim is not None:
-                self._claimed.add(app)
-            return claim
+        entry = self._claim_locks.get(app)
+        if entry is None:
+            entry = self._claim_locks[app] = _ClaimLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                if app in self._claimed:
+                    return _OURS
+                claim = await self.cluster.claims.take(app)
+                if claim is not None:
+                    self._claimed.add(app)
+                return claim
+        finally:
+            entry.users -= 1
+            if not entry.users:  # nobody holds or waits for it: a new take makes one
+                del self._claim_locks[app]
 
     @contextlib.asynccontextmanager
     async def _holding(self, claim: Claim, *, leading: bool = False) -> AsyncIterator[None]:

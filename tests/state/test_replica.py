@@ -1656,3 +1656,35 @@ async def test_a_leaders_first_view_of_an_app_a_reload_added_back_is_fresh(
     finally:
         for r in both:
             await r.stop()
+
+
+async def test_no_wake_claim_lock_outlives_the_takes_that_use_it(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A replica takes an app's wake claim under a lock of the app's, so that two of its
+    tasks never take each other's claim for another replica's. The locks were kept, one
+    per app ever woken, those a reload removed too (without end, with reloads that
+    rename apps). A lock is kept only while a take holds it or waits for it: two takes
+    at once still see each other (the second finds the claim ours), and after a wake
+    and the app's removal, nothing of it is left."""
+    from autoscaler.control.replica import _OURS
+    from autoscaler.state.claim import Claim
+
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    leader = make(redis_server, key_prefix, "r0", api, rng=lambda: 0.99)
+    await leader.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 5)
+        first, second = await asyncio.gather(leader._take_claim(APP), leader._take_claim(APP))
+        assert isinstance(first, Claim)
+        assert second is _OURS
+        assert leader._claim_locks == {}
+        async with leader._holding(first):
+            pass  # released
+        await leader.controller.tick(APP)
+        assert await leader.view.wake(APP) == "start"
+        await leader.controller.update_settings(leader.settings.model_copy(update={"apps": []}))
+        assert leader._claim_locks == {}
+    finally:
+        await leader.stop()
