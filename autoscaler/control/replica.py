@@ -622,12 +622,19 @@ class Replica:
             self._push_wanted.set()
 
     def _app_removed(self, app: str) -> None:
-        """A reload took ``app`` from the controller (``Controller.on_removed``): forget
-        what we published of it and whether our wake found it missing. Kept, an app added
-        back published its old view (machines since gone, or "missing") until its first
-        list."""
+        """A reload took ``app`` from the controller (``Controller.on_removed``): one
+        added back starts clean. Forget what we published of it and whether our wake
+        found it missing (kept, the leader published its old view, machines since gone or
+        "missing", until its first list); and what we applied of the leader's view of it,
+        and whether that said missing (kept, a follower's new view of it, with no
+        machines, was not given the leader's, of the version applied before, until that
+        changed), and apply the whole view next round. Here, not when a round finds the
+        app gone: a reload that added it back before the next round left all that."""
         self._published.pop(app, None)
         self._missing.pop(app, None)
+        self._applied.pop(app, None)
+        self._missing_at.pop(app, None)
+        self._applied_apps = set()
 
     async def _push_changes(self) -> None:
         """The leader's pusher: every change of its view, at once (changes made together,
@@ -727,7 +734,6 @@ class Replica:
         apps = self.controller.apps.keys()
         if changed is None or apps != self._applied_apps:
             changed = frozenset(fleet)
-            self._forget_removed()
             self._applied_apps = set(apps)
             self._note_unknown_to_leader(set(apps) - fleet.keys())
         for app in changed:
@@ -737,14 +743,6 @@ class Replica:
         if not self.view_known:
             self.view_known = True
             self._freeze_once()  # a follower's views are built: they live as long as we do
-
-    def _forget_removed(self) -> None:
-        """Forget what we applied of the apps a reload took away: one added back starts
-        clean (its new view has no machines, and the leader's view of it, unchanged, is
-        of the version we applied before: kept, it was never applied again)."""
-        for app in self._applied.keys() - self.controller.apps.keys():
-            del self._applied[app]
-            self._missing_at.pop(app, None)
 
     def _note_unknown_to_leader(self, missing: set[str]) -> None:
         """Apps of ours that the leader publishes no view of: its config lacks them (a
