@@ -500,7 +500,8 @@ class Replica:
         machines of."""
         for name in failing_apps | self._failing_bases.keys():
             view = self.view.apps.get(name)
-            if view is None:
+            if view is None:  # a reload took the app away, and its machines with it
+                self._failing_bases.pop(name, None)
                 continue
             reported = self.cluster.remote_failing(name)
             before = self._failing_bases.get(name, {})

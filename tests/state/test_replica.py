@@ -750,6 +750,28 @@ def test_a_failing_count_is_counted_from_the_machines_last_start() -> None:
     assert base.count({"r1": 2, "r2": 1}) == 2
 
 
+async def test_no_failing_base_outlives_its_apps_view(redis_server: str, key_prefix: str) -> None:
+    """What other replicas reported of an app's failing machines when each last started
+    (``_FailingBase``) was kept for good once a reload took the app away (its view gone,
+    the app was skipped, and its bases never dropped): one entry per such app."""
+    from autoscaler.control.view import MachineInfo
+    from autoscaler.state.cluster import AppLoad, Report
+
+    replica = make(redis_server, key_prefix, "r0", FakeMachinesAPI())
+    try:
+        replica.view.app(APP).set_machines([MachineInfo("m1", "127.0.0.1", 8000, "started", False)])
+        load = AppLoad(area=0.0, level=0, failing={"m1": 1})
+        replica.cluster.others = {"r1": Report("r1", "b", False, 0.0, 0.0, {APP: load})}
+        replica._apply_remote_failing({APP})
+        assert replica.view.app(APP).upstreams["m1"].remote_failing == 1
+        replica.view.remove_app(APP)  # a reload's removal; r1 was reloaded too
+        replica.cluster.others = {"r1": Report("r1", "b", False, 0.0, 0.0, {})}
+        replica._apply_remote_failing(set())
+        assert replica._failing_bases == {}
+    finally:
+        await replica.cluster.redis.aclose()
+
+
 async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:
     await rounds(
         cluster,
