@@ -432,15 +432,29 @@ class ClusterLoad:
     def __init__(self) -> None:
         self._prev: dict[str, tuple[float, dict[str, float]]] = {}
         self._peaks: dict[str, dict[str, int]] = {}
+        self._reporters: frozenset[str] = frozenset()
+        """The replicas (``_reporter``) whose reports ``note_peaks`` saw last."""
 
     def note_peaks(self, reports: Mapping[str, Report]) -> None:
         """Remember each report's peak until the next sample (reports come every 250 ms,
-        ticks less often: a burst between two ticks must not be lost)."""
+        ticks less often: a burst between two ticks must not be lost). The peaks of a
+        replica that is gone (or restarted: a new boot) are dropped, as a sample counts
+        nothing of it: only a sample took peaks out, and only of the apps it samples (a
+        follower's none, the leader's none of the apps it does not scale), so a peak was
+        kept for good per boot of every replica ever read."""
+        reporters = frozenset(_reporter(report) for report in reports.values())
+        if reporters != self._reporters:
+            self._reporters = reporters
+            for app, peaks in list(self._peaks.items()):
+                for key in peaks.keys() - reporters:
+                    del peaks[key]
+                if not peaks:
+                    del self._peaks[app]
         for report in reports.values():
             for app, load in report.loads.items():
                 if not load.peak:
                     continue
-                key = f"{report.replica}#{report.boot}"
+                key = _reporter(report)
                 peaks = self._peaks.setdefault(app, {})
                 peaks[key] = max(peaks.get(key, 0), load.peak)
 
@@ -466,7 +480,7 @@ class ClusterLoad:
             load = report.loads.get(app)
             if load is None:
                 continue
-            rkey = f"{report.replica}#{report.boot}"
+            rkey = _reporter(report)
             behind = max(0.0, report.age_s + (now - report.read_at))
             areas[rkey] = load.area + load.level * behind
             levels[rkey] = load.level
@@ -485,6 +499,12 @@ class ClusterLoad:
             else:
                 used += levels[k] * span  # new (or restarted) replica: its level throughout
         return Sample(since, now, used / span, total_peak)
+
+
+def _reporter(report: Report) -> str:
+    """Whose load a report is: the replica, and its boot (a restarted replica counts from
+    zero again)."""
+    return f"{report.replica}#{report.boot}"
 
 
 def connect(url: str, ttl_s: float) -> Any:

@@ -276,6 +276,28 @@ def test_summed_load_is_one_processs_load() -> None:
     assert all(c.peak >= s.peak for c, s in zip(sums[1:], singles[1:], strict=True))
 
 
+def test_no_peak_outlives_the_replica_that_reported_it() -> None:
+    """Every replica notes the others' peaks for the leader's next sample, which takes the
+    sampled app's out: a follower samples nothing, and the leader not the apps it does
+    not scale, so a peak was kept for good per app and per boot of every replica ever
+    read (one more at each restart of each). Those of a replica gone or restarted are
+    dropped (a sample counts nothing of them); a sample still counts the others'."""
+    from autoscaler.state.cluster import AppLoad, ClusterLoad, Report
+
+    cluster = ClusterLoad()
+    busy = {APP: AppLoad(area=1.0, level=0, peak=3)}
+    for boot in ("b1", "b2", "b3"):  # r1 restarts twice; r2 lives on
+        reports = {
+            r: Report(r, boot if r == "r1" else "b", False, 0.0, 0.0, busy) for r in ("r1", "r2")
+        }
+        cluster.note_peaks(reports)
+    assert cluster._peaks == {APP: {"r1#b3": 3, "r2#b": 3}}
+    cluster.note_peaks({})  # both gone
+    assert cluster._peaks == {}
+    cluster.note_peaks(reports)
+    assert cluster.sample(APP, 1.0, ("r0#b", 0.0, 0, 1), reports).peak == 7
+
+
 async def test_the_leader_decides_on_everyones_load(cluster: list[Replica]) -> None:
     await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
     (leader,) = leaders(cluster)
