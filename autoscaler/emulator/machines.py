@@ -58,6 +58,23 @@ def is_demo_image(image: str) -> bool:
     return DEMO_IMAGE in (image, image.rpartition(":")[0])
 
 
+def exit_event(code: int | None, requested_stop: bool) -> dict[str, Any]:
+    """The ``request`` of the ``exit`` event that says how a machine's process ended, as
+    Fly's: its exit code (a shell's 128 + n when killed by signal n) and the signal; a
+    stop of a machine without a process (a suspended one's, killed with its snapshot)
+    says neither."""
+    if code is None:
+        return {"exit_event": {"requested_stop": requested_stop}}
+    killed_by = -code if code < 0 else None
+    return {
+        "exit_event": {
+            "exit_code": 128 + killed_by if killed_by else code,
+            "signal": killed_by,
+            "requested_stop": requested_stop,
+        }
+    }
+
+
 class Conflict(Exception):
     """The operation makes no sense in the machine's current state (HTTP 412)."""
 
@@ -583,20 +600,7 @@ class Lifecycle:
             del self.procs[m.id]
         if mp.expected_exit or self._closing or m.state not in ("started", "suspended"):
             return  # stopped on purpose, or a boot that _boot reports itself
-        sig = -code if code < 0 else None
-        self.record(
-            m,
-            "stopped",
-            "exit",
-            source="flyd",
-            request={
-                "exit_event": {
-                    "exit_code": code if code >= 0 else 137,
-                    "signal": sig,
-                    "requested_stop": False,
-                }
-            },
-        )
+        self.record(m, "stopped", "exit", source="flyd", request=exit_event(code, False))
         restart = m.config.get("restart") or {}
         policy = restart.get("policy") or "no"
         retries = restart.get("max_retries", DEFAULT_MAX_RETRIES)
@@ -607,26 +611,30 @@ class Lifecycle:
         elif m.config.get("auto_destroy") is True:
             self.destroy(m, force=True)
 
-    async def _end_process(self, m: Machine, sig: int, timeout_s: float) -> None:
-        """Stop the machine's process, if it has one: ``sig``, then SIGKILL after the wait.
+    async def _end_process(self, m: Machine, sig: int, timeout_s: float) -> int | None:
+        """Stop the machine's process, if it has one: ``sig``, then SIGKILL after the wait;
+        its exit code (None without a process). A hung one ignores ``sig`` (``terminate``).
 
         The process stays in ``procs`` until it is gone: a stop cut short by a forced
         destroy leaves it there, killed (see ``terminate``), for the destroy to await.
         """
         mp = self.procs.get(m.id)
-        if mp is not None:
-            await mp.terminate(sig, timeout_s)
-            if self.procs.get(m.id) is mp:
-                del self.procs[m.id]
+        if mp is None:
+            return None
+        code = await mp.terminate(sig, timeout_s, hung=m.id in self.faults.hung)
+        if self.procs.get(m.id) is mp:
+            del self.procs[m.id]
+        return code
 
     async def _stop(self, m: Machine, sig: int, timeout_s: float, suspended: bool) -> None:
         began = asyncio.get_running_loop().time()
+        code = None
         if suspended:
             await self._drop_snapshot(m)
         else:
-            await self._end_process(m, sig, timeout_s)
+            code = await self._end_process(m, sig, timeout_s)
         await self._pad(began, self.draw(self.timing.stop_s))  # the VM shutting down
-        self.record(m, "stopped", source="flyd")
+        self.record(m, "stopped", source="flyd", request=exit_event(code, True))
         if m.config.get("auto_destroy") is True:
             # A turn of the loop first: a wait for "stopped" sees the stop it waited for
             # (the waiters woken by the record above run before this goes on).

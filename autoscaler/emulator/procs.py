@@ -183,15 +183,21 @@ class MachineProcess:
             self._reader.cancel()
         return code
 
-    async def terminate(self, sig: int, grace_s: float) -> int:
+    async def terminate(self, sig: int, grace_s: float, *, hung: bool = False) -> int:
         """Send ``sig`` to the whole machine (its group, and what left it: Fly's stop ends
         the whole VM), wait up to ``grace_s``, then SIGKILL; returns the exit code. What
-        left the group is killed by the supervisor once the machine's process has ended."""
+        left the group is killed by the supervisor once the machine's process has ended.
+        A ``hung`` machine's group is not continued: a hung app does not handle the signal
+        (it stays pending), so it ends by the SIGKILL after ``grace_s``, as a hung app on
+        Fly ends when the stop's timeout runs out; what left the group did not hang."""
         self.expected_exit = True
         if self.proc.returncode is None:
             self.signal(sig)
-            self.signal(signal.SIGCONT)  # a stopped (suspended) process cannot handle sig
-            strays = self._after(lambda: self._signal_strays(sig, signal.SIGCONT))
+            if not hung:
+                self.signal(signal.SIGCONT)  # a stopped (suspended) process cannot handle sig
+            strays = self._after(
+                lambda: self._signal_strays(sig, signal.SIGCONT, outside_group=hung)
+            )
             try:
                 async with asyncio.timeout(grace_s):
                     await asyncio.shield(strays)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import signal
 import socket
 from pathlib import Path
 
@@ -85,14 +85,16 @@ async def test_a_hung_machine_stopped_and_started_again_is_a_new_process_that_an
         held = asyncio.ensure_future(hit(ip))
         done, _ = await asyncio.wait({held}, timeout=0.5)
         assert not done, "a hung machine answered"
-        # The stop ends the hung process, and with it the request it held: answered on
-        # its way out (the stop continues the process so that it can take the signal) or
-        # cut. The start is a cold boot, a new process: it answers, and the id has left
-        # `hung`.
+        # The stop ends the hung process, and with it the request it held (cut). A hung
+        # app does not handle the stop's signal: the SIGKILL at the stop's timeout ends it
+        # (continued, the demo app would have ended by the SIGINT). The start is a cold
+        # boot, a new process: it answers, and the id has left `hung`.
         assert (await s.post(f"{base}/stop", json={"timeout": "1s"})).status == 200
         await wait_ok(s, "demo", mid, "stopped")
-        with contextlib.suppress(aiohttp.ClientError):
+        with pytest.raises(aiohttp.ClientError):
             await held
+        (exit_event,) = [e for e in emulator.machine("demo", mid).events if e.type == "exit"]
+        assert exit_event.request["exit_event"]["signal"] == signal.SIGKILL
         assert (await s.post(f"{base}/start")).status == 200
         await wait_ok(s, "demo", mid)
         assert (await hit(ip))["count"] == 1  # a new process counts from one
