@@ -113,6 +113,13 @@ Sleep = Callable[[float], Awaitable[None]]
 Probe = Callable[[str, int], Awaitable[bool]]
 
 STATE_WAIT_S = 120.0  # suspending a large machine can take well over 15 s
+# A hung machine's stop signal: a hung app never handles the default one (SIGINT, or its
+# stop_config's), so Fly would kill it only when the stop's timeout ran out (the machine's
+# kill_timeout, up to minutes) while the app has no machine. Killed at once instead: Fly
+# takes SIGKILL as a stop signal ("kill_signal ... also accepts ... SIGKILL",
+# https://fly.io/blog/graceful-vm-exits-some-dials/), and an app that its requests and
+# the probe after them both timed out on has nothing graceful left to finish.
+HUNG_STOP_SIGNAL = "SIGKILL"
 BOOT_WAIT_MIN_S = 60.0  # a cold boot may outlast the wake timeout; the machine still counts
 PROBE_INTERVAL_S = 0.05
 MACHINE_REFUSALS = (BadRequest, NotFound, Conflict)
@@ -885,8 +892,11 @@ class Actuator:
                 changed.cancel()
                 timer.cancel()
 
-    async def _sleep_machine(self, rt: AppRuntime, mid: str, how: str) -> None:
-        """Suspend (falling back to stop where suspend is refused) or stop, and wait."""
+    async def _sleep_machine(
+        self, rt: AppRuntime, mid: str, how: str, *, stop_signal: str | None = None
+    ) -> None:
+        """Suspend (falling back to stop where suspend is refused) or stop, and wait.
+        ``stop_signal``: the stop's signal (None: the machine's stop_config's)."""
         app = rt.name
         machine = rt.machines[mid]
         version = machine.instance_id
@@ -929,7 +939,9 @@ class Actuator:
                 raise
         if how == "stop" and call:
             with self.counting_failure(rt, "stop"):
-                await self.api.stop_machine(app, mid, lease_nonce=self.nonce(rt, mid))
+                await self.api.stop_machine(
+                    app, mid, signal=stop_signal, lease_nonce=self.nonce(rt, mid)
+                )
         target = SUSPENDED if how == "suspend" else STOPPED
         rt.record(mid, self.clock(), state="suspending" if how == "suspend" else "stopping")
         self.publish(rt)
@@ -961,7 +973,9 @@ class Actuator:
 
     async def restart_hung(self, rt: AppRuntime, mid: str) -> bool:
         """A started machine that hangs (``MachineSnapshot.hung``): stop it and start it
-        again, a new process. Stopped, not suspended: a snapshot would keep the hang.
+        again, a new process. Stopped, not suspended: a snapshot would keep the hang; by
+        SIGKILL (HUNG_STOP_SIGNAL): a hung app would ignore the stop's own signal until
+        the stop's timeout, the machine serving nothing meanwhile.
         The restart counts against the budget once the API took the stop: a refused one
         (429, 5xx) is the API's doing, tried again after the action's cooldown."""
         _log.warning(
@@ -970,7 +984,7 @@ class Actuator:
             machine=mid,
             hint="the proxy's requests to it timed out or were reset; restarting it",
         )
-        await self._sleep_machine(rt, mid, "stop")
+        await self._sleep_machine(rt, mid, "stop", stop_signal=HUNG_STOP_SIGNAL)
         count = rt.restarting_hung(mid, self.clock())
         _log.info(
             "hung_machine_stopped",

@@ -213,7 +213,7 @@ class FakeMachinesAPI:
         timeout_s: float | None = None,
         lease_nonce: str | None = None,
     ) -> None:
-        await self._enter("stop_machine", machine_id, nonce=lease_nonce, app=app)
+        await self._enter("stop_machine", machine_id, signal, nonce=lease_nonce, app=app)
         machine = self.get(app, machine_id)
         if machine.state not in ("started", "suspended"):
             raise Conflict(412, f"cannot stop a {machine.state} machine")

@@ -2022,6 +2022,8 @@ async def test_a_machine_that_hangs_is_restarted_within_its_budget(
             "stop_machine",
             "start_machine",
         ]
+        # By SIGKILL: a hung app would ignore the stop's own signal until its timeout.
+        assert [c.arg for c in api.calls[calls:] if c.op == "stop_machine"] == ["SIGKILL"]
         assert state(api, mid) == "started"
         assert up.failing == 0  # a new process
         assert rig.metric("autoscaler_machine_restarts_total", result="ok") == restarts
