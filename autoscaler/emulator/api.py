@@ -183,7 +183,7 @@ async def signal_machine(request: web.Request) -> web.Response:
     body = await read_body(request)
     if not isinstance(body, dict) or "signal" not in body:
         raise validate.BadRequest("signal: required")
-    sig, _ = validate.stop_body({"signal": body["signal"]})
+    sig = validate.signal_name(body["signal"], "signal")
     m = leased_machine(request)  # again: a lease taken while the body came is honoured
     world_of(request).lifecycle.send_signal(m, sig)
     return ok_body()

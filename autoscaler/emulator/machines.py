@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from autoscaler.config import IMAGE_PLACEHOLDERS, EmulatorSettings, FaultSettings, Timing
+from autoscaler.emulator import validate
 from autoscaler.emulator.checks import HealthChecks
 from autoscaler.emulator.model import (
     MAX_EVENTS,
@@ -47,6 +48,8 @@ from autoscaler.logs import get_logger
 DEMO_IMAGE = "autoscaler/demo-app"
 DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {port}"
 DEFAULT_MAX_RETRIES = 10  # Fly's default for on-failure
+STOP_TIMEOUT_S = 30.0  # a stop's or restart's without one (call or stop_config); Fly: 5 min
+UPDATE_STOP_TIMEOUT_S = 5.0  # an update's stop of the running version, as before
 # Never handed to a machine: a real Fly machine does not see your API token either.
 _ENV_DENY_PREFIXES = ("FLY_", "AUTOSCALER_", "EMULATOR_")
 
@@ -311,18 +314,37 @@ class Lifecycle:
             return "snapshot unusable (faults.resume_cold_rate)"
         return None
 
-    def stop(self, m: Machine, sig: int, timeout_s: float) -> None:
+    def stop_settings(
+        self,
+        m: Machine,
+        sig: int | None = None,
+        timeout_s: float | None = None,
+        default_timeout_s: float = STOP_TIMEOUT_S,
+    ) -> tuple[int, float]:
+        """A stop's signal and timeout: the call's, else the machine's ``config.stop_config``
+        (as on Fly, where fly.toml's kill_signal and kill_timeout land), else SIGINT and
+        ``default_timeout_s``. The config's were checked when it was set."""
+        config_sig, config_timeout = validate.stop_settings(m.config.get("stop_config") or {}, "")
+        if sig is None:
+            sig = signal.SIGINT if config_sig is None else config_sig
+        if timeout_s is None:
+            timeout_s = default_timeout_s if config_timeout is None else config_timeout
+        return sig, timeout_s
+
+    def stop(self, m: Machine, sig: int | None = None, timeout_s: float | None = None) -> None:
         self._reachable(m)
         if m.state not in ("started", "suspended", "failed"):
             raise Conflict(f"unable to stop machine from current state: '{m.state}'")
+        sig, timeout_s = self.stop_settings(m, sig, timeout_s)
         suspended = m.state == "suspended"
         self.record(m, "stopping", "stop", request={"signal": signal.Signals(sig).name})
         self._run(m, self._stop(m, sig, timeout_s, suspended))
 
-    def restart(self, m: Machine, sig: int, timeout_s: float) -> None:
+    def restart(self, m: Machine, sig: int | None = None, timeout_s: float | None = None) -> None:
         self._reachable(m)
         if m.state != "started":
             raise Conflict(f"unable to restart machine from current state: '{m.state}'")
+        sig, timeout_s = self.stop_settings(m, sig, timeout_s)
         self.record(m, "restarting", "restart", request={"signal": signal.Signals(sig).name})
         self._run(m, self._restart(m, sig, timeout_s))
 
@@ -373,13 +395,15 @@ class Lifecycle:
         if m.state not in ("started", "stopped", "suspended", "created", "failed"):
             raise Conflict(f"unable to update machine from current state: '{m.state}'")
         previous = m.state
+        # The running version stops as its own config says.
+        stop = self.stop_settings(m, default_timeout_s=UPDATE_STOP_TIMEOUT_S)
         m.config = config
         if name:
             m.name = name
         m.versions.append(m.instance_id)
         m.instance_id = self._ids.instance()
         self.record(m, "updating", "update")
-        self._run(m, self._update(m, previous))
+        self._run(m, self._update(m, previous, stop))
 
     def destroy(self, m: Machine, force: bool) -> None:
         if m.state in ("destroying", "destroyed"):
@@ -654,12 +678,12 @@ class Lifecycle:
         self.record(m, "starting", source="flyd")
         await self._boot(m)
 
-    async def _update(self, m: Machine, previous: str) -> None:
+    async def _update(self, m: Machine, previous: str, stop: tuple[int, float]) -> None:
         began = asyncio.get_running_loop().time()
         if previous == "suspended":
             await self._drop_snapshot(m)
         else:
-            await self._end_process(m, signal.SIGINT, 5.0)
+            await self._end_process(m, *stop)
         if previous == "started":
             await self._pad(began, self.draw(self.timing.stop_s))  # its VM stops first
             self.record(m, "starting", source="flyd")

@@ -239,6 +239,9 @@ def machine_config(config: object, where: str = "config") -> dict[str, Any]:
             _enum(restart["policy"], RESTART_POLICIES, f"{where}.restart.policy")
         if "max_retries" in restart:
             _int(restart["max_retries"], f"{where}.restart.max_retries", 0)
+    stop_config = _section(config, "stop_config", dict, where)
+    if stop_config is not None:
+        stop_settings(stop_config, f"{where}.stop_config.")
     if "schedule" in config:
         _enum(config["schedule"], SCHEDULES, f"{where}.schedule")
     if "auto_destroy" in config:
@@ -287,24 +290,36 @@ def seconds(value: object, where: str, low: float, high: float) -> float:
     return parsed
 
 
-def stop_body(body: object) -> tuple[int, float]:
-    """(signal number, timeout seconds); SIGINT and 30 s (not the real 5 min) by default."""
-    if body is None:
-        return signal.SIGINT, 30.0
-    body = _body(body)
-    sig = signal.SIGINT
-    if body.get("signal") is not None:
-        name = body["signal"]
-        _expect(name, str, "signal", "a signal name like SIGTERM")
-        upper = name.upper()
-        upper = upper if upper.startswith("SIG") else "SIG" + upper
-        if upper not in signal.Signals.__members__ or upper in ("SIGSTOP", "SIGCONT"):
-            raise BadRequest(f"signal: expected a signal name like SIGTERM, got {name!r}")
-        sig = signal.Signals[upper]
-    timeout = 30.0
-    if body.get("timeout") is not None:
-        timeout = seconds(body["timeout"], "timeout", 0, 3600)
+STOP_TIMEOUT_MAX_S = 86400.0  # Fly: "dedicated CPU VMs allow up to 24 hours"
+
+
+def signal_name(name: object, where: str) -> int:
+    """A signal named as Fly's API takes it ("SIGTERM", or "TERM"); not SIGSTOP/SIGCONT."""
+    _expect(name, str, where, "a signal name like SIGTERM")
+    assert isinstance(name, str)
+    upper = name.upper()
+    upper = upper if upper.startswith("SIG") else "SIG" + upper
+    if upper not in signal.Signals.__members__ or upper in ("SIGSTOP", "SIGCONT"):
+        raise BadRequest(f"{where}: expected a signal name like SIGTERM, got {name!r}")
+    return signal.Signals[upper]
+
+
+def stop_settings(body: dict[str, Any], where: str) -> tuple[int | None, float | None]:
+    """(signal, timeout seconds) of a stop's body or a machine's ``stop_config``, each None
+    when not given; the timeout as an integer of seconds or a duration string ("30s")."""
+    sig = None if body.get("signal") is None else signal_name(body["signal"], f"{where}signal")
+    timeout = body.get("timeout")
+    if timeout is not None:
+        timeout = seconds(timeout, f"{where}timeout", 0, STOP_TIMEOUT_MAX_S)
     return sig, timeout
+
+
+def stop_body(body: object) -> tuple[int | None, float | None]:
+    """(signal number, timeout seconds) of a stop or restart, None where the body names
+    none: the machine's ``config.stop_config`` decides then (``Lifecycle.stop_settings``)."""
+    if body is None:
+        return None, None
+    return stop_settings(_body(body), "")
 
 
 def metadata_key(key: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import testkit
-from emu_helpers import create_machine, hit, new_machine, session, until, wait_ok
+from emu_helpers import create_machine, hit, new_machine, session, until, wait, wait_ok
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -99,6 +99,35 @@ async def test_a_hung_machine_stopped_and_started_again_is_a_new_process_that_an
         await wait_ok(s, "demo", mid)
         assert (await hit(ip))["count"] == 1  # a new process counts from one
         assert emulator.faults.hung == []
+
+
+async def test_a_stop_without_signal_or_timeout_follows_the_machines_stop_config(
+    emulator: Emulator,
+) -> None:
+    """``config.stop_config`` (fly.toml's kill_signal and kill_timeout) is the signal and
+    timeout of a stop whose call names none, as on Fly: the stop event names SIGTERM, and
+    the hung app, which ignores it, is killed after the config's 1 s, not the 30 s a stop
+    without one waits (the wait below gives up long before that)."""
+    async with session(emulator) as s:
+        m = await new_machine(s, stop_config={"signal": "SIGTERM", "timeout": "1s"})
+        bad = {"image": "x", "stop_config": {"signal": "SIGNOPE"}}
+        r = await s.post("/v1/apps/demo/machines", json={"config": bad})
+        assert r.status == 400
+        assert "config.stop_config.signal" in (await r.json())["error"]
+        mid, base = m["id"], f"/v1/apps/demo/machines/{m['id']}"
+        emulator.set_faults(hung=[mid])
+        assert (await s.post(f"{base}/stop")).status == 200
+        machine = emulator.machine("demo", mid)
+        assert machine.events[-1].request == {"signal": "SIGTERM"}
+        r = await wait(s, "demo", mid, "stopped", seconds=10)
+        assert r.status == 200, await r.text()
+        (exit_event,) = [e for e in machine.events if e.type == "exit"]
+        assert exit_event.request["exit_event"]["signal"] == signal.SIGKILL
+        # The call's own signal and timeout come first.
+        assert (await s.post(f"{base}/start")).status == 200
+        await wait_ok(s, "demo", mid)
+        assert (await s.post(f"{base}/stop", json={"signal": "SIGUSR1"})).status == 200
+        assert machine.events[-1].request == {"signal": "SIGUSR1"}
 
 
 async def test_hang_rate_hangs_new_starts_and_names_them(emulator: Emulator) -> None:
