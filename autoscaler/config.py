@@ -967,7 +967,10 @@ PROFILES: dict[str, dict[str, float | tuple[float, float]]] = {
 class TimingSettings(_Model):
     stop_s: Span | None = Field(
         default=None,
-        description="time in `stopping` after the process exits (s or [lo, hi]; unset: profile)",
+        description=(
+            "least time from a stop's call to `stopped`, also a restart's or update's stop "
+            "(s or [lo, hi]; unset: profile)"
+        ),
     )
     suspend_s: Span | None = Field(
         default=None, description="time in `suspending` (s or [lo, hi]; unset: the profile's)"
