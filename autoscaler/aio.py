@@ -81,6 +81,18 @@ def dual_stack(host: str) -> bool:
     return address.version == 6 and address.is_unspecified
 
 
+def local_host(host: str) -> str:
+    """The address a client on this host reaches a server listening on ``host`` at: a
+    wildcard (``0.0.0.0``, the dual-stack ``::``, an empty host) at 127.0.0.1, any other
+    host as it is. Not ``::1`` for ``::``: that server takes IPv4 too (:func:`dual_stack`),
+    and a container may have no IPv6 loopback."""
+    try:
+        wildcard = not host or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return host  # a name
+    return "127.0.0.1" if wildcard else host
+
+
 def dual_stack_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket | None:
     """A socket bound to ``host:port`` on both families when ``host`` is the IPv6
     wildcard (:func:`dual_stack`), for create_server's (or aiohttp's SockSite's) ``sock``;

@@ -37,6 +37,7 @@ from rich.live import Live
 from rich.text import Text
 
 from autoscaler import tui
+from autoscaler.aio import local_host
 from autoscaler.config import ConfigError, load_settings, parse_host_port
 from autoscaler.tui import ago
 
@@ -46,9 +47,6 @@ EXIT_CONFIG = 2
 
 MAX_ANSWER_BYTES = 64 << 20
 """The largest answer read (``/status`` of 1,000 apps of 5 machines is about 2 MB)."""
-
-# A server bound to every address is reached on loopback.
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
 
 class StatusError(Exception):
@@ -76,7 +74,7 @@ def admin_url(listen: str) -> str:
         # The URL of /status itself (as the demo shows it) was asked for /status/status: 404.
         return text.removesuffix("/status") if parts.path.endswith("/status") else text
     address = parse_host_port(text)
-    host = _WILDCARDS.get(address.host, address.host)
+    host = local_host(address.host)  # a server bound to every address: on loopback
     return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
 
 

@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any
 
 from autoscaler import HELD_SIGNALS
-from autoscaler.aio import urlopen_direct
+from autoscaler.aio import local_host, urlopen_direct
 from autoscaler.children import die_with_parent
 from autoscaler.config import (
     EMBEDDED,
@@ -353,11 +353,7 @@ def _step(
 
 def _ready(host: str, port: int, token: str | None) -> bool:
     """Whether the worker's admin server says it is ready (``/readyz`` answers 200)."""
-    if host in ("0.0.0.0", ""):  # noqa: S104 - a wildcard bind, reached on loopback
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    request = urllib.request.Request(f"http://{authority(host, port)}/readyz")
+    request = urllib.request.Request(f"http://{authority(local_host(host), port)}/readyz")
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:

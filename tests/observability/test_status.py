@@ -34,8 +34,13 @@ TOKEN = "status-admin-token-987"
     [
         ("127.0.0.1:9091", "http://127.0.0.1:9091"),
         ("0.0.0.0:9091", "http://127.0.0.1:9091"),
-        ("[::]:9091", "http://[::1]:9091"),
+        # [::] is bound dual stack (aio.dual_stack): 127.0.0.1 reaches it, also in a
+        # container without IPv6 loopback, where ::1 found nothing. A specific IPv6
+        # address is asked at itself.
+        ("[::]:9091", "http://127.0.0.1:9091"),
+        ("[0::0]:9091", "http://127.0.0.1:9091"),
         ("[::1]:9000", "http://[::1]:9000"),
+        ("[fd00::7]:9000", "http://[fd00::7]:9000"),
         ("http://localhost:9091/", "http://localhost:9091"),
         # /status itself, as the demo shows it, was asked for /status/status (404).
         ("http://127.0.0.1:9091/status", "http://127.0.0.1:9091"),

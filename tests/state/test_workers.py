@@ -567,6 +567,24 @@ def test_the_workers_log_as_the_command_was_told(
     assert worker[-4:] == ["--log-level", "warning", "--log-format", "console"]
 
 
+@pytest.mark.parametrize("listen", ["::", "0.0.0.0"])
+async def test_the_readiness_probe_asks_a_wildcard_admin_server_on_127_0_0_1(
+    aiohttp_server: Any, listen: str
+) -> None:
+    """A worker's admin server on [::] is bound dual stack (aio.dual_stack): the probe
+    asked it at ::1, which a container without IPv6 loopback lacks (no worker was ever
+    ready); 127.0.0.1 reaches it wherever it runs. The server here listens on 127.0.0.1
+    alone (no wildcard in tests), where the probe must find it."""
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    app = web.Application()
+    app.router.add_get("/readyz", readyz)
+    admin = await aiohttp_server(app, host="127.0.0.1")
+    assert await asyncio.to_thread(workers._ready, listen, admin.port, None)
+
+
 async def test_the_readiness_probe_never_goes_through_a_proxy_named_by_the_environment(
     monkeypatch: pytest.MonkeyPatch, aiohttp_server: Any
 ) -> None:
