@@ -13,6 +13,7 @@ import ipaddress
 import re
 import socket
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from reliability.harness import live_service
 from structlog.testing import capture_logs
-from testkit import free_port, until
+from testkit import until
 
 from autoscaler.check import FleetCheck, _token_origin, check_config, fleet_check
 from autoscaler.config import (
@@ -184,7 +185,10 @@ def no_fly_token(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("no_fly_token")
 def test_run_and_check_config_refuse_to_scale_through_the_api_without_a_token(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    refused_port: Callable[[], int],
 ) -> None:
     """A real fly.api_url and no FLY_API_TOKEN: `run` started and every tick got a 401,
     forever; check-config said OK, with "could not check ... 401" warnings."""
@@ -197,7 +201,7 @@ def test_run_and_check_config_refuse_to_scale_through_the_api_without_a_token(
         served.append(True)
 
     monkeypatch.setattr(autoscaler.service, "run_event_loop", serve)
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{refused_port()}"
     path = write(tmp_path, f"fly: {{api_url: '{dead}', max_retries: 0}}\n" + APP)
     problem = (
         f"{path}: no Fly API token: app web is scaled through the Machines API at {dead},"
@@ -218,11 +222,13 @@ def test_run_and_check_config_refuse_to_scale_through_the_api_without_a_token(
 
 
 @pytest.mark.usefixtures("no_fly_token")
-async def test_a_reload_cannot_add_an_app_to_scale_without_a_token(tmp_path: Path) -> None:
+async def test_a_reload_cannot_add_an_app_to_scale_without_a_token(
+    tmp_path: Path, refused_port: Callable[[], int]
+) -> None:
     """Started on static apps with a real fly.api_url and no token (nothing to call), a
     reload that added an app to scale was taken: 401 on every tick. fly.* needs a restart,
     so a token set in the file meanwhile is not in use either."""
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{refused_port()}"
     static = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
     path = write(tmp_path, f"fly: {{api_url: '{dead}'}}\napps: [{static}]\n")
     async with live_service(path) as svc:
@@ -306,7 +312,10 @@ async def test_check_config_fails_on_an_app_the_api_does_not_have(
 
 @pytest.mark.usefixtures("no_fly_token")
 async def test_check_config_never_shows_what_is_typed_into_the_api_url(
-    tmp_path: Path, aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    aiohttp_server: Any,
+    capsys: pytest.CaptureFixture[str],
+    refused_port: Callable[[], int],
 ) -> None:
     """fly.api_url is not a secret field, but credentials (``user:secret@``) or a token
     in its query get typed into it: check-config printed it as given, in its summary and
@@ -319,7 +328,7 @@ async def test_check_config_never_shows_what_is_typed_into_the_api_url(
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forbidden)
     server = await aiohttp_server(app)
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{refused_port()}"
     fly = "{{api_url: 'http://user:s3cret-pw@{}/v1?token=s3cret-q#s3cret-f', max_retries: 0"
     token = ", token: t0ken-xyz-0123456789}\n"
     for text, code, shown in [
@@ -657,8 +666,10 @@ async def test_check_config_warns_about_fly_autostop_when_it_can_see_it(
     assert "autostop=suspend" in warning
 
 
-async def test_check_config_says_when_it_could_not_check() -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+async def test_check_config_says_when_it_could_not_check(
+    refused_port: Callable[[], int],
+) -> None:
+    dead = f"http://127.0.0.1:{refused_port()}"
     found = await fleet_check(api_settings(dead, "t0ken-xyz-0123456789"), timeout_s=2)
     assert found.refused == []
     (warning,) = found.warnings
@@ -678,9 +689,9 @@ async def test_check_config_says_when_it_could_not_check() -> None:
 
 
 def test_check_config_prints_the_warnings_on_stderr(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], refused_port: Callable[[], int]
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{refused_port()}"
     token = "t0ken-xyz-0123456789"
     path = write(tmp_path, f"fly: {{api_url: '{dead}', max_retries: 0, token: {token}}}\n" + APP)
     err = io.StringIO()

@@ -347,11 +347,8 @@ async def test_a_wrong_token_is_not_called_missing(admin: str, tmp_path: Path) -
     assert "not-the-admin-token-at-all" not in err.getvalue()
 
 
-async def test_unreachable_admin(tmp_path: Path) -> None:
-    server = AdminServer(AdminSettings(), Metrics(CollectorRegistry()))
-    await server.start(host="127.0.0.1", port=0)
-    url = f"http://127.0.0.1:{server.address[1]}"
-    await server.stop()  # nothing listens there now
+async def test_unreachable_admin(tmp_path: Path, refused_port: Callable[[], int]) -> None:
+    url = f"http://127.0.0.1:{refused_port()}"  # bound, never listened on: refused
     err = io.StringIO()
     code = await asyncio.to_thread(run_status, url, write_config(tmp_path, None), err=err)
     assert code == 1
@@ -481,11 +478,10 @@ async def test_watch_on_a_terminal_draws_the_live_view(admin: str) -> None:
     assert TOKEN not in screen
 
 
-async def test_watch_keeps_going_when_the_admin_server_goes_away(tmp_path: Path) -> None:
-    server = AdminServer(AdminSettings(), Metrics(CollectorRegistry()))
-    await server.start(host="127.0.0.1", port=0)
-    url = f"http://127.0.0.1:{server.address[1]}"
-    await server.stop()
+async def test_watch_keeps_going_when_the_admin_server_goes_away(
+    refused_port: Callable[[], int],
+) -> None:
+    url = f"http://127.0.0.1:{refused_port()}"  # as once it went: nothing listens there
     out = io.StringIO()
     code = await asyncio.to_thread(
         watch_status, url, None, {"apps": []}, out=out, frames=2, terminal=False,
