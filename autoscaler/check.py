@@ -33,6 +33,7 @@ from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import FlyError, NotFound, Unauthorized
 from autoscaler.scaling.keepalive import fallback_keep_s
+from autoscaler.service import unreachable
 from autoscaler.status import columns
 
 API_TIMEOUT_S = 5.0
@@ -156,17 +157,6 @@ def lacking(app: str) -> str:
     )
 
 
-def unreachable(settings: Settings) -> list[str]:
-    """Apps no request is routed to: the proxy routes by Host header, so an app without
-    hosts is reached only as proxy.default_app (every other request for it is a 404)."""
-    return [
-        f"app {app.name}: no hosts, and not proxy.default_app, so no request is routed to it;"
-        f" give it apps[{i}].hosts, or make it proxy.default_app"
-        for i, app in enumerate(settings.apps)
-        if not app.hosts and app.name != settings.proxy.default_app
-    ]
-
-
 def _token_origin(file: Path) -> str:
     """Where the Fly token came from, as a config error line starts (config.py's order)."""
     # AUTOSCALER_* variables are read whatever their case (pydantic-settings), the plain
@@ -229,7 +219,11 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     print(f"{file}: OK", file=out)
     for line in summary(settings):
         print(line, file=out)
-    warnings = unreachable(settings) + settings.emulator.placeholder_warnings() + found.warnings
+    warnings = [
+        *unreachable(settings).values(),
+        *settings.emulator.placeholder_warnings(),
+        *found.warnings,
+    ]
     for line in warnings:
         print(f"warning: {line}", file=err)
     return 0

@@ -96,6 +96,25 @@ def start_problem(path: Path, settings: Settings) -> str | None:
     return no_token_problem(path, settings)
 
 
+def unreachable(settings: Settings) -> dict[str, str]:
+    """Apps no request is routed to, each with what to do: the proxy routes by Host header,
+    so an app without hosts is reached only as proxy.default_app (every other request for
+    it is a 404). ``check-config`` warns of them, and ``run`` at its start and each reload."""
+    return {
+        app.name: f"app {app.name}: no hosts, and not proxy.default_app, so no request is"
+        f" routed to it; give it apps[{i}].hosts, or make it proxy.default_app"
+        for i, app in enumerate(settings.apps)
+        if not app.hosts and app.name != settings.proxy.default_app
+    }
+
+
+def warn_unreachable(settings: Settings) -> None:
+    """Log :func:`unreachable`'s apps, one line each: check-config warned of them, and
+    ``run``, which is often given a config that was never checked, said nothing."""
+    for app, problem in unreachable(settings).items():
+        _log.warning("app_unreachable", app=app, problem=problem)
+
+
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 NO_REDIS = (
@@ -181,6 +200,7 @@ class Service:
 
     async def _start(self) -> None:
         s = self.settings
+        warn_unreachable(s)
         if self.without_api:
             self.client = MachinesClient.unconfigured(observer=self.metrics.observe_api)
         elif not s.fly.embedded:
@@ -384,6 +404,7 @@ class Service:
             self.metrics.control_max_tick_age.set(self.admin.max_tick_age_s)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
+        warn_unreachable(new)
         if self.emulator is not None:
             self._warn_lacking(new)
         if not new.apps:

@@ -147,6 +147,37 @@ def test_check_config_without_a_file_says_how_to_give_one_as_run_does(
     assert capsys.readouterr().err == "nope.yaml: no such file\n"
 
 
+async def test_run_warns_of_an_app_no_request_is_routed_to_as_check_config_does(
+    tmp_path: Path,
+) -> None:
+    """An app without hosts that is not proxy.default_app gets no request: check-config
+    warned of it, `run` (at its start and on a reload) said nothing. Both say it now, in
+    the same words."""
+    web = "{name: web, backends: ['127.0.0.1:9']}"
+    api = "{name: api, hosts: [a.test], backends: ['127.0.0.1:9']}"
+    path = write(tmp_path, f"apps: [{web}, {api}]\n")
+    err = io.StringIO()
+    assert await asyncio.to_thread(check_config, str(path), io.StringIO(), err) == 0
+    [warned] = err.getvalue().splitlines()
+    with capture_logs() as logs:
+        async with live_service(path, without_api=True) as svc:
+            [line] = [e for e in logs if e["event"] == "app_unreachable"]
+            assert line["log_level"] == "warning"
+            assert line["app"] == "web"
+            assert warned == f"warning: {line['problem']}"
+            assert "apps[0].hosts" in line["problem"]
+            del logs[:]
+            path.write_text(f"apps: [{api}, {web}]\n")  # said again, with its new place
+            assert await svc.reload()
+            [line] = [e for e in logs if e["event"] == "app_unreachable"]
+            assert line["app"] == "web"
+            assert "apps[1].hosts" in line["problem"]
+            del logs[:]
+            path.write_text(f"proxy: {{default_app: web}}\napps: [{api}, {web}]\n")
+            assert await svc.reload()
+            assert [e for e in logs if e["event"] == "app_unreachable"] == []
+
+
 async def test_a_reload_that_empties_the_apps_is_applied_and_said(tmp_path: Path) -> None:
     """A reload to `apps: []` may be meant (every app taken out): it is applied, with a
     warning that every request now gets 404 and that a restart would be refused."""
