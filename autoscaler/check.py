@@ -1,4 +1,6 @@
-"""`autoscaler check-config`: validate a file and print a one-screen summary.
+"""`autoscaler check-config`: validate what ``autoscaler run`` would start on (the file and
+the environment over it; without a file, the environment alone) and print a one-screen
+summary.
 
 When the configured Machines API answers, it also reads each scaled app's machines and warns
 about Fly's own autostop/autostart on them (they would fight the autoscaler); when it cannot
@@ -19,12 +21,12 @@ from pathlib import Path
 from typing import TextIO
 
 from autoscaler.config import (
-    NO_APPS,
     TOKEN_ENV,
     AppConfig,
     ConfigError,
     Settings,
     load_settings,
+    no_apps_problem,
     no_token_problem,
     resolve_listen_host,
     shown_url,
@@ -168,6 +170,14 @@ def _token_origin(file: Path) -> str:
     return f"{file}: fly.token"
 
 
+def _apps_origin(file: Path) -> str:
+    """Where the apps came from, as a config error line starts: AUTOSCALER_APPS (whole, as
+    JSON: an item alone is refused) wins over the file, and is all there is without one."""
+    if any(n.upper() == "AUTOSCALER_APPS" for n in os.environ):
+        return "environment: AUTOSCALER_APPS"
+    return str(file)
+
+
 def refused_problem(file: Path, settings: Settings, app: str, exc: Unauthorized) -> str:
     """A token the Machines API refused: a configuration error, never showing the token."""
     why = (
@@ -187,7 +197,7 @@ def missing_problem(file: Path, settings: Settings, app: str, exc: NotFound) -> 
     index = next(i for i, a in enumerate(settings.apps) if a.name == app)
     api = shown_url(settings.fly.api_url or "")
     return (
-        f"{file}: apps[{index}].name: the Machines API at {api} has no app"
+        f"{_apps_origin(file)}: apps[{index}].name: the Machines API at {api} has no app"
         f" {app!r} ({exc}): check the name (`fly apps list`), and that the token is of the"
         " app's organization"
     )
@@ -197,13 +207,15 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        settings, file = load_settings(path, require_file=True, resolve=resolve_listen_host)
+        # As `run` loads it: without a file (none given, no config/autoscaler.yaml here),
+        # the settings are the environment's (AUTOSCALER_APPS, ...), which run starts on.
+        settings, file = load_settings(path, resolve=resolve_listen_host)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=err)
         return 2
     if not settings.apps:
-        print(NO_APPS.format(path=file), file=err)
+        print(no_apps_problem(file), file=err)
         return 2
     problem = no_token_problem(file, settings)
     if problem is not None:
@@ -216,7 +228,8 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
         for line in problems:
             print(line, file=err)
         return 2
-    print(f"{file}: OK", file=out)
+    checked = file if file.exists() else f"environment ({file}: no such file)"
+    print(f"{checked}: OK", file=out)
     for line in summary(settings):
         print(line, file=out)
     warnings = [

@@ -142,9 +142,32 @@ def test_check_config_without_a_file_says_how_to_give_one_as_run_does(
     hint = "give the file with --config PATH or $AUTOSCALER_CONFIG"
     assert problem.endswith(hint)
     assert check_config(None) == 2
-    assert capsys.readouterr() == ("", f"config/autoscaler.yaml: no such file; {hint}\n")
+    assert capsys.readouterr() == ("", f"{problem}\n")
     assert check_config("nope.yaml") == 2
     assert capsys.readouterr().err == "nope.yaml: no such file\n"
+
+
+def test_check_config_without_a_file_checks_the_environment_as_run_runs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` starts without config/autoscaler.yaml on settings from the environment
+    (AUTOSCALER_APPS, ...); check-config refused them ("no such file"), so what ran could
+    not be checked. It checks them now: OK, and their problems as `run` says them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOSCALER_CONFIG", raising=False)
+    web = '{"name": "web", "hosts": ["web.test"], "backends": ["127.0.0.1:9"]}'
+    monkeypatch.setenv("AUTOSCALER_APPS", f"[{web}]")
+    assert check_config(None) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("environment (config/autoscaler.yaml: no such file): OK\n")
+    assert "web.test" in out
+    assert err == ""
+    monkeypatch.setenv("AUTOSCALER_PROXY__LISTEN", "127.0.0.1:9091")  # admin.listen
+    with capture_logs() as logs:
+        assert run(None) == 2
+    [problem] = [e["problem"] for e in logs if e["event"] == "config_invalid"]
+    assert check_config(None) == 2
+    assert capsys.readouterr() == ("", f"{problem}\n")
 
 
 async def test_run_warns_of_an_app_no_request_is_routed_to_as_check_config_does(
@@ -321,11 +344,12 @@ async def test_check_config_fails_when_the_api_refuses_the_token(
 
 @pytest.mark.usefixtures("no_fly_token")
 async def test_check_config_fails_on_an_app_the_api_does_not_have(
-    emulator: Emulator, tmp_path: Path
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An app name the Machines API does not know (404: a typo, another organization's
     app) passed check-config (exit 0) with a warning that it could not check Fly's
-    autostop, and `run` failed every tick of it. The apps it has are fine."""
+    autostop, and `run` failed every tick of it. The apps it has are fine. Apps set by
+    AUTOSCALER_APPS (over the file, or without one) are said to come from there."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=1))
     fly = f"fly: {{api_url: '{emulator.url}', token: {emulator.token}, rate_limit: false}}\n"
     apps = "apps: [{name: web, hosts: [web.test]}, {name: wbe, hosts: [wbe.test]}]\n"
@@ -339,6 +363,10 @@ async def test_check_config_fails_on_an_app_the_api_does_not_have(
         " (list_machines: HTTP 404: "
     ), line
     assert emulator.token not in line
+    monkeypatch.setenv("AUTOSCALER_APPS", '[{"name": "wbe", "hosts": ["wbe.test"]}]')
+    err = io.StringIO()
+    assert await asyncio.to_thread(check_config, str(path), io.StringIO(), err) == 2
+    assert err.getvalue().startswith("environment: AUTOSCALER_APPS: apps[0].name: ")
 
 
 @pytest.mark.usefixtures("no_fly_token")
