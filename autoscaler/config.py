@@ -1320,12 +1320,15 @@ class Settings(BaseSettings):
                 why = listen_overlap(a, b, resolved)
                 if why is None:
                     continue
-                shown = f"{other_value}; {why}" if why else other_value
+                # Each key may be set elsewhere (the file, the environment, the command
+                # line): the line starts with where the first was, and names the other's.
+                shown = f"{other_value}{_OTHER_ORIGIN}" + (f"; {why}" if why else "")
                 problems.append(
                     _KeyError(
                         key,
                         f"{value} is {other}'s address too ({shown}): the second of the two"
                         " servers could not listen; give each its own port",
+                        other=other,
                     )
                 )
         return problems
@@ -1346,16 +1349,33 @@ class Settings(BaseSettings):
         return [s for s in found if s]
 
 
+_OTHER_ORIGIN = "\x00"
+"""Where a _KeyError's message names the origin of its ``other`` key's value."""
+
+
 class _KeyError(ValueError):
     """A cross-field problem that belongs to one key path. ``cause`` is the key path whose
     value brought it about, when that is another (admin.token, missing, is required by
-    admin.listen's value): where that value came from is where the line points."""
+    admin.listen's value): where that value came from is where the line points. ``other``
+    is a second key path the problem is about (the other of two listen addresses that
+    clash), which may be set elsewhere than the first: where its value came from is said
+    in the message, at :data:`_OTHER_ORIGIN` (``text``)."""
 
-    def __init__(self, path: str, message: str, cause: str | None = None) -> None:
-        super().__init__(f"{path}: {message}")
+    def __init__(
+        self, path: str, message: str, cause: str | None = None, *, other: str | None = None
+    ) -> None:
+        super().__init__(f"{path}: {message.replace(_OTHER_ORIGIN, '')}")
         self.path = path
         self.message = message
         self.cause = cause or path
+        self.other = other
+
+    def text(self, named: Callable[[KeyPath], str] | None) -> str:
+        """The line, the ``other`` key's origin named by ``named`` (_Origin.named)."""
+        if named is None or self.other is None:
+            return str(self)
+        origin = named(_parse_key_path(self.other))
+        return f"{self.path}: {self.message.replace(_OTHER_ORIGIN, origin)}"
 
 
 class _KeyErrors(ValueError):
@@ -1689,7 +1709,8 @@ def load_settings(
         # pydantic-settings decodes a list or a section given in one variable as JSON.
         raise ConfigError([_not_json(exc, env_vars)]) from None
     except ValidationError as exc:
-        items = _error_items(exc)
+        origin = _Origin(file, lines, env_vars, overrides or {}, environ)
+        items = _error_items(exc, origin.named)
         checked_across = any(
             isinstance(e.get("ctx", {}).get("error"), _KeyErrors) for e in exc.errors()
         )
@@ -1701,7 +1722,6 @@ def load_settings(
                 (_parse_key_path(e.cause), str(e))
                 for e in _file_app_problems(base, fly_names=serving)
             ]
-        origin = _Origin(file, lines, env_vars, overrides or {}, environ)
         raise ConfigError([f"{origin.where(loc)}: {text}" for loc, text in items]) from None
     finally:
         _SERVING.reset(serving_token)
@@ -1778,22 +1798,27 @@ _SECRET_FIELDS = frozenset({"token", "redis_url"})
 _MAPPING_ERRORS = frozenset({"model_type", "model_attributes_type", "dict_type"})
 
 
-def _error_items(exc: ValidationError) -> list[tuple[KeyPath, str]]:
-    """``format_errors``, each line with the key path it is about."""
-    return [(loc, _hide_tokens(text)) for loc, text in _error_lines(exc)]
+def _error_items(
+    exc: ValidationError, named: Callable[[KeyPath], str] | None = None
+) -> list[tuple[KeyPath, str]]:
+    """``format_errors``, each line with the key path it is about; ``named`` says where
+    the value of a second key a line is about came from (_Origin.named)."""
+    return [(loc, _hide_tokens(text)) for loc, text in _error_lines(exc, named)]
 
 
-def _error_lines(exc: ValidationError) -> list[tuple[KeyPath, str]]:
+def _error_lines(
+    exc: ValidationError, named: Callable[[KeyPath], str] | None
+) -> list[tuple[KeyPath, str]]:
     items: list[tuple[KeyPath, str]] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         path = _key_path(loc)
         ctx_error = err.get("ctx", {}).get("error")
         if isinstance(ctx_error, _KeyError):
-            items.append((_parse_key_path(ctx_error.cause), str(ctx_error)))
+            items.append((_parse_key_path(ctx_error.cause), ctx_error.text(named)))
             continue
         if isinstance(ctx_error, _KeyErrors):
-            items += [(_parse_key_path(e.cause), str(e)) for e in ctx_error.errors]
+            items += [(_parse_key_path(e.cause), e.text(named)) for e in ctx_error.errors]
             continue
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -1877,6 +1902,29 @@ class _Origin:
     environ: Mapping[str, str]
 
     def where(self, loc: KeyPath) -> str:
+        given = self._given(loc)
+        if given is not None:
+            return given
+        for i in range(len(loc), 0, -1):
+            line = self.lines.get(loc[:i])
+            if line is not None:
+                return f"{self.file}:{line}"
+        return str(self.file)
+
+    def named(self, loc: KeyPath) -> str:
+        """Where the value of a second key an error line is about came from, as the line
+        says it after the value: its own file line (not its section's: a default in a
+        section the file has is no value of the file), or its default."""
+        given = self._given(loc)
+        if given == "command line":
+            return " from the command line"
+        if given is not None:
+            return f" from {given}"
+        line = self.lines.get(loc)
+        return f" at {self.file}:{line}" if line is not None else ", its default"
+
+    def _given(self, loc: KeyPath) -> str | None:
+        """The command line or the environment variable that set the key path, if one did."""
         if _within(self.overrides, loc):
             return "command line"
         names = {name.upper() for name in self.env_vars}
@@ -1893,11 +1941,7 @@ class _Origin:
         var = token_vars.get(tuple(loc[:2]))  # type: ignore[arg-type]
         if var is not None and self.environ.get(var):
             return f"environment: {var}"
-        for i in range(len(loc), 0, -1):
-            line = self.lines.get(loc[:i])
-            if line is not None:
-                return f"{self.file}:{line}"
-        return str(self.file)
+        return None
 
 
 def _within(data: Mapping[str, Any], loc: KeyPath) -> bool:

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -762,45 +763,78 @@ _TOKEN = "admin-t0ken-0123456789"
     ("text", "problem"),
     [
         ("proxy: {listen: '127.0.0.1:9091'}\n",
-         "proxy.listen: 127.0.0.1:9091 is admin.listen's address too (127.0.0.1:9091)"),
+         "proxy.listen: 127.0.0.1:9091 is admin.listen's address too (127.0.0.1:9091, its"
+         " default)"),
         ("proxy: {listen: 'localhost:9091'}\n",
-         "proxy.listen: localhost:9091 is admin.listen's address too (127.0.0.1:9091;"
-         " localhost is 127.0.0.1)"),
+         "proxy.listen: localhost:9091 is admin.listen's address too (127.0.0.1:9091, its"
+         " default; localhost is 127.0.0.1)"),
         ("proxy: {listen: '0.0.0.0:9091'}\n",
-         "proxy.listen: 0.0.0.0:9091 is admin.listen's address too (127.0.0.1:9091;"
-         " 0.0.0.0 is every IPv4 address of this host)"),
+         "proxy.listen: 0.0.0.0:9091 is admin.listen's address too (127.0.0.1:9091, its"
+         " default; 0.0.0.0 is every IPv4 address of this host)"),
         (f"proxy: {{listen: '[::1]:9091'}}\nadmin: {{listen: '[::]:9091', token: {_TOKEN}}}\n",
-         "proxy.listen: [::1]:9091 is admin.listen's address too ([::]:9091; :: is every IPv4"
-         " and IPv6 address of this host)"),
+         "proxy.listen: [::1]:9091 is admin.listen's address too ([::]:9091 at {path}:2; :: is"
+         " every IPv4 and IPv6 address of this host)"),
         # [::] is bound dual stack: it takes the IPv4 addresses too.
         ("proxy: {listen: '[::]:9091'}\n",
-         "proxy.listen: [::]:9091 is admin.listen's address too (127.0.0.1:9091; :: is every"
-         " IPv4 and IPv6 address of this host)"),
+         "proxy.listen: [::]:9091 is admin.listen's address too (127.0.0.1:9091, its default;"
+         " :: is every IPv4 and IPv6 address of this host)"),
         (f"proxy: {{listen: '0.0.0.0:9091'}}\nadmin: {{listen: '[::]:9091', token: {_TOKEN}}}\n",
-         "proxy.listen: 0.0.0.0:9091 is admin.listen's address too ([::]:9091; :: is every IPv4"
-         " and IPv6 address of this host)"),
+         "proxy.listen: 0.0.0.0:9091 is admin.listen's address too ([::]:9091 at {path}:2; :: is"
+         " every IPv4 and IPv6 address of this host)"),
         # The embedded emulator's, when it runs: fly.api_url embedded (or --emulator), or
         # unset with an app to scale (the demo; `run` wants --emulator then).
         ("fly: {api_url: embedded}\nproxy: {listen: '127.0.0.1:4280'}\n",
-         "proxy.listen: 127.0.0.1:4280 is emulator.listen's address too (127.0.0.1:4280)"),
+         "proxy.listen: 127.0.0.1:4280 is emulator.listen's address too (127.0.0.1:4280, its"
+         " default)"),
         ("apps: [{name: web}]\nadmin: {listen: '127.0.0.1:4280'}\n",
-         "admin.listen: 127.0.0.1:4280 is emulator.listen's address too (127.0.0.1:4280)"),
+         "admin.listen: 127.0.0.1:4280 is emulator.listen's address too (127.0.0.1:4280, its"
+         " default)"),
     ],
 )  # fmt: skip
 def test_two_servers_on_one_address_are_refused_naming_both_keys(
     tmp_path: Path, text: str, problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`check-config` said OK and `run` failed to start: "address in use"."""
+    """`check-config` said OK and `run` failed to start: "address in use". The line
+    starts with where the first key was set, and says where the other's value is from."""
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     (line,) = info.value.problems
     assert line.startswith(f"{path}:"), line
-    assert problem in line
+    assert problem.format(path=path) in line
     assert line.endswith(": the second of the two servers could not listen; give each its own port")
     apps = "" if "apps:" in text else "apps: [{name: web}]\n"
-    assert check_config(str(write(tmp_path, text + apps, "d.yaml"))) == 2
-    assert problem in capsys.readouterr().err
+    checked = write(tmp_path, text + apps, "d.yaml")
+    assert check_config(str(checked)) == 2
+    assert problem.format(path=checked) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "line"),
+    [
+        ({"AUTOSCALER_ADMIN__LISTEN": "127.0.0.1:9300"}, {},
+         "{path}:2: proxy.listen: 127.0.0.1:9300 is admin.listen's address too (127.0.0.1:9300"
+         " from environment: AUTOSCALER_ADMIN__LISTEN)"),
+        ({}, {"admin": {"listen": "127.0.0.1:9300"}},
+         "{path}:2: proxy.listen: 127.0.0.1:9300 is admin.listen's address too (127.0.0.1:9300"
+         " from the command line)"),
+        ({"AUTOSCALER_PROXY__LISTEN": "127.0.0.1:9301"}, {},
+         "environment: AUTOSCALER_PROXY__LISTEN: proxy.listen: 127.0.0.1:9301 is admin.listen's"
+         " address too (127.0.0.1:9301 at {path}:4)"),
+    ],
+    ids=["other-from-the-environment", "other-from-the-command-line", "first-from-the-environment"],
+)  # fmt: skip
+def test_a_clash_names_where_each_of_the_two_keys_was_set(
+    tmp_path: Path, env: dict[str, str], overrides: dict[str, Any], line: str
+) -> None:
+    """Two listen addresses that clash, one set in the file and the other by an
+    environment variable (or the command line): the line pointed at the first key's
+    origin alone (the file's line), and the reader looked for the other in the file."""
+    path = write(tmp_path, "proxy:\n  listen: 127.0.0.1:9300\nadmin:\n  listen: 127.0.0.1:9301\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env, overrides=overrides)
+    (problem,) = info.value.problems
+    assert problem.startswith(line.format(path=path)), problem
 
 
 def test_a_clash_from_the_command_line_says_so() -> None:

@@ -541,17 +541,17 @@ def name_service(table: dict[str, list[str]]) -> Resolver:
     ("text", "problem"),
     [
         ("proxy: {listen: 'edge.test:9091'}\n",
-         "proxy.listen: edge.test:9091 is admin.listen's address too (127.0.0.1:9091;"
-         " edge.test is 127.0.0.1): the second of the two servers could not listen; give"
+         "proxy.listen: edge.test:9091 is admin.listen's address too (127.0.0.1:9091, its"
+         " default; edge.test is 127.0.0.1): the second of the two servers could not listen; give"
          " each its own port"),
         (f"proxy: {{listen: '0.0.0.0:9092'}}\nadmin: {{listen: 'ops.test:9092', {TOKEN}}}\n",
-         "proxy.listen: 0.0.0.0:9092 is admin.listen's address too (ops.test:9092; 0.0.0.0 is"
-         " every IPv4 address of this host): the second of the two servers could not listen;"
-         " give each its own port"),
-        (f"proxy: {{listen: 'edge.test:9092'}}\nadmin: {{listen: 'ops.test:9092', {TOKEN}}}\n",
-         "proxy.listen: edge.test:9092 is admin.listen's address too (ops.test:9092;"
-         " edge.test and ops.test are both 127.0.0.1): the second of the two servers could"
+         "proxy.listen: 0.0.0.0:9092 is admin.listen's address too (ops.test:9092 at {path}:2;"
+         " 0.0.0.0 is every IPv4 address of this host): the second of the two servers could"
          " not listen; give each its own port"),
+        (f"proxy: {{listen: 'edge.test:9092'}}\nadmin: {{listen: 'ops.test:9092', {TOKEN}}}\n",
+         "proxy.listen: edge.test:9092 is admin.listen's address too (ops.test:9092 at"
+         " {path}:2; edge.test and ops.test are both 127.0.0.1): the second of the two"
+         " servers could not listen; give each its own port"),
         ("proxy: {listen: 'gone.test:9092'}\n",
          "proxy.listen: host 'gone.test' does not resolve (Name or service not known): nothing"
          " could listen on gone.test:9092; give an IP address, or a name of this host"),
@@ -578,7 +578,8 @@ def test_run_and_check_config_resolve_the_listen_addresses_names(
     monkeypatch.setattr(autoscaler.check, "resolve_listen_host", hosts)
     path = write(tmp_path, text + APP)
     line = next(n for n, s in enumerate(text.splitlines(), 1) if s.startswith("proxy:"))
-    assert_refused_by_run_and_check_config(path, f"{path}:{line}: {problem}", capsys)
+    expected = f"{path}:{line}: {problem.format(path=path)}"
+    assert_refused_by_run_and_check_config(path, expected, capsys)
 
 
 def test_a_listen_name_is_taken_at_what_this_host_resolves_it_to(tmp_path: Path) -> None:
@@ -589,7 +590,7 @@ def test_a_listen_name_is_taken_at_what_this_host_resolves_it_to(tmp_path: Path)
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={}, resolve=resolve_listen_host)
     [problem] = info.value.problems
-    assert "(127.0.0.1:9091; localhost is 127.0.0.1)" in problem
+    assert "(127.0.0.1:9091, its default; localhost is 127.0.0.1)" in problem
     # Nor is a name resolved where no resolver is given (a reload, in the event loop).
     unresolved = write(tmp_path, "proxy: {listen: 'gone.test:9091'}\n")
     assert load_settings(unresolved, env={})[0].proxy.listen == "gone.test:9091"
