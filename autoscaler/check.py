@@ -6,7 +6,8 @@ When the configured Machines API answers, it also reads each scaled app's machin
 about Fly's own autostop/autostart on them (they would fight the autoscaler); when it cannot
 ask, it says so. Warnings do not change the exit status. What ``autoscaler run`` refuses
 to start on is a problem here too (exit 2): no app, an app to scale through Fly's API
-without a token, and a token that API refuses (401, 403); so is an app to scale that the
+without a token, cluster.redis_url without the Redis client, and a token that API refuses
+(401, 403); so is an app to scale that the
 API says does not exist (404: a typo in its name, or another organization's app), which
 ``run`` would tick in vain, every request to it held until its 504.
 """
@@ -35,7 +36,7 @@ from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import FlyError, NotFound, Unauthorized
 from autoscaler.scaling.keepalive import fallback_keep_s
-from autoscaler.service import unreachable
+from autoscaler.service import no_redis_problem, unreachable
 from autoscaler.status import columns
 
 API_TIMEOUT_S = 5.0
@@ -217,7 +218,7 @@ def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None
     if not settings.apps:
         print(no_apps_problem(file), file=err)
         return 2
-    problem = no_token_problem(file, settings)
+    problem = no_token_problem(file, settings) or no_redis_problem(file, settings)
     if problem is not None:
         print(problem, file=err)
         return 2

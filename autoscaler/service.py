@@ -123,6 +123,14 @@ NO_REDIS = (
 )
 
 
+def no_redis_problem(path: Path, settings: Settings) -> str | None:
+    """Why ``autoscaler run`` does not start for want of the Redis client (cluster mode
+    without the cluster extra), or None; check-config says it too."""
+    if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
+        return NO_REDIS.format(path=path)
+    return None
+
+
 class Service:
     """Everything ``autoscaler run`` runs, in one object.
 
@@ -588,8 +596,9 @@ def run(
         return 2
     # Without fly.api_url only static apps can run: nothing to scale, no API to call.
     without_api = settings.fly.api_url is None
-    if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
-        _log.error("config_invalid", problem=NO_REDIS.format(path=path))
+    problem = no_redis_problem(path, settings)
+    if problem is not None:
+        _log.error("config_invalid", problem=problem)
         return 2
     service = Service(
         settings, config, overrides=overrides, without_api=without_api, listen_hosts=hosts

@@ -170,6 +170,32 @@ def test_check_config_without_a_file_checks_the_environment_as_run_runs_it(
     assert capsys.readouterr() == ("", f"{problem}\n")
 
 
+def test_check_config_refuses_cluster_mode_without_the_redis_client_as_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cluster.redis_url without the cluster extra installed: `run` refuses to start
+    (exit 2), check-config said OK."""
+    import importlib.util
+
+    import autoscaler.service
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "redis" else find_spec(name, *a),
+    )
+    monkeypatch.setattr(autoscaler.service, "run_event_loop", lambda main: main.close())
+    static = "{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}"
+    path = write(tmp_path, f"cluster: {{redis_url: 'redis://127.0.0.1:9/0'}}\napps: [{static}]\n")
+    with capture_logs() as logs:
+        assert run(str(path)) == 2
+    [problem] = [e["problem"] for e in logs if e["event"] == "config_invalid"]
+    assert "the Redis client is not installed" in problem
+    assert check_config(str(path)) == 2
+    assert capsys.readouterr() == ("", f"{problem}\n")
+
+
 async def test_run_warns_of_an_app_no_request_is_routed_to_as_check_config_does(
     tmp_path: Path,
 ) -> None:
