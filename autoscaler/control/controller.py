@@ -43,7 +43,7 @@ from autoscaler.control.schedule import (
     overdue,
 )
 from autoscaler.control.view import AppView, Clock, FleetView
-from autoscaler.control.wake import WakeError, Waker
+from autoscaler.control.wake import WakeAbandoned, WakeError, Waker
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, RateLimited, Unauthorized
 from autoscaler.fly.models import Machine
@@ -682,7 +682,8 @@ class Controller:
         """Await a wake of ``app`` and count it in ``autoscaler_wakes_total`` by how it
         ended: ok (it returned, "none" included: a machine was routable already, or a
         drain was taken back), failed (it raised; logged as ``wake_failed``) or cancelled
-        (a stop, a step-down, a reload that removed the app). An app not scaled here when
+        (a stop, a step-down, a reload that removed the app; a follower's wake whose
+        requests all left: WakeAbandoned, not logged). An app not scaled here when
         the wake began is not counted: its series are not ours to make. One that was is
         counted however it ends: a reload that removes the app lets go of it before it
         cuts its wake short, and that wake, read as no longer ours, went uncounted.
@@ -696,7 +697,7 @@ class Controller:
             return await wake
         try:
             how = await wake
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, WakeAbandoned):
             self._count_wake(app, "cancelled", asked)
             raise
         except Exception as exc:

@@ -55,7 +55,7 @@ from autoscaler.control.fencing import WAKE_FENCE, Fence, FencedAPI
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import Budget
 from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo, Upstream
-from autoscaler.control.wake import AppMissing, WakeError, app_missing
+from autoscaler.control.wake import AppMissing, WakeAbandoned, WakeError, app_missing
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, NotFound
 from autoscaler.logs import get_logger
@@ -1022,7 +1022,7 @@ class Replica:
                     self._redis_trouble(exc)
             elif now >= self_wake_at:
                 if view.queued == 0:  # the clients left: wake nothing for them
-                    raise WakeError(f"no request of {app} waits for a machine any more")
+                    raise WakeAbandoned(f"no request of {app} waits for a machine any more")
                 result = await self._claimed_wake(app)
                 if result == "none" and (routable := view.routable()):
                     # Its read found a machine up that another replica woke meanwhile:

@@ -91,6 +91,12 @@ class WakeError(Exception):
     """No machine of the app could be made routable (none exists, or all failed)."""
 
 
+class WakeAbandoned(WakeError):
+    """No request waits for the wake any more (its clients left before a machine was
+    woken for them): cut short, not failed. Counted as ``cancelled`` and logged as no
+    failure, as a wake cut short by a stop is; a ``failed`` count would page for it."""
+
+
 class AppMissing(WakeError):
     """The Machines API has no such app (a 404 on its list of machines: a typo in
     ``apps[].name``, another organization's app, an app destroyed). No wake brings a
