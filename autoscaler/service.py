@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import importlib.util
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -108,6 +109,12 @@ def unreachable(settings: Settings) -> dict[str, str]:
     }
 
 
+WORKER_ENV = "_AUTOSCALER_WORKER"
+"""The worker's index, which the ``run --workers`` supervisor gives each worker (outside
+``AUTOSCALER_*``: not a setting). The workers share one configuration: its warnings
+(``app_unreachable``) are logged by worker 0 alone, not once by each."""
+
+
 def warn_unreachable(settings: Settings) -> None:
     """Log :func:`unreachable`'s apps, one line each: check-config warned of them, and
     ``run``, which is often given a config that was never checked, said nothing."""
@@ -152,8 +159,11 @@ class Service:
         emulator_port: int | None = None,
         without_api: bool = False,
         listen_hosts: ListenHosts | None = None,
+        worker: int = 0,
     ) -> None:
         self.settings = settings
+        self.worker = worker
+        """Its index under ``run --workers`` (:data:`WORKER_ENV`); 0 in one process."""
         self.without_api = without_api
         """No Machines API (``autoscaler run`` on a config without ``fly.api_url`` whose apps
         are all static): no emulator either, and a reload that adds a scaled app is refused."""
@@ -208,7 +218,7 @@ class Service:
 
     async def _start(self) -> None:
         s = self.settings
-        warn_unreachable(s)
+        self._warn_unreachable(s)
         if self.without_api:
             self.client = MachinesClient.unconfigured(observer=self.metrics.observe_api)
         elif not s.fly.embedded:
@@ -412,7 +422,7 @@ class Service:
             self.metrics.control_max_tick_age.set(self.admin.max_tick_age_s)
         self.metrics.config_reloads.labels(result="success").inc()
         _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
-        warn_unreachable(new)
+        self._warn_unreachable(new)
         if self.emulator is not None:
             self._warn_lacking(new)
         if not new.apps:
@@ -423,6 +433,12 @@ class Service:
                 " lists apps again; a restart on this file is refused",
             )
         return True
+
+    def _warn_unreachable(self, settings: Settings) -> None:
+        """:func:`warn_unreachable`, by worker 0 only under ``run --workers`` (each worker
+        loads the same file: the warning came N times per start and reload)."""
+        if self.worker == 0:
+            warn_unreachable(settings)
 
     def _warn_lacking(self, settings: Settings) -> None:
         """Say which apps to scale the embedded emulator does not have (every call for them
@@ -601,7 +617,12 @@ def run(
         _log.error("config_invalid", problem=problem)
         return 2
     service = Service(
-        settings, config, overrides=overrides, without_api=without_api, listen_hosts=hosts
+        settings,
+        config,
+        overrides=overrides,
+        without_api=without_api,
+        listen_hosts=hosts,
+        worker=int(os.environ.get(WORKER_ENV, "0")),
     )
     service.freeze_heap = True
     _log.info("config_loaded", path=str(path))

@@ -56,7 +56,7 @@ from autoscaler.config import (
     resolve_listen_host,
 )
 from autoscaler.logs import get_logger
-from autoscaler.service import load_or_report
+from autoscaler.service import WORKER_ENV, load_or_report
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0
@@ -171,6 +171,7 @@ def supervise(
             "AUTOSCALER_PROXY__REUSE_PORT": "true",
             # Distinct replicas: each worker reports its own load and may lead.
             "AUTOSCALER_CLUSTER__REPLICA_ID": f"{base_id}/w{i}",
+            WORKER_ENV: str(i),  # worker 0 alone logs the configuration's warnings
         }
         proc = subprocess.Popen(  # noqa: S603 - this interpreter, our own module
             argv,

@@ -218,7 +218,8 @@ async def test_workers_serve_static_apps_without_a_machines_api(
     redis_server: str, key_prefix: str, tmp_path: Path, aiohttp_server: Any
 ) -> None:
     """As plain `run` does (config/static.yaml): `run --workers 2` refused a config whose
-    apps are all static for want of fly.api_url, which they never call."""
+    apps are all static for want of fly.api_url, which they never call. The warning of
+    an app no request reaches is logged once, not by every worker."""
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="static")
@@ -236,7 +237,9 @@ async def test_workers_serve_static_apps_without_a_machines_api(
             "admin": {"listen": f"127.0.0.1:{admin}"},
             "cluster": {"redis_url": redis_server, "lease_ttl_s": 1, "key_prefix": key_prefix},
             "apps": [
-                {"name": "web", "hosts": ["web.test"], "backends": [f"127.0.0.1:{backend.port}"]}
+                {"name": "web", "hosts": ["web.test"], "backends": [f"127.0.0.1:{backend.port}"]},
+                # No hosts, not the default app: app_unreachable, at the start and reload.
+                {"name": "api", "backends": [f"127.0.0.1:{backend.port}"]},
             ],
         },
     )
@@ -258,11 +261,17 @@ async def test_workers_serve_static_apps_without_a_machines_api(
                     headers={"Host": "web.test", "Connection": "close"},
                 ) as resp:
                     assert (resp.status, await resp.text()) == (200, "static")
+            proc.send_signal(signal.SIGHUP)
+            for i in (0, 1):
+                await reloaded(http, admin + i, proc)
     finally:
         code, err = await terminated(proc, output)
     assert code == 0, err
     assert err.count('"worker_started"') == 2, err
     assert '"fly_api"' not in err  # no call at all
+    # Each worker loads the same file: worker 0 alone says what is wrong with it, once at
+    # the start and once at the reload (each worker said it: four lines).
+    assert err.count('"app_unreachable"') == 2, err
 
 
 def test_workers_with_an_app_to_scale_need_a_machines_api(tmp_path: Path) -> None:
@@ -457,6 +466,28 @@ def test_tcp_migrate_req_hands_a_closing_listeners_queue_to_the_others(
     assert (accepted == queued) is all_accepted, done.stdout
 
 
+async def reloaded(
+    http: aiohttp.ClientSession, admin: int, proc: asyncio.subprocess.Process
+) -> None:
+    """Wait until the worker whose admin server is on ``admin`` has reloaded once, its
+    group (``proc``, the supervisor) running all along; fail after 30 s."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    text = ""
+    while True:
+        try:
+            async with http.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                text = await resp.text()
+            if re.search(r'reloads_total\{[^}]*result="success"\} 1\.0', text):
+                return
+        except aiohttp.ClientError:
+            pass
+        assert proc.returncode is None, "the group stopped"
+        seen = [ln for ln in text.splitlines() if "reloads" in ln]
+        assert loop.time() - start < 30, f"the worker on {admin} did not reload: {seen}"
+        await asyncio.sleep(0.1)
+
+
 async def test_a_sighup_while_the_workers_start_reloads_them_instead_of_killing(
     emulator: Emulator, redis_server: str, key_prefix: str, tmp_path: Path
 ) -> None:
@@ -466,7 +497,6 @@ async def test_a_sighup_while_the_workers_start_reloads_them_instead_of_killing(
     proc, _, admin = await two_workers(emulator, redis_server, key_prefix, tmp_path)
     assert proc.stdout is not None
     lines: list[str] = []
-    text = ""
     try:
         while True:
             line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
@@ -477,22 +507,8 @@ async def test_a_sighup_while_the_workers_start_reloads_them_instead_of_killing(
                 break
         output = asyncio.ensure_future(proc.stdout.read())
         async with aiohttp.ClientSession() as http:
-            loop = asyncio.get_running_loop()
-            start = loop.time()
             for i in (0, 1):
-                while True:
-                    try:
-                        url = f"http://127.0.0.1:{admin + i}/metrics"
-                        async with http.get(url) as resp:
-                            text = await resp.text()
-                        if re.search(r'reloads_total\{[^}]*result="success"\} 1\.0', text):
-                            break
-                    except aiohttp.ClientError:
-                        pass
-                    assert proc.returncode is None, "the group stopped"
-                    seen = [ln for ln in text.splitlines() if "reloads" in ln]
-                    assert loop.time() - start < 30, f"worker {i} did not reload: {seen}"
-                    await asyncio.sleep(0.1)
+                await reloaded(http, admin + i, proc)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
