@@ -47,7 +47,10 @@ from autoscaler.logs import get_logger
 
 DEMO_IMAGE = "autoscaler/demo-app"
 DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {port}"
-DEFAULT_MAX_RETRIES = 10  # Fly's default for on-failure
+# Fly's default for a config without a restart policy (as `fly launch` and `fly deploy`
+# create them, and any with a schedule): restart a process that exits non-zero, 10 times.
+DEFAULT_RESTART_POLICY = "on-failure"
+DEFAULT_MAX_RETRIES = 10
 STOP_TIMEOUT_S = 30.0  # a stop's or restart's without one (call or stop_config); Fly: 5 min
 UPDATE_STOP_TIMEOUT_S = 5.0  # an update's stop of the running version, as before
 # Never handed to a machine: a real Fly machine does not see your API token either.
@@ -626,7 +629,7 @@ class Lifecycle:
             return  # stopped on purpose, or a boot that _boot reports itself
         self.record(m, "stopped", "exit", source="flyd", request=exit_event(code, False))
         restart = m.config.get("restart") or {}
-        policy = restart.get("policy") or "no"
+        policy = restart.get("policy") or DEFAULT_RESTART_POLICY
         retries = restart.get("max_retries", DEFAULT_MAX_RETRIES)
         if policy == "always" or (policy == "on-failure" and code != 0 and m.restarts < retries):
             m.restarts += 1

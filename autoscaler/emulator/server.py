@@ -182,7 +182,8 @@ class Emulator:
         return list(self.world.lifecycle.spawned)
 
     def kill_machine_process(self, app: str, machine_id: str, sig: int = signal.SIGKILL) -> bool:
-        """Simulate a crash; the machine then stops (or restarts, per its policy)."""
+        """Simulate a crash; the machine then restarts or stops, per its restart policy
+        (without one Fly's default, ``on-failure``, restarts it)."""
         return self.world.lifecycle.kill_process(self.world.machine(app, machine_id), sig)
 
     @property

@@ -161,7 +161,8 @@ class World:
                     "ports": [{"port": 80, "handlers": ["http"]}],
                 }
             ],
-            # No restart policy: a crashed machine stops, which is what scaling tests need.
+            # No restart policy, as `fly launch` leaves it: Fly's default (on-failure)
+            # restarts a crashed machine, up to 10 times.
         }
         if is_demo_image(spec.image):
             # Its check, as fly.toml's [[http_service.checks]] declares one: a check of the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import aiohttp
 import pytest
@@ -79,7 +80,7 @@ async def test_stop_then_start_is_a_cold_boot(emulator: Emulator) -> None:
 
 async def test_crash_stops_the_machine_with_an_exit_event(emulator: Emulator) -> None:
     async with session(emulator) as s:
-        m = await new_machine(s)
+        m = await new_machine(s, restart={"policy": "no"})
         mid = m["id"]
         assert emulator.kill_machine_process("demo", mid)
         await wait_ok(s, "demo", mid, "stopped")
@@ -105,6 +106,32 @@ async def test_restart_policy_always_brings_a_crashed_machine_back(emulator: Emu
             ("restart", "starting"),
             ("exit", "stopped"),
         ]
+
+
+async def test_no_restart_policy_restarts_a_crash_as_flys_on_failure(emulator: Emulator) -> None:
+    # Fly's default without a policy (machines of `fly launch` and `fly deploy`): a process
+    # that exits non-zero is started again, up to max_retries (10 unless set), then stops.
+    async with session(emulator) as s:
+        m = await new_machine(s, restart={"max_retries": 1})
+        mid = m["id"]
+        machine = emulator.machine("demo", mid)
+        emulator.kill_machine_process("demo", mid)
+        await until(machine, lambda x: x.state == "started" and x.events[-2].type == "restart")
+        emulator.kill_machine_process("demo", mid)  # the retry spent: it stays stopped
+        await wait_ok(s, "demo", mid, "stopped")
+        assert [(e.type, e.status) for e in machine.events[-4:]] == [
+            ("exit", "stopped"),
+            ("restart", "starting"),
+            ("start", "started"),
+            ("exit", "stopped"),
+        ]
+        # A user's start gives it its retries again, but a clean exit (code 0) is no failure.
+        await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        await wait_ok(s, "demo", mid)
+        emulator.kill_machine_process("demo", mid, signal.SIGTERM)  # the demo app exits 0
+        await wait_ok(s, "demo", mid, "stopped")
+        assert machine.events[-1].type == "exit"
+        assert machine.events[-1].request["exit_event"]["exit_code"] == 0
 
 
 async def test_wait_times_out_with_408_and_an_error(emulator: Emulator) -> None:
@@ -174,7 +201,7 @@ async def test_crash_after_fault_kills_started_machines(emulator: Emulator) -> N
     emulator.set_faults(FaultSettings(crash_after_s=0.2))
     async with session(emulator) as s:
         await create_app(s)
-        m = await create_machine(s)
+        m = await create_machine(s, restart={"policy": "no"})  # (Fly's default restarts it)
         await wait_ok(s, "demo", m["id"], "stopped")
         assert emulator.machine("demo", m["id"]).events[-1].type == "exit"
 
@@ -229,7 +256,8 @@ async def test_update_keeps_a_stopped_machine_stopped(emulator: Emulator) -> Non
 @pytest.mark.parametrize("how", ["crash", "stop"])
 async def test_auto_destroy_removes_a_machine_that_exits(emulator: Emulator, how: str) -> None:
     async with session(emulator) as s:
-        m = await new_machine(s, auto_destroy=True)
+        # Without a policy a crash is restarted (Fly's on-failure): destroyed once it stops.
+        m = await new_machine(s, auto_destroy=True, restart={"policy": "no"})
         mid = m["id"]
         if how == "crash":
             emulator.kill_machine_process("demo", mid)
