@@ -504,7 +504,11 @@ class ClusterLoad:
 def _reporter(report: Report) -> str:
     """Whose load a report is: the replica, and its boot (a restarted replica counts from
     zero again)."""
-    return f"{report.replica}#{report.boot}"
+    return _reporter_key(report.replica, report.boot)
+
+
+def _reporter_key(replica: str, boot: str) -> str:
+    return f"{replica}#{boot}"
 
 
 def connect(url: str, ttl_s: float) -> Any:
@@ -809,7 +813,8 @@ class Cluster:
             else:
                 changed = frozenset()
             seen.gen = _int(header["gen"])
-            self.lease.observe(_int(header["fence"]) or 0)
+            fence = _int(header["fence"]) or 0
+            self.lease.observe(fence)
             others[rid] = Report(
                 replica=rid,
                 boot=seen.boot,
@@ -818,7 +823,7 @@ class Cluster:
                 read_at=now,
                 loads=dict(seen.loads),
                 fleet=dict(seen.fleet),
-                fence=_int(header["fence"]) or 0,
+                fence=fence,
                 now=seen.now,
                 fleet_changed=changed,
                 settled=self._settled_of(rid, seen.boot, header["settled"]),
@@ -920,7 +925,7 @@ class Cluster:
         """The whole cluster's load on ``app`` since the previous call (the leader's tick)."""
         area, _ = self.local.take(app, meter, now)
         peak = self.local.pop_peak(app)
-        key = f"{self.replica_id}#{self.boot}"
+        key = _reporter_key(self.replica_id, self.boot)
         return self.load.sample(app, now, (key, area, meter.level, peak), self.others)
 
     def remote_in_flight(self, app: str) -> dict[str, int]:
