@@ -28,15 +28,16 @@ from autoscaler.config import (
     Settings,
     load_settings,
     no_apps_problem,
+    no_redis_problem,
     no_token_problem,
     resolve_listen_host,
     shown_url,
+    unreachable,
 )
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import FlyError, NotFound, Unauthorized
 from autoscaler.scaling.keepalive import fallback_keep_s
-from autoscaler.service import no_redis_problem, unreachable
 from autoscaler.status import columns
 
 API_TIMEOUT_S = 5.0

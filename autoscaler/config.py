@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -79,6 +80,32 @@ def no_apps_problem(path: str | os.PathLike[str]) -> str:
             f" route or scale; {GIVE_THE_FILE}"
         )
     return NO_APPS.format(path=path)
+
+
+def unreachable(settings: Settings) -> dict[str, str]:
+    """Apps no request is routed to, each with what to do: the proxy routes by Host header,
+    so an app without hosts is reached only as proxy.default_app (every other request for
+    it is a 404). ``check-config`` warns of them, and ``run`` at its start and each reload."""
+    return {
+        app.name: f"app {app.name}: no hosts, and not proxy.default_app, so no request is"
+        f" routed to it; give it apps[{i}].hosts, or make it proxy.default_app"
+        for i, app in enumerate(settings.apps)
+        if not app.hosts and app.name != settings.proxy.default_app
+    }
+
+
+NO_REDIS = (
+    "{path}: cluster.redis_url is set but the Redis client is not installed: install the"
+    " cluster extra (pip install 'autoscaler[cluster]')"
+)
+
+
+def no_redis_problem(path: Path, settings: Settings) -> str | None:
+    """Why ``autoscaler run`` does not start for want of the Redis client (cluster mode
+    without the cluster extra), or None; check-config says it too."""
+    if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
+        return NO_REDIS.format(path=path)
+    return None
 
 
 def no_token_problem(path: str | os.PathLike[str], settings: Settings) -> str | None:

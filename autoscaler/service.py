@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import importlib.util
 import os
 import signal
 import time
@@ -45,9 +44,11 @@ from autoscaler.config import (
     Settings,
     load_settings,
     no_apps_problem,
+    no_redis_problem,
     no_token_problem,
     parse_host_port,
     resolve_listen_host,
+    unreachable,
 )
 from autoscaler.control.controller import Controller, freeze_heap
 from autoscaler.control.schedule import stalled_after_s
@@ -97,18 +98,6 @@ def start_problem(path: Path, settings: Settings) -> str | None:
     return no_token_problem(path, settings)
 
 
-def unreachable(settings: Settings) -> dict[str, str]:
-    """Apps no request is routed to, each with what to do: the proxy routes by Host header,
-    so an app without hosts is reached only as proxy.default_app (every other request for
-    it is a 404). ``check-config`` warns of them, and ``run`` at its start and each reload."""
-    return {
-        app.name: f"app {app.name}: no hosts, and not proxy.default_app, so no request is"
-        f" routed to it; give it apps[{i}].hosts, or make it proxy.default_app"
-        for i, app in enumerate(settings.apps)
-        if not app.hosts and app.name != settings.proxy.default_app
-    }
-
-
 WORKER_ENV = "_AUTOSCALER_WORKER"
 """The worker's index, which the ``run --workers`` supervisor gives each worker (outside
 ``AUTOSCALER_*``: not a setting). The workers share one configuration: its warnings
@@ -123,19 +112,6 @@ def warn_unreachable(settings: Settings) -> None:
 
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-
-NO_REDIS = (
-    "{path}: cluster.redis_url is set but the Redis client is not installed: install the"
-    " cluster extra (pip install 'autoscaler[cluster]')"
-)
-
-
-def no_redis_problem(path: Path, settings: Settings) -> str | None:
-    """Why ``autoscaler run`` does not start for want of the Redis client (cluster mode
-    without the cluster extra), or None; check-config says it too."""
-    if settings.cluster.redis_url is not None and importlib.util.find_spec("redis") is None:
-        return NO_REDIS.format(path=path)
-    return None
 
 
 class Service:
