@@ -56,3 +56,14 @@ def test_every_required_alert_is_shipped_and_unit_tested() -> None:
         if case["exp_alerts"]
     }
     assert fired == shipped
+
+
+def test_queue_rejections_stand_down_on_the_wake_failed_condition_itself() -> None:
+    """AutoscalerQueueRejections stands down while AutoscalerWakeFailed's condition holds,
+    written again after its ``unless on (app)`` (a rule cannot name another's expression):
+    an edit of one that the other does not follow would page twice again, or hide
+    rejections no alert explains."""
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    expr = {rule["alert"]: " ".join(rule["expr"].split()) for g in groups for rule in g["rules"]}
+    _, _, stand_down = expr["AutoscalerQueueRejections"].partition(" unless on (app) ")
+    assert stand_down == f"( {expr['AutoscalerWakeFailed']} )"
