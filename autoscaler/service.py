@@ -100,8 +100,9 @@ def start_problem(path: Path, settings: Settings) -> str | None:
 
 WORKER_ENV = "_AUTOSCALER_WORKER"
 """The worker's index, which the ``run --workers`` supervisor gives each worker (outside
-``AUTOSCALER_*``: not a setting). The workers share one configuration: its warnings
-(``app_unreachable``) are logged by worker 0 alone, not once by each."""
+``AUTOSCALER_*``: not a setting). The workers share one configuration: what is said of it
+(``config_loaded``, a reload's lines, ``app_unreachable``) is logged by worker 0 alone, not
+once by each (:attr:`Service.speaks_for_config`)."""
 
 
 def warn_unreachable(settings: Settings) -> None:
@@ -140,6 +141,11 @@ class Service:
         self.settings = settings
         self.worker = worker
         """Its index under ``run --workers`` (:data:`WORKER_ENV`); 0 in one process."""
+        self.speaks_for_config = worker == 0
+        """Whether it logs what concerns the configuration file (its load, a reload's
+        outcome, the warnings of its content): the workers of ``run --workers`` each load
+        the same file, and every such line came once per worker. What concerns the
+        process alone (``started``, ``config_reload_crashed``, ...) every worker logs."""
         self.without_api = without_api
         """No Machines API (``autoscaler run`` on a config without ``fly.api_url`` whose apps
         are all static): no emulator either, and a reload that adds a scaled app is refused."""
@@ -344,32 +350,26 @@ class Service:
             known = self.listen_hosts.known if self.listen_hosts is not None else None
             new, path = load_settings(self.config_path, overrides=self.overrides, resolve=known)
         except ConfigError as exc:
-            self.metrics.config_reloads.labels(result="error").inc()
-            _log.error("config_reload_rejected", problems=exc.problems)
-            return False
+            return self._rejected(exc.problems)
         if self.without_api and _scaled(new):
             # Started without a Machines API, which a reload cannot add (fly.* needs a
             # restart): an app to scale would fail every call.
             problem = _no_api_url(path, new)
             if new.fly.api_url is not None:
                 problem = f"{path}: fly.api_url was set after the start: restart to scale apps"
-            self.metrics.config_reloads.labels(result="error").inc()
-            _log.error("config_reload_rejected", problems=[problem])
-            return False
+            return self._rejected([problem])
         # Likewise the client's token: started without one (static apps alone), an app to
         # scale would get a 401 on every call.
         tokenless = no_token_problem(path, new.model_copy(update={"fly": self.settings.fly}))
         if tokenless is not None:
             if new.fly.token is not None:
                 tokenless = f"{path}: fly.token was set after the start: restart to scale apps"
-            self.metrics.config_reloads.labels(result="error").inc()
-            _log.error("config_reload_rejected", problems=[tokenless])
-            return False
+            return self._rejected([tokenless])
         old = self.settings
         fixed = [k for k in _RESTART_ONLY if getattr(old, k) != getattr(new, k)]
         if old.proxy.listen != new.proxy.listen:
             fixed.append("proxy.listen")
-        if fixed:
+        if fixed and self.speaks_for_config:
             _log.warning("config_reload_needs_restart", sections=fixed)
         for secret in new.secrets():
             redactor().add(secret)
@@ -397,11 +397,12 @@ class Service:
             self.admin.max_tick_age_s = _stalled_after_s(new)
             self.metrics.control_max_tick_age.set(self.admin.max_tick_age_s)
         self.metrics.config_reloads.labels(result="success").inc()
-        _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
+        if self.speaks_for_config:
+            _log.info("config_reloaded", path=str(path), apps=[a.name for a in new.apps])
         self._warn_unreachable(new)
         if self.emulator is not None:
             self._warn_lacking(new)
-        if not new.apps:
+        if not new.apps and self.speaks_for_config:
             _log.warning(
                 "no_apps",
                 path=str(path),
@@ -410,10 +411,19 @@ class Service:
             )
         return True
 
+    def _rejected(self, problems: list[str]) -> Literal[False]:
+        """A reload refused: counted, and said by the process that speaks for the file
+        (:attr:`speaks_for_config`); False, for ``reload`` to return."""
+        self.metrics.config_reloads.labels(result="error").inc()
+        if self.speaks_for_config:
+            _log.error("config_reload_rejected", problems=problems)
+        return False
+
     def _warn_unreachable(self, settings: Settings) -> None:
-        """:func:`warn_unreachable`, by worker 0 only under ``run --workers`` (each worker
-        loads the same file: the warning came N times per start and reload)."""
-        if self.worker == 0:
+        """:func:`warn_unreachable`, if this process speaks for the configuration (each
+        worker of ``run --workers`` loads the same file: the warning came N times per start
+        and reload)."""
+        if self.speaks_for_config:
             warn_unreachable(settings)
 
     def _warn_lacking(self, settings: Settings) -> None:
@@ -601,7 +611,8 @@ def run(
         worker=int(os.environ.get(WORKER_ENV, "0")),
     )
     service.freeze_heap = True
-    _log.info("config_loaded", path=str(path))
+    if service.speaks_for_config:
+        _log.info("config_loaded", path=str(path))
     try:
         run_event_loop(service.run())
     except StateFileError as exc:  # emulator.state_file

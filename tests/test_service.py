@@ -25,7 +25,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from reliability.harness import child_env, live_service, write_config  # tests/ is on sys.path
+from reliability.harness import (
+    child_env,
+    live_service,
+    metric,
+    write_config,
+)  # tests/ is on sys.path
 from structlog.testing import capture_logs
 from testkit import free_port, signal_on_import, until
 
@@ -977,3 +982,46 @@ async def test_a_service_without_an_api_refuses_a_reload_that_adds_an_app_to_sca
         assert [a.name for a in svc.settings.apps] == ["web"]
         file.write_text(f"apps: [{static.replace('web.test', 'www.test')}]\n")
         assert await svc.reload()  # static apps alone still reload
+
+
+async def test_under_workers_only_worker_0_says_what_concerns_the_shared_file(
+    tmp_path: Path,
+) -> None:
+    """The workers of ``run --workers`` each load the same file: every line about it (a
+    reload applied, rejected, needing a restart, emptying the apps) came once per worker.
+    Worker 0 says them; another worker reloads as well (its metric counts), silently."""
+    file = tmp_path / "static.yaml"
+    said = {
+        "app_unreachable",
+        "config_reloaded",
+        "config_reload_needs_restart",
+        "config_reload_rejected",
+        "no_apps",
+    }
+    events: dict[int, list[str]] = {}
+    for worker in (0, 1):
+        # An app no request reaches (api); then a reload to no app with a restart-only
+        # change, and one of a file that does not parse.
+        file.write_text(
+            "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']},"
+            " {name: api, backends: ['127.0.0.1:9']}]\n"
+        )
+        with capture_logs() as logs:
+            async with live_service(file, without_api=True, worker=worker) as svc:
+                file.write_text("cluster: {lease_ttl_s: 30}\napps: []\n")
+                assert await svc.reload()
+                file.write_text("apps: [\n")
+                assert not await svc.reload()
+                for result in ("success", "error"):
+                    assert metric(svc, "autoscaler_config_reloads_total", result=result) == 1
+        events[worker] = [e["event"] for e in logs if e["event"] in said]
+    assert events == {
+        0: [
+            "app_unreachable",
+            "config_reload_needs_restart",
+            "config_reloaded",
+            "no_apps",
+            "config_reload_rejected",
+        ],
+        1: [],
+    }

@@ -173,10 +173,12 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 @asynccontextmanager
-async def live_service(config_file: Path, *, without_api: bool = False) -> AsyncIterator[Service]:
+async def live_service(
+    config_file: Path, *, without_api: bool = False, worker: int = 0
+) -> AsyncIterator[Service]:
     """``Service`` from ``config_file`` on ephemeral loopback ports; stopped after.
     ``without_api``: static apps only, no Machines API (as ``autoscaler run`` starts a
-    config without ``fly.api_url``)."""
+    config without ``fly.api_url``); ``worker``: its index under ``run --workers``."""
     settings, _ = load_settings(config_file, env={})
     svc = Service(
         settings,
@@ -185,6 +187,7 @@ async def live_service(config_file: Path, *, without_api: bool = False) -> Async
         proxy_port=0,
         admin_port=0,
         without_api=without_api,
+        worker=worker,
     )
     await svc.start()
     try:

@@ -270,8 +270,10 @@ async def test_workers_serve_static_apps_without_a_machines_api(
     assert err.count('"worker_started"') == 2, err
     assert '"fly_api"' not in err  # no call at all
     # Each worker loads the same file: worker 0 alone says what is wrong with it, once at
-    # the start and once at the reload (each worker said it: four lines).
+    # the start and once at the reload (each worker said it: four lines), and that it
+    # loaded and reloaded it.
     assert err.count('"app_unreachable"') == 2, err
+    assert err.count('"config_loaded"') == err.count('"config_reloaded"') == 1, err
 
 
 def test_workers_with_an_app_to_scale_need_a_machines_api(tmp_path: Path) -> None:
