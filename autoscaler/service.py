@@ -88,14 +88,16 @@ def _no_api_url(path: object, settings: Settings) -> str:
 
 
 def start_problem(path: Path, settings: Settings) -> str | None:
-    """Why ``autoscaler run`` does not start on these settings (which a reload may still
-    take), or None: no app at all, or an app to scale without ``fly.api_url`` (static
-    apps alone need no Machines API), or through Fly's API without a token."""
+    """Why ``autoscaler run`` does not start on these settings (a reload may still take
+    some of them), or None: no app at all, an app to scale without ``fly.api_url`` (static
+    apps alone need no Machines API), or through Fly's API without a token, or cluster
+    mode without the Redis client. The supervisor of ``run --workers`` asks it once,
+    before any worker starts (each would say it, and the group stop)."""
     if not settings.apps:
         return no_apps_problem(path)
     if settings.fly.api_url is None and _scaled(settings):
         return _no_api_url(path, settings)
-    return no_token_problem(path, settings)
+    return no_token_problem(path, settings) or no_redis_problem(path, settings)
 
 
 WORKER_ENV = "_AUTOSCALER_WORKER"
@@ -598,10 +600,6 @@ def run(
         return 2
     # Without fly.api_url only static apps can run: nothing to scale, no API to call.
     without_api = settings.fly.api_url is None
-    problem = no_redis_problem(path, settings)
-    if problem is not None:
-        _log.error("config_invalid", problem=problem)
-        return 2
     service = Service(
         settings,
         config,

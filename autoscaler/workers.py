@@ -50,13 +50,11 @@ from autoscaler.config import (
     authority,
     default_replica_id,
     listen_overlap,
-    no_apps_problem,
-    no_token_problem,
     parse_host_port,
     resolve_listen_host,
 )
 from autoscaler.logs import get_logger
-from autoscaler.service import WORKER_ENV, load_or_report
+from autoscaler.service import WORKER_ENV, load_or_report, start_problem
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0
@@ -105,9 +103,6 @@ def supervise(
     if loaded is None:
         return 2
     settings, path = loaded
-    if not settings.apps:
-        _log.error("config_invalid", problem=no_apps_problem(path))
-        return 2
     if settings.cluster.redis_url is None:
         _log.error(
             "config_invalid",
@@ -130,7 +125,9 @@ def supervise(
             " API (https://api.machines.dev, or http://_api.internal:4280 inside Fly)",
         )
         return 2
-    problem = no_token_problem(path, settings)
+    # Then what refuses `run` (the apps, the token, the Redis client...): said once here,
+    # not by each worker, whose failed start stopped the group.
+    problem = start_problem(path, settings)
     if problem is not None:
         _log.error("config_invalid", problem=problem)
         return 2

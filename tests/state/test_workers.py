@@ -21,7 +21,7 @@ from reliability.harness import child_env, write_config
 from testkit import free_port, signal_on_import
 
 from autoscaler import workers
-from autoscaler.config import EmulatorApp
+from autoscaler.config import NO_REDIS, EmulatorApp
 from autoscaler.emulator import Emulator
 from autoscaler.workers import queued_connections_hint
 
@@ -142,6 +142,24 @@ def test_workers_refuse_to_scale_through_the_api_without_a_token(
         },
     )
     assert _refused(file, monkeypatch, 2).startswith(f"{file}: no Fly API token: app web is scaled")
+
+
+def test_workers_refuse_cluster_mode_without_the_redis_client_before_they_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What refuses `run` (service.start_problem) refuses the supervisor, once: without
+    the Redis client (no cluster extra) it started the workers, each said so and exited,
+    and the group stopped."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "redis" else find_spec(name, *a),
+    )
+    file = _unreachable_config(tmp_path, [{"name": "web"}])
+    assert _refused(file, monkeypatch, 2) == NO_REDIS.format(path=file)
 
 
 def test_workers_refuse_a_proxy_port_one_of_their_admin_servers_takes(
