@@ -15,14 +15,12 @@ API says does not exist (404: a typo in its name, or another organization's app)
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from autoscaler.config import (
-    TOKEN_ENV,
     AppConfig,
     ConfigError,
     Settings,
@@ -30,6 +28,7 @@ from autoscaler.config import (
     no_apps_problem,
     no_redis_problem,
     no_token_problem,
+    origin,
     resolve_listen_host,
     shown_url,
     unreachable,
@@ -161,25 +160,6 @@ def lacking(app: str) -> str:
     )
 
 
-def _token_origin(file: Path) -> str:
-    """Where the Fly token came from, as a config error line starts (config.py's order)."""
-    # AUTOSCALER_* variables are read whatever their case (pydantic-settings), the plain
-    # one only as it is spelt (config.py).
-    if any(n.upper() == "AUTOSCALER_FLY__TOKEN" and v for n, v in os.environ.items()):
-        return "environment: AUTOSCALER_FLY__TOKEN"
-    if os.environ.get(TOKEN_ENV):
-        return f"environment: {TOKEN_ENV}"
-    return f"{file}: fly.token"
-
-
-def _apps_origin(file: Path) -> str:
-    """Where the apps came from, as a config error line starts: AUTOSCALER_APPS (whole, as
-    JSON: an item alone is refused) wins over the file, and is all there is without one."""
-    if any(n.upper() == "AUTOSCALER_APPS" for n in os.environ):
-        return "environment: AUTOSCALER_APPS"
-    return str(file)
-
-
 def refused_problem(file: Path, settings: Settings, app: str, exc: Unauthorized) -> str:
     """A token the Machines API refused: a configuration error, never showing the token."""
     why = (
@@ -189,7 +169,8 @@ def refused_problem(file: Path, settings: Settings, app: str, exc: Unauthorized)
     )
     api = shown_url(settings.fly.api_url or "")
     return (
-        f"{_token_origin(file)}: the Machines API at {api} refused it for app {app} ({exc}): {why}"
+        f"{origin(file, ('fly', 'token'))}: fly.token: the Machines API at {api} refused it"
+        f" for app {app} ({exc}): {why}"
     )
 
 
@@ -199,7 +180,8 @@ def missing_problem(file: Path, settings: Settings, app: str, exc: NotFound) -> 
     index = next(i for i, a in enumerate(settings.apps) if a.name == app)
     api = shown_url(settings.fly.api_url or "")
     return (
-        f"{_apps_origin(file)}: apps[{index}].name: the Machines API at {api} has no app"
+        f"{origin(file, ('apps', index, 'name'))}: apps[{index}].name: the Machines API at"
+        f" {api} has no app"
         f" {app!r} ({exc}): check the name (`fly apps list`), and that the token is of the"
         " app's organization"
     )

@@ -10,6 +10,7 @@ Every model forbids unknown keys, so a typo is an error rather than a silently i
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import difflib
 import importlib.util
@@ -1699,8 +1700,7 @@ def load_settings(
     if environ.get(EMULATOR_TOKEN_ENV):
         token_layer["emulator"] = {"token": environ[EMULATOR_TOKEN_ENV]}
     base = _deep_merge(data, token_layer)
-    env_vars = {k: v for k, v in environ.items() if k.upper().startswith("AUTOSCALER_")}
-    env_vars.pop(CONFIG_ENV, None)
+    env_vars = _setting_vars(environ)
     typos = _env_typos(env_vars) + _env_list_items(env_vars)
     if typos:
         raise ConfigError(typos)
@@ -1969,6 +1969,28 @@ class _Origin:
         if var is not None and self.environ.get(var):
             return f"environment: {var}"
         return None
+
+
+def origin(file: Path, loc: KeyPath, env: Mapping[str, str] | None = None) -> str:
+    """Where the value at ``loc`` came from, as a configuration error line starts
+    (``file:line``, ``environment: VARIABLE``), for a problem found after the load (an
+    app or a token the Machines API refuses, in check-config): the file's key lines are
+    read again (none if it cannot be read now: the file alone is named then). The command
+    line is not known here: for the commands without settings flags."""
+    environ = os.environ if env is None else env
+    lines: Mapping[KeyPath, int] = {}
+    if file.exists():
+        with contextlib.suppress(ConfigError):
+            _, lines = read_yaml(file)
+    return _Origin(file, lines, _setting_vars(environ), {}, environ).where(loc)
+
+
+def _setting_vars(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment's ``AUTOSCALER_*`` variables that are settings (all but the
+    config file's name)."""
+    env_vars = {k: v for k, v in environ.items() if k.upper().startswith("AUTOSCALER_")}
+    env_vars.pop(CONFIG_ENV, None)
+    return env_vars
 
 
 def _within(data: Mapping[str, Any], loc: KeyPath) -> bool:

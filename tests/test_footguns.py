@@ -24,7 +24,7 @@ from reliability.harness import live_service
 from structlog.testing import capture_logs
 from testkit import until
 
-from autoscaler.check import FleetCheck, _token_origin, check_config, fleet_check
+from autoscaler.check import FleetCheck, check_config, fleet_check
 from autoscaler.config import (
     ConfigError,
     EmulatorApp,
@@ -33,6 +33,7 @@ from autoscaler.config import (
     Resolver,
     Settings,
     load_settings,
+    origin,
     resolve_listen_host,
 )
 from autoscaler.emulator import Emulator
@@ -343,7 +344,7 @@ async def test_check_config_fails_when_the_api_refuses_the_token(
     assert out.getvalue() == ""
     (line,) = err.getvalue().splitlines()
     assert line.startswith(
-        f"{path}: fly.token: the Machines API at {emulator.url} refused it for app web"
+        f"{path}:1: fly.token: the Machines API at {emulator.url} refused it for app web"
         " (list_machines: HTTP 401: "
     ), line
     assert line.endswith("): wrong, expired or revoked: set a valid one")
@@ -360,9 +361,9 @@ async def test_check_config_fails_when_the_api_refuses_the_token(
     monkeypatch.setenv("FLY_API_TOKEN", refused)
     assert await asyncio.to_thread(check_config, str(path), out, err) == 2
     assert err.getvalue() == (
-        f"environment: FLY_API_TOKEN: the Machines API at {url} refused it for app web"
-        " (list_machines: HTTP 403: not allowed): it may not act on this app (a token of"
-        " another app or organization?)\n"
+        f"environment: FLY_API_TOKEN: fly.token: the Machines API at {url} refused it for"
+        " app web (list_machines: HTTP 403: not allowed): it may not act on this app (a"
+        " token of another app or organization?)\n"
     )
     for text in (out.getvalue(), err.getvalue()):
         assert refused not in text
@@ -374,18 +375,19 @@ async def test_check_config_fails_on_an_app_the_api_does_not_have(
 ) -> None:
     """An app name the Machines API does not know (404: a typo, another organization's
     app) passed check-config (exit 0) with a warning that it could not check Fly's
-    autostop, and `run` failed every tick of it. The apps it has are fine. Apps set by
-    AUTOSCALER_APPS (over the file, or without one) are said to come from there."""
+    autostop, and `run` failed every tick of it. The apps it has are fine. The line names
+    the file's line of the name (the file alone before, where config errors give its line);
+    apps set by AUTOSCALER_APPS (over the file, or without one) are said to come from there."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=1))
     fly = f"fly: {{api_url: '{emulator.url}', token: {emulator.token}, rate_limit: false}}\n"
-    apps = "apps: [{name: web, hosts: [web.test]}, {name: wbe, hosts: [wbe.test]}]\n"
+    apps = "apps:\n  - {name: web, hosts: [web.test]}\n  - {name: wbe, hosts: [wbe.test]}\n"
     path = write(tmp_path, fly + apps)
     out, err = io.StringIO(), io.StringIO()
     assert await asyncio.to_thread(check_config, str(path), out, err) == 2
     assert out.getvalue() == ""
     (line,) = err.getvalue().splitlines()
     assert line.startswith(
-        f"{path}: apps[1].name: the Machines API at {emulator.url} has no app 'wbe'"
+        f"{path}:4: apps[1].name: the Machines API at {emulator.url} has no app 'wbe'"
         " (list_machines: HTTP 404: "
     ), line
     assert emulator.token not in line
@@ -831,24 +833,22 @@ def test_the_example_fly_toml_leaves_the_graceful_stop_its_time() -> None:
 
 
 @pytest.mark.parametrize(
-    ("environ", "origin"),
+    ("environ", "where"),
     [
         ({"FLY_API_TOKEN": "x"}, "environment: FLY_API_TOKEN"),
-        ({"fly_api_token": "x"}, "f.yaml: fly.token"),  # not read: config.py spells it so
+        ({"fly_api_token": "x"}, "{file}:2"),  # not read: config.py spells it so
         ({"autoscaler_fly__token": "x"}, "environment: AUTOSCALER_FLY__TOKEN"),  # any case
-        ({"AUTOSCALER_FLY__TOKEN": "", "FLY_API_TOKEN": "x"}, "environment: FLY_API_TOKEN"),
+        ({"AUTOSCALER_FLY": '{"token": "x"}', "FLY_API_TOKEN": "x"}, "environment: AUTOSCALER_FLY"),
     ],
 )
 def test_a_refused_token_is_said_to_come_from_where_it_was_read(
-    environ: dict[str, str], origin: str, monkeypatch: pytest.MonkeyPatch
+    environ: dict[str, str], where: str, tmp_path: Path
 ) -> None:
     """A lowercase FLY_API_TOKEN, which the config does not read, was named as the
-    refused token's source (the AUTOSCALER_ variables are read whatever their case)."""
-    for name in ("FLY_API_TOKEN", "AUTOSCALER_FLY__TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
-    assert _token_origin(Path("f.yaml")) == origin
+    refused token's source (the AUTOSCALER_ variables are read whatever their case); the
+    file is named with the token's line, as a config error names it."""
+    file = write(tmp_path, "fly:\n  token: t0ken-in-the-file-0123\n")
+    assert origin(file, ("fly", "token"), environ) == where.format(file=file)
 
 
 @pytest.mark.parametrize(
