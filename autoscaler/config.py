@@ -1,9 +1,13 @@
 """Settings: one YAML file plus environment overrides, validated once before the loop starts.
 
-This is the only module that reads environment variables or configuration files. Precedence,
-highest first: ``AUTOSCALER_*`` variables (``__`` nests: ``AUTOSCALER_PROXY__LISTEN``), then
-``FLY_API_TOKEN`` for ``fly.token`` and ``EMULATOR_TOKEN`` for ``emulator.token``, then the
-YAML file, then the defaults below.
+This is the only module that reads the settings, from the configuration file or from the
+environment (:func:`origin` says where one came from, as its error lines do). Precedence,
+highest first: the command line's (``overrides``), ``AUTOSCALER_*`` variables (``__`` nests:
+``AUTOSCALER_PROXY__LISTEN``), then ``FLY_API_TOKEN`` for ``fly.token`` and
+``EMULATOR_TOKEN`` for ``emulator.token``, then the YAML file, then the defaults below.
+What else reads the environment reads no setting (tests/test_architecture.py lists them):
+the worker's index under ``run --workers`` (``service.WORKER_ENV``), and the environment
+that ``autoscaler emulator``, the workers and the emulator's machines are handed.
 
 Every model forbids unknown keys, so a typo is an error rather than a silently ignored knob.
 """

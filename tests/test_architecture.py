@@ -299,3 +299,56 @@ def test_the_suppressed_await_allowlist_is_current() -> None:
         assert any(f.split(":")[0] == name for f in suppressed_awaits(path)), (
             f"{name} no longer awaits under suppress(CancelledError): drop it from the list"
         )
+
+
+# config.py reads the settings: the file and the environment's AUTOSCALER_*, FLY_API_TOKEN
+# and EMULATOR_TOKEN (its docstring). A module that reads the environment for anything else
+# goes here, with what it reads; one that reads a setting should ask config.py instead
+# (check-config named a token's and the apps' origins from its own reading of the
+# environment; config.origin says it now, as config errors do).
+ENVIRON_READERS: dict[str, str] = {
+    "autoscaler.config": "the settings",
+    "autoscaler.cli": "hands it whole to `autoscaler emulator`, which loads through config.py",
+    "autoscaler.service": "the worker's index under run --workers (WORKER_ENV): not a setting",
+    "autoscaler.workers": "hands it on to the workers, with their own variables added",
+    "autoscaler.emulator.machines": "hands it on to the machines' processes, as Fly gives",
+    "autoscaler.emulator.demo_app": "a machine's program: what Fly gives a machine (PORT, ...)",
+}
+
+
+def environ_reads(path: Path) -> int:
+    """How often the file at ``path`` reads the environment (``os.environ``, ``os.getenv``,
+    or either imported from os)."""
+    names = {"environ", "environb", "getenv", "getenvb"}
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return sum(
+        1
+        for node in ast.walk(tree)
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in names
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        )
+        or (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "os"
+            and any(alias.name in names for alias in node.names)
+        )
+    )
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_only_config_reads_the_settings_from_the_environment(path: Path) -> None:
+    if module_name(path) in ENVIRON_READERS:
+        return
+    assert environ_reads(path) == 0, (
+        "a setting is read by config.py (load_settings, and origin for where it came from);"
+        " anything else: add the module to ENVIRON_READERS with what it reads"
+    )
+
+
+def test_the_environ_reader_list_is_current() -> None:
+    for name in ENVIRON_READERS:
+        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+        assert environ_reads(path) > 0, f"{name} no longer reads the environment: drop it"
