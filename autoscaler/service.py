@@ -100,6 +100,10 @@ def start_problem(path: Path, settings: Settings) -> str | None:
     return no_token_problem(path, settings) or no_redis_problem(path, settings)
 
 
+CONFIG_REFUSED = 2
+"""``autoscaler run``'s exit code when it refuses its configuration, before anything starts
+(the supervisor of ``run --workers`` does not start such a worker again)."""
+
 WORKER_ENV = "_AUTOSCALER_WORKER"
 """The worker's index, which the ``run --workers`` supervisor gives each worker (outside
 ``AUTOSCALER_*``: not a setting). The workers share one configuration: what is said of it
@@ -592,12 +596,12 @@ def run(
     hosts = ListenHosts(resolve_listen_host)
     loaded = load_or_report(config, overrides, hosts)
     if loaded is None:
-        return 2
+        return CONFIG_REFUSED
     settings, path = loaded
     problem = start_problem(path, settings)
     if problem is not None:
         _log.error("config_invalid", problem=problem)
-        return 2
+        return CONFIG_REFUSED
     # Without fly.api_url only static apps can run: nothing to scale, no API to call.
     without_api = settings.fly.api_url is None
     service = Service(
@@ -615,7 +619,7 @@ def run(
         run_event_loop(service.run())
     except StateFileError as exc:  # emulator.state_file
         _log.error("config_invalid", problem=str(exc))
-        return 2
+        return CONFIG_REFUSED
     except OSError as exc:
         # After a complete start, the error is a part's stop's: its stop_failed line said
         # it, and a start_failed line would send the reader after a port.

@@ -20,7 +20,9 @@ each worker SIGTERM once (a graceful stop), waits up to ``proxy.shutdown_timeout
 in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them
 once, gracefully) and get SIGTERM from the kernel if the supervisor dies
 (PR_SET_PDEATHSIG). A worker that exits after running a while is started again; one that
-exits within ``MIN_UPTIME_S`` of its start (a port in use, a bad config) stops them all,
+exits within ``MIN_UPTIME_S`` of its start (a port in use), or with ``run``'s exit code for a
+configuration it refused (``CONFIG_REFUSED``: started again, it would refuse it again, however
+long its start took on a busy host) stops them all,
 except a replacement in a rolling restart: that one ends the rolling restart and leaves its
 slot empty (the workers not yet replaced keep serving) until the next SIGUSR2, which fills
 it first; the group stops when no worker is left.
@@ -54,7 +56,7 @@ from autoscaler.config import (
     resolve_listen_host,
 )
 from autoscaler.logs import get_logger
-from autoscaler.service import WORKER_ENV, load_or_report, start_problem
+from autoscaler.service import CONFIG_REFUSED, WORKER_ENV, load_or_report, start_problem
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0
@@ -97,11 +99,11 @@ def supervise(
     Each worker is given ``log_args`` (the command's --log-level and --log-format)."""
     if emulator:
         _log.error("config_invalid", problem="--workers cannot share an embedded emulator")
-        return 2
+        return CONFIG_REFUSED
     hosts = ListenHosts(resolve_listen_host)
     loaded = load_or_report(config, overrides, hosts)
     if loaded is None:
-        return 2
+        return CONFIG_REFUSED
     settings, path = loaded
     if settings.cluster.redis_url is None:
         _log.error(
@@ -109,7 +111,7 @@ def supervise(
             problem=f"{path}: --workers needs cluster.redis_url: the workers elect their"
             " decider and share their load through Redis (docs/deploy.md, cluster mode)",
         )
-        return 2
+        return CONFIG_REFUSED
     # As for `run`: static apps alone need no Machines API. The workers cannot share an
     # embedded emulator, though: each would run its own.
     scaled = [app.name for app in settings.apps if not app.static]
@@ -124,18 +126,18 @@ def supervise(
             problem=f"{path}: --workers needs fly.api_url ({why}): set it to the Machines"
             " API (https://api.machines.dev, or http://_api.internal:4280 inside Fly)",
         )
-        return 2
+        return CONFIG_REFUSED
     # Then what refuses `run` (the apps, the token, the Redis client...): said once here,
     # not by each worker, whose failed start stopped the group.
     problem = start_problem(path, settings)
     if problem is not None:
         _log.error("config_invalid", problem=problem)
-        return 2
+        return CONFIG_REFUSED
     base_id = settings.cluster.replica_id or default_replica_id()
     admin = parse_host_port(settings.admin.listen)
     if admin.port + workers - 1 > 65535:
         _log.error("config_invalid", problem="admin.listen's port plus --workers passes 65535")
-        return 2
+        return CONFIG_REFUSED
     # Worker 0's admin server is admin.listen, which the settings hold apart from the proxy.
     # The others' hosts are its host, at the addresses the load resolved (as each worker's
     # start does: found there, the clash stopped the workers, said once by each).
@@ -151,7 +153,7 @@ def supervise(
                 f" {i}{'; ' + overlap if overlap else ''}): give proxy.listen a port outside"
                 f" {admin.port}-{admin.port + workers - 1}, or admin.listen another",
             )
-            return 2
+            return CONFIG_REFUSED
 
     hint = queued_connections_hint() if workers > 1 else None
     if hint is not None:
@@ -252,7 +254,7 @@ def supervise(
                 if rc is None or i in vacant or (roll and i in (roll.stopping, roll.starting)):
                     continue  # a roll's own worker: the roll's step sees to it
                 _log.warning("worker_exited", worker=i, pid=proc.pid, code=rc)
-                if time.monotonic() - started < MIN_UPTIME_S:
+                if rc == CONFIG_REFUSED or time.monotonic() - started < MIN_UPTIME_S:
                     _log.error("worker_failed_at_start", worker=i, code=rc)
                     code = rc if rc > 0 else 1  # killed by a signal: rc is negative
                     stop.append(0)

@@ -584,6 +584,37 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
     assert started[0].returncode == -signal.SIGTERM  # stopped and reaped here
 
 
+def test_a_worker_that_refuses_its_configuration_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose `run` refused the configuration (exit 2: the file changed since the
+    supervisor read it) after MIN_UPTIME_S, its start slow on a busy host, was started
+    again, to refuse it again, every few seconds: exit 2 stops the group, with its code,
+    however long the start took."""
+    from structlog.testing import capture_logs
+
+    file = _unreachable_config(tmp_path, [{"name": "web"}])
+    monkeypatch.setattr(workers, "MIN_UPTIME_S", 0.0)  # every start took longer
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        if argv[1:3] != ["-m", "autoscaler"]:  # not a worker (ctypes runs ldconfig)
+            return real_popen(argv, **kw)
+        if len(started) == 2:  # one is started again: fail that fork, the test ends
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        refuses = [sys.executable, "-c", "raise SystemExit(2)"]
+        started.append(real_popen(refuses, start_new_session=True))
+        return started[-1]
+
+    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    with capture_logs() as logs:
+        assert workers.supervise(str(file), None, 2) == 2
+    assert len(started) == 2
+    assert [e["code"] for e in logs if e["event"] == "worker_failed_at_start"] == [2]
+    assert all(proc.returncode == 2 for proc in started)  # reaped
+
+
 def test_the_workers_log_as_the_command_was_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
