@@ -8,7 +8,9 @@ sent replaced), a request's hop-by-hop and forwarding headers spelled with under
 anyone, every other header kept with its name's case and its value's bytes, repeated ones
 (Set-Cookie) included. A machine's interim answers (103 Early Hints...) reach an HTTP/1.1
 client before the final one, every one in order (:class:`Interim`: a client behind holds
-the machine back), hop-by-hop headers dropped there too.
+the machine back), hop-by-hop headers dropped there too. A client's
+``Expect: 100-continue`` goes on to the machine: its own 100 tells the client to send the
+body, and its final answer before one spares the client the upload (:class:`BodyStream`).
 
 Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
 client sends it (:class:`BodyStream`), so memory stays flat for any size.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from autoscaler.proxy.accounting import Failure
-from autoscaler.proxy.body import FlowControl
+from autoscaler.proxy.body import Body, FlowControl
 from autoscaler.proxy.h1 import Connection, ParseError, Request
 
 VIA = b"autoscaler"
@@ -43,8 +45,8 @@ HOP_BY_HOP = frozenset(
 _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
 )
-# Expect is answered by this proxy when the body is first read (see BodyStream); Via is
-# rewritten with this hop appended.
+# Expect: 100-continue goes to the machine as the proxy spells it (request_head's
+# ``expect``), other expectations nowhere; Via is rewritten with this hop appended.
 _REQUEST_DROP = HOP_BY_HOP | _FORWARDING | {b"expect", b"via"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"via"}
 
@@ -176,11 +178,13 @@ def request_head(
     default_host: str,
     *,
     websocket: bool = False,
+    expect: bool = False,
 ) -> bytes:
     """The head sent upstream: request line, kept headers, forwarding headers, framing.
 
     One pass over the headers, kept ones appended as they come; the headers a Connection
-    header names (rare) are taken out afterwards.
+    header names (rare) are taken out afterwards. With ``expect``, the client's
+    ``Expect: 100-continue`` goes on: the machine says whether it wants the body.
     """
     parts = [f"{request.method} {request.target} HTTP/1.1\r\n".encode("latin-1")]
     forwarded_for: list[bytes] = []
@@ -221,6 +225,8 @@ def request_head(
         parts.append(b"Host: %b\r\n" % default_host.encode("latin-1"))
     _add_via(parts, via, request.version)
     parts += (b"X-Request-Id: ", request_id.encode("latin-1"), b"\r\n")
+    if expect:
+        parts.append(b"Expect: 100-continue\r\n")
     if websocket:
         parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     elif request.body is not None and request.content_length is None:
@@ -454,18 +460,30 @@ class ClientTimeout(Exception):
     """The client stopped sending its body for ``client_timeout_s``."""
 
 
+# How long a request with Expect: 100-continue waits for its machine's 100 (or final
+# answer) before the proxy sends its own 100 and the body goes anyway: a machine that
+# ignores Expect waits for the body, and a client that waits for the 100 without end
+# (RFC 9110 10.1.1 says it should not) would wait with it. curl's own wait, 1 s.
+CONTINUE_WAIT_S = 1.0
+
+
 @dataclass(slots=True)
 class BodyStream:
     """The client's request body as an async iterator, read only as upstream takes it.
 
     Records what happened: the proxy reads these flags to tell a 413 or a slow client from
     a machine failure, and ``started`` to know whether a retry could replay the request.
+
+    ``continued``, for a request with ``Expect: 100-continue`` (sent on to the machine),
+    is the machine's word on the body: True once it sent its 100 (relayed to the client,
+    see :class:`Interim`), False once its final answer came first (``upstream``). Until
+    then no byte of the body is read, unless the client sends it without waiting.
     """
 
     request: Request
     limit: int | None
     timeout: float
-    expect_continue: bool
+    continued: asyncio.Future[bool] | None = None
     started: bool = False
     too_large: bool = False
     timed_out: bool = False
@@ -489,7 +507,7 @@ class BodyStream:
             raise Failure(self.refused.status, self.refused.message)
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The body's chunks; the first read sends the 100 Continue the client awaits."""
+        """The body's chunks; with ``continued``, the first waits for the machine's word."""
         return _Chunks(self)
 
 
@@ -508,15 +526,14 @@ class _Chunks:
         request = stream.request
         body = request.body
         assert body is not None
+        first: asyncio.Task[bytes] | None = None
         if not stream.started:
             stream.started = True
-            if stream.expect_continue:
-                # The client waits for this before sending; it goes out only once a
-                # machine was chosen and wants the body.
-                request.conn.write_interim(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if stream.continued is not None:
+                first = await _continued(stream, body)
         try:
             async with asyncio.timeout(stream.timeout):
-                chunk = await body.read()
+                chunk = await (body.read() if first is None else first)
         except TimeoutError:
             stream.timed_out = True
             raise ClientTimeout from None
@@ -536,3 +553,45 @@ class _Chunks:
             stream.too_large = True
             raise BodyTooLarge
         return chunk
+
+
+async def _continued(stream: BodyStream, body: Body) -> asyncio.Task[bytes]:
+    """For a request with ``Expect: 100-continue``: wait until its body may go, and return
+    the first read of it, under way.
+
+    The body goes once the machine sent its 100 (relayed to the client as it came), once
+    the client sends it without waiting (RFC 9110 10.1.1 lets it), or after
+    ``CONTINUE_WAIT_S`` without a word from the machine: the proxy then sends the client a
+    100 of its own. When the machine's final answer came first, the body never goes: this
+    waits until the exchange ends (it cancels the body's sending, and closes the
+    connection to the machine, which may still expect the body); the client's connection
+    closes after the answer, unless its whole body had come (``Connection.keeps_alive``).
+    """
+    go = stream.continued
+    assert go is not None
+    reading = asyncio.ensure_future(body.read())
+    try:
+        if not go.done():
+            await asyncio.wait(
+                (go, reading), timeout=CONTINUE_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        if not go.done():
+            if not reading.done():
+                # The machine said nothing: it may ignore Expect and wait for the body.
+                stream.request.conn.write_interim(b"HTTP/1.1 100 Continue\r\n\r\n")
+            go.set_result(True)  # a 100 from the machine now would be one too many
+        elif not go.result():
+            _drop(reading)
+            await asyncio.get_running_loop().create_future()  # until cancelled
+    except BaseException:
+        _drop(reading)
+        raise
+    return reading
+
+
+def _drop(task: asyncio.Task[bytes]) -> None:
+    """A read not wanted after all: cancelled, or its failure (the client left) seen."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()

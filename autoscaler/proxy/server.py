@@ -406,11 +406,18 @@ class ProxyServer:
         if pool is None:
             raise Failure(503, "proxy is not running")
         websocket = request.upgrade == "websocket"
+        # The client's Expect: 100-continue goes on to the machine, whose 100 (or final
+        # answer) decides whether the body goes (an HTTP/1.0 client waits for no 100).
+        expect = request.version != "1.0" and request.expect_continue
         head = forward.request_head(
-            request, ctx.request_id, self._trust, up_host_header(app, ctx.up), websocket=websocket
+            request,
+            ctx.request_id,
+            self._trust,
+            up_host_header(app, ctx.up),
+            websocket=websocket,
+            expect=expect,
         )
         method = request.method
-        expect = request.version != "1.0" and request.expect_continue
         # The machine's 1xx answers (Early Hints...): an HTTP/1.0 client knows none.
         interim = forward.Interim(request.conn) if request.version == "1.1" else None
         body: forward.BodyStream | None = None
@@ -422,7 +429,10 @@ class ProxyServer:
             assert up is not None
             if request.body is not None:
                 body = forward.BodyStream(
-                    request, app.max_body_bytes, knobs.client_timeout_s, expect
+                    request,
+                    app.max_body_bytes,
+                    knobs.client_timeout_s,
+                    self._loop.create_future() if expect else None,
                 )
             port, authority = self._address(app, up)
             try:
@@ -441,6 +451,7 @@ class ProxyServer:
                     upgrade=websocket,
                     on_interim=interim,
                     machine=up.id,
+                    continued=None if body is None else body.continued,
                 )
             except upstream.ConnectFailed:
                 # Nothing reached the machine (no body byte was read either: the body is

@@ -23,10 +23,12 @@ Errors, by what the caller may do about them:
 - :class:`Abandoned`: the proxy gave up the connection while it was being made
   (``Pool.cut``; ``Pool.halt``: the proxy stops at once). Nothing was sent.
 
-Interim answers (1xx) other than 100 Continue go to the exchange's ``on_interim`` as they
-come, before the final one (RFC 9110 15.2: a proxy forwards them), with the connection, so
-that a client behind can hold the machine back; the proxy answers Expect itself, so the
-machine's 100 is dropped. They do not stop ``head_timeout``.
+Interim answers (1xx) go to the exchange's ``on_interim`` as they come, before the final
+one (RFC 9110 15.2: a proxy forwards them), with the connection, so that a client behind
+can hold the machine back. A 100 Continue goes there only for a request that asked for
+it (``continued``: the request carries ``Expect: 100-continue``), and only the first, which
+also tells the body's sender to go (``continued`` set True; the final answer first sets it
+False); any other 100 is dropped. They do not stop ``head_timeout``.
 
 Trailer fields after a chunked answer are dropped. An answer with a transfer coding other
 than chunked is a :class:`BadResponse` (the proxy could not relay it unchanged), and so are
@@ -37,6 +39,7 @@ answer stands as it came, the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -114,6 +117,7 @@ class Exchange:
         "_pool",
         "body",
         "complete",
+        "continued",
         "head_only",
         "headers",
         "keep_alive",
@@ -134,6 +138,7 @@ class Exchange:
         upgrade: bool,
         on_interim: InterimSink | None,
         machine: str = "",
+        continued: asyncio.Future[bool] | None = None,
     ) -> None:
         self._pool = pool
         self.machine = machine  # its id: ``Pool.cut`` finds the exchange by it
@@ -142,7 +147,8 @@ class Exchange:
         self._body_task: asyncio.Task[None] | None = None
         self.head_only = head_only  # a HEAD request: the answer has no body
         self.upgrade = upgrade  # a WebSocket handshake: a 101 hands the connection over
-        self.on_interim = on_interim  # told of each 1xx but 100 and 101, if anyone is
+        self.on_interim = on_interim  # told of each 1xx but 101 (100: once, if asked for)
+        self.continued = continued  # the machine's word on the body, with Expect sent
         self.status = 0
         self.reason = ""
         self.version = "1.1"
@@ -378,8 +384,13 @@ class Connection(FlowControlled, asyncio.Protocol):
                 self._error = BadResponse("the machine's interim answer has a body")
                 raise self._error
             self._interim = True  # 100 Continue, 103 Early Hints: no body, no final answer
+            if status == 100:
+                go = ex.continued
+                if go is None or go.done():
+                    return  # unasked (no Expect sent), or one too many: not relayed
+                go.set_result(True)  # the body may go (the sink relays the 100 first)
             sink = ex.on_interim
-            if sink is not None and status != 100:
+            if sink is not None:
                 hold = self._interim_hold
                 if hold is None:
                     hold = self._interim_hold = _InterimHold(self)
@@ -724,6 +735,7 @@ async def send(
     upgrade: bool = False,
     on_interim: InterimSink | None = None,
     machine: str = "",
+    continued: asyncio.Future[bool] | None = None,
 ) -> Exchange:
     """Send the request ``head`` (whole, as bytes) and start streaming the body, in chunks
     when ``chunked`` (the head says so); return once the answer's head arrived. The caller
@@ -734,14 +746,16 @@ async def send(
     A machine that takes nothing of the body for ``head_timeout`` times out as well.
     With ``upgrade`` (a WebSocket handshake), a 101 answer leaves the connection to the
     caller: ``exchange.detach()``. ``on_interim`` hears of each 1xx but 100 and 101 (its
-    status, reason, raw headers and HTTP version), before the final answer. ``machine``
-    (its id) is how ``Pool.cut`` finds the request, whatever its address.
+    status, reason, raw headers and HTTP version), before the final answer; of the first
+    100 too when ``continued`` is given (the head carries ``Expect: 100-continue``): that
+    100 sets it True, a final answer before it False (the body's iterator waits for it).
+    ``machine`` (its id) is how ``Pool.cut`` finds the request, whatever its address.
 
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
     machine, as browsers and aiohttp do.
     """
-    args = (method, head, body, chunked, head_timeout, upgrade, on_interim, machine)
+    args = (method, head, body, chunked, head_timeout, upgrade, on_interim, machine, continued)
     conn = pool.take(authority)
     pooled = conn is not None
     while True:
@@ -775,10 +789,11 @@ def _start(
     upgrade: bool,
     on_interim: InterimSink | None,
     machine: str = "",
+    continued: asyncio.Future[bool] | None = None,
 ) -> Exchange:
     """Send the head and start the body; the caller awaits ``ex._head`` (and releases
     the exchange if that fails)."""
-    ex = Exchange(pool, conn, method == "HEAD", upgrade, on_interim, machine)
+    ex = Exchange(pool, conn, method == "HEAD", upgrade, on_interim, machine, continued)
     conn.exchange = ex
     if not conn.reusable:
         ex.fail(ConnectFailed("the machine closed the connection before the request"))
@@ -788,6 +803,8 @@ def _start(
         # Waiting for the answer too (one may come early), with no deadline until the body
         # is sent: ``Pool.cut`` finds it.
         pool._waiting[ex] = _NO_DEADLINE
+        if continued is not None:
+            ex._head.add_done_callback(functools.partial(_final_first, continued))
         ex._body_task = pool.loop.create_task(_send_body(pool, ex, body, chunked, head_timeout))
         ex._body_task.add_done_callback(_retrieved)
     elif head_timeout is not None:
@@ -795,6 +812,13 @@ def _start(
     else:
         pool._waiting[ex] = _NO_DEADLINE  # for Pool.cut
     return ex
+
+
+def _final_first(continued: asyncio.Future[bool], head: asyncio.Future[None]) -> None:
+    """The exchange has its final answer (or failed) before the machine's 100: the body
+    of a request with Expect is not to be sent (see ``forward.BodyStream``)."""
+    if not continued.done():
+        continued.set_result(False)
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:

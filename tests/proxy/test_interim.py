@@ -1,9 +1,9 @@
 """A machine's interim (1xx) answers: relayed to an HTTP/1.1 client before the final one
 (RFC 9110 15.2: a proxy forwards them), all of them, in order (a client behind holds the
 machine back), with their hop-by-hop headers dropped; never to an
-HTTP/1.0 client, which knows no 1xx. A 100 Continue is the proxy's own business (it
-answers the client's Expect itself), so the machine's is not relayed. Only the final
-status is counted."""
+HTTP/1.0 client, which knows no 1xx. A 100 Continue is relayed only to a client that
+asked for one (Expect, which goes on to the machine; see test_expect.py), and only once.
+Only the final status is counted."""
 
 from __future__ import annotations
 
@@ -94,14 +94,16 @@ async def test_interim_answers_are_relayed_in_order_without_hop_by_hop_headers(
     assert body == b"ok"
 
 
-async def test_interim_answers_follow_the_proxys_own_100_continue(
+async def test_interim_answers_follow_the_machines_100_continue_once(
     raw_backend: RawBackend, start_proxy: StartProxy
 ) -> None:
-    """The client's Expect is answered by the proxy once the machine takes the body; the
-    machine's hints come as well, and its own 100 does not come twice."""
+    """The client's Expect goes on to the machine, whose 100 is relayed; its hints come as
+    well, and a second 100 does not."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
         assert await reader.readexactly(5) == b"hello"
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + EARLY_HINTS + FINAL)
         await writer.drain()

@@ -1,0 +1,132 @@
+"""Expect: 100-continue goes on to the machine, which decides whether the body comes: its
+100 reaches the client (relayed, with Via), and then the body goes; its final answer
+before any 100 reaches the client instead, the body is never sent, and the client's
+connection closes after the answer (the proxy cannot tell the body it did not ask for
+from a next request). A machine that says nothing (one that ignores Expect) gets the body
+after the proxy's own 100, ``forward.CONTINUE_WAIT_S`` later, and a client that sends its
+body without waiting has it sent at once (RFC 9110 10.1.1)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from autoscaler.proxy import forward
+
+from .conftest import RawBackend, StartProxy, StreamHandler
+from .helpers import BOUND_S, connect, parse_head
+
+POST = b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def proxy_to(raw_backend: RawBackend, start_proxy: StartProxy, serve: StreamHandler) -> int:
+    addr = await raw_backend(serve)
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
+    return proxy.port
+
+
+async def test_a_final_answer_before_the_100_goes_to_the_client_and_no_body_is_sent(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """A 401 (or 413) without a 100: the client is not told to send its body (it was,
+    at once, before), the machine never gets a byte of it, and the client's connection
+    closes cleanly after the answer."""
+    heads: list[bytes] = []
+    after: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
+        await writer.drain()
+        after.set_result(await reader.read())  # what came after the head, to the close
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    async with connect(port) as (reader, writer):
+        writer.write(POST)
+        async with asyncio.timeout(BOUND_S):
+            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 401
+            assert headers["connection"] == ["close"]
+            assert await reader.readexactly(4) == b"nope"
+            assert await reader.read() == b""  # closed after the answer
+    assert b"\r\nExpect: 100-continue\r\n" in heads[0]
+    # The proxy closes its connection to the machine too, which got no byte of the body.
+    assert await asyncio.wait_for(after, BOUND_S) == b""
+
+
+async def test_the_machines_100_reaches_the_client_then_the_body_goes(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    bodies: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\nX-Machine: m1\r\n\r\n")
+        await writer.drain()
+        bodies.append(await reader.readexactly(5))
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    async with connect(port) as (reader, writer):
+        writer.write(POST)
+        async with asyncio.timeout(BOUND_S):
+            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 100
+            assert headers["x-machine"] == ["m1"]  # the machine's own, relayed
+            assert headers["via"] == ["1.1 autoscaler"]
+            writer.write(b"hello")
+            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+            assert await reader.readexactly(2) == b"ok"
+            assert "connection" not in headers  # kept alive: the body was whole
+    assert bodies == [b"hello"]
+
+
+async def test_a_machine_that_ignores_expect_gets_the_body_after_the_proxys_own_100(
+    raw_backend: RawBackend, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forward, "CONTINUE_WAIT_S", 0.05)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        assert await reader.readexactly(5) == b"hello"  # waits for the body, no 100
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)  # a late 100: not relayed
+        await writer.drain()
+        await reader.read()
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    async with connect(port) as (reader, writer):
+        writer.write(POST)
+        async with asyncio.timeout(BOUND_S):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+            assert await reader.readexactly(2) == b"ok"
+
+
+async def test_a_body_sent_without_waiting_goes_at_once(
+    raw_backend: RawBackend, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client need not wait for the 100: its body goes as it comes, with no wait for
+    the machine's word (longer than this test may take)."""
+    monkeypatch.setattr(forward, "CONTINUE_WAIT_S", 1e6)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    async with connect(port) as (reader, writer):
+        writer.write(POST + b"hello")
+        async with asyncio.timeout(BOUND_S):
+            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+            assert await reader.readexactly(2) == b"ok"
