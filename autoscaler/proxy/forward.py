@@ -423,6 +423,25 @@ _STATUS_LINES: dict[tuple[int, str], bytes] = {}
 _WAKE_LINE = _Memo(lambda wake: b"Fly-Autoscaler-Wake: %b\r\n" % wake.encode("latin-1"))
 
 
+def last_hop(request: Request) -> bool:
+    """For an OPTIONS or TRACE request (RFC 9110 7.6.2): whether its ``Max-Forwards`` is
+    0, so that this proxy answers it itself and sends it nowhere. Any other count goes on
+    one less (changed in ``request.headers``, which ``request_head`` copies); a value that
+    is not a count goes on as it came, and so do the headers after the first."""
+    headers = request.headers
+    for i, (key, value) in enumerate(headers):
+        if key.lower() == b"max-forwards":
+            count = value.strip()
+            if not count.isdigit() or len(count) > 18:
+                return False
+            left = int(count)
+            if left == 0:
+                return True
+            headers[i] = (key, b"%d" % (left - 1))
+            return False
+    return False
+
+
 def error_response(
     status: int,
     reason: str,
@@ -433,13 +452,16 @@ def error_response(
     version: str = "1.1",
     with_body: bool = True,
 ) -> bytes:
-    """A short plain-text answer of the proxy's own; to a HEAD request (``with_body``
-    False) the same head without the body, which the client will not read: sent, it
-    would be taken for the start of the next response on the connection."""
-    body = (message + "\n").encode()
+    """A short plain-text answer of the proxy's own (with an empty ``message``, none:
+    ``Content-Length: 0``); to a HEAD request (``with_body`` False) the same head without
+    the body, which the client will not read: sent, it would be taken for the start of
+    the next response on the connection."""
+    body = (message + "\n").encode() if message else b""
     out = [
         f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1"),
-        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
+        if body
+        else b"Content-Length: 0\r\n",
     ]
     out.extend(f"{key}: {value}\r\n".encode("latin-1") for key, value in headers.items())
     if close:

@@ -1,10 +1,11 @@
 """The data path: routes, admits, forwards and accounts each request.
 
-One request's life: route by Host (404 when no app), take a slot through the app's
-:class:`Gate` (at once, or after waiting in its FIFO while machines wake or free up; 503 when
-the queue is full, 504 after ``wake_timeout_s``), forward to the machine with streamed
-bodies (retrying elsewhere only when that cannot repeat a side effect), relay the response,
-give the slot back, then one metric update and one log line.
+One request's life: route by Host (404 when no app; an OPTIONS or TRACE with
+``Max-Forwards: 0`` is answered here, see ``_answer_last_hop``), take a slot through the
+app's :class:`Gate` (at once, or after waiting in its FIFO while machines wake or free up;
+503 when the queue is full, 504 after ``wake_timeout_s``), forward to the machine with
+streamed bodies (retrying elsewhere only when that cannot repeat a side effect), relay the
+response, give the slot back, then one metric update and one log line.
 
 The client side is :mod:`autoscaler.proxy.h1` (HTTP/1.1 on llhttp), the machine side
 :mod:`autoscaler.proxy.upstream` (a keep-alive pool per machine) and, for WebSockets,
@@ -259,6 +260,10 @@ class ProxyServer:
             if app is None:
                 raise Failure(404, "no app is configured for this host")
             ctx.app = app.name
+            method = request.method
+            if (method == "OPTIONS" or method == "TRACE") and forward.last_hop(request):
+                self._answer_last_hop(request, ctx)
+                return
             await self._serve(request, app, ctx)
         except Failure as failure:
             ctx.status = failure.status
@@ -742,21 +747,45 @@ class ProxyServer:
             return given
         return self._ids.next()
 
+    def _answer_last_hop(self, request: Request, ctx: RequestContext) -> None:
+        """An OPTIONS or TRACE request with ``Max-Forwards: 0`` is this proxy's to answer
+        (RFC 9110 7.6.2): it goes to no machine, and wakes none. OPTIONS gets a 200 with
+        no Allow (what the app allows is the app's to say: an OPTIONS with a higher count
+        reaches it). TRACE gets a 405, as nginx answers every TRACE, rather than the
+        request reflected: that would echo the client's credentials (Cookie,
+        Authorization) back in a body, what cross-site tracing reads; its Allow names the
+        one method answered here."""
+        if request.method == "TRACE":
+            raise Failure(405, "TRACE is not answered by the proxy", {"Allow": "OPTIONS"})
+        ctx.status = 200
+        self._write_own(request, ctx, 200, "", None)
+
     def _write_error(self, request: Request, failure: Failure, ctx: RequestContext) -> None:
+        self._write_own(request, ctx, failure.status, failure.message, failure.headers)
+
+    def _write_own(
+        self,
+        request: Request,
+        ctx: RequestContext,
+        status: int,
+        message: str,
+        extra: dict[str, str] | None,
+    ) -> None:
+        """An answer of the proxy's own (``forward.error_response``)."""
         conn = request.conn
         if conn.response_started:
             conn.abort()  # mid-response: the client must not take a cut body for whole
             return
         headers = {"X-Request-Id": ctx.request_id}
-        if failure.headers:
-            headers.update(failure.headers)
+        if extra:
+            headers.update(extra)
         if self._knobs.wake_header and ctx.app:
             headers["Fly-Autoscaler-Wake"] = wake_label(ctx)
         conn.write(
             forward.error_response(
-                failure.status,
-                _reason(failure.status),
-                failure.message,
+                status,
+                _reason(status),
+                message,
                 headers,
                 close=not conn.keeps_alive(request),
                 version=request.version,
