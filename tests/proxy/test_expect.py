@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from testkit import until
 
+from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.proxy import forward
 
 from .conftest import RawBackend, StartProxy, StreamHandler
 from .helpers import BOUND_S, connect, parse_head
+from .test_wake import FakeWaker
 
 POST = b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -84,6 +87,39 @@ async def test_the_machines_100_reaches_the_client_then_the_body_goes(
             assert await reader.readexactly(2) == b"ok"
             assert "connection" not in headers  # kept alive: the body was whole
     assert bodies == [b"hello"]
+
+
+async def test_a_held_request_gets_no_100_before_its_machine_sends_one(
+    raw_backend: RawBackend, start_proxy: StartProxy, fleet: FleetView
+) -> None:
+    """Held for a wake, the request is sent nowhere and told nothing: the first thing its
+    client hears is the woken machine's 100."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\nX-Machine: m1\r\n\r\n")
+        await writer.drain()
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    host, _, port = (await raw_backend(serve)).partition(":")
+    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), "suspended", False)])
+    waker = FakeWaker(fleet, "resume")
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"]}])
+    async with connect(proxy.port) as (reader, writer):
+        writer.write(POST.replace(b"a.test", b"w.test"))
+        await until(lambda: fleet.app("w").queued == 1 and waker.calls == 1)
+        waker.release.set()
+        async with asyncio.timeout(BOUND_S):
+            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert (status, headers["x-machine"]) == (100, ["m1"])
+            writer.write(b"hello")
+            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+            assert await reader.readexactly(2) == b"ok"
 
 
 async def test_a_machine_that_ignores_expect_gets_the_body_after_the_proxys_own_100(
