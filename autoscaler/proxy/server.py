@@ -756,7 +756,7 @@ class ProxyServer:
         Authorization) back in a body, what cross-site tracing reads; its Allow names the
         one method answered here."""
         if request.method == "TRACE":
-            raise Failure(405, "TRACE is not answered by the proxy", {"Allow": "OPTIONS"})
+            raise Failure(405, "TRACE with Max-Forwards: 0 is not answered", {"Allow": "OPTIONS"})
         ctx.status = 200
         self._write_own(request, ctx, 200, "", None)
 

@@ -26,11 +26,13 @@ async def test_options_and_trace_with_max_forwards_0_are_answered_by_the_proxy(
         assert body == b""
         assert "allow" not in headers
         assert headers["x-request-id"]
-        writer.write(b"TRACE /x HTTP/1.1\r\nHost: a.test\r\nmax-forwards:  0 \r\n\r\n")
+        writer.write(
+            b"TRACE /x HTTP/1.1\r\nHost: a.test\r\nmax-forwards:  0 \r\nCookie: id=s3cr3t\r\n\r\n"
+        )
         status, headers, body = await read_response(reader)
         assert status == 405
         assert headers["allow"] == ["OPTIONS"]
-        assert b"max-forwards" not in body.lower()  # not reflected
+        assert b"s3cr3t" not in body  # not reflected
         # The connection stays usable, and the machine saw neither request.
         writer.write(b"GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n")
         status, _, _ = await read_response(reader)
