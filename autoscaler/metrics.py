@@ -50,6 +50,16 @@ BILLED_STATES = ("started", "suspended")
 RESTART_RESULTS = ("ok", "failed", "exhausted")
 PREWARM_RESULTS = ("hit", "miss")
 RECHECK_RESULTS = ("passed", "failed")
+# autoscaler_requests_total's wake label of a request held for a wake that brought no
+# machine up (autoscaler/proxy/gate.py), and the codes such a request is answered with:
+# 504, its wake_timeout_s passed; 502, the Machines API has no such app. Those series are
+# exported at 0 for every app that wakes: AutoscalerWakeFailed reads their increase, and a
+# series born at its first count has none (the first failed wake after a start, or after
+# 15 quiet minutes, would raise nothing). Not 499 nor 503: a request that left (or was
+# shed) is labelled failed only in the second between a failed wake and the proxy's next
+# try (then it is that try's kind); those of an episode that wait it out get 504 or 502.
+WAKE_FAILED = "failed"
+WAKE_FAILED_CODES = (504, 502)
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
 EJECTION_REASONS = ("connect", "reset", "timeout", "bad_response", "5xx", "checks")
 # Families whose value is the same on every replica: no ``replica`` label in cluster mode.
@@ -256,10 +266,11 @@ class Metrics:
                 gauge.remove(app)
 
     def forget_app(self, app: str) -> None:
-        """An app removed by a reload: its held-requests gauge goes (its counters stay:
-        a total is a total)."""
+        """An app removed by a reload: its held-requests gauge goes, and its failed-wake
+        request series that never counted (its counters stay: a total is a total)."""
         with contextlib.suppress(KeyError):
             self.queued.remove(app)
+        self.proxy.forget_failed_wakes(app)
 
     def declare_app(self, app: str, *, scaled: bool = True) -> None:
         """Export the app's series whose label values are known in advance, at 0.
@@ -282,6 +293,7 @@ class Metrics:
             self.wake_duration.labels(app=app, kind=kind)
         for result in WAKE_RESULTS:
             self.wakes.labels(app=app, result=result)
+        self.proxy.declare_failed_wakes(app)
         for state in BILLED_STATES:
             self.machine_seconds.labels(app=app, state=state)
         for result in RESTART_RESULTS:
@@ -391,6 +403,20 @@ class RequestMetrics(Collector):
             durations = self._durations[app] = _Durations([0] * (len(REQUEST_BUCKETS) + 1))
         durations.buckets[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
         durations.sum += seconds
+
+    def declare_failed_wakes(self, app: str) -> None:
+        """Export the app's requests answered for a failed wake at 0 (``WAKE_FAILED_CODES``
+        says why); a series that counted already keeps its count."""
+        for code in WAKE_FAILED_CODES:
+            self._counts.setdefault((app, code, WAKE_FAILED), 0)
+
+    def forget_failed_wakes(self, app: str) -> None:
+        """Drop what ``declare_failed_wakes`` exported, if it never counted: a removed
+        app's zeros would stay on /metrics for good."""
+        for code in WAKE_FAILED_CODES:
+            key = (app, code, WAKE_FAILED)
+            if self._counts.get(key) == 0:
+                del self._counts[key]
 
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())

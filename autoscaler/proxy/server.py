@@ -22,7 +22,7 @@ from http import HTTPStatus
 from autoscaler.config import AppConfig, ProxySettings, Settings, authority, parse_host_port
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
-from autoscaler.metrics import Metrics
+from autoscaler.metrics import WAKE_FAILED, Metrics
 from autoscaler.proxy import forward, health, revive, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
@@ -34,7 +34,6 @@ from autoscaler.proxy.accounting import (
 from autoscaler.proxy.body import Body, BufferBudget
 from autoscaler.proxy.gate import (
     NO_WAKE,
-    WAKE_FAILED,
     AppRemoved,
     Gate,
     HoldTimeout,

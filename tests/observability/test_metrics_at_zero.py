@@ -8,14 +8,18 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from autoscaler.config import load_settings
+from autoscaler.control.view import FleetView
 from autoscaler.metrics import (
     ACTION_RESULTS,
     QUEUE_REJECTION_REASONS,
     SCALING_ACTIONS,
+    WAKE_FAILED,
+    WAKE_FAILED_CODES,
     WAKE_KINDS,
     WAKE_RESULTS,
     Metrics,
 )
+from autoscaler.proxy.server import ProxyServer
 from autoscaler.service import Service
 
 CONFIG = """
@@ -27,6 +31,17 @@ apps:
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
+
+
+def failed_wake_requests(metrics: Metrics, app: str) -> dict[int, float]:
+    """The app's autoscaler_requests_total{wake="failed"} series, by code."""
+    found = {}
+    for code in (*WAKE_FAILED_CODES, 499, 503):
+        labels = {"app": app, "code": str(code), "wake": WAKE_FAILED}
+        count = value(metrics, "autoscaler_requests_total", **labels)
+        if count is not None:
+            found[code] = count
+    return found
 
 
 def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> None:
@@ -54,12 +69,14 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
     for result in ("ok", "failed", "exhausted"):
         assert value(metrics, "autoscaler_machine_restarts_total", app="web", result=result) == 0
     assert value(metrics, "autoscaler_lease_conflicts_total", app="web") == 0
+    assert failed_wake_requests(metrics, "web") == {504: 0, 502: 0}
     for result in ("passed", "failed"):
         assert value(metrics, "autoscaler_check_rechecks_total", app="web", result=result) == 0
     # A static app is never scaled or woken: no such series for it.
     labels = {"app": "fixed", "action": "start", "result": "ok"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
     assert value(metrics, "autoscaler_wakes_total", app="fixed", result="failed") is None
+    assert failed_wake_requests(metrics, "fixed") == {}
 
 
 async def test_an_app_added_by_a_reload_gets_its_series_at_zero(tmp_path: Path) -> None:
@@ -75,3 +92,25 @@ async def test_an_app_added_by_a_reload_gets_its_series_at_zero(tmp_path: Path) 
     labels = {"app": "late", "action": "resume", "result": "error"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) == 0
     assert value(metrics, "autoscaler_config_reloads_total", result="success") == 1
+
+
+async def test_failed_wake_requests_of_an_app_a_reload_removes_go_unless_they_counted(
+    tmp_path: Path,
+) -> None:
+    """AutoscalerWakeFailed reads the increase of an app's requests answered for a failed
+    wake, 504 or 502: exported at 0 (above), its first one is an increase. An app a reload
+    removes from the proxy takes its zeros with it; a count stays, as every total does."""
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(CONFIG + "  - {name: gone, hosts: [gone.test]}\n")
+    settings, _ = load_settings(path, env={})
+    metrics = Metrics(CollectorRegistry())
+    Service(settings, path, metrics=metrics)  # declares the apps
+    proxy = ProxyServer(settings, FleetView(), metrics)  # built, not started
+    metrics.proxy.answered("web", 504, WAKE_FAILED, 30.0)
+    assert failed_wake_requests(metrics, "web") == {504: 1, 502: 0}
+    assert failed_wake_requests(metrics, "gone") == {504: 0, 502: 0}
+    proxy.update_settings(settings.model_copy(update={"apps": settings.apps[:2]}))
+    assert failed_wake_requests(metrics, "gone") == {}
+    assert failed_wake_requests(metrics, "web") == {504: 1, 502: 0}
+    proxy.update_settings(settings.model_copy(update={"apps": settings.apps[2:]}))
+    assert failed_wake_requests(metrics, "web") == {504: 1}
