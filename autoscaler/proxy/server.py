@@ -255,6 +255,7 @@ class ProxyServer:
         loop = self._loop
         ctx = RequestContext(loop.time(), self._request_id(request.request_id))
         app = self._router.route(request.host, request.target)
+        counted = True
         try:
             if app is None:
                 raise Failure(404, "no app is configured for this host")
@@ -277,8 +278,18 @@ class ProxyServer:
         except (asyncio.CancelledError, ClientGone):
             ctx.status = 499  # the client went away (nginx's convention; logged and counted)
             raise
+        except Exception:
+            # A bug. The connection answers 500 if nothing was sent yet, and counts it with
+            # app "" (error_page): the proxy's own fault, apart from the app's 500s (a 500
+            # under an app is the app's: AutoscalerHigh5xxRatio sends the reader there).
+            # Not counted here too (that was a second request, of code 0); its line says
+            # 500. After the head, the client got the machine's status: counted so, here.
+            if not request.conn.response_started:
+                ctx.status = 500
+                counted = False
+            raise
         finally:
-            self._account(request, ctx, loop.time())
+            self._account(request, ctx, loop.time(), counted)
 
     async def _serve(self, request: Request, app: AppConfig, ctx: RequestContext) -> None:
         # A request that reaches this point during a stop was received before it (its
@@ -792,12 +803,15 @@ class ProxyServer:
             )
         )
 
-    def _account(self, request: Request, ctx: RequestContext, now: float) -> None:
+    def _account(self, request: Request, ctx: RequestContext, now: float, count: bool) -> None:
+        """The request's count and line (``count`` False: the line only, its 500 counted
+        by ``error_page``)."""
         until = ctx.headers_at if ctx.headers_at is not None else now
-        # (The call only when its wake's answer may still be to come: a call a request
-        # costs the interpreted build a thousand instructions or so.)
-        wake = ctx.wake if ctx.wake_pending is None else wake_label(ctx)
-        self._stats.answered(ctx.app, ctx.status, wake, until - ctx.arrived)
+        if count:
+            # (The call only when its wake's answer may still be to come: a call a request
+            # costs the interpreted build a thousand instructions or so.)
+            wake = ctx.wake if ctx.wake_pending is None else wake_label(ctx)
+            self._stats.answered(ctx.app, ctx.status, wake, until - ctx.arrived)
         if self._knobs.access_log:
             raw = request.target
             query = raw.find("?")

@@ -535,3 +535,41 @@ async def test_a_request_whose_connect_fails_after_its_app_was_removed_makes_no_
         assert "w" not in fleet.apps
         inflight = metrics.registry.get_sample_value("autoscaler_inflight_requests", {"app": "w"})
         assert inflight is None
+
+
+@pytest.mark.parametrize("head_sent", [False, True], ids=["before-head", "after-head"])
+async def test_a_bug_in_the_handler_counts_its_request_once(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    monkeypatch: pytest.MonkeyPatch,
+    head_sent: bool,
+) -> None:
+    """A handler that raises before its answer's head went out is answered 500 by the
+    connection, and counted with app "" (the proxy's answer, not the app's): not a
+    second time for the app, as code 0. After the head it is the app's request with
+    the machine's status, cut short: counted once, so. Its line names the app."""
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(text_app("hi"))]}]
+    )
+
+    async def broken(request: Any, app: Any, gate: Any, ctx: Any) -> None:
+        if head_sent:
+            ctx.status = 200
+            request.conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nh")
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(proxy, "_forward", broken)
+    with capture_logs() as logs:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert r.status == (200 if head_sent else 500)
+    counted = {
+        (s.labels["app"], s.labels["code"], s.labels["wake"]): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "autoscaler_requests_total"
+    }
+    assert counted == ({("a", "200", "none"): 1} if head_sent else {("", "500", "none"): 1})
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert (line["app"], line["status"]) == ("a", 200 if head_sent else 500)
