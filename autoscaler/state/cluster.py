@@ -70,7 +70,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from autoscaler.config import ClusterSettings, default_replica_id
 from autoscaler.logs import get_logger
@@ -79,6 +79,7 @@ from autoscaler.state.claim import WakeClaims
 from autoscaler.state.lease import Lease
 
 Clock = Callable[[], float]
+_N = TypeVar("_N", int, float)
 _log = get_logger("autoscaler.state.cluster")
 
 REPORT_S = 0.25
@@ -267,6 +268,22 @@ class Report:
         return idle_s(load.at, self.now)
 
 
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """A report's header as read (``Cluster._readable``): each number parsed once, here,
+    and None where it is not said or does not parse (a report of the previous release
+    says none)."""
+
+    boot: str
+    leader: bool
+    fence: int | None
+    gen: int | None
+    since: int | None
+    now: float | None
+    changed: str | None
+    settled: str | None
+
+
 class _Seen:
     """What this replica has read of another's report, kept between rounds so that only
     the fields the report lists as changed are read (and parsed) again."""
@@ -278,22 +295,20 @@ class _Seen:
         self.loads: dict[str, AppLoad] = {}
         self.fleet: dict[str, AppFleet] = {}
 
-    def replace(
-        self, data: Mapping[str, str], header: Mapping[str, str | None], on_bad: _OnBad
-    ) -> None:
+    def replace(self, data: Mapping[str, str], header: _Header, on_bad: _OnBad) -> None:
         """The whole report (``HGETALL``); ``fleet_changed`` is then None (any app)."""
         self.loads.clear()
         self.fleet.clear()
         self.update(data, header, on_bad)
 
     def update(
-        self, data: Mapping[str, str | None], header: Mapping[str, str | None], on_bad: _OnBad
+        self, data: Mapping[str, str | None], header: _Header, on_bad: _OnBad
     ) -> frozenset[str]:
         """The fields listed as changed (None: deleted); the apps whose fleet changed. An
         app's entry that does not parse (a later version's format, a hand edit) reads as
         not said, and goes to ``on_bad`` (field, value, error): one bad entry must not
         fail every replica's read."""
-        self.now = float(header["now"] or 0.0)
+        self.now = header.now or 0.0
         fleet = set()
         for k, v in data.items():
             if k.startswith("load:"):
@@ -352,11 +367,11 @@ def _machines(listed: Any) -> list[list[Any]]:
     return machines
 
 
-def _int(text: str | None) -> int | None:
-    return None if text is None else int(text)
-
-
 def _finite(value: Any) -> float:
+    """A number of a report: finite, and no boolean (Python's JSON reads ``true`` as a
+    number ``float`` takes for 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value}")
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"not a finite number: {value}")
@@ -375,24 +390,19 @@ def _amount(value: Any) -> float:
 
 def _count(value: Any) -> int:
     """A count of a report (requests, ejections, a port, a sequence number, a fencing
-    token): a number ``int`` reads, not negative. ValueError, not ``int``'s
-    OverflowError, for an infinity: no reader caught that one, and one report failed
-    every replica's read."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"not a finite number: {value}")
+    token), a JSON value or a header's text: a whole number, not negative; the one
+    reader of every integer of a report. ValueError, not ``int``'s OverflowError, for an
+    infinity: no reader caught that one, and one report failed every replica's read. Nor
+    is a number that is not whole truncated (``int`` read 1.5 as 1), nor a boolean
+    taken for 0 or 1: they read as not said, as any field that does not parse."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value}")
+    if isinstance(value, float) and not value.is_integer():  # NaN and infinities too
+        raise ValueError(f"not a whole number: {value}")
     number = int(value)
     if number < 0:
         raise ValueError(f"a negative count: {value}")
     return number
-
-
-_NUMBERS: tuple[tuple[str, Callable[[str], object]], ...] = (
-    ("gen", _count),
-    ("fence", _count),
-    ("since", _count),
-    ("now", _finite),
-)
-"""The header's numbers, and how each is read (``Cluster._readable``)."""
 
 
 def _settled(text: str | None) -> tuple[int, float] | None:
@@ -401,7 +411,7 @@ def _settled(text: str | None) -> tuple[int, float] | None:
     if not text:
         return None
     token, until = text.split()
-    return int(token), _finite(until)
+    return _count(token), _finite(until)
 
 
 class LocalLoad:
@@ -775,13 +785,13 @@ class Cluster:
             results = await pipe.execute()
         self.leader_id = results[-1]
         expired = self._read_departed(boots, results[2 * len(ids) : -1])
-        fetch: list[tuple[str, dict[str, str | None], list[str] | None]] = []
+        fetch: list[tuple[str, _Header, list[str] | None]] = []
         ttls: dict[str, int] = {}
         gone = []
         for i, rid in enumerate(ids):
-            header = dict(zip(HEADER, results[2 * i], strict=True))
+            said = dict(zip(HEADER, results[2 * i], strict=True))
             pttl = results[2 * i + 1]
-            if header["boot"] is None or pttl is None or pttl < 0:
+            if said["boot"] is None or pttl is None or pttl < 0:
                 gone.append(rid)
                 self._seen.pop(rid, None)
                 for key in [k for k in self._bad if k[0] == rid]:
@@ -789,7 +799,7 @@ class Cluster:
                 continue
             if rid == self.replica_id:
                 continue
-            header = self._readable(rid, header)
+            header = self._readable(rid, said)
             ttls[rid] = pttl
             fetch.append((rid, header, self._wanted(rid, header)))
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -802,23 +812,23 @@ class Cluster:
         now = self.clock()
         others: dict[str, Report] = {}
         for rid, header, wanted in fetch:
-            on_bad = functools.partial(self._bad_field, rid, header)
+            on_bad = functools.partial(self._bad_field, rid, header.boot)
             seen = self._seen.get(rid)
             if wanted is None or seen is None:
-                seen = self._seen[rid] = _Seen(str(header["boot"]))
+                seen = self._seen[rid] = _Seen(header.boot)
                 seen.replace(next(fetched), header, on_bad)
                 changed: frozenset[str] | None = None
             elif wanted:
                 changed = seen.update(dict(zip(wanted, next(fetched), strict=True)), header, on_bad)
             else:
                 changed = frozenset()
-            seen.gen = _int(header["gen"])
-            fence = _int(header["fence"]) or 0
+            seen.gen = header.gen
+            fence = header.fence or 0
             self.lease.observe(fence)
             others[rid] = Report(
                 replica=rid,
                 boot=seen.boot,
-                leader=header["leader"] == "1",
+                leader=header.leader,
                 age_s=max(0.0, REPORT_TTL_S - ttls[rid] / 1000),
                 read_at=now,
                 loads=dict(seen.loads),
@@ -826,7 +836,7 @@ class Cluster:
                 fence=fence,
                 now=seen.now,
                 fleet_changed=changed,
-                settled=self._settled_of(rid, seen.boot, header["settled"]),
+                settled=self._settled_of(rid, seen.boot, header.settled),
             )
         if gone:
             await self.redis.srem(self.replicas_key, *gone)
@@ -870,54 +880,65 @@ class Cluster:
         self._bad[(rid, name)] = boot
         return True
 
-    def _readable(self, rid: str, header: dict[str, str | None]) -> dict[str, str | None]:
-        """``rid``'s header with the numbers that do not parse (a format of a later
-        version, a hand edit) taken as not said, as a report of the previous release says
-        none: one bad report must not fail every replica's read. Without ``gen`` or
-        ``since`` the report is read whole; without ``fence`` it fences nothing (0); without
-        ``now`` its requests count as just made (the app is kept up: the safe side).
-        Logged once per boot of the replica."""
-        for name, parse in _NUMBERS:
+    def _readable(self, rid: str, header: Mapping[str, str | None]) -> _Header:
+        """``rid``'s header (``HEADER``, as read; ``boot`` said) with its numbers parsed,
+        those that do not parse (a format of a later version, a hand edit) taken as not
+        said, as a report of the previous release says none: one bad report must not
+        fail every replica's read. Without ``gen`` or ``since`` the report is read whole;
+        without ``fence`` it fences nothing (0); without ``now`` its requests count as
+        just made (the app is kept up: the safe side). Logged once per boot of the
+        replica."""
+        boot = str(header["boot"])
+
+        def number(name: str, parse: Callable[[str], _N]) -> _N | None:
             text = header[name]
             if text is None:
-                continue
+                return None
             try:
-                parse(text)
+                return parse(text)
             except ValueError as exc:
-                header[name] = None
-                self._bad_field(rid, header, name, text, exc)
-        return header
+                self._bad_field(rid, boot, name, text, exc)
+                return None
 
-    def _bad_field(
-        self, rid: str, header: Mapping[str, str | None], name: str, text: str, exc: Exception
-    ) -> None:
-        """A field of ``rid``'s report that we read as not said: logged once per boot of
-        the replica for a header field, and once for all its apps' entries of a kind
-        (``load``, ``fleet``): a later version's format has them all so."""
-        if self._said_once(rid, name.partition(":")[0], str(header["boot"])):
+        return _Header(
+            boot=boot,
+            leader=header["leader"] == "1",
+            gen=number("gen", _count),
+            fence=number("fence", _count),
+            since=number("since", _count),
+            now=number("now", _finite),
+            changed=header["changed"],
+            settled=header["settled"],
+        )
+
+    def _bad_field(self, rid: str, boot: str, name: str, text: str, exc: Exception) -> None:
+        """A field of ``rid``'s report (of its boot ``boot``) that we read as not said:
+        logged once per boot of the replica for a header field, and once for all its
+        apps' entries of a kind (``load``, ``fleet``): a later version's format has them
+        all so."""
+        if self._said_once(rid, name.partition(":")[0], boot):
             _log.warning(
                 "cluster_bad_field", replica=rid, field=name, value=text[:200], error=str(exc)
             )
 
-    def _wanted(self, rid: str, header: Mapping[str, str | None]) -> list[str] | None:
+    def _wanted(self, rid: str, header: _Header) -> list[str] | None:
         """The fields of ``rid``'s report to read: those its header lists as changed if we
         read the report just before (an empty list: nothing new), None for all of it."""
         seen = self._seen.get(rid)
-        gen = _int(header["gen"])
-        if seen is None or gen is None or seen.boot != header["boot"] or seen.gen is None:
+        gen = header.gen
+        if seen is None or gen is None or seen.boot != header.boot or seen.gen is None:
             return None
         if gen == seen.gen:
             return []
-        since = _int(header["since"])
-        if since is None or not since - 1 <= seen.gen < gen or header["changed"] in (None, "*"):
+        since, text = header.since, header.changed
+        if since is None or not since - 1 <= seen.gen < gen or text is None or text == "*":
             return None
-        text = str(header["changed"])
         try:
             listed = json.loads(text)
             if not isinstance(listed, list):
                 raise ValueError("not a list of fields")
         except ValueError as exc:  # read whole, as a report that lists nothing
-            self._bad_field(rid, header, "changed", text, exc)
+            self._bad_field(rid, header.boot, "changed", text, exc)
             return None
         return [str(f) for f in listed]
 

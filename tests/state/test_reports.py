@@ -235,7 +235,9 @@ async def test_the_leader_s_view_carries_how_each_machine_comes_up(
     assert ViewPush.from_json(push.to_json()).apps[APPS[0]].how == {"m1": "start", "m2": "start"}
 
 
-@pytest.mark.parametrize("said", ["garbage", "7", "7 soon", "x 12.5", "7 12.5 later", "7 nan"])
+@pytest.mark.parametrize(
+    "said", ["garbage", "7", "7 soon", "x 12.5", "7 12.5 later", "7 nan", "-7 12.5"]
+)
 async def test_a_malformed_settled_is_not_said_and_logged_once(
     pair: tuple[Cluster, Cluster, Clock], said: str
 ) -> None:
@@ -312,6 +314,13 @@ async def test_a_malformed_header_field_is_not_said_and_logged_once(
         ('{"area": 1.0, "level": 0, "idle_s": -Infinity}', '[["m1", "h", 99999, "s", 0]]'),
         ('{"area": 1.0, "level": 1, "machines": {"m1": Infinity}}', '[["m1"]]'),
         ('{"area": 1.0, "level": 0, "failing": {"m1": -2}}', '[["m1", "h", "-80", "s", 0]]'),
+        ('{"area": 1.0, "level": 1.5}', '[["m1", "h", 8000.5, "s", false]]'),
+        ('{"area": 1.0, "level": true}', '[["m1", "h", true, "s", false]]'),
+        ('{"area": 1.0, "level": 0, "peak": 0.5}', '[["m1", "h", 80.25, "s", false]]'),
+        ('{"area": 1.0, "level": 1, "machines": {"m1": true}}', '[["m1", "h", false, "s", 0]]'),
+        ('{"area": 1.0, "level": 0, "failing": {"m1": 2.5}}', '[["m1", "h", "1.5", "s", 0]]'),
+        ('{"area": true, "level": 0}', '[["m1", "h", 0.5, "s", false]]'),
+        ('{"area": 1.0, "level": 0, "at": false}', '[["m1", "h", 443.9, "s", false]]'),
     ],
 )
 async def test_a_malformed_app_entry_is_not_said_and_logged_once(
@@ -324,7 +333,8 @@ async def test_a_malformed_app_entry_is_not_said_and_logged_once(
     that Python's JSON reads but no replica writes: NaN or an infinity (a load's NaN or
     infinite area made the leader's summed load so, and the policy decided on it; an
     infinite count or port made ``Cluster.read`` raise ``int``'s OverflowError), a
-    negative one, a port out of range."""
+    negative one, a port out of range; and a count (or port) that is not whole, or a
+    boolean where a number goes, which ``int`` and ``float`` took (1.5 read 1, true 1)."""
     writer, reader, _ = pair
     up = [["m1", "127.0.0.1", 8000, "started", False]]
     views = {app: AppFleet(1, up) for app in APPS[:2]}
@@ -374,17 +384,23 @@ async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
         '{"seq": 1, "machines": [["m1"]]}',
         '{"seq": 1, "machines": [["m1", "h", Infinity, "started", false]]}',
         '{"seq": 1, "machines": [["m1", "h", 0, "started", false]]}',
+        '{"seq": 1.5, "machines": []}',
+        '{"seq": true, "machines": []}',
+        '{"seq": 1, "machines": [["m1", "h", 8000.5, "started", false]]}',
+        '{"seq": 1, "machines": [["m1", "h", true, "started", false]]}',
     ],
 )
 def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
     """A push's view is checked as a report's is (``cluster_bad_view_push``, skipped): a
     machine list of another shape was taken as it came, and the follower's round that
     applied it raised; an infinite number raised ``int``'s OverflowError, which the
-    listener took for a lost connection (it subscribed again)."""
+    listener took for a lost connection (it subscribed again); a sequence, port or
+    fencing token that is not whole, or a boolean, was truncated (1.5 read 1, true 1)."""
     with pytest.raises(ValueError):  # noqa: PT011 - which ValueError is no matter
         ViewPush.from_json(f'{{"leader": "w", "fence": 1, "apps": {{"a": {app}}}}}')
-    with pytest.raises(ValueError):  # noqa: PT011
-        ViewPush.from_json('{"leader": "w", "fence": Infinity, "apps": {}}')
+    for fence in ("Infinity", "1.5", "true"):
+        with pytest.raises(ValueError):  # noqa: PT011
+            ViewPush.from_json(f'{{"leader": "w", "fence": {fence}, "apps": {{}}}}')
     pushed = ViewPush.from_json(
         '{"leader": "w", "fence": 1, "apps": {"a": {"seq": 2, "machines":'
         ' [["m1", "h", 8000, "started", false]]}}}'
