@@ -533,6 +533,7 @@ class Replica:
         if reported.keys() != apps.keys():
             for name in reported.keys() - apps.keys():
                 del reported[name]
+                self.cluster.forget(name)  # a static app too, which the controller never had
             measure |= apps.keys() - reported.keys()
         moving = set()
         for name in measure:
@@ -629,8 +630,10 @@ class Replica:
         "missing", until its first list); and what we applied of the leader's view of it,
         and whether that said missing (kept, a follower's new view of it, with no
         machines, was not given the leader's, of the version applied before, until that
-        changed), and apply the whole view next round. Here, not when a round finds the
-        app gone: a reload that added it back before the next round left all that."""
+        changed), and apply the whole view next round; and its load (``Cluster.forget``).
+        Here, not when a round finds the app gone: a reload that added it back before the
+        next round left all that."""
+        self.cluster.forget(app)
         self._published.pop(app, None)
         self._missing.pop(app, None)
         self._applied.pop(app, None)

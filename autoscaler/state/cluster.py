@@ -435,6 +435,11 @@ class LocalLoad:
         """The peak since the previous ``pop_peak`` (the leader's previous sample)."""
         return self._peaks.pop(app, 0)
 
+    def forget(self, app: str) -> None:
+        """Drop ``app`` (``Cluster.forget``)."""
+        self.area.pop(app, None)
+        self._peaks.pop(app, None)
+
 
 class ClusterLoad:
     """The leader's view of the whole cluster's demand, one :class:`Sample` per tick."""
@@ -467,6 +472,11 @@ class ClusterLoad:
                 key = _reporter(report)
                 peaks = self._peaks.setdefault(app, {})
                 peaks[key] = max(peaks.get(key, 0), load.peak)
+
+    def forget(self, app: str) -> None:
+        """Drop ``app`` (``Cluster.forget``): its next sample is a first one."""
+        self._prev.pop(app, None)
+        self._peaks.pop(app, None)
 
     def sample(
         self,
@@ -948,6 +958,17 @@ class Cluster:
         peak = self.local.pop_peak(app)
         key = _reporter_key(self.replica_id, self.boot)
         return self.load.sample(app, now, (key, area, meter.level, peak), self.others)
+
+    def forget(self, app: str) -> None:
+        """Drop what we keep of ``app``'s load (our area and peaks, the leader's previous
+        sample and the others' peaks, the others' last requests' times): the app is no
+        longer ours (a reload took it away). Kept, it was one entry per app ever seen,
+        and an app added back resumed from them: the leader's first sample of it spanned
+        the time it was away (a baseline now, as for a new app)."""
+        self.local.forget(app)
+        self.load.forget(app)
+        for rid in self.others:  # (the only replicas ``_arrivals`` names: ``read``)
+            self._arrivals.pop((rid, app), None)
 
     def remote_in_flight(self, app: str) -> dict[str, int]:
         """The other replicas' requests in flight per machine of ``app``, summed."""

@@ -1736,3 +1736,67 @@ async def test_no_wake_claim_lock_outlives_the_takes_that_use_it(
         assert leader._claim_locks == {}
     finally:
         await leader.stop()
+
+
+def _load_kept(replica: Replica, app: str) -> list[str]:
+    """What ``replica``'s cluster keeps of ``app``'s load, by name."""
+    c = replica.cluster
+    kept = {
+        "area": app in c.local.area,
+        "own peak": app in c.local._peaks,
+        "previous sample": app in c.load._prev,
+        "others' peaks": app in c.load._peaks,
+        "others' arrivals": any(key[1] == app for key in c._arrivals),
+    }
+    return [name for name, there in kept.items() if there]
+
+
+async def test_an_app_a_reload_drops_leaves_no_load_and_comes_back_clean(
+    redis_server: str, key_prefix: str
+) -> None:
+    """Each replica kept per app ever seen its area and peak, the leader its previous
+    sample, the others' peaks and their last requests' times: a reload that dropped apps
+    freed none of it, and an app added back resumed from it (the leader's first sample
+    of it spanned the time it was away). All of it goes with the app: at once for an app
+    the controller scaled (``on_removed``), at the next round for one that was static
+    (the proxy drops its view); the leader's first sample of an app added back is a
+    baseline, as a new app's."""
+    api = FakeMachinesAPI()
+    api.add(APP, "stopped")
+    leader = make(redis_server, key_prefix, "r0", api, rng=lambda: 0.99)
+    follower = make(redis_server, key_prefix, "r1", api, rng=lambda: 0.99)
+    both = [leader, follower]
+    for r in both:
+        await r.start(rounds=False)
+    try:
+        await rounds(both, lambda: leader.leading, 5)
+        for r in both:  # a request each, measured and reported
+            r.view.app(APP).hold()
+            r.view.app("static").hold()
+        for _ in range(2):
+            for r in both:
+                await r.round()
+        for r in both:
+            r.view.app(APP).release()
+            r.view.app("static").release()
+        for _ in range(2):
+            for r in both:
+                await r.round()
+        sample, _ = leader.load(APP, leader.clock())
+        assert _load_kept(leader, APP) == ["area", "previous sample", "others' arrivals"]
+        assert _load_kept(leader, "static") == ["area", "own peak", "others' peaks"]
+        assert _load_kept(follower, APP) == ["area", "own peak", "others' peaks"]
+        settings = leader.settings
+        for r in both:
+            await r.controller.update_settings(settings.model_copy(update={"apps": []}))
+            assert _load_kept(r, APP) == []
+        await leader.controller.update_settings(settings)  # back before any round
+        again, _ = leader.load(APP, leader.clock())
+        assert again.start == again.end > sample.end
+        for r in both:
+            r.view.remove_app("static")  # as the proxy does with a static app dropped
+            await r.round()
+            assert _load_kept(r, "static") == []
+    finally:
+        for r in both:
+            await r.stop()
