@@ -347,6 +347,7 @@ class Replica:
         self.leading = True
         self._led_token = self.cluster.lease.token
         self.unknown_to_leader = set()  # our apps are the leader's now
+        self.cluster.lead_begins()  # before the controller's first sample
         self.metrics.cluster_leader.set(1)
         _log.info("cluster_leader", replica=self.cluster.replica_id, fence=self.cluster.lease.token)
         await self.controller.start()

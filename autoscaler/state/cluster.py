@@ -440,6 +440,10 @@ class LocalLoad:
         self.area.pop(app, None)
         self._peaks.pop(app, None)
 
+    def drop_peaks(self) -> None:
+        """Forget every peak (``Cluster.lead_begins``)."""
+        self._peaks.clear()
+
 
 class ClusterLoad:
     """The leader's view of the whole cluster's demand, one :class:`Sample` per tick."""
@@ -477,6 +481,12 @@ class ClusterLoad:
         """Drop ``app`` (``Cluster.forget``): its next sample is a first one."""
         self._prev.pop(app, None)
         self._peaks.pop(app, None)
+
+    def restart(self) -> None:
+        """Every app's next sample is a first one, with only the peaks noted from now on
+        (``Cluster.lead_begins``)."""
+        self._prev.clear()
+        self._peaks.clear()
 
     def sample(
         self,
@@ -958,6 +968,19 @@ class Cluster:
         peak = self.local.pop_peak(app)
         key = _reporter_key(self.replica_id, self.boot)
         return self.load.sample(app, now, (key, area, meter.level, peak), self.others)
+
+    def lead_begins(self) -> None:
+        """We lead from now on: our samples begin anew. While we followed, our peaks and
+        the others' were noted, and none taken out (only the leader samples): the first
+        sample of our lead carried the largest peak of each app since we started (or
+        last led), and spanned the time since our last lead's sample, however long ago.
+        The load windows take a sample's peak for activity at its end (``last_active``):
+        an app at rest for longer than its idle time was kept up for another one, or
+        woken from zero for a request long gone. Its last request's time is known apart
+        (``last_request_at``); the first sample of our lead is a baseline, the load now
+        (as a new leader's, or a new app's)."""
+        self.local.drop_peaks()
+        self.load.restart()
 
     def forget(self, app: str) -> None:
         """Drop what we keep of ``app``'s load (our area and peaks, the leader's previous

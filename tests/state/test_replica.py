@@ -63,6 +63,7 @@ def make(
     apps: tuple[str, ...] = (APP,),
     ttl: float | None = None,
     api_timeout_s: float = 5.0,
+    idle_to_zero_s: float = 300.0,
 ) -> Replica:
     settings = Settings(
         apps=[
@@ -73,6 +74,7 @@ def make(
                 min_lifetime_s=0,
                 scale_down_delay_s=0,
                 wake_timeout_s=wake_timeout_s,
+                idle_to_zero_s=idle_to_zero_s,
             )
             for name in apps
         ],
@@ -1797,6 +1799,51 @@ async def test_an_app_a_reload_drops_leaves_no_load_and_comes_back_clean(
             r.view.remove_app("static")  # as the proxy does with a static app dropped
             await r.round()
             assert _load_kept(r, "static") == []
+    finally:
+        for r in both:
+            await r.stop()
+
+
+@pytest.mark.parametrize("lead", ["first", "again"])
+async def test_a_new_leader_does_not_wake_an_app_for_peaks_it_saw_while_following(
+    redis_server: str, key_prefix: str, lead: str
+) -> None:
+    """A follower records its own peaks and the others' (for the samples it makes once
+    it leads), and nothing took them out while it followed: its first sample as leader
+    carried the largest peak seen since it started, however long ago, which the load
+    windows take for activity now (``last_active``); leading again, that sample spanned
+    the time since its last lead's, and its load counted as activity now too. An app at
+    zero whose last request is past its idle time was woken by the new leader's first
+    tick. Its samples begin anew with its lead: at rest, the app stays at zero."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    old, new = (
+        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99, idle_to_zero_s=0)
+        for rid in ("old", "new")
+    )
+    both = [old, new]
+    for r in both:
+        await r.start(rounds=False)
+    try:
+        if lead == "again":  # "new" leads and samples first, then follows
+            await rounds([new], lambda: new.leading, 5)
+            assert (await new.controller.tick(APP)).desired == 0
+            lapse(new)
+            await rounds(both, lambda: old.leading and not new.leading, 5)
+            await new.stepped_down()
+            new._next_lease_step = 0.0  # it may lead again
+        await rounds(both, lambda: old.leading, 5)
+        for r in both:  # a request each, come and gone while "old" leads
+            r.view.app(APP).hold()
+        await rounds(both, lambda: APP in new.cluster.load._peaks, 5)  # it read old's
+        for r in both:
+            r.view.app(APP).release()
+        await rounds(both, lambda: APP not in new._moving and APP not in old._moving, 5)
+        lapse(old)
+        await rounds(both, lambda: new.leading, 5)
+        decision = await new.controller.tick(APP)
+        assert (decision.desired, decision.actions) == (0, ())
+        assert api.machines[APP][mid].state == "stopped"
     finally:
         for r in both:
             await r.stop()
