@@ -1765,8 +1765,10 @@ async def test_an_app_a_reload_drops_leaves_no_load_and_comes_back_clean(
     baseline, as a new app's."""
     api = FakeMachinesAPI()
     api.add(APP, "stopped")
-    leader = make(redis_server, key_prefix, "r0", api, rng=lambda: 0.99)
-    follower = make(redis_server, key_prefix, "r1", api, rng=lambda: 0.99)
+    leader, follower = (
+        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99, ttl=STEADY_TTL)
+        for rid in ("r0", "r1")
+    )
     both = [leader, follower]
     for r in both:
         await r.start(rounds=False)
@@ -1818,17 +1820,22 @@ async def test_a_new_leader_does_not_wake_an_app_for_peaks_it_saw_while_followin
     api = FakeMachinesAPI()
     mid = api.add(APP, "stopped")
     old, new = (
-        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99, idle_to_zero_s=0)
+        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99, idle_to_zero_s=0, ttl=STEADY_TTL)
         for rid in ("old", "new")
     )
     both = [old, new]
+
+    async def give_up(leader: Replica) -> None:  # the other leads at its next round
+        lapse(leader)
+        await leader.cluster.lease.release()
+
     for r in both:
         await r.start(rounds=False)
     try:
         if lead == "again":  # "new" leads and samples first, then follows
             await rounds([new], lambda: new.leading, 5)
             assert (await new.controller.tick(APP)).desired == 0
-            lapse(new)
+            await give_up(new)
             await rounds(both, lambda: old.leading and not new.leading, 5)
             await new.stepped_down()
             new._next_lease_step = 0.0  # it may lead again
@@ -1839,7 +1846,7 @@ async def test_a_new_leader_does_not_wake_an_app_for_peaks_it_saw_while_followin
         for r in both:
             r.view.app(APP).release()
         await rounds(both, lambda: APP not in new._moving and APP not in old._moving, 5)
-        lapse(old)
+        await give_up(old)
         await rounds(both, lambda: new.leading, 5)
         decision = await new.controller.tick(APP)
         assert (decision.desired, decision.actions) == (0, ())
