@@ -53,8 +53,22 @@ DEFAULT_RESTART_POLICY = "on-failure"
 DEFAULT_MAX_RETRIES = 10
 STOP_TIMEOUT_S = 30.0  # a stop's or restart's without one (call or stop_config); Fly: 5 min
 UPDATE_STOP_TIMEOUT_S = 5.0  # an update's stop of the running version, as before
-# Never handed to a machine: a real Fly machine does not see your API token either.
-_ENV_DENY_PREFIXES = ("FLY_", "AUTOSCALER_", "EMULATOR_")
+# All a machine gets of the emulator's environment, as a Fly VM sees only its image's
+# (docs/emulator.md, "Images"): what any command needs to run on this host (PATH, HOME,
+# TMPDIR, the locale), and what makes `{python}` the emulator's own Python (its import path,
+# and the libraries a Python built elsewhere loads). Nothing else: an app must not work here
+# on a DATABASE_URL of your shell that its machines on Fly never see, nor see your token.
+BASE_ENV = (
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "LD_LIBRARY_PATH",
+)
 
 log = get_logger(__name__)
 
@@ -192,7 +206,9 @@ class Lifecycle:
         return argv
 
     def environment(self, m: Machine, boot_s: float = 0.0) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DENY_PREFIXES)}
+        """A machine process's environment: ``BASE_ENV`` of the emulator's, its
+        ``config.env``, then what Fly sets."""
+        env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         if SESSION_ENV in os.environ:  # a test session's mark, kept so it finds leftovers
             env[SESSION_ENV] = os.environ[SESSION_ENV]
         env.update({str(k): str(v) for k, v in (m.config.get("env") or {}).items()})

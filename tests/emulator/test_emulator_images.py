@@ -3,6 +3,9 @@ images not in the table (the demo app stands in, or a refusal with ``strict_imag
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import aiohttp
 import pytest
 from emu_helpers import (
@@ -67,6 +70,29 @@ async def test_user_image_gets_host_port_and_env(emulator: Emulator) -> None:
             c.get(f"http://{m['private_ip']}:9001/") as r,
         ):
             assert await r.text() == "hi"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (Linux /proc)."""
+    items = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(item.split("=", 1) for item in items if item)
+
+
+async def test_a_machine_sees_its_config_env_not_the_emulators(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a Fly VM sees only its image's environment, config.env and Fly's variables: a
+    variable of the shell that started the emulator must not reach the machine, or an app
+    that reads it works here and fails on Fly. Read at the exec, from /proc."""
+    monkeypatch.setenv("DATABASE_URL", "postgres://from-the-developers-shell")
+    async with session(emulator) as s:
+        m = await new_machine(s, image="me/greeter", env={"GREETING": "hi"})
+        (pid,) = emulator.pids()
+        env = _environ(pid)
+        assert "DATABASE_URL" not in env
+        assert env["GREETING"] == "hi"
+        assert env["FLY_MACHINE_ID"] == m["id"]
+        assert env["PATH"] == os.environ["PATH"]  # what the command needs on this host
 
 
 @pytest.mark.parametrize(
