@@ -189,15 +189,17 @@ class MachineProcess:
         left the group is killed by the supervisor once the machine's process has ended.
         A ``hung`` machine's group is not continued: a hung app does not handle the signal
         (it stays pending), so it ends by the SIGKILL after ``grace_s``, as a hung app on
-        Fly ends when the stop's timeout runs out; what left the group did not hang."""
+        Fly ends when the stop's timeout runs out; what left the group did not hang.
+        SIGSTOP (fly.toml's kill_signal may be it) freezes the machine, continued by
+        nothing, until that SIGKILL."""
         self.expected_exit = True
         if self.proc.returncode is None:
+            freezes = sig == signal.SIGSTOP
             self.signal(sig)
-            if not hung:
+            if not (hung or freezes):
                 self.signal(signal.SIGCONT)  # a stopped (suspended) process cannot handle sig
-            strays = self._after(
-                lambda: self._signal_strays(sig, signal.SIGCONT, outside_group=hung)
-            )
+            cont = () if freezes else (signal.SIGCONT,)
+            strays = self._after(lambda: self._signal_strays(sig, *cont, outside_group=hung))
             try:
                 async with asyncio.timeout(grace_s):
                     await asyncio.shield(strays)

@@ -293,13 +293,16 @@ def seconds(value: object, where: str, low: float, high: float) -> float:
 STOP_TIMEOUT_MAX_S = 86400.0  # Fly: "dedicated CPU VMs allow up to 24 hours"
 
 
-def signal_name(name: object, where: str) -> int:
-    """A signal named as Fly's API takes it ("SIGTERM", or "TERM"); not SIGSTOP/SIGCONT."""
+def signal_name(name: object, where: str, *, stop: bool = False) -> int:
+    """A signal named as Fly's API takes it ("SIGTERM", or "TERM"); not SIGSTOP/SIGCONT,
+    but SIGSTOP as a ``stop``'s signal: fly.toml's kill_signal lists it (the app freezes
+    and is killed at the timeout, docs/fly-api-notes.md "Stop signal and timeout")."""
     _expect(name, str, where, "a signal name like SIGTERM")
     assert isinstance(name, str)
     upper = name.upper()
     upper = upper if upper.startswith("SIG") else "SIG" + upper
-    if upper not in signal.Signals.__members__ or upper in ("SIGSTOP", "SIGCONT"):
+    refused = ("SIGCONT",) if stop else ("SIGSTOP", "SIGCONT")
+    if upper not in signal.Signals.__members__ or upper in refused:
         raise BadRequest(f"{where}: expected a signal name like SIGTERM, got {name!r}")
     return signal.Signals[upper]
 
@@ -307,7 +310,9 @@ def signal_name(name: object, where: str) -> int:
 def stop_settings(body: dict[str, Any], where: str) -> tuple[int | None, float | None]:
     """(signal, timeout seconds) of a stop's body or a machine's ``stop_config``, each None
     when not given; the timeout as an integer of seconds or a duration string ("30s")."""
-    sig = None if body.get("signal") is None else signal_name(body["signal"], f"{where}signal")
+    sig = body.get("signal")
+    if sig is not None:
+        sig = signal_name(sig, f"{where}signal", stop=True)
     timeout = body.get("timeout")
     if timeout is not None:
         timeout = seconds(timeout, f"{where}timeout", 0, STOP_TIMEOUT_MAX_S)

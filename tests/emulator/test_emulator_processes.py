@@ -561,6 +561,35 @@ async def test_a_stops_signal_reaches_what_left_the_machines_group(tmp_path: Pat
         assert mark.exists(), "the daemon never got the stop's signal"
 
 
+async def test_a_stop_by_sigstop_freezes_the_machine_until_its_timeout_kills_it(
+    tmp_path: Path,
+) -> None:
+    """fly.toml's kill_signal may be SIGSTOP: the emulator refused it (400). The stop
+    freezes the whole machine (what left its group too), continued by nothing, and the
+    SIGKILL at the stop's timeout ends it: `stopped`, its exit by signal 9, and no process
+    of it left, frozen or not."""
+    command, out = _forker_image(tmp_path)
+    settings = EmulatorSettings(rate_limits=False, images={"me/forker": command})
+    async with Emulator(settings, host="127.0.0.1", port=0) as emu, session(emu) as s:
+        m = await new_machine(s, image="me/forker")
+        pids = [int(p) for p in out.read_text().split()]  # machine, in group, left it
+        url = f"/v1/apps/demo/machines/{m['id']}"
+        r = await s.post(f"{url}/stop", json={"signal": "SIGSTOP", "timeout": "3s"})
+        assert r.status == 200, await r.text()
+        await until(lambda: {_proc_state(p) for p in pids} == {"T"}, 3, "frozen")
+        await wait_ok(s, "demo", m["id"], "stopped")
+        machine = emu.machine("demo", m["id"])
+        (exit_event,) = [e for e in machine.events if e.type == "exit"]
+        assert exit_event.request["exit_event"]["signal"] == signal.SIGKILL
+        for pid in pids:
+            await pid_exit(pid, 10)  # raises TimeoutError if it outlived the stop
+        # A signal call still refuses it: it would hang the app, not stop the machine.
+        assert (await s.post(f"{url}/start")).status == 200
+        await wait_ok(s, "demo", m["id"])
+        r = await s.post(f"{url}/signal", json={"signal": "SIGSTOP"})
+        assert r.status == 400
+
+
 async def test_ps_lists_what_left_the_machines_group_too(tmp_path: Path) -> None:
     """Fly's ps lists every process of the VM: a daemon that left the machine's process
     group (setsid) is one of them. It listed the group only."""
