@@ -489,8 +489,12 @@ class Lifecycle:
 
     def _thaw(self, mid: str) -> None:
         m, mp = self._find(mid), self.procs.get(mid)
-        if m is not None and mp is not None and m.state == "started":
+        if m is None or mp is None:
+            return
+        if m.state == "started":
             mp.thaw()  # a suspending or suspended one stays frozen
+        else:
+            mp.unhang()  # one being stopped handles the stop's signal now
 
     def _now_started(self, m: Machine) -> None:
         """After every start: the hang and lost-host rates, and a hang kept through a

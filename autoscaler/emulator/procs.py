@@ -91,6 +91,7 @@ class MachineProcess:
         self.pid = pid
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self.expected_exit = False  # set before the emulator stops it on purpose
+        self.stop_signal: int | None = None  # the stop's, once sent (terminate)
         self._reaper = reaper
         reaper.add(self)
         self._reader = asyncio.ensure_future(self._read_output())
@@ -170,6 +171,14 @@ class MachineProcess:
             self.signal(signal.SIGCONT)
         return self._after(lambda: self._signal_strays(signal.SIGCONT, outside_group=not group))
 
+    def unhang(self) -> None:
+        """The ``hung`` fault released while a stop (a restart's, an update's) waits for
+        the process: its group, which the stop found hung and did not continue, runs again
+        and handles the stop's signal, pending since. Not after a stop by SIGSTOP, which
+        asked for it frozen. What left the group never hung: it has the signal already."""
+        if self.stop_signal not in (None, signal.SIGSTOP):
+            self.signal(signal.SIGCONT)
+
     async def wait(self) -> int:
         code = await self.proc.wait()
         # The leader is reaped; make sure nothing it forked lingers in the group.
@@ -189,11 +198,13 @@ class MachineProcess:
         left the group is killed by the supervisor once the machine's process has ended.
         A ``hung`` machine's group is not continued: a hung app does not handle the signal
         (it stays pending), so it ends by the SIGKILL after ``grace_s``, as a hung app on
-        Fly ends when the stop's timeout runs out; what left the group did not hang.
-        SIGSTOP (fly.toml's kill_signal may be it) freezes the machine, continued by
-        nothing, until that SIGKILL."""
+        Fly ends when the stop's timeout runs out, unless the hang is released meanwhile
+        (:meth:`unhang`); what left the group did not hang. SIGSTOP (fly.toml's
+        kill_signal may be it) freezes the machine, continued by nothing, until that
+        SIGKILL."""
         self.expected_exit = True
         if self.proc.returncode is None:
+            self.stop_signal = sig
             freezes = sig == signal.SIGSTOP
             self.signal(sig)
             if not (hung or freezes):

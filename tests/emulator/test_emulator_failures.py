@@ -101,6 +101,37 @@ async def test_a_hung_machine_stopped_and_started_again_is_a_new_process_that_an
         assert emulator.faults.hung == []
 
 
+async def test_a_hang_released_while_stopping_lets_the_app_handle_the_stops_signal(
+    emulator: Emulator,
+) -> None:
+    """A stop that finds the machine hung leaves its signal pending in the frozen app.
+    The hang released before the stop's timeout, the app runs again and handles the
+    signal, as an app that recovers does: the demo app shuts down on the SIGINT. The
+    release continued only a `started` machine: this one stayed frozen until the SIGKILL
+    at the timeout (60 s; the wait below gives up long before)."""
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid, base = m["id"], f"/v1/apps/demo/machines/{m['id']}"
+        (pid,) = emulator.pids()
+        emulator.set_faults(hung=[mid])
+        # Stopped first (a SIGSTOP takes effect when the kernel next runs the process): the
+        # stop's signal then stays pending in the kernel, where the test can see it sent.
+        await testkit.until(lambda: _proc_state(pid) == "T", 10, "the process stopped")
+        assert (await s.post(f"{base}/stop", json={"timeout": 60})).status == 200
+        await testkit.until(lambda: _pending(pid) & _bit(signal.SIGINT), 10, "SIGINT pending")
+        await s.post("/_emulator/faults", json={"hung": None})
+        r = await wait(s, "demo", mid, "stopped", seconds=10)
+        assert r.status == 200, await r.text()
+        machine = emulator.machine("demo", mid)
+        (exit_event,) = [e for e in machine.events if e.type == "exit"]
+        # The app's own shutdown: its clean exit, not the timeout's SIGKILL.
+        assert exit_event.request["exit_event"] == {
+            "exit_code": 0,
+            "signal": None,
+            "requested_stop": True,
+        }
+
+
 async def test_a_stop_without_signal_or_timeout_follows_the_machines_stop_config(
     emulator: Emulator,
 ) -> None:
@@ -196,6 +227,18 @@ async def test_host_unreachable_rate_loses_hosts_of_new_starts(emulator: Emulato
         assert emulator.faults.host_unreachable == [m["id"]]
         other = await create_machine(s, start=False, port=8081)
         assert other["host_status"] == "ok"
+
+
+def _pending(pid: int) -> int:
+    """The signals pending for ``pid``, the process's and its thread's (Linux /proc)."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+
+
+def _bit(sig: int) -> int:
+    return 1 << (sig - 1)
 
 
 def _proc_state(pid: int) -> str:
