@@ -194,8 +194,10 @@ class MachineProcess:
 
     async def terminate(self, sig: int, grace_s: float, *, hung: bool = False) -> int:
         """Send ``sig`` to the whole machine (its group, and what left it: Fly's stop ends
-        the whole VM), wait up to ``grace_s``, then SIGKILL; returns the exit code. What
-        left the group is killed by the supervisor once the machine's process has ended.
+        the whole VM), once to each process: many apps take a second SIGINT or SIGTERM
+        for "quit now" and cut their shutdown short. Wait up to ``grace_s``, then SIGKILL;
+        returns the exit code. What left the group is killed by the supervisor once the
+        machine's process has ended.
         A ``hung`` machine's group is not continued: a hung app does not handle the signal
         (it stays pending), so it ends by the SIGKILL after ``grace_s``, as a hung app on
         Fly ends when the stop's timeout runs out, unless the hang is released meanwhile
@@ -210,7 +212,8 @@ class MachineProcess:
             if not (hung or freezes):
                 self.signal(signal.SIGCONT)  # a stopped (suspended) process cannot handle sig
             cont = () if freezes else (signal.SIGCONT,)
-            strays = self._after(lambda: self._signal_strays(sig, *cont, outside_group=hung))
+            # The group has them already: only what left it.
+            strays = self._after(lambda: self._signal_strays(sig, *cont, outside_group=True))
             try:
                 async with asyncio.timeout(grace_s):
                     await asyncio.shield(strays)
