@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from json.encoder import encode_basestring_ascii
 from typing import Any, Literal, TextIO
 
@@ -150,6 +150,7 @@ def configure(
         _rename_logger_key,
         _timestamp,
         structlog.processors.format_exc_info,
+        _add_process_keys,
         _redactor.redact_keys,
     ]
     renderer: Processor = (
@@ -279,6 +280,39 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(**{_NAME_KEY: name})
 
 
+@contextlib.contextmanager
+def process_keys(**keys: int | str) -> Iterator[None]:
+    """Every line the process writes meanwhile (ours, the standard library's, an
+    :class:`EventLine`'s) ends with ``keys``: ``worker`` in a worker of ``run --workers``,
+    whose lines share the supervisor's output and were told apart by nothing. Process-wide,
+    not a context variable: a worker is a process, and its threads' lines (an executor's, a
+    library's) are its own too. Undone on leaving (a test's ``run`` leaves none behind)."""
+    global _process_keys, _line_end
+    before = _process_keys, _line_end
+    _process_keys = {**_process_keys, **keys}
+    _line_end = '", ' + _ENCODER.encode(_process_keys)[1:]
+    try:
+        yield
+    finally:
+        _process_keys, _line_end = before
+
+
+def line_end() -> str:
+    """What a JSON line has after its timestamp's text: its closing quote, the keys of
+    :func:`process_keys`, and the closing brace (an :class:`EventLine` writes it)."""
+    return _line_end
+
+
+def _add_process_keys(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+    if _process_keys:
+        event.update(_process_keys)
+    return event
+
+
+_process_keys: dict[str, int | str] = {}
+_line_end = '"}'
+
+
 def _timestamp(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
     event["timestamp"] = now_iso()
     return event
@@ -361,8 +395,8 @@ def json_writer() -> _LineWriter | None:
 
 
 _fast: _FastJson | None = None
-# Written by the chain after the event's own keys.
-_RESERVED_KEYS = frozenset({"event", "level", "logger", "timestamp"})
+# Written by the chain after the event's own keys (worker: process_keys's, in a worker).
+_RESERVED_KEYS = frozenset({"event", "level", "logger", "timestamp", "worker"})
 
 
 class EventLine:
@@ -371,9 +405,10 @@ class EventLine:
     Through structlog it costs ~25 µs, as much as proxying a small request; rendered here
     it costs a few. The text is the same, byte for byte, as configure()'s JSON chain would
     write (tests compare the two): the keys in order, then event, level, logger and
-    timestamp, every registered secret scrubbed from the finished line. When that chain
-    is not in force (console output, a capture in tests, a value that is a container) the
-    line goes through structlog as any other.
+    timestamp, then those of :func:`process_keys` (:func:`line_end`), every registered
+    secret scrubbed from the finished line. When that chain is not in force (console
+    output, a capture in tests, a value that is a container) the line goes through
+    structlog as any other.
     """
 
     __slots__ = ("_event", "_keys", "_log", "_template", "parts")
@@ -386,8 +421,9 @@ class EventLine:
         self._log = get_logger(logger)
         self._event = event
         self._keys = tuple(keys)
-        # The text around the values: parts[i] comes before value i, parts[-2] before the
-        # timestamp (after the chain's own keys), parts[-1] after it.
+        # The text around the values: parts[i] comes before value i, parts[-1] before the
+        # timestamp (after the chain's own keys); line_end() after it, read per line (a
+        # worker's keys are bound after the module's EventLines were made).
         tail = {"event": event, "level": "info", "logger": logger, "timestamp": ""}
         suffix = _ENCODER.encode(tail)[1:-2]  # up to the timestamp's opening quote
         self.parts = (
@@ -396,10 +432,9 @@ class EventLine:
                 for i, key in enumerate(self._keys)
             ),
             ", " + suffix,
-            '"}',
         )
-        # The whole line as one %-template, a slot per value and one for the timestamp.
-        self._template = "%s".join(_escape(part) for part in self.parts)
+        # The whole line as one %-template: a slot per value, the timestamp, the line's end.
+        self._template = "%s".join(_escape(part) for part in self.parts) + "%s%s"
 
     def __call__(self, *values: Any) -> None:
         writer = json_writer()  # None: structlog writes it, or drops it below info
@@ -412,7 +447,7 @@ class EventLine:
                 for value in values
             ]
             if None not in texts:
-                line = self._template % (*texts, now_iso())
+                line = self._template % (*texts, now_iso(), _line_end)
                 writer.msg(_redactor.scrub_text(line))
                 return
         self._log.info(self._event, **dict(zip(self._keys, values, strict=True)))

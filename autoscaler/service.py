@@ -57,7 +57,7 @@ from autoscaler.emulator import Emulator, StateFileError
 from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.models import Machine
-from autoscaler.logs import get_logger, redactor
+from autoscaler.logs import get_logger, process_keys, redactor
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import ProxyServer
 
@@ -108,7 +108,8 @@ WORKER_ENV = "_AUTOSCALER_WORKER"
 """The worker's index, which the ``run --workers`` supervisor gives each worker (outside
 ``AUTOSCALER_*``: not a setting). The workers share one configuration: what is said of it
 (``config_loaded``, a reload's lines, ``app_unreachable``) is logged by worker 0 alone, not
-once by each (:attr:`Service.speaks_for_config`)."""
+once by each (:attr:`Service.speaks_for_config`). Every line a worker writes carries its
+index (``worker``: :func:`autoscaler.logs.process_keys`); a plain run's carry none."""
 
 
 def warn_unreachable(settings: Settings) -> None:
@@ -591,6 +592,17 @@ def run(
     --emulator flag, or ``fly.api_url: embedded``): a production config that forgot
     ``fly.api_url`` must not quietly scale fake machines.
     """
+    worker = os.environ.get(WORKER_ENV)
+    if worker is None:
+        return _run(config, overrides, emulator, 0)
+    # Under run --workers, every line says whose it is (they share one output).
+    with process_keys(worker=int(worker)):
+        return _run(config, overrides, emulator, int(worker))
+
+
+def _run(
+    config: str | None, overrides: Mapping[str, Any] | None, emulator: bool, worker: int
+) -> int:
     if emulator:
         overrides = {**(overrides or {}), "fly": {"api_url": EMBEDDED}}
     hosts = ListenHosts(resolve_listen_host)
@@ -610,7 +622,7 @@ def run(
         overrides=overrides,
         without_api=without_api,
         listen_hosts=hosts,
-        worker=int(os.environ.get(WORKER_ENV, "0")),
+        worker=worker,
     )
     service.freeze_heap = True
     if service.speaks_for_config:

@@ -182,6 +182,34 @@ def test_the_access_line_goes_through_structlog_when_its_chain_is_not_in_force(
     assert len(lines(stream)) == 1  # below the level: nothing
 
 
+def test_process_keys_end_every_line_the_fast_ones_too(stream: io.StringIO) -> None:
+    """A worker of `run --workers` binds its index: ours, the standard library's and the
+    per-request lines (rendered without the chain) end with it, as the chain writes it."""
+    keys = ("request_id", "app", "method", "path", "status", "duration_ms", "machine", "wake")
+    values = ("id", "web", "GET", "/", 502, 1.5, None, "none")
+    line = logs.EventLine("autoscaler.test", "request", ("app", "status"))
+    with logs.process_keys(worker=1):
+        log_access(*values)
+        logs.get_logger("autoscaler.proxy").info("request", **dict(zip(keys, values, strict=True)))
+        line("web", 200)
+        logs.get_logger("autoscaler.test").info("request", app="web", status=200)
+        logging.getLogger("aiohttp.server").warning("stdlib")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logs.get_logger("t").exception("crash")
+    logs.get_logger("t").info("after")
+    written = stream.getvalue().splitlines()
+    for fast, slow in (written[0:2], written[2:4]):
+        assert _STAMP.sub("T", fast) == _STAMP.sub("T", slow)
+    entries = lines(stream)
+    assert [list(entry)[-1] for entry in entries[:-1]] == ["worker"] * 6
+    assert [entry["worker"] for entry in entries[:-1]] == [1] * 6
+    assert "worker" not in entries[-1]  # left: the lines are as before
+    with pytest.raises(ValueError, match="needs keys"):
+        logs.EventLine("autoscaler.test", "request", ("app", "worker"))
+
+
 def test_a_registered_secret_is_redacted_whatever_its_length() -> None:
     # Secrets under 4 characters were skipped (so as not to redact ordinary words), and so
     # left in lines and /status. A Redactor of its own: the process-wide one would take

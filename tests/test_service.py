@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import http.server
+import io
 import json
 import os
 import signal
@@ -493,6 +494,53 @@ def test_start_failed_is_logged_for_a_failed_start_alone(
     events = [e["event"] for e in logs]
     assert "started" in events
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["stop_failed"]
+
+
+def test_under_workers_every_line_of_a_worker_carries_its_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `run --workers N` the workers' lines share one output, and said nothing of
+    whose they were (`started`, `stopping`, a request's error...). Worker 0's and worker
+    1's `autoscaler run` (_AUTOSCALER_WORKER) end every line with `worker`, the request's
+    line and its 502 too; a plain run's lines have none."""
+    from autoscaler import logs
+    from autoscaler import service as service_module
+
+    monkeypatch.setattr(service_module, "freeze_heap", lambda: None)  # not this process's
+    file = tmp_path / "static.yaml"
+    file.write_text(
+        f"proxy: {{listen: '127.0.0.1:{free_port()}', shutdown_timeout_s: 1}}\n"
+        f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+    )
+    start = Service.start
+
+    async def start_request_then_sigterm(self: Service) -> None:
+        await start(self)
+        assert self.proxy is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 502 ")  # nothing on port 9
+        writer.close()
+        os.kill(os.getpid(), signal.SIGTERM)  # Service.run's handler: the graceful stop
+
+    monkeypatch.setattr(Service, "start", start_request_then_sigterm)
+    for worker in (None, "0", "1"):
+        if worker is None:
+            monkeypatch.delenv(service_module.WORKER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(service_module.WORKER_ENV, worker)
+        out = io.StringIO()
+        logs.configure(level="info", fmt="json", stream=out)
+        assert service_module.run(str(file)) == 0
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        events = {line["event"] for line in lines}
+        assert {"started", "request", "proxy_error", "stopping", "stopped"} <= events
+        assert ("config_loaded" in events) == (worker != "1")  # worker 0 speaks for the file
+        expected = None if worker is None else int(worker)
+        assert [line.get("worker") for line in lines] == [expected] * len(lines), lines
+        logs.get_logger("t").info("after")  # the run is over: its index went with it
+        assert "worker" not in json.loads(out.getvalue().splitlines()[-1])
 
 
 @pytest.mark.parametrize("key", ["emulator.listen", "admin.listen", "proxy.listen"])

@@ -7,7 +7,7 @@ import math
 from json.encoder import encode_basestring_ascii
 
 from autoscaler.control.view import Upstream
-from autoscaler.logs import EventLine, get_logger, json_writer, now_iso, redactor
+from autoscaler.logs import EventLine, get_logger, json_writer, line_end, now_iso, redactor
 from autoscaler.proxy.gate import NO_WAKE
 
 _log = get_logger("autoscaler.proxy")
@@ -147,7 +147,7 @@ def log_access(
             p[6], "null" if machine is None else _quoted(machine),
             p[7], _quoted(wake),
             p[8], now_iso(),
-            p[9],
+            line_end(),
         )
     )  # fmt: skip
     writer.msg(_REDACTOR.scrub_text(line))

@@ -292,6 +292,11 @@ async def test_workers_serve_static_apps_without_a_machines_api(
     # loaded and reloaded it.
     assert err.count('"app_unreachable"') == 2, err
     assert err.count('"config_loaded"') == err.count('"config_reloaded"') == 1, err
+    # Every line of a worker says whose it is; the supervisor's own say no worker's.
+    written = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert sorted(e["worker"] for e in written if e["event"] == "started") == [0, 1], err
+    assert all("worker" in e for e in written if e["logger"] != "autoscaler.workers"), err
+    assert "worker" not in next(e for e in written if e["event"] == "workers_stopped"), err
 
 
 def test_workers_with_an_app_to_scale_need_a_machines_api(tmp_path: Path) -> None:
