@@ -11,6 +11,7 @@ client before the final one, every one in order (:class:`Interim`: a client behi
 the machine back), hop-by-hop headers dropped there too. A client's
 ``Expect: 100-continue`` goes on to the machine: its own 100 tells the client to send the
 body, and its final answer before one spares the client the upload (:class:`BodyStream`).
+Any other expectation is answered 417 by the parser (``h1``), before a machine is asked.
 
 Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
 client sends it (:class:`BodyStream`), so memory stays flat for any size.
@@ -46,7 +47,8 @@ _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
 )
 # Expect: 100-continue goes to the machine as the proxy spells it (request_head's
-# ``expect``), other expectations nowhere; Via is rewritten with this hop appended.
+# ``expect``; a request with any other expectation got 417); Via is rewritten with this
+# hop appended.
 _REQUEST_DROP = HOP_BY_HOP | _FORWARDING | {b"expect", b"via"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"via"}
 

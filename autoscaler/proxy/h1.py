@@ -21,7 +21,8 @@ counts in the proxy's :class:`BufferBudget`. What this module guards:
   ``HEAD_FACTOR`` times it gets 431; anything llhttp rejects (conflicting Content-Length
   and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does a WebSocket
   handshake with a body or another upgrade request with a chunked one; CONNECT gets 405,
-  an HTTP version other than 1.0 and 1.1 505;
+  an HTTP version other than 1.0 and 1.1 505, an ``Expect`` other than ``100-continue``
+  (which goes on to the machine) 417;
 - transfer codings: only ``chunked`` (what llhttp decodes); one before it gets 501, a
   Transfer-Encoding that does not end in chunked 400 (RFC 9112 6.3); an HTTP/1.0 request
   with one is served, then its connection closes (RFC 9112 6.1);
@@ -364,9 +365,25 @@ class Connection(FlowControlled, asyncio.Protocol):
         elif low == b"x-request-id":
             request.request_id = value.decode("latin-1")
         elif low == b"expect":
-            request.expect_continue = value.lower() == b"100-continue"
+            expectation = value.lower()
+            # A list, or any other expectation (417), is looked into; the usual one is not.
+            if expectation == b"100-continue" or self._expects_continue(expectation):
+                request.expect_continue = True
         elif low == b"upgrade":
             request.upgrade = value.decode("latin-1").strip().lower()
+
+    def _expects_continue(self, expectation: bytes) -> bool:
+        """An Expect value other than a lone ``100-continue`` (lowercased): whether it
+        holds 100-continue. Any other expectation is refused with 417 (RFC 9110 10.1.1
+        allows it), as Apache httpd, Go's and Node's servers do: the proxy cannot meet an
+        expectation it does not know, nor tell whether the machine would, and dropping it
+        (as it did) let the machine handle a request whose client required more. Empty
+        list members are none (RFC 9110 5.6.1)."""
+        members = {member.strip(b" \t") for member in expectation.split(b",")} - {b""}
+        if members - {b"100-continue"}:
+            self._error = ParseError(417, "expectation failed: only 100-continue is supported")
+            raise self._error
+        return bool(members)
 
     def on_headers_complete(self) -> None:
         self._budget.head_done()

@@ -4,7 +4,8 @@ before any 100 reaches the client instead, the body is never sent, and the clien
 connection closes after the answer (the proxy cannot tell the body it did not ask for
 from a next request). A machine that says nothing (one that ignores Expect) gets the body
 after the proxy's own 100, ``forward.CONTINUE_WAIT_S`` later, and a client that sends its
-body without waiting has it sent at once (RFC 9110 10.1.1)."""
+body without waiting has it sent at once (RFC 9110 10.1.1). Any other expectation is
+answered 417 by the proxy."""
 
 from __future__ import annotations
 
@@ -166,3 +167,42 @@ async def test_a_body_sent_without_waiting_goes_at_once(
             status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
             assert status == 200
             assert await reader.readexactly(2) == b"ok"
+
+
+async def test_an_expectation_other_than_100_continue_is_answered_417(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """The proxy knows one expectation: any other, alone, in a list or in a second Expect
+    field, was dropped and the request went to the machine as if the client had required
+    nothing. It is answered 417 (RFC 9110 10.1.1), the connection closes, the machine is
+    never asked; 100-continue in a list, with empty members, still goes on."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    for expect in [b"x-fancy", b"100-continue, x-fancy", b"100-continue\r\nExpect: X-Fancy=1"]:
+        async with connect(port) as (reader, writer):
+            writer.write(POST.replace(b"100-continue", expect))
+            async with asyncio.timeout(BOUND_S):
+                status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                assert status == 417, expect
+                assert headers["connection"] == ["close"]
+                await reader.read()  # then closed
+    async with connect(port) as (reader, writer):
+        writer.write(POST.replace(b"100-continue", b", 100-Continue ,"))
+        async with asyncio.timeout(BOUND_S):
+            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 100
+            writer.write(b"hello")
+            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+    assert len(heads) == 1  # the 417s reached no machine
+    assert b"\r\nExpect: 100-continue\r\n" in heads[0]
