@@ -27,7 +27,7 @@ from autoscaler.config import AppConfig, ConfigError, format_errors, load_settin
 from autoscaler.sim.frontier import SWEEPS, plot, sweep
 from autoscaler.sim.frontier import render as render_frontier
 from autoscaler.sim.generate import SHAPES, generate
-from autoscaler.sim.model import Timings
+from autoscaler.sim.model import TimingError, Timings
 from autoscaler.sim.report import render
 from autoscaler.sim.run import (
     STRATEGIES,
@@ -119,6 +119,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     err = err or sys.stderr
     try:
         with _stopped_by_signals():
+            if args.seed < 0:
+                # Python's random takes a seed's absolute value: -1 would be 1's trace.
+                raise ValueError(f"--seed: expected a whole number >= 0, got {args.seed}")
             if args.generate and args.trace:
                 raise ValueError("expected --trace FILE or --generate SHAPE, not both")
             if args.generate and args.out:
@@ -175,22 +178,28 @@ def _replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         configured = {app.name: app for app in settings.apps}
         tick_s = settings.control.tick_s
     overrides = parse_overrides(args.set or [])
-    timings = Timings(
-        tick_s=args.tick_s if args.tick_s is not None else tick_s,
-        api_latency_s=args.api_latency_s,
-        resume_s=args.resume_s,
-        start_s=args.start_s,
-        suspend_s=args.suspend_s,
-        stop_s=args.stop_s,
-        autostop_interval_s=args.autostop_interval_s,
-        keepalive_s=args.keepalive_s,
-        resume_cold_rate=args.resume_cold_rate,
-        snapshot_max_age_s=args.snapshot_max_age_s,
-        action_failure_rate=args.action_failure_rate,
-        boot_failure_rate=args.boot_failure_rate,
-        two_choices=args.balance == "two-choices",
-        seed=args.seed,
-    )
+    try:
+        timings = Timings(
+            tick_s=args.tick_s if args.tick_s is not None else tick_s,
+            api_latency_s=args.api_latency_s,
+            resume_s=args.resume_s,
+            start_s=args.start_s,
+            suspend_s=args.suspend_s,
+            stop_s=args.stop_s,
+            autostop_interval_s=args.autostop_interval_s,
+            keepalive_s=args.keepalive_s,
+            resume_cold_rate=args.resume_cold_rate,
+            snapshot_max_age_s=args.snapshot_max_age_s,
+            action_failure_rate=args.action_failure_rate,
+            boot_failure_rate=args.boot_failure_rate,
+            two_choices=args.balance == "two-choices",
+            seed=args.seed,
+        )
+    except TimingError as exc:
+        # Said by the flag, as typed: tick_s is --tick-s's (control.tick_s, from --config,
+        # is above 0 by the config's own check), and the seed --seed's (checked above).
+        flag = "--" + exc.field.replace("_", "-")
+        raise ValueError(f"{flag}: expected {exc.expected}, got {exc.value:g}") from None
     if args.max_apps is not None and args.max_apps < 1:
         raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")
     if not (math.isfinite(args.duration_ms) and args.duration_ms > 0):

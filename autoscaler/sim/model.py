@@ -10,6 +10,21 @@ from dataclasses import dataclass, field
 
 from autoscaler.scaling.fleet import FAILED, STARTED, STOPPED, SUSPENDED
 
+# Timings that repeat (a tick, a check): each must take some time.
+_PERIODS = frozenset({"tick_s", "autostop_interval_s"})
+_SHARES = frozenset({"resume_cold_rate", "action_failure_rate", "boot_failure_rate"})
+
+
+class TimingError(ValueError):
+    """A field of Timings out of its range. ``field`` names it, so that the command line
+    can say which flag set it (``--tick-s``, not ``tick_s``)."""
+
+    def __init__(self, field: str, expected: str, value: float) -> None:
+        super().__init__(f"{field}: expected {expected}, got {value:g}")
+        self.field = field
+        self.expected = expected
+        self.value = value
+
 
 @dataclass(frozen=True, slots=True)
 class Timings:
@@ -49,13 +64,14 @@ class Timings:
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
-        if self.tick_s <= 0 or self.autostop_interval_s <= 0:
-            raise ValueError("tick_s and autostop_interval_s must be > 0")
-        for name in ("resume_cold_rate", "action_failure_rate", "boot_failure_rate"):
-            if getattr(self, name) > 1:
-                raise ValueError(f"{name}: expected a share between 0 and 1")
+            if name in _SHARES:
+                ok, expected = 0 <= value <= 1, "a share between 0 and 1"
+            elif name in _PERIODS:  # at 0 a replay never ends
+                ok, expected = value > 0 and math.isfinite(value), "a finite number > 0"
+            else:
+                ok, expected = value >= 0 and math.isfinite(value), "a finite number >= 0"
+            if not ok:
+                raise TimingError(name, expected, value)
 
 
 class Machine:

@@ -185,7 +185,19 @@ def test_generate_without_out_replays_the_trace(
         # inf generated requests without end; nan made none ("steady: no requests").
         (["--generate", "steady", "--hours", "inf"], "hours: expected a finite number > 0"),
         (["--generate", "steady", "--hours", "nan"], "hours: expected a finite number > 0"),
-        (["--boot-failure-rate", "1.5"], "boot_failure_rate: expected a share"),
+        (["--boot-failure-rate", "1.5"], "--boot-failure-rate: expected a share"),
+        # Named by the flag, with the bound that holds: "tick_s: expected a finite number
+        # >= 0, got -1.0" before, and 0 then refused in other words.
+        (["--tick-s", "-1"], "simulate: --tick-s: expected a finite number > 0, got -1\n"),
+        (["--tick-s", "0"], "simulate: --tick-s: expected a finite number > 0, got 0\n"),
+        (["--start-s", "nan"], "simulate: --start-s: expected a finite number >= 0, got nan\n"),
+        (
+            ["--resume-cold-rate", "2"],
+            "--resume-cold-rate: expected a share between 0 and 1, got 2",
+        ),
+        # Python's random takes -1 as 1: the same trace as --seed 1, without a word.
+        (["--seed", "-1"], "simulate: --seed: expected a whole number >= 0, got -1\n"),
+        (["--generate", "steady", "--seed", "-1", "--out", "x.csv"], "--seed: expected a whole"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
@@ -241,7 +253,7 @@ def test_a_fly_autostop_check_every_0s_is_refused_like_autostop_interval_0(
         assert err.startswith("simulate: --strategies:"), err
         assert "expected a check interval > 0 s" in err
     assert main([*trace, "--autostop-interval-s", "0"]) == 2
-    assert "autostop_interval_s must be > 0" in capsys.readouterr().err
+    assert "--autostop-interval-s: expected a finite number > 0, got 0" in capsys.readouterr().err
 
 
 def test_no_trace(capsys: pytest.CaptureFixture[str]) -> None:
