@@ -716,6 +716,15 @@ class ClusterSettings(_Model):
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        if v is not None and not v.get_secret_value().startswith("unix://"):
+            # redis-py reads the path as the database number with every "/" taken out, and
+            # drops one that is no number: /x was database 0, /1/2 database 12.
+            db = urllib.parse.unquote(urllib.parse.urlsplit(v.get_secret_value()).path)
+            if db not in ("", "/") and not (db[1:].isascii() and db[1:].isdigit()):
+                raise ValueError(
+                    "expected a database number after host:port (redis://host:6379/0), or"
+                    " nothing, got a path that is not one"
+                )
         if v is not None:
             try:
                 from redis.connection import parse_url

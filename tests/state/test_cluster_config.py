@@ -51,6 +51,31 @@ def test_a_redis_url_option_redis_py_refuses_is_a_config_error(tmp_path: Path) -
     assert "hunter2" not in line
 
 
+@pytest.mark.parametrize("path", ["/x", "/1/2", "/db0"])
+def test_a_redis_url_whose_database_is_no_number_is_a_config_error(
+    tmp_path: Path, path: str
+) -> None:
+    # redis-py drops a path that is no number (database 0) and takes the "/"s out of
+    # one that has several (/1/2: database 12), so each was accepted and ran elsewhere.
+    config = tmp_path / "c.yaml"
+    config.write_text(f'cluster: {{redis_url: "redis://:hunter2@127.0.0.1:6379{path}"}}\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, env={})
+    (line,) = info.value.problems
+    assert line.endswith(
+        "cluster.redis_url: expected a database number after host:port"
+        " (redis://host:6379/0), or nothing, got a path that is not one"
+    )
+    assert "hunter2" not in line
+
+
+@pytest.mark.parametrize("path", ["", "/", "/0", "/15", "/%31"])
+def test_a_redis_url_with_a_database_number_or_none_is_taken(path: str) -> None:
+    url = f"redis://127.0.0.1:6379{path}"
+    settings = Settings.model_validate({"cluster": {"redis_url": url}})
+    assert settings.cluster.redis_url is not None
+
+
 def test_a_single_process_never_imports_redis() -> None:
     code = (
         "import sys, asyncio\n"
