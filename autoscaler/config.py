@@ -1873,13 +1873,15 @@ def _error_lines(
             items.append((loc, f"{path}: expected a mapping of keys (key: value), got {found}"))
             continue
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if kind != "value_error":  # pydantic's own ("Input should be ..."), as ours read
+            msg = msg[:1].lower() + msg[1:]
         if kind == "value_error" or "got " in msg:
             items.append((loc, f"{path}: {msg}{_yaml_bool_hint(err)}"))
             continue
         if kind == "missing":
             items.append((loc, f"{path}: required key is missing"))
             continue
-        text = f"{path}: {msg[:1].lower() + msg[1:]}, got {_shown(loc, err)}"
+        text = f"{path}: {msg}, got {_shown(loc, err)}"
         items.append((loc, text + _yaml_bool_hint(err)))
     return items
 

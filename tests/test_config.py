@@ -161,6 +161,19 @@ apps:
     assert len(problems) == 6
 
 
+def test_pydantic_messages_that_say_what_they_got_read_as_ours(tmp_path: Path) -> None:
+    # "Input should be ..." came through as pydantic wrote it when its message said what
+    # it got, beside "input should be ..." for every other one.
+    path = write(tmp_path, "apps:\n  - {name: a, max_machines: 2.5, min_machines: [1]}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert sorted(info.value.problems) == [
+        f"{path}:2: apps[0].max_machines: input should be a valid integer, got a number with"
+        " a fractional part",
+        f"{path}:2: apps[0].min_machines: input should be a valid integer, got a list",
+    ]
+
+
 def test_cross_field_problems_name_their_key_all_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
