@@ -668,8 +668,16 @@ class ControlSettings(_Model):
     @model_validator(mode="after")
     def _idle_poll_not_faster(self) -> ControlSettings:
         if self.idle_poll_s < self.tick_s:
-            raise ValueError(
-                f"idle_poll_s: expected at least tick_s ({self.tick_s:g}), got {self.idle_poll_s:g}"
+            # Named by its key path, at the line of the key that was set: a tick_s of "5m"
+            # meets idle_poll_s's default, which no line of the file holds.
+            given = "idle_poll_s" in self.model_fields_set
+            raise _KeyError(
+                "control.idle_poll_s",
+                f"expected at least control.tick_s ({self.tick_s:g}{_OTHER_ORIGIN}), got"
+                f" {self.idle_poll_s:g}"
+                + ("" if given else ", its default: set it too, or a shorter tick_s"),
+                cause=None if given else "control.tick_s",
+                other="control.tick_s",
             )
         return self
 

@@ -174,6 +174,27 @@ def test_pydantic_messages_that_say_what_they_got_read_as_ours(tmp_path: Path) -
     ]
 
 
+def test_a_tick_slower_than_the_idle_poll_names_both_keys_where_they_were_set(
+    tmp_path: Path,
+) -> None:
+    # The line was "c.yaml:1: control: idle_poll_s: expected at least tick_s (300), got 60":
+    # at the section's line, for a key the file did not have (its default).
+    path = write(tmp_path, "control:\n  tick_s: 5m\napps: [{name: web}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == [
+        f"{path}:2: control.idle_poll_s: expected at least control.tick_s (300 at {path}:2),"
+        " got 60, its default: set it too, or a shorter tick_s"
+    ]
+    path = write(tmp_path, "control:\n  idle_poll_s: 1\napps: [{name: web}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={"AUTOSCALER_CONTROL__TICK_S": "2"})
+    assert info.value.problems == [
+        f"{path}:2: control.idle_poll_s: expected at least control.tick_s (2 from environment:"
+        " AUTOSCALER_CONTROL__TICK_S), got 1"
+    ]
+
+
 def test_cross_field_problems_name_their_key_all_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
