@@ -345,6 +345,14 @@ def _normal_count(
         # without waiting for the delay, still one step at a time.
         desired = high
         why = f"above max_machines: scale down {up}->{high}"
+    elif lasted >= policy.scale_down_delay_s:
+        # Lower for the whole delay, but it wanted as many as are up within it (fewer than
+        # were up then): "wants 1 for 6s of 3s" read as a delay that was not kept.
+        desired = up
+        why = (
+            f"hold {up}: demand wanted {most} within the last {policy.scale_down_delay_s:g}s,"
+            f" {wanted} now ({avg})"
+        )
     else:
         desired = up
         why = (

@@ -236,6 +236,16 @@ def test_scale_down_waits_for_the_delay() -> None:
     assert acts(d) == [("drain", "s0")]  # one per tick (scale_down_step 1)
 
 
+def test_a_hold_after_the_delay_says_what_demand_wanted_within_it() -> None:
+    # Demand has wanted fewer than are up for longer than the delay, but 2 of them 5 s
+    # ago (when 3 were up): 2 stay. The reason said "demand wants 1 for 31s of 30s".
+    app = cfg(panic_threshold=CALM)  # scale_down_delay_s 30
+    state = PolicyState(born=0.0, lower_since=100.0, lower_history=((126.0, 2),))
+    d = run(app, fleet(*serving(2)), load(0.0, 131, app=app), 131, state)
+    assert (d.desired, d.actions) == (2, ())
+    assert d.reason == "normal: hold 2: demand wanted 2 within the last 30s, 1 now (60s avg 0.0)"
+
+
 def test_demand_back_up_resets_the_delay() -> None:
     app = cfg(panic_threshold=CALM)
     machines = fleet(*serving(2))
