@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import math
 import signal
 import sys
@@ -53,7 +54,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
         if key not in AppConfig.model_fields or key == "name":
-            raise ValueError(f"--set: {key!r} is not a policy knob of apps[]")
+            knobs = [k for k in AppConfig.model_fields if k != "name"]
+            close = difflib.get_close_matches(key, knobs, n=1)  # as the config's unknown keys
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--set: {key!r} is not a policy knob of apps[]{hint}")
         out[key] = yaml.safe_load(value) if value.strip() else None
     return out
 

@@ -171,7 +171,11 @@ def test_generate_without_out_replays_the_trace(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--set", "idle_to_zero=5"], "not a policy knob"),
+        (
+            ["--set", "idle_to_zero=5"],
+            "not a policy knob of apps[] (did you mean 'idle_to_zero_s'?)",
+        ),
+        (["--set", "colour=blue"], "--set: 'colour' is not a policy knob of apps[]\n"),
         (["--set", "hard_limit=0"], "hard_limit"),
         (["--strategies", "magic"], "unknown 'magic'"),
         (["--app", "nope"], "no app in the trace"),
