@@ -310,7 +310,10 @@ def read_trace(
     except FileNotFoundError:
         raise TraceError(f"{path}: no such file") from None
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
-        raise TraceError(f"{path}: cannot read: {exc}") from None
+        # An OSError's own words, as check-config says them: not "[Errno 21] Is a
+        # directory: 'x'", which names the path a second time (a bad gzip file has none).
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TraceError(f"{path}: cannot read: {why}") from None
     raise TraceError(f"unknown trace format {fmt!r} (expected auto, csv or azure)")
 
 

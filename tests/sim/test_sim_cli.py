@@ -260,6 +260,19 @@ def test_a_fly_autostop_check_every_0s_is_refused_like_autostop_interval_0(
     assert "--autostop-interval-s: expected a finite number > 0, got 0" in capsys.readouterr().err
 
 
+def test_a_trace_that_cannot_be_read_is_one_plain_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was "simulate: DIR: cannot read: [Errno 21] Is a directory: 'DIR'".
+    assert main(["simulate", "--trace", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"simulate: {tmp_path}: cannot read: Is a directory\n"
+    broken = tmp_path / "t.csv.gz"
+    broken.write_bytes(b"not gzip at all")
+    assert main(["simulate", "--trace", str(broken)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"simulate: {broken}: cannot read: Not a gzipped file")
+
+
 def test_no_trace(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate"]) == 2
     assert "expected --trace FILE" in capsys.readouterr().err
