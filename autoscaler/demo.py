@@ -530,7 +530,14 @@ def main(
     try:
         with contextlib.ExitStack() as stack:
             if path is not None:
-                stream = stack.enter_context(path.open("w", encoding="utf-8"))
+                try:
+                    stream = stack.enter_context(path.open("w", encoding="utf-8"))
+                except OSError as exc:  # a usage mistake, said as simulate's --out is
+                    why = exc.strerror or exc
+                    print(
+                        f"autoscaler demo: --log-file: cannot write {path}: {why}", file=sys.stderr
+                    )
+                    return 2
                 fmt: LogFormat = "json" if log_format == "auto" else log_format
                 logs.configure(level=log_level, fmt=fmt, stream=stream)
                 # Before the file closes: anything logged later is an error worth seeing.

@@ -291,6 +291,22 @@ def test_demo_listens_on_loopback_only(
         demo_settings(str(config), None)
 
 
+def test_a_log_file_that_cannot_be_written_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was "autoscaler demo: cannot start: [Errno 2] No such file or directory: '...'"
+    # and exit 1, the code of a demo whose requests failed. Nothing starts before.
+    from autoscaler.demo import main as demo_main
+
+    missing = tmp_path / "missing" / "demo.log"
+    code = demo_main(None, 5.0, None, True, io.StringIO(), log_file=str(missing))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"autoscaler demo: --log-file: cannot write {missing}: No such file or directory\n"
+    )
+
+
 def test_a_port_in_use_says_how_to_use_another(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
