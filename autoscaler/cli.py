@@ -274,10 +274,19 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from autoscaler.demo import main as demo_main
 
-    if not (math.isfinite(args.duration) and args.duration > 0) or (
-        args.machines is not None and args.machines < 1
-    ):
-        print("autoscaler demo: --duration and --machines must be positive", file=sys.stderr)
+    # Each flag said with what it got: "--duration and --machines must be positive" left
+    # the user to find which.
+    if not (math.isfinite(args.duration) and args.duration > 0):
+        print(
+            f"autoscaler demo: --duration: expected seconds > 0, got {args.duration:g}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.machines is not None and args.machines < 1:
+        print(
+            f"autoscaler demo: --machines: expected a number >= 1, got {args.machines}",
+            file=sys.stderr,
+        )
         return 2
     return demo_main(
         args.config,

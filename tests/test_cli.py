@@ -118,7 +118,14 @@ def test_demo_refuses_a_duration_that_is_not_a_positive_number(
 ) -> None:
     # NaN passed "<= 0" and crashed in the event loop's call_later, after the start-up.
     assert main(["demo", "--duration", duration]) == 2
-    assert "--duration and --machines must be positive" in capsys.readouterr().err
+    expected = f"autoscaler demo: --duration: expected seconds > 0, got {float(duration):g}\n"
+    assert capsys.readouterr().err == expected
+
+
+def test_demo_refuses_no_machines_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    # It said "--duration and --machines must be positive" of either.
+    assert main(["demo", "--machines", "0"]) == 2
+    assert capsys.readouterr().err == "autoscaler demo: --machines: expected a number >= 1, got 0\n"
 
 
 def test_run_without_a_machines_api_exits_2_and_says_why(tmp_path: Path) -> None:
