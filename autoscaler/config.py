@@ -128,7 +128,7 @@ def no_token_problem(path: str | os.PathLike[str], settings: Settings) -> str | 
     return (
         f"{path}: no Fly API token: app {scaled[0]} is scaled through the Machines API at"
         f" {api}, which refuses every call without one (401): set {TOKEN_ENV} (or"
-        " fly.token), or run on the embedded emulator with --emulator"
+        " fly.token), or run it on the embedded emulator: autoscaler run --emulator"
     )
 
 

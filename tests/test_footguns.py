@@ -272,7 +272,9 @@ def test_run_and_check_config_refuse_to_scale_through_the_api_without_a_token(
     refused_port: Callable[[], int],
 ) -> None:
     """A real fly.api_url and no FLY_API_TOKEN: `run` started and every tick got a 401,
-    forever; check-config said OK, with "could not check ... 401" warnings."""
+    forever; check-config said OK, with "could not check ... 401" warnings. The line
+    names the command to try on the emulator: check-config has no --emulator, which "run
+    on the embedded emulator with --emulator" sent its reader to."""
     import autoscaler.service
 
     served: list[bool] = []
@@ -287,7 +289,7 @@ def test_run_and_check_config_refuse_to_scale_through_the_api_without_a_token(
     problem = (
         f"{path}: no Fly API token: app web is scaled through the Machines API at {dead},"
         " which refuses every call without one (401): set FLY_API_TOKEN (or fly.token), or"
-        " run on the embedded emulator with --emulator"
+        " run it on the embedded emulator: autoscaler run --emulator"
     )
     assert_refused_by_run_and_check_config(path, problem, capsys)
     assert served == []
