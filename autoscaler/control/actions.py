@@ -745,17 +745,36 @@ class Actuator:
                 host, port = rt.address(fresh)
             if not host:
                 raise ActionError(f"machine {mid} has no private_ip to reach it on")
-            probing_since, reread = self.clock(), False
-            while not await self.probe(host, port):
-                now = self.clock()
-                if now >= deadline:
-                    raise ActionError(f"port {port} of machine {mid} did not open in time")
-                if not reread and now - probing_since >= REREAD_AFTER_S:
-                    # Our record may be older than a deploy that moved the machine's port
-                    # (or address) while it slept: read it once, not probe the old one.
-                    reread = True
-                    host, port = self._readdress(rt, mid, await self.api.get_machine(app, mid))
-                await self.sleep(PROBE_INTERVAL_S)
+            shut_since, reread = self.clock(), False
+            read: asyncio.Task[Machine] | None = None
+            try:
+                while not await self.probe(host, port):
+                    now = self.clock()
+                    if now >= deadline:
+                        raise ActionError(f"port {port} of machine {mid} did not open in time")
+                    if read is not None and read.done():
+                        error = read.exception()
+                        if error is None:
+                            reread = True
+                            host, port = self._readdress(rt, mid, read.result())
+                        elif isinstance(error, FlyError):
+                            shut_since = now  # the API's failure: read again in a second
+                        else:
+                            raise error
+                        read = None
+                    if not reread and read is None and now - shut_since >= REREAD_AFTER_S:
+                        # Our record may be older than a deploy that moved the machine's
+                        # port (or address) while it slept: read it once, not probe the
+                        # old one. Beside the probe: the port may open meanwhile, and an
+                        # API that fails or hangs (an outage begun mid-wake) must not end
+                        # or hold up a boot that needs nothing more from it.
+                        read = asyncio.get_running_loop().create_task(
+                            self.api.get_machine(app, mid), name=f"reread:{app}:{mid}"
+                        )
+                    await self.sleep(PROBE_INTERVAL_S)
+            finally:
+                if read is not None:  # the port opened first: its answer no longer matters
+                    await cancel_and_wait([read])
 
     def _readdress(self, rt: AppRuntime, mid: str, machine: Machine) -> tuple[str, int]:
         """Take the address, port, version and what its config says of a suspend of

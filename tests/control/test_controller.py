@@ -2760,3 +2760,39 @@ async def test_a_suspend_refused_because_the_machine_is_already_suspending_is_no
     assert rig.metric("autoscaler_scaling_actions_total", action="suspend", result="error") == 0
     assert rig.metric("autoscaler_scaling_actions_total", action="suspend", result="ok") == 1
     assert_uncordoned(api, mid)
+
+
+@pytest.mark.parametrize("api_down", ["fails", "hangs"])
+async def test_a_failed_reread_of_a_slow_port_does_not_fail_the_boot(
+    api: FakeMachinesAPI, clock: FakeClock, api_down: str
+) -> None:
+    """The machine's app listens 1.5 s after Fly says started (a slow start-up), and the
+    API fails (500) or stops answering from then on (an outage begun mid-wake): the read
+    made after a second of shut port (a deploy may have moved it) gets no answer. That
+    read is optional: the boot goes on probing, and the request is served once the port
+    opens. Before, the read's error failed the boot, and with the API down no list showed
+    the machine up: the app answered 504 for the whole outage while its machine served
+    (chaos soak, seed 15); a read that hung held the probe up as long."""
+    mid = api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    await rig.ctl.tick(APP)
+    if api_down == "fails":
+        api.fail["get_machine"] = [ServerError(500, "down") for _ in range(1000)]
+    else:
+        api.gates["get_machine"] = asyncio.Event()  # never set
+    api.fail["list_machines"] = [ServerError(500, "down") for _ in range(1000)]
+    opens_at = clock() + 1.5
+
+    async def probe(host: str, port: int) -> bool:
+        return clock() >= opens_at
+
+    rig.ctl.actuator.probe = probe
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    for _ in range(30):  # 3 s at most
+        await clock.advance(0.1)
+        if task.done():
+            break
+    assert task.done(), "the wake still waits 3 s on, its machine's port open since 1.5 s"
+    assert await task == "start"
+    assert api.ops("get_machine")  # the read was asked for
+    assert [u.id for u in rig.view.app(APP).routable()] == [mid]
