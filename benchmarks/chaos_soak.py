@@ -169,14 +169,19 @@ class Run:
 
     def fault_at(self, t0: float, t1: float) -> str | None:
         """An API fault that was in force during [t0 - wake_timeout, t1] (a slow suspend
-        explains no failure: a request during one takes the suspend back)."""
+        explains no failure: a request during one takes the suspend back). Of several, the
+        latest to begin: one in force during the request rather than one that ended up to
+        wake_timeout_s before it (the first in the list named a 504 held through an outage
+        after the 429 storm that had ended 17 s before the request)."""
+        found: Window | None = None
         for w in self.windows:
             if not w.api:
                 continue
             end = w.end if w.end is not None else float("inf")
-            if w.start <= t1 and end >= t0 - WAKE_TIMEOUT_S - 2 * TICK_S:
-                return w.name
-        return None
+            explains = w.start <= t1 and end >= t0 - WAKE_TIMEOUT_S - 2 * TICK_S
+            if explains and (found is None or w.start > found.start):
+                found = w
+        return None if found is None else found.name
 
     def removed_at(self, app: str, t0: float, t1: float) -> bool:
         for name, start, end in self.removed:

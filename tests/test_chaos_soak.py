@@ -1,0 +1,54 @@
+"""benchmarks/chaos_soak.py's verdict: how it names the fault behind a failed request.
+
+The soak itself takes minutes and is not part of the suite; its classification is plain
+code on recorded windows, tested here on made-up ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _soak() -> ModuleType:
+    """The script (not a package: loaded by path, registered for its dataclasses)."""
+    name = "_bench_chaos_soak"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "chaos_soak.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failure_is_put_down_to_the_fault_in_force_not_one_ended_before() -> None:
+    """Seed 14: a 504 held through the outage (149.7-183.0) was put down to the 429
+    storm that had ended at 139.0, within wake_timeout_s of the request: the first
+    window in the list that could explain it, not the one in force."""
+    soak = _soak()
+    run = soak.Run(seed=14)
+    run.windows = [
+        soak.Window("rate_limit_storm", 124.0, 139.0),
+        soak.Window("outage", 149.7, 183.0),
+    ]
+    assert run.fault_at(156.2, 176.2) == "outage"
+    assert run.fault_at(140.0, 141.0) == "rate_limit_storm"  # only that one explains it
+    assert run.fault_at(200.0, 201.0) == "outage"  # within wake_timeout_s of its end
+    assert run.fault_at(230.0, 231.0) is None
+
+
+def test_a_slow_suspend_explains_no_failure() -> None:
+    soak = _soak()
+    run = soak.Run(seed=1)
+    run.windows = [
+        soak.Window("outage", 10.0, 40.0),
+        soak.Window("slow_suspends", 50.0, 80.0, api=False),
+    ]
+    assert run.fault_at(55.0, 56.0) == "outage"  # within wake_timeout_s of its end
+    assert run.fault_at(70.0, 71.0) is None
