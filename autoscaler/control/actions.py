@@ -595,7 +595,8 @@ class Actuator:
     # --- the actions --------------------------------------------------------------------
 
     async def bring_up(self, rt: AppRuntime, mid: str, kind: TaskKind) -> bool:
-        """Start (or resume) a machine; True once the API says started and its port answers.
+        """Start (or resume) a machine; True once the API says started (or cannot say, and
+        the machine answers: ``_wait_started``) and its port answers.
 
         A cordon of ours on it (a drain taken back, or left behind) is lifted in our view
         at once and in the API once the machine is up, so the wake waits for no more than
@@ -655,11 +656,7 @@ class Actuator:
         rt.record(mid, self.clock(), state="starting", how=kind)
         self.publish(rt)
         with self.counting_failure(rt, kind):
-            # "failed" too, so a machine that cannot boot costs its boot, not the whole wait.
-            reached = await self.api.wait_for_machine_state(
-                app, mid, [STARTED, FAILED], timeout_s=max(1.0, deadline - self.clock())
-            )
-            if reached.state == FAILED:
+            if await self._wait_started(rt, mid, deadline) == FAILED:
                 rt.record(mid, self.clock(), state=FAILED)
                 raise BootFailed(f"machine {mid} failed to boot")
         # Fly bills it from here, by the second it is started, whatever its app does; our
@@ -694,6 +691,32 @@ class Actuator:
         self.publish(rt)
         _log.info("machine_up", app=app, machine=mid, how=how)
         return True
+
+    async def _wait_started(self, rt: AppRuntime, mid: str, deadline: float) -> str:
+        """STARTED or FAILED ("failed" too, so a machine that cannot boot costs its boot,
+        not the whole wait), as Fly's /wait says; STARTED also when the machine's port
+        answers while the wait cannot be had. Its start was accepted: a wait the API
+        fails (an outage begun mid-boot, a 429) does not end it. The port is probed for
+        ``REREAD_AFTER_S`` and the wait asked again, until ``deadline``. Before, the wait's
+        error failed the boot, and with the API down no list showed the machine up: the
+        app answered 504 while its machine served."""
+        app = rt.name
+        host, port = rt.address(rt.machines[mid])
+        while True:
+            try:
+                reached = await self.api.wait_for_machine_state(
+                    app, mid, [STARTED, FAILED], timeout_s=max(1.0, deadline - self.clock())
+                )
+            except FlyError as exc:
+                if not exc.transient or self.clock() >= deadline:
+                    raise
+            else:
+                return reached.state or STARTED
+            ask_again = min(deadline, self.clock() + REREAD_AFTER_S)
+            while self.clock() < ask_again:
+                if host and await self.probe(host, port):
+                    return STARTED  # its app answers: it runs, whatever the API can say
+                await self.sleep(PROBE_INTERVAL_S)
 
     async def _last_boot(self, app: str, mid: str) -> str | None:
         """How the start of ``mid`` just done brought it up, as its events say

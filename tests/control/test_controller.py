@@ -2796,3 +2796,32 @@ async def test_a_failed_reread_of_a_slow_port_does_not_fail_the_boot(
     assert await task == "start"
     assert api.ops("get_machine")  # the read was asked for
     assert [u.id for u in rig.view.app(APP).routable()] == [mid]
+
+
+async def test_a_wait_the_api_fails_does_not_fail_a_boot_whose_port_answers(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The start was accepted, then the API went down (an outage begun mid-boot): every
+    /wait, get and list answers 500. The machine's port answers 1.5 s on: it runs, and
+    the request is served. Before, the wait's error failed the boot, and no list showed
+    the machine up for as long as the outage lasted (504s while it served)."""
+    mid = api.add(APP, "stopped")
+    rig = Rig(api, clock)
+    await rig.ctl.tick(APP)
+    for op in ("wait_for_machine_state", "get_machine", "list_machines"):
+        api.fail[op] = [ServerError(500, "down") for _ in range(1000)]
+    opens_at = clock() + 1.5
+
+    async def probe(host: str, port: int) -> bool:
+        return clock() >= opens_at
+
+    rig.ctl.actuator.probe = probe
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    for _ in range(30):  # 3 s at most
+        await clock.advance(0.1)
+        if task.done():
+            break
+    assert task.done(), "the wake still waits 3 s on, its machine's port open since 1.5 s"
+    assert await task == "start"
+    assert len(api.ops("start_machine")) == 1
+    assert [u.id for u in rig.view.app(APP).routable()] == [mid]
