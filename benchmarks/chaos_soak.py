@@ -23,7 +23,8 @@ Invariants, checked while it runs and at the end (each breach is printed and cou
 - every non-2xx answer (and every WebSocket or stream cut short) is classified: by the
   fault or the reload that explains it (a fault in force during the request or up to
   wake_timeout_s before it; the app removed), else UNEXPLAINED; a failure while the app
-  had a started, uncordoned machine for the whole request is a breach in any case;
+  had a started, uncordoned machine for the whole request is a breach in any case, but
+  what a drain ends on purpose (a WebSocket's 1001, an event stream between two events);
 - once the faults are off, every app is served within wake_timeout_s: a request that
   starts more than wake_timeout_s + 3 ticks after the last fault ended and fails means
   the app stayed dark;
@@ -69,6 +70,9 @@ REPO = Path(__file__).resolve().parent.parent
 TICK_S = 1.0
 WAKE_TIMEOUT_S = 20.0
 DARK_AFTER_S = WAKE_TIMEOUT_S + 3 * TICK_S
+DRAIN_ENDS = ("ws_close_1001", "events_ended")
+"""What a drain ends on purpose on a machine that goes (a WebSocket, an event stream): no
+breach while another machine serves the app."""
 CRASH_SIGNS = (
     "Task exception was never retrieved",
     "Task was destroyed but it is pending",
@@ -142,7 +146,7 @@ class Outcome:
     kind: str  # http, ws, stream
     t0: float
     t1: float
-    result: str  # "ok", a status code, "ws_close_<code>", "stream_cut", an exception
+    result: str  # "ok", a status, "ws_close_<code>", "events_ended", "stream_cut", an exception
     detail: str = ""
     served_throughout: bool = False  # a started, uncordoned machine for the whole request
 
@@ -200,6 +204,19 @@ class Run:
 # --- traffic ----------------------------------------------------------------------------
 
 
+def stream_result(path: str, body: bytes) -> str:
+    """ "ok" for a whole stream (``n`` chunks or events). A drain ends an event stream on
+    purpose, between two events (docs/policy.md: an EventSource reconnects), as it ends
+    a WebSocket with 1001: "events_ended". Anything else short (a download, an event cut
+    mid-way) is "stream_cut"."""
+    want = int(path.split("n=")[1].split("&")[0])
+    if path.startswith("/stream"):
+        return "ok" if body.count(b"chunk ") == want else "stream_cut"
+    if body.count(b"data: ") == want:
+        return "ok"
+    return "events_ended" if body.endswith(b"\n\n") else "stream_cut"
+
+
 class Traffic:
     def __init__(self, run: Run, proxy: str, rng: random.Random) -> None:
         self.run = run
@@ -234,9 +251,7 @@ class Traffic:
                 result = "ok" if 200 <= r.status < 300 else str(r.status)
                 streamed = path.startswith(("/stream", "/events"))
                 if streamed and r.status == 200:
-                    want = int(path.split("n=")[1].split("&")[0])
-                    if body.count(b"chunk " if path.startswith("/s") else b"data: ") != want:
-                        result = "stream_cut"
+                    result = stream_result(path, body)
                 self.record(app, "stream" if streamed else "http", t0, result, repr(body))
                 return result
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -551,13 +566,13 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
         if run.removed_at(o.app, o.t0, o.t1):
             classes[f"{key} (app removed)"] += 1
             continue
-        if o.served_throughout and not o.result.startswith("ws_close_1001"):
+        if o.served_throughout and o.result not in DRAIN_ENDS:
             run.breach(f"{key} while a started machine served [{o.t0:.1f}, {o.t1:.1f}]: {o.detail}")
         if run.faults_over_at and o.t0 > run.faults_over_at + DARK_AFTER_S:
             run.breach(f"{key} {o.t0 - run.faults_over_at:.1f}s after the faults: dark: {o.detail}")
             continue
         fault = run.fault_at(o.t0, o.t1)
-        if o.result in ("ws_close_1001", "stream_cut"):
+        if o.result in (*DRAIN_ENDS, "stream_cut"):
             classes[f"{key} (a drain)"] += 1
         elif fault is not None:
             classes[f"{key} ({fault})"] += 1

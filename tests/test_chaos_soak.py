@@ -52,3 +52,30 @@ def test_a_slow_suspend_explains_no_failure() -> None:
     ]
     assert run.fault_at(55.0, 56.0) == "outage"  # within wake_timeout_s of its end
     assert run.fault_at(70.0, 71.0) is None
+
+
+def test_an_event_stream_a_drain_ended_between_events_is_no_breach(tmp_path: Path) -> None:
+    """A drain ends an event stream on purpose, between two events (an EventSource
+    reconnects), as it ends a WebSocket with 1001: with the API hanging instead of
+    failing, a scale-down's drain ended one while the app's other machine served, and
+    the verdict counted it a breach (a download cut, or an event cut mid-way, still is)."""
+    soak = _soak()
+    assert soak.stream_result("/events?n=3&ms=100", b"data: 0\n\ndata: 1\n\ndata: 2\n\n") == "ok"
+    assert soak.stream_result("/events?n=30&ms=100", b"data: 0\n\ndata: 1\n\n") == "events_ended"
+    assert soak.stream_result("/events?n=30&ms=100", b"data: 0\n\ndata: 1") == "stream_cut"
+    assert soak.stream_result("/stream?n=30&ms=100", b"chunk 0\nchunk 1\n") == "stream_cut"
+    assert soak.stream_result("/stream?n=2&ms=100", b"chunk 0\nchunk 1\n") == "ok"
+
+    run = soak.Run(seed=15)
+    ended = soak.Outcome("zero", "stream", 181.8, 183.6, "events_ended", served_throughout=True)
+    cut = soak.Outcome("zero", "stream", 181.8, 183.6, "stream_cut", served_throughout=True)
+    run.outcomes = [ended, cut]
+    log = tmp_path / "autoscaler.log"
+    log.write_text("")
+    verdict = soak.summarize(run, log)
+    assert verdict["outcomes"] == {
+        "zero/stream/events_ended (a drain)": 1,
+        "zero/stream/stream_cut (a drain)": 1,
+    }
+    [breach] = verdict["breaches"]
+    assert "stream_cut" in breach
