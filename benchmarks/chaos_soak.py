@@ -1,7 +1,7 @@
 """A chaos soak of issue 20 ("No app goes dark") on the emulator's Fly-like profile.
 
     .venv/bin/python benchmarks/chaos_soak.py [--seed 1] [--runs 1] [--outage 30-60]
-                                               [--tail 45] [--out FILE]
+                                               [--hang] [--tail 45] [--out FILE]
 
 On 127.0.0.1 only, for each run (seed ``--seed``, ``--seed + 1``, ...):
 
@@ -15,7 +15,9 @@ On 127.0.0.1 only, for each run (seed ``--seed``, ``--seed + 1``, ...):
 4. faults switched on and off through the emulator's fault endpoint in a seeded order with
    quiet gaps between them: API errors with 429s and latency, a 429 storm, failed boots,
    slow suspends (15-25 s, the emulator's timing), and a full API outage of ``--outage``
-   seconds; midway a SIGHUP reload changes two apps' policies and removes ``stopper``,
+   seconds (every call answered 500; with ``--hang``, every call held 25 s instead, as
+   an API that times out rather than fails: the same seed then draws the same plan, but
+   for that); midway a SIGHUP reload changes two apps' policies and removes ``stopper``,
    which a second reload adds back 25 s later; then ``--tail`` quiet seconds.
 
 Invariants, checked while it runs and at the end (each breach is printed and counted):
@@ -70,6 +72,7 @@ REPO = Path(__file__).resolve().parent.parent
 TICK_S = 1.0
 WAKE_TIMEOUT_S = 20.0
 DARK_AFTER_S = WAKE_TIMEOUT_S + 3 * TICK_S
+HANG_S = 25.0  # --hang: how long the outage holds each API call (past wake_timeout_s)
 DRAIN_ENDS = ("ws_close_1001", "events_ended")
 """What a drain ends on purpose on a machine that goes (a WebSocket, an event stream): no
 breach while another machine serves the app."""
@@ -392,13 +395,16 @@ async def watch_admin(run: Run, admin: str, stop: asyncio.Event) -> None:
 # --- one run ----------------------------------------------------------------------------
 
 
-def fault_plan(rng: random.Random, outage: tuple[float, float]) -> list[tuple[str, Any, float]]:
+def fault_plan(
+    rng: random.Random, outage: tuple[float, float], hang: bool = False
+) -> list[tuple[str, Any, float]]:
+    down = {"latency_s": HANG_S} if hang else {"error_rate": 1.0}
     plan: list[tuple[str, Any, float]] = [
         ("api_errors", {"error_rate": 0.2, "rate_limit_rate": 0.1, "latency_s": 0.3}, 20),
         ("rate_limit_storm", {"rate_limit_rate": 0.9}, 15),
         ("boot_failures", {"boot_failure_rate": 0.6}, 20),
         ("slow_suspends", "suspend", 30),
-        ("outage", {"error_rate": 1.0}, rng.uniform(*outage)),
+        ("outage", down, rng.uniform(*outage)),
     ]
     rng.shuffle(plan)
     return plan
@@ -466,7 +472,7 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
                     for a in MACHINES
                     for i, loop in enumerate((traffic.app_loop, traffic.long_lived_loop))
                 ]
-                plan = fault_plan(rng, args.outage)
+                plan = fault_plan(rng, args.outage, args.hang)
                 reload_at = len(plan) // 2
                 await asyncio.sleep(15)  # warm-up, no faults
                 for i, (name, change, seconds) in enumerate(plan):
@@ -568,7 +574,8 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
             continue
         if o.served_throughout and o.result not in DRAIN_ENDS:
             run.breach(f"{key} while a started machine served [{o.t0:.1f}, {o.t1:.1f}]: {o.detail}")
-        if run.faults_over_at and o.t0 > run.faults_over_at + DARK_AFTER_S:
+        dark = run.faults_over_at and o.t0 > run.faults_over_at + DARK_AFTER_S
+        if dark and o.result not in DRAIN_ENDS:  # (an idle app's drain ends those: it sleeps)
             run.breach(f"{key} {o.t0 - run.faults_over_at:.1f}s after the faults: dark: {o.detail}")
             continue
         fault = run.fault_at(o.t0, o.t1)
@@ -627,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument(
         "--outage", type=lambda s: tuple(float(x) for x in s.split("-")), default=(30.0, 60.0)
+    )
+    parser.add_argument(
+        "--hang",
+        action="store_true",
+        help=f"the outage holds every API call {HANG_S:g} s instead of answering 500",
     )
     parser.add_argument("--tail", type=float, default=45.0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")

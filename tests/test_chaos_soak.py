@@ -6,6 +6,7 @@ code on recorded windows, tested here on made-up ones."""
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -79,3 +80,42 @@ def test_an_event_stream_a_drain_ended_between_events_is_no_breach(tmp_path: Pat
     }
     [breach] = verdict["breaches"]
     assert "stream_cut" in breach
+
+
+def test_hang_turns_the_outage_into_calls_held_and_keeps_the_seeds_plan() -> None:
+    """--hang: the outage holds every call (an API that times out, as a real outage
+    often does) instead of answering 500; the seed's plan is otherwise the same."""
+    soak = _soak()
+    errors = soak.fault_plan(random.Random(16), (30.0, 60.0))  # noqa: S311 - a schedule
+    hangs = soak.fault_plan(random.Random(16), (30.0, 60.0), hang=True)  # noqa: S311
+    assert [(n, s) for n, _, s in errors] == [(n, s) for n, _, s in hangs]
+    [down] = [change for name, change, _ in hangs if name == "outage"]
+    assert down == {"latency_s": soak.HANG_S}
+    assert soak.HANG_S > soak.WAKE_TIMEOUT_S
+    assert soak.build_parser().parse_args(["--hang"]).hang
+
+
+def test_a_drains_end_long_after_the_faults_is_not_an_app_left_dark(tmp_path: Path) -> None:
+    """--hang, seed 16: 85 s after the last fault, `stopper`'s only load was a WebSocket
+    quiet for connection_idle_s; the app went to sleep, as it should, and its drain sent
+    the 1001. The rule for apps left dark (a failure well after the faults) counted it;
+    a request that fails then still is one."""
+    soak = _soak()
+    run = soak.Run(seed=16)
+    run.windows = [soak.Window("slow_suspends", 162.1, 192.1, api=False)]
+    run.faults_over_at = 150.1
+    run.outcomes = [
+        soak.Outcome("stopper", "ws", 235.1, 245.0, "ws_close_1001"),
+        soak.Outcome("stopper", "stream", 235.1, 245.0, "events_ended"),
+        soak.Outcome("zero", "http", 236.0, 256.0, "504"),
+    ]
+    log = tmp_path / "autoscaler.log"
+    log.write_text("")
+    verdict = soak.summarize(run, log)
+    assert verdict["outcomes"] == {
+        "stopper/ws/ws_close_1001 (a drain)": 1,
+        "stopper/stream/events_ended (a drain)": 1,
+    }
+    [breach] = verdict["breaches"]
+    assert "zero/http/504" in breach
+    assert "dark" in breach
