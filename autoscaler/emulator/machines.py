@@ -207,7 +207,8 @@ class Lifecycle:
 
     def environment(self, m: Machine, boot_s: float = 0.0) -> dict[str, str]:
         """A machine process's environment: ``BASE_ENV`` of the emulator's, its
-        ``config.env``, then what Fly sets."""
+        ``config.env``, then what Fly sets; the demo app's boot times only to the demo app
+        (they mean nothing to another image, which Fly would never hand them)."""
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         if SESSION_ENV in os.environ:  # a test session's mark, kept so it finds leftovers
             env[SESSION_ENV] = os.environ[SESSION_ENV]
@@ -222,15 +223,17 @@ class Lifecycle:
                 "FLY_PRIVATE_IP": m.private_ip,
                 "FLY_IMAGE_REF": str(m.config.get("image", "")),
                 "FLY_MACHINE_VERSION": m.instance_id,
-                "DEMO_BOOT_DELAY_S": str(boot_s),  # this boot's start_s (+ listen_s)
-                "DEMO_LISTEN_AT": f"{time.time() + boot_s:.3f}",  # the same, as a time
-                # Lets a test session find leftovers of this emulator by their environment.
+                # How a test session finds leftovers of this emulator (procs.leftovers): a
+                # machine's processes are its supervisor's children, not the emulator's.
                 PARENT_ENV: str(os.getpid()),
             }
         )
         group = (m.config.get("metadata") or {}).get("fly_process_group")
         if group:  # as Fly sets it for a machine of a process group
             env["FLY_PROCESS_GROUP"] = str(group)
+        if self.resolve_image(str(m.config.get("image", ""))) == DEMO_COMMAND:
+            env["DEMO_BOOT_DELAY_S"] = str(boot_s)  # this boot's start_s (+ listen_s)
+            env["DEMO_LISTEN_AT"] = f"{time.time() + boot_s:.3f}"  # the same, as a time
         return env
 
     # --- state changes ---------------------------------------------------------------

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.procs import PARENT_ENV
 
 # Listens, and says "bye" when SIGINT stops it (its shutdown ran).
 POLITE = (
@@ -93,6 +94,23 @@ async def test_a_machine_sees_its_config_env_not_the_emulators(
         assert env["GREETING"] == "hi"
         assert env["FLY_MACHINE_ID"] == m["id"]
         assert env["PATH"] == os.environ["PATH"]  # what the command needs on this host
+
+
+async def test_only_the_demo_app_gets_its_boot_times() -> None:
+    """``DEMO_*`` tell the demo app when to open its port; a user's image has no use for
+    them and Fly would never set them. An unknown image runs the demo app, so gets them.
+    Every machine keeps the emulator's mark, which finds its leftovers."""
+    settings = EmulatorSettings(rate_limits=False, images={"me/greeter": GREETER})
+    async with Emulator(settings, port=0) as emu, session(emu) as s:
+        user = await new_machine(s, image="me/greeter", env={"GREETING": "hi"})
+        stand_in = await create_machine(s, image="nginx:1.27")
+        await wait_ok(s, "demo", stand_in["id"])
+        procs = emu.world.lifecycle.procs
+        user_env = _environ(procs[user["id"]].pid)
+        demo_env = _environ(procs[stand_in["id"]].pid)
+    assert [k for k in user_env if k.startswith("DEMO_")] == []
+    assert {"DEMO_BOOT_DELAY_S", "DEMO_LISTEN_AT"} <= demo_env.keys()
+    assert user_env[PARENT_ENV] == demo_env[PARENT_ENV] == str(os.getpid())
 
 
 @pytest.mark.parametrize(
