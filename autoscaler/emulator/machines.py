@@ -206,12 +206,13 @@ class Lifecycle:
         return argv
 
     def environment(self, m: Machine, boot_s: float = 0.0) -> dict[str, str]:
-        """A machine process's environment: ``BASE_ENV`` of the emulator's, its
+        """A machine process's environment: ``BASE_ENV`` of the emulator's, ``TZ=UTC``, its
         ``config.env``, then what Fly sets; the demo app's boot times only to the demo app
         (they mean nothing to another image, which Fly would never hand them)."""
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         if SESSION_ENV in os.environ:  # a test session's mark, kept so it finds leftovers
             env[SESSION_ENV] = os.environ[SESSION_ENV]
+        env["TZ"] = "UTC"  # a Fly VM's clock, unless its image (config.env here) sets TZ
         env.update({str(k): str(v) for k, v in (m.config.get("env") or {}).items()})
         env.update(
             {

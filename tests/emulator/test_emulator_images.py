@@ -96,6 +96,23 @@ async def test_a_machine_sees_its_config_env_not_the_emulators(
         assert env["PATH"] == os.environ["PATH"]  # what the command needs on this host
 
 
+async def test_a_machine_runs_in_utc_unless_its_config_env_says(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Fly VM's clock is UTC unless its image sets TZ; without TZ a process here would
+    take this host's zone (/etc/localtime), or the emulator's TZ."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    async with session(emulator) as s:
+        plain = await new_machine(s, image="me/greeter", env={"GREETING": "hi"})
+        tokyo = await create_machine(
+            s, image="me/greeter", env={"GREETING": "hi", "TZ": "Asia/Tokyo"}
+        )
+        await wait_ok(s, "demo", tokyo["id"])
+        procs = emulator.world.lifecycle.procs
+        assert _environ(procs[plain["id"]].pid)["TZ"] == "UTC"
+        assert _environ(procs[tokyo["id"]].pid)["TZ"] == "Asia/Tokyo"
+
+
 async def test_only_the_demo_app_gets_its_boot_times() -> None:
     """``DEMO_*`` tell the demo app when to open its port; a user's image has no use for
     them and Fly would never set them. An unknown image runs the demo app, so gets them.
