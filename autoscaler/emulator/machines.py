@@ -70,7 +70,23 @@ BASE_ENV = (
     "LD_LIBRARY_PATH",
 )
 
+# The memory of a guest that does not say: what its CPUs come with in Fly's sizes
+# (shared-cpu-1x 256 MB, performance-1x 2 GB, and as much again for each more CPU: Fly's
+# "Machine Sizing" guide, "Each CPU selection defaults to a specific amount of memory");
+# a config without a guest is Fly's default size, shared-cpu-1x.
+MEMORY_MB_PER_CPU = {"shared": 256, "performance": 2048}
+
 log = get_logger(__name__)
+
+
+def guest_memory_mb(config: dict[str, Any]) -> int:
+    """The memory of a machine of ``config`` in MB, as Fly tells it (``FLY_VM_MEMORY_MB``):
+    ``guest.memory_mb``, else what its CPU kind and count come with."""
+    guest = config.get("guest") or {}
+    if guest.get("memory_mb") is not None:
+        return int(guest["memory_mb"])
+    per_cpu = MEMORY_MB_PER_CPU.get(str(guest.get("cpu_kind") or "shared"), 256)
+    return per_cpu * int(guest.get("cpus") or 1)
 
 
 def is_demo_image(image: str) -> bool:
@@ -224,6 +240,7 @@ class Lifecycle:
                 "FLY_PRIVATE_IP": m.private_ip,
                 "FLY_IMAGE_REF": str(m.config.get("image", "")),
                 "FLY_MACHINE_VERSION": m.instance_id,
+                "FLY_VM_MEMORY_MB": str(guest_memory_mb(m.config)),
                 # How a test session finds leftovers of this emulator (procs.leftovers): a
                 # machine's processes are its supervisor's children, not the emulator's.
                 PARENT_ENV: str(os.getpid()),

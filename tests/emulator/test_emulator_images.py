@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,6 +23,7 @@ from structlog.testing import capture_logs
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.machines import guest_memory_mb
 from autoscaler.emulator.procs import PARENT_ENV
 
 # Listens, and says "bye" when SIGINT stops it (its shutdown ran).
@@ -111,6 +113,35 @@ async def test_a_machine_runs_in_utc_unless_its_config_env_says(
         procs = emulator.world.lifecycle.procs
         assert _environ(procs[plain["id"]].pid)["TZ"] == "UTC"
         assert _environ(procs[tokyo["id"]].pid)["TZ"] == "Asia/Tokyo"
+
+
+async def test_a_machine_is_told_its_memory(emulator: Emulator) -> None:
+    """``FLY_VM_MEMORY_MB``, as Fly sets it: the guest's memory, which an app may size its
+    caches or workers by."""
+    async with session(emulator) as s:
+        m = await new_machine(
+            s, image="me/greeter", env={"GREETING": "hi"}, guest={"memory_mb": 1024}
+        )
+        env = _environ(emulator.world.lifecycle.procs[m["id"]].pid)
+    assert env["FLY_VM_MEMORY_MB"] == "1024"
+
+
+@pytest.mark.parametrize(
+    ("guest", "memory_mb"),
+    [
+        (None, 256),  # Fly's default size, shared-cpu-1x
+        ({"cpus": 2}, 512),  # shared-cpu-2x
+        ({"cpu_kind": "performance", "cpus": 2}, 4096),  # performance-2x
+        ({"cpu_kind": "performance", "cpus": 1, "memory_mb": 8192}, 8192),  # said
+    ],
+)
+def test_a_machine_s_memory_is_its_guest_s_else_its_size_s(
+    guest: dict[str, Any] | None, memory_mb: int
+) -> None:
+    config: dict[str, Any] = (
+        {"image": "me/greeter"} if guest is None else {"image": "me/greeter", "guest": guest}
+    )
+    assert guest_memory_mb(config) == memory_mb
 
 
 async def test_only_the_demo_app_gets_its_boot_times() -> None:
