@@ -65,6 +65,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import time
 import uuid
 from collections import deque
@@ -344,7 +345,7 @@ def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
     sick = data.get(f"sick:{app}")  # likewise
     miss = data.get(f"miss:{app}")  # likewise
     return AppFleet(
-        _count(seq or 0),
+        _count_text(seq or "0"),
         listed,
         tuple(str(m) for m in json.loads(crit)) if crit else (),
         _how(json.loads(how) if how else None),
@@ -363,15 +364,22 @@ def _machines(listed: Any) -> list[list[Any]]:
         number = _count(port)
         if not 0 < number < 65536:
             raise ValueError(f"not a port: {port!r}")
+        # The follower's apply took str() of each and bool() of the cordon: a list or a
+        # number passed for an id, a host or a state, and any truthy value (1, "no") cordoned.
+        if not (isinstance(mid, str) and isinstance(host, str) and isinstance(state, str)):
+            raise ValueError(f"not a machine's id, host and state: {[mid, host, state]!r}")
+        if not isinstance(cordoned, bool):
+            raise ValueError(f"not a cordon (true or false): {cordoned!r}")
         machines.append([mid, host, number, state, cordoned])
     return machines
 
 
 def _finite(value: Any) -> float:
-    """A number of a report: finite, and no boolean (Python's JSON reads ``true`` as a
-    number ``float`` takes for 1)."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a number: {value}")
+    """A number of a report's JSON: finite, and no boolean (Python's JSON reads ``true``
+    as a number ``float`` takes for 1) nor string (``float`` reads ``"3"``; a header's
+    text goes through :func:`_finite_text`)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"not a number: {value!r}")
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"not a finite number: {value}")
@@ -395,8 +403,8 @@ def _count(value: Any) -> int:
     infinity: no reader caught that one, and one report failed every replica's read. Nor
     is a number that is not whole truncated (``int`` read 1.5 as 1), nor a boolean
     taken for 0 or 1: they read as not said, as any field that does not parse."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a number: {value}")
+    if isinstance(value, (bool, str)):  # a string: int() read "3" as 3; see _count_text
+        raise ValueError(f"not a number: {value!r}")
     if isinstance(value, float) and not value.is_integer():  # NaN and infinities too
         raise ValueError(f"not a whole number: {value}")
     number = int(value)
@@ -405,13 +413,34 @@ def _count(value: Any) -> int:
     return number
 
 
+def _count_text(text: str) -> int:
+    """A count of a report written as text (a header's number, a view's ``seq:{app}``,
+    ``settled``'s token): ASCII digits only, as the writer's ``str`` of an int spells it.
+    ``int`` also read " 7", "+7", "7_0" (70) and other scripts' digits."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"not a count: {text!r}")
+    return int(text)
+
+
+_DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?")
+"""A float as ``repr`` writes it (finite), the only text a header's time is written as."""
+
+
+def _finite_text(text: str) -> float:
+    """A time of a report written as text (a header's ``now``, ``settled``'s time), as
+    ``repr`` of a finite float spells it: ``float`` also read " 7", "7_0", "nan"..."""
+    if _DECIMAL.fullmatch(text) is None:
+        raise ValueError(f"not a number: {text!r}")
+    return _finite(float(text))
+
+
 def _settled(text: str | None) -> tuple[int, float] | None:
     """``Cluster.settled`` as written; None if not said (or by an older version).
     ValueError if it does not parse (a format of a later version)."""
     if not text:
         return None
-    token, until = text.split()
-    return _count(token), _finite(until)
+    token, until = text.split(" ")
+    return _count_text(token), _finite_text(until)
 
 
 class LocalLoad:
@@ -923,10 +952,10 @@ class Cluster:
         return _Header(
             boot=boot,
             leader=header["leader"] == "1",
-            gen=number("gen", _count),
-            fence=number("fence", _count),
-            since=number("since", _count),
-            now=number("now", _finite),
+            gen=number("gen", _count_text),
+            fence=number("fence", _count_text),
+            since=number("since", _count_text),
+            now=number("now", _finite_text),
             changed=header["changed"],
             settled=header["settled"],
         )

@@ -236,7 +236,13 @@ async def test_the_leader_s_view_carries_how_each_machine_comes_up(
 
 
 @pytest.mark.parametrize(
-    "said", ["garbage", "7", "7 soon", "x 12.5", "7 12.5 later", "7 nan", "-7 12.5"]
+    "said",
+    [
+        *("garbage", "7", "7 soon", "x 12.5", "7 12.5 later", "7 nan", "-7 12.5"),
+        # What int() and float() read, and no writer writes (a count in ASCII digits, a
+        # time as repr spells a float, one space between).
+        *("+7 12.5", "7_0 12.5", "\u0667 12.5", "7  12.5", "7 1_2.5", "7 +12.5", "7 12.5\n"),
+    ],
 )
 async def test_a_malformed_settled_is_not_said_and_logged_once(
     pair: tuple[Cluster, Cluster, Clock], said: str
@@ -274,6 +280,17 @@ async def test_a_malformed_settled_is_not_said_and_logged_once(
         ("since", "-2"),
         ("changed", "[load:x"),
         ("changed", "{}"),
+        # What int() and float() read, and no writer writes (a count in ASCII digits, a
+        # time as repr spells a float): " 7", "+7", "7_0" (70), another script's digits.
+        ("fence", " 7"),
+        ("fence", "+7"),
+        ("fence", "7_0"),
+        ("fence", "\u0667"),
+        ("gen", "7\n"),
+        ("since", "+1"),
+        ("now", " 1000.0"),
+        ("now", "1_000.0"),
+        ("now", "+1000"),
     ],
 )
 async def test_a_malformed_header_field_is_not_said_and_logged_once(
@@ -321,6 +338,15 @@ async def test_a_malformed_header_field_is_not_said_and_logged_once(
         ('{"area": 1.0, "level": 0, "failing": {"m1": 2.5}}', '[["m1", "h", "1.5", "s", 0]]'),
         ('{"area": true, "level": 0}', '[["m1", "h", 0.5, "s", false]]'),
         ('{"area": 1.0, "level": 0, "at": false}', '[["m1", "h", 443.9, "s", false]]'),
+        # A number as a JSON string (int() and float() read it), and a machine's id,
+        # host, state that is not a string or a cordon that is not a boolean (the
+        # follower took str() of each, and any truthy value for cordoned).
+        ('{"area": 1.0, "level": "3"}', '[["m1", "h", "8000", "s", false]]'),
+        ('{"area": "1.0", "level": 0}', '[["m1", "h", 8000, "started", 1]]'),
+        ('{"area": 1.0, "level": 0, "at": "5"}', '[["m1", "h", 8000, "started", "no"]]'),
+        ('{"area": 1.0, "level": 1, "machines": {"m1": "1"}}', '[[7, "h", 8000, "s", false]]'),
+        ('{"area": 1.0, "level": 0, "peak": "0"}', '[["m1", ["h"], 8000, "s", false]]'),
+        ('{"area": 1.0, "level": 0, "idle_s": "1"}', '[["m1", "h", 8000, null, true]]'),
     ],
 )
 async def test_a_malformed_app_entry_is_not_said_and_logged_once(
@@ -353,6 +379,23 @@ async def test_a_malformed_app_entry_is_not_said_and_logged_once(
     bad = {(e["replica"], e["field"]) for e in logs if e["event"] == "cluster_bad_field"}
     assert bad == {("w", f"load:{APPS[1]}"), ("w", f"fleet:{APPS[0]}")}
     assert len([e for e in logs if e["event"] == "cluster_bad_field"]) == 2
+
+
+@pytest.mark.parametrize("seq", [" 2", "+2", "2_0"])
+async def test_a_view_s_sequence_that_is_not_ascii_digits_is_not_said(
+    pair: tuple[Cluster, Cluster, Clock], seq: str
+) -> None:
+    """``seq:{app}`` is written as ``str`` of an int; ``int`` also read " 2", "+2" and
+    "2_0" (20, a version far ahead that kept the followers from applying the next ones).
+    The app's view reads as not said, as another malformed ``fleet`` entry."""
+    writer, reader, _ = pair
+    up = [["m1", "127.0.0.1", 8000, "started", False]]
+    await writer.publish(at_rest(), {APPS[0]: AppFleet(2, up)})
+    await writer.redis.hset(writer.report_key("w"), f"seq:{APPS[0]}", seq)
+    with capture_logs() as logs:
+        assert (await reader.read())["w"].fleet == {}
+    bad = [(e["field"], e["value"]) for e in logs if e["event"] == "cluster_bad_field"]
+    assert bad == [(f"fleet:{APPS[0]}", json.dumps(up))]
 
 
 async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
@@ -388,6 +431,10 @@ async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
         '{"seq": true, "machines": []}',
         '{"seq": 1, "machines": [["m1", "h", 8000.5, "started", false]]}',
         '{"seq": 1, "machines": [["m1", "h", true, "started", false]]}',
+        '{"seq": "1", "machines": []}',
+        '{"seq": 1, "machines": [["m1", "h", "8000", "started", false]]}',
+        '{"seq": 1, "machines": [["m1", "h", 8000, "started", 0]]}',
+        '{"seq": 1, "machines": [[null, "h", 8000, "started", false]]}',
     ],
 )
 def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
@@ -398,7 +445,7 @@ def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
     fencing token that is not whole, or a boolean, was truncated (1.5 read 1, true 1)."""
     with pytest.raises(ValueError):  # noqa: PT011 - which ValueError is no matter
         ViewPush.from_json(f'{{"leader": "w", "fence": 1, "apps": {{"a": {app}}}}}')
-    for fence in ("Infinity", "1.5", "true"):
+    for fence in ("Infinity", "1.5", "true", '"1"'):
         with pytest.raises(ValueError):  # noqa: PT011
             ViewPush.from_json(f'{{"leader": "w", "fence": {fence}, "apps": {{}}}}')
     pushed = ViewPush.from_json(
