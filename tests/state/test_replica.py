@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -33,11 +32,16 @@ from autoscaler.scaling.policy import Action
 from autoscaler.scaling.window import ConcurrencyMeter
 
 APP = "web"
+# The lease of a test whose subject is a handover by a lease's expiry (or its loss), short
+# so that the test waits little for it.
 TTL = 0.6
-# A lease (and wake claims) that no stall of a loaded CI machine lets lapse, for a test
-# whose replicas must keep what they hold while it waits on them: at TTL's, with Redis
-# commands bounded by a third of it (0.2 s), a stalled event loop let the new leader's
-# lease or a wake's claim lapse, and the wake went unsent.
+# Every other test's lease (and wake claims; make's default), that no stall of a loaded CI
+# machine lets lapse: at TTL's, with Redis commands bounded by a third of it (0.2 s), a
+# stalled event loop (load average 8-11 on two cores) let the leader's lease or a wake's
+# claim lapse, and the lead moved mid-test: the test's leader no longer decided, a
+# follower woke, or a new leader's step-up dropped what the test had set up. It adds no
+# wait: a replica's first lease step takes a free lease at once, and rounds() runs every
+# TTL / 10 whatever the lease.
 STEADY_TTL = 3.0
 
 
@@ -83,7 +87,7 @@ def make(
         cluster=ClusterSettings(
             redis_url=SecretStr(url),
             replica_id=rid,
-            lease_ttl_s=TTL if ttl is None else ttl,
+            lease_ttl_s=STEADY_TTL if ttl is None else ttl,
             key_prefix=prefix,
             self_wake_after_s=self_wake_after_s,
             lead=lead,
@@ -101,10 +105,17 @@ def make(
 
 
 @pytest.fixture
-async def cluster(redis_server: str, key_prefix: str) -> AsyncIterator[list[Replica]]:
+def ttl() -> float:
+    """The lease of ``cluster``'s replicas; a test of a handover by expiry parametrizes
+    it with TTL."""
+    return STEADY_TTL
+
+
+@pytest.fixture
+async def cluster(redis_server: str, key_prefix: str, ttl: float) -> AsyncIterator[list[Replica]]:
     api = FakeMachinesAPI()
     api.add(APP, "stopped")
-    replicas = [make(redis_server, key_prefix, f"r{i}", api) for i in range(3)]
+    replicas = [make(redis_server, key_prefix, f"r{i}", api, ttl=ttl) for i in range(3)]
     for r in replicas:
         await r.start(rounds=False)
     yield replicas
@@ -134,8 +145,9 @@ async def old_leader_waking(
     """Replicas "old" and "new" (``knobs`` for both, ``old_knobs`` for "old"), started
     without rounds (their loops' first ticks a minute on: the ticks are the test's own);
     "old" leads, has read the app, and wakes it for a request its proxy holds (the wake's
-    future). Both stopped at the end."""
-    both = knobs or {}
+    future). Both stopped at the end; on TTL's lease unless ``knobs`` say otherwise (each
+    test hands the lead over)."""
+    both = {"ttl": TTL, **(knobs or {})}
     old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99, **both, **(old_knobs or {}))
     new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99, **both)
     for r in (old, new):
@@ -160,6 +172,7 @@ def leaders(replicas: list[Replica]) -> list[Replica]:
     return [r for r in replicas if r.leading]
 
 
+@pytest.mark.parametrize("ttl", [TTL])  # the leader dies: its lease expires
 async def test_one_decider_and_failover(cluster: list[Replica]) -> None:
     await rounds(cluster, lambda: len(leaders(cluster)) == 1, 2 * TTL)
     (leader,) = leaders(cluster)
@@ -576,6 +589,7 @@ async def test_a_lost_push_is_repaired_by_the_next_read(cluster: list[Replica]) 
     assert follower.pushes_applied == pushed
 
 
+@pytest.mark.parametrize("ttl", [TTL])  # the leader dies: its lease expires
 async def test_a_wake_asked_of_a_lost_leader_is_served_by_the_next(
     cluster: list[Replica],
 ) -> None:
@@ -875,7 +889,7 @@ async def test_a_redis_outage_stops_deciding_keeps_routing_and_heals(
 ) -> None:
     api = FakeMachinesAPI()
     mid = api.add(APP, "started")
-    replicas = [make(own_redis.url, key_prefix, f"r{i}", api) for i in range(2)]
+    replicas = [make(own_redis.url, key_prefix, f"r{i}", api, ttl=TTL) for i in range(2)]
     for r in replicas:
         await r.start(rounds=False)
     try:
@@ -918,8 +932,8 @@ async def test_followers_take_the_new_leaders_view_after_redis_came_back_empty(
         admin.set(f"{key_prefix}:fence", 7)  # a few leaderships already
     api = FakeMachinesAPI()
     first = api.add(APP, "started")
-    leader = make(own_redis.url, key_prefix, "l", api)
-    follower = make(own_redis.url, key_prefix, "f", api, lead=False)  # routes only
+    leader = make(own_redis.url, key_prefix, "l", api, ttl=TTL)
+    follower = make(own_redis.url, key_prefix, "f", api, lead=False, ttl=TTL)  # routes only
     replicas = [leader, follower]
     for r in replicas:
         await r.start(rounds=False)
@@ -1098,17 +1112,17 @@ async def test_a_drain_taken_back_under_a_wake_claim_is_uncordoned_in_the_api(
 
 
 async def test_a_follower_on_the_same_host_never_adopts_the_lease_of_the_leaders_drain(
-    redis_server: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+    redis_server: str, key_prefix: str
 ) -> None:
     """Replicas of one host (``--workers``) decide concurrently: a follower's self-wake
     must not take over (as a lost lease of its own) the lease that the leader's drain
     holds, uncordon the machine and give that lease back, while the drain goes on to
     suspend it."""
-    monkeypatch.setattr(sys.modules[__name__], "TTL", 5.0)  # a 2-4 s pause keeps the lease
     api = FakeMachinesAPI()
     mid = api.add(APP, "started")
-    leader = make(redis_server, key_prefix, "w0", api, rng=lambda: 0.0)
-    follower = make(redis_server, key_prefix, "w1", api, self_wake_after_s=0.05)
+    # A 2-4 s pause keeps the lease.
+    leader = make(redis_server, key_prefix, "w0", api, rng=lambda: 0.0, ttl=5.0)
+    follower = make(redis_server, key_prefix, "w1", api, self_wake_after_s=0.05, ttl=5.0)
     await leader.start(rounds=False)
     await follower.start(rounds=False)
     try:
@@ -1159,7 +1173,8 @@ async def test_a_leader_that_hung_past_its_lease_sends_no_start_from_its_stale_t
     # Their loops' first ticks come a minute on (rng 0.99 of tick_s 60): the ticks here are
     # the test's own (a loop's tick at a random offset once started m01 while old still led).
     old, new = (
-        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99) for rid in ("old", "new")
+        make(redis_server, key_prefix, rid, api, rng=lambda: 0.99, ttl=TTL)
+        for rid in ("old", "new")
     )
     for r in (old, new):
         await r.start(rounds=False)
@@ -1471,8 +1486,8 @@ async def test_a_leader_that_lost_its_lead_before_its_cordon_does_not_hold_the_m
     api = FakeMachinesAPI()
     mid = api.add(APP, "started")
     api.gates["set_machine_metadata"] = answered = asyncio.Event()
-    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99)
-    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99)
+    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99, ttl=TTL)
+    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99, ttl=TTL)
     for r in (old, new):
         await r.start(rounds=False)
     try:
@@ -1569,8 +1584,8 @@ async def test_a_leader_stopped_before_its_cordon_leaves_what_the_next_leader_ne
     api = FakeMachinesAPI()
     mid = api.add(APP, "started")
     api.gates["set_machine_metadata"] = answered = asyncio.Event()
-    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99)
-    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99)
+    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.99, ttl=TTL)
+    new = make(redis_server, key_prefix, "new", api, rng=lambda: 0.99, ttl=TTL)
     for r in (old, new):
         await r.start(rounds=False)
     stopping: asyncio.Task[None] | None = None
@@ -1609,7 +1624,7 @@ async def test_a_leader_that_stops_steps_down_at_info_one_that_lost_its_lease_at
     expected, but logged ``cluster_follower`` at warning, as a lost lease is (trouble)."""
     api = FakeMachinesAPI()
     api.add(APP, "stopped")
-    lost, stops = (make(redis_server, key_prefix, rid, api) for rid in ("lost", "stops"))
+    lost, stops = (make(redis_server, key_prefix, rid, api, ttl=TTL) for rid in ("lost", "stops"))
     running = [lost, stops]
     for r in running:
         await r.start(rounds=False)

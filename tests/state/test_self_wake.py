@@ -609,8 +609,9 @@ async def test_a_follower_wakes_a_machine_the_leader_stopped_sick_last(
     sick = api.add(APP, "started")  # m01: the wake's choice between equals
     well = api.add(APP, "stopped")
     api.set(APP, sick, checks=[CheckStatus(name="healthz", status="critical")])
-    leader = make(redis_server, key_prefix, "l", api)
-    follower = make(redis_server, key_prefix, "f", api, self_wake_after_s=0.05, lead=leads)
+    # TTL's lease: the follower takes over the stopped leader's at its next step.
+    leader = make(redis_server, key_prefix, "l", api, ttl=TTL)
+    follower = make(redis_server, key_prefix, "f", api, self_wake_after_s=0.05, lead=leads, ttl=TTL)
     for r in (leader, follower):
         await r.start(rounds=False)
     try:

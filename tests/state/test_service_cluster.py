@@ -21,10 +21,15 @@ from autoscaler.service import Service
 
 from .conftest import RedisServer
 
+# The lease of a test whose subject is the lead lost (Redis out of reach), short so that
+# the test waits little for it.
 TTL = 0.6
-# A lease no stall of a loaded CI machine lets lapse, for tests that need one leader
-# throughout (its holder steps every STEADY_TTL / 3, a follower takes a given-up lease at
-# its next step); and how long a wait for what they await may take before it fails.
+# Every other test's lease (settings' default), that no stall of a loaded CI machine lets
+# lapse: on TTL's, a stall (load average 8-11 on two cores) moved the lead mid-test, and the
+# test's leader was no longer the one that decided. Its holder steps every STEADY_TTL / 3,
+# a follower takes a given-up lease at its next step, and a replica's first step takes a
+# free lease at once: no test waits on it. And how long a wait for what they await may
+# take before it fails (a limit, no wait: generous).
 STEADY_TTL = 6.0
 WAIT_S = 20.0
 
@@ -56,7 +61,7 @@ def settings(
             "cluster": {
                 "redis_url": url,
                 "replica_id": rid,
-                "lease_ttl_s": TTL,
+                "lease_ttl_s": STEADY_TTL,
                 "key_prefix": prefix,
                 **cluster,
             },
@@ -133,7 +138,7 @@ async def test_two_replicas_one_wake_and_a_handover(
     that outlasts such stalls (STEADY_TTL); the handover is shown by Redis naming the
     stopped leader no more, at once (given up, not lapsed), not by how soon it came."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=1))
-    services = replicas(emulator, redis_server, key_prefix, "ab", lease_ttl_s=STEADY_TTL)
+    services = replicas(emulator, redis_server, key_prefix, "ab")
     async with cluster_of(services, WAIT_S, WAIT_S) as (leader, (follower,)):
         assert follower.replica is not None
         assert follower.proxy is not None
@@ -249,7 +254,7 @@ async def test_a_burst_wakes_two_machines_under_one_claim(
     emulator.world.seed_app(EmulatorApp(name="web", machines=2))
     app = {"target_concurrency": 1, "scale_down_delay_s": 60}
     services = replicas(emulator, redis_server, key_prefix, "ab", app)
-    async with cluster_of(services, 2 * TTL, 2) as (leader, (follower,)):
+    async with cluster_of(services, WAIT_S, WAIT_S) as (leader, (follower,)):
         assert follower.proxy is not None
         async with aiohttp.ClientSession() as http:
             url = f"http://127.0.0.1:{follower.proxy.port}/"
@@ -274,8 +279,8 @@ async def test_through_a_redis_outage_every_replica_is_ready_and_says_nobody_dec
     view is its own), and /readyz?control=1 and autoscaler_control_healthy say that
     nothing decides (the followers said all was well, and the alerts could not fire)."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=1))
-    services = replicas(emulator, own_redis.url, key_prefix, "ab")
-    async with cluster_of(services, 2 * TTL, 2) as (leader, _), aiohttp.ClientSession() as http:
+    services = replicas(emulator, own_redis.url, key_prefix, "ab", lease_ttl_s=TTL)
+    async with cluster_of(services, WAIT_S, WAIT_S) as (leader, _), aiohttp.ClientSession() as http:
 
         async def get(svc: Service, path: str, host: str | None = None) -> tuple[int, str]:
             assert svc.proxy is not None
@@ -289,7 +294,7 @@ async def test_through_a_redis_outage_every_replica_is_ready_and_says_nobody_dec
                 return resp.status, await resp.text()
 
         assert (await get(leader, "/", "web.test"))[0] == 200  # the app is awake
-        await until(lambda: all(s.view.app("web").routable() for s in services), 2)
+        await until(lambda: all(s.view.app("web").routable() for s in services), WAIT_S)
         own_redis.stop()
         await until(lambda: not any(s.replica and s.replica.leading for s in services), 4 * TTL)
 
@@ -312,14 +317,14 @@ async def test_a_followers_status_shows_the_machines_it_routes_to(
     another worker's admin port) showed "(no machines)" for an app it served."""
     emulator.world.seed_app(EmulatorApp(name="web", machines=2))
     services = replicas(emulator, redis_server, key_prefix, "ab")
-    async with cluster_of(services, 2 * TTL, 2) as (_, (follower,)):
+    async with cluster_of(services, WAIT_S, WAIT_S) as (_, (follower,)):
         assert follower.proxy is not None
         assert follower.admin is not None
         async with aiohttp.ClientSession() as http:
             url = f"http://127.0.0.1:{follower.proxy.port}/"
             async with http.get(url, headers={"Host": "web.test"}) as resp:
                 assert resp.status == 200
-        await until(lambda: bool(follower.view.app("web").routable()), 2)
+        await until(lambda: bool(follower.view.app("web").routable()), WAIT_S)
         [app] = follower.admin.status_document()["apps"]
         shown = sorted(m["id"] for m in app["machines"] if m["state"] == "started")
         assert shown == sorted(u.id for u in follower.view.app("web").routable())
@@ -336,7 +341,7 @@ async def test_the_leaders_drain_ends_the_followers_websockets_too(
     emulator.world.seed_app(EmulatorApp(name="web", machines=1))
     app = {"connection_idle_s": 1, "idle_to_zero_s": 2, "min_lifetime_s": 0}
     services = replicas(emulator, redis_server, key_prefix, "ab", app)
-    async with cluster_of(services, 2 * TTL, 2) as (leader, (follower,)):
+    async with cluster_of(services, WAIT_S, WAIT_S) as (leader, (follower,)):
         assert leader.proxy is not None
         assert follower.proxy is not None
         async with aiohttp.ClientSession() as http:
