@@ -178,7 +178,7 @@ class Actuator:
         self.backoff_max_s = backoff_max_s
         self.lease_skip_s = lease_skip_s
         """How long a machine leased by another counts as busy: one tick."""
-        self.leases = leases or Leases(api, sleep=sleep)
+        self.leases = leases or Leases(api, sleep=sleep, clock=clock)
         self.held: dict[tuple[str, str], Held] = {}
         """(app, machine) -> our lease, while a task of ours works on the machine."""
         self.reading: set[asyncio.Task[str | None]] = set()

@@ -218,7 +218,7 @@ class Controller:
             probe=probe,
             backoff_max_s=settings.control.api_backoff_max_s,
             lease_skip_s=settings.control.tick_s,
-            leases=Leases(api, sleep=sleep, owner=lease_owner),
+            leases=Leases(api, sleep=sleep, clock=clock, owner=lease_owner),
             wall=wall,
         )
         self.waker = Waker(api, self.actuator, metrics, settings.control.api_timeout_s)

@@ -23,12 +23,22 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   TTL: in one process, ``owner`` is this host (the next process on it adopts too); in
   cluster mode it is the replica's id, since replicas on one host (``--workers``) decide
   concurrently and one must never take over a lease another's drain holds.
+- **A failed release.** A release the API failed (a 500, a 429, no answer) leaves our
+  lease on the machine until its TTL. We still hold its nonce, so it is remembered
+  (``_unreleased``, with when it lapses by our count) and the next ``take`` of the machine
+  refreshes it and carries on under it: else the acquire met our own lease (409) and the
+  action was skipped as "leased by another" until the lease was read back (the adoption
+  above, which a failing API or one that hides nonces does not give). Only a nonce we
+  were given counts: a refresh that answers 409 or 404 (lapsed, maybe taken by a deploy)
+  drops it and the take acquires afresh; one the API fails keeps it, as ours until it
+  lapses (our changes carry it, and the keeper refreshes it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +48,7 @@ from autoscaler.fly.errors import FlyError, LeaseHeld, NotFound
 from autoscaler.logs import get_logger
 
 Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
 
 LEASE_TTL_S = 30
 _log = get_logger("autoscaler.control")
@@ -54,6 +65,9 @@ class Held:
     app: str
     machine_id: str
     nonce: str
+    expires: float = float("inf")
+    """When it lapses at the latest, on the ``Leases`` clock: the TTL from when its
+    acquire or last refresh was sent."""
     keeper: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -65,15 +79,19 @@ class Leases:
         api: MachinesAPI,
         *,
         sleep: Sleep,
+        clock: Clock = time.monotonic,
         ttl_s: int = LEASE_TTL_S,
         owner: str | None = None,
     ) -> None:
         self.api = api
         self.sleep = sleep
+        self.clock = clock
         self.ttl_s = ttl_s
         self.owner = owner or default_owner()
         self._releasing: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._acquiring: dict[tuple[str, str], asyncio.Task[str]] = {}
+        self._acquiring: dict[tuple[str, str], asyncio.Task[Held]] = {}
+        self._unreleased: dict[tuple[str, str], Held] = {}
+        """(app, machine) -> a lease of ours whose release the API failed, until it lapses."""
 
     def description(self, what: str) -> str:
         return f"{self.owner}: {what}"
@@ -99,7 +117,7 @@ class Leases:
         self._acquiring[key] = task
         task.add_done_callback(lambda t: self._acquired(key, t))
         try:
-            nonce = await asyncio.shield(task)
+            held = await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.done():
                 # Answered, and cancelled before this resumed (a drain taken back): the
@@ -109,13 +127,16 @@ class Leases:
             else:
                 task.add_done_callback(lambda t: self._orphan(key, t))
             raise
-        held = Held(app, machine_id, nonce)
         held.keeper = asyncio.get_running_loop().create_task(
             self._keep(held), name=f"lease:{app}:{machine_id}"
         )
         return held
 
-    async def _acquire(self, app: str, machine_id: str, what: str) -> str:
+    async def _acquire(self, app: str, machine_id: str, what: str) -> Held:
+        left = await self._unreleased_lease(app, machine_id)
+        if left is not None:
+            return left
+        sent = self.clock()
         try:
             lease = await self.api.acquire_machine_lease(
                 app, machine_id, ttl_s=self.ttl_s, description=self.description(what)
@@ -124,18 +145,39 @@ class Leases:
             adopted = await self._ours_already(app, machine_id)
             if adopted is None:
                 raise
-            return adopted
-        return lease.nonce
+            # Taken at some time before ``sent``: it may lapse sooner than our count says,
+            # which only a refresh (the keeper's, or a failed release's next take) tells.
+            return Held(app, machine_id, adopted, sent + self.ttl_s)
+        return Held(app, machine_id, lease.nonce, sent + self.ttl_s)
 
-    def _acquired(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+    async def _unreleased_lease(self, app: str, machine_id: str) -> Held | None:
+        """Our lease on the machine whose release failed, refreshed, if it still lives."""
+        left = self._unreleased.pop((app, machine_id), None)
+        sent = self.clock()
+        if left is None or sent >= left.expires:
+            return None
+        try:
+            lease = await self.api.refresh_machine_lease(
+                app, machine_id, left.nonce, ttl_s=self.ttl_s
+            )
+        except (LeaseHeld, NotFound):
+            return None  # lapsed (and maybe taken by another): acquire afresh
+        except FlyError as exc:
+            # Still ours by its nonce until it lapses; the API failing now would fail the
+            # acquire too, while our changes under the nonce may go through.
+            _log.warning("lease_refresh_failed", app=app, machine=machine_id, error=str(exc))
+            return Held(app, machine_id, left.nonce, left.expires)
+        return Held(app, machine_id, lease.nonce or left.nonce, sent + self.ttl_s)
+
+    def _acquired(self, key: tuple[str, str], task: asyncio.Task[Held]) -> None:
         if self._acquiring.get(key) is task:
             del self._acquiring[key]
 
-    def _orphan(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+    def _orphan(self, key: tuple[str, str], task: asyncio.Task[Held]) -> None:
         """The answer to the acquire of a cancelled caller: give that lease straight back."""
         if task.cancelled() or task.exception() is not None:
             return  # no lease came of it (or one whose nonce we never saw: its TTL ends it)
-        self.release_soon(Held(key[0], key[1], task.result()))
+        self.release_soon(task.result())
 
     async def _ours_already(self, app: str, machine_id: str) -> str | None:
         """The nonce of a lease this owner took but never heard back about, if that is
@@ -154,6 +196,7 @@ class Leases:
         """Refresh every third of the TTL: two refreshes may fail before the lease lapses."""
         while True:
             await self.sleep(self.ttl_s / 3)
+            sent = self.clock()
             try:
                 lease = await self.api.refresh_machine_lease(
                     held.app, held.machine_id, held.nonce, ttl_s=self.ttl_s
@@ -168,6 +211,7 @@ class Leases:
                     "lease_refresh_failed", app=held.app, machine=held.machine_id, error=str(exc)
                 )
                 continue
+            held.expires = sent + self.ttl_s
             if lease.nonce and lease.nonce != held.nonce:
                 # It lapsed (refreshes failed for a whole TTL) and the refresh took a new one,
                 # as the emulator does: ours again, under the nonce the sequence's next
@@ -177,7 +221,8 @@ class Leases:
                 held.nonce = lease.nonce
 
     async def release(self, held: Held) -> None:
-        """Give the lease back. A failure only logs: the lease lapses after its TTL."""
+        """Give the lease back. A failure logs, and the lease lapses after its TTL, or
+        the next ``take`` of the machine carries on under it (``_unreleased``)."""
         if held.keeper is not None:
             await cancel_and_wait([held.keeper])
         try:
@@ -188,6 +233,14 @@ class Leases:
             _log.warning(
                 "lease_release_failed", app=held.app, machine=held.machine_id, error=str(exc)
             )
+            now = self.clock()
+            for key in [k for k, left in self._unreleased.items() if now >= left.expires]:
+                del self._unreleased[key]  # lapsed: nothing left to carry on under
+            if now < held.expires and not isinstance(exc, LeaseHeld):
+                # LeaseHeld: the nonce is no longer the holder's (lapsed, maybe taken).
+                self._unreleased[(held.app, held.machine_id)] = Held(
+                    held.app, held.machine_id, held.nonce, held.expires
+                )
 
     def release_soon(self, held: Held) -> None:
         """Release from a task of its own; no ``await`` here, so a task being cancelled

@@ -457,3 +457,52 @@ async def test_the_controller_skips_a_machine_a_deploy_holds_then_acts_once_rele
     with pytest.raises(NotFound):
         async with MachinesClient(emulator.url, emulator.token) as check:
             await check.get_machine_lease(APP, machine.id)  # ours was given back
+
+
+async def test_our_lease_whose_release_failed_does_not_block_our_next_action(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A wake's release met a 500 and the read-back of the 409 that followed a 429 (an
+    outage ending): our own lease refused the drain after it, skipped as "leased by
+    another" until the lease lapsed. The nonce we kept carries the drain at once."""
+    mid = api.add(APP, "suspended")
+    rig = Rig(api, clock, idle_to_zero_s=5)
+    api.fail["release_machine_lease"] = [ServerError(500, "outage")]
+    assert await rig.ctl.wake(APP) == "resume"
+    await rig.ctl.idle()
+    left = api.lease(APP, mid)
+    assert left is not None  # still ours: the release failed
+    api.fail["get_machine_lease"] = [ServerError(429, "rate limited")]
+    await rig.tick()
+    await clock.advance(6)
+    [action] = (await rig.tick()).actions
+    assert action.kind == "drain"
+    await rig.ctl.idle()
+    assert state(api, mid) == "suspended"
+    assert rig.metric("autoscaler_lease_conflicts_total") == 0
+    assert {n for _, n in changes(api, mid)} == {left.nonce}
+    assert api.lease(APP, mid) is None  # given back this time
+
+
+async def test_a_failed_release_s_nonce_never_takes_over_another_s_lease(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The release landed though its answer was a 500, and a deploy took the machine:
+    the nonce we kept is refused (409), and the take is the deploy's skip, as ever."""
+    mid = api.add(APP, "started")
+    leases = Leases(api, sleep=clock.sleep, clock=clock)
+    held = await leases.take(APP, mid, "drain")
+    api.fail["release_machine_lease"] = [ServerError(500, "answer lost")]
+    await leases.release(held)
+    del api.leases[(APP, mid)]  # it had landed
+    api.take_lease(APP, mid, owner="fly deploy")
+    with pytest.raises(LeaseHeld):
+        await leases.take(APP, mid, "uncordon")
+    assert lease_ops(api, mid)[-3:] == [
+        "refresh_machine_lease",  # with our old nonce: refused, forgotten
+        "acquire_machine_lease",
+        "get_machine_lease",
+    ]
+    with pytest.raises(LeaseHeld):  # and not tried again
+        await leases.take(APP, mid, "uncordon")
+    assert lease_ops(api, mid)[-2:] == ["acquire_machine_lease", "get_machine_lease"]
