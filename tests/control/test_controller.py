@@ -2762,6 +2762,26 @@ async def test_a_suspend_refused_because_the_machine_is_already_suspending_is_no
     assert_uncordoned(api, mid)
 
 
+async def _wake_as_the_port_opens(rig: Rig, clock: FakeClock, after_s: float) -> str:
+    """Wake the app whose machine's port opens ``after_s`` on; the wake's answer, which
+    must come within twice that."""
+    opens_at = clock() + after_s
+
+    async def probe(host: str, port: int) -> bool:
+        return clock() >= opens_at
+
+    rig.ctl.actuator.probe = probe
+    task = asyncio.ensure_future(rig.ctl.wake(APP))
+    for _ in range(round(after_s * 20)):
+        await clock.advance(0.1)
+        if task.done():
+            break
+    assert task.done(), (
+        f"the wake still waits {2 * after_s:g} s on, its port open since {after_s:g} s"
+    )
+    return await task
+
+
 @pytest.mark.parametrize("api_down", ["fails", "hangs"])
 async def test_a_failed_reread_of_a_slow_port_does_not_fail_the_boot(
     api: FakeMachinesAPI, clock: FakeClock, api_down: str
@@ -2781,19 +2801,7 @@ async def test_a_failed_reread_of_a_slow_port_does_not_fail_the_boot(
     else:
         api.gates["get_machine"] = asyncio.Event()  # never set
     api.fail["list_machines"] = [ServerError(500, "down") for _ in range(1000)]
-    opens_at = clock() + 1.5
-
-    async def probe(host: str, port: int) -> bool:
-        return clock() >= opens_at
-
-    rig.ctl.actuator.probe = probe
-    task = asyncio.ensure_future(rig.ctl.wake(APP))
-    for _ in range(30):  # 3 s at most
-        await clock.advance(0.1)
-        if task.done():
-            break
-    assert task.done(), "the wake still waits 3 s on, its machine's port open since 1.5 s"
-    assert await task == "start"
+    assert await _wake_as_the_port_opens(rig, clock, after_s=1.5) == "start"
     assert api.ops("get_machine")  # the read was asked for
     assert [u.id for u in rig.view.app(APP).routable()] == [mid]
 
@@ -2810,18 +2818,6 @@ async def test_a_wait_the_api_fails_does_not_fail_a_boot_whose_port_answers(
     await rig.ctl.tick(APP)
     for op in ("wait_for_machine_state", "get_machine", "list_machines"):
         api.fail[op] = [ServerError(500, "down") for _ in range(1000)]
-    opens_at = clock() + 1.5
-
-    async def probe(host: str, port: int) -> bool:
-        return clock() >= opens_at
-
-    rig.ctl.actuator.probe = probe
-    task = asyncio.ensure_future(rig.ctl.wake(APP))
-    for _ in range(30):  # 3 s at most
-        await clock.advance(0.1)
-        if task.done():
-            break
-    assert task.done(), "the wake still waits 3 s on, its machine's port open since 1.5 s"
-    assert await task == "start"
+    assert await _wake_as_the_port_opens(rig, clock, after_s=1.5) == "start"
     assert len(api.ops("start_machine")) == 1
     assert [u.id for u in rig.view.app(APP).routable()] == [mid]
