@@ -254,9 +254,9 @@ class ProxyServer:
         """Answer one request; the connection calls this for each, in order."""
         loop = self._loop
         ctx = RequestContext(loop.time(), self._request_id(request.request_id))
-        app = self._router.route(request.host, request.target)
         counted = True
         try:
+            app = self._router.route(request.host, request.target)
             if app is None:
                 raise Failure(404, "no app is configured for this host")
             ctx.app = app.name
@@ -279,14 +279,17 @@ class ProxyServer:
             ctx.status = 499  # the client went away (nginx's convention; logged and counted)
             raise
         except Exception:
-            # A bug. The connection answers 500 if nothing was sent yet, and counts it with
-            # app "" (error_page): the proxy's own fault, apart from the app's 500s (a 500
-            # under an app is the app's: AutoscalerHigh5xxRatio sends the reader there).
-            # Not counted here too (that was a second request, of code 0); its line says
-            # 500. After the head, the client got the machine's status: counted so, here.
+            # A bug. Answered 500 here if nothing was sent yet, under the request's own id
+            # (the connection's answer, error_page, would make a new one nobody logged for
+            # this request), and counted once with app "": the proxy's own fault, apart
+            # from the app's 500s (a 500 under an app is the app's: AutoscalerHigh5xxRatio
+            # sends the reader there); its line says 500. After the head, the client got
+            # the machine's status: counted so, here. The connection logs the traceback
+            # (proxy_handler_failed) and closes.
             if not request.conn.response_started:
                 ctx.status = 500
                 counted = False
+                self._answer_bug(request, ctx)
             raise
         finally:
             self._account(request, ctx, loop.time(), counted)
@@ -769,6 +772,18 @@ class ProxyServer:
             raise Failure(405, "TRACE with Max-Forwards: 0 is not answered", {"Allow": "OPTIONS"})
         ctx.status = 200
         self._write_own(request, ctx, 200, "", None)
+
+    def _answer_bug(self, request: Request, ctx: RequestContext) -> None:
+        """The 500 of a bug in the handler, before anything was sent: under the request's
+        id and app, unlike the connection's own answer (``error_page``), which knows
+        neither. Counted with app "" as that one; the connection closes after it."""
+        message = "internal proxy error"
+        _log.error(
+            "proxy_error", request_id=ctx.request_id, app=ctx.app, status=500, reason=message
+        )
+        self._stats.answered("", 500, NO_WAKE)
+        request.keep_alive = False  # the connection closes after a bug: its answer says so
+        self._write_own(request, ctx, 500, message, None)
 
     def _write_error(self, request: Request, failure: Failure, ctx: RequestContext) -> None:
         self._write_own(request, ctx, failure.status, failure.message, failure.headers)

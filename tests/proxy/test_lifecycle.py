@@ -578,3 +578,40 @@ async def test_a_bug_in_the_handler_counts_its_request_once(
     assert counted == ({("a", "200", "none"): 1} if head_sent else {("", "500", "none"): 1})
     (line,) = [e for e in logs if e["event"] == "request"]
     assert (line["app"], line["status"]) == ("a", 200 if head_sent else 500)
+
+
+@pytest.mark.skipif(
+    not server.__file__.endswith(".py"),
+    reason="the bug is put in by replacing a method, which a compiled class does not allow",
+)
+@pytest.mark.parametrize("given", [None, "the-clients-id"], ids=["ours", "clients"])
+async def test_a_bug_in_the_handler_is_answered_under_the_requests_own_id(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    given: str | None,
+) -> None:
+    """The 500 of a handler's bug carried a new request id, not the client's nor the one
+    its request's line logged, and its proxy_error line no app: the three could not be
+    tied together. Now the answer, its proxy_error and its request line share the id."""
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [await backend(text_app("hi"))]}]
+    )
+
+    async def broken(request: Any, app: Any, gate: Any, ctx: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(proxy, "_forward", broken)
+    headers = {"Host": "a.test"} | ({"X-Request-Id": given} if given else {})
+    with capture_logs() as logs:
+        async with session.get(url(proxy), headers=headers) as r:
+            assert r.status == 500
+            assert await r.text() == "internal proxy error\n"
+            answered = r.headers["X-Request-Id"]
+    (line,) = [e for e in logs if e["event"] == "request"]
+    (error,) = [e for e in logs if e["event"] == "proxy_error"]
+    assert answered == line["request_id"] == error["request_id"]
+    if given:
+        assert answered == given
+    assert (error["app"], error["status"]) == ("a", 500)
