@@ -372,12 +372,15 @@ class Interim:
     exchange ends at ``upstream_timeout_s`` as one that never answers. ``release`` (once
     the exchange has its final head, or failed) lets the machine be read again."""
 
-    __slots__ = ("conn", "held")
+    __slots__ = ("conn", "held", "relayed")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.held: FlowControl | None = None
         """The machine's connection, paused until the client catches up."""
+        self.relayed = False
+        """Whether an interim answer went to the client (its request is then never sent
+        again: the client has heard from this machine)."""
 
     def __call__(
         self,
@@ -391,6 +394,7 @@ class Interim:
         if conn.response_started:
             return  # the final answer went out: never a 1xx after it
         conn.write_interim(interim_head(status, reason, raw, version))
+        self.relayed = True
         if conn.writing_paused and self.held is None:
             self.held = source
             source.pause_reading(self)

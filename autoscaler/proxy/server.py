@@ -4,7 +4,7 @@ One request's life: route by Host (404 when no app; an OPTIONS or TRACE with
 ``Max-Forwards: 0`` is answered here, see ``_answer_last_hop``), take a slot through the
 app's :class:`Gate` (at once, or after waiting in its FIFO while machines wake or free up;
 503 when the queue is full, 504 after ``wake_timeout_s``), forward to the machine with
-streamed bodies (retrying elsewhere only when that cannot repeat a side effect), relay the
+streamed bodies (sending it again only when that cannot repeat a side effect), relay the
 response, give the slot back, then one metric update and one log line.
 
 The client side is :mod:`autoscaler.proxy.h1` (HTTP/1.1 on llhttp), the machine side
@@ -48,6 +48,11 @@ from autoscaler.scaling.fleet import STARTED
 
 _log = get_logger("autoscaler.proxy")
 
+# RFC 9110 9.2.2's idempotent methods: sent again once when their connection was lost before
+# any answer, if they have no body (_forward). PUT and DELETE too, as nginx's
+# proxy_next_upstream does and as upstream.send already does after a lost pooled
+# connection: a second identical one leaves the state the first asked for (a DELETE that
+# had gone through may answer 404 the second time: the client asked for it gone, it is).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # A request that never reached its machine goes to one other machine at once (the first
 # attempt and one retry); see _next_attempt for what happens after that.
@@ -341,7 +346,9 @@ class ProxyServer:
     ) -> Upstream:
         """Another machine for a request that never reached the one it was given (no
         connection, or one closed before a byte of the request was written): safe to send
-        again whatever the method. Nothing else is ever sent twice.
+        again whatever the method. The one other request sent again comes here too: an
+        idempotent one with no body whose connection was lost before any answer (once;
+        ``_forward``).
 
         The retry goes to another machine at once. When there is none, or it failed too,
         a static app's request gets 502; a request of an app the controller manages waits
@@ -401,7 +408,7 @@ class ProxyServer:
     def _lost_connection(self, app: AppConfig, up: Upstream) -> None:
         """The machine closed or reset a connection before its answer was whole. Its
         process may have died, and then a request sent to it before the kernel closes its
-        listening socket would be lost too, with no safe retry: the machine's idle
+        listening socket would be lost too (with a body, with no safe retry): the machine's idle
         connections are dropped and, while the app has another routable machine, it gets
         no request for ``unhealthy_backoff_s`` (nginx's default marks a server down for
         10 s after one such failure). The last routable machine keeps its traffic: a
@@ -443,6 +450,9 @@ class ProxyServer:
         up = ctx.up
         verdicts = self.health
         exchange: upstream.Exchange | None
+        # Idempotent with no body: may be sent again once after its connection was lost
+        # (see the ConnectionLost case below).
+        replayable = method in IDEMPOTENT and request.body is None
         while True:
             assert up is not None
             if request.body is not None:
@@ -463,7 +473,7 @@ class ProxyServer:
                     head,
                     None if body is None else body.chunks(),
                     chunked=body is not None and request.content_length is None,
-                    replayable=method in IDEMPOTENT and body is None,
+                    replayable=replayable,
                     max_field_size=knobs.max_field_size,
                     head_timeout=knobs.upstream_timeout_s,
                     upgrade=websocket,
@@ -507,7 +517,26 @@ class ProxyServer:
                 verdicts.failed(app.name, up, health.RESET if lost else health.BAD_RESPONSE)
                 if lost:
                     self._reviver.lost(app.name, up, port)
-                raise Failure(502, "the machine failed to answer") from None
+                # ...but a lost idempotent request with no body, of which the client has
+                # heard nothing yet (no 1xx), may be sent again (RFC 9110 9.2.2; nginx's
+                # proxy_next_upstream error does so): once, then the next loss is the 502
+                # (LostAgain: upstream.send had sent it again already, after a pooled
+                # connection was lost). Through _next_attempt, as a request whose connect
+                # failed: another machine, or, its machine the app's last, held for it (a
+                # process that died: the replay's connect is refused, and the request
+                # waits for its restart or a wake; a static app's gets its 502 then).
+                if not (
+                    lost
+                    and replayable
+                    and not isinstance(exc, upstream.LostAgain)
+                    and (interim is None or not interim.relayed)
+                ):
+                    raise Failure(502, "the machine failed to answer") from None
+                replayable = False
+                _log.info(
+                    "request_replayed", request_id=ctx.request_id, app=app.name, machine=up.id
+                )
+                exchange = None
             finally:
                 if interim is not None:
                     interim.release()  # its final head came (or none will): read it again

@@ -12,6 +12,7 @@ Errors, by what the caller may do about them:
   a byte of the request was written). Nothing was sent, so another machine may be tried.
 - :class:`ConnectionLost`: the connection closed or reset before the answer's head. A
   replay is safe only for an idempotent request whose body was not consumed.
+  :class:`LostAgain` when ``send`` had sent it again already (a pooled connection lost).
 - :class:`BadResponse`: what came back is not HTTP (a control character in the reason
   phrase, a status code under 100, or a 1xx other than 100, 102 and 103 with a
   Content-Length or a Transfer-Encoding, after which llhttp reads a body, included), or
@@ -88,6 +89,11 @@ class ConnectFailed(UpstreamError):
 
 class ConnectionLost(UpstreamError):
     """The connection closed before the answer (or its body) was whole."""
+
+
+class LostAgain(ConnectionLost):
+    """Lost on a request already sent again: the pooled connection it first went on was
+    lost too, after its head went out (see :func:`send`). Not to be sent a third time."""
 
 
 class BadResponse(UpstreamError):
@@ -753,11 +759,12 @@ async def send(
 
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
-    machine, as browsers and aiohttp do.
+    machine, as browsers and aiohttp do; lost there too, it fails with :class:`LostAgain`.
     """
     args = (method, head, body, chunked, head_timeout, upgrade, on_interim, machine, continued)
     conn = pool.take(authority)
     pooled = conn is not None
+    resent = False  # after a lost pooled connection: its head had gone out
     while True:
         if conn is None:
             conn = await pool.open(host, port, authority, max_field_size, machine)
@@ -766,6 +773,8 @@ async def send(
             await ex._head
         except BaseException as exc:
             ex.release()
+            if resent and type(exc) is ConnectionLost:
+                raise LostAgain(str(exc)) from None
             # A pooled connection the machine had closed: nothing was sent (ConnectFailed),
             # or the head went out as the close crossed it (ConnectionLost: replayed only if
             # idempotent, RFC 9110 9.2.2). Once more, on a new connection.
@@ -773,6 +782,7 @@ async def send(
                 isinstance(exc, ConnectFailed) or (replayable and isinstance(exc, ConnectionLost))
             ):
                 raise
+            resent = isinstance(exc, ConnectionLost)
             pooled, conn = False, None
             continue
         return ex

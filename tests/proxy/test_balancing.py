@@ -9,13 +9,14 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 from testkit import until
 
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import Metrics
 
-from .conftest import Backend, StartProxy, url
-from .helpers import Blocking
+from .conftest import Backend, RawBackend, StartProxy, StreamHandler, url
+from .helpers import Blocking, raw
 
 
 async def test_hard_limit_queues_in_order_and_overflow_gets_503(
@@ -156,11 +157,12 @@ async def test_all_machines_unreachable_is_502(
         assert len(r.headers["X-Request-Id"]) == 32
 
 
-async def test_a_request_the_machine_got_is_never_sent_again(
+async def test_a_request_with_a_body_the_machine_got_is_never_sent_again(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    """Reset after the request was written: the machine may have acted on it, so no
-    method is replayed elsewhere (only a request that never reached a machine is)."""
+    """Reset after the request was written: the machine may have acted on it, so a POST
+    (any request with a body) is not replayed elsewhere (only a request that never
+    reached a machine is, and an idempotent one with no body, once)."""
     hits: list[str] = []
     proxy = await start_proxy(
         [
@@ -174,14 +176,90 @@ async def test_a_request_the_machine_got_is_never_sent_again(
             }
         ]
     )
-    async with session.post(url(proxy), data=b"charge me once", headers={"Host": "a.test"}) as r:
-        assert r.status == 502
-        assert await r.text() == "the machine failed to answer\n"
+    with capture_logs() as logs:
+        async with session.post(
+            url(proxy), data=b"charge me once", headers={"Host": "a.test"}
+        ) as r:
+            assert r.status == 502
+            assert await r.text() == "the machine failed to answer\n"
     assert len(hits) == 1
-    hits.clear()
+    assert not [e for e in logs if e["event"] == "request_replayed"]
+
+
+async def test_a_get_the_machine_got_is_replayed_on_another_once(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    """A GET whose machine reset its connection before answering is sent again, to the
+    other machine (RFC 9110 9.2.2, as nginx's proxy_next_upstream error): the client gets
+    that one's answer, not the 502 it got before."""
+    hits: list[str] = []
+    x = await backend(counting_app(hits, "x", reset=True))
+    proxy = await start_proxy(
+        [
+            {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [x, await backend(counting_app(hits, "y", reset=False))],
+            }
+        ],
+        unhealthy_backoff_s=60,
+    )
+    with capture_logs() as logs:
+        while "x" not in hits:  # until the balancer chose x first
+            async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+                assert r.status == 200
+                assert await r.text() == "y"
+    assert hits[-2:] == ["x", "y"]
+    (replayed,) = [e for e in logs if e["event"] == "request_replayed"]
+    assert (replayed["app"], replayed["machine"]) == ("a", x)
+
+
+async def test_a_get_lost_twice_is_502_and_not_sent_a_third_time(
+    backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    """Replayed once only: the second machine resetting too is the 502 (no loop)."""
+    hits: list[str] = []
+    proxy = await start_proxy(
+        [
+            {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [
+                    await backend(counting_app(hits, "x", reset=True)),
+                    await backend(counting_app(hits, "y", reset=True)),
+                ],
+            }
+        ]
+    )
     async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
         assert r.status == 502
-    assert len(hits) == 1  # not even a GET
+        assert await r.text() == "the machine failed to answer\n"
+    assert sorted(hits) == ["x", "y"]
+
+
+async def test_a_get_whose_machine_sent_a_1xx_is_not_replayed(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """The client heard from the machine (an Early Hints relayed) before it reset: the
+    request is not sent again (nginx's rule too: only while nothing went to the client)."""
+    hits: list[str] = []
+
+    def hinting(name: str) -> StreamHandler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            hits.append(name)
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+            await writer.drain()
+            writer.transport.abort()
+
+        return handler
+
+    backends = [await raw_backend(hinting("x")), await raw_backend(hinting("y"))]
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": backends}])
+    reply = await raw(proxy.port, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+    assert b"\r\n\r\nHTTP/1.1 502 Bad Gateway\r\n" in reply
+    assert len(hits) == 1
 
 
 def breaks_once(hits: list[str], name: str, *, mid_body: bool) -> web.Application:
@@ -218,8 +296,8 @@ async def test_a_machine_that_drops_a_connection_is_skipped_while_another_serves
     mid_body: bool,
 ) -> None:
     """A machine whose process dies resets its connections a moment before the kernel
-    closes its listening socket: a request sent in that moment is lost, and may not be
-    replayed. So a machine that dropped a connection gets no request for the backoff
+    closes its listening socket: a request sent in that moment is lost, and one with a
+    body may not be replayed. So a machine that dropped a connection gets no request for the backoff
     while the app has another one (its idle pooled connections are closed too)."""
     hits: list[str] = []
     broken = await backend(breaks_once(hits, "broken", mid_body=mid_body))

@@ -14,6 +14,7 @@ from aiohttp import web
 from testkit import SlowToEnd, until
 
 from autoscaler.control.view import FleetView, MachineInfo
+from autoscaler.proxy import upstream
 from autoscaler.proxy.upstream import Abandoned, Pool
 
 from .conftest import Backend, RawBackend, StartProxy, url
@@ -390,3 +391,42 @@ async def test_a_connect_given_up_as_it_times_out_raises_nothing_where_it_was_gi
             await opening
     assert pool._connecting == {}
     await pool.close()
+
+
+async def test_a_request_lost_on_a_pooled_connection_and_on_the_new_one_is_lost_again(
+    raw_backend: RawBackend,
+) -> None:
+    """``send`` sends an idempotent request lost on a pooled connection again, on a new
+    one: lost there too, it says so (``LostAgain``), and the proxy sends it nowhere else
+    (one replay per request)."""
+    served = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readuntil(b"\r\n\r\n")
+        served += 1
+        if served == 1:  # the first answered, its connection kept: the next goes on it
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")
+            served += 1
+        writer.transport.abort()
+
+    host, _, port = (await raw_backend(handler)).partition(":")
+    pool = Pool(1, 1.0)
+    head = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+
+    async def get() -> upstream.Exchange:
+        return await upstream.send(
+            pool, host, int(port), f"{host}:{port}", "GET", head, None, replayable=True
+        )
+
+    try:
+        first = await get()
+        assert await first.body.read() == b"ok"
+        first.release()
+        with pytest.raises(upstream.LostAgain):
+            await get()
+        assert served == 3  # on the pooled connection, then on a new one
+    finally:
+        await pool.close()

@@ -450,3 +450,47 @@ async def test_a_held_request_cancelled_as_it_is_shed_stays_cancelled() -> None:
         await held
     assert fleet.app("w").queued == 0
     await gate.close()
+
+
+async def test_a_get_lost_by_the_apps_last_machine_is_held_for_its_restart(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """The app's only machine resets a GET it received and dies (its port refuses): the
+    GET is sent again, its connect refused, and it is held like any request of an app
+    with no routable machine, then served once the machine listens again. It got a 502
+    before (a request the machine received was never sent again)."""
+    lost = asyncio.Event()
+
+    async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        dead.close()  # the process dies: its port refuses from now on
+        writer.transport.abort()
+        lost.set()
+
+    dead = await asyncio.start_server(dying, "127.0.0.1", 0)
+    port = dead.sockets[0].getsockname()[1]
+    fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
+    proxy = await start_proxy(
+        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}], unhealthy_backoff_s=0.05
+    )
+    waker = FakeWaker(fleet, "none")
+    waker.release.set()
+    fleet.set_waker(waker)
+    runner = web.AppRunner(text_app("back"))
+    await runner.setup()
+    try:
+        with capture_logs() as logs:
+            task = asyncio.create_task(session.get(url(proxy), headers={"Host": "w.test"}))
+            await lost.wait()
+            await dead.wait_closed()
+            await until(
+                lambda: task.done() or any(e["event"] == "machine_unreachable" for e in logs)
+            )
+            assert not task.done()  # held, not answered 502
+            await web.TCPSite(runner, "127.0.0.1", port).start()  # restarted
+            async with await task as r:
+                assert (r.status, await r.text()) == (200, "back")
+        assert [e["machine"] for e in logs if e["event"] == "request_replayed"] == ["m1"]
+    finally:
+        dead.close()
+        await runner.cleanup()
