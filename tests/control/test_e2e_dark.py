@@ -199,9 +199,10 @@ async def test_a_crash_that_flys_restart_policy_repairs_is_not_restarted_again(
 ) -> None:
     # A one-machine app under load whose process crashes; its restart policy (none, as
     # `fly launch` leaves it: Fly's default, on-failure) has Fly start it again. The
-    # requests in flight are reset and the proxy ejects the machine, but a reset is a
-    # process that died, not one that hangs: the ejection counts once (a timeout's would
-    # count as hung), and no restart of ours follows Fly's (a stop and a cold start more).
+    # requests in flight are reset (the GETs sent again, refused, and held for the restart)
+    # and the proxy ejects the machine, but a reset is a process that died, not one that
+    # hangs: the ejection counts once (a timeout's would count as hung), and no restart of
+    # ours follows Fly's (a stop and a cold start more).
     # One did when any first ejection of an app's last machine counted as hung: whenever
     # the controller's next read found the machine started.
     [machine] = emulator.machines(APP)
