@@ -73,6 +73,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(trylast=True)  # after ``-m`` has deselected what it leaves out
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked ``one_profile`` runs on one timing profile per run: Fly's when the run
+    includes them, else the fast one (CI's compiled run, ``-m "not fly_profile"``). These
+    are the longest end-to-end runs; their fast twin adds minutes to a run that has the
+    Fly-like one, whose races are the ones production meets, and nothing else."""
+    flys = {_twin_key(item) for item in items if _profile(item) == "fly"}
+    twins = [
+        item
+        for item in items
+        if item.get_closest_marker("one_profile") is not None
+        and _profile(item) == "fast"
+        and _twin_key(item) in flys
+    ]
+    if twins:
+        left_out = set(twins)
+        config.hook.pytest_deselected(items=twins)
+        items[:] = [item for item in items if item not in left_out]
+
+
+def _profile(item: pytest.Item) -> object:
+    callspec = getattr(item, "callspec", None)
+    return None if callspec is None else callspec.params.get("emulator_settings")
+
+
+def _twin_key(item: pytest.Item) -> tuple[object, ...]:
+    """The test and its parameters other than the timing profile."""
+    callspec = getattr(item, "callspec", None)
+    params = {} if callspec is None else callspec.params
+    others = sorted((k, repr(v)) for k, v in params.items() if k != "emulator_settings")
+    return (item.path, item.originalname if isinstance(item, pytest.Function) else "", *others)
+
+
 @pytest.fixture
 async def emulator(emulator_settings: EmulatorSettings) -> AsyncIterator[Emulator]:
     """A started emulator on 127.0.0.1 and an ephemeral port; every child reaped after."""

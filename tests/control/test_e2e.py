@@ -146,6 +146,7 @@ async def stack(emulator: Emulator) -> AsyncIterator[Stack]:
         yield built
 
 
+@pytest.mark.one_profile
 async def test_burst_scales_out_then_everything_suspends_without_a_failed_request(
     stack: Stack,
 ) -> None:

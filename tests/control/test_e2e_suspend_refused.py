@@ -73,6 +73,7 @@ async def asleep(stack: Stack, mid: str) -> None:
     await stack.until(settled, timeout_s=60)
 
 
+@pytest.mark.one_profile
 async def test_a_machine_fly_will_not_suspend_is_stopped_and_woken_by_a_cold_start(
     emulator: Emulator,
 ) -> None:

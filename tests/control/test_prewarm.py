@@ -48,6 +48,7 @@ def emulator_settings(
     return on_profile(emulator_settings, request.param, apps=[EmulatorApp(name=APP, machines=1)])
 
 
+@pytest.mark.one_profile
 async def test_a_machine_is_resumed_before_the_request_its_plan_predicts(
     emulator: Emulator,
 ) -> None:

@@ -72,8 +72,9 @@ def emulator_settings(
 ) -> EmulatorSettings:
     """The shared ``emulator`` fixture's defaults, plus a known token (the scans look for
     it) and app ``web``; every test runs with the fast timings and with Fly's (suspends of
-    seconds, cold starts of about 2 s), where the races production meets are open. A
-    module that wants other apps overrides this in turn."""
+    seconds, cold starts of about 2 s), where the races production meets are open (the
+    longest, marked ``one_profile``, on Fly's alone when the run includes them). A module
+    that wants other apps overrides this in turn."""
     return on_profile(
         emulator_settings,
         request.param,

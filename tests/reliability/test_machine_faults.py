@@ -122,6 +122,7 @@ async def _replaced(svc: Service, emulator: Emulator, victim: str, exits: int, c
     await _two_started(svc, emulator)
 
 
+@pytest.mark.one_profile
 async def test_killed_machine_fails_one_request_at_most_and_is_replaced(
     emulator: Emulator, tmp_path: Path, figures: Figures
 ) -> None:

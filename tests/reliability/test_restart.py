@@ -52,7 +52,7 @@ IN_FLIGHT = 6
 # The requests sure to be in flight at SIGTERM go to their own app, so that the old
 # process's in-flight gauge for it counts them and nothing else.
 SLOW = "slow"
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.one_profile]
 
 
 @pytest.fixture
