@@ -17,7 +17,7 @@ import bisect
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -60,6 +60,24 @@ RECHECK_RESULTS = ("passed", "failed")
 # try (then it is that try's kind); those of an episode that wait it out get 504 or 502.
 WAKE_FAILED = "failed"
 WAKE_FAILED_CODES = (504, 502)
+# Why the proxy answered a request with a 5xx of its own (autoscaler_proxy_errors_total):
+# every such answer has one, so that the app's own 5xx are autoscaler_requests_total's
+# minus these. The answers of held requests turned away (queue_full, wake_timeout) count
+# here too, and also in autoscaler_queue_rejections_total.
+ProxyErrorReason = Literal[
+    "queue_full",  # 503: the app's queue of held requests was full (max_queue)
+    "wake_timeout",  # 504: held past wake_timeout_s, for a wake or for a free machine
+    "app_not_found",  # 502: the Machines API has no such app (its wake failed)
+    "unreachable",  # 502: no machine of the app took the connection, after a retry
+    "machine_error",  # 502: the machine cut the connection, or answered what is not HTTP
+    "machine_timeout",  # 504: the machine sent no answer within upstream_timeout_s
+    "drained",  # 502: the machine's drain ran out before it answered
+    "stopping",  # 503: the proxy stops
+    "app_removed",  # 503: a reload removed the app
+    "unsupported",  # 501, 505: the request needs what the proxy does not do
+    "internal",  # 500: a bug in the proxy
+]
+PROXY_ERROR_REASONS: tuple[ProxyErrorReason, ...] = get_args(ProxyErrorReason)
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
 EJECTION_REASONS = ("connect", "reset", "timeout", "bad_response", "5xx", "checks")
 # Families whose value is the same on every replica: no ``replica`` label in cluster mode.
@@ -86,7 +104,8 @@ class Metrics:
         )
         self.queue_rejections = Counter(
             "autoscaler_queue_rejections",
-            "Held requests turned away (reason: queue_full, wake_timeout).",
+            "Held requests turned away (reason: queue_full, wake_timeout); their 503s and"
+            " 504s count in autoscaler_proxy_errors_total too, under the same reasons.",
             ["app", "reason"],
             registry=r,
         )
@@ -266,10 +285,12 @@ class Metrics:
                 gauge.remove(app)
 
     def forget_app(self, app: str) -> None:
-        """An app removed by a reload: its held-requests gauge goes, and its failed-wake
-        request series that never counted (its counters stay: a total is a total)."""
+        """An app removed by a reload: its held-requests gauge goes, and its proxy-error and
+        failed-wake request series that never counted (its counters stay: a total is a
+        total)."""
         with contextlib.suppress(KeyError):
             self.queued.remove(app)
+        self.proxy.forget_errors(app)
         self.proxy.forget_failed_wakes(app)
 
     def declare_app(self, app: str, *, scaled: bool = True) -> None:
@@ -284,6 +305,7 @@ class Metrics:
             self.queue_rejections.labels(app=app, reason=reason)
         for reason in EJECTION_REASONS:
             self.machine_ejections.labels(app=app, reason=reason)
+        self.proxy.declare_errors(app)
         if not scaled:
             return
         for action in SCALING_ACTIONS:
@@ -379,10 +401,24 @@ class RequestMetrics(Collector):
             ("app",),
             "Requests being served by a machine right now.",
         ),
+        MetricSpec(
+            "autoscaler_proxy_errors_total",
+            "counter",
+            ("app", "reason"),
+            "5xx answers the proxy wrote itself, not the app's (also in"
+            " autoscaler_requests_total, so the app's own 5xx are those minus these), by"
+            " cause (reason: queue_full, wake_timeout: held requests turned away, counted in"
+            " autoscaler_queue_rejections_total too; app_not_found: the Machines API has no"
+            " such app; unreachable: no machine took the connection; machine_error: the"
+            " machine cut it or did not answer HTTP; machine_timeout: no answer within"
+            " upstream_timeout_s; drained: its machine's drain ran out first; stopping;"
+            " app_removed: by a reload; unsupported: 501, 505; internal: a bug, 500).",
+        ),
     )
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._counts: dict[tuple[str, int, str], int] = {}
+        self._errors: dict[tuple[str, str], int] = {}
         self._durations: dict[str, _Durations] = {}
         # (app, requests in flight) pairs, read when scraped: the proxy points this at its
         # fleet view, which counts them already.
@@ -390,12 +426,25 @@ class RequestMetrics(Collector):
         if registry is not None:
             registry.register(self)
 
-    def answered(self, app: str, code: int, wake: str, seconds: float | None = None) -> None:
+    def answered(
+        self,
+        app: str,
+        code: int,
+        wake: str,
+        seconds: float | None = None,
+        error: ProxyErrorReason | None = None,
+    ) -> None:
         """One request answered (``seconds`` until its response head, when it got one
-        from the proxy's side: every request but those refused before routing)."""
+        from the proxy's side: every request but those refused before routing; ``error``,
+        why, when the proxy wrote a 5xx itself). The one place both are counted: a proxy
+        error is always one of the requests, with the same app."""
         key = (app, code, wake)
         counts = self._counts
         counts[key] = counts.get(key, 0) + 1
+        if error is not None:
+            errors = self._errors
+            cause = (app, error)
+            errors[cause] = errors.get(cause, 0) + 1
         if seconds is None:
             return
         durations = self._durations.get(app)
@@ -418,11 +467,24 @@ class RequestMetrics(Collector):
             if self._counts.get(key) == 0:
                 del self._counts[key]
 
+    def declare_errors(self, app: str) -> None:
+        """Export the app's proxy errors at 0, every reason (a dashboard shows 0, and the
+        app's own 5xx, requests' minus these, exist for an app with none)."""
+        for reason in PROXY_ERROR_REASONS:
+            self._errors.setdefault((app, reason), 0)
+
+    def forget_errors(self, app: str) -> None:
+        """Drop what ``declare_errors`` exported, if it never counted."""
+        for reason in PROXY_ERROR_REASONS:
+            key = (app, reason)
+            if self._errors.get(key) == 0:
+                del self._errors[key]
+
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        requests, duration, inflight = self._families()
+        requests, duration, inflight, errors = self._families()
         for (app, code, wake), count in list(self._counts.items()):
             requests.add_metric([app, str(code), wake], count)
         for app, durations in list(self._durations.items()):
@@ -433,14 +495,20 @@ class RequestMetrics(Collector):
             duration.add_metric([app], buckets, durations.sum)
         for app, count in list(self.in_flight()):
             inflight.add_metric([app], count)
+        for (app, reason), count in list(self._errors.items()):
+            errors.add_metric([app, reason], count)
         yield requests
         yield duration
         yield inflight
+        yield errors
 
-    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily, GaugeMetricFamily]:
-        requests, duration, inflight = self.SPECS
+    def _families(
+        self,
+    ) -> tuple[CounterMetricFamily, HistogramMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
+        requests, duration, inflight, errors = self.SPECS
         return (
             CounterMetricFamily(requests.name, requests.help, labels=requests.labels),
             HistogramMetricFamily(duration.name, duration.help, labels=duration.labels),
             GaugeMetricFamily(inflight.name, inflight.help, labels=inflight.labels),
+            CounterMetricFamily(errors.name, errors.help, labels=errors.labels),
         )

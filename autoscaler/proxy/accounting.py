@@ -8,6 +8,7 @@ from json.encoder import encode_basestring_ascii
 
 from autoscaler.control.view import Upstream
 from autoscaler.logs import EventLine, get_logger, json_writer, line_end, now_iso, redactor
+from autoscaler.metrics import ProxyErrorReason
 from autoscaler.proxy.gate import NO_WAKE
 
 _log = get_logger("autoscaler.proxy")
@@ -15,13 +16,22 @@ _REDACTOR = redactor()
 
 
 class Failure(Exception):
-    """A request that ends in an error response from the proxy itself."""
+    """A request that ends in an error response from the proxy itself. A 5xx names its
+    ``cause`` (autoscaler_proxy_errors_total's reason): the app's own 5xx are told apart
+    from the proxy's by it."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        cause: ProxyErrorReason | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers
+        self.cause = cause
 
 
 class RequestContext:
@@ -37,6 +47,7 @@ class RequestContext:
         "deadline",
         "headers_at",
         "probe",
+        "proxy_error",
         "request_id",
         "slot",
         "status",
@@ -50,6 +61,7 @@ class RequestContext:
         self.request_id = request_id
         self.app = ""
         self.status = 0
+        self.proxy_error: ProxyErrorReason | None = None  # a 5xx of the proxy's own: why
         self.wake = NO_WAKE
         # The wake it waited for when handed its machine, until its answer names it
         # (gate.wake_label).

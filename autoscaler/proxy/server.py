@@ -22,7 +22,7 @@ from http import HTTPStatus
 from autoscaler.config import AppConfig, ProxySettings, Settings, authority, parse_host_port
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
-from autoscaler.metrics import WAKE_FAILED, Metrics
+from autoscaler.metrics import WAKE_FAILED, Metrics, ProxyErrorReason
 from autoscaler.proxy import forward, health, revive, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
@@ -272,6 +272,7 @@ class ProxyServer:
             await self._serve(request, app, ctx)
         except Failure as failure:
             ctx.status = failure.status
+            ctx.proxy_error = failure.cause
             _log.warning(
                 "proxy_error",
                 request_id=ctx.request_id,
@@ -330,16 +331,21 @@ class ProxyServer:
             raise _shed(shed) from None
         except QueueFull:
             rejections.labels(app=app.name, reason="queue_full").inc()
-            raise Failure(503, "too many requests waiting", {"Retry-After": "1"}) from None
+            raise Failure(
+                503, "too many requests waiting", {"Retry-After": "1"}, "queue_full"
+            ) from None
         except NoSuchApp:
             ctx.wake = WAKE_FAILED
-            raise Failure(502, f"the Machines API has no app {app.name}") from None
+            raise Failure(
+                502, f"the Machines API has no app {app.name}", cause="app_not_found"
+            ) from None
         except HoldTimeout as exc:
             rejections.labels(app=app.name, reason="wake_timeout").inc()
             if exc.waking:
                 ctx.wake = WAKE_FAILED  # not "none": a wake was needed, and none came up
             what = "for a machine to wake" if exc.waking else "for a free machine"
-            raise Failure(504, f"timed out after {app.wake_timeout_s:g}s waiting {what}") from None
+            message = f"timed out after {app.wake_timeout_s:g}s waiting {what}"
+            raise Failure(504, message, cause="wake_timeout") from None
 
     async def _next_attempt(
         self, ctx: RequestContext, gate: Gate, app: AppConfig, tried: list[Upstream]
@@ -371,13 +377,15 @@ class ProxyServer:
         up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
             if app.static or remaining(ctx.deadline) <= 0:
-                raise Failure(502, "no machine of this app is reachable")
+                raise Failure(502, "no machine of this app is reachable", cause="unreachable")
             try:  # a machine still booting refused us: wait for it (or a wake) as others do
                 up, _ = await gate.acquire(remaining(ctx.deadline))
             except (ShuttingDown, AppRemoved) as shed:
                 raise _shed(shed) from None  # as for any held request: 503, to retry
             except (QueueFull, HoldTimeout, NoSuchApp):
-                raise Failure(502, "no machine of this app is reachable") from None
+                raise Failure(
+                    502, "no machine of this app is reachable", cause="unreachable"
+                ) from None
         ctx.up = up
         ctx.slot = True
         if self.health.records:
@@ -429,7 +437,7 @@ class ProxyServer:
         knobs = self._knobs
         pool = self._pool
         if pool is None:
-            raise Failure(503, "proxy is not running")
+            raise Failure(503, "proxy is not running", cause="stopping")
         websocket = request.upgrade == "websocket"
         # The client's Expect: 100-continue goes on to the machine, whose 100 (or final
         # answer) decides whether the body goes (an HTTP/1.0 client waits for no 100).
@@ -500,13 +508,17 @@ class ProxyServer:
                     interim is None or interim.held is None
                 ):
                     verdicts.failed(app.name, up, health.TIMEOUT)
-                raise Failure(504, "the machine did not answer in time") from None
+                raise Failure(
+                    504, "the machine did not answer in time", cause="machine_timeout"
+                ) from None
             except upstream.CutOff:
                 # Its machine's drain ran out of time before it answered, and the machine
                 # goes down now (end_long_lived): a 502 at once, not a 504 after
                 # upstream_timeout_s. Not sent again (the machine may have acted on it),
                 # and no verdict on the machine: the proxy gave up, not the machine.
-                raise Failure(502, "the machine was drained before it answered") from None
+                raise Failure(
+                    502, "the machine was drained before it answered", cause="drained"
+                ) from None
             except upstream.UpstreamError as exc:
                 if body is not None:
                     body.raise_for_client()
@@ -531,7 +543,9 @@ class ProxyServer:
                     and not isinstance(exc, upstream.LostAgain)
                     and (interim is None or not interim.relayed)
                 ):
-                    raise Failure(502, "the machine failed to answer") from None
+                    raise Failure(
+                        502, "the machine failed to answer", cause="machine_error"
+                    ) from None
                 replayable = False
                 _log.info(
                     "request_replayed", request_id=ctx.request_id, app=app.name, machine=up.id
@@ -855,7 +869,7 @@ class ProxyServer:
             # (The call only when its wake's answer may still be to come: a call a request
             # costs the interpreted build a thousand instructions or so.)
             wake = ctx.wake if ctx.wake_pending is None else wake_label(ctx)
-            self._stats.answered(ctx.app, ctx.status, wake, until - ctx.arrived)
+            self._stats.answered(ctx.app, ctx.status, wake, until - ctx.arrived, ctx.proxy_error)
         if self._knobs.access_log:
             raw = request.target
             query = raw.find("?")
@@ -885,7 +899,12 @@ class ProxyServer:
             _log.error("proxy_error", request_id=request_id, status=status, reason=message)
         else:
             _log.warning("proxy_error", request_id=request_id, status=status, reason=message)
-        self._stats.answered("", status, NO_WAKE)
+        # A 5xx here is the proxy's own too: a bug, or a request that needs what the proxy
+        # does not do (501, 505). Counted as such, or it would pass for an app's 5xx.
+        error: ProxyErrorReason | None = None
+        if status >= 500:
+            error = "internal" if status == 500 else "unsupported"
+        self._stats.answered("", status, NO_WAKE, error=error)
         return forward.error_response(
             status, _reason(status), message, {"X-Request-Id": request_id}, close=True
         )
@@ -894,8 +913,10 @@ class ProxyServer:
 def _shed(exc: QueueFull) -> Failure:
     """The answer to a held request shed by a stop or by its app's removal."""
     if isinstance(exc, ShuttingDown):
-        return Failure(503, "proxy is shutting down", {"Retry-After": "1"})
-    return Failure(503, "the app was removed from the configuration", {"Retry-After": "1"})
+        return Failure(503, "proxy is shutting down", {"Retry-After": "1"}, "stopping")
+    return Failure(
+        503, "the app was removed from the configuration", {"Retry-After": "1"}, "app_removed"
+    )
 
 
 def _reason(status: int) -> str:

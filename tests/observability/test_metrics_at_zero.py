@@ -11,6 +11,7 @@ from autoscaler.config import load_settings
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import (
     ACTION_RESULTS,
+    PROXY_ERROR_REASONS,
     QUEUE_REJECTION_REASONS,
     SCALING_ACTIONS,
     WAKE_FAILED,
@@ -31,6 +32,16 @@ apps:
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
+
+
+def proxy_errors(metrics: Metrics, app: str) -> dict[str, float]:
+    """The app's autoscaler_proxy_errors_total series, by reason."""
+    found = {}
+    for reason in PROXY_ERROR_REASONS:
+        count = value(metrics, "autoscaler_proxy_errors_total", app=app, reason=reason)
+        if count is not None:
+            found[reason] = count
+    return found
 
 
 def failed_wake_requests(metrics: Metrics, app: str) -> dict[int, float]:
@@ -56,6 +67,7 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
         assert value(metrics, "autoscaler_queued_requests", app=app) == 0
         for reason in QUEUE_REJECTION_REASONS:
             assert value(metrics, "autoscaler_queue_rejections_total", app=app, reason=reason) == 0
+        assert proxy_errors(metrics, app) == dict.fromkeys(PROXY_ERROR_REASONS, 0)
     for action in SCALING_ACTIONS:
         for result in ACTION_RESULTS:
             labels = {"app": "web", "action": action, "result": result}
@@ -106,11 +118,14 @@ async def test_failed_wake_requests_of_an_app_a_reload_removes_go_unless_they_co
     metrics = Metrics(CollectorRegistry())
     Service(settings, path, metrics=metrics)  # declares the apps
     proxy = ProxyServer(settings, FleetView(), metrics)  # built, not started
-    metrics.proxy.answered("web", 504, WAKE_FAILED, 30.0)
+    metrics.proxy.answered("web", 504, WAKE_FAILED, 30.0, "wake_timeout")
     assert failed_wake_requests(metrics, "web") == {504: 1, 502: 0}
     assert failed_wake_requests(metrics, "gone") == {504: 0, 502: 0}
+    assert proxy_errors(metrics, "gone") == dict.fromkeys(PROXY_ERROR_REASONS, 0)
     proxy.update_settings(settings.model_copy(update={"apps": settings.apps[:2]}))
     assert failed_wake_requests(metrics, "gone") == {}
+    assert proxy_errors(metrics, "gone") == {}
     assert failed_wake_requests(metrics, "web") == {504: 1, 502: 0}
     proxy.update_settings(settings.model_copy(update={"apps": settings.apps[2:]}))
     assert failed_wake_requests(metrics, "web") == {504: 1}
+    assert proxy_errors(metrics, "web") == {"wake_timeout": 1}

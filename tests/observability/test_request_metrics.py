@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from autoscaler.metrics import REQUEST_BUCKETS, RequestMetrics
+from autoscaler.metrics import (
+    PROXY_ERROR_REASONS,
+    REQUEST_BUCKETS,
+    ProxyErrorReason,
+    RequestMetrics,
+)
 
-ANSWERS = [
-    ("web", 200, "none", 0.0004),
-    ("web", 200, "none", 0.001),  # on a bucket's bound: counted in that bucket
-    ("web", 200, "resume", 0.3),
-    ("web", 502, "none", 61.0),  # past the last bound: only +Inf
-    ("api", 404, "start", 2.5),
-    ("", 404, "none", 0.0),
+ANSWERS: list[tuple[str, int, str, float, ProxyErrorReason | None]] = [
+    ("web", 200, "none", 0.0004, None),
+    ("web", 200, "none", 0.001, None),  # on a bucket's bound: counted in that bucket
+    ("web", 200, "resume", 0.3, None),
+    ("web", 502, "none", 61.0, "machine_error"),  # past the last bound: only +Inf
+    ("web", 500, "none", 0.2, None),  # the app's own
+    ("api", 404, "start", 2.5, None),
+    ("", 404, "none", 0.0, None),
 ]
 
 
@@ -25,7 +31,7 @@ def exposition(registry: CollectorRegistry) -> list[str]:
 def test_exposition_matches_prometheus_clients_own_metrics() -> None:
     ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
     ours = RequestMetrics(ours_registry)
-    spec_requests, spec_duration, spec_inflight = RequestMetrics.SPECS
+    spec_requests, spec_duration, spec_inflight, spec_errors = RequestMetrics.SPECS
     counter = Counter(
         spec_requests.name, spec_requests.help, spec_requests.labels, registry=theirs_registry
     )
@@ -39,10 +45,18 @@ def test_exposition_matches_prometheus_clients_own_metrics() -> None:
     gauge = Gauge(
         spec_inflight.name, spec_inflight.help, spec_inflight.labels, registry=theirs_registry
     )
-    for app, code, wake, seconds in ANSWERS:
-        ours.answered(app, code, wake, seconds)
+    errors = Counter(
+        spec_errors.name, spec_errors.help, spec_errors.labels, registry=theirs_registry
+    )
+    ours.declare_errors("api")
+    for reason in PROXY_ERROR_REASONS:
+        errors.labels(app="api", reason=reason)
+    for app, code, wake, seconds, error in ANSWERS:
+        ours.answered(app, code, wake, seconds, error)
         counter.labels(app=app, code=str(code), wake=wake).inc()
         histogram.labels(app=app).observe(seconds)
+        if error is not None:
+            errors.labels(app=app, reason=error).inc()
     ours.answered("", 400, "none")  # refused before routing: counted, not timed
     counter.labels(app="", code="400", wake="none").inc()
     ours.in_flight = lambda: [("web", 2), ("api", 0)]
