@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import yaml
+
+from autoscaler.metrics import PROXY_ERROR_REASONS
 
 from .conftest import ALERT_TESTS, ALERTS, PROMETHEUS_CONFIG, require_binary
 
 REQUIRED_ALERTS = {
     "AutoscalerHigh5xxRatio",
+    "AutoscalerProxyErrors",
     "AutoscalerWakeSlow",
     "AutoscalerWakeFailed",
     "AutoscalerQueueRejections",
@@ -67,3 +71,32 @@ def test_queue_rejections_stand_down_on_the_wake_failed_condition_itself() -> No
     expr = {rule["alert"]: " ".join(rule["expr"].split()) for g in groups for rule in g["rules"]}
     _, _, stand_down = expr["AutoscalerQueueRejections"].partition(" unless on (app) ")
     assert stand_down == f"( {expr['AutoscalerWakeFailed']} )"
+
+
+def test_every_proxy_error_reason_is_paged_for_or_left_to_another_alert_on_purpose() -> None:
+    """AutoscalerProxyErrors names the reasons it pages for (the same list in each
+    selector); the others are another alert's or no fault. A reason the proxy gains must be
+    put on one side or the other, not fall through unseen."""
+    others = {
+        "queue_full": "AutoscalerQueueRejections",
+        "wake_timeout": "AutoscalerQueueRejections",
+        "app_not_found": "AutoscalerWakeFailed",
+        "stopping": "",  # a stop, Retry-After: what it is for
+        "app_removed": "",  # a reload removed the app
+        "unsupported": "",  # 501, 505: the client's request
+    }
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    rules = {rule["alert"]: rule for g in groups for rule in g["rules"]}
+    selectors = set(
+        re.findall(
+            r"autoscaler_proxy_errors_total\{([^}]*)\}", rules["AutoscalerProxyErrors"]["expr"]
+        )
+    )
+    (selector,) = selectors  # the same list in each
+    match = re.fullmatch(r'reason=~"([a-z_|]+)"', selector)
+    assert match is not None, selector
+    paged = set(match.group(1).split("|"))
+    assert not paged & others.keys()
+    assert paged | others.keys() == set(PROXY_ERROR_REASONS)
+    for alert in filter(None, others.values()):
+        assert alert in rules
