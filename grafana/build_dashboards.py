@@ -52,6 +52,13 @@ class Spec:
     options: dict[str, object] = field(default_factory=dict)
 
 
+REQUESTS = f"sum(rate(autoscaler_requests_total{{{APP}}}{RATE}))"
+ALL_5XX = f'sum(rate(autoscaler_requests_total{{{APP},code=~"5.."}}{RATE}))'
+PROXY_5XX = f"(sum(rate(autoscaler_proxy_errors_total{{{APP}}}{RATE})) or vector(0))"
+"""The 5xx the proxy answered itself: the app's own are all 5xx less these (as
+prometheus/alerts.yml's AutoscalerHigh5xxRatio counts them)."""
+
+
 def by(labels: str, metric: str, selector: str = APP) -> str:
     """``sum by (labels) (rate(metric{selector}[$__rate_interval]))``."""
     inner = f"{metric}{{{selector}}}" if selector else metric
@@ -76,15 +83,13 @@ ROWS: list[tuple[str, list[Spec]]] = [
             ),
             Spec(
                 "5xx ratio",
-                "Share of answers that were 5xx (proxy errors, queue full, wake timeouts,"
-                " upstream 5xx); 0 when there were none.",
+                "Share of answers that were 5xx, apart: the app's own (its machines' answers,"
+                " relayed) and the proxy's own (no machine reachable or one that failed or did"
+                " not answer, a full queue, a wake timeout or a failed wake's 504...: the"
+                " Proxy errors panel has them by reason); 0 when there were none.",
                 [
-                    (
-                        f'(sum(rate(autoscaler_requests_total{{{APP},code=~"5.."}}{RATE}))'
-                        " or vector(0))"
-                        f" / sum(rate(autoscaler_requests_total{{{APP}}}{RATE}))",
-                        "5xx",
-                    )
+                    (f"clamp_min(({ALL_5XX} or vector(0)) - {PROXY_5XX}, 0) / {REQUESTS}", "app"),
+                    (f"{PROXY_5XX} / {REQUESTS}", "proxy"),
                 ],
                 unit="percentunit",
             ),
@@ -104,12 +109,26 @@ ROWS: list[tuple[str, list[Spec]]] = [
                     (f"sum(autoscaler_inflight_requests{{{APP}}})", "in flight"),
                     (f"sum(autoscaler_queued_requests{{{APP}}})", "queued"),
                 ],
+                width=6,
             ),
             Spec(
                 "Queue rejections",
                 "Held requests turned away: queue_full (503), wake_timeout (504).",
                 [(by("reason", "autoscaler_queue_rejections_total"), "{{reason}}")],
                 unit="reqps",
+                width=6,
+            ),
+            Spec(
+                "Proxy errors",
+                "5xx the proxy answered itself, by reason: queue_full, wake_timeout (the queue"
+                " rejections), app_not_found (a wake's 502), unreachable (no machine took the"
+                " connection), machine_error (one cut it, or did not answer HTTP),"
+                " machine_timeout (no answer in upstream_timeout_s), drained (a drain ran out"
+                " first), stopping, app_removed, unsupported (501, 505), internal (a bug).",
+                [(by("reason", "autoscaler_proxy_errors_total"), "{{reason}}")],
+                unit="reqps",
+                width=6,
+                stacked=True,
             ),
             Spec(
                 "Requests by wake",
@@ -118,6 +137,7 @@ ROWS: list[tuple[str, list[Spec]]] = [
                 " brought no machine up in time (504; 499 if its client left after that).",
                 [(by("wake", "autoscaler_requests_total"), "{{wake}}")],
                 unit="reqps",
+                width=6,
                 stacked=True,
             ),
         ],

@@ -179,6 +179,7 @@ def test_the_issue_topics_are_all_there() -> None:
         "autoscaler_inflight_requests",
         "autoscaler_queued_requests",
         "autoscaler_queue_rejections_total",
+        "autoscaler_proxy_errors_total",
         "autoscaler_wake_duration_seconds_count",
         "autoscaler_wake_duration_seconds_bucket",
         "autoscaler_wakes_total",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+from pathlib import Path
 
 import yaml
 
 from autoscaler.metrics import PROXY_ERROR_REASONS
 
-from .conftest import ALERT_TESTS, ALERTS, PROMETHEUS_CONFIG, require_binary
+from .conftest import ALERT_TESTS, ALERTS, DASHBOARD, PROMETHEUS_CONFIG, require_binary
 
 REQUIRED_ALERTS = {
     "AutoscalerHigh5xxRatio",
@@ -100,3 +102,51 @@ def test_every_proxy_error_reason_is_paged_for_or_left_to_another_alert_on_purpo
     assert paged | others.keys() == set(PROXY_ERROR_REASONS)
     for alert in filter(None, others.values()):
         assert alert in rules
+
+
+def test_the_5xx_panel_tells_the_apps_own_from_the_proxys_failed_wakes(tmp_path: Path) -> None:
+    """The dashboard's 5xx ratio, evaluated by promtool on an app whose machines answer 5%
+    of its requests 500 while 10% wait for wakes that fail (the proxy's 504s): the app's
+    line shows its own 5%, the proxy's the 10% (one line of 15% blamed the app)."""
+    [panel] = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"] == "5xx ratio"]
+    exprs = {
+        t["legendFormat"]: t["expr"].replace("$app", "dark").replace("$__rate_interval", "5m")
+        for t in panel["targets"]
+    }
+    cases = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": s, "values": v}
+                    for s, v in [
+                        ('autoscaler_requests_total{app="dark",code="200",wake="none"}', "0+85x10"),
+                        ('autoscaler_requests_total{app="dark",code="500",wake="none"}', "0+5x10"),
+                        (
+                            'autoscaler_requests_total{app="dark",code="504",wake="failed"}',
+                            "0+10x10",
+                        ),
+                        (
+                            'autoscaler_proxy_errors_total{app="dark",reason="wake_timeout"}',
+                            "0+10x10",
+                        ),
+                        ('autoscaler_proxy_errors_total{app="dark",reason="queue_full"}', "0x10"),
+                    ]
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": f"round({exprs[legend]}, 0.0001)",  # (promtool compares exactly)
+                        "eval_time": "8m",
+                        "exp_samples": [{"value": ratio}],
+                    }
+                    for legend, ratio in (("app", 0.05), ("proxy", 0.1))
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "panel_test.yml"
+    path.write_text(yaml.safe_dump(cases))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
