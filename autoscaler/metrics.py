@@ -296,9 +296,10 @@ class Metrics:
     def declare_app(self, app: str, *, scaled: bool = True) -> None:
         """Export the app's series whose label values are known in advance, at 0.
 
-        Called for every app at start-up and for apps a reload adds; idempotent (a child
-        that exists keeps its value). A static app (fixed backends) is never scaled or
-        woken, so it gets only the proxy's series.
+        Called for every app at start-up and on every reload; idempotent (a child that
+        exists keeps its value). A static app (fixed backends) is never scaled or woken,
+        so it gets only the proxy's series; an app a reload makes static loses the others
+        that never counted (its wakes, actions...: zeros of what can no longer happen).
         """
         self.queued.labels(app=app)
         for reason in QUEUE_REJECTION_REASONS:
@@ -307,30 +308,58 @@ class Metrics:
             self.machine_ejections.labels(app=app, reason=reason)
         self.proxy.declare_errors(app)
         if not scaled:
+            self._forget_scaled(app)
             return
+        for metric, labels in self._scaled_series(app):
+            metric.labels(*labels)
+        self.proxy.declare_failed_wakes(app)
+
+    def _scaled_series(self, app: str) -> Iterator[tuple[Counter | Histogram, tuple[str, ...]]]:
+        """The series ``declare_app`` exports at 0 for an app that is scaled, not static."""
         for action in SCALING_ACTIONS:
             for result in ACTION_RESULTS:
-                self.scaling_actions.labels(app=app, action=action, result=result)
+                yield self.scaling_actions, (app, action, result)
         for kind in WAKE_KINDS:
-            self.wake_duration.labels(app=app, kind=kind)
+            yield self.wake_duration, (app, kind)
         for result in WAKE_RESULTS:
-            self.wakes.labels(app=app, result=result)
-        self.proxy.declare_failed_wakes(app)
+            yield self.wakes, (app, result)
         for state in BILLED_STATES:
-            self.machine_seconds.labels(app=app, state=state)
+            yield self.machine_seconds, (app, state)
         for result in RESTART_RESULTS:
-            self.machine_restarts.labels(app=app, result=result)
-        self.lease_conflicts.labels(app=app)
+            yield self.machine_restarts, (app, result)
+        yield self.lease_conflicts, (app,)
         for result in PREWARM_RESULTS:
-            self.prewarms.labels(app=app, result=result)
+            yield self.prewarms, (app, result)
         for result in RECHECK_RESULTS:
-            self.check_rechecks.labels(app=app, result=result)
+            yield self.check_rechecks, (app, result)
+
+    def _forget_scaled(self, app: str) -> None:
+        """Drop the app's scaled-only series that never counted (a reload made it static)."""
+        counted: dict[Counter | Histogram, set[tuple[str, ...]]] = {}
+        for metric, labels in self._scaled_series(app):
+            if metric not in counted:
+                counted[metric] = _counted(metric)
+            if labels not in counted[metric]:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*labels)
+        self.proxy.forget_failed_wakes(app)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""
         code = str(status) if status is not None else "error"
         self.api_requests.labels(operation=operation, code=code).inc()
         self.api_request_duration.labels(operation=operation).observe(duration_s)
+
+
+def _counted(metric: Counter | Histogram) -> set[tuple[str, ...]]:
+    """The label values of the metric's series that counted something (a counter above 0,
+    a histogram with an observation)."""
+    return {
+        tuple(sample.labels.values())
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.value and sample.name.endswith(("_total", "_count"))
+    }
 
 
 class ReplicaLabel(Collector):

@@ -28,6 +28,7 @@ apps:
   - {name: web, hosts: [web.test]}
   - {name: fixed, hosts: [fixed.test], backends: ["127.0.0.1:9"]}
 """
+WEB_STATIC = '{name: web, hosts: [web.test], backends: ["127.0.0.1:9"]}'
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -129,3 +130,37 @@ async def test_failed_wake_requests_of_an_app_a_reload_removes_go_unless_they_co
     proxy.update_settings(settings.model_copy(update={"apps": settings.apps[2:]}))
     assert failed_wake_requests(metrics, "web") == {504: 1}
     assert proxy_errors(metrics, "web") == {"wake_timeout": 1}
+
+
+async def test_an_app_a_reload_makes_static_loses_its_wake_series_that_never_counted(
+    tmp_path: Path,
+) -> None:
+    """A static app is never woken nor scaled: its zeros of wakes, actions and the like
+    go (a dashboard showed wakes of an app that can have none). What counted stays, as
+    every total does; the proxy's series stay, the app still serves."""
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(CONFIG)
+    settings, _ = load_settings(path, env={})
+    metrics = Metrics(CollectorRegistry())
+    service = Service(settings, path, metrics=metrics)
+    metrics.wakes.labels(app="web", result="ok").inc()
+    path.write_text(CONFIG.replace("{name: web, hosts: [web.test]}", WEB_STATIC))
+    assert await service.reload()
+    assert value(metrics, "autoscaler_wakes_total", app="web", result="ok") == 1
+    for result in set(WAKE_RESULTS) - {"ok"}:
+        assert value(metrics, "autoscaler_wakes_total", app="web", result=result) is None
+    for kind in WAKE_KINDS:
+        labels = {"app": "web", "kind": kind}
+        assert value(metrics, "autoscaler_wake_duration_seconds_count", **labels) is None
+    labels = {"app": "web", "action": "start", "result": "ok"}
+    assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
+    assert value(metrics, "autoscaler_lease_conflicts_total", app="web") is None
+    assert failed_wake_requests(metrics, "web") == {}
+    assert proxy_errors(metrics, "web") == dict.fromkeys(PROXY_ERROR_REASONS, 0)
+    assert value(metrics, "autoscaler_queued_requests", app="web") == 0
+    # Scaled again: its series are back at 0, the count kept.
+    path.write_text(CONFIG)
+    assert await service.reload()
+    assert value(metrics, "autoscaler_wakes_total", app="web", result="failed") == 0
+    assert value(metrics, "autoscaler_wakes_total", app="web", result="ok") == 1
+    assert failed_wake_requests(metrics, "web") == {504: 0, 502: 0}
