@@ -824,7 +824,7 @@ class ProxyServer:
         _log.error(
             "proxy_error", request_id=ctx.request_id, app=ctx.app, status=500, reason=message
         )
-        self._stats.answered("", 500, NO_WAKE)
+        self._stats.answered("", 500, NO_WAKE, error="internal")
         request.keep_alive = False  # the connection closes after a bug: its answer says so
         self._write_own(request, ctx, 500, message, None)
 

@@ -576,6 +576,11 @@ async def test_a_bug_in_the_handler_counts_its_request_once(
         if s.name == "autoscaler_requests_total"
     }
     assert counted == ({("a", "200", "none"): 1} if head_sent else {("", "500", "none"): 1})
+    # The 500 is the proxy's own: counted as such, beside its request (not the app's 5xx).
+    errors = metrics.registry.get_sample_value(
+        "autoscaler_proxy_errors_total", {"app": "", "reason": "internal"}
+    )
+    assert (errors or 0) == (0 if head_sent else 1)
     (line,) = [e for e in logs if e["event"] == "request"]
     assert (line["app"], line["status"]) == ("a", 200 if head_sent else 500)
 
