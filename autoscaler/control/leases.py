@@ -31,7 +31,8 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   above, which a failing API or one that hides nonces does not give). Only a nonce we
   were given counts: a refresh that answers 409 or 404 (lapsed, maybe taken by a deploy)
   drops it and the take acquires afresh; one the API fails keeps it, as ours until it
-  lapses (our changes carry it, and the keeper refreshes it).
+  lapses (our changes carry it, and the keeper refreshes it). A stop (or a step-down)
+  releases those still remembered, within its bound, as it does the releases under way.
 """
 
 from __future__ import annotations
@@ -160,6 +161,10 @@ class Leases:
             lease = await self.api.refresh_machine_lease(
                 app, machine_id, left.nonce, ttl_s=self.ttl_s
             )
+        except asyncio.CancelledError:
+            # A stop cutting the acquire: still ours by its nonce, so the stop releases it.
+            self._unreleased.setdefault((app, machine_id), left)
+            raise
         except (LeaseHeld, NotFound):
             return None  # lapsed (and maybe taken by another): acquire afresh
         except FlyError as exc:
@@ -273,11 +278,27 @@ class Leases:
                 return
             await asyncio.wait(tasks)
 
+    def _release_remembered(self, skip: set[tuple[str, str]]) -> None:
+        """At a stop or step-down: give back the leases whose release failed and that we
+        still hold by our count, alongside the releases under way (within the same
+        bound). Forgotten, each stayed on its machine until its TTL lapsed, refusing a
+        deploy or the next leader (a lease under another owner's name to it). ``skip``:
+        machines whose acquire is left to answer, which carries on under that lease."""
+        now = self.clock()
+        for key, left in list(self._unreleased.items()):
+            if key in skip:
+                continue
+            del self._unreleased[key]
+            if now < left.expires:
+                self.release_soon(left)
+
     async def aclose(self, timeout_s: float | None = None, *, cut: bool = True) -> None:
         """On shutdown: cut the acquires still in flight (a lease they bring lapses after
         its TTL, or the next process on this host adopts it), finish the releases within
         ``timeout_s`` (an API that does not answer would hold the stop for as long as the
-        client waits for a call); one cut then lapses after its TTL too.
+        client waits for a call); one cut then lapses after its TTL too. The leases whose
+        release failed earlier (``_unreleased``) are released then too, within the same
+        bound (:meth:`_release_remembered`).
 
         ``cut=False`` (a replica that stops leading, and lives on): the acquires of
         cancelled callers are left to answer, and the lease each brings is released then
@@ -290,6 +311,7 @@ class Leases:
         which may run while the step-down waits, ends its actions' leases there too."""
         if cut:
             await cancel_and_wait(list(self._acquiring.values()))
+        self._release_remembered(skip=set() if cut else set(self._acquiring))
         try:
             async with asyncio.timeout(timeout_s):
                 while self._releasing:

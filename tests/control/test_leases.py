@@ -506,3 +506,72 @@ async def test_a_failed_release_s_nonce_never_takes_over_another_s_lease(
     with pytest.raises(LeaseHeld):  # and not tried again
         await leases.take(APP, mid, "uncordon")
     assert lease_ops(api, mid)[-2:] == ["acquire_machine_lease", "get_machine_lease"]
+
+
+async def test_a_stop_releases_our_lease_whose_release_failed(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A release that met a 500 left our lease on the machine, remembered for our next
+    take of it. The stop forgot it, and it refused a deploy (or the next process, or the
+    next leader) until its TTL lapsed; the stop gives it back. One that lapsed by our
+    count is left alone: its nonce may be another's now."""
+    mid, lapsed = api.add(APP, "started"), api.add(APP, "started")
+    leases = Leases(api, sleep=clock.sleep, clock=clock)
+    api.fail["release_machine_lease"] = [ServerError(500, "outage")] * 2
+    await leases.release(await leases.take(APP, lapsed, "drain"))
+    await clock.advance(leases.ttl_s)
+    held = await leases.take(APP, mid, "drain")
+    await leases.release(held)
+    assert api.lease(APP, mid) is not None  # still ours: the release failed
+    await leases.aclose(1.0)
+    assert api.lease(APP, mid) is None
+    released = [(c.machine_id, c.nonce) for c in api.calls if c.op == "release_machine_lease"]
+    assert released[-1] == (mid, held.nonce)
+    assert api.ops("release_machine_lease").count(lapsed) == 1  # not tried again
+
+
+@pytest.mark.parametrize("cut", [True, False])
+async def test_a_stop_gives_a_remembered_lease_back_no_longer_than_its_bound(
+    api: FakeMachinesAPI, clock: FakeClock, cut: bool
+) -> None:
+    """The API hangs at the stop: the release of the remembered lease is given up after
+    the stop's bound (``cut``: a process's stop) or left to answer (a step-down: the
+    replica lives on), logged, never raised; the stop returns either way."""
+    mid = api.add(APP, "started")
+    leases = Leases(api, sleep=clock.sleep, clock=clock)
+    api.fail["release_machine_lease"] = [ServerError(500, "outage")]
+    await leases.release(await leases.take(APP, mid, "drain"))
+    api.gates["release_machine_lease"] = answered = asyncio.Event()  # no answer
+    with capture_logs() as logs:
+        async with asyncio.timeout(10):  # the release alone would hold it for good
+            await leases.aclose(0.05, cut=cut)
+    assert api.ops("release_machine_lease") == [mid, mid]
+    pending = [t for t in asyncio.all_tasks() if t.get_name().startswith("lease-release:")]
+    if cut:
+        assert [(e["event"], e["machine"]) for e in logs] == [("lease_release_failed", mid)]
+        assert not pending
+    else:
+        assert len(pending) == 1
+        answered.set()
+        await leases.settled()
+    assert (api.lease(APP, mid) is None) is not cut
+
+
+async def test_a_stop_cutting_a_take_under_a_remembered_lease_still_releases_it(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The stop cancels a take whose refresh of our remembered lease is on its way: the
+    nonce is still ours, so the stop releases that lease instead of dropping it."""
+    mid = api.add(APP, "started")
+    leases = Leases(api, sleep=clock.sleep, clock=clock)
+    api.fail["release_machine_lease"] = [ServerError(500, "outage")]
+    held = await leases.take(APP, mid, "drain")
+    await leases.release(held)
+    api.gates["refresh_machine_lease"] = asyncio.Event()  # never answers
+    take = asyncio.create_task(leases.take(APP, mid, "wake"))
+    await settle()
+    assert api.ops("refresh_machine_lease") == [mid]
+    await leases.aclose(1.0)
+    assert api.lease(APP, mid) is None
+    with contextlib.suppress(asyncio.CancelledError):
+        await take
