@@ -273,11 +273,14 @@ class Controller:
             self.on_first_list(app, machines)
 
     async def start(self) -> None:
-        """Start every app's loop and offer the wake path to the proxy."""
+        """Start every app's loop and offer the wake path to the proxy; each app's load
+        windows and policy state begin afresh (``AppRuntime.lead_begins``)."""
         self._running = True
         self.actuator.deciding()
         self.view.set_waker(self.wake)
+        now = self.clock()
         for rt in self.apps.values():
+            rt.lead_begins(now)  # a replica leading again: its last lead's load is past
             self._start_loop(rt)
 
     def _start_loop(self, rt: AppRuntime) -> None:

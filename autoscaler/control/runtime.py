@@ -428,6 +428,27 @@ class AppRuntime:
         ):
             self.windows = LoadWindows(config.stable_window_s, config.panic_window_s)
 
+    def lead_begins(self, now: float) -> None:
+        """This process begins to decide again (cluster mode: a replica leads again). The
+        load windows and the policy's streaks (panic, a lower demand's delay, the idle
+        timer) describe the load up to our last lead, with a gap since: kept, the first
+        ticks acted on it (a scale-up for load long gone, an idle timer counted across
+        the gap). They begin afresh, as a new leader's; what the adaptive keep-alive
+        learned of the app's idle gaps is kept (a long-run model of its traffic, which
+        the gap leaves true), its current idle period and pre-warm are not. The config is
+        ours as ever; the machines are read again at the first tick (``changed_at``): a
+        list from our last lead describes the past too."""
+        self.windows = LoadWindows.for_app(self.config)
+        keepalive = replace(
+            self.policy_state.keepalive,
+            idle_from=None,
+            last_arrival=None,
+            prewarmed=False,
+            prewarm_from=None,
+        )
+        self.policy_state = PolicyState(keepalive=keepalive)
+        self.changed_at = now
+
     # --- the machine list ------------------------------------------------------------
 
     def merge(self, listed: Iterable[Machine], listed_at: float, now: float) -> None:

@@ -39,6 +39,7 @@ from autoscaler.metrics import WAKE_RESULTS, Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.keepalive import PREWARM_LEAD_S, KeepAliveState, Plan
 from autoscaler.scaling.policy import PolicyState, choose_wake
+from autoscaler.scaling.window import Sample
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
 
@@ -2467,6 +2468,76 @@ async def test_a_step_down_does_not_wait_for_a_reload_s_removal(
     assert_uncordoned(api, victim)
     assert api.leases == {}
     await rig.ctl.stop()
+
+
+class _ClusterLoad:
+    """A cluster's load source (``Controller(load=...)``) at the level the test sets;
+    after ``restart`` (``Cluster.lead_begins``) the next sample is a baseline."""
+
+    def __init__(self) -> None:
+        self.level = 0
+        self._prev: float | None = None
+
+    def restart(self) -> None:
+        self._prev = None
+
+    def __call__(self, app: str, now: float) -> tuple[Sample, float | None]:
+        prev, self._prev = self._prev, now
+        start = now if prev is None else prev
+        return Sample(start, now, float(self.level), self.level), now if self.level else None
+
+
+async def test_a_replica_leading_again_does_not_act_on_its_last_lead_s_load(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """Cluster mode: a replica steps down (``stop(handover=True)``) busy, and leads again
+    (``start``) once the load is gone. Its windows kept its last lead's samples, and,
+    averaging the part of the window they cover, read the old load as now's: the first
+    tick started a machine for it. They begin afresh, as a new leader's."""
+    api.add(APP, "started")
+    rig = Rig(api, clock, min_machines=1, max_machines=2, target_concurrency=1, stable_window_s=60)
+    rig.ctl.load = load = _ClusterLoad()
+    await rig.tick()
+    load.level = 4
+    await clock.advance(1)
+    busy = await rig.tick()
+    assert busy.shortfall == 1  # no machine to start
+    assert not busy.actions
+    await rig.ctl.stop(handover=True)
+    spare = api.add(APP, "stopped")  # a deploy, while another replica led; the load went
+    load.level = 0
+    load.restart()
+    await clock.advance(5)
+    await rig.ctl.start()
+    try:
+        await settle()
+        assert (await rig.tick()).desired == 1
+        assert api.ops("start_machine") == []
+        assert state(api, spare) == "stopped"
+    finally:
+        await rig.ctl.stop()
+
+
+async def test_a_replica_leading_again_reads_the_machines_before_its_first_decision(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The machines changed while another replica led: the first tick of our next lead
+    reads them, not the list of our last lead (younger than ``control.steady_list_s``,
+    its lazy tick decided from it, and left the app's one machine stopped)."""
+    mid = api.add(APP, "started")
+    rig = Rig(api, clock, min_machines=1)
+    await rig.tick()
+    await rig.ctl.stop(handover=True)
+    api.set(APP, mid, state="stopped")
+    await clock.advance(1)
+    lists = len(api.ops("list_machines"))
+    await rig.ctl.start()
+    try:
+        await settle()
+        assert len(api.ops("list_machines")) == lists + 1
+        assert api.ops("start_machine") == [mid]
+    finally:
+        await rig.ctl.stop()
 
 
 async def _key_kept_then_removed(api: FakeMachinesAPI, clock: FakeClock) -> tuple[Rig, str]:
