@@ -56,6 +56,7 @@ class Upstream:
         "id",
         "in_flight",
         "last_used",
+        "long_lived",
         "owner",
         "port",
         "remote_failing",
@@ -83,6 +84,10 @@ class Upstream:
         at once too, as those under way were (an event stream cleanly, the others cut);
         one that came whole with its head is served. Cleared with ``ending``."""
         self.in_flight = 0
+        self.long_lived = 0
+        """WebSockets to it (idle ones too, which give their slot back) and answers from it
+        whose bodies are still coming, that this process's proxy carries: a drain would
+        end them (``end_long_lived``), so a scale-down takes other machines first."""
         self.remote_in_flight = 0
         """Cluster mode: requests in flight to it through the other replicas, as they last
         reported (the balancer's hard limit, and on the leader the policy and the drains,

@@ -614,6 +614,7 @@ class ProxyServer:
                 # (a Content-Length, one read to the close) is cut at the drain's deadline.
                 streams = self._streams.setdefault(up.id, {})
                 endless = streams[content] = head.chunked and _event_stream(exchange.headers)
+                up.long_lived += 1  # the policy's scale-downs take it last (until finally)
                 if up.cut_off or (endless and (self._closing or up.ending)):
                     # Its head came after stop() or its machine's drain ended the others
                     # (after the drain's deadline, any answer: the machine goes down).
@@ -677,6 +678,7 @@ class ProxyServer:
                 await conn.drain()
         finally:
             if streams is not None:
+                up.long_lived -= 1
                 streams.pop(content, None)
                 if not streams:
                     self._streams.pop(up.id, None)
@@ -722,6 +724,7 @@ class ProxyServer:
         relay.on_dormant = dormant
         relay.on_active = active
         self._tunnels.add(relay)
+        up.long_lived += 1  # idle, it gives its slot back; a drain would still end it
         if self._closing or up.ending:
             # A handshake under way when stop() or the machine's drain began: 1001 at once.
             relay.going_away()
@@ -729,6 +732,7 @@ class ProxyServer:
             await relay.run()
         finally:
             self._tunnels.discard(relay)
+            up.long_lived -= 1
 
     def _idle_tunnels(self) -> None:
         """WebSockets with no data frame either way for ``connection_idle_s`` (pings and

@@ -80,6 +80,10 @@ class MachineSnapshot:
     busy: bool = False
     """An action of ours on it is under way; the policy leaves it alone this tick."""
     in_flight: int = 0
+    long_lived: int = 0
+    """WebSockets (idle ones too: they give their slot back, so ``in_flight`` misses
+    them) and streamed answers still coming from it (event streams, downloads) that our
+    proxy carries: a drain ends them, so a scale-down takes a machine without any first."""
     last_used: float | None = None
     """When its last request ended (or began, if one is in flight)."""
     started_at: float | None = None

@@ -263,10 +263,12 @@ _WAKE_WHY: dict[str, str] = {
 }
 
 
-def _removal_key(m: MachineSnapshot) -> tuple[int, float, str]:
-    # Fewest requests in flight, then longest idle (never used counts as idlest).
+def _removal_key(m: MachineSnapshot) -> tuple[int, int, float, str]:
+    # Fewest long-lived connections (a drain ends a WebSocket, an event stream or a
+    # download that a machine without one would have kept), then fewest requests in
+    # flight, then longest idle (never used counts as idlest).
     used = m.last_used if m.last_used is not None else -math.inf
-    return (m.in_flight, used, m.id)
+    return (m.long_lived, m.in_flight, used, m.id)
 
 
 def _want(load: float, unit: float) -> int:
@@ -553,7 +555,8 @@ def _plan(
     # the hung ones sooner than a restart); the others are stopped.
     restarts = policy.max_machines - g.up - len(woken) if count.desired > 0 else 0
 
-    # Scale down: fewest in flight, then longest idle, never younger than min_lifetime_s
+    # Scale down: fewest long-lived connections, then fewest in flight, then longest idle
+    # (_removal_key), never younger than min_lifetime_s
     # (an unknown start time counts as old). Not a machine whose host Fly cannot reach: its
     # suspend or stop would answer 503 after the cordon, every tick, until the host is back.
     if count.remove:

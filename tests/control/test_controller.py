@@ -177,6 +177,22 @@ async def test_a_machine_someone_else_started_is_not_drained_before_min_lifetime
     assert [a.kind for a in decision.actions] == ["drain"]
 
 
+async def test_a_scale_down_leaves_the_machine_that_carries_a_websocket(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The proxy counts the WebSockets and streams it carries to each machine (an idle
+    WebSocket is not in flight: it gave its slot back): the policy's snapshot has them,
+    and the scale-down drains the machine without one (the drain would close it)."""
+    carrying, other = api.add(APP, "started"), api.add(APP, "started")
+    rig = Rig(api, clock, min_machines=1, scale_down_delay_s=3)
+    await rig.tick()
+    assert rig.routable() == {carrying, other}
+    rig.app.upstreams[carrying].long_lived = 1
+    await clock.advance(5)
+    [action] = (await rig.tick()).actions
+    assert (action.kind, action.machine_id) == ("drain", other)
+
+
 async def test_load_resumes_suspended_machines_before_starting_stopped_ones(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:

@@ -79,6 +79,7 @@ async def test_a_drain_ends_websockets_with_1001_and_streams_at_a_chunk_boundary
             first = await resp.content.readuntil(b"\n\n")
             assert first.startswith(b"data: ")
             assert view.in_flight == 2
+            assert view.upstreams[machine].long_lived == 2  # scale-downs take it last
             assert fleet.end_long_lived("a", "no-such-machine") == 0
             assert fleet.end_long_lived("a", machine) == 2
             # The stream ends as a whole chunked body (a cut one would raise here).
@@ -88,6 +89,7 @@ async def test_a_drain_ends_websockets_with_1001_and_streams_at_a_chunk_boundary
         assert msg.type is WSMsgType.CLOSE
         assert msg.data == 1001
     await until(lambda: view.in_flight == 0, what="both slots given back")
+    await until(lambda: view.upstreams[machine].long_lived == 0, what="both counted out")
 
 
 async def test_a_stream_ended_for_a_slow_client_leaves_nothing_held(
@@ -582,17 +584,20 @@ async def test_an_idle_websocket_stops_counting_as_load_until_its_next_frame(
     app = {"name": "a", "hosts": ["a.test"], "backends": [addr], "connection_idle_s": 0.2}
     proxy = await start_proxy([app])
     view = fleet.app("a")
+    [up] = view.upstreams.values()
     async with session.ws_connect(url(proxy, "/ws"), headers={"Host": "a.test"}) as ws:
         await ws.send_str("hi")
         assert await ws.receive_str() == "HI"
         assert view.in_flight == 1
         await until(lambda: view.in_flight == 0, what="the idle WebSocket to give its slot back")
+        assert up.long_lived == 1  # not load, but a drain would end it: scale-downs know
         await ws.send_str("again")
         assert await ws.receive_str() == "AGAIN"
         assert view.in_flight == 1  # in use again
         await ws.close()
     await until(lambda: view.in_flight == 0, what="the slot given back once")
     assert view.in_flight == 0
+    await until(lambda: up.long_lived == 0, what="the WebSocket counted out")
 
 
 async def test_a_quiet_stream_keeps_counting_as_load_when_an_idle_websocket_stops(

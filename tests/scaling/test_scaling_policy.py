@@ -312,6 +312,23 @@ def test_removal_order_fewest_in_flight_then_longest_idle() -> None:
     assert acts(d) == [("drain", "never-used"), ("drain", "quiet-old"), ("drain", "quiet-recent")]
 
 
+def test_removal_takes_machines_without_long_lived_connections_first() -> None:
+    """A drain ends the WebSockets and streams a machine carries (1001, an event stream's
+    end, a download cut at the deadline): a machine with none goes first, whatever the
+    order by load says. An idle WebSocket gave its slot back (in flight 0, idle long):
+    it was the first one drained, its client cut off while a quiet machine stayed."""
+    app = cfg(panic_threshold=CALM, scale_down_step=3, min_machines=1)
+    machines = fleet(
+        m("websocket", long_lived=1, last_used=10.0),
+        m("stream", long_lived=1, in_flight=1, last_used=99.0),
+        m("requests", in_flight=2, last_used=99.0),
+        m("recent", last_used=95.0),
+    )
+    state = PolicyState(born=0.0, lower_since=0.0)
+    d = run(app, machines, load(0.0, 100, app=app), 100, state, last_request_at=0.0)
+    assert acts(d) == [("drain", "recent"), ("drain", "requests"), ("drain", "websocket")]
+
+
 def test_a_machine_whose_host_is_unreachable_is_not_removed() -> None:
     """Its suspend or stop would answer 503 (after the cordon) until the host is back."""
     app = cfg(panic_threshold=CALM, min_machines=1)
