@@ -396,8 +396,12 @@ class Controller:
         # by calls on its machines after the reload (bounded: else they lapse), and
         # before the cordons are lifted, which a lease of ours not yet given back
         # would refuse (409: a lifting call carries no nonce).
+        # Those whose release failed before (remembered for our next take) go too: left,
+        # the lift met our own lease (409) and the cordon stayed for good.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.control.api_timeout_s):
+                await self.actuator.leases.settled(name)
+                self.actuator.leases.release_remembered(name)
                 await self.actuator.leases.settled(name)
         await self._hand_back(rt, draining)
         if not static:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 from autoscaler.aio import cancel_and_wait
@@ -278,15 +278,19 @@ class Leases:
                 return
             await asyncio.wait(tasks)
 
-    def _release_remembered(self, skip: set[tuple[str, str]]) -> None:
-        """At a stop or step-down: give back the leases whose release failed and that we
-        still hold by our count, alongside the releases under way (within the same
-        bound). Forgotten, each stayed on its machine until its TTL lapsed, refusing a
-        deploy or the next leader (a lease under another owner's name to it). ``skip``:
-        machines whose acquire is left to answer, which carries on under that lease."""
+    def release_remembered(
+        self, app: str | None = None, skip: Collection[tuple[str, str]] = ()
+    ) -> None:
+        """At a stop or step-down (or a reload letting ``app`` go): give back the leases
+        whose release failed and that we still hold by our count, from tasks of their own
+        (``settled`` and ``aclose`` wait for them with the releases under way). Forgotten,
+        each stayed on its machine until its TTL lapsed, refusing a deploy, the next
+        leader (a lease under another owner's name to it), or the lift of our cordon on a
+        removed app's machine (a call without a nonce). ``skip``: machines whose acquire
+        is left to answer, which carries on under that lease."""
         now = self.clock()
         for key, left in list(self._unreleased.items()):
-            if key in skip:
+            if key in skip or (app is not None and key[0] != app):
                 continue
             del self._unreleased[key]
             if now < left.expires:
@@ -298,7 +302,7 @@ class Leases:
         ``timeout_s`` (an API that does not answer would hold the stop for as long as the
         client waits for a call); one cut then lapses after its TTL too. The leases whose
         release failed earlier (``_unreleased``) are released then too, within the same
-        bound (:meth:`_release_remembered`).
+        bound (:meth:`release_remembered`).
 
         ``cut=False`` (a replica that stops leading, and lives on): the acquires of
         cancelled callers are left to answer, and the lease each brings is released then
@@ -311,7 +315,7 @@ class Leases:
         which may run while the step-down waits, ends its actions' leases there too."""
         if cut:
             await cancel_and_wait(list(self._acquiring.values()))
-        self._release_remembered(skip=set() if cut else set(self._acquiring))
+        self.release_remembered(skip=set() if cut else set(self._acquiring))
         try:
             async with asyncio.timeout(timeout_s):
                 while self._releasing:

@@ -551,6 +551,24 @@ async def test_an_app_removed_mid_drain_is_handed_back_without_our_cordons(
         await rig.ctl.stop()
 
 
+async def test_an_app_removed_mid_drain_whose_lease_release_fails_is_handed_back_too(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """The cut drain's lease release met a 500: the lease, still ours, is remembered for
+    our next take, and the lift (no nonce) met it with a 409, leaving the cordon on a
+    machine no tick of ours looks at again. The removal releases it before the lift."""
+    rig = Rig(api, clock, scale_down_delay_s=3)
+    await rig.ctl.start()
+    try:
+        victim = await _a_drain_waiting_for_its_request(api, clock, rig)
+        api.fail["release_machine_lease"] = [ServerError(500, "outage")]
+        await rig.ctl.update_settings(Settings(apps=[], control=ControlSettings(tick_s=1.0)))
+        assert_uncordoned(api, victim)
+        assert api.lease(APP, victim) is None
+    finally:
+        await rig.ctl.stop()
+
+
 async def test_a_machine_suspended_too_long_is_stopped(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
