@@ -40,7 +40,10 @@ machine is tried again after a pause (0.25 s, doubling up to 1 s, the proxy's ow
 asking again; or the 429's Retry-After). A resume that failed so once is tried again before
 a cold start of another machine: on Fly the pause and a resume take well under a second, a
 cold start one to several seconds. A second failure of it, or a Retry-After longer than
-that pause, and the wake moves on.
+that pause, and the wake moves on. The app is read again after a failed try, but not
+sooner than ``READ_GAP_S`` (1 s) after the wake's last read of it (Fly's pace for an
+app-level call): the pauses above pace each machine's tries, not the reads, and in an
+outage a read after every try listed the app three times a second for three machines.
 """
 
 from __future__ import annotations
@@ -76,6 +79,15 @@ seconds: the patience then runs out and the other machine is resumed, up about 2
 the resume began, sooner than the slower half of those cold boots; a longer patience
 would hold the requests for the cold boot's whole length."""
 RETRY_MAX_S = 1.0  # the longest pause before trying again a machine an API error failed
+READ_GAP_S = 1.0
+"""The shortest time from a wake's read of its app to a re-read after a failed try (or
+for the retry of one): Fly allows an app-level call 1/s, in bursts of 3
+(docs/fly-api-notes.md). In an outage each failed try listed the app at once, beside the
+tries' own pace per machine: three lists a second for three machines, for the whole
+outage (seed 13 of benchmarks/chaos_soak.py). A re-read due sooner is skipped, and the
+wake goes on with the view of the last one; the tries keep their pace (the next machine
+at once after one fails). The watch of a start or stop under way reads every
+``RECHECK_S`` as before: that read is what sees the machine up."""
 
 
 class _Retry(NamedTuple):
@@ -172,8 +184,10 @@ class Waker:
             seen_coming: dict[str, float] = {}  # another party's start -> first seen
             resumes: dict[str, bool] = {}  # another party's start waited for -> a resume?
             passed_resumes: set[str] = set()  # another party's resume, past its patience
+            read_at = -math.inf  # when the wake last asked for the app's machines
             if not rt.read_once:
                 await self._first_read(rt, deadline)
+                read_at = act.clock()
             while True:
                 if routable := view.routable():
                     if came is None:
@@ -247,7 +261,7 @@ class Waker:
                         resumes[mid] = (rec := rt.machines.get(mid)) is not None and rec.resuming
                     view.waking = came = "resume" if all(resumes[m] for m in coming) else "start"
                     await act.sleep(max(0.0, min(RECHECK_S, deadline - now)))
-                    await self._refresh_quietly(rt)
+                    read_at = await self._reread(rt, read_at)
                     continue
                 if action is not None and action.kind == "resume":
                     # Past another party's resume, its patience run out (it fell back to a
@@ -301,7 +315,9 @@ class Waker:
                     pause = RECHECK_S if soon or retry_at is None else retry_at - now
                     pause = max(RECHECK_S, pause)  # never a loop of reads without a pause
                     await act.sleep(max(0.0, min(pause, deadline - now)))
-                    await self._refresh_quietly(rt)
+                    # (A watch of a change under way reads every RECHECK_S; a wait for a
+                    # retry is paced as the re-reads after a failed try.)
+                    read_at = await self._reread(rt, read_at, 0.0 if soon else READ_GAP_S)
                     continue
                 mid = action.machine_id
                 if action.kind == "uncordon":
@@ -321,7 +337,7 @@ class Waker:
                     (action.kind == "resume" and busy.kind == "drain") or busy.kind == "cleanup"
                 ):
                     await busy.task  # its own action first (a suspend under way), then again
-                    await self._refresh_quietly(rt)
+                    read_at = await self._reread(rt, read_at)
                     continue
                 run = self._launch(rt, action, deadline)
                 view.waking = action.kind
@@ -343,7 +359,7 @@ class Waker:
                     again[mid] = _Retry(act.clock() + pause, pause, action.kind, tries)
                 if act.clock() >= deadline:
                     raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
-                await self._refresh_quietly(rt)
+                read_at = await self._reread(rt, read_at, READ_GAP_S)
 
     def _launch(self, rt: AppRuntime, action: Action, deadline: float) -> Running | None:
         """Start ``action``'s task; its calls make one attempt each: the wake's loop is the
@@ -384,6 +400,16 @@ class Waker:
                     raise WakeError(f"app {rt.name}: its machines could not be read") from exc
                 _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
                 await act.sleep(last)
+
+    async def _reread(self, rt: AppRuntime, last: float, gap: float = 0.0) -> float:
+        """Read the app again between two tries (``_refresh_quietly``), unless the wake's
+        last read, asked for at ``last``, is less than ``gap`` ago (``READ_GAP_S``); when
+        the wake's last read was asked for, this one or that."""
+        now = self.actuator.clock()
+        if now - last < gap:
+            return last
+        await self._refresh_quietly(rt)
+        return now
 
     async def _refresh_quietly(self, rt: AppRuntime) -> None:
         """Read the app again between two tries: one attempt, as a tick makes (the wake's

@@ -731,11 +731,12 @@ async def test_a_wake_reads_again_between_tries_with_one_attempt(
 ) -> None:
     """The refreshes between a wake's tries run under ``one_attempt`` (as a tick's calls):
     with the client's retries (5, with backoff) a refresh during an outage took seconds,
-    and paced the wake's tries instead of their 0.25-1 s. So does the app's first read."""
+    and paced the wake's tries instead of their 0.25-1 s. So does the app's first read.
+    (Tried at 0, 0.25 and 0.75 s: it re-reads at 1.75 s, READ_GAP_S after its first read.)"""
     from autoscaler.fly import client as fly_client
 
     api.add(APP, "suspended")
-    api.fail["start_machine"] = [ServerError(500, "internal error")]
+    api.fail["start_machine"] = [ServerError(500, "internal error")] * 3
     rig = Rig(api, clock, wake_timeout_s=30)
     bounds: list[float | None] = []
     list_machines = api.list_machines
@@ -747,7 +748,7 @@ async def test_a_wake_reads_again_between_tries_with_one_attempt(
     monkeypatch.setattr(api, "list_machines", recording)
     task = asyncio.ensure_future(rig.ctl.wake(APP))
     await settle()
-    await clock.advance(0.3)
+    await clock.advance(1.8)
     assert await task == "resume"
     timeout = rig.ctl.settings.control.api_timeout_s
     assert len(bounds) >= 2
