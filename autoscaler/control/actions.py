@@ -93,6 +93,7 @@ from autoscaler.fly.errors import (
     FlyError,
     LeaseHeld,
     NotFound,
+    RateLimited,
     TransportError,
     Unauthorized,
 )
@@ -653,6 +654,19 @@ class Actuator:
                 got = await self.api.get_machine(app, mid)
                 if got.state not in (STARTED, "starting"):
                     raise
+            except FlyError as exc:
+                if not may_have_landed(exc):
+                    raise
+                # Sent, but its answer lost: the machine may be starting from it, and
+                # another machine woken meanwhile is one too many. Its state says; a read
+                # that fails too leaves the start failed, and the wake's next list of the
+                # app finds it coming up (wake.py).
+                try:
+                    got = await self.api.get_machine(app, mid)
+                except FlyError:
+                    raise exc from None
+                if got.state not in (STARTED, "starting"):
+                    raise
         rt.record(mid, self.clock(), state="starting", how=kind)
         self.publish(rt)
         with self.counting_failure(rt, kind):
@@ -1089,3 +1103,13 @@ class Actuator:
                 continue  # a cordon of ours may still come: it must find our key
             _log.info("stale_cordon_key", app=rt.name, machine=mid, state=machine.state)
             self._spawn(rt, mid, "cleanup", self.release(rt, mid))
+
+
+def may_have_landed(error: FlyError) -> bool:
+    """Whether a call that failed with ``error`` may have been carried out all the same:
+    it was sent, and no answer of the API's refused it (a connection lost after the
+    request left, a 5xx or 408 of Fly's edge, which may answer for a machine that acted).
+    A 429 refused it, and a call never sent (a connect failure, fencing) did nothing."""
+    if isinstance(error, TransportError):
+        return error.sent
+    return error.transient and not isinstance(error, RateLimited)

@@ -1,4 +1,5 @@
-"""The wake's pace: against the fake API and fake clock of test_controller's rig."""
+"""The wake's pace and what it makes of a start it could not hear the answer of: against
+the fake API and fake clock of test_controller's rig."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from autoscaler.control.wake import READ_GAP_S
 from autoscaler.fly import models as m
-from autoscaler.fly.errors import ServerError
+from autoscaler.fly.errors import ServerError, TransportError
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
 from .test_controller import APP, Rig
@@ -63,3 +64,84 @@ async def test_a_wake_through_an_outage_reads_its_app_at_most_once_a_second(
     assert all(tries.count(mid) >= 7 for mid in machines)  # each one still about 1/s
     wake.cancel()
     await asyncio.gather(wake, return_exceptions=True)
+
+
+def start_lands_unheard(
+    api: FakeMachinesAPI, monkeypatch: pytest.MonkeyPatch, state: str
+) -> list[str]:
+    """The next start of a machine lands (it is then ``state``), and its answer is lost:
+    the connection fails after the request was sent."""
+    start_machine = api.start_machine
+    lost: list[str] = []
+
+    async def lands_unheard(
+        app: str, machine_id: str, *, lease_nonce: str | None = None
+    ) -> m.StartResult:
+        result = await start_machine(app, machine_id, lease_nonce=lease_nonce)
+        if lost:
+            return result
+        lost.append(machine_id)
+        api.set(app, machine_id, state=state)
+        raise TransportError("read error: connection reset", sent=True)
+
+    monkeypatch.setattr(api, "start_machine", lands_unheard)
+    return lost
+
+
+@pytest.mark.parametrize("state", ["starting", "started"])
+@pytest.mark.parametrize(("asleep", "how"), [("stopped", "start"), ("suspended", "resume")])
+async def test_a_start_whose_answer_was_lost_is_found_up_and_routed(
+    api: FakeMachinesAPI,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    state: str,
+    asleep: str,
+    how: str,
+) -> None:
+    """The start (or resume) of the first machine lands but its answer is lost (a
+    transient error after the request was sent), and the read of the machine fails too.
+    The wake set it aside as failed and woke the other machine as well: two machines for
+    one need. Its next list shows the machine coming up (or up): it is our start, waited
+    for (a resume as a resume: not beaten by a resume of the other) and routed, and the
+    wake is named by it."""
+    api.add(APP, asleep)
+    api.add(APP, asleep)
+    rig = Rig(api, clock, wake_timeout_s=30)
+    await rig.tick()
+    lost = start_lands_unheard(api, monkeypatch, state)
+    api.fail["get_machine"] = [ServerError(503, "unavailable")]  # no answer there either
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    [first] = lost
+    for _ in range(4):
+        await clock.advance(0.25)
+    api.set(APP, first, state="started")
+    for _ in range(4):
+        await clock.advance(0.25)
+    assert await wake == how
+    assert set(api.ops("start_machine")) == {first}  # the other one left asleep
+    assert rig.routable() == {first}
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind=how) == 1
+
+
+async def test_a_start_whose_answer_was_lost_is_read_back_before_another_is_woken(
+    api: FakeMachinesAPI, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start's answer is lost right after the wake's first read of the app, so its
+    next list is not due yet (READ_GAP_S): the actuator reads the machine back at once,
+    finds it starting, and goes on with that start, rather than fail it and leave the
+    wake to start the other machine. Counted a start done, not a failed one."""
+    api.add(APP, "stopped")
+    api.add(APP, "stopped")
+    rig = Rig(api, clock, wake_timeout_s=30)
+    lost = start_lands_unheard(api, monkeypatch, "starting")
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    await settle()
+    [first] = lost
+    api.set(APP, first, state="started")
+    assert await wake == "start"
+    assert api.ops("start_machine") == [first]
+    assert api.ops("get_machine") == [first]
+    assert rig.routable() == {first}
+    assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
+    assert rig.metric("autoscaler_scaling_actions_total", action="start", result="error") == 0
