@@ -447,7 +447,8 @@ class AppRuntime:
             prewarm_from=None,
         )
         self.policy_state = PolicyState(keepalive=keepalive)
-        self.changed_at = now
+        if self.listed_at is not None:  # (never listed: the first tick lists anyway)
+            self.changed_at = now
 
     # --- the machine list ------------------------------------------------------------
 
