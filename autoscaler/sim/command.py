@@ -152,10 +152,22 @@ def _names(names: Iterable[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + more
 
 
+def _by_flag(exc: TimingError) -> ValueError:
+    """A TimingError said by the flag that set the field, as typed (``--tick-s``, not
+    ``tick_s``), as the other flags' errors are. Each field is its flag's: tick_s is
+    --tick-s's (control.tick_s, from --config, is above 0 by the config's own check), the
+    seed --seed's (checked in :func:`run`), generate()'s hours --hours'."""
+    flag = "--" + exc.field.replace("_", "-")
+    return ValueError(f"{flag}: expected {exc.expected}, got {exc.value:g}")
+
+
 def _generated(args: argparse.Namespace) -> list[tuple[float, str, float]]:
     if args.generate not in SHAPES:
         raise ValueError(f"--generate: expected one of {', '.join(SHAPES)}, got {args.generate!r}")
-    return generate(args.generate, seed=args.seed, hours=args.hours)
+    try:
+        return generate(args.generate, seed=args.seed, hours=args.hours)
+    except TimingError as exc:
+        raise _by_flag(exc) from None
 
 
 def _generate(args: argparse.Namespace, out: TextIO) -> int:
@@ -200,10 +212,7 @@ def _replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             seed=args.seed,
         )
     except TimingError as exc:
-        # Said by the flag, as typed: tick_s is --tick-s's (control.tick_s, from --config,
-        # is above 0 by the config's own check), and the seed --seed's (checked above).
-        flag = "--" + exc.field.replace("_", "-")
-        raise ValueError(f"{flag}: expected {exc.expected}, got {exc.value:g}") from None
+        raise _by_flag(exc) from None
     if args.max_apps is not None and args.max_apps < 1:
         raise ValueError(f"--max-apps: expected a number >= 1, got {args.max_apps}")
     if not (math.isfinite(args.duration_ms) and args.duration_ms > 0):

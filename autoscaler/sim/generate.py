@@ -30,6 +30,8 @@ import math
 import random
 from collections.abc import Callable
 
+from autoscaler.sim.model import TimingError
+
 Row = tuple[float, str, float]
 RateFn = Callable[[float], float]
 
@@ -208,9 +210,8 @@ def _azure_like(
 def generate(shape: str, seed: int = 1, hours: float = 24.0) -> list[Row]:
     """The rows of a synthetic trace, sorted by time."""
     if not 0 < hours <= MAX_HOURS:  # (nan too)
-        raise ValueError(
-            f"hours: expected a finite number > 0 and at most {MAX_HOURS:g} (a year), got {hours:g}"
-        )
+        # A TimingError, to be said by the flag that set it (`--hours`) on the command line.
+        raise TimingError("hours", f"a finite number > 0 and at most {MAX_HOURS:g} (a year)", hours)
     rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
     end = hours * 3600.0
     if shape == "mixed-100-apps":

@@ -187,8 +187,9 @@ def test_generate_without_out_replays_the_trace(
         (["--horizon-s", "-5"], "--horizon-s: expected a number > 0"),
         (["--horizon-s", "nan"], "--horizon-s: expected a number > 0"),
         # inf generated requests without end; nan made none ("steady: no requests").
-        (["--generate", "steady", "--hours", "inf"], "hours: expected a finite number > 0"),
-        (["--generate", "steady", "--hours", "nan"], "hours: expected a finite number > 0"),
+        # Named by the flag, as the others: "hours: expected ..." read as a config key.
+        (["--generate", "steady", "--hours", "inf"], "simulate: --hours: expected a finite"),
+        (["--generate", "steady", "--hours", "nan"], "simulate: --hours: expected a finite"),
         (["--boot-failure-rate", "1.5"], "--boot-failure-rate: expected a share"),
         # Named by the flag, with the bound that holds: "tick_s: expected a finite number
         # >= 0, got -1.0" before, and 0 then refused in other words.
@@ -428,7 +429,8 @@ def test_a_replay_or_a_generated_trace_longer_than_the_longest_trace_is_refused(
     assert main([*argv, "8761"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert (
-        line == "simulate: hours: expected a finite number > 0 and at most 8760 (a year), got 8761"
+        line
+        == "simulate: --hours: expected a finite number > 0 and at most 8760 (a year), got 8761"
     )
     assert not out.exists()
     # A year is made, and read back: its last request ends within the 366 days.
