@@ -388,10 +388,11 @@ class Waker:
             return self.actuator.launch(rt, action)
 
     def _observe(self, rt: AppRuntime, kind: str, t0: float) -> float:
-        """Record a wake that took since ``t0``; the seconds it took."""
+        """Record a wake that took since ``t0``; the seconds it took, to the ms for its log
+        line, as the other durations in the logs (an action's ``duration_s``)."""
         took = self.actuator.clock() - t0
         self.metrics.wake_duration.labels(app=rt.name, kind=kind).observe(took)
-        return took
+        return round(took, 3)
 
     async def _first_read(self, rt: AppRuntime, deadline: float) -> None:
         """The app's first read, which the wake cannot do without (nothing is known of

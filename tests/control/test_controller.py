@@ -2927,3 +2927,23 @@ async def test_a_wait_the_api_fails_does_not_fail_a_boot_whose_port_answers(
     assert await _wake_as_the_port_opens(rig, clock, after_s=1.5) == "start"
     assert len(api.ops("start_machine")) == 1
     assert [u.id for u in rig.view.app(APP).routable()] == [mid]
+
+
+async def test_a_wake_s_line_says_its_duration_to_the_millisecond(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """As the other durations in the logs (an action's ``duration_s``): ``took_s`` was the
+    float as measured (0.24999999999977263 for a wake of 0.25 s), not rounded to ms."""
+    api.add(APP, "suspended")
+    rig = Rig(api, clock)
+    rig.port_open = False
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(rig.ctl.wake(APP))
+        for _ in range(3):
+            await clock.advance(0.1)
+        rig.port_open = True
+        await clock.advance(0.1)
+        assert await task == "resume"
+    (took,) = [e["took_s"] for e in logs if e["event"] == "wake"]
+    assert took == round(took, 3)
+    assert 0 < took <= 0.4
