@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pexpect
 import pytest
 from testkit import free_port, until
 
 from autoscaler.config import ConfigError
 from autoscaler.demo import (
+    STORY,
     Replayed,
     Stats,
     Summary,
@@ -28,6 +30,7 @@ from autoscaler.demo import (
     run_demo,
     summary_lines,
 )
+from autoscaler.demo import _client as demo_client
 from autoscaler.emulator.procs import leftovers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,10 +212,48 @@ def test_every_answer_is_counted_by_class() -> None:
     assert stats.log == [(1.0, 0.1), (2.0, 0.1), (3.0, 0.01), (4.0, 0.01), (5.0, 0.1)]
 
 
+async def test_a_request_held_when_ctrl_c_stops_the_story_is_counted_as_cut_short() -> None:
+    """Ctrl-C cancels the story's clients: one whose request was held for a wake was
+    counted nowhere (a Ctrl-C during the first wake: a summary of 0 requests)."""
+    received = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set()  # and no answer: a request held for a wake
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stats = Stats()
+    burst = next(phase for phase in STORY if phase.name == "burst")
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}"
+            t0 = time.monotonic()
+            client = asyncio.create_task(
+                demo_client(session, url, burst, t0 + 3600, stats, t0 - 5.0)
+            )
+            await received.wait()
+            client.cancel()
+            await asyncio.gather(client, return_exceptions=True)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert stats.requests == 1
+    assert stats.answers == {"cut short": 1}
+    assert stats.failed == 0  # the stop was the user's
+    assert stats.latencies == []  # no answer, no latency
+    ((arrival, work_s),) = stats.log  # the baselines replay it, as the others
+    assert arrival >= 5.0
+    assert work_s == burst.work_ms / 1000
+    assert stats.in_flight == 0
+
+
 def test_the_summary_says_what_failed_and_what_the_baselines_spent() -> None:
     summary = Summary(
-        requests=14,
-        answers={"2xx": 10, "4xx": 2, "5xx": 1, "transport errors": 1},
+        requests=16,
+        answers={"2xx": 10, "4xx": 2, "5xx": 1, "transport errors": 1, "cut short": 2},
         wakes={"start": 1, "resume": 0},
         wake_mean_s={"start": 0.9},
         actions={"start": 2, "resume": 0, "suspend": 2, "stop": 0},
@@ -226,7 +267,7 @@ def test_the_summary_says_what_failed_and_what_the_baselines_spent() -> None:
     )
     assert not summary.ok
     lines = summary_lines(summary)
-    assert "  answers           2xx 10, 4xx 2, 5xx 1, transport errors 1" in lines
+    assert "  answers           2xx 10, 4xx 2, 5xx 1, transport errors 1, cut short 2" in lines
     assert "  wakes             start 1 (mean 0.90 s), resume 0" in lines
     assert "  machine actions   start 2, resume 0, suspend 2, stop 0" in lines
     assert "  requests waited   3 (start 3)" in lines
