@@ -104,12 +104,25 @@ CONFIG_REFUSED = 2
 """``autoscaler run``'s exit code when it refuses its configuration, before anything starts
 (the supervisor of ``run --workers`` does not start such a worker again)."""
 
+LISTEN_REFUSED = 3
+"""``autoscaler run``'s exit code when one of its servers could not listen on its address at
+the start (a port in use by another process, an address not of this host or not allowed:
+``start_failed`` with its ``key``). Started again, it would fail again, however long it ran
+before: the supervisor of ``run --workers`` does not start such a worker again. Another OS
+error at the start exits 1."""
+
 WORKER_ENV = "_AUTOSCALER_WORKER"
 """The worker's index, which the ``run --workers`` supervisor gives each worker (outside
 ``AUTOSCALER_*``: not a setting). The workers share one configuration: what is said of it
-(``config_loaded``, a reload's lines, ``app_unreachable``) is logged by worker 0 alone, not
+(``config_loaded``, a reload's lines, ``app_unreachable``) is logged by one worker alone, not
 once by each (:attr:`Service.speaks_for_config`). Every line a worker writes carries its
 index (``worker``: :func:`autoscaler.logs.process_keys`); a plain run's carry none."""
+
+SPEAKER_ENV = "_AUTOSCALER_SPEAKER"
+"""The file in which the ``run --workers`` supervisor names the worker that speaks for the
+configuration: the lowest slot with a worker in it, which is worker 0 but while a failed
+rolling restart leaves slot 0 empty (then nobody said a reload's outcome, a rejected one
+too). Read at each line to say: the speaker changes while the workers run."""
 
 
 def warn_unreachable(settings: Settings) -> None:
@@ -144,15 +157,13 @@ class Service:
         without_api: bool = False,
         listen_hosts: ListenHosts | None = None,
         worker: int = 0,
+        speaker: Path | None = None,
     ) -> None:
         self.settings = settings
         self.worker = worker
         """Its index under ``run --workers`` (:data:`WORKER_ENV`); 0 in one process."""
-        self.speaks_for_config = worker == 0
-        """Whether it logs what concerns the configuration file (its load, a reload's
-        outcome, the warnings of its content): the workers of ``run --workers`` each load
-        the same file, and every such line came once per worker. What concerns the
-        process alone (``started``, ``config_reload_crashed``, ...) every worker logs."""
+        self.speaker = speaker
+        """The supervisor's file naming the worker that speaks (:data:`SPEAKER_ENV`)."""
         self.without_api = without_api
         """No Machines API (``autoscaler run`` on a config without ``fly.api_url`` whose apps
         are all static): no emulator either, and a reload that adds a scaled app is refused."""
@@ -348,6 +359,19 @@ class Service:
                 setattr(self, attr, None)
 
         self._parts.push_async_callback(run)
+
+    @property
+    def speaks_for_config(self) -> bool:
+        """Whether it logs what concerns the configuration file (its load, a reload's
+        outcome, the warnings of its content): the workers of ``run --workers`` each load
+        the same file, and every such line came once per worker. The one the supervisor
+        names (:data:`SPEAKER_ENV`); worker 0 without its file or when it cannot be read.
+        What concerns the process alone (``started``, ``config_reload_crashed``, ...)
+        every worker logs."""
+        if self.speaker is not None:
+            with contextlib.suppress(OSError, ValueError):
+                return int(self.speaker.read_text(encoding="ascii")) == self.worker
+        return self.worker == 0
 
     # --- reload -------------------------------------------------------------------------
 
@@ -594,14 +618,19 @@ def run(
     """
     worker = os.environ.get(WORKER_ENV)
     if worker is None:
-        return _run(config, overrides, emulator, 0)
+        return _run(config, overrides, emulator, 0, None)
+    speaker = os.environ.get(SPEAKER_ENV)
     # Under run --workers, every line says whose it is (they share one output).
     with process_keys(worker=int(worker)):
-        return _run(config, overrides, emulator, int(worker))
+        return _run(config, overrides, emulator, int(worker), Path(speaker) if speaker else None)
 
 
 def _run(
-    config: str | None, overrides: Mapping[str, Any] | None, emulator: bool, worker: int
+    config: str | None,
+    overrides: Mapping[str, Any] | None,
+    emulator: bool,
+    worker: int,
+    speaker: Path | None,
 ) -> int:
     if emulator:
         overrides = {**(overrides or {}), "fly": {"api_url": EMBEDDED}}
@@ -623,6 +652,7 @@ def _run(
         without_api=without_api,
         listen_hosts=hosts,
         worker=worker,
+        speaker=speaker,
     )
     service.freeze_heap = True
     if service.speaks_for_config:
@@ -637,6 +667,8 @@ def _run(
         # it, and a start_failed line would send the reader after a port.
         if not service.started:
             _log.error("start_failed", error=str(exc), **_start_failure(service, exc))
+            if service.binding is not None:
+                return LISTEN_REFUSED
         return 1
     return 0
 

@@ -20,24 +20,29 @@ each worker SIGTERM once (a graceful stop), waits up to ``proxy.shutdown_timeout
 in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them
 once, gracefully) and get SIGTERM from the kernel if the supervisor dies
 (PR_SET_PDEATHSIG). A worker that exits after running a while is started again; one that
-exits within ``MIN_UPTIME_S`` of its start (a port in use), or with ``run``'s exit code for a
-configuration it refused (``CONFIG_REFUSED``: started again, it would refuse it again, however
-long its start took on a busy host) stops them all,
+exits within ``MIN_UPTIME_S`` of its start, or with ``run``'s exit code for a configuration
+it refused (``CONFIG_REFUSED``) or for an address it could not listen on (``LISTEN_REFUSED``:
+a port in use; started again, either would fail again, however long its start took on a
+busy host) stops them all (:func:`fails_the_group`),
 except a replacement in a rolling restart: that one ends the rolling restart and leaves its
 slot empty (the workers not yet replaced keep serving) until the next SIGUSR2, which fills
-it first; the group stops when no worker is left.
+it first; the group stops when no worker is left. The lowest slot with a worker in it
+speaks for the configuration (``service.SPEAKER_ENV``, a file the supervisor keeps): worker
+0, or the next one while slot 0 is empty.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -56,7 +61,14 @@ from autoscaler.config import (
     resolve_listen_host,
 )
 from autoscaler.logs import get_logger
-from autoscaler.service import CONFIG_REFUSED, WORKER_ENV, load_or_report, start_problem
+from autoscaler.service import (
+    CONFIG_REFUSED,
+    LISTEN_REFUSED,
+    SPEAKER_ENV,
+    WORKER_ENV,
+    load_or_report,
+    start_problem,
+)
 
 _log = get_logger("autoscaler.workers")
 MIN_UPTIME_S = 5.0
@@ -66,6 +78,29 @@ READY_TIMEOUT_S = 60.0
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 """Linux 5.14+: when on, a listener that closes hands the connections still queued in its
 accept queue to another listener of its SO_REUSEPORT group instead of resetting them."""
+
+
+def fails_the_group(code: int, uptime_s: float) -> bool:
+    """Whether a worker that exited with ``code`` after ``uptime_s`` stops the group rather
+    than being started again: it failed at its start (within ``MIN_UPTIME_S``), or for a
+    cause a new start meets again (its configuration refused, its address taken), which a
+    slow start on a busy host passed off as a failure after running a while: started
+    again every few seconds, without end."""
+    return code in (CONFIG_REFUSED, LISTEN_REFUSED) or uptime_s < MIN_UPTIME_S
+
+
+def speaker(workers: int, vacant: Collection[int]) -> int:
+    """The worker that speaks for the configuration (``service.SPEAKER_ENV``): the lowest
+    slot with a worker in it. Worker 0 spoke alone: with its slot empty after a failed
+    rolling restart, no worker said a reload's outcome (a rejected file neither)."""
+    return min((i for i in range(workers) if i not in vacant), default=0)
+
+
+def _name_speaker(path: str, worker: int) -> None:
+    """Write the speaker's index whole (a worker reading it meanwhile sees the old one)."""
+    with open(path + ".new", "w", encoding="ascii") as f:
+        f.write(str(worker))
+    os.replace(path + ".new", path)
 
 
 def queued_connections_hint(path: str = MIGRATE_REQ) -> str | None:
@@ -159,7 +194,17 @@ def supervise(
     if hint is not None:
         _log.info("reuseport_queue_not_migrated", hint=hint)
 
+    named: list[int] = []  # the worker the file names
+
+    def name_speaker(starting: int | None = None) -> None:
+        """Name the lowest slot with a worker in it (``starting``'s, being filled, too)."""
+        i = speaker(workers, [j for j in vacant if j != starting])
+        if named != [i]:
+            _name_speaker(speaker_file, i)
+            named[:] = [i]
+
     def spawn(i: int) -> tuple[subprocess.Popen[bytes], float]:
+        name_speaker(i)  # before its start: a new worker 0 says config_loaded
         argv = [sys.executable, "-m", "autoscaler", "run", "--listen", settings.proxy.listen]
         argv += ["--admin-listen", authority(admin.host, admin.port + i)]
         if config is not None:
@@ -170,7 +215,8 @@ def supervise(
             "AUTOSCALER_PROXY__REUSE_PORT": "true",
             # Distinct replicas: each worker reports its own load and may lead.
             "AUTOSCALER_CLUSTER__REPLICA_ID": f"{base_id}/w{i}",
-            WORKER_ENV: str(i),  # worker 0 alone logs the configuration's warnings
+            WORKER_ENV: str(i),
+            SPEAKER_ENV: speaker_file,  # who logs the configuration's lines
         }
         proc = subprocess.Popen(  # noqa: S603 - this interpreter, our own module
             argv,
@@ -224,6 +270,8 @@ def supervise(
     vacant: set[int] = set()  # a replacement failed at start: no worker in that slot
     grace_s = settings.proxy.shutdown_timeout_s + 10
     code = 0
+    # Removed on the way out (the finally below), as the workers are reaped.
+    speaker_file = os.path.join(tempfile.mkdtemp(prefix="autoscaler-workers-"), "speaker")
     try:
         for i in range(workers):
             if stop:  # a stop signal before the workers (or between them): no more
@@ -245,6 +293,7 @@ def supervise(
                     _log.warning("rolling_restart_ignored", reason="one is under way")
             if roll is not None:
                 roll = _step(roll, procs, spawn, ready, grace_s, vacant)
+                name_speaker()
                 if len(vacant) == workers:
                     _log.error("workers_failed", problem="no worker left running")
                     code = 1
@@ -254,7 +303,7 @@ def supervise(
                 if rc is None or i in vacant or (roll and i in (roll.stopping, roll.starting)):
                     continue  # a roll's own worker: the roll's step sees to it
                 _log.warning("worker_exited", worker=i, pid=proc.pid, code=rc)
-                if rc == CONFIG_REFUSED or time.monotonic() - started < MIN_UPTIME_S:
+                if fails_the_group(rc, time.monotonic() - started):
                     _log.error("worker_failed_at_start", worker=i, code=rc)
                     code = rc if rc > 0 else 1  # killed by a signal: rc is negative
                     stop.append(0)
@@ -269,6 +318,7 @@ def supervise(
         # cut its drain short.
         draining = {procs[roll.stopping][0].pid} if roll and roll.stopping is not None else set()
         _stop_all([p for p, _ in procs], grace_s, draining)
+        shutil.rmtree(os.path.dirname(speaker_file), ignore_errors=True)
         for sig, handler in old.items():
             signal.signal(sig, handler)
     _log.info("workers_stopped", code=code)

@@ -309,7 +309,8 @@ def test_the_suppressed_await_allowlist_is_current() -> None:
 ENVIRON_READERS: dict[str, str] = {
     "autoscaler.config": "the settings",
     "autoscaler.cli": "hands it whole to `autoscaler emulator`, which loads through config.py",
-    "autoscaler.service": "the worker's index under run --workers (WORKER_ENV): not a setting",
+    "autoscaler.service": "under run --workers, the worker's index and the file naming the"
+    " worker that speaks (WORKER_ENV, SPEAKER_ENV): not settings",
     "autoscaler.workers": "hands it on to the workers, with their own variables added",
     "autoscaler.emulator.machines": "hands it on to the machines' processes, as Fly gives",
     "autoscaler.emulator.demo_app": "a machine's program: what Fly gives a machine (PORT, ...)",

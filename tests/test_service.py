@@ -453,7 +453,8 @@ def test_start_failed_is_logged_for_a_failed_start_alone(
 ) -> None:
     """`autoscaler run` said start_failed for any OS error out of the run, one raised by
     a part's stop after a complete start too (already said by stop_failed): the reader
-    went looking for a port in use. Both exit 1."""
+    went looking for a port in use. The port in use exits 3 (LISTEN_REFUSED), the stop's
+    error 1."""
     from autoscaler import service as service_module
     from autoscaler.admin import AdminServer
 
@@ -473,7 +474,7 @@ def test_start_failed_is_logged_for_a_failed_start_alone(
         taken.listen()
         write(taken.getsockname()[1])
         with capture_logs() as logs:
-            assert service_module.run(str(file)) == 1
+            assert service_module.run(str(file)) == 3
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["start_failed"]
 
     start, stop = Service.start, AdminServer.stop
@@ -550,7 +551,8 @@ def test_start_failed_names_the_listen_key_whose_port_is_taken(
     """start_failed said only the OS's error, which names an address (`error while
     attempting to bind on address ('127.0.0.1', 4280)`): with three servers to bind, a
     new user did not know which key to change. It names the key, its address and what
-    to do."""
+    to do. The exit code says it too (3, not 1: `run --workers` does not start such a
+    worker again)."""
     from autoscaler import service as service_module
 
     monkeypatch.setattr(service_module, "freeze_heap", lambda: None)  # not this process's
@@ -569,7 +571,7 @@ def test_start_failed_names_the_listen_key_whose_port_is_taken(
             "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
         )
         with capture_logs() as logs:
-            assert service_module.run(str(file)) == 1
+            assert service_module.run(str(file)) == 3
     (line,) = [e for e in logs if e["log_level"] == "error"]
     assert line["event"] == "start_failed"
     assert (line["key"], line["address"]) == (key, listens[section])
@@ -1030,6 +1032,32 @@ async def test_a_service_without_an_api_refuses_a_reload_that_adds_an_app_to_sca
         assert [a.name for a in svc.settings.apps] == ["web"]
         file.write_text(f"apps: [{static.replace('web.test', 'www.test')}]\n")
         assert await svc.reload()  # static apps alone still reload
+
+
+async def test_under_workers_the_worker_the_supervisor_names_speaks_for_the_file(
+    tmp_path: Path,
+) -> None:
+    """With slot 0 empty (a rolling restart whose new worker 0 failed), no worker said a
+    reload's outcome, a rejected file's neither: the supervisor names the lowest live
+    worker in a file (workers.speaker), which a running worker reads as it speaks."""
+    file = tmp_path / "static.yaml"
+    static = "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+    file.write_text(static)
+    named = tmp_path / "speaker"
+    named.write_text("0")
+    said = ("config_reloaded", "config_reload_rejected")
+    with capture_logs() as logs:
+        async with live_service(file, without_api=True, worker=1, speaker=named) as svc:
+            assert await svc.reload()  # worker 0 speaks
+            named.write_text("1")  # slot 0 left empty: worker 1 speaks from now on
+            file.write_text("apps: [\n")
+            assert not await svc.reload()
+            file.write_text(static)
+            assert await svc.reload()
+    assert [e["event"] for e in logs if e["event"] in said] == [
+        "config_reload_rejected",
+        "config_reloaded",
+    ]
 
 
 async def test_under_workers_only_worker_0_says_what_concerns_the_shared_file(

@@ -174,11 +174,16 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 @asynccontextmanager
 async def live_service(
-    config_file: Path, *, without_api: bool = False, worker: int = 0
+    config_file: Path,
+    *,
+    without_api: bool = False,
+    worker: int = 0,
+    speaker: Path | None = None,
 ) -> AsyncIterator[Service]:
     """``Service`` from ``config_file`` on ephemeral loopback ports; stopped after.
     ``without_api``: static apps only, no Machines API (as ``autoscaler run`` starts a
-    config without ``fly.api_url``); ``worker``: its index under ``run --workers``."""
+    config without ``fly.api_url``); ``worker``: its index under ``run --workers``, and
+    ``speaker`` the supervisor's file naming the worker that speaks for the config."""
     settings, _ = load_settings(config_file, env={})
     svc = Service(
         settings,
@@ -188,6 +193,7 @@ async def live_service(
         admin_port=0,
         without_api=without_api,
         worker=worker,
+        speaker=speaker,
     )
     await svc.start()
     try:

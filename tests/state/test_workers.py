@@ -589,13 +589,33 @@ def test_a_worker_that_cannot_be_spawned_stops_and_reaps_those_already_started(
     assert started[0].returncode == -signal.SIGTERM  # stopped and reaped here
 
 
+def test_only_a_worker_failing_for_a_cause_that_stays_is_started_again() -> None:
+    """The supervisor's rule: a worker that ran a while and then failed (exit 1) is
+    started again; one that failed at its start, or whose configuration or address was
+    refused (exit 2, 3), however long it ran, stops the group."""
+    assert not workers.fails_the_group(1, workers.MIN_UPTIME_S + 60)
+    assert workers.fails_the_group(1, 0.0)
+    assert workers.fails_the_group(2, workers.MIN_UPTIME_S + 60)  # CONFIG_REFUSED
+    assert workers.fails_the_group(3, workers.MIN_UPTIME_S + 60)  # LISTEN_REFUSED
+
+
+def test_the_lowest_live_worker_speaks_for_the_configuration() -> None:
+    """Worker 0 spoke alone, also with its slot empty (a failed rolling restart): the
+    lowest slot with a worker in it speaks."""
+    assert workers.speaker(3, set()) == 0
+    assert workers.speaker(3, {0}) == 1
+    assert workers.speaker(3, {0, 1}) == 2
+    assert workers.speaker(3, {1}) == 0
+
+
+@pytest.mark.parametrize("code", [2, 3], ids=["config-refused", "port-in-use"])
 def test_a_worker_that_refuses_its_configuration_is_not_started_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     """A worker whose `run` refused the configuration (exit 2: the file changed since the
-    supervisor read it) after MIN_UPTIME_S, its start slow on a busy host, was started
-    again, to refuse it again, every few seconds: exit 2 stops the group, with its code,
-    however long the start took."""
+    supervisor read it), or whose port was taken (exit 3), after MIN_UPTIME_S, its start
+    slow on a busy host, was started again, to be refused again, every few seconds: exit 2
+    or 3 stops the group, with its code, however long the start took."""
     from structlog.testing import capture_logs
 
     file = _unreachable_config(tmp_path, [{"name": "web"}])
@@ -608,16 +628,16 @@ def test_a_worker_that_refuses_its_configuration_is_not_started_again(
             return real_popen(argv, **kw)
         if len(started) == 2:  # one is started again: fail that fork, the test ends
             raise BlockingIOError(11, "Resource temporarily unavailable")
-        refuses = [sys.executable, "-c", "raise SystemExit(2)"]
+        refuses = [sys.executable, "-c", f"raise SystemExit({code})"]
         started.append(real_popen(refuses, start_new_session=True))
         return started[-1]
 
     monkeypatch.setattr(workers.subprocess, "Popen", popen)
     with capture_logs() as logs:
-        assert workers.supervise(str(file), None, 2) == 2
+        assert workers.supervise(str(file), None, 2) == code
     assert len(started) == 2
-    assert [e["code"] for e in logs if e["event"] == "worker_failed_at_start"] == [2]
-    assert all(proc.returncode == 2 for proc in started)  # reaped
+    assert [e["code"] for e in logs if e["event"] == "worker_failed_at_start"] == [code]
+    assert all(proc.returncode == code for proc in started)  # reaped
 
 
 def test_the_workers_log_as_the_command_was_told(
