@@ -5,9 +5,10 @@ summary.
 When the configured Machines API answers, it also reads each scaled app's machines and warns
 about Fly's own autostop/autostart on them (they would fight the autoscaler); when it cannot
 ask, it says so. Warnings do not change the exit status. What ``autoscaler run`` refuses
-to start on is a problem here too (exit 2): no app, an app to scale through Fly's API
-without a token, cluster.redis_url without the Redis client, and a token that API refuses
-(401, 403); so is an app to scale that the
+to start on is a problem here too (exit 2), said in run's words by run's own check
+(:func:`autoscaler.service.start_problem`): no app, an app to scale without fly.api_url,
+or through Fly's API without a token, cluster.redis_url without the Redis client; so is a
+token that API refuses (401, 403), and an app to scale that the
 API says does not exist (404: a typo in its name, or another organization's app), which
 ``run`` would tick in vain, every request to it held until its 504.
 """
@@ -21,13 +22,11 @@ from pathlib import Path
 from typing import TextIO
 
 from autoscaler.config import (
+    EMBEDDED,
     AppConfig,
     ConfigError,
     Settings,
     load_settings,
-    no_apps_problem,
-    no_redis_problem,
-    no_token_problem,
     origin,
     resolve_listen_host,
     shown_url,
@@ -37,19 +36,17 @@ from autoscaler.fly.autostop import fight_warning
 from autoscaler.fly.client import MachinesClient
 from autoscaler.fly.errors import FlyError, NotFound, Unauthorized
 from autoscaler.scaling.keepalive import fallback_keep_s
+from autoscaler.service import start_problem
 from autoscaler.status import columns
 
 API_TIMEOUT_S = 5.0
 
 
 def summary(settings: Settings) -> list[str]:
-    if settings.fly.api_url is None and all(app.static for app in settings.apps):
+    """The summary of settings that passed run's start checks: without fly.api_url, every
+    app is static (start_problem refuses an app to scale there)."""
+    if settings.fly.api_url is None:
         api = "not set, and not needed: every app is static (has backends)"
-    elif settings.fly.api_url is None:
-        api = (
-            f"not set: `autoscaler run` needs --emulator to run the embedded emulator"
-            f" on {settings.emulator.listen}"
-        )
     elif settings.fly.embedded:
         api = f"embedded emulator on {settings.emulator.listen}"
     else:
@@ -187,21 +184,28 @@ def missing_problem(file: Path, settings: Settings, app: str, exc: NotFound) -> 
     )
 
 
-def check_config(path: str | None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def check_config(
+    path: str | None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    *,
+    emulator: bool = False,
+) -> int:
+    """``emulator``: checked as ``run --emulator`` starts on it (fly.api_url: embedded)."""
     out = out or sys.stdout
     err = err or sys.stderr
+    overrides = {"fly": {"api_url": EMBEDDED}} if emulator else None
     try:
         # As `run` loads it: without a file (none given, no config/autoscaler.yaml here),
         # the settings are the environment's (AUTOSCALER_APPS, ...), which run starts on.
-        settings, file = load_settings(path, resolve=resolve_listen_host)
+        settings, file = load_settings(path, overrides=overrides, resolve=resolve_listen_host)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=err)
         return 2
-    if not settings.apps:
-        print(no_apps_problem(file), file=err)
-        return 2
-    problem = no_token_problem(file, settings) or no_redis_problem(file, settings)
+    # run's own start checks, in its order and words: check-config wrote its own, which
+    # left out one (an app to scale without fly.api_url: OK here, refused by run).
+    problem = start_problem(file, settings)
     if problem is not None:
         print(problem, file=err)
         return 2

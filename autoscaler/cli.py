@@ -63,6 +63,12 @@ def _check_config_args(parser: argparse.ArgumentParser) -> None:
         help="file to check (as --config: give one of them)",
     )
     _add_config(parser)
+    parser.add_argument(
+        "--emulator",
+        action="store_true",
+        help="check it as `run --emulator` starts on it: the embedded emulator plays the"
+        " Machines API (overrides fly.api_url)",
+    )
     # Its findings are its output: a call that fails is reported once, as a warning line.
     parser.set_defaults(log_level="error")
 
@@ -78,7 +84,8 @@ def _check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return check_config(args.path if args.path is not None else args.config)
+    path = args.path if args.path is not None else args.config
+    return check_config(path, emulator=args.emulator)
 
 
 # --- status -----------------------------------------------------------------------------

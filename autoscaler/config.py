@@ -461,7 +461,7 @@ class FlySettings(_Model):
         description="Machines API base URL (public: https://api.machines.dev, inside Fly: "
         "http://_api.internal:4280), or `embedded` for the embedded emulator; "
         "`autoscaler run` refuses to start without it unless given --emulator or every app"
-        " is static (has backends)",
+        " is static (has backends), and `check-config` refuses such a config too",
     )
     token: Token = Field(
         default=None,

@@ -302,7 +302,7 @@ def test_check_config_warns_of_an_app_no_request_is_routed_to(
 
 def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write(tmp_path, "apps: [{name: web, hosts: ['*.web.dev'], max_machines: 3}]\n")
-    assert check_config(str(good)) == 0
+    assert check_config(str(good), emulator=True) == 0  # as `run --emulator` starts on it
     out = capsys.readouterr().out
     assert "OK" in out
     assert "web" in out
@@ -313,7 +313,7 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "apps: [{name: web, keep_alive: adaptive, wake_cost_s: 60, idle_to_zero_s: 90}]\n",
         "adaptive.yaml",
     )
-    assert check_config(str(adaptive)) == 0
+    assert check_config(str(adaptive), emulator=True) == 0
     out = capsys.readouterr().out
     assert "keep-alive adaptive (wake cost 60s, until learned 60s)" in out
     bad = write(tmp_path, "apps: [{name: web, min_machines: 5, max_machines: 1}]\n", "bad.yaml")
@@ -370,7 +370,7 @@ async def test_an_image_template_word_a_letter_from_a_placeholder_is_taken_with_
     (warning,) = settings.emulator.placeholder_warnings()
     assert warning.startswith("emulator.images: tool: {hist}, {hosts}, {most}, {post}, {sort}")
     assert "if it is one mistyped, every boot of a machine of this image fails" in warning
-    assert await asyncio.to_thread(check_config, str(path)) == 0
+    assert await asyncio.to_thread(check_config, str(path), emulator=True) == 0
     assert f"warning: {warning}\n" in capsys.readouterr().err
     with capture_logs() as logs:
         async with Emulator(settings.emulator, host="127.0.0.1", port=0):

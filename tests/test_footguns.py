@@ -449,11 +449,21 @@ def test_api_url_must_be_a_url_or_embedded(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "fly: {api_url: emulator}\n"), env={})
 
 
-def test_check_config_says_run_needs_the_emulator_flag(
+def test_check_config_refuses_an_app_to_scale_without_a_machines_api_as_run_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert check_config(str(write(tmp_path, APP))) == 0
-    assert "not set: `autoscaler run` needs --emulator" in capsys.readouterr().out
+    """check-config wrote its own list of run's start checks, without this one: "OK",
+    exit 0 ("Machines API: not set: `autoscaler run` needs --emulator") for a file `run`
+    refuses. It now asks run's own check."""
+    path = write(tmp_path, APP)
+    problem = (
+        f"{path}: fly.api_url is not set and app web is scaled (it has no backends): set it"
+        " to the Machines API (https://api.machines.dev, or http://_api.internal:4280 inside"
+        " Fly), or ask for the embedded emulator with --emulator or fly.api_url: embedded"
+    )
+    assert_refused_by_run_and_check_config(path, problem, capsys)
+    assert check_config(str(path), emulator=True) == 0  # as `run --emulator` starts on it
+    assert "Machines API: embedded emulator" in capsys.readouterr().out
     # The embedded emulator takes its own token: the Fly token's absence is no concern.
     embedded = "fly: {api_url: embedded}\nemulator: {token: emu-t0ken-0123456789}\n"
     assert check_config(str(write(tmp_path, embedded + APP))) == 0
@@ -657,7 +667,7 @@ def test_an_admin_server_on_a_name_of_loopback_needs_no_token(
     monkeypatch.setattr(autoscaler.check, "resolve_listen_host", hosts)
     monkeypatch.setattr(autoscaler.service, "run_event_loop", lambda main: main.close())
     path = write(tmp_path, "admin: {listen: 'ops.test:9091'}\n" + APP)
-    assert check_config(str(path)) == 0
+    assert check_config(str(path), emulator=True) == 0
     assert run(str(path), emulator=True) == 0
     capsys.readouterr()
     path = write(tmp_path, "admin: {listen: 'pub.test:9091'}\n" + APP)
