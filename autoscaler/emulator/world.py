@@ -31,6 +31,7 @@ from autoscaler.emulator.procs import AddressPool, NoAddress
 from autoscaler.emulator.validate import BadRequest
 
 DEFAULT_REGION = "iad"
+DEFAULT_PROCESS_GROUP = "app"  # a machine's group when fly.toml has no [processes]
 _TOMBSTONES = 10_000  # destroyed machine ids remembered, so /wait?state=destroyed succeeds
 
 
@@ -151,9 +152,16 @@ class World:
         """A start-up app from the config; an app already loaded from the state file stays."""
         app = self.apps.get(spec.name) or self.create_app(spec.name, self.settings.org_slug)
         missing = spec.machines - len(app.machines)
+        regions = spec.regions or [DEFAULT_REGION]
+        # What `fly deploy` writes into every machine of an app without [processes]: its
+        # fly.toml's primary_region (here the first region) and its process group, `app`,
+        # in config.env and the group in metadata too. The app's own env wins: the
+        # emulator's config has no primary_region key, so env is where one is said.
+        env = {"PRIMARY_REGION": regions[0], "FLY_PROCESS_GROUP": DEFAULT_PROCESS_GROUP}
         config: dict[str, Any] = {
             "image": spec.image,
-            "env": dict(spec.env),
+            "env": env | dict(spec.env),
+            "metadata": {"fly_process_group": DEFAULT_PROCESS_GROUP},
             "services": [
                 {
                     "protocol": "tcp",
@@ -168,7 +176,6 @@ class World:
             # Its check, as fly.toml's [[http_service.checks]] declares one: a check of the
             # service (which Fly's proxy routes by), reported as servicecheck-00-http-<port>.
             config["services"][0]["checks"] = [dict(DEMO_CHECK)]
-        regions = spec.regions or [DEFAULT_REGION]
         for i in range(len(app.machines), len(app.machines) + max(0, missing)):
             region = regions[i % len(regions)]  # round-robin, as Fly spreads a count
             m = self.create_machine(app, copy.deepcopy(config), None, region)

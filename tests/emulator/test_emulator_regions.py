@@ -125,3 +125,21 @@ async def test_the_process_sees_its_region_and_process_group(emulator: Emulator)
         m = await (await s.post("/v1/apps/demo/machines", json=body)).json()
         env = emulator.world.lifecycle.environment(emulator.machine("demo", m["id"]))
         assert (env["FLY_REGION"], env["FLY_PROCESS_GROUP"]) == ("cdg", "worker")
+
+
+async def test_start_up_machines_carry_what_fly_deploy_writes() -> None:
+    """As `fly deploy` writes fly.toml's primary_region and the default group, `app`, into
+    every machine's config (the first region is the primary); the app's own env wins."""
+    apps = [
+        EmulatorApp(name="web", machines=2, regions=["cdg", "iad"]),
+        EmulatorApp(name="api", machines=1, env={"PRIMARY_REGION": "ord"}),
+    ]
+    async with Emulator(EmulatorSettings(rate_limits=False, apps=apps), port=0) as emu:
+        for m in emu.machines("web"):
+            assert m.config["env"]["PRIMARY_REGION"] == "cdg"
+            assert m.config["env"]["FLY_PROCESS_GROUP"] == "app"
+            assert m.config["metadata"] == {"fly_process_group": "app"}
+            env = emu.world.lifecycle.environment(m)
+            assert (env["PRIMARY_REGION"], env["FLY_PROCESS_GROUP"]) == ("cdg", "app")
+        (api,) = emu.machines("api")
+        assert api.config["env"]["PRIMARY_REGION"] == "ord"
