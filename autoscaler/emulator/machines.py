@@ -75,6 +75,9 @@ BASE_ENV = (
 # "Machine Sizing" guide, "Each CPU selection defaults to a specific amount of memory");
 # a config without a guest is Fly's default size, shared-cpu-1x.
 MEMORY_MB_PER_CPU = {"shared": 256, "performance": 2048}
+# That default size, as Fly fills it into a machine's config.guest when the create (or
+# update) request gives none: the machine's JSON then shows the size it runs at.
+DEFAULT_GUEST = {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256}
 
 log = get_logger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from autoscaler.config import EmulatorApp, EmulatorSettings, FaultSettings
 from autoscaler.emulator.checks import DEMO_CHECK
-from autoscaler.emulator.machines import Conflict, Lifecycle, is_demo_image
+from autoscaler.emulator.machines import DEFAULT_GUEST, Conflict, Lifecycle, is_demo_image
 from autoscaler.emulator.model import (
     MAX_DELETED,
     MAX_PAST_CONFIGS,
@@ -33,6 +33,13 @@ from autoscaler.emulator.validate import BadRequest
 DEFAULT_REGION = "iad"
 DEFAULT_PROCESS_GROUP = "app"  # a machine's group when fly.toml has no [processes]
 _TOMBSTONES = 10_000  # destroyed machine ids remembered, so /wait?state=destroyed succeeds
+
+
+def _fill_guest(config: dict[str, Any]) -> None:
+    """A config without a guest (or ``null``, ``{}``) gets Fly's default size, as Fly
+    fills it in: shared-cpu-1x, 256 MB."""
+    if not config.get("guest"):
+        config["guest"] = dict(DEFAULT_GUEST)
 
 
 class NotFound(Exception):
@@ -187,6 +194,7 @@ class World:
         self, app: App, config: dict[str, Any], name: str | None, region: str | None
     ) -> Machine:
         self._check_image(config)
+        _fill_guest(config)
         private_ip = self._address(internal_port_of(config))  # before anything is attached
         mid = self.ids.machine()
         try:
@@ -228,6 +236,7 @@ class World:
         self, m: Machine, config: dict[str, Any], name: str | None, region: str | None
     ) -> None:
         self._check_image(config)
+        _fill_guest(config)
         if region and region != m.region:
             raise BadRequest(f"region: a machine cannot move regions ({m.region} to {region})")
         app = self.app(m.app)

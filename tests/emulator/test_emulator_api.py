@@ -111,6 +111,21 @@ async def test_a_launched_machine_is_answered_created_then_starts(emulator: Emul
         await wait_ok(s, "demo", m["id"])
 
 
+async def test_a_machine_without_a_guest_gets_fly_s_default_size(emulator: Emulator) -> None:
+    """Fly fills config.guest with its default size, shared-cpu-1x (1 CPU, 256 MB), when
+    the request gives none; a guest given is kept as it came, on an update too."""
+    default = {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256}
+    async with session(emulator) as s:
+        m = await new_machine(s, start=False)
+        assert m["config"]["guest"] == default
+        sized = await create_machine(s, start=False, guest={"cpus": 2})
+        assert sized["config"]["guest"] == {"cpus": 2}
+        config = {k: v for k, v in sized["config"].items() if k != "guest"}
+        r = await s.post(f"/v1/apps/demo/machines/{sized['id']}", json={"config": config})
+        assert r.status == 200, await r.text()
+        assert (await r.json())["config"]["guest"] == default
+
+
 async def test_create_with_skip_launch_then_list_and_app_counts(emulator: Emulator) -> None:
     async with session(emulator) as s:
         m = await new_machine(s, start=False, metadata={"role": "web"})
