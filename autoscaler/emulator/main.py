@@ -24,7 +24,7 @@ from autoscaler.config import (
     app_name_problem,
     load_settings,
 )
-from autoscaler.emulator.persist import StateFileError
+from autoscaler.emulator.persist import StateFileError, a_directory
 from autoscaler.emulator.server import Emulator
 
 
@@ -47,6 +47,8 @@ def settings_from(
     if token:
         section["token"] = token
     if state_file:
+        if Path(state_file).is_dir():  # said before anything is loaded or written
+            raise ConfigError([f"--state-file: {a_directory(Path(state_file))}"])
         section["state_file"] = state_file
     if rate_limits is not None:
         section["rate_limits"] = rate_limits

@@ -50,12 +50,20 @@ class StateFileError(Exception):
     pass
 
 
+def a_directory(path: Path) -> str:
+    """What is said of a state file that names a directory (``--state-file /tmp``), which
+    otherwise came out as a bare ``[Errno 21] Is a directory``."""
+    return f"{path} is a directory; name a file to keep the state in (say {path / 'emulator.json'})"
+
+
 def load(path: Path) -> dict[str, App]:
     """The saved apps, every machine stopped; an absent file is an empty world."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
+    except IsADirectoryError:
+        raise StateFileError(f"emulator.state_file: {a_directory(path)}") from None
     except (OSError, ValueError) as exc:
         raise StateFileError(f"{path}: cannot read the emulator state: {exc}") from None
     if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION:

@@ -260,6 +260,27 @@ async def test_a_state_file_in_a_directory_that_does_not_exist_is_refused(
     assert not state.parent.exists()
 
 
+async def test_a_state_file_that_is_a_directory_is_said_naming_flag_and_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--state-file /tmp`` printed a bare ``[Errno 21] Is a directory``; and the same
+    from the config file (``emulator.state_file``). Nothing is written in it."""
+    from autoscaler.cli import main
+    from autoscaler.emulator import main as emulator_main
+
+    served: list[object] = []
+    monkeypatch.setattr(emulator_main, "run", lambda s, *a, **k: served.append(s) or 0)
+    assert main(["emulator", "--state-file", str(tmp_path), "--log-level", "error"]) == 2
+    assert served == []
+    said = f"{tmp_path} is a directory; name a file to keep the state in"
+    assert capsys.readouterr().err.startswith(f"--state-file: {said}")
+    with pytest.raises(StateFileError) as caught:
+        async with Emulator(EmulatorSettings(state_file=tmp_path), port=0):
+            pass
+    assert str(caught.value).startswith(f"emulator.state_file: {said}")
+    assert os.listdir(tmp_path) == []  # nothing written in it
+
+
 async def test_damaged_state_file_is_a_clear_error(tmp_path: Path) -> None:
     state = tmp_path / "emulator.json"
     state.write_text("{not json")
