@@ -18,6 +18,7 @@ same; for an emulator in another process::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -26,11 +27,32 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from autoscaler.config import FaultSettings, holds_number
+from autoscaler.config import FaultSettings, format_errors, holds_number
 from autoscaler.emulator.middleware import read_body, world_of
 from autoscaler.emulator.validate import BadRequest
 
 PATH = "/_emulator/faults"  # under middleware.CONTROL_PREFIX: exempt from injected faults
+
+
+def _is_nan(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, float | str):
+        return False
+    try:
+        return math.isnan(float(value))
+    except ValueError:
+        return False
+
+
+def nan_problems(values: Mapping[str, object], names: Mapping[str, str] | None = None) -> list[str]:
+    """A NaN given for a fault (``--hang-rate nan``, ``NaN`` in JSON) fails every bound and
+    was refused as out of range ("less than or equal to 1"): it is said to be no number.
+    ``names`` names a key as the user gave it (a flag), else the key is named."""
+    names = names or {}
+    return [
+        f"{names.get(key, key)}: expected a number, got nan (not a number)"
+        for key, value in values.items()
+        if _is_nan(value)
+    ]
 
 
 def changed(current: FaultSettings, changes: Mapping[str, Any]) -> FaultSettings:
@@ -41,6 +63,9 @@ def changed(current: FaultSettings, changes: Mapping[str, Any]) -> FaultSettings
     unknown = sorted(k for k in changes if k not in fields)
     if unknown:
         raise BadRequest(f"{unknown[0]}: unknown fault (known: {', '.join(sorted(fields))})")
+    not_numbers = nan_problems(changes)
+    if not_numbers:
+        raise BadRequest("; ".join(not_numbers))
     merged = current.model_dump()
     for key, value in changes.items():
         if value is None:
@@ -57,21 +82,16 @@ def changed(current: FaultSettings, changes: Mapping[str, Any]) -> FaultSettings
     try:
         return FaultSettings.model_validate(merged)
     except ValidationError as exc:
-        problems: list[str] = []
-        for e in exc.errors(include_url=False):
-            key = str(e["loc"][0]) if e["loc"] else ""
-            if key in booleans:
-                problem = (
-                    f"{key}: expected a number, got {str(booleans[key]).lower()} (a JSON"
-                    " boolean: give a number, or null for its default, off)"
-                )
-            else:
-                msg = str(e["msg"]).removeprefix("Value error, ")
-                where = ".".join(str(p) for p in e["loc"])
-                got = "" if "got " in msg else f", got {e.get('input')!r}"
-                problem = f"{where}: {msg}{got}"
-            if problem not in problems:
-                problems.append(problem)
+        # In the house style of the settings' errors (config.format_errors: lowercase,
+        # the key, what was expected, what came), not pydantic's own capitalised lines.
+        problems: list[str] = [
+            f"{key}: expected a number, got {str(value).lower()} (a JSON boolean: give a"
+            " number, or null for its default, off)"
+            for key, value in booleans.items()
+        ]
+        for line in format_errors(exc):
+            if line.partition(":")[0] not in booleans and line not in problems:
+                problems.append(line)
         raise BadRequest("; ".join(problems)) from None
 
 

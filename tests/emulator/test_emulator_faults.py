@@ -48,7 +48,14 @@ async def test_an_outage_switched_on_and_off_over_http(emulator: Emulator) -> No
     ("body", "says"),
     [
         ({"eror_rate": 1}, "eror_rate: unknown fault"),
-        ({"error_rate": 2}, "error_rate: Input should be less than or equal to 1"),
+        # pydantic's own lines, capitalised ("Input should be ..."), are said as the
+        # settings' errors are: lowercase, the key, what was expected, what came.
+        ({"error_rate": 2}, "error_rate: input should be less than or equal to 1, got 2"),
+        ({"latency_s": -1}, "latency_s: input should be greater than or equal to 0, got -1"),
+        ({"hung": {"a": "b"}}, "hung: input should be a valid list, got a mapping"),
+        # NaN fails every bound: it was called "less than or equal to 1".
+        ({"hang_rate": float("nan")}, "hang_rate: expected a number, got nan (not a number)"),
+        ({"error_rate": "NaN"}, "error_rate: expected a number, got nan (not a number)"),
         ([1, 2], "expected a JSON object"),
         # A boolean is no number: it was called "unable to parse string as a number, got
         # 'true'" (the settings pass true on as text, for YAML's yes/no/on/off).
@@ -65,6 +72,7 @@ async def test_a_bad_fault_is_refused_with_its_name(
         error = (await r.json())["error"]
         assert says in error
         assert "string" not in error
+        assert "Input" not in error
     assert emulator.faults == FaultSettings()
 
 
