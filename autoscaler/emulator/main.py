@@ -24,8 +24,47 @@ from autoscaler.config import (
     app_name_problem,
     load_settings,
 )
+from autoscaler.emulator.faults import nan_problems
 from autoscaler.emulator.persist import StateFileError, a_directory
 from autoscaler.emulator.server import Emulator
+
+# The fault flags, by the key of `emulator.faults` each sets (cli._emulator_args).
+FAULT_FLAGS = {
+    "latency_s": "--latency",
+    "error_rate": "--error-rate",
+    "rate_limit_rate": "--rate-limit-rate",
+    "boot_failure_rate": "--boot-failure-rate",
+    "crash_after_s": "--crash-after",
+    "resume_cold_rate": "--resume-cold-rate",
+    "hang_rate": "--hang-rate",
+}
+# Every flag of `autoscaler emulator` that sets a key, by the key path its errors name.
+FLAGS = {
+    "emulator.listen": "--listen",
+    "emulator.token": "--token",
+    "emulator.state_file": "--state-file",
+    "emulator.rate_limits": "--no-rate-limits",
+    "emulator.profile": "--profile",
+    "emulator.apps": "--app",
+    **{f"emulator.faults.{key}": flag for key, flag in FAULT_FLAGS.items()},
+}
+_FROM_FLAG = "command line: "  # how config.py starts the line of a value the flags gave
+_APP_KEY_RE = re.compile(r"emulator\.apps\[(\d+)\]\.?(.*)")
+
+
+def _as_flag(line: str, apps: list[str]) -> str:
+    """A settings error about a value a flag gave, as the user typed it: ``--latency: ...``
+    for ``command line: emulator.faults.latency_s: ...``, ``--app web=2:img: image: ...``
+    for ``command line: emulator.apps[0].image: ...``; other lines as they are."""
+    if not line.startswith(_FROM_FLAG):
+        return line
+    key, _, said = line.removeprefix(_FROM_FLAG).partition(": ")
+    if key in FLAGS:
+        return f"{FLAGS[key]}: {said}"
+    app = _APP_KEY_RE.fullmatch(key)
+    if app and int(app[1]) < len(apps):
+        return f"--app {apps[int(app[1])]}: " + (f"{app[2]}: " if app[2] else "") + said
+    return line
 
 
 def settings_from(
@@ -40,7 +79,8 @@ def settings_from(
     apps: list[str] | None = None,
     faults: Mapping[str, float | None] | None = None,
 ) -> EmulatorSettings:
-    """The file's ``emulator`` section (EMULATOR_TOKEN included, see config.py), flags on top."""
+    """The file's ``emulator`` section (EMULATOR_TOKEN included, see config.py), flags on
+    top; a flag's mistake is said naming the flag (``--latency``), not its key."""
     section: dict[str, Any] = {}
     if listen:
         section["listen"] = listen
@@ -55,6 +95,9 @@ def settings_from(
     if profile:
         section["profile"] = profile
     set_faults = {k: v for k, v in (faults or {}).items() if v is not None}
+    not_numbers = nan_problems(set_faults, FAULT_FLAGS)
+    if not_numbers:
+        raise ConfigError(not_numbers)
     if set_faults:
         section["faults"] = set_faults
     if apps:
@@ -64,9 +107,12 @@ def settings_from(
     # file's proxy and admin server (config.py refuses two servers of one process on one
     # address: proxy.listen or admin.listen would have kept --listen off theirs).
     elsewhere = {"api_url": "http://127.0.0.1"}  # (never called: only .emulator is used)
-    settings, _ = load_settings(
-        config, env=environ, overrides={"emulator": section, "fly": elsewhere}
-    )
+    try:
+        settings, _ = load_settings(
+            config, env=environ, overrides={"emulator": section, "fly": elsewhere}
+        )
+    except ConfigError as exc:
+        raise ConfigError([_as_flag(line, apps or []) for line in exc.problems]) from None
     return settings.emulator
 
 
@@ -177,13 +223,8 @@ def main(args: Any, environ: Mapping[str, str]) -> int:
             profile=args.profile,
             apps=args.app,
             faults={
-                "latency_s": args.latency,
-                "error_rate": args.error_rate,
-                "rate_limit_rate": args.rate_limit_rate,
-                "boot_failure_rate": args.boot_failure_rate,
-                "crash_after_s": args.crash_after,
-                "resume_cold_rate": args.resume_cold_rate,
-                "hang_rate": args.hang_rate,
+                key: getattr(args, flag.removeprefix("--").replace("-", "_"))
+                for key, flag in FAULT_FLAGS.items()
             },
         )
     except ConfigError as exc:

@@ -101,7 +101,7 @@ def test_a_bad_app_flag_is_an_error_not_one_machine(flag: str, message: str) -> 
 
 
 def test_an_app_given_twice_is_an_error() -> None:
-    with pytest.raises(ConfigError, match=r"emulator\.apps: expected each app once, got web"):
+    with pytest.raises(ConfigError, match=r"^--app: expected each app once, got web"):
         settings_from(None, environ={}, apps=["web=1", "web=2"])
 
 
