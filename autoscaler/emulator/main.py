@@ -204,6 +204,10 @@ def run(
     except StateFileError as exc:
         print(str(exc), file=err)
         return 2
+    except ConfigError as exc:  # what only the start finds (a start-up app's image)
+        for line in exc.problems:
+            print(line, file=err)
+        return 2
     except OSError as exc:
         print(f"emulator: cannot listen on {settings.listen}: {exc.strerror}", file=err)
         return 1

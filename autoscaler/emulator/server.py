@@ -19,13 +19,20 @@ from typing import Any
 
 from aiohttp import web
 
-from autoscaler.config import EmulatorSettings, FaultSettings, is_loopback, parse_host_port
+from autoscaler.config import (
+    ConfigError,
+    EmulatorSettings,
+    FaultSettings,
+    is_loopback,
+    parse_host_port,
+)
 from autoscaler.emulator import faults as fault_routes
 from autoscaler.emulator.api import Context, build_app
 from autoscaler.emulator.limits import RateLimiter
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.persist import Saver, load
 from autoscaler.emulator.procs import MachineProcess
+from autoscaler.emulator.validate import BadRequest
 from autoscaler.emulator.world import World
 from autoscaler.logs import get_logger
 
@@ -95,8 +102,12 @@ class Emulator:
             saver = Saver(state_file, world.apps)
             saver.save_now()  # a file that cannot be written is said now, not at exit
             self._saver = saver
-        for spec in self.settings.apps:
-            world.seed_app(spec)
+        for i, spec in enumerate(self.settings.apps):
+            try:
+                world.seed_app(spec)
+            except BadRequest as exc:  # its image, under strict_images: a config error
+                await self.close()
+                raise ConfigError([f"emulator.apps[{i}] ({spec.name}): {exc}"]) from None
         for warning in self.settings.placeholder_warnings():  # config.EmulatorSettings's
             log.warning("emulator_image_placeholder_unsure", warning=warning)
         self._ctx = Context(

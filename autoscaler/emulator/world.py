@@ -156,7 +156,10 @@ class World:
         self._on_change()
 
     def seed_app(self, spec: EmulatorApp) -> None:
-        """A start-up app from the config; an app already loaded from the state file stays."""
+        """A start-up app from the config; an app already loaded from the state file stays.
+        An image the emulator refuses (``strict_images``) is BadRequest, before the app is
+        made."""
+        self._check_image({"image": spec.image})
         app = self.apps.get(spec.name) or self.create_app(spec.name, self.settings.org_slug)
         missing = spec.machines - len(app.machines)
         regions = spec.regions or [DEFAULT_REGION]

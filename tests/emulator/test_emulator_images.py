@@ -3,6 +3,8 @@ images not in the table (the demo app stands in, or a refusal with ``strict_imag
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,9 @@ from emu_helpers import (
     wait_ok,
 )
 from structlog.testing import capture_logs
+from testkit import free_port
 
-from autoscaler.config import EmulatorSettings
+from autoscaler.config import EmulatorApp, EmulatorSettings
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.machines import guest_memory_mb
 from autoscaler.emulator.procs import PARENT_ENV
@@ -285,3 +288,27 @@ async def test_strict_images_refuses_an_unknown_image() -> None:
         assert "'nope/unknown' is not in the emulator's image table" in error
         assert "strict_images" in error
         assert emu.machines("demo") == []
+
+
+def test_a_start_up_app_of_an_image_strict_images_refuses_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    """`autoscaler emulator --app web=1:nginx` with `strict_images` ended in a traceback
+    of the API's BadRequest; it is a config error naming the app (exit 2), and the app is
+    not made (nothing of it saved)."""
+    from autoscaler.emulator.main import run
+
+    state = tmp_path / "state.json"
+    settings = EmulatorSettings(
+        listen=f"127.0.0.1:{free_port()}",  # never bound: the start ends before it listens
+        state_file=state,
+        strict_images=True,
+        apps=[EmulatorApp(name="web", image="nginx")],
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert run(settings, out, err) == 2
+    assert err.getvalue() == (
+        "emulator.apps[0] (web): config.image: 'nginx' is not in the emulator's image table"
+        " (known: autoscaler/demo-app; emulator.strict_images is on)\n"
+    )
+    assert json.loads(state.read_text())["apps"] == []
