@@ -49,22 +49,16 @@ FLAGS = {
     **{f"emulator.faults.{key}": flag for key, flag in FAULT_FLAGS.items()},
 }
 _FROM_FLAG = "command line: "  # how config.py starts the line of a value the flags gave
-_APP_KEY_RE = re.compile(r"emulator\.apps\[(\d+)\]\.?(.*)")
 
 
-def _as_flag(line: str, apps: list[str]) -> str:
+def _as_flag(line: str) -> str:
     """A settings error about a value a flag gave, as the user typed it: ``--latency: ...``
-    for ``command line: emulator.faults.latency_s: ...``, ``--app web=2:img: image: ...``
-    for ``command line: emulator.apps[0].image: ...``; other lines as they are."""
+    for ``command line: emulator.faults.latency_s: ...``; other lines as they are (an
+    app's own keys: ``--app`` has said its mistakes before, in _app_flag)."""
     if not line.startswith(_FROM_FLAG):
         return line
     key, _, said = line.removeprefix(_FROM_FLAG).partition(": ")
-    if key in FLAGS:
-        return f"{FLAGS[key]}: {said}"
-    app = _APP_KEY_RE.fullmatch(key)
-    if app and int(app[1]) < len(apps):
-        return f"--app {apps[int(app[1])]}: " + (f"{app[2]}: " if app[2] else "") + said
-    return line
+    return f"{FLAGS[key]}: {said}" if key in FLAGS else line
 
 
 def settings_from(
@@ -112,7 +106,7 @@ def settings_from(
             config, env=environ, overrides={"emulator": section, "fly": elsewhere}
         )
     except ConfigError as exc:
-        raise ConfigError([_as_flag(line, apps or []) for line in exc.problems]) from None
+        raise ConfigError([_as_flag(line) for line in exc.problems]) from None
     return settings.emulator
 
 
