@@ -196,6 +196,8 @@ def parse_duration(value: object) -> object:
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
+Rate = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+"""A fraction of calls, boots, starts: in [0, 1] (NaN, which fails every bound, is no number)."""
 
 # The share of the buffer budget a client connection is reckoned at when
 # ``proxy.max_connections`` is left to its default. (An idle connection costs about 6 KiB
@@ -936,24 +938,20 @@ class AppConfig(_Model):
 
 class FaultSettings(_Model):
     latency_s: Seconds = Field(default=0.0, description="extra latency of every API call")
-    error_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 500")
-    rate_limit_rate: float = Field(default=0.0, ge=0, le=1, description="fraction answered 429")
-    boot_failure_rate: float = Field(
-        default=0.0, ge=0, le=1, description="fraction of boots (any cold boot) that end `failed`"
+    error_rate: Rate = Field(default=0.0, description="fraction answered 500")
+    rate_limit_rate: Rate = Field(default=0.0, description="fraction answered 429")
+    boot_failure_rate: Rate = Field(
+        default=0.0, description="fraction of boots (any cold boot) that end `failed`"
     )
     crash_after_s: Seconds | None = Field(
         default=None, description="kill each machine's process this long after it starts"
     )
-    resume_cold_rate: float = Field(
+    resume_cold_rate: Rate = Field(
         default=0.0,
-        ge=0,
-        le=1,
         description="fraction of resumes whose snapshot is lost: a cold boot instead",
     )
-    hang_rate: float = Field(
+    hang_rate: Rate = Field(
         default=0.0,
-        ge=0,
-        le=1,
         description="fraction of starts after which the process hangs (its id joins `hung`)",
     )
     hung: list[str] = Field(
@@ -963,10 +961,8 @@ class FaultSettings(_Model):
             " until a cold boot starts a new one"
         ),
     )
-    host_unreachable_rate: float = Field(
+    host_unreachable_rate: Rate = Field(
         default=0.0,
-        ge=0,
-        le=1,
         description="fraction of starts after which the host is lost (id joins `host_unreachable`)",
     )
     host_unreachable: list[str] = Field(

@@ -939,3 +939,16 @@ def test_status_and_simulate_take_an_emulator_section_only_a_run_would_refuse(
         load_settings(bad, env={}, serving=False)
     with pytest.raises(ConfigError, match=r"emulator\.listen: expected a loopback"):
         load_settings(path, env={})
+
+
+@pytest.mark.parametrize("key", ["error_rate", "hang_rate", "host_unreachable_rate"])
+def test_a_fault_rate_that_is_no_number_is_said_so(tmp_path: Path, key: str) -> None:
+    # A NaN fails every bound, and was refused as "less than or equal to 1", sending the
+    # reader after a value that is not too large.
+    path = write(tmp_path, f"emulator: {{faults: {{{key}: .nan}}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert f"emulator.faults.{key}: " in line
+    assert "finite number" in line, line
+    assert "less than" not in line
