@@ -148,6 +148,11 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
         choices=("fast", "fly"),
         help="transition times: fast (default, for tests) or fly (Fly's documented times)",
     )
+    parser.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="machines listen on ::1, their private_ip, as Fly's are IPv6 (one per port)",
+    )
     faults = parser.add_argument_group("fault injection (off by default)")
     faults.add_argument("--latency", type=float, metavar="S", help="extra seconds per call")
     faults.add_argument("--error-rate", type=float, metavar="F", help="fraction answered 500")

@@ -1152,6 +1152,11 @@ class EmulatorSettings(_Model):
     seed_wait_limits: bool = Field(
         default=False, description="/wait as the seed has it: timeout up to 300 s, no version"
     )
+    ipv6: bool = Field(
+        default=False,
+        description="machines listen on ::1, their private_ip, as Fly's are IPv6 (they share"
+        " it: one machine per internal_port)",
+    )
 
     @field_validator("images")
     @classmethod
@@ -1186,6 +1191,23 @@ class EmulatorSettings(_Model):
         if twice:
             raise ValueError(f"expected each app once, got {', '.join(twice)} more than once")
         return apps
+
+    @model_validator(mode="after")
+    def _ipv6_ports_unshared(self) -> EmulatorSettings:
+        """On ::1 two machines cannot listen on one port: the second of the machines made
+        at start-up would be refused, and the emulator would not start."""
+        if self.ipv6:
+            held: dict[int, int] = {}
+            for app in self.apps:
+                held[app.internal_port] = held.get(app.internal_port, 0) + app.machines
+            shared = sorted(port for port, count in held.items() if count > 1)
+            if shared:
+                raise _KeyError(
+                    "emulator.apps",
+                    "with emulator.ipv6 every machine listens on ::1, so at most one machine"
+                    f" per internal_port, got {held[shared[0]]} on port {shared[0]}",
+                )
+        return self
 
     def placeholder_warnings(self) -> list[str]:
         """The ``{name}``s of the image templates that are near a placeholder but may be the

@@ -105,9 +105,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A loopback port nobody listens on now (connections to it are refused).
 
     For programs that cannot report the port they bound (Prometheus, a child process); the
-    race with another binder is on loopback only.
+    race with another binder is on loopback only. ``host`` may be ::1.
     """
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

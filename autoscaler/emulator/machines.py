@@ -747,7 +747,7 @@ class Lifecycle:
     async def _destroy(self, m: Machine) -> None:
         await self._end_process(m, signal.SIGKILL, 0)
         self.record(m, "destroyed", source="flyd")
-        self._pool.release(m.private_ip)
+        self._pool.release(m.private_ip, m.internal_port)
         self._on_gone(m)
 
     # --- runtime control -------------------------------------------------------------

@@ -70,6 +70,7 @@ def settings_from(
     state_file: str | None = None,
     rate_limits: bool | None = None,
     profile: str | None = None,
+    ipv6: bool | None = None,
     apps: list[str] | None = None,
     faults: Mapping[str, float | None] | None = None,
 ) -> EmulatorSettings:
@@ -88,6 +89,8 @@ def settings_from(
         section["rate_limits"] = rate_limits
     if profile:
         section["profile"] = profile
+    if ipv6 is not None:
+        section["ipv6"] = ipv6
     set_faults = {k: v for k, v in (faults or {}).items() if v is not None}
     not_numbers = nan_problems(set_faults, FAULT_FLAGS)
     if not_numbers:
@@ -219,6 +222,7 @@ def main(args: Any, environ: Mapping[str, str]) -> int:
             state_file=str(Path(args.state_file)) if args.state_file else None,
             rate_limits=False if args.no_rate_limits else None,
             profile=args.profile,
+            ipv6=True if args.ipv6 else None,
             apps=args.app,
             faults={
                 key: getattr(args, flag.removeprefix("--").replace("-", "_"))

@@ -34,6 +34,7 @@ from typing import Any
 
 from autoscaler.aio import tcp_probe
 from autoscaler.children import die_with_parent
+from autoscaler.config import authority
 
 PARENT_ENV = "AUTOSCALER_EMULATOR_PARENT"  # set on every machine: the emulator's pid
 SESSION_ENV = "AUTOSCALER_EMULATOR_SESSION"  # passed through to machines when set
@@ -315,7 +316,8 @@ async def wait_listening(
 
 
 def address_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         # As servers do: connections in TIME_WAIT from the last boot must not count.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -328,26 +330,59 @@ def address_free(host: str, port: int) -> bool:
 
 
 class AddressPool:
-    """Loopback addresses for machines: random in 127.2.0.1 to 127.254.255.254.
+    """Loopback addresses for machines: random in 127.2.0.1 to 127.254.255.254, or ::1.
 
     Sixteen million addresses drawn at random make a clash between parallel emulators
     (several pytest processes, a demo beside the tests) unlikely; the bind probe makes it
     impossible at assignment time. 127.0.x and 127.1.x stay free for ordinary services.
+
+    With ``ipv6`` every machine gets ::1, the one IPv6 loopback address (Fly's private
+    addresses are IPv6, and the proxy reaches them over it): machines then share it, so
+    what is held is the address and the machine's port, and two machines with one
+    ``internal_port`` cannot both have it.
     """
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, *, ipv6: bool = False) -> None:
         self._rng = rng
+        self._ipv6 = ipv6
         self._taken: set[str] = set()
 
-    def reserve(self, ip: str) -> None:
-        self._taken.add(ip)
+    @staticmethod
+    def _key(ip: str, port: int) -> str:
+        """What a machine holds: its IPv4 address whole, on ::1 one port of it."""
+        return authority(ip, port) if ":" in ip else ip
 
-    def release(self, ip: str) -> None:
-        self._taken.discard(ip)
+    def reserve(self, ip: str, port: int) -> None:
+        self._taken.add(self._key(ip, port))
+
+    def release(self, ip: str, port: int) -> None:
+        self._taken.discard(self._key(ip, port))
+
+    def move(self, ip: str, old_port: int, new_port: int) -> None:
+        """A machine's port changes (an update): on ::1 the new one must be free (NoAddress
+        if another machine holds it); an IPv4 address is the machine's whatever its port."""
+        old, new = self._key(ip, old_port), self._key(ip, new_port)
+        if new == old:
+            return
+        if new in self._taken:
+            raise NoAddress(_SHARED_PORT_TAKEN.format(port=new_port))
+        self._taken.discard(old)
+        self._taken.add(new)
 
     def allocate(self, port: int) -> str:
         """A free address for ``port``; NoAddress when none is (a wildcard listener on the
         port, 0.0.0.0 or [::], blocks every loopback address on Linux)."""
+        if self._ipv6:
+            key = self._key(IPV6_LOOPBACK, port)
+            if key in self._taken:
+                raise NoAddress(_SHARED_PORT_TAKEN.format(port=port))
+            if not address_free(IPV6_LOOPBACK, port):
+                raise NoAddress(
+                    f"insufficient capacity: port {port} is taken on ::1 "
+                    f"(is something listening on [::1]:{port} or [::]:{port}?)"
+                )
+            self._taken.add(key)
+            return IPV6_LOOPBACK
         for _ in range(64):
             rng = self._rng
             ip = f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
@@ -358,6 +393,13 @@ class AddressPool:
             f"insufficient capacity: port {port} is taken on every loopback address tried "
             f"(is something listening on 0.0.0.0:{port} or [::]:{port}?)"
         )
+
+
+IPV6_LOOPBACK = "::1"
+_SHARED_PORT_TAKEN = (
+    "insufficient capacity: another machine listens on [::1]:{port} (with emulator.ipv6 every"
+    " machine has ::1: give this one another internal_port)"
+)
 
 
 class NoAddress(Exception):

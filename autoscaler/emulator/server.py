@@ -98,7 +98,7 @@ class Emulator:
             world.apps.update(load(state_file))
             for app in world.apps.values():
                 for m in app.machines.values():
-                    world.pool.reserve(m.private_ip)
+                    world.pool.reserve(m.private_ip, m.internal_port)
             saver = Saver(state_file, world.apps)
             saver.save_now()  # a file that cannot be written is said now, not at exit
             self._saver = saver

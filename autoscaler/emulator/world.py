@@ -63,7 +63,7 @@ class World:
         self.wall = wall
         """The emulator's time of day, Fly's clock (``Emulator``'s ``wall``)."""
         self.ids = Ids(rng)
-        self.pool = AddressPool(rng)
+        self.pool = AddressPool(rng, ipv6=settings.ipv6)
         self.apps: dict[str, App] = {}
         self._gone: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._on_change = on_change
@@ -203,7 +203,7 @@ class World:
         try:
             self._attach(app, mid, config)
         except BadRequest:
-            self.pool.release(private_ip)
+            self.pool.release(private_ip, internal_port_of(config))
             raise
         stamp = now_rfc3339(self.wall())
         m = Machine(
@@ -244,6 +244,11 @@ class World:
             raise BadRequest(f"region: a machine cannot move regions ({m.region} to {region})")
         app = self.app(m.app)
         old_version, old_config = m.instance_id, m.config
+        ports = m.internal_port, internal_port_of(config)
+        try:
+            self.pool.move(m.private_ip, *ports)  # Fly keeps the address across an update
+        except NoAddress as exc:
+            raise Conflict(str(exc)) from None
         self._detach(app, m.id)
         try:
             self._attach(app, m.id, config)
@@ -251,6 +256,7 @@ class World:
         except Exception:
             self._detach(app, m.id)  # a refused update leaves the volumes as they were
             self._attach(app, m.id, m.config)
+            self.pool.move(m.private_ip, *reversed(ports))  # and the address
             raise
         m.past_configs[old_version] = old_config
         for version in list(m.past_configs)[:-MAX_PAST_CONFIGS]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 
+from autoscaler.config import authority
 from autoscaler.emulator import Emulator
 from autoscaler.emulator.model import Machine
 from autoscaler.emulator.procs import pid_alive
@@ -84,7 +85,7 @@ async def wait_ok(s: aiohttp.ClientSession, app: str, mid: str, state: str = "st
 async def hit(ip: str, port: int = 8080, path: str = "/") -> dict[str, Any]:
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as c,
-        c.get(f"http://{ip}:{port}{path}") as r,
+        c.get(f"http://{authority(ip, port)}{path}") as r,
     ):
         assert r.status == 200
         body: dict[str, Any] = await r.json()

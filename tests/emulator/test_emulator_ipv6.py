@@ -1,0 +1,75 @@
+"""``emulator.ipv6``: machines listen on ::1 and report it as their ``private_ip``, as Fly's
+private addresses are IPv6. They share the one address, so a port is one machine's: a
+second machine on it is refused (412, "insufficient capacity"), at create and at an update,
+until the first is destroyed; two start-up machines on one port are a config error."""
+
+from __future__ import annotations
+
+import pytest
+from emu_helpers import create_app, create_machine, hit, session, until, wait_ok
+from testkit import NEEDS_IPV6_LOOPBACK, free_port
+
+from autoscaler.cli import main
+from autoscaler.config import EmulatorSettings
+from autoscaler.emulator import Emulator
+
+pytestmark = NEEDS_IPV6_LOOPBACK
+
+FAST = {"interval": "100ms", "timeout": "500ms", "grace_period": "0s"}
+
+
+@pytest.fixture
+def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
+    return emulator_settings.model_copy(update={"ipv6": True})
+
+
+async def test_machines_listen_on_ipv6_loopback_one_per_port(emulator: Emulator) -> None:
+    # Free ports of this host's ::1: parallel test processes share it, and other programs.
+    port, other = free_port("::1"), free_port("::1")
+    async with session(emulator) as s:
+        await create_app(s)
+        checks = {"web": {"type": "http", "path": "/healthz", **FAST}}
+        m = await create_machine(s, port=port, checks=checks)
+        assert m["private_ip"] == "::1"
+        await wait_ok(s, "demo", m["id"])
+        assert (await hit("::1", port))["machine_id"] == m["id"]
+        record = emulator.machine("demo", m["id"])
+        await until(record, lambda x: x.checks["web"].status == "passing")  # over IPv6 too
+
+        body = {"config": {"image": "autoscaler/demo-app", "services": [{"internal_port": port}]}}
+        r = await s.post("/v1/apps/demo/machines", json=body)
+        assert r.status == 412
+        assert "another machine listens on [::1]:" in (await r.json())["error"]
+
+        second = await create_machine(s, port=other, start=False)
+        assert second["private_ip"] == "::1"
+        path = f"/v1/apps/demo/machines/{second['id']}"
+        r = await s.post(path, json=body)  # an update onto the first one's port
+        assert r.status == 412
+        assert "insufficient capacity" in (await r.json())["error"]
+
+        r = await s.delete(f"/v1/apps/demo/machines/{m['id']}", params={"force": "true"})
+        assert r.status == 200, await r.text()
+        await wait_ok(s, "demo", m["id"], "destroyed")
+        r = await s.post(path, json=body)  # the port is free again
+        assert r.status == 200, await r.text()
+        r = await s.post(f"{path}/start")
+        assert r.status == 200, await r.text()
+        await wait_ok(s, "demo", second["id"])
+        assert (await hit("::1", port))["machine_id"] == second["id"]
+
+
+def test_the_ipv6_flag_and_start_up_machines_sharing_a_port_on_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served: list[EmulatorSettings] = []
+    monkeypatch.setattr(
+        "autoscaler.emulator.main.run", lambda settings, **_: served.append(settings) or 0
+    )
+    assert main(["emulator", "--ipv6", "--app", "web=1"]) == 0
+    assert [s.ipv6 for s in served] == [True]
+    assert main(["emulator", "--ipv6", "--app", "web=2"]) == 2  # refused before serving
+    assert len(served) == 1
+    err = capsys.readouterr().err
+    assert "emulator.apps: with emulator.ipv6 every machine listens on ::1" in err
+    assert "got 2 on port 8080" in err
