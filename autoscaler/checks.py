@@ -153,7 +153,7 @@ async def _tcp(spec: CheckSpec, host: str) -> tuple[str, str]:
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-    return "passing", f"TCP connect {host}:{spec.port}: Success"
+    return "passing", f"TCP connect {authority(host, spec.port)}: Success"
 
 
 async def run_check(
@@ -164,15 +164,16 @@ async def run_check(
 ) -> tuple[str, str]:
     """(status, output) of one run of a check against ``host``; ``trust``: the TLS context
     that verifies an https check's certificate (default: the system's CAs)."""
+    address = authority(host, spec.port)  # Fly's private addresses are IPv6: bracketed
     try:
         async with asyncio.timeout(spec.timeout_s):  # wait_for can drop a cancel on 3.11
             if spec.kind == "http":
                 return await _http(spec, host, agent, trust)
             return await _tcp(spec, host)
     except TimeoutError:
-        where = f"{host}:{spec.port}{spec.path if spec.kind == 'http' else ''}"
+        where = f"{address}{spec.path if spec.kind == 'http' else ''}"
         return "critical", f"{spec.kind} check of {where} timed out after {spec.timeout_s:g}s"
     except OSError as exc:
-        return "critical", f"{spec.kind} check of {host}:{spec.port}: {exc.strerror or exc}"
+        return "critical", f"{spec.kind} check of {address}: {exc.strerror or exc}"
     except Exception as exc:  # a garbled answer (too long, cut short): the check fails
-        return "critical", f"{spec.kind} check of {host}:{spec.port}: {exc!r}"
+        return "critical", f"{spec.kind} check of {address}: {exc!r}"

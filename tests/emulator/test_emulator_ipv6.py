@@ -28,13 +28,23 @@ async def test_machines_listen_on_ipv6_loopback_one_per_port(emulator: Emulator)
     port, other = free_port("::1"), free_port("::1")
     async with session(emulator) as s:
         await create_app(s)
-        checks = {"web": {"type": "http", "path": "/healthz", **FAST}}
+        checks = {
+            "web": {"type": "http", "path": "/healthz", **FAST},
+            "tcp": {"type": "tcp", **FAST},
+            "closed": {"type": "tcp", "port": other, **FAST},  # (nothing listens there yet)
+        }
         m = await create_machine(s, port=port, checks=checks)
         assert m["private_ip"] == "::1"
         await wait_ok(s, "demo", m["id"])
         assert (await hit("::1", port))["machine_id"] == m["id"]
         record = emulator.machine("demo", m["id"])
-        await until(record, lambda x: x.checks["web"].status == "passing")  # over IPv6 too
+        # The checks run over IPv6 too, and their outputs bracket the address.
+        wanted = {"web": "passing", "tcp": "passing", "closed": "critical"}
+        await until(record, lambda x: {n: c.status for n, c in x.checks.items()} == wanted)
+        outputs = {name: check.output for name, check in record.checks.items()}
+        assert outputs["web"].startswith(f"GET http://[::1]:{port}/healthz: 200")
+        assert outputs["tcp"] == f"TCP connect [::1]:{port}: Success"
+        assert outputs["closed"].startswith(f"tcp check of [::1]:{other}: ")
 
         body = {"config": {"image": "autoscaler/demo-app", "services": [{"internal_port": port}]}}
         r = await s.post("/v1/apps/demo/machines", json=body)
