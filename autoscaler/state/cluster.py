@@ -198,23 +198,34 @@ class AppFleet:
         return cls(
             seq=_count(d["seq"]),
             machines=_machines(d["machines"]),
-            critical=tuple(str(m) for m in d.get("critical") or ()),
-            how=_how(d.get("how")),  # None from a previous release's leader
-            down_sick=_ids(d.get("down_sick")),  # None from a previous release's leader
+            critical=_ids(d.get("critical")),  # None from a previous release's leader
+            how=_how(d.get("how")),  # likewise
+            down_sick=_ids(d.get("down_sick")),  # likewise
             missing=d.get("missing") is True,  # None from a previous release's leader
         )
 
 
 def _ids(d: Any) -> tuple[str, ...]:
-    """A published list of machine ids (none if it is not a list)."""
-    return tuple(str(m) for m in d) if isinstance(d, list) else ()
+    """A published list of machine ids (``critical``, ``down_sick``); None (a leader of
+    the previous release says none) is none. ValueError if it is not a list of strings:
+    ``str`` of each took a number or a list for an id, and a value that is no list for
+    none, where the machines' own ids are refused so (:func:`_machines`)."""
+    if d is None:
+        return ()
+    if not isinstance(d, list) or not all(isinstance(m, str) for m in d):
+        raise ValueError(f"not a list of machine ids: {d!r}")
+    return tuple(d)
 
 
 def _how(d: Any) -> dict[str, str]:
-    """A published ``how`` map, only its known values kept."""
-    if not isinstance(d, dict):
+    """A published ``how`` map (None from a leader of the previous release: empty), only
+    its known values kept (a later version's kind of start reads as not known).
+    ValueError if it is not a map of machine ids to strings."""
+    if d is None:
         return {}
-    return {str(k): v for k, v in d.items() if v in ("resume", "start")}
+    if not isinstance(d, dict) or not all(isinstance(v, str) for v in d.values()):
+        raise ValueError(f"not a map of machine ids to kinds of start: {d!r}")
+    return {k: v for k, v in d.items() if v in ("resume", "start")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +358,7 @@ def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
     return AppFleet(
         _count_text(seq or "0"),
         listed,
-        tuple(str(m) for m in json.loads(crit)) if crit else (),
+        _ids(json.loads(crit) if crit else None),
         _how(json.loads(how) if how else None),
         _ids(json.loads(sick) if sick else None),
         miss is not None and json.loads(miss) is True,

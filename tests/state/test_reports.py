@@ -381,6 +381,28 @@ async def test_a_malformed_app_entry_is_not_said_and_logged_once(
     assert len([e for e in logs if e["event"] == "cluster_bad_field"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("crit", "[1]"), ("crit", '"m1"'), ("sick", '{"m1": 1}'), ("how", '{"m1": 1}')],
+)
+async def test_a_view_s_machine_lists_that_are_not_of_ids_are_not_said(
+    pair: tuple[Cluster, Cluster, Clock], name: str, value: str
+) -> None:
+    """``crit:{app}``, ``sick:{app}`` and ``how:{app}`` as a report holds them, checked
+    as a push's are (``test_a_pushed_view_is_read_as_a_reports_view``): their ids went
+    through ``str`` and a map where a list goes read as none. The app's view reads as not
+    said, as another malformed ``fleet`` entry; the report's other views as written."""
+    writer, reader, _ = pair
+    up = [["m1", "127.0.0.1", 8000, "started", False]]
+    views = {app: AppFleet(2, up, ("m1",), {"m1": "start"}, ("m1",)) for app in APPS[:2]}
+    await writer.publish(at_rest(), views)
+    await writer.redis.hset(writer.report_key("w"), f"{name}:{APPS[0]}", value)
+    with capture_logs() as logs:
+        assert (await reader.read())["w"].fleet == {APPS[1]: views[APPS[1]]}
+    bad = [e["field"] for e in logs if e["event"] == "cluster_bad_field"]
+    assert bad == [f"fleet:{APPS[0]}"]
+
+
 @pytest.mark.parametrize("seq", [" 2", "+2", "2_0"])
 async def test_a_view_s_sequence_that_is_not_ascii_digits_is_not_said(
     pair: tuple[Cluster, Cluster, Clock], seq: str
@@ -435,6 +457,12 @@ async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
         '{"seq": 1, "machines": [["m1", "h", "8000", "started", false]]}',
         '{"seq": 1, "machines": [["m1", "h", 8000, "started", 0]]}',
         '{"seq": 1, "machines": [[null, "h", 8000, "started", false]]}',
+        '{"seq": 1, "machines": [], "critical": [1]}',
+        '{"seq": 1, "machines": [], "critical": "m1"}',
+        '{"seq": 1, "machines": [], "down_sick": [["m1"]]}',
+        '{"seq": 1, "machines": [], "down_sick": {"m1": 1}}',
+        '{"seq": 1, "machines": [], "how": {"m1": 1}}',
+        '{"seq": 1, "machines": [], "how": ["m1"]}',
     ],
 )
 def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
@@ -442,7 +470,10 @@ def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
     machine list of another shape was taken as it came, and the follower's round that
     applied it raised; an infinite number raised ``int``'s OverflowError, which the
     listener took for a lost connection (it subscribed again); a sequence, port or
-    fencing token that is not whole, or a boolean, was truncated (1.5 read 1, true 1)."""
+    fencing token that is not whole, or a boolean, was truncated (1.5 read 1, true 1); a
+    ``critical`` or ``down_sick`` id that is not a string went through ``str`` (1 read
+    "1", "m1" read as the ids "m" and "1"), a ``down_sick`` or ``how`` that is not a list
+    (a map) read as empty, and a ``how`` that is not a string was dropped."""
     with pytest.raises(ValueError):  # noqa: PT011 - which ValueError is no matter
         ViewPush.from_json(f'{{"leader": "w", "fence": 1, "apps": {{"a": {app}}}}}')
     for fence in ("Infinity", "1.5", "true", '"1"'):
