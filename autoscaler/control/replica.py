@@ -15,7 +15,10 @@ Every ``REPORT_S`` (250 ms) the replica:
 - reads the other replicas' reports. The leader's ticks decide on the sum (the controller's
   ``load`` hook, :meth:`Replica.load`). Every replica writes the others' requests in flight
   per machine into ``Upstream.remote_in_flight`` (as last reported): the balancer's
-  ``hard_limit`` counts them everywhere, the leader's policy and drains too. It also
+  ``hard_limit`` counts them everywhere, the leader's policy and drains too; and their
+  long-lived connections per machine into ``Upstream.remote_long_lived``, which the
+  leader's scale-downs count as its own proxy's (a machine carrying a follower's
+  WebSockets is taken last, as one carrying the leader's). It also
   writes its share of each machine's ``hard_limit`` (``Upstream.share``: its demand on the
   app over the cluster's), which its balancer keeps to, and the others' ejections in a
   row per machine into ``Upstream.remote_failing`` (counted from the machine's last
@@ -465,23 +468,25 @@ class Replica:
         failing: set[str] = set()
         for report in self.cluster.others.values():
             for app, load in report.loads.items():
-                if load.in_flight or load.held or load.machines:
+                if load.in_flight or load.held or load.machines or load.long_lived:
                     busy.add(app)
                 if load.failing:
                     failing.add(app)
         return busy, failing
 
     def _apply_remote_load(self, busy: set[str]) -> None:
-        """Write the other replicas' requests in flight per machine, and our share of each
-        machine's hard limit, into the view: for every app, static ones too (their
-        machines are the same "host:port" on every replica, and their hard_limit is as
-        cluster-wide as a scaled app's). Only the apps others are ``busy`` on, or were at
-        the last read, can have anything to change."""
+        """Write the other replicas' requests in flight and long-lived connections per
+        machine, and our share of each machine's hard limit, into the view: for every
+        app, static ones too (their machines are the same "host:port" on every replica,
+        and their hard_limit is as cluster-wide as a scaled app's). Only the apps others
+        are ``busy`` on, or were at the last read, can have anything to change."""
         for name in busy | self._remote_busy:
             app_view = self.view.apps.get(name)
             if app_view is not None:
                 app_view.set_remote_in_flight(
-                    self.cluster.remote_in_flight(name), self._share(name, app_view)
+                    self.cluster.remote_in_flight(name),
+                    self._share(name, app_view),
+                    self.cluster.remote_long_lived(name),
                 )
         self._remote_busy = busy
 
@@ -550,6 +555,7 @@ class Replica:
                 peak=peak,
                 at=view.last_request_at,
                 machines={u.id: u.in_flight for u in view.upstreams.values() if u.in_flight},
+                long_lived={u.id: u.long_lived for u in view.upstreams.values() if u.long_lived},
                 failing={u.id: u.failing for u in view.upstreams.values() if u.failing},
             )
             if not load.idle():

@@ -689,7 +689,7 @@ class AppRuntime:
                     or (not urgent and self.cooling(machine.id, now))
                     or self.leased(machine.id, now),
                     in_flight=up.in_flight + up.remote_in_flight if up else 0,
-                    long_lived=up.long_lived if up else 0,
+                    long_lived=up.long_lived + up.remote_long_lived if up else 0,
                     last_used=up.last_used if up else None,
                     started_at=started_at,
                     state_since=self.state_since.get(machine.id),

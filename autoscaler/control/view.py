@@ -61,6 +61,7 @@ class Upstream:
         "port",
         "remote_failing",
         "remote_in_flight",
+        "remote_long_lived",
         "share",
         "started_at",
         "state",
@@ -92,6 +93,9 @@ class Upstream:
         """Cluster mode: requests in flight to it through the other replicas, as they last
         reported (the balancer's hard limit, and on the leader the policy and the drains,
         count them; this replica's own slots are ``in_flight``)."""
+        self.remote_long_lived = 0
+        """Cluster mode: the other replicas' ``long_lived`` to it, as they last reported:
+        the leader's scale-downs take it last for those too, not only for its own."""
         self.share = 1.0
         """Cluster mode: this replica's share of the machine's hard limit (its demand on
         the app over the whole cluster's, as last reported): it keeps at most
@@ -210,11 +214,18 @@ class AppView:
         if self.on_machines is not None:
             self.on_machines(self.name)
 
-    def set_remote_in_flight(self, counts: dict[str, int], share: float = 1.0) -> None:
-        """Cluster mode: the other replicas' requests in flight per machine, and this
-        replica's share of each machine's hard limit."""
+    def set_remote_in_flight(
+        self,
+        counts: dict[str, int],
+        share: float = 1.0,
+        long_lived: dict[str, int] | None = None,
+    ) -> None:
+        """Cluster mode: the other replicas' requests in flight per machine, this
+        replica's share of each machine's hard limit, and the others' long-lived
+        connections per machine."""
         changed = False
         for mid, up in self.upstreams.items():
+            up.remote_long_lived = 0 if long_lived is None else long_lived.get(mid, 0)
             n = counts.get(mid, 0)
             if up.remote_in_flight != n or up.share != share:
                 up.remote_in_flight = n

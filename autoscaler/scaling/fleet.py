@@ -83,7 +83,8 @@ class MachineSnapshot:
     long_lived: int = 0
     """WebSockets (idle ones too: they give their slot back, so ``in_flight`` misses
     them) and streamed answers still coming from it (event streams, downloads) that our
-    proxy carries: a drain ends them, so a scale-down takes a machine without any first."""
+    proxy carries (cluster mode: every replica's, as each last reported): a drain ends
+    them, so a scale-down takes a machine without any first."""
     last_used: float | None = None
     """When its last request ended (or began, if one is in flight)."""
     started_at: float | None = None

@@ -8,9 +8,11 @@ started, read from the proxy's :class:`~autoscaler.scaling.window.ConcurrencyMet
 ``level`` (in flight + held now), ``in_flight``, ``held``, ``peak`` (since its previous
 report), ``at`` (when its last request came, on the replica's clock; the header's ``now``
 is that clock when the report was written, so ``now - at`` is the idle time and no two
-hosts' clocks are compared), ``machines`` (requests in flight per machine) and ``failing``
-(the replica's ejections in a row per machine for the machine's own failures: the leader
-restarts a machine that hangs for the requests of any replica). The leader adds its fleet
+hosts' clocks are compared), ``machines`` (requests in flight per machine), ``long_lived``
+(the WebSockets and streamed answers its proxy carries per machine: the leader's
+scale-downs take the machines without any first, whichever replica carries them) and
+``failing`` (the replica's ejections in a row per machine for the machine's own failures:
+the leader restarts a machine that hangs for the requests of any replica). The leader adds its fleet
 view per app (``fleet:{app}``: the machines it routes to, with state and cordon;
 ``seq:{app}``: the view's sequence number; ``crit:{app}``: the machines whose Fly health
 checks are critical, which the followers' proxies take out of routing as the leader's
@@ -109,16 +111,30 @@ class AppLoad:
     """When its last request came, on the reporting replica's clock (None: never)."""
     machines: Mapping[str, int] = field(default_factory=dict)
     """Requests in flight per machine (machines with none left out)."""
+    long_lived: Mapping[str, int] = field(default_factory=dict)
+    """WebSockets (idle ones too, which are not in flight) and streamed answers still
+    coming per machine that the replica's proxy carries (``Upstream.long_lived``;
+    machines with none left out): a drain would end them, so the leader's scale-downs
+    take the machines without any first, whichever replica carries them. Not said by a
+    replica of the previous release (none read); the leader of that release ignores it."""
     failing: Mapping[str, int] = field(default_factory=dict)
     """The replica's ejections in a row per machine for the machine's own failures
     (``Upstream.failing``; machines with none left out): how the leader learns that a
     machine hangs when the requests to it go through other replicas."""
 
     def idle(self) -> bool:
-        """Nothing in flight, held or seen since the previous report, and no machine
-        failing: the report of an app at rest, which stays the same from one round to the
-        next (a failing count can drop without a request: a machine started again)."""
-        return not (self.level or self.in_flight or self.held or self.peak or self.failing)
+        """Nothing in flight, held or seen since the previous report, no machine failing
+        and no long-lived connection: the report of an app at rest, which stays the same
+        from one round to the next (a failing count can drop without a request: a machine
+        started again; a WebSocket idle for long can close without touching the view)."""
+        return not (
+            self.level
+            or self.in_flight
+            or self.held
+            or self.peak
+            or self.failing
+            or self.long_lived
+        )
 
     def to_json(self, now: float) -> str:
         return json.dumps(
@@ -135,6 +151,7 @@ class AppLoad:
                 # is, the safe side (it keeps the app up a little longer).
                 "idle_s": idle_s(self.at, now),
                 "machines": dict(self.machines),
+                "long_lived": dict(self.long_lived),
                 "failing": dict(self.failing),
             }
         )
@@ -155,6 +172,8 @@ class AppLoad:
             peak=_count(d.get("peak", 0)),
             at=None if at is None else _finite(at),
             machines={str(k): _count(v) for k, v in (d.get("machines") or {}).items()},
+            # None from a replica of the previous release: it counts none.
+            long_lived={str(k): _count(v) for k, v in (d.get("long_lived") or {}).items()},
             failing={str(k): _count(v) for k, v in (d.get("failing") or {}).items()},
         )
 
@@ -1035,11 +1054,21 @@ class Cluster:
 
     def remote_in_flight(self, app: str) -> dict[str, int]:
         """The other replicas' requests in flight per machine of ``app``, summed."""
+        return self._summed(app, lambda load: load.machines)
+
+    def remote_long_lived(self, app: str) -> dict[str, int]:
+        """The other replicas' long-lived connections per machine of ``app``, summed."""
+        return self._summed(app, lambda load: load.long_lived)
+
+    def _summed(
+        self, app: str, per_machine: Callable[[AppLoad], Mapping[str, int]]
+    ) -> dict[str, int]:
+        """A per-machine count of the other replicas' loads on ``app``, summed."""
         counts: dict[str, int] = {}
         for report in self.others.values():
             load = report.loads.get(app)
             if load is not None:
-                for mid, n in load.machines.items():
+                for mid, n in per_machine(load).items():
                     counts[mid] = counts.get(mid, 0) + n
         return counts
 

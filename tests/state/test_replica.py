@@ -810,6 +810,47 @@ async def test_no_failing_base_outlives_its_apps_view(redis_server: str, key_pre
         await replica.cluster.redis.aclose()
 
 
+async def test_the_leaders_snapshot_counts_a_followers_long_lived_connections(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A scale-down takes the machines without long-lived connections first: the leader's
+    snapshot counted only its own proxy's, and a follower's report did not carry its
+    own, so the leader could drain the machine carrying the follower's WebSockets. The
+    follower reports them per machine (through the report's JSON); the leader adds them
+    to its own."""
+    from autoscaler.control.runtime import MachineRecord
+    from autoscaler.control.view import MachineInfo
+    from autoscaler.state.cluster import AppLoad, Report
+
+    api = FakeMachinesAPI()
+    leader, follower = (make(redis_server, key_prefix, rid, api) for rid in ("r0", "r1"))
+    try:
+        for r in (leader, follower):
+            r.view.app(APP).set_machines(
+                [MachineInfo(m, "127.0.0.1", 8000, "started", False) for m in ("m1", "m2")]
+            )
+        follower.view.app(APP).upstreams["m1"].long_lived = 2  # idle WebSockets: none in flight
+        loads, _ = follower._loads()
+        entry = AppLoad.from_json(loads[APP].to_json(0.0))
+        leader.cluster.others = {"r1": Report("r1", "b", False, 0.0, 0.0, {APP: entry})}
+        leader.view.app(APP).upstreams["m2"].long_lived = 1  # the leader's own
+        busy, _ = leader._remote_apps()
+        leader._apply_remote_load(busy)
+        rt = leader.controller.apps[APP]
+        rt.machines = {m: MachineRecord(m, "started") for m in ("m1", "m2")}
+        snaps = rt.fleet(leader.view.app(APP)).machines
+        assert {s.id: (s.long_lived, s.in_flight) for s in snaps} == {"m1": (2, 0), "m2": (1, 0)}
+        # The WebSockets close, idle (nothing touches the app's view): the next report
+        # says so all the same, not the count of when the app was last measured.
+        follower.view.app(APP).upstreams["m1"].long_lived = 0
+        loads, measured = follower._loads()
+        assert APP in measured
+        assert loads[APP].long_lived == {}
+    finally:
+        for r in (leader, follower):
+            await r.cluster.redis.aclose()
+
+
 async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:
     await rounds(
         cluster,

@@ -165,6 +165,7 @@ async def test_a_report_of_the_previous_release_is_read(
     for _ in range(2):  # every round reads it whole, and right
         report = (await reader.read())["old"]
         assert report.loads["web"].area == 3.0
+        assert report.loads["web"].long_lived == {}  # it counts none
         assert report.idle_s(report.loads["web"]) == pytest.approx(4.0)
         at = reader.last_request_at("web", None, clock.now)
         if first is None:
