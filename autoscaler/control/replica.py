@@ -319,7 +319,9 @@ class Replica:
             # go in between them instead of waiting for the whole round.
             await asyncio.sleep(0)
             await self.cluster.publish(loads, self._fleet() if leading else None, measured)
-            await self.cluster.read()
+            # Only the apps we scale: another's peaks, reported by a replica still on a
+            # config that has it, must not come back after our reload forgot it.
+            await self.cluster.read(self.controller.apps)
             if leading or self.cluster.leader_id is not None:
                 self._leader_seen_at = self.clock()
             if leading:

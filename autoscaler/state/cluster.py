@@ -71,7 +71,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -513,13 +513,19 @@ class ClusterLoad:
         self._reporters: frozenset[str] = frozenset()
         """The replicas (``_reporter``) whose reports ``note_peaks`` saw last."""
 
-    def note_peaks(self, reports: Mapping[str, Report]) -> None:
+    def note_peaks(self, reports: Mapping[str, Report], apps: Container[str] | None = None) -> None:
         """Remember each report's peak until the next sample (reports come every 250 ms,
         ticks less often: a burst between two ticks must not be lost). The peaks of a
         replica that is gone (or restarted: a new boot) are dropped, as a sample counts
         nothing of it: only a sample took peaks out, and only of the apps it samples (a
         follower's none, the leader's none of the apps it does not scale), so a peak was
-        kept for good per boot of every replica ever read."""
+        kept for good per boot of every replica ever read.
+
+        With ``apps``, only the peaks of those (the apps we scale) are noted: during a
+        rollout that removes an app, a replica still on the old config goes on reporting
+        it, and its peaks, noted again after ``Cluster.forget``, were kept for good, and
+        came back in the first sample of the app if it was added back (a burst long gone
+        taken for activity now: the app kept up, or woken)."""
         reporters = frozenset(_reporter(report) for report in reports.values())
         if reporters != self._reporters:
             self._reporters = reporters
@@ -530,7 +536,7 @@ class ClusterLoad:
                     del self._peaks[app]
         for report in reports.values():
             for app, load in report.loads.items():
-                if not load.peak:
+                if not load.peak or (apps is not None and app not in apps):
                     continue
                 key = _reporter(report)
                 peaks = self._peaks.setdefault(app, {})
@@ -841,13 +847,18 @@ class Cluster:
                     gone += [f"{f}:{app}" for f in ("fleet", "seq", "crit", "how", "sick", "miss")]
         return fields, gone
 
-    async def read(self) -> dict[str, Report]:
+    async def read(self, apps: Container[str] | None = None) -> dict[str, Report]:
         """Every other replica's report; forgets (and unlists) replicas whose report expired.
 
         Reads each report's header, then only the fields it lists as changed since the
         report was read last; the whole report when this replica missed more than
         ``CHANGES_KEPT`` of its writes or a whole write, or the report comes from a
-        replica of the previous release (which writes no such header)."""
+        replica of the previous release (which writes no such header).
+
+        ``apps``: the apps we scale (None: any). What the others report of another app (a
+        replica still on a config that has it, while a rollout removes it) is read, as
+        the report is, but keeps no state here between reads (``ClusterLoad.note_peaks``):
+        what :meth:`forget` dropped does not come back."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(self.replicas_key)
             pipe.smembers(self.departed_key)
@@ -925,7 +936,7 @@ class Cluster:
         for key in [k for k in self._arrivals if k[0] not in others]:
             del self._arrivals[key]
         self.last_read_at = now
-        self.load.note_peaks(others)
+        self.load.note_peaks(others, apps)
         return others
 
     def _read_departed(self, boots: list[str], said: list[list[str | None]]) -> list[str]:

@@ -851,6 +851,38 @@ async def test_the_leaders_snapshot_counts_a_followers_long_lived_connections(
             await r.cluster.redis.aclose()
 
 
+async def test_a_removed_app_s_peaks_do_not_come_back_from_an_old_config_s_report(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A rollout removes an app: our reload forgets what we kept of it (its peaks among
+    them, ``Cluster.forget``), and a replica still on the old config goes on reporting
+    it. Its peaks were noted again every round, kept for good, and the first sample of
+    the app, added back later, carried a burst long gone. Reports of apps we do not
+    scale keep no state; those of ours are noted as before."""
+    from autoscaler.state.cluster import AppLoad, Cluster
+
+    gone = "gone"
+    replica = make(redis_server, key_prefix, "r0", FakeMachinesAPI(), apps=(APP, gone), lead=False)
+    old = Cluster(
+        ClusterSettings(redis_url=SecretStr(redis_server), replica_id="old", key_prefix=key_prefix)
+    )
+    try:
+        busy = AppLoad(area=1.0, level=0, peak=3)
+        await old.publish({APP: busy, gone: busy}, None)
+        await replica.round()
+        assert set(replica.cluster.load._peaks) == {APP, gone}
+        await replica.controller.update_settings(
+            replica.settings.model_copy(update={"apps": replica.settings.apps[:1]})
+        )
+        assert gone not in replica.cluster.load._peaks  # forgotten
+        await old.publish({APP: busy, gone: AppLoad(area=2.0, level=0, peak=5)}, None)
+        await replica.round()
+        assert set(replica.cluster.load._peaks) == {APP}
+    finally:
+        await old.close()
+        await replica.stop()
+
+
 async def test_status_and_metrics_show_the_cluster(cluster: list[Replica]) -> None:
     await rounds(
         cluster,
@@ -1844,7 +1876,8 @@ async def test_an_app_a_reload_drops_leaves_no_load_and_comes_back_clean(
                 await r.round()
         sample, _ = leader.load(APP, leader.clock())
         assert _load_kept(leader, APP) == ["area", "previous sample", "others' arrivals"]
-        assert _load_kept(leader, "static") == ["area", "own peak", "others' peaks"]
+        # The others' peaks of an app we do not scale are not noted: no sample takes them.
+        assert _load_kept(leader, "static") == ["area", "own peak"]
         assert _load_kept(follower, APP) == ["area", "own peak", "others' peaks"]
         settings = leader.settings
         for r in both:
