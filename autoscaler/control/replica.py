@@ -548,7 +548,8 @@ class Replica:
             view = apps.get(name)
             if view is None:
                 continue
-            area, peak = self.cluster.local.take(name, view.meter, now)
+            scaled = name in self.controller.apps  # a static app's peaks: no sample's
+            area, peak = self.cluster.local.take(name, view.meter, now, sampled=scaled)
             load = reported[name] = AppLoad(
                 area=area,
                 level=view.meter.level,

@@ -480,14 +480,19 @@ class LocalLoad:
         self.area: dict[str, float] = {}
         self._peaks: dict[str, int] = {}
 
-    def take(self, app: str, meter: ConcurrencyMeter, now: float) -> tuple[float, int]:
+    def take(
+        self, app: str, meter: ConcurrencyMeter, now: float, *, sampled: bool = True
+    ) -> tuple[float, int]:
         """Fold the meter's load since its previous take in; (cumulative area, the peak
         since the previous take). Reports and the leader's samples both take: the area is
-        cumulative, so neither steals from the other."""
+        cumulative, so neither steals from the other. The peak is kept for the leader's
+        next sample only if the app is ``sampled`` (one we scale): no sample took a
+        static app's out, and the app, made scaled again, started from them."""
         s = meter.take(now)
         area = self.area.get(app, 0.0) + s.average * max(0.0, s.end - s.start)
         self.area[app] = area
-        self._peaks[app] = max(self._peaks.get(app, 0), s.peak)
+        if sampled:
+            self._peaks[app] = max(self._peaks.get(app, 0), s.peak)
         return area, s.peak
 
     def pop_peak(self, app: str) -> int:

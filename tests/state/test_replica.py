@@ -1876,8 +1876,8 @@ async def test_an_app_a_reload_drops_leaves_no_load_and_comes_back_clean(
                 await r.round()
         sample, _ = leader.load(APP, leader.clock())
         assert _load_kept(leader, APP) == ["area", "previous sample", "others' arrivals"]
-        # The others' peaks of an app we do not scale are not noted: no sample takes them.
-        assert _load_kept(leader, "static") == ["area", "own peak"]
+        # The peaks of an app we do not scale are not kept: no sample takes them.
+        assert _load_kept(leader, "static") == ["area"]
         assert _load_kept(follower, APP) == ["area", "own peak", "others' peaks"]
         settings = leader.settings
         for r in both:
