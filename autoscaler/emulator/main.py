@@ -46,6 +46,7 @@ FLAGS = {
     "emulator.rate_limits": "--no-rate-limits",
     "emulator.profile": "--profile",
     "emulator.apps": "--app",
+    "emulator.ipv6": "--ipv6",
     **{f"emulator.faults.{key}": flag for key, flag in FAULT_FLAGS.items()},
 }
 _FROM_FLAG = "command line: "  # how config.py starts the line of a value the flags gave

@@ -81,5 +81,5 @@ def test_the_ipv6_flag_and_start_up_machines_sharing_a_port_on_it(
     assert main(["emulator", "--ipv6", "--app", "web=2"]) == 2  # refused before serving
     assert len(served) == 1
     err = capsys.readouterr().err
-    assert "emulator.apps: with emulator.ipv6 every machine listens on ::1" in err
+    assert "--app: with emulator.ipv6 every machine listens on ::1" in err  # (the flag: h5)
     assert "got 2 on port 8080" in err
