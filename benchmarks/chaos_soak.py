@@ -1,7 +1,8 @@
 """A chaos soak of issue 20 ("No app goes dark") on the emulator's Fly-like profile.
 
     .venv/bin/python benchmarks/chaos_soak.py [--seed 1] [--runs 1] [--outage 30-60]
-                                               [--hang] [--tail 45] [--out FILE]
+                                               [--hang] [--machine-faults] [--tail 45]
+                                               [--out FILE]
 
 On 127.0.0.1 only, for each run (seed ``--seed``, ``--seed + 1``, ...):
 
@@ -18,22 +19,35 @@ On 127.0.0.1 only, for each run (seed ``--seed``, ``--seed + 1``, ...):
    seconds (every call answered 500; with ``--hang``, every call held 25 s instead, as
    an API that times out rather than fails: the same seed then draws the same plan, but
    for that); midway a SIGHUP reload changes two apps' policies and removes ``stopper``,
-   which a second reload adds back 25 s later; then ``--tail`` quiet seconds.
+   which a second reload adds back 25 s later; then ``--tail`` quiet seconds;
+5. with ``--machine-faults``, beside the API's, faults of the machines on a schedule of
+   their own drawn from the seed (the API's plan and the traffic stay the seed's): two
+   crashes (a started machine's process killed; Fly's restart policy starts it again),
+   a hang (a started machine SIGSTOPped: it accepts, never answers), a host down (hung,
+   and its host unreachable for 10-20 s), a host unreachable (15-30 s, the process well)
+   and 30 s of lost snapshots (``resume_cold_rate`` 0.5: resumes become cold boots); the
+   proxy's ``upstream_timeout_s`` is then 5 s (the default 60 s would hold a hung
+   machine's requests past the clients' timeout).
 
 Invariants, checked while it runs and at the end (each breach is printed and counted):
 
 - every non-2xx answer (and every WebSocket or stream cut short) is classified: by the
-  fault or the reload that explains it (a fault in force during the request or up to
-  wake_timeout_s before it; the app removed), else UNEXPLAINED; a failure while the app
-  had a started, uncordoned machine for the whole request is a breach in any case, but
-  what a drain ends on purpose (a WebSocket's 1001, an event stream between two events);
+  fault or the reload that explains it (an API fault in force during the request or up to
+  wake_timeout_s before it; the app removed; a machine fault of the request's app: a
+  crash while it was in flight, or a machine of it started and hung during it, as
+  docs/reliability.md's machine fault table allows), else UNEXPLAINED; a failure while
+  the app had a started, uncordoned machine for the whole request is a breach unless a
+  machine fault explains it (the request may have gone to the crashed or hung one), or
+  a drain ended it on purpose (a WebSocket's 1001, an event stream between two events);
 - once the faults are off, every app is served within wake_timeout_s: a request that
   starts more than wake_timeout_s + 3 ticks after the last fault ended and fails means
   the app stayed dark;
 - no counter or gauge on /metrics, and no count on /status, is ever negative; /readyz
   answers 200 throughout;
 - no machine carries a cordon (the API's or our metadata key) 60 s after the traffic
-  stops;
+  stops; with ``--machine-faults``, also every machine settled by then (started,
+  stopped, suspended or failed: none on its way between two) and no lease of ours left
+  (nor after the autoscaler exited);
 - at the end no process or port is left: the autoscaler exits 0 on SIGTERM, its ports
   can be bound again, no machine process outlives the emulator;
 - the autoscaler's log has no "Task exception was never retrieved" (or another sign of a
@@ -73,6 +87,20 @@ TICK_S = 1.0
 WAKE_TIMEOUT_S = 20.0
 DARK_AFTER_S = WAKE_TIMEOUT_S + 3 * TICK_S
 HANG_S = 25.0  # --hang: how long the outage holds each API call (past wake_timeout_s)
+MACHINE_FAULTS: tuple[tuple[str, tuple[float, float]], ...] = (
+    ("crash", (0.0, 0.0)),
+    ("crash", (0.0, 0.0)),
+    ("hang", (0.0, 0.0)),
+    ("host_down", (10.0, 20.0)),
+    ("host_unreachable", (15.0, 30.0)),
+    ("cold_resumes", (30.0, 30.0)),
+)
+"""--machine-faults: each kind, and for how long it lasts (a crash and a hang are
+events: Fly's restart policy, or our restart, ends them)."""
+MACHINE_UPSTREAM_TIMEOUT_S = 5.0
+"""--machine-faults: the proxy's upstream_timeout_s (a hung machine's requests 504 then)."""
+SETTLED = ("started", "stopped", "suspended", "failed")
+"""A machine's states that are no way between two (the end's check)."""
 DRAIN_ENDS = ("ws_close_1001", "events_ended")
 """What a drain ends on purpose on a machine that goes (a WebSocket, an event stream): no
 breach while another machine serves the app."""
@@ -141,6 +169,7 @@ class Window:
     start: float
     end: float | None = None
     api: bool = True  # a fault of the Machines API (a fault that may explain a failure)
+    app: str | None = None  # a machine fault's: the machine's app
 
 
 @dataclass
@@ -164,6 +193,8 @@ class Run:
     breaches: list[str] = field(default_factory=list)
     # per app: times when it had a serving machine (sampled), as (time, bool)
     serving: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
+    # per app: times when a machine of it was started and hung (sampled), as (time, bool)
+    hung: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
     faults_over_at: float = 0.0
 
     def now(self) -> float:
@@ -189,6 +220,23 @@ class Run:
             if explains and (found is None or w.start > found.start):
                 found = w
         return None if found is None else found.name
+
+    def machine_fault_at(self, app: str, t0: float, t1: float) -> str | None:
+        """A machine fault of ``app`` that explains a failure in [t0, t1] (the rules of
+        docs/reliability.md's machine fault table): a crash while the request was in
+        flight (a GET is sent again, but one cut in its answer, a WebSocket or a stream,
+        is lost), or a machine of the app started and hung during the request (it
+        times out until the proxy ejects the machine and the controller restarts it).
+        A host unreachable and lost snapshots explain nothing: another machine, or a
+        cold boot within wake_timeout_s, serves."""
+        for w in reversed(self.windows):
+            if w.app == app and w.name == "crash" and t0 <= w.start <= t1:
+                return "crash"
+        slack = 0.5  # two samples of watch_machines
+        if any(ok and t0 - slack <= t <= t1 + slack for t, ok in self.hung.get(app, [])):
+            hangs = [w for w in self.windows if w.app == app and w.name in ("hang", "host_down")]
+            return hangs[-1].name if hangs else "hang"
+        return None
 
     def removed_at(self, app: str, t0: float, t1: float) -> bool:
         for name, start, end in self.removed:
@@ -340,7 +388,9 @@ async def watch_machines(run: Run, emu: Any, stop: asyncio.Event) -> None:
         hung = set(emu.faults.hung)
         for app in MACHINES:
             ok = False
+            started_hung = False
             for m in emu.machines(app):
+                started_hung = started_hung or (m.state == "started" and m.id in hung)
                 if m.state == "started" and not m.cordoned and m.id not in hung:
                     since = first_started.setdefault(m.id, now)
                     # its app listens at most 0.6 s after `started` (profile fly)
@@ -348,6 +398,7 @@ async def watch_machines(run: Run, emu: Any, stop: asyncio.Event) -> None:
                 else:
                     first_started.pop(m.id, None)
             run.serving.setdefault(app, []).append((now, ok))
+            run.hung.setdefault(app, []).append((now, started_hung))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25)
 
@@ -410,6 +461,91 @@ def fault_plan(
     return plan
 
 
+def machine_fault_plan(
+    seed: int, api_plan: list[tuple[str, Any, float]]
+) -> list[tuple[float, str, float, float]]:
+    """--machine-faults: (at, kind, seconds, pick) for each of MACHINE_FAULTS, at seeded
+    times while the API's faults run (from 20 s to 20 s before the API plan's shortest
+    end: its faults and their 8 s gaps after the 15 s warm-up). Drawn from a generator of
+    their own, so that the seed's API plan and traffic are the same with or without them;
+    ``pick`` chooses among the machines that fit when the fault comes."""
+    rng = random.Random(f"{seed}-machine-faults")  # noqa: S311 - a schedule
+    shortest = 15 + sum(seconds for _, _, seconds in api_plan) + 8 * len(api_plan)
+    events = [
+        (rng.uniform(20, shortest - 20), kind, rng.uniform(*span), rng.random())
+        for kind, span in MACHINE_FAULTS
+    ]
+    return sorted(events)
+
+
+def our_leases(emu: Any, app: str) -> list[str]:
+    """The machines of ``app`` on which a lease of ours is held (ours: its description
+    names the owner autoscaler.control.leases gives, ``autoscaler@host: what``)."""
+    leases = emu._ctx.leases  # the emulator's, in this process
+    held = [(m.id, leases.current(m.id)) for m in emu.machines(app)]
+    return [mid for mid, lease in held if lease and lease.description.startswith("autoscaler@")]
+
+
+async def machine_fault(run: Run, emu: Any, kind: str, seconds: float, pick: float) -> None:
+    """One machine fault of the plan, on a machine that fits it now (none: skipped)."""
+    faults = emu.faults
+    candidates = [
+        (app, m.id)
+        for app in MACHINES
+        for m in sorted(emu.machines(app), key=lambda m: m.id)
+        if m.id not in faults.hung
+        and m.id not in faults.host_unreachable
+        and (m.state == "started" or kind == "host_unreachable")
+        and (MACHINES[app] > 1 or kind not in ("host_down", "host_unreachable"))
+    ]
+    if kind == "cold_resumes":
+        window = Window(kind, run.now(), api=False)
+        run.windows.append(window)
+        emu.set_faults(resume_cold_rate=0.5)
+        print(f"[seed {run.seed} t={run.now():6.1f}] machine fault {kind} on ({seconds:.0f} s)")
+        await asyncio.sleep(seconds)
+        emu.set_faults(resume_cold_rate=None)
+        window.end = run.now()
+        return
+    if not candidates:
+        print(f"[seed {run.seed} t={run.now():6.1f}] machine fault {kind}: no machine fits")
+        return
+    app, mid = candidates[int(pick * len(candidates))]
+    window = Window(kind, run.now(), api=False, app=app)
+    run.windows.append(window)
+    print(f"[seed {run.seed} t={run.now():6.1f}] machine fault {kind} on {app}/{mid}")
+    if kind == "crash":
+        emu.kill_machine_process(app, mid)
+        window.end = window.start
+    elif kind == "hang":
+        emu.set_faults(hung=[*faults.hung, mid])  # ends when a restart replaces the process
+    else:
+        hung = [*faults.hung, mid] if kind == "host_down" else faults.hung
+        emu.set_faults(hung=hung, host_unreachable=[*faults.host_unreachable, mid])
+        await asyncio.sleep(seconds)
+        back = [h for h in emu.faults.host_unreachable if h != mid]
+        emu.set_faults(host_unreachable=back)
+        window.end = run.now()
+        print(f"[seed {run.seed} t={run.now():6.1f}] machine fault {kind}: {app}/{mid} back")
+
+
+async def machine_faults(run: Run, emu: Any, plan: list[tuple[float, str, float, float]]) -> None:
+    async def at(when: float, kind: str, seconds: float, pick: float) -> None:
+        await asyncio.sleep(max(0.0, when - run.now()))
+        await machine_fault(run, emu, kind, seconds, pick)
+
+    await asyncio.gather(*(at(*event) for event in plan))
+
+
+def faults_over_at(run: Run) -> float:
+    """When the last fault ended: an API fault's window, a machine fault's (a crash's
+    moment), or the last time a machine was started and hung (a hang ends when its
+    restart replaced the process)."""
+    ends = [w.end if w.end is not None else w.start for w in run.windows if w.api or w.app]
+    ends += [t for samples in run.hung.values() for t, ok in samples if ok]
+    return max(ends, default=0.0)
+
+
 async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from autoscaler import logs
     from autoscaler.config import EmulatorApp, EmulatorSettings
@@ -435,6 +571,8 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
             "control": {"tick_s": TICK_S},
             "apps": [app_config(a) for a in MACHINES],
         }
+        if args.machine_faults:
+            config["proxy"]["upstream_timeout_s"] = MACHINE_UPSTREAM_TIMEOUT_S
         file = tmp / f"autoscaler-{seed}.yaml"
         file.write_text(yaml.safe_dump(config))
         log_path = tmp / f"autoscaler-{seed}.log"
@@ -474,6 +612,11 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
                 ]
                 plan = fault_plan(rng, args.outage, args.hang)
                 reload_at = len(plan) // 2
+                machine_task = asyncio.create_task(
+                    machine_faults(run, emu, machine_fault_plan(seed, plan))
+                    if args.machine_faults
+                    else asyncio.sleep(0)
+                )
                 await asyncio.sleep(15)  # warm-up, no faults
                 for i, (name, change, seconds) in enumerate(plan):
                     if i == reload_at:
@@ -496,24 +639,42 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
                     if change == "suspend":
                         emu.world.lifecycle.timing = normal_suspend
                     else:
-                        await faults.clear()
+                        await faults.set(**dict.fromkeys(change))  # (not a machine fault's)
                     window.end = run.now()
                     print(f"[seed {seed} t={run.now():6.1f}] fault {name} off")
                     await asyncio.sleep(rng.uniform(8, 15))
-                run.faults_over_at = max(w.end or 0 for w in run.windows if w.api)
-                await asyncio.sleep(max(0, args.tail - (run.now() - (run.windows[-1].end or 0))))
+                await machine_task
+                await asyncio.sleep(max(0, args.tail - (run.now() - faults_over_at(run))))
                 traffic.stop.set()
                 await asyncio.gather(*loops)
+            for w in run.windows:  # a hang ended when its app last had a hung machine up
+                if w.name == "hang":
+                    up = [t for t, ok in run.hung.get(w.app or "", []) if ok and t >= w.start]
+                    w.end = max(up, default=w.start)
+            run.faults_over_at = faults_over_at(run)
             print(f"[seed {seed} t={run.now():6.1f}] traffic stopped; waiting for cordons")
             deadline = time.monotonic() + 60
+
+            def unsettled(app: str) -> list[str]:
+                if not args.machine_faults:
+                    return []
+                moving = [f"{m.id} {m.state}" for m in emu.machines(app) if m.state not in SETTLED]
+                return moving + [f"{mid} leased" for mid in our_leases(emu, app)]
+
             # (the emulator's state, in this process: nothing to await but time)
-            while any(our_cordons(emu, a) for a in MACHINES) and time.monotonic() < deadline:  # noqa: ASYNC110
+            while (  # noqa: ASYNC110
+                any(our_cordons(emu, a) or unsettled(a) for a in MACHINES)
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.5)
             for a in MACHINES:
                 left = our_cordons(emu, a)
+                states = {m.id: m.state for m in emu.machines(a)}
                 if left:
-                    states = {m.id: m.state for m in emu.machines(a)}
                     run.breach(f"cordon left on {a}: {left} ({states})")
+                if unsettled(a):
+                    run.breach(f"{a} not settled 60 s after the traffic: {unsettled(a)}")
+            end_states = {a: {m.id: m.state for m in emu.machines(a)} for a in MACHINES}
             stop_watch.set()
             await asyncio.gather(*watchers)
         finally:
@@ -532,11 +693,18 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
         for port in (proxy_port, admin_port):
             if not _bindable(port):
                 run.breach(f"port {port} still bound after the autoscaler exited")
+        if args.machine_faults:
+            for a in MACHINES:
+                if our_leases(emu, a):
+                    run.breach(f"lease of ours left on {a} after exit: {our_leases(emu, a)}")
         spawned = emu.spawned_pids()
     alive = [pid for pid in spawned if pid_alive(pid)]
     if alive:
         run.breach(f"machine processes outlived the emulator: {alive}")
-    return summarize(run, log_path)
+    verdict = summarize(run, log_path)
+    if args.machine_faults:
+        verdict["end_states"] = end_states
+    return verdict
 
 
 async def reload(run: Run, file: Path, config: dict[str, Any], proc: Any, removing: bool) -> None:
@@ -572,13 +740,15 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
         if run.removed_at(o.app, o.t0, o.t1):
             classes[f"{key} (app removed)"] += 1
             continue
-        if o.served_throughout and o.result not in DRAIN_ENDS:
+        # (the request may have gone to the crashed or hung machine: the soak cannot tell)
+        machine_fault = run.machine_fault_at(o.app, o.t0, o.t1)
+        if o.served_throughout and o.result not in DRAIN_ENDS and machine_fault is None:
             run.breach(f"{key} while a started machine served [{o.t0:.1f}, {o.t1:.1f}]: {o.detail}")
         dark = run.faults_over_at and o.t0 > run.faults_over_at + DARK_AFTER_S
         if dark and o.result not in DRAIN_ENDS:  # (an idle app's drain ends those: it sleeps)
             run.breach(f"{key} {o.t0 - run.faults_over_at:.1f}s after the faults: dark: {o.detail}")
             continue
-        fault = run.fault_at(o.t0, o.t1)
+        fault = machine_fault or run.fault_at(o.t0, o.t1)
         if o.result in (*DRAIN_ENDS, "stream_cut"):
             classes[f"{key} (a drain)"] += 1
         elif fault is not None:
@@ -612,7 +782,10 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
     return {
         "seed": run.seed,
         "duration_s": round(run.now(), 1),
-        "faults": [(w.name, round(w.start, 1), round(w.end or 0, 1)) for w in run.windows],
+        "faults": [
+            (w.name, *([w.app] if w.app else []), round(w.start, 1), round(w.end or 0, 1))
+            for w in run.windows
+        ],
         "removed": run.removed,
         "requests": dict(kinds),
         "outcomes": dict(classes.most_common()),
@@ -639,6 +812,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--hang",
         action="store_true",
         help=f"the outage holds every API call {HANG_S:g} s instead of answering 500",
+    )
+    parser.add_argument(
+        "--machine-faults",
+        action="store_true",
+        help="crashes, hangs, hosts down or unreachable and cold resumes beside the API's faults",
     )
     parser.add_argument("--tail", type=float, default=45.0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")

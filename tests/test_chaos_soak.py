@@ -119,3 +119,58 @@ def test_a_drains_end_long_after_the_faults_is_not_an_app_left_dark(tmp_path: Pa
     [breach] = verdict["breaches"]
     assert "zero/http/504" in breach
     assert "dark" in breach
+
+
+def test_machine_faults_are_the_seeds_and_leave_its_api_plan_alone() -> None:
+    """--machine-faults: crashes, a hang, a host down or unreachable and cold resumes on
+    a schedule of the seed's own, within the API plan's span; the API's plan (and so the
+    traffic's generator) is drawn as without them."""
+    soak = _soak()
+    plan = soak.fault_plan(random.Random(21), (30.0, 60.0))  # noqa: S311 - a schedule
+    machines = soak.machine_fault_plan(21, plan)
+    assert machines == soak.machine_fault_plan(21, plan)
+    assert machines != soak.machine_fault_plan(22, plan)
+    assert sorted(kind for _, kind, _, _ in machines) == sorted(k for k, _ in soak.MACHINE_FAULTS)
+    shortest = 15 + sum(s for _, _, s in plan) + 8 * len(plan)
+    assert all(20 <= at <= shortest - 20 for at, _, _, _ in machines)
+    assert plan == soak.fault_plan(random.Random(21), (30.0, 60.0))  # noqa: S311
+    assert soak.build_parser().parse_args(["--machine-faults"]).machine_faults
+
+
+def test_a_machine_fault_explains_only_its_apps_failures_it_could_cause(tmp_path: Path) -> None:
+    """A crash explains a failure in flight at it, of its app; a hang one while a machine
+    of its app was started and hung. Either spares the breach of a failure while another
+    machine served (the request may have gone to the broken one); a failure after the
+    crash, or of another app, is still unexplained."""
+    soak = _soak()
+    run = soak.Run(seed=21)
+    run.windows = [
+        soak.Window("crash", 50.0, 50.0, api=False, app="zero"),
+        soak.Window("hang", 80.0, None, api=False, app="adapt"),
+        soak.Window("host_unreachable", 100.0, 120.0, api=False, app="stopper"),
+    ]
+    run.hung = {"adapt": [(79.75, False), (80.0, True), (86.0, True), (86.25, False)]}
+    run.faults_over_at = 86.0
+    run.outcomes = [
+        soak.Outcome("zero", "http", 49.9, 50.1, "502", served_throughout=True),
+        soak.Outcome("zero", "ws", 40.0, 52.0, "ServerDisconnectedError"),
+        soak.Outcome("adapt", "http", 84.0, 89.0, "504", served_throughout=True),
+        soak.Outcome("zero", "http", 50.2, 50.4, "502", served_throughout=True),
+        soak.Outcome("adapt", "http", 88.0, 88.2, "502"),
+        soak.Outcome("stopper", "http", 101.0, 101.5, "503"),
+    ]
+    log = tmp_path / "autoscaler.log"
+    log.write_text("")
+    verdict = soak.summarize(run, log)
+    assert verdict["outcomes"] == {
+        "zero/http/502 (crash)": 1,
+        "zero/ws/ServerDisconnectedError (crash)": 1,
+        "adapt/http/504 (hang)": 1,
+        "zero/http/502 UNEXPLAINED": 1,
+        "adapt/http/502 UNEXPLAINED": 1,
+        "stopper/http/503 UNEXPLAINED": 1,
+    }
+    breaches = verdict["breaches"]
+    assert len(breaches) == 4  # zero's 502 after the crash twice (served throughout too)
+    assert sum("zero/http/502" in b for b in breaches) == 2
+    assert soak.faults_over_at(run) == 120.0  # the host back; the hang's last sample 86
