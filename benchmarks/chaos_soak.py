@@ -195,6 +195,8 @@ class Run:
     serving: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
     # per app: times when a machine of it was started and hung (sampled), as (time, bool)
     hung: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
+    # what the machines' events show of the machine faults (Fly's restarts, cold resumes)
+    landed: Counter[str] = field(default_factory=Counter)
     faults_over_at: float = 0.0
 
     def now(self) -> float:
@@ -380,9 +382,21 @@ def our_cordons(emu: Any, app: str) -> list[str]:
     ]
 
 
+def landed(event: Any) -> str | None:
+    """What a machine's event shows of a machine fault: Fly restarting a crashed
+    machine, a resume that became a cold boot (``faults.resume_cold_rate``)."""
+    if (event.type, event.source) == ("restart", "flyd"):
+        return "fly_restarts"
+    if event.type == "launch" and "resume_cold_rate" in str(event.request.get("reason", "")):
+        return "cold_resumes"
+    return None
+
+
 async def watch_machines(run: Run, emu: Any, stop: asyncio.Event) -> None:
-    """Sample which apps have a started, uncordoned, answering machine (every 0.25 s)."""
+    """Sample which apps have a started, uncordoned, answering machine (every 0.25 s),
+    and count the machine faults' traces in the machines' events."""
     first_started: dict[str, float] = {}
+    seen: set[str] = set()
     while not stop.is_set():
         now = run.now()
         hung = set(emu.faults.hung)
@@ -391,6 +405,12 @@ async def watch_machines(run: Run, emu: Any, stop: asyncio.Event) -> None:
             started_hung = False
             for m in emu.machines(app):
                 started_hung = started_hung or (m.state == "started" and m.id in hung)
+                for event in m.events:
+                    if event.id not in seen:
+                        seen.add(event.id)
+                        what = landed(event)
+                        if what:
+                            run.landed[what] += 1
                 if m.state == "started" and not m.cordoned and m.id not in hung:
                     since = first_started.setdefault(m.id, now)
                     # its app listens at most 0.6 s after `started` (profile fly)
@@ -790,6 +810,7 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
         "requests": dict(kinds),
         "outcomes": dict(classes.most_common()),
         "slowest_after_faults_s": round(slowest_after, 2),
+        "machine_faults_seen": dict(run.landed),
         "not_ok": [
             f"{o.app}/{o.kind}/{o.result} [{o.t0:.1f}, {o.t1:.1f}] {o.detail[:80]}"
             for o in run.outcomes

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from autoscaler.emulator.model import Event
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -135,6 +137,13 @@ def test_machine_faults_are_the_seeds_and_leave_its_api_plan_alone() -> None:
     assert all(20 <= at <= shortest - 20 for at, _, _, _ in machines)
     assert plan == soak.fault_plan(random.Random(21), (30.0, 60.0))  # noqa: S311
     assert soak.build_parser().parse_args(["--machine-faults"]).machine_faults
+    # what the machines' events show of them (counted in the verdict)
+    cold = {"resume": False, "reason": "snapshot unusable (faults.resume_cold_rate)"}
+    expired = {"resume": False, "reason": "snapshot expired (9.0s old)"}
+    assert soak.landed(Event("1", "restart", "starting", "flyd", 0)) == "fly_restarts"
+    assert soak.landed(Event("2", "launch", "started", "flyd", 0, cold)) == "cold_resumes"
+    assert soak.landed(Event("3", "launch", "started", "flyd", 0, expired)) is None
+    assert soak.landed(Event("4", "restart", "restarting", "user", 0)) is None
 
 
 def test_a_machine_fault_explains_only_its_apps_failures_it_could_cause(tmp_path: Path) -> None:
