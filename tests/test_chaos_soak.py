@@ -183,3 +183,20 @@ def test_a_machine_fault_explains_only_its_apps_failures_it_could_cause(tmp_path
     assert len(breaches) == 4  # zero's 502 after the crash twice (served throughout too)
     assert sum("zero/http/502" in b for b in breaches) == 2
     assert soak.faults_over_at(run) == 120.0  # the host back; the hang's last sample 86
+
+
+def test_the_end_finds_a_lease_of_ours_and_not_anothers() -> None:
+    """A lease is ours by its description (autoscaler.control.leases: the owner, then
+    what it is for); one of someone else's (a deploy) is no breach of ours."""
+    from types import SimpleNamespace
+
+    from autoscaler.control.leases import default_owner
+    from autoscaler.emulator.leases import Leases
+
+    soak = _soak()
+    leases = Leases()
+    leases.acquire("m1", "v1", 30, f"{default_owner()}: drain", None)
+    leases.acquire("m2", "v1", 30, "fly deploy", None)
+    machines = [SimpleNamespace(id=i) for i in ("m1", "m2", "m3")]
+    emu = SimpleNamespace(_ctx=SimpleNamespace(leases=leases), machines=lambda app: machines)
+    assert soak.our_leases(emu, "zero") == ["m1"]
