@@ -566,6 +566,13 @@ def faults_over_at(run: Run) -> float:
     return max(ends, default=0.0)
 
 
+def tail_from(run: Run) -> float:
+    """Where ``--tail`` counts from: the end of the last fault of any kind, a slow
+    suspend's too (which faults_over_at leaves out: it explains no failure), as before
+    --machine-faults, so that a run without them keeps its length."""
+    return max(faults_over_at(run), *(w.end or w.start for w in run.windows))
+
+
 async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from autoscaler import logs
     from autoscaler.config import EmulatorApp, EmulatorSettings
@@ -664,7 +671,7 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
                     print(f"[seed {seed} t={run.now():6.1f}] fault {name} off")
                     await asyncio.sleep(rng.uniform(8, 15))
                 await machine_task
-                await asyncio.sleep(max(0, args.tail - (run.now() - faults_over_at(run))))
+                await asyncio.sleep(max(0, args.tail - (run.now() - tail_from(run))))
                 traffic.stop.set()
                 await asyncio.gather(*loops)
             for w in run.windows:  # a hang ended when its app last had a hung machine up

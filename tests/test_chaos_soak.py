@@ -183,6 +183,9 @@ def test_a_machine_fault_explains_only_its_apps_failures_it_could_cause(tmp_path
     assert len(breaches) == 4  # zero's 502 after the crash twice (served throughout too)
     assert sum("zero/http/502" in b for b in breaches) == 2
     assert soak.faults_over_at(run) == 120.0  # the host back; the hang's last sample 86
+    # --tail counts from the last fault's end, a slow suspend's too (as without the flag)
+    run.windows.append(soak.Window("slow_suspends", 110.0, 140.0, api=False))
+    assert (soak.faults_over_at(run), soak.tail_from(run)) == (120.0, 140.0)
 
 
 def test_the_end_finds_a_lease_of_ours_and_not_anothers() -> None:
