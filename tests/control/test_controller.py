@@ -103,16 +103,6 @@ class Rig:
         return decision
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def api() -> FakeMachinesAPI:
-    return FakeMachinesAPI()
-
-
 def state(api: FakeMachinesAPI, mid: str) -> str:
     return api.get(APP, mid).state
 

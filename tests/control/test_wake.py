@@ -16,16 +16,6 @@ from .fakes import FakeClock, FakeMachinesAPI, settle
 from .test_controller import APP, Rig
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def api() -> FakeMachinesAPI:
-    return FakeMachinesAPI()
-
-
 @pytest.mark.parametrize("lists_fail", [False, True], ids=["lists-answer", "lists-fail"])
 async def test_a_wake_through_an_outage_reads_its_app_at_most_once_a_second(
     api: FakeMachinesAPI, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, lists_fail: bool

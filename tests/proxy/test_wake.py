@@ -14,7 +14,7 @@ from testkit import free_port, until
 from autoscaler.config import ProxySettings, Settings
 from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.metrics import Metrics
-from autoscaler.proxy.server import MAX_ATTEMPTS
+from autoscaler.proxy.server import MAX_ATTEMPTS, ProxyServer
 
 from .conftest import Backend, StartProxy, url
 from .helpers import status_of, text_app
@@ -53,6 +53,20 @@ async def sleeping_app(
     host, _, port = (await backend(text_app("awake"))).partition(":")
     fleet.app("w").set_machines([MachineInfo("m1", host, int(port), state, False)])
     fleet.set_waker(waker)
+
+
+async def started_machine(fleet: FleetView, start_proxy: StartProxy, port: int) -> ProxyServer:
+    """App "w": one machine the API calls started, on ``port`` of 127.0.0.1, whose wakes
+    find it so ("none"); a request waits for it up to 30 s, skipping it 0.05 s after a
+    refusal."""
+    fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
+    proxy = await start_proxy(
+        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}], unhealthy_backoff_s=0.05
+    )
+    waker = FakeWaker(fleet, "none")
+    waker.release.set()
+    fleet.set_waker(waker)
+    return proxy
 
 
 async def test_requests_wait_for_one_wake_and_say_how_they_were_served(
@@ -265,13 +279,7 @@ async def test_machine_refusing_after_wake_is_retried_once_routable_again(
     """A machine the API calls started whose server is not listening yet (booting): the
     request waits, retried past MAX_ATTEMPTS refusals, and gets through once it listens."""
     port = free_port()
-    fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
-    proxy = await start_proxy(
-        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}], unhealthy_backoff_s=0.05
-    )
-    waker = FakeWaker(fleet, "none")
-    waker.release.set()
-    fleet.set_waker(waker)
+    proxy = await started_machine(fleet, start_proxy, port)
 
     with capture_logs() as logs:
         task = asyncio.create_task(status_of(session, url(proxy), "w.test"))
@@ -469,13 +477,7 @@ async def test_a_get_lost_by_the_apps_last_machine_is_held_for_its_restart(
 
     dead = await asyncio.start_server(dying, "127.0.0.1", 0)
     port = dead.sockets[0].getsockname()[1]
-    fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
-    proxy = await start_proxy(
-        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}], unhealthy_backoff_s=0.05
-    )
-    waker = FakeWaker(fleet, "none")
-    waker.release.set()
-    fleet.set_waker(waker)
+    proxy = await started_machine(fleet, start_proxy, port)
     runner = web.AppRunner(text_app("back"))
     await runner.setup()
     try:
