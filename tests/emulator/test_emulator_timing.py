@@ -188,7 +188,20 @@ async def test_a_cold_boot_is_started_before_its_app_listens() -> None:
         await wait_ok(s, "demo", mid)
         machine = emu.machine("demo", mid)
         assert not _accepts(machine.private_ip, machine.internal_port)
-        await until(lambda: _accepts(machine.private_ip, machine.internal_port), 10)
+        # The bound is generous (a loaded CI runner imports aiohttp slowly); a machine
+        # that never listens fails with what the emulator knows of it, not a bare timeout.
+        listening = lambda: _accepts(machine.private_ip, machine.internal_port)  # noqa: E731
+        try:
+            await until(listening, 30)
+        except AssertionError:
+            proc = emu.process("demo", mid)
+            alive = proc is not None and proc.returncode is None
+            raise AssertionError(
+                f"never listened: state {machine.state}, events "
+                f"{[(e.type, e.status, e.request) for e in machine.events]}, process "
+                f"{proc and (proc.pid, proc.returncode, alive and _proc_state(proc.pid))}, "
+                f"output {emu.output('demo', mid)}"
+            ) from None
         assert machine.state == "started"
 
 
