@@ -60,6 +60,8 @@ RECHECK_RESULTS = ("passed", "failed")
 # try (then it is that try's kind); those of an episode that wait it out get 504 or 502.
 WAKE_FAILED = "failed"
 WAKE_FAILED_CODES = (504, 502)
+# autoscaler_requests_total's wake label of a request that needed no wake.
+NO_WAKE = "none"
 # Why the proxy answered a request with a 5xx of its own (autoscaler_proxy_errors_total):
 # every such answer has one, so that the app's own 5xx are autoscaler_requests_total's
 # minus these. The answers of held requests turned away (queue_full, wake_timeout) count
@@ -78,6 +80,20 @@ ProxyErrorReason = Literal[
     "internal",  # 500: a bug in the proxy
 ]
 PROXY_ERROR_REASONS: tuple[ProxyErrorReason, ...] = get_args(ProxyErrorReason)
+# The codes of those answers under an app: the 500 of a bug and the 501 and 505 of a request
+# the proxy does not do count with app "" (autoscaler/proxy/server.py's error_page,
+# _answer_bug). Their autoscaler_requests_total series are exported at 0 for every app,
+# wake "none", and for an app that wakes with the wake kinds too (the failed ones are
+# WAKE_FAILED_CODES'): AutoscalerHigh5xxRatio reads the app's own 5xx as the requests'
+# increase minus the proxy errors', and a requests series born at its first count has none
+# (the app's first proxy 502 read -1 of its own while it stayed in the window).
+PROXY_ERROR_CODES = (502, 503, 504)
+# (code, wake) of the requests series exported at 0: for every app, and for one that wakes.
+PROXY_ERROR_ANSWERS = tuple((code, NO_WAKE) for code in PROXY_ERROR_CODES)
+WOKEN_ANSWERS = (
+    *((code, kind) for kind in WAKE_KINDS for code in PROXY_ERROR_CODES),
+    *((code, WAKE_FAILED) for code in WAKE_FAILED_CODES),
+)
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
 EJECTION_REASONS = ("connect", "reset", "timeout", "bad_response", "5xx", "checks")
 # Families whose value is the same on every replica: no ``replica`` label in cluster mode.
@@ -285,13 +301,13 @@ class Metrics:
                 gauge.remove(app)
 
     def forget_app(self, app: str) -> None:
-        """An app removed by a reload: its held-requests gauge goes, and its proxy-error and
-        failed-wake request series that never counted (its counters stay: a total is a
-        total)."""
+        """An app removed by a reload: its held-requests gauge goes, and its proxy-error
+        series and requests series at 0 (``declare_errors``, ``declare_wakes``) that never
+        counted (its counters stay: a total is a total)."""
         with contextlib.suppress(KeyError):
             self.queued.remove(app)
         self.proxy.forget_errors(app)
-        self.proxy.forget_failed_wakes(app)
+        self.proxy.forget_wakes(app)
 
     def declare_app(self, app: str, *, scaled: bool = True) -> None:
         """Export the app's series whose label values are known in advance, at 0.
@@ -312,7 +328,7 @@ class Metrics:
             return
         for metric, labels in self._scaled_series(app):
             metric.labels(*labels)
-        self.proxy.declare_failed_wakes(app)
+        self.proxy.declare_wakes(app)
 
     def _scaled_series(self, app: str) -> Iterator[tuple[Counter | Histogram, tuple[str, ...]]]:
         """The series ``declare_app`` exports at 0 for an app that is scaled, not static."""
@@ -342,7 +358,7 @@ class Metrics:
             if labels not in counted[metric]:
                 with contextlib.suppress(KeyError):
                     metric.remove(*labels)
-        self.proxy.forget_failed_wakes(app)
+        self.proxy.forget_wakes(app)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""
@@ -482,25 +498,25 @@ class RequestMetrics(Collector):
         durations.buckets[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
         durations.sum += seconds
 
-    def declare_failed_wakes(self, app: str) -> None:
-        """Export the app's requests answered for a failed wake at 0 (``WAKE_FAILED_CODES``
-        says why); a series that counted already keeps its count."""
-        for code in WAKE_FAILED_CODES:
-            self._counts.setdefault((app, code, WAKE_FAILED), 0)
+    def declare_wakes(self, app: str) -> None:
+        """Export at 0 the app's requests answered with a proxy error's code after a wake
+        (``WOKEN_ANSWERS``: each wake kind, and failed, ``WAKE_FAILED_CODES`` says why); a
+        series that counted already keeps its count."""
+        self._declare_counts(app, WOKEN_ANSWERS)
 
-    def forget_failed_wakes(self, app: str) -> None:
-        """Drop what ``declare_failed_wakes`` exported, if it never counted: a removed
-        app's zeros would stay on /metrics for good."""
-        for code in WAKE_FAILED_CODES:
-            key = (app, code, WAKE_FAILED)
-            if self._counts.get(key) == 0:
-                del self._counts[key]
+    def forget_wakes(self, app: str) -> None:
+        """Drop what ``declare_wakes`` exported, if it never counted: a removed app's
+        zeros would stay on /metrics for good."""
+        self._forget_counts(app, WOKEN_ANSWERS)
 
     def declare_errors(self, app: str) -> None:
-        """Export the app's proxy errors at 0, every reason (a dashboard shows 0, and the
-        app's own 5xx, requests' minus these, exist for an app with none)."""
+        """Export the app's proxy errors at 0, every reason, and its requests answered with
+        their codes without a wake (``PROXY_ERROR_ANSWERS``): a dashboard shows 0, the
+        app's own 5xx (requests' minus these) exist for an app with none, and its first
+        proxy error is an increase of both."""
         for reason in PROXY_ERROR_REASONS:
             self._errors.setdefault((app, reason), 0)
+        self._declare_counts(app, PROXY_ERROR_ANSWERS)
 
     def forget_errors(self, app: str) -> None:
         """Drop what ``declare_errors`` exported, if it never counted."""
@@ -508,6 +524,17 @@ class RequestMetrics(Collector):
             key = (app, reason)
             if self._errors.get(key) == 0:
                 del self._errors[key]
+        self._forget_counts(app, PROXY_ERROR_ANSWERS)
+
+    def _declare_counts(self, app: str, answers: Iterable[tuple[int, str]]) -> None:
+        for code, wake in answers:
+            self._counts.setdefault((app, code, wake), 0)
+
+    def _forget_counts(self, app: str, answers: Iterable[tuple[int, str]]) -> None:
+        for code, wake in answers:
+            key = (app, code, wake)
+            if self._counts.get(key) == 0:
+                del self._counts[key]
 
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())

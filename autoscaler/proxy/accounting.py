@@ -8,8 +8,7 @@ from json.encoder import encode_basestring_ascii
 
 from autoscaler.control.view import Upstream
 from autoscaler.logs import EventLine, get_logger, json_writer, line_end, now_iso, redactor
-from autoscaler.metrics import ProxyErrorReason
-from autoscaler.proxy.gate import NO_WAKE
+from autoscaler.metrics import NO_WAKE, ProxyErrorReason
 
 _log = get_logger("autoscaler.proxy")
 _REDACTOR = redactor()

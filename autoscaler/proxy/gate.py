@@ -27,7 +27,7 @@ from autoscaler.config import AppConfig
 from autoscaler.control.view import AppView, FleetView, Upstream
 from autoscaler.control.wake import AppMissing
 from autoscaler.logs import get_logger
-from autoscaler.metrics import WAKE_FAILED, Metrics
+from autoscaler.metrics import NO_WAKE, WAKE_FAILED, Metrics
 from autoscaler.proxy.balancer import pick
 from autoscaler.scaling.fleet import COMING_UP_STATES, STARTED, boot_kind
 
@@ -41,8 +41,8 @@ WAKE_RETRY_S = 1.0
 # and autoscaler_requests_total's wake label say: a fixed set, "resume" and "start" (the
 # kinds a wake returns) beside these two. None was needed, or its wake brought no machine
 # up before the request's wake_timeout_s (its 504: the wake failed, or was too slow).
-# WAKE_FAILED ("failed") is autoscaler.metrics', which exports its series at 0.
-NO_WAKE = "none"
+# NO_WAKE ("none") and WAKE_FAILED ("failed") are autoscaler.metrics', which exports
+# series of both at 0.
 
 
 class Held(Protocol):

@@ -22,7 +22,7 @@ from http import HTTPStatus
 from autoscaler.config import AppConfig, ProxySettings, Settings, authority, parse_host_port
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
-from autoscaler.metrics import WAKE_FAILED, Metrics, ProxyErrorReason
+from autoscaler.metrics import NO_WAKE, WAKE_FAILED, Metrics, ProxyErrorReason
 from autoscaler.proxy import forward, health, revive, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
@@ -33,7 +33,6 @@ from autoscaler.proxy.accounting import (
 )
 from autoscaler.proxy.body import Body, BufferBudget
 from autoscaler.proxy.gate import (
-    NO_WAKE,
     AppRemoved,
     Gate,
     HoldTimeout,

@@ -3,6 +3,7 @@ dashboard shows 0 (not "No data") for rejections and failures in a healthy run."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -11,6 +12,7 @@ from autoscaler.config import load_settings
 from autoscaler.control.view import FleetView
 from autoscaler.metrics import (
     ACTION_RESULTS,
+    PROXY_ERROR_CODES,
     PROXY_ERROR_REASONS,
     QUEUE_REJECTION_REASONS,
     SCALING_ACTIONS,
@@ -45,15 +47,26 @@ def proxy_errors(metrics: Metrics, app: str) -> dict[str, float]:
     return found
 
 
-def failed_wake_requests(metrics: Metrics, app: str) -> dict[int, float]:
-    """The app's autoscaler_requests_total{wake="failed"} series, by code."""
-    found = {}
-    for code in (*WAKE_FAILED_CODES, 499, 503):
-        labels = {"app": app, "code": str(code), "wake": WAKE_FAILED}
-        count = value(metrics, "autoscaler_requests_total", **labels)
-        if count is not None:
-            found[code] = count
-    return found
+def requests(metrics: Metrics, app: str) -> dict[tuple[int, str], float]:
+    """The app's autoscaler_requests_total series, by (code, wake)."""
+    return {
+        (int(sample.labels["code"]), sample.labels["wake"]): sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "autoscaler_requests_total" and sample.labels["app"] == app
+    }
+
+
+# The codes the proxy answers an app's request with itself (autoscaler/proxy/server.py),
+# whose requests series exist at 0: without a wake for every app, after one of each kind
+# for an app that wakes (and failed: WAKE_FAILED_CODES).
+PROXY_CODES = (502, 503, 504)
+UNWOKEN = {(code, "none"): 0.0 for code in PROXY_CODES}
+WOKEN = {
+    **UNWOKEN,
+    **{(code, kind): 0.0 for code in PROXY_CODES for kind in WAKE_KINDS},
+    **{(code, WAKE_FAILED): 0.0 for code in WAKE_FAILED_CODES},
+}
 
 
 def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> None:
@@ -69,6 +82,10 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
         for reason in QUEUE_REJECTION_REASONS:
             assert value(metrics, "autoscaler_queue_rejections_total", app=app, reason=reason) == 0
         assert proxy_errors(metrics, app) == dict.fromkeys(PROXY_ERROR_REASONS, 0)
+    # The requests series of the proxy's own 5xx too: its first one is an increase of
+    # both, not a -1 of the app's own 5xx (AutoscalerHigh5xxRatio: requests' less these).
+    assert requests(metrics, "web") == WOKEN
+    assert requests(metrics, "fixed") == UNWOKEN  # never woken: wake "none" only
     for action in SCALING_ACTIONS:
         for result in ACTION_RESULTS:
             labels = {"app": "web", "action": action, "result": result}
@@ -82,14 +99,22 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
     for result in ("ok", "failed", "exhausted"):
         assert value(metrics, "autoscaler_machine_restarts_total", app="web", result=result) == 0
     assert value(metrics, "autoscaler_lease_conflicts_total", app="web") == 0
-    assert failed_wake_requests(metrics, "web") == {504: 0, 502: 0}
     for result in ("passed", "failed"):
         assert value(metrics, "autoscaler_check_rechecks_total", app="web", result=result) == 0
     # A static app is never scaled or woken: no such series for it.
     labels = {"app": "fixed", "action": "start", "result": "ok"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
     assert value(metrics, "autoscaler_wakes_total", app="fixed", result="failed") is None
-    assert failed_wake_requests(metrics, "fixed") == {}
+
+
+def test_the_proxy_error_codes_at_zero_are_those_the_proxy_answers_under_an_app() -> None:
+    """Every 5xx the proxy raises as a Failure (counted under the request's app) has its
+    requests series at 0; its 500 of a bug and the 501 and 505 of a request it does not do
+    count with app "" and need none. A code added there must be declared too."""
+    proxy = Path(__file__).parents[2] / "autoscaler/proxy"
+    source = "".join(path.read_text() for path in sorted(proxy.glob("*.py")))
+    raised = {int(code) for code in re.findall(r"Failure\(\s*(5\d\d)\b", source)}
+    assert raised == set(PROXY_ERROR_CODES)
 
 
 async def test_an_app_added_by_a_reload_gets_its_series_at_zero(tmp_path: Path) -> None:
@@ -107,12 +132,13 @@ async def test_an_app_added_by_a_reload_gets_its_series_at_zero(tmp_path: Path) 
     assert value(metrics, "autoscaler_config_reloads_total", result="success") == 1
 
 
-async def test_failed_wake_requests_of_an_app_a_reload_removes_go_unless_they_counted(
+async def test_requests_at_zero_of_an_app_a_reload_removes_go_unless_they_counted(
     tmp_path: Path,
 ) -> None:
     """AutoscalerWakeFailed reads the increase of an app's requests answered for a failed
-    wake, 504 or 502: exported at 0 (above), its first one is an increase. An app a reload
-    removes from the proxy takes its zeros with it; a count stays, as every total does."""
+    wake, 504 or 502, and AutoscalerHigh5xxRatio that of its proxy errors' codes: exported
+    at 0 (above), the first one is an increase. An app a reload removes from the proxy
+    takes its zeros with it; a count stays, as every total does."""
     path = tmp_path / "autoscaler.yaml"
     path.write_text(CONFIG + "  - {name: gone, hosts: [gone.test]}\n")
     settings, _ = load_settings(path, env={})
@@ -120,16 +146,16 @@ async def test_failed_wake_requests_of_an_app_a_reload_removes_go_unless_they_co
     Service(settings, path, metrics=metrics)  # declares the apps
     proxy = ProxyServer(settings, FleetView(), metrics)  # built, not started
     metrics.proxy.answered("web", 504, WAKE_FAILED, 30.0, "wake_timeout")
-    assert failed_wake_requests(metrics, "web") == {504: 1, 502: 0}
-    assert failed_wake_requests(metrics, "gone") == {504: 0, 502: 0}
+    metrics.proxy.answered("web", 502, "none", 0.1, "machine_error")
+    assert requests(metrics, "gone") == WOKEN
     assert proxy_errors(metrics, "gone") == dict.fromkeys(PROXY_ERROR_REASONS, 0)
     proxy.update_settings(settings.model_copy(update={"apps": settings.apps[:2]}))
-    assert failed_wake_requests(metrics, "gone") == {}
+    assert requests(metrics, "gone") == {}
     assert proxy_errors(metrics, "gone") == {}
-    assert failed_wake_requests(metrics, "web") == {504: 1, 502: 0}
+    assert requests(metrics, "web") == {**WOKEN, (504, WAKE_FAILED): 1, (502, "none"): 1}
     proxy.update_settings(settings.model_copy(update={"apps": settings.apps[2:]}))
-    assert failed_wake_requests(metrics, "web") == {504: 1}
-    assert proxy_errors(metrics, "web") == {"wake_timeout": 1}
+    assert requests(metrics, "web") == {(504, WAKE_FAILED): 1, (502, "none"): 1}
+    assert proxy_errors(metrics, "web") == {"wake_timeout": 1, "machine_error": 1}
 
 
 async def test_an_app_a_reload_makes_static_loses_its_wake_series_that_never_counted(
@@ -155,7 +181,7 @@ async def test_an_app_a_reload_makes_static_loses_its_wake_series_that_never_cou
     labels = {"app": "web", "action": "start", "result": "ok"}
     assert value(metrics, "autoscaler_scaling_actions_total", **labels) is None
     assert value(metrics, "autoscaler_lease_conflicts_total", app="web") is None
-    assert failed_wake_requests(metrics, "web") == {}
+    assert requests(metrics, "web") == UNWOKEN  # served without a wake, as any static app
     assert proxy_errors(metrics, "web") == dict.fromkeys(PROXY_ERROR_REASONS, 0)
     assert value(metrics, "autoscaler_queued_requests", app="web") == 0
     # Scaled again: its series are back at 0, the count kept.
@@ -163,4 +189,4 @@ async def test_an_app_a_reload_makes_static_loses_its_wake_series_that_never_cou
     assert await service.reload()
     assert value(metrics, "autoscaler_wakes_total", app="web", result="failed") == 0
     assert value(metrics, "autoscaler_wakes_total", app="web", result="ok") == 1
-    assert failed_wake_requests(metrics, "web") == {504: 0, 502: 0}
+    assert requests(metrics, "web") == WOKEN

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from autoscaler.metrics import PROXY_ERROR_REASONS
+from autoscaler.metrics import PROXY_ERROR_REASONS, Metrics, ProxyErrorReason
 
 from .conftest import ALERT_TESTS, ALERTS, DASHBOARD, PROMETHEUS_CONFIG, require_binary
 
@@ -147,6 +147,84 @@ def test_the_5xx_panel_tells_the_apps_own_from_the_proxys_failed_wakes(tmp_path:
         ],
     }
     path = tmp_path / "panel_test.yml"
+    path.write_text(yaml.safe_dump(cases))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def scrape(metrics: Metrics) -> dict[str, float]:
+    """The requests and proxy-error series /metrics shows now, as promtool names series."""
+    return {
+        sample.name
+        + "{"
+        + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+        + "}": sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name in ("autoscaler_requests_total", "autoscaler_proxy_errors_total")
+    }
+
+
+def test_an_apps_own_5xx_read_0_when_its_first_request_is_the_proxys_5xx(tmp_path: Path) -> None:
+    """AutoscalerHigh5xxRatio's own 5xx of an app (its requests' 5xx less its proxy errors,
+    both arms' forms) on what /metrics exported, scraped every minute, when the app's first
+    request got a 5xx of the proxy's own: 0. A requests series born at its first count has
+    no increase while its proxy error's, at 0 from the start, has one: that read -1."""
+    first: dict[str, tuple[int, str, ProxyErrorReason]] = {
+        "web": (502, "none", "machine_error"),
+        "cold": (504, "start", "machine_timeout"),  # its machine started for it, silent
+        "busy": (503, "none", "queue_full"),
+    }
+    metrics = Metrics()
+    for app in first:
+        metrics.declare_app(app)
+    scrapes = [scrape(metrics)]
+    for app, (code, wake, reason) in first.items():
+        metrics.proxy.answered(app, code, wake, 0.1, reason)
+    scrapes += [scrape(metrics)] * 4
+    names = sorted(set().union(*scrapes))
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    [alert] = [
+        r["expr"] for g in groups for r in g["rules"] if r["alert"] == "AutoscalerHigh5xxRatio"
+    ]
+    own = set(
+        re.findall(
+            r"sum by \(app\) \((?:rate|increase)\("
+            r'autoscaler_requests_total\{code=~"5.."\}\[5m\]\)\) - '
+            r"sum by \(app\) \((?:rate|increase)\(autoscaler_proxy_errors_total\[5m\]\)\)",
+            " ".join(alert.split()),
+        )
+    )
+    assert len(own) == 2, own  # the rate and the increase
+    cases = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": name,
+                        "values": " ".join(
+                            f"{at[name]:g}" if name in at else "_" for at in scrapes
+                        ),
+                    }
+                    for name in names
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": f"round({expr}, 0.0001)",  # (promtool compares exactly)
+                        "eval_time": "4m",
+                        "exp_samples": [
+                            {"labels": f'{{app="{app}"}}', "value": 0} for app in first
+                        ],
+                    }
+                    for expr in sorted(own)
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "own_5xx_test.yml"
     path.write_text(yaml.safe_dump(cases))
     result = promtool("test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr

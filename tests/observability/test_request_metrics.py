@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from autoscaler.metrics import (
+    PROXY_ERROR_CODES,
     PROXY_ERROR_REASONS,
     REQUEST_BUCKETS,
     ProxyErrorReason,
@@ -49,6 +50,8 @@ def test_exposition_matches_prometheus_clients_own_metrics() -> None:
         spec_errors.name, spec_errors.help, spec_errors.labels, registry=theirs_registry
     )
     ours.declare_errors("api")
+    for code in PROXY_ERROR_CODES:
+        counter.labels(app="api", code=str(code), wake="none")
     for reason in PROXY_ERROR_REASONS:
         errors.labels(app="api", reason=reason)
     for app, code, wake, seconds, error in ANSWERS:
