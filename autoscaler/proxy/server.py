@@ -286,11 +286,10 @@ class ProxyServer:
         except Exception:
             # A bug. Answered 500 here if nothing was sent yet, under the request's own id
             # (the connection's answer, error_page, would make a new one nobody logged for
-            # this request), and counted once with app "": the proxy's own fault, apart
-            # from the app's 500s (a 500 under an app is the app's: AutoscalerHigh5xxRatio
-            # sends the reader there); its line says 500. After the head, the client got
-            # the machine's status: counted so, here. The connection logs the traceback
-            # (proxy_handler_failed) and closes.
+            # this request), and counted once under the request's app (_answer_bug): the
+            # proxy's own fault, as its proxy_errors_total reason says (internal); its line
+            # says 500. After the head, the client got the machine's status: counted so,
+            # here. The connection logs the traceback (proxy_handler_failed) and closes.
             if not request.conn.response_started:
                 ctx.status = 500
                 counted = False
@@ -822,12 +821,15 @@ class ProxyServer:
     def _answer_bug(self, request: Request, ctx: RequestContext) -> None:
         """The 500 of a bug in the handler, before anything was sent: under the request's
         id and app, unlike the connection's own answer (``error_page``), which knows
-        neither. Counted with app "" as that one; the connection closes after it."""
+        neither. Counted under that app too (app "" if the bug came before routing), with
+        the proxy error ``internal``: AutoscalerHigh5xxRatio takes the proxy's errors out
+        of the app's 5xx, and AutoscalerProxyErrors reports them against the app whose
+        requests failed. The connection closes after it."""
         message = "internal proxy error"
         _log.error(
             "proxy_error", request_id=ctx.request_id, app=ctx.app, status=500, reason=message
         )
-        self._stats.answered("", 500, NO_WAKE, error="internal")
+        self._stats.answered(ctx.app, 500, NO_WAKE, error="internal")
         request.keep_alive = False  # the connection closes after a bug: its answer says so
         self._write_own(request, ctx, 500, message, None)
 
