@@ -351,8 +351,8 @@ class ProxyServer:
         """Another machine for a request that never reached the one it was given (no
         connection, or one closed before a byte of the request was written): safe to send
         again whatever the method. The one other request sent again comes here too: an
-        idempotent one with no body whose connection was lost before any answer (once;
-        ``_forward``).
+        idempotent one with no body whose connection was lost, or cut as its machine goes
+        down, before any answer (once; ``_replays``).
 
         The retry goes to another machine at once. When there is none, or it failed too,
         a static app's request gets 502; a request of an app the controller manages waits
@@ -509,14 +509,19 @@ class ProxyServer:
                 raise Failure(
                     504, "the machine did not answer in time", cause="machine_timeout"
                 ) from None
-            except upstream.CutOff:
+            except upstream.CutOff as exc:
                 # Its machine's drain ran out of time before it answered, and the machine
-                # goes down now (end_long_lived): a 502 at once, not a 504 after
-                # upstream_timeout_s. Not sent again (the machine may have acted on it),
-                # and no verdict on the machine: the proxy gave up, not the machine.
-                raise Failure(
-                    502, "the machine was drained before it answered", cause="drained"
-                ) from None
+                # goes down now (end_long_lived): not a 504 after upstream_timeout_s. No
+                # verdict on the machine: the proxy gave up, not the machine. A request
+                # that may be sent again (_replays) is, as after a lost connection: to
+                # another machine, or held for one (the one going down is out of routing);
+                # any other gets a 502 at once (the machine may have acted on it).
+                if not self._replays(ctx, app, up, exc, replayable, interim):
+                    raise Failure(
+                        502, "the machine was drained before it answered", cause="drained"
+                    ) from None
+                replayable = False
+                exchange = None
             except upstream.UpstreamError as exc:
                 if body is not None:
                     body.raise_for_client()
@@ -527,27 +532,15 @@ class ProxyServer:
                 verdicts.failed(app.name, up, health.RESET if lost else health.BAD_RESPONSE)
                 if lost:
                     self._reviver.lost(app.name, up, port)
-                # ...but a lost idempotent request with no body, of which the client has
-                # heard nothing yet (no 1xx), may be sent again (RFC 9110 9.2.2; nginx's
-                # proxy_next_upstream error does so): once, then the next loss is the 502
-                # (LostAgain: upstream.send had sent it again already, after a pooled
-                # connection was lost). Through _next_attempt, as a request whose connect
-                # failed: another machine, or, its machine the app's last, held for it (a
-                # process that died: the replay's connect is refused, and the request
-                # waits for its restart or a wake; a static app's gets its 502 then).
-                if not (
-                    lost
-                    and replayable
-                    and not isinstance(exc, upstream.LostAgain)
-                    and (interim is None or not interim.relayed)
-                ):
+                # ...but a lost one may be sent again (_replays): its machine the app's
+                # last, it is held for it (a process that died: the replay's connect is
+                # refused, and the request waits for its restart or a wake; a static app's
+                # gets its 502 then).
+                if not (lost and self._replays(ctx, app, up, exc, replayable, interim)):
                     raise Failure(
                         502, "the machine failed to answer", cause="machine_error"
                     ) from None
                 replayable = False
-                _log.info(
-                    "request_replayed", request_id=ctx.request_id, app=app.name, machine=up.id
-                )
                 exchange = None
             finally:
                 if interim is not None:
@@ -562,6 +555,31 @@ class ProxyServer:
             else:  # a refused handshake too: its answer (401, 426...) is the client's
                 await self._relay(request, exchange, app, gate, ctx, body)
             return
+
+    def _replays(
+        self,
+        ctx: RequestContext,
+        app: AppConfig,
+        up: Upstream,
+        exc: upstream.UpstreamError,
+        replayable: bool,
+        interim: forward.Interim | None,
+    ) -> bool:
+        """Whether a request sent to a machine that gave no answer (its connection lost, or
+        cut as the machine goes down) is sent again, and if so says so. Only an idempotent
+        one with no body (``replayable``; RFC 9110 9.2.2, as nginx's proxy_next_upstream
+        error) of which the client has heard nothing yet (no 1xx), and once: not after a
+        replay (``replayable`` is then False), nor after ``upstream.send`` sent it again
+        already, when a pooled connection was lost (LostAgain, CutOffAgain). The caller
+        goes on through ``_next_attempt``, as for a request whose connect failed."""
+        if (
+            not replayable
+            or isinstance(exc, (upstream.LostAgain, upstream.CutOffAgain))
+            or (interim is not None and interim.relayed)
+        ):
+            return False
+        _log.info("request_replayed", request_id=ctx.request_id, app=app.name, machine=up.id)
+        return True
 
     async def _relay(
         self,

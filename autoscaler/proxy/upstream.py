@@ -20,7 +20,8 @@ Errors, by what the caller may do about them:
   fields, or more than ``HEAD_FACTOR`` times ``max_field_size`` in all).
 - ``TimeoutError``: no answer within ``head_timeout``.
 - :class:`CutOff`: the proxy gave up waiting for the answer (``Pool.cut``: the machine goes
-  down). The request was sent, or was being sent: it is never sent again.
+  down). The request was sent, or was being sent: a replay is safe only as after a
+  :class:`ConnectionLost`; :class:`CutOffAgain` when ``send`` had sent it again already.
 - :class:`Abandoned`: the proxy gave up the connection while it was being made
   (``Pool.cut``; ``Pool.halt``: the proxy stops at once). Nothing was sent.
 
@@ -106,6 +107,11 @@ class UnexpectedUpgrade(BadResponse):
 
 class CutOff(UpstreamError):
     """No answer yet, and none waited for: the machine goes down (``Pool.cut``)."""
+
+
+class CutOffAgain(CutOff):
+    """Cut off on a request already sent again (as :class:`LostAgain`): not to be sent a
+    third time."""
 
 
 class Abandoned(UpstreamError):
@@ -759,7 +765,8 @@ async def send(
 
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
-    machine, as browsers and aiohttp do; lost there too, it fails with :class:`LostAgain`.
+    machine, as browsers and aiohttp do; lost there too, it fails with :class:`LostAgain`
+    (cut off there, with :class:`CutOffAgain`).
     """
     args = (method, head, body, chunked, head_timeout, upgrade, on_interim, machine, continued)
     conn = pool.take(authority)
@@ -775,6 +782,8 @@ async def send(
             ex.release()
             if resent and type(exc) is ConnectionLost:
                 raise LostAgain(str(exc)) from None
+            if resent and type(exc) is CutOff:
+                raise CutOffAgain(str(exc)) from None
             # A pooled connection the machine had closed: nothing was sent (ConnectFailed),
             # or the head went out as the close crossed it (ConnectionLost: replayed only if
             # idempotent, RFC 9110 9.2.2). Once more, on a new connection.

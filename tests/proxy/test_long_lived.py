@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from structlog.testing import capture_logs
 from testkit import free_port, until
 
 from autoscaler.config import AppConfig, Settings, parse_host_port
@@ -417,14 +418,15 @@ async def test_a_request_still_waiting_for_its_answer_at_a_drains_deadline_gets_
     suspended right after. A request sent there whose answer had not begun (the machine
     slow to answer) was tracked nowhere: its client waited upstream_timeout_s for a 504
     from a suspended machine. It gets a 502 at once now, its request not sent again (it
-    may have had its effect), whether it was sent whole or its body was still coming;
-    its connection to the machine is closed and its slot given back, once."""
+    may have had its effect: a POST), whether it was sent whole or its body was still
+    coming; its connection to the machine is closed and its slot given back, once. (A GET
+    is sent again: see the test after this one.)"""
     heads: list[bytes] = []
     closed: list[bytes] = []
 
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        if head.startswith(b"POST"):
+        if head.startswith(b"POST /upload"):
             await reader.readexactly(5)  # the half of its body sent so far
         heads.append(head)
         closed.append(await reader.read())  # never answers: until the proxy closes
@@ -436,7 +438,7 @@ async def test_a_request_still_waiting_for_its_answer_at_a_drains_deadline_gets_
     view = fleet.app("a")
     [machine] = view.upstreams
     requests = {
-        "sent": b"GET /report HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        "sent": b"POST /report HTTP/1.1\r\nHost: a.test\r\n\r\n",  # no body: sent whole
         # Half of its body: the rest is still to come when the machine goes down.
         "uploading": b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nhalf.",
     }
@@ -472,6 +474,82 @@ async def test_a_request_still_waiting_for_its_answer_at_a_drains_deadline_gets_
         )
         == 2
     )
+
+
+@pytest.mark.parametrize("case", ["elsewhere", "held", "after-1xx", "sent-twice"])
+async def test_a_get_still_waiting_for_its_answer_at_a_drains_deadline_is_sent_again_once(
+    raw_backend: RawBackend,
+    backend: Backend,
+    start_proxy: StartProxy,
+    fleet: FleetView,
+    metrics: Metrics,
+    case: str,
+) -> None:
+    """A GET (idempotent, no body) whose machine had not begun to answer at its drain's
+    deadline got the cut's 502, although another machine would serve it, where one whose
+    connection was lost the same way is sent again. It is sent again now, once, the same
+    way: to another machine (elsewhere), or held until one routes (held). Not after a 1xx
+    reached its client, nor when it was sent twice already (its pooled connection lost
+    under it: upstream.send sent it again): those get the cut's 502."""
+    heads: list[bytes] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                if head.startswith(b"GET /warm"):  # leaves this connection in the pool
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nwarm")
+                    continue
+                if case == "sent-twice" and len(heads) == 2:
+                    writer.transport.abort()  # the pooled connection lost under the GET
+                    return
+                if case == "after-1xx":
+                    writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+                await reader.read()  # never answers: until the proxy closes
+                return
+
+    m1 = parse_host_port(await raw_backend(mute))
+    m2 = parse_host_port(await backend(text_app("m2")))
+    view = fleet.app("a")
+    view.set_machines([MachineInfo("m1", m1.host, m1.port, STARTED, False)])
+    proxy = await start_proxy([{"name": "a", "hosts": ["a.test"]}], upstream_timeout_s=3600)
+    cordoned = MachineInfo("m1", m1.host, m1.port, STARTED, True)
+    other = MachineInfo("m2", m2.host, m2.port, STARTED, False)
+    with capture_logs() as logs:
+        async with connect(proxy.port) as (reader, writer):
+            if case == "sent-twice":
+                writer.write(b"GET /warm HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                assert (await read_response(reader))[2] == b"warm"
+            writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            sent = 3 if case == "sent-twice" else 1
+            await until(lambda: len(heads) == sent, what="the GET at the machine")
+            if case == "after-1xx":
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 103 ")
+            # The drain begins; another machine serves the app (held: none yet).
+            view.set_machines([cordoned] if case == "held" else [cordoned, other])
+            assert fleet.end_long_lived("a", "m1", everything=True) == 1  # its time is up
+            if case == "held":
+                await until(lambda: view.queued == 1, what="the GET held for a machine")
+                view.set_machines([cordoned, other])
+            status, _, body = await read_response(reader)
+    replayed = [e["machine"] for e in logs if e["event"] == "request_replayed"]
+    if case in ("elsewhere", "held"):
+        assert (status, body, replayed) == (200, b"m2", ["m1"])
+    else:
+        assert (status, body, replayed) == (
+            502,
+            b"the machine was drained before it answered\n",
+            [],
+        )
+    assert len(heads) == sent  # never a second time to m1
+    await until(lambda: view.in_flight == 0, what="the slots given back")
+    assert view.upstreams["m1"].in_flight == 0  # given back once: never below 0
+    assert view.upstreams["m1"].failing == 0  # no verdict: the proxy gave up, not m1
+    code = "200" if case in ("elsewhere", "held") else "502"
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_requests_total", {"app": "a", "code": code, "wake": "none"}) == 1
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["static", "scaled"])
@@ -540,7 +618,8 @@ async def test_a_request_sent_to_its_machines_old_address_is_cut_at_the_drains_d
     drain's deadline. A reload that changed ``apps[].port`` meanwhile (or the API that
     reported a new address for the machine) moved that address: the requests sent to the
     old one were missed, and their clients waited upstream_timeout_s for a 504 from a
-    suspended machine. They get the cut's 502 at once too."""
+    suspended machine. They get the cut's 502 at once too (a POST: a GET would be sent
+    again, see above)."""
     heads: list[bytes] = []
     closed: list[bytes] = []
 
@@ -560,7 +639,7 @@ async def test_a_request_sent_to_its_machines_old_address_is_cut_at_the_drains_d
     view.set_machines([machine])
     proxy = await start_proxy([app], upstream_timeout_s=3600)
     async with connect(proxy.port) as (reader, writer):
-        writer.write(b"GET /report HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        writer.write(b"POST /report HTTP/1.1\r\nHost: a.test\r\n\r\n")
         await until(lambda: len(heads) == 1, what="the request at the machine")
         if moved_by == "reload":
             moved = AppConfig(name="a", hosts=["a.test"], port=new_port)
