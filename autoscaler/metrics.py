@@ -80,13 +80,14 @@ ProxyErrorReason = Literal[
     "internal",  # 500: a bug in the proxy
 ]
 PROXY_ERROR_REASONS: tuple[ProxyErrorReason, ...] = get_args(ProxyErrorReason)
-# The codes of those answers under an app: the 500 of a bug and the 501 and 505 of a request
-# the proxy does not do count with app "" (autoscaler/proxy/server.py's error_page,
-# _answer_bug). Their autoscaler_requests_total series are exported at 0 for every app,
-# wake "none", and for an app that wakes with the wake kinds too (the failed ones are
-# WAKE_FAILED_CODES'): AutoscalerHigh5xxRatio reads the app's own 5xx as the requests'
-# increase minus the proxy errors', and a requests series born at its first count has none
-# (the app's first proxy 502 read -1 of its own while it stayed in the window).
+# The codes of the proxy's own answers under an app, whose autoscaler_requests_total
+# series are exported at 0 for every app, wake "none", and for an app that wakes with the
+# wake kinds too (the failed ones are WAKE_FAILED_CODES'): AutoscalerHigh5xxRatio reads the
+# app's own 5xx as the requests' increase minus the proxy errors', and a requests series
+# born at its first count has none (the app's first proxy 502 read -1 of its own while it
+# stayed in the window). The 501 and 505 of a request the proxy does not do count with app
+# "" (autoscaler/proxy/server.py's error_page); the 500 of a bug counts under the request's
+# app (_answer_bug) but is left out: a series per app and wake for what should never happen.
 PROXY_ERROR_CODES = (502, 503, 504)
 # (code, wake) of the requests series exported at 0: for every app, and for one that wakes.
 PROXY_ERROR_ANSWERS = tuple((code, NO_WAKE) for code in PROXY_ERROR_CODES)
