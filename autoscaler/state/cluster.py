@@ -220,7 +220,7 @@ class AppFleet:
             critical=_ids(d.get("critical")),  # None from a previous release's leader
             how=_how(d.get("how")),  # likewise
             down_sick=_ids(d.get("down_sick")),  # likewise
-            missing=d.get("missing") is True,  # None from a previous release's leader
+            missing=_flag(d.get("missing")),  # None from a previous release's leader
         )
 
 
@@ -234,6 +234,17 @@ def _ids(d: Any) -> tuple[str, ...]:
     if not isinstance(d, list) or not all(isinstance(m, str) for m in d):
         raise ValueError(f"not a list of machine ids: {d!r}")
     return tuple(d)
+
+
+def _flag(d: Any) -> bool:
+    """A published flag (``missing``); None (a leader of the previous release does not
+    say) is False. ValueError if it is not a boolean: ``is True`` read "true", 1 or a
+    list as False (the app there), where a malformed list of ids is refused (:func:`_ids`)."""
+    if d is None:
+        return False
+    if not isinstance(d, bool):
+        raise ValueError(f"not a boolean: {d!r}")
+    return d
 
 
 def _how(d: Any) -> dict[str, str]:
@@ -380,7 +391,7 @@ def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
         _ids(json.loads(crit) if crit else None),
         _how(json.loads(how) if how else None),
         _ids(json.loads(sick) if sick else None),
-        miss is not None and json.loads(miss) is True,
+        _flag(json.loads(miss) if miss else None),
     )
 
 

@@ -384,14 +384,22 @@ async def test_a_malformed_app_entry_is_not_said_and_logged_once(
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("crit", "[1]"), ("crit", '"m1"'), ("sick", '{"m1": 1}'), ("how", '{"m1": 1}')],
+    [
+        ("crit", "[1]"),
+        ("crit", '"m1"'),
+        ("sick", '{"m1": 1}'),
+        ("how", '{"m1": 1}'),
+        ("miss", '"true"'),
+        ("miss", "1"),
+    ],
 )
-async def test_a_view_s_machine_lists_that_are_not_of_ids_are_not_said(
+async def test_a_view_s_fields_that_are_not_of_their_kind_are_not_said(
     pair: tuple[Cluster, Cluster, Clock], name: str, value: str
 ) -> None:
-    """``crit:{app}``, ``sick:{app}`` and ``how:{app}`` as a report holds them, checked
-    as a push's are (``test_a_pushed_view_is_read_as_a_reports_view``): their ids went
-    through ``str`` and a map where a list goes read as none. The app's view reads as not
+    """``crit:{app}``, ``sick:{app}``, ``how:{app}`` and ``miss:{app}`` as a report holds
+    them, checked as a push's are (``test_a_pushed_view_is_read_as_a_reports_view``):
+    their ids went through ``str``, a map where a list goes read as none, and a ``miss``
+    that is not a boolean ("true", 1) read as the app there. The app's view reads as not
     said, as another malformed ``fleet`` entry; the report's other views as written."""
     writer, reader, _ = pair
     up = [["m1", "127.0.0.1", 8000, "started", False]]
@@ -464,6 +472,8 @@ async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
         '{"seq": 1, "machines": [], "down_sick": {"m1": 1}}',
         '{"seq": 1, "machines": [], "how": {"m1": 1}}',
         '{"seq": 1, "machines": [], "how": ["m1"]}',
+        '{"seq": 1, "machines": [], "missing": "true"}',
+        '{"seq": 1, "machines": [], "missing": 1}',
     ],
 )
 def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
@@ -474,7 +484,8 @@ def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
     fencing token that is not whole, or a boolean, was truncated (1.5 read 1, true 1); a
     ``critical`` or ``down_sick`` id that is not a string went through ``str`` (1 read
     "1", "m1" read as the ids "m" and "1"), a ``down_sick`` or ``how`` that is not a list
-    (a map) read as empty, and a ``how`` that is not a string was dropped."""
+    (a map) read as empty, a ``how`` that is not a string was dropped, and a ``missing``
+    that is not a boolean read as False."""
     with pytest.raises(ValueError):  # noqa: PT011 - which ValueError is no matter
         ViewPush.from_json(f'{{"leader": "w", "fence": 1, "apps": {{"a": {app}}}}}')
     for fence in ("Infinity", "1.5", "true", '"1"'):
