@@ -44,6 +44,8 @@ that pause, and the wake moves on. The app is read again after a failed try, but
 sooner than ``READ_GAP_S`` (1 s) after the wake's last read of it (Fly's pace for an
 app-level call): the pauses above pace each machine's tries, not the reads, and in an
 outage a read after every try listed the app three times a second for three machines.
+The watch of another party's start or stop reads every ``RECHECK_S`` while the API
+answers; after a read that failed, every read of the wake waits ``READ_GAP_S`` from it.
 
 A start (or resume) whose answer was lost (sent, then a lost connection, a 5xx or 408 of
 Fly's edge) may have landed: the actuator reads the machine back at once (``_boot``), and
@@ -56,6 +58,7 @@ another machine (two for one need).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from autoscaler.control.actions import Actuator, may_have_landed
@@ -94,7 +97,19 @@ tries' own pace per machine: three lists a second for three machines, for the wh
 outage (seed 13 of benchmarks/chaos_soak.py). A re-read due sooner is skipped, and the
 wake goes on with the view of the last one; the tries keep their pace (the next machine
 at once after one fails). The watch of a start or stop under way reads every
-``RECHECK_S`` as before: that read is what sees the machine up."""
+``RECHECK_S`` as before while the API answers: that read is what sees the machine up.
+After a read that failed, the next one, whatever the wake waits for, is ``READ_GAP_S``
+after it (``_Reads``): the watch's reads, failing, listed the app four times a second
+for the whole outage."""
+
+
+@dataclass(slots=True)
+class _Reads:
+    """A wake's reads of its app: when it last asked for one (``-inf``: not yet), and
+    whether that read failed (then the next waits ``READ_GAP_S``, see ``Waker._reread``)."""
+
+    at: float = -math.inf
+    failed: bool = False
 
 
 class _Retry(NamedTuple):
@@ -195,10 +210,10 @@ class Waker:
             # the next list of the app says whether it landed all the same.
             unsure: dict[str, tuple[str, float]] = {}
             landed: dict[str, str] = {}  # such a start the list showed coming up -> kind
-            read_at = -math.inf  # when the wake last asked for the app's machines
+            reads = _Reads()
             if not rt.read_once:
                 await self._first_read(rt, deadline)
-                read_at = act.clock()
+                reads.at = act.clock()
             while True:
                 self._landed(rt, unsure, landed, failed)
                 if routable := view.routable():
@@ -275,7 +290,7 @@ class Waker:
                         resumes[mid] = _resuming(rt, mid, landed)
                     view.waking = came = "resume" if all(resumes[m] for m in coming) else "start"
                     await act.sleep(max(0.0, min(RECHECK_S, deadline - now)))
-                    read_at = await self._reread(rt, read_at)
+                    await self._reread(rt, reads)
                     continue
                 if action is not None and action.kind == "resume":
                     # Past another party's resume, its patience run out (it fell back to a
@@ -331,7 +346,7 @@ class Waker:
                     await act.sleep(max(0.0, min(pause, deadline - now)))
                     # (A watch of a change under way reads every RECHECK_S; a wait for a
                     # retry is paced as the re-reads after a failed try.)
-                    read_at = await self._reread(rt, read_at, 0.0 if soon else READ_GAP_S)
+                    await self._reread(rt, reads, 0.0 if soon else READ_GAP_S)
                     continue
                 mid = action.machine_id
                 if action.kind == "uncordon":
@@ -351,7 +366,7 @@ class Waker:
                     (action.kind == "resume" and busy.kind == "drain") or busy.kind == "cleanup"
                 ):
                     await busy.task  # its own action first (a suspend under way), then again
-                    read_at = await self._reread(rt, read_at)
+                    await self._reread(rt, reads)
                     continue
                 run = self._launch(rt, action, deadline)
                 view.waking = action.kind
@@ -375,7 +390,7 @@ class Waker:
                         unsure[mid] = (action.kind, act.clock())
                 if act.clock() >= deadline:
                     raise WakeError(f"app {rt.name}: machine {mid} did not come up in time")
-                read_at = await self._reread(rt, read_at, READ_GAP_S)
+                await self._reread(rt, reads, READ_GAP_S)
 
     def _launch(self, rt: AppRuntime, action: Action, deadline: float) -> Running | None:
         """Start ``action``'s task; its calls make one attempt each: the wake's loop is the
@@ -418,15 +433,17 @@ class Waker:
                 _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
                 await act.sleep(last)
 
-    async def _reread(self, rt: AppRuntime, last: float, gap: float = 0.0) -> float:
+    async def _reread(self, rt: AppRuntime, reads: _Reads, gap: float = 0.0) -> None:
         """Read the app again between two tries (``_refresh_quietly``), unless the wake's
-        last read, asked for at ``last``, is less than ``gap`` ago (``READ_GAP_S``); when
-        the wake's last read was asked for, this one or that."""
+        last read (``reads``) is less than ``gap`` ago (``READ_GAP_S``), or less than
+        ``READ_GAP_S`` ago and failed: in an outage the watch of another party's start
+        (``gap`` 0, every ``RECHECK_S``) listed the app four times a second, each list
+        failing, where Fly allows an app-level call 1/s."""
         now = self.actuator.clock()
-        if now - last < gap:
-            return last
-        await self._refresh_quietly(rt)
-        return now
+        if now - reads.at < (max(gap, READ_GAP_S) if reads.failed else gap):
+            return
+        reads.at = now
+        reads.failed = not await self._refresh_quietly(rt)
 
     @staticmethod
     def _landed(
@@ -452,10 +469,10 @@ class Waker:
                 failed.discard(mid)
                 landed[mid] = kind
 
-    async def _refresh_quietly(self, rt: AppRuntime) -> None:
+    async def _refresh_quietly(self, rt: AppRuntime) -> bool:
         """Read the app again between two tries: one attempt, as a tick makes (the wake's
         next turn is the retry; the client's retries would add seconds to a wake that an
-        API error interrupted)."""
+        API error interrupted). False if the read failed."""
         try:
             with one_attempt(self.api_timeout_s):
                 await self.refresh(rt)
@@ -463,6 +480,8 @@ class Waker:
             raise app_missing(rt, exc) from exc  # the app is gone: no machine will come up
         except FlyError as exc:
             _log.warning("wake_refresh_failed", app=rt.name, error=str(exc))
+            return False
+        return True
 
 
 def app_missing(rt: AppRuntime, error: NotFound) -> AppMissing:

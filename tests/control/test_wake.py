@@ -135,3 +135,39 @@ async def test_a_start_whose_answer_was_lost_is_read_back_before_another_is_woke
     assert rig.routable() == {first}
     assert rig.metric("autoscaler_scaling_actions_total", action="start", result="ok") == 1
     assert rig.metric("autoscaler_scaling_actions_total", action="start", result="error") == 0
+
+
+@pytest.mark.parametrize("moving", ["starting", "stopping"])
+async def test_a_wake_that_watches_another_party_s_change_reads_at_most_once_a_second_in_an_outage(
+    api: FakeMachinesAPI, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, moving: str
+) -> None:
+    """The app's only machine is being started (or stopped) by another party, and every
+    list fails: the wake watched it with a list every RECHECK_S (0.25 s), each one
+    failing, four app-level calls a second where Fly allows one. After a read that
+    failed, the next is READ_GAP_S after it; once a list answers, the watch reads at its
+    own pace again and sees the machine up."""
+    mid = api.add(APP, moving)
+    rig = Rig(api, clock, wake_timeout_s=30)
+    await rig.tick()  # the app read once: the wake's reads are all re-reads
+    api.fail["list_machines"] = [ServerError(503, "unavailable")] * 1000
+    read_at: list[float] = []
+    list_machines = api.list_machines
+
+    async def timed(app: str) -> list[m.Machine]:
+        read_at.append(clock())
+        return await list_machines(app)
+
+    monkeypatch.setattr(api, "list_machines", timed)
+    wake = asyncio.ensure_future(rig.ctl.wake(APP))
+    for _ in range(48):  # 6 s, under START_PATIENCE_S
+        await clock.advance(0.125)
+    assert not wake.done()
+    gaps = [b - a for a, b in itertools.pairwise(read_at)]
+    assert len(read_at) >= 5  # read on...
+    assert min(gaps) >= READ_GAP_S  # ...not faster than 1/s
+    api.fail["list_machines"].clear()  # the API answers again
+    api.set(APP, mid, state="stopped" if moving == "stopping" else "started")
+    for _ in range(24):
+        await clock.advance(0.125)
+    assert await wake == "start"
+    assert rig.routable() == {mid}
