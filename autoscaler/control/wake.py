@@ -52,7 +52,15 @@ Fly's edge) may have landed: the actuator reads the machine back at once (``_boo
 goes on with it if it is starting or started. If that read fails too, the start fails as
 any other API error, and the wake's next list of the app that shows the machine coming up
 or up makes it the wake's own start again: waited for, and routed, not passed over for
-another machine (two for one need).
+another machine (two for one need). The read-back is not paced as the lists are, by
+choice: it is one Get Machine per start sent, so never more often than that machine's
+tries (1/s at most once their pause has grown: about 60 a minute per machine in an
+outage that fails the starts and answers the leases, about 30 in one that fails every
+call after our leases were taken, none while the leases are refused), against Fly's
+5/s for Get Machine per machine, a bucket apart from the app's list. Skipped after a
+read that failed, it would be the call that keeps the wake from starting the next
+machine at once beside one that is coming up, in a flaky API where one call in a few
+fails.
 """
 
 from __future__ import annotations
