@@ -245,9 +245,20 @@ def _run(args: argparse.Namespace) -> int:
 
         log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
         return supervise(
-            args.config, overrides, args.workers, emulator=args.emulator, log_args=log_args
+            args.config,
+            overrides,
+            args.workers,
+            emulator=args.emulator,
+            log_args=log_args,
+            flags=RUN_FLAGS,
         )
-    return run(args.config, overrides, emulator=args.emulator)
+    return run(args.config, overrides, emulator=args.emulator, flags=RUN_FLAGS)
+
+
+# The flags of `run` that set a key, by that key path: a problem of the value one gave is
+# said by the flag as typed (``--listen: ...``), not as ``command line: proxy.listen: ...``.
+# (--emulator sets fly.api_url to embedded, a value with no problem of its own.)
+RUN_FLAGS = {"proxy.listen": "--listen", "admin.listen": "--admin-listen"}
 
 
 # --- demo -------------------------------------------------------------------------------

@@ -1702,13 +1702,17 @@ def load_settings(
     require_file: bool = False,
     serving: bool = True,
     resolve: Resolver | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> tuple[Settings, Path]:
     """Load and validate the settings; raise ConfigError with one line per problem, each
     starting with where the value came from (``file:line``, ``environment: VARIABLE`` or
     ``command line``) and its key path, and never showing a secret.
 
     A missing default file is fine (defaults apply) unless ``require_file`` is set or the
-    path was given explicitly. ``overrides`` (from CLI flags) beat everything else.
+    path was given explicitly. ``overrides`` (from CLI flags) beat everything else;
+    ``flags`` names the flag that set each of their key paths (``{"proxy.listen":
+    "--listen"}``, the key paths under it too): a problem of its value is said by the flag
+    as the user typed it (``--listen: ...``), not by a key path they never wrote.
 
     ``serving=False`` is for the commands that read the file without running it (status
     asks the admin server at admin.listen; simulate replays the apps' policies): what
@@ -1775,7 +1779,7 @@ def load_settings(
         # pydantic-settings decodes a list or a section given in one variable as JSON.
         raise ConfigError([_not_json(exc, env_vars)]) from None
     except ValidationError as exc:
-        origin = _Origin(file, lines, env_vars, overrides or {}, environ)
+        origin = _Origin(file, lines, env_vars, overrides or {}, environ, flags or {})
         items = _error_items(exc, origin.named)
         checked_across = any(
             isinstance(e.get("ctx", {}).get("error"), _KeyErrors) for e in exc.errors()
@@ -1788,7 +1792,7 @@ def load_settings(
                 (_parse_key_path(e.cause), str(e))
                 for e in _file_app_problems(base, fly_names=serving)
             ]
-        raise ConfigError([f"{origin.where(loc)}: {text}" for loc, text in items]) from None
+        raise ConfigError([origin.line(loc, text) for loc, text in items]) from None
     finally:
         _SERVING.reset(serving_token)
     # Hand back a plain Settings so the dynamic class never leaks into reprs or pickles.
@@ -1960,14 +1964,26 @@ def _parse_key_path(path: str) -> KeyPath:
 
 @dataclass(frozen=True)
 class _Origin:
-    """Where the value of a key path came from, as an error line starts: the command line,
-    an environment variable, or the file (with the key's line when the file has it)."""
+    """Where the value of a key path came from, as an error line starts: the command line
+    (the flag that set it, when ``flags`` names one), an environment variable, or the file
+    (with the key's line when the file has it)."""
 
     file: Path
     lines: Mapping[KeyPath, int]
     env_vars: Mapping[str, str]
     overrides: Mapping[str, Any]
     environ: Mapping[str, str]
+    flags: Mapping[str, str]
+
+    def line(self, loc: KeyPath, text: str) -> str:
+        """The error line of ``text`` (``key.path: what``) about the value at ``loc``: after
+        where it came from; a flag's said as typed (``--listen: what``: the key path the
+        flag sets is left out, a key path within it or another's kept)."""
+        flag = self._flag(loc)
+        if flag is not None:
+            key, name = flag
+            return f"{name}: {text.removeprefix(f'{key}: ')}"
+        return f"{self.where(loc)}: {text}"
 
     def where(self, loc: KeyPath) -> str:
         given = self._given(loc)
@@ -1983,6 +1999,9 @@ class _Origin:
         """Where the value of a second key an error line is about came from, as the line
         says it after the value: its own file line (not its section's: a default in a
         section the file has is no value of the file), or its default."""
+        flag = self._flag(loc)
+        if flag is not None:
+            return f" from {flag[1]}"
         given = self._given(loc)
         if given == "command line":
             return " from the command line"
@@ -1990,6 +2009,17 @@ class _Origin:
             return f" from {given}"
         line = self.lines.get(loc)
         return f" at {self.file}:{line}" if line is not None else ", its default"
+
+    def _flag(self, loc: KeyPath) -> tuple[str, str] | None:
+        """The key path and the flag that set the value at ``loc`` (or a section or list
+        holding it), if the command line's was one ``flags`` names."""
+        if not _within(self.overrides, loc):
+            return None
+        for i in range(len(loc), 0, -1):
+            key = _key_path(loc[:i])
+            if key in self.flags:
+                return key, self.flags[key]
+        return None
 
     def _given(self, loc: KeyPath) -> str | None:
         """The command line or the environment variable that set the key path, if one did."""
@@ -2023,7 +2053,7 @@ def origin(file: Path, loc: KeyPath, env: Mapping[str, str] | None = None) -> st
     if file.exists():
         with contextlib.suppress(ConfigError):
             _, lines = read_yaml(file)
-    return _Origin(file, lines, _setting_vars(environ), {}, environ).where(loc)
+    return _Origin(file, lines, _setting_vars(environ), {}, environ, {}).where(loc)
 
 
 def _setting_vars(environ: Mapping[str, str]) -> dict[str, str]:
@@ -2038,9 +2068,12 @@ def _within(data: Mapping[str, Any], loc: KeyPath) -> bool:
     """Whether ``data`` (the command line's settings) holds the key path."""
     node: Any = data
     for part in loc:
-        if not isinstance(node, Mapping) or part not in node:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]  # an item of a list the command line gave (emulator --app)
+        else:
             return False
-        node = node[part]
     return bool(loc)
 
 

@@ -138,7 +138,8 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 class Service:
     """Everything ``autoscaler run`` runs, in one object.
 
-    ``overrides`` are the CLI's settings (they win over the file on every reload);
+    ``overrides`` are the CLI's settings (they win over the file on every reload), and
+    ``flags`` the flag that set each of their key paths (load_settings: its problems say it);
     ``proxy_port`` / ``admin_port`` bind other ports than the configured ones (0 picks a
     free one: tests).
     """
@@ -149,6 +150,7 @@ class Service:
         config_path: str | Path | None = None,
         *,
         overrides: Mapping[str, Any] | None = None,
+        flags: Mapping[str, str] | None = None,
         metrics: Metrics | None = None,
         clock: Clock = time.monotonic,
         proxy_port: int | None = None,
@@ -173,6 +175,7 @@ class Service:
         needs no token) without asking a name service in the event loop."""
         self.config_path = config_path
         self.overrides = dict(overrides or {})
+        self.flags = dict(flags or {})
         self.metrics = metrics or Metrics(version=__version__)
         self.clock = clock
         self._ports = {"proxy": proxy_port, "admin": admin_port, "emulator": emulator_port}
@@ -379,7 +382,9 @@ class Service:
         """Load the file again and apply it; False (and nothing changes) if it is invalid."""
         try:
             known = self.listen_hosts.known if self.listen_hosts is not None else None
-            new, path = load_settings(self.config_path, overrides=self.overrides, resolve=known)
+            new, path = load_settings(
+                self.config_path, overrides=self.overrides, resolve=known, flags=self.flags
+            )
         except ConfigError as exc:
             return self._rejected(exc.problems)
         if self.without_api and _scaled(new):
@@ -593,14 +598,18 @@ def _no_rolling_restart() -> None:
 
 
 def load_or_report(
-    config: str | None, overrides: Mapping[str, Any] | None, hosts: ListenHosts
+    config: str | None,
+    overrides: Mapping[str, Any] | None,
+    hosts: ListenHosts,
+    flags: Mapping[str, str] | None = None,
 ) -> tuple[Settings, Path] | None:
     """The settings and the file they came from, or None once every problem is logged.
-    ``hosts`` resolves the listen hosts' names, and keeps their addresses for the caller."""
+    ``hosts`` resolves the listen hosts' names, and keeps their addresses for the caller;
+    ``flags`` names the flag of each key path of ``overrides`` (load_settings)."""
     try:
         # The listen addresses' host names resolved: a clash through a name, or a name that
         # does not resolve, is said here, before anything starts (not as a failed bind).
-        return load_settings(config, overrides=overrides, resolve=hosts)
+        return load_settings(config, overrides=overrides, resolve=hosts, flags=flags)
     except ConfigError as exc:
         for line in exc.problems:
             _log.error("config_invalid", problem=line)
@@ -608,26 +617,34 @@ def load_or_report(
 
 
 def run(
-    config: str | None, overrides: Mapping[str, Any] | None = None, *, emulator: bool = False
+    config: str | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    emulator: bool = False,
+    flags: Mapping[str, str] | None = None,
 ) -> int:
     """``autoscaler run``: 0 after a clean stop, 2 when the configuration is invalid.
 
     The embedded emulator plays the Machines API only when asked for (``emulator``, the
     --emulator flag, or ``fly.api_url: embedded``): a production config that forgot
-    ``fly.api_url`` must not quietly scale fake machines.
+    ``fly.api_url`` must not quietly scale fake machines. ``flags`` names the flag that
+    set each key path of ``overrides``, for its problems (load_settings).
     """
     worker = os.environ.get(WORKER_ENV)
     if worker is None:
-        return _run(config, overrides, emulator, 0, None)
+        return _run(config, overrides, flags, emulator, 0, None)
     speaker = os.environ.get(SPEAKER_ENV)
     # Under run --workers, every line says whose it is (they share one output).
     with process_keys(worker=int(worker)):
-        return _run(config, overrides, emulator, int(worker), Path(speaker) if speaker else None)
+        return _run(
+            config, overrides, flags, emulator, int(worker), Path(speaker) if speaker else None
+        )
 
 
 def _run(
     config: str | None,
     overrides: Mapping[str, Any] | None,
+    flags: Mapping[str, str] | None,
     emulator: bool,
     worker: int,
     speaker: Path | None,
@@ -635,7 +652,7 @@ def _run(
     if emulator:
         overrides = {**(overrides or {}), "fly": {"api_url": EMBEDDED}}
     hosts = ListenHosts(resolve_listen_host)
-    loaded = load_or_report(config, overrides, hosts)
+    loaded = load_or_report(config, overrides, hosts, flags)
     if loaded is None:
         return CONFIG_REFUSED
     settings, path = loaded
@@ -649,6 +666,7 @@ def _run(
         settings,
         config,
         overrides=overrides,
+        flags=flags,
         without_api=without_api,
         listen_hosts=hosts,
         worker=worker,

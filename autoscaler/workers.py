@@ -129,14 +129,16 @@ def supervise(
     *,
     emulator: bool = False,
     log_args: Sequence[str] = (),
+    flags: Mapping[str, str] | None = None,
 ) -> int:
     """Run ``workers`` worker processes until SIGTERM/SIGINT; the exit code of ``run``.
-    Each worker is given ``log_args`` (the command's --log-level and --log-format)."""
+    Each worker is given ``log_args`` (the command's --log-level and --log-format);
+    ``flags`` names the flag that set each key path of ``overrides`` (load_settings)."""
     if emulator:
         _log.error("config_invalid", problem="--workers cannot share an embedded emulator")
         return CONFIG_REFUSED
     hosts = ListenHosts(resolve_listen_host)
-    loaded = load_or_report(config, overrides, hosts)
+    loaded = load_or_report(config, overrides, hosts, flags)
     if loaded is None:
         return CONFIG_REFUSED
     settings, path = loaded

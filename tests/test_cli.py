@@ -138,6 +138,47 @@ def test_run_without_a_machines_api_exits_2_and_says_why(tmp_path: Path) -> None
     assert "--emulator" in result.stdout
 
 
+def problems(stdout: str) -> list[str]:
+    """The ``config_invalid`` problems of `run`'s JSON log lines."""
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return [line["problem"] for line in lines if line.get("event") == "config_invalid"]
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_run_says_a_bad_flag_by_the_flag_as_typed(tmp_path: Path, workers: list[str]) -> None:
+    """The lines named the key the flag sets (``command line: proxy.listen: ...``), which
+    the user never typed, as the emulator's did before."""
+    config = tmp_path / "c.yaml"
+    config.write_text("apps: [{name: web, backends: ['127.0.0.1:1']}]\n")
+    result = run("run", *workers, "--config", str(config), "--log-format", "json",
+                 "--listen", "nowhere", "--admin-listen", "127.0.0.1")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert problems(result.stdout) == [
+        """--listen: expected "host:port" (IPv6 as "[::1]:port"), got 'nowhere'""",
+        """--admin-listen: expected "host:port" (IPv6 as "[::1]:port"), got '127.0.0.1'""",
+    ]
+
+
+def test_run_names_the_flag_of_each_value_a_problem_is_about(tmp_path: Path) -> None:
+    """A problem about two values (a clash) says where the second came from, by its flag;
+    one caused by a flag's value (the admin token an open --admin-listen needs) starts with
+    that flag."""
+    config = tmp_path / "c.yaml"
+    config.write_text("apps: [{name: web, backends: ['127.0.0.1:1']}]\n")
+    result = run("run", "--config", str(config), "--log-format", "json",
+                 "--listen", "127.0.0.1:9", "--admin-listen", "127.0.0.1:9")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert problems(result.stdout) == [
+        "--listen: 127.0.0.1:9 is admin.listen's address too (127.0.0.1:9 from --admin-listen):"
+        " the second of the two servers could not listen; give each its own port"
+    ]
+    result = run("run", "--config", str(config), "--log-format", "json",
+                 "--admin-listen", "192.0.2.1:9")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    (problem,) = problems(result.stdout)
+    assert problem.startswith("--admin-listen: admin.token: required when admin.listen is not")
+
+
 @pytest.mark.parametrize("command", ["run", "demo"])
 def test_a_damaged_emulator_state_file_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
     """emulator.state_file that is no state file: run --emulator and demo ended in a
@@ -168,7 +209,7 @@ def test_new_flags_reach_their_commands(monkeypatch: pytest.MonkeyPatch) -> None
 
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
-    def fake_run(config: object, overrides: object, *, emulator: bool) -> int:
+    def fake_run(config: object, overrides: object, *, emulator: bool, flags: object) -> int:
         seen["run"] = (config, overrides, emulator)
         # Service.run delivers the signals `run` holds back: left blocked, this process's
         # later children (the emulator's machines) inherited a blocked SIGINT and SIGTERM

@@ -38,7 +38,8 @@ FAULT_FLAGS = {
     "resume_cold_rate": "--resume-cold-rate",
     "hang_rate": "--hang-rate",
 }
-# Every flag of `autoscaler emulator` that sets a key, by the key path its errors name.
+# Every flag of `autoscaler emulator` that sets a key, by that key path (load_settings
+# says a problem of the value it gave by the flag, as typed).
 FLAGS = {
     "emulator.listen": "--listen",
     "emulator.token": "--token",
@@ -49,17 +50,6 @@ FLAGS = {
     "emulator.ipv6": "--ipv6",
     **{f"emulator.faults.{key}": flag for key, flag in FAULT_FLAGS.items()},
 }
-_FROM_FLAG = "command line: "  # how config.py starts the line of a value the flags gave
-
-
-def _as_flag(line: str) -> str:
-    """A settings error about a value a flag gave, as the user typed it: ``--latency: ...``
-    for ``command line: emulator.faults.latency_s: ...``; other lines as they are (an
-    app's own keys: ``--app`` has said its mistakes before, in _app_flag)."""
-    if not line.startswith(_FROM_FLAG):
-        return line
-    key, _, said = line.removeprefix(_FROM_FLAG).partition(": ")
-    return f"{FLAGS[key]}: {said}" if key in FLAGS else line
 
 
 def settings_from(
@@ -105,12 +95,9 @@ def settings_from(
     # file's proxy and admin server (config.py refuses two servers of one process on one
     # address: proxy.listen or admin.listen would have kept --listen off theirs).
     elsewhere = {"api_url": "http://127.0.0.1"}  # (never called: only .emulator is used)
-    try:
-        settings, _ = load_settings(
-            config, env=environ, overrides={"emulator": section, "fly": elsewhere}
-        )
-    except ConfigError as exc:
-        raise ConfigError([_as_flag(line) for line in exc.problems]) from None
+    settings, _ = load_settings(
+        config, env=environ, overrides={"emulator": section, "fly": elsewhere}, flags=FLAGS
+    )
     return settings.emulator
 
 
