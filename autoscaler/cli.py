@@ -274,7 +274,9 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration", type=float, default=90.0, metavar="S", help="length of the story (90)"
     )
-    parser.add_argument("--machines", type=int, metavar="N", help="machines of the app (5)")
+    parser.add_argument(
+        "--machines", type=int, metavar="N", help="machines of the app, 1 to 1000 (5)"
+    )
     parser.add_argument(
         "--no-traffic",
         action="store_true",
@@ -295,6 +297,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from autoscaler.config import EMULATOR_APP_MACHINES
     from autoscaler.demo import main as demo_main
 
     # Each flag said with what it got: "--duration and --machines must be positive" left
@@ -305,9 +308,10 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.machines is not None and args.machines < 1:
+    if args.machines is not None and not 1 <= args.machines <= EMULATOR_APP_MACHINES:
         print(
-            f"autoscaler demo: --machines: expected a number >= 1, got {args.machines}",
+            f"autoscaler demo: --machines: expected a number from 1 to"
+            f" {EMULATOR_APP_MACHINES}, got {args.machines}",
             file=sys.stderr,
         )
         return 2

@@ -1051,9 +1051,20 @@ class Timing:
 Region = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
 
 
+EMULATOR_APP_MACHINES = 1000
+"""The most start-up machines of one emulator app (``emulator.apps[].machines``, ``--app``,
+``demo --machines``): each takes a loopback address, and once started a process of this
+host. Fly documents no count of its own; a typo (``--app web=100000``) made them all."""
+
+
 class EmulatorApp(_Model):
     name: str = Field(description="app created at start-up (a Fly app name)")
-    machines: int = Field(default=0, ge=0, description="stopped machines created with it")
+    machines: int = Field(
+        default=0,
+        ge=0,
+        le=EMULATOR_APP_MACHINES,
+        description=f"stopped machines created with it (at most {EMULATOR_APP_MACHINES})",
+    )
     image: str = Field(default="autoscaler/demo-app", description="image of those machines")
     internal_port: int = Field(default=8080, ge=1, le=65535, description="their service port")
     env: dict[str, str] = Field(default_factory=dict, description="their environment")

@@ -123,10 +123,21 @@ def test_demo_refuses_a_duration_that_is_not_a_positive_number(
     assert capsys.readouterr().err == expected
 
 
-def test_demo_refuses_no_machines_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    # It said "--duration and --machines must be positive" of either.
-    assert main(["demo", "--machines", "0"]) == 2
-    assert capsys.readouterr().err == "autoscaler demo: --machines: expected a number >= 1, got 0\n"
+@pytest.mark.parametrize("machines", ["0", "1001"])
+def test_demo_refuses_a_count_of_machines_out_of_bounds_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, machines: str
+) -> None:
+    # It said "--duration and --machines must be positive" of either; a typo of a hundred
+    # thousand made as many machines (the emulator's bound, emulator.apps[].machines).
+    import autoscaler.demo
+
+    ran: list[object] = []  # a count let through is seen here, not run for 90 s
+    monkeypatch.setattr(autoscaler.demo, "main", lambda *a, **k: ran.append(a) or 0)
+    assert main(["demo", "--machines", machines]) == 2
+    assert ran == []
+    assert capsys.readouterr().err == (
+        f"autoscaler demo: --machines: expected a number from 1 to 1000, got {machines}\n"
+    )
 
 
 def test_run_without_a_machines_api_exits_2_and_says_why(tmp_path: Path) -> None:
