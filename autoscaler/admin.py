@@ -235,7 +235,7 @@ class AdminServer:
 
     async def start(self, host: str | None = None, port: int | None = None) -> None:
         """Listen on ``admin.listen`` (``host``/``port`` override it; port 0 picks one)."""
-        listen = parse_host_port(self.settings.listen)
+        listen = parse_host_port(self.settings.listen, listen=True)
         host = host if host is not None else listen.host
         port = port if port is not None else listen.port
         self._runner = web.AppRunner(self.build_app(), access_log=None)

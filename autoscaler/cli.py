@@ -122,7 +122,7 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
         "--listen",
         type=_given,
         metavar="HOST:PORT",
-        help="API address, loopback only (default 127.0.0.1:4280)",
+        help="API address, loopback only (default 127.0.0.1:4280; port 0: a free one, printed)",
     )
     parser.add_argument(
         "--token",
@@ -195,7 +195,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
         "--listen",
         type=_given,
         metavar="HOST:PORT",
-        help="address of the proxy (overrides proxy.listen)",
+        help="address of the proxy (overrides proxy.listen; port 0: a free one, logged)",
     )
     parser.add_argument(
         "--admin-listen",

@@ -234,15 +234,18 @@ def _is_host(host: str) -> bool:
     return True
 
 
-def parse_host_port(value: str) -> HostPort:
-    """Parse "127.0.0.1:8080", "[::1]:8080" or "localhost:80"."""
+def parse_host_port(value: str, *, listen: bool = False) -> HostPort:
+    """Parse "127.0.0.1:8080", "[::1]:8080" or "localhost:80". A ``listen`` address may
+    have port 0: a free port the OS picks at the bind (the server says which it got), as
+    servers commonly take it; one to connect to may not."""
     text = value.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         sep = sep if ":" in host else ""  # brackets hold an IPv6 address
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not _is_host(host) or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if listen else 1
+    if not sep or not _is_host(host) or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {value!r}')
     return HostPort(host, int(port))
 
@@ -373,7 +376,7 @@ def listen_overlap(
 
 
 def _check_listen(value: str) -> str:
-    parse_host_port(value)
+    parse_host_port(value, listen=True)
     return value
 
 
@@ -390,7 +393,7 @@ refuse."""
 def check_loopback_listen(value: str) -> str:
     """A listen address that must stay on this machine (the emulator's API: its token runs
     commands on the host through machine env and cmd)."""
-    host = parse_host_port(value).host
+    host = parse_host_port(value, listen=True).host
     if not is_loopback(host):
         raise ValueError(
             f"expected a loopback address (127.0.0.0/8, [::1] or localhost), got {value!r}:"
@@ -1356,7 +1359,7 @@ class Settings(BaseSettings):
     def _admin_is_loopback(self, resolved: Mapping[str, Sequence[IPAddress]]) -> bool:
         """Whether the admin server is reachable from this host alone: a loopback address,
         localhost, or a name whose addresses (``resolved``) are all loopback ones."""
-        host = parse_host_port(self.admin.listen).host
+        host = parse_host_port(self.admin.listen, listen=True).host
         addresses = resolved.get(host, ())
         return is_loopback(host) or (bool(addresses) and all(a.is_loopback for a in addresses))
 
@@ -1369,7 +1372,7 @@ class Settings(BaseSettings):
         problems = []
         resolve = type(self).resolve
         for key, value in listens:
-            host = parse_host_port(value).host
+            host = parse_host_port(value, listen=True).host
             if resolve is None or host in resolved or _ip(host) is not None:
                 continue
             try:
@@ -1394,7 +1397,8 @@ class Settings(BaseSettings):
         problems = []
         for i, (key, value) in enumerate(listens):
             for other, other_value in listens[i + 1 :]:
-                a, b = parse_host_port(value), parse_host_port(other_value)
+                a = parse_host_port(value, listen=True)
+                b = parse_host_port(other_value, listen=True)
                 why = listen_overlap(a, b, resolved)
                 if why is None:
                     continue

@@ -227,7 +227,7 @@ def demo_settings(config: str | None, machines: int | None) -> Settings:
             ("proxy.listen", settings.proxy.listen),
             ("admin.listen", settings.admin.listen),
         )
-        if not is_loopback(parse_host_port(value).host)
+        if not is_loopback(parse_host_port(value, listen=True).host)
     ]
     if exposed:
         raise ConfigError(exposed)

@@ -227,7 +227,7 @@ class Service:
         elif not s.fly.embedded:
             self.client = MachinesClient.from_settings(s.fly, observer=self.metrics.observe_api)
         else:
-            listen = parse_host_port(s.emulator.listen)
+            listen = parse_host_port(s.emulator.listen, listen=True)
             port = self._ports["emulator"]
             self.emulator = Emulator(s.emulator, listen.host, listen.port if port is None else port)
             self._on_stop("emulator", self.emulator.close)  # also when its start fails midway

@@ -73,7 +73,12 @@ def admin_url(listen: str) -> str:
             raise ValueError(f"expected http(s)://host[:port][/path] or host:port, got {listen!r}")
         # The URL of /status itself (as the demo shows it) was asked for /status/status: 404.
         return text.removesuffix("/status") if parts.path.endswith("/status") else text
-    address = parse_host_port(text)
+    address = parse_host_port(text, listen=True)
+    if address.port == 0:  # admin.listen's "a free port": which one, only its start said
+        raise ValueError(
+            f"port 0 is a free port picked when the admin server starts, got {listen!r}:"
+            " give --admin the address its admin_listening line logged"
+        )
     host = local_host(address.host)  # a server bound to every address: on loopback
     return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
 

@@ -171,14 +171,23 @@ def supervise(
         _log.error("config_invalid", problem=problem)
         return CONFIG_REFUSED
     base_id = settings.cluster.replica_id or default_replica_id()
-    admin = parse_host_port(settings.admin.listen)
+    admin = parse_host_port(settings.admin.listen, listen=True)
+    proxy = parse_host_port(settings.proxy.listen, listen=True)
+    for key, address in (("proxy.listen", proxy), ("admin.listen", admin)):
+        if address.port == 0:
+            # A free port is picked at each bind: every worker would listen on its own.
+            _log.error(
+                "config_invalid",
+                problem=f"--workers needs {key} on a port of its own, got {address}: port 0"
+                " is a free port picked at each bind, so each worker would listen on another",
+            )
+            return CONFIG_REFUSED
     if admin.port + workers - 1 > 65535:
         _log.error("config_invalid", problem="admin.listen's port plus --workers passes 65535")
         return CONFIG_REFUSED
     # Worker 0's admin server is admin.listen, which the settings hold apart from the proxy.
     # The others' hosts are its host, at the addresses the load resolved (as each worker's
     # start does: found there, the clash stopped the workers, said once by each).
-    proxy = parse_host_port(settings.proxy.listen)
     for i in range(1, workers):
         worker_admin = HostPort(admin.host, admin.port + i)
         overlap = listen_overlap(proxy, worker_admin, hosts.addresses)

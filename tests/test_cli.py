@@ -190,6 +190,25 @@ def test_run_names_the_flag_of_each_value_a_problem_is_about(tmp_path: Path) -> 
     assert problem.startswith("--admin-listen: admin.token: required when admin.listen is not")
 
 
+@pytest.mark.parametrize("flag", ["--listen", "--admin-listen"])
+def test_run_workers_refuse_port_0(tmp_path: Path, flag: str) -> None:
+    """Port 0 is a free port picked at each bind: under --workers each worker would have
+    listened on its own (and worker i's admin server on port i)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "cluster: {redis_url: 'redis://127.0.0.1:1/0'}\n"
+        "apps: [{name: web, backends: ['127.0.0.1:1']}]\n"
+    )
+    result = run("run", "--workers", "2", "--config", str(config), "--log-format", "json",
+                 flag, "127.0.0.1:0")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    key = "proxy.listen" if flag == "--listen" else "admin.listen"
+    assert problems(result.stdout) == [
+        f"--workers needs {key} on a port of its own, got 127.0.0.1:0: port 0 is a free port"
+        " picked at each bind, so each worker would listen on another"
+    ]
+
+
 @pytest.mark.parametrize("command", ["run", "demo"])
 def test_a_damaged_emulator_state_file_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
     """emulator.state_file that is no state file: run --emulator and demo ended in a

@@ -55,9 +55,10 @@ def test_host_port_forms() -> None:
     assert str(parse_host_port("127.0.0.1:8080")) == "127.0.0.1:8080"
     hp = parse_host_port("[::1]:9")
     assert (hp.host, hp.port, str(hp)) == ("::1", 9, "[::1]:9")
-    for bad in ["8080", "host:", "host:99999", ":80"]:
+    for bad in ["8080", "host:", "host:99999", ":80", "host:0"]:  # port 0: nothing to reach
         with pytest.raises(ValueError, match="host:port"):
             parse_host_port(bad)
+    assert parse_host_port("127.0.0.1:0", listen=True).port == 0  # a free one, at the bind
     good = ["localhost:80", "fly-local-6pn:8080", "my_host.internal.:1", "[::]:9", "::1:9"]
     assert [str(parse_host_port(g)) for g in good] == [
         "localhost:80", "fly-local-6pn:8080", "my_host.internal.:1", "[::]:9", "[::1]:9",

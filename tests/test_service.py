@@ -497,6 +497,45 @@ def test_start_failed_is_logged_for_a_failed_start_alone(
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["stop_failed"]
 
 
+def test_run_on_port_0_listens_on_free_ports_and_logs_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run --listen 127.0.0.1:0` (proxy.listen, admin.listen, emulator.listen alike) was
+    refused as no "host:port": port 0 is a free port the OS picks, as servers take it, and
+    the lines that say where each server listens have the port it got."""
+    from autoscaler import service as service_module
+
+    monkeypatch.setattr(service_module, "freeze_heap", lambda: None)  # not this process's
+    file = tmp_path / "static.yaml"
+    file.write_text(
+        "proxy: {shutdown_timeout_s: 1}\n"
+        "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+    )
+    start = Service.start
+    answered: list[bytes] = []
+
+    async def start_request_then_sigterm(self: Service) -> None:
+        await start(self)
+        assert self.proxy is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+        answered.append(await reader.read())
+        writer.close()
+        os.kill(os.getpid(), signal.SIGTERM)  # Service.run's handler: the graceful stop
+
+    monkeypatch.setattr(Service, "start", start_request_then_sigterm)
+    overrides = {"proxy": {"listen": "127.0.0.1:0"}, "admin": {"listen": "127.0.0.1:0"}}
+    with capture_logs() as logs:
+        assert service_module.run(str(file), overrides) == 0
+    assert answered[0].startswith(b"HTTP/1.1 502 ")  # the proxy, on the port it logged
+    (started,) = [e for e in logs if e["event"] == "started"]
+    (proxy,) = [e for e in logs if e["event"] == "proxy_listening"]
+    (admin,) = [e for e in logs if e["event"] == "admin_listening"]
+    assert started["proxy_port"] == proxy["port"] != 0
+    assert started["admin"] == admin["address"]
+    assert admin["address"][1] not in (0, proxy["port"])
+
+
 def test_under_workers_every_line_of_a_worker_carries_its_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

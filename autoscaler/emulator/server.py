@@ -54,7 +54,7 @@ class Emulator:
         Fly's clock and ours (its machines' event times, ``created_at``, ``updated_at``,
         the checks' times and every answer's ``Date`` read it); the host's by default."""
         self.settings = settings or EmulatorSettings()
-        listen = parse_host_port(self.settings.listen)
+        listen = parse_host_port(self.settings.listen, listen=True)
         self.host = host if host is not None else listen.host
         self.port = port if port is not None else listen.port
         if not is_loopback(self.host):

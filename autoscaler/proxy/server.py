@@ -164,7 +164,7 @@ class ProxyServer:
     async def start(self, host: str | None = None, port: int | None = None) -> None:
         """Listen on ``proxy.listen`` (or ``host``/``port``; port 0 picks a free one)."""
         proxy = self._settings.proxy
-        listen = parse_host_port(proxy.listen)
+        listen = parse_host_port(proxy.listen, listen=True)
         host = listen.host if host is None else host
         port = listen.port if port is None else port
         # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a

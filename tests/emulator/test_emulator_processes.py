@@ -52,13 +52,18 @@ class _Remote:
 
 @contextlib.asynccontextmanager
 async def _standalone(
-    tmp_path: Path, *args: str, token_flag: bool = True, env: dict[str, str] | None = None
+    tmp_path: Path,
+    *args: str,
+    token_flag: bool = True,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Remote]]:
     """`autoscaler emulator` as a process of its own, with ``args`` (and ``--token``
-    _Remote.token unless not ``token_flag``), once it listens: the process and what
-    ``session`` needs to reach it, its banner too. Killed at the end if it still runs, and
-    every process it marked as its own with it (one that outlived it: a failure)."""
-    port = _free_port()
+    _Remote.token unless not ``token_flag``), once it listens (on ``port``, default a free
+    one): the process and what ``session`` needs to reach it (the URL its banner says), its
+    banner too. Killed at the end if it still runs, and every process it marked as its own
+    with it (one that outlived it: a failure)."""
+    port = _free_port() if port is None else port
     token = ["--token", _Remote.token] if token_flag else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -83,9 +88,10 @@ async def _standalone(
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
             assert line, f"emulator exited early: {banner}"
             banner.append(line.decode().strip())
-        assert any(f"listening on http://127.0.0.1:{port}" in line for line in banner), banner
+        (url,) = [line.rpartition(" on ")[2] for line in banner if " listening on " in line]
+        assert url == f"http://127.0.0.1:{port}" or port == 0, banner
         remote = _Remote()
-        remote.url = f"http://127.0.0.1:{port}"
+        remote.url = url
         remote.banner = tuple(banner)
         yield proc, remote
     finally:
@@ -95,6 +101,19 @@ async def _standalone(
         for pid, _ in leftovers(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_listen_port_0_is_a_free_port_and_the_banner_says_which(tmp_path: Path) -> None:
+    """`autoscaler emulator --listen 127.0.0.1:0` was refused as no "host:port" (exit 2):
+    port 0 is a free port the OS picks, as servers take it, and the URL printed (the
+    emulator_listening line's too) has the port it got."""
+    async with (
+        _standalone(tmp_path, port=0) as (_, remote),
+        session(remote) as s,  # type: ignore[arg-type]
+    ):
+        assert not remote.url.endswith(":0")
+        assert (await s.get("/v1/apps", params={"org_slug": "personal"})).status == 200
+    assert any(f"AUTOSCALER_FLY__API_URL={remote.url} " in line for line in remote.banner)
 
 
 def _token_line(banner: Sequence[str]) -> str:

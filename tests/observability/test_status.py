@@ -54,6 +54,24 @@ def test_admin_url(listen: str, url: str) -> None:
     assert admin_url(listen) == url
 
 
+@pytest.mark.parametrize("admin", [None, "127.0.0.1:0"])
+def test_an_admin_server_on_port_0_is_asked_at_the_port_it_logged(
+    tmp_path: Path, admin: str | None
+) -> None:
+    """admin.listen may have port 0 (a free port, picked at its start): status cannot
+    know which, and says where it is told (its admin_listening line), not that the address
+    is no "host:port"."""
+    config = tmp_path / "c.yaml"
+    config.write_text("admin: {listen: '127.0.0.1:0'}\n")
+    err = io.StringIO()
+    assert run_status(admin, str(config), err=err) == 2
+    where = "--admin" if admin else "admin.listen"
+    assert err.getvalue() == (
+        f"autoscaler status: {where}: port 0 is a free port picked when the admin server"
+        " starts, got '127.0.0.1:0': give --admin the address its admin_listening line logged\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("age", "text"),
     [
