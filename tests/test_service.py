@@ -497,6 +497,27 @@ def test_start_failed_is_logged_for_a_failed_start_alone(
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["stop_failed"]
 
 
+async def test_a_reload_says_the_value_a_flag_gave_by_the_flag(tmp_path: Path) -> None:
+    """The flags of `run` win over the file at every reload too: a problem of the value
+    one gave is said by the flag as typed there as well, not as the key it sets."""
+    from autoscaler.cli import RUN_FLAGS
+
+    file = tmp_path / "c.yaml"
+    app = "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+    file.write_text(app)
+    overrides = {"proxy": {"listen": "127.0.0.1:9000"}}
+    settings, _ = load_settings(file, env={}, overrides=overrides)
+    svc = Service(settings, file, overrides=overrides, flags=RUN_FLAGS)
+    file.write_text("admin: {listen: '127.0.0.1:9000'}\n" + app)
+    with capture_logs() as logged:
+        assert await svc.reload() is False
+    (rejected,) = [e for e in logged if e["event"] == "config_reload_rejected"]
+    assert rejected["problems"] == [
+        f"--listen: 127.0.0.1:9000 is admin.listen's address too (127.0.0.1:9000 at {file}:1):"
+        " the second of the two servers could not listen; give each its own port"
+    ]
+
+
 def test_run_on_port_0_listens_on_free_ports_and_logs_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
