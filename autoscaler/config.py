@@ -519,7 +519,11 @@ class FlySettings(_Model):
 
 
 class ProxySettings(_Model):
-    listen: Listen = Field(default="0.0.0.0:8080", description="address of the data path")
+    listen: Listen = Field(
+        default="0.0.0.0:8080",
+        description="address of the data path (port 0: a free one, logged by proxy_listening;"
+        " not with run --workers)",
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="IPs or CIDRs whose X-Forwarded-* headers are kept (others are replaced)",
@@ -626,7 +630,9 @@ class ProxySettings(_Model):
 
 class AdminSettings(_Model):
     listen: Listen = Field(
-        default="127.0.0.1:9091", description="address of /metrics, /healthz, /readyz, /status"
+        default="127.0.0.1:9091",
+        description="address of /metrics, /healthz, /readyz, /status (port 0: a free one,"
+        " logged by admin_listening; not with run --workers)",
     )
     token: Token = Field(
         default=None,
@@ -1127,7 +1133,9 @@ def _near_placeholder(found: str) -> bool:
 
 class EmulatorSettings(_Model):
     listen: LoopbackListen = Field(
-        default="127.0.0.1:4280", description="address of the emulated API (loopback only)"
+        default="127.0.0.1:4280",
+        description="address of the emulated API (loopback only; port 0: a free one, logged by"
+        " emulator_listening)",
     )
     token: Token = Field(
         default=None,
