@@ -16,6 +16,21 @@ from .fakes import FakeClock, FakeMachinesAPI, settle
 from .test_controller import APP, Rig
 
 
+def _time_lists(
+    api: FakeMachinesAPI, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> list[float]:
+    """The fake clock's time of each list of the app from now on (the list grows)."""
+    read_at: list[float] = []
+    list_machines = api.list_machines
+
+    async def timed(app: str) -> list[m.Machine]:
+        read_at.append(clock())
+        return await list_machines(app)
+
+    monkeypatch.setattr(api, "list_machines", timed)
+    return read_at
+
+
 @pytest.mark.parametrize("lists_fail", [False, True], ids=["lists-answer", "lists-fail"])
 async def test_a_wake_through_an_outage_reads_its_app_at_most_once_a_second(
     api: FakeMachinesAPI, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, lists_fail: bool
@@ -32,14 +47,7 @@ async def test_a_wake_through_an_outage_reads_its_app_at_most_once_a_second(
     api.fail["acquire_machine_lease"] = [ServerError(503, "unavailable")] * 1000
     if lists_fail:
         api.fail["list_machines"] = [ServerError(503, "unavailable")] * 1000
-    read_at: list[float] = []
-    list_machines = api.list_machines
-
-    async def timed(app: str) -> list[m.Machine]:
-        read_at.append(clock())
-        return await list_machines(app)
-
-    monkeypatch.setattr(api, "list_machines", timed)
+    read_at = _time_lists(api, clock, monkeypatch)
     wake = asyncio.ensure_future(rig.ctl.wake(APP))
     await settle()
     tried = api.ops("acquire_machine_lease")
@@ -150,14 +158,7 @@ async def test_a_wake_that_watches_another_party_s_change_reads_at_most_once_a_s
     rig = Rig(api, clock, wake_timeout_s=30)
     await rig.tick()  # the app read once: the wake's reads are all re-reads
     api.fail["list_machines"] = [ServerError(503, "unavailable")] * 1000
-    read_at: list[float] = []
-    list_machines = api.list_machines
-
-    async def timed(app: str) -> list[m.Machine]:
-        read_at.append(clock())
-        return await list_machines(app)
-
-    monkeypatch.setattr(api, "list_machines", timed)
+    read_at = _time_lists(api, clock, monkeypatch)
     wake = asyncio.ensure_future(rig.ctl.wake(APP))
     for _ in range(48):  # 6 s, under START_PATIENCE_S
         await clock.advance(0.125)
