@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,6 +32,26 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [require_binary("promtool"), *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def promql_test(tmp_path: Path, series: dict[str, str], expr_tests: list[dict[str, Any]]) -> None:
+    """Run ``promtool test rules`` on expressions over series scraped every minute
+    (promtool's value notation), with the shipped rules loaded; fail with its output."""
+    cases = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "promql_expr_test": expr_tests,
+            }
+        ],
+    }
+    path = tmp_path / "promql_test.yml"
+    path.write_text(yaml.safe_dump(cases))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_check_config() -> None:
@@ -113,43 +134,25 @@ def test_the_5xx_panel_tells_the_apps_own_from_the_proxys_failed_wakes(tmp_path:
         t["legendFormat"]: t["expr"].replace("$app", "dark").replace("$__rate_interval", "5m")
         for t in panel["targets"]
     }
-    cases = {
-        "rule_files": [str(ALERTS)],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {"series": s, "values": v}
-                    for s, v in [
-                        ('autoscaler_requests_total{app="dark",code="200",wake="none"}', "0+85x10"),
-                        ('autoscaler_requests_total{app="dark",code="500",wake="none"}', "0+5x10"),
-                        (
-                            'autoscaler_requests_total{app="dark",code="504",wake="failed"}',
-                            "0+10x10",
-                        ),
-                        (
-                            'autoscaler_proxy_errors_total{app="dark",reason="wake_timeout"}',
-                            "0+10x10",
-                        ),
-                        ('autoscaler_proxy_errors_total{app="dark",reason="queue_full"}', "0x10"),
-                    ]
-                ],
-                "promql_expr_test": [
-                    {
-                        "expr": f"round({exprs[legend]}, 0.0001)",  # (promtool compares exactly)
-                        "eval_time": "8m",
-                        "exp_samples": [{"value": ratio}],
-                    }
-                    for legend, ratio in (("app", 0.05), ("proxy", 0.1))
-                ],
-            }
-        ],
+    series = {
+        'autoscaler_requests_total{app="dark",code="200",wake="none"}': "0+85x10",
+        'autoscaler_requests_total{app="dark",code="500",wake="none"}': "0+5x10",
+        'autoscaler_requests_total{app="dark",code="504",wake="failed"}': "0+10x10",
+        'autoscaler_proxy_errors_total{app="dark",reason="wake_timeout"}': "0+10x10",
+        'autoscaler_proxy_errors_total{app="dark",reason="queue_full"}': "0x10",
     }
-    path = tmp_path / "panel_test.yml"
-    path.write_text(yaml.safe_dump(cases))
-    result = promtool("test", "rules", str(path))
-    assert result.returncode == 0, result.stdout + result.stderr
+    promql_test(
+        tmp_path,
+        series,
+        [
+            {
+                "expr": f"round({exprs[legend]}, 0.0001)",  # (promtool compares exactly)
+                "eval_time": "8m",
+                "exp_samples": [{"value": ratio}],
+            }
+            for legend, ratio in (("app", 0.05), ("proxy", 0.1))
+        ],
+    )
 
 
 def scrape(metrics: Metrics) -> dict[str, float]:
@@ -196,35 +199,18 @@ def test_an_apps_own_5xx_read_0_when_its_first_request_is_the_proxys_5xx(tmp_pat
         )
     )
     assert len(own) == 2, own  # the rate and the increase
-    cases = {
-        "rule_files": [str(ALERTS)],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {
-                        "series": name,
-                        "values": " ".join(
-                            f"{at[name]:g}" if name in at else "_" for at in scrapes
-                        ),
-                    }
-                    for name in names
-                ],
-                "promql_expr_test": [
-                    {
-                        "expr": f"round({expr}, 0.0001)",  # (promtool compares exactly)
-                        "eval_time": "4m",
-                        "exp_samples": [
-                            {"labels": f'{{app="{app}"}}', "value": 0} for app in first
-                        ],
-                    }
-                    for expr in sorted(own)
-                ],
-            }
-        ],
+    series = {
+        name: " ".join(f"{at[name]:g}" if name in at else "_" for at in scrapes) for name in names
     }
-    path = tmp_path / "own_5xx_test.yml"
-    path.write_text(yaml.safe_dump(cases))
-    result = promtool("test", "rules", str(path))
-    assert result.returncode == 0, result.stdout + result.stderr
+    promql_test(
+        tmp_path,
+        series,
+        [
+            {
+                "expr": f"round({expr}, 0.0001)",  # (promtool compares exactly)
+                "eval_time": "4m",
+                "exp_samples": [{"labels": f'{{app="{app}"}}', "value": 0} for app in first],
+            }
+            for expr in sorted(own)
+        ],
+    )
