@@ -175,6 +175,13 @@ def _emulator_args(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="fraction of starts after which the process hangs (accepts, never answers)",
     )
+    faults.add_argument(
+        "--answer-lost-rate",
+        type=float,
+        metavar="F",
+        help="fraction of calls that change a machine carried out, then their answer lost"
+        " (the connection closed)",
+    )
     _add_config(parser)
 
 

@@ -945,6 +945,26 @@ class AppConfig(_Model):
         return bool(self.backends)
 
 
+# The emulator's calls that change a machine (the seed's operationIds, as its routes are
+# named: autoscaler/emulator/api.py), the calls whose answer ``answer_lost_rate`` loses.
+CHANGING_MACHINE_CALLS = (
+    "createMachine",
+    "updateMachine",
+    "deleteMachine",
+    "startMachine",
+    "stopMachine",
+    "suspendMachine",
+    "restartMachine",
+    "signalMachine",
+    "cordonMachine",
+    "uncordonMachine",
+    "createMachineLease",
+    "releaseMachineLease",
+    "setMachineMetadata",
+    "deleteMachineMetadata",
+)
+
+
 class FaultSettings(_Model):
     latency_s: Seconds = Field(default=0.0, description="extra latency of every API call")
     error_rate: Rate = Field(default=0.0, description="fraction answered 500")
@@ -978,6 +998,32 @@ class FaultSettings(_Model):
         default_factory=list,
         description="machine ids whose host_status is `unreachable`; their actions answer 503",
     )
+    answer_lost_rate: Rate = Field(
+        default=0.0,
+        description=(
+            "fraction of successful calls that change a machine whose answer is lost: the"
+            " call is carried out, then the connection closed without an answer"
+        ),
+    )
+    answer_lost_calls: list[str] = Field(
+        default_factory=list,
+        description=(
+            "the calls `answer_lost_rate` applies to, by operationId (`startMachine`,"
+            " `releaseMachineLease`, ...); empty: every call that changes a machine"
+        ),
+    )
+
+    @field_validator("answer_lost_calls")
+    @classmethod
+    def _changing_calls(cls, value: list[str]) -> list[str]:
+        # A name mistyped would lose no answer, and the test that set it would prove nothing.
+        unknown = [name for name in value if name not in CHANGING_MACHINE_CALLS]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is no call that changes a machine (known: "
+                f"{', '.join(CHANGING_MACHINE_CALLS)})"
+            )
+        return value
 
 
 def _parse_span(value: object) -> object:

@@ -942,7 +942,9 @@ def test_status_and_simulate_take_an_emulator_section_only_a_run_would_refuse(
         load_settings(path, env={})
 
 
-@pytest.mark.parametrize("key", ["error_rate", "hang_rate", "host_unreachable_rate"])
+@pytest.mark.parametrize(
+    "key", ["error_rate", "hang_rate", "host_unreachable_rate", "answer_lost_rate"]
+)
 def test_a_fault_rate_that_is_no_number_is_said_so(tmp_path: Path, key: str) -> None:
     # A NaN fails every bound, and was refused as "less than or equal to 1", sending the
     # reader after a value that is not too large.

@@ -37,6 +37,7 @@ FAULT_FLAGS = {
     "crash_after_s": "--crash-after",
     "resume_cold_rate": "--resume-cold-rate",
     "hang_rate": "--hang-rate",
+    "answer_lost_rate": "--answer-lost-rate",
 }
 # Every flag of `autoscaler emulator` that sets a key, by that key path (load_settings
 # says a problem of the value it gave by the flag, as typed).

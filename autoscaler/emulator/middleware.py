@@ -2,7 +2,8 @@
 
 Middlewares run outermost first: errors (maps the world's exceptions to the seed's
 ErrorResponse and adds ``fly-request-id``), auth (Bearer or FlyV1), then faults and rate
-limits. Handlers live in ``api.py``.
+limits, and, once the handler has carried a call out, the fault that loses its answer.
+Handlers live in ``api.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from autoscaler.config import CHANGING_MACHINE_CALLS
 from autoscaler.emulator import validate
 from autoscaler.emulator.leases import NONCE_HEADER, LeaseHeld, Leases
 from autoscaler.emulator.limits import RateLimiter, bucket_key, retry_after
@@ -116,7 +118,28 @@ async def limits_mw(request: web.Request, handler: Handler) -> web.StreamRespons
                 f"rate limit exceeded for {action} on {key}; retry in {wait:.2f}s",
                 {"Retry-After": retry_after(wait)},
             )
-    return await handler(request)
+    response = await handler(request)
+    if (
+        faults.answer_lost_rate
+        and action is not None
+        and action in (faults.answer_lost_calls or CHANGING_MACHINE_CALLS)
+        and response.status < 300
+        and ctx.rng.random() < faults.answer_lost_rate
+    ):
+        lose_answer(request, action)
+    return response
+
+
+def lose_answer(request: web.Request, call: str) -> None:
+    """The call was carried out; its answer never reaches the client: the connection is
+    closed before a byte of it is written, as when Fly's edge gives up on flyd after flyd
+    acted. A dropped connection, not a 502 or 504 of the edge: the client learns nothing,
+    not even that a server answered, which is the harder case (a transport error after
+    the request was sent: ``may_have_landed``). aiohttp then writes nothing (its write to
+    the closing transport fails, which it takes for a client that went away)."""
+    log.info("emulator_answer_lost", call=call, path=request.path)
+    if request.transport is not None:
+        request.transport.close()
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import aiohttp
+import httpx
 import pytest
-from emu_helpers import session
+from emu_helpers import new_machine, session, until_state
 
-from autoscaler.config import FaultSettings
+from autoscaler.config import CHANGING_MACHINE_CALLS, FaultSettings
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.api import ROUTES
 from autoscaler.emulator.faults import FaultsError, RemoteFaults
 
 
@@ -61,6 +63,11 @@ async def test_an_outage_switched_on_and_off_over_http(emulator: Emulator) -> No
         # 'true'" (the settings pass true on as text, for YAML's yes/no/on/off).
         ({"error_rate": True}, "error_rate: expected a number, got true (a JSON boolean"),
         ({"latency_s": False}, "latency_s: expected a number, got false (a JSON boolean"),
+        ({"answer_lost_rate": "nan"}, "answer_lost_rate: expected a number, got nan"),
+        ({"answer_lost_rate": 1.5}, "answer_lost_rate: input should be less than or equal to 1"),
+        # A name mistyped would lose no answer, and the test that set it prove nothing.
+        ({"answer_lost_calls": ["startmachine"]}, "'startmachine' is no call that changes"),
+        ({"answer_lost_calls": ["getMachine"]}, "'getMachine' is no call that changes"),
     ],
 )
 async def test_a_bad_fault_is_refused_with_its_name(
@@ -100,3 +107,61 @@ async def test_set_faults_in_process_changes_only_what_it_names(emulator: Emulat
     async with aiohttp.ClientSession() as c:
         r = await c.get(emulator.url + "/_emulator/faults")
         assert r.status == 401
+
+
+async def test_a_lost_answer_comes_after_the_call_was_carried_out(emulator: Emulator) -> None:
+    """``answer_lost_rate``: the start is done (the machine boots, its events say so),
+    the client gets no answer (the connection closed); reads keep theirs."""
+    async with session(emulator) as s:
+        mid = (await new_machine(s, start=False))["id"]
+        emulator.set_faults(answer_lost_rate=1.0)
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        m = emulator.machine("demo", mid)
+        await until_state(m, "started")
+        assert [(e.type, e.status) for e in m.events].count(("start", "starting")) == 1
+        got = await s.get(f"/v1/apps/demo/machines/{mid}")  # a read: answered
+        assert got.status == 200
+        assert (await got.json())["state"] == "started"
+        # A call refused keeps its answer: it did nothing, and says so.
+        again = await s.post(f"/v1/apps/demo/machines/{mid}/start")
+        assert again.status == 412
+
+
+async def test_lost_answers_only_of_the_calls_named(emulator: Emulator) -> None:
+    """``answer_lost_calls`` picks the calls: a lease taken without an answer is held all
+    the same (its nonce unknown to the client), a stop not named is answered. Over httpx,
+    the autoscaler's client: aiohttp's sends a DELETE again when its connection closes
+    without an answer, and would show the second call's."""
+    async with session(emulator) as s:
+        mid = (await new_machine(s))["id"]
+    emulator.set_faults(answer_lost_rate=1.0, answer_lost_calls=["createMachineLease"])
+    auth = {"Authorization": f"Bearer {emulator.token}"}
+    machine = f"/v1/apps/demo/machines/{mid}"
+    async with httpx.AsyncClient(base_url=emulator.url, headers=auth) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.post(f"{machine}/lease", json={"ttl": 30, "description": "me: drain"})
+        lease = await c.get(f"{machine}/lease")
+        assert lease.status_code == 200
+        assert lease.json()["data"]["description"] == "me: drain"
+        stop = await c.post(f"{machine}/stop")  # without the nonce: refused, and said so
+        assert stop.status_code == 409
+        emulator.set_faults(answer_lost_calls=["releaseMachineLease"])
+        nonce = lease.json()["data"]["nonce"]
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.delete(f"{machine}/lease", headers={"fly-machine-lease-nonce": nonce})
+        assert (await c.get(f"{machine}/lease")).status_code == 404  # released
+        stop = await c.post(f"{machine}/stop")
+        assert stop.status_code == 200
+    await until_state(emulator.machine("demo", mid), "stopped")
+
+
+def test_the_calls_whose_answer_can_be_lost_are_those_that_change_a_machine() -> None:
+    """``CHANGING_MACHINE_CALLS`` names routes (a renamed route would leave a name that
+    loses nothing): every POST and DELETE on a machine, and its creation."""
+    changing = {
+        name
+        for method, path, _, name in ROUTES
+        if method in ("POST", "DELETE") and "/machines" in path
+    }
+    assert set(CHANGING_MACHINE_CALLS) == changing
