@@ -104,10 +104,18 @@ class FencedAPI:
         )
 
     async def refresh_machine_lease(
-        self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
+        self,
+        app: str,
+        machine_id: str,
+        nonce: str,
+        *,
+        ttl_s: int = 30,
+        description: str | None = None,
     ) -> m.Lease:
         await self._fence("refresh_machine_lease", app, machine_id)
-        return await self.api.refresh_machine_lease(app, machine_id, nonce, ttl_s=ttl_s)
+        return await self.api.refresh_machine_lease(
+            app, machine_id, nonce, ttl_s=ttl_s, description=description
+        )
 
     async def start_machine(
         self, app: str, machine_id: str, *, lease_nonce: str | None = None

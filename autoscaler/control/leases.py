@@ -31,8 +31,12 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   above, which a failing API or one that hides nonces does not give). Only a nonce we
   were given counts: a refresh that answers 409 or 404 (lapsed, maybe taken by a deploy)
   drops it and the take acquires afresh; one the API fails keeps it, as ours until it
-  lapses (our changes carry it, and the keeper refreshes it). A stop (or a step-down)
-  releases those still remembered, within its bound, as it does the releases under way.
+  lapses (our changes carry it, and the keeper refreshes it), unless a read of the lease
+  shows one of ours under another nonce: the refresh was carried out, its answer lost,
+  and made a new lease (the old one gone: released by a release whose answer was lost,
+  or lapsed), which is adopted. The refresh carries our description for that. A stop (or
+  a step-down) releases those still remembered, within its bound, as it does the releases
+  under way.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ class Leases:
         return held
 
     async def _acquire(self, app: str, machine_id: str, what: str) -> Held:
-        left = await self._unreleased_lease(app, machine_id)
+        left = await self._unreleased_lease(app, machine_id, what)
         if left is not None:
             return left
         sent = self.clock()
@@ -151,15 +155,18 @@ class Leases:
             return Held(app, machine_id, adopted, sent + self.ttl_s)
         return Held(app, machine_id, lease.nonce, sent + self.ttl_s)
 
-    async def _unreleased_lease(self, app: str, machine_id: str) -> Held | None:
-        """Our lease on the machine whose release failed, refreshed, if it still lives."""
+    async def _unreleased_lease(self, app: str, machine_id: str, what: str) -> Held | None:
+        """Our lease on the machine whose release failed, refreshed, if it still lives.
+        The refresh names us (``what``), as an acquire does: a lease it makes instead of
+        the old one (lapsed, or released by a release whose answer was lost, as the
+        emulator renews one) is ours to adopt."""
         left = self._unreleased.pop((app, machine_id), None)
         sent = self.clock()
         if left is None or sent >= left.expires:
             return None
         try:
             lease = await self.api.refresh_machine_lease(
-                app, machine_id, left.nonce, ttl_s=self.ttl_s
+                app, machine_id, left.nonce, ttl_s=self.ttl_s, description=self.description(what)
             )
         except asyncio.CancelledError:
             # A stop cutting the acquire: still ours by its nonce, so the stop releases it.
@@ -171,6 +178,12 @@ class Leases:
             # Still ours by its nonce until it lapses; the API failing now would fail the
             # acquire too, while our changes under the nonce may go through.
             _log.warning("lease_refresh_failed", app=app, machine=machine_id, error=str(exc))
+            # Unless the refresh was carried out and its answer lost, having made a new
+            # lease: its nonce only a read shows. Under the old one, every change of the
+            # action met our own lease (409), skipped as "leased by another" until it lapsed.
+            made = await self._ours_already(app, machine_id, known=left.nonce)
+            if made is not None:
+                return Held(app, machine_id, made, sent + self.ttl_s)
             return Held(app, machine_id, left.nonce, left.expires)
         return Held(app, machine_id, lease.nonce or left.nonce, sent + self.ttl_s)
 
@@ -184,15 +197,18 @@ class Leases:
             return  # no lease came of it (or one whose nonce we never saw: its TTL ends it)
         self.release_soon(task.result())
 
-    async def _ours_already(self, app: str, machine_id: str) -> str | None:
+    async def _ours_already(
+        self, app: str, machine_id: str, known: str | None = None
+    ) -> str | None:
         """The nonce of a lease this owner took but never heard back about, if that is
-        what holds the machine (and the API shows nonces); None otherwise."""
+        what holds the machine (and the API shows nonces); None otherwise, and when its
+        nonce is ``known`` already."""
         try:
             lease = await self.api.get_machine_lease(app, machine_id)
         except FlyError:
             return None
         mine = (lease.description or "").startswith(f"{self.owner}: ")
-        if not mine or not lease.nonce:
+        if not mine or not lease.nonce or lease.nonce == known:
             return None
         _log.info("lease_adopted", app=app, machine=machine_id, description=lease.description)
         return lease.nonce

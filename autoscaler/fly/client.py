@@ -589,7 +589,13 @@ class MachinesAPI(Protocol):
     ) -> m.Lease: ...
 
     async def refresh_machine_lease(
-        self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
+        self,
+        app: str,
+        machine_id: str,
+        nonce: str,
+        *,
+        ttl_s: int = 30,
+        description: str | None = None,
     ) -> m.Lease: ...
 
     async def get_machine_lease(self, app: str, machine_id: str) -> m.Lease: ...

@@ -457,10 +457,18 @@ class Operations:
         return _lease(payload, op)
 
     async def refresh_machine_lease(
-        self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
+        self,
+        app: str,
+        machine_id: str,
+        nonce: str,
+        *,
+        ttl_s: int = 30,
+        description: str | None = None,
     ) -> m.Lease:
-        """Extend our own lease (``nonce``) to ``ttl_s`` seconds from now."""
-        body = m.CreateLeaseRequest(ttl=ttl_s).to_json()
+        """Extend our own lease (``nonce``) to ``ttl_s`` seconds from now. ``description``
+        names the holder of a lease the call may make instead (one that lapsed, as the
+        emulator renews it), as an acquire's does."""
+        body = m.CreateLeaseRequest(ttl=ttl_s, description=description).to_json()
         op = "refresh_machine_lease"
         payload = await self._machine(
             op,

@@ -323,12 +323,18 @@ class FakeMachinesAPI:
         return held
 
     async def refresh_machine_lease(
-        self, app: str, machine_id: str, nonce: str, *, ttl_s: int = 30
+        self,
+        app: str,
+        machine_id: str,
+        nonce: str,
+        *,
+        ttl_s: int = 30,
+        description: str | None = None,
     ) -> m.Lease:
-        await self._enter("refresh_machine_lease", machine_id, nonce=nonce)
+        await self._enter("refresh_machine_lease", machine_id, description, nonce=nonce)
         held = self.lease(app, machine_id)
         if held is None and self.lapsed_refresh_renews:
-            return self.take_lease(app, machine_id, "autoscaler", ttl_s)
+            return self.take_lease(app, machine_id, description or "autoscaler", ttl_s)
         if held is None:
             raise NotFound(404, "no lease")
         if held.nonce != nonce:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -17,8 +18,9 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.leases import Held, Leases
 from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
+from autoscaler.fly import models as m
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import LeaseHeld, NotFound, ServerError
+from autoscaler.fly.errors import LeaseHeld, NotFound, ServerError, TransportError
 from autoscaler.metrics import Metrics
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
@@ -506,6 +508,39 @@ async def test_a_failed_release_s_nonce_never_takes_over_another_s_lease(
     with pytest.raises(LeaseHeld):  # and not tried again
         await leases.take(APP, mid, "uncordon")
     assert lease_ops(api, mid)[-2:] == ["acquire_machine_lease", "get_machine_lease"]
+
+
+async def test_a_refresh_carried_out_whose_answer_was_lost_adopts_the_lease_it_made(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A release carried out whose answer was lost leaves its nonce remembered; the next
+    take refreshes it, and that refresh, carried out with its answer lost too, made a new
+    lease (as the emulator renews a nonce whose lease is gone). The take went on under
+    the old nonce: every change met our own new lease (409), and the action was skipped
+    as "leased by another" until that lease lapsed. The refresh names us, and the lease
+    it made is read back and adopted (the emulator's answer_lost_rate, end to end:
+    test_e2e_answer_lost.py)."""
+    mid = api.add(APP, "started")
+    api.lapsed_refresh_renews = True
+    leases = Leases(api, sleep=clock.sleep, clock=clock)
+    held = await leases.take(APP, mid, "start")
+    api.fail["release_machine_lease"] = [TransportError("Server disconnected")]
+    await leases.release(held)
+    del api.leases[(APP, mid)]  # it had been carried out
+    refresh = api.refresh_machine_lease
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> m.Lease:
+        await refresh(*args, **kwargs)
+        raise TransportError("RemoteProtocolError: Server disconnected", sent=True)
+
+    api.refresh_machine_lease = answer_lost  # type: ignore[method-assign]
+    again = await leases.take(APP, mid, "drain")
+    made = api.lease(APP, mid)
+    assert made is not None
+    assert made.description == leases.description("drain")
+    assert again.nonce == made.nonce != held.nonce
+    await leases.release(again)
+    assert api.lease(APP, mid) is None
 
 
 async def test_a_stop_releases_our_lease_whose_release_failed(
