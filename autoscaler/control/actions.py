@@ -93,9 +93,9 @@ from autoscaler.fly.errors import (
     FlyError,
     LeaseHeld,
     NotFound,
-    RateLimited,
     TransportError,
     Unauthorized,
+    may_have_landed,
 )
 from autoscaler.fly.models import Machine
 from autoscaler.logs import get_logger
@@ -1103,13 +1103,3 @@ class Actuator:
                 continue  # a cordon of ours may still come: it must find our key
             _log.info("stale_cordon_key", app=rt.name, machine=mid, state=machine.state)
             self._spawn(rt, mid, "cleanup", self.release(rt, mid))
-
-
-def may_have_landed(error: FlyError) -> bool:
-    """Whether a call that failed with ``error`` may have been carried out all the same:
-    it was sent, and no answer of the API's refused it (a connection lost after the
-    request left, a 5xx or 408 of Fly's edge, which may answer for a machine that acted).
-    A 429 refused it, and a call never sent (a connect failure, fencing) did nothing."""
-    if isinstance(error, TransportError):
-        return error.sent
-    return error.transient and not isinstance(error, RateLimited)

@@ -22,7 +22,10 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   so a 409 whose holder is ``owner`` is read back and adopted instead of waiting out the
   TTL: in one process, ``owner`` is this host (the next process on it adopts too); in
   cluster mode it is the replica's id, since replicas on one host (``--workers``) decide
-  concurrently and one must never take over a lease another's drain holds.
+  concurrently and one must never take over a lease another's drain holds. One whose
+  acquire failed that way (sent, and not refused: ``may_have_landed``) and that no later
+  take of the machine adopted is read back at a stop (or a step-down) and, if ours,
+  released: it stayed on its machine until its TTL lapsed, refusing a deploy.
 - **A failed release.** A release the API failed (a 500, a 429, no answer) leaves our
   lease on the machine until its TTL. We still hold its nonce, so it is remembered
   (``_unreleased``, with when it lapses by our count) and the next ``take`` of the machine
@@ -44,12 +47,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from autoscaler.aio import cancel_and_wait
 from autoscaler.fly.client import MachinesAPI
-from autoscaler.fly.errors import FlyError, LeaseHeld, NotFound
+from autoscaler.fly.errors import FlyError, LeaseHeld, NotFound, may_have_landed
 from autoscaler.logs import get_logger
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -97,6 +101,9 @@ class Leases:
         self._acquiring: dict[tuple[str, str], asyncio.Task[Held]] = {}
         self._unreleased: dict[tuple[str, str], Held] = {}
         """(app, machine) -> a lease of ours whose release the API failed, until it lapses."""
+        self._maybe_taken: dict[tuple[str, str], float] = {}
+        """(app, machine) -> when a lease that an acquire without an answer may have made
+        lapses by our count; until a take of the machine succeeds."""
 
     def description(self, what: str) -> str:
         return f"{self.owner}: {what}"
@@ -150,9 +157,17 @@ class Leases:
             adopted = await self._ours_already(app, machine_id)
             if adopted is None:
                 raise
+            self._maybe_taken.pop((app, machine_id), None)
             # Taken at some time before ``sent``: it may lapse sooner than our count says,
             # which only a refresh (the keeper's, or a failed release's next take) tells.
             return Held(app, machine_id, adopted, sent + self.ttl_s)
+        except FlyError as exc:
+            if may_have_landed(exc):
+                # A lease of ours may be on the machine, its nonce unknown: our next take
+                # adopts it (above), a stop reads it back and gives it back.
+                self._maybe_taken[(app, machine_id)] = sent + self.ttl_s
+            raise
+        self._maybe_taken.pop((app, machine_id), None)
         return Held(app, machine_id, lease.nonce, sent + self.ttl_s)
 
     async def _unreleased_lease(self, app: str, machine_id: str, what: str) -> Held | None:
@@ -268,9 +283,18 @@ class Leases:
         can call it on its way out."""
         if held.keeper is not None:
             held.keeper.cancel()
-        key = (held.app, held.machine_id)
+        self._track((held.app, held.machine_id), self.release(held))
+
+    async def _release_unanswered(self, app: str, machine_id: str, lapses: float) -> None:
+        """Give back the lease an acquire without an answer made, if a read shows it ours."""
+        nonce = await self._ours_already(app, machine_id)
+        if nonce is not None:
+            await self.release(Held(app, machine_id, nonce, lapses))
+
+    def _track(self, key: tuple[str, str], release: Coroutine[Any, Any, None]) -> None:
+        """Run a release in a task of its own, which ``settled`` and ``aclose`` wait for."""
         task = asyncio.get_running_loop().create_task(
-            self.release(held), name=f"lease-release:{held.app}:{held.machine_id}"
+            release, name=f"lease-release:{key[0]}:{key[1]}"
         )
         self._releasing[key] = task
 
@@ -311,6 +335,14 @@ class Leases:
             del self._unreleased[key]
             if now < left.expires:
                 self.release_soon(left)
+        # And those an acquire without an answer may have made, read back first: ours by
+        # our description, each stayed on its machine until its TTL lapsed, as above.
+        for key, lapses in list(self._maybe_taken.items()):
+            if key in skip or key in self._releasing or (app is not None and key[0] != app):
+                continue
+            del self._maybe_taken[key]
+            if now < lapses:
+                self._track(key, self._release_unanswered(*key, lapses))
 
     async def aclose(self, timeout_s: float | None = None, *, cut: bool = True) -> None:
         """On shutdown: cut the acquires still in flight (a lease they bring lapses after

@@ -69,10 +69,10 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from autoscaler.control.actions import Actuator, may_have_landed
+from autoscaler.control.actions import Actuator
 from autoscaler.control.runtime import AppRuntime, Running
 from autoscaler.fly.client import MachinesAPI, one_attempt
-from autoscaler.fly.errors import FlyError, NotFound, RateLimited
+from autoscaler.fly.errors import FlyError, NotFound, RateLimited, may_have_landed
 from autoscaler.logs import get_logger
 from autoscaler.metrics import Metrics
 from autoscaler.scaling.fleet import COMING_UP_STATES, FAILED, MOVING_STATES, STARTED, Fleet

@@ -160,6 +160,16 @@ class TransportError(FlyError):
         return self._retryable
 
 
+def may_have_landed(error: FlyError) -> bool:
+    """Whether a call that failed with ``error`` may have been carried out all the same:
+    it was sent, and no answer of the API's refused it (a connection lost after the
+    request left, a 5xx or 408 of Fly's edge, which may answer for a machine that acted).
+    A 429 refused it, and a call never sent (a connect failure, fencing) did nothing."""
+    if isinstance(error, TransportError):
+        return error.sent
+    return error.transient and not isinstance(error, RateLimited)
+
+
 class RequestTimeout(FlyError):
     """408 to a call other than ``/wait`` (where it means "not yet"): Fly's edge gave up on
     the request. Transient, as flyctl treats it: a safe call is tried again."""

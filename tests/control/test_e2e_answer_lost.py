@@ -1,13 +1,18 @@
 """Calls Fly carried out whose answers were lost, end to end against the emulator's Fly-like
 timings (``faults.answer_lost_rate``: the call is done, the connection closed unanswered).
 
+Every start's, lease acquire's (and refresh's) and release's answer is lost:
+
 - A wake whose start's answer is lost reads the machine back and takes it as its own: the
   request is served, and the app's other machine is never started for that one need.
-- Leases refreshed and released without answers: the drain's take refreshes the nonce
-  of the wake's lease, whose release was carried out, and that refresh, its answer lost
-  too, made a new lease, which is adopted (before, the drain ran under the old nonce, met
-  our own lease and was skipped as ``machine_leased_by_other`` until it lapsed); no lease
-  is left on the machines once the autoscaler has stopped.
+- A wake's acquire without an answer is adopted by its next try (a 409 read back); one
+  on a machine the wake then left (it tries another while the first cools down) is read
+  back and released when the autoscaler stops (before, it stayed until its TTL lapsed).
+- The drain's take refreshes the nonce of the wake's lease, whose release was carried
+  out, and that refresh, its answer lost too, made a new lease, which is adopted
+  (before, the drain ran under the old nonce, met our own lease and was skipped as
+  ``machine_leased_by_other`` until it lapsed).
+- No lease is left on the machines once the autoscaler has stopped.
 
 The controller's handling of both was tested against the fake API only
 (tests/control/test_cancellation.py, test_leases.py); the suspend is shortened to 1 s
@@ -44,9 +49,8 @@ def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
 async def test_lost_answers_wake_one_machine_once_and_leave_no_lease(
     emulator: Emulator,
 ) -> None:
-    emulator.set_faults(
-        answer_lost_rate=1.0, answer_lost_calls=["startMachine", "releaseMachineLease"]
-    )
+    lost_calls = ["startMachine", "createMachineLease", "releaseMachineLease"]
+    emulator.set_faults(answer_lost_rate=1.0, answer_lost_calls=lost_calls)
     with capture_logs() as logs:
         async with running_stack(emulator, idle_to_zero_s=1) as stack:
             await stack.get("/")
@@ -56,9 +60,8 @@ async def test_lost_answers_wake_one_machine_once_and_leave_no_lease(
                 for m in emulator.machines(APP)
             )
             assert starts == [0, 1]  # one start of one machine
-            # From here the drain's take (a refresh of the wake's nonce) loses its answer too.
-            emulator.set_faults(answer_lost_calls=["createMachineLease", "releaseMachineLease"])
-            # The app idles, and its machine is drained (its lease's release lost too).
+            # The app idles, and its machine is drained (its lease's refresh and release
+            # lost too).
 
             def asleep() -> bool:
                 skips = [e for e in logs if e["event"] == "machine_leased_by_other"]
@@ -72,7 +75,7 @@ async def test_lost_answers_wake_one_machine_once_and_leave_no_lease(
             assert not conflicts
     lost = [e["call"] for e in logs if e["event"] == "emulator_answer_lost"]
     assert lost.count("startMachine") == 1
-    assert lost.count("createMachineLease") >= 1  # the drain's refresh
+    assert lost.count("createMachineLease") >= 2  # the wake's acquire, the drain's refresh
     assert lost.count("releaseMachineLease") >= 2  # the wake's and the drain's
     auth = {"Authorization": f"Bearer {emulator.token}"}
     async with aiohttp.ClientSession(base_url=emulator.url, headers=auth) as s:

@@ -543,6 +543,32 @@ async def test_a_refresh_carried_out_whose_answer_was_lost_adopts_the_lease_it_m
     assert api.lease(APP, mid) is None
 
 
+async def test_a_stop_gives_back_the_lease_an_acquire_without_an_answer_made(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """An acquire carried out whose answer was lost left a lease of ours whose nonce we
+    never saw; no later take adopted it (the wake went to another machine). The stop left
+    it on the machine until its TTL, refusing a deploy; it reads it back and gives it
+    back. One taken since by someone else (a deploy) is left alone."""
+    mid, taken = api.add(APP, "stopped"), api.add(APP, "stopped")
+    leases = Leases(api, sleep=clock.sleep, clock=clock)
+    acquire = api.acquire_machine_lease
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> m.Lease:
+        await acquire(*args, **kwargs)
+        raise TransportError("RemoteProtocolError: Server disconnected", sent=True)
+
+    api.acquire_machine_lease = answer_lost  # type: ignore[method-assign]
+    for machine in (mid, taken):
+        with pytest.raises(TransportError):
+            await leases.take(APP, machine, "start")
+    del api.leases[(APP, taken)]  # lapsed, and a deploy took it
+    deploy = api.take_lease(APP, taken, owner="fly deploy")
+    await leases.aclose(1.0)
+    assert api.lease(APP, mid) is None
+    assert api.lease(APP, taken) is deploy
+
+
 async def test_a_stop_releases_our_lease_whose_release_failed(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
