@@ -845,7 +845,11 @@ class AppConfig(_Model):
         default=30.0, description="longest wait for requests in flight before a removal"
     )
     wake_timeout_s: Seconds = Field(
-        default=30.0, description="held requests get 504 after this long (above 0: no unlimited)"
+        default=30.0,
+        description=(
+            "held requests get 504 after this long (502 if their machines refused them: a"
+            " static app may set it lower to fail fast; above 0: no unlimited)"
+        ),
     )
     max_queue: int = Field(default=1000, ge=0, description="held requests per app; more get 503")
     max_body_bytes: int | None = Field(

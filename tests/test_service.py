@@ -572,7 +572,8 @@ def test_under_workers_every_line_of_a_worker_carries_its_index(
     file.write_text(
         f"proxy: {{listen: '127.0.0.1:{free_port()}', shutdown_timeout_s: 1}}\n"
         f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
-        "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+        # wake_timeout_s: held for port 9 to listen until then, then its 502
+        "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9'], wake_timeout_s: 0.5}]\n"
     )
     start = Service.start
 

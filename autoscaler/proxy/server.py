@@ -355,9 +355,14 @@ class ProxyServer:
         down, before any answer (once; ``_replays``).
 
         The retry goes to another machine at once. When there is none, or it failed too,
-        a static app's request gets 502; a request of an app the controller manages waits
-        in the queue like any other, until its deadline: a machine the API calls started
-        may still be booting its server, and will answer once it listens.
+        the request waits in the queue like any other, until its deadline: a machine the
+        API calls started may still be booting its server, and a static app's backend that
+        died may be restarted (Fly's restart policy); either answers once it listens, and
+        the watch of refused machines (``revive``) puts it back in rotation then. A static
+        app asks no wake: its request waits for a backend alone, as those arriving just
+        after it do (the machine out of rotation), where a 502 at once failed only the one
+        that found it down; it gets the 502 when none listens within ``wake_timeout_s``
+        (a dead backend costs its client that long: docs/policy.md).
         """
         up = ctx.up
         assert up is not None
@@ -374,9 +379,9 @@ class ProxyServer:
             raise _shed(why())
         up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
         if up is None:
-            if app.static or remaining(ctx.deadline) <= 0:
+            if remaining(ctx.deadline) <= 0:
                 raise Failure(502, "no machine of this app is reachable", cause="unreachable")
-            try:  # a machine still booting refused us: wait for it (or a wake) as others do
+            try:  # a machine booting or restarting refused us: wait for it (or a wake)
                 up, _ = await gate.acquire(remaining(ctx.deadline))
             except (ShuttingDown, AppRemoved) as shed:
                 raise _shed(shed) from None  # as for any held request: 503, to retry
@@ -534,8 +539,8 @@ class ProxyServer:
                     self._reviver.lost(app.name, up, port)
                 # ...but a lost one may be sent again (_replays): its machine the app's
                 # last, it is held for it (a process that died: the replay's connect is
-                # refused, and the request waits for its restart or a wake; a static app's
-                # gets its 502 then).
+                # refused, and the request waits for its restart or a wake, up to its
+                # wake_timeout_s, a static app's as any other).
                 if not (lost and self._replays(ctx, app, up, exc, replayable, interim)):
                     raise Failure(
                         502, "the machine failed to answer", cause="machine_error"

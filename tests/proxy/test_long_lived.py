@@ -562,12 +562,18 @@ async def test_a_request_still_connecting_to_its_machine_at_a_drains_deadline_go
     about to go down, and its client waited up to connect_timeout_s, then
     upstream_timeout_s. Its connect is given up at the cut, and, nothing sent, it goes on
     at once as a request whose connect failed: to another machine (a scaled app's, started
-    meanwhile), or a 502 when its static app has none. No verdict on the machine: the
-    proxy gave up, not the machine."""
+    meanwhile), or, its static app having none, held for one like any other request, and
+    its 502 when none comes within its (short) wake_timeout_s. No verdict on the machine:
+    the proxy gave up, not the machine."""
     with unanswering_port() as (port, _):
         if static:
             machine = f"127.0.0.1:{port}"
-            app: dict[str, Any] = {"name": "a", "hosts": ["a.test"], "backends": [machine]}
+            app: dict[str, Any] = {
+                "name": "a",
+                "hosts": ["a.test"],
+                "backends": [machine],
+                "wake_timeout_s": 1,
+            }
         else:
             machine = "m1"
             fleet.app("a").set_machines([MachineInfo(machine, "127.0.0.1", port, STARTED, False)])

@@ -44,7 +44,12 @@ async def test_the_proxys_own_502_and_504_are_proxy_errors_and_an_apps_500_is_no
     proxy = await start_proxy(
         [
             {"name": "own", "hosts": ["own.test"], "backends": [await backend(app)]},
-            {"name": "dead", "hosts": ["dead.test"], "backends": [f"127.0.0.1:{refused_port()}"]},
+            {
+                "name": "dead",
+                "hosts": ["dead.test"],
+                "backends": [f"127.0.0.1:{refused_port()}"],
+                "wake_timeout_s": 0.5,  # held for it to listen until then: its 502
+            },
             {"name": "mute", "hosts": ["mute.test"], "backends": [await raw_backend(silent)]},
         ],
         upstream_timeout_s=0.2,

@@ -182,23 +182,8 @@ async def test_closing_the_reviver_ends_its_watches() -> None:
     assert reviver.watching == {}
 
 
-async def test_a_static_backend_that_restarts_is_served_again_before_its_ejection_ends(
-    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
-) -> None:
-    # One backend, down: a request finds nothing listening and ejects it for 60 s. It
-    # comes back up a moment later and is served again at once, not in a minute.
-    port = free_port()
-    proxy = await start_proxy(
-        [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}],
-        eject_after=1,
-        eject_base_s=60,
-    )
-    async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
-        assert r.status == 502
-    [record] = proxy.health.report()
-    assert record["reason"] == "connect"
-    assert isinstance(record["remaining_s"], float)
-    assert record["remaining_s"] > 50  # out for a minute, unless something brings it back
+async def serve_back(port: int) -> web.AppRunner:
+    """The backend's process restarted: it listens on ``port`` again, answering "back"."""
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="back")
@@ -209,10 +194,70 @@ async def test_a_static_backend_that_restarts_is_served_again_before_its_ejectio
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
     await site.start()
-    try:
-        await until(lambda: bool(fleet.app("a").routable()), what="the backend back in rotation")
+    return runner
+
+
+async def test_a_static_apps_request_that_finds_its_backend_down_waits_for_its_restart(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    """The app's one backend is down (Fly's restart policy will bring it back). The
+    request that found it so got a 502 at once, while one arriving just after was held
+    (the backend out of rotation) and served once it listened: both are held now, and
+    both served by the restarted backend (a 60 s skip: the watch ends it)."""
+    port = free_port()
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}],
+        unhealthy_backoff_s=60,
+    )
+    view = fleet.app("a")
+
+    async def get() -> tuple[int, str]:
         async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
-            assert (r.status, await r.text()) == (200, "back")
+            return r.status, await r.text()
+
+    first = asyncio.create_task(get())
+    await until(lambda: first.done() or view.queued == 1, what="the first request held")
+    assert not first.done()  # not its 502
+    second = asyncio.create_task(get())
+    await until(lambda: view.queued == 2, what="the second request held behind it")
+    runner = await serve_back(port)
+    try:
+        assert await asyncio.gather(first, second) == [(200, "back"), (200, "back")]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_static_backend_that_restarts_is_served_again_before_its_ejection_ends(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
+) -> None:
+    # One backend, down: a request finds nothing listening and ejects it for 60 s; it is
+    # held meanwhile. It comes back up a moment later and is served again at once (the
+    # held request first), not in a minute.
+    port = free_port()
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [f"127.0.0.1:{port}"]}],
+        eject_after=1,
+        eject_base_s=60,
+    )
+    view = fleet.app("a")
+
+    async def get() -> tuple[int, str]:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            return r.status, await r.text()
+
+    held = asyncio.create_task(get())
+    await until(lambda: held.done() or view.queued == 1, what="the request held")
+    assert not held.done()  # not its 502
+    [record] = proxy.health.report()
+    assert record["reason"] == "connect"
+    assert isinstance(record["remaining_s"], float)
+    assert record["remaining_s"] > 50  # out for a minute, unless something brings it back
+
+    runner = await serve_back(port)
+    try:
+        assert await held == (200, "back")  # its probe
+        await until(lambda: bool(view.routable()), what="the backend back in rotation")
+        assert await get() == (200, "back")
         assert proxy.health.report() == []  # its probe went well: failures forgotten
     finally:
         await runner.cleanup()

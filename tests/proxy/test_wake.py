@@ -345,14 +345,35 @@ async def test_a_request_held_while_no_waker_is_installed_asks_the_one_installed
     assert waker.calls == 1
 
 
-async def test_static_app_with_every_backend_down_fails_fast(
-    start_proxy: StartProxy, session: aiohttp.ClientSession, refused_port: Callable[[], int]
+async def test_static_app_with_every_backend_down_gets_its_502_at_its_wake_timeout(
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+    refused_port: Callable[[], int],
 ) -> None:
+    """A static app's request whose backend refused it is held for the backend's restart
+    (it got its 502 at once; the next request was held all the same), with no wake to
+    ask: it gets the same 502, and counts as unreachable, once ``wake_timeout_s`` ran out
+    with nothing listening."""
+    backend = f"127.0.0.1:{refused_port()}"
     proxy = await start_proxy(
-        [{"name": "s", "hosts": ["s.test"], "backends": [f"127.0.0.1:{refused_port()}"]}]
+        [{"name": "s", "hosts": ["s.test"], "backends": [backend], "wake_timeout_s": 1}]
     )
-    async with session.get(url(proxy), headers={"Host": "s.test"}) as r:
-        assert r.status == 502  # static mode has nothing to wait for
+    view = fleet.app("s")
+
+    async def get() -> tuple[int, str]:
+        async with session.get(url(proxy), headers={"Host": "s.test"}) as r:
+            return r.status, await r.text()
+
+    task = asyncio.create_task(get())
+    await until(lambda: task.done() or view.queued == 1, what="the request held")
+    assert not task.done()  # held, not answered 502 at once
+    assert await task == (502, "no machine of this app is reachable\n")
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_proxy_errors_total", {"app": "s", "reason": "unreachable"}) == 1
+    assert not count("autoscaler_queue_rejections_total", {"app": "s", "reason": "wake_timeout"})
+    assert count("autoscaler_requests_total", {"app": "s", "code": "502", "wake": "none"}) == 1
 
 
 class SlowReturnWaker(FakeWaker):
