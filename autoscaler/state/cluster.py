@@ -89,6 +89,11 @@ REPORT_S = 0.25
 """How often each replica publishes its load (and reads everyone else's)."""
 REPORT_TTL_S = 2.0
 """How long a report outlives its replica's last write."""
+GONE_KEPT_S = 120.0
+"""How long a replica that left is remembered as gone (``Cluster.gone``): for the leases
+it left on machines, which the others adopt (control/leases.py). Its refreshes of them
+are fenced, so each lapses within its TTL (30 s) of the replica's last lease or claim in
+Redis, well before this; and ids come and go for good (``hostname:pid`` at each start)."""
 
 
 HEADER = ("boot", "leader", "fence", "gen", "now", "changed", "since", "settled")
@@ -742,6 +747,11 @@ class Cluster:
         """Boot -> what a replica that stopped left in ``settled`` (:meth:`close`), read
         every round while it lasts: it is no member, but the next leader may be waiting
         on a cordon key of its own."""
+        self.gone: dict[str, float] = {}
+        """Replica id -> when (our clock) a read last found it had left: listed as a member
+        with its report expired, read before and not now (another replica unlisted it, or
+        it stopped), or named by a ``departed`` record. Not a member now, nor us; kept
+        ``GONE_KEPT_S``. The machine leases it left are adopted (``Leases.former``)."""
         self.leader_id: str | None = None
         self.last_read_at: float | None = None
         self.last_report_at: float | None = None
@@ -890,7 +900,8 @@ class Cluster:
             pipe.get(self.lease.key)
             results = await pipe.execute()
         self.leader_id = results[-1]
-        expired = self._read_departed(boots, results[2 * len(ids) : -1])
+        said_departed = results[2 * len(ids) : -1]
+        expired = self._read_departed(boots, said_departed)
         fetch: list[tuple[str, _Header, list[str] | None]] = []
         ttls: dict[str, int] = {}
         gone = []
@@ -948,12 +959,38 @@ class Cluster:
             await self.redis.srem(self.replicas_key, *gone)
         if expired:
             await self.redis.srem(self.departed_key, *expired)
+        self._note_gone(
+            {*gone, *self.others, *(rid for rid, _ in said_departed if rid is not None)},
+            others,
+            now,
+        )
         self.others = others
         for key in [k for k in self._arrivals if k[0] not in others]:
             del self._arrivals[key]
         self.last_read_at = now
         self.load.note_peaks(others, apps)
         return others
+
+    def _note_gone(self, left: Collection[str], others: Mapping[str, Report], now: float) -> None:
+        """Update ``gone``: ``left`` are the replicas that this read found not members
+        (those the previous read found, the live ones among them taken out here)."""
+        live = {*others, self.replica_id}
+        for rid in left:
+            if rid not in live:
+                self.gone[rid] = now
+        for rid in [r for r, at in self.gone.items() if r in live or now - at > GONE_KEPT_S]:
+            del self.gone[rid]
+
+    async def may_act(self, replica: str, app: str) -> bool:
+        """Whether Redis still lets ``replica`` change ``app``'s machines: it holds the
+        leader lease, or the app's wake claim (its calls' fence passes under either:
+        control/fencing.py). Redis errors propagate: the caller's doubt."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.lease.key)
+            pipe.get(self.claims.key(app))
+            leader, claim = await pipe.execute()
+        holder = None if claim is None else str(claim).rsplit("#", 2)[0]
+        return replica in (leader, holder)
 
     def _read_departed(self, boots: list[str], said: list[list[str | None]]) -> list[str]:
         """Set ``departed`` as read; the boots whose record expired."""

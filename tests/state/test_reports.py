@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from autoscaler.config import ClusterSettings
 from autoscaler.state import cluster as cluster_module
-from autoscaler.state.cluster import AppFleet, AppLoad, Cluster, Report, ViewPush
+from autoscaler.state.cluster import GONE_KEPT_S, AppFleet, AppLoad, Cluster, Report, ViewPush
 
 APPS = [f"app{i:03d}" for i in range(200)]
 
@@ -525,3 +525,33 @@ async def test_a_stopped_replica_leaves_what_it_settled_for_a_while_and_no_membe
     await reader.read()
     assert reader.departed == {}
     assert not await reader.redis.sismember(reader.departed_key, gone.boot)
+
+
+async def test_a_replica_is_gone_once_it_left_until_it_is_back_or_long_gone(
+    pair: tuple[Cluster, Cluster, Clock], redis_server: str, key_prefix: str
+) -> None:
+    """``gone`` (whose machine leases the others adopt): a member whose report expired,
+    and one that stopped; never a live one (a replica restarted under its configured id
+    is live again), nor for longer than ``GONE_KEPT_S``."""
+    writer, reader, clock = pair
+    died = member(redis_server, key_prefix, "died", clock)
+    await died.publish(at_rest(), None)
+    await writer.publish(at_rest(), None)
+    await reader.read()
+    assert reader.gone == {}
+    await reader.redis.delete(reader.report_key("died"))  # as if its TTL ran out
+    await writer.close()  # a clean stop
+    await reader.read()
+    assert reader.gone == {"died": clock.now, "w": clock.now}
+    back = member(redis_server, key_prefix, "w", clock)
+    try:
+        await back.publish(at_rest(), None)
+        clock.now += GONE_KEPT_S
+        await reader.read()
+        assert reader.gone == {"died": clock.now - GONE_KEPT_S}
+        clock.now += 1
+        await reader.read()
+        assert reader.gone == {}
+    finally:
+        await back.close()
+        await died.redis.aclose()
