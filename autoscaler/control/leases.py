@@ -26,6 +26,26 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   acquire failed that way (sent, and not refused: ``may_have_landed``) and that no later
   take of the machine adopted is read back at a stop (or a step-down) and, if ours,
   released: it stayed on its machine until its TTL lapsed, refusing a deploy.
+- **A replica gone.** In cluster mode a replica that died in the middle of a sequence (a
+  leader whose drain had cordoned the machine, a wake's start) left its lease under its
+  own name, which no other replica's ``owner`` matches: the new leader's actions on that
+  machine were skipped as "leased by another holder" until the TTL (30 s), and an app
+  whose only machine it held could not be woken meanwhile. ``former`` (the replica
+  sets it) names the replica of this cluster that a holder's description stands for,
+  if that replica is known gone (its report expired, or it left: ``Cluster.gone``),
+  none of the live ones is named so, and Redis lets it act no more: it holds neither
+  the leader lease nor the app's wake claim (read afresh). Its lease is then adopted
+  as our own (``lease_adopted`` with ``former``). Safe, since a replica's every
+  change and lease refresh is fenced by that lease or claim in Redis
+  (control/fencing.py): a replica that is alive but cut off from Redis, or hung, sends
+  nothing more once both are gone from it (a claim it takes again has a value of its
+  own, and it leads again only after the step-down that cancels its sequences), so the
+  machine's sequence is ours alone from then on. What is left is what any handover
+  leaves: a call it sent before, whose answer never came, may still land under the
+  nonce (it landed too when we waited out the TTL, while our action was skipped; a
+  release among them ends our sequence, as a lease that lapsed does). A
+  live replica's lease, a holder that is not ours (a ``fly deploy``) and a replica that
+  left before we joined (we never knew of it) are skipped as before, till the TTL.
 - **A failed release.** A release the API failed (a 500, a 429, no answer) leaves our
   lease on the machine until its TTL. We still hold its nonce, so it is remembered
   (``_unreleased``, with when it lapses by our count) and the next ``take`` of the machine
@@ -58,13 +78,19 @@ from autoscaler.logs import get_logger
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
+Former = Callable[[str, str], Awaitable[str | None]]
 
 LEASE_TTL_S = 30
 _log = get_logger("autoscaler.control")
 
 
+def owner_of(name: str) -> str:
+    """The ``owner`` our lease descriptions begin with, for a host or a replica id."""
+    return f"autoscaler@{name}"
+
+
 def default_owner() -> str:
-    return f"autoscaler@{socket.gethostname()}"
+    return owner_of(socket.gethostname())
 
 
 @dataclass(slots=True)
@@ -104,6 +130,10 @@ class Leases:
         self._maybe_taken: dict[tuple[str, str], float] = {}
         """(app, machine) -> when a lease that an acquire without an answer may have made
         lapses by our count; until a take of the machine succeeds."""
+        self.former: Former | None = None
+        """Cluster mode (the replica sets it): (app, a lease's description) -> the id of the
+        replica of this cluster, gone, that took that lease, if we may adopt it as our own
+        (see "A replica gone" above); None: we may not."""
 
     def description(self, what: str) -> str:
         return f"{self.owner}: {what}"
@@ -154,7 +184,7 @@ class Leases:
                 app, machine_id, ttl_s=self.ttl_s, description=self.description(what)
             )
         except LeaseHeld:
-            adopted = await self._ours_already(app, machine_id)
+            adopted = await self._ours_already(app, machine_id, former=True)
             if adopted is None:
                 raise
             self._maybe_taken.pop((app, machine_id), None)
@@ -213,19 +243,29 @@ class Leases:
         self.release_soon(task.result())
 
     async def _ours_already(
-        self, app: str, machine_id: str, known: str | None = None
+        self, app: str, machine_id: str, known: str | None = None, *, former: bool = False
     ) -> str | None:
-        """The nonce of a lease this owner took but never heard back about, if that is
-        what holds the machine (and the API shows nonces); None otherwise, and when its
+        """The nonce of a lease this owner took but never heard back about, or (``former``:
+        a take's) that a replica of our cluster that is gone left (``self.former``), if that
+        is what holds the machine (and the API shows nonces); None otherwise, and when its
         nonce is ``known`` already."""
         try:
             lease = await self.api.get_machine_lease(app, machine_id)
         except FlyError:
             return None
-        mine = (lease.description or "").startswith(f"{self.owner}: ")
-        if not mine or not lease.nonce or lease.nonce == known:
+        description = lease.description or ""
+        if not lease.nonce or lease.nonce == known:
             return None
-        _log.info("lease_adopted", app=app, machine=machine_id, description=lease.description)
+        gone = None
+        if not description.startswith(f"{self.owner}: ") and (
+            not former
+            or self.former is None
+            or (gone := await self.former(app, description)) is None
+        ):
+            return None
+        _log.info(
+            "lease_adopted", app=app, machine=machine_id, description=description, former=gone
+        )
         return lease.nonce
 
     async def _keep(self, held: Held) -> None:

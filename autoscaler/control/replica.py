@@ -55,6 +55,7 @@ from autoscaler.config import Settings
 from autoscaler.control.actions import CORDON_UNSURE_S, MARK_BOUND_S, Probe
 from autoscaler.control.controller import Controller
 from autoscaler.control.fencing import WAKE_FENCE, Fence, FencedAPI
+from autoscaler.control.leases import owner_of
 from autoscaler.control.runtime import AppRuntime
 from autoscaler.control.schedule import Budget
 from autoscaler.control.view import AppView, Clock, FleetView, MachineInfo, Upstream
@@ -173,9 +174,10 @@ class Replica:
             freeze_heap=self._freeze_once if freeze_heap is not None else None,
             rng=rng,
             # Replicas on one host (``--workers``) are concurrent deciders: each adopts
-            # only its own lost leases, never another's (control/leases.py).
-            lease_owner=f"autoscaler@{self.cluster.replica_id}",
+            # only its own lost leases, never a live one's (control/leases.py).
+            lease_owner=owner_of(self.cluster.replica_id),
         )
+        self.controller.actuator.leases.former = self._gone_holder
         self.controller.actuator.wake_claim = self._tick_wake_claim
         self.controller.actuator.drains_all = lambda: self.leading
         self.controller.actuator.writer = self._key_writer
@@ -359,6 +361,28 @@ class Replica:
         # The controller's wake, under the wake claim. Installing it wakes every app's
         # waiters: a follower's wake still waiting now goes through our own path.
         self.view.set_waker(self._leader_waker)
+
+    async def _gone_holder(self, app: str, description: str) -> str | None:
+        """``Leases.former``: the replica of this cluster that a lease's ``description``
+        names, if it is known gone (``Cluster.gone``) and Redis lets it act on ``app``'s
+        machines no more; None for a live replica (``--workers`` on one host decide
+        concurrently: a live one's drain is never taken over), a holder that is not one
+        of ours (a ``fly deploy``), one we never saw, or on any doubt (Redis errors)."""
+
+        def names(rid: str) -> bool:
+            return description.startswith(f"{owner_of(rid)}: ")
+
+        live = [self.cluster.replica_id, *self.cluster.others]
+        gone = [rid for rid in self.cluster.gone if names(rid)]
+        # (A live one named too: ids that are prefixes of each other, "a" and "a: b".)
+        if len(gone) != 1 or any(names(rid) for rid in live):
+            return None
+        try:
+            if await self.cluster.may_act(gone[0], app):
+                return None  # hung or cut off from its reports, not from its lease or claim
+        except Exception:  # redis' errors (the rounds log them): no proof it cannot act
+            return None
+        return gone[0]
 
     def _key_writer(self) -> str | None:
         """Who our cordon key names as its writer (``mark_value``): this process (its

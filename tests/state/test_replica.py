@@ -1943,3 +1943,102 @@ async def test_a_new_leader_does_not_wake_an_app_for_peaks_it_saw_while_followin
     finally:
         for r in both:
             await r.stop()
+
+
+async def test_a_new_leader_adopts_the_lease_of_the_drain_its_dead_predecessor_left(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The leader died mid-drain: the machine cordoned, under its Fly lease, named for
+    it. The new leader's wake for a held request routed to the machine (a drain taken
+    back), but lifting the cordon was skipped as "leased by another holder", and the
+    machine stayed cordoned on Fly until that lease lapsed (30 s): the lease of a
+    replica known gone, which Redis no longer lets act, is adopted now."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "started")
+    old = make(redis_server, key_prefix, "old", api, rng=lambda: 0.0, ttl=TTL)
+    new = make(redis_server, key_prefix, "new", api, ttl=TTL)
+    await old.start(rounds=False)
+    await new.start(rounds=False)
+    try:
+        await rounds([old], lambda: old.leading, 5)
+        await rounds([old, new], lambda: "old" in new.cluster.others, 5)
+        await old.controller.tick(APP)
+        view = old.view.app(APP)
+        view.begin(view.upstreams[mid])  # a request in flight: the drain waits, cordoned
+        old.controller.actuator.launch(
+            old.controller.apps[APP], Action("drain", mid, "scale to zero")
+        )
+        await until(lambda: api.get(APP, mid).cordoned, what="the drain's cordon")
+        drain_nonce = api.lease(APP, mid).nonce
+        await rounds([old, new], lambda: not new.view.app(APP).routable(), 5)
+        # It dies: no round any more, its lease in Redis lapses, its report expires (as
+        # it does REPORT_TTL_S after its last write). The machine's lease stays.
+        assert old._watcher is not None
+        old._watcher.cancel()
+        await new.cluster.redis.delete(new.cluster.report_key("old"))
+        await rounds([new], lambda: new.leading, 10 * TTL)
+        new.view.app(APP).hold()
+        with capture_logs() as logs:
+            await asyncio.wait_for(new.view.wake(APP), 10)
+            await new.controller.idle()
+        assert [u.id for u in new.view.app(APP).routable()] == [mid]
+        assert not api.get(APP, mid).cordoned
+        assert ("uncordon_machine", drain_nonce) in [(c.op, c.nonce) for c in api.calls]
+        [adopted] = [e for e in logs if e["event"] == "lease_adopted"]
+        assert adopted["former"] == "old"
+    finally:
+        await new.stop()
+        await old.stop()
+
+
+async def test_only_the_lease_of_a_replica_gone_that_cannot_act_is_adopted(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A wake's start whose replica died holding the machine's lease: the leader's start
+    of the app's only machine was skipped until that lease lapsed (30 s), longer than a
+    held request's wake_timeout_s. It is adopted now, but never while the replica is
+    live (replicas on one host decide concurrently), nor while Redis still lets it act
+    (a wake claim of it: it hangs, or only its reports are cut off), nor a lease that is
+    not ours (a deploy's)."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    api.add(APP, "started")  # so that our starts go without the app's wake claim
+    old = make(redis_server, key_prefix, "old", api, lead=False)
+    new = make(redis_server, key_prefix, "new", api)
+    await old.start(rounds=False)
+    await new.start(rounds=False)
+    rt = new.controller.apps[APP]
+    its = "autoscaler@old: start"
+
+    async def start(holder: str, *, adopted: bool) -> list[dict[str, Any]]:
+        lease = api.take_lease(APP, mid, owner=holder)
+        with capture_logs() as logs:
+            new.controller.actuator.launch(rt, Action("start", mid, "a held request"))
+            await new.controller.idle()
+        done = [(c.op, c.nonce) for c in api.calls if c.op == "start_machine"]
+        assert done == ([("start_machine", lease.nonce)] if adopted else [])
+        return [e for e in logs if e.get("machine") == mid]
+
+    try:
+        await rounds([old, new], lambda: new.leading and "old" in new.cluster.others, 5)
+        await new.controller.tick(APP)
+        [live] = await start(its, adopted=False)
+        assert live["event"] == "machine_leased_by_other"
+        claim = await old.cluster.claims.take(APP)
+        assert claim is not None
+        # It dies: its report expires (as it does REPORT_TTL_S after its last write).
+        await new.cluster.redis.delete(new.cluster.report_key("old"))
+        await new.round()
+        assert "old" not in new.cluster.others
+        [held] = await start(its, adopted=False)  # its wake claim lets it act
+        assert held["event"] == "machine_leased_by_other"
+        await claim.release()
+        [deploy] = await start("flyctl deploy", adopted=False)
+        assert deploy["event"] == "machine_leased_by_other"
+        adopted, *_ = await start(its, adopted=True)
+        assert (adopted["event"], adopted["former"]) == ("lease_adopted", "old")
+        assert api.get(APP, mid).state == "started"
+        assert api.lease(APP, mid) is None  # given back at the end
+    finally:
+        await new.stop()
+        await old.stop()
