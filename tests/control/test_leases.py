@@ -273,6 +273,44 @@ async def test_a_lease_whose_answer_was_lost_is_adopted(
     assert api.lease(APP, mid) is None  # and given back at the end
 
 
+async def test_a_lease_that_former_names_is_adopted_and_no_other(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """``former`` (a replica's: control/replica.py) is asked about a holder that is not
+    us, and the lease of the one it names is adopted as our own; the others (a live
+    replica's, a deploy's) are refused."""
+    mid = api.add(APP, "stopped")
+    leases = Leases(api, sleep=clock.sleep, clock=clock, owner="autoscaler@r2")
+    asked: list[tuple[str, str]] = []
+
+    async def former(app: str, description: str) -> str | None:
+        asked.append((app, description))
+        return "r1" if description.startswith("autoscaler@r1: ") else None
+
+    leases.former = former
+    for holder in ("autoscaler@r3: drain", "flyctl deploy"):
+        api.take_lease(APP, mid, owner=holder)
+        with pytest.raises(LeaseHeld):
+            await leases.take(APP, mid, "start")
+    left = api.take_lease(APP, mid, owner="autoscaler@r1: drain")
+    with capture_logs() as logs:
+        held = await leases.take(APP, mid, "start")
+    assert held.nonce == left.nonce
+    [adopted] = [e for e in logs if e["event"] == "lease_adopted"]
+    assert adopted["former"] == "r1"
+    await leases.release(held)
+    assert api.lease(APP, mid) is None
+    ours = api.take_lease(APP, mid, owner=leases.description("start"))
+    held = await leases.take(APP, mid, "start")
+    assert held.nonce == ours.nonce
+    await leases.release(held)
+    assert asked == [
+        (APP, "autoscaler@r3: drain"),
+        (APP, "flyctl deploy"),
+        (APP, "autoscaler@r1: drain"),
+    ]  # not about our own lease
+
+
 async def test_a_take_cancelled_as_its_answer_comes_gives_the_lease_back_first(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
