@@ -1968,9 +1968,12 @@ async def test_a_new_leader_adopts_the_lease_of_the_drain_its_dead_predecessor_l
         old.controller.actuator.launch(
             old.controller.apps[APP], Action("drain", mid, "scale to zero")
         )
-        await until(lambda: api.get(APP, mid).cordoned, what="the drain's cordon")
+
+        def cordoned() -> bool:  # (its rounds renew its short lease meanwhile)
+            return api.get(APP, mid).cordoned and not new.view.app(APP).routable()
+
+        await rounds([old, new], cordoned, 5)
         drain_nonce = api.lease(APP, mid).nonce
-        await rounds([old, new], lambda: not new.view.app(APP).routable(), 5)
         # It dies: no round any more, its lease in Redis lapses, its report expires (as
         # it does REPORT_TTL_S after its last write). The machine's lease stays.
         assert old._watcher is not None
