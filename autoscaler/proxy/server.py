@@ -514,14 +514,15 @@ class ProxyServer:
                 raise Failure(
                     504, "the machine did not answer in time", cause="machine_timeout"
                 ) from None
-            except upstream.CutOff as exc:
+            except upstream.CutOff as cut:
                 # Its machine's drain ran out of time before it answered, and the machine
                 # goes down now (end_long_lived): not a 504 after upstream_timeout_s. No
                 # verdict on the machine: the proxy gave up, not the machine. A request
                 # that may be sent again (_replays) is, as after a lost connection: to
                 # another machine, or held for one (the one going down is out of routing);
-                # any other gets a 502 at once (the machine may have acted on it).
-                if not self._replays(ctx, app, up, exc, replayable, interim):
+                # any other gets a 502 at once (the machine may have acted on it). (Its own
+                # name: the compiled build types a name by its first except clause.)
+                if not self._replays(ctx, app, up, cut, replayable, interim):
                     raise Failure(
                         502, "the machine was drained before it answered", cause="drained"
                     ) from None
