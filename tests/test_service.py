@@ -530,7 +530,8 @@ def test_run_on_port_0_listens_on_free_ports_and_logs_them(
     file = tmp_path / "static.yaml"
     file.write_text(
         "proxy: {shutdown_timeout_s: 1}\n"
-        "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9']}]\n"
+        # wake_timeout_s: the 502 of its refused backend after a short hold, not 30 s
+        "apps: [{name: web, hosts: [web.test], backends: ['127.0.0.1:9'], wake_timeout_s: 0.2}]\n"
     )
     start = Service.start
     answered: list[bytes] = []

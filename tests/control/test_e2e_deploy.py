@@ -149,7 +149,9 @@ async def test_a_rolling_deploy_under_traffic_loses_no_request_and_meets_no_figh
     # (409, counted, listed in /status), not forced, and the held requests are served by
     # the updated machine once it is back.
     # Both serving (twelve clients): the proxy routes around the machine being replaced.
-    async with running_stack(emulator, idle_to_zero_s=600) as stack:
+    # No scale-down in the test: a drain that follows the deploy would only add a
+    # Fly-timed suspend to the wait for "no action running" at the end.
+    async with running_stack(emulator, idle_to_zero_s=600, scale_down_delay_s=600) as stack:
         auth = {"Authorization": f"Bearer {emulator.token}"}
         async with (
             aiohttp.ClientSession(headers=auth) as session,
