@@ -59,6 +59,12 @@ async def status_of(session: aiohttp.ClientSession, target: str, host: str) -> i
         return resp.status
 
 
+async def answer_of(session: aiohttp.ClientSession, target: str, host: str) -> tuple[int, str]:
+    """The status and body of one GET of ``target`` with ``Host: host``."""
+    async with session.get(target, headers={"Host": host}) as resp:
+        return resp.status, await resp.text()
+
+
 def text_app(text: str) -> web.Application:
     """A machine that answers GET / with ``text``."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import aiohttp
@@ -17,7 +18,15 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy import server
 
 from .conftest import Backend, RawBackend, StartProxy, url
-from .helpers import Blocking, connect, read_response, status_of, text_app, unanswering_port
+from .helpers import (
+    Blocking,
+    answer_of,
+    connect,
+    read_response,
+    status_of,
+    text_app,
+    unanswering_port,
+)
 
 
 async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
@@ -29,10 +38,7 @@ async def test_stop_refuses_new_connections_and_finishes_requests_in_flight(
     )
     port = proxy.port
 
-    async def get() -> tuple[int, str]:
-        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
-            return r.status, await r.text()
-
+    get = functools.partial(answer_of, session, url(proxy), "a.test")
     in_flight = asyncio.create_task(get())
     await until(lambda: fleet.app("a").in_flight == 1)
     stopping = asyncio.create_task(proxy.stop())

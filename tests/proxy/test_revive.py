@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -23,6 +24,7 @@ from autoscaler.proxy.health import Health
 from autoscaler.proxy.revive import Reviver
 
 from .conftest import StartProxy, url
+from .helpers import answer_of
 
 
 class Clock:
@@ -211,10 +213,7 @@ async def test_a_static_apps_request_that_finds_its_backend_down_waits_for_its_r
     )
     view = fleet.app("a")
 
-    async def get() -> tuple[int, str]:
-        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
-            return r.status, await r.text()
-
+    get = functools.partial(answer_of, session, url(proxy), "a.test")
     first = asyncio.create_task(get())
     await until(lambda: first.done() or view.queued == 1, what="the first request held")
     assert not first.done()  # not its 502
@@ -241,10 +240,7 @@ async def test_a_static_backend_that_restarts_is_served_again_before_its_ejectio
     )
     view = fleet.app("a")
 
-    async def get() -> tuple[int, str]:
-        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
-            return r.status, await r.text()
-
+    get = functools.partial(answer_of, session, url(proxy), "a.test")
     held = asyncio.create_task(get())
     await until(lambda: held.done() or view.queued == 1, what="the request held")
     assert not held.done()  # not its 502

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 
 import aiohttp
@@ -17,7 +18,7 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy.server import MAX_ATTEMPTS, ProxyServer
 
 from .conftest import Backend, StartProxy, url
-from .helpers import status_of, text_app
+from .helpers import answer_of, status_of, text_app
 
 
 class FakeWaker:
@@ -362,10 +363,7 @@ async def test_static_app_with_every_backend_down_gets_its_502_at_its_wake_timeo
     )
     view = fleet.app("s")
 
-    async def get() -> tuple[int, str]:
-        async with session.get(url(proxy), headers={"Host": "s.test"}) as r:
-            return r.status, await r.text()
-
+    get = functools.partial(answer_of, session, url(proxy), "s.test")
     task = asyncio.create_task(get())
     await until(lambda: task.done() or view.queued == 1, what="the request held")
     assert not task.done()  # held, not answered 502 at once
