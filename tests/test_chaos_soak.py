@@ -10,6 +10,7 @@ import random
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from autoscaler.emulator.model import Event
 
@@ -28,6 +29,14 @@ def _soak() -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _summarize(soak: ModuleType, run: Any, tmp_path: Path) -> dict[str, Any]:
+    """The soak's verdict on ``run`` with an empty autoscaler log (no error lines)."""
+    log = tmp_path / "autoscaler.log"
+    log.write_text("")
+    verdict: dict[str, Any] = soak.summarize(run, log)
+    return verdict
 
 
 def test_a_failure_is_put_down_to_the_fault_in_force_not_one_ended_before() -> None:
@@ -73,9 +82,7 @@ def test_an_event_stream_a_drain_ended_between_events_is_no_breach(tmp_path: Pat
     ended = soak.Outcome("zero", "stream", 181.8, 183.6, "events_ended", served_throughout=True)
     cut = soak.Outcome("zero", "stream", 181.8, 183.6, "stream_cut", served_throughout=True)
     run.outcomes = [ended, cut]
-    log = tmp_path / "autoscaler.log"
-    log.write_text("")
-    verdict = soak.summarize(run, log)
+    verdict = _summarize(soak, run, tmp_path)
     assert verdict["outcomes"] == {
         "zero/stream/events_ended (a drain)": 1,
         "zero/stream/stream_cut (a drain)": 1,
@@ -111,9 +118,7 @@ def test_a_drains_end_long_after_the_faults_is_not_an_app_left_dark(tmp_path: Pa
         soak.Outcome("stopper", "stream", 235.1, 245.0, "events_ended"),
         soak.Outcome("zero", "http", 236.0, 256.0, "504"),
     ]
-    log = tmp_path / "autoscaler.log"
-    log.write_text("")
-    verdict = soak.summarize(run, log)
+    verdict = _summarize(soak, run, tmp_path)
     assert verdict["outcomes"] == {
         "stopper/ws/ws_close_1001 (a drain)": 1,
         "stopper/stream/events_ended (a drain)": 1,
@@ -168,9 +173,7 @@ def test_a_machine_fault_explains_only_its_apps_failures_it_could_cause(tmp_path
         soak.Outcome("adapt", "http", 88.0, 88.2, "502"),
         soak.Outcome("stopper", "http", 101.0, 101.5, "503"),
     ]
-    log = tmp_path / "autoscaler.log"
-    log.write_text("")
-    verdict = soak.summarize(run, log)
+    verdict = _summarize(soak, run, tmp_path)
     assert verdict["outcomes"] == {
         "zero/http/502 (crash)": 1,
         "zero/ws/ServerDisconnectedError (crash)": 1,
