@@ -97,6 +97,11 @@ UNANSWERED = 4
 """How many nonces of claims Redis may hold for us a take sends (the newest)."""
 
 
+def claim_holder(value: object) -> str | None:
+    """The replica that a claim's value in Redis (``holder#nonce#token``) names."""
+    return None if value is None else str(value).rsplit("#", 2)[0]
+
+
 class Claim:
     """One app's wake claim, held by this replica."""
 
@@ -240,8 +245,7 @@ class WakeClaims:
 
     async def holder_of(self, app: str) -> str | None:
         """Who holds the app's claim now (tests, status)."""
-        value = await self.redis.get(self.key(app))
-        return None if value is None else str(value).rsplit("#", 2)[0]
+        return claim_holder(await self.redis.get(self.key(app)))
 
 
-__all__ = ["Claim", "WakeClaims"]
+__all__ = ["Claim", "WakeClaims", "claim_holder"]

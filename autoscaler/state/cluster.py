@@ -78,7 +78,7 @@ from typing import Any, TypeVar
 from autoscaler.config import ClusterSettings, default_replica_id
 from autoscaler.logs import get_logger
 from autoscaler.scaling.window import ConcurrencyMeter, Sample
-from autoscaler.state.claim import WakeClaims
+from autoscaler.state.claim import WakeClaims, claim_holder
 from autoscaler.state.lease import Lease
 
 Clock = Callable[[], float]
@@ -989,8 +989,7 @@ class Cluster:
             pipe.get(self.lease.key)
             pipe.get(self.claims.key(app))
             leader, claim = await pipe.execute()
-        holder = None if claim is None else str(claim).rsplit("#", 2)[0]
-        return replica in (leader, holder)
+        return replica in (leader, claim_holder(claim))
 
     def _read_departed(self, boots: list[str], said: list[list[str | None]]) -> list[str]:
         """Set ``departed`` as read; the boots whose record expired."""
