@@ -651,10 +651,10 @@ async def test_a_stop_by_sigstop_freezes_the_machine_until_its_timeout_kills_it(
         m = await new_machine(s, image="me/forker")
         pids = [int(p) for p in out.read_text().split()]  # machine, in group, left it
         url = f"/v1/apps/demo/machines/{m['id']}"
-        r = await s.post(f"{url}/stop", json={"signal": "SIGSTOP", "timeout": "6s"})
+        r = await s.post(f"{url}/stop", json={"signal": "SIGSTOP", "timeout": "3s"})
         assert r.status == 200, await r.text()
-        # Seen frozen before the SIGKILL at 6 s, with room for a loaded machine's polls.
-        await until(lambda: {_proc_state(p) for p in pids} == {"T"}, 6, "frozen")
+        # Seen frozen before the SIGKILL at 3 s, with room for a loaded machine's polls.
+        await until(lambda: {_proc_state(p) for p in pids} == {"T"}, 3, "frozen")
         await wait_ok(s, "demo", m["id"], "stopped")
         machine = emu.machine("demo", m["id"])
         (exit_event,) = [e for e in machine.events if e.type == "exit"]
