@@ -2053,10 +2053,17 @@ class _Origin:
         where it came from; a flag's said as typed (``--listen: what``: the key path the
         flag sets is left out, a key path within it or another's kept)."""
         flag = self._flag(loc)
-        if flag is not None:
-            key, name = flag
-            return f"{name}: {text.removeprefix(f'{key}: ')}"
-        return f"{self.where(loc)}: {text}"
+        if flag is None:
+            return f"{self.where(loc)}: {text}"
+        depth, name = flag
+        # An item of a list that a repeated flag gave (`--app web=100000`) is named by the
+        # item's name, the key path within it kept: `--app web: machines: ...`.
+        if len(loc) > depth and isinstance(loc[depth], int):
+            item = _value_at(self.overrides, loc[: depth + 1])
+            if isinstance(item, Mapping):
+                head = f"{_key_path(loc[: depth + 1])}."
+                return f"{name} {item.get('name', loc[depth])}: {text.removeprefix(head)}"
+        return f"{name}: {text.removeprefix(f'{_key_path(loc[:depth])}: ')}"
 
     def where(self, loc: KeyPath) -> str:
         given = self._given(loc)
@@ -2083,15 +2090,16 @@ class _Origin:
         line = self.lines.get(loc)
         return f" at {self.file}:{line}" if line is not None else ", its default"
 
-    def _flag(self, loc: KeyPath) -> tuple[str, str] | None:
-        """The key path and the flag that set the value at ``loc`` (or a section or list
-        holding it), if the command line's was one ``flags`` names."""
+    def _flag(self, loc: KeyPath) -> tuple[int, str] | None:
+        """The flag that set the value at ``loc`` (or a section or list holding it, at
+        ``loc[:depth]``), as ``(depth, flag)``, if the command line's was one ``flags``
+        names."""
         if not _within(self.overrides, loc):
             return None
         for i in range(len(loc), 0, -1):
-            key = _key_path(loc[:i])
-            if key in self.flags:
-                return key, self.flags[key]
+            flag = self.flags.get(_key_path(loc[:i]))
+            if flag is not None:
+                return i, flag
         return None
 
     def _given(self, loc: KeyPath) -> str | None:
@@ -2139,6 +2147,14 @@ def _setting_vars(environ: Mapping[str, str]) -> dict[str, str]:
 
 def _within(data: Mapping[str, Any], loc: KeyPath) -> bool:
     """Whether ``data`` (the command line's settings) holds the key path."""
+    return bool(loc) and _value_at(data, loc) is not _ABSENT
+
+
+_ABSENT = object()
+
+
+def _value_at(data: Mapping[str, Any], loc: KeyPath) -> Any:
+    """The value at the key path in ``data`` (the command line's settings), or _ABSENT."""
     node: Any = data
     for part in loc:
         if isinstance(node, Mapping) and part in node:
@@ -2146,8 +2162,8 @@ def _within(data: Mapping[str, Any], loc: KeyPath) -> bool:
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]  # an item of a list the command line gave (emulator --app)
         else:
-            return False
-    return bool(loc)
+            return _ABSENT
+    return node
 
 
 def _not_json(exc: SettingsError, env_vars: Mapping[str, str]) -> str:

@@ -436,7 +436,7 @@ def test_cli_reports_a_bad_listen_address(capsys: pytest.CaptureFixture[str]) ->
      ("--latency", "nan", "--latency: expected a number, got nan (not a number)"),
      # no bound: a typo made a hundred thousand machines (emulator.apps[].machines' bound)
      ("--app", "web=100000",
-      "--app: emulator.apps[0].machines: input should be less than or equal to 1000, got 100000"),
+      "--app web: machines: input should be less than or equal to 1000, got 100000"),
      ("--answer-lost-rate", "nan", "--answer-lost-rate: expected a number, got nan"),
      ("--answer-lost-rate", "1.5", "--answer-lost-rate: input should be less than or equal to 1")],
 )  # fmt: skip
