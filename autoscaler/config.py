@@ -1865,6 +1865,7 @@ def load_settings(
                 (_parse_key_path(e.cause), str(e))
                 for e in _file_app_problems(base, fly_names=serving)
             ]
+        items.sort(key=lambda item: origin.order(item[0]))  # (stable: same line, same order)
         raise ConfigError([origin.line(loc, text) for loc, text in items]) from None
     finally:
         _SERVING.reset(serving_token)
@@ -2069,11 +2070,25 @@ class _Origin:
         given = self._given(loc)
         if given is not None:
             return given
+        line = self._file_line(loc)
+        return str(self.file) if line is None else f"{self.file}:{line}"
+
+    def order(self, loc: KeyPath) -> tuple[int, int]:
+        """Where the error line about ``loc`` goes among the others: the command line's and
+        the environment's first, then the file's by line (as an editor lists them), then
+        those the file has no line for."""
+        if self._given(loc) is not None:
+            return (0, 0)
+        line = self._file_line(loc)
+        return (2, 0) if line is None else (1, line)
+
+    def _file_line(self, loc: KeyPath) -> int | None:
+        """The file's line of the key path, or of the nearest section holding it."""
         for i in range(len(loc), 0, -1):
             line = self.lines.get(loc[:i])
             if line is not None:
-                return f"{self.file}:{line}"
-        return str(self.file)
+                return line
+        return None
 
     def named(self, loc: KeyPath) -> str:
         """Where the value of a second key an error line is about came from, as the line

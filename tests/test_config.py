@@ -206,9 +206,9 @@ def test_cross_field_problems_name_their_key_all_at_once(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     assert info.value.problems == [
+        f"{path}:1: proxy.default_app: must name an app in apps, got 'nope'",
         f"{path}:4: apps[1].hosts: host 'x.dev' path '/' is already routed to app 'a'",
         f"{path}:5: apps[2].name: duplicate app name 'a'",
-        f"{path}:1: proxy.default_app: must name an app in apps, got 'nope'",
     ]
 
 
@@ -955,3 +955,28 @@ def test_a_fault_rate_that_is_no_number_is_said_so(tmp_path: Path, key: str) -> 
     assert f"emulator.faults.{key}: " in line
     assert "finite number" in line, line
     assert "less than" not in line
+
+
+def test_problems_are_listed_in_the_files_order_after_the_command_lines(tmp_path: Path) -> None:
+    """They came in the order of the settings' fields (control's before the apps', an
+    app's by field), so a long file's were read jumping up and down."""
+    path = write(
+        tmp_path,
+        "apps:\n"
+        "  - name: web\n"
+        "    max_machines: -1\n"
+        "    idle_to_zero_s: abc\n"
+        "  - {name: api, target_concurrency: 0}\n"
+        "control: {tick_s: -2}\n",
+    )
+    env = {"AUTOSCALER_PROXY__MAX_CONNECTIONS": "-1"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env)
+    said = [p.partition(" input should")[0] for p in info.value.problems]
+    assert [p.split(" expected")[0] for p in said] == [
+        "environment: AUTOSCALER_PROXY__MAX_CONNECTIONS: proxy.max_connections:",
+        f"{path}:3: apps[0].max_machines:",
+        f"{path}:4: apps[0].idle_to_zero_s:",
+        f"{path}:5: apps[1].target_concurrency:",
+        f"{path}:6: control.tick_s:",
+    ]
