@@ -302,13 +302,16 @@ class Metrics:
                 gauge.remove(app)
 
     def forget_app(self, app: str) -> None:
-        """An app removed by a reload: its held-requests gauge goes, and its proxy-error
-        series and requests series at 0 (``declare_errors``, ``declare_wakes``) that never
-        counted (its counters stay: a total is a total)."""
+        """An app removed by a reload: its held-requests gauge goes, and every series
+        ``declare_app`` exported at 0 that never counted (rejections, ejections, actions,
+        wakes... and the proxy's errors and requests): zeros of an app that no longer
+        exists stayed on /metrics and dashboards for good. Its counts stay (a total is a
+        total); the app added again declares them anew."""
         with contextlib.suppress(KeyError):
             self.queued.remove(app)
+        self._forget_uncounted(self._app_series(app))
         self.proxy.forget_errors(app)
-        self.proxy.forget_wakes(app)
+        self._forget_scaled(app)
 
     def declare_app(self, app: str, *, scaled: bool = True) -> None:
         """Export the app's series whose label values are known in advance, at 0.
@@ -319,10 +322,8 @@ class Metrics:
         that never counted (its wakes, actions...: zeros of what can no longer happen).
         """
         self.queued.labels(app=app)
-        for reason in QUEUE_REJECTION_REASONS:
-            self.queue_rejections.labels(app=app, reason=reason)
-        for reason in EJECTION_REASONS:
-            self.machine_ejections.labels(app=app, reason=reason)
+        for counter, labels in self._app_series(app):
+            counter.labels(*labels)
         self.proxy.declare_errors(app)
         if not scaled:
             self._forget_scaled(app)
@@ -330,6 +331,13 @@ class Metrics:
         for metric, labels in self._scaled_series(app):
             metric.labels(*labels)
         self.proxy.declare_wakes(app)
+
+    def _app_series(self, app: str) -> Iterator[tuple[Counter, tuple[str, ...]]]:
+        """The counters ``declare_app`` exports at 0 for every app, static or scaled."""
+        for reason in QUEUE_REJECTION_REASONS:
+            yield self.queue_rejections, (app, reason)
+        for reason in EJECTION_REASONS:
+            yield self.machine_ejections, (app, reason)
 
     def _scaled_series(self, app: str) -> Iterator[tuple[Counter | Histogram, tuple[str, ...]]]:
         """The series ``declare_app`` exports at 0 for an app that is scaled, not static."""
@@ -351,15 +359,21 @@ class Metrics:
             yield self.check_rechecks, (app, result)
 
     def _forget_scaled(self, app: str) -> None:
-        """Drop the app's scaled-only series that never counted (a reload made it static)."""
+        """Drop the app's scaled-only series that never counted (a reload made it static,
+        or removed it)."""
+        self._forget_uncounted(self._scaled_series(app))
+        self.proxy.forget_wakes(app)
+
+    @staticmethod
+    def _forget_uncounted(series: Iterable[tuple[Counter | Histogram, tuple[str, ...]]]) -> None:
+        """Remove those of ``series`` that never counted; keep those that did."""
         counted: dict[Counter | Histogram, set[tuple[str, ...]]] = {}
-        for metric, labels in self._scaled_series(app):
+        for metric, labels in series:
             if metric not in counted:
                 counted[metric] = _counted(metric)
             if labels not in counted[metric]:
                 with contextlib.suppress(KeyError):
                     metric.remove(*labels)
-        self.proxy.forget_wakes(app)
 
     def observe_api(self, operation: str, status: int | None, duration_s: float) -> None:
         """The Fly client's observer callback: (operation, status or None, duration)."""

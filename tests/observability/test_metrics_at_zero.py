@@ -190,3 +190,59 @@ async def test_an_app_a_reload_makes_static_loses_its_wake_series_that_never_cou
     assert value(metrics, "autoscaler_wakes_total", app="web", result="failed") == 0
     assert value(metrics, "autoscaler_wakes_total", app="web", result="ok") == 1
     assert requests(metrics, "web") == WOKEN
+
+
+def app_series(metrics: Metrics, app: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every series /metrics exports for the app (histograms by their count), with its
+    value: (sample name, its other labels) -> value."""
+    return {
+        (
+            sample.name,
+            frozenset((k, v) for k, v in sample.labels.items() if k != "app"),
+        ): sample.value
+        for family in metrics.exported.collect()
+        for sample in family.samples
+        if sample.labels.get("app") == app
+        and not sample.name.endswith(("_created", "_bucket", "_sum"))
+    }
+
+
+async def test_an_app_a_reload_removes_takes_its_zeros_and_keeps_its_counts(
+    tmp_path: Path,
+) -> None:
+    """Its rejections, ejections, actions, wakes... at 0 went with it: zeros of an app
+    that no longer exists stayed on /metrics and dashboards for good. What counted stays,
+    as every total does; the app added again has its series at 0 again."""
+    gone = CONFIG + "  - {name: gone, hosts: [gone.test]}\n"
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(gone)
+    settings, _ = load_settings(path, env={})
+    metrics = Metrics(CollectorRegistry())
+    service = Service(settings, path, metrics=metrics)  # declares the apps
+    service.proxy = ProxyServer(settings, service.view, metrics)  # built, not started
+    metrics.scaling_actions.labels(app="gone", action="resume", result="ok").inc()
+    metrics.wake_duration.labels(app="gone", kind="resume").observe(0.2)
+    metrics.machine_ejections.labels(app="gone", reason="connect").inc()
+    path.write_text(CONFIG)
+    assert await service.reload()
+    assert app_series(metrics, "gone") == {
+        (
+            "autoscaler_scaling_actions_total",
+            frozenset({("action", "resume"), ("result", "ok")}),
+        ): 1,
+        ("autoscaler_wake_duration_seconds_count", frozenset({("kind", "resume")})): 1,
+        ("autoscaler_machine_ejections_total", frozenset({("reason", "connect")})): 1,
+    }
+    # The apps that stay keep their zeros.
+    labels = {"app": "web", "reason": "queue_full"}
+    assert value(metrics, "autoscaler_queue_rejections_total", **labels) == 0
+    assert value(metrics, "autoscaler_wakes_total", app="web", result="failed") == 0
+    # Added again: its zeros are back, its counts kept.
+    path.write_text(gone)
+    assert await service.reload()
+    labels = {"app": "gone", "reason": "queue_full"}
+    assert value(metrics, "autoscaler_queue_rejections_total", **labels) == 0
+    assert value(metrics, "autoscaler_wakes_total", app="gone", result="failed") == 0
+    labels = {"app": "gone", "action": "resume", "result": "ok"}
+    assert value(metrics, "autoscaler_scaling_actions_total", **labels) == 1
+    assert requests(metrics, "gone") == WOKEN
