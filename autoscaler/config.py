@@ -532,8 +532,8 @@ class ProxySettings(_Model):
     wake_header: bool = Field(
         default=True,
         description=(
-            "add the header fly-autoscaler-wake (none, resume, start, or failed on a wake"
-            " timeout's 504) to responses"
+            "add the header fly-autoscaler-wake (none, resume, start, uncordon, or failed on"
+            " a wake timeout's 504) to responses"
         ),
     )
     access_log: bool = Field(

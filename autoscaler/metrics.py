@@ -62,6 +62,9 @@ WAKE_FAILED = "failed"
 WAKE_FAILED_CODES = (504, 502)
 # autoscaler_requests_total's wake label of a request that needed no wake.
 NO_WAKE = "none"
+# The wake label of a request whose wake lifted a cordon (a drain taken back): a machine
+# already up, routed again, no boot; what the wake returns and its log line's how say.
+WAKE_UNCORDON = "uncordon"
 # Why the proxy answered a request with a 5xx of its own (autoscaler_proxy_errors_total):
 # every such answer has one, so that the app's own 5xx are autoscaler_requests_total's
 # minus these. The answers of held requests turned away (queue_full, wake_timeout) count
@@ -92,7 +95,7 @@ PROXY_ERROR_CODES = (502, 503, 504)
 # (code, wake) of the requests series exported at 0: for every app, and for one that wakes.
 PROXY_ERROR_ANSWERS = tuple((code, NO_WAKE) for code in PROXY_ERROR_CODES)
 WOKEN_ANSWERS = (
-    *((code, kind) for kind in WAKE_KINDS for code in PROXY_ERROR_CODES),
+    *((code, kind) for kind in (*WAKE_KINDS, WAKE_UNCORDON) for code in PROXY_ERROR_CODES),
     *((code, WAKE_FAILED) for code in WAKE_FAILED_CODES),
 )
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).

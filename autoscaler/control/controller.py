@@ -665,7 +665,8 @@ class Controller:
     # --- the wake path ------------------------------------------------------------------
 
     async def wake(self, app: str) -> str:
-        """Bring one machine of ``app`` to routable; "resume", "start" or "none".
+        """Bring one machine of ``app`` to routable; "resume", "start", "uncordon" (a
+        drain taken back) or "none" (one was routable already).
 
         Raises WakeError when no machine can be woken (or FlyError when the API fails).
         Counted (:meth:`counted`): the waker the fleet view calls in a single process.
@@ -687,13 +688,14 @@ class Controller:
         self, app: str, wake: Awaitable[str], *, asked: Callable[[], bool] | None = None
     ) -> str:
         """Await a wake of ``app`` and count it in ``autoscaler_wakes_total`` by how it
-        ended: ok (it returned, "none" included: a machine was routable already, or a
-        drain was taken back), failed (it raised; logged as ``wake_failed``) or cancelled
-        (a stop, a step-down, a reload that removed the app; a follower's wake whose
-        requests all left: WakeAbandoned, not logged). An app not scaled here when
-        the wake began is not counted: its series are not ours to make. One that was is
-        counted however it ends: a reload that removes the app lets go of it before it
-        cuts its wake short, and that wake, read as no longer ours, went uncounted.
+        ended: ok (it returned, "none" and "uncordon" included: a machine was routable
+        already, or a drain was taken back), failed (it raised; logged as
+        ``wake_failed``) or cancelled (a stop, a step-down, a reload that removed the
+        app; a follower's wake whose requests all left: WakeAbandoned, not logged). An
+        app not scaled here when the wake began is not counted: its series are not ours
+        to make. One that was is counted however it ends: a reload that removes the app
+        lets go of it before it cuts its wake short, and that wake, read as no longer
+        ours, went uncounted.
 
         ``asked`` (a cluster leader's): whether this process's proxy asked for the wake,
         as it ends. One it made only for another replica's held requests is not counted

@@ -33,7 +33,8 @@ machine hung: the first, and the failed probe after it (``Upstream.ejections_in_
 this process's proxy's, or in cluster mode another replica's as it reports them). A
 timeout ejection of an app's last routable machine counts as both (``proxy.health``)."""
 # The controller's wake: brings one machine of the app to routable and says how
-# ("resume", "start", or "none" when one was routable already).
+# ("resume", "start", "uncordon" when a drain was taken back, or "none" when one was
+# routable already).
 Waker = Callable[[str], Coroutine[Any, Any, str]]
 # The proxy's: ends the WebSockets and streams it carries to (app, machine); how many.
 Closer = Callable[[str, str, bool], int]

@@ -74,7 +74,7 @@ from autoscaler.control.runtime import AppRuntime, Running
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, NotFound, RateLimited, may_have_landed
 from autoscaler.logs import get_logger
-from autoscaler.metrics import Metrics
+from autoscaler.metrics import WAKE_UNCORDON, Metrics
 from autoscaler.scaling.fleet import COMING_UP_STATES, FAILED, MOVING_STATES, STARTED, Fleet
 from autoscaler.scaling.policy import Action, choose_wake
 
@@ -202,7 +202,8 @@ class Waker:
         self.actuator.publish(rt)
 
     async def wake(self, rt: AppRuntime) -> str:
-        """ "resume", "start" or "none" (a machine was routable, or was taken back)."""
+        """ "resume", "start", "uncordon" (a drain taken back: its cordon lifted, no
+        boot) or "none" (a machine was routable already)."""
         act = self.actuator
         view = act.view.app(rt.name)
         async with rt.wake_lock:
@@ -365,8 +366,8 @@ class Waker:
                     if run is not None and not view.routable():
                         await run.task
                     if view.routable():
-                        _log.info("wake", app=rt.name, machine=mid, how="uncordon")
-                        return "none"
+                        _log.info("wake", app=rt.name, machine=mid, how=WAKE_UNCORDON)
+                        return WAKE_UNCORDON
                     failed.add(mid)
                     continue
                 busy = rt.running.get(mid)

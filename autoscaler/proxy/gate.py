@@ -38,11 +38,11 @@ _log = get_logger("autoscaler.proxy")
 WAKE_RETRY_S = 1.0
 
 # How a request was served, as the fly-autoscaler-wake header, the access log's ``wake``
-# and autoscaler_requests_total's wake label say: a fixed set, "resume" and "start" (the
-# kinds a wake returns) beside these two. None was needed, or its wake brought no machine
-# up before the request's wake_timeout_s (its 504: the wake failed, or was too slow).
-# NO_WAKE ("none") and WAKE_FAILED ("failed") are autoscaler.metrics', which exports
-# series of both at 0.
+# and autoscaler_requests_total's wake label say: a fixed set, "resume", "start" and
+# "uncordon" (what a wake returns: a boot, or a drain taken back) beside these two. None
+# was needed, or its wake brought no machine up before the request's wake_timeout_s (its
+# 504: the wake failed, or was too slow). NO_WAKE ("none") and WAKE_FAILED ("failed") are
+# autoscaler.metrics', which exports series of both at 0.
 
 
 class Held(Protocol):
@@ -162,8 +162,9 @@ class Gate:
 
     async def acquire(self, wait_s: float, held: Held | None = None) -> tuple[Upstream, str]:
         """Wait in the FIFO for a slot; the wake kind tells whether this request waited
-        for a wake ("resume", "start") or only for a busy machine ("none"). Once the gate
-        has shed its queue (``shed``), nobody waits: the request gets the same answer.
+        for a wake ("resume", "start", "uncordon") or only for a busy machine ("none").
+        Once the gate has shed its queue (``shed``), nobody waits: the request gets the
+        same answer.
         Should the client leave, or the request be shed (its 503), while a wake was asked
         for it, ``held.wake`` says which (``_kind_so_far``): its answer is told from one
         that never needed a wake."""

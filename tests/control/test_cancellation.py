@@ -292,7 +292,7 @@ async def test_a_drain_taken_back_at_any_call_leaves_the_machine_routable(
     await start_drain(rig, clock)
     await asyncio.wait_for(wire.reached.wait(), 5)
     assert wire.sent[-1] == name
-    assert await rig.ctl.wake(APP) == "none"
+    assert await rig.ctl.wake(APP) == "uncordon"
     assert rig.routable() == {mid}  # at once
     rig.app.begin(rig.app.upstreams[mid])  # the woken request keeps it in use from here
     await settle()
@@ -324,7 +324,7 @@ async def _a_drain_taken_back_its_cordon_unanswered() -> tuple[
     api.gates["cordon_machine"] = gate = asyncio.Event()
     api.fail["cordon_machine"] = [TransportError("read timeout", sent=True)]
     await start_drain(rig, clock)
-    assert await rig.ctl.wake(APP) == "none"
+    assert await rig.ctl.wake(APP) == "uncordon"
     return clock, api, rig, mid, gate
 
 

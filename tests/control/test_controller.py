@@ -282,7 +282,10 @@ async def test_wake_takes_back_a_draining_machine(api: FakeMachinesAPI, clock: F
     [action] = (await rig.tick()).actions
     assert action.kind == "drain"
     assert rig.routable() == set()
-    assert await rig.ctl.wake(APP) == "none"
+    with capture_logs() as logs:
+        # Said as done: a cordon lifted, not "none" (no wake needed), as its line says.
+        assert await rig.ctl.wake(APP) == "uncordon"
+    assert [e["how"] for e in logs if e["event"] == "wake"] == ["uncordon"]
     assert rig.routable() == {mid}  # routable again at once, before the API agrees
     gate.set()
     await rig.ctl.idle()
@@ -1097,7 +1100,7 @@ async def test_a_wake_that_passes_another_party_s_slow_resume_says_so(
 
 @pytest.mark.parametrize(
     ("waking", "how"),
-    [("a cold start", "resume"), ("a resume", "none")],
+    [("a cold start", "resume"), ("a resume", "uncordon")],
     ids=["a resume beside a cold start", "a take-back beside a resume"],
 )
 async def test_a_wake_does_not_wait_for_another_party_s_start_it_beats(
@@ -1732,7 +1735,7 @@ async def test_wake_lifts_a_cordon_of_ours_left_on_a_started_machine(
     left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
     api.add(APP, "suspended")
     rig = Rig(api, clock)
-    assert await rig.ctl.wake(APP) == "none"  # the warm machine, not a resume
+    assert await rig.ctl.wake(APP) == "uncordon"  # the warm machine, not a resume
     assert rig.routable() == {left}
     assert api.ops("start_machine") == []
     await rig.ctl.idle()  # routed at once; the API's cordon lifted after
@@ -1749,7 +1752,7 @@ async def test_a_cordon_of_ours_left_on_a_started_machine_routes_at_once_in_an_o
     left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
     api.fail["acquire_machine_lease"] = [ServerError(503, "down")] * 3
     rig = Rig(api, clock)
-    assert await rig.ctl.wake(APP) == "none"
+    assert await rig.ctl.wake(APP) == "uncordon"
     assert rig.routable() == {left}
     assert api.ops("uncordon_machine") == []  # not yet: the outage
     await rig.ctl.idle()
@@ -1908,7 +1911,7 @@ async def test_taking_back_a_drain_cut_before_its_key_was_set(
     await clock.advance(6)
     [action] = (await rig.tick()).actions
     assert action.kind == "drain"
-    assert await rig.ctl.wake(APP) == "none"
+    assert await rig.ctl.wake(APP) == "uncordon"
     assert rig.routable() == {mid}  # at once, before the key's answer
     await settle()
     assert api.ops("uncordon_machine") == []  # the uncordon waits for that answer
@@ -2576,7 +2579,7 @@ async def _key_kept_then_removed(api: FakeMachinesAPI, clock: FakeClock) -> tupl
     await clock.advance(6)
     [action] = (await rig.tick()).actions
     assert action.kind == "drain"
-    assert await rig.ctl.wake(APP) == "none"
+    assert await rig.ctl.wake(APP) == "uncordon"
     gate.set()
     await rig.ctl.idle()
     assert CORDON_METADATA_KEY in meta(api, mid)

@@ -64,7 +64,7 @@ PROXY_CODES = (502, 503, 504)
 UNWOKEN = {(code, "none"): 0.0 for code in PROXY_CODES}
 WOKEN = {
     **UNWOKEN,
-    **{(code, kind): 0.0 for code in PROXY_CODES for kind in WAKE_KINDS},
+    **{(code, kind): 0.0 for code in PROXY_CODES for kind in (*WAKE_KINDS, "uncordon")},
     **{(code, WAKE_FAILED): 0.0 for code in WAKE_FAILED_CODES},
 }
 

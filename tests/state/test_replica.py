@@ -1173,7 +1173,7 @@ async def test_a_drain_taken_back_under_a_wake_claim_is_uncordoned_in_the_api(
         while not api.get(APP, mid).cordoned:
             assert loop.time() - since < 10, "no cordon"
             await asyncio.sleep(0.01)
-        assert await asyncio.wait_for(leader.view.wake(APP), 5) == "none"  # taken back
+        assert await asyncio.wait_for(leader.view.wake(APP), 5) == "uncordon"  # taken back
         await asyncio.wait_for(leader.controller.idle(), 5)
         assert leader.api.refused == 0
         assert api.get(APP, mid).cordoned is False
