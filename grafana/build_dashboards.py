@@ -133,7 +133,8 @@ ROWS: list[tuple[str, list[Spec]]] = [
             Spec(
                 "Requests by wake",
                 "none: a machine was running; resume/start: the request waited for a wake"
-                " (code 499: its client gave up during it); failed: it waited for one that"
+                " (code 499: its client gave up during it); uncordon: for a drain taken back"
+                " (the machine was up, its cordon lifted); failed: it waited for one that"
                 " brought no machine up in time (504; 499 if its client left after that).",
                 [(by("wake", "autoscaler_requests_total"), "{{wake}}")],
                 unit="reqps",
