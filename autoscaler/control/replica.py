@@ -63,7 +63,7 @@ from autoscaler.control.wake import AppMissing, WakeAbandoned, WakeError, app_mi
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, NotFound
 from autoscaler.logs import get_logger
-from autoscaler.metrics import Metrics
+from autoscaler.metrics import WAKE_UNCORDON, Metrics
 from autoscaler.scaling.fleet import GOING_DOWN_STATES, STARTED, boot_kind
 from autoscaler.scaling.window import Sample
 from autoscaler.state.claim import Claim
@@ -102,14 +102,16 @@ def _both(first: Fence, second: Fence) -> Fence:
     return check
 
 
-def _waited_for(before: dict[str, str], up: Upstream) -> str:
+def _waited_for(before: dict[str, tuple[str, bool]], up: Upstream) -> str:
     """What a follower's held requests waited for: "none" if the machine that came up was
-    started already when the wake began, else how it came up as the leader publishes it
-    (:attr:`Upstream.how`: a resume under way is listed ``starting``, as a cold start
-    is), else by the state it was in then ("resume" from suspended or suspending)."""
-    was = before.get(up.id)
+    started already when the wake began, "uncordon" if it was cordoned then (a drain the
+    leader took back, as the leader's own wake says), else how it came up as the leader
+    publishes it (:attr:`Upstream.how`: a resume under way is listed ``starting``, as a
+    cold start is), else by the state it was in then ("resume" from suspended or
+    suspending)."""
+    was, cordoned = before.get(up.id, (None, False))
     if was == STARTED:
-        return "none"
+        return WAKE_UNCORDON if cordoned else "none"
     if up.how is not None:
         return up.how
     return boot_kind(was)
@@ -1019,13 +1021,13 @@ class Replica:
         the app's wake claim (unless another replica holds it: then keep waiting). Once no
         request waits any more, neither: a machine is not woken for clients that left.
         "resume" or "start" by how the machine that came up did, as the leader publishes
-        it (else by the state it was in before; or as our own wake says); "none" if one
-        was routable already."""
+        it (else by the state it was in before; or as our own wake says); "uncordon" if
+        it was up but cordoned (a drain taken back); "none" if one was routable already."""
         view = self.view.app(app)
         if view.routable():
             return "none"
         rt = self._scaled(app)
-        before = {u.id: u.state for u in view.upstreams.values()}
+        before = {u.id: (u.state, u.cordoned) for u in view.upstreams.values()}
         now = self.clock()
         deadline = now + rt.config.wake_timeout_s
         after = min(self.settings.cluster.self_wake_after_s, rt.config.wake_timeout_s / 2)

@@ -495,6 +495,31 @@ async def test_a_follower_names_a_wake_under_way_by_how_the_leader_brings_it_up(
     assert api.ops("start_machine") == [mid]
 
 
+async def test_a_follower_names_a_drain_the_leader_took_back_uncordon(
+    cluster: list[Replica],
+) -> None:
+    """A follower's held requests that the leader served by taking a drain back (its
+    machine up all along, cordoned) are named as the leader's wake names it, "uncordon":
+    they were named "none", as if no wake had been needed."""
+    api = cluster[0].controller.api.api
+    assert isinstance(api, FakeMachinesAPI)
+    (mid,) = api.machines[APP]
+    api.set(APP, mid, state="started")
+    leader, follower = await leader_and_follower(cluster)
+    for r in cluster:
+        await asyncio.wait_for(r.subscribed.wait(), 5)
+    up = leader.view.app(APP).upstreams[mid]
+    leader.view.app(APP).begin(up)  # a request in flight: the drain waits for it, cordoned
+    leader.controller.actuator.launch(leader.controller.apps[APP], Action("drain", mid, "test"))
+    view = follower.view.app(APP)
+    await until(lambda: view.upstreams[mid].cordoned, what="the pushed cordon")
+    view.hold()
+    assert await asyncio.wait_for(follower.view.wake(APP), 10) == "uncordon"
+    assert follower.self_wakes == 0
+    assert api.ops("start_machine") == []
+    leader.view.app(APP).end(up)
+
+
 async def routable_in(replica: Replica, limit_s: float = 10.0) -> None:
     """Await (no rounds) until ``replica`` sees a routable machine of the app."""
     view = replica.view.app(APP)
