@@ -11,12 +11,14 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 from testkit import PROFILES, free_port, on_profile
 
 from autoscaler.aio import cancel_and_wait
 from autoscaler.config import EmulatorApp, EmulatorSettings, Settings
 from autoscaler.emulator import Emulator
 from autoscaler.metrics import Metrics
+from autoscaler.scaling.policy import Action
 from autoscaler.service import Service
 
 from .conftest import RedisServer
@@ -360,3 +362,79 @@ async def test_the_leaders_drain_ends_the_followers_websockets_too(
                 msg = await asyncio.wait_for(ws.receive(), 60)
                 assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
                 await ws.close()
+
+
+@pytest.mark.one_profile
+async def test_a_new_leader_lifts_at_once_the_cordon_its_dead_predecessors_drain_left(
+    emulator: Emulator, redis_server: str, key_prefix: str
+) -> None:
+    """The leader dies mid-drain: the machine cordoned on Fly under the drain's Fly lease
+    (30 s), named for the dead leader, while a follower's request keeps it in flight. The
+    follower leads, and a request arrives: the machine, warm, routes again at once, but
+    lifting its cordon on Fly met that lease and was skipped as "leased by another
+    holder", and Fly kept it cordoned (out of Fly's own routing) until the lease lapsed.
+    The new leader adopts the lease of the replica gone and lifts the cordon under its
+    nonce. (The drain is launched by hand, as the policy would for an app it scales down;
+    the death freezes the old leader where a SIGKILL would: no round, tick or call more,
+    its report and Redis lease deleted as they lapse.)"""
+    emulator.world.seed_app(EmulatorApp(name="web", machines=1))
+    services = replicas(emulator, redis_server, key_prefix, "ab")
+    async with cluster_of(services, WAIT_S, WAIT_S) as (old, (new,)):
+        assert old.replica is not None
+        assert new.replica is not None
+        assert new.proxy is not None
+        assert new.controller is not None
+        dead, heir = old.replica, new.replica
+        port = new.proxy.port
+        gone = dead.cluster.replica_id
+        [machine] = emulator.machines("web")
+        mid = machine.id
+        auth = {"Authorization": f"Bearer {emulator.token}"}
+        lease_url = f"{emulator.url}/v1/apps/web/machines/{mid}/lease"
+        async with aiohttp.ClientSession() as http:
+
+            async def get(path: str) -> int:
+                url = f"http://127.0.0.1:{port}{path}"
+                async with http.get(url, headers={"Host": "web.test"}) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await get("/") == 200  # the app is awake
+            # A request in flight through the follower, which the leader's view counts.
+            in_flight = asyncio.create_task(get("/work?ms=60000"))
+            try:
+                await until(
+                    lambda: dead.view.app("web").upstreams[mid].remote_in_flight == 1, WAIT_S
+                )
+                # The leader's drain (its loop stopped first: its policy, wanting the
+                # machine for that request, would take the drain back at its next tick).
+                rt = dead.controller.apps["web"]
+                assert rt.loop is not None
+                await cancel_and_wait([rt.loop])
+                dead.controller.actuator.launch(rt, Action("drain", mid, "scale to zero"))
+                await until(lambda: machine.cordoned and not new.view.app("web").routable(), WAIT_S)
+                async with http.get(lease_url, headers=auth) as resp:
+                    drain_lease = (await resp.json())["data"]
+                assert drain_lease["description"].startswith(f"autoscaler@{gone}: ")
+                with capture_logs() as logs:
+                    # It dies: its rounds and pushes end, its drain waits on (for the
+                    # request in flight) under the Fly lease; its report and Redis lease
+                    # go, as they lapse.
+                    tasks = [dead._task, dead._pusher, dead._watcher]
+                    await cancel_and_wait(t for t in tasks if t is not None)
+                    await heir.cluster.redis.delete(
+                        dead.cluster.report_key(gone), dead.cluster.lease.key
+                    )
+                    await until(lambda: heir.leading, WAIT_S)
+                    assert await get("/") == 200
+                    await new.controller.idle()
+                assert not machine.cordoned
+                assert [u.id for u in new.view.app("web").routable()] == [mid]
+                adopted = [e for e in logs if e["event"] == "lease_adopted"]
+                assert [(e["machine"], e["former"]) for e in adopted] == [(mid, gone)]
+                async with http.get(lease_url, headers=auth) as resp:
+                    assert resp.status == 404  # adopted, and given back: not left to lapse
+            finally:
+                in_flight.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                    await in_flight
