@@ -32,7 +32,8 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   machine were skipped as "leased by another holder" until the TTL (30 s), and an app
   whose only machine it held could not be woken meanwhile. ``former`` (the replica
   sets it) names the replica of this cluster that a holder's description stands for,
-  if that replica is known gone (its report expired, or it left: ``Cluster.gone``),
+  if that replica is known gone (its report expired, or it left: ``Cluster.gone``; also
+  before we joined, by what Redis keeps of it: ``{prefix}:expired``, or a leader's stop),
   none of the live ones is named so, and Redis lets it act no more: it holds neither
   the leader lease nor the app's wake claim (read afresh). Its lease is then adopted
   as our own (``lease_adopted`` with ``former``). Safe, since a replica's every
@@ -44,8 +45,8 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   leaves: a call it sent before, whose answer never came, may still land under the
   nonce (it landed too when we waited out the TTL, while our action was skipped; a
   release among them ends our sequence, as a lease that lapsed does). A
-  live replica's lease, a holder that is not ours (a ``fly deploy``) and a replica that
-  left before we joined (we never knew of it) are skipped as before, till the TTL.
+  live replica's lease and a holder that is not ours (a ``fly deploy``, a replica of
+  another cluster: Redis never named it) are skipped as before, till the TTL.
 - **A failed release.** A release the API failed (a 500, a 429, no answer) leaves our
   lease on the machine until its TTL. We still hold its nonce, so it is remembered
   (``_unreleased``, with when it lapses by our count) and the next ``take`` of the machine

@@ -369,7 +369,8 @@ class Replica:
         names, if it is known gone (``Cluster.gone``) and Redis lets it act on ``app``'s
         machines no more; None for a live replica (``--workers`` on one host decide
         concurrently: a live one's drain is never taken over), a holder that is not one
-        of ours (a ``fly deploy``), one we never saw, or on any doubt (Redis errors)."""
+        of ours (a ``fly deploy``), one Redis never named to us (another cluster's, or gone
+        for longer than ``GONE_KEPT_S``), or on any doubt (Redis errors)."""
 
         def names(rid: str) -> bool:
             return description.startswith(f"{owner_of(rid)}: ")

@@ -30,7 +30,11 @@ land: the next leader reads it off our cordon keys that name it (control/actions
 A replica that stops (a rolling restart) takes its report out, and leaves what it says
 there under its boot id, ``{prefix}:settled:{boot}`` (listed in the set
 ``{prefix}:departed``), for as long as a key of its own may be waited for: the next
-leader still reads it, and no reader counts the stopped replica as a member.
+leader still reads it, and no reader counts the stopped replica as a member. A member
+whose report expired (it died) is unlisted by the first reader that finds it so, which
+leaves its id in the set ``{prefix}:expired`` (for ``GONE_KEPT_S`` from the set's latest
+addition, so at least that long): a replica that joins
+after that knows it gone too (``Cluster.gone``), and adopts the machine leases it left.
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -90,10 +94,12 @@ REPORT_S = 0.25
 REPORT_TTL_S = 2.0
 """How long a report outlives its replica's last write."""
 GONE_KEPT_S = 120.0
-"""How long a replica that left is remembered as gone (``Cluster.gone``): for the leases
-it left on machines, which the others adopt (control/leases.py). Its refreshes of them
-are fenced, so each lapses within its TTL (30 s) of the replica's last lease or claim in
-Redis, well before this; and ids come and go for good (``hostname:pid`` at each start)."""
+"""How long a replica that left is remembered as gone (``Cluster.gone``), from the last
+read that found it so or a record that names it (``expired_key``, whose TTL this is too):
+for the leases it left on machines, which the others adopt (control/leases.py). Its
+refreshes of them are fenced, so each lapses within its TTL (30 s) of the replica's last
+lease or claim in Redis, well before this; and ids come and go for good (``hostname:pid``
+at each start)."""
 
 
 HEADER = ("boot", "leader", "fence", "gen", "now", "changed", "since", "settled")
@@ -750,8 +756,9 @@ class Cluster:
         self.gone: dict[str, float] = {}
         """Replica id -> when (our clock) a read last found it had left: listed as a member
         with its report expired, read before and not now (another replica unlisted it, or
-        it stopped), or named by a ``departed`` record. Not a member now, nor us; kept
-        ``GONE_KEPT_S``. The machine leases it left are adopted (``Leases.former``)."""
+        it stopped), or named by a ``departed`` record or in ``expired_key`` (it left before
+        we joined: we never read it). Not a member now, nor us; kept ``GONE_KEPT_S``. The
+        machine leases it left are adopted (``Leases.former``)."""
         self.leader_id: str | None = None
         self.last_read_at: float | None = None
         self.last_report_at: float | None = None
@@ -766,6 +773,12 @@ class Cluster:
     @property
     def departed_key(self) -> str:
         return f"{self.prefix}:departed"
+
+    @property
+    def expired_key(self) -> str:
+        """The ids of members whose report a reader found expired, and unlisted: for the
+        replicas that join after that (``gone``)."""
+        return f"{self.prefix}:expired"
 
     def settled_key(self, boot: str) -> str:
         return f"{self.prefix}:settled:{boot}"
@@ -888,7 +901,8 @@ class Cluster:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(self.replicas_key)
             pipe.smembers(self.departed_key)
-            members, departed = await pipe.execute()
+            pipe.smembers(self.expired_key)
+            members, departed, expired_ids = await pipe.execute()
         ids = sorted(members)
         boots = sorted(departed)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -956,11 +970,22 @@ class Cluster:
                 settled=self._settled_of(rid, seen.boot, header.settled),
             )
         if gone:
-            await self.redis.srem(self.replicas_key, *gone)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.srem(self.replicas_key, *gone)
+                # Unlisted, it would be known gone only to the replicas that saw it a
+                # member: one that joins later waited out the machine leases it left.
+                pipe.sadd(self.expired_key, *gone)
+                pipe.pexpire(self.expired_key, round(GONE_KEPT_S * 1000))  # all as long
+                await pipe.execute()
         if expired:
             await self.redis.srem(self.departed_key, *expired)
         self._note_gone(
-            {*gone, *self.others, *(rid for rid, _ in said_departed if rid is not None)},
+            {
+                *gone,
+                *self.others,
+                *(rid for rid, _ in said_departed if rid is not None),
+                *expired_ids,
+            },
             others,
             now,
         )

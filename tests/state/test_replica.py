@@ -2070,3 +2070,47 @@ async def test_only_the_lease_of_a_replica_gone_that_cannot_act_is_adopted(
     finally:
         await new.stop()
         await old.stop()
+
+
+async def test_a_replica_that_joined_after_the_holder_died_adopts_its_lease(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A replica died holding a machine's lease (a wake's start), and another replica's
+    read found its report expired and unlisted it, before this one joined: this one never
+    saw it a member, so its lease was waited out (30 s) and the app's only machine not
+    started meanwhile. The unlisting leaves its id behind (``Cluster.expired_key``): it is
+    gone to this replica too, and its lease adopted."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    api.add(APP, "started")  # so that our starts go without the app's wake claim
+    old = make(redis_server, key_prefix, "old", api, lead=False)
+    witness = make(redis_server, key_prefix, "witness", api, lead=False)
+    await old.start(rounds=False)
+    await witness.start(rounds=False)
+    new: Replica | None = None
+    try:
+        await rounds([old, witness], lambda: "old" in witness.cluster.others, 5)
+        # It dies: its report expires (as it does REPORT_TTL_S after its last write), and
+        # the witness's next read unlists it.
+        await witness.cluster.redis.delete(witness.cluster.report_key("old"))
+        await witness.round()
+        assert not await witness.cluster.redis.sismember(witness.cluster.replicas_key, "old")
+        lease = api.take_lease(APP, mid, owner="autoscaler@old: start")
+        new = make(redis_server, key_prefix, "new", api)
+        await new.start(rounds=False)
+        await rounds([new], lambda: new is not None and new.leading, 5)
+        await new.controller.tick(APP)
+        with capture_logs() as logs:
+            new.controller.actuator.launch(
+                new.controller.apps[APP], Action("start", mid, "a held request")
+            )
+            await new.controller.idle()
+        done = [(c.op, c.nonce) for c in api.calls if c.op == "start_machine"]
+        assert done == [("start_machine", lease.nonce)]
+        [adopted] = [e for e in logs if e["event"] == "lease_adopted"]
+        assert adopted["former"] == "old"
+    finally:
+        if new is not None:
+            await new.stop()
+        await witness.stop()
+        await old.stop()

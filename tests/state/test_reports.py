@@ -532,7 +532,7 @@ async def test_a_replica_is_gone_once_it_left_until_it_is_back_or_long_gone(
 ) -> None:
     """``gone`` (whose machine leases the others adopt): a member whose report expired,
     and one that stopped; never a live one (a replica restarted under its configured id
-    is live again), nor for longer than ``GONE_KEPT_S``."""
+    is live again), nor for longer than ``GONE_KEPT_S`` (after the record of it lapses)."""
     writer, reader, clock = pair
     died = member(redis_server, key_prefix, "died", clock)
     await died.publish(at_rest(), None)
@@ -547,6 +547,7 @@ async def test_a_replica_is_gone_once_it_left_until_it_is_back_or_long_gone(
     try:
         await back.publish(at_rest(), None)
         clock.now += GONE_KEPT_S
+        await reader.redis.delete(reader.expired_key)  # as if its TTL ran out meanwhile
         await reader.read()
         assert reader.gone == {"died": clock.now - GONE_KEPT_S}
         clock.now += 1
@@ -555,3 +556,32 @@ async def test_a_replica_is_gone_once_it_left_until_it_is_back_or_long_gone(
     finally:
         await back.close()
         await died.redis.aclose()
+
+
+async def test_a_replica_that_died_before_a_reader_joined_is_gone_to_it_too(
+    pair: tuple[Cluster, Cluster, Clock], redis_server: str, key_prefix: str
+) -> None:
+    """The reader that finds a member's report expired unlists it: a replica that joins
+    after that never saw it as a member, and waited out the machine leases it left (30 s)
+    instead of adopting them. The unlisting leaves its id behind (``expired_key``) for
+    ``GONE_KEPT_S``: every reader counts it gone, one that joins later too, unless it is
+    live."""
+    _, reader, clock = pair
+    died = member(redis_server, key_prefix, "died", clock)
+    await died.publish(at_rest(), None)
+    await reader.read()
+    await reader.redis.delete(reader.report_key("died"))  # as if its TTL ran out
+    await reader.read()
+    assert reader.gone == {"died": clock.now}
+    assert not await reader.redis.sismember(reader.replicas_key, "died")  # unlisted
+    late = member(redis_server, key_prefix, "late", clock)
+    try:
+        await late.read()
+        assert late.gone == {"died": clock.now}
+        assert 0 < await reader.redis.pttl(reader.expired_key) <= GONE_KEPT_S * 1000
+        await died.publish(at_rest(), None)  # back (a configured id): live, not gone
+        await late.read()
+        assert late.gone == {}
+    finally:
+        await late.close()
+        await died.close()
