@@ -105,11 +105,8 @@ def _patched_seed() -> dict[str, Any]:
 
 @pytest.mark.skipif(not SEED.exists(), reason=f"seed spec not found at {SEED}")
 def test_schemathesis_negative_data_gets_no_5xx(
-    emulator_url: str, tmp_path: Path, figures: Figures, soak: bool
+    emulator_url: str, tmp_path: Path, figures: Figures
 ) -> None:
-    # The coverage phase (905 cases, the same every run) is most of the time; the fuzzing
-    # phase draws 5 cases per operation, 15 in a soak (schemathesis' generation is CPU:
-    # some 10 s more of the suite's two cores).
     spec = tmp_path / "seed.json"
     spec.write_text(json.dumps(_patched_seed()), encoding="utf-8")
     config = tmp_path / "schemathesis.toml"
@@ -126,7 +123,7 @@ def test_schemathesis_negative_data_gets_no_5xx(
         "--checks", "not_a_server_error",
         "--mode", "negative",
         "--phases", "coverage,fuzzing",
-        "--max-examples", "15" if soak else "5",
+        "--max-examples", "15",
         "--seed", "10",
         "--workers", "2",
         "--exclude-operation-id", "deleteApp",
