@@ -21,7 +21,13 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from autoscaler.config import IMAGE_PLACEHOLDERS, EmulatorSettings, FaultSettings, Timing
+from autoscaler.config import (
+    IMAGE_PLACEHOLDERS,
+    EmulatorSettings,
+    FaultSettings,
+    Timing,
+    authority,
+)
 from autoscaler.emulator import validate
 from autoscaler.emulator.checks import HealthChecks
 from autoscaler.emulator.model import (
@@ -46,6 +52,7 @@ from autoscaler.fly.models import suspend_refusal as fly_suspend_refusal
 from autoscaler.logs import get_logger
 
 DEMO_IMAGE = "autoscaler/demo-app"
+AUTHORITY = "{host}:{port}"  # an address:port in a template, filled as one (Lifecycle.command)
 DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {port}"
 # Fly's default for a config without a restart policy (as `fly launch` and `fly deploy`
 # create them, and any with a schedule): restart a process that exits non-zero, 10 times.
@@ -216,7 +223,11 @@ class Lifecycle:
         if template is None:
             raise Conflict(f"image {m.config.get('image')!r} is not in the emulator's image table")
         values = (m.private_ip, str(m.internal_port), sys.executable)
-        fill = dict(zip(IMAGE_PLACEHOLDERS, values, strict=True))
+        # ``{host}:{port}`` forms an address:port, which on ::1 (emulator.ipv6) needs the
+        # brackets (``[::1]:8080``): bare, servers could not parse ``::1:8080``. Filled
+        # first, so ``{host}`` alone (``--host {host}``) stays the bare address.
+        fill = {AUTHORITY: authority(m.private_ip, m.internal_port)}
+        fill.update(zip(IMAGE_PLACEHOLDERS, values, strict=True))
         argv = []
         for arg in shlex.split(template):
             for key, value in fill.items():

@@ -18,9 +18,20 @@ pytestmark = NEEDS_IPV6_LOOPBACK
 FAST = {"interval": "100ms", "timeout": "500ms", "grace_period": "0s"}
 
 
+# A server that takes its address as one HOST:PORT argument (gunicorn's --bind, uvicorn's
+# and most servers' alike), parsed strictly: ``::1:8080`` is no address, ``[::1]:8080`` is.
+BINDER = (
+    '{python} -c "import socket, sys, time, urllib.parse as u; '
+    "a = u.urlsplit('//' + sys.argv[2]); "
+    "s = socket.create_server((a.hostname, a.port), family=socket.AF_INET6); "
+    'time.sleep(600)" --bind {host}:{port}'
+)
+
+
 @pytest.fixture
 def emulator_settings(emulator_settings: EmulatorSettings) -> EmulatorSettings:
-    return emulator_settings.model_copy(update={"ipv6": True})
+    images = {"me/binder": BINDER}
+    return emulator_settings.model_copy(update={"ipv6": True, "images": images})
 
 
 async def test_machines_listen_on_ipv6_loopback_one_per_port(emulator: Emulator) -> None:
@@ -83,3 +94,20 @@ def test_the_ipv6_flag_and_start_up_machines_sharing_a_port_on_it(
     err = capsys.readouterr().err
     assert "--app: with emulator.ipv6 every machine listens on ::1" in err  # (the flag: h5)
     assert "got 2 on port 8080" in err
+
+
+async def test_an_address_and_port_in_an_image_command_are_bracketed_on_ipv6(
+    emulator: Emulator,
+) -> None:
+    """``{host}:{port}`` in a command template is an address:port: ``[::1]:8080`` on ::1
+    (it came out ``::1:8080``, which the server could not parse: the machine never
+    booted), while ``{host}`` alone stays the bare address (the demo app's ``--host``)."""
+    port = free_port("::1")
+    async with session(emulator) as s:
+        await create_app(s)
+        m = await create_machine(s, port=port, image="me/binder")
+        await wait_ok(s, "demo", m["id"])
+        record = emulator.machine("demo", m["id"])
+        assert emulator.world.lifecycle.command(record)[-2:] == ["--bind", f"[::1]:{port}"]
+        demo = await create_machine(s, port=free_port("::1"))
+        assert "::1" in emulator.world.lifecycle.command(emulator.machine("demo", demo["id"]))
