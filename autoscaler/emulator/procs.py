@@ -369,6 +369,19 @@ class AddressPool:
         self._taken.discard(old)
         self._taken.add(new)
 
+    def readdress(self, port: int) -> str:
+        """An address of this pool's family for a machine a state file gave one of the
+        other (World.restore): on ::1 its port, unless another machine holds it
+        (NoAddress); not probed, as a machine loaded with its own address is not (another
+        program on the port is its boot's to meet). An IPv4 one as ``allocate`` gives."""
+        if not self._ipv6:
+            return self.allocate(port)
+        key = self._key(IPV6_LOOPBACK, port)
+        if key in self._taken:
+            raise NoAddress(_SHARED_PORT_TAKEN.format(port=port))
+        self._taken.add(key)
+        return IPV6_LOOPBACK
+
     def allocate(self, port: int) -> str:
         """A free address for ``port``; NoAddress when none is (a wildcard listener on the
         port, 0.0.0.0 or [::], blocks every loopback address on Linux)."""

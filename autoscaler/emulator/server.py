@@ -30,8 +30,8 @@ from autoscaler.emulator import faults as fault_routes
 from autoscaler.emulator.api import Context, build_app
 from autoscaler.emulator.limits import RateLimiter
 from autoscaler.emulator.model import Machine
-from autoscaler.emulator.persist import Saver, load
-from autoscaler.emulator.procs import MachineProcess
+from autoscaler.emulator.persist import Saver, StateFileError, load
+from autoscaler.emulator.procs import MachineProcess, NoAddress
 from autoscaler.emulator.validate import BadRequest
 from autoscaler.emulator.world import World
 from autoscaler.logs import get_logger
@@ -95,10 +95,10 @@ class Emulator:
         )
         self._world = world
         if state_file is not None:
-            world.apps.update(load(state_file))
-            for app in world.apps.values():
-                for m in app.machines.values():
-                    world.pool.reserve(m.private_ip, m.internal_port)
+            try:
+                world.restore(load(state_file))
+            except NoAddress as exc:
+                raise StateFileError(f"{state_file}: {exc}") from None
             saver = Saver(state_file, world.apps)
             saver.save_now()  # a file that cannot be written is said now, not at exit
             self._saver = saver

@@ -29,6 +29,9 @@ from autoscaler.emulator.model import (
 )
 from autoscaler.emulator.procs import AddressPool, NoAddress
 from autoscaler.emulator.validate import BadRequest
+from autoscaler.logs import get_logger
+
+log = get_logger(__name__)
 
 DEFAULT_REGION = "iad"
 DEFAULT_PROCESS_GROUP = "app"  # a machine's group when fly.toml has no [processes]
@@ -109,6 +112,41 @@ class World:
 
     def was_destroyed(self, app_name: str, machine_id: str) -> bool:
         return (app_name, machine_id) in self._gone
+
+    # --- a state file's apps ---------------------------------------------------------
+
+    def restore(self, apps: dict[str, App]) -> None:
+        """Take in the apps of a state file (persist.load), every machine's address held.
+
+        A machine saved by an emulator of the other family (``emulator.ipv6`` turned on or
+        off since) gets an address of this one's, as a new machine would: kept, an IPv4
+        machine of an ``ipv6`` emulator listened on 127.x, where nothing of ::1's one
+        machine per port held, and the reverse put machines of one port together on ::1
+        beside 127.x ones. (On Fly a machine keeps its address; here no process survives
+        the restart, so nothing listens on the old one.) NoAddress when one cannot have
+        an address (two of them on one port on ::1): the emulator does not start.
+        """
+        self.apps.update(apps)
+        moved = []
+        for app in apps.values():
+            for m in app.machines.values():
+                if (":" in m.private_ip) == self.settings.ipv6:
+                    self.pool.reserve(m.private_ip, m.internal_port)
+                else:
+                    moved.append(m)
+        for m in moved:  # after the others: a machine that kept its address keeps its port
+            try:
+                new = self.pool.readdress(m.internal_port)
+            except NoAddress as exc:
+                family = "without" if self.settings.ipv6 else "with"
+                raise NoAddress(
+                    f"machine {m.id} of app {m.app} was saved {family} emulator.ipv6 and"
+                    f" cannot move to this emulator's addresses: {exc}"
+                ) from None
+            log.info(
+                "emulator_machine_readdressed", app=m.app, machine=m.id, was=m.private_ip, now=new
+            )
+            m.private_ip = new
 
     # --- faults ----------------------------------------------------------------------
 

@@ -5,13 +5,16 @@ until the first is destroyed; two start-up machines on one port are a config err
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from emu_helpers import create_app, create_machine, hit, session, until, wait_ok
+from structlog.testing import capture_logs
 from testkit import NEEDS_IPV6_LOOPBACK, free_port
 
 from autoscaler.cli import main
-from autoscaler.config import EmulatorSettings
-from autoscaler.emulator import Emulator
+from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.emulator import Emulator, StateFileError
 
 pytestmark = NEEDS_IPV6_LOOPBACK
 
@@ -111,3 +114,43 @@ async def test_an_address_and_port_in_an_image_command_are_bracketed_on_ipv6(
         assert emulator.world.lifecycle.command(record)[-2:] == ["--bind", f"[::1]:{port}"]
         demo = await create_machine(s, port=free_port("::1"))
         assert "::1" in emulator.world.lifecycle.command(emulator.machine("demo", demo["id"]))
+
+
+async def test_a_state_files_machines_move_to_the_family_the_emulator_runs_with(
+    tmp_path: Path,
+) -> None:
+    """A state file saved without ``ipv6`` kept its machines on 127.x when the emulator
+    came back with it (one per port on ::1 unchecked, the machine not where ``ipv6``
+    says); they are re-addressed to ::1 (said per machine), and back to 127.x without
+    it. Two machines of one port cannot both have ::1: a clear error, no start."""
+    state = tmp_path / "emulator.json"
+    port = free_port("::1")
+    web = [EmulatorApp(name="web", machines=1, internal_port=port)]
+    v4 = EmulatorSettings(state_file=state, rate_limits=False, apps=web)
+    v6 = EmulatorSettings(state_file=state, rate_limits=False, ipv6=True)
+    async with Emulator(v4, port=0) as emu:
+        [saved] = emu.machines("web")
+        assert ":" not in saved.private_ip
+    with capture_logs() as logs:
+        async with Emulator(v6, port=0) as emu, session(emu) as s:
+            [m] = emu.machines("web")
+            assert (m.id, m.private_ip) == (saved.id, "::1")
+            r = await s.post(f"/v1/apps/web/machines/{m.id}/start")
+            assert r.status == 200, await r.text()
+            await wait_ok(s, "web", m.id)
+            assert (await hit("::1", port))["machine_id"] == m.id
+    moved = [e for e in logs if e["event"] == "emulator_machine_readdressed"]
+    assert [(e["machine"], e["was"], e["now"]) for e in moved] == [
+        (saved.id, saved.private_ip, "::1")
+    ]
+    assert '"private_ip": "::1"' in state.read_text()  # saved where it is now
+    async with Emulator(v4, port=0) as emu:
+        [m] = emu.machines("web")
+        assert ":" not in m.private_ip
+
+    state.unlink()
+    two = [EmulatorApp(name="web", machines=2, internal_port=port)]
+    async with Emulator(v4.model_copy(update={"apps": two}), port=0):
+        pass
+    with pytest.raises(StateFileError, match=rf"saved without emulator.ipv6.*\[::1\]:{port}"):
+        await Emulator(v6, port=0).start()
