@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,11 +393,24 @@ def landed(event: Any) -> str | None:
     return None
 
 
+def watch_landed(run: Run, emu: Any) -> Callable[[], None]:
+    """Count the machine faults' traces in ``run.landed`` from every event the emulator
+    records (``Emulator.watch_events``) until the returned function is called: a sample
+    of ``Machine.events`` missed those its 50 per machine had dropped since, or that a
+    destroyed machine took with it."""
+
+    def watcher(_machine: Any, event: Any) -> None:
+        what = landed(event)
+        if what:
+            run.landed[what] += 1
+
+    unwatch: Callable[[], None] = emu.watch_events(watcher)
+    return unwatch
+
+
 async def watch_machines(run: Run, emu: Any, stop: asyncio.Event) -> None:
-    """Sample which apps have a started, uncordoned, answering machine (every 0.25 s),
-    and count the machine faults' traces in the machines' events."""
+    """Sample which apps have a started, uncordoned, answering machine (every 0.25 s)."""
     first_started: dict[str, float] = {}
-    seen: set[str] = set()
     while not stop.is_set():
         now = run.now()
         hung = set(emu.faults.hung)
@@ -405,12 +419,6 @@ async def watch_machines(run: Run, emu: Any, stop: asyncio.Event) -> None:
             started_hung = False
             for m in emu.machines(app):
                 started_hung = started_hung or (m.state == "started" and m.id in hung)
-                for event in m.events:
-                    if event.id not in seen:
-                        seen.add(event.id)
-                        what = landed(event)
-                        if what:
-                            run.landed[what] += 1
                 if m.state == "started" and not m.cordoned and m.id not in hung:
                     since = first_started.setdefault(m.id, now)
                     # its app listens at most 0.6 s after `started` (profile fly)
@@ -501,8 +509,7 @@ def machine_fault_plan(
 def our_leases(emu: Any, app: str) -> list[str]:
     """The machines of ``app`` on which a lease of ours is held (ours: its description
     names the owner autoscaler.control.leases gives, ``autoscaler@host: what``)."""
-    leases = emu._ctx.leases  # the emulator's, in this process
-    held = [(m.id, leases.current(m.id)) for m in emu.machines(app)]
+    held = [(m.id, emu.lease(app, m.id)) for m in emu.machines(app)]
     return [mid for mid, lease in held if lease and lease.description.startswith("autoscaler@")]
 
 
@@ -591,6 +598,7 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
     )
     proxy_port, admin_port = _free_port(), _free_port()
     async with Emulator(settings, HOST, 0, rng=random.Random(seed)) as emu:  # noqa: S311
+        unwatch = watch_landed(run, emu)  # from the first event (the start-up apps')
         config = {
             "fly": {"api_url": emu.url},
             "proxy": {"listen": f"{HOST}:{proxy_port}", "access_log": False},
@@ -703,6 +711,7 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
                     run.breach(f"{a} not settled 60 s after the traffic: {unsettled(a)}")
             end_states = {a: {m.id: m.state for m in emu.machines(a)} for a in MACHINES}
             stop_watch.set()
+            unwatch()  # the traces of the faults, not of the shutdown
             await asyncio.gather(*watchers)
         finally:
             if proc.returncode is None:

@@ -9,7 +9,7 @@ import importlib.util
 import random
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from autoscaler.emulator.model import Event
@@ -194,8 +194,6 @@ def test_a_machine_fault_explains_only_its_apps_failures_it_could_cause(tmp_path
 def test_the_end_finds_a_lease_of_ours_and_not_anothers() -> None:
     """A lease is ours by its description (autoscaler.control.leases: the owner, then
     what it is for); one of someone else's (a deploy) is no breach of ours."""
-    from types import SimpleNamespace
-
     from autoscaler.control.leases import default_owner
     from autoscaler.emulator.leases import Leases
 
@@ -204,5 +202,24 @@ def test_the_end_finds_a_lease_of_ours_and_not_anothers() -> None:
     leases.acquire("m1", "v1", 30, f"{default_owner()}: drain", None)
     leases.acquire("m2", "v1", 30, "fly deploy", None)
     machines = [SimpleNamespace(id=i) for i in ("m1", "m2", "m3")]
-    emu = SimpleNamespace(_ctx=SimpleNamespace(leases=leases), machines=lambda app: machines)
+    emu = SimpleNamespace(
+        lease=lambda app, mid: leases.current(mid),  # Emulator.lease's
+        machines=lambda app: machines,
+    )
     assert soak.our_leases(emu, "zero") == ["m1"]
+
+
+def test_machine_faults_are_counted_from_every_event_not_the_50_a_machine_keeps() -> None:
+    """The count of Fly's restarts (and cold resumes) watches the emulator's events as
+    they are recorded (Emulator.watch_events): a sample of a machine's events lost what
+    its last 50 no longer held, as a long soak's crash-looping machine's would."""
+    soak = _soak()
+    run = soak.Run(seed=1)
+    seen = []
+    emu = SimpleNamespace(watch_events=lambda watcher: seen.append(watcher) or (lambda: None))
+    soak.watch_landed(run, emu)
+    [watcher] = seen
+    for i in range(60):
+        watcher(None, Event(str(i), "restart", "starting", "flyd", i))
+    watcher(None, Event("x", "restart", "restarting", "user", 0))
+    assert run.landed == {"fly_restarts": 60}

@@ -183,6 +183,8 @@ class Lifecycle:
         self.checks = HealthChecks(on_change, wall)
         self._stand_ins: set[str] = set()  # unknown images already logged
         self.timing: Timing = settings.effective_timing()
+        self.event_watchers: list[Callable[[Machine, Event], None]] = []
+        """Called with every event as it is recorded (Emulator.watch_events)."""
 
     def draw(self, span: float | tuple[float, float]) -> float:
         """One duration from a timing knob: fixed, or uniform in [lo, hi] (the injected rng)."""
@@ -284,17 +286,18 @@ class Lifecycle:
         if kind is None and previous != state:
             kind, source, request = settled_event(m, previous, state, source, request)
         if kind is not None:
-            m.events.append(
-                Event(
-                    id=self._ids.event(),
-                    type=kind,
-                    status=state,
-                    source=source,
-                    timestamp=int(self.wall() * 1000),
-                    request=request or {},
-                )
+            event = Event(
+                id=self._ids.event(),
+                type=kind,
+                status=state,
+                source=source,
+                timestamp=int(self.wall() * 1000),
+                request=request or {},
             )
+            m.events.append(event)
             del m.events[:-MAX_EVENTS]
+            for watcher in list(self.event_watchers):
+                watcher(m, event)
         self.checks.sync(m)  # health checks run while the machine is started
         m.touch()
         self._on_change()

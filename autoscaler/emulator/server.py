@@ -28,8 +28,9 @@ from autoscaler.config import (
 )
 from autoscaler.emulator import faults as fault_routes
 from autoscaler.emulator.api import Context, build_app
+from autoscaler.emulator.leases import Lease
 from autoscaler.emulator.limits import RateLimiter
-from autoscaler.emulator.model import Machine
+from autoscaler.emulator.model import Event, Machine
 from autoscaler.emulator.persist import Saver, StateFileError, load
 from autoscaler.emulator.procs import MachineProcess, NoAddress
 from autoscaler.emulator.validate import BadRequest
@@ -215,6 +216,28 @@ class Emulator:
     def set_rate_limits(self, enabled: bool) -> None:
         if self._ctx is not None:
             self._ctx.rate_limits = enabled
+
+    def lease(self, app: str, machine_id: str) -> Lease | None:
+        """The lease held on the machine now (None: none, or lapsed), as ``GET .../lease``
+        shows it: its owner, description, nonce and expiry."""
+        self.world.machine(app, machine_id)
+        if self._ctx is None:
+            raise RuntimeError("the emulator is not started")
+        return self._ctx.leases.current(machine_id)
+
+    def watch_events(self, watcher: Callable[[Machine, Event], None]) -> Callable[[], None]:
+        """Call ``watcher`` with every machine event as it is recorded, until the returned
+        function is called. A machine keeps only its last 50 (``MAX_EVENTS``, what the
+        real API returns), and a destroyed one's go with it: whoever counts events over a
+        long run (a soak) sees them all here, none lost to the cap or to a sample's gap."""
+        watchers = self.world.lifecycle.event_watchers
+        watchers.append(watcher)
+
+        def unwatch() -> None:
+            if watcher in watchers:
+                watchers.remove(watcher)
+
+        return unwatch
 
     def output(self, app: str, machine_id: str) -> list[str]:
         """The last lines a machine's process printed (for diagnosing a failed boot)."""

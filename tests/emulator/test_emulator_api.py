@@ -368,6 +368,9 @@ async def test_leases_lock_changes_to_their_holder(emulator: Emulator) -> None:
         got = await (await s.get(base + "/lease")).json()
         assert got == {"status": "success", "data": lease}
         assert got["data"]["description"] == "deploy"
+        held = emulator.lease("demo", m["id"])  # what a test in this process reads
+        assert held is not None
+        assert held.to_json() == lease
         r = await s.post(base + "/cordon")
         assert r.status == 409
         assert "leased" in (await r.json())["error"]
@@ -378,6 +381,7 @@ async def test_leases_lock_changes_to_their_holder(emulator: Emulator) -> None:
         r = await s.delete(base + "/lease", headers=nonce)
         assert r.status == 200
         assert await r.json() == {"status": "success", "data": {"ok": True}}
+        assert emulator.lease("demo", m["id"]) is None
         assert (await s.post(base + "/uncordon")).status == 200
 
 

@@ -11,6 +11,7 @@ from emu_helpers import new_machine, session, until_state, wait_ok
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.model import MAX_EVENTS
 
 
 async def test_every_transition_records_the_real_event_pairs(emulator: Emulator) -> None:
@@ -100,3 +101,28 @@ async def test_a_skewed_emulator_keeps_every_time_it_shows_on_its_own_clock(
 
 def _unix(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+async def test_a_watcher_sees_every_event_also_past_the_50_a_machine_keeps(
+    emulator: Emulator,
+) -> None:
+    """A machine keeps its last 50 events (the real API's most): ``watch_events`` hands
+    over every one as it is recorded, so a count over a long run (the chaos soak's of
+    Fly's restarts) loses none, until the watcher is taken off."""
+    seen: list[tuple[str, str]] = []
+    unwatch = emulator.watch_events(lambda m, e: seen.append((m.id, e.id)))
+    async with session(emulator) as s:
+        m = await new_machine(s, start=False)
+        base = f"/v1/apps/demo/machines/{m['id']}"
+        record = emulator.machine("demo", m["id"])
+        for i in range(30):  # two events each: updating, then created again
+            config = {**m["config"], "env": {"V": str(i)}}
+            assert (await s.post(base, json={"config": config})).status == 200
+            await until_state(record, "created")
+        assert len(record.events) == MAX_EVENTS
+        assert len(seen) == 1 + 2 * 30  # and the launch
+        assert seen[-MAX_EVENTS:] == [(m["id"], e.id) for e in record.events]
+        unwatch()
+        assert (await s.post(base, json={"config": m["config"]})).status == 200
+        await until_state(record, "created")
+        assert len(seen) == 61
