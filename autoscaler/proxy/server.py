@@ -54,7 +54,9 @@ _log = get_logger("autoscaler.proxy")
 # had gone through may answer 404 the second time: the client asked for it gone, it is).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # A request that never reached its machine goes to one other machine at once (the first
-# attempt and one retry); see _next_attempt for what happens after that.
+# attempt and one retry); see _next_attempt for what happens after that. A replay
+# (_replays, once) has a move of its own besides: an attempt refused before it does not
+# use it up.
 MAX_ATTEMPTS = 2
 # How often the Fly checks of the fleet view are read (health.Health.sweep) and idle
 # WebSockets looked for (connection_idle_s).
@@ -346,7 +348,12 @@ class ProxyServer:
             raise Failure(504, message, cause="wake_timeout") from None
 
     async def _next_attempt(
-        self, ctx: RequestContext, gate: Gate, app: AppConfig, tried: list[Upstream]
+        self,
+        ctx: RequestContext,
+        gate: Gate,
+        app: AppConfig,
+        tried: list[Upstream],
+        jump: bool,
     ) -> Upstream:
         """Another machine for a request that never reached the one it was given (no
         connection, or one closed before a byte of the request was written): safe to send
@@ -354,15 +361,18 @@ class ProxyServer:
         idempotent one with no body whose connection was lost, or cut as its machine goes
         down, before any answer (once; ``_replays``).
 
-        The retry goes to another machine at once. When there is none, or it failed too,
-        the request waits in the queue like any other, until its deadline: a machine the
-        API calls started may still be booting its server, and a static app's backend that
-        died may be restarted (Fly's restart policy); either answers once it listens, and
-        the watch of refused machines (``revive``) puts it back in rotation then. A static
-        app asks no wake: its request waits for a backend alone, as those arriving just
-        after it do (the machine out of rotation), where a 502 at once failed only the one
-        that found it down; it gets the 502 when none listens within ``wake_timeout_s``
-        (a dead backend costs its client that long: docs/policy.md).
+        With ``jump`` (its first connect that failed, ``MAX_ATTEMPTS``, or its replay,
+        whatever failed before it) it goes at once to a machine it has not tried: at most
+        three in all, so a loss after a refusal still reaches a third machine. When there
+        is none, or it was a later refusal, the request waits in the queue like any
+        other, until its deadline: a machine the API calls started may still be booting
+        its server, and a static app's backend that died may be restarted (Fly's restart
+        policy); either answers once it listens, and the watch of refused machines
+        (``revive``) puts it back in rotation then. A static app asks no wake: its request
+        waits for a backend alone, as those arriving just after it do (the machine out of
+        rotation), where a 502 at once failed only the one that found it down; it gets the
+        502 when none listens within ``wake_timeout_s`` (a dead backend costs its client
+        that long: docs/policy.md).
         """
         up = ctx.up
         assert up is not None
@@ -377,7 +387,7 @@ class ProxyServer:
             # A removed app's gate would look its view up by name and make it again, for
             # nobody (an in-flight series back for good, a wake nobody makes).
             raise _shed(why())
-        up = gate.try_acquire(tuple(tried), jump=True) if len(tried) < MAX_ATTEMPTS else None
+        up = gate.try_acquire(tuple(tried), jump=True) if jump else None
         if up is None:
             if remaining(ctx.deadline) <= 0:
                 raise Failure(502, "no machine of this app is reachable", cause="unreachable")
@@ -464,6 +474,10 @@ class ProxyServer:
         # Idempotent with no body: may be sent again once after its connection was lost
         # (see the ConnectionLost case below).
         replayable = method in IDEMPOTENT and request.body is None
+        # Attempts that never reached their machine: the first goes on at once to another
+        # (MAX_ATTEMPTS), as does the replay, whatever came before it.
+        refused = 0
+        jump = False
         while True:
             assert up is not None
             if request.body is not None:
@@ -497,12 +511,16 @@ class ProxyServer:
                 # read only once connected), so any method may go elsewhere. (Awaited
                 # after the handler: the compiled build must not await inside one.)
                 self._failed_connect(app, up)
+                refused += 1
+                jump = refused < MAX_ATTEMPTS
                 exchange = None
             except upstream.Abandoned:
                 # The proxy gave its connection up (its machine goes down: the drain's
                 # deadline; or the proxy stops at once, and _next_attempt answers 503):
                 # nothing was sent, so it goes on as a request whose connect failed, with
                 # no verdict on the machine.
+                refused += 1
+                jump = refused < MAX_ATTEMPTS
                 exchange = None
             except TimeoutError:
                 # Not the machine's fault if its client's slowness held it back: its
@@ -527,6 +545,7 @@ class ProxyServer:
                         502, "the machine was drained before it answered", cause="drained"
                     ) from None
                 replayable = False
+                jump = True
                 exchange = None
             except upstream.UpstreamError as exc:
                 if body is not None:
@@ -547,12 +566,13 @@ class ProxyServer:
                         502, "the machine failed to answer", cause="machine_error"
                     ) from None
                 replayable = False
+                jump = True
                 exchange = None
             finally:
                 if interim is not None:
                     interim.release()  # its final head came (or none will): read it again
             if exchange is None:
-                up = await self._next_attempt(ctx, gate, app, tried)
+                up = await self._next_attempt(ctx, gate, app, tried, jump)
                 continue
             if websocket and exchange.status == 101:
                 if verdicts.records:

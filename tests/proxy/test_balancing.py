@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -219,6 +221,44 @@ async def test_a_get_the_machine_got_is_replayed_on_another_once(
     assert hits[-2:] == ["x", "y"]
     (replayed,) = [e for e in logs if e["event"] == "request_replayed"]
     assert (replayed["app"], replayed["machine"]) == ("a", x)
+
+
+class InOrder(random.Random):
+    """The balancer's draws all 0: of the machines it may pick, the first listed."""
+
+    def randrange(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("order", ["refused-then-lost", "lost-then-refused"])
+async def test_a_get_refused_by_one_machine_and_lost_by_another_goes_on_to_a_third(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    refused_port: Callable[[], int],
+    order: str,
+) -> None:
+    """A refused connect and a replay each go on at once to a machine not tried yet: the
+    two together used up MAX_ATTEMPTS, and the GET was held in the queue instead (here
+    an app that holds none: its 502, with a third machine free to serve it). Still
+    bounded: each machine once, the replay once."""
+    hits: list[str] = []
+    dead = f"127.0.0.1:{refused_port()}"
+    lost = await backend(counting_app(hits, "lost", reset=True))
+    good = await backend(counting_app(hits, "good", reset=False))
+    first, second = (dead, lost) if order == "refused-then-lost" else (lost, dead)
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [first, second, good], "max_queue": 0}]
+    )
+    proxy._gates["a"].rng = InOrder()
+    with capture_logs() as logs:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert (r.status, await r.text()) == (200, "good")
+    assert hits == ["lost", "good"]
+    tried = [
+        e["machine"] for e in logs if e["event"] in ("machine_unreachable", "request_replayed")
+    ]
+    assert tried == [first, second]
 
 
 async def test_a_get_whose_machine_sent_a_1xx_is_not_replayed(
