@@ -3,9 +3,10 @@
     python -m autoscaler.emulator.demo_app --host 127.3.4.5 --port 8080
 
 ``/`` answers the machine id and a request counter (kept in memory, so it survives a
-suspend and resets on a cold start), ``/work?ms=N`` answers after N ms, ``/stream``
-sends chunks, ``/events`` server-sent events, ``/ws`` echoes WebSocket messages,
-``/healthz`` says ok. The boot delay
+suspend and resets on a cold start), ``/work?ms=N`` answers after N ms (with ``&on=ID``,
+only on machine ID, elsewhere at once: a request slow where it first went is quick where
+it is sent again), ``/stream`` sends chunks, ``/events`` server-sent events, ``/ws``
+echoes WebSocket messages, ``/healthz`` says ok. The boot delay
 (``--boot-delay`` or ``DEMO_BOOT_DELAY_S``; the emulator sets ``DEMO_LISTEN_AT``, the time
 it ends) passes before the port opens, like a cold start.
 """
@@ -54,7 +55,9 @@ async def work(request: web.Request) -> web.Response:
             {"error": f"ms: expected 0-{MAX_WORK_MS}, got {raw!r}"}, status=400
         )
     started = time.monotonic()
-    await asyncio.sleep(int(raw) / 1000)
+    on = request.query.get("on")
+    if on is None or on == os.environ.get("FLY_MACHINE_ID", "local"):
+        await asyncio.sleep(int(raw) / 1000)
     body = _info(request)
     body["slept_ms"] = round((time.monotonic() - started) * 1000)
     return web.json_response(body)

@@ -1,14 +1,17 @@
 """End to end, on the emulator's Fly-like timings: what a scale-down's drain does to the
 long-lived connections its machine still carries, before the machine is suspended.
 
-A machine carries at once a WebSocket, an event stream (``text/event-stream``) and a slow
-chunked download that outlasts ``drain_timeout_s``; a second machine serves the app's
-other requests. Demand wants one machine, the policy drains the first, and:
+A machine carries at once a WebSocket, an event stream (``text/event-stream``), a slow
+chunked download that outlasts ``drain_timeout_s`` and a GET that it has not begun to
+answer by then; a second machine serves the app's other requests. Demand wants one
+machine, the policy drains the first, and:
 
 - the WebSocket gets a close frame 1001 (going away: reconnect elsewhere);
 - the event stream ends cleanly at the drain's start, while the download still runs;
 - the download gets the drain's time, then is cut (its client's connection dropped, so
   the truncated body is never taken for whole);
+- the GET is cut then too, and sent again, once, to the other machine, which answers it
+  (not the cut's 502);
 - the machine ends suspended (stopped, if drained sick); every request meanwhile is
   served by the other machine, and nothing is left held: no request in flight, no
   stream or tunnel, no buffered byte.
@@ -85,7 +88,7 @@ async def test_a_drain_closes_websockets_ends_event_streams_and_cuts_downloads(
         host = {"Host": HOST}
         session = stack.session
         states = stack.states
-        tasks: list[asyncio.Future[None]] = []
+        tasks: list[asyncio.Future[Any]] = []
 
         # 1. From zero, the three long-lived connections wake one machine, and stay on it.
         ws = await session.ws_connect(f"{base}/ws", headers=host)
@@ -104,6 +107,21 @@ async def test_a_drain_closes_websockets_ends_event_streams_and_cuts_downloads(
             assert first.in_flight == 3
             drained = first.id
             [other] = [mid for mid in states() if mid != drained]
+
+            # A GET slow on this machine alone (quick where it is sent again): still
+            # unanswered at the drain's deadline.
+            async def slow_get() -> tuple[int, str]:
+                path = f"{base}/work?ms=120000&on={drained}"
+                async with session.get(path, headers=host) as resp:
+                    if resp.status != 200:
+                        return resp.status, await resp.text()
+                    return resp.status, (await resp.json())["machine_id"]
+
+            slow = asyncio.ensure_future(slow_get())
+            tasks.append(slow)
+            # (On the first machine, unless the controller started the other one already:
+            # see start_elsewhere. That one answers it at once.)
+            await until(lambda: first.in_flight == 4 or slow.done(), what="the slow GET sent")
 
             # 2. Someone else starts the other machine, later: the first one reaches
             #    min_lifetime_s first, and is the one to go.
@@ -142,6 +160,8 @@ async def test_a_drain_closes_websockets_ends_event_streams_and_cuts_downloads(
             with pytest.raises(aiohttp.ClientPayloadError):
                 await asyncio.wait_for(downloading, 30)
             assert len(lines) > at_drain_start
+            # The GET, cut at the same time, is answered by the other machine.
+            assert await asyncio.wait_for(slow, 30) == (200, other)
 
             # 4. The machine ends suspended; the other one served everything meanwhile.
             await stack.until(lambda: states()[drained] in ASLEEP, timeout_s=40)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import WSMsgType
@@ -16,6 +17,10 @@ async def test_demo_app_endpoints(aiohttp_client: Any) -> None:
     body = await (await client.get("/work", params={"ms": "20"})).json()
     assert body["slept_ms"] >= 20
     assert body["count"] == 2  # health checks are not counted
+    async with asyncio.timeout(60):  # a bound, never an expectation of speed
+        # Slow only on the machine named: elsewhere at once.
+        body = await (await client.get("/work", params={"ms": "600000", "on": "other"})).json()
+    assert body["machine_id"] == "local"
     assert (await client.get("/work", params={"ms": "x"})).status == 400
     r = await client.get("/stream", params={"n": "3", "ms": "0"})
     assert r.headers["Transfer-Encoding"] == "chunked"
