@@ -56,7 +56,8 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   were given counts: a refresh that answers 409 or 404 (lapsed, maybe taken by a deploy)
   drops it and the take acquires afresh; one the API fails keeps it, as ours until it
   lapses (our changes carry it, and the keeper refreshes it), unless a read of the lease
-  shows one of ours under another nonce: the refresh was carried out, its answer lost,
+  (after a failure that may have landed: not a 429, nor a request never sent) shows one
+  of ours under another nonce: the refresh was carried out, its answer lost,
   and made a new lease (the old one gone: released by a release whose answer was lost,
   or lapsed), which is adopted. The refresh carries our description for that. A stop (or
   a step-down) releases those still remembered, within its bound, as it does the releases
@@ -227,9 +228,12 @@ class Leases:
             # Unless the refresh was carried out and its answer lost, having made a new
             # lease: its nonce only a read shows. Under the old one, every change of the
             # action met our own lease (409), skipped as "leased by another" until it lapsed.
-            made = await self._ours_already(app, machine_id, known=left.nonce)
-            if made is not None:
-                return Held(app, machine_id, made, sent + self.ttl_s)
+            # A refresh refused (429) or never sent (a connect failure) made none: no read,
+            # one call less into an API that is failing.
+            if may_have_landed(exc):
+                made = await self._ours_already(app, machine_id, known=left.nonce)
+                if made is not None:
+                    return Held(app, machine_id, made, sent + self.ttl_s)
             return Held(app, machine_id, left.nonce, left.expires)
         return Held(app, machine_id, lease.nonce or left.nonce, sent + self.ttl_s)
 

@@ -20,7 +20,14 @@ from autoscaler.control.view import FleetView
 from autoscaler.emulator import Emulator
 from autoscaler.fly import models as m
 from autoscaler.fly.client import MachinesClient
-from autoscaler.fly.errors import LeaseHeld, NotFound, ServerError, TransportError
+from autoscaler.fly.errors import (
+    FlyError,
+    LeaseHeld,
+    NotFound,
+    RateLimited,
+    ServerError,
+    TransportError,
+)
 from autoscaler.metrics import Metrics
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
@@ -577,6 +584,31 @@ async def test_a_refresh_carried_out_whose_answer_was_lost_adopts_the_lease_it_m
     assert made is not None
     assert made.description == leases.description("drain")
     assert again.nonce == made.nonce != held.nonce
+    await leases.release(again)
+    assert api.lease(APP, mid) is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RateLimited(429, "rate limited"), TransportError("connection refused", sent=False)],
+    ids=["429", "not-sent"],
+)
+async def test_a_refresh_that_could_not_have_landed_is_not_read_back(
+    api: FakeMachinesAPI, clock: FakeClock, error: FlyError
+) -> None:
+    """The refresh of a lease whose release failed met a 429 or was never sent: it made
+    no lease, so there is nothing to read back and adopt. The read went anyway, one more
+    call into an API that is failing on each try of a wake; the take carries on under
+    the nonce it holds, as before."""
+    mid = api.add(APP, "started")
+    leases = Leases(api, sleep=clock.sleep, clock=clock)
+    held = await leases.take(APP, mid, "start")
+    api.fail["release_machine_lease"] = [ServerError(503, "outage")]
+    await leases.release(held)
+    api.fail["refresh_machine_lease"] = [error]
+    again = await leases.take(APP, mid, "drain")
+    assert again.nonce == held.nonce
+    assert lease_ops(api, mid)[2:] == ["refresh_machine_lease"]  # no get_machine_lease
     await leases.release(again)
     assert api.lease(APP, mid) is None
 
