@@ -88,12 +88,17 @@ PROXY_ERROR_REASONS: tuple[ProxyErrorReason, ...] = get_args(ProxyErrorReason)
 # wake kinds too (the failed ones are WAKE_FAILED_CODES'): AutoscalerHigh5xxRatio reads the
 # app's own 5xx as the requests' increase minus the proxy errors', and a requests series
 # born at its first count has none (the app's first proxy 502 read -1 of its own while it
-# stayed in the window). The 501 and 505 of a request the proxy does not do count with app
-# "" (autoscaler/proxy/server.py's error_page); the 500 of a bug counts under the request's
-# app (_answer_bug) but is left out: a series per app and wake for what should never happen.
+# stayed in the window, and up to one of its own went unseen). The 501 and 505 of a
+# request the proxy does not do count with app "" (autoscaler/proxy/server.py's
+# error_page), which has no machines and so no own 5xx to hide: a -1 there fires nothing,
+# and misses nothing.
 PROXY_ERROR_CODES = (502, 503, 504)
+# The 500 of a bug in the proxy's handler, counted under the request's app with wake
+# "none" always (_answer_bug), in the series the app's machines' 500s count in: exported at
+# 0 for every app too (one series each), or a bug's 500 before the app's first read -1.
+BUG_ANSWER = (500, NO_WAKE)
 # (code, wake) of the requests series exported at 0: for every app, and for one that wakes.
-PROXY_ERROR_ANSWERS = tuple((code, NO_WAKE) for code in PROXY_ERROR_CODES)
+PROXY_ERROR_ANSWERS = (*((code, NO_WAKE) for code in PROXY_ERROR_CODES), BUG_ANSWER)
 WOKEN_ANSWERS = (
     *((code, kind) for kind in (*WAKE_KINDS, WAKE_UNCORDON) for code in PROXY_ERROR_CODES),
     *((code, WAKE_FAILED) for code in WAKE_FAILED_CODES),

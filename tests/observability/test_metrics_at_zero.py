@@ -58,10 +58,11 @@ def requests(metrics: Metrics, app: str) -> dict[tuple[int, str], float]:
 
 
 # The codes the proxy answers an app's request with itself (autoscaler/proxy/server.py),
-# whose requests series exist at 0: without a wake for every app, after one of each kind
-# for an app that wakes (and failed: WAKE_FAILED_CODES).
+# whose requests series exist at 0: without a wake for every app (and a bug's 500, never
+# after a wake), after one of each kind for an app that wakes (and failed:
+# WAKE_FAILED_CODES).
 PROXY_CODES = (502, 503, 504)
-UNWOKEN = {(code, "none"): 0.0 for code in PROXY_CODES}
+UNWOKEN = {**{(code, "none"): 0.0 for code in PROXY_CODES}, (500, "none"): 0.0}
 WOKEN = {
     **UNWOKEN,
     **{(code, kind): 0.0 for code in PROXY_CODES for kind in (*WAKE_KINDS, "uncordon")},
@@ -109,8 +110,9 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
 
 def test_the_proxy_error_codes_at_zero_are_those_the_proxy_answers_under_an_app() -> None:
     """Every 5xx the proxy raises as a Failure (counted under the request's app) has its
-    requests series at 0; its 500 of a bug and the 501 and 505 of a request it does not do
-    count with app "" and need none. A code added there must be declared too."""
+    requests series at 0, as has its 500 of a bug (``BUG_ANSWER``, wake none); the 501 and
+    505 of a request it does not do count with app "" and need none. A code added there
+    must be declared too."""
     proxy = Path(__file__).parents[2] / "autoscaler/proxy"
     source = "".join(path.read_text() for path in sorted(proxy.glob("*.py")))
     raised = {int(code) for code in re.findall(r"Failure\(\s*(5\d\d)\b", source)}

@@ -172,11 +172,15 @@ def test_an_apps_own_5xx_read_0_when_its_first_request_is_the_proxys_5xx(tmp_pat
     """AutoscalerHigh5xxRatio's own 5xx of an app (its requests' 5xx less its proxy errors,
     both arms' forms) on what /metrics exported, scraped every minute, when the app's first
     request got a 5xx of the proxy's own: 0. A requests series born at its first count has
-    no increase while its proxy error's, at 0 from the start, has one: that read -1."""
+    no increase while its proxy error's, at 0 from the start, has one: that read -1, and
+    up to one of the app's own 5xx went unseen while it stayed in the window. The 500 of a
+    bug too: it counts under the app, wake none, in the series its machines' 500s count in
+    (the first of them, a 500 of the proxy's, read -1)."""
     first: dict[str, tuple[int, str, ProxyErrorReason]] = {
         "web": (502, "none", "machine_error"),
         "cold": (504, "start", "machine_timeout"),  # its machine started for it, silent
         "busy": (503, "none", "queue_full"),
+        "bug": (500, "none", "internal"),  # a bug in the proxy's handler (_answer_bug)
     }
     metrics = Metrics()
     for app in first:

@@ -50,7 +50,7 @@ def test_exposition_matches_prometheus_clients_own_metrics() -> None:
         spec_errors.name, spec_errors.help, spec_errors.labels, registry=theirs_registry
     )
     ours.declare_errors("api")
-    for code in PROXY_ERROR_CODES:
+    for code in (*PROXY_ERROR_CODES, 500):  # and a bug's 500 (BUG_ANSWER)
         counter.labels(app="api", code=str(code), wake="none")
     for reason in PROXY_ERROR_REASONS:
         errors.labels(app="api", reason=reason)
