@@ -11,7 +11,8 @@ client before the final one, every one in order (:class:`Interim`: a client behi
 the machine back), hop-by-hop headers dropped there too. A client's
 ``Expect: 100-continue`` goes on to the machine: its own 100 tells the client to send the
 body, and its final answer before one spares the client the upload (:class:`BodyStream`).
-Any other expectation is answered 417 by the parser (``h1``), before a machine is asked.
+Any other expectation is answered 417 by the parser (``h1``), before a machine is asked;
+an HTTP/1.0 request's ``Expect`` is ignored there (RFC 9110 10.1.1), and goes nowhere.
 
 Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
 client sends it (:class:`BodyStream`), so memory stays flat for any size.
@@ -47,8 +48,8 @@ _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
 )
 # Expect: 100-continue goes to the machine as the proxy spells it (request_head's
-# ``expect``; a request with any other expectation got 417); Via is rewritten with this
-# hop appended.
+# ``expect``; a request with any other expectation got 417, an HTTP/1.0 request's is
+# ignored); Via is rewritten with this hop appended.
 _REQUEST_DROP = HOP_BY_HOP | _FORWARDING | {b"expect", b"via"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"via"}
 

@@ -453,8 +453,8 @@ class ProxyServer:
             raise Failure(503, "proxy is not running", cause="stopping")
         websocket = request.upgrade == "websocket"
         # The client's Expect: 100-continue goes on to the machine, whose 100 (or final
-        # answer) decides whether the body goes (an HTTP/1.0 client waits for no 100).
-        expect = request.version != "1.0" and request.expect_continue
+        # answer) decides whether the body goes (an HTTP/1.0 request's was ignored, h1).
+        expect = request.expect_continue
         head = forward.request_head(
             request,
             ctx.request_id,

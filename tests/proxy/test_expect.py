@@ -5,11 +5,12 @@ connection closes after the answer (the proxy cannot tell the body it did not as
 from a next request). A machine that says nothing (one that ignores Expect) gets the body
 after the proxy's own 100, ``forward.CONTINUE_WAIT_S`` later, and a client that sends its
 body without waiting has it sent at once (RFC 9110 10.1.1). Any other expectation is
-answered 417 by the proxy."""
+answered 417 by the proxy. In an HTTP/1.0 request, Expect is ignored (RFC 9110 10.1.1)."""
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 
 import pytest
 from testkit import until
@@ -206,3 +207,62 @@ async def test_an_expectation_other_than_100_continue_is_answered_417(
             assert status == 200
     assert len(heads) == 1  # the 417s reached no machine
     assert b"\r\nExpect: 100-continue\r\n" in heads[0]
+
+
+async def test_an_http10_requests_100_continue_is_ignored(
+    raw_backend: RawBackend, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expect is HTTP/1.1's: a server must ignore 100-continue in an HTTP/1.0 request
+    (RFC 9110 10.1.1), whose client knows no 100. The machine gets the head without
+    Expect at once, then the body as the client sends it, with no wait for a 100 (longer
+    than this test may take); the client gets the answer and no 100."""
+    monkeypatch.setattr(forward, "CONTINUE_WAIT_S", 1e6)
+    heads: list[bytes] = []
+    bodies: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        bodies.append(await reader.readexactly(5))
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    async with connect(port) as (reader, writer):
+        writer.write(POST.replace(b"HTTP/1.1", b"HTTP/1.0"))
+        await until(lambda: len(heads) == 1, what="the head at the machine")
+        writer.write(b"hello")
+        async with asyncio.timeout(BOUND_S):
+            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+            assert await reader.read() == b"ok"  # then closed: HTTP/1.0
+    assert bodies == [b"hello"]
+    assert b"\r\nexpect:" not in heads[0].lower()
+
+
+async def test_an_http10_requests_other_expectation_is_ignored(
+    raw_backend: RawBackend, start_proxy: StartProxy
+) -> None:
+    """Not answered 417 as in HTTP/1.1 (it was): any expectation of an HTTP/1.0 request,
+    alone or with 100-continue, is ignored, the request served and sent without Expect."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(asyncio.IncompleteReadError):  # one connection, kept alive
+            while True:
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                assert await reader.readexactly(5) == b"hello"
+                writer.write(OK)
+                await writer.drain()
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    post = POST.replace(b"HTTP/1.1", b"HTTP/1.0")
+    for expect in [b"something-else", b"100-continue, x-fancy", b"100-continue\r\nExpect: x"]:
+        async with connect(port) as (reader, writer):
+            writer.write(post.replace(b"100-continue", expect) + b"hello")
+            async with asyncio.timeout(BOUND_S):
+                status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                assert status == 200, expect
+                assert await reader.read() == b"ok"
+    assert len(heads) == 3
+    assert all(b"\r\nexpect:" not in head.lower() for head in heads)
