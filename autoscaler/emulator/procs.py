@@ -376,19 +376,21 @@ class AddressPool:
         program on the port is its boot's to meet). An IPv4 one as ``allocate`` gives."""
         if not self._ipv6:
             return self.allocate(port)
+        self._taken.add(self._free_on_ipv6(port))
+        return IPV6_LOOPBACK
+
+    def _free_on_ipv6(self, port: int) -> str:
+        """What a machine on ::1 with ``port`` would hold; NoAddress if another holds it."""
         key = self._key(IPV6_LOOPBACK, port)
         if key in self._taken:
             raise NoAddress(_SHARED_PORT_TAKEN.format(port=port))
-        self._taken.add(key)
-        return IPV6_LOOPBACK
+        return key
 
     def allocate(self, port: int) -> str:
         """A free address for ``port``; NoAddress when none is (a wildcard listener on the
         port, 0.0.0.0 or [::], blocks every loopback address on Linux)."""
         if self._ipv6:
-            key = self._key(IPV6_LOOPBACK, port)
-            if key in self._taken:
-                raise NoAddress(_SHARED_PORT_TAKEN.format(port=port))
+            key = self._free_on_ipv6(port)
             if not address_free(IPV6_LOOPBACK, port):
                 raise NoAddress(
                     f"insufficient capacity: port {port} is taken on ::1 "

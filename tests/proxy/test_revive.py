@@ -24,7 +24,7 @@ from autoscaler.proxy.health import Health
 from autoscaler.proxy.revive import Reviver
 
 from .conftest import StartProxy, url
-from .helpers import answer_of
+from .helpers import answer_of, text_app
 
 
 class Clock:
@@ -186,13 +186,7 @@ async def test_closing_the_reviver_ends_its_watches() -> None:
 
 async def serve_back(port: int) -> web.AppRunner:
     """The backend's process restarted: it listens on ``port`` again, answering "back"."""
-
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="back")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(text_app("back"))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
     await site.start()
