@@ -198,20 +198,12 @@ async def test_a_rolling_deploy_under_traffic_loses_no_request_and_meets_no_figh
 
         # Once the load is gone and our actions are done: no lease and no cordon left,
         # and our view of the app is Fly's.
-        async with aiohttp.ClientSession(headers=auth) as session:
+        def agree() -> bool:
+            ours = {u.id: (u.state, u.port) for u in stack.app.upstreams.values()}
+            fly = {m.id: (m.state, m.internal_port) for m in emulator.machines(APP)}
+            return ours == fly and not any(m.cordoned for m in emulator.machines(APP))
 
-            async def leases() -> list[str]:
-                held = []
-                for m in emulator.machines(APP):
-                    async with session.get(f"{base}/{m.id}/lease") as r:
-                        if r.status != 404:
-                            held.append(f"{m.id}: {r.status} {await r.text()}")
-                return held
-
-            def agree() -> bool:
-                ours = {u.id: (u.state, u.port) for u in stack.app.upstreams.values()}
-                fly = {m.id: (m.state, m.internal_port) for m in emulator.machines(APP)}
-                return ours == fly and not any(m.cordoned for m in emulator.machines(APP))
-
-            await stack.until(lambda: not stack.controller.apps[APP].running and agree())
-            assert await leases() == []
+        await stack.until(lambda: not stack.controller.apps[APP].running and agree())
+        await stack.controller.actuator.leases.settled(APP)  # (releases end in tasks of theirs)
+        held = {m.id: emulator.lease(APP, m.id) for m in emulator.machines(APP)}
+        assert {mid: lease for mid, lease in held.items() if lease is not None} == {}

@@ -389,8 +389,6 @@ async def test_a_new_leader_lifts_at_once_the_cordon_its_dead_predecessors_drain
         gone = dead.cluster.replica_id
         [machine] = emulator.machines("web")
         mid = machine.id
-        auth = {"Authorization": f"Bearer {emulator.token}"}
-        lease_url = f"{emulator.url}/v1/apps/web/machines/{mid}/lease"
         async with aiohttp.ClientSession() as http:
 
             async def get(path: str) -> int:
@@ -413,9 +411,9 @@ async def test_a_new_leader_lifts_at_once_the_cordon_its_dead_predecessors_drain
                 await cancel_and_wait([rt.loop])
                 dead.controller.actuator.launch(rt, Action("drain", mid, "scale to zero"))
                 await until(lambda: machine.cordoned and not new.view.app("web").routable(), WAIT_S)
-                async with http.get(lease_url, headers=auth) as resp:
-                    drain_lease = (await resp.json())["data"]
-                assert drain_lease["description"].startswith(f"autoscaler@{gone}: ")
+                drain_lease = emulator.lease("web", mid)
+                assert drain_lease is not None
+                assert drain_lease.description.startswith(f"autoscaler@{gone}: ")
                 with capture_logs() as logs:
                     # It dies: its rounds and pushes end, its drain waits on (for the
                     # request in flight) under the Fly lease; its report and Redis lease
@@ -432,8 +430,8 @@ async def test_a_new_leader_lifts_at_once_the_cordon_its_dead_predecessors_drain
                 assert [u.id for u in new.view.app("web").routable()] == [mid]
                 adopted = [e for e in logs if e["event"] == "lease_adopted"]
                 assert [(e["machine"], e["former"]) for e in adopted] == [(mid, gone)]
-                async with http.get(lease_url, headers=auth) as resp:
-                    assert resp.status == 404  # adopted, and given back: not left to lapse
+                # Adopted, and given back: not left to lapse.
+                assert emulator.lease("web", mid) is None
             finally:
                 in_flight.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
