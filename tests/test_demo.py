@@ -18,8 +18,9 @@ import pexpect
 import pytest
 from testkit import free_port, until
 
-from autoscaler.config import ConfigError
+from autoscaler.config import ConfigError, Settings
 from autoscaler.demo import (
+    DEMO_APP,
     STORY,
     Replayed,
     Stats,
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 async def test_short_demo_wakes_both_ways_and_ends_asleep() -> None:
-    settings = demo_settings(None, machines=5)
+    settings = _with_short_idle(demo_settings(None, machines=5))
     out = io.StringIO()
     summary = await run_demo(
         settings, duration_s=30, out=out, ports={"proxy": 0, "admin": 0, "emulator": 0}
@@ -69,6 +70,21 @@ async def test_short_demo_wakes_both_ways_and_ends_asleep() -> None:
     assert "Fly's autostop, same requests (" in text
     assert "one machine always on, same requests (0 waited" in text
     assert "\x1b[" not in text, "no terminal escapes when the output is not a terminal"
+
+
+def _with_short_idle(settings: Settings) -> Settings:
+    """The demo's app asleep within about 3 s of its last request, not 6 s.
+
+    The story's phases are shares of its length: cut to 30 s, the quiet before the visitor
+    lasts 6 s, and the app sleeps only once its stable window (6 s) has no request and
+    ``idle_to_zero_s`` (5 s) has passed, plus a tick and the drain. With both windows at
+    their defaults the visitor could find the app still up (no resume to assert) on a busy
+    machine; at 3 s the app sleeps with seconds to spare, as it does at the default 90 s.
+    """
+    app = settings.app(DEMO_APP).model_copy(update={"stable_window_s": 3.0, "idle_to_zero_s": 3.0})
+    return settings.model_copy(
+        update={"apps": [app if a.name == DEMO_APP else a for a in settings.apps]}
+    )
 
 
 def demo_config(tmp_path: Path) -> Path:
