@@ -425,6 +425,8 @@ class Actuator:
                 self.held[key] = await self.leases.take(rt.name, mid, kind)
             except LeaseHeld as exc:
                 self._not_begun(rt, mid)
+                if kind == "uncordon":
+                    self._uncordon_refused(rt, mid)
                 self._skip_leased(rt, mid, kind, exc, began)
                 return False
             except FlyError as exc:
@@ -482,6 +484,17 @@ class Actuator:
         if run is not None and run.kind == "drain" and run.task is asyncio.current_task():
             rt.cordon_held.discard(mid)
             self.publish(rt)
+
+    def _uncordon_refused(self, rt: AppRuntime, mid: str) -> None:
+        """Another holder's lease refused our uncordon (at its take, or at its call): the
+        API still has the machine cordoned, so our record says so again, and it leaves
+        our routing. ``launch`` and ``take_back`` route it ahead of the call (an outage
+        must not keep a warm machine out), but a holder that is not us (a deploy, a
+        leader gone whose lease is not ours to adopt) has the machine, and the record
+        left uncordoned routed it and counted it as serving until the next list. The
+        next tick decides on it again (its skip makes it busy for one tick)."""
+        rt.record(mid, self.clock(), cordoned=True)
+        self.publish(rt)
 
     def _failed(
         self, rt: AppRuntime, mid: str, kind: TaskKind, exc: Exception, began: float
@@ -1076,7 +1089,11 @@ class Actuator:
         nonce = self.nonce(rt, mid)
         with self.counting_failure(rt, "uncordon"):
             if force or machine is None or machine.cordoned is not False:
-                await self.api.uncordon_machine(app, mid, lease_nonce=nonce)
+                try:
+                    await self.api.uncordon_machine(app, mid, lease_nonce=nonce)
+                except LeaseHeld:
+                    self._uncordon_refused(rt, mid)
+                    raise
             rt.record(mid, self.clock(), cordoned=False)
             if self._cordon_may_land(rt, mid):
                 # Our key stays until that cordon surely came or went; cleanup drops it.

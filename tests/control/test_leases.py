@@ -29,6 +29,7 @@ from autoscaler.fly.errors import (
     TransportError,
 )
 from autoscaler.metrics import Metrics
+from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
 from .test_controller import APP, Rig, assert_uncordoned, state
@@ -199,6 +200,40 @@ async def test_a_wake_passes_over_a_leased_machine(api: FakeMachinesAPI, clock: 
     assert await rig.ctl.wake(APP) == "start"
     assert api.ops("start_machine") == [second]
     assert rig.routable() == {second}
+
+
+@pytest.mark.parametrize("refused", ["take", "call"])
+async def test_an_uncordon_another_holder_refuses_leaves_the_machine_cordoned(
+    api: FakeMachinesAPI, clock: FakeClock, refused: str
+) -> None:
+    """A drain left behind on a started machine (a leader that died mid-drain) is routed
+    at once when the app is wanted, ahead of the uncordon. Another holder's lease refused
+    that uncordon (at its take: the dead leader's lease, not ours to adopt, or a
+    deploy's; or at its call: ours lapsed and was taken), yet our record kept the machine
+    uncordoned: routed, and counted as serving, while Fly still had it cordoned, until
+    the next list. The record says cordoned again; the next tick lifts the cordon."""
+    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    if refused == "take":
+        holder = api.take_lease(APP, left, owner="autoscaler@old: drain")
+    else:
+        api.fail["uncordon_machine"] = [LeaseHeld(409, "lease currently held by fly deploy")]
+    rig = Rig(api, clock)
+    assert await rig.ctl.wake(APP) == "uncordon"  # routed at once, as before
+    await rig.ctl.idle()
+    assert rig.metric("autoscaler_lease_conflicts_total") == 1
+    assert api.get(APP, left).cordoned is True
+    assert rig.ctl.apps[APP].machines[left].cordoned is True
+    assert rig.routable() == set()
+    if refused == "take":
+        await api.release_machine_lease(APP, left, holder.nonce)
+    up = rig.app.upstreams[left]
+    rig.app.begin(up)  # the machine is wanted: the next tick takes the drain back again
+    await clock.advance(1)
+    await rig.tick()
+    await rig.ctl.idle()
+    assert rig.routable() == {left}
+    assert_uncordoned(api, left)
+    rig.app.end(up)
 
 
 async def test_a_wake_waits_for_a_lease_when_every_machine_is_leased(
