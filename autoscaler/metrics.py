@@ -65,6 +65,9 @@ NO_WAKE = "none"
 # The wake label of a request whose wake lifted a cordon (a drain taken back): a machine
 # already up, routed again, no boot; what the wake returns and its log line's how say.
 WAKE_UNCORDON = "uncordon"
+# What a wake that made a machine routable for held requests says it did: the kinds of
+# autoscaler_wake_duration_seconds, and the wake labels of a woken request.
+WOKEN_KINDS = (*WAKE_KINDS, WAKE_UNCORDON)
 # Why the proxy answered a request with a 5xx of its own (autoscaler_proxy_errors_total):
 # every such answer has one, so that the app's own 5xx are autoscaler_requests_total's
 # minus these. The answers of held requests turned away (queue_full, wake_timeout) count
@@ -100,7 +103,7 @@ BUG_ANSWER = (500, NO_WAKE)
 # (code, wake) of the requests series exported at 0: for every app, and for one that wakes.
 PROXY_ERROR_ANSWERS = (*((code, NO_WAKE) for code in PROXY_ERROR_CODES), BUG_ANSWER)
 WOKEN_ANSWERS = (
-    *((code, kind) for kind in (*WAKE_KINDS, WAKE_UNCORDON) for code in PROXY_ERROR_CODES),
+    *((code, kind) for kind in WOKEN_KINDS for code in PROXY_ERROR_CODES),
     *((code, WAKE_FAILED) for code in WAKE_FAILED_CODES),
 )
 # Why the proxy took a machine out of rotation (autoscaler/proxy/health.py names them).
@@ -144,7 +147,8 @@ class Metrics:
         self.wake_duration = Histogram(
             "autoscaler_wake_duration_seconds",
             "Time from a wake request until a machine was routable (kind: resume, start; a resume"
-            " that fell back to a cold boot is a start). In cluster mode observed by the"
+            " that fell back to a cold boot is a start; uncordon, a drain taken back, its"
+            " cordon lifted, no boot). In cluster mode observed by the"
             " replica that made the wake: the leader, for a follower's wake it served.",
             ["app", "kind"],
             buckets=WAKE_BUCKETS,
@@ -157,7 +161,8 @@ class Metrics:
             " no machine came up within wake_timeout_s, none could be woken, or an API error;"
             " cancelled, cut short by a stop, a step-down or a reload that removed the app,"
             " or a follower's whose held requests all left before it woke a machine)."
-            " autoscaler_wake_duration_seconds times the ok ones that resumed or started one."
+            " autoscaler_wake_duration_seconds times the ok ones that resumed or started one or"
+            " took a drain back."
             " In cluster mode a wake counts on the replica whose proxy held the requests only"
             " (a follower's: not on the leader that woke the machine for it, which times it),"
             " so a sum over replicas counts each once; two replicas' requests held for one"
@@ -352,7 +357,7 @@ class Metrics:
         for action in SCALING_ACTIONS:
             for result in ACTION_RESULTS:
                 yield self.scaling_actions, (app, action, result)
-        for kind in WAKE_KINDS:
+        for kind in WOKEN_KINDS:
             yield self.wake_duration, (app, kind)
         for result in WAKE_RESULTS:
             yield self.wakes, (app, result)

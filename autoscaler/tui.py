@@ -21,7 +21,7 @@ from rich.text import Text
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 40  # sparkline points (one a second)
-WAKE_KINDS = ("start", "resume")
+WAKE_KINDS = ("start", "resume", "uncordon")
 ANSWER_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 STATE_STYLES = {
     "started": "bold green",
@@ -194,7 +194,8 @@ def ago(age_s: float | None) -> str:
 
 
 def wakes_text(traffic: Traffic) -> str:
-    """``start 3 (mean 0.91 s), resume 1 (mean 0.07 s)``: wakes timed by the controller."""
+    """``start 3 (mean 0.91 s), resume 1 (mean 0.07 s), uncordon 0``: wakes timed by the
+    controller (uncordon: a drain taken back)."""
     parts = []
     for kind in WAKE_KINDS:
         count = traffic.wakes.get(kind, 0.0)

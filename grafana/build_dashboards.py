@@ -148,7 +148,8 @@ ROWS: list[tuple[str, list[Spec]]] = [
         [
             Spec(
                 "Wakes per second",
-                "Machines woken for held requests, by kind (resume from suspend, start from stop).",
+                "Machines woken for held requests, by kind (resume from suspend, start from stop,"
+                " uncordon: a drain taken back, its cordon lifted, no boot).",
                 [(by("kind", "autoscaler_wake_duration_seconds_count"), "{{kind}}")],
                 unit="ops",
                 width=6,

@@ -43,8 +43,8 @@ def test_traffic_is_read_alike_from_a_registry_and_from_the_text_format() -> Non
     assert web.latency_count == 5
     assert web.queued == 3
     assert web.in_flight == 7
-    assert web.wakes == {"start": 2, "resume": 0}
-    assert tui.wakes_text(web) == "start 2 (mean 1.50 s), resume 0"
+    assert web.wakes == {"start": 2, "resume": 0, "uncordon": 0}
+    assert tui.wakes_text(web) == "start 2 (mean 1.50 s), resume 0, uncordon 0"
     assert tui.answers_text(web) == "2xx 3  3xx 0  4xx 1  5xx 1"
 
 
@@ -93,7 +93,7 @@ def test_the_view_draws_each_machine_with_its_state_and_the_reason() -> None:
     assert "web  desired 1, started 1, panic no, decided 0.5s ago" in text
     assert "held 3   in flight 7   answers  2xx 3  3xx 0  4xx 1  5xx 1" in text
     assert "why      demand 3.0 needs 1 machine" in text
-    assert "wakes    start 2 (mean 1.50 s), resume 0" in text
+    assert "wakes    start 2 (mean 1.50 s), resume 0, uncordon 0" in text
     rows = [line.strip("│ ").split() for line in text.splitlines() if "m1" in line or "m2" in line]
     assert rows == [
         ["m1", "started", "no", "2", "0.1s", "ago"],

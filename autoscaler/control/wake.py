@@ -366,7 +366,11 @@ class Waker:
                     if run is not None and not view.routable():
                         await run.task
                     if view.routable():
-                        _log.info("wake", app=rt.name, machine=mid, how=WAKE_UNCORDON)
+                        # Timed as a boot is: a take-back that waited for the API (its
+                        # first read, a lifted cordon's answer) is a wait the held requests
+                        # had, which the histogram's dashboards and alerts would not see.
+                        took = self._observe(rt, WAKE_UNCORDON, t0)
+                        _log.info("wake", app=rt.name, machine=mid, how=WAKE_UNCORDON, took_s=took)
                         return WAKE_UNCORDON
                     failed.add(mid)
                     continue

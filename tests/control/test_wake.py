@@ -7,10 +7,12 @@ import asyncio
 import itertools
 
 import pytest
+from structlog.testing import capture_logs
 
 from autoscaler.control.wake import READ_GAP_S
 from autoscaler.fly import models as m
 from autoscaler.fly.errors import ServerError, TransportError
+from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
 from .test_controller import APP, Rig
@@ -172,3 +174,26 @@ async def test_a_wake_that_watches_another_party_s_change_reads_at_most_once_a_s
         await clock.advance(0.125)
     assert await wake == "start"
     assert rig.routable() == {mid}
+
+
+async def test_a_drain_taken_back_is_timed_as_an_uncordon_wake(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A wake that took a drain back (a cordon of ours left on a started machine, lifted)
+    said so in its answer and line, but the wake duration histogram left it out: the
+    0.5 s its held requests waited for the app's first read showed on no dashboard. It
+    is observed with kind "uncordon", and its line says what it took."""
+    api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    rig = Rig(api, clock)
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="uncordon") == 0
+    api.gates["list_machines"] = listed = asyncio.Event()
+    with capture_logs() as logs:
+        wake = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        assert api.ops("list_machines") == [None]  # the first read, not answered yet
+        await clock.advance(0.5)
+        listed.set()
+        assert await wake == "uncordon"
+    assert [(e["how"], e["took_s"]) for e in logs if e["event"] == "wake"] == [("uncordon", 0.5)]
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="uncordon") == 1
+    assert rig.metric("autoscaler_wake_duration_seconds_sum", kind="uncordon") == 0.5

@@ -18,8 +18,8 @@ from autoscaler.metrics import (
     SCALING_ACTIONS,
     WAKE_FAILED,
     WAKE_FAILED_CODES,
-    WAKE_KINDS,
     WAKE_RESULTS,
+    WOKEN_KINDS,
     Metrics,
 )
 from autoscaler.proxy.server import ProxyServer
@@ -65,7 +65,7 @@ PROXY_CODES = (502, 503, 504)
 UNWOKEN = {**{(code, "none"): 0.0 for code in PROXY_CODES}, (500, "none"): 0.0}
 WOKEN = {
     **UNWOKEN,
-    **{(code, kind): 0.0 for code in PROXY_CODES for kind in (*WAKE_KINDS, "uncordon")},
+    **{(code, kind): 0.0 for code in PROXY_CODES for kind in WOKEN_KINDS},
     **{(code, WAKE_FAILED): 0.0 for code in WAKE_FAILED_CODES},
 }
 
@@ -91,7 +91,7 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
         for result in ACTION_RESULTS:
             labels = {"app": "web", "action": action, "result": result}
             assert value(metrics, "autoscaler_scaling_actions_total", **labels) == 0
-    for kind in WAKE_KINDS:
+    for kind in WOKEN_KINDS:
         assert value(metrics, "autoscaler_wake_duration_seconds_count", app="web", kind=kind) == 0
     for result in WAKE_RESULTS:
         assert value(metrics, "autoscaler_wakes_total", app="web", result=result) == 0
@@ -177,7 +177,7 @@ async def test_an_app_a_reload_makes_static_loses_its_wake_series_that_never_cou
     assert value(metrics, "autoscaler_wakes_total", app="web", result="ok") == 1
     for result in set(WAKE_RESULTS) - {"ok"}:
         assert value(metrics, "autoscaler_wakes_total", app="web", result=result) is None
-    for kind in WAKE_KINDS:
+    for kind in WOKEN_KINDS:
         labels = {"app": "web", "kind": kind}
         assert value(metrics, "autoscaler_wake_duration_seconds_count", **labels) is None
     labels = {"app": "web", "action": "start", "result": "ok"}
