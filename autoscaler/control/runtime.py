@@ -600,6 +600,11 @@ class AppRuntime:
             return True
         return machine.cordoned if machine.cordoned is not None else ours(machine)
 
+    def cordoned_by_us(self, machine: MachineRecord) -> bool:
+        """Cordoned (:meth:`cordoned`) by a drain of ours: our key is on it, or our cordon
+        is ahead of the API's. Any other cordon is another party's."""
+        return self.cordoned(machine) and (ours(machine) or machine.id in self.cordon_held)
+
     def hung(self, view: AppView) -> set[str]:
         """The machines that hang (:func:`hangs`)."""
         return {
@@ -639,6 +644,7 @@ class AppRuntime:
                     self.cordoned(machine),
                     machine.checks_critical,
                     machine.how,
+                    self.cordoned_by_us(machine),
                 )
             )
         return out
@@ -683,7 +689,7 @@ class AppRuntime:
                     id=machine.id,
                     state=machine.state,
                     cordoned=cordoned,
-                    cordoned_by_us=cordoned and (ours(machine) or machine.id in self.cordon_held),
+                    cordoned_by_us=self.cordoned_by_us(machine),
                     draining=draining,
                     busy=(run is not None and not draining and not cleaning)
                     or (not urgent and self.cooling(machine.id, now))

@@ -48,6 +48,7 @@ class Upstream:
         "authority",
         "checks_critical",
         "cordoned",
+        "cordoned_by_us",
         "cut_off",
         "ending",
         "failing",
@@ -75,6 +76,8 @@ class Upstream:
         self.port = port
         self.state = state
         self.cordoned = False
+        self.cordoned_by_us = False
+        """Its cordon is our drain's (``MachineInfo.cordoned_by_us``)."""
         self.ending = False
         """A drain ended its long-lived connections (the proxy's ``end_long_lived``): a
         WebSocket or event stream that begins on it afterwards (a request sent before the
@@ -150,6 +153,10 @@ class MachineInfo:
     """How its current start brings it up, or its last one did: "resume" (from its
     snapshot) or "start" (a cold boot); None when unknown. In cluster mode the leader
     publishes it, and a follower's held requests are labelled by it."""
+    cordoned_by_us: bool = False
+    """Its cordon is a drain's of ours (our metadata key on it, or our cordon ahead of the
+    API's), not another party's: lifted while a wake of the app runs, it is a drain taken
+    back ("uncordon"), where another party's lifted is no wake of ours ("none")."""
 
 
 # Every change of any app's machines gets a number never used before (``AppView.version``):
@@ -203,6 +210,7 @@ class AppView:
                 up.set_address(info.host, info.port)
             self._apply_state(up, info.state, now)
             up.cordoned = info.cordoned
+            up.cordoned_by_us = info.cordoned_by_us
             if up.ending and up.state == STARTED and not up.cordoned:
                 up.ending = up.cut_off = False  # routable again: its new connections run
             up.checks_critical = info.checks_critical

@@ -27,7 +27,7 @@ from autoscaler.config import AppConfig
 from autoscaler.control.view import AppView, FleetView, Upstream
 from autoscaler.control.wake import AppMissing
 from autoscaler.logs import get_logger
-from autoscaler.metrics import NO_WAKE, WAKE_FAILED, Metrics
+from autoscaler.metrics import NO_WAKE, WAKE_FAILED, WAKE_UNCORDON, Metrics
 from autoscaler.proxy.balancer import pick
 from autoscaler.scaling.fleet import COMING_UP_STATES, STARTED, boot_kind
 
@@ -110,6 +110,9 @@ class Gate:
         self._wake_failed_at: float | None = None
         self._wake_since = 0.0
         """When ``_wake`` was asked for, by the view's clock (as ``Upstream.started_at``)."""
+        self._drained_at_wake: frozenset[str] = frozenset()
+        """The machines up but cordoned by a drain of ours when ``_wake`` was asked for:
+        one of them routed again during the wake is a drain taken back."""
         self._shed: type[QueueFull] | None = None
         """Set by ``shed``: a request that would wait from then on is sent away at once."""
 
@@ -226,14 +229,21 @@ class Gate:
         # the waker has chosen one, the request goes all the same (waiting for the answer
         # held it back, its machine up, as long as the waker took to return), named as
         # far as known now: by how the machine that serves it came up, if it did during
-        # the wake; "none" if it was up before (a drain taken back, a skip over: no boot).
-        # The waker's answer names it instead if it comes in time (``wake_label``). Never
-        # cancel the wake.
+        # the wake; "none" if it was up before (another party's cordon lifted, a skip
+        # over: no boot). The waker's answer names it instead if it comes in time
+        # (``wake_label``). Never cancel the wake.
         if self.view.waking is not None:
             return self.view.waking
+        up_before = up.started_at is None or up.started_at < self._wake_since
+        if up_before and up.id in self._drained_at_wake:
+            # Our drain's cordon lifted: a drain taken back, which the waker (or on a
+            # follower the leader's) says "uncordon". Named so at once, for good: named
+            # "none" until the answer came, the header said "none" where the line and the
+            # count, written after the answer, said "uncordon".
+            return WAKE_UNCORDON
         if held is not None:
             held.wake_pending = wake
-        if up.started_at is None or up.started_at < self._wake_since:
+        if up_before:
             return NO_WAKE
         return up.how if up.how is not None else self._kind_so_far(wake)
 
@@ -280,7 +290,11 @@ class Gate:
         self._wake_failed_at = None
         wake = self.fleet.wake(self.name)
         self._wake = wake
-        self._wake_since = self.view.clock()
+        view = self.view
+        self._wake_since = view.clock()
+        self._drained_at_wake = frozenset(
+            up.id for up in view.upstreams.values() if up.state == STARTED and up.cordoned_by_us
+        )
         for waiter in self._queue:
             if waiter.wake is None or waiter.wake.done():
                 waiter.wake = wake

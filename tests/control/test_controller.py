@@ -282,6 +282,9 @@ async def test_wake_takes_back_a_draining_machine(api: FakeMachinesAPI, clock: F
     [action] = (await rig.tick()).actions
     assert action.kind == "drain"
     assert rig.routable() == set()
+    # The proxy's view says whose the cordon is (ours, ahead of the API's): the gate
+    # names a request it routes there again "uncordon".
+    assert rig.app.upstreams[mid].cordoned_by_us
     with capture_logs() as logs:
         # Said as done: a cordon lifted, not "none" (no wake needed), as its line says.
         assert await rig.ctl.wake(APP) == "uncordon"
@@ -458,6 +461,8 @@ async def test_restart_finishes_our_cordons_and_leaves_others_alone(
     await rig.ctl.idle()
     assert_uncordoned(api, stale_key)
     # Someone else's cordon: never lifted, never routed to, never drained.
+    up = rig.app.upstreams[foreign]
+    assert (up.cordoned, up.cordoned_by_us) == (True, False)  # not ours, in the view too
     assert foreign not in api.ops("uncordon_machine")
     assert foreign not in api.ops("suspend_machine")
     assert api.get(APP, foreign).cordoned is True

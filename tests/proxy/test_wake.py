@@ -398,7 +398,7 @@ class SlowReturnWaker(FakeWaker):
 
 
 @pytest.mark.parametrize(
-    "waker_does", ["announce", "answer meanwhile", "not answer", "take back a drain"]
+    "waker_does", ["announce", "answer meanwhile", "not answer", "meet another s cordon lifted"]
 )
 async def test_a_request_handed_a_machine_before_the_waker_returns(
     waker_does: str,
@@ -415,7 +415,8 @@ async def test_a_request_handed_a_machine_before_the_waker_returns(
     way (``view.waking``) once the waker has chosen; else by the waker's answer if that
     came before the response's head; else as far as known: by how the machine that
     serves it came up ("start", not known better here), or "none" if it was up before
-    (a drain taken back: its cordon lifted)."""
+    (another party's cordon lifted; a drain of ours taken back is
+    ``test_a_drain_taken_back_is_named_uncordon_in_the_header_as_in_the_line``)."""
     reached = asyncio.Event()
     go = asyncio.Event()
 
@@ -428,7 +429,7 @@ async def test_a_request_handed_a_machine_before_the_waker_returns(
     machine.router.add_get("/", handler)
     host, _, port = (await backend(machine)).partition(":")
     waker = SlowReturnWaker(fleet, "resume", announce=waker_does == "announce")
-    drained = waker_does == "take back a drain"
+    drained = waker_does == "meet another s cordon lifted"
     state = "started" if drained else "suspended"
     fleet.app("w").set_machines([MachineInfo("m1", host, int(port), state, drained)])
     fleet.set_waker(waker)
@@ -448,12 +449,67 @@ async def test_a_request_handed_a_machine_before_the_waker_returns(
             waker.answer.set()
             await until(lambda: not fleet.asked("w"), what="the wake over")
         go.set()
-        wake = {"not answer": "start", "take back a drain": "none"}.get(waker_does, "resume")
+        wake = {"not answer": "start", "meet another s cordon lifted": "none"}.get(
+            waker_does, "resume"
+        )
         assert await waiting == (200, wake)
     assert [e["wake"] for e in logs if e["event"] == "request"] == [wake]
     count = metrics.registry.get_sample_value
     assert count("autoscaler_requests_total", {"app": "w", "code": "200", "wake": wake}) == 1
     waker.answer.set()
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["our-drain", "another-party-s-cordon"])
+async def test_a_drain_taken_back_is_named_uncordon_in_the_header_as_in_the_line(
+    ours: bool,
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    metrics: Metrics,
+) -> None:
+    """A request held while the app's one machine, up, is cordoned; the cordon is lifted
+    and the request goes to it before the waker returns, whose answer comes after the
+    response's head went out and before its end. Our drain's cordon (a drain taken back,
+    "uncordon" by the waker) got the header "none" (the machine was up before the wake)
+    and the line and count "uncordon": now "uncordon" in all three. Another party's
+    cordon lifted while our wake runs is no wake of ours: "none" in all three."""
+    go = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)  # the head, before the waker answers
+        await go.wait()
+        await response.write(b"awake")
+        return response
+
+    machine = web.Application()
+    machine.router.add_get("/", handler)
+    host, _, port = (await backend(machine)).partition(":")
+    waker = SlowReturnWaker(fleet, "uncordon" if ours else "none")
+    info = MachineInfo("m1", host, int(port), "started", True, cordoned_by_us=ours)
+    fleet.app("w").set_machines([info])
+    fleet.set_waker(waker)
+    proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}])
+    view = fleet.app("w")
+
+    async def get() -> tuple[int, str, str]:
+        async with session.get(url(proxy), headers={"Host": "w.test"}) as r:
+            header = r.headers["Fly-Autoscaler-Wake"]
+            waker.answer.set()
+            await until(lambda: not fleet.asked("w"), what="the wake over")
+            go.set()
+            return r.status, header, await r.text()
+
+    wake = "uncordon" if ours else "none"
+    with capture_logs() as logs:
+        waiting = asyncio.create_task(get())
+        await until(lambda: view.queued == 1)
+        waker.release.set()
+        assert await waiting == (200, wake, "awake")
+    assert [e["wake"] for e in logs if e["event"] == "request"] == [wake]
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_requests_total", {"app": "w", "code": "200", "wake": wake}) == 1
 
 
 async def test_a_held_request_cancelled_as_it_is_shed_stays_cancelled() -> None:
