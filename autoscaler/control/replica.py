@@ -104,8 +104,10 @@ def _both(first: Fence, second: Fence) -> Fence:
 
 def _waited_for(before: dict[str, tuple[str, bool]], up: Upstream) -> str:
     """What a follower's held requests waited for: "none" if the machine that came up was
-    started already when the wake began, "uncordon" if it was cordoned then (a drain the
-    leader took back, as the leader's own wake says), else how it came up as the leader
+    started already when the wake began, "uncordon" if a drain of the leader's had it
+    cordoned then (``Upstream.cordoned_by_us``: a drain the leader took back, as the
+    leader's own wake says; another party's cordon lifted meanwhile, or a hung machine
+    let back, is no wake of ours: "none"), else how it came up as the leader
     publishes it (:attr:`Upstream.how`: a resume under way is listed ``starting``, as a
     cold start is), else by the state it was in then ("resume" from suspended or
     suspending)."""
@@ -619,6 +621,10 @@ class Replica:
     def _how_of(self, app: str) -> dict[str, str]:
         return {u.id: u.how for u in self.view.app(app).upstreams.values() if u.how is not None}
 
+    def _ours_of(self, app: str) -> tuple[str, ...]:
+        """The machines cordoned by a drain of ours (``AppFleet.ours``)."""
+        return tuple(u.id for u in self.view.app(app).upstreams.values() if u.cordoned_by_us)
+
     def _down_sick_of(self, app: str) -> tuple[str, ...]:
         rt = self.controller.apps.get(app)
         return () if rt is None else tuple(sorted(rt.down_sick))
@@ -632,6 +638,7 @@ class Replica:
             self._how_of(app),
             self._down_sick_of(app),
             self._missing_now(app),
+            self._ours_of(app),
         )
 
     def _machines_changed(self, app: str, *, again: bool = False) -> None:
@@ -652,6 +659,7 @@ class Replica:
             and last.how == fleet.how
             and last.down_sick == fleet.down_sick
             and last.missing == fleet.missing
+            and last.ours == fleet.ours
         ):
             return
         self._seq += 1
@@ -729,6 +737,7 @@ class Replica:
         if applied is not None and version <= applied and not (current and fence != applied[0]):
             return False
         critical = set(fleet.critical)
+        ours = set(fleet.ours)
         # Fly's list no longer says which stopped machines were sick: a wake of ours (by
         # ourselves, or once we lead) tries them last as the leader's does (rule 2).
         self.controller.apps[app].down_sick = set(fleet.down_sick)
@@ -743,6 +752,7 @@ class Replica:
                 cordoned=bool(c),
                 checks_critical=str(i) in critical,
                 how=fleet.how.get(str(i)),
+                cordoned_by_us=bool(c) and str(i) in ours,
             )
             for i, h, p, s, c in fleet.machines
         )
@@ -1023,12 +1033,13 @@ class Replica:
         request waits any more, neither: a machine is not woken for clients that left.
         "resume" or "start" by how the machine that came up did, as the leader publishes
         it (else by the state it was in before; or as our own wake says); "uncordon" if
-        it was up but cordoned (a drain taken back); "none" if one was routable already."""
+        it was up but cordoned by the leader's drain (a drain taken back); "none" if one
+        was routable already (or was up, under another party's cordon)."""
         view = self.view.app(app)
         if view.routable():
             return "none"
         rt = self._scaled(app)
-        before = {u.id: (u.state, u.cordoned) for u in view.upstreams.values()}
+        before = {u.id: (u.state, u.cordoned_by_us) for u in view.upstreams.values()}
         now = self.clock()
         deadline = now + rt.config.wake_timeout_s
         after = min(self.settings.cluster.self_wake_after_s, rt.config.wake_timeout_s / 2)

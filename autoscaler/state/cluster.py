@@ -22,7 +22,10 @@ the machines that left ``started`` with their Fly checks critical, which Fly's l
 longer says, so that a follower's own wake, or its wakes once it leads, try them last as
 the leader's do; ``miss:{app}``: its last wake of the app found that the Machines API has
 no such app, and no list said otherwise since, so that a follower's wake that asked for it
-fails as the leader's, and the held requests get their 502 at once) and its fencing token
+fails as the leader's, and the held requests get their 502 at once; ``ours:{app}``: the
+machines its drains cordoned, so that a follower names a wake that its leader served by
+taking a drain back "uncordon", and one over another party's cordon lifted "none") and
+its fencing token
 (``fence``), so followers route without reading the Machines API themselves.
 A replica whose lead is over (and its step-down done) says in ``settled`` the fencing
 token of that lead and until when (Fly's time) a cordon request of its own may still
@@ -212,6 +215,11 @@ class AppFleet:
     """The leader's last wake of the app found that the Machines API has no such app (a
     404 on its list), and no list since said otherwise: a follower's wake that asked for
     it fails with ``AppMissing`` as the leader's did."""
+    ours: tuple[str, ...] = ()
+    """The machines cordoned by a drain of the leader's (``MachineInfo.cordoned_by_us``;
+    another party's cordon, and a hung machine held out, are ``cordoned`` in the lists
+    only): a follower's held requests served by one of them once its cordon was lifted
+    waited for a drain taken back ("uncordon"), by another party's lifted for no wake."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -221,6 +229,7 @@ class AppFleet:
             "how": dict(self.how),
             "down_sick": list(self.down_sick),
             "missing": self.missing,
+            "ours": list(self.ours),
         }
 
     @classmethod
@@ -232,11 +241,12 @@ class AppFleet:
             how=_how(d.get("how")),  # likewise
             down_sick=_ids(d.get("down_sick")),  # likewise
             missing=_flag(d.get("missing")),  # None from a previous release's leader
+            ours=_ids(d.get("ours")),  # likewise
         )
 
 
 def _ids(d: Any) -> tuple[str, ...]:
-    """A published list of machine ids (``critical``, ``down_sick``); None (a leader of
+    """A published list of machine ids (``critical``, ``down_sick``, ``ours``); None (a leader of
     the previous release says none) is none. ValueError if it is not a list of strings:
     ``str`` of each took a number or a list for an id, and a value that is no list for
     none, where the machines' own ids are refused so (:func:`_machines`)."""
@@ -396,6 +406,7 @@ def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
     how = data.get(f"how:{app}")  # likewise
     sick = data.get(f"sick:{app}")  # likewise
     miss = data.get(f"miss:{app}")  # likewise
+    ours = data.get(f"ours:{app}")  # likewise
     return AppFleet(
         _count_text(seq or "0"),
         listed,
@@ -403,6 +414,7 @@ def _fleet(app: str, machines: str, data: Mapping[str, str | None]) -> AppFleet:
         _how(json.loads(how) if how else None),
         _ids(json.loads(sick) if sick else None),
         _flag(json.loads(miss) if miss else None),
+        _ids(json.loads(ours) if ours else None),
     )
 
 
@@ -878,12 +890,16 @@ class Cluster:
                 fields[f"how:{app}"] = json.dumps(dict(view.how))
                 fields[f"sick:{app}"] = json.dumps(list(view.down_sick))
                 fields[f"miss:{app}"] = json.dumps(view.missing)
+                fields[f"ours:{app}"] = json.dumps(list(view.ours))
         if not full and sent_loads.keys() != loads.keys():
             gone += [f"load:{app}" for app in sent_loads if app not in loads]
         if not full and sent_fleet.keys() != fleet.keys():
             for app in sent_fleet:
                 if app not in fleet:
-                    gone += [f"{f}:{app}" for f in ("fleet", "seq", "crit", "how", "sick", "miss")]
+                    gone += [
+                        f"{f}:{app}"
+                        for f in ("fleet", "seq", "crit", "how", "sick", "miss", "ours")
+                    ]
         return fields, gone
 
     async def read(self, apps: Container[str] | None = None) -> dict[str, Report]:

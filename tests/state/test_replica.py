@@ -520,6 +520,34 @@ async def test_a_follower_names_a_drain_the_leader_took_back_uncordon(
     leader.view.app(APP).end(up)
 
 
+async def test_a_follower_names_another_partys_cordon_lifted_none(
+    cluster: list[Replica],
+) -> None:
+    """A follower's held requests served by a machine that was up under another party's
+    cordon (no key of ours), lifted while they waited, waited for no wake of ours: the
+    leader took no drain back, and its wake says no "uncordon". The follower named them
+    "uncordon" all the same, by the cordon alone; the leader now publishes which cordons
+    are its drains' (``AppFleet.ours``), and this one is "none"."""
+    api = cluster[0].controller.api.api
+    assert isinstance(api, FakeMachinesAPI)
+    (mid,) = api.machines[APP]
+    api.set(APP, mid, state="started", cordoned=True)
+    leader, follower = await leader_and_follower(cluster)
+    for r in cluster:
+        await asyncio.wait_for(r.subscribed.wait(), 5)
+    view = follower.view.app(APP)
+    assert view.upstreams[mid].cordoned
+    view.hold()
+    wake = follower.view.wake(APP)
+    await settle()  # the follower's wake has begun, the machine cordoned
+    api.set(APP, mid, cordoned=False)  # the other party lifts its cordon
+    await leader.controller.tick(APP)
+    assert await asyncio.wait_for(wake, 10) == "none"
+    assert follower.self_wakes == 0
+    assert api.ops("start_machine") == []
+    assert api.ops("uncordon_machine") == []
+
+
 async def routable_in(replica: Replica, limit_s: float = 10.0) -> None:
     """Await (no rounds) until ``replica`` sees a routable machine of the app."""
     view = replica.view.app(APP)

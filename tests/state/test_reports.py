@@ -391,19 +391,22 @@ async def test_a_malformed_app_entry_is_not_said_and_logged_once(
         ("how", '{"m1": 1}'),
         ("miss", '"true"'),
         ("miss", "1"),
+        ("ours", '{"m1": 1}'),
     ],
 )
 async def test_a_view_s_fields_that_are_not_of_their_kind_are_not_said(
     pair: tuple[Cluster, Cluster, Clock], name: str, value: str
 ) -> None:
-    """``crit:{app}``, ``sick:{app}``, ``how:{app}`` and ``miss:{app}`` as a report holds
-    them, checked as a push's are (``test_a_pushed_view_is_read_as_a_reports_view``):
+    """``crit:{app}``, ``sick:{app}``, ``how:{app}``, ``miss:{app}`` and ``ours:{app}`` as a
+    report holds them, checked as a push's are (``test_a_pushed_view_is_read_as_a_reports_view``):
     their ids went through ``str``, a map where a list goes read as none, and a ``miss``
     that is not a boolean ("true", 1) read as the app there. The app's view reads as not
     said, as another malformed ``fleet`` entry; the report's other views as written."""
     writer, reader, _ = pair
     up = [["m1", "127.0.0.1", 8000, "started", False]]
-    views = {app: AppFleet(2, up, ("m1",), {"m1": "start"}, ("m1",)) for app in APPS[:2]}
+    views = {
+        app: AppFleet(2, up, ("m1",), {"m1": "start"}, ("m1",), ours=("m1",)) for app in APPS[:2]
+    }
     await writer.publish(at_rest(), views)
     await writer.redis.hset(writer.report_key("w"), f"{name}:{APPS[0]}", value)
     with capture_logs() as logs:
@@ -474,6 +477,7 @@ async def test_the_leader_s_view_says_when_its_wake_found_no_such_app(
         '{"seq": 1, "machines": [], "how": ["m1"]}',
         '{"seq": 1, "machines": [], "missing": "true"}',
         '{"seq": 1, "machines": [], "missing": 1}',
+        '{"seq": 1, "machines": [], "ours": [1]}',
     ],
 )
 def test_a_pushed_view_is_read_as_a_reports_view(app: str) -> None:
