@@ -513,6 +513,7 @@ async def test_a_follower_names_a_drain_the_leader_took_back_uncordon(
     leader.controller.actuator.launch(leader.controller.apps[APP], Action("drain", mid, "test"))
     view = follower.view.app(APP)
     await until(lambda: view.upstreams[mid].cordoned, what="the pushed cordon")
+    assert view.upstreams[mid].cordoned_by_us  # the leader's drain's: its proxy knows too
     view.hold()
     assert await asyncio.wait_for(follower.view.wake(APP), 10) == "uncordon"
     assert follower.self_wakes == 0
