@@ -55,6 +55,7 @@ class Upstream:
         "held",
         "host",
         "how",
+        "http10",
         "id",
         "in_flight",
         "last_used",
@@ -121,6 +122,10 @@ class Upstream:
         self.held = False
         """Held out of rotation by the controller: a hung machine until its restart
         (``AppRuntime.hold_hung``); a new start lets it back."""
+        self.http10 = False
+        """Its last answer said HTTP/1.0 (its server sends no 100): the proxy answers a
+        client's ``Expect: 100-continue`` itself, at once, and sends the machine none (RFC
+        9110 10.1.1). Forgotten when it starts again or moves: another server may answer."""
         self.authority = authority(host, port)
         self.owner: AppView | None = None
         """The view that counts its load: a request gives its slot back there, even after
@@ -132,6 +137,7 @@ class Upstream:
     def set_address(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.authority = authority(host, port)
+        self.http10 = False
 
     @property
     def ejections_in_a_row(self) -> int:
@@ -261,7 +267,7 @@ class AppView:
             up.started_at = now
             up.unhealthy_until = 0.0
             up.failing = up.remote_failing = 0  # a new process
-            up.held = False
+            up.held = up.http10 = False
         elif state != STARTED:
             up.started_at = None
         up.state = state

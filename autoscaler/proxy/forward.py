@@ -11,8 +11,11 @@ client before the final one, every one in order (:class:`Interim`: a client behi
 the machine back), hop-by-hop headers dropped there too. A client's
 ``Expect: 100-continue`` goes on to the machine: its own 100 tells the client to send the
 body, and its final answer before one spares the client the upload (:class:`BodyStream`).
-Any other expectation is answered 417 by the parser (``h1``), before a machine is asked;
-an HTTP/1.0 request's ``Expect`` is ignored there (RFC 9110 10.1.1), and goes nowhere.
+A machine whose last answer said HTTP/1.0 sends no 100: the request goes to it without
+Expect, and the client gets the proxy's own 100 at once (RFC 9110 10.1.1; the server's
+``_forward``). Any other expectation is answered 417 by the parser (``h1``), before a
+machine is asked; an HTTP/1.0 request's ``Expect`` is ignored there (RFC 9110 10.1.1), and
+goes nowhere.
 
 Nothing here buffers a whole body: a request body goes upstream chunk by chunk as the
 client sends it (:class:`BodyStream`), so memory stays flat for any size.
@@ -494,6 +497,9 @@ class ClientTimeout(Exception):
 # ignores Expect waits for the body, and a client that waits for the 100 without end
 # (RFC 9110 10.1.1 says it should not) would wait with it. curl's own wait, 1 s.
 CONTINUE_WAIT_S = 1.0
+# The proxy's own 100: after that wait, or at once for a machine whose server answered
+# HTTP/1.0 (``Upstream.http10``: it sends none, and gets no Expect).
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass(slots=True)
@@ -607,7 +613,7 @@ async def _continued(stream: BodyStream, body: Body) -> asyncio.Task[bytes]:
         if not go.done():
             if not reading.done():
                 # The machine said nothing: it may ignore Expect and wait for the body.
-                stream.request.conn.write_interim(b"HTTP/1.1 100 Continue\r\n\r\n")
+                stream.request.conn.write_interim(CONTINUE)
             go.set_result(True)  # a 100 from the machine now would be one too many
         elif not go.result():
             _drop(reading)

@@ -455,14 +455,7 @@ class ProxyServer:
         # The client's Expect: 100-continue goes on to the machine, whose 100 (or final
         # answer) decides whether the body goes (an HTTP/1.0 request's was ignored, h1).
         expect = request.expect_continue
-        head = forward.request_head(
-            request,
-            ctx.request_id,
-            self._trust,
-            up_host_header(app, ctx.up),
-            websocket=websocket,
-            expect=expect,
-        )
+        head: bytes | None = None  # made for the first attempt (again if Expect goes)
         method = request.method
         # The machine's 1xx answers (Early Hints...): an HTTP/1.0 client knows none.
         interim = forward.Interim(request.conn) if request.version == "1.1" else None
@@ -480,6 +473,23 @@ class ProxyServer:
         jump = False
         while True:
             assert up is not None
+            if expect and up.http10:
+                # Its server answered HTTP/1.0 and sends no 100: the client would wait
+                # CONTINUE_WAIT_S for one, every time. RFC 9110 10.1.1 lets a proxy that
+                # believes so send its own 100 at once, and no Expect on (nor to a machine
+                # tried after it: the client sends its body now).
+                request.conn.write_interim(forward.CONTINUE)
+                expect = False
+                head = None
+            if head is None:
+                head = forward.request_head(
+                    request,
+                    ctx.request_id,
+                    self._trust,
+                    up_host_header(app, ctx.up),
+                    websocket=websocket,
+                    expect=expect,
+                )
             if request.body is not None:
                 body = forward.BodyStream(
                     request,
@@ -574,6 +584,8 @@ class ProxyServer:
             if exchange is None:
                 up = await self._next_attempt(ctx, gate, app, tried, jump)
                 continue
+            # Its server's version, as its answers say: an HTTP/1.0 one gets no Expect.
+            up.http10 = exchange.version == "1.0"
             if websocket and exchange.status == 101:
                 if verdicts.records:
                     verdicts.succeeded(app.name, up)

@@ -5,7 +5,9 @@ connection closes after the answer (the proxy cannot tell the body it did not as
 from a next request). A machine that says nothing (one that ignores Expect) gets the body
 after the proxy's own 100, ``forward.CONTINUE_WAIT_S`` later, and a client that sends its
 body without waiting has it sent at once (RFC 9110 10.1.1). Any other expectation is
-answered 417 by the proxy. In an HTTP/1.0 request, Expect is ignored (RFC 9110 10.1.1)."""
+answered 417 by the proxy. In an HTTP/1.0 request, Expect is ignored (RFC 9110 10.1.1).
+A machine whose last answer was HTTP/1.0 (a server that sends no 100) gets no Expect: the
+proxy sends the client its own 100 at once, until the machine starts again."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from testkit import until
 
 from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.proxy import forward
+from autoscaler.scaling.fleet import STARTED
 
 from .conftest import RawBackend, StartProxy, StreamHandler
 from .helpers import BOUND_S, connect, parse_head
@@ -266,3 +269,69 @@ async def test_an_http10_requests_other_expectation_is_ignored(
                 assert await reader.read() == b"ok"
     assert len(heads) == 3
     assert all(b"\r\nexpect:" not in head.lower() for head in heads)
+
+
+async def test_a_machine_that_answered_http10_gets_no_expect_and_the_client_its_100_at_once(
+    raw_backend: RawBackend,
+    start_proxy: StartProxy,
+    fleet: FleetView,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An HTTP/1.0 server never sends 100, and a request with Expect to it waited
+    ``CONTINUE_WAIT_S`` for one, every time. Once the machine answered HTTP/1.0, the proxy
+    sends the client its own 100 at once and the machine the request without Expect (RFC
+    9110 10.1.1: a proxy that believes the next server only supports HTTP/1.0), with no wait
+    for a 100 (longer than this test may take). A restart forgets it: a new process may be
+    another server, and this one, now HTTP/1.1, gets Expect and sends the 100 itself."""
+    monkeypatch.setattr(forward, "CONTINUE_WAIT_S", 1e6)
+    version = [b"1.0"]
+    heads: list[bytes] = []
+    bodies: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        if b"\r\nExpect: 100-continue\r\n" in head and version[0] == b"1.1":
+            writer.write(b"HTTP/1.1 100 Continue\r\nX-Machine: m1\r\n\r\n")
+        if head.startswith(b"POST "):
+            bodies.append(await reader.readexactly(5))
+        writer.write(
+            b"HTTP/%b 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok" % version[0]
+        )
+        await writer.drain()
+        writer.close()
+
+    async def post() -> dict[str, list[str]]:
+        """A POST with Expect: the 100's headers; then the body, and the answer."""
+        async with connect(port) as (reader, writer):
+            writer.write(POST)
+            async with asyncio.timeout(BOUND_S):
+                status, continued = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                assert status == 100
+                writer.write(b"hello")
+                status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                assert status == 200
+                assert await reader.readexactly(2) == b"ok"
+        return continued
+
+    host, _, machine_port = (await raw_backend(serve)).partition(":")
+    view = fleet.app("a")
+    view.set_machines([MachineInfo("m1", host, int(machine_port), STARTED, False)])
+    port = (await start_proxy([{"name": "a", "hosts": ["a.test"]}])).port
+    async with connect(port) as (reader, writer):  # teaches the proxy: HTTP/1.0
+        writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        async with asyncio.timeout(BOUND_S):
+            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+    continued = await post()
+    assert "x-machine" not in continued  # the proxy's own 100
+    assert b"\r\nexpect:" not in heads[1].lower()
+    assert bodies == [b"hello"]
+
+    view.set_state("m1", "stopped")
+    view.set_state("m1", STARTED)  # a new process: HTTP/1.1 now
+    version[0] = b"1.1"
+    continued = await post()
+    assert continued["x-machine"] == ["m1"]  # the machine's 100, relayed
+    assert b"\r\nExpect: 100-continue\r\n" in heads[2]
+    assert bodies == [b"hello", b"hello"]
