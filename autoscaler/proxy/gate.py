@@ -253,8 +253,10 @@ class Gate:
         due). Once over,
         what it returned, or WAKE_FAILED if it brought no machine up; while under way, the
         boot it chose (``AppView.waking``, or on a follower the leader's, published with
-        the machine coming up), else the one the app's machines point to (a resume if one
-        is suspended), as a follower names a wake its leader did not describe."""
+        the machine coming up), else the one the app's machines point to: a drain of ours
+        still up, which the wake takes back ("uncordon"; the waker names no boot for it),
+        else a resume if a machine is suspended, as a follower names a wake its leader did
+        not describe."""
         if wake.done():
             if wake.cancelled() or wake.exception() is not None:
                 return WAKE_FAILED
@@ -266,6 +268,10 @@ class Gate:
         for up in upstreams:
             if up.state in COMING_UP_STATES and up.how is not None:
                 return up.how
+        if wake is self._wake and any(
+            up.id in self._drained_at_wake and up.state == STARTED for up in upstreams
+        ):
+            return WAKE_UNCORDON
         return "resume" if any(boot_kind(up.state) == "resume" for up in upstreams) else "start"
 
     def _leave(self, waiter: _Waiter) -> None:

@@ -50,9 +50,14 @@ class FakeWaker:
 async def sleeping_app(
     fleet: FleetView, backend: Backend, waker: FakeWaker, state: str = "suspended"
 ) -> None:
-    """App "w": one machine in ``state`` whose server answers "awake", woken by ``waker``."""
+    """App "w": one machine in ``state`` whose server answers "awake", woken by ``waker``
+    ("drained": started, under a drain's cordon of ours)."""
     host, _, port = (await backend(text_app("awake"))).partition(":")
-    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), state, False)])
+    drained = state == "drained"
+    info = MachineInfo(
+        "m1", host, int(port), "started" if drained else state, drained, cordoned_by_us=drained
+    )
+    fleet.app("w").set_machines([info])
     fleet.set_waker(waker)
 
 
@@ -205,6 +210,7 @@ async def test_client_disconnecting_while_held_leaves_queue_not_the_wake(
     [
         ("not chosen yet", "suspended", "resume"),
         ("not chosen yet", "stopped", "start"),
+        ("not chosen yet", "drained", "uncordon"),
         ("fail", "stopped", "failed"),
     ],
 )
@@ -221,7 +227,9 @@ async def test_a_client_that_gives_up_during_a_wake_is_told_from_a_plain_499(
     """Its 499 was counted and logged with wake "none", as if no wake had been needed:
     dashboards could not tell clients who gave up on a cold start from any other 499.
     Before the waker has chosen, the app's machines name the boot (a resume if one is
-    suspended); a wake that brought nothing up is "failed"."""
+    suspended), or a drain of ours it takes back ("uncordon": named "start" before, a
+    guess from machines none of which needed a boot); a wake that brought nothing up is
+    "failed"."""
     waker = FailingWaker(fleet) if waker_does == "fail" else FakeWaker(fleet, chooses=False)
     await sleeping_app(fleet, backend, waker, state)
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}])
