@@ -41,6 +41,7 @@ from autoscaler.control.view import AppView
 from autoscaler.demo_view import DemoView
 from autoscaler.emulator import StateFileError
 from autoscaler.logs import LogFormat
+from autoscaler.metrics import WAKE_UNCORDON
 from autoscaler.scaling.fleet import STARTED, STOPPED, SUSPENDED
 from autoscaler.service import Service, run_event_loop
 from autoscaler.sim.model import Timings
@@ -151,7 +152,8 @@ class Summary:
     requests: int
     answers: dict[str, int]
     wakes: dict[str, int]
-    """Wakes for held requests, by kind (resume, start), as the controller timed them."""
+    """Wakes for held requests, by kind (start, resume; uncordon, a drain taken back, when
+    there were any), as the controller timed them."""
     wake_mean_s: dict[str, float]
     actions: dict[str, int]
     """The controller's successful actions on machines (start, resume, suspend, stop)."""
@@ -440,8 +442,11 @@ def _summarize(
             _sample(service, "autoscaler_wake_duration_seconds_sum", {"kind": kind}),
             _sample(service, "autoscaler_wake_duration_seconds_count", {"kind": kind}),
         )
-        for kind in ("start", "resume")
+        for kind in ("start", "resume", WAKE_UNCORDON)
     }
+    # Starts and resumes always (the story's wakes); drains taken back when there were any.
+    if not timed[WAKE_UNCORDON][1]:
+        del timed[WAKE_UNCORDON]
     return Summary(
         requests=stats.requests,
         answers=dict(stats.answers),

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,7 @@ from autoscaler.demo import (
     Replayed,
     Stats,
     Summary,
+    _summarize,
     demo_settings,
     print_summary,
     replay_baselines,
@@ -33,6 +36,7 @@ from autoscaler.demo import (
 )
 from autoscaler.demo import _client as demo_client
 from autoscaler.emulator.procs import leftovers
+from autoscaler.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -400,3 +404,21 @@ def test_a_port_in_use_says_how_to_use_another(
     builtin = _port_hint(None, demo_settings(None, None))
     assert "its built-in config (proxy.listen 127.0.0.1:8080," in builtin
     assert builtin.endswith("data/demo.yaml with them changed")
+
+
+def test_the_summary_counts_drains_taken_back_when_there_were_any() -> None:
+    """The summary's wakes were starts and resumes only: a wake that took a drain back
+    (timed as kind "uncordon") was left out of the story's count."""
+    metrics = Metrics()
+    service = SimpleNamespace(metrics=metrics)
+    settings = demo_settings(None, machines=2)
+    wakes = metrics.wake_duration
+    wakes.labels(app=DEMO_APP, kind="start").observe(0.9)
+    summary = _summarize(service, settings, Stats(), Counter(), 1.0)  # type: ignore[arg-type]
+    assert summary.wakes == {"start": 1, "resume": 0}
+    wakes.labels(app=DEMO_APP, kind="uncordon").observe(0.02)
+    summary = _summarize(service, settings, Stats(), Counter(), 1.0)  # type: ignore[arg-type]
+    assert summary.wakes == {"start": 1, "resume": 0, "uncordon": 1}
+    assert "  wakes             start 1 (mean 0.90 s), resume 0, uncordon 1 (mean 0.02 s)" in (
+        summary_lines(summary)
+    )
