@@ -109,6 +109,10 @@ at once after one fails). The watch of a start or stop under way reads every
 After a read that failed, the next one, whatever the wake waits for, is ``READ_GAP_S``
 after it (``_Reads``): the watch's reads, failing, listed the app four times a second
 for the whole outage."""
+# The wake line's ``waited_for``: a start of someone else's that the wake waited for (no
+# ``machine``), or one of our own under way (a scale-up of the tick) that it joined.
+ANOTHERS = "another's start"
+JOINED = "our start"
 
 
 @dataclass(slots=True)
@@ -240,9 +244,7 @@ class Waker:
                     if up:
                         came = "resume" if "resume" in up else "start"
                     took = self._observe(rt, came, t0)  # a wake that waited for a start
-                    _log.info(
-                        "wake", app=rt.name, how=came, waited_for="another's start", took_s=took
-                    )
+                    _log.info("wake", app=rt.name, how=came, waited_for=ANOTHERS, took_s=took)
                     return came
                 # Our own start under way (a scale-up of the tick): join it.
                 for mid, running in list(rt.running.items()):
@@ -252,7 +254,15 @@ class Waker:
                     joined = await running.task
                     if joined and view.routable():
                         how = _how(rt, mid, running.kind == "resume")
-                        self._observe(rt, how, t0)
+                        took = self._observe(rt, how, t0)
+                        _log.info(
+                            "wake",
+                            app=rt.name,
+                            machine=mid,
+                            how=how,
+                            waited_for=JOINED,
+                            took_s=took,
+                        )
                         return how
                 now = act.clock()
                 fleet = rt.fleet(view, now, urgent=True)

@@ -197,3 +197,28 @@ async def test_a_drain_taken_back_is_timed_as_an_uncordon_wake(
     assert [(e["how"], e["took_s"]) for e in logs if e["event"] == "wake"] == [("uncordon", 0.5)]
     assert rig.metric("autoscaler_wake_duration_seconds_count", kind="uncordon") == 1
     assert rig.metric("autoscaler_wake_duration_seconds_sum", kind="uncordon") == 0.5
+
+
+async def test_a_wake_that_joins_the_tick_s_start_says_so_in_its_line(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A wake asked for while a start of the tick's is under way joins it: timed as the
+    others, but it wrote no line, where every other wake that brought a machine up
+    writes one (docs/logs.md). Its line names the machine and what it waited for."""
+    [mid] = [api.add(APP, "stopped")]
+    rig = Rig(api, clock, min_machines=1)
+    api.gates["start_machine"] = go = asyncio.Event()
+    await rig.tick()  # min_machines: the tick starts the machine, held at the API
+    await settle()
+    assert api.ops("start_machine") == [mid]
+    with capture_logs() as logs:
+        wake = asyncio.ensure_future(rig.ctl.wake(APP))
+        await settle()
+        await clock.advance(0.25)
+        go.set()
+        assert await wake == "start"
+    lines = [e for e in logs if e["event"] == "wake"]
+    assert [(e["machine"], e["how"], e["waited_for"], e["took_s"]) for e in lines] == [
+        (mid, "start", "our start", 0.25)
+    ]
+    assert rig.metric("autoscaler_wake_duration_seconds_count", kind="start") == 1
