@@ -297,7 +297,12 @@ class Lifecycle:
             m.events.append(event)
             del m.events[:-MAX_EVENTS]
             for watcher in list(self.event_watchers):
-                watcher(m, event)
+                # A watcher's bug is its own: the change it watches goes on (a raise here
+                # left the machine in its new state with no checks, no touch, no notice).
+                try:
+                    watcher(m, event)
+                except Exception:
+                    log.exception("emulator_event_watcher_failed", machine=m.id, type=kind)
         self.checks.sync(m)  # health checks run while the machine is started
         m.touch()
         self._on_change()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from emu_helpers import new_machine, session, until_state, wait_ok
+from structlog.testing import capture_logs
 
 from autoscaler.config import EmulatorSettings
 from autoscaler.emulator import Emulator
@@ -126,3 +128,33 @@ async def test_a_watcher_sees_every_event_also_past_the_50_a_machine_keeps(
         assert (await s.post(base, json={"config": m["config"]})).status == 200
         await until_state(record, "created")
         assert len(seen) == 61
+
+
+async def test_a_watcher_that_raises_breaks_neither_the_change_nor_the_other_watchers(
+    emulator: Emulator,
+) -> None:
+    """A watcher ran inside the recording of the change: one that raised cut the change
+    short (no health checks, no notice to ``/wait``) and the API call failed with a 500.
+    Its error is logged; the change and the watchers after it go on."""
+    seen: list[str] = []
+
+    def broken(m: Any, e: Any) -> None:
+        raise RuntimeError("a watcher's bug")
+
+    unwatch = [
+        emulator.watch_events(broken),
+        emulator.watch_events(lambda m, e: seen.append(e.type)),
+    ]
+    with capture_logs() as logs:
+        async with session(emulator) as s:
+            m = await new_machine(s, start=False)
+            record = emulator.machine("demo", m["id"])
+            r = await s.post(f"/v1/apps/demo/machines/{m['id']}/start")
+            assert r.status == 200
+            await until_state(record, "started")
+    for off in unwatch:
+        off()
+    assert "start" in seen
+    failed = [e for e in logs if e["event"] == "emulator_event_watcher_failed"]
+    assert failed
+    assert all(e["machine"] == m["id"] for e in failed)
