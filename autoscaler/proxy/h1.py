@@ -21,9 +21,9 @@ counts in the proxy's :class:`BufferBudget`. What this module guards:
   ``HEAD_FACTOR`` times it gets 431; anything llhttp rejects (conflicting Content-Length
   and Transfer-Encoding, bad chunking, bad characters) gets 400, and so does a WebSocket
   handshake with a body or another upgrade request with a chunked one; CONNECT gets 405,
-  an HTTP version other than 1.0 and 1.1 505, an ``Expect`` other than ``100-continue``
-  (which goes on to the machine) 417, unless in an HTTP/1.0 request, whose ``Expect`` is
-  ignored (RFC 9110 10.1.1);
+  an HTTP version other than 1.0 and 1.1 505 (whatever its ``Expect``), an ``Expect``
+  other than ``100-continue`` (which goes on to the machine) 417, unless in an HTTP/1.0
+  request, whose ``Expect`` is ignored (RFC 9110 10.1.1);
 - transfer codings: only ``chunked`` (what llhttp decodes); one before it gets 501, a
   Transfer-Encoding that does not end in chunked 400 (RFC 9112 6.3); an HTTP/1.0 request
   with one is served, then its connection closes (RFC 9112 6.1);
@@ -365,9 +365,12 @@ class Connection(FlowControlled, asyncio.Protocol):
             request.transfer_encoding = value if te is None else te + b"," + value
         elif low == b"x-request-id":
             request.request_id = value.decode("latin-1")
-        elif low == b"expect" and self._parser.get_http_version() != "1.0":
+        elif low == b"expect" and self._parser.get_http_version() == "1.1":
             # Expect is HTTP/1.1's: in an HTTP/1.0 request, whose client waits for no 100,
-            # any expectation is ignored (RFC 9110 10.1.1), neither met nor refused.
+            # any expectation is ignored (RFC 9110 10.1.1), neither met nor refused. In one
+            # of another version (2.0, 0.9) it is not looked at either: the version is
+            # refused (505, at the end of the head), whatever the client expects, not the
+            # expectation (its 417 told the client to drop it, and try again in vain).
             expectation = value.lower()
             # A list, or any other expectation (417), is looked into; the usual one is not.
             if expectation == b"100-continue" or self._expects_continue(expectation):

@@ -5,9 +5,10 @@ connection closes after the answer (the proxy cannot tell the body it did not as
 from a next request). A machine that says nothing (one that ignores Expect) gets the body
 after the proxy's own 100, ``forward.CONTINUE_WAIT_S`` later, and a client that sends its
 body without waiting has it sent at once (RFC 9110 10.1.1). Any other expectation is
-answered 417 by the proxy. In an HTTP/1.0 request, Expect is ignored (RFC 9110 10.1.1).
-A machine whose last answer was HTTP/1.0 (a server that sends no 100) gets no Expect: the
-proxy sends the client its own 100 at once, until the machine starts again."""
+answered 417 by the proxy. In an HTTP/1.0 request, Expect is ignored (RFC 9110 10.1.1);
+in one of a version the proxy does not serve, the version is refused (505) first. A machine
+whose last answer was HTTP/1.0 (a server that sends no 100) gets no Expect: the proxy sends
+the client its own 100 at once, until the machine starts again."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from autoscaler.proxy import forward
 from autoscaler.scaling.fleet import STARTED
 
 from .conftest import RawBackend, StartProxy, StreamHandler
-from .helpers import BOUND_S, connect, parse_head
+from .helpers import BOUND_S, connect, parse_head, raw, reply_status
 from .test_wake import FakeWaker
 
 POST = b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
@@ -335,3 +336,23 @@ async def test_a_machine_that_answered_http10_gets_no_expect_and_the_client_its_
     assert continued["x-machine"] == ["m1"]  # the machine's 100, relayed
     assert b"\r\nExpect: 100-continue\r\n" in heads[2]
     assert bodies == [b"hello", b"hello"]
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"0.9"])
+async def test_another_versions_unknown_expectation_gets_the_versions_505(
+    raw_backend: RawBackend, start_proxy: StartProxy, version: bytes
+) -> None:
+    """An HTTP/2.0 or HTTP/0.9 request line with an Expect the proxy does not know got
+    417 (the expectation was looked into before the version): its client was told to
+    drop the expectation, and then got the 505 anyway. The version is refused first."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+
+    port = await proxy_to(raw_backend, start_proxy, serve)
+    request = POST.replace(b"HTTP/1.1", b"HTTP/" + version).replace(b"100-continue", b"x-fancy")
+    reply = await raw(port, request + b"hello")
+    assert reply_status(reply) == 505, reply[:200]
+    assert reply.endswith(b"HTTP/" + version + b" is not supported\n")
+    assert heads == []
