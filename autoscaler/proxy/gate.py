@@ -5,7 +5,9 @@ its ``hard_limit``. Otherwise it waits in the app's FIFO: for a slot on a busy m
 for a machine at all, in which case the gate asks the control path for a wake
 (:meth:`FleetView.wake`, single-flight per app). One pump task per app hands slots to the
 head of the queue whenever the view changes (a request ended, a machine became routable, a
-wake finished), so waiting requests leave in arrival order.
+wake finished), so waiting requests leave in arrival order. A request that had a machine
+and comes back (it refused the connection: nothing was sent) takes its place by its
+arrival, ahead of those that came after it (``acquire``'s ``arrived``).
 
 Slots move from "held" to "in flight" inside the pump (``release()`` then ``begin()``), so
 the controller's demand meter never sees a request twice or not at all. A waiter that gives
@@ -56,7 +58,8 @@ class Held(Protocol):
 
 
 class QueueFull(Exception):
-    """The app's queue holds ``max_queue`` requests already."""
+    """The app's queue holds ``max_queue`` requests already: none came after this one
+    (otherwise the latest of them gives up its place, ``Gate._readmit``)."""
 
 
 class ShuttingDown(QueueFull):
@@ -86,6 +89,7 @@ class _Waiter:
     future: asyncio.Future[Upstream]
     view: AppView  # where it was counted as held, released on the same one
     task: asyncio.Task[Any] | None  # the one that waits: it answers a shed request
+    arrived: float | None  # a request back: when it came (``Gate._readmit``), else None
     wake: asyncio.Task[str] | None = None
 
 
@@ -163,22 +167,30 @@ class Gate:
         """Give back the slot of a finished request, to the view that lent it."""
         (up.owner or self.view).end(up)
 
-    async def acquire(self, wait_s: float, held: Held | None = None) -> tuple[Upstream, str]:
+    async def acquire(
+        self, wait_s: float, held: Held | None = None, *, arrived: float | None = None
+    ) -> tuple[Upstream, str]:
         """Wait in the FIFO for a slot; the wake kind tells whether this request waited
         for a wake ("resume", "start", "uncordon") or only for a busy machine ("none").
         Once the gate has shed its queue (``shed``), nobody waits: the request gets the
         same answer.
         Should the client leave, or the request be shed (its 503), while a wake was asked
         for it, ``held.wake`` says which (``_kind_so_far``): its answer is told from one
-        that never needed a wake."""
+        that never needed a wake.
+        ``arrived`` (the loop's time it came) is given for a request admitted already,
+        back because its machine refused it: it waits ahead of those that came after it
+        (``_readmit``), not at the end of the queue behind them."""
         if self._shed is not None:
             raise self._shed
-        if len(self._queue) >= self.config.max_queue:
-            raise QueueFull
         loop = asyncio.get_running_loop()
-        view = self.view
-        waiter = _Waiter(loop.create_future(), view, asyncio.current_task(loop))
-        self._queue.append(waiter)
+        if arrived is None and len(self._queue) >= self.config.max_queue:
+            raise QueueFull
+        waiter = _Waiter(loop.create_future(), self.view, asyncio.current_task(loop), arrived)
+        if arrived is None:
+            self._queue.append(waiter)
+        else:
+            self._readmit(waiter, arrived)
+        view = waiter.view
         view.hold()
         self._queued_gauge.inc()
         if not view.routable():
@@ -273,6 +285,33 @@ class Gate:
         ):
             return WAKE_UNCORDON
         return "resume" if any(boot_kind(up.state) == "resume" for up in upstreams) else "start"
+
+    def _readmit(self, waiter: _Waiter, arrived: float) -> None:
+        """Queue a request admitted before at its place by arrival: after the others
+        back that came before it (all those a machine still booting refused, say), ahead
+        of every request queued on arrival. Those all came after it: it had its machine
+        when the queue was empty, or was handed it ahead of them (FIFO). (Their times
+        are not compared: uvloop's clock counts milliseconds, a tie would be common.)
+        The queue stays bounded by ``max_queue``, holding those that came first: in a
+        full queue the latest arrival gives up its place, with the QueueFull (its 503)
+        it would have had coming to a queue so full; when that is this request (a queue
+        full of others back before it, or ``max_queue`` 0), it is refused itself. It
+        waited at the end of the queue, behind those that came after it, or got a 502
+        (no machine reachable) for a queue they filled."""
+        queue = self._queue
+        place = 0
+        for other in queue:  # those back come first, in the order they came
+            if other.arrived is None or other.arrived > arrived:
+                break
+            place += 1
+        if len(queue) >= self.config.max_queue:
+            if place >= len(queue):
+                raise QueueFull
+            latest = queue[-1]
+            if not latest.future.done():
+                latest.future.set_exception(QueueFull())
+            self._leave(latest)
+        queue.insert(place, waiter)
 
     def _leave(self, waiter: _Waiter) -> None:
         try:

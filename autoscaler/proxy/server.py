@@ -365,14 +365,16 @@ class ProxyServer:
         whatever failed before it) it goes at once to a machine it has not tried: at most
         three in all, so a loss after a refusal still reaches a third machine. When there
         is none, or it was a later refusal, the request waits in the queue like any
-        other, until its deadline: a machine the API calls started may still be booting
-        its server, and a static app's backend that died may be restarted (Fly's restart
-        policy); either answers once it listens, and the watch of refused machines
-        (``revive``) puts it back in rotation then. A static app asks no wake: its request
-        waits for a backend alone, as those arriving just after it do (the machine out of
-        rotation), where a 502 at once failed only the one that found it down; it gets the
-        502 when none listens within ``wake_timeout_s`` (a dead backend costs its client
-        that long: docs/policy.md).
+        other, until its deadline, in the place its arrival gives it: ahead of those that
+        came after it (it waited behind them), and not refused for a queue they filled
+        (the latest of them leaves instead: ``Gate._readmit``). A machine the API calls
+        started may still be booting its server, and a static app's backend that died
+        may be restarted (Fly's restart policy); either answers once it listens, and the
+        watch of refused machines (``revive``) puts it back in rotation then. A static app
+        asks no wake: its request waits for a backend alone, as those arriving just after
+        it do (the machine out of rotation), where a 502 at once failed only the one that
+        found it down; it gets the 502 when none listens within ``wake_timeout_s`` (a dead
+        backend costs its client that long: docs/policy.md).
         """
         up = ctx.up
         assert up is not None
@@ -392,7 +394,7 @@ class ProxyServer:
             if remaining(ctx.deadline) <= 0:
                 raise Failure(502, "no machine of this app is reachable", cause="unreachable")
             try:  # a machine booting or restarting refused us: wait for it (or a wake)
-                up, _ = await gate.acquire(remaining(ctx.deadline))
+                up, _ = await gate.acquire(remaining(ctx.deadline), arrived=ctx.arrived)
             except (ShuttingDown, AppRemoved) as shed:
                 raise _shed(shed) from None  # as for any held request: 503, to retry
             except (QueueFull, HoldTimeout, NoSuchApp):

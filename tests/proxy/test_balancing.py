@@ -14,8 +14,10 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from testkit import until
 
-from autoscaler.control.view import FleetView
+from autoscaler.config import AppConfig
+from autoscaler.control.view import FleetView, MachineInfo
 from autoscaler.metrics import Metrics
+from autoscaler.proxy.gate import Gate, QueueFull
 
 from .conftest import Backend, RawBackend, StartProxy, StreamHandler, url
 from .helpers import Blocking, raw
@@ -98,6 +100,83 @@ async def test_least_outstanding_spreads_concurrent_requests(
     one.release.set()
     two.release.set()
     assert sorted(await asyncio.gather(*tasks)) == ["one", "one", "two", "two"]
+
+
+async def test_a_request_its_machine_refused_keeps_its_place_in_the_queue(
+    backend: Backend,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    fleet: FleetView,
+    refused_port: Callable[[], int],
+) -> None:
+    """A held request handed a machine that refuses its connection (nothing sent), no
+    other machine free, waits again: ahead of the request held behind it, served first
+    once a slot frees. It went to the end of the queue, behind that later one."""
+    busy = Blocking()
+    host, _, port = (await backend(busy.app())).partition(":")
+    up = MachineInfo("m1", host, int(port), "started", False)
+    view = fleet.app("a")
+    view.set_machines([up])
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "hard_limit": 1, "wake_timeout_s": 30}],
+        unhealthy_backoff_s=60,
+    )
+
+    async def get(i: str) -> int:
+        async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "a.test"}) as r:
+            return r.status
+
+    first = asyncio.create_task(get("first"))
+    await until(lambda: busy.order == ["first"])
+    earlier = asyncio.create_task(get("earlier"))
+    await until(lambda: view.queued == 1)
+    later = asyncio.create_task(get("later"))
+    await until(lambda: view.queued == 2)
+    with capture_logs() as logs:
+        # A machine comes up whose server does not listen yet: "earlier" goes to it.
+        dead = MachineInfo("m2", "127.0.0.1", refused_port(), "started", False)
+        view.set_machines([up, dead])
+        await until(lambda: any(e["event"] == "machine_unreachable" for e in logs))
+    assert view.queued == 2  # both held again, "later" not sent to the refusing machine
+    busy.release.set()
+    assert await asyncio.gather(first, earlier, later) == [200, 200, 200]
+    assert busy.order == ["first", "earlier", "later"]
+
+
+async def test_a_request_back_in_the_queue_takes_its_place_by_arrival() -> None:
+    """``Gate.acquire(arrived=...)``, for a request its machine refused (``_next_attempt``):
+    ahead of every request held on arrival (they came after it), behind those back that
+    came before it. In a full queue the latest arrival leaves with its QueueFull (its
+    503), not this request (that was its 502: no machine reachable); one back that came
+    after all those in a full queue is refused itself (the queue keeps the earliest)."""
+    fleet = FleetView()
+    view = fleet.app("a")
+    view.set_machines([MachineInfo("m1", "127.0.0.1", 1, "started", False)])
+    config = AppConfig(name="a", hard_limit=1, max_queue=2)
+    gate = Gate(config, fleet, Metrics(), random.Random(1))  # noqa: S311 - balancing
+    machine = gate.try_acquire()
+    assert machine is not None
+    held = asyncio.create_task(gate.acquire(30))
+    await until(lambda: view.queued == 1)
+    latest = asyncio.create_task(gate.acquire(30))
+    await until(lambda: view.queued == 2)
+    # Back from machines that refused them, having come at 2 and at 1 (loop time).
+    back = asyncio.create_task(gate.acquire(30, arrived=2.0))
+    with pytest.raises(QueueFull):
+        await latest
+    earliest = asyncio.create_task(gate.acquire(30, arrived=1.0))
+    with pytest.raises(QueueFull):
+        await held
+    with pytest.raises(QueueFull):
+        await gate.acquire(30, arrived=3.0)
+    assert view.queued == 2
+    gate.done(machine)  # a slot frees: in arrival order
+    assert await earliest == (machine, "none")
+    assert not back.done()
+    gate.done(machine)
+    assert await back == (machine, "none")
+    gate.done(machine)
+    await gate.close()
 
 
 def counting_app(hits: list[str], name: str, *, reset: bool) -> web.Application:
