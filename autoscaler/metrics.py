@@ -92,14 +92,20 @@ PROXY_ERROR_REASONS: tuple[ProxyErrorReason, ...] = get_args(ProxyErrorReason)
 # app's own 5xx as the requests' increase minus the proxy errors', and a requests series
 # born at its first count has none (the app's first proxy 502 read -1 of its own while it
 # stayed in the window, and up to one of its own went unseen). The 501 and 505 of a
-# request the proxy does not do count with app "" (autoscaler/proxy/server.py's
-# error_page), which has no machines and so no own 5xx to hide: a -1 there fires nothing,
-# and misses nothing.
+# request the proxy does not do count with app "" (PRE_ROUTING), which has no machines and
+# so no own 5xx to hide: a -1 there fires nothing, and misses nothing.
 PROXY_ERROR_CODES = (502, 503, 504)
 # The 500 of a bug in the proxy's handler, counted under the request's app with wake
 # "none" always (_answer_bug), in the series the app's machines' 500s count in: exported at
 # 0 for every app too (one series each), or a bug's 500 before the app's first read -1.
 BUG_ANSWER = (500, NO_WAKE)
+# The app label of requests answered before routing (autoscaler/proxy/server.py's
+# error_page, and _answer_bug before the request had an app): 400, 414, 431..., the 501
+# and 505 of a request the proxy does not do, and a bug's 500. Its bug's proxy error
+# (internal) and requests series (BUG_ANSWER) exist at 0 from the start (RequestMetrics):
+# AutoscalerProxyErrors pages for a bug there too, and a series born at its first count
+# has no increase (the count arm missed the first, and it read -1 of the app's own 5xx).
+PRE_ROUTING = ""
 # (code, wake) of the requests series exported at 0: for every app, and for one that wakes.
 PROXY_ERROR_ANSWERS = (*((code, NO_WAKE) for code in PROXY_ERROR_CODES), BUG_ANSWER)
 WOKEN_ANSWERS = (
@@ -493,6 +499,8 @@ class RequestMetrics(Collector):
         self._counts: dict[tuple[str, int, str], int] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self._durations: dict[str, _Durations] = {}
+        self._errors[(PRE_ROUTING, "internal")] = 0  # never forgotten: always the proxy's
+        self._declare_counts(PRE_ROUTING, (BUG_ANSWER,))
         # (app, requests in flight) pairs, read when scraped: the proxy points this at its
         # fleet view, which counts them already.
         self.in_flight: Callable[[], Iterable[tuple[str, int]]] = tuple

@@ -22,7 +22,7 @@ from http import HTTPStatus
 from autoscaler.config import AppConfig, ProxySettings, Settings, authority, parse_host_port
 from autoscaler.control.view import FleetView, MachineInfo, Upstream
 from autoscaler.logs import get_logger
-from autoscaler.metrics import NO_WAKE, WAKE_FAILED, Metrics, ProxyErrorReason
+from autoscaler.metrics import NO_WAKE, PRE_ROUTING, WAKE_FAILED, Metrics, ProxyErrorReason
 from autoscaler.proxy import forward, health, revive, tunnel, upstream
 from autoscaler.proxy.accounting import (
     Failure,
@@ -967,7 +967,7 @@ class ProxyServer:
         error: ProxyErrorReason | None = None
         if status >= 500:
             error = "internal" if status == 500 else "unsupported"
-        self._stats.answered("", status, NO_WAKE, error=error)
+        self._stats.answered(PRE_ROUTING, status, NO_WAKE, error=error)
         return forward.error_response(
             status, _reason(status), message, {"X-Request-Id": request_id}, close=True
         )

@@ -87,6 +87,10 @@ def test_known_series_are_exported_at_zero_from_the_start(tmp_path: Path) -> Non
     # both, not a -1 of the app's own 5xx (AutoscalerHigh5xxRatio: requests' less these).
     assert requests(metrics, "web") == WOKEN
     assert requests(metrics, "fixed") == UNWOKEN  # never woken: wake "none" only
+    # Before routing (app ""), a bug's 500 only: AutoscalerProxyErrors pages for it, and
+    # the first of a series born at 1 is no increase. (501, 505: the client's, not paged.)
+    assert proxy_errors(metrics, "") == {"internal": 0}
+    assert requests(metrics, "") == {(500, "none"): 0}
     for action in SCALING_ACTIONS:
         for result in ACTION_RESULTS:
             labels = {"app": "web", "action": action, "result": result}

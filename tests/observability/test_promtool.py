@@ -175,7 +175,8 @@ def test_an_apps_own_5xx_read_0_when_its_first_request_is_the_proxys_5xx(tmp_pat
     no increase while its proxy error's, at 0 from the start, has one: that read -1, and
     up to one of the app's own 5xx went unseen while it stayed in the window. The 500 of a
     bug too: it counts under the app, wake none, in the series its machines' 500s count in
-    (the first of them, a 500 of the proxy's, read -1)."""
+    (the first of them, a 500 of the proxy's, read -1). App "" (before routing, stored
+    with no app label) reads 0 too: its bug's 500 and proxy error are at 0 from the start."""
     first: dict[str, tuple[int, str, ProxyErrorReason]] = {
         "web": (502, "none", "machine_error"),
         "cold": (504, "start", "machine_timeout"),  # its machine started for it, silent
@@ -213,8 +214,43 @@ def test_an_apps_own_5xx_read_0_when_its_first_request_is_the_proxys_5xx(tmp_pat
             {
                 "expr": f"round({expr}, 0.0001)",  # (promtool compares exactly)
                 "eval_time": "4m",
-                "exp_samples": [{"labels": f'{{app="{app}"}}', "value": 0} for app in first],
+                "exp_samples": [
+                    {"labels": "{}", "value": 0},
+                    *({"labels": f'{{app="{app}"}}', "value": 0} for app in first),
+                ],
             }
             for expr in sorted(own)
+        ],
+    )
+
+
+def test_the_first_bugs_before_routing_meet_the_proxy_errors_count_arm(tmp_path: Path) -> None:
+    """AutoscalerProxyErrors on what /metrics exported, scraped every minute, when the
+    proxy's first answers were five 500s of bugs met before routing (app "", which
+    Prometheus stores with no app label): its expression holds (their ratio, 1). Their
+    proxy error series (internal) was born at its first count, with no increase: the
+    count arm read 0 here (the first one short, had they come apart), and it never fired."""
+    metrics = Metrics()
+    scrapes = [scrape(metrics)]
+    for _ in range(5):
+        metrics.proxy.answered("", 500, "none", error="internal")  # as error_page counts
+    scrapes += [scrape(metrics)] * 4
+    names = sorted(set().union(*scrapes))
+    series = {
+        name: " ".join(f"{at[name]:g}" if name in at else "_" for at in scrapes) for name in names
+    }
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    [alert] = [
+        r["expr"] for g in groups for r in g["rules"] if r["alert"] == "AutoscalerProxyErrors"
+    ]
+    promql_test(
+        tmp_path,
+        series,
+        [
+            {
+                "expr": f"round({alert}, 0.0001)",  # (promtool compares exactly)
+                "eval_time": "4m",
+                "exp_samples": [{"labels": "{}", "value": 1}],
+            }
         ],
     )
