@@ -1112,9 +1112,17 @@ class Actuator:
         """Drop our key where the API says the machine is not cordoned (a process that died
         between uncordon and the key's removal), so a later cordon by someone else is never
         taken for ours. Cordons that do carry our key are the policy's: it finishes the
-        drain of a started machine and lifts the cordon of a sleeping one."""
+        drain of a started machine and lifts the cordon of a sleeping one.
+
+        A machine whose record we changed after the list was asked for is left alone: the
+        list kept our record (``AppRuntime.merge``), so "not cordoned" is ours, not the
+        API's (an uncordon recorded ahead of its call, which an outage then failed), and
+        dropping the key would leave Fly's cordon with nothing to say it is ours."""
+        listed_at = rt.listed_at if rt.listed_at is not None else float("-inf")
         for mid, machine in list(rt.machines.items()):
             if mid in rt.running or not ours(machine) or machine.cordoned is not False:
+                continue
+            if rt.touched.get(mid, float("-inf")) > listed_at:
                 continue
             if self._cordon_may_land(rt, mid):
                 continue  # a cordon of ours may still come: it must find our key

@@ -1772,6 +1772,39 @@ async def test_a_cordon_of_ours_left_on_a_started_machine_routes_at_once_in_an_o
     rig.app.end(up)
 
 
+async def test_a_list_asked_before_our_uncordon_was_recorded_leaves_our_key_alone(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A wake in an outage records our cordon lifted at once (the machine routes), though
+    the uncordon never reached the API. A list asked for before that record and answered
+    after it keeps our record (``merge``), and the stale-key cleanup read that record as
+    the API's word: "not cordoned, our key left over", and dropped the key once the API
+    answered again. Fly then held a cordon with no key of ours: another party's to us,
+    never lifted. The cleanup now leaves a machine whose record is newer than the list."""
+    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    api.fail["acquire_machine_lease"] = [ServerError(503, "down")] * 3
+    rig = Rig(api, clock)
+    await clock.advance(1)
+    assert await rig.ctl.wake(APP) == "uncordon"
+    await rig.ctl.idle()
+    del api.fail["acquire_machine_lease"]
+    rt = rig.ctl.apps[APP]
+    assert rt.machines[left].cordoned is False  # our record, ahead of the API
+    listed = await api.list_machines(APP)  # asked for before the wake's record
+    rt.merge(listed, rt.touched[left] - 0.5, clock())
+    rig.ctl.actuator.cleanup(rt)
+    await rig.ctl.idle()
+    assert api.get(APP, left).cordoned is True
+    assert meta(api, left).get(CORDON_METADATA_KEY) == "drain"  # still ours to lift
+    up = rig.app.upstreams[left]
+    rig.app.begin(up)  # the machine serves: the next tick keeps it and lifts the cordon
+    await clock.advance(1)
+    await rig.tick()
+    await rig.ctl.idle()
+    assert_uncordoned(api, left)
+    rig.app.end(up)
+
+
 async def test_a_machine_without_an_address_is_asked_for_one(
     api: FakeMachinesAPI, clock: FakeClock
 ) -> None:
