@@ -1118,11 +1118,11 @@ class Actuator:
         list kept our record (``AppRuntime.merge``), so "not cordoned" is ours, not the
         API's (an uncordon recorded ahead of its call, which an outage then failed), and
         dropping the key would leave Fly's cordon with nothing to say it is ours."""
-        listed_at = rt.listed_at if rt.listed_at is not None else float("-inf")
+        listed_at = rt.listed_at
         for mid, machine in list(rt.machines.items()):
             if mid in rt.running or not ours(machine) or machine.cordoned is not False:
                 continue
-            if rt.touched.get(mid, float("-inf")) > listed_at:
+            if listed_at is not None and rt.recorded_since(mid, listed_at):
                 continue
             if self._cordon_may_land(rt, mid):
                 continue  # a cordon of ours may still come: it must find our key

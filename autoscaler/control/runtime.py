@@ -470,7 +470,7 @@ class AppRuntime:
             )
             mine = self.machines.get(machine.id)
             keep = mine is not None and (
-                machine.id in self.running or self.touched.get(machine.id, -1.0) > listed_at
+                machine.id in self.running or self.recorded_since(machine.id, listed_at)
             )
             chosen = mine if keep and mine is not None else machine
             if (
@@ -586,6 +586,11 @@ class AppRuntime:
         if update:
             self.machines[machine_id] = replace(machine, **update)  # type: ignore[arg-type]
         self.touched[machine_id] = now
+
+    def recorded_since(self, machine_id: str, listed_at: float) -> bool:
+        """Our record of the machine changed after a list asked for at ``listed_at``: it
+        is newer than what that list says (``merge`` keeps it)."""
+        return self.touched.get(machine_id, float("-inf")) > listed_at
 
     # --- what others read ------------------------------------------------------------
 
