@@ -35,7 +35,7 @@ from typing import TextIO
 
 import aiohttp
 
-from autoscaler import logs
+from autoscaler import logs, tui
 from autoscaler.config import ConfigError, Settings, is_loopback, load_settings, parse_host_port
 from autoscaler.control.view import AppView
 from autoscaler.demo_view import DemoView
@@ -442,7 +442,7 @@ def _summarize(
             _sample(service, "autoscaler_wake_duration_seconds_sum", {"kind": kind}),
             _sample(service, "autoscaler_wake_duration_seconds_count", {"kind": kind}),
         )
-        for kind in ("start", "resume", WAKE_UNCORDON)
+        for kind in tui.WAKE_KINDS  # start, resume, uncordon: the live view's order
     }
     # Starts and resumes always (the story's wakes); drains taken back when there were any.
     if not timed[WAKE_UNCORDON][1]:
