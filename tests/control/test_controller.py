@@ -102,6 +102,18 @@ class Rig:
         await settle()
         return decision
 
+    async def serve_through_next_tick(self, mid: str) -> None:
+        """``mid`` serves a request over the next tick, which keeps it (it is wanted) and
+        lifts a cordon of ours on it: routed, neither the API's flag nor our key left."""
+        up = self.app.upstreams[mid]
+        self.app.begin(up)
+        await self.clock.advance(1)
+        await self.tick()
+        await self.ctl.idle()
+        assert self.routable() == {mid}
+        assert_uncordoned(self.api, mid)
+        self.app.end(up)
+
 
 def state(api: FakeMachinesAPI, mid: str) -> str:
     return api.get(APP, mid).state
@@ -1762,14 +1774,7 @@ async def test_a_cordon_of_ours_left_on_a_started_machine_routes_at_once_in_an_o
     assert api.ops("uncordon_machine") == []  # not yet: the outage
     await rig.ctl.idle()
     del api.fail["acquire_machine_lease"]
-    up = rig.app.upstreams[left]
-    rig.app.begin(up)  # the machine serves: the next tick keeps it and lifts the cordon
-    await clock.advance(1)
-    await rig.tick()
-    await rig.ctl.idle()
-    assert rig.routable() == {left}
-    assert_uncordoned(api, left)
-    rig.app.end(up)
+    await rig.serve_through_next_tick(left)
 
 
 async def test_a_list_asked_before_our_uncordon_was_recorded_leaves_our_key_alone(
@@ -1796,13 +1801,7 @@ async def test_a_list_asked_before_our_uncordon_was_recorded_leaves_our_key_alon
     await rig.ctl.idle()
     assert api.get(APP, left).cordoned is True
     assert meta(api, left).get(CORDON_METADATA_KEY) == "drain"  # still ours to lift
-    up = rig.app.upstreams[left]
-    rig.app.begin(up)  # the machine serves: the next tick keeps it and lifts the cordon
-    await clock.advance(1)
-    await rig.tick()
-    await rig.ctl.idle()
-    assert_uncordoned(api, left)
-    rig.app.end(up)
+    await rig.serve_through_next_tick(left)
 
 
 async def test_a_machine_without_an_address_is_asked_for_one(

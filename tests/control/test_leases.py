@@ -226,14 +226,7 @@ async def test_an_uncordon_another_holder_refuses_leaves_the_machine_cordoned(
     assert rig.routable() == set()
     if refused == "take":
         await api.release_machine_lease(APP, left, holder.nonce)
-    up = rig.app.upstreams[left]
-    rig.app.begin(up)  # the machine is wanted: the next tick takes the drain back again
-    await clock.advance(1)
-    await rig.tick()
-    await rig.ctl.idle()
-    assert rig.routable() == {left}
-    assert_uncordoned(api, left)
-    rig.app.end(up)
+    await rig.serve_through_next_tick(left)  # wanted: the drain is taken back again
 
 
 async def test_a_wake_waits_for_a_lease_when_every_machine_is_leased(

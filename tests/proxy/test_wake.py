@@ -405,9 +405,7 @@ class SlowReturnWaker(FakeWaker):
         return self.kind
 
 
-@pytest.mark.parametrize(
-    "waker_does", ["announce", "answer meanwhile", "not answer", "meet another s cordon lifted"]
-)
+@pytest.mark.parametrize("waker_does", ["announce", "answer meanwhile", "not answer"])
 async def test_a_request_handed_a_machine_before_the_waker_returns(
     waker_does: str,
     backend: Backend,
@@ -422,9 +420,8 @@ async def test_a_request_handed_a_machine_before_the_waker_returns(
     answer, with the machine up, up to its wake_timeout_s. It is named by the boot under
     way (``view.waking``) once the waker has chosen; else by the waker's answer if that
     came before the response's head; else as far as known: by how the machine that
-    serves it came up ("start", not known better here), or "none" if it was up before
-    (another party's cordon lifted; a drain of ours taken back is
-    ``test_a_drain_taken_back_is_named_uncordon_in_the_header_as_in_the_line``)."""
+    serves it came up ("start", not known better here). One that was up before (its
+    cordon lifted: "uncordon" if it was our drain's, else "none") is the next test's."""
     reached = asyncio.Event()
     go = asyncio.Event()
 
@@ -437,9 +434,7 @@ async def test_a_request_handed_a_machine_before_the_waker_returns(
     machine.router.add_get("/", handler)
     host, _, port = (await backend(machine)).partition(":")
     waker = SlowReturnWaker(fleet, "resume", announce=waker_does == "announce")
-    drained = waker_does == "meet another s cordon lifted"
-    state = "started" if drained else "suspended"
-    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), state, drained)])
+    fleet.app("w").set_machines([MachineInfo("m1", host, int(port), "suspended", False)])
     fleet.set_waker(waker)
     proxy = await start_proxy([{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}])
     view = fleet.app("w")
@@ -457,9 +452,7 @@ async def test_a_request_handed_a_machine_before_the_waker_returns(
             waker.answer.set()
             await until(lambda: not fleet.asked("w"), what="the wake over")
         go.set()
-        wake = {"not answer": "start", "meet another s cordon lifted": "none"}.get(
-            waker_does, "resume"
-        )
+        wake = "start" if waker_does == "not answer" else "resume"
         assert await waiting == (200, wake)
     assert [e["wake"] for e in logs if e["event"] == "request"] == [wake]
     count = metrics.registry.get_sample_value
