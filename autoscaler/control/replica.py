@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -692,22 +692,28 @@ class Replica:
             await self._push_wanted.wait()
             self._push_wanted.clear()
             dirty, self._dirty = self._dirty, set()
-            token = self.cluster.lease.token
-            if not self.leading or token is None or not self.cluster.lease.held():
-                continue
-            apps = {
-                app: fleet
-                for app in dirty
-                if app in self.controller.apps
-                and app in self.view.apps
-                and (fleet := self._published.get(app)) is not None
-            }
-            if not apps:
-                continue
-            try:
-                await self.cluster.push_view(ViewPush(self.cluster.replica_id, token, apps))
-            except Exception as exc:  # the followers' next read has it
-                self._redis_trouble(exc)
+            await self._push(dirty)
+
+    async def _push(self, dirty: Iterable[str]) -> None:
+        """Push what we publish of the ``dirty`` apps, if we lead. A follower applies a
+        version once (``_apply``): a view pushed twice, or an older one landing after a
+        newer, changes nothing."""
+        token = self.cluster.lease.token
+        if not self.leading or token is None or not self.cluster.lease.held():
+            return
+        apps = {
+            app: fleet
+            for app in dirty
+            if app in self.controller.apps
+            and app in self.view.apps
+            and (fleet := self._published.get(app)) is not None
+        }
+        if not apps:
+            return
+        try:
+            await self.cluster.push_view(ViewPush(self.cluster.replica_id, token, apps))
+        except Exception as exc:  # the followers' next read has it
+            self._redis_trouble(exc)
 
     async def _on_subscribed(self) -> None:
         self.subscribed.set()
@@ -896,6 +902,10 @@ class Replica:
             rt = self.controller.apps.get(app)
             if rt is None:
                 raise WakeError(f"app {app} is not scaled by this replica")
+            if not self.leading and self.view.app(app).routable():
+                # The leader's push of the machine it woke came while we took the claim
+                # (its release and the push travel apart): nothing to wake by ourselves.
+                return "none"
             # What the API says now, unless we lead and Redis names us as the app's last
             # waker (then our ticks' view is as fresh as it gets). Nobody named is no proof
             # that nobody else woke it: Redis may have lost the record (a FLUSHALL, a
@@ -919,7 +929,14 @@ class Replica:
             lifting = [run.task for run in rt.running.values() if run.kind == "uncordon"]
             if lifting:
                 await asyncio.wait(lifting)
-            if not self.leading:
+            if self.leading:
+                # The followers hear of the machine before the claim is free: the pusher
+                # sends it a moment later, and a follower whose requests waited past
+                # self_wake_after_s for our wake (a cold start of Fly's takes longer)
+                # took the claim in between and read the API for a machine we woke.
+                self._dirty.discard(app)
+                await self._push((app,))
+            else:
                 self.self_wakes += 1
                 _log.info("cluster_self_wake", app=app, how=result, fence=claim.token)
             return result

@@ -627,6 +627,98 @@ async def test_a_followers_wake_reaches_the_leader_at_once(cluster: list[Replica
     assert leader.controller.api.api.ops("start_machine") == [up.id]  # type: ignore[attr-defined]
 
 
+@contextlib.asynccontextmanager
+async def quick_to_self_wake(
+    redis_server: str, key_prefix: str, follower_first: Callable[[Replica], None] | None = None
+) -> AsyncIterator[tuple[FakeMachinesAPI, Replica, Replica, str]]:
+    """A leader and a follower whose held requests wake by themselves after 0.2 s
+    (``follower_first``: done to the follower before it starts), both listening, the
+    app's stopped machine in both views."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    leader, follower = (
+        make(redis_server, key_prefix, rid, api, self_wake_after_s=0.2, lead=rid == "leader")
+        for rid in ("leader", "follower")
+    )
+    if follower_first is not None:
+        follower_first(follower)
+    for r in (leader, follower):
+        await r.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 10)
+        await leader.controller.tick(APP)
+        await rounds([leader, follower], lambda: bool(follower.view.app(APP).upstreams), 10)
+        for r in (leader, follower):
+            await asyncio.wait_for(r.subscribed.wait(), 5)
+        yield api, leader, follower, mid
+    finally:
+        for r in (leader, follower):
+            await r.stop()
+
+
+async def test_a_follower_past_its_bound_waits_for_the_leaders_wake_and_its_push(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A cold start longer than the follower's ``self_wake_after_s`` (Fly's take 2 s and
+    more, the default bound is 2 s): the follower's requests are past their bound while the
+    leader's wake holds the claim, and it tries the claim every round. The leader frees the
+    claim only once its push of the machine has gone: before, it freed it at once, the
+    push (here slow) came a moment later, and in between the follower took the claim, read
+    the API and counted a self-wake for the machine the leader had woken."""
+    async with quick_to_self_wake(redis_server, key_prefix) as (api, leader, follower, mid):
+        booted = api.gates["wait_for_machine_state"] = asyncio.Event()  # held in starting
+        published = asyncio.Event()  # a slow PUBLISH: no push arrives until it is set
+        push_view = leader.cluster.push_view
+
+        async def slow_push(push: Any) -> None:
+            await published.wait()
+            await push_view(push)
+
+        leader.cluster.push_view = slow_push  # type: ignore[method-assign]
+        follower.view.app(APP).hold()
+        ours = follower.view.wake(APP)
+        await until(lambda: follower.claim_waits > 0, what="the follower past its bound")
+        booted.set()  # the leader's wake is done; its push is not yet
+        waits = follower.claim_waits
+        await until(lambda: ours.done() or follower.claim_waits >= waits + 2, what="a retry")
+        published.set()
+        assert await asyncio.wait_for(ours, 5) == "start"
+        assert follower.self_wakes == 0
+        assert api.ops("start_machine") == [mid]
+
+
+async def test_a_push_that_comes_as_the_follower_takes_the_claim_ends_its_wake(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The leader's push and its release of the claim reach the follower apart (two
+    connections): here the release first, so the follower past its bound takes the claim,
+    and the push of the machine the leader woke arrives as it does. The follower wakes
+    nothing then, and counts no self-wake; before, it read the API under the claim and
+    counted one."""
+    pushes: list[Any] = []
+
+    def hold_pushes(follower: Replica) -> None:
+        follower._on_push = pushes.append  # type: ignore[method-assign]
+
+    async with quick_to_self_wake(redis_server, key_prefix, hold_pushes) as four:
+        api, _, follower, mid = four
+        take_claim = follower._take_claim
+
+        async def take_as_the_push_comes(app: str) -> Any:
+            claim = await take_claim(app)
+            if claim is not None:
+                for push in pushes:
+                    Replica._on_push(follower, push)
+            return claim
+
+        follower._take_claim = take_as_the_push_comes  # type: ignore[method-assign]
+        follower.view.app(APP).hold()
+        ours = follower.view.wake(APP)
+        assert await asyncio.wait_for(ours, 5) == "start"
+        assert follower.self_wakes == 0
+        assert api.ops("start_machine") == [mid]
+
+
 async def test_a_lost_push_is_repaired_by_the_next_read(cluster: list[Replica]) -> None:
     leader, follower = await leader_and_follower(cluster)
     # The follower stops listening (as if its subscription had dropped): the push of the
