@@ -614,25 +614,39 @@ class Actuator:
 
         A cordon of ours on it (a drain taken back, or left behind) is lifted in our view
         at once and in the API once the machine is up, so the wake waits for no more than
-        the boot. A failed machine's start counts against its restart budget.
+        the boot; a boot that fails (or is refused, or cut short) leaves it on the machine,
+        and our record says so again. A failed machine's start counts against its restart
+        budget.
         """
         app = rt.name
         machine = rt.machines[mid]
         deadline = self.clock() + max(rt.config.wake_timeout_s, BOOT_WAIT_MIN_S)
         restart = machine.state == FAILED
         cordon_ours = ours(machine)
+        # (A flag the API left out reads from our key, which the machine carries.)
+        was_cordoned = machine.cordoned is not False
         if cordon_ours:
             rt.record(mid, self.clock(), cordoned=False)
         try:
-            up = await self._boot(rt, mid, kind, deadline)
-        except LeaseHeld:
-            raise  # someone else's lease: skipped, not the machine's doing
-        except (BootFailed, Conflict):
-            # The machine's doing: its boot failed, or it cannot be started from where it
-            # is. A refused or lost call (429, 5xx, a timeout, a lease, fencing) is the
-            # API's, retried after the action's cooldown, and costs none of the budget.
-            if rt.machines.get(mid) is not None and rt.machines[mid].state == FAILED:
-                self._restart_failed(rt, mid, restart)
+            try:
+                up = await self._boot(rt, mid, kind, deadline)
+            except LeaseHeld:
+                raise  # someone else's lease: skipped, not the machine's doing
+            except (BootFailed, Conflict):
+                # The machine's doing: its boot failed, or it cannot be started from where
+                # it is. A refused or lost call (429, 5xx, a timeout, a lease, fencing) is
+                # the API's, retried after the action's cooldown, and costs none of the
+                # budget.
+                if rt.machines.get(mid) is not None and rt.machines[mid].state == FAILED:
+                    self._restart_failed(rt, mid, restart)
+                raise
+        except BaseException:
+            if cordon_ours:
+                # Not up, so our cordon was not lifted: the record left uncordoned said
+                # otherwise until the next list (a lapsed lease refusing the start, a
+                # 5xx, a failed boot, a stop cutting it short).
+                rt.record(mid, self.clock(), cordoned=was_cordoned)
+                self.publish(rt)
             raise
         if restart:
             self.metrics.machine_restarts.labels(app=app, result="ok").inc()

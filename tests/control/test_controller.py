@@ -13,7 +13,7 @@ from testkit import canned_http, until
 
 from autoscaler.admin import AdminServer
 from autoscaler.config import AdminSettings, AppConfig, ControlSettings, Settings
-from autoscaler.control.actions import CORDON_UNSURE_S
+from autoscaler.control.actions import CORDON_UNSURE_S, ActionError
 from autoscaler.control.controller import (
     MAX_RETRY_AFTER_S,
     WAKE_FAILED_LOG_S,
@@ -29,6 +29,7 @@ from autoscaler.fly.errors import (
     BadRequest,
     Conflict,
     FlyError,
+    LeaseHeld,
     NotFound,
     RateLimited,
     ServerError,
@@ -1802,6 +1803,38 @@ async def test_a_list_asked_before_our_uncordon_was_recorded_leaves_our_key_alon
     assert api.get(APP, left).cordoned is True
     assert meta(api, left).get(CORDON_METADATA_KEY) == "drain"  # still ours to lift
     await rig.serve_through_next_tick(left)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        LeaseHeld(409, "lease currently held by fly deploy"),  # ours lapsed, and was taken
+        ServerError(500, "boom"),
+        None,  # the API takes the start, and the machine fails to boot
+    ],
+    ids=["lease", "5xx", "boot failed"],
+)
+async def test_a_start_that_fails_leaves_our_cordon_recorded(
+    api: FakeMachinesAPI, clock: FakeClock, refusal: FlyError | None
+) -> None:
+    """A machine asleep under a cordon of ours (a drain whose uncordon never came): its
+    start records the cordon lifted ahead of the boot, and lifts it in the API once the
+    machine is up. A start that failed left the record uncordoned while Fly kept our
+    cordon, until the next list: the record says cordoned, by us, again."""
+    mid = api.add(APP, "suspended", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    if refusal is None:
+        api.boot_fails.add(mid)
+    else:
+        api.fail["start_machine"] = [refusal]
+    rig = Rig(api, clock)
+    rt = rig.ctl.apps[APP]
+    await rig.ctl.waker.refresh(rt)
+    with pytest.raises(FlyError if refusal is not None else ActionError):
+        await rig.ctl.actuator.bring_up(rt, mid, "resume")
+    assert api.ops("uncordon_machine") == []
+    assert api.get(APP, mid).cordoned is True
+    assert rt.machines[mid].cordoned is True
+    assert rt.cordoned_by_us(rt.machines[mid])
 
 
 async def test_a_machine_without_an_address_is_asked_for_one(
