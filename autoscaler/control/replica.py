@@ -888,7 +888,8 @@ class Replica:
 
     async def _claimed_wake(self, app: str) -> str | None:
         """Take the app's wake claim and wake under it; None if another replica holds the
-        claim or Redis cannot be reached (no claim, no wake: nothing proves it is ours)."""
+        claim or Redis cannot be reached (no claim, no wake: nothing proves it is ours),
+        or the wake's take-back was refused (no machine routes: the caller wakes again)."""
         try:
             claim = await self._take_claim(app)
         except Exception as exc:
@@ -929,6 +930,14 @@ class Replica:
             lifting = [run.task for run in rt.running.values() if run.kind == "uncordon"]
             if lifting:
                 await asyncio.wait(lifting)
+            if result == WAKE_UNCORDON and not self.view.app(app).routable():
+                # That uncordon was skipped: another holder's lease refused it, and the
+                # machine is cordoned again (``Actuator._uncordon_refused``). No wake came
+                # of it: None, as when the claim is not ours, so the caller wakes again
+                # (the machine is busy for its skip: another one). "uncordon" ended the
+                # wake with nothing routable; the leader's proxy asked again after
+                # WAKE_RETRY_S, and a follower's request it served, only at its next ask.
+                return None
             if self.leading:
                 # The followers hear of the machine before the claim is free: the pusher
                 # sends it a moment later, and a follower whose requests waited past

@@ -1330,6 +1330,32 @@ async def test_a_drain_taken_back_under_a_wake_claim_is_uncordoned_in_the_api(
         await leader.stop()
 
 
+async def test_a_leaders_take_back_another_holder_refuses_wakes_another_machine(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A cordon of ours left on a started machine routes at once when the app is wanted,
+    and the claim is held until its uncordon is done. Another holder's lease (a deploy)
+    refused that uncordon, the machine cordoned again, yet the wake said "uncordon" with
+    nothing routable: the leader's proxy asked again after WAKE_RETRY_S, and a follower's
+    request that the wake served, only at its next ask. Now the claimed wake says it
+    woke nothing, and the leader wakes again: the other machine, resumed."""
+    api = FakeMachinesAPI()
+    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    api.take_lease(APP, left, owner="fly deploy")
+    asleep = api.add(APP, "suspended")
+    # (rng: its loop's first tick a minute on, and none of the test's own: the wake reads.)
+    leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.99)
+    await leader.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        assert await asyncio.wait_for(leader.view.wake(APP), 10) == "resume"
+        assert [u.id for u in leader.view.app(APP).routable()] == [asleep]
+        assert api.get(APP, left).cordoned is True
+        assert api.ops("uncordon_machine") == []
+    finally:
+        await leader.stop()
+
+
 async def test_a_follower_on_the_same_host_never_adopts_the_lease_of_the_leaders_drain(
     redis_server: str, key_prefix: str
 ) -> None:
