@@ -322,10 +322,27 @@ class ProxyServer:
         finally:
             _give_back(gate, ctx, self.health)
 
-    async def _wait(self, gate: Gate, app: AppConfig, ctx: RequestContext) -> tuple[Upstream, str]:
+    async def _wait(
+        self, gate: Gate, app: AppConfig, ctx: RequestContext, *, sent_back: bool = False
+    ) -> tuple[Upstream, str]:
+        """Hold the request in its app's queue until a machine is free for it (or a wake
+        brings one up); its answer when it cannot wait (the queue full, the app gone from
+        the Machines API, a stop or a reload shedding it) or waited till its deadline.
+
+        ``sent_back`` is a request its machine refused (``_next_attempt``): it waits in
+        the place its arrival gives it (``Gate._readmit``). Refused for a full queue, or
+        for the app's absence, it gets what any request gets: nothing was sent, and the
+        machines may only be busy (it got 502 "no machine reachable", paging as a proxy
+        error, for a queue others filled). Its deadline is the one case answered apart: a
+        502 "no machine of this app is reachable", not the 504 of a wait. A machine
+        refused it, and none listened since: that is what a static app's dead backend
+        looks like (it has no wake, and no alert but AutoscalerProxyErrors, which a
+        wake_timeout would not page), and a scaled app's machine that the API calls
+        started but that does not listen within ``wake_timeout_s`` (docs/policy.md)."""
         rejections = self.metrics.queue_rejections
+        arrived = ctx.arrived if sent_back else None
         try:
-            return await gate.acquire(remaining(ctx.deadline), ctx)
+            return await gate.acquire(remaining(ctx.deadline), ctx, arrived=arrived)
         except (ShuttingDown, AppRemoved) as shed:
             # (Its own name: compiled, one name is one type across a function's handlers.)
             raise _shed(shed) from None
@@ -340,6 +357,8 @@ class ProxyServer:
                 502, f"the Machines API has no app {app.name}", cause="app_not_found"
             ) from None
         except HoldTimeout as exc:
+            if sent_back:
+                raise _unreachable() from None
             rejections.labels(app=app.name, reason="wake_timeout").inc()
             if exc.waking:
                 ctx.wake = WAKE_FAILED  # not "none": a wake was needed, and none came up
@@ -367,7 +386,9 @@ class ProxyServer:
         is none, or it was a later refusal, the request waits in the queue like any
         other, until its deadline, in the place its arrival gives it: ahead of those that
         came after it (it waited behind them), and not refused for a queue they filled
-        (the latest of them leaves instead: ``Gate._readmit``). A machine the API calls
+        (the latest of them leaves instead: ``Gate._readmit``); refused for one filled by
+        those that came before it, it is answered as ``_wait`` answers any (503, to
+        retry), and only its deadline is told apart there. A machine the API calls
         started may still be booting its server, and a static app's backend that died
         may be restarted (Fly's restart policy); either answers once it listens, and the
         watch of refused machines (``revive``) puts it back in rotation then. A static app
@@ -392,15 +413,15 @@ class ProxyServer:
         up = gate.try_acquire(tuple(tried), jump=True) if jump else None
         if up is None:
             if remaining(ctx.deadline) <= 0:
-                raise Failure(502, "no machine of this app is reachable", cause="unreachable")
-            try:  # a machine booting or restarting refused us: wait for it (or a wake)
-                up, _ = await gate.acquire(remaining(ctx.deadline), arrived=ctx.arrived)
-            except (ShuttingDown, AppRemoved) as shed:
-                raise _shed(shed) from None  # as for any held request: 503, to retry
-            except (QueueFull, HoldTimeout, NoSuchApp):
-                raise Failure(
-                    502, "no machine of this app is reachable", cause="unreachable"
-                ) from None
+                raise _unreachable()
+            # A machine booting or restarting refused us: wait for it (or a wake). A wake
+            # asked for it then names the request (its answer, or as the client leaves:
+            # it was logged as needing none); else the first wait's name stands (a wake
+            # it waited for before: the refusal was the machine that wake brought up).
+            pending = ctx.wake_pending
+            up, wake = await self._wait(gate, app, ctx, sent_back=True)
+            if wake != NO_WAKE or ctx.wake_pending is not pending:
+                ctx.wake = wake
         ctx.up = up
         ctx.slot = True
         if self.health.records:
@@ -971,6 +992,11 @@ class ProxyServer:
         return forward.error_response(
             status, _reason(status), message, {"X-Request-Id": request_id}, close=True
         )
+
+
+def _unreachable() -> Failure:
+    """The answer to a request no machine of its app took the connection of."""
+    return Failure(502, "no machine of this app is reachable", cause="unreachable")
 
 
 def _shed(exc: QueueFull) -> Failure:

@@ -239,6 +239,31 @@ async def test_all_machines_unreachable_is_502(
         assert len(r.headers["X-Request-Id"]) == 32
 
 
+async def test_a_request_sent_back_to_a_full_queue_gets_its_503(
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    refused_port: Callable[[], int],
+) -> None:
+    """Refused by its machine with none other free, a request waits again: in a queue
+    full of requests that came before it (here ``max_queue`` 0) it is refused, as any
+    request coming to a full queue is. It got 502 "no machine of this app is reachable",
+    counted as a proxy error (which pages) where it is a full queue's 503, to retry."""
+    backend = f"127.0.0.1:{refused_port()}"
+    proxy = await start_proxy(
+        [{"name": "a", "hosts": ["a.test"], "backends": [backend], "max_queue": 0}]
+    )
+    with capture_logs() as logs:
+        async with session.get(url(proxy), headers={"Host": "a.test"}) as r:
+            assert (r.status, await r.text()) == (503, "too many requests waiting\n")
+            assert r.headers["Retry-After"] == "1"
+    assert any(e["event"] == "machine_unreachable" for e in logs)  # it was sent back
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_queue_rejections_total", {"app": "a", "reason": "queue_full"}) == 1
+    assert count("autoscaler_proxy_errors_total", {"app": "a", "reason": "queue_full"}) == 1
+    assert not count("autoscaler_proxy_errors_total", {"app": "a", "reason": "unreachable"})
+
+
 @pytest.mark.parametrize("method", ["POST", "GET"])
 async def test_a_request_lost_on_every_machine_is_502_sent_again_at_most_once(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, method: str

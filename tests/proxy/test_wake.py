@@ -329,6 +329,36 @@ async def test_a_request_held_again_after_refusals_gets_the_503_of_its_apps_remo
         assert "removed from the configuration" in await resp.text()
 
 
+async def test_a_client_leaving_a_request_its_machine_sent_back_is_told_the_wake(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView, metrics: Metrics
+) -> None:
+    """Refused by the one machine up (no other free), a request waits again, for a wake
+    of the suspended one. That wait named no wake for the request (``Gate.acquire``
+    without the request's context): a client that left then was counted and logged
+    with wake "none", as if its request had needed none."""
+    fleet.app("w").set_machines(
+        [
+            MachineInfo("m1", "127.0.0.1", free_port(), "started", False),
+            MachineInfo("m2", "127.0.0.1", free_port(), "suspended", False),
+        ]
+    )
+    apps = [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 30}]
+    proxy = await start_proxy(apps, unhealthy_backoff_s=60)
+    waker = FakeWaker(fleet, chooses=False)  # never released: the wake goes on
+    fleet.set_waker(waker)
+    view = fleet.app("w")
+    with capture_logs() as logs:
+        gone = asyncio.create_task(status_of(session, url(proxy), "w.test"))
+        await until(lambda: view.queued == 1 and waker.calls == 1, what="held for a wake")
+        assert any(e["event"] == "machine_unreachable" for e in logs)  # sent back
+        gone.cancel()  # closes that client's connection
+        await until(lambda: view.queued == 0)  # its line is written as it leaves the queue
+    assert [(e["status"], e["wake"]) for e in logs if e["event"] == "request"] == [(499, "resume")]
+    count = metrics.registry.get_sample_value
+    assert count("autoscaler_requests_total", {"app": "w", "code": "499", "wake": "resume"}) == 1
+    waker.release.set()
+
+
 async def test_a_request_held_while_no_waker_is_installed_asks_the_one_installed_next(
     backend: Backend, start_proxy: StartProxy, session: aiohttp.ClientSession, fleet: FleetView
 ) -> None:
