@@ -196,8 +196,13 @@ async def suspend_machine(request: web.Request) -> web.Response:
 
 
 def _wait_states(request: web.Request) -> set[str]:
-    states = {s.strip() for v in request.query.getall("state", []) for s in v.split(",")}
+    """The states a /wait asks for; started when it names none. A ``state`` given empty
+    (``state=``) is bad input, the 400 of an unknown state, not a wait for started."""
+    given = request.query.getall("state", [])
+    states = {s.strip() for v in given for s in v.split(",")}
     states.discard("")
+    if given and not states:
+        states = {""}  # no state named: the 400 below, with got ''
     for s in states:
         if s not in WAITABLE:
             raise validate.BadRequest(

@@ -193,6 +193,26 @@ async def test_wait_accepts_several_states_and_rejects_bad_ones(emulator: Emulat
         assert r.status == 400
 
 
+async def test_wait_for_a_state_given_empty_is_400_as_for_an_unknown_one(
+    emulator: Emulator,
+) -> None:
+    """``state=`` (present, naming no state) is bad input, answered as ``state=sleeping``
+    is: not a wait for the default, started, up to the timeout (a machine that is not
+    starting answered 408 after it)."""
+    async with session(emulator) as s:
+        m = await new_machine(s, start=False)
+        url = f"/v1/apps/demo/machines/{m['id']}/wait"
+        unknown = await s.get(url, params={"state": "sleeping", "timeout": "1"})
+        assert unknown.status == 400
+        shape = (await unknown.json()).keys()
+        for empty in ("", ",", " "):
+            r = await s.get(url, params={"state": empty, "timeout": "1"})
+            assert r.status == 400, await r.text()
+            body = await r.json()
+            assert body.keys() == shape
+            assert body["error"].startswith("state: expected one of "), body
+
+
 async def test_wait_on_an_unknown_machine_is_404_before_its_query_is_checked(
     emulator: Emulator,
 ) -> None:
