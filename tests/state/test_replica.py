@@ -334,7 +334,10 @@ async def test_the_leader_decides_on_everyones_load(cluster: list[Replica]) -> N
             await r.round()
         await asyncio.sleep(0.05)
     sample, last = leader.load(APP, clock())
-    assert sample.average == pytest.approx(9.0, rel=0.05)  # ages are whole ms (PTTL)
+    # Ages are whole ms (PTTL), and a stall of the loop between two rounds (a loaded
+    # machine) moves a little of the area into the next sample: 8.4 was seen at load 8.
+    # Within 10% the sample still asks for what 9 requests ask (below).
+    assert sample.average == pytest.approx(9.0, rel=0.1)
     assert last is not None
     # The policy, ticking on the leader, wants what one process with all 9 requests wants:
     # 9 / target_concurrency 2 = 4.5, so 5 machines.
