@@ -122,10 +122,12 @@ class Upstream:
         self.held = False
         """Held out of rotation by the controller: a hung machine until its restart
         (``AppRuntime.hold_hung``); a new start lets it back."""
-        self.http10 = False
-        """Its last answer said HTTP/1.0 (its server sends no 100): the proxy answers a
-        client's ``Expect: 100-continue`` itself, at once, and sends the machine none (RFC
-        9110 10.1.1). Forgotten when it starts again or moves: another server may answer."""
+        self.http10: bool | None = None
+        """Whether its last answer said HTTP/1.0 (its server sends no 100): the proxy
+        answers a client's ``Expect: 100-continue`` itself, at once, and sends the machine
+        none (RFC 9110 10.1.1). None until it answers, and again when it starts again or
+        moves (another server may answer): meanwhile its app's word holds
+        (``AppView.http10``), as every machine of an app runs the same image."""
         self.authority = authority(host, port)
         self.owner: AppView | None = None
         """The view that counts its load: a request gives its slot back there, even after
@@ -137,7 +139,7 @@ class Upstream:
     def set_address(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.authority = authority(host, port)
-        self.http10 = False
+        self.http10 = None
 
     @property
     def ejections_in_a_row(self) -> int:
@@ -195,6 +197,14 @@ class AppView:
         self.touched: set[str] = set()
         """Where a request that begins or waits leaves the app's name: the fleet's set,
         which tells cluster mode's reports which apps' load may have moved."""
+        self.http10 = False
+        """Its last answer, from any of its machines, said HTTP/1.0: a machine not heard
+        from yet (new, started again, moved; ``Upstream.http10`` None) is taken to be
+        HTTP/1.0 too for Expect, so that each new machine of an HTTP/1.0 image does not
+        cost its first request with Expect ``CONTINUE_WAIT_S`` (an app redeployed with an
+        HTTP/1.1 server: its first answer of 1.1 clears it). Wrongly taken so is safe: the
+        proxy sends its own 100 and the body without Expect, which the machine could only
+        have refused early. A machine's own answer wins."""
         self.waking: str | None = None
         """How the wake under way brings a machine up ("resume" or "start"), once the
         waker has chosen; None otherwise. A held request served before the wake returns
@@ -267,7 +277,8 @@ class AppView:
             up.started_at = now
             up.unhealthy_until = 0.0
             up.failing = up.remote_failing = 0  # a new process
-            up.held = up.http10 = False
+            up.held = False
+            up.http10 = None
         elif state != STARTED:
             up.started_at = None
         up.state = state

@@ -498,7 +498,8 @@ class ClientTimeout(Exception):
 # (RFC 9110 10.1.1 says it should not) would wait with it. curl's own wait, 1 s.
 CONTINUE_WAIT_S = 1.0
 # The proxy's own 100: after that wait, or at once for a machine whose server answered
-# HTTP/1.0 (``Upstream.http10``: it sends none, and gets no Expect).
+# HTTP/1.0 (``Upstream.http10``: it sends none, and gets no Expect), or one not heard from
+# yet of an app whose last answer, from any machine, was HTTP/1.0 (``AppView.http10``).
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 

@@ -496,8 +496,11 @@ class ProxyServer:
         jump = False
         while True:
             assert up is not None
-            if expect and up.http10:
-                # Its server answered HTTP/1.0 and sends no 100: the client would wait
+            if expect and (
+                up.http10 if up.http10 is not None else up.owner is not None and up.owner.http10
+            ):
+                # Its server answered HTTP/1.0 and sends no 100 (or, not heard from yet,
+                # its app's last answer did: the same image): the client would wait
                 # CONTINUE_WAIT_S for one, every time. RFC 9110 10.1.1 lets a proxy that
                 # believes so send its own 100 at once, and no Expect on (nor to a machine
                 # tried after it: the client sends its body now).
@@ -607,8 +610,12 @@ class ProxyServer:
             if exchange is None:
                 up = await self._next_attempt(ctx, gate, app, tried, jump)
                 continue
-            # Its server's version, as its answers say: an HTTP/1.0 one gets no Expect.
-            up.http10 = exchange.version == "1.0"
+            # Its server's version, as its answers say: an HTTP/1.0 one gets no Expect,
+            # nor does a machine of its app not heard from yet (AppView.http10).
+            http10 = exchange.version == "1.0"
+            up.http10 = http10
+            if up.owner is not None:
+                up.owner.http10 = http10
             if websocket and exchange.status == 101:
                 if verdicts.records:
                     verdicts.succeeded(app.name, up)

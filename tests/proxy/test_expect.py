@@ -8,7 +8,8 @@ body without waiting has it sent at once (RFC 9110 10.1.1). Any other expectatio
 answered 417 by the proxy. In an HTTP/1.0 request, Expect is ignored (RFC 9110 10.1.1);
 in one of a version the proxy does not serve, the version is refused (505) first. A machine
 whose last answer was HTTP/1.0 (a server that sends no 100) gets no Expect: the proxy sends
-the client its own 100 at once, until the machine starts again."""
+the client its own 100 at once, until the machine starts again; nor does one not heard from
+yet whose app's last answer, from any machine, was HTTP/1.0."""
 
 from __future__ import annotations
 
@@ -282,8 +283,10 @@ async def test_a_machine_that_answered_http10_gets_no_expect_and_the_client_its_
     ``CONTINUE_WAIT_S`` for one, every time. Once the machine answered HTTP/1.0, the proxy
     sends the client its own 100 at once and the machine the request without Expect (RFC
     9110 10.1.1: a proxy that believes the next server only supports HTTP/1.0), with no wait
-    for a 100 (longer than this test may take). A restart forgets it: a new process may be
-    another server, and this one, now HTTP/1.1, gets Expect and sends the 100 itself."""
+    for a 100 (longer than this test may take). A restart forgets the machine's word: a new
+    process may be another server. Until it answers, its app's last answer (HTTP/1.0)
+    stands for it; once this one, now HTTP/1.1, answered, it gets Expect and sends the 100
+    itself."""
     monkeypatch.setattr(forward, "CONTINUE_WAIT_S", 1e6)
     version = [b"1.0"]
     heads: list[bytes] = []
@@ -332,10 +335,97 @@ async def test_a_machine_that_answered_http10_gets_no_expect_and_the_client_its_
     view.set_state("m1", "stopped")
     view.set_state("m1", STARTED)  # a new process: HTTP/1.1 now
     version[0] = b"1.1"
+    continued = await post()  # not heard from: the app's HTTP/1.0 stands
+    assert "x-machine" not in continued
+    assert b"\r\nexpect:" not in heads[2].lower()
     continued = await post()
     assert continued["x-machine"] == ["m1"]  # the machine's 100, relayed
-    assert b"\r\nExpect: 100-continue\r\n" in heads[2]
-    assert bodies == [b"hello", b"hello"]
+    assert b"\r\nExpect: 100-continue\r\n" in heads[3]
+    assert bodies == [b"hello", b"hello", b"hello"]
+
+
+async def test_a_new_machine_of_an_http10_app_gets_no_expect_before_it_answers(
+    raw_backend: RawBackend,
+    start_proxy: StartProxy,
+    fleet: FleetView,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every machine of an app runs the same image: once one answered HTTP/1.0, the first
+    request with Expect to another machine not heard from yet waited ``CONTINUE_WAIT_S``
+    for a 100 its server never sends (each new machine, each restart). It is now taken to
+    be HTTP/1.0 too: the client gets the proxy's 100 at once and the machine no Expect (a
+    wait longer than this test may take would fail it). An answer of HTTP/1.1 from any
+    machine (the app redeployed) clears that: a machine not heard from then gets Expect."""
+    monkeypatch.setattr(forward, "CONTINUE_WAIT_S", 1e6)
+    versions = {"a": b"1.0", "b": b"1.0", "c": b"1.1"}
+    heads: dict[str, list[bytes]] = {name: [] for name in versions}
+
+    def machine(name: str) -> StreamHandler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads[name].append(head)
+            if b"\r\nExpect: 100-continue\r\n" in head and versions[name] == b"1.1":
+                writer.write(b"HTTP/1.1 100 Continue\r\nX-Machine: %b\r\n\r\n" % name.encode())
+            if head.startswith(b"POST "):
+                await reader.readexactly(5)
+            writer.write(
+                b"HTTP/%b 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                % versions[name]
+            )
+            await writer.drain()
+            writer.close()
+
+        return serve
+
+    async def send(request: bytes) -> dict[str, list[str]]:
+        """A request, with Expect (a POST): the 100's headers; then the body."""
+        async with connect(port) as (reader, writer):
+            writer.write(request)
+            async with asyncio.timeout(BOUND_S):
+                status, continued = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                if request.startswith(b"POST "):
+                    assert status == 100
+                    writer.write(b"hello")
+                    status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                assert status == 200
+                assert await reader.readexactly(2) == b"ok"
+        return continued
+
+    def only(name: str) -> None:
+        """Route to that machine alone (the others stopped)."""
+        view.set_machines(
+            [
+                MachineInfo(
+                    n, addresses[n][0], addresses[n][1], STARTED if n == name else "stopped", False
+                )
+                for n in versions
+            ]
+        )
+
+    addresses: dict[str, tuple[str, int]] = {}
+    for name in versions:
+        host, _, machine_port = (await raw_backend(machine(name))).partition(":")
+        addresses[name] = (host, int(machine_port))
+    view = fleet.app("a")
+    only("a")
+    port = (await start_proxy([{"name": "a", "hosts": ["a.test"]}])).port
+    await send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")  # a answers HTTP/1.0
+
+    only("b")
+    continued = await send(POST)  # b, never heard from: HTTP/1.0 as a was
+    assert "x-machine" not in continued  # the proxy's own 100
+    assert len(heads["b"]) == 1
+    assert b"\r\nexpect:" not in heads["b"][0].lower()
+
+    only("c")
+    versions["b"] = b"1.1"  # redeployed: b's new process, as c, serves HTTP/1.1
+    continued = await send(POST)  # c not heard from yet: the app's HTTP/1.0 still
+    assert "x-machine" not in continued
+    assert b"\r\nexpect:" not in heads["c"][0].lower()
+    only("b")  # started again: not heard from; c's answer of HTTP/1.1 cleared the app's
+    continued = await send(POST)
+    assert continued["x-machine"] == ["b"]  # b's own 100, relayed
+    assert b"\r\nExpect: 100-continue\r\n" in heads["b"][1]
 
 
 @pytest.mark.parametrize("version", [b"2.0", b"0.9"])
