@@ -178,7 +178,11 @@ async def test_a_leaders_tick_leaves_the_wake_to_the_replica_holding_the_claim(
         follower = WakeClaims(leader.cluster.redis, key_prefix, "f", 5.0)
         claim = await follower.take(APP)
         assert claim is not None
-        for _ in range(4):  # 4 requests held, target_concurrency 2: two machines wanted
+        # 12 requests held, target_concurrency 2: the two machines there are wanted as long
+        # as the requests were held for a sixth of the load window's time so far (its
+        # first sample was at the leader's start). With 4 (half of it), a loaded machine's
+        # slower set-up above left the average at 1.3: one start.
+        for _ in range(12):
             leader.view.app(APP).hold()
         for _ in range(3):
             await leader.round()
