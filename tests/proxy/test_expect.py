@@ -28,6 +28,7 @@ from .helpers import BOUND_S, connect, parse_head, raw, reply_status
 from .test_wake import FakeWaker
 
 POST = b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+GET = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -35,6 +36,22 @@ async def proxy_to(raw_backend: RawBackend, start_proxy: StartProxy, serve: Stre
     addr = await raw_backend(serve)
     proxy = await start_proxy([{"name": "a", "hosts": ["a.test"], "backends": [addr]}])
     return proxy.port
+
+
+async def through(port: int, request: bytes) -> dict[str, list[str]]:
+    """``request`` through the proxy, with its body of 5 bytes after the 100 if a POST
+    (``POST``: with Expect): the 100's headers (none for another), then the answer, 200 ok."""
+    async with connect(port) as (reader, writer):
+        writer.write(request)
+        async with asyncio.timeout(BOUND_S):
+            status, continued = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            if request.startswith(b"POST "):
+                assert status == 100
+                writer.write(b"hello")
+                status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert status == 200
+            assert await reader.readexactly(2) == b"ok"
+    return continued
 
 
 async def test_a_final_answer_before_the_100_goes_to_the_client_and_no_body_is_sent(
@@ -305,29 +322,12 @@ async def test_a_machine_that_answered_http10_gets_no_expect_and_the_client_its_
         await writer.drain()
         writer.close()
 
-    async def post() -> dict[str, list[str]]:
-        """A POST with Expect: the 100's headers; then the body, and the answer."""
-        async with connect(port) as (reader, writer):
-            writer.write(POST)
-            async with asyncio.timeout(BOUND_S):
-                status, continued = parse_head(await reader.readuntil(b"\r\n\r\n"))
-                assert status == 100
-                writer.write(b"hello")
-                status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
-                assert status == 200
-                assert await reader.readexactly(2) == b"ok"
-        return continued
-
     host, _, machine_port = (await raw_backend(serve)).partition(":")
     view = fleet.app("a")
     view.set_machines([MachineInfo("m1", host, int(machine_port), STARTED, False)])
     port = (await start_proxy([{"name": "a", "hosts": ["a.test"]}])).port
-    async with connect(port) as (reader, writer):  # teaches the proxy: HTTP/1.0
-        writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        async with asyncio.timeout(BOUND_S):
-            status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
-            assert status == 200
-    continued = await post()
+    await through(port, GET)  # teaches the proxy: HTTP/1.0
+    continued = await through(port, POST)
     assert "x-machine" not in continued  # the proxy's own 100
     assert b"\r\nexpect:" not in heads[1].lower()
     assert bodies == [b"hello"]
@@ -335,10 +335,10 @@ async def test_a_machine_that_answered_http10_gets_no_expect_and_the_client_its_
     view.set_state("m1", "stopped")
     view.set_state("m1", STARTED)  # a new process: HTTP/1.1 now
     version[0] = b"1.1"
-    continued = await post()  # not heard from: the app's HTTP/1.0 stands
+    continued = await through(port, POST)  # not heard from: the app's HTTP/1.0 stands
     assert "x-machine" not in continued
     assert b"\r\nexpect:" not in heads[2].lower()
-    continued = await post()
+    continued = await through(port, POST)
     assert continued["x-machine"] == ["m1"]  # the machine's 100, relayed
     assert b"\r\nExpect: 100-continue\r\n" in heads[3]
     assert bodies == [b"hello", b"hello", b"hello"]
@@ -377,20 +377,6 @@ async def test_a_new_machine_of_an_http10_app_gets_no_expect_before_it_answers(
 
         return serve
 
-    async def send(request: bytes) -> dict[str, list[str]]:
-        """A request, with Expect (a POST): the 100's headers; then the body."""
-        async with connect(port) as (reader, writer):
-            writer.write(request)
-            async with asyncio.timeout(BOUND_S):
-                status, continued = parse_head(await reader.readuntil(b"\r\n\r\n"))
-                if request.startswith(b"POST "):
-                    assert status == 100
-                    writer.write(b"hello")
-                    status, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
-                assert status == 200
-                assert await reader.readexactly(2) == b"ok"
-        return continued
-
     def only(name: str) -> None:
         """Route to that machine alone (the others stopped)."""
         view.set_machines(
@@ -409,21 +395,21 @@ async def test_a_new_machine_of_an_http10_app_gets_no_expect_before_it_answers(
     view = fleet.app("a")
     only("a")
     port = (await start_proxy([{"name": "a", "hosts": ["a.test"]}])).port
-    await send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")  # a answers HTTP/1.0
+    await through(port, GET)  # a answers HTTP/1.0
 
     only("b")
-    continued = await send(POST)  # b, never heard from: HTTP/1.0 as a was
+    continued = await through(port, POST)  # b, never heard from: HTTP/1.0 as a was
     assert "x-machine" not in continued  # the proxy's own 100
     assert len(heads["b"]) == 1
     assert b"\r\nexpect:" not in heads["b"][0].lower()
 
     only("c")
     versions["b"] = b"1.1"  # redeployed: b's new process, as c, serves HTTP/1.1
-    continued = await send(POST)  # c not heard from yet: the app's HTTP/1.0 still
+    continued = await through(port, POST)  # c not heard from yet: the app's HTTP/1.0 still
     assert "x-machine" not in continued
     assert b"\r\nexpect:" not in heads["c"][0].lower()
     only("b")  # started again: not heard from; c's answer of HTTP/1.1 cleared the app's
-    continued = await send(POST)
+    continued = await through(port, POST)
     assert continued["x-machine"] == ["b"]  # b's own 100, relayed
     assert b"\r\nExpect: 100-continue\r\n" in heads["b"][1]
 
