@@ -628,19 +628,15 @@ class Actuator:
         if cordon_ours:
             rt.record(mid, self.clock(), cordoned=False)
         try:
-            try:
-                up = await self._boot(rt, mid, kind, deadline)
-            except LeaseHeld:
-                raise  # someone else's lease: skipped, not the machine's doing
-            except (BootFailed, Conflict):
-                # The machine's doing: its boot failed, or it cannot be started from where
-                # it is. A refused or lost call (429, 5xx, a timeout, a lease, fencing) is
-                # the API's, retried after the action's cooldown, and costs none of the
-                # budget.
-                if rt.machines.get(mid) is not None and rt.machines[mid].state == FAILED:
-                    self._restart_failed(rt, mid, restart)
-                raise
-        except BaseException:
+            up = await self._boot(rt, mid, kind, deadline)
+        except BaseException as exc:
+            # The machine's doing: its boot failed, or it cannot be started from where it
+            # is. Someone else's lease is not (skipped), nor a refused or lost call (429,
+            # 5xx, a timeout, fencing): the API's, retried after the action's cooldown, and
+            # costs none of the budget.
+            mine = isinstance(exc, (BootFailed, Conflict)) and not isinstance(exc, LeaseHeld)
+            if mine and rt.machines.get(mid) is not None and rt.machines[mid].state == FAILED:
+                self._restart_failed(rt, mid, restart)
             if cordon_ours:
                 # Not up, so our cordon was not lifted: the record left uncordoned said
                 # otherwise until the next list (a lapsed lease refusing the start, a
