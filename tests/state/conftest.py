@@ -1,5 +1,6 @@
 """A real redis-server for the cluster tests: one for the package, on a free loopback port,
-nothing written to disk, reaped at the end. Each test keeps to its own key prefix."""
+nothing written to disk, reaped at the end. Each test keeps to its own key prefix. And
+load reports that outlive a stalled test (``reports_outlive_any_stall``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
+from autoscaler.state import cluster
 
 
 def _free_port() -> int:
@@ -104,3 +107,14 @@ def own_redis() -> Iterator[RedisServer]:
 @pytest.fixture
 def key_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def reports_outlive_any_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load report lives an hour, not ``REPORT_TTL_S`` (2 s of real time, Redis's
+    PEXPIRE): a loaded machine that stalled a test for 2 s between a write and a read
+    that counts it (a follower's load or peaks the leader decides on) lost the report,
+    and the test failed. The tests that use it wait for no report to expire: a replica's
+    death is played by deleting its report, as Redis does when the TTL runs out.
+    (``cluster`` reads the constant at each call, and is not compiled: setup.py.)"""
+    monkeypatch.setattr(cluster, "REPORT_TTL_S", 3600.0)

@@ -46,16 +46,8 @@ TTL = 0.6
 STEADY_TTL = 3.0
 
 
-@pytest.fixture(autouse=True)
-def reports_outlive_any_stall(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A report lives an hour here, not ``REPORT_TTL_S`` (2 s of real time, Redis's
-    PEXPIRE): a loaded machine that stalled a test for 2 s between a replica's last round
-    and a read that counts it (a follower's load or peaks the leader decides on) lost the
-    report, and the test failed. No test here waits for a report to
-    expire: a replica's death is played by deleting its report, as Redis does when the
-    TTL runs out. (``cluster`` reads the constant at each call, and is not compiled:
-    setup.py.)"""
-    monkeypatch.setattr(cluster_module, "REPORT_TTL_S", 3600.0)
+# (A report outlives any stall of a loaded machine: conftest.py.)
+pytestmark = pytest.mark.usefixtures("reports_outlive_any_stall")
 
 
 async def probe(host: str, port: int) -> bool:

@@ -20,14 +20,8 @@ from autoscaler.state.cluster import GONE_KEPT_S, AppFleet, AppLoad, Cluster, Re
 APPS = [f"app{i:03d}" for i in range(200)]
 
 
-@pytest.fixture(autouse=True)
-def reports_outlive_any_stall(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A report lives an hour here, not ``REPORT_TTL_S`` (2 s of real time, Redis's
-    PEXPIRE): a loaded machine that stalled a test for 2 s between a write and its read
-    lost the report, and the test failed. Expiry is played by deleting the key, as Redis
-    does when the TTL runs out. (``cluster`` reads the constant at each call, and is not
-    compiled: setup.py.)"""
-    monkeypatch.setattr(cluster_module, "REPORT_TTL_S", 3600.0)
+# (A report outlives any stall of a loaded machine: conftest.py.)
+pytestmark = pytest.mark.usefixtures("reports_outlive_any_stall")
 
 
 class Clock:
