@@ -26,10 +26,12 @@ from autoscaler.emulator.middleware import (
     auth_mw,
     error,
     errors_mw,
+    injected_error,
     leased_machine,
     limits_mw,
     machine_of,
     ok_body,
+    outage_cuts,
     query_flag,
     read_body,
     world_of,
@@ -243,6 +245,7 @@ async def wait_machine(request: web.Request) -> web.Response:
         )
     if instance_id and instance_id != m.instance_id and instance_id not in m.versions:
         raise validate.BadRequest(f"instance_id: {instance_id!r} is no version of machine {m.id}")
+    lifecycle = world_of(request).lifecycle
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not _reached(m, states, instance_id):
@@ -251,15 +254,18 @@ async def wait_machine(request: web.Request) -> web.Response:
             # 408 at the end of the timeout that a client would take for "not yet".
             raise NotFound(f"machine not found: {m.id}")
         changed = m.changed  # the event of the current state; set on the next change
+        seen_rate = lifecycle.faults.error_rate
         remaining = deadline - loop.time()
         try:
             async with asyncio.timeout(max(remaining, 0)):
-                await changed.wait()
+                await changed.wait()  # or a rise of the error rate (World.set_faults)
         except TimeoutError:
             wanted = ", ".join(sorted(states))
             return error(
                 408, f"machine failed to reach desired state, {wanted}, currently {m.state}"
             )
+        if outage_cuts(request, seen_rate):
+            return injected_error()  # an outage began: it ends the waits in flight too
     event_id = m.events[-1].id if m.events else ""
     return ok_body(state=m.state, version=m.instance_id, event_id=event_id)
 

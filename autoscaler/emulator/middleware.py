@@ -103,7 +103,7 @@ async def limits_mw(request: web.Request, handler: Handler) -> web.StreamRespons
     if faults.latency_s:
         await asyncio.sleep(faults.latency_s)
     if faults.error_rate and ctx.rng.random() < faults.error_rate:
-        return error(500, "injected fault: internal server error")
+        return injected_error()
     if faults.rate_limit_rate and ctx.rng.random() < faults.rate_limit_rate:
         return error(429, "injected fault: rate limited", {"Retry-After": "1"})
     action = request.match_info.route.name
@@ -128,6 +128,20 @@ async def limits_mw(request: web.Request, handler: Handler) -> web.StreamRespons
     ):
         lose_answer(request, action)
     return response
+
+
+def injected_error() -> web.Response:
+    """The answer of a call that ``faults.error_rate`` fails."""
+    return error(500, "injected fault: internal server error")
+
+
+def outage_cuts(request: web.Request, seen_rate: float) -> bool:
+    """Whether a call in flight (a /wait) is ended by the error rate now in force, which
+    rose above ``seen_rate``, the one it last saw: with that rate's chance, as a new call
+    is. On Fly a control-plane outage drops its long polls in flight too."""
+    ctx = request.app[CTX]
+    rate = ctx.world.lifecycle.faults.error_rate
+    return rate > seen_rate and ctx.rng.random() < rate
 
 
 def lose_answer(request: web.Request, call: str) -> None:

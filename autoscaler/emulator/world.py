@@ -151,8 +151,14 @@ class World:
     # --- faults ----------------------------------------------------------------------
 
     def set_faults(self, faults: FaultSettings) -> None:
-        """Replace the faults in force; per-machine ones take effect at once."""
+        """Replace the faults in force; per-machine ones take effect at once. A rise of
+        the error rate wakes every /wait in flight, which it may end (api.wait_machine)."""
+        rose = faults.error_rate > self.lifecycle.faults.error_rate
         self.lifecycle.set_faults(faults)
+        if rose:
+            for app in self.apps.values():
+                for m in app.machines.values():
+                    m.touch()
 
     # --- apps ------------------------------------------------------------------------
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import httpx
 import pytest
 from emu_helpers import new_machine, session, until_state
+from testkit import until
 
 from autoscaler.config import CHANGING_MACHINE_CALLS, FaultSettings
 from autoscaler.emulator import Emulator
@@ -99,6 +102,34 @@ async def test_remote_faults_client_makes_a_429_storm(emulator: Emulator) -> Non
     async with RemoteFaults(emulator.url, "wrong") as faults:
         with pytest.raises(FaultsError, match="401"):
             await faults.get()
+
+
+async def test_an_outage_ends_a_wait_already_waiting_with_its_500(emulator: Emulator) -> None:
+    """A control-plane outage drops Fly's long polls in flight too: a /wait that began
+    before it ends with the outage's 500, not an answer from a control plane that is down
+    (it waited on, and answered 200 or 408 as if nothing had happened)."""
+    async with session(emulator) as s:
+        mid = (await new_machine(s, start=False))["id"]
+        waiter = asyncio.ensure_future(
+            s.get(f"/v1/apps/demo/machines/{mid}/wait", params={"state": "started", "timeout": 20})
+        )
+        await until(lambda: len(emulator.machine("demo", mid).changed._waiters) > 0)
+        emulator.set_faults(error_rate=1.0)
+        got = await waiter
+        assert got.status == 500
+        assert await got.json() == {"error": "injected fault: internal server error", "status": 500}
+        emulator.set_faults(error_rate=None)
+        # A change of faults that does not raise the error rate leaves a wait alone: it answers when
+        # the machine gets there.
+        waiter = asyncio.ensure_future(
+            s.get(f"/v1/apps/demo/machines/{mid}/wait", params={"state": "started", "timeout": 60})
+        )
+        await until(lambda: len(emulator.machine("demo", mid).changed._waiters) > 0)
+        emulator.set_faults(rate_limit_rate=1.0, latency_s=0.01)
+        emulator.set_faults(rate_limit_rate=None, latency_s=None)
+        assert (await s.post(f"/v1/apps/demo/machines/{mid}/start")).status == 200
+        got = await waiter
+        assert (got.status, (await got.json())["state"]) == (200, "started")
 
 
 async def test_set_faults_in_process_changes_only_what_it_names(emulator: Emulator) -> None:
