@@ -357,11 +357,15 @@ class Operations:
         answered 408 while the machine is not there yet. 404 counts as reaching "destroyed".
         The real API insists on a version when waiting for "stopped"; without
         ``instance_id`` the machine's current one is read first, inside ``timeout_s``.
-        Raises WaitTimeout when our own deadline passes.
+        Raises WaitTimeout when our own deadline passes; ValueError, before any request,
+        when ``state`` names no state (``""``, ``[]``: the API answers 400 to it).
         """
         deadline = self._clock() + timeout_s  # before any request: the read counts too
-        states = state if isinstance(state, str) else ",".join(state)
-        wanted = states.split(",")
+        given = state.split(",") if isinstance(state, str) else list(state)
+        wanted = [s.strip() for part in given for s in part.split(",") if s.strip()]
+        if not wanted:
+            raise ValueError(f"state: name at least one state to wait for, got {state!r}")
+        states = ",".join(wanted)
         try:
             if instance_id is None and "stopped" in wanted:
                 instance_id = (await self.get_machine(app, machine_id)).instance_id

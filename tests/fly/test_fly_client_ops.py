@@ -622,6 +622,17 @@ async def test_wait_defaults_and_several_states() -> None:
     assert second.state == "suspended"
 
 
+@pytest.mark.parametrize("state", ["", [], [""], " , ", ("", " ")])
+async def test_a_wait_for_no_state_is_refused_before_any_request(state: str | list[str]) -> None:
+    """No state named: the emulator answers 400 (the real API's wait has no such state);
+    it was sent all the same, ``state=`` in the query. A ValueError here, nothing sent."""
+    script = Script([ok({"ok": True, "state": "started"})])
+    async with make_client(script) as api:
+        with pytest.raises(ValueError, match="state: name at least one state"):
+            await api.wait_for_machine_state("web", "m1", state, 5)
+    assert script.requests == []
+
+
 async def test_wait_for_stopped_reads_the_version_first() -> None:
     """The real API wants a version with state=stopped; the client fills in the current one."""
     script = Script([ok(MACHINE), ok({"ok": True, "state": "stopped"})])
