@@ -58,8 +58,10 @@ DEMO_COMMAND = "{python} -m autoscaler.emulator.demo_app --host {host} --port {p
 # create them, and any with a schedule): restart a process that exits non-zero, 10 times.
 DEFAULT_RESTART_POLICY = "on-failure"
 DEFAULT_MAX_RETRIES = 10
-STOP_TIMEOUT_S = 30.0  # a stop's or restart's without one (call or stop_config); Fly: 5 min
-UPDATE_STOP_TIMEOUT_S = 5.0  # an update's stop of the running version, as before
+# A stop's, restart's or update's timeout when neither the call nor config.stop_config
+# names one: Fly's default, fly.toml's kill_timeout of 5 s ("we send a SIGINT [...] Then
+# we wait 5 seconds", docs/fly-api-notes.md, "Stop signal and timeout").
+STOP_TIMEOUT_S = 5.0
 # All a machine gets of the emulator's environment, as a Fly VM sees only its image's
 # (docs/emulator.md, "Images"): what any command needs to run on this host (PATH, HOME,
 # TMPDIR, the locale), and what makes `{python}` the emulator's own Python (its import path,
@@ -381,16 +383,15 @@ class Lifecycle:
         m: Machine,
         sig: int | None = None,
         timeout_s: float | None = None,
-        default_timeout_s: float = STOP_TIMEOUT_S,
     ) -> tuple[int, float]:
         """A stop's signal and timeout: the call's, else the machine's ``config.stop_config``
         (as on Fly, where fly.toml's kill_signal and kill_timeout land), else SIGINT and
-        ``default_timeout_s``. The config's were checked when it was set."""
+        ``STOP_TIMEOUT_S``. The config's were checked when it was set."""
         config_sig, config_timeout = validate.stop_settings(m.config.get("stop_config") or {}, "")
         if sig is None:
             sig = signal.SIGINT if config_sig is None else config_sig
         if timeout_s is None:
-            timeout_s = default_timeout_s if config_timeout is None else config_timeout
+            timeout_s = STOP_TIMEOUT_S if config_timeout is None else config_timeout
         return sig, timeout_s
 
     def stop(self, m: Machine, sig: int | None = None, timeout_s: float | None = None) -> None:
@@ -458,7 +459,7 @@ class Lifecycle:
             raise Conflict(f"unable to update machine from current state: '{m.state}'")
         previous = m.state
         # The running version stops as its own config says.
-        stop = self.stop_settings(m, default_timeout_s=UPDATE_STOP_TIMEOUT_S)
+        stop = self.stop_settings(m)
         m.config = config
         if name:
             m.name = name

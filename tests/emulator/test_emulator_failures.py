@@ -137,8 +137,8 @@ async def test_a_stop_without_signal_or_timeout_follows_the_machines_stop_config
 ) -> None:
     """``config.stop_config`` (fly.toml's kill_signal and kill_timeout) is the signal and
     timeout of a stop whose call names none, as on Fly: the stop event names SIGTERM, and
-    the hung app, which ignores it, is killed after the config's 1 s, not the 30 s a stop
-    without one waits (the wait below gives up long before that)."""
+    the hung app, which ignores it, is killed after the config's 1 s (the timeout the
+    stop takes, as ``stop_settings`` shows; a stop without one waits 5 s)."""
     async with session(emulator) as s:
         m = await new_machine(s, stop_config={"signal": "SIGTERM", "timeout": "1s"})
         bad = {"image": "x", "stop_config": {"signal": "SIGNOPE"}}
@@ -146,9 +146,10 @@ async def test_a_stop_without_signal_or_timeout_follows_the_machines_stop_config
         assert r.status == 400
         assert "config.stop_config.signal" in (await r.json())["error"]
         mid, base = m["id"], f"/v1/apps/demo/machines/{m['id']}"
+        machine = emulator.machine("demo", mid)
+        assert emulator.world.lifecycle.stop_settings(machine) == (signal.SIGTERM, 1.0)
         emulator.set_faults(hung=[mid])
         assert (await s.post(f"{base}/stop")).status == 200
-        machine = emulator.machine("demo", mid)
         assert machine.events[-1].request == {"signal": "SIGTERM"}
         r = await wait(s, "demo", mid, "stopped", seconds=10)
         assert r.status == 200, await r.text()
@@ -159,6 +160,27 @@ async def test_a_stop_without_signal_or_timeout_follows_the_machines_stop_config
         await wait_ok(s, "demo", mid)
         assert (await s.post(f"{base}/stop", json={"signal": "SIGUSR1"})).status == 200
         assert machine.events[-1].request == {"signal": "SIGUSR1"}
+
+
+async def test_a_stop_with_no_timeout_anywhere_kills_after_fly_s_default_5_s(
+    emulator: Emulator,
+) -> None:
+    """No timeout in the call nor in ``config.stop_config``: SIGINT, then the SIGKILL
+    after Fly's default of 5 s (fly.toml's kill_timeout; "Then we wait 5 seconds", Fly's
+    blog in docs/fly-api-notes.md), not after 30 s: the hung app, which handles no signal,
+    is stopped well inside the wait below, which ended 408 before."""
+    async with session(emulator) as s:
+        m = await new_machine(s)
+        mid, base = m["id"], f"/v1/apps/demo/machines/{m['id']}"
+        machine = emulator.machine("demo", mid)
+        assert emulator.world.lifecycle.stop_settings(machine) == (signal.SIGINT, 5.0)
+        emulator.set_faults(hung=[mid])
+        assert (await s.post(f"{base}/stop")).status == 200
+        assert machine.events[-1].request == {"signal": "SIGINT"}
+        r = await wait(s, "demo", mid, "stopped", seconds=20)
+        assert r.status == 200, await r.text()
+        (exit_event,) = [e for e in machine.events if e.type == "exit"]
+        assert exit_event.request["exit_event"]["signal"] == signal.SIGKILL
 
 
 async def test_hang_rate_hangs_new_starts_and_names_them(emulator: Emulator) -> None:
