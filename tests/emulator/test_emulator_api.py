@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import socket
+
 import pytest
 from emu_helpers import (
     DEMO,
@@ -16,6 +19,7 @@ from emu_helpers import (
 
 from autoscaler.config import EmulatorSettings, FaultSettings
 from autoscaler.emulator import Emulator
+from autoscaler.emulator.procs import AddressPool
 
 
 @pytest.mark.parametrize(
@@ -419,3 +423,27 @@ async def test_no_free_address_is_a_clear_412(
         assert r.status == 412
         assert "0.0.0.0:8123" in (await r.json())["error"]
         assert emulator.machines("demo") == []
+
+
+def test_an_ipv4_address_is_probed_on_itself_not_on_another_loopback_address() -> None:
+    """A new (or re-addressed, ``readdress``) IPv4 machine's port is checked free on the
+    address the machine will listen on: a listener on 127.0.0.1 alone does not take it,
+    one on the drawn address itself does (the next address drawn is given)."""
+
+    def first_draw(seed: int) -> str:
+        rng = random.Random(seed)  # noqa: S311 - addresses, not secrets
+        return f"127.{rng.randint(2, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+
+    with socket.socket() as elsewhere:
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen()
+        port = elsewhere.getsockname()[1]
+        pool = AddressPool(random.Random(1))  # noqa: S311 - addresses, not secrets
+        assert pool.readdress(port) == first_draw(1)
+        with socket.socket() as on_it:
+            on_it.bind((first_draw(2), port))
+            on_it.listen()
+            pool = AddressPool(random.Random(2))  # noqa: S311 - addresses, not secrets
+            given = pool.readdress(port)
+            assert given != first_draw(2)
+            assert given.startswith("127.")
