@@ -35,9 +35,12 @@ there under its boot id, ``{prefix}:settled:{boot}`` (listed in the set
 ``{prefix}:departed``), for as long as a key of its own may be waited for: the next
 leader still reads it, and no reader counts the stopped replica as a member. A member
 whose report expired (it died) is unlisted by the first reader that finds it so, which
-leaves its id in the set ``{prefix}:expired`` (for ``GONE_KEPT_S`` from the set's latest
-addition, so at least that long): a replica that joins
-after that knows it gone too (``Cluster.gone``), and adopts the machine leases it left.
+leaves its id in the sorted set ``{prefix}:gone``, scored by when (Redis's clock), for
+``GONE_KEPT_S``, each id on its own: a replica that joins after that knows it gone too
+(``Cluster.gone``), and adopts the machine leases it left. (The previous release kept
+those ids in the set ``{prefix}:expired``, all as long as its latest addition: under
+steady churn it never expired and grew; this code still reads it while a rolling upgrade
+runs, and never writes it.)
 
 With a thousand apps a report has thousands of fields, and nearly all of them stay the
 same from one round to the next (an app at rest has the same load; a view changes when a
@@ -98,11 +101,36 @@ REPORT_TTL_S = 2.0
 """How long a report outlives its replica's last write."""
 GONE_KEPT_S = 120.0
 """How long a replica that left is remembered as gone (``Cluster.gone``), from the last
-read that found it so or a record that names it (``expired_key``, whose TTL this is too):
-for the leases it left on machines, which the others adopt (control/leases.py). Its
-refreshes of them are fenced, so each lapses within its TTL (30 s) of the replica's last
-lease or claim in Redis, well before this; and ids come and go for good (``hostname:pid``
-at each start)."""
+read that found it so or a record that names it; and how long ``gone_key`` keeps each
+id, from its addition (Redis's clock), whatever is added later (the key's own TTL too,
+from its latest addition): for the leases it left on machines, which the others adopt
+(control/leases.py). Its refreshes of them are fenced, so each lapses within its TTL
+(30 s) of the replica's last lease or claim in Redis, well before this; and ids come and
+go for good (``hostname:pid`` at each start)."""
+
+_GONE_ADD = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local at = string.format('%d', now)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], at, ARGV[i])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - tonumber(ARGV[1])))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+"""Add ``ARGV[2:]`` to ``gone_key`` scored by Redis's clock (ms: the one clock all
+replicas share; ours is monotonic per process), drop the ids added ``ARGV[1]`` ms ago or
+earlier, and keep the key itself that long (nobody adds: it goes whole). One script, so
+the addition and the trim are atomic."""
+
+_GONE_READ = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], string.format('(%d', now - tonumber(ARGV[1])), '+inf')
+"""
+"""The ids of ``gone_key`` added less than ``ARGV[1]`` ms ago (Redis's clock): one added
+earlier is not read, though the key still holds it until the next addition or its TTL.
+Read-only."""
 
 
 HEADER = ("boot", "leader", "fence", "gen", "now", "changed", "since", "settled")
@@ -768,9 +796,10 @@ class Cluster:
         self.gone: dict[str, float] = {}
         """Replica id -> when (our clock) a read last found it had left: listed as a member
         with its report expired, read before and not now (another replica unlisted it, or
-        it stopped), or named by a ``departed`` record or in ``expired_key`` (it left before
-        we joined: we never read it). Not a member now, nor us; kept ``GONE_KEPT_S``. The
-        machine leases it left are adopted (``Leases.former``)."""
+        it stopped), or named by a ``departed`` record or in ``gone_key`` (it left before
+        we joined: we never read it; or in ``expired_key``, by a previous release). Not a
+        member now, nor us; kept ``GONE_KEPT_S``. The machine leases it left are adopted
+        (``Leases.former``)."""
         self.leader_id: str | None = None
         self.last_read_at: float | None = None
         self.last_report_at: float | None = None
@@ -787,9 +816,19 @@ class Cluster:
         return f"{self.prefix}:departed"
 
     @property
-    def expired_key(self) -> str:
+    def gone_key(self) -> str:
         """The ids of members whose report a reader found expired, and unlisted: for the
-        replicas that join after that (``gone``)."""
+        replicas that join after that (``gone``). A sorted set, each id scored by when it
+        was added (Redis's clock, ms) and kept ``GONE_KEPT_S`` from then."""
+        return f"{self.prefix}:gone"
+
+    @property
+    def expired_key(self) -> str:
+        """The previous release's ``gone_key``: a plain set, kept as a whole for
+        ``GONE_KEPT_S`` from its latest addition. Its replicas still add to it in a
+        rolling upgrade (a sorted set under this name would fail their ``SADD`` and
+        ``SMEMBERS``), so this code reads it too, and writes only ``gone_key``; once no
+        replica of that release is left, it expires by itself."""
         return f"{self.prefix}:expired"
 
     def settled_key(self, boot: str) -> str:
@@ -917,8 +956,9 @@ class Cluster:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(self.replicas_key)
             pipe.smembers(self.departed_key)
+            pipe.eval(_GONE_READ, 1, self.gone_key, round(GONE_KEPT_S * 1000))
             pipe.smembers(self.expired_key)
-            members, departed, expired_ids = await pipe.execute()
+            members, departed, gone_ids, expired_ids = await pipe.execute()
         ids = sorted(members)
         boots = sorted(departed)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -990,8 +1030,7 @@ class Cluster:
                 pipe.srem(self.replicas_key, *gone)
                 # Unlisted, it would be known gone only to the replicas that saw it a
                 # member: one that joins later waited out the machine leases it left.
-                pipe.sadd(self.expired_key, *gone)
-                pipe.pexpire(self.expired_key, round(GONE_KEPT_S * 1000))  # all as long
+                pipe.eval(_GONE_ADD, 1, self.gone_key, round(GONE_KEPT_S * 1000), *gone)
                 await pipe.execute()
         if expired:
             await self.redis.srem(self.departed_key, *expired)
@@ -1000,6 +1039,7 @@ class Cluster:
                 *gone,
                 *self.others,
                 *(rid for rid, _ in said_departed if rid is not None),
+                *gone_ids,
                 *expired_ids,
             },
             others,

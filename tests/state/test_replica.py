@@ -2233,7 +2233,7 @@ async def test_a_replica_that_joined_after_the_holder_died_adopts_its_lease(
     """A replica died holding a machine's lease (a wake's start), and another replica's
     read found its report expired and unlisted it, before this one joined: this one never
     saw it a member, so its lease was waited out (30 s) and the app's only machine not
-    started meanwhile. The unlisting leaves its id behind (``Cluster.expired_key``): it is
+    started meanwhile. The unlisting leaves its id behind (``Cluster.gone_key``): it is
     gone to this replica too, and its lease adopted."""
     api = FakeMachinesAPI()
     mid = api.add(APP, "stopped")

@@ -5,6 +5,7 @@ whole, and right."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -555,7 +556,7 @@ async def test_a_replica_is_gone_once_it_left_until_it_is_back_or_long_gone(
     try:
         await back.publish(at_rest(), None)
         clock.now += GONE_KEPT_S
-        await reader.redis.delete(reader.expired_key)  # as if its TTL ran out meanwhile
+        await reader.redis.delete(reader.gone_key)  # as if its TTL ran out meanwhile
         await reader.read()
         assert reader.gone == {"died": clock.now - GONE_KEPT_S}
         clock.now += 1
@@ -571,7 +572,7 @@ async def test_a_replica_that_died_before_a_reader_joined_is_gone_to_it_too(
 ) -> None:
     """The reader that finds a member's report expired unlists it: a replica that joins
     after that never saw it as a member, and waited out the machine leases it left (30 s)
-    instead of adopting them. The unlisting leaves its id behind (``expired_key``) for
+    instead of adopting them. The unlisting leaves its id behind (``gone_key``) for
     ``GONE_KEPT_S``: every reader counts it gone, one that joins later too, unless it is
     live."""
     _, reader, clock = pair
@@ -586,10 +587,84 @@ async def test_a_replica_that_died_before_a_reader_joined_is_gone_to_it_too(
     try:
         await late.read()
         assert late.gone == {"died": clock.now}
-        assert 0 < await reader.redis.pttl(reader.expired_key) <= GONE_KEPT_S * 1000
+        assert 0 < await reader.redis.pttl(reader.gone_key) <= GONE_KEPT_S * 1000
         await died.publish(at_rest(), None)  # back (a configured id): live, not gone
         await late.read()
         assert late.gone == {}
     finally:
         await late.close()
         await died.close()
+
+
+async def dies(reader: Cluster, redis_server: str, key_prefix: str, rid: str) -> None:
+    """``rid`` joins, then dies (its report expires), and ``reader`` unlists it."""
+    settings = ClusterSettings(
+        redis_url=SecretStr(redis_server), replica_id=rid, key_prefix=key_prefix
+    )
+    died = Cluster(settings, clock=reader.clock)
+    try:
+        await died.publish({}, None)
+    finally:
+        await died.redis.aclose()
+    await reader.redis.delete(reader.report_key(rid))  # as if its TTL ran out
+    await reader.read()
+    assert await reader.redis.sismember(reader.replicas_key, rid) == 0  # unlisted
+
+
+async def test_under_churn_each_gone_id_expires_on_its_own(
+    pair: tuple[Cluster, Cluster, Clock],
+    redis_server: str,
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replicas die one after another, less than ``GONE_KEPT_S`` apart (a crash-looping
+    pod, autoscaled replicas): each id is read gone for ``GONE_KEPT_S`` from when it was
+    unlisted (Redis's clock), however many are unlisted after it, and the next addition
+    takes it out of the key. Before, each addition renewed the whole set: under steady
+    churn it never expired, every id ever unlisted stayed in it, and every reader's read
+    each round grew with them. (Kept 2 s here, so that Redis's clock can pass it.)"""
+    monkeypatch.setattr(cluster_module, "GONE_KEPT_S", 2.0)
+    _, reader, clock = pair
+    late = member(redis_server, key_prefix, "late", clock)
+    try:
+        await dies(reader, redis_server, key_prefix, "a")
+        await asyncio.sleep(1.3)  # less than the kept time: a set renewed as a whole lives on
+        await dies(reader, redis_server, key_prefix, "b")
+        await asyncio.sleep(0.8)  # "a" was unlisted more than the kept time ago, "b" less
+        await late.read()
+        assert late.gone == {"b": clock.now}
+        assert await reader.redis.zscore(reader.gone_key, "a") is not None  # till the next add
+        await dies(reader, redis_server, key_prefix, "c")
+        await late.read()
+        assert late.gone == {"b": clock.now, "c": clock.now}
+        assert set(await reader.redis.zrange(reader.gone_key, 0, -1)) == {"b", "c"}
+        assert 0 < await reader.redis.pttl(reader.gone_key) <= 2000  # a backstop: from "c"
+    finally:
+        await late.close()
+
+
+async def test_gone_ids_of_the_previous_release_are_read_and_its_set_left_to_it(
+    pair: tuple[Cluster, Cluster, Clock], redis_server: str, key_prefix: str
+) -> None:
+    """A rolling upgrade: replicas of the previous release add the ids they unlist to the
+    plain set ``expired_key`` and read it whole. This code keeps its own under another
+    name (``gone_key``, a sorted set: under the old name the old replicas' ``SADD`` and
+    ``SMEMBERS`` would fail with WRONGTYPE), and reads both: an id either release
+    unlisted is gone to a replica that joins later. The old set is never written here,
+    so it expires by itself once no old replica adds to it."""
+    _, reader, clock = pair
+    old = reader.redis
+    await old.sadd(reader.expired_key, "died-old")  # as a reader of the previous release
+    await old.pexpire(reader.expired_key, round(GONE_KEPT_S * 1000))
+    await dies(reader, redis_server, key_prefix, "died-new")
+    late = member(redis_server, key_prefix, "late", clock)
+    try:
+        await late.read()
+        assert late.gone == {"died-old": clock.now, "died-new": clock.now}
+        assert await old.smembers(reader.expired_key) == {"died-old"}  # not written here
+        assert await old.type(reader.gone_key) == "zset"
+        await old.sadd(reader.expired_key, "died-later")  # the old release goes on working
+        await late.read()
+        assert set(late.gone) == {"died-old", "died-new", "died-later"}
+    finally:
+        await late.close()
