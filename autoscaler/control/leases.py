@@ -33,7 +33,7 @@ deploy`` updating the machine, another tool, another autoscaler) makes the acqui
   whose only machine it held could not be woken meanwhile. ``former`` (the replica
   sets it) names the replica of this cluster that a holder's description stands for,
   if that replica is known gone (its report expired, or it left: ``Cluster.gone``; also
-  before we joined, by what Redis keeps of it: ``{prefix}:gone``, or a leader's stop),
+  before we joined, by what Redis keeps of it: ``{prefix}:gone``, its death or stop),
   none of the live ones is named so, and Redis lets it act no more: it holds neither
   the leader lease nor the app's wake claim (read afresh). Its lease is then adopted
   as our own (``lease_adopted`` with ``former``). Safe, since a replica's every

@@ -33,7 +33,8 @@ land: the next leader reads it off our cordon keys that name it (control/actions
 A replica that stops (a rolling restart) takes its report out, and leaves what it says
 there under its boot id, ``{prefix}:settled:{boot}`` (listed in the set
 ``{prefix}:departed``), for as long as a key of its own may be waited for: the next
-leader still reads it, and no reader counts the stopped replica as a member. A member
+leader still reads it, and no reader counts the stopped replica as a member; its id
+goes into ``{prefix}:gone`` (below), led or not. A member
 whose report expired (it died) is unlisted by the first reader that finds it so, which
 leaves its id in the sorted set ``{prefix}:gone``, scored by when (Redis's clock), for
 ``GONE_KEPT_S``, each id on its own: a replica that joins after that knows it gone too
@@ -1345,11 +1346,18 @@ class Cluster:
         under our boot id (``departed``, as the others read it): a cordon key of ours
         that the next leader finds names us, and it waits till the key's time unless we
         say that no request of ours can land any more. Written before the lease goes, so
-        a next leader reads it from its first round."""
+        a next leader reads it from its first round.
+
+        Our id goes into ``gone_key`` too, as a member's whose report expired: a lease of
+        ours that the stop left on a machine (an acquire or a release cut off) is adopted
+        by a replica that joins after we left, as by those that saw us a member, instead
+        of waited out for its TTL. Without it, a follower that never led (no ``settled``
+        to leave) was known gone only to the replicas that had read it a member."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self.report_key(self.replica_id))
                 pipe.srem(self.replicas_key, self.replica_id)
+                pipe.eval(_GONE_ADD, 1, self.gone_key, round(GONE_KEPT_S * 1000), self.replica_id)
                 if self.settled and keep_settled_s > 0:
                     ttl_ms = round(keep_settled_s * 1000)
                     key = self.settled_key(self.boot)

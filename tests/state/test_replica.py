@@ -2269,3 +2269,41 @@ async def test_a_replica_that_joined_after_the_holder_died_adopts_its_lease(
             await new.stop()
         await witness.stop()
         await old.stop()
+
+
+async def test_a_replica_that_joined_after_a_follower_stopped_adopts_the_lease_it_left(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A follower that never led stops cleanly (a rolling restart) while a lease of its
+    own stays on a machine (its stop cut the acquire of a self-wake's start, or the
+    release). It leaves no ``settled`` record (it has nothing to say) and takes its report
+    out at once: a replica that joins after that never saw it a member, and waited its
+    lease out (30 s), the app's only machine not started meanwhile. Its stop leaves its id
+    in ``Cluster.gone_key``: it is gone to this replica too, and its lease adopted."""
+    api = FakeMachinesAPI()
+    mid = api.add(APP, "stopped")
+    api.add(APP, "started")  # so that our starts go without the app's wake claim
+    old = make(redis_server, key_prefix, "old", api, lead=False)
+    await old.start(rounds=False)
+    new: Replica | None = None
+    try:
+        await old.round()
+        await old.stop()
+        lease = api.take_lease(APP, mid, owner="autoscaler@old: start")
+        new = make(redis_server, key_prefix, "new", api)
+        await new.start(rounds=False)
+        await rounds([new], lambda: new is not None and new.leading, 5)
+        assert "old" in new.cluster.gone
+        await new.controller.tick(APP)
+        with capture_logs() as logs:
+            new.controller.actuator.launch(
+                new.controller.apps[APP], Action("start", mid, "a held request")
+            )
+            await new.controller.idle()
+        done = [(c.op, c.nonce) for c in api.calls if c.op == "start_machine"]
+        assert done == [("start_machine", lease.nonce)]
+        [adopted] = [e for e in logs if e["event"] == "lease_adopted"]
+        assert adopted["former"] == "old"
+    finally:
+        if new is not None:
+            await new.stop()

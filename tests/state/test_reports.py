@@ -596,6 +596,30 @@ async def test_a_replica_that_died_before_a_reader_joined_is_gone_to_it_too(
         await died.close()
 
 
+async def test_a_replica_that_stopped_before_a_reader_joined_is_gone_to_it_too(
+    pair: tuple[Cluster, Cluster, Clock], redis_server: str, key_prefix: str
+) -> None:
+    """A follower that never led stops cleanly (a rolling restart): it has no ``settled``
+    to leave behind, and its report and listing go at once. A replica that joins after
+    that knows it gone all the same (``gone_key``), and adopts a machine lease its stop
+    left (an acquire or a release cut off) instead of waiting it out (30 s); before,
+    only the replicas that had read it a member did."""
+    _, reader, clock = pair
+    follower = member(redis_server, key_prefix, "f", clock)
+    await follower.publish(at_rest(), None)
+    await reader.read()
+    await follower.close()
+    assert not await reader.redis.exists(reader.departed_key)  # nothing to say: no record
+    late = member(redis_server, key_prefix, "late", clock)
+    try:
+        await late.read()
+        assert late.gone == {"f": clock.now}
+        await reader.read()
+        assert reader.gone == {"f": clock.now}
+    finally:
+        await late.close()
+
+
 async def dies(reader: Cluster, redis_server: str, key_prefix: str, rid: str) -> None:
     """``rid`` joins, then dies (its report expires), and ``reader`` unlists it."""
     settings = ClusterSettings(
