@@ -65,11 +65,13 @@ fails.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from autoscaler.control.actions import Actuator
+from autoscaler.control.fencing import WAKE_FENCE
 from autoscaler.control.runtime import AppRuntime, Running
 from autoscaler.fly.client import MachinesAPI, one_attempt
 from autoscaler.fly.errors import FlyError, NotFound, RateLimited, may_have_landed
@@ -375,11 +377,20 @@ class Waker:
                     run = self._launch(rt, action, deadline)
                     if run is not None and not view.routable():
                         await run.task
+                    routed = act.clock()
+                    if run is not None and WAKE_FENCE.get() is not None:
+                        # Under a wake claim (cluster mode), whose holder waits for the
+                        # uncordon anyway (the claim fences it): its outcome first. The
+                        # machine routes meanwhile. Another holder's lease may refuse it
+                        # (the machine cordoned again): then this wake goes on to another
+                        # machine, one wake timed once from t0 by how it ended, not an
+                        # "uncordon" wake and a second one timed from a later start.
+                        await asyncio.wait({run.task})  # (not cancelled with the wake)
                     if view.routable():
                         # Timed as a boot is: a take-back that waited for the API (its
                         # first read, a lifted cordon's answer) is a wait the held requests
                         # had, which the histogram's dashboards and alerts would not see.
-                        took = self._observe(rt, WAKE_UNCORDON, t0)
+                        took = self._observe(rt, WAKE_UNCORDON, t0, routed)
                         _log.info("wake", app=rt.name, machine=mid, how=WAKE_UNCORDON, took_s=took)
                         return WAKE_UNCORDON
                     failed.add(mid)
@@ -425,10 +436,11 @@ class Waker:
         with one_attempt(bound):
             return self.actuator.launch(rt, action)
 
-    def _observe(self, rt: AppRuntime, kind: str, t0: float) -> float:
-        """Record a wake that took since ``t0``; the seconds it took, to the ms for its log
-        line, as the other durations in the logs (an action's ``duration_s``)."""
-        took = self.actuator.clock() - t0
+    def _observe(self, rt: AppRuntime, kind: str, t0: float, until: float | None = None) -> float:
+        """Record a wake that took since ``t0`` (until now, or ``until``: when its machine
+        routed); the seconds it took, to the ms for its log line, as the other durations
+        in the logs (an action's ``duration_s``)."""
+        took = (self.actuator.clock() if until is None else until) - t0
         self.metrics.wake_duration.labels(app=rt.name, kind=kind).observe(took)
         return round(took, 3)
 
