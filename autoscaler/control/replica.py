@@ -123,6 +123,19 @@ class _Ours:
     """The app's wake claim is held by another task of this replica."""
 
 
+class _Yielded:
+    """A claimed wake (``Replica._claimed_wake``) that woke nothing, and why: the caller
+    tries again, and says the last reason if its wake timeout passes first."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+_HELD_BY_OTHER = "held by another replica"
+
+
 class _ClaimLock:
     """One app's lock for taking its wake claim (``Replica._take_claim``), and how many
     takes hold it or wait for it: it is kept only while one does."""
@@ -875,30 +888,41 @@ class Replica:
         deadline = self.clock() + rt.config.wake_timeout_s
         while True:
             result = await self._claimed_wake(app)
-            if result is not None:
+            if isinstance(result, str):
                 return result
             if view.routable():
                 return "none"
             left = deadline - self.clock()
             if left <= 0:
-                raise WakeError(f"app {app}: the wake claim was not free within the wake timeout")
+                # What kept the wake from a machine, as the last try found it: another
+                # replica's claim (named, as Redis says now), or ours with every machine
+                # refused, and so on; not "the claim was not free" whatever happened.
+                why = result.why
+                if why == _HELD_BY_OTHER:
+                    why = await self._claim_holder(app)
+                raise WakeError(f"app {app}: no machine woken within the wake timeout: {why}")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(REPORT_S, left)):
                     await view.changed()
 
-    async def _claimed_wake(self, app: str) -> str | None:
-        """Take the app's wake claim and wake under it; None if another replica holds the
-        claim or Redis cannot be reached (no claim, no wake: nothing proves it is ours),
-        or the wake's take-back was refused (no machine routes: the caller wakes again)."""
+    async def _claimed_wake(self, app: str) -> str | _Yielded:
+        """Take the app's wake claim and wake under it; :class:`_Yielded` (saying why) if
+        another replica holds the claim or Redis cannot be reached (no claim, no wake:
+        nothing proves it is ours), or the wake's take-back was refused (no machine
+        routes: the caller wakes again)."""
         try:
             claim = await self._take_claim(app)
         except Exception as exc:
             self.claim_errors += 1
             self._redis_trouble(exc)
-            return None
+            return _Yielded(
+                f"Redis could not be reached to take its wake claim ({type(exc).__name__})"
+            )
         if claim is None or isinstance(claim, _Ours):
             self.claim_waits += 1
-            return None
+            if claim is None:
+                return _Yielded(_HELD_BY_OTHER)
+            return _Yielded("its wake claim was held by another wake of this replica")
         async with self._holding(claim):
             rt = self.controller.apps.get(app)
             if rt is None:
@@ -937,7 +961,12 @@ class Replica:
                 # (the machine is busy for its skip: another one). "uncordon" ended the
                 # wake with nothing routable; the leader's proxy asked again after
                 # WAKE_RETRY_S, and a follower's request it served, only at its next ask.
-                return None
+                # (The waker goes on to another machine itself when the refusal comes
+                # before it returns: ``Waker.wake``.)
+                return _Yielded(
+                    "every machine that could be woken was refused: its uncordon, by"
+                    " another party's lease"
+                )
             if self.leading:
                 # The followers hear of the machine before the claim is free: the pusher
                 # sends it a moment later, and a follower whose requests waited past
@@ -949,6 +978,17 @@ class Replica:
                 self.self_wakes += 1
                 _log.info("cluster_self_wake", app=app, how=result, fence=claim.token)
             return result
+
+    async def _claim_holder(self, app: str) -> str:
+        """Who holds the app's wake claim, as Redis says now, for an error's text."""
+        try:
+            async with asyncio.timeout(REPORT_S):
+                holder = await self.cluster.claims.holder_of(app)
+        except Exception:  # (TimeoutError too) the text says less, that is all
+            holder = None
+        if holder is None:
+            return f"its wake claim was {_HELD_BY_OTHER}"
+        return f"its wake claim was held by replica {holder}"
 
     async def _read_under_claim(self, rt: AppRuntime) -> None:
         """The app's machines as the API lists them now, read once within
@@ -1105,7 +1145,7 @@ class Replica:
                     # Its read found a machine up that another replica woke meanwhile:
                     # the requests still waited for that wake.
                     return _waited_for(before, routable[0])
-                if result is not None:
+                if isinstance(result, str):
                     return result
                 self_wake_at = self.clock() + REPORT_S  # taken: look again (and at the view)
             now = self.clock()

@@ -360,6 +360,12 @@ class Waker:
                     if now >= deadline or (
                         not (moving or leased) and (retry_at is None or retry_at >= deadline)
                     ):
+                        if leased:
+                            # Tried, or left alone for it: say so, not "none can be woken".
+                            raise WakeError(
+                                f"app {rt.name}: no machine that can be woken; leased by"
+                                f" another party: {', '.join(sorted(leased))}"
+                            )
                         raise WakeError(f"app {rt.name}: no machine that can be woken")
                     soon = moving or leased or retry_at is None
                     pause = RECHECK_S if soon or retry_at is None else retry_at - now

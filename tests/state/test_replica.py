@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from control.fakes import FakeMachinesAPI, settle
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
@@ -23,6 +24,7 @@ from autoscaler.control.controller import Controller
 from autoscaler.control.replica import Replica
 from autoscaler.control.runtime import mark_by
 from autoscaler.control.view import HUNG_AFTER, FleetView
+from autoscaler.control.wake import WakeError
 from autoscaler.fly.errors import NotFound
 from autoscaler.fly.models import CheckStatus
 from autoscaler.metrics import Metrics
@@ -31,6 +33,7 @@ from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.policy import Action
 from autoscaler.scaling.window import ConcurrencyMeter
 from autoscaler.state import cluster as cluster_module
+from autoscaler.state.claim import WakeClaims
 
 APP = "web"
 # The lease of a test whose subject is a handover by a lease's expiry (or its loss), short
@@ -1396,6 +1399,54 @@ async def test_a_leaders_refused_take_back_and_the_resume_after_it_are_one_wake(
         assert sample(count, kind="resume") == 1
         assert sample("autoscaler_wakes_total", result="ok") == 1
     finally:
+        await leader.stop()
+
+
+async def test_a_leaders_wake_that_every_machine_refused_says_so(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The claim is ours, and the only machine, a take-back, is leased by another party
+    (a deploy) on every try. The wake's error says so; it said "the wake claim was not
+    free within the wake timeout", as if another replica held the claim."""
+    api = FakeMachinesAPI()
+    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    api.take_lease(APP, left, owner="fly deploy")
+    leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.99, wake_timeout_s=1.0)
+    await leader.start(rounds=False)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        with pytest.raises(WakeError) as caught:
+            await asyncio.wait_for(leader.view.wake(APP), 10)
+        assert "leased by another party" in str(caught.value)
+        assert left in str(caught.value)
+        assert "claim" not in str(caught.value)
+        assert api.ops("uncordon_machine") == []
+    finally:
+        await leader.stop()
+
+
+async def test_a_leaders_wake_kept_from_the_claim_names_its_holder(
+    redis_server: str, key_prefix: str
+) -> None:
+    """Another replica holds the app's wake claim for the whole wake timeout: the
+    leader's wake says who (as Redis names the holder)."""
+    api = FakeMachinesAPI()
+    api.add(APP, "suspended")
+    leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.99, wake_timeout_s=1.0)
+    await leader.start(rounds=False)
+    client = aioredis.Redis.from_url(redis_server, decode_responses=True)
+    try:
+        await rounds([leader], lambda: leader.leading, 2 * TTL)
+        other = WakeClaims(client, key_prefix, "r9", 30.0)
+        held = await other.take(APP)
+        assert held is not None
+        with pytest.raises(WakeError) as caught:
+            await asyncio.wait_for(leader.view.wake(APP), 10)
+        assert "held by replica r9" in str(caught.value)
+        assert api.ops("start_machine") == []
+        await held.release()
+    finally:
+        await client.aclose()
         await leader.stop()
 
 
