@@ -625,8 +625,9 @@ class Actuator:
         cordon_ours = ours(machine)
         # (A flag the API left out reads from our key, which the machine carries.)
         was_cordoned = machine.cordoned is not False
+        ahead_at = self.clock()
         if cordon_ours:
-            rt.record(mid, self.clock(), cordoned=False)
+            rt.record(mid, ahead_at, cordoned=False)
         try:
             up = await self._boot(rt, mid, kind, deadline)
         except BaseException as exc:
@@ -641,8 +642,7 @@ class Actuator:
                 # Not up, so our cordon was not lifted: the record left uncordoned said
                 # otherwise until the next list (a lapsed lease refusing the start, a
                 # 5xx, a failed boot, a stop cutting it short).
-                rt.record(mid, self.clock(), cordoned=was_cordoned)
-                self.publish(rt)
+                self._put_back_cordon(rt, mid, was_cordoned, ahead_at)
             raise
         if restart:
             self.metrics.machine_restarts.labels(app=app, result="ok").inc()
@@ -651,6 +651,28 @@ class Actuator:
             # A cordon we left behind would keep the woken machine out of Fly's routing.
             await self.release(rt, mid, force=True)
         return up
+
+    def _put_back_cordon(
+        self, rt: AppRuntime, mid: str, was_cordoned: bool, ahead_at: float
+    ) -> None:
+        """A start that failed puts back the cordon it recorded lifted at ``ahead_at``:
+        as it was then, unless a list asked for since (merged while the start ran, which
+        kept our record: ``AppRuntime.listed_busy``) says how the API has it; the start
+        changed no cordon there, so that list is newer than what we knew, and a cordon
+        lifted by someone else meanwhile (our key with it) is not put back until the
+        next list."""
+        seen = rt.listed_busy.get(mid)
+        if seen is not None and seen[0] >= ahead_at and seen[1].cordoned is not None:
+            listed = seen[1]
+            rt.record(mid, self.clock(), cordoned=listed.cordoned, marked=listed.marked)
+            record = rt.machines.get(mid)
+            if record is not None:
+                rt.machines[mid] = replace(
+                    record, mark_until=listed.mark_until, mark_by=listed.mark_by
+                )
+        else:
+            rt.record(mid, self.clock(), cordoned=was_cordoned)
+        self.publish(rt)
 
     def _restart_failed(self, rt: AppRuntime, mid: str, restart: bool) -> None:
         rec = rt.boot_failed(mid, self.clock())

@@ -366,6 +366,11 @@ class AppRuntime:
     :attr:`MachineRecord.unsuspendable` covers swap, a schedule, a GPU): its scale-downs
     stop it without asking again. Forgotten when a list shows another version (a deploy
     may have made it suspendable) or no such machine, and with the process."""
+    listed_busy: dict[str, tuple[float, MachineRecord]] = field(default_factory=dict)
+    """Machine -> (when the list was asked, what it said) of the last list that showed a
+    machine while an action of ours kept our record of it (``merge``): what the API said
+    meanwhile, for an action that ends short of its goal and puts back what it changed
+    ahead of its calls (``Actuator.bring_up``)."""
     read_once: bool = False
     cordon_listed: bool = True
     """The last list said of every machine whether it is cordoned (the real API may leave
@@ -458,6 +463,7 @@ class AppRuntime:
             listed = list(listed)
             self.on_first_list(self.name, listed)
         fresh: dict[str, MachineRecord] = {}
+        busy: dict[str, tuple[float, MachineRecord]] = {}
         previous = self.listed_at
         self.cordon_listed = True
         for listed_machine in listed:
@@ -473,6 +479,8 @@ class AppRuntime:
                 machine.id in self.running or self.recorded_since(machine.id, listed_at)
             )
             chosen = mine if keep and mine is not None else machine
+            if mine is not None and machine.id in self.running:
+                busy[machine.id] = (listed_at, machine)
             if (
                 chosen is machine
                 and machine.how is None
@@ -539,6 +547,7 @@ class AppRuntime:
             if k in fresh and fresh[k].instance_id == v
         }
         self.machines = fresh
+        self.listed_busy = busy
         self.read_once = True
         self.listed_at = listed_at
 

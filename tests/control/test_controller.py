@@ -39,7 +39,7 @@ from autoscaler.fly.errors import (
 from autoscaler.metrics import WAKE_RESULTS, Metrics
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
 from autoscaler.scaling.keepalive import PREWARM_LEAD_S, KeepAliveState, Plan
-from autoscaler.scaling.policy import PolicyState, choose_wake
+from autoscaler.scaling.policy import Action, PolicyState, choose_wake
 from autoscaler.scaling.window import Sample
 
 from .fakes import FakeClock, FakeMachinesAPI, settle
@@ -1835,6 +1835,36 @@ async def test_a_start_that_fails_leaves_our_cordon_recorded(
     assert api.get(APP, mid).cordoned is True
     assert rt.machines[mid].cordoned is True
     assert rt.cordoned_by_us(rt.machines[mid])
+
+
+async def test_a_failed_start_leaves_the_cordon_a_list_during_its_boot_showed(
+    api: FakeMachinesAPI, clock: FakeClock
+) -> None:
+    """A start records our cordon lifted ahead of its boot, and puts it back as it was if
+    the boot fails. A list that came during the boot (the tick's) showed the cordon gone
+    (someone lifted it, and our key with it); the record kept ours while the start ran,
+    and the failure then put back the cordon of before the boot: the machine counted as
+    cordoned by us until the next list. Now the failure leaves what that list said."""
+    mid = api.add(APP, "suspended", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
+    rig = Rig(api, clock)
+    rt = rig.ctl.apps[APP]
+    await rig.ctl.waker.refresh(rt)
+    assert rt.cordoned_by_us(rt.machines[mid])
+    api.gates["start_machine"] = gate = asyncio.Event()
+    assert rig.ctl.actuator.launch(rt, Action("resume", mid, "wanted")) is not None
+    await settle()
+    assert api.ops("start_machine") == [mid]  # its call hangs
+    api.set(APP, mid, cordoned=False)  # someone lifts the cordon, and our key with it
+    api.set(APP, mid, config=api.get(APP, mid).config.model_copy(update={"metadata": {}}))
+    await clock.advance(1)
+    await rig.tick()  # lists: the machine's record is the start's while it runs
+    api.fail["start_machine"] = [ServerError(503, "unavailable")]
+    gate.set()
+    await rig.ctl.idle()
+    record = rt.machines[mid]
+    assert record.cordoned is False
+    assert not record.marked
+    assert not rt.cordoned_by_us(record)
 
 
 async def test_a_machine_without_an_address_is_asked_for_one(
