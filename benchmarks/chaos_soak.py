@@ -1,8 +1,8 @@
 """A chaos soak of issue 20 ("No app goes dark") on the emulator's Fly-like profile.
 
     .venv/bin/python benchmarks/chaos_soak.py [--seed 1] [--runs 1] [--outage 30-60]
-                                               [--hang] [--machine-faults] [--tail 45]
-                                               [--out FILE]
+                                               [--hang] [--machine-faults] [--deploy]
+                                               [--tail 45] [--out FILE]
 
 On 127.0.0.1 only, for each run (seed ``--seed``, ``--seed + 1``, ...):
 
@@ -27,7 +27,15 @@ On 127.0.0.1 only, for each run (seed ``--seed``, ``--seed + 1``, ...):
    and its host unreachable for 10-20 s), a host unreachable (15-30 s, the process well)
    and 30 s of lost snapshots (``resume_cold_rate`` 0.5: resumes become cold boots); the
    proxy's ``upstream_timeout_s`` is then 5 s (the default 60 s would hold a hung
-   machine's requests past the clients' timeout).
+   machine's requests past the clients' timeout);
+6. with ``--deploy``, a ``fly deploy`` of every app (each its own, all at once) in a slot
+   of the plan drawn from the seed (a generator of its own: the API plan stays the
+   seed's), between two API faults, the machine faults free to meet it: what flyctl's
+   rolling strategy does through the Machines API (as tests/control/test_e2e_deploy.py):
+   lease every machine of the app (a 409 or 429 waited out), refresh the leases while it
+   works, then one machine at a time wait for it to be at rest, update its config with
+   the lease's nonce (Fly restarts a started machine: stopped, then booted on the new
+   config; one at rest stays at rest), wait for it to be back, release its lease.
 
 Invariants, checked while it runs and at the end (each breach is printed and counted):
 
@@ -35,10 +43,16 @@ Invariants, checked while it runs and at the end (each breach is printed and cou
   fault or the reload that explains it (an API fault in force during the request or up to
   wake_timeout_s before it; the app removed; a machine fault of the request's app: a
   crash while it was in flight, or a machine of it started and hung during it, as
-  docs/reliability.md's machine fault table allows), else UNEXPLAINED; a failure while
-  the app had a started, uncordoned machine for the whole request is a breach unless a
-  machine fault explains it (the request may have gone to the crashed or hung one), or
-  a drain ended it on purpose (a WebSocket's 1001, an event stream between two events);
+  docs/reliability.md's machine fault table allows; a deploy of the request's app: a
+  machine of it restarted by the deploy while the request was in flight, or a 503/504
+  to a request held while the deploy leased the app's machines and none served), else
+  UNEXPLAINED; a failure while the app had a started, uncordoned machine for the whole
+  request is a breach unless a machine fault or a deploy's restart explains it (the
+  request may have gone to the crashed, hung or restarted one), or a drain ended it on
+  purpose (a WebSocket's 1001, an event stream between two events);
+- with ``--deploy``, every deploy ends within DEPLOY_GIVE_UP_S with every machine on the
+  new config, and no step of it is refused (only a 409 or 429 to a lease, or a machine
+  not at rest yet, is waited out: the autoscaler must not hold a machine for long);
 - once the faults are off, every app is served within wake_timeout_s: a request that
   starts more than wake_timeout_s + 3 ticks after the last fault ended and fails means
   the app stayed dark;
@@ -100,6 +114,16 @@ MACHINE_FAULTS: tuple[tuple[str, tuple[float, float]], ...] = (
 events: Fly's restart policy, or our restart, ends them)."""
 MACHINE_UPSTREAM_TIMEOUT_S = 5.0
 """--machine-faults: the proxy's upstream_timeout_s (a hung machine's requests 504 then)."""
+DEPLOY_LEASE_TTL_S = 13  # flyctl's --lease-timeout default
+DEPLOY_RETRY_S = 0.25
+DEPLOY_GIVE_UP_S = 120.0
+"""--deploy: a deploy not done by then (leases still refused, a machine never at rest or
+never back) is a breach: the autoscaler held a machine for too long."""
+DEPLOY_GAP_S = 10.0  # --deploy: the quiet seconds after it (the plan's gaps are 8-15 s)
+DEPLOY_HELD = ("503", "504")
+"""--deploy: what a request held while the deploy leased its app's machines (and none
+served) gets: the proxy's answers to a request it could not send (a full queue, a wake's
+timeout); a 502 or a cut connection needs a machine that took the request."""
 SETTLED = ("started", "stopped", "suspended", "failed")
 """A machine's states that are no way between two (the end's check)."""
 DRAIN_ENDS = ("ws_close_1001", "events_ended")
@@ -198,6 +222,9 @@ class Run:
     hung: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
     # what the machines' events show of the machine faults (Fly's restarts, cold resumes)
     landed: Counter[str] = field(default_factory=Counter)
+    # --deploy: a started machine the deploy restarted, as (app, machine, from, back at)
+    restarts: list[tuple[str, str, float, float]] = field(default_factory=list)
+    deploys: dict[str, dict[str, Any]] = field(default_factory=dict)  # per app: its figures
     faults_over_at: float = 0.0
 
     def now(self) -> float:
@@ -239,6 +266,28 @@ class Run:
         if any(ok and t0 - slack <= t <= t1 + slack for t, ok in self.hung.get(app, [])):
             hangs = [w for w in self.windows if w.app == app and w.name in ("hang", "host_down")]
             return hangs[-1].name if hangs else "hang"
+        return None
+
+    def deploy_at(self, o: Outcome) -> str | None:
+        """A deploy of ``o``'s app that explains its failure: a started machine of the app
+        restarted by the deploy while the request was in flight (stopped under it, or
+        not listening yet: anything may fail, even while another machine served, as the
+        request may have gone to that one), or, while the deploy held the app's machines
+        (``deploy`` windows: from its first lease to its last release) and no machine
+        served the whole request, a 503 or 504 (a request held for a wake the leases
+        forbade). A failure of another app, one outside the deploy, a 502 or a cut
+        connection with no restart in flight, or one while a started machine the deploy
+        did not touch served, is not the deploy's."""
+        slack = 1.5  # the machine listens up to ~0.6 s after `started` (watch_machines)
+        for app, _mid, start, back in self.restarts:
+            if app == o.app and start <= o.t1 and back + slack >= o.t0:
+                return "deploy restart"
+        if o.served_throughout or o.result not in DEPLOY_HELD:
+            return None
+        for w in self.windows:
+            end = w.end if w.end is not None else float("inf")
+            if w.name == "deploy" and w.app == o.app and w.start <= o.t1 and end + 2 >= o.t0:
+                return "deploy leases"
         return None
 
     def removed_at(self, app: str, t0: float, t1: float) -> bool:
@@ -506,6 +555,174 @@ def machine_fault_plan(
     return sorted(events)
 
 
+def with_deploy(seed: int, plan: list[tuple[str, Any, float]]) -> list[tuple[str, Any, float]]:
+    """--deploy: the plan with a deploy in a slot drawn from a generator of its own (the
+    seed's API plan, and so its traffic, are drawn as without it)."""
+    at = random.Random(f"{seed}-deploy").randint(0, len(plan))  # noqa: S311 - a schedule
+    return [*plan[:at], ("deploy", "deploy", 0.0), *plan[at:]]
+
+
+class Refused(Exception):
+    """A step of the deploy the API refused (not a lease's 409 or 429, waited out)."""
+
+
+class FlyDeploy:
+    """A ``fly deploy`` of one app, as flyctl's rolling strategy does it through the
+    Machines API (tests/control/test_e2e_deploy.py's, with flyctl's patience for what is
+    busy): lease every machine (a 409 or 429 tried again), refresh the leases while it
+    works, then one machine at a time: wait until it is at rest (an action of the
+    autoscaler's may be ending), update its config with the lease's nonce, wait until it
+    is back as it was (started, or at rest), release its lease."""
+
+    def __init__(self, run: Run, session: aiohttp.ClientSession, url: str, app: str) -> None:
+        self.run = run
+        self.session = session
+        self.base = f"{url}/v1/apps/{app}/machines"
+        self.app = app
+        self.version = f"v2-{run.seed}"
+        self.nonces: dict[str, str] = {}
+        self.waited: Counter[str] = Counter()  # what was waited out: "lease 409", ...
+        self.refused: list[str] = []
+
+    async def call(
+        self, method: str, path: str, nonce: str | None = None, **kw: Any
+    ) -> tuple[int, Any]:
+        """One call; a 429 (a rate limit the autoscaler's calls share) is tried again."""
+        headers = {"fly-machine-lease-nonce": nonce} if nonce else {}
+        while True:
+            async with self.session.request(method, self.base + path, headers=headers, **kw) as r:
+                answer = await r.json(content_type=None)
+                if r.status != 429:
+                    return r.status, answer
+                self.waited["429"] += 1
+                await asyncio.sleep(float(r.headers.get("Retry-After", DEPLOY_RETRY_S)))
+
+    def refuse(self, text: str) -> Refused:
+        self.refused.append(text)
+        return Refused(text)
+
+    async def lease(self, mid: str) -> None:
+        body = {"ttl": DEPLOY_LEASE_TTL_S, "description": f"flyctl deploy {self.version}"}
+        while True:
+            status, answer = await self.call("POST", f"/{mid}/lease", json=body)
+            if status in (200, 201):
+                self.nonces[mid] = answer["data"]["nonce"]
+                return
+            if status not in (409, 503):  # held by another; its host unreachable
+                raise self.refuse(f"lease {mid}: {status} {answer}")
+            self.waited[f"lease {status}"] += 1
+            await asyncio.sleep(DEPLOY_RETRY_S)
+
+    async def keep(self) -> None:
+        while True:
+            await asyncio.sleep(DEPLOY_LEASE_TTL_S / 3)
+            for mid, nonce in list(self.nonces.items()):
+                body = {"ttl": DEPLOY_LEASE_TTL_S}
+                status, answer = await self.call("POST", f"/{mid}/lease", nonce, json=body)
+                if status not in (200, 201) and mid in self.nonces:
+                    self.refuse(f"refresh {mid}: {status} {answer}")
+
+    async def at_rest(self, mid: str) -> dict[str, Any]:
+        while True:
+            status, machine = await self.call("GET", f"/{mid}")
+            if status != 200:
+                raise self.refuse(f"get {mid}: {status} {machine}")
+            if machine["state"] in SETTLED:
+                return dict(machine)
+            self.waited[f"machine {machine['state']}"] += 1
+            await asyncio.sleep(DEPLOY_RETRY_S)
+
+    async def update(self, mid: str) -> None:
+        while True:
+            machine = await self.at_rest(mid)
+            config = machine["config"]
+            config["env"] = {**config.get("env", {}), "DEPLOY_VERSION": self.version}
+            started = machine["state"] == "started"
+            t0 = self.run.now()
+            status, updated = await self.call(
+                "POST", f"/{mid}", self.nonces[mid], json={"config": config}
+            )
+            if status == 200:
+                break
+            if status not in (409, 503):  # it moved meanwhile (Fly's restart); its host
+                raise self.refuse(f"update {mid} ({machine['state']}): {status} {updated}")
+            self.waited[f"update {status}"] += 1
+            await asyncio.sleep(DEPLOY_RETRY_S)
+        if machine["state"] == "failed":  # it stays failed (the emulator's, as Fly's)
+            return
+        state = "started" if started else "stopped"
+        query = {"state": state, "instance_id": updated["instance_id"], "timeout": "60"}
+        status, waited = await self.call("GET", f"/{mid}/wait", params=query)
+        if started:
+            self.run.restarts.append((self.app, mid, t0, self.run.now()))
+        if status != 200:
+            raise self.refuse(f"wait {mid} {state}: {status} {waited}")
+
+    async def release(self, mid: str) -> None:
+        status, answer = await self.call("DELETE", f"/{mid}/lease", self.nonces.pop(mid))
+        if status != 200:
+            self.refuse(f"release {mid}: {status} {answer}")
+
+    async def deploy(self, machines: list[str]) -> None:
+        """Deploy, within DEPLOY_GIVE_UP_S; the window and figures go in ``run``."""
+        window = Window("deploy", self.run.now(), api=False, app=self.app)
+        self.run.windows.append(window)
+        keeper: asyncio.Task[None] | None = None
+        done = 0
+        try:
+            async with asyncio.timeout(DEPLOY_GIVE_UP_S):
+                for mid in machines:
+                    await self.lease(mid)
+                keeper = asyncio.create_task(self.keep())
+                for mid in machines:
+                    await self.update(mid)
+                    await self.release(mid)
+                    done += 1
+        except TimeoutError:
+            self.refused.append(f"not done in {DEPLOY_GIVE_UP_S:g} s ({done}/{len(machines)})")
+        except Refused:
+            pass
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+            for mid in list(self.nonces):  # a deploy that failed lets go of what it held
+                with contextlib.suppress(aiohttp.ClientError):
+                    await self.release(mid)
+            window.end = self.run.now()
+        restarted = sum(1 for app, *_ in self.run.restarts if app == self.app)
+        self.run.deploys[self.app] = {
+            "window": [round(window.start, 1), round(window.end, 1)],
+            "machines": len(machines),
+            "updated": done,
+            "restarted": restarted,
+            "waited": dict(self.waited),
+        }
+        for text in self.refused:
+            self.run.breach(f"deploy of {self.app}: {text}")
+
+
+async def deploy_all(run: Run, emu: Any) -> None:
+    """--deploy: every app's deploy at once (each app its own ``fly deploy``); then every
+    machine must carry the new version."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        deploys = [FlyDeploy(run, session, emu.url, app) for app in MACHINES]
+        print(f"[seed {run.seed} t={run.now():6.1f}] deploy of every app begins")
+        await asyncio.gather(
+            *(d.deploy(sorted(m.id for m in emu.machines(d.app))) for d in deploys)
+        )
+    for d in deploys:
+        stale = [
+            m.id
+            for m in emu.machines(d.app)
+            if (m.config.get("env") or {}).get("DEPLOY_VERSION") != d.version
+        ]
+        if stale and not d.refused:
+            run.breach(f"deploy of {d.app} done, but not on {stale}")
+    print(f"[seed {run.seed} t={run.now():6.1f}] deploy done: {run.deploys}")
+
+
 def our_leases(emu: Any, app: str) -> list[str]:
     """The machines of ``app`` on which a lease of ours is held (ours: its description
     names the owner autoscaler.control.leases gives, ``autoscaler@host: what``)."""
@@ -645,16 +862,22 @@ async def one_run(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
                     for a in MACHINES
                     for i, loop in enumerate((traffic.app_loop, traffic.long_lived_loop))
                 ]
-                plan = fault_plan(rng, args.outage, args.hang)
-                reload_at = len(plan) // 2
+                api_plan = fault_plan(rng, args.outage, args.hang)
+                reload_before = api_plan[len(api_plan) // 2]
+                plan = with_deploy(seed, api_plan) if args.deploy else api_plan
                 machine_task = asyncio.create_task(
-                    machine_faults(run, emu, machine_fault_plan(seed, plan))
+                    machine_faults(run, emu, machine_fault_plan(seed, api_plan))
                     if args.machine_faults
                     else asyncio.sleep(0)
                 )
                 await asyncio.sleep(15)  # warm-up, no faults
-                for i, (name, change, seconds) in enumerate(plan):
-                    if i == reload_at:
+                for entry in plan:
+                    name, change, seconds = entry
+                    if change == "deploy":
+                        await deploy_all(run, emu)
+                        await asyncio.sleep(DEPLOY_GAP_S)
+                        continue
+                    if entry is reload_before:
                         await reload(run, file, config, proc, removing=True)
                         asyncio.get_running_loop().call_later(
                             25,
@@ -777,7 +1000,7 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
             classes[f"{key} (app removed)"] += 1
             continue
         # (the request may have gone to the crashed or hung machine: the soak cannot tell)
-        machine_fault = run.machine_fault_at(o.app, o.t0, o.t1)
+        machine_fault = run.machine_fault_at(o.app, o.t0, o.t1) or run.deploy_at(o)
         if o.served_throughout and o.result not in DRAIN_ENDS and machine_fault is None:
             run.breach(f"{key} while a started machine served [{o.t0:.1f}, {o.t1:.1f}]: {o.detail}")
         dark = run.faults_over_at and o.t0 > run.faults_over_at + DARK_AFTER_S
@@ -827,6 +1050,7 @@ def summarize(run: Run, log_path: Path) -> dict[str, Any]:
         "outcomes": dict(classes.most_common()),
         "slowest_after_faults_s": round(slowest_after, 2),
         "machine_faults_seen": dict(run.landed),
+        "deploys": run.deploys,
         "not_ok": [
             f"{o.app}/{o.kind}/{o.result} [{o.t0:.1f}, {o.t1:.1f}] {o.detail[:80]}"
             for o in run.outcomes
@@ -854,6 +1078,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--machine-faults",
         action="store_true",
         help="crashes, hangs, hosts down or unreachable and cold resumes beside the API's faults",
+    )
+    parser.add_argument(
+        "--deploy",
+        action="store_true",
+        help="a rolling fly deploy of every app (Fly's leases) in a slot of the plan",
     )
     parser.add_argument("--tail", type=float, default=45.0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")

@@ -12,7 +12,13 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import aiohttp
+from pydantic import SecretStr
+
+from autoscaler.config import EmulatorApp, EmulatorSettings
+from autoscaler.emulator import Emulator
 from autoscaler.emulator.model import Event
+from autoscaler.emulator.procs import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,3 +229,97 @@ def test_machine_faults_are_counted_from_every_event_not_the_50_a_machine_keeps(
         watcher(None, Event(str(i), "restart", "starting", "flyd", i))
     watcher(None, Event("x", "restart", "restarting", "user", 0))
     assert run.landed == {"fly_restarts": 60}
+
+
+def test_a_deploy_explains_the_failures_it_can_cause_and_no_other(tmp_path: Path) -> None:
+    """--deploy: a deploy of `zero` held its machines 100-115 s and restarted a started
+    one 102-106 s. It explains, of `zero` only: anything in flight at the restart (even
+    while another machine served: the request may have been on that one), and a 503 or
+    504 to a request held while its leases forbade a wake and no machine served. Not a
+    502 with no restart in flight (it needs a machine that took the request), nor a
+    failure while a started machine it did not touch served, nor another app's, nor one
+    after it (which the rule for apps left dark then counts from its end)."""
+    soak = _soak()
+    run = soak.Run(seed=31)
+    run.windows = [soak.Window("deploy", 100.0, 115.0, api=False, app="zero")]
+    run.restarts = [("zero", "m1", 102.0, 106.0)]
+    run.outcomes = [
+        soak.Outcome("zero", "http", 103.0, 103.2, "502", served_throughout=True),
+        soak.Outcome("zero", "ws", 95.0, 104.0, "ws_close_1006"),
+        soak.Outcome("zero", "http", 108.0, 128.0, "504"),
+        soak.Outcome("zero", "http", 110.0, 110.3, "502"),
+        soak.Outcome("zero", "http", 111.0, 131.0, "504", served_throughout=True),
+        soak.Outcome("adapt", "http", 108.0, 128.0, "504"),
+        soak.Outcome("zero", "http", 125.0, 145.0, "504"),
+    ]
+    assert soak.faults_over_at(run) == 115.0
+    run.faults_over_at = soak.faults_over_at(run)
+    verdict = _summarize(soak, run, tmp_path)
+    assert verdict["outcomes"] == {
+        "zero/http/502 (deploy restart)": 1,
+        "zero/ws/ws_close_1006 (deploy restart)": 1,
+        "zero/http/504 (deploy leases)": 1,
+        "zero/http/502 UNEXPLAINED": 1,
+        "zero/http/504 UNEXPLAINED": 2,
+        "adapt/http/504 UNEXPLAINED": 1,
+    }
+    breaches = verdict["breaches"]
+    assert len(breaches) == 5  # the four unexplained, and the 504 while a machine served
+    assert sum("while a started machine served [111.0" in b for b in breaches) == 1
+
+
+def test_the_deploy_takes_a_slot_of_its_own_and_leaves_the_seeds_plan_alone() -> None:
+    soak = _soak()
+    plan = soak.fault_plan(random.Random(31), (30.0, 60.0))  # noqa: S311 - a schedule
+    deployed = soak.with_deploy(31, plan)
+    assert deployed == soak.with_deploy(31, plan)
+    assert [entry for entry in deployed if entry[0] != "deploy"] == plan
+    assert [entry for entry in deployed if entry[0] == "deploy"] == [("deploy", "deploy", 0.0)]
+    slots = {[e[0] for e in soak.with_deploy(s, plan)].index("deploy") for s in range(40)}
+    assert slots == set(range(len(plan) + 1))
+    assert soak.build_parser().parse_args(["--deploy"]).deploy
+    assert not soak.build_parser().parse_args([]).deploy
+
+
+async def test_the_deploy_updates_every_machine_through_fly_s_leases(
+    emulator_settings: EmulatorSettings,
+) -> None:
+    """The soak's deploy on the emulator: every machine of every app on the new config,
+    the started one restarted (recorded for the verdict) and started again, one at rest
+    left at rest; a lease someone else held is waited out, not a failure; no lease of
+    the deploy's left."""
+    soak = _soak()
+    apps = [EmulatorApp(name=a, machines=n) for a, n in soak.MACHINES.items()]
+    settings = emulator_settings.model_copy(update={"token": SecretStr(soak.TOKEN), "apps": apps})
+    run = soak.Run(seed=31)
+    auth = {"Authorization": f"Bearer {soak.TOKEN}"}
+    async with (
+        Emulator(settings, host="127.0.0.1", port=0) as emu,
+        aiohttp.ClientSession(headers=auth) as http,
+    ):
+        zero = f"{emu.url}/v1/apps/zero/machines"
+        started, rest = sorted(m.id for m in emu.machines("zero"))
+        async with http.post(f"{zero}/{started}/start") as r:
+            assert r.status == 200, await r.text()
+        async with http.get(f"{zero}/{started}/wait", params={"state": "started"}) as r:
+            assert r.status == 200, await r.text()
+        other = {"ttl": 1, "description": "autoscaler@elsewhere: drain"}  # lapses in 1 s
+        async with http.post(f"{zero}/{rest}/lease", json=other) as r:
+            assert r.status in (200, 201), await r.text()
+
+        await soak.deploy_all(run, emu)
+
+        assert run.breaches == []
+        for app in soak.MACHINES:
+            for m in emu.machines(app):
+                assert m.config["env"]["DEPLOY_VERSION"] == "v2-31", (app, m.id)
+                assert emu.lease(app, m.id) is None, (app, m.id)
+        states = {m.id: m.state for m in emu.machines("zero")}
+        assert states == {started: "started", rest: "stopped"}
+        assert [(app, mid) for app, mid, _, _ in run.restarts] == [("zero", started)]
+        assert run.deploys["zero"]["restarted"] == 1
+        assert run.deploys["zero"]["waited"]["lease 409"] > 0
+        assert {a: d["updated"] for a, d in run.deploys.items()} == soak.MACHINES
+        assert [(w.name, w.app) for w in run.windows] == [("deploy", a) for a in soak.MACHINES]
+    alive = [pid for pid in emu.spawned_pids() if pid_alive(pid)]
+    assert not alive
