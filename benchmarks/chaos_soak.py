@@ -581,6 +581,9 @@ class FlyDeploy:
         self.app = app
         self.version = f"v2-{run.seed}"
         self.nonces: dict[str, str] = {}
+        # A refresh and a release of one lease never cross: a refresh sent as the release
+        # went would take the machine again (a lease anew), held until its TTL ran out.
+        self.leases_lock = asyncio.Lock()
         self.waited: Counter[str] = Counter()  # what was waited out: "lease 409", ...
         self.refused: list[str] = []
 
@@ -616,10 +619,14 @@ class FlyDeploy:
     async def keep(self) -> None:
         while True:
             await asyncio.sleep(DEPLOY_LEASE_TTL_S / 3)
-            for mid, nonce in list(self.nonces.items()):
-                body = {"ttl": DEPLOY_LEASE_TTL_S}
-                status, answer = await self.call("POST", f"/{mid}/lease", nonce, json=body)
-                if status not in (200, 201) and mid in self.nonces:
+            for mid in list(self.nonces):
+                async with self.leases_lock:
+                    nonce = self.nonces.get(mid)
+                    if nonce is None:  # released meanwhile
+                        continue
+                    body = {"ttl": DEPLOY_LEASE_TTL_S}
+                    status, answer = await self.call("POST", f"/{mid}/lease", nonce, json=body)
+                if status not in (200, 201):
                     self.refuse(f"refresh {mid}: {status} {answer}")
 
     async def at_rest(self, mid: str) -> dict[str, Any]:
@@ -659,7 +666,8 @@ class FlyDeploy:
             raise self.refuse(f"wait {mid} {state}: {status} {waited}")
 
     async def release(self, mid: str) -> None:
-        status, answer = await self.call("DELETE", f"/{mid}/lease", self.nonces.pop(mid))
+        async with self.leases_lock:
+            status, answer = await self.call("DELETE", f"/{mid}/lease", self.nonces.pop(mid))
         if status != 200:
             self.refuse(f"release {mid}: {status} {answer}")
 

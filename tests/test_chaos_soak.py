@@ -5,6 +5,7 @@ code on recorded windows, tested here on made-up ones."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import random
 import sys
@@ -13,6 +14,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import aiohttp
+import pytest
 from pydantic import SecretStr
 
 from autoscaler.config import EmulatorApp, EmulatorSettings
@@ -323,3 +325,47 @@ async def test_the_deploy_updates_every_machine_through_fly_s_leases(
         assert [(w.name, w.app) for w in run.windows] == [("deploy", a) for a in soak.MACHINES]
     alive = [pid for pid in emu.spawned_pids() if pid_alive(pid)]
     assert not alive
+
+
+async def test_a_deploys_refresh_never_takes_back_a_machine_it_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refresh of the deploy's leases, in flight as the deploy released one, reached
+    the API after the release: the API took it for an acquire (no lease held) and the
+    machine was leased anew, to no one, until its TTL ran out (the autoscaler skipping
+    it meanwhile). A refresh and a release of one lease now never cross."""
+    soak = _soak()
+    monkeypatch.setattr(soak, "DEPLOY_LEASE_TTL_S", 0)  # refresh at once
+    answered = asyncio.Event()
+    sent = asyncio.Event()
+
+    class Api(soak.FlyDeploy):  # type: ignore[name-defined,misc]
+        """The API as the emulator's: an acquire with no lease held takes one anew; a
+        refresh's answer (and its effect) comes once ``answered`` is set."""
+
+        held: dict[str, str]
+
+        async def call(
+            self, method: str, path: str, nonce: str | None = None, **kw: Any
+        ) -> tuple[int, Any]:
+            mid = path.split("/")[1]
+            if method == "DELETE":
+                self.held.pop(mid, None)
+                return 200, {}
+            sent.set()
+            await answered.wait()
+            self.held[mid] = nonce or "new"
+            return 200, {"data": {"nonce": self.held[mid]}}
+
+    deploy = Api(soak.Run(seed=31), None, "http://127.0.0.1:9", "zero")
+    deploy.nonces = {"m1": "n1"}
+    deploy.held = {"m1": "n1"}
+    keeper = asyncio.create_task(deploy.keep())
+    await sent.wait()
+    release = asyncio.create_task(deploy.release("m1"))
+    answered.set()
+    await release
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
+    assert deploy.held == {}
+    assert deploy.refused == []
