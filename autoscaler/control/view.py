@@ -62,12 +62,14 @@ class Upstream:
         "long_lived",
         "owner",
         "port",
+        "probing",
         "remote_failing",
         "remote_in_flight",
         "remote_long_lived",
         "share",
         "started_at",
         "state",
+        "trial",
         "unhealthy_until",
     )
 
@@ -108,6 +110,15 @@ class Upstream:
         self.last_used: float | None = None
         self.started_at: float | None = None
         self.unhealthy_until = 0.0
+        self.trial = False
+        """On trial: it failed (a connection refused or lost: ``AppView.skip``; an
+        ejection, ``proxy.health``) and has accepted no connection since. Once it routes
+        again the first request handed it is its probe (``probing``), and no other goes to
+        it until that one connected (``AppView.probed``): a machine still dead costs one
+        request's connect, not one per request held for it."""
+        self.probing = False
+        """Its probe is under way: the balancer hands it no other request until
+        ``AppView.probed``."""
         self.checks_critical = False  # its Fly health checks fail (the proxy ejects it)
         self.how: str | None = None
         """How its current start brings it up (``starting``) or its last one did
@@ -276,6 +287,7 @@ class AppView:
         if state == STARTED and up.state != STARTED:
             up.started_at = now
             up.unhealthy_until = 0.0
+            up.trial = up.probing = False
             up.failing = up.remote_failing = 0  # a new process
             up.held = False
             up.http10 = None
@@ -308,11 +320,22 @@ class AppView:
 
     def skip(self, up: Upstream, backoff_s: float) -> None:
         """Route no request to ``up`` for ``backoff_s``, unless a longer skip (an
-        ejection) already holds it out."""
+        ejection) already holds it out; then one request tries it (``Upstream.trial``)."""
         until = self.clock() + backoff_s
+        up.trial = True
         if until > up.unhealthy_until:
             up.unhealthy_until = until
             self._routable = None
+
+    def probed(self, up: Upstream, passed: bool) -> None:
+        """The probe of ``up`` on trial is over: ``passed`` (its connection was made) ends
+        the trial, and the machine takes requests up to its limit again; otherwise (its
+        connect failed, and a skip holds the machine out again, or the request went before
+        connecting) the next request handed it probes it again."""
+        up.probing = False
+        if passed:
+            up.trial = False
+        self.notify()
 
     def hold_out(self, up: Upstream, held: bool) -> None:
         """Hold ``up`` out of rotation, or let it back (``Upstream.held``); announced as a

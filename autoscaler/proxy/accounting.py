@@ -50,6 +50,7 @@ class RequestContext:
         "request_id",
         "slot",
         "status",
+        "trial",
         "up",
         "wake",
         "wake_pending",
@@ -68,6 +69,8 @@ class RequestContext:
         self.up: Upstream | None = None
         self.slot = False  # holds a slot on ``up`` (until the machine sent its whole answer)
         self.probe = False  # the first request to ``up`` after an ejection (see health)
+        # The probe of ``up`` on trial, until it connected (``Gate.probed``, see gate).
+        self.trial = False
         self.deadline = 0.0
         self.headers_at: float | None = None
 

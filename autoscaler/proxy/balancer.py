@@ -22,7 +22,8 @@ def pick(
     """A routable machine under ``hard_limit`` requests in flight, or None if all are full.
 
     ``upstreams`` are the routable machines (started, not cordoned, healthy); ``exclude``
-    holds machines this request already failed on. In cluster mode a machine's requests in
+    holds machines this request already failed on. A machine whose probe is under way
+    (``Upstream.probing``) takes no other request meanwhile. In cluster mode a machine's requests in
     flight through the other replicas (``remote_in_flight``, as they last reported) count
     too, and this replica keeps to its ``share`` of the limit (at least one request): the
     shares of all replicas add up to the limit, so it holds across replicas however short
@@ -46,6 +47,8 @@ def pick(
 
 
 def _free(u: Upstream, hard_limit: int) -> bool:
+    if u.probing:
+        return False  # on trial: one request tries it first (``Upstream.trial``)
     n = u.in_flight
     if n + u.remote_in_flight >= hard_limit:
         return False

@@ -9,6 +9,12 @@ wake finished), so waiting requests leave in arrival order. A request that had a
 and comes back (it refused the connection: nothing was sent) takes its place by its
 arrival, ahead of those that came after it (``acquire``'s ``arrived``).
 
+A machine on trial (``Upstream.trial``: it refused or lost a connection, or was ejected,
+and has accepted none since) is handed to one request when it routes again, its probe,
+marked so on the request (``Held.trial``); the balancer hands it no other until the probe
+connected (``probed``), so the requests held for it go one, not all at once, to a machine
+that may still be dead. The fast path (``try_acquire``) keeps to that too.
+
 Slots move from "held" to "in flight" inside the pump (``release()`` then ``begin()``), so
 the controller's demand meter never sees a request twice or not at all. A waiter that gives
 up (deadline, client gone) leaves the queue; if the pump had just handed it a slot, the
@@ -55,6 +61,9 @@ class Held(Protocol):
 
     wake: str
     wake_pending: asyncio.Task[str] | None
+    trial: bool
+    """Handed a machine on trial, as its probe: its connection's outcome is to be told
+    (``Gate.probed``), whatever becomes of the request."""
 
 
 class QueueFull(Exception):
@@ -90,6 +99,7 @@ class _Waiter:
     view: AppView  # where it was counted as held, released on the same one
     task: asyncio.Task[Any] | None  # the one that waits: it answers a shed request
     arrived: float | None  # a request back: when it came (``Gate._readmit``), else None
+    held: Held | None  # marked as a machine's probe (``Held.trial``) when it is one
     wake: asyncio.Task[str] | None = None
 
 
@@ -152,20 +162,37 @@ class Gate:
     # --- taking and giving back slots ----------------------------------------------
 
     def try_acquire(
-        self, exclude: tuple[Upstream, ...] = (), *, jump: bool = False
+        self,
+        exclude: tuple[Upstream, ...] = (),
+        *,
+        jump: bool = False,
+        held: Held | None = None,
     ) -> Upstream | None:
-        """A slot now, or None. Only ``jump`` (a retry already admitted) passes waiters."""
+        """A slot now, or None. Only ``jump`` (a retry already admitted) passes waiters.
+        A machine on trial makes ``held``'s request its probe (``Held.trial``); without
+        ``held`` nobody tells the probe's outcome, and it is handed as any machine."""
         if self._queue and not jump:
             return None
         view = self.view
         up = pick(view.routable(), self._hard_limit, self.rng, exclude)
         if up is not None:
             view.begin(up)
+            if up.trial and held is not None:
+                _probe(up, held)
         return up
 
     def done(self, up: Upstream) -> None:
         """Give back the slot of a finished request, to the view that lent it."""
         (up.owner or self.view).end(up)
+
+    def probed(self, up: Upstream, held: Held, passed: bool) -> None:
+        """``held``'s request, if it is the probe of ``up`` on trial, connected to it
+        (``passed``), or failed to, or let it go without trying: the machine takes
+        requests again up to its limit, or the next request handed it probes it again
+        (``AppView.probed``)."""
+        if held.trial:
+            held.trial = False
+            (up.owner or self.view).probed(up, passed)
 
     async def acquire(
         self, wait_s: float, held: Held | None = None, *, arrived: float | None = None
@@ -185,7 +212,7 @@ class Gate:
         loop = asyncio.get_running_loop()
         if arrived is None and len(self._queue) >= self.config.max_queue:
             raise QueueFull
-        waiter = _Waiter(loop.create_future(), self.view, asyncio.current_task(loop), arrived)
+        waiter = _Waiter(loop.create_future(), self.view, asyncio.current_task(loop), arrived, held)
         if arrived is None:
             self._queue.append(waiter)
         else:
@@ -216,6 +243,8 @@ class Gate:
                     up = fut.result()  # handed a slot just as we gave up
                     if isinstance(exc, asyncio.CancelledError):
                         self.done(up)
+                        if held is not None:
+                            self.probed(up, held, False)  # (its probe, perhaps: tried by none)
                         raise
                 else:
                     fut.cancel()
@@ -365,6 +394,8 @@ class Gate:
             waiter.view.release()
             self._queued_gauge.dec()
             view.begin(up)
+            if up.trial and waiter.held is not None:
+                _probe(up, waiter.held)  # the next ``pick`` passes it over
             waiter.future.set_result(up)
 
     async def _pump(self) -> None:
@@ -474,6 +505,13 @@ def wake_label(held: Held) -> str:
         held.wake_pending = None
         held.wake = served_by(wake)
     return held.wake
+
+
+def _probe(up: Upstream, held: Held) -> None:
+    """``up`` is on trial and goes to ``held``'s request: its probe, the only request it
+    is handed until the probe connected (``Gate.probed``)."""
+    up.probing = True
+    held.trial = True
 
 
 def _min(a: float | None, b: float | None) -> float | None:

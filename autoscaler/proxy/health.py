@@ -7,7 +7,8 @@ twice the one before, up to ``MAX_EJECTION_S`` (or ``eject_base_s`` when that is
 When an ejection ends, the machine is routable again but on probation: the first request
 that goes to it is its probe, and no other follows until the probe's answer is in. A good
 answer puts the machine back in full rotation and forgets its failures; a failure ejects it
-again, for longer.
+again, for longer. The ejection puts the machine on trial (``Upstream.trial``) too, so that
+the gate hands that first request alone, not every request held for the machine at once.
 
 Ejections for the machine's own failures (not 5xx answers, not checks) are counted in a
 row on its ``Upstream.failing``: a machine ejected twice so (its probe failed too) hangs,
@@ -126,6 +127,7 @@ class Health:
         del self.records[up]
         up.failing = 0
         if record.ejected:
+            up.trial = False  # (its probe answered well: the trial waited for that)
             _restore(self._view(app, up), up)
             _log.info("machine_restored", app=app, machine=up.id)
 
@@ -165,6 +167,7 @@ class Health:
         else:
             backoff = min(self.base_s * 2**record.ejections, max(MAX_EJECTION_S, self.base_s))
             record.ejections += 1
+            up.trial = True  # its probe goes alone when the ejection ends
         record.ejected = True
         record.failures = 0
         record.reason = reason
@@ -201,12 +204,15 @@ class Health:
         return not view.routable()
 
     def revived(self, app: str, up: Upstream) -> None:
-        """``up`` accepts connections again: a skip ends; an ejection ends as if its time
-        were up (its next request is its probe)."""
+        """``up`` accepts connections again: a skip ends, and its trial with it (the
+        connection it accepted is what a probe would have made); an ejection ends as if
+        its time were up (its next request is its probe)."""
         view = self._view(app, up)
         record = self.records.get(up)
         if record is not None and record.ejected:
             record.until = view.clock()
+        else:
+            up.trial = False
         _restore(view, up)
         _log.info("machine_listening", app=app, machine=up.id)
 

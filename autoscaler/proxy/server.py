@@ -16,6 +16,7 @@ no request or response objects are built on the way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from http import HTTPStatus
 
@@ -310,7 +311,7 @@ class ProxyServer:
             raise Failure(413, f"request body over {limit} bytes")
         gate = self._gates[app.name]
         ctx.deadline = ctx.arrived + app.wake_timeout_s
-        up = gate.try_acquire()
+        up = gate.try_acquire(held=ctx)
         if up is None:
             up, ctx.wake = await self._wait(gate, app, ctx)
         ctx.up = up
@@ -410,7 +411,7 @@ class ProxyServer:
             # A removed app's gate would look its view up by name and make it again, for
             # nobody (an in-flight series back for good, a wake nobody makes).
             raise _shed(why())
-        up = gate.try_acquire(tuple(tried), jump=True) if jump else None
+        up = gate.try_acquire(tuple(tried), jump=True, held=ctx) if jump else None
         if up is None:
             if remaining(ctx.deadline) <= 0:
                 raise _unreachable()
@@ -541,7 +542,14 @@ class ProxyServer:
                     on_interim=interim,
                     machine=up.id,
                     continued=None if body is None else body.continued,
+                    # A probe of a machine on trial: its connection made is the verdict
+                    # (an ejection's probe waits for its answer too: health's).
+                    connected=functools.partial(gate.probed, up, ctx, not ctx.probe)
+                    if ctx.trial
+                    else None,
                 )
+                if ctx.trial:  # (it went on a pooled connection: the answer is the verdict)
+                    gate.probed(up, ctx, not ctx.probe)
             except upstream.ConnectFailed:
                 # Nothing reached the machine (no body byte was read either: the body is
                 # read only once connected), so any method may go elsewhere. (Awaited
@@ -1063,10 +1071,13 @@ def _give_back(gate: Gate, ctx: RequestContext, verdicts: health.Health) -> None
     ended). ``_next_attempt`` may have moved it to another machine, or to none, so
     ``ctx.up`` is read here: in ``_serve`` the type checker still takes it for the machine
     assigned there, and the compiled build would check that at run time. A probe that
-    ends without a verdict lets the next request probe."""
+    ends without a verdict lets the next request probe (a machine on trial too: its
+    probe's connect failed, or was never made)."""
     up = ctx.up
     if up is not None and ctx.slot:
         ctx.slot = False
+        if ctx.trial:  # a machine's probe that never connected: the next one probes it
+            gate.probed(up, ctx, False)
         gate.done(up)
         if ctx.probe:
             ctx.probe = False

@@ -748,6 +748,7 @@ async def send(
     on_interim: InterimSink | None = None,
     machine: str = "",
     continued: asyncio.Future[bool] | None = None,
+    connected: Callable[[], None] | None = None,
 ) -> Exchange:
     """Send the request ``head`` (whole, as bytes) and start streaming the body, in chunks
     when ``chunked`` (the head says so); return once the answer's head arrived. The caller
@@ -762,6 +763,8 @@ async def send(
     100 too when ``continued`` is given (the head carries ``Expect: 100-continue``): that
     100 sets it True, a final answer before it False (the body's iterator waits for it).
     ``machine`` (its id) is how ``Pool.cut`` finds the request, whatever its address.
+    ``connected`` is called as soon as a new connection to the machine is made (before
+    the head goes out on it): a machine on trial takes other requests from then on.
 
     A pooled connection the machine closed while idle fails at once; a ``replayable``
     request (idempotent, no body) is then sent again on a new connection to the same
@@ -775,6 +778,8 @@ async def send(
     while True:
         if conn is None:
             conn = await pool.open(host, port, authority, max_field_size, machine)
+            if connected is not None:
+                connected()
         ex = _start(pool, conn, *args)
         try:
             await ex._head
