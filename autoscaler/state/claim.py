@@ -47,11 +47,12 @@ from typing import Any
 
 from autoscaler.logs import get_logger
 from autoscaler.state.lease import DRIFT, NEXT_FENCE
+from autoscaler.state.scripts import Script
 
 Clock = Callable[[], float]
 _log = get_logger("autoscaler.state.claim")
 
-_TAKE = (
+_TAKE = Script(
     NEXT_FENCE
     + """
 local held = redis.call('GET', KEYS[1])
@@ -73,24 +74,30 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
 return {token, previous or '', 0}
 """
 )
-_RENEW = """
+_RENEW = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
-_CHECK = """
+)
+_CHECK = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
 """
-_RELEASE = """
+)
+_RELEASE = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+)
 REMEMBER_MS = 24 * 3600 * 1000
 """How long Redis remembers who took an app's last claim."""
 UNANSWERED = 4
@@ -138,7 +145,7 @@ class Claim:
         if not self.held():
             return False
         sent = self.claims.clock()
-        ok = await self.claims.redis.eval(_RENEW, 1, self.key, self.value, self.claims.ttl_ms)
+        ok = await _RENEW(self.claims.redis, (self.key,), (self.value, self.claims.ttl_ms))
         if ok:
             self.valid_until = sent + self.claims.ttl_s * (1 - DRIFT)
             return True
@@ -151,7 +158,7 @@ class Claim:
         if not self.held():
             return False
         try:
-            ok = await self.claims.redis.eval(_CHECK, 1, self.key, self.value)
+            ok = await _CHECK(self.claims.redis, (self.key,), (self.value,))
         except Exception as exc:  # redis' errors: no proof, no action
             _log.warning("wake_claim_unchecked", app=self.app, error=str(exc))
             return False
@@ -163,7 +170,7 @@ class Claim:
             return
         self.released = True
         try:
-            await self.claims.redis.eval(_RELEASE, 1, self.key, self.value)
+            await _RELEASE(self.claims.redis, (self.key,), (self.value,))
         except BaseException as exc:
             # It may be in Redis until its TTL: our next take of the app hands it back.
             self.claims.remember(self.app, self.nonce)
@@ -220,16 +227,10 @@ class WakeClaims:
         nonces = [uuid.uuid4().hex[:12], *self.unanswered.pop(app, [])]
         sent = self.clock()
         try:
-            token, previous, again = await self.redis.eval(
-                _TAKE,
-                3,
-                self.key(app),
-                self.fence_key,
-                self.woke_key(app),
-                self.holder,
-                self.ttl_ms,
-                REMEMBER_MS,
-                *nonces,
+            token, previous, again = await _TAKE(
+                self.redis,
+                (self.key(app), self.fence_key, self.woke_key(app)),
+                (self.holder, self.ttl_ms, REMEMBER_MS, *nonces),
             )
         except BaseException:  # the script may have run, its reply lost: ask again next time
             self.remember(app, *nonces)

@@ -91,6 +91,7 @@ from autoscaler.logs import get_logger
 from autoscaler.scaling.window import ConcurrencyMeter, Sample
 from autoscaler.state.claim import WakeClaims, claim_holder
 from autoscaler.state.lease import Lease
+from autoscaler.state.scripts import Script, raise_first_error
 
 Clock = Callable[[], float]
 _N = TypeVar("_N", int, float)
@@ -122,16 +123,20 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 """Add ``ARGV[2:]`` to ``gone_key`` scored by Redis's clock (ms: the one clock all
 replicas share; ours is monotonic per process), drop the ids added ``ARGV[1]`` ms ago or
 earlier, and keep the key itself that long (nobody adds: it goes whole). One script, so
-the addition and the trim are atomic."""
+the addition and the trim are atomic. Sent whole (``EVAL``): it runs inside transactions,
+where a ``NOSCRIPT`` would come after the others ran (state/scripts.py), and only when a
+replica leaves."""
 
-_GONE_READ = """
+_GONE_READ = Script(
+    """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], string.format('(%d', now - tonumber(ARGV[1])), '+inf')
 """
+)
 """The ids of ``gone_key`` added less than ``ARGV[1]`` ms ago (Redis's clock): one added
 earlier is not read, though the key still holds it until the next addition or its TTL.
-Read-only."""
+Read-only. Every round's read sends it by its digest (state/scripts.py)."""
 
 
 HEADER = ("boot", "leader", "fence", "gen", "now", "changed", "since", "settled")
@@ -957,9 +962,13 @@ class Cluster:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(self.replicas_key)
             pipe.smembers(self.departed_key)
-            pipe.eval(_GONE_READ, 1, self.gone_key, round(GONE_KEPT_S * 1000))
+            gone_read = ((self.gone_key,), (round(GONE_KEPT_S * 1000),))
+            _GONE_READ.queue(pipe, *gone_read)
             pipe.smembers(self.expired_key)
-            members, departed, gone_ids, expired_ids = await pipe.execute()
+            answers = await pipe.execute(raise_on_error=False)
+        answers[2] = await _GONE_READ.answer(self.redis, answers[2], *gone_read)
+        raise_first_error(answers)
+        members, departed, gone_ids, expired_ids = answers
         ids = sorted(members)
         boots = sorted(departed)
         async with self.redis.pipeline(transaction=False) as pipe:

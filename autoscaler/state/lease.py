@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autoscaler.logs import get_logger
+from autoscaler.state.scripts import Script
 
 Clock = Callable[[], float]
 
@@ -66,7 +67,7 @@ which, when Redis lost it, starts again from Redis's clock in microseconds (not 
 Tokens stay below 2^53, exact in Lua's numbers; ``%d`` writes them whole (``..`` and
 ``tostring`` would write ``1.7e+15``)."""
 
-_ACQUIRE = (
+_ACQUIRE = Script(
     NEXT_FENCE
     + """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -93,26 +94,32 @@ end
 return {0, 0}
 """
 )
-_RENEW = """
+_RENEW = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[3] then
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
-_CHECK = """
+)
+_CHECK = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
   return 1
 end
 return 0
 """
-_RELEASE = """
+)
+_RELEASE = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
   redis.call('DEL', KEYS[3])
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+)
 UNANSWERED = 4
 """How many nonces of leases Redis may hold for us a take sends (the newest)."""
 
@@ -173,15 +180,10 @@ class Lease:
         sent = self.clock()
         try:
             if self.token is not None:
-                ok = await self.redis.eval(
-                    _RENEW,
-                    3,
-                    self.key,
-                    self.fence_key,
-                    self.nonce_key,
-                    self.replica_id,
-                    self.ttl_ms,
-                    self.token,
+                ok = await _RENEW(
+                    self.redis,
+                    (self.key, self.fence_key, self.nonce_key),
+                    (self.replica_id, self.ttl_ms, self.token),
                 )
                 if ok:
                     self.valid_until = sent + self.ttl_s * (1 - DRIFT)
@@ -207,16 +209,10 @@ class Lease:
         nonces = [uuid.uuid4().hex[:12], *self.unanswered]
         self.unanswered = []
         try:
-            token, again = await self.redis.eval(
-                _ACQUIRE,
-                3,
-                self.key,
-                self.fence_key,
-                self.nonce_key,
-                self.replica_id,
-                self.ttl_ms,
-                self.highest,
-                *nonces,
+            token, again = await _ACQUIRE(
+                self.redis,
+                (self.key, self.fence_key, self.nonce_key),
+                (self.replica_id, self.ttl_ms, self.highest, *nonces),
             )
         except BaseException:  # the script may have run, its reply lost: ask again next time
             self._remember(*nonces)
@@ -238,7 +234,7 @@ class Lease:
         if token is None or not self.held():
             return False
         try:
-            ok = await self.redis.eval(_CHECK, 2, self.key, self.fence_key, self.replica_id, token)
+            ok = await _CHECK(self.redis, (self.key, self.fence_key), (self.replica_id, token))
         except Exception as exc:  # redis' errors (connection, timeout): no proof, no action
             _log.warning("fence_unchecked", error=str(exc))
             return False
@@ -250,8 +246,8 @@ class Lease:
         if token is None:
             return
         try:
-            await self.redis.eval(
-                _RELEASE, 3, self.key, self.fence_key, self.nonce_key, self.replica_id, token
+            await _RELEASE(
+                self.redis, (self.key, self.fence_key, self.nonce_key), (self.replica_id, token)
             )
         except Exception as exc:  # the lease then lapses by its TTL
             _log.warning("lease_not_released", error=str(exc))

@@ -313,10 +313,10 @@ async def test_claim_tokens_grow_across_a_redis_that_came_back_empty(
 
 
 class _LostReplies:
-    """A Redis client whose next ``lost`` EVALs of a claim's key run in Redis but answer
-    the caller with an error, as when the connection drops (or our command timeout
-    fires) after Redis ran the script and before its reply came (``ran=False``: the
-    connection dropped before Redis had the command)."""
+    """A Redis client whose next ``lost`` scripts on a claim's key (EVALSHA, as the claims
+    send them, or EVAL) run in Redis but answer the caller with an error, as when the
+    connection drops (or our command timeout fires) after Redis ran the script and before
+    its reply came (``ran=False``: the connection dropped before Redis had the command)."""
 
     def __init__(self, redis: Any, key: str, lost: int = 1, *, ran: bool = True) -> None:
         self.redis = redis
@@ -328,8 +328,14 @@ class _LostReplies:
         return getattr(self.redis, name)
 
     async def eval(self, script: str, numkeys: int, *args: Any) -> Any:
+        return await self._run(self.redis.eval, script, numkeys, *args)
+
+    async def evalsha(self, sha: str, numkeys: int, *args: Any) -> Any:
+        return await self._run(self.redis.evalsha, sha, numkeys, *args)
+
+    async def _run(self, command: Any, script: str, numkeys: int, *args: Any) -> Any:
         lose = self.lost and args[0] == self.key
-        answer = await self.redis.eval(script, numkeys, *args) if self.ran or not lose else None
+        answer = await command(script, numkeys, *args) if self.ran or not lose else None
         if lose:
             self.lost -= 1
             raise redis.exceptions.ConnectionError("Connection closed by server.")
