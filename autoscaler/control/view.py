@@ -68,6 +68,7 @@ class Upstream:
         "remote_long_lived",
         "share",
         "started_at",
+        "starts",
         "state",
         "trial",
         "unhealthy_until",
@@ -109,6 +110,9 @@ class Upstream:
         ``max(1, floor(hard_limit x share))`` requests in flight there. 1.0 alone."""
         self.last_used: float | None = None
         self.started_at: float | None = None
+        self.starts = 0
+        """How many times the view saw it start (a new process each): the proxy's health
+        forgets what it held against the process before (``proxy.health``)."""
         self.unhealthy_until = 0.0
         self.trial = False
         """On trial: it failed (a connection refused or lost: ``AppView.skip``; an
@@ -286,6 +290,7 @@ class AppView:
     def _apply_state(up: Upstream, state: str, now: float) -> None:
         if state == STARTED and up.state != STARTED:
             up.started_at = now
+            up.starts += 1
             up.unhealthy_until = 0.0
             up.trial = up.probing = False
             up.failing = up.remote_failing = 0  # a new process

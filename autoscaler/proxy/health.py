@@ -16,6 +16,15 @@ and the controller restarts it (docs/policy.md, "A machine that hangs is restart
 timeout ejection of an app's last routable machine counts twice: its probe is not
 awaited (:func:`_failed_count`).
 
+A new start of the machine (the view counts them: ``Upstream.starts``) is a new process,
+and begins with a clean record: the record made against the process before is forgotten at
+its next look-up (:meth:`Health._current`), so the new one is no ejection's probe, its
+next ejection lasts ``eject_base_s`` again, and its failures count from one. (The view
+resets its hold-out, trial and ``failing`` as it starts; a record kept would make each
+request in turn the probe of the booting machine, whose refused connect, uncounted while it
+boots, ended the probe with no verdict and put it straight back: a refused connect after
+each, back to back.)
+
 A machine held out because nothing listened (refused connections, or resets of a process
 that died) may come back before its time: proxy/revive.py watches it with TCP connects
 and calls :meth:`Health.revived` (which hold-outs qualify: :meth:`Health.revivable`).
@@ -71,10 +80,11 @@ _REVIVE = frozenset({CONNECT, RESET})
 class _Record:
     """What the proxy remembers of a machine that failed lately."""
 
-    __slots__ = ("app", "ejected", "ejections", "failures", "probing", "reason", "until")
+    __slots__ = ("app", "ejected", "ejections", "failures", "probing", "reason", "starts", "until")
 
-    def __init__(self, app: str) -> None:
+    def __init__(self, app: str, up: Upstream) -> None:
         self.app = app
+        self.starts = up.starts  # the machine's process it holds against (``_current``)
         self.failures = 0  # in a row
         self.ejections = 0  # in a row: the next ejection lasts base * 2**ejections
         self.ejected = False  # out of rotation, or on probation after it
@@ -104,12 +114,22 @@ class Health:
         removed while its request was under way would be made again, for nobody."""
         return up.owner or self.fleet.app(app)
 
+    def _current(self, up: Upstream) -> _Record | None:
+        """``up``'s record, unless it was made before the machine's latest start: a new
+        process starts with a clean record (the view reset its hold-outs, ``failing``
+        and trial as it started), not on probation for its predecessor's failures."""
+        record = self.records.get(up)
+        if record is not None and record.starts != up.starts:
+            del self.records[up]
+            return None
+        return record
+
     # --- what the proxy saw --------------------------------------------------------
 
     def took(self, app: str, up: Upstream) -> bool:
         """A request was given ``up``; True when it is the machine's probe (then its outcome
         must be reported, or :meth:`abandoned` called)."""
-        record = self.records.get(up)
+        record = self._current(up)
         if record is None or not record.ejected or record.probing or record.reason == CHECKS:
             return False
         view = self._view(app, up)
@@ -121,7 +141,7 @@ class Health:
 
     def succeeded(self, app: str, up: Upstream) -> None:
         """An exchange went well: the machine's failures are forgotten."""
-        record = self.records.get(up)
+        record = self._current(up)
         if record is None or (record.ejected and record.reason == CHECKS):
             return  # only its checks passing bring it back
         del self.records[up]
@@ -134,9 +154,9 @@ class Health:
     def failed(self, app: str, up: Upstream, reason: str) -> None:
         """An exchange failed for ``reason``; the machine is ejected after ``eject_after``
         failures in a row, and at once when its probe fails."""
-        record = self.records.get(up)
+        record = self._current(up)
         if record is None:
-            record = self.records[up] = _Record(app)
+            record = self.records[up] = _Record(app, up)
         if record.ejected and not record.probing:
             return  # out already: a request sent before the ejection failed too
         record.failures += 1
@@ -145,7 +165,7 @@ class Health:
 
     def abandoned(self, app: str, up: Upstream) -> None:
         """A probe ended without a verdict (the client left): let another request probe."""
-        record = self.records.get(up)
+        record = self._current(up)
         if record is not None and record.probing:
             record.probing = False
             _restore(self._view(app, up), up)
@@ -196,7 +216,7 @@ class Health:
             return False
         if up.state != STARTED or up.cordoned or up.held or view.clock() >= up.unhealthy_until:
             return False
-        record = self.records.get(up)
+        record = self._current(up)
         if record is None or not record.ejected:
             return True  # a skip
         if record.probing or record.reason not in _REVIVE:
@@ -208,7 +228,7 @@ class Health:
         connection it accepted is what a probe would have made); an ejection ends as if
         its time were up (its next request is its probe)."""
         view = self._view(app, up)
-        record = self.records.get(up)
+        record = self._current(up)
         if record is not None and record.ejected:
             record.until = view.clock()
         else:
@@ -235,12 +255,12 @@ class Health:
             swept[name] = view.version
             self._spared.discard(name)
             for up in view.upstreams.values():
-                record = self.records.get(up)
+                record = self._current(up)
                 started = up.state == STARTED
                 if up.checks_critical and started:
                     if record is None or record.reason != CHECKS or not record.ejected:
                         if record is None:
-                            record = self.records[up] = _Record(name)
+                            record = self.records[up] = _Record(name, up)
                         self._eject(name, up, record, CHECKS)
                         if not record.ejected or record.reason != CHECKS:
                             self._spared.add(name)  # spared, or out for its own failures
@@ -265,6 +285,8 @@ class Health:
         """The machines out of rotation or on probation, for ``/status``."""
         out: list[dict[str, object]] = []
         for up, record in self.records.items():
+            if record.starts != up.starts:
+                continue  # (held against its process before: forgotten at its next look-up)
             if not record.ejected or (record.reason == CHECKS and up.state != STARTED):
                 continue  # (out for not being started: the next sweep drops its record)
             view = self.fleet.apps.get(record.app)

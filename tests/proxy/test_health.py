@@ -135,6 +135,66 @@ def test_a_probe_that_ends_without_an_answer_lets_the_next_request_probe() -> No
     assert h.took("a", m1) is True
 
 
+def test_a_machine_started_again_holds_nothing_of_its_process_before() -> None:
+    """A new start is a new process: what the proxy held against the one before (its
+    ejection, its probation, the doubling of its backoff, its failures in a row) is
+    forgotten, and the new process's failures count from the first, even when the view's
+    clock did not move between the stop and the start."""
+    fleet, clock = _fleet("m1", "m2")
+    metrics = Metrics(CollectorRegistry())
+    h = Health(fleet, metrics, eject_after=2, base_s=10.0)
+    view = fleet.app("a")
+    m1 = view.upstreams["m1"]
+    for _ in range(2):
+        h.failed("a", m1, health.TIMEOUT)  # ejected for 10 s
+    clock.now += 10.0
+    assert h.took("a", m1) is True
+    h.failed("a", m1, health.TIMEOUT)  # its probe failed: out for 20 s
+    assert [e["ejections"] for e in h.report()] == [2]
+    view.set_state("m1", "stopped")  # the controller restarts it
+    view.set_state("m1", "started")
+    assert h.report() == []
+    assert _routable(fleet) == ["m1", "m2"]
+    assert h.took("a", m1) is False  # no probe: it takes requests as any machine
+    assert _routable(fleet) == ["m1", "m2"]
+    h.failed("a", m1, health.RESET)  # the new process's failures count, from one
+    assert _routable(fleet) == ["m1", "m2"]
+    h.failed("a", m1, health.RESET)
+    [entry] = h.report()
+    assert (entry["reason"], entry["ejections"], entry["remaining_s"]) == ("reset", 1, 10.0)
+    assert m1.failing == 1
+
+    # A failure, not yet an ejection, is forgotten as well.
+    view.set_state("m1", "stopped")
+    view.set_state("m1", "started")
+    h.failed("a", m1, health.RESET)
+    view.set_state("m1", "stopped")
+    view.set_state("m1", "started")
+    h.failed("a", m1, health.RESET)
+    assert _routable(fleet) == ["m1", "m2"]  # one failure of each process: not two in a row
+    assert h.report() == []
+    h.sweep()
+    assert h.report() == []
+
+
+def test_a_machine_out_for_its_checks_and_started_again_between_sweeps_is_out_again() -> None:
+    """The start resets the machine's hold-out in the view; the sweep that sees it started
+    (its checks still listed critical) takes it out again for them, as for any started
+    machine. Its record from before the start kept it in rotation, checks critical."""
+    fleet, _ = _fleet("m1", "m2", critical=frozenset({"m1"}))
+    metrics = Metrics(CollectorRegistry())
+    h = Health(fleet, metrics, eject_after=5, base_s=1.0)
+    view = fleet.app("a")
+    h.sweep()
+    assert _routable(fleet) == ["m2"]
+    view.set_state("m1", "stopped")  # stopped and started again before the next sweep
+    view.set_state("m1", "started")
+    h.sweep()
+    assert _routable(fleet) == ["m2"]
+    assert [(e["machine"], e["reason"]) for e in h.report()] == [("m1", "checks")]
+    assert _ejections(metrics, "checks") == 2
+
+
 def test_the_last_routable_machine_is_kept_for_5xx_and_checks_but_not_for_timeouts() -> None:
     fleet, _ = _fleet("m1")
     metrics = Metrics(CollectorRegistry())

@@ -298,3 +298,92 @@ async def test_an_ejections_probe_goes_alone_and_its_good_answer_lets_the_rest_g
     for _ in range(3):
         gate.done(up)
     await gate.close()
+
+
+@asynccontextmanager
+async def cancelled_at_exit() -> AsyncIterator[list[asyncio.Task[int]]]:
+    """The requests' tasks, cancelled if the test leaves before they end (a failure)."""
+    tasks: list[asyncio.Task[int]] = []
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _scaled_machine(fleet: FleetView, sock: socket.socket) -> None:
+    """App "w": one machine the API calls started, on ``sock``'s port (no waker: a
+    request waits for the machine, up to its ``wake_timeout_s``)."""
+    port = sock.getsockname()[1]
+    fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
+
+
+async def test_a_machine_restarted_after_its_ejection_boots_with_a_clean_record(
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    fleet: FleetView,
+    machine_socket: socket.socket,
+) -> None:
+    """Ejected for resets, the machine is restarted by the controller (a new process):
+    its old ejection is forgotten. While it boots it refuses, and its refusals do not
+    count (it started within ``wake_timeout_s``), but each one skips it: three requests
+    make one refused connect, and one more when the skip ends (the probe of its trial),
+    not one after another for as long as it boots. Once it listens, all are served, and
+    the proxy holds nothing against it."""
+    _scaled_machine(fleet, machine_socket)
+    proxy = await start_proxy(
+        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}],
+        unhealthy_backoff_s=10,
+        eject_after=1,
+        eject_base_s=5,
+    )
+    view = fleet.app("w")
+    (up,) = view.upstreams.values()
+    gate = proxy._gates["w"]
+    proxy.health.failed("w", up, health.RESET)  # its process died: ejected
+    assert view.routable() == []
+    clock.now += 1
+    view.set_state("m1", "stopped")  # the controller restarts it
+    view.set_state("m1", "started")
+    assert view.routable() == [up]
+
+    async def get(i: int) -> int:
+        async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "w.test"}) as r:
+            await r.read()
+            return r.status
+
+    order: list[str] = []
+    with capture_logs() as logs:
+        async with cancelled_at_exit() as tasks:
+            first = asyncio.create_task(get(0))
+            tasks.append(first)
+            await until(lambda: _refusals(logs) >= 1 and gate.queued == 1 and up.in_flight == 0)
+            rest = [asyncio.create_task(get(i)) for i in (1, 2)]
+            tasks += rest
+            await until(lambda: gate.queued == 3)
+            tried = _refusals(logs)
+            assert tried == 1, f"{tried} refusals"
+            assert view.routable() == []  # skipped, and the skip holds
+            assert up.unhealthy_until == clock.now + 10
+            assert up not in proxy.health.records  # no ejection of the process before
+
+            clock.now += 10  # the skip ends; it still boots
+            view.notify()
+            await until(lambda: _refusals(logs) >= 2 and gate.queued == 3 and up.in_flight == 0)
+            tried = _refusals(logs)
+            assert tried == 2, f"{tried} refusals"  # its probe alone
+            assert view.routable() == []
+
+            async with serving(machine_socket, order):
+                clock.now += 10  # it listens, and the next skip ends
+                view.notify()
+                statuses = await asyncio.gather(first, *rest)
+    assert statuses == [200, 200, 200]
+    assert sorted(order) == ["0", "1", "2"]
+    assert _refusals(logs) == 2
+    assert not any(e["event"] == "machine_ejected" for e in logs)
+    assert proxy.health.records == {}
+    assert proxy.health.report() == []
+    assert view.routable() == [up]
