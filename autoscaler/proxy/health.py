@@ -23,7 +23,8 @@ next ejection lasts ``eject_base_s`` again, and its failures count from one. (Th
 resets its hold-out, trial and ``failing`` as it starts; a record kept would make each
 request in turn the probe of the booting machine, whose refused connect, uncounted while it
 boots, ended the probe with no verdict and put it straight back: a refused connect after
-each, back to back.)
+each, back to back.) A probe refused while its machine boots is ended before the skip,
+which then holds (the proxy's ``_failed_connect``).
 
 A machine held out because nothing listened (refused connections, or resets of a process
 that died) may come back before its time: proxy/revive.py watches it with TCP connects
@@ -164,7 +165,8 @@ class Health:
             self._eject(app, up, record, reason)
 
     def abandoned(self, app: str, up: Upstream) -> None:
-        """A probe ended without a verdict (the client left): let another request probe."""
+        """A probe ended without a verdict (the client left, or its connect was refused
+        while the machine boots, uncounted): let another request probe."""
         record = self._current(up)
         if record is not None and record.probing:
             record.probing = False

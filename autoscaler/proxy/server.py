@@ -435,18 +435,25 @@ class ProxyServer:
             return up.port, up.authority
         return app.port, authority(up.host, app.port)
 
-    def _failed_connect(self, app: AppConfig, up: Upstream) -> None:
+    def _failed_connect(self, app: AppConfig, up: Upstream, ctx: RequestContext) -> None:
         """Nothing was sent: skip this machine for a while; the retry is always safe.
 
         The refusals count towards its ejection, unless the controller started it within
         the app's ``wake_timeout_s``: a machine still booting refuses until its server
-        listens, and held requests wait for it (the short skip applies all the same)."""
+        listens, and held requests wait for it (the short skip applies all the same). An
+        ejection's probe refused so ends with no verdict before the skip, which then
+        holds: the probe's end would put the machine back at once (its hold-out was the
+        probe's), and each request in turn would try it, back to back, while it boots."""
         view = up.owner or self.view.app(app.name)  # (not made again: the app may be gone)
+        started = up.started_at
+        counted = app.static or started is None or view.clock() - started >= app.wake_timeout_s
+        if ctx.probe and not counted:
+            ctx.probe = False
+            self.health.abandoned(app.name, up)
         view.skip(up, self._knobs.unhealthy_backoff_s)
         view.notify()
         _log.info("machine_unreachable", app=app.name, machine=up.id)
-        started = up.started_at
-        if app.static or started is None or view.clock() - started >= app.wake_timeout_s:
+        if counted:
             self.health.failed(app.name, up, health.CONNECT)
         self._reviver.refused(app.name, up, self._address(app, up)[0])
 
@@ -554,7 +561,7 @@ class ProxyServer:
                 # Nothing reached the machine (no body byte was read either: the body is
                 # read only once connected), so any method may go elsewhere. (Awaited
                 # after the handler: the compiled build must not await inside one.)
-                self._failed_connect(app, up)
+                self._failed_connect(app, up, ctx)
                 refused += 1
                 jump = refused < MAX_ATTEMPTS
                 exchange = None

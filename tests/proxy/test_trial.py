@@ -387,3 +387,58 @@ async def test_a_machine_restarted_after_its_ejection_boots_with_a_clean_record(
     assert proxy.health.records == {}
     assert proxy.health.report() == []
     assert view.routable() == [up]
+
+
+async def test_an_ejections_probe_refused_while_its_machine_boots_leaves_it_skipped(
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    fleet: FleetView,
+    machine_socket: socket.socket,
+) -> None:
+    """A machine that started lately is ejected (its process died, and Fly's restart
+    policy brings it back unseen by the list); when the ejection ends, its probe's
+    connect is refused. That refusal does not count (the machine started within
+    ``wake_timeout_s``), and the probe ends with no verdict, but the machine is skipped
+    all the same: the next request is its probe again once the skip ends, not at once."""
+    _scaled_machine(fleet, machine_socket)
+    proxy = await start_proxy(
+        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}],
+        unhealthy_backoff_s=10,
+        eject_after=1,
+        eject_base_s=5,
+    )
+    view = fleet.app("w")
+    (up,) = view.upstreams.values()
+    gate = proxy._gates["w"]
+    proxy.health.failed("w", up, health.RESET)  # ejected for 5 s
+    clock.now += 5  # the ejection ends
+
+    async def get(i: int) -> int:
+        async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "w.test"}) as r:
+            await r.read()
+            return r.status
+
+    order: list[str] = []
+    with capture_logs() as logs:
+        async with cancelled_at_exit() as tasks:
+            first = asyncio.create_task(get(0))
+            tasks.append(first)
+            await until(lambda: _refusals(logs) >= 1 and gate.queued == 1 and up.in_flight == 0)
+            tried = _refusals(logs)
+            assert tried == 1, f"{tried} refusals"
+            assert view.routable() == []
+            assert up.unhealthy_until == clock.now + 10  # skipped, not put back by the probe
+            assert proxy.health.report()[0]["reason"] == health.RESET  # still ejected
+
+            async with serving(machine_socket, order):
+                clock.now += 10  # it listens, and the skip ends: the next probe is served
+                view.notify()
+                assert await first == 200
+    assert order == ["0"]
+    assert _refusals(logs) == 1
+    assert [e["event"] for e in logs if e["event"].startswith("machine_")] == [
+        "machine_unreachable",
+        "machine_restored",
+    ]
+    assert proxy.health.records == {}
