@@ -54,6 +54,11 @@ class Deploy:
     retried: list[str] = field(default_factory=list)
     """Lease acquires answered 409 (or 429) and tried again."""
     nonces: dict[str, str] = field(default_factory=dict)
+    leases_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held by a lease's refresh and by its release, so that the two never cross: a
+    refresh still in flight as the release went reached the API after it, which took it
+    for an acquire (no lease held) and leased the machine anew, to no one, until its TTL
+    (the autoscaler skipping the machine meanwhile, and the test's "no lease left" failing)."""
 
     async def call(
         self, method: str, path: str, nonce: str | None = None, **kw: Any
@@ -79,11 +84,19 @@ class Deploy:
         """Refresh the leases still held, as flyctl does while it works."""
         while True:
             await asyncio.sleep(LEASE_TTL_S / 3)
-            for mid, nonce in list(self.nonces.items()):
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Extend every lease still held by another TTL."""
+        for mid in list(self.nonces):
+            async with self.leases_lock:
+                nonce = self.nonces.get(mid)
+                if nonce is None:  # released meanwhile
+                    continue
                 body = {"ttl": LEASE_TTL_S}
                 status, answer = await self.call("POST", f"/{mid}/lease", nonce, json=body)
-                if status not in (200, 201):
-                    self.refused.append(f"refresh {mid}: {status} {answer}")
+            if status not in (200, 201):
+                self.refused.append(f"refresh {mid}: {status} {answer}")
 
     async def update(self, mid: str) -> None:
         nonce = self.nonces[mid]
@@ -105,7 +118,8 @@ class Deploy:
             raise AssertionError(self.refused[-1])
 
     async def release(self, mid: str) -> None:
-        status, answer = await self.call("DELETE", f"/{mid}/lease", self.nonces.pop(mid))
+        async with self.leases_lock:
+            status, answer = await self.call("DELETE", f"/{mid}/lease", self.nonces.pop(mid))
         if status != 200:
             self.refused.append(f"release {mid}: {status} {answer}")
 
@@ -207,3 +221,53 @@ async def test_a_rolling_deploy_under_traffic_loses_no_request_and_meets_no_figh
         await stack.controller.actuator.leases.settled(APP)  # (releases end in tasks of theirs)
         held = {m.id: emulator.lease(APP, m.id) for m in emulator.machines(APP)}
         assert {mid: lease for mid, lease in held.items() if lease is not None} == {}
+
+
+async def test_a_refresh_in_flight_as_its_lease_is_released_does_not_lease_the_machine_anew(
+    emulator: Emulator,
+) -> None:
+    """A refresh of the deploy's leases, on its way as the deploy released one of them,
+    must not reach the API after the release: the API (as Fly) takes a refresh of a lease
+    that no longer exists for an acquire, and the machine stays leased, to no one, until
+    the TTL runs out. The refresh here is held until the release has gone as far as it
+    can without it: sent (and answered) if nothing holds the release back."""
+    refreshing = asyncio.Event()
+    releasing = asyncio.Event()
+    deleted = asyncio.Event()
+    deleting = False
+
+    class HeldRefresh(Deploy):
+        async def call(
+            self, method: str, path: str, nonce: str | None = None, **kw: Any
+        ) -> tuple[int, Any]:
+            nonlocal deleting
+            if method == "DELETE":
+                deleting = True
+                try:
+                    return await super().call(method, path, nonce, **kw)
+                finally:
+                    deleted.set()
+            if method == "POST" and nonce is not None:  # a refresh
+                refreshing.set()
+                # The release runs up to its first wait before this goes on: its DELETE
+                # sent, or the release waiting for the refresh.
+                await releasing.wait()
+                if deleting:
+                    await deleted.wait()
+            return await super().call(method, path, nonce, **kw)
+
+        async def release(self, mid: str) -> None:
+            releasing.set()
+            await super().release(mid)
+
+    auth = {"Authorization": f"Bearer {emulator.token}"}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        deploy = HeldRefresh(session, f"{emulator.url}/v1/apps/{APP}/machines", "v2")
+        mid = emulator.machines(APP)[0].id
+        await deploy.lease(mid)
+        refresh = asyncio.create_task(deploy.refresh())
+        await refreshing.wait()
+        await asyncio.gather(deploy.release(mid), refresh)
+
+    assert deploy.refused == []
+    assert emulator.lease(APP, mid) is None
