@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
 import pytest
 import redis.asyncio as aioredis
@@ -131,15 +131,60 @@ async def cluster(redis_server: str, key_prefix: str, ttl: float) -> AsyncIterat
         await r.stop()
 
 
-async def rounds(replicas: list[Replica], until: Callable[[], bool], limit_s: float) -> None:
-    """Run every replica's round every TTL/10 until ``until()`` (fails after ``limit_s``)."""
+class Rounds(Protocol):
+    """What rounds() runs: a replica's round."""
+
+    async def round(self) -> None: ...
+
+
+# rounds()' guard against a hang, and only that: a round that never returns. What a test
+# waits for is bounded in rounds, however long a loaded machine takes over them.
+ROUNDS_HANG_S = 60.0
+
+
+async def rounds(replicas: Sequence[Rounds], until: Callable[[], bool], limit_s: float) -> None:
+    """Run every replica's round every TTL/10 until ``until()``; fails after as many rounds
+    as ``limit_s`` holds on an idle machine (``limit_s / (TTL/10)``), whatever time they
+    take, or after ROUNDS_HANG_S (a hang).
+
+    Bounded in rounds, not in ``limit_s`` of real time: on a loaded machine a round (a
+    replica's Redis commands, then the pause) took several times its TTL/10, so 2 * TTL
+    (1.2 s) held a few rounds, not 20, and the wait failed before the rounds that bring
+    its condition had run. Each round takes TTL/10 at least, so a condition that comes
+    with time (a lease that lapses in Redis) still has ``limit_s`` of it, or more."""
+    budget = max(1, round(limit_s / (TTL / 10)))
+    async with asyncio.timeout(ROUNDS_HANG_S):
+        for _ in range(budget):
+            if until():
+                return
+            for r in replicas:
+                await r.round()
+            await asyncio.sleep(TTL / 10)
+    assert until(), f"condition not reached in {budget} rounds"
+
+
+async def test_rounds_waits_out_its_rounds_however_long_a_stalled_loop_takes_over_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A condition that comes after 10 rounds is met within 2 * TTL's rounds (20) although
+    every round stalls the loop for half a TTL (its clock jumps on as much, as a loop that
+    did not run for that long sees it): 10 rounds take 3 s, far beyond 2 * TTL."""
     loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not until():
-        assert loop.time() - start < limit_s, "condition not reached in time"
-        for r in replicas:
-            await r.round()
-        await asyncio.sleep(TTL / 10)
+    real = loop.time
+    stalled = 0.0
+    monkeypatch.setattr(loop, "time", lambda: real() + stalled)
+
+    class Stalled:
+        ran = 0
+
+        async def round(self) -> None:
+            nonlocal stalled
+            self.ran += 1
+            stalled += TTL / 2
+
+    replica = Stalled()
+    await rounds([replica], lambda: replica.ran == 10, 2 * TTL)
+    assert replica.ran == 10
 
 
 @contextlib.asynccontextmanager
