@@ -26,7 +26,7 @@ from autoscaler.control.runtime import mark_by
 from autoscaler.control.view import HUNG_AFTER, FleetView
 from autoscaler.control.wake import WakeError
 from autoscaler.fly.errors import NotFound
-from autoscaler.fly.models import CheckStatus
+from autoscaler.fly.models import CheckStatus, Lease
 from autoscaler.metrics import Metrics
 from autoscaler.proxy.balancer import pick
 from autoscaler.scaling.fleet import CORDON_METADATA_KEY
@@ -2358,6 +2358,24 @@ async def test_only_the_lease_of_a_replica_gone_that_cannot_act_is_adopted(
         await old.stop()
 
 
+async def adopts_olds_lease(new: Replica, api: FakeMachinesAPI, mid: str, lease: Lease) -> None:
+    """``new`` joins after replica "old" left ``lease`` (of a start) on ``mid``: it leads,
+    knows "old" gone, and starts the machine under that lease (adopted)."""
+    await new.start(rounds=False)
+    await rounds([new], lambda: new.leading, 5)
+    assert "old" in new.cluster.gone
+    await new.controller.tick(APP)
+    with capture_logs() as logs:
+        new.controller.actuator.launch(
+            new.controller.apps[APP], Action("start", mid, "a held request")
+        )
+        await new.controller.idle()
+    done = [(c.op, c.nonce) for c in api.calls if c.op == "start_machine"]
+    assert done == [("start_machine", lease.nonce)]
+    [adopted] = [e for e in logs if e["event"] == "lease_adopted"]
+    assert adopted["former"] == "old"
+
+
 async def test_a_replica_that_joined_after_the_holder_died_adopts_its_lease(
     redis_server: str, key_prefix: str
 ) -> None:
@@ -2383,18 +2401,7 @@ async def test_a_replica_that_joined_after_the_holder_died_adopts_its_lease(
         assert not await witness.cluster.redis.sismember(witness.cluster.replicas_key, "old")
         lease = api.take_lease(APP, mid, owner="autoscaler@old: start")
         new = make(redis_server, key_prefix, "new", api)
-        await new.start(rounds=False)
-        await rounds([new], lambda: new is not None and new.leading, 5)
-        await new.controller.tick(APP)
-        with capture_logs() as logs:
-            new.controller.actuator.launch(
-                new.controller.apps[APP], Action("start", mid, "a held request")
-            )
-            await new.controller.idle()
-        done = [(c.op, c.nonce) for c in api.calls if c.op == "start_machine"]
-        assert done == [("start_machine", lease.nonce)]
-        [adopted] = [e for e in logs if e["event"] == "lease_adopted"]
-        assert adopted["former"] == "old"
+        await adopts_olds_lease(new, api, mid, lease)
     finally:
         if new is not None:
             await new.stop()
@@ -2422,19 +2429,7 @@ async def test_a_replica_that_joined_after_a_follower_stopped_adopts_the_lease_i
         await old.stop()
         lease = api.take_lease(APP, mid, owner="autoscaler@old: start")
         new = make(redis_server, key_prefix, "new", api)
-        await new.start(rounds=False)
-        await rounds([new], lambda: new is not None and new.leading, 5)
-        assert "old" in new.cluster.gone
-        await new.controller.tick(APP)
-        with capture_logs() as logs:
-            new.controller.actuator.launch(
-                new.controller.apps[APP], Action("start", mid, "a held request")
-            )
-            await new.controller.idle()
-        done = [(c.op, c.nonce) for c in api.calls if c.op == "start_machine"]
-        assert done == [("start_machine", lease.nonce)]
-        [adopted] = [e for e in logs if e["event"] == "lease_adopted"]
-        assert adopted["former"] == "old"
+        await adopts_olds_lease(new, api, mid, lease)
     finally:
         if new is not None:
             await new.stop()
