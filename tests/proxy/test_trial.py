@@ -28,6 +28,7 @@ from autoscaler.metrics import Metrics
 from autoscaler.proxy import health, revive
 from autoscaler.proxy.gate import Gate
 from autoscaler.proxy.health import Health
+from autoscaler.proxy.server import ProxyServer
 
 from .conftest import StartProxy, url
 from .helpers import unanswering_port
@@ -109,6 +110,14 @@ def _refusals(logs: list[dict[str, object]]) -> int:
     return sum(1 for e in logs if e["event"] == "machine_unreachable")
 
 
+async def get(session: aiohttp.ClientSession, proxy: ProxyServer, app: str, i: int) -> int:
+    """Request ``i`` (its target's ``id``, which ``serving`` records) to ``app`` through
+    the proxy; its status."""
+    async with session.get(url(proxy, f"/?id={i}"), headers={"Host": f"{app}.test"}) as r:
+        await r.read()
+        return r.status
+
+
 async def test_a_machine_back_from_its_skip_gets_one_held_request_then_all(
     start_proxy: StartProxy,
     session: aiohttp.ClientSession,
@@ -137,16 +146,11 @@ async def test_a_machine_back_from_its_skip_gets_one_held_request_then_all(
     (up,) = view.upstreams.values()
     gate = proxy._gates["a"]
 
-    async def get(i: int) -> int:
-        async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "a.test"}) as r:
-            await r.read()
-            return r.status
-
     order: list[str] = []
     with capture_logs() as logs:
-        first = asyncio.create_task(get(0))
+        first = asyncio.create_task(get(session, proxy, "a", 0))
         await until(lambda: _refusals(logs) == 1 and gate.queued == 1)  # skipped, held
-        rest = [asyncio.create_task(get(i)) for i in (1, 2, 3)]
+        rest = [asyncio.create_task(get(session, proxy, "a", i)) for i in (1, 2, 3)]
         await until(lambda: gate.queued == 4)
         assert view.routable() == []
 
@@ -201,14 +205,10 @@ async def test_fresh_requests_do_not_pass_a_probe_under_way(
         view.skip(up, 10)  # it failed before (as a refused connect skips it)
         clock.now += 10  # and the skip just ended: nobody is held
 
-        async def get(i: int) -> int:
-            async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "a.test"}) as r:
-                return r.status
-
         with capture_logs() as logs:
-            probe = asyncio.create_task(get(0))
+            probe = asyncio.create_task(get(session, proxy, "a", 0))
             await until(lambda: up.in_flight == 1)
-            later = [asyncio.create_task(get(i)) for i in (1, 2, 3)]
+            later = [asyncio.create_task(get(session, proxy, "a", i)) for i in (1, 2, 3)]
             await until(lambda: gate.queued == 3)
             assert up.in_flight == 1  # only the probe tries it
             await until(lambda: _refusals(logs) == 1 and gate.queued == 4)
@@ -349,18 +349,13 @@ async def test_a_machine_restarted_after_its_ejection_boots_with_a_clean_record(
     view.set_state("m1", "started")
     assert view.routable() == [up]
 
-    async def get(i: int) -> int:
-        async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "w.test"}) as r:
-            await r.read()
-            return r.status
-
     order: list[str] = []
     with capture_logs() as logs:
         async with cancelled_at_exit() as tasks:
-            first = asyncio.create_task(get(0))
+            first = asyncio.create_task(get(session, proxy, "w", 0))
             tasks.append(first)
             await until(lambda: _refusals(logs) >= 1 and gate.queued == 1 and up.in_flight == 0)
-            rest = [asyncio.create_task(get(i)) for i in (1, 2)]
+            rest = [asyncio.create_task(get(session, proxy, "w", i)) for i in (1, 2)]
             tasks += rest
             await until(lambda: gate.queued == 3)
             tried = _refusals(logs)
@@ -414,15 +409,10 @@ async def test_an_ejections_probe_refused_while_its_machine_boots_leaves_it_skip
     proxy.health.failed("w", up, health.RESET)  # ejected for 5 s
     clock.now += 5  # the ejection ends
 
-    async def get(i: int) -> int:
-        async with session.get(url(proxy, f"/?id={i}"), headers={"Host": "w.test"}) as r:
-            await r.read()
-            return r.status
-
     order: list[str] = []
     with capture_logs() as logs:
         async with cancelled_at_exit() as tasks:
-            first = asyncio.create_task(get(0))
+            first = asyncio.create_task(get(session, proxy, "w", 0))
             tasks.append(first)
             await until(lambda: _refusals(logs) >= 1 and gate.queued == 1 and up.in_flight == 0)
             tried = _refusals(logs)
