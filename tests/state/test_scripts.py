@@ -10,29 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
-from autoscaler.config import ClusterSettings
 from autoscaler.state.cluster import AppLoad, Cluster
 
 from .conftest import RedisServer
+from .test_reports import Clock, member
 
 APP = "app"
 
 pytestmark = pytest.mark.usefixtures("reports_outlive_any_stall")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def member(url: str, prefix: str, rid: str, clock: Clock) -> Cluster:
-    settings = ClusterSettings(redis_url=SecretStr(url), replica_id=rid, key_prefix=prefix)
-    return Cluster(settings, clock=clock)
 
 
 @dataclass
