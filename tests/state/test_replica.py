@@ -1394,7 +1394,14 @@ async def test_a_leaders_take_back_another_holder_refuses_wakes_another_machine(
     refused that uncordon, the machine cordoned again, yet the wake said "uncordon" with
     nothing routable: the leader's proxy asked again after WAKE_RETRY_S, and a follower's
     request that the wake served, only at its next ask. Now the wake, under its claim,
-    waits for that uncordon's answer and goes on: the other machine, resumed."""
+    waits for that uncordon's answer and goes on: the other machine, resumed.
+
+    As the metrics and the logs tell it: one wake, timed once, by how it ended (a
+    resume). Before, the waker timed and logged the take-back as a wake of its own
+    ("uncordon", as the machine routed), then the leader woke again and timed the resume
+    from that second try's start: two observations of autoscaler_wake_duration_seconds
+    and two ``wake`` lines for one wake, the resume's shorter than the held requests'
+    wait."""
     api = FakeMachinesAPI()
     left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
     api.take_lease(APP, left, owner="fly deploy")
@@ -1404,34 +1411,11 @@ async def test_a_leaders_take_back_another_holder_refuses_wakes_another_machine(
     await leader.start(rounds=False)
     try:
         await rounds([leader], lambda: leader.leading, 2 * TTL)
-        assert await asyncio.wait_for(leader.view.wake(APP), 10) == "resume"
-        assert [u.id for u in leader.view.app(APP).routable()] == [asleep]
-        assert api.get(APP, left).cordoned is True
-        assert api.ops("uncordon_machine") == []
-    finally:
-        await leader.stop()
-
-
-async def test_a_leaders_refused_take_back_and_the_resume_after_it_are_one_wake(
-    redis_server: str, key_prefix: str
-) -> None:
-    """The wake above, as the metrics and the logs tell it: one wake, timed once, by how
-    it ended (a resume). Before, the waker timed and logged the take-back as a wake of
-    its own ("uncordon", as the machine routed), then the leader woke again and timed the
-    resume from that second try's start: two observations of
-    autoscaler_wake_duration_seconds and two ``wake`` lines for one wake, the resume's
-    shorter than the held requests' wait."""
-    api = FakeMachinesAPI()
-    left = api.add(APP, "started", cordoned=True, metadata={CORDON_METADATA_KEY: "drain"})
-    api.take_lease(APP, left, owner="fly deploy")
-    asleep = api.add(APP, "suspended")
-    leader = make(redis_server, key_prefix, "l", api, rng=lambda: 0.99)
-    await leader.start(rounds=False)
-    try:
-        await rounds([leader], lambda: leader.leading, 2 * TTL)
         with capture_logs() as logs:
             assert await asyncio.wait_for(leader.view.wake(APP), 10) == "resume"
         assert [u.id for u in leader.view.app(APP).routable()] == [asleep]
+        assert api.get(APP, left).cordoned is True
+        assert api.ops("uncordon_machine") == []
         woke = [e for e in logs if e["event"] == "wake"]
         assert [(e["how"], e["machine"]) for e in woke] == [("resume", asleep)]
 
