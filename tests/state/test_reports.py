@@ -5,7 +5,6 @@ whole, and right."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -636,33 +635,36 @@ async def dies(reader: Cluster, redis_server: str, key_prefix: str, rid: str) ->
 
 
 async def test_under_churn_each_gone_id_expires_on_its_own(
-    pair: tuple[Cluster, Cluster, Clock],
-    redis_server: str,
-    key_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
+    pair: tuple[Cluster, Cluster, Clock], redis_server: str, key_prefix: str
 ) -> None:
     """Replicas die one after another, less than ``GONE_KEPT_S`` apart (a crash-looping
     pod, autoscaled replicas): each id is read gone for ``GONE_KEPT_S`` from when it was
-    unlisted (Redis's clock), however many are unlisted after it, and the next addition
-    takes it out of the key. Before, each addition renewed the whole set: under steady
-    churn it never expired, every id ever unlisted stayed in it, and every reader's read
-    each round grew with them. (Kept 2 s here, so that Redis's clock can pass it.)"""
-    monkeypatch.setattr(cluster_module, "GONE_KEPT_S", 2.0)
+    unlisted (Redis's clock, in ms), however many are unlisted after it, and the next
+    addition takes it out of the key. Before, each addition renewed the whole set: under
+    steady churn it never expired, every id ever unlisted stayed in it, and every reader's
+    read each round grew with them. ("a" is made older than the kept time by its score,
+    as if that long had passed since it was unlisted: no wait on Redis's clock.)"""
     _, reader, clock = pair
+    redis = reader.redis
     late = member(redis_server, key_prefix, "late", clock)
     try:
         await dies(reader, redis_server, key_prefix, "a")
-        await asyncio.sleep(1.3)  # less than the kept time: a set renewed as a whole lives on
-        await dies(reader, redis_server, key_prefix, "b")
-        await asyncio.sleep(0.8)  # "a" was unlisted more than the kept time ago, "b" less
+        await dies(reader, redis_server, key_prefix, "b")  # renews nothing of "a"'s
+        secs, micros = await redis.time()
+        now_ms = secs * 1000 + micros // 1000
+        unlisted = await redis.zscore(reader.gone_key, "a")
+        assert unlisted is not None
+        assert abs(unlisted - now_ms) < 60_000  # scored by Redis's clock, in ms
+        kept_ms = GONE_KEPT_S * 1000
+        await redis.zadd(reader.gone_key, {"a": now_ms - kept_ms - 1000})
         await late.read()
         assert late.gone == {"b": clock.now}
-        assert await reader.redis.zscore(reader.gone_key, "a") is not None  # till the next add
+        assert await redis.zscore(reader.gone_key, "a") is not None  # till the next add
         await dies(reader, redis_server, key_prefix, "c")
         await late.read()
         assert late.gone == {"b": clock.now, "c": clock.now}
-        assert set(await reader.redis.zrange(reader.gone_key, 0, -1)) == {"b", "c"}
-        assert 0 < await reader.redis.pttl(reader.gone_key) <= 2000  # a backstop: from "c"
+        assert set(await redis.zrange(reader.gone_key, 0, -1)) == {"b", "c"}
+        assert 0 < await redis.pttl(reader.gone_key) <= kept_ms  # a backstop: from "c"
     finally:
         await late.close()
 
