@@ -118,6 +118,19 @@ async def get(session: aiohttp.ClientSession, proxy: ProxyServer, app: str, i: i
         return r.status
 
 
+def _static_app(port: int) -> list[dict[str, object]]:
+    """App "a": one static backend on ``port`` (no waker: a request waits for it, up to
+    its ``wake_timeout_s``)."""
+    return [
+        {
+            "name": "a",
+            "hosts": ["a.test"],
+            "backends": [f"127.0.0.1:{port}"],
+            "wake_timeout_s": 60,
+        }
+    ]
+
+
 async def test_a_machine_back_from_its_skip_gets_one_held_request_then_all(
     start_proxy: StartProxy,
     session: aiohttp.ClientSession,
@@ -132,14 +145,7 @@ async def test_a_machine_back_from_its_skip_gets_one_held_request_then_all(
     arrival order, they reach the machine in the order of their connects), all served."""
     port = machine_socket.getsockname()[1]
     proxy = await start_proxy(
-        [
-            {
-                "name": "a",
-                "hosts": ["a.test"],
-                "backends": [f"127.0.0.1:{port}"],
-                "wake_timeout_s": 60,
-            }
-        ],
+        _static_app(port),
         unhealthy_backoff_s=10,
     )
     view = fleet.app("a")
@@ -188,14 +194,7 @@ async def test_fresh_requests_do_not_pass_a_probe_under_way(
     held."""
     with unanswering_port() as (port, _refuse):
         proxy = await start_proxy(
-            [
-                {
-                    "name": "a",
-                    "hosts": ["a.test"],
-                    "backends": [f"127.0.0.1:{port}"],
-                    "wake_timeout_s": 60,
-                }
-            ],
+            _static_app(port),
             unhealthy_backoff_s=10,
             connect_timeout_s=2.0,
         )
