@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from testkit import until
 
 from autoscaler.config import AppConfig
-from autoscaler.control.view import FleetView, MachineInfo
+from autoscaler.control.view import AppView, FleetView, MachineInfo, Upstream
 from autoscaler.metrics import Metrics
 from autoscaler.proxy import health, revive
 from autoscaler.proxy.gate import Gate
@@ -311,11 +311,24 @@ async def cancelled_at_exit() -> AsyncIterator[list[asyncio.Task[int]]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _scaled_machine(fleet: FleetView, sock: socket.socket) -> None:
+async def _ejected_machine(
+    start_proxy: StartProxy, fleet: FleetView, sock: socket.socket
+) -> tuple[ProxyServer, AppView, Upstream, Gate]:
     """App "w": one machine the API calls started, on ``sock``'s port (no waker: a
-    request waits for the machine, up to its ``wake_timeout_s``)."""
+    request waits for the machine, up to its ``wake_timeout_s``), ejected for resets (its
+    process died) for ``eject_base_s`` (5 s); a refused connect skips it for 10 s."""
     port = sock.getsockname()[1]
     fleet.app("w").set_machines([MachineInfo("m1", "127.0.0.1", port, "started", False)])
+    proxy = await start_proxy(
+        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}],
+        unhealthy_backoff_s=10,
+        eject_after=1,
+        eject_base_s=5,
+    )
+    view = fleet.app("w")
+    (up,) = view.upstreams.values()
+    proxy.health.failed("w", up, health.RESET)
+    return proxy, view, up, proxy._gates["w"]
 
 
 async def test_a_machine_restarted_after_its_ejection_boots_with_a_clean_record(
@@ -331,17 +344,7 @@ async def test_a_machine_restarted_after_its_ejection_boots_with_a_clean_record(
     make one refused connect, and one more when the skip ends (the probe of its trial),
     not one after another for as long as it boots. Once it listens, all are served, and
     the proxy holds nothing against it."""
-    _scaled_machine(fleet, machine_socket)
-    proxy = await start_proxy(
-        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}],
-        unhealthy_backoff_s=10,
-        eject_after=1,
-        eject_base_s=5,
-    )
-    view = fleet.app("w")
-    (up,) = view.upstreams.values()
-    gate = proxy._gates["w"]
-    proxy.health.failed("w", up, health.RESET)  # its process died: ejected
+    proxy, view, up, gate = await _ejected_machine(start_proxy, fleet, machine_socket)
     assert view.routable() == []
     clock.now += 1
     view.set_state("m1", "stopped")  # the controller restarts it
@@ -395,17 +398,7 @@ async def test_an_ejections_probe_refused_while_its_machine_boots_leaves_it_skip
     connect is refused. That refusal does not count (the machine started within
     ``wake_timeout_s``), and the probe ends with no verdict, but the machine is skipped
     all the same: the next request is its probe again once the skip ends, not at once."""
-    _scaled_machine(fleet, machine_socket)
-    proxy = await start_proxy(
-        [{"name": "w", "hosts": ["w.test"], "wake_timeout_s": 60}],
-        unhealthy_backoff_s=10,
-        eject_after=1,
-        eject_base_s=5,
-    )
-    view = fleet.app("w")
-    (up,) = view.upstreams.values()
-    gate = proxy._gates["w"]
-    proxy.health.failed("w", up, health.RESET)  # ejected for 5 s
+    proxy, view, up, gate = await _ejected_machine(start_proxy, fleet, machine_socket)
     clock.now += 5  # the ejection ends
 
     order: list[str] = []
